@@ -1,0 +1,1 @@
+"""The little that the method files share: attention and file I/O."""
