@@ -61,9 +61,10 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
     """
     local = Path(source).expanduser()
     if local.exists():
-        local = local / subfolder if subfolder and local.is_dir() else local
-        if not local.exists():
-            raise UserError(f"{source} has no subfolder {subfolder!r}")
+        # A local pipeline folder resolves to its component subfolder; a component folder
+        # or a single file is taken as it is.
+        if subfolder and (local / subfolder).is_dir():
+            return local / subfolder
         return local
     if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
         raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form owner/name")
