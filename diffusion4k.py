@@ -32,18 +32,36 @@ Public API (models)
     rope_frequencies, haar_dwt, haar_idwt
 """
 
+import argparse
+import contextlib
+import json
 import math
 import re
 import sys
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
-from common.io import UserError, load_safetensors, read_json, resolve_source
+from common.io import (
+    UserError,
+    atomic_write,
+    load_safetensors,
+    read_json,
+    resolve_source,
+    safetensors_keys,
+    save_image,
+    seed_everything,
+    tensor_to_image,
+)
 
 # =============================================================================== configs
 
@@ -438,11 +456,16 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
         self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
 
+    def attend(self, q, k, v, num_context: int):
+        """Joint attention over [context, image] tokens (B, H, L, D). A separate method so that a
+        method built on SD3 (C-Upscale's regional attention prior) can replace it per block."""
+        return attention(q, k, v)
+
     def forward(self, context, x, c):
         (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
         (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(attention(q, k, v))
+        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
         ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
@@ -659,6 +682,333 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 
+# ===================================================================== text encoders
+#
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
+# transformers checkpoint keys, so a Hub folder loads without a rename table.
+
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64  # head dim
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
+    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    layer_norm_epsilon: float = 1e-6
+
+
+T5_XXL = T5Config()
+
+
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
+
+    Keys after the query use the upper half of the buckets. Within a half, offsets below a
+    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
+    buckets, and every offset from `max_distance` on shares the last one.
+    """
+    position = torch.arange(length, device=device)
+    offset = position[None, :] - position[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offset.abs()
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+
+class T5Block(nn.Module):
+    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+
+    def __init__(self, c: T5Config, owns_position_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        attn, ff = nn.Module(), nn.Module()
+        sa = attn.SelfAttention = nn.Module()
+        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        sa.o = nn.Linear(inner, c.d_model, bias=False)
+        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
+        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.layer = nn.ModuleList([attn, ff])
+        self.num_heads = c.num_heads
+
+    def forward(self, x, position_bias):
+        attn, ff = self.layer
+        sa = attn.SelfAttention
+        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
+        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
+        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+
+    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
+    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
+    `shared`, so it is not a parameter here (the loader folds it in).
+    """
+
+    def __init__(self, config: T5Config = T5_XXL):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c, length = self.config, ids.shape[1]
+        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    layer_norm_eps: float = 1e-5
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
+    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+
+
+CLIP_L = CLIPTextConfig()
+CLIP_G = CLIPTextConfig(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
+)
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.hidden_size
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, causal):
+        a = self.self_attn
+        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
+
+    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
+    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
+    """
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d = config, config.hidden_size
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        if self.config.eos_token_id == 2:
+            eos = ids.argmax(-1)  # argmax returns the first maximum
+        else:
+            eos = (ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None) -> torch.Tensor:
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
+
+    The ids are cut so that the special tokens always fit, as `truncation=True,
+    padding="max_length"` does in the diffusers pipelines.
+    """
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[: max_length - len(head) - len(tail)] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+
+    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
+    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
+    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
+    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
+    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
+    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
+    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
+    """
+
+    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None):
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        bpe = BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
+        )
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
+        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
+        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        if pad_id is None:
+            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad_id = self.tokenizer.token_to_id(pad)
+            if pad_id is None:
+                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+        self.max_length, self.pad_id = max_length, pad_id
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id)
+
+
+class T5Tokenizer:
+    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
+
+    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
+    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
+    """
+
+    def __init__(self, path, max_length: int = 512):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+        try:
+            if path.suffix == ".json":
+                tokenizer = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            else:
+                import sentencepiece
+
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode = tokenizer.encode
+                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
+        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+        self.max_length = max_length
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id)
+
+
 # ======================================================================== weight loading
 #
 # Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
@@ -673,17 +1023,17 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong = [
-        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
+        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
     problems = [
-        f"{len(keys)} {kind} (first: {', '.join(keys[:3])})"
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
         for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
         if keys
     ]
     if problems:
-        raise UserError(f"{what}: the weights do not fit the model: {'; '.join(problems)}")
+        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
@@ -702,17 +1052,23 @@ TRANSFORMS = {  # (folder -> original, original -> folder)
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """Folder-layout tensors -> original keys, following `table` (see above)."""
-    state, out, missing = dict(state), {}, []
+    state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
             missing += [part for part in parts if part not in state]
             continue
         tensors = [state.pop(part) for part in parts]
+        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
+            continue
         out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    if missing or state:
-        found = [f"{len(missing)} missing (first: {', '.join(missing[:3])})"] if missing else []
-        found += [f"{len(state)} unexpected (first: {', '.join(list(state)[:3])})"] if state else []
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(found)}")
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
     return out
 
 
@@ -1005,14 +1361,482 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     return assign_state_dict(model, state, f"{source} (VAE)").eval()
 
 
-# ======================================================================================= CLI
+# ---------------------------------------------------------------- text encoder weights
+
+
+def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
+
+    Keys starting with one of `skip` (after the prefix) are never read.
+    """
+    path = resolve_source(source, subfolder=subfolder)
+
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
+
+    state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
+    if not state:
+        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
+    return state, config
+
+
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
+    return state[key].shape
+
+
+def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
+    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    what = f"{source} is not a T5 encoder checkpoint"
+    vocab, width = tensor_shape(state, "shared.weight", what)
+    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+    return T5Config(
+        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
+    )
+
+
+def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
+    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    what = f"{source} is not a CLIP text encoder checkpoint"
+    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
+    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
+    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
+    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
+    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
+        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+    else:
+        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
+    try:
+        return CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
+        )
+    except ValueError as error:
+        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
+    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
+    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
+    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
+    """
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+
+def load_clip(
+    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
+) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
+    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
+    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
+
+    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
+    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
+    """
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+
+
+# =================================================================== the method: sampling
+#
+# Rectified flow: z_sigma = (1 - sigma) x0 + sigma noise, and the model predicts the velocity
+# v = noise - x0. Sampling integrates dz/dsigma = v with Euler steps from sigma 1 to 0.
+
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move the schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1).
+
+    SD3's static shift s is the same map with mu = ln(s). sigma 0 stays 0."""
+    safe = sigmas.clamp_min(1e-12)
+    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
+
+
+def flux_mu(image_tokens: int) -> float:
+    """Flux's resolution-dependent shift: the line through (256 tokens, 0.5) and (4096, 1.15)."""
+    slope = (1.15 - 0.5) / (4096 - 256)
+    return 0.5 + slope * (image_tokens - 256)
+
+
+# Flux's shift rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's released pipelines
+# apply it at the real token count: 16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With
+# the F8 VAE the same image has 65,536 tokens, mu = 11.55 and e^mu ~ 1e5: every sigma but the
+# last rounds to 1.0 and the whole image is denoised in one step. We therefore stop the rule at
+# 16,384 tokens: identical to Diffusion-4K's pipeline up to 4096^2 with F16, sane beyond it.
+MU_CAP_TOKENS = 16384
+
+
+def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None, shift: bool = True) -> torch.Tensor:
+    """steps + 1 noise levels from 1 to 0. FLUX.1-schnell samples without a shift (shift=False)."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if not shift:
+        return sigmas
+    return time_shift(sigmas, flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu)
+
+
+def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels
+    evenly spaced between 1 and the shifted smallest training level shift(1/1000), shifted once
+    more, then 0 (the double shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
+    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
+    """Integrate from sigmas[0] to sigmas[-1]: z <- z + (sigma_next - sigma) * v(z, sigma)."""
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+        z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
+        if progress is not None:
+            progress(i + 1, len(sigmas) - 1)
+    return z
+
+
+# ================================================================================ pipeline
+
+
+@dataclass
+class Pipeline:
+    """Everything needed to turn prompts into 4K images; load once with `load_pipeline`, call
+    `encode_prompts` and `generate` many times."""
+
+    kind: str  # "flux" or "sd3"
+    transformer: nn.Module
+    vae: AutoEncoder
+    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
+    tokenizers: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    offload: str = "none"  # "none" | "model" (components visit the GPU in turn) | "blocks" (transformer blocks too)
+
+    @property
+    def schnell(self) -> bool:
+        return self.kind == "flux" and not self.transformer.config.guidance_embed
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
+        return self.vae.config.downsample_factor * 2
+
+
+# Sampling defaults of each family, as Diffusion-4K runs them (its README: 50 steps and guidance 5
+# for its Flux fine-tunes; its SD3 script: 28 steps, CFG 7). Plain FLUX.1-dev is usually run with
+# 28 steps at guidance 3.5; pass --steps / --guidance for that.
+DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0), "sd3": dict(steps=28, guidance=7.0)}
+TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
+
+
+def detect_kind(source, token=None) -> str:
+    """"flux" or "sd3", from a pipeline folder's model_index.json or a single file's keys."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        keys = safetensors_keys(path)
+        if any(key.split("model.diffusion_model.")[-1].startswith("double_blocks.") for key in keys):
+            return "flux"
+        if any(key.split("model.diffusion_model.")[-1].startswith("joint_blocks.") for key in keys):
+            return "sd3"
+        raise UserError(f"{source}: neither a Flux nor an SD3 checkpoint")
+    folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"), token=token)
+    for index in (folder / "model_index.json", folder / "transformer" / "config.json", folder / "config.json"):
+        if index.exists():
+            name = read_json(index).get("_class_name", "")
+            if "Flux" in name:
+                return "flux"
+            if "StableDiffusion3" in name or "SD3" in name:
+                return "sd3"
+    raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
+
+
+def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None, offload="none", token=None) -> Pipeline:
+    """Load a Flux or SD3 pipeline: a diffusers pipeline folder or Hub repo (Diffusion-4K's
+    `zhang0jhon/flux_wavelet_v2_sc`, FLUX.1-dev/schnell, SD3-Medium), or a single transformer
+    file with its text encoders from `text_source` and its VAE from `vae_source`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kind = detect_kind(model, token)
+    single_file = Path(model).expanduser().is_file()
+    text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
+    vae_source = vae_source or (model if kind == "sd3" and single_file else text_source if single_file else model)
+    home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
+    print(f"loading {kind} transformer from {model}", file=sys.stderr)
+    transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
+    vae_defaults = FLUX_VAE if kind == "flux" else SD3_VAE
+    autoencoder = load_vae(
+        vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
+        scale_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.scale_factor,
+        shift_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.shift_factor,
+    )
+    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token)
+    return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
+
+
+def load_text_encoders(kind, source, dtype, transformer, token=None):
+    """The tokenizers and text encoders of a diffusers pipeline folder / Hub repo, or of an SD3
+    all-in-one file (its encoders; the tokenizers then come from SD3-Medium's repo)."""
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
+    tokenizer_files = ("*.json", "*.txt", "*.model")
+    path = Path(source).expanduser()
+    if kind == "flux":
+        schnell = not transformer.config.guidance_embed
+        tokenizers = {
+            "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
+            "t5": T5Tokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token), max_length=256 if schnell else 512),
+        }
+        encoders = {
+            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+            "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
+        }
+        return encoders, tokenizers
+    folder = TEXT_SOURCES["sd3"] if path.is_file() else source
+    tokenizers = {
+        "clip_l": CLIPTokenizer(resolve_source(folder, "tokenizer", tokenizer_files, token)),
+        "clip_g": CLIPTokenizer(resolve_source(folder, "tokenizer_2", tokenizer_files, token)),
+        "t5": T5Tokenizer(resolve_source(folder, "tokenizer_3", tokenizer_files, token), max_length=256),
+    }
+    if path.is_file():
+        encoders = {
+            "clip_l": load_clip(path, text_dtype, prefix="text_encoders.clip_l.transformer."),
+            "clip_g": load_clip(path, text_dtype, prefix="text_encoders.clip_g.transformer."),
+            "t5": load_t5(path, text_dtype, prefix="text_encoders.t5xxl.transformer."),
+        }
+    else:
+        encoders = {
+            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+            "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
+            "t5": load_t5(source, text_dtype, subfolder="text_encoder_3"),
+        }
+    return encoders, tokenizers
+
+
+@contextlib.contextmanager
+def visiting(module: nn.Module, device, home):
+    """Run a module on `device` and send it back `home` afterwards (offloading)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def stream_blocks(blocks: nn.ModuleList, device, home="cpu"):
+    """Move each block to `device` just before it runs and back afterwards: the 12B Flux then
+    needs the GPU memory of one block plus activations (24 GB GPUs)."""
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, args: module.to(device))
+        block.register_forward_hook(lambda module, args, output: module.to(home))
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
+    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    gpu = pipe.device
+    features = {}
+    for name, encoder in pipe.text_encoders.items():
+        with visiting(encoder, gpu, "cpu"):
+            ids = pipe.tokenizers[name](prompts).to(gpu)
+            features[name] = encoder(ids)
+    if pipe.kind == "flux":
+        txt, y = features["t5"], features["clip_l"].pooled
+        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
+    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features zero-padded to T5's 4096
+    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
+    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
+    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
+
+
+def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
+    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
+    multiple = pipe.size_multiple
+    rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
+    if rounded != [height, width]:
+        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}", file=sys.stderr)
+    if max(rounded) > 16384:
+        raise UserError(f"{height}x{width}: sides above 16384 px are not supported")
+    if pipe.kind == "sd3":
+        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
+        if max(rounded) > limit:
+            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with this VAE (use --vae f16)")
+    return rounded[0], rounded[1]
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float, seed: int,
+             negative: dict | None = None, mu: float | None = None, progress=None) -> torch.Tensor:
+    """Sample one image; returns the decoded image (3, H, W) in [-1, 1] on the CPU."""
+    factor = pipe.vae.config.downsample_factor
+    h, w = height // factor, width // factor
+    generator = seed_everything(seed)
+    noise = torch.randn(1, pipe.vae.config.z_channels, h, w, generator=generator)  # CPU noise: same image on any device
+    device, dtype, model = pipe.device, pipe.dtype, pipe.transformer
+    to_gpu = lambda t: t.to(device, dtype)  # noqa: E731
+
+    if pipe.kind == "flux":
+        txt, y = to_gpu(condition["txt"]), to_gpu(condition["y"])
+        img_ids, txt_ids = latent_image_ids(h, w, device), torch.zeros(1, txt.shape[1], 3, device=device)
+        distilled = None if pipe.schnell else torch.full((1,), guidance, device=device, dtype=dtype)
+        sigmas = flux_sigmas(steps, (h // 2) * (w // 2), mu, shift=not pipe.schnell)
+
+        def velocity(z, sigma):
+            t = torch.full((1,), sigma, device=device, dtype=dtype)
+            return unpack_latents(model(to_gpu(pack_latents(z)), img_ids, txt, txt_ids, t, y, distilled), h, w)
+    else:
+        negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
+        context = to_gpu(torch.cat([negative["context"], condition["context"]]))
+        pooled = to_gpu(torch.cat([negative["pooled"], condition["pooled"]]))
+        sigmas = sd3_sigmas(steps)
+
+        def velocity(z, sigma):  # classifier-free guidance, unconditional and conditional in one batch
+            t = torch.full((2,), sigma * 1000, device=device, dtype=dtype)
+            uncond, cond = model(to_gpu(torch.cat([z, z])), t, context, pooled).float().chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+    with contextlib.ExitStack() as stack:
+        if pipe.offload == "model":
+            stack.enter_context(visiting(model, device, "cpu"))
+        z = euler_sample(velocity, noise.to(device), sigmas, progress)
+    with visiting(pipe.vae, device, "cpu") if pipe.offload != "none" else contextlib.nullcontext():
+        image = pipe.vae.decode(z.to(dtype))
+    return image[0].float().clamp(-1, 1).cpu()
+
+
+# ===================================================================================== CLI
+
+
+def progress_bar(description: str):
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=False)
+
+    def update(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def read_prompts(path) -> list[str]:
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read the prompt file ({error})") from None
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
+    return prompts
+
+
+def generate_command(args):
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if not prompts[0]:
+        raise UserError("give --prompt TEXT or --prompts FILE")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights, args.offload, args.token)
+    family = "flux-schnell" if pipe.schnell else pipe.kind
+    steps = args.steps or DEFAULTS[family]["steps"]
+    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
+    height, width = check_size(pipe, args.height, args.width)
+    if pipe.kind == "flux" and args.negative_prompt:
+        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
+
+    conditions = encode_prompts(pipe, prompts)
+    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
+    if pipe.offload == "blocks":
+        blocks = pipe.transformer.double_blocks if pipe.kind == "flux" else pipe.transformer.joint_blocks
+        stream_blocks(blocks, pipe.device)
+        if pipe.kind == "flux":
+            stream_blocks(pipe.transformer.single_blocks, pipe.device)
+        # everything but the blocks is small: keep it on the GPU
+        for name, module in pipe.transformer.named_children():
+            if name not in ("double_blocks", "single_blocks", "joint_blocks"):
+                module.to(pipe.device)
+
+    outputs = [Path(args.output)] if len(prompts) == 1 and not args.prompts else [
+        Path(args.output_dir) / f"{i:05d}.png" for i in range(len(prompts))
+    ]
+    records = []
+    for i, (prompt, condition, output) in enumerate(zip(prompts, conditions, outputs)):
+        seed = args.seed + i
+        settings = dict(model=args.model, vae=args.vae, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                        mu=args.mu, negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
+        start = time.perf_counter()
+        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu, progress_bar(f"{i + 1}/{len(prompts)}"))
+        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)}, overwrite=args.overwrite)
+        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        records.append({"file_name": output.name, "text": prompt, **settings})
+    if args.prompts:
+        with atomic_write(Path(args.output_dir) / "metadata.jsonl") as temp:
+            temp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusion4k.py",
+        description="Diffusion-4K: direct 4096x4096 text-to-image with Flux (Diffusion-4K weights) or SD3.",
+        epilog="Subcommands: `diffusion4k.py train --help` (WLF fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
+    )
+    parser.add_argument("--prompt", default="", help="the text prompt")
+    parser.add_argument("--prompts", help="a text file with one prompt per line: writes numbered PNGs and metadata.jsonl to --output-dir")
+    parser.add_argument("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
+    parser.add_argument("--output-dir", default="diffusion4k_outputs", help="output folder for --prompts")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--model", default="zhang0jhon/flux_wavelet_v2_sc",
+                        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
+    parser.add_argument("--height", type=int, default=4096)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--steps", type=int, help="denoising steps (Flux 50, schnell 4, SD3 28)")
+    parser.add_argument("--guidance", type=float, help="Flux-dev: distilled guidance (default 5.0); SD3: CFG scale (7.0); schnell ignores it")
+    parser.add_argument("--negative-prompt", default="", help="SD3 only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (the i-th prompt uses seed + i)")
+    parser.add_argument("--vae", choices=["f16", "f8"], default="f16",
+                        help="f16: Diffusion-4K's VAE with a 16x smaller latent (16,384 tokens at 4096^2); f8: the stock VAE")
+    parser.add_argument("--mu", type=float, help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
+    parser.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
+                        help="GPU memory: none (80 GB), model (components take turns on the GPU: 48 GB), blocks (Flux blocks streamed: 24 GB)")
+    parser.add_argument("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
+    parser.add_argument("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
+    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
+    return parser
 
 
 def main(argv=None):
-    raise UserError(
-        "the Diffusion-4K pipeline (4K sampling, WLF training, SC-VAE training) is not implemented yet; "
-        "this file currently provides the models and loaders only"
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "train-vae"):
+        raise UserError(f"`{argv[0]}` is not implemented yet")
+    generate_command(generate_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

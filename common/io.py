@@ -131,6 +131,17 @@ def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[st
     return state
 
 
+def safetensors_keys(path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def read_json(path) -> dict:
     try:
         return json.loads(Path(path).read_text())
