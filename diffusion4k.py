@@ -57,6 +57,7 @@ from common.io import (
     load_safetensors,
     read_json,
     resolve_source,
+    run_cli,
     safetensors_keys,
     save_image,
     seed_everything,
@@ -152,18 +153,20 @@ def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-def rope_angles(ids: torch.Tensor, axes_dim, theta: float) -> torch.Tensor:
-    """Rotation angles (B, L, head_dim/2) for positions ids (B, L, n_axes): each axis owns a slice
-    of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns)."""
-    return torch.cat(
+def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis
+    owns a slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns).
+    Angles are computed in fp64: positions times slow frequencies lose precision in fp32."""
+    angles = torch.cat(
         [ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device) for i, dim in enumerate(axes_dim)],
         dim=-1,
     )
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by angles (B, L, D/2), in fp32."""
-    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
@@ -275,8 +278,8 @@ class Modulation(nn.Module):
         return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
 
 
-def attention_with_rope(q, k, v, angles):
-    return merge_heads(attention(apply_rope(q, angles), apply_rope(k, angles), v))
+def attention_with_rope(q, k, v, rope):
+    return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -292,7 +295,7 @@ class DoubleStreamBlock(nn.Module):
             self.add_module(f"{stream}_norm2", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
             self.add_module(f"{stream}_mlp", feed_forward(dim, mlp_hidden))
 
-    def forward(self, img, txt, vec, angles):
+    def forward(self, img, txt, vec, rope):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
@@ -300,7 +303,7 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention_with_rope(q, k, v, angles)
+        attn = attention_with_rope(q, k, v, rope)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         # gated residual attention and MLP, per stream
@@ -324,11 +327,11 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, angles):
+    def forward(self, x, vec, rope):
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([x.shape[-1] * 3, self.mlp_hidden], -1)
         q, k, v = split_heads(qkv, self.num_heads)
-        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, angles)
+        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 
@@ -379,13 +382,13 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         ids = torch.cat([txt_ids, img_ids], dim=-2)
-        angles = rope_angles(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, angles)
+            img, txt = self._run(block, img, txt, vec, rope)
         x = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
-            x = self._run(block, x, vec, angles)
+            x = self._run(block, x, vec, rope)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
     def _run(self, block, *args):
@@ -658,9 +661,28 @@ class Decoder(nn.Module):
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         h = F.silu(self.norm_out(h))
-        if self.stride > 1:  # F16: the extra factor of 2 is a plain nearest upsample before conv_out
-            h = F.interpolate(h, scale_factor=float(self.stride), mode="nearest")
-        return self.conv_out(h)
+        if self.stride == 1:
+            return self.conv_out(h)
+        return self.upsample_conv_out(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x`stride` upsampling, then `conv_out`.
+
+        Diffusion-4K decodes this stage in partitions because the upsampled 128-channel map is
+        the largest tensor of the whole decode (4.3 GB in bf16 at 4096^2, 17 GB at 8192^2). We
+        process bands of `band_rows` input rows with a one-row halo, which gives exactly the
+        full-map result (the upstream 2x2 partition is shifted by one pixel).
+        """
+        s, rows = self.stride, h.shape[-2]
+        bands = []
+        for top in range(0, rows, band_rows):
+            low, high = max(top - 1, 0), min(top + band_rows + 1, rows)
+            up = F.interpolate(h[..., low:high, :], scale_factor=float(s), mode="nearest")
+            up = F.pad(up, (0, 0, 1, 1))  # zero rows: the conv's padding at the image border, else cropped away
+            first = s * (top - low)  # the padded row just above output row s*top
+            up = up[..., first : first + s * min(band_rows, rows - top) + 2, :]
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias, padding=(0, 1)))
+        return torch.cat(bands, dim=-2)
 
 
 class AutoEncoder(nn.Module):
@@ -1240,13 +1262,19 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
     if any(".ln_q." in key or ".attn2." in key for key in state):
         raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    heads = (folder_config or {}).get("num_attention_heads")
+    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+        if hidden % 64:
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count and "
+                            f"{hidden} is no multiple of SD3's head dim 64; load its diffusers folder instead")
+        heads = hidden // 64
     out_features = state["final_layer.linear.weight"].shape[0]
     return SD3Config(
         in_channels=in_channels,
         out_channels=out_features // patch**2,
         patch_size=patch,
         hidden_size=hidden,
-        num_heads=(folder_config or {}).get("num_attention_heads", hidden // 64),
+        num_heads=heads,
         depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
         mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
         adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
@@ -1840,6 +1868,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common.io import run_cli
-
     sys.exit(run_cli(main))

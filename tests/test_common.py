@@ -1,0 +1,308 @@
+"""Tests of common/attention.py and common/io.py (CPU, no network)."""
+
+import errno
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common.attention as attention_module
+from common import io
+from common.attention import attention
+from common.io import UserError
+
+# ============================================================================= attention
+
+
+def manual_attention(q, k, v, mask=None, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return (scores.softmax(-1) @ v.double()).float()
+
+
+def qkv(b=2, h=3, lq=11, lk=13, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, dim, generator=g) for n in (lq, lk, lk))
+
+
+def masks(b=2, h=3, lq=11, lk=13):
+    g = torch.Generator().manual_seed(1)
+    boolean = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    boolean[..., 0] = True  # every query sees at least one key
+    key_padding = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    key_padding[0, ..., -4:] = False
+    additive = torch.randn(b, h, lq, lk, generator=g)
+    return {"none": None, "bool per query": boolean, "bool key padding": key_padding,
+            "float per query": additive, "float broadcast": additive[:, :1, :1]}
+
+
+@pytest.mark.parametrize("mask_name", list(masks()))
+@pytest.mark.parametrize("scale", [None, 0.05])
+def test_attention_matches_manual(mask_name, scale):
+    q, k, v = qkv()
+    mask = masks()[mask_name]
+    torch.testing.assert_close(attention(q, k, v, mask, scale), manual_attention(q, k, v, mask, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_name", list(masks()))
+def test_attention_query_chunking_is_exact(monkeypatch, mask_name):
+    q, k, v = qkv()
+    mask = masks()[mask_name]
+    whole = attention(q, k, v, mask, 0.3)
+    # chunk = MAX // (batch * heads * keys) = 200 // 78 = 2 queries per chunk, 11 queries -> 6 chunks
+    monkeypatch.setattr(attention_module, "MAX_SCORE_ELEMENTS", 200)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[-2]) or real_sdpa(*a, **kw))
+    chunked = attention(q, k, v, mask, 0.3)
+    assert calls == [2, 2, 2, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked, manual_attention(q, k, v, mask, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_head_dim_512():
+    """The VAE's mid attention: one head of 512 channels."""
+    q, k, v = qkv(b=1, h=1, lq=24, lk=24, dim=512)
+    out = attention(q, k, v)
+    assert out.shape == (1, 1, 24, 512)
+    torch.testing.assert_close(out, manual_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# ================================================================================ images
+
+
+def save(image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def test_load_rgba_composited_on_white(tmp_path):
+    array = np.zeros((4, 6, 4), np.uint8)
+    array[..., 0] = 200
+    array[:, :3, 3] = 0  # left half fully transparent
+    array[:, 3:, 3] = 255
+    image = io.load_image(save(Image.fromarray(array, "RGBA"), tmp_path / "a.png"))
+    assert image.mode == "RGB" and image.size == (6, 4)
+    out = np.asarray(image)
+    assert (out[:, :3] == 255).all()
+    assert (out[:, 3:] == [200, 0, 0]).all()
+
+
+def test_load_palette_with_transparency(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    path = save(image, tmp_path / "p.png", transparency=0)
+    out = np.asarray(io.load_image(path))
+    assert (out[1, 1] == [10, 20, 30]).all()
+    assert (out[0, 0] == 255).all()  # transparent index -> white
+
+
+def test_load_16_bit_grey(tmp_path):
+    values = np.array([[0, 32768], [65535, 257]], dtype=np.uint16)
+    path = save(Image.fromarray(values), tmp_path / "g16.png")
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")
+    out = np.asarray(io.load_image(path))
+    assert out.shape == (2, 2, 3)
+    assert out[..., 0].tolist() == [[0, 128], [255, 1]]
+
+
+def test_load_grey_l(tmp_path):
+    path = save(Image.fromarray(np.array([[0, 100], [200, 255]], np.uint8), "L"), tmp_path / "l.png")
+    out = np.asarray(io.load_image(path))
+    assert out.shape == (2, 2, 3) and out[..., 1].tolist() == [[0, 100], [200, 255]]
+
+
+def test_load_cmyk_jpeg(tmp_path):
+    path = save(Image.new("CMYK", (8, 6), (0, 0, 0, 0)), tmp_path / "c.jpg")
+    image = io.load_image(path)
+    assert image.mode == "RGB" and image.size == (8, 6)
+    assert np.asarray(image).min() > 240  # no ink = white
+
+
+def test_load_exif_rotated_jpeg(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = save(Image.new("RGB", (40, 20), (255, 0, 0)), tmp_path / "r.jpg", exif=exif)
+    assert io.load_image(path).size == (20, 40)
+
+
+def test_load_bad_images(tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    png = save(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), tmp_path / "full.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    for path, needle in ((not_image, "not a readable image"), (truncated, "not a readable image"),
+                         (tmp_path / "missing.png", "no such file")):
+        with pytest.raises(UserError) as error:
+            io.load_image(path)
+        assert needle in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(UserError) as error:
+        io.load_image(png, max_pixels=64 * 64 - 1)
+    assert "64x64 exceeds" in str(error.value)
+    assert io.load_image(png, max_pixels=64 * 64).size == (64, 64)
+
+
+def test_save_png_metadata_and_jpeg(tmp_path):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    io.save_image(image, tmp_path / "out.png", {"prompt": "a cat, 4K", "seed": 7})
+    with Image.open(tmp_path / "out.png") as saved:
+        assert saved.text == {"prompt": "a cat, 4K", "seed": "7"}
+        assert np.array_equal(np.asarray(saved), np.asarray(image))  # PNG is lossless
+    io.save_image(image, tmp_path / "out.jpg", {"seed": 7})
+    with Image.open(tmp_path / "out.jpg") as saved:
+        assert saved.format == "JPEG" and saved.size == (7, 5)
+        assert json.loads(saved.info["comment"]) == {"seed": "7"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jpg", "out.png"]  # no temp files
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"previous image")
+    image = Image.new("RGB", (4, 4))
+
+    def failing_save(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG half written")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(UserError) as error:
+        io.save_image(image, target)
+    assert "no space left on device" in str(error.value)
+    with pytest.raises(UserError):
+        io.save_image(image, tmp_path / "new.png")
+    assert target.read_bytes() == b"previous image"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no new file, no temp file
+
+
+def test_save_refusals(tmp_path):
+    image = Image.new("RGB", (4, 4))
+    (tmp_path / "exists.png").write_bytes(b"keep")
+    with pytest.raises(UserError, match="exists"):
+        io.save_image(image, tmp_path / "exists.png", overwrite=False)
+    assert (tmp_path / "exists.png").read_bytes() == b"keep"
+    with pytest.raises(UserError, match="unsupported image extension"):
+        io.save_image(image, tmp_path / "out.gif")
+    io.save_image(image, tmp_path / "exists.png", overwrite=True)
+    with Image.open(tmp_path / "exists.png") as saved:
+        assert saved.size == (4, 4)
+
+
+def test_image_tensor_round_trip():
+    array = np.random.default_rng(2).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    array[0, :3] = [[0, 0, 0], [255, 255, 255], [127, 128, 1]]
+    tensor = io.image_to_tensor(Image.fromarray(array))
+    assert tensor.shape == (3, 9, 7) and tensor.dtype == torch.float32
+    assert tensor.min() >= -1 and tensor.max() <= 1
+    assert np.array_equal(np.asarray(io.tensor_to_image(tensor)), array)
+    assert np.asarray(io.tensor_to_image(torch.full((3, 2, 2), 5.0))).min() == 255  # clipped
+
+
+# ========================================================================== cli, seeding
+
+
+def test_run_cli(capsys):
+    def main(argv):
+        raise UserError("the thing is broken")
+
+    assert io.run_cli(main, []) == 2
+    assert capsys.readouterr().err == "error: the thing is broken\n"
+    assert io.run_cli(lambda argv: None, []) == 0
+
+
+def test_seed_everything():
+    generator = io.seed_everything(1234)
+    a, a_global = torch.randn(5, generator=generator), torch.randn(5)
+    generator = io.seed_everything(1234)
+    assert torch.equal(torch.randn(5, generator=generator), a) and torch.equal(torch.randn(5), a_global)
+    assert not torch.equal(torch.randn(5, generator=io.seed_everything(1235)), a)
+
+
+# ============================================================================== weights
+
+
+def test_resolve_source_local(tmp_path):
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "transformer").mkdir(parents=True)
+    (pipeline / "vae").mkdir()
+    assert io.resolve_source(pipeline, subfolder="transformer") == pipeline / "transformer"
+    assert io.resolve_source(pipeline, subfolder="vae") == pipeline / "vae"
+    assert io.resolve_source(pipeline / "vae", subfolder="vae") == pipeline / "vae"  # component folder itself
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    assert io.resolve_source(single, subfolder="transformer") == single
+    with pytest.raises(UserError, match="no such file or folder"):
+        io.resolve_source(tmp_path / "absent")
+
+
+def test_sharded_index(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "stray.safetensors").write_bytes(b"not part of the model")
+    files = io.safetensors_files(tmp_path)
+    assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    state = io.load_safetensors(tmp_path)
+    assert sorted(state) == ["a", "b"]
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match="missing shard"):
+        io.load_safetensors(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .safetensors files"):
+        io.safetensors_files(tmp_path / "empty")
+
+
+def test_load_safetensors_dtypes_and_filter(tmp_path):
+    from safetensors.torch import save_file
+
+    fp8 = torch.tensor([0.5, -1.75, 448.0, 0.015625]).to(torch.float8_e4m3fn)
+    path = tmp_path / "mixed.safetensors"
+    save_file({"w32": torch.tensor([1.0, 2.5]), "w16": torch.tensor([3.0], dtype=torch.bfloat16), "w8": fp8,
+               "ids": torch.tensor([1, 2, 3], dtype=torch.int64), "flags": torch.tensor([1, 0], dtype=torch.uint8),
+               "text_encoders.skip": torch.ones(2)}, str(path))
+    for dtype in (torch.bfloat16, torch.float32):
+        state = io.load_safetensors(path, dtype)
+        assert {k: v.dtype for k, v in state.items()} == {
+            "w32": dtype, "w16": dtype, "w8": dtype, "ids": torch.int64, "flags": torch.uint8, "text_encoders.skip": dtype}
+        assert state["w8"].float().tolist() == [0.5, -1.75, 448.0, 0.015625]
+        assert state["ids"].tolist() == [1, 2, 3]
+    kept = io.load_safetensors(path, None)
+    assert kept["w8"].dtype == torch.float8_e4m3fn and kept["w16"].dtype == torch.bfloat16  # dtype=None keeps all
+    filtered = io.load_safetensors(path, torch.float32, key_filter=lambda key: not key.startswith("text_encoders."))
+    assert sorted(filtered) == ["flags", "ids", "w16", "w32", "w8"]
+
+
+def test_load_safetensors_bad_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    for read in (io.load_safetensors, io.safetensors_keys):
+        with pytest.raises(UserError) as error:
+            read(bad)
+        assert "not a readable safetensors file" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_safetensors_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"b": torch.ones(2), "a": torch.zeros(1, dtype=torch.int32)}, str(tmp_path / "m.safetensors"))
+    assert sorted(io.safetensors_keys(tmp_path / "m.safetensors")) == ["a", "b"]
+
+
+def test_read_json(tmp_path):
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert io.read_json(tmp_path / "ok.json") == {"a": 1}
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="not a readable JSON file"):
+        io.read_json(tmp_path / "bad.json")
