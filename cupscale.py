@@ -241,7 +241,12 @@ def region_batches(regions: list[Region], batch_size: int):
 # ----------------------------------------------------------------------------- Haar wavelet
 
 
-def haar_dwt(x):  # (..., H, W) -> (..., 4, H/2, W/2): LL, LH, HL, HH ; orthonormal
+def haar_dwt(x: torch.Tensor) -> torch.Tensor:
+    """One level of the orthonormal 2-D Haar transform over the last two dims.
+
+    (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
+    dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
+    """
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
@@ -249,7 +254,8 @@ def haar_dwt(x):  # (..., H, W) -> (..., 4, H/2, W/2): LL, LH, HL, HH ; orthonor
     return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
 
-def haar_idwt(bands):  # inverse
+def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
+    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2

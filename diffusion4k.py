@@ -233,20 +233,20 @@ def haar_dwt(x: torch.Tensor) -> torch.Tensor:
     (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
     dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
     """
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
     return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
 
 def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
     ll, lh, hl, hh = bands.unbind(-3)
-    x = bands.new_empty(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
-    x[..., 0::2, 0::2] = (ll + lh + hl + hh) / 2
-    x[..., 0::2, 1::2] = (ll + lh - hl - hh) / 2
-    x[..., 1::2, 0::2] = (ll - lh + hl - hh) / 2
-    x[..., 1::2, 1::2] = (ll - lh - hl + hh) / 2
-    return x
+    a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
+    c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
+    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)  # (..., h, 2, w, 2)
+    return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 
 
 # ========================================================================== Flux model
