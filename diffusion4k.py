@@ -5,31 +5,53 @@ Papers
     Models", CVPR 2025, arXiv 2503.18352; and the extension "Ultra-High-Resolution Image
     Synthesis: Data, Method and Evaluation", arXiv 2506.01331 (SC-VAE).
 
+What the paper does, and where it is here
+    A latent diffusion model cannot attend over the 65,536 tokens a 4096^2 image gives with the
+    usual F8 VAE and Flux's 2x2 patches. Diffusion-4K (1) swaps in an F16 VAE: the same VAE
+    weights with a stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so 4096^2
+    becomes a 256^2 latent and 16,384 tokens; (2) fine-tunes the diffusion model at 4096^2 on
+    Aesthetic-4K with Wavelet-based Latent Fine-tuning (WLF); (3) in the extension, retrains
+    the F16 decoder for scale consistency (SC-VAE). The released weights are Flux fine-tunes
+    (`zhang0jhon/flux_wavelet`, `zhang0jhon/flux_wavelet_v2_sc`); no SD3 weights are public.
+
 What this file holds (top to bottom)
     1. Configs: dataclasses whose defaults are the real checkpoints (FLUX.1-dev, SD3-Medium,
        their 16-channel VAEs).
     2. Building blocks: RoPE with a tunable base theta, timestep embedding, modulation,
        RMSNorm, the one-level Haar wavelet transform.
     3. Models: the Flux transformer (double + single stream blocks), the SD3 MMDiT, the
-       AutoencoderKL in its F8 form and its F16 form (stride-2 `conv_in`, nearest x2
-       upsample before `conv_out`; same weights), and the T5 / CLIP text encoders with
-       their tokenizers.
+       AutoencoderKL in its F8 and F16 forms, the T5 / CLIP text encoders and tokenizers.
     4. Weight loading: the original single-file layouts (BFL `flux1-dev.safetensors`,
        `ae.safetensors`; Stability `sd3_medium*.safetensors`) and the diffusers /
        transformers folder layouts, converted by explicit key tables; every dimension is
-       read from the tensors.
+       read from the tensors; a mismatch names the keys.
+    5. The method: flow-matching schedules (with an explicit timestep shift at 4K), Euler
+       sampling, the pipeline (text encoders run once, optional offloading) and the CLI.
+
+Differences from the upstream code, and why
+    * Flux's timestep shift is capped at its 16,384-token value (see MU_CAP_TOKENS): equal to
+      upstream at 4096^2 with F16, and it keeps F8 4K or 8K runs from collapsing into one step.
+    * The F16 decoder's last stage is computed in bands with a one-row halo: exactly the full
+      "upsample then conv_out" (upstream's 2x2 partitions are shifted by one pixel).
+    * Images are saved as PNG with the settings in text metadata (upstream: JPEG q95).
 
 Status
-    The models and loaders above are complete and proven against diffusers/transformers
-    (tests/test_models.py, tests/test_text_encoders.py). The Diffusion-4K method itself
-    (4K sampling pipeline, Wavelet-based Latent Fine-tuning, SC-VAE training and the CLI)
-    is not written yet: `python diffusion4k.py` says so and exits.
+    Generation (Flux dev / schnell / Diffusion-4K, SD3) works and matches diffusers' pipelines
+    on tiny random weights (tests/test_diffusion4k_pipeline.py). WLF fine-tuning (`train`) and
+    SC-VAE training (`train-vae`) are not written yet; those subcommands say so.
 
-Public API (models)
+Commands
+    python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
+    python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --negative-prompt "blurry" ...
+    python diffusion4k.py --prompts prompts.txt --output-dir out/    # + out/metadata.jsonl
+    python diffusion4k.py --help
+
+Public API
     FluxConfig, Flux, load_flux, pack_latents, unpack_latents, latent_image_ids
-    SD3Config, MMDiT, load_sd3
-    VAEConfig, AutoEncoder, load_vae
-    rope_frequencies, haar_dwt, haar_idwt
+    SD3Config, MMDiT, load_sd3;  VAEConfig, AutoEncoder, load_vae
+    T5Encoder, load_t5, T5Tokenizer;  CLIPTextEncoder, load_clip, CLIPTokenizer
+    rope_frequencies, rope_table, haar_dwt, haar_idwt
+    flux_sigmas, sd3_sigmas, euler_sample, load_pipeline, encode_prompts, generate
 """
 
 import argparse
@@ -1678,9 +1700,16 @@ def visiting(module: nn.Module, device, home):
 def stream_blocks(blocks: nn.ModuleList, device, home="cpu"):
     """Move each block to `device` just before it runs and back afterwards: the 12B Flux then
     needs the GPU memory of one block plus activations (24 GB GPUs)."""
+
+    def arrive(module, args):
+        module.to(device)
+
+    def leave(module, args, output):
+        module.to(home)
+
     for block in blocks:
-        block.register_forward_pre_hook(lambda module, args: module.to(device))
-        block.register_forward_hook(lambda module, args, output: module.to(home))
+        block.register_forward_pre_hook(arrive)
+        block.register_forward_hook(leave)
 
 
 @torch.no_grad()

@@ -214,3 +214,15 @@ def test_f16_banded_final_stage_equals_the_full_upsample(rows):
     full = decoder.conv_out(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))
     for band_rows in (1, 2, 3, 64):
         assert torch.equal(decoder.upsample_conv_out(h, band_rows), full)
+
+
+def test_offload_modes_give_the_same_image(flux_folder, tmp_path, capsys):
+    """On the CPU the moves are no-ops, but every offloading code path runs and must not change a pixel."""
+    outputs = []
+    for mode in ("none", "model", "blocks"):
+        output = tmp_path / f"{mode}.png"
+        code, err = run_main(capsys, "--model", flux_folder, "--prompt", "cat at dawn", "--height", 32, "--width", 48,
+                             "--steps", 2, "--offload", mode, "--output", output)
+        assert code == 0, err
+        outputs.append(output.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
