@@ -10,6 +10,32 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _make_torchvision_importable():
+    """The reference packages pytorch-fid, torch-fidelity and lpips import torchvision, whose PyPI
+    wheel is built for CUDA torch. On the CPU build its compiled ops do not load and the import
+    fails while registering a fake kernel for `torchvision::nms`; so would every later import
+    of transformers, which imports torchvision when present. Defining the two op schemas it
+    needs first is enough for the model code the tests use (no detection op ever runs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401  (a working install: nothing to do)
+    except RuntimeError:
+        for name in [m for m in sys.modules if m.startswith("torchvision")]:
+            del sys.modules[name]
+        library = torch.library.Library("torchvision", "DEF")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision  # noqa: F401
+        return library  # the schemas live as long as this object
+    return None
+
+
+_TORCHVISION_OPS = _make_torchvision_importable()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

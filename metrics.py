@@ -1,0 +1,1461 @@
+"""Evaluation of ultra-high-resolution (4K) synthesis and super-resolution, each metric tied to its reference.
+
+Every number this file reports has a parity test against the implementation that papers
+used (tests/test_metrics*.py) and a docstring that says which papers report it, under which
+protocol, and where this file differs from the popular implementation.
+
+| name        | needs            | definition (reference implementation)                                      | 4K protocol           |
+|-------------|------------------|-----------------------------------------------------------------------------|-----------------------|
+| glcm        | pred             | Diffusion-4K GLCM Score: entropy of the GLCM value histogram (scikit-image) | 64x64 patches, mean   |
+| cr          | pred             | Diffusion-4K Compression Ratio: raw bytes / JPEG-95 bytes (Pillow)          | whole image           |
+| fid         | pred, ref        | FID, FID InceptionV3 pool3 (pytorch-fid / torch-fidelity)                  | whole or patch grid   |
+| clip        | pred, prompts    | CLIPScore, 100*cos (torchmetrics) or 2.5*max(cos,0) (Hessel et al.)        | whole image to 224    |
+| aesthetic   | pred             | LAION improved aesthetic predictor v2 on CLIP ViT-L/14                      | whole image to 224    |
+| psnr, ssim  | pred, ref        | PSNR / SSIM, RGB or Y (BT.601), border crop (basicsr / scikit-image)       | whole image           |
+| lpips       | pred, ref        | LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips package)       | 512 tiles, mean       |
+| periodicity | pred [, ref]     | autocorrelation peaks at the 16/32 px token lattice (OP4KSR's L_AP idea)   | 4 quadrants           |
+
+Not implemented (advertised nowhere else either): NIQE and CLIPIQA; they are on the list of
+issue 5 but unfinished, so `--metrics niqe` or `clipiqa` is refused.
+
+Commands:
+    python metrics.py --pred out/ --metrics glcm,cr                       # Diffusion-4K's Table 1 pair
+    python metrics.py --pred out/ --ref gt/ --metrics psnr,ssim,lpips --y-channel --crop-border 4
+    python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
+    python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
+    python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
+
+Images are matched by file stem (`0001.png` pairs with `0001.jpg`); the table goes to stdout
+and the same numbers, with the settings and per-image values, to `--out` (default
+PRED/metrics.json).
+
+Weights (all fp32; a Hub spec is `owner/repo/path/in/repo`, any local file works too):
+    FID InceptionV3   chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth (pickle state dict)
+    CLIP              openai/clip-vit-base-patch16 | -large-patch14 | -base-patch32 (safetensors + tokenizer.json)
+    aesthetic MLP     chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth
+    LPIPS linear      chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_{alex-df73285e,vgg-a78928a0}.pth
+    LPIPS backbone    vgg: timm/vgg16.tv_in1k/model.safetensors; alex: no Hub copy is known, pass
+                      torchvision's alexnet-owt-7be5be79.pth (download.pytorch.org/models) with --lpips-backbone
+Pickled files are read with torch.load(weights_only=True) only.
+
+Library use:
+    glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
+    InceptionV3 / fid_features / FeatureStats / frechet_distance, CLIP / clip_score, AestheticMLP,
+    LPIPS, autocorrelation / periodicity_peaks / periodicity_score / log_spectrum.
+"""
+
+import argparse
+import functools
+import io
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from common.attention import attention
+from common.io import UserError, atomic_write, load_image, load_safetensors, read_json, resolve_source, run_cli
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
+AESTHETIC_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth"
+CLIP_MODELS = {
+    "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
+    "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default, and the aesthetic predictor's tower
+    "b32": "openai/clip-vit-base-patch32",  # Hessel et al.'s CLIPScore
+}
+LPIPS_LINEAR = {
+    "alex": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_alex-df73285e.pth",
+    "vgg": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth",
+}
+LPIPS_BACKBONE = {"alex": None, "vgg": "timm/vgg16.tv_in1k/model.safetensors"}
+
+
+# ----------------------------------------------------------------------------- weights and images
+
+
+def weight_file(spec, what) -> Path:
+    """A local file, or `owner/repo/path/in/repo` fetched from the Hub; `what` names it in errors."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = str(spec).split("/")
+    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
+        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        path = resolve_source(repo, allow_patterns=(name,)) / name
+    except UserError as error:
+        raise UserError(f"{what}: {error}") from None
+    if not path.is_file():
+        raise UserError(f"{what}: {repo} has no file {name}")
+    return path
+
+
+def load_state(path, what) -> dict:
+    """A state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code runs)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, dtype=torch.float32)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors come in many types; the file is the problem either way
+        raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: {path} does not hold a state dict")
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+
+
+def load_strict(module, state, what):
+    """load_state_dict that names the first offending keys instead of a wall of text."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected), f"wrong shape {shapes[:3]}" * bool(shapes)]
+        raise UserError(f"{what}: weights do not match the model: " + "; ".join(p for p in problems if p))
+    module.load_state_dict(state)
+    return module
+
+
+def as_array(image) -> np.ndarray:
+    """PIL image or HWC array -> HWC uint8 RGB array."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
+    return array
+
+
+def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
+    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (no rescaling: each metric states its own)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
+
+
+def grey_opencv(rgb: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(BGR2GRAY) on uint8, bit for bit: 15-bit fixed-point BT.601 with rounding.
+
+    Pillow's convert('L') uses other coefficients and differs on ~0.1% of pixels, enough to
+    move a GLCM score, so Diffusion-4K's OpenCV conversion is reproduced exactly.
+    """
+    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
+    return ((9798 * r + 19235 * g + 3735 * b + 16384) >> 15).astype(np.uint8)
+
+
+def y_channel(rgb: np.ndarray) -> np.ndarray:
+    """Y of ITU-R BT.601 YCbCr in [16, 235], float64, unrounded: basicsr's `test_y_channel`
+    convention, which most SR papers report. (pyiqa uses Y of YIQ instead: the numbers differ.)"""
+    x = rgb.astype(np.float64) / 255.0
+    return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
+
+
+def grey_matlab(rgb: np.ndarray) -> np.ndarray:
+    """MATLAB rgb2gray rounded to integers: the convention of the original SSIM code (ssim.m)."""
+    x = rgb.astype(np.float64)
+    return np.round(0.298936021293775 * x[..., 0] + 0.587043074451121 * x[..., 1] + 0.114020904255103 * x[..., 2])
+
+
+def jpeg95(image: Image.Image) -> bytes:
+    """The bytes Diffusion-4K's generator writes: Pillow JPEG, quality 95, Pillow's defaults
+    (4:2:0 chroma subsampling, no optimise, baseline). Sizes depend on the libjpeg-turbo version."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- GLCM Score and Compression Ratio
+
+GLCM_DISTANCES = (1, 2, 3, 4)
+GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
+# scikit-image's offsets, (row, col) = (round(sin(a) d), round(cos(a) d)). No value lies on .5, so the
+# rounding rule does not matter; note d=2 at 45 degrees rounds to (1, 1), the same offset as d=1.
+GLCM_OFFSETS = [(round(math.sin(a) * d), round(math.cos(a) * d)) for d in GLCM_DISTANCES for a in GLCM_ANGLES]
+GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
+
+
+def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
+    """Co-occurrence counts of a stack of quantised patches: (P, h, w) -> (P, 16, levels, levels) int64.
+
+    Slice s = 4 * distance_index + angle_index counts pairs (value at (r, c), value at (r+dr, c+dc))
+    with both pixels inside the patch, not symmetrised: scikit-image's graycomatrix(symmetric=False).
+    One bincount per offset over all patches instead of a Python loop per patch; the two
+    offsets that occur twice are counted once.
+    """
+    count, h, w = patches.shape
+    q = patches.astype(np.intp)
+    first = (np.arange(count) * levels * levels)[:, None, None]
+    out = np.empty((count, len(GLCM_OFFSETS), levels * levels), np.int64)
+    seen = {}
+    for s, (dr, dc) in enumerate(GLCM_OFFSETS):
+        if (dr, dc) in seen:
+            out[:, s] = out[:, seen[dr, dc]]
+            continue
+        seen[dr, dc] = s
+        a = q[:, max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)]
+        b = q[:, max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)]
+        out[:, s] = np.bincount((first + a * levels + b).ravel(), minlength=count * levels * levels).reshape(count, -1)
+    return out.reshape(count, len(GLCM_OFFSETS), levels, levels)
+
+
+def glcm_pair_counts(h: int, w: int) -> np.ndarray:
+    """Number of pixel pairs per offset in an h x w patch, the divisor of normed=True."""
+    return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_OFFSETS], dtype=np.float64)
+
+
+def glcm(patch: np.ndarray, levels: int = 64) -> np.ndarray:
+    """graycomatrix(patch, [1,2,3,4], [0, pi/4, pi/2, 3pi/4], levels, normed=True) of one patch:
+    (levels, levels, 4 distances, 4 angles) float64, each slice divided by its own pair count."""
+    counts = glcm_counts(patch[None], levels)[0].astype(np.float64)
+    normed = counts / glcm_pair_counts(*patch.shape)[:, None, None]
+    return normed.reshape(len(GLCM_DISTANCES), len(GLCM_ANGLES), levels, levels).transpose(2, 3, 0, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _glcm_value_ids(h: int, w: int) -> np.ndarray:
+    """(16, max pairs + 1) table: index of the distinct double count / n_s among all slices, in
+    increasing order of value (so histograms come out in np.unique's order)."""
+    n = glcm_pair_counts(h, w)
+    values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
+    return np.unique(values, return_inverse=True)[1].reshape(values.shape)
+
+
+def glcm_value_entropy(counts: np.ndarray, h: int, w: int) -> np.ndarray:
+    """skimage.measure.shannon_entropy(glcm) for a stack of count arrays (P, 16, L, L) -> (P,).
+
+    shannon_entropy is the base-2 entropy of the histogram of *distinct values* among the
+    16 L^2 normalised entries, not Haralick's -sum p log p. A normalised entry is count / n_s
+    for slice s; two such doubles are equal exactly when the fractions are (distinct fractions
+    with denominators <= 4096 differ by far more than a double's rounding). So: histogram the
+    counts of each slice, send each (slice, count) through a fixed table to the index of its
+    value, and sum; no per-patch sort of 65,536 doubles as in scikit-image.
+    """
+    patches, slices = counts.shape[:2]
+    flat = counts.reshape(patches, slices, -1)
+    top = int(flat.max()) + 1
+    per_slice = np.bincount((np.arange(patches * slices).reshape(patches, slices, 1) * top + flat).ravel(),
+                            minlength=patches * slices * top).reshape(patches, slices * top)
+    present, local = np.unique(_glcm_value_ids(h, w)[:, :top].ravel(), return_inverse=True)
+    key = (np.arange(patches)[:, None] * len(present) + local.ravel()[None, :]).ravel()
+    hist = np.bincount(key, weights=per_slice.ravel(), minlength=patches * len(present)).reshape(patches, -1)
+    p = hist / hist.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(hist > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=1) / np.log(2)
+
+
+def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
+    """graycoprops(glcm, prop) for (P, 16, L, L) normalised matrices -> (P, 16)."""
+    levels = normed.shape[-1]
+    p = normed / normed.sum(axis=(-2, -1), keepdims=True)  # graycoprops re-normalises; so do we
+    i = np.arange(levels, dtype=np.float64)[:, None]
+    j = np.arange(levels, dtype=np.float64)[None, :]
+    if prop in ("ASM", "energy"):
+        asm = (p**2).sum(axis=(-2, -1))
+        return asm if prop == "ASM" else np.sqrt(asm)
+    if prop == "correlation":
+        mean_i, mean_j = (p * i).sum(axis=(-2, -1)), (p * j).sum(axis=(-2, -1))
+        di, dj = i - mean_i[..., None, None], j - mean_j[..., None, None]
+        std_i, std_j = np.sqrt((p * di**2).sum(axis=(-2, -1))), np.sqrt((p * dj**2).sum(axis=(-2, -1)))
+        cov = (p * di * dj).sum(axis=(-2, -1))
+        flat = (std_i < 1e-15) | (std_j < 1e-15)  # a constant patch correlates perfectly by convention
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(flat, 1.0, cov / (std_i * std_j))
+    weights = {"contrast": (i - j) ** 2, "dissimilarity": np.abs(i - j), "homogeneity": 1.0 / (1.0 + (i - j) ** 2)}
+    if prop not in weights:
+        raise ValueError(f"unknown GLCM property {prop!r}; choose from {GLCM_PROPS}")
+    return (p * weights[prop]).sum(axis=(-2, -1))
+
+
+def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 32) -> float:
+    """Diffusion-4K's GLCM Score of one image (Zhang et al., Diffusion-4K, CVPR 2025, Table 1; `eval.py`).
+
+    Protocol: OpenCV BGR2GRAY grey, quantised to 64 levels by `grey >> 2`, non-overlapping
+    patch x patch tiles from the top-left, for each tile graycomatrix at distances 1-4 and
+    angles 0/45/90/135 degrees (normed, not symmetric), then shannon_entropy of that array
+    (or, for another `prop`, the mean of graycoprops rounded to 4 decimals); the image score
+    is the mean over tiles and the GLCM Score the mean over images.
+
+    Differences from eval.py: it assumes a square `--size` image and takes int(size/64)^2
+    tiles; here the grid is floor(H/patch) x floor(W/patch), the same thing for square images
+    and the natural generalisation otherwise. The co-occurrences are counted with vectorised
+    bincounts over 32 patches at a time (bit-identical arrays to scikit-image); the entropy
+    differs from scipy's by a few ulps because the sums run in another order.
+    Diffusion-4K reads the JPEG-95 files its generator saved: pass decoded JPEG-95 pixels for
+    the same numbers (the CLI does this unless --glcm-input raw).
+    """
+    q = grey_opencv(as_array(rgb)) >> 2
+    rows, cols = q.shape[0] // patch, q.shape[1] // patch
+    if rows == 0 or cols == 0:
+        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} GLCM patch")
+    tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2).reshape(-1, patch, patch)
+    scores = []
+    for start in range(0, len(tiles), chunk):
+        counts = glcm_counts(tiles[start : start + chunk])
+        if prop == "entropy":
+            scores.append(glcm_value_entropy(counts, patch, patch))
+        else:
+            normed = counts / glcm_pair_counts(patch, patch)[:, None, None]
+            scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
+    return float(np.concatenate(scores).mean())
+
+
+def compression_ratio(jpeg_sizes, shapes) -> float:
+    """Diffusion-4K's Compression Ratio: total raw RGB bytes / total JPEG-95 file bytes.
+
+    eval.py computes N * size * size * 3 / sum(file sizes): an aggregate ratio, not the mean
+    of per-image ratios (the two differ when file sizes vary). Here the numerator is the sum of
+    H * W * 3 over images, which is the same for square images and the generalisation otherwise.
+    `shapes` are (H, W) pairs. Lower means more high-frequency detail (harder to compress).
+    """
+    raw = sum(h * w * 3 for h, w in shapes)
+    return raw / sum(jpeg_sizes)
+
+
+# ----------------------------------------------------------------------------- PSNR and SSIM
+
+
+def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
+    """HWC uint8 -> (C, H, W) float64 in the requested colour convention."""
+    if mode == "rgb":
+        return rgb.astype(np.float64).transpose(2, 0, 1)
+    if mode == "y":
+        return y_channel(rgb)[None]
+    if mode == "gray":
+        return grey_matlab(rgb)[None]
+    raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
+
+
+def _prepare_pair(pred, ref, crop_border, mode):
+    pred, ref = as_array(pred), as_array(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
+    a, b = _channels(pred, mode), _channels(ref, mode)
+    if crop_border:
+        a, b = a[:, crop_border:-crop_border, crop_border:-crop_border], b[:, crop_border:-crop_border, crop_border:-crop_border]
+    return a, b
+
+
+def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
+    """PSNR in dB with peak 255, in float64: 10 log10(255^2 / MSE), inf for identical images.
+
+    SR papers (SwinIR, Real-ESRGAN, OSEDiff, ...) report basicsr's `calculate_psnr`:
+    `crop_border` = scale pixels removed on every side, and with --y-channel the BT.601 Y
+    channel (mode 'y'). mode 'rgb' averages the squared error over all three channels, as
+    scikit-image's peak_signal_noise_ratio(data_range=255) does. Same numbers as basicsr.
+    """
+    a, b = _prepare_pair(pred, ref, crop_border, mode)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
+    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
+    C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, mean of the map; for RGB the mean over channels.
+
+    This is basicsr's `calculate_ssim` (what SR papers report), equal to scikit-image's
+    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=255), whose 5-pixel border crop is exactly the 'valid' region. mode 'y' is the
+    BT.601 Y channel; mode 'gray' the rounded MATLAB rgb2gray of the original ssim.m. The
+    MATLAB code's automatic downsampling for large images is NOT applied (as in basicsr; pyiqa
+    makes it optional): at 4K it would average-pool by 16 and measure a different image.
+    """
+    a, b = _prepare_pair(pred, ref, crop_border, mode)
+    g = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(x):  # separable, 'valid': no padding, output shrinks by 10 pixels
+        return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+
+    values = []
+    for x, y in zip(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))):
+        x, y = x[None, None], y[None, None]
+        mx, my = blur(x), blur(y)
+        sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+        values.append(ssim_map.mean().item())
+    return float(np.mean(values))
+
+
+# ----------------------------------------------------------------------------- FID: the FID InceptionV3
+
+
+class ConvBN(nn.Sequential):
+    """Conv (no bias) + BatchNorm (eps 1e-3, TF's) + ReLU; keys `conv.*`, `bn.*` as in torchvision."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+        self.relu = nn.ReLU()
+
+
+def avg_pool_3x3(x):
+    """The TF graph's average pool ignores the zero padding: count_include_pad=False."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(avg_pool_3x3(x)),
+        ], 1)
+
+
+class InceptionB(nn.Module):  # grid reduction 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+
+class InceptionC(nn.Module):  # factorised 7x7 convolutions
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1 = ConvBN(cin, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            dbl,
+            self.branch_pool(avg_pool_3x3(x)),
+        ], 1)
+
+
+class InceptionD(nn.Module):  # grid reduction 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """The last two blocks. The TF graph pools Mixed_7b with an average and Mixed_7c with a
+    *max* (a quirk of the 2015 graph that torchvision's Inception3 does not have)."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+            self.branch_pool(pooled),
+        ], 1)
+
+
+class InceptionV3(nn.Module):
+    """The FID network: TensorFlow's 2015-12-05 InceptionV3 graph as ported by pytorch-fid,
+    returning the 2048-d pool3 features of a (B, 3, 299, 299) input already normalised to
+    [-1, 1]. Module names equal torchvision's, so pt_inception-2015-12-05-6726825d.pth loads
+    as is (its 1008-way `fc` is dropped: FID never uses the logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, "avg"), InceptionE(2048, "max")
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean(dim=(2, 3))
+
+    @classmethod
+    def from_pretrained(cls, source=INCEPTION_WEIGHTS):
+        state = load_state(weight_file(source, "FID Inception weights"), "FID Inception weights")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        return load_strict(cls(), state, "FID Inception weights").eval()
+
+
+def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source = dest * in / out, with no
+    half-pixel offset and no antialiasing. This is what torch-fidelity (hence torchmetrics up
+    to 1.5, hence Diffusion-4K's FID) feeds the network; it samples a 4096-px image at 299
+    points per axis, i.e. it is heavily aliased, which is why patch FID exists."""
+
+    def taps(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
+
+    top, bottom, fy = taps(x.shape[-2])
+    left, right, fx = taps(x.shape[-1])
+    rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
+    upper = rows_top[..., left] + (rows_top[..., right] - rows_top[..., left]) * fx
+    lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
+    return upper + (lower - upper) * fy[:, None]
+
+
+FID_RESIZE = {
+    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128  [default]",
+    "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
+    "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
+    "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
+}
+
+
+def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
+    """(B, 3, H, W) float with values 0..255 -> the network's (B, 3, 299, 299) input."""
+    if resize == "tf1":
+        return (resize_tf1_bilinear(x, 299) - 128) / 128
+    if resize == "pytorch-fid":
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    if resize == "antialias":
+        return (F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True) - 128) / 128
+    if resize == "clean":
+        channels = [
+            np.asarray(Image.fromarray(c, mode="F").resize((299, 299), Image.BICUBIC))
+            for c in x.detach().cpu().numpy().astype(np.float32).reshape(-1, *x.shape[-2:])
+        ]
+        out = torch.from_numpy(np.stack(channels).reshape(x.shape[0], 3, 299, 299)).clamp(0, 255)
+        return (out.to(x.device) - 128) / 128
+    raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
+
+
+def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
+    """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid
+    from the top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's
+    FID/256 protocol, Mentzer et al. 2020). Remainders at the right and bottom are dropped."""
+    h, w = x.shape[-2:]
+    if patch > min(h, w):
+        raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
+    starts = [(0, 0)] + ([(patch // 2, patch // 2)] if half_shift else [])
+    crops = [
+        x[..., r : r + patch, c : c + patch]
+        for r0, c0 in starts
+        for r in range(r0, h - patch + 1, patch)
+        for c in range(c0, w - patch + 1, patch)
+    ]
+    return torch.cat(crops)
+
+
+@torch.no_grad()
+def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, batch=16) -> torch.Tensor:
+    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops."""
+    device = next(model.parameters()).device
+    x = to_float_tensor(as_array(rgb), device)
+    samples = fid_crops(x, patch, half_shift) if patch else x
+    return torch.cat([model(fid_input(samples[i : i + batch], resize)) for i in range(0, len(samples), batch)])
+
+
+@dataclass
+class FeatureStats:
+    """Running float64 sums of features, so a million 4K patches never sit in memory at once."""
+
+    count: int = 0
+    total: torch.Tensor | None = None
+    outer: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor):
+        f = features.detach().double().cpu()
+        self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
+        self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
+        self.count += len(f)
+
+    def mean_cov(self):
+        """Mean and the unbiased (N-1) covariance, np.cov(rowvar=False)'s convention."""
+        if self.count < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {self.count}")
+        mean = self.total / self.count
+        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return mean, cov
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
+
+    pytorch-fid and clean-fid take scipy.linalg.sqrtm of the non-symmetric product S1 S2 and
+    discard an imaginary part that appears when N < 2048 makes the covariances singular.
+    tr sqrt(S1 S2) equals tr sqrt(S1^1/2 S2 S1^1/2), the product of PSD matrices made
+    symmetric, whose eigenvalues are real and >= 0 up to rounding: two symmetric eigen-
+    decompositions, no complex numbers, no eps retry, and ~5x faster than sqrtm at d = 2048.
+    Agrees with the scipy formula to ~1e-8 relative (tests).
+    """
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = root1 @ cov2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
+
+
+def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
+    """FID (Heusel et al. 2017) between two feature sets, warning when a covariance is rank-deficient."""
+    for name, stats in (("pred", pred), ("ref", ref)):
+        dim = stats.total.numel()
+        if stats.count <= dim:
+            warnings.warn(
+                f"FID: {name} has {stats.count} samples; a full-rank {dim}-d covariance needs at least {dim + 1}; "
+                "the value is biased upwards and not comparable across sample counts (use --fid-patch for more samples)",
+                stacklevel=2,
+            )
+    mu1, cov1 = pred.mean_cov()
+    mu2, cov2 = ref.mean_cov()
+    return frechet_distance(mu1, cov1, mu2, cov2)
+
+
+# ----------------------------------------------------------------------------- CLIP (ViT towers) and CLIPScore
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TowerConfig:
+    width: int
+    layers: int
+    heads: int
+    act: str = "quick_gelu"  # OpenAI's models use x * sigmoid(1.702 x)
+    eps: float = 1e-5
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (both CLIP towers)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        w = cfg.width
+        self.heads, self.act = cfg.heads, cfg.act
+        self.ln1, self.ln2 = nn.LayerNorm(w, eps=cfg.eps), nn.LayerNorm(w, eps=cfg.eps)
+        self.q, self.k, self.v, self.proj = (nn.Linear(w, w) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+    def forward(self, x, mask=None):
+        b, n, w = x.shape
+        h = self.ln1(x)
+        q, k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        x = x + self.proj(attention(q, k, v, mask=mask).transpose(1, 2).reshape(b, n, w))
+        h = self.fc1(self.ln2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return x + self.fc2(h)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: TowerConfig, patch: int, image_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size, self.image_size = patch, image_size
+        self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
+        self.cls = nn.Parameter(torch.zeros(cfg.width))
+        self.pos = nn.Parameter(torch.zeros((image_size // patch) ** 2 + 1, cfg.width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps), nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+
+    def forward(self, pixels):  # (B, 3, S, S) normalised -> (B, embed_dim)
+        x = self.patch(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), 1, -1), x], 1) + self.pos
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.ln_post(x[:, 0]))
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TowerConfig, vocab: int, context: int, embed_dim: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab, cfg.width)
+        self.pos = nn.Parameter(torch.zeros(context, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+
+    def forward(self, ids, lengths):
+        """ids (B, L) padded after the end-of-text token; lengths (B,) = index of that token + 1.
+
+        Pooling reads the hidden state at the end-of-text position. With the causal mask the
+        padding after it cannot leak in, so no padding mask is needed.
+        """
+        n = ids.shape[1]
+        x = self.token(ids) + self.pos[:n]
+        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+        for block in self.blocks:
+            x = block(x, mask=causal)
+        x = self.ln_final(x)
+        return self.proj(x[torch.arange(len(x)), lengths - 1])
+
+
+# transformers' CLIPModel names -> ours, applied in order to every key
+_CLIP_RENAMES = [
+    ("vision_model.embeddings.patch_embedding.", "vision.patch."),
+    ("vision_model.embeddings.class_embedding", "vision.cls"),
+    ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
+    ("vision_model.pre_layrnorm.", "vision.ln_pre."),
+    ("vision_model.post_layernorm.", "vision.ln_post."),
+    ("vision_model.encoder.layers.", "vision.blocks."),
+    ("visual_projection.", "vision.proj."),
+    ("text_model.embeddings.token_embedding.", "text.token."),
+    ("text_model.embeddings.position_embedding.weight", "text.pos"),
+    ("text_model.encoder.layers.", "text.blocks."),
+    ("text_model.final_layer_norm.", "text.ln_final."),
+    ("text_projection.", "text.proj."),
+    (".self_attn.q_proj.", ".q."), (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
+    (".self_attn.out_proj.", ".proj."), (".layer_norm1.", ".ln1."), (".layer_norm2.", ".ln2."),
+    (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
+]
+
+
+def clip_state_from_transformers(state: dict) -> dict:
+    """Rename a transformers CLIPModel state dict; drop logit_scale and position_ids buffers."""
+    renamed = {}
+    for key, value in state.items():
+        if key == "logit_scale" or key.endswith("position_ids"):
+            continue
+        for old, new in _CLIP_RENAMES:
+            key = key.replace(old, new)
+        renamed[key] = value
+    return renamed
+
+
+class CLIP(nn.Module):
+    """OpenAI CLIP ViT (Radford et al. 2021): image and text towers, shapes read from the weights.
+
+    Loads transformers-layout folders (openai/clip-vit-*: model.safetensors + config.json for
+    head counts and activation + tokenizer.json), from the Hub or a local folder.
+    """
+
+    def __init__(self, vision: VisionTower | None, text: TextTower | None, tokenizer=None):
+        super().__init__()
+        self.vision, self.text, self.tokenizer = vision, text, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source, towers=("vision", "text")):
+        source = CLIP_MODELS.get(source, source)
+        root = resolve_source(source, allow_patterns=("model.safetensors", "config.json", "tokenizer.json"))
+        config = read_json(root / "config.json")
+        wanted = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+        prefixes = tuple(p for tower in towers for p in wanted[tower])
+        state = clip_state_from_transformers(load_safetensors(root, torch.float32, key_filter=lambda k: k.startswith(prefixes)))
+        vision = text = tokenizer = None
+        if "vision" in towers:
+            vc = config.get("vision_config", {})
+            patch = state["vision.patch.weight"]
+            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("vision.blocks."))
+            cfg = TowerConfig(patch.shape[0], layers, vc.get("num_attention_heads", patch.shape[0] // 64),
+                              vc.get("hidden_act", "quick_gelu"), vc.get("layer_norm_eps", 1e-5))
+            grid = math.isqrt(state["vision.pos"].shape[0] - 1)
+            vision = VisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], state["vision.proj.weight"].shape[0])
+        if "text" in towers:
+            tc = config.get("text_config", {})
+            token = state["text.token.weight"]
+            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("text.blocks."))
+            cfg = TowerConfig(token.shape[1], layers, tc.get("num_attention_heads", token.shape[1] // 64),
+                              tc.get("hidden_act", "quick_gelu"), tc.get("layer_norm_eps", 1e-5))
+            text = TextTower(cfg, token.shape[0], state["text.pos"].shape[0], state["text.proj.weight"].shape[0])
+            tokenizer = ClipTokenizer(root / "tokenizer.json", context=state["text.pos"].shape[0])
+        model = cls(vision, text, tokenizer)
+        return load_strict(model, state, f"CLIP weights {source}").eval()
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        device = next(self.parameters()).device
+        pixels = torch.stack([clip_preprocess(im, self.vision.image_size) for im in images]).to(device)
+        return F.normalize(self.vision(pixels), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts) -> torch.Tensor:
+        device = next(self.parameters()).device
+        ids, lengths = self.tokenizer(texts)
+        return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
+
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE through the `tokenizers` library (the repo's tokenizer.json), with
+    OpenAI's truncation: <start> + at most context-2 text tokens + <end>.
+
+    torchmetrics slices a long caption's ids to 77 *without* re-inserting the end token and
+    pools at argmax(ids), i.e. on whatever text token has the largest id; the long GPT-4o
+    captions of Aesthetic-4K hit this. Here the end token always closes the sequence and the
+    text tower pools at its position (openai-clip's `tokenize(truncate=True)` behaviour).
+    Text normalisation is the tokenizer.json's (NFC, whitespace, lower case), not ftfy.
+    """
+
+    def __init__(self, path, context=77):
+        from tokenizers import Tokenizer
+
+        if not Path(path).is_file():
+            raise UserError(f"{path}: missing CLIP tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.no_truncation()
+        self.context = context
+        self.start, self.end = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        if self.start is None or self.end is None:
+            raise UserError(f"{path}: no <|startoftext|> / <|endoftext|> tokens; not a CLIP tokenizer")
+
+    def __call__(self, texts):
+        rows = []
+        for text in texts:
+            body = self.tokenizer.encode(text, add_special_tokens=False).ids[: self.context - 2]
+            rows.append([self.start, *body, self.end])
+        ids = torch.full((len(rows), max(map(len, rows))), self.end, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids, torch.tensor([len(r) for r in rows])
+
+
+def clip_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
+    """CLIP's preprocessing (openai-clip and transformers' CLIPProcessor alike): shorter side to
+    `size` with Pillow bicubic, centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a
+    whole (Diffusion-4K's protocol), not tiled."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if scale != 1:
+        image = image.resize(new, Image.BICUBIC)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+CLIP_FORMS = {
+    "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
+    "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
+}
+
+
+def clip_score(model: CLIP, images, captions, form="torchmetrics") -> torch.Tensor:
+    """Per-image CLIPScore (Hessel et al., EMNLP 2021; Diffusion-4K Table 1 with ViT-B/16).
+
+    'torchmetrics': 100 * cos clamped at 0, what torchmetrics' CLIPScore returns for one
+    image; Diffusion-4K calls it image by image and averages. 'hessel': the paper's
+    2.5 * max(cos, 0) with its caption prefix, on ViT-B/32 in the paper. Differences from
+    torchmetrics: captions longer than 77 tokens keep their end token (see ClipTokenizer);
+    images go through Pillow bicubic instead of the processor's own resize code (same kernel).
+    """
+    if form == "hessel":
+        captions = ["A photo depicts " + c for c in captions]
+    elif form != "torchmetrics":
+        raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
+    cos = (model.encode_images(images) * model.encode_texts(captions)).sum(-1)
+    return 2.5 * cos.clamp(min=0) if form == "hessel" else (100 * cos).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- LAION aesthetic predictor v2
+
+
+class AestheticMLP(nn.Module):
+    """LAION's improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor,
+    sac+logos+ava1-l14-linearMSE), used by Diffusion-4K's Table 1 and many 4K papers.
+
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and *no* activations (they are
+    commented out in the original), so at inference it is one affine map; the layer indices
+    (layers.0/2/4/6/7) are kept so the released .pth loads unchanged. Input: the CLIP ViT-L/14
+    image embedding, L2-normalised. The original runs openai-clip in fp16 on CUDA; this file
+    runs fp32 everywhere (differences of ~1e-3 in the score).
+    """
+
+    def __init__(self, dim=768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, embedding):
+        return self.layers(embedding).squeeze(-1)
+
+    @classmethod
+    def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
+        state = load_state(weight_file(source, "aesthetic MLP weights"), "aesthetic MLP weights")
+        return load_strict(cls(state["layers.0.weight"].shape[1]), state, "aesthetic MLP weights").eval()
+
+
+@torch.no_grad()
+def aesthetic_score(clip: CLIP, mlp: AestheticMLP, images) -> torch.Tensor:
+    return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
+    """torchvision's `features` stack (same indices, so its state dicts load) and the indices
+    after which LPIPS taps the ReLU outputs."""
+    if net == "alex":
+        layers = [
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        ]
+        return nn.Sequential(*layers), [1, 4, 7, 9, 11]
+    if net == "vgg":
+        layers, cin = [], 3
+        for item in _VGG16:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
+                cin = item
+        return nn.Sequential(*layers), [3, 8, 15, 22, 29]
+    raise ValueError(f"unknown LPIPS network {net!r}; use alex or vgg")
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 (Zhang et al., CVPR 2018), the perceptual distance SR papers report (OSEDiff,
+    S3Diff, OMGSR, 4K SR papers; alex in most, vgg in some).
+
+    Input in [-1, 1]; shift/scale to the backbone's statistics; at five ReLU taps the channel
+    vectors are unit-normalised, the squared difference is weighted by the learned 1x1 `lin`
+    layers and averaged over space; the five numbers are summed. Same as the lpips package
+    (spatial=False). The package runs the whole image; on 4K images this file averages over
+    tiles (see `tiles`), since VGG at 4096^2 needs tens of GB and SR papers evaluate on crops.
+    """
+
+    SHIFT = (-0.030, -0.088, -0.188)
+    SCALE = (0.458, 0.448, 0.450)
+
+    def __init__(self, net="alex"):
+        super().__init__()
+        self.features, self.taps = lpips_backbone(net)
+        tap_widths = [self.features[i - 1].out_channels for i in self.taps]  # each tap follows conv + ReLU
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in tap_widths)
+        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
+
+    def tap(self, x):
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.tap(a), self.tap(b)))
+
+    @classmethod
+    def from_pretrained(cls, net="alex", linear=None, backbone=None):
+        linear, backbone = linear or LPIPS_LINEAR[net], backbone or LPIPS_BACKBONE[net]
+        if backbone is None:
+            raise UserError(
+                f"LPIPS-{net} needs ImageNet backbone weights and no Hub copy is known: pass --lpips-backbone "
+                "PATH to torchvision's alexnet-owt-7be5be79.pth (https://download.pytorch.org/models/)"
+            )
+        model = cls(net)
+        raw = load_state(weight_file(backbone, f"LPIPS {net} backbone"), f"LPIPS {net} backbone")
+        state = {k[k.index("features."):]: v for k, v in raw.items() if "features." in k}  # drop classifier / prefixes
+        state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
+        lins = load_state(weight_file(linear, f"LPIPS {net} linear layers"), f"LPIPS {net} linear layers")
+        state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
+        return load_strict(model, state, f"LPIPS-{net} weights").eval()
+
+
+def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
+    """The tile protocol for 4K full-reference and no-reference networks: size x size tiles on a
+    grid that covers the whole image, the last row/column flush with the border (overlapping its
+    neighbour rather than dropping pixels). An image smaller than `size` is one tile."""
+    if h <= size and w <= size:
+        return [(0, 0, h, w)]
+    th, tw = min(size, h), min(size, w)
+    rows = sorted({*range(0, h - th + 1, th), h - th})
+    cols = sorted({*range(0, w - tw + 1, tw), w - tw})
+    return [(r, c, th, tw) for r in rows for c in cols]
+
+
+@torch.no_grad()
+def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
+    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB)."""
+    device = next(model.parameters()).device
+    a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
+    if a.shape != b.shape:
+        raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
+    boxes = tiles(a.shape[-2], a.shape[-1], tile)
+    values = []
+    for i in range(0, len(boxes), batch):
+        group = boxes[i : i + batch]
+        ta = torch.cat([a[..., r : r + h, c : c + w] for r, c, h, w in group])
+        tb = torch.cat([b[..., r : r + h, c : c + w] for r, c, h, w in group])
+        values.append(model(ta, tb))
+    return torch.cat(values).mean().item()
+
+
+# ----------------------------------------------------------------------------- periodicity (OP4KSR's L_AP statistic)
+
+# token period of Flux + F16 VAE + 2x2 packing (16 px x 2) and the F16 latent pixel
+PERIODS = (16, 32)
+HIGHPASS_SIGMA = 4.0  # px; keeps ~27% of a pure 32-px sinusoid and all of a one-pixel seam
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, H, W), BT.601 weights (any value range: the statistics are scale-free)."""
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def autocorrelation(x: torch.Tensor, highpass: float | None = None, window: bool = False) -> torch.Tensor:
+    """Circular autocorrelation of (..., H, W) by Wiener-Khinchin, mean removed, A(0) = 1.
+
+    With `highpass` = sigma (px) the power spectrum is first weighted by the squared response
+    of "x minus its Gaussian blur", (1 - exp(-2 pi^2 sigma^2 |f|^2))^2: the smooth content that
+    dominates a natural image's autocorrelation at long lags is removed, what is left of it
+    decorrelates within a few pixels, and a periodic artifact (sharp seams, or a pattern whose
+    period is comparable to sigma or shorter) stands alone at its lags.
+    """
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    if window:  # a Hann taper: without it the wrap-around seam of a circular FFT is itself a "periodic" edge
+        x = x * torch.outer(torch.hann_window(x.shape[-2], periodic=False, dtype=x.dtype, device=x.device),
+                            torch.hann_window(x.shape[-1], periodic=False, dtype=x.dtype, device=x.device))
+    power = torch.fft.rfft2(x).abs().pow(2)
+    if highpass:
+        fy = torch.fft.fftfreq(x.shape[-2], device=x.device, dtype=power.dtype)[:, None]
+        fx = torch.fft.rfftfreq(x.shape[-1], device=x.device, dtype=power.dtype)[None, :]
+        power = power * (1 - torch.exp(-2 * math.pi**2 * highpass**2 * (fy**2 + fx**2))) ** 2
+    a = torch.fft.irfft2(power, s=x.shape[-2:])
+    return a / a[..., :1, :1].clamp(min=1e-12)
+
+
+def periodicity_lags(periods=PERIODS, multiples=2) -> list[tuple[int, int, int]]:
+    """(dy, dx, period) for the lattice lags k*p, l*p with 0 <= k <= multiples, |l| <= multiples,
+    (k, l) != (0, 0), one of each +-pair (A is symmetric)."""
+    lags = []
+    for p in periods:
+        for k in range(0, multiples + 1):
+            for l in range(-multiples, multiples + 1):
+                if k > 0 or l > 0:
+                    lags.append((k * p, l * p, p))
+    return lags
+
+
+def periodicity_peaks(image: torch.Tensor, periods=PERIODS, multiples=2, highpass=HIGHPASS_SIGMA) -> torch.Tensor:
+    """Peak prominence of the autocorrelation on the period lattice, per quadrant: (B, 4, lags).
+
+    The image (B, 3, H, W) is reduced to luma and split into its 4 quadrants (OP4KSR computes
+    its L_AP per quadrant), and A is the high-passed autocorrelation of each quadrant. For each
+    lattice lag t the prominence is A(t) minus the mean of A at the four points half a period
+    away, t +- (p/2, 0) and t +- (0, p/2). A grid artifact of period p puts a ridge at every
+    multiple of p and a trough between them, so its prominence is positive; after the
+    high-pass a natural image's A is ~0 at these lags and so is the prominence.
+    Differentiable, so op4ksr.py can reuse it as a loss.
+    """
+    y = luma(image)
+    h, w = y.shape[-2] // 2, y.shape[-1] // 2
+    reach = max(periods) * multiples + max(periods) // 2
+    if min(h, w) <= 2 * reach:
+        raise ValueError(f"image {y.shape[-1]}x{y.shape[-2]} too small for periods {periods} x {multiples}")
+    quads = torch.stack([y[:, :h, :w], y[:, :h, w : 2 * w], y[:, h : 2 * h, :w], y[:, h : 2 * h, w : 2 * w]], 1)
+    a = autocorrelation(quads, highpass, window=True)
+    lags = periodicity_lags(periods, multiples)
+    dy = torch.tensor([t[0] for t in lags], device=a.device)
+    dx = torch.tensor([t[1] for t in lags], device=a.device)
+    half = torch.tensor([t[2] // 2 for t in lags], device=a.device)
+
+    def at(ry, rx):
+        return a[..., ry % h, rx % w]
+
+    around = (at(dy + half, dx) + at(dy - half, dx) + at(dy, dx + half) + at(dy, dx - half)) / 4
+    return at(dy, dx) - around
+
+
+def periodicity_score(pred: torch.Tensor, ref: torch.Tensor | None = None, periods=PERIODS, multiples=2) -> torch.Tensor:
+    """Periodic-artifact score per image (B,): for each period, the prominence averaged over
+    the 4 quadrants and that period's lattice lags, minus the same for `ref` if given, clamped
+    at 0; then the mean over periods.
+
+    A diagnostic built on the candidate reconstruction of OP4KSR's autocorrelation loss
+    (arXiv 2605.13457 publishes neither code nor formula, so this is not the paper's number):
+    averaging before the clamp keeps the noise of single lags from adding up, and the relative
+    form does not punish textures that are periodic in the ground truth too. About 0 for
+    natural images (noise floor ~1e-3 on 256 px quadrants, less on 2048 px ones); a seam
+    every 32 px of amplitude 12/255 gives ~0.03.
+    """
+    lags = periodicity_lags(periods, multiples)
+    member = torch.tensor([[t[2] == p for t in lags] for p in periods], dtype=pred.dtype, device=pred.device)
+
+    def per_period(x):  # (B, 4, lags) -> (B, periods)
+        return periodicity_peaks(x, periods, multiples).mean(1) @ member.T / member.sum(1)
+
+    excess = per_period(pred) - (per_period(ref) if ref is not None else 0)
+    return F.relu(excess).mean(1)
+
+
+def log_spectrum(rgb) -> Image.Image:
+    """Centred log-magnitude spectrum of the luma, as an 8-bit grey image: periodic artifacts
+    show as a lattice of bright dots at multiples of W/period from the centre."""
+    y = luma(to_float_tensor(as_array(rgb)))[0].double()
+    mag = torch.fft.fftshift(torch.fft.fft2(y - y.mean())).abs().log1p()
+    mag = (mag - mag.min()) / (mag.max() - mag.min()).clamp(min=1e-12)
+    return Image.fromarray((mag * 255).round().byte().numpy(), mode="L")
+
+
+# ----------------------------------------------------------------------------- evaluation over folders
+
+METRICS = {  # name -> (needs ref, needs prompts)
+    "glcm": (False, False), "cr": (False, False), "fid": (True, False), "clip": (False, True),
+    "aesthetic": (False, False), "psnr": (True, False), "ssim": (True, False), "lpips": (True, False),
+    "periodicity": (False, False),
+}
+NOT_IMPLEMENTED = {"niqe", "clipiqa"}
+PAIRED = {"psnr", "ssim", "lpips"}
+
+
+def list_images(folder) -> dict[str, Path]:
+    """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in found:
+                raise UserError(f"{folder}: two images share the name {path.stem!r} ({found[path.stem].name}, {path.name})")
+            found[path.stem] = path
+    if not found:
+        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def read_prompts(path) -> dict[str, str]:
+    """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename)
+    and a caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
+    prompts = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read prompts ({error.strerror})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = next(row[k] for k in ("file_name", "image", "filename") if k in row)
+            text = next(row[k] for k in ("text", "prompt", "caption") if k in row)
+        except (json.JSONDecodeError, StopIteration, TypeError):
+            raise UserError(f"{path}:{number}: expected a JSON object with file_name and text") from None
+        prompts[Path(name).stem] = str(text)
+    return prompts
+
+
+def progress(items, label):
+    """Minimal progress bar on stderr (no tqdm dependency)."""
+    total = len(items)
+    for i, item in enumerate(items, 1):
+        yield item
+        done = int(30 * i / total)
+        print(f"\r{label} [{'#' * done}{'.' * (30 - done)}] {i}/{total}", end="" if i < total else "\n", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Options:
+    metrics: list[str]
+    device: str = "cpu"
+    on_error: str = "fail"
+    crop_border: int = 0
+    y_channel: bool = False
+    glcm_prop: str = "entropy"
+    glcm_input: str = "jpeg95"
+    fid_resize: str = "tf1"
+    fid_patch: int = 0
+    fid_half_shift: bool = False
+    inception: str = INCEPTION_WEIGHTS
+    clip_model: str = "b16"
+    clip_form: str = "torchmetrics"
+    aesthetic_clip: str = "l14"
+    aesthetic_mlp: str = AESTHETIC_WEIGHTS
+    lpips_net: str = "alex"
+    lpips_linear: str | None = None
+    lpips_backbone: str | None = None
+    tile: int = 512
+    periods: tuple = PERIODS
+    save_spectra: str | None = None
+    settings: dict = field(default_factory=dict)
+
+
+def open_image(path, on_error, skipped):
+    """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
+    try:
+        return load_image(path)
+    except UserError as error:
+        if on_error == "fail":
+            raise UserError(f"{error} (pass --on-error skip to leave it out)") from None
+        print(f"warning: skipping {error}", file=sys.stderr)
+        skipped.append(str(path))
+        return None
+
+
+def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) -> dict:
+    """Compute `opts.metrics` over folders; returns {'metrics', 'per_image', 'skipped', 'count', 'settings'}."""
+    unknown = [m for m in opts.metrics if m not in METRICS]
+    if unknown:
+        hint = " (NIQE and CLIPIQA are not implemented yet)" if set(unknown) & NOT_IMPLEMENTED else ""
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}{hint}; choose from {', '.join(METRICS)}")
+    for m in opts.metrics:
+        if METRICS[m][0] and ref_dir is None:
+            raise UserError(f"{m} needs --ref")
+        if METRICS[m][1] and prompts_file is None:
+            raise UserError(f"{m} needs --prompts")
+    pred = list_images(pred_dir)
+    ref = list_images(ref_dir) if ref_dir else {}
+    names = sorted(pred)
+    if ref and (set(opts.metrics) & PAIRED or "periodicity" in opts.metrics):
+        only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
+        if only_pred or only_ref:
+            listing = lambda xs: ", ".join(xs[:10]) + (f" and {len(xs) - 10} more" if len(xs) > 10 else "")
+            raise UserError(
+                "pred and ref file names do not match: "
+                + "; ".join(s for s in (f"only in pred: {listing(only_pred)}" * bool(only_pred), f"only in ref: {listing(only_ref)}" * bool(only_ref)) if s)
+            )
+    prompts = read_prompts(prompts_file) if prompts_file else {}
+    if "clip" in opts.metrics:
+        missing = [n for n in names if n not in prompts]
+        if missing:
+            raise UserError(f"{prompts_file}: no caption for {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+
+    metrics, device = set(opts.metrics), opts.device
+    models = {}
+    if "fid" in metrics:
+        models["inception"] = InceptionV3.from_pretrained(opts.inception).to(device)
+    if "clip" in metrics:
+        models["clip"] = CLIP.from_pretrained(opts.clip_model).to(device)
+    if "aesthetic" in metrics:
+        models["aesthetic_mlp"] = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(device)
+        models["aesthetic_clip"] = CLIP.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
+    if "lpips" in metrics:
+        models["lpips"] = LPIPS.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone).to(device)
+    if opts.save_spectra:
+        Path(opts.save_spectra).mkdir(parents=True, exist_ok=True)
+
+    per_image = {m: {} for m in metrics if m not in ("fid", "cr")}
+    skipped, jpeg_sizes, shapes, evaluated = [], [], [], 0
+    fid_stats = {"pred": FeatureStats(), "ref": FeatureStats()}
+    mode = "y" if opts.y_channel else "rgb"
+
+    def add_fid(image, which):
+        models_fid = models["inception"]
+        fid_stats[which].update(fid_features(models_fid, image, opts.fid_resize, opts.fid_patch, opts.fid_half_shift))
+
+    for name in progress(names, "metrics"):
+        try:
+            image = open_image(pred[name], opts.on_error, skipped)
+            if image is None:
+                continue
+            target = None
+            if name in ref and (metrics & PAIRED or "periodicity" in metrics):
+                target = open_image(ref[name], opts.on_error, skipped)
+                if target is None:
+                    continue
+                if target.size != image.size and metrics & (PAIRED | {"periodicity"}):
+                    raise UserError(f"{name}: pred is {image.width}x{image.height} but ref is {target.width}x{target.height}; paired metrics need equal sizes")
+            if "glcm" in metrics or "cr" in metrics:
+                encoded = pred[name].read_bytes() if pred[name].suffix.lower() in (".jpg", ".jpeg") else jpeg95(image)
+                jpeg_sizes.append(len(encoded))
+                shapes.append((image.height, image.width))
+                if "glcm" in metrics:
+                    pixels = Image.open(io.BytesIO(encoded)).convert("RGB") if opts.glcm_input == "jpeg95" else image
+                    per_image["glcm"][name] = glcm_score(pixels, prop=opts.glcm_prop)
+            if "fid" in metrics:
+                add_fid(image, "pred")
+            if "clip" in metrics:
+                per_image["clip"][name] = clip_score(models["clip"], [image], [prompts[name]], opts.clip_form).item()
+            if "aesthetic" in metrics:
+                per_image["aesthetic"][name] = aesthetic_score(models["aesthetic_clip"], models["aesthetic_mlp"], [image]).item()
+            if "psnr" in metrics:
+                per_image["psnr"][name] = psnr(image, target, opts.crop_border, mode)
+            if "ssim" in metrics:
+                per_image["ssim"][name] = ssim(image, target, opts.crop_border, mode)
+            if "lpips" in metrics:
+                per_image["lpips"][name] = lpips_tiled(models["lpips"], image, target, opts.tile)
+            if "periodicity" in metrics:
+                x = to_float_tensor(as_array(image))
+                y = to_float_tensor(as_array(target)) if target is not None else None
+                per_image["periodicity"][name] = periodicity_score(x, y, opts.periods).item()
+            if opts.save_spectra:
+                log_spectrum(image).save(Path(opts.save_spectra) / f"{name}_spectrum.png")
+            evaluated += 1
+        except ValueError as error:  # a metric's precondition on this image (size, shape)
+            raise UserError(f"{name}: {error}") from None
+    if "fid" in metrics:  # the reference set: every image in --ref, matched or not
+        for name in progress(sorted(ref), "fid ref"):
+            image = open_image(ref[name], opts.on_error, skipped)
+            if image is not None:
+                add_fid(image, "ref")
+
+    if evaluated == 0:
+        raise UserError("no readable image pairs left to evaluate")
+    summary = {}
+    for m in opts.metrics:
+        if m == "cr":
+            summary["cr"] = compression_ratio(jpeg_sizes, shapes)
+        elif m == "fid":
+            summary["fid"] = fid_from_stats(fid_stats["pred"], fid_stats["ref"])
+        else:
+            values = [v for v in per_image[m].values() if math.isfinite(v)]
+            summary[m] = float(np.mean(values)) if values else float("inf")
+    if "fid" in metrics:
+        opts.settings["fid_samples"] = {"pred": fid_stats["pred"].count, "ref": fid_stats["ref"].count}
+    return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image, "settings": opts.settings}
+
+
+def finite_or_none(value):
+    """JSON has no inf/nan: an identical pair's PSNR (inf) is written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def format_table(result) -> str:
+    rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b:>12}" for a, b in rows]
+    lines.insert(1, "-" * (width + 14))
+    lines.append(f"({result['count']} images" + (f", {len(result['skipped'])} skipped)" if result["skipped"] else ")"))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Metrics for 4K synthesis and super-resolution (see the module docstring for protocols and weights).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--pred", required=True, help="folder of generated / super-resolved images")
+    p.add_argument("--ref", help="folder of reference images (paired by file stem; FID uses all of them)")
+    p.add_argument("--prompts", help="metadata.jsonl with file_name and text per line (for clip)")
+    p.add_argument("--metrics", default=None, help=f"comma list from {','.join(METRICS)}; default glcm,cr (+psnr,ssim with --ref)")
+    p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images: stop, or name and skip them")
+    g = p.add_argument_group("GLCM / CR")
+    g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
+    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
+                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does (JPEG inputs are used as they are)")
+    g = p.add_argument_group("PSNR / SSIM / LPIPS")
+    g.add_argument("--crop-border", type=int, default=0, help="pixels removed on each side (SR: the scale)")
+    g.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
+    g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
+    g.add_argument("--lpips-linear", help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
+    g.add_argument("--lpips-backbone", help="torchvision-named backbone weights (.pth or .safetensors)")
+    g.add_argument("--tile", type=int, default=512, help="tile size of the LPIPS 4K protocol")
+    g = p.add_argument_group("FID")
+    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1", help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
+    g.add_argument("--fid-patch", type=int, default=0, help="patch FID: crop size (0 = whole image resized to 299)")
+    g.add_argument("--fid-half-shift", action="store_true", help="patch FID: add the grid shifted by half a patch (HiFiC)")
+    g.add_argument("--inception", default=INCEPTION_WEIGHTS, help="pt_inception-2015-12-05 .pth: file or Hub spec")
+    g = p.add_argument_group("CLIPScore / aesthetics")
+    g.add_argument("--clip-model", default="b16", help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
+    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics", help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
+    g.add_argument("--aesthetic-clip", default="l14", help="CLIP ViT-L/14 repo or folder")
+    g.add_argument("--aesthetic-mlp", default=AESTHETIC_WEIGHTS, help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g = p.add_argument_group("periodicity")
+    g.add_argument("--periods", default="16,32", help="artifact periods in pixels")
+    g.add_argument("--save-spectra", help="write each pred image's log spectrum here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = args.metrics.split(",") if args.metrics else ["glcm", "cr"] + (["psnr", "ssim"] if args.ref else [])
+    metrics = [m.strip().lower() for m in metrics if m.strip()]
+    try:
+        periods = tuple(int(p) for p in args.periods.split(","))
+    except ValueError:
+        raise UserError(f"--periods {args.periods!r}: expected comma-separated integers") from None
+    if args.tile < 32 or args.crop_border < 0 or args.fid_patch < 0:
+        raise UserError("--tile must be >= 32, --crop-border and --fid-patch >= 0")
+    settings = {k: v for k, v in vars(args).items() if k not in ("pred", "ref", "prompts", "out")}
+    opts = Options(
+        metrics=metrics, device=args.device, on_error=args.on_error, crop_border=args.crop_border,
+        y_channel=args.y_channel, glcm_prop=args.glcm_prop, glcm_input=args.glcm_input, fid_resize=args.fid_resize,
+        fid_patch=args.fid_patch, fid_half_shift=args.fid_half_shift, inception=args.inception,
+        clip_model=args.clip_model, clip_form=args.clip_form, aesthetic_clip=args.aesthetic_clip,
+        aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net, lpips_linear=args.lpips_linear,
+        lpips_backbone=args.lpips_backbone, tile=args.tile, periods=periods, save_spectra=args.save_spectra,
+        settings=settings,
+    )
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one plain line, like errors
+    try:
+        result = evaluate(args.pred, args.ref, args.prompts, opts)
+    finally:
+        warnings.formatwarning = original
+    print(format_table(result))
+    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
+    with atomic_write(out) as temp:
+        temp.write_text(json.dumps(finite_or_none(result), indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
