@@ -13,10 +13,9 @@ protocol, and where this file differs from the popular implementation.
 | aesthetic   | pred             | LAION improved aesthetic predictor v2 on CLIP ViT-L/14                      | whole image to 224    |
 | psnr, ssim  | pred, ref        | PSNR / SSIM, RGB or Y (BT.601), border crop (basicsr / scikit-image)       | whole image           |
 | lpips       | pred, ref        | LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips package)       | 512 tiles, mean       |
+| niqe        | pred             | NIQE, MATLAB pristine model, 96 px blocks, Y of YIQ (pyiqa 'niqe')          | whole image           |
+| clipiqa     | pred             | CLIP-IQA, RN50 + 5 antonym prompt pairs (pyiqa 'clipiqa')                   | 512 tiles, mean       |
 | periodicity | pred [, ref]     | autocorrelation peaks at the 16/32 px token lattice (OP4KSR's L_AP idea)   | 4 quadrants           |
-
-Not implemented (advertised nowhere else either): NIQE and CLIPIQA; they are on the list of
-issue 5 but unfinished, so `--metrics niqe` or `clipiqa` is refused.
 
 Commands:
     python metrics.py --pred out/ --metrics glcm,cr                       # Diffusion-4K's Table 1 pair
@@ -24,6 +23,7 @@ Commands:
     python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
     python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
+    python metrics.py --pred out/ --metrics niqe,clipiqa                  # the no-reference pair of SR papers
 
 Images are matched by file stem (`0001.png` pairs with `0001.jpg`); the table goes to stdout
 and the same numbers, with the settings and per-image values, to `--out` (default
@@ -36,12 +36,16 @@ Weights (all fp32; a Hub spec is `owner/repo/path/in/repo`, any local file works
     LPIPS linear      chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_{alex-df73285e,vgg-a78928a0}.pth
     LPIPS backbone    vgg: timm/vgg16.tv_in1k/model.safetensors; alex: no Hub copy is known, pass
                       torchvision's alexnet-owt-7be5be79.pth (download.pytorch.org/models) with --lpips-backbone
+    NIQE model        chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat (MATLAB v5, read with scipy), or
+                      basicsr 1.4.2's niqe_pris_params.npz (from its sdist; copy in tests/data/metrics) via --niqe-params
+    CLIPIQA RN50      timm/resnet50_clip.openai/open_clip_model.safetensors (OpenAI key names)
 Pickled files are read with torch.load(weights_only=True) only.
 
 Library use:
     glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
     InceptionV3 / fid_features / FeatureStats / frechet_distance, CLIP / clip_score, AestheticMLP,
-    LPIPS, autocorrelation / periodicity_peaks / periodicity_score / log_spectrum.
+    LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, autocorrelation / periodicity_peaks /
+    periodicity_score / log_spectrum.
 """
 
 import argparse
@@ -390,6 +394,228 @@ def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
         ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
         values.append(ssim_map.mean().item())
     return float(np.mean(values))
+
+
+# ----------------------------------------------------------------------------- NIQE
+
+NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
+NIQE_BLOCK = 96
+NIQE_CONVENTIONS = {
+    "pyiqa": "pyiqa 'niqe' (what SR papers report): Y of YIQ from float32 RGB, rounded; pyiqa's float32 window and grid  [default]",
+    "matlab": "the MATLAB release's arithmetic in float64 on rounded rgb2gray (approximate: see niqe())",
+}
+
+
+def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
+    """The pristine model of the MATLAB NIQE release: mean (36,) and covariance (36, 36), float64.
+
+    Two files hold it: pyiqa's `niqe_modelparameters.mat` (keys mu_prisparam / cov_prisparam,
+    MATLAB v5, read with scipy.io when scipy is installed) and basicsr 1.4.2's
+    `basicsr/metrics/niqe_pris_params.npz` from its sdist (keys mu_pris_param / cov_pris_param,
+    read with numpy, no pickle). A copy of the latter is tests/data/metrics/niqe_pris_params.npz.
+    """
+    path = weight_file(source, "NIQE parameters")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                mu, cov = data["mu_pris_param"], data["cov_pris_param"]
+        else:
+            try:
+                from scipy.io import loadmat
+            except ImportError:
+                raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), or pass basicsr's niqe_pris_params.npz") from None
+            data = loadmat(str(path))
+            mu, cov = data["mu_prisparam"], data["cov_prisparam"]
+    except (KeyError, ValueError, OSError) as error:
+        raise UserError(f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}: {error})") from None
+    mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
+    if mu.shape != (36,) or cov.shape != (36, 36):
+        raise UserError(f"NIQE parameters: {path} holds shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)")
+    return mu, cov
+
+
+def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
+    """The integer-valued float64 grey image each NIQE implementation scores (values 0..255).
+
+    The rounding follows the reference arithmetic, so that a pixel whose value lies on .5 goes
+    the same way: pyiqa converts x/255 in float32 with the YIQ matrix, x 255, rounds; MATLAB's
+    rgb2gray is rounded in float64.
+    """
+    rgb = as_array(rgb)
+    if convention == "pyiqa":
+        x = torch.tensor(rgb).float() / 255
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]).T
+        return torch.round((x @ yiq)[..., 0] * 255).double().numpy()
+    if convention == "matlab":
+        return grey_matlab(rgb)
+    raise ValueError(f"unknown NIQE convention {convention!r}; choose from {', '.join(NIQE_CONVENTIONS)}")
+
+
+def _niqe_window(float32: bool = False) -> torch.Tensor:
+    """MATLAB fspecial('gaussian', 7, 7/6): the local mean / contrast window of NIQE. pyiqa
+    rounds it to float32 before filtering in float64; since sigma comes from E[x^2] - mu^2, a
+    difference of two numbers near 255^2, that rounding moves the MSCN map by up to ~1e-4 and
+    flips AGGD grid choices, so the pyiqa convention rounds it too."""
+    x = torch.arange(7, dtype=torch.float64) - 3
+    g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
+    g = g / g.sum()
+    return g.float().double() if float32 else g
+
+
+def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
+    """Mean-subtracted contrast-normalised coefficients of (H, W) float64: (x - mu) / (sigma + 1),
+    mu and sigma from the 7x7 Gaussian window with replicated borders (MATLAB 'replicate',
+    scipy 'nearest'); sigma = sqrt(|E[x^2] - mu^2|)."""
+    w = _niqe_window(window32).to(grey.device)[None, None]
+    h, w_ = grey.shape
+    padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
+    sums = torch.zeros_like(padded[:, :h, :w_])
+    for i in range(7):  # 49 shifted multiply-adds: several times faster than float64 conv2d on a CPU
+        for j in range(7):
+            sums += w[0, 0, i, j] * padded[:, i : i + h, j : j + w_]
+    mu, second = sums
+    sigma = (second - mu * mu).abs().sqrt()
+    return (grey - mu) / (sigma + 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape grid 0.2:0.001:10 (9,801 values) and r(g) = G(2/g)^2 / (G(1/g) G(3/g)) on it.
+    'float32': the grid values as torch.arange makes them in float32 (pyiqa); 'float64': as
+    numpy / MATLAB make them (basicsr, MATLAB)."""
+    if grid == "float32":
+        gam = torch.arange(0.2, 10 + 0.001, 0.001, dtype=torch.float32).double()
+    else:
+        gam = torch.from_numpy(np.arange(0.2, 10 + 0.001, 0.001))
+    r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
+    return gam, r
+
+
+def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
+    """Moment-matching fit of an asymmetric generalised Gaussian to each row of x (N, P):
+    shape alpha (the grid value whose r(alpha) is nearest to the normalised moment ratio) and
+    the left / right scales. Rows with no negative (or no positive) value give NaN scales,
+    as in the references (their alpha is then the grid's first value, 0.2)."""
+    gam, r = _aggd_table(grid)
+    gam, r = gam.to(x.device), r.to(x.device)
+    neg, pos = x < 0, x > 0
+    sq = x * x
+    left = ((sq * neg).sum(1) / neg.sum(1)).sqrt()
+    right = ((sq * pos).sum(1) / pos.sum(1)).sqrt()
+    g = left / right
+    rhat = x.abs().mean(1) ** 2 / sq.mean(1)
+    rnorm = rhat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    index = torch.cat([(r[None] - rnorm[i : i + chunk, None]).abs().argmin(1) for i in range(0, len(x), chunk)])
+    index[torch.isnan(rnorm)] = 0  # an all-NaN row: both references take the first grid value
+    alpha = gam[index]
+    ratio = (torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)).exp().sqrt()
+    return alpha, left * ratio, right * ratio
+
+
+def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "float64") -> torch.Tensor:
+    """The 18 NIQE features of every block x block tile of an (H, W) MSCN map -> (N, 18):
+    AGGD (alpha, mean of the two scales) of the coefficients, then for the products with the
+    neighbour at shifts (0,1), (1,0), (1,1), (1,-1) (circular inside the block, np.roll)
+    (alpha, (right - left) G(2/alpha)/G(1/alpha), left, right)."""
+    h, w = coefficients.shape
+    blocks = coefficients.reshape(h // block, block, w // block, block).transpose(1, 2).reshape(-1, block, block)
+    alpha, left, right = aggd_fit(blocks.flatten(1), grid)
+    features = [alpha, (left + right) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        product = blocks * torch.roll(blocks, shift, dims=(1, 2))
+        alpha, left, right = aggd_fit(product.flatten(1), grid)
+        mean = (right - left) * (torch.lgamma(2 / alpha) - torch.lgamma(1 / alpha)).exp()
+        features += [alpha, mean, left, right]
+    return torch.stack(features, 1)
+
+
+def imresize_half(x: torch.Tensor) -> torch.Tensor:
+    """MATLAB imresize(x, 0.5) with its default bicubic kernel (a = -0.5) and antialiasing, on
+    (H, W) with even H and W: the kernel is stretched to 8 taps of weight 0.5 k(d / 2) around
+    the source point u = 2 i - 0.5 (1-based), rows normalised, borders mirrored (symmetric,
+    edge pixel repeated); one axis after the other. The arithmetic runs in float32, as in both
+    references (basicsr and pyiqa resize in float32), and is returned as float64."""
+
+    def cubic(d):
+        d = d.abs()
+        return torch.where(d <= 1, 1.5 * d**3 - 2.5 * d**2 + 1, torch.where(d <= 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0.0))
+
+    def along_rows(x):
+        n = x.shape[0]
+        out = torch.arange(1, n // 2 + 1, dtype=torch.float64)
+        u = 2 * out - 0.5
+        taps = torch.floor(u - 4)[:, None] + torch.arange(10, dtype=torch.float64)  # ceil(8) + 2 candidates
+        weights = 0.5 * cubic(0.5 * (u[:, None] - taps))
+        weights = weights / weights.sum(1, keepdim=True)
+        keep = (weights != 0).any(0)  # drop the candidate columns that are zero for every output
+        taps, weights = taps[:, keep].long() - 1, weights[:, keep]
+        taps = torch.where(taps < 0, -taps - 1, torch.where(taps >= n, 2 * n - 1 - taps, taps))
+        return (x[taps] * weights.to(x.dtype)[..., None]).sum(1)
+
+    x = x.float()
+    return along_rows(along_rows(x).T).T.double()
+
+
+def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
+    """(N, 36) features of an integer-valued (H, W) grey image: 18 at full scale on block x block
+    tiles, 18 at half scale (MATLAB bicubic of x/255, x 255) on the same tiles, now block/2.
+    The image is first cropped to whole blocks from the top-left. `pyiqa`: its float32 rounding
+    of the window and of the AGGD grid; otherwise float64 as in MATLAB."""
+    grid = "float32" if pyiqa else "float64"
+    rows, cols = grey.shape[0] // block, grey.shape[1] // block
+    x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))[: rows * block, : cols * block]
+    full = niqe_block_features(mscn(x, pyiqa), block, grid)
+    half = imresize_half(x / 255) * 255
+    return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
+
+
+def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
+    """sqrt((mu_p - mu_d) pinv((S_p + S_d) / 2) (mu_p - mu_d)^T), with mu_d the NaN-ignoring mean
+    of the block features and S_d the (N-1) covariance of the NaN-free blocks (MATLAB nanmean /
+    nancov), in float64 numpy like basicsr."""
+    f = features.numpy()
+    clean = f[~np.isnan(f).any(1)]
+    if len(clean) < 2:
+        raise ValueError(f"NIQE needs at least two {NIQE_BLOCK}x{NIQE_BLOCK} blocks with finite features, got {len(clean)}")
+    mu = np.nanmean(f, axis=0)
+    diff = np.asarray(mu_pris, np.float64).ravel() - mu
+    inverse = np.linalg.pinv((np.asarray(cov_pris, np.float64) + np.cov(clean, rowvar=False)) / 2)
+    return float(np.sqrt(diff @ inverse @ diff))
+
+
+def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
+    """NIQE (Mittal, Soundararajan & Bovik, "Making a 'completely blind' image quality analyzer",
+    IEEE SPL 2013), lower is better; `params` = niqe_params(...).
+
+    Reported by SR papers (StableSR, SeeSR, OSEDiff, PiSA-SR, ...) through pyiqa's 'niqe', the
+    default convention here. All implementations use the pristine model of the MATLAB release,
+    96x96 blocks without overlap (the image cropped to whole blocks from the top-left), two
+    scales, 36 features. The sharpness selection of blocks (threshold 0.75) belongs to fitting
+    the pristine model, not to scoring, and no implementation applies it when scoring.
+    `crop_border` removes pixels on each side first (basicsr's SR configs pass the scale).
+
+    NIQE is numerically touchy: sigma comes from E[x^2] - mu^2 (a difference of two numbers
+    near 255^2) and alpha is a nearest-grid-point choice, so float32 roundings in one place
+    flip grid points and move the score by up to a few percent. Hence the conventions:
+    'pyiqa' reproduces pyiqa 0.1.16 to ~1e-12 on the TID2013 test images (same grey image,
+    float32-rounded window and grid, float32 bicubic resize, float64 elsewhere). 'matlab'
+    runs float64 throughout on rounded rgb2gray; it is *not* bit-faithful to MATLAB: on the
+    five TID2013 distorted images it gives 15.742 / 3.655 / 3.236 / 3.212 / 9.120 against the
+    published MATLAB 15.754 / 3.655 / 3.236 / 3.184 / 8.635. basicsr's calculate_niqe (Y of
+    BT.601 YCbCr) runs its first scale and its resize in float32 and differs from a float64
+    computation on the same grey image by up to ~0.3 on these images; it is not offered.
+
+    4K protocol: the whole image (NIQE is block-based already: 1,764 blocks at 4096^2).
+    """
+    if params is None:
+        params = niqe_params()
+    grey = niqe_grey(rgb, convention)
+    if crop_border:
+        grey = grey[crop_border:-crop_border, crop_border:-crop_border]
+    if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
+        raise ValueError(f"image {grey.shape[1]}x{grey.shape[0]} too small for NIQE (needs two {NIQE_BLOCK}x{NIQE_BLOCK} blocks)")
+    features = niqe_features(grey, pyiqa=convention == "pyiqa")
+    return niqe_distance(features, *params)
 
 
 # ----------------------------------------------------------------------------- FID: the FID InceptionV3
@@ -1051,6 +1277,189 @@ def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
     return torch.cat(values).mean().item()
 
 
+# ----------------------------------------------------------------------------- CLIPIQA (CLIP RN50)
+
+CLIPIQA_WEIGHTS = "timm/resnet50_clip.openai/open_clip_model.safetensors"
+# pyiqa's 'clipiqa' antonym pairs (positive first); the score is the mean over pairs of P(positive).
+CLIPIQA_PROMPTS = (
+    ("Good image", "bad image"), ("Sharp image", "blurry image"), ("sharp edges", "blurry edges"),
+    ("High resolution image", "low resolution image"), ("Noise-free image", "noisy image"),
+)
+# Their CLIP BPE ids, <start> ... <end>, as OpenAI's tokenizer gives them (checked against
+# clip.tokenize in tests/test_metrics_iqa.py): fixed prompts need no tokenizer file at run time.
+CLIPIQA_PROMPT_IDS = (
+    (49406, 886, 2867, 49407), (49406, 2103, 2867, 49407), (49406, 8157, 2867, 49407),
+    (49406, 21977, 2867, 49407), (49406, 8157, 20938, 49407), (49406, 21977, 20938, 49407),
+    (49406, 1400, 9977, 2867, 49407), (49406, 1042, 9977, 2867, 49407),
+    (49406, 9307, 268, 1139, 2867, 49407), (49406, 33495, 2867, 49407),
+)
+
+
+class ClipBottleneck(nn.Module):
+    """CLIP's ResNet block: 1x1, 3x3, average pool (when strided), 1x1, with an average-pooled
+    1x1 projection on the shortcut. Key names as in OpenAI's checkpoints."""
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.stride = stride
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.downsample = None
+        if stride > 1 or cin != 4 * planes:  # keys downsample.0 (conv) / downsample.1 (bn)
+            self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        if self.stride > 1:
+            out = F.avg_pool2d(out, self.stride)
+        out = self.bn3(self.conv3(out))
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(F.avg_pool2d(x, self.stride) if self.stride > 1 else x)
+        return F.relu(out + shortcut)
+
+
+class ClipResNet(nn.Module):
+    """OpenAI CLIP's 'ModifiedResNet' image tower (RN50: layers 3-4-6-3, width 64): a 3-conv stem
+    with average pooling, bottleneck stages, and an attention pool whose query is the mean token.
+
+    The attention pool's positional embedding is loaded but not used: CLIPIQA runs at the
+    input resolution with pyiqa's pos_embedding=False, which leaves it out altogether. Only the
+    mean token's output is needed, so only its query is computed (exact, and linear in the
+    number of tokens instead of quadratic: a 4096^2 input has 16,384 tokens).
+    """
+
+    def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        cin = width
+        for i, count in enumerate(layers):
+            planes = width * 2**i
+            blocks = [ClipBottleneck(cin, planes, 1 if i == 0 else 2)] + [ClipBottleneck(4 * planes, planes) for _ in range(count - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = 4 * planes
+        self.attnpool = nn.Module()
+        self.attnpool.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, cin))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self.attnpool, name, nn.Linear(cin, cin))
+        self.attnpool.c_proj = nn.Linear(cin, embed_dim)
+        self.heads = cin // 64  # OpenAI's rule: width * 32 // 64
+
+    def forward(self, x):  # (B, 3, H, W) CLIP-normalised -> (B, embed_dim)
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = F.relu(bn(conv(x)))
+        x = F.avg_pool2d(x, 2)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
+        pool, (b, n, c) = self.attnpool, tokens.shape
+        q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
+        k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        out = attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return pool.c_proj(out)
+
+
+def clip_text_state_from_openai(state: dict) -> dict:
+    """OpenAI / open_clip text-tower keys -> TextTower's (`text.` prefix): the fused in_proj is
+    split into q, k, v and text_projection (width, embed) becomes a Linear weight (embed, width)."""
+    out = {"text.token.weight": state["token_embedding.weight"], "text.pos": state["positional_embedding"],
+           "text.ln_final.weight": state["ln_final.weight"], "text.ln_final.bias": state["ln_final.bias"],
+           "text.proj.weight": state["text_projection"].T.contiguous()}
+    renames = {"ln_1.": "ln1.", "ln_2.": "ln2.", "attn.out_proj.": "proj.", "mlp.c_fc.": "fc1.", "mlp.c_proj.": "fc2."}
+    for key, value in state.items():
+        if not key.startswith("transformer.resblocks."):
+            continue
+        index, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        prefix = f"text.blocks.{index}."
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.rsplit("_", 1)[1]  # weight / bias
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{prefix}{name}.{kind}"] = part
+            continue
+        for old, new in renames.items():
+            if rest.startswith(old):
+                out[prefix + new + rest[len(old):]] = value
+    return out
+
+
+class CLIPIQA(nn.Module):
+    """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) in the multi-prompt form of pyiqa's 'clipiqa', the
+    number SR papers report (SeeSR, OSEDiff, PiSA-SR, C-Upscale, ...): CLIP RN50, the image at
+    its own resolution (no resize, CLIP mean/std), five antonym pairs; for each pair
+    softmax(logit_scale.exp() * cos) of the positive prompt, averaged over the pairs. Higher is
+    better, in (0, 1). The original paper's single pair ('Good photo.' / 'Bad photo.') and the
+    learned prompts of CLIP-IQA+ are not implemented.
+
+    Weights: OpenAI-named RN50 state dict (open_clip's safetensors, default CLIPIQA_WEIGHTS).
+    logit_scale is read from the weights (100 for OpenAI's RN50).
+    """
+
+    def __init__(self, visual: ClipResNet, text: TextTower):
+        super().__init__()
+        self.visual, self.text = visual, text
+        self.register_buffer("logit_scale", torch.zeros(()))
+
+    @classmethod
+    def from_state(cls, state: dict, what="CLIPIQA weights"):
+        visual_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        layers = tuple(1 + max((int(k.split(".")[1]) for k in visual_state if k.startswith(f"layer{i}.")), default=-1) for i in range(1, 5))
+        if "conv1.weight" not in visual_state or min(layers) < 1:
+            raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
+        width = visual_state["layer1.0.conv1.weight"].shape[0]
+        pos = visual_state["attnpool.positional_embedding"]
+        visual = ClipResNet(layers, width, visual_state["attnpool.c_proj.weight"].shape[0], math.isqrt(pos.shape[0] - 1))
+        text_state = clip_text_state_from_openai(state)
+        token = text_state["text.token.weight"]
+        count = 1 + max(int(k.split(".")[2]) for k in text_state if k.startswith("text.blocks."))
+        cfg = TowerConfig(token.shape[1], count, token.shape[1] // 64)
+        text = TextTower(cfg, token.shape[0], text_state["text.pos"].shape[0], text_state["text.proj.weight"].shape[0])
+        model = cls(visual, text)
+        full = {f"visual.{k}": v for k, v in visual_state.items()} | text_state | {"logit_scale": state["logit_scale"].reshape(())}
+        for key, value in model.state_dict().items():  # BatchNorm counters: absent from some exports, unused in eval
+            if key.endswith("num_batches_tracked"):
+                full.setdefault(key, value)
+        load_strict(model, full, what)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, source=CLIPIQA_WEIGHTS):
+        return cls.from_state(load_state(weight_file(source, "CLIPIQA weights"), "CLIPIQA weights"))
+
+    @torch.no_grad()
+    def text_features(self) -> torch.Tensor:
+        device = self.logit_scale.device
+        rows = [torch.tensor(ids) for ids in CLIPIQA_PROMPT_IDS]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=49407).to(device)
+        return F.normalize(self.text(ids, torch.tensor([len(r) for r in rows], device=device)), dim=-1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> (B,) scores."""
+        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+        image = F.normalize(self.visual((x - mean) / std), dim=-1)
+        logits = self.logit_scale.exp() * image @ self.text_features().T
+        return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
+
+
+@torch.no_grad()
+def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
+    """CLIPIQA of one image (uint8 RGB): the mean over the `tiles` grid (see tiles()), or the
+    whole image with tile=0, which is what pyiqa does at any size (a 4096^2 RN50 pass needs
+    several GB of activations)."""
+    device = model.logit_scale.device
+    x = to_float_tensor(as_array(rgb), device) / 255
+    boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
+    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])) for i in range(0, len(boxes), batch)]
+    return torch.cat(scores).mean().item()
+
+
 # ----------------------------------------------------------------------------- periodicity (OP4KSR's L_AP statistic)
 
 # token period of Flux + F16 VAE + 2x2 packing (16 px x 2) and the F16 latent pixel
@@ -1163,9 +1572,8 @@ def log_spectrum(rgb) -> Image.Image:
 METRICS = {  # name -> (needs ref, needs prompts)
     "glcm": (False, False), "cr": (False, False), "fid": (True, False), "clip": (False, True),
     "aesthetic": (False, False), "psnr": (True, False), "ssim": (True, False), "lpips": (True, False),
-    "periodicity": (False, False),
+    "niqe": (False, False), "clipiqa": (False, False), "periodicity": (False, False),
 }
-NOT_IMPLEMENTED = {"niqe", "clipiqa"}
 PAIRED = {"psnr", "ssim", "lpips"}
 
 
@@ -1236,6 +1644,10 @@ class Options:
     lpips_linear: str | None = None
     lpips_backbone: str | None = None
     tile: int = 512
+    niqe_params: str = NIQE_PARAMS
+    niqe_convention: str = "pyiqa"
+    clipiqa_weights: str = CLIPIQA_WEIGHTS
+    clipiqa_tile: int = 512
     periods: tuple = PERIODS
     save_spectra: str | None = None
     settings: dict = field(default_factory=dict)
@@ -1257,8 +1669,7 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
     """Compute `opts.metrics` over folders; returns {'metrics', 'per_image', 'skipped', 'count', 'settings'}."""
     unknown = [m for m in opts.metrics if m not in METRICS]
     if unknown:
-        hint = " (NIQE and CLIPIQA are not implemented yet)" if set(unknown) & NOT_IMPLEMENTED else ""
-        raise UserError(f"unknown metric(s) {', '.join(unknown)}{hint}; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     for m in opts.metrics:
         if METRICS[m][0] and ref_dir is None:
             raise UserError(f"{m} needs --ref")
@@ -1292,6 +1703,10 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
         models["aesthetic_clip"] = CLIP.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
     if "lpips" in metrics:
         models["lpips"] = LPIPS.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone).to(device)
+    if "niqe" in metrics:
+        models["niqe"] = niqe_params(opts.niqe_params)
+    if "clipiqa" in metrics:
+        models["clipiqa"] = CLIPIQA.from_pretrained(opts.clipiqa_weights).to(device)
     if opts.save_spectra:
         Path(opts.save_spectra).mkdir(parents=True, exist_ok=True)
 
@@ -1335,6 +1750,10 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
                 per_image["ssim"][name] = ssim(image, target, opts.crop_border, mode)
             if "lpips" in metrics:
                 per_image["lpips"][name] = lpips_tiled(models["lpips"], image, target, opts.tile)
+            if "niqe" in metrics:
+                per_image["niqe"][name] = niqe(image, models["niqe"], opts.niqe_convention, opts.crop_border)
+            if "clipiqa" in metrics:
+                per_image["clipiqa"][name] = clipiqa_tiled(models["clipiqa"], image, opts.clipiqa_tile)
             if "periodicity" in metrics:
                 x = to_float_tensor(as_array(image))
                 y = to_float_tensor(as_array(target)) if target is not None else None
@@ -1417,6 +1836,11 @@ def parse_args(argv=None):
     g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics", help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
     g.add_argument("--aesthetic-clip", default="l14", help="CLIP ViT-L/14 repo or folder")
     g.add_argument("--aesthetic-mlp", default=AESTHETIC_WEIGHTS, help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g = p.add_argument_group("NIQE / CLIPIQA")
+    g.add_argument("--niqe-params", default=NIQE_PARAMS, help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz (file or Hub spec)")
+    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa", help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
+    g.add_argument("--clipiqa-weights", default=CLIPIQA_WEIGHTS, help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
+    g.add_argument("--clipiqa-tile", type=int, default=512, help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
     g = p.add_argument_group("periodicity")
     g.add_argument("--periods", default="16,32", help="artifact periods in pixels")
     g.add_argument("--save-spectra", help="write each pred image's log spectrum here")
@@ -1431,8 +1855,8 @@ def main(argv=None):
         periods = tuple(int(p) for p in args.periods.split(","))
     except ValueError:
         raise UserError(f"--periods {args.periods!r}: expected comma-separated integers") from None
-    if args.tile < 32 or args.crop_border < 0 or args.fid_patch < 0:
-        raise UserError("--tile must be >= 32, --crop-border and --fid-patch >= 0")
+    if args.tile < 32 or args.crop_border < 0 or args.fid_patch < 0 or 0 < args.clipiqa_tile < 32 or args.clipiqa_tile < 0:
+        raise UserError("--tile must be >= 32, --clipiqa-tile 0 or >= 32, --crop-border and --fid-patch >= 0")
     settings = {k: v for k, v in vars(args).items() if k not in ("pred", "ref", "prompts", "out")}
     opts = Options(
         metrics=metrics, device=args.device, on_error=args.on_error, crop_border=args.crop_border,
@@ -1440,7 +1864,8 @@ def main(argv=None):
         fid_patch=args.fid_patch, fid_half_shift=args.fid_half_shift, inception=args.inception,
         clip_model=args.clip_model, clip_form=args.clip_form, aesthetic_clip=args.aesthetic_clip,
         aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net, lpips_linear=args.lpips_linear,
-        lpips_backbone=args.lpips_backbone, tile=args.tile, periods=periods, save_spectra=args.save_spectra,
+        lpips_backbone=args.lpips_backbone, tile=args.tile, niqe_params=args.niqe_params,
+        niqe_convention=args.niqe_convention, clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=periods, save_spectra=args.save_spectra,
         settings=settings,
     )
     original = warnings.formatwarning

@@ -132,7 +132,7 @@ def test_requests_that_cannot_run(folders, capsys, tmp_path, monkeypatch):
     cases = [
         (["--pred", pred, "--metrics", "psnr"], "psnr needs --ref"),
         (["--pred", pred, "--metrics", "clip"], "clip needs --prompts"),
-        (["--pred", pred, "--metrics", "niqe"], "not implemented"),
+        (["--pred", pred, "--metrics", "niqe", "--niqe-params", "nobody/nothing/niqe.mat"], "NIQE parameters"),
         (["--pred", tmp_path / "nowhere"], "no such folder"),
         (["--pred", ref.parent, "--metrics", "glcm"], "no images"),
         (["--pred", pred, "--ref", ref, "--metrics", "fid", "--inception", "nobody/nothing/x.pth"], "FID Inception weights"),
