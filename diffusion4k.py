@@ -39,7 +39,9 @@ Status
     Generation (Flux dev / schnell / Diffusion-4K, SD3) works and matches diffusers' pipelines
     on tiny random weights (tests/test_diffusion4k_pipeline.py). WLF fine-tuning (`train`: full
     or LoRA, resumable, torchrun + FSDP2) works on CPU (tests/test_diffusion4k_train.py); its
-    CUDA bf16 / nccl paths have not been run. SC-VAE training (`train-vae`) is not written yet.
+    CUDA bf16 / nccl paths have not been run. SC-VAE decoder training (`train-vae`: MSE +
+    LPIPS + scale consistency with the frozen F8 decoder, optional GAN, EMA) works on CPU
+    (tests/test_diffusion4k_train_vae.py); its CUDA path has not been run either.
 
 Commands
     python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
@@ -47,6 +49,7 @@ Commands
     python diffusion4k.py --prompts prompts.txt --output-dir out/    # + out/metadata.jsonl
     python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data Aesthetic-4K/train --output runs/wlf
     torchrun --nproc_per_node 8 diffusion4k.py train ...             # FSDP2 over 8 GPUs
+    python diffusion4k.py train-vae --data Aesthetic-4K/train --output runs/sc-vae   # SC-VAE decoder
     python diffusion4k.py --help;  python diffusion4k.py train --help
 
 Public API
@@ -56,10 +59,12 @@ Public API
     rope_frequencies, rope_table, haar_dwt, haar_idwt
     flux_sigmas, sd3_sigmas, euler_sample, load_pipeline, encode_prompts, generate
     wlf_loss, sample_sigmas, training_loss, add_lora, export_lora_diffusers, train
+    Decoder.features / Decoder.head, scale_consistency_loss, LPIPS, Discriminator, train_vae
 """
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -67,7 +72,8 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -668,6 +674,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
+        self.gradient_checkpointing = False
         block_in = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
         self.mid = mid_block(block_in)
@@ -686,16 +693,27 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
     def forward(self, z):
-        h = run_mid(self.mid, self.conv_in(z))
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
+        training compares it with the F8 decoder's."""
+        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
         for up in reversed(self.up):
             for block in up.block:
-                h = block(h)
+                h = self._run(block, h)
             if hasattr(up, "upsample"):
-                h = up.upsample(h)
-        h = F.silu(self.norm_out(h))
-        if self.stride == 1:
-            return self.conv_out(h)
-        return self.upsample_conv_out(h)
+                h = self._run(up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def _run(self, layer, h):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, h, use_reentrant=False)
+        return layer(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
         """F16's last stage: nearest x`stride` upsampling, then `conv_out`.
@@ -2462,6 +2480,496 @@ def train_command(args):
             dist.destroy_process_group()
 
 
+# ======================================================================== SC-VAE training
+#
+# The extension paper's scale-consistent VAE (SC-VAE) retrains the F16 decoder so that it
+# decodes like the F8 decoder it was cut from. Student: the base VAE with stride 2 (F16);
+# teacher: the same VAE with stride 1 (F8), frozen. Only the student's decoder trains; its
+# encoder is frozen, so the latent space (and the scaling / shift factors) stay those of the
+# base VAE with a stride-2 `conv_in`. Per step, for a batch of crops x in [-1, 1]:
+#
+#   loss = MSE(clamp(x_hat, -1, 1), x)                        reconstruction (pixels)
+#        + lpips_weight * LPIPS-vgg(clamp(x_hat, -1, 1), x)    perceptual, 0.1 upstream
+#        + sc_weight * MSE(f_student, avgpool2(f_teacher))      scale consistency, 1.0 upstream
+#        + gan_weight * lambda * -mean D(x_hat)                 optional, 0.05 upstream
+#
+# f is the decoder's last feature map (after norm_out + SiLU, before the final upsample and
+# conv_out): the student's at H/2, the teacher's at H. Upstream upsamples the student's map
+# (nearest x2) to H instead; since nearest-x2 copies each value to a 2x2 block,
+# MSE(up(s), t) = MSE(s, avgpool2(t)) + mean within-block variance of t, a constant: the same
+# gradient at a quarter of the memory (tests/test_diffusion4k_train_vae.py checks the identity).
+# Bilinear downsampling would weight the teacher's pixels differently and change the objective.
+# lambda is VQGAN's adaptive weight ||grad LPIPS|| / ||grad gen|| at conv_out.weight, capped at
+# 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream) trains with
+# the hinge loss plus the gradient penalty gp_weight * (||grad_x D(x_real)|| - 1)^2, D(x_real)
+# being the mean of the discriminator's output map for each image.
+#
+# Differences from upstream, on purpose: the generator and the discriminator both update on
+# every step (upstream alternates them every gradient-accumulation cycle); the scale-consistency
+# term is computed at H/2 as above. EMA follows diffusers' EMAModel default schedule,
+# decay_n = min(decay, (1 + n) / (10 + n)) and 0 at the first update.
+# As upstream: posterior samples (not means) from both encoders, fp32 weights (bf16 autocast on
+# CUDA here; upstream trains in fp32), AdamW lr 1e-5, weight decay 1e-4, constant lr, 512^2
+# crops of images resized to a 512 shorter side, horizontal flips. Note that with the sigmoid
+# output D is in (0, 1), so the hinge never clips: the discriminator loss is
+# D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
+LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
+
+
+# ------------------------------------------------------------------- decoder feature map
+
+
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
+    if generator is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+
+def scale_consistency_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's H/2 map and the teacher's H map averaged over 2x2 blocks (see above)."""
+    return F.mse_loss(student_features.float(), F.avg_pool2d(teacher_features.float(), 2))
+
+
+# ------------------------------------------------------------------------------- LPIPS
+
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), the perceptual loss of SC-VAE training.
+
+    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the
+    channel vectors are unit-normalised, their squared difference is weighted by the learned 1x1
+    `lins` and averaged over space; the five numbers are summed (the lpips package, spatial=False).
+    `features` uses torchvision's indices, so its checkpoints load unchanged.
+    """
+
+    TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
+
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for item in VGG16_LAYERS:
+            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
+            width = width if item == "M" else item
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False) for i in self.TAPS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def taps(self, x):
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.taps(a), self.taps(b)))
+
+
+def weight_file(spec, what: str, token=None) -> Path:
+    """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = str(spec).split("/")
+    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
+        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+    name = "/".join(parts[2:])
+    path = resolve_source("/".join(parts[:2]), allow_patterns=(name,), token=token) / name
+    if not path.is_file():
+        raise UserError(f"{what}: {spec} not found")
+    return path
+
+
+def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
+    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision /
+    timm VGG16 weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
+    hint = " (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with --lpips-weight 0)"
+
+    def read(spec, what):
+        try:
+            path = weight_file(spec, what, token)
+        except UserError as error:
+            raise UserError(f"{error}{hint}") from None
+        if path.suffix == ".safetensors":
+            return load_safetensors(path, torch.float32)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle raises many types; the file is the problem either way
+            raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
+        return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+    model = LPIPS()
+    raw = read(backbone, "LPIPS backbone")
+    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
+    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
+    lins = read(linear, "LPIPS linear layers")
+    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items() if re.match(r"lin\d\.", key)})
+    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------ discriminator
+
+
+class Discriminator(nn.Module):
+    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs
+    (InstanceNorm after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid.
+    Output (B, 1, H/64, W/64); crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
+
+    def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
+        super().__init__()
+        layers, width = [], in_channels
+        for i, out in enumerate(widths):
+            layers.append(nn.utils.parametrizations.spectral_norm(nn.Conv2d(width, out, 3, stride=2, padding=1)))
+            layers += [nn.InstanceNorm2d(out)] if i else []
+            layers.append(nn.LeakyReLU(0.2))
+            width = out
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor, gp_weight: float = 10.0):
+    """Hinge loss + gradient penalty gp_weight * (||d mean D(real) / d real|| - 1)^2 per sample."""
+    real = real.detach().requires_grad_(True)
+    d_real, d_fake = disc(real), disc(fake.detach())
+    hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    (grad,) = torch.autograd.grad(d_real.float().mean((1, 2, 3)).sum(), real, create_graph=True)
+    penalty = gp_weight * (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    return hinge, penalty
+
+
+def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: ||grad reconstruction|| / ||grad generator_loss|| at the last layer, <= 1e4."""
+    (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
+    (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
+    return (a.norm() / (b.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# --------------------------------------------------------------------------------- data
+
+
+def vae_image_files(folder, verbose: bool = True) -> list[Path]:
+    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
+    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such data folder")
+    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
+    if metadata.is_file():
+        candidates = []
+        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            try:
+                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
+            except (ValueError, KeyError, TypeError) as error:
+                skipped += 1
+                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
+    else:
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in candidates:
+        try:
+            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
+                image.verify()
+            usable.append(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            skipped += 1
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
+    if not usable:
+        raise UserError(f"{folder}: no usable images ({skipped} skipped)")
+    if verbose:
+        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
+    return usable
+
+
+class CropStream:
+    """Seeded square crops of the training images: `Batches` draws each epoch's permutation and,
+    from the same generator, every crop's offset and flip; `load_crop` resizes the shorter side
+    to the crop size (upstream) and cuts the crop. Files that fail to decode are dropped with one
+    warning and replaced by the next draw; the state (generator, position, dropped files) goes
+    into checkpoints, so a resumed run draws exactly what the uninterrupted run would have."""
+
+    def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
+        self.files, self.size, self.workers = files, size, workers
+        self.batches, self.bad = Batches(len(files), seed), set()
+
+    def draw(self) -> tuple[int, tuple[float, float], bool]:
+        while True:
+            index = self.batches.indices(1)[0]
+            top, left, flip = torch.rand(3, generator=self.batches.generator).tolist()
+            if index not in self.bad:
+                return index, (top, left), flip < 0.5
+
+    def load(self, spec) -> torch.Tensor | UserError:
+        index, offset, flip = spec
+        try:
+            return load_crop(self.files[index], self.size, self.size, offset, flip)
+        except UserError as error:
+            return error
+
+    def batch(self, n: int) -> torch.Tensor:
+        crops = []
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL decodes without the GIL
+            while len(crops) < n:
+                specs = [self.draw() for _ in range(n - len(crops))]
+                for (index, _, _), crop in zip(specs, pool.map(self.load, specs)):
+                    if isinstance(crop, torch.Tensor):
+                        crops.append(crop)
+                    elif index not in self.bad:
+                        print(f"warning: {crop}; skipped", file=sys.stderr)
+                        self.bad.add(index)
+                if len(self.bad) == len(self.files):
+                    raise UserError("none of the training images could be decoded")
+        return torch.stack(crops)
+
+    def state(self) -> dict:
+        return {**self.batches.state(), "bad": torch.tensor(sorted(self.bad), dtype=torch.long)}
+
+    def load_state(self, state: dict):
+        self.batches.load(state)
+        self.bad = set(state["bad"].tolist())
+
+
+# ------------------------------------------------------------------------------- output
+
+
+def diffusers_vae_config(config: VAEConfig, base: dict | None = None) -> dict:
+    """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
+    levels = len(config.channel_multipliers)
+    return {
+        **(base or {}),
+        "_class_name": "AutoencoderKL",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [config.base_channels * m for m in config.channel_multipliers],
+        "layers_per_block": config.num_res_blocks,
+        "act_fn": "silu",
+        "latent_channels": config.z_channels,
+        "norm_num_groups": 32,
+        "scaling_factor": config.scale_factor,
+        "shift_factor": config.shift_factor,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+        "stride": config.stride,
+    }
+
+
+def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32, ae_file: bool = False):
+    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2), loadable by `load_vae`
+    and by diffusers' AutoencoderKL.from_pretrained (as an F8 VAE); optionally OUTPUT/ae.safetensors
+    in BFL's layout (load it with `load_vae(path, stride=2)`: a single file has no config)."""
+    state = {key: value.detach().to("cpu", dtype).contiguous() for key, value in vae.state_dict().items()}
+    save_safetensors(to_folder_layout(state, vae_table_for(state)), output / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    write_json(diffusers_vae_config(vae.config, base_config), output / "vae" / "config.json")
+    if ae_file:
+        save_safetensors(state, output / "ae.safetensors", {"format": "pt", "stride": str(vae.config.stride)})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class VAETraining:
+    student: AutoEncoder
+    teacher: AutoEncoder
+    ema: dict | None
+    history: list = field(default_factory=list)  # one dict of losses per step
+
+
+def check_vae_args(args):
+    problems = [
+        (args.resolution % 16 or args.resolution < 16, f"--resolution {args.resolution}: must be a positive multiple of 16"),
+        (args.gan_weight > 0 and args.resolution < 128, "--gan-weight needs --resolution 128 or more (the discriminator's last map must be 2x2)"),
+        (min(args.batch_size, args.steps, args.save_every, args.keep_checkpoints) < 1,
+         "--batch-size, --steps, --save-every and --keep-checkpoints must be at least 1"),
+        (args.lr <= 0, f"--lr {args.lr}: must be positive"),
+        (not 0 <= args.ema < 1, f"--ema {args.ema}: must be in [0, 1) (0 turns EMA off)"),
+        (min(args.lpips_weight, args.sc_weight, args.gan_weight) < 0, "loss weights must not be negative"),
+        (not args.resume and (Path(args.output) / "vae").exists(), f"{args.output} already has a vae/ folder; choose another --output"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    check_output(Path(args.output), args.resume)
+
+
+def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
+    """checkpoints/step-N/state.pt, written atomically (the layout `latest_checkpoint` reads); older ones pruned."""
+    with atomic_write(output / "checkpoints" / f"step-{step:08d}" / "state.pt") as temp:
+        torch.save(state, temp)
+    for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_vae(args) -> VAETraining:
+    """SC-VAE decoder training as described at the top of this section; returns the models and
+    the per-step losses, and leaves OUTPUT/vae/ (and checkpoints) behind."""
+    check_vae_args(args)
+    output = Path(args.output)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stream = CropStream(vae_image_files(args.data), args.resolution, args.seed, args.workers)
+
+    teacher = load_vae(args.base, torch.float32, device, stride=1, token=args.token).requires_grad_(False)
+    student = load_vae(args.base, torch.float32, device, stride=2, token=args.token).requires_grad_(False)
+    decoder = student.decoder.train().requires_grad_(True)
+    decoder.gradient_checkpointing = args.gradient_checkpointing
+    params = list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    ema = {name: p.detach().clone() for name, p in decoder.named_parameters()} if args.ema > 0 else None
+    lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(device) if args.lpips_weight > 0 else None
+    torch.manual_seed(args.seed)  # the discriminator's initialisation
+    disc = Discriminator().to(device) if args.gan_weight > 0 else None
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, weight_decay=args.weight_decay) if disc else None
+    noise = torch.Generator().manual_seed(args.seed + 1)  # posterior samples
+
+    step, checkpoint_folder = 0, latest_checkpoint(output)
+    if args.resume and checkpoint_folder is not None:
+        state = torch.load(checkpoint_folder / "state.pt", map_location="cpu", weights_only=True)
+        if (state["ema"] is None) != (ema is None) or (state["disc"] is None) != (disc is None):
+            raise UserError(f"{checkpoint_folder}: saved with EMA {'on' if state['ema'] is not None else 'off'} and the GAN "
+                            f"{'on' if state['disc'] is not None else 'off'}; resume with the same --ema / --gan-weight")
+        decoder.load_state_dict(state["decoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        stream.load_state(state["stream"])
+        noise.set_state(state["noise"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        print(f"resumed from {checkpoint_folder} at step {step}", file=sys.stderr)
+    elif args.resume:
+        print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
+
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    result = VAETraining(student, teacher, ema)
+    bar = tqdm(total=args.steps, initial=step, desc="train-vae", unit="step", file=sys.stderr, leave=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    posterior = noise if args.posterior == "sample" else None
+    while step < args.steps:
+        x = stream.batch(args.batch_size).to(device)
+        with autocast:
+            with torch.no_grad():
+                target = teacher.decoder.features(encode_raw(teacher, x, posterior))
+                z = encode_raw(student, x, posterior)
+            features = decoder.features(z)
+            pred = decoder.head(features).float().clamp(-1, 1)
+            losses = {"mse": F.mse_loss(pred, x), "sc": scale_consistency_loss(features, target)}
+            if lpips is not None:
+                losses["lpips"] = lpips(pred, x).float().mean()
+            loss = losses["mse"] + args.sc_weight * losses["sc"] + args.lpips_weight * losses.get("lpips", 0.0)
+            gan_on = disc is not None and step >= args.gan_start
+            if gan_on:
+                disc.requires_grad_(False)
+                losses["gen"] = -disc(pred).float().mean()
+                balance = adaptive_weight(losses.get("lpips", losses["mse"]), losses["gen"], decoder.conv_out.weight)
+                loss = loss + args.gan_weight * balance * losses["gen"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss, losses = loss.detach(), {k: v.detach() for k, v in losses.items()}
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        if ema is not None:
+            decay = min(args.ema, (1 + step) / (10 + step)) if step > 0 else 0.0  # diffusers' EMAModel schedule
+            for average, p in zip(ema.values(), params):
+                average.lerp_(p.detach(), 1 - decay)
+        if gan_on:
+            disc.requires_grad_(True)
+            with autocast:
+                losses["hinge"], losses["gp"] = discriminator_loss(disc, x, pred, args.gp_weight)
+            disc_optimizer.zero_grad(set_to_none=True)
+            (losses["hinge"] + losses["gp"]).backward()
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+            disc_optimizer.step()
+        step += 1
+        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        result.history.append(record)
+        with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # one line per step (a resumed run may repeat steps)
+            log.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "mse", "sc", "lpips", "gen") if k in record})
+        if not all(torch.isfinite(torch.tensor(list(record.values())))):
+            raise UserError(f"step {step}: the loss is not finite ({record}); lower --lr")
+        if step % args.save_every == 0 or step == args.steps:
+            state = {
+                "step": step, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
+                "disc": disc.state_dict() if disc else None, "disc_optimizer": disc_optimizer.state_dict() if disc else None,
+                "stream": stream.state(), "noise": noise.get_state(), "torch_rng": torch.get_rng_state(),
+            }
+            save_vae_checkpoint(output, step, state, args.keep_checkpoints)
+    bar.close()
+
+    final = student
+    if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
+        final = copy.deepcopy(student)
+        final.decoder.load_state_dict(ema)  # the decoder has parameters only, so EMA covers its whole state
+    base_config = folder_config(resolve_source(args.base, subfolder="vae", token=args.token))
+    save_vae(final, output, base_config, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype], args.ae_file)
+    return result
+
+
+def train_vae_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusion4k.py train-vae",
+        description="SC-VAE: retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match the frozen "
+                    "F8 decoder's last feature map (arXiv 2506.01331). Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`.",
+    )
+    parser.add_argument("--data", required=True, help="folder of training images (searched recursively; if it has a metadata.jsonl, the files it lists)")
+    parser.add_argument("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
+    parser.add_argument("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, pipeline or vae/ folder, or ae.safetensors")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="square crops, a multiple of 16, after resizing each image's shorter side to it (upstream 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="crops per step (upstream: 32 per GPU x 4 GPUs x 2 accumulation)")
+    parser.add_argument("--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this number)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    parser.add_argument("--sc-weight", type=float, default=1.0, help="scale-consistency loss weight (upstream 1.0)")
+    parser.add_argument("--lpips-weight", type=float, default=0.1, help="LPIPS-vgg weight (upstream 0.1); 0 = off, no weights needed")
+    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linear layers (.pth), file or owner/repo/path")
+    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights (.pth or .safetensors), file or owner/repo/path")
+    parser.add_argument("--gan-weight", type=float, default=0.0, help="adversarial weight (upstream 0.05); 0 = no discriminator")
+    parser.add_argument("--gan-start", type=int, default=0, help="step from which the discriminator trains and the adversarial term is on")
+    parser.add_argument("--gp-weight", type=float, default=10.0, help="discriminator gradient penalty weight")
+    parser.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
+    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the decoder, whose EMA is saved; 0 = off (save the raw decoder)")
+    parser.add_argument("--posterior", choices=["sample", "mean"], default="sample", help="latents from posterior samples (upstream) or means")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward (less memory)")
+    parser.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
+    parser.add_argument("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
+    parser.add_argument("--seed", type=int, default=0, help="seeds crops, flips, posterior samples and the discriminator")
+    parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    parser.add_argument("--device", help="cuda (default when available) or cpu; bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+
+def train_vae_command(args):
+    result = train_vae(args)
+    last = result.history[-1] if result.history else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "sc", "lpips", "gen") if k in last)
+    print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){'; last step: ' + summary if summary else ''}", file=sys.stderr)
+
+
 # ===================================================================================== CLI
 
 
@@ -2479,7 +2987,7 @@ def progress_bar(description: str):
     return update
 
 
-def read_prompts(path) -> list[str]:
+def read_prompt_file(path) -> list[str]:
     try:
         prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as error:
@@ -2491,7 +2999,7 @@ def read_prompts(path) -> list[str]:
 
 
 def generate_command(args):
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prompt]
     if not prompts[0]:
         raise UserError("give --prompt TEXT or --prompts FILE")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
@@ -2570,7 +3078,7 @@ def main(argv=None):
     if argv and argv[0] == "train":
         return train_command(train_parser().parse_args(argv[1:]))
     if argv and argv[0] == "train-vae":
-        raise UserError("`train-vae` (SC-VAE decoder training) is not implemented yet")
+        return train_vae_command(train_vae_parser().parse_args(argv[1:]))
     generate_command(generate_parser().parse_args(argv))
 
 
