@@ -17,7 +17,6 @@ from cupscale import (
     caption_regions,
     crop_regions,
     flow_sigma_for_sdxl_strength,
-    flow_sigmas,
     global_structure_prior,
     gsp_weight,
     haar_dwt,
@@ -28,6 +27,7 @@ from cupscale import (
     plan_regions,
     region_batches,
     sdxl_alpha_bar,
+    sd3_sigmas,
     start_sigmas,
 )
 
@@ -223,8 +223,8 @@ def test_flow_sigma_for_the_papers_strength():
             flow_sigma_for_sdxl_strength(bad)
 
 
-def test_flow_sigmas_by_hand():
-    sigmas = flow_sigmas(28, 3.0)
+def test_sd3_sigmas_by_hand():
+    sigmas = sd3_sigmas(28, 3.0)
     shift = lambda t: 3 * t / (1 + 2 * t)  # noqa: E731
     t_last = shift(0.001)  # 0.002994
     assert len(sigmas) == 29 and sigmas[0] == 1 and sigmas[-1] == 0
@@ -234,18 +234,18 @@ def test_flow_sigmas_by_hand():
     assert sigmas[15].item() == pytest.approx(0.707, abs=1e-3)
 
 
-def test_flow_sigmas_match_diffusers():
+def test_sd3_sigmas_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(28)
-    assert torch.allclose(flow_sigmas(28, 3.0), scheduler.sigmas.float(), atol=1e-6)
+    assert torch.allclose(sd3_sigmas(28, 3.0).float(), scheduler.sigmas.float(), atol=1e-6)
 
 
 def test_start_sigmas():
     sigmas = start_sigmas(0.45, 28, 3.0)
     assert len(sigmas) == 12 + 1  # int(0.45 * 28) steps
     assert sigmas[0].item() == pytest.approx(0.5784, abs=1e-4)
-    assert sigmas[-1] == 0 and sigmas[-2] == flow_sigmas(28, 3.0)[-2]
+    assert sigmas[-1] == 0 and sigmas[-2] == sd3_sigmas(28, 3.0).float()[-2]
     assert (sigmas[1:] < sigmas[:-1]).all()
     assert len(start_sigmas(0.45, 50, 3.0)) == 22 + 1  # the paper's SDXL count
     assert start_sigmas(0.45, 28, 3.0, match="std")[0].item() == pytest.approx(0.8081, abs=1e-4)
