@@ -1759,6 +1759,59 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
     return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
 
 
+# Above 4096^2 the decoder's full-resolution activations alone need tens of GB, so large images
+# are decoded in overlapping latent tiles blended with linear ramps (GroupNorm and the mid-block
+# attention then see one tile at a time: close to, not exactly, the whole-image decode).
+WHOLE_DECODE_MAX_SIDE = 4096
+DECODE_TILE = 128  # latent pixels: 2048 px per tile with the F16 VAE
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    weights = torch.ones(size, dtype=torch.float64)
+    if fade_start:
+        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
+    if fade_end:
+        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
+        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    return weights
+
+
+def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
+    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles
+    (in x's pixels) and blend the outputs with ramps over the overlaps; the weights at every
+    output pixel are normalised to sum to one. One tile (x fits) is the plain call. fp32 output on `device`."""
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x.to(device, dtype)).float()
+    th, tw = min(tile, height), min(tile, width)
+    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
+    out = weight = None
+    for top in tops:
+        for left in lefts:
+            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
+            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
+            if out is None:
+                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
+                weight = y.new_zeros(round(height * ratio), round(width * ratio))
+            fade = round(overlap * ratio)
+            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
+            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
+            w = (wy[:, None] * wx[None]).to(y)
+            oy, ox = round(top * ratio), round(left * ratio)
+            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
+            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+    return out / weight
+
+
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
     """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
     multiple = pipe.size_multiple
@@ -1776,8 +1829,11 @@ def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float, seed: int,
-             negative: dict | None = None, mu: float | None = None, progress=None) -> torch.Tensor:
-    """Sample one image; returns the decoded image (3, H, W) in [-1, 1] on the CPU."""
+             negative: dict | None = None, mu: float | None = None, progress=None, vae_tile: int | None = None) -> torch.Tensor:
+    """Sample one image; returns the decoded image (3, H, W) in [-1, 1] on the CPU.
+
+    vae_tile: decode in tiles of this many latent pixels (0: whole image); default: whole up to
+    WHOLE_DECODE_MAX_SIDE, else DECODE_TILE."""
     factor = pipe.vae.config.downsample_factor
     h, w = height // factor, width // factor
     generator = seed_everything(seed)
@@ -1810,7 +1866,12 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
             stack.enter_context(visiting(model, device, "cpu"))
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     with visiting(pipe.vae, device, "cpu") if pipe.offload != "none" else contextlib.nullcontext():
-        image = pipe.vae.decode(z.to(dtype))
+        if vae_tile is None:
+            vae_tile = 0 if max(height, width) <= WHOLE_DECODE_MAX_SIDE else DECODE_TILE
+        if vae_tile:
+            image = tiled_vae(pipe.vae.decode, z, vae_tile, vae_tile // 4, device, dtype)
+        else:
+            image = pipe.vae.decode(z.to(dtype))
     return image[0].float().clamp(-1, 1).cpu()
 
 
@@ -3032,7 +3093,8 @@ def generate_command(args):
         settings = dict(model=args.model, vae=args.vae, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                         mu=args.mu, negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
         start = time.perf_counter()
-        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu, progress_bar(f"{i + 1}/{len(prompts)}"))
+        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
+                         progress_bar(f"{i + 1}/{len(prompts)}"), args.vae_tile)
         save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)}, overwrite=args.overwrite)
         print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
         records.append({"file_name": output.name, "text": prompt, **settings})
@@ -3062,6 +3124,8 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (the i-th prompt uses seed + i)")
     parser.add_argument("--vae", choices=["f16", "f8"], default="f16",
                         help="f16: Diffusion-4K's VAE with a 16x smaller latent (16,384 tokens at 4096^2); f8: the stock VAE")
+    parser.add_argument("--vae-tile", type=int,
+                        help="decode in overlapping tiles of this many latent pixels (0: whole image); default: tiles above 4096 px")
     parser.add_argument("--mu", type=float, help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
     parser.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
                         help="GPU memory: none (80 GB), model (components take turns on the GPU: 48 GB), blocks (Flux blocks streamed: 24 GB)")
