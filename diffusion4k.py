@@ -1497,6 +1497,9 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
         j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
         heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
     else:
+        if width % 64:
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
+                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
         return CLIPTextConfig(
@@ -1671,16 +1674,18 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
         scale_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.scale_factor,
         shift_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.shift_factor,
     )
-    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token)
+    # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
+    encoder_file = model if single_file and any(key.startswith("text_encoders.") for key in safetensors_keys(model)) else None
+    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token, encoder_file)
     return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
 
 
-def load_text_encoders(kind, source, dtype, transformer, token=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder / Hub repo, or of an SD3
-    all-in-one file (its encoders; the tokenizers then come from SD3-Medium's repo)."""
+def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`. For
+    SD3, `encoder_file` (a Stability all-in-one file) may hold the encoders instead; the
+    tokenizers, which such files lack, still come from `source`."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
     tokenizer_files = ("*.json", "*.txt", "*.model")
-    path = Path(source).expanduser()
     if kind == "flux":
         schnell = not transformer.config.guidance_embed
         tokenizers = {
@@ -1692,17 +1697,16 @@ def load_text_encoders(kind, source, dtype, transformer, token=None):
             "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
         }
         return encoders, tokenizers
-    folder = TEXT_SOURCES["sd3"] if path.is_file() else source
     tokenizers = {
-        "clip_l": CLIPTokenizer(resolve_source(folder, "tokenizer", tokenizer_files, token)),
-        "clip_g": CLIPTokenizer(resolve_source(folder, "tokenizer_2", tokenizer_files, token)),
-        "t5": T5Tokenizer(resolve_source(folder, "tokenizer_3", tokenizer_files, token), max_length=256),
+        "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
+        "clip_g": CLIPTokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token)),
+        "t5": T5Tokenizer(resolve_source(source, "tokenizer_3", tokenizer_files, token), max_length=256),
     }
-    if path.is_file():
+    if encoder_file is not None:
         encoders = {
-            "clip_l": load_clip(path, text_dtype, prefix="text_encoders.clip_l.transformer."),
-            "clip_g": load_clip(path, text_dtype, prefix="text_encoders.clip_g.transformer."),
-            "t5": load_t5(path, text_dtype, prefix="text_encoders.t5xxl.transformer."),
+            "clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
+            "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
+            "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer."),
         }
     else:
         encoders = {

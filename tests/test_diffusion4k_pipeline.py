@@ -239,3 +239,48 @@ def test_tiled_decode_is_close_to_the_whole_decode_and_covers_the_image(flux_fol
     code, err = run_main(capsys, "--model", flux_folder, "--prompt", "cat", "--height", 64, "--width", 96, "--steps", 1,
                          "--vae-tile", 16, "--output", tmp_path / "tiled.png")
     assert code == 0, err
+
+
+def test_single_file_layouts_give_the_same_image_as_the_folders(tmp_path, capsys):
+    """BFL `flux1-*.safetensors` + `ae.safetensors`, and Stability's all-in-one SD3 file (MMDiT, VAE
+    and text encoders under their prefixes), written from the same weights as a diffusers
+    folder, must give the same bytes as that folder."""
+    from safetensors.torch import save_file
+
+    def original(module):
+        return {key: value.contiguous() for key, value in module.state_dict().items()}
+
+    flux = make_flux_pipeline(tmp_path / "flux", real_heads=True, seed=3)
+    save_file(original(d4k.load_flux(flux, torch.float32)), tmp_path / "flux1-tiny.safetensors")
+    save_file(original(d4k.load_vae(flux, torch.float32)), tmp_path / "ae.safetensors")
+
+    sd3 = make_sd3_pipeline(tmp_path / "sd3", real_heads=True, seed=4)
+    everything = {f"model.diffusion_model.{k}": v for k, v in original(d4k.load_sd3(sd3, torch.float32)).items()}
+    everything.update({f"first_stage_model.{k}": v for k, v in original(d4k.load_vae(sd3, torch.float32)).items()})
+    for name, subfolder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        encoder = d4k.load_clip(sd3, torch.float32, subfolder=subfolder)
+        everything.update({f"text_encoders.{name}.transformer.{k}": v for k, v in original(encoder).items()})
+    t5 = d4k.load_t5(sd3, torch.float32, subfolder="text_encoder_3")
+    everything.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in original(t5).items()})
+    save_file(everything, tmp_path / "sd3_tiny_incl_clips_t5.safetensors")
+    empty = tmp_path / "tokenizers-only"  # the tokenizers come from a folder without any weights
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        (empty / name).mkdir(parents=True)
+        for file in (sd3 / name).iterdir():
+            (empty / name / file.name).write_bytes(file.read_bytes())
+
+    common = ["--prompt", "a red rocket", "--height", 64, "--width", 64, "--steps", 2, "--seed", 9]
+    runs = {
+        "flux folder": ["--model", flux],
+        "flux files": ["--model", tmp_path / "flux1-tiny.safetensors", "--text-encoders", flux, "--vae-weights", tmp_path / "ae.safetensors"],
+        "sd3 folder": ["--model", sd3],
+        "sd3 file": ["--model", tmp_path / "sd3_tiny_incl_clips_t5.safetensors", "--text-encoders", empty],
+    }
+    images = {}
+    for name, args in runs.items():
+        output = tmp_path / f"{name.replace(' ', '_')}.png"
+        code, err = run_main(capsys, *args, *common, "--output", output)
+        assert code == 0, f"{name}: {err}"
+        images[name] = np.asarray(Image.open(output))
+    assert np.array_equal(images["flux folder"], images["flux files"])
+    assert np.array_equal(images["sd3 folder"], images["sd3 file"])

@@ -61,13 +61,13 @@ def write_t5_tokenizer(folder: Path):
     transformers.T5TokenizerFast(vocab_file=str(folder / "spiece.model"), model_max_length=512).save_pretrained(folder)
 
 
-def tiny_text_encoders(clip_vocab: int, t5_width: int, seed: int):
+def tiny_text_encoders(clip_vocab: int, t5_width: int, seed: int, t5_max_distance: int = 32):
     import transformers
 
-    def clip(seed, width, projection):
+    def clip(seed, width, projection, hidden_act="quick_gelu"):
         config = transformers.CLIPTextConfig(
             vocab_size=clip_vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=width, hidden_act="quick_gelu",
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=width, hidden_act=hidden_act,
             bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1, pad_token_id=clip_vocab - 1,
         )
         model_class = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
@@ -75,7 +75,7 @@ def tiny_text_encoders(clip_vocab: int, t5_width: int, seed: int):
 
     t5 = transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=160, d_model=t5_width, d_kv=8, d_ff=2 * t5_width, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        relative_attention_num_buckets=8, relative_attention_max_distance=t5_max_distance,
         feed_forward_proj="gated-gelu", dropout_rate=0.0,
     ))
     return clip, randomize_(t5.eval(), 0.2, seed + 1)
@@ -100,8 +100,9 @@ def write_tokenizers(folder: Path, names_clip, name_t5) -> int:
     return vocab
 
 
-def make_flux_pipeline(folder: Path, guidance: bool = True, seed: int = 0) -> Path:
-    """A tiny FLUX.1-dev (guidance=True) or schnell (False) pipeline folder."""
+def make_flux_pipeline(folder: Path, guidance: bool = True, seed: int = 0, real_heads: bool = False) -> Path:
+    """A tiny FLUX.1-dev (guidance=True) or schnell (False) pipeline folder. real_heads: Flux's own
+    head dim 128 and RoPE split (16, 56, 56), which single files imply (they do not store it)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     import transformers
 
@@ -109,8 +110,9 @@ def make_flux_pipeline(folder: Path, guidance: bool = True, seed: int = 0) -> Pa
     clip_vocab = write_tokenizers(folder, ["tokenizer"], "tokenizer_2")
     clip, t5 = tiny_text_encoders(clip_vocab, 32, seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=128 if real_heads else 16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance,
+        axes_dims_rope=(16, 56, 56) if real_heads else (4, 6, 6),
     )
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(
@@ -127,28 +129,34 @@ def make_flux_pipeline(folder: Path, guidance: bool = True, seed: int = 0) -> Pa
     return folder
 
 
-def make_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
-    """A tiny SD3-Medium-shaped pipeline folder (CLIP-L, CLIP-G, T5, MMDiT, VAE)."""
+def make_sd3_pipeline(folder: Path, seed: int = 0, real_heads: bool = False) -> Path:
+    """A tiny SD3-Medium-shaped pipeline folder (CLIP-L, CLIP-G, T5, MMDiT, VAE). real_heads: SD3's
+    own head dim 64, which single files imply (they do not store the head count)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     import transformers
 
     folder = Path(folder)
     clip_vocab = write_tokenizers(folder, ["tokenizer", "tokenizer_2"], "tokenizer_3")
-    clip, t5 = tiny_text_encoders(clip_vocab, 64, seed)
+    # real_heads: 2 heads of 64 (what a single file implies), and gelu as CLIP-G (only 768-wide CLIP-L is quick_gelu)
+    clip_width, clip_act = (128, "gelu") if real_heads else (32, "quick_gelu")
+    # real_heads also uses T5's own max distance 128, which single files imply too
+    clip, t5 = tiny_text_encoders(clip_vocab, 4 * clip_width if real_heads else 64, seed, 128 if real_heads else 32)
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
+        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64 if real_heads else 8,
+        num_attention_heads=2, joint_attention_dim=4 * clip_width if real_heads else 64,
+        caption_projection_dim=128 if real_heads else 16, pooled_projection_dim=2 * clip_width, out_channels=4, pos_embed_max_size=32,
     )
     transformer = randomize_(transformer.eval(), 0.2, seed + 4)
     with torch.no_grad():  # a smooth table like the real sin-cos one rather than noise
-        transformer.pos_embed.pos_embed.copy_(torch.randn(1, 32 * 32, 16, generator=torch.Generator().manual_seed(seed)) * 0.5)
+        table = transformer.pos_embed.pos_embed
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(seed + 2, 1.5305, 0.0609),
-        text_encoder=clip(seed + 3, 32, projection=True),
+        text_encoder=clip(seed + 3, clip_width, projection=True, hidden_act=clip_act),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=clip(seed + 5, 32, projection=True),
+        text_encoder_2=clip(seed + 5, clip_width, projection=True, hidden_act=clip_act),
         tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
         text_encoder_3=t5,
         tokenizer_3=transformers.T5TokenizerFast.from_pretrained(folder / "tokenizer_3"),
