@@ -15,7 +15,8 @@ protocol, and where this file differs from the popular implementation.
 | lpips       | pred, ref        | LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips package)       | 512 tiles, mean       |
 | niqe        | pred             | NIQE, MATLAB pristine model, 96 px blocks, Y of YIQ (pyiqa 'niqe')          | whole image           |
 | clipiqa     | pred             | CLIP-IQA, RN50 + 5 antonym prompt pairs (pyiqa 'clipiqa')                   | 512 tiles, mean       |
-| periodicity | pred [, ref]     | autocorrelation peaks at the 16/32 px token lattice (OP4KSR's L_AP idea)   | 4 quadrants           |
+| periodicity | pred [, ref]     | OP4KSR's L_AP statistic (arXiv 2605.13457; = op4ksr.periodicity_score,     | 2x2 quadrants, whole  |
+|             |                  | with ref its relative form, op4ksr.periodicity_loss per image)             | image                 |
 
 Commands:
     python metrics.py --pred out/ --metrics glcm,cr                       # Diffusion-4K's Table 1 pair
@@ -44,8 +45,9 @@ Pickled files are read with torch.load(weights_only=True) only.
 Library use:
     glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
     InceptionV3 / fid_features / FeatureStats / frechet_distance, CLIP / clip_score, AestheticMLP,
-    LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, autocorrelation / periodicity_peaks /
-    periodicity_score / log_spectrum.
+    LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, periodicity_input / periodicity (copies of
+    op4ksr.py's periodicity_score, periodicity_loss, lattice_peaks, autocovariance, ...) /
+    log_spectrum / autocorrelation_image.
 """
 
 import argparse
@@ -1462,109 +1464,214 @@ def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
 
 # ----------------------------------------------------------------------------- periodicity (OP4KSR's L_AP statistic)
 
-# token period of Flux + F16 VAE + 2x2 packing (16 px x 2) and the F16 latent pixel
-PERIODS = (16, 32)
-HIGHPASS_SIGMA = 4.0  # px; keeps ~27% of a pure 32-px sinusoid and all of a one-pixel seam
+# Copied verbatim from op4ksr.py (VARIANCE_FLOOR .. periodicity_score), so that this file needs
+# no method file; tests/test_metrics_periodicity.py keeps the copies identical. The metric is
+# `periodicity` below.
+
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
 
 
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, H, W), BT.601 weights (any value range: the statistics are scale-free)."""
-    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
+    """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
+    side = math.isqrt(quadrants)
+    if side * side != quadrants:
+        raise ValueError(f"quadrants must be a square number (1, 4, 9, ...), got {quadrants}")
+    b, c, height, width = image.shape
+    h, w = height // side, width // side
+    tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
+    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
 
 
-def autocorrelation(x: torch.Tensor, highpass: float | None = None, window: bool = False) -> torch.Tensor:
-    """Circular autocorrelation of (..., H, W) by Wiener-Khinchin, mean removed, A(0) = 1.
+def _fast_fft_length(n: int) -> int:
+    """The smallest length >= n with no prime factor above 5 (fast for every FFT library)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
 
-    With `highpass` = sigma (px) the power spectrum is first weighted by the squared response
-    of "x minus its Gaussian blur", (1 - exp(-2 pi^2 sigma^2 |f|^2))^2: the smooth content that
-    dominates a natural image's autocorrelation at long lags is removed, what is left of it
-    decorrelates within a few pixels, and a periodic artifact (sharp seams, or a pattern whose
-    period is comparable to sigma or shorter) stands alone at its lags.
+
+def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
+    """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x.
+
+    Returns (..., 2 max_lag + 1, 2 max_lag + 1) with lag (dy, dx) at [max_lag + dy, max_lag + dx].
+    Wiener-Khinchin: the inverse FFT of the power spectrum of the mean-removed map, zero-padded
+    by max_lag so that no lag wraps around (the linear, not circular, autocorrelation); each lag
+    is divided by its overlap area (unbiased). Lag (0, 0) is the variance.
     """
+    h, w = x.shape[-2:]
+    if max_lag >= min(h, w):
+        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, got {h}x{w}")
+    x = x.float()
     x = x - x.mean(dim=(-2, -1), keepdim=True)
-    if window:  # a Hann taper: without it the wrap-around seam of a circular FFT is itself a "periodic" edge
-        x = x * torch.outer(torch.hann_window(x.shape[-2], periodic=False, dtype=x.dtype, device=x.device),
-                            torch.hann_window(x.shape[-1], periodic=False, dtype=x.dtype, device=x.device))
-    power = torch.fft.rfft2(x).abs().pow(2)
-    if highpass:
-        fy = torch.fft.fftfreq(x.shape[-2], device=x.device, dtype=power.dtype)[:, None]
-        fx = torch.fft.rfftfreq(x.shape[-1], device=x.device, dtype=power.dtype)[None, :]
-        power = power * (1 - torch.exp(-2 * math.pi**2 * highpass**2 * (fy**2 + fx**2))) ** 2
-    a = torch.fft.irfft2(power, s=x.shape[-2:])
-    return a / a[..., :1, :1].clamp(min=1e-12)
+    size = (_fast_fft_length(h + max_lag), _fast_fft_length(w + max_lag))
+    spectrum = torch.fft.rfft2(x, s=size)
+    sums = torch.fft.irfft2(spectrum.real.square() + spectrum.imag.square(), s=size)  # [dy, dx]: sum x(p) x(p + (dy, dx))
+    lags = torch.arange(-max_lag, max_lag + 1, device=x.device)
+    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative lags sit at the end
+    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
+    return sums / overlap
 
 
-def periodicity_lags(periods=PERIODS, multiples=2) -> list[tuple[int, int, int]]:
-    """(dy, dx, period) for the lattice lags k*p, l*p with 0 <= k <= multiples, |l| <= multiples,
-    (k, l) != (0, 0), one of each +-pair (A is symmetric)."""
-    lags = []
-    for p in periods:
-        for k in range(0, multiples + 1):
-            for l in range(-multiples, multiples + 1):
-                if k > 0 or l > 0:
-                    lags.append((k * p, l * p, p))
-    return lags
+def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
+    """Lags (dy, dx) on the period lattice, up to `harmonics` periods, one of each +-pair."""
+    steps = range(-harmonics, harmonics + 1)
+    return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
 
 
-def periodicity_peaks(image: torch.Tensor, periods=PERIODS, multiples=2, highpass=HIGHPASS_SIGMA) -> torch.Tensor:
-    """Peak prominence of the autocorrelation on the period lattice, per quadrant: (B, 4, lags).
+def lattice_peaks(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
+    """Peaks of the autocovariance on the period lattices, per quadrant and channel.
 
-    The image (B, 3, H, W) is reduced to luma and split into its 4 quadrants (OP4KSR computes
-    its L_AP per quadrant), and A is the high-passed autocorrelation of each quadrant. For each
-    lattice lag t the prominence is A(t) minus the mean of A at the four points half a period
-    away, t +- (p/2, 0) and t +- (0, p/2). A grid artifact of period p puts a ridge at every
-    multiple of p and a trough between them, so its prominence is positive; after the
-    high-pass a natural image's A is ~0 at these lags and so is the prominence.
-    Differentiable, so op4ksr.py can reuse it as a loss.
+    Returns (peaks, variance): peaks (B, Q, C, 2, n_lags) is how far the autocovariance at each
+    lattice lag (`lattice_lags`, period by period) rises above its mean over the period x period
+    lags centred there; variance (B, Q, C, 2, 1) is the lag-0 value that normalises it. Both are
+    of the quadrant's horizontal and vertical pixel differences (the 2): natural images have a
+    ~1/f amplitude spectrum, so their differences are nearly white and only a periodic pattern
+    leaves peaks away from lag 0.
     """
-    y = luma(image)
-    h, w = y.shape[-2] // 2, y.shape[-1] // 2
-    reach = max(periods) * multiples + max(periods) // 2
-    if min(h, w) <= 2 * reach:
-        raise ValueError(f"image {y.shape[-1]}x{y.shape[-2]} too small for periods {periods} x {multiples}")
-    quads = torch.stack([y[:, :h, :w], y[:, :h, w : 2 * w], y[:, h : 2 * h, :w], y[:, h : 2 * h, w : 2 * w]], 1)
-    a = autocorrelation(quads, highpass, window=True)
-    lags = periodicity_lags(periods, multiples)
-    dy = torch.tensor([t[0] for t in lags], device=a.device)
-    dx = torch.tensor([t[1] for t in lags], device=a.device)
-    half = torch.tensor([t[2] // 2 for t in lags], device=a.device)
+    tiles = split_into_quadrants(image, quadrants)
+    differences = torch.stack(
+        [tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]], dim=-3
+    )  # (B, Q, C, 2, h-1, w-1)
+    max_lag = max(harmonics * p + p // 2 for p in periods)
+    covariance = autocovariance(differences, max_lag)
+    lattice = [(period, dy, dx) for period in periods for dy, dx in lattice_lags(period, harmonics)]
+    period, dy, dx = torch.tensor(lattice, device=image.device).unbind(-1)
+    y, x = max_lag + dy, max_lag + dx
+    # The mean over one period of lags around each peak (from an integral image): a p-periodic
+    # pattern averages to exactly 0 there, so peak - mean counts all of its power, in every harmonic.
+    integral = F.pad(covariance.cumsum(-2).cumsum(-1), (1, 0, 1, 0))  # [i, j]: sum of [:i, :j]
+    top, left = y - period // 2, x - period // 2
+    bottom, right = top + period, left + period
+    window_sum = integral[..., bottom, right] - integral[..., top, right] - integral[..., bottom, left] + integral[..., top, left]
+    peaks = covariance[..., y, x] - window_sum / period**2
+    variance = covariance[..., max_lag, max_lag, None]
+    return peaks, variance
 
-    def at(ry, rx):
-        return a[..., ry % h, rx % w]
 
-    around = (at(dy + half, dx) + at(dy - half, dx) + at(dy, dx + half) + at(dy, dx - half)) / 4
-    return at(dy, dx) - around
+def _normalised(peaks, variance) -> torch.Tensor:
+    """Peaks in units of the variance (an autocorrelation coefficient), averaged over the two
+    difference directions -> (B, Q, C, n_lags)."""
+    return (peaks / (variance + VARIANCE_FLOOR)).mean(dim=-2)
 
 
-def periodicity_score(pred: torch.Tensor, ref: torch.Tensor | None = None, periods=PERIODS, multiples=2) -> torch.Tensor:
-    """Periodic-artifact score per image (B,): for each period, the prominence averaged over
-    the 4 quadrants and that period's lattice lags, minus the same for `ref` if given, clamped
-    at 0; then the mean over periods.
+def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """L_AP: mean relu(peak_pred - peak_target) over batch, quadrants, channels and lattice lags.
 
-    A diagnostic built on the candidate reconstruction of OP4KSR's autocorrelation loss
-    (arXiv 2605.13457 publishes neither code nor formula, so this is not the paper's number):
-    averaging before the clamp keeps the noise of single lags from adding up, and the relative
-    form does not punish textures that are periodic in the ground truth too. About 0 for
-    natural images (noise floor ~1e-3 on 256 px quadrants, less on 2048 px ones); a seam
-    every 32 px of amplitude 12/255 gives ~0.03.
+    With `target` (the ground truth) it is the relative form: only periodicity stronger than the
+    ground truth's is penalised, both measured in units of the ground truth's variance. Without
+    it every peak above zero is penalised (the absolute form), in units of pred's own variance.
+    The normalising variance carries no gradient: otherwise the cheapest way to lower a
+    normalised peak would be to add noise to the output.
     """
-    lags = periodicity_lags(periods, multiples)
-    member = torch.tensor([[t[2] == p for t in lags] for p in periods], dtype=pred.dtype, device=pred.device)
+    peaks, variance = lattice_peaks(pred, periods, quadrants, harmonics)
+    if target is None:
+        return F.relu(_normalised(peaks, variance.detach())).mean()
+    with torch.no_grad():
+        target_peaks, target_variance = lattice_peaks(target, periods, quadrants, harmonics)
+    return F.relu(_normalised(peaks - target_peaks, target_variance)).mean()
 
-    def per_period(x):  # (B, 4, lags) -> (B, periods)
-        return periodicity_peaks(x, periods, multiples).mean(1) @ member.T / member.sum(1)
 
-    excess = per_period(pred) - (per_period(ref) if ref is not None else 0)
-    return F.relu(excess).mean(1)
+@torch.no_grad()
+def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """Per-image periodicity (B,): the absolute form of L_AP. Near 0 for natural images."""
+    return F.relu(_normalised(*lattice_peaks(image, periods, quadrants, harmonics))).mean(dim=(1, 2, 3))
+
+
+# metrics.py's own: the per-image metric on 8-bit images, and its pictures.
+
+PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
+
+
+def periodicity_input(rgb, device="cpu") -> torch.Tensor:
+    """HWC uint8 RGB -> (1, 3, H, W) float32 in [-1, 1], the range L_AP is defined on (VARIANCE_FLOOR assumes it)."""
+    return to_float_tensor(as_array(rgb), device) / 127.5 - 1
+
+
+@torch.no_grad()
+def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """Periodic-artifact score per image (B,): OP4KSR's L_AP statistic, as a metric.
+
+    OP4KSR (Deng et al., arXiv 2605.13457) penalises periodic artifacts of one-step 4K
+    super-resolution with an autocorrelation periodicity loss L_AP; no official code exists, so
+    this is the reconstruction in op4ksr.py, whose functions are copied above verbatim. Inputs
+    (B, 3, H, W) in [-1, 1] (`periodicity_input`). Protocol: each image is split into 2x2
+    quadrants (an odd last row/column dropped); in each quadrant and RGB channel, the horizontal
+    and vertical pixel differences are autocorrelated (linear, unbiased, mean removed, by FFT);
+    on the lattices of periods 16 and 32 px (lags (k p, l p), 0 <= k <= 2, |l| <= 2, one of each
+    +-pair: 24 lags) the peak is the autocovariance minus its mean over the p x p lags centred
+    there, divided by the lag-0 variance + 1e-5 and averaged over the two directions.
+      - Without `ref` (absolute form): mean over quadrants, channels and lags of relu(peak);
+        exactly `op4ksr.periodicity_score` (and L_AP's absolute form of one image).
+      - With `ref` (relative form): mean of relu(peak_pred - peak_ref), both in units of the
+        ref's variance; exactly `op4ksr.periodicity_loss(pred[i:i+1], ref[i:i+1])`, L_AP's
+        relative form, per image. 0 for pred == ref, so texture that is periodic in the ground
+        truth (fabric, tiles) is not counted.
+    About 0 for natural images; a faint token-grid pattern scores many times a clean image.
+    Each quadrant needs at least harmonics * max(periods) + max(periods) // 2 + 2 px a side
+    (82 px by default: images of 164 x 164 px and more). Unlike a spectrum or a plain
+    autocorrelation of luma, it reads each colour channel (a chroma-only grid is invisible in
+    luma) and the pixel differences (natural images' ~1/f content would otherwise hide a faint
+    grid). The CLI feeds 8-bit images through `periodicity_input`; inputs in [0, 1] or [0, 255]
+    would change only the effect of the 1e-5 variance floor (flat regions).
+    """
+    if ref is not None and ref.shape != pred.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
+    try:
+        if ref is None:
+            return periodicity_score(pred, periods, quadrants, harmonics)
+        return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants, harmonics) for p, r in zip(pred, ref)])
+    except ValueError as error:  # too small: name the image's size, not just the quadrant's
+        if "quadrants larger" not in str(error):
+            raise
+        raise ValueError(f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)} with {quadrants} quadrants ({error})") from None
+
+
+def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (..., 2, H-1, W-1): horizontal and vertical differences, as `lattice_peaks` takes them."""
+    return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
+
+
+def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
+    scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
+    return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
 
 
 def log_spectrum(rgb) -> Image.Image:
-    """Centred log-magnitude spectrum of the luma, as an 8-bit grey image: periodic artifacts
-    show as a lattice of bright dots at multiples of W/period from the centre."""
-    y = luma(to_float_tensor(as_array(rgb)))[0].double()
-    mag = torch.fft.fftshift(torch.fft.fft2(y - y.mean())).abs().log1p()
-    mag = (mag - mag.min()) / (mag.max() - mag.min()).clamp(min=1e-12)
-    return Image.fromarray((mag * 255).round().byte().numpy(), mode="L")
+    """Centred log power spectrum of the pixel differences (what the periodicity metric reads,
+    zero-padded to the image size, mean over channels and both directions), as an 8-bit grey
+    image of the image's size: a period-p artifact shows as a lattice of bright dots at
+    multiples of W/p (H/p) from the centre; the differences flatten the ~1/f content around them."""
+    x = periodicity_input(rgb)[0]
+    power = torch.zeros(x.shape[-2:])
+    for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
+        power += torch.fft.fft2(d - d.mean(), s=x.shape[-2:]).abs().square() / 6
+    spectrum = torch.fft.fftshift(power).log1p()
+    return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
+
+
+def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> Image.Image:
+    """The autocorrelation the periodicity metric reads, as an 8-bit grey image: the autocovariance
+    of each quadrant's pixel differences (`split_into_quadrants`, `autocovariance`) over the lags
+    the metric uses, divided by the variance + VARIANCE_FLOOR and averaged over quadrants, channels
+    and directions; lag (0, 0) at the centre, 0 is mid-grey, the scale is symmetric and set by the
+    largest |value| outside the 3x3 lags around the centre. A period-p artifact is a lattice of
+    bright points p px apart (a grid of lines: bright ridges along the lattice's rows and columns)."""
+    array = as_array(rgb)
+    max_lag = max(harmonics * p + p // 2 for p in periods)
+    differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
+    try:
+        covariance = autocovariance(differences, max_lag)
+    except ValueError as error:
+        raise ValueError(f"image {array.shape[1]}x{array.shape[0]} too small for periods {tuple(periods)} ({error})") from None
+    correlation = (covariance / (covariance[..., max_lag, max_lag, None, None] + VARIANCE_FLOOR)).mean(dim=(0, 1, 2, 3))
+    outer = correlation.clone()
+    outer[max_lag - 1 : max_lag + 2, max_lag - 1 : max_lag + 2] = 0
+    scale = outer.abs().max().item()
+    return _to_grey_image(correlation, -scale, scale)
 
 
 # ----------------------------------------------------------------------------- evaluation over folders
@@ -1649,6 +1756,8 @@ class Options:
     clipiqa_weights: str = CLIPIQA_WEIGHTS
     clipiqa_tile: int = 512
     periods: tuple = PERIODS
+    quadrants: int = 4
+    harmonics: int = 2
     save_spectra: str | None = None
     settings: dict = field(default_factory=dict)
 
@@ -1755,11 +1864,16 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
             if "clipiqa" in metrics:
                 per_image["clipiqa"][name] = clipiqa_tiled(models["clipiqa"], image, opts.clipiqa_tile)
             if "periodicity" in metrics:
-                x = to_float_tensor(as_array(image))
-                y = to_float_tensor(as_array(target)) if target is not None else None
-                per_image["periodicity"][name] = periodicity_score(x, y, opts.periods).item()
+                x = periodicity_input(image, device)
+                y = periodicity_input(target, device) if target is not None else None
+                per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants, opts.harmonics).item()
             if opts.save_spectra:
-                log_spectrum(image).save(Path(opts.save_spectra) / f"{name}_spectrum.png")
+                folder = Path(opts.save_spectra)
+                log_spectrum(image).save(folder / f"{name}_spectrum.png")
+                try:
+                    autocorrelation_image(image, opts.periods, opts.quadrants, opts.harmonics).save(folder / f"{name}_autocorrelation.png")
+                except ValueError as error:  # too small for the lags: the spectrum is still written
+                    print(f"warning: {name}: no autocorrelation image: {error}", file=sys.stderr)
             evaluated += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
@@ -1842,8 +1956,11 @@ def parse_args(argv=None):
     g.add_argument("--clipiqa-weights", default=CLIPIQA_WEIGHTS, help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
     g.add_argument("--clipiqa-tile", type=int, default=512, help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
     g = p.add_argument_group("periodicity")
-    g.add_argument("--periods", default="16,32", help="artifact periods in pixels")
-    g.add_argument("--save-spectra", help="write each pred image's log spectrum here")
+    g.add_argument("--periods", default="16,32", help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
+    g.add_argument("--quadrants", type=int, default=4, help="image split into this many tiles (a square number; OP4KSR: Q = 4)")
+    g.add_argument("--harmonics", type=int, default=2, help="lattice lags up to this many periods")
+    g.add_argument("--save-spectra", help="write here, per pred image, NAME_spectrum.png (log power spectrum of the pixel differences) "
+                   "and NAME_autocorrelation.png (the autocorrelation the periodicity metric reads)")
     return p.parse_args(argv)
 
 
@@ -1855,6 +1972,8 @@ def main(argv=None):
         periods = tuple(int(p) for p in args.periods.split(","))
     except ValueError:
         raise UserError(f"--periods {args.periods!r}: expected comma-separated integers") from None
+    if not periods or min(periods) < 2 or args.harmonics < 1 or args.quadrants < 1 or math.isqrt(args.quadrants) ** 2 != args.quadrants:
+        raise UserError("--periods must be integers >= 2, --harmonics >= 1, --quadrants a square number (1, 4, 9, ...)")
     if args.tile < 32 or args.crop_border < 0 or args.fid_patch < 0 or 0 < args.clipiqa_tile < 32 or args.clipiqa_tile < 0:
         raise UserError("--tile must be >= 32, --clipiqa-tile 0 or >= 32, --crop-border and --fid-patch >= 0")
     settings = {k: v for k, v in vars(args).items() if k not in ("pred", "ref", "prompts", "out")}
@@ -1865,7 +1984,8 @@ def main(argv=None):
         clip_model=args.clip_model, clip_form=args.clip_form, aesthetic_clip=args.aesthetic_clip,
         aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net, lpips_linear=args.lpips_linear,
         lpips_backbone=args.lpips_backbone, tile=args.tile, niqe_params=args.niqe_params,
-        niqe_convention=args.niqe_convention, clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=periods, save_spectra=args.save_spectra,
+        niqe_convention=args.niqe_convention, clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=periods,
+        quadrants=args.quadrants, harmonics=args.harmonics, save_spectra=args.save_spectra,
         settings=settings,
     )
     original = warnings.formatwarning

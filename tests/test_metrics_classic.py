@@ -1,6 +1,6 @@
 """metrics.py, the metrics without networks: GLCM Score, Compression Ratio, PSNR, SSIM, the
-Frechet distance and the periodicity statistic, each against its reference implementation or
-published value."""
+Frechet distance, each against its reference implementation or published value (the
+periodicity statistic: tests/test_metrics_periodicity.py)."""
 
 import io
 import math
@@ -201,50 +201,3 @@ def test_fid_crops_grid_and_half_shift():
     crops = M.fid_crops(x, 256, True)
     assert len(crops) == 4 + 1  # shifted grid starts at 128: rows 128 only (128+256 <= 600, 384+256 > 600), cols 128 only
     assert torch.equal(crops[-1], x[..., 128:384, 128:384][0])
-
-
-
-
-# ----------------------------------------------------------------------------- periodicity
-
-
-def grid_artifact(image, period=32, amplitude=12.0):
-    y, x = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
-    bumps = amplitude * ((y % period == 0) | (x % period == 0))
-    return np.clip(image.astype(np.float64) + bumps[..., None], 0, 255).astype(np.uint8)
-
-
-def test_periodicity_detects_token_grid():
-    clean = textured(512, 512)
-    tiled = grid_artifact(clean)
-    x_clean, x_tiled = M.to_float_tensor(clean), M.to_float_tensor(tiled)
-    s_clean, s_tiled = M.periodicity_score(x_clean).item(), M.periodicity_score(x_tiled).item()
-    print(f"[periodicity] clean {s_clean:.4f} tiled {s_tiled:.4f}")
-    assert s_tiled > 10 * max(s_clean, 1e-3)
-    assert M.periodicity_score(x_tiled, x_tiled).item() == 0  # relative to itself: no excess
-    assert M.periodicity_score(x_clean, x_tiled).item() == 0  # cleaner than the reference: no penalty
-    assert M.periodicity_score(x_tiled, x_clean).item() > 0.5 * s_tiled
-
-
-def test_periodicity_is_differentiable_and_scale_free():
-    x = M.to_float_tensor(grid_artifact(textured(384, 384), period=16)).requires_grad_()
-    score = M.periodicity_score(x / 255)
-    score.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert M.periodicity_score(x.detach() / 255).item() == pytest.approx(M.periodicity_score(x.detach() * 2 - 1).item(), rel=1e-4)
-
-
-def test_autocorrelation_matches_direct_sum():
-    x = torch.randn(1, 24, 20, dtype=torch.float64)
-    a = M.autocorrelation(x)[0]
-    c = x[0] - x[0].mean()
-    for dy, dx in [(0, 1), (3, 5), (7, 19)]:
-        direct = (c * torch.roll(c, shifts=(-dy, -dx), dims=(0, 1))).sum() / (c * c).sum()
-        assert a[dy, dx].item() == pytest.approx(direct.item(), abs=1e-12)
-
-
-def test_log_spectrum_shows_grid_peaks():
-    spectrum = np.asarray(M.log_spectrum(grid_artifact(np.full((256, 256, 3), 100, np.uint8), period=32)))
-    assert spectrum.shape == (256, 256) and spectrum.dtype == np.uint8
-    centre = 128
-    assert spectrum[centre, centre + 256 // 32] > spectrum[centre, centre + 256 // 32 + 3] + 50  # peak at 1/32 cycles/px

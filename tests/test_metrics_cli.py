@@ -154,19 +154,3 @@ def test_prompts_must_cover_every_image(folders, capsys, tmp_path):
     prompts.write_text("not json\n")
     code, _, err = run(["--pred", pred, "--prompts", prompts, "--metrics", "clip"], capsys)
     assert code == 2 and "metadata.jsonl:1" in err
-
-
-def test_periodicity_and_spectra(folders, capsys, tmp_path):
-    pred, ref = folders
-    big = image(0, 384, 384)
-    grid = big.copy()
-    grid[::32] = np.clip(grid[::32].astype(int) + 30, 0, 255)
-    Image.fromarray(grid).save(pred / "0000.png")
-    Image.fromarray(big).save(ref / "0000.bmp")
-    for name in ("0001", "0002"):
-        (pred / f"{name}.png").unlink(), (ref / f"{name}.bmp").unlink()
-    code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "periodicity", "--save-spectra", tmp_path / "spectra"], capsys)
-    assert code == 0, err
-    result = json.loads((pred / "metrics.json").read_text())
-    assert result["metrics"]["periodicity"] > 0.005
-    assert Image.open(tmp_path / "spectra" / "0000_spectrum.png").size == (384, 384)

@@ -1,0 +1,193 @@
+"""metrics.py's periodicity metric is OP4KSR's L_AP statistic: its functions are verbatim copies
+of op4ksr.py's, its absolute form is op4ksr.periodicity_score and its relative form (with a
+reference) is op4ksr.periodicity_loss per image. op4ksr is imported here only, never by metrics.py."""
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metrics as M
+import op4ksr
+from common.io import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+# The statistic's definition (the brief's five) and what they call (helpers and the loss).
+COPIED = ["split_into_quadrants", "autocovariance", "lattice_lags", "lattice_peaks", "periodicity_score",
+          "_fast_fft_length", "_normalised", "periodicity_loss"]
+
+
+def top_level(path: Path) -> tuple[dict[str, str], ast.Module, str]:
+    source = path.read_text()
+    tree = ast.parse(source)
+    definitions = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = ast.get_source_segment(source, node)
+            decorators = "\n".join("@" + ast.get_source_segment(source, d) for d in node.decorator_list)
+            definitions[node.name + " decorators"] = decorators
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            definitions[node.targets[0].id] = ast.get_source_segment(source, node)
+    return definitions, tree, source
+
+
+def test_copied_functions_are_identical_to_op4ksr():
+    ours, tree, _ = top_level(ROOT / "metrics.py")
+    theirs, _, _ = top_level(ROOT / "op4ksr.py")
+    for name in COPIED + ["VARIANCE_FLOOR"]:
+        assert name in theirs, f"op4ksr.py no longer defines {name}"
+        assert name in ours, f"metrics.py lacks its copy of {name}"
+        assert ours[name] == theirs[name], f"metrics.py's {name} differs from op4ksr.py's"
+        if name + " decorators" in theirs:
+            assert ours[name + " decorators"] == theirs[name + " decorators"], name
+    # self-contained: the copies are used, op4ksr is not imported
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "op4ksr" not in imported
+    # the old, different definition is gone
+    for old in ("periodicity_peaks", "periodicity_lags", "autocorrelation", "luma", "HIGHPASS_SIGMA"):
+        assert old not in ours, old
+
+
+def smooth_texture(seed, size=256, channels=3, std=0.25):
+    """A natural-looking random field in [-1, 1]: white noise shaped to a 1/f amplitude spectrum."""
+    noise = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    frequency = torch.fft.fftfreq(size)
+    radius = torch.hypot(frequency[:, None], frequency[None, :]).clamp_min(1 / size)
+    field = torch.fft.ifft2(torch.fft.fft2(noise) / radius).real
+    return ((field - field.mean()) / field.std() * std).clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> HWC uint8."""
+    return ((x[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def planted_grid(rgb: np.ndarray, period=32, amplitude=16) -> np.ndarray:
+    """A token-grid artifact: every `period`-th row and column brightened by `amplitude` levels."""
+    y, x = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
+    lines = amplitude * ((y % period == 0) | (x % period == 0))
+    return np.clip(rgb.astype(np.int32) + lines[..., None], 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images():
+    clean = to_uint8(smooth_texture(0, size=512))  # 256-px quadrants: a noise floor of ~0.002
+    return {
+        "clean": clean,
+        "grid32": planted_grid(clean, 32),
+        "grid16": planted_grid(clean, 16),
+        "random": np.random.default_rng(1).integers(0, 256, (200, 264, 3), dtype=np.uint8),  # non-square, odd quadrant split
+    }
+
+
+def test_score_equals_op4ksr_on_random_and_planted_images(images):
+    batch = torch.cat([M.periodicity_input(images[k]) for k in ("clean", "grid32", "grid16")])
+    assert batch.min() >= -1 and batch.max() <= 1
+    ours = M.periodicity(batch)
+    assert ours.shape == (3,)
+    assert torch.equal(ours, op4ksr.periodicity_score(batch))
+    assert torch.equal(M.periodicity_score(batch), op4ksr.periodicity_score(batch))
+    random = M.periodicity_input(images["random"])
+    assert torch.equal(M.periodicity(random), op4ksr.periodicity_score(random))
+    gaussian = torch.randn(2, 3, 190, 230, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    assert torch.equal(M.periodicity(gaussian), op4ksr.periodicity_score(gaussian))
+    for options in ({"periods": (16,), "harmonics": 1}, {"quadrants": 1}, {"periods": (8, 24), "quadrants": 9, "harmonics": 1}):
+        assert torch.equal(M.periodicity(random, **options), op4ksr.periodicity_score(random, **options)), options
+
+
+def test_relative_form_is_op4ksr_loss_per_image(images):
+    clean = torch.cat([M.periodicity_input(images["clean"])] * 2)
+    pred = torch.cat([M.periodicity_input(images["grid32"]), M.periodicity_input(images["grid16"])])
+    for p, t in ((pred, clean), (clean, pred), (pred, pred.flip(0))):
+        ours = M.periodicity(p, t)
+        assert ours.shape == (2,)
+        for i in range(2):
+            assert ours[i].item() == op4ksr.periodicity_loss(p[i : i + 1], t[i : i + 1]).item()
+    assert torch.equal(M.periodicity(pred, pred), torch.zeros(2))  # relative to itself: no excess
+    assert M.periodicity(clean, pred).max().item() < 0.1 * M.periodicity(pred).min().item()  # cleaner than the ref: ~no penalty
+    assert (M.periodicity(pred, clean) > 0.5 * M.periodicity(pred)).all()
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.periodicity(pred, clean[:1])
+
+
+def test_planted_grid_scores_far_higher(images):
+    scores = {k: M.periodicity(M.periodicity_input(v)).item() for k, v in images.items()}
+    print("[periodicity] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    assert scores["grid32"] > 10 * scores["clean"]  # a 16-level line every 32 px on a texture of std ~32 levels
+    assert scores["grid16"] > 10 * scores["clean"]
+    assert scores["random"] < 0.01  # white noise: only the noise floor of 100x132-px quadrants
+    flat = M.periodicity(M.periodicity_input(np.full((256, 256, 3), 77, np.uint8)))
+    assert flat.item() == 0  # the variance floor: a flat image scores 0, not nan
+
+
+def test_too_small_images_are_named():
+    with pytest.raises(ValueError, match=r"image 160x128 too small for periods \(16, 32\)"):
+        M.periodicity(torch.zeros(1, 3, 128, 160))
+    assert M.periodicity(torch.zeros(1, 3, 164, 164)).item() == 0  # 82-px quadrants: the smallest that fits
+
+
+def test_spectrum_and_autocorrelation_images_show_the_grid(images):
+    centre, step = 256, 512 // 32  # dots at multiples of 1/32 cycles/px on both axes
+
+    def contrast(rgb):  # the dots above the median of the spectrum around them, in grey levels
+        spectrum = np.asarray(M.log_spectrum(rgb)).astype(int)
+        assert spectrum.shape == (512, 512)
+        dots = [spectrum[centre, centre + k * step] for k in range(1, 5)] + [spectrum[centre + k * step, centre] for k in range(1, 5)]
+        return np.mean(dots) - np.median(spectrum[centre - 80 : centre + 80, centre - 80 : centre + 80])
+
+    assert M.log_spectrum(images["grid32"]).mode == "L"
+    assert contrast(images["grid32"]) > 25 > 5 > abs(contrast(images["clean"]))
+    correlation = np.asarray(M.autocorrelation_image(images["grid32"])).astype(int)
+    assert correlation.shape == (161, 161)  # lags -80..80
+    mid = 80
+    on_lattice = [correlation[mid + dy, mid + dx] for dy, dx in M.lattice_lags(32)]
+    off_lattice = [correlation[mid + dy + 16, mid + dx + 16] for dy, dx in M.lattice_lags(32)]  # half a period off
+    assert min(on_lattice) > max(off_lattice) + 60  # bright on the 32-px lattice (lines of a grid: ridges through it)
+    quiet = np.asarray(M.autocorrelation_image(images["clean"])).astype(int)
+    assert abs(quiet[mid, mid + 32] - 128) < abs(correlation[mid, mid + 32] - 128)
+
+
+def run(argv, capsys):
+    code = run_cli(M.main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_the_metric_and_writes_spectra(images, tmp_path, capsys):
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir(), ref.mkdir()
+    Image.fromarray(images["grid32"]).save(pred / "a.png")
+    Image.fromarray(images["clean"]).save(pred / "b.png")
+    Image.fromarray(images["clean"]).save(ref / "a.png")
+    Image.fromarray(images["grid32"]).save(ref / "b.png")
+
+    code, out, err = run(["--pred", pred, "--metrics", "periodicity", "--save-spectra", tmp_path / "spectra"], capsys)
+    assert code == 0, err
+    result = json.loads((pred / "metrics.json").read_text())
+    value = result["metrics"]["periodicity"]
+    assert "periodicity" in out and f"{value:.4f}" in out
+    absolute = {k: op4ksr.periodicity_score(M.periodicity_input(images[v])).item() for k, v in (("a", "grid32"), ("b", "clean"))}
+    assert result["per_image"]["periodicity"] == absolute
+    assert value == pytest.approx(np.mean(list(absolute.values())))
+    for name in ("a", "b"):
+        assert Image.open(tmp_path / "spectra" / f"{name}_spectrum.png").size == (512, 512)
+        assert Image.open(tmp_path / "spectra" / f"{name}_autocorrelation.png").size == (161, 161)
+
+    code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "periodicity"], capsys)
+    assert code == 0, err
+    result = json.loads((pred / "metrics.json").read_text())
+    relative = result["per_image"]["periodicity"]
+    a_pred, a_ref = M.periodicity_input(images["grid32"]), M.periodicity_input(images["clean"])
+    assert relative["a"] == op4ksr.periodicity_loss(a_pred, a_ref).item() > 0.5 * absolute["a"]
+    assert relative["b"] == op4ksr.periodicity_loss(a_ref, a_pred).item() < 0.1 * absolute["a"]
+    assert f"{result['metrics']['periodicity']:.4f}" in out
+
+    code, _, err = run(["--pred", pred, "--metrics", "periodicity", "--quadrants", "3"], capsys)
+    assert code == 2 and "--quadrants a square number" in err
+    code, _, err = run(["--pred", pred, "--metrics", "periodicity", "--periods", "16,x"], capsys)
+    assert code == 2 and "--periods" in err
