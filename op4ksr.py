@@ -11,14 +11,31 @@ spatial axes) and an autocorrelation periodicity loss L_AP. No official code or 
 everything here is written from the paper's text.
 
 Status
-    In this file now: the method parts that need no diffusion model, in paper order:
-      - L_AP and the periodicity score (`periodicity_loss`, `periodicity_score`);
-      - the Real-ESRGAN-style second-order degradation that makes training LR inputs (`degrade`);
-      - the training-loss assembly (`LossWeights`, `training_loss`);
-      - the optional colour fixes (`wavelet_color_fix`, `adain_color_fix`).
-    To come (not in this file yet, so nothing here super-resolves an image): the models
-    (Flux transformer with RFR, F16 VAE, LoRA layers) copied from diffusion4k.py, the
-    checkpoint format, the inference pipeline, the training loop and the CLI.
+    Works end to end on tiny random models on the CPU (tests/test_op4ksr.py): training writes an
+    OP4KSR checkpoint, inference with it writes a PNG of the requested size, the same input and
+    checkpoint give identical bytes, the checkpoint's Flux LoRA loads into diffusers'
+    FluxTransformer2DModel (peft) with the same output as ours, the copied Flux / VAE equal
+    diffusion4k.py's. Not done / not run: no trained weights exist (nobody has trained this on
+    real 4K data, so nothing here claims image quality); the CUDA bf16 paths of training and
+    inference have not been run (no GPU was available), nor the 4K benchmark (--full);
+    `torchrun` is plain data parallel (LoRA gradients all-reduced, no FSDP: every GPU holds the
+    12B bf16 base), run by hand once on the CPU (2 processes, gloo), never with nccl and not in
+    the tests; no GAN / DISTS term; the encoder has no gradient checkpointing (Flux and the
+    decoder do); the VAE-encoder LoRA uses peft's Conv2d layout and diffusers' names, but
+    loading it with diffusers/peft into AutoencoderKL is not tested (the Flux part is).
+
+Commands
+    python op4ksr.py --input lr.png --weights op4ksr.safetensors          # 4x -> lr_op4ksr.png
+    python op4ksr.py --input lr_dir/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
+    python op4ksr.py train --data HR_DIR --output runs/op4ksr              # -> runs/op4ksr/op4ksr.safetensors
+    torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
+
+Checkpoint (one safetensors file, see `save_op4ksr`)
+    transformer.* : Flux LoRA in diffusers / peft names (q, k, v split; scale folded into B);
+    vae.encoder.* : F16 encoder LoRA, diffusers names, peft's Conv2d layout; prompt.txt / prompt.y :
+    the fixed prompt's T5 and pooled CLIP-L embeddings; metadata: format + version, sigma, theta,
+    guidance, scale, base_flux / base_vae, flux_config / vae_config (checked against the bases
+    loaded), lora_rank / lora_alpha, steps, prompt. Inference merges the LoRAs into the weights.
 
 Choices the paper leaves open, and ours
     L_AP (the paper gives only: Q = 4 quadrants, autocorrelation per quadrant, periodic peaks
@@ -60,25 +77,74 @@ Choices the paper leaves open, and ours
         photon levels; JPEG goes through Pillow with an integer quality; blur pads by
         replication (works at any size).
     Loss weights: not published. Ours: pixel MSE 1, perceptual 2 (OSEDiff's ratio), L_AP 1,
-        pixel L1 and latent MSE off.
+        pixel L1 and latent MSE off (all settable on `train`).
     Colour fix: off by default (the paper does not mention one); wavelet = 5 a-trous levels.
 
-Public API (so far)
+    Method: the one step (sr_latent) as the issue states it; no patches at any size.
+      - sigma (the paper gives none): 0.25 by default (OMGSR-F's mid-timestep 244/1000); the LR
+        latent is taken as z_sigma with no noise added; guidance input 1.0 (OMGSR-F);
+        fixed prompt: S3Diff's positive prompt; T5 length 512 (FLUX.1-dev's).
+      - RFR: theta 100 for all three RoPE axes (axis 0 ids are always 0, so only the spatial
+        axes change); stored in the checkpoint.
+      - LR -> target: bicubic; sides not multiple of 32 px replicate-padded, output cropped.
+      - VAE-encoder LoRA on every Conv2d of the encoder (incl. the 1x1 attention convs).
+      - L_AP periods follow the VAE: (factor, 2 factor) px = (16, 32) with the F16 VAE.
+      - LPIPS runs on one random 512-px crop per image (seeded), on the whole image if smaller.
+      - Training: fixed sigma, constant lr 2.5e-5, AdamW wd 1e-4, grad clip 1, batch 1 per GPU,
+        crop 4096 by default; the HR image is resized to cover the crop and randomly cropped and
+        flipped; LR = degrade(HR crop) at 1/scale, then bicubic back up.
+
+Public API
     periodicity_loss(pred, target=None, periods=(16, 32), quadrants=4, harmonics=2) -> scalar
     periodicity_score(image, periods=(16, 32), quadrants=4, harmonics=2) -> (B,)
     degrade(hr, config, generator, scale=4) -> lr          # (B,3,H,W) in [0,1] -> (B,3,H/s,W/s)
-    training_loss(pred, target, weights, perceptual=None, pred_latent=None, target_latent=None)
+    sr_loss(pred, target, weights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32))
     wavelet_color_fix(image, reference, levels=5), adain_color_fix(image, reference)
+    LoRAConv2d, add_conv_lora, sr_latent, save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
+    SRPipeline, load_sr_pipeline(weights, flux=None, vae=None), super_resolve(pipe, image, width, height, color_fix)
+    train_sr(args), main(argv)
+    Copied from diffusion4k.py (kept identical by tests/test_copies.py): Flux, FluxConfig, rope_*,
+    AutoEncoder (F16: VAEConfig(stride=2)), T5 / CLIP encoders and tokenizers, loaders, LoRALinear,
+    add_lora, export_lora_diffusers, Batches, checkpoint helpers, LPIPS, setup_distributed.
 """
 
+import argparse
+import contextlib
+import json
 import math
+import os
+import re
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from torch.utils.checkpoint import checkpoint
+
+from common.attention import attention
+from common.io import (
+    UserError,
+    atomic_write,
+    image_to_tensor,
+    load_image,
+    load_safetensors,
+    read_json,
+    resolve_source,
+    run_cli,
+    save_image,
+    tensor_to_image,
+)
 
 # ----------------------------------------------------------------------------- configs
 
@@ -146,6 +212,1552 @@ class LossWeights:
 
 
 # ---- models: copied from diffusion4k.py (Flux, RoPE, F16 VAE), kept identical by tests/test_copies.py ----
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Flux.1 transformer. Defaults: FLUX.1-dev (11.9B parameters)."""
+
+    in_channels: int = 64  # 16 latent channels x 2x2 packing
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+    vec_in_dim: int = 768  # CLIP-L pooled
+    context_in_dim: int = 4096  # T5-XXL
+    axes_dim: tuple = (16, 56, 56)  # RoPE dims per position axis (unused, row, column)
+    theta: float = 10000.0  # RoPE base; OP4KSR's RFR lowers it to 100
+    guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.hidden_size // self.num_heads}")
+
+
+FLUX_DEV = FluxConfig()
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
+
+    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
+    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
+    256^2 latent (16,384 Flux tokens instead of 65,536).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    stride: int = 1
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
+
+
+FLUX_VAE = VAEConfig()
+
+
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis
+    owns a slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns).
+    Angles are computed in fp64: positions times slow frequencies lose precision in fp32."""
+    angles = torch.cat(
+        [ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device) for i, dim in enumerate(axes_dim)],
+        dim=-1,
+    )
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+class Modulation(nn.Module):
+    """adaLN: vec -> (shift, scale, gate) once (single blocks) or twice (double blocks)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
+
+
+def attention_with_rope(q, k, v, rope):
+    return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image keep their own weights but attend jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        mlp_hidden = int(dim * mlp_ratio)
+        for stream in ("img", "txt"):
+            self.add_module(f"{stream}_mod", Modulation(dim, double=True))
+            self.add_module(f"{stream}_norm1", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
+            self.add_module(f"{stream}_attn", SelfAttention(dim, num_heads))
+            self.add_module(f"{stream}_norm2", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
+            self.add_module(f"{stream}_mlp", feed_forward(dim, mlp_hidden))
+
+    def forward(self, img, txt, vec, rope):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+
+        # joint attention over the concatenated sequence, text first
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = attention_with_rope(q, k, v, rope)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        # gated residual attention and MLP, per stream
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x, vec, rope):
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([x.shape[-1] * 3, self.mlp_hidden], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class Flux(nn.Module):
+    """The Flux.1 rectified-flow transformer; parameter names are BFL's checkpoint keys."""
+
+    def __init__(self, config: FluxConfig = FLUX_DEV):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth_single_blocks)
+        )
+        self.final_layer = FinalLayer(dim, config.in_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features;
+        txt_ids (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled;
+        guidance (B,) the distilled guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        ids = torch.cat([txt_ids, img_ids], dim=-2)
+        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = self._run(block, x, vec, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of height x width."""
+    b, _, features = x.shape
+    x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
+    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+    return ids.reshape(1, -1, 3).float().to(device)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def mid_block(channels: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    return mid
+
+
+def run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = block(h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
+        training compares it with the F8 decoder's."""
+        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = self._run(block, h)
+            if hasattr(up, "upsample"):
+                h = self._run(up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def _run(self, layer, h):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, h, use_reentrant=False)
+        return layer(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x`stride` upsampling, then `conv_out`.
+
+        Diffusion-4K decodes this stage in partitions because the upsampled 128-channel map is
+        the largest tensor of the whole decode (4.3 GB in bf16 at 4096^2, 17 GB at 8192^2). We
+        process bands of `band_rows` input rows with a one-row halo, which gives exactly the
+        full-map result (the upstream 2x2 partition is shifted by one pixel).
+        """
+        s, rows = self.stride, h.shape[-2]
+        bands = []
+        for top in range(0, rows, band_rows):
+            low, high = max(top - 1, 0), min(top + band_rows + 1, rows)
+            up = F.interpolate(h[..., low:high, :], scale_factor=float(s), mode="nearest")
+            up = F.pad(up, (0, 0, 1, 1))  # zero rows: the conv's padding at the image border, else cropped away
+            first = s * (top - low)  # the padded row just above output row s*top
+            up = up[..., first : first + s * min(band_rows, rows - top) + 2, :]
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias, padding=(0, 1)))
+        return torch.cat(bands, dim=-2)
+
+
+class AutoEncoder(nn.Module):
+    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
+
+    def __init__(self, config: VAEConfig = FLUX_VAE):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        mean = self.encoder(x).chunk(2, dim=1)[0]
+        return (mean - self.config.shift_factor) * self.config.scale_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (not clipped)."""
+        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
+
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64  # head dim
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
+    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    layer_norm_epsilon: float = 1e-6
+
+
+T5_XXL = T5Config()
+
+
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
+
+    Keys after the query use the upper half of the buckets. Within a half, offsets below a
+    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
+    buckets, and every offset from `max_distance` on shares the last one.
+    """
+    position = torch.arange(length, device=device)
+    offset = position[None, :] - position[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offset.abs()
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+
+class T5Block(nn.Module):
+    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+
+    def __init__(self, c: T5Config, owns_position_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        attn, ff = nn.Module(), nn.Module()
+        sa = attn.SelfAttention = nn.Module()
+        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        sa.o = nn.Linear(inner, c.d_model, bias=False)
+        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
+        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.layer = nn.ModuleList([attn, ff])
+        self.num_heads = c.num_heads
+
+    def forward(self, x, position_bias):
+        attn, ff = self.layer
+        sa = attn.SelfAttention
+        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
+        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
+        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+
+    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
+    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
+    `shared`, so it is not a parameter here (the loader folds it in).
+    """
+
+    def __init__(self, config: T5Config = T5_XXL):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c, length = self.config, ids.shape[1]
+        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    layer_norm_eps: float = 1e-5
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
+    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+
+
+CLIP_L = CLIPTextConfig()
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.hidden_size
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, causal):
+        a = self.self_attn
+        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
+
+    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
+    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
+    """
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d = config, config.hidden_size
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        if self.config.eos_token_id == 2:
+            eos = ids.argmax(-1)  # argmax returns the first maximum
+        else:
+            eos = (ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None) -> torch.Tensor:
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
+
+    The ids are cut so that the special tokens always fit, as `truncation=True,
+    padding="max_length"` does in the diffusers pipelines.
+    """
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[: max_length - len(head) - len(tail)] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+
+    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
+    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
+    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
+    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
+    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
+    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
+    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
+    """
+
+    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None):
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        bpe = BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
+        )
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
+        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
+        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        if pad_id is None:
+            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad_id = self.tokenizer.token_to_id(pad)
+            if pad_id is None:
+                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+        self.max_length, self.pad_id = max_length, pad_id
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id)
+
+
+class T5Tokenizer:
+    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
+
+    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
+    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
+    """
+
+    def __init__(self, path, max_length: int = 512):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+        try:
+            if path.suffix == ".json":
+                tokenizer = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            else:
+                import sentencepiece
+
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode = tokenizer.encode
+                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
+        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+        self.max_length = max_length
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id)
+
+
+def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
+
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    state, out, missing, wrong = dict(state), {}, [], []
+    for original, (parts, transform) in table.items():
+        if not all(part in state for part in parts):
+            missing += [part for part in parts if part not in state]
+            continue
+        tensors = [state.pop(part) for part in parts]
+        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
+            continue
+        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    return out
+
+
+def linear_entries(original: str, folder, transform=None) -> dict:
+    """Table rows for a layer with weight and bias."""
+    folder = [folder] if isinstance(folder, str) else folder
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+
+def count_blocks(keys, pattern: str) -> int:
+    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+
+def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
+    table = {
+        **linear_entries("img_in", "x_embedder"),
+        **linear_entries("txt_in", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
+    if guidance:
+        embedders["guidance_in"] = "guidance_embedder"
+    for original, folder in embedders.items():
+        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
+        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
+    for i in range(depth):
+        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        for stream, suffix, prefix in (("img", "", "to_"), ("txt", "_context", "add_")):
+            projections = [f"{f}.{prefix}{x}" + ("" if stream == "img" else "_proj") for x in "qkv"]
+            table.update(linear_entries(f"{o}.{stream}_mod.lin", f"transformer_blocks.{i}.norm1{suffix}.linear"))
+            table.update(linear_entries(f"{o}.{stream}_attn.qkv", projections))
+            table.update(linear_entries(f"{o}.{stream}_attn.proj", f"{f}.to_out.0" if stream == "img" else f"{f}.to_add_out"))
+            table.update(linear_entries(f"{o}.{stream}_mlp.0", f"transformer_blocks.{i}.ff{suffix}.net.0.proj"))
+            table.update(linear_entries(f"{o}.{stream}_mlp.2", f"transformer_blocks.{i}.ff{suffix}.net.2"))
+            norm = "norm_" if stream == "img" else "norm_added_"
+            table[f"{o}.{stream}_attn.norm.query_norm.scale"] = ([f"{f}.{norm}q.weight"], None)
+            table[f"{o}.{stream}_attn.norm.key_norm.scale"] = ([f"{f}.{norm}k.weight"], None)
+    for i in range(depth_single):
+        o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_q", f"{f}.attn.to_k", f"{f}.attn.to_v", f"{f}.proj_mlp"]))
+        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
+        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
+        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
+        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
+    return table
+
+
+def flux_table_for(state: dict, layout: str) -> dict:
+    keys = list(state)
+    if layout == "original":
+        return flux_key_table(
+            count_blocks(keys, r"double_blocks\.(\d+)\."),
+            count_blocks(keys, r"single_blocks\.(\d+)\."),
+            "guidance_in.in_layer.weight" in state,
+        )
+    return flux_key_table(
+        count_blocks(keys, r"transformer_blocks\.(\d+)\."),
+        count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
+        "time_text_embed.guidance_embedder.linear_1.weight" in state,
+    )
+
+
+def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None, theta=10000.0) -> FluxConfig:
+    """Read every dimension off the (original-layout) tensors; only the RoPE split of the head
+    dim is not in them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    folder_config = folder_config or {}
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    axes_dim = tuple(axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ()))
+    if not axes_dim:
+        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim (it is not stored in the weights)")
+    return FluxConfig(
+        in_channels=state["img_in.weight"].shape[1],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1],
+        axes_dim=axes_dim,
+        theta=theta,
+        guidance_embed="guidance_in.in_layer.weight" in state,
+    )
+
+
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
+
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: keys under `prefix` (stripped), or, in a file without that
+    prefix, every key that belongs to no other component."""
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS) or key.startswith(prefix))
+    if any(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    return state
+
+
+def folder_config(path) -> dict:
+    config = path / "config.json" if path.is_dir() else None
+    return read_json(config) if config is not None and config.exists() else {}
+
+
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
+    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
+    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
+    a Hub repo id (only its `transformer/` files are downloaded)."""
+    path = resolve_source(source, subfolder="transformer", token=token)
+    state = read_component(path, dtype, device)
+    if "double_blocks.0.img_attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state:
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
+        state = to_original_layout(state, flux_table_for(state, "folder"), f"{source} (diffusers Flux)")
+    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with torch.device("meta"):
+        model = Flux(config)
+    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+
+
+def sd3_key_table(depth: int) -> dict:
+    table = {
+        "pos_embed": (["pos_embed.pos_embed"], None),
+        **linear_entries("x_embedder.proj", "pos_embed.proj"),
+        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        **linear_entries("context_embedder", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    for i in range(depth):
+        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == depth - 1
+        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
+        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
+        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
+        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
+        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
+        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
+        if not last:
+            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
+    return table
+
+
+def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    table = {}
+
+    def add(original, folder, transform=None):
+        table.update(linear_entries(original, folder, transform))
+
+    def resnet(original, folder, shortcut):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            add(f"{original}.{name}", f"{folder}.{name}")
+        if shortcut:
+            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+
+    for part in ("encoder", "decoder"):
+        add(f"{part}.conv_in", f"{part}.conv_in")
+        add(f"{part}.conv_out", f"{part}.conv_out")
+        add(f"{part}.norm_out", f"{part}.conv_norm_out")
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
+        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+    for level in range(num_levels):
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
+        if level < num_levels - 1:
+            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+        if level > 0:
+            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
+    return table
+
+
+def vae_table_for(state: dict) -> dict:
+    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
+    only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
+    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base,
+        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1],
+        scale_factor=scale_factor,
+        shift_factor=shift_factor,
+        stride=stride,
+    )
+
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
+    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
+
+    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
+    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
+    path = resolve_source(source, subfolder="vae", token=token)
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
+    config = folder_config(path)
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(
+        state,
+        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+        setting(stride, "stride", 1),
+    )
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+
+
+def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
+
+    Keys starting with one of `skip` (after the prefix) are never read.
+    """
+    path = resolve_source(source, subfolder=subfolder)
+
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
+
+    state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
+    if not state:
+        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
+    return state, config
+
+
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
+    return state[key].shape
+
+
+def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
+    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    what = f"{source} is not a T5 encoder checkpoint"
+    vocab, width = tensor_shape(state, "shared.weight", what)
+    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+    return T5Config(
+        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
+    )
+
+
+def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
+    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    what = f"{source} is not a CLIP text encoder checkpoint"
+    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
+    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
+    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
+    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
+    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
+        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+    else:
+        if width % 64:
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
+                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
+        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
+    try:
+        return CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
+        )
+    except ValueError as error:
+        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
+    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
+    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
+    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
+    """
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+
+def load_clip(
+    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
+) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
+    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
+    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
+
+    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
+    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
+    """
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+
+
+def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
+    """Resize so the image just covers height x width (for a square crop: its shorter side to the
+    crop size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
+    image = load_image(path)
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    top, left = int(offset[0] * (size[1] - height + 1)), int(offset[1] * (size[0] - width + 1))
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image_to_tensor(image)
+
+
+class Batches:
+    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's
+    permutation and every sample's crop offset, flip, sigma and noise for the whole global batch;
+    each rank then keeps its share. Its state (generator, permutation, position) is saved in
+    checkpoints, so a resumed run draws exactly what the uninterrupted run would have."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.generator = size, torch.Generator().manual_seed(seed)
+        self.order, self.cursor = [], 0
+
+    def indices(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.cursor >= len(self.order):
+                self.order, self.cursor = torch.randperm(self.size, generator=self.generator).tolist(), 0
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": torch.tensor(self.order, dtype=torch.long), "cursor": self.cursor}
+
+    def load(self, state: dict):
+        self.generator.set_state(state["generator"])
+        self.order, self.cursor = state["order"].tolist(), int(state["cursor"])
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at
+    the base model. A and B stay fp32 even when the base weights are bf16."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # what nn.Linear and peft use
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with W + scale * B A (for export and for sampling without the wrapper)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        linear = linear.to(self.base.weight.device, self.base.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.base.weight.float() + delta)
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        return linear
+
+
+def lora_targets(model: nn.Module, kind: str) -> list[str]:
+    """The attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block
+    streams and the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)."""
+    if kind == "flux":
+        pattern = r"(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])"
+    else:
+        pattern = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
+
+
+def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
+    """Freeze the model and wrap its attention / MLP linears with LoRA (alpha defaults to rank: scale 1)."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name in lora_targets(model, kind):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha or rank, generator))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> tuple[dict, float]:
+    """Our LoRA file: {"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} and the scale."""
+    state, scales = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.lora_A"], state[f"{name}.lora_B"] = module.lora_A.detach().cpu(), module.lora_B.detach().cpu()
+            scales.add(module.scale)
+    return state, scales.pop() if scales else 1.0
+
+
+def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
+    """Our LoRA (original BFL / SAI module names, fused qkv) -> diffusers / peft keys
+    `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, through the key tables.
+
+    A LoRA on a fused projection is exact to split: delta = B A, and the rows of delta that
+    belong to to_q / to_k / to_v (/ proj_mlp) are the same rows of B times the shared A. The
+    scale is folded into B, so the file loads with peft's default alpha = rank."""
+    if kind == "flux":
+        table = flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
+    else:
+        table = sd3_key_table(config.depth)
+    out = {}
+    for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
+        a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
+        parts, transform = table[f"{module}.weight"]
+        assert transform is None, f"{module}: LoRA export needs a plain weight"
+        hidden = config.hidden_size
+        sizes = [hidden] * (len(parts) - 1) + [b.shape[0] - hidden * (len(parts) - 1)]
+        for part, rows in zip(parts, b.split(sizes)):
+            name = part.removesuffix(".weight")
+            out[f"transformer.{name}.lora_A.weight"] = a.clone().contiguous()
+            out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
+    return out
+
+
+def save_safetensors(state: dict, path: Path, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    with atomic_write(path) as temp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(temp), metadata=metadata)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)  # gloo has no AVG
+            value /= self.world
+        return value
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_name: str | None) -> Distributed:
+    """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Distributed(0, 1, device)
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed: run without torchrun")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+def state_options(lora: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full (unsharded) tensors on the CPU; for LoRA only the trainable ones
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora, strict=not lora)
+
+
+def trainable_state(model, lora: bool) -> dict:
+    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights
+    and buffers, or for LoRA only the A and B matrices."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=state_options(lora))
+    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
+    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
+    return done[-1].parent if done else None
+
+
+def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = trainable_state(model, lora)
+    optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
+    if ctx.main:
+        folder = output / "checkpoints" / f"step-{step:08d}"
+        save_safetensors(weights, folder / "trainable.safetensors")
+        with atomic_write(folder / "state.pt") as temp:
+            torch.save({"step": step, "optimizer": optim, "batches": batches.state()}, temp)
+        for old in sorted((output / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+
+
+def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (folder / "state.pt").is_file():
+        raise UserError(f"{folder}: not a complete training checkpoint (no state.pt)")
+    state = torch.load(folder / "state.pt", weights_only=True)
+    set_model_state_dict(model, load_safetensors(folder / "trainable.safetensors"), options=state_options(lora))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
+    batches.load(state["batches"])
+    print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
+    return state["step"]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
+
+
+LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
+
+
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), the perceptual loss of SC-VAE training.
+
+    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the
+    channel vectors are unit-normalised, their squared difference is weighted by the learned 1x1
+    `lins` and averaged over space; the five numbers are summed (the lpips package, spatial=False).
+    `features` uses torchvision's indices, so its checkpoints load unchanged.
+    """
+
+    TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
+
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for item in VGG16_LAYERS:
+            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
+            width = width if item == "M" else item
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False) for i in self.TAPS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def taps(self, x):
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.taps(a), self.taps(b)))
+
+
+def weight_file(spec, what: str, token=None) -> Path:
+    """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = str(spec).split("/")
+    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
+        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+    name = "/".join(parts[2:])
+    path = resolve_source("/".join(parts[:2]), allow_patterns=(name,), token=token) / name
+    if not path.is_file():
+        raise UserError(f"{what}: {spec} not found")
+    return path
+
+
+def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
+    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision /
+    timm VGG16 weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
+    hint = " (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with --lpips-weight 0)"
+
+    def read(spec, what):
+        try:
+            path = weight_file(spec, what, token)
+        except UserError as error:
+            raise UserError(f"{error}{hint}") from None
+        if path.suffix == ".safetensors":
+            return load_safetensors(path, torch.float32)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle raises many types; the file is the problem either way
+            raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
+        return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+    model = LPIPS()
+    raw = read(backbone, "LPIPS backbone")
+    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
+    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
+    lins = read(linear, "LPIPS linear layers")
+    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items() if re.match(r"lin\d\.", key)})
+    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
+
+
+def vae_image_files(folder, verbose: bool = True) -> list[Path]:
+    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
+    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such data folder")
+    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
+    if metadata.is_file():
+        candidates = []
+        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            try:
+                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
+            except (ValueError, KeyError, TypeError) as error:
+                skipped += 1
+                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
+    else:
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in candidates:
+        try:
+            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
+                image.verify()
+            usable.append(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            skipped += 1
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
+    if not usable:
+        raise UserError(f"{folder}: no usable images ({skipped} skipped)")
+    if verbose:
+        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
+    return usable
+
+
+def progress_bar(description: str):
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=False)
+
+    def update(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
 
 
 # ----------------------------------------------------------------------------- L_AP: periodicity loss
@@ -445,19 +2057,20 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
 # ----------------------------------------------------------------------------- training loss
 
 
-def training_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None):
+def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32)):
     """Weighted sum of the training terms; returns (total, {term: detached value}).
 
     `pred`/`target`: decoded output and HR image (B, 3, H, W) in [-1, 1]. `perceptual(pred,
     target) -> scalar` is needed when weights.perceptual > 0 (LPIPS/DISTS, run on crops at 4K);
     the latents are needed when weights.latent_mse > 0. Terms with weight 0 are not computed.
+    `periods`: L_AP's periods in px (a latent pixel and a token: 16, 32 with the F16 VAE).
     """
     terms = {
         "pixel_mse": lambda: F.mse_loss(pred, target),
         "pixel_l1": lambda: F.l1_loss(pred, target),
         "latent_mse": lambda: F.mse_loss(pred_latent, target_latent),
         "perceptual": lambda: perceptual(pred, target),
-        "periodicity": lambda: periodicity_loss(pred, target),
+        "periodicity": lambda: periodicity_loss(pred, target, periods),
     }
     if weights.perceptual and perceptual is None:
         raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
@@ -496,3 +2109,562 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int 
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic", align_corners=False)
     return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
+
+
+# ----------------------------------------------------------------------------- LoRA on the VAE encoder
+
+
+class LoRAConv2d(nn.Module):
+    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), conv frozen. A is a conv with the
+    base's kernel, stride, padding and dilation and r output channels; B is a 1x1 conv back to
+    the base's channels, zero at the start. A and B stay fp32 even when the base is bf16."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.empty(rank, base.in_channels, *base.kernel_size)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=base.weight.device))
+
+    def forward(self, x):
+        c = self.base
+        down = F.conv2d(x, self.lora_A.to(x.dtype), None, c.stride, c.padding, c.dilation)
+        return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
+
+
+def add_conv_lora(module: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
+    """Freeze `module` and wrap every Conv2d in it (the VAE encoder: all of them) with LoRAConv2d."""
+    module.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name, conv in [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]:
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, LoRAConv2d(conv, rank, alpha or rank, generator))
+    return module
+
+
+# ----------------------------------------------------------------------------- the one step
+
+
+def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
+    """The method: image (B, 3, H, W) in [-1, 1] (the LR input resized to the target) -> the x0
+    latent. z = E(image) is taken as the noisy latent at `sigma`, Flux predicts the velocity once
+    over all H/32 x W/32 tokens (F16 + 2x2 packing; RFR is the transformer's config.theta) and
+    x0 = z - sigma * v. Decode with `vae.decode` (the frozen F16 decoder)."""
+    z = vae.encode(image)
+    b, _, h, w = z.shape
+    x = pack_latents(z)
+    txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+    t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
+    g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
+    v = transformer(x, latent_image_ids(h, w, z.device), txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
+    return unpack_latents(x - sigma * v, h, w)
+
+
+# ----------------------------------------------------------------------------- the checkpoint file
+#
+# One safetensors file holds everything OP4KSR adds to the base models:
+#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight   Flux LoRA, peft names (q/k/v split), scale in B
+#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight   F16 encoder LoRA, peft Conv2d layout
+#                                                                   (A: r x in x k x k, B: out x r x 1 x 1; the
+#                                                                   1x1 attention convs as diffusers' Linear, 2-D)
+#   prompt.txt (1, T, 4096), prompt.y (1, 768)                      the fixed prompt's T5 / CLIP-L embeddings
+# and string metadata (FORMAT_KEYS). diffusers' `load_lora_adapter(state, prefix="transformer")`
+# takes the file as it is (it keeps only the transformer.* keys).
+
+FORMAT_VERSION = 1
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
+DEFAULT_PROMPT = "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
+FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim", "context_in_dim", "guidance_embed")
+VAE_CONFIG_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "z_channels", "stride")
+NO_WEIGHTS = (
+    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path.safetensors); the "
+    "authors have published no weights (arXiv 2605.13457: 'will be released upon acceptance'), so you train one: put 4K "
+    "HR images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (it downloads FLUX.1-dev, "
+    "which is gated: accept its licence on huggingface.co and `huggingface-cli login`, and the F16 VAE "
+    "Owen777/UltraFlux-v1 vae/; LoRA rank 64 on Flux and the VAE encoder; its GPU memory at 4096^2 crops has not been measured), then "
+    "pass --weights runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`."
+)
+
+
+def vae_lora_table(vae: AutoEncoder) -> dict:
+    """Original encoder key -> ([diffusers key], transform) for every encoder conv (LoRA-wrapped or not)."""
+    keys = {key.replace(".base.", "."): None for key in vae.state_dict()}
+    return {k: v for k, v in vae_table_for(keys).items() if k.startswith("encoder.") and k.endswith(".weight")}
+
+
+def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
+    """The encoder's LoRAConv2d weights under peft / diffusers names, the scale folded into B."""
+    table, out = vae_lora_table(vae), {}
+    for name, module in encoder.named_modules():
+        if isinstance(module, LoRAConv2d):
+            (part,), transform = table[f"encoder.{name}.weight"]
+            to_folder = TRANSFORMS[transform][1]
+            prefix = "vae." + part.removesuffix(".weight")
+            out[f"{prefix}.lora_A.weight"] = to_folder(module.lora_A.detach().float().cpu()).contiguous()
+            out[f"{prefix}.lora_B.weight"] = to_folder(module.lora_B.detach().float().cpu() * module.scale).contiguous()
+    return out
+
+
+def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
+    """Write the OP4KSR file from a LoRA-wrapped transformer and VAE encoder (see above).
+    `prompt`: {"txt", "y", "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, rank, alpha."""
+    lora, scale = lora_state_dict(transformer)
+    state = export_lora_diffusers(lora, "flux", transformer.config, scale)
+    state.update(export_vae_lora(vae.encoder, vae))
+    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
+    c, vc = transformer.config, vae.config
+    metadata = {
+        "format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
+        "theta": str(c.theta), "flux_config": json.dumps({k: getattr(c, k) for k in FLUX_CONFIG_KEYS}),
+        "vae_config": json.dumps({k: getattr(vc, k) for k in VAE_CONFIG_KEYS}),
+        **{k: str(v) for k, v in settings.items()},
+    }
+    save_safetensors(state, Path(path), metadata)
+
+
+def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
+    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = weight_file(spec, "--weights", token)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+    if meta.get("format") != "op4ksr":
+        raise UserError(f"{path}: not an OP4KSR checkpoint (no 'format: op4ksr' in its metadata)")
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise UserError(f"{path}: OP4KSR format version {meta['format_version']} is newer than this file reads ({FORMAT_VERSION})")
+    return path, meta
+
+
+def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
+    """Refuse a checkpoint trained on another base model, naming the first differing setting."""
+    for what, ours, keys, stored in (("Flux", transformer.config, FLUX_CONFIG_KEYS, "flux_config"), ("VAE", vae.config, VAE_CONFIG_KEYS, "vae_config")):
+        for key, value in json.loads(meta[stored]).items():
+            mine = getattr(ours, key, None)
+            if (list(mine) if isinstance(mine, tuple) else mine) != value:
+                base = meta.get("base_flux" if what == "Flux" else "base_vae", "?")
+                raise UserError(f"{source} was trained on the {what} {base} with {key}={value}, but the {what} loaded has "
+                                f"{key}={mine}: pass the base it was trained on (--flux / --vae)")
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRA weights."""
+    return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
+
+
+def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
+    """Add every LoRA delta of the file to the base weights, in place. A fused weight (qkv,
+    linear1) takes each diffusers part's delta in its own rows. Unknown names or wrong shapes
+    are refused: the file was made for another base model."""
+    c = transformer.config
+    parts_of = {}  # diffusers LoRA module -> (model, our weight key, part index, part count, transform)
+    for original, (parts, _) in flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed).items():
+        for i, part in enumerate(parts):
+            parts_of["transformer." + part.removesuffix(".weight")] = (transformer, original, i, len(parts), None)
+    for original, ((part,), transform) in vae_lora_table(vae).items():
+        parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
+    for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+        a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
+        if a is None or b is None or name not in parts_of:
+            raise UserError(f"{source}: LoRA {name} has no counterpart in this base model (a checkpoint for another model?)")
+        model, original, i, n, transform = parts_of[name]
+        weight = model.state_dict()[original]
+        delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
+        rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
+        first = c.hidden_size * i
+        if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base model's {original} "
+                            f"takes {(rows, *weight.shape[1:])}: the checkpoint is for another base model")
+        with torch.no_grad():
+            weight[first : first + rows] += delta.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class SRPipeline:
+    """The merged models and the fixed prompt; load once with `load_sr_pipeline`, call `super_resolve` often."""
+
+    transformer: Flux
+    vae: AutoEncoder
+    txt: torch.Tensor
+    y: torch.Tensor
+    sigma: float
+    guidance: float | None
+    scale: float
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae.config.downsample_factor * 2  # one 2x2-packed token: 32 px with the F16 VAE
+
+
+def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
+    """Flux and the F16 VAE (default: the bases named in the checkpoint), the OP4KSR LoRAs merged
+    into them, the checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
+    path, meta = read_op4ksr_metadata(weights, token)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
+    print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
+    transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
+    autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
+    check_base(meta, transformer, autoencoder, str(weights))
+    state = load_safetensors(path, torch.float32)
+    merge_op4ksr_lora({k: v for k, v in state.items() if not k.startswith("prompt.")}, transformer, autoencoder, str(weights))
+    guidance = float(meta["guidance"]) if transformer.config.guidance_embed else None
+    txt, y = state["prompt.txt"].to(device, dtype), state["prompt.y"].to(device, dtype)
+    return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance, float(meta.get("scale", 4)), device, dtype, meta)
+
+
+@torch.inference_mode()
+def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int, color_fix: str = "none") -> torch.Tensor:
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass.
+
+    The LR image is resized (bicubic) to the target; sides that are not multiples of 32 px are
+    padded by replication for the pass and cropped afterwards (no resampling of the output)."""
+    lr = image_to_tensor(image)[None]
+    up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    m = pipe.size_multiple
+    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate")
+    latent = sr_latent(pipe.transformer, pipe.vae, up.to(pipe.device, pipe.dtype), pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+    out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
+    if color_fix == "wavelet":
+        out = wavelet_color_fix(out, lr)
+    elif color_fix == "adain":
+        out = adain_color_fix(out, lr)
+    return out[0].clamp(-1, 1)
+
+
+MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; beyond, one pass is far outside what the model was trained on
+
+
+def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
+    """The target (width, height): LR x scale, or the longer side = size (aspect kept). Refuses
+    absurd targets and inputs already larger than the target."""
+    if size is not None:
+        factor = size / max(width, height)
+    else:
+        factor = scale
+    if not (factor and math.isfinite(factor) and factor > 0):
+        raise UserError(f"target scale {factor}: must be a positive number")
+    target = (round(width * factor), round(height * factor))
+    if max(target) > MAX_SIDE or min(target) < 32:
+        raise UserError(f"{width}x{height} -> {target[0]}x{target[1]}: target sides must be between 32 and {MAX_SIDE} px")
+    if width > target[0] or height > target[1]:
+        raise UserError(f"the input ({width}x{height}) is already larger than the target {target[0]}x{target[1]}")
+    return target
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
+    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
+    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
+    files = ("*.json", "*.txt", "*.model")
+    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
+    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype
+    clip = load_clip(source, text_dtype, device, subfolder="text_encoder")
+    y = clip(clip_tokenizer(prompt).to(device)).pooled
+    del clip
+    t5 = load_t5(source, text_dtype, device, subfolder="text_encoder_2")
+    txt = t5(t5_tokenizer(prompt).to(device))
+    del t5
+    return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
+
+
+def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
+    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the
+    VGG activations of the whole image would not fit beside Flux."""
+
+    def perceptual(pred, target):
+        h, w = pred.shape[-2:]
+        size_h, size_w = min(crop, h), min(crop, w)
+        top, left = int(offset[0] * (h - size_h + 1)), int(offset[1] * (w - size_w + 1))
+        window = (..., slice(top, top + size_h), slice(left, left + size_w))
+        return lpips(pred[window].float(), target[window].float()).mean()
+
+    return perceptual
+
+
+def train_sr(args) -> list[tuple[int, float]]:
+    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call."""
+    ctx = setup_distributed(args.device)
+    output = Path(args.output)
+    files = vae_image_files(args.data, verbose=ctx.main)
+    output.mkdir(parents=True, exist_ok=True)
+    if not args.resume and latest_checkpoint(output) is not None:
+        raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
+
+    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
+    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
+    vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
+    multiple = vae.config.downsample_factor * 2
+    if args.crop % multiple or args.crop % args.scale:
+        raise UserError(f"--crop {args.crop}: must be a multiple of {multiple} px (one token) and of --scale {args.scale}")
+    factor = vae.config.downsample_factor
+    periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
+    if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
+        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
+
+    add_lora(transformer, "flux", args.lora_rank, args.lora_alpha, args.seed)
+    add_conv_lora(vae.encoder, args.lora_rank, args.lora_alpha, args.seed + 1)
+    vae.decoder.requires_grad_(False)
+    transformer.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
+    trainable = nn.ModuleDict({"transformer": transformer, "encoder": vae.encoder}).train()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    weights = LossWeights(pixel_mse=args.mse_weight, pixel_l1=args.l1_weight, latent_mse=args.latent_weight,
+                          perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
+    lpips = None
+    if args.lpips_weight and (args.lpips_linear and args.lpips_backbone):
+        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
+    elif args.lpips_weight:
+        weights.perceptual = 0.0
+        if ctx.main:
+            print("note: no LPIPS weights given (--lpips-linear / --lpips-backbone): the perceptual term is off", file=sys.stderr)
+    guidance = args.guidance if transformer.config.guidance_embed else None
+    if ctx.main:
+        count = sum(p.numel() for p in params)
+        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {count / 1e6:.2f}M parameters), {ctx.world} process(es) x batch "
+              f"{args.batch_size}, crop {args.crop}, sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
+
+    batches = Batches(len(files), args.seed)
+    step = 0
+    if args.resume:
+        folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
+        if folder is None:
+            raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
+        step = load_checkpoint(folder, trainable, optimizer, batches, True)
+    degradation = DegradationConfig()
+    global_batch = args.batch_size * ctx.world
+    mine = range(ctx.rank * args.batch_size, (ctx.rank + 1) * args.batch_size)
+    losses, log = [], output / "train_log.jsonl"
+    update = progress_bar("train") if ctx.main else None
+    while step < args.steps:
+        # the whole global batch is drawn on every rank from one generator; each rank keeps its share
+        g = batches.generator
+        picks = batches.indices(global_batch)
+        offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
+        seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
+        hr = torch.stack([load_crop(files[picks[i]], args.crop, args.crop, offsets[i].tolist(), bool(flips[i])) for i in mine])
+        lr = torch.cat([degrade((hr[j : j + 1] + 1) / 2, degradation, torch.Generator().manual_seed(int(seeds[i])), args.scale)
+                        for j, i in enumerate(mine)]) * 2 - 1
+        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
+        with autocast:
+            latent = sr_latent(transformer, vae, lr_up, prompt["txt"], prompt["y"], args.sigma, guidance)
+            pred = vae.decode(latent).float()
+            target_latent = None
+            if weights.latent_mse:
+                with torch.no_grad(), lora_off(vae.encoder):
+                    target_latent = vae.encode(hr.to(dtype))
+            perceptual = lpips_on_crops(lpips, args.lpips_crop, crop_offset) if lpips is not None else None
+            target_latent = None if target_latent is None else target_latent.float()
+            loss, parts = sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent, periods)
+        loss.backward()
+        if ctx.world > 1:  # data parallel: every rank holds the whole (frozen) model and averages LoRA gradients
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= ctx.world
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        value = ctx.mean(loss.detach().float().cpu()).item()
+        losses.append((step, value))
+        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective: every rank
+        if ctx.main:
+            update(step, args.steps)
+            if step % args.log_every == 0 or step == args.steps:
+                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}", file=sys.stderr)
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints)
+
+    if ctx.main:
+        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale, "base_flux": args.flux, "base_vae": args.vae,
+                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
+        save_op4ksr(output / "op4ksr.safetensors", transformer, vae, prompt, settings)
+        print(f"wrote {output / 'op4ksr.safetensors'} (use: python op4ksr.py --input LR.png --weights {output / 'op4ksr.safetensors'})", file=sys.stderr)
+    ctx.barrier()
+    return losses
+
+
+@contextlib.contextmanager
+def lora_off(module: nn.Module):
+    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
+    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, LoRALinear))]
+    scales = [m.scale for m in wrapped]
+    for m in wrapped:
+        m.scale = 0.0
+    try:
+        yield module
+    finally:
+        for m, scale in zip(wrapped, scales):
+            m.scale = scale
+
+
+def sr_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="op4ksr.py train",
+        description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder frozen) on a folder of 4K HR images; "
+                    "LR inputs are made on the fly by the Real-ESRGAN second-order degradation.",
+        epilog="Examples:\n"
+               "  python op4ksr.py train --data hr4k/ --output runs/op4ksr\n"
+               "  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel, LoRA gradients averaged)\n"
+               "  python op4ksr.py train ... --resume      continue from the newest checkpoint in --output\n"
+               "Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
+    parser.add_argument("--vae", default=DEFAULT_VAE, help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
+    parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
+    parser.add_argument("--crop", type=int, default=4096, help="square HR crop side (images are resized to cover it)")
+    parser.add_argument("--scale", type=int, default=4, help="SR factor: LR = degrade(HR) at 1/scale")
+    parser.add_argument("--sigma", type=float, default=0.25, help="the fixed noise level at which Flux sees the LR latent")
+    parser.add_argument("--theta", type=float, default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="Flux-dev's distilled guidance input (fixed)")
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
+    parser.add_argument("--lr", type=float, default=2.5e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=1, help="images per process per step")
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--mse-weight", type=float, default=1.0, help="pixel MSE")
+    parser.add_argument("--l1-weight", type=float, default=0.0, help="pixel L1")
+    parser.add_argument("--latent-weight", type=float, default=0.0, help="MSE of the x0 latent to the base encoder's HR latent")
+    parser.add_argument("--lpips-weight", type=float, default=2.0, help="LPIPS-vgg (needs --lpips-linear and --lpips-backbone)")
+    parser.add_argument("--lpips-linear", help="LPIPS v0.1 linear layers (.pth), a file or owner/repo/path on the Hub, e.g. " + LPIPS_VGG_LINEAR)
+    parser.add_argument("--lpips-backbone", help="VGG16 ImageNet weights, e.g. " + LPIPS_VGG_BACKBONE)
+    parser.add_argument("--lpips-crop", type=int, default=512, help="LPIPS runs on one random crop of this side per image")
+    parser.add_argument("--periodicity-weight", type=float, default=1.0, help="lambda_AP (0: no L_AP)")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (0: all)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+
+def train_sr_command(args):
+    for name in ("crop", "scale", "batch_size", "steps", "checkpoint_every", "log_every", "lora_rank", "lpips_crop"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or not 0 < args.sigma <= 1:
+        raise UserError("--lr must be > 0 and --sigma in (0, 1]")
+    try:
+        train_sr(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ===================================================================================== CLI
+
+
+def sr_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return [path]
+
+
+def sr_command(args):
+    if not args.weights:
+        raise UserError(NO_WEIGHTS)
+    source = Path(args.input)
+    inputs = sr_inputs(source)
+    if args.scale is not None and args.size is not None:
+        raise UserError("give --scale or --size, not both")
+    _, meta = read_op4ksr_metadata(args.weights, args.token)
+    scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
+    if source.is_dir():
+        folder = Path(args.output) if args.output else source.with_name(source.name + "_op4ksr")
+        outputs = [folder / f"{p.stem}.png" for p in inputs]
+    else:
+        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
+    jobs = []
+    for path, output in zip(inputs, outputs):  # every check before any model is loaded
+        image = load_image(path)
+        width, height = sr_size(image.width, image.height, None if args.size else scale, args.size)
+        if output.exists() and not args.overwrite:
+            raise UserError(f"{output} exists; pass --overwrite to replace it")
+        if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"):
+            raise UserError(f"{output}: unsupported image extension (use .png)")
+        jobs.append((path, image, width, height, output))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
+    update = progress_bar("super-resolve")
+    for i, (path, image, width, height, output) in enumerate(jobs, start=1):
+        start = time.perf_counter()
+        sr = super_resolve(pipe, image, width, height, args.color_fix)
+        settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
+                    "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
+        save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
+        update(i, len(jobs))
+        print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+
+def sr_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="op4ksr.py",
+        description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and an F16 VAE (arXiv 2605.13457).",
+        epilog="Examples:\n"
+               "  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)\n"
+               "  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)\n"
+               "Training: python op4ksr.py train --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="LR image, or a folder of images")
+    parser.add_argument("--output", help="output image (default INPUT_op4ksr.png) or folder for a folder input (default INPUT_op4ksr/)")
+    parser.add_argument("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
+    parser.add_argument("--scale", type=float, help="SR factor (default: the checkpoint's, 4)")
+    parser.add_argument("--size", type=int, help="target longer side in px instead of --scale, e.g. 4096")
+    parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
+    parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
+    parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_sr_command(sr_train_parser().parse_args(argv[1:]))
+    sr_command(sr_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -262,7 +262,7 @@ def test_training_loss_sums_the_weighted_terms():
     pred, target = torch.rand(1, 3, SIZE, SIZE) * 2 - 1, torch.rand(1, 3, SIZE, SIZE) * 2 - 1
     latents = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
     weights = LossWeights(pixel_mse=1.0, pixel_l1=0.5, latent_mse=0.25, perceptual=2.0, periodicity=3.0)
-    total, parts = op4ksr.training_loss(pred, target, weights, lambda p, t: (p - t).abs().max(), *latents)
+    total, parts = op4ksr.sr_loss(pred, target, weights, lambda p, t: (p - t).abs().max(), *latents)
     assert set(parts) == {"pixel_mse", "pixel_l1", "latent_mse", "perceptual", "periodicity"}
     expected = (
         F.mse_loss(pred, target) + 0.5 * F.l1_loss(pred, target) + 0.25 * F.mse_loss(*latents)
@@ -270,9 +270,9 @@ def test_training_loss_sums_the_weighted_terms():
     )
     torch.testing.assert_close(total, expected)
 
-    total, parts = op4ksr.training_loss(pred, target, LossWeights(perceptual=0.0))
+    total, parts = op4ksr.sr_loss(pred, target, LossWeights(perceptual=0.0))
     assert set(parts) == {"pixel_mse", "periodicity"}
     with pytest.raises(ValueError, match="perceptual"):
-        op4ksr.training_loss(pred, target, LossWeights())
+        op4ksr.sr_loss(pred, target, LossWeights())
     with pytest.raises(ValueError, match="latent"):
-        op4ksr.training_loss(pred, target, LossWeights(perceptual=0.0, latent_mse=1.0))
+        op4ksr.sr_loss(pred, target, LossWeights(perceptual=0.0, latent_mse=1.0))
