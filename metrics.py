@@ -46,7 +46,7 @@ Library use:
     glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
     InceptionV3 / fid_features / FeatureStats / frechet_distance, CLIP / clip_score, AestheticMLP,
     LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, periodicity_input / periodicity (copies of
-    op4ksr.py's periodicity_score, periodicity_loss, lattice_peaks, autocovariance, ...) /
+    op4ksr.py's periodicity_score, periodicity_loss, lattice_power, autocovariance, ...) /
     log_spectrum / autocorrelation_image.
 """
 
@@ -1522,63 +1522,74 @@ def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
     return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
 
 
-def lattice_peaks(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
-    """Peaks of the autocovariance on the period lattices, per quadrant and channel.
+def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
+    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
 
-    Returns (peaks, variance): peaks (B, Q, C, 2, n_lags) is how far the autocovariance at each
-    lattice lag (`lattice_lags`, period by period) rises above its mean over the period x period
-    lags centred there; variance (B, Q, C, 2, 1) is the lag-0 value that normalises it. Both are
-    of the quadrant's horizontal and vertical pixel differences (the 2): natural images have a
-    ~1/f amplitude spectrum, so their differences are nearly white and only a periodic pattern
-    leaves peaks away from lag 0.
+    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
+    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
+    bins of one period sum to the variance of the quadrant's p-periodic component); variance
+    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
+    Both are means over the horizontal and vertical differences; the difference filter weighs
+    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
+    and gives the (0, 0) bin weight 0.
+
+    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
+    there is the Fourier transform of the quadrant's circular autocovariance summed over all
+    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
+    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
+    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
+    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
+    can move only the repeating part of the image, not the rest.
+
+    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
+    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
+    + 1 px a side, so that the lattice has at least that many lags each way.
     """
-    tiles = split_into_quadrants(image, quadrants)
-    differences = torch.stack(
-        [tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]], dim=-3
-    )  # (B, Q, C, 2, h-1, w-1)
+    tiles = split_into_quadrants(image, quadrants).float()
+    h, w = tiles.shape[-2:]
     max_lag = max(harmonics * p + p // 2 for p in periods)
-    covariance = autocovariance(differences, max_lag)
-    lattice = [(period, dy, dx) for period in periods for dy, dx in lattice_lags(period, harmonics)]
-    period, dy, dx = torch.tensor(lattice, device=image.device).unbind(-1)
-    y, x = max_lag + dy, max_lag + dx
-    # The mean over one period of lags around each peak (from an integral image): a p-periodic
-    # pattern averages to exactly 0 there, so peak - mean counts all of its power, in every harmonic.
-    integral = F.pad(covariance.cumsum(-2).cumsum(-1), (1, 0, 1, 0))  # [i, j]: sum of [:i, :j]
-    top, left = y - period // 2, x - period // 2
-    bottom, right = top + period, left + period
-    window_sum = integral[..., bottom, right] - integral[..., top, right] - integral[..., bottom, left] + integral[..., top, left]
-    peaks = covariance[..., y, x] - window_sum / period**2
-    variance = covariance[..., max_lag, max_lag, None]
-    return peaks, variance
-
-
-def _normalised(peaks, variance) -> torch.Tensor:
-    """Peaks in units of the variance (an autocorrelation coefficient), averaged over the two
-    difference directions -> (B, Q, C, n_lags)."""
-    return (peaks / (variance + VARIANCE_FLOOR)).mean(dim=-2)
+    if max_lag >= min(h, w) - 1:
+        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
+    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
+    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+    powers = []
+    for p in periods:
+        n, m = h // p, w // p
+        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
+        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
+        frequency = torch.fft.fftfreq(p, device=image.device)
+        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
+        powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
+    return torch.cat(powers, dim=-1), variance
 
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: mean relu(peak_pred - peak_target) over batch, quadrants, channels and lattice lags.
+    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
+    relu(power_pred - power_target), in units of the target's difference variance; mean over
+    batch, quadrants, channels and periods.
 
-    With `target` (the ground truth) it is the relative form: only periodicity stronger than the
-    ground truth's is penalised, both measured in units of the ground truth's variance. Without
-    it every peak above zero is penalised (the absolute form), in units of pred's own variance.
-    The normalising variance carries no gradient: otherwise the cheapest way to lower a
-    normalised peak would be to add noise to the output.
+    With `target` (the ground truth) it is the relative form: only lattice power above the
+    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
+    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
+    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
+    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
+    turn the gradient away from the repeating component.
     """
-    peaks, variance = lattice_peaks(pred, periods, quadrants, harmonics)
+    power, variance = lattice_power(pred, periods, quadrants, harmonics)
     if target is None:
-        return F.relu(_normalised(peaks, variance.detach())).mean()
+        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
     with torch.no_grad():
-        target_peaks, target_variance = lattice_peaks(target, periods, quadrants, harmonics)
-    return F.relu(_normalised(peaks - target_peaks, target_variance)).mean()
+        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
+    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
 
 
 @torch.no_grad()
 def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP. Near 0 for natural images."""
-    return F.relu(_normalised(*lattice_peaks(image, periods, quadrants, harmonics))).mean(dim=(1, 2, 3))
+    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
+    variance that repeats on the lattices (mean over quadrants, channels and periods). About
+    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
+    power, variance = lattice_power(image, periods, quadrants, harmonics)
+    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
 
 # metrics.py's own: the per-image metric on 8-bit images, and its pictures.
@@ -1599,22 +1610,27 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: 
     super-resolution with an autocorrelation periodicity loss L_AP; no official code exists, so
     this is the reconstruction in op4ksr.py, whose functions are copied above verbatim. Inputs
     (B, 3, H, W) in [-1, 1] (`periodicity_input`). Protocol: each image is split into 2x2
-    quadrants (an odd last row/column dropped); in each quadrant and RGB channel, the horizontal
-    and vertical pixel differences are autocorrelated (linear, unbiased, mean removed, by FFT);
-    on the lattices of periods 16 and 32 px (lags (k p, l p), 0 <= k <= 2, |l| <= 2, one of each
-    +-pair: 24 lags) the peak is the autocovariance minus its mean over the p x p lags centred
-    there, divided by the lag-0 variance + 1e-5 and averaged over the two directions.
-      - Without `ref` (absolute form): mean over quadrants, channels and lags of relu(peak);
+    quadrants (an odd last row/column dropped); for each quadrant, RGB channel and period p in
+    (16, 32) px, the power of the quadrant's spectrum at all p x p lattice frequencies
+    (ky / p, kx / p) (the Fourier dual of its autocorrelation on the lattice lags (k p, l p), summed
+    over every such lag: the power of what repeats with period p; computed as the FFT of the
+    quadrant folded onto one period after cropping it to whole periods), weighted as the mean of
+    its horizontal and vertical pixel differences (2 (sin^2(pi fy) + sin^2(pi fx))) and divided by
+    the variance of those differences + 1e-5 (`lattice_power`).
+      - Without `ref` (absolute form): the lattice power summed over frequencies, mean over
+        quadrants, channels and periods: the fraction of the difference variance that repeats;
         exactly `op4ksr.periodicity_score` (and L_AP's absolute form of one image).
-      - With `ref` (relative form): mean of relu(peak_pred - peak_ref), both in units of the
-        ref's variance; exactly `op4ksr.periodicity_loss(pred[i:i+1], ref[i:i+1])`, L_AP's
-        relative form, per image. 0 for pred == ref, so texture that is periodic in the ground
-        truth (fabric, tiles) is not counted.
-    About 0 for natural images; a faint token-grid pattern scores many times a clean image.
-    Each quadrant needs at least harmonics * max(periods) + max(periods) // 2 + 2 px a side
-    (82 px by default: images of 164 x 164 px and more). Unlike a spectrum or a plain
-    autocorrelation of luma, it reads each colour channel (a chroma-only grid is invisible in
-    luma) and the pixel differences (natural images' ~1/f content would otherwise hide a faint
+      - With `ref` (relative form): relu(power_pred - power_ref) per frequency, in units of the
+        ref's variance, summed and averaged likewise; exactly
+        `op4ksr.periodicity_loss(pred[i:i+1], ref[i:i+1])`, L_AP's relative form, per image. 0 for
+        pred == ref, so texture that is periodic in the ground truth (fabric, tiles) is not counted.
+    The noise floor is 1 / (p x p tiles per quadrant): ~0.003 for a 1024-px natural image, 1/4096
+    and 1/16384 at 4K, ~0.05 for white noise in 100x132-px quadrants; a faint token-grid pattern
+    scores many times a clean image of the same size (compare images of one size). Each quadrant
+    needs more than harmonics * max(periods) + max(periods) // 2 + 1 px a side (82 px by default:
+    images of 164 x 164 px and more); `harmonics` sets only this minimum. Unlike a spectrum or a
+    plain autocorrelation of luma, it reads each colour channel (a chroma-only grid is invisible
+    in luma) and the pixel differences (natural images' ~1/f content would otherwise hide a faint
     grid). The CLI feeds 8-bit images through `periodicity_input`; inputs in [0, 1] or [0, 255]
     would change only the effect of the 1e-5 variance floor (flat regions).
     """
@@ -1631,7 +1647,7 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: 
 
 
 def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) -> (..., 2, H-1, W-1): horizontal and vertical differences, as `lattice_peaks` takes them."""
+    """(..., H, W) -> (..., 2, H-1, W-1): horizontal and vertical differences, the signal the periodicity statistic reads."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
 
@@ -1958,7 +1974,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("periodicity")
     g.add_argument("--periods", default="16,32", help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
     g.add_argument("--quadrants", type=int, default=4, help="image split into this many tiles (a square number; OP4KSR: Q = 4)")
-    g.add_argument("--harmonics", type=int, default=2, help="lattice lags up to this many periods")
+    g.add_argument("--harmonics", type=int, default=2, help="sets the smallest quadrant: more than harmonics * 32 + 16 px a side (82 px by default)")
     g.add_argument("--save-spectra", help="write here, per pred image, NAME_spectrum.png (log power spectrum of the pixel differences) "
                    "and NAME_autocorrelation.png (the autocorrelation the periodicity metric reads)")
     return p.parse_args(argv)

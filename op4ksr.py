@@ -19,9 +19,10 @@ Status
     real 4K data, so nothing here claims image quality); the CUDA bf16 paths of training and
     inference have not been run (no GPU was available), nor the 4K benchmark (--full);
     `torchrun` is plain data parallel (LoRA gradients all-reduced, no FSDP: every GPU holds the
-    12B bf16 base), run by hand once on the CPU (2 processes, gloo), never with nccl and not in
-    the tests; no GAN / DISTS term; the encoder has no gradient checkpointing (Flux and the
-    decoder do); the VAE-encoder LoRA uses peft's Conv2d layout and diffusers' names, but
+    12B bf16 base), tested on the CPU (2 processes, gloo: the same losses as one process on the
+    same global batch), never run with nccl; no GAN / DISTS term; gradient checkpointing covers
+    Flux, the decoder and the encoder (`checkpoint_encoder`, tested: same loss and gradients);
+    the VAE-encoder LoRA uses peft's Conv2d layout and diffusers' names, but
     loading it with diffusers/peft into AutoencoderKL is not tested (the Flux part is).
 
 Commands
@@ -43,33 +44,46 @@ Choices the paper leaves open, and ours
       - Input: the decoded pixel image in [-1, 1] (not the latent), each RGB channel on its own
         (a chroma-only grid would be invisible in luma); the loss averages over channels.
       - Quadrants: a 2x2 split (Q = side^2 for any square Q); an odd last row/column is dropped.
-      - What is autocorrelated: the quadrant's horizontal and vertical pixel differences, not the
-        pixels. Natural images have a ~1/f amplitude spectrum, so their differences are nearly
-        white; on raw pixels the smooth content's autocorrelation wobbles enough to hide a faint
-        grid (in our trials on a 1/f test texture, a faint planted 32-px pattern scored ~3x the
-        clean image on raw pixels, ~11x on differences). The price: the loss weighs a pattern's harmonics by
-        frequency^2, so smooth (sinusoidal) 16/32-px modulations are seen weakly.
-      - Autocorrelation: Wiener-Khinchin on an FFT zero-padded by the largest lag read (linear,
-        not circular); mean removed; each lag divided by its overlap area (unbiased).
-      - Lags: for each period p in (16, 32) px (one F16 latent pixel; one 2x2-packed token), the
-        lattice points (k p, l p) with 0 <= k <= 2, -2 <= l <= 2 in the half plane (the
-        autocorrelation is symmetric), 12 per period, 24 in all (largest lag read: 80 px).
-      - Peak: the autocovariance at a lattice lag minus its mean over the p x p lags centred
-        there. A p-periodic pattern averages to exactly 0 over one period, so this counts all of
-        its power (every harmonic), while content without that period gives ~0.
-      - Normalisation: peaks divided by the lag-0 variance (+1e-5, about the variance of 8-bit
-        quantisation noise in [-1, 1], so flat quadrants score ~0); the two difference
-        directions averaged. The normaliser carries no gradient, and in the relative form it is
-        the ground truth's: otherwise the cheapest way to lower a normalised peak would be to
-        add noise to the output.
-      - Relative form: mean over batch, quadrants, channels and lags of
-        relu(peak_pred - peak_target), the target's side without gradient. At pred == target
-        loss and gradient are exactly zero, so real periodic texture (fabric, tiles) is kept at
-        its ground-truth strength. Without a target it is the absolute form relu(peak_pred),
-        which is also the per-image `periodicity_score` (a metric).
-      - Caveat: L_AP is a second-order statistic; minimised alone it can also be lowered by
-        decorrelating the pattern between periods rather than erasing it. It is meant to be
-        used with the reconstruction terms, which forbid that.
+      - What is measured: the power of each quadrant's spectrum at the lattice frequencies
+        (ky / p, kx / p), all p x p of them, for p in (16, 32) px (one F16 latent pixel; one 2x2-packed
+        token). That is the Fourier dual of the autocorrelation peaks on the lattice lags (k p, l p):
+        by Wiener-Khinchin it is the transform of the quadrant's (circular) autocovariance summed
+        over every lattice lag the quadrant holds, i.e. the power of everything in it that repeats
+        with period p. Computed exactly as the FFT of the quadrant folded onto one period (the mean
+        of its p x p tiles, after cropping it to whole periods from its top-left corner).
+      - Why not the autocovariance at a few lags: our first version read the linear
+        autocovariance of the pixel differences at 24 lattice lags (up to 2 periods) minus its
+        local mean. Its gradient mixes each pixel with its ~25 lattice neighbours, content
+        included, so gradient descent on it alone lowered the statistic 64x mostly by
+        decorrelating the repeats: the planted pattern kept about half its strength in the pixels.
+        The folded form's gradient is p-periodic in each quadrant: it can move only what repeats.
+      - Pixel differences: each frequency is weighted by the mean over the horizontal and vertical
+        differences, 2 (sin^2(pi fy) + sin^2(pi fx)) (the (0, 0) bin gets 0). Natural images have a
+        ~1/f amplitude spectrum, so this flattens them and a grid's high harmonics count; the
+        price: smooth (sinusoidal) 16/32-px modulations are seen weakly.
+      - Unit: the variance of the quadrant's pixel differences (+1e-5, about the variance of
+        8-bit quantisation noise in [-1, 1], so flat quadrants score ~0): the score is the
+        fraction of the difference variance that repeats, ~1 for a pure pattern, 1 / (tiles per
+        quadrant) for white noise (1/4096 of 32 px at 4K). In the relative form the unit is the
+        ground truth's, in the absolute form pred's own without gradient; a constant per quadrant
+        and channel, so it does not turn the gradient.
+      - Relative form: per frequency relu(power_pred - power_target), the target's side without
+        gradient, summed over the lattice; mean over batch, quadrants, channels and periods. At
+        pred == target loss and gradient are exactly zero, so real periodic texture (fabric,
+        tiles) is kept at its ground-truth strength. Without a target it is the absolute form
+        (all lattice power), which is also the per-image `periodicity_score` (a metric).
+      - Measured (tests/test_op4ksr_parts.py, 1024-px 1/f texture, 512-px quadrants): a faint
+        32-px pattern (12% of the texture's std) scores ~21x the clean image; 40 Adam steps on L_AP
+        alone, relative to the clean image, take ~15x of the planted pattern out of the pixels
+        (least-squares coefficient 1 -> 0.07; what else moves is periodic too); from a periodic
+        ground truth made 2x too strong the relative form stops at ~0.84x of it, the absolute form
+        goes on to 0.24x.
+      - Caveat: being a comparison of powers, the relative form cannot tell a planted pattern from
+        the ground truth's own lattice content at the same frequency: the removal grows with the
+        number of tiles per quadrant (converged, ~2.3x at 128-px quadrants, ~7x at 512 px; 4K has
+        2048 px). With the reconstruction terms the rest goes too.
+      - `harmonics` no longer enters the statistic; it sets the smallest quadrant (more than
+        harmonics * 32 + 17 px a side: 82 px by default).
     Degradation: Real-ESRGAN's second-order pipeline with its published defaults (kernel sizes
         7..21 were set for ~256-px crops; at 4K one may want larger blurs). Differences: every
         image of a batch gets its own parameters; each step draws from its own random stream, so
@@ -95,12 +109,12 @@ Choices the paper leaves open, and ours
         flipped; LR = degrade(HR crop) at 1/scale, then bicubic back up.
 
 Public API
-    periodicity_loss(pred, target=None, periods=(16, 32), quadrants=4, harmonics=2) -> scalar
+    periodicity_loss(pred, target=None, periods=(16, 32), quadrants=4, harmonics=2) -> scalar; lattice_power
     periodicity_score(image, periods=(16, 32), quadrants=4, harmonics=2) -> (B,)
     degrade(hr, config, generator, scale=4) -> lr          # (B,3,H,W) in [0,1] -> (B,3,H/s,W/s)
     sr_loss(pred, target, weights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32))
     wavelet_color_fix(image, reference, levels=5), adain_color_fix(image, reference)
-    LoRAConv2d, add_conv_lora, sr_latent, save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
+    LoRAConv2d, add_conv_lora, checkpoint_encoder, sr_latent, save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
     SRPipeline, load_sr_pipeline(weights, flux=None, vae=None), super_resolve(pipe, image, width, height, color_fix)
     train_sr(args), main(argv)
     Copied from diffusion4k.py (kept identical by tests/test_copies.py): Flux, FluxConfig, rope_*,
@@ -1816,63 +1830,74 @@ def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
     return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
 
 
-def lattice_peaks(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
-    """Peaks of the autocovariance on the period lattices, per quadrant and channel.
+def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
+    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
 
-    Returns (peaks, variance): peaks (B, Q, C, 2, n_lags) is how far the autocovariance at each
-    lattice lag (`lattice_lags`, period by period) rises above its mean over the period x period
-    lags centred there; variance (B, Q, C, 2, 1) is the lag-0 value that normalises it. Both are
-    of the quadrant's horizontal and vertical pixel differences (the 2): natural images have a
-    ~1/f amplitude spectrum, so their differences are nearly white and only a periodic pattern
-    leaves peaks away from lag 0.
+    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
+    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
+    bins of one period sum to the variance of the quadrant's p-periodic component); variance
+    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
+    Both are means over the horizontal and vertical differences; the difference filter weighs
+    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
+    and gives the (0, 0) bin weight 0.
+
+    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
+    there is the Fourier transform of the quadrant's circular autocovariance summed over all
+    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
+    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
+    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
+    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
+    can move only the repeating part of the image, not the rest.
+
+    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
+    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
+    + 1 px a side, so that the lattice has at least that many lags each way.
     """
-    tiles = split_into_quadrants(image, quadrants)
-    differences = torch.stack(
-        [tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]], dim=-3
-    )  # (B, Q, C, 2, h-1, w-1)
+    tiles = split_into_quadrants(image, quadrants).float()
+    h, w = tiles.shape[-2:]
     max_lag = max(harmonics * p + p // 2 for p in periods)
-    covariance = autocovariance(differences, max_lag)
-    lattice = [(period, dy, dx) for period in periods for dy, dx in lattice_lags(period, harmonics)]
-    period, dy, dx = torch.tensor(lattice, device=image.device).unbind(-1)
-    y, x = max_lag + dy, max_lag + dx
-    # The mean over one period of lags around each peak (from an integral image): a p-periodic
-    # pattern averages to exactly 0 there, so peak - mean counts all of its power, in every harmonic.
-    integral = F.pad(covariance.cumsum(-2).cumsum(-1), (1, 0, 1, 0))  # [i, j]: sum of [:i, :j]
-    top, left = y - period // 2, x - period // 2
-    bottom, right = top + period, left + period
-    window_sum = integral[..., bottom, right] - integral[..., top, right] - integral[..., bottom, left] + integral[..., top, left]
-    peaks = covariance[..., y, x] - window_sum / period**2
-    variance = covariance[..., max_lag, max_lag, None]
-    return peaks, variance
-
-
-def _normalised(peaks, variance) -> torch.Tensor:
-    """Peaks in units of the variance (an autocorrelation coefficient), averaged over the two
-    difference directions -> (B, Q, C, n_lags)."""
-    return (peaks / (variance + VARIANCE_FLOOR)).mean(dim=-2)
+    if max_lag >= min(h, w) - 1:
+        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
+    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
+    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+    powers = []
+    for p in periods:
+        n, m = h // p, w // p
+        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
+        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
+        frequency = torch.fft.fftfreq(p, device=image.device)
+        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
+        powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
+    return torch.cat(powers, dim=-1), variance
 
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: mean relu(peak_pred - peak_target) over batch, quadrants, channels and lattice lags.
+    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
+    relu(power_pred - power_target), in units of the target's difference variance; mean over
+    batch, quadrants, channels and periods.
 
-    With `target` (the ground truth) it is the relative form: only periodicity stronger than the
-    ground truth's is penalised, both measured in units of the ground truth's variance. Without
-    it every peak above zero is penalised (the absolute form), in units of pred's own variance.
-    The normalising variance carries no gradient: otherwise the cheapest way to lower a
-    normalised peak would be to add noise to the output.
+    With `target` (the ground truth) it is the relative form: only lattice power above the
+    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
+    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
+    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
+    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
+    turn the gradient away from the repeating component.
     """
-    peaks, variance = lattice_peaks(pred, periods, quadrants, harmonics)
+    power, variance = lattice_power(pred, periods, quadrants, harmonics)
     if target is None:
-        return F.relu(_normalised(peaks, variance.detach())).mean()
+        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
     with torch.no_grad():
-        target_peaks, target_variance = lattice_peaks(target, periods, quadrants, harmonics)
-    return F.relu(_normalised(peaks - target_peaks, target_variance)).mean()
+        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
+    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
 
 
 @torch.no_grad()
 def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP. Near 0 for natural images."""
-    return F.relu(_normalised(*lattice_peaks(image, periods, quadrants, harmonics))).mean(dim=(1, 2, 3))
+    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
+    variance that repeats on the lattices (mean over quadrants, channels and periods). About
+    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
+    power, variance = lattice_power(image, periods, quadrants, harmonics)
+    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
 
 # ----------------------------------------------------------------------------- training data: degradation
@@ -2143,6 +2168,29 @@ def add_conv_lora(module: nn.Module, rank: int, alpha: float | None = None, seed
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, LoRAConv2d(conv, rank, alpha or rank, generator))
     return module
+
+
+def checkpoint_encoder(encoder: nn.Module, enabled: bool = True) -> nn.Module:
+    """Gradient checkpointing for the VAE encoder (whose class is a verbatim copy and has no switch):
+    each ResnetBlock, AttnBlock and Downsample keeps only its input and recomputes its activations
+    in the backward pass (at a 4096^2 crop the first level's 128-channel 2048^2 maps dominate).
+    Installed per instance, by wrapping each block's forward, so the parameters, their names and
+    the LoRAs inside are unchanged; only while gradients are enabled. enabled=False removes it."""
+    for module in encoder.modules():
+        if isinstance(module, (ResnetBlock, AttnBlock, Downsample)):
+            module.__dict__.pop("forward", None)
+            if enabled:
+                module.forward = _checkpointed(type(module).forward.__get__(module))
+    return encoder
+
+
+def _checkpointed(forward):
+    def run(*args):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False)
+        return forward(*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- the one step
@@ -2426,6 +2474,7 @@ def train_sr(args) -> list[tuple[int, float]]:
     add_conv_lora(vae.encoder, args.lora_rank, args.lora_alpha, args.seed + 1)
     vae.decoder.requires_grad_(False)
     transformer.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
+    checkpoint_encoder(vae.encoder, args.gradient_checkpointing)
     trainable = nn.ModuleDict({"transformer": transformer, "encoder": vae.encoder}).train()
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)

@@ -17,8 +17,8 @@ from common.io import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # The statistic's definition (the brief's five) and what they call (helpers and the loss).
-COPIED = ["split_into_quadrants", "autocovariance", "lattice_lags", "lattice_peaks", "periodicity_score",
-          "_fast_fft_length", "_normalised", "periodicity_loss"]
+COPIED = ["split_into_quadrants", "autocovariance", "lattice_lags", "lattice_power", "periodicity_score",
+          "_fast_fft_length", "periodicity_loss"]
 
 
 def top_level(path: Path) -> tuple[dict[str, str], ast.Module, str]:
@@ -49,7 +49,7 @@ def test_copied_functions_are_identical_to_op4ksr():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "op4ksr" not in imported
     # the old, different definition is gone
-    for old in ("periodicity_peaks", "periodicity_lags", "autocorrelation", "luma", "HIGHPASS_SIGMA"):
+    for old in ("periodicity_peaks", "periodicity_lags", "autocorrelation", "luma", "HIGHPASS_SIGMA", "lattice_peaks", "_normalised"):
         assert old not in ours, old
 
 
@@ -74,9 +74,12 @@ def planted_grid(rgb: np.ndarray, period=32, amplitude=16) -> np.ndarray:
     return np.clip(rgb.astype(np.int32) + lines[..., None], 0, 255).astype(np.uint8)
 
 
+SIZE = 1024  # four 512-px quadrants, 256 tiles of 32 px each (a 4K quadrant holds 4096)
+
+
 @pytest.fixture(scope="module")
 def images():
-    clean = to_uint8(smooth_texture(0, size=512))  # 256-px quadrants: a noise floor of ~0.002
+    clean = to_uint8(smooth_texture(0, size=SIZE))  # 512-px quadrants: a noise floor of ~0.003
     return {
         "clean": clean,
         "grid32": planted_grid(clean, 32),
@@ -118,9 +121,11 @@ def test_relative_form_is_op4ksr_loss_per_image(images):
 def test_planted_grid_scores_far_higher(images):
     scores = {k: M.periodicity(M.periodicity_input(v)).item() for k, v in images.items()}
     print("[periodicity] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    assert scores["grid32"] > 10 * scores["clean"]  # a 16-level line every 32 px on a texture of std ~32 levels
+    assert scores["grid32"] > 10 * scores["clean"]  # a 16-level line every 32 px on a texture of std ~32 levels (~15x)
     assert scores["grid16"] > 10 * scores["clean"]
-    assert scores["random"] < 0.01  # white noise: only the noise floor of 100x132-px quadrants
+    # White noise: only the noise floor, 1 / (tiles per quadrant) of its variance per period; its
+    # 100x132-px quadrants hold 3x4 tiles of 32 px and 6x8 of 16 px (a 4K quadrant 4096 and 16384).
+    assert abs(scores["random"] - (1 / 12 + 1 / 48) / 2) < 0.01
     flat = M.periodicity(M.periodicity_input(np.full((256, 256, 3), 77, np.uint8)))
     assert flat.item() == 0  # the variance floor: a flat image scores 0, not nan
 
@@ -132,11 +137,11 @@ def test_too_small_images_are_named():
 
 
 def test_spectrum_and_autocorrelation_images_show_the_grid(images):
-    centre, step = 256, 512 // 32  # dots at multiples of 1/32 cycles/px on both axes
+    centre, step = SIZE // 2, SIZE // 32  # dots at multiples of 1/32 cycles/px on both axes
 
     def contrast(rgb):  # the dots above the median of the spectrum around them, in grey levels
         spectrum = np.asarray(M.log_spectrum(rgb)).astype(int)
-        assert spectrum.shape == (512, 512)
+        assert spectrum.shape == (SIZE, SIZE)
         dots = [spectrum[centre, centre + k * step] for k in range(1, 5)] + [spectrum[centre + k * step, centre] for k in range(1, 5)]
         return np.mean(dots) - np.median(spectrum[centre - 80 : centre + 80, centre - 80 : centre + 80])
 
@@ -175,7 +180,7 @@ def test_cli_prints_the_metric_and_writes_spectra(images, tmp_path, capsys):
     assert result["per_image"]["periodicity"] == absolute
     assert value == pytest.approx(np.mean(list(absolute.values())))
     for name in ("a", "b"):
-        assert Image.open(tmp_path / "spectra" / f"{name}_spectrum.png").size == (512, 512)
+        assert Image.open(tmp_path / "spectra" / f"{name}_spectrum.png").size == (SIZE, SIZE)
         assert Image.open(tmp_path / "spectra" / f"{name}_autocorrelation.png").size == (161, 161)
 
     code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "periodicity"], capsys)

@@ -338,3 +338,78 @@ def test_train_refuses_bad_settings(capsys, flux_folder, tmp_path):
     data = write_hr(tmp_path / "hr", count=1, size=64)
     fails(capsys, train_argv(flux_folder, data, tmp_path / "o", "--steps", 1, "--crop", 36), "--crop 36")
     fails(capsys, train_argv(flux_folder, tmp_path / "nothing", tmp_path / "o", "--steps", 1), "no such data folder")
+
+
+# ----------------------------------------------------------------------------- training: encoder checkpointing, torchrun
+
+
+def test_encoder_gradient_checkpointing_keeps_loss_and_gradients(flux_folder):
+    vae = op4ksr.load_vae(flux_folder, torch.float32, "cpu", stride=2)
+    op4ksr.add_conv_lora(vae.encoder, 4, seed=1)
+    for p in vae.encoder.parameters():  # move the LoRAs off zero, so that their B gradients are not all that is tested
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    image = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    names = set(vae.encoder.state_dict())
+
+    def run(enabled):
+        op4ksr.checkpoint_encoder(vae.encoder, enabled)
+        vae.encoder.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = vae.encode(image).square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in vae.encoder.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, sum(saved)
+
+    plain_loss, plain_grads, plain_saved = run(False)
+    loss, grads, saved = run(True)
+    again_loss, again_grads, again_saved = run(False)  # switched off again: back to the plain graph
+    print(f"encoder checkpointing: saved activations {plain_saved} -> {saved} elements")
+    assert set(vae.encoder.state_dict()) == names  # parameters and their names unchanged
+    assert len(grads) > 10 and grads.keys() == plain_grads.keys()
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7)
+    assert saved < plain_saved / 3 and again_saved == plain_saved
+    assert torch.equal(again_loss, plain_loss)
+    with torch.no_grad():  # no recomputation (and no checkpoint warnings) without gradients
+        op4ksr.checkpoint_encoder(vae.encoder, True)
+        assert torch.equal(vae.encode(image), (op4ksr.checkpoint_encoder(vae.encoder, False), vae.encode(image))[1])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(flux_folder, tmp_path):
+    """Data parallel over 2 CPU processes (gloo), batch 1 each == 1 process with batch 2: same losses and LoRAs."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this PyTorch build")
+    data = write_hr(tmp_path / "hr", count=4)
+    common = ["--steps", "2", "--lr", "1e-3", "--device", "cpu"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "op4ksr.py")]
+    result = subprocess.run(command + train_argv(flux_folder, data, tmp_path / "two", *common, "--batch-size", "1"),
+                            capture_output=True, text=True, timeout=150, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli(op4ksr.main, train_argv(flux_folder, data, tmp_path / "one", *common, "--batch-size", "2")) == 0
+
+    def losses(output):
+        return [json.loads(line)["loss"] for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    print(f"torchrun: losses 2 processes x batch 1 {two}, 1 process x batch 2 {one}")
+    assert len(two) == len(one) == 2 and np.allclose(two, one, rtol=1e-5, atol=0)
+    a, b = load_file(tmp_path / "two" / "op4ksr.safetensors"), load_file(tmp_path / "one" / "op4ksr.safetensors")
+    assert a.keys() == b.keys()
+    error = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"torchrun: LoRA max abs difference {error:.2e}")
+    assert error < 1e-4
