@@ -1032,22 +1032,23 @@ class CLIP(nn.Module):
         wanted = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
         prefixes = tuple(p for tower in towers for p in wanted[tower])
         state = clip_state_from_transformers(load_safetensors(root, torch.float32, key_filter=lambda k: k.startswith(prefixes)))
+        def tower_config(tower, width):
+            """Width and depth from the tensors; heads, activation and eps from config.json."""
+            sub = config.get(f"{tower}_config", {})
+            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
+            return TowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
+                               sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
+
         vision = text = tokenizer = None
         if "vision" in towers:
-            vc = config.get("vision_config", {})
             patch = state["vision.patch.weight"]
-            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("vision.blocks."))
-            cfg = TowerConfig(patch.shape[0], layers, vc.get("num_attention_heads", patch.shape[0] // 64),
-                              vc.get("hidden_act", "quick_gelu"), vc.get("layer_norm_eps", 1e-5))
             grid = math.isqrt(state["vision.pos"].shape[0] - 1)
-            vision = VisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], state["vision.proj.weight"].shape[0])
+            vision = VisionTower(tower_config("vision", patch.shape[0]), patch.shape[-1], grid * patch.shape[-1],
+                                 state["vision.proj.weight"].shape[0])
         if "text" in towers:
-            tc = config.get("text_config", {})
             token = state["text.token.weight"]
-            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("text.blocks."))
-            cfg = TowerConfig(token.shape[1], layers, tc.get("num_attention_heads", token.shape[1] // 64),
-                              tc.get("hidden_act", "quick_gelu"), tc.get("layer_norm_eps", 1e-5))
-            text = TextTower(cfg, token.shape[0], state["text.pos"].shape[0], state["text.proj.weight"].shape[0])
+            text = TextTower(tower_config("text", token.shape[1]), token.shape[0], state["text.pos"].shape[0],
+                             state["text.proj.weight"].shape[0])
             tokenizer = ClipTokenizer(root / "tokenizer.json", context=state["text.pos"].shape[0])
         model = cls(vision, text, tokenizer)
         return load_strict(model, state, f"CLIP weights {source}").eval()
