@@ -1248,12 +1248,13 @@ DIFFUSION_PREFIX = "model.diffusion_model."
 
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: keys under `prefix` (stripped), or, in a file without that
-    prefix, every key that belongs to no other component."""
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS) or key.startswith(prefix))
-    if any(key.startswith(prefix) for key in state):
-        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    return state
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys
+    (stripped); otherwise every key that belongs to no other component. Other components'
+    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
 
 
 def folder_config(path) -> dict:
@@ -1455,8 +1456,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
-    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
-    return state, config
+    return state, folder_config(path)
 
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
@@ -1668,6 +1668,8 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
     transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
+    if offload == "blocks":
+        stream_blocks(transformer, device)
     vae_defaults = FLUX_VAE if kind == "flux" else SD3_VAE
     autoencoder = load_vae(
         vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
@@ -1729,9 +1731,10 @@ def visiting(module: nn.Module, device, home):
             torch.cuda.empty_cache()
 
 
-def stream_blocks(blocks: nn.ModuleList, device, home="cpu"):
-    """Move each block to `device` just before it runs and back afterwards: the 12B Flux then
-    needs the GPU memory of one block plus activations (24 GB GPUs)."""
+def stream_blocks(transformer: nn.Module, device, home="cpu"):
+    """Keep the transformer's blocks in `home` memory and move each to `device` only for its own
+    forward; everything else (embedders, final layer, SD3's position table: small) lives on
+    `device`. The 12B Flux then needs the GPU memory of one block plus activations."""
 
     def arrive(module, args):
         module.to(device)
@@ -1739,9 +1742,15 @@ def stream_blocks(blocks: nn.ModuleList, device, home="cpu"):
     def leave(module, args, output):
         module.to(home)
 
-    for block in blocks:
-        block.register_forward_pre_hook(arrive)
-        block.register_forward_hook(leave)
+    for child in transformer.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                block.register_forward_pre_hook(arrive)
+                block.register_forward_hook(leave)
+        else:
+            child.to(device)
+    for name, buffer in list(transformer.named_buffers(recurse=False)):
+        setattr(transformer, name, buffer.to(device))
 
 
 @torch.no_grad()
@@ -1930,7 +1939,7 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator)
     return time_shift(sigmas, math.log(shift)).float() if shift != 1 else sigmas.float()
 
 
-def velocity(model, kind: str, z, sigma, condition: dict, guidance: float | None):
+def predict_velocity(model, kind: str, z, sigma, condition: dict, guidance: float | None):
     """The transformer's velocity for latents z (B, C, h, w) at noise levels sigma (B,)."""
     if kind == "flux":
         h, w = z.shape[-2:]
@@ -1946,7 +1955,7 @@ def training_loss(model, kind, x0, noise, sigma, condition, guidance=None, subba
     """Rectified flow z = (1 - sigma) x0 + sigma noise; WLF loss on x0_hat = z - sigma v_hat."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
-    v = velocity(model, kind, z, sigma.to(x0), condition, guidance)
+    v = predict_velocity(model, kind, z, sigma.to(x0), condition, guidance)
     return wlf_loss(z - s * v.float(), x0, subband_weights)
 
 
@@ -3078,15 +3087,6 @@ def generate_command(args):
 
     conditions = encode_prompts(pipe, prompts)
     negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
-    if pipe.offload == "blocks":
-        blocks = pipe.transformer.double_blocks if pipe.kind == "flux" else pipe.transformer.joint_blocks
-        stream_blocks(blocks, pipe.device)
-        if pipe.kind == "flux":
-            stream_blocks(pipe.transformer.single_blocks, pipe.device)
-        # everything but the blocks is small: keep it on the GPU
-        for name, module in pipe.transformer.named_children():
-            if name not in ("double_blocks", "single_blocks", "joint_blocks"):
-                module.to(pipe.device)
 
     outputs = [Path(args.output)] if len(prompts) == 1 and not args.prompts else [
         Path(args.output_dir) / f"{i:05d}.png" for i in range(len(prompts))

@@ -156,6 +156,7 @@ from common.io import (
     read_json,
     resolve_source,
     run_cli,
+    safetensors_keys,
     save_image,
     tensor_to_image,
 )
@@ -1167,12 +1168,13 @@ DIFFUSION_PREFIX = "model.diffusion_model."
 
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: keys under `prefix` (stripped), or, in a file without that
-    prefix, every key that belongs to no other component."""
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS) or key.startswith(prefix))
-    if any(key.startswith(prefix) for key in state):
-        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    return state
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys
+    (stripped); otherwise every key that belongs to no other component. Other components'
+    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
 
 
 def folder_config(path) -> dict:
@@ -1330,8 +1332,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
-    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
-    return state, config
+    return state, folder_config(path)
 
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:

@@ -93,9 +93,21 @@ def test_features_then_head_is_the_decoder(base, stride):
         assert features.shape == (2, 32, 16, 12)  # the last up block's resolution, for F8 and F16 alike
         assert out.shape[-2:] == ((16, 12) if stride == 1 else (32, 24))
         assert torch.equal(out, vae.decoder(z))
-        vae.decoder.gradient_checkpointing = True
-        checkpointed = vae.decoder.features(z)
-    assert torch.equal(checkpointed, features)
+
+    # gradient checkpointing (active only with autograd on): same features, same gradients
+    def features_and_grads(checkpointing):
+        vae.decoder.gradient_checkpointing = checkpointing
+        vae.decoder.zero_grad(set_to_none=True)
+        out = vae.decoder.features(z.requires_grad_(True))
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in vae.decoder.parameters() if p.grad is not None]
+
+    vae.decoder.requires_grad_(True)
+    plain, plain_grads = features_and_grads(False)
+    checkpointed, checkpointed_grads = features_and_grads(True)
+    assert torch.equal(checkpointed, plain) and torch.equal(plain, features)
+    assert len(plain_grads) == len(checkpointed_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, checkpointed_grads))
 
 
 def test_scale_consistency_is_upstreams_loss_minus_a_constant():
