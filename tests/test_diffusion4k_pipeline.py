@@ -213,7 +213,8 @@ def test_f16_banded_final_stage_equals_the_full_upsample(rows):
     h = torch.randn(2, 32, rows, 7)
     full = decoder.conv_out(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))
     for band_rows in (1, 2, 3, 64):
-        assert torch.equal(decoder.upsample_conv_out(h, band_rows), full)
+        # A band is a smaller convolution, which the CPU kernels may block and sum in another order.
+        assert torch.allclose(decoder.upsample_conv_out(h, band_rows), full, rtol=0, atol=1e-5), band_rows
 
 
 def test_offload_modes_give_the_same_image(flux_folder, tmp_path, capsys):
@@ -282,5 +283,8 @@ def test_single_file_layouts_give_the_same_image_as_the_folders(tmp_path, capsys
         code, err = run_main(capsys, *args, *common, "--output", output)
         assert code == 0, f"{name}: {err}"
         images[name] = np.asarray(Image.open(output))
-    assert np.array_equal(images["flux folder"], images["flux files"])
-    assert np.array_equal(images["sd3 folder"], images["sd3 file"])
+    # The layouts run different code (fused vs split projections, swapped halves), so float sums
+    # are ordered differently: a rounding step can move a pixel by one level of 255, no more.
+    for folder, single in (("flux folder", "flux files"), ("sd3 folder", "sd3 file")):
+        worst = np.abs(images[folder].astype(int) - images[single].astype(int)).max()
+        assert worst <= 1, f"{single} differs from {folder} by {worst} levels (> 1: not float rounding)"
