@@ -1,4 +1,4 @@
-"""File I/O shared by the method files: weights from the Hub or disk, images, seeding, errors.
+"""File I/O shared by the method files: weights, images, arguments, progress, errors.
 
 Weights
     `resolve_source` turns a Hub repo id or a local path into local files, downloading only
@@ -7,14 +7,22 @@ Weights
 Images
     `load_image` opens anything Pillow reads (EXIF orientation applied, palette / 16-bit /
     alpha / CMYK converted to 8-bit RGB, decompression bombs refused); `save_image` writes
-    atomically (temporary file + rename, so a crash never leaves half an image behind) and
-    stores the generation settings as PNG text chunks.
+    atomically and stores the generation settings as PNG text chunks.
+Outputs
+    `check_output_file` refuses a bad output path before any weights are read; `atomic_files`
+    writes one or several files so that they all appear, complete, or none does, and never
+    replaces an existing file unless asked to (two runs racing for one name: one fails cleanly).
+Arguments
+    `ArgumentParser` reports a bad argument in one line; `integer`, `number` and `device_name`
+    are argparse types that check ranges, finiteness and devices before anything is loaded.
 Errors
     `UserError` is a problem the user can fix; `run_cli` prints it as one line and exits 2.
 """
 
+import argparse
 import contextlib
 import errno
+import math
 import json
 import os
 import random
@@ -38,15 +46,130 @@ def run_cli(main, argv=None) -> int:
     try:
         main(argv)
     except UserError as error:
+        end_progress_lines()
         print(f"error: {error}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
+        end_progress_lines()
         print("error: out of GPU memory; try a smaller size or the --offload option", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
+        end_progress_lines()
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a `UserError`: one line instead of a usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _range_text(low, high) -> str:
+    if high is None:
+        return f">= {low}"
+    return f"<= {high}" if low is None else f"in [{low}, {high}]"
+
+
+def integer(low=None, high=None):
+    """argparse type: an integer in [low, high] (either bound may be None)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low=None, high=None):
+    """argparse type: a finite float in [low, high] (either bound may be None)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)}, got {value:g}")
+        return value
+
+    return parse
+
+
+SEED = integer(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def device_name(text) -> str:
+    """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cuda, cuda:N, cpu or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: unsupported device type (use cuda, cuda:N, cpu or mps)")
+    return text
+
+
+# ----------------------------------------------------------------------------- progress
+
+_open_bars = []
+
+
+def progress_bar(description: str, total=None, initial=0):
+    """A progress bar on stderr; returns `update(done, total)`. The bar closes itself at `total`."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr, leave=False)
+    _open_bars.append(bar)
+
+    def update(done, total=None):
+        if total is not None:
+            bar.total = total
+        bar.update(done - bar.n)
+        if done == bar.total and bar in _open_bars:
+            bar.close()
+            _open_bars.remove(bar)
+
+    return update
+
+
+def end_progress_lines():
+    """Close the bars still open (a run that stopped half-way) so that the next line starts clean."""
+    if _open_bars:
+        while _open_bars:
+            _open_bars.pop().close()
+        print(file=sys.stderr)
+
+
+def read_text(path, what="file") -> str:
+    """A UTF-8 text file's contents, or a one-line `UserError` naming the file and the problem."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (byte {error.start})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a {what}") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
 
 
 # ----------------------------------------------------------------------------- weights
@@ -144,36 +267,114 @@ def safetensors_keys(path) -> list[str]:
 
 def read_json(path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        return json.loads(read_text(path, "JSON file"))
+    except json.JSONDecodeError as error:
         raise UserError(f"{path}: not a readable JSON file ({error})") from None
+
+
+# ----------------------------------------------------------------------------- outputs
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def check_writable_folder(folder) -> None:
+    """Refuse a folder that cannot be created or written, naming the first ancestor in the way."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {folder}: {existing} is not writable")
+
+
+def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
+    """Refuse an output path that would fail at the end of a long run: call it before loading anything.
+
+    `suffixes=None` accepts any extension. Returns the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name such as {path / ('output' + (suffixes or ('.png',))[0])}")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} (use one of {', '.join(suffixes)})")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    check_writable_folder(path.parent)
+    return path
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(temp: Path, path: Path, overwrite: bool):
+    """Move a finished temporary file to `path`; without `overwrite`, fail if `path` exists."""
+    if overwrite:
+        os.replace(temp, path)
+        return
+    try:
+        os.link(temp, path)  # atomic and exclusive: fails if `path` appeared meanwhile
+    except FileExistsError:
+        raise UserError(f"{path} exists (written by another run meanwhile?); pass --overwrite to replace it") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename
+            raise UserError(f"{path} exists; pass --overwrite to replace it") from None
+        os.replace(temp, path)
+    temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_files(paths, overwrite=False):
+    """Yield one temporary path beside each of `paths`; when the block succeeds, move them all in.
+
+    Either every file appears, complete and with the umask's mode, or none does: a failure in the
+    block, or in moving any of them in, removes the temporary files and the ones already moved.
+    Without `overwrite` an existing file is never replaced, even one that appears during the run.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it")
+    temps, published = [], []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
+            os.chmod(temp, _file_mode())
+            temps.append(Path(temp))
+    except OSError as error:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {paths[len(temps)]}: {error.strerror or error}") from None
+    try:
+        yield temps
+        for temp, path in zip(temps, paths):
+            _publish(temp, path, overwrite)
+            published.append(path)
+    except BaseException as error:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        if not overwrite:  # what this run created; replaced files cannot be restored
+            for path in published:
+                path.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            reason = "no space left on device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+            raise UserError(f"cannot write {paths[len(published)]}: {reason}") from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_write(path, overwrite=True):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
-
-    On any failure the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror}") from None
-    try:
-        yield Path(temp)
-        os.replace(temp, path)
-    except OSError as error:
-        Path(temp).unlink(missing_ok=True)
-        reason = "no space left on device" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        raise UserError(f"cannot write {path}: {reason}") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """`atomic_files` for one file: yield a temporary path that replaces (or creates) `path` on success."""
+    with atomic_files([path], overwrite) as (temp,):
+        yield temp
 
 
 # ----------------------------------------------------------------------------- images
@@ -182,6 +383,8 @@ def atomic_write(path, overwrite=True):
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, upright, refusing files that are not images or too large."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give an image file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
@@ -211,24 +414,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def save_image(image: Image.Image, path, metadata=None, overwrite=True):
-    """Write `image` atomically; `metadata` (str -> str) goes into PNG text chunks or the JPEG comment."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
-    if suffix not in formats:
-        raise UserError(f"{path}: unsupported image extension (use one of {', '.join(formats)})")
+def write_image(image: Image.Image, file, suffix: str, metadata=None):
+    """Encode `image` into `file` in the format of `suffix`; `metadata` (str -> str) goes into PNG
+    text chunks or the JPEG comment."""
+    if suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(f"unsupported image extension {suffix} (use one of {', '.join(IMAGE_FORMATS)})")
+    kind = IMAGE_FORMATS[suffix.lower()]
     options = {}
     metadata = {key: str(value) for key, value in (metadata or {}).items()}
-    if formats[suffix] == "PNG":
+    if kind == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)
         options["pnginfo"] = info
-    elif formats[suffix] == "JPEG":
+    elif kind == "JPEG":
         options.update(quality=95, comment=json.dumps(metadata).encode())
+    image.save(file, format=kind, **options)
+
+
+def save_image(image: Image.Image, path, metadata=None, overwrite=True):
+    """Write `image` atomically, in the format its extension names (see `write_image`)."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(f"{path}: unsupported image extension (use one of {', '.join(IMAGE_FORMATS)})")
     with atomic_write(path, overwrite=overwrite) as temp:
-        image.save(temp, format=formats[suffix], **options)
+        write_image(image, temp, path.suffix, metadata)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -238,7 +448,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image (values outside are clipped)."""
+    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image (values outside are clipped).
+
+    A tensor holding NaN or Inf is refused: it comes from broken weights or settings, and would
+    otherwise be written as a black or garbage image."""
+    if not torch.isfinite(x).all():
+        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image was written")
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 

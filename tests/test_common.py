@@ -3,6 +3,7 @@
 import errno
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -306,3 +307,111 @@ def test_read_json(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="not a readable JSON file"):
         io.read_json(tmp_path / "bad.json")
+
+
+# ======================================================================= bad-input plumbing
+
+
+def test_argument_types_name_the_range():
+    parser = io.ArgumentParser(prog="tool")
+    parser.add_argument("--size", type=io.integer(1))
+    parser.add_argument("--strength", type=io.number(0, 1))
+    parser.add_argument("--seed", type=io.SEED)
+    parser.add_argument("--device", type=io.device_name)
+    assert parser.parse_args(["--size", "3", "--strength", "0.5", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+    for argv, expected in [
+        (["--size", "0"], "argument --size: must be >= 1, got 0"),
+        (["--size", "x"], "expected an integer, got 'x'"),
+        (["--strength", "nan"], "must be a finite number, got nan"),
+        (["--strength", "inf"], "must be a finite number"),
+        (["--strength", "1.5"], "must be in [0, 1], got 1.5"),
+        (["--seed", str(2**64)], "must be in [0, 18446744073709551615]"),
+        (["--seed", "-1"], "must be in"),
+        (["--device", "banana"], "'banana' is not a device"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
+    ]:
+        with pytest.raises(UserError) as error:
+            parser.parse_args(argv)
+        assert expected in str(error.value) and "tool --help" in str(error.value), (argv, str(error.value))
+
+
+def test_check_output_file_refuses_before_any_work(tmp_path):
+    (tmp_path / "exists.png").write_bytes(b"keep")
+    (tmp_path / "a-file").write_bytes(b"")
+    for path, overwrite, expected in [
+        (tmp_path / "exists.png", False, "exists; pass --overwrite"),
+        (tmp_path, True, "is a folder; give a file name"),
+        (tmp_path / "out.gif", True, "unsupported extension .gif"),
+        (tmp_path / "out", True, "unsupported extension (none)"),
+        (tmp_path / "a-file" / "out.png", True, "a-file is a file, not a folder"),
+    ]:
+        with pytest.raises(UserError) as error:
+            io.check_output_file(path, overwrite)
+        assert expected in str(error.value), str(error.value)
+    assert io.check_output_file(tmp_path / "exists.png", overwrite=True) == tmp_path / "exists.png"
+    assert io.check_output_file(tmp_path / "new" / "deeper" / "x.JPG") == tmp_path / "new" / "deeper" / "x.JPG"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="not writable"):
+            io.check_output_file(locked / "x.png")
+
+
+def test_atomic_files_appear_together_with_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with io.atomic_files([tmp_path / "a.png", tmp_path / "a.json"]) as (image, sidecar):
+            image.write_bytes(b"image")
+            sidecar.write_text("{}")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png"]
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+    with pytest.raises(RuntimeError):  # the block fails half-way: neither file appears
+        with io.atomic_files([tmp_path / "b.png", tmp_path / "b.json"]) as (image, sidecar):
+            image.write_bytes(b"image")
+            raise RuntimeError("sidecar failed")
+    (tmp_path / "c.json").write_text("someone else's")  # the second name is taken: the first is rolled back
+    with pytest.raises(UserError, match="c.json exists"):
+        with io.atomic_files([tmp_path / "c.png", tmp_path / "c.json"]) as temps:
+            for temp in temps:
+                temp.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png", "c.json"]
+    assert (tmp_path / "c.json").read_text() == "someone else's"
+
+
+def test_exclusive_creation_loses_no_result(tmp_path):
+    """Two runs writing one name: the second to finish fails cleanly instead of replacing the first."""
+    target = tmp_path / "metrics.json"
+    with pytest.raises(UserError, match="another run"):
+        with io.atomic_write(target, overwrite=False) as temp:
+            temp.write_text("second run")
+            target.write_text("first run")  # finished while the second was still writing
+    assert target.read_text() == "first run" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_non_finite_results_are_not_saved():
+    with pytest.raises(UserError, match="NaN/Inf"):
+        io.tensor_to_image(torch.full((3, 2, 2), float("nan")))
+
+
+def test_error_line_starts_on_its_own_line(capsys):
+    def main(argv):
+        update = io.progress_bar("sampling", total=10)
+        update(3)
+        raise UserError("stopped half-way")
+
+    assert io.run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: stopped half-way\n" in err and not io._open_bars
+
+
+def test_read_text_refuses_non_utf8(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        io.read_text(tmp_path / "latin1.txt", "prompt file")
+    (tmp_path / "model_index.json").write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(UserError, match="model_index.json: the JSON file is not UTF-8"):
+        io.read_json(tmp_path / "model_index.json")
