@@ -569,6 +569,7 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
         block_in = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
         self.mid = mid_block(block_in)
@@ -610,22 +611,29 @@ class Decoder(nn.Module):
         return layer(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x`stride` upsampling, then `conv_out`.
+        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
 
-        Diffusion-4K decodes this stage in partitions because the upsampled 128-channel map is
-        the largest tensor of the whole decode (4.3 GB in bf16 at 4096^2, 17 GB at 8192^2). We
-        process bands of `band_rows` input rows with a one-row halo, which gives exactly the
-        full-map result (the upstream 2x2 partition is shifted by one pixel).
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
+        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in; the released decoders were
+        trained through that path. Its output is the full-map result moved one pixel down and right:
+        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
+        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
+        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
+        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
         """
         s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
         for top in range(0, rows, band_rows):
-            low, high = max(top - 1, 0), min(top + band_rows + 1, rows)
-            up = F.interpolate(h[..., low:high, :], scale_factor=float(s), mode="nearest")
-            up = F.pad(up, (0, 0, 1, 1))  # zero rows: the conv's padding at the image border, else cropped away
-            first = s * (top - low)  # the padded row just above output row s*top
-            up = up[..., first : first + s * min(band_rows, rows - top) + 2, :]
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias, padding=(0, 1)))
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
 
 

@@ -376,10 +376,12 @@ def test_vae_tables_match_diffusers_converter(vae_case):
 
 def test_vae_f16(vae_case):
     """stride 2: conv_in strides by 2 and the decoder upsamples x2 (nearest) before conv_out,
-    with the F8 weights. Checked against diffusers with exactly those two changes."""
+    with the F8 weights. Checked against diffusers with exactly those two changes, on the centred
+    decode (tests/test_f16_decode.py checks the default, upstream's partitioned one)."""
     ref, x, z = vae_case["ref"], vae_case["x"], vae_case["z"]
     model = d.load_vae(vae_case["root"] / "f16", dtype=F32)  # "stride": 2 from config.json
     explicit = load_vae_layout(vae_case, "BFL ae file", stride=2)
+    model.decoder.partitioned = explicit.decoder.partitioned = False
     assert model.config.stride == explicit.config.stride == 2
     assert model.config.downsample_factor == 2 ** (2 - 1) * 2 == 4
 
@@ -401,7 +403,7 @@ def test_vae_f16(vae_case):
         f8.decoder.conv_out.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
         f8.decoder(z)
         recomputed = f8.decoder.conv_out(torch.nn.functional.interpolate(captured["h"], scale_factor=2.0, mode="nearest"))
-        assert report("vae F16 decoder = upsampled F8 path", image, recomputed) <= 1e-6
+        assert report("vae F16 decoder = upsampled F8 path", image, recomputed) <= 1e-5  # banded: other sum order
 
 
 def test_vae_downsample_factor():
