@@ -206,11 +206,18 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    SEED,
+    ArgumentParser,
     UserError,
-    atomic_write,
+    atomic_files,
+    check_output_file,
+    device_name,
     image_to_tensor,
+    integer,
     load_image,
     load_safetensors,
+    number,
+    progress_bar,
     read_json,
     resolve_source,
     run_cli,
@@ -1453,20 +1460,6 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
     context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
     pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
     return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
-
-
-def progress_bar(description: str):
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
-    bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=False)
-
-    def update(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return update
 
 
 # ----------------------------------------------------------------------------- regional denoising

@@ -93,6 +93,7 @@ from common.io import (
     image_to_tensor,
     load_image,
     load_safetensors,
+    progress_bar,
     read_json,
     resolve_source,
     run_cli,
@@ -3053,20 +3054,6 @@ def train_vae_command(args):
 
 
 # ===================================================================================== CLI
-
-
-def progress_bar(description: str):
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
-    bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=False)
-
-    def update(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return update
 
 
 def read_prompt_file(path) -> list[str]:

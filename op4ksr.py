@@ -153,6 +153,7 @@ from common.io import (
     image_to_tensor,
     load_image,
     load_safetensors,
+    progress_bar,
     read_json,
     resolve_source,
     run_cli,
@@ -1766,21 +1767,6 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if verbose:
         print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
     return usable
-
-
-def progress_bar(description: str):
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
-    bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=False)
-
-    def update(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return update
-
 
 
 # ----------------------------------------------------------------------------- L_AP: periodicity loss
