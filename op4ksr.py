@@ -2206,6 +2206,46 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, 
     return unpack_latents(x - sigma * v, h, w)
 
 
+
+# ----------------------------------------------------------------------------- the noise level
+#
+# OMGSR-F, whose one-step recipe OP4KSR follows, feeds the LR latent to Flux as the noisy latent of a
+# "mid-timestep" t = 244 of Flux's schedule: 999 steps, shifted with the mu of a 1024^2 image
+# (4,096 tokens, mu = 1.15), the same schedule at every output size. It chose t by matching the
+# SNR of the LR latent (HR signal, LR - HR as noise) with the SNR of the noisy HR latent.
+
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244
+
+
+def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
+    """sigma of each timestep t = 0..steps on OMGSR-F's shifted schedule (index t; t = 0 is clean):
+    sigma_t = e^mu / (e^mu + 1 / (t / steps) - 1)."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
+
+
+OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
+
+
+def matched_sigma(hr_latents, lr_latents, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> tuple[int, float]:
+    """OMGSR's mid-timestep calibration: the timestep whose noise level gives the noisy HR latent
+    the SNR of the LR latent.
+
+    For each batch b, with P_b = mean(hr^2) and D_b = mean((lr - hr)^2), the LR latent's SNR is
+    P_b / D_b and the noisy latent's at sigma is P_b (1 - sigma)^2 / sigma^2. The timestep
+    minimising the batch mean of |P_b (1 - sigma)^2 / sigma^2 - P_b / D_b| wins; for one batch
+    the continuous answer is sigma = sqrt(D) / (1 + sqrt(D)). Returns (t, sigma_t).
+    """
+    sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
+    total = torch.zeros_like(sigmas)
+    for hr, lr in zip(hr_latents, lr_latents):
+        power = hr.double().pow(2).mean()
+        distortion = (lr.double() - hr.double()).pow(2).mean()
+        total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
+    best = int(total.argmin())
+    return best + 1, float(sigmas[best])
+
+
 # ----------------------------------------------------------------------------- the checkpoint file
 #
 # One safetensors file holds everything OP4KSR adds to the base models:
