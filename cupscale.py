@@ -151,9 +151,11 @@ that names unknown regions or misses some is refused in one line naming them.
 {image} replaced by a PNG of the region's crop of the resized LR image (1024 px square) and
 {prompt} by the global prompt; its standard output is the regional prompt. The paper's LLaVA
 instruction text did not survive in the available text, so the instruction is the command's
-business. A command that fails, times out or prints nothing is named; the run then stops, or
-goes on with RSP off with `--caption-failure rsp-off`. The prompts used are written beside
-the output (`hr.regions.json`).
+business. Captions are made before any weight is loaded (a local LLaVA gets the GPU to itself).
+A command that fails, times out, or prints nothing, non-UTF-8 bytes or control characters is
+named; the run then stops, or goes on with RSP off with `--caption-failure rsp-off`. The prompts
+used are written beside the output (`hr.regions.json`); the image and this record appear
+together or not at all.
 
 VAE, memory and limits
 ----------------------
@@ -182,7 +184,6 @@ copied `Pipeline` docstring gives to diffusion4k's `load_pipeline` and `generate
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -222,9 +223,9 @@ from common.io import (
     resolve_source,
     run_cli,
     safetensors_keys,
-    save_image,
     seed_everything,
     tensor_to_image,
+    write_image,
 )
 
 
@@ -1704,22 +1705,29 @@ def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
 
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError naming the failure."""
+    """Run one captioning command; return its standard output as one line, or raise UserError naming
+    the failure."""
     shown = shlex.join(command)
     try:
-        done = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
     except FileNotFoundError:
         raise UserError(f"caption command not found: {command[0]}") from None
     except subprocess.TimeoutExpired:
         raise UserError(f"caption command timed out after {timeout_s:g} s: {shown}") from None
+    except OSError as error:  # not executable, not a program, ...
+        raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
     if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        last_line = lines[-1][:200]
         raise UserError(f"caption command failed with exit code {done.returncode}: {shown}: {last_line}")
-    caption = " ".join(done.stdout.split())
+    try:
+        caption = " ".join(done.stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): {shown}") from None
     if not caption:
         raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
     return caption
 
 
@@ -1739,7 +1747,10 @@ def caption_regions(
     and {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
     `rsp_off_on_failure`, say so on stderr and return None (RSP off).
     """
-    template = shlex.split(command)
+    try:
+        template = shlex.split(command)
+    except ValueError as error:  # an unclosed quote or a trailing backslash
+        raise UserError(f"--caption-cmd cannot be split into arguments ({error}): {command}") from None
     if not any("{image}" in argument for argument in template):
         raise UserError(f"--caption-cmd must contain the placeholder {{image}}: {command}")
     prompts = {}
@@ -1749,7 +1760,8 @@ def caption_regions(
             crop = image.crop((left, top, left + region.width * vae_scale, top + region.height * vae_scale))
             crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
             crop.save(crop_path)
-            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt) for a in template]
+            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
+                         for a in template]
             try:
                 prompts[region.key] = _run_caption_command(arguments, timeout_s)
             except UserError as error:
@@ -2020,6 +2032,7 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
 
 MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond it the run would take hours and the image 200 MB
 MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
+MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128: the smallest input to the largest target
 
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
@@ -2038,6 +2051,35 @@ def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None
     encoders, tokenizers = load_text_encoders("sd3", TEXT_SOURCES["sd3"] if single_file else model, dtype, transformer, token,
                                               encoder_file=model if single_file else None)
     return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
+
+
+def model_geometry(model, token=None) -> tuple[int, int, int]:
+    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its
+    config files or from a single file's tensor headers, so that sizes the model cannot take are
+    refused before any weight is read (or downloaded)."""
+    path = Path(str(model)).expanduser()
+    if path.is_file():
+        keys = safetensors_keys(path)
+        wanted = [DIFFUSION_PREFIX + "x_embedder.proj.weight", DIFFUSION_PREFIX + "pos_embed"]
+        levels = count_blocks(keys, r"first_stage_model\.encoder\.down\.(\d+)\.")
+        if not set(wanted) <= set(keys) or not levels:
+            raise UserError(f"{model}: not an SD3-Medium single file with its VAE (no {wanted[1]} or VAE)")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            patch, table = f.get_slice(wanted[0]).get_shape()[-1], f.get_slice(wanted[1]).get_shape()[1]
+        return 2 ** (levels - 1), patch, math.isqrt(table)
+    transformer, vae = (resolve_source(model, part, ("config.json",), token) / "config.json"
+                        for part in ("transformer", "vae"))
+    if not (transformer.is_file() and vae.is_file() and transformer.parent != vae.parent):
+        raise UserError(f"{model}: not an SD3 pipeline folder (it lacks transformer/ or vae/config.json)")
+    transformer, vae = read_json(transformer), read_json(vae)
+    try:
+        levels, patch = len(vae["block_out_channels"]), transformer["patch_size"]
+        return 2 ** (levels - 1), int(patch), int(transformer["pos_embed_max_size"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{model}: not an SD3-Medium pipeline (transformer/config.json needs patch_size and "
+                        "pos_embed_max_size, vae/config.json block_out_channels)") from None
 
 
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "", region_prompts: dict | None = None,
@@ -2114,113 +2156,150 @@ def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditi
 # ----------------------------------------------------------------------------- command line
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> ArgumentParser:
     d = CUpscaleConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cupscale.py",
-        description="C-Upscale: creative, tuning-free upscaling with SD3-Medium (global structure, regional attention "
-        "and regional semantic priors).",
+        description="C-Upscale: creative, tuning-free upscaling with SD3-Medium (global structure, regional "
+        "attention and regional semantic priors).",
     )
     p.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    p.add_argument("--output", default="cupscale.png", help="output image; .png keeps settings, prompt and seed as text metadata")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--prompt", default="", help="the global prompt (the method needs one: describe the whole image)")
+    p.add_argument("--output", default="cupscale.png",
+                   help="output image; .png keeps settings, prompt and seed as text metadata; the regions "
+                   "and their prompts go beside it, to OUTPUT.regions.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output and its .regions.json")
+    p.add_argument("--prompt", default="",
+                   help="the global prompt (the method needs one: describe the whole image)")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scale", type=float, default=4.0, help="upscaling factor (4: 1024 -> 4096; 8: 1024 -> 8192)")
-    p.add_argument("--model", default=TEXT_SOURCES["sd3"], help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    p.add_argument("--steps", type=int, default=d.num_steps, help="length of the full schedule; int(strength * steps) are run (28 -> 12)")
-    p.add_argument("--strength", type=float, default=d.strength,
-                   help="noise level as SDXL's t/T (0.45 -> flow sigma 0.578, same SNR); also the share of steps run")
-    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--region-size", type=int, default=d.region_px, help="region side in px (the model's native 1024)")
-    p.add_argument("--region-overlap", type=int, default=d.overlap_px, help="overlap of neighbouring regions in px")
-    p.add_argument("--region-batch", type=int, default=d.region_batch, help="regions per model call (memory vs speed)")
-    p.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
-    p.add_argument("--caption-cmd", help="command writing a region's prompt to stdout; {image} = region crop PNG, {prompt} = global prompt")
-    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop", help="what a failing caption command does")
+    p.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
+                   help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
+    p.add_argument("--model", default=TEXT_SOURCES["sd3"],
+                   help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
+    p.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
+                   help="length of the full schedule; int(strength * steps) are run (28 -> 12)")
+    p.add_argument("--strength", type=number(0, 1), default=d.strength,
+                   help="noise level in (0, 1] as SDXL's t/T (0.45 -> flow sigma 0.578, same SNR); also the "
+                   "share of steps run")
+    p.add_argument("--guidance", type=number(0, 100), default=d.guidance,
+                   help="classifier-free guidance scale")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--region-size", type=integer(1), default=d.region_px,
+                   help="region side in px (the model's native 1024)")
+    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px,
+                   help="overlap of neighbouring regions in px")
+    p.add_argument("--region-batch", type=integer(1), default=d.region_batch,
+                   help="regions per model call (memory vs speed)")
+    rsp = p.add_mutually_exclusive_group()
+    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
+    rsp.add_argument("--caption-cmd", help="command writing a region's prompt to stdout; {image} = region "
+                     "crop PNG, {prompt} = global prompt")
+    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
+                   help="what a failing caption command does")
     p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
     p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    p.add_argument("--no-rsp", action="store_true", help="ablation: no regional semantic prior (regional prompts ignored)")
+    p.add_argument("--no-rsp", action="store_true",
+                   help="ablation: no regional semantic prior (regional prompts ignored)")
     p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
                    help="multidiffusion: the plain regional-denoising baseline (all priors off)")
-    p.add_argument("--gsp-step-size", type=float, default=d.gsp_step_size)
+    p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
+                   help="share of the gap to the input's low band closed per step (1: replace the band)")
     p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule)
-    p.add_argument("--vae-tile", type=int, default=d.vae_tile_px, help="VAE tile side in image px")
-    p.add_argument("--vae-overlap", type=int, default=d.vae_overlap_px, help="VAE tile overlap in image px")
-    p.add_argument("--device", help="cuda (default when available) or cpu")
+    p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
+    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px,
+                   help="VAE tile overlap in image px")
+    p.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--offload", choices=["none", "model"], default="none", help="model: MMDiT and VAE wait on the CPU between uses")
-    p.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN / huggingface-cli login)")
+    p.add_argument("--offload", choices=["none", "model"], default="none",
+                   help="model: MMDiT and VAE wait on the CPU between uses")
+    p.add_argument("--token",
+                   help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or huggingface-cli "
+                   "login)")
     return p
-
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.steps < 1 or not 0 < args.strength <= 1 or args.scale <= 0 or args.region_batch < 1:
-        raise UserError("need --steps >= 1, 0 < --strength <= 1, --scale > 0 and --region-batch >= 1")
-    output = Path(args.output)
-    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"):
-        raise UserError(f"{output}: unsupported image extension (use .png)")
-    if output.exists() and not args.overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    # Every check that can fail comes before the weights are read: outputs, input, sizes, regional prompts.
+    output = check_output_file(args.output, args.overwrite)
+    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
+    if record_path.is_dir():
+        raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
+                        "choose another --output")
+    check_output_file(record_path, args.overwrite, suffixes=None)
     image = load_image(args.input)
     baseline = args.mode == "multidiffusion"
     config = CUpscaleConfig(
-        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength, num_steps=args.steps,
-        guidance=args.guidance, gsp=not (args.no_gsp or baseline), rap=not (args.no_rap or baseline),
-        rsp=not (args.no_rsp or baseline), gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule,
-        region_batch=args.region_batch, vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap,
+        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
+        num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
+        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline), gsp_step_size=args.gsp_step_size,
+        gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
+        vae_overlap_px=args.vae_overlap,
     )
-    if int(config.strength * config.num_steps) < 1:
-        raise UserError(f"--strength {args.strength} of --steps {args.steps} leaves no step to take")
-    target_size(*image.size, args.scale, 2)  # refuse absurd targets before anything is loaded
+    steps = int(config.strength * config.num_steps)
+    if steps < 1:
+        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take")
+    target_size(*image.size, args.scale, 2)  # refuse absurd targets before the model is looked up
     if not args.prompt:
-        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty prompt", file=sys.stderr)
+        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
+              "prompt", file=sys.stderr)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
-    config.vae_scale = pipe.vae.config.downsample_factor
-    multiple = pipe.size_multiple
+    geometry = model_geometry(args.model, args.token)
+    config.vae_scale, patch, table = geometry
+    multiple = config.vae_scale * patch
+    check_regions(config, multiple, table, patch)
     width, height = target_size(*image.size, args.scale, multiple)
-    check_regions(config, multiple, pipe.transformer.config.pos_embed_max_size, pipe.transformer.config.patch_size)
-    regions = plan_regions(height // config.vae_scale, width // config.vae_scale, config.region, config.stride)
+    latent_size = height // config.vae_scale, width // config.vae_scale
+    regions = plan_regions(*latent_size, config.region, config.stride)
 
-    region_prompts = None
+    region_prompts = None  # captions come before the weights: a local captioner has the GPU to itself
     if not config.rsp:
         print("note: regional semantic prior off (ablation)", file=sys.stderr)
     elif args.region_prompts:
         region_prompts = load_region_prompts(args.region_prompts, regions)
     elif args.caption_cmd:
-        region_prompts = caption_regions(image.resize((width, height), Image.BICUBIC), regions, args.caption_cmd, args.prompt,
-                                         config.vae_scale, config.caption_timeout_s, args.caption_failure == "rsp-off")
+        resized = image.resize((width, height), Image.BICUBIC)
+        region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
+                                         config.caption_timeout_s, args.caption_failure == "rsp-off")
     else:
         print("note: no --region-prompts or --caption-cmd: regional semantic prior off", file=sys.stderr)
     config.rsp = region_prompts is not None
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
+    loaded = (pipe.vae.config.downsample_factor, pipe.transformer.config.patch_size,
+              pipe.transformer.config.pos_embed_max_size)
+    if loaded != geometry:
+        raise UserError(f"{args.model}: its config files (VAE factor, patch, position table {geometry}) "
+                        f"disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
-    steps = int(config.strength * config.num_steps)
-    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} steps "
-          f"(GSP {'on' if config.gsp else 'off'}, RAP {'on' if config.rap else 'off'}, RSP {'on' if config.rsp else 'off'})",
-          file=sys.stderr)
+    batches = len(list(region_batches(regions, config.region_batch)))
+    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
+                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
+    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} "
+          f"steps ({switches})", file=sys.stderr)
     started = time.perf_counter()
-    hr = upscale(pipe, image, width, height, conditions, config, args.seed, progress_bar(f"denoising ({steps} steps x {len(list(region_batches(regions, config.region_batch)))} region batches)"))
+    progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
+    picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
+    start_sigma = start_sigmas(config.strength, config.num_steps, config.shift)[0].item()
     settings = dict(
-        model=args.model, input=str(args.input), input_size=list(image.size), width=width, height=height, scale=args.scale,
-        steps=args.steps, steps_run=steps, strength=args.strength, start_sigma=round(start_sigmas(config.strength, config.num_steps, config.shift)[0].item(), 6),
-        guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt, mode=args.mode,
-        gsp=config.gsp, rap=config.rap, rsp=config.rsp, gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule,
-        region_size=args.region_size, region_overlap=args.region_overlap, regions=len(regions), dtype=str(pipe.dtype),
+        model=args.model, input=str(args.input), input_size=list(image.size), width=width, height=height,
+        scale=args.scale, steps=args.steps, steps_run=steps, strength=args.strength,
+        start_sigma=round(start_sigma, 6), guidance=args.guidance, seed=args.seed,
+        negative_prompt=args.negative_prompt, mode=args.mode, gsp=config.gsp, rap=config.rap, rsp=config.rsp,
+        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_size=args.region_size,
+        region_overlap=args.region_overlap, regions=len(regions), dtype=str(pipe.dtype),
     )
-    save_image(tensor_to_image(hr), output, {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)},
-               overwrite=args.overwrite)
-    boxes = {r.key: [r.left * config.vae_scale, r.top * config.vae_scale, (r.left + r.width) * config.vae_scale,
-                     (r.top + r.height) * config.vae_scale] for r in regions}
+    scale = config.vae_scale
+    boxes = {r.key: [r.left * scale, r.top * scale, (r.left + r.width) * scale, (r.top + r.height) * scale]
+             for r in regions}
     record = {"prompt": args.prompt, "rsp": config.rsp, "regions": [
         {"key": key, "box": box, "prompt": (region_prompts or {}).get(key)} for key, box in boxes.items()]}
-    with atomic_write(output.with_suffix(".regions.json")) as temp:
-        temp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    print(f"wrote {output} ({width}x{height}, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
+    with atomic_files([output, record_path], args.overwrite) as (image_file, record_file):  # both or neither
+        write_image(picture, image_file, output.suffix, metadata)
+        record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -297,23 +297,23 @@ def test_caption_command_gives_the_regional_prompts(folder, lr_path, tmp_path):
     assert record["rsp"] and record["regions"][5]["prompt"] == "lighthouse at dawn _1_2" and record["regions"][5]["box"] == [64, 32, 128, 96]
 
 
-def test_target_beyond_memory_is_refused_before_loading_anything(lr_path, tmp_path, capsys):
-    assert run(tmp_path / "no-such-model", lr_path, tmp_path / "hr.png", scale=200) == 2
-    error = capsys.readouterr().err
-    assert "12800x12800" in error and "8192x8192" in error and "loading" not in error
+def test_model_geometry_from_configs_and_from_a_single_files_headers(folder, pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    state.update({f"first_stage_model.{k}": v.contiguous() for k, v in pipe.vae.state_dict().items()})
+    save_file(state, tmp_path / "sd3_tiny.safetensors")
+    expected = (pipe.vae.config.downsample_factor, 2, pipe.transformer.config.pos_embed_max_size)
+    assert cu.model_geometry(folder) == cu.model_geometry(tmp_path / "sd3_tiny.safetensors") == expected == (2, 2, 32)
 
 
-@pytest.mark.parametrize("kind", ["unreadable", "tiny", "missing"])
-def test_unreadable_tiny_or_missing_inputs_are_one_line_errors(folder, tmp_path, capsys, kind):
-    path = tmp_path / "lr.png"
-    if kind == "unreadable":
-        path.write_text("not an image")
-    elif kind == "tiny":
-        Image.new("RGB", (48, 80)).save(path)
-    assert run(folder, path, tmp_path / "hr.png") == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    expected = {"unreadable": "not a readable image", "tiny": "too small", "missing": "no such file"}[kind]
-    assert len(error) == 1 and expected in error[0]
+def test_overwrite_replaces_the_image_and_its_sidecar_together(folder, lr_path, tmp_path):
+    (tmp_path / "hr.png").write_bytes(b"old image")
+    (tmp_path / "hr.regions.json").write_text("old record")
+    upscale_cli(folder, lr_path, tmp_path / "hr.png", "--overwrite", "--steps", "3", scale=1)  # 1 region, 1 step
+    assert Image.open(tmp_path / "hr.png").size == (64, 64)
+    assert json.loads((tmp_path / "hr.regions.json").read_text())["regions"][0]["box"] == [0, 0, 64, 64]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hr.png", "hr.regions.json"]  # no temporary file
 
 
 def test_rap_pass_size_is_bounded_by_the_native_area_and_the_position_table():
