@@ -28,7 +28,8 @@ Commands:
 
 Images are matched by file stem (`0001.png` pairs with `0001.jpg`); the table goes to stdout
 and the same numbers, with the settings and per-image values, to `--out` (default
-PRED/metrics.json).
+PRED/metrics.json). Existing outputs (the JSON, --save-spectra's pictures) are replaced only
+with --overwrite.
 
 Weights (all fp32; a Hub spec is `owner/repo/path/in/repo`, any local file works too):
     FID InceptionV3   chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth (pickle state dict)
@@ -51,11 +52,14 @@ Library use:
 """
 
 import argparse
+import contextlib
 import functools
 import io
 import json
 import math
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +71,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.attention import attention
-from common.io import UserError, atomic_write, load_image, load_safetensors, read_json, resolve_source, run_cli
+from common.io import (
+    ArgumentParser, UserError, atomic_files, check_output_file, device_name, integer, load_image,
+    load_safetensors, progress_bar, read_json, read_text, resolve_source, run_cli,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -341,14 +348,20 @@ def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
 
 
+def remove_border(x: np.ndarray, border: int) -> np.ndarray:
+    """Remove `border` pixels on each side of the last two axes; refuse a border that leaves nothing."""
+    h, w = x.shape[-2:]
+    if border and 2 * border >= min(h, w):
+        largest = (min(h, w) - 1) // 2
+        raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image (at most {largest})")
+    return x[..., border : h - border, border : w - border]
+
+
 def _prepare_pair(pred, ref, crop_border, mode):
     pred, ref = as_array(pred), as_array(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
-    a, b = _channels(pred, mode), _channels(ref, mode)
-    if crop_border:
-        a, b = a[:, crop_border:-crop_border, crop_border:-crop_border], b[:, crop_border:-crop_border, crop_border:-crop_border]
-    return a, b
+    return remove_border(_channels(pred, mode), crop_border), remove_border(_channels(ref, mode), crop_border)
 
 
 def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
@@ -382,6 +395,9 @@ def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
     makes it optional): at 4K it would average-pool by 16 and measure a different image.
     """
     a, b = _prepare_pair(pred, ref, crop_border, mode)
+    if min(a.shape[-2:]) < 11:
+        height, width = a.shape[-2:]
+        raise ValueError(f"{width}x{height} px (after the crop border) is smaller than SSIM's 11x11 window")
     g = _gaussian_window()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -417,20 +433,27 @@ def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
     read with numpy, no pickle). A copy of the latter is tests/data/metrics/niqe_pris_params.npz.
     """
     path = weight_file(source, "NIQE parameters")
+    if path.suffix != ".npz":
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            raise UserError(
+                f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
+                "or pass basicsr's niqe_pris_params.npz"
+            ) from None
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 mu, cov = data["mu_pris_param"], data["cov_pris_param"]
         else:
-            try:
-                from scipy.io import loadmat
-            except ImportError:
-                raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), or pass basicsr's niqe_pris_params.npz") from None
             data = loadmat(str(path))
             mu, cov = data["mu_prisparam"], data["cov_prisparam"]
-    except (KeyError, ValueError, OSError) as error:
-        raise UserError(f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}: {error})") from None
-    mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
+        mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
+    except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
+        raise UserError(
+            f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}); expected "
+            "basicsr's .npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, cov_prisparam)"
+        ) from None
     if mu.shape != (36,) or cov.shape != (36, 36):
         raise UserError(f"NIQE parameters: {path} holds shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)")
     return mu, cov
@@ -611,9 +634,7 @@ def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> f
     """
     if params is None:
         params = niqe_params()
-    grey = niqe_grey(rgb, convention)
-    if crop_border:
-        grey = grey[crop_border:-crop_border, crop_border:-crop_border]
+    grey = remove_border(niqe_grey(rgb, convention), crop_border)
     if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
         raise ValueError(f"image {grey.shape[1]}x{grey.shape[0]} too small for NIQE (needs two {NIQE_BLOCK}x{NIQE_BLOCK} blocks)")
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
@@ -1704,6 +1725,8 @@ PAIRED = {"psnr", "ssim", "lpips"}
 def list_images(folder) -> dict[str, Path]:
     """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; a folder of images is expected")
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
     found = {}
@@ -1721,11 +1744,7 @@ def read_prompts(path) -> dict[str, str]:
     """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename)
     and a caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
     prompts = {}
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read prompts ({error.strerror})") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -1739,12 +1758,18 @@ def read_prompts(path) -> dict[str, str]:
 
 
 def progress(items, label):
-    """Minimal progress bar on stderr (no tqdm dependency)."""
-    total = len(items)
+    """Yield `items` under a progress bar on stderr (common.io's: an error closes it first)."""
+    update = progress_bar(label, total=len(items))
     for i, item in enumerate(items, 1):
         yield item
-        done = int(30 * i / total)
-        print(f"\r{label} [{'#' * done}{'.' * (30 - done)}] {i}/{total}", end="" if i < total else "\n", file=sys.stderr, flush=True)
+        update(i)
+
+
+def warn(message):
+    """A warning on a line of its own, above the progress bar rather than inside it."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub, as in common.io
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -1779,6 +1804,11 @@ class Options:
     settings: dict = field(default_factory=dict)
 
 
+def spectra_files(folder, name) -> tuple[Path, Path]:
+    """Where --save-spectra puts an image's log spectrum and autocorrelation pictures."""
+    return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
+
+
 def open_image(path, on_error, skipped):
     """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
     try:
@@ -1786,7 +1816,7 @@ def open_image(path, on_error, skipped):
     except UserError as error:
         if on_error == "fail":
             raise UserError(f"{error} (pass --on-error skip to leave it out)") from None
-        print(f"warning: skipping {error}", file=sys.stderr)
+        warn(f"skipping {error}")
         skipped.append(str(path))
         return None
 
@@ -1885,12 +1915,13 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
                 y = periodicity_input(target, device) if target is not None else None
                 per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants, opts.harmonics).item()
             if opts.save_spectra:
-                folder = Path(opts.save_spectra)
-                log_spectrum(image).save(folder / f"{name}_spectrum.png")
+                spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, name)
+                log_spectrum(image).save(spectrum_file)
                 try:
-                    autocorrelation_image(image, opts.periods, opts.quadrants, opts.harmonics).save(folder / f"{name}_autocorrelation.png")
+                    picture = autocorrelation_image(image, opts.periods, opts.quadrants, opts.harmonics)
+                    picture.save(autocorrelation_file)
                 except ValueError as error:  # too small for the lags: the spectrum is still written
-                    print(f"warning: {name}: no autocorrelation image: {error}", file=sys.stderr)
+                    warn(f"{name}: no autocorrelation image: {error}")
             evaluated += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
@@ -1934,88 +1965,193 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def metric_names(text) -> list[str]:
+    """argparse type: a comma-separated list of METRICS names."""
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        what = f"unknown metric {', '.join(unknown)}" if unknown else "no metric given"
+        raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def periods_list(text) -> tuple[int, ...]:
+    """argparse type: comma-separated lattice periods, integers >= 2."""
+    try:
+        return tuple(integer(2)(p) for p in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}") from None
+
+
+def square_number(text) -> int:
+    """argparse type: a quadrant count, a square number up to 100 x 100."""
+    value = integer(1, 10_000)(text)
+    if math.isqrt(value) ** 2 != value:
+        raise argparse.ArgumentTypeError(f"must be a square number (1, 4, 9, ...), got {value}")
+    return value
+
+
+def tile_or_zero(text) -> int:
+    """argparse type: 0 (the whole image) or a tile size >= 32."""
+    value = integer(0)(text)
+    if 0 < value < 32:
+        raise argparse.ArgumentTypeError(f"must be 0 (whole image) or >= 32, got {value}")
+    return value
+
+
+def local_path(expected, must_exist=True, alternative=""):
+    """argparse type: a path that, where it exists, is of the `expected` kind ('file' or 'folder');
+    `alternative` names what else the option takes (a Hub spec, a model alias)."""
+
+    def parse(text):
+        path = Path(text).expanduser()
+        if path.exists() and path.is_dir() != (expected == "folder"):
+            wrong = "folder" if expected == "file" else "file"
+            raise argparse.ArgumentTypeError(f"{text} is a {wrong}; a {expected}{alternative} is expected")
+        if must_exist and not path.exists():
+            raise argparse.ArgumentTypeError(f"{text}: no such {expected}")
+        return text
+
+    return parse
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Metrics for 4K synthesis and super-resolution (see the module docstring for protocols and weights).",
+    p = ArgumentParser(
+        prog="metrics.py",
+        description="Metrics for 4K synthesis and super-resolution "
+        "(see the module docstring for protocols and weights).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--pred", required=True, help="folder of generated / super-resolved images")
-    p.add_argument("--ref", help="folder of reference images (paired by file stem; FID uses all of them)")
-    p.add_argument("--prompts", help="metadata.jsonl with file_name and text per line (for clip)")
-    p.add_argument("--metrics", default=None, help=f"comma list from {','.join(METRICS)}; default glcm,cr (+psnr,ssim with --ref)")
+    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path/in/repo)")
+    clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
+    p.add_argument("--pred", required=True, type=local_path("folder"),
+                   help="folder of generated / super-resolved images")
+    p.add_argument("--ref", type=local_path("folder"),
+                   help="folder of reference images (paired by file stem; FID uses all of them)")
+    p.add_argument("--prompts", type=local_path("file"),
+                   help="metadata.jsonl with file_name and text per line (for clip)")
+    p.add_argument("--metrics", type=metric_names,
+                   help=f"comma list from {','.join(METRICS)}; default glcm,cr (+psnr,ssim with --ref)")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images: stop, or name and skip them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (metrics JSON, spectra images)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="corrupt images: stop, or name and skip them")
     g = p.add_argument_group("GLCM / CR")
     g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
     g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
-                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does (JPEG inputs are used as they are)")
+                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does "
+                   "(JPEG inputs are used as they are)")
     g = p.add_argument_group("PSNR / SSIM / LPIPS")
-    g.add_argument("--crop-border", type=int, default=0, help="pixels removed on each side (SR: the scale)")
+    g.add_argument("--crop-border", type=integer(0), default=0,
+                   help="pixels removed on each side (SR: the scale); also NIQE")
     g.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
     g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
-    g.add_argument("--lpips-linear", help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
-    g.add_argument("--lpips-backbone", help="torchvision-named backbone weights (.pth or .safetensors)")
-    g.add_argument("--tile", type=int, default=512, help="tile size of the LPIPS 4K protocol")
+    g.add_argument("--lpips-linear", type=weights,
+                   help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
+    g.add_argument("--lpips-backbone", type=weights,
+                   help="torchvision-named backbone weights (.pth or .safetensors)")
+    g.add_argument("--tile", type=integer(32), default=512, help="tile size of the LPIPS 4K protocol (>= 32)")
     g = p.add_argument_group("FID")
-    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1", help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
-    g.add_argument("--fid-patch", type=int, default=0, help="patch FID: crop size (0 = whole image resized to 299)")
-    g.add_argument("--fid-half-shift", action="store_true", help="patch FID: add the grid shifted by half a patch (HiFiC)")
-    g.add_argument("--inception", default=INCEPTION_WEIGHTS, help="pt_inception-2015-12-05 .pth: file or Hub spec")
+    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
+                   help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
+    g.add_argument("--fid-patch", type=integer(0), default=0,
+                   help="patch FID: crop size (0 = whole image resized to 299)")
+    g.add_argument("--fid-half-shift", action="store_true",
+                   help="patch FID: add the grid shifted by half a patch (HiFiC)")
+    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
+                   help="pt_inception-2015-12-05 .pth: file or Hub spec")
     g = p.add_argument_group("CLIPScore / aesthetics")
-    g.add_argument("--clip-model", default="b16", help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
-    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics", help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
-    g.add_argument("--aesthetic-clip", default="l14", help="CLIP ViT-L/14 repo or folder")
-    g.add_argument("--aesthetic-mlp", default=AESTHETIC_WEIGHTS, help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g.add_argument("--clip-model", type=clip, default="b16",
+                   help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
+    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
+                   help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
+    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14 repo or folder")
+    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
+                   help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
     g = p.add_argument_group("NIQE / CLIPIQA")
-    g.add_argument("--niqe-params", default=NIQE_PARAMS, help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz (file or Hub spec)")
-    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa", help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
-    g.add_argument("--clipiqa-weights", default=CLIPIQA_WEIGHTS, help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
-    g.add_argument("--clipiqa-tile", type=int, default=512, help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
+    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
+                   help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz "
+                   "(file or Hub spec)")
+    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
+                   help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
+    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
+                   help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
+    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
+                   help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
     g = p.add_argument_group("periodicity")
-    g.add_argument("--periods", default="16,32", help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
-    g.add_argument("--quadrants", type=int, default=4, help="image split into this many tiles (a square number; OP4KSR: Q = 4)")
-    g.add_argument("--harmonics", type=int, default=2, help="sets the smallest quadrant: more than harmonics * 32 + 16 px a side (82 px by default)")
-    g.add_argument("--save-spectra", help="write here, per pred image, NAME_spectrum.png (log power spectrum of the pixel differences) "
-                   "and NAME_autocorrelation.png (the autocorrelation the periodicity metric reads)")
+    g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
+                   help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
+    g.add_argument("--quadrants", type=square_number, default=4,
+                   help="image split into this many tiles (a square number up to 10000; OP4KSR: Q = 4)")
+    g.add_argument("--harmonics", type=integer(1), default=2,
+                   help="sets the smallest quadrant: more than harmonics * 32 + 16 px a side "
+                   "(82 px by default)")
+    g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
+                   help="write into this folder, per pred image, NAME_spectrum.png (log power spectrum of "
+                   "the pixel differences) and NAME_autocorrelation.png (the autocorrelation the "
+                   "periodicity metric reads)")
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def staging_folder(folder):
+    """A temporary folder beside `folder` (on its file system, so files move in by renaming),
+    removed with whatever is left in it; None when `folder` is None."""
+    if folder is None:
+        yield None
+        return
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    with tempfile.TemporaryDirectory(dir=existing, prefix=".metrics-") as temp:
+        yield Path(temp)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    metrics = args.metrics.split(",") if args.metrics else ["glcm", "cr"] + (["psnr", "ssim"] if args.ref else [])
-    metrics = [m.strip().lower() for m in metrics if m.strip()]
-    try:
-        periods = tuple(int(p) for p in args.periods.split(","))
-    except ValueError:
-        raise UserError(f"--periods {args.periods!r}: expected comma-separated integers") from None
-    if not periods or min(periods) < 2 or args.harmonics < 1 or args.quadrants < 1 or math.isqrt(args.quadrants) ** 2 != args.quadrants:
-        raise UserError("--periods must be integers >= 2, --harmonics >= 1, --quadrants a square number (1, 4, 9, ...)")
-    if args.tile < 32 or args.crop_border < 0 or args.fid_patch < 0 or 0 < args.clipiqa_tile < 32 or args.clipiqa_tile < 0:
-        raise UserError("--tile must be >= 32, --clipiqa-tile 0 or >= 32, --crop-border and --fid-patch >= 0")
-    settings = {k: v for k, v in vars(args).items() if k not in ("pred", "ref", "prompts", "out")}
+    metrics = args.metrics or ["glcm", "cr"] + (["psnr", "ssim"] if args.ref else [])
+    # Every output is checked before any image or weight is read: a long run never ends on a name clash.
+    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
+    check_output_file(out, args.overwrite, (".json",))
+    spectra = Path(args.save_spectra) if args.save_spectra else None
+    if spectra:
+        for name in list_images(args.pred):
+            for path in spectra_files(spectra, name):
+                check_output_file(path, args.overwrite, (".png",))
+    excluded = ("pred", "ref", "prompts", "out", "overwrite")  # paths and switches, not measurement settings
+    settings = {k: v for k, v in vars(args).items() if k not in excluded}
+    settings["metrics"] = metrics
     opts = Options(
         metrics=metrics, device=args.device, on_error=args.on_error, crop_border=args.crop_border,
-        y_channel=args.y_channel, glcm_prop=args.glcm_prop, glcm_input=args.glcm_input, fid_resize=args.fid_resize,
-        fid_patch=args.fid_patch, fid_half_shift=args.fid_half_shift, inception=args.inception,
-        clip_model=args.clip_model, clip_form=args.clip_form, aesthetic_clip=args.aesthetic_clip,
-        aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net, lpips_linear=args.lpips_linear,
-        lpips_backbone=args.lpips_backbone, tile=args.tile, niqe_params=args.niqe_params,
-        niqe_convention=args.niqe_convention, clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=periods,
-        quadrants=args.quadrants, harmonics=args.harmonics, save_spectra=args.save_spectra,
-        settings=settings,
+        y_channel=args.y_channel, glcm_prop=args.glcm_prop, glcm_input=args.glcm_input,
+        fid_resize=args.fid_resize, fid_patch=args.fid_patch, fid_half_shift=args.fid_half_shift,
+        inception=args.inception, clip_model=args.clip_model, clip_form=args.clip_form,
+        aesthetic_clip=args.aesthetic_clip, aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net,
+        lpips_linear=args.lpips_linear, lpips_backbone=args.lpips_backbone, tile=args.tile,
+        niqe_params=args.niqe_params, niqe_convention=args.niqe_convention,
+        clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=args.periods,
+        quadrants=args.quadrants, harmonics=args.harmonics, settings=settings,
     )
     original = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one plain line, like errors
-    try:
-        result = evaluate(args.pred, args.ref, args.prompts, opts)
-    finally:
-        warnings.formatwarning = original
+    # The spectra images are written into a staging folder and published with the JSON at the end:
+    # all of them appear or none does, and an existing file is replaced only with --overwrite.
+    with staging_folder(spectra) as staged:
+        opts.save_spectra = staged
+        try:
+            result = evaluate(args.pred, args.ref, args.prompts, opts)
+        finally:
+            warnings.formatwarning = original
+        images = sorted(staged.iterdir()) if staged else []
+        outputs = [out, *(spectra / image.name for image in images)]
+        with atomic_files(outputs, args.overwrite) as (temp, *temps):
+            temp.write_text(json.dumps(finite_or_none(result), indent=2))
+            for image, image_temp in zip(images, temps):
+                shutil.move(image, image_temp)
     print(format_table(result))
-    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
-    with atomic_write(out) as temp:
-        temp.write_text(json.dumps(finite_or_none(result), indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}" + (f" and {len(images)} images into {spectra}" if images else ""), file=sys.stderr)
     return result
 
 

@@ -183,7 +183,7 @@ def test_cli_prints_the_metric_and_writes_spectra(images, tmp_path, capsys):
         assert Image.open(tmp_path / "spectra" / f"{name}_spectrum.png").size == (SIZE, SIZE)
         assert Image.open(tmp_path / "spectra" / f"{name}_autocorrelation.png").size == (161, 161)
 
-    code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "periodicity"], capsys)
+    code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "periodicity", "--overwrite"], capsys)
     assert code == 0, err
     result = json.loads((pred / "metrics.json").read_text())
     relative = result["per_image"]["periodicity"]
@@ -193,6 +193,6 @@ def test_cli_prints_the_metric_and_writes_spectra(images, tmp_path, capsys):
     assert f"{result['metrics']['periodicity']:.4f}" in out
 
     code, _, err = run(["--pred", pred, "--metrics", "periodicity", "--quadrants", "3"], capsys)
-    assert code == 2 and "--quadrants a square number" in err
+    assert code == 2 and "--quadrants: must be a square number" in err
     code, _, err = run(["--pred", pred, "--metrics", "periodicity", "--periods", "16,x"], capsys)
     assert code == 2 and "--periods" in err
