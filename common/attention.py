@@ -7,13 +7,19 @@ choice of kernel is made in exactly one place:
   where it is the faster of the two), then memory-efficient, then math.
 * head_dim > 256 (the VAE's mid attention has 512 channels in one head): flash and cuDNN
   cannot take it, so memory-efficient attention comes first.
-* CPU / fp32 (the tests): whatever SDPA picks.
+* CPU / fp32 (the tests): whatever SDPA picks; PyTorch's CPU flash kernel takes every
+  float dtype, with or without a mask.
 
-Queries are processed in chunks whenever the full score matrix would exceed
-`MAX_SCORE_ELEMENTS`. The fused kernels never build that matrix, but the math fallback
-(and an explicit mask) do, and at 4096x4096 the VAE attends over 262,144 tokens: one
-fp32 score matrix would need 256 GiB. Chunking queries is exact, since softmax runs
-over keys, independently for each query.
+Splitting the queries. The fused kernels (flash, cuDNN, memory-efficient, and the CPU flash
+kernel, masked or not) stream over the keys in blocks and never hold the score matrix, so
+they get the whole call: splitting it would only add kernel launches (at 4096^2 Flux would
+make 26 calls of 662 queries out of each of its 57 attentions). Only SDPA's math backend
+writes the (batch, heads, queries, keys) scores, and at 4096x4096 the VAE attends over
+262,144 tokens: one fp32 score matrix would need 256 GiB. So `attention` asks SDPA which
+backend it would run for these inputs, under the backends enabled here
+(`torch._fused_sdp_choice`, the function SDPA itself dispatches with), and only when that is
+the math backend does it process the queries in chunks of at most `MAX_SCORE_ELEMENTS`
+scores. Chunking queries is exact, since softmax runs over keys, independently for each query.
 """
 
 import torch
@@ -33,6 +39,12 @@ def preferred_backends(q: torch.Tensor) -> list[SDPBackend]:
     return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
+def builds_scores(q, k, v, mask=None, scale=None) -> bool:
+    """Whether SDPA, with the backends enabled where it is called, would run its math backend
+    for these inputs: the one backend that writes the full score matrix."""
+    return torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=scale) == SDPBackend.MATH.value
+
+
 def attention(q, k, v, mask=None, scale=None):
     """softmax(q @ k^T * scale + mask) @ v.
 
@@ -42,10 +54,9 @@ def attention(q, k, v, mask=None, scale=None):
     Returns (batch, heads, queries, head_dim).
     """
     batch, heads, queries, _ = q.shape
-    keys = k.shape[-2]
-    chunk = max(1, MAX_SCORE_ELEMENTS // (batch * heads * keys))
+    chunk = max(1, MAX_SCORE_ELEMENTS // (batch * heads * k.shape[-2]))
     with sdpa_kernel(preferred_backends(q), set_priority=True):
-        if queries <= chunk:
+        if queries <= chunk or not builds_scores(q, k, v, mask, scale):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         outputs = []
         for start in range(0, queries, chunk):
@@ -53,5 +64,6 @@ def attention(q, k, v, mask=None, scale=None):
             chunk_mask = mask
             if mask is not None and mask.shape[-2] != 1:
                 chunk_mask = mask[..., rows, :]
-            outputs.append(F.scaled_dot_product_attention(q[..., rows, :], k, v, attn_mask=chunk_mask, scale=scale))
+            part = F.scaled_dot_product_attention(q[..., rows, :], k, v, attn_mask=chunk_mask, scale=scale)
+            outputs.append(part)
         return torch.cat(outputs, dim=-2)

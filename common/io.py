@@ -135,15 +135,18 @@ _open_bars = []
 
 
 def progress_bar(description: str, total=None, initial=0):
-    """A progress bar on stderr; returns `update(done, total)`. The bar closes itself at `total`."""
+    """A progress bar on stderr; returns `update(done, total, postfix)` (postfix: a dict of values
+    shown after the bar, e.g. the losses). The bar closes itself at `total`."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
 
     bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr, leave=False)
     _open_bars.append(bar)
 
-    def update(done, total=None):
+    def update(done, total=None, postfix=None):
         if total is not None:
             bar.total = total
+        if postfix is not None:
+            bar.set_postfix(postfix, refresh=False)
         bar.update(done - bar.n)
         if done == bar.total and bar in _open_bars:
             bar.close()

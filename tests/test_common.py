@@ -1,8 +1,7 @@
-"""Tests of common/attention.py and common/io.py (CPU, no network)."""
+"""Tests of common/io.py (CPU, no network). The attention tests are in tests/test_attention.py."""
 
 import errno
 import json
-import math
 import os
 
 import numpy as np
@@ -10,70 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common.attention as attention_module
 from common import io
-from common.attention import attention
 from common.io import UserError
-
-# ============================================================================= attention
-
-
-def manual_attention(q, k, v, mask=None, scale=None):
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    return (scores.softmax(-1) @ v.double()).float()
-
-
-def qkv(b=2, h=3, lq=11, lk=13, dim=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, h, n, dim, generator=g) for n in (lq, lk, lk))
-
-
-def masks(b=2, h=3, lq=11, lk=13):
-    g = torch.Generator().manual_seed(1)
-    boolean = torch.rand(b, 1, lq, lk, generator=g) > 0.3
-    boolean[..., 0] = True  # every query sees at least one key
-    key_padding = torch.ones(b, 1, 1, lk, dtype=torch.bool)
-    key_padding[0, ..., -4:] = False
-    additive = torch.randn(b, h, lq, lk, generator=g)
-    return {"none": None, "bool per query": boolean, "bool key padding": key_padding,
-            "float per query": additive, "float broadcast": additive[:, :1, :1]}
-
-
-@pytest.mark.parametrize("mask_name", list(masks()))
-@pytest.mark.parametrize("scale", [None, 0.05])
-def test_attention_matches_manual(mask_name, scale):
-    q, k, v = qkv()
-    mask = masks()[mask_name]
-    torch.testing.assert_close(attention(q, k, v, mask, scale), manual_attention(q, k, v, mask, scale), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("mask_name", list(masks()))
-def test_attention_query_chunking_is_exact(monkeypatch, mask_name):
-    q, k, v = qkv()
-    mask = masks()[mask_name]
-    whole = attention(q, k, v, mask, 0.3)
-    # chunk = MAX // (batch * heads * keys) = 200 // 78 = 2 queries per chunk, 11 queries -> 6 chunks
-    monkeypatch.setattr(attention_module, "MAX_SCORE_ELEMENTS", 200)
-    calls = []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(a[0].shape[-2]) or real_sdpa(*a, **kw))
-    chunked = attention(q, k, v, mask, 0.3)
-    assert calls == [2, 2, 2, 2, 2, 1]
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(chunked, manual_attention(q, k, v, mask, 0.3), atol=1e-5, rtol=1e-5)
-
-
-def test_attention_head_dim_512():
-    """The VAE's mid attention: one head of 512 channels."""
-    q, k, v = qkv(b=1, h=1, lq=24, lk=24, dim=512)
-    out = attention(q, k, v)
-    assert out.shape == (1, 1, 24, 512)
-    torch.testing.assert_close(out, manual_attention(q, k, v), atol=1e-5, rtol=1e-5)
-
 
 # ================================================================================ images
 
@@ -406,6 +343,15 @@ def test_error_line_starts_on_its_own_line(capsys):
     assert io.run_cli(main, []) == 2
     err = capsys.readouterr().err
     assert "\nerror: stopped half-way\n" in err and not io._open_bars
+
+
+def test_progress_bar_shows_a_postfix_and_closes_at_total():
+    update = io.progress_bar("train", total=3, initial=1)
+    bar = io._open_bars[-1]
+    update(2, postfix={"loss": "0.5", "mse": "0.25"})
+    assert bar.n == 2 and "loss=0.5" in bar.postfix and "mse=0.25" in bar.postfix
+    update(3)
+    assert bar not in io._open_bars
 
 
 def test_read_text_refuses_non_utf8(tmp_path):
