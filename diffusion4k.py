@@ -47,6 +47,7 @@ Commands
     python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
     python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --negative-prompt "blurry" ...
     python diffusion4k.py --prompts prompts.txt --output-dir out/    # + out/metadata.jsonl
+    python diffusion4k.py --prompts prompts.txt --output-dir out/ --skip-existing   # finish an interrupted batch
     python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data Aesthetic-4K/train --output runs/wlf
     torchrun --nproc_per_node 8 diffusion4k.py train ...             # FSDP2 over 8 GPUs
     python diffusion4k.py train-vae --data Aesthetic-4K/train --output runs/sc-vae   # SC-VAE decoder
@@ -88,15 +89,24 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    SEED,
+    ArgumentParser,
     UserError,
     atomic_write,
+    check_output_file,
+    check_writable_folder,
+    device_name,
     image_to_tensor,
+    integer,
     load_image,
     load_safetensors,
+    number,
     progress_bar,
     read_json,
+    read_text,
     resolve_source,
     run_cli,
+    safetensors_files,
     safetensors_keys,
     save_image,
     seed_everything,
@@ -984,16 +994,24 @@ class CLIPTextEncoder(nn.Module):
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None) -> torch.Tensor:
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
     """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
 
     The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines.
+    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
+    reported in one line with the number of tokens dropped.
     """
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
+              file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
-        row = head + ids[: max_length - len(head) - len(tail)] + tail
+        row = head + ids[:room] + tail
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
@@ -1025,11 +1043,11 @@ class CLIPTokenizer:
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise UserError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
         bpe = BPE.from_file(
             str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
         )
@@ -1047,12 +1065,12 @@ class CLIPTokenizer:
             pad_id = self.tokenizer.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id = max_length, pad_id
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id)
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 
 class T5Tokenizer:
@@ -1062,7 +1080,7 @@ class T5Tokenizer:
     for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
     """
 
-    def __init__(self, path, max_length: int = 512):
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
@@ -1083,11 +1101,11 @@ class T5Tokenizer:
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length = max_length
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
 
 
 # ======================================================================== weight loading
@@ -1262,12 +1280,37 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in state.items()}
-    return load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
+    and the first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
+
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
+    (which would otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
 
 
 def folder_config(path) -> dict:
-    config = path / "config.json" if path.is_dir() else None
+    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
 
 
@@ -1275,7 +1318,7 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
     """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
     `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
     a Hub repo id (only its `transformer/` files are downloaded)."""
-    path = resolve_source(source, subfolder="transformer", token=token)
+    path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state:
@@ -1346,7 +1389,7 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
     """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
     `transformer/` folder, a pipeline folder, or a Hub repo id."""
-    path = resolve_source(source, subfolder="transformer", token=token)
+    path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
@@ -1427,13 +1470,20 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
 
     Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
     stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = resolve_source(source, subfolder="vae", token=token)
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
+             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
+             "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
     state = read_component(path, dtype, device, prefix="first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
         state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
     if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-    config = folder_config(path)
 
     def setting(given, key, default):
         return next(value for value in (given, config.get(key), default) if value is not None)
@@ -1444,6 +1494,16 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
         setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
         setting(stride, "stride", 1),
     )
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
     with torch.device("meta"):
         model = AutoEncoder(vae_config)
     return assign_state_dict(model, state, f"{source} (VAE)").eval()
@@ -1457,12 +1517,13 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
 
     Keys starting with one of `skip` (after the prefix) are never read.
     """
-    path = resolve_source(source, subfolder=subfolder)
+    path = component_path(source, subfolder)
 
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
+    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
@@ -1646,13 +1707,18 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stab
 def detect_kind(source, token=None) -> str:
     """"flux" or "sd3", from a pipeline folder's model_index.json or a single file's keys."""
     path = Path(source).expanduser()
-    if path.is_file():
-        keys = safetensors_keys(path)
-        if any(key.split("model.diffusion_model.")[-1].startswith("double_blocks.") for key in keys):
+    if path.is_file():  # original (BFL / Stability) or diffusers key names
+        keys = [key.split(DIFFUSION_PREFIX)[-1] for key in safetensors_keys(path)]
+        if any(key.startswith(("double_blocks.", "single_transformer_blocks.")) for key in keys):
             return "flux"
-        if any(key.split("model.diffusion_model.")[-1].startswith("joint_blocks.") for key in keys):
+        if any(key.startswith(("joint_blocks.", "pos_embed.pos_embed")) for key in keys):
             return "sd3"
-        raise UserError(f"{source}: neither a Flux nor an SD3 checkpoint")
+        vae = "a VAE (give it with --vae-weights)"
+        looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
+                 "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
+        guess = next((what for start, what in looks.items() if any(key.startswith(start) for key in keys)), None)
+        what = f"it looks like {guess}" if guess else f"its first keys: {', '.join(keys[:3]) or 'none'}"
+        raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"), token=token)
     for index in (folder / "model_index.json", folder / "transformer" / "config.json", folder / "config.json"):
         if index.exists():
@@ -1700,8 +1766,8 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
     if kind == "flux":
         schnell = not transformer.config.guidance_embed
         tokenizers = {
-            "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
-            "t5": T5Tokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token), max_length=256 if schnell else 512),
+            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
+            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
         }
         encoders = {
             "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
@@ -1709,9 +1775,9 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
         }
         return encoders, tokenizers
     tokenizers = {
-        "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
-        "clip_g": CLIPTokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token)),
-        "t5": T5Tokenizer(resolve_source(source, "tokenizer_3", tokenizer_files, token), max_length=256),
+        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
+        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
+        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
     }
     if encoder_file is not None:
         encoders = {
@@ -1845,7 +1911,8 @@ def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
     if pipe.kind == "sd3":
         limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
         if max(rounded) > limit:
-            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with this VAE (use --vae f16)")
+            hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
+            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with this VAE{hint}")
     return rounded[0], rounded[1]
 
 
@@ -2296,11 +2363,15 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
+    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream).
+    Weights that are no longer finite are never written: the run stops with the last good one kept."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
     optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
     if ctx.main:
+        if any(not torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
+            raise training_diverged(step, "a weight after the update", output)
         folder = output / "checkpoints" / f"step-{step:08d}"
         save_safetensors(weights, folder / "trainable.safetensors")
         with atomic_write(folder / "state.pt") as temp:
@@ -2310,15 +2381,50 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 
+def load_state_file(path: Path, keys: tuple) -> dict:
+    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as error:  # the zip and pickle readers raise many types; the file is the problem either way
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise UserError(f"{path}: not a checkpoint of this trainer")
+    return state
+
+
+def read_checkpoint(folder: Path, read):
+    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it
+    was written), one warning names it and the newest intact checkpoint before it is read instead."""
+    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
+    for candidate in [folder, *sorted(older, reverse=True)]:
+        try:
+            return candidate, read(candidate)
+        except UserError as error:
+            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+
+
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
+    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    if not (folder / "state.pt").is_file():
-        raise UserError(f"{folder}: not a complete training checkpoint (no state.pt)")
-    state = torch.load(folder / "state.pt", weights_only=True)
-    set_model_state_dict(model, load_safetensors(folder / "trainable.safetensors"), options=state_options(lora))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
-    batches.load(state["batches"])
+    def read(candidate):
+        weights = candidate / "trainable.safetensors"
+        state = load_state_file(candidate / "state.pt", ("step", "optimizer", "batches"))
+        if not weights.is_file():
+            raise UserError(f"{weights}: missing")
+        return state, check_finite(load_safetensors(weights), weights)
+
+    folder, (state, weights) = read_checkpoint(folder, read)
+    try:
+        set_model_state_dict(model, weights, options=state_options(lora))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
+        batches.load(state["batches"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
 
@@ -2331,7 +2437,7 @@ def parse_weights(text: str) -> tuple:
         weights = tuple(float(w) for w in text.split(","))
     except ValueError:
         weights = ()
-    if len(weights) != 4 or min(weights) < 0 or max(weights) == 0:
+    if len(weights) != 4 or not all(0 <= w < math.inf for w in weights) or max(weights) == 0:
         raise UserError(f"--wavelet-weights {text!r}: give four non-negative numbers for LL,LH,HL,HH, e.g. 1,1,1,1 or 1,2,2,2")
     return weights
 
@@ -2342,22 +2448,80 @@ def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
     try:
         height, width = (int(side) for side in text.lower().split("x"))
     except ValueError:
-        raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH, e.g. 4096x4096") from None
+        height = width = 0
+    if min(height, width) < 1:
+        raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH with positive sides, e.g. 4096x4096")
     return height, width
 
 
-def check_output(output: Path, resume, rank: int = 0) -> None:
-    """Fail before any model is loaded if OUTPUT cannot be written or already holds another run."""
-    probe = output / f".write-test-{rank}"
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_write(probe) as temp:
-            temp.write_text("ok")
-        probe.unlink()
-    except (OSError, UserError) as error:
-        raise UserError(f"cannot write to {output}: {getattr(error, 'strerror', None) or error}") from None
-    if not resume and latest_checkpoint(output) is not None:
+def check_output(output: Path, resume) -> None:
+    """Fail before any model is loaded if OUTPUT cannot be written, already holds something else,
+    or holds nothing to resume (train-vae's `--resume` then starts afresh: resume is True)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output} is a file; --output takes a folder")
+    check_writable_folder(output)
+    previous = latest_checkpoint(output)
+    if previous is not None and not resume:
         raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+    if previous is None and output.is_dir() and any(output.iterdir()):
+        raise UserError(f"{output} is not empty and holds no checkpoint to resume; choose a new or empty --output")
+    if resume == "latest" and previous is None:
+        raise UserError(f"--resume: no checkpoint under {output / 'checkpoints'} (start without --resume)")
+    if resume not in (None, False, True, "latest") and not (Path(resume) / "state.pt").is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint folder (it has no state.pt)")
+
+
+@contextlib.contextmanager
+def undone_on_failure(output: Path, main: bool = True):
+    """A run that fails before its first checkpoint leaves no trace: the folders it created are
+    removed, and so is anything it added to a folder that existed."""
+    created = output
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    before = None if not output.exists() else set(output.iterdir())
+    try:
+        yield
+    except BaseException:
+        if main and latest_checkpoint(output) is None:
+            if before is None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                for path in set(output.iterdir()) - before:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def stop_unless_finite(step: int, values: dict, output: Path):
+    """Stop at the first of `values` (name -> number or scalar tensor: loss, gradient norm) that is
+    not finite, before the optimizer step that would carry it into the weights."""
+    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
+    if bad is not None:
+        raise training_diverged(step, f"the {bad}", output)
+
+
+def training_diverged(step: int, what: str, output: Path) -> UserError:
+    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
+    last = latest_checkpoint(output)
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
+                     + (" and --resume" if last else " and start again"))
+
+
+def text_cache_key(path: Path) -> str | None:
+    """The key of a text cache that `encode_captions` wrote (None: no such file); any other
+    existing file is refused, so that it is never replaced."""
+    if not path.exists():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            key = (f.metadata() or {}).get("key")
+    except (SafetensorError, OSError):
+        key = None
+    if key is None:
+        raise UserError(f"{path}: not a text cache written by `train`; delete it or choose another --text-cache")
+    return key
 
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch: int = 8) -> dict[str, dict]:
@@ -2367,15 +2531,14 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
     unique = sorted(set(texts))
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": {n: t.max_length for n, t in pipe.tokenizers.items()}})
     stored = {}
-    if cache is not None and cache.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                stored = load_safetensors(cache)
+    if cache is not None and text_cache_key(cache) == key:
+        stored = check_finite(load_safetensors(cache), cache)
     if stored:
         print(f"text embeddings: {len(unique)} captions read from {cache}", file=sys.stderr)
     else:
+        for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions, not one per chunk
+            tokenizer(unique)
+            tokenizer.name = None
         for start in range(0, len(unique), batch):
             chunk = unique[start : start + batch]
             for i, condition in enumerate(encode_prompts(pipe, chunk), start=start):
@@ -2390,13 +2553,42 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
     return conditions
 
 
+def warn(message: str):
+    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple[int, torch.Tensor]:
+    """(index, crop) of example `index`, or of the next one that decodes when it does not (a file
+    can pass `verify()` and still fail, e.g. a PNG cut after its header): such files are named once,
+    counted in `bad` and skipped from then on. Runs out only when no image decodes."""
+    for candidate in [(index + k) % len(examples) for k in range(len(examples))]:
+        if candidate not in bad:
+            try:
+                return candidate, load_crop(examples[candidate].path, *crop)
+            except UserError as error:
+                bad.add(candidate)
+                warn(f"{error}; skipped ({len(bad)} of {len(examples)} images unreadable)")
+    raise UserError(f"none of the {len(examples)} training images could be decoded")
+
+
 def train(args) -> list[tuple[int, float]]:
     """Fine-tune the pipeline's transformer; returns the (step, loss) pairs run by this call."""
     ctx = setup_distributed(args.device)
     output = Path(args.output)
-    weights = parse_weights(args.wavelet_weights)
+    weights, crop = parse_weights(args.wavelet_weights), parse_crop(args.crop, args.resolution)
+    check_output(output, args.resume)
     examples = read_dataset(args.data, verbose=ctx.main)
-    check_output(output, args.resume, ctx.rank)
+    if args.text_cache:
+        check_output_file(args.text_cache, overwrite=True, suffixes=(".safetensors",))
+        text_cache_key(Path(args.text_cache))
+    with undone_on_failure(output, ctx.main):
+        return train_loop(args, ctx, output, examples, weights, crop)
+
+
+def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if ctx.device.type == "cuda" else "fp32")]
     autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" and dtype == torch.bfloat16 else contextlib.nullcontext()
 
@@ -2405,7 +2597,7 @@ def train(args) -> list[tuple[int, float]]:
     kind, model = pipe.kind, pipe.transformer
     if args.max_sequence_length:
         pipe.tokenizers["t5"].max_length = args.max_sequence_length
-    height, width = parse_crop(args.crop, args.resolution)
+    height, width = crop
     if height % pipe.size_multiple or width % pipe.size_multiple:
         raise UserError(f"crop {height}x{width}: both sides must be multiples of {pipe.size_multiple} for this model and VAE")
     conditions = encode_captions(pipe, [e.text for e in examples], Path(args.text_cache) if args.text_cache else None)
@@ -2435,15 +2627,14 @@ def train(args) -> list[tuple[int, float]]:
     step = 0
     if args.resume:
         folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        if folder is None:
-            raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
         step = load_checkpoint(folder, model, optimizer, batches, lora)
 
     factor = vae.config.downsample_factor
     global_batch, share = args.batch_size * ctx.world, slice(ctx.rank * args.batch_size, (ctx.rank + 1) * args.batch_size)
+    output.mkdir(parents=True, exist_ok=True)
     log = output / "train_log.jsonl"
-    losses = []
-    update = progress_bar("train") if ctx.main else None
+    losses, unreadable = [], set()
+    update = progress_bar("train", args.steps, step) if ctx.main else None
     while step < args.steps:
         # the whole global batch is drawn on every rank (same generator), each rank keeps its share
         g = batches.generator
@@ -2451,12 +2642,14 @@ def train(args) -> list[tuple[int, float]]:
         offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
         sigma = sample_sigmas(global_batch, sampling, shift, g)
         noise = torch.randn(global_batch, vae.config.z_channels, height // factor, width // factor, generator=g)
-        mine = list(range(global_batch))[share]
-        images = torch.stack([load_crop(examples[picks[i]].path, height, width, offsets[i].tolist(), bool(flips[i])) for i in mine])
+        loaded = [readable_crop(examples, picks[i], unreadable, height, width, offsets[i].tolist(), bool(flips[i]))
+                  for i in list(range(global_batch))[share]]
+        images = torch.stack([crop for _, crop in loaded])
         with torch.no_grad(), autocast:
             x0 = vae.encode(images.to(ctx.device, dtype)).float()
-        condition = {name: torch.stack([conditions[examples[picks[i]].text][name] for i in mine]).to(ctx.device)
-                     for name in conditions[examples[picks[0]].text]}
+        texts = [examples[index].text for index, _ in loaded]
+        condition = {name: torch.stack([conditions[text][name] for text in texts]).to(ctx.device)
+                     for name in conditions[texts[0]]}
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -2465,19 +2658,20 @@ def train(args) -> list[tuple[int, float]]:
             loss = training_loss(model, kind, x0, noise[share].to(ctx.device), sigma[share].to(ctx.device), condition, guidance, weights)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        value = ctx.mean(loss.detach().float().cpu()).item()
+        stop_unless_finite(step + 1, {"loss": value, "gradient": norm}, output)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        value = ctx.mean(loss.detach().float().cpu()).item()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         losses.append((step, value))
         if ctx.main:
-            update(step, args.steps)
+            update(step)
             if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} grad-norm {norm.item():.3f} lr {lr:.2e}", file=sys.stderr)
+                print(f"step {step}/{args.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}", file=sys.stderr)
             with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm.item(), "lr": lr}) + "\n")
+                f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm, "lr": lr}) + "\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(output, step, model, optimizer, batches, lora, ctx, args.keep_checkpoints)
 
@@ -2505,7 +2699,7 @@ def save_result(args, pipe, model, kind, lora, output: Path, ctx: Distributed):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="diffusion4k.py train",
         description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K style folder "
                     "(images + metadata.jsonl with file_name and text).",
@@ -2519,43 +2713,38 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or local diffusers folder (Flux or SD3)")
     parser.add_argument("--data", required=True, help="folder with images and metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line)")
     parser.add_argument("--output", required=True, help="output folder: checkpoints/, train_log.jsonl, then the fine-tuned pipeline (or LoRA files)")
-    parser.add_argument("--resolution", type=int, default=4096, help="images are resized to cover the crop (shorter side = this for square crops)")
+    parser.add_argument("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop (shorter side = this for square crops)")
     parser.add_argument("--crop", help="HEIGHTxWIDTH crop (default: a RESOLUTION square); sides must be multiples of the VAE factor x 2")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per process per step (upstream: 4 for Flux, 8 for SD3, on 8 GPUs)")
-    parser.add_argument("--steps", type=int, default=20000, help="optimizer steps (upstream: 20,000)")
-    parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (upstream full fine-tune: 1e-6; LoRA usually wants ~1e-4)")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the constant rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (total norm)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank on the attention / MLP linears instead of all weights")
-    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step (upstream: 4 for Flux, 8 for SD3, on 8 GPUs)")
+    parser.add_argument("--steps", type=integer(1), default=20000, help="optimizer steps (upstream: 20,000)")
+    parser.add_argument("--lr", type=positive_number(1.0), default=1e-6, help="AdamW learning rate, constant (upstream full fine-tune: 1e-6; LoRA usually wants ~1e-4)")
+    parser.add_argument("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
+    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
+    parser.add_argument("--max-grad-norm", type=positive_number(), default=1.0, help="gradient clipping (total norm)")
+    parser.add_argument("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention / MLP linears instead of all weights")
+    parser.add_argument("--lora-alpha", type=positive_number(), help="LoRA alpha (default: the rank, i.e. scale 1)")
     parser.add_argument("--wavelet-weights", default="1,1,1,1",
                         help="WLF weights of the Haar subbands LL,LH,HL,HH. 1,1,1,1 (upstream) equals the plain x0 MSE; 1,2,2,2 stresses detail")
-    parser.add_argument("--guidance", type=float, default=3.5, help="Flux-dev: distilled guidance value fed during training (upstream 3.5)")
+    parser.add_argument("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: distilled guidance value fed during training (upstream 3.5)")
     parser.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], help="sigma distribution (default: Flux uniform, SD3 logit_normal)")
-    parser.add_argument("--shift", type=float, help="static shift s of the sampled sigma: s*sigma/(1+(s-1)*sigma) (default: Flux 1, SD3 3)")
-    parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the pipeline's, Flux 512 / SD3 256; upstream trained with 77)")
+    parser.add_argument("--shift", type=positive_number(), help="static shift s of the sampled sigma: s*sigma/(1+(s-1)*sigma) (default: Flux 1, SD3 3)")
+    parser.add_argument("--max-sequence-length", type=integer(1), help="T5 tokens (default: the pipeline's, Flux 512 / SD3 256; upstream trained with 77)")
     parser.add_argument("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints (upstream 5,000)")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (0: all)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    parser.add_argument("--checkpoint-every", type=integer(1), default=1000, help="steps between resumable checkpoints (upstream 5,000)")
+    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    parser.add_argument("--log-every", type=integer(1), default=10, help="steps between log lines")
     parser.add_argument("--resume", nargs="?", const="latest", help="continue a run: a checkpoint folder, or no value for the newest in --output")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data order, crops, flips, sigmas, noise and the LoRA init")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noise and the LoRA init")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="recompute block activations in the backward pass (needed at 4K)")
     parser.add_argument("--vae", choices=["f16", "f8"], default="f16", help="f16: Diffusion-4K's VAE (16,384 tokens at 4096^2); f8: the stock VAE")
-    parser.add_argument("--device", help="cuda (default when available) or cpu; under torchrun each process takes its LOCAL_RANK GPU")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu; under torchrun each process takes its LOCAL_RANK GPU")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 autocast on CUDA with fp32 master weights, fp32 on CPU)")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
 
 def train_command(args):
-    for name in ("resolution", "batch_size", "steps", "checkpoint_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lora_rank < 0 or args.lr <= 0:
-        raise UserError("--lora-rank must be >= 0 and --lr > 0")
     try:
         train(args)
     finally:
@@ -2809,7 +2998,7 @@ class CropStream:
                     if isinstance(crop, torch.Tensor):
                         crops.append(crop)
                     elif index not in self.bad:
-                        print(f"warning: {crop}; skipped", file=sys.stderr)
+                        warn(f"{crop}; skipped ({len(self.bad) + 1} of {len(self.files)} images unreadable)")
                         self.bad.add(index)
                 if len(self.bad) == len(self.files):
                     raise UserError("none of the training images could be decoded")
@@ -2874,14 +3063,9 @@ class VAETraining:
 
 def check_vae_args(args):
     problems = [
-        (args.resolution % 16 or args.resolution < 16, f"--resolution {args.resolution}: must be a positive multiple of 16"),
+        (args.resolution % 16, f"--resolution {args.resolution}: must be a multiple of 16"),
         (args.gan_weight > 0 and args.resolution < 128, "--gan-weight needs --resolution 128 or more (the discriminator's last map must be 2x2)"),
-        (min(args.batch_size, args.steps, args.save_every, args.keep_checkpoints) < 1,
-         "--batch-size, --steps, --save-every and --keep-checkpoints must be at least 1"),
-        (args.lr <= 0, f"--lr {args.lr}: must be positive"),
-        (not 0 <= args.ema < 1, f"--ema {args.ema}: must be in [0, 1) (0 turns EMA off)"),
-        (min(args.lpips_weight, args.sc_weight, args.gan_weight) < 0, "loss weights must not be negative"),
-        (not args.resume and (Path(args.output) / "vae").exists(), f"{args.output} already has a vae/ folder; choose another --output"),
+        (args.ema == 1, "--ema 1: the decay must be below 1 (0 turns EMA off)"),
     ]
     for bad, message in problems:
         if bad:
@@ -2890,11 +3074,25 @@ def check_vae_args(args):
 
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, written atomically (the layout `latest_checkpoint` reads); older ones pruned."""
+    """checkpoints/step-N/state.pt, written atomically (the layout `latest_checkpoint` reads); older
+    ones pruned. Weights that are no longer finite are never written."""
+    for part in ("decoder", "ema", "disc"):
+        if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
+            raise training_diverged(step, f"a {part} weight after the update", output)
     with atomic_write(output / "checkpoints" / f"step-{step:08d}" / "state.pt") as temp:
         torch.save(state, temp)
     for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+VAE_STATE_KEYS = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "stream", "noise", "torch_rng")
+
+
+def read_vae_checkpoint(folder: Path) -> dict:
+    state = load_state_file(folder / "state.pt", VAE_STATE_KEYS)
+    for part in ("decoder", "ema", "disc"):
+        check_finite(state[part] or {}, folder / "state.pt")
+    return state
 
 
 def train_vae(args) -> VAETraining:
@@ -2902,9 +3100,14 @@ def train_vae(args) -> VAETraining:
     the per-step losses, and leaves OUTPUT/vae/ (and checkpoints) behind."""
     check_vae_args(args)
     output = Path(args.output)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stream = CropStream(vae_image_files(args.data), args.resolution, args.seed, args.workers)
+    files = vae_image_files(args.data)
+    with undone_on_failure(output):
+        return vae_training_loop(args, output, files)
 
+
+def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stream = CropStream(files, args.resolution, args.seed, args.workers)
     teacher = load_vae(args.base, torch.float32, device, stride=1, token=args.token).requires_grad_(False)
     student = load_vae(args.base, torch.float32, device, stride=2, token=args.token).requires_grad_(False)
     decoder = student.decoder.train().requires_grad_(True)
@@ -2920,7 +3123,7 @@ def train_vae(args) -> VAETraining:
 
     step, checkpoint_folder = 0, latest_checkpoint(output)
     if args.resume and checkpoint_folder is not None:
-        state = torch.load(checkpoint_folder / "state.pt", map_location="cpu", weights_only=True)
+        checkpoint_folder, state = read_checkpoint(checkpoint_folder, read_vae_checkpoint)
         if (state["ema"] is None) != (ema is None) or (state["disc"] is None) != (disc is None):
             raise UserError(f"{checkpoint_folder}: saved with EMA {'on' if state['ema'] is not None else 'off'} and the GAN "
                             f"{'on' if state['disc'] is not None else 'off'}; resume with the same --ema / --gan-weight")
@@ -2939,10 +3142,9 @@ def train_vae(args) -> VAETraining:
     elif args.resume:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
 
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
     result = VAETraining(student, teacher, ema)
-    bar = tqdm(total=args.steps, initial=step, desc="train-vae", unit="step", file=sys.stderr, leave=False)
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train-vae", args.steps, step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     posterior = noise if args.posterior == "sample" else None
     while step < args.steps:
@@ -2967,6 +3169,7 @@ def train_vae(args) -> VAETraining:
         loss.backward()
         loss, losses = loss.detach(), {k: v.detach() for k, v in losses.items()}
         losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        stop_unless_finite(step + 1, {"loss": loss, "gradient": losses["grad_norm"]}, output)  # before the update
         optimizer.step()
         if ema is not None:
             decay = min(args.ema, (1 + step) / (10 + step)) if step > 0 else 0.0  # diffusers' EMAModel schedule
@@ -2977,18 +3180,18 @@ def train_vae(args) -> VAETraining:
             with autocast:
                 losses["hinge"], losses["gp"] = discriminator_loss(disc, x, pred, args.gp_weight)
             disc_optimizer.zero_grad(set_to_none=True)
-            (losses["hinge"] + losses["gp"]).backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+            disc_loss = losses["hinge"] + losses["gp"]
+            disc_loss.backward()
+            disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+            stop_unless_finite(step + 1, {"discriminator loss": disc_loss.detach(), "discriminator gradient": disc_norm},
+                               output)
             disc_optimizer.step()
         step += 1
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
         result.history.append(record)
         with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # one line per step (a resumed run may repeat steps)
             log.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "mse", "sc", "lpips", "gen") if k in record})
-        if not all(torch.isfinite(torch.tensor(list(record.values())))):
-            raise UserError(f"step {step}: the loss is not finite ({record}); lower --lr")
+        update(step, postfix={k: f"{record[k]:.4g}" for k in ("loss", "mse", "sc", "lpips", "gen") if k in record})
         if step % args.save_every == 0 or step == args.steps:
             state = {
                 "step": step, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
@@ -2996,19 +3199,20 @@ def train_vae(args) -> VAETraining:
                 "stream": stream.state(), "noise": noise.get_state(), "torch_rng": torch.get_rng_state(),
             }
             save_vae_checkpoint(output, step, state, args.keep_checkpoints)
-    bar.close()
 
     final = student
     if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
         final = copy.deepcopy(student)
         final.decoder.load_state_dict(ema)  # the decoder has parameters only, so EMA covers its whole state
-    base_config = folder_config(resolve_source(args.base, subfolder="vae", token=args.token))
+    base_config = folder_config(component_path(args.base, "vae", args.token))
     save_vae(final, output, base_config, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype], args.ae_file)
     return result
 
 
+
+
 def train_vae_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="diffusion4k.py train-vae",
         description="SC-VAE: retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match the frozen "
                     "F8 decoder's last feature map (arXiv 2506.01331). Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`.",
@@ -3016,32 +3220,32 @@ def train_vae_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="folder of training images (searched recursively; if it has a metadata.jsonl, the files it lists)")
     parser.add_argument("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
     parser.add_argument("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, pipeline or vae/ folder, or ae.safetensors")
-    parser.add_argument("--resolution", type=int, default=512,
+    parser.add_argument("--resolution", type=integer(16), default=512,
                         help="square crops, a multiple of 16, after resizing each image's shorter side to it (upstream 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="crops per step (upstream: 32 per GPU x 4 GPUs x 2 accumulation)")
-    parser.add_argument("--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this number)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    parser.add_argument("--sc-weight", type=float, default=1.0, help="scale-consistency loss weight (upstream 1.0)")
-    parser.add_argument("--lpips-weight", type=float, default=0.1, help="LPIPS-vgg weight (upstream 0.1); 0 = off, no weights needed")
+    parser.add_argument("--batch-size", type=integer(1), default=8, help="crops per step (upstream: 32 per GPU x 4 GPUs x 2 accumulation)")
+    parser.add_argument("--steps", type=integer(1), default=10000, help="total optimizer steps (a resumed run continues up to this number)")
+    parser.add_argument("--lr", type=positive_number(1.0), default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
+    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
+    parser.add_argument("--max-grad-norm", type=positive_number(), default=1.0, help="gradient clipping")
+    parser.add_argument("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight (upstream 1.0)")
+    parser.add_argument("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight (upstream 0.1); 0 = off, no weights needed")
     parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linear layers (.pth), file or owner/repo/path")
     parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights (.pth or .safetensors), file or owner/repo/path")
-    parser.add_argument("--gan-weight", type=float, default=0.0, help="adversarial weight (upstream 0.05); 0 = no discriminator")
-    parser.add_argument("--gan-start", type=int, default=0, help="step from which the discriminator trains and the adversarial term is on")
-    parser.add_argument("--gp-weight", type=float, default=10.0, help="discriminator gradient penalty weight")
-    parser.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
-    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the decoder, whose EMA is saved; 0 = off (save the raw decoder)")
+    parser.add_argument("--gan-weight", type=number(0), default=0.0, help="adversarial weight (upstream 0.05); 0 = no discriminator")
+    parser.add_argument("--gan-start", type=integer(0), default=0, help="step from which the discriminator trains and the adversarial term is on")
+    parser.add_argument("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
+    parser.add_argument("--disc-lr", type=positive_number(1.0), help="discriminator learning rate (default: --lr)")
+    parser.add_argument("--ema", type=number(0, 1), default=0.999, help="EMA decay of the decoder, whose EMA is saved; 0 = off (save the raw decoder)")
     parser.add_argument("--posterior", choices=["sample", "mean"], default="sample", help="latents from posterior samples (upstream) or means")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward (less memory)")
-    parser.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    parser.add_argument("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
+    parser.add_argument("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     parser.add_argument("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
     parser.add_argument("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
-    parser.add_argument("--seed", type=int, default=0, help="seeds crops, flips, posterior samples and the discriminator")
-    parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
-    parser.add_argument("--device", help="cuda (default when available) or cpu; bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
+    parser.add_argument("--workers", type=integer(1, 64), default=4, help="image decoding threads")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu; bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
@@ -3057,22 +3261,81 @@ def train_vae_command(args):
 
 
 def read_prompt_file(path) -> list[str]:
-    try:
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the prompt file ({error})") from None
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines()]
     prompts = [prompt for prompt in prompts if prompt]
     if not prompts:
         raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
     return prompts
 
 
+def check_source(value, option: str):
+    """Refuse a local path that does not exist before anything is loaded (Hub ids are fetched later)."""
+    if value is not None and not Path(value).expanduser().exists():
+        if str(value).count("/") != 1 or str(value).startswith((".", "/", "~")):
+            raise UserError(f"{option} {value}: no such file or folder, and not a Hub repo id of the form owner/name")
+
+
+def batch_outputs(args, count: int) -> list[Path]:
+    """The output files, all checked before anything is loaded: one image, or with --prompts
+    OUTPUT_DIR/00000.png ... and OUTPUT_DIR/metadata.jsonl (last)."""
+    if not args.prompts:
+        return [check_output_file(args.output, args.overwrite or args.skip_existing)]
+    folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir {folder} is a file, not a folder")
+    outputs = [folder / f"{i:05d}.png" for i in range(count)] + [folder / "metadata.jsonl"]
+    for path in outputs:
+        if path.exists() and not (args.overwrite or args.skip_existing):
+            raise UserError(f"{path} exists; pass --overwrite to replace the batch, or --skip-existing to finish it")
+        check_output_file(path, True, None)  # a folder in the way, or an unwritable one
+    return outputs
+
+
+def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
+    """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
+    `generate_command` writes (an image kept by --skip-existing), else the prompt alone."""
+    if settings is None:
+        try:
+            with Image.open(path) as image:
+                prompt, settings = image.text["prompt"], json.loads(image.text["settings"])
+        except (OSError, ValueError, SyntaxError, KeyError, AttributeError):
+            settings = {}
+    return {"file_name": path.name, "text": prompt, **settings}
+
+
+def write_metadata(path: Path, records: dict):
+    with atomic_write(path) as temp:
+        temp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)), encoding="utf-8")
+
+
 def generate_command(args):
     prompts = read_prompt_file(args.prompts) if args.prompts else [args.prompt]
     if not prompts[0]:
         raise UserError("give --prompt TEXT or --prompts FILE")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights, args.offload, args.token)
+    if args.seed + len(prompts) - 1 >= 2**64:
+        raise UserError(f"--seed {args.seed}: the last of {len(prompts)} prompts would need a seed beyond 2**64 - 1")
+    for option in ("model", "text_encoders", "vae_weights"):
+        check_source(getattr(args, option), "--" + option.replace("_", "-"))
+    outputs = batch_outputs(args, len(prompts))
+    metadata = outputs.pop() if args.prompts else None
+    records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
+               if args.skip_existing and path.exists()}
+    for i in records:
+        print(f"{outputs[i]} exists; skipped", file=sys.stderr)
+    todo = [i for i in range(len(prompts)) if i not in records]
+    if todo:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights, args.offload,
+                             args.token)
+        generate_images(args, pipe, [prompts[i] for i in todo], [outputs[i] for i in todo], todo, records, metadata)
+    if metadata is not None:
+        write_metadata(metadata, records)
+
+
+def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int], records: dict,
+                    metadata: Path | None):
+    """Sample and save each prompt's image (prompt number i uses seed + i); with --prompts the
+    metadata file is rewritten after each image, so an interrupted batch keeps one that matches."""
     family = "flux-schnell" if pipe.schnell else pipe.kind
     steps = args.steps or DEFAULTS[family]["steps"]
     guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
@@ -3082,28 +3345,34 @@ def generate_command(args):
 
     conditions = encode_prompts(pipe, prompts)
     negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
-
-    outputs = [Path(args.output)] if len(prompts) == 1 and not args.prompts else [
-        Path(args.output_dir) / f"{i:05d}.png" for i in range(len(prompts))
-    ]
-    records = []
-    for i, (prompt, condition, output) in enumerate(zip(prompts, conditions, outputs)):
+    for n, (i, prompt, condition, output) in enumerate(zip(numbers, prompts, conditions, outputs)):
         seed = args.seed + i
         settings = dict(model=args.model, vae=args.vae, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                         mu=args.mu, negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
         start = time.perf_counter()
         image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
-                         progress_bar(f"{i + 1}/{len(prompts)}"), args.vae_tile)
+                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
         save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)}, overwrite=args.overwrite)
         print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        records.append({"file_name": output.name, "text": prompt, **settings})
-    if args.prompts:
-        with atomic_write(Path(args.output_dir) / "metadata.jsonl") as temp:
-            temp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        records[i] = image_record(output, prompt, settings)
+        if metadata is not None:
+            write_metadata(metadata, records)
+
+
+def positive_number(high=None):
+    """argparse type: a finite number in (0, high] (`number` takes closed ranges only)."""
+
+    def parse(text):
+        value = number(None, high)(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+        return value
+
+    return parse
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="diffusion4k.py",
         description="Diffusion-4K: direct 4096x4096 text-to-image with Flux (Diffusion-4K weights) or SD3.",
         epilog="Subcommands: `diffusion4k.py train --help` (WLF fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
@@ -3112,25 +3381,30 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="a text file with one prompt per line: writes numbered PNGs and metadata.jsonl to --output-dir")
     parser.add_argument("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
     parser.add_argument("--output-dir", default="diffusion4k_outputs", help="output folder for --prompts")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep the images that exist and make the others (finishes an interrupted --prompts batch)")
     parser.add_argument("--model", default="zhang0jhon/flux_wavelet_v2_sc",
                         help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
-    parser.add_argument("--height", type=int, default=4096)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--steps", type=int, help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    parser.add_argument("--guidance", type=float, help="Flux-dev: distilled guidance (default 5.0); SD3: CFG scale (7.0); schnell ignores it")
+    parser.add_argument("--height", type=integer(1, 16384), default=4096, help="image height in px, rounded to the model's multiple")
+    parser.add_argument("--width", type=integer(1, 16384), default=4096, help="image width in px, rounded to the model's multiple")
+    parser.add_argument("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
+    parser.add_argument("--guidance", type=number(0, 100),
+                        help="Flux-dev: distilled guidance (default 5.0); SD3: CFG scale (7.0); schnell ignores it")
     parser.add_argument("--negative-prompt", default="", help="SD3 only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (the i-th prompt uses seed + i)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (the i-th prompt uses seed + i)")
     parser.add_argument("--vae", choices=["f16", "f8"], default="f16",
                         help="f16: Diffusion-4K's VAE with a 16x smaller latent (16,384 tokens at 4096^2); f8: the stock VAE")
-    parser.add_argument("--vae-tile", type=int,
+    parser.add_argument("--vae-tile", type=integer(0),
                         help="decode in overlapping tiles of this many latent pixels (0: whole image); default: tiles above 4096 px")
-    parser.add_argument("--mu", type=float, help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
+    parser.add_argument("--mu", type=number(-15, 15),
+                        help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
     parser.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
                         help="GPU memory: none (80 GB), model (components take turns on the GPU: 48 GB), blocks (Flux blocks streamed: 24 GB)")
     parser.add_argument("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
     parser.add_argument("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
-    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
     return parser

@@ -148,15 +148,23 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    SEED,
+    ArgumentParser,
     UserError,
     atomic_write,
+    check_output_file,
+    check_writable_folder,
+    device_name,
     image_to_tensor,
+    integer,
     load_image,
     load_safetensors,
+    number,
     progress_bar,
     read_json,
     resolve_source,
     run_cli,
+    safetensors_files,
     safetensors_keys,
     save_image,
     tensor_to_image,
@@ -924,16 +932,24 @@ class CLIPTextEncoder(nn.Module):
         return CLIPTextOutput(x, penultimate, pooled, projected)
 
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None) -> torch.Tensor:
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
     """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
 
     The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines.
+    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
+    reported in one line with the number of tokens dropped.
     """
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
+              file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
-        row = head + ids[: max_length - len(head) - len(tail)] + tail
+        row = head + ids[:room] + tail
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
@@ -965,11 +981,11 @@ class CLIPTokenizer:
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise UserError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
         bpe = BPE.from_file(
             str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
         )
@@ -987,12 +1003,12 @@ class CLIPTokenizer:
             pad_id = self.tokenizer.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id = max_length, pad_id
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id)
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 
 class T5Tokenizer:
@@ -1002,7 +1018,7 @@ class T5Tokenizer:
     for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
     """
 
-    def __init__(self, path, max_length: int = 512):
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
@@ -1023,11 +1039,11 @@ class T5Tokenizer:
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length = max_length
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
 
 
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
@@ -1182,12 +1198,37 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in state.items()}
-    return load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
+    and the first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
+
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
+    (which would otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
 
 
 def folder_config(path) -> dict:
-    config = path / "config.json" if path.is_dir() else None
+    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
 
 
@@ -1195,7 +1236,7 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
     """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
     `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
     a Hub repo id (only its `transformer/` files are downloaded)."""
-    path = resolve_source(source, subfolder="transformer", token=token)
+    path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state:
@@ -1306,13 +1347,20 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
 
     Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
     stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = resolve_source(source, subfolder="vae", token=token)
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
+             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
+             "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
     state = read_component(path, dtype, device, prefix="first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
         state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
     if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-    config = folder_config(path)
 
     def setting(given, key, default):
         return next(value for value in (given, config.get(key), default) if value is not None)
@@ -1323,6 +1371,16 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
         setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
         setting(stride, "stride", 1),
     )
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
     with torch.device("meta"):
         model = AutoEncoder(vae_config)
     return assign_state_dict(model, state, f"{source} (VAE)").eval()
@@ -1333,12 +1391,13 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
 
     Keys starting with one of `skip` (after the prefix) are never read.
     """
-    path = resolve_source(source, subfolder=subfolder)
+    path = component_path(source, subfolder)
 
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
+    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
@@ -1620,12 +1679,24 @@ def latest_checkpoint(output: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
+def training_diverged(step: int, what: str, output: Path) -> UserError:
+    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
+    last = latest_checkpoint(output)
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
+                     + (" and --resume" if last else " and start again"))
+
+
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
+    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream).
+    Weights that are no longer finite are never written: the run stops with the last good one kept."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
     optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
     if ctx.main:
+        if any(not torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
+            raise training_diverged(step, "a weight after the update", output)
         folder = output / "checkpoints" / f"step-{step:08d}"
         save_safetensors(weights, folder / "trainable.safetensors")
         with atomic_write(folder / "state.pt") as temp:
@@ -1635,15 +1706,50 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 
+def load_state_file(path: Path, keys: tuple) -> dict:
+    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as error:  # the zip and pickle readers raise many types; the file is the problem either way
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise UserError(f"{path}: not a checkpoint of this trainer")
+    return state
+
+
+def read_checkpoint(folder: Path, read):
+    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it
+    was written), one warning names it and the newest intact checkpoint before it is read instead."""
+    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
+    for candidate in [folder, *sorted(older, reverse=True)]:
+        try:
+            return candidate, read(candidate)
+        except UserError as error:
+            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+
+
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
+    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    if not (folder / "state.pt").is_file():
-        raise UserError(f"{folder}: not a complete training checkpoint (no state.pt)")
-    state = torch.load(folder / "state.pt", weights_only=True)
-    set_model_state_dict(model, load_safetensors(folder / "trainable.safetensors"), options=state_options(lora))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
-    batches.load(state["batches"])
+    def read(candidate):
+        weights = candidate / "trainable.safetensors"
+        state = load_state_file(candidate / "state.pt", ("step", "optimizer", "batches"))
+        if not weights.is_file():
+            raise UserError(f"{weights}: missing")
+        return state, check_finite(load_safetensors(weights), weights)
+
+    folder, (state, weights) = read_checkpoint(folder, read)
+    try:
+        set_model_state_dict(model, weights, options=state_options(lora))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
+        batches.load(state["batches"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
 
@@ -2306,7 +2412,12 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
         "vae_config": json.dumps({k: getattr(vc, k) for k in VAE_CONFIG_KEYS}),
         **{k: str(v) for k, v in settings.items()},
     }
-    save_safetensors(state, Path(path), metadata)
+    save_safetensors(check_finite(state, path), Path(path), metadata)  # never a loadable file from a diverged run
+
+
+# each number of the metadata lies in (low, high]
+SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),
+                  "guidance": (-math.inf, math.inf)}
 
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
@@ -2321,8 +2432,28 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
     if meta.get("format") != "op4ksr":
         raise UserError(f"{path}: not an OP4KSR checkpoint (no 'format: op4ksr' in its metadata)")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise UserError(f"{path}: OP4KSR format version {meta['format_version']} is newer than this file reads ({FORMAT_VERSION})")
+    version = meta.get("format_version", "0")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
+                        f"(1 to {FORMAT_VERSION})")
+    for key, (low, high) in SETTING_RANGES.items():
+        if key == "scale" and key not in meta:
+            continue  # optional: 4 by default
+        try:
+            value = float(meta[key])
+        except KeyError:
+            raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)") from None
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low < value <= high):
+            raise UserError(f"{path}: the OP4KSR metadata has {key}={meta[key]!r}, "
+                            f"not a number in ({low}, {high}]")
+    for key in ("flux_config", "vae_config"):
+        try:
+            if not isinstance(json.loads(meta[key]), dict):
+                raise ValueError
+        except (KeyError, ValueError):
+            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)") from None
     return path, meta
 
 
@@ -2396,6 +2527,15 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
     """Flux and the F16 VAE (default: the bases named in the checkpoint), the OP4KSR LoRAs merged
     into them, the checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
     path, meta = read_op4ksr_metadata(weights, token)
+    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
+    check_finite(state, path)
+    c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
+    for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))), ("prompt.y", (1, c.get("vec_in_dim")))):
+        found = tuple(state[key].shape) if key in state else None
+        if found is None or len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
+            shown = "(" + ", ".join(map(str, shape)) + ")"
+            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
+                            f"the base Flux takes {shown}: a damaged file?")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
@@ -2403,7 +2543,6 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
     transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
     autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
     check_base(meta, transformer, autoencoder, str(weights))
-    state = load_safetensors(path, torch.float32)
     merge_op4ksr_lora({k: v for k, v in state.items() if not k.startswith("prompt.")}, transformer, autoencoder, str(weights))
     guidance = float(meta["guidance"]) if transformer.config.guidance_embed else None
     txt, y = state["prompt.txt"].to(device, dtype), state["prompt.y"].to(device, dtype)
@@ -2435,12 +2574,7 @@ MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; beyond, one pass is far outsi
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
     """The target (width, height): LR x scale, or the longer side = size (aspect kept). Refuses
     absurd targets and inputs already larger than the target."""
-    if size is not None:
-        factor = size / max(width, height)
-    else:
-        factor = scale
-    if not (factor and math.isfinite(factor) and factor > 0):
-        raise UserError(f"target scale {factor}: must be a positive number")
+    factor = size / max(width, height) if size is not None else scale
     target = (round(width * factor), round(height * factor))
     if max(target) > MAX_SIDE or min(target) < 32:
         raise UserError(f"{width}x{height} -> {target[0]}x{target[1]}: target sides must be between 32 and {MAX_SIDE} px")
@@ -2484,29 +2618,32 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
 
 
 def train_sr(args) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call."""
+    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call.
+
+    What can be checked is checked before the large models load (the VAE, small, comes first:
+    the crop checks need its factor). A step whose loss or gradient is not finite stops the run
+    before the optimizer moves, so nothing non-finite is ever saved and the last checkpoint
+    stays the newest. A resumed run takes --lr and --weight-decay from the command line, so a
+    diverged run can go on from its last checkpoint with a lower rate."""
     ctx = setup_distributed(args.device)
     output = Path(args.output)
+    resume_from = check_train_output(output, args.resume)
     files = vae_image_files(args.data, verbose=ctx.main)
-    output.mkdir(parents=True, exist_ok=True)
-    if not args.resume and latest_checkpoint(output) is not None:
-        raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
 
-    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
-    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
     vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
-    multiple = vae.config.downsample_factor * 2
-    if args.crop % multiple or args.crop % args.scale:
-        raise UserError(f"--crop {args.crop}: must be a multiple of {multiple} px (one token) and of --scale {args.scale}")
     factor = vae.config.downsample_factor
+    if args.crop % (2 * factor):
+        raise UserError(f"--crop {args.crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
     periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
     if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
         raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
+    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
+    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
 
     add_lora(transformer, "flux", args.lora_rank, args.lora_alpha, args.seed)
-    add_conv_lora(vae.encoder, args.lora_rank, args.lora_alpha, args.seed + 1)
+    add_conv_lora(vae.encoder, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
     vae.decoder.requires_grad_(False)
     transformer.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
     checkpoint_encoder(vae.encoder, args.gradient_checkpointing)
@@ -2530,23 +2667,23 @@ def train_sr(args) -> list[tuple[int, float]]:
 
     batches = Batches(len(files), args.seed)
     step = 0
-    if args.resume:
-        folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        if folder is None:
-            raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
-        step = load_checkpoint(folder, trainable, optimizer, batches, True)
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
+        for group in optimizer.param_groups:
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
     degradation = DegradationConfig()
     global_batch = args.batch_size * ctx.world
     mine = range(ctx.rank * args.batch_size, (ctx.rank + 1) * args.batch_size)
-    losses, log = [], output / "train_log.jsonl"
-    update = progress_bar("train") if ctx.main else None
+    losses, log, unreadable = [], output / "train_log.jsonl", set()
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train", args.steps, step) if ctx.main else None
     while step < args.steps:
         # the whole global batch is drawn on every rank from one generator; each rank keeps its share
         g = batches.generator
         picks = batches.indices(global_batch)
         offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
         seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
-        hr = torch.stack([load_crop(files[picks[i]], args.crop, args.crop, offsets[i].tolist(), bool(flips[i])) for i in mine])
+        hr = load_hr_crops(files, picks, mine, args.crop, offsets, flips, batches, unreadable, ctx)
         lr = torch.cat([degrade((hr[j : j + 1] + 1) / 2, degradation, torch.Generator().manual_seed(int(seeds[i])), args.scale)
                         for j, i in enumerate(mine)]) * 2 - 1
         lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -2567,10 +2704,15 @@ def train_sr(args) -> list[tuple[int, float]]:
                 dist.all_reduce(p.grad)
                 p.grad /= ctx.world
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the averaged gradients are
+        for what, found in (("loss", value), ("gradient norm", norm.item())):
+            if not math.isfinite(found):
+                raise training_diverged(step + 1, f"the {what} ({found})", output)
         optimizer.step()
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise training_diverged(step + 1, "a LoRA weight after the update", output)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        value = ctx.mean(loss.detach().float().cpu()).item()
         losses.append((step, value))
         terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective: every rank
         if ctx.main:
@@ -2583,12 +2725,68 @@ def train_sr(args) -> list[tuple[int, float]]:
             save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints)
 
     if ctx.main:
+        if unreadable:
+            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and were skipped",
+                  file=sys.stderr)
         settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale, "base_flux": args.flux, "base_vae": args.vae,
                     "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
         save_op4ksr(output / "op4ksr.safetensors", transformer, vae, prompt, settings)
         print(f"wrote {output / 'op4ksr.safetensors'} (use: python op4ksr.py --input LR.png --weights {output / 'op4ksr.safetensors'})", file=sys.stderr)
     ctx.barrier()
     return losses
+
+
+def check_train_output(output: Path, resume: str | None) -> Path | None:
+    """Refuse an --output that training cannot use, before anything loads; return the checkpoint
+    folder to resume from (None: a fresh run)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; training writes a folder "
+                        "(checkpoints/, train_log.jsonl, op4ksr.safetensors)")
+    check_writable_folder(output)
+    if not resume:
+        if latest_checkpoint(output) is not None or (output / "op4ksr.safetensors").exists():
+            raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+        return None
+    folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
+    if folder is None:
+        raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
+    if not folder.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder")
+    return folder
+
+
+def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
+                  ctx: Distributed) -> torch.Tensor:
+    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices).
+
+    A file that passed the header check but does not decode is skipped from then on: its slot
+    takes the next index of the data stream (`picks` changes in place). The ranks sum their
+    failures first, so all of them replace the same slots in the same order and stay in step; a
+    resumed run, which has not met the earlier failures, makes the same replacements. Stops when
+    fewer than half of the images decode."""
+    crops = {}
+    while True:
+        failed, errors = torch.zeros(len(picks)), []
+        for i in (i for i in mine if i not in crops):
+            if picks[i] in unreadable:  # met before, on any rank
+                failed[i] = 1
+                continue
+            try:
+                crops[i] = load_crop(files[picks[i]], crop, crop, offsets[i].tolist(), bool(flips[i]))
+            except UserError as error:
+                failed[i] = 1
+                errors.append(str(error))
+        slots = (ctx.mean(failed) > 0).nonzero().flatten().tolist()
+        if not slots:
+            return torch.stack([crops[i] for i in mine])
+        unreadable.update(picks[i] for i in slots)
+        for error in errors:
+            print(f"warning: {error}; skipped ({len(unreadable)} undecodable so far)", file=sys.stderr)
+        if 2 * (len(files) - len(unreadable)) < len(files):
+            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than half: "
+                            "check the files in --data")
+        for i in slots:
+            picks[i] = batches.indices(1)[0]
 
 
 @contextlib.contextmanager
@@ -2605,8 +2803,22 @@ def lora_off(module: nn.Module):
             m.scale = scale
 
 
+def positive(high=None):
+    """argparse type: a finite number in (0, high] (common.io's `number` has closed ranges only)."""
+    finite = number()
+
+    def parse(text):
+        value = finite(text)
+        if value <= 0 or (high is not None and value > high):
+            allowed = f"in (0, {high:g}]" if high is not None else "> 0"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value:g}")
+        return value
+
+    return parse
+
+
 def sr_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="op4ksr.py train",
         description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder frozen) on a folder of 4K HR images; "
                     "LR inputs are made on the fly by the Real-ESRGAN second-order degradation.",
@@ -2623,46 +2835,54 @@ def sr_train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae", default=DEFAULT_VAE, help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
     parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
-    parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
-    parser.add_argument("--crop", type=int, default=4096, help="square HR crop side (images are resized to cover it)")
-    parser.add_argument("--scale", type=int, default=4, help="SR factor: LR = degrade(HR) at 1/scale")
-    parser.add_argument("--sigma", type=float, default=0.25, help="the fixed noise level at which Flux sees the LR latent")
-    parser.add_argument("--theta", type=float, default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="Flux-dev's distilled guidance input (fixed)")
-    parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
-    parser.add_argument("--lr", type=float, default=2.5e-5, help="AdamW learning rate (constant)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=1, help="images per process per step")
-    parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--mse-weight", type=float, default=1.0, help="pixel MSE")
-    parser.add_argument("--l1-weight", type=float, default=0.0, help="pixel L1")
-    parser.add_argument("--latent-weight", type=float, default=0.0, help="MSE of the x0 latent to the base encoder's HR latent")
-    parser.add_argument("--lpips-weight", type=float, default=2.0, help="LPIPS-vgg (needs --lpips-linear and --lpips-backbone)")
+    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
+    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096, help="square HR crop side (images are resized to cover it)")
+    parser.add_argument("--scale", type=integer(1, 16), default=4, help="SR factor: LR = degrade(HR) at 1/scale")
+    parser.add_argument("--sigma", type=number(1e-3, 1), default=0.25, help="the fixed noise level at which Flux sees the LR latent")
+    parser.add_argument("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
+    parser.add_argument("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
+    parser.add_argument("--lora-rank", type=integer(1), default=64)
+    parser.add_argument("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1)")
+    parser.add_argument("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
+    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
+    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step")
+    parser.add_argument("--steps", type=integer(1), default=10000)
+    parser.add_argument("--mse-weight", type=number(0), default=1.0, help="pixel MSE")
+    parser.add_argument("--l1-weight", type=number(0), default=0.0, help="pixel L1")
+    parser.add_argument("--latent-weight", type=number(0), default=0.0, help="MSE of the x0 latent to the base encoder's HR latent")
+    parser.add_argument("--lpips-weight", type=number(0), default=2.0, help="LPIPS-vgg (needs --lpips-linear and --lpips-backbone)")
     parser.add_argument("--lpips-linear", help="LPIPS v0.1 linear layers (.pth), a file or owner/repo/path on the Hub, e.g. " + LPIPS_VGG_LINEAR)
     parser.add_argument("--lpips-backbone", help="VGG16 ImageNet weights, e.g. " + LPIPS_VGG_BACKBONE)
-    parser.add_argument("--lpips-crop", type=int, default=512, help="LPIPS runs on one random crop of this side per image")
-    parser.add_argument("--periodicity-weight", type=float, default=1.0, help="lambda_AP (0: no L_AP)")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (0: all)")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
+    parser.add_argument("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side per image")
+    parser.add_argument("--periodicity-weight", type=number(0), default=1.0, help="lambda_AP (0: no L_AP)")
+    parser.add_argument("--checkpoint-every", type=integer(1), default=500)
+    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    parser.add_argument("--log-every", type=integer(1), default=10)
+    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output "
+                        "(--lr and --weight-decay are taken from this command line)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
 
 def train_sr_command(args):
-    for name in ("crop", "scale", "batch_size", "steps", "checkpoint_every", "log_every", "lora_rank", "lpips_crop"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or not 0 < args.sigma <= 1:
-        raise UserError("--lr must be > 0 and --sigma in (0, 1]")
+    if args.crop % args.scale:
+        raise UserError(f"--crop {args.crop}: must be a multiple of --scale {args.scale} (the LR crop is crop / scale)")
+    lpips_weight = args.lpips_weight if args.lpips_linear and args.lpips_backbone else 0
+    if not any((args.mse_weight, args.l1_weight, args.latent_weight, lpips_weight, args.periodicity_weight)):
+        raise UserError("every loss weight is 0 (LPIPS also needs --lpips-linear and --lpips-backbone): nothing to train")
+    output = Path(args.output)
+    created = not output.exists()
     try:
         train_sr(args)
+    except BaseException:
+        # a failed run that saved no checkpoint leaves nothing behind in the folder it created
+        if created and int(os.environ.get("RANK", "0")) == 0 and not any(output.glob("checkpoints/step-*/state.pt")):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -2682,62 +2902,96 @@ def sr_inputs(path: Path) -> list[Path]:
     return [path]
 
 
+def sr_outputs(args) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, every output checked before anything is read: a folder input writes
+    OUTPUT/<name>.png for each image; existing outputs are refused, replaced (--overwrite) or left
+    as they are with their input skipped (--skip-existing, to continue an interrupted batch)."""
+    source = Path(args.input)
+    inputs = sr_inputs(source)
+    if source.is_dir():
+        folder = Path(args.output) if args.output else source.resolve().with_name(source.resolve().name + "_op4ksr")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
+                            f"(default: {source.name}_op4ksr/)")
+        outputs = [folder / f"{path.stem}.png" for path in inputs]
+    else:
+        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
+    given = {path.resolve(): path for path in inputs}
+    first_input = {}
+    for path, output in zip(inputs, outputs):
+        if output.resolve() in given:
+            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
+        if output in first_input:
+            raise UserError(f"{first_input[output].name} and {path.name} would both be written to {output}: "
+                            "rename one of them")
+        first_input[output] = path
+    existing = [output for output in outputs if output.is_file()]
+    if existing and not (args.overwrite or args.skip_existing):
+        more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
+        way = "--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir() else "--overwrite to replace it"
+        raise UserError(f"{existing[0]} exists{more}; pass {way}")
+    pairs = [(path, output) for path, output in zip(inputs, outputs) if not (args.skip_existing and output.is_file())]
+    for _, output in pairs:
+        check_output_file(output, args.overwrite)
+    return pairs
+
+
 def sr_command(args):
     if not args.weights:
         raise UserError(NO_WEIGHTS)
-    source = Path(args.input)
-    inputs = sr_inputs(source)
-    if args.scale is not None and args.size is not None:
-        raise UserError("give --scale or --size, not both")
+    pairs = sr_outputs(args)
+    if not pairs:
+        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+        return
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
-    if source.is_dir():
-        folder = Path(args.output) if args.output else source.with_name(source.name + "_op4ksr")
-        outputs = [folder / f"{p.stem}.png" for p in inputs]
-    else:
-        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
     jobs = []
-    for path, output in zip(inputs, outputs):  # every check before any model is loaded
+    for path, output in pairs:  # every input checked before any model is loaded
         image = load_image(path)
         width, height = sr_size(image.width, image.height, None if args.size else scale, args.size)
-        if output.exists() and not args.overwrite:
-            raise UserError(f"{output} exists; pass --overwrite to replace it")
-        if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"):
-            raise UserError(f"{output}: unsupported image extension (use .png)")
-        jobs.append((path, image, width, height, output))
+        jobs.append((path, width, height, output))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
-    update = progress_bar("super-resolve")
-    for i, (path, image, width, height, output) in enumerate(jobs, start=1):
-        start = time.perf_counter()
-        sr = super_resolve(pipe, image, width, height, args.color_fix)
-        settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
-                    "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
-        save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
-        update(i, len(jobs))
-        print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    update = progress_bar("super-resolve", len(jobs))
+    for i, (path, width, height, output) in enumerate(jobs, start=1):
+        if args.skip_existing and output.exists():
+            print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
+        else:
+            start, image = time.perf_counter(), load_image(path)  # loaded again: a batch is never all in memory
+            sr = super_resolve(pipe, image, width, height, args.color_fix)
+            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
+                        "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
+            # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
+            save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
+            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)",
+                  file=sys.stderr)
+        update(i)
 
 
 def sr_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="op4ksr.py",
         description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and an F16 VAE (arXiv 2605.13457).",
         epilog="Examples:\n"
                "  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)\n"
                "  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)\n"
+               "  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)\n"
                "Training: python op4ksr.py train --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="LR image, or a folder of images")
     parser.add_argument("--output", help="output image (default INPUT_op4ksr.png) or folder for a folder input (default INPUT_op4ksr/)")
     parser.add_argument("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
-    parser.add_argument("--scale", type=float, help="SR factor (default: the checkpoint's, 4)")
-    parser.add_argument("--size", type=int, help="target longer side in px instead of --scale, e.g. 4096")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
+    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px instead of --scale, e.g. 4096")
     parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
     parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
     parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--device", help="cuda (default when available) or cpu")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true", help="leave existing outputs and do the rest (continues a batch)")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser

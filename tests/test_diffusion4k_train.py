@@ -298,9 +298,9 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     cases = {
         "no such data folder": ["--data", tmp_path / "nope", "--output", tmp_path / "o1"],
         "no usable images": ["--data", tmp_path / "empty", "--output", tmp_path / "o2"],
-        "cannot write to": ["--data", data, "--output", blocker / "sub"],
+        "cannot write into": ["--data", data, "--output", blocker / "sub"],
         "--wavelet-weights": ["--data", data, "--output", tmp_path / "o3", "--wavelet-weights", "1,2"],
-        "--steps must be": ["--data", data, "--output", tmp_path / "o4", "--steps", 0],
+        "argument --steps: must be >= 1": ["--data", data, "--output", tmp_path / "o4", "--steps", 0],
     }
     for message, argv in cases.items():
         assert run(["--model", tmp_path / "unused", *argv]) == 2

@@ -307,10 +307,11 @@ def test_bad_input_gives_one_line_and_exit_2(base, data, tmp_path, capsys):
         "no usable images": ["--base", str(base), "--data", str(broken), "--output", str(tmp_path / "o2"), "--lpips-weight", "0"],
         "multiple of 16": common() + ["--resolution", "100"],
         "128 or more": common() + ["--resolution", "64", "--gan-weight", "0.05"],
-        "EMA off": common() + ["--ema", "1.5"],
+        "EMA off": common() + ["--ema", "1"],
+        "argument --ema: must be in [0, 1]": common() + ["--ema", "1.5"],
         "not a 16-channel Flux/SD3 VAE": common("o3") + ["--base", str(not_a_vae)],
-        "already has a vae/ folder": common("taken"),
-        "cannot write to": common("file"),
+        "is not empty": common("taken"),
+        "is a file": common("file"),
         "pass --resume": common("previous"),
     }
     for expected, argv in cases.items():

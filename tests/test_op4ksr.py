@@ -286,8 +286,8 @@ def test_bad_inputs_are_refused_without_output(capsys, trained, tmp_path):
     source = lr_image(tmp_path / "lr.png", (80, 40))
     fails(capsys, ["--input", str(source), "--weights", str(trained), "--output", str(out), "--size", "64"], "already larger than the target")
     # absurd targets: refused before any model is loaded (the --flux given does not exist)
-    for extra in (["--scale", "1000"], ["--scale", "0"], ["--size", "100000"]):
-        fails(capsys, ["--input", str(source), "--weights", str(trained), "--output", str(out), "--flux", "/nonexistent", *extra], "target")
+    for extra, fragment in ((["--scale", "1000"], "target"), (["--scale", "0"], "--scale"), (["--size", "100000"], "--size")):
+        fails(capsys, ["--input", str(source), "--weights", str(trained), "--output", str(out), "--flux", "/nonexistent", *extra], fragment)
     fails(capsys, ["--input", str(source), "--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors")
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     fails(capsys, ["--input", str(source), "--weights", str(tmp_path / "other.safetensors")], "not an OP4KSR checkpoint")
