@@ -9,7 +9,7 @@ protocol, and where this file differs from the popular implementation.
 | glcm        | pred             | Diffusion-4K GLCM Score: entropy of the GLCM value histogram (scikit-image) | 64x64 patches, mean   |
 | cr          | pred             | Diffusion-4K Compression Ratio: raw bytes / JPEG-95 bytes (Pillow)          | whole image           |
 | fid         | pred, ref        | FID, FID InceptionV3 pool3 (pytorch-fid / torch-fidelity)                  | whole or patch grid   |
-| clip        | pred, prompts    | CLIPScore, 100*cos (torchmetrics) or 2.5*max(cos,0) (Hessel et al.)        | whole image to 224    |
+| clip        | pred, prompts    | CLIPScore, 100*cos (torchmetrics) or 2.5*max(cos,0) (Hessel et al., pyiqa) | whole image to 224    |
 | aesthetic   | pred             | LAION improved aesthetic predictor v2 on CLIP ViT-L/14                      | whole image to 224    |
 | psnr, ssim  | pred, ref        | PSNR / SSIM, RGB or Y (BT.601), border crop (basicsr / scikit-image)       | whole image           |
 | lpips       | pred, ref        | LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips package)       | 512 tiles, mean       |
@@ -25,6 +25,15 @@ Commands:
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
     python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
     python metrics.py --pred out/ --metrics niqe,clipiqa                  # the no-reference pair of SR papers
+
+Protocols: `--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and,
+without --metrics, its columns; options given explicitly override it (details and sources at PROTOCOLS).
+Diffusion-4K's Aesthetic-Eval@2048 table end to end, sampled as upstream does (guidance 7, seed 0 for
+every prompt, 2048 px; PNG samples, which metrics.py re-encodes as JPEG q95 for GLCM and CR):
+    python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \
+        --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
+    python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \
+        --prompts eval2048/metadata.jsonl
 
 Images are matched by file stem (`0001.png` pairs with `0001.jpg`); the table goes to stdout
 and the same numbers, with the settings and per-image values, to `--out` (default
@@ -45,9 +54,9 @@ Pickled files are read with torch.load(weights_only=True) only.
 
 Library use:
     glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
-    InceptionV3 / fid_features / FeatureStats / frechet_distance, CLIP / clip_score, AestheticMLP,
-    LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, periodicity_input / periodicity (copies of
-    op4ksr.py's periodicity_score, periodicity_loss, lattice_power, autocovariance, ...) /
+    InceptionV3 / resize_center_crop / fid_features / FeatureStats / frechet_distance, CLIP / clip_score,
+    AestheticMLP, LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, periodicity_input / periodicity
+    (copies of op4ksr.py's periodicity_score, periodicity_loss, lattice_power, autocovariance, ...) /
     log_spectrum / autocorrelation_image.
 """
 
@@ -840,6 +849,29 @@ def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
 
 
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Diffusion-4K's FID preprocessing (`generate_and_eval_fid.py` fid_preprocess, l. 79-84 at
+    9bea802): torchvision's resize(uint8 tensor, size) then center_crop(size), for generated and
+    real images alike, before torchmetrics' own resize to 299.
+
+    The shorter side becomes `size`, the longer int(size * long / short) (torchvision truncates);
+    bilinear, align_corners=False, antialiased (torchvision >= 0.17's default; upstream pins
+    0.19), computed in float32 and rounded back to uint8 as torchvision does for uint8 tensors;
+    an image already at that size is not resampled. The crop starts at round((side - size) / 2).
+    Without it a 4096x2731 real photo and a 2048^2 sample would reach the network squeezed to
+    299^2 with different aspect ratios.
+    """
+    h, w = rgb.shape[:2]
+    short, long = min(h, w), max(h, w)
+    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
+    if (new_h, new_w) != (h, w):
+        x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return rgb[top : top + size, left : left + size]
+
+
 def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
     """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid
     from the top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's
@@ -858,10 +890,12 @@ def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, batch=16) -> torch.Tensor:
-    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops."""
+def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16) -> torch.Tensor:
+    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops; with
+    `size` > 0 the image first goes through `resize_center_crop(rgb, size)`."""
     device = next(model.parameters()).device
-    x = to_float_tensor(as_array(rgb), device)
+    rgb = as_array(rgb)
+    x = to_float_tensor(resize_center_crop(rgb, size) if size else rgb, device)
     samples = fid_crops(x, patch, half_shift) if patch else x
     return torch.cat([model(fid_input(samples[i : i + batch], resize)) for i in range(0, len(samples), batch)])
 
@@ -1075,10 +1109,10 @@ class CLIP(nn.Module):
         return load_strict(model, state, f"CLIP weights {source}").eval()
 
     @torch.no_grad()
-    def encode_images(self, images) -> torch.Tensor:
+    def encode_images(self, images, resize="pil") -> torch.Tensor:
         device = next(self.parameters()).device
-        pixels = torch.stack([clip_preprocess(im, self.vision.image_size) for im in images]).to(device)
-        return F.normalize(self.vision(pixels), dim=-1)
+        pixels = torch.stack([clip_preprocess(im, self.vision.image_size, resize) for im in images])
+        return F.normalize(self.vision(pixels.to(device)), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:
@@ -1121,42 +1155,66 @@ class ClipTokenizer:
         return ids, torch.tensor([len(r) for r in rows])
 
 
-def clip_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
-    """CLIP's preprocessing (openai-clip and transformers' CLIPProcessor alike): shorter side to
-    `size` with Pillow bicubic, centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a
-    whole (Diffusion-4K's protocol), not tiled."""
+def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
+    """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long /
+    short)), centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a whole, not tiled.
+
+    resize 'pil': Pillow bicubic on the uint8 image (openai-clip and transformers' processor).
+    'tensor': bicubic with antialiasing on the [0, 1] float image, torchvision's resize of a
+    tensor (pyiqa's clip_preprocess_tensor); the kernels differ slightly, so do the scores.
+    """
     w, h = image.size
-    scale = size / min(w, h)
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    if scale != 1:
-        image = image.resize(new, Image.BICUBIC)
+    if resize == "pil":
+        if new != (w, h):
+            image = image.resize(new, Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    elif resize == "tensor":
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        if new != (w, h):
+            x = F.interpolate(x[None], size=new[::-1], mode="bicubic", align_corners=False, antialias=True)[0]
+    else:
+        raise ValueError(f"unknown CLIP resize {resize!r}; use pil or tensor")
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    x = x[:, top : top + size, left : left + size]
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
 CLIP_FORMS = {
     "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
     "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
+    "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
 }
 
 
 def clip_score(model: CLIP, images, captions, form="torchmetrics") -> torch.Tensor:
-    """Per-image CLIPScore (Hessel et al., EMNLP 2021; Diffusion-4K Table 1 with ViT-B/16).
+    """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image
+    and caption embeddings, clamped at 0.
 
-    'torchmetrics': 100 * cos clamped at 0, what torchmetrics' CLIPScore returns for one
-    image; Diffusion-4K calls it image by image and averages. 'hessel': the paper's
-    2.5 * max(cos, 0) with its caption prefix, on ViT-B/32 in the paper. Differences from
-    torchmetrics: captions longer than 77 tokens keep their end token (see ClipTokenizer);
-    images go through Pillow bicubic instead of the processor's own resize code (same kernel).
+    'torchmetrics': 100 * cos, what torchmetrics' CLIPScore returns for one image; Diffusion-4K
+    (Table 1, ViT-B/16) calls it image by image and averages. 'hessel': the paper's
+    2.5 * cos with the caption prefix 'A photo depicts ', ViT-B/32 in the paper. 'pyiqa': the
+    same formula as pyiqa's 'clipscore' computes it, the image resized as a float tensor.
+
+    C-Upscale (arXiv 2505.16976, Sec. 5.2 and Tables 1-6) reports a "CLIP" score citing CLIP
+    itself, with values from 0.455 to 0.894. That is neither 100 * cos (which reads 20-36)
+    nor a raw cosine (CLIP's image-caption cosines lie near 0.2-0.36, so 0.89 is out of
+    reach); 2.5 * cos maps those cosines onto 0.5-0.9, and a degenerate output (ScaleCrafter
+    at 4096^2: 0.455) onto the low end. Its other columns (MUSIQ, ClipIQA, ManIQA, FID, LPIPS)
+    are pyiqa's metric names, and pyiqa's 'clipscore' is this formula on ViT-B/32; hence the
+    'pyiqa' form with b32 in --protocol cupscale.
+
+    Differences from the references: captions longer than 77 tokens keep their end token (see
+    ClipTokenizer; torchmetrics drops it, openai-clip's tokenize as pyiqa calls it refuses them).
+    'torchmetrics' resizes with Pillow bicubic, as transformers 4.45's CLIP processor (upstream's pin) does.
     """
-    if form == "hessel":
-        captions = ["A photo depicts " + c for c in captions]
-    elif form != "torchmetrics":
+    if form not in CLIP_FORMS:
         raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
-    cos = (model.encode_images(images) * model.encode_texts(captions)).sum(-1)
-    return 2.5 * cos.clamp(min=0) if form == "hessel" else (100 * cos).clamp(min=0)
+    if form != "torchmetrics":
+        captions = ["A photo depicts " + c for c in captions]
+    images = model.encode_images(images, "tensor" if form == "pyiqa" else "pil")
+    cos = (images * model.encode_texts(captions)).sum(-1)
+    return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- LAION aesthetic predictor v2
@@ -1286,12 +1344,12 @@ def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
 
 @torch.no_grad()
 def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
-    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB)."""
+    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB); tile 0: the whole image at once."""
     device = next(model.parameters()).device
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    boxes = tiles(a.shape[-2], a.shape[-1], tile)
+    boxes = tiles(a.shape[-2], a.shape[-1], tile or max(a.shape[-2:]))
     values = []
     for i in range(0, len(boxes), batch):
         group = boxes[i : i + batch]
@@ -1721,6 +1779,63 @@ METRICS = {  # name -> (needs ref, needs prompts)
 }
 PAIRED = {"psnr", "ssim", "lpips"}
 
+# A protocol presets the options under which a paper computed its table; options given on the
+# command line override it. Without --metrics a run computes the paper's columns that the
+# given folders allow (PROTOCOL_COLUMNS: metric, and the folder it needs besides --pred).
+#
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802. FID (generate_and_eval_fid.py l. 171, 205-206):
+#   torchmetrics 1.5.1 FrechetInceptionDistance on uint8, real and generated images both
+#   resized (shorter side) and centre-cropped to --size (default 2048, l. 107-109) first
+#   (l. 79-84), then TF1 bilinear to 299 inside torchmetrics: fid_size 'pred' takes that size
+#   from the generated images. CLIPScore (l. 165-168): torchmetrics' clip_score on
+#   openai/clip-vit-base-patch16, one image at a time, 100 cos. Aesthetics (l. 174-216): LAION
+#   v2 MLP on openai-clip ViT-L/14. All three see the in-memory samples; the files are then
+#   saved as JPEG q95 (l. 222), and eval.py scores GLCM (l. 50-66, 84-98: cv2 grey of the
+#   decoded JPEG, 64-px patches) and Compression Ratio (l. 79, 107: raw bytes / JPEG bytes)
+#   on them. Here: FID, CLIP and aesthetics read the pred files as they are (lossless PNGs
+#   give upstream's in-memory pixels); GLCM and CR re-encode them as JPEG q95 (Pillow, the
+#   encoder upstream used; JPEG inputs are taken as they are).
+# cupscale: arXiv 2505.16976 Sec. 5.2 and Tables 1-6 list MUSIQ, ClipIQA, ManIQA, FID, LPIPS
+#   and CLIP; no code is public. MUSIQ and ManIQA are not in this file. The tool is inferred
+#   from the metric names: pyiqa with its defaults, i.e. CLIPIQA on the whole image, FID with
+#   clean-fid's 'clean' resize, LPIPS-alex v0.1 on the whole image, CLIP as pyiqa's clipscore
+#   (see clip_score). LPIPS is taken "between input low-resolution images and output
+#   higher-resolution images" (Sec. 5.2); values down to 0.007 for BSRGAN and Real-ESRGAN, which
+#   keep their input's content, mean the output was brought to the input's size (a blurry
+#   upsampled input would stay far from a sharp output), so --ref holds the low-resolution
+#   inputs and each output is resized to its input (Pillow bicubic: the kernel is not stated).
+#   FID compares with the ground-truth photos: pass them as --fid-ref.
+# op4ksr: arXiv 2605.13457, experimental settings (beside Fig. 8): PSNR, NIQE, CLIPIQA and
+#   LPIPS on 4K outputs, PSNR and NIQE on the whole image, the "resolution-sensitive" deep
+#   metrics on patches whose size is in a supplement not available here: 512-px tiles.
+#   PSNR / SSIM on the BT.601 Y channel (basicsr's arithmetic) without border crop, LPIPS-alex,
+#   NIQE and CLIPIQA as pyiqa computes them: the usual settings of the one-step SR papers it
+#   builds on (S3Diff, whose fixed prompts it adopts), not stated by OP4KSR itself.
+PROTOCOLS = {
+    "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16", clip_form="torchmetrics",
+                        glcm_input="jpeg95", glcm_prop="entropy"),
+    "cupscale": dict(fid_resize="clean", clip_model="b32", clip_form="pyiqa", lpips_net="alex", tile=0,
+                     resize_to_ref=True, clipiqa_tile=0),
+    "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512, niqe_convention="pyiqa",
+                   clipiqa_tile=512),
+}
+PROTOCOL_COLUMNS = {
+    None: [("glcm", None), ("cr", None), ("psnr", "ref"), ("ssim", "ref")],
+    "diffusion4k": [("fid", "fid_ref"), ("clip", "prompts"), ("aesthetic", None), ("glcm", None),
+                    ("cr", None)],
+    "cupscale": [("clipiqa", None), ("fid", "fid_ref"), ("lpips", "ref"), ("clip", "prompts")],
+    "op4ksr": [("psnr", "ref"), ("ssim", "ref"), ("lpips", "ref"), ("niqe", None), ("clipiqa", None)],
+}
+
+
+def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
+    """The protocol's columns that the given folders allow (FID's reference: --fid-ref, else
+    --ref, except under cupscale, whose --ref holds the low-resolution inputs)."""
+    if protocol != "cupscale":
+        fid_ref = fid_ref or ref
+    given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
+    return [metric for metric, needs in PROTOCOL_COLUMNS[protocol] if given[needs] is not None]
+
 
 def list_images(folder) -> dict[str, Path]:
     """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
@@ -1781,6 +1896,8 @@ class Options:
     y_channel: bool = False
     glcm_prop: str = "entropy"
     glcm_input: str = "jpeg95"
+    fid_ref: str | None = None
+    fid_size: int | str = 0
     fid_resize: str = "tf1"
     fid_patch: int = 0
     fid_half_shift: bool = False
@@ -1793,6 +1910,7 @@ class Options:
     lpips_linear: str | None = None
     lpips_backbone: str | None = None
     tile: int = 512
+    resize_to_ref: bool = False
     niqe_params: str = NIQE_PARAMS
     niqe_convention: str = "pyiqa"
     clipiqa_weights: str = CLIPIQA_WEIGHTS
@@ -1826,13 +1944,15 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
     unknown = [m for m in opts.metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    fid_ref_dir = opts.fid_ref or ref_dir
     for m in opts.metrics:
-        if METRICS[m][0] and ref_dir is None:
-            raise UserError(f"{m} needs --ref")
+        if METRICS[m][0] and (fid_ref_dir if m == "fid" else ref_dir) is None:
+            raise UserError(f"{m} needs --ref" + " or --fid-ref" * (m == "fid"))
         if METRICS[m][1] and prompts_file is None:
             raise UserError(f"{m} needs --prompts")
     pred = list_images(pred_dir)
     ref = list_images(ref_dir) if ref_dir else {}
+    fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
     names = sorted(pred)
     if ref and (set(opts.metrics) & PAIRED or "periodicity" in opts.metrics):
         only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
@@ -1870,23 +1990,33 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
     skipped, jpeg_sizes, shapes, evaluated = [], [], [], 0
     fid_stats = {"pred": FeatureStats(), "ref": FeatureStats()}
     mode = "y" if opts.y_channel else "rgb"
+    fid_size = opts.fid_size  # 'pred': the first generated image's shorter side, which all must share
 
     def add_fid(image, which):
-        models_fid = models["inception"]
-        fid_stats[which].update(fid_features(models_fid, image, opts.fid_resize, opts.fid_patch, opts.fid_half_shift))
+        nonlocal fid_size
+        if fid_size == "pred":
+            fid_size = min(image.size)
+        elif opts.fid_size == "pred" and which == "pred" and min(image.size) != fid_size:
+            sides = f"{fid_size} and {min(image.size)} px"
+            raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
+        settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, fid_size)
+        fid_stats[which].update(fid_features(models["inception"], image, *settings))
 
     for name in progress(names, "metrics"):
         try:
             image = open_image(pred[name], opts.on_error, skipped)
             if image is None:
                 continue
-            target = None
+            target, paired = None, image  # paired: pred as the ref-based metrics see it
             if name in ref and (metrics & PAIRED or "periodicity" in metrics):
                 target = open_image(ref[name], opts.on_error, skipped)
                 if target is None:
                     continue
-                if target.size != image.size and metrics & (PAIRED | {"periodicity"}):
-                    raise UserError(f"{name}: pred is {image.width}x{image.height} but ref is {target.width}x{target.height}; paired metrics need equal sizes")
+                if opts.resize_to_ref and target.size != image.size:
+                    paired = image.resize(target.size, Image.BICUBIC)
+                if target.size != paired.size:
+                    sizes = f"pred is {image.width}x{image.height} but ref is {target.width}x{target.height}"
+                    raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
             if "glcm" in metrics or "cr" in metrics:
                 encoded = pred[name].read_bytes() if pred[name].suffix.lower() in (".jpg", ".jpeg") else jpeg95(image)
                 jpeg_sizes.append(len(encoded))
@@ -1901,17 +2031,17 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
             if "aesthetic" in metrics:
                 per_image["aesthetic"][name] = aesthetic_score(models["aesthetic_clip"], models["aesthetic_mlp"], [image]).item()
             if "psnr" in metrics:
-                per_image["psnr"][name] = psnr(image, target, opts.crop_border, mode)
+                per_image["psnr"][name] = psnr(paired, target, opts.crop_border, mode)
             if "ssim" in metrics:
-                per_image["ssim"][name] = ssim(image, target, opts.crop_border, mode)
+                per_image["ssim"][name] = ssim(paired, target, opts.crop_border, mode)
             if "lpips" in metrics:
-                per_image["lpips"][name] = lpips_tiled(models["lpips"], image, target, opts.tile)
+                per_image["lpips"][name] = lpips_tiled(models["lpips"], paired, target, opts.tile)
             if "niqe" in metrics:
                 per_image["niqe"][name] = niqe(image, models["niqe"], opts.niqe_convention, opts.crop_border)
             if "clipiqa" in metrics:
                 per_image["clipiqa"][name] = clipiqa_tiled(models["clipiqa"], image, opts.clipiqa_tile)
             if "periodicity" in metrics:
-                x = periodicity_input(image, device)
+                x = periodicity_input(paired, device)
                 y = periodicity_input(target, device) if target is not None else None
                 per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants, opts.harmonics).item()
             if opts.save_spectra:
@@ -1925,9 +2055,9 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
             evaluated += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
-    if "fid" in metrics:  # the reference set: every image in --ref, matched or not
-        for name in progress(sorted(ref), "fid ref"):
-            image = open_image(ref[name], opts.on_error, skipped)
+    if "fid" in metrics:  # the reference set: every image in --fid-ref or --ref, matched or not
+        for name in progress(sorted(fid_ref), "fid ref"):
+            image = open_image(fid_ref[name], opts.on_error, skipped)
             if image is not None:
                 add_fid(image, "ref")
 
@@ -1944,6 +2074,7 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
             summary[m] = float(np.mean(values)) if values else float("inf")
     if "fid" in metrics:
         opts.settings["fid_samples"] = {"pred": fid_stats["pred"].count, "ref": fid_stats["ref"].count}
+        opts.settings["fid_size"] = fid_size  # 'pred' resolved
     return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image, "settings": opts.settings}
 
 
@@ -2015,15 +2146,47 @@ def local_path(expected, must_exist=True, alternative=""):
     return parse
 
 
+def size_or_pred(text):
+    """argparse type: 0 (native size), a size in px, or 'pred' (the generated images' size)."""
+    if text == "pred":
+        return text
+    try:
+        return integer(0)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or pred: the generated images' size)") from None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the option list, the epilog's command lines kept as written."""
+
+
+EPILOG = """\
+protocols (--protocol presets the options of a paper's table; options given explicitly override it):
+  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16, aesthetics,
+               GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
+  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP 2.5 cos ViT-B/32
+  op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
+
+Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
+  python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \\
+      --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
+  python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
+      --prompts eval2048/metadata.jsonl
+"""
+
+
 def parse_args(argv=None):
     p = ArgumentParser(
         prog="metrics.py",
         description="Metrics for 4K synthesis and super-resolution "
-        "(see the module docstring for protocols and weights).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "(see the module docstring for definitions and weights).",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
     weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path/in/repo)")
     clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                   help="a paper's evaluation settings and table columns (see below)")
     p.add_argument("--pred", required=True, type=local_path("folder"),
                    help="folder of generated / super-resolved images")
     p.add_argument("--ref", type=local_path("folder"),
@@ -2031,7 +2194,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=local_path("file"),
                    help="metadata.jsonl with file_name and text per line (for clip)")
     p.add_argument("--metrics", type=metric_names,
-                   help=f"comma list from {','.join(METRICS)}; default glcm,cr (+psnr,ssim with --ref)")
+                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, else glcm,cr "
+                   "(+psnr,ssim with --ref)")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (metrics JSON, spectra images)")
@@ -2046,14 +2210,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("PSNR / SSIM / LPIPS")
     g.add_argument("--crop-border", type=integer(0), default=0,
                    help="pixels removed on each side (SR: the scale); also NIQE")
-    g.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
+    g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False,
+                   help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
     g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
     g.add_argument("--lpips-linear", type=weights,
                    help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
     g.add_argument("--lpips-backbone", type=weights,
                    help="torchvision-named backbone weights (.pth or .safetensors)")
-    g.add_argument("--tile", type=integer(32), default=512, help="tile size of the LPIPS 4K protocol (>= 32)")
+    g.add_argument("--tile", type=tile_or_zero, default=512,
+                   help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
+    g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
+                   help="resize each pred image to its ref's size (Pillow bicubic) for the ref-based metrics")
     g = p.add_argument_group("FID")
+    g.add_argument("--fid-ref", type=local_path("folder"),
+                   help="FID's reference set when it is not --ref (cupscale: the ground-truth photos)")
+    g.add_argument("--fid-size", type=size_or_pred, default=0,
+                   help="first resize the shorter side to this size and centre-crop a square (torchvision, "
+                   "Diffusion-4K); pred: the generated images' size; 0: as they are")
     g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
                    help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
     g.add_argument("--fid-patch", type=integer(0), default=0,
@@ -2092,7 +2265,11 @@ def parse_args(argv=None):
                    help="write into this folder, per pred image, NAME_spectrum.png (log power spectrum of "
                    "the pixel differences) and NAME_autocorrelation.png (the autocorrelation the "
                    "periodicity metric reads)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
+        p.set_defaults(**PROTOCOLS[args.protocol])
+        args = p.parse_args(argv)
+    return args
 
 
 @contextlib.contextmanager
@@ -2111,7 +2288,7 @@ def staging_folder(folder):
 
 def main(argv=None):
     args = parse_args(argv)
-    metrics = args.metrics or ["glcm", "cr"] + (["psnr", "ssim"] if args.ref else [])
+    metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
     # Every output is checked before any image or weight is read: a long run never ends on a name clash.
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     check_output_file(out, args.overwrite, (".json",))
@@ -2120,16 +2297,18 @@ def main(argv=None):
         for name in list_images(args.pred):
             for path in spectra_files(spectra, name):
                 check_output_file(path, args.overwrite, (".png",))
-    excluded = ("pred", "ref", "prompts", "out", "overwrite")  # paths and switches, not measurement settings
+    excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # paths and switches, not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded}
     settings["metrics"] = metrics
     opts = Options(
         metrics=metrics, device=args.device, on_error=args.on_error, crop_border=args.crop_border,
         y_channel=args.y_channel, glcm_prop=args.glcm_prop, glcm_input=args.glcm_input,
-        fid_resize=args.fid_resize, fid_patch=args.fid_patch, fid_half_shift=args.fid_half_shift,
+        fid_ref=args.fid_ref, fid_size=args.fid_size, fid_resize=args.fid_resize, fid_patch=args.fid_patch,
+        fid_half_shift=args.fid_half_shift,
         inception=args.inception, clip_model=args.clip_model, clip_form=args.clip_form,
         aesthetic_clip=args.aesthetic_clip, aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net,
         lpips_linear=args.lpips_linear, lpips_backbone=args.lpips_backbone, tile=args.tile,
+        resize_to_ref=args.resize_to_ref,
         niqe_params=args.niqe_params, niqe_convention=args.niqe_convention,
         clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=args.periods,
         quadrants=args.quadrants, harmonics=args.harmonics, settings=settings,
