@@ -70,17 +70,15 @@ schedule (linear decreasing and increasing schedules in the ablation, Fig. 8).
   transformation"). With flow matching x0_hat = x_sigma - sigma * v_hat, so dx0_hat/dx_sigma is
   the identity and the gradient with respect to the noisy latent equals the gradient with
   respect to x0_hat. (On SDXL the same step carries a factor 1/sqrt(alpha_bar_t).)
-* Reduction: a mean over coefficients would make lambda = 0.2 move the LL band by
-  2 * 0.2 / (number of LL coefficients), 6.1e-6 of the gap for one 16-channel 128x128 region:
-  no visible effect, unlike the paper's Fig. 8, where 0.2 already reduces repetition and 1.0
-  overshoots into artifacts. We use L = 1/2 * sum of squares. Then one step moves the LL band
-  exactly a fraction lambda of the way to the target and leaves LH, HL, HH unchanged:
-  lambda = 1 is DiffuseHigh's hard replacement of the low band, which the paper criticises,
-  matching its Fig. 8 artifacts at 1.0.
+* Reduction (`gsp_step_scale`, --gsp-normalisation): L = 1/2 * sum of squares by default. One
+  step then moves the LL band exactly a fraction lambda of the way to the target and leaves LH,
+  HL, HH unchanged: lambda = 1 is DiffuseHigh's hard replacement, which the paper criticises,
+  matching its Fig. 8 artifacts at 1.0. The literal mean ("mean": 6.1e-6 of the gap per step,
+  no effect) and lambda's effect on SDXL ("sdxl": lambda / alpha_bar) are the alternatives.
 * Schedule: lambda_i = 0.2 * w(i), with progress p = i / (n - 1) over the n denoising steps
   actually taken: cosine w = (1 + cos(pi p)) / 2, linear w = 1 - p, increasing w = p. The
-  first step gets the full step size, the last none. Over 12 steps the cosine schedule leaves
-  27 % of the initial low-band gap (product of (1 - lambda_i)), if the model did not move it.
+  first step gets the full step size, the last none. Over 13 steps the cosine schedule leaves
+  24 % of the initial low-band gap (product of (1 - lambda_i)), if the model did not move it.
 * Where: on the merged canvas, once per step, after the regions' velocities are blended (one
   DWT instead of one per region). With even region offsets and uniform weights this equals
   applying GSP inside every region. R(z_L) is then z_L itself: the paper's resize is already
@@ -89,20 +87,12 @@ schedule (linear decreasing and increasing schedules in the ablation, Fig. 8).
   step z_t + (sigma_next - sigma) v with the same v (no second model call). The update then
   carries over unchanged into z_{t-1}.
 
-Noise level (`flow_sigma_for_sdxl_strength`, `start_sigmas`). The paper noises the input to
-t = 0.45 T on SDXL's DDPM schedule (scaled-linear betas 0.00085..0.012, T = 1000) and runs
-0.45 of the model's default steps (SDXL 50 -> 22; SD3 28 -> 12). At t = 450, alpha_bar =
-0.3470. A flow-matching latent x = (1 - sigma) x0 + sigma * eps carries the same
-signal-to-noise ratio when (1 - sigma) / sigma = sqrt(alpha_bar / (1 - alpha_bar)), i.e.
-sigma = 0.578; matching only the noise's standard deviation, sigma = sqrt(1 - alpha_bar), gives
-0.808. We match the SNR: x / (1 - sigma) and x_t / sqrt(alpha_bar) are then the same random
-variable, so the SD3 model starts from exactly the corruption SDXL started from. (diffusers'
-SD3 img2img with strength 0.45 would instead cut its shifted 28-step schedule at sigma = 0.707
-and run 13 steps: much noisier. diffusers' SDXL img2img, with "leading" spacing, actually
-starts at t = 421, sigma_equivalent 0.555.) The reduced schedule has the shape of SD3's own
-(`sd3_sigmas`, shift 3) from that sigma down to SD3's last non-zero sigma, then 0, stepped
-with Euler. `--steps` is the length of the full schedule (SD3: 28); int(strength * steps) are
-taken.
+Noise level (`start_sigmas`, --noise-level). The paper noises the input to t = 0.45 T on SDXL
+and runs 0.45 of each model's default steps (SDXL 50 -> 22; SD3: 28). On SD3's shifted flow
+schedule this reads three ways: "diffusers-strength" (default), the paper's rule run as diffusers'
+SD3 img2img runs it: sigma 0.707, 13 steps (the paper's 22 of 50 is diffusers' arithmetic);
+"snr-matched", the SNR of SDXL's alpha_bar_450 = 0.3470: sigma 0.578, 12 steps; "flow-sigma",
+sigma = 0.45, 12 steps. `start_sigmas` argues the choice. Euler steps down to 0.
 
 Regional Attention Prior on joint attention (`capture_text_attention`, `regional_attention`)
 -----------------------------------------------------------------------------------------
@@ -175,7 +165,7 @@ device). Bicubic resizing of the LR image. The RAP noise is drawn once and reuse
 Public API: CUpscaleConfig, load_sd3_pipeline, encode_conditions, upscale, sample_regions,
 denoise_regions, capture_text_attention, regional_attention, region_prior, interpolation_matrix,
 tiled_vae, plan_regions, blend_weights, crop_regions, merge_regions, region_batches, haar_dwt,
-haar_idwt, gsp_weight, global_structure_prior, sdxl_alpha_bar, flow_sigma_for_sdxl_strength,
+haar_idwt, gsp_weight, global_structure_prior, gsp_step_scale, sdxl_alpha_bar, flow_sigma_for_sdxl_strength,
 start_sigmas, parse_region_prompts, load_region_prompts, caption_regions, and the copied models
 (MMDiT, AutoEncoder, CLIPTextEncoder, T5Encoder, tokenizers, loaders, sd3_sigmas, Pipeline,
 encode_prompts). In this file `load_sd3_pipeline` and `upscale` play the roles that the
@@ -222,6 +212,7 @@ from common.io import (
     read_json,
     resolve_source,
     run_cli,
+    safetensors_files,
     safetensors_keys,
     seed_everything,
     tensor_to_image,
@@ -236,7 +227,8 @@ class CUpscaleConfig:
     vae_scale: int = 8  # SD3's VAE: 8 image px per latent px
     region_px: int = 1024  # the model's training resolution
     overlap_px: int = 512  # half the region
-    strength: float = 0.45  # SDXL-equivalent: noise to t = 0.45 T, run 0.45 of the steps
+    strength: float = 0.45  # the paper's share of the schedule: t = 0.45 T, 0.45 of the steps
+    noise_level: str = "diffusers-strength"  # how strength reads on SD3's schedule (`start_sigmas`)
     num_steps: int = 28  # SD3's default full schedule
     shift: float = 3.0  # SD3's flow-matching time shift
     guidance: float = 7.5  # CFG scale (the paper follows DemoFusion)
@@ -245,6 +237,7 @@ class CUpscaleConfig:
     rsp: bool = True  # needs regional prompts; without them it is off
     gsp_step_size: float = 0.2
     gsp_schedule: str = "cosine"
+    gsp_normalisation: str = "sum"  # the reading of Eq. 4's loss (`gsp_step_scale`)
     region_batch: int = 4  # regions per model call (each 2 or 3 batch rows)
     vae_tile_px: int = 1024
     vae_overlap_px: int = 128
@@ -883,16 +876,24 @@ class CLIPTextEncoder(nn.Module):
 # ------------------------------------------------------------------- tokenizers
 
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None) -> torch.Tensor:
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
     """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
 
     The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines.
+    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
+    reported in one line with the number of tokens dropped.
     """
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
+              file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
-        row = head + ids[: max_length - len(head) - len(tail)] + tail
+        row = head + ids[:room] + tail
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
@@ -924,11 +925,11 @@ class CLIPTokenizer:
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise UserError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
         bpe = BPE.from_file(
             str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
         )
@@ -946,12 +947,12 @@ class CLIPTokenizer:
             pad_id = self.tokenizer.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id = max_length, pad_id
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id)
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 
 class T5Tokenizer:
@@ -961,7 +962,7 @@ class T5Tokenizer:
     for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
     """
 
-    def __init__(self, path, max_length: int = 512):
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
@@ -982,11 +983,11 @@ class T5Tokenizer:
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length = max_length
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
 
 
 # --------------------------------------------------------------- weight loading
@@ -1071,12 +1072,37 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in state.items()}
-    return load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
+    and the first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
+
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
+    (which would otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
 
 
 def folder_config(path) -> dict:
-    config = path / "config.json" if path.is_dir() else None
+    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
 
 
@@ -1139,7 +1165,7 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
     """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
     `transformer/` folder, a pipeline folder, or a Hub repo id."""
-    path = resolve_source(source, subfolder="transformer", token=token)
+    path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
@@ -1220,13 +1246,20 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
 
     Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
     stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = resolve_source(source, subfolder="vae", token=token)
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
+             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
+             "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
     state = read_component(path, dtype, device, prefix="first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
         state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
     if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-    config = folder_config(path)
 
     def setting(given, key, default):
         return next(value for value in (given, config.get(key), default) if value is not None)
@@ -1237,6 +1270,16 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
         setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
         setting(stride, "stride", 1),
     )
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
     with torch.device("meta"):
         model = AutoEncoder(vae_config)
     return assign_state_dict(model, state, f"{source} (VAE)").eval()
@@ -1247,12 +1290,13 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
 
     Keys starting with one of `skip` (after the prefix) are never read.
     """
-    path = resolve_source(source, subfolder=subfolder)
+    path = component_path(source, subfolder)
 
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = {k[len(prefix) :]: v for k, v in load_safetensors(path, dtype, device, key_filter=wanted).items()}
+    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
@@ -1404,8 +1448,8 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
     if kind == "flux":
         schnell = not transformer.config.guidance_embed
         tokenizers = {
-            "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
-            "t5": T5Tokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token), max_length=256 if schnell else 512),
+            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
+            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
         }
         encoders = {
             "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
@@ -1413,9 +1457,9 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
         }
         return encoders, tokenizers
     tokenizers = {
-        "clip_l": CLIPTokenizer(resolve_source(source, "tokenizer", tokenizer_files, token)),
-        "clip_g": CLIPTokenizer(resolve_source(source, "tokenizer_2", tokenizer_files, token)),
-        "t5": T5Tokenizer(resolve_source(source, "tokenizer_3", tokenizer_files, token), max_length=256),
+        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
+        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
+        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
     }
     if encoder_file is not None:
         encoders = {
@@ -1572,6 +1616,7 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Global Structure Prior
 
 GSP_SCHEDULES = ("cosine", "linear", "increasing")
+GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
 
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
@@ -1607,10 +1652,39 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
     return (-step_size * gradient).to(x0_pred.dtype)
 
 
+def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
+    """The factor on the step size lambda_i that turns `global_structure_prior` (written for L = 1/2 sum)
+    into the paper's Eq. 5 step under each reading of its loss. The paper says "MSE" and lambda = 0.2,
+    and its ablation (Fig. 8) finds 0.2 visibly reducing repetition and 1.0 causing artifacts.
+    * "sum" (default): L = 1/2 * sum of squares; factor 1. One step closes exactly a fraction lambda of
+      the low-band gap and never overshoots for lambda <= 1; lambda = 1 is DiffuseHigh's hard
+      replacement of the low band, which the paper criticises. Both ends of its ablation behave as
+      reported, and lambda means the same on any region size, channel count or noise level.
+    * "mean": the literal mean squared error over the `low_band_size` LL coefficients of one region
+      (16 x 64 x 64 = 65,536 for SD3 at 1024 px); factor 2 / n, so 0.2 closes 6.1e-6 of the gap per
+      step: no visible effect, against the paper's Fig. 8. Applied on the merged canvas it equals the
+      per-region step (equal regions, weights summing to one).
+    * "sdxl": the effect lambda had on the paper's SDXL, where Eq. 5 differentiates x0_hat = (z_t -
+      sqrt(1 - a) eps) / sqrt(a) with eps fixed: the step then closes lambda / a_t of x0_hat's gap;
+      a_t is the VP alpha_bar with the SNR of sigma, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2),
+      floored at SDXL's last level a_999. Stronger early (0.58 at sigma 0.578) and above 1, i.e.
+      overshooting the target, for sigma > 2/3 at 0.2: the first steps of the default noise level.
+    """
+    if normalisation == "sum":
+        return 1.0
+    if normalisation == "mean":
+        return 2 / low_band_size
+    if normalisation == "sdxl":
+        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+        return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
+    raise ValueError(f"unknown GSP normalisation {normalisation!r}; choose from {GSP_NORMALISATIONS}")
+
+
 # ----------------------------------------------------------------------------- noise level
 
 SDXL_TRAIN_STEPS = 1000
 SD3_TRAIN_STEPS = 1000
+NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
 
 
 def sdxl_alpha_bar(timestep: int) -> float:
@@ -1619,38 +1693,58 @@ def sdxl_alpha_bar(timestep: int) -> float:
     return torch.cumprod(1 - betas, dim=0)[timestep].item()
 
 
-def flow_sigma_for_sdxl_strength(strength: float, match: str = "snr") -> float:
-    """The flow-matching sigma equivalent to noising an SDXL latent to t = strength * T.
+def flow_sigma_for_sdxl_strength(strength: float) -> float:
+    """The flow-matching sigma with the signal-to-noise ratio of an SDXL latent noised to t = strength * T.
 
-    match="snr": the same signal-to-noise ratio, sigma = sqrt(1-a) / (sqrt(a) + sqrt(1-a));
-    0.578 for strength 0.45 (our choice: the same corruption up to a scale).
-    match="std": the same noise standard deviation, sigma = sqrt(1-a); 0.808 for 0.45.
+    (1 - sigma) / sigma = sqrt(alpha_bar / (1 - alpha_bar)), i.e. sigma = sqrt(1-a) / (sqrt(a) + sqrt(1-a)):
+    0.578 for strength 0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(alpha_bar) are then
+    the same random variable. (Matching the noise's standard deviation instead, sigma = sqrt(1 - a),
+    would give 0.808.)
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
-    if match == "snr":
-        return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
-    if match == "std":
-        return math.sqrt(1 - alpha_bar)
-    raise ValueError(f"match must be 'snr' or 'std', got {match!r}")
+    return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
 
 
-def start_sigmas(strength: float, num_steps: int, shift: float, match: str = "snr") -> torch.Tensor:
-    """The reduced schedule for diffuse-then-denoise: int(strength * num_steps) Euler steps.
+def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
+    """The schedule of diffuse-then-denoise: the sigmas from the start noise level down to 0, Euler-stepped.
 
-    Starts at `flow_sigma_for_sdxl_strength(strength, match)` and follows the shape of SD3's
-    own schedule (`sd3_sigmas`: uniform in unshifted time) down to its last non-zero sigma, then 0.
-    Unshifting is `time_shift` with -ln(shift).
+    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps, "for all
+    models" (SDXL 50 -> 22, SD3: 28). On SD3's shifted flow schedule that reads three ways:
+    * "diffusers-strength" (default): the paper's rule as diffusers' StableDiffusion3Img2ImgPipeline
+      runs it: cut SD3's own `num_steps` schedule (`sd3_sigmas`) at int(num_steps - strength *
+      num_steps) and run the rest: 0.45 of 28 -> sigma 0.707, 13 steps. Chosen because the paper
+      states its noise level as this share of each model's own schedule, and its SDXL count, 22 of
+      50, is exactly diffusers' img2img arithmetic int(50 * 0.45) (which starts SDXL at t = 421, not
+      450); SD3 was tuned on its shift-3 schedule, so a share of that schedule is its own measure of
+      how much is redrawn, while equal SNR in two different latent spaces (SDXL 4 channels, SD3 16)
+      is not equal corruption.
+    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`): 0.578
+      for 0.45; int(strength * num_steps) steps (12) on the shape of SD3's schedule.
+    * "flow-sigma": sigma = strength, SD3's own timestep axis read literally (t = 0.45 T = timestep
+      450): the least noise, the most faithful; int(strength * num_steps) steps likewise.
+    The re-spaced schedules are uniform in unshifted time from the start sigma down to SD3's last
+    non-zero sigma (unshifting is `time_shift` with -ln(shift)).
     """
-    steps = int(strength * num_steps)  # the paper's count: SDXL 50 -> 22, SD3 28 -> 12
-    if steps < 1:
+    if noise_level == "diffusers-strength":
+        start = int(max(num_steps - min(num_steps * strength, num_steps), 0))  # diffusers' get_timesteps
+        sigmas = sd3_sigmas(num_steps, shift)[start:]
+    elif noise_level in ("snr-matched", "flow-sigma"):
+        steps = int(strength * num_steps)
+        if steps < 1:
+            raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
+        first = flow_sigma_for_sdxl_strength(strength) if noise_level == "snr-matched" else strength
+        mu = math.log(shift)
+        t_first = time_shift(torch.tensor([first], dtype=torch.float64), -mu).item()
+        t_last = time_shift(torch.tensor([1 / SD3_TRAIN_STEPS], dtype=torch.float64), mu).item()
+        sigmas = torch.cat([time_shift(torch.linspace(t_first, t_last, steps, dtype=torch.float64), mu),
+                            torch.zeros(1, dtype=torch.float64)])
+    else:
+        raise ValueError(f"unknown noise level {noise_level!r}; choose from {', '.join(NOISE_LEVELS)}")
+    if len(sigmas) < 2:
         raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
-    mu = math.log(shift)
-    t_first = time_shift(torch.tensor([flow_sigma_for_sdxl_strength(strength, match)], dtype=torch.float64), -mu).item()
-    t_last = time_shift(torch.tensor([1 / SD3_TRAIN_STEPS], dtype=torch.float64), mu).item()
-    sigmas = time_shift(torch.linspace(t_first, t_last, steps, dtype=torch.float64), mu)
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    return sigmas.float()
 
 
 # ----------------------------------------------------------------------------- regional prompts (RSP input)
@@ -1767,7 +1861,8 @@ def caption_regions(
             except UserError as error:
                 if not rsp_off_on_failure:
                     raise UserError(f"region {region.key}: {error}") from None
-                print(f"warning: region {region.key}: {error}; regional semantic prior off", file=sys.stderr)
+                print(f"warning: region {region.key}: {error}; RSP (regional semantic prior) off "
+                      "(--caption-failure rsp-off)", file=sys.stderr)
                 return None
     return prompts
 
@@ -1958,7 +2053,7 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     rap_latent: the LR image at `rap_size`, encoded (RAP's source).
     """
     device = lr_latent.device
-    sigmas = start_sigmas(config.strength, config.num_steps, config.shift).tolist()
+    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level).tolist()
     noise = torch.randn(lr_latent.shape, generator=generator).to(device)
     rap_noise = torch.randn(rap_latent.shape, generator=generator).to(device)
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
@@ -1969,6 +2064,7 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     ) if config.rap else None
     batches = list(region_batches(regions, config.region_batch))
     steps = len(sigmas) - 1
+    low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # LL coefficients of one region
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         lr_maps = None
         if config.rap:
@@ -1981,7 +2077,8 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
                 progress(i * len(batches) + j + 1, steps * len(batches))
         v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
         if config.gsp:
-            step_size = config.gsp_step_size * gsp_weight(i, steps, config.gsp_schedule)
+            step_size = (config.gsp_step_size * gsp_weight(i, steps, config.gsp_schedule)
+                         * gsp_step_scale(config.gsp_normalisation, sigma, low_band_size))
             z = z + global_structure_prior(z - sigma * v, lr_latent, step_size)
         z = z + (sigma_next - sigma) * v
     return z
@@ -2177,10 +2274,17 @@ def parser() -> ArgumentParser:
     p.add_argument("--model", default=TEXT_SOURCES["sd3"],
                    help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
     p.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
-                   help="length of the full schedule; int(strength * steps) are run (28 -> 12)")
+                   help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
     p.add_argument("--strength", type=number(0, 1), default=d.strength,
-                   help="noise level in (0, 1] as SDXL's t/T (0.45 -> flow sigma 0.578, same SNR); also the "
-                   "share of steps run")
+                   help="the paper's noise level in (0, 1]: noise to t = strength * T and run that share "
+                   "of the steps (paper: 0.45); --noise-level says how it reads on SD3")
+    p.add_argument("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
+                   help="how --strength becomes SD3's start noise. diffusers-strength (default): the "
+                   "paper's rule 'run 0.45 of each model's default steps' as diffusers' SD3 img2img runs "
+                   "it, sigma 0.707 and 13 of 28 steps (the paper's SDXL count, 22 of 50, is diffusers' "
+                   "arithmetic; SD3 was tuned on this shifted schedule). snr-matched: the SNR of SDXL's "
+                   "t = 0.45 T, sigma 0.578, 12 steps. flow-sigma: sigma = strength, 0.45, 12 steps (the "
+                   "most faithful, the least creative)")
     p.add_argument("--guidance", type=number(0, 100), default=d.guidance,
                    help="classifier-free guidance scale")
     p.add_argument("--seed", type=SEED, default=0)
@@ -2192,10 +2296,13 @@ def parser() -> ArgumentParser:
                    help="regions per model call (memory vs speed)")
     rsp = p.add_mutually_exclusive_group()
     rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
-    rsp.add_argument("--caption-cmd", help="command writing a region's prompt to stdout; {image} = region "
-                     "crop PNG, {prompt} = global prompt")
+    rsp.add_argument("--caption-cmd",
+                     help="command run once per region, without a shell, {image} replaced by the region's "
+                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
+                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
     p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
-                   help="what a failing caption command does")
+                   help="a caption command that fails, times out or prints nothing usable: stop (default) "
+                   "ends the run naming the region; rsp-off goes on with RSP off")
     p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
     p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
     p.add_argument("--no-rsp", action="store_true",
@@ -2203,8 +2310,17 @@ def parser() -> ArgumentParser:
     p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
                    help="multidiffusion: the plain regional-denoising baseline (all priors off)")
     p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
-                   help="share of the gap to the input's low band closed per step (1: replace the band)")
-    p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule)
+                   help="GSP step size lambda (paper: 0.2); with --gsp-normalisation sum, the share of the "
+                   "gap to the input's low band closed per step (1: replace the band)")
+    p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
+                   help="how lambda decays over the steps (paper: cosine; linear, increasing: its ablation)")
+    p.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
+                   help="how Eq. 4's 'MSE' is reduced, i.e. what lambda means. sum (default): 1/2 sum of "
+                   "squares, a step closes exactly lambda of the low-band gap on any region or noise "
+                   "level, as the paper's ablation needs (0.2 helps, 1.0 makes artifacts). mean: the "
+                   "literal mean over a region's low band; 0.2 closes 6e-6 of the gap (no effect). sdxl: "
+                   "the share lambda closed on the paper's SDXL, lambda / alpha_bar (0.58 at sigma 0.578; "
+                   "overshoots above sigma 2/3)")
     p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
     p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px,
                    help="VAE tile overlap in image px")
@@ -2233,11 +2349,15 @@ def main(argv=None):
         num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
         rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline), gsp_step_size=args.gsp_step_size,
         gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
-        vae_overlap_px=args.vae_overlap,
+        vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
+        gsp_normalisation=args.gsp_normalisation,
     )
-    steps = int(config.strength * config.num_steps)
-    if steps < 1:
-        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take")
+    try:
+        sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
+    except ValueError:
+        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take "
+                        f"(--noise-level {args.noise_level})") from None
+    steps, start_sigma = len(sigmas) - 1, sigmas[0].item()
     target_size(*image.size, args.scale, 2)  # refuse absurd targets before the model is looked up
     if not args.prompt:
         print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
@@ -2251,17 +2371,24 @@ def main(argv=None):
     latent_size = height // config.vae_scale, width // config.vae_scale
     regions = plan_regions(*latent_size, config.region, config.stride)
 
-    region_prompts = None  # captions come before the weights: a local captioner has the GPU to itself
+    # One line on RSP before any slow work; captions come before the weights (a local captioner has the GPU).
+    region_prompts = None
     if not config.rsp:
-        print("note: regional semantic prior off (ablation)", file=sys.stderr)
+        print(f"RSP (regional semantic prior) off: {'--mode multidiffusion' if baseline else '--no-rsp'}",
+              file=sys.stderr)
     elif args.region_prompts:
         region_prompts = load_region_prompts(args.region_prompts, regions)
+        print(f"RSP (regional semantic prior) on: {len(regions)} regional prompts from {args.region_prompts}",
+              file=sys.stderr)
     elif args.caption_cmd:
+        print(f"RSP (regional semantic prior) on: captioning {len(regions)} regions with --caption-cmd",
+              file=sys.stderr)
         resized = image.resize((width, height), Image.BICUBIC)
         region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
                                          config.caption_timeout_s, args.caption_failure == "rsp-off")
     else:
-        print("note: no --region-prompts or --caption-cmd: regional semantic prior off", file=sys.stderr)
+        print("RSP (regional semantic prior) off: no --region-prompts or --caption-cmd (the paper "
+              "captions each region with LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
     config.rsp = region_prompts is not None
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
@@ -2276,17 +2403,18 @@ def main(argv=None):
     switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
                          (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
     print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} "
-          f"steps ({switches})", file=sys.stderr)
+          f"steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})", file=sys.stderr)
     started = time.perf_counter()
     progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
     picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
-    start_sigma = start_sigmas(config.strength, config.num_steps, config.shift)[0].item()
     settings = dict(
         model=args.model, input=str(args.input), input_size=list(image.size), width=width, height=height,
         scale=args.scale, steps=args.steps, steps_run=steps, strength=args.strength,
+        noise_level=args.noise_level,
         start_sigma=round(start_sigma, 6), guidance=args.guidance, seed=args.seed,
         negative_prompt=args.negative_prompt, mode=args.mode, gsp=config.gsp, rap=config.rap, rsp=config.rsp,
-        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_size=args.region_size,
+        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule,
+        gsp_normalisation=args.gsp_normalisation, region_size=args.region_size,
         region_overlap=args.region_overlap, regions=len(regions), dtype=str(pipe.dtype),
     )
     scale = config.vae_scale

@@ -1,6 +1,7 @@
 """C-Upscale end to end on a tiny random SD3 pipeline: copied models, RAP, composer, tiled VAE, CLI."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -14,10 +15,11 @@ from tiny_pipelines import make_sd3_pipeline
 
 PROMPT = "a photo of cat sitting on mat"
 # Tiny pipeline: VAE factor 2, patch 2, so sizes are multiples of 4 px. Regions 64 px (32 latent px,
-# 16x16 tokens) with 32 px overlap; VAE tiles of 128 px (64 in the 4x test); 8-step schedule -> int(0.45 * 8) = 3 steps.
-TINY = ["--region-size", "64", "--region-overlap", "32", "--vae-tile", "128", "--vae-overlap", "16", "--steps", "8",
+# 16x16 tokens) with 32 px overlap; VAE tiles of 128 px (64 in the 4x test); 6-step schedule, cut as
+# diffusers does at strength 0.45: int(6 - 2.7) = 3, so 3 steps run.
+TINY = ["--region-size", "64", "--region-overlap", "32", "--vae-tile", "128", "--vae-overlap", "16", "--steps", "6",
         "--region-batch", "16", "--device", "cpu", "--dtype", "fp32"]
-CONFIG = cu.CUpscaleConfig(vae_scale=2, region_px=64, overlap_px=32, num_steps=8, region_batch=16, vae_tile_px=64, vae_overlap_px=16)
+CONFIG = cu.CUpscaleConfig(vae_scale=2, region_px=64, overlap_px=32, num_steps=6, region_batch=16, vae_tile_px=64, vae_overlap_px=16)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +236,13 @@ def test_cli_2x_writes_the_png_and_the_same_seed_gives_the_same_bytes(folder, lr
     settings = json.loads(image.text["settings"])
     assert image.text["prompt"] == PROMPT and image.text["seed"] == "0" and settings["steps_run"] == 3
     assert settings["gsp"] and settings["rap"] and not settings["rsp"]
+    assert settings["noise_level"] == "diffusers-strength" and settings["gsp_normalisation"] == "sum"
+    assert settings["start_sigma"] == pytest.approx(cu.sd3_sigmas(6).float()[3].item(), abs=1e-6)
     regions = json.loads((tmp_path / "hr.regions.json").read_text())
     assert len(regions["regions"]) == 9 and regions["rsp"] is False
-    assert "regional semantic prior off" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "RSP (regional semantic prior) off: no --region-prompts or --caption-cmd" in err
+    assert err.index("RSP (regional semantic prior)") < err.index("upscaling 64x64")  # said before the work
     assert upscale_cli(folder, lr_path, tmp_path / "again.png").read_bytes() == output.read_bytes()
 
 
@@ -259,6 +265,36 @@ def test_each_ablation_switch_changes_the_output_and_gsp_step_zero_is_no_gsp(fol
     assert not torch.equal(outputs["multidiffusion"], outputs["--no-gsp"])
     zero = pixels(upscale_cli(folder, lr_path, tmp_path / "zero.png", *prompts, "--gsp-step-size", "0"))
     assert torch.equal(zero, outputs["--no-gsp"])
+
+
+def test_cli_noise_level_and_gsp_normalisation_are_used_recorded_and_said(folder, lr_path, tmp_path, capsys):
+    prompts = ["--region-prompts", str(region_prompt_file(tmp_path / "regions.json", 1, 1))]  # scale 1: 1 region
+    output = upscale_cli(folder, lr_path, tmp_path / "hr.png", *prompts, "--noise-level", "snr-matched",
+                         "--gsp-normalisation", "sdxl", scale=1)
+    settings = json.loads(Image.open(output).text["settings"])
+    assert settings["noise_level"] == "snr-matched" and settings["gsp_normalisation"] == "sdxl"
+    assert settings["steps_run"] == 2  # int(0.45 * 6)
+    assert settings["start_sigma"] == pytest.approx(cu.flow_sigma_for_sdxl_strength(0.45), abs=2e-6)
+    err = capsys.readouterr().err
+    assert "RSP (regional semantic prior) on: 1 regional prompts from" in err
+    assert "1 regions x 2 steps from sigma 0.578 (snr-matched; GSP on, RAP on, RSP on)" in err
+
+
+def test_each_gsp_normalisation_scales_the_guidance_it_adds(pipe, conditions):
+    # One region, 3 steps: the change GSP makes to the sampled latent, against no GSP, under each reading.
+    lr = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7))
+
+    def sample(**changes):
+        config = dataclasses.replace(CONFIG, rap=False, **changes)
+        generator = torch.Generator().manual_seed(0)
+        return cu.sample_regions(pipe.transformer, lr, lr, conditions, config, torch.float32, generator)
+
+    none = sample(gsp=False)
+    change = {name: (sample(gsp_normalisation=name) - none).norm().item() for name in cu.GSP_NORMALISATIONS}
+    print(f"[gsp] |change| against no GSP: {change}")
+    # mean: the step is 2 / (4 * 16 * 16) = 0.002 of the default's (the model's reaction bends it a little);
+    # sdxl: larger than the default, by 1 / alpha_bar > 1 at every step
+    assert 0.5 * 2 / 1024 < change["mean"] / change["sum"] < 2 * 2 / 1024 and change["sum"] < change["sdxl"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -286,7 +322,8 @@ def test_failing_caption_command_is_named_then_fatal_or_rsp_off_and_no_prompt_is
     # and the run without a prompt is allowed, with a note
     assert run(folder, lr_path, tmp_path / "hr.png", "--caption-cmd", command, "--caption-failure", "rsp-off", prompt="") == 0
     err = capsys.readouterr().err
-    assert "regional semantic prior off" in err and "no --prompt" in err
+    assert "RSP (regional semantic prior) on: captioning 9 regions" in err and "no --prompt" in err
+    assert "RSP (regional semantic prior) off (--caption-failure rsp-off)" in err
     assert json.loads((tmp_path / "hr.regions.json").read_text())["rsp"] is False
 
 
@@ -310,7 +347,7 @@ def test_model_geometry_from_configs_and_from_a_single_files_headers(folder, pip
 def test_overwrite_replaces_the_image_and_its_sidecar_together(folder, lr_path, tmp_path):
     (tmp_path / "hr.png").write_bytes(b"old image")
     (tmp_path / "hr.regions.json").write_text("old record")
-    upscale_cli(folder, lr_path, tmp_path / "hr.png", "--overwrite", "--steps", "3", scale=1)  # 1 region, 1 step
+    upscale_cli(folder, lr_path, tmp_path / "hr.png", "--overwrite", "--steps", "2", scale=1)  # 1 region, 1 step
     assert Image.open(tmp_path / "hr.png").size == (64, 64)
     assert json.loads((tmp_path / "hr.regions.json").read_text())["regions"][0]["box"] == [0, 0, 64, 64]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hr.png", "hr.regions.json"]  # no temporary file

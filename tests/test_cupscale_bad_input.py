@@ -17,11 +17,11 @@ from common.io import run_cli
 from tiny_pipelines import make_sd3_pipeline
 
 PY = shlex.quote(sys.executable)
-# Regions 64 px with 32 px overlap, VAE tiles 128 px, 8-step schedule (3 steps run); the 64 px input at
+# Regions 64 px with 32 px overlap, VAE tiles 128 px, 6-step schedule (3 steps run); the 64 px input at
 # --scale 2 gives 3x3 regions.
 BASE = {"--input": "{tmp}/lr.png", "--output": "{tmp}/hr.png", "--prompt": "a photo of cat", "--scale": "2",
         "--region-size": "64", "--region-overlap": "32", "--vae-tile": "128", "--vae-overlap": "16",
-        "--steps": "8", "--device": "cpu", "--dtype": "fp32"}
+        "--steps": "6", "--device": "cpu", "--dtype": "fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,13 @@ CASES = [
     case("steps-fraction", {"--steps": "2.5"}, "--steps: expected an integer"),
     case("strength-above-one", {"--strength": "1.5"}, "--strength: must be in [0, 1], got 1.5"),
     case("strength-nan", {"--strength": "nan"}, "--strength: must be a finite number"),
-    case("strength-leaves-no-step", {"--strength": "0.1"}, "--strength 0.1 of --steps 8 leaves no step"),
+    case("strength-zero", {"--strength": "0"},
+         "--strength 0 of --steps 6 leaves no step to take (--noise-level diffusers-strength)"),
+    case("strength-leaves-no-step", {"--strength": "0.1", "--noise-level": "snr-matched"},
+         "--strength 0.1 of --steps 6 leaves no step to take (--noise-level snr-matched)"),
+    case("noise-level-unknown", {"--noise-level": "sdxl"}, "--noise-level: invalid choice: 'sdxl'"),
+    case("gsp-normalisation-unknown", {"--gsp-normalisation": "l2"},
+         "--gsp-normalisation: invalid choice: 'l2'"),
     case("seed-negative", {"--seed": "-1"}, f"--seed: must be in [0, {2**64 - 1}], got -1"),
     case("seed-beyond-64-bits", {"--seed": str(2**64)}, f"--seed: must be in [0, {2**64 - 1}], got {2**64}"),
     case("region-size-zero", {"--region-size": "0"}, "--region-size: must be >= 1, got 0"),
@@ -181,7 +187,7 @@ def test_bad_input_is_refused_before_any_weight_and_writes_nothing(folder, work,
 
 
 # The three cases below run the whole (tiny) pipeline: one region, one step.
-QUICK = {"--scale": "1", "--steps": "3"}
+QUICK = {"--scale": "1", "--steps": "2"}
 
 
 def appearing(name):

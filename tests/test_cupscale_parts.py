@@ -18,6 +18,7 @@ from cupscale import (
     crop_regions,
     flow_sigma_for_sdxl_strength,
     global_structure_prior,
+    gsp_step_scale,
     gsp_weight,
     haar_dwt,
     haar_idwt,
@@ -155,18 +156,52 @@ def test_gsp_is_the_gradient_of_half_the_summed_squares_wrt_the_noisy_latent():
     assert torch.allclose(global_structure_prior(x0, lr, 0.2), -0.2 * gradient, atol=1e-5)
 
 
-def test_gsp_mean_reduction_would_be_negligible():
-    # The documented number: F.mse_loss (a mean over the 16 * 64 * 64 = 65,536 low-band
-    # coefficients of a region) makes step size 0.2 close 2 * 0.2 / 65,536 = 6.1e-6 of the gap.
+def test_gsp_mean_normalisation_is_the_literal_mse_step_and_negligible():
+    # F.mse_loss (a mean over the 16 * 64 * 64 = 65,536 low-band coefficients of an SD3 region at
+    # 1024 px) makes step size 0.2 close 2 * 0.2 / 65,536 = 6.1e-6 of the gap (the documented number).
     x0, lr = (tensor.double() for tensor in _region_pair())
     x = x0.clone().requires_grad_()
     loss = torch.nn.functional.mse_loss(haar_dwt(x)[..., 0, :, :], haar_dwt(lr)[..., 0, :, :])
     (gradient,) = torch.autograd.grad(loss, x)
+    ours = global_structure_prior(x0, lr, 0.2 * gsp_step_scale("mean", 0.7, 16 * 64 * 64))
+    assert torch.allclose(ours, -0.2 * gradient, rtol=1e-5, atol=1e-12)  # GSP computes in fp32
     gap = haar_dwt(x0)[..., 0, :, :] - haar_dwt(lr)[..., 0, :, :]
     closed = 1 - ((haar_dwt(x0 - 0.2 * gradient)[..., 0, :, :] - haar_dwt(lr)[..., 0, :, :]).norm() / gap.norm()).item()
-    print(f"[gsp] mean reduction closes {closed:.2e} of the gap; sum (ours) closes 0.2")
+    print(f"[gsp] mean reduction closes {closed:.2e} of the gap; sum (the default) closes 0.2")
     assert closed == pytest.approx(2 * 0.2 / 65536, rel=1e-2)
     assert f"{2 * 0.2 / 65536:.1e}" == "6.1e-06"
+    assert gsp_step_scale("sum", 0.7, 65536) == 1
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5784, 0.7073])
+def test_gsp_sdxl_normalisation_moves_x0_as_eq5_does_on_an_sdxl_latent_of_equal_snr(sigma):
+    # SDXL: z_t = sqrt(a) x0 + sqrt(1 - a) eps; Eq. 5 differentiates x0_hat = (z_t - sqrt(1 - a) eps)
+    # / sqrt(a) with eps fixed, steps z_t, and x0_hat moves by lambda / a of the gap. Ours moves x0_hat
+    # (= z - sigma v, v fixed) by lambda * gsp_step_scale("sdxl", sigma): the same change when a has
+    # the SNR of sigma.
+    x0, lr = torch.randn(2, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+    assert a / (1 - a) == pytest.approx(((1 - sigma) / sigma) ** 2)  # equal SNR
+    eps = torch.randn_like(x0)
+    z = (math.sqrt(a) * x0 + math.sqrt(1 - a) * eps).requires_grad_()
+    x0_hat = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    loss = 0.5 * (haar_dwt(x0_hat)[..., 0, :, :] - haar_dwt(lr)[..., 0, :, :]).square().sum()
+    (gradient,) = torch.autograd.grad(loss, z)
+    sdxl_x0_after = (z.detach() - 0.2 * gradient - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    ours_after = x0 + global_structure_prior(x0, lr, 0.2 * gsp_step_scale("sdxl", sigma, 65536))
+    assert torch.allclose(ours_after, sdxl_x0_after, atol=1e-5)  # GSP computes in fp32
+
+
+def test_gsp_sdxl_normalisation_numbers():
+    sdxl = lambda sigma: 0.2 * gsp_step_scale("sdxl", sigma, 65536)  # noqa: E731
+    # documented: 0.58 at the SNR-matched start, exactly 1 at sigma 2/3, overshooting above (1.37 at 0.707)
+    assert sdxl(flow_sigma_for_sdxl_strength(0.45)) == pytest.approx(0.2 / sdxl_alpha_bar(450), rel=1e-9)
+    assert sdxl(flow_sigma_for_sdxl_strength(0.45)) == pytest.approx(0.576, abs=1e-3)
+    assert sdxl(2 / 3) == pytest.approx(1.0)
+    assert sdxl(start_sigmas(0.45, 28, 3.0)[0].item()) == pytest.approx(1.368, abs=1e-3)
+    assert sdxl(1.0) == pytest.approx(0.2 / sdxl_alpha_bar(999))  # floored at SDXL's last level, not infinite
+    with pytest.raises(ValueError):
+        gsp_step_scale("l2", 0.5, 65536)
 
 
 def test_gsp_step_size_zero_leaves_the_latent_unchanged():
@@ -182,17 +217,17 @@ def test_gsp_keeps_dtype_and_refuses_mismatched_shapes():
 
 
 def test_gsp_schedules():
-    n = 12  # SD3: int(0.45 * 28) steps
+    n = 13  # SD3 at the default noise level: 13 of 28 steps
     cosine = [gsp_weight(i, n, "cosine") for i in range(n)]
     assert cosine[0] == 1 and cosine[-1] == pytest.approx(0, abs=1e-15)
     assert all(a > b for a, b in zip(cosine, cosine[1:]))
-    # by hand: (1 + cos(pi * 3/11)) / 2 at step 3 of 12
-    assert cosine[3] == pytest.approx((1 + math.cos(math.pi * 3 / 11)) / 2)
+    # by hand: (1 + cos(pi * 3/12)) / 2 at step 3 of 13
+    assert cosine[3] == pytest.approx((1 + math.cos(math.pi * 3 / 12)) / 2)
     assert [gsp_weight(i, 5, "linear") for i in range(5)] == [1, 0.75, 0.5, 0.25, 0]
     assert [gsp_weight(i, 5, "increasing") for i in range(5)] == [0, 0.25, 0.5, 0.75, 1]
     assert gsp_weight(0, 1, "cosine") == 1
-    # documented: the cosine schedule at 0.2 leaves 27 % of the initial low-band gap over 12 steps
-    assert math.prod(1 - 0.2 * w for w in cosine) == pytest.approx(0.2713, abs=1e-4)
+    # documented: the cosine schedule at 0.2 leaves 24 % of the initial low-band gap over 13 steps
+    assert math.prod(1 - 0.2 * w for w in cosine) == pytest.approx(0.2434, abs=1e-4)
     with pytest.raises(ValueError):
         gsp_weight(0, 12, "exponential")
 
@@ -209,10 +244,9 @@ def test_sdxl_alpha_bar_by_hand():
 def test_flow_sigma_for_the_papers_strength():
     a = 0.3470447  # alpha_bar at t = 450
     by_snr = math.sqrt(1 - a) / (math.sqrt(a) + math.sqrt(1 - a))  # (1-s)/s = sqrt(a/(1-a))
-    assert flow_sigma_for_sdxl_strength(0.45, "snr") == pytest.approx(by_snr, abs=1e-6)
-    assert flow_sigma_for_sdxl_strength(0.45, "snr") == pytest.approx(0.5784, abs=1e-4)
-    assert flow_sigma_for_sdxl_strength(0.45, "std") == pytest.approx(math.sqrt(1 - a), abs=1e-6)
-    assert flow_sigma_for_sdxl_strength(0.45, "std") == pytest.approx(0.8081, abs=1e-4)
+    assert flow_sigma_for_sdxl_strength(0.45) == pytest.approx(by_snr, abs=1e-6)
+    assert flow_sigma_for_sdxl_strength(0.45) == pytest.approx(0.5784, abs=1e-4)
+    assert math.sqrt(1 - a) == pytest.approx(0.8081, abs=1e-4)  # documented: matching the std instead
     sigma = flow_sigma_for_sdxl_strength(0.45)
     assert ((1 - sigma) / sigma) ** 2 == pytest.approx(a / (1 - a), rel=1e-5)  # equal SNR
     # documented: diffusers' SDXL img2img really starts at t = 421 ("leading" spacing)
@@ -241,16 +275,68 @@ def test_sd3_sigmas_match_diffusers():
     assert torch.allclose(sd3_sigmas(28, 3.0).float(), scheduler.sigmas.float(), atol=1e-6)
 
 
-def test_start_sigmas():
-    sigmas = start_sigmas(0.45, 28, 3.0)
-    assert len(sigmas) == 12 + 1  # int(0.45 * 28) steps
-    assert sigmas[0].item() == pytest.approx(0.5784, abs=1e-4)
+@pytest.mark.parametrize("noise_level, first, steps", [
+    ("diffusers-strength", 0.7073, 13),  # sd3_sigmas(28)[15]: int(28 - 12.6) = 15, 13 steps left
+    ("snr-matched", 0.5784, 12),  # int(0.45 * 28) steps
+    ("flow-sigma", 0.45, 12),
+])
+def test_start_sigmas_for_each_noise_level(noise_level, first, steps):
+    sigmas = start_sigmas(0.45, 28, 3.0, noise_level)
+    print(f"[noise] {noise_level}: sigma {sigmas[0].item():.4f}, {len(sigmas) - 1} steps")
+    assert len(sigmas) == steps + 1
+    assert sigmas[0].item() == pytest.approx(first, abs=1e-4)
     assert sigmas[-1] == 0 and sigmas[-2] == sd3_sigmas(28, 3.0).float()[-2]
     assert (sigmas[1:] < sigmas[:-1]).all()
-    assert len(start_sigmas(0.45, 50, 3.0)) == 22 + 1  # the paper's SDXL count
-    assert start_sigmas(0.45, 28, 3.0, match="std")[0].item() == pytest.approx(0.8081, abs=1e-4)
-    with pytest.raises(ValueError):
-        start_sigmas(0.02, 28, 3.0)
+
+
+def test_start_sigmas_default_and_refusals():
+    assert CONFIG.noise_level == "diffusers-strength"
+    assert torch.equal(start_sigmas(0.45, 28, 3.0), start_sigmas(0.45, 28, 3.0, "diffusers-strength"))
+    assert torch.equal(start_sigmas(0.45, 28, 3.0), sd3_sigmas(28, 3.0).float()[15:])
+    assert len(start_sigmas(0.45, 50, 3.0, "snr-matched")) == 22 + 1  # the paper's SDXL count
+    assert len(start_sigmas(0.02, 28, 3.0)) == 1 + 1  # diffusers keeps one step for any strength > 0
+    for strength, noise_level in [(0.02, "snr-matched"), (0.02, "flow-sigma"), (0.0, "diffusers-strength")]:
+        with pytest.raises(ValueError, match="leaves no step"):
+            start_sigmas(strength, 28, 3.0, noise_level)
+    with pytest.raises(ValueError, match="unknown noise level"):
+        start_sigmas(0.45, 28, 3.0, "sdxl")
+
+
+@pytest.mark.parametrize("steps, strength",
+                         [(28, 0.45), (50, 0.45), (28, 0.3), (6, 0.45), (8, 0.1), (28, 1.0)])
+def test_diffusers_strength_is_sd3_img2img_pipelines_schedule(steps, strength):
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-Medium's scheduler config
+    scheduler.set_timesteps(steps)
+    pipeline = SimpleNamespace(scheduler=scheduler)  # get_timesteps reads only the scheduler
+    get_timesteps = diffusers.StableDiffusion3Img2ImgPipeline.get_timesteps
+    timesteps, count = get_timesteps(pipeline, steps, strength, "cpu")
+    theirs = scheduler.sigmas[scheduler.begin_index :]
+    ours = start_sigmas(strength, steps, 3.0, "diffusers-strength")
+    assert len(ours) == len(theirs) == count + 1
+    assert torch.allclose(ours, theirs.float(), atol=1e-6)
+    assert torch.allclose(ours[:-1] * 1000, timesteps.float(), atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers, numpy 2
+def test_sdxl_schedule_and_the_papers_step_count_are_diffusers():
+    # alpha_bar_450 from diffusers' DDPM scaled-linear schedule, and the paper's "22 steps" for SDXL:
+    # diffusers' SDXL img2img at strength 0.45 of 50 runs int(22.5) = 22 steps, starting at t = 421
+    # (SDXL's "leading" spacing).
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    ddpm = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert sdxl_alpha_bar(450) == pytest.approx(ddpm.alphas_cumprod[450].item(), rel=1e-6)
+    euler = diffusers.EulerDiscreteScheduler(  # SDXL's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    euler.set_timesteps(50)
+    pipeline = SimpleNamespace(scheduler=euler)
+    timesteps, count = diffusers.StableDiffusionXLImg2ImgPipeline.get_timesteps(pipeline, 50, 0.45, "cpu")
+    assert count == 22 and timesteps[0].item() == 421
 
 
 # ----------------------------------------------------------------------------- regional prompts
@@ -337,7 +423,7 @@ def test_caption_command_failure_is_named_or_turns_rsp_off(capsys):
     with pytest.raises(UserError, match=r"region 0,0: caption command failed with exit code 1: .*llava: out of memory"):
         caption_regions(_quadrant_image(), CAPTION_REGIONS, command, "p", 8, timeout_s=60)
     assert caption_regions(_quadrant_image(), CAPTION_REGIONS, command, "p", 8, 60, rsp_off_on_failure=True) is None
-    assert "regional semantic prior off" in capsys.readouterr().err
+    assert "RSP (regional semantic prior) off (--caption-failure rsp-off)" in capsys.readouterr().err
 
 
 def test_caption_command_timeout_silence_and_bad_templates():
