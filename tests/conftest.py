@@ -57,3 +57,13 @@ def report(name, ours, reference):
     error = (ours.float() - reference.float()).abs().max().item()
     print(f"[parity] {name}: max abs error {error:.3e} (reference magnitude {reference.abs().max().item():.3e})")
     return error
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torchrun's rendezvous (a fixed port collides with any
+    other test run on the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
