@@ -40,7 +40,7 @@ Status
     on tiny random weights (tests/test_diffusion4k_pipeline.py). WLF fine-tuning (`train`: full
     or LoRA, resumable, torchrun + FSDP2) works on CPU (tests/test_diffusion4k_train.py); its
     CUDA bf16 / nccl paths have not been run. SC-VAE decoder training (`train-vae`: MSE +
-    LPIPS + scale consistency with the frozen F8 decoder, optional GAN, EMA) works on CPU
+    LPIPS + scale consistency with the frozen F8 decoder, GAN, EMA) works on CPU
     (tests/test_diffusion4k_train_vae.py); its CUDA path has not been run either.
 
 Commands
@@ -55,17 +55,19 @@ Commands
 
 Public API
     FluxConfig, Flux, load_flux, pack_latents, unpack_latents, latent_image_ids
-    SD3Config, MMDiT, load_sd3;  VAEConfig, AutoEncoder, load_vae
+    SD3Config, MMDiT, load_sd3, compile_blocks;  VAEConfig, AutoEncoder, load_vae
     T5Encoder, load_t5, T5Tokenizer;  CLIPTextEncoder, load_clip, CLIPTokenizer
     rope_frequencies, rope_table, haar_dwt, haar_idwt
     flux_sigmas, sd3_sigmas, euler_sample, load_pipeline, encode_prompts, generate
-    wlf_loss, sample_sigmas, training_loss, add_lora, export_lora_diffusers, train
+    wlf_loss, sample_sigmas, training_loss, encode_latents, wlf_micro_step, train
+    add_lora, export_lora_diffusers
     Decoder.features / Decoder.head, scale_consistency_loss, LPIPS, Discriminator, train_vae
 """
 
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -101,6 +103,7 @@ from common.io import (
     load_image,
     load_safetensors,
     number,
+    positive,
     progress_bar,
     read_json,
     read_text,
@@ -581,6 +584,20 @@ class MMDiT(nn.Module):
         return out.reshape(b, self.config.out_channels, height, width)
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
+    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
+    each class compiles once, at its first call, and all its blocks reuse that graph: compile
+    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
+    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
+    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
+    between the compiled parts. A new input shape compiles once more."""
+    for name in ("double_blocks", "single_blocks", "joint_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+
+
 # ================================================================================= VAE
 
 
@@ -599,8 +616,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
+        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
@@ -616,7 +637,10 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
+        # sends SDPA to its math backend, which writes the hw x hw scores)
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
@@ -1809,11 +1833,14 @@ def visiting(module: nn.Module, device, home):
 def stream_blocks(transformer: nn.Module, device, home="cpu"):
     """Keep the transformer's blocks in `home` memory and move each to `device` only for its own
     forward; everything else (embedders, final layer, SD3's position table: small) lives on
-    `device`. The 12B Flux then needs the GPU memory of one block plus activations."""
+    `device`. The 12B Flux then needs the GPU memory of one block plus activations. The hooks
+    stay eager under `compile_blocks`: moving weights is no part of a block's graph."""
 
+    @torch.compiler.disable
     def arrive(module, args):
         module.to(device)
 
+    @torch.compiler.disable
     def leave(module, args, output):
         module.to(home)
 
@@ -1971,20 +1998,25 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 # x0_hat and the true latent x0 go through a one-level Haar DWT, and the loss is the MSE of the
 # subbands. Upstream weighs the four subbands equally; since the one-level Haar DWT is
 # orthonormal that loss IS the latent-space MSE of x0 (see `wlf_loss`), i.e. a sigma^2-weighted
-# velocity loss. `--wavelet-weights 1,2,2,2` gives the high-frequency emphasis the paper talks
-# about. Everything else follows upstream: uniform sigma for Flux (no shift), logit-normal +
-# shift 3 for SD3, Flux guidance embedding 3.5, AdamW lr 1e-6 constant, clip 1.0, text
-# embeddings encoded once, random square crops with random flips.
+# velocity loss. Unequal subband weights (`--wavelet-weights`, e.g. 1,2,2,2) are an extension of
+# ours: neither the paper nor upstream's code weighs the subbands.
 #
-# Differences from upstream, on purpose: sigma is continuous (upstream indexes a 1000-entry
-# table, so sigma >= 0.001); torch AdamW in fp32 (upstream: bitsandbytes 8-bit AdamW under
-# DeepSpeed ZeRO-2), FSDP2 instead of DeepSpeed; T5 keeps the pipeline's own length (Flux 512,
-# SD3 256) unless --max-sequence-length says otherwise (upstream trains with 77 and samples with
-# 512); SD3 latents are (x - shift) * scale like Flux (upstream omits the shift for SD3 in
+# Defaults as upstream's train_flux.sh / train_sd3.sh: latents are posterior samples
+# (`latent_dist.sample()`); sigma = shift(1 - i / 1000) with i = floor(1000 u), the scheduler's
+# 1000-entry table, u uniform for Flux (no shift) and sigmoid(N(0, 1)) with shift 3 for SD3; Flux
+# guidance embedding 3.5; T5 reads 77 tokens (sampling then uses 512); AdamW betas (0.9, 0.999),
+# weight decay 1e-4, eps 1e-8, lr 1e-6 constant, no warm-up; gradient clipping at 1.0; square
+# crops of --resolution after resizing the shorter side to it, random flips; seed 0; 20,000 steps
+# of a global batch of 32 (Flux: 4 per GPU x 8 GPUs) or 64 (SD3: 8 x 8). Here the global batch is
+# processes x --batch-size x --grad-accum, and --grad-accum defaults to what reaches upstream's.
+#
+# Differences from upstream, on purpose: torch AdamW in fp32 (upstream: bitsandbytes 8-bit AdamW
+# under DeepSpeed ZeRO-2), FSDP2 instead of DeepSpeed, a per-process batch of 1 (memory) made up by
+# accumulation; SD3 latents are (x - shift) * scale like Flux (upstream omits the shift for SD3 in
 # training only but adds it back when decoding).
 
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # LL, LH, HL, HH
-WLF_HIGH_FREQUENCY = (1.0, 2.0, 2.0, 2.0)
+WLF_HIGH_FREQUENCY = (1.0, 2.0, 2.0, 2.0)  # our extension: detail bands doubled
 
 
 def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor, subband_weights=WLF_UPSTREAM) -> torch.Tensor:
@@ -2002,16 +2034,19 @@ def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor, subband_weights=WLF
     return (weights * bands.square()).mean()
 
 
-def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Training noise levels: "uniform" sigma ~ U(0, 1) (Flux upstream) or "logit_normal"
-    sigmoid(N(0, 1)) (SD3 upstream), then the static shift sigma' = s sigma / (1 + (s - 1) sigma)
-    (SD3: s = 3; Flux: 1, i.e. none)."""
+def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator, table: int = 1000
+                  ) -> torch.Tensor:
+    """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or sigmoid(N(0, 1))
+    ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table sigma_i = 1 - i / table
+    (so sigma is one of 1/table, ..., 1), then the static shift sigma' = s sigma / (1 + (s - 1) sigma)
+    (SD3: s = 3; Flux: 1, i.e. none). Both laws of u are symmetric about 1/2, so sigma follows u's law."""
     if scheme == "uniform":
-        sigmas = torch.rand(n, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
     elif scheme == "logit_normal":
-        sigmas = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64))
+        u = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64))
     else:
         raise ValueError(f"unknown timestep sampling {scheme!r}")
+    sigmas = 1 - torch.floor(u * table).clamp(max=table - 1) / table
     return time_shift(sigmas, math.log(shift)).float() if shift != 1 else sigmas.float()
 
 
@@ -2033,6 +2068,29 @@ def training_loss(model, kind, x0, noise, sigma, condition, guidance=None, subba
     z = (1 - s) * x0 + s * noise
     v = predict_velocity(model, kind, z, sigma.to(x0), condition, guidance)
     return wlf_loss(z - s * v.float(), x0, subband_weights)
+
+
+def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised fp32 latents of images: the posterior sample mean + std * eps (upstream's
+    `latent_dist.sample()`, with eps ~ N(0, 1) drawn by the caller), or the mean when eps is None."""
+    if eps is None:
+        return vae.encode(images).float()
+    mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
+    sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean)
+    return (sample - vae.config.shift_factor) * vae.config.scale_factor
+
+
+def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
+                   autocast, accumulation: int = 1) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by
+    the number of micro-batches per optimizer step, so the gradients they add up are those of the
+    whole batch's mean loss. `autocast` makes a fresh autocast context (or a null one)."""
+    with torch.no_grad(), autocast():
+        x0 = encode_latents(vae, images, eps)
+    with autocast():
+        loss = training_loss(model, kind, x0, noise, sigma, condition, guidance, subband_weights)
+    (loss / accumulation).backward()
+    return loss.detach()
 
 
 # --------------------------------------------------------------------------------- data
@@ -2574,6 +2632,32 @@ def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple
     raise UserError(f"none of the {len(examples)} training images could be decoded")
 
 
+UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # train_flux.sh / train_sd3.sh: 4 / 8 per GPU x 8 GPUs
+
+
+def accumulation_steps(args, world: int) -> int:
+    """--grad-accum, or by default the count that makes processes x --batch-size x it upstream's
+    global batch."""
+    if args.grad_accum is not None:
+        return args.grad_accum
+    target = UPSTREAM_GLOBAL_BATCH[detect_kind(args.model, args.token)]
+    if target % (world * args.batch_size):
+        raise UserError(f"{world} process(es) x --batch-size {args.batch_size} does not divide upstream's "
+                        f"global batch of {target}: pass --grad-accum N (global batch = processes x batch "
+                        "size x N)")
+    return target // (world * args.batch_size)
+
+
+def accumulation_count(text: str) -> int | None:
+    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
+    if text == "auto":
+        return None
+    try:
+        return integer(1)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
+
+
 def train(args) -> list[tuple[int, float]]:
     """Fine-tune the pipeline's transformer; returns the (step, loss) pairs run by this call."""
     ctx = setup_distributed(args.device)
@@ -2584,19 +2668,43 @@ def train(args) -> list[tuple[int, float]]:
     if args.text_cache:
         check_output_file(args.text_cache, overwrite=True, suffixes=(".safetensors",))
         text_cache_key(Path(args.text_cache))
+    accumulation = accumulation_steps(args, ctx.world)
     with undone_on_failure(output, ctx.main):
-        return train_loop(args, ctx, output, examples, weights, crop)
+        return train_loop(args, ctx, output, examples, weights, crop, accumulation)
 
 
-def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple):
+def micro_batch(examples: list[Example], conditions: dict, unreadable: set, crop: tuple, draws: tuple,
+                indices: range, device) -> tuple[torch.Tensor, dict]:
+    """The crops (on the CPU) and caption embeddings (on `device`) of the global batch's entries
+    `indices`; `draws` = (picks, offsets, flips) of the whole global batch."""
+    picks, offsets, flips = draws
+    loaded = [readable_crop(examples, picks[i], unreadable, *crop, offsets[i].tolist(), bool(flips[i]))
+              for i in indices]
+    texts = [examples[index].text for index, _ in loaded]
+    condition = {name: torch.stack([conditions[text][name] for text in texts]).to(device)
+                 for name in conditions[texts[0]]}
+    return torch.stack([image for _, image in loaded]), condition
+
+
+def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple,
+               accumulation: int = 1):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if ctx.device.type == "cuda" else "fp32")]
-    autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" and dtype == torch.bfloat16 else contextlib.nullcontext()
+    # bf16 autocast over fp32 master weights, without autocast's weight cache: the cache holds a bf16
+    # copy of every weight until the block ends, which under FSDP2 is the whole model on every GPU
+    # (~22 GiB for Flux), and it saves nothing here (each weight is used once per forward; gradient
+    # checkpointing recasts in backward anyway). FSDP2's MixedPrecisionPolicy(param_dtype=bf16) would
+    # also halve the all-gathers, but it would still need autocast for the fp32 norms and losses, must
+    # be kept from casting the inputs (sigma, positions) to bf16, and one process (no FSDP) would
+    # compute differently from several; this way every process count runs the same arithmetic.
+    if dtype == torch.bfloat16:
+        autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16, cache_enabled=False)
+    else:
+        autocast = contextlib.nullcontext
 
     # everything rests on the CPU while the text is encoded; the encoders then leave
     pipe = load_pipeline(args.model, args.vae, ctx.device, dtype, offload="model", token=args.token)
     kind, model = pipe.kind, pipe.transformer
-    if args.max_sequence_length:
-        pipe.tokenizers["t5"].max_length = args.max_sequence_length
+    pipe.tokenizers["t5"].max_length = args.max_sequence_length
     height, width = crop
     if height % pipe.size_multiple or width % pipe.size_multiple:
         raise UserError(f"crop {height}x{width}: both sides must be multiples of {pipe.size_multiple} for this model and VAE")
@@ -2618,10 +2726,13 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
     model.to(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    micro, global_batch = args.batch_size, args.batch_size * accumulation * ctx.world
     if ctx.main:
         count = sum(p.numel() for p in params) * (ctx.world if ctx.world > 1 else 1)
-        print(f"training {kind} ({'LoRA rank %d' % args.lora_rank if lora else 'full'}, ~{count / 1e6:.2f}M trainable), "
-              f"{ctx.world} process(es) x batch {args.batch_size}, sigma {sampling} shift {shift}, wavelet weights {weights}", file=sys.stderr)
+        print(f"training {kind} ({'LoRA rank %d' % args.lora_rank if lora else 'full'}, ~{count / 1e6:.2f}M "
+              f"trainable), global batch {global_batch} = {ctx.world} process(es) x batch {micro} x "
+              f"{accumulation} accumulated, latents {args.posterior}, sigma {sampling} shift {shift}, "
+              f"wavelet weights {weights}", file=sys.stderr)
 
     batches = Batches(len(examples), args.seed)
     step = 0
@@ -2630,36 +2741,38 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
         step = load_checkpoint(folder, model, optimizer, batches, lora)
 
     factor = vae.config.downsample_factor
-    global_batch, share = args.batch_size * ctx.world, slice(ctx.rank * args.batch_size, (ctx.rank + 1) * args.batch_size)
+    latent_shape = (global_batch, vae.config.z_channels, height // factor, width // factor)
+    first = ctx.rank * micro * accumulation  # this rank's entries of the global batch: first, first + 1, ...
     output.mkdir(parents=True, exist_ok=True)
     log = output / "train_log.jsonl"
     losses, unreadable = [], set()
     update = progress_bar("train", args.steps, step) if ctx.main else None
     while step < args.steps:
-        # the whole global batch is drawn on every rank (same generator), each rank keeps its share
+        # the whole global batch is drawn on every rank (same generator), each rank keeps its share,
+        # in micro-batches: the draws do not depend on how the batch is split
         g = batches.generator
         picks = batches.indices(global_batch)
-        offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
+        draws = picks, torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
         sigma = sample_sigmas(global_batch, sampling, shift, g)
-        noise = torch.randn(global_batch, vae.config.z_channels, height // factor, width // factor, generator=g)
-        loaded = [readable_crop(examples, picks[i], unreadable, height, width, offsets[i].tolist(), bool(flips[i]))
-                  for i in list(range(global_batch))[share]]
-        images = torch.stack([crop for _, crop in loaded])
-        with torch.no_grad(), autocast:
-            x0 = vae.encode(images.to(ctx.device, dtype)).float()
-        texts = [examples[index].text for index, _ in loaded]
-        condition = {name: torch.stack([conditions[text][name] for text in texts]).to(ctx.device)
-                     for name in conditions[texts[0]]}
+        noise = torch.randn(latent_shape, generator=g)
+        eps = torch.randn(latent_shape, generator=g) if args.posterior == "sample" else None
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        with autocast:
-            loss = training_loss(model, kind, x0, noise[share].to(ctx.device), sigma[share].to(ctx.device), condition, guidance, weights)
-        loss.backward()
+        micro_losses = []
+        for start in range(first, first + micro * accumulation, micro):
+            share = slice(start, start + micro)
+            indices = range(share.start, share.stop)
+            images, condition = micro_batch(examples, conditions, unreadable, crop, draws, indices,
+                                            ctx.device)
+            micro_eps = None if eps is None else eps[share].to(ctx.device)
+            micro_losses.append(wlf_micro_step(
+                model, kind, vae, images.to(ctx.device, dtype), noise[share].to(ctx.device),
+                sigma[share].to(ctx.device), micro_eps, condition, guidance, weights, autocast, accumulation))
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        value = ctx.mean(loss.detach().float().cpu()).item()
+        value = ctx.mean(torch.stack(micro_losses).float().mean().cpu()).item()
         stop_unless_finite(step + 1, {"loss": value, "gradient": norm}, output)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -2715,31 +2828,48 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder: checkpoints/, train_log.jsonl, then the fine-tuned pipeline (or LoRA files)")
     parser.add_argument("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop (shorter side = this for square crops)")
     parser.add_argument("--crop", help="HEIGHTxWIDTH crop (default: a RESOLUTION square); sides must be multiples of the VAE factor x 2")
-    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step (upstream: 4 for Flux, 8 for SD3, on 8 GPUs)")
+    parser.add_argument("--batch-size", type=integer(1), default=1,
+                        help="images per process per micro-batch (upstream: 4 for Flux, 8 for SD3 per GPU; "
+                             "1 here to fit memory, --grad-accum makes up the global batch)")
+    parser.add_argument("--grad-accum", type=accumulation_count, default=None, metavar="N|auto",
+                        help="micro-batches per optimizer step; global batch = processes x --batch-size x N. "
+                             "Default auto: upstream's global batch, 32 for Flux and 64 for SD3 "
+                             "(e.g. 32 on one GPU with batch 1)")
     parser.add_argument("--steps", type=integer(1), default=20000, help="optimizer steps (upstream: 20,000)")
-    parser.add_argument("--lr", type=positive_number(1.0), default=1e-6, help="AdamW learning rate, constant (upstream full fine-tune: 1e-6; LoRA usually wants ~1e-4)")
+    parser.add_argument("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (upstream full fine-tune: 1e-6; LoRA usually wants ~1e-4)")
     parser.add_argument("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
     parser.add_argument("--weight-decay", type=number(0), default=1e-4)
-    parser.add_argument("--max-grad-norm", type=positive_number(), default=1.0, help="gradient clipping (total norm)")
+    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
     parser.add_argument("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention / MLP linears instead of all weights")
-    parser.add_argument("--lora-alpha", type=positive_number(), help="LoRA alpha (default: the rank, i.e. scale 1)")
+    parser.add_argument("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
     parser.add_argument("--wavelet-weights", default="1,1,1,1",
-                        help="WLF weights of the Haar subbands LL,LH,HL,HH. 1,1,1,1 (upstream) equals the plain x0 MSE; 1,2,2,2 stresses detail")
+                        help="WLF weights of the Haar subbands LL,LH,HL,HH: 1,1,1,1 as upstream (equal "
+                             "weights are the plain x0 MSE); unequal ones, e.g. 1,2,2,2 to stress detail, "
+                             "are our extension, in neither the paper nor upstream's code")
+    parser.add_argument("--posterior", choices=["sample", "mean"], default="sample",
+                        help="latents: a sample of the VAE posterior (upstream's latent_dist.sample()) "
+                             "or its mean")
     parser.add_argument("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: distilled guidance value fed during training (upstream 3.5)")
     parser.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], help="sigma distribution (default: Flux uniform, SD3 logit_normal)")
-    parser.add_argument("--shift", type=positive_number(), help="static shift s of the sampled sigma: s*sigma/(1+(s-1)*sigma) (default: Flux 1, SD3 3)")
-    parser.add_argument("--max-sequence-length", type=integer(1), help="T5 tokens (default: the pipeline's, Flux 512 / SD3 256; upstream trained with 77)")
+    parser.add_argument("--shift", type=positive(), help="static shift s of the sampled sigma: s*sigma/(1+(s-1)*sigma) (default: Flux 1, SD3 3)")
+    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=77,
+                        help="T5 tokens of the captions (upstream trains with 77; sampling reads 512 for "
+                             "Flux, 256 for SD3)")
     parser.add_argument("--text-cache", help="safetensors file caching the caption embeddings between runs")
     parser.add_argument("--checkpoint-every", type=integer(1), default=1000, help="steps between resumable checkpoints (upstream 5,000)")
     parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
     parser.add_argument("--log-every", type=integer(1), default=10, help="steps between log lines")
     parser.add_argument("--resume", nargs="?", const="latest", help="continue a run: a checkpoint folder, or no value for the newest in --output")
-    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noise and the LoRA init")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seeds data order, crops, flips, sigmas, noise, posterior samples and the "
+                             "LoRA init")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="recompute block activations in the backward pass (needed at 4K)")
     parser.add_argument("--vae", choices=["f16", "f8"], default="f16", help="f16: Diffusion-4K's VAE (16,384 tokens at 4096^2); f8: the stock VAE")
     parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu; under torchrun each process takes its LOCAL_RANK GPU")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 autocast on CUDA with fp32 master weights, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"],
+                        help="compute dtype: bf16 autocast over fp32 master weights (default on CUDA), "
+                             "or fp32 (default on CPU)")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
@@ -2758,12 +2888,12 @@ def train_command(args):
 # decodes like the F8 decoder it was cut from. Student: the base VAE with stride 2 (F16);
 # teacher: the same VAE with stride 1 (F8), frozen. Only the student's decoder trains; its
 # encoder is frozen, so the latent space (and the scaling / shift factors) stay those of the
-# base VAE with a stride-2 `conv_in`. Per step, for a batch of crops x in [-1, 1]:
+# base VAE with a stride-2 `conv_in`. For a batch of crops x in [-1, 1], the decoder's loss is
 #
 #   loss = MSE(clamp(x_hat, -1, 1), x)                        reconstruction (pixels)
 #        + lpips_weight * LPIPS-vgg(clamp(x_hat, -1, 1), x)    perceptual, 0.1 upstream
 #        + sc_weight * MSE(f_student, avgpool2(f_teacher))      scale consistency, 1.0 upstream
-#        + gan_weight * lambda * -mean D(x_hat)                 optional, 0.05 upstream
+#        + gan_weight * lambda * -mean D(x_hat)                 adversarial, 0.05 upstream
 #
 # f is the decoder's last feature map (after norm_out + SiLU, before the final upsample and
 # conv_out): the student's at H/2, the teacher's at H. Upstream upsamples the student's map
@@ -2771,20 +2901,21 @@ def train_command(args):
 # MSE(up(s), t) = MSE(s, avgpool2(t)) + mean within-block variance of t, a constant: the same
 # gradient at a quarter of the memory (tests/test_diffusion4k_train_vae.py checks the identity).
 # Bilinear downsampling would weight the teacher's pixels differently and change the objective.
-# lambda is VQGAN's adaptive weight ||grad LPIPS|| / ||grad gen|| at conv_out.weight, capped at
-# 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream) trains with
-# the hinge loss plus the gradient penalty gp_weight * (||grad_x D(x_real)|| - 1)^2, D(x_real)
-# being the mean of the discriminator's output map for each image.
+# x_hat goes through the partitioned F16 head by default, as upstream trains it (--f16-decode).
+# lambda is VQGAN's adaptive weight ||grad LPIPS|| / max(||grad gen||, 1e-8) at conv_out.weight,
+# capped at 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream)
+# minimises the hinge loss plus the gradient penalty gp_weight * (||grad_x sum D(x_real)|| - 1)^2,
+# the sum running over each image's whole output map.
 #
-# Differences from upstream, on purpose: the generator and the discriminator both update on
-# every step (upstream alternates them every gradient-accumulation cycle); the scale-consistency
-# term is computed at H/2 as above. EMA follows diffusers' EMAModel default schedule,
-# decay_n = min(decay, (1 + n) / (10 + n)) and 0 at the first update.
-# As upstream: posterior samples (not means) from both encoders, fp32 weights (bf16 autocast on
-# CUDA here; upstream trains in fp32), AdamW lr 1e-5, weight decay 1e-4, constant lr, 512^2
-# crops of images resized to a 512 shorter side, horizontal flips. Note that with the sigmoid
-# output D is in (0, 1), so the hinge never clips: the discriminator loss is
-# D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
+# As upstream, the decoder and the discriminator take turns: one optimizer step of the decoder,
+# then one of the discriminator on fresh real crops against the decoder's last fake micro-batch
+# (upstream's 4 GPUs keep one each: 128 fakes to our 32). The step count covers both, and the
+# EMA (diffusers' EMAModel schedule, decay 0.9999) updates after every step. Also as upstream:
+# posterior samples (not means) from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4
+# for both models, constant lr, gradient clipping at 1, 256 crops per step (32 x 8 accumulated
+# here, 32 x 4 GPUs x 2 there), 512^2 crops of images resized to a 512 shorter side, horizontal
+# flips. With the sigmoid output D is in (0, 1), so the hinge never clips: the discriminator
+# loss is D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
@@ -2912,20 +3043,43 @@ class Discriminator(nn.Module):
 
 
 def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor, gp_weight: float = 10.0):
-    """Hinge loss + gradient penalty gp_weight * (||d mean D(real) / d real|| - 1)^2 per sample."""
+    """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the reals.
+
+    The penalty differentiates the sum of each image's output map (upstream passes a map of ones
+    as grad_outputs), not its mean: the mean's gradient is smaller by the map size (64 at 512^2),
+    which would move the norm the penalty pulls to 1. Images are independent (InstanceNorm), so
+    one gradient of the batch's total gives every image's own.
+    """
     real = real.detach().requires_grad_(True)
     d_real, d_fake = disc(real), disc(fake.detach())
     hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-    (grad,) = torch.autograd.grad(d_real.float().mean((1, 2, 3)).sum(), real, create_graph=True)
+    (grad,) = torch.autograd.grad(d_real.float().sum(), real, create_graph=True)
     penalty = gp_weight * (grad.flatten(1).norm(dim=1) - 1).square().mean()
     return hinge, penalty
 
 
 def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """VQGAN's balance: ||grad reconstruction|| / ||grad generator_loss|| at the last layer, <= 1e4."""
+    """VQGAN's balance, as upstream: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8)
+    at the last layer, capped at 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
-    return (a.norm() / (b.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
+
+
+def discriminator_turn(step: int, gan_start: int) -> bool:
+    """Whether optimizer step `step` (0-based, both models' steps counted) trains the discriminator.
+    From gan_start on the two alternate, decoder first: upstream trains the generator when
+    (micro_step // accumulation) % 2 == 0, micro_step // accumulation being this step."""
+    return step >= gan_start and (step - gan_start) % 2 == 1
+
+
+def ema_update(ema: dict, params, step: int, decay: float):
+    """Move the average towards `params` after optimizer step `step` (0-based), with the schedule of
+    diffusers' EMAModel (upstream's): decay_n = min(decay, (1 + n) / (10 + n)), and 0 at the first
+    update, so the average starts as a copy and warms up (0.9991 after 10,000 steps)."""
+    rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
+    for average, p in zip(ema.values(), params):
+        average.lerp_(p.detach(), rate)
 
 
 # --------------------------------------------------------------------------------- data
@@ -3064,7 +3218,9 @@ class VAETraining:
 def check_vae_args(args):
     problems = [
         (args.resolution % 16, f"--resolution {args.resolution}: must be a multiple of 16"),
-        (args.gan_weight > 0 and args.resolution < 128, "--gan-weight needs --resolution 128 or more (the discriminator's last map must be 2x2)"),
+        (args.gan_weight > 0 and args.resolution < 128,
+         f"--resolution {args.resolution}: the discriminator needs 128 or more (its last map must be 2x2); "
+         "--gan-weight 0 trains without it"),
         (args.ema == 1, "--ema 1: the decay must be below 1 (0 turns EMA off)"),
     ]
     for bad, message in problems:
@@ -3085,7 +3241,8 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
         shutil.rmtree(old, ignore_errors=True)
 
 
-VAE_STATE_KEYS = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "stream", "noise", "torch_rng")
+VAE_STATE_KEYS = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "fakes", "stream", "noise",
+                  "torch_rng")
 
 
 def read_vae_checkpoint(folder: Path) -> dict:
@@ -3112,6 +3269,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     student = load_vae(args.base, torch.float32, device, stride=2, token=args.token).requires_grad_(False)
     decoder = student.decoder.train().requires_grad_(True)
     decoder.gradient_checkpointing = args.gradient_checkpointing
+    decoder.partitioned = args.f16_decode == "partitioned"
     params = list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     ema = {name: p.detach().clone() for name, p in decoder.named_parameters()} if args.ema > 0 else None
@@ -3120,6 +3278,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     disc = Discriminator().to(device) if args.gan_weight > 0 else None
     disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, weight_decay=args.weight_decay) if disc else None
     noise = torch.Generator().manual_seed(args.seed + 1)  # posterior samples
+    fakes = None  # the decoder's last output, which the discriminator's next step is shown
 
     step, checkpoint_folder = 0, latest_checkpoint(output)
     if args.resume and checkpoint_folder is not None:
@@ -3134,6 +3293,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
         if disc is not None:
             disc.load_state_dict(state["disc"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
+        fakes = state["fakes"].to(device) if state["fakes"] is not None else None
         stream.load_state(state["stream"])
         noise.set_state(state["noise"])
         torch.set_rng_state(state["torch_rng"])
@@ -3142,60 +3302,68 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     elif args.resume:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
 
+    posterior = noise if args.posterior == "sample" else None
+
+    def decoder_losses(x, gan_on: bool) -> tuple[dict, torch.Tensor]:
+        with torch.no_grad():
+            target = teacher.decoder.features(encode_raw(teacher, x, posterior))
+            z = encode_raw(student, x, posterior)
+        features = decoder.features(z)
+        pred = decoder.head(features).float().clamp(-1, 1)
+        losses = {"mse": F.mse_loss(pred, x), "sc": scale_consistency_loss(features, target)}
+        if lpips is not None:
+            losses["lpips"] = lpips(pred, x).float().mean()
+        loss = losses["mse"] + args.sc_weight * losses["sc"] + args.lpips_weight * losses.get("lpips", 0.0)
+        if gan_on:
+            losses["gen"] = -disc(pred).float().mean()
+            reconstruction = losses.get("lpips", losses["mse"])
+            losses["balance"] = adaptive_weight(reconstruction, losses["gen"], decoder.conv_out.weight)
+            loss = loss + args.gan_weight * losses["balance"] * losses["gen"]
+        return {"loss": loss, **losses}, pred.detach()
+
     result = VAETraining(student, teacher, ema)
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train-vae", args.steps, step)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    posterior = noise if args.posterior == "sample" else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     while step < args.steps:
-        x = stream.batch(args.batch_size).to(device)
-        with autocast:
-            with torch.no_grad():
-                target = teacher.decoder.features(encode_raw(teacher, x, posterior))
-                z = encode_raw(student, x, posterior)
-            features = decoder.features(z)
-            pred = decoder.head(features).float().clamp(-1, 1)
-            losses = {"mse": F.mse_loss(pred, x), "sc": scale_consistency_loss(features, target)}
-            if lpips is not None:
-                losses["lpips"] = lpips(pred, x).float().mean()
-            loss = losses["mse"] + args.sc_weight * losses["sc"] + args.lpips_weight * losses.get("lpips", 0.0)
-            gan_on = disc is not None and step >= args.gan_start
-            if gan_on:
-                disc.requires_grad_(False)
-                losses["gen"] = -disc(pred).float().mean()
-                balance = adaptive_weight(losses.get("lpips", losses["mse"]), losses["gen"], decoder.conv_out.weight)
-                loss = loss + args.gan_weight * balance * losses["gen"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loss, losses = loss.detach(), {k: v.detach() for k, v in losses.items()}
-        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        stop_unless_finite(step + 1, {"loss": loss, "gradient": losses["grad_norm"]}, output)  # before the update
-        optimizer.step()
-        if ema is not None:
-            decay = min(args.ema, (1 + step) / (10 + step)) if step > 0 else 0.0  # diffusers' EMAModel schedule
-            for average, p in zip(ema.values(), params):
-                average.lerp_(p.detach(), 1 - decay)
-        if gan_on:
-            disc.requires_grad_(True)
+        disc_turn = disc is not None and discriminator_turn(step, args.gan_start)
+        model, model_optimizer = (disc, disc_optimizer) if disc_turn else (decoder, optimizer)
+        if disc is not None:
+            disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
+        model_optimizer.zero_grad(set_to_none=True)
+        totals = {}
+        for _ in range(args.grad_accum):  # gradients of the mean loss over the micro-batches
+            x = stream.batch(args.batch_size).to(device)
             with autocast:
-                losses["hinge"], losses["gp"] = discriminator_loss(disc, x, pred, args.gp_weight)
-            disc_optimizer.zero_grad(set_to_none=True)
-            disc_loss = losses["hinge"] + losses["gp"]
-            disc_loss.backward()
-            disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
-            stop_unless_finite(step + 1, {"discriminator loss": disc_loss.detach(), "discriminator gradient": disc_norm},
-                               output)
-            disc_optimizer.step()
+                if disc_turn:
+                    hinge, penalty = discriminator_loss(disc, x, fakes, args.gp_weight)
+                    losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
+                else:
+                    losses, fakes = decoder_losses(x, disc is not None and step >= args.gan_start)
+            (losses["loss"] / args.grad_accum).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / args.grad_accum
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        whose = "discriminator " if disc_turn else ""
+        finite = {whose + "loss": totals["loss"], whose + "gradient": totals["grad_norm"]}
+        stop_unless_finite(step + 1, finite, output)  # before the update that would carry it into the weights
+        model_optimizer.step()
+        if ema is not None:
+            ema_update(ema, params, step, args.ema)
         step += 1
-        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        record = {"step": step, "turn": "discriminator" if disc_turn else "decoder"}
+        record.update({key: value.item() for key, value in totals.items()})
         result.history.append(record)
-        with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # one line per step (a resumed run may repeat steps)
+        with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # a resumed run may repeat steps
             log.write(json.dumps(record) + "\n")
-        update(step, postfix={k: f"{record[k]:.4g}" for k in ("loss", "mse", "sc", "lpips", "gen") if k in record})
+        shown = ("loss", "mse", "sc", "lpips", "gen", "gp")
+        update(step, postfix={key: f"{record[key]:.4g}" for key in shown if key in record})
         if step % args.save_every == 0 or step == args.steps:
+            next_needs_fakes = disc is not None and discriminator_turn(step, args.gan_start)
             state = {
                 "step": step, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
                 "disc": disc.state_dict() if disc else None, "disc_optimizer": disc_optimizer.state_dict() if disc else None,
+                "fakes": fakes.cpu() if next_needs_fakes else None,
                 "stream": stream.state(), "noise": noise.get_state(), "torch_rng": torch.get_rng_state(),
             }
             save_vae_checkpoint(output, step, state, args.keep_checkpoints)
@@ -3209,8 +3377,6 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     return result
 
 
-
-
 def train_vae_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="diffusion4k.py train-vae",
@@ -3222,50 +3388,107 @@ def train_vae_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, pipeline or vae/ folder, or ae.safetensors")
     parser.add_argument("--resolution", type=integer(16), default=512,
                         help="square crops, a multiple of 16, after resizing each image's shorter side to it (upstream 512)")
-    parser.add_argument("--batch-size", type=integer(1), default=8, help="crops per step (upstream: 32 per GPU x 4 GPUs x 2 accumulation)")
-    parser.add_argument("--steps", type=integer(1), default=10000, help="total optimizer steps (a resumed run continues up to this number)")
-    parser.add_argument("--lr", type=positive_number(1.0), default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
-    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
-    parser.add_argument("--max-grad-norm", type=positive_number(), default=1.0, help="gradient clipping")
+    parser.add_argument("--batch-size", type=integer(1), default=32,
+                        help="crops per micro-batch (upstream: 32 per GPU)")
+    parser.add_argument("--grad-accum", type=integer(1, 4096), default=8,
+                        help="micro-batches per optimizer step; 8 x 32 = upstream's 256 crops a step "
+                             "(4 GPUs x 2 accumulated)")
+    parser.add_argument("--steps", type=integer(1), default=10000,
+                        help="optimizer steps, the decoder's and the discriminator's together as upstream "
+                             "counts them (a resumed run continues up to this number)")
+    parser.add_argument("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
+    parser.add_argument("--weight-decay", type=number(0), default=1e-4,
+                        help="AdamW weight decay of the decoder and the discriminator (upstream 1e-4)")
+    parser.add_argument("--max-grad-norm", type=positive(), default=1.0,
+                        help="gradient clipping of each model's total norm (upstream 1.0)")
     parser.add_argument("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight (upstream 1.0)")
     parser.add_argument("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight (upstream 0.1); 0 = off, no weights needed")
     parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linear layers (.pth), file or owner/repo/path")
     parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights (.pth or .safetensors), file or owner/repo/path")
-    parser.add_argument("--gan-weight", type=number(0), default=0.0, help="adversarial weight (upstream 0.05); 0 = no discriminator")
-    parser.add_argument("--gan-start", type=integer(0), default=0, help="step from which the discriminator trains and the adversarial term is on")
-    parser.add_argument("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
-    parser.add_argument("--disc-lr", type=positive_number(1.0), help="discriminator learning rate (default: --lr)")
-    parser.add_argument("--ema", type=number(0, 1), default=0.999, help="EMA decay of the decoder, whose EMA is saved; 0 = off (save the raw decoder)")
+    parser.add_argument("--gan-weight", type=number(0), default=0.05,
+                        help="adversarial weight (upstream 0.05); from --gan-start on, the decoder's and the "
+                             "discriminator's optimizer steps alternate; 0 = no discriminator, every step "
+                             "trains the decoder")
+    parser.add_argument("--gan-start", type=integer(0), default=0,
+                        help="step from which the discriminator trains and the adversarial term is on "
+                             "(upstream 0)")
+    parser.add_argument("--gp-weight", type=number(0), default=10.0,
+                        help="discriminator gradient penalty weight (upstream 10)")
+    parser.add_argument("--disc-lr", type=positive(1.0),
+                        help="discriminator learning rate (default: --lr, as upstream)")
+    parser.add_argument("--ema", type=number(0, 1), default=0.9999,
+                        help="EMA decay of the decoder, whose EMA is saved (upstream: diffusers' EMAModel "
+                             "default 0.9999, warmed up as (1 + n) / (10 + n)); 0 = off (save the raw decoder)")
     parser.add_argument("--posterior", choices=["sample", "mean"], default="sample", help="latents from posterior samples (upstream) or means")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward (less memory)")
+    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+                        help="the student's last stage during training: partitioned (upstream trains "
+                             "through it, the released decoders expect it) or centred (see "
+                             "Decoder.upsample_conv_out)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute decoder activations in backward: less memory, as upstream "
+                             "(needed for 32 crops of 512^2)")
     parser.add_argument("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
     parser.add_argument("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     parser.add_argument("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
     parser.add_argument("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
-    parser.add_argument("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seeds crops, flips, posterior samples and the discriminator (upstream 0)")
     parser.add_argument("--workers", type=integer(1, 64), default=4, help="image decoding threads")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu; bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="compute dtype: fp32 (upstream) or bf16 autocast over fp32 weights "
+                             "(faster, less memory)")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
 
 def train_vae_command(args):
     result = train_vae(args)
-    last = result.history[-1] if result.history else {}
+    last = next((record for record in reversed(result.history) if record["turn"] == "decoder"), {})
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "sc", "lpips", "gen") if k in last)
-    print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){'; last step: ' + summary if summary else ''}", file=sys.stderr)
+    summary = f"; last decoder step: {summary}" if summary else ""
+    print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){summary}", file=sys.stderr)
 
 
 # ===================================================================================== CLI
 
 
-def read_prompt_file(path) -> list[str]:
-    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines()]
-    prompts = [prompt for prompt in prompts if prompt]
+def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
+    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: the
+    outputs are numbered), or a .jsonl file with {"file_name", "text"} per line, such as
+    Aesthetic-4K's eval metadata.jsonl; each output is then named after its file_name's stem, as
+    upstream's generate_and_eval_fid.py names them. Any bad line stops the batch before it starts."""
+    lines = read_text(path, "prompt file").splitlines()
+    if Path(path).suffix.lower() != ".jsonl":
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
+        return prompts, None
+    prompts, stems, seen = [], [], {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise UserError(f"{path} line {number}: not JSON ({error})") from None
+        record = record if isinstance(record, dict) else {}
+        name, text = record.get("file_name"), record.get("text")
+        if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path} line {number}: expected an object with a file_name and a non-empty text")
+        stem = Path(name).stem
+        if not stem or "\0" in stem:
+            raise UserError(f"{path} line {number}: file_name {name!r} gives no usable output name")
+        if stem in seen:
+            raise UserError(f"{path} line {number}: file_name {name!r} gives the output name {stem}.png "
+                            f"of line {seen[stem]}")
+        seen[stem] = number
+        prompts.append(text)
+        stems.append(stem)
     if not prompts:
-        raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
-    return prompts
+        raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
+    return prompts, stems
 
 
 def check_source(value, option: str):
@@ -3275,15 +3498,17 @@ def check_source(value, option: str):
             raise UserError(f"{option} {value}: no such file or folder, and not a Hub repo id of the form owner/name")
 
 
-def batch_outputs(args, count: int) -> list[Path]:
+def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
     """The output files, all checked before anything is loaded: one image, or with --prompts
-    OUTPUT_DIR/00000.png ... and OUTPUT_DIR/metadata.jsonl (last)."""
+    OUTPUT_DIR/00000.png ... (or OUTPUT_DIR/<stem>.png for each of `stems`) and
+    OUTPUT_DIR/metadata.jsonl (last)."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output-dir {folder} is a file, not a folder")
-    outputs = [folder / f"{i:05d}.png" for i in range(count)] + [folder / "metadata.jsonl"]
+    names = [f"{stem}.png" for stem in stems] if stems else [f"{i:05d}.png" for i in range(count)]
+    outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
     for path in outputs:
         if path.exists() and not (args.overwrite or args.skip_existing):
             raise UserError(f"{path} exists; pass --overwrite to replace the batch, or --skip-existing to finish it")
@@ -3309,14 +3534,14 @@ def write_metadata(path: Path, records: dict):
 
 
 def generate_command(args):
-    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prompt]
+    prompts, stems = read_prompt_file(args.prompts) if args.prompts else ([args.prompt], None)
     if not prompts[0]:
         raise UserError("give --prompt TEXT or --prompts FILE")
-    if args.seed + len(prompts) - 1 >= 2**64:
+    if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
         raise UserError(f"--seed {args.seed}: the last of {len(prompts)} prompts would need a seed beyond 2**64 - 1")
     for option in ("model", "text_encoders", "vae_weights"):
         check_source(getattr(args, option), "--" + option.replace("_", "-"))
-    outputs = batch_outputs(args, len(prompts))
+    outputs = batch_outputs(args, len(prompts), stems)
     metadata = outputs.pop() if args.prompts else None
     records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
                if args.skip_existing and path.exists()}
@@ -3327,6 +3552,9 @@ def generate_command(args):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
         pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights, args.offload,
                              args.token)
+        if args.compile:
+            compile_blocks(pipe.transformer)
+        pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
         generate_images(args, pipe, [prompts[i] for i in todo], [outputs[i] for i in todo], todo, records, metadata)
     if metadata is not None:
         write_metadata(metadata, records)
@@ -3334,8 +3562,9 @@ def generate_command(args):
 
 def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int], records: dict,
                     metadata: Path | None):
-    """Sample and save each prompt's image (prompt number i uses seed + i); with --prompts the
-    metadata file is rewritten after each image, so an interrupted batch keeps one that matches."""
+    """Sample and save each prompt's image (prompt number i uses seed + i, or the seed itself with
+    --seed-per-prompt same); with --prompts the metadata file is rewritten after each image, so an
+    interrupted batch keeps one that matches."""
     family = "flux-schnell" if pipe.schnell else pipe.kind
     steps = args.steps or DEFAULTS[family]["steps"]
     guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
@@ -3346,9 +3575,11 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
     conditions = encode_prompts(pipe, prompts)
     negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
     for n, (i, prompt, condition, output) in enumerate(zip(numbers, prompts, conditions, outputs)):
-        seed = args.seed + i
-        settings = dict(model=args.model, vae=args.vae, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
-                        mu=args.mu, negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
+        seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
+        f16_decode = args.f16_decode if args.vae == "f16" else None
+        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
+                        steps=steps, guidance=guidance, seed=seed, mu=args.mu,
+                        negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
         start = time.perf_counter()
         image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
                          progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
@@ -3359,18 +3590,6 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
             write_metadata(metadata, records)
 
 
-def positive_number(high=None):
-    """argparse type: a finite number in (0, high] (`number` takes closed ranges only)."""
-
-    def parse(text):
-        value = number(None, high)(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-        return value
-
-    return parse
-
-
 def generate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="diffusion4k.py",
@@ -3378,7 +3597,11 @@ def generate_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: `diffusion4k.py train --help` (WLF fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
     )
     parser.add_argument("--prompt", default="", help="the text prompt")
-    parser.add_argument("--prompts", help="a text file with one prompt per line: writes numbered PNGs and metadata.jsonl to --output-dir")
+    parser.add_argument("--prompts",
+                        help="a text file with one prompt per line (writes 00000.png, 00001.png, ...), or a "
+                             ".jsonl file with file_name and text per line, e.g. Aesthetic-4K's eval "
+                             "metadata.jsonl (writes <stem of file_name>.png); the images and metadata.jsonl "
+                             "go to --output-dir")
     parser.add_argument("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
     parser.add_argument("--output-dir", default="diffusion4k_outputs", help="output folder for --prompts")
     existing = parser.add_mutually_exclusive_group()
@@ -3393,15 +3616,27 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=number(0, 100),
                         help="Flux-dev: distilled guidance (default 5.0); SD3: CFG scale (7.0); schnell ignores it")
     parser.add_argument("--negative-prompt", default="", help="SD3 only")
-    parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (the i-th prompt uses seed + i)")
+    parser.add_argument("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
+    parser.add_argument("--seed-per-prompt", choices=["increment", "same"], default="increment",
+                        help="with --prompts: the i-th prompt uses --seed + i (increment: each image its own "
+                             "noise), or every prompt --seed (same: as upstream's generate_and_eval_fid.py)")
     parser.add_argument("--vae", choices=["f16", "f8"], default="f16",
                         help="f16: Diffusion-4K's VAE with a 16x smaller latent (16,384 tokens at 4096^2); f8: the stock VAE")
+    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+                        help="the F16 VAE's last stage: partitioned (default) gives the output of upstream's "
+                             "partitioned decode, through which the released decoders were trained (one "
+                             "pixel down-right of centred); centred is the plain nearest x2 + conv_out "
+                             "(see Decoder.upsample_conv_out)")
     parser.add_argument("--vae-tile", type=integer(0),
                         help="decode in overlapping tiles of this many latent pixels (0: whole image); default: tiles above 4096 px")
     parser.add_argument("--mu", type=number(-15, 15),
                         help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
     parser.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
                         help="GPU memory: none (80 GB), model (components take turns on the GPU: 48 GB), blocks (Flux blocks streamed: 24 GB)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (one graph per block type, built in the "
+                             "first step): faster steps after a compile wait, worth it over many steps or "
+                             "images; off: eager")
     parser.add_argument("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
     parser.add_argument("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
     parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")

@@ -22,13 +22,14 @@ Status
     12B bf16 base), tested on the CPU (2 processes, gloo: the same losses as one process on the
     same global batch), never run with nccl; no GAN / DISTS term; gradient checkpointing covers
     Flux, the decoder and the encoder (`checkpoint_encoder`, tested: same loss and gradients);
-    the VAE-encoder LoRA uses peft's Conv2d layout and diffusers' names, but
-    loading it with diffusers/peft into AutoencoderKL is not tested (the Flux part is).
+    the VAE-encoder LoRA loads into diffusers' AutoencoderKL encoder (peft) with our output, tested
+    at F8 (diffusers has no F16 stride).
 
 Commands
     python op4ksr.py --input lr.png --weights op4ksr.safetensors          # 4x -> lr_op4ksr.png
     python op4ksr.py --input lr_dir/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
     python op4ksr.py train --data HR_DIR --output runs/op4ksr              # -> runs/op4ksr/op4ksr.safetensors
+    python op4ksr.py calibrate-sigma --data HR_DIR                         # OMGSR's SNR-matched sigma
     torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
 
 Checkpoint (one safetensors file, see `save_op4ksr`)
@@ -90,18 +91,24 @@ Choices the paper leaves open, and ours
         switching one step off leaves the others' draws unchanged; Poisson noise counts 255
         photon levels; JPEG goes through Pillow with an integer quality; blur pads by
         replication (works at any size).
-    Loss weights: not published. Ours: pixel MSE 1, perceptual 2 (OSEDiff's ratio), L_AP 1,
-        pixel L1 and latent MSE off (all settable on `train`).
+    Loss weights: not published. Ours: pixel MSE 1, LPIPS-VGG 2 (OSEDiff's ratio; its weights come
+        from the Hub, as SC-VAE training's), L_AP 1, pixel L1 and latent MSE off (all settable on `train`).
     Colour fix: off by default (the paper does not mention one); wavelet = 5 a-trous levels.
 
     Method: the one step (sr_latent) as the issue states it; no patches at any size.
-      - sigma (the paper gives none): 0.25 by default (OMGSR-F's mid-timestep 244/1000); the LR
-        latent is taken as z_sigma with no noise added; guidance input 1.0 (OMGSR-F);
+      - sigma (the paper gives none): OMGSR_SIGMA = 0.505 by default, OMGSR-F's mid-timestep t = 244
+        on its 999-step Flux schedule shifted with mu 1.15 (unshifted 244/999 would be 0.244);
+        `calibrate-sigma` redoes OMGSR's SNR matching for your data and VAE. The LR latent is taken
+        as z_sigma with no noise added; guidance input 1.0 (OMGSR-F);
         fixed prompt: S3Diff's positive prompt; T5 length 512 (FLUX.1-dev's).
       - RFR: theta 100 for all three RoPE axes (axis 0 ids are always 0, so only the spatial
         axes change); stored in the checkpoint.
       - LR -> target: bicubic; sides not multiple of 32 px replicate-padded, output cropped.
-      - VAE-encoder LoRA on every Conv2d of the encoder (incl. the 1x1 attention convs).
+      - LoRAs: OMGSR-F's (rank 64, alpha = rank, peft's gaussian init) on the modules its peft
+        target lists select: Flux's x_embedder, attention q/k/v/out of both streams, MLPs of the
+        double blocks, q/k/v of the single blocks (not their MLP in/out); every encoder conv.
+        Fused q/k/v get one A/B each, as peft's separate projections.
+      - F16 decoders decode as upstream Diffusion-4K's partitioned path by default (--f16-decode).
       - L_AP periods follow the VAE: (factor, 2 factor) px = (16, 32) with the F16 VAE.
       - LPIPS runs on one random 512-px crop per image (seeded), on the whole image if smaller.
       - Training: fixed sigma, constant lr 2.5e-5, AdamW wd 1e-4, grad clip 1, batch 1 per GPU,
@@ -114,12 +121,13 @@ Public API
     degrade(hr, config, generator, scale=4) -> lr          # (B,3,H,W) in [0,1] -> (B,3,H/s,W/s)
     sr_loss(pred, target, weights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32))
     wavelet_color_fix(image, reference, levels=5), adain_color_fix(image, reference)
-    LoRAConv2d, add_conv_lora, checkpoint_encoder, sr_latent, save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
+    SplitLoRALinear, add_flux_lora, LoRAConv2d, add_encoder_lora, checkpoint_encoder, sr_latent
+    matched_sigma(hr_latents, lr_latents) -> (t, sigma); save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
     SRPipeline, load_sr_pipeline(weights, flux=None, vae=None), super_resolve(pipe, image, width, height, color_fix)
     train_sr(args), main(argv)
     Copied from diffusion4k.py (kept identical by tests/test_copies.py): Flux, FluxConfig, rope_*,
-    AutoEncoder (F16: VAEConfig(stride=2)), T5 / CLIP encoders and tokenizers, loaders, LoRALinear,
-    add_lora, export_lora_diffusers, Batches, checkpoint helpers, LPIPS, setup_distributed.
+    AutoEncoder (F16: VAEConfig(stride=2)), T5 / CLIP encoders and tokenizers, loaders, Batches,
+    checkpoint helpers, LPIPS, encode_raw, setup_distributed.
 """
 
 import argparse
@@ -160,6 +168,7 @@ from common.io import (
     load_image,
     load_safetensors,
     number,
+    positive,
     progress_bar,
     read_json,
     resolve_source,
@@ -535,6 +544,20 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     return ids.reshape(1, -1, 3).float().to(device)
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
+    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
+    each class compiles once, at its first call, and all its blocks reuse that graph: compile
+    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
+    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
+    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
+    between the compiled parts. A new input shape compiles once more."""
+    for name in ("double_blocks", "single_blocks", "joint_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
@@ -550,8 +573,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
+        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
@@ -567,7 +594,10 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
+        # sends SDPA to its math backend, which writes the hw x hw scores)
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
@@ -1530,89 +1560,6 @@ class Batches:
         self.order, self.cursor = state["order"].tolist(), int(state["cursor"])
 
 
-class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at
-    the base model. A and B stay fp32 even when the base weights are bf16."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
-        a = torch.empty(rank, base.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # what nn.Linear and peft use
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
-
-    def merged(self) -> nn.Linear:
-        """A plain Linear with W + scale * B A (for export and for sampling without the wrapper)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        linear = linear.to(self.base.weight.device, self.base.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.base.weight.float() + delta)
-            if self.base.bias is not None:
-                linear.bias.copy_(self.base.bias)
-        return linear
-
-
-def lora_targets(model: nn.Module, kind: str) -> list[str]:
-    """The attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block
-    streams and the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)."""
-    if kind == "flux":
-        pattern = r"(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])"
-    else:
-        pattern = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
-
-
-def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
-    """Freeze the model and wrap its attention / MLP linears with LoRA (alpha defaults to rank: scale 1)."""
-    model.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    for name in lora_targets(model, kind):
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha or rank, generator))
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> tuple[dict, float]:
-    """Our LoRA file: {"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} and the scale."""
-    state, scales = {}, set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.lora_A"], state[f"{name}.lora_B"] = module.lora_A.detach().cpu(), module.lora_B.detach().cpu()
-            scales.add(module.scale)
-    return state, scales.pop() if scales else 1.0
-
-
-def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA (original BFL / SAI module names, fused qkv) -> diffusers / peft keys
-    `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, through the key tables.
-
-    A LoRA on a fused projection is exact to split: delta = B A, and the rows of delta that
-    belong to to_q / to_k / to_v (/ proj_mlp) are the same rows of B times the shared A. The
-    scale is folded into B, so the file loads with peft's default alpha = rank."""
-    if kind == "flux":
-        table = flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
-    else:
-        table = sd3_key_table(config.depth)
-    out = {}
-    for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
-        a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
-        parts, transform = table[f"{module}.weight"]
-        assert transform is None, f"{module}: LoRA export needs a plain weight"
-        hidden = config.hidden_size
-        sizes = [hidden] * (len(parts) - 1) + [b.shape[0] - hidden * (len(parts) - 1)]
-        for part, rows in zip(parts, b.split(sizes)):
-            name = part.removesuffix(".weight")
-            out[f"transformer.{name}.lora_A.weight"] = a.clone().contiguous()
-            out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
-    return out
-
-
 def save_safetensors(state: dict, path: Path, metadata: dict | None = None):
     from safetensors.torch import save_file
 
@@ -2237,21 +2184,104 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int 
     return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
 
 
-# ----------------------------------------------------------------------------- LoRA on the VAE encoder
+# ----------------------------------------------------------------------------- LoRA: OMGSR-F's targets
+#
+# OMGSR-F hands peft a list of module names for Flux and one for the VAE encoder; peft adapts every
+# module whose name is one of them or ends with "." + one. We select the same weights through the key
+# tables that load diffusers checkpoints. Our layout fuses q, k and v (double blocks' qkv; a single
+# block's linear1 = q, k, v and the MLP input), so each of them gets its own A and B there.
+
+OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+OMGSR_F_VAE_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
+                       "to_k", "to_q", "to_v", "to_out.0")
+
+
+def peft_selects(module: str, targets) -> bool:
+    """peft's rule for a list of target names: the module's name is one of them or ends with "." + one."""
+    return any(module == target or module.endswith("." + target) for target in targets)
+
+
+def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
+    """Our Flux modules that OMGSR-F's list selects in diffusers' names, each with the number of its
+    leading row blocks adapted: img_in (x_embedder); per double block and stream the fused qkv (3:
+    to_q/k/v, add_q/k/v_proj), the attention projection (to_out.0, to_add_out) and both MLP linears
+    (ff(_context).net.0.proj, .net.2); per single block the q, k, v rows of linear1 (3 of its 4 blocks:
+    proj_mlp is not a target, nor linear2 = proj_out). Nothing else (embedders, modulations, final layer)."""
+    targets, table = {}, flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
+    for key, (parts, _) in table.items():
+        chosen = [peft_selects(part.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for part in parts]
+        if key.endswith(".weight") and any(chosen):
+            # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
+            count = sum(chosen)
+            assert chosen[:count] == [True] * count and (len(parts) == 1 or count > 1), key
+            targets[key.removesuffix(".weight")] = count
+    return targets
+
+
+class SplitLoRALinear(nn.Module):
+    """LoRA on the first `parts` blocks of `rows` rows of a linear, each block with its own A and B,
+    as peft adapts separate q, k and v projections; rows after them stay unadapted:
+    y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. W and b are frozen. peft's "gaussian"
+    init, OMGSR-F's: A ~ N(0, 1 / r^2), B = 0, so training starts at the base model. A and B stay
+    fp32 even when the base weights are bf16."""
+
+    def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.randn(parts, rank, base.in_features, generator=generator) / rank
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=base.weight.device))
+
+    def forward(self, x):
+        down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
+        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1) * self.scale
+        return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
+
+
+def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int = 0) -> Flux:
+    """Freeze Flux and wrap OMGSR-F's targets (`flux_lora_targets`) with SplitLoRALinear
+    (alpha defaults to the rank: scale 1, as OMGSR-F)."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parts in flux_lora_targets(model.config).items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = getattr(owner, child)
+        rows = model.config.hidden_size if parts > 1 else base.out_features
+        setattr(owner, child, SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator))
+    return model
+
+
+def export_flux_lora(model: Flux) -> dict:
+    """The SplitLoRALinear weights under peft / diffusers names `transformer.<module>.lora_A.weight` /
+    `.lora_B.weight`, block i of a fused weight as its i-th diffusers projection; the scale is folded
+    into B, so the file loads with peft's default alpha = rank."""
+    c, out = model.config, {}
+    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
+    for name, module in model.named_modules():
+        if isinstance(module, SplitLoRALinear):
+            parts, _ = table[f"{name}.weight"]
+            for part, a, b in zip(parts, module.lora_A, module.lora_B):
+                prefix = "transformer." + part.removesuffix(".weight")
+                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
+    return out
 
 
 class LoRAConv2d(nn.Module):
     """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), conv frozen. A is a conv with the
     base's kernel, stride, padding and dilation and r output channels; B is a 1x1 conv back to
-    the base's channels, zero at the start. A and B stay fp32 even when the base is bf16."""
+    the base's channels. peft's "gaussian" init: A ~ N(0, 1 / r^2), B = 0. A and B stay fp32 even
+    when the base is bf16."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
         self.base, self.rank, self.scale = base, rank, alpha / rank
-        a = torch.empty(rank, base.in_channels, *base.kernel_size)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
         self.lora_A = nn.Parameter(a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=base.weight.device))
 
@@ -2261,14 +2291,25 @@ class LoRAConv2d(nn.Module):
         return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
 
 
-def add_conv_lora(module: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
-    """Freeze `module` and wrap every Conv2d in it (the VAE encoder: all of them) with LoRAConv2d."""
-    module.requires_grad_(False)
+def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
+    """The encoder convs (names inside vae.encoder) that OMGSR-F's VAE list selects in diffusers'
+    names: conv_in, each ResNet's conv1, conv2 and conv_shortcut (our nin_shortcut), the downsamplers'
+    conv, the mid attention's to_q / to_k / to_v / to_out.0 (our 1x1 q, k, v, proj_out), conv_out.
+    That is every conv of the encoder."""
+    return [key.removeprefix("encoder.").removesuffix(".weight")
+            for key, ((part,), _) in vae_lora_table(vae).items()
+            if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"), OMGSR_F_VAE_TARGETS)]
+
+
+def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, seed: int = 0) -> AutoEncoder:
+    """Freeze the encoder and wrap OMGSR-F's targets (`encoder_lora_targets`) with LoRAConv2d."""
+    vae.encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for name, conv in [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]:
+    for name in encoder_lora_targets(vae):
         parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent), child, LoRAConv2d(conv, rank, alpha or rank, generator))
-    return module
+        owner = vae.encoder.get_submodule(parent)
+        setattr(owner, child, LoRAConv2d(getattr(owner, child), rank, alpha or rank, generator))
+    return vae
 
 
 def checkpoint_encoder(encoder: nn.Module, enabled: bool = True) -> nn.Module:
@@ -2343,11 +2384,19 @@ def matched_sigma(hr_latents, lr_latents, steps: int = OMGSR_STEPS, mu: float = 
     the continuous answer is sigma = sqrt(D) / (1 + sqrt(D)). Returns (t, sigma_t).
     """
     sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
-    total = torch.zeros_like(sigmas)
-    for hr, lr in zip(hr_latents, lr_latents):
-        power = hr.double().pow(2).mean()
-        distortion = (lr.double() - hr.double()).pow(2).mean()
-        total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
+    gaps = (snr_gap(hr, lr, sigmas) for hr, lr in zip(hr_latents, lr_latents))
+    return smallest_gap(sum(gaps, torch.zeros_like(sigmas)), sigmas)
+
+
+def snr_gap(hr: torch.Tensor, lr: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """One batch's |P (1 - sigma)^2 / sigma^2 - P / D| at each sigma (see `matched_sigma`), in float64."""
+    power = hr.double().pow(2).mean().cpu()
+    distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
+    return (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
+
+
+def smallest_gap(total: torch.Tensor, sigmas: torch.Tensor) -> tuple[int, float]:
+    """(t, sigma_t) of the smallest summed gap; `sigmas` are those of t = 1..steps."""
     best = int(total.argmin())
     return best + 1, float(sigmas[best])
 
@@ -2401,8 +2450,7 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
     """Write the OP4KSR file from a LoRA-wrapped transformer and VAE encoder (see above).
     `prompt`: {"txt", "y", "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, rank, alpha."""
-    lora, scale = lora_state_dict(transformer)
-    state = export_lora_diffusers(lora, "flux", transformer.config, scale)
+    state = export_flux_lora(transformer)
     state.update(export_vae_lora(vae.encoder, vae))
     state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
     c, vc = transformer.config, vae.config
@@ -2631,19 +2679,22 @@ def train_sr(args) -> list[tuple[int, float]]:
     files = vae_image_files(args.data, verbose=ctx.main)
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
+    lpips = None  # small, and the likeliest download to fail: before the large models
+    if args.lpips_weight:
+        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
 
     vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
+    vae.decoder.partitioned = args.f16_decode == "partitioned"
     factor = vae.config.downsample_factor
-    if args.crop % (2 * factor):
-        raise UserError(f"--crop {args.crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
+    check_crop(args.crop, args.scale, factor)
     periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
     if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
         raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
     prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
     transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
 
-    add_lora(transformer, "flux", args.lora_rank, args.lora_alpha, args.seed)
-    add_conv_lora(vae.encoder, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
+    add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
+    add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
     vae.decoder.requires_grad_(False)
     transformer.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
     checkpoint_encoder(vae.encoder, args.gradient_checkpointing)
@@ -2652,13 +2703,6 @@ def train_sr(args) -> list[tuple[int, float]]:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     weights = LossWeights(pixel_mse=args.mse_weight, pixel_l1=args.l1_weight, latent_mse=args.latent_weight,
                           perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
-    lpips = None
-    if args.lpips_weight and (args.lpips_linear and args.lpips_backbone):
-        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
-    elif args.lpips_weight:
-        weights.perceptual = 0.0
-        if ctx.main:
-            print("note: no LPIPS weights given (--lpips-linear / --lpips-backbone): the perceptual term is off", file=sys.stderr)
     guidance = args.guidance if transformer.config.guidance_embed else None
     if ctx.main:
         count = sum(p.numel() for p in params)
@@ -2671,22 +2715,12 @@ def train_sr(args) -> list[tuple[int, float]]:
         step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
         for group in optimizer.param_groups:
             group.update(lr=args.lr, weight_decay=args.weight_decay)
-    degradation = DegradationConfig()
-    global_batch = args.batch_size * ctx.world
-    mine = range(ctx.rank * args.batch_size, (ctx.rank + 1) * args.batch_size)
     losses, log, unreadable = [], output / "train_log.jsonl", set()
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", args.steps, step) if ctx.main else None
     while step < args.steps:
-        # the whole global batch is drawn on every rank from one generator; each rank keeps its share
-        g = batches.generator
-        picks = batches.indices(global_batch)
-        offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
-        seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
-        hr = load_hr_crops(files, picks, mine, args.crop, offsets, flips, batches, unreadable, ctx)
-        lr = torch.cat([degrade((hr[j : j + 1] + 1) / 2, degradation, torch.Generator().manual_seed(int(seeds[i])), args.scale)
-                        for j, i in enumerate(mine)]) * 2 - 1
-        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        hr, lr_up, crop_offset = training_pairs(files, batches, args.crop, args.scale, args.batch_size,
+                                                unreadable, ctx)
         hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
         with autocast:
             latent = sr_latent(transformer, vae, lr_up, prompt["txt"], prompt["y"], args.sigma, guidance)
@@ -2755,6 +2789,34 @@ def check_train_output(output: Path, resume: str | None) -> Path | None:
     return folder
 
 
+def check_crop(crop: int, scale: int, factor: int | None = None):
+    """Refuse a crop that the LR size (crop / scale) or, once the VAE is known, its token (2 factor
+    px) does not divide."""
+    if crop % scale:
+        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is crop / scale)")
+    if factor is not None and crop % (2 * factor):
+        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
+
+
+def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int, unreadable: set,
+                   ctx: Distributed):
+    """The next global batch of the seeded stream, this rank's share: (HR crops (B, 3, crop, crop) in
+    [-1, 1], the encoder's input, the LPIPS crop offset). Every rank draws the whole global batch from
+    one generator and keeps its slots. The input is LR = degrade(HR crop) at 1/scale, each image with
+    its own seed, then bicubic back up to the crop size (as OMGSR's pipeline resizes LQ back)."""
+    global_batch, g = batch_size * ctx.world, batches.generator
+    mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
+    picks = batches.indices(global_batch)
+    offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
+    seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
+    hr = load_hr_crops(files, picks, mine, crop, offsets, flips, batches, unreadable, ctx)
+    streams = [torch.Generator().manual_seed(int(seeds[i])) for i in mine]
+    lr = torch.cat([degrade((image[None] + 1) / 2, DegradationConfig(), stream, scale)
+                    for image, stream in zip(hr, streams)]) * 2 - 1
+    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    return hr, lr_up, crop_offset
+
+
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
     """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices).
@@ -2792,7 +2854,7 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
 @contextlib.contextmanager
 def lora_off(module: nn.Module):
     """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
-    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, LoRALinear))]
+    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))]
     scales = [m.scale for m in wrapped]
     for m in wrapped:
         m.scale = 0.0
@@ -2803,18 +2865,25 @@ def lora_off(module: nn.Module):
             m.scale = scale
 
 
-def positive(high=None):
-    """argparse type: a finite number in (0, high] (common.io's `number` has closed ranges only)."""
-    finite = number()
+def add_pair_options(parser):
+    """The options that make the (HR, LR) pairs: `train` and `calibrate-sigma` read them alike."""
+    parser.add_argument("--data", required=True,
+                        help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
+    parser.add_argument("--vae", default=DEFAULT_VAE,
+                        help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
+    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096,
+                        help="square HR crop side; images are resized to cover it (default 4096: whole 4K "
+                             "targets, no patches)")
+    parser.add_argument("--scale", type=integer(1, 16), default=4,
+                        help="SR factor: LR = degrade(HR) at 1/scale (default 4: 1K -> 4K)")
 
-    def parse(text):
-        value = finite(text)
-        if value <= 0 or (high is not None and value > high):
-            allowed = f"in (0, {high:g}]" if high is not None else "> 0"
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value:g}")
-        return value
 
-    return parse
+def add_f16_decode_option(parser):
+    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+                        help="the F16 decoder's last stage (see Decoder.upsample_conv_out): 'partitioned' "
+                             "(default) gives what upstream Diffusion-4K's partitioned decode gives, the "
+                             "path the released F16 decoders were trained through; 'centred' centres "
+                             "conv_out's window (the output moves one pixel up and left)")
 
 
 def sr_train_parser() -> argparse.ArgumentParser:
@@ -2829,33 +2898,51 @@ def sr_train_parser() -> argparse.ArgumentParser:
                "Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", required=True, help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
+    add_pair_options(parser)
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
-    parser.add_argument("--vae", default=DEFAULT_VAE, help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
+    add_f16_decode_option(parser)
     parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
     parser.add_argument("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
-    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096, help="square HR crop side (images are resized to cover it)")
-    parser.add_argument("--scale", type=integer(1, 16), default=4, help="SR factor: LR = degrade(HR) at 1/scale")
-    parser.add_argument("--sigma", type=number(1e-3, 1), default=0.25, help="the fixed noise level at which Flux sees the LR latent")
+    parser.add_argument("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
+                        help=f"the fixed noise level at which Flux sees the LR latent (default "
+                             f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} of its "
+                             f"{OMGSR_STEPS}-step Flux schedule shifted with mu {OMGSR_MU}; `op4ksr.py "
+                             "calibrate-sigma` measures the match for your data)")
     parser.add_argument("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
     parser.add_argument("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
-    parser.add_argument("--lora-rank", type=integer(1), default=64)
-    parser.add_argument("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1)")
+    parser.add_argument("--lora-rank", type=integer(1), default=64,
+                        help="LoRA rank on Flux and the VAE encoder, on OMGSR-F's target modules "
+                             "(default 64: OMGSR-F's)")
+    parser.add_argument("--lora-alpha", type=positive(),
+                        help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
     parser.add_argument("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
     parser.add_argument("--weight-decay", type=number(0), default=1e-4)
     parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
     parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step")
     parser.add_argument("--steps", type=integer(1), default=10000)
-    parser.add_argument("--mse-weight", type=number(0), default=1.0, help="pixel MSE")
-    parser.add_argument("--l1-weight", type=number(0), default=0.0, help="pixel L1")
-    parser.add_argument("--latent-weight", type=number(0), default=0.0, help="MSE of the x0 latent to the base encoder's HR latent")
-    parser.add_argument("--lpips-weight", type=number(0), default=2.0, help="LPIPS-vgg (needs --lpips-linear and --lpips-backbone)")
-    parser.add_argument("--lpips-linear", help="LPIPS v0.1 linear layers (.pth), a file or owner/repo/path on the Hub, e.g. " + LPIPS_VGG_LINEAR)
-    parser.add_argument("--lpips-backbone", help="VGG16 ImageNet weights, e.g. " + LPIPS_VGG_BACKBONE)
+    # loss weights: the paper publishes none; 0 switches a term off
+    parser.add_argument("--mse-weight", type=number(0), default=1.0,
+                        help="pixel MSE (default 1: the fidelity term)")
+    parser.add_argument("--l1-weight", type=number(0), default=0.0,
+                        help="pixel L1 (default 0: MSE is the pixel term; OMGSR-F uses L1 0.5 beside DISTS "
+                             "and a GAN)")
+    parser.add_argument("--latent-weight", type=number(0), default=0.0,
+                        help="MSE of the x0 latent to the base encoder's HR latent (default 0: the pixel "
+                             "terms judge the output)")
+    parser.add_argument("--lpips-weight", type=number(0), default=2.0,
+                        help="LPIPS-VGG on one --lpips-crop crop per image (default 2: OSEDiff's "
+                             "LPIPS-to-MSE ratio; 0: off, no LPIPS weights needed)")
+    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR,
+                        help="LPIPS v0.1 VGG linear layers (.pth): a file or owner/repo/path on the Hub "
+                             "(default: the lpips package's file)")
+    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
+                        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path "
+                             "(default: torchvision's, via timm)")
     parser.add_argument("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side per image")
-    parser.add_argument("--periodicity-weight", type=number(0), default=1.0, help="lambda_AP (0: no L_AP)")
+    parser.add_argument("--periodicity-weight", type=number(0), default=1.0,
+                        help="lambda_AP, L_AP's weight (default 1: the paper gives no value; 0: no L_AP)")
     parser.add_argument("--checkpoint-every", type=integer(1), default=500)
     parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
     parser.add_argument("--log-every", type=integer(1), default=10)
@@ -2868,12 +2955,58 @@ def sr_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def calibrate_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="op4ksr.py calibrate-sigma",
+        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR) pairs as\n"
+                    "`train` does, encode both with the base F16 encoder (a posterior sample, as OMGSR) and\n"
+                    f"print the timestep of OMGSR-F's {OMGSR_STEPS}-step Flux schedule (shifted with mu "
+                    f"{OMGSR_MU}) whose noise\nlevel gives the noisy HR latent the SNR of the LR latent, "
+                    "mean(hr^2) / mean((lr - hr)^2),\naveraged over batches. Pass the sigma it prints to "
+                    "`train --sigma`.",
+        epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_pair_options(parser)
+    parser.add_argument("--max-images", type=integer(1),
+                        help="use at most this many images, one random crop each (default: all)")
+    parser.add_argument("--batch-size", type=integer(1), default=1,
+                        help="images per SNR average (default 1, OMGSR's); the gaps are averaged over "
+                             "batches")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seeds image order, crops, flips, degradations (with train's --seed and "
+                             "--batch-size: the pairs of its first steps) and the posterior samples")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+
+def calibrate_command(args):
+    check_crop(args.crop, args.scale)
+    files = vae_image_files(args.data)
+    count = min(args.max_images or len(files), len(files))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
+    check_crop(args.crop, args.scale, vae.config.downsample_factor)
+    sigmas = omgsr_sigmas()[1:]
+    total, done, update = torch.zeros_like(sigmas), 0, progress_bar("calibrate-sigma", count)
+    for hr, lr in calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed):
+        total += snr_gap(hr, lr, sigmas)
+        done += len(hr)
+        t, sigma = smallest_gap(total, sigmas)
+        update(done, postfix={"t": t, "sigma": f"{sigma:.4f}"})
+    print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
+          f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
+    print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this is "
+          f"{sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma {sigma:.6f}")
+
+
 def train_sr_command(args):
-    if args.crop % args.scale:
-        raise UserError(f"--crop {args.crop}: must be a multiple of --scale {args.scale} (the LR crop is crop / scale)")
-    lpips_weight = args.lpips_weight if args.lpips_linear and args.lpips_backbone else 0
-    if not any((args.mse_weight, args.l1_weight, args.latent_weight, lpips_weight, args.periodicity_weight)):
-        raise UserError("every loss weight is 0 (LPIPS also needs --lpips-linear and --lpips-backbone): nothing to train")
+    check_crop(args.crop, args.scale)
+    if not any((args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight,
+                args.periodicity_weight)):
+        raise UserError("every loss weight is 0: nothing to train")
     output = Path(args.output)
     created = not output.exists()
     try:
@@ -2886,6 +3019,34 @@ def train_sr_command(args):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- noise-level calibration
+
+
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
+    if generator is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+
+@torch.no_grad()
+def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int, count: int,
+                        seed: int):
+    """(HR latents, LR latents) per batch of `count` pairs for `matched_sigma`: the pairs `train`
+    makes from the same seed (`training_pairs`), both sides through the base F16 encoder as a
+    posterior sample, normalised (as OMGSR's calibration encodes them)."""
+    weight, c = vae.encoder.conv_in.weight, vae.config
+    batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
+    noise = torch.Generator().manual_seed((seed + 1) % 2**64)
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        hr, lr_up, _ = training_pairs(files, batches, crop, scale, size, unreadable, ctx)
+        raw = [encode_raw(vae, x.to(weight.device, weight.dtype), noise) for x in (hr, lr_up)]
+        yield tuple((z - c.shift_factor) * c.scale_factor for z in raw)
 
 
 # ===================================================================================== CLI
@@ -2952,6 +3113,9 @@ def sr_command(args):
         jobs.append((path, width, height, output))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
+    pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
+    if args.compile:
+        compile_blocks(pipe.transformer)
     update = progress_bar("super-resolve", len(jobs))
     for i, (path, width, height, output) in enumerate(jobs, start=1):
         if args.skip_existing and output.exists():
@@ -2988,11 +3152,15 @@ def sr_parser() -> argparse.ArgumentParser:
     parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
     parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
     parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+    add_f16_decode_option(parser)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="leave existing outputs and do the rest (continues a batch)")
     parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each Flux block (built during the first image; a new size builds "
+                             "once more): worth it for a batch of images; off: eager")
     parser.add_argument("--token", help="Hugging Face token for gated repos")
     return parser
 
@@ -3001,6 +3169,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
         return train_sr_command(sr_train_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "calibrate-sigma":
+        return calibrate_command(calibrate_parser().parse_args(argv[1:]))
     sr_command(sr_parser().parse_args(argv))
 
 

@@ -56,7 +56,9 @@ def attention(q, k, v, mask=None, scale=None):
     batch, heads, queries, _ = q.shape
     chunk = max(1, MAX_SCORE_ELEMENTS // (batch * heads * k.shape[-2]))
     with sdpa_kernel(preferred_backends(q), set_priority=True):
-        if queries <= chunk or not builds_scores(q, k, v, mask, scale):
+        # Inside a compiled block (`compile_blocks`) the question would break the block's graph;
+        # the transformers' q, k, v always suit a fused kernel, so the call stays whole there.
+        if queries <= chunk or torch.compiler.is_compiling() or not builds_scores(q, k, v, mask, scale):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         outputs = []
         for start in range(0, queries, chunk):

@@ -108,6 +108,20 @@ def number(low=None, high=None):
     return parse
 
 
+def positive(high=None):
+    """argparse type: a finite number in (0, high] (a learning rate, a weight that must act)."""
+    finite = number()
+
+    def parse(text):
+        value = finite(text)
+        if value <= 0 or (high is not None and value > high):
+            allowed = "> 0" if high is None else f"in (0, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value:g}")
+        return value
+
+    return parse
+
+
 SEED = integer(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64-bit seeds
 
 

@@ -100,6 +100,15 @@ def write_prompts(tmp, text="a cat\na red rocket\n"):
     (tmp / "prompts.txt").write_text(text)
 
 
+JSONL, CAT = ["--prompts", "{tmp}/prompts.jsonl"], {"file_name": "a.jpg", "text": "a cat"}
+
+
+def write_jsonl(*lines):
+    """Set-up: prompts.jsonl from raw lines (dicts are written as JSON)."""
+    text = "".join((json.dumps(line) if isinstance(line, dict) else line) + "\n" for line in lines)
+    return lambda tmp: (tmp / "prompts.jsonl").write_text(text)
+
+
 def no_cuda_device():
     return "cuda:99"
 
@@ -142,6 +151,23 @@ GENERATE = {  # name: (arguments, expected text of the error line, files to crea
     "prompt file not UTF-8": (["--prompts", "{tmp}/prompts.txt"], "not UTF-8",
                               lambda tmp: (tmp / "prompts.txt").write_bytes("café".encode("latin-1"))),
     "prompt file missing": (["--prompts", "{tmp}/missing.txt"], "missing.txt", None),
+    "seed per prompt unknown": (["--seed-per-prompt", "random"], "argument --seed-per-prompt: invalid choice",
+                                None),
+    "f16 decode unknown": (["--f16-decode", "shifted"], "argument --f16-decode: invalid choice", None),
+    "jsonl line not JSON": (JSONL, "prompts.jsonl line 2: not JSON", write_jsonl(CAT, "{not json")),
+    "jsonl line without text": (JSONL, "line 1: expected an object with a file_name and a non-empty text",
+                                write_jsonl({"file_name": "a.jpg"})),
+    "jsonl line an array": (JSONL, "line 1: expected an object", write_jsonl("[1, 2]")),
+    "jsonl file_name not a string": (JSONL, "line 1: expected an object",
+                                     write_jsonl({"file_name": 7, "text": "x"})),
+    "jsonl file_name empty": (JSONL, "gives no usable output name",
+                              write_jsonl({"file_name": "", "text": "x"})),
+    "jsonl two names, one output": (JSONL, "line 3: file_name 'x/a.png' gives the output name a.png of line",
+                                    write_jsonl(CAT, "", {"file_name": "x/a.png", "text": "a dog"})),
+    "jsonl without prompts": (JSONL, "no prompts", write_jsonl("", "  ")),
+    "jsonl image exists": (JSONL + ["--output-dir", "{tmp}/out"], "b.png exists",
+                           lambda tmp: (write_jsonl(CAT, {"file_name": "b.jpg", "text": "y"})(tmp),
+                                        (tmp / "out").mkdir(), (tmp / "out" / "b.png").write_bytes(b"x"))),
     "model missing": (["--model", "{tmp}/nothing-here"], "no such file or folder", None),
     "text encoders missing": (["--text-encoders", "./no-encoders"], "--text-encoders ./no-encoders", None),
     "vae weights missing": (["--vae-weights", "{tmp}/no-vae"], "--vae-weights", None),
@@ -244,10 +270,10 @@ def fake_checkpoint(tmp, state=b""):
 
 
 TRAIN = {
-    "lr 0": (["--lr", 0], "argument --lr: must be > 0", None),
+    "lr 0": (["--lr", 0], "argument --lr: must be in (0, 1], got 0", None),
     "lr inf": (["--lr", "inf"], "argument --lr: must be a finite number", None),
     "lr nan": (["--lr", "nan"], "argument --lr", None),
-    "lr huge": (["--lr", 1e30], "argument --lr: must be <= 1", None),
+    "lr huge": (["--lr", 1e30], "argument --lr: must be in (0, 1]", None),
     "steps 0": (["--steps", 0], "argument --steps: must be >= 1", None),
     "batch size 0": (["--batch-size", 0], "argument --batch-size", None),
     "resolution negative": (["--resolution", -1], "argument --resolution", None),
@@ -256,6 +282,15 @@ TRAIN = {
     "seed negative": (["--seed", -1], "argument --seed", None),
     "device banana": (["--device", "banana"], "argument --device", None),
     "wavelet weights nan": (["--wavelet-weights", "nan,1,1,1"], "--wavelet-weights", None),
+    "grad accum 0": (["--grad-accum", 0], "argument --grad-accum: must be >= 1, got 0 (or auto)", None),
+    "grad accum not a number": (["--grad-accum", "many"], "argument --grad-accum: expected an integer", None),
+    "batch that does not divide upstream's": (["--grad-accum", "auto", "--batch-size", 3],
+                                              "1 process(es) x --batch-size 3 does not divide upstream's "
+                                              "global batch of 32", None),
+    "posterior unknown": (["--posterior", "mode"], "argument --posterior: invalid choice", None),
+    "T5 length 0": (["--max-sequence-length", 0], "argument --max-sequence-length: must be in [1, 512]",
+                    None),
+    "T5 length beyond 512": (["--max-sequence-length", 1024], "argument --max-sequence-length", None),
     "crop 0": (["--crop", "0x32"], "--crop '0x32'", None),
     "output is a file": (["--output", "{tmp}/file"], "is a file", lambda tmp: (tmp / "file").write_text("x")),
     "output not empty": (["--output", "{tmp}/full"], "is not empty",
@@ -278,7 +313,7 @@ def train_argv(models, data, tmp_path, arguments):
     places = {key: str(value) for key, value in models.items()} | {"tmp": str(tmp_path)}
     return ["train", "--model", models["flux"], "--data", data, "--output", tmp_path / "out", "--resolution", 32,
             "--vae", "f8", "--device", "cpu", "--max-sequence-length", 16, "--steps", 2, "--lora-rank", 2,
-            *[str(a).format(**places) for a in arguments]]
+            "--grad-accum", 1, *[str(a).format(**places) for a in arguments]]
 
 
 @pytest.mark.parametrize("name", TRAIN)
@@ -315,14 +350,15 @@ def test_train_stops_at_the_first_non_finite_loss(models, data, tmp_path, capsys
 def vae_argv(models, data, tmp_path, arguments):
     places = {key: str(value) for key, value in models.items()} | {"tmp": str(tmp_path)}
     return ["train-vae", "--base", models["vae"], "--data", data, "--output", tmp_path / "out", "--resolution", 32,
-            "--batch-size", 1, "--steps", 2, "--lpips-weight", 0, "--ema", 0, "--workers", 1, "--device", "cpu",
+            "--batch-size", 1, "--grad-accum", 1, "--steps", 2, "--lpips-weight", 0,
+            "--gan-weight", 0, "--ema", 0, "--workers", 1, "--device", "cpu",
             *[str(a).format(**places) for a in arguments]]
 
 
 TRAIN_VAE = {
     "resolution not a multiple of 16": (["--resolution", 100], "multiple of 16", None),
     "resolution too small": (["--resolution", 8], "argument --resolution: must be >= 16", None),
-    "lr 0": (["--lr", 0], "argument --lr: must be > 0", None),
+    "lr 0": (["--lr", 0], "argument --lr: must be in (0, 1], got 0", None),
     "lr nan": (["--lr", "nan"], "argument --lr", None),
     "ema 1.5": (["--ema", 1.5], "argument --ema", None),
     "ema 1": (["--ema", 1], "below 1", None),
@@ -330,6 +366,9 @@ TRAIN_VAE = {
     "workers 0": (["--workers", 0], "argument --workers", None),
     "negative weight": (["--sc-weight", -1], "argument --sc-weight", None),
     "gan at a small size": (["--gan-weight", 0.05], "128 or more", None),
+    "accumulation 0": (["--grad-accum", 0], "argument --grad-accum", None),
+    "f16 decode unknown": (["--f16-decode", "shifted"], "argument --f16-decode", None),
+    "dtype fp16": (["--dtype", "fp16"], "argument --dtype", None),
     "seed 2**64": (["--seed", 2**64], "argument --seed", None),
     "device cuda unavailable": (["--device", no_cuda_device()], "argument --device", None),
     "output is a file": (["--output", "{tmp}/file"], "is a file", lambda tmp: (tmp / "file").write_text("x")),

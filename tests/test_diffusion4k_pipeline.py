@@ -183,6 +183,57 @@ def test_cli_prompt_file_writes_numbered_images_and_metadata(sd3_folder, tmp_pat
     assert all(Image.open(out / r["file_name"]).size == (64, 64) for r in records)
 
 
+def test_cli_jsonl_prompts_are_named_after_their_file_names(flux_folder, tmp_path, capsys):
+    """Aesthetic-4K's metadata.jsonl as --prompts: <stem of file_name>.png; --seed-per-prompt same
+    gives every prompt --seed (upstream's evaluation), so one prompt written twice gives one image twice."""
+    lines = [{"file_name": "eval/0001.jpg", "text": "a lighthouse at dawn"},
+             {"file_name": "0002.JPEG", "text": "a cat"},
+             {"file_name": "0003.jpg", "text": "a lighthouse at dawn"}]
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    common = ["--model", flux_folder, "--prompts", metadata, "--output-dir", out,
+              "--height", 32, "--width", 32, "--steps", 1]
+    code, err = run_main(capsys, *common, "--seed", 7, "--seed-per-prompt", "same")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["text"], r["seed"]) for r in records] == [
+        ("0001.png", "a lighthouse at dawn", 7), ("0002.png", "a cat", 7),
+        ("0003.png", "a lighthouse at dawn", 7)]
+    assert (out / "0001.png").read_bytes() == (out / "0003.png").read_bytes()
+    # increment (the default): the i-th prompt gets seed + i; --skip-existing finishes a named batch
+    (out / "0003.png").unlink()
+    code, err = run_main(capsys, *common, "--seed", 7, "--skip-existing")
+    assert code == 0 and "0001.png exists; skipped" in err, err
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [7, 7, 9]
+    assert (out / "0001.png").read_bytes() != (out / "0003.png").read_bytes()
+
+
+def test_f16_decode_option_reaches_the_decoder(flux_folder, tmp_path, capsys, monkeypatch):
+    """--f16-decode sets Decoder.partitioned for the decode and is recorded in the PNG; the
+    partitioned image is the centred one moved one pixel down and right."""
+    seen = []
+    real = d4k.generate
+
+    def spy(pipe, *args, **kwargs):
+        seen.append(pipe.vae.decoder.partitioned)
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(d4k, "generate", spy)
+    images = {}
+    for mode in ("partitioned", "centred"):
+        output = tmp_path / f"{mode}.png"
+        code, err = run_main(capsys, "--model", flux_folder, "--prompt", "a red rocket", "--height", 48,
+                             "--width", 64, "--steps", 1, "--f16-decode", mode, "--output", output)
+        assert code == 0, err
+        assert json.loads(Image.open(output).text["settings"])["f16_decode"] == mode
+        images[mode] = np.asarray(Image.open(output)).astype(int)
+    assert seen == [True, False]
+    moved = np.abs(images["partitioned"][1:, 1:] - images["centred"][:-1, :-1])
+    assert moved.max() <= 1 and np.abs(images["partitioned"] - images["centred"]).mean() > 10 * moved.mean()
+
+
 def test_cli_bad_input(flux_folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

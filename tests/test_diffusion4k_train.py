@@ -1,6 +1,7 @@
 """Diffusion-4K fine-tuning (WLF): loss identity, data, sampling, overfitting, resume, outputs
 that diffusers loads, LoRA export, 2-process FSDP2 on CPU, bad input. Tiny random pipelines, CPU, fp32."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from PIL import Image
 
 import diffusion4k as d4k
 from common.io import load_safetensors, run_cli
+from conftest import free_port
 from tiny_pipelines import make_flux_pipeline, make_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +53,8 @@ def write_dataset(folder: Path, size=(32, 32), broken=False) -> Path:
 def train_args(model, data, output, *extra):
     return d4k.train_parser().parse_args([
         "--model", str(model), "--data", str(data), "--output", str(output), "--resolution", "32", "--vae", "f8",
-        "--batch-size", "2", "--device", "cpu", "--log-every", "1000", "--max-sequence-length", "32", *map(str, extra),
+        "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", "--log-every", "1000",
+        "--max-sequence-length", "32", *map(str, extra),
     ])
 
 
@@ -88,12 +91,107 @@ def test_wlf_with_equal_weights_is_x0_mse_and_sigma2_velocity_mse():
 def test_sigma_sampling_matches_upstream_schemes():
     g = torch.Generator().manual_seed(0)
     uniform = d4k.sample_sigmas(20000, "uniform", 1.0, g)
-    assert 0 <= uniform.min() and uniform.max() <= 1 and abs(uniform.mean() - 0.5) < 0.01
+    assert 0.001 <= uniform.min() and uniform.max() <= 1 and abs(uniform.mean() - 0.5) < 0.01
+    grid = uniform.double() * 1000
+    assert (grid - grid.round()).abs().max() < 1e-3  # entries of upstream's 1000-entry table (stored in fp32)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     raw = d4k.sample_sigmas(20000, "logit_normal", 1.0, g1)
     shifted = d4k.sample_sigmas(20000, "logit_normal", 3.0, g2)
     assert torch.allclose(shifted, 3 * raw / (1 + 2 * raw), atol=1e-6)  # SD3: sigma' = 3s / (1 + 2s)
     assert abs(shifted.median() - 0.75) < 0.01  # logit-normal median 0.5 -> 0.75
+
+
+@pytest.mark.parametrize("scheme, shift", [("uniform", 1.0), ("logit_normal", 3.0)])
+def test_sigmas_are_upstreams_table_entries(scheme, shift):
+    """Upstream: u -> index floor(1000 u) into the scheduler's sigmas (FlowMatchEulerDiscreteScheduler,
+    1000 train steps, SD3's static shift 3). The same u gives the same sigma here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).sigmas
+    g = torch.Generator().manual_seed(2)
+    ours = d4k.sample_sigmas(5000, scheme, shift, g)
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(5000, generator=g, dtype=torch.float64) if scheme == "uniform" else \
+        torch.sigmoid(torch.randn(5000, generator=g, dtype=torch.float64))
+    expected = table[(u * 1000).long()]
+    assert (ours - expected).abs().max() < 1e-6
+
+
+def test_posterior_sample_matches_diffusers(flux_folder):
+    """encode_latents with eps is diffusers' latent_dist.sample() with the same N(0, 1) draw, normalised
+    as upstream's train_flux_4k_wavelet.py does; without eps it is the mean (AutoEncoder.encode)."""
+    import diffusers
+
+    ours = d4k.load_vae(flux_folder, torch.float32, stride=1)
+    ref = diffusers.AutoencoderKL.from_pretrained(flux_folder / "vae").eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = ref.encode(images).latent_dist
+        expected = posterior.sample(torch.Generator().manual_seed(5))
+        eps = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5))
+        got = d4k.encode_latents(ours, images, eps)
+        mean = d4k.encode_latents(ours, images)
+    normalise = lambda x: (x - ref.config.shift_factor) * ref.config.scaling_factor  # noqa: E731
+    assert (got - normalise(expected)).abs().max() < 1e-5
+    assert (mean - normalise(posterior.mean)).abs().max() < 1e-5 and (got - mean).abs().max() > 1e-3
+
+
+def test_training_defaults_are_upstreams(flux_folder, sd3_folder, tmp_path):
+    args = d4k.train_parser().parse_args(["--data", str(tmp_path), "--output", str(tmp_path / "o")])
+    defaults = (args.posterior, args.max_sequence_length, args.lr, args.warmup_steps, args.weight_decay,
+                args.max_grad_norm, args.guidance, args.seed, args.steps, args.wavelet_weights, args.crop)
+    assert defaults == ("sample", 77, 1e-6, 0, 1e-4, 1.0, 3.5, 0, 20000, "1,1,1,1", None)
+    args.model = flux_folder  # global batch 32 (Flux) and 64 (SD3), however it is split
+    assert d4k.accumulation_steps(args, world=1) == 32
+    args.batch_size = 4
+    assert d4k.accumulation_steps(args, world=8) == 1 and d4k.accumulation_steps(args, world=2) == 4
+    args.model = sd3_folder
+    assert d4k.accumulation_steps(args, world=8) == 2
+    args.batch_size = 3
+    with pytest.raises(d4k.UserError, match="does not divide upstream's global batch of 64"):
+        d4k.accumulation_steps(args, world=1)
+
+
+def test_accumulated_micro_batches_equal_the_whole_batch(flux_folder):
+    """wlf_micro_step over 4 micro-batches of 1 (each loss / 4) == one batch of 4: same mean loss,
+    same gradients, same AdamW update."""
+    model = d4k.load_flux(flux_folder, torch.float32).train()
+    vae = d4k.load_vae(flux_folder, torch.float32, stride=1)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    side = 32 // vae.config.downsample_factor
+    noise, eps = (torch.randn(4, vae.config.z_channels, side, side, generator=g) for _ in range(2))
+    sigma = d4k.sample_sigmas(4, "uniform", 1.0, g)
+    condition = {"txt": torch.randn(4, 5, 32, generator=g), "y": torch.randn(4, 32, generator=g)}
+
+    def gradients(parts: int):
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for i in torch.arange(4).chunk(parts):
+            part = {name: value[i] for name, value in condition.items()}
+            losses.append(d4k.wlf_micro_step(model, "flux", vae, images[i], noise[i], sigma[i], eps[i], part,
+                                             3.5, d4k.WLF_UPSTREAM, contextlib.nullcontext, parts))
+        return torch.stack(losses).mean(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    def adamw_update(grads):
+        params = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+        for name, p in params.items():
+            p.grad = grads[name]
+        torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=1e-4).step()
+        return {name: p.detach() - model.get_parameter(name).detach() for name, p in params.items()}
+
+    (whole_loss, whole), (split_loss, split) = gradients(1), gradients(4)
+    loss_error = abs(whole_loss.item() - split_loss.item()) / whole_loss.item()
+    grad_error = max(((whole[n] - split[n]).abs().max() / whole[n].abs().max().clamp_min(1e-30)).item()
+                     for n in whole)
+    steps = adamw_update(whole), adamw_update(split)
+    update_error = max((steps[0][n] - steps[1][n]).abs().max().item() for n in whole)
+    print(f"accumulation: loss rel. error {loss_error:.1e}, worst gradient rel. error {grad_error:.1e}, "
+          f"worst update difference {update_error:.1e} (lr 1e-3)")
+    why = "only fp32 rounding may differ: the sums run in another order (one matmul of 4 rows vs 4 of 1 row)"
+    assert loss_error < 1e-6 and grad_error < 1e-5, why
+    # AdamW's first step is lr * g / (|g| + eps): rounding shows only where |g| is near eps = 1e-8
+    assert update_error < 0.01 * 1e-3, why
 
 
 # --------------------------------------------------------------------------------- data
@@ -179,13 +277,18 @@ def test_tiny_model_overfits_tiny_set_and_output_loads(kind, flux_folder, sd3_fo
 
 
 def test_resume_continues_identically(flux_folder, tmp_path):
+    """With gradient accumulation (2 micro-batches of 1): checkpoints at optimizer steps only, and a
+    run resumed at step 2 continues bit-identically."""
     data = write_dataset(tmp_path / "data")
-    common = ("--lr", 1e-3, "--checkpoint-every", 2, "--keep-checkpoints", 0)
+    common = ("--lr", 1e-3, "--checkpoint-every", 2, "--keep-checkpoints", 0,
+              "--batch-size", 1, "--grad-accum", 2)
     straight, split = tmp_path / "straight", tmp_path / "split"
     d4k.train_command(train_args(flux_folder, data, straight, "--steps", 4, *common))
     d4k.train_command(train_args(flux_folder, data, split, "--steps", 2, *common))
     d4k.train_command(train_args(flux_folder, data, split, "--steps", 4, "--resume", *common))
     assert log_losses(straight) == log_losses(split)  # bit-identical losses, steps 1-4
+    saved = sorted(f.name for f in (straight / "checkpoints").iterdir())
+    assert saved == ["step-00000002", "step-00000004"]  # optimizer steps, not micro-batches
     a = load_safetensors(straight / "checkpoints" / "step-00000004" / "trainable.safetensors")
     b = load_safetensors(split / "checkpoints" / "step-00000004" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -252,22 +355,25 @@ def test_lora_training_writes_both_formats(sd3_folder, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(flux_folder, tmp_path):
-    """FSDP2 over 2 CPU processes (gloo), batch 1 each == 1 process with batch 2: same losses and weights."""
+    """FSDP2 over 2 CPU processes (gloo), each accumulating 2 micro-batches of 1 == 1 process with one
+    batch of 4: same losses and weights."""
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this PyTorch build")
     data = write_dataset(tmp_path / "data")
 
-    def argv(output, batch):
+    def argv(output, batch, accumulation):
         return ["--model", flux_folder, "--data", data, "--output", output, "--resolution", 32, "--vae", "f8", "--device", "cpu",
-                "--batch-size", batch, "--steps", 2, "--lr", 1e-3, "--checkpoint-every", 2]
+                "--batch-size", batch, "--grad-accum", accumulation, "--steps", 2, "--lr", 1e-3,
+                "--checkpoint-every", 2, "--max-sequence-length", 32]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "diffusion4k.py"), "train"]
-    result = subprocess.run(command + [str(a) for a in argv(tmp_path / "two", 1)], capture_output=True, text=True, timeout=150, env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "diffusion4k.py"), "train"]
+    result = subprocess.run(command + [str(a) for a in argv(tmp_path / "two", 1, 2)], capture_output=True,
+                            text=True, timeout=150, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    d4k.train_command(d4k.train_parser().parse_args([str(a) for a in argv(tmp_path / "one", 2)]))
+    d4k.train_command(d4k.train_parser().parse_args([str(a) for a in argv(tmp_path / "one", 4, 1)]))
     two, one = log_losses(tmp_path / "two"), log_losses(tmp_path / "one")
     print(f"losses 2 processes {two}, 1 process {one}")
     assert np.allclose(two, one, rtol=1e-5)

@@ -26,7 +26,9 @@ def run_main(argv):
 
 
 def make_args(base, data, output, *extra):
-    fast = ["--resolution", "32", "--batch-size", "2", "--lpips-weight", "0", "--ema", "0", "--workers", "1", "--device", "cpu"]
+    fast = ["--resolution", "32", "--batch-size", "2", "--grad-accum", "1",
+            "--no-gradient-checkpointing", "--lpips-weight", "0", "--gan-weight", "0", "--ema", "0",
+            "--workers", "1", "--device", "cpu"]
     return d4k.train_vae_parser().parse_args(["--base", str(base), "--data", str(data), "--output", str(output), *fast, *map(str, extra)])
 
 
@@ -64,20 +66,70 @@ def synthetic_images(folder, count, size=(40, 48), subfolder=False):
 
 
 @pytest.fixture(scope="module")
+def base3(tmp_path_factory):
+    """Three levels (F8 = /4, F16 = /8): at the 128 px the discriminator needs, the mid-block
+    attention of the two-level VAE would dominate the run time."""
+    from diffusers import AutoencoderKL
+    from tiny_pipelines import randomize_
+
+    folder = tmp_path_factory.mktemp("base3")
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    randomize_(vae.eval(), 0.05, 1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return synthetic_images(tmp_path_factory.mktemp("images"), 6, subfolder=True)
 
 
 @pytest.fixture(scope="module")
-def trained(base, tmp_path_factory):
-    """40 steps on two 32x32 images (each crop is a whole image, only flips vary) at a high
-    learning rate, posterior means, the scale-consistency term weighted up to the size of the
-    MSE (the tiny random teacher's features are small); with the BFL file too."""
-    data = synthetic_images(tmp_path_factory.mktemp("two"), 2, size=(32, 32))
+def two(tmp_path_factory):
+    return synthetic_images(tmp_path_factory.mktemp("two"), 2, size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def trained(base, two, tmp_path_factory):
+    """40 steps without the GAN on two 32x32 images (each crop is a whole image, only flips vary)
+    at a high learning rate, posterior means, the scale-consistency term weighted up to the size
+    of the MSE (the tiny random teacher's features are small); with the BFL file too."""
     output = tmp_path_factory.mktemp("run") / "out"
-    args = make_args(base, data, output, "--steps", STEPS, "--lr", 3e-3, "--sc-weight", 300, "--posterior", "mean",
-                     "--save-every", 10, "--ae-file")
+    args = make_args(base, two, output, "--steps", STEPS, "--lr", 3e-3, "--sc-weight", 300,
+                     "--posterior", "mean", "--save-every", 10, "--ae-file")
     return d4k.train_vae(args), output
+
+
+GAN_STEPS, ACCUMULATION = 12, 2
+
+
+@pytest.fixture(scope="module")
+def gan_run(base3, two, tmp_path_factory):
+    """The defaults (GAN on and alternating, EMA 0.9999, partitioned decode, posterior samples)
+    at 128 px with 2 accumulated micro-batches a step, but no LPIPS (no weights offline), a high
+    learning rate and the scale-consistency weight as above. Records which model each
+    micro-batch trained and the decoder after every step."""
+    micro, after_step = [], []
+    real_sc, real_disc, real_ema = d4k.scale_consistency_loss, d4k.discriminator_loss, d4k.ema_update
+
+    def ema_update(ema, params, step, decay):
+        after_step.append((step, [p.detach().clone() for p in params]))
+        return real_ema(ema, params, step, decay)
+
+    args = d4k.train_vae_parser().parse_args(map(str, [
+        "--base", base3, "--data", two, "--output", tmp_path_factory.mktemp("gan") / "out",
+        "--resolution", 128, "--batch-size", 1, "--grad-accum", ACCUMULATION,
+        "--no-gradient-checkpointing", "--workers", 1, "--device", "cpu", "--lpips-weight", 0,
+        "--lr", 3e-3, "--sc-weight", 300, "--steps", GAN_STEPS]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(d4k, "scale_consistency_loss", lambda *a: micro.append("G") or real_sc(*a))
+        patch.setattr(d4k, "discriminator_loss", lambda *a: micro.append("D") or real_disc(*a))
+        patch.setattr(d4k, "ema_update", ema_update)
+        result = d4k.train_vae(args)
+    return result, micro, after_step
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -174,6 +226,56 @@ def test_discriminator_shapes_and_gradient_penalty():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_gradient_penalty_is_upstreams_gradient_of_the_map_sum():
+    """Upstream: grad of D(real) with grad_outputs of ones, flattened per image, weight 10 *
+    mean (||g|| - 1)^2. The gradient of the map's mean would be smaller by the map size."""
+    disc = d4k.Discriminator().eval()  # eval: spectral norm skips its power iteration, so D stays fixed
+    real, fake = torch.rand(3, 3, 192, 128) * 2 - 1, torch.rand(3, 3, 192, 128) * 2 - 1
+    _, penalty = d4k.discriminator_loss(disc, real, fake)
+    x = real.clone().requires_grad_(True)
+    out = disc(x)
+    assert out.shape == (3, 1, 3, 2)
+    (g,) = torch.autograd.grad(out, x, grad_outputs=torch.ones(out.size()), create_graph=True)
+    torch.testing.assert_close(penalty, 10 * ((g.reshape(3, -1).norm(2, dim=1) - 1) ** 2).mean())
+    (g_mean,) = torch.autograd.grad(disc(x).mean((1, 2, 3)).sum(), x)
+    torch.testing.assert_close(g_mean * 6, g.detach())
+    for i in range(3):  # one image at a time gives the same gradients (images are independent)
+        (g_i,) = torch.autograd.grad(disc(x[i : i + 1]).sum(), x)
+        torch.testing.assert_close(g_i[i], g[i].detach(), rtol=1e-4, atol=1e-7)
+
+
+def test_adaptive_weight_is_upstreams():
+    last = torch.randn(4, 3, requires_grad=True)
+    reconstruction, generator = (last * torch.randn(4, 3)).sum().square(), (last * torch.randn(4, 3)).sum()
+    (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
+    (b,) = torch.autograd.grad(generator, last, retain_graph=True)
+    torch.testing.assert_close(d4k.adaptive_weight(reconstruction, generator, last), a.norm() / b.norm())
+    flat = (last * 0).sum()  # no gradient: upstream divides by 1e-8, then caps at 1e4
+    assert d4k.adaptive_weight(reconstruction, flat, last) == 1e4
+    assert d4k.adaptive_weight(flat, flat, last) == 0
+
+
+@pytest.mark.parametrize("decay", [0.9999, 0.7])
+def test_ema_update_is_diffusers_ema_model(decay):
+    """Upstream's EMA is diffusers' EMAModel (default decay 0.9999): a copy at the first step,
+    then min(decay, (1 + n) / (10 + n)); with decay 0.7 the cap binds from n = 20 on."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    reference = EMAModel(model.parameters(), decay=decay)
+    ours = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for step in range(25):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        d4k.ema_update(ours, model.parameters(), step, decay)
+        reference.step(model.parameters())
+        for average, shadow in zip(ours.values(), reference.shadow_params):
+            torch.testing.assert_close(average, shadow, rtol=1e-6, atol=1e-6)
+    assert reference.cur_decay_value == min(decay, 25 / 34)
+
+
 # -------------------------------------------------------------------------------- training
 
 
@@ -191,6 +293,29 @@ def test_losses_fall_and_frozen_parts_stay_bitwise(trained, base):
     assert not torch.equal(result.student.decoder.conv_out.weight, fresh_student.decoder.conv_out.weight)
     assert len(list((output / "checkpoints").glob("step-*"))) == 2  # --keep-checkpoints
     assert d4k.latest_checkpoint(output).name == f"step-{STEPS:08d}"
+
+
+def test_defaults_train_alternating_as_upstream(gan_run, base3):
+    """One optimizer step of the decoder, then one of the discriminator, each over ACCUMULATION
+    fresh micro-batches: upstream's generator_step = (micro_step // accumulation) % 2 == 0."""
+    result, micro, after_step = gan_run
+    upstream = ["G" if (m // ACCUMULATION) % 2 == 0 else "D" for m in range(GAN_STEPS * ACCUMULATION)]
+    assert micro == upstream
+    assert [r["turn"] for r in result.history] == ["decoder", "discriminator"] * (GAN_STEPS // 2)
+    decoder_steps = [r for r in result.history if r["turn"] == "decoder"]
+    assert all({"mse", "sc", "gen", "balance"} <= r.keys() for r in decoder_steps)
+    assert all(np.isfinite(r["gp"]) and r["gp"] >= 0 for r in result.history if r["turn"] == "discriminator")
+    for key in ("mse", "sc"):  # the decoder still learns with the adversarial term on
+        before, after = decoder_steps[0][key], np.mean([r[key] for r in decoder_steps[-2:]])
+        print(f"{key}: {before:.4g} -> {after:.4g} ({before / after:.2f}x)")
+        assert after < before / 1.1, (key, before, after)
+    # the decoder changes on its own steps only; the EMA follows every step, as EMAModel.step does
+    assert [step for step, _ in after_step] == list(range(GAN_STEPS))
+    previous = list(d4k.load_vae(base3, stride=2).decoder.parameters())
+    for (step, params), record in zip(after_step, result.history):
+        changed = any(not torch.equal(a, b) for a, b in zip(params, previous))
+        assert changed == (record["turn"] == "decoder"), step
+        previous = params
 
 
 def test_output_loads_in_ours_and_diffusers(trained):
@@ -219,24 +344,44 @@ def test_output_loads_in_ours_and_diffusers(trained):
     torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_continues_identically_with_gan_and_ema(base, data, tmp_path):
-    gan = ("--resolution", 128, "--batch-size", 1, "--gan-weight", 0.05, "--gan-start", 1, "--ema", 0.9, "--lr", 1e-3, "--save-every", 2)
-    straight = d4k.train_vae(make_args(base, data, tmp_path / "a", "--steps", 3, *gan))
-    d4k.train_vae(make_args(base, data, tmp_path / "b", "--steps", 2, *gan))
-    resumed = d4k.train_vae(make_args(base, data, tmp_path / "b", "--steps", 3, "--resume", *gan))
-    assert [r["step"] for r in resumed.history] == [3]
-    assert resumed.history == straight.history[2:]
-    assert {"gen", "hinge", "gp"} <= straight.history[1].keys() and "gen" not in straight.history[0]
-    assert all(np.isfinite(r["gp"]) for r in straight.history[1:])
+def test_resume_continues_identically_with_gan_and_ema(base3, data, tmp_path):
+    """Resumed after the decoder's turn (the checkpoint carries the fakes the discriminator's
+    next turn is shown) and after the discriminator's; the GAN from step 2 on."""
+    gan = ("--resolution", 128, "--batch-size", 1, "--gan-weight", 0.05, "--gan-start", 1, "--ema", 0.9,
+           "--lr", 1e-3)
+    straight = d4k.train_vae(make_args(base3, data, tmp_path / "a", "--steps", 4, *gan))
+    assert [r["turn"] for r in straight.history] == ["decoder", "decoder", "discriminator", "decoder"]
+    d4k.train_vae(make_args(base3, data, tmp_path / "b", "--steps", 2, *gan))
+    saved_fakes = d4k.read_vae_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000002")["fakes"]
+    assert saved_fakes.shape == (1, 3, 128, 128)
+    resumed = [d4k.train_vae(make_args(base3, data, tmp_path / "b", "--steps", n, "--resume", *gan))
+               for n in (3, 4)]
+    assert [r["step"] for run in resumed for r in run.history] == [3, 4]
+    assert resumed[0].history + resumed[1].history == straight.history[2:]
+    assert {"gen", "balance"} <= straight.history[1].keys() and "gen" not in straight.history[0]
     for key, value in straight.student.decoder.state_dict().items():
-        assert torch.equal(resumed.student.decoder.state_dict()[key], value), key
-    assert all(torch.equal(resumed.ema[k], v) for k, v in straight.ema.items())
+        assert torch.equal(resumed[1].student.decoder.state_dict()[key], value), key
+    assert all(torch.equal(resumed[1].ema[k], v) for k, v in straight.ema.items())
     saved = [(tmp_path / run / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() for run in ("a", "b")]
     assert saved[0] == saved[1]
     # the EMA decoder, not the raw one, is what was saved
     ema_vae = d4k.load_vae(tmp_path / "a")
     assert torch.equal(ema_vae.decoder.conv_out.weight, straight.ema["conv_out.weight"])
     assert not torch.equal(ema_vae.decoder.conv_out.weight, straight.student.decoder.conv_out.weight)
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "centred"])
+def test_f16_decode_choice_is_the_training_decode(base, two, tmp_path, monkeypatch, mode):
+    seen, real = [], d4k.Decoder.upsample_conv_out
+
+    def recording(self, h, *rest):
+        seen.append(self.partitioned)
+        return real(self, h, *rest)
+
+    monkeypatch.setattr(d4k.Decoder, "upsample_conv_out", recording)
+    chosen = ["--f16-decode", mode] if mode == "centred" else []  # partitioned: the default
+    result = d4k.train_vae(make_args(base, two, tmp_path / "out", "--steps", 1, *chosen))
+    assert seen == [mode == "partitioned"] and result.student.decoder.partitioned == (mode == "partitioned")
 
 
 def test_lpips_term_trains(base, data, tmp_path):
@@ -249,11 +394,13 @@ def test_lpips_term_trains(base, data, tmp_path):
 
 def test_cli_runs_and_help(base, data, tmp_path, capsys):
     argv = ["--base", str(base), "--data", str(data), "--output", str(tmp_path / "out"), "--resolution", "32",
-            "--batch-size", "1", "--steps", "1", "--lpips-weight", "0", "--device", "cpu"]
+            "--batch-size", "1", "--grad-accum", "1", "--steps", "1", "--lpips-weight", "0",
+            "--gan-weight", "0", "--device", "cpu"]
     assert run_main(argv) == 0
     assert "wrote" in capsys.readouterr().err and d4k.load_vae(tmp_path / "out").config.stride == 2
     help_text = d4k.train_vae_parser().format_help()
-    for option in ("--data", "--output", "--base", "--resolution", "--lpips-weight", "--gan-weight", "--ema", "--resume"):
+    for option in ("--data", "--output", "--base", "--resolution", "--lpips-weight", "--gan-weight", "--ema",
+                   "--resume", "--grad-accum", "--f16-decode", "--dtype"):
         assert option in help_text
 
 

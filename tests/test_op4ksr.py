@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import diffusion4k as d4k
 import op4ksr
 from common.io import run_cli
-from conftest import ROOT
+from conftest import ROOT, free_port
 from tiny_pipelines import make_flux_pipeline
 
 CROP = 64  # tiny F16 VAE: 4 px per latent pixel, 8 px per token; L_AP periods (4, 8) need quadrants > 20 px
@@ -39,7 +39,7 @@ def write_hr(folder: Path, count=2, size=96):
 def train_argv(flux_folder, data, output, *extra):
     return ["train", "--flux", str(flux_folder), "--vae", str(flux_folder), "--data", str(data), "--output", str(output),
             "--crop", str(CROP), "--lora-rank", "4", "--max-sequence-length", "16", "--checkpoint-every", "1", "--log-every", "1",
-            "--keep-checkpoints", "0", *map(str, extra)]
+            "--keep-checkpoints", "0", "--lpips-weight", "0", *map(str, extra)]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_conv_lora_starts_at_the_base_and_merges_exactly(flux_folder):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         base = vae.encode(image)
-        op4ksr.add_conv_lora(vae.encoder, rank=3, alpha=6)
+        op4ksr.add_encoder_lora(vae, rank=3, alpha=6)
         assert torch.equal(vae.encode(image), base)  # B = 0
         for m in vae.encoder.modules():
             if isinstance(m, op4ksr.LoRAConv2d):
@@ -161,12 +161,12 @@ def test_checkpoint_lora_loads_into_diffusers(flux_folder, tmp_path):
     import diffusers
 
     transformer, vae = op4ksr.load_flux(flux_folder, torch.float32, theta=100.0), op4ksr.load_vae(flux_folder, stride=2)
-    op4ksr.add_lora(transformer, "flux", 3, alpha=6, seed=1)
-    op4ksr.add_conv_lora(vae.encoder, 3, seed=2)
+    op4ksr.add_flux_lora(transformer, 3, alpha=6, seed=1)
+    op4ksr.add_encoder_lora(vae, 3, seed=2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in transformer.modules():
-            if isinstance(m, op4ksr.LoRALinear):
+            if isinstance(m, op4ksr.SplitLoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
     prompt = {"txt": torch.randn(1, 5, 32, generator=g), "y": torch.randn(1, 32, generator=g), "text": "x"}
     path = tmp_path / "ckpt.safetensors"
@@ -193,18 +193,113 @@ def test_checkpoint_lora_loads_into_diffusers(flux_folder, tmp_path):
     assert error < 1e-4 and (wrapped - ours).abs().max() < 1e-4 and effect > 100 * error
 
 
+# OMGSR-F's peft target lists as train/train_omgsr_f.py writes them (set_flux_transformer_lora,
+# set_vae_encoder_lora)
+OMGSR_F_FLUX = ["x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                "ff_context.net.0.proj", "ff_context.net.2"]
+OMGSR_F_VAE = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
+               "to_out.0"]
+
+
+def peft_lora_shapes(model, targets, rank=3):
+    """{peft LoRA key: shape} after peft adapts `model` with OMGSR-F's LoraConfig (alpha = rank, gaussian)."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
+    model = peft.inject_adapter_in_model(config, model)
+    return {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(model).items()}
+
+
+def test_flux_lora_targets_are_what_peft_selects_with_omgsr_f_list(flux_folder):
+    """Same modules, and the same A / B shapes per projection, as peft on diffusers' Flux."""
+    pytest.importorskip("peft")
+    import diffusers
+
+    reference = diffusers.FluxTransformer2DModel.from_pretrained(flux_folder / "transformer")
+    theirs = peft_lora_shapes(reference, OMGSR_F_FLUX)
+    transformer = op4ksr.add_flux_lora(op4ksr.load_flux(flux_folder, torch.float32), 3)
+    exported = op4ksr.export_flux_lora(transformer)
+    ours = {k.removeprefix("transformer."): tuple(v.shape) for k, v in exported.items()}
+    targets = op4ksr.flux_lora_targets(transformer.config)
+    print(f"Flux LoRA: {len(ours) // 2} peft projections on {len(targets)} of our modules: {targets}")
+    assert ours == theirs
+    assert targets["img_in"] == 1
+    assert targets["double_blocks.0.img_attn.qkv"] == targets["double_blocks.0.txt_attn.qkv"] == 3
+    # single blocks: q, k, v of linear1; not proj_mlp (linear1's last rows) nor proj_out (linear2)
+    assert targets["single_blocks.1.linear1"] == 3 and "single_blocks.1.linear2" not in targets
+    assert not any(name.startswith(("txt_in", "time_in", "final_layer")) or "mod" in name for name in targets)
+
+
+def test_encoder_lora_is_what_peft_selects_and_loads_into_diffusers(flux_folder):
+    """The encoder LoRA: the modules and shapes peft gives diffusers' AutoencoderKL encoder with
+    OMGSR-F's list; the exported file loads into it (peft) with our output. diffusers has no
+    stride-2 conv_in, so the outputs are compared at F8; the F16 encoder has the same targets."""
+    pytest.importorskip("peft")
+    import diffusers
+    from peft import set_peft_model_state_dict
+
+    reference = diffusers.AutoencoderKL.from_pretrained(flux_folder / "vae").eval()
+    theirs = peft_lora_shapes(reference.encoder, OMGSR_F_VAE)
+    vae = op4ksr.add_encoder_lora(op4ksr.load_vae(flux_folder, stride=1), 3, alpha=6, seed=2)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in vae.encoder.modules():
+            if isinstance(m, op4ksr.LoRAConv2d):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    exported = op4ksr.export_vae_lora(vae.encoder, vae)
+    exported = {k.removeprefix("vae.encoder."): v for k, v in exported.items()}
+    assert {k: tuple(v.shape) for k, v in exported.items()} == theirs
+    f16 = op4ksr.load_vae(flux_folder, stride=2)
+    assert op4ksr.encoder_lora_targets(f16) == op4ksr.encoder_lora_targets(vae)
+    set_peft_model_state_dict(reference.encoder, exported)
+    image = torch.rand(1, 3, 32, 24, generator=g) * 2 - 1
+    plain = op4ksr.load_vae(flux_folder, stride=1)
+    with torch.no_grad():
+        ours, expected, base = vae.encoder(image), reference.encoder(image), plain.encoder(image)
+    error, effect = (ours - expected).abs().max().item(), (ours - base).abs().max().item()
+    print(f"encoder LoRA: ours vs diffusers+peft max abs error {error:.2e}; "
+          f"the LoRA moves the output by {effect:.2e}")
+    assert error < 1e-5 and effect > 1000 * error
+
+
+def test_lora_init_is_peft_gaussian():
+    """A ~ N(0, 1/r^2) and B = 0 (peft's init_lora_weights="gaussian", OMGSR-F's), so training starts
+    at the base model; a fused linear's rows past the adapted blocks never change."""
+    peft = pytest.importorskip("peft")
+    g = torch.Generator().manual_seed(0)
+    fused = op4ksr.SplitLoRALinear(torch.nn.Linear(64, 3 * 32 + 40), 3, 32, 8, 8, g)
+    conv = op4ksr.LoRAConv2d(torch.nn.Conv2d(64, 16, 3, padding=1), 8, 8, g)
+    config = peft.LoraConfig(r=8, target_modules=["0"], init_lora_weights="gaussian")
+    reference = peft.inject_adapter_in_model(config, torch.nn.Sequential(torch.nn.Linear(64 * 9, 16)))[0]
+    peft_a = reference.lora_A["default"].weight
+    for a, b in ((fused.lora_A, fused.lora_B), (conv.lora_A, conv.lora_B), (peft_a, None)):
+        print(f"LoRA A {tuple(a.shape)}: std {a.std():.4f} (1/r = {1 / 8}), mean {a.mean():+.4f}")
+        assert abs(a.std().item() - 1 / 8) < 0.01 and abs(a.mean().item()) < 0.01
+        assert b is None or not b.any()
+    assert fused.lora_A.shape == (3, 8, 64) and fused.lora_B.shape == (3, 32, 8)
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(fused(x), fused.base(x))
+        fused.lora_B.normal_()
+        moved = fused(x) - fused.base(x)
+    assert (moved[:, :96].abs() > 0).all() and not moved[:, 96:].any()
+
+
 # ----------------------------------------------------------------------------- train + inference
 
 
 def test_train_writes_a_checkpoint(trained):
     with safe_open(str(trained), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["format"] == "op4ksr" and float(meta["theta"]) == 100.0 and float(meta["sigma"]) == 0.25
+    assert meta["format"] == "op4ksr" and float(meta["theta"]) == 100.0
+    assert float(meta["sigma"]) == op4ksr.OMGSR_SIGMA
     assert json.loads(meta["flux_config"])["hidden_size"] == 32 and meta["lora_rank"] == "4"
     assert "prompt.txt" in keys and "prompt.y" in keys
     assert any(k.startswith("transformer.") for k in keys) and any(k.startswith("vae.encoder.") for k in keys)
     log = [json.loads(line) for line in (trained.parent / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) and "periodicity" in r for r in log)
+    assert not any("perceptual" in r for r in log)  # --lpips-weight 0
     lora_b = load_file(trained)["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
     assert lora_b.abs().max() > 0  # the LoRA trained
 
@@ -250,6 +345,81 @@ def test_folder_of_inputs_and_converted_modes(trained, tmp_path):
     for path in written:
         with Image.open(path) as image:
             assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def write_lpips_hub(root: Path) -> Path:
+    """Random LPIPS-VGG weights at the default Hub paths under `root`, in the published layouts:
+    torchvision / timm VGG16 (.safetensors, a head key included) and the lpips package's lin0..lin4 .pth."""
+    from safetensors.torch import save_file
+
+    model = op4ksr.LPIPS()
+    with torch.no_grad():
+        for lin in model.lins:
+            lin.weight.uniform_(0, 0.1)
+    for spec in (op4ksr.LPIPS_VGG_LINEAR, op4ksr.LPIPS_VGG_BACKBONE):
+        (root / spec).parent.mkdir(parents=True, exist_ok=True)
+    backbone = {f"features.{k}": v for k, v in model.features.state_dict().items()}
+    backbone["head.fc.weight"] = torch.zeros(2, 2)
+    save_file(backbone, str(root / op4ksr.LPIPS_VGG_BACKBONE))
+    torch.save({f"lin{i}.model.1.weight": lin.weight.detach().clone() for i, lin in enumerate(model.lins)},
+               root / op4ksr.LPIPS_VGG_LINEAR)
+    return root
+
+
+def test_default_run_trains_with_lpips_from_the_hub_sources(flux_folder, tmp_path, monkeypatch):
+    """Without LPIPS options the run fetches LPIPS-VGG from the Hub files SC-VAE training uses and
+    logs the perceptual term; the Hub is replaced by a local copy of those paths."""
+    defaults = op4ksr.sr_train_parser().parse_args(["--data", "d", "--output", "o"])
+    assert (defaults.lpips_weight, defaults.lpips_linear, defaults.lpips_backbone) == (
+        2.0, d4k.LPIPS_VGG_LINEAR, d4k.LPIPS_VGG_BACKBONE)
+    hub, real, asked = write_lpips_hub(tmp_path / "hub"), op4ksr.resolve_source, []
+
+    def resolve(source, subfolder=None, allow_patterns=("*.safetensors", "*.json"), token=None):
+        if not Path(source).is_absolute() and (hub / source).is_dir():  # the two Hub repos
+            asked.append((source, allow_patterns))
+            return hub / source
+        return real(source, subfolder, allow_patterns, token)
+
+    monkeypatch.setattr(op4ksr, "resolve_source", resolve)
+    argv = train_argv(flux_folder, write_hr(tmp_path / "hr"), tmp_path / "run", "--steps", 1,
+                      "--lpips-crop", 32)
+    del argv[argv.index("--lpips-weight") : argv.index("--lpips-weight") + 2]
+    assert run_cli(op4ksr.main, argv) == 0
+    assert asked == [("timm/vgg16.tv_in1k", ("model.safetensors",)),
+                     ("chaofengc/IQA-PyTorch-Weights", ("LPIPS_v0.1_vgg-a78928a0.pth",))]
+    record = json.loads((tmp_path / "run" / "train_log.jsonl").read_text())
+    print(f"default run, step 1: {record}")
+    assert record["perceptual"] > 0
+
+
+def test_f16_decode_reaches_the_decoder(flux_folder, trained, tmp_path, monkeypatch):
+    """--f16-decode sets the decoder's path in inference and in training (default: partitioned)."""
+    seen, real = [], op4ksr.Decoder.upsample_conv_out
+
+    def spy(self, h, *args, **kwargs):
+        seen.append(self.partitioned)
+        return real(self, h, *args, **kwargs)
+
+    monkeypatch.setattr(op4ksr.Decoder, "upsample_conv_out", spy)
+    source = lr_image(tmp_path / "lr.png", (16, 16))
+    images = {}
+    for mode in ("partitioned", "centred", None):
+        out, seen[:] = tmp_path / f"{mode}.png", []
+        extra = ["--f16-decode", mode] if mode else []
+        argv = ["--input", str(source), "--weights", str(trained), "--output", str(out), *extra]
+        assert run_cli(op4ksr.main, argv) == 0
+        assert seen == [mode != "centred"]
+        images[mode] = np.asarray(Image.open(out)).astype(int)
+    assert np.array_equal(images[None], images["partitioned"])
+    assert not np.array_equal(images["partitioned"], images["centred"])
+    # the partitioned result is the centred one moved one pixel down and right (inside the image)
+    shifted = np.abs(images["partitioned"][1:, 1:] - images["centred"][:-1, :-1])[2:-2, 2:-2]
+    assert shifted.max() <= 1
+    seen[:] = []
+    argv = train_argv(flux_folder, trained.parent.parent / "hr", tmp_path / "run", "--steps", 1,
+                      "--f16-decode", "centred")
+    assert run_cli(op4ksr.main, argv) == 0
+    assert seen and not any(seen)
 
 
 def test_script_runs_as_a_command(trained, tmp_path):
@@ -345,7 +515,7 @@ def test_train_refuses_bad_settings(capsys, flux_folder, tmp_path):
 
 def test_encoder_gradient_checkpointing_keeps_loss_and_gradients(flux_folder):
     vae = op4ksr.load_vae(flux_folder, torch.float32, "cpu", stride=2)
-    op4ksr.add_conv_lora(vae.encoder, 4, seed=1)
+    op4ksr.add_encoder_lora(vae, 4, seed=1)
     for p in vae.encoder.parameters():  # move the LoRAs off zero, so that their B gradients are not all that is tested
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
@@ -376,14 +546,6 @@ def test_encoder_gradient_checkpointing_keeps_loss_and_gradients(flux_folder):
     with torch.no_grad():  # no recomputation (and no checkpoint warnings) without gradients
         op4ksr.checkpoint_encoder(vae.encoder, True)
         assert torch.equal(vae.encode(image), (op4ksr.checkpoint_encoder(vae.encoder, False), vae.encode(image))[1])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes_match_one(flux_folder, tmp_path):

@@ -1,4 +1,4 @@
-"""op4ksr.py's two CLIs (super-resolution and `train`) on bad input: each case exits non-zero
+"""op4ksr.py's CLIs (super-resolution, `train`, `calibrate-sigma`) on bad input: each case exits non-zero
 with a short message and no traceback, writes no file and leaves every existing file byte-identical.
 Most cases are refused before any model loads: they pass `--flux` a path that does not exist, so
 a case that got as far as loading Flux would fail with another message."""
@@ -255,6 +255,9 @@ TRAIN = {  # name: (extra arguments, fragment); later arguments override train_a
     "sequence too long": (["--max-sequence-length", "100000"], "--max-sequence-length: must be in [1, 512]"),
     "crop not a multiple of scale": (["--scale", "3"], "must be a multiple of --scale 3"),
     "all weights zero": (["--mse-weight", "0", "--periodicity-weight", "0"], "every loss weight is 0"),
+    "lpips weights missing": (["--lpips-weight", "2", "--lpips-backbone", "{root}/vgg.safetensors"],
+                              "vgg.safetensors is neither a file nor a Hub spec"),
+    "f16 decode unknown": (["--f16-decode", "middle"], "--f16-decode: invalid choice"),
     "output a file": (["--output", "{blocker}"], "is a file; training writes a folder"),
     "output under a file": (["--output", "{blocker}/run"], "blocker is a file, not a folder"),
     "output holds a finished run": (["--output", "{taken}"], "already holds a training run: pass --resume"),
@@ -342,3 +345,42 @@ def test_resume_over_a_truncated_checkpoint_falls_back(flux_folder, run, tmp_pat
         (folder / "state.pt").write_bytes(b"")
     argv = train_argv(flux_folder, data, output, "--steps", 4, "--resume")
     refused(capsys, tmp_path, argv, "no intact checkpoint", max_lines=None)
+
+
+# ----------------------------------------------------------------------------- calibrate-sigma
+
+# name: (extra arguments, fragment); the VAE given does not exist, so each is refused before it loads
+CALIBRATE = {
+    "data missing": (["--data", "{root}/nowhere"], "no such data folder"),
+    "data without images": (["--data", "{empty}"], "no usable images"),
+    "crop not a multiple of scale": (["--scale", "3"], "--crop 64: must be a multiple of --scale 3"),
+    "crop zero": (["--crop", "0"], "--crop: must be in [1, 8192], got 0"),
+    "scale zero": (["--scale", "0"], "--scale: must be in [1, 16]"),
+    "max images zero": (["--max-images", "0"], "--max-images: must be >= 1, got 0"),
+    "max images not a number": (["--max-images", "all"], "--max-images"),
+    "batch size zero": (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    "seed negative": (["--seed", "-1"], "--seed: must be in [0, 18446744073709551615]"),
+    "device absent": (["--device", "cuda:99"], "cuda:99"),
+    "vae missing": ([], "/nonexistent/vae: no such file or folder"),
+}
+
+
+def calibrate(vae, data, *extra):
+    return ["calibrate-sigma", "--data", data["hr"], "--vae", vae, "--crop", 64, *extra]
+
+
+@pytest.mark.parametrize("case", CALIBRATE)
+def test_calibrate_refuses(case, data, capsys):
+    extra, fragment = CALIBRATE[case]
+    argv = calibrate("/nonexistent/vae", data, *[a.format(**data) for a in extra])
+    refused(capsys, data["root"], argv, fragment)
+
+
+def test_calibrate_refuses_a_crop_the_vae_cannot_tile(flux_folder, data, capsys):
+    argv = calibrate(flux_folder, data, "--crop", 36)
+    refused(capsys, data["root"], argv, "--crop 36: must be a multiple of 8 px")
+
+
+def test_calibrate_stops_when_most_images_do_not_decode(flux_folder, data, capsys):
+    argv = calibrate(flux_folder, data, "--data", data["undecodable"])
+    refused(capsys, data["root"], argv, "2 of the 2 training images do not decode", max_lines=None)

@@ -1,11 +1,16 @@
-"""OP4KSR's noise level: OMGSR-F's mid-timestep on its shifted Flux schedule, and the SNR calibration."""
+"""OP4KSR's noise level: OMGSR-F's mid-timestep on its shifted Flux schedule, and the SNR calibration
+(`matched_sigma` and the `calibrate-sigma` command)."""
 
 import math
+import re
 
 import pytest
 import torch
 
 import op4ksr
+from common.io import run_cli
+from test_op4ksr import write_hr
+from tiny_pipelines import make_flux_pipeline
 
 
 def test_default_sigma_is_omgsr_f_mid_timestep_244():
@@ -50,3 +55,51 @@ def test_calibration_averages_batches_as_omgsr_does():
 
     gaps = torch.stack([gap(s) for s in sigmas])
     assert t == int(gaps.argmin()) + 1 and 0.2 < found < 0.6
+
+
+def test_train_defaults_to_omgsr_sigma():
+    assert op4ksr.sr_train_parser().parse_args(["--data", "d", "--output", "o"]).sigma == op4ksr.OMGSR_SIGMA
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return make_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe", guidance=True, seed=0)
+
+
+def calibrate(capsys, *argv) -> tuple[int, float, float, str]:
+    assert run_cli(op4ksr.main, ["calibrate-sigma", *map(str, argv)]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"t = (\d+) of 999: sigma = ([\d.]+) .*\n.*this is ([-+][\d.]+) from it", out)
+    assert found, out
+    return int(found[1]), float(found[2]), float(found[3]), out
+
+
+def test_calibrate_sigma_prints_matched_sigma_of_its_latents(flux_folder, tmp_path, capsys):
+    """3 synthetic HR images, batches of 2 + 1, on the tiny F16 VAE: the printed t and sigma are
+    `matched_sigma` of the latents `calibration_latents` makes (train's pairs, posterior samples)."""
+    data = write_hr(tmp_path / "hr", count=3)
+    argv = ["--data", data, "--vae", flux_folder, "--crop", 64, "--batch-size", 2, "--seed", 5]
+    t, sigma, difference, out = calibrate(capsys, *argv)
+    files, vae = op4ksr.vae_image_files(data), op4ksr.load_vae(flux_folder, torch.float32, stride=2)
+    latents = list(op4ksr.calibration_latents(files, vae, 64, 4, 2, 3, 5))
+    assert [tuple(hr.shape) for hr, _ in latents] == [(2, 4, 16, 16), (1, 4, 16, 16)]
+    expected_t, expected_sigma = op4ksr.matched_sigma([hr for hr, _ in latents], [lr for _, lr in latents])
+    assert t == expected_t and sigma == pytest.approx(expected_sigma, abs=1e-6)
+    assert difference == pytest.approx(sigma - op4ksr.OMGSR_SIGMA, abs=2e-6)
+    assert calibrate(capsys, *argv)[3] == out  # the same bytes again
+    print(out)
+
+    # the HR side is a posterior sample of train's first HR crops, normalised: (sample - mean) / std ~ N(0, 1)
+    hr, _, _ = op4ksr.training_pairs(files, op4ksr.Batches(3, 5), 64, 4, 2, set(), op4ksr.Distributed())
+    c = vae.config
+    with torch.no_grad():
+        mean, logvar = vae.encoder(hr).chunk(2, dim=1)
+    z = (latents[0][0] / c.scale_factor + c.shift_factor - mean) / torch.exp(0.5 * logvar)
+    print(f"HR latent minus the posterior mean, in posterior stds: mean {z.mean():+.3f}, std {z.std():.3f}")
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+
+
+def test_calibrate_sigma_max_images(flux_folder, tmp_path, capsys):
+    data = write_hr(tmp_path / "hr", count=3)
+    out = calibrate(capsys, "--data", data, "--vae", flux_folder, "--crop", 64, "--max-images", 1)[3]
+    assert "(1 images, crop 64, scale 4, batch 1)" in out

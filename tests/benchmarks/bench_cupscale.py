@@ -61,12 +61,16 @@ def main():
     parser.add_argument("--steps", type=int, default=28, help="full schedule; int(0.45 * steps) are run")
     parser.add_argument("--region-batch", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=1, help="time each configuration this many times, keep the fastest")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each MMDiT block; each configuration compiles in a warm-up run")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.full else "cpu")
     dtype = torch.bfloat16 if args.full else torch.float32
     sd3, vae_config = (cu.SD3_MEDIUM, cu.SD3_VAE) if args.full else (TINY_SD3, TINY_VAE)
     transformer = random_model(cu.MMDiT, sd3, device, dtype, 0)
+    if args.compile:
+        cu.compile_blocks(transformer)
     vae = random_model(cu.AutoEncoder, vae_config, device, dtype, 1)
     pipe = cu.Pipeline("sd3", transformer, vae, {}, {}, device, dtype, "random weights")
     factor = vae_config.downsample_factor
@@ -88,7 +92,8 @@ def main():
     image = image.resize((input_px, input_px), Image.BICUBIC)
     steps = int(config.strength * config.num_steps)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{dtype}, {input_px} -> {width}x{height}, {len(regions)} regions x {steps} steps, region batch {args.region_batch}")
+          f"{dtype}, {input_px} -> {width}x{height}, {len(regions)} regions x {steps} steps, "
+          f"region batch {args.region_batch}{', blocks compiled' if args.compile else ''}")
 
     def run(gsp, rap, rsp):
         run_config = dataclasses.replace(config, gsp=gsp, rap=rap, rsp=rsp)
@@ -101,7 +106,8 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run(False, False, False)  # warm-up (kernel selection, allocator)
+    for switches in CONFIGS.values() if args.compile else [(False, False, False)]:
+        run(*switches)  # warm-up (kernel selection, allocator; compilation: each prior has its own graphs)
     baseline = None
     for name, switches in CONFIGS.items():
         seconds = min(run(*switches) for _ in range(args.repeat))

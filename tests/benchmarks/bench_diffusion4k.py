@@ -22,7 +22,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import diffusion4k as d  # noqa: E402
-from bench_flux import build_models, flux_forward_flops, make_inputs, measure, run_reference  # noqa: E402
+from bench_flux import (  # noqa: E402
+    build_models, compile_reference, flux_forward_flops, make_inputs, measure, run_reference,
+)
 
 TINY_SD3 = d.SD3Config(hidden_size=128, num_heads=2, depth=3, context_dim=64, adm_in_channels=64, pos_embed_max_size=64)
 TINY_VAE = d.VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, stride=2)
@@ -88,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=["flux", "sd3", "vae"], help="run one part")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block, ours and diffusers', in the warm-up")
     args = parser.parse_args(argv)
 
     device = "cuda" if args.full else "cpu"
@@ -98,12 +102,15 @@ def main(argv=None):
     latent = size // 16  # F16 VAE
     image_tokens = (latent // 2) ** 2
     where = torch.cuda.get_device_name() if args.full else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Diffusion-4K benchmark at {size}x{size} (F16 VAE: {latent}^2 latent, {image_tokens:,} image tokens), {where}")
+    print(f"Diffusion-4K benchmark at {size}x{size} (F16 VAE: {latent}^2 latent, {image_tokens:,} image "
+          f"tokens), {where}{', transformer blocks compiled' if args.compile else ''}")
 
     if args.only in (None, "flux"):
         config = d.FLUX_DEV if args.full else TINY_FLUX
         text = 512 if args.full else 64
         ours, reference = build_models(config, device, dtype, std=0.02)
+        if args.compile:
+            ours, reference = d.compile_blocks(ours), compile_reference(reference)
         inputs = make_inputs(config, image_tokens, text, device, dtype)
         results = measure({"diffusers": lambda: run_reference(reference, inputs), "ours": lambda: ours(**inputs)},
                           device, args.warmup, args.iters)
@@ -116,6 +123,8 @@ def main(argv=None):
         config = d.SD3_MEDIUM if args.full else TINY_SD3
         text = 333 if args.full else 77
         ours, reference = sd3_models(config, device, dtype)
+        if args.compile:
+            ours, reference = d.compile_blocks(ours), compile_reference(reference)
         generator = torch.Generator(device).manual_seed(1)
         x = torch.randn(2, config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype)
         context = torch.randn(2, text, config.context_dim, generator=generator, device=device, dtype=dtype)

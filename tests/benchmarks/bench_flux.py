@@ -91,6 +91,14 @@ def build_models(config: d.FluxConfig, device, dtype, std):
     return ours, reference
 
 
+def compile_reference(model):
+    """diffusers' counterpart of `compile_blocks`: torch.compile each of its repeated blocks."""
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+
+
 def make_inputs(config, image_tokens, text_tokens, device, dtype):
     side = int(round(image_tokens**0.5))
     height, width = 2 * side, 2 * (image_tokens // side)  # latent size; 2x2 packing
@@ -153,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block of both models (ours: compile_blocks), in the warm-up")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if args.full else "cpu")
@@ -166,12 +176,15 @@ def main(argv=None):
         sys.exit("error: CUDA is not available (run without --full for the CPU benchmark)")
 
     ours, reference = build_models(config, device, dtype, std=0.02 if args.full else 0.05)
+    if args.compile:
+        ours, reference = d.compile_blocks(ours), compile_reference(reference)
     inputs = make_inputs(config, image_tokens, text_tokens, device, dtype)
     flops = flux_forward_flops(config, inputs["img"].shape[1], text_tokens)
     name = ("FLUX.1-dev config" if args.full else f"small config (hidden {config.hidden_size}, "
             f"{config.depth}+{config.depth_single_blocks} blocks)")
     where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Flux forward, {name}, {inputs['img'].shape[1]} image + {text_tokens} text tokens, {str(dtype).removeprefix('torch.')}, {where}")
+    print(f"Flux forward, {name}, {inputs['img'].shape[1]} image + {text_tokens} text tokens, "
+          f"{str(dtype).removeprefix('torch.')}, {where}{', blocks compiled' if args.compile else ''}")
     print(f"params {sum(p.numel() for p in ours.parameters()):,}; per-token linear params {linear_params_per_token(config):,}; "
           f"FLOPs per forward {flops:.3e}; median of {args.iters} after {args.warmup} warm-up")
 

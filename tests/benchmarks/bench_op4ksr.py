@@ -90,6 +90,7 @@ def main():
     parser.add_argument("--overlap", type=int, help="baseline tile overlap (default 512 full = OMGSR-F's 64 latents, 32 tiny)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (the best is reported)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each Flux block (in the warm-up)")
     args = parser.parse_args()
     if args.full and not torch.cuda.is_available():
         sys.exit("--full needs a CUDA GPU")
@@ -107,6 +108,8 @@ def main():
         flux = op4ksr.Flux(flux_config)
         vae8 = op4ksr.AutoEncoder(vae_config)
     flux, vae8 = random_model(flux, device, dtype), random_model(vae8, device, dtype, seed=1)
+    if args.compile:
+        op4ksr.compile_blocks(flux)
     with torch.device("meta"):
         vae16 = op4ksr.AutoEncoder(op4ksr.VAEConfig(**{**vae_config.__dict__, "stride": 2}))
     vae16.load_state_dict(vae8.state_dict(), assign=True)  # the F16 VAE: the same weights, stride-2 conv_in
@@ -117,7 +120,8 @@ def main():
     y = torch.randn(1, flux_config.vec_in_dim, generator=g).to(device, dtype)
     tokens = (size // (vae16.config.downsample_factor * 2)) ** 2
     print(f"device {torch.cuda.get_device_name() if args.full else 'cpu'}, {dtype}, output {size}x{size}, "
-          f"Flux {sum(p.numel() for p in flux.parameters()) / 1e9:.2f}B params")
+          f"Flux {sum(p.numel() for p in flux.parameters()) / 1e9:.2f}B params"
+          f"{', blocks compiled' if args.compile else ''}")
 
     runs = {"OP4KSR patch-free (F16, %d tokens, 1 pass)" % tokens: lambda: patch_free(flux, vae16, image, txt, y)}
     if not args.skip_baseline:

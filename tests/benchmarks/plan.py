@@ -8,8 +8,9 @@ device (shapes and dtypes, no values): no weights, no GPU, a few minutes on a CP
 
 Each workload calls the method files' own functions on models built on the meta device from the
 real configurations (FLUX.1-dev, SD3-Medium, the 16-channel VAEs), in bf16: `generate`,
-`super_resolve`, `upscale`, the body of `train_loop` / `train_vae`'s loop (those two are not
-functions of their own). The meta device stands for the GPU; CPU tensors are host memory.
+`super_resolve`, `upscale`, `wlf_micro_step` (the body of `train_loop`), the body of
+`train_vae`'s loop (not a function of its own). The meta device stands for the GPU; CPU tensors
+are host memory.
 
 FLOPs
     torch.utils.flop_counter's formulas (FlopCounterMode's registry: matmuls, convolutions,
@@ -44,7 +45,8 @@ Roofline
 Autocast
     Meta tensors have no autocast, so the training steps, which run under CUDA bf16 autocast,
     run under `CudaAutocast`: CUDA's cast lists for the ops the models call, and its cache of
-    the bf16 copies of fp32 weights, kept until the autocast block ends.
+    the bf16 copies of fp32 weights, kept until the autocast block ends (off for WLF training,
+    whose autocast has cache_enabled=False).
 Meta device
     Copies to the CPU return empty CPU tensors; `.item()` of a meta tensor reads 0 (True for a
     bool, so finiteness checks pass). Composite ops, which inference mode hands over whole, run
@@ -316,8 +318,8 @@ def planned_sdpa(
 
 class CudaAutocast(TorchFunctionMode):
     """torch.autocast("cuda", torch.bfloat16) for tensors on `device` (meta has no autocast): CUDA's
-    lists for the ops the models call, and its cache of the bf16 copies of fp32 leaves that
-    require grad (weights), which lives as long as the block."""
+    lists for the ops the models call, and (with `cache`) its cache of the bf16 copies of fp32 leaves
+    that require grad (weights), which lives as long as the block."""
 
     BF16 = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.bmm, torch.baddbmm, torch.einsum,
             FUSED.default, aten._scaled_dot_product_attention_math}  # (SDPA as planned_sdpa runs it)
@@ -326,9 +328,9 @@ class CudaAutocast(TorchFunctionMode):
             torch.Tensor.norm}
     FP32_OUTPUT = {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.sum, torch.Tensor.sum}
 
-    def __init__(self, device="meta"):
+    def __init__(self, device="meta", cache=True):
         super().__init__()
-        self.device, self.cache = device, {}
+        self.device, self.cache = device, {} if cache else None
 
     def eligible(self, t) -> bool:
         floating = (torch.float32, torch.float16, torch.bfloat16)
@@ -337,7 +339,7 @@ class CudaAutocast(TorchFunctionMode):
     def to_bf16(self, t):
         if not self.eligible(t) or t.dtype == torch.bfloat16:
             return t
-        if t.is_leaf and t.requires_grad:
+        if self.cache is not None and t.is_leaf and t.requires_grad:
             return self.cache.setdefault(id(t), (t, t.to(torch.bfloat16)))[1]
         return t.to(torch.bfloat16)
 
@@ -403,6 +405,7 @@ class Setup:
     vae: d.VAEConfig = d.FLUX_VAE
     sd3_vae: d.VAEConfig = d.SD3_VAE
     text_tokens: int = 512  # Flux's T5 length
+    train_text_tokens: int = 77  # Flux's T5 length in WLF training (upstream's)
     sd3_text_tokens: int = 333  # 77 CLIP + 256 T5
     lora_rank: int = 64
     device: str = "meta"
@@ -421,9 +424,9 @@ class Setup:
         return type(config)(**{**vars(config), "stride": 2})
 
 
-def flux_condition(s: Setup, device="cpu") -> dict:
+def flux_condition(s: Setup, device="cpu", tokens=None) -> dict:
     return {
-        "txt": torch.randn(1, s.text_tokens, s.flux.context_in_dim, device=device, dtype=s.dtype),
+        "txt": torch.randn(1, tokens or s.text_tokens, s.flux.context_in_dim, device=device, dtype=s.dtype),
         "y": torch.randn(1, s.flux.vec_in_dim, device=device, dtype=s.dtype),
     }
 
@@ -517,11 +520,11 @@ class Autocast:
     when the plan is for the GPU), and the same for the blocks that gradient checkpointing
     recomputes in backward, as torch.utils.checkpoint restores autocast there."""
 
-    def __init__(self, s: Setup):
-        self.device = s.device if s.autocast else None
+    def __init__(self, s: Setup, cache=True):
+        self.device, self.cache = s.device if s.autocast else None, cache
 
     def block(self):
-        return CudaAutocast(self.device) if self.device else contextlib.nullcontext()
+        return CudaAutocast(self.device, self.cache) if self.device else contextlib.nullcontext()
 
     def __enter__(self):
         self.checkpoint = d.checkpoint
@@ -534,17 +537,16 @@ class Autocast:
 
 
 def wlf_step(s: Setup, model, vae, params, optimizer, condition: dict, size: int, autocast: Autocast):
-    """One step of diffusion4k.train_loop (batch 1, Flux, default settings)."""
+    """One optimizer step of diffusion4k.train_loop with one micro-batch of 1 (Flux, default settings:
+    posterior samples, 77 T5 tokens); further micro-batches of an accumulated step allocate alike."""
     g = torch.Generator().manual_seed(0)
     factor = vae.config.downsample_factor
     sigma = d.sample_sigmas(1, "uniform", 1.0, g)
-    noise = torch.randn(1, vae.config.z_channels, size // factor, size // factor, generator=g)
+    shape = (1, vae.config.z_channels, size // factor, size // factor)
+    noise, eps = (torch.randn(shape, generator=g).to(s.device) for _ in range(2))
     images = torch.rand(1, 3, size, size, generator=g) * 2 - 1
-    with torch.no_grad(), autocast.block():
-        x0 = vae.encode(images.to(s.device, s.dtype)).float()
-    with autocast.block():
-        loss = d.training_loss(model, "flux", x0, noise.to(s.device), sigma.to(s.device), condition, 3.5)
-    loss.backward()
+    d.wlf_micro_step(model, "flux", vae, images.to(s.device, s.dtype), noise, sigma.to(s.device), eps,
+                     condition, 3.5, d.WLF_UPSTREAM, autocast.block)
     if optimizer is not None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -562,8 +564,8 @@ def wlf_lora_trace(s: Setup, size: int) -> Trace:
     residency = Residency({"transformer": (model, [model]), "vae": (vae, [vae.encoder])})
 
     def run(tracer):
-        condition = flux_condition(s, s.device)
-        with Autocast(s) as autocast:
+        condition = flux_condition(s, s.device, s.train_text_tokens)
+        with Autocast(s, cache=False) as autocast:
             for step in range(2):
                 if step:
                     tracer.restart()
@@ -577,8 +579,9 @@ ADAMW_BYTES = 32  # per sharded fp32 parameter: clipping reads g; AdamW reads p,
 
 def wlf_fsdp_trace(s: Setup, size: int, world: int = 8) -> tuple[Trace, dict]:
     """Full WLF fine-tuning under FSDP2 on `world` GPUs, per GPU (module docstring): fp32 master
-    weights, bf16 autocast, gradient checkpointing. Returns the trace of forward + backward and
-    the seconds of the sharded optimizer step on each GPU (memory-bound: ADAMW_BYTES per parameter)."""
+    weights, bf16 autocast without its weight cache, gradient checkpointing. Returns the trace of
+    forward + backward and the seconds of the sharded optimizer step on each GPU (memory-bound:
+    ADAMW_BYTES per parameter)."""
     model = s.build(lambda: d.Flux(s.flux), torch.float32).requires_grad_(True).train()
     model.gradient_checkpointing = True
     vae = s.build(lambda: d.AutoEncoder(s.f16(s.vae)))
@@ -593,8 +596,9 @@ def wlf_fsdp_trace(s: Setup, size: int, world: int = 8) -> tuple[Trace, dict]:
     residency = Residency({**{name: (n, []) for name, n in per_gpu.items()}, "vae": (vae, [vae.encoder])})
 
     def run(_):
-        with Autocast(s) as autocast:
-            wlf_step(s, model, vae, None, None, flux_condition(s, s.device), size, autocast)
+        with Autocast(s, cache=False) as autocast:
+            condition = flux_condition(s, s.device, s.train_text_tokens)
+            wlf_step(s, model, vae, None, None, condition, size, autocast)
 
     optimizer = {gpu: ADAMW_BYTES * count / world / spec["hbm"] for gpu, spec in GPUS.items()}
     return Tracer(residency, s.device)(run), optimizer
