@@ -156,7 +156,9 @@ feature map in bf16); inputs that fit one tile are processed whole. Targets abov
 MAX_TARGET_PIXELS (8192^2) are refused before any model is loaded; inputs with a side below
 MIN_INPUT_SIDE (64 px) are refused as too small. GPU memory at 8192^2 is bounded by the region
 batch (`--region-batch`), the tiles and the RAP maps, not by the target size (latents at
-8192^2 are 64 MB). `--offload model` keeps the MMDiT and VAE on the CPU between uses.
+8192^2 are 64 MB). `--offload model` keeps the MMDiT and VAE on the CPU between uses. An F16
+VAE (`"stride": 2` in its config) decodes as Diffusion-4K's partitioned path, the one its
+decoders were trained through (`Decoder.upsample_conv_out`).
 
 Other choices. CFG scale 7.5 (the paper follows DemoFusion; the value is lost in the text we
 have, DemoFusion's is 7.5). Noise from a CPU generator seeded by --seed (the same image on any
