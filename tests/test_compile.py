@@ -6,6 +6,8 @@ stay out of the compiled graphs (they move weights, or loop over blocks and regi
 Each CLI runs with --compile: its image must equal the eager one up to rounding.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -31,10 +33,17 @@ TINY_SD3 = d4k.SD3Config(in_channels=4, out_channels=4, hidden_size=32, num_head
 
 @pytest.fixture(autouse=True)
 def fresh_compile_cache():
-    """Each test compiles on its own (dynamo's caches are per code object, shared by all models)."""
+    """Each test compiles on its own (dynamo's caches are per code object, shared by all models).
+
+    Under ATEN_CPU_CAPABILITY=default, inductor still emits at::vec code but builds it without the
+    vector headers (a C++ compile error), so the tests then ask for scalar code (simdlen 1)."""
+    import torch._inductor.config
+
+    scalar = {"cpp.simdlen": 1} if os.environ.get("ATEN_CPU_CAPABILITY") == "default" else {}
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    yield
+    with torch._inductor.config.patch(scalar):
+        yield
     torch._dynamo.reset()
 
 
