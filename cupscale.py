@@ -15,14 +15,8 @@ Run
 `--model` takes the Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log
 in first), a local diffusers folder, or a Stability single file that includes the text encoders.
 
-STATUS. Complete: the SD3 MMDiT, VAE, CLIP/T5 encoders and tokenizers (copied verbatim from
-diffusion4k.py, kept identical by tests/test_copies.py and proven equal in
-tests/test_cupscale.py), region tiling, GSP, RAP, RSP with the Attention Composer, tiled VAE
-encode/decode, the pipeline and the command line. Tested on a tiny random SD3 pipeline on the
-CPU only; no image has been made with the real SD3-Medium weights here, and the GPU benchmark
-(tests/benchmarks/bench_cupscale.py --full) has not been run yet. The paper's hyperparameters
-that did not survive in its text (Eq. 4-5, the LLaVA instruction, the CFG scale's value) are
-our choices, stated below.
+The paper's hyperparameters that did not survive in its text (Eq. 4-5, the LLaVA instruction,
+the CFG scale's value) are our choices, stated below.
 
 The method (diffuse-then-denoise with regional denoising)
 ---------------------------------------------------------

@@ -31,17 +31,9 @@ What this file holds (top to bottom)
 Differences from the upstream code, and why
     * Flux's timestep shift is capped at its 16,384-token value (see MU_CAP_TOKENS): equal to
       upstream at 4096^2 with F16, and it keeps F8 4K or 8K runs from collapsing into one step.
-    * The F16 decoder's last stage is computed in bands with a one-row halo: exactly the full
-      "upsample then conv_out" (upstream's 2x2 partitions are shifted by one pixel).
+    * The F16 decoder's last stage is computed in bands, not upstream's 2x2 partitions, with
+      the same output (`Decoder.upsample_conv_out`); `--f16-decode centred` gives the unshifted one.
     * Images are saved as PNG with the settings in text metadata (upstream: JPEG q95).
-
-Status
-    Generation (Flux dev / schnell / Diffusion-4K, SD3) works and matches diffusers' pipelines
-    on tiny random weights (tests/test_diffusion4k_pipeline.py). WLF fine-tuning (`train`: full
-    or LoRA, resumable, torchrun + FSDP2) works on CPU (tests/test_diffusion4k_train.py); its
-    CUDA bf16 / nccl paths have not been run. SC-VAE decoder training (`train-vae`: MSE +
-    LPIPS + scale consistency with the frozen F8 decoder, GAN, EMA) works on CPU
-    (tests/test_diffusion4k_train_vae.py); its CUDA path has not been run either.
 
 Commands
     python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png

@@ -10,21 +10,6 @@ paper suppresses in two ways: RoPE base-frequency rescaling (RFR, theta 10000 ->
 spatial axes) and an autocorrelation periodicity loss L_AP. No official code or weights exist;
 everything here is written from the paper's text.
 
-Status
-    Works end to end on tiny random models on the CPU (tests/test_op4ksr.py): training writes an
-    OP4KSR checkpoint, inference with it writes a PNG of the requested size, the same input and
-    checkpoint give identical bytes, the checkpoint's Flux LoRA loads into diffusers'
-    FluxTransformer2DModel (peft) with the same output as ours, the copied Flux / VAE equal
-    diffusion4k.py's. Not done / not run: no trained weights exist (nobody has trained this on
-    real 4K data, so nothing here claims image quality); the CUDA bf16 paths of training and
-    inference have not been run (no GPU was available), nor the 4K benchmark (--full);
-    `torchrun` is plain data parallel (LoRA gradients all-reduced, no FSDP: every GPU holds the
-    12B bf16 base), tested on the CPU (2 processes, gloo: the same losses as one process on the
-    same global batch), never run with nccl; no GAN / DISTS term; gradient checkpointing covers
-    Flux, the decoder and the encoder (`checkpoint_encoder`, tested: same loss and gradients);
-    the VAE-encoder LoRA loads into diffusers' AutoencoderKL encoder (peft) with our output, tested
-    at F8 (diffusers has no F16 stride).
-
 Commands
     python op4ksr.py --input lr.png --weights op4ksr.safetensors          # 4x -> lr_op4ksr.png
     python op4ksr.py --input lr_dir/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
