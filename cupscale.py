@@ -215,6 +215,23 @@ from common.io import (
     write_image,
 )
 
+GSP_SCHEDULES = ("cosine", "linear", "increasing")
+
+GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
+
+NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
+
+SDXL_TRAIN_STEPS = 1000
+
+SD3_TRAIN_STEPS = 1000
+
+TEXT_CHUNK_ELEMENTS = 2**26  # explicit image->text probabilities are built this many values at a time
+
+MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond it the run would take hours and the image 200 MB
+
+MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
+
+MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128: the smallest input to the largest target
 
 @dataclass
 class CUpscaleConfig:
@@ -248,1409 +265,103 @@ class CUpscaleConfig:
         return (self.region_px - self.overlap_px) // self.vae_scale
 
 
-# ---- models: copied from diffusion4k.py (SD3 MMDiT, VAE, CLIP, T5), kept identical by tests/test_copies.py ----
-
-
-# ---------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class SD3Config:
-    """SD3 MMDiT. Defaults: SD3-Medium (2B parameters)."""
-
-    in_channels: int = 16
-    out_channels: int = 16
-    patch_size: int = 2
-    hidden_size: int = 1536
-    num_heads: int = 24
-    depth: int = 24
-    mlp_ratio: float = 4.0
-    adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
-    context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
-    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-
-
-SD3_MEDIUM = SD3Config()
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
-
-    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
-    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
-    256^2 latent (16,384 Flux tokens instead of 65,536).
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 128
-    channel_multipliers: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-    stride: int = 1
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
-
-
-FLUX_VAE = VAEConfig()
-
-
-SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
-
-
-# -------------------------------------------------------------- building blocks
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def split_heads(qkv: torch.Tensor, num_heads: int):
-    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
-    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
-    return x.transpose(1, 2).flatten(2)
-
-
-# -------------------------------------------------------------------- SD3 MMDiT
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
-
-    def __init__(self, dim: int, out_features: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-class StreamBlock(nn.Module):
-    """One stream (image or context) of an SD3 joint block: adaLN-Zero, qkv, projection, MLP.
-
-    The last block's context stream is `pre_only`: it only supplies keys and values.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.pre_only = pre_only
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
-        if not pre_only:
-            self.attn.proj = nn.Linear(dim, dim)
-            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.mlp = nn.Module()
-            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
-
-    def pre_attention(self, x, c):
-        """Returns (q, k, v) of this stream and the modulation still to be applied."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
-
-    def post_attention(self, x, attn, mods):
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa[:, None] * self.attn.proj(attn)
-        mlp = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)), approximate="tanh"))
-        return x + gate_mlp[:, None] * mlp
-
-
-class JointBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
-        super().__init__()
-        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
-        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
-
-    def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A separate method so that a
-        method built on SD3 (C-Upscale's regional attention prior) can replace it per block."""
-        return attention(q, k, v)
-
-    def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
-        if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
-
-
-class TimestepMLP(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, x):
-        return self.mlp(x)
-
-
-class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer; parameter names are Stability's checkpoint keys
-    (without the `model.diffusion_model.` prefix)."""
-
-    def __init__(self, config: SD3Config = SD3_MEDIUM):
-        super().__init__()
-        self.config = config
-        dim, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        # A fixed sin-cos table stored in the checkpoint; positions are its centre crop.
-        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
-        self.t_embedder = TimestepMLP(256, dim)
-        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
-        self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(
-            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
-        )
-        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
-        self.gradient_checkpointing = False
-
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        size = self.config.pos_embed_max_size
-        if h > size or w > size:
-            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
-
-    def forward(self, x, timesteps, context, y):
-        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
-        Returns the velocity (B, C, H, W)."""
-        b, _, height, width = x.shape
-        p = self.config.patch_size
-        h, w = height // p, width // p
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
-        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
-        context = self.context_embedder(context)
-        for block in self.joint_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
-            else:
-                context, tokens = block(context, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
-
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
-    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
-    each class compiles once, at its first call, and all its blocks reuse that graph: compile
-    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
-    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
-    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
-    between the compiled parts. A new input shape compiles once more."""
-    for name in ("double_blocks", "single_blocks", "joint_blocks"):
-        for block in getattr(model, name, ()):
-            block.compile()
-    return model
-
-
-# -------------------------------------------------------------------------- VAE
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
-        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        hidden = self.norm(x)
-        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
-        # sends SDPA to its math backend, which writes the hw x hw scores)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
-                   for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-def mid_block(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    return mid
-
-
-def run_mid(mid, x):
-    return mid.block_2(mid.attn_1(mid.block_1(x)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
-            if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = block(h)
-            if hasattr(down, "downsample"):
-                h = down.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, h))))
-
-
-class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.stride = config.stride
-        self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
-            if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        return self.head(self.features(z))
-
-    def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
-        training compares it with the F8 decoder's."""
-        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = self._run(block, h)
-            if hasattr(up, "upsample"):
-                h = self._run(up.upsample, h)
-        return F.silu(self.norm_out(h))
-
-    def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def _run(self, layer, h):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, h, use_reentrant=False)
-        return layer(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
-
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
-        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in; the released decoders were
-        trained through that path. Its output is the full-map result moved one pixel down and right:
-        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
-        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
-        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
-        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
-        """
-        s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
-            up = F.pad(up, (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
-
-
-class AutoEncoder(nn.Module):
-    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
-
-    def __init__(self, config: VAEConfig = FLUX_VAE):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
-        mean = self.encoder(x).chunk(2, dim=1)[0]
-        return (mean - self.config.shift_factor) * self.config.scale_factor
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images in [-1, 1] (not clipped)."""
-        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
-
-
-# ---------------------------------------------------------------- text encoders
-
-
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
-
-@dataclass(frozen=True)
-class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
-
-    vocab_size: int = 32128
-    d_model: int = 4096
-    d_kv: int = 64  # head dim
-    num_heads: int = 64
-    d_ff: int = 10240
-    num_layers: int = 24
-    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
-    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
-    layer_norm_epsilon: float = 1e-6
-
-
-T5_XXL = T5Config()
-
-
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
-
-
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
-
-    Keys after the query use the upper half of the buckets. Within a half, offsets below a
-    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
-    buckets, and every offset from `max_distance` on shares the last one.
-    """
-    position = torch.arange(length, device=device)
-    offset = position[None, :] - position[:, None]
-    half = num_buckets // 2
-    exact = half // 2
-    distance = offset.abs()
-    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
-    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
-    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
-
-
-class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
-
-    def __init__(self, c: T5Config, owns_position_bias: bool):
-        super().__init__()
-        inner = c.num_heads * c.d_kv
-        attn, ff = nn.Module(), nn.Module()
-        sa = attn.SelfAttention = nn.Module()
-        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
-        sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
-            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
-        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
-        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
-        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
-        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        self.layer = nn.ModuleList([attn, ff])
-        self.num_heads = c.num_heads
-
-    def forward(self, x, position_bias):
-        attn, ff = self.layer
-        sa = attn.SelfAttention
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
-        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
-        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
-
-
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
-
-    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
-    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
-    `shared`, so it is not a parameter here (the loader folds it in).
-    """
-
-    def __init__(self, config: T5Config = T5_XXL):
-        super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c, length = self.config, ids.shape[1]
-        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
-
-
-CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
-
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
-    layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
-    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
-    eos_token_id: int = 2
-
-    def __post_init__(self):
-        if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-
-
-CLIP_L = CLIPTextConfig()
-
-
-CLIP_G = CLIPTextConfig(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
-)
-
-
-class CLIPLayer(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
-        super().__init__()
-        d = c.hidden_size
-        a = self.self_attn = nn.Module()
-        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
-        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
-        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
-
-    def forward(self, x, causal):
-        a = self.self_attn
-        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
-
-
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
-
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
-
-    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
-    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
-    """
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d = config, config.hidden_size
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        if self.config.eos_token_id == 2:
-            eos = ids.argmax(-1)  # argmax returns the first maximum
-        else:
-            eos = (ids == self.config.eos_token_id).int().argmax(-1)
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-
-# ------------------------------------------------------------------- tokenizers
-
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
-
-    The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
-    reported in one line with the number of tokens dropped.
-    """
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
-              file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
-
-class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
-
-    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
-    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
-    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
-    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
-    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
-    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
-    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
-    """
-
-    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
-        folder = Path(folder)
-        for file in ("vocab.json", "merges.txt"):
-            if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
-        bpe = BPE.from_file(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
-        )
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
-        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
-        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
-        if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
-            if pad_id is None:
-                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
-
-
-class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-
-    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
-    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
-    """
-
-    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
-        if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
-        try:
-            if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
-            else:
-                import sentencepiece
-
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
-            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
-            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length, self.name = max_length, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
-
-
-# --------------------------------------------------------------- weight loading
-
-
-def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
-
-def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout tensors -> original keys, following `table` (see above)."""
-    state, out, missing, wrong = dict(state), {}, [], []
-    for original, (parts, transform) in table.items():
-        if not all(part in state for part in parts):
-            missing += [part for part in parts if part not in state]
-            continue
-        tensors = [state.pop(part) for part in parts]
-        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
-            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
-            continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
-    return out
-
-
-def linear_entries(original: str, folder, transform=None) -> dict:
-    """Table rows for a layer with weight and bias."""
-    folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
-
-
-def count_blocks(keys, pattern: str) -> int:
-    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
-
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys
-    (stripped); otherwise every key that belongs to no other component. Other components'
-    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
-    and the first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
-
-
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
-    (which would otherwise be read as if it were the component)."""
-    path = resolve_source(source, subfolder, allow_patterns, token)
-    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
-        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
-    return path
-
-
-def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file."""
-    if path.is_dir():
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    return read_json(config) if config is not None and config.exists() else {}
-
-
-def sd3_key_table(depth: int) -> dict:
-    table = {
-        "pos_embed": (["pos_embed.pos_embed"], None),
-        **linear_entries("x_embedder.proj", "pos_embed.proj"),
-        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        **linear_entries("context_embedder", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    for i in range(depth):
-        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
-        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
-        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
-        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
-        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
-        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
-        if not last:
-            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
-    return table
-
-
-def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
-    if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is supported")
-    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count and "
-                            f"{hidden} is no multiple of SD3's head dim 64; load its diffusers folder instead")
-        heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
-    return SD3Config(
-        in_channels=in_channels,
-        out_channels=out_features // patch**2,
-        patch_size=patch,
-        hidden_size=hidden,
-        num_heads=heads,
-        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
-        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
-        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
-        context_dim=state["context_embedder.weight"].shape[1],
-        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]),
-    )
-
-
-def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
-    `transformer/` folder, a pipeline folder, or a Hub repo id."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
-        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
-
-
-def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    table = {}
-
-    def add(original, folder, transform=None):
-        table.update(linear_entries(original, folder, transform))
-
-    def resnet(original, folder, shortcut):
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            add(f"{original}.{name}", f"{folder}.{name}")
-        if shortcut:
-            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
-
-    for part in ("encoder", "decoder"):
-        add(f"{part}.conv_in", f"{part}.conv_in")
-        add(f"{part}.conv_out", f"{part}.conv_out")
-        add(f"{part}.norm_out", f"{part}.conv_norm_out")
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
-        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
-    for level in range(num_levels):
-        for j in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
-        if level < num_levels - 1:
-            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
-        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
-        for j in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
-        if level > 0:
-            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
-    return table
-
-
-def vae_table_for(state: dict) -> dict:
-    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
-    only where it changes width, so shortcut rows are kept only where the state has them."""
-    folder = any(key.startswith("encoder.down_blocks.") for key in state)
-    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
-    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
-
-
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base = state["encoder.conv_in.weight"].shape[0]
-    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
-    return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
-        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=state["decoder.conv_in.weight"].shape[1],
-        scale_factor=scale_factor,
-        shift_factor=shift_factor,
-        stride=stride,
-    )
-
-
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
-    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
-
-    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
-    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = component_path(source, "vae", token)
-    config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-             "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
-        values = config.get(key, supported)
-        if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
-    state = read_component(path, dtype, device, prefix="first_stage_model.")
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
-    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(
-        state,
-        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-        setting(stride, "stride", 1),
-    )
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
-
-
-def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
-
-    Keys starting with one of `skip` (after the prefix) are never read.
-    """
-    path = component_path(source, subfolder)
-
-    def wanted(key):
-        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
-
-    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
-    state = {k[len(prefix) :]: v for k, v in state.items()}
-    if not state:
-        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
-    return state, folder_config(path)
-
-
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
-    return state[key].shape
-
-
-def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
-    what = f"{source} is not a T5 encoder checkpoint"
-    vocab, width = tensor_shape(state, "shared.weight", what)
-    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
-    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
-    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
-    return T5Config(
-        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
-        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
-    )
-
-
-def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
-    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
-    what = f"{source} is not a CLIP text encoder checkpoint"
-    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
-    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
-    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
-    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
-    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
-        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
-    else:
-        if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
-                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
-        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
-    try:
-        return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
-        )
-    except ValueError as error:
-        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
-
-
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
-    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
-    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
-    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
-    """
-    if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
-    with torch.device("meta"):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
-
-def load_clip(
-    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
-) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
-    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
-    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
-
-    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
-    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
-    """
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------ sampling schedule
-
-
-def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move the schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1).
-
-    SD3's static shift s is the same map with mu = ln(s). sigma 0 stays 0."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
-
-
-def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels
-    evenly spaced between 1 and the shifted smallest training level shift(1/1000), shifted once
-    more, then 0 (the double shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
-    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
-    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-# ----------------- pipeline container, text encoders, prompt encoding, progress
-
-
-@dataclass
-class Pipeline:
-    """Everything needed to turn prompts into 4K images; load once with `load_pipeline`, call
-    `encode_prompts` and `generate` many times."""
-
-    kind: str  # "flux" or "sd3"
-    transformer: nn.Module
-    vae: AutoEncoder
-    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
-    tokenizers: dict
-    device: torch.device
-    dtype: torch.dtype
-    source: str
-    offload: str = "none"  # "none" | "model" (components visit the GPU in turn) | "blocks" (transformer blocks too)
-
-    @property
-    def schnell(self) -> bool:
-        return self.kind == "flux" and not self.transformer.config.guidance_embed
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
-        return self.vae.config.downsample_factor * 2
-
-
-TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
-
-
-def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`. For
-    SD3, `encoder_file` (a Stability all-in-one file) may hold the encoders instead; the
-    tokenizers, which such files lack, still come from `source`."""
-    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    tokenizer_files = ("*.json", "*.txt", "*.model")
-    if kind == "flux":
-        schnell = not transformer.config.guidance_embed
-        tokenizers = {
-            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
-            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
-        }
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
-        }
-        return encoders, tokenizers
-    tokenizers = {
-        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
-        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
-        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
-    }
-    if encoder_file is not None:
-        encoders = {
-            "clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-            "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-            "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer."),
-        }
-    else:
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_3"),
-        }
-    return encoders, tokenizers
-
-
-@contextlib.contextmanager
-def visiting(module: nn.Module, device, home):
-    """Run a module on `device` and send it back `home` afterwards (offloading)."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
+# ================================================================== the method: creative upscaling
 
 @torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
-    gpu = pipe.device
-    features = {}
-    for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
-    if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features zero-padded to T5's 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
+def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict, config: CUpscaleConfig,
+            seed: int, progress=None) -> torch.Tensor:
+    """C-Upscale `image` to width x height; returns the image (3, H, W) in [-1, 1] on the CPU.
 
-
-# ----------------------------------------------------------------------------- regional denoising
-
-
-class Region(NamedTuple):
-    """One window of the latent canvas, in latent px, with its (row, col) place in the grid."""
-
-    row: int
-    col: int
-    top: int
-    left: int
-    height: int
-    width: int
-
-    @property
-    def key(self) -> str:  # the key in a --region-prompts file
-        return f"{self.row},{self.col}"
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
-
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-
-def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
-    """Overlapping `region`-square windows covering a latent canvas, row by row.
-
-    A side shorter than `region` gets one window of that side's length. All sizes and offsets
-    must be even (2x2 latent px make one SD3 token) and stride <= region (no gaps).
+    `config.vae_scale` must be the VAE's factor; conditions from `encode_conditions` (their
+    "regions" set to None turns RSP off).
     """
-    if min(latent_height, latent_width, region, stride) <= 0 or stride > region:
-        raise ValueError(f"need positive sizes and stride <= region, got region {region}, stride {stride}")
-    if any(n % 2 for n in (latent_height, latent_width, region, stride)):
-        raise ValueError(
-            f"canvas {latent_height}x{latent_width}, region {region} and stride {stride} must be even (latent px)"
-        )
-    height, width = min(region, latent_height), min(region, latent_width)
-    rows = _window_starts(latent_height, height, stride)
-    cols = _window_starts(latent_width, width, stride)
-    return [Region(r, c, top, left, height, width) for r, top in enumerate(rows) for c, left in enumerate(cols)]
+    device, dtype = pipe.device, pipe.dtype
+    factor = pipe.vae.config.downsample_factor
+    generator = seed_everything(seed)
+    to_device = {name: {k: v.to(device) for k, v in c.items()} for name, c in conditions.items() if name != "regions"}
+    to_device["regions"] = None
+    if config.rsp and conditions.get("regions") is not None:
+        to_device["regions"] = {key: {k: v.to(device) for k, v in c.items()} for key, c in conditions["regions"].items()}
+    resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
+    max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple  # patches x px per patch
+    small = image_to_tensor(image.resize(rap_size(*image.size, config.region_px, pipe.size_multiple, max_side), Image.BICUBIC))[None]
+    home = "cpu" if pipe.offload != "none" else device
+    with visiting(pipe.vae, device, home):
+        lr_latent = tiled_vae(pipe.vae.encode, resized, config.vae_tile_px, config.vae_overlap_px, device, dtype)
+        rap_latent = tiled_vae(pipe.vae.encode, small, config.vae_tile_px, config.vae_overlap_px, device, dtype)
+    with visiting(pipe.transformer, device, home):
+        z = sample_regions(pipe.transformer, lr_latent, rap_latent, to_device, config, dtype, generator, progress)
+    tile, overlap = config.vae_tile_px // factor, config.vae_overlap_px // factor
+    with visiting(pipe.vae, device, home):
+        decoded = tiled_vae(pipe.vae.decode, z, tile, overlap, device, dtype)
+    return decoded[0].clamp(-1, 1).cpu()
 
+def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig, dtype,
+                   generator: torch.Generator, progress=None) -> torch.Tensor:
+    """Diffuse-then-denoise with regional denoising and the priors: the clean HR latent (1, C, H, W).
 
-def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
-    """Uniform MultiDiffusion weights, (N, region h, region w): 1 / (number of regions covering the pixel).
-
-    For every latent pixel, the weights of the regions covering it sum to one.
+    lr_latent: the LR image resized to the target and encoded (z_L, fp32, on the model's device);
+    rap_latent: the LR image at `rap_size`, encoded (RAP's source).
     """
-    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 must stay exact in fp64 outputs
-    for region in regions:
-        count[region.slices] += 1
-    if (count == 0).any():
-        raise ValueError("the regions leave latent pixels uncovered")
-    return torch.stack([1 / count[region.slices] for region in regions])
+    device = lr_latent.device
+    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level).tolist()
+    noise = torch.randn(lr_latent.shape, generator=generator).to(device)
+    rap_noise = torch.randn(rap_latent.shape, generator=generator).to(device)
+    z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
+    regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
+    patch = model.config.patch_size
+    interpolation = region_interpolation(
+        regions, (z.shape[-2] // patch, z.shape[-1] // patch), (rap_latent.shape[-2] // patch, rap_latent.shape[-1] // patch), patch
+    ) if config.rap else None
+    batches = list(region_batches(regions, config.region_batch))
+    steps = len(sigmas) - 1
+    low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # LL coefficients of one region
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        lr_maps = None
+        if config.rap:
+            noisy_lr = ((1 - sigma) * rap_latent + sigma * rap_noise).to(dtype)
+            lr_maps = capture_text_attention(model, noisy_lr, sigma, {k: v.to(dtype) for k, v in conditions["global"].items()})
+        velocities = []
+        for j, batch in enumerate(batches):
+            velocities.append(denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
+            if progress is not None:
+                progress(i * len(batches) + j + 1, steps * len(batches))
+        v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
+        if config.gsp:
+            step_size = (config.gsp_step_size * gsp_weight(i, steps, config.gsp_schedule)
+                         * gsp_step_scale(config.gsp_normalisation, sigma, low_band_size))
+            z = z + global_structure_prior(z - sigma * v, lr_latent, step_size)
+        z = z + (sigma_next - sigma) * v
+    return z
 
+@torch.no_grad()
+def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict, config: CUpscaleConfig,
+                    dtype, lr_maps=None, interpolation=None, probe=None) -> torch.Tensor:
+    """The CFG velocity (n, C, h, w) in fp32 of a batch of regions of the latent canvas (C, H, W).
 
-def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
-    """(..., H, W) -> (N, ..., region h, region w): the regions stacked as one batch."""
-    return torch.stack([canvas[(..., *region.slices)] for region in regions])
-
-
-def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
-    """Blend (N, ..., h, w) outputs of *all* the planned regions into one (..., H, W) canvas."""
-    weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
-    canvas = region_outputs.new_zeros(shape)
-    for output, weight, region in zip(region_outputs, weights, regions):
-        canvas[(..., *region.slices)] += weight * output
-    return canvas
-
-
-def region_batches(regions: list[Region], batch_size: int):
-    """Yield the regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
-    for start in range(0, len(regions), batch_size):
-        yield regions[start : start + batch_size]
-
-
-# ----------------------------------------------------------------------------- Haar wavelet
-
-
-def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform over the last two dims.
-
-    (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
-    dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
+    conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None};
+    tensors on the model's device. RAP when `lr_maps` is given; the composer when
+    conditions["regions"] is set (RSP on).
     """
-    if x.shape[-2] % 2 or x.shape[-1] % 2:
-        raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
-    return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
+    n, device = len(regions), canvas.device
+    composer = conditions.get("regions") is not None
+    glob, neg = conditions["global"], conditions["negative"]
+    own = [conditions["regions"][r.key] for r in regions] if composer else []
+    contexts = [neg["context"]] * n + [glob["context"]] * n + [c["context"] for c in own]
+    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] if composer else [glob["pooled"]] * n) + [c["pooled"] for c in own]
+    x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
+    t = torch.full((len(x),), sigma * 1000, device=device, dtype=dtype)
+    layout = RegionBatch(n, composer, [interpolation[r.key] for r in regions] if lr_maps is not None else None, lr_maps, probe)
+    hook = layout.composer or layout.priors is not None or probe is not None
+    with attention_hook(model, lambda b: lambda q, k, v, c: regional_attention(q, k, v, c, layout, b)) if hook else contextlib.nullcontext():
+        out = model(x, t, torch.cat(contexts).to(dtype), torch.cat(pooled).to(dtype)).float()
+    uncond, cond = out[:n], out[n : 2 * n]
+    if composer:
+        cond = (cond + out[2 * n :]) / 2  # the two rows share one image stream: equal up to rounding
+    return uncond + config.guidance * (cond - uncond)
 
 
-def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
-    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
-    ll, lh, hl, hh = bands.unbind(-3)
-    a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
-    c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)  # (..., h, 2, w, 2)
-    return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
-
-
-# ----------------------------------------------------------------------------- Global Structure Prior
-
-GSP_SCHEDULES = ("cosine", "linear", "increasing")
-GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
-
-
-def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
-    """The GSP schedule factor in [0, 1] for step `step` (0-based) of the `num_steps` taken.
-
-    cosine (the paper's) and linear decrease from 1 at the first step to 0 at the last;
-    increasing rises from 0 to 1 (the ablation's alternatives, paper Fig. 8).
-    """
-    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1 - progress
-    if schedule == "increasing":
-        return progress
-    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
-
+# ======================================================== the method: global structure prior (GSP)
 
 def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float) -> torch.Tensor:
     """The GSP update -step_size * dL/dz (paper Eq. 5), to add to the noisy latent.
@@ -1668,6 +379,20 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
     gradient = haar_idwt(torch.cat([low_band_gap, details], dim=-3))
     return (-step_size * gradient).to(x0_pred.dtype)
 
+def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
+    """The GSP schedule factor in [0, 1] for step `step` (0-based) of the `num_steps` taken.
+
+    cosine (the paper's) and linear decrease from 1 at the first step to 0 at the last;
+    increasing rises from 0 to 1 (the ablation's alternatives, paper Fig. 8).
+    """
+    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1 - progress
+    if schedule == "increasing":
+        return progress
+    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
 
 def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
     """The factor on the step size lambda_i that turns `global_structure_prior` (written for L = 1/2 sum)
@@ -1696,33 +421,27 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
         return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
     raise ValueError(f"unknown GSP normalisation {normalisation!r}; choose from {GSP_NORMALISATIONS}")
 
+# --- BEGIN copy of diffusion4k.py: Haar wavelets ---
+def haar_dwt(x: torch.Tensor) -> torch.Tensor:
+    """One level of the orthonormal 2-D Haar transform over the last two dims.
 
-# ----------------------------------------------------------------------------- noise level
-
-SDXL_TRAIN_STEPS = 1000
-SD3_TRAIN_STEPS = 1000
-NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
-
-
-def sdxl_alpha_bar(timestep: int) -> float:
-    """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)[timestep].item()
-
-
-def flow_sigma_for_sdxl_strength(strength: float) -> float:
-    """The flow-matching sigma with the signal-to-noise ratio of an SDXL latent noised to t = strength * T.
-
-    (1 - sigma) / sigma = sqrt(alpha_bar / (1 - alpha_bar)), i.e. sigma = sqrt(1-a) / (sqrt(a) + sqrt(1-a)):
-    0.578 for strength 0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(alpha_bar) are then
-    the same random variable. (Matching the noise's standard deviation instead, sigma = sqrt(1 - a),
-    would give 0.808.)
+    (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
+    dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
     """
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
-    return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
+    return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
+def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
+    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
+    ll, lh, hl, hh = bands.unbind(-3)
+    a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
+    c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
+    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)  # (..., h, 2, w, 2)
+    return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
+# --- END copy: Haar wavelets ---
 
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
     """The schedule of diffuse-then-denoise: the sigmas from the start noise level down to 0, Euler-stepped.
@@ -1763,84 +482,231 @@ def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="dif
         raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
     return sigmas.float()
 
+def flow_sigma_for_sdxl_strength(strength: float) -> float:
+    """The flow-matching sigma with the signal-to-noise ratio of an SDXL latent noised to t = strength * T.
 
-# ----------------------------------------------------------------------------- regional prompts (RSP input)
-
-
-def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def parse_region_prompts(data, regions: list[Region], source: str = "region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping against the planned regions; return it with normalised keys.
-
-    Every region needs exactly one non-empty string; unknown and missing regions are named
-    in one UserError line.
+    (1 - sigma) / sigma = sqrt(alpha_bar / (1 - alpha_bar)), i.e. sigma = sqrt(1-a) / (sqrt(a) + sqrt(1-a)):
+    0.578 for strength 0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(alpha_bar) are then
+    the same random variable. (Matching the noise's standard deviation instead, sigma = sqrt(1 - a),
+    would give 0.808.)
     """
-    rows, cols = regions[-1].row + 1, regions[-1].col + 1
-    grid = f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} and col 0..{cols - 1}"
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: a JSON object is needed, {grid}")
-    expected = {region.key for region in regions}
-    prompts, unknown, not_text, repeated = {}, [], [], []
-    for key, prompt in data.items():
-        normalised = str(key).replace(" ", "")
-        if normalised not in expected:
-            unknown.append(str(key))
-        elif normalised in prompts:  # "0,1" and "0, 1" in one file
-            repeated.append(str(key))
-        elif not isinstance(prompt, str) or not prompt.strip():
-            not_text.append(str(key))
-        else:
-            prompts[normalised] = prompt.strip()
-    missing = [region.key for region in regions if region.key not in prompts and region.key not in not_text]
-    problems = [
-        f"{label} {_describe_keys(keys)}"
-        for label, keys in (
-            ("unknown regions", unknown),
-            ("missing regions", missing),
-            ("empty or not text", not_text),
-            ("given twice", repeated),
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
+    return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
+
+def sdxl_alpha_bar(timestep: int) -> float:
+    """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)[timestep].item()
+
+
+# ====================================================== the method: regional attention prior (RAP)
+
+@dataclass
+class RegionBatch:
+    """The batch rows of one model call over n regions: [uncond] * n, [global prompt] * n and,
+    with the composer, [regional prompt] * n. `priors[i]` builds region i's A for a block."""
+
+    n: int
+    composer: bool
+    priors: list | None = None  # per region: (row_weights, col_weights); None: RAP off
+    lr_maps: list | None = None  # per block: (H, h, w, T)
+    probe: object = None  # tests: called with what the attention used, see `regional_attention`
+
+def regional_attention(q, k, v, num_context: int, layout: RegionBatch, block: int):
+    """A joint block's attention for a batch of regions, with RAP and the Attention Composer.
+
+    Global-prompt rows with RAP: o + m (A - S) V_txt for the image queries (module docstring).
+    Composer: the image queries' outputs of the global and regional rows are averaged.
+    """
+    n, img = layout.n, slice(num_context, None)
+    glob = slice(n, 2 * n)
+    if layout.priors is None and layout.probe is None:
+        out = attention(q, k, v)
+    else:
+        out = torch.empty_like(q)
+        out[:n] = attention(q[:n], k[:n], v[:n])
+        if layout.composer:
+            out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
+        out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
+        for i in range(n):
+            row = n + i
+            q_img, k_txt, v_txt = q[row, :, img], k[row, :, :num_context], v[row, :, :num_context]
+            prior = region_prior(layout.lr_maps[block], *layout.priors[i]) if layout.priors else None
+            used_parts, own_parts = [], []
+            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+                own = text_distribution(q_img[:, chunk], k_txt)  # (H, chunk, T)
+                used = prior[:, chunk].float() if prior is not None else own
+                if prior is not None:
+                    correction = mass[i, :, num_context:][:, chunk, None].float() * ((used - own) @ v_txt.float())
+                    out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
+                if layout.probe is not None:
+                    used_parts.append(used)
+                    own_parts.append(own)
+            if layout.probe is not None:
+                layout.probe(dict(block=block, region=i, q=q[row], k=k[row], v=v[row], out=out[row].clone(),
+                                  used=torch.cat(used_parts, 1), own=torch.cat(own_parts, 1)))
+    if layout.composer:
+        both = (out[glob, :, img] + out[2 * n :, :, img]) / 2
+        out[glob, :, img] = both
+        out[2 * n :, :, img] = both
+    return out
+
+def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple, patch: int) -> dict:
+    """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
+    rows, cols = interpolation_matrix(canvas_tokens[0], lr_tokens[0]), interpolation_matrix(canvas_tokens[1], lr_tokens[1])
+    return {
+        r.key: (rows[r.top // patch : (r.top + r.height) // patch], cols[r.left // patch : (r.left + r.width) // patch])
+        for r in regions
+    }
+
+def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
+    """(size_out, size_in): the weights of F.interpolate's linear resizing (align_corners=False)
+    along one axis, so that resize(x) = M @ x. Rows sum to one."""
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = source - low
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix
+
+def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """A for one region: the LR map (H, h, w, T) interpolated to the HR token grid and cropped,
+    given the crop's rows of the two interpolation matrices. Returns (H, region tokens, T)."""
+    x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
+    return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
+
+@torch.no_grad()
+def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list[torch.Tensor]:
+    """RAP's source: one pass of the noised LR latent (1, C, h, w) with the global prompt.
+
+    Returns, per joint block, S of the image queries on the LR token grid: (heads, h/p, w/p, T)
+    in the model's dtype, each row a distribution over the T text tokens.
+    """
+    p = model.config.patch_size
+    rows, cols = latent.shape[-2] // p, latent.shape[-1] // p
+    maps = []
+
+    def make_attend(index):
+        def attend(q, k, v, num_context):
+            q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
+            probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
+            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+                probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
+            maps.append(probs.unflatten(1, (rows, cols)))
+            return attention(q, k, v)
+
+        return attend
+
+    t = torch.full((1,), sigma * 1000, device=latent.device, dtype=latent.dtype)
+    with attention_hook(model, make_attend):
+        model(latent, t, condition["context"], condition["pooled"])
+    return maps
+
+@contextlib.contextmanager
+def attention_hook(model: MMDiT, make_attend):
+    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for
+    methods built on SD3) for the duration; the class's plain attention comes back afterwards.
+    The bound functions run eagerly under `compile_blocks`: traced, their per-block and per-region
+    Python would make a graph for each block."""
+    for index, block in enumerate(model.joint_blocks):
+        block.attend = torch.compiler.disable(make_attend(index))
+    try:
+        yield
+    finally:
+        for block in model.joint_blocks:
+            del block.attend
+
+def attention_and_text_mass(q, k, v, num_context: int):
+    """Joint attention output (B, H, L, D) and each query's probability mass m on the first
+    `num_context` keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do
+    not change; the scale stays 1/sqrt(D)) and v an indicator channel of the text keys (plus 7
+    zeros, to keep the head dim a multiple of 8 for the fused kernels)."""
+    d = q.shape[-1]
+    extra = v.new_zeros(*v.shape[:-1], 8)
+    extra[..., :num_context, 0] = 1
+    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=d**-0.5)
+    return out[..., :d], out[..., d]
+
+def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
+    """S: each image query's softmax over the text keys alone, (..., N, T) in fp32."""
+    logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
+    return torch.softmax(logits, dim=-1)
+
+def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
+    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
+    return [slice(start, start + size) for start in range(0, queries, size)]
+
+class Region(NamedTuple):
+    """One window of the latent canvas, in latent px, with its (row, col) place in the grid."""
+
+    row: int
+    col: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def key(self) -> str:  # the key in a --region-prompts file
+        return f"{self.row},{self.col}"
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
+    """Overlapping `region`-square windows covering a latent canvas, row by row.
+
+    A side shorter than `region` gets one window of that side's length. All sizes and offsets
+    must be even (2x2 latent px make one SD3 token) and stride <= region (no gaps).
+    """
+    if min(latent_height, latent_width, region, stride) <= 0 or stride > region:
+        raise ValueError(f"need positive sizes and stride <= region, got region {region}, stride {stride}")
+    if any(n % 2 for n in (latent_height, latent_width, region, stride)):
+        raise ValueError(
+            f"canvas {latent_height}x{latent_width}, region {region} and stride {stride} must be even (latent px)"
         )
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{source} does not match the {rows}x{cols} regions: {'; '.join(problems)} ({grid})")
-    return prompts
+    height, width = min(region, latent_height), min(region, latent_width)
+    rows = _window_starts(latent_height, height, stride)
+    cols = _window_starts(latent_width, width, stride)
+    return [Region(r, c, top, left, height, width) for r, top in enumerate(rows) for c, left in enumerate(cols)]
+
+def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
+    """Uniform MultiDiffusion weights, (N, region h, region w): 1 / (number of regions covering the pixel).
+
+    For every latent pixel, the weights of the regions covering it sum to one.
+    """
+    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 must stay exact in fp64 outputs
+    for region in regions:
+        count[region.slices] += 1
+    if (count == 0).any():
+        raise ValueError("the regions leave latent pixels uncovered")
+    return torch.stack([1 / count[region.slices] for region in regions])
+
+def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
+    """(..., H, W) -> (N, ..., region h, region w): the regions stacked as one batch."""
+    return torch.stack([canvas[(..., *region.slices)] for region in regions])
+
+def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
+    """Blend (N, ..., h, w) outputs of *all* the planned regions into one (..., H, W) canvas."""
+    weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
+    canvas = region_outputs.new_zeros(shape)
+    for output, weight, region in zip(region_outputs, weights, regions):
+        canvas[(..., *region.slices)] += weight * output
+    return canvas
+
+def region_batches(regions: list[Region], batch_size: int):
+    """Yield the regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
+    for start in range(0, len(regions), batch_size):
+        yield regions[start : start + batch_size]
 
 
-def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
-    """Read and check a --region-prompts JSON file."""
-    return parse_region_prompts(read_json(path), regions, source=str(path))
-
-
-def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError naming
-    the failure."""
-    shown = shlex.join(command)
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
-    except FileNotFoundError:
-        raise UserError(f"caption command not found: {command[0]}") from None
-    except subprocess.TimeoutExpired:
-        raise UserError(f"caption command timed out after {timeout_s:g} s: {shown}") from None
-    except OSError as error:  # not executable, not a program, ...
-        raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
-        last_line = lines[-1][:200]
-        raise UserError(f"caption command failed with exit code {done.returncode}: {shown}: {last_line}")
-    try:
-        caption = " ".join(done.stdout.decode("utf-8").split())
-    except UnicodeDecodeError as error:
-        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): {shown}") from None
-    if not caption:
-        raise UserError(f"caption command printed nothing: {shown}")
-    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
-        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
-    return caption
-
+# ======================================================= the method: regional semantic prior (RSP)
 
 def caption_regions(
     image: Image.Image,
@@ -1883,273 +749,79 @@ def caption_regions(
                 return None
     return prompts
 
-
-# ----------------------------------------------------------------------------- Regional Attention Prior and Composer
-
-TEXT_CHUNK_ELEMENTS = 2**26  # explicit image->text probabilities are built this many values at a time
-
-
-def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
-    """S: each image query's softmax over the text keys alone, (..., N, T) in fp32."""
-    logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
-    return torch.softmax(logits, dim=-1)
-
-
-def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
-    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
-    return [slice(start, start + size) for start in range(0, queries, size)]
-
-
-def attention_and_text_mass(q, k, v, num_context: int):
-    """Joint attention output (B, H, L, D) and each query's probability mass m on the first
-    `num_context` keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do
-    not change; the scale stays 1/sqrt(D)) and v an indicator channel of the text keys (plus 7
-    zeros, to keep the head dim a multiple of 8 for the fused kernels)."""
-    d = q.shape[-1]
-    extra = v.new_zeros(*v.shape[:-1], 8)
-    extra[..., :num_context, 0] = 1
-    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=d**-0.5)
-    return out[..., :d], out[..., d]
-
-
-@contextlib.contextmanager
-def attention_hook(model: MMDiT, make_attend):
-    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for
-    methods built on SD3) for the duration; the class's plain attention comes back afterwards.
-    The bound functions run eagerly under `compile_blocks`: traced, their per-block and per-region
-    Python would make a graph for each block."""
-    for index, block in enumerate(model.joint_blocks):
-        block.attend = torch.compiler.disable(make_attend(index))
+def _run_caption_command(command: list[str], timeout_s: float) -> str:
+    """Run one captioning command; return its standard output as one line, or raise UserError naming
+    the failure."""
+    shown = shlex.join(command)
     try:
-        yield
-    finally:
-        for block in model.joint_blocks:
-            del block.attend
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise UserError(f"caption command not found: {command[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"caption command timed out after {timeout_s:g} s: {shown}") from None
+    except OSError as error:  # not executable, not a program, ...
+        raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        last_line = lines[-1][:200]
+        raise UserError(f"caption command failed with exit code {done.returncode}: {shown}: {last_line}")
+    try:
+        caption = " ".join(done.stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): {shown}") from None
+    if not caption:
+        raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
+    return caption
 
+def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
+    """Read and check a --region-prompts JSON file."""
+    return parse_region_prompts(read_json(path), regions, source=str(path))
 
-@torch.no_grad()
-def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list[torch.Tensor]:
-    """RAP's source: one pass of the noised LR latent (1, C, h, w) with the global prompt.
+def parse_region_prompts(data, regions: list[Region], source: str = "region prompts") -> dict[str, str]:
+    """Check a {"row,col": prompt} mapping against the planned regions; return it with normalised keys.
 
-    Returns, per joint block, S of the image queries on the LR token grid: (heads, h/p, w/p, T)
-    in the model's dtype, each row a distribution over the T text tokens.
+    Every region needs exactly one non-empty string; unknown and missing regions are named
+    in one UserError line.
     """
-    p = model.config.patch_size
-    rows, cols = latent.shape[-2] // p, latent.shape[-1] // p
-    maps = []
+    rows, cols = regions[-1].row + 1, regions[-1].col + 1
+    grid = f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} and col 0..{cols - 1}"
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a JSON object is needed, {grid}")
+    expected = {region.key for region in regions}
+    prompts, unknown, not_text, repeated = {}, [], [], []
+    for key, prompt in data.items():
+        normalised = str(key).replace(" ", "")
+        if normalised not in expected:
+            unknown.append(str(key))
+        elif normalised in prompts:  # "0,1" and "0, 1" in one file
+            repeated.append(str(key))
+        elif not isinstance(prompt, str) or not prompt.strip():
+            not_text.append(str(key))
+        else:
+            prompts[normalised] = prompt.strip()
+    missing = [region.key for region in regions if region.key not in prompts and region.key not in not_text]
+    problems = [
+        f"{label} {_describe_keys(keys)}"
+        for label, keys in (
+            ("unknown regions", unknown),
+            ("missing regions", missing),
+            ("empty or not text", not_text),
+            ("given twice", repeated),
+        )
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{source} does not match the {rows}x{cols} regions: {'; '.join(problems)} ({grid})")
+    return prompts
 
-    def make_attend(index):
-        def attend(q, k, v, num_context):
-            q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
-            probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
-                probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
-            maps.append(probs.unflatten(1, (rows, cols)))
-            return attention(q, k, v)
-
-        return attend
-
-    t = torch.full((1,), sigma * 1000, device=latent.device, dtype=latent.dtype)
-    with attention_hook(model, make_attend):
-        model(latent, t, condition["context"], condition["pooled"])
-    return maps
-
-
-def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
-    """(size_out, size_in): the weights of F.interpolate's linear resizing (align_corners=False)
-    along one axis, so that resize(x) = M @ x. Rows sum to one."""
-    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=size_in - 1)
-    high = (low + 1).clamp(max=size_in - 1)
-    frac = source - low
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    rows = torch.arange(size_out)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix
-
-
-def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
-    """A for one region: the LR map (H, h, w, T) interpolated to the HR token grid and cropped,
-    given the crop's rows of the two interpolation matrices. Returns (H, region tokens, T)."""
-    x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
-    return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
+def _describe_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-@dataclass
-class RegionBatch:
-    """The batch rows of one model call over n regions: [uncond] * n, [global prompt] * n and,
-    with the composer, [regional prompt] * n. `priors[i]` builds region i's A for a block."""
-
-    n: int
-    composer: bool
-    priors: list | None = None  # per region: (row_weights, col_weights); None: RAP off
-    lr_maps: list | None = None  # per block: (H, h, w, T)
-    probe: object = None  # tests: called with what the attention used, see `regional_attention`
-
-
-def regional_attention(q, k, v, num_context: int, layout: RegionBatch, block: int):
-    """A joint block's attention for a batch of regions, with RAP and the Attention Composer.
-
-    Global-prompt rows with RAP: o + m (A - S) V_txt for the image queries (module docstring).
-    Composer: the image queries' outputs of the global and regional rows are averaged.
-    """
-    n, img = layout.n, slice(num_context, None)
-    glob = slice(n, 2 * n)
-    if layout.priors is None and layout.probe is None:
-        out = attention(q, k, v)
-    else:
-        out = torch.empty_like(q)
-        out[:n] = attention(q[:n], k[:n], v[:n])
-        if layout.composer:
-            out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
-        out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
-        for i in range(n):
-            row = n + i
-            q_img, k_txt, v_txt = q[row, :, img], k[row, :, :num_context], v[row, :, :num_context]
-            prior = region_prior(layout.lr_maps[block], *layout.priors[i]) if layout.priors else None
-            used_parts, own_parts = [], []
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
-                own = text_distribution(q_img[:, chunk], k_txt)  # (H, chunk, T)
-                used = prior[:, chunk].float() if prior is not None else own
-                if prior is not None:
-                    correction = mass[i, :, num_context:][:, chunk, None].float() * ((used - own) @ v_txt.float())
-                    out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-                if layout.probe is not None:
-                    used_parts.append(used)
-                    own_parts.append(own)
-            if layout.probe is not None:
-                layout.probe(dict(block=block, region=i, q=q[row], k=k[row], v=v[row], out=out[row].clone(),
-                                  used=torch.cat(used_parts, 1), own=torch.cat(own_parts, 1)))
-    if layout.composer:
-        both = (out[glob, :, img] + out[2 * n :, :, img]) / 2
-        out[glob, :, img] = both
-        out[2 * n :, :, img] = both
-    return out
-
-
-def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple, patch: int) -> dict:
-    """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
-    rows, cols = interpolation_matrix(canvas_tokens[0], lr_tokens[0]), interpolation_matrix(canvas_tokens[1], lr_tokens[1])
-    return {
-        r.key: (rows[r.top // patch : (r.top + r.height) // patch], cols[r.left // patch : (r.left + r.width) // patch])
-        for r in regions
-    }
-
-
-@torch.no_grad()
-def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict, config: CUpscaleConfig,
-                    dtype, lr_maps=None, interpolation=None, probe=None) -> torch.Tensor:
-    """The CFG velocity (n, C, h, w) in fp32 of a batch of regions of the latent canvas (C, H, W).
-
-    conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None};
-    tensors on the model's device. RAP when `lr_maps` is given; the composer when
-    conditions["regions"] is set (RSP on).
-    """
-    n, device = len(regions), canvas.device
-    composer = conditions.get("regions") is not None
-    glob, neg = conditions["global"], conditions["negative"]
-    own = [conditions["regions"][r.key] for r in regions] if composer else []
-    contexts = [neg["context"]] * n + [glob["context"]] * n + [c["context"] for c in own]
-    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] if composer else [glob["pooled"]] * n) + [c["pooled"] for c in own]
-    x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
-    t = torch.full((len(x),), sigma * 1000, device=device, dtype=dtype)
-    layout = RegionBatch(n, composer, [interpolation[r.key] for r in regions] if lr_maps is not None else None, lr_maps, probe)
-    hook = layout.composer or layout.priors is not None or probe is not None
-    with attention_hook(model, lambda b: lambda q, k, v, c: regional_attention(q, k, v, c, layout, b)) if hook else contextlib.nullcontext():
-        out = model(x, t, torch.cat(contexts).to(dtype), torch.cat(pooled).to(dtype)).float()
-    uncond, cond = out[:n], out[n : 2 * n]
-    if composer:
-        cond = (cond + out[2 * n :]) / 2  # the two rows share one image stream: equal up to rounding
-    return uncond + config.guidance * (cond - uncond)
-
-
-def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig, dtype,
-                   generator: torch.Generator, progress=None) -> torch.Tensor:
-    """Diffuse-then-denoise with regional denoising and the priors: the clean HR latent (1, C, H, W).
-
-    lr_latent: the LR image resized to the target and encoded (z_L, fp32, on the model's device);
-    rap_latent: the LR image at `rap_size`, encoded (RAP's source).
-    """
-    device = lr_latent.device
-    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level).tolist()
-    noise = torch.randn(lr_latent.shape, generator=generator).to(device)
-    rap_noise = torch.randn(rap_latent.shape, generator=generator).to(device)
-    z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
-    regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
-    patch = model.config.patch_size
-    interpolation = region_interpolation(
-        regions, (z.shape[-2] // patch, z.shape[-1] // patch), (rap_latent.shape[-2] // patch, rap_latent.shape[-1] // patch), patch
-    ) if config.rap else None
-    batches = list(region_batches(regions, config.region_batch))
-    steps = len(sigmas) - 1
-    low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # LL coefficients of one region
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        lr_maps = None
-        if config.rap:
-            noisy_lr = ((1 - sigma) * rap_latent + sigma * rap_noise).to(dtype)
-            lr_maps = capture_text_attention(model, noisy_lr, sigma, {k: v.to(dtype) for k, v in conditions["global"].items()})
-        velocities = []
-        for j, batch in enumerate(batches):
-            velocities.append(denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
-            if progress is not None:
-                progress(i * len(batches) + j + 1, steps * len(batches))
-        v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
-        if config.gsp:
-            step_size = (config.gsp_step_size * gsp_weight(i, steps, config.gsp_schedule)
-                         * gsp_step_scale(config.gsp_normalisation, sigma, low_band_size))
-            z = z + global_structure_prior(z - sigma * v, lr_latent, step_size)
-        z = z + (sigma_next - sigma) * v
-    return z
-
-
-# ----------------------------------------------------------------------------- tiled VAE
-
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
-    weights = torch.ones(size, dtype=torch.float64)
-    if fade_start:
-        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
-    if fade_end:
-        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
-        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
-    return weights
-
-
-def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles
-    (in x's pixels) and blend the outputs with ramps over the overlaps; the weights at every
-    output pixel are normalised to sum to one. One tile (x fits) is the plain call. fp32 output on `device`."""
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x.to(device, dtype)).float()
-    th, tw = min(tile, height), min(tile, width)
-    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
-    out = weight = None
-    for top in tops:
-        for left in lefts:
-            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
-            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
-            if out is None:
-                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
-                weight = y.new_zeros(round(height * ratio), round(width * ratio))
-            fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
-            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
-            w = (wy[:, None] * wx[None]).to(y)
-            oy, ox = round(top * ratio), round(left * ratio)
-            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
-            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
-    return out / weight
-
-
-# ----------------------------------------------------------------------------- pipeline
-
-MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond it the run would take hours and the image 200 MB
-MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
-MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128: the smallest input to the largest target
-
+# ======================================================================================== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
     """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a
@@ -2167,7 +839,6 @@ def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None
     encoders, tokenizers = load_text_encoders("sd3", TEXT_SOURCES["sd3"] if single_file else model, dtype, transformer, token,
                                               encoder_file=model if single_file else None)
     return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
-
 
 def model_geometry(model, token=None) -> tuple[int, int, int]:
     """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its
@@ -2197,7 +868,6 @@ def model_geometry(model, token=None) -> tuple[int, int, int]:
         raise UserError(f"{model}: not an SD3-Medium pipeline (transformer/config.json needs patch_size and "
                         "pos_embed_max_size, vae/config.json block_out_channels)") from None
 
-
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "", region_prompts: dict | None = None,
                       batch_size: int = 16) -> dict:
     """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional prompts."""
@@ -2205,7 +875,6 @@ def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "", re
     encoded = [c for start in range(0, len(prompts), batch_size) for c in encode_prompts(pipe, prompts[start : start + batch_size])]
     regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
     return {"global": encoded[0], "negative": encoded[1], "regions": regions}
-
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
     """The output size: the input's times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
@@ -2219,13 +888,11 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
         )
     return sides[0], sides[1]
 
-
 def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int) -> tuple[int, int]:
     """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area
     (region_px^2) and to sides the position table covers (`max_side`)."""
     shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
     return tuple(max(multiple, round(side * shrink / multiple) * multiple) for side in (width, height))
-
 
 def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
     if config.region_px % multiple or config.overlap_px % multiple or not 0 <= config.overlap_px < config.region_px:
@@ -2239,121 +906,7 @@ def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int,
                         f"{multiple} px with 0 <= overlap < tile")
 
 
-@torch.no_grad()
-def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict, config: CUpscaleConfig,
-            seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image` to width x height; returns the image (3, H, W) in [-1, 1] on the CPU.
-
-    `config.vae_scale` must be the VAE's factor; conditions from `encode_conditions` (their
-    "regions" set to None turns RSP off).
-    """
-    device, dtype = pipe.device, pipe.dtype
-    factor = pipe.vae.config.downsample_factor
-    generator = seed_everything(seed)
-    to_device = {name: {k: v.to(device) for k, v in c.items()} for name, c in conditions.items() if name != "regions"}
-    to_device["regions"] = None
-    if config.rsp and conditions.get("regions") is not None:
-        to_device["regions"] = {key: {k: v.to(device) for k, v in c.items()} for key, c in conditions["regions"].items()}
-    resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
-    max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple  # patches x px per patch
-    small = image_to_tensor(image.resize(rap_size(*image.size, config.region_px, pipe.size_multiple, max_side), Image.BICUBIC))[None]
-    home = "cpu" if pipe.offload != "none" else device
-    with visiting(pipe.vae, device, home):
-        lr_latent = tiled_vae(pipe.vae.encode, resized, config.vae_tile_px, config.vae_overlap_px, device, dtype)
-        rap_latent = tiled_vae(pipe.vae.encode, small, config.vae_tile_px, config.vae_overlap_px, device, dtype)
-    with visiting(pipe.transformer, device, home):
-        z = sample_regions(pipe.transformer, lr_latent, rap_latent, to_device, config, dtype, generator, progress)
-    tile, overlap = config.vae_tile_px // factor, config.vae_overlap_px // factor
-    with visiting(pipe.vae, device, home):
-        decoded = tiled_vae(pipe.vae.decode, z, tile, overlap, device, dtype)
-    return decoded[0].clamp(-1, 1).cpu()
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parser() -> ArgumentParser:
-    d = CUpscaleConfig()
-    p = ArgumentParser(
-        prog="cupscale.py",
-        description="C-Upscale: creative, tuning-free upscaling with SD3-Medium (global structure, regional "
-        "attention and regional semantic priors).",
-    )
-    p.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    p.add_argument("--output", default="cupscale.png",
-                   help="output image; .png keeps settings, prompt and seed as text metadata; the regions "
-                   "and their prompts go beside it, to OUTPUT.regions.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output and its .regions.json")
-    p.add_argument("--prompt", default="",
-                   help="the global prompt (the method needs one: describe the whole image)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
-                   help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
-    p.add_argument("--model", default=TEXT_SOURCES["sd3"],
-                   help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    p.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
-                   help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
-    p.add_argument("--strength", type=number(0, 1), default=d.strength,
-                   help="the paper's noise level in (0, 1]: noise to t = strength * T and run that share "
-                   "of the steps (paper: 0.45); --noise-level says how it reads on SD3")
-    p.add_argument("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
-                   help="how --strength becomes SD3's start noise. diffusers-strength (default): the "
-                   "paper's rule 'run 0.45 of each model's default steps' as diffusers' SD3 img2img runs "
-                   "it, sigma 0.707 and 13 of 28 steps (the paper's SDXL count, 22 of 50, is diffusers' "
-                   "arithmetic; SD3 was tuned on this shifted schedule). snr-matched: the SNR of SDXL's "
-                   "t = 0.45 T, sigma 0.578, 12 steps. flow-sigma: sigma = strength, 0.45, 12 steps (the "
-                   "most faithful, the least creative)")
-    p.add_argument("--guidance", type=number(0, 100), default=d.guidance,
-                   help="classifier-free guidance scale")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--region-size", type=integer(1), default=d.region_px,
-                   help="region side in px (the model's native 1024)")
-    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px,
-                   help="overlap of neighbouring regions in px")
-    p.add_argument("--region-batch", type=integer(1), default=d.region_batch,
-                   help="regions per model call (memory vs speed)")
-    rsp = p.add_mutually_exclusive_group()
-    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
-    rsp.add_argument("--caption-cmd",
-                     help="command run once per region, without a shell, {image} replaced by the region's "
-                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
-                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
-    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
-                   help="a caption command that fails, times out or prints nothing usable: stop (default) "
-                   "ends the run naming the region; rsp-off goes on with RSP off")
-    p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
-    p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    p.add_argument("--no-rsp", action="store_true",
-                   help="ablation: no regional semantic prior (regional prompts ignored)")
-    p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
-                   help="multidiffusion: the plain regional-denoising baseline (all priors off)")
-    p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
-                   help="GSP step size lambda (paper: 0.2); with --gsp-normalisation sum, the share of the "
-                   "gap to the input's low band closed per step (1: replace the band)")
-    p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
-                   help="how lambda decays over the steps (paper: cosine; linear, increasing: its ablation)")
-    p.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
-                   help="how Eq. 4's 'MSE' is reduced, i.e. what lambda means. sum (default): 1/2 sum of "
-                   "squares, a step closes exactly lambda of the low-band gap on any region or noise "
-                   "level, as the paper's ablation needs (0.2 helps, 1.0 makes artifacts). mean: the "
-                   "literal mean over a region's low band; 0.2 closes 6e-6 of the gap (no effect). sdxl: "
-                   "the share lambda closed on the paper's SDXL, lambda / alpha_bar (0.58 at sigma 0.578; "
-                   "overshoots above sigma 2/3)")
-    p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
-    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px,
-                   help="VAE tile overlap in image px")
-    p.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--offload", choices=["none", "model"], default="none",
-                   help="model: MMDiT and VAE wait on the CPU between uses")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each MMDiT block (built during the first step; regional attention "
-                   "stays eager): faster region batches after a compile wait; off: eager")
-    p.add_argument("--token",
-                   help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or huggingface-cli "
-                   "login)")
-    return p
+# ==================================================================================== command line
 
 def main(argv=None):
     args = parser().parse_args(argv)
@@ -2452,6 +1005,1363 @@ def main(argv=None):
         record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
     print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
           file=sys.stderr)
+
+def parser() -> ArgumentParser:
+    d = CUpscaleConfig()
+    p = ArgumentParser(
+        prog="cupscale.py",
+        description="C-Upscale: creative, tuning-free upscaling with SD3-Medium (global structure, regional "
+        "attention and regional semantic priors).",
+    )
+    p.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
+    p.add_argument("--output", default="cupscale.png",
+                   help="output image; .png keeps settings, prompt and seed as text metadata; the regions "
+                   "and their prompts go beside it, to OUTPUT.regions.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output and its .regions.json")
+    p.add_argument("--prompt", default="",
+                   help="the global prompt (the method needs one: describe the whole image)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
+                   help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
+    p.add_argument("--model", default=TEXT_SOURCES["sd3"],
+                   help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
+    p.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
+                   help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
+    p.add_argument("--strength", type=number(0, 1), default=d.strength,
+                   help="the paper's noise level in (0, 1]: noise to t = strength * T and run that share "
+                   "of the steps (paper: 0.45); --noise-level says how it reads on SD3")
+    p.add_argument("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
+                   help="how --strength becomes SD3's start noise. diffusers-strength (default): the "
+                   "paper's rule 'run 0.45 of each model's default steps' as diffusers' SD3 img2img runs "
+                   "it, sigma 0.707 and 13 of 28 steps (the paper's SDXL count, 22 of 50, is diffusers' "
+                   "arithmetic; SD3 was tuned on this shifted schedule). snr-matched: the SNR of SDXL's "
+                   "t = 0.45 T, sigma 0.578, 12 steps. flow-sigma: sigma = strength, 0.45, 12 steps (the "
+                   "most faithful, the least creative)")
+    p.add_argument("--guidance", type=number(0, 100), default=d.guidance,
+                   help="classifier-free guidance scale")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--region-size", type=integer(1), default=d.region_px,
+                   help="region side in px (the model's native 1024)")
+    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px,
+                   help="overlap of neighbouring regions in px")
+    p.add_argument("--region-batch", type=integer(1), default=d.region_batch,
+                   help="regions per model call (memory vs speed)")
+    rsp = p.add_mutually_exclusive_group()
+    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
+    rsp.add_argument("--caption-cmd",
+                     help="command run once per region, without a shell, {image} replaced by the region's "
+                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
+                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
+    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
+                   help="a caption command that fails, times out or prints nothing usable: stop (default) "
+                   "ends the run naming the region; rsp-off goes on with RSP off")
+    p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
+    p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
+    p.add_argument("--no-rsp", action="store_true",
+                   help="ablation: no regional semantic prior (regional prompts ignored)")
+    p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
+                   help="multidiffusion: the plain regional-denoising baseline (all priors off)")
+    p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
+                   help="GSP step size lambda (paper: 0.2); with --gsp-normalisation sum, the share of the "
+                   "gap to the input's low band closed per step (1: replace the band)")
+    p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
+                   help="how lambda decays over the steps (paper: cosine; linear, increasing: its ablation)")
+    p.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
+                   help="how Eq. 4's 'MSE' is reduced, i.e. what lambda means. sum (default): 1/2 sum of "
+                   "squares, a step closes exactly lambda of the low-band gap on any region or noise "
+                   "level, as the paper's ablation needs (0.2 helps, 1.0 makes artifacts). mean: the "
+                   "literal mean over a region's low band; 0.2 closes 6e-6 of the gap (no effect). sdxl: "
+                   "the share lambda closed on the paper's SDXL, lambda / alpha_bar (0.58 at sigma 0.578; "
+                   "overshoots above sigma 2/3)")
+    p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
+    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px,
+                   help="VAE tile overlap in image px")
+    p.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--offload", choices=["none", "model"], default="none",
+                   help="model: MMDiT and VAE wait on the CPU between uses")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each MMDiT block (built during the first step; regional attention "
+                   "stays eager): faster region batches after a compile wait; off: eager")
+    p.add_argument("--token",
+                   help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or huggingface-cli "
+                   "login)")
+    return p
+
+
+# =================================================== Appendix A: pipeline pieces of diffusion4k.py
+
+# --- BEGIN copy of diffusion4k.py: pipeline ---
+@dataclass
+class Pipeline:
+    """Everything needed to turn prompts into 4K images; load once with `load_pipeline`, call
+    `encode_prompts` and `generate` many times."""
+
+    kind: str  # "flux" or "sd3"
+    transformer: nn.Module
+    vae: AutoEncoder
+    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
+    tokenizers: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    offload: str = "none"  # "none" | "model" (components visit the GPU in turn) | "blocks" (transformer blocks too)
+
+    @property
+    def schnell(self) -> bool:
+        return self.kind == "flux" and not self.transformer.config.guidance_embed
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
+        return self.vae.config.downsample_factor * 2
+
+TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
+
+def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`. For
+    SD3, `encoder_file` (a Stability all-in-one file) may hold the encoders instead; the
+    tokenizers, which such files lack, still come from `source`."""
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
+    tokenizer_files = ("*.json", "*.txt", "*.model")
+    if kind == "flux":
+        schnell = not transformer.config.guidance_embed
+        tokenizers = {
+            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
+            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
+        }
+        encoders = {
+            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+            "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
+        }
+        return encoders, tokenizers
+    tokenizers = {
+        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
+        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
+        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
+    }
+    if encoder_file is not None:
+        encoders = {
+            "clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
+            "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
+            "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer."),
+        }
+    else:
+        encoders = {
+            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+            "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
+            "t5": load_t5(source, text_dtype, subfolder="text_encoder_3"),
+        }
+    return encoders, tokenizers
+
+@contextlib.contextmanager
+def visiting(module: nn.Module, device, home):
+    """Run a module on `device` and send it back `home` afterwards (offloading)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
+    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    gpu = pipe.device
+    features = {}
+    for name, encoder in pipe.text_encoders.items():
+        with visiting(encoder, gpu, "cpu"):
+            ids = pipe.tokenizers[name](prompts).to(gpu)
+            features[name] = encoder(ids)
+    if pipe.kind == "flux":
+        txt, y = features["t5"], features["clip_l"].pooled
+        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
+    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features zero-padded to T5's 4096
+    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
+    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
+    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
+# --- END copy: pipeline ---
+
+# --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
+#
+# Rectified flow: z_sigma = (1 - sigma) x0 + sigma noise, and the model predicts the velocity
+# v = noise - x0. Sampling integrates dz/dsigma = v with Euler steps from sigma 1 to 0.
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move the schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1).
+
+    SD3's static shift s is the same map with mu = ln(s). sigma 0 stays 0."""
+    safe = sigmas.clamp_min(1e-12)
+    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
+
+def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels
+    evenly spaced between 1 and the shifted smallest training level shift(1/1000), shifted once
+    more, then 0 (the double shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
+    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+# --- END copy: flow-matching schedule ---
+
+# --- BEGIN copy of diffusion4k.py: tiled VAE ---
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    weights = torch.ones(size, dtype=torch.float64)
+    if fade_start:
+        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
+    if fade_end:
+        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
+        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    return weights
+
+def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
+    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles
+    (in x's pixels) and blend the outputs with ramps over the overlaps; the weights at every
+    output pixel are normalised to sum to one. One tile (x fits) is the plain call. fp32 output on `device`."""
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x.to(device, dtype)).float()
+    th, tw = min(tile, height), min(tile, width)
+    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
+    out = weight = None
+    for top in tops:
+        for left in lefts:
+            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
+            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
+            if out is None:
+                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
+                weight = y.new_zeros(round(height * ratio), round(width * ratio))
+            fade = round(overlap * ratio)
+            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
+            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
+            w = (wy[:, None] * wx[None]).to(y)
+            oy, ox = round(top * ratio), round(left * ratio)
+            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
+            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+    return out / weight
+# --- END copy: tiled VAE ---
+
+
+# ========================================================================= Appendix B: transformer
+
+# --- BEGIN copy of diffusion4k.py: transformer blocks ---
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    return x.transpose(1, 2).flatten(2)
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
+    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
+    each class compiles once, at its first call, and all its blocks reuse that graph: compile
+    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
+    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
+    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
+    between the compiled parts. A new input shape compiles once more."""
+    for name in ("double_blocks", "single_blocks", "joint_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+# --- END copy: transformer blocks ---
+
+# --- BEGIN copy of diffusion4k.py: SD3 transformer ---
+@dataclass(frozen=True)
+class SD3Config:
+    """SD3 MMDiT. Defaults: SD3-Medium (2B parameters)."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    hidden_size: int = 1536
+    num_heads: int = 24
+    depth: int = 24
+    mlp_ratio: float = 4.0
+    adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
+    context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
+    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+SD3_MEDIUM = SD3Config()
+
+class StreamBlock(nn.Module):
+    """One stream (image or context) of an SD3 joint block: adaLN-Zero, qkv, projection, MLP.
+
+    The last block's context stream is `pre_only`: it only supplies keys and values.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.pre_only = pre_only
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        if not pre_only:
+            self.attn.proj = nn.Linear(dim, dim)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = nn.Module()
+            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def pre_attention(self, x, c):
+        """Returns (q, k, v) of this stream and the modulation still to be applied."""
+        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
+        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
+
+    def post_attention(self, x, attn, mods):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa[:, None] * self.attn.proj(attn)
+        mlp = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)), approximate="tanh"))
+        return x + gate_mlp[:, None] * mlp
+
+class JointBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
+        super().__init__()
+        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
+        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
+
+    def attend(self, q, k, v, num_context: int):
+        """Joint attention over [context, image] tokens (B, H, L, D). A separate method so that a
+        method built on SD3 (C-Upscale's regional attention prior) can replace it per block."""
+        return attention(q, k, v)
+
+    def forward(self, context, x, c):
+        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
+        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
+        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
+        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        if not self.context_block.pre_only:
+            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
+        return context, self.x_block.post_attention(x, x_attn, x_mods)
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+class MMDiT(nn.Module):
+    """SD3's multimodal diffusion transformer; parameter names are Stability's checkpoint keys
+    (without the `model.diffusion_model.` prefix)."""
+
+    def __init__(self, config: SD3Config = SD3_MEDIUM):
+        super().__init__()
+        self.config = config
+        dim, p = config.hidden_size, config.patch_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        # A fixed sin-cos table stored in the checkpoint; positions are its centre crop.
+        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
+        self.t_embedder = TimestepMLP(256, dim)
+        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
+        )
+        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
+        self.gradient_checkpointing = False
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        size = self.config.pos_embed_max_size
+        if h > size or w > size:
+            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
+        return grid.reshape(1, h * w, -1)
+
+    def forward(self, x, timesteps, context, y):
+        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
+        Returns the velocity (B, C, H, W)."""
+        b, _, height, width = x.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
+        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
+            else:
+                context, tokens = block(context, tokens, c)
+        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
+        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.config.out_channels, height, width)
+
+def sd3_key_table(depth: int) -> dict:
+    table = {
+        "pos_embed": (["pos_embed.pos_embed"], None),
+        **linear_entries("x_embedder.proj", "pos_embed.proj"),
+        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        **linear_entries("context_embedder", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    for i in range(depth):
+        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == depth - 1
+        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
+        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
+        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
+        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
+        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
+        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
+        if not last:
+            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
+    return table
+
+def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
+    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
+    if any(".ln_q." in key or ".attn2." in key for key in state):
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is supported")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    heads = (folder_config or {}).get("num_attention_heads")
+    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+        if hidden % 64:
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count and "
+                            f"{hidden} is no multiple of SD3's head dim 64; load its diffusers folder instead")
+        heads = hidden // 64
+    out_features = state["final_layer.linear.weight"].shape[0]
+    return SD3Config(
+        in_channels=in_channels,
+        out_channels=out_features // patch**2,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_heads=heads,
+        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
+        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
+        context_dim=state["context_embedder.weight"].shape[1],
+        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]),
+    )
+
+def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
+    `transformer/` folder, a pipeline folder, or a Hub repo id."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
+        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
+        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
+    with torch.device("meta"):
+        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
+    return assign_state_dict(model, state, f"{source} (SD3)").eval()
+# --- END copy: SD3 transformer ---
+
+
+# ================================================================================= Appendix C: VAE
+
+# --- BEGIN copy of diffusion4k.py: VAE ---
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
+
+    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
+    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
+    256^2 latent (16,384 Flux tokens instead of 65,536).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    stride: int = 1
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
+
+FLUX_VAE = VAEConfig()
+
+SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
+        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
+        # sends SDPA to its math backend, which writes the hw x hw scores)
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+def mid_block(channels: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    return mid
+
+def run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # OP4KSR trains LoRAs inside the encoder at 4096^2
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = self.run_block(block, h)
+            if hasattr(down, "downsample"):
+                h = self.run_block(down.downsample, h)
+        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = self.run_block(block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def run_block(self, block, h):
+        """With gradient checkpointing a block keeps only its input and recomputes its activations
+        in the backward pass (at a 4096^2 input the first level's 128-channel 2048^2 maps dominate)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
+        training compares it with the F8 decoder's."""
+        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = self._run(block, h)
+            if hasattr(up, "upsample"):
+                h = self._run(up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def _run(self, layer, h):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, h, use_reentrant=False)
+        return layer(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
+        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in; the released decoders were
+        trained through that path. Its output is the full-map result moved one pixel down and right:
+        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
+        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
+        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
+        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
+        """
+        s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        bands = []
+        for top in range(0, rows, band_rows):
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
+        return torch.cat(bands, dim=-2)
+
+class AutoEncoder(nn.Module):
+    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
+
+    def __init__(self, config: VAEConfig = FLUX_VAE):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        mean = self.encoder(x).chunk(2, dim=1)[0]
+        return (mean - self.config.shift_factor) * self.config.scale_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (not clipped)."""
+        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
+
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
+    if generator is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    table = {}
+
+    def add(original, folder, transform=None):
+        table.update(linear_entries(original, folder, transform))
+
+    def resnet(original, folder, shortcut):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            add(f"{original}.{name}", f"{folder}.{name}")
+        if shortcut:
+            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+
+    for part in ("encoder", "decoder"):
+        add(f"{part}.conv_in", f"{part}.conv_in")
+        add(f"{part}.conv_out", f"{part}.conv_out")
+        add(f"{part}.norm_out", f"{part}.conv_norm_out")
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
+        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+    for level in range(num_levels):
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
+        if level < num_levels - 1:
+            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+        if level > 0:
+            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
+    return table
+
+def vae_table_for(state: dict) -> dict:
+    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
+    only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
+    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base,
+        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1],
+        scale_factor=scale_factor,
+        shift_factor=shift_factor,
+        stride=stride,
+    )
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
+    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
+
+    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
+    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
+             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
+             "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(
+        state,
+        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+        setting(stride, "stride", 1),
+    )
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+# --- END copy: VAE ---
+
+
+# ======================================================== Appendix D: text encoders and tokenizers
+
+# --- BEGIN copy of diffusion4k.py: text encoders ---
+#
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
+# transformers checkpoint keys, so a Hub folder loads without a rename table.
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64  # head dim
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
+    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    layer_norm_epsilon: float = 1e-6
+
+T5_XXL = T5Config()
+
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
+
+    Keys after the query use the upper half of the buckets. Within a half, offsets below a
+    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
+    buckets, and every offset from `max_distance` on shares the last one.
+    """
+    position = torch.arange(length, device=device)
+    offset = position[None, :] - position[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offset.abs()
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+class T5Block(nn.Module):
+    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+
+    def __init__(self, c: T5Config, owns_position_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        attn, ff = nn.Module(), nn.Module()
+        sa = attn.SelfAttention = nn.Module()
+        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        sa.o = nn.Linear(inner, c.d_model, bias=False)
+        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
+        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.layer = nn.ModuleList([attn, ff])
+        self.num_heads = c.num_heads
+
+    def forward(self, x, position_bias):
+        attn, ff = self.layer
+        sa = attn.SelfAttention
+        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
+        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
+        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+
+    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
+    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
+    `shared`, so it is not a parameter here (the loader folds it in).
+    """
+
+    def __init__(self, config: T5Config = T5_XXL):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c, length = self.config, ids.shape[1]
+        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    layer_norm_eps: float = 1e-5
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
+    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+
+CLIP_L = CLIPTextConfig()
+
+CLIP_G = CLIPTextConfig(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
+)
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.hidden_size
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, causal):
+        a = self.self_attn
+        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
+
+    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
+    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
+    """
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d = config, config.hidden_size
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        if self.config.eos_token_id == 2:
+            eos = ids.argmax(-1)  # argmax returns the first maximum
+        else:
+            eos = (ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
+
+    The ids are cut so that the special tokens always fit, as `truncation=True,
+    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
+    reported in one line with the number of tokens dropped.
+    """
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
+              file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+
+    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
+    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
+    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
+    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
+    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
+    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
+    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
+    """
+
+    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+        folder = Path(folder)
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        bpe = BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
+        )
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
+        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
+        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        if pad_id is None:
+            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad_id = self.tokenizer.token_to_id(pad)
+            if pad_id is None:
+                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
+
+class T5Tokenizer:
+    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
+
+    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
+    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
+    """
+
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+        try:
+            if path.suffix == ".json":
+                tokenizer = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            else:
+                import sentencepiece
+
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode = tokenizer.encode
+                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
+        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
+
+def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
+
+    Keys starting with one of `skip` (after the prefix) are never read.
+    """
+    path = component_path(source, subfolder)
+
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
+
+    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = {k[len(prefix) :]: v for k, v in state.items()}
+    if not state:
+        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+    return state, folder_config(path)
+
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
+    return state[key].shape
+
+def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
+    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    what = f"{source} is not a T5 encoder checkpoint"
+    vocab, width = tensor_shape(state, "shared.weight", what)
+    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+    return T5Config(
+        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
+    )
+
+def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
+    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    what = f"{source} is not a CLIP text encoder checkpoint"
+    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
+    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
+    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
+    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
+    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
+        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+    else:
+        if width % 64:
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
+                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
+        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
+    try:
+        return CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
+        )
+    except ValueError as error:
+        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
+    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
+    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
+    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
+    """
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+def load_clip(
+    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
+) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
+    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
+    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
+
+    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
+    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
+    """
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+# --- END copy: text encoders ---
+
+
+# ====================================================================== Appendix E: weight loading
+
+# --- BEGIN copy of diffusion4k.py: weight loading ---
+#
+# Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
+# SD3), so those files load as they are. The diffusers folder layout is converted with one
+# explicit table per model: {original key: ([folder keys], transform)}. Several folder keys
+# mean a fused tensor (Flux's qkv, its single blocks' linear1) concatenated along dim 0.
+def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    state, out, missing, wrong = dict(state), {}, [], []
+    for original, (parts, transform) in table.items():
+        if not all(part in state for part in parts):
+            missing += [part for part in parts if part not in state]
+            continue
+        tensors = [state.pop(part) for part in parts]
+        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
+            continue
+        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    return out
+
+def linear_entries(original: str, folder, transform=None) -> dict:
+    """Table rows for a layer with weight and bias."""
+    folder = [folder] if isinstance(folder, str) else folder
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+def count_blocks(keys, pattern: str) -> int:
+    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys
+    (stripped); otherwise every key that belongs to no other component. Other components'
+    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
+    and the first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
+    (which would otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
+
+def folder_config(path) -> dict:
+    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+    return read_json(config) if config is not None and config.exists() else {}
+# --- END copy: weight loading ---
 
 
 if __name__ == "__main__":

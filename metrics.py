@@ -60,6 +60,8 @@ Library use:
     log_spectrum / autocorrelation_image.
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import functools
@@ -81,28 +83,39 @@ from PIL import Image
 
 from common.attention import attention
 from common.io import (
-    ArgumentParser, UserError, atomic_files, check_output_file, device_name, integer, load_image,
-    load_safetensors, progress_bar, read_json, read_text, resolve_source, run_cli,
+    ArgumentParser,
+    UserError,
+    atomic_files,
+    check_output_file,
+    device_name,
+    integer,
+    load_image,
+    load_safetensors,
+    progress_bar,
+    read_json,
+    read_text,
+    resolve_source,
+    run_cli,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
+
 AESTHETIC_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth"
+
 CLIP_MODELS = {
     "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
     "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default, and the aesthetic predictor's tower
     "b32": "openai/clip-vit-base-patch32",  # Hessel et al.'s CLIPScore
 }
+
 LPIPS_LINEAR = {
     "alex": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_alex-df73285e.pth",
     "vgg": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth",
 }
+
 LPIPS_BACKBONE = {"alex": None, "vgg": "timm/vgg16.tv_in1k/model.safetensors"}
-
-
-# ----------------------------------------------------------------------------- weights and images
-
 
 def weight_file(spec, what) -> Path:
     """A local file, or `owner/repo/path/in/repo` fetched from the Hub; `what` names it in errors."""
@@ -121,7 +134,6 @@ def weight_file(spec, what) -> Path:
         raise UserError(f"{what}: {repo} has no file {name}")
     return path
 
-
 def load_state(path, what) -> dict:
     """A state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code runs)."""
     path = Path(path)
@@ -137,7 +149,6 @@ def load_state(path, what) -> dict:
         raise UserError(f"{what}: {path} does not hold a state dict")
     return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
 
-
 def load_strict(module, state, what):
     """load_state_dict that names the first offending keys instead of a wall of text."""
     expected = module.state_dict()
@@ -150,7 +161,6 @@ def load_strict(module, state, what):
     module.load_state_dict(state)
     return module
 
-
 def as_array(image) -> np.ndarray:
     """PIL image or HWC array -> HWC uint8 RGB array."""
     array = np.asarray(image)
@@ -158,11 +168,9 @@ def as_array(image) -> np.ndarray:
         raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
     return array
 
-
 def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
     """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (no rescaling: each metric states its own)."""
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
-
 
 def grey_opencv(rgb: np.ndarray) -> np.ndarray:
     """cv2.cvtColor(BGR2GRAY) on uint8, bit for bit: 15-bit fixed-point BT.601 with rounding.
@@ -173,19 +181,16 @@ def grey_opencv(rgb: np.ndarray) -> np.ndarray:
     r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
     return ((9798 * r + 19235 * g + 3735 * b + 16384) >> 15).astype(np.uint8)
 
-
 def y_channel(rgb: np.ndarray) -> np.ndarray:
     """Y of ITU-R BT.601 YCbCr in [16, 235], float64, unrounded: basicsr's `test_y_channel`
     convention, which most SR papers report. (pyiqa uses Y of YIQ instead: the numbers differ.)"""
     x = rgb.astype(np.float64) / 255.0
     return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
 
-
 def grey_matlab(rgb: np.ndarray) -> np.ndarray:
     """MATLAB rgb2gray rounded to integers: the convention of the original SSIM code (ssim.m)."""
     x = rgb.astype(np.float64)
     return np.round(0.298936021293775 * x[..., 0] + 0.587043074451121 * x[..., 1] + 0.114020904255103 * x[..., 2])
-
 
 def jpeg95(image: Image.Image) -> bytes:
     """The bytes Diffusion-4K's generator writes: Pillow JPEG, quality 95, Pillow's defaults
@@ -194,16 +199,15 @@ def jpeg95(image: Image.Image) -> bytes:
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
-
-# ----------------------------------------------------------------------------- GLCM Score and Compression Ratio
-
 GLCM_DISTANCES = (1, 2, 3, 4)
+
 GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
+
 # scikit-image's offsets, (row, col) = (round(sin(a) d), round(cos(a) d)). No value lies on .5, so the
 # rounding rule does not matter; note d=2 at 45 degrees rounds to (1, 1), the same offset as d=1.
 GLCM_OFFSETS = [(round(math.sin(a) * d), round(math.cos(a) * d)) for d in GLCM_DISTANCES for a in GLCM_ANGLES]
-GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
+GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
 def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
     """Co-occurrence counts of a stack of quantised patches: (P, h, w) -> (P, 16, levels, levels) int64.
@@ -228,11 +232,9 @@ def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
         out[:, s] = np.bincount((first + a * levels + b).ravel(), minlength=count * levels * levels).reshape(count, -1)
     return out.reshape(count, len(GLCM_OFFSETS), levels, levels)
 
-
 def glcm_pair_counts(h: int, w: int) -> np.ndarray:
     """Number of pixel pairs per offset in an h x w patch, the divisor of normed=True."""
     return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_OFFSETS], dtype=np.float64)
-
 
 def glcm(patch: np.ndarray, levels: int = 64) -> np.ndarray:
     """graycomatrix(patch, [1,2,3,4], [0, pi/4, pi/2, 3pi/4], levels, normed=True) of one patch:
@@ -241,7 +243,6 @@ def glcm(patch: np.ndarray, levels: int = 64) -> np.ndarray:
     normed = counts / glcm_pair_counts(*patch.shape)[:, None, None]
     return normed.reshape(len(GLCM_DISTANCES), len(GLCM_ANGLES), levels, levels).transpose(2, 3, 0, 1)
 
-
 @functools.lru_cache(maxsize=8)
 def _glcm_value_ids(h: int, w: int) -> np.ndarray:
     """(16, max pairs + 1) table: index of the distinct double count / n_s among all slices, in
@@ -249,7 +250,6 @@ def _glcm_value_ids(h: int, w: int) -> np.ndarray:
     n = glcm_pair_counts(h, w)
     values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
     return np.unique(values, return_inverse=True)[1].reshape(values.shape)
-
 
 def glcm_value_entropy(counts: np.ndarray, h: int, w: int) -> np.ndarray:
     """skimage.measure.shannon_entropy(glcm) for a stack of count arrays (P, 16, L, L) -> (P,).
@@ -274,7 +274,6 @@ def glcm_value_entropy(counts: np.ndarray, h: int, w: int) -> np.ndarray:
         terms = np.where(hist > 0, -p * np.log(p), 0.0)
     return terms.sum(axis=1) / np.log(2)
 
-
 def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
     """graycoprops(glcm, prop) for (P, 16, L, L) normalised matrices -> (P, 16)."""
     levels = normed.shape[-1]
@@ -296,7 +295,6 @@ def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
     if prop not in weights:
         raise ValueError(f"unknown GLCM property {prop!r}; choose from {GLCM_PROPS}")
     return (p * weights[prop]).sum(axis=(-2, -1))
-
 
 def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 32) -> float:
     """Diffusion-4K's GLCM Score of one image (Zhang et al., Diffusion-4K, CVPR 2025, Table 1; `eval.py`).
@@ -330,7 +328,6 @@ def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 32) -> 
             scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
     return float(np.concatenate(scores).mean())
 
-
 def compression_ratio(jpeg_sizes, shapes) -> float:
     """Diffusion-4K's Compression Ratio: total raw RGB bytes / total JPEG-95 file bytes.
 
@@ -342,10 +339,6 @@ def compression_ratio(jpeg_sizes, shapes) -> float:
     raw = sum(h * w * 3 for h, w in shapes)
     return raw / sum(jpeg_sizes)
 
-
-# ----------------------------------------------------------------------------- PSNR and SSIM
-
-
 def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
     """HWC uint8 -> (C, H, W) float64 in the requested colour convention."""
     if mode == "rgb":
@@ -356,7 +349,6 @@ def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
         return grey_matlab(rgb)[None]
     raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
 
-
 def remove_border(x: np.ndarray, border: int) -> np.ndarray:
     """Remove `border` pixels on each side of the last two axes; refuse a border that leaves nothing."""
     h, w = x.shape[-2:]
@@ -365,13 +357,11 @@ def remove_border(x: np.ndarray, border: int) -> np.ndarray:
         raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image (at most {largest})")
     return x[..., border : h - border, border : w - border]
 
-
 def _prepare_pair(pred, ref, crop_border, mode):
     pred, ref = as_array(pred), as_array(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
     return remove_border(_channels(pred, mode), crop_border), remove_border(_channels(ref, mode), crop_border)
-
 
 def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
     """PSNR in dB with peak 255, in float64: 10 log10(255^2 / MSE), inf for identical images.
@@ -385,12 +375,10 @@ def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
     mse = np.mean((a - b) ** 2)
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
-
 
 def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
     """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
@@ -422,16 +410,14 @@ def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
         values.append(ssim_map.mean().item())
     return float(np.mean(values))
 
-
-# ----------------------------------------------------------------------------- NIQE
-
 NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
+
 NIQE_BLOCK = 96
+
 NIQE_CONVENTIONS = {
     "pyiqa": "pyiqa 'niqe' (what SR papers report): Y of YIQ from float32 RGB, rounded; pyiqa's float32 window and grid  [default]",
     "matlab": "the MATLAB release's arithmetic in float64 on rounded rgb2gray (approximate: see niqe())",
 }
-
 
 def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
     """The pristine model of the MATLAB NIQE release: mean (36,) and covariance (36, 36), float64.
@@ -467,7 +453,6 @@ def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"NIQE parameters: {path} holds shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)")
     return mu, cov
 
-
 def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
     """The integer-valued float64 grey image each NIQE implementation scores (values 0..255).
 
@@ -484,7 +469,6 @@ def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
         return grey_matlab(rgb)
     raise ValueError(f"unknown NIQE convention {convention!r}; choose from {', '.join(NIQE_CONVENTIONS)}")
 
-
 def _niqe_window(float32: bool = False) -> torch.Tensor:
     """MATLAB fspecial('gaussian', 7, 7/6): the local mean / contrast window of NIQE. pyiqa
     rounds it to float32 before filtering in float64; since sigma comes from E[x^2] - mu^2, a
@@ -494,7 +478,6 @@ def _niqe_window(float32: bool = False) -> torch.Tensor:
     g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
     g = g / g.sum()
     return g.float().double() if float32 else g
-
 
 def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
     """Mean-subtracted contrast-normalised coefficients of (H, W) float64: (x - mu) / (sigma + 1),
@@ -511,7 +494,6 @@ def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
 
-
 @functools.lru_cache(maxsize=2)
 def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The shape grid 0.2:0.001:10 (9,801 values) and r(g) = G(2/g)^2 / (G(1/g) G(3/g)) on it.
@@ -523,7 +505,6 @@ def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
         gam = torch.from_numpy(np.arange(0.2, 10 + 0.001, 0.001))
     r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
     return gam, r
-
 
 def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
     """Moment-matching fit of an asymmetric generalised Gaussian to each row of x (N, P):
@@ -545,7 +526,6 @@ def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
     ratio = (torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)).exp().sqrt()
     return alpha, left * ratio, right * ratio
 
-
 def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "float64") -> torch.Tensor:
     """The 18 NIQE features of every block x block tile of an (H, W) MSCN map -> (N, 18):
     AGGD (alpha, mean of the two scales) of the coefficients, then for the products with the
@@ -561,7 +541,6 @@ def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "flo
         mean = (right - left) * (torch.lgamma(2 / alpha) - torch.lgamma(1 / alpha)).exp()
         features += [alpha, mean, left, right]
     return torch.stack(features, 1)
-
 
 def imresize_half(x: torch.Tensor) -> torch.Tensor:
     """MATLAB imresize(x, 0.5) with its default bicubic kernel (a = -0.5) and antialiasing, on
@@ -589,7 +568,6 @@ def imresize_half(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return along_rows(along_rows(x).T).T.double()
 
-
 def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
     """(N, 36) features of an integer-valued (H, W) grey image: 18 at full scale on block x block
     tiles, 18 at half scale (MATLAB bicubic of x/255, x 255) on the same tiles, now block/2.
@@ -601,7 +579,6 @@ def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True)
     full = niqe_block_features(mscn(x, pyiqa), block, grid)
     half = imresize_half(x / 255) * 255
     return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
-
 
 def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
     """sqrt((mu_p - mu_d) pinv((S_p + S_d) / 2) (mu_p - mu_d)^T), with mu_d the NaN-ignoring mean
@@ -615,7 +592,6 @@ def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
     diff = np.asarray(mu_pris, np.float64).ravel() - mu
     inverse = np.linalg.pinv((np.asarray(cov_pris, np.float64) + np.cov(clean, rowvar=False)) / 2)
     return float(np.sqrt(diff @ inverse @ diff))
-
 
 def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
     """NIQE (Mittal, Soundararajan & Bovik, "Making a 'completely blind' image quality analyzer",
@@ -649,10 +625,6 @@ def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> f
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
     return niqe_distance(features, *params)
 
-
-# ----------------------------------------------------------------------------- FID: the FID InceptionV3
-
-
 class ConvBN(nn.Sequential):
     """Conv (no bias) + BatchNorm (eps 1e-3, TF's) + ReLU; keys `conv.*`, `bn.*` as in torchvision."""
 
@@ -662,11 +634,9 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
         self.relu = nn.ReLU()
 
-
 def avg_pool_3x3(x):
     """The TF graph's average pool ignores the zero padding: count_include_pad=False."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -685,7 +655,6 @@ class InceptionA(nn.Module):
             self.branch_pool(avg_pool_3x3(x)),
         ], 1)
 
-
 class InceptionB(nn.Module):  # grid reduction 35 -> 17
     def __init__(self, cin):
         super().__init__()
@@ -699,7 +668,6 @@ class InceptionB(nn.Module):  # grid reduction 35 -> 17
             self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
             F.max_pool2d(x, 3, stride=2),
         ], 1)
-
 
 class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
@@ -726,7 +694,6 @@ class InceptionC(nn.Module):  # factorised 7x7 convolutions
             self.branch_pool(avg_pool_3x3(x)),
         ], 1)
 
-
 class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
@@ -739,7 +706,6 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
-
 
 class InceptionE(nn.Module):
     """The last two blocks. The TF graph pools Mixed_7b with an average and Mixed_7c with a
@@ -767,7 +733,6 @@ class InceptionE(nn.Module):
             self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
             self.branch_pool(pooled),
         ], 1)
-
 
 class InceptionV3(nn.Module):
     """The FID network: TensorFlow's 2015-12-05 InceptionV3 graph as ported by pytorch-fid,
@@ -803,7 +768,6 @@ class InceptionV3(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         return load_strict(cls(), state, "FID Inception weights").eval()
 
-
 def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source = dest * in / out, with no
     half-pixel offset and no antialiasing. This is what torch-fidelity (hence torchmetrics up
@@ -822,14 +786,12 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
     return upper + (lower - upper) * fy[:, None]
 
-
 FID_RESIZE = {
     "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128  [default]",
     "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
     "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
     "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
 }
-
 
 def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
     """(B, 3, H, W) float with values 0..255 -> the network's (B, 3, 299, 299) input."""
@@ -847,7 +809,6 @@ def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
         out = torch.from_numpy(np.stack(channels).reshape(x.shape[0], 3, 299, 299)).clamp(0, 255)
         return (out.to(x.device) - 128) / 128
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
-
 
 def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     """Diffusion-4K's FID preprocessing (`generate_and_eval_fid.py` fid_preprocess, l. 79-84 at
@@ -871,7 +832,6 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return rgb[top : top + size, left : left + size]
 
-
 def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
     """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid
     from the top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's
@@ -888,7 +848,6 @@ def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
     ]
     return torch.cat(crops)
 
-
 @torch.no_grad()
 def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16) -> torch.Tensor:
     """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops; with
@@ -898,7 +857,6 @@ def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, ba
     x = to_float_tensor(resize_center_crop(rgb, size) if size else rgb, device)
     samples = fid_crops(x, patch, half_shift) if patch else x
     return torch.cat([model(fid_input(samples[i : i + batch], resize)) for i in range(0, len(samples), batch)])
-
 
 @dataclass
 class FeatureStats:
@@ -922,7 +880,6 @@ class FeatureStats:
         cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         return mean, cov
 
-
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
 
@@ -940,7 +897,6 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
 
-
 def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
     """FID (Heusel et al. 2017) between two feature sets, warning when a covariance is rank-deficient."""
     for name, stats in (("pred", pred), ("ref", ref)):
@@ -955,12 +911,9 @@ def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
     mu2, cov2 = ref.mean_cov()
     return frechet_distance(mu1, cov1, mu2, cov2)
 
-
-# ----------------------------------------------------------------------------- CLIP (ViT towers) and CLIPScore
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class TowerConfig:
@@ -969,7 +922,6 @@ class TowerConfig:
     heads: int
     act: str = "quick_gelu"  # OpenAI's models use x * sigmoid(1.702 x)
     eps: float = 1e-5
-
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block (both CLIP towers)."""
@@ -991,7 +943,6 @@ class Block(nn.Module):
         h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
         return x + self.fc2(h)
 
-
 class VisionTower(nn.Module):
     def __init__(self, cfg: TowerConfig, patch: int, image_size: int, embed_dim: int):
         super().__init__()
@@ -1010,7 +961,6 @@ class VisionTower(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.proj(self.ln_post(x[:, 0]))
-
 
 class TextTower(nn.Module):
     def __init__(self, cfg: TowerConfig, vocab: int, context: int, embed_dim: int):
@@ -1035,7 +985,6 @@ class TextTower(nn.Module):
         x = self.ln_final(x)
         return self.proj(x[torch.arange(len(x)), lengths - 1])
 
-
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
     ("vision_model.embeddings.patch_embedding.", "vision.patch."),
@@ -1055,7 +1004,6 @@ _CLIP_RENAMES = [
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
 ]
 
-
 def clip_state_from_transformers(state: dict) -> dict:
     """Rename a transformers CLIPModel state dict; drop logit_scale and position_ids buffers."""
     renamed = {}
@@ -1066,7 +1014,6 @@ def clip_state_from_transformers(state: dict) -> dict:
             key = key.replace(old, new)
         renamed[key] = value
     return renamed
-
 
 class CLIP(nn.Module):
     """OpenAI CLIP ViT (Radford et al. 2021): image and text towers, shapes read from the weights.
@@ -1120,7 +1067,6 @@ class CLIP(nn.Module):
         ids, lengths = self.tokenizer(texts)
         return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
 
-
 class ClipTokenizer:
     """CLIP's byte-level BPE through the `tokenizers` library (the repo's tokenizer.json), with
     OpenAI's truncation: <start> + at most context-2 text tokens + <end>.
@@ -1154,7 +1100,6 @@ class ClipTokenizer:
             ids[i, : len(row)] = torch.tensor(row)
         return ids, torch.tensor([len(r) for r in rows])
 
-
 def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
     """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long /
     short)), centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a whole, not tiled.
@@ -1179,13 +1124,11 @@ def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") ->
     x = x[:, top : top + size, left : left + size]
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
-
 CLIP_FORMS = {
     "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
     "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
     "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
 }
-
 
 def clip_score(model: CLIP, images, captions, form="torchmetrics") -> torch.Tensor:
     """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image
@@ -1216,10 +1159,6 @@ def clip_score(model: CLIP, images, captions, form="torchmetrics") -> torch.Tens
     cos = (images * model.encode_texts(captions)).sum(-1)
     return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
 
-
-# ----------------------------------------------------------------------------- LAION aesthetic predictor v2
-
-
 class AestheticMLP(nn.Module):
     """LAION's improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor,
     sac+logos+ava1-l14-linearMSE), used by Diffusion-4K's Table 1 and many 4K papers.
@@ -1246,16 +1185,11 @@ class AestheticMLP(nn.Module):
         state = load_state(weight_file(source, "aesthetic MLP weights"), "aesthetic MLP weights")
         return load_strict(cls(state["layers.0.weight"].shape[1]), state, "aesthetic MLP weights").eval()
 
-
 @torch.no_grad()
 def aesthetic_score(clip: CLIP, mlp: AestheticMLP, images) -> torch.Tensor:
     return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
 
-
-# ----------------------------------------------------------------------------- LPIPS
-
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-
 
 def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
     """torchvision's `features` stack (same indices, so its state dicts load) and the indices
@@ -1278,7 +1212,6 @@ def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
                 cin = item
         return nn.Sequential(*layers), [3, 8, 15, 22, 29]
     raise ValueError(f"unknown LPIPS network {net!r}; use alex or vgg")
-
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 (Zhang et al., CVPR 2018), the perceptual distance SR papers report (OSEDiff,
@@ -1329,7 +1262,6 @@ class LPIPS(nn.Module):
         state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
         return load_strict(model, state, f"LPIPS-{net} weights").eval()
 
-
 def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
     """The tile protocol for 4K full-reference and no-reference networks: size x size tiles on a
     grid that covers the whole image, the last row/column flush with the border (overlapping its
@@ -1340,7 +1272,6 @@ def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
     rows = sorted({*range(0, h - th + 1, th), h - th})
     cols = sorted({*range(0, w - tw + 1, tw), w - tw})
     return [(r, c, th, tw) for r in rows for c in cols]
-
 
 @torch.no_grad()
 def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
@@ -1358,15 +1289,14 @@ def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
         values.append(model(ta, tb))
     return torch.cat(values).mean().item()
 
-
-# ----------------------------------------------------------------------------- CLIPIQA (CLIP RN50)
-
 CLIPIQA_WEIGHTS = "timm/resnet50_clip.openai/open_clip_model.safetensors"
+
 # pyiqa's 'clipiqa' antonym pairs (positive first); the score is the mean over pairs of P(positive).
 CLIPIQA_PROMPTS = (
     ("Good image", "bad image"), ("Sharp image", "blurry image"), ("sharp edges", "blurry edges"),
     ("High resolution image", "low resolution image"), ("Noise-free image", "noisy image"),
 )
+
 # Their CLIP BPE ids, <start> ... <end>, as OpenAI's tokenizer gives them (checked against
 # clip.tokenize in tests/test_metrics_iqa.py): fixed prompts need no tokenizer file at run time.
 CLIPIQA_PROMPT_IDS = (
@@ -1375,7 +1305,6 @@ CLIPIQA_PROMPT_IDS = (
     (49406, 1400, 9977, 2867, 49407), (49406, 1042, 9977, 2867, 49407),
     (49406, 9307, 268, 1139, 2867, 49407), (49406, 33495, 2867, 49407),
 )
-
 
 class ClipBottleneck(nn.Module):
     """CLIP's ResNet block: 1x1, 3x3, average pool (when strided), 1x1, with an average-pooled
@@ -1401,7 +1330,6 @@ class ClipBottleneck(nn.Module):
         if self.downsample is not None:
             shortcut = self.downsample(F.avg_pool2d(x, self.stride) if self.stride > 1 else x)
         return F.relu(out + shortcut)
-
 
 class ClipResNet(nn.Module):
     """OpenAI CLIP's 'ModifiedResNet' image tower (RN50: layers 3-4-6-3, width 64): a 3-conv stem
@@ -1446,7 +1374,6 @@ class ClipResNet(nn.Module):
         out = attention(q, k, v).transpose(1, 2).reshape(b, c)
         return pool.c_proj(out)
 
-
 def clip_text_state_from_openai(state: dict) -> dict:
     """OpenAI / open_clip text-tower keys -> TextTower's (`text.` prefix): the fused in_proj is
     split into q, k, v and text_projection (width, embed) becomes a Linear weight (embed, width)."""
@@ -1468,7 +1395,6 @@ def clip_text_state_from_openai(state: dict) -> dict:
             if rest.startswith(old):
                 out[prefix + new + rest[len(old):]] = value
     return out
-
 
 class CLIPIQA(nn.Module):
     """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) in the multi-prompt form of pyiqa's 'clipiqa', the
@@ -1529,7 +1455,6 @@ class CLIPIQA(nn.Module):
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
-
 @torch.no_grad()
 def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
     """CLIPIQA of one image (uint8 RGB): the mean over the `tiles` grid (see tiles()), or the
@@ -1541,27 +1466,6 @@ def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
     scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])) for i in range(0, len(boxes), batch)]
     return torch.cat(scores).mean().item()
 
-
-# ----------------------------------------------------------------------------- periodicity (OP4KSR's L_AP statistic)
-
-# Copied verbatim from op4ksr.py (VARIANCE_FLOOR .. periodicity_score), so that this file needs
-# no method file; tests/test_metrics_periodicity.py keeps the copies identical. The metric is
-# `periodicity` below.
-
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
-
-
-def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
-    """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
-    side = math.isqrt(quadrants)
-    if side * side != quadrants:
-        raise ValueError(f"quadrants must be a square number (1, 4, 9, ...), got {quadrants}")
-    b, c, height, width = image.shape
-    h, w = height // side, width // side
-    tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
-    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
-
-
 def _fast_fft_length(n: int) -> int:
     """The smallest length >= n with no prime factor above 5 (fast for every FFT library)."""
     while True:
@@ -1572,7 +1476,6 @@ def _fast_fft_length(n: int) -> int:
         if m == 1:
             return n
         n += 1
-
 
 def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
     """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x.
@@ -1595,12 +1498,38 @@ def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
     overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
     return sums / overlap
 
-
 def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
     """Lags (dy, dx) on the period lattice, up to `harmonics` periods, one of each +-pair."""
     steps = range(-harmonics, harmonics + 1)
     return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
 
+# --- BEGIN copy of op4ksr.py: periodicity loss ---
+def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
+    relu(power_pred - power_target), in units of the target's difference variance; mean over
+    batch, quadrants, channels and periods.
+
+    With `target` (the ground truth) it is the relative form: only lattice power above the
+    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
+    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
+    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
+    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
+    turn the gradient away from the repeating component.
+    """
+    power, variance = lattice_power(pred, periods, quadrants, harmonics)
+    if target is None:
+        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+    with torch.no_grad():
+        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
+    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+
+@torch.no_grad()
+def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
+    variance that repeats on the lattices (mean over quadrants, channels and periods). About
+    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
+    power, variance = lattice_power(image, periods, quadrants, harmonics)
+    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
     """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
@@ -1642,45 +1571,25 @@ def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, har
         powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
     return torch.cat(powers, dim=-1), variance
 
+def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
+    """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
+    side = math.isqrt(quadrants)
+    if side * side != quadrants:
+        raise ValueError(f"quadrants must be a square number (1, 4, 9, ...), got {quadrants}")
+    b, c, height, width = image.shape
+    h, w = height // side, width // side
+    tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
+    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
 
-def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
-    relu(power_pred - power_target), in units of the target's difference variance; mean over
-    batch, quadrants, channels and periods.
-
-    With `target` (the ground truth) it is the relative form: only lattice power above the
-    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
-    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
-    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
-    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
-    turn the gradient away from the repeating component.
-    """
-    power, variance = lattice_power(pred, periods, quadrants, harmonics)
-    if target is None:
-        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-    with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
-    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-
-
-@torch.no_grad()
-def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
-    variance that repeats on the lattices (mean over quadrants, channels and periods). About
-    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
-    power, variance = lattice_power(image, periods, quadrants, harmonics)
-    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
-
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
+# --- END copy: periodicity loss ---
 
 # metrics.py's own: the per-image metric on 8-bit images, and its pictures.
-
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
-
 
 def periodicity_input(rgb, device="cpu") -> torch.Tensor:
     """HWC uint8 RGB -> (1, 3, H, W) float32 in [-1, 1], the range L_AP is defined on (VARIANCE_FLOOR assumes it)."""
     return to_float_tensor(as_array(rgb), device) / 127.5 - 1
-
 
 @torch.no_grad()
 def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
@@ -1725,16 +1634,13 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: 
             raise
         raise ValueError(f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)} with {quadrants} quadrants ({error})") from None
 
-
 def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
     """(..., H, W) -> (..., 2, H-1, W-1): horizontal and vertical differences, the signal the periodicity statistic reads."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
-
 def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
     scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
     return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
-
 
 def log_spectrum(rgb) -> Image.Image:
     """Centred log power spectrum of the pixel differences (what the periodicity metric reads,
@@ -1747,7 +1653,6 @@ def log_spectrum(rgb) -> Image.Image:
         power += torch.fft.fft2(d - d.mean(), s=x.shape[-2:]).abs().square() / 6
     spectrum = torch.fft.fftshift(power).log1p()
     return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
-
 
 def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> Image.Image:
     """The autocorrelation the periodicity metric reads, as an 8-bit grey image: the autocovariance
@@ -1769,14 +1674,12 @@ def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: i
     scale = outer.abs().max().item()
     return _to_grey_image(correlation, -scale, scale)
 
-
-# ----------------------------------------------------------------------------- evaluation over folders
-
 METRICS = {  # name -> (needs ref, needs prompts)
     "glcm": (False, False), "cr": (False, False), "fid": (True, False), "clip": (False, True),
     "aesthetic": (False, False), "psnr": (True, False), "ssim": (True, False), "lpips": (True, False),
     "niqe": (False, False), "clipiqa": (False, False), "periodicity": (False, False),
 }
+
 PAIRED = {"psnr", "ssim", "lpips"}
 
 # A protocol presets the options under which a paper computed its table; options given on the
@@ -1819,6 +1722,7 @@ PROTOCOLS = {
     "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512, niqe_convention="pyiqa",
                    clipiqa_tile=512),
 }
+
 PROTOCOL_COLUMNS = {
     None: [("glcm", None), ("cr", None), ("psnr", "ref"), ("ssim", "ref")],
     "diffusion4k": [("fid", "fid_ref"), ("clip", "prompts"), ("aesthetic", None), ("glcm", None),
@@ -1827,7 +1731,6 @@ PROTOCOL_COLUMNS = {
     "op4ksr": [("psnr", "ref"), ("ssim", "ref"), ("lpips", "ref"), ("niqe", None), ("clipiqa", None)],
 }
 
-
 def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
     """The protocol's columns that the given folders allow (FID's reference: --fid-ref, else
     --ref, except under cupscale, whose --ref holds the low-resolution inputs)."""
@@ -1835,7 +1738,6 @@ def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]
         fid_ref = fid_ref or ref
     given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
     return [metric for metric, needs in PROTOCOL_COLUMNS[protocol] if given[needs] is not None]
-
 
 def list_images(folder) -> dict[str, Path]:
     """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
@@ -1854,7 +1756,6 @@ def list_images(folder) -> dict[str, Path]:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
 
-
 def read_prompts(path) -> dict[str, str]:
     """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename)
     and a caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
@@ -1871,7 +1772,6 @@ def read_prompts(path) -> dict[str, str]:
         prompts[Path(name).stem] = str(text)
     return prompts
 
-
 def progress(items, label):
     """Yield `items` under a progress bar on stderr (common.io's: an error closes it first)."""
     update = progress_bar(label, total=len(items))
@@ -1879,13 +1779,11 @@ def progress(items, label):
         yield item
         update(i)
 
-
 def warn(message):
     """A warning on a line of its own, above the progress bar rather than inside it."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub, as in common.io
 
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
 
 @dataclass
 class Options:
@@ -1921,11 +1819,9 @@ class Options:
     save_spectra: str | None = None
     settings: dict = field(default_factory=dict)
 
-
 def spectra_files(folder, name) -> tuple[Path, Path]:
     """Where --save-spectra puts an image's log spectrum and autocorrelation pictures."""
     return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
-
 
 def open_image(path, on_error, skipped):
     """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
@@ -1937,7 +1833,6 @@ def open_image(path, on_error, skipped):
         warn(f"skipping {error}")
         skipped.append(str(path))
         return None
-
 
 def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) -> dict:
     """Compute `opts.metrics` over folders; returns {'metrics', 'per_image', 'skipped', 'count', 'settings'}."""
@@ -2077,7 +1972,6 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
         opts.settings["fid_size"] = fid_size  # 'pred' resolved
     return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image, "settings": opts.settings}
 
-
 def finite_or_none(value):
     """JSON has no inf/nan: an identical pair's PSNR (inf) is written as null."""
     if isinstance(value, dict):
@@ -2086,7 +1980,6 @@ def finite_or_none(value):
         return [finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
-
 def format_table(result) -> str:
     rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
     width = max(len(r[0]) for r in rows)
@@ -2094,7 +1987,6 @@ def format_table(result) -> str:
     lines.insert(1, "-" * (width + 14))
     lines.append(f"({result['count']} images" + (f", {len(result['skipped'])} skipped)" if result["skipped"] else ")"))
     return "\n".join(lines)
-
 
 def metric_names(text) -> list[str]:
     """argparse type: a comma-separated list of METRICS names."""
@@ -2105,14 +1997,12 @@ def metric_names(text) -> list[str]:
         raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(METRICS)}")
     return names
 
-
 def periods_list(text) -> tuple[int, ...]:
     """argparse type: comma-separated lattice periods, integers >= 2."""
     try:
         return tuple(integer(2)(p) for p in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}") from None
-
 
 def square_number(text) -> int:
     """argparse type: a quadrant count, a square number up to 100 x 100."""
@@ -2121,14 +2011,12 @@ def square_number(text) -> int:
         raise argparse.ArgumentTypeError(f"must be a square number (1, 4, 9, ...), got {value}")
     return value
 
-
 def tile_or_zero(text) -> int:
     """argparse type: 0 (the whole image) or a tile size >= 32."""
     value = integer(0)(text)
     if 0 < value < 32:
         raise argparse.ArgumentTypeError(f"must be 0 (whole image) or >= 32, got {value}")
     return value
-
 
 def local_path(expected, must_exist=True, alternative=""):
     """argparse type: a path that, where it exists, is of the `expected` kind ('file' or 'folder');
@@ -2145,7 +2033,6 @@ def local_path(expected, must_exist=True, alternative=""):
 
     return parse
 
-
 def size_or_pred(text):
     """argparse type: 0 (native size), a size in px, or 'pred' (the generated images' size)."""
     if text == "pred":
@@ -2155,10 +2042,8 @@ def size_or_pred(text):
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{error} (or pred: the generated images' size)") from None
 
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in the option list, the epilog's command lines kept as written."""
-
 
 EPILOG = """\
 protocols (--protocol presets the options of a paper's table; options given explicitly override it):
@@ -2173,7 +2058,6 @@ Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 
   python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
       --prompts eval2048/metadata.jsonl
 """
-
 
 def parse_args(argv=None):
     p = ArgumentParser(
@@ -2271,7 +2155,6 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
     return args
 
-
 @contextlib.contextmanager
 def staging_folder(folder):
     """A temporary folder beside `folder` (on its file system, so files move in by renaming),
@@ -2284,7 +2167,6 @@ def staging_folder(folder):
         existing = existing.parent
     with tempfile.TemporaryDirectory(dir=existing, prefix=".metrics-") as temp:
         yield Path(temp)
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -2332,7 +2214,6 @@ def main(argv=None):
     print(format_table(result))
     print(f"wrote {out}" + (f" and {len(images)} images into {spectra}" if images else ""), file=sys.stderr)
     return result
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

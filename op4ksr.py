@@ -115,6 +115,8 @@ Public API
     checkpoint helpers, LPIPS, encode_raw, setup_distributed.
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
@@ -164,11 +166,794 @@ from common.io import (
     tensor_to_image,
 )
 
-# ----------------------------------------------------------------------------- configs
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+
+DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
+
+DEFAULT_PROMPT = "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
+
+#
+# OMGSR-F, whose one-step recipe OP4KSR follows, feeds the LR latent to Flux as the noisy latent of a
+# "mid-timestep" t = 244 of Flux's schedule: 999 steps, shifted with the mu of a 1024^2 image
+# (4,096 tokens, mu = 1.15), the same schedule at every output size. It chose t by matching the
+# SNR of the LR latent (HR signal, LR - HR as noise) with the SNR of the noisy HR latent.
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244
+
+MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; beyond, one pass is far outside what the model was trained on
+
+@dataclass
+class LossWeights:
+    """Weights of the training loss terms (the paper publishes none; 0 switches a term off)."""
+
+    pixel_mse: float = 1.0
+    pixel_l1: float = 0.0
+    latent_mse: float = 0.0  # MSE between the predicted x0 latent and the HR latent
+    perceptual: float = 2.0  # a callable (e.g. LPIPS on crops) supplied by the training loop
+    periodicity: float = 1.0  # lambda_AP
+
+
+# ====================================================================== the method: one step at 4K
+
+def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
+    """The method: image (B, 3, H, W) in [-1, 1] (the LR input resized to the target) -> the x0
+    latent. z = E(image) is taken as the noisy latent at `sigma`, Flux predicts the velocity once
+    over all H/32 x W/32 tokens (F16 + 2x2 packing; RFR is the transformer's config.theta) and
+    x0 = z - sigma * v. Decode with `vae.decode` (the frozen F16 decoder)."""
+    z = vae.encode(image)
+    b, _, h, w = z.shape
+    x = pack_latents(z)
+    txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+    t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
+    g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
+    v = transformer(x, latent_image_ids(h, w, z.device), txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
+    return unpack_latents(x - sigma * v, h, w)
+
+def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
+    """sigma of each timestep t = 0..steps on OMGSR-F's shifted schedule (index t; t = 0 is clean):
+    sigma_t = e^mu / (e^mu + 1 / (t / steps) - 1)."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
+
+OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
+
+def matched_sigma(hr_latents, lr_latents, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> tuple[int, float]:
+    """OMGSR's mid-timestep calibration: the timestep whose noise level gives the noisy HR latent
+    the SNR of the LR latent.
+
+    For each batch b, with P_b = mean(hr^2) and D_b = mean((lr - hr)^2), the LR latent's SNR is
+    P_b / D_b and the noisy latent's at sigma is P_b (1 - sigma)^2 / sigma^2. The timestep
+    minimising the batch mean of |P_b (1 - sigma)^2 / sigma^2 - P_b / D_b| wins; for one batch
+    the continuous answer is sigma = sqrt(D) / (1 + sqrt(D)). Returns (t, sigma_t).
+    """
+    sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
+    gaps = (snr_gap(hr, lr, sigmas) for hr, lr in zip(hr_latents, lr_latents))
+    return smallest_gap(sum(gaps, torch.zeros_like(sigmas)), sigmas)
+
+def snr_gap(hr: torch.Tensor, lr: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """One batch's |P (1 - sigma)^2 / sigma^2 - P / D| at each sigma (see `matched_sigma`), in float64."""
+    power = hr.double().pow(2).mean().cpu()
+    distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
+    return (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
+
+def smallest_gap(total: torch.Tensor, sigmas: torch.Tensor) -> tuple[int, float]:
+    """(t, sigma_t) of the smallest summed gap; `sigmas` are those of t = 1..steps."""
+    best = int(total.argmin())
+    return best + 1, float(sigmas[best])
+
+
+# ========================================================== the method: the training loss and L_AP
+
+def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32)):
+    """Weighted sum of the training terms; returns (total, {term: detached value}).
+
+    `pred`/`target`: decoded output and HR image (B, 3, H, W) in [-1, 1]. `perceptual(pred,
+    target) -> scalar` is needed when weights.perceptual > 0 (LPIPS/DISTS, run on crops at 4K);
+    the latents are needed when weights.latent_mse > 0. Terms with weight 0 are not computed.
+    `periods`: L_AP's periods in px (a latent pixel and a token: 16, 32 with the F16 VAE).
+    """
+    terms = {
+        "pixel_mse": lambda: F.mse_loss(pred, target),
+        "pixel_l1": lambda: F.l1_loss(pred, target),
+        "latent_mse": lambda: F.mse_loss(pred_latent, target_latent),
+        "perceptual": lambda: perceptual(pred, target),
+        "periodicity": lambda: periodicity_loss(pred, target, periods),
+    }
+    if weights.perceptual and perceptual is None:
+        raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
+    if weights.latent_mse and (pred_latent is None or target_latent is None):
+        raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
+    parts = {name: term() for name, term in terms.items() if getattr(weights, name)}
+    total = sum(getattr(weights, name) * value for name, value in parts.items())
+    return total, {name: value.detach() for name, value in parts.items()}
+
+# --- BEGIN kit: periodicity loss ---
+def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
+    relu(power_pred - power_target), in units of the target's difference variance; mean over
+    batch, quadrants, channels and periods.
+
+    With `target` (the ground truth) it is the relative form: only lattice power above the
+    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
+    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
+    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
+    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
+    turn the gradient away from the repeating component.
+    """
+    power, variance = lattice_power(pred, periods, quadrants, harmonics)
+    if target is None:
+        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+    with torch.no_grad():
+        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
+    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+
+@torch.no_grad()
+def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
+    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
+    variance that repeats on the lattices (mean over quadrants, channels and periods). About
+    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
+    power, variance = lattice_power(image, periods, quadrants, harmonics)
+    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
+
+def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
+    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
+
+    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
+    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
+    bins of one period sum to the variance of the quadrant's p-periodic component); variance
+    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
+    Both are means over the horizontal and vertical differences; the difference filter weighs
+    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
+    and gives the (0, 0) bin weight 0.
+
+    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
+    there is the Fourier transform of the quadrant's circular autocovariance summed over all
+    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
+    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
+    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
+    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
+    can move only the repeating part of the image, not the rest.
+
+    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
+    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
+    + 1 px a side, so that the lattice has at least that many lags each way.
+    """
+    tiles = split_into_quadrants(image, quadrants).float()
+    h, w = tiles.shape[-2:]
+    max_lag = max(harmonics * p + p // 2 for p in periods)
+    if max_lag >= min(h, w) - 1:
+        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
+    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
+    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+    powers = []
+    for p in periods:
+        n, m = h // p, w // p
+        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
+        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
+        frequency = torch.fft.fftfreq(p, device=image.device)
+        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
+        powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
+    return torch.cat(powers, dim=-1), variance
+
+def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
+    """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
+    side = math.isqrt(quadrants)
+    if side * side != quadrants:
+        raise ValueError(f"quadrants must be a square number (1, 4, 9, ...), got {quadrants}")
+    b, c, height, width = image.shape
+    h, w = height // side, width // side
+    tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
+    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
+
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
+# --- END kit: periodicity loss ---
+
+
+# =================================================================== the method: colour correction
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
+    usually the LR input, which is first resized (bicubic) to `image`'s size."""
+    if reference.shape[-2:] != image.shape[-2:]:
+        reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic", align_corners=False)
+    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
+
+def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Coarsest band of an a-trous wavelet decomposition: `levels` binomial 3x3 blurs with
+    dilation 1, 2, 4, ... (edges replicated); what it removes is the detail bands."""
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device) / 4
+    kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
+    for level in range(levels):
+        step = 2**level
+        padded = F.pad(image, (step, step, step, step), mode="replicate")
+        image = F.conv2d(padded, kernel, dilation=step, groups=image.shape[1])
+    return image
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Give each channel of `image` the mean and standard deviation of `reference`'s (any size)."""
+    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
+    ref_mean, ref_std = reference.mean(dim=(-2, -1), keepdim=True), reference.std(dim=(-2, -1), keepdim=True)
+    return (image - mean) / (std + 1e-6) * ref_std + ref_mean
+
+
+# =================================================== the method: LoRAs on Flux and the F16 encoder
+
+#
+# OMGSR-F hands peft a list of module names for Flux and one for the VAE encoder; peft adapts every
+# module whose name is one of them or ends with "." + one. We select the same weights through the key
+# tables that load diffusers checkpoints. Our layout fuses q, k and v (double blocks' qkv; a single
+# block's linear1 = q, k, v and the MLP input), so each of them gets its own A and B there.
+OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+OMGSR_F_VAE_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
+                       "to_k", "to_q", "to_v", "to_out.0")
+
+def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int = 0) -> Flux:
+    """Freeze Flux and wrap OMGSR-F's targets (`flux_lora_targets`) with SplitLoRALinear
+    (alpha defaults to the rank: scale 1, as OMGSR-F)."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parts in flux_lora_targets(model.config).items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = getattr(owner, child)
+        rows = model.config.hidden_size if parts > 1 else base.out_features
+        setattr(owner, child, SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator))
+    return model
+
+def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
+    """Our Flux modules that OMGSR-F's list selects in diffusers' names, each with the number of its
+    leading row blocks adapted: img_in (x_embedder); per double block and stream the fused qkv (3:
+    to_q/k/v, add_q/k/v_proj), the attention projection (to_out.0, to_add_out) and both MLP linears
+    (ff(_context).net.0.proj, .net.2); per single block the q, k, v rows of linear1 (3 of its 4 blocks:
+    proj_mlp is not a target, nor linear2 = proj_out). Nothing else (embedders, modulations, final layer)."""
+    targets, table = {}, flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
+    for key, (parts, _) in table.items():
+        chosen = [peft_selects(part.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for part in parts]
+        if key.endswith(".weight") and any(chosen):
+            # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
+            count = sum(chosen)
+            assert chosen[:count] == [True] * count and (len(parts) == 1 or count > 1), key
+            targets[key.removesuffix(".weight")] = count
+    return targets
+
+def peft_selects(module: str, targets) -> bool:
+    """peft's rule for a list of target names: the module's name is one of them or ends with "." + one."""
+    return any(module == target or module.endswith("." + target) for target in targets)
+
+class SplitLoRALinear(nn.Module):
+    """LoRA on the first `parts` blocks of `rows` rows of a linear, each block with its own A and B,
+    as peft adapts separate q, k and v projections; rows after them stay unadapted:
+    y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. W and b are frozen. peft's "gaussian"
+    init, OMGSR-F's: A ~ N(0, 1 / r^2), B = 0, so training starts at the base model. A and B stay
+    fp32 even when the base weights are bf16."""
+
+    def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.randn(parts, rank, base.in_features, generator=generator) / rank
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=base.weight.device))
+
+    def forward(self, x):
+        down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
+        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1) * self.scale
+        return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
+
+def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, seed: int = 0) -> AutoEncoder:
+    """Freeze the encoder and wrap OMGSR-F's targets (`encoder_lora_targets`) with LoRAConv2d."""
+    vae.encoder.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name in encoder_lora_targets(vae):
+        parent, _, child = name.rpartition(".")
+        owner = vae.encoder.get_submodule(parent)
+        setattr(owner, child, LoRAConv2d(getattr(owner, child), rank, alpha or rank, generator))
+    return vae
+
+def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
+    """The encoder convs (names inside vae.encoder) that OMGSR-F's VAE list selects in diffusers'
+    names: conv_in, each ResNet's conv1, conv2 and conv_shortcut (our nin_shortcut), the downsamplers'
+    conv, the mid attention's to_q / to_k / to_v / to_out.0 (our 1x1 q, k, v, proj_out), conv_out.
+    That is every conv of the encoder."""
+    return [key.removeprefix("encoder.").removesuffix(".weight")
+            for key, ((part,), _) in vae_lora_table(vae).items()
+            if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"), OMGSR_F_VAE_TARGETS)]
+
+class LoRAConv2d(nn.Module):
+    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), conv frozen. A is a conv with the
+    base's kernel, stride, padding and dilation and r output channels; B is a 1x1 conv back to
+    the base's channels. peft's "gaussian" init: A ~ N(0, 1 / r^2), B = 0. A and B stay fp32 even
+    when the base is bf16."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=base.weight.device))
+
+    def forward(self, x):
+        c = self.base
+        down = F.conv2d(x, self.lora_A.to(x.dtype), None, c.stride, c.padding, c.dilation)
+        return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
+
+def export_flux_lora(model: Flux) -> dict:
+    """The SplitLoRALinear weights under peft / diffusers names `transformer.<module>.lora_A.weight` /
+    `.lora_B.weight`, block i of a fused weight as its i-th diffusers projection; the scale is folded
+    into B, so the file loads with peft's default alpha = rank."""
+    c, out = model.config, {}
+    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
+    for name, module in model.named_modules():
+        if isinstance(module, SplitLoRALinear):
+            parts, _ = table[f"{name}.weight"]
+            for part, a, b in zip(parts, module.lora_A, module.lora_B):
+                prefix = "transformer." + part.removesuffix(".weight")
+                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
+    return out
+
+
+# ======================================================================================== pipeline
+
+@dataclass
+class SRPipeline:
+    """The merged models and the fixed prompt; load once with `load_sr_pipeline`, call `super_resolve` often."""
+
+    transformer: Flux
+    vae: AutoEncoder
+    txt: torch.Tensor
+    y: torch.Tensor
+    sigma: float
+    guidance: float | None
+    scale: float
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae.config.downsample_factor * 2  # one 2x2-packed token: 32 px with the F16 VAE
+
+def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
+    """Flux and the F16 VAE (default: the bases named in the checkpoint), the OP4KSR LoRAs merged
+    into them, the checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
+    path, meta = read_op4ksr_metadata(weights, token)
+    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
+    check_finite(state, path)
+    c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
+    for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))), ("prompt.y", (1, c.get("vec_in_dim")))):
+        found = tuple(state[key].shape) if key in state else None
+        if found is None or len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
+            shown = "(" + ", ".join(map(str, shape)) + ")"
+            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
+                            f"the base Flux takes {shown}: a damaged file?")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
+    print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
+    transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
+    autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
+    check_base(meta, transformer, autoencoder, str(weights))
+    merge_op4ksr_lora({k: v for k, v in state.items() if not k.startswith("prompt.")}, transformer, autoencoder, str(weights))
+    guidance = float(meta["guidance"]) if transformer.config.guidance_embed else None
+    txt, y = state["prompt.txt"].to(device, dtype), state["prompt.y"].to(device, dtype)
+    return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance, float(meta.get("scale", 4)), device, dtype, meta)
+
+@torch.inference_mode()
+def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int, color_fix: str = "none") -> torch.Tensor:
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass.
+
+    The LR image is resized (bicubic) to the target; sides that are not multiples of 32 px are
+    padded by replication for the pass and cropped afterwards (no resampling of the output)."""
+    lr = image_to_tensor(image)[None]
+    up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    m = pipe.size_multiple
+    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate")
+    latent = sr_latent(pipe.transformer, pipe.vae, up.to(pipe.device, pipe.dtype), pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+    out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
+    if color_fix == "wavelet":
+        out = wavelet_color_fix(out, lr)
+    elif color_fix == "adain":
+        out = adain_color_fix(out, lr)
+    return out[0].clamp(-1, 1)
+
+def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
+    """The target (width, height): LR x scale, or the longer side = size (aspect kept). Refuses
+    absurd targets and inputs already larger than the target."""
+    factor = size / max(width, height) if size is not None else scale
+    target = (round(width * factor), round(height * factor))
+    if max(target) > MAX_SIDE or min(target) < 32:
+        raise UserError(f"{width}x{height} -> {target[0]}x{target[1]}: target sides must be between 32 and {MAX_SIDE} px")
+    if width > target[0] or height > target[1]:
+        raise UserError(f"the input ({width}x{height}) is already larger than the target {target[0]}x{target[1]}")
+    return target
+
+@torch.no_grad()
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
+    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
+    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
+    files = ("*.json", "*.txt", "*.model")
+    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
+    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype
+    clip = load_clip(source, text_dtype, device, subfolder="text_encoder")
+    y = clip(clip_tokenizer(prompt).to(device)).pooled
+    del clip
+    t5 = load_t5(source, text_dtype, device, subfolder="text_encoder_2")
+    txt = t5(t5_tokenizer(prompt).to(device))
+    del t5
+    return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
+
+#
+# One safetensors file holds everything OP4KSR adds to the base models:
+#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight   Flux LoRA, peft names (q/k/v split), scale in B
+#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight   F16 encoder LoRA, peft Conv2d layout
+#                                                                   (A: r x in x k x k, B: out x r x 1 x 1; the
+#                                                                   1x1 attention convs as diffusers' Linear, 2-D)
+#   prompt.txt (1, T, 4096), prompt.y (1, 768)                      the fixed prompt's T5 / CLIP-L embeddings
+# and string metadata (FORMAT_KEYS). diffusers' `load_lora_adapter(state, prefix="transformer")`
+# takes the file as it is (it keeps only the transformer.* keys).
+FORMAT_VERSION = 1
+
+FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim", "context_in_dim", "guidance_embed")
+
+VAE_CONFIG_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "z_channels", "stride")
+
+NO_WEIGHTS = (
+    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path.safetensors); the "
+    "authors have published no weights (arXiv 2605.13457: 'will be released upon acceptance'), so you train one: put 4K "
+    "HR images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (it downloads FLUX.1-dev, "
+    "which is gated: accept its licence on huggingface.co and `huggingface-cli login`, and the F16 VAE "
+    "Owen777/UltraFlux-v1 vae/; LoRA rank 64 on Flux and the VAE encoder; its GPU memory at 4096^2 crops has not been measured), then "
+    "pass --weights runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`."
+)
+
+def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
+    """Write the OP4KSR file from a LoRA-wrapped transformer and VAE encoder (see above).
+    `prompt`: {"txt", "y", "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, rank, alpha."""
+    state = export_flux_lora(transformer)
+    state.update(export_vae_lora(vae.encoder, vae))
+    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
+    c, vc = transformer.config, vae.config
+    metadata = {
+        "format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
+        "theta": str(c.theta), "flux_config": json.dumps({k: getattr(c, k) for k in FLUX_CONFIG_KEYS}),
+        "vae_config": json.dumps({k: getattr(vc, k) for k in VAE_CONFIG_KEYS}),
+        **{k: str(v) for k, v in settings.items()},
+    }
+    save_safetensors(check_finite(state, path), Path(path), metadata)  # never a loadable file from a diverged run
+
+# each number of the metadata lies in (low, high]
+SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),
+                  "guidance": (-math.inf, math.inf)}
+
+def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
+    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = weight_file(spec, "--weights", token)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+    if meta.get("format") != "op4ksr":
+        raise UserError(f"{path}: not an OP4KSR checkpoint (no 'format: op4ksr' in its metadata)")
+    version = meta.get("format_version", "0")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
+                        f"(1 to {FORMAT_VERSION})")
+    for key, (low, high) in SETTING_RANGES.items():
+        if key == "scale" and key not in meta:
+            continue  # optional: 4 by default
+        try:
+            value = float(meta[key])
+        except KeyError:
+            raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)") from None
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low < value <= high):
+            raise UserError(f"{path}: the OP4KSR metadata has {key}={meta[key]!r}, "
+                            f"not a number in ({low}, {high}]")
+    for key in ("flux_config", "vae_config"):
+        try:
+            if not isinstance(json.loads(meta[key]), dict):
+                raise ValueError
+        except (KeyError, ValueError):
+            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)") from None
+    return path, meta
+
+def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
+    """Refuse a checkpoint trained on another base model, naming the first differing setting."""
+    for what, ours, keys, stored in (("Flux", transformer.config, FLUX_CONFIG_KEYS, "flux_config"), ("VAE", vae.config, VAE_CONFIG_KEYS, "vae_config")):
+        for key, value in json.loads(meta[stored]).items():
+            mine = getattr(ours, key, None)
+            if (list(mine) if isinstance(mine, tuple) else mine) != value:
+                base = meta.get("base_flux" if what == "Flux" else "base_vae", "?")
+                raise UserError(f"{source} was trained on the {what} {base} with {key}={value}, but the {what} loaded has "
+                                f"{key}={mine}: pass the base it was trained on (--flux / --vae)")
+
+def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
+    """Add every LoRA delta of the file to the base weights, in place. A fused weight (qkv,
+    linear1) takes each diffusers part's delta in its own rows. Unknown names or wrong shapes
+    are refused: the file was made for another base model."""
+    c = transformer.config
+    parts_of = {}  # diffusers LoRA module -> (model, our weight key, part index, part count, transform)
+    for original, (parts, _) in flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed).items():
+        for i, part in enumerate(parts):
+            parts_of["transformer." + part.removesuffix(".weight")] = (transformer, original, i, len(parts), None)
+    for original, ((part,), transform) in vae_lora_table(vae).items():
+        parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
+    for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+        a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
+        if a is None or b is None or name not in parts_of:
+            raise UserError(f"{source}: LoRA {name} has no counterpart in this base model (a checkpoint for another model?)")
+        model, original, i, n, transform = parts_of[name]
+        weight = model.state_dict()[original]
+        delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
+        rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
+        first = c.hidden_size * i
+        if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base model's {original} "
+                            f"takes {(rows, *weight.shape[1:])}: the checkpoint is for another base model")
+        with torch.no_grad():
+            weight[first : first + rows] += delta.to(weight.dtype)
+
+def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRA weights."""
+    return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
+
+def vae_lora_table(vae: AutoEncoder) -> dict:
+    """Original encoder key -> ([diffusers key], transform) for every encoder conv (LoRA-wrapped or not)."""
+    keys = {key.replace(".base.", "."): None for key in vae.state_dict()}
+    return {k: v for k, v in vae_table_for(keys).items() if k.startswith("encoder.") and k.endswith(".weight")}
+
+def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
+    """The encoder's LoRAConv2d weights under peft / diffusers names, the scale folded into B."""
+    table, out = vae_lora_table(vae), {}
+    for name, module in encoder.named_modules():
+        if isinstance(module, LoRAConv2d):
+            (part,), transform = table[f"encoder.{name}.weight"]
+            to_folder = TRANSFORMS[transform][1]
+            prefix = "vae." + part.removesuffix(".weight")
+            out[f"{prefix}.lora_A.weight"] = to_folder(module.lora_A.detach().float().cpu()).contiguous()
+            out[f"{prefix}.lora_B.weight"] = to_folder(module.lora_B.detach().float().cpu() * module.scale).contiguous()
+    return out
+
+
+# ======================================================================================== training
+
+def train_sr(args) -> list[tuple[int, float]]:
+    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call.
+
+    What can be checked is checked before the large models load (the VAE, small, comes first:
+    the crop checks need its factor). A step whose loss or gradient is not finite stops the run
+    before the optimizer moves, so nothing non-finite is ever saved and the last checkpoint
+    stays the newest. A resumed run takes --lr and --weight-decay from the command line, so a
+    diverged run can go on from its last checkpoint with a lower rate."""
+    ctx = setup_distributed(args.device)
+    output = Path(args.output)
+    resume_from = check_train_output(output, args.resume)
+    files = vae_image_files(args.data, verbose=ctx.main)
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
+    lpips = None  # small, and the likeliest download to fail: before the large models
+    if args.lpips_weight:
+        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
+
+    vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
+    vae.decoder.partitioned = args.f16_decode == "partitioned"
+    factor = vae.config.downsample_factor
+    check_crop(args.crop, args.scale, factor)
+    periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
+    if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
+        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
+    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
+    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
+
+    add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
+    add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
+    vae.decoder.requires_grad_(False)
+    transformer.gradient_checkpointing = args.gradient_checkpointing
+    vae.encoder.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
+    trainable = nn.ModuleDict({"transformer": transformer, "encoder": vae.encoder}).train()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    weights = LossWeights(pixel_mse=args.mse_weight, pixel_l1=args.l1_weight, latent_mse=args.latent_weight,
+                          perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
+    guidance = args.guidance if transformer.config.guidance_embed else None
+    if ctx.main:
+        count = sum(p.numel() for p in params)
+        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {count / 1e6:.2f}M parameters), {ctx.world} process(es) x batch "
+              f"{args.batch_size}, crop {args.crop}, sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
+
+    batches = Batches(len(files), args.seed)
+    step = 0
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
+        for group in optimizer.param_groups:
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
+    losses, log, unreadable = [], output / "train_log.jsonl", set()
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train", args.steps, step) if ctx.main else None
+    while step < args.steps:
+        hr, lr_up, crop_offset = training_pairs(files, batches, args.crop, args.scale, args.batch_size,
+                                                unreadable, ctx)
+        hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
+        with autocast:
+            latent = sr_latent(transformer, vae, lr_up, prompt["txt"], prompt["y"], args.sigma, guidance)
+            pred = vae.decode(latent).float()
+            target_latent = None
+            if weights.latent_mse:
+                with torch.no_grad(), lora_off(vae.encoder):
+                    target_latent = vae.encode(hr.to(dtype))
+            perceptual = lpips_on_crops(lpips, args.lpips_crop, crop_offset) if lpips is not None else None
+            target_latent = None if target_latent is None else target_latent.float()
+            loss, parts = sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent, periods)
+        loss.backward()
+        if ctx.world > 1:  # data parallel: every rank holds the whole (frozen) model and averages LoRA gradients
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= ctx.world
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the averaged gradients are
+        for what, found in (("loss", value), ("gradient norm", norm.item())):
+            if not math.isfinite(found):
+                raise training_diverged(step + 1, f"the {what} ({found})", output)
+        optimizer.step()
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise training_diverged(step + 1, "a LoRA weight after the update", output)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append((step, value))
+        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective: every rank
+        if ctx.main:
+            update(step, args.steps)
+            if step % args.log_every == 0 or step == args.steps:
+                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}", file=sys.stderr)
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints)
+
+    if ctx.main:
+        if unreadable:
+            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and were skipped",
+                  file=sys.stderr)
+        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale, "base_flux": args.flux, "base_vae": args.vae,
+                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
+        save_op4ksr(output / "op4ksr.safetensors", transformer, vae, prompt, settings)
+        print(f"wrote {output / 'op4ksr.safetensors'} (use: python op4ksr.py --input LR.png --weights {output / 'op4ksr.safetensors'})", file=sys.stderr)
+    ctx.barrier()
+    return losses
+
+def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
+    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the
+    VGG activations of the whole image would not fit beside Flux."""
+
+    def perceptual(pred, target):
+        h, w = pred.shape[-2:]
+        size_h, size_w = min(crop, h), min(crop, w)
+        top, left = int(offset[0] * (h - size_h + 1)), int(offset[1] * (w - size_w + 1))
+        window = (..., slice(top, top + size_h), slice(left, left + size_w))
+        return lpips(pred[window].float(), target[window].float()).mean()
+
+    return perceptual
+
+@contextlib.contextmanager
+def lora_off(module: nn.Module):
+    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
+    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))]
+    scales = [m.scale for m in wrapped]
+    for m in wrapped:
+        m.scale = 0.0
+    try:
+        yield module
+    finally:
+        for m, scale in zip(wrapped, scales):
+            m.scale = scale
+
+def check_train_output(output: Path, resume: str | None) -> Path | None:
+    """Refuse an --output that training cannot use, before anything loads; return the checkpoint
+    folder to resume from (None: a fresh run)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; training writes a folder "
+                        "(checkpoints/, train_log.jsonl, op4ksr.safetensors)")
+    check_writable_folder(output)
+    if not resume:
+        if latest_checkpoint(output) is not None or (output / "op4ksr.safetensors").exists():
+            raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+        return None
+    folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
+    if folder is None:
+        raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
+    if not folder.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder")
+    return folder
+
+def check_crop(crop: int, scale: int, factor: int | None = None):
+    """Refuse a crop that the LR size (crop / scale) or, once the VAE is known, its token (2 factor
+    px) does not divide."""
+    if crop % scale:
+        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is crop / scale)")
+    if factor is not None and crop % (2 * factor):
+        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
+
+def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int, unreadable: set,
+                   ctx: Distributed):
+    """The next global batch of the seeded stream, this rank's share: (HR crops (B, 3, crop, crop) in
+    [-1, 1], the encoder's input, the LPIPS crop offset). Every rank draws the whole global batch from
+    one generator and keeps its slots. The input is LR = degrade(HR crop) at 1/scale, each image with
+    its own seed, then bicubic back up to the crop size (as OMGSR's pipeline resizes LQ back)."""
+    global_batch, g = batch_size * ctx.world, batches.generator
+    mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
+    picks = batches.indices(global_batch)
+    offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
+    seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
+    hr = load_hr_crops(files, picks, mine, crop, offsets, flips, batches, unreadable, ctx)
+    streams = [torch.Generator().manual_seed(int(seeds[i])) for i in mine]
+    lr = torch.cat([degrade((image[None] + 1) / 2, DegradationConfig(), stream, scale)
+                    for image, stream in zip(hr, streams)]) * 2 - 1
+    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    return hr, lr_up, crop_offset
+
+def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
+                  ctx: Distributed) -> torch.Tensor:
+    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices).
+
+    A file that passed the header check but does not decode is skipped from then on: its slot
+    takes the next index of the data stream (`picks` changes in place). The ranks sum their
+    failures first, so all of them replace the same slots in the same order and stay in step; a
+    resumed run, which has not met the earlier failures, makes the same replacements. Stops when
+    fewer than half of the images decode."""
+    crops = {}
+    while True:
+        failed, errors = torch.zeros(len(picks)), []
+        for i in (i for i in mine if i not in crops):
+            if picks[i] in unreadable:  # met before, on any rank
+                failed[i] = 1
+                continue
+            try:
+                crops[i] = load_crop(files[picks[i]], crop, crop, offsets[i].tolist(), bool(flips[i]))
+            except UserError as error:
+                failed[i] = 1
+                errors.append(str(error))
+        slots = (ctx.mean(failed) > 0).nonzero().flatten().tolist()
+        if not slots:
+            return torch.stack([crops[i] for i in mine])
+        unreadable.update(picks[i] for i in slots)
+        for error in errors:
+            print(f"warning: {error}; skipped ({len(unreadable)} undecodable so far)", file=sys.stderr)
+        if 2 * (len(files) - len(unreadable)) < len(files):
+            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than half: "
+                            "check the files in --data")
+        for i in slots:
+            picks[i] = batches.indices(1)[0]
+
+@torch.no_grad()
+def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int, count: int,
+                        seed: int):
+    """(HR latents, LR latents) per batch of `count` pairs for `matched_sigma`: the pairs `train`
+    makes from the same seed (`training_pairs`), both sides through the base F16 encoder as a
+    posterior sample, normalised (as OMGSR's calibration encodes them)."""
+    weight, c = vae.encoder.conv_in.weight, vae.config
+    batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
+    noise = torch.Generator().manual_seed((seed + 1) % 2**64)
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        hr, lr_up, _ = training_pairs(files, batches, crop, scale, size, unreadable, ctx)
+        raw = [encode_raw(vae, x.to(weight.device, weight.dtype), noise) for x in (hr, lr_up)]
+        yield tuple((z - c.shift_factor) * c.scale_factor for z in raw)
+
+
+# ========================================================== training data: Real-ESRGAN degradation
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-RESIZE_MODES = ("area", "bilinear", "bicubic")
 
+RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
@@ -196,13 +981,11 @@ class DegradationStage:
     jpeg_prob: float = 1.0
     jpeg_range: tuple[float, float] = (30.0, 95.0)
 
-
 def _second_order_defaults() -> DegradationStage:
     return DegradationStage(
         blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
         noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
     )
-
 
 @dataclass
 class DegradationConfig:
@@ -217,21 +1000,484 @@ class DegradationConfig:
     final_sinc_prob: float = 0.8
     final_resize_modes: tuple[str, ...] = RESIZE_MODES
 
+STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "jpeg2", "final")
 
-@dataclass
-class LossWeights:
-    """Weights of the training loss terms (the paper publishes none; 0 switches a term off)."""
+def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator, scale: int = 4) -> torch.Tensor:
+    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H/scale, W/scale).
 
-    pixel_mse: float = 1.0
-    pixel_l1: float = 0.0
-    latent_mse: float = 0.0  # MSE between the predicted x0 latent and the HR latent
-    perceptual: float = 2.0  # a callable (e.g. LPIPS on crops) supplied by the training loop
-    periodicity: float = 1.0  # lambda_AP
+    Blur, resize, noise and JPEG twice, then the final resize to the LR size with a sinc filter
+    and JPEG; the output is quantised to 8-bit levels. The same generator state gives the same
+    LR. Every image gets its own parameters, and each step its own random stream.
+    """
+    if hr.ndim != 4 or hr.shape[1] != 3:
+        raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
+    height, width = hr.shape[-2:]
+    if height % scale or width % scale:
+        raise ValueError(f"HR size {height}x{width} is not divisible by the scale {scale}")
+    lr_size = (height // scale, width // scale)
+    lrs = []
+    for image in hr:
+        seeds = torch.randint(2**62, (len(STEPS),), generator=generator, device=generator.device).tolist()
+        streams = {step: torch.Generator().manual_seed(seed) for step, seed in zip(STEPS, seeds)}
+        lrs.append(_degrade_one(image[None].float(), config, lr_size, streams))
+    return torch.cat(lrs).to(hr.dtype)
+
+def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Tensor:
+    first, second = config.first, config.second
+    for stage, order in ((first, "1"), (second, "2")):
+        if _happens(streams["blur" + order], stage.blur_prob):
+            image = filter2d(image, random_blur_kernel(stage, streams["blur" + order]))
+        base = image.shape[-2:] if order == "1" else lr_size
+        image = _random_resize(image, stage, base, streams["resize" + order])
+        if _happens(streams["noise" + order], stage.noise_prob):
+            image = _random_noise(image, stage, streams["noise" + order])
+        if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
+            image = _random_jpeg(image, first, streams["jpeg1"])
+
+    def final_resize_and_sinc(image):
+        image = _resize(image, lr_size, _pick(streams["final"], config.final_resize_modes))
+        if _happens(streams["final"], config.final_sinc_prob):
+            size = _odd_size(streams["final"], second.kernel_sizes)
+            image = filter2d(image, sinc_kernel(size, _uniform(streams["final"], math.pi / 3, math.pi)))
+        return image
+
+    def final_jpeg(image):
+        return _random_jpeg(image, second, streams["jpeg2"]) if _happens(streams["jpeg2"], second.jpeg_prob) else image
+
+    # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
+    if _happens(streams["final"], 0.5):
+        image = final_jpeg(final_resize_and_sinc(image))
+    else:
+        image = final_resize_and_sinc(final_jpeg(image))
+    return (image.clamp(0, 1) * 255).round() / 255
+
+def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
+    size = _odd_size(generator, stage.kernel_sizes)
+    if _happens(generator, stage.sinc_prob):
+        # Small kernels cannot hold a low cutoff's wide ringing.
+        low = math.pi / 3 if size < 13 else math.pi / 5
+        return sinc_kernel(size, _uniform(generator, low, math.pi))
+    kind = _pick(generator, KERNEL_TYPES, stage.kernel_probs)
+    sigma_x = _uniform(generator, *stage.blur_sigma)
+    if kind.endswith("iso") and not kind.endswith("aniso"):
+        sigma_y, angle = sigma_x, 0.0
+    else:
+        sigma_y, angle = _uniform(generator, *stage.blur_sigma), _uniform(generator, -math.pi, math.pi)
+    beta = 1.0
+    if kind.startswith(("generalized", "plateau")):
+        low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
+        # Half the draws below 1 (heavier tails), half above (flatter top).
+        beta = _uniform(generator, low, 1.0) if _happens(generator, 0.5) else _uniform(generator, 1.0, high)
+    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=kind.startswith("plateau"))
+
+def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0, plateau=False) -> torch.Tensor:
+    """Anisotropic Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1.
+
+    With q = x^T Sigma^-1 x for Sigma rotated by `angle`: exp(-q^beta / 2), or 1 / (1 + q^beta).
+    """
+    y, x = _kernel_grid(size)
+    along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
+    across = -math.sin(angle) * x + math.cos(angle) * y
+    q = (along / sigma_x) ** 2 + (across / sigma_y) ** 2
+    kernel = 1 / (1 + q**beta) if plateau else torch.exp(-0.5 * q**beta)
+    return (kernel / kernel.sum()).float()
+
+def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
+    """Ideal circular low-pass filter (cutoff in radians per pixel), cut to size x size, summing to 1."""
+    y, x = _kernel_grid(size)
+    r = torch.hypot(x, y).clamp_min(1e-12)
+    kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r)
+    kernel[size // 2, size // 2] = cutoff**2 / (4 * math.pi)  # the limit at r = 0
+    return (kernel / kernel.sum()).float()
+
+def _kernel_grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    return torch.meshgrid(r, r, indexing="ij")
+
+def _odd_size(generator, sizes) -> int:
+    return _pick(generator, list(range(sizes[0], sizes[1] + 1, 2)))
+
+def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Convolve each channel of (B, C, H, W) with one (k, k) kernel; edges replicated."""
+    pad = kernel.shape[-1] // 2
+    channels = image.shape[1]
+    weight = kernel.to(image).expand(channels, 1, *kernel.shape)
+    return F.conv2d(F.pad(image, (pad, pad, pad, pad), mode="replicate"), weight, groups=channels)
+
+def _resize(image, size, mode) -> torch.Tensor:
+    corners = None if mode == "area" else False
+    return F.interpolate(image, size=size, mode=mode, align_corners=corners)
+
+def _random_resize(image, stage: DegradationStage, base_size, generator) -> torch.Tensor:
+    direction = _pick(generator, ("up", "down", "keep"), stage.resize_probs)
+    factor = {"up": lambda: _uniform(generator, 1.0, stage.resize_range[1]),
+              "down": lambda: _uniform(generator, stage.resize_range[0], 1.0),
+              "keep": lambda: 1.0}[direction]()
+    mode = _pick(generator, stage.resize_modes)
+    size = tuple(max(1, int(side * factor)) for side in base_size)
+    return _resize(image, size, mode)
+
+def _random_noise(image, stage: DegradationStage, generator) -> torch.Tensor:
+    gray = _happens(generator, stage.gray_noise_prob)  # one noise image shared by the channels
+    if _happens(generator, stage.gaussian_noise_prob):
+        sigma = _uniform(generator, *stage.noise_range) / 255
+        shape = (image.shape[0], 1 if gray else 3, *image.shape[2:])
+        noise = torch.randn(shape, generator=generator) * sigma
+    else:
+        # Shot noise: the 8-bit level of each pixel taken as a photon count.
+        scale = _uniform(generator, *stage.poisson_scale_range)
+        counts = ((_luma(image) if gray else image).clamp(0, 1) * 255).round().cpu()
+        noise = (torch.poisson(counts, generator=generator) - counts) / 255 * scale
+    return (image + noise.to(image)).clamp(0, 1)
+
+def _luma(image) -> torch.Tensor:
+    r, g, b = image.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b)[:, None]
+
+def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-encode and decode each image of (B, 3, H, W) in [0, 1] with Pillow."""
+    decoded = []
+    for single in image:
+        pixels = (single.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        buffer = BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
+        array = np.array(Image.open(buffer).convert("RGB"))
+        decoded.append(torch.from_numpy(array).permute(2, 0, 1))
+    return torch.stack(decoded).to(image) / 255
+
+def _random_jpeg(image, stage: DegradationStage, generator) -> torch.Tensor:
+    return jpeg_compress(image, round(_uniform(generator, *stage.jpeg_range)))
+
+def _uniform(generator, low, high) -> float:
+    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+def _happens(generator, probability) -> bool:
+    return torch.rand((), generator=generator, dtype=torch.float64).item() < probability
+
+def _pick(generator, options, probs=None):
+    weights = torch.tensor(probs if probs is not None else [1.0] * len(options), dtype=torch.float64)
+    return options[torch.multinomial(weights, 1, generator=generator).item()]
 
 
-# ---- models: copied from diffusion4k.py (Flux, RoPE, F16 VAE), kept identical by tests/test_copies.py ----
+# ==================================================================================== command line
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_sr_command(sr_train_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "calibrate-sigma":
+        return calibrate_command(calibrate_parser().parse_args(argv[1:]))
+    sr_command(sr_parser().parse_args(argv))
+
+def sr_command(args):
+    if not args.weights:
+        raise UserError(NO_WEIGHTS)
+    pairs = sr_outputs(args)
+    if not pairs:
+        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+        return
+    _, meta = read_op4ksr_metadata(args.weights, args.token)
+    scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
+    jobs = []
+    for path, output in pairs:  # every input checked before any model is loaded
+        image = load_image(path)
+        width, height = sr_size(image.width, image.height, None if args.size else scale, args.size)
+        jobs.append((path, width, height, output))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
+    pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
+    if args.compile:
+        compile_blocks(pipe.transformer)
+    update = progress_bar("super-resolve", len(jobs))
+    for i, (path, width, height, output) in enumerate(jobs, start=1):
+        if args.skip_existing and output.exists():
+            print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
+        else:
+            start, image = time.perf_counter(), load_image(path)  # loaded again: a batch is never all in memory
+            sr = super_resolve(pipe, image, width, height, args.color_fix)
+            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
+                        "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
+            # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
+            save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
+            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)",
+                  file=sys.stderr)
+        update(i)
+
+def sr_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return [path]
+
+def sr_outputs(args) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, every output checked before anything is read: a folder input writes
+    OUTPUT/<name>.png for each image; existing outputs are refused, replaced (--overwrite) or left
+    as they are with their input skipped (--skip-existing, to continue an interrupted batch)."""
+    source = Path(args.input)
+    inputs = sr_inputs(source)
+    if source.is_dir():
+        folder = Path(args.output) if args.output else source.resolve().with_name(source.resolve().name + "_op4ksr")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
+                            f"(default: {source.name}_op4ksr/)")
+        outputs = [folder / f"{path.stem}.png" for path in inputs]
+    else:
+        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
+    given = {path.resolve(): path for path in inputs}
+    first_input = {}
+    for path, output in zip(inputs, outputs):
+        if output.resolve() in given:
+            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
+        if output in first_input:
+            raise UserError(f"{first_input[output].name} and {path.name} would both be written to {output}: "
+                            "rename one of them")
+        first_input[output] = path
+    existing = [output for output in outputs if output.is_file()]
+    if existing and not (args.overwrite or args.skip_existing):
+        more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
+        way = "--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir() else "--overwrite to replace it"
+        raise UserError(f"{existing[0]} exists{more}; pass {way}")
+    pairs = [(path, output) for path, output in zip(inputs, outputs) if not (args.skip_existing and output.is_file())]
+    for _, output in pairs:
+        check_output_file(output, args.overwrite)
+    return pairs
+
+def sr_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="op4ksr.py",
+        description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and an F16 VAE (arXiv 2605.13457).",
+        epilog="Examples:\n"
+               "  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)\n"
+               "  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)\n"
+               "  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)\n"
+               "Training: python op4ksr.py train --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="LR image, or a folder of images")
+    parser.add_argument("--output", help="output image (default INPUT_op4ksr.png) or folder for a folder input (default INPUT_op4ksr/)")
+    parser.add_argument("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
+    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px instead of --scale, e.g. 4096")
+    parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
+    parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
+    parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+    add_f16_decode_option(parser)
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true", help="leave existing outputs and do the rest (continues a batch)")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each Flux block (built during the first image; a new size builds "
+                             "once more): worth it for a batch of images; off: eager")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+def train_sr_command(args):
+    check_crop(args.crop, args.scale)
+    if not any((args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight,
+                args.periodicity_weight)):
+        raise UserError("every loss weight is 0: nothing to train")
+    output = Path(args.output)
+    created = not output.exists()
+    try:
+        train_sr(args)
+    except BaseException:
+        # a failed run that saved no checkpoint leaves nothing behind in the folder it created
+        if created and int(os.environ.get("RANK", "0")) == 0 and not any(output.glob("checkpoints/step-*/state.pt")):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+def sr_train_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="op4ksr.py train",
+        description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder frozen) on a folder of 4K HR images; "
+                    "LR inputs are made on the fly by the Real-ESRGAN second-order degradation.",
+        epilog="Examples:\n"
+               "  python op4ksr.py train --data hr4k/ --output runs/op4ksr\n"
+               "  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel, LoRA gradients averaged)\n"
+               "  python op4ksr.py train ... --resume      continue from the newest checkpoint in --output\n"
+               "Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_pair_options(parser)
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
+    add_f16_decode_option(parser)
+    parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
+    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
+    parser.add_argument("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
+                        help=f"the fixed noise level at which Flux sees the LR latent (default "
+                             f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} of its "
+                             f"{OMGSR_STEPS}-step Flux schedule shifted with mu {OMGSR_MU}; `op4ksr.py "
+                             "calibrate-sigma` measures the match for your data)")
+    parser.add_argument("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
+    parser.add_argument("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
+    parser.add_argument("--lora-rank", type=integer(1), default=64,
+                        help="LoRA rank on Flux and the VAE encoder, on OMGSR-F's target modules "
+                             "(default 64: OMGSR-F's)")
+    parser.add_argument("--lora-alpha", type=positive(),
+                        help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
+    parser.add_argument("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
+    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
+    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step")
+    parser.add_argument("--steps", type=integer(1), default=10000)
+    # loss weights: the paper publishes none; 0 switches a term off
+    parser.add_argument("--mse-weight", type=number(0), default=1.0,
+                        help="pixel MSE (default 1: the fidelity term)")
+    parser.add_argument("--l1-weight", type=number(0), default=0.0,
+                        help="pixel L1 (default 0: MSE is the pixel term; OMGSR-F uses L1 0.5 beside DISTS "
+                             "and a GAN)")
+    parser.add_argument("--latent-weight", type=number(0), default=0.0,
+                        help="MSE of the x0 latent to the base encoder's HR latent (default 0: the pixel "
+                             "terms judge the output)")
+    parser.add_argument("--lpips-weight", type=number(0), default=2.0,
+                        help="LPIPS-VGG on one --lpips-crop crop per image (default 2: OSEDiff's "
+                             "LPIPS-to-MSE ratio; 0: off, no LPIPS weights needed)")
+    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR,
+                        help="LPIPS v0.1 VGG linear layers (.pth): a file or owner/repo/path on the Hub "
+                             "(default: the lpips package's file)")
+    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
+                        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path "
+                             "(default: torchvision's, via timm)")
+    parser.add_argument("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side per image")
+    parser.add_argument("--periodicity-weight", type=number(0), default=1.0,
+                        help="lambda_AP, L_AP's weight (default 1: the paper gives no value; 0: no L_AP)")
+    parser.add_argument("--checkpoint-every", type=integer(1), default=500)
+    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    parser.add_argument("--log-every", type=integer(1), default=10)
+    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output "
+                        "(--lr and --weight-decay are taken from this command line)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
+
+def add_pair_options(parser):
+    """The options that make the (HR, LR) pairs: `train` and `calibrate-sigma` read them alike."""
+    parser.add_argument("--data", required=True,
+                        help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
+    parser.add_argument("--vae", default=DEFAULT_VAE,
+                        help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
+    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096,
+                        help="square HR crop side; images are resized to cover it (default 4096: whole 4K "
+                             "targets, no patches)")
+    parser.add_argument("--scale", type=integer(1, 16), default=4,
+                        help="SR factor: LR = degrade(HR) at 1/scale (default 4: 1K -> 4K)")
+
+def add_f16_decode_option(parser):
+    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+                        help="the F16 decoder's last stage (see Decoder.upsample_conv_out): 'partitioned' "
+                             "(default) gives what upstream Diffusion-4K's partitioned decode gives, the "
+                             "path the released F16 decoders were trained through; 'centred' centres "
+                             "conv_out's window (the output moves one pixel up and left)")
+
+def calibrate_command(args):
+    check_crop(args.crop, args.scale)
+    files = vae_image_files(args.data)
+    count = min(args.max_images or len(files), len(files))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
+    check_crop(args.crop, args.scale, vae.config.downsample_factor)
+    sigmas = omgsr_sigmas()[1:]
+    total, done, update = torch.zeros_like(sigmas), 0, progress_bar("calibrate-sigma", count)
+    for hr, lr in calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed):
+        total += snr_gap(hr, lr, sigmas)
+        done += len(hr)
+        t, sigma = smallest_gap(total, sigmas)
+        update(done, postfix={"t": t, "sigma": f"{sigma:.4f}"})
+    print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
+          f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
+    print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this is "
+          f"{sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma {sigma:.6f}")
+
+def calibrate_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="op4ksr.py calibrate-sigma",
+        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR) pairs as\n"
+                    "`train` does, encode both with the base F16 encoder (a posterior sample, as OMGSR) and\n"
+                    f"print the timestep of OMGSR-F's {OMGSR_STEPS}-step Flux schedule (shifted with mu "
+                    f"{OMGSR_MU}) whose noise\nlevel gives the noisy HR latent the SNR of the LR latent, "
+                    "mean(hr^2) / mean((lr - hr)^2),\naveraged over batches. Pass the sigma it prints to "
+                    "`train --sigma`.",
+        epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_pair_options(parser)
+    parser.add_argument("--max-images", type=integer(1),
+                        help="use at most this many images, one random crop each (default: all)")
+    parser.add_argument("--batch-size", type=integer(1), default=1,
+                        help="images per SNR average (default 1, OMGSR's); the gaps are averaged over "
+                             "batches")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seeds image order, crops, flips, degradations (with train's --seed and "
+                             "--batch-size: the pairs of its first steps) and the posterior samples")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
+    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    return parser
 
 
+# ========================================================================= Appendix A: transformer
+
+# --- BEGIN copy of diffusion4k.py: transformer blocks ---
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    return x.transpose(1, 2).flatten(2)
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
+    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
+    each class compiles once, at its first call, and all its blocks reuse that graph: compile
+    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
+    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
+    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
+    between the compiled parts. A new input shape compiles once more."""
+    for name in ("double_blocks", "single_blocks", "joint_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+# --- END copy: transformer blocks ---
+
+# --- BEGIN copy of diffusion4k.py: Flux transformer ---
 @dataclass(frozen=True)
 class FluxConfig:
     """Flux.1 transformer. Defaults: FLUX.1-dev (11.9B parameters)."""
@@ -254,41 +1500,13 @@ class FluxConfig:
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.hidden_size // self.num_heads}")
 
-
 FLUX_DEV = FluxConfig()
 
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
-
-    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
-    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
-    256^2 latent (16,384 Flux tokens instead of 65,536).
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 128
-    channel_multipliers: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-    stride: int = 1
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
-
-
-FLUX_VAE = VAEConfig()
-
+FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
     """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis
@@ -300,25 +1518,11 @@ def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor,
     )
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
-
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
 
 class RMSNorm(nn.Module):
     """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
@@ -332,13 +1536,11 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
 
-
 class QKNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
-
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -349,20 +1551,8 @@ class MLPEmbedder(nn.Module):
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
 
-
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-
-def split_heads(qkv: torch.Tensor, num_heads: int):
-    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
-    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
-    return x.transpose(1, 2).flatten(2)
-
 
 class SelfAttention(nn.Module):
     """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
@@ -378,7 +1568,6 @@ class SelfAttention(nn.Module):
         q, k, v = split_heads(self.qkv(x), self.num_heads)
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
-
 class Modulation(nn.Module):
     """adaLN: vec -> (shift, scale, gate) once (single blocks) or twice (double blocks)."""
 
@@ -389,10 +1578,8 @@ class Modulation(nn.Module):
     def forward(self, vec):
         return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
 
-
 def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
-
 
 class DoubleStreamBlock(nn.Module):
     """Text and image keep their own weights but attend jointly over [text, image]."""
@@ -425,7 +1612,6 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
         return img, txt
 
-
 class SingleStreamBlock(nn.Module):
     """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
 
@@ -445,21 +1631,6 @@ class SingleStreamBlock(nn.Module):
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
-
-    def __init__(self, dim: int, out_features: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
 
 class Flux(nn.Module):
     """The Flux.1 rectified-flow transformer; parameter names are BFL's checkpoint keys."""
@@ -508,12 +1679,10 @@ class Flux(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
     b, c, h, w = z.shape
     return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of `pack_latents` for a latent of height x width."""
@@ -521,31 +1690,132 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
-
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
+def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
+    table = {
+        **linear_entries("img_in", "x_embedder"),
+        **linear_entries("txt_in", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
+    if guidance:
+        embedders["guidance_in"] = "guidance_embedder"
+    for original, folder in embedders.items():
+        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
+        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
+    for i in range(depth):
+        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        for stream, suffix, prefix in (("img", "", "to_"), ("txt", "_context", "add_")):
+            projections = [f"{f}.{prefix}{x}" + ("" if stream == "img" else "_proj") for x in "qkv"]
+            table.update(linear_entries(f"{o}.{stream}_mod.lin", f"transformer_blocks.{i}.norm1{suffix}.linear"))
+            table.update(linear_entries(f"{o}.{stream}_attn.qkv", projections))
+            table.update(linear_entries(f"{o}.{stream}_attn.proj", f"{f}.to_out.0" if stream == "img" else f"{f}.to_add_out"))
+            table.update(linear_entries(f"{o}.{stream}_mlp.0", f"transformer_blocks.{i}.ff{suffix}.net.0.proj"))
+            table.update(linear_entries(f"{o}.{stream}_mlp.2", f"transformer_blocks.{i}.ff{suffix}.net.2"))
+            norm = "norm_" if stream == "img" else "norm_added_"
+            table[f"{o}.{stream}_attn.norm.query_norm.scale"] = ([f"{f}.{norm}q.weight"], None)
+            table[f"{o}.{stream}_attn.norm.key_norm.scale"] = ([f"{f}.{norm}k.weight"], None)
+    for i in range(depth_single):
+        o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_q", f"{f}.attn.to_k", f"{f}.attn.to_v", f"{f}.proj_mlp"]))
+        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
+        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
+        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
+        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
+    return table
 
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
-    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
-    each class compiles once, at its first call, and all its blocks reuse that graph: compile
-    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
-    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
-    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
-    between the compiled parts. A new input shape compiles once more."""
-    for name in ("double_blocks", "single_blocks", "joint_blocks"):
-        for block in getattr(model, name, ()):
-            block.compile()
-    return model
+def flux_table_for(state: dict, layout: str) -> dict:
+    keys = list(state)
+    if layout == "original":
+        return flux_key_table(
+            count_blocks(keys, r"double_blocks\.(\d+)\."),
+            count_blocks(keys, r"single_blocks\.(\d+)\."),
+            "guidance_in.in_layer.weight" in state,
+        )
+    return flux_key_table(
+        count_blocks(keys, r"transformer_blocks\.(\d+)\."),
+        count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
+        "time_text_embed.guidance_embedder.linear_1.weight" in state,
+    )
 
+def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None, theta=10000.0) -> FluxConfig:
+    """Read every dimension off the (original-layout) tensors; only the RoPE split of the head
+    dim is not in them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    folder_config = folder_config or {}
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    axes_dim = tuple(axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ()))
+    if not axes_dim:
+        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim (it is not stored in the weights)")
+    return FluxConfig(
+        in_channels=state["img_in.weight"].shape[1],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1],
+        axes_dim=axes_dim,
+        theta=theta,
+        guidance_embed="guidance_in.in_layer.weight" in state,
+    )
+
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
+    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
+    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
+    a Hub repo id (only its `transformer/` files are downloaded)."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "double_blocks.0.img_attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state:
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
+        state = to_original_layout(state, flux_table_for(state, "folder"), f"{source} (diffusers Flux)")
+    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with torch.device("meta"):
+        model = Flux(config)
+    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+# --- END copy: Flux transformer ---
+
+
+# ================================================================================= Appendix B: VAE
+
+# --- BEGIN copy of diffusion4k.py: VAE ---
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
+
+    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
+    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
+    256^2 latent (16,384 Flux tokens instead of 65,536).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    stride: int = 1
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
+
+FLUX_VAE = VAEConfig()
+
+SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
-
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
@@ -566,7 +1836,6 @@ class ResnetBlock(nn.Module):
         h = self.conv2(h)
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels of the lowest-resolution feature map."""
 
@@ -586,7 +1855,6 @@ class AttnBlock(nn.Module):
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
-
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -596,7 +1864,6 @@ class Downsample(nn.Module):
         # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
-
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -605,16 +1872,13 @@ class Upsample(nn.Module):
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-
 def mid_block(channels: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
     return mid
 
-
 def run_mid(mid, x):
     return mid.block_2(mid.attn_1(mid.block_1(x)))
-
 
 class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
@@ -635,16 +1899,25 @@ class Encoder(nn.Module):
         self.mid = mid_block(block_in)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # OP4KSR trains LoRAs inside the encoder at 4096^2
 
     def forward(self, x):
         h = self.conv_in(x)
         for down in self.down:
             for block in down.block:
-                h = block(h)
+                h = self.run_block(block, h)
             if hasattr(down, "downsample"):
-                h = down.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, h))))
+                h = self.run_block(down.downsample, h)
+        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = self.run_block(block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
+    def run_block(self, block, h):
+        """With gradient checkpointing a block keeps only its input and recomputes its activations
+        in the backward pass (at a 4096^2 input the first level's 128-channel 2048^2 maps dominate)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
 
 class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
@@ -719,7 +1992,6 @@ class Decoder(nn.Module):
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
 
-
 class AutoEncoder(nn.Module):
     """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
 
@@ -738,560 +2010,13 @@ class AutoEncoder(nn.Module):
         """Normalised latents -> images in [-1, 1] (not clipped)."""
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
-
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
-
-@dataclass(frozen=True)
-class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
-
-    vocab_size: int = 32128
-    d_model: int = 4096
-    d_kv: int = 64  # head dim
-    num_heads: int = 64
-    d_ff: int = 10240
-    num_layers: int = 24
-    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
-    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
-    layer_norm_epsilon: float = 1e-6
-
-
-T5_XXL = T5Config()
-
-
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
-
-
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
-
-    Keys after the query use the upper half of the buckets. Within a half, offsets below a
-    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
-    buckets, and every offset from `max_distance` on shares the last one.
-    """
-    position = torch.arange(length, device=device)
-    offset = position[None, :] - position[:, None]
-    half = num_buckets // 2
-    exact = half // 2
-    distance = offset.abs()
-    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
-    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
-    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
-
-
-class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
-
-    def __init__(self, c: T5Config, owns_position_bias: bool):
-        super().__init__()
-        inner = c.num_heads * c.d_kv
-        attn, ff = nn.Module(), nn.Module()
-        sa = attn.SelfAttention = nn.Module()
-        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
-        sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
-            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
-        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
-        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
-        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
-        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        self.layer = nn.ModuleList([attn, ff])
-        self.num_heads = c.num_heads
-
-    def forward(self, x, position_bias):
-        attn, ff = self.layer
-        sa = attn.SelfAttention
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
-        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
-        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
-
-
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
-
-    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
-    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
-    `shared`, so it is not a parameter here (the loader folds it in).
-    """
-
-    def __init__(self, config: T5Config = T5_XXL):
-        super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c, length = self.config, ids.shape[1]
-        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
-
-
-CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
-
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
-    layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
-    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
-    eos_token_id: int = 2
-
-    def __post_init__(self):
-        if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-
-
-CLIP_L = CLIPTextConfig()
-
-
-class CLIPLayer(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
-        super().__init__()
-        d = c.hidden_size
-        a = self.self_attn = nn.Module()
-        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
-        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
-        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
-
-    def forward(self, x, causal):
-        a = self.self_attn
-        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
-
-
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
-
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
-
-    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
-    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
-    """
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d = config, config.hidden_size
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        if self.config.eos_token_id == 2:
-            eos = ids.argmax(-1)  # argmax returns the first maximum
-        else:
-            eos = (ids == self.config.eos_token_id).int().argmax(-1)
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
-
-    The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
-    reported in one line with the number of tokens dropped.
-    """
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
-              file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
-
-class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
-
-    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
-    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
-    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
-    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
-    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
-    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
-    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
-    """
-
-    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
-        folder = Path(folder)
-        for file in ("vocab.json", "merges.txt"):
-            if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
-        bpe = BPE.from_file(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
-        )
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
-        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
-        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
-        if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
-            if pad_id is None:
-                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
-
-
-class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-
-    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
-    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
-    """
-
-    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
-        if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
-        try:
-            if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
-            else:
-                import sentencepiece
-
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
-            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
-            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length, self.name = max_length, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
-
-
-def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
-
-def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout tensors -> original keys, following `table` (see above)."""
-    state, out, missing, wrong = dict(state), {}, [], []
-    for original, (parts, transform) in table.items():
-        if not all(part in state for part in parts):
-            missing += [part for part in parts if part not in state]
-            continue
-        tensors = [state.pop(part) for part in parts]
-        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
-            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
-            continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
-    return out
-
-
-def linear_entries(original: str, folder, transform=None) -> dict:
-    """Table rows for a layer with weight and bias."""
-    folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
-
-
-def count_blocks(keys, pattern: str) -> int:
-    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-
-def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
-    table = {
-        **linear_entries("img_in", "x_embedder"),
-        **linear_entries("txt_in", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
-    if guidance:
-        embedders["guidance_in"] = "guidance_embedder"
-    for original, folder in embedders.items():
-        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
-        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
-    for i in range(depth):
-        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
-        for stream, suffix, prefix in (("img", "", "to_"), ("txt", "_context", "add_")):
-            projections = [f"{f}.{prefix}{x}" + ("" if stream == "img" else "_proj") for x in "qkv"]
-            table.update(linear_entries(f"{o}.{stream}_mod.lin", f"transformer_blocks.{i}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{o}.{stream}_attn.qkv", projections))
-            table.update(linear_entries(f"{o}.{stream}_attn.proj", f"{f}.to_out.0" if stream == "img" else f"{f}.to_add_out"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.0", f"transformer_blocks.{i}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.2", f"transformer_blocks.{i}.ff{suffix}.net.2"))
-            norm = "norm_" if stream == "img" else "norm_added_"
-            table[f"{o}.{stream}_attn.norm.query_norm.scale"] = ([f"{f}.{norm}q.weight"], None)
-            table[f"{o}.{stream}_attn.norm.key_norm.scale"] = ([f"{f}.{norm}k.weight"], None)
-    for i in range(depth_single):
-        o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_q", f"{f}.attn.to_k", f"{f}.attn.to_v", f"{f}.proj_mlp"]))
-        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
-        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
-        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
-        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
-    return table
-
-
-def flux_table_for(state: dict, layout: str) -> dict:
-    keys = list(state)
-    if layout == "original":
-        return flux_key_table(
-            count_blocks(keys, r"double_blocks\.(\d+)\."),
-            count_blocks(keys, r"single_blocks\.(\d+)\."),
-            "guidance_in.in_layer.weight" in state,
-        )
-    return flux_key_table(
-        count_blocks(keys, r"transformer_blocks\.(\d+)\."),
-        count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
-        "time_text_embed.guidance_embedder.linear_1.weight" in state,
-    )
-
-
-def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None, theta=10000.0) -> FluxConfig:
-    """Read every dimension off the (original-layout) tensors; only the RoPE split of the head
-    dim is not in them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
-    folder_config = folder_config or {}
-    hidden = state["img_in.weight"].shape[0]
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    axes_dim = tuple(axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ()))
-    if not axes_dim:
-        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim (it is not stored in the weights)")
-    return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1],
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
-        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
-        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1],
-        axes_dim=axes_dim,
-        theta=theta,
-        guidance_embed="guidance_in.in_layer.weight" in state,
-    )
-
-
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
-
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys
-    (stripped); otherwise every key that belongs to no other component. Other components'
-    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
-    and the first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
-
-
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
-    (which would otherwise be read as if it were the component)."""
-    path = resolve_source(source, subfolder, allow_patterns, token)
-    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
-        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
-    return path
-
-
-def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file."""
-    if path.is_dir():
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    return read_json(config) if config is not None and config.exists() else {}
-
-
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
-    a Hub repo id (only its `transformer/` files are downloaded)."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "double_blocks.0.img_attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        state = to_original_layout(state, flux_table_for(state, "folder"), f"{source} (diffusers Flux)")
-    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
-    with torch.device("meta"):
-        model = Flux(config)
-    return assign_state_dict(model, state, f"{source} (Flux)").eval()
-
-
-def sd3_key_table(depth: int) -> dict:
-    table = {
-        "pos_embed": (["pos_embed.pos_embed"], None),
-        **linear_entries("x_embedder.proj", "pos_embed.proj"),
-        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        **linear_entries("context_embedder", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    for i in range(depth):
-        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
-        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
-        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
-        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
-        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
-        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
-        if not last:
-            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
-    return table
-
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
+    if generator is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
     table = {}
@@ -1326,7 +2051,6 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
             add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
     return table
 
-
 def vae_table_for(state: dict) -> dict:
     """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
     only where it changes width, so shortcut rows are kept only where the state has them."""
@@ -1338,7 +2062,6 @@ def vae_table_for(state: dict) -> dict:
         for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
         if "nin_shortcut" not in original or (parts[0] if folder else original) in state
     }
-
 
 def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
     base = state["encoder.conv_in.weight"].shape[0]
@@ -1354,7 +2077,6 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor,
         stride=stride,
     )
-
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
     """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
@@ -1399,7 +2121,323 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     with torch.device("meta"):
         model = AutoEncoder(vae_config)
     return assign_state_dict(model, state, f"{source} (VAE)").eval()
+# --- END copy: VAE ---
 
+
+# ======================================================== Appendix C: text encoders and tokenizers
+
+# --- BEGIN copy of diffusion4k.py: text encoders ---
+#
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
+# transformers checkpoint keys, so a Hub folder loads without a rename table.
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64  # head dim
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
+    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    layer_norm_epsilon: float = 1e-6
+
+T5_XXL = T5Config()
+
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
+
+    Keys after the query use the upper half of the buckets. Within a half, offsets below a
+    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
+    buckets, and every offset from `max_distance` on shares the last one.
+    """
+    position = torch.arange(length, device=device)
+    offset = position[None, :] - position[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offset.abs()
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+class T5Block(nn.Module):
+    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+
+    def __init__(self, c: T5Config, owns_position_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        attn, ff = nn.Module(), nn.Module()
+        sa = attn.SelfAttention = nn.Module()
+        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        sa.o = nn.Linear(inner, c.d_model, bias=False)
+        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
+        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.layer = nn.ModuleList([attn, ff])
+        self.num_heads = c.num_heads
+
+    def forward(self, x, position_bias):
+        attn, ff = self.layer
+        sa = attn.SelfAttention
+        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
+        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
+        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+
+    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
+    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
+    `shared`, so it is not a parameter here (the loader folds it in).
+    """
+
+    def __init__(self, config: T5Config = T5_XXL):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c, length = self.config, ids.shape[1]
+        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    layer_norm_eps: float = 1e-5
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
+    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+
+CLIP_L = CLIPTextConfig()
+
+CLIP_G = CLIPTextConfig(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
+)
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.hidden_size
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, causal):
+        a = self.self_attn
+        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
+
+    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
+    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
+    """
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d = config, config.hidden_size
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        if self.config.eos_token_id == 2:
+            eos = ids.argmax(-1)  # argmax returns the first maximum
+        else:
+            eos = (ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
+
+    The ids are cut so that the special tokens always fit, as `truncation=True,
+    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
+    reported in one line with the number of tokens dropped.
+    """
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
+              file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+
+    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
+    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
+    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
+    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
+    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
+    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
+    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
+    """
+
+    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+        folder = Path(folder)
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
+        bpe = BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
+        )
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
+        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
+        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        if pad_id is None:
+            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad_id = self.tokenizer.token_to_id(pad)
+            if pad_id is None:
+                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
+
+class T5Tokenizer:
+    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
+
+    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
+    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
+    """
+
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+        try:
+            if path.suffix == ".json":
+                tokenizer = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            else:
+                import sentencepiece
+
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode = tokenizer.encode
+                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
+        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
     """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
@@ -1417,13 +2455,11 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
-
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
     """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
     if key not in state:
         raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
     return state[key].shape
-
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
     """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
@@ -1440,7 +2476,6 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
     )
-
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
     """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
@@ -1468,7 +2503,6 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
-
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
     """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
     repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
@@ -1484,7 +2518,6 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     with torch.device("meta"):
         model = T5Encoder(config or t5_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
 
 def load_clip(
     source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
@@ -1502,7 +2535,189 @@ def load_clip(
     with torch.device("meta"):
         model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+# --- END copy: text encoders ---
 
+
+# ====================================================================== Appendix D: weight loading
+
+# --- BEGIN copy of diffusion4k.py: weight loading ---
+#
+# Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
+# SD3), so those files load as they are. The diffusers folder layout is converted with one
+# explicit table per model: {original key: ([folder keys], transform)}. Several folder keys
+# mean a fused tensor (Flux's qkv, its single blocks' linear1) concatenated along dim 0.
+def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    state, out, missing, wrong = dict(state), {}, [], []
+    for original, (parts, transform) in table.items():
+        if not all(part in state for part in parts):
+            missing += [part for part in parts if part not in state]
+            continue
+        tensors = [state.pop(part) for part in parts]
+        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
+            continue
+        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    return out
+
+def linear_entries(original: str, folder, transform=None) -> dict:
+    """Table rows for a layer with weight and bias."""
+    folder = [folder] if isinstance(folder, str) else folder
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+def count_blocks(keys, pattern: str) -> int:
+    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys
+    (stripped); otherwise every key that belongs to no other component. Other components'
+    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
+    and the first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
+    (which would otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
+
+def folder_config(path) -> dict:
+    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+    return read_json(config) if config is not None and config.exists() else {}
+# --- END copy: weight loading ---
+
+
+# ================================================================== Appendix E: training utilities
+
+# --- BEGIN copy of diffusion4k.py: training utilities ---
+#
+# The extension paper's scale-consistent VAE (SC-VAE) retrains the F16 decoder so that it
+# decodes like the F8 decoder it was cut from. Student: the base VAE with stride 2 (F16);
+# teacher: the same VAE with stride 1 (F8), frozen. Only the student's decoder trains; its
+# encoder is frozen, so the latent space (and the scaling / shift factors) stay those of the
+# base VAE with a stride-2 `conv_in`. For a batch of crops x in [-1, 1], the decoder's loss is
+#
+#   loss = MSE(clamp(x_hat, -1, 1), x)                        reconstruction (pixels)
+#        + lpips_weight * LPIPS-vgg(clamp(x_hat, -1, 1), x)    perceptual, 0.1 upstream
+#        + sc_weight * MSE(f_student, avgpool2(f_teacher))      scale consistency, 1.0 upstream
+#        + gan_weight * lambda * -mean D(x_hat)                 adversarial, 0.05 upstream
+#
+# f is the decoder's last feature map (after norm_out + SiLU, before the final upsample and
+# conv_out): the student's at H/2, the teacher's at H. Upstream upsamples the student's map
+# (nearest x2) to H instead; since nearest-x2 copies each value to a 2x2 block,
+# MSE(up(s), t) = MSE(s, avgpool2(t)) + mean within-block variance of t, a constant: the same
+# gradient at a quarter of the memory (tests/test_diffusion4k_train_vae.py checks the identity).
+# Bilinear downsampling would weight the teacher's pixels differently and change the objective.
+# x_hat goes through the partitioned F16 head by default, as upstream trains it (--f16-decode).
+# lambda is VQGAN's adaptive weight ||grad LPIPS|| / max(||grad gen||, 1e-8) at conv_out.weight,
+# capped at 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream)
+# minimises the hinge loss plus the gradient penalty gp_weight * (||grad_x sum D(x_real)|| - 1)^2,
+# the sum running over each image's whole output map.
+#
+# As upstream, the decoder and the discriminator take turns: one optimizer step of the decoder,
+# then one of the discriminator on fresh real crops against the decoder's last fake micro-batch
+# (upstream's 4 GPUs keep one each: 128 fakes to our 32). The step count covers both, and the
+# EMA (diffusers' EMAModel schedule, decay 0.9999) updates after every step. Also as upstream:
+# posterior samples (not means) from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4
+# for both models, constant lr, gradient clipping at 1, 256 crops per step (32 x 8 accumulated
+# here, 32 x 4 GPUs x 2 there), 512^2 crops of images resized to a 512 shorter side, horizontal
+# flips. With the sigmoid output D is in (0, 1), so the hinge never clips: the discriminator
+# loss is D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+def vae_image_files(folder, verbose: bool = True) -> list[Path]:
+    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
+    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such data folder")
+    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
+    if metadata.is_file():
+        candidates = []
+        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            try:
+                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
+            except (ValueError, KeyError, TypeError) as error:
+                skipped += 1
+                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
+    else:
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in candidates:
+        try:
+            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
+                image.verify()
+            usable.append(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            skipped += 1
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
+    if not usable:
+        raise UserError(f"{folder}: no usable images ({skipped} skipped)")
+    if verbose:
+        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
+    return usable
 
 def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
     """Resize so the image just covers height x width (for a square crop: its shorter side to the
@@ -1516,7 +2731,6 @@ def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], 
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return image_to_tensor(image)
-
 
 class Batches:
     """The seeded stream of global batches. One CPU generator draws, in order, each epoch's
@@ -1544,13 +2758,11 @@ class Batches:
         self.generator.set_state(state["generator"])
         self.order, self.cursor = state["order"].tolist(), int(state["cursor"])
 
-
 def save_safetensors(state: dict, path: Path, metadata: dict | None = None):
     from safetensors.torch import save_file
 
     with atomic_write(path) as temp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(temp), metadata=metadata)
-
 
 @dataclass
 class Distributed:
@@ -1573,7 +2785,6 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
-
 def setup_distributed(device_name: str | None) -> Distributed:
     """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1588,13 +2799,22 @@ def setup_distributed(device_name: str | None) -> Distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
+def shard_model(model: nn.Module, kind: str, ctx: Distributed):
+    """FSDP2: each transformer block its own shard group, then the root (embedders, final layer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    blocks = [*model.double_blocks, *model.single_blocks] if kind == "flux" else list(model.joint_blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 def state_options(lora: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # full (unsharded) tensors on the CPU; for LoRA only the trainable ones
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora, strict=not lora)
-
 
 def trainable_state(model, lora: bool) -> dict:
     """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights
@@ -1604,12 +2824,10 @@ def trainable_state(model, lora: bool) -> dict:
     state = get_model_state_dict(model, options=state_options(lora))
     return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
 
-
 def latest_checkpoint(output: Path) -> Path | None:
     """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
     done = sorted((output / "checkpoints").glob("step-*/state.pt"))
     return done[-1].parent if done else None
-
 
 def training_diverged(step: int, what: str, output: Path) -> UserError:
     """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
@@ -1617,7 +2835,6 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
     kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
     return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
                      + (" and --resume" if last else " and start again"))
-
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
     """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream).
@@ -1637,7 +2854,6 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
 
-
 def load_state_file(path: Path, keys: tuple) -> dict:
     """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
     try:
@@ -1650,7 +2866,6 @@ def load_state_file(path: Path, keys: tuple) -> dict:
         raise UserError(f"{path}: not a checkpoint of this trainer")
     return state
 
-
 def read_checkpoint(folder: Path, read):
     """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it
     was written), one warning names it and the newest intact checkpoint before it is read instead."""
@@ -1662,10 +2877,12 @@ def read_checkpoint(folder: Path, read):
             print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
     raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
 
-
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
     """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     def read(candidate):
         weights = candidate / "trainable.safetensors"
@@ -1684,19 +2901,14 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
+# --- END copy: training utilities ---
 
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
+# --- BEGIN copy of diffusion4k.py: LPIPS ---
 LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
-
 
 LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
 
-
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), the perceptual loss of SC-VAE training.
@@ -1731,7 +2943,6 @@ class LPIPS(nn.Module):
     def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
         return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.taps(a), self.taps(b)))
 
-
 def weight_file(spec, what: str, token=None) -> Path:
     """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
     local = Path(spec).expanduser()
@@ -1745,7 +2956,6 @@ def weight_file(spec, what: str, token=None) -> Path:
     if not path.is_file():
         raise UserError(f"{what}: {spec} not found")
     return path
-
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
     """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision /
@@ -1772,1391 +2982,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
     lins = read(linear, "LPIPS linear layers")
     state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items() if re.match(r"lin\d\.", key)})
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
-
-
-def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
-    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such data folder")
-    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
-    if metadata.is_file():
-        candidates = []
-        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            try:
-                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
-            except (ValueError, KeyError, TypeError) as error:
-                skipped += 1
-                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
-    else:
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    for path in candidates:
-        try:
-            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
-                image.verify()
-            usable.append(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            skipped += 1
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
-    if not usable:
-        raise UserError(f"{folder}: no usable images ({skipped} skipped)")
-    if verbose:
-        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
-    return usable
-
-
-# ----------------------------------------------------------------------------- L_AP: periodicity loss
-
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
-
-
-def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
-    """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
-    side = math.isqrt(quadrants)
-    if side * side != quadrants:
-        raise ValueError(f"quadrants must be a square number (1, 4, 9, ...), got {quadrants}")
-    b, c, height, width = image.shape
-    h, w = height // side, width // side
-    tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
-    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
-
-
-def _fast_fft_length(n: int) -> int:
-    """The smallest length >= n with no prime factor above 5 (fast for every FFT library)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
-def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
-    """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x.
-
-    Returns (..., 2 max_lag + 1, 2 max_lag + 1) with lag (dy, dx) at [max_lag + dy, max_lag + dx].
-    Wiener-Khinchin: the inverse FFT of the power spectrum of the mean-removed map, zero-padded
-    by max_lag so that no lag wraps around (the linear, not circular, autocorrelation); each lag
-    is divided by its overlap area (unbiased). Lag (0, 0) is the variance.
-    """
-    h, w = x.shape[-2:]
-    if max_lag >= min(h, w):
-        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, got {h}x{w}")
-    x = x.float()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    size = (_fast_fft_length(h + max_lag), _fast_fft_length(w + max_lag))
-    spectrum = torch.fft.rfft2(x, s=size)
-    sums = torch.fft.irfft2(spectrum.real.square() + spectrum.imag.square(), s=size)  # [dy, dx]: sum x(p) x(p + (dy, dx))
-    lags = torch.arange(-max_lag, max_lag + 1, device=x.device)
-    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative lags sit at the end
-    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
-    return sums / overlap
-
-
-def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
-    """Lags (dy, dx) on the period lattice, up to `harmonics` periods, one of each +-pair."""
-    steps = range(-harmonics, harmonics + 1)
-    return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
-
-
-def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
-    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
-
-    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
-    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
-    bins of one period sum to the variance of the quadrant's p-periodic component); variance
-    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
-    Both are means over the horizontal and vertical differences; the difference filter weighs
-    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
-    and gives the (0, 0) bin weight 0.
-
-    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
-    there is the Fourier transform of the quadrant's circular autocovariance summed over all
-    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
-    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
-    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
-    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
-    can move only the repeating part of the image, not the rest.
-
-    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
-    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
-    + 1 px a side, so that the lattice has at least that many lags each way.
-    """
-    tiles = split_into_quadrants(image, quadrants).float()
-    h, w = tiles.shape[-2:]
-    max_lag = max(harmonics * p + p // 2 for p in periods)
-    if max_lag >= min(h, w) - 1:
-        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
-    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
-    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
-    powers = []
-    for p in periods:
-        n, m = h // p, w // p
-        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
-        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
-        frequency = torch.fft.fftfreq(p, device=image.device)
-        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
-        powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
-    return torch.cat(powers, dim=-1), variance
-
-
-def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
-    relu(power_pred - power_target), in units of the target's difference variance; mean over
-    batch, quadrants, channels and periods.
-
-    With `target` (the ground truth) it is the relative form: only lattice power above the
-    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
-    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
-    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
-    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
-    turn the gradient away from the repeating component.
-    """
-    power, variance = lattice_power(pred, periods, quadrants, harmonics)
-    if target is None:
-        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-    with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
-    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-
-
-@torch.no_grad()
-def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
-    variance that repeats on the lattices (mean over quadrants, channels and periods). About
-    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
-    power, variance = lattice_power(image, periods, quadrants, harmonics)
-    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
-
-
-# ----------------------------------------------------------------------------- training data: degradation
-
-
-def _uniform(generator, low, high) -> float:
-    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
-
-
-def _happens(generator, probability) -> bool:
-    return torch.rand((), generator=generator, dtype=torch.float64).item() < probability
-
-
-def _pick(generator, options, probs=None):
-    weights = torch.tensor(probs if probs is not None else [1.0] * len(options), dtype=torch.float64)
-    return options[torch.multinomial(weights, 1, generator=generator).item()]
-
-
-def _odd_size(generator, sizes) -> int:
-    return _pick(generator, list(range(sizes[0], sizes[1] + 1, 2)))
-
-
-def _kernel_grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.arange(size, dtype=torch.float64) - size // 2
-    return torch.meshgrid(r, r, indexing="ij")
-
-
-def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0, plateau=False) -> torch.Tensor:
-    """Anisotropic Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1.
-
-    With q = x^T Sigma^-1 x for Sigma rotated by `angle`: exp(-q^beta / 2), or 1 / (1 + q^beta).
-    """
-    y, x = _kernel_grid(size)
-    along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
-    across = -math.sin(angle) * x + math.cos(angle) * y
-    q = (along / sigma_x) ** 2 + (across / sigma_y) ** 2
-    kernel = 1 / (1 + q**beta) if plateau else torch.exp(-0.5 * q**beta)
-    return (kernel / kernel.sum()).float()
-
-
-def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
-    """Ideal circular low-pass filter (cutoff in radians per pixel), cut to size x size, summing to 1."""
-    y, x = _kernel_grid(size)
-    r = torch.hypot(x, y).clamp_min(1e-12)
-    kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r)
-    kernel[size // 2, size // 2] = cutoff**2 / (4 * math.pi)  # the limit at r = 0
-    return (kernel / kernel.sum()).float()
-
-
-def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
-    size = _odd_size(generator, stage.kernel_sizes)
-    if _happens(generator, stage.sinc_prob):
-        # Small kernels cannot hold a low cutoff's wide ringing.
-        low = math.pi / 3 if size < 13 else math.pi / 5
-        return sinc_kernel(size, _uniform(generator, low, math.pi))
-    kind = _pick(generator, KERNEL_TYPES, stage.kernel_probs)
-    sigma_x = _uniform(generator, *stage.blur_sigma)
-    if kind.endswith("iso") and not kind.endswith("aniso"):
-        sigma_y, angle = sigma_x, 0.0
-    else:
-        sigma_y, angle = _uniform(generator, *stage.blur_sigma), _uniform(generator, -math.pi, math.pi)
-    beta = 1.0
-    if kind.startswith(("generalized", "plateau")):
-        low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
-        # Half the draws below 1 (heavier tails), half above (flatter top).
-        beta = _uniform(generator, low, 1.0) if _happens(generator, 0.5) else _uniform(generator, 1.0, high)
-    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=kind.startswith("plateau"))
-
-
-def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Convolve each channel of (B, C, H, W) with one (k, k) kernel; edges replicated."""
-    pad = kernel.shape[-1] // 2
-    channels = image.shape[1]
-    weight = kernel.to(image).expand(channels, 1, *kernel.shape)
-    return F.conv2d(F.pad(image, (pad, pad, pad, pad), mode="replicate"), weight, groups=channels)
-
-
-def _resize(image, size, mode) -> torch.Tensor:
-    corners = None if mode == "area" else False
-    return F.interpolate(image, size=size, mode=mode, align_corners=corners)
-
-
-def _random_resize(image, stage: DegradationStage, base_size, generator) -> torch.Tensor:
-    direction = _pick(generator, ("up", "down", "keep"), stage.resize_probs)
-    factor = {"up": lambda: _uniform(generator, 1.0, stage.resize_range[1]),
-              "down": lambda: _uniform(generator, stage.resize_range[0], 1.0),
-              "keep": lambda: 1.0}[direction]()
-    mode = _pick(generator, stage.resize_modes)
-    size = tuple(max(1, int(side * factor)) for side in base_size)
-    return _resize(image, size, mode)
-
-
-def _luma(image) -> torch.Tensor:
-    r, g, b = image.unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b)[:, None]
-
-
-def _random_noise(image, stage: DegradationStage, generator) -> torch.Tensor:
-    gray = _happens(generator, stage.gray_noise_prob)  # one noise image shared by the channels
-    if _happens(generator, stage.gaussian_noise_prob):
-        sigma = _uniform(generator, *stage.noise_range) / 255
-        shape = (image.shape[0], 1 if gray else 3, *image.shape[2:])
-        noise = torch.randn(shape, generator=generator) * sigma
-    else:
-        # Shot noise: the 8-bit level of each pixel taken as a photon count.
-        scale = _uniform(generator, *stage.poisson_scale_range)
-        counts = ((_luma(image) if gray else image).clamp(0, 1) * 255).round().cpu()
-        noise = (torch.poisson(counts, generator=generator) - counts) / 255 * scale
-    return (image + noise.to(image)).clamp(0, 1)
-
-
-def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG-encode and decode each image of (B, 3, H, W) in [0, 1] with Pillow."""
-    decoded = []
-    for single in image:
-        pixels = (single.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        buffer = BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
-        array = np.array(Image.open(buffer).convert("RGB"))
-        decoded.append(torch.from_numpy(array).permute(2, 0, 1))
-    return torch.stack(decoded).to(image) / 255
-
-
-def _random_jpeg(image, stage: DegradationStage, generator) -> torch.Tensor:
-    return jpeg_compress(image, round(_uniform(generator, *stage.jpeg_range)))
-
-
-STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "jpeg2", "final")
-
-
-def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Tensor:
-    first, second = config.first, config.second
-    for stage, order in ((first, "1"), (second, "2")):
-        if _happens(streams["blur" + order], stage.blur_prob):
-            image = filter2d(image, random_blur_kernel(stage, streams["blur" + order]))
-        base = image.shape[-2:] if order == "1" else lr_size
-        image = _random_resize(image, stage, base, streams["resize" + order])
-        if _happens(streams["noise" + order], stage.noise_prob):
-            image = _random_noise(image, stage, streams["noise" + order])
-        if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
-            image = _random_jpeg(image, first, streams["jpeg1"])
-
-    def final_resize_and_sinc(image):
-        image = _resize(image, lr_size, _pick(streams["final"], config.final_resize_modes))
-        if _happens(streams["final"], config.final_sinc_prob):
-            size = _odd_size(streams["final"], second.kernel_sizes)
-            image = filter2d(image, sinc_kernel(size, _uniform(streams["final"], math.pi / 3, math.pi)))
-        return image
-
-    def final_jpeg(image):
-        return _random_jpeg(image, second, streams["jpeg2"]) if _happens(streams["jpeg2"], second.jpeg_prob) else image
-
-    # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
-    if _happens(streams["final"], 0.5):
-        image = final_jpeg(final_resize_and_sinc(image))
-    else:
-        image = final_resize_and_sinc(final_jpeg(image))
-    return (image.clamp(0, 1) * 255).round() / 255
-
-
-def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator, scale: int = 4) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H/scale, W/scale).
-
-    Blur, resize, noise and JPEG twice, then the final resize to the LR size with a sinc filter
-    and JPEG; the output is quantised to 8-bit levels. The same generator state gives the same
-    LR. Every image gets its own parameters, and each step its own random stream.
-    """
-    if hr.ndim != 4 or hr.shape[1] != 3:
-        raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
-    height, width = hr.shape[-2:]
-    if height % scale or width % scale:
-        raise ValueError(f"HR size {height}x{width} is not divisible by the scale {scale}")
-    lr_size = (height // scale, width // scale)
-    lrs = []
-    for image in hr:
-        seeds = torch.randint(2**62, (len(STEPS),), generator=generator, device=generator.device).tolist()
-        streams = {step: torch.Generator().manual_seed(seed) for step, seed in zip(STEPS, seeds)}
-        lrs.append(_degrade_one(image[None].float(), config, lr_size, streams))
-    return torch.cat(lrs).to(hr.dtype)
-
-
-# ----------------------------------------------------------------------------- training loss
-
-
-def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32)):
-    """Weighted sum of the training terms; returns (total, {term: detached value}).
-
-    `pred`/`target`: decoded output and HR image (B, 3, H, W) in [-1, 1]. `perceptual(pred,
-    target) -> scalar` is needed when weights.perceptual > 0 (LPIPS/DISTS, run on crops at 4K);
-    the latents are needed when weights.latent_mse > 0. Terms with weight 0 are not computed.
-    `periods`: L_AP's periods in px (a latent pixel and a token: 16, 32 with the F16 VAE).
-    """
-    terms = {
-        "pixel_mse": lambda: F.mse_loss(pred, target),
-        "pixel_l1": lambda: F.l1_loss(pred, target),
-        "latent_mse": lambda: F.mse_loss(pred_latent, target_latent),
-        "perceptual": lambda: perceptual(pred, target),
-        "periodicity": lambda: periodicity_loss(pred, target, periods),
-    }
-    if weights.perceptual and perceptual is None:
-        raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
-    if weights.latent_mse and (pred_latent is None or target_latent is None):
-        raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
-    parts = {name: term() for name, term in terms.items() if getattr(weights, name)}
-    total = sum(getattr(weights, name) * value for name, value in parts.items())
-    return total, {name: value.detach() for name, value in parts.items()}
-
-
-# ----------------------------------------------------------------------------- colour fix (optional, inference)
-
-
-def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give each channel of `image` the mean and standard deviation of `reference`'s (any size)."""
-    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
-    ref_mean, ref_std = reference.mean(dim=(-2, -1), keepdim=True), reference.std(dim=(-2, -1), keepdim=True)
-    return (image - mean) / (std + 1e-6) * ref_std + ref_mean
-
-
-def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Coarsest band of an a-trous wavelet decomposition: `levels` binomial 3x3 blurs with
-    dilation 1, 2, 4, ... (edges replicated); what it removes is the detail bands."""
-    taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device) / 4
-    kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
-    for level in range(levels):
-        step = 2**level
-        padded = F.pad(image, (step, step, step, step), mode="replicate")
-        image = F.conv2d(padded, kernel, dilation=step, groups=image.shape[1])
-    return image
-
-
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
-    usually the LR input, which is first resized (bicubic) to `image`'s size."""
-    if reference.shape[-2:] != image.shape[-2:]:
-        reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic", align_corners=False)
-    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
-
-
-# ----------------------------------------------------------------------------- LoRA: OMGSR-F's targets
-#
-# OMGSR-F hands peft a list of module names for Flux and one for the VAE encoder; peft adapts every
-# module whose name is one of them or ends with "." + one. We select the same weights through the key
-# tables that load diffusers checkpoints. Our layout fuses q, k and v (double blocks' qkv; a single
-# block's linear1 = q, k, v and the MLP input), so each of them gets its own A and B there.
-
-OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
-                        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-OMGSR_F_VAE_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
-                       "to_k", "to_q", "to_v", "to_out.0")
-
-
-def peft_selects(module: str, targets) -> bool:
-    """peft's rule for a list of target names: the module's name is one of them or ends with "." + one."""
-    return any(module == target or module.endswith("." + target) for target in targets)
-
-
-def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
-    """Our Flux modules that OMGSR-F's list selects in diffusers' names, each with the number of its
-    leading row blocks adapted: img_in (x_embedder); per double block and stream the fused qkv (3:
-    to_q/k/v, add_q/k/v_proj), the attention projection (to_out.0, to_add_out) and both MLP linears
-    (ff(_context).net.0.proj, .net.2); per single block the q, k, v rows of linear1 (3 of its 4 blocks:
-    proj_mlp is not a target, nor linear2 = proj_out). Nothing else (embedders, modulations, final layer)."""
-    targets, table = {}, flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
-    for key, (parts, _) in table.items():
-        chosen = [peft_selects(part.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for part in parts]
-        if key.endswith(".weight") and any(chosen):
-            # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
-            count = sum(chosen)
-            assert chosen[:count] == [True] * count and (len(parts) == 1 or count > 1), key
-            targets[key.removesuffix(".weight")] = count
-    return targets
-
-
-class SplitLoRALinear(nn.Module):
-    """LoRA on the first `parts` blocks of `rows` rows of a linear, each block with its own A and B,
-    as peft adapts separate q, k and v projections; rows after them stay unadapted:
-    y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. W and b are frozen. peft's "gaussian"
-    init, OMGSR-F's: A ~ N(0, 1 / r^2), B = 0, so training starts at the base model. A and B stay
-    fp32 even when the base weights are bf16."""
-
-    def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
-        super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
-        a = torch.randn(parts, rank, base.in_features, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=base.weight.device))
-
-    def forward(self, x):
-        down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
-        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1) * self.scale
-        return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
-
-
-def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int = 0) -> Flux:
-    """Freeze Flux and wrap OMGSR-F's targets (`flux_lora_targets`) with SplitLoRALinear
-    (alpha defaults to the rank: scale 1, as OMGSR-F)."""
-    model.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    for name, parts in flux_lora_targets(model.config).items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        base = getattr(owner, child)
-        rows = model.config.hidden_size if parts > 1 else base.out_features
-        setattr(owner, child, SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator))
-    return model
-
-
-def export_flux_lora(model: Flux) -> dict:
-    """The SplitLoRALinear weights under peft / diffusers names `transformer.<module>.lora_A.weight` /
-    `.lora_B.weight`, block i of a fused weight as its i-th diffusers projection; the scale is folded
-    into B, so the file loads with peft's default alpha = rank."""
-    c, out = model.config, {}
-    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
-    for name, module in model.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            parts, _ = table[f"{name}.weight"]
-            for part, a, b in zip(parts, module.lora_A, module.lora_B):
-                prefix = "transformer." + part.removesuffix(".weight")
-                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
-    return out
-
-
-class LoRAConv2d(nn.Module):
-    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), conv frozen. A is a conv with the
-    base's kernel, stride, padding and dilation and r output channels; B is a 1x1 conv back to
-    the base's channels. peft's "gaussian" init: A ~ N(0, 1 / r^2), B = 0. A and B stay fp32 even
-    when the base is bf16."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        if base.groups != 1 or base.padding_mode != "zeros":
-            raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
-        self.base, self.rank, self.scale = base, rank, alpha / rank
-        a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=base.weight.device))
-
-    def forward(self, x):
-        c = self.base
-        down = F.conv2d(x, self.lora_A.to(x.dtype), None, c.stride, c.padding, c.dilation)
-        return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
-
-
-def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
-    """The encoder convs (names inside vae.encoder) that OMGSR-F's VAE list selects in diffusers'
-    names: conv_in, each ResNet's conv1, conv2 and conv_shortcut (our nin_shortcut), the downsamplers'
-    conv, the mid attention's to_q / to_k / to_v / to_out.0 (our 1x1 q, k, v, proj_out), conv_out.
-    That is every conv of the encoder."""
-    return [key.removeprefix("encoder.").removesuffix(".weight")
-            for key, ((part,), _) in vae_lora_table(vae).items()
-            if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"), OMGSR_F_VAE_TARGETS)]
-
-
-def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, seed: int = 0) -> AutoEncoder:
-    """Freeze the encoder and wrap OMGSR-F's targets (`encoder_lora_targets`) with LoRAConv2d."""
-    vae.encoder.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    for name in encoder_lora_targets(vae):
-        parent, _, child = name.rpartition(".")
-        owner = vae.encoder.get_submodule(parent)
-        setattr(owner, child, LoRAConv2d(getattr(owner, child), rank, alpha or rank, generator))
-    return vae
-
-
-def checkpoint_encoder(encoder: nn.Module, enabled: bool = True) -> nn.Module:
-    """Gradient checkpointing for the VAE encoder (whose class is a verbatim copy and has no switch):
-    each ResnetBlock, AttnBlock and Downsample keeps only its input and recomputes its activations
-    in the backward pass (at a 4096^2 crop the first level's 128-channel 2048^2 maps dominate).
-    Installed per instance, by wrapping each block's forward, so the parameters, their names and
-    the LoRAs inside are unchanged; only while gradients are enabled. enabled=False removes it."""
-    for module in encoder.modules():
-        if isinstance(module, (ResnetBlock, AttnBlock, Downsample)):
-            module.__dict__.pop("forward", None)
-            if enabled:
-                module.forward = _checkpointed(type(module).forward.__get__(module))
-    return encoder
-
-
-def _checkpointed(forward):
-    def run(*args):
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False)
-        return forward(*args)
-
-    return run
-
-
-# ----------------------------------------------------------------------------- the one step
-
-
-def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
-    """The method: image (B, 3, H, W) in [-1, 1] (the LR input resized to the target) -> the x0
-    latent. z = E(image) is taken as the noisy latent at `sigma`, Flux predicts the velocity once
-    over all H/32 x W/32 tokens (F16 + 2x2 packing; RFR is the transformer's config.theta) and
-    x0 = z - sigma * v. Decode with `vae.decode` (the frozen F16 decoder)."""
-    z = vae.encode(image)
-    b, _, h, w = z.shape
-    x = pack_latents(z)
-    txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
-    t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
-    g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
-    v = transformer(x, latent_image_ids(h, w, z.device), txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
-    return unpack_latents(x - sigma * v, h, w)
-
-
-
-# ----------------------------------------------------------------------------- the noise level
-#
-# OMGSR-F, whose one-step recipe OP4KSR follows, feeds the LR latent to Flux as the noisy latent of a
-# "mid-timestep" t = 244 of Flux's schedule: 999 steps, shifted with the mu of a 1024^2 image
-# (4,096 tokens, mu = 1.15), the same schedule at every output size. It chose t by matching the
-# SNR of the LR latent (HR signal, LR - HR as noise) with the SNR of the noisy HR latent.
-
-OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244
-
-
-def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
-    """sigma of each timestep t = 0..steps on OMGSR-F's shifted schedule (index t; t = 0 is clean):
-    sigma_t = e^mu / (e^mu + 1 / (t / steps) - 1)."""
-    t = torch.arange(steps + 1, dtype=torch.float64) / steps
-    return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
-
-
-OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
-
-
-def matched_sigma(hr_latents, lr_latents, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> tuple[int, float]:
-    """OMGSR's mid-timestep calibration: the timestep whose noise level gives the noisy HR latent
-    the SNR of the LR latent.
-
-    For each batch b, with P_b = mean(hr^2) and D_b = mean((lr - hr)^2), the LR latent's SNR is
-    P_b / D_b and the noisy latent's at sigma is P_b (1 - sigma)^2 / sigma^2. The timestep
-    minimising the batch mean of |P_b (1 - sigma)^2 / sigma^2 - P_b / D_b| wins; for one batch
-    the continuous answer is sigma = sqrt(D) / (1 + sqrt(D)). Returns (t, sigma_t).
-    """
-    sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
-    gaps = (snr_gap(hr, lr, sigmas) for hr, lr in zip(hr_latents, lr_latents))
-    return smallest_gap(sum(gaps, torch.zeros_like(sigmas)), sigmas)
-
-
-def snr_gap(hr: torch.Tensor, lr: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """One batch's |P (1 - sigma)^2 / sigma^2 - P / D| at each sigma (see `matched_sigma`), in float64."""
-    power = hr.double().pow(2).mean().cpu()
-    distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
-    return (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
-
-
-def smallest_gap(total: torch.Tensor, sigmas: torch.Tensor) -> tuple[int, float]:
-    """(t, sigma_t) of the smallest summed gap; `sigmas` are those of t = 1..steps."""
-    best = int(total.argmin())
-    return best + 1, float(sigmas[best])
-
-
-# ----------------------------------------------------------------------------- the checkpoint file
-#
-# One safetensors file holds everything OP4KSR adds to the base models:
-#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight   Flux LoRA, peft names (q/k/v split), scale in B
-#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight   F16 encoder LoRA, peft Conv2d layout
-#                                                                   (A: r x in x k x k, B: out x r x 1 x 1; the
-#                                                                   1x1 attention convs as diffusers' Linear, 2-D)
-#   prompt.txt (1, T, 4096), prompt.y (1, 768)                      the fixed prompt's T5 / CLIP-L embeddings
-# and string metadata (FORMAT_KEYS). diffusers' `load_lora_adapter(state, prefix="transformer")`
-# takes the file as it is (it keeps only the transformer.* keys).
-
-FORMAT_VERSION = 1
-DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
-DEFAULT_PROMPT = "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
-FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim", "context_in_dim", "guidance_embed")
-VAE_CONFIG_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "z_channels", "stride")
-NO_WEIGHTS = (
-    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path.safetensors); the "
-    "authors have published no weights (arXiv 2605.13457: 'will be released upon acceptance'), so you train one: put 4K "
-    "HR images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (it downloads FLUX.1-dev, "
-    "which is gated: accept its licence on huggingface.co and `huggingface-cli login`, and the F16 VAE "
-    "Owen777/UltraFlux-v1 vae/; LoRA rank 64 on Flux and the VAE encoder; its GPU memory at 4096^2 crops has not been measured), then "
-    "pass --weights runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`."
-)
-
-
-def vae_lora_table(vae: AutoEncoder) -> dict:
-    """Original encoder key -> ([diffusers key], transform) for every encoder conv (LoRA-wrapped or not)."""
-    keys = {key.replace(".base.", "."): None for key in vae.state_dict()}
-    return {k: v for k, v in vae_table_for(keys).items() if k.startswith("encoder.") and k.endswith(".weight")}
-
-
-def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
-    """The encoder's LoRAConv2d weights under peft / diffusers names, the scale folded into B."""
-    table, out = vae_lora_table(vae), {}
-    for name, module in encoder.named_modules():
-        if isinstance(module, LoRAConv2d):
-            (part,), transform = table[f"encoder.{name}.weight"]
-            to_folder = TRANSFORMS[transform][1]
-            prefix = "vae." + part.removesuffix(".weight")
-            out[f"{prefix}.lora_A.weight"] = to_folder(module.lora_A.detach().float().cpu()).contiguous()
-            out[f"{prefix}.lora_B.weight"] = to_folder(module.lora_B.detach().float().cpu() * module.scale).contiguous()
-    return out
-
-
-def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    """Write the OP4KSR file from a LoRA-wrapped transformer and VAE encoder (see above).
-    `prompt`: {"txt", "y", "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, rank, alpha."""
-    state = export_flux_lora(transformer)
-    state.update(export_vae_lora(vae.encoder, vae))
-    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
-    c, vc = transformer.config, vae.config
-    metadata = {
-        "format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
-        "theta": str(c.theta), "flux_config": json.dumps({k: getattr(c, k) for k in FLUX_CONFIG_KEYS}),
-        "vae_config": json.dumps({k: getattr(vc, k) for k in VAE_CONFIG_KEYS}),
-        **{k: str(v) for k, v in settings.items()},
-    }
-    save_safetensors(check_finite(state, path), Path(path), metadata)  # never a loadable file from a diverged run
-
-
-# each number of the metadata lies in (low, high]
-SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),
-                  "guidance": (-math.inf, math.inf)}
-
-
-def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
-    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header only."""
-    from safetensors import SafetensorError, safe_open
-
-    path = weight_file(spec, "--weights", token)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
-    if meta.get("format") != "op4ksr":
-        raise UserError(f"{path}: not an OP4KSR checkpoint (no 'format: op4ksr' in its metadata)")
-    version = meta.get("format_version", "0")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
-                        f"(1 to {FORMAT_VERSION})")
-    for key, (low, high) in SETTING_RANGES.items():
-        if key == "scale" and key not in meta:
-            continue  # optional: 4 by default
-        try:
-            value = float(meta[key])
-        except KeyError:
-            raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)") from None
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low < value <= high):
-            raise UserError(f"{path}: the OP4KSR metadata has {key}={meta[key]!r}, "
-                            f"not a number in ({low}, {high}]")
-    for key in ("flux_config", "vae_config"):
-        try:
-            if not isinstance(json.loads(meta[key]), dict):
-                raise ValueError
-        except (KeyError, ValueError):
-            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)") from None
-    return path, meta
-
-
-def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Refuse a checkpoint trained on another base model, naming the first differing setting."""
-    for what, ours, keys, stored in (("Flux", transformer.config, FLUX_CONFIG_KEYS, "flux_config"), ("VAE", vae.config, VAE_CONFIG_KEYS, "vae_config")):
-        for key, value in json.loads(meta[stored]).items():
-            mine = getattr(ours, key, None)
-            if (list(mine) if isinstance(mine, tuple) else mine) != value:
-                base = meta.get("base_flux" if what == "Flux" else "base_vae", "?")
-                raise UserError(f"{source} was trained on the {what} {base} with {key}={value}, but the {what} loaded has "
-                                f"{key}={mine}: pass the base it was trained on (--flux / --vae)")
-
-
-def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRA weights."""
-    return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
-
-
-def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Add every LoRA delta of the file to the base weights, in place. A fused weight (qkv,
-    linear1) takes each diffusers part's delta in its own rows. Unknown names or wrong shapes
-    are refused: the file was made for another base model."""
-    c = transformer.config
-    parts_of = {}  # diffusers LoRA module -> (model, our weight key, part index, part count, transform)
-    for original, (parts, _) in flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed).items():
-        for i, part in enumerate(parts):
-            parts_of["transformer." + part.removesuffix(".weight")] = (transformer, original, i, len(parts), None)
-    for original, ((part,), transform) in vae_lora_table(vae).items():
-        parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
-    for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
-        a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
-        if a is None or b is None or name not in parts_of:
-            raise UserError(f"{source}: LoRA {name} has no counterpart in this base model (a checkpoint for another model?)")
-        model, original, i, n, transform = parts_of[name]
-        weight = model.state_dict()[original]
-        delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
-        rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
-        first = c.hidden_size * i
-        if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
-            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base model's {original} "
-                            f"takes {(rows, *weight.shape[1:])}: the checkpoint is for another base model")
-        with torch.no_grad():
-            weight[first : first + rows] += delta.to(weight.dtype)
-
-
-# ----------------------------------------------------------------------------- pipeline
-
-
-@dataclass
-class SRPipeline:
-    """The merged models and the fixed prompt; load once with `load_sr_pipeline`, call `super_resolve` often."""
-
-    transformer: Flux
-    vae: AutoEncoder
-    txt: torch.Tensor
-    y: torch.Tensor
-    sigma: float
-    guidance: float | None
-    scale: float
-    device: torch.device
-    dtype: torch.dtype
-    meta: dict
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae.config.downsample_factor * 2  # one 2x2-packed token: 32 px with the F16 VAE
-
-
-def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
-    """Flux and the F16 VAE (default: the bases named in the checkpoint), the OP4KSR LoRAs merged
-    into them, the checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
-    path, meta = read_op4ksr_metadata(weights, token)
-    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
-    check_finite(state, path)
-    c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
-    for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))), ("prompt.y", (1, c.get("vec_in_dim")))):
-        found = tuple(state[key].shape) if key in state else None
-        if found is None or len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
-            shown = "(" + ", ".join(map(str, shape)) + ")"
-            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
-                            f"the base Flux takes {shown}: a damaged file?")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
-    print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
-    transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
-    autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
-    check_base(meta, transformer, autoencoder, str(weights))
-    merge_op4ksr_lora({k: v for k, v in state.items() if not k.startswith("prompt.")}, transformer, autoencoder, str(weights))
-    guidance = float(meta["guidance"]) if transformer.config.guidance_embed else None
-    txt, y = state["prompt.txt"].to(device, dtype), state["prompt.y"].to(device, dtype)
-    return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance, float(meta.get("scale", 4)), device, dtype, meta)
-
-
-@torch.inference_mode()
-def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int, color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass.
-
-    The LR image is resized (bicubic) to the target; sides that are not multiples of 32 px are
-    padded by replication for the pass and cropped afterwards (no resampling of the output)."""
-    lr = image_to_tensor(image)[None]
-    up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    m = pipe.size_multiple
-    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate")
-    latent = sr_latent(pipe.transformer, pipe.vae, up.to(pipe.device, pipe.dtype), pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
-    out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
-    if color_fix == "wavelet":
-        out = wavelet_color_fix(out, lr)
-    elif color_fix == "adain":
-        out = adain_color_fix(out, lr)
-    return out[0].clamp(-1, 1)
-
-
-MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; beyond, one pass is far outside what the model was trained on
-
-
-def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
-    """The target (width, height): LR x scale, or the longer side = size (aspect kept). Refuses
-    absurd targets and inputs already larger than the target."""
-    factor = size / max(width, height) if size is not None else scale
-    target = (round(width * factor), round(height * factor))
-    if max(target) > MAX_SIDE or min(target) < 32:
-        raise UserError(f"{width}x{height} -> {target[0]}x{target[1]}: target sides must be between 32 and {MAX_SIDE} px")
-    if width > target[0] or height > target[1]:
-        raise UserError(f"the input ({width}x{height}) is already larger than the target {target[0]}x{target[1]}")
-    return target
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
-    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
-    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
-    files = ("*.json", "*.txt", "*.model")
-    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
-    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
-    text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    clip = load_clip(source, text_dtype, device, subfolder="text_encoder")
-    y = clip(clip_tokenizer(prompt).to(device)).pooled
-    del clip
-    t5 = load_t5(source, text_dtype, device, subfolder="text_encoder_2")
-    txt = t5(t5_tokenizer(prompt).to(device))
-    del t5
-    return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
-
-
-def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
-    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the
-    VGG activations of the whole image would not fit beside Flux."""
-
-    def perceptual(pred, target):
-        h, w = pred.shape[-2:]
-        size_h, size_w = min(crop, h), min(crop, w)
-        top, left = int(offset[0] * (h - size_h + 1)), int(offset[1] * (w - size_w + 1))
-        window = (..., slice(top, top + size_h), slice(left, left + size_w))
-        return lpips(pred[window].float(), target[window].float()).mean()
-
-    return perceptual
-
-
-def train_sr(args) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call.
-
-    What can be checked is checked before the large models load (the VAE, small, comes first:
-    the crop checks need its factor). A step whose loss or gradient is not finite stops the run
-    before the optimizer moves, so nothing non-finite is ever saved and the last checkpoint
-    stays the newest. A resumed run takes --lr and --weight-decay from the command line, so a
-    diverged run can go on from its last checkpoint with a lower rate."""
-    ctx = setup_distributed(args.device)
-    output = Path(args.output)
-    resume_from = check_train_output(output, args.resume)
-    files = vae_image_files(args.data, verbose=ctx.main)
-    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
-    lpips = None  # small, and the likeliest download to fail: before the large models
-    if args.lpips_weight:
-        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
-
-    vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
-    vae.decoder.partitioned = args.f16_decode == "partitioned"
-    factor = vae.config.downsample_factor
-    check_crop(args.crop, args.scale, factor)
-    periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
-    if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
-        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
-    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
-    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
-
-    add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
-    add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
-    vae.decoder.requires_grad_(False)
-    transformer.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
-    checkpoint_encoder(vae.encoder, args.gradient_checkpointing)
-    trainable = nn.ModuleDict({"transformer": transformer, "encoder": vae.encoder}).train()
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    weights = LossWeights(pixel_mse=args.mse_weight, pixel_l1=args.l1_weight, latent_mse=args.latent_weight,
-                          perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
-    guidance = args.guidance if transformer.config.guidance_embed else None
-    if ctx.main:
-        count = sum(p.numel() for p in params)
-        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {count / 1e6:.2f}M parameters), {ctx.world} process(es) x batch "
-              f"{args.batch_size}, crop {args.crop}, sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
-
-    batches = Batches(len(files), args.seed)
-    step = 0
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
-        for group in optimizer.param_groups:
-            group.update(lr=args.lr, weight_decay=args.weight_decay)
-    losses, log, unreadable = [], output / "train_log.jsonl", set()
-    output.mkdir(parents=True, exist_ok=True)
-    update = progress_bar("train", args.steps, step) if ctx.main else None
-    while step < args.steps:
-        hr, lr_up, crop_offset = training_pairs(files, batches, args.crop, args.scale, args.batch_size,
-                                                unreadable, ctx)
-        hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
-        with autocast:
-            latent = sr_latent(transformer, vae, lr_up, prompt["txt"], prompt["y"], args.sigma, guidance)
-            pred = vae.decode(latent).float()
-            target_latent = None
-            if weights.latent_mse:
-                with torch.no_grad(), lora_off(vae.encoder):
-                    target_latent = vae.encode(hr.to(dtype))
-            perceptual = lpips_on_crops(lpips, args.lpips_crop, crop_offset) if lpips is not None else None
-            target_latent = None if target_latent is None else target_latent.float()
-            loss, parts = sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent, periods)
-        loss.backward()
-        if ctx.world > 1:  # data parallel: every rank holds the whole (frozen) model and averages LoRA gradients
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad /= ctx.world
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the averaged gradients are
-        for what, found in (("loss", value), ("gradient norm", norm.item())):
-            if not math.isfinite(found):
-                raise training_diverged(step + 1, f"the {what} ({found})", output)
-        optimizer.step()
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
-            raise training_diverged(step + 1, "a LoRA weight after the update", output)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append((step, value))
-        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective: every rank
-        if ctx.main:
-            update(step, args.steps)
-            if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}", file=sys.stderr)
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints)
-
-    if ctx.main:
-        if unreadable:
-            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and were skipped",
-                  file=sys.stderr)
-        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale, "base_flux": args.flux, "base_vae": args.vae,
-                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
-        save_op4ksr(output / "op4ksr.safetensors", transformer, vae, prompt, settings)
-        print(f"wrote {output / 'op4ksr.safetensors'} (use: python op4ksr.py --input LR.png --weights {output / 'op4ksr.safetensors'})", file=sys.stderr)
-    ctx.barrier()
-    return losses
-
-
-def check_train_output(output: Path, resume: str | None) -> Path | None:
-    """Refuse an --output that training cannot use, before anything loads; return the checkpoint
-    folder to resume from (None: a fresh run)."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; training writes a folder "
-                        "(checkpoints/, train_log.jsonl, op4ksr.safetensors)")
-    check_writable_folder(output)
-    if not resume:
-        if latest_checkpoint(output) is not None or (output / "op4ksr.safetensors").exists():
-            raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
-        return None
-    folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
-    if folder is None:
-        raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
-    if not folder.is_dir():
-        raise UserError(f"--resume {resume}: no such checkpoint folder")
-    return folder
-
-
-def check_crop(crop: int, scale: int, factor: int | None = None):
-    """Refuse a crop that the LR size (crop / scale) or, once the VAE is known, its token (2 factor
-    px) does not divide."""
-    if crop % scale:
-        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is crop / scale)")
-    if factor is not None and crop % (2 * factor):
-        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
-
-
-def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int, unreadable: set,
-                   ctx: Distributed):
-    """The next global batch of the seeded stream, this rank's share: (HR crops (B, 3, crop, crop) in
-    [-1, 1], the encoder's input, the LPIPS crop offset). Every rank draws the whole global batch from
-    one generator and keeps its slots. The input is LR = degrade(HR crop) at 1/scale, each image with
-    its own seed, then bicubic back up to the crop size (as OMGSR's pipeline resizes LQ back)."""
-    global_batch, g = batch_size * ctx.world, batches.generator
-    mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
-    picks = batches.indices(global_batch)
-    offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
-    seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
-    hr = load_hr_crops(files, picks, mine, crop, offsets, flips, batches, unreadable, ctx)
-    streams = [torch.Generator().manual_seed(int(seeds[i])) for i in mine]
-    lr = torch.cat([degrade((image[None] + 1) / 2, DegradationConfig(), stream, scale)
-                    for image, stream in zip(hr, streams)]) * 2 - 1
-    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-    return hr, lr_up, crop_offset
-
-
-def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
-                  ctx: Distributed) -> torch.Tensor:
-    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices).
-
-    A file that passed the header check but does not decode is skipped from then on: its slot
-    takes the next index of the data stream (`picks` changes in place). The ranks sum their
-    failures first, so all of them replace the same slots in the same order and stay in step; a
-    resumed run, which has not met the earlier failures, makes the same replacements. Stops when
-    fewer than half of the images decode."""
-    crops = {}
-    while True:
-        failed, errors = torch.zeros(len(picks)), []
-        for i in (i for i in mine if i not in crops):
-            if picks[i] in unreadable:  # met before, on any rank
-                failed[i] = 1
-                continue
-            try:
-                crops[i] = load_crop(files[picks[i]], crop, crop, offsets[i].tolist(), bool(flips[i]))
-            except UserError as error:
-                failed[i] = 1
-                errors.append(str(error))
-        slots = (ctx.mean(failed) > 0).nonzero().flatten().tolist()
-        if not slots:
-            return torch.stack([crops[i] for i in mine])
-        unreadable.update(picks[i] for i in slots)
-        for error in errors:
-            print(f"warning: {error}; skipped ({len(unreadable)} undecodable so far)", file=sys.stderr)
-        if 2 * (len(files) - len(unreadable)) < len(files):
-            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than half: "
-                            "check the files in --data")
-        for i in slots:
-            picks[i] = batches.indices(1)[0]
-
-
-@contextlib.contextmanager
-def lora_off(module: nn.Module):
-    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
-    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))]
-    scales = [m.scale for m in wrapped]
-    for m in wrapped:
-        m.scale = 0.0
-    try:
-        yield module
-    finally:
-        for m, scale in zip(wrapped, scales):
-            m.scale = scale
-
-
-def add_pair_options(parser):
-    """The options that make the (HR, LR) pairs: `train` and `calibrate-sigma` read them alike."""
-    parser.add_argument("--data", required=True,
-                        help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
-    parser.add_argument("--vae", default=DEFAULT_VAE,
-                        help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
-    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096,
-                        help="square HR crop side; images are resized to cover it (default 4096: whole 4K "
-                             "targets, no patches)")
-    parser.add_argument("--scale", type=integer(1, 16), default=4,
-                        help="SR factor: LR = degrade(HR) at 1/scale (default 4: 1K -> 4K)")
-
-
-def add_f16_decode_option(parser):
-    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-                        help="the F16 decoder's last stage (see Decoder.upsample_conv_out): 'partitioned' "
-                             "(default) gives what upstream Diffusion-4K's partitioned decode gives, the "
-                             "path the released F16 decoders were trained through; 'centred' centres "
-                             "conv_out's window (the output moves one pixel up and left)")
-
-
-def sr_train_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="op4ksr.py train",
-        description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder frozen) on a folder of 4K HR images; "
-                    "LR inputs are made on the fly by the Real-ESRGAN second-order degradation.",
-        epilog="Examples:\n"
-               "  python op4ksr.py train --data hr4k/ --output runs/op4ksr\n"
-               "  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel, LoRA gradients averaged)\n"
-               "  python op4ksr.py train ... --resume      continue from the newest checkpoint in --output\n"
-               "Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_pair_options(parser)
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
-    add_f16_decode_option(parser)
-    parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
-    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
-    parser.add_argument("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
-                        help=f"the fixed noise level at which Flux sees the LR latent (default "
-                             f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} of its "
-                             f"{OMGSR_STEPS}-step Flux schedule shifted with mu {OMGSR_MU}; `op4ksr.py "
-                             "calibrate-sigma` measures the match for your data)")
-    parser.add_argument("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
-    parser.add_argument("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
-    parser.add_argument("--lora-rank", type=integer(1), default=64,
-                        help="LoRA rank on Flux and the VAE encoder, on OMGSR-F's target modules "
-                             "(default 64: OMGSR-F's)")
-    parser.add_argument("--lora-alpha", type=positive(),
-                        help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
-    parser.add_argument("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
-    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
-    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
-    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step")
-    parser.add_argument("--steps", type=integer(1), default=10000)
-    # loss weights: the paper publishes none; 0 switches a term off
-    parser.add_argument("--mse-weight", type=number(0), default=1.0,
-                        help="pixel MSE (default 1: the fidelity term)")
-    parser.add_argument("--l1-weight", type=number(0), default=0.0,
-                        help="pixel L1 (default 0: MSE is the pixel term; OMGSR-F uses L1 0.5 beside DISTS "
-                             "and a GAN)")
-    parser.add_argument("--latent-weight", type=number(0), default=0.0,
-                        help="MSE of the x0 latent to the base encoder's HR latent (default 0: the pixel "
-                             "terms judge the output)")
-    parser.add_argument("--lpips-weight", type=number(0), default=2.0,
-                        help="LPIPS-VGG on one --lpips-crop crop per image (default 2: OSEDiff's "
-                             "LPIPS-to-MSE ratio; 0: off, no LPIPS weights needed)")
-    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR,
-                        help="LPIPS v0.1 VGG linear layers (.pth): a file or owner/repo/path on the Hub "
-                             "(default: the lpips package's file)")
-    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
-                        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path "
-                             "(default: torchvision's, via timm)")
-    parser.add_argument("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side per image")
-    parser.add_argument("--periodicity-weight", type=number(0), default=1.0,
-                        help="lambda_AP, L_AP's weight (default 1: the paper gives no value; 0: no L_AP)")
-    parser.add_argument("--checkpoint-every", type=integer(1), default=500)
-    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    parser.add_argument("--log-every", type=integer(1), default=10)
-    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output "
-                        "(--lr and --weight-decay are taken from this command line)")
-    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
-    return parser
-
-
-def calibrate_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="op4ksr.py calibrate-sigma",
-        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR) pairs as\n"
-                    "`train` does, encode both with the base F16 encoder (a posterior sample, as OMGSR) and\n"
-                    f"print the timestep of OMGSR-F's {OMGSR_STEPS}-step Flux schedule (shifted with mu "
-                    f"{OMGSR_MU}) whose noise\nlevel gives the noisy HR latent the SNR of the LR latent, "
-                    "mean(hr^2) / mean((lr - hr)^2),\naveraged over batches. Pass the sigma it prints to "
-                    "`train --sigma`.",
-        epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_pair_options(parser)
-    parser.add_argument("--max-images", type=integer(1),
-                        help="use at most this many images, one random crop each (default: all)")
-    parser.add_argument("--batch-size", type=integer(1), default=1,
-                        help="images per SNR average (default 1, OMGSR's); the gaps are averaged over "
-                             "batches")
-    parser.add_argument("--seed", type=SEED, default=0,
-                        help="seeds image order, crops, flips, degradations (with train's --seed and "
-                             "--batch-size: the pairs of its first steps) and the posterior samples")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
-    return parser
-
-
-def calibrate_command(args):
-    check_crop(args.crop, args.scale)
-    files = vae_image_files(args.data)
-    count = min(args.max_images or len(files), len(files))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
-    check_crop(args.crop, args.scale, vae.config.downsample_factor)
-    sigmas = omgsr_sigmas()[1:]
-    total, done, update = torch.zeros_like(sigmas), 0, progress_bar("calibrate-sigma", count)
-    for hr, lr in calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed):
-        total += snr_gap(hr, lr, sigmas)
-        done += len(hr)
-        t, sigma = smallest_gap(total, sigmas)
-        update(done, postfix={"t": t, "sigma": f"{sigma:.4f}"})
-    print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
-          f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
-    print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this is "
-          f"{sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma {sigma:.6f}")
-
-
-def train_sr_command(args):
-    check_crop(args.crop, args.scale)
-    if not any((args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight,
-                args.periodicity_weight)):
-        raise UserError("every loss weight is 0: nothing to train")
-    output = Path(args.output)
-    created = not output.exists()
-    try:
-        train_sr(args)
-    except BaseException:
-        # a failed run that saved no checkpoint leaves nothing behind in the folder it created
-        if created and int(os.environ.get("RANK", "0")) == 0 and not any(output.glob("checkpoints/step-*/state.pt")):
-            shutil.rmtree(output, ignore_errors=True)
-        raise
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- noise-level calibration
-
-
-def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
-    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
-    if generator is None:
-        return mean
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-
-
-@torch.no_grad()
-def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int, count: int,
-                        seed: int):
-    """(HR latents, LR latents) per batch of `count` pairs for `matched_sigma`: the pairs `train`
-    makes from the same seed (`training_pairs`), both sides through the base F16 encoder as a
-    posterior sample, normalised (as OMGSR's calibration encodes them)."""
-    weight, c = vae.encoder.conv_in.weight, vae.config
-    batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
-    noise = torch.Generator().manual_seed((seed + 1) % 2**64)
-    for start in range(0, count, batch_size):
-        size = min(batch_size, count - start)
-        hr, lr_up, _ = training_pairs(files, batches, crop, scale, size, unreadable, ctx)
-        raw = [encode_raw(vae, x.to(weight.device, weight.dtype), noise) for x in (hr, lr_up)]
-        yield tuple((z - c.shift_factor) * c.scale_factor for z in raw)
-
-
-# ===================================================================================== CLI
-
-
-def sr_inputs(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        return files
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    return [path]
-
-
-def sr_outputs(args) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, every output checked before anything is read: a folder input writes
-    OUTPUT/<name>.png for each image; existing outputs are refused, replaced (--overwrite) or left
-    as they are with their input skipped (--skip-existing, to continue an interrupted batch)."""
-    source = Path(args.input)
-    inputs = sr_inputs(source)
-    if source.is_dir():
-        folder = Path(args.output) if args.output else source.resolve().with_name(source.resolve().name + "_op4ksr")
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
-                            f"(default: {source.name}_op4ksr/)")
-        outputs = [folder / f"{path.stem}.png" for path in inputs]
-    else:
-        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
-    given = {path.resolve(): path for path in inputs}
-    first_input = {}
-    for path, output in zip(inputs, outputs):
-        if output.resolve() in given:
-            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
-        if output in first_input:
-            raise UserError(f"{first_input[output].name} and {path.name} would both be written to {output}: "
-                            "rename one of them")
-        first_input[output] = path
-    existing = [output for output in outputs if output.is_file()]
-    if existing and not (args.overwrite or args.skip_existing):
-        more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
-        way = "--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir() else "--overwrite to replace it"
-        raise UserError(f"{existing[0]} exists{more}; pass {way}")
-    pairs = [(path, output) for path, output in zip(inputs, outputs) if not (args.skip_existing and output.is_file())]
-    for _, output in pairs:
-        check_output_file(output, args.overwrite)
-    return pairs
-
-
-def sr_command(args):
-    if not args.weights:
-        raise UserError(NO_WEIGHTS)
-    pairs = sr_outputs(args)
-    if not pairs:
-        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
-        return
-    _, meta = read_op4ksr_metadata(args.weights, args.token)
-    scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
-    jobs = []
-    for path, output in pairs:  # every input checked before any model is loaded
-        image = load_image(path)
-        width, height = sr_size(image.width, image.height, None if args.size else scale, args.size)
-        jobs.append((path, width, height, output))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
-    pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
-    if args.compile:
-        compile_blocks(pipe.transformer)
-    update = progress_bar("super-resolve", len(jobs))
-    for i, (path, width, height, output) in enumerate(jobs, start=1):
-        if args.skip_existing and output.exists():
-            print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
-        else:
-            start, image = time.perf_counter(), load_image(path)  # loaded again: a batch is never all in memory
-            sr = super_resolve(pipe, image, width, height, args.color_fix)
-            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
-                        "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
-            # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
-            save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
-            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)",
-                  file=sys.stderr)
-        update(i)
-
-
-def sr_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="op4ksr.py",
-        description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and an F16 VAE (arXiv 2605.13457).",
-        epilog="Examples:\n"
-               "  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)\n"
-               "  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)\n"
-               "  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)\n"
-               "Training: python op4ksr.py train --help",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="LR image, or a folder of images")
-    parser.add_argument("--output", help="output image (default INPUT_op4ksr.png) or folder for a folder input (default INPUT_op4ksr/)")
-    parser.add_argument("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
-    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px instead of --scale, e.g. 4096")
-    parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
-    parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
-    parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
-    add_f16_decode_option(parser)
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--skip-existing", action="store_true", help="leave existing outputs and do the rest (continues a batch)")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each Flux block (built during the first image; a new size builds "
-                             "once more): worth it for a batch of images; off: eager")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
-    return parser
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":
-        return train_sr_command(sr_train_parser().parse_args(argv[1:]))
-    if argv and argv[0] == "calibrate-sigma":
-        return calibrate_command(calibrate_parser().parse_args(argv[1:]))
-    sr_command(sr_parser().parse_args(argv))
+# --- END copy: LPIPS ---
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ Errors
 import argparse
 import contextlib
 import errno
-import math
 import json
+import math
 import os
 import random
 import sys
@@ -209,8 +209,8 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
     if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
         raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form owner/name")
 
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub
+    from huggingface_hub import snapshot_download
 
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
     try:

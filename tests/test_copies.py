@@ -1,35 +1,90 @@
-"""Each method file carries its own copy of the shared model code (so it can be copied alone).
-This test keeps the copies identical: every top-level function or class defined under the same
-name in two method files must have the same source text."""
+"""Each method file carries its own copy of the shared model code, so that it can be copied alone.
+The copies are whole kits between BEGIN/END lines (see tests/sync_copies.py); this test keeps each
+one identical, as raw text, to the kit in its source file."""
 
 import ast
-import itertools
-from pathlib import Path
 
 import pytest
+from sync_copies import FILES, ROOT, copies, first_difference, kits, unmatched_markers
 
-ROOT = Path(__file__).resolve().parent.parent
-METHOD_FILES = ["diffusion4k.py", "op4ksr.py", "cupscale.py"]
-PER_FILE = {"main"}  # entry points that are meant to differ; any other shared name is a copy
-
-
-def top_level_definitions(path: Path) -> dict[str, str]:
-    source = path.read_text()
-    tree = ast.parse(source)
-    return {
-        node.name: ast.get_source_segment(source, node)
-        for node in tree.body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-    }
+COPYING = {"op4ksr.py": "diffusion4k.py", "cupscale.py": "diffusion4k.py", "metrics.py": "op4ksr.py"}
 
 
-@pytest.mark.parametrize("first, second", list(itertools.combinations(METHOD_FILES, 2)))
-def test_shared_definitions_are_identical(first, second):
-    a, b = top_level_definitions(ROOT / first), top_level_definitions(ROOT / second)
-    different = sorted(name for name in (a.keys() & b.keys()) - PER_FILE if a[name] != b[name])
-    assert not different, f"{first} and {second} define these differently: {different}"
+def text(name: str) -> str:
+    return (ROOT / name).read_text()
 
 
-def test_the_shared_wavelet_is_shared():
-    assert "haar_dwt" in top_level_definitions(ROOT / "cupscale.py")
-    assert "haar_dwt" in top_level_definitions(ROOT / "diffusion4k.py")
+def copy_blocks():
+    return [(name, match) for name in FILES for match in copies(text(name))]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_markers_pair_up(name):
+    assert unmatched_markers(text(name)) == 0, f"{name}: a BEGIN or END line without its partner"
+
+
+@pytest.mark.parametrize("name, match", copy_blocks(), ids=lambda v: v if isinstance(v, str) else v["name"])
+def test_copy_equals_its_kit(name, match):
+    source = kits(text(match["source"]))
+    assert match["name"] in source, f"{name} copies kit {match['name']!r}, which {match['source']} does not mark"
+    if match["body"] != source[match["name"]]:
+        number, ours, theirs = first_difference(match["body"], source[match["name"]])
+        pytest.fail(
+            f"{name}, copy of {match['source']} kit {match['name']!r}, line {number} of the kit differs:\n"
+            f"  copy:   {ours!r}\n  source: {theirs!r}\n"
+            "edit the source and run `python tests/sync_copies.py`"
+        )
+
+
+def top_level_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(COPYING))
+def test_nothing_is_copied_outside_the_markers(name):
+    """A file that copies kits uses them whole: no definition of a kit is repeated or altered elsewhere."""
+    own = text(name)
+    for match in reversed(copies(own)):
+        own = own[: match.start()] + own[match.end():]
+    shared = set()
+    for kit in kits(text(COPYING[name])).values():
+        shared |= top_level_names(kit)
+    assert not top_level_names(own) & shared, f"{name} redefines kit code outside the copy markers"
+
+
+def test_each_file_copies_what_it_uses():
+    used = {name: {m["name"] for m in copies(text(name))} for name in COPYING}
+    assert {"Flux transformer", "VAE", "text encoders", "LPIPS"} <= used["op4ksr.py"]
+    assert "SD3 transformer" not in used["op4ksr.py"]
+    assert {"SD3 transformer", "VAE", "Haar wavelets", "pipeline"} <= used["cupscale.py"]
+    assert "Flux transformer" not in used["cupscale.py"]
+    assert used["metrics.py"] == {"periodicity loss"}
+
+
+def test_a_drifted_comment_fails_and_sync_repairs_it(tmp_path, monkeypatch):
+    """A comment edited inside a copy is found (with its line), and sync_copies.py restores it."""
+    import sync_copies
+
+    for name in FILES:
+        (tmp_path / name).write_text(text(name))
+    monkeypatch.setattr(sync_copies, "ROOT", tmp_path)
+    original = text("cupscale.py")
+    block = next(m for m in copies(original) if "\n    # " in m["body"])
+    lines = block["body"].splitlines(keepends=True)
+    line = next(i for i, item in enumerate(lines) if item.lstrip().startswith("# "))
+    lines[line] = lines[line].rstrip("\n") + " (drifted)\n"
+    drifted = original[: block.start("body")] + "".join(lines) + original[block.end("body"):]
+    (tmp_path / "cupscale.py").write_text(drifted)
+
+    match = next(m for m in copies(drifted) if m["name"] == block["name"])
+    number, ours, _ = first_difference(match["body"], kits(text(match["source"]))[match["name"]])
+    assert number == line + 1 and ours.endswith("(drifted)")
+    assert sync_copies.main(["--check"]) == 1
+    assert sync_copies.main([]) == 0
+    assert (tmp_path / "cupscale.py").read_text() == original

@@ -1,0 +1,44 @@
+"""Form of the method files: ruff for line length and import order (with explicit arguments, so no
+configuration file is involved), and an AST check for three habits that read badly."""
+
+import ast
+import shutil
+import subprocess
+import sys
+
+import pytest
+from sync_copies import FILES, ROOT
+
+CHECKED = FILES + ["common", "tests/sync_copies.py", "tests/test_style.py"]
+
+
+def test_ruff_line_length_and_import_order():
+    ruff = shutil.which("ruff") or str(ROOT / ".venv" / "bin" / "ruff")
+    command = [ruff, "check", "--isolated", "--select", "E501,I", "--line-length", "110", *CHECKED]
+    if shutil.which(command[0]) is None:
+        command[0:1] = [sys.executable, "-m", "ruff"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def awkward_constructs(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Lambda) and isinstance(node.body, ast.Lambda):
+            found.append(f"line {node.lineno}: a lambda returning a lambda")
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.IfExp):
+            found.append(f"line {node.lineno}: a statement written as a conditional expression")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_module"
+                and node.args and isinstance(node.args[0], ast.JoinedStr)):
+            found.append(f"line {node.lineno}: add_module with a formatted name")
+    return found
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_no_awkward_constructs(name):
+    assert awkward_constructs((ROOT / name).read_text()) == []
+
+
+def test_the_construct_check_finds_them():
+    source = "f = lambda a: lambda b: a + b\nx if y else z\nfor i in r:\n    m.add_module(f'n{i}', n)\n"
+    assert len(awkward_constructs(source)) == 3
