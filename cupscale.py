@@ -1,10 +1,20 @@
 """C-Upscale on Stable Diffusion 3: tuning-free creative upscaling with global-regional priors.
 
-Paper: Qian, Cai, Pan, Yao, Mei, "Creatively Upscaling Images with Global-Regional Priors",
-arXiv 2505.16976 (IJCV 2025). No official code is public; this file is a reconstruction from
-the paper's text. The paper's main experiments use SDXL (a UNet with cross-attention); it
-reports SD3 results only as pictures. Everything below is adapted to SD3-Medium (MMDiT, joint
-attention, flow matching), and every adaptation is stated.
+Paper: Qian, Cai, Pan, Yao, Mei, "Creatively Upscaling Images with Global-Regional Priors", arXiv 2505.16976
+(IJCV 2025). No official code is public. The paper's experiments use SDXL; this reconstruction runs on
+SD3-Medium (MMDiT joint attention, flow matching), and each adaptation is argued where it is coded.
+
+The method. The low-resolution (LR) image, resized to the target and encoded, is z_L. Noise z_L to a middle
+level (the paper's strength 0.45) and denoise it with the remaining steps; at every step the latent is cut
+into overlapping regions of the model's native size (1024 px, overlap 512 px), each region is denoised, and
+their velocities are averaged back (MultiDiffusion). Three priors guide every step:
+  GSP (global structure prior, Eqs. 4-5): z_t <- z_t - lambda_t dL/dz_t with L = 1/2 |LL(x0_hat) - LL(z_L)|^2
+      on the Haar low band of the predicted clean latent, lambda_t = 0.2 under a decreasing cosine schedule.
+  RAP (regional attention prior): a pass of the noised LR image with the global prompt gives every head's
+      image-to-text distribution; resized to the HR token grid and cropped to a region it is A, and the
+      region's image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass on the text keys).
+  RSP (regional semantic prior): a multimodal LLM captions each region; in every joint block the image
+      features attended with the global and with the regional prompt are averaged (the Attention Composer).
 
 Run
     python cupscale.py --input lr.png --prompt "a lighthouse at dawn" --scale 4 --output hr.png
@@ -12,160 +22,12 @@ Run
     python cupscale.py ... --region-prompts regions.json         # RSP from a file ({"row,col": prompt})
     python cupscale.py ... --caption-cmd "llava-cli --image {image} --prompt {prompt}"
     python cupscale.py ... --no-gsp | --no-rap | --no-rsp | --mode multidiffusion   # the ablations
-`--model` takes the Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log
-in first), a local diffusers folder, or a Stability single file that includes the text encoders.
+`--model` takes the Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log in first),
+a local diffusers folder, or a Stability single file that includes the text encoders.
 
-The paper's hyperparameters that did not survive in its text (Eq. 4-5, the LLaVA instruction,
-the CFG scale's value) are our choices, stated below.
-
-The method (diffuse-then-denoise with regional denoising)
----------------------------------------------------------
-1. Resize the low-resolution (LR) image to the target size and VAE-encode it: z_L.
-2. Noise z_L to a middle noise level (the paper's strength 0.45 on SDXL) and denoise it with the
-   reduced number of steps. At every step the latent is cut into overlapping regions of the
-   model's native size (1024 px, overlap 512 px), each region is denoised, and the results are
-   blended back so that every latent pixel's weights sum to one (MultiDiffusion).
-3. Three priors guide each step:
-   * Global Structure Prior (GSP, paper Sec. 4.3): the predicted clean latent's low-frequency
-     Haar band is pulled towards z_L's by a gradient step on the noisy latent.
-   * Regional Attention Prior (RAP, Sec. 4.4): the noised LR latent goes through the model
-     with the global prompt; its image-to-text attention, interpolated to the high-resolution
-     token grid and cropped to each region, replaces the region's own image-to-text attention,
-     so a region does not paint objects that the prompt places elsewhere.
-   * Regional Semantic Prior (RSP, Sec. 4.5): a multimodal LLM (LLaVA-1.6 in the paper) writes a
-     prompt for each region from the region's crop and the global prompt; the features attended
-     with the regional prompt are averaged with the RAP-attended ones (the Attention Composer).
-
-Adaptation from SDXL to SD3, and the choices the paper leaves open
-------------------------------------------------------------------
-Regions (`plan_regions`, `blend_weights`, `merge_regions`). Region 1024 px = 128 latent px
-(VAE factor 8), overlap 512 px, so the stride is 64 latent px (paper Sec. 5.1: region = the
-model's training size, overlap = half of it); both settable. Open choice: where the regions
-start. Ours: every `stride` from the top-left corner, and the last region moved back to end
-exactly on the border, so no region is partial and all have one size (one batch). Regions are
-numbered (row, col) from the top left. Open choice: the blending window. Ours: uniform
-averaging, as MultiDiffusion and as the paper says it follows; with the default 50 % overlap
-the weights are 1, 1/2 or 1/4, exact in binary. Gaussian or ramp windows hide seams better on
-flat colour (users of tiled upscalers report seams with uniform weights), but the paper finds no
-seams at overlap 512, and uniform weights are constant on every 2x2 block, which makes GSP on
-the merged canvas identical to GSP per region (below). Offsets and sizes must be even: SD3
-patchifies 2x2 latent pixels into one token, and RAP crops on that token grid.
-
-Haar DWT (`haar_dwt`, `haar_idwt`). One level, orthonormal (filters 1/sqrt 2), bands ordered
-LL, LH, HL, HH with the signs of pywt.dwt2(x, 'haar'): LL = cA, LH = cH, HL = cV, HH = cD.
-The paper says "Haar" but not how many levels; one level is our choice (on a 128x128 region
-it constrains the 64x64 structure; the RAP and RSP priors act at the region scale anyway).
-
-GSP (`global_structure_prior`, `gsp_weight`). Paper Eqs. 4-5: L = MSE(DWT_LL(x0_hat),
-DWT_LL(R(z_L))), z_t <- z_t - lambda_t * dL/dz_t, lambda = 0.2 under a decreasing cosine
-schedule (linear decreasing and increasing schedules in the ablation, Fig. 8).
-* Through the model or not: we do not backpropagate through the network (the prediction is
-  treated as a constant, as the paper's cost analysis implies: "GSP only involves simple tensor
-  transformation"). With flow matching x0_hat = x_sigma - sigma * v_hat, so dx0_hat/dx_sigma is
-  the identity and the gradient with respect to the noisy latent equals the gradient with
-  respect to x0_hat. (On SDXL the same step carries a factor 1/sqrt(alpha_bar_t).)
-* Reduction (`gsp_step_scale`, --gsp-normalisation): L = 1/2 * sum of squares by default. One
-  step then moves the LL band exactly a fraction lambda of the way to the target and leaves LH,
-  HL, HH unchanged: lambda = 1 is DiffuseHigh's hard replacement, which the paper criticises,
-  matching its Fig. 8 artifacts at 1.0. The literal mean ("mean": 6.1e-6 of the gap per step,
-  no effect) and lambda's effect on SDXL ("sdxl": lambda / alpha_bar) are the alternatives.
-* Schedule: lambda_i = 0.2 * w(i), with progress p = i / (n - 1) over the n denoising steps
-  actually taken: cosine w = (1 + cos(pi p)) / 2, linear w = 1 - p, increasing w = p. The
-  first step gets the full step size, the last none. Over 13 steps the cosine schedule leaves
-  24 % of the initial low-band gap (product of (1 - lambda_i)), if the model did not move it.
-* Where: on the merged canvas, once per step, after the regions' velocities are blended (one
-  DWT instead of one per region). With even region offsets and uniform weights this equals
-  applying GSP inside every region. R(z_L) is then z_L itself: the paper's resize is already
-  done by encoding the LR image resized to the target.
-* Order within a step: velocity v at z_t -> x0_hat = z_t - sigma v -> z_t += GSP update -> Euler
-  step z_t + (sigma_next - sigma) v with the same v (no second model call). The update then
-  carries over unchanged into z_{t-1}.
-
-Noise level (`start_sigmas`, --noise-level). The paper noises the input to t = 0.45 T on SDXL
-and runs 0.45 of each model's default steps (SDXL 50 -> 22; SD3: 28). On SD3's shifted flow
-schedule this reads three ways: "diffusers-strength" (default), the paper's rule run as diffusers'
-SD3 img2img runs it: sigma 0.707, 13 steps (the paper's 22 of 50 is diffusers' arithmetic);
-"snr-matched", the SNR of SDXL's alpha_bar_450 = 0.3470: sigma 0.578, 12 steps; "flow-sigma",
-sigma = 0.45, 12 steps. `start_sigmas` argues the choice. Euler steps down to 0.
-
-Regional Attention Prior on joint attention (`capture_text_attention`, `regional_attention`)
------------------------------------------------------------------------------------------
-SD3 has no cross-attention: each joint block runs one softmax over the keys [text (T = 333:
-77 CLIP + 256 T5); image (N)]. For an image query of a region, per head, write that softmax
-as P = [m * S, (1 - m) * R]: m is the query's mass on the text keys, S = softmax over the text
-keys alone of its text logits (a distribution over the 333 tokens: what SDXL's cross-attention
-computes) and R its distribution over the image keys. The image query's output is
-    o = m * S V_txt + (1 - m) * R V_img.
-RAP keeps the region's own m and (1 - m) R, and replaces S by the prior A:
-    o_RAP = m * A V_txt + (1 - m) * R V_img = o + m * (A - S) V_txt.
-The rows of P' = [m A, (1 - m) R] still sum to one. A comes from the LR pass: at every step
-the LR latent (the LR image encoded at no more than the model's native area, `rap_size`),
-noised to the step's sigma with a fixed noise, goes through the model once with the global
-prompt (conditional branch only, batch 1); in every joint block, for every head, its image
-queries' S is kept: (heads, h, w, 333) on the LR token grid. For a region, A is that map
-interpolated bilinearly (F.interpolate, align_corners=False) to the full HR token grid, then
-cropped to the region: computed for the region's tokens only, as two small interpolation
-matrices (`interpolation_matrix`), never for the whole 4K grid (which would be 25 GB).
-Taken per head and per block: each head's text attention is its own mechanism, and the LR and
-HR passes share the weights, so head h of block l has the same meaning in both. Only the
-conditional branch with the global prompt gets RAP; the unconditional branch and the text
-queries are untouched. m and o come from one SDPA call (q and k padded with 8 zero channels,
-v with an indicator channel of the text keys: its output is m); S is computed explicitly for
-the 333 text keys only, in chunks of queries (TEXT_CHUNK_ELEMENTS), so memory stays bounded.
-The LR maps cost heads x N_lr x 333 x blocks values (1.6 GB in bf16 for a 1024^2 LR image).
-
-Regional Semantic Prior and the Attention Composer (`denoise_regions`)
----------------------------------------------------------------------
-With regional prompts, each region's conditional branch is run twice in one batch: row A with
-the global prompt (RAP applied when on) and row B with the region's own prompt. In every
-joint block the image queries' attention outputs of A and B are averaged (the paper's
-"attended features", o = (o_A + o_B) / 2) and given to both rows; the text queries keep their
-own. Both rows use the regional prompt's pooled vector (the paper's Eq. 8 conditions the
-region on its prompt; one shared modulation keeps the image streams of A and B identical, so
-the pair is one image stream with two text streams). The composed conditional velocity is
-then used with classifier-free guidance against the negative prompt. With regional prompts
-equal to the global prompt and RAP off, A and B are the same and the composer is plain
-regional denoising (tested). Cost: three rows per region instead of two.
-
-Regional prompts (`parse_region_prompts`, `load_region_prompts`, `caption_regions`).
-`--region-prompts FILE.json`: {"row,col": "prompt", ...}, one entry per region, rows and
-columns counted from 0 at the top left (a 2048x2048 target has rows and columns 0..2). A file
-that names unknown regions or misses some is refused in one line naming them.
-`--caption-cmd "CMD ... {image} ... {prompt}"`: run once per region, without a shell, with
-{image} replaced by a PNG of the region's crop of the resized LR image (1024 px square) and
-{prompt} by the global prompt; its standard output is the regional prompt. The paper's LLaVA
-instruction text did not survive in the available text, so the instruction is the command's
-business. Captions are made before any weight is loaded (a local LLaVA gets the GPU to itself).
-A command that fails, times out, or prints nothing, non-UTF-8 bytes or control characters is
-named; the run then stops, or goes on with RSP off with `--caption-failure rsp-off`. The prompts
-used are written beside the output (`hr.regions.json`); the image and this record appear
-together or not at all.
-
-VAE, memory and limits
-----------------------
-The VAE encodes and decodes in overlapping tiles (`tiled_vae`: 1024 px tiles, 128 px overlap by
-default) blended with linear ramps over the overlaps (weights normalised to sum to one), so
-an 8192^2 image never passes through the VAE whole (its decoder would need ~17 GB per
-feature map in bf16); inputs that fit one tile are processed whole. Targets above
-MAX_TARGET_PIXELS (8192^2) are refused before any model is loaded; inputs with a side below
-MIN_INPUT_SIDE (64 px) are refused as too small. GPU memory at 8192^2 is bounded by the region
-batch (`--region-batch`), the tiles and the RAP maps, not by the target size (latents at
-8192^2 are 64 MB). `--offload model` keeps the MMDiT and VAE on the CPU between uses. An F16
-VAE (`"stride": 2` in its config) decodes as Diffusion-4K's partitioned path, the one its
-decoders were trained through (`Decoder.upsample_conv_out`).
-
-Other choices. CFG scale 7.5 (the paper follows DemoFusion; the value is lost in the text we
-have, DemoFusion's is 7.5). Noise from a CPU generator seeded by --seed (the same image on any
-device). Bicubic resizing of the LR image. The RAP noise is drawn once and reused at every step.
-
-Public API: CUpscaleConfig, load_sd3_pipeline, encode_conditions, upscale, sample_regions,
-denoise_regions, capture_text_attention, regional_attention, region_prior, interpolation_matrix,
-tiled_vae, plan_regions, blend_weights, crop_regions, merge_regions, region_batches, haar_dwt,
-haar_idwt, gsp_weight, global_structure_prior, gsp_step_scale, sdxl_alpha_bar, flow_sigma_for_sdxl_strength,
-start_sigmas, parse_region_prompts, load_region_prompts, caption_regions, and the copied models
-(MMDiT, AutoEncoder, CLIPTextEncoder, T5Encoder, tokenizers, loaders, sd3_sigmas, Pipeline,
-encode_prompts). In this file `load_sd3_pipeline` and `upscale` play the roles that the
-copied `Pipeline` docstring gives to diffusion4k's `load_pipeline` and `generate`.
+Appendix, copied from diffusion4k.py (kept in sync by tests/sync_copies.py): the pipeline container, the flow
+schedule, the tiled VAE, SD3's MMDiT, the VAE, CLIP and T5 with their tokenizers, weight loading; here
+`load_sd3_pipeline` fills the copied `Pipeline`.
 """
 
 from __future__ import annotations
@@ -180,6 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -187,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from torch.utils.checkpoint import checkpoint
@@ -216,21 +80,13 @@ from common.io import (
 )
 
 GSP_SCHEDULES = ("cosine", "linear", "increasing")
-
 GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
-
 NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
-
-SDXL_TRAIN_STEPS = 1000
-
-SD3_TRAIN_STEPS = 1000
+SDXL_TRAIN_STEPS = SD3_TRAIN_STEPS = 1000
 
 TEXT_CHUNK_ELEMENTS = 2**26  # explicit image->text probabilities are built this many values at a time
-
 MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond it the run would take hours and the image 200 MB
-
 MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
-
 MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128: the smallest input to the largest target
 
 @dataclass
@@ -244,7 +100,7 @@ class CUpscaleConfig:
     noise_level: str = "diffusers-strength"  # how strength reads on SD3's schedule (`start_sigmas`)
     num_steps: int = 28  # SD3's default full schedule
     shift: float = 3.0  # SD3's flow-matching time shift
-    guidance: float = 7.5  # CFG scale (the paper follows DemoFusion)
+    guidance: float = 7.5  # CFG scale: the paper follows DemoFusion, whose scale is 7.5
     gsp: bool = True
     rap: bool = True
     rsp: bool = True  # needs regional prompts; without them it is off
@@ -252,7 +108,7 @@ class CUpscaleConfig:
     gsp_schedule: str = "cosine"
     gsp_normalisation: str = "sum"  # the reading of Eq. 4's loss (`gsp_step_scale`)
     region_batch: int = 4  # regions per model call (each 2 or 3 batch rows)
-    vae_tile_px: int = 1024
+    vae_tile_px: int = 1024  # the VAE runs in overlapping tiles: an 8192^2 image never passes whole
     vae_overlap_px: int = 128
     caption_timeout_s: float = 300.0  # per region; a local LLaVA loads its weights every call
 
@@ -268,40 +124,45 @@ class CUpscaleConfig:
 # ================================================================== the method: creative upscaling
 
 @torch.no_grad()
-def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict, config: CUpscaleConfig,
-            seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image` to width x height; returns the image (3, H, W) in [-1, 1] on the CPU.
-
-    `config.vae_scale` must be the VAE's factor; conditions from `encode_conditions` (their
-    "regions" set to None turns RSP off).
-    """
+def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
+            config: CUpscaleConfig, seed: int, progress=None) -> torch.Tensor:
+    """C-Upscale `image` to width x height: the image (3, H, W) in [-1, 1] on the CPU. Noise comes from a CPU
+    generator seeded by `seed` (the same image on any device); `config.vae_scale` must be the VAE's factor;
+    `conditions` come from `encode_conditions` (their "regions" set to None turns RSP off)."""
     device, dtype = pipe.device, pipe.dtype
-    factor = pipe.vae.config.downsample_factor
     generator = seed_everything(seed)
-    to_device = {name: {k: v.to(device) for k, v in c.items()} for name, c in conditions.items() if name != "regions"}
-    to_device["regions"] = None
-    if config.rsp and conditions.get("regions") is not None:
-        to_device["regions"] = {key: {k: v.to(device) for k, v in c.items()} for key, c in conditions["regions"].items()}
+
+    def to_device(condition: dict) -> dict:
+        return {k: v.to(device) for k, v in condition.items()}
+
+    regions = conditions.get("regions") if config.rsp else None
+    moved = {name: to_device(c) for name, c in conditions.items() if name != "regions"}
+    moved["regions"] = None if regions is None else {key: to_device(c) for key, c in regions.items()}
     resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
     max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple  # patches x px per patch
-    small = image_to_tensor(image.resize(rap_size(*image.size, config.region_px, pipe.size_multiple, max_side), Image.BICUBIC))[None]
+    small_size = rap_size(*image.size, config.region_px, pipe.size_multiple, max_side)
+    small = image_to_tensor(image.resize(small_size, Image.BICUBIC))[None]
     home = "cpu" if pipe.offload != "none" else device
+    tile, overlap = config.vae_tile_px, config.vae_overlap_px
     with visiting(pipe.vae, device, home):
-        lr_latent = tiled_vae(pipe.vae.encode, resized, config.vae_tile_px, config.vae_overlap_px, device, dtype)
-        rap_latent = tiled_vae(pipe.vae.encode, small, config.vae_tile_px, config.vae_overlap_px, device, dtype)
+        lr_latent = tiled_vae(pipe.vae.encode, resized, tile, overlap, device, dtype)
+        rap_latent = tiled_vae(pipe.vae.encode, small, tile, overlap, device, dtype)
     with visiting(pipe.transformer, device, home):
-        z = sample_regions(pipe.transformer, lr_latent, rap_latent, to_device, config, dtype, generator, progress)
-    tile, overlap = config.vae_tile_px // factor, config.vae_overlap_px // factor
+        z = sample_regions(pipe.transformer, lr_latent, rap_latent, moved, config, dtype, generator, progress)
+    factor = pipe.vae.config.downsample_factor
     with visiting(pipe.vae, device, home):
-        decoded = tiled_vae(pipe.vae.decode, z, tile, overlap, device, dtype)
+        decoded = tiled_vae(pipe.vae.decode, z, tile // factor, overlap // factor, device, dtype)
     return decoded[0].clamp(-1, 1).cpu()
 
 def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig, dtype,
                    generator: torch.Generator, progress=None) -> torch.Tensor:
     """Diffuse-then-denoise with regional denoising and the priors: the clean HR latent (1, C, H, W).
 
-    lr_latent: the LR image resized to the target and encoded (z_L, fp32, on the model's device);
-    rap_latent: the LR image at `rap_size`, encoded (RAP's source).
+    lr_latent: z_L, the LR image resized to the target (the paper's R(z_L)) and encoded, fp32 on the model's
+    device; rap_latent: the LR image at `rap_size`, encoded, noised with one fixed noise for RAP. Each Euler
+    step: the regions' velocities are blended into v, x0_hat = z - sigma v, GSP moves z, then z += (sigma_next
+    - sigma) v with the same v. GSP acts once on the merged canvas: with even region offsets and uniform
+    weights, that equals GSP inside every region.
     """
     device = lr_latent.device
     sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level).tolist()
@@ -310,9 +171,9 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
     regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
     patch = model.config.patch_size
-    interpolation = region_interpolation(
-        regions, (z.shape[-2] // patch, z.shape[-1] // patch), (rap_latent.shape[-2] // patch, rap_latent.shape[-1] // patch), patch
-    ) if config.rap else None
+    grids = [(x.shape[-2] // patch, x.shape[-1] // patch) for x in (z, rap_latent)]
+    interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
+    global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
     batches = list(region_batches(regions, config.region_batch))
     steps = len(sigmas) - 1
     low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # LL coefficients of one region
@@ -320,10 +181,11 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
         lr_maps = None
         if config.rap:
             noisy_lr = ((1 - sigma) * rap_latent + sigma * rap_noise).to(dtype)
-            lr_maps = capture_text_attention(model, noisy_lr, sigma, {k: v.to(dtype) for k, v in conditions["global"].items()})
+            lr_maps = capture_text_attention(model, noisy_lr, sigma, global_condition)
         velocities = []
         for j, batch in enumerate(batches):
-            velocities.append(denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
+            velocities.append(
+                denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
             if progress is not None:
                 progress(i * len(batches) + j + 1, steps * len(batches))
         v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
@@ -335,133 +197,48 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     return z
 
 @torch.no_grad()
-def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict, config: CUpscaleConfig,
-                    dtype, lr_maps=None, interpolation=None, probe=None) -> torch.Tensor:
+def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict,
+                    config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None) -> torch.Tensor:
     """The CFG velocity (n, C, h, w) in fp32 of a batch of regions of the latent canvas (C, H, W).
 
-    conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None};
-    tensors on the model's device. RAP when `lr_maps` is given; the composer when
-    conditions["regions"] is set (RSP on).
+    conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None}, on
+    the model's device. RAP is on when `lr_maps` is given. With regional prompts (RSP) each region gets a
+    third row, for the Attention Composer (`regional_attention`); its global and regional rows both take the
+    regional prompt's pooled vector (the paper's Eq. 8 conditions a region on its prompt), so the pair is one
+    image stream with two text streams: with regional prompts equal to the global one and RAP off, plain
+    regional denoising.
     """
     n, device = len(regions), canvas.device
     composer = conditions.get("regions") is not None
     glob, neg = conditions["global"], conditions["negative"]
     own = [conditions["regions"][r.key] for r in regions] if composer else []
     contexts = [neg["context"]] * n + [glob["context"]] * n + [c["context"] for c in own]
-    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] if composer else [glob["pooled"]] * n) + [c["pooled"] for c in own]
+    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] * 2 if composer else [glob["pooled"]] * n)
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
     t = torch.full((len(x),), sigma * 1000, device=device, dtype=dtype)
-    layout = RegionBatch(n, composer, [interpolation[r.key] for r in regions] if lr_maps is not None else None, lr_maps, probe)
-    hook = layout.composer or layout.priors is not None or probe is not None
-    with attention_hook(model, lambda b: lambda q, k, v, c: regional_attention(q, k, v, c, layout, b)) if hook else contextlib.nullcontext():
+    priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
+    rows = dict(n=n, composer=composer, priors=priors, lr_maps=lr_maps)
+    hook = attention_hook(model, lambda block: partial(regional_attention, block=block, **rows))
+    with hook if composer or priors is not None else contextlib.nullcontext():
         out = model(x, t, torch.cat(contexts).to(dtype), torch.cat(pooled).to(dtype)).float()
     uncond, cond = out[:n], out[n : 2 * n]
     if composer:
         cond = (cond + out[2 * n :]) / 2  # the two rows share one image stream: equal up to rounding
     return uncond + config.guidance * (cond - uncond)
 
-
-# ======================================================== the method: global structure prior (GSP)
-
-def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float) -> torch.Tensor:
-    """The GSP update -step_size * dL/dz (paper Eq. 5), to add to the noisy latent.
-
-    L = 1/2 * sum (LL(x0_pred) - LL(lr_latent))^2 over the one-level Haar low band. The
-    prediction is a constant (no backpropagation through the model) and, with flow matching,
-    dx0_pred/dz is the identity, so dL/dz = dL/dx0_pred = IDWT(LL difference, 0, 0, 0). Adding
-    the update moves the low band of x0_pred (and of z) a fraction `step_size` of the way to
-    the LR latent's and leaves the three detail bands exactly as they were.
-    """
-    if x0_pred.shape != lr_latent.shape:
-        raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent {tuple(lr_latent.shape)} differ in shape")
-    low_band_gap = haar_dwt(x0_pred.float())[..., :1, :, :] - haar_dwt(lr_latent.float())[..., :1, :, :]
-    details = low_band_gap.new_zeros(*low_band_gap.shape[:-3], 3, *low_band_gap.shape[-2:])
-    gradient = haar_idwt(torch.cat([low_band_gap, details], dim=-3))
-    return (-step_size * gradient).to(x0_pred.dtype)
-
-def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
-    """The GSP schedule factor in [0, 1] for step `step` (0-based) of the `num_steps` taken.
-
-    cosine (the paper's) and linear decrease from 1 at the first step to 0 at the last;
-    increasing rises from 0 to 1 (the ablation's alternatives, paper Fig. 8).
-    """
-    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1 - progress
-    if schedule == "increasing":
-        return progress
-    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
-
-def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """The factor on the step size lambda_i that turns `global_structure_prior` (written for L = 1/2 sum)
-    into the paper's Eq. 5 step under each reading of its loss. The paper says "MSE" and lambda = 0.2,
-    and its ablation (Fig. 8) finds 0.2 visibly reducing repetition and 1.0 causing artifacts.
-    * "sum" (default): L = 1/2 * sum of squares; factor 1. One step closes exactly a fraction lambda of
-      the low-band gap and never overshoots for lambda <= 1; lambda = 1 is DiffuseHigh's hard
-      replacement of the low band, which the paper criticises. Both ends of its ablation behave as
-      reported, and lambda means the same on any region size, channel count or noise level.
-    * "mean": the literal mean squared error over the `low_band_size` LL coefficients of one region
-      (16 x 64 x 64 = 65,536 for SD3 at 1024 px); factor 2 / n, so 0.2 closes 6.1e-6 of the gap per
-      step: no visible effect, against the paper's Fig. 8. Applied on the merged canvas it equals the
-      per-region step (equal regions, weights summing to one).
-    * "sdxl": the effect lambda had on the paper's SDXL, where Eq. 5 differentiates x0_hat = (z_t -
-      sqrt(1 - a) eps) / sqrt(a) with eps fixed: the step then closes lambda / a_t of x0_hat's gap;
-      a_t is the VP alpha_bar with the SNR of sigma, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2),
-      floored at SDXL's last level a_999. Stronger early (0.58 at sigma 0.578) and above 1, i.e.
-      overshooting the target, for sigma > 2/3 at 0.2: the first steps of the default noise level.
-    """
-    if normalisation == "sum":
-        return 1.0
-    if normalisation == "mean":
-        return 2 / low_band_size
-    if normalisation == "sdxl":
-        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
-        return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
-    raise ValueError(f"unknown GSP normalisation {normalisation!r}; choose from {GSP_NORMALISATIONS}")
-
-# --- BEGIN copy of diffusion4k.py: Haar wavelets ---
-def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform over the last two dims.
-
-    (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
-    dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
-    """
-    if x.shape[-2] % 2 or x.shape[-1] % 2:
-        raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
-    return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
-
-def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
-    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
-    ll, lh, hl, hh = bands.unbind(-3)
-    a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
-    c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)  # (..., h, 2, w, 2)
-    return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
-# --- END copy: Haar wavelets ---
-
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
-    """The schedule of diffuse-then-denoise: the sigmas from the start noise level down to 0, Euler-stepped.
+    """The sigmas of diffuse-then-denoise, from the start noise level down to 0 (Euler steps).
 
-    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps, "for all
-    models" (SDXL 50 -> 22, SD3: 28). On SD3's shifted flow schedule that reads three ways:
-    * "diffusers-strength" (default): the paper's rule as diffusers' StableDiffusion3Img2ImgPipeline
-      runs it: cut SD3's own `num_steps` schedule (`sd3_sigmas`) at int(num_steps - strength *
-      num_steps) and run the rest: 0.45 of 28 -> sigma 0.707, 13 steps. Chosen because the paper
-      states its noise level as this share of each model's own schedule, and its SDXL count, 22 of
-      50, is exactly diffusers' img2img arithmetic int(50 * 0.45) (which starts SDXL at t = 421, not
-      450); SD3 was tuned on its shift-3 schedule, so a share of that schedule is its own measure of
-      how much is redrawn, while equal SNR in two different latent spaces (SDXL 4 channels, SD3 16)
-      is not equal corruption.
-    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`): 0.578
-      for 0.45; int(strength * num_steps) steps (12) on the shape of SD3's schedule.
-    * "flow-sigma": sigma = strength, SD3's own timestep axis read literally (t = 0.45 T = timestep
-      450): the least noise, the most faithful; int(strength * num_steps) steps likewise.
-    The re-spaced schedules are uniform in unshifted time from the start sigma down to SD3's last
-    non-zero sigma (unshifting is `time_shift` with -ln(shift)).
+    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps (SDXL 50 -> 22).
+    On SD3's shifted flow schedule that reads three ways:
+    * "diffusers-strength" (default): as diffusers' SD3 img2img runs it, cut SD3's own schedule
+      (`sd3_sigmas`) at int(num_steps - strength * num_steps): sigma 0.707, 13 of 28 steps. The paper's 22 of
+      50 is exactly diffusers' arithmetic, and SD3 was tuned on this schedule, while equal SNR in two latent
+      spaces (SDXL 4 channels, SD3 16) is not equal corruption.
+    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`), sigma 0.578.
+    * "flow-sigma": sigma = strength, SD3's timestep axis read literally: the most faithful.
+    These two run int(strength * num_steps) steps (12), uniform in unshifted time (`time_shift` with
+    -ln(shift)) from the start sigma down to SD3's last non-zero sigma.
     """
     if noise_level == "diffusers-strength":
         start = int(max(num_steps - min(num_steps * strength, num_steps), 0))  # diffusers' get_timesteps
@@ -483,13 +260,9 @@ def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="dif
     return sigmas.float()
 
 def flow_sigma_for_sdxl_strength(strength: float) -> float:
-    """The flow-matching sigma with the signal-to-noise ratio of an SDXL latent noised to t = strength * T.
-
-    (1 - sigma) / sigma = sqrt(alpha_bar / (1 - alpha_bar)), i.e. sigma = sqrt(1-a) / (sqrt(a) + sqrt(1-a)):
-    0.578 for strength 0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(alpha_bar) are then
-    the same random variable. (Matching the noise's standard deviation instead, sigma = sqrt(1 - a),
-    would give 0.808.)
-    """
+    """The flow-matching sigma with the SNR of an SDXL latent noised to t = strength * T: (1 - sigma) / sigma
+    = sqrt(a / (1 - a)) with a = alpha_bar_t, i.e. sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)), 0.578 for
+    0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(a) are then the same random variable."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
@@ -499,147 +272,6 @@ def sdxl_alpha_bar(timestep: int) -> float:
     """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0)[timestep].item()
-
-
-# ====================================================== the method: regional attention prior (RAP)
-
-@dataclass
-class RegionBatch:
-    """The batch rows of one model call over n regions: [uncond] * n, [global prompt] * n and,
-    with the composer, [regional prompt] * n. `priors[i]` builds region i's A for a block."""
-
-    n: int
-    composer: bool
-    priors: list | None = None  # per region: (row_weights, col_weights); None: RAP off
-    lr_maps: list | None = None  # per block: (H, h, w, T)
-    probe: object = None  # tests: called with what the attention used, see `regional_attention`
-
-def regional_attention(q, k, v, num_context: int, layout: RegionBatch, block: int):
-    """A joint block's attention for a batch of regions, with RAP and the Attention Composer.
-
-    Global-prompt rows with RAP: o + m (A - S) V_txt for the image queries (module docstring).
-    Composer: the image queries' outputs of the global and regional rows are averaged.
-    """
-    n, img = layout.n, slice(num_context, None)
-    glob = slice(n, 2 * n)
-    if layout.priors is None and layout.probe is None:
-        out = attention(q, k, v)
-    else:
-        out = torch.empty_like(q)
-        out[:n] = attention(q[:n], k[:n], v[:n])
-        if layout.composer:
-            out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
-        out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
-        for i in range(n):
-            row = n + i
-            q_img, k_txt, v_txt = q[row, :, img], k[row, :, :num_context], v[row, :, :num_context]
-            prior = region_prior(layout.lr_maps[block], *layout.priors[i]) if layout.priors else None
-            used_parts, own_parts = [], []
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
-                own = text_distribution(q_img[:, chunk], k_txt)  # (H, chunk, T)
-                used = prior[:, chunk].float() if prior is not None else own
-                if prior is not None:
-                    correction = mass[i, :, num_context:][:, chunk, None].float() * ((used - own) @ v_txt.float())
-                    out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-                if layout.probe is not None:
-                    used_parts.append(used)
-                    own_parts.append(own)
-            if layout.probe is not None:
-                layout.probe(dict(block=block, region=i, q=q[row], k=k[row], v=v[row], out=out[row].clone(),
-                                  used=torch.cat(used_parts, 1), own=torch.cat(own_parts, 1)))
-    if layout.composer:
-        both = (out[glob, :, img] + out[2 * n :, :, img]) / 2
-        out[glob, :, img] = both
-        out[2 * n :, :, img] = both
-    return out
-
-def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple, patch: int) -> dict:
-    """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
-    rows, cols = interpolation_matrix(canvas_tokens[0], lr_tokens[0]), interpolation_matrix(canvas_tokens[1], lr_tokens[1])
-    return {
-        r.key: (rows[r.top // patch : (r.top + r.height) // patch], cols[r.left // patch : (r.left + r.width) // patch])
-        for r in regions
-    }
-
-def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
-    """(size_out, size_in): the weights of F.interpolate's linear resizing (align_corners=False)
-    along one axis, so that resize(x) = M @ x. Rows sum to one."""
-    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=size_in - 1)
-    high = (low + 1).clamp(max=size_in - 1)
-    frac = source - low
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    rows = torch.arange(size_out)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix
-
-def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
-    """A for one region: the LR map (H, h, w, T) interpolated to the HR token grid and cropped,
-    given the crop's rows of the two interpolation matrices. Returns (H, region tokens, T)."""
-    x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
-    return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
-
-@torch.no_grad()
-def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list[torch.Tensor]:
-    """RAP's source: one pass of the noised LR latent (1, C, h, w) with the global prompt.
-
-    Returns, per joint block, S of the image queries on the LR token grid: (heads, h/p, w/p, T)
-    in the model's dtype, each row a distribution over the T text tokens.
-    """
-    p = model.config.patch_size
-    rows, cols = latent.shape[-2] // p, latent.shape[-1] // p
-    maps = []
-
-    def make_attend(index):
-        def attend(q, k, v, num_context):
-            q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
-            probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
-                probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
-            maps.append(probs.unflatten(1, (rows, cols)))
-            return attention(q, k, v)
-
-        return attend
-
-    t = torch.full((1,), sigma * 1000, device=latent.device, dtype=latent.dtype)
-    with attention_hook(model, make_attend):
-        model(latent, t, condition["context"], condition["pooled"])
-    return maps
-
-@contextlib.contextmanager
-def attention_hook(model: MMDiT, make_attend):
-    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for
-    methods built on SD3) for the duration; the class's plain attention comes back afterwards.
-    The bound functions run eagerly under `compile_blocks`: traced, their per-block and per-region
-    Python would make a graph for each block."""
-    for index, block in enumerate(model.joint_blocks):
-        block.attend = torch.compiler.disable(make_attend(index))
-    try:
-        yield
-    finally:
-        for block in model.joint_blocks:
-            del block.attend
-
-def attention_and_text_mass(q, k, v, num_context: int):
-    """Joint attention output (B, H, L, D) and each query's probability mass m on the first
-    `num_context` keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do
-    not change; the scale stays 1/sqrt(D)) and v an indicator channel of the text keys (plus 7
-    zeros, to keep the head dim a multiple of 8 for the fused kernels)."""
-    d = q.shape[-1]
-    extra = v.new_zeros(*v.shape[:-1], 8)
-    extra[..., :num_context, 0] = 1
-    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=d**-0.5)
-    return out[..., :d], out[..., d]
-
-def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
-    """S: each image query's softmax over the text keys alone, (..., N, T) in fp32."""
-    logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
-    return torch.softmax(logits, dim=-1)
-
-def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
-    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
-    return [slice(start, start + size) for start in range(0, queries, size)]
 
 class Region(NamedTuple):
     """One window of the latent canvas, in latent px, with its (row, col) place in the grid."""
@@ -660,33 +292,28 @@ class Region(NamedTuple):
         return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
 
 def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
-    """Overlapping `region`-square windows covering a latent canvas, row by row.
+    """Overlapping `region`-square windows covering a latent canvas, row by row from the top left.
 
-    A side shorter than `region` gets one window of that side's length. All sizes and offsets
-    must be even (2x2 latent px make one SD3 token) and stride <= region (no gaps).
+    The paper's regions are the model's training size, overlapping by half (Sec. 5.1). Windows start every
+    `stride` and the last one is moved back to end on the border, so none is partial and all have one size
+    (one batch); a side shorter than `region` gets one window of its length. Sizes and offsets must be even
+    (2x2 latent px make one SD3 token, and RAP crops on that grid) and stride <= region (no gaps).
     """
     if min(latent_height, latent_width, region, stride) <= 0 or stride > region:
         raise ValueError(f"need positive sizes and stride <= region, got region {region}, stride {stride}")
     if any(n % 2 for n in (latent_height, latent_width, region, stride)):
-        raise ValueError(
-            f"canvas {latent_height}x{latent_width}, region {region} and stride {stride} must be even (latent px)"
-        )
+        raise ValueError(f"canvas {latent_height}x{latent_width}, region {region} and stride {stride} "
+                         "must be even (latent px)")
     height, width = min(region, latent_height), min(region, latent_width)
     rows = _window_starts(latent_height, height, stride)
     cols = _window_starts(latent_width, width, stride)
-    return [Region(r, c, top, left, height, width) for r, top in enumerate(rows) for c, left in enumerate(cols)]
+    return [Region(r, c, top, left, height, width)
+            for r, top in enumerate(rows) for c, left in enumerate(cols)]
 
-def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
-    """Uniform MultiDiffusion weights, (N, region h, region w): 1 / (number of regions covering the pixel).
-
-    For every latent pixel, the weights of the regions covering it sum to one.
-    """
-    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 must stay exact in fp64 outputs
-    for region in regions:
-        count[region.slices] += 1
-    if (count == 0).any():
-        raise ValueError("the regions leave latent pixels uncovered")
-    return torch.stack([1 / count[region.slices] for region in regions])
+def region_batches(regions: list[Region], batch_size: int):
+    """Yield the regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
+    for start in range(0, len(regions), batch_size):
+        yield regions[start : start + batch_size]
 
 def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
     """(..., H, W) -> (N, ..., region h, region w): the regions stacked as one batch."""
@@ -700,29 +327,224 @@ def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) ->
         canvas[(..., *region.slices)] += weight * output
     return canvas
 
-def region_batches(regions: list[Region], batch_size: int):
-    """Yield the regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
-    for start in range(0, len(regions), batch_size):
-        yield regions[start : start + batch_size]
+def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
+    """(N, region h, region w): 1 / (number of regions covering the pixel), so the weights sum to one at
+    every latent pixel. Uniform, as in MultiDiffusion, which the paper follows (it finds no seams at overlap
+    512 px); with half-region overlaps they are constant on every 2x2 block, which makes GSP on the merged
+    canvas equal GSP per region."""
+    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 stays exact in fp64 outputs
+    for region in regions:
+        count[region.slices] += 1
+    if (count == 0).any():
+        raise ValueError("the regions leave latent pixels uncovered")
+    return torch.stack([1 / count[region.slices] for region in regions])
+
+
+# ======================================================== the method: global structure prior (GSP)
+
+def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float) -> torch.Tensor:
+    """The GSP update -step_size * dL/dz (paper Eqs. 4-5), to add to the noisy latent z.
+
+    L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 over the low band of a one-level Haar transform (the paper
+    does not say how many levels). The prediction is a constant, as the paper's cost analysis implies ("GSP
+    only involves simple tensor transformation"), and with flow matching x0_pred = z - sigma v, so dL/dz =
+    dL/dx0_pred = IDWT(LL gap, 0, 0, 0). The update moves the low band of x0_pred (and of z) a fraction
+    `step_size` of the way to the LR latent's and leaves the three detail bands as they were.
+    """
+    if x0_pred.shape != lr_latent.shape:
+        raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent {tuple(lr_latent.shape)} differ")
+    low_band_gap = haar_dwt(x0_pred.float())[..., :1, :, :] - haar_dwt(lr_latent.float())[..., :1, :, :]
+    details = low_band_gap.new_zeros(*low_band_gap.shape[:-3], 3, *low_band_gap.shape[-2:])
+    gradient = haar_idwt(torch.cat([low_band_gap, details], dim=-3))
+    return (-step_size * gradient).to(x0_pred.dtype)
+
+def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
+    """lambda_i / lambda at step `step` (0-based) of the `num_steps` taken, with p = step / (num_steps - 1):
+    cosine (the paper's) (1 + cos(pi p)) / 2, linear 1 - p, increasing p (its ablation, Fig. 8)."""
+    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1 - progress
+    if schedule == "increasing":
+        return progress
+    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
+
+def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
+    """The factor on lambda_i that turns `global_structure_prior` (written for L = 1/2 sum) into Eq. 5's step
+    under each reading of the paper's "MSE" (its Fig. 8: lambda 0.2 reduces repetition, 1.0 makes artifacts).
+    * "sum" (default): 1. A step closes exactly lambda of the low-band gap on any region, channel count or
+      noise level; lambda = 1 is DiffuseHigh's hard replacement of the band, which the paper criticises.
+    * "mean": 2 / n over the n = `low_band_size` LL coefficients of a region (65,536 for SD3 at 1024 px):
+      0.2 then closes 6.1e-6 of the gap per step, no visible effect.
+    * "sdxl": lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) makes a step close
+      lambda / a of the gap; a is the alpha_bar with sigma's SNR, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2),
+      floored at SDXL's a_999 (above 1, overshooting, for sigma > 2/3 at 0.2).
+    """
+    if normalisation == "sum":
+        return 1.0
+    if normalisation == "mean":
+        return 2 / low_band_size
+    if normalisation == "sdxl":
+        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+        return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
+    raise ValueError(f"unknown GSP normalisation {normalisation!r}; choose from {GSP_NORMALISATIONS}")
+
+# --- BEGIN copy of diffusion4k.py: Haar wavelets ---
+def haar_dwt(x: torch.Tensor) -> torch.Tensor:
+    """One level of the orthonormal 2-D Haar transform (sums of squares are preserved) over the last two
+    dims: (..., H, W) -> (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
+    return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
+
+def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
+    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
+    ll, lh, hl, hh = bands.unbind(-3)
+    a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
+    c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (..., h, 2, w, 2)
+    return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
+# --- END copy: Haar wavelets ---
+
+
+# ====================================================== the method: regional attention prior (RAP)
+
+def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, priors, lr_maps, block: int):
+    """Joint block `block`'s attention (B, H, L, D) for n regions, with RAP and the Attention Composer.
+
+    Batch rows: [negative] * n, [global prompt] * n and, with the composer, [regional prompt] * n. RAP is on
+    when `priors` (per region: its rows of the interpolation matrices) and `lr_maps` (per block: S of the LR
+    pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax runs over the keys [text (T = 333:
+    77 CLIP + 256 T5); image]. Per head, write an image query's row as P = [m S, (1 - m) R]: m is its mass on
+    the text keys, S its softmax over the text keys alone (what SDXL's cross-attention computes), R its
+    distribution over the image keys; its output is o = m S V_txt + (1 - m) R V_img. RAP keeps m and
+    (1 - m) R and replaces S by the prior A (whose rows, like S's, sum to one):
+        o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt.
+    Per head and per block: the LR and HR passes share the weights, so head h of block l means the same in
+    both. Only the global-prompt rows get RAP; the negative rows and all text queries are untouched. o and m
+    come from one SDPA call; S is built for the text keys only, in chunks of queries, so memory stays bounded.
+    Composer (RSP): the image queries' outputs of the global and regional rows are averaged,
+    o = (o_global + o_regional) / 2, and given to both rows; text queries keep their own.
+    """
+    img, glob = slice(num_context, None), slice(n, 2 * n)
+    if priors is None:
+        out = attention(q, k, v)
+    else:
+        out = torch.empty_like(q)
+        out[:n] = attention(q[:n], k[:n], v[:n])
+        if composer:
+            out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
+        out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
+        for i in range(n):
+            row = n + i
+            q_img, k_txt, v_txt = q[row, :, img], k[row, :, :num_context], v[row, :, :num_context].float()
+            prior = region_prior(lr_maps[block], *priors[i])
+            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+                own = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
+                m = mass[i, :, num_context:][:, chunk, None].float()
+                correction = m * ((prior[:, chunk].float() - own) @ v_txt)  # m (A - S) V_txt
+                out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
+    if composer:
+        both = (out[glob, :, img] + out[2 * n :, :, img]) / 2
+        out[glob, :, img] = both
+        out[2 * n :, :, img] = both
+    return out
+
+def attention_and_text_mass(q, k, v, num_context: int):
+    """Joint attention output (B, H, L, D) and each query's probability mass m on the first `num_context`
+    keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do not change; the scale stays
+    1/sqrt(D)) and v an indicator channel of the text keys (plus 7 zeros, to keep the head dim a multiple of 8
+    for the fused kernels)."""
+    d = q.shape[-1]
+    extra = v.new_zeros(*v.shape[:-1], 8)
+    extra[..., :num_context, 0] = 1
+    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=d**-0.5)
+    return out[..., :d], out[..., d]
+
+def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """A for one region, (H, region tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR token
+    grid and cropped to the region, from the crop's rows of the two interpolation matrices (the region's
+    tokens only: the whole grid of a 4K image would take 25 GB)."""
+    x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
+    return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
+
+def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple, patch: int) -> dict:
+    """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
+    rows, cols = (interpolation_matrix(out, size) for out, size in zip(canvas_tokens, lr_tokens))
+    return {r.key: (rows[r.top // patch : (r.top + r.height) // patch],
+                    cols[r.left // patch : (r.left + r.width) // patch]) for r in regions}
+
+def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
+    """(size_out, size_in): the weights of F.interpolate's linear resizing (align_corners=False) along one
+    axis, so that resize(x) = M @ x. Rows sum to one."""
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = source - low
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix
+
+@torch.no_grad()
+def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list[torch.Tensor]:
+    """RAP's source: one pass of the noised LR latent (1, C, h, w), encoded at no more than the model's native
+    area (`rap_size`), with the global prompt (conditional branch only). Returns, per joint block, S of the
+    image queries on the LR token grid, (heads, h/p, w/p, T) in the model's dtype."""
+    p = model.config.patch_size
+    rows, cols = latent.shape[-2] // p, latent.shape[-1] // p
+    maps = []
+
+    def attend(q, k, v, num_context):  # the blocks run in order: maps[i] is block i's
+        q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
+        probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
+        for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+            probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
+        maps.append(probs.unflatten(1, (rows, cols)))
+        return attention(q, k, v)
+
+    t = torch.full((1,), sigma * 1000, device=latent.device, dtype=latent.dtype)
+    with attention_hook(model, lambda block: attend):
+        model(latent, t, condition["context"], condition["pooled"])
+    return maps
+
+def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
+    """S: each image query's softmax over the text keys alone, (..., N, T) in fp32."""
+    logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
+    return torch.softmax(logits, dim=-1)
+
+def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
+    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
+    return [slice(start, start + size) for start in range(0, queries, size)]
+
+@contextlib.contextmanager
+def attention_hook(model: MMDiT, make_attend):
+    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for methods built on
+    SD3) for the duration; the class's plain attention comes back afterwards. The bound functions run eagerly
+    under `compile_blocks`: traced, their per-block and per-region Python would make a graph per block."""
+    for index, block in enumerate(model.joint_blocks):
+        block.attend = torch.compiler.disable(make_attend(index))
+    try:
+        yield
+    finally:
+        for block in model.joint_blocks:
+            del block.attend
 
 
 # ======================================================= the method: regional semantic prior (RSP)
 
-def caption_regions(
-    image: Image.Image,
-    regions: list[Region],
-    command: str,
-    global_prompt: str,
-    vae_scale: int,
-    timeout_s: float,
-    rsp_off_on_failure: bool = False,
-) -> dict[str, str] | None:
-    """Regional prompts from an external captioning command, run once per region.
+def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
+                    vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict[str, str] | None:
+    """Regional prompts from an external captioning command, run once per region (the paper's LLaVA-1.6
+    captions the region's crop given the global prompt; its instruction text is not in the paper).
 
-    `image` is the LR image resized to the target size. `command` is split like a shell line
-    (no shell runs it); in each argument {image} becomes the path of the region's crop (PNG)
-    and {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
-    `rsp_off_on_failure`, say so on stderr and return None (RSP off).
+    `image` is the LR image resized to the target size. `command` is split like a shell line (no shell runs
+    it); in each argument {image} becomes the path of the region's crop (PNG) and {prompt} the global prompt.
+    On a failure, raise a UserError naming it, or, with `rsp_off_on_failure`, warn and return None (RSP off).
     """
     try:
         template = shlex.split(command)
@@ -750,8 +572,7 @@ def caption_regions(
     return prompts
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError naming
-    the failure."""
+    """Run one captioning command; return its standard output as one line, or raise UserError naming it."""
     shown = shlex.join(command)
     try:
         done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
@@ -780,11 +601,9 @@ def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
     return parse_region_prompts(read_json(path), regions, source=str(path))
 
 def parse_region_prompts(data, regions: list[Region], source: str = "region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping against the planned regions; return it with normalised keys.
-
-    Every region needs exactly one non-empty string; unknown and missing regions are named
-    in one UserError line.
-    """
+    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against the
+    planned regions; return it with normalised keys. Every region needs exactly one non-empty string;
+    unknown and missing regions are named in one UserError line."""
     rows, cols = regions[-1].row + 1, regions[-1].col + 1
     grid = f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} and col 0..{cols - 1}"
     if not isinstance(data, dict):
@@ -802,16 +621,9 @@ def parse_region_prompts(data, regions: list[Region], source: str = "region prom
         else:
             prompts[normalised] = prompt.strip()
     missing = [region.key for region in regions if region.key not in prompts and region.key not in not_text]
-    problems = [
-        f"{label} {_describe_keys(keys)}"
-        for label, keys in (
-            ("unknown regions", unknown),
-            ("missing regions", missing),
-            ("empty or not text", not_text),
-            ("given twice", repeated),
-        )
-        if keys
-    ]
+    named = (("unknown regions", unknown), ("missing regions", missing), ("empty or not text", not_text),
+             ("given twice", repeated))
+    problems = [f"{label} {_describe_keys(keys)}" for label, keys in named if keys]
     if problems:
         raise UserError(f"{source} does not match the {rows}x{cols} regions: {'; '.join(problems)} ({grid})")
     return prompts
@@ -824,26 +636,25 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
 # ======================================================================================== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
-    """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a
-    Stability single file with its text encoders (the tokenizers then come from the Hub)."""
+    """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a Stability single
+    file with its text encoders (the tokenizers then come from the Hub)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     single_file = Path(str(model)).expanduser().is_file()
     home = "cpu" if offload != "none" else device
     print(f"loading SD3 from {model}", file=sys.stderr)
     transformer = load_sd3(model, dtype, home, token=token)
-    autoencoder = load_vae(
-        model, dtype, home, stride=1, token=token,
-        scale_factor=SD3_VAE.scale_factor if single_file else None, shift_factor=SD3_VAE.shift_factor if single_file else None,
-    )
-    encoders, tokenizers = load_text_encoders("sd3", TEXT_SOURCES["sd3"] if single_file else model, dtype, transformer, token,
-                                              encoder_file=model if single_file else None)
+    factors = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
+    autoencoder = load_vae(model, dtype, home, stride=1, scale_factor=factors[0], shift_factor=factors[1],
+                           token=token)
+    text_source, encoder_file = (TEXT_SOURCES["sd3"], model) if single_file else (model, None)
+    encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token, encoder_file)
     return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
 
 def model_geometry(model, token=None) -> tuple[int, int, int]:
-    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its
-    config files or from a single file's tensor headers, so that sizes the model cannot take are
-    refused before any weight is read (or downloaded)."""
+    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its config
+    files or a single file's tensor headers, so that sizes the model cannot take are refused before any
+    weight is read (or downloaded)."""
     path = Path(str(model)).expanduser()
     if path.is_file():
         keys = safetensors_keys(path)
@@ -851,8 +662,6 @@ def model_geometry(model, token=None) -> tuple[int, int, int]:
         levels = count_blocks(keys, r"first_stage_model\.encoder\.down\.(\d+)\.")
         if not set(wanted) <= set(keys) or not levels:
             raise UserError(f"{model}: not an SD3-Medium single file with its VAE (no {wanted[1]} or VAE)")
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             patch, table = f.get_slice(wanted[0]).get_shape()[-1], f.get_slice(wanted[1]).get_shape()[1]
         return 2 ** (levels - 1), patch, math.isqrt(table)
@@ -868,42 +677,43 @@ def model_geometry(model, token=None) -> tuple[int, int, int]:
         raise UserError(f"{model}: not an SD3-Medium pipeline (transformer/config.json needs patch_size and "
                         "pos_embed_max_size, vae/config.json block_out_channels)") from None
 
-def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "", region_prompts: dict | None = None,
-                      batch_size: int = 16) -> dict:
+def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
+                      region_prompts: dict | None = None, batch_size: int = 16) -> dict:
     """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional prompts."""
     prompts = [prompt, negative_prompt] + list((region_prompts or {}).values())
-    encoded = [c for start in range(0, len(prompts), batch_size) for c in encode_prompts(pipe, prompts[start : start + batch_size])]
+    batches = (prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size))
+    encoded = [c for batch in batches for c in encode_prompts(pipe, batch)]
     regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
     return {"global": encoded[0], "negative": encoded[1], "regions": regions}
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
     """The output size: the input's times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
     if min(width, height) < MIN_INPUT_SIDE:
-        raise UserError(f"the input is {width}x{height}: too small (each side needs at least {MIN_INPUT_SIDE} px)")
+        raise UserError(f"the input is {width}x{height}: too small (each side needs at least "
+                        f"{MIN_INPUT_SIDE} px)")
     sides = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
     if sides[0] * sides[1] > MAX_TARGET_PIXELS:
-        raise UserError(
-            f"the target {sides[0]}x{sides[1]} ({sides[0] * sides[1] / 1e6:.0f} Mpx) is beyond the "
-            f"{MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its memory for; lower --scale"
-        )
+        raise UserError(f"the target {sides[0]}x{sides[1]} ({sides[0] * sides[1] / 1e6:.0f} Mpx) is beyond "
+                        f"the {MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its memory "
+                        "for; lower --scale")
     return sides[0], sides[1]
 
 def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int) -> tuple[int, int]:
-    """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area
-    (region_px^2) and to sides the position table covers (`max_side`)."""
+    """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area (region_px^2)
+    and to sides the position table covers (`max_side`)."""
     shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
     return tuple(max(multiple, round(side * shrink / multiple) * multiple) for side in (width, height))
 
 def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
-    if config.region_px % multiple or config.overlap_px % multiple or not 0 <= config.overlap_px < config.region_px:
-        raise UserError(f"--region-size {config.region_px} and --region-overlap {config.overlap_px} must be multiples of "
-                        f"{multiple} px with 0 <= overlap < size")
+    windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
+               ("--vae-tile", config.vae_tile_px, "--vae-overlap", config.vae_overlap_px, "tile"))
+    for size_flag, size, overlap_flag, overlap, name in windows:
+        if size % multiple or overlap % multiple or not 0 <= overlap < size:
+            raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
+                            f"{multiple} px with 0 <= overlap < {name}")
     if config.region_px // config.vae_scale // patch > pos_embed_patches:
         raise UserError(f"--region-size {config.region_px}: the model's position table covers at most "
                         f"{pos_embed_patches * patch * config.vae_scale} px")
-    if config.vae_tile_px % multiple or config.vae_overlap_px % multiple or not 0 <= config.vae_overlap_px < config.vae_tile_px:
-        raise UserError(f"--vae-tile {config.vae_tile_px} and --vae-overlap {config.vae_overlap_px} must be multiples of "
-                        f"{multiple} px with 0 <= overlap < tile")
 
 
 # ==================================================================================== command line
@@ -922,11 +732,10 @@ def main(argv=None):
     config = CUpscaleConfig(
         region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
         num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
-        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline), gsp_step_size=args.gsp_step_size,
-        gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
-        vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
-        gsp_normalisation=args.gsp_normalisation,
-    )
+        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline),
+        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_batch=args.region_batch,
+        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
+        gsp_normalisation=args.gsp_normalisation)
     try:
         sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
     except ValueError:
@@ -947,23 +756,20 @@ def main(argv=None):
     regions = plan_regions(*latent_size, config.region, config.stride)
 
     # One line on RSP before any slow work; captions come before the weights (a local captioner has the GPU).
-    region_prompts = None
+    region_prompts, rsp = None, "RSP (regional semantic prior)"
     if not config.rsp:
-        print(f"RSP (regional semantic prior) off: {'--mode multidiffusion' if baseline else '--no-rsp'}",
-              file=sys.stderr)
+        print(f"{rsp} off: {'--mode multidiffusion' if baseline else '--no-rsp'}", file=sys.stderr)
     elif args.region_prompts:
         region_prompts = load_region_prompts(args.region_prompts, regions)
-        print(f"RSP (regional semantic prior) on: {len(regions)} regional prompts from {args.region_prompts}",
-              file=sys.stderr)
+        print(f"{rsp} on: {len(regions)} regional prompts from {args.region_prompts}", file=sys.stderr)
     elif args.caption_cmd:
-        print(f"RSP (regional semantic prior) on: captioning {len(regions)} regions with --caption-cmd",
-              file=sys.stderr)
+        print(f"{rsp} on: captioning {len(regions)} regions with --caption-cmd", file=sys.stderr)
         resized = image.resize((width, height), Image.BICUBIC)
         region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
                                          config.caption_timeout_s, args.caption_failure == "rsp-off")
     else:
-        print("RSP (regional semantic prior) off: no --region-prompts or --caption-cmd (the paper "
-              "captions each region with LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
+        print(f"{rsp} off: no --region-prompts or --caption-cmd (the paper captions each region with "
+              "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
     config.rsp = region_prompts is not None
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
@@ -984,21 +790,16 @@ def main(argv=None):
     started = time.perf_counter()
     progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
     picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
-    settings = dict(
-        model=args.model, input=str(args.input), input_size=list(image.size), width=width, height=height,
-        scale=args.scale, steps=args.steps, steps_run=steps, strength=args.strength,
-        noise_level=args.noise_level,
-        start_sigma=round(start_sigma, 6), guidance=args.guidance, seed=args.seed,
-        negative_prompt=args.negative_prompt, mode=args.mode, gsp=config.gsp, rap=config.rap, rsp=config.rsp,
-        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule,
-        gsp_normalisation=args.gsp_normalisation, region_size=args.region_size,
-        region_overlap=args.region_overlap, regions=len(regions), dtype=str(pipe.dtype),
-    )
-    scale = config.vae_scale
-    boxes = {r.key: [r.left * scale, r.top * scale, (r.left + r.width) * scale, (r.top + r.height) * scale]
-             for r in regions}
+    given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed", "negative_prompt",
+             "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation", "region_size", "region_overlap")
+    settings = {key: getattr(args, key) for key in given} | dict(
+        input=str(args.input), input_size=list(image.size), width=width, height=height, steps_run=steps,
+        start_sigma=round(start_sigma, 6), gsp=config.gsp, rap=config.rap, rsp=config.rsp,
+        regions=len(regions), dtype=str(pipe.dtype))
+    s = config.vae_scale
     record = {"prompt": args.prompt, "rsp": config.rsp, "regions": [
-        {"key": key, "box": box, "prompt": (region_prompts or {}).get(key)} for key, box in boxes.items()]}
+        {"key": r.key, "box": [r.left * s, r.top * s, (r.left + r.width) * s, (r.top + r.height) * s],
+         "prompt": (region_prompts or {}).get(r.key)} for r in regions]}
     metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
     with atomic_files([output, record_path], args.overwrite) as (image_file, record_file):  # both or neither
         write_image(picture, image_file, output.suffix, metadata)
@@ -1008,19 +809,13 @@ def main(argv=None):
 
 def parser() -> ArgumentParser:
     d = CUpscaleConfig()
-    p = ArgumentParser(
-        prog="cupscale.py",
-        description="C-Upscale: creative, tuning-free upscaling with SD3-Medium (global structure, regional "
-        "attention and regional semantic priors).",
-    )
+    p = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free upscaling with "
+                       "SD3-Medium (global structure, regional attention and regional semantic priors).")
     p.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    p.add_argument("--output", default="cupscale.png",
-                   help="output image; .png keeps settings, prompt and seed as text metadata; the regions "
-                   "and their prompts go beside it, to OUTPUT.regions.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output and its .regions.json")
-    p.add_argument("--prompt", default="",
-                   help="the global prompt (the method needs one: describe the whole image)")
+    p.add_argument("--output", default="cupscale.png", help="output image (.png keeps the settings as text "
+                   "metadata); the regions and their prompts go beside it, to OUTPUT.regions.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output and .regions.json")
+    p.add_argument("--prompt", default="", help="the global prompt (the method needs one: the whole image)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
                    help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
@@ -1032,71 +827,60 @@ def parser() -> ArgumentParser:
                    help="the paper's noise level in (0, 1]: noise to t = strength * T and run that share "
                    "of the steps (paper: 0.45); --noise-level says how it reads on SD3")
     p.add_argument("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
-                   help="how --strength becomes SD3's start noise. diffusers-strength (default): the "
-                   "paper's rule 'run 0.45 of each model's default steps' as diffusers' SD3 img2img runs "
-                   "it, sigma 0.707 and 13 of 28 steps (the paper's SDXL count, 22 of 50, is diffusers' "
-                   "arithmetic; SD3 was tuned on this shifted schedule). snr-matched: the SNR of SDXL's "
-                   "t = 0.45 T, sigma 0.578, 12 steps. flow-sigma: sigma = strength, 0.45, 12 steps (the "
-                   "most faithful, the least creative)")
-    p.add_argument("--guidance", type=number(0, 100), default=d.guidance,
-                   help="classifier-free guidance scale")
+                   help="how --strength becomes SD3's start noise: diffusers-strength (default: sigma 0.707, "
+                   "13 of 28 steps, as diffusers' img2img), snr-matched (SDXL's SNR: 0.578, 12 steps) or "
+                   "flow-sigma (sigma = strength: 0.45, 12 steps, the most faithful)")
+    p.add_argument("--guidance", type=number(0, 100), default=d.guidance, help="classifier-free guidance")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--region-size", type=integer(1), default=d.region_px,
-                   help="region side in px (the model's native 1024)")
-    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px,
-                   help="overlap of neighbouring regions in px")
-    p.add_argument("--region-batch", type=integer(1), default=d.region_batch,
-                   help="regions per model call (memory vs speed)")
+    p.add_argument("--region-size", type=integer(1), default=d.region_px, help="region side (px), SD3's 1024")
+    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px, help="region overlap in px")
+    p.add_argument("--region-batch", type=integer(1), default=d.region_batch, help="regions per model call")
     rsp = p.add_mutually_exclusive_group()
     rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
     rsp.add_argument("--caption-cmd",
                      help="command run once per region, without a shell, {image} replaced by the region's "
                      "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
                      "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
-    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
-                   help="a caption command that fails, times out or prints nothing usable: stop (default) "
-                   "ends the run naming the region; rsp-off goes on with RSP off")
+    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop", help="when a caption "
+                   "command fails: stop, naming the region (default), or go on with RSP off")
     p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
     p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    p.add_argument("--no-rsp", action="store_true",
-                   help="ablation: no regional semantic prior (regional prompts ignored)")
+    p.add_argument("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
     p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
                    help="multidiffusion: the plain regional-denoising baseline (all priors off)")
     p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
-                   help="GSP step size lambda (paper: 0.2); with --gsp-normalisation sum, the share of the "
-                   "gap to the input's low band closed per step (1: replace the band)")
+                   help="GSP step size lambda (paper: 0.2): the share of the gap to the input's low band "
+                   "closed per step (with --gsp-normalisation sum; 1: replace the band)")
     p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
                    help="how lambda decays over the steps (paper: cosine; linear, increasing: its ablation)")
     p.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
-                   help="how Eq. 4's 'MSE' is reduced, i.e. what lambda means. sum (default): 1/2 sum of "
-                   "squares, a step closes exactly lambda of the low-band gap on any region or noise "
-                   "level, as the paper's ablation needs (0.2 helps, 1.0 makes artifacts). mean: the "
-                   "literal mean over a region's low band; 0.2 closes 6e-6 of the gap (no effect). sdxl: "
-                   "the share lambda closed on the paper's SDXL, lambda / alpha_bar (0.58 at sigma 0.578; "
-                   "overshoots above sigma 2/3)")
+                   help="the reading of Eq. 4's 'MSE': sum (default: a step closes lambda of the low-band "
+                   "gap), mean (the literal mean over a region: 0.2 has no visible effect) or sdxl (the step "
+                   "lambda made on SDXL, lambda / alpha_bar)")
     p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
-    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px,
-                   help="VAE tile overlap in image px")
+    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px, help="VAE tile overlap in px")
     p.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--offload", choices=["none", "model"], default="none",
                    help="model: MMDiT and VAE wait on the CPU between uses")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each MMDiT block (built during the first step; regional attention "
-                   "stays eager): faster region batches after a compile wait; off: eager")
-    p.add_argument("--token",
-                   help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or huggingface-cli "
-                   "login)")
+                   help="torch.compile each MMDiT block (regional attention stays eager): faster region "
+                   "batches after a compile wait in the first step")
+    p.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or "
+                   "huggingface-cli login)")
     return p
 
 
 # =================================================== Appendix A: pipeline pieces of diffusion4k.py
 
 # --- BEGIN copy of diffusion4k.py: pipeline ---
+TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
+                "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
+
 @dataclass
 class Pipeline:
-    """Everything needed to turn prompts into 4K images; load once with `load_pipeline`, call
-    `encode_prompts` and `generate` many times."""
+    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
+    then used many times to encode prompts (`encode_prompts`) and sample."""
 
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
@@ -1106,7 +890,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     source: str
-    offload: str = "none"  # "none" | "model" (components visit the GPU in turn) | "blocks" (transformer blocks too)
+    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
 
     @property
     def schnell(self) -> bool:
@@ -1117,43 +901,48 @@ class Pipeline:
         """Image sides must be multiples of the VAE factor times the 2x2 patch."""
         return self.vae.config.downsample_factor * 2
 
-TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
-
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`. For
-    SD3, `encoder_file` (a Stability all-in-one file) may hold the encoders instead; the
-    tokenizers, which such files lack, still come from `source`."""
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
+    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    tokenizer_files = ("*.json", "*.txt", "*.model")
+    files = ("*.json", "*.txt", "*.model")
     if kind == "flux":
-        schnell = not transformer.config.guidance_embed
-        tokenizers = {
-            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
-            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
-        }
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
-        }
+        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
+        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
+                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
         return encoders, tokenizers
-    tokenizers = {
-        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
-        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
-        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
-    }
-    if encoder_file is not None:
-        encoders = {
-            "clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-            "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-            "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer."),
-        }
+    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
+                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
+                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
+    if encoder_file is None:
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
     else:
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_3"),
-        }
+        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
+                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
+                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
     return encoders, tokenizers
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
+    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    gpu, features = pipe.device, {}
+    for name, encoder in pipe.text_encoders.items():
+        with visiting(encoder, gpu, "cpu"):
+            ids = pipe.tokenizers[name](prompts).to(gpu)
+            features[name] = encoder(ids)
+    if pipe.kind == "flux":
+        txt, y = features["t5"], features["clip_l"].pooled
+        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
+    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
+    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
+    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
+    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
+            for i in range(len(prompts))]
 
 @contextlib.contextmanager
 def visiting(module: nn.Module, device, home):
@@ -1165,68 +954,29 @@ def visiting(module: nn.Module, device, home):
         module.to(home)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-
-@torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
-    gpu = pipe.device
-    features = {}
-    for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
-    if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features zero-padded to T5's 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
 # --- END copy: pipeline ---
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
-#
-# Rectified flow: z_sigma = (1 - sigma) x0 + sigma noise, and the model predicts the velocity
-# v = noise - x0. Sampling integrates dz/dsigma = v with Euler steps from sigma 1 to 0.
-def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move the schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1).
-
-    SD3's static shift s is the same map with mu = ln(s). sigma 0 stays 0."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
-
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels
-    evenly spaced between 1 and the shifted smallest training level shift(1/1000), shifted once
-    more, then 0 (the double shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
+    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
+    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
+    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
+    safe = sigmas.clamp_min(1e-12)
+    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
 # --- END copy: flow-matching schedule ---
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
-    weights = torch.ones(size, dtype=torch.float64)
-    if fade_start:
-        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
-    if fade_end:
-        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
-        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
-    return weights
-
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles
-    (in x's pixels) and blend the outputs with ramps over the overlaps; the weights at every
-    output pixel are normalised to sum to one. One tile (x fits) is the plain call. fp32 output on `device`."""
+    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
+    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
+    Returns fp32 on `device`."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -1248,6 +998,23 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
             weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
     return out / weight
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    weights = torch.ones(size, dtype=torch.float64)
+    if fade_start:
+        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
+    if fade_end:
+        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
+        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    return weights
 # --- END copy: tiled VAE ---
 
 
@@ -1262,7 +1029,12 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
+    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
     """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
@@ -1277,7 +1049,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = layer_norm(dim)
         self.linear = nn.Linear(dim, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -1285,14 +1057,17 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def run_checkpointed(model: nn.Module, layer, *args):
+    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
+    its inputs and recomputes its activations in the backward pass."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
-    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
-    each class compiles once, at its first call, and all its blocks reuse that graph: compile
-    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
-    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
-    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
-    between the compiled parts. A new input shape compiles once more."""
+    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
+    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
+    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -1321,23 +1096,85 @@ class SD3Config:
 
 SD3_MEDIUM = SD3Config()
 
-class StreamBlock(nn.Module):
-    """One stream (image or context) of an SD3 joint block: adaLN-Zero, qkv, projection, MLP.
+class MMDiT(nn.Module):
+    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
+    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
 
-    The last block's context stream is `pre_only`: it only supplies keys and values.
-    """
+    def __init__(self, config: SD3Config = SD3_MEDIUM):
+        super().__init__()
+        self.config = config
+        dim, p, n = config.hidden_size, config.patch_size, config.depth
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        # a fixed sin-cos table stored in the checkpoint; positions are its centre crop
+        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
+        self.t_embedder = TimestepMLP(256, dim)
+        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
+                                          for i in range(n))
+        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, timesteps, context, y):
+        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
+        Returns the velocity (B, C, H, W)."""
+        b, _, height, width = x.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
+        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            context, tokens = run_checkpointed(self, block, context, tokens, c)
+        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
+        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.config.out_channels, height, width)
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        size = self.config.pos_embed_max_size
+        if h > size or w > size:
+            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
+        return grid.reshape(1, h * w, -1)
+
+class JointBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
+        super().__init__()
+        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
+        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
+
+    def forward(self, context, x, c):
+        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
+        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
+        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
+        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        if not self.context_block.pre_only:
+            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
+        return context, self.x_block.post_attention(x, x_attn, x_mods)
+
+    def attend(self, q, k, v, num_context: int):
+        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
+        built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        return attention(q, k, v)
+
+class StreamBlock(nn.Module):
+    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
+    context stream is `pre_only`: it only supplies keys and values."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.pre_only = pre_only
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
         if not pre_only:
             self.attn.proj = nn.Linear(dim, dim)
-            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.norm2 = layer_norm(dim)
             self.mlp = nn.Module()
             self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
@@ -1350,29 +1187,8 @@ class StreamBlock(nn.Module):
     def post_attention(self, x, attn, mods):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa[:, None] * self.attn.proj(attn)
-        mlp = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)), approximate="tanh"))
-        return x + gate_mlp[:, None] * mlp
-
-class JointBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
-        super().__init__()
-        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
-        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
-
-    def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A separate method so that a
-        method built on SD3 (C-Upscale's regional attention prior) can replace it per block."""
-        return attention(q, k, v)
-
-    def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
-        if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
+        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
 
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
@@ -1382,54 +1198,44 @@ class TimestepMLP(nn.Module):
     def forward(self, x):
         return self.mlp(x)
 
-class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer; parameter names are Stability's checkpoint keys
-    (without the `model.diffusion_model.` prefix)."""
+def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
+    folder, a pipeline folder, or a Hub repo id."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
+        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
+        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
+    with torch.device("meta"):
+        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
+    return assign_state_dict(model, state, f"{source} (SD3)").eval()
 
-    def __init__(self, config: SD3Config = SD3_MEDIUM):
-        super().__init__()
-        self.config = config
-        dim, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        # A fixed sin-cos table stored in the checkpoint; positions are its centre crop.
-        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
-        self.t_embedder = TimestepMLP(256, dim)
-        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
-        self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(
-            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
-        )
-        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
-        self.gradient_checkpointing = False
-
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        size = self.config.pos_embed_max_size
-        if h > size or w > size:
-            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
-
-    def forward(self, x, timesteps, context, y):
-        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
-        Returns the velocity (B, C, H, W)."""
-        b, _, height, width = x.shape
-        p = self.config.patch_size
-        h, w = height // p, width // p
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
-        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
-        context = self.context_embedder(context)
-        for block in self.joint_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
-            else:
-                context, tokens = block(context, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
+def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
+    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
+    if any(".ln_q." in key or ".attn2." in key for key in state):
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
+                        "supported")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    heads = (folder_config or {}).get("num_attention_heads")
+    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+        if hidden % 64:
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
+                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
+                            "instead")
+        heads = hidden // 64
+    out_features = state["final_layer.linear.weight"].shape[0]
+    return SD3Config(
+        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
+        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
+        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
+        context_dim=state["context_embedder.weight"].shape[1],
+        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
 
 def sd3_key_table(depth: int) -> dict:
+    """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
     table = {
         "pos_embed": (["pos_embed.pos_embed"], None),
         **linear_entries("x_embedder.proj", "pos_embed.proj"),
@@ -1451,51 +1257,13 @@ def sd3_key_table(depth: int) -> dict:
         table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
         table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
         # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
+        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
+                                    "swap" if last else None))
         if not last:
             table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
             table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
             table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
     return table
-
-def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
-    if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is supported")
-    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count and "
-                            f"{hidden} is no multiple of SD3's head dim 64; load its diffusers folder instead")
-        heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
-    return SD3Config(
-        in_channels=in_channels,
-        out_channels=out_features // patch**2,
-        patch_size=patch,
-        hidden_size=hidden,
-        num_heads=heads,
-        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
-        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
-        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
-        context_dim=state["context_embedder.weight"].shape[1],
-        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]),
-    )
-
-def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
-    `transformer/` folder, a pipeline folder, or a Hub repo id."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
-        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
 # --- END copy: SD3 transformer ---
 
 
@@ -1504,12 +1272,9 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
-
-    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
-    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
-    256^2 latent (16,384 Flux tokens instead of 65,536).
-    """
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
+    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
+    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -1528,184 +1293,6 @@ class VAEConfig:
 FLUX_VAE = VAEConfig()
 
 SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
-        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        hidden = self.norm(x)
-        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
-        # sends SDPA to its math backend, which writes the hw x hw scores)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
-                   for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-def mid_block(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    return mid
-
-def run_mid(mid, x):
-    return mid.block_2(mid.attn_1(mid.block_1(x)))
-
-class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
-            if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        self.gradient_checkpointing = False  # OP4KSR trains LoRAs inside the encoder at 4096^2
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = self.run_block(block, h)
-            if hasattr(down, "downsample"):
-                h = self.run_block(down.downsample, h)
-        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
-            h = self.run_block(block, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def run_block(self, block, h):
-        """With gradient checkpointing a block keeps only its input and recomputes its activations
-        in the backward pass (at a 4096^2 input the first level's 128-channel 2048^2 maps dominate)."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, use_reentrant=False)
-        return block(h)
-
-class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.stride = config.stride
-        self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
-            if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        return self.head(self.features(z))
-
-    def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
-        training compares it with the F8 decoder's."""
-        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = self._run(block, h)
-            if hasattr(up, "upsample"):
-                h = self._run(up.upsample, h)
-        return F.silu(self.norm_out(h))
-
-    def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def _run(self, layer, h):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, h, use_reentrant=False)
-        return layer(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
-
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
-        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in; the released decoders were
-        trained through that path. Its output is the full-map result moved one pixel down and right:
-        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
-        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
-        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
-        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
-        """
-        s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
-            up = F.pad(up, (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
 
 class AutoEncoder(nn.Module):
     """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
@@ -1733,7 +1320,243 @@ def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | N
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(down, "downsample"):
+                h = run_checkpointed(self, down.downsample, h)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
+        SC-VAE training compares it with the F8 decoder's."""
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(up, "upsample"):
+                h = run_checkpointed(self, up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
+        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
+        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
+        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
+        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
+        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
+        the image."""
+        s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        bands = []
+        for top in range(0, rows, band_rows):
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
+        return torch.cat(bands, dim=-2)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
+        # materialises the hw x hw scores
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+def mid_block(channels: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
+    mid = nn.Sequential()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
+             token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
+    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
+    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
+    config.json may say `"stride": 2`)."""
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+             "use_quant_conv": False, "use_post_quant_conv": False,
+             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                            f"{supported!r}")
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
+    if "encoder.down.0.block.0.conv1.weight" not in state or quant:
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                        f"(first keys: {first_keys(state)})")
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+                                       setting(stride, "stride", 1))
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base, channel_multipliers=tuple(width // base for width in widths),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
+        shift_factor=shift_factor, stride=stride)
+
+def vae_table_for(state: dict) -> dict:
+    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
+    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    down, block = ("down_blocks", "resnets") if folder else ("down", "block")
+    levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
+    res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
     table = {}
 
     def add(original, folder, transform=None):
@@ -1765,92 +1588,15 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
         if level > 0:
             add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
     return table
-
-def vae_table_for(state: dict) -> dict:
-    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
-    only where it changes width, so shortcut rows are kept only where the state has them."""
-    folder = any(key.startswith("encoder.down_blocks.") for key in state)
-    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
-    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
-
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base = state["encoder.conv_in.weight"].shape[0]
-    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
-    return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
-        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=state["decoder.conv_in.weight"].shape[1],
-        scale_factor=scale_factor,
-        shift_factor=shift_factor,
-        stride=stride,
-    )
-
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
-    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
-
-    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
-    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = component_path(source, "vae", token)
-    config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-             "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
-        values = config.get(key, supported)
-        if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
-    state = read_component(path, dtype, device, prefix="first_stage_model.")
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
-    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(
-        state,
-        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-        setting(stride, "stride", 1),
-    )
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
 # --- END copy: VAE ---
 
 
 # ======================================================== Appendix D: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-#
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
-# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
-# transformers checkpoint keys, so a Hub folder loads without a rename table.
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
+# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
+# keys, so a Hub folder loads without a rename table.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
@@ -1867,26 +1613,39 @@ class T5Config:
 
 T5_XXL = T5Config()
 
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
+    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
+    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(
+            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c = self.config
+        buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
+                                      c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
-
-    Keys after the query use the upper half of the buckets. Within a half, offsets below a
-    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
-    buckets, and every offset from `max_distance` on shares the last one.
-    """
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
+    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
+    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
+    last one."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1918,41 +1677,30 @@ class T5Block(nn.Module):
 
     def forward(self, x, position_bias):
         attn, ff = self.layer
-        sa = attn.SelfAttention
+        sa, h = attn.SelfAttention, attn.layer_norm(x)
         # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
         return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
 
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
-    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
-    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
-    `shared`, so it is not a parameter here (the loader folds it in).
-    """
-
-    def __init__(self, config: T5Config = T5_XXL):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c, length = self.config, ids.shape[1]
-        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
@@ -1969,21 +1717,60 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
     projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
-    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
+    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
 
 CLIP_L = CLIPTextConfig()
 
-CLIP_G = CLIPTextConfig(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
-)
+CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
+    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
+    CLIPTextModel."""
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        projection = config.projection_dim
+        self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        eos_id = self.config.eos_token_id
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -2000,94 +1787,18 @@ class CLIPLayer(nn.Module):
 
     def forward(self, x, causal):
         a = self.self_attn
-        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        proj = (a.q_proj, a.k_proj, a.v_proj, a.out_proj)
+        x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
-
-    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
-    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
-    """
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d = config, config.hidden_size
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        if self.config.eos_token_id == 2:
-            eos = ids.argmax(-1)  # argmax returns the first maximum
-        else:
-            eos = (ids == self.config.eos_token_id).int().argmax(-1)
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
-
-    The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
-    reported in one line with the number of tokens dropped.
-    """
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
-              file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
+    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
 
-    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
-    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
-    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
-    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
-    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
-    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
-    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
-    """
+    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
+    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
+    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
+    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -2095,19 +1806,21 @@ class CLIPTokenizer:
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
-        bpe = BPE.from_file(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
-        )
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
+                                "merges.txt)")
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
+                            continuing_subword_prefix="")
         self.tokenizer = Tokenizer(bpe)
         self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
-        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
-        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
+        self.tokenizer.add_special_tokens(  # kept whole in a prompt
+            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
+        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
+        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
         if pad_id is None:
             pad = special_token(folder, "pad_token") or "<|endoftext|>"
             pad_id = self.tokenizer.token_to_id(pad)
@@ -2122,10 +1835,8 @@ class CLIPTokenizer:
 
 class T5Tokenizer:
     """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-
-    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
-    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
-    """
+    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
+    256 for FLUX.1-schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -2136,7 +1847,8 @@ class T5Tokenizer:
         try:
             if path.suffix == ".json":
                 tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
+                                                                                   add_special_tokens=False)]
                 self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -2144,7 +1856,7 @@ class T5Tokenizer:
                 tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode = tokenizer.encode
                 self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -2152,13 +1864,72 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
+    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
+    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
+              f"{longest}", file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+            config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
+    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
+    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
+    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
+    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
+    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
+    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
+    file's vision tower is skipped. Returns a frozen eval model."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
+            "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    own = ("text_model.", "text_projection.")
+    state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
-
-    Keys starting with one of `skip` (after the prefix) are never read.
-    """
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
+    starting with one of `skip` (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -2170,21 +1941,17 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
-    return state[key].shape
-
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
     """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
-    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
     d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                        f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
@@ -2193,8 +1960,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
     )
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
-    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
+    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -2202,97 +1969,57 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
-        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                    "eos_token_id": 49407}
+        heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     else:
         if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
-                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
+                            "stored and the width is no multiple of CLIP's head dim 64; load its "
+                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
-        return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
-        )
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
+                              layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
-    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
-    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
-    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
-    """
-    if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
-    with torch.device("meta"):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
-def load_clip(
-    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
-) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
-    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
-    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
-
-    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
-    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
-    """
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+    return state[key].shape
 # --- END copy: text encoders ---
 
 
 # ====================================================================== Appendix E: weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
-#
-# Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
-# SD3), so those files load as they are. The diffusers folder layout is converted with one
-# explicit table per model: {original key: ([folder keys], transform)}. Several folder keys
-# mean a fused tensor (Flux's qkv, its single blocks' linear1) concatenated along dim 0.
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    report = mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+                        for key in expected if key in state and state[key].shape != expected[key].shape],
+    })
+    if report:
+        raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    """Folder-layout (diffusers) tensors -> original keys.
+
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
+    files load as they are; a folder converts through one explicit table per model, {original key:
+    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
+    linear1), concatenated along dim 0.
+    """
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -2303,52 +2030,42 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
         out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
+    if report:
+        raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def mismatch_report(kinds: dict) -> str:
+    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
+    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds.items() if keys)
+
+def first_keys(state: dict) -> str:
+    return ", ".join(list(state)[:3])
 
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
 
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
+                lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
 def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys
-    (stripped); otherwise every key that belongs to no other component. Other components'
-    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
-    and the first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
-
 def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
-    (which would otherwise be read as if it were the component)."""
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
+    otherwise be read as if it were the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
@@ -2361,6 +2078,32 @@ def folder_config(path) -> dict:
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
+                    "text_encoder")
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
+    otherwise every key that belongs to no other component. Other components' tensors are never read (an
+    SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
+    first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
 # --- END copy: weight loading ---
 
 

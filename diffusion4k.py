@@ -1,59 +1,35 @@
 """Diffusion-4K: direct ultra-high-resolution (4096x4096) text-to-image with latent diffusion.
 
-Papers
-    Zhang et al., "Diffusion-4K: Ultra-High-Resolution Image Synthesis for Latent Diffusion
-    Models", CVPR 2025, arXiv 2503.18352; and the extension "Ultra-High-Resolution Image
-    Synthesis: Data, Method and Evaluation", arXiv 2506.01331 (SC-VAE).
+Zhang et al., "Diffusion-4K: Ultra-High-Resolution Image Synthesis for Latent Diffusion Models", CVPR 2025,
+arXiv 2503.18352; and the extension "Ultra-High-Resolution Image Synthesis: Data, Method and Evaluation",
+arXiv 2506.01331 (SC-VAE). Released weights: the Flux fine-tunes `zhang0jhon/flux_wavelet` and
+`zhang0jhon/flux_wavelet_v2_sc` (no SD3 weights are public).
 
-What the paper does, and where it is here
-    A latent diffusion model cannot attend over the 65,536 tokens a 4096^2 image gives with the
-    usual F8 VAE and Flux's 2x2 patches. Diffusion-4K (1) swaps in an F16 VAE: the same VAE
-    weights with a stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so 4096^2
-    becomes a 256^2 latent and 16,384 tokens; (2) fine-tunes the diffusion model at 4096^2 on
-    Aesthetic-4K with Wavelet-based Latent Fine-tuning (WLF); (3) in the extension, retrains
-    the F16 decoder for scale consistency (SC-VAE). The released weights are Flux fine-tunes
-    (`zhang0jhon/flux_wavelet`, `zhang0jhon/flux_wavelet_v2_sc`); no SD3 weights are public.
-
-What this file holds (top to bottom)
-    1. Configs: dataclasses whose defaults are the real checkpoints (FLUX.1-dev, SD3-Medium,
-       their 16-channel VAEs).
-    2. Building blocks: RoPE with a tunable base theta, timestep embedding, modulation,
-       RMSNorm, the one-level Haar wavelet transform.
-    3. Models: the Flux transformer (double + single stream blocks), the SD3 MMDiT, the
-       AutoencoderKL in its F8 and F16 forms, the T5 / CLIP text encoders and tokenizers.
-    4. Weight loading: the original single-file layouts (BFL `flux1-dev.safetensors`,
-       `ae.safetensors`; Stability `sd3_medium*.safetensors`) and the diffusers /
-       transformers folder layouts, converted by explicit key tables; every dimension is
-       read from the tensors; a mismatch names the keys.
-    5. The method: flow-matching schedules (with an explicit timestep shift at 4K), Euler
-       sampling, the pipeline (text encoders run once, optional offloading) and the CLI.
-
-Differences from the upstream code, and why
-    * Flux's timestep shift is capped at its 16,384-token value (see MU_CAP_TOKENS): equal to
-      upstream at 4096^2 with F16, and it keeps F8 4K or 8K runs from collapsing into one step.
-    * The F16 decoder's last stage is computed in bands, not upstream's 2x2 partitions, with
-      the same output (`Decoder.upsample_conv_out`); `--f16-decode centred` gives the unshifted one.
-    * Images are saved as PNG with the settings in text metadata (upstream: JPEG q95).
+With the usual F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
+Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2 upsample
+before `conv_out`, so 4096^2 becomes a 256^2 latent and 16,384 tokens, sampled by Euler steps with an
+explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
+Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted velocity v_hat,
+    x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2,
+over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: then the x0 MSE); (3) in the
+extension, retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for crops x,
+reconstructions x_hat, the decoders' last feature maps f (F16 student at H/2, F8 teacher at H), a patch
+discriminator D and VQGAN's adaptive weight lambda,
+    L_SC = MSE(x_hat, x) + 0.1 LPIPS(x_hat, x) + MSE(f_student, avgpool2(f_teacher)) - 0.05 lambda D(x_hat)
 
 Commands
     python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
-    python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --negative-prompt "blurry" ...
-    python diffusion4k.py --prompts prompts.txt --output-dir out/    # + out/metadata.jsonl
-    python diffusion4k.py --prompts prompts.txt --output-dir out/ --skip-existing   # finish an interrupted batch
-    python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data Aesthetic-4K/train --output runs/wlf
-    torchrun --nproc_per_node 8 diffusion4k.py train ...             # FSDP2 over 8 GPUs
-    python diffusion4k.py train-vae --data Aesthetic-4K/train --output runs/sc-vae   # SC-VAE decoder
-    python diffusion4k.py --help;  python diffusion4k.py train --help
+    python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --prompt "..."  # SD3
+    python diffusion4k.py --prompts prompts.txt --output-dir out/ [--skip-existing]  # + out/metadata.jsonl
+    python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data Aesthetic-4K/train --output wlf
+    torchrun --nproc_per_node 8 diffusion4k.py train ...                             # FSDP2 over 8 GPUs
+    python diffusion4k.py train-vae --data Aesthetic-4K/train --output sc-vae        # SC-VAE decoder
+    python diffusion4k.py --help;  python diffusion4k.py train --help;  python diffusion4k.py train-vae --help
 
-Public API
-    FluxConfig, Flux, load_flux, pack_latents, unpack_latents, latent_image_ids
-    SD3Config, MMDiT, load_sd3, compile_blocks;  VAEConfig, AutoEncoder, load_vae
-    T5Encoder, load_t5, T5Tokenizer;  CLIPTextEncoder, load_clip, CLIPTokenizer
-    rope_frequencies, rope_table, haar_dwt, haar_idwt
-    flux_sigmas, sd3_sigmas, euler_sample, load_pipeline, encode_prompts, generate
-    wlf_loss, sample_sigmas, training_loss, encode_latents, wlf_micro_step, train
-    add_lora, export_lora_diffusers
-    Decoder.features / Decoder.head, scale_consistency_loss, LPIPS, Discriminator, train_vae
+Order: the method (sampling at 4K, WLF, SC-VAE), pipeline, training, command line, then the appendix, whose
+kits op4ksr.py and cupscale.py copy: A. Flux and SD3 (MMDiT) with RoPE of tunable theta; B. the VAE in its F8
+and F16 forms; C. T5 and CLIP text encoders and tokenizers; D. weight loading from BFL / Stability single
+files and diffusers / transformers folders; E. training utilities (data, checkpoints, FSDP2) and LPIPS.
 """
 
 from __future__ import annotations
@@ -110,51 +86,14 @@ from common.io import (
     tensor_to_image,
 )
 
-# Sampling defaults of each family, as Diffusion-4K runs them (its README: 50 steps and guidance 5
-# for its Flux fine-tunes; its SD3 script: 28 steps, CFG 7). Plain FLUX.1-dev is usually run with
-# 28 steps at guidance 3.5; pass --steps / --guidance for that.
-DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0), "sd3": dict(steps=28, guidance=7.0)}
-
-# Flux's shift rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's released pipelines
-# apply it at the real token count: 16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With
-# the F8 VAE the same image has 65,536 tokens, mu = 11.55 and e^mu ~ 1e5: every sigma but the
-# last rounds to 1.0 and the whole image is denoised in one step. We therefore stop the rule at
-# 16,384 tokens: identical to Diffusion-4K's pipeline up to 4096^2 with F16, sane beyond it.
-MU_CAP_TOKENS = 16384
-
-# Above 4096^2 the decoder's full-resolution activations alone need tens of GB, so large images
-# are decoded in overlapping latent tiles blended with linear ramps (GroupNorm and the mid-block
-# attention then see one tile at a time: close to, not exactly, the whole-image decode).
-WHOLE_DECODE_MAX_SIDE = 4096
-
-DECODE_TILE = 128  # latent pixels: 2048 px per tile with the F16 VAE
-
-#
-# Wavelet-based Latent Fine-tuning (WLF) as the Diffusion-4K code runs it: the velocity
-# prediction is turned into a clean-latent prediction x0_hat = z_sigma - sigma * v_hat, both
-# x0_hat and the true latent x0 go through a one-level Haar DWT, and the loss is the MSE of the
-# subbands. Upstream weighs the four subbands equally; since the one-level Haar DWT is
-# orthonormal that loss IS the latent-space MSE of x0 (see `wlf_loss`), i.e. a sigma^2-weighted
-# velocity loss. Unequal subband weights (`--wavelet-weights`, e.g. 1,2,2,2) are an extension of
-# ours: neither the paper nor upstream's code weighs the subbands.
-#
-# Defaults as upstream's train_flux.sh / train_sd3.sh: latents are posterior samples
-# (`latent_dist.sample()`); sigma = shift(1 - i / 1000) with i = floor(1000 u), the scheduler's
-# 1000-entry table, u uniform for Flux (no shift) and sigmoid(N(0, 1)) with shift 3 for SD3; Flux
-# guidance embedding 3.5; T5 reads 77 tokens (sampling then uses 512); AdamW betas (0.9, 0.999),
-# weight decay 1e-4, eps 1e-8, lr 1e-6 constant, no warm-up; gradient clipping at 1.0; square
-# crops of --resolution after resizing the shorter side to it, random flips; seed 0; 20,000 steps
-# of a global batch of 32 (Flux: 4 per GPU x 8 GPUs) or 64 (SD3: 8 x 8). Here the global batch is
-# processes x --batch-size x --grad-accum, and --grad-accum defaults to what reaches upstream's.
-#
-# Differences from upstream, on purpose: torch AdamW in fp32 (upstream: bitsandbytes 8-bit AdamW
-# under DeepSpeed ZeRO-2), FSDP2 instead of DeepSpeed, a per-process batch of 1 (memory) made up by
-# accumulation; SD3 latents are (x - shift) * scale like Flux (upstream omits the shift for SD3 in
-# training only but adds it back when decoding).
-WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # LL, LH, HL, HH
-
-WLF_HIGH_FREQUENCY = (1.0, 2.0, 2.0, 2.0)  # our extension: detail bands doubled
-
+# Sampling defaults as Diffusion-4K runs them: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
+# script (28 steps, CFG 7). Plain FLUX.1-dev is usually run at 28 steps, guidance 3.5 (--steps, --guidance).
+DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0),
+            "sd3": dict(steps=28, guidance=7.0)}
+MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
+WHOLE_DECODE_MAX_SIDE = 4096  # larger images are decoded in tiles (see generate)
+DECODE_TILE = 128  # latent pixels per decode tile: 2048 px with the F16 VAE
+WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
 UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # train_flux.sh / train_sd3.sh: 4 / 8 per GPU x 8 GPUs
 
 
@@ -162,18 +101,19 @@ UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # train_flux.sh / train_sd3.sh:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float, seed: int,
-             negative: dict | None = None, mu: float | None = None, progress=None, vae_tile: int | None = None) -> torch.Tensor:
+             negative: dict | None = None, mu: float | None = None, progress=None,
+             vae_tile: int | None = None) -> torch.Tensor:
     """Sample one image; returns the decoded image (3, H, W) in [-1, 1] on the CPU.
 
-    vae_tile: decode in tiles of this many latent pixels (0: whole image); default: whole up to
-    WHOLE_DECODE_MAX_SIDE, else DECODE_TILE."""
-    factor = pipe.vae.config.downsample_factor
-    h, w = height // factor, width // factor
-    generator = seed_everything(seed)
-    noise = torch.randn(1, pipe.vae.config.z_channels, h, w, generator=generator)  # CPU noise: same image on any device
+    vae_tile: decode in tiles of this many latent pixels (0: whole image). By default images up to
+    WHOLE_DECODE_MAX_SIDE are decoded whole; above it the decoder's full-resolution activations alone need
+    tens of GB, so they are decoded in DECODE_TILE tiles blended with linear ramps (GroupNorm and the
+    mid-block attention then see one tile at a time: close to, not exactly, the whole-image decode)."""
+    vae = pipe.vae.config
+    h, w = height // vae.downsample_factor, width // vae.downsample_factor
+    noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # CPU: same on any device
     device, dtype, model = pipe.device, pipe.dtype, pipe.transformer
     to_gpu = lambda t: t.to(device, dtype)  # noqa: E731
-
     if pipe.kind == "flux":
         txt, y = to_gpu(condition["txt"]), to_gpu(condition["y"])
         img_ids, txt_ids = latent_image_ids(h, w, device), torch.zeros(1, txt.shape[1], 3, device=device)
@@ -182,7 +122,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
         def velocity(z, sigma):
             t = torch.full((1,), sigma, device=device, dtype=dtype)
-            return unpack_latents(model(to_gpu(pack_latents(z)), img_ids, txt, txt_ids, t, y, distilled), h, w)
+            v = model(to_gpu(pack_latents(z)), img_ids, txt, txt_ids, t, y, distilled)
+            return unpack_latents(v, h, w)
     else:
         negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
         context = to_gpu(torch.cat([negative["context"], condition["context"]]))
@@ -193,37 +134,17 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
             t = torch.full((2,), sigma * 1000, device=device, dtype=dtype)
             uncond, cond = model(to_gpu(torch.cat([z, z])), t, context, pooled).float().chunk(2)
             return uncond + guidance * (cond - uncond)
-
-    with contextlib.ExitStack() as stack:
-        if pipe.offload == "model":
-            stack.enter_context(visiting(model, device, "cpu"))
+    with visiting(model, device, "cpu") if pipe.offload == "model" else contextlib.nullcontext():
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
+    if vae_tile is None:
+        vae_tile = 0 if max(height, width) <= WHOLE_DECODE_MAX_SIDE else DECODE_TILE
     with visiting(pipe.vae, device, "cpu") if pipe.offload != "none" else contextlib.nullcontext():
-        if vae_tile is None:
-            vae_tile = 0 if max(height, width) <= WHOLE_DECODE_MAX_SIDE else DECODE_TILE
-        if vae_tile:
-            image = tiled_vae(pipe.vae.decode, z, vae_tile, vae_tile // 4, device, dtype)
-        else:
-            image = pipe.vae.decode(z.to(dtype))
-    return image[0].float().clamp(-1, 1).cpu()
-
-def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
-    multiple = pipe.size_multiple
-    rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
-    if rounded != [height, width]:
-        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}", file=sys.stderr)
-    if max(rounded) > 16384:
-        raise UserError(f"{height}x{width}: sides above 16384 px are not supported")
-    if pipe.kind == "sd3":
-        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
-        if max(rounded) > limit:
-            hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
-            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with this VAE{hint}")
-    return rounded[0], rounded[1]
+        image = tiled_vae(pipe.vae.decode, z, vae_tile or max(h, w), vae_tile // 4, device, dtype)  # 0: whole
+    return image[0].clamp(-1, 1).cpu()
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Integrate from sigmas[0] to sigmas[-1]: z <- z + (sigma_next - sigma) * v(z, sigma)."""
+    """Integrate dz/dsigma = v(z, sigma) (rectified flow: v = noise - x0) from sigmas[0] to sigmas[-1] by
+    Euler steps z <- z + (sigma_next - sigma) * v(z, sigma)."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
@@ -231,59 +152,42 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
     return z
 
 def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None, shift: bool = True) -> torch.Tensor:
-    """steps + 1 noise levels from 1 to 0. FLUX.1-schnell samples without a shift (shift=False)."""
+    """steps + 1 noise levels from 1 to 0, shifted by mu (default: `flux_mu` of the token count, capped at
+    MU_CAP_TOKENS). FLUX.1-schnell samples without a shift (shift=False).
+
+    Flux's rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's pipelines apply it at the real count:
+    16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With the F8 VAE the same image has 65,536 tokens,
+    mu = 11.55 and e^mu ~ 1e5: every sigma but the last rounds to 1 and the image is denoised in one step.
+    The cap keeps upstream's value up to 4096^2 with F16 and a sane one beyond."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if not shift:
-        return sigmas
-    return time_shift(sigmas, flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu)
+    mu = flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu
+    return time_shift(sigmas, mu) if shift else sigmas
 
 def flux_mu(image_tokens: int) -> float:
     """Flux's resolution-dependent shift: the line through (256 tokens, 0.5) and (4096, 1.15)."""
-    slope = (1.15 - 0.5) / (4096 - 256)
-    return 0.5 + slope * (image_tokens - 256)
+    return 0.5 + (1.15 - 0.5) / (4096 - 256) * (image_tokens - 256)
 
 # --- BEGIN kit: flow-matching schedule ---
-#
-# Rectified flow: z_sigma = (1 - sigma) x0 + sigma noise, and the model predicts the velocity
-# v = noise - x0. Sampling integrates dz/dsigma = v with Euler steps from sigma 1 to 0.
-def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move the schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1).
-
-    SD3's static shift s is the same map with mu = ln(s). sigma 0 stays 0."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
-
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels
-    evenly spaced between 1 and the shifted smallest training level shift(1/1000), shifted once
-    more, then 0 (the double shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
+    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
+    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
+    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
+    safe = sigmas.clamp_min(1e-12)
+    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
 # --- END kit: flow-matching schedule ---
 
 # --- BEGIN kit: tiled VAE ---
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
-    weights = torch.ones(size, dtype=torch.float64)
-    if fade_start:
-        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
-    if fade_end:
-        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
-        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
-    return weights
-
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles
-    (in x's pixels) and blend the outputs with ramps over the overlaps; the weights at every
-    output pixel are normalised to sum to one. One tile (x fits) is the plain call. fp32 output on `device`."""
+    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
+    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
+    Returns fp32 on `device`."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -305,6 +209,23 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
             weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
     return out / weight
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    weights = torch.ones(size, dtype=torch.float64)
+    if fade_start:
+        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
+    if fade_end:
+        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
+        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    return weights
 # --- END kit: tiled VAE ---
 
 
@@ -312,9 +233,9 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
 
 def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by
-    the number of micro-batches per optimizer step, so the gradients they add up are those of the
-    whole batch's mean loss. `autocast` makes a fresh autocast context (or a null one)."""
+    """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by the
+    number of micro-batches per optimizer step, so the gradients they add up are those of the whole
+    batch's mean loss. `autocast` makes a fresh autocast context (or a null one)."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -323,7 +244,9 @@ def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guida
     return loss.detach()
 
 def training_loss(model, kind, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
-    """Rectified flow z = (1 - sigma) x0 + sigma noise; WLF loss on x0_hat = z - sigma v_hat."""
+    """WLF as the Diffusion-4K code runs it: noise x0 to z = (1 - sigma) x0 + sigma noise, turn the
+    predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare the Haar
+    subbands of x0_hat and x0 (`wlf_loss`)."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
     v = predict_velocity(model, kind, z, sigma.to(x0), condition, guidance)
@@ -333,23 +256,19 @@ def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor, subband_weights=WLF
     """Wavelet-based latent loss: mean over (batch, channel, subband, position) of
     w_band * (DWT(pred_x0) - DWT(target_x0))^2, with weights for (LL, LH, HL, HH).
 
-    With equal weights this is exactly the latent MSE: the one-level Haar DWT of an even-sized
-    map is an orthonormal 2x2-block transform (filters +-1/2 on 2x2 blocks), so it preserves the
-    sum of squares and the element count (4 bands x H/2 x W/2 = H x W). And because
-    x0_hat - x0 = (z - sigma v_hat) - (z - sigma v) = -sigma (v_hat - v), it equals
-    sigma^2 * MSE(v_hat, noise - x0) per sample. Only unequal weights change the objective.
-    """
+    Upstream weighs the subbands equally, and then this is exactly the latent MSE: the one-level Haar DWT of
+    an even-sized map is an orthonormal 2x2-block transform, so it preserves the sum of squares and the
+    element count (4 bands x H/2 x W/2 = H x W). And since x0_hat - x0 = -sigma (v_hat - v), it equals
+    sigma^2 * MSE(v_hat, noise - x0) per sample. Only unequal weights (`--wavelet-weights`, e.g. 1,2,2,2:
+    our extension, in neither the paper nor upstream's code) change the objective."""
     weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device).view(4, 1, 1)
     bands = haar_dwt(pred_x0.float() - target_x0.float())  # (B, C, 4, H/2, W/2); the DWT is linear
     return (weights * bands.square()).mean()
 
 # --- BEGIN kit: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform over the last two dims.
-
-    (..., H, W) -> (..., 4, H/2, W/2) holding the subbands LL, LH, HL, HH, equal to pywt's
-    dwt2(x, "haar") = cA, (cH, cV, cD). Orthonormal: the sum of squares is preserved.
-    """
+    """One level of the orthonormal 2-D Haar transform (sums of squares are preserved) over the last two
+    dims: (..., H, W) -> (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
@@ -361,7 +280,7 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)  # (..., h, 2, w, 2)
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (..., h, 2, w, 2)
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END kit: Haar wavelets ---
 
@@ -370,14 +289,23 @@ def predict_velocity(model, kind: str, z, sigma, condition: dict, guidance: floa
     if kind == "flux":
         h, w = z.shape[-2:]
         txt, y = condition["txt"], condition["y"]
-        ids = latent_image_ids(h, w, z.device)
-        txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+        ids, txt_ids = latent_image_ids(h, w, z.device), torch.zeros(1, txt.shape[1], 3, device=z.device)
         g = None if guidance is None else torch.full_like(sigma, guidance)
         return unpack_latents(model(pack_latents(z), ids, txt, txt_ids, sigma, y, g), h, w)
     return model(z, sigma * 1000, condition["context"], condition["pooled"])
 
-def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator, table: int = 1000
-                  ) -> torch.Tensor:
+def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised fp32 latents (x - shift) * scale of images, for SD3 too (upstream's SD3 training omits the
+    shift): of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`, eps ~ N(0, 1)
+    drawn by the caller), or of the mean when eps is None."""
+    if eps is None:
+        return vae.encode(images).float()
+    mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
+    sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean)
+    return (sample - vae.config.shift_factor) * vae.config.scale_factor
+
+def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
+                  table: int = 1000) -> torch.Tensor:
     """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or sigmoid(N(0, 1))
     ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table sigma_i = 1 - i / table
     (so sigma is one of 1/table, ..., 1), then the static shift sigma' = s sigma / (1 + (s - 1) sigma)
@@ -391,34 +319,29 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
     sigmas = 1 - torch.floor(u * table).clamp(max=table - 1) / table
     return time_shift(sigmas, math.log(shift)).float() if shift != 1 else sigmas.float()
 
-def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised fp32 latents of images: the posterior sample mean + std * eps (upstream's
-    `latent_dist.sample()`, with eps ~ N(0, 1) drawn by the caller), or the mean when eps is None."""
-    if eps is None:
-        return vae.encode(images).float()
-    mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
-    sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean)
-    return (sample - vae.config.shift_factor) * vae.config.scale_factor
-
 
 # =============================================== the method: scale-consistent F16 decoder (SC-VAE)
 
 def scale_consistency_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE between the student's H/2 map and the teacher's H map averaged over 2x2 blocks (see above)."""
+    """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out + SiLU,
+    before the last upsample and conv_out): the F16 student's at H/2, the F8 teacher's at H.
+
+    Upstream upsamples the student's map (nearest x2) to H instead. Nearest x2 copies each value to a 2x2
+    block, so MSE(up(s), t) = MSE(s, avgpool2(t)) + the mean within-block variance of t, a constant: the same
+    gradient at a quarter of the memory (bilinear downsampling would change the objective)."""
     return F.mse_loss(student_features.float(), F.avg_pool2d(teacher_features.float(), 2))
 
 class Discriminator(nn.Module):
-    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs
-    (InstanceNorm after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid.
-    Output (B, 1, H/64, W/64); crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
+    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs (InstanceNorm
+    after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid. Output (B, 1, H/64, W/64);
+    crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
 
     def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
         super().__init__()
         layers, width = [], in_channels
         for i, out in enumerate(widths):
-            layers.append(nn.utils.parametrizations.spectral_norm(nn.Conv2d(width, out, 3, stride=2, padding=1)))
-            layers += [nn.InstanceNorm2d(out)] if i else []
-            layers.append(nn.LeakyReLU(0.2))
+            conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(width, out, 3, stride=2, padding=1))
+            layers += [conv, nn.InstanceNorm2d(out), nn.LeakyReLU(0.2)] if i else [conv, nn.LeakyReLU(0.2)]
             width = out
         self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 1), nn.Sigmoid())
 
@@ -428,11 +351,10 @@ class Discriminator(nn.Module):
 def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor, gp_weight: float = 10.0):
     """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the reals.
 
-    The penalty differentiates the sum of each image's output map (upstream passes a map of ones
-    as grad_outputs), not its mean: the mean's gradient is smaller by the map size (64 at 512^2),
-    which would move the norm the penalty pulls to 1. Images are independent (InstanceNorm), so
-    one gradient of the batch's total gives every image's own.
-    """
+    D's sigmoid output lies in (0, 1), so the hinge never clips: the loss is D(fake) - D(real) + 2, a bounded
+    critic held in check by the penalty. The penalty differentiates the sum of each image's output map (as
+    upstream's grad_outputs of ones), not its mean, whose gradient is smaller by the map size. Images are
+    independent (InstanceNorm), so one gradient of the batch's total gives every image's own."""
     real = real.detach().requires_grad_(True)
     d_real, d_fake = disc(real), disc(fake.detach())
     hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
@@ -440,23 +362,21 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     penalty = gp_weight * (grad.flatten(1).norm(dim=1) - 1).square().mean()
     return hinge, penalty
 
-def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """VQGAN's balance, as upstream: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8)
-    at the last layer, capped at 1e4."""
+def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor):
+    """VQGAN's balance lambda, as upstream: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8) at
+    the last layer, capped at 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
 
 def discriminator_turn(step: int, gan_start: int) -> bool:
-    """Whether optimizer step `step` (0-based, both models' steps counted) trains the discriminator.
-    From gan_start on the two alternate, decoder first: upstream trains the generator when
-    (micro_step // accumulation) % 2 == 0, micro_step // accumulation being this step."""
+    """Whether optimizer step `step` (0-based, both models' counted) trains the discriminator: from
+    gan_start on the two alternate, decoder first (upstream: the generator when step % 2 == 0)."""
     return step >= gan_start and (step - gan_start) % 2 == 1
 
 def ema_update(ema: dict, params, step: int, decay: float):
-    """Move the average towards `params` after optimizer step `step` (0-based), with the schedule of
-    diffusers' EMAModel (upstream's): decay_n = min(decay, (1 + n) / (10 + n)), and 0 at the first
-    update, so the average starts as a copy and warms up (0.9991 after 10,000 steps)."""
+    """Move the average towards `params` after step n (0-based) with diffusers' EMAModel schedule, as
+    upstream: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0 (the average starts as a copy)."""
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
@@ -464,123 +384,29 @@ def ema_update(ema: dict, params, step: int, decay: float):
 
 # ======================================================================================== pipeline
 
-# --- BEGIN kit: pipeline ---
-@dataclass
-class Pipeline:
-    """Everything needed to turn prompts into 4K images; load once with `load_pipeline`, call
-    `encode_prompts` and `generate` many times."""
-
-    kind: str  # "flux" or "sd3"
-    transformer: nn.Module
-    vae: AutoEncoder
-    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
-    tokenizers: dict
-    device: torch.device
-    dtype: torch.dtype
-    source: str
-    offload: str = "none"  # "none" | "model" (components visit the GPU in turn) | "blocks" (transformer blocks too)
-
-    @property
-    def schnell(self) -> bool:
-        return self.kind == "flux" and not self.transformer.config.guidance_embed
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
-        return self.vae.config.downsample_factor * 2
-
-TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
-
-def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`. For
-    SD3, `encoder_file` (a Stability all-in-one file) may hold the encoders instead; the
-    tokenizers, which such files lack, still come from `source`."""
-    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    tokenizer_files = ("*.json", "*.txt", "*.model")
-    if kind == "flux":
-        schnell = not transformer.config.guidance_embed
-        tokenizers = {
-            "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files)),
-            "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), 256 if schnell else 512),
-        }
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_2"),
-        }
-        return encoders, tokenizers
-    tokenizers = {
-        "clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, tokenizer_files), name="CLIP-L"),
-        "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, tokenizer_files), name="CLIP-G"),
-        "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, tokenizer_files), max_length=256),
-    }
-    if encoder_file is not None:
-        encoders = {
-            "clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-            "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-            "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer."),
-        }
-    else:
-        encoders = {
-            "clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-            "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-            "t5": load_t5(source, text_dtype, subfolder="text_encoder_3"),
-        }
-    return encoders, tokenizers
-
-@contextlib.contextmanager
-def visiting(module: nn.Module, device, home):
-    """Run a module on `device` and send it back `home` afterwards (offloading)."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
-@torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
-    gpu = pipe.device
-    features = {}
-    for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
-    if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features zero-padded to T5's 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()} for i in range(len(prompts))]
-# --- END kit: pipeline ---
-
-def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None, offload="none", token=None) -> Pipeline:
-    """Load a Flux or SD3 pipeline: a diffusers pipeline folder or Hub repo (Diffusion-4K's
-    `zhang0jhon/flux_wavelet_v2_sc`, FLUX.1-dev/schnell, SD3-Medium), or a single transformer
-    file with its text encoders from `text_source` and its VAE from `vae_source`."""
+def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
+                  offload="none", token=None) -> Pipeline:
+    """Load a Flux or SD3 diffusers pipeline folder or Hub repo, or a single transformer file with its
+    text encoders from `text_source` and its VAE from `vae_source`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    kind = detect_kind(model, token)
-    single_file = Path(model).expanduser().is_file()
+    kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
-    vae_source = vae_source or (model if kind == "sd3" and single_file else text_source if single_file else model)
+    vae_source = vae_source or (text_source if single_file and kind == "flux" else model)
     home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
     transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
-    vae_defaults = FLUX_VAE if kind == "flux" else SD3_VAE
-    autoencoder = load_vae(
-        vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
-        scale_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.scale_factor,
-        shift_factor=None if not Path(str(vae_source)).is_file() else vae_defaults.shift_factor,
-    )
+    vae_file = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
+    factors = FLUX_VAE if kind == "flux" else SD3_VAE
+    autoencoder = load_vae(vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
+                           scale_factor=factors.scale_factor if vae_file else None,
+                           shift_factor=factors.shift_factor if vae_file else None)
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
-    encoder_file = model if single_file and any(key.startswith("text_encoders.") for key in safetensors_keys(model)) else None
-    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token, encoder_file)
+    has_encoders = single_file and any(key.startswith("text_encoders.") for key in safetensors_keys(model))
+    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token,
+                                              model if has_encoders else None)
     return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
 
 def detect_kind(source, token=None) -> str:
@@ -595,29 +421,26 @@ def detect_kind(source, token=None) -> str:
         vae = "a VAE (give it with --vae-weights)"
         looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
                  "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
-        guess = next((what for start, what in looks.items() if any(key.startswith(start) for key in keys)), None)
+        guess = next((what for start, what in looks.items() if any(k.startswith(start) for k in keys)), None)
         what = f"it looks like {guess}" if guess else f"its first keys: {', '.join(keys[:3]) or 'none'}"
         raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
-    folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"), token=token)
-    for index in (folder / "model_index.json", folder / "transformer" / "config.json", folder / "config.json"):
-        if index.exists():
-            name = read_json(index).get("_class_name", "")
-            if "Flux" in name:
-                return "flux"
-            if "StableDiffusion3" in name or "SD3" in name:
-                return "sd3"
+    folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
+                            token=token)
+    for index in (folder / "model_index.json", folder / "transformer/config.json", folder / "config.json"):
+        name = read_json(index).get("_class_name", "") if index.exists() else ""
+        if "Flux" in name:
+            return "flux"
+        if "StableDiffusion3" in name or "SD3" in name:
+            return "sd3"
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
 def stream_blocks(transformer: nn.Module, device, home="cpu"):
-    """Keep the transformer's blocks in `home` memory and move each to `device` only for its own
-    forward; everything else (embedders, final layer, SD3's position table: small) lives on
-    `device`. The 12B Flux then needs the GPU memory of one block plus activations. The hooks
-    stay eager under `compile_blocks`: moving weights is no part of a block's graph."""
-
+    """Keep the transformer's blocks in `home` memory and move each to `device` only for its own forward
+    (the rest is small and stays on `device`): the 12B Flux then needs the GPU memory of one block plus
+    activations. The hooks stay eager under `compile_blocks`: moving weights is no part of a graph."""
     @torch.compiler.disable
     def arrive(module, args):
         module.to(device)
-
     @torch.compiler.disable
     def leave(module, args, output):
         module.to(home)
@@ -632,13 +455,95 @@ def stream_blocks(transformer: nn.Module, device, home="cpu"):
     for name, buffer in list(transformer.named_buffers(recurse=False)):
         setattr(transformer, name, buffer.to(device))
 
+# --- BEGIN kit: pipeline ---
+TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
+                "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
+
+@dataclass
+class Pipeline:
+    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
+    then used many times to encode prompts (`encode_prompts`) and sample."""
+
+    kind: str  # "flux" or "sd3"
+    transformer: nn.Module
+    vae: AutoEncoder
+    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
+    tokenizers: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
+
+    @property
+    def schnell(self) -> bool:
+        return self.kind == "flux" and not self.transformer.config.guidance_embed
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
+        return self.vae.config.downsample_factor * 2
+
+def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
+    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
+    files = ("*.json", "*.txt", "*.model")
+    if kind == "flux":
+        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
+        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
+                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
+        return encoders, tokenizers
+    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
+                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
+                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
+    if encoder_file is None:
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
+    else:
+        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
+                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
+                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
+    return encoders, tokenizers
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
+    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    gpu, features = pipe.device, {}
+    for name, encoder in pipe.text_encoders.items():
+        with visiting(encoder, gpu, "cpu"):
+            ids = pipe.tokenizers[name](prompts).to(gpu)
+            features[name] = encoder(ids)
+    if pipe.kind == "flux":
+        txt, y = features["t5"], features["clip_l"].pooled
+        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
+    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
+    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
+    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
+    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
+            for i in range(len(prompts))]
+
+@contextlib.contextmanager
+def visiting(module: nn.Module, device, home):
+    """Run a module on `device` and send it back `home` afterwards (offloading)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+# --- END kit: pipeline ---
+
 
 # ==================================================================================== WLF training
 
 def train(args) -> list[tuple[int, float]]:
     """Fine-tune the pipeline's transformer; returns the (step, loss) pairs run by this call."""
-    ctx = setup_distributed(args.device)
-    output = Path(args.output)
+    ctx, output = setup_distributed(args.device), Path(args.output)
     weights, crop = parse_weights(args.wavelet_weights), parse_crop(args.crop, args.resolution)
     check_output(output, args.resume)
     examples = read_dataset(args.data, verbose=ctx.main)
@@ -651,18 +556,19 @@ def train(args) -> list[tuple[int, float]]:
 
 def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple,
                accumulation: int = 1):
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if ctx.device.type == "cuda" else "fp32")]
-    # bf16 autocast over fp32 master weights, without autocast's weight cache: the cache holds a bf16
-    # copy of every weight until the block ends, which under FSDP2 is the whole model on every GPU
-    # (~22 GiB for Flux), and it saves nothing here (each weight is used once per forward; gradient
-    # checkpointing recasts in backward anyway). FSDP2's MixedPrecisionPolicy(param_dtype=bf16) would
-    # also halve the all-gathers, but it would still need autocast for the fp32 norms and losses, must
-    # be kept from casting the inputs (sigma, positions) to bf16, and one process (no FSDP) would
-    # compute differently from several; this way every process count runs the same arithmetic.
-    if dtype == torch.bfloat16:
+    """WLF with upstream's recipe (train_flux.sh / train_sd3.sh) as defaults: posterior-sample latents, sigma
+    from `sample_sigmas`, Flux guidance 3.5, captions of 77 T5 tokens, AdamW (0.9, 0.999), weight decay 1e-4,
+    eps 1e-8, constant lr 1e-6, clipping at 1.0, square crops, random flips, 20,000 steps of a global batch
+    (processes x --batch-size x --grad-accum) of 32 for Flux, 64 for SD3.
+
+    bf16 autocast over fp32 master weights runs without autocast's weight cache, which would hold a bf16 copy
+    of every weight until the block ends (under FSDP2: the whole model on every GPU) and saves nothing here
+    (each weight is used once per forward; checkpointing recasts in backward). Unlike FSDP2's
+    MixedPrecisionPolicy, every process count then runs the same arithmetic."""
+    bf16 = (args.dtype or ("bf16" if ctx.device.type == "cuda" else "fp32")) == "bf16"
+    dtype, autocast = (torch.bfloat16 if bf16 else torch.float32), contextlib.nullcontext
+    if bf16:
         autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16, cache_enabled=False)
-    else:
-        autocast = contextlib.nullcontext
 
     # everything rests on the CPU while the text is encoded; the encoders then leave
     pipe = load_pipeline(args.model, args.vae, ctx.device, dtype, offload="model", token=args.token)
@@ -670,13 +576,13 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
     pipe.tokenizers["t5"].max_length = args.max_sequence_length
     height, width = crop
     if height % pipe.size_multiple or width % pipe.size_multiple:
-        raise UserError(f"crop {height}x{width}: both sides must be multiples of {pipe.size_multiple} for this model and VAE")
-    conditions = encode_captions(pipe, [e.text for e in examples], Path(args.text_cache) if args.text_cache else None)
+        raise UserError(f"crop {height}x{width}: sides must be multiples of {pipe.size_multiple} here")
+    cache = Path(args.text_cache) if args.text_cache else None
+    conditions = encode_captions(pipe, [e.text for e in examples], cache)
     vae = pipe.vae.to(ctx.device)
     sampling = args.timestep_sampling or ("uniform" if kind == "flux" else "logit_normal")
     shift = args.shift if args.shift is not None else (1.0 if kind == "flux" else 3.0)
     guidance = args.guidance if kind == "flux" and model.config.guidance_embed else None
-
     lora = args.lora_rank > 0
     if lora:
         add_lora(model, kind, args.lora_rank, args.lora_alpha, args.seed)
@@ -688,33 +594,28 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
         shard_model(model, kind, ctx)
     model.to(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     micro, global_batch = args.batch_size, args.batch_size * accumulation * ctx.world
     if ctx.main:
-        count = sum(p.numel() for p in params) * (ctx.world if ctx.world > 1 else 1)
+        count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
         print(f"training {kind} ({'LoRA rank %d' % args.lora_rank if lora else 'full'}, ~{count / 1e6:.2f}M "
               f"trainable), global batch {global_batch} = {ctx.world} process(es) x batch {micro} x "
               f"{accumulation} accumulated, latents {args.posterior}, sigma {sampling} shift {shift}, "
               f"wavelet weights {weights}", file=sys.stderr)
-
-    batches = Batches(len(examples), args.seed)
-    step = 0
+    batches, step = Batches(len(examples), args.seed), 0
     if args.resume:
         folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
         step = load_checkpoint(folder, model, optimizer, batches, lora)
-
     factor = vae.config.downsample_factor
     latent_shape = (global_batch, vae.config.z_channels, height // factor, width // factor)
     first = ctx.rank * micro * accumulation  # this rank's entries of the global batch: first, first + 1, ...
     output.mkdir(parents=True, exist_ok=True)
-    log = output / "train_log.jsonl"
-    losses, unreadable = [], set()
+    log, losses, unreadable = output / "train_log.jsonl", [], set()
     update = progress_bar("train", args.steps, step) if ctx.main else None
     while step < args.steps:
         # the whole global batch is drawn on every rank (same generator), each rank keeps its share,
         # in micro-batches: the draws do not depend on how the batch is split
-        g = batches.generator
-        picks = batches.indices(global_batch)
+        g, picks = batches.generator, batches.indices(global_batch)
         draws = picks, torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
         sigma = sample_sigmas(global_batch, sampling, shift, g)
         noise = torch.randn(latent_shape, generator=g)
@@ -722,13 +623,10 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-
         micro_losses = []
         for start in range(first, first + micro * accumulation, micro):
-            share = slice(start, start + micro)
-            indices = range(share.start, share.stop)
-            images, condition = micro_batch(examples, conditions, unreadable, crop, draws, indices,
-                                            ctx.device)
+            share = range(start, start + micro)
+            images, condition = micro_batch(examples, conditions, unreadable, crop, draws, share, ctx.device)
             micro_eps = None if eps is None else eps[share].to(ctx.device)
             micro_losses.append(wlf_micro_step(
                 model, kind, vae, images.to(ctx.device, dtype), noise[share].to(ctx.device),
@@ -740,110 +638,58 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-
         losses.append((step, value))
         if ctx.main:
             update(step)
             if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}", file=sys.stderr)
+                print(f"step {step}/{args.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
+                      file=sys.stderr)
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm, "lr": lr}) + "\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(output, step, model, optimizer, batches, lora, ctx, args.keep_checkpoints)
-
     save_result(args, pipe, model, kind, lora, output, ctx)
     return losses
 
-def micro_batch(examples: list[Example], conditions: dict, unreadable: set, crop: tuple, draws: tuple,
-                indices: range, device) -> tuple[torch.Tensor, dict]:
-    """The crops (on the CPU) and caption embeddings (on `device`) of the global batch's entries
-    `indices`; `draws` = (picks, offsets, flips) of the whole global batch."""
-    picks, offsets, flips = draws
-    loaded = [readable_crop(examples, picks[i], unreadable, *crop, offsets[i].tolist(), bool(flips[i]))
-              for i in indices]
-    texts = [examples[index].text for index, _ in loaded]
-    condition = {name: torch.stack([conditions[text][name] for text in texts]).to(device)
-                 for name in conditions[texts[0]]}
-    return torch.stack([image for _, image in loaded]), condition
-
-def accumulation_steps(args, world: int) -> int:
-    """--grad-accum, or by default the count that makes processes x --batch-size x it upstream's
-    global batch."""
-    if args.grad_accum is not None:
-        return args.grad_accum
-    target = UPSTREAM_GLOBAL_BATCH[detect_kind(args.model, args.token)]
-    if target % (world * args.batch_size):
-        raise UserError(f"{world} process(es) x --batch-size {args.batch_size} does not divide upstream's "
-                        f"global batch of {target}: pass --grad-accum N (global batch = processes x batch "
-                        "size x N)")
-    return target // (world * args.batch_size)
-
-def accumulation_count(text: str) -> int | None:
-    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
-    if text == "auto":
-        return None
+def parse_weights(text: str) -> tuple:
     try:
-        return integer(1)(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 4 or not all(0 <= w < math.inf for w in weights) or max(weights) == 0:
+        raise UserError(f"--wavelet-weights {text!r}: give four weights >= 0 for LL,LH,HL,HH, e.g. 1,2,2,2")
+    return weights
 
-def stop_unless_finite(step: int, values: dict, output: Path):
-    """Stop at the first of `values` (name -> number or scalar tensor: loss, gradient norm) that is
-    not finite, before the optimizer step that would carry it into the weights."""
-    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
-    if bad is not None:
-        raise training_diverged(step, f"the {bad}", output)
-
-@contextlib.contextmanager
-def undone_on_failure(output: Path, main: bool = True):
-    """A run that fails before its first checkpoint leaves no trace: the folders it created are
-    removed, and so is anything it added to a folder that existed."""
-    created = output
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
-    before = None if not output.exists() else set(output.iterdir())
+def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
+    if not text:
+        return resolution, resolution
     try:
-        yield
-    except BaseException:
-        if main and latest_checkpoint(output) is None:
-            if before is None:
-                shutil.rmtree(created, ignore_errors=True)
-            else:
-                for path in set(output.iterdir()) - before:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        raise
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if min(height, width) < 1:
+        raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH with positive sides, e.g. 4096x4096")
+    return height, width
 
 def check_output(output: Path, resume) -> None:
-    """Fail before any model is loaded if OUTPUT cannot be written, already holds something else,
-    or holds nothing to resume (train-vae's `--resume` then starts afresh: resume is True)."""
+    """Fail before any model is loaded if OUTPUT cannot be written, holds something else, or holds nothing
+    to resume (train-vae's `--resume` then starts afresh: resume is True)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} is a file; --output takes a folder")
     check_writable_folder(output)
     previous = latest_checkpoint(output)
     if previous is not None and not resume:
-        raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+        raise UserError(f"{output} already holds a training run: pass --resume, or choose another --output")
     if previous is None and output.is_dir() and any(output.iterdir()):
-        raise UserError(f"{output} is not empty and holds no checkpoint to resume; choose a new or empty --output")
+        raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
     if resume == "latest" and previous is None:
         raise UserError(f"--resume: no checkpoint under {output / 'checkpoints'} (start without --resume)")
     if resume not in (None, False, True, "latest") and not (Path(resume) / "state.pt").is_file():
         raise UserError(f"--resume {resume}: not a checkpoint folder (it has no state.pt)")
 
-def warn(message: str):
-    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-@dataclass
-class Example:
-    path: Path
-    text: str
-
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with
-    one {"file_name", "text"} object per line. Bad lines and unreadable images are skipped with
-    one warning each; the count of skipped entries is reported."""
+    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with one
+    {"file_name", "text"} object per line. Bad lines and unreadable images are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -867,68 +713,81 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             examples.append(Example(path, text))
         except (ValueError, KeyError, TypeError, OSError, SyntaxError, Image.DecompressionBombError) as error:
             skipped += 1
-            reason = f"missing {error}" if isinstance(error, KeyError) else str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = f"missing {error}" if isinstance(error, KeyError) else reason
             if verbose:
                 print(f"warning: {metadata.name} line {number}: {reason}; skipped", file=sys.stderr)
     if not examples:
         raise UserError(f"{folder}: no usable images in metadata.jsonl ({skipped} entries skipped)")
     if verbose:
-        print(f"data: {len(examples)} images from {folder}" + (f", {skipped} entries skipped" if skipped else ""), file=sys.stderr)
+        skips = f", {skipped} entries skipped" if skipped else ""
+        print(f"data: {len(examples)} images from {folder}{skips}", file=sys.stderr)
     return examples
 
-def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple[int, torch.Tensor]:
-    """(index, crop) of example `index`, or of the next one that decodes when it does not (a file
-    can pass `verify()` and still fail, e.g. a PNG cut after its header): such files are named once,
-    counted in `bad` and skipped from then on. Runs out only when no image decodes."""
-    for candidate in [(index + k) % len(examples) for k in range(len(examples))]:
-        if candidate not in bad:
-            try:
-                return candidate, load_crop(examples[candidate].path, *crop)
-            except UserError as error:
-                bad.add(candidate)
-                warn(f"{error}; skipped ({len(bad)} of {len(examples)} images unreadable)")
-    raise UserError(f"none of the {len(examples)} training images could be decoded")
-
-def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
-    if not text:
-        return resolution, resolution
-    try:
-        height, width = (int(side) for side in text.lower().split("x"))
-    except ValueError:
-        height = width = 0
-    if min(height, width) < 1:
-        raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH with positive sides, e.g. 4096x4096")
-    return height, width
+class Example(NamedTuple):
+    path: Path
+    text: str
 
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache that `encode_captions` wrote (None: no such file); any other
-    existing file is refused, so that it is never replaced."""
+    """The key of a text cache that `encode_captions` wrote (None: no such file); any other existing file
+    is refused, so that it is never replaced."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             key = (f.metadata() or {}).get("key")
     except (SafetensorError, OSError):
         key = None
     if key is None:
-        raise UserError(f"{path}: not a text cache written by `train`; delete it or choose another --text-cache")
+        raise UserError(f"{path}: not a text cache of `train`; delete it or choose another --text-cache")
     return key
 
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch: int = 8) -> dict[str, dict]:
-    """Every distinct caption encoded once by the frozen text encoders, kept on the CPU in the
-    pipeline dtype (caption -> {name: tensor without the batch dim}); optionally cached in a
-    safetensors file keyed by model, captions and token lengths. The encoders are freed afterwards."""
+def accumulation_steps(args, world: int) -> int:
+    """--grad-accum, or by default the count that makes processes x --batch-size x it upstream's batch."""
+    if args.grad_accum is not None:
+        return args.grad_accum
+    target = UPSTREAM_GLOBAL_BATCH[detect_kind(args.model, args.token)]
+    if target % (world * args.batch_size):
+        raise UserError(f"{world} process(es) x --batch-size {args.batch_size} does not divide upstream's "
+                        f"global batch of {target}: pass --grad-accum N")
+    return target // (world * args.batch_size)
+
+@contextlib.contextmanager
+def undone_on_failure(output: Path, main: bool = True):
+    """A run that fails before its first checkpoint leaves no trace: the folders it created are removed,
+    and so is anything it added to a folder that existed."""
+    created = output
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    before = None if not output.exists() else set(output.iterdir())
+    try:
+        yield
+    except BaseException:
+        if main and latest_checkpoint(output) is None:
+            if before is None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                for path in set(output.iterdir()) - before:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise
+
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch: int = 8) -> dict:
+    """Every distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the CPU),
+    optionally cached in a safetensors file keyed by model, captions and token lengths; frees the encoders."""
     unique = sorted(set(texts))
-    key = json.dumps({"model": pipe.source, "texts": unique, "lengths": {n: t.max_length for n, t in pipe.tokenizers.items()}})
+    lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
+    key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
     stored = {}
     if cache is not None and text_cache_key(cache) == key:
         stored = check_finite(load_safetensors(cache), cache)
     if stored:
         print(f"text embeddings: {len(unique)} captions read from {cache}", file=sys.stderr)
     else:
-        for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions, not one per chunk
+        for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions, not per chunk
             tokenizer(unique)
             tokenizer.name = None
         for start in range(0, len(unique), batch):
@@ -937,47 +796,12 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
                 stored.update({f"{i}.{name}": value[0].to(pipe.dtype) for name, value in condition.items()})
         if cache is not None:
             save_safetensors(stored, cache, {"key": key})
-    pipe.text_encoders.clear()  # no longer needed: free their memory before the transformer trains
+    pipe.text_encoders.clear()  # free their memory before the transformer trains
     conditions = {text: {} for text in unique}
     for name, value in stored.items():
         index, field = name.split(".")
         conditions[unique[int(index)]][field] = value
     return conditions
-
-class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at
-    the base model. A and B stay fp32 even when the base weights are bf16."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
-        a = torch.empty(rank, base.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # what nn.Linear and peft use
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
-
-    def merged(self) -> nn.Linear:
-        """A plain Linear with W + scale * B A (for export and for sampling without the wrapper)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        linear = linear.to(self.base.weight.device, self.base.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.base.weight.float() + delta)
-            if self.base.bias is not None:
-                linear.bias.copy_(self.base.bias)
-        return linear
-
-def lora_targets(model: nn.Module, kind: str) -> list[str]:
-    """The attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block
-    streams and the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)."""
-    if kind == "flux":
-        pattern = r"(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])"
-    else:
-        pattern = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
 
 def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
     """Freeze the model and wrap its attention / MLP linears with LoRA (alpha defaults to rank: scale 1)."""
@@ -989,35 +813,88 @@ def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None,
         setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha or rank, generator))
     return model
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its merged Linear (in place)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.merged())
-    return model
+def lora_targets(model: nn.Module, kind: str) -> list[str]:
+    """The attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block streams and
+    the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)."""
+    if kind == "flux":
+        pattern = r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]"
+    else:
+        pattern = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
 
-def lora_state_dict(model: nn.Module) -> tuple[dict, float]:
-    """Our LoRA file: {"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} and the scale."""
-    state, scales = {}, set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.lora_A"], state[f"{name}.lora_B"] = module.lora_A.detach().cpu(), module.lora_B.detach().cpu()
-            scales.add(module.scale)
-    return state, scales.pop() if scales else 1.0
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at the base
+    model. A and B stay fp32 even when the base weights are bf16."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        a = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # what nn.Linear and peft use
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x):
+        low_rank = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + low_rank * self.scale
+
+def micro_batch(examples: list[Example], conditions: dict, unreadable: set, crop: tuple, draws: tuple,
+                indices: range, device) -> tuple[torch.Tensor, dict]:
+    """Crops (CPU) and caption embeddings (`device`) of entries `indices` of the global batch's `draws`."""
+    picks, offsets, flips = draws
+    loaded = [readable_crop(examples, picks[i], unreadable, *crop, offsets[i].tolist(), bool(flips[i]))
+              for i in indices]
+    texts = [examples[index].text for index, _ in loaded]
+    condition = {name: torch.stack([conditions[text][name] for text in texts]).to(device)
+                 for name in conditions[texts[0]]}
+    return torch.stack([image for _, image in loaded]), condition
+
+def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple[int, torch.Tensor]:
+    """(index, crop) of example `index`, or of the next one that decodes (a file can pass `verify()` and
+    still fail, e.g. a PNG cut after its header): such files are named once, then skipped via `bad`."""
+    for candidate in [(index + k) % len(examples) for k in range(len(examples))]:
+        if candidate not in bad:
+            try:
+                return candidate, load_crop(examples[candidate].path, *crop)
+            except UserError as error:
+                bad.add(candidate)
+                warn(f"{error}; skipped ({len(bad)} of {len(examples)} images unreadable)")
+    raise UserError(f"none of the {len(examples)} training images could be decoded")
+
+def warn(message: str):
+    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+def stop_unless_finite(step: int, values: dict, output: Path):
+    """Stop at the first of `values` (loss, gradient norm, ...) that is not finite."""
+    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
+    if bad is not None:
+        raise training_diverged(step, f"the {bad}", output)
+
+def save_result(args, pipe, model, kind, lora, output: Path, ctx: Distributed):
+    """Full fine-tune: OUTPUT is a diffusers pipeline folder. LoRA: OUTPUT/lora.safetensors (ours) and
+    OUTPUT/pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    state = trainable_state(model, lora)
+    if lora and ctx.main:
+        scale = args.lora_alpha / args.lora_rank if args.lora_alpha else 1.0
+        meta = {"kind": kind, "rank": str(args.lora_rank), "scale": str(scale), "base": str(args.model)}
+        save_safetensors(state, output / "lora.safetensors", meta)
+        exported = export_lora_diffusers(state, kind, model.config, scale)
+        save_safetensors(exported, output / "pytorch_lora_weights.safetensors", meta)
+        print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors", file=sys.stderr)
+    elif ctx.main:
+        save_transformer(state, model, kind, output, pipe.dtype)
+        copy_base_components(args.model, output)
+        print(f"wrote {output} (a pipeline folder: `diffusion4k.py --model {output}`)", file=sys.stderr)
+    ctx.barrier()
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA (original BFL / SAI module names, fused qkv) -> diffusers / peft keys
-    `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, through the key tables.
-
-    A LoRA on a fused projection is exact to split: delta = B A, and the rows of delta that
-    belong to to_q / to_k / to_v (/ proj_mlp) are the same rows of B times the shared A. The
-    scale is folded into B, so the file loads with peft's default alpha = rank."""
-    if kind == "flux":
-        table = flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
-    else:
-        table = sd3_key_table(config.depth)
-    out = {}
+    """Our LoRA (original module names, fused qkv) -> diffusers / peft `transformer.<module>.lora_A.weight`.
+    A LoRA on a fused projection splits exactly: the rows of delta = B A that belong to to_q / to_k / to_v
+    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft's default alpha = rank)."""
+    table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
         parts, transform = table[f"{module}.weight"]
@@ -1030,31 +907,17 @@ def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> 
             out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
     return out
 
-def save_result(args, pipe, model, kind, lora, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT is a complete diffusers pipeline folder. LoRA: OUTPUT/lora.safetensors
-    (ours) and OUTPUT/pytorch_lora_weights.safetensors (diffusers / peft names)."""
-    state = trainable_state(model, lora)
-    if lora:
-        scale = args.lora_alpha / args.lora_rank if args.lora_alpha else 1.0
-        if ctx.main:
-            meta = {"kind": kind, "rank": str(args.lora_rank), "scale": str(scale), "base": str(args.model)}
-            save_safetensors(state, output / "lora.safetensors", meta)
-            save_safetensors(export_lora_diffusers(state, kind, model.config, scale), output / "pytorch_lora_weights.safetensors", meta)
-            print(f"wrote {output / 'lora.safetensors'} and {output / 'pytorch_lora_weights.safetensors'}", file=sys.stderr)
-    else:
-        if ctx.main:
-            save_transformer(state, model, kind, output, pipe.dtype)
-            copy_base_components(args.model, output)
-            print(f"wrote {output} (a diffusers pipeline folder: `diffusion4k.py --model {output}`)", file=sys.stderr)
-    ctx.barrier()
+def transformer_key_table(kind: str, config) -> dict:
+    if kind == "flux":
+        return flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
+    return sd3_key_table(config.depth)
 
 def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
-    """OUTPUT/transformer/ in the diffusers layout (loads with diffusers' from_pretrained and `load_flux`/`load_sd3`)."""
-    c = model.config
-    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed) if kind == "flux" else sd3_key_table(c.depth)
-    folder_state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table, c.hidden_size)
-    save_safetensors(folder_state, output / "transformer" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(diffusers_config(model, kind), output / "transformer" / "config.json")
+    """OUTPUT/transformer/ in the diffusers layout (diffusers' from_pretrained, `load_flux`, `load_sd3`)."""
+    table, folder = transformer_key_table(kind, model.config), output / "transformer"
+    state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table, model.config.hidden_size)
+    save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    write_json(diffusers_config(model, kind), folder / "config.json")
 
 def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     """Original keys -> folder layout. Fused tensors split as [hidden]*(n-1) + [rest]."""
@@ -1073,30 +936,26 @@ def diffusers_config(model: nn.Module, kind: str) -> dict:
     c = model.config
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
+    heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)
     if kind == "flux":
         if c.theta != 10000.0:
             raise UserError(f"RoPE theta {c.theta}: diffusers' Flux transformer is fixed at 10000")
-        return {
-            "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": c.in_channels, "out_channels": None,
-            "num_layers": c.depth, "num_single_layers": c.depth_single_blocks, "attention_head_dim": c.hidden_size // c.num_heads,
-            "num_attention_heads": c.num_heads, "joint_attention_dim": c.context_in_dim, "pooled_projection_dim": c.vec_in_dim,
-            "guidance_embeds": c.guidance_embed, "axes_dims_rope": list(c.axes_dim),
-        }
-    return {
-        "_class_name": "SD3Transformer2DModel", "sample_size": min(128, c.pos_embed_max_size), "patch_size": c.patch_size,
-        "in_channels": c.in_channels, "num_layers": c.depth, "attention_head_dim": c.hidden_size // c.num_heads,
-        "num_attention_heads": c.num_heads, "joint_attention_dim": c.context_dim, "caption_projection_dim": c.hidden_size,
-        "pooled_projection_dim": c.adm_in_channels, "out_channels": c.out_channels, "pos_embed_max_size": c.pos_embed_max_size,
-        "dual_attention_layers": [], "qk_norm": None,
-    }
+        return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=c.in_channels,
+                    out_channels=None, num_layers=c.depth, num_single_layers=c.depth_single_blocks, **heads,
+                    joint_attention_dim=c.context_in_dim, pooled_projection_dim=c.vec_in_dim,
+                    guidance_embeds=c.guidance_embed, axes_dims_rope=list(c.axes_dim))
+    return dict(_class_name="SD3Transformer2DModel", sample_size=min(128, c.pos_embed_max_size),
+                patch_size=c.patch_size, in_channels=c.in_channels, num_layers=c.depth, **heads,
+                joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden_size,
+                pooled_projection_dim=c.adm_in_channels, out_channels=c.out_channels,
+                pos_embed_max_size=c.pos_embed_max_size, dual_attention_layers=[], qk_norm=None)
 
 def write_json(data, path: Path):
     with atomic_write(path) as temp:
         temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 def copy_base_components(base, output: Path):
-    """Hard-link (else copy) every file of the base pipeline folder but its transformer/, so
-    OUTPUT is a complete pipeline. Hub repos are fetched (cached) first; single files have none."""
+    """Hard-link (else copy) every file of the base pipeline but its transformer/: OUTPUT is a pipeline."""
     if Path(str(base)).expanduser().is_file():
         print(f"note: {base} is a single file; {output} holds the transformer only", file=sys.stderr)
         return
@@ -1104,7 +963,8 @@ def copy_base_components(base, output: Path):
     folder = resolve_source(base, allow_patterns=patterns)
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if not path.is_file() or relative.parts[0] in ("transformer", ".cache") or relative.name.startswith("."):
+        skip = relative.parts[0] in ("transformer", ".cache") or relative.name.startswith(".")
+        if skip or not path.is_file():
             continue
         target = output / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -1118,15 +978,37 @@ def copy_base_components(base, output: Path):
 # ================================================================================= SC-VAE training
 
 def train_vae(args) -> VAETraining:
-    """SC-VAE decoder training as described at the top of this section; returns the models and
-    the per-step losses, and leaves OUTPUT/vae/ (and checkpoints) behind."""
+    """SC-VAE decoder training (`vae_training_loop`); returns the models and the per-step losses, and
+    leaves OUTPUT/vae/ (and checkpoints) behind."""
     check_vae_args(args)
-    output = Path(args.output)
-    files = vae_image_files(args.data)
+    output, files = Path(args.output), vae_image_files(args.data)
     with undone_on_failure(output):
         return vae_training_loop(args, output, files)
 
+def check_vae_args(args):
+    if args.resolution % 16:
+        raise UserError(f"--resolution {args.resolution}: must be a multiple of 16")
+    if args.gan_weight > 0 and args.resolution < 128:
+        raise UserError(f"--resolution {args.resolution}: the discriminator needs 128 or more (its last map "
+                        "must be 2x2); --gan-weight 0 trains without it")
+    if args.ema == 1:
+        raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
+    check_output(Path(args.output), args.resume)
+
 def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
+    """SC-VAE: the student (the base VAE with stride 2, F16) learns to decode like the frozen teacher (the
+    same VAE with stride 1, F8). Only the student's decoder trains: with the encoder frozen, the latent space
+    and its scale / shift factors stay the base VAE's. For crops x in [-1, 1] the decoder's loss is
+        MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight `scale_consistency_loss`
+        + gan_weight lambda (-mean D(x_hat)),
+    x_hat = clamp(decoded, -1, 1) through the partitioned F16 head by default, as upstream trains it, lambda
+    from `adaptive_weight` (LPIPS's gradient against D's; MSE's when LPIPS is off) at conv_out.weight.
+
+    As upstream (sc-vae/train_vae.py, train_vae.sh): from --gan-start the decoder and the discriminator take
+    turns, one optimizer step each (`discriminator_turn`), the discriminator on fresh real crops against the
+    decoder's last fake micro-batch; the step count covers both; the EMA (`ema_update`) updates after every
+    step; posterior samples from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4 for both models,
+    clipping at 1, 256 crops of 512^2 per step (images resized to a 512 shorter side), horizontal flips."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = CropStream(files, args.resolution, args.seed, args.workers)
     teacher = load_vae(args.base, torch.float32, device, stride=1, token=args.token).requires_grad_(False)
@@ -1137,35 +1019,35 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     params = list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     ema = {name: p.detach().clone() for name, p in decoder.named_parameters()} if args.ema > 0 else None
-    lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(device) if args.lpips_weight > 0 else None
+    lpips_files = args.lpips_linear, args.lpips_backbone, args.token
+    lpips = load_lpips(*lpips_files).to(device) if args.lpips_weight > 0 else None
     torch.manual_seed(args.seed)  # the discriminator's initialisation
     disc = Discriminator().to(device) if args.gan_weight > 0 else None
-    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, weight_decay=args.weight_decay) if disc else None
+    disc_optimizer = None if disc is None else torch.optim.AdamW(disc.parameters(), args.disc_lr or args.lr,
+                                                                  weight_decay=args.weight_decay)
     noise = torch.Generator().manual_seed(args.seed + 1)  # posterior samples
     fakes = None  # the decoder's last output, which the discriminator's next step is shown
+    stateful = {"decoder": decoder, "optimizer": optimizer, "disc": disc, "disc_optimizer": disc_optimizer}
 
     step, checkpoint_folder = 0, latest_checkpoint(output)
     if args.resume and checkpoint_folder is not None:
         checkpoint_folder, state = read_checkpoint(checkpoint_folder, read_vae_checkpoint)
         if (state["ema"] is None) != (ema is None) or (state["disc"] is None) != (disc is None):
-            raise UserError(f"{checkpoint_folder}: saved with EMA {'on' if state['ema'] is not None else 'off'} and the GAN "
-                            f"{'on' if state['disc'] is not None else 'off'}; resume with the same --ema / --gan-weight")
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
+            ema_on, gan_on = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
+            raise UserError(f"{checkpoint_folder}: saved with EMA {ema_on} and the GAN {gan_on}; resume with "
+                            "the same --ema / --gan-weight")
+        for key, part in stateful.items():
+            if part is not None:
+                part.load_state_dict(state[key])
         if ema is not None:
             ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        fakes = state["fakes"].to(device) if state["fakes"] is not None else None
+        step, fakes = state["step"], state["fakes"].to(device) if state["fakes"] is not None else None
         stream.load_state(state["stream"])
         noise.set_state(state["noise"])
         torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
         print(f"resumed from {checkpoint_folder} at step {step}", file=sys.stderr)
     elif args.resume:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
-
     posterior = noise if args.posterior == "sample" else None
 
     def decoder_losses(x, gan_on: bool) -> tuple[dict, torch.Tensor]:
@@ -1216,7 +1098,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
             ema_update(ema, params, step, args.ema)
         step += 1
         record = {"step": step, "turn": "discriminator" if disc_turn else "decoder"}
-        record.update({key: value.item() for key, value in totals.items()})
+        record.update((key, value.item()) for key, value in totals.items())
         result.history.append(record)
         with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # a resumed run may repeat steps
             log.write(json.dumps(record) + "\n")
@@ -1224,20 +1106,16 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
         update(step, postfix={key: f"{record[key]:.4g}" for key in shown if key in record})
         if step % args.save_every == 0 or step == args.steps:
             next_needs_fakes = disc is not None and discriminator_turn(step, args.gan_start)
-            state = {
-                "step": step, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
-                "disc": disc.state_dict() if disc else None, "disc_optimizer": disc_optimizer.state_dict() if disc else None,
-                "fakes": fakes.cpu() if next_needs_fakes else None,
-                "stream": stream.state(), "noise": noise.get_state(), "torch_rng": torch.get_rng_state(),
-            }
+            state = {key: None if part is None else part.state_dict() for key, part in stateful.items()}
+            state.update(step=step, ema=ema, fakes=fakes.cpu() if next_needs_fakes else None,
+                         stream=stream.state(), noise=noise.get_state(), torch_rng=torch.get_rng_state())
             save_vae_checkpoint(output, step, state, args.keep_checkpoints)
-
     final = student
     if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
         final = copy.deepcopy(student)
         final.decoder.load_state_dict(ema)  # the decoder has parameters only, so EMA covers its whole state
-    base_config = folder_config(component_path(args.base, "vae", args.token))
-    save_vae(final, output, base_config, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype], args.ae_file)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
+    save_vae(final, output, folder_config(component_path(args.base, "vae", args.token)), dtype, args.ae_file)
     return result
 
 @dataclass
@@ -1247,25 +1125,10 @@ class VAETraining:
     ema: dict | None
     history: list = field(default_factory=list)  # one dict of losses per step
 
-def check_vae_args(args):
-    problems = [
-        (args.resolution % 16, f"--resolution {args.resolution}: must be a multiple of 16"),
-        (args.gan_weight > 0 and args.resolution < 128,
-         f"--resolution {args.resolution}: the discriminator needs 128 or more (its last map must be 2x2); "
-         "--gan-weight 0 trains without it"),
-        (args.ema == 1, "--ema 1: the decay must be below 1 (0 turns EMA off)"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
-    check_output(Path(args.output), args.resume)
-
 class CropStream:
-    """Seeded square crops of the training images: `Batches` draws each epoch's permutation and,
-    from the same generator, every crop's offset and flip; `load_crop` resizes the shorter side
-    to the crop size (upstream) and cuts the crop. Files that fail to decode are dropped with one
-    warning and replaced by the next draw; the state (generator, position, dropped files) goes
-    into checkpoints, so a resumed run draws exactly what the uninterrupted run would have."""
+    """Seeded square crops: `Batches` draws each epoch's permutation and, from the same generator, every
+    crop's offset and flip. Files that fail to decode are dropped with one warning and replaced by the next
+    draw; the state goes into checkpoints, so a resumed run draws what the uninterrupted run would have."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -1307,12 +1170,16 @@ class CropStream:
         self.batches.load(state)
         self.bad = set(state["bad"].tolist())
 
-VAE_STATE_KEYS = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "fakes", "stream", "noise",
-                  "torch_rng")
+def read_vae_checkpoint(folder: Path) -> dict:
+    keys = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "fakes", "stream", "noise",
+            "torch_rng")
+    state = load_state_file(folder / "state.pt", keys)
+    for part in ("decoder", "ema", "disc"):
+        check_finite(state[part] or {}, folder / "state.pt")
+    return state
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, written atomically (the layout `latest_checkpoint` reads); older
-    ones pruned. Weights that are no longer finite are never written."""
+    """checkpoints/step-N/state.pt, written atomically, if its weights are finite; older ones pruned."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -1321,18 +1188,14 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
     for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
-def read_vae_checkpoint(folder: Path) -> dict:
-    state = load_state_file(folder / "state.pt", VAE_STATE_KEYS)
-    for part in ("decoder", "ema", "disc"):
-        check_finite(state[part] or {}, folder / "state.pt")
-    return state
-
-def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32, ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2), loadable by `load_vae`
-    and by diffusers' AutoencoderKL.from_pretrained (as an F8 VAE); optionally OUTPUT/ae.safetensors
-    in BFL's layout (load it with `load_vae(path, stride=2)`: a single file has no config)."""
+def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
+             ae_file: bool = False):
+    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2), loadable by `load_vae` and by
+    diffusers' AutoencoderKL.from_pretrained (as an F8 VAE); optionally OUTPUT/ae.safetensors in BFL's
+    layout (load it with `load_vae(path, stride=2)`: a single file has no config)."""
     state = {key: value.detach().to("cpu", dtype).contiguous() for key, value in vae.state_dict().items()}
-    save_safetensors(to_folder_layout(state, vae_table_for(state)), output / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    folder_state = to_folder_layout(state, vae_table_for(state))
+    save_safetensors(folder_state, output / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(diffusers_vae_config(vae.config, base_config), output / "vae" / "config.json")
     if ae_file:
         save_safetensors(state, output / "ae.safetensors", {"format": "pt", "stride": str(vae.config.stride)})
@@ -1340,25 +1203,14 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
 def diffusers_vae_config(config: VAEConfig, base: dict | None = None) -> dict:
     """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
     levels = len(config.channel_multipliers)
-    return {
-        **(base or {}),
-        "_class_name": "AutoencoderKL",
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [config.base_channels * m for m in config.channel_multipliers],
-        "layers_per_block": config.num_res_blocks,
-        "act_fn": "silu",
-        "latent_channels": config.z_channels,
-        "norm_num_groups": 32,
-        "scaling_factor": config.scale_factor,
-        "shift_factor": config.shift_factor,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": True,
-        "stride": config.stride,
-    }
+    return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": config.in_channels,
+            "out_channels": config.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": [config.base_channels * m for m in config.channel_multipliers],
+            "layers_per_block": config.num_res_blocks, "act_fn": "silu", "latent_channels": config.z_channels,
+            "norm_num_groups": 32, "scaling_factor": config.scale_factor, "shift_factor": config.shift_factor,
+            "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
+            "stride": config.stride}
 
 
 # ==================================================================================== command line
@@ -1376,7 +1228,7 @@ def generate_command(args):
     if not prompts[0]:
         raise UserError("give --prompt TEXT or --prompts FILE")
     if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
-        raise UserError(f"--seed {args.seed}: the last of {len(prompts)} prompts would need a seed beyond 2**64 - 1")
+        raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond 2**64 - 1")
     for option in ("model", "text_encoders", "vae_weights"):
         check_source(getattr(args, option), "--" + option.replace("_", "-"))
     outputs = batch_outputs(args, len(prompts), stems)
@@ -1388,56 +1240,27 @@ def generate_command(args):
     todo = [i for i in range(len(prompts)) if i not in records]
     if todo:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights, args.offload,
-                             args.token)
+        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights,
+                             args.offload, args.token)
         if args.compile:
             compile_blocks(pipe.transformer)
         pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
-        generate_images(args, pipe, [prompts[i] for i in todo], [outputs[i] for i in todo], todo, records, metadata)
+        todo_prompts, todo_outputs = [prompts[i] for i in todo], [outputs[i] for i in todo]
+        generate_images(args, pipe, todo_prompts, todo_outputs, todo, records, metadata)
     if metadata is not None:
         write_metadata(metadata, records)
 
-def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int], records: dict,
-                    metadata: Path | None):
-    """Sample and save each prompt's image (prompt number i uses seed + i, or the seed itself with
-    --seed-per-prompt same); with --prompts the metadata file is rewritten after each image, so an
-    interrupted batch keeps one that matches."""
-    family = "flux-schnell" if pipe.schnell else pipe.kind
-    steps = args.steps or DEFAULTS[family]["steps"]
-    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
-    height, width = check_size(pipe, args.height, args.width)
-    if pipe.kind == "flux" and args.negative_prompt:
-        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
-
-    conditions = encode_prompts(pipe, prompts)
-    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
-    for n, (i, prompt, condition, output) in enumerate(zip(numbers, prompts, conditions, outputs)):
-        seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        f16_decode = args.f16_decode if args.vae == "f16" else None
-        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
-                        steps=steps, guidance=guidance, seed=seed, mu=args.mu,
-                        negative_prompt=args.negative_prompt if pipe.kind == "sd3" else "")
-        start = time.perf_counter()
-        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
-                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
-        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)}, overwrite=args.overwrite)
-        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        records[i] = image_record(output, prompt, settings)
-        if metadata is not None:
-            write_metadata(metadata, records)
-
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: the
-    outputs are numbered), or a .jsonl file with {"file_name", "text"} per line, such as
-    Aesthetic-4K's eval metadata.jsonl; each output is then named after its file_name's stem, as
-    upstream's generate_and_eval_fid.py names them. Any bad line stops the batch before it starts."""
+    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: numbered
+    outputs), or a .jsonl file with {"file_name", "text"} per line (outputs named after the file_names' stems,
+    as upstream's generate_and_eval_fid.py). Any bad line stops the batch before it starts."""
     lines = read_text(path, "prompt file").splitlines()
     if Path(path).suffix.lower() != ".jsonl":
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
         return prompts, None
-    prompts, stems, seen = [], [], {}
+    seen = {}  # stem -> (line number, prompt)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -1454,24 +1277,21 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
             raise UserError(f"{path} line {number}: file_name {name!r} gives no usable output name")
         if stem in seen:
             raise UserError(f"{path} line {number}: file_name {name!r} gives the output name {stem}.png "
-                            f"of line {seen[stem]}")
-        seen[stem] = number
-        prompts.append(text)
-        stems.append(stem)
-    if not prompts:
+                            f"of line {seen[stem][0]}")
+        seen[stem] = number, text
+    if not seen:
         raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
-    return prompts, stems
+    return [text for _, text in seen.values()], list(seen)
 
 def check_source(value, option: str):
     """Refuse a local path that does not exist before anything is loaded (Hub ids are fetched later)."""
     if value is not None and not Path(value).expanduser().exists():
         if str(value).count("/") != 1 or str(value).startswith((".", "/", "~")):
-            raise UserError(f"{option} {value}: no such file or folder, and not a Hub repo id of the form owner/name")
+            raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The output files, all checked before anything is loaded: one image, or with --prompts
-    OUTPUT_DIR/00000.png ... (or OUTPUT_DIR/<stem>.png for each of `stems`) and
-    OUTPUT_DIR/metadata.jsonl (last)."""
+    """The output files, checked before anything is loaded: one image, or with --prompts OUTPUT_DIR/00000.png
+    ... (or <stem>.png for each of `stems`) and OUTPUT_DIR/metadata.jsonl (last)."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -1481,13 +1301,13 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
     for path in outputs:
         if path.exists() and not (args.overwrite or args.skip_existing):
-            raise UserError(f"{path} exists; pass --overwrite to replace the batch, or --skip-existing to finish it")
+            raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to finish")
         check_output_file(path, True, None)  # a folder in the way, or an unwritable one
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
     """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
-    `generate_command` writes (an image kept by --skip-existing), else the prompt alone."""
+    `generate_images` writes (an image kept by --skip-existing), else the prompt alone."""
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -1496,62 +1316,89 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
             settings = {}
     return {"file_name": path.name, "text": prompt, **settings}
 
+def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int],
+                    records: dict, metadata: Path | None):
+    """Sample and save each prompt's image; with --prompts metadata.jsonl is rewritten after each image,
+    so an interrupted batch keeps one that matches."""
+    family = "flux-schnell" if pipe.schnell else pipe.kind
+    steps = args.steps or DEFAULTS[family]["steps"]
+    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
+    height, width = check_size(pipe, args.height, args.width)
+    if pipe.kind == "flux" and args.negative_prompt:
+        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
+    f16_decode = args.f16_decode if args.vae == "f16" else None
+    negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
+    conditions = encode_prompts(pipe, prompts)
+    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
+    for n, (i, prompt, condition, output) in enumerate(zip(numbers, prompts, conditions, outputs)):
+        seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
+        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
+                        steps=steps, guidance=guidance, seed=seed, mu=args.mu, negative_prompt=negative_text)
+        start = time.perf_counter()
+        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
+                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
+        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)},
+                   overwrite=args.overwrite)
+        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        records[i] = image_record(output, prompt, settings)
+        if metadata is not None:
+            write_metadata(metadata, records)
+
+def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
+    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
+    multiple = pipe.size_multiple
+    rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
+    if rounded != [height, width]:
+        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}",
+              file=sys.stderr)
+    if pipe.kind == "sd3":
+        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
+        if max(rounded) > limit:
+            hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
+            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with "
+                            f"this VAE{hint}")
+    return rounded[0], rounded[1]
+
 def write_metadata(path: Path, records: dict):
     with atomic_write(path) as temp:
         temp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)), encoding="utf-8")
 
 def generate_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="diffusion4k.py",
-        description="Diffusion-4K: direct 4096x4096 text-to-image with Flux (Diffusion-4K weights) or SD3.",
-        epilog="Subcommands: `diffusion4k.py train --help` (WLF fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
-    )
-    parser.add_argument("--prompt", default="", help="the text prompt")
-    parser.add_argument("--prompts",
-                        help="a text file with one prompt per line (writes 00000.png, 00001.png, ...), or a "
-                             ".jsonl file with file_name and text per line, e.g. Aesthetic-4K's eval "
-                             "metadata.jsonl (writes <stem of file_name>.png); the images and metadata.jsonl "
-                             "go to --output-dir")
-    parser.add_argument("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
-    parser.add_argument("--output-dir", default="diffusion4k_outputs", help="output folder for --prompts")
+    parser = ArgumentParser(prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
+                            "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
+                            description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
+    add = parser.add_argument
+    add("--prompt", default="", help="the text prompt")
+    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl file with "
+        "file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval metadata.jsonl")
+    add("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
+    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images, metadata.jsonl")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    existing.add_argument("--skip-existing", action="store_true",
-                          help="keep the images that exist and make the others (finishes an interrupted --prompts batch)")
-    parser.add_argument("--model", default="zhang0jhon/flux_wavelet_v2_sc",
-                        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
-    parser.add_argument("--height", type=integer(1, 16384), default=4096, help="image height in px, rounded to the model's multiple")
-    parser.add_argument("--width", type=integer(1, 16384), default=4096, help="image width in px, rounded to the model's multiple")
-    parser.add_argument("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    parser.add_argument("--guidance", type=number(0, 100),
-                        help="Flux-dev: distilled guidance (default 5.0); SD3: CFG scale (7.0); schnell ignores it")
-    parser.add_argument("--negative-prompt", default="", help="SD3 only")
-    parser.add_argument("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
-    parser.add_argument("--seed-per-prompt", choices=["increment", "same"], default="increment",
-                        help="with --prompts: the i-th prompt uses --seed + i (increment: each image its own "
-                             "noise), or every prompt --seed (same: as upstream's generate_and_eval_fid.py)")
-    parser.add_argument("--vae", choices=["f16", "f8"], default="f16",
-                        help="f16: Diffusion-4K's VAE with a 16x smaller latent (16,384 tokens at 4096^2); f8: the stock VAE")
-    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-                        help="the F16 VAE's last stage: partitioned (default) gives the output of upstream's "
-                             "partitioned decode, through which the released decoders were trained (one "
-                             "pixel down-right of centred); centred is the plain nearest x2 + conv_out "
-                             "(see Decoder.upsample_conv_out)")
-    parser.add_argument("--vae-tile", type=integer(0),
-                        help="decode in overlapping tiles of this many latent pixels (0: whole image); default: tiles above 4096 px")
-    parser.add_argument("--mu", type=number(-15, 15),
-                        help="Flux timestep shift; default: Flux's rule at the token count, capped at 16,384 tokens")
-    parser.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
-                        help="GPU memory: none (80 GB), model (components take turns on the GPU: 48 GB), blocks (Flux blocks streamed: 24 GB)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each transformer block (one graph per block type, built in the "
-                             "first step): faster steps after a compile wait, worth it over many steps or "
-                             "images; off: eager")
-    parser.add_argument("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
-    parser.add_argument("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing images, add the rest")
+    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
+        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
+    add("--height", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--width", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
+    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
+    add("--negative-prompt", default="", help="SD3 only")
+    add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
+    add("--seed-per-prompt", choices=["increment", "same"], default="increment",
+        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's generate_and_eval_fid.py)")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) or centred")
+    add("--vae-tile", type=integer(0), help="decode in tiles of this many latent pixels (0: whole image)")
+    add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
+    add("--offload", choices=["none", "model", "blocks"], default="none",
+        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux blocks: 24 GB)")
+    add("--compile", action="store_true", help="torch.compile each transformer block")
+    add("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
+    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
     return parser
 
 def train_command(args):
@@ -1563,74 +1410,60 @@ def train_command(args):
 
 def train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py train",
-        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K style folder "
-                    "(images + metadata.jsonl with file_name and text).",
+        prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K "
+                    "style\nfolder (images + metadata.jsonl with file_name and text); upstream's defaults.",
         epilog="Examples:\n"
-               "  python diffusion4k.py train --model black-forest-labs/FLUX.1-dev --data aesthetic4k/train --output flux4k --lora-rank 64\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --model black-forest-labs/FLUX.1-dev --data aesthetic4k/train --output flux4k\n"
-               "  (full fine-tuning of the 12B Flux needs FSDP across GPUs: fp32 weights + AdamW take ~190 GB)\n"
-               "  python diffusion4k.py train ... --resume          continue from the newest checkpoint in --output",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or local diffusers folder (Flux or SD3)")
-    parser.add_argument("--data", required=True, help="folder with images and metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line)")
-    parser.add_argument("--output", required=True, help="output folder: checkpoints/, train_log.jsonl, then the fine-tuned pipeline (or LoRA files)")
-    parser.add_argument("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop (shorter side = this for square crops)")
-    parser.add_argument("--crop", help="HEIGHTxWIDTH crop (default: a RESOLUTION square); sides must be multiples of the VAE factor x 2")
-    parser.add_argument("--batch-size", type=integer(1), default=1,
-                        help="images per process per micro-batch (upstream: 4 for Flux, 8 for SD3 per GPU; "
-                             "1 here to fit memory, --grad-accum makes up the global batch)")
-    parser.add_argument("--grad-accum", type=accumulation_count, default=None, metavar="N|auto",
-                        help="micro-batches per optimizer step; global batch = processes x --batch-size x N. "
-                             "Default auto: upstream's global batch, 32 for Flux and 64 for SD3 "
-                             "(e.g. 32 on one GPU with batch 1)")
-    parser.add_argument("--steps", type=integer(1), default=20000, help="optimizer steps (upstream: 20,000)")
-    parser.add_argument("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (upstream full fine-tune: 1e-6; LoRA usually wants ~1e-4)")
-    parser.add_argument("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
-    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
-    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
-    parser.add_argument("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention / MLP linears instead of all weights")
-    parser.add_argument("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
-    parser.add_argument("--wavelet-weights", default="1,1,1,1",
-                        help="WLF weights of the Haar subbands LL,LH,HL,HH: 1,1,1,1 as upstream (equal "
-                             "weights are the plain x0 MSE); unequal ones, e.g. 1,2,2,2 to stress detail, "
-                             "are our extension, in neither the paper nor upstream's code")
-    parser.add_argument("--posterior", choices=["sample", "mean"], default="sample",
-                        help="latents: a sample of the VAE posterior (upstream's latent_dist.sample()) "
-                             "or its mean")
-    parser.add_argument("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: distilled guidance value fed during training (upstream 3.5)")
-    parser.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], help="sigma distribution (default: Flux uniform, SD3 logit_normal)")
-    parser.add_argument("--shift", type=positive(), help="static shift s of the sampled sigma: s*sigma/(1+(s-1)*sigma) (default: Flux 1, SD3 3)")
-    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=77,
-                        help="T5 tokens of the captions (upstream trains with 77; sampling reads 512 for "
-                             "Flux, 256 for SD3)")
-    parser.add_argument("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    parser.add_argument("--checkpoint-every", type=integer(1), default=1000, help="steps between resumable checkpoints (upstream 5,000)")
-    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    parser.add_argument("--log-every", type=integer(1), default=10, help="steps between log lines")
-    parser.add_argument("--resume", nargs="?", const="latest", help="continue a run: a checkpoint folder, or no value for the newest in --output")
-    parser.add_argument("--seed", type=SEED, default=0,
-                        help="seeds data order, crops, flips, sigmas, noise, posterior samples and the "
-                             "LoRA init")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute block activations in the backward pass (needed at 4K)")
-    parser.add_argument("--vae", choices=["f16", "f8"], default="f16", help="f16: Diffusion-4K's VAE (16,384 tokens at 4096^2); f8: the stock VAE")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu; under torchrun each process takes its LOCAL_RANK GPU")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"],
-                        help="compute dtype: bf16 autocast over fp32 master weights (default on CUDA), "
-                             "or fp32 (default on CPU)")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
+               "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
+               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output flux4k\n"
+               "  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take ~190 GB)\n"
+               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in --output")
+    add = parser.add_argument
+    add("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or diffusers folder")
+    add("--data", required=True, help="folder with images and metadata.jsonl (file_name, text per line)")
+    add("--output", required=True, help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
+    add("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop")
+    add("--crop", help="HEIGHTxWIDTH (default: a RESOLUTION square); multiples of the VAE factor x 2")
+    add("--batch-size", type=integer(1), default=1, help="images per process per micro-batch (upstream: 4 "
+        "for Flux, 8 for SD3; 1 fits memory, --grad-accum makes up the global batch)")
+    add("--grad-accum", type=accumulation_count, default=None, metavar="N|auto", help="micro-batches per "
+        "step: global batch = processes x --batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)")
+    add("--steps", type=integer(1), default=20000, help="optimizer steps")
+    add("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (LoRA wants ~1e-4)")
+    add("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
+    add("--weight-decay", type=number(0), default=1e-4)
+    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
+    add("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention and MLPs")
+    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
+    add("--wavelet-weights", default="1,1,1,1",
+        help="WLF weights of the Haar subbands LL,LH,HL,HH; unequal ones (e.g. 1,2,2,2) are our extension")
+    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
+    add("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: the distilled guidance fed")
+    add("--timestep-sampling", choices=["uniform", "logit_normal"], help="Flux: uniform, SD3: logit_normal")
+    add("--shift", type=positive(), help="static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, SD3 3)")
+    add("--max-sequence-length", type=integer(1, 512), default=77, help="T5 tokens of the captions")
+    add("--text-cache", help="safetensors file caching the caption embeddings between runs")
+    add("--checkpoint-every", type=integer(1), default=1000, help="steps per checkpoint (upstream: 5000)")
+    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    add("--log-every", type=integer(1), default=10, help="steps between log lines")
+    add("--resume", nargs="?", const="latest", help="a checkpoint folder, or none: the newest in --output")
+    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noises, LoRA init")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute block activations in the backward pass (needed at 4K)")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+    add("--device", type=device_name, help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
+    add("--dtype", choices=["bf16", "fp32"], help="bf16 autocast over fp32 weights (CUDA default), or fp32")
+    add("--token", help="Hugging Face token for gated repos")
     return parser
 
-def parse_weights(text: str) -> tuple:
+def accumulation_count(text: str) -> int | None:
+    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
+    if text == "auto":
+        return None
     try:
-        weights = tuple(float(w) for w in text.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 4 or not all(0 <= w < math.inf for w in weights) or max(weights) == 0:
-        raise UserError(f"--wavelet-weights {text!r}: give four non-negative numbers for LL,LH,HL,HH, e.g. 1,1,1,1 or 1,2,2,2")
-    return weights
+        return integer(1)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
 
 def train_vae_command(args):
     result = train_vae(args)
@@ -1640,68 +1473,45 @@ def train_vae_command(args):
     print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){summary}", file=sys.stderr)
 
 def train_vae_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="diffusion4k.py train-vae",
-        description="SC-VAE: retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match the frozen "
-                    "F8 decoder's last feature map (arXiv 2506.01331). Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`.",
-    )
-    parser.add_argument("--data", required=True, help="folder of training images (searched recursively; if it has a metadata.jsonl, the files it lists)")
-    parser.add_argument("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
-    parser.add_argument("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, pipeline or vae/ folder, or ae.safetensors")
-    parser.add_argument("--resolution", type=integer(16), default=512,
-                        help="square crops, a multiple of 16, after resizing each image's shorter side to it (upstream 512)")
-    parser.add_argument("--batch-size", type=integer(1), default=32,
-                        help="crops per micro-batch (upstream: 32 per GPU)")
-    parser.add_argument("--grad-accum", type=integer(1, 4096), default=8,
-                        help="micro-batches per optimizer step; 8 x 32 = upstream's 256 crops a step "
-                             "(4 GPUs x 2 accumulated)")
-    parser.add_argument("--steps", type=integer(1), default=10000,
-                        help="optimizer steps, the decoder's and the discriminator's together as upstream "
-                             "counts them (a resumed run continues up to this number)")
-    parser.add_argument("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant (upstream 1e-5)")
-    parser.add_argument("--weight-decay", type=number(0), default=1e-4,
-                        help="AdamW weight decay of the decoder and the discriminator (upstream 1e-4)")
-    parser.add_argument("--max-grad-norm", type=positive(), default=1.0,
-                        help="gradient clipping of each model's total norm (upstream 1.0)")
-    parser.add_argument("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight (upstream 1.0)")
-    parser.add_argument("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight (upstream 0.1); 0 = off, no weights needed")
-    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linear layers (.pth), file or owner/repo/path")
-    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights (.pth or .safetensors), file or owner/repo/path")
-    parser.add_argument("--gan-weight", type=number(0), default=0.05,
-                        help="adversarial weight (upstream 0.05); from --gan-start on, the decoder's and the "
-                             "discriminator's optimizer steps alternate; 0 = no discriminator, every step "
-                             "trains the decoder")
-    parser.add_argument("--gan-start", type=integer(0), default=0,
-                        help="step from which the discriminator trains and the adversarial term is on "
-                             "(upstream 0)")
-    parser.add_argument("--gp-weight", type=number(0), default=10.0,
-                        help="discriminator gradient penalty weight (upstream 10)")
-    parser.add_argument("--disc-lr", type=positive(1.0),
-                        help="discriminator learning rate (default: --lr, as upstream)")
-    parser.add_argument("--ema", type=number(0, 1), default=0.9999,
-                        help="EMA decay of the decoder, whose EMA is saved (upstream: diffusers' EMAModel "
-                             "default 0.9999, warmed up as (1 + n) / (10 + n)); 0 = off (save the raw decoder)")
-    parser.add_argument("--posterior", choices=["sample", "mean"], default="sample", help="latents from posterior samples (upstream) or means")
-    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-                        help="the student's last stage during training: partitioned (upstream trains "
-                             "through it, the released decoders expect it) or centred (see "
-                             "Decoder.upsample_conv_out)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute decoder activations in backward: less memory, as upstream "
-                             "(needed for 32 crops of 512^2)")
-    parser.add_argument("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
-    parser.add_argument("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    parser.add_argument("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
-    parser.add_argument("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
-    parser.add_argument("--seed", type=SEED, default=0,
-                        help="seeds crops, flips, posterior samples and the discriminator (upstream 0)")
-    parser.add_argument("--workers", type=integer(1, 64), default=4, help="image decoding threads")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="compute dtype: fp32 (upstream) or bf16 autocast over fp32 weights "
-                             "(faster, less memory)")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    parser = ArgumentParser(prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): "
+                            "retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match "
+                            "the frozen F8 decoder's last feature map. Writes OUTPUT/vae/ for "
+                            "`diffusion4k.py --vae-weights OUTPUT`. Defaults are upstream's.")
+    add = parser.add_argument
+    add("--data", required=True, help="image folder (recursive), or the files its metadata.jsonl lists")
+    add("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
+    add("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, folder or file")
+    add("--resolution", type=integer(16), default=512, help="square crops, shorter side resized to it")
+    add("--batch-size", type=integer(1), default=32, help="crops per micro-batch (upstream: 32 per GPU)")
+    add("--grad-accum", type=integer(1, 4096), default=8, help="micro-batches per step (upstream 2 x 4 GPUs)")
+    add("--steps", type=integer(1), default=10000, help="optimizer steps, the decoder's and discriminator's")
+    add("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant")
+    add("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay of both models")
+    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping of each model's total norm")
+    add("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight")
+    add("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight; 0 = off, no weights needed")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linears: file, owner/repo/path")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights: file, owner/repo/path")
+    add("--gan-weight", type=number(0), default=0.05, help="adversarial weight; 0 = no discriminator")
+    add("--gan-start", type=integer(0), default=0, help="step from which decoder and discriminator alternate")
+    add("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
+    add("--disc-lr", type=positive(1.0), help="discriminator learning rate (default: --lr)")
+    add("--ema", type=number(0, 1), default=0.9999, help="EMA decay of the saved decoder; 0 = off")
+    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
+    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+        help="the student's last stage: partitioned (upstream trains through it) or centred")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute decoder activations in backward (needed for 32 crops of 512^2)")
+    add("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
+    add("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    add("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
+    add("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
+    add("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
+    add("--workers", type=integer(1, 64), default=4, help="image decoding threads")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute: fp32, or bf16 autocast (faster)")
+    add("--token", help="Hugging Face token for gated repos")
     return parser
 
 
@@ -1716,7 +1526,12 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
+    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
     """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
@@ -1731,7 +1546,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = layer_norm(dim)
         self.linear = nn.Linear(dim, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -1739,14 +1554,17 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def run_checkpointed(model: nn.Module, layer, *args):
+    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
+    its inputs and recomputes its activations in the backward pass."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
-    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
-    each class compiles once, at its first call, and all its blocks reuse that graph: compile
-    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
-    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
-    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
-    between the compiled parts. A new input shape compiles once more."""
+    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
+    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
+    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -1774,61 +1592,105 @@ class FluxConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.hidden_size // self.num_heads}")
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
+                             f"{self.hidden_size // self.num_heads}")
 
 FLUX_DEV = FluxConfig()
 
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
-def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
-    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+class Flux(nn.Module):
+    """The Flux.1 rectified-flow transformer: double-stream blocks, then single-stream blocks over
+    [text, image]. Parameter names are BFL's checkpoint keys."""
 
-def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis
-    owns a slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns).
-    Angles are computed in fp64: positions times slow frequencies lose precision in fp32."""
-    angles = torch.cat(
-        [ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device) for i, dim in enumerate(axes_dim)],
-        dim=-1,
-    )
-    return angles.cos().float()[:, None], angles.sin().float()[:, None]
-
-def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
-    cos, sin = rope
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, config: FluxConfig = FLUX_DEV):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.config = config
+        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
+        self.final_layer = FinalLayer(dim, config.in_channels)
+        self.gradient_checkpointing = False
 
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
+        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
+        guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        ids = torch.cat([txt_ids, img_ids], dim=-2)
+        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        for block in self.double_blocks:
+            img, txt = run_checkpointed(self, block, img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = run_checkpointed(self, block, x, vec, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
 
-class QKNorm(nn.Module):
-    def __init__(self, dim: int):
+class DoubleStreamBlock(nn.Module):
+    """Text and image keep their own weights but attend jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        mlp_hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, double=True)
+        self.img_norm1 = layer_norm(dim)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_norm2 = layer_norm(dim)
+        self.img_mlp = feed_forward(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_norm1 = layer_norm(dim)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_norm2 = layer_norm(dim)
+        self.txt_mlp = feed_forward(dim, mlp_hidden)
 
-class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int):
+    def forward(self, img, txt, vec, rope):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        # joint attention over the concatenated sequence, text first
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = attention_with_rope(q, k, v, rope)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        # gated residual attention and MLP, per stream
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+class SingleStreamBlock(nn.Module):
+    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.pre_norm = layer_norm(dim)
+        self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x):
-        return self.out_layer(F.silu(self.in_layer(x)))
-
-def feed_forward(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    def forward(self, x, vec, rope):
+        shift, scale, gate = self.modulation(vec)
+        fused = self.linear1(modulate(self.pre_norm(x), shift, scale))
+        qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 class SelfAttention(nn.Module):
     """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
@@ -1854,106 +1716,56 @@ class Modulation(nn.Module):
     def forward(self, vec):
         return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
 
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+class RMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
 def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
-class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
+def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
+    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
+    computed in fp64: positions times slow frequencies lose precision in fp32."""
+    angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
+                        for i, dim in enumerate(axes_dim)], dim=-1)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        mlp_hidden = int(dim * mlp_ratio)
-        for stream in ("img", "txt"):
-            self.add_module(f"{stream}_mod", Modulation(dim, double=True))
-            self.add_module(f"{stream}_norm1", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_attn", SelfAttention(dim, num_heads))
-            self.add_module(f"{stream}_norm2", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_mlp", feed_forward(dim, mlp_hidden))
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
-    def forward(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-
-        # joint attention over the concatenated sequence, text first
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention_with_rope(q, k, v, rope)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        # gated residual attention and MLP, per stream
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
-        return img, txt
-
-class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.mlp_hidden = int(dim * mlp_ratio)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
-        self.norm = QKNorm(dim // num_heads)
-        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = Modulation(dim, double=False)
-
-    def forward(self, x, vec, rope):
-        shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([x.shape[-1] * 3, self.mlp_hidden], -1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-
-class Flux(nn.Module):
-    """The Flux.1 rectified-flow transformer; parameter names are BFL's checkpoint keys."""
-
-    def __init__(self, config: FluxConfig = FLUX_DEV):
-        super().__init__()
-        self.config = config
-        dim = config.hidden_size
-        self.img_in = nn.Linear(config.in_channels, dim)
-        self.time_in = MLPEmbedder(256, dim)
-        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
-        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
-        self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth_single_blocks)
-        )
-        self.final_layer = FinalLayer(dim, config.in_channels)
-        self.gradient_checkpointing = False
-
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features;
-        txt_ids (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled;
-        guidance (B,) the distilled guidance scale (dev only). Returns the velocity (B, L, 64)."""
-        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
-            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
-        vec = vec + self.vector_in(y)
-        img, txt = self.img_in(img), self.txt_in(txt)
-        ids = torch.cat([txt_ids, img_ids], dim=-2)
-        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
-
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, rope)
-        x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
@@ -1972,91 +1784,81 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
+    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
+    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
+    (only its `transformer/` files are downloaded)."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "double_blocks.0.img_attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state:
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
+        state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
+    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with torch.device("meta"):
+        model = Flux(config)
+    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+
+def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
+                           theta=10000.0) -> FluxConfig:
+    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
+    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    folder_config = folder_config or {}
+    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
+    if not axes_dim:
+        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
+                        "(it is not stored in the weights)")
+    return FluxConfig(
+        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
+        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
+        guidance_embed="guidance_in.in_layer.weight" in state)
+
+def flux_table_for(state: dict) -> dict:
+    """The key table of the Flux whose diffusers state dict this is."""
+    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
+    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
+    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
+
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
+    """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
     table = {
         **linear_entries("img_in", "x_embedder"),
         **linear_entries("txt_in", "context_embedder"),
         **linear_entries("final_layer.linear", "proj_out"),
         **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
     }
-    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
-    if guidance:
-        embedders["guidance_in"] = "guidance_embedder"
-    for original, folder in embedders.items():
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
         table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
         table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
+    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
+    streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
+               ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
     for i in range(depth):
-        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
-        for stream, suffix, prefix in (("img", "", "to_"), ("txt", "_context", "add_")):
-            projections = [f"{f}.{prefix}{x}" + ("" if stream == "img" else "_proj") for x in "qkv"]
-            table.update(linear_entries(f"{o}.{stream}_mod.lin", f"transformer_blocks.{i}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{o}.{stream}_attn.qkv", projections))
-            table.update(linear_entries(f"{o}.{stream}_attn.proj", f"{f}.to_out.0" if stream == "img" else f"{f}.to_add_out"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.0", f"transformer_blocks.{i}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.2", f"transformer_blocks.{i}.ff{suffix}.net.2"))
-            norm = "norm_" if stream == "img" else "norm_added_"
-            table[f"{o}.{stream}_attn.norm.query_norm.scale"] = ([f"{f}.{norm}q.weight"], None)
-            table[f"{o}.{stream}_attn.norm.key_norm.scale"] = ([f"{f}.{norm}k.weight"], None)
+        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for stream, suffix, qkv, out, norm in streams:
+            s, a = f"{o}.{stream}", f"{f}.attn"
+            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
+            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
+            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
+            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
+            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
+            for x, name in (("q", "query_norm"), ("k", "key_norm")):
+                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_q", f"{f}.attn.to_k", f"{f}.attn.to_v", f"{f}.proj_mlp"]))
+        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
         table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
         table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
         table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
         table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
     return table
-
-def flux_table_for(state: dict, layout: str) -> dict:
-    keys = list(state)
-    if layout == "original":
-        return flux_key_table(
-            count_blocks(keys, r"double_blocks\.(\d+)\."),
-            count_blocks(keys, r"single_blocks\.(\d+)\."),
-            "guidance_in.in_layer.weight" in state,
-        )
-    return flux_key_table(
-        count_blocks(keys, r"transformer_blocks\.(\d+)\."),
-        count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
-        "time_text_embed.guidance_embedder.linear_1.weight" in state,
-    )
-
-def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None, theta=10000.0) -> FluxConfig:
-    """Read every dimension off the (original-layout) tensors; only the RoPE split of the head
-    dim is not in them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
-    folder_config = folder_config or {}
-    hidden = state["img_in.weight"].shape[0]
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    axes_dim = tuple(axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ()))
-    if not axes_dim:
-        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim (it is not stored in the weights)")
-    return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1],
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
-        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
-        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1],
-        axes_dim=axes_dim,
-        theta=theta,
-        guidance_embed="guidance_in.in_layer.weight" in state,
-    )
-
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
-    a Hub repo id (only its `transformer/` files are downloaded)."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "double_blocks.0.img_attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        state = to_original_layout(state, flux_table_for(state, "folder"), f"{source} (diffusers Flux)")
-    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
-    with torch.device("meta"):
-        model = Flux(config)
-    return assign_state_dict(model, state, f"{source} (Flux)").eval()
 # --- END kit: Flux transformer ---
 
 # --- BEGIN kit: SD3 transformer ---
@@ -2081,23 +1883,85 @@ class SD3Config:
 
 SD3_MEDIUM = SD3Config()
 
-class StreamBlock(nn.Module):
-    """One stream (image or context) of an SD3 joint block: adaLN-Zero, qkv, projection, MLP.
+class MMDiT(nn.Module):
+    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
+    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
 
-    The last block's context stream is `pre_only`: it only supplies keys and values.
-    """
+    def __init__(self, config: SD3Config = SD3_MEDIUM):
+        super().__init__()
+        self.config = config
+        dim, p, n = config.hidden_size, config.patch_size, config.depth
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        # a fixed sin-cos table stored in the checkpoint; positions are its centre crop
+        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
+        self.t_embedder = TimestepMLP(256, dim)
+        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
+                                          for i in range(n))
+        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, timesteps, context, y):
+        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
+        Returns the velocity (B, C, H, W)."""
+        b, _, height, width = x.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
+        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            context, tokens = run_checkpointed(self, block, context, tokens, c)
+        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
+        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.config.out_channels, height, width)
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        size = self.config.pos_embed_max_size
+        if h > size or w > size:
+            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
+        return grid.reshape(1, h * w, -1)
+
+class JointBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
+        super().__init__()
+        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
+        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
+
+    def forward(self, context, x, c):
+        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
+        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
+        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
+        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        if not self.context_block.pre_only:
+            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
+        return context, self.x_block.post_attention(x, x_attn, x_mods)
+
+    def attend(self, q, k, v, num_context: int):
+        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
+        built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        return attention(q, k, v)
+
+class StreamBlock(nn.Module):
+    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
+    context stream is `pre_only`: it only supplies keys and values."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.pre_only = pre_only
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
         if not pre_only:
             self.attn.proj = nn.Linear(dim, dim)
-            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.norm2 = layer_norm(dim)
             self.mlp = nn.Module()
             self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
@@ -2110,29 +1974,8 @@ class StreamBlock(nn.Module):
     def post_attention(self, x, attn, mods):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa[:, None] * self.attn.proj(attn)
-        mlp = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)), approximate="tanh"))
-        return x + gate_mlp[:, None] * mlp
-
-class JointBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
-        super().__init__()
-        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
-        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
-
-    def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A separate method so that a
-        method built on SD3 (C-Upscale's regional attention prior) can replace it per block."""
-        return attention(q, k, v)
-
-    def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
-        if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
+        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
 
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
@@ -2142,54 +1985,44 @@ class TimestepMLP(nn.Module):
     def forward(self, x):
         return self.mlp(x)
 
-class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer; parameter names are Stability's checkpoint keys
-    (without the `model.diffusion_model.` prefix)."""
+def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
+    folder, a pipeline folder, or a Hub repo id."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
+        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
+        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
+    with torch.device("meta"):
+        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
+    return assign_state_dict(model, state, f"{source} (SD3)").eval()
 
-    def __init__(self, config: SD3Config = SD3_MEDIUM):
-        super().__init__()
-        self.config = config
-        dim, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        # A fixed sin-cos table stored in the checkpoint; positions are its centre crop.
-        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
-        self.t_embedder = TimestepMLP(256, dim)
-        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
-        self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(
-            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
-        )
-        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
-        self.gradient_checkpointing = False
-
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        size = self.config.pos_embed_max_size
-        if h > size or w > size:
-            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
-
-    def forward(self, x, timesteps, context, y):
-        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
-        Returns the velocity (B, C, H, W)."""
-        b, _, height, width = x.shape
-        p = self.config.patch_size
-        h, w = height // p, width // p
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
-        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
-        context = self.context_embedder(context)
-        for block in self.joint_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
-            else:
-                context, tokens = block(context, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
+def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
+    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
+    if any(".ln_q." in key or ".attn2." in key for key in state):
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
+                        "supported")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    heads = (folder_config or {}).get("num_attention_heads")
+    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+        if hidden % 64:
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
+                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
+                            "instead")
+        heads = hidden // 64
+    out_features = state["final_layer.linear.weight"].shape[0]
+    return SD3Config(
+        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
+        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
+        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
+        context_dim=state["context_embedder.weight"].shape[1],
+        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
 
 def sd3_key_table(depth: int) -> dict:
+    """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
     table = {
         "pos_embed": (["pos_embed.pos_embed"], None),
         **linear_entries("x_embedder.proj", "pos_embed.proj"),
@@ -2211,51 +2044,13 @@ def sd3_key_table(depth: int) -> dict:
         table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
         table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
         # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None))
+        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
+                                    "swap" if last else None))
         if not last:
             table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
             table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
             table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
     return table
-
-def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
-    if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is supported")
-    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count and "
-                            f"{hidden} is no multiple of SD3's head dim 64; load its diffusers folder instead")
-        heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
-    return SD3Config(
-        in_channels=in_channels,
-        out_channels=out_features // patch**2,
-        patch_size=patch,
-        hidden_size=hidden,
-        num_heads=heads,
-        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
-        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
-        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
-        context_dim=state["context_embedder.weight"].shape[1],
-        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]),
-    )
-
-def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
-    `transformer/` folder, a pipeline folder, or a Hub repo id."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
-        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
 # --- END kit: SD3 transformer ---
 
 
@@ -2264,12 +2059,9 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
 # --- BEGIN kit: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
-
-    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
-    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
-    256^2 latent (16,384 Flux tokens instead of 65,536).
-    """
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
+    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
+    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -2288,184 +2080,6 @@ class VAEConfig:
 FLUX_VAE = VAEConfig()
 
 SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
-        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        hidden = self.norm(x)
-        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
-        # sends SDPA to its math backend, which writes the hw x hw scores)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
-                   for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-def mid_block(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    return mid
-
-def run_mid(mid, x):
-    return mid.block_2(mid.attn_1(mid.block_1(x)))
-
-class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
-            if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        self.gradient_checkpointing = False  # OP4KSR trains LoRAs inside the encoder at 4096^2
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = self.run_block(block, h)
-            if hasattr(down, "downsample"):
-                h = self.run_block(down.downsample, h)
-        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
-            h = self.run_block(block, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def run_block(self, block, h):
-        """With gradient checkpointing a block keeps only its input and recomputes its activations
-        in the backward pass (at a 4096^2 input the first level's 128-channel 2048^2 maps dominate)."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, use_reentrant=False)
-        return block(h)
-
-class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.stride = config.stride
-        self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
-            if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        return self.head(self.features(z))
-
-    def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
-        training compares it with the F8 decoder's."""
-        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = self._run(block, h)
-            if hasattr(up, "upsample"):
-                h = self._run(up.upsample, h)
-        return F.silu(self.norm_out(h))
-
-    def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def _run(self, layer, h):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, h, use_reentrant=False)
-        return layer(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
-
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
-        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in; the released decoders were
-        trained through that path. Its output is the full-map result moved one pixel down and right:
-        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
-        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
-        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
-        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
-        """
-        s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
-            up = F.pad(up, (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
 
 class AutoEncoder(nn.Module):
     """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
@@ -2493,7 +2107,243 @@ def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | N
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(down, "downsample"):
+                h = run_checkpointed(self, down.downsample, h)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
+        SC-VAE training compares it with the F8 decoder's."""
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(up, "upsample"):
+                h = run_checkpointed(self, up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
+        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
+        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
+        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
+        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
+        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
+        the image."""
+        s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        bands = []
+        for top in range(0, rows, band_rows):
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
+        return torch.cat(bands, dim=-2)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
+        # materialises the hw x hw scores
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+def mid_block(channels: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
+    mid = nn.Sequential()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
+             token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
+    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
+    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
+    config.json may say `"stride": 2`)."""
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+             "use_quant_conv": False, "use_post_quant_conv": False,
+             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                            f"{supported!r}")
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
+    if "encoder.down.0.block.0.conv1.weight" not in state or quant:
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                        f"(first keys: {first_keys(state)})")
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+                                       setting(stride, "stride", 1))
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base, channel_multipliers=tuple(width // base for width in widths),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
+        shift_factor=shift_factor, stride=stride)
+
+def vae_table_for(state: dict) -> dict:
+    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
+    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    down, block = ("down_blocks", "resnets") if folder else ("down", "block")
+    levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
+    res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
     table = {}
 
     def add(original, folder, transform=None):
@@ -2525,92 +2375,15 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
         if level > 0:
             add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
     return table
-
-def vae_table_for(state: dict) -> dict:
-    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
-    only where it changes width, so shortcut rows are kept only where the state has them."""
-    folder = any(key.startswith("encoder.down_blocks.") for key in state)
-    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
-    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
-
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base = state["encoder.conv_in.weight"].shape[0]
-    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
-    return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
-        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=state["decoder.conv_in.weight"].shape[1],
-        scale_factor=scale_factor,
-        shift_factor=shift_factor,
-        stride=stride,
-    )
-
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
-    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
-
-    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
-    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = component_path(source, "vae", token)
-    config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-             "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
-        values = config.get(key, supported)
-        if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
-    state = read_component(path, dtype, device, prefix="first_stage_model.")
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
-    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(
-        state,
-        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-        setting(stride, "stride", 1),
-    )
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
 # --- END kit: VAE ---
 
 
 # ======================================================== Appendix C: text encoders and tokenizers
 
 # --- BEGIN kit: text encoders ---
-#
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
-# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
-# transformers checkpoint keys, so a Hub folder loads without a rename table.
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
+# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
+# keys, so a Hub folder loads without a rename table.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
@@ -2627,26 +2400,39 @@ class T5Config:
 
 T5_XXL = T5Config()
 
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
+    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
+    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(
+            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c = self.config
+        buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
+                                      c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
-
-    Keys after the query use the upper half of the buckets. Within a half, offsets below a
-    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
-    buckets, and every offset from `max_distance` on shares the last one.
-    """
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
+    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
+    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
+    last one."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -2678,41 +2464,30 @@ class T5Block(nn.Module):
 
     def forward(self, x, position_bias):
         attn, ff = self.layer
-        sa = attn.SelfAttention
+        sa, h = attn.SelfAttention, attn.layer_norm(x)
         # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
         return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
 
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
-    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
-    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
-    `shared`, so it is not a parameter here (the loader folds it in).
-    """
-
-    def __init__(self, config: T5Config = T5_XXL):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c, length = self.config, ids.shape[1]
-        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
@@ -2729,21 +2504,60 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
     projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
-    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
+    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
 
 CLIP_L = CLIPTextConfig()
 
-CLIP_G = CLIPTextConfig(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
-)
+CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
+    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
+    CLIPTextModel."""
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        projection = config.projection_dim
+        self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        eos_id = self.config.eos_token_id
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -2760,94 +2574,18 @@ class CLIPLayer(nn.Module):
 
     def forward(self, x, causal):
         a = self.self_attn
-        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        proj = (a.q_proj, a.k_proj, a.v_proj, a.out_proj)
+        x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
-
-    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
-    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
-    """
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d = config, config.hidden_size
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        if self.config.eos_token_id == 2:
-            eos = ids.argmax(-1)  # argmax returns the first maximum
-        else:
-            eos = (ids == self.config.eos_token_id).int().argmax(-1)
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
-
-    The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
-    reported in one line with the number of tokens dropped.
-    """
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
-              file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
+    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
 
-    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
-    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
-    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
-    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
-    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
-    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
-    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
-    """
+    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
+    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
+    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
+    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -2855,19 +2593,21 @@ class CLIPTokenizer:
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
-        bpe = BPE.from_file(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
-        )
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
+                                "merges.txt)")
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
+                            continuing_subword_prefix="")
         self.tokenizer = Tokenizer(bpe)
         self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
-        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
-        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
+        self.tokenizer.add_special_tokens(  # kept whole in a prompt
+            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
+        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
+        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
         if pad_id is None:
             pad = special_token(folder, "pad_token") or "<|endoftext|>"
             pad_id = self.tokenizer.token_to_id(pad)
@@ -2882,10 +2622,8 @@ class CLIPTokenizer:
 
 class T5Tokenizer:
     """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-
-    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
-    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
-    """
+    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
+    256 for FLUX.1-schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -2896,7 +2634,8 @@ class T5Tokenizer:
         try:
             if path.suffix == ".json":
                 tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
+                                                                                   add_special_tokens=False)]
                 self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -2904,7 +2643,7 @@ class T5Tokenizer:
                 tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode = tokenizer.encode
                 self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -2912,13 +2651,72 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
+    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
+    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
+              f"{longest}", file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+            config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
+    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
+    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
+    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
+    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
+    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
+    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
+    file's vision tower is skipped. Returns a frozen eval model."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
+            "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    own = ("text_model.", "text_projection.")
+    state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
-
-    Keys starting with one of `skip` (after the prefix) are never read.
-    """
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
+    starting with one of `skip` (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -2930,21 +2728,17 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
-    return state[key].shape
-
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
     """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
-    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
     d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                        f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
@@ -2953,8 +2747,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
     )
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
-    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
+    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -2962,97 +2756,57 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
-        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                    "eos_token_id": 49407}
+        heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     else:
         if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
-                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
+                            "stored and the width is no multiple of CLIP's head dim 64; load its "
+                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
-        return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
-        )
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
+                              layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
-    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
-    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
-    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
-    """
-    if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
-    with torch.device("meta"):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
-def load_clip(
-    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
-) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
-    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
-    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
-
-    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
-    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
-    """
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+    return state[key].shape
 # --- END kit: text encoders ---
 
 
 # ====================================================================== Appendix D: weight loading
 
 # --- BEGIN kit: weight loading ---
-#
-# Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
-# SD3), so those files load as they are. The diffusers folder layout is converted with one
-# explicit table per model: {original key: ([folder keys], transform)}. Several folder keys
-# mean a fused tensor (Flux's qkv, its single blocks' linear1) concatenated along dim 0.
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    report = mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+                        for key in expected if key in state and state[key].shape != expected[key].shape],
+    })
+    if report:
+        raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    """Folder-layout (diffusers) tensors -> original keys.
+
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
+    files load as they are; a folder converts through one explicit table per model, {original key:
+    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
+    linear1), concatenated along dim 0.
+    """
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -3063,52 +2817,42 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
         out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
+    if report:
+        raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def mismatch_report(kinds: dict) -> str:
+    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
+    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds.items() if keys)
+
+def first_keys(state: dict) -> str:
+    return ", ".join(list(state)[:3])
 
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
 
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
+                lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
 def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys
-    (stripped); otherwise every key that belongs to no other component. Other components'
-    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
-    and the first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
-
 def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
-    (which would otherwise be read as if it were the component)."""
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
+    otherwise be read as if it were the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
@@ -3121,64 +2865,62 @@ def folder_config(path) -> dict:
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
+                    "text_encoder")
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
+    otherwise every key that belongs to no other component. Other components' tensors are never read (an
+    SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
+    first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
 # --- END kit: weight loading ---
 
 
 # ================================================================== Appendix E: training utilities
 
 # --- BEGIN kit: training utilities ---
-#
-# The extension paper's scale-consistent VAE (SC-VAE) retrains the F16 decoder so that it
-# decodes like the F8 decoder it was cut from. Student: the base VAE with stride 2 (F16);
-# teacher: the same VAE with stride 1 (F8), frozen. Only the student's decoder trains; its
-# encoder is frozen, so the latent space (and the scaling / shift factors) stay those of the
-# base VAE with a stride-2 `conv_in`. For a batch of crops x in [-1, 1], the decoder's loss is
-#
-#   loss = MSE(clamp(x_hat, -1, 1), x)                        reconstruction (pixels)
-#        + lpips_weight * LPIPS-vgg(clamp(x_hat, -1, 1), x)    perceptual, 0.1 upstream
-#        + sc_weight * MSE(f_student, avgpool2(f_teacher))      scale consistency, 1.0 upstream
-#        + gan_weight * lambda * -mean D(x_hat)                 adversarial, 0.05 upstream
-#
-# f is the decoder's last feature map (after norm_out + SiLU, before the final upsample and
-# conv_out): the student's at H/2, the teacher's at H. Upstream upsamples the student's map
-# (nearest x2) to H instead; since nearest-x2 copies each value to a 2x2 block,
-# MSE(up(s), t) = MSE(s, avgpool2(t)) + mean within-block variance of t, a constant: the same
-# gradient at a quarter of the memory (tests/test_diffusion4k_train_vae.py checks the identity).
-# Bilinear downsampling would weight the teacher's pixels differently and change the objective.
-# x_hat goes through the partitioned F16 head by default, as upstream trains it (--f16-decode).
-# lambda is VQGAN's adaptive weight ||grad LPIPS|| / max(||grad gen||, 1e-8) at conv_out.weight,
-# capped at 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream)
-# minimises the hinge loss plus the gradient penalty gp_weight * (||grad_x sum D(x_real)|| - 1)^2,
-# the sum running over each image's whole output map.
-#
-# As upstream, the decoder and the discriminator take turns: one optimizer step of the decoder,
-# then one of the discriminator on fresh real crops against the decoder's last fake micro-batch
-# (upstream's 4 GPUs keep one each: 128 fakes to our 32). The step count covers both, and the
-# EMA (diffusers' EMAModel schedule, decay 0.9999) updates after every step. Also as upstream:
-# posterior samples (not means) from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4
-# for both models, constant lr, gradient clipping at 1, 256 crops per step (32 x 8 accumulated
-# here, 32 x 4 GPUs x 2 there), 512^2 crops of images resized to a 512 shorter side, horizontal
-# flips. With the sigmoid output D is in (0, 1), so the hinge never clips: the discriminator
-# loss is D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
+# Training data, seeded batch order, torchrun / FSDP2 set-up and resumable checkpoints.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
-    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    """The training images: the files metadata.jsonl lists (`file_name`), else every image under the
+    folder (recursively). Entries that cannot be opened are skipped with one warning each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
     metadata, skipped, usable = folder / "metadata.jsonl", 0, []
     if metadata.is_file():
         candidates = []
-        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        lines = metadata.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
             try:
-                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
+                if line.strip():
+                    candidates.append(folder / json.loads(line)["file_name"])
             except (ValueError, KeyError, TypeError) as error:
                 skipped += 1
-                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
+                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped",
+                      file=sys.stderr)
     else:
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and p.is_file())
     for path in candidates:
         try:
             with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
@@ -3191,12 +2933,13 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
-        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
+        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
+              file=sys.stderr)
     return usable
 
 def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
-    """Resize so the image just covers height x width (for a square crop: its shorter side to the
-    crop size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
+    """Resize so the image just covers height x width (for a square crop: its shorter side to the crop
+    size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -3208,10 +2951,10 @@ def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], 
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's
-    permutation and every sample's crop offset, flip, sigma and noise for the whole global batch;
-    each rank then keeps its share. Its state (generator, permutation, position) is saved in
-    checkpoints, so a resumed run draws exactly what the uninterrupted run would have."""
+    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's permutation and
+    every sample's crop offset, flip, sigma and noise for the whole global batch; each rank then keeps its
+    share. Its state (generator, permutation, position) is saved in checkpoints, so a resumed run draws
+    exactly what the uninterrupted run would have."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -3227,7 +2970,8 @@ class Batches:
         return out
 
     def state(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": torch.tensor(self.order, dtype=torch.long), "cursor": self.cursor}
+        order = torch.tensor(self.order, dtype=torch.long)
+        return {"generator": self.generator.get_state(), "order": order, "cursor": self.cursor}
 
     def load(self, state: dict):
         self.generator.set_state(state["generator"])
@@ -3285,35 +3029,10 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
-def state_options(lora: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # full (unsharded) tensors on the CPU; for LoRA only the trainable ones
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora, strict=not lora)
-
-def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights
-    and buffers, or for LoRA only the A and B matrices."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=state_options(lora))
-    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
-
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
-    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
-    return done[-1].parent if done else None
-
-def training_diverged(step: int, what: str, output: Path) -> UserError:
-    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
-    last = latest_checkpoint(output)
-    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
-    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
-                     + (" and --resume" if last else " and start again"))
-
-def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
-    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream).
-    Weights that are no longer finite are never written: the run stops with the last good one kept."""
+def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed,
+                    keep: int):
+    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream). Weights
+    that are no longer finite are never written: the run stops with the last good checkpoint kept."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -3329,35 +3048,36 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
 
-def load_state_file(path: Path, keys: tuple) -> dict:
-    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except Exception as error:  # the zip and pickle readers raise many types; the file is the problem either way
-        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
-    if not isinstance(state, dict) or not set(keys) <= state.keys():
-        raise UserError(f"{path}: not a checkpoint of this trainer")
-    return state
+def trainable_state(model, lora: bool) -> dict:
+    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights and
+    buffers, or for LoRA only the A and B matrices."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it
-    was written), one warning names it and the newest intact checkpoint before it is read instead."""
-    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
-    for candidate in [folder, *sorted(older, reverse=True)]:
-        try:
-            return candidate, read(candidate)
-        except UserError as error:
-            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
-    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+    state = get_model_state_dict(model, options=state_options(lora))
+    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
+
+def state_options(lora: bool):
+    """Full (unsharded) tensors on the CPU; for LoRA only the trainable ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
+                            strict=not lora)
+
+def training_diverged(step: int, what: str, output: Path) -> UserError:
+    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
+    last = latest_checkpoint(output)
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
+                     + (" and --resume" if last else " and start again"))
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
+    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
+    return done[-1].parent if done else None
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
     """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     def read(candidate):
         weights = candidate / "trainable.safetensors"
@@ -3373,25 +3093,49 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         batches.load(state["batches"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
-        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own settings") from None
+        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own "
+                        "settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
+
+def read_checkpoint(folder: Path, read):
+    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it was
+    written), one warning names it and the newest intact checkpoint before it is read instead."""
+    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
+    for candidate in [folder, *sorted(older, reverse=True)]:
+        try:
+            return candidate, read(candidate)
+        except UserError as error:
+            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+
+def load_state_file(path: Path, keys: tuple) -> dict:
+    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as error:  # zip and pickle readers raise many types; the file is the problem either way
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise UserError(f"{path}: not a checkpoint of this trainer")
+    return state
 # --- END kit: training utilities ---
 
 # --- BEGIN kit: LPIPS ---
-LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1
 
 LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), the perceptual loss of SC-VAE training.
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a training loss.
 
-    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the
-    channel vectors are unit-normalised, their squared difference is weighted by the learned 1x1
-    `lins` and averaged over space; the five numbers are summed (the lpips package, spatial=False).
-    `features` uses torchvision's indices, so its checkpoints load unchanged.
+    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the channel vectors
+    are unit-normalised, their squared difference is weighted by the learned 1x1 `lins` and averaged over
+    space; the five numbers are summed (the lpips package, spatial=False). `features` uses torchvision's
+    indices, so its checkpoints load unchanged.
     """
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
@@ -3400,12 +3144,20 @@ class LPIPS(nn.Module):
         super().__init__()
         layers, width = [], 3
         for item in VGG16_LAYERS:
-            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
-            width = width if item == "M" else item
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
+                width = item
         self.features = nn.Sequential(*layers)
-        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False) for i in self.TAPS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False)
+                                  for i in self.TAPS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[:, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[:, None, None], persistent=False)
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
+        pairs = zip(self.lins, self.taps(a), self.taps(b))
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in pairs)
 
     def taps(self, x):
         x, out = (x - self.shift) / self.scale, []
@@ -3415,8 +3167,34 @@ class LPIPS(nn.Module):
                 out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
-    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
-        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.taps(a), self.taps(b)))
+def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
+    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision / timm VGG16
+    weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
+    hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
+            "--lpips-weight 0)")
+
+    def read(spec, what):
+        try:
+            path = weight_file(spec, what, token)
+        except UserError as error:
+            raise UserError(f"{error}{hint}") from None
+        if path.suffix == ".safetensors":
+            return load_safetensors(path, torch.float32)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle raises many types; the file is the problem either way
+            raise UserError(f"{what}: {path} is not a readable weights file "
+                            f"({type(error).__name__})") from None
+        return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+    model = LPIPS()
+    raw = read(backbone, "LPIPS backbone")
+    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
+    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
+    lins = read(linear, "LPIPS linear layers")
+    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items()
+                  if re.match(r"lin\d\.", key)})
+    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
     """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
@@ -3431,33 +3209,8 @@ def weight_file(spec, what: str, token=None) -> Path:
     if not path.is_file():
         raise UserError(f"{what}: {spec} not found")
     return path
-
-def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision /
-    timm VGG16 weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
-    hint = " (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with --lpips-weight 0)"
-
-    def read(spec, what):
-        try:
-            path = weight_file(spec, what, token)
-        except UserError as error:
-            raise UserError(f"{error}{hint}") from None
-        if path.suffix == ".safetensors":
-            return load_safetensors(path, torch.float32)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle raises many types; the file is the problem either way
-            raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
-        return state.get("state_dict", state) if isinstance(state, dict) else {}
-
-    model = LPIPS()
-    raw = read(backbone, "LPIPS backbone")
-    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
-    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
-    lins = read(linear, "LPIPS linear layers")
-    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items() if re.match(r"lin\d\.", key)})
-    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 # --- END kit: LPIPS ---
+
 
 
 if __name__ == "__main__":

@@ -1,63 +1,35 @@
-"""Evaluation of ultra-high-resolution (4K) synthesis and super-resolution, each metric tied to its reference.
+r"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
 
-Every number this file reports has a parity test against the implementation that papers
-used (tests/test_metrics*.py) and a docstring that says which papers report it, under which
-protocol, and where this file differs from the popular implementation.
+name         needs          definition (reference implementation)                             4K protocol
+-----------  -------------  ----------------------------------------------------------------  ----------------
+glcm         pred           Diffusion-4K's GLCM Score: entropy of GLCM values (scikit-image)  64-px patches
+cr           pred           Diffusion-4K's Compression Ratio: raw / JPEG-95 bytes (Pillow)    whole image
+fid          pred, ref      FID on InceptionV3 pool3 (pytorch-fid, torch-fidelity)            whole or patches
+clip         pred, prompts  CLIPScore: 100 cos (torchmetrics) or 2.5 max(cos, 0) (Hessel)     whole, to 224 px
+aesthetic    pred           LAION improved aesthetic predictor v2 on CLIP ViT-L/14            whole, to 224 px
+psnr, ssim   pred, ref      RGB or BT.601 Y, border crop (basicsr, scikit-image)              whole image
+lpips        pred, ref      LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips)      512-px tiles
+niqe         pred           NIQE, MATLAB pristine model, 96-px blocks (pyiqa 'niqe')          whole image
+clipiqa      pred           CLIP-IQA, RN50 + 5 antonym prompt pairs (pyiqa 'clipiqa')         512-px tiles
+periodicity  pred [, ref]   OP4KSR's L_AP statistic (arXiv 2605.13457), relative to ref       2x2 quadrants
 
-| name        | needs            | definition (reference implementation)                                      | 4K protocol           |
-|-------------|------------------|-----------------------------------------------------------------------------|-----------------------|
-| glcm        | pred             | Diffusion-4K GLCM Score: entropy of the GLCM value histogram (scikit-image) | 64x64 patches, mean   |
-| cr          | pred             | Diffusion-4K Compression Ratio: raw bytes / JPEG-95 bytes (Pillow)          | whole image           |
-| fid         | pred, ref        | FID, FID InceptionV3 pool3 (pytorch-fid / torch-fidelity)                  | whole or patch grid   |
-| clip        | pred, prompts    | CLIPScore, 100*cos (torchmetrics) or 2.5*max(cos,0) (Hessel et al., pyiqa) | whole image to 224    |
-| aesthetic   | pred             | LAION improved aesthetic predictor v2 on CLIP ViT-L/14                      | whole image to 224    |
-| psnr, ssim  | pred, ref        | PSNR / SSIM, RGB or Y (BT.601), border crop (basicsr / scikit-image)       | whole image           |
-| lpips       | pred, ref        | LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips package)       | 512 tiles, mean       |
-| niqe        | pred             | NIQE, MATLAB pristine model, 96 px blocks, Y of YIQ (pyiqa 'niqe')          | whole image           |
-| clipiqa     | pred             | CLIP-IQA, RN50 + 5 antonym prompt pairs (pyiqa 'clipiqa')                   | 512 tiles, mean       |
-| periodicity | pred [, ref]     | OP4KSR's L_AP statistic (arXiv 2605.13457; = op4ksr.periodicity_score,     | 2x2 quadrants, whole  |
-|             |                  | with ref its relative form, op4ksr.periodicity_loss per image)             | image                 |
+`--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and, without --metrics,
+its columns (sources at PROTOCOLS); options given explicitly override it. Images pair by file stem; the
+table goes to stdout, the numbers with the settings and per-image values to --out (PRED/metrics.json).
 
-Commands:
-    python metrics.py --pred out/ --metrics glcm,cr                       # Diffusion-4K's Table 1 pair
+    python metrics.py --pred out/ --metrics glcm,cr                          # Diffusion-4K's Table 1 pair
     python metrics.py --pred out/ --ref gt/ --metrics psnr,ssim,lpips --y-channel --crop-border 4
     python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
+    python metrics.py --pred out/ --metrics niqe,clipiqa                     # SR papers' no-reference pair
     python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
-    python metrics.py --pred out/ --metrics niqe,clipiqa                  # the no-reference pair of SR papers
-
-Protocols: `--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and,
-without --metrics, its columns; options given explicitly override it (details and sources at PROTOCOLS).
-Diffusion-4K's Aesthetic-Eval@2048 table end to end, sampled as upstream does (guidance 7, seed 0 for
-every prompt, 2048 px; PNG samples, which metrics.py re-encodes as JPEG q95 for GLCM and CR):
-    python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \
-        --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
     python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \
-        --prompts eval2048/metadata.jsonl
+        --prompts eval2048/metadata.jsonl    # Diffusion-4K's table; --help shows how to sample eval2048/
 
-Images are matched by file stem (`0001.png` pairs with `0001.jpg`); the table goes to stdout
-and the same numbers, with the settings and per-image values, to `--out` (default
-PRED/metrics.json). Existing outputs (the JSON, --save-spectra's pictures) are replaced only
-with --overwrite.
-
-Weights (all fp32; a Hub spec is `owner/repo/path/in/repo`, any local file works too):
-    FID InceptionV3   chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth (pickle state dict)
-    CLIP              openai/clip-vit-base-patch16 | -large-patch14 | -base-patch32 (safetensors + tokenizer.json)
-    aesthetic MLP     chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth
-    LPIPS linear      chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_{alex-df73285e,vgg-a78928a0}.pth
-    LPIPS backbone    vgg: timm/vgg16.tv_in1k/model.safetensors; alex: no Hub copy is known, pass
-                      torchvision's alexnet-owt-7be5be79.pth (download.pytorch.org/models) with --lpips-backbone
-    NIQE model        chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat (MATLAB v5, read with scipy), or
-                      basicsr 1.4.2's niqe_pris_params.npz (from its sdist; copy in tests/data/metrics) via --niqe-params
-    CLIPIQA RN50      timm/resnet50_clip.openai/open_clip_model.safetensors (OpenAI key names)
-Pickled files are read with torch.load(weights_only=True) only.
-
-Library use:
-    glcm_score(rgb_uint8), compression_ratio(list_of_jpeg_sizes, list_of_shapes), psnr(a, b), ssim(a, b),
-    InceptionV3 / resize_center_crop / fid_features / FeatureStats / frechet_distance, CLIP / clip_score,
-    AestheticMLP, LPIPS, niqe_params / niqe, CLIPIQA / clipiqa_tiled, periodicity_input / periodicity
-    (copies of op4ksr.py's periodicity_score, periodicity_loss, lattice_power, autocovariance, ...) /
-    log_spectrum / autocorrelation_image.
+Weights load in fp32 from the Hub (the defaults: INCEPTION_WEIGHTS, CLIP_MODELS, AESTHETIC_WEIGHTS,
+LPIPS_LINEAR, LPIPS_BACKBONE, NIQE_PARAMS, CLIPIQA_WEIGHTS) or from local files; pickles only with
+weights_only=True. LPIPS-alex needs torchvision's alexnet-owt-7be5be79.pth (no Hub copy is known). The
+periodicity metric uses a verbatim copy of op4ksr.py's kit "periodicity loss" (between the markers).
 """
 
 from __future__ import annotations
@@ -72,7 +44,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,124 +70,57 @@ from common.io import (
     run_cli,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
-
-AESTHETIC_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth"
-
-CLIP_MODELS = {
-    "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
-    "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default, and the aesthetic predictor's tower
-    "b32": "openai/clip-vit-base-patch32",  # Hessel et al.'s CLIPScore
-}
-
-LPIPS_LINEAR = {
-    "alex": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_alex-df73285e.pth",
-    "vgg": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth",
-}
-
-LPIPS_BACKBONE = {"alex": None, "vgg": "timm/vgg16.tv_in1k/model.safetensors"}
-
-def weight_file(spec, what) -> Path:
-    """A local file, or `owner/repo/path/in/repo` fetched from the Hub; `what` names it in errors."""
-    local = Path(spec).expanduser()
-    if local.is_file():
-        return local
-    parts = str(spec).split("/")
-    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
-        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
-    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        path = resolve_source(repo, allow_patterns=(name,)) / name
-    except UserError as error:
-        raise UserError(f"{what}: {error}") from None
-    if not path.is_file():
-        raise UserError(f"{what}: {repo} has no file {name}")
-    return path
-
-def load_state(path, what) -> dict:
-    """A state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code runs)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_safetensors(path, dtype=torch.float32)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; the file is the problem either way
-        raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{what}: {path} does not hold a state dict")
-    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-
-def load_strict(module, state, what):
-    """load_state_dict that names the first offending keys instead of a wall of text."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        problems = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected), f"wrong shape {shapes[:3]}" * bool(shapes)]
-        raise UserError(f"{what}: weights do not match the model: " + "; ".join(p for p in problems if p))
-    module.load_state_dict(state)
-    return module
-
-def as_array(image) -> np.ndarray:
-    """PIL image or HWC array -> HWC uint8 RGB array."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
-    return array
-
-def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
-    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (no rescaling: each metric states its own)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
-
-def grey_opencv(rgb: np.ndarray) -> np.ndarray:
-    """cv2.cvtColor(BGR2GRAY) on uint8, bit for bit: 15-bit fixed-point BT.601 with rounding.
-
-    Pillow's convert('L') uses other coefficients and differs on ~0.1% of pixels, enough to
-    move a GLCM score, so Diffusion-4K's OpenCV conversion is reproduced exactly.
-    """
-    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
-    return ((9798 * r + 19235 * g + 3735 * b + 16384) >> 15).astype(np.uint8)
-
-def y_channel(rgb: np.ndarray) -> np.ndarray:
-    """Y of ITU-R BT.601 YCbCr in [16, 235], float64, unrounded: basicsr's `test_y_channel`
-    convention, which most SR papers report. (pyiqa uses Y of YIQ instead: the numbers differ.)"""
-    x = rgb.astype(np.float64) / 255.0
-    return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
-
-def grey_matlab(rgb: np.ndarray) -> np.ndarray:
-    """MATLAB rgb2gray rounded to integers: the convention of the original SSIM code (ssim.m)."""
-    x = rgb.astype(np.float64)
-    return np.round(0.298936021293775 * x[..., 0] + 0.587043074451121 * x[..., 1] + 0.114020904255103 * x[..., 2])
-
-def jpeg95(image: Image.Image) -> bytes:
-    """The bytes Diffusion-4K's generator writes: Pillow JPEG, quality 95, Pillow's defaults
-    (4:2:0 chroma subsampling, no optimise, baseline). Sizes depend on the libjpeg-turbo version."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+# ================================================== GLCM Score and Compression Ratio (Diffusion-4K)
 
 GLCM_DISTANCES = (1, 2, 3, 4)
 
 GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
 
 # scikit-image's offsets, (row, col) = (round(sin(a) d), round(cos(a) d)). No value lies on .5, so the
-# rounding rule does not matter; note d=2 at 45 degrees rounds to (1, 1), the same offset as d=1.
-GLCM_OFFSETS = [(round(math.sin(a) * d), round(math.cos(a) * d)) for d in GLCM_DISTANCES for a in GLCM_ANGLES]
+# rounding rule does not matter; d=2 at 45 degrees rounds to (1, 1), the same offset as d=1.
+GLCM_OFFSETS = [(round(math.sin(a) * d), round(math.cos(a) * d))
+                for d in GLCM_DISTANCES for a in GLCM_ANGLES]
 
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
+
+def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 32) -> float:
+    """Diffusion-4K's GLCM Score of one image (Zhang et al., Diffusion-4K, CVPR 2025, Table 1; `eval.py`).
+
+    OpenCV BGR2GRAY grey, quantised to 64 levels by `grey >> 2`, non-overlapping patch x patch tiles from
+    the top-left (eval.py's int(size/64)^2 tiles of a square image), for each tile graycomatrix at
+    distances 1-4 and angles 0/45/90/135 degrees (normed, not symmetric), then shannon_entropy of that
+    array (or, for another `prop`, the mean of graycoprops rounded to 4 decimals); the image score is the
+    mean over tiles. Diffusion-4K reads the JPEG-95 files its generator saved: pass decoded JPEG-95 pixels
+    for the same numbers (the CLI does unless --glcm-input raw).
+    """
+    q = grey_opencv(as_array(rgb)) >> 2
+    rows, cols = q.shape[0] // patch, q.shape[1] // patch
+    if rows == 0 or cols == 0:
+        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} GLCM patch")
+    tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
+    tiles = tiles.reshape(-1, patch, patch)
+    scores = []
+    for start in range(0, len(tiles), chunk):
+        counts = glcm_counts(tiles[start : start + chunk])
+        if prop == "entropy":
+            scores.append(glcm_value_entropy(counts, patch, patch))
+        else:
+            normed = counts / glcm_pair_counts(patch, patch)[:, None, None]
+            scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
+    return float(np.concatenate(scores).mean())
+
+def grey_opencv(rgb: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(BGR2GRAY) on uint8, bit for bit: 15-bit fixed-point BT.601 with rounding (Pillow's
+    convert('L') uses other coefficients, enough to move a GLCM score)."""
+    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
+    return ((9798 * r + 19235 * g + 3735 * b + 16384) >> 15).astype(np.uint8)
 
 def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
     """Co-occurrence counts of a stack of quantised patches: (P, h, w) -> (P, 16, levels, levels) int64.
 
     Slice s = 4 * distance_index + angle_index counts pairs (value at (r, c), value at (r+dr, c+dc))
     with both pixels inside the patch, not symmetrised: scikit-image's graycomatrix(symmetric=False).
-    One bincount per offset over all patches instead of a Python loop per patch; the two
-    offsets that occur twice are counted once.
+    One bincount per offset over all patches; the two offsets that occur twice are counted once.
     """
     count, h, w = patches.shape
     q = patches.astype(np.intp)
@@ -229,37 +134,23 @@ def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
         seen[dr, dc] = s
         a = q[:, max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)]
         b = q[:, max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)]
-        out[:, s] = np.bincount((first + a * levels + b).ravel(), minlength=count * levels * levels).reshape(count, -1)
+        pairs = (first + a * levels + b).ravel()
+        out[:, s] = np.bincount(pairs, minlength=count * levels * levels).reshape(count, -1)
     return out.reshape(count, len(GLCM_OFFSETS), levels, levels)
 
 def glcm_pair_counts(h: int, w: int) -> np.ndarray:
     """Number of pixel pairs per offset in an h x w patch, the divisor of normed=True."""
     return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_OFFSETS], dtype=np.float64)
 
-def glcm(patch: np.ndarray, levels: int = 64) -> np.ndarray:
-    """graycomatrix(patch, [1,2,3,4], [0, pi/4, pi/2, 3pi/4], levels, normed=True) of one patch:
-    (levels, levels, 4 distances, 4 angles) float64, each slice divided by its own pair count."""
-    counts = glcm_counts(patch[None], levels)[0].astype(np.float64)
-    normed = counts / glcm_pair_counts(*patch.shape)[:, None, None]
-    return normed.reshape(len(GLCM_DISTANCES), len(GLCM_ANGLES), levels, levels).transpose(2, 3, 0, 1)
-
-@functools.lru_cache(maxsize=8)
-def _glcm_value_ids(h: int, w: int) -> np.ndarray:
-    """(16, max pairs + 1) table: index of the distinct double count / n_s among all slices, in
-    increasing order of value (so histograms come out in np.unique's order)."""
-    n = glcm_pair_counts(h, w)
-    values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
-    return np.unique(values, return_inverse=True)[1].reshape(values.shape)
-
 def glcm_value_entropy(counts: np.ndarray, h: int, w: int) -> np.ndarray:
     """skimage.measure.shannon_entropy(glcm) for a stack of count arrays (P, 16, L, L) -> (P,).
 
-    shannon_entropy is the base-2 entropy of the histogram of *distinct values* among the
-    16 L^2 normalised entries, not Haralick's -sum p log p. A normalised entry is count / n_s
-    for slice s; two such doubles are equal exactly when the fractions are (distinct fractions
-    with denominators <= 4096 differ by far more than a double's rounding). So: histogram the
-    counts of each slice, send each (slice, count) through a fixed table to the index of its
-    value, and sum; no per-patch sort of 65,536 doubles as in scikit-image.
+    shannon_entropy is the base-2 entropy of the histogram of *distinct values* among the 16 L^2
+    normalised entries, not Haralick's -sum p log p. A normalised entry is count / n_s for slice s; two
+    such doubles are equal exactly when the fractions are (distinct fractions with denominators <= 4096
+    differ by far more than a double's rounding). So: histogram the counts of each slice, send each
+    (slice, count) through a fixed table to the index of its value, and sum; no per-patch sort of
+    65,536 doubles as in scikit-image.
     """
     patches, slices = counts.shape[:2]
     flat = counts.reshape(patches, slices, -1)
@@ -274,12 +165,18 @@ def glcm_value_entropy(counts: np.ndarray, h: int, w: int) -> np.ndarray:
         terms = np.where(hist > 0, -p * np.log(p), 0.0)
     return terms.sum(axis=1) / np.log(2)
 
+@functools.lru_cache(maxsize=8)
+def _glcm_value_ids(h: int, w: int) -> np.ndarray:
+    """(16, max pairs + 1) table: index of the distinct double count / n_s among all slices, in
+    increasing order of value (so histograms come out in np.unique's order)."""
+    n = glcm_pair_counts(h, w)
+    values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
+    return np.unique(values, return_inverse=True)[1].reshape(values.shape)
+
 def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
     """graycoprops(glcm, prop) for (P, 16, L, L) normalised matrices -> (P, 16)."""
-    levels = normed.shape[-1]
     p = normed / normed.sum(axis=(-2, -1), keepdims=True)  # graycoprops re-normalises; so do we
-    i = np.arange(levels, dtype=np.float64)[:, None]
-    j = np.arange(levels, dtype=np.float64)[None, :]
+    i, j = np.ogrid[: normed.shape[-1], : normed.shape[-1]]
     if prop in ("ASM", "energy"):
         asm = (p**2).sum(axis=(-2, -1))
         return asm if prop == "ASM" else np.sqrt(asm)
@@ -291,53 +188,80 @@ def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
         flat = (std_i < 1e-15) | (std_j < 1e-15)  # a constant patch correlates perfectly by convention
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(flat, 1.0, cov / (std_i * std_j))
-    weights = {"contrast": (i - j) ** 2, "dissimilarity": np.abs(i - j), "homogeneity": 1.0 / (1.0 + (i - j) ** 2)}
+    d = i - j
+    weights = {"contrast": d**2, "dissimilarity": np.abs(d), "homogeneity": 1.0 / (1.0 + d**2)}
     if prop not in weights:
         raise ValueError(f"unknown GLCM property {prop!r}; choose from {GLCM_PROPS}")
     return (p * weights[prop]).sum(axis=(-2, -1))
 
-def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 32) -> float:
-    """Diffusion-4K's GLCM Score of one image (Zhang et al., Diffusion-4K, CVPR 2025, Table 1; `eval.py`).
-
-    Protocol: OpenCV BGR2GRAY grey, quantised to 64 levels by `grey >> 2`, non-overlapping
-    patch x patch tiles from the top-left, for each tile graycomatrix at distances 1-4 and
-    angles 0/45/90/135 degrees (normed, not symmetric), then shannon_entropy of that array
-    (or, for another `prop`, the mean of graycoprops rounded to 4 decimals); the image score
-    is the mean over tiles and the GLCM Score the mean over images.
-
-    Differences from eval.py: it assumes a square `--size` image and takes int(size/64)^2
-    tiles; here the grid is floor(H/patch) x floor(W/patch), the same thing for square images
-    and the natural generalisation otherwise. The co-occurrences are counted with vectorised
-    bincounts over 32 patches at a time (bit-identical arrays to scikit-image); the entropy
-    differs from scipy's by a few ulps because the sums run in another order.
-    Diffusion-4K reads the JPEG-95 files its generator saved: pass decoded JPEG-95 pixels for
-    the same numbers (the CLI does this unless --glcm-input raw).
-    """
-    q = grey_opencv(as_array(rgb)) >> 2
-    rows, cols = q.shape[0] // patch, q.shape[1] // patch
-    if rows == 0 or cols == 0:
-        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} GLCM patch")
-    tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2).reshape(-1, patch, patch)
-    scores = []
-    for start in range(0, len(tiles), chunk):
-        counts = glcm_counts(tiles[start : start + chunk])
-        if prop == "entropy":
-            scores.append(glcm_value_entropy(counts, patch, patch))
-        else:
-            normed = counts / glcm_pair_counts(patch, patch)[:, None, None]
-            scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
-    return float(np.concatenate(scores).mean())
-
 def compression_ratio(jpeg_sizes, shapes) -> float:
-    """Diffusion-4K's Compression Ratio: total raw RGB bytes / total JPEG-95 file bytes.
+    """Diffusion-4K's Compression Ratio: total raw RGB bytes (H * W * 3 summed over the (H, W) `shapes`) /
+    total JPEG-95 file bytes, an aggregate ratio as eval.py's N * size * size * 3 / sum(file sizes), not
+    the mean of per-image ratios. Lower means more high-frequency detail (harder to compress)."""
+    return sum(h * w * 3 for h, w in shapes) / sum(jpeg_sizes)
 
-    eval.py computes N * size * size * 3 / sum(file sizes): an aggregate ratio, not the mean
-    of per-image ratios (the two differ when file sizes vary). Here the numerator is the sum of
-    H * W * 3 over images, which is the same for square images and the generalisation otherwise.
-    `shapes` are (H, W) pairs. Lower means more high-frequency detail (harder to compress).
-    """
-    raw = sum(h * w * 3 for h, w in shapes)
-    return raw / sum(jpeg_sizes)
+def jpeg95(image: Image.Image) -> bytes:
+    """The bytes Diffusion-4K's generator writes: Pillow JPEG, quality 95, Pillow's defaults
+    (4:2:0 chroma subsampling, no optimise, baseline). Sizes depend on the libjpeg-turbo version."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+# ============================================================================== PSNR, SSIM and NIQE
+
+NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
+
+NIQE_BLOCK = 96
+
+NIQE_CONVENTIONS = {
+    "pyiqa": "pyiqa 'niqe' (what SR papers report): Y of YIQ from float32 RGB, rounded; pyiqa's float32 "
+    "window and grid  [default]",
+    "matlab": "the MATLAB release's arithmetic in float64 on rounded rgb2gray (approximate: see niqe())",
+}
+
+def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
+    """PSNR in dB with peak 255, in float64: 10 log10(255^2 / MSE), inf for identical images. SR papers
+    (SwinIR, Real-ESRGAN, OSEDiff, ...) report basicsr's `calculate_psnr`: `crop_border` = scale pixels
+    removed on every side, and with --y-channel the BT.601 Y channel (mode 'y'); mode 'rgb' averages the
+    squared error over the three channels, as scikit-image's peak_signal_noise_ratio does."""
+    a, b = _prepare_pair(pred, ref, crop_border, mode)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
+    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
+    C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, mean of the map; for RGB the mean over channels. This is
+    basicsr's `calculate_ssim` (what SR papers report), equal to scikit-image's structural_similarity(
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255), whose 5-pixel border
+    crop is exactly the 'valid' region. mode 'y' is the BT.601 Y channel; mode 'gray' the rounded MATLAB
+    rgb2gray of the original ssim.m. The MATLAB code's automatic downsampling for large images is NOT
+    applied (as in basicsr; pyiqa makes it optional): at 4K it would average-pool by 16."""
+    a, b = _prepare_pair(pred, ref, crop_border, mode)
+    if min(a.shape[-2:]) < 11:
+        height, width = a.shape[-2:]
+        raise ValueError(f"{width}x{height} px (after the crop border) is smaller than SSIM's 11x11 window")
+    d = torch.arange(11, dtype=torch.float64) - 5  # the Gaussian window's offsets
+    g = torch.exp(-(d**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(x):  # separable, 'valid': no padding, output shrinks by 10 pixels
+        return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+
+    values = []
+    for x, y in zip(*(torch.from_numpy(np.ascontiguousarray(c))[:, None, None] for c in (a, b))):
+        mx, my = blur(x), blur(y)
+        sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+        values.append(ssim_map.mean().item())
+    return float(np.mean(values))
+
+def _prepare_pair(pred, ref, crop_border, mode):
+    pred, ref = as_array(pred), as_array(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
+    return tuple(remove_border(_channels(x, mode), crop_border) for x in (pred, ref))
 
 def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
     """HWC uint8 -> (C, H, W) float64 in the requested colour convention."""
@@ -349,6 +273,18 @@ def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
         return grey_matlab(rgb)[None]
     raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
 
+def y_channel(rgb: np.ndarray) -> np.ndarray:
+    """Y of ITU-R BT.601 YCbCr in [16, 235], float64, unrounded: basicsr's `test_y_channel` convention,
+    which most SR papers report (pyiqa uses Y of YIQ instead: the numbers differ)."""
+    x = rgb.astype(np.float64) / 255.0
+    return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
+
+def grey_matlab(rgb: np.ndarray) -> np.ndarray:
+    """MATLAB rgb2gray rounded to integers: the convention of the original SSIM code (ssim.m)."""
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    return np.round(0.298936021293775 * r + 0.587043074451121 * g + 0.114020904255103 * b)
+
 def remove_border(x: np.ndarray, border: int) -> np.ndarray:
     """Remove `border` pixels on each side of the last two axes; refuse a border that leaves nothing."""
     h, w = x.shape[-2:]
@@ -357,85 +293,43 @@ def remove_border(x: np.ndarray, border: int) -> np.ndarray:
         raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image (at most {largest})")
     return x[..., border : h - border, border : w - border]
 
-def _prepare_pair(pred, ref, crop_border, mode):
-    pred, ref = as_array(pred), as_array(ref)
-    if pred.shape != ref.shape:
-        raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
-    return remove_border(_channels(pred, mode), crop_border), remove_border(_channels(ref, mode), crop_border)
+def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
+    """NIQE (Mittal, Soundararajan & Bovik, "Making a 'completely blind' image quality analyzer", IEEE
+    SPL 2013), lower is better; `params` = niqe_params(...).
 
-def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
-    """PSNR in dB with peak 255, in float64: 10 log10(255^2 / MSE), inf for identical images.
+    SR papers (StableSR, SeeSR, OSEDiff, PiSA-SR, ...) report pyiqa's 'niqe', the default convention. All
+    implementations use the MATLAB release's pristine model, 96x96 blocks without overlap (the image
+    cropped to whole blocks from the top-left), two scales, 36 features (the sharpness selection of blocks
+    belongs to fitting the model, not to scoring). `crop_border` removes pixels on each side first
+    (basicsr's SR configs pass the scale). 4K protocol: the whole image (1,764 blocks at 4096^2).
 
-    SR papers (SwinIR, Real-ESRGAN, OSEDiff, ...) report basicsr's `calculate_psnr`:
-    `crop_border` = scale pixels removed on every side, and with --y-channel the BT.601 Y
-    channel (mode 'y'). mode 'rgb' averages the squared error over all three channels, as
-    scikit-image's peak_signal_noise_ratio(data_range=255) does. Same numbers as basicsr.
+    NIQE is numerically touchy: sigma comes from E[x^2] - mu^2 (a difference of two numbers near 255^2)
+    and alpha is a nearest-grid-point choice, so one float32 rounding flips grid points and moves the
+    score by up to a few percent. Hence the conventions: 'pyiqa' follows pyiqa 0.1.16's arithmetic (its
+    grey image, float32-rounded window and grid, float32 bicubic resize, float64 elsewhere); 'matlab' runs
+    float64 throughout on rounded rgb2gray, close to MATLAB but not bit-faithful. basicsr's
+    calculate_niqe (Y of BT.601 YCbCr, first scale and resize in float32) is not offered.
     """
-    a, b = _prepare_pair(pred, ref, crop_border, mode)
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
-    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
-    C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, mean of the map; for RGB the mean over channels.
-
-    This is basicsr's `calculate_ssim` (what SR papers report), equal to scikit-image's
-    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=255), whose 5-pixel border crop is exactly the 'valid' region. mode 'y' is the
-    BT.601 Y channel; mode 'gray' the rounded MATLAB rgb2gray of the original ssim.m. The
-    MATLAB code's automatic downsampling for large images is NOT applied (as in basicsr; pyiqa
-    makes it optional): at 4K it would average-pool by 16 and measure a different image.
-    """
-    a, b = _prepare_pair(pred, ref, crop_border, mode)
-    if min(a.shape[-2:]) < 11:
-        height, width = a.shape[-2:]
-        raise ValueError(f"{width}x{height} px (after the crop border) is smaller than SSIM's 11x11 window")
-    g = _gaussian_window()
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def blur(x):  # separable, 'valid': no padding, output shrinks by 10 pixels
-        return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
-
-    values = []
-    for x, y in zip(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))):
-        x, y = x[None, None], y[None, None]
-        mx, my = blur(x), blur(y)
-        sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-        ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-        values.append(ssim_map.mean().item())
-    return float(np.mean(values))
-
-NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
-
-NIQE_BLOCK = 96
-
-NIQE_CONVENTIONS = {
-    "pyiqa": "pyiqa 'niqe' (what SR papers report): Y of YIQ from float32 RGB, rounded; pyiqa's float32 window and grid  [default]",
-    "matlab": "the MATLAB release's arithmetic in float64 on rounded rgb2gray (approximate: see niqe())",
-}
+    if params is None:
+        params = niqe_params()
+    grey = remove_border(niqe_grey(rgb, convention), crop_border)
+    if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
+        blocks = f"two {NIQE_BLOCK}x{NIQE_BLOCK} blocks"
+        raise ValueError(f"image {grey.shape[1]}x{grey.shape[0]} too small for NIQE (needs {blocks})")
+    features = niqe_features(grey, pyiqa=convention == "pyiqa")
+    return niqe_distance(features, *params)
 
 def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
-    """The pristine model of the MATLAB NIQE release: mean (36,) and covariance (36, 36), float64.
-
-    Two files hold it: pyiqa's `niqe_modelparameters.mat` (keys mu_prisparam / cov_prisparam,
-    MATLAB v5, read with scipy.io when scipy is installed) and basicsr 1.4.2's
-    `basicsr/metrics/niqe_pris_params.npz` from its sdist (keys mu_pris_param / cov_pris_param,
-    read with numpy, no pickle). A copy of the latter is tests/data/metrics/niqe_pris_params.npz.
-    """
-    path = weight_file(source, "NIQE parameters")
+    """The pristine model of the MATLAB NIQE release, mean (36,) and covariance (36, 36) in float64, from
+    pyiqa's `niqe_modelparameters.mat` (mu_prisparam / cov_prisparam, MATLAB v5, read with scipy.io) or
+    basicsr 1.4.2's sdist file `basicsr/metrics/niqe_pris_params.npz` (mu_pris_param / cov_pris_param)."""
+    path = resolve_weights(source, "NIQE parameters")
     if path.suffix != ".npz":
         try:
             from scipy.io import loadmat
         except ImportError:
-            raise UserError(
-                f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
-                "or pass basicsr's niqe_pris_params.npz"
-            ) from None
+            raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
+                            "or pass basicsr's niqe_pris_params.npz") from None
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -445,44 +339,42 @@ def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
             mu, cov = data["mu_prisparam"], data["cov_prisparam"]
         mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
-        raise UserError(
-            f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}); expected "
-            "basicsr's .npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, cov_prisparam)"
-        ) from None
+        raise UserError(f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}); "
+                        "expected basicsr's .npz (mu_pris_param, cov_pris_param) or pyiqa's .mat "
+                        "(mu_prisparam, cov_prisparam)") from None
     if mu.shape != (36,) or cov.shape != (36, 36):
-        raise UserError(f"NIQE parameters: {path} holds shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)")
+        shapes = f"{path} holds shapes {mu.shape} and {cov.shape}"
+        raise UserError(f"NIQE parameters: {shapes}, expected (36,) and (36, 36)")
     return mu, cov
 
 def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
-    """The integer-valued float64 grey image each NIQE implementation scores (values 0..255).
-
-    The rounding follows the reference arithmetic, so that a pixel whose value lies on .5 goes
-    the same way: pyiqa converts x/255 in float32 with the YIQ matrix, x 255, rounds; MATLAB's
-    rgb2gray is rounded in float64.
-    """
+    """The integer-valued float64 grey image (0..255) each NIQE convention scores, rounded as its reference
+    rounds (pyiqa: x/255 in float32 through the YIQ matrix, x 255; MATLAB: rgb2gray in float64)."""
     rgb = as_array(rgb)
     if convention == "pyiqa":
         x = torch.tensor(rgb).float() / 255
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]).T
-        return torch.round((x @ yiq)[..., 0] * 255).double().numpy()
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+        return torch.round((x @ yiq.T)[..., 0] * 255).double().numpy()
     if convention == "matlab":
         return grey_matlab(rgb)
     raise ValueError(f"unknown NIQE convention {convention!r}; choose from {', '.join(NIQE_CONVENTIONS)}")
 
-def _niqe_window(float32: bool = False) -> torch.Tensor:
-    """MATLAB fspecial('gaussian', 7, 7/6): the local mean / contrast window of NIQE. pyiqa
-    rounds it to float32 before filtering in float64; since sigma comes from E[x^2] - mu^2, a
-    difference of two numbers near 255^2, that rounding moves the MSCN map by up to ~1e-4 and
-    flips AGGD grid choices, so the pyiqa convention rounds it too."""
-    x = torch.arange(7, dtype=torch.float64) - 3
-    g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
-    g = g / g.sum()
-    return g.float().double() if float32 else g
+def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
+    """(N, 36) features of an integer-valued (H, W) grey image: 18 at full scale on block x block tiles,
+    18 at half scale (MATLAB bicubic of x/255, x 255) on the same tiles, now block/2. The image is first
+    cropped to whole blocks from the top-left. `pyiqa`: its float32 rounding of the window and of the
+    AGGD grid; otherwise float64 as in MATLAB."""
+    grid = "float32" if pyiqa else "float64"
+    rows, cols = grey.shape[0] // block, grey.shape[1] // block
+    x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))[: rows * block, : cols * block]
+    full = niqe_block_features(mscn(x, pyiqa), block, grid)
+    half = imresize_half(x / 255) * 255
+    return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
 
 def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
-    """Mean-subtracted contrast-normalised coefficients of (H, W) float64: (x - mu) / (sigma + 1),
-    mu and sigma from the 7x7 Gaussian window with replicated borders (MATLAB 'replicate',
-    scipy 'nearest'); sigma = sqrt(|E[x^2] - mu^2|)."""
+    """Mean-subtracted contrast-normalised coefficients of (H, W) float64: (x - mu) / (sigma + 1), mu and
+    sigma from the 7x7 Gaussian window with replicated borders (MATLAB 'replicate', scipy 'nearest');
+    sigma = sqrt(|E[x^2] - mu^2|)."""
     w = _niqe_window(window32).to(grey.device)[None, None]
     h, w_ = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
@@ -494,45 +386,23 @@ def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
 
-@functools.lru_cache(maxsize=2)
-def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shape grid 0.2:0.001:10 (9,801 values) and r(g) = G(2/g)^2 / (G(1/g) G(3/g)) on it.
-    'float32': the grid values as torch.arange makes them in float32 (pyiqa); 'float64': as
-    numpy / MATLAB make them (basicsr, MATLAB)."""
-    if grid == "float32":
-        gam = torch.arange(0.2, 10 + 0.001, 0.001, dtype=torch.float32).double()
-    else:
-        gam = torch.from_numpy(np.arange(0.2, 10 + 0.001, 0.001))
-    r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
-    return gam, r
-
-def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
-    """Moment-matching fit of an asymmetric generalised Gaussian to each row of x (N, P):
-    shape alpha (the grid value whose r(alpha) is nearest to the normalised moment ratio) and
-    the left / right scales. Rows with no negative (or no positive) value give NaN scales,
-    as in the references (their alpha is then the grid's first value, 0.2)."""
-    gam, r = _aggd_table(grid)
-    gam, r = gam.to(x.device), r.to(x.device)
-    neg, pos = x < 0, x > 0
-    sq = x * x
-    left = ((sq * neg).sum(1) / neg.sum(1)).sqrt()
-    right = ((sq * pos).sum(1) / pos.sum(1)).sqrt()
-    g = left / right
-    rhat = x.abs().mean(1) ** 2 / sq.mean(1)
-    rnorm = rhat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
-    index = torch.cat([(r[None] - rnorm[i : i + chunk, None]).abs().argmin(1) for i in range(0, len(x), chunk)])
-    index[torch.isnan(rnorm)] = 0  # an all-NaN row: both references take the first grid value
-    alpha = gam[index]
-    ratio = (torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)).exp().sqrt()
-    return alpha, left * ratio, right * ratio
+def _niqe_window(float32: bool = False) -> torch.Tensor:
+    """MATLAB fspecial('gaussian', 7, 7/6): the local mean / contrast window of NIQE. pyiqa rounds it to
+    float32 before filtering in float64; since sigma comes from E[x^2] - mu^2, that rounding flips AGGD
+    grid choices, so the pyiqa convention rounds it too."""
+    x = torch.arange(7, dtype=torch.float64) - 3
+    g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
+    g = g / g.sum()
+    return g.float().double() if float32 else g
 
 def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "float64") -> torch.Tensor:
-    """The 18 NIQE features of every block x block tile of an (H, W) MSCN map -> (N, 18):
-    AGGD (alpha, mean of the two scales) of the coefficients, then for the products with the
-    neighbour at shifts (0,1), (1,0), (1,1), (1,-1) (circular inside the block, np.roll)
-    (alpha, (right - left) G(2/alpha)/G(1/alpha), left, right)."""
+    """The 18 NIQE features of every block x block tile of an (H, W) MSCN map -> (N, 18): AGGD (alpha,
+    mean of the two scales) of the coefficients, then for the products with the neighbour at shifts
+    (0,1), (1,0), (1,1), (1,-1) (circular inside the block, np.roll) (alpha, (right - left)
+    G(2/alpha)/G(1/alpha), left, right)."""
     h, w = coefficients.shape
-    blocks = coefficients.reshape(h // block, block, w // block, block).transpose(1, 2).reshape(-1, block, block)
+    blocks = coefficients.reshape(h // block, block, w // block, block).transpose(1, 2)
+    blocks = blocks.reshape(-1, block, block)
     alpha, left, right = aggd_fit(blocks.flatten(1), grid)
     features = [alpha, (left + right) / 2]
     for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
@@ -542,16 +412,49 @@ def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "flo
         features += [alpha, mean, left, right]
     return torch.stack(features, 1)
 
+def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
+    """Moment-matching fit of an asymmetric generalised Gaussian to each row of x (N, P): shape alpha (the
+    grid value whose r(alpha) is nearest to the normalised moment ratio) and the left / right scales.
+    Rows with no negative (or no positive) value give NaN scales, as in the references (their alpha is
+    then the grid's first value, 0.2)."""
+    gam, r = _aggd_table(grid)
+    gam, r = gam.to(x.device), r.to(x.device)
+    neg, pos = x < 0, x > 0
+    sq = x * x
+    left = ((sq * neg).sum(1) / neg.sum(1)).sqrt()
+    right = ((sq * pos).sum(1) / pos.sum(1)).sqrt()
+    g = left / right
+    rhat = x.abs().mean(1) ** 2 / sq.mean(1)
+    rnorm = rhat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    index = torch.cat([(r - rnorm[i : i + chunk, None]).abs().argmin(1) for i in range(0, len(x), chunk)])
+    index[torch.isnan(rnorm)] = 0  # an all-NaN row: both references take the first grid value
+    alpha = gam[index]
+    ratio = (torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)).exp().sqrt()
+    return alpha, left * ratio, right * ratio
+
+@functools.lru_cache(maxsize=2)
+def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape grid 0.2:0.001:10 (9,801 values) and r(g) = G(2/g)^2 / (G(1/g) G(3/g)) on it. 'float32':
+    the grid values as torch.arange makes them in float32 (pyiqa); 'float64': as numpy / MATLAB make
+    them (basicsr, MATLAB)."""
+    if grid == "float32":
+        gam = torch.arange(0.2, 10 + 0.001, 0.001, dtype=torch.float32).double()
+    else:
+        gam = torch.from_numpy(np.arange(0.2, 10 + 0.001, 0.001))
+    r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
+    return gam, r
+
 def imresize_half(x: torch.Tensor) -> torch.Tensor:
-    """MATLAB imresize(x, 0.5) with its default bicubic kernel (a = -0.5) and antialiasing, on
-    (H, W) with even H and W: the kernel is stretched to 8 taps of weight 0.5 k(d / 2) around
-    the source point u = 2 i - 0.5 (1-based), rows normalised, borders mirrored (symmetric,
-    edge pixel repeated); one axis after the other. The arithmetic runs in float32, as in both
-    references (basicsr and pyiqa resize in float32), and is returned as float64."""
+    """MATLAB imresize(x, 0.5) with its default bicubic kernel (a = -0.5) and antialiasing, on (H, W) with
+    even H and W: the kernel is stretched to 8 taps of weight 0.5 k(d / 2) around the source point
+    u = 2 i - 0.5 (1-based), rows normalised, borders mirrored (symmetric, edge pixel repeated); one axis
+    after the other. The arithmetic runs in float32, as in both references (basicsr and pyiqa resize in
+    float32), and is returned as float64."""
 
     def cubic(d):
         d = d.abs()
-        return torch.where(d <= 1, 1.5 * d**3 - 2.5 * d**2 + 1, torch.where(d <= 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0.0))
+        outer = torch.where(d <= 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0.0)
+        return torch.where(d <= 1, 1.5 * d**3 - 2.5 * d**2 + 1, outer)
 
     def along_rows(x):
         n = x.shape[0]
@@ -568,62 +471,155 @@ def imresize_half(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return along_rows(along_rows(x).T).T.double()
 
-def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
-    """(N, 36) features of an integer-valued (H, W) grey image: 18 at full scale on block x block
-    tiles, 18 at half scale (MATLAB bicubic of x/255, x 255) on the same tiles, now block/2.
-    The image is first cropped to whole blocks from the top-left. `pyiqa`: its float32 rounding
-    of the window and of the AGGD grid; otherwise float64 as in MATLAB."""
-    grid = "float32" if pyiqa else "float64"
-    rows, cols = grey.shape[0] // block, grey.shape[1] // block
-    x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))[: rows * block, : cols * block]
-    full = niqe_block_features(mscn(x, pyiqa), block, grid)
-    half = imresize_half(x / 255) * 255
-    return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
-
 def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
-    """sqrt((mu_p - mu_d) pinv((S_p + S_d) / 2) (mu_p - mu_d)^T), with mu_d the NaN-ignoring mean
-    of the block features and S_d the (N-1) covariance of the NaN-free blocks (MATLAB nanmean /
-    nancov), in float64 numpy like basicsr."""
+    """sqrt((mu_p - mu_d) pinv((S_p + S_d) / 2) (mu_p - mu_d)^T), with mu_d the NaN-ignoring mean of the
+    block features and S_d the (N-1) covariance of the NaN-free blocks (MATLAB nanmean / nancov), in
+    float64 numpy like basicsr."""
     f = features.numpy()
     clean = f[~np.isnan(f).any(1)]
     if len(clean) < 2:
-        raise ValueError(f"NIQE needs at least two {NIQE_BLOCK}x{NIQE_BLOCK} blocks with finite features, got {len(clean)}")
+        blocks = f"{NIQE_BLOCK}x{NIQE_BLOCK} blocks"
+        raise ValueError(f"NIQE needs at least two {blocks} with finite features, got {len(clean)}")
     mu = np.nanmean(f, axis=0)
     diff = np.asarray(mu_pris, np.float64).ravel() - mu
     inverse = np.linalg.pinv((np.asarray(cov_pris, np.float64) + np.cov(clean, rowvar=False)) / 2)
     return float(np.sqrt(diff @ inverse @ diff))
 
-def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
-    """NIQE (Mittal, Soundararajan & Bovik, "Making a 'completely blind' image quality analyzer",
-    IEEE SPL 2013), lower is better; `params` = niqe_params(...).
 
-    Reported by SR papers (StableSR, SeeSR, OSEDiff, PiSA-SR, ...) through pyiqa's 'niqe', the
-    default convention here. All implementations use the pristine model of the MATLAB release,
-    96x96 blocks without overlap (the image cropped to whole blocks from the top-left), two
-    scales, 36 features. The sharpness selection of blocks (threshold 0.75) belongs to fitting
-    the pristine model, not to scoring, and no implementation applies it when scoring.
-    `crop_border` removes pixels on each side first (basicsr's SR configs pass the scale).
+# ============================================================================================== FID
 
-    NIQE is numerically touchy: sigma comes from E[x^2] - mu^2 (a difference of two numbers
-    near 255^2) and alpha is a nearest-grid-point choice, so float32 roundings in one place
-    flip grid points and move the score by up to a few percent. Hence the conventions:
-    'pyiqa' reproduces pyiqa 0.1.16 to ~1e-12 on the TID2013 test images (same grey image,
-    float32-rounded window and grid, float32 bicubic resize, float64 elsewhere). 'matlab'
-    runs float64 throughout on rounded rgb2gray; it is *not* bit-faithful to MATLAB: on the
-    five TID2013 distorted images it gives 15.742 / 3.655 / 3.236 / 3.212 / 9.120 against the
-    published MATLAB 15.754 / 3.655 / 3.236 / 3.184 / 8.635. basicsr's calculate_niqe (Y of
-    BT.601 YCbCr) runs its first scale and its resize in float32 and differs from a float64
-    computation on the same grey image by up to ~0.3 on these images; it is not offered.
+INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
 
-    4K protocol: the whole image (NIQE is block-based already: 1,764 blocks at 4096^2).
+FID_RESIZE = {
+    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128  [default]",
+    "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
+    "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
+    "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
+}
+
+@torch.no_grad()
+def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16) -> torch.Tensor:
+    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops; with `size` > 0
+    the image first goes through `resize_center_crop(rgb, size)`."""
+    device = next(model.parameters()).device
+    rgb = as_array(rgb)
+    x = to_float_tensor(resize_center_crop(rgb, size) if size else rgb, device)
+    samples = (fid_crops(x, patch, half_shift) if patch else x).split(batch)
+    return torch.cat([model(fid_input(group, resize)) for group in samples])
+
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Diffusion-4K's FID preprocessing (`generate_and_eval_fid.py` fid_preprocess, l. 79-84 at 9bea802):
+    torchvision's resize(uint8 tensor, size) then center_crop(size), for generated and real images alike,
+    before torchmetrics' own resize to 299 (else a 4096x2731 photo and a 2048^2 sample would reach the
+    network squeezed with different aspect ratios). The shorter side becomes `size`, the longer
+    int(size * long / short); bilinear, antialiased (torchvision >= 0.17; upstream pins 0.19), in float32,
+    rounded back to uint8; an image already at that size is not resampled. The crop starts at
+    round((side - size) / 2)."""
+    h, w = rgb.shape[:2]
+    short, long = min(h, w), max(h, w)
+    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
+    if (new_h, new_w) != (h, w):
+        x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return rgb[top : top + size, left : left + size]
+
+def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
+    """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid from the
+    top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's FID/256 protocol,
+    Mentzer et al. 2020). Remainders at the right and bottom are dropped."""
+    h, w = x.shape[-2:]
+    if patch > min(h, w):
+        raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
+    starts = [(0, 0)] + ([(patch // 2, patch // 2)] if half_shift else [])
+    return torch.cat([x[..., r : r + patch, c : c + patch] for r0, c0 in starts
+                      for r in range(r0, h - patch + 1, patch) for c in range(c0, w - patch + 1, patch)])
+
+def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
+    """(B, 3, H, W) float with values 0..255 -> the network's (B, 3, 299, 299) input."""
+    if resize == "tf1":
+        return (resize_tf1_bilinear(x, 299) - 128) / 128
+    if resize == "pytorch-fid":
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    if resize == "antialias":
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        return (x - 128) / 128
+    if resize == "clean":
+        planes = x.detach().cpu().numpy().astype(np.float32).reshape(-1, *x.shape[-2:])
+        channels = [np.asarray(Image.fromarray(c, mode="F").resize((299, 299), Image.BICUBIC))
+                    for c in planes]
+        out = torch.from_numpy(np.stack(channels).reshape(x.shape[0], 3, 299, 299)).clamp(0, 255)
+        return (out.to(x.device) - 128) / 128
+    raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
+
+def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source = dest * in / out, with no half-pixel
+    offset and no antialiasing. This is what torch-fidelity (hence torchmetrics up to 1.5, hence
+    Diffusion-4K's FID) feeds the network; it samples a 4096-px image at 299 points per axis, i.e. it is
+    heavily aliased, which is why patch FID exists."""
+
+    def taps(n_in):
+        step = torch.tensor(n_in / size, dtype=torch.float32)
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * step
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
+
+    top, bottom, fy = taps(x.shape[-2])
+    left, right, fx = taps(x.shape[-1])
+    rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
+    upper = rows_top[..., left] + (rows_top[..., right] - rows_top[..., left]) * fx
+    lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
+    return upper + (lower - upper) * fy[:, None]
+
+@dataclass
+class FeatureStats:
+    """Running float64 sums of features, so a million 4K patches never sit in memory at once."""
+
+    count: int = 0
+    total: torch.Tensor | None = None
+    outer: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor):
+        f = features.detach().double().cpu()
+        self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
+        self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
+        self.count += len(f)
+
+    def mean_cov(self):
+        """Mean and the unbiased (N-1) covariance, np.cov(rowvar=False)'s convention."""
+        if self.count < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {self.count}")
+        mean = self.total / self.count
+        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return mean, cov
+
+def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
+    """FID (Heusel et al. 2017) between two feature sets, warning when a covariance is rank-deficient."""
+    for name, stats in (("pred", pred), ("ref", ref)):
+        dim = stats.total.numel()
+        if stats.count <= dim:
+            warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d covariance needs at "
+                          f"least {dim + 1}; the value is biased upwards and not comparable across sample "
+                          "counts (use --fid-patch for more samples)", stacklevel=2)
+    mu1, cov1 = pred.mean_cov()
+    mu2, cov2 = ref.mean_cov()
+    return frechet_distance(mu1, cov1, mu2, cov2)
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
+
+    pytorch-fid and clean-fid take scipy.linalg.sqrtm of the non-symmetric product S1 S2 and discard an
+    imaginary part that appears when N < 2048 makes the covariances singular. tr sqrt(S1 S2) equals
+    tr sqrt(S1^1/2 S2 S1^1/2), the product of PSD matrices made symmetric, whose eigenvalues are real and
+    >= 0 up to rounding: two symmetric eigendecompositions, no complex numbers, no eps retry.
     """
-    if params is None:
-        params = niqe_params()
-    grey = remove_border(niqe_grey(rgb, convention), crop_border)
-    if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
-        raise ValueError(f"image {grey.shape[1]}x{grey.shape[0]} too small for NIQE (needs two {NIQE_BLOCK}x{NIQE_BLOCK} blocks)")
-    features = niqe_features(grey, pyiqa=convention == "pyiqa")
-    return niqe_distance(features, *params)
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = root1 @ cov2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
 
 class ConvBN(nn.Sequential):
     """Conv (no bias) + BatchNorm (eps 1e-3, TF's) + ReLU; keys `conv.*`, `bn.*` as in torchvision."""
@@ -648,12 +644,9 @@ class InceptionA(nn.Module):
         self.branch_pool = ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(avg_pool_3x3(x)),
-        ], 1)
+        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        five = self.branch5x5_2(self.branch5x5_1(x))
+        return torch.cat([self.branch1x1(x), five, dbl, self.branch_pool(avg_pool_3x3(x))], 1)
 
 class InceptionB(nn.Module):  # grid reduction 35 -> 17
     def __init__(self, cin):
@@ -663,43 +656,32 @@ class InceptionB(nn.Module):  # grid reduction 35 -> 17
         self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = ConvBN(cin, 192, 1)
-        self.branch7x7_1 = ConvBN(cin, c7, 1)
-        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch1x1, self.branch_pool = ConvBN(cin, 192, 1), ConvBN(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, (1, 7), padding=(0, 3))
         self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
-        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, (7, 1), padding=(3, 0))
         self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
         self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
         self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
         dbl = x
         for i in range(1, 6):
             dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            dbl,
-            self.branch_pool(avg_pool_3x3(x)),
-        ], 1)
+        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        return torch.cat([self.branch1x1(x), seven, dbl, self.branch_pool(avg_pool_3x3(x))], 1)
 
 class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
-        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3))
         self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
@@ -708,14 +690,13 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionE(nn.Module):
-    """The last two blocks. The TF graph pools Mixed_7b with an average and Mixed_7c with a
-    *max* (a quirk of the 2015 graph that torchvision's Inception3 does not have)."""
+    """The last two blocks. The TF graph pools Mixed_7b with an average and Mixed_7c with a *max* (a quirk
+    of the 2015 graph that torchvision's Inception3 does not have)."""
 
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
-        self.branch1x1 = ConvBN(cin, 320, 1)
-        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
         self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
         self.branch3x3dbl_1, self.branch3x3dbl_2 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
@@ -727,27 +708,22 @@ class InceptionE(nn.Module):
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl), self.branch_pool(pooled)], 1)
 
 class InceptionV3(nn.Module):
-    """The FID network: TensorFlow's 2015-12-05 InceptionV3 graph as ported by pytorch-fid,
-    returning the 2048-d pool3 features of a (B, 3, 299, 299) input already normalised to
-    [-1, 1]. Module names equal torchvision's, so pt_inception-2015-12-05-6726825d.pth loads
-    as is (its 1008-way `fc` is dropped: FID never uses the logits)."""
+    """The FID network: TensorFlow's 2015-12-05 InceptionV3 graph as ported by pytorch-fid, returning the
+    2048-d pool3 features of a (B, 3, 299, 299) input already normalised to [-1, 1]. Module names equal
+    torchvision's, so pt_inception-2015-12-05-6726825d.pth loads as is (its 1008-way `fc` is dropped:
+    FID never uses the logits)."""
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, stride=2), ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, padding=1), ConvBN(64, 80, 1)
         self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c = InceptionA(192, 32), InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
@@ -764,169 +740,115 @@ class InceptionV3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source=INCEPTION_WEIGHTS):
-        state = load_state(weight_file(source, "FID Inception weights"), "FID Inception weights")
+        state = load_state(source, "FID Inception weights")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         return load_strict(cls(), state, "FID Inception weights").eval()
 
-def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source = dest * in / out, with no
-    half-pixel offset and no antialiasing. This is what torch-fidelity (hence torchmetrics up
-    to 1.5, hence Diffusion-4K's FID) feeds the network; it samples a 4096-px image at 299
-    points per axis, i.e. it is heavily aliased, which is why patch FID exists."""
 
-    def taps(n_in):
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
-        lo = src.floor().long().clamp(max=n_in - 1)
-        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
+# ========================================================================= CLIPScore and aesthetics
 
-    top, bottom, fy = taps(x.shape[-2])
-    left, right, fx = taps(x.shape[-1])
-    rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
-    upper = rows_top[..., left] + (rows_top[..., right] - rows_top[..., left]) * fx
-    lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
-    return upper + (lower - upper) * fy[:, None]
-
-FID_RESIZE = {
-    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128  [default]",
-    "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
-    "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
-    "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
+CLIP_MODELS = {
+    "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
+    "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default, and the aesthetic predictor's tower
+    "b32": "openai/clip-vit-base-patch32",  # Hessel et al.'s CLIPScore
 }
 
-def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
-    """(B, 3, H, W) float with values 0..255 -> the network's (B, 3, 299, 299) input."""
-    if resize == "tf1":
-        return (resize_tf1_bilinear(x, 299) - 128) / 128
-    if resize == "pytorch-fid":
-        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
-    if resize == "antialias":
-        return (F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True) - 128) / 128
-    if resize == "clean":
-        channels = [
-            np.asarray(Image.fromarray(c, mode="F").resize((299, 299), Image.BICUBIC))
-            for c in x.detach().cpu().numpy().astype(np.float32).reshape(-1, *x.shape[-2:])
-        ]
-        out = torch.from_numpy(np.stack(channels).reshape(x.shape[0], 3, 299, 299)).clamp(0, 255)
-        return (out.to(x.device) - 128) / 128
-    raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
-
-def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Diffusion-4K's FID preprocessing (`generate_and_eval_fid.py` fid_preprocess, l. 79-84 at
-    9bea802): torchvision's resize(uint8 tensor, size) then center_crop(size), for generated and
-    real images alike, before torchmetrics' own resize to 299.
-
-    The shorter side becomes `size`, the longer int(size * long / short) (torchvision truncates);
-    bilinear, align_corners=False, antialiased (torchvision >= 0.17's default; upstream pins
-    0.19), computed in float32 and rounded back to uint8 as torchvision does for uint8 tensors;
-    an image already at that size is not resampled. The crop starts at round((side - size) / 2).
-    Without it a 4096x2731 real photo and a 2048^2 sample would reach the network squeezed to
-    299^2 with different aspect ratios.
-    """
-    h, w = rgb.shape[:2]
-    short, long = min(h, w), max(h, w)
-    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
-    if (new_h, new_w) != (h, w):
-        x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return rgb[top : top + size, left : left + size]
-
-def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
-    """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid
-    from the top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's
-    FID/256 protocol, Mentzer et al. 2020). Remainders at the right and bottom are dropped."""
-    h, w = x.shape[-2:]
-    if patch > min(h, w):
-        raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
-    starts = [(0, 0)] + ([(patch // 2, patch // 2)] if half_shift else [])
-    crops = [
-        x[..., r : r + patch, c : c + patch]
-        for r0, c0 in starts
-        for r in range(r0, h - patch + 1, patch)
-        for c in range(c0, w - patch + 1, patch)
-    ]
-    return torch.cat(crops)
-
-@torch.no_grad()
-def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16) -> torch.Tensor:
-    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops; with
-    `size` > 0 the image first goes through `resize_center_crop(rgb, size)`."""
-    device = next(model.parameters()).device
-    rgb = as_array(rgb)
-    x = to_float_tensor(resize_center_crop(rgb, size) if size else rgb, device)
-    samples = fid_crops(x, patch, half_shift) if patch else x
-    return torch.cat([model(fid_input(samples[i : i + batch], resize)) for i in range(0, len(samples), batch)])
-
-@dataclass
-class FeatureStats:
-    """Running float64 sums of features, so a million 4K patches never sit in memory at once."""
-
-    count: int = 0
-    total: torch.Tensor | None = None
-    outer: torch.Tensor | None = None
-
-    def update(self, features: torch.Tensor):
-        f = features.detach().double().cpu()
-        self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
-        self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
-        self.count += len(f)
-
-    def mean_cov(self):
-        """Mean and the unbiased (N-1) covariance, np.cov(rowvar=False)'s convention."""
-        if self.count < 2:
-            raise ValueError(f"FID needs at least 2 samples, got {self.count}")
-        mean = self.total / self.count
-        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
-        return mean, cov
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
-
-    pytorch-fid and clean-fid take scipy.linalg.sqrtm of the non-symmetric product S1 S2 and
-    discard an imaginary part that appears when N < 2048 makes the covariances singular.
-    tr sqrt(S1 S2) equals tr sqrt(S1^1/2 S2 S1^1/2), the product of PSD matrices made
-    symmetric, whose eigenvalues are real and >= 0 up to rounding: two symmetric eigen-
-    decompositions, no complex numbers, no eps retry, and ~5x faster than sqrtm at d = 2048.
-    Agrees with the scipy formula to ~1e-8 relative (tests).
-    """
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
-    w, v = torch.linalg.eigh(cov1)
-    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    middle = root1 @ cov2 @ root1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
-
-def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
-    """FID (Heusel et al. 2017) between two feature sets, warning when a covariance is rank-deficient."""
-    for name, stats in (("pred", pred), ("ref", ref)):
-        dim = stats.total.numel()
-        if stats.count <= dim:
-            warnings.warn(
-                f"FID: {name} has {stats.count} samples; a full-rank {dim}-d covariance needs at least {dim + 1}; "
-                "the value is biased upwards and not comparable across sample counts (use --fid-patch for more samples)",
-                stacklevel=2,
-            )
-    mu1, cov1 = pred.mean_cov()
-    mu2, cov2 = ref.mean_cov()
-    return frechet_distance(mu1, cov1, mu2, cov2)
+AESTHETIC_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/sac+logos+ava1-l14-linearMSE.pth"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+CLIP_FORMS = {
+    "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
+    "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
+    "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
+}
+
+def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.Tensor:
+    """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image and caption
+    embeddings, clamped at 0.
+
+    'torchmetrics': 100 * cos, what torchmetrics' CLIPScore returns for one image; Diffusion-4K (Table 1,
+    ViT-B/16) calls it image by image and averages. 'hessel': the paper's 2.5 * cos with the caption
+    prefix 'A photo depicts ', ViT-B/32 in the paper. 'pyiqa': the same formula as pyiqa's 'clipscore'
+    computes it, the image resized as a float tensor.
+
+    C-Upscale (arXiv 2505.16976, Sec. 5.2 and Tables 1-6) reports a "CLIP" score citing CLIP itself, with
+    values from 0.455 to 0.894: neither 100 * cos (20-36) nor a raw cosine (CLIP's image-caption cosines
+    lie near 0.2-0.36). 2.5 * cos maps those cosines onto 0.5-0.9, and a degenerate output (ScaleCrafter
+    at 4096^2: 0.455) onto the low end; its other columns are pyiqa's metric names, and pyiqa's
+    'clipscore' is this formula on ViT-B/32: hence the 'pyiqa' form with b32 in --protocol cupscale.
+    Captions longer than 77 tokens keep their end token (see ClipScoreTokenizer; torchmetrics drops it,
+    openai-clip's tokenize as pyiqa calls it refuses them).
+    """
+    if form not in CLIP_FORMS:
+        raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
+    if form != "torchmetrics":
+        captions = ["A photo depicts " + c for c in captions]
+    images = model.encode_images(images, "tensor" if form == "pyiqa" else "pil")
+    cos = (images * model.encode_texts(captions)).sum(-1)
+    return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
+
+@torch.no_grad()
+def aesthetic_score(clip: ClipViT, mlp: AestheticMLP, images) -> torch.Tensor:
+    return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
+
+def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
+    """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long / short)),
+    centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a whole, not tiled.
+
+    resize 'pil': Pillow bicubic on the uint8 image (openai-clip and transformers' processor); 'tensor':
+    antialiased bicubic on the [0, 1] float image (pyiqa's clip_preprocess_tensor); the scores differ a bit.
+    """
+    w, h = image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if resize not in ("pil", "tensor"):
+        raise ValueError(f"unknown CLIP resize {resize!r}; use pil or tensor")
+    if resize == "pil" and new != (w, h):
+        image = image.resize(new, Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    if resize == "tensor" and new != (w, h):
+        x = F.interpolate(x[None], size=new[::-1], mode="bicubic", align_corners=False, antialias=True)[0]
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    x = x[:, top : top + size, left : left + size]
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+class AestheticMLP(nn.Module):
+    """LAION's improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor,
+    sac+logos+ava1-l14-linearMSE), used by Diffusion-4K's Table 1 and many 4K papers.
+
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and *no* activations (commented out in the
+    original), so at inference one affine map of the L2-normalised CLIP ViT-L/14 image embedding; the
+    layer indices (layers.0/2/4/6/7) are kept so the released .pth loads unchanged.
+    """
+
+    def __init__(self, dim=768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                    nn.Linear(16, 1))
+
+    def forward(self, embedding):
+        return self.layers(embedding).squeeze(-1)
+
+    @classmethod
+    def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
+        state = load_state(source, "aesthetic MLP weights")
+        return load_strict(cls(state["layers.0.weight"].shape[1]), state, "aesthetic MLP weights").eval()
+
 @dataclass
-class TowerConfig:
+class ClipTowerConfig:
     width: int
     layers: int
     heads: int
     act: str = "quick_gelu"  # OpenAI's models use x * sigmoid(1.702 x)
     eps: float = 1e-5
 
-class Block(nn.Module):
+class ClipBlock(nn.Module):
     """Pre-LayerNorm transformer block (both CLIP towers)."""
 
-    def __init__(self, cfg: TowerConfig):
+    def __init__(self, cfg: ClipTowerConfig):
         super().__init__()
         w = cfg.width
         self.heads, self.act = cfg.heads, cfg.act
@@ -943,15 +865,15 @@ class Block(nn.Module):
         h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
         return x + self.fc2(h)
 
-class VisionTower(nn.Module):
-    def __init__(self, cfg: TowerConfig, patch: int, image_size: int, embed_dim: int):
+class ClipVisionTower(nn.Module):
+    def __init__(self, cfg: ClipTowerConfig, patch: int, image_size: int, embed_dim: int):
         super().__init__()
         self.patch_size, self.image_size = patch, image_size
         self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
         self.cls = nn.Parameter(torch.zeros(cfg.width))
         self.pos = nn.Parameter(torch.zeros((image_size // patch) ** 2 + 1, cfg.width))
-        self.ln_pre, self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps), nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_pre, self.ln_post = (nn.LayerNorm(cfg.width, eps=cfg.eps) for _ in range(2))
+        self.blocks = nn.ModuleList(ClipBlock(cfg) for _ in range(cfg.layers))
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
     def forward(self, pixels):  # (B, 3, S, S) normalised -> (B, embed_dim)
@@ -962,21 +884,19 @@ class VisionTower(nn.Module):
             x = block(x)
         return self.proj(self.ln_post(x[:, 0]))
 
-class TextTower(nn.Module):
-    def __init__(self, cfg: TowerConfig, vocab: int, context: int, embed_dim: int):
+class ClipTextTower(nn.Module):
+    def __init__(self, cfg: ClipTowerConfig, vocab: int, context: int, embed_dim: int):
         super().__init__()
         self.token = nn.Embedding(vocab, cfg.width)
         self.pos = nn.Parameter(torch.zeros(context, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(ClipBlock(cfg) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
     def forward(self, ids, lengths):
-        """ids (B, L) padded after the end-of-text token; lengths (B,) = index of that token + 1.
-
-        Pooling reads the hidden state at the end-of-text position. With the causal mask the
-        padding after it cannot leak in, so no padding mask is needed.
-        """
+        """ids (B, L) padded after the end-of-text token; lengths (B,) = index of that token + 1. Pooling
+        reads the hidden state at the end-of-text position; with the causal mask the padding after it
+        cannot leak in, so no padding mask is needed."""
         n = ids.shape[1]
         x = self.token(ids) + self.pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
@@ -985,20 +905,68 @@ class TextTower(nn.Module):
         x = self.ln_final(x)
         return self.proj(x[torch.arange(len(x)), lengths - 1])
 
+class ClipViT(nn.Module):
+    """OpenAI CLIP ViT (Radford et al. 2021): image and text towers, shapes read from the weights, from
+    transformers-layout folders (openai/clip-vit-*: model.safetensors, config.json, tokenizer.json)."""
+
+    def __init__(self, vision: ClipVisionTower | None, text: ClipTextTower | None, tokenizer=None):
+        super().__init__()
+        self.vision, self.text, self.tokenizer = vision, text, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source, towers=("vision", "text")):
+        source = CLIP_MODELS.get(source, source)
+        root = resolve_source(source, allow_patterns=("model.safetensors", "config.json", "tokenizer.json"))
+        config = read_json(root / "config.json")
+        wanted = {"vision": ("vision_model.", "visual_projection."),
+                  "text": ("text_model.", "text_projection.")}
+        prefixes = tuple(p for tower in towers for p in wanted[tower])
+        raw = load_safetensors(root, torch.float32, key_filter=lambda k: k.startswith(prefixes))
+        state = clip_state_from_transformers(raw)
+
+        def tower_config(tower, width):
+            """Width and depth from the tensors; heads, activation and eps from config.json."""
+            sub = config.get(f"{tower}_config", {})
+            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
+            return ClipTowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
+                                   sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
+
+        vision = text = tokenizer = None
+        if "vision" in towers:
+            patch, embed = state["vision.patch.weight"], state["vision.proj.weight"].shape[0]
+            grid = math.isqrt(state["vision.pos"].shape[0] - 1)
+            cfg = tower_config("vision", patch.shape[0])
+            vision = ClipVisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], embed)
+        if "text" in towers:
+            token, embed = state["text.token.weight"], state["text.proj.weight"].shape[0]
+            cfg = tower_config("text", token.shape[1])
+            text = ClipTextTower(cfg, token.shape[0], state["text.pos"].shape[0], embed)
+            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=state["text.pos"].shape[0])
+        model = cls(vision, text, tokenizer)
+        return load_strict(model, state, f"CLIP weights {source}").eval()
+
+    @torch.no_grad()
+    def encode_images(self, images, resize="pil") -> torch.Tensor:
+        device = next(self.parameters()).device
+        pixels = torch.stack([clip_preprocess(im, self.vision.image_size, resize) for im in images])
+        return F.normalize(self.vision(pixels.to(device)), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts) -> torch.Tensor:
+        device = next(self.parameters()).device
+        ids, lengths = self.tokenizer(texts)
+        return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
+
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
-    ("vision_model.embeddings.patch_embedding.", "vision.patch."),
+    ("vision_model.embeddings.patch_embedding.", "vision.patch."), ("visual_projection.", "vision.proj."),
     ("vision_model.embeddings.class_embedding", "vision.cls"),
     ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
-    ("vision_model.pre_layrnorm.", "vision.ln_pre."),
-    ("vision_model.post_layernorm.", "vision.ln_post."),
-    ("vision_model.encoder.layers.", "vision.blocks."),
-    ("visual_projection.", "vision.proj."),
-    ("text_model.embeddings.token_embedding.", "text.token."),
+    ("vision_model.pre_layrnorm.", "vision.ln_pre."), ("vision_model.post_layernorm.", "vision.ln_post."),
+    ("vision_model.encoder.layers.", "vision.blocks."), ("text_model.encoder.layers.", "text.blocks."),
+    ("text_model.embeddings.token_embedding.", "text.token."), ("text_projection.", "text.proj."),
     ("text_model.embeddings.position_embedding.weight", "text.pos"),
-    ("text_model.encoder.layers.", "text.blocks."),
     ("text_model.final_layer_norm.", "text.ln_final."),
-    ("text_projection.", "text.proj."),
     (".self_attn.q_proj.", ".q."), (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
     (".self_attn.out_proj.", ".proj."), (".layer_norm1.", ".ln1."), (".layer_norm2.", ".ln2."),
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
@@ -1015,68 +983,12 @@ def clip_state_from_transformers(state: dict) -> dict:
         renamed[key] = value
     return renamed
 
-class CLIP(nn.Module):
-    """OpenAI CLIP ViT (Radford et al. 2021): image and text towers, shapes read from the weights.
-
-    Loads transformers-layout folders (openai/clip-vit-*: model.safetensors + config.json for
-    head counts and activation + tokenizer.json), from the Hub or a local folder.
-    """
-
-    def __init__(self, vision: VisionTower | None, text: TextTower | None, tokenizer=None):
-        super().__init__()
-        self.vision, self.text, self.tokenizer = vision, text, tokenizer
-
-    @classmethod
-    def from_pretrained(cls, source, towers=("vision", "text")):
-        source = CLIP_MODELS.get(source, source)
-        root = resolve_source(source, allow_patterns=("model.safetensors", "config.json", "tokenizer.json"))
-        config = read_json(root / "config.json")
-        wanted = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
-        prefixes = tuple(p for tower in towers for p in wanted[tower])
-        state = clip_state_from_transformers(load_safetensors(root, torch.float32, key_filter=lambda k: k.startswith(prefixes)))
-        def tower_config(tower, width):
-            """Width and depth from the tensors; heads, activation and eps from config.json."""
-            sub = config.get(f"{tower}_config", {})
-            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
-            return TowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
-                               sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
-
-        vision = text = tokenizer = None
-        if "vision" in towers:
-            patch = state["vision.patch.weight"]
-            grid = math.isqrt(state["vision.pos"].shape[0] - 1)
-            vision = VisionTower(tower_config("vision", patch.shape[0]), patch.shape[-1], grid * patch.shape[-1],
-                                 state["vision.proj.weight"].shape[0])
-        if "text" in towers:
-            token = state["text.token.weight"]
-            text = TextTower(tower_config("text", token.shape[1]), token.shape[0], state["text.pos"].shape[0],
-                             state["text.proj.weight"].shape[0])
-            tokenizer = ClipTokenizer(root / "tokenizer.json", context=state["text.pos"].shape[0])
-        model = cls(vision, text, tokenizer)
-        return load_strict(model, state, f"CLIP weights {source}").eval()
-
-    @torch.no_grad()
-    def encode_images(self, images, resize="pil") -> torch.Tensor:
-        device = next(self.parameters()).device
-        pixels = torch.stack([clip_preprocess(im, self.vision.image_size, resize) for im in images])
-        return F.normalize(self.vision(pixels.to(device)), dim=-1)
-
-    @torch.no_grad()
-    def encode_texts(self, texts) -> torch.Tensor:
-        device = next(self.parameters()).device
-        ids, lengths = self.tokenizer(texts)
-        return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
-
-class ClipTokenizer:
-    """CLIP's byte-level BPE through the `tokenizers` library (the repo's tokenizer.json), with
-    OpenAI's truncation: <start> + at most context-2 text tokens + <end>.
-
-    torchmetrics slices a long caption's ids to 77 *without* re-inserting the end token and
-    pools at argmax(ids), i.e. on whatever text token has the largest id; the long GPT-4o
-    captions of Aesthetic-4K hit this. Here the end token always closes the sequence and the
-    text tower pools at its position (openai-clip's `tokenize(truncate=True)` behaviour).
-    Text normalisation is the tokenizer.json's (NFC, whitespace, lower case), not ftfy.
-    """
+class ClipScoreTokenizer:
+    """CLIP's byte-level BPE through the `tokenizers` library (the repo's tokenizer.json), with OpenAI's
+    truncation: <start> + at most context-2 text tokens + <end> (openai-clip's `tokenize(truncate=True)`).
+    torchmetrics slices a long caption's ids to 77 *without* re-inserting the end token and pools at
+    argmax(ids), i.e. on whatever text token has the largest id; the long GPT-4o captions of Aesthetic-4K hit
+    this. Text normalisation is the tokenizer.json's (NFC, whitespace, lower case), not ftfy."""
 
     def __init__(self, path, context=77):
         from tokenizers import Tokenizer
@@ -1086,142 +998,87 @@ class ClipTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.no_truncation()
         self.context = context
-        self.start, self.end = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+        self.start, self.end = (self.tokenizer.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>"))
         if self.start is None or self.end is None:
             raise UserError(f"{path}: no <|startoftext|> / <|endoftext|> tokens; not a CLIP tokenizer")
 
     def __call__(self, texts):
-        rows = []
-        for text in texts:
-            body = self.tokenizer.encode(text, add_special_tokens=False).ids[: self.context - 2]
-            rows.append([self.start, *body, self.end])
-        ids = torch.full((len(rows), max(map(len, rows))), self.end, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
+        bodies = [self.tokenizer.encode(t, add_special_tokens=False).ids[: self.context - 2] for t in texts]
+        rows = [torch.tensor([self.start, *body, self.end]) for body in bodies]
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.end)
         return ids, torch.tensor([len(r) for r in rows])
 
-def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
-    """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long /
-    short)), centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a whole, not tiled.
 
-    resize 'pil': Pillow bicubic on the uint8 image (openai-clip and transformers' processor).
-    'tensor': bicubic with antialiasing on the [0, 1] float image, torchvision's resize of a
-    tensor (pyiqa's clip_preprocess_tensor); the kernels differ slightly, so do the scores.
-    """
-    w, h = image.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    if resize == "pil":
-        if new != (w, h):
-            image = image.resize(new, Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-    elif resize == "tensor":
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-        if new != (w, h):
-            x = F.interpolate(x[None], size=new[::-1], mode="bicubic", align_corners=False, antialias=True)[0]
-    else:
-        raise ValueError(f"unknown CLIP resize {resize!r}; use pil or tensor")
-    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    x = x[:, top : top + size, left : left + size]
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+# ===================================================================== LPIPS and CLIP-IQA, on tiles
 
-CLIP_FORMS = {
-    "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
-    "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
-    "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
+LPIPS_LINEAR = {
+    "alex": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_alex-df73285e.pth",
+    "vgg": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth",
 }
 
-def clip_score(model: CLIP, images, captions, form="torchmetrics") -> torch.Tensor:
-    """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image
-    and caption embeddings, clamped at 0.
+LPIPS_BACKBONE = {"alex": None, "vgg": "timm/vgg16.tv_in1k/model.safetensors"}
 
-    'torchmetrics': 100 * cos, what torchmetrics' CLIPScore returns for one image; Diffusion-4K
-    (Table 1, ViT-B/16) calls it image by image and averages. 'hessel': the paper's
-    2.5 * cos with the caption prefix 'A photo depicts ', ViT-B/32 in the paper. 'pyiqa': the
-    same formula as pyiqa's 'clipscore' computes it, the image resized as a float tensor.
+CLIPIQA_WEIGHTS = "timm/resnet50_clip.openai/open_clip_model.safetensors"
 
-    C-Upscale (arXiv 2505.16976, Sec. 5.2 and Tables 1-6) reports a "CLIP" score citing CLIP
-    itself, with values from 0.455 to 0.894. That is neither 100 * cos (which reads 20-36)
-    nor a raw cosine (CLIP's image-caption cosines lie near 0.2-0.36, so 0.89 is out of
-    reach); 2.5 * cos maps those cosines onto 0.5-0.9, and a degenerate output (ScaleCrafter
-    at 4096^2: 0.455) onto the low end. Its other columns (MUSIQ, ClipIQA, ManIQA, FID, LPIPS)
-    are pyiqa's metric names, and pyiqa's 'clipscore' is this formula on ViT-B/32; hence the
-    'pyiqa' form with b32 in --protocol cupscale.
+# pyiqa's 'clipiqa' antonym pairs (positive first); the score is the mean over pairs of P(positive).
+CLIPIQA_PROMPTS = (
+    ("Good image", "bad image"), ("Sharp image", "blurry image"), ("sharp edges", "blurry edges"),
+    ("High resolution image", "low resolution image"), ("Noise-free image", "noisy image"),
+)
 
-    Differences from the references: captions longer than 77 tokens keep their end token (see
-    ClipTokenizer; torchmetrics drops it, openai-clip's tokenize as pyiqa calls it refuses them).
-    'torchmetrics' resizes with Pillow bicubic, as transformers 4.45's CLIP processor (upstream's pin) does.
-    """
-    if form not in CLIP_FORMS:
-        raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
-    if form != "torchmetrics":
-        captions = ["A photo depicts " + c for c in captions]
-    images = model.encode_images(images, "tensor" if form == "pyiqa" else "pil")
-    cos = (images * model.encode_texts(captions)).sum(-1)
-    return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
-
-class AestheticMLP(nn.Module):
-    """LAION's improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor,
-    sac+logos+ava1-l14-linearMSE), used by Diffusion-4K's Table 1 and many 4K papers.
-
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and *no* activations (they are
-    commented out in the original), so at inference it is one affine map; the layer indices
-    (layers.0/2/4/6/7) are kept so the released .pth loads unchanged. Input: the CLIP ViT-L/14
-    image embedding, L2-normalised. The original runs openai-clip in fp16 on CUDA; this file
-    runs fp32 everywhere (differences of ~1e-3 in the score).
-    """
-
-    def __init__(self, dim=768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )
-
-    def forward(self, embedding):
-        return self.layers(embedding).squeeze(-1)
-
-    @classmethod
-    def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
-        state = load_state(weight_file(source, "aesthetic MLP weights"), "aesthetic MLP weights")
-        return load_strict(cls(state["layers.0.weight"].shape[1]), state, "aesthetic MLP weights").eval()
+# Their CLIP BPE ids (<start> ... <end>) as OpenAI's clip.tokenize gives them: no tokenizer file needed.
+CLIPIQA_PROMPT_IDS = (
+    (49406, 886, 2867, 49407), (49406, 2103, 2867, 49407), (49406, 8157, 2867, 49407),
+    (49406, 21977, 2867, 49407), (49406, 8157, 20938, 49407), (49406, 21977, 20938, 49407),
+    (49406, 1400, 9977, 2867, 49407), (49406, 1042, 9977, 2867, 49407),
+    (49406, 9307, 268, 1139, 2867, 49407), (49406, 33495, 2867, 49407),
+)
 
 @torch.no_grad()
-def aesthetic_score(clip: CLIP, mlp: AestheticMLP, images) -> torch.Tensor:
-    return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
+def lpips_tiled(model: LPIPSMetric, pred, ref, tile=512, batch=8) -> float:
+    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB); tile 0: the whole image at once."""
+    device = next(model.parameters()).device
+    a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
+    if a.shape != b.shape:
+        raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
+    boxes = tiles(a.shape[-2], a.shape[-1], tile or max(a.shape[-2:]))
+    values = []
+    for i in range(0, len(boxes), batch):
+        ta, tb = (torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])
+                  for x in (a, b))
+        values.append(model(ta, tb))
+    return torch.cat(values).mean().item()
 
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+@torch.no_grad()
+def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
+    """CLIPIQA of one image (uint8 RGB): the mean over the `tiles` grid, or the whole image with tile=0,
+    which is what pyiqa does at any size (a 4096^2 RN50 pass needs several GB of activations)."""
+    device = model.logit_scale.device
+    x = to_float_tensor(as_array(rgb), device) / 255
+    boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
+    groups = (boxes[i : i + batch] for i in range(0, len(boxes), batch))
+    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in group])) for group in groups]
+    return torch.cat(scores).mean().item()
 
-def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
-    """torchvision's `features` stack (same indices, so its state dicts load) and the indices
-    after which LPIPS taps the ReLU outputs."""
-    if net == "alex":
-        layers = [
-            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
-        ]
-        return nn.Sequential(*layers), [1, 4, 7, 9, 11]
-    if net == "vgg":
-        layers, cin = [], 3
-        for item in _VGG16:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
-                cin = item
-        return nn.Sequential(*layers), [3, 8, 15, 22, 29]
-    raise ValueError(f"unknown LPIPS network {net!r}; use alex or vgg")
+def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
+    """The tile protocol for 4K full-reference and no-reference networks: size x size tiles on a grid that
+    covers the whole image, the last row/column flush with the border (overlapping its neighbour rather
+    than dropping pixels). An image smaller than `size` is one tile."""
+    if h <= size and w <= size:
+        return [(0, 0, h, w)]
+    th, tw = min(size, h), min(size, w)
+    rows = sorted({*range(0, h - th + 1, th), h - th})
+    cols = sorted({*range(0, w - tw + 1, tw), w - tw})
+    return [(r, c, th, tw) for r in rows for c in cols]
 
-class LPIPS(nn.Module):
-    """LPIPS v0.1 (Zhang et al., CVPR 2018), the perceptual distance SR papers report (OSEDiff,
-    S3Diff, OMGSR, 4K SR papers; alex in most, vgg in some).
+class LPIPSMetric(nn.Module):
+    """LPIPS v0.1 (Zhang et al., CVPR 2018), the perceptual distance SR papers report (OSEDiff, S3Diff,
+    OMGSR, 4K SR papers; alex in most, vgg in some), with AlexNet or VGG16.
 
-    Input in [-1, 1]; shift/scale to the backbone's statistics; at five ReLU taps the channel
-    vectors are unit-normalised, the squared difference is weighted by the learned 1x1 `lin`
-    layers and averaged over space; the five numbers are summed. Same as the lpips package
-    (spatial=False). The package runs the whole image; on 4K images this file averages over
-    tiles (see `tiles`), since VGG at 4096^2 needs tens of GB and SR papers evaluate on crops.
+    Input in [-1, 1]; shift/scale to the backbone's statistics; at five ReLU taps the channel vectors are
+    unit-normalised, the squared difference is weighted by the learned 1x1 `lins` and averaged over space;
+    the five numbers are summed (the lpips package, spatial=False). On 4K images `lpips_tiled` averages
+    over tiles: VGG at 4096^2 needs tens of GB, and SR papers evaluate on crops.
     """
 
     SHIFT = (-0.030, -0.088, -0.188)
@@ -1244,192 +1101,79 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
-        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.tap(a), self.tap(b)))
+        taps = zip(self.lins, self.tap(a), self.tap(b))
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in taps)
 
     @classmethod
     def from_pretrained(cls, net="alex", linear=None, backbone=None):
         linear, backbone = linear or LPIPS_LINEAR[net], backbone or LPIPS_BACKBONE[net]
         if backbone is None:
-            raise UserError(
-                f"LPIPS-{net} needs ImageNet backbone weights and no Hub copy is known: pass --lpips-backbone "
-                "PATH to torchvision's alexnet-owt-7be5be79.pth (https://download.pytorch.org/models/)"
-            )
+            raise UserError(f"LPIPS-{net} needs ImageNet backbone weights and no Hub copy is known: pass "
+                            "--lpips-backbone PATH to torchvision's alexnet-owt-7be5be79.pth "
+                            "(https://download.pytorch.org/models/)")
         model = cls(net)
-        raw = load_state(weight_file(backbone, f"LPIPS {net} backbone"), f"LPIPS {net} backbone")
-        state = {k[k.index("features."):]: v for k, v in raw.items() if "features." in k}  # drop classifier / prefixes
+        raw = load_state(backbone, f"LPIPS {net} backbone")
+        state = {k[k.index("features.") :]: v for k, v in raw.items() if "features." in k}  # no classifier
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
-        lins = load_state(weight_file(linear, f"LPIPS {net} linear layers"), f"LPIPS {net} linear layers")
+        lins = load_state(linear, f"LPIPS {net} linear layers")
         state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
         return load_strict(model, state, f"LPIPS-{net} weights").eval()
 
-def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
-    """The tile protocol for 4K full-reference and no-reference networks: size x size tiles on a
-    grid that covers the whole image, the last row/column flush with the border (overlapping its
-    neighbour rather than dropping pixels). An image smaller than `size` is one tile."""
-    if h <= size and w <= size:
-        return [(0, 0, h, w)]
-    th, tw = min(size, h), min(size, w)
-    rows = sorted({*range(0, h - th + 1, th), h - th})
-    cols = sorted({*range(0, w - tw + 1, tw), w - tw})
-    return [(r, c, th, tw) for r in rows for c in cols]
+def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
+    """torchvision's `features` stack (same indices, so its state dicts load) and the indices after which
+    LPIPS taps the ReLU outputs."""
+    if net == "alex":
+        layers = [
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        ]
+        return nn.Sequential(*layers), [1, 4, 7, 9, 11]
+    if net == "vgg":
+        layers, cin = [], 3
+        for item in _VGG16:
+            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
+            cin = cin if item == "M" else item
+        return nn.Sequential(*layers), [3, 8, 15, 22, 29]
+    raise ValueError(f"unknown LPIPS network {net!r}; use alex or vgg")
 
-@torch.no_grad()
-def lpips_tiled(model: LPIPS, pred, ref, tile=512, batch=8) -> float:
-    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB); tile 0: the whole image at once."""
-    device = next(model.parameters()).device
-    a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
-    if a.shape != b.shape:
-        raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    boxes = tiles(a.shape[-2], a.shape[-1], tile or max(a.shape[-2:]))
-    values = []
-    for i in range(0, len(boxes), batch):
-        group = boxes[i : i + batch]
-        ta = torch.cat([a[..., r : r + h, c : c + w] for r, c, h, w in group])
-        tb = torch.cat([b[..., r : r + h, c : c + w] for r, c, h, w in group])
-        values.append(model(ta, tb))
-    return torch.cat(values).mean().item()
-
-CLIPIQA_WEIGHTS = "timm/resnet50_clip.openai/open_clip_model.safetensors"
-
-# pyiqa's 'clipiqa' antonym pairs (positive first); the score is the mean over pairs of P(positive).
-CLIPIQA_PROMPTS = (
-    ("Good image", "bad image"), ("Sharp image", "blurry image"), ("sharp edges", "blurry edges"),
-    ("High resolution image", "low resolution image"), ("Noise-free image", "noisy image"),
-)
-
-# Their CLIP BPE ids, <start> ... <end>, as OpenAI's tokenizer gives them (checked against
-# clip.tokenize in tests/test_metrics_iqa.py): fixed prompts need no tokenizer file at run time.
-CLIPIQA_PROMPT_IDS = (
-    (49406, 886, 2867, 49407), (49406, 2103, 2867, 49407), (49406, 8157, 2867, 49407),
-    (49406, 21977, 2867, 49407), (49406, 8157, 20938, 49407), (49406, 21977, 20938, 49407),
-    (49406, 1400, 9977, 2867, 49407), (49406, 1042, 9977, 2867, 49407),
-    (49406, 9307, 268, 1139, 2867, 49407), (49406, 33495, 2867, 49407),
-)
-
-class ClipBottleneck(nn.Module):
-    """CLIP's ResNet block: 1x1, 3x3, average pool (when strided), 1x1, with an average-pooled
-    1x1 projection on the shortcut. Key names as in OpenAI's checkpoints."""
-
-    def __init__(self, cin, planes, stride=1):
-        super().__init__()
-        self.stride = stride
-        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
-        self.downsample = None
-        if stride > 1 or cin != 4 * planes:  # keys downsample.0 (conv) / downsample.1 (bn)
-            self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        if self.stride > 1:
-            out = F.avg_pool2d(out, self.stride)
-        out = self.bn3(self.conv3(out))
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(F.avg_pool2d(x, self.stride) if self.stride > 1 else x)
-        return F.relu(out + shortcut)
-
-class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' image tower (RN50: layers 3-4-6-3, width 64): a 3-conv stem
-    with average pooling, bottleneck stages, and an attention pool whose query is the mean token.
-
-    The attention pool's positional embedding is loaded but not used: CLIPIQA runs at the
-    input resolution with pyiqa's pos_embedding=False, which leaves it out altogether. Only the
-    mean token's output is needed, so only its query is computed (exact, and linear in the
-    number of tokens instead of quadratic: a 4096^2 input has 16,384 tokens).
-    """
-
-    def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        cin = width
-        for i, count in enumerate(layers):
-            planes = width * 2**i
-            blocks = [ClipBottleneck(cin, planes, 1 if i == 0 else 2)] + [ClipBottleneck(4 * planes, planes) for _ in range(count - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            cin = 4 * planes
-        self.attnpool = nn.Module()
-        self.attnpool.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, cin))
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(self.attnpool, name, nn.Linear(cin, cin))
-        self.attnpool.c_proj = nn.Linear(cin, embed_dim)
-        self.heads = cin // 64  # OpenAI's rule: width * 32 // 64
-
-    def forward(self, x):  # (B, 3, H, W) CLIP-normalised -> (B, embed_dim)
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            x = F.relu(bn(conv(x)))
-        x = F.avg_pool2d(x, 2)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
-        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
-        pool, (b, n, c) = self.attnpool, tokens.shape
-        q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
-        k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
-        v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
-        out = attention(q, k, v).transpose(1, 2).reshape(b, c)
-        return pool.c_proj(out)
-
-def clip_text_state_from_openai(state: dict) -> dict:
-    """OpenAI / open_clip text-tower keys -> TextTower's (`text.` prefix): the fused in_proj is
-    split into q, k, v and text_projection (width, embed) becomes a Linear weight (embed, width)."""
-    out = {"text.token.weight": state["token_embedding.weight"], "text.pos": state["positional_embedding"],
-           "text.ln_final.weight": state["ln_final.weight"], "text.ln_final.bias": state["ln_final.bias"],
-           "text.proj.weight": state["text_projection"].T.contiguous()}
-    renames = {"ln_1.": "ln1.", "ln_2.": "ln2.", "attn.out_proj.": "proj.", "mlp.c_fc.": "fc1.", "mlp.c_proj.": "fc2."}
-    for key, value in state.items():
-        if not key.startswith("transformer.resblocks."):
-            continue
-        index, rest = key.split(".")[2], ".".join(key.split(".")[3:])
-        prefix = f"text.blocks.{index}."
-        if rest.startswith("attn.in_proj_"):
-            kind = rest.rsplit("_", 1)[1]  # weight / bias
-            for name, part in zip("qkv", value.chunk(3)):
-                out[f"{prefix}{name}.{kind}"] = part
-            continue
-        for old, new in renames.items():
-            if rest.startswith(old):
-                out[prefix + new + rest[len(old):]] = value
-    return out
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 
 class CLIPIQA(nn.Module):
-    """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) in the multi-prompt form of pyiqa's 'clipiqa', the
-    number SR papers report (SeeSR, OSEDiff, PiSA-SR, C-Upscale, ...): CLIP RN50, the image at
-    its own resolution (no resize, CLIP mean/std), five antonym pairs; for each pair
-    softmax(logit_scale.exp() * cos) of the positive prompt, averaged over the pairs. Higher is
-    better, in (0, 1). The original paper's single pair ('Good photo.' / 'Bad photo.') and the
-    learned prompts of CLIP-IQA+ are not implemented.
+    """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) in the multi-prompt form of pyiqa's 'clipiqa', the number SR
+    papers report (SeeSR, OSEDiff, PiSA-SR, C-Upscale, ...): CLIP RN50, the image at its own resolution
+    (no resize, CLIP mean/std), five antonym pairs; for each pair softmax(logit_scale.exp() * cos) of the
+    positive prompt, averaged over the pairs. Higher is better, in (0, 1). The original paper's single
+    pair ("Good photo." / "Bad photo.") and CLIP-IQA+'s learned prompts are not implemented. Weights: an
+    OpenAI-named RN50 state dict (CLIPIQA_WEIGHTS), logit_scale included (100 for RN50)."""
 
-    Weights: OpenAI-named RN50 state dict (open_clip's safetensors, default CLIPIQA_WEIGHTS).
-    logit_scale is read from the weights (100 for OpenAI's RN50).
-    """
-
-    def __init__(self, visual: ClipResNet, text: TextTower):
+    def __init__(self, visual: ClipResNet, text: ClipTextTower):
         super().__init__()
         self.visual, self.text = visual, text
         self.register_buffer("logit_scale", torch.zeros(()))
 
     @classmethod
     def from_state(cls, state: dict, what="CLIPIQA weights"):
-        visual_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        layers = tuple(1 + max((int(k.split(".")[1]) for k in visual_state if k.startswith(f"layer{i}.")), default=-1) for i in range(1, 5))
+        visual_state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        blocks = [[int(k.split(".")[1]) for k in visual_state if k.startswith(f"layer{i}.")]
+                  for i in range(1, 5)]
+        layers = tuple(1 + max(indices, default=-1) for indices in blocks)
         if "conv1.weight" not in visual_state or min(layers) < 1:
             raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
         width = visual_state["layer1.0.conv1.weight"].shape[0]
-        pos = visual_state["attnpool.positional_embedding"]
-        visual = ClipResNet(layers, width, visual_state["attnpool.c_proj.weight"].shape[0], math.isqrt(pos.shape[0] - 1))
+        embed = visual_state["attnpool.c_proj.weight"].shape[0]
+        grid = math.isqrt(visual_state["attnpool.positional_embedding"].shape[0] - 1)
         text_state = clip_text_state_from_openai(state)
         token = text_state["text.token.weight"]
         count = 1 + max(int(k.split(".")[2]) for k in text_state if k.startswith("text.blocks."))
-        cfg = TowerConfig(token.shape[1], count, token.shape[1] // 64)
-        text = TextTower(cfg, token.shape[0], text_state["text.pos"].shape[0], text_state["text.proj.weight"].shape[0])
-        model = cls(visual, text)
-        full = {f"visual.{k}": v for k, v in visual_state.items()} | text_state | {"logit_scale": state["logit_scale"].reshape(())}
-        for key, value in model.state_dict().items():  # BatchNorm counters: absent from some exports, unused in eval
+        cfg = ClipTowerConfig(token.shape[1], count, token.shape[1] // 64)
+        context, text_embed = text_state["text.pos"].shape[0], text_state["text.proj.weight"].shape[0]
+        text = ClipTextTower(cfg, token.shape[0], context, text_embed)
+        model = cls(ClipResNet(layers, width, embed, grid), text)
+        full = {f"visual.{k}": v for k, v in visual_state.items()} | text_state
+        full["logit_scale"] = state["logit_scale"].reshape(())
+        for key, value in model.state_dict().items():  # BatchNorm counters: absent from some exports, unused
             if key.endswith("num_batches_tracked"):
                 full.setdefault(key, value)
         load_strict(model, full, what)
@@ -1437,7 +1181,7 @@ class CLIPIQA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source=CLIPIQA_WEIGHTS):
-        return cls.from_state(load_state(weight_file(source, "CLIPIQA weights"), "CLIPIQA weights"))
+        return cls.from_state(load_state(source, "CLIPIQA weights"))
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
@@ -1455,16 +1199,178 @@ class CLIPIQA(nn.Module):
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
+def clip_text_state_from_openai(state: dict) -> dict:
+    """OpenAI / open_clip text-tower keys -> ClipTextTower's (`text.` prefix): the fused in_proj is split
+    into q, k, v and text_projection (width, embed) becomes a Linear weight (embed, width)."""
+    out = {"text.token.weight": state["token_embedding.weight"], "text.pos": state["positional_embedding"],
+           "text.ln_final.weight": state["ln_final.weight"], "text.ln_final.bias": state["ln_final.bias"],
+           "text.proj.weight": state["text_projection"].T.contiguous()}
+    renames = {"ln_1.": "ln1.", "ln_2.": "ln2.", "attn.out_proj.": "proj.", "mlp.c_fc.": "fc1.",
+               "mlp.c_proj.": "fc2."}
+    for key, value in state.items():
+        if not key.startswith("transformer.resblocks."):
+            continue
+        index, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        prefix = f"text.blocks.{index}."
+        if rest.startswith("attn.in_proj_"):  # in_proj_weight / in_proj_bias
+            kind = rest.rsplit("_", 1)[1]
+            out.update({f"{prefix}{name}.{kind}": part for name, part in zip("qkv", value.chunk(3))})
+            continue
+        for old, new in renames.items():
+            if rest.startswith(old):
+                out[prefix + new + rest[len(old) :]] = value
+    return out
+
+class ClipBottleneck(nn.Module):
+    """CLIP's ResNet block: 1x1, 3x3, average pool (when strided), 1x1, with an average-pooled 1x1
+    projection on the shortcut. Key names as in OpenAI's checkpoints."""
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.downsample = None
+        if stride > 1 or cin != 4 * planes:  # keys downsample.0 (conv) / downsample.1 (bn)
+            conv = nn.Conv2d(cin, 4 * planes, 1, bias=False)
+            self.downsample = nn.Sequential(conv, nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        out = self.bn3(self.conv3(self.pool(out)))
+        return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
+
+class ClipResNet(nn.Module):
+    """OpenAI CLIP's 'ModifiedResNet' image tower (RN50: layers 3-4-6-3, width 64): a 3-conv stem with
+    average pooling, bottleneck stages, and an attention pool whose query is the mean token.
+
+    The attention pool's positional embedding is loaded but not used (pyiqa's pos_embedding=False: CLIPIQA
+    runs at the input resolution). Only the mean token's query is computed: exact, and linear in the
+    number of tokens instead of quadratic (a 4096^2 input has 16,384 tokens).
+    """
+
+    def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
+        super().__init__()
+        half = width // 2
+        self.conv1, self.bn1 = nn.Conv2d(3, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half)
+        self.conv2, self.bn2 = nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half)
+        self.conv3, self.bn3 = nn.Conv2d(half, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        cin = width
+        for i, count in enumerate(layers):
+            planes = width * 2**i
+            blocks = [ClipBottleneck(cin if j == 0 else 4 * planes, planes, 2 if i and not j else 1)
+                      for j in range(count)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = 4 * planes
+        self.attnpool = pool = nn.Module()
+        pool.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, cin))
+        pool.q_proj, pool.k_proj, pool.v_proj = (nn.Linear(cin, cin) for _ in range(3))
+        pool.c_proj = nn.Linear(cin, embed_dim)
+        self.heads = cin // 64  # OpenAI's rule: width * 32 // 64
+
+    def forward(self, x):  # (B, 3, H, W) CLIP-normalised -> (B, embed_dim)
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = F.relu(bn(conv(x)))
+        x = F.avg_pool2d(x, 2)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
+        pool, (b, n, c) = self.attnpool, tokens.shape
+        q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
+        k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        out = attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return pool.c_proj(out)
+
+
+# ====================================================================== periodicity (OP4KSR's L_AP)
+
+PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
+
+def periodicity_input(rgb, device="cpu") -> torch.Tensor:
+    """HWC uint8 RGB -> (1, 3, H, W) float32 in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assumes."""
+    return to_float_tensor(as_array(rgb), device) / 127.5 - 1
+
 @torch.no_grad()
-def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
-    """CLIPIQA of one image (uint8 RGB): the mean over the `tiles` grid (see tiles()), or the
-    whole image with tile=0, which is what pyiqa does at any size (a 4096^2 RN50 pass needs
-    several GB of activations)."""
-    device = model.logit_scale.device
-    x = to_float_tensor(as_array(rgb), device) / 255
-    boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
-    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])) for i in range(0, len(boxes), batch)]
-    return torch.cat(scores).mean().item()
+def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
+    """Periodic-artifact score per image (B,): OP4KSR's L_AP statistic (Deng et al., arXiv 2605.13457) as a
+    metric, on (B, 3, H, W) images in [-1, 1] (`periodicity_input`). Without `ref` it is the absolute form,
+    `periodicity_score`: the fraction of the pixel differences' variance that repeats on the period lattices,
+    per quadrant, colour channel and period (`lattice_power`). With `ref` it is the relative form,
+    `periodicity_loss(pred[i:i+1], ref[i:i+1])` per image: only lattice power above ref's counts, so texture
+    that is periodic in the ground truth (fabric, tiles) does not. The noise floor falls with the quadrant's
+    size: compare images of one size."""
+    if ref is not None and ref.shape != pred.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
+    try:
+        if ref is None:
+            return periodicity_score(pred, periods, quadrants)
+        pairs = zip(pred, ref)
+        return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants) for p, r in pairs])
+    except ValueError as error:  # quadrants too small: name the image's size, not just the quadrant's
+        if "square number" in str(error):
+            raise
+        size = f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)}"
+        raise ValueError(f"{size} with {quadrants} quadrants ({error})") from None
+
+def periodicity_score(image, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
+    """Per-image periodicity (B,), the absolute form of L_AP: the fraction of the difference variance that
+    repeats on the lattices. ~1 for a pure pattern, 1 / (p x p tiles per quadrant) for white noise."""
+    power, variance = lattice_power(image, periods, quadrants)
+    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
+
+def log_spectrum(rgb) -> Image.Image:
+    """Centred log power spectrum of the pixel differences (mean over channels and both directions) as an
+    8-bit grey image of the image's size: a period-p artifact shows as a lattice of bright dots at
+    multiples of W/p (H/p) from the centre."""
+    x = periodicity_input(rgb)[0]
+    power = torch.zeros(x.shape[-2:])
+    for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
+        power += torch.fft.fft2(d - d.mean(), s=x.shape[-2:]).abs().square() / 6
+    spectrum = torch.fft.fftshift(power).log1p()
+    return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
+
+def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> Image.Image:
+    """The autocorrelation of each quadrant's pixel differences for lags up to harmonics * max(periods) +
+    max(periods) // 2 px each way (covariance / (variance + VARIANCE_FLOOR), mean over quadrants, channels
+    and directions) as an 8-bit grey image: lag (0, 0) at the centre, 0 mid-grey, the scale set by the
+    largest |value| outside the 3x3 central lags. A period-p artifact is a lattice of bright points p px
+    apart (a grid of lines: bright ridges along the lattice's rows and columns)."""
+    array = as_array(rgb)
+    max_lag = max(harmonics * p + p // 2 for p in periods)
+    differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
+    try:
+        covariance = autocovariance(differences, max_lag)
+    except ValueError as error:
+        size = f"image {array.shape[1]}x{array.shape[0]} too small for periods {tuple(periods)}"
+        raise ValueError(f"{size} ({error})") from None
+    variance = covariance[..., max_lag, max_lag, None, None]
+    correlation = (covariance / (variance + VARIANCE_FLOOR)).mean(dim=(0, 1, 2, 3))
+    outer = correlation.clone()
+    outer[max_lag - 1 : max_lag + 2, max_lag - 1 : max_lag + 2] = 0
+    scale = outer.abs().max().item()
+    return _to_grey_image(correlation, -scale, scale)
+
+def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
+    """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x: (..., 2 max_lag + 1,
+    2 max_lag + 1) with lag (dy, dx) at [max_lag + dy, max_lag + dx]. Wiener-Khinchin: the inverse FFT of
+    the power spectrum of the mean-removed map, zero-padded by max_lag so that no lag wraps around (the
+    linear, not circular, autocorrelation); each lag is divided by its overlap area (unbiased)."""
+    h, w = x.shape[-2:]
+    if max_lag >= min(h, w):
+        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, got {h}x{w}")
+    x = x.float()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    size = (_fast_fft_length(h + max_lag), _fast_fft_length(w + max_lag))
+    spectrum = torch.fft.rfft2(x, s=size)
+    # [dy, dx]: sum over p of x(p) x(p + (dy, dx))
+    sums = torch.fft.irfft2(spectrum.real.square() + spectrum.imag.square(), s=size)
+    lags = torch.arange(-max_lag, max_lag + 1, device=x.device)
+    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative lags sit at the end
+    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
+    return sums / overlap
 
 def _fast_fft_length(n: int) -> int:
     """The smallest length >= n with no prime factor above 5 (fast for every FFT library)."""
@@ -1477,97 +1383,62 @@ def _fast_fft_length(n: int) -> int:
             return n
         n += 1
 
-def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
-    """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x.
+def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences the statistic reads."""
+    return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
-    Returns (..., 2 max_lag + 1, 2 max_lag + 1) with lag (dy, dx) at [max_lag + dy, max_lag + dx].
-    Wiener-Khinchin: the inverse FFT of the power spectrum of the mean-removed map, zero-padded
-    by max_lag so that no lag wraps around (the linear, not circular, autocorrelation); each lag
-    is divided by its overlap area (unbiased). Lag (0, 0) is the variance.
-    """
-    h, w = x.shape[-2:]
-    if max_lag >= min(h, w):
-        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, got {h}x{w}")
-    x = x.float()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    size = (_fast_fft_length(h + max_lag), _fast_fft_length(w + max_lag))
-    spectrum = torch.fft.rfft2(x, s=size)
-    sums = torch.fft.irfft2(spectrum.real.square() + spectrum.imag.square(), s=size)  # [dy, dx]: sum x(p) x(p + (dy, dx))
-    lags = torch.arange(-max_lag, max_lag + 1, device=x.device)
-    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative lags sit at the end
-    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
-    return sums / overlap
-
-def lattice_lags(period: int, harmonics: int = 2) -> list[tuple[int, int]]:
-    """Lags (dy, dx) on the period lattice, up to `harmonics` periods, one of each +-pair."""
-    steps = range(-harmonics, harmonics + 1)
-    return [(k * period, l * period) for k in range(harmonics + 1) for l in steps if k > 0 or l > 0]
+def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
+    scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
+    return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
 
 # --- BEGIN copy of op4ksr.py: periodicity loss ---
-def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
-    relu(power_pred - power_target), in units of the target's difference variance; mean over
-    batch, quadrants, channels and periods.
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise in [-1, 1]: flat quadrants score ~0
 
-    With `target` (the ground truth) it is the relative form: only lattice power above the
-    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
-    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
-    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
-    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
-    turn the gradient away from the repeating component.
-    """
-    power, variance = lattice_power(pred, periods, quadrants, harmonics)
+def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
+    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the lattice
+    frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the target's difference
+    variance (a constant: it does not turn the gradient), averaged. Only power above the ground truth's
+    counts, so real periodic texture (fabric, tiles) keeps its strength and pred == target has loss and
+    gradient 0; artifacts at the ground truth's own frequencies are left to the reconstruction terms.
+    Without `target` all lattice power counts, in units of pred's own variance (the absolute form)."""
+    power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
     with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
-    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+        target_power, target_variance = lattice_power(target, periods, quadrants)
+    excess = F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)
+    return excess.sum(dim=-1).mean() / len(periods)
 
-@torch.no_grad()
-def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
-    variance that repeats on the lattices (mean over quadrants, channels and periods). About
-    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
-    power, variance = lattice_power(image, periods, quadrants, harmonics)
-    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
+def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
+    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins), for each
+    period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the p-periodic part, and
+    variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and vertical differences; each RGB
+    channel counts on its own (a chroma-only grid is invisible in luma).
 
-def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
-    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
-
-    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
-    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
-    bins of one period sum to the variance of the quadrant's p-periodic component); variance
-    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
-    Both are means over the horizontal and vertical differences; the difference filter weighs
-    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
-    and gives the (0, 0) bin weight 0.
-
-    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
-    there is the Fourier transform of the quadrant's circular autocovariance summed over all
-    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
-    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
-    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
-    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
-    can move only the repeating part of the image, not the rest.
-
-    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
-    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
-    + 1 px a side, so that the lattice has at least that many lags each way.
-    """
+    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the lattice
+    lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
+    the transform of the circular autocovariance summed over every lattice lag, the power of all that
+    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean of its
+    p x p tiles, cropped to whole periods from the top-left corner, on the token grid), so its gradient is
+    p-periodic: it moves only what repeats (the autocovariance read at a few lags would mix each pixel with
+    its lattice neighbours, and fall by decorrelating the repeats). Differences weight frequency f by
+    2 (sin^2(pi fy) + sin^2(pi fx)), which flattens natural images' ~1/f spectrum so that a grid's high
+    harmonics count, and gives (0, 0) weight 0; smooth 16/32-px modulations are seen only weakly."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
-    max_lag = max(harmonics * p + p // 2 for p in periods)
-    if max_lag >= min(h, w) - 1:
-        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
-    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
-    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lattice lags of 2.5 periods each way
+    if min(h, w) <= smallest:
+        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than {smallest} px, "
+                         f"got {h}x{w}")
+    horizontal, vertical = tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
+    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
     powers = []
     for p in periods:
         n, m = h // p, w // p
         tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
         spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
-        frequency = torch.fft.fftfreq(p, device=image.device)
-        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
+        sin2 = torch.sin(torch.pi * torch.fft.fftfreq(p, device=image.device)).square()
+        weight = 2 * (sin2[:, None] + sin2[None, :])
         powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
     return torch.cat(powers, dim=-1), variance
 
@@ -1580,99 +1451,12 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
     h, w = height // side, width // side
     tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
     return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
-
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
 # --- END copy: periodicity loss ---
 
-# metrics.py's own: the per-image metric on 8-bit images, and its pictures.
-PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
-def periodicity_input(rgb, device="cpu") -> torch.Tensor:
-    """HWC uint8 RGB -> (1, 3, H, W) float32 in [-1, 1], the range L_AP is defined on (VARIANCE_FLOOR assumes it)."""
-    return to_float_tensor(as_array(rgb), device) / 127.5 - 1
+# ========================================================================== evaluation over folders
 
-@torch.no_grad()
-def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Periodic-artifact score per image (B,): OP4KSR's L_AP statistic, as a metric.
-
-    OP4KSR (Deng et al., arXiv 2605.13457) penalises periodic artifacts of one-step 4K
-    super-resolution with an autocorrelation periodicity loss L_AP; no official code exists, so
-    this is the reconstruction in op4ksr.py, whose functions are copied above verbatim. Inputs
-    (B, 3, H, W) in [-1, 1] (`periodicity_input`). Protocol: each image is split into 2x2
-    quadrants (an odd last row/column dropped); for each quadrant, RGB channel and period p in
-    (16, 32) px, the power of the quadrant's spectrum at all p x p lattice frequencies
-    (ky / p, kx / p) (the Fourier dual of its autocorrelation on the lattice lags (k p, l p), summed
-    over every such lag: the power of what repeats with period p; computed as the FFT of the
-    quadrant folded onto one period after cropping it to whole periods), weighted as the mean of
-    its horizontal and vertical pixel differences (2 (sin^2(pi fy) + sin^2(pi fx))) and divided by
-    the variance of those differences + 1e-5 (`lattice_power`).
-      - Without `ref` (absolute form): the lattice power summed over frequencies, mean over
-        quadrants, channels and periods: the fraction of the difference variance that repeats;
-        exactly `op4ksr.periodicity_score` (and L_AP's absolute form of one image).
-      - With `ref` (relative form): relu(power_pred - power_ref) per frequency, in units of the
-        ref's variance, summed and averaged likewise; exactly
-        `op4ksr.periodicity_loss(pred[i:i+1], ref[i:i+1])`, L_AP's relative form, per image. 0 for
-        pred == ref, so texture that is periodic in the ground truth (fabric, tiles) is not counted.
-    The noise floor is 1 / (p x p tiles per quadrant): ~0.003 for a 1024-px natural image, 1/4096
-    and 1/16384 at 4K, ~0.05 for white noise in 100x132-px quadrants; a faint token-grid pattern
-    scores many times a clean image of the same size (compare images of one size). Each quadrant
-    needs more than harmonics * max(periods) + max(periods) // 2 + 1 px a side (82 px by default:
-    images of 164 x 164 px and more); `harmonics` sets only this minimum. Unlike a spectrum or a
-    plain autocorrelation of luma, it reads each colour channel (a chroma-only grid is invisible
-    in luma) and the pixel differences (natural images' ~1/f content would otherwise hide a faint
-    grid). The CLI feeds 8-bit images through `periodicity_input`; inputs in [0, 1] or [0, 255]
-    would change only the effect of the 1e-5 variance floor (flat regions).
-    """
-    if ref is not None and ref.shape != pred.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
-    try:
-        if ref is None:
-            return periodicity_score(pred, periods, quadrants, harmonics)
-        return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants, harmonics) for p, r in zip(pred, ref)])
-    except ValueError as error:  # too small: name the image's size, not just the quadrant's
-        if "quadrants larger" not in str(error):
-            raise
-        raise ValueError(f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)} with {quadrants} quadrants ({error})") from None
-
-def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) -> (..., 2, H-1, W-1): horizontal and vertical differences, the signal the periodicity statistic reads."""
-    return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
-
-def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
-    scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
-    return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
-
-def log_spectrum(rgb) -> Image.Image:
-    """Centred log power spectrum of the pixel differences (what the periodicity metric reads,
-    zero-padded to the image size, mean over channels and both directions), as an 8-bit grey
-    image of the image's size: a period-p artifact shows as a lattice of bright dots at
-    multiples of W/p (H/p) from the centre; the differences flatten the ~1/f content around them."""
-    x = periodicity_input(rgb)[0]
-    power = torch.zeros(x.shape[-2:])
-    for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
-        power += torch.fft.fft2(d - d.mean(), s=x.shape[-2:]).abs().square() / 6
-    spectrum = torch.fft.fftshift(power).log1p()
-    return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
-
-def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> Image.Image:
-    """The autocorrelation the periodicity metric reads, as an 8-bit grey image: the autocovariance
-    of each quadrant's pixel differences (`split_into_quadrants`, `autocovariance`) over the lags
-    the metric uses, divided by the variance + VARIANCE_FLOOR and averaged over quadrants, channels
-    and directions; lag (0, 0) at the centre, 0 is mid-grey, the scale is symmetric and set by the
-    largest |value| outside the 3x3 lags around the centre. A period-p artifact is a lattice of
-    bright points p px apart (a grid of lines: bright ridges along the lattice's rows and columns)."""
-    array = as_array(rgb)
-    max_lag = max(harmonics * p + p // 2 for p in periods)
-    differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
-    try:
-        covariance = autocovariance(differences, max_lag)
-    except ValueError as error:
-        raise ValueError(f"image {array.shape[1]}x{array.shape[0]} too small for periods {tuple(periods)} ({error})") from None
-    correlation = (covariance / (covariance[..., max_lag, max_lag, None, None] + VARIANCE_FLOOR)).mean(dim=(0, 1, 2, 3))
-    outer = correlation.clone()
-    outer[max_lag - 1 : max_lag + 2, max_lag - 1 : max_lag + 2] = 0
-    scale = outer.abs().max().item()
-    return _to_grey_image(correlation, -scale, scale)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 METRICS = {  # name -> (needs ref, needs prompts)
     "glcm": (False, False), "cr": (False, False), "fid": (True, False), "clip": (False, True),
@@ -1682,38 +1466,30 @@ METRICS = {  # name -> (needs ref, needs prompts)
 
 PAIRED = {"psnr", "ssim", "lpips"}
 
-# A protocol presets the options under which a paper computed its table; options given on the
-# command line override it. Without --metrics a run computes the paper's columns that the
-# given folders allow (PROTOCOL_COLUMNS: metric, and the folder it needs besides --pred).
-#
-# diffusion4k: zhang0jhon/diffusion-4k@9bea802. FID (generate_and_eval_fid.py l. 171, 205-206):
-#   torchmetrics 1.5.1 FrechetInceptionDistance on uint8, real and generated images both
-#   resized (shorter side) and centre-cropped to --size (default 2048, l. 107-109) first
-#   (l. 79-84), then TF1 bilinear to 299 inside torchmetrics: fid_size 'pred' takes that size
-#   from the generated images. CLIPScore (l. 165-168): torchmetrics' clip_score on
-#   openai/clip-vit-base-patch16, one image at a time, 100 cos. Aesthetics (l. 174-216): LAION
-#   v2 MLP on openai-clip ViT-L/14. All three see the in-memory samples; the files are then
-#   saved as JPEG q95 (l. 222), and eval.py scores GLCM (l. 50-66, 84-98: cv2 grey of the
-#   decoded JPEG, 64-px patches) and Compression Ratio (l. 79, 107: raw bytes / JPEG bytes)
-#   on them. Here: FID, CLIP and aesthetics read the pred files as they are (lossless PNGs
-#   give upstream's in-memory pixels); GLCM and CR re-encode them as JPEG q95 (Pillow, the
-#   encoder upstream used; JPEG inputs are taken as they are).
-# cupscale: arXiv 2505.16976 Sec. 5.2 and Tables 1-6 list MUSIQ, ClipIQA, ManIQA, FID, LPIPS
-#   and CLIP; no code is public. MUSIQ and ManIQA are not in this file. The tool is inferred
-#   from the metric names: pyiqa with its defaults, i.e. CLIPIQA on the whole image, FID with
-#   clean-fid's 'clean' resize, LPIPS-alex v0.1 on the whole image, CLIP as pyiqa's clipscore
-#   (see clip_score). LPIPS is taken "between input low-resolution images and output
-#   higher-resolution images" (Sec. 5.2); values down to 0.007 for BSRGAN and Real-ESRGAN, which
-#   keep their input's content, mean the output was brought to the input's size (a blurry
-#   upsampled input would stay far from a sharp output), so --ref holds the low-resolution
-#   inputs and each output is resized to its input (Pillow bicubic: the kernel is not stated).
-#   FID compares with the ground-truth photos: pass them as --fid-ref.
-# op4ksr: arXiv 2605.13457, experimental settings (beside Fig. 8): PSNR, NIQE, CLIPIQA and
-#   LPIPS on 4K outputs, PSNR and NIQE on the whole image, the "resolution-sensitive" deep
-#   metrics on patches whose size is in a supplement not available here: 512-px tiles.
-#   PSNR / SSIM on the BT.601 Y channel (basicsr's arithmetic) without border crop, LPIPS-alex,
-#   NIQE and CLIPIQA as pyiqa computes them: the usual settings of the one-step SR papers it
-#   builds on (S3Diff, whose fixed prompts it adopts), not stated by OP4KSR itself.
+# A protocol presets the options under which a paper computed its table (options given on the command
+# line override it); without --metrics a run computes that paper's columns which the given folders allow
+# (PROTOCOL_COLUMNS: metric, and the folder it needs besides --pred). Sources:
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802. FID (generate_and_eval_fid.py l. 171, 205-206): torchmetrics
+#   1.5.1 on uint8, both sets resized and centre-cropped to --size (default 2048, l. 107-109; see
+#   resize_center_crop), then TF1 bilinear to 299: fid_size 'pred' takes that size from the samples.
+#   CLIPScore (l. 165-168): ViT-B/16, 100 cos, image by image. Aesthetics (l. 174-216): LAION v2 MLP on
+#   ViT-L/14. All three see the in-memory samples; the files are then saved as JPEG q95 (l. 222), and
+#   eval.py scores GLCM (l. 50-66, 84-98) and Compression Ratio (l. 79, 107) on them. Here FID, CLIP and
+#   aesthetics read the pred files as they are (lossless PNGs hold upstream's in-memory pixels); GLCM and CR
+#   re-encode them as JPEG q95 (Pillow, upstream's encoder; JPEG inputs are taken as they are).
+# cupscale: arXiv 2505.16976 Sec. 5.2 and Tables 1-6 list MUSIQ, ClipIQA, ManIQA, FID, LPIPS and CLIP; no
+#   code is public (MUSIQ and ManIQA are not in this file). The tool, inferred from the metric names, is
+#   pyiqa with its defaults: CLIPIQA on the whole image, FID with clean-fid's 'clean' resize, LPIPS-alex
+#   v0.1 on the whole image, CLIP as pyiqa's clipscore (see clip_score). LPIPS is taken "between input
+#   low-resolution images and output higher-resolution images" (Sec. 5.2); values down to 0.007 for BSRGAN
+#   and Real-ESRGAN, which keep their input's content, mean the output was brought to the input's size,
+#   so --ref holds the low-resolution inputs and each output is resized to its input (Pillow bicubic: the
+#   kernel is not stated). FID compares with the ground-truth photos: pass them as --fid-ref.
+# op4ksr: arXiv 2605.13457, experimental settings (beside Fig. 8): PSNR, NIQE, CLIPIQA and LPIPS on 4K
+#   outputs, PSNR and NIQE on the whole image, the "resolution-sensitive" deep metrics on patches of a size
+#   the paper leaves to its supplement: 512-px tiles here. PSNR / SSIM on the BT.601 Y channel (basicsr's
+#   arithmetic) without border crop, LPIPS-alex, NIQE and CLIPIQA as pyiqa computes them: the usual
+#   settings of the one-step SR papers it builds on (S3Diff, whose fixed prompts it adopts).
 PROTOCOLS = {
     "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16", clip_form="torchmetrics",
                         glcm_input="jpeg95", glcm_prop="entropy"),
@@ -1731,111 +1507,9 @@ PROTOCOL_COLUMNS = {
     "op4ksr": [("psnr", "ref"), ("ssim", "ref"), ("lpips", "ref"), ("niqe", None), ("clipiqa", None)],
 }
 
-def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
-    """The protocol's columns that the given folders allow (FID's reference: --fid-ref, else
-    --ref, except under cupscale, whose --ref holds the low-resolution inputs)."""
-    if protocol != "cupscale":
-        fid_ref = fid_ref or ref
-    given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
-    return [metric for metric, needs in PROTOCOL_COLUMNS[protocol] if given[needs] is not None]
-
-def list_images(folder) -> dict[str, Path]:
-    """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file; a folder of images is expected")
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in found:
-                raise UserError(f"{folder}: two images share the name {path.stem!r} ({found[path.stem].name}, {path.name})")
-            found[path.stem] = path
-    if not found:
-        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
-
-def read_prompts(path) -> dict[str, str]:
-    """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename)
-    and a caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
-    prompts = {}
-    for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            name = next(row[k] for k in ("file_name", "image", "filename") if k in row)
-            text = next(row[k] for k in ("text", "prompt", "caption") if k in row)
-        except (json.JSONDecodeError, StopIteration, TypeError):
-            raise UserError(f"{path}:{number}: expected a JSON object with file_name and text") from None
-        prompts[Path(name).stem] = str(text)
-    return prompts
-
-def progress(items, label):
-    """Yield `items` under a progress bar on stderr (common.io's: an error closes it first)."""
-    update = progress_bar(label, total=len(items))
-    for i, item in enumerate(items, 1):
-        yield item
-        update(i)
-
-def warn(message):
-    """A warning on a line of its own, above the progress bar rather than inside it."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub, as in common.io
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-@dataclass
-class Options:
-    metrics: list[str]
-    device: str = "cpu"
-    on_error: str = "fail"
-    crop_border: int = 0
-    y_channel: bool = False
-    glcm_prop: str = "entropy"
-    glcm_input: str = "jpeg95"
-    fid_ref: str | None = None
-    fid_size: int | str = 0
-    fid_resize: str = "tf1"
-    fid_patch: int = 0
-    fid_half_shift: bool = False
-    inception: str = INCEPTION_WEIGHTS
-    clip_model: str = "b16"
-    clip_form: str = "torchmetrics"
-    aesthetic_clip: str = "l14"
-    aesthetic_mlp: str = AESTHETIC_WEIGHTS
-    lpips_net: str = "alex"
-    lpips_linear: str | None = None
-    lpips_backbone: str | None = None
-    tile: int = 512
-    resize_to_ref: bool = False
-    niqe_params: str = NIQE_PARAMS
-    niqe_convention: str = "pyiqa"
-    clipiqa_weights: str = CLIPIQA_WEIGHTS
-    clipiqa_tile: int = 512
-    periods: tuple = PERIODS
-    quadrants: int = 4
-    harmonics: int = 2
-    save_spectra: str | None = None
-    settings: dict = field(default_factory=dict)
-
-def spectra_files(folder, name) -> tuple[Path, Path]:
-    """Where --save-spectra puts an image's log spectrum and autocorrelation pictures."""
-    return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
-
-def open_image(path, on_error, skipped):
-    """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
-    try:
-        return load_image(path)
-    except UserError as error:
-        if on_error == "fail":
-            raise UserError(f"{error} (pass --on-error skip to leave it out)") from None
-        warn(f"skipping {error}")
-        skipped.append(str(path))
-        return None
-
-def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) -> dict:
-    """Compute `opts.metrics` over folders; returns {'metrics', 'per_image', 'skipped', 'count', 'settings'}."""
+def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
+    """`opts.metrics` over folders: {'metrics', 'per_image', 'skipped', 'count', 'settings'}. `opts`: the
+    options of parse_args, with `metrics` (a list), `settings` (a dict) and `save_spectra` filled in."""
     unknown = [m for m in opts.metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
@@ -1852,28 +1526,28 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
     if ref and (set(opts.metrics) & PAIRED or "periodicity" in opts.metrics):
         only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
         if only_pred or only_ref:
-            listing = lambda xs: ", ".join(xs[:10]) + (f" and {len(xs) - 10} more" if len(xs) > 10 else "")
-            raise UserError(
-                "pred and ref file names do not match: "
-                + "; ".join(s for s in (f"only in pred: {listing(only_pred)}" * bool(only_pred), f"only in ref: {listing(only_ref)}" * bool(only_ref)) if s)
-            )
+            sides = [f"only in {side}: " + ", ".join(xs[:10]) + f" and {len(xs) - 10} more" * (len(xs) > 10)
+                     for side, xs in (("pred", only_pred), ("ref", only_ref)) if xs]
+            raise UserError("pred and ref file names do not match: " + "; ".join(sides))
     prompts = read_prompts(prompts_file) if prompts_file else {}
     if "clip" in opts.metrics:
         missing = [n for n in names if n not in prompts]
         if missing:
-            raise UserError(f"{prompts_file}: no caption for {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+            more = " ..." * (len(missing) > 10)
+            raise UserError(f"{prompts_file}: no caption for {', '.join(missing[:10])}{more}")
 
     metrics, device = set(opts.metrics), opts.device
     models = {}
     if "fid" in metrics:
         models["inception"] = InceptionV3.from_pretrained(opts.inception).to(device)
     if "clip" in metrics:
-        models["clip"] = CLIP.from_pretrained(opts.clip_model).to(device)
+        models["clip"] = ClipViT.from_pretrained(opts.clip_model).to(device)
     if "aesthetic" in metrics:
         models["aesthetic_mlp"] = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(device)
-        models["aesthetic_clip"] = CLIP.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
+        models["aesthetic_clip"] = ClipViT.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
     if "lpips" in metrics:
-        models["lpips"] = LPIPS.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone).to(device)
+        lpips = LPIPSMetric.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone)
+        models["lpips"] = lpips.to(device)
     if "niqe" in metrics:
         models["niqe"] = niqe_params(opts.niqe_params)
     if "clipiqa" in metrics:
@@ -1913,22 +1587,26 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
                     sizes = f"pred is {image.width}x{image.height} but ref is {target.width}x{target.height}"
                     raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
             if "glcm" in metrics or "cr" in metrics:
-                encoded = pred[name].read_bytes() if pred[name].suffix.lower() in (".jpg", ".jpeg") else jpeg95(image)
+                is_jpeg = pred[name].suffix.lower() in (".jpg", ".jpeg")
+                encoded = pred[name].read_bytes() if is_jpeg else jpeg95(image)
                 jpeg_sizes.append(len(encoded))
                 shapes.append((image.height, image.width))
                 if "glcm" in metrics:
-                    pixels = Image.open(io.BytesIO(encoded)).convert("RGB") if opts.glcm_input == "jpeg95" else image
+                    pixels = image
+                    if opts.glcm_input == "jpeg95":
+                        pixels = Image.open(io.BytesIO(encoded)).convert("RGB")
                     per_image["glcm"][name] = glcm_score(pixels, prop=opts.glcm_prop)
             if "fid" in metrics:
                 add_fid(image, "pred")
             if "clip" in metrics:
-                per_image["clip"][name] = clip_score(models["clip"], [image], [prompts[name]], opts.clip_form).item()
+                score = clip_score(models["clip"], [image], [prompts[name]], opts.clip_form)
+                per_image["clip"][name] = score.item()
             if "aesthetic" in metrics:
-                per_image["aesthetic"][name] = aesthetic_score(models["aesthetic_clip"], models["aesthetic_mlp"], [image]).item()
-            if "psnr" in metrics:
-                per_image["psnr"][name] = psnr(paired, target, opts.crop_border, mode)
-            if "ssim" in metrics:
-                per_image["ssim"][name] = ssim(paired, target, opts.crop_border, mode)
+                score = aesthetic_score(models["aesthetic_clip"], models["aesthetic_mlp"], [image])
+                per_image["aesthetic"][name] = score.item()
+            for m, score in (("psnr", psnr), ("ssim", ssim)):
+                if m in metrics:
+                    per_image[m][name] = score(paired, target, opts.crop_border, mode)
             if "lpips" in metrics:
                 per_image["lpips"][name] = lpips_tiled(models["lpips"], paired, target, opts.tile)
             if "niqe" in metrics:
@@ -1938,7 +1616,7 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
             if "periodicity" in metrics:
                 x = periodicity_input(paired, device)
                 y = periodicity_input(target, device) if target is not None else None
-                per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants, opts.harmonics).item()
+                per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants).item()
             if opts.save_spectra:
                 spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, name)
                 log_spectrum(image).save(spectrum_file)
@@ -1970,23 +1648,222 @@ def evaluate(pred_dir, ref_dir=None, prompts_file=None, opts: Options = None) ->
     if "fid" in metrics:
         opts.settings["fid_samples"] = {"pred": fid_stats["pred"].count, "ref": fid_stats["ref"].count}
         opts.settings["fid_size"] = fid_size  # 'pred' resolved
-    return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image, "settings": opts.settings}
+    return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image,
+            "settings": opts.settings}
 
-def finite_or_none(value):
-    """JSON has no inf/nan: an identical pair's PSNR (inf) is written as null."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def list_images(folder) -> dict[str, Path]:
+    """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; a folder of images is expected")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in found:
+                names = f"{found[path.stem].name}, {path.name}"
+                raise UserError(f"{folder}: two images share the name {path.stem!r} ({names})")
+            found[path.stem] = path
+    if not found:
+        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
 
-def format_table(result) -> str:
-    rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{a:<{width}}  {b:>12}" for a, b in rows]
-    lines.insert(1, "-" * (width + 14))
-    lines.append(f"({result['count']} images" + (f", {len(result['skipped'])} skipped)" if result["skipped"] else ")"))
-    return "\n".join(lines)
+def read_prompts(path) -> dict[str, str]:
+    """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename) and a
+    caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
+    prompts = {}
+    for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = next(row[k] for k in ("file_name", "image", "filename") if k in row)
+            text = next(row[k] for k in ("text", "prompt", "caption") if k in row)
+        except (json.JSONDecodeError, StopIteration, TypeError):
+            raise UserError(f"{path}:{number}: expected a JSON object with file_name and text") from None
+        prompts[Path(name).stem] = str(text)
+    return prompts
+
+def open_image(path, on_error, skipped):
+    """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
+    try:
+        return load_image(path)
+    except UserError as error:
+        if on_error == "fail":
+            raise UserError(f"{error} (pass --on-error skip to leave it out)") from None
+        warn(f"skipping {error}")
+        skipped.append(str(path))
+        return None
+
+def spectra_files(folder, name) -> tuple[Path, Path]:
+    """Where --save-spectra puts an image's log spectrum and autocorrelation pictures."""
+    return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
+
+def progress(items, label):
+    """Yield `items` under a progress bar on stderr (common.io's: an error closes it first)."""
+    update = progress_bar(label, total=len(items))
+    for i, item in enumerate(items, 1):
+        yield item
+        update(i)
+
+def warn(message: str):
+    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+# ===================================================================================== command line
+
+EPILOG = """\
+protocols (--protocol presets the options of a paper's table; options given explicitly override it):
+  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16, aesthetics,
+               GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
+  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP 2.5 cos ViT-B/32
+  op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
+
+Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
+  python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \\
+      --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
+  python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
+      --prompts eval2048/metadata.jsonl
+"""
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the option list, the epilog's command lines kept as written."""
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
+    # Every output is checked before any image or weight is read: a long run never ends on a name clash.
+    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
+    check_output_file(out, args.overwrite, (".json",))
+    spectra = Path(args.save_spectra) if args.save_spectra else None
+    if spectra:
+        for name in list_images(args.pred):
+            for path in spectra_files(spectra, name):
+                check_output_file(path, args.overwrite, (".png",))
+    excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # paths and switches, not settings
+    settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
+    args.metrics, args.settings = metrics, settings
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one plain line, like errors
+    # The spectra images are written into a staging folder and published with the JSON at the end:
+    # all of them appear or none does, and an existing file is replaced only with --overwrite.
+    with staging_folder(spectra) as staged:
+        args.save_spectra = staged
+        try:
+            result = evaluate(args.pred, args.ref, args.prompts, args)
+        finally:
+            warnings.formatwarning = original
+        images = sorted(staged.iterdir()) if staged else []
+        outputs = [out, *(spectra / image.name for image in images)]
+        with atomic_files(outputs, args.overwrite) as (temp, *temps):
+            temp.write_text(json.dumps(finite_or_none(result), indent=2))
+            for image, image_temp in zip(images, temps):
+                shutil.move(image, image_temp)
+    print(format_table(result))
+    print(f"wrote {out}" + (f" and {len(images)} images into {spectra}" if images else ""), file=sys.stderr)
+    return result
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="metrics.py", epilog=EPILOG, formatter_class=HelpFormatter,
+                       description="Metrics for 4K synthesis and super-resolution "
+                       "(see the module docstring for definitions and weights).")
+    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path/in/repo)")
+    clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                   help="a paper's evaluation settings and table columns (see below)")
+    p.add_argument("--pred", required=True, type=local_path("folder"),
+                   help="folder of generated / super-resolved images")
+    p.add_argument("--ref", type=local_path("folder"),
+                   help="folder of reference images (paired by file stem; FID uses all of them)")
+    p.add_argument("--prompts", type=local_path("file"),
+                   help="metadata.jsonl with file_name and text per line (for clip)")
+    p.add_argument("--metrics", type=metric_names,
+                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, else glcm,cr "
+                   "(+psnr,ssim with --ref)")
+    p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (JSON and spectra)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="corrupt images: stop, or name and skip them")
+    g = p.add_argument_group("GLCM / CR")
+    g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
+    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
+                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does (JPEG inputs as they are)")
+    g = p.add_argument_group("PSNR / SSIM / LPIPS")
+    g.add_argument("--crop-border", type=integer(0), default=0,
+                   help="pixels removed on each side (SR: the scale); also NIQE")
+    g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False,
+                   help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
+    g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
+    g.add_argument("--lpips-linear", type=weights,
+                   help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
+    g.add_argument("--lpips-backbone", type=weights,
+                   help="torchvision-named backbone weights (.pth or .safetensors)")
+    g.add_argument("--tile", type=tile_or_zero, default=512,
+                   help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
+    g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
+                   help="resize each pred image to its ref's size (Pillow bicubic) for ref-based metrics")
+    g = p.add_argument_group("FID")
+    g.add_argument("--fid-ref", type=local_path("folder"),
+                   help="FID's reference set when it is not --ref (cupscale: the ground-truth photos)")
+    g.add_argument("--fid-size", type=size_or_pred, default=0,
+                   help="first resize the shorter side to this size and centre-crop a square (torchvision, "
+                   "Diffusion-4K); pred: the generated images' size; 0: as they are")
+    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
+                   help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
+    g.add_argument("--fid-patch", type=integer(0), default=0,
+                   help="patch FID: crop size (0 = whole image resized to 299)")
+    g.add_argument("--fid-half-shift", action="store_true",
+                   help="patch FID: add the grid shifted by half a patch (HiFiC)")
+    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
+                   help="pt_inception-2015-12-05 .pth: file or Hub spec")
+    g = p.add_argument_group("CLIPScore / aesthetics")
+    g.add_argument("--clip-model", type=clip, default="b16",
+                   help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
+    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
+                   help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
+    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14 repo or folder")
+    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
+                   help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g = p.add_argument_group("NIQE / CLIPIQA")
+    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
+                   help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz "
+                   "(file or Hub spec)")
+    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
+                   help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
+    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
+                   help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
+    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
+                   help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
+    g = p.add_argument_group("periodicity")
+    g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
+                   help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
+    g.add_argument("--quadrants", type=square_number, default=4,
+                   help="image split into this many tiles (a square number up to 10000; OP4KSR: Q = 4)")
+    g.add_argument("--harmonics", type=integer(1), default=2,
+                   help="--save-spectra's autocorrelation shows lags up to this many periods "
+                   "(+ half a period) each way")
+    g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
+                   help="write into this folder, per pred image, NAME_spectrum.png (log power spectrum of "
+                   "the pixel differences) and NAME_autocorrelation.png (the autocorrelation the "
+                   "periodicity metric reads)")
+    args = p.parse_args(argv)
+    if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
+        p.set_defaults(**PROTOCOLS[args.protocol])
+        args = p.parse_args(argv)
+    return args
+
+def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
+    """The protocol's columns that the given folders allow (FID's reference: --fid-ref, else --ref,
+    except under cupscale, whose --ref holds the low-resolution inputs)."""
+    if protocol != "cupscale":
+        fid_ref = fid_ref or ref
+    given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
+    return [metric for metric, needs in PROTOCOL_COLUMNS[protocol] if given[needs] is not None]
 
 def metric_names(text) -> list[str]:
     """argparse type: a comma-separated list of METRICS names."""
@@ -2042,123 +1919,10 @@ def size_or_pred(text):
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{error} (or pred: the generated images' size)") from None
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the option list, the epilog's command lines kept as written."""
-
-EPILOG = """\
-protocols (--protocol presets the options of a paper's table; options given explicitly override it):
-  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16, aesthetics,
-               GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
-  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP 2.5 cos ViT-B/32
-  op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
-
-Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
-  python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \\
-      --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
-  python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
-      --prompts eval2048/metadata.jsonl
-"""
-
-def parse_args(argv=None):
-    p = ArgumentParser(
-        prog="metrics.py",
-        description="Metrics for 4K synthesis and super-resolution "
-        "(see the module docstring for definitions and weights).",
-        epilog=EPILOG,
-        formatter_class=HelpFormatter,
-    )
-    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path/in/repo)")
-    clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
-    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
-                   help="a paper's evaluation settings and table columns (see below)")
-    p.add_argument("--pred", required=True, type=local_path("folder"),
-                   help="folder of generated / super-resolved images")
-    p.add_argument("--ref", type=local_path("folder"),
-                   help="folder of reference images (paired by file stem; FID uses all of them)")
-    p.add_argument("--prompts", type=local_path("file"),
-                   help="metadata.jsonl with file_name and text per line (for clip)")
-    p.add_argument("--metrics", type=metric_names,
-                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, else glcm,cr "
-                   "(+psnr,ssim with --ref)")
-    p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs (metrics JSON, spectra images)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="corrupt images: stop, or name and skip them")
-    g = p.add_argument_group("GLCM / CR")
-    g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
-    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
-                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does "
-                   "(JPEG inputs are used as they are)")
-    g = p.add_argument_group("PSNR / SSIM / LPIPS")
-    g.add_argument("--crop-border", type=integer(0), default=0,
-                   help="pixels removed on each side (SR: the scale); also NIQE")
-    g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False,
-                   help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
-    g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
-    g.add_argument("--lpips-linear", type=weights,
-                   help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
-    g.add_argument("--lpips-backbone", type=weights,
-                   help="torchvision-named backbone weights (.pth or .safetensors)")
-    g.add_argument("--tile", type=tile_or_zero, default=512,
-                   help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
-    g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
-                   help="resize each pred image to its ref's size (Pillow bicubic) for the ref-based metrics")
-    g = p.add_argument_group("FID")
-    g.add_argument("--fid-ref", type=local_path("folder"),
-                   help="FID's reference set when it is not --ref (cupscale: the ground-truth photos)")
-    g.add_argument("--fid-size", type=size_or_pred, default=0,
-                   help="first resize the shorter side to this size and centre-crop a square (torchvision, "
-                   "Diffusion-4K); pred: the generated images' size; 0: as they are")
-    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
-                   help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
-    g.add_argument("--fid-patch", type=integer(0), default=0,
-                   help="patch FID: crop size (0 = whole image resized to 299)")
-    g.add_argument("--fid-half-shift", action="store_true",
-                   help="patch FID: add the grid shifted by half a patch (HiFiC)")
-    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
-                   help="pt_inception-2015-12-05 .pth: file or Hub spec")
-    g = p.add_argument_group("CLIPScore / aesthetics")
-    g.add_argument("--clip-model", type=clip, default="b16",
-                   help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
-    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
-                   help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
-    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14 repo or folder")
-    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
-                   help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
-    g = p.add_argument_group("NIQE / CLIPIQA")
-    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
-                   help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz "
-                   "(file or Hub spec)")
-    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
-                   help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
-    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
-                   help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
-    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
-                   help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
-    g = p.add_argument_group("periodicity")
-    g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
-                   help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
-    g.add_argument("--quadrants", type=square_number, default=4,
-                   help="image split into this many tiles (a square number up to 10000; OP4KSR: Q = 4)")
-    g.add_argument("--harmonics", type=integer(1), default=2,
-                   help="sets the smallest quadrant: more than harmonics * 32 + 16 px a side "
-                   "(82 px by default)")
-    g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
-                   help="write into this folder, per pred image, NAME_spectrum.png (log power spectrum of "
-                   "the pixel differences) and NAME_autocorrelation.png (the autocorrelation the "
-                   "periodicity metric reads)")
-    args = p.parse_args(argv)
-    if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
-        p.set_defaults(**PROTOCOLS[args.protocol])
-        args = p.parse_args(argv)
-    return args
-
 @contextlib.contextmanager
 def staging_folder(folder):
-    """A temporary folder beside `folder` (on its file system, so files move in by renaming),
-    removed with whatever is left in it; None when `folder` is None."""
+    """A temporary folder beside `folder` (on its file system, so files move in by renaming), removed
+    with whatever is left in it; None when `folder` is None."""
     if folder is None:
         yield None
         return
@@ -2168,52 +1932,84 @@ def staging_folder(folder):
     with tempfile.TemporaryDirectory(dir=existing, prefix=".metrics-") as temp:
         yield Path(temp)
 
-def main(argv=None):
-    args = parse_args(argv)
-    metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
-    # Every output is checked before any image or weight is read: a long run never ends on a name clash.
-    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
-    check_output_file(out, args.overwrite, (".json",))
-    spectra = Path(args.save_spectra) if args.save_spectra else None
-    if spectra:
-        for name in list_images(args.pred):
-            for path in spectra_files(spectra, name):
-                check_output_file(path, args.overwrite, (".png",))
-    excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # paths and switches, not settings
-    settings = {k: v for k, v in vars(args).items() if k not in excluded}
-    settings["metrics"] = metrics
-    opts = Options(
-        metrics=metrics, device=args.device, on_error=args.on_error, crop_border=args.crop_border,
-        y_channel=args.y_channel, glcm_prop=args.glcm_prop, glcm_input=args.glcm_input,
-        fid_ref=args.fid_ref, fid_size=args.fid_size, fid_resize=args.fid_resize, fid_patch=args.fid_patch,
-        fid_half_shift=args.fid_half_shift,
-        inception=args.inception, clip_model=args.clip_model, clip_form=args.clip_form,
-        aesthetic_clip=args.aesthetic_clip, aesthetic_mlp=args.aesthetic_mlp, lpips_net=args.lpips_net,
-        lpips_linear=args.lpips_linear, lpips_backbone=args.lpips_backbone, tile=args.tile,
-        resize_to_ref=args.resize_to_ref,
-        niqe_params=args.niqe_params, niqe_convention=args.niqe_convention,
-        clipiqa_weights=args.clipiqa_weights, clipiqa_tile=args.clipiqa_tile, periods=args.periods,
-        quadrants=args.quadrants, harmonics=args.harmonics, settings=settings,
-    )
-    original = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one plain line, like errors
-    # The spectra images are written into a staging folder and published with the JSON at the end:
-    # all of them appear or none does, and an existing file is replaced only with --overwrite.
-    with staging_folder(spectra) as staged:
-        opts.save_spectra = staged
-        try:
-            result = evaluate(args.pred, args.ref, args.prompts, opts)
-        finally:
-            warnings.formatwarning = original
-        images = sorted(staged.iterdir()) if staged else []
-        outputs = [out, *(spectra / image.name for image in images)]
-        with atomic_files(outputs, args.overwrite) as (temp, *temps):
-            temp.write_text(json.dumps(finite_or_none(result), indent=2))
-            for image, image_temp in zip(images, temps):
-                shutil.move(image, image_temp)
-    print(format_table(result))
-    print(f"wrote {out}" + (f" and {len(images)} images into {spectra}" if images else ""), file=sys.stderr)
-    return result
+def finite_or_none(value):
+    """JSON has no inf/nan: an identical pair's PSNR (inf) is written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+def format_table(result) -> str:
+    rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b:>12}" for a, b in rows]
+    lines.insert(1, "-" * (width + 14))
+    skipped = f", {len(result['skipped'])} skipped" if result["skipped"] else ""
+    lines.append(f"({result['count']} images{skipped})")
+    return "\n".join(lines)
+
+
+# =============================================================================== weights and images
+
+def load_state(spec, what) -> dict:
+    """A float32 state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code runs);
+    `spec` as resolve_weights takes it."""
+    path = resolve_weights(spec, what)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, dtype=torch.float32)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors come in many types; the file is the problem either way
+        raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: {path} does not hold a state dict")
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+
+def resolve_weights(spec, what) -> Path:
+    """A local file, or `owner/repo/path/in/repo` fetched from the Hub; `what` names it in errors."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = str(spec).split("/")
+    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
+        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        path = resolve_source(repo, allow_patterns=(name,)) / name
+    except UserError as error:
+        raise UserError(f"{what}: {error}") from None
+    if not path.is_file():
+        raise UserError(f"{what}: {repo} has no file {name}")
+    return path
+
+def load_strict(module, state, what):
+    """load_state_dict that names the first offending keys instead of a wall of text."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{kind} {keys[:3]}" for kind, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    if problems:
+        raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
+    module.load_state_dict(state)
+    return module
+
+def as_array(image) -> np.ndarray:
+    """PIL image or HWC array -> HWC uint8 RGB array."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
+    return array
+
+def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
+    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (no rescaling: each metric states its own)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
+
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -2,117 +2,34 @@
 
 Deng, Yu, Chen, Shen, Zhang, Li, Yuan, Zhou and Yu, arXiv 2605.13457 (2026).
 
-The method super-resolves a whole image to 4096x4096 in one Flux step, without patches: the
-LR image is upsampled to the target size, encoded by an F16 VAE encoder (with a LoRA), Flux
-(with a LoRA) predicts the velocity once, x0 = z - sigma * v, and the frozen F16 decoder
-decodes it (16,384 tokens at 4096^2). One step at that size shows periodic artifacts, which the
-paper suppresses in two ways: RoPE base-frequency rescaling (RFR, theta 10000 -> 100 on the
-spatial axes) and an autocorrelation periodicity loss L_AP. No official code or weights exist;
-everything here is written from the paper's text.
+OP4KSR super-resolves a whole image to 4096x4096 in one Flux step, without patches. The LR image, resized
+(bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its latent z is taken as the noisy
+latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v once over all 16,384 tokens,
+and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt) (`sr_latent`). One step at 4K leaves
+periodic artifacts on the latent and token grids, which two remedies suppress. RoPE base-frequency
+rescaling (RFR) lowers the RoPE base of the position axes from theta = 10000 to 100, so that more
+frequency pairs tell adjacent tokens apart. The autocorrelation periodicity loss L_AP penalises, in each
+of Q = 4 quadrants and each channel, the power P_p at the lattice frequencies (k / p, l / p) of the periods
+p of a latent pixel and a token (16, 32 px), i.e. what repeats with period p, beyond the ground truth's
+(`lattice_power`); V is the variance of the ground truth's pixel differences:
+
+    L_AP = mean_{q,c,p} sum_{k,l} relu(P_p(x)_kl - P_p(x_hr)_kl) / V(x_hr)
+    L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1                  (`sr_loss`)
+
+The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code, weights,
+loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which OP4KSR builds
+on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's.
 
 Commands
-    python op4ksr.py --input lr.png --weights op4ksr.safetensors          # 4x -> lr_op4ksr.png
+    python op4ksr.py --input lr.png --weights op4ksr.safetensors           # 4x -> lr_op4ksr.png
     python op4ksr.py --input lr_dir/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
     python op4ksr.py train --data HR_DIR --output runs/op4ksr              # -> runs/op4ksr/op4ksr.safetensors
-    python op4ksr.py calibrate-sigma --data HR_DIR                         # OMGSR's SNR-matched sigma
     torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
+    python op4ksr.py calibrate-sigma --data HR_DIR                         # OMGSR's SNR-matched sigma
 
-Checkpoint (one safetensors file, see `save_op4ksr`)
-    transformer.* : Flux LoRA in diffusers / peft names (q, k, v split; scale folded into B);
-    vae.encoder.* : F16 encoder LoRA, diffusers names, peft's Conv2d layout; prompt.txt / prompt.y :
-    the fixed prompt's T5 and pooled CLIP-L embeddings; metadata: format + version, sigma, theta,
-    guidance, scale, base_flux / base_vae, flux_config / vae_config (checked against the bases
-    loaded), lora_rank / lora_alpha, steps, prompt. Inference merges the LoRAs into the weights.
-
-Choices the paper leaves open, and ours
-    L_AP (the paper gives only: Q = 4 quadrants, autocorrelation per quadrant, periodic peaks
-    penalised):
-      - Input: the decoded pixel image in [-1, 1] (not the latent), each RGB channel on its own
-        (a chroma-only grid would be invisible in luma); the loss averages over channels.
-      - Quadrants: a 2x2 split (Q = side^2 for any square Q); an odd last row/column is dropped.
-      - What is measured: the power of each quadrant's spectrum at the lattice frequencies
-        (ky / p, kx / p), all p x p of them, for p in (16, 32) px (one F16 latent pixel; one 2x2-packed
-        token). That is the Fourier dual of the autocorrelation peaks on the lattice lags (k p, l p):
-        by Wiener-Khinchin it is the transform of the quadrant's (circular) autocovariance summed
-        over every lattice lag the quadrant holds, i.e. the power of everything in it that repeats
-        with period p. Computed exactly as the FFT of the quadrant folded onto one period (the mean
-        of its p x p tiles, after cropping it to whole periods from its top-left corner).
-      - Why not the autocovariance at a few lags: our first version read the linear
-        autocovariance of the pixel differences at 24 lattice lags (up to 2 periods) minus its
-        local mean. Its gradient mixes each pixel with its ~25 lattice neighbours, content
-        included, so gradient descent on it alone lowered the statistic 64x mostly by
-        decorrelating the repeats: the planted pattern kept about half its strength in the pixels.
-        The folded form's gradient is p-periodic in each quadrant: it can move only what repeats.
-      - Pixel differences: each frequency is weighted by the mean over the horizontal and vertical
-        differences, 2 (sin^2(pi fy) + sin^2(pi fx)) (the (0, 0) bin gets 0). Natural images have a
-        ~1/f amplitude spectrum, so this flattens them and a grid's high harmonics count; the
-        price: smooth (sinusoidal) 16/32-px modulations are seen weakly.
-      - Unit: the variance of the quadrant's pixel differences (+1e-5, about the variance of
-        8-bit quantisation noise in [-1, 1], so flat quadrants score ~0): the score is the
-        fraction of the difference variance that repeats, ~1 for a pure pattern, 1 / (tiles per
-        quadrant) for white noise (1/4096 of 32 px at 4K). In the relative form the unit is the
-        ground truth's, in the absolute form pred's own without gradient; a constant per quadrant
-        and channel, so it does not turn the gradient.
-      - Relative form: per frequency relu(power_pred - power_target), the target's side without
-        gradient, summed over the lattice; mean over batch, quadrants, channels and periods. At
-        pred == target loss and gradient are exactly zero, so real periodic texture (fabric,
-        tiles) is kept at its ground-truth strength. Without a target it is the absolute form
-        (all lattice power), which is also the per-image `periodicity_score` (a metric).
-      - Measured (tests/test_op4ksr_parts.py, 1024-px 1/f texture, 512-px quadrants): a faint
-        32-px pattern (12% of the texture's std) scores ~21x the clean image; 40 Adam steps on L_AP
-        alone, relative to the clean image, take ~15x of the planted pattern out of the pixels
-        (least-squares coefficient 1 -> 0.07; what else moves is periodic too); from a periodic
-        ground truth made 2x too strong the relative form stops at ~0.84x of it, the absolute form
-        goes on to 0.24x.
-      - Caveat: being a comparison of powers, the relative form cannot tell a planted pattern from
-        the ground truth's own lattice content at the same frequency: the removal grows with the
-        number of tiles per quadrant (converged, ~2.3x at 128-px quadrants, ~7x at 512 px; 4K has
-        2048 px). With the reconstruction terms the rest goes too.
-      - `harmonics` no longer enters the statistic; it sets the smallest quadrant (more than
-        harmonics * 32 + 17 px a side: 82 px by default).
-    Degradation: Real-ESRGAN's second-order pipeline with its published defaults (kernel sizes
-        7..21 were set for ~256-px crops; at 4K one may want larger blurs). Differences: every
-        image of a batch gets its own parameters; each step draws from its own random stream, so
-        switching one step off leaves the others' draws unchanged; Poisson noise counts 255
-        photon levels; JPEG goes through Pillow with an integer quality; blur pads by
-        replication (works at any size).
-    Loss weights: not published. Ours: pixel MSE 1, LPIPS-VGG 2 (OSEDiff's ratio; its weights come
-        from the Hub, as SC-VAE training's), L_AP 1, pixel L1 and latent MSE off (all settable on `train`).
-    Colour fix: off by default (the paper does not mention one); wavelet = 5 a-trous levels.
-
-    Method: the one step (sr_latent) as the issue states it; no patches at any size.
-      - sigma (the paper gives none): OMGSR_SIGMA = 0.505 by default, OMGSR-F's mid-timestep t = 244
-        on its 999-step Flux schedule shifted with mu 1.15 (unshifted 244/999 would be 0.244);
-        `calibrate-sigma` redoes OMGSR's SNR matching for your data and VAE. The LR latent is taken
-        as z_sigma with no noise added; guidance input 1.0 (OMGSR-F);
-        fixed prompt: S3Diff's positive prompt; T5 length 512 (FLUX.1-dev's).
-      - RFR: theta 100 for all three RoPE axes (axis 0 ids are always 0, so only the spatial
-        axes change); stored in the checkpoint.
-      - LR -> target: bicubic; sides not multiple of 32 px replicate-padded, output cropped.
-      - LoRAs: OMGSR-F's (rank 64, alpha = rank, peft's gaussian init) on the modules its peft
-        target lists select: Flux's x_embedder, attention q/k/v/out of both streams, MLPs of the
-        double blocks, q/k/v of the single blocks (not their MLP in/out); every encoder conv.
-        Fused q/k/v get one A/B each, as peft's separate projections.
-      - F16 decoders decode as upstream Diffusion-4K's partitioned path by default (--f16-decode).
-      - L_AP periods follow the VAE: (factor, 2 factor) px = (16, 32) with the F16 VAE.
-      - LPIPS runs on one random 512-px crop per image (seeded), on the whole image if smaller.
-      - Training: fixed sigma, constant lr 2.5e-5, AdamW wd 1e-4, grad clip 1, batch 1 per GPU,
-        crop 4096 by default; the HR image is resized to cover the crop and randomly cropped and
-        flipped; LR = degrade(HR crop) at 1/scale, then bicubic back up.
-
-Public API
-    periodicity_loss(pred, target=None, periods=(16, 32), quadrants=4, harmonics=2) -> scalar; lattice_power
-    periodicity_score(image, periods=(16, 32), quadrants=4, harmonics=2) -> (B,)
-    degrade(hr, config, generator, scale=4) -> lr          # (B,3,H,W) in [0,1] -> (B,3,H/s,W/s)
-    sr_loss(pred, target, weights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32))
-    wavelet_color_fix(image, reference, levels=5), adain_color_fix(image, reference)
-    SplitLoRALinear, add_flux_lora, LoRAConv2d, add_encoder_lora, checkpoint_encoder, sr_latent
-    matched_sigma(hr_latents, lr_latents) -> (t, sigma); save_op4ksr, read_op4ksr_metadata, merge_op4ksr_lora
-    SRPipeline, load_sr_pipeline(weights, flux=None, vae=None), super_resolve(pipe, image, width, height, color_fix)
-    train_sr(args), main(argv)
-    Copied from diffusion4k.py (kept identical by tests/test_copies.py): Flux, FluxConfig, rope_*,
-    AutoEncoder (F16: VAEConfig(stride=2)), T5 / CLIP encoders and tokenizers, loaders, Batches,
-    checkpoint helpers, LPIPS, encode_raw, setup_distributed.
+The appendix holds whole kits copied from diffusion4k.py (kept identical by tests/test_copies.py): the Flux
+transformer with a tunable RoPE base, the VAE with the F16 stride, the T5 and CLIP text encoders and
+tokenizers, weight loading (Hub, diffusers and single-file layouts), training utilities and LPIPS.
 """
 
 from __future__ import annotations
@@ -167,24 +84,16 @@ from common.io import (
 )
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-
 DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
-
-DEFAULT_PROMPT = "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
-
-#
-# OMGSR-F, whose one-step recipe OP4KSR follows, feeds the LR latent to Flux as the noisy latent of a
-# "mid-timestep" t = 244 of Flux's schedule: 999 steps, shifted with the mu of a 1024^2 image
-# (4,096 tokens, mu = 1.15), the same schedule at every output size. It chose t by matching the
-# SNR of the LR latent (HR signal, LR - HR as noise) with the SNR of the noisy HR latent.
-OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244
-
-MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; beyond, one pass is far outside what the model was trained on
+DEFAULT_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
+                  "and natural lighting.")  # S3Diff's positive prompt, stored encoded in the checkpoint
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule and timestep: `omgsr_sigmas`
+MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; a larger pass is far outside the training sizes
 
 @dataclass
 class LossWeights:
-    """Weights of the training loss terms (the paper publishes none; 0 switches a term off)."""
-
+    """Weights of the training loss terms; 0 switches a term off. The paper publishes none: pixel MSE 1
+    to LPIPS-VGG 2 is OSEDiff's ratio."""
     pixel_mse: float = 1.0
     pixel_l1: float = 0.0
     latent_mse: float = 0.0  # MSE between the predicted x0 latent and the HR latent
@@ -194,63 +103,56 @@ class LossWeights:
 
 # ====================================================================== the method: one step at 4K
 
-def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
-    """The method: image (B, 3, H, W) in [-1, 1] (the LR input resized to the target) -> the x0
-    latent. z = E(image) is taken as the noisy latent at `sigma`, Flux predicts the velocity once
-    over all H/32 x W/32 tokens (F16 + 2x2 packing; RFR is the transformer's config.theta) and
-    x0 = z - sigma * v. Decode with `vae.decode` (the frozen F16 decoder)."""
+def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float,
+              guidance=None) -> torch.Tensor:
+    """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> the x0 latent.
+    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F); Flux predicts the
+    velocity once over all H/32 x W/32 tokens; x0 = z - sigma v goes to `vae.decode`, the frozen decoder.
+    RFR is the transformer's `config.theta`, 100 instead of 10000: pair i of a RoPE axis turns by
+    theta^(-2i/d) radians per token, so a lower base lets more pairs tell adjacent tokens apart (Fig. 5: 15
+    of the 28 spatial pairs step by 5 degrees or more with theta 100, 8 with 10000; axis 0's ids are 0)."""
     z = vae.encode(image)
     b, _, h, w = z.shape
     x = pack_latents(z)
     txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
     t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
     g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
-    v = transformer(x, latent_image_ids(h, w, z.device), txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
+    ids = latent_image_ids(h, w, z.device)
+    v = transformer(x, ids, txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
     return unpack_latents(x - sigma * v, h, w)
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
-    """sigma of each timestep t = 0..steps on OMGSR-F's shifted schedule (index t; t = 0 is clean):
-    sigma_t = e^mu / (e^mu + 1 / (t / steps) - 1)."""
+    """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted with the mu
+    of a 1024^2 image at every size. OMGSR-F gives Flux the LR latent as the noisy latent of t = 244, found
+    by matching SNRs (`matched_sigma`): sigma = 0.505, our default (unshifted: 244/999 = 0.244)."""
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
 
 OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
 
-def matched_sigma(hr_latents, lr_latents, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> tuple[int, float]:
-    """OMGSR's mid-timestep calibration: the timestep whose noise level gives the noisy HR latent
-    the SNR of the LR latent.
-
-    For each batch b, with P_b = mean(hr^2) and D_b = mean((lr - hr)^2), the LR latent's SNR is
-    P_b / D_b and the noisy latent's at sigma is P_b (1 - sigma)^2 / sigma^2. The timestep
-    minimising the batch mean of |P_b (1 - sigma)^2 / sigma^2 - P_b / D_b| wins; for one batch
-    the continuous answer is sigma = sqrt(D) / (1 + sqrt(D)). Returns (t, sigma_t).
-    """
+def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU, update=None) -> tuple[int, float]:
+    """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the timestep
+    giving the noisy HR latent the LR latent's SNR. With P_b = mean(hr^2), D_b = mean((lr - hr)^2), batch b's
+    LR latent has SNR P_b / D_b, the noisy one P_b (1 - sigma)^2 / sigma^2; the t minimising the sum of their
+    |differences| wins (one batch: sigma = sqrt(D) / (1 + sqrt(D))). `update` follows the running answer."""
     sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
-    gaps = (snr_gap(hr, lr, sigmas) for hr, lr in zip(hr_latents, lr_latents))
-    return smallest_gap(sum(gaps, torch.zeros_like(sigmas)), sigmas)
-
-def snr_gap(hr: torch.Tensor, lr: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """One batch's |P (1 - sigma)^2 / sigma^2 - P / D| at each sigma (see `matched_sigma`), in float64."""
-    power = hr.double().pow(2).mean().cpu()
-    distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
-    return (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
-
-def smallest_gap(total: torch.Tensor, sigmas: torch.Tensor) -> tuple[int, float]:
-    """(t, sigma_t) of the smallest summed gap; `sigmas` are those of t = 1..steps."""
-    best = int(total.argmin())
+    total, done = torch.zeros_like(sigmas), 0
+    for hr, lr in pairs:
+        power = hr.double().pow(2).mean().cpu()
+        distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
+        total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
+        best, done = int(total.argmin()), done + len(hr)
+        if update is not None:
+            update(done, postfix={"t": best + 1, "sigma": f"{float(sigmas[best]):.4f}"})
     return best + 1, float(sigmas[best])
 
 
 # ========================================================== the method: the training loss and L_AP
 
-def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None, periods=(16, 32)):
-    """Weighted sum of the training terms; returns (total, {term: detached value}).
-
-    `pred`/`target`: decoded output and HR image (B, 3, H, W) in [-1, 1]. `perceptual(pred,
-    target) -> scalar` is needed when weights.perceptual > 0 (LPIPS/DISTS, run on crops at 4K);
-    the latents are needed when weights.latent_mse > 0. Terms with weight 0 are not computed.
-    `periods`: L_AP's periods in px (a latent pixel and a token: 16, 32 with the F16 VAE).
-    """
+def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None,
+            periods=(16, 32)):
+    """(weighted sum, {term: detached value}) of the training terms with a non-zero weight; `pred`/`target`:
+    decoded output and HR image in [-1, 1], `perceptual(pred, target)`: LPIPS on crops; `periods`: L_AP's."""
     terms = {
         "pixel_mse": lambda: F.mse_loss(pred, target),
         "pixel_l1": lambda: F.l1_loss(pred, target),
@@ -267,70 +169,53 @@ def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=Non
     return total, {name: value.detach() for name, value in parts.items()}
 
 # --- BEGIN kit: periodicity loss ---
-def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """L_AP: per quadrant, channel and period, the sum over the lattice frequencies of
-    relu(power_pred - power_target), in units of the target's difference variance; mean over
-    batch, quadrants, channels and periods.
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise in [-1, 1]: flat quadrants score ~0
 
-    With `target` (the ground truth) it is the relative form: only lattice power above the
-    ground truth's is penalised, frequency by frequency, so periodic texture of the ground truth
-    is kept at its strength; at pred == target loss and gradient are exactly 0. Without it all
-    lattice power counts (the absolute form), in units of pred's own variance. The unit is a
-    constant per quadrant and channel (the target's, or pred's without gradient), so it does not
-    turn the gradient away from the repeating component.
-    """
-    power, variance = lattice_power(pred, periods, quadrants, harmonics)
+def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
+    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the lattice
+    frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the target's difference
+    variance (a constant: it does not turn the gradient), averaged. Only power above the ground truth's
+    counts, so real periodic texture (fabric, tiles) keeps its strength and pred == target has loss and
+    gradient 0; artifacts at the ground truth's own frequencies are left to the reconstruction terms.
+    Without `target` all lattice power counts, in units of pred's own variance (the absolute form)."""
+    power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
     with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants, harmonics)
-    return (F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
+        target_power, target_variance = lattice_power(target, periods, quadrants)
+    excess = F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)
+    return excess.sum(dim=-1).mean() / len(periods)
 
-@torch.no_grad()
-def periodicity_score(image, periods=(16, 32), quadrants: int = 4, harmonics: int = 2) -> torch.Tensor:
-    """Per-image periodicity (B,): the absolute form of L_AP, the fraction of the difference
-    variance that repeats on the lattices (mean over quadrants, channels and periods). About
-    1 / (number of p x p tiles in a quadrant) for white noise, ~0 for natural 4K images, ~1 for a pure pattern."""
-    power, variance = lattice_power(image, periods, quadrants, harmonics)
-    return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
+def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
+    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins), for each
+    period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the p-periodic part, and
+    variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and vertical differences; each RGB
+    channel counts on its own (a chroma-only grid is invisible in luma).
 
-def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4, harmonics: int = 2):
-    """Power of each quadrant's pixel differences at the lattice frequencies, per channel.
-
-    Returns (power, variance): power (B, Q, C, n_bins) holds, period after period, the p x p
-    lattice frequencies (ky / p, kx / p) of each period p, as fractions of a unit of variance (the
-    bins of one period sum to the variance of the quadrant's p-periodic component); variance
-    (B, Q, C, 1) is the variance of the quadrant's pixel differences, the unit L_AP divides by.
-    Both are means over the horizontal and vertical differences; the difference filter weighs
-    each frequency by 4 sin^2(pi f) along its axis, which flattens natural images' ~1/f spectrum
-    and gives the (0, 0) bin weight 0.
-
-    The lattice frequencies k / p are the Fourier dual of the lattice lags (k p, l p): the power
-    there is the Fourier transform of the quadrant's circular autocovariance summed over all
-    lattice lags (Wiener-Khinchin), i.e. of everything the quadrant repeats with period p. It is
-    computed exactly and cheaply as the FFT of the quadrant folded onto one period (the mean of
-    its p x p tiles; the quadrant is first cropped to whole periods, from its top-left corner,
-    which is on the token grid). Its gradient is therefore p-periodic within each quadrant: it
-    can move only the repeating part of the image, not the rest.
-
-    `harmonics` does not enter the statistic (every lattice lag the quadrant holds is read); it
-    sets the smallest quadrant accepted: more than harmonics * max(periods) + max(periods) // 2
-    + 1 px a side, so that the lattice has at least that many lags each way.
-    """
+    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the lattice
+    lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
+    the transform of the circular autocovariance summed over every lattice lag, the power of all that
+    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean of its
+    p x p tiles, cropped to whole periods from the top-left corner, on the token grid), so its gradient is
+    p-periodic: it moves only what repeats (the autocovariance read at a few lags would mix each pixel with
+    its lattice neighbours, and fall by decorrelating the repeats). Differences weight frequency f by
+    2 (sin^2(pi fy) + sin^2(pi fx)), which flattens natural images' ~1/f spectrum so that a grid's high
+    harmonics count, and gives (0, 0) weight 0; smooth 16/32-px modulations are seen only weakly."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
-    max_lag = max(harmonics * p + p // 2 for p in periods)
-    if max_lag >= min(h, w) - 1:
-        raise ValueError(f"lattice lags up to {max_lag} px need quadrants larger than {max_lag + 1} px, got {h}x{w}")
-    differences = torch.stack([tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]])
-    variance = differences.var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lattice lags of 2.5 periods each way
+    if min(h, w) <= smallest:
+        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than {smallest} px, "
+                         f"got {h}x{w}")
+    horizontal, vertical = tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
+    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
     powers = []
     for p in periods:
         n, m = h // p, w // p
         tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
         spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
-        frequency = torch.fft.fftfreq(p, device=image.device)
-        weight = 2 * (torch.sin(torch.pi * frequency)[:, None].square() + torch.sin(torch.pi * frequency)[None, :].square())
+        sin2 = torch.sin(torch.pi * torch.fft.fftfreq(p, device=image.device)).square()
+        weight = 2 * (sin2[:, None] + sin2[None, :])
         powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
     return torch.cat(powers, dim=-1), variance
 
@@ -343,23 +228,20 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
     h, w = height // side, width // side
     tiles = image[..., : side * h, : side * w].reshape(b, c, side, h, side, w)
     return tiles.permute(0, 2, 4, 1, 3, 5).reshape(b, quadrants, c, h, w)
-
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise for images in [-1, 1]
 # --- END kit: periodicity loss ---
 
 
 # =================================================================== the method: colour correction
 
 def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
-    usually the LR input, which is first resized (bicubic) to `image`'s size."""
+    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`, usually
+    the LR input, first resized (bicubic) to `image`'s size. Off by default: the paper names no colour fix."""
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic", align_corners=False)
     return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
 
 def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Coarsest band of an a-trous wavelet decomposition: `levels` binomial 3x3 blurs with
-    dilation 1, 2, 4, ... (edges replicated); what it removes is the detail bands."""
+    """Coarsest band of an a-trous wavelet decomposition: `levels` binomial 3x3 blurs, dilation 1, 2, 4..."""
     taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device) / 4
     kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
     for level in range(levels):
@@ -377,21 +259,16 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 
 # =================================================== the method: LoRAs on Flux and the F16 encoder
 
-#
-# OMGSR-F hands peft a list of module names for Flux and one for the VAE encoder; peft adapts every
-# module whose name is one of them or ends with "." + one. We select the same weights through the key
-# tables that load diffusers checkpoints. Our layout fuses q, k and v (double blocks' qkv; a single
-# block's linear1 = q, k, v and the MLP input), so each of them gets its own A and B there.
+# OMGSR-F's peft target lists (diffusers names); peft adapts every module whose name is one of them or ends
+# with "." + one. We find the same weights through the key tables that load diffusers checkpoints.
 OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-
 OMGSR_F_VAE_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
                        "to_k", "to_q", "to_v", "to_out.0")
 
 def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int = 0) -> Flux:
-    """Freeze Flux and wrap OMGSR-F's targets (`flux_lora_targets`) with SplitLoRALinear
-    (alpha defaults to the rank: scale 1, as OMGSR-F)."""
+    """Freeze Flux and wrap OMGSR-F's targets with SplitLoRALinear (alpha: the rank, scale 1, as OMGSR-F)."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, parts in flux_lora_targets(model.config).items():
@@ -403,11 +280,8 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
-    """Our Flux modules that OMGSR-F's list selects in diffusers' names, each with the number of its
-    leading row blocks adapted: img_in (x_embedder); per double block and stream the fused qkv (3:
-    to_q/k/v, add_q/k/v_proj), the attention projection (to_out.0, to_add_out) and both MLP linears
-    (ff(_context).net.0.proj, .net.2); per single block the q, k, v rows of linear1 (3 of its 4 blocks:
-    proj_mlp is not a target, nor linear2 = proj_out). Nothing else (embedders, modulations, final layer)."""
+    """Our Flux linears OMGSR-F's list selects, with how many leading row blocks: img_in; per double block
+    and stream qkv (3), the attention projection, both MLP linears; per single block linear1's q, k, v (3)."""
     targets, table = {}, flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
     for key, (parts, _) in table.items():
         chosen = [peft_selects(part.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for part in parts]
@@ -423,11 +297,9 @@ def peft_selects(module: str, targets) -> bool:
     return any(module == target or module.endswith("." + target) for target in targets)
 
 class SplitLoRALinear(nn.Module):
-    """LoRA on the first `parts` blocks of `rows` rows of a linear, each block with its own A and B,
-    as peft adapts separate q, k and v projections; rows after them stay unadapted:
-    y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. W and b are frozen. peft's "gaussian"
-    init, OMGSR-F's: A ~ N(0, 1 / r^2), B = 0, so training starts at the base model. A and B stay
-    fp32 even when the base weights are bf16."""
+    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, one A and B each (as peft's on
+    separate q, k, v): y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's "gaussian" init
+    (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0. A and B stay fp32."""
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
@@ -452,19 +324,15 @@ def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, se
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
-    """The encoder convs (names inside vae.encoder) that OMGSR-F's VAE list selects in diffusers'
-    names: conv_in, each ResNet's conv1, conv2 and conv_shortcut (our nin_shortcut), the downsamplers'
-    conv, the mid attention's to_q / to_k / to_v / to_out.0 (our 1x1 q, k, v, proj_out), conv_out.
-    That is every conv of the encoder."""
+    """The convs (names inside vae.encoder) that OMGSR-F's VAE list selects: every conv of the encoder,
+    the mid attention's 1x1 q, k, v and proj_out included."""
     return [key.removeprefix("encoder.").removesuffix(".weight")
             for key, ((part,), _) in vae_lora_table(vae).items()
             if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"), OMGSR_F_VAE_TARGETS)]
 
 class LoRAConv2d(nn.Module):
-    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), conv frozen. A is a conv with the
-    base's kernel, stride, padding and dilation and r output channels; B is a 1x1 conv back to
-    the base's channels. peft's "gaussian" init: A ~ N(0, 1 / r^2), B = 0. A and B stay fp32 even
-    when the base is bf16."""
+    """peft's Conv2d LoRA on a frozen conv: y = conv(x) + (alpha / r) B(A(x)); A is a conv with the base's
+    kernel, stride, padding and dilation to r channels, B a 1x1 conv back. Init, dtype: as SplitLoRALinear."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -480,28 +348,12 @@ class LoRAConv2d(nn.Module):
         down = F.conv2d(x, self.lora_A.to(x.dtype), None, c.stride, c.padding, c.dilation)
         return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
 
-def export_flux_lora(model: Flux) -> dict:
-    """The SplitLoRALinear weights under peft / diffusers names `transformer.<module>.lora_A.weight` /
-    `.lora_B.weight`, block i of a fused weight as its i-th diffusers projection; the scale is folded
-    into B, so the file loads with peft's default alpha = rank."""
-    c, out = model.config, {}
-    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
-    for name, module in model.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            parts, _ = table[f"{name}.weight"]
-            for part, a, b in zip(parts, module.lora_A, module.lora_B):
-                prefix = "transformer." + part.removesuffix(".weight")
-                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
-    return out
-
 
 # ======================================================================================== pipeline
 
 @dataclass
 class SRPipeline:
-    """The merged models and the fixed prompt; load once with `load_sr_pipeline`, call `super_resolve` often."""
-
+    """The merged models and the fixed prompt: load once with `load_sr_pipeline`, call `super_resolve`."""
     transformer: Flux
     vae: AutoEncoder
     txt: torch.Tensor
@@ -513,18 +365,15 @@ class SRPipeline:
     dtype: torch.dtype
     meta: dict
 
-    @property
-    def size_multiple(self) -> int:
-        return self.vae.config.downsample_factor * 2  # one 2x2-packed token: 32 px with the F16 VAE
-
 def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
-    """Flux and the F16 VAE (default: the bases named in the checkpoint), the OP4KSR LoRAs merged
-    into them, the checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
+    """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, the
+    checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
     path, meta = read_op4ksr_metadata(weights, token)
     state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
     check_finite(state, path)
     c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
-    for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))), ("prompt.y", (1, c.get("vec_in_dim")))):
+    for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
+                       ("prompt.y", (1, c.get("vec_in_dim")))):
         found = tuple(state[key].shape) if key in state else None
         if found is None or len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
             shown = "(" + ", ".join(map(str, shape)) + ")"
@@ -537,103 +386,45 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
     transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
     autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
     check_base(meta, transformer, autoencoder, str(weights))
-    merge_op4ksr_lora({k: v for k, v in state.items() if not k.startswith("prompt.")}, transformer, autoencoder, str(weights))
+    loras = {k: v for k, v in state.items() if not k.startswith("prompt.")}
+    merge_op4ksr_lora(loras, transformer, autoencoder, str(weights))
     guidance = float(meta["guidance"]) if transformer.config.guidance_embed else None
     txt, y = state["prompt.txt"].to(device, dtype), state["prompt.y"].to(device, dtype)
-    return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance, float(meta.get("scale", 4)), device, dtype, meta)
+    return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance,
+                      float(meta.get("scale", 4)), device, dtype, meta)
 
 @torch.inference_mode()
-def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int, color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass.
-
-    The LR image is resized (bicubic) to the target; sides that are not multiples of 32 px are
-    padded by replication for the pass and cropped afterwards (no resampling of the output)."""
+def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
+                  color_fix: str = "none") -> torch.Tensor:
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass. Sides
+    that are not multiples of 32 px are padded by replication for the pass and cropped afterwards."""
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    m = pipe.size_multiple
-    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate")
-    latent = sr_latent(pipe.transformer, pipe.vae, up.to(pipe.device, pipe.dtype), pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+    m = 2 * pipe.vae.config.downsample_factor  # one 2x2-packed token: 32 px with the F16 VAE
+    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate").to(pipe.device, pipe.dtype)
+    latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
     out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
-    if color_fix == "wavelet":
-        out = wavelet_color_fix(out, lr)
-    elif color_fix == "adain":
-        out = adain_color_fix(out, lr)
-    return out[0].clamp(-1, 1)
+    fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
+    return (fix(out, lr) if fix else out)[0].clamp(-1, 1)
 
-def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
-    """The target (width, height): LR x scale, or the longer side = size (aspect kept). Refuses
-    absurd targets and inputs already larger than the target."""
-    factor = size / max(width, height) if size is not None else scale
-    target = (round(width * factor), round(height * factor))
-    if max(target) > MAX_SIDE or min(target) < 32:
-        raise UserError(f"{width}x{height} -> {target[0]}x{target[1]}: target sides must be between 32 and {MAX_SIDE} px")
-    if width > target[0] or height > target[1]:
-        raise UserError(f"the input ({width}x{height}) is already larger than the target {target[0]}x{target[1]}")
-    return target
-
-@torch.no_grad()
-def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
-    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
-    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
-    files = ("*.json", "*.txt", "*.model")
-    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
-    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
-    text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    clip = load_clip(source, text_dtype, device, subfolder="text_encoder")
-    y = clip(clip_tokenizer(prompt).to(device)).pooled
-    del clip
-    t5 = load_t5(source, text_dtype, device, subfolder="text_encoder_2")
-    txt = t5(t5_tokenizer(prompt).to(device))
-    del t5
-    return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
-
-#
-# One safetensors file holds everything OP4KSR adds to the base models:
-#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight   Flux LoRA, peft names (q/k/v split), scale in B
-#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight   F16 encoder LoRA, peft Conv2d layout
-#                                                                   (A: r x in x k x k, B: out x r x 1 x 1; the
-#                                                                   1x1 attention convs as diffusers' Linear, 2-D)
-#   prompt.txt (1, T, 4096), prompt.y (1, 768)                      the fixed prompt's T5 / CLIP-L embeddings
-# and string metadata (FORMAT_KEYS). diffusers' `load_lora_adapter(state, prefix="transformer")`
-# takes the file as it is (it keeps only the transformer.* keys).
+# The checkpoint file: one safetensors file holds everything OP4KSR adds to the base models,
+#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight  Flux LoRA, peft names (q/k/v split)
+#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight  F16 encoder LoRA in peft's Conv2d layout
+#       (A: r x in x k x k, B: out x r x 1 x 1; the 1x1 attention convs as diffusers' Linear, 2-D)
+#   prompt.txt (1, T, 4096), prompt.y (1, 768)                     the fixed prompt's T5 / CLIP-L embeddings
+# with the LoRA scale folded into B, and string metadata: format ("op4ksr"), format_version, prompt, theta,
+# flux_config / vae_config (FLUX_CONFIG_KEYS / VAE_CONFIG_KEYS of the bases, checked on loading), train's
+# settings. diffusers' `load_lora_adapter(state, prefix="transformer")` takes the file as it is.
 FORMAT_VERSION = 1
-
-FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim", "context_in_dim", "guidance_embed")
-
+FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim",
+                    "context_in_dim", "guidance_embed")
 VAE_CONFIG_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "z_channels", "stride")
-
-NO_WEIGHTS = (
-    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path.safetensors); the "
-    "authors have published no weights (arXiv 2605.13457: 'will be released upon acceptance'), so you train one: put 4K "
-    "HR images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (it downloads FLUX.1-dev, "
-    "which is gated: accept its licence on huggingface.co and `huggingface-cli login`, and the F16 VAE "
-    "Owen777/UltraFlux-v1 vae/; LoRA rank 64 on Flux and the VAE encoder; its GPU memory at 4096^2 crops has not been measured), then "
-    "pass --weights runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`."
-)
-
-def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    """Write the OP4KSR file from a LoRA-wrapped transformer and VAE encoder (see above).
-    `prompt`: {"txt", "y", "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, rank, alpha."""
-    state = export_flux_lora(transformer)
-    state.update(export_vae_lora(vae.encoder, vae))
-    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
-    c, vc = transformer.config, vae.config
-    metadata = {
-        "format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
-        "theta": str(c.theta), "flux_config": json.dumps({k: getattr(c, k) for k in FLUX_CONFIG_KEYS}),
-        "vae_config": json.dumps({k: getattr(vc, k) for k in VAE_CONFIG_KEYS}),
-        **{k: str(v) for k, v in settings.items()},
-    }
-    save_safetensors(check_finite(state, path), Path(path), metadata)  # never a loadable file from a diverged run
-
-# each number of the metadata lies in (low, high]
-SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),
+SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),  # each in (low, high]
                   "guidance": (-math.inf, math.inf)}
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
-    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header only."""
+    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header."""
     from safetensors import SafetensorError, safe_open
-
     path = weight_file(spec, "--weights", token)
     try:
         with safe_open(str(path), "pt") as f:
@@ -647,12 +438,10 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
         raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
                         f"(1 to {FORMAT_VERSION})")
     for key, (low, high) in SETTING_RANGES.items():
-        if key == "scale" and key not in meta:
-            continue  # optional: 4 by default
+        if key not in meta and key != "scale":  # scale is optional: 4 by default
+            raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)")
         try:
-            value = float(meta[key])
-        except KeyError:
-            raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)") from None
+            value = float(meta.get(key, 4))
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and low < value <= high):
@@ -663,42 +452,46 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
             if not isinstance(json.loads(meta[key]), dict):
                 raise ValueError
         except (KeyError, ValueError):
-            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)") from None
+            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' "
+                            "(a damaged file?)") from None
     return path, meta
 
 def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
     """Refuse a checkpoint trained on another base model, naming the first differing setting."""
-    for what, ours, keys, stored in (("Flux", transformer.config, FLUX_CONFIG_KEYS, "flux_config"), ("VAE", vae.config, VAE_CONFIG_KEYS, "vae_config")):
+    for what, ours, stored, base in (("Flux", transformer.config, "flux_config", "base_flux"),
+                                     ("VAE", vae.config, "vae_config", "base_vae")):
         for key, value in json.loads(meta[stored]).items():
             mine = getattr(ours, key, None)
             if (list(mine) if isinstance(mine, tuple) else mine) != value:
-                base = meta.get("base_flux" if what == "Flux" else "base_vae", "?")
-                raise UserError(f"{source} was trained on the {what} {base} with {key}={value}, but the {what} loaded has "
-                                f"{key}={mine}: pass the base it was trained on (--flux / --vae)")
+                trained = f"{source} was trained on the {what} {meta.get(base, '?')} with {key}={value}"
+                raise UserError(f"{trained}, but the {what} loaded has {key}={mine}: pass the base it was "
+                                "trained on (--flux / --vae)")
 
 def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Add every LoRA delta of the file to the base weights, in place. A fused weight (qkv,
-    linear1) takes each diffusers part's delta in its own rows. Unknown names or wrong shapes
-    are refused: the file was made for another base model."""
+    """Add every LoRA delta of the file to the base weights, in place; a fused weight (qkv, linear1) takes
+    each diffusers part's delta in its own rows. Unknown names or wrong shapes are refused."""
     c = transformer.config
     parts_of = {}  # diffusers LoRA module -> (model, our weight key, part index, part count, transform)
     for original, (parts, _) in flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed).items():
         for i, part in enumerate(parts):
-            parts_of["transformer." + part.removesuffix(".weight")] = (transformer, original, i, len(parts), None)
+            module = "transformer." + part.removesuffix(".weight")
+            parts_of[module] = (transformer, original, i, len(parts), None)
     for original, ((part,), transform) in vae_lora_table(vae).items():
         parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
     for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
         a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
         if a is None or b is None or name not in parts_of:
-            raise UserError(f"{source}: LoRA {name} has no counterpart in this base model (a checkpoint for another model?)")
+            raise UserError(f"{source}: LoRA {name} has no counterpart in this base model "
+                            "(a checkpoint for another model?)")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
         delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
-            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base model's {original} "
-                            f"takes {(rows, *weight.shape[1:])}: the checkpoint is for another base model")
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base "
+                            f"model's {original} takes {(rows, *weight.shape[1:])}: the checkpoint is for "
+                            "another base model")
         with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.dtype)
 
@@ -708,8 +501,35 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def vae_lora_table(vae: AutoEncoder) -> dict:
     """Original encoder key -> ([diffusers key], transform) for every encoder conv (LoRA-wrapped or not)."""
-    keys = {key.replace(".base.", "."): None for key in vae.state_dict()}
-    return {k: v for k, v in vae_table_for(keys).items() if k.startswith("encoder.") and k.endswith(".weight")}
+    table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
+    return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
+
+def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
+    """Write the checkpoint file from a LoRA-wrapped transformer and VAE encoder. `prompt`: {"txt", "y",
+    "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, lora_rank, lora_alpha, steps."""
+    state = export_flux_lora(transformer)
+    state.update(export_vae_lora(vae.encoder, vae))
+    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
+    flux_config = {k: getattr(transformer.config, k) for k in FLUX_CONFIG_KEYS}
+    vae_config = {k: getattr(vae.config, k) for k in VAE_CONFIG_KEYS}
+    metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
+                "theta": str(transformer.config.theta), "flux_config": json.dumps(flux_config),
+                "vae_config": json.dumps(vae_config), **{k: str(v) for k, v in settings.items()}}
+    save_safetensors(check_finite(state, path), Path(path), metadata)  # a diverged run saves no loadable file
+
+def export_flux_lora(model: Flux) -> dict:
+    """The SplitLoRALinear weights under peft / diffusers names, block i of a fused weight as its i-th
+    diffusers projection; the scale is folded into B, so the file loads with peft's default alpha = rank."""
+    c, out = model.config, {}
+    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
+    for name, module in model.named_modules():
+        if isinstance(module, SplitLoRALinear):
+            parts, _ = table[f"{name}.weight"]
+            for part, a, b in zip(parts, module.lora_A, module.lora_B):
+                prefix = "transformer." + part.removesuffix(".weight")
+                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
+    return out
 
 def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
     """The encoder's LoRAConv2d weights under peft / diffusers names, the scale folded into B."""
@@ -719,41 +539,37 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
             (part,), transform = table[f"encoder.{name}.weight"]
             to_folder = TRANSFORMS[transform][1]
             prefix = "vae." + part.removesuffix(".weight")
-            out[f"{prefix}.lora_A.weight"] = to_folder(module.lora_A.detach().float().cpu()).contiguous()
-            out[f"{prefix}.lora_B.weight"] = to_folder(module.lora_B.detach().float().cpu() * module.scale).contiguous()
+            a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu() * module.scale
+            out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
+            out[f"{prefix}.lora_B.weight"] = to_folder(b).contiguous()
     return out
 
 
 # ======================================================================================== training
 
 def train_sr(args) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs; returns the (step, loss) pairs of this call.
-
-    What can be checked is checked before the large models load (the VAE, small, comes first:
-    the crop checks need its factor). A step whose loss or gradient is not finite stops the run
-    before the optimizer moves, so nothing non-finite is ever saved and the last checkpoint
-    stays the newest. A resumed run takes --lr and --weight-decay from the command line, so a
-    diverged run can go on from its last checkpoint with a lower rate."""
+    """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A non-finite loss or
+    gradient stops the run before the optimizer moves; a resumed run takes --lr and --weight-decay from the
+    command line. Every rank holds the whole frozen model; the LoRA gradients are averaged."""
     ctx = setup_distributed(args.device)
     output = Path(args.output)
     resume_from = check_train_output(output, args.resume)
     files = vae_image_files(args.data, verbose=ctx.main)
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    autocast = torch.autocast("cuda", torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
     lpips = None  # small, and the likeliest download to fail: before the large models
     if args.lpips_weight:
         lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
-
     vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
     vae.decoder.partitioned = args.f16_decode == "partitioned"
     factor = vae.config.downsample_factor
     check_crop(args.crop, args.scale, factor)
     periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
-    if args.crop // 2 <= 2 * periods[1] + periods[1] // 2 and args.periodicity_weight:
-        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {2 * periods[1] + periods[1] // 2} px")
-    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype, args.max_sequence_length, args.token)
+    if args.periodicity_weight and args.crop // 2 <= 5 * factor + 1:  # `lattice_power`'s smallest quadrant
+        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {5 * factor + 1} px")
+    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype,
+                                 args.max_sequence_length, args.token)
     transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
-
     add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
     add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
     vae.decoder.requires_grad_(False)
@@ -766,12 +582,10 @@ def train_sr(args) -> list[tuple[int, float]]:
                           perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
     guidance = args.guidance if transformer.config.guidance_embed else None
     if ctx.main:
-        count = sum(p.numel() for p in params)
-        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {count / 1e6:.2f}M parameters), {ctx.world} process(es) x batch "
-              f"{args.batch_size}, crop {args.crop}, sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
-
-    batches = Batches(len(files), args.seed)
-    step = 0
+        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {sum(p.numel() for p in params) / 1e6:.2f}M "
+              f"parameters), {ctx.world} process(es) x batch {args.batch_size}, crop {args.crop}, "
+              f"sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
+    batches, step = Batches(len(files), args.seed), 0
     if resume_from is not None:
         step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
         for group in optimizer.param_groups:
@@ -789,17 +603,16 @@ def train_sr(args) -> list[tuple[int, float]]:
             target_latent = None
             if weights.latent_mse:
                 with torch.no_grad(), lora_off(vae.encoder):
-                    target_latent = vae.encode(hr.to(dtype))
+                    target_latent = vae.encode(hr.to(dtype)).float()
             perceptual = lpips_on_crops(lpips, args.lpips_crop, crop_offset) if lpips is not None else None
-            target_latent = None if target_latent is None else target_latent.float()
             loss, parts = sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent, periods)
         loss.backward()
-        if ctx.world > 1:  # data parallel: every rank holds the whole (frozen) model and averages LoRA gradients
+        if ctx.world > 1:
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= ctx.world
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the averaged gradients are
+        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the gradients are
         for what, found in (("loss", value), ("gradient norm", norm.item())):
             if not math.isfinite(found):
                 raise training_diverged(step + 1, f"the {what} ({found})", output)
@@ -809,11 +622,12 @@ def train_sr(args) -> list[tuple[int, float]]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append((step, value))
-        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective: every rank
+        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective
         if ctx.main:
             update(step, args.steps)
             if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}", file=sys.stderr)
+                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}",
+                      file=sys.stderr)
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
@@ -821,51 +635,27 @@ def train_sr(args) -> list[tuple[int, float]]:
 
     if ctx.main:
         if unreadable:
-            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and were skipped",
-                  file=sys.stderr)
-        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale, "base_flux": args.flux, "base_vae": args.vae,
-                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
-        save_op4ksr(output / "op4ksr.safetensors", transformer, vae, prompt, settings)
-        print(f"wrote {output / 'op4ksr.safetensors'} (use: python op4ksr.py --input LR.png --weights {output / 'op4ksr.safetensors'})", file=sys.stderr)
+            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and "
+                  "were skipped", file=sys.stderr)
+        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale,
+                    "base_flux": args.flux, "base_vae": args.vae, "lora_rank": args.lora_rank,
+                    "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
+        final = output / "op4ksr.safetensors"
+        save_op4ksr(final, transformer, vae, prompt, settings)
+        print(f"wrote {final} (use: python op4ksr.py --input LR.png --weights {final})", file=sys.stderr)
     ctx.barrier()
     return losses
 
-def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
-    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the
-    VGG activations of the whole image would not fit beside Flux."""
-
-    def perceptual(pred, target):
-        h, w = pred.shape[-2:]
-        size_h, size_w = min(crop, h), min(crop, w)
-        top, left = int(offset[0] * (h - size_h + 1)), int(offset[1] * (w - size_w + 1))
-        window = (..., slice(top, top + size_h), slice(left, left + size_w))
-        return lpips(pred[window].float(), target[window].float()).mean()
-
-    return perceptual
-
-@contextlib.contextmanager
-def lora_off(module: nn.Module):
-    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
-    wrapped = [m for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))]
-    scales = [m.scale for m in wrapped]
-    for m in wrapped:
-        m.scale = 0.0
-    try:
-        yield module
-    finally:
-        for m, scale in zip(wrapped, scales):
-            m.scale = scale
-
 def check_train_output(output: Path, resume: str | None) -> Path | None:
-    """Refuse an --output that training cannot use, before anything loads; return the checkpoint
-    folder to resume from (None: a fresh run)."""
+    """Refuse an --output that training cannot use; return the checkpoint folder to resume from or None."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; training writes a folder "
                         "(checkpoints/, train_log.jsonl, op4ksr.safetensors)")
     check_writable_folder(output)
     if not resume:
         if latest_checkpoint(output) is not None or (output / "op4ksr.safetensors").exists():
-            raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+            raise UserError(f"{output} already holds a training run: pass --resume to continue it, "
+                            "or choose another --output")
         return None
     folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
     if folder is None:
@@ -875,19 +665,30 @@ def check_train_output(output: Path, resume: str | None) -> Path | None:
     return folder
 
 def check_crop(crop: int, scale: int, factor: int | None = None):
-    """Refuse a crop that the LR size (crop / scale) or, once the VAE is known, its token (2 factor
-    px) does not divide."""
+    """Refuse a crop that the scale or, once the VAE is known, its token (2 factor px) does not divide."""
     if crop % scale:
         raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is crop / scale)")
     if factor is not None and crop % (2 * factor):
         raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
 
+@torch.no_grad()
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
+    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
+    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
+    files = ("*.json", "*.txt", "*.model")
+    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
+    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype
+    clip_ids, t5_ids = clip_tokenizer(prompt).to(device), t5_tokenizer(prompt).to(device)
+    y = load_clip(source, text_dtype, device, subfolder="text_encoder")(clip_ids).pooled  # one at a time
+    txt = load_t5(source, text_dtype, device, subfolder="text_encoder_2")(t5_ids)
+    return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
+
 def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int, unreadable: set,
                    ctx: Distributed):
-    """The next global batch of the seeded stream, this rank's share: (HR crops (B, 3, crop, crop) in
-    [-1, 1], the encoder's input, the LPIPS crop offset). Every rank draws the whole global batch from
-    one generator and keeps its slots. The input is LR = degrade(HR crop) at 1/scale, each image with
-    its own seed, then bicubic back up to the crop size (as OMGSR's pipeline resizes LQ back)."""
+    """This rank's share of the next global batch (every rank draws all of it): HR crops (B, 3, crop, crop)
+    in [-1, 1], resized to cover, cropped and flipped at random, the input LR = degrade(HR) at 1/scale and
+    bicubic back up (as OMGSR resizes LQ back), and the LPIPS crop offset."""
     global_batch, g = batch_size * ctx.world, batches.generator
     mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
     picks = batches.indices(global_batch)
@@ -902,13 +703,9 @@ def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: i
 
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
-    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices).
-
-    A file that passed the header check but does not decode is skipped from then on: its slot
-    takes the next index of the data stream (`picks` changes in place). The ranks sum their
-    failures first, so all of them replace the same slots in the same order and stay in step; a
-    resumed run, which has not met the earlier failures, makes the same replacements. Stops when
-    fewer than half of the images decode."""
+    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices). An undecodable file
+    is skipped from then on, its slot taking the data stream's next index (in `picks`); the ranks sum
+    their failures first, so all stay in step. Stops when fewer than half of the images decode."""
     crops = {}
     while True:
         failed, errors = torch.zeros(len(picks)), []
@@ -928,17 +725,39 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
         for error in errors:
             print(f"warning: {error}; skipped ({len(unreadable)} undecodable so far)", file=sys.stderr)
         if 2 * (len(files) - len(unreadable)) < len(files):
-            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than half: "
-                            "check the files in --data")
+            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than "
+                            "half: check the files in --data")
         for i in slots:
             picks[i] = batches.indices(1)[0]
+
+@contextlib.contextmanager
+def lora_off(module: nn.Module):
+    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
+    scales = {m: m.scale for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))}
+    for m in scales:
+        m.scale = 0.0
+    try:
+        yield module
+    finally:
+        for m, scale in scales.items():
+            m.scale = scale
+
+def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
+    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the VGG
+    activations of the whole image would not fit beside Flux."""
+    def perceptual(pred, target):
+        h, w = pred.shape[-2:]
+        size_h, size_w = min(crop, h), min(crop, w)
+        top, left = int(offset[0] * (h - size_h + 1)), int(offset[1] * (w - size_w + 1))
+        window = (..., slice(top, top + size_h), slice(left, left + size_w))
+        return lpips(pred[window].float(), target[window].float()).mean()
+    return perceptual
 
 @torch.no_grad()
 def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int, count: int,
                         seed: int):
-    """(HR latents, LR latents) per batch of `count` pairs for `matched_sigma`: the pairs `train`
-    makes from the same seed (`training_pairs`), both sides through the base F16 encoder as a
-    posterior sample, normalised (as OMGSR's calibration encodes them)."""
+    """(HR latents, LR latents) per batch for `matched_sigma`: the first `count` pairs `train` makes from
+    the same seed, both through the base F16 encoder as normalised posterior samples (as OMGSR's)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
@@ -952,17 +771,12 @@ def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_si
 # ========================================================== training data: Real-ESRGAN degradation
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
-    """One order of the Real-ESRGAN degradation (defaults: its first order).
-
-    A probability of 0 switches a step off; `resize_probs=(0, 0, 1)` keeps the size.
-    Noise sigmas are in 8-bit levels (sigma 30 means 30/255).
-    """
-
+    """One order of the Real-ESRGAN degradation (defaults: its first order). A probability of 0 switches
+    a step off; `resize_probs=(0, 0, 1)` keeps the size. Noise sigmas are in 8-bit levels."""
     blur_prob: float = 1.0
     kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes from..to, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
@@ -981,34 +795,26 @@ class DegradationStage:
     jpeg_prob: float = 1.0
     jpeg_range: tuple[float, float] = (30.0, 95.0)
 
-def _second_order_defaults() -> DegradationStage:
-    return DegradationStage(
-        blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
-        noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
-    )
-
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN's second-order degradation with its published defaults.
-
-    The second order's resize is relative to the LR size; its JPEG is the final one, applied
-    before or after (coin flip) the final resize to the LR size and the final sinc filter.
-    """
-
+    """Real-ESRGAN's second-order degradation with its published defaults. The second order's resize is
+    relative to the LR size; its JPEG is the final one, before or after the final resize and sinc filter."""
     first: DegradationStage = field(default_factory=DegradationStage)
-    second: DegradationStage = field(default_factory=_second_order_defaults)
+    second: DegradationStage = field(default_factory=lambda: DegradationStage(
+        blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+        noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5)))
     final_sinc_prob: float = 0.8
     final_resize_modes: tuple[str, ...] = RESIZE_MODES
 
 STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "jpeg2", "final")
 
-def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator, scale: int = 4) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H/scale, W/scale).
-
-    Blur, resize, noise and JPEG twice, then the final resize to the LR size with a sinc filter
-    and JPEG; the output is quantised to 8-bit levels. The same generator state gives the same
-    LR. Every image gets its own parameters, and each step its own random stream.
-    """
+def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator,
+            scale: int = 4) -> torch.Tensor:
+    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H/scale, W/scale), blur,
+    resize, noise and JPEG twice, then the final resize, sinc and JPEG, quantised to 8 bits. Unlike
+    Real-ESRGAN, every image gets its own parameters, each step its own random stream (so switching one
+    off leaves the others' draws alone); Poisson noise counts 255 levels, JPEG is Pillow's at an integer
+    quality, blur pads by replication. The kernel sizes (7..21) suit ~256-px crops: 4K may want larger."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
@@ -1034,21 +840,15 @@ def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Te
         if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
             image = _random_jpeg(image, first, streams["jpeg1"])
 
-    def final_resize_and_sinc(image):
-        image = _resize(image, lr_size, _pick(streams["final"], config.final_resize_modes))
-        if _happens(streams["final"], config.final_sinc_prob):
-            size = _odd_size(streams["final"], second.kernel_sizes)
-            image = filter2d(image, sinc_kernel(size, _uniform(streams["final"], math.pi / 3, math.pi)))
-        return image
-
-    def final_jpeg(image):
-        return _random_jpeg(image, second, streams["jpeg2"]) if _happens(streams["jpeg2"], second.jpeg_prob) else image
-
     # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
-    if _happens(streams["final"], 0.5):
-        image = final_jpeg(final_resize_and_sinc(image))
-    else:
-        image = final_resize_and_sinc(final_jpeg(image))
+    for step in ("resize", "jpeg") if _happens(streams["final"], 0.5) else ("jpeg", "resize"):
+        if step == "resize":
+            image = _resize(image, lr_size, _pick(streams["final"], config.final_resize_modes))
+            if _happens(streams["final"], config.final_sinc_prob):
+                size = _odd_size(streams["final"], second.kernel_sizes)
+                image = filter2d(image, sinc_kernel(size, _uniform(streams["final"], math.pi / 3, math.pi)))
+        elif _happens(streams["jpeg2"], second.jpeg_prob):
+            image = _random_jpeg(image, second, streams["jpeg2"])
     return (image.clamp(0, 1) * 255).round() / 255
 
 def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
@@ -1071,10 +871,8 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
     return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=kind.startswith("plateau"))
 
 def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0, plateau=False) -> torch.Tensor:
-    """Anisotropic Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1.
-
-    With q = x^T Sigma^-1 x for Sigma rotated by `angle`: exp(-q^beta / 2), or 1 / (1 + q^beta).
-    """
+    """Anisotropic Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1: with
+    q = x^T Sigma^-1 x for Sigma rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
     y, x = _kernel_grid(size)
     along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
     across = -math.sin(angle) * x + math.cos(angle) * y
@@ -1104,18 +902,16 @@ def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     weight = kernel.to(image).expand(channels, 1, *kernel.shape)
     return F.conv2d(F.pad(image, (pad, pad, pad, pad), mode="replicate"), weight, groups=channels)
 
-def _resize(image, size, mode) -> torch.Tensor:
-    corners = None if mode == "area" else False
-    return F.interpolate(image, size=size, mode=mode, align_corners=corners)
-
 def _random_resize(image, stage: DegradationStage, base_size, generator) -> torch.Tensor:
     direction = _pick(generator, ("up", "down", "keep"), stage.resize_probs)
-    factor = {"up": lambda: _uniform(generator, 1.0, stage.resize_range[1]),
-              "down": lambda: _uniform(generator, stage.resize_range[0], 1.0),
-              "keep": lambda: 1.0}[direction]()
+    low, high = (1.0, stage.resize_range[1]) if direction == "up" else (stage.resize_range[0], 1.0)
+    factor = 1.0 if direction == "keep" else _uniform(generator, low, high)
     mode = _pick(generator, stage.resize_modes)
     size = tuple(max(1, int(side * factor)) for side in base_size)
     return _resize(image, size, mode)
+
+def _resize(image, size, mode) -> torch.Tensor:
+    return F.interpolate(image, size=size, mode=mode, align_corners=None if mode == "area" else False)
 
 def _random_noise(image, stage: DegradationStage, generator) -> torch.Tensor:
     gray = _happens(generator, stage.gray_noise_prob)  # one noise image shared by the channels
@@ -1134,6 +930,9 @@ def _luma(image) -> torch.Tensor:
     r, g, b = image.unbind(1)
     return (0.299 * r + 0.587 * g + 0.114 * b)[:, None]
 
+def _random_jpeg(image, stage: DegradationStage, generator) -> torch.Tensor:
+    return jpeg_compress(image, round(_uniform(generator, *stage.jpeg_range)))
+
 def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG-encode and decode each image of (B, 3, H, W) in [0, 1] with Pillow."""
     decoded = []
@@ -1144,9 +943,6 @@ def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
         array = np.array(Image.open(buffer).convert("RGB"))
         decoded.append(torch.from_numpy(array).permute(2, 0, 1))
     return torch.stack(decoded).to(image) / 255
-
-def _random_jpeg(image, stage: DegradationStage, generator) -> torch.Tensor:
-    return jpeg_compress(image, round(_uniform(generator, *stage.jpeg_range)))
 
 def _uniform(generator, low, high) -> float:
     return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
@@ -1160,6 +956,24 @@ def _pick(generator, options, probs=None):
 
 
 # ==================================================================================== command line
+
+NO_WEIGHTS = (
+    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path"
+    ".safetensors); the authors have published no weights (arXiv 2605.13457), so you train one: put 4K HR "
+    "images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (FLUX.1-dev is "
+    "gated: accept its licence on huggingface.co and `huggingface-cli login`), then pass --weights "
+    "runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`.")
+RAW = argparse.RawDescriptionHelpFormatter
+SR_EXAMPLES = """Examples:
+  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)
+  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)
+  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)
+Training: python op4ksr.py train --help"""
+TRAIN_EXAMPLES = """Examples:
+  python op4ksr.py train --data hr4k/ --output runs/op4ksr
+  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel)
+  python op4ksr.py train ... --resume      continue from the newest checkpoint in --output
+Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl."""
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1178,11 +992,8 @@ def sr_command(args):
         return
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
-    jobs = []
-    for path, output in pairs:  # every input checked before any model is loaded
-        image = load_image(path)
-        width, height = sr_size(image.width, image.height, None if args.size else scale, args.size)
-        jobs.append((path, width, height, output))
+    jobs = [(path, *sr_size(*load_image(path).size, None if args.size else scale, args.size), output)
+            for path, output in pairs]  # every input checked before any model is loaded
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
@@ -1193,39 +1004,35 @@ def sr_command(args):
         if args.skip_existing and output.exists():
             print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
         else:
-            start, image = time.perf_counter(), load_image(path)  # loaded again: a batch is never all in memory
+            start, image = time.perf_counter(), load_image(path)  # again: a batch is never all in memory
             sr = super_resolve(pipe, image, width, height, args.color_fix)
-            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}", "sigma": pipe.sigma,
-                        "theta": pipe.transformer.config.theta, "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
+            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
+                        "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
+                        "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
             # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
-            save_image(tensor_to_image(sr), output, {"method": "OP4KSR", "settings": json.dumps(settings)}, overwrite=args.overwrite)
-            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, {time.perf_counter() - start:.1f} s)",
-                  file=sys.stderr)
+            info = {"method": "OP4KSR", "settings": json.dumps(settings)}
+            save_image(tensor_to_image(sr), output, info, overwrite=args.overwrite)
+            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
+                  f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
 
-def sr_inputs(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        return files
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    return [path]
-
 def sr_outputs(args) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, every output checked before anything is read: a folder input writes
-    OUTPUT/<name>.png for each image; existing outputs are refused, replaced (--overwrite) or left
-    as they are with their input skipped (--skip-existing, to continue an interrupted batch)."""
+    """(input, output) pairs, all checked before anything is read (a folder writes OUTPUT/<name>.png);
+    existing outputs are refused, replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
     source = Path(args.input)
-    inputs = sr_inputs(source)
     if source.is_dir():
-        folder = Path(args.output) if args.output else source.resolve().with_name(source.resolve().name + "_op4ksr")
+        inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not inputs:
+            raise UserError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        folder = Path(args.output or source.resolve().with_name(source.resolve().name + "_op4ksr"))
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
                             f"(default: {source.name}_op4ksr/)")
         outputs = [folder / f"{path.stem}.png" for path in inputs]
+    elif not source.exists():
+        raise UserError(f"{source}: no such file or folder")
     else:
+        inputs = [source]
         outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
     given = {path.resolve(): path for path in inputs}
     first_input = {}
@@ -1239,49 +1046,60 @@ def sr_outputs(args) -> list[tuple[Path, Path]]:
     existing = [output for output in outputs if output.is_file()]
     if existing and not (args.overwrite or args.skip_existing):
         more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
-        way = "--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir() else "--overwrite to replace it"
+        way = ("--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir()
+               else "--overwrite to replace it")
         raise UserError(f"{existing[0]} exists{more}; pass {way}")
-    pairs = [(path, output) for path, output in zip(inputs, outputs) if not (args.skip_existing and output.is_file())]
+    pairs = [(path, out) for path, out in zip(inputs, outputs) if not (args.skip_existing and out.is_file())]
     for _, output in pairs:
         check_output_file(output, args.overwrite)
     return pairs
 
+def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
+    """The target (width, height): LR x scale, or the longer side = size; refuses absurd targets."""
+    factor = size / max(width, height) if size is not None else scale
+    target = (round(width * factor), round(height * factor))
+    shown = f"{target[0]}x{target[1]}"
+    if max(target) > MAX_SIDE or min(target) < 32:
+        raise UserError(f"{width}x{height} -> {shown}: target sides must be between 32 and {MAX_SIDE} px")
+    if width > target[0] or height > target[1]:
+        raise UserError(f"the input ({width}x{height}) is already larger than the target {shown}")
+    return target
+
 def sr_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="op4ksr.py",
-        description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and an F16 VAE (arXiv 2605.13457).",
-        epilog="Examples:\n"
-               "  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)\n"
-               "  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)\n"
-               "  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)\n"
-               "Training: python op4ksr.py train --help",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="LR image, or a folder of images")
-    parser.add_argument("--output", help="output image (default INPUT_op4ksr.png) or folder for a folder input (default INPUT_op4ksr/)")
-    parser.add_argument("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
+    parser = ArgumentParser(prog="op4ksr.py", epilog=SR_EXAMPLES, formatter_class=RAW,
+                            description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and "
+                                        "an F16 VAE (arXiv 2605.13457).")
+    add = parser.add_argument
+    add("--input", required=True, help="LR image, or a folder of images")
+    add("--output", help="output image (default INPUT_op4ksr.png), or folder for a folder (INPUT_op4ksr/)")
+    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
-    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px instead of --scale, e.g. 4096")
-    parser.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours (off by default)")
-    parser.add_argument("--flux", help="base Flux (default: the one named in the checkpoint, else black-forest-labs/FLUX.1-dev)")
-    parser.add_argument("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px, e.g. 4096")
+    add("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours")
+    add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
+    add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
     add_f16_decode_option(parser)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--skip-existing", action="store_true", help="leave existing outputs and do the rest (continues a batch)")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each Flux block (built during the first image; a new size builds "
-                             "once more): worth it for a batch of images; off: eager")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs, do the rest")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--compile", action="store_true", help="torch.compile each Flux block (built during the first image; "
+                                               "a new size builds once more): worth it for a batch of images")
+    add("--token", help="Hugging Face token for gated repos")
     return parser
+
+def add_f16_decode_option(parser):
+    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+                        help="the F16 decoder's last stage (Decoder.upsample_conv_out): 'partitioned' as "
+                             "upstream Diffusion-4K's decode, which the released F16 decoders were trained "
+                             "through; 'centred' centres conv_out's window (the output moves 1 px up-left)")
 
 def train_sr_command(args):
     check_crop(args.crop, args.scale)
-    if not any((args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight,
-                args.periodicity_weight)):
+    weights = args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight, args.periodicity_weight
+    if not any(weights):
         raise UserError("every loss weight is 0: nothing to train")
     output = Path(args.output)
     created = not output.exists()
@@ -1289,7 +1107,8 @@ def train_sr_command(args):
         train_sr(args)
     except BaseException:
         # a failed run that saved no checkpoint leaves nothing behind in the folder it created
-        if created and int(os.environ.get("RANK", "0")) == 0 and not any(output.glob("checkpoints/step-*/state.pt")):
+        saved = any(output.glob("checkpoints/step-*/state.pt"))
+        if created and int(os.environ.get("RANK", "0")) == 0 and not saved:
             shutil.rmtree(output, ignore_errors=True)
         raise
     finally:
@@ -1297,91 +1116,61 @@ def train_sr_command(args):
             dist.destroy_process_group()
 
 def sr_train_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="op4ksr.py train",
-        description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder frozen) on a folder of 4K HR images; "
-                    "LR inputs are made on the fly by the Real-ESRGAN second-order degradation.",
-        epilog="Examples:\n"
-               "  python op4ksr.py train --data hr4k/ --output runs/op4ksr\n"
-               "  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel, LoRA gradients averaged)\n"
-               "  python op4ksr.py train ... --resume      continue from the newest checkpoint in --output\n"
-               "Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = ArgumentParser(prog="op4ksr.py train", epilog=TRAIN_EXAMPLES, formatter_class=RAW,
+                            description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder "
+                                        "frozen) on a folder of 4K HR images; LR inputs are made on the fly "
+                                        "by the Real-ESRGAN second-order degradation.")
+    add = parser.add_argument
     add_pair_options(parser)
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
+    add("--output", required=True, help="output folder")
+    add("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
     add_f16_decode_option(parser)
-    parser.add_argument("--text-encoders", help="Flux pipeline folder / Hub repo with tokenizer*/ and text_encoder*/ (default: --flux)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
-    parser.add_argument("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt (FLUX.1-dev: 512)")
-    parser.add_argument("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
-                        help=f"the fixed noise level at which Flux sees the LR latent (default "
-                             f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} of its "
-                             f"{OMGSR_STEPS}-step Flux schedule shifted with mu {OMGSR_MU}; `op4ksr.py "
-                             "calibrate-sigma` measures the match for your data)")
-    parser.add_argument("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR: 100; Flux's own: 10000)")
-    parser.add_argument("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
-    parser.add_argument("--lora-rank", type=integer(1), default=64,
-                        help="LoRA rank on Flux and the VAE encoder, on OMGSR-F's target modules "
-                             "(default 64: OMGSR-F's)")
-    parser.add_argument("--lora-alpha", type=positive(),
-                        help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
-    parser.add_argument("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
-    parser.add_argument("--weight-decay", type=number(0), default=1e-4)
-    parser.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
-    parser.add_argument("--batch-size", type=integer(1), default=1, help="images per process per step")
-    parser.add_argument("--steps", type=integer(1), default=10000)
+    add("--text-encoders", help="Flux pipeline folder / Hub repo with the text encoders (default: --flux)")
+    add("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
+    add("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt")
+    add("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
+        help=f"the noise level of the LR latent (default {OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = "
+             f"{OMGSR_MID_TIMESTEP} on Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})")
+    add("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR 100; Flux 10000)")
+    add("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
+    add("--lora-rank", type=integer(1), default=64, help="LoRA rank on OMGSR-F's Flux and encoder targets")
+    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
+    add("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
+    add("--weight-decay", type=number(0), default=1e-4)
+    add("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
+    add("--batch-size", type=integer(1), default=1, help="images per process per step")
+    add("--steps", type=integer(1), default=10000)
     # loss weights: the paper publishes none; 0 switches a term off
-    parser.add_argument("--mse-weight", type=number(0), default=1.0,
-                        help="pixel MSE (default 1: the fidelity term)")
-    parser.add_argument("--l1-weight", type=number(0), default=0.0,
-                        help="pixel L1 (default 0: MSE is the pixel term; OMGSR-F uses L1 0.5 beside DISTS "
-                             "and a GAN)")
-    parser.add_argument("--latent-weight", type=number(0), default=0.0,
-                        help="MSE of the x0 latent to the base encoder's HR latent (default 0: the pixel "
-                             "terms judge the output)")
-    parser.add_argument("--lpips-weight", type=number(0), default=2.0,
-                        help="LPIPS-VGG on one --lpips-crop crop per image (default 2: OSEDiff's "
-                             "LPIPS-to-MSE ratio; 0: off, no LPIPS weights needed)")
-    parser.add_argument("--lpips-linear", default=LPIPS_VGG_LINEAR,
-                        help="LPIPS v0.1 VGG linear layers (.pth): a file or owner/repo/path on the Hub "
-                             "(default: the lpips package's file)")
-    parser.add_argument("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
-                        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path "
-                             "(default: torchvision's, via timm)")
-    parser.add_argument("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side per image")
-    parser.add_argument("--periodicity-weight", type=number(0), default=1.0,
-                        help="lambda_AP, L_AP's weight (default 1: the paper gives no value; 0: no L_AP)")
-    parser.add_argument("--checkpoint-every", type=integer(1), default=500)
-    parser.add_argument("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    parser.add_argument("--log-every", type=integer(1), default=10)
-    parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or no value for the newest in --output "
-                        "(--lr and --weight-decay are taken from this command line)")
-    parser.add_argument("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    add("--mse-weight", type=number(0), default=1.0, help="pixel MSE (default 1: the fidelity term)")
+    add("--l1-weight", type=number(0), default=0.0, help="pixel L1 (OMGSR-F: 0.5, beside DISTS and a GAN)")
+    add("--latent-weight", type=number(0), default=0.0, help="MSE of x0 to the base encoder's HR latent")
+    add("--lpips-weight", type=number(0), default=2.0,
+        help="LPIPS-VGG on one --lpips-crop crop per image (OSEDiff's ratio to MSE; 0: no LPIPS weights)")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR,
+        help="LPIPS v0.1 VGG linear layers (.pth), file or Hub path (default: the lpips package's)")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
+        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path (default: torchvision's, timm)")
+    add("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side")
+    add("--periodicity-weight", type=number(0), default=1.0, help="lambda_AP, L_AP's weight (0: no L_AP)")
+    add("--checkpoint-every", type=integer(1), default=500)
+    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    add("--log-every", type=integer(1), default=10)
+    add("--resume", nargs="?", const="latest",
+        help="a checkpoint folder, or no value for the newest in --output (--lr, --weight-decay: from here)")
+    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--token", help="Hugging Face token for gated repos")
     return parser
 
 def add_pair_options(parser):
     """The options that make the (HR, LR) pairs: `train` and `calibrate-sigma` read them alike."""
-    parser.add_argument("--data", required=True,
-                        help="folder of HR images (recursively), or with a metadata.jsonl listing file_name")
-    parser.add_argument("--vae", default=DEFAULT_VAE,
-                        help="F16 VAE: Hub repo / folder with vae/ (UltraFlux, Diffusion-4K) or a file")
-    parser.add_argument("--crop", type=integer(1, MAX_SIDE), default=4096,
-                        help="square HR crop side; images are resized to cover it (default 4096: whole 4K "
-                             "targets, no patches)")
-    parser.add_argument("--scale", type=integer(1, 16), default=4,
-                        help="SR factor: LR = degrade(HR) at 1/scale (default 4: 1K -> 4K)")
-
-def add_f16_decode_option(parser):
-    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-                        help="the F16 decoder's last stage (see Decoder.upsample_conv_out): 'partitioned' "
-                             "(default) gives what upstream Diffusion-4K's partitioned decode gives, the "
-                             "path the released F16 decoders were trained through; 'centred' centres "
-                             "conv_out's window (the output moves one pixel up and left)")
+    add = parser.add_argument
+    add("--data", required=True, help="folder of HR images (recursive) or with a metadata.jsonl of file_name")
+    add("--vae", default=DEFAULT_VAE, help="F16 VAE: Hub repo / folder with vae/ (UltraFlux), or a file")
+    add("--crop", type=integer(1, MAX_SIDE), default=4096,
+        help="square HR crop side; images are resized to cover it (default 4096: whole 4K targets)")
+    add("--scale", type=integer(1, 16), default=4, help="SR factor: LR = degrade(HR) at 1/scale (default 4)")
 
 def calibrate_command(args):
     check_crop(args.crop, args.scale)
@@ -1391,13 +1180,8 @@ def calibrate_command(args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
     check_crop(args.crop, args.scale, vae.config.downsample_factor)
-    sigmas = omgsr_sigmas()[1:]
-    total, done, update = torch.zeros_like(sigmas), 0, progress_bar("calibrate-sigma", count)
-    for hr, lr in calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed):
-        total += snr_gap(hr, lr, sigmas)
-        done += len(hr)
-        t, sigma = smallest_gap(total, sigmas)
-        update(done, postfix={"t": t, "sigma": f"{sigma:.4f}"})
+    latents = calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed)
+    t, sigma = matched_sigma(latents, update=progress_bar("calibrate-sigma", count))
     print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
           f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
     print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this is "
@@ -1405,27 +1189,21 @@ def calibrate_command(args):
 
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="op4ksr.py calibrate-sigma",
+        prog="op4ksr.py calibrate-sigma", formatter_class=RAW,
         description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR) pairs as\n"
-                    "`train` does, encode both with the base F16 encoder (a posterior sample, as OMGSR) and\n"
-                    f"print the timestep of OMGSR-F's {OMGSR_STEPS}-step Flux schedule (shifted with mu "
-                    f"{OMGSR_MU}) whose noise\nlevel gives the noisy HR latent the SNR of the LR latent, "
-                    "mean(hr^2) / mean((lr - hr)^2),\naveraged over batches. Pass the sigma it prints to "
-                    "`train --sigma`.",
-        epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+                    "`train` does, encode both with the base F16 encoder (posterior samples, as OMGSR) and\n"
+                    "print the timestep of OMGSR-F's schedule whose noise level gives the noisy HR latent\n"
+                    "the SNR of the LR latent, mean(hr^2) / mean((lr - hr)^2), averaged over batches.\n"
+                    "Train with the sigma it prints (train --sigma).",
+        epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
+    add = parser.add_argument
     add_pair_options(parser)
-    parser.add_argument("--max-images", type=integer(1),
-                        help="use at most this many images, one random crop each (default: all)")
-    parser.add_argument("--batch-size", type=integer(1), default=1,
-                        help="images per SNR average (default 1, OMGSR's); the gaps are averaged over "
-                             "batches")
-    parser.add_argument("--seed", type=SEED, default=0,
-                        help="seeds image order, crops, flips, degradations (with train's --seed and "
-                             "--batch-size: the pairs of its first steps) and the posterior samples")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available) or cpu")
-    parser.add_argument("--token", help="Hugging Face token for gated repos")
+    add("--max-images", type=integer(1), help="at most this many images, one random crop each (default: all)")
+    add("--batch-size", type=integer(1), default=1, help="images per SNR average (default 1, OMGSR's)")
+    add("--seed", type=SEED, default=0, help="seeds the pairs (as train's --seed and --batch-size: its first "
+                                             "steps' pairs) and the posterior samples")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--token", help="Hugging Face token for gated repos")
     return parser
 
 
@@ -1440,7 +1218,12 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
+    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
     """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
@@ -1455,7 +1238,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = layer_norm(dim)
         self.linear = nn.Linear(dim, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -1463,14 +1246,17 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def run_checkpointed(model: nn.Module, layer, *args):
+    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
+    its inputs and recomputes its activations in the backward pass."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block (Flux's double and single
-    blocks, SD3's joint blocks), not the whole model. Blocks of one class run the same code, so
-    each class compiles once, at its first call, and all its blocks reuse that graph: compile
-    time does not grow with depth (Flux's 57 blocks compile as two). The embedders, the final
-    layer and the sampling loop stay eager. Forward hooks and functions wrapped in
-    `torch.compiler.disable` (block streaming, C-Upscale's regional attention) run eagerly
-    between the compiled parts. A new input shape compiles once more."""
+    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
+    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
+    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -1498,61 +1284,105 @@ class FluxConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.hidden_size // self.num_heads}")
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
+                             f"{self.hidden_size // self.num_heads}")
 
 FLUX_DEV = FluxConfig()
 
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
-def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
-    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+class Flux(nn.Module):
+    """The Flux.1 rectified-flow transformer: double-stream blocks, then single-stream blocks over
+    [text, image]. Parameter names are BFL's checkpoint keys."""
 
-def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis
-    owns a slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns).
-    Angles are computed in fp64: positions times slow frequencies lose precision in fp32."""
-    angles = torch.cat(
-        [ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device) for i, dim in enumerate(axes_dim)],
-        dim=-1,
-    )
-    return angles.cos().float()[:, None], angles.sin().float()[:, None]
-
-def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
-    cos, sin = rope
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, config: FluxConfig = FLUX_DEV):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.config = config
+        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
+        self.final_layer = FinalLayer(dim, config.in_channels)
+        self.gradient_checkpointing = False
 
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
+        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
+        guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        ids = torch.cat([txt_ids, img_ids], dim=-2)
+        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        for block in self.double_blocks:
+            img, txt = run_checkpointed(self, block, img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = run_checkpointed(self, block, x, vec, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
 
-class QKNorm(nn.Module):
-    def __init__(self, dim: int):
+class DoubleStreamBlock(nn.Module):
+    """Text and image keep their own weights but attend jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        mlp_hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, double=True)
+        self.img_norm1 = layer_norm(dim)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_norm2 = layer_norm(dim)
+        self.img_mlp = feed_forward(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_norm1 = layer_norm(dim)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_norm2 = layer_norm(dim)
+        self.txt_mlp = feed_forward(dim, mlp_hidden)
 
-class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int):
+    def forward(self, img, txt, vec, rope):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        # joint attention over the concatenated sequence, text first
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = attention_with_rope(q, k, v, rope)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        # gated residual attention and MLP, per stream
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+class SingleStreamBlock(nn.Module):
+    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.pre_norm = layer_norm(dim)
+        self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x):
-        return self.out_layer(F.silu(self.in_layer(x)))
-
-def feed_forward(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    def forward(self, x, vec, rope):
+        shift, scale, gate = self.modulation(vec)
+        fused = self.linear1(modulate(self.pre_norm(x), shift, scale))
+        qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 class SelfAttention(nn.Module):
     """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
@@ -1578,106 +1408,56 @@ class Modulation(nn.Module):
     def forward(self, vec):
         return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
 
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+class RMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
 def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
-class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
+def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
+    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
+    computed in fp64: positions times slow frequencies lose precision in fp32."""
+    angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
+                        for i, dim in enumerate(axes_dim)], dim=-1)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        mlp_hidden = int(dim * mlp_ratio)
-        for stream in ("img", "txt"):
-            self.add_module(f"{stream}_mod", Modulation(dim, double=True))
-            self.add_module(f"{stream}_norm1", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_attn", SelfAttention(dim, num_heads))
-            self.add_module(f"{stream}_norm2", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_mlp", feed_forward(dim, mlp_hidden))
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
-    def forward(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-
-        # joint attention over the concatenated sequence, text first
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention_with_rope(q, k, v, rope)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        # gated residual attention and MLP, per stream
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
-        return img, txt
-
-class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.mlp_hidden = int(dim * mlp_ratio)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
-        self.norm = QKNorm(dim // num_heads)
-        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = Modulation(dim, double=False)
-
-    def forward(self, x, vec, rope):
-        shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([x.shape[-1] * 3, self.mlp_hidden], -1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-
-class Flux(nn.Module):
-    """The Flux.1 rectified-flow transformer; parameter names are BFL's checkpoint keys."""
-
-    def __init__(self, config: FluxConfig = FLUX_DEV):
-        super().__init__()
-        self.config = config
-        dim = config.hidden_size
-        self.img_in = nn.Linear(config.in_channels, dim)
-        self.time_in = MLPEmbedder(256, dim)
-        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
-        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
-        self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth_single_blocks)
-        )
-        self.final_layer = FinalLayer(dim, config.in_channels)
-        self.gradient_checkpointing = False
-
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features;
-        txt_ids (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled;
-        guidance (B,) the distilled guidance scale (dev only). Returns the velocity (B, L, 64)."""
-        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
-            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
-        vec = vec + self.vector_in(y)
-        img, txt = self.img_in(img), self.txt_in(txt)
-        ids = torch.cat([txt_ids, img_ids], dim=-2)
-        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
-
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, rope)
-        x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
@@ -1696,91 +1476,81 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
+    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
+    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
+    (only its `transformer/` files are downloaded)."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "double_blocks.0.img_attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state:
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
+        state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
+    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with torch.device("meta"):
+        model = Flux(config)
+    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+
+def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
+                           theta=10000.0) -> FluxConfig:
+    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
+    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    folder_config = folder_config or {}
+    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
+    if not axes_dim:
+        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
+                        "(it is not stored in the weights)")
+    return FluxConfig(
+        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
+        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
+        guidance_embed="guidance_in.in_layer.weight" in state)
+
+def flux_table_for(state: dict) -> dict:
+    """The key table of the Flux whose diffusers state dict this is."""
+    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
+    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
+    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
+
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
+    """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
     table = {
         **linear_entries("img_in", "x_embedder"),
         **linear_entries("txt_in", "context_embedder"),
         **linear_entries("final_layer.linear", "proj_out"),
         **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
     }
-    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
-    if guidance:
-        embedders["guidance_in"] = "guidance_embedder"
-    for original, folder in embedders.items():
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
         table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
         table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
+    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
+    streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
+               ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
     for i in range(depth):
-        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
-        for stream, suffix, prefix in (("img", "", "to_"), ("txt", "_context", "add_")):
-            projections = [f"{f}.{prefix}{x}" + ("" if stream == "img" else "_proj") for x in "qkv"]
-            table.update(linear_entries(f"{o}.{stream}_mod.lin", f"transformer_blocks.{i}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{o}.{stream}_attn.qkv", projections))
-            table.update(linear_entries(f"{o}.{stream}_attn.proj", f"{f}.to_out.0" if stream == "img" else f"{f}.to_add_out"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.0", f"transformer_blocks.{i}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{o}.{stream}_mlp.2", f"transformer_blocks.{i}.ff{suffix}.net.2"))
-            norm = "norm_" if stream == "img" else "norm_added_"
-            table[f"{o}.{stream}_attn.norm.query_norm.scale"] = ([f"{f}.{norm}q.weight"], None)
-            table[f"{o}.{stream}_attn.norm.key_norm.scale"] = ([f"{f}.{norm}k.weight"], None)
+        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for stream, suffix, qkv, out, norm in streams:
+            s, a = f"{o}.{stream}", f"{f}.attn"
+            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
+            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
+            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
+            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
+            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
+            for x, name in (("q", "query_norm"), ("k", "key_norm")):
+                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_q", f"{f}.attn.to_k", f"{f}.attn.to_v", f"{f}.proj_mlp"]))
+        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
         table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
         table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
         table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
         table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
     return table
-
-def flux_table_for(state: dict, layout: str) -> dict:
-    keys = list(state)
-    if layout == "original":
-        return flux_key_table(
-            count_blocks(keys, r"double_blocks\.(\d+)\."),
-            count_blocks(keys, r"single_blocks\.(\d+)\."),
-            "guidance_in.in_layer.weight" in state,
-        )
-    return flux_key_table(
-        count_blocks(keys, r"transformer_blocks\.(\d+)\."),
-        count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
-        "time_text_embed.guidance_embedder.linear_1.weight" in state,
-    )
-
-def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None, theta=10000.0) -> FluxConfig:
-    """Read every dimension off the (original-layout) tensors; only the RoPE split of the head
-    dim is not in them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
-    folder_config = folder_config or {}
-    hidden = state["img_in.weight"].shape[0]
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    axes_dim = tuple(axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ()))
-    if not axes_dim:
-        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim (it is not stored in the weights)")
-    return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1],
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
-        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
-        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1],
-        axes_dim=axes_dim,
-        theta=theta,
-        guidance_embed="guidance_in.in_layer.weight" in state,
-    )
-
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or
-    a Hub repo id (only its `transformer/` files are downloaded)."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "double_blocks.0.img_attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {', '.join(list(state)[:3])})")
-        state = to_original_layout(state, flux_table_for(state, "folder"), f"{source} (diffusers Flux)")
-    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
-    with torch.device("meta"):
-        model = Flux(config)
-    return assign_state_dict(model, state, f"{source} (Flux)").eval()
 # --- END copy: Flux transformer ---
 
 
@@ -1789,12 +1559,9 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture).
-
-    stride=1 is the usual F8 VAE. stride=2 is Diffusion-4K's F16 VAE: the same weights with a
-    stride-2 `conv_in` and a nearest x2 upsample before `conv_out`, so a 4096^2 image becomes a
-    256^2 latent (16,384 Flux tokens instead of 65,536).
-    """
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
+    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
+    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -1813,184 +1580,6 @@ class VAEConfig:
 FLUX_VAE = VAEConfig()
 
 SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        # Without autograd nothing needs the intermediate maps: SiLU runs in place on the norm
-        # outputs and each map is dropped once the next exists (one full-size map fewer at the peak).
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        hidden = self.norm(x)
-        # (b, 1, hw, c) with c contiguous: the fused SDPA kernels take only that (a strided last dim
-        # sends SDPA to its math backend, which writes the hw x hw scores)
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
-                   for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-def mid_block(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    return mid
-
-def run_mid(mid, x):
-    return mid.block_2(mid.attn_1(mid.block_1(x)))
-
-class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
-            if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        self.gradient_checkpointing = False  # OP4KSR trains LoRAs inside the encoder at 4096^2
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = self.run_block(block, h)
-            if hasattr(down, "downsample"):
-                h = self.run_block(down.downsample, h)
-        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
-            h = self.run_block(block, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def run_block(self, block, h):
-        """With gradient checkpointing a block keeps only its input and recomputes its activations
-        in the backward pass (at a 4096^2 input the first level's 128-channel 2048^2 maps dominate)."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, use_reentrant=False)
-        return block(h)
-
-class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.stride = config.stride
-        self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: the output upstream's partitioned decode gives (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
-            if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        return self.head(self.features(z))
-
-    def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). SC-VAE
-        training compares it with the F8 decoder's."""
-        h = self._run(lambda z: run_mid(self.mid, self.conv_in(z)), z)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = self._run(block, h)
-            if hasattr(up, "upsample"):
-                h = self._run(up.upsample, h)
-        return F.silu(self.norm_out(h))
-
-    def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def _run(self, layer, h):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, h, use_reentrant=False)
-        return layer(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
-
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at
-        4096^2), so it never exists whole. Upstream decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in; the released decoders were
-        trained through that path. Its output is the full-map result moved one pixel down and right:
-        output pixel (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being
-        zero outside. We compute exactly that (`partitioned`), or the centred result (conv centred
-        on (r, c)) when `partitioned` is False. A band of output rows [2t, 2t + 2n) then needs input
-        rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image.
-        """
-        s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
-            up = F.pad(up, (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
 
 class AutoEncoder(nn.Module):
     """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
@@ -2018,7 +1607,243 @@ def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | N
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(down, "downsample"):
+                h = run_checkpointed(self, down.downsample, h)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
+        SC-VAE training compares it with the F8 decoder's."""
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(up, "upsample"):
+                h = run_checkpointed(self, up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
+        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
+        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
+        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
+        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
+        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
+        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
+        the image."""
+        s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        bands = []
+        for top in range(0, rows, band_rows):
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
+        return torch.cat(bands, dim=-2)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
+        # materialises the hw x hw scores
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+def mid_block(channels: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
+    mid = nn.Sequential()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
+             token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
+    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
+    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
+    config.json may say `"stride": 2`)."""
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+             "use_quant_conv": False, "use_post_quant_conv": False,
+             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                            f"{supported!r}")
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
+    if "encoder.down.0.block.0.conv1.weight" not in state or quant:
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                        f"(first keys: {first_keys(state)})")
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+                                       setting(stride, "stride", 1))
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base, channel_multipliers=tuple(width // base for width in widths),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
+        shift_factor=shift_factor, stride=stride)
+
+def vae_table_for(state: dict) -> dict:
+    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
+    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    down, block = ("down_blocks", "resnets") if folder else ("down", "block")
+    levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
+    res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
     table = {}
 
     def add(original, folder, transform=None):
@@ -2050,92 +1875,15 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
         if level > 0:
             add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
     return table
-
-def vae_table_for(state: dict) -> dict:
-    """The VAE table for this checkpoint (either layout). A resnet has a shortcut convolution
-    only where it changes width, so shortcut rows are kept only where the state has them."""
-    folder = any(key.startswith("encoder.down_blocks.") for key in state)
-    levels = count_blocks(state, r"encoder\.down_blocks\.(\d+)\." if folder else r"encoder\.down\.(\d+)\.")
-    res_blocks = count_blocks(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\." if folder else r"encoder\.down\.0\.block\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
-
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base = state["encoder.conv_in.weight"].shape[0]
-    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
-    return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)),
-        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=state["decoder.conv_in.weight"].shape[1],
-        scale_factor=scale_factor,
-        shift_factor=shift_factor,
-        stride=stride,
-    )
-
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its
-    `first_stage_model.` part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id.
-
-    Latent scale and shift come from the arguments, else the folder's config.json, else Flux's.
-    stride 2 gives the F16 VAE (Diffusion-4K's config.json may say `"stride": 2`)."""
-    path = component_path(source, "vae", token)
-    config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-             "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-             "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
-        values = config.get(key, supported)
-        if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only {supported!r}")
-    state = read_component(path, dtype, device, prefix="first_stage_model.")
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
-    if "encoder.down.0.block.0.conv1.weight" not in state or any(key.startswith(("quant_conv", "post_quant_conv")) for key in state):
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint (first keys: {', '.join(list(state)[:3])})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(
-        state,
-        setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-        setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-        setting(stride, "stride", 1),
-    )
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
 # --- END copy: VAE ---
 
 
 # ======================================================== Appendix C: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-#
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
-# (per token: the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the
-# transformers checkpoint keys, so a Hub folder loads without a rename table.
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
+# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
+# keys, so a Hub folder loads without a rename table.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
@@ -2152,26 +1900,39 @@ class T5Config:
 
 T5_XXL = T5Config()
 
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
+    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
+    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(
+            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c = self.config
+        buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
+                                      c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5.
-
-    Keys after the query use the upper half of the buckets. Within a half, offsets below a
-    quarter of the buckets get a bucket each; larger ones fall into logarithmically wider
-    buckets, and every offset from `max_distance` on shares the last one.
-    """
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
+    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
+    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
+    last one."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -2203,41 +1964,30 @@ class T5Block(nn.Module):
 
     def forward(self, x, position_bias):
         attn, ff = self.layer
-        sa = attn.SelfAttention
+        sa, h = attn.SelfAttention, attn.layer_norm(x)
         # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(attn.layer_norm(x), (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
         return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
 
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model).
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
-    No absolute positions: a learned bias per (head, bucket of key - query offset) is added to
-    every layer's attention logits. transformers' `encoder.embed_tokens` is the same tensor as
-    `shared`, so it is not a parameter here (the loader folds it in).
-    """
-
-    def __init__(self, config: T5Config = T5_XXL):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c, length = self.config, ids.shape[1]
-        buckets = t5_position_buckets(length, c.relative_attention_num_buckets, c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
@@ -2254,21 +2004,60 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
     projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e.
-    # at the first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
+    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
 
 CLIP_L = CLIPTextConfig()
 
-CLIP_G = CLIPTextConfig(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
-)
+CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
+    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
+    CLIPTextModel."""
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        projection = config.projection_dim
+        self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        eos_id = self.config.eos_token_id
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -2285,94 +2074,18 @@ class CLIPLayer(nn.Module):
 
     def forward(self, x, causal):
         a = self.self_attn
-        x = x + multi_head_attention(self.layer_norm1(x), (a.q_proj, a.k_proj, a.v_proj, a.out_proj), self.num_heads, causal)
+        proj = (a.q_proj, a.k_proj, a.v_proj, a.out_proj)
+        x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) output of the second-to-last layer, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at the EOS token: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; equals `pooled` without a projection
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput.
-
-    Keys are those of transformers' CLIPTextModelWithProjection (`text_model.*`, `text_projection`);
-    with `projection_dim=None` those of CLIPTextModel as the Hub stores it.
-    """
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d = config, config.hidden_size
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False) if config.projection_dim else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        if self.config.eos_token_id == 2:
-            eos = ids.argmax(-1)  # argmax returns the first maximum
-        else:
-            eos = (ids == self.config.eos_token_id).int().argmax(-1)
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ...
-
-    The ids are cut so that the special tokens always fit, as `truncation=True,
-    padding="max_length"` does in the diffusers pipelines; with a tokenizer `name`, a cut is
-    reported in one line with the number of tokens dropped.
-    """
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped{longest}",
-              file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE, built from a Hub folder's vocab.json + merges.txt.
+    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
+    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
 
-    Reproduces OpenAI's SimpleTokenizer: NFC, whitespace runs -> one space, lower case, CLIP's
-    word pattern, byte-level BPE with "</w>" closing each word. Each prompt becomes
-    <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`: the
-    folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L).
-    Tokens listed in the folder's tokenizer_config.json `added_tokens_decoder` are matched whole,
-    as transformers does: in SD3's CLIP-G folder that includes "!", so "wow!!" gives "wow" 0 0
-    in the diffusers pipeline (and here), where OpenAI's tokenizer would merge "!!".
-    """
+    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
+    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
+    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
+    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -2380,19 +2093,21 @@ class CLIPTokenizer:
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and merges.txt)")
-        bpe = BPE.from_file(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>", continuing_subword_prefix=""
-        )
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
+                                "merges.txt)")
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
+                            continuing_subword_prefix="")
         self.tokenizer = Tokenizer(bpe)
         self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches, drop the rest
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = [t["content"] for t in tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()]
-        self.tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *added])  # kept whole in a prompt
-        self.bos_id, self.eos_id = self.tokenizer.token_to_id("<|startoftext|>"), self.tokenizer.token_to_id("<|endoftext|>")
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
+        self.tokenizer.add_special_tokens(  # kept whole in a prompt
+            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
+        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
+        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
         if pad_id is None:
             pad = special_token(folder, "pad_token") or "<|endoftext|>"
             pad_id = self.tokenizer.token_to_id(pad)
@@ -2407,10 +2122,8 @@ class CLIPTokenizer:
 
 class T5Tokenizer:
     """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-
-    Each prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens
-    for FLUX.1-dev, 256 for FLUX.1-schnell and SD3.
-    """
+    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
+    256 for FLUX.1-schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -2421,7 +2134,8 @@ class T5Tokenizer:
         try:
             if path.suffix == ".json":
                 tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
+                                                                                   add_special_tokens=False)]
                 self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -2429,7 +2143,7 @@ class T5Tokenizer:
                 tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode = tokenizer.encode
                 self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise bare Exception / RuntimeError / OSError on a bad file
+        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -2437,13 +2151,72 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, eos_id=self.eos_id, name=self.name)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
+    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
+    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
+              f"{longest}", file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+            config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
+    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
+    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
+    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
+    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
+    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
+    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
+    file's vision tower is skipped. Returns a frozen eval model."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
+            "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    own = ("text_model.", "text_projection.")
+    state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file.
-
-    Keys starting with one of `skip` (after the prefix) are never read.
-    """
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
+    starting with one of `skip` (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -2455,21 +2228,17 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {', '.join(list(state)[:3])})")
-    return state[key].shape
-
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
     """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
-    buckets, heads = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
     d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, not {config_json['feed_forward_proj']!r}")
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                        f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
@@ -2478,8 +2247,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
     )
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one,
-    64-wide heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
+    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -2487,97 +2256,57 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        j = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-        j |= config_json.get("text_config", config_json)  # a full CLIPModel config nests it
-        heads, act, eps, eos = j["num_attention_heads"], j["hidden_act"], j["layer_norm_eps"], j["eos_token_id"]
+        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                    "eos_token_id": 49407}
+        heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     else:
         if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not stored "
-                            "and the width is no multiple of CLIP's head dim 64; load its transformers folder instead")
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
+                            "stored and the width is no multiple of CLIP's head dim 64; load its "
+                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
-        return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=positions, hidden_act=act, projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos,
-        )
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
+                              layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub
-    repo (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`,
-    e.g. "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to
-    `dtype`; a T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model.
-    """
-    if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # the same tensor as shared.weight; files hold either or both
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
-    with torch.device("meta"):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
-def load_clip(
-    source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None, config: CLIPTextConfig | None = None
-) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder,
-    a Hub repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file
-    (+ `prefix`: "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's).
-
-    Keys load with or without the `text_model.` prefix (transformers 5 saves CLIPTextModel without
-    it); a full CLIPModel file's vision tower is skipped. Returns a frozen eval model.
-    """
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids", "embeddings.position_ids")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+    return state[key].shape
 # --- END copy: text encoders ---
 
 
 # ====================================================================== Appendix D: weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
-#
-# Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
-# SD3), so those files load as they are. The diffusers folder layout is converted with one
-# explicit table per model: {original key: ([folder keys], transform)}. Several folder keys
-# mean a fused tensor (Flux's qkv, its single blocks' linear1) concatenated along dim 0.
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: does not match the model: {'; '.join(problems)}")
+    report = mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
+                        for key in expected if key in state and state[key].shape != expected[key].shape],
+    })
+    if report:
+        raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t, lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout tensors -> original keys, following `table` (see above)."""
+    """Folder-layout (diffusers) tensors -> original keys.
+
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
+    files load as they are; a folder converts through one explicit table per model, {original key:
+    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
+    linear1), concatenated along dim 0.
+    """
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -2588,52 +2317,42 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
         out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    problems = [
-        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        for kind, keys in (("missing", missing), ("unexpected", list(state)), ("mismatched", wrong))
-        if keys
-    ]
-    if problems:
-        raise UserError(f"{what}: not a checkpoint of this model: {'; '.join(problems)}")
+    report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
+    if report:
+        raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def mismatch_report(kinds: dict) -> str:
+    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
+    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds.items() if keys)
+
+def first_keys(state: dict) -> str:
+    return ", ".join(list(state)[:3])
 
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
 
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
+                lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
 def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.", "text_encoder")
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys
-    (stripped); otherwise every key that belongs to no other component. Other components'
-    tensors are never read (an SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file
-    and the first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
-
 def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder
-    (which would otherwise be read as if it were the component)."""
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
+    otherwise be read as if it were the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
@@ -2646,64 +2365,62 @@ def folder_config(path) -> dict:
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
     return read_json(config) if config is not None and config.exists() else {}
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
+                    "text_encoder")
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
+    otherwise every key that belongs to no other component. Other components' tensors are never read (an
+    SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_finite(state, path)
+
+def check_finite(state: dict, path) -> dict:
+    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
+    first bad tensor: they would only give black images or NaN losses later."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            files = safetensors_files(path) if Path(path).is_dir() else [path]
+            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
+    return state
 # --- END copy: weight loading ---
 
 
 # ================================================================== Appendix E: training utilities
 
 # --- BEGIN copy of diffusion4k.py: training utilities ---
-#
-# The extension paper's scale-consistent VAE (SC-VAE) retrains the F16 decoder so that it
-# decodes like the F8 decoder it was cut from. Student: the base VAE with stride 2 (F16);
-# teacher: the same VAE with stride 1 (F8), frozen. Only the student's decoder trains; its
-# encoder is frozen, so the latent space (and the scaling / shift factors) stay those of the
-# base VAE with a stride-2 `conv_in`. For a batch of crops x in [-1, 1], the decoder's loss is
-#
-#   loss = MSE(clamp(x_hat, -1, 1), x)                        reconstruction (pixels)
-#        + lpips_weight * LPIPS-vgg(clamp(x_hat, -1, 1), x)    perceptual, 0.1 upstream
-#        + sc_weight * MSE(f_student, avgpool2(f_teacher))      scale consistency, 1.0 upstream
-#        + gan_weight * lambda * -mean D(x_hat)                 adversarial, 0.05 upstream
-#
-# f is the decoder's last feature map (after norm_out + SiLU, before the final upsample and
-# conv_out): the student's at H/2, the teacher's at H. Upstream upsamples the student's map
-# (nearest x2) to H instead; since nearest-x2 copies each value to a 2x2 block,
-# MSE(up(s), t) = MSE(s, avgpool2(t)) + mean within-block variance of t, a constant: the same
-# gradient at a quarter of the memory (tests/test_diffusion4k_train_vae.py checks the identity).
-# Bilinear downsampling would weight the teacher's pixels differently and change the objective.
-# x_hat goes through the partitioned F16 head by default, as upstream trains it (--f16-decode).
-# lambda is VQGAN's adaptive weight ||grad LPIPS|| / max(||grad gen||, 1e-8) at conv_out.weight,
-# capped at 1e4 (MSE's gradient when LPIPS is off). The discriminator (Paella's, as upstream)
-# minimises the hinge loss plus the gradient penalty gp_weight * (||grad_x sum D(x_real)|| - 1)^2,
-# the sum running over each image's whole output map.
-#
-# As upstream, the decoder and the discriminator take turns: one optimizer step of the decoder,
-# then one of the discriminator on fresh real crops against the decoder's last fake micro-batch
-# (upstream's 4 GPUs keep one each: 128 fakes to our 32). The step count covers both, and the
-# EMA (diffusers' EMAModel schedule, decay 0.9999) updates after every step. Also as upstream:
-# posterior samples (not means) from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4
-# for both models, constant lr, gradient clipping at 1, 256 crops per step (32 x 8 accumulated
-# here, 32 x 4 GPUs x 2 there), 512^2 crops of images resized to a 512 shorter side, horizontal
-# flips. With the sigmoid output D is in (0, 1), so the hinge never clips: the discriminator
-# loss is D(fake) - D(real) + 2, a bounded critic held in check by the gradient penalty.
+# Training data, seeded batch order, torchrun / FSDP2 set-up and resumable checkpoints.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The training images: the files metadata.jsonl lists (`file_name`), else every image under
-    the folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    """The training images: the files metadata.jsonl lists (`file_name`), else every image under the
+    folder (recursively). Entries that cannot be opened are skipped with one warning each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
     metadata, skipped, usable = folder / "metadata.jsonl", 0, []
     if metadata.is_file():
         candidates = []
-        for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        lines = metadata.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
             try:
-                candidates.append(folder / json.loads(line)["file_name"]) if line.strip() else None
+                if line.strip():
+                    candidates.append(folder / json.loads(line)["file_name"])
             except (ValueError, KeyError, TypeError) as error:
                 skipped += 1
-                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped", file=sys.stderr)
+                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped",
+                      file=sys.stderr)
     else:
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and p.is_file())
     for path in candidates:
         try:
             with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
@@ -2716,12 +2433,13 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
-        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
+        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
+              file=sys.stderr)
     return usable
 
 def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
-    """Resize so the image just covers height x width (for a square crop: its shorter side to the
-    crop size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
+    """Resize so the image just covers height x width (for a square crop: its shorter side to the crop
+    size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -2733,10 +2451,10 @@ def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], 
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's
-    permutation and every sample's crop offset, flip, sigma and noise for the whole global batch;
-    each rank then keeps its share. Its state (generator, permutation, position) is saved in
-    checkpoints, so a resumed run draws exactly what the uninterrupted run would have."""
+    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's permutation and
+    every sample's crop offset, flip, sigma and noise for the whole global batch; each rank then keeps its
+    share. Its state (generator, permutation, position) is saved in checkpoints, so a resumed run draws
+    exactly what the uninterrupted run would have."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2752,7 +2470,8 @@ class Batches:
         return out
 
     def state(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": torch.tensor(self.order, dtype=torch.long), "cursor": self.cursor}
+        order = torch.tensor(self.order, dtype=torch.long)
+        return {"generator": self.generator.get_state(), "order": order, "cursor": self.cursor}
 
     def load(self, state: dict):
         self.generator.set_state(state["generator"])
@@ -2810,35 +2529,10 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
-def state_options(lora: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # full (unsharded) tensors on the CPU; for LoRA only the trainable ones
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora, strict=not lora)
-
-def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights
-    and buffers, or for LoRA only the A and B matrices."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=state_options(lora))
-    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
-
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
-    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
-    return done[-1].parent if done else None
-
-def training_diverged(step: int, what: str, output: Path) -> UserError:
-    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
-    last = latest_checkpoint(output)
-    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
-    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
-                     + (" and --resume" if last else " and start again"))
-
-def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed, keep: int):
-    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream).
-    Weights that are no longer finite are never written: the run stops with the last good one kept."""
+def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed,
+                    keep: int):
+    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream). Weights
+    that are no longer finite are never written: the run stops with the last good checkpoint kept."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2854,35 +2548,36 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
 
-def load_state_file(path: Path, keys: tuple) -> dict:
-    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except Exception as error:  # the zip and pickle readers raise many types; the file is the problem either way
-        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
-    if not isinstance(state, dict) or not set(keys) <= state.keys():
-        raise UserError(f"{path}: not a checkpoint of this trainer")
-    return state
+def trainable_state(model, lora: bool) -> dict:
+    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights and
+    buffers, or for LoRA only the A and B matrices."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it
-    was written), one warning names it and the newest intact checkpoint before it is read instead."""
-    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
-    for candidate in [folder, *sorted(older, reverse=True)]:
-        try:
-            return candidate, read(candidate)
-        except UserError as error:
-            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
-    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+    state = get_model_state_dict(model, options=state_options(lora))
+    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
+
+def state_options(lora: bool):
+    """Full (unsharded) tensors on the CPU; for LoRA only the trainable ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
+                            strict=not lora)
+
+def training_diverged(step: int, what: str, output: Path) -> UserError:
+    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
+    last = latest_checkpoint(output)
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
+                     + (" and --resume" if last else " and start again"))
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
+    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
+    return done[-1].parent if done else None
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
     """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     def read(candidate):
         weights = candidate / "trainable.safetensors"
@@ -2898,25 +2593,49 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         batches.load(state["batches"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
-        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own settings") from None
+        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own "
+                        "settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
+
+def read_checkpoint(folder: Path, read):
+    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it was
+    written), one warning names it and the newest intact checkpoint before it is read instead."""
+    older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
+    for candidate in [folder, *sorted(older, reverse=True)]:
+        try:
+            return candidate, read(candidate)
+        except UserError as error:
+            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+
+def load_state_file(path: Path, keys: tuple) -> dict:
+    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as error:  # zip and pickle readers raise many types; the file is the problem either way
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise UserError(f"{path}: not a checkpoint of this trainer")
+    return state
 # --- END copy: training utilities ---
 
 # --- BEGIN copy of diffusion4k.py: LPIPS ---
-LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1 file
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1
 
 LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), the perceptual loss of SC-VAE training.
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a training loss.
 
-    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the
-    channel vectors are unit-normalised, their squared difference is weighted by the learned 1x1
-    `lins` and averaged over space; the five numbers are summed (the lpips package, spatial=False).
-    `features` uses torchvision's indices, so its checkpoints load unchanged.
+    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the channel vectors
+    are unit-normalised, their squared difference is weighted by the learned 1x1 `lins` and averaged over
+    space; the five numbers are summed (the lpips package, spatial=False). `features` uses torchvision's
+    indices, so its checkpoints load unchanged.
     """
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
@@ -2925,12 +2644,20 @@ class LPIPS(nn.Module):
         super().__init__()
         layers, width = [], 3
         for item in VGG16_LAYERS:
-            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
-            width = width if item == "M" else item
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
+                width = item
         self.features = nn.Sequential(*layers)
-        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False) for i in self.TAPS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False)
+                                  for i in self.TAPS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[:, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[:, None, None], persistent=False)
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
+        pairs = zip(self.lins, self.taps(a), self.taps(b))
+        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in pairs)
 
     def taps(self, x):
         x, out = (x - self.shift) / self.scale, []
@@ -2940,8 +2667,34 @@ class LPIPS(nn.Module):
                 out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
-    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
-        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self.taps(a), self.taps(b)))
+def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
+    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision / timm VGG16
+    weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
+    hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
+            "--lpips-weight 0)")
+
+    def read(spec, what):
+        try:
+            path = weight_file(spec, what, token)
+        except UserError as error:
+            raise UserError(f"{error}{hint}") from None
+        if path.suffix == ".safetensors":
+            return load_safetensors(path, torch.float32)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle raises many types; the file is the problem either way
+            raise UserError(f"{what}: {path} is not a readable weights file "
+                            f"({type(error).__name__})") from None
+        return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+    model = LPIPS()
+    raw = read(backbone, "LPIPS backbone")
+    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
+    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
+    lins = read(linear, "LPIPS linear layers")
+    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items()
+                  if re.match(r"lin\d\.", key)})
+    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
     """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
@@ -2956,32 +2709,6 @@ def weight_file(spec, what: str, token=None) -> Path:
     if not path.is_file():
         raise UserError(f"{what}: {spec} not found")
     return path
-
-def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision /
-    timm VGG16 weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
-    hint = " (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with --lpips-weight 0)"
-
-    def read(spec, what):
-        try:
-            path = weight_file(spec, what, token)
-        except UserError as error:
-            raise UserError(f"{error}{hint}") from None
-        if path.suffix == ".safetensors":
-            return load_safetensors(path, torch.float32)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle raises many types; the file is the problem either way
-            raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
-        return state.get("state_dict", state) if isinstance(state, dict) else {}
-
-    model = LPIPS()
-    raw = read(backbone, "LPIPS backbone")
-    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
-    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
-    lins = read(linear, "LPIPS linear layers")
-    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items() if re.match(r"lin\d\.", key)})
-    return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 # --- END copy: LPIPS ---
 
 

@@ -133,9 +133,10 @@ def device_name(text) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cuda, cuda:N, cpu or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu")
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            count = torch.cuda.device_count()
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -221,9 +222,11 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
             "and log in (huggingface-cli login, or set HF_TOKEN)"
         ) from None
     except hub.RepositoryNotFoundError:
-        raise UserError(f"{source}: no such repo on the Hugging Face Hub (or it is private and no token was given)") from None
+        message = "no such repo on the Hugging Face Hub (or it is private and no token was given)"
+        raise UserError(f"{source}: {message}") from None
     except hub.LocalEntryNotFoundError:
-        raise UserError(f"{source}: not in the local Hub cache and the Hub cannot be reached (offline?)") from None
+        message = "not in the local Hub cache and the Hub cannot be reached (offline?)"
+        raise UserError(f"{source}: {message}") from None
     except hub.HfHubHTTPError as error:
         raise UserError(f"{source}: download failed: {str(error).splitlines()[0]}") from None
     path = root / subfolder if subfolder else root
@@ -265,7 +268,8 @@ def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[st
                 for key in f.keys():
                     if key_filter is None or key_filter(key):
                         tensor = f.get_tensor(key)
-                        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                        cast = dtype is not None and tensor.is_floating_point()
+                        state[key] = tensor.to(dtype) if cast else tensor
         except (SafetensorError, OSError) as error:
             raise UserError(f"{file}: not a readable safetensors file ({error})") from None
     return state
@@ -291,7 +295,9 @@ def read_json(path) -> dict:
 
 # ----------------------------------------------------------------------------- outputs
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_FORMATS = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"
+}
 
 
 def check_writable_folder(folder) -> None:
@@ -313,9 +319,11 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder; give a file name such as {path / ('output' + (suffixes or ('.png',))[0])}")
+        example = path / ("output" + (suffixes or (".png",))[0])
+        raise UserError(f"{path} is a folder; give a file name such as {example}")
     if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} (use one of {', '.join(suffixes)})")
+        allowed = ", ".join(suffixes)
+        raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} (use one of {allowed})")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
     check_writable_folder(path.parent)
@@ -336,7 +344,8 @@ def _publish(temp: Path, path: Path, overwrite: bool):
     try:
         os.link(temp, path)  # atomic and exclusive: fails if `path` appeared meanwhile
     except FileExistsError:
-        raise UserError(f"{path} exists (written by another run meanwhile?); pass --overwrite to replace it") from None
+        message = "exists (written by another run meanwhile?); pass --overwrite to replace it"
+        raise UserError(f"{path} {message}") from None
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
             raise
@@ -382,7 +391,9 @@ def atomic_files(paths, overwrite=False):
             for path in published:
                 path.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            reason = "no space left on device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+            reason = error.strerror or str(error)
+            if error.errno == errno.ENOSPC:
+                reason = "no space left on device"
             raise UserError(f"cannot write {paths[len(published)]}: {reason}") from None
         raise
 
@@ -407,7 +418,8 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     try:
         with Image.open(path) as opened:
             if opened.width * opened.height > max_pixels:
-                raise UserError(f"{path}: {opened.width}x{opened.height} exceeds the {max_pixels:,}-pixel limit")
+                size = f"{opened.width}x{opened.height}"
+                raise UserError(f"{path}: {size} exceeds the {max_pixels:,}-pixel limit")
             image = ImageOps.exif_transpose(opened)
             image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:

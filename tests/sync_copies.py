@@ -14,7 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["diffusion4k.py", "op4ksr.py", "cupscale.py", "metrics.py"]
-KIT = re.compile(r"^# --- BEGIN kit: (?P<name>.+?) ---\n(?P<body>.*?)^# --- END kit: (?P=name) ---$", re.S | re.M)
+KIT = re.compile(
+    r"^# --- BEGIN kit: (?P<name>.+?) ---\n(?P<body>.*?)^# --- END kit: (?P=name) ---$", re.S | re.M
+)
 COPY = re.compile(
     r"^# --- BEGIN copy of (?P<source>\S+): (?P<name>.+?) ---\n(?P<body>.*?)^# --- END copy: (?P=name) ---$",
     re.S | re.M,
@@ -65,7 +67,8 @@ def synced(text: str) -> str:
 
     def replace(match):
         body = kits(read_source(match["source"]))[match["name"]]
-        return f"# --- BEGIN copy of {match['source']}: {match['name']} ---\n{body}# --- END copy: {match['name']} ---"
+        begin = f"# --- BEGIN copy of {match['source']}: {match['name']} ---"
+        return f"{begin}\n{body}# --- END copy: {match['name']} ---"
 
     return COPY.sub(replace, text)
 

@@ -150,36 +150,47 @@ def regional_setup(pipe, conditions, seed=3):
     return canvas, regions, maps, cu.region_interpolation(cu.plan_regions(64, 64, 32, 16), (32, 32), (16, 16), 2)
 
 
-def test_rap_on_the_text_attention_used_is_the_cropped_interpolated_prior(pipe, conditions):
+def recording(calls, function):
+    """`function` (an attention) that also records each call's q, k, v, keyword arguments and output."""
+    def run(q, k, v, *args, **kwargs):
+        out = function(q, k, v, *args, **kwargs)
+        calls.append(dict(q=q, k=k, v=v, kwargs=kwargs, out=out.clone()))
+        return out
+    return run
+
+
+def test_rap_on_the_text_attention_used_is_the_cropped_interpolated_prior(pipe, conditions, monkeypatch):
     canvas, regions, maps, interpolation = regional_setup(pipe, conditions)
-    calls = []
-    with_rap = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32, maps, interpolation, calls.append)
-    assert len(calls) == len(regions) * pipe.transformer.config.depth
+    calls, n, text = [], len(regions), 333
+    monkeypatch.setattr(cu, "regional_attention", recording(calls, cu.regional_attention))
+    with_rap = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32, maps, interpolation)
+    assert len(calls) == pipe.transformer.config.depth
     worst = 0.0
     for call in calls:
-        region, text = regions[call["region"]], 333
-        expected = full_grid_prior(maps[call["block"]], (32, 32), region)
-        assert torch.allclose(call["used"], expected, atol=1e-6)
-        assert not torch.allclose(call["used"], call["own"], atol=1e-3)  # RAP really changed something
-        reference = brute_force(call["q"], call["k"], call["v"], text, expected)
-        worst = max(worst, (call["out"] - reference).abs().max().item())
+        for i, region in enumerate(regions):
+            q, k, v = call["q"][n + i], call["k"][n + i], call["v"][n + i]  # region i's global-prompt row
+            expected = full_grid_prior(maps[call["kwargs"]["block"]], (32, 32), region)
+            own = torch.softmax(q[:, text:] @ k[:, :text].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+            assert not torch.allclose(expected, own, atol=1e-3)  # RAP really changes something
+            reference = brute_force(q, k, v, text, expected)
+            worst = max(worst, (call["out"][n + i] - reference).abs().max().item())
     print(f"[rap] max |attention output - brute-force joint softmax with m*A| = {worst:.2e}")
     assert worst < 1e-5
     without = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32)
     assert (with_rap - without).abs().max() > 1e-3
 
 
-def test_rap_off_the_text_attention_used_is_the_regions_own(pipe, conditions):
+def test_rap_off_the_text_attention_used_is_the_regions_own(pipe, conditions, monkeypatch):
     canvas, regions, _, _ = regional_setup(pipe, conditions)
-    calls = []
-    probed = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32, probe=calls.append)
-    for call in calls:
-        q, k = call["q"], call["k"]
-        own = torch.softmax(q[:, 333:] @ k[:, :333].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
-        assert torch.allclose(call["used"], own, atol=1e-6) and torch.equal(call["used"], call["own"])
-        assert torch.allclose(call["out"], brute_force(q, k, call["v"], 333), atol=1e-5)
     plain = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32)
-    assert torch.allclose(probed, plain, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(cu, "attention", recording(calls, cu.attention))
+    recorded = cu.denoise_regions(pipe.transformer, canvas, regions, 0.5, conditions, CONFIG, torch.float32)
+    assert len(calls) == pipe.transformer.config.depth  # each joint block's plain attention, no regional hook
+    for call in calls:
+        for q, k, v, out in zip(call["q"], call["k"], call["v"], call["out"]):
+            assert torch.allclose(out, brute_force(q, k, v, 333), atol=1e-5)
+    assert torch.equal(recorded, plain)
 
 
 # ----------------------------------------------------------------------------- composer

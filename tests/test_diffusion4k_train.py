@@ -2,6 +2,7 @@
 that diffusers loads, LoRA export, 2-process FSDP2 on CPU, bad input. Tiny random pipelines, CPU, fp32."""
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -79,7 +80,7 @@ def test_wlf_with_equal_weights_is_x0_mse_and_sigma2_velocity_mse():
     assert abs(wlf.item() - x0_mse.item()) < 1e-6 * x0_mse.item()  # fp32 DWT inside; exact up to rounding
     assert abs(x0_mse.item() - velocity_mse.item()) < 1e-12
     # high-frequency emphasis: a different objective, = (LL + 2 (LH + HL + HH)) / 4 band means
-    emphasis = d4k.wlf_loss(pred_x0, x0, d4k.WLF_HIGH_FREQUENCY)
+    emphasis = d4k.wlf_loss(pred_x0, x0, (1.0, 2.0, 2.0, 2.0))
     bands = d4k.haar_dwt(pred_x0 - x0).square().mean(dim=(0, 1, 3, 4))
     assert torch.allclose(emphasis.double(), (bands * torch.tensor([1, 2, 2, 2.0], dtype=torch.float64)).mean(), rtol=1e-6)
     assert emphasis.item() > 1.2 * wlf.item()
@@ -308,6 +309,18 @@ def random_lora(model, kind, rank=3, seed=1):
     return model
 
 
+def merge_lora(model):
+    """Replace every LoRALinear by a plain Linear with W + scale * B A (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, d4k.LoRALinear):
+            merged = copy.deepcopy(module.base)
+            with torch.no_grad():
+                merged.weight += (module.lora_B @ module.lora_A) * module.scale
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, merged)
+    return model
+
+
 def test_lora_export_matches_diffusers(flux_folder):
     """Our LoRA on fused qkv / linear1 == diffusers' FluxTransformer2DModel + load_lora_adapter
     (peft) with the exported to_q/to_k/to_v/proj_mlp LoRAs; and == the merged weights."""
@@ -315,7 +328,7 @@ def test_lora_export_matches_diffusers(flux_folder):
 
     ours = random_lora(d4k.load_flux(flux_folder, torch.float32), "flux")
     assert len(d4k.lora_targets(d4k.load_flux(flux_folder, torch.float32), "flux")) == 1 * 8 + 2 * 2
-    lora, scale = d4k.lora_state_dict(ours)
+    lora, scale = d4k.trainable_state(ours, lora=True), 2.0  # random_lora's alpha = 2 rank
     exported = d4k.export_lora_diffusers(lora, "flux", ours.config, scale)
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in exported
     assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in exported
@@ -324,7 +337,7 @@ def test_lora_export_matches_diffusers(flux_folder):
     t, gd = torch.tensor([0.4]), torch.tensor([3.5])
     with torch.no_grad():
         got = ours(d4k.pack_latents(z), d4k.latent_image_ids(8, 6), txt, torch.zeros(1, 5, 3), t, y, gd)
-        merged = d4k.merge_lora(ours)(d4k.pack_latents(z), d4k.latent_image_ids(8, 6), txt, torch.zeros(1, 5, 3), t, y, gd)
+        merged = merge_lora(ours)(d4k.pack_latents(z), d4k.latent_image_ids(8, 6), txt, torch.zeros(1, 5, 3), t, y, gd)
     assert (got - merged).abs().max() < 1e-5
     pytest.importorskip("peft", reason="diffusers' load_lora_adapter needs peft (tests/requirements.txt)")
     ref = diffusers.FluxTransformer2DModel.from_pretrained(flux_folder / "transformer").eval()

@@ -198,7 +198,7 @@ def test_lpips_loads_published_layouts_and_matches_metrics(tmp_path):
 
     reference, linear, backbone = write_lpips_files(tmp_path)
     ours = d4k.load_lpips(str(linear), str(backbone))
-    theirs = metrics.LPIPS.from_pretrained("vgg", str(linear), str(backbone))
+    theirs = metrics.LPIPSMetric.from_pretrained("vgg", str(linear), str(backbone))
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(ours(a, b), theirs(a, b), rtol=1e-5, atol=1e-7)

@@ -152,7 +152,7 @@ def clip_folder(tmp_path_factory):
 
 def test_clip_towers_match_transformers(clip_folder):
     folder, reference, vocab = clip_folder
-    ours = M.CLIP.from_pretrained(str(folder))
+    ours = M.ClipViT.from_pretrained(str(folder))
     pixels = torch.randn(3, 3, 32, 32)
     ids, lengths = ours.tokenizer(["a photo of a red cat", "the dog in the snow house", "tree"])
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_clip_towers_match_transformers(clip_folder):
 
 def test_clip_long_caption_keeps_end_token(clip_folder):
     folder, reference, vocab = clip_folder
-    ours = M.CLIP.from_pretrained(str(folder))
+    ours = M.ClipViT.from_pretrained(str(folder))
     caption = " ".join(["red", "house", "cat"] * 40)  # 120 words
     ids, lengths = ours.tokenizer([caption])
     assert ids.shape == (1, 77) and lengths.item() == 77 and ids[0, -1].item() == vocab["<|endoftext|>"]
@@ -193,7 +193,7 @@ def test_clip_preprocess_matches_clip_image_processor():
 
 def test_clip_score_forms(clip_folder):
     folder, reference, _ = clip_folder
-    ours = M.CLIP.from_pretrained(str(folder))
+    ours = M.ClipViT.from_pretrained(str(folder))
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 56, 3)).astype(np.uint8)) for i in range(4)]
     captions = ["a red house", "a dog in the snow", "tree", "the cat"]
     pixels = torch.stack([M.clip_preprocess(im, 32) for im in images])
@@ -230,7 +230,7 @@ def test_aesthetic_mlp_loads_released_layout_and_is_affine(tmp_path, clip_folder
     assert report("aesthetic MLP", mlp(e), manual[:, 0]) < 1e-5
 
     folder, reference, _ = clip_folder
-    clip = M.CLIP.from_pretrained(str(folder), towers=("vision",))
+    clip = M.ClipViT.from_pretrained(str(folder), towers=("vision",))
     assert clip.text is None
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 48, 3)).astype(np.uint8))
     with torch.no_grad():
@@ -254,7 +254,7 @@ def test_lpips_matches_lpips_package(net, tmp_path):
         backbone[f"features.{index}.{kind}"] = value
     torch.save(backbone, tmp_path / "backbone.pth")
     lin = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-    ours = M.LPIPS.from_pretrained(net, linear=str(lin), backbone=str(tmp_path / "backbone.pth"))
+    ours = M.LPIPSMetric.from_pretrained(net, linear=str(lin), backbone=str(tmp_path / "backbone.pth"))
     a, b = torch.rand(2, 3, 64, 80) * 2 - 1, torch.rand(2, 3, 64, 80) * 2 - 1
     with torch.no_grad():
         theirs = reference(a, b).flatten()
@@ -274,7 +274,7 @@ def test_lpips_tiles_cover_the_image():
 
 def test_lpips_alex_without_backbone_is_a_clear_error():
     with pytest.raises(UserError, match="alexnet-owt-7be5be79.pth"):
-        M.LPIPS.from_pretrained("alex")
+        M.LPIPSMetric.from_pretrained("alex")
 
 
 def test_missing_weights_are_one_line_errors(tmp_path, monkeypatch):

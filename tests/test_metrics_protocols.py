@@ -159,9 +159,9 @@ def tiny_clip(folder):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer, tokenizer.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     tokenizer.save(str(folder / "tokenizer.json"))
-    vision = M.VisionTower(M.TowerConfig(48, 2, 3), patch=8, image_size=32, embed_dim=24)
-    text = M.TextTower(M.TowerConfig(32, 2, 2), vocab=len(vocab), context=77, embed_dim=24)
-    return randomize_(M.CLIP(vision, text, M.ClipTokenizer(folder / "tokenizer.json")), std=0.2).eval()
+    vision = M.ClipVisionTower(M.ClipTowerConfig(48, 2, 3), patch=8, image_size=32, embed_dim=24)
+    text = M.ClipTextTower(M.ClipTowerConfig(32, 2, 2), vocab=len(vocab), context=77, embed_dim=24)
+    return randomize_(M.ClipViT(vision, text, M.ClipScoreTokenizer(folder / "tokenizer.json")), std=0.2).eval()
 
 
 @pytest.mark.filterwarnings("ignore:FID. (pred|ref) has")
@@ -187,7 +187,7 @@ def test_diffusion4k_protocol_reproduces_the_upstream_pipeline(tmp_path, capsys,
         requested.append(source)
         return clip
 
-    monkeypatch.setattr(M.CLIP, "from_pretrained", classmethod(load_clip))
+    monkeypatch.setattr(M.ClipViT, "from_pretrained", classmethod(load_clip))
     monkeypatch.setattr(M.AestheticMLP, "from_pretrained", classmethod(lambda cls, source: mlp))
     argv = ["--protocol", "diffusion4k", "--pred", pred, "--ref", ref, "--prompts", prompts]
     code, _, err = run(argv, capsys)

@@ -140,7 +140,7 @@ def flux_case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("flux_dev" if guidance else "flux_schnell")
     ref.save_pretrained(root / "pipeline" / "transformer")
     folder_state = {k: v.clone() for k, v in ref.state_dict().items()}
-    original = d.to_original_layout(folder_state, d.flux_table_for(folder_state, "folder"), "tiny flux")
+    original = d.to_original_layout(folder_state, d.flux_table_for(folder_state), "tiny flux")
     save_state(original, root / "flux1-tiny.safetensors")
     # ComfyUI-style all-in-one file: prefixed transformer plus other components to ignore
     others = {"first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3), "text_encoders.t5xxl.shared.weight": torch.randn(5, 4)}
@@ -170,7 +170,7 @@ def test_flux_converter_round_trip(flux_case):
     (diffusers' own Flux single-file converter hardcodes the 3072 width, so it cannot be
     run on a tiny config; the full-size key tests below cover the real width.)"""
     original = flux_case["original"]
-    back = d.to_folder_layout(original, d.flux_table_for(original, "original"), FLUX_HIDDEN)
+    back = d.to_folder_layout(original, d.flux_table_for(flux_case["folder_state"]), FLUX_HIDDEN)
     assert_same_state(back, flux_case["folder_state"])
     # the BFL file on disk holds exactly the converted tensors
     assert_same_state(load_file(str(flux_case["root"] / "flux1-tiny.safetensors")), original)
@@ -470,9 +470,9 @@ def test_parameter_counts():
 def test_full_size_flux_converters(listings, model):
     folder, original = listings[f"diffusers_{model}"], listings[f"bfl_{model}"]
     state = meta_state(folder)
-    converted = d.to_original_layout(state, d.flux_table_for(state, "folder"), model)
+    converted = d.to_original_layout(state, d.flux_table_for(state), model)
     assert_listing(shapes(converted), original)
-    back = d.to_folder_layout(meta_state(original), d.flux_table_for(original, "original"), 3072)
+    back = d.to_folder_layout(meta_state(original), d.flux_table_for(state), 3072)
     assert_listing(shapes(back), folder)
     config = d.flux_config_from_state(converted)
     assert config == (d.FLUX_DEV if model == "flux_dev" else d.FLUX_SCHNELL)

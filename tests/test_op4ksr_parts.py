@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metrics
 import op4ksr
 from op4ksr import DegradationConfig, DegradationStage, LossWeights
 
@@ -57,24 +58,6 @@ def fold_error(x, period=32, quadrants=4):
     return (tiles.reshape(folded.shape[:-4] + (h // period, period, w // period, period)) - folded).abs().max().item()
 
 
-def test_lattice_lags_cover_the_half_plane():
-    lags = op4ksr.lattice_lags(32, harmonics=2)
-    assert len(lags) == 12 and len(set(lags)) == 12
-    assert (0, 0) not in lags and all((-dy, -dx) not in lags for dy, dx in lags)
-    assert {(32, 0), (0, 32), (32, 32), (32, -32), (64, 64)} <= set(lags)
-
-
-def test_autocovariance_matches_direct_sums():
-    x = torch.randn(2, 40, 48, dtype=torch.float64)
-    covariance = op4ksr.autocovariance(x, max_lag=9)
-    centred = x - x.mean(dim=(-2, -1), keepdim=True)
-    for dy, dx in [(0, 0), (3, 0), (0, -5), (9, 9), (-4, 7)]:
-        a = centred[:, max(0, -dy) : 40 - max(0, dy), max(0, -dx) : 48 - max(0, dx)]
-        b = centred[:, max(0, dy) : 40 + min(0, dy), max(0, dx) : 48 + min(0, dx)]
-        direct = (a * b).mean(dim=(-2, -1))
-        torch.testing.assert_close(covariance[:, 9 + dy, 9 + dx].double(), direct, rtol=1e-5, atol=1e-6)
-
-
 def test_lattice_power_is_the_quadrant_spectrum_at_k_over_p():
     image = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(0))
     power, variance = op4ksr.lattice_power(image, periods=(16, 32))
@@ -96,7 +79,7 @@ def test_lattice_power_is_the_quadrant_spectrum_at_k_over_p():
 def test_planted_period_scores_far_higher():
     clean = smooth_texture(0, channels=3, size=LAP_SIZE)
     planted = clean + periodic_pattern(1, std=0.03, channels=3, size=LAP_SIZE)  # 12% of the texture's std
-    clean_score, planted_score = op4ksr.periodicity_score(clean).item(), op4ksr.periodicity_score(planted).item()
+    clean_score, planted_score = metrics.periodicity_score(clean).item(), metrics.periodicity_score(planted).item()
     print(f"[L_AP] score with a faint 32-px period {planted_score:.4f} / without {clean_score:.4f}: {planted_score / clean_score:.1f}x")
     assert planted_score > 10 * clean_score
     assert clean_score < 0.005  # the noise floor of 512-px quadrants: ~1 / 256 of white noise's
@@ -114,7 +97,7 @@ def test_descent_on_l_ap_removes_the_planted_period_from_the_pixels():
     steps = 40
     result = descend(clean + pattern, clean, steps=steps)
     left = pattern_coefficient(result - clean, pattern)  # 1 before the descent
-    before, after, reference = (op4ksr.periodicity_score(x).item() for x in (clean + pattern, result, clean))
+    before, after, reference = (metrics.periodicity_score(x).item() for x in (clean + pattern, result, clean))
     print(f"[L_AP] gradient/pattern cosine {alignment:.2f}; planted pattern in the pixels 1 -> {left:.3f} "
           f"({1 / left:.0f}x) after {steps} Adam steps; score {before:.4f} -> {after:.4f} (clean {reference:.4f})")
     assert 0 < left < 0.2  # at least 5x less of the planted pattern in the pixels
@@ -150,10 +133,10 @@ def test_relative_form_leaves_real_periodic_texture_alone():
 
 def test_quadrants_and_small_images():
     with pytest.raises(ValueError, match="square"):
-        op4ksr.periodicity_score(torch.zeros(1, 3, 256, 256), quadrants=3)
+        metrics.periodicity_score(torch.zeros(1, 3, 256, 256), quadrants=3)
     with pytest.raises(ValueError, match="larger than 81"):
-        op4ksr.periodicity_score(torch.zeros(1, 3, 128, 128))
-    flat = op4ksr.periodicity_score(torch.zeros(2, 3, 256, 256))
+        metrics.periodicity_score(torch.zeros(1, 3, 128, 128))
+    flat = metrics.periodicity_score(torch.zeros(2, 3, 256, 256))
     assert flat.shape == (2,) and flat.abs().max() == 0
 
 

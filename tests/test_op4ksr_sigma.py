@@ -36,7 +36,7 @@ def scaled_pair(sigma: float, seed: int):
 @pytest.mark.parametrize("sigma", [0.1, 0.3, op4ksr.OMGSR_SIGMA, 0.8])
 def test_calibration_finds_the_closed_form_sigma(sigma):
     hr, lr = scaled_pair(sigma, seed=int(sigma * 1000))
-    t, found = op4ksr.matched_sigma([hr], [lr])
+    t, found = op4ksr.matched_sigma([(hr, lr)])
     grid = op4ksr.omgsr_sigmas()
     nearest = int((grid - sigma).abs().argmin())
     assert t in (nearest - 1, nearest, nearest + 1) and abs(found - sigma) < 2e-3, (t, found, sigma)
@@ -47,7 +47,7 @@ def test_calibration_finds_the_closed_form_sigma(sigma):
 def test_calibration_averages_batches_as_omgsr_does():
     """Two batches at different distortion: the answer minimises the summed |SNR gap| over the grid."""
     pairs = [scaled_pair(0.2, 1), scaled_pair(0.6, 2)]
-    t, found = op4ksr.matched_sigma([p[0] for p in pairs], [p[1] for p in pairs])
+    t, found = op4ksr.matched_sigma(pairs)
     sigmas = op4ksr.omgsr_sigmas()[1:].double()
 
     def gap(s):
@@ -83,7 +83,7 @@ def test_calibrate_sigma_prints_matched_sigma_of_its_latents(flux_folder, tmp_pa
     files, vae = op4ksr.vae_image_files(data), op4ksr.load_vae(flux_folder, torch.float32, stride=2)
     latents = list(op4ksr.calibration_latents(files, vae, 64, 4, 2, 3, 5))
     assert [tuple(hr.shape) for hr, _ in latents] == [(2, 4, 16, 16), (1, 4, 16, 16)]
-    expected_t, expected_sigma = op4ksr.matched_sigma([hr for hr, _ in latents], [lr for _, lr in latents])
+    expected_t, expected_sigma = op4ksr.matched_sigma(latents)
     assert t == expected_t and sigma == pytest.approx(expected_sigma, abs=1e-6)
     assert difference == pytest.approx(sigma - op4ksr.OMGSR_SIGMA, abs=2e-6)
     assert calibrate(capsys, *argv)[3] == out  # the same bytes again

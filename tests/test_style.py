@@ -28,8 +28,9 @@ def awkward_constructs(source: str) -> list[str]:
             found.append(f"line {node.lineno}: a lambda returning a lambda")
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.IfExp):
             found.append(f"line {node.lineno}: a statement written as a conditional expression")
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_module"
-                and node.args and isinstance(node.args[0], ast.JoinedStr)):
+        is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        formatted_name = is_call and bool(node.args) and isinstance(node.args[0], ast.JoinedStr)
+        if formatted_name and node.func.attr == "add_module":
             found.append(f"line {node.lineno}: add_module with a formatted name")
     return found
 

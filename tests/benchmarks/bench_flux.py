@@ -84,7 +84,7 @@ def build_models(config: d.FluxConfig, device, dtype, std):
                 parameter.add_(1.0)  # QK RMSNorm scales around 1, like trained ones
     reference = reference.to(device=device, dtype=dtype).eval()
     state = reference.state_dict()
-    original = d.to_original_layout(state, d.flux_table_for(state, "folder"), "benchmark")  # shares unfused tensors
+    original = d.to_original_layout(state, d.flux_table_for(state), "benchmark")  # shares unfused tensors
     with torch.device("meta"):
         ours = d.Flux(config)
     d.assign_state_dict(ours, original, "benchmark").eval()

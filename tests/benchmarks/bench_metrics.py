@@ -127,8 +127,8 @@ def bench_clip(image, device):
     pil = Image.fromarray(image)
     print(f"\n== CLIP image towers on {image.shape[1]}x{image.shape[0]} ({device}), preprocessing included")
     for name, (width, layers, heads, patch, embed) in {"ViT-B/16": (768, 12, 12, 16, 512), "ViT-L/14": (1024, 24, 16, 14, 768)}.items():
-        cfg = M.TowerConfig(width, layers, heads)
-        ours = M.CLIP(randomise(M.VisionTower(cfg, patch, 224, embed)), None).to(device)
+        cfg = M.ClipTowerConfig(width, layers, heads)
+        ours = M.ClipViT(randomise(M.ClipVisionTower(cfg, patch, 224, embed)), None).to(device)
         row(f"ours {name}", timed(lambda: ours.encode_images([pil]), device))
         if transformers is None:
             continue
@@ -147,7 +147,7 @@ def bench_clip(image, device):
 @torch.no_grad()
 def bench_lpips(image, device, tile):
     print(f"\n== LPIPS-alex on {image.shape[1]}x{image.shape[0]} in {tile} tiles ({device})")
-    ours = randomise(M.LPIPS("alex")).to(device)
+    ours = randomise(M.LPIPSMetric("alex")).to(device)
     other = np.ascontiguousarray(image[::-1])
     n = len(M.tiles(*image.shape[:2], tile))
     row(f"ours ({n} tiles)", timed(lambda: M.lpips_tiled(ours, image, other, tile), device))
