@@ -84,6 +84,7 @@ from common.io import (
     save_image,
     seed_everything,
     tensor_to_image,
+    warn,
 )
 
 # Sampling defaults as Diffusion-4K runs them: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
@@ -699,7 +700,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{metadata}: cannot read the captions file ({error})") from None
     examples, skipped = [], 0
-    for number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -716,7 +717,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             reason = f"missing {error}" if isinstance(error, KeyError) else reason
             if verbose:
-                print(f"warning: {metadata.name} line {number}: {reason}; skipped", file=sys.stderr)
+                print(f"warning: {metadata.name} line {line_number}: {reason}; skipped", file=sys.stderr)
     if not examples:
         raise UserError(f"{folder}: no usable images in metadata.jsonl ({skipped} entries skipped)")
     if verbose:
@@ -861,11 +862,6 @@ def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple
                 bad.add(candidate)
                 warn(f"{error}; skipped ({len(bad)} of {len(examples)} images unreadable)")
     raise UserError(f"none of the {len(examples)} training images could be decoded")
-
-def warn(message: str):
-    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 def stop_unless_finite(step: int, values: dict, output: Path):
     """Stop at the first of `values` (loss, gradient norm, ...) that is not finite."""
@@ -1261,24 +1257,25 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
             raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
         return prompts, None
     seen = {}  # stem -> (line number, prompt)
-    for number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as error:
-            raise UserError(f"{path} line {number}: not JSON ({error})") from None
+            raise UserError(f"{path} line {line_number}: not JSON ({error})") from None
         record = record if isinstance(record, dict) else {}
         name, text = record.get("file_name"), record.get("text")
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path} line {number}: expected an object with a file_name and a non-empty text")
+            expected = "expected an object with a file_name and a non-empty text"
+            raise UserError(f"{path} line {line_number}: {expected}")
         stem = Path(name).stem
         if not stem or "\0" in stem:
-            raise UserError(f"{path} line {number}: file_name {name!r} gives no usable output name")
+            raise UserError(f"{path} line {line_number}: file_name {name!r} gives no usable output name")
         if stem in seen:
-            raise UserError(f"{path} line {number}: file_name {name!r} gives the output name {stem}.png "
+            raise UserError(f"{path} line {line_number}: file_name {name!r} gives the output name {stem}.png "
                             f"of line {seen[stem][0]}")
-        seen[stem] = number, text
+        seen[stem] = line_number, text
     if not seen:
         raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
     return [text for _, text in seen.values()], list(seen)

@@ -68,6 +68,7 @@ from common.io import (
     read_text,
     resolve_source,
     run_cli,
+    warn,
 )
 
 # ================================================== GLCM Score and Compression Ratio (Diffusion-4K)
@@ -1706,13 +1707,6 @@ def progress(items, label):
     for i, item in enumerate(items, 1):
         yield item
         update(i)
-
-def warn(message: str):
-    """A warning line on stderr, above the progress bar (a plain print would land on the bar's line)."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
 
 # ===================================================================================== command line
 

@@ -170,6 +170,13 @@ def progress_bar(description: str, total=None, initial=0):
     return update
 
 
+def warn(message: str):
+    """A warning line on stderr, above any progress bar (a plain print would land on the bar's line)."""
+    from tqdm.auto import tqdm  # a dependency of huggingface-hub
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def end_progress_lines():
     """Close the bars still open (a run that stopped half-way) so that the next line starts clean."""
     if _open_bars:

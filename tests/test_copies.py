@@ -3,6 +3,7 @@ The copies are whole kits between BEGIN/END lines (see tests/sync_copies.py); th
 one identical, as raw text, to the kit in its source file."""
 
 import ast
+import itertools
 
 import pytest
 from sync_copies import FILES, ROOT, copies, first_difference, kits, unmatched_markers
@@ -88,3 +89,22 @@ def test_a_drifted_comment_fails_and_sync_repairs_it(tmp_path, monkeypatch):
     assert sync_copies.main(["--check"]) == 1
     assert sync_copies.main([]) == 0
     assert (tmp_path / "cupscale.py").read_text() == original
+
+
+def test_one_name_one_meaning():
+    """A top-level name defined in two files (a kit's copy or not) has the same text in both."""
+    definitions = {name: top_level_definitions(text(name)) for name in FILES}
+    for first, second in itertools.combinations(FILES, 2):
+        shared = definitions[first].keys() & definitions[second].keys() - {"main"}
+        different = sorted(n for n in shared if definitions[first][n] != definitions[second][n])
+        assert not different, f"{first} and {second} give these names different meanings: {different}"
+
+
+def top_level_definitions(source: str) -> dict[str, str]:
+    found = {}
+    for node in ast.parse(source).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
+        if isinstance(node, ast.Assign):
+            names = [target.id for target in node.targets if isinstance(target, ast.Name)]
+        found.update(dict.fromkeys(names, ast.get_source_segment(source, node)))
+    return found

@@ -1,5 +1,6 @@
-"""Form of the method files: ruff for line length and import order (with explicit arguments, so no
-configuration file is involved), and an AST check for three habits that read badly."""
+"""Form of the method files: ruff for line length, import order and pyflakes (unused or undefined names),
+with explicit arguments so that no configuration file is involved, and an AST check for three habits
+that read badly."""
 
 import ast
 import shutil
@@ -12,9 +13,9 @@ from sync_copies import FILES, ROOT
 CHECKED = FILES + ["common", "tests/sync_copies.py", "tests/test_style.py"]
 
 
-def test_ruff_line_length_and_import_order():
+def test_ruff_line_length_import_order_and_names():
     ruff = shutil.which("ruff") or str(ROOT / ".venv" / "bin" / "ruff")
-    command = [ruff, "check", "--isolated", "--select", "E501,I", "--line-length", "110", *CHECKED]
+    command = [ruff, "check", "--isolated", "--select", "E501,I,F", "--line-length", "110", *CHECKED]
     if shutil.which(command[0]) is None:
         command[0:1] = [sys.executable, "-m", "ruff"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
