@@ -1008,7 +1008,8 @@ def sr_command(args):
             sr = super_resolve(pipe, image, width, height, args.color_fix)
             settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
                         "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
-                        "color_fix": args.color_fix, "base_flux": pipe.meta.get("base_flux", "")}
+                        "color_fix": args.color_fix, "f16_decode": args.f16_decode,
+                        "base_flux": pipe.meta.get("base_flux", "")}
             # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
             info = {"method": "OP4KSR", "settings": json.dumps(settings)}
             save_image(tensor_to_image(sr), output, info, overwrite=args.overwrite)

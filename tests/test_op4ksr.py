@@ -324,7 +324,8 @@ def test_super_resolve_writes_the_right_size_deterministically(trained, tmp_path
         assert run_cli(op4ksr.main, ["--input", str(source), "--weights", str(trained), "--output", str(out)]) == 0
     with Image.open(outputs[0]) as image:
         assert image.size == (80, 48) and image.mode == "RGB"
-        assert json.loads(image.text["settings"])["theta"] == 100.0
+        settings = json.loads(image.text["settings"])
+        assert settings["theta"] == 100.0 and settings["f16_decode"] == "partitioned"
     assert outputs[0].read_bytes() == outputs[1].read_bytes()
     # --size and the colour fixes; a side that is not a multiple of the token (8 px here)
     for fix in ("wavelet", "adain"):

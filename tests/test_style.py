@@ -44,3 +44,10 @@ def test_no_awkward_constructs(name):
 def test_the_construct_check_finds_them():
     source = "f = lambda a: lambda b: a + b\nx if y else z\nfor i in r:\n    m.add_module(f'n{i}', n)\n"
     assert len(awkward_constructs(source)) == 3
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_module_docstring_fits_a_screen(name):
+    """Paper, method with its equations, commands and the appendix's contents: 40 lines at most."""
+    docstring = ast.get_docstring(ast.parse((ROOT / name).read_text()), clean=False)
+    assert docstring and len(docstring.splitlines()) <= 40

@@ -48,12 +48,12 @@ def starts(length, tile, stride):
 
 
 @torch.inference_mode()
-def patch_free(flux, vae16, image, txt, y, sigma=0.25):
+def patch_free(flux, vae16, image, txt, y, sigma=op4ksr.OMGSR_SIGMA):
     return vae16.decode(op4ksr.sr_latent(flux, vae16, image, txt, y, sigma, 1.0))
 
 
 @torch.inference_mode()
-def patch_based(flux, vae8, image, txt, y, tile, overlap, sigma=0.25):
+def patch_based(flux, vae8, image, txt, y, tile, overlap, sigma=op4ksr.OMGSR_SIGMA):
     _, _, h, w = image.shape
     out, weight = torch.zeros_like(image, dtype=torch.float32), torch.zeros(h, w, device=image.device)
     ramp = blend_ramp(tile, overlap, image.device)
