@@ -1,7 +1,6 @@
 """Diffusion-4K sampling: schedules and whole pipelines against diffusers, and the CLI end to end."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import report
 from PIL import Image, JpegImagePlugin
 
 import metrics as M

@@ -8,8 +8,6 @@ registering a fake kernel for `torchvision::nms`. Defining the two missing op sc
 enough for the model code these tests use (no detection ops run).
 """
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np

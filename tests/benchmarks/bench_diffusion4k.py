@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE), str(HERE.parent)]
 
+import conftest  # noqa: E402, F401  (makes the test environment's CPU-only torchvision importable)
 import diffusion4k as d  # noqa: E402
 from bench_flux import (  # noqa: E402
     build_models, compile_reference, flux_forward_flops, make_inputs, measure, run_reference,

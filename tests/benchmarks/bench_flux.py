@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import conftest  # noqa: E402, F401  (makes the test environment's CPU-only torchvision importable)
 import diffusion4k as d  # noqa: E402
 
 SMALL = d.FluxConfig(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 28, 28))
