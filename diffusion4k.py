@@ -395,6 +395,7 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
     vae_source = vae_source or (text_source if single_file and kind == "flux" else model)
     home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
+    component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))  # unreachable? fail before 12B loads
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
     transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
     if offload == "blocks":

@@ -241,6 +241,19 @@ def test_a_diffusers_transformer_file_is_recognised_and_loads(models, tmp_path, 
     assert Image.open(tmp_path / "x.png").size == (32, 32)
 
 
+def test_unreachable_text_encoders_fail_before_the_transformer_loads(models, tmp_path, capsys, monkeypatch):
+    """A single transformer file takes its text encoders from the Hub by default: when they cannot be read
+    the run stops before it spends minutes loading 12B weights."""
+    monkeypatch.setitem(d4k.TEXT_SOURCES, "flux", str(tmp_path / "no-such-pipeline"))
+    file = models["flux"] / "transformer" / "diffusion_pytorch_model.safetensors"
+    argv = ["--model", file, "--vae-weights", models["flux"], "--prompt", "cat", "--height", 32, "--width", 32,
+            "--steps", 1, "--output", tmp_path / "x.png", "--device", "cpu"]
+    assert d4k.run_cli(d4k.main, [str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-pipeline" in err and "loading flux transformer" not in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
 # --------------------------------------------------------------------------------- train
 
 
