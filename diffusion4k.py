@@ -63,11 +63,14 @@ from common.attention import attention
 from common.io import (
     SEED,
     ArgumentParser,
+    FolderInUse,
     UserError,
     atomic_write,
     check_output_file,
+    check_unlocked,
     check_writable_folder,
     device_name,
+    folder_lock,
     image_to_tensor,
     integer,
     load_image,
@@ -553,7 +556,7 @@ def train(args) -> list[tuple[int, float]]:
         check_output_file(args.text_cache, overwrite=True, suffixes=(".safetensors",))
         text_cache_key(Path(args.text_cache))
     accumulation = accumulation_steps(args, ctx.world)
-    with undone_on_failure(output, ctx.main):
+    with undone_on_failure(output, ctx.main), folder_lock(output, ctx.main):
         return train_loop(args, ctx, output, examples, weights, crop, accumulation)
 
 def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple,
@@ -683,6 +686,7 @@ def check_output(output: Path, resume) -> None:
     if previous is not None and not resume:
         raise UserError(f"{output} already holds a training run: pass --resume, or choose another --output")
     if previous is None and output.is_dir() and any(output.iterdir()):
+        check_unlocked(output)
         raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
     if resume == "latest" and previous is None:
         raise UserError(f"--resume: no checkpoint under {output / 'checkpoints'} (start without --resume)")
@@ -765,6 +769,8 @@ def undone_on_failure(output: Path, main: bool = True):
     before = None if not output.exists() else set(output.iterdir())
     try:
         yield
+    except FolderInUse:
+        raise  # the folder is another run's: nothing in it is ours to remove
     except BaseException:
         if main and latest_checkpoint(output) is None:
             if before is None:
@@ -979,7 +985,7 @@ def train_vae(args) -> VAETraining:
     leaves OUTPUT/vae/ (and checkpoints) behind."""
     check_vae_args(args)
     output, files = Path(args.output), vae_image_files(args.data)
-    with undone_on_failure(output):
+    with undone_on_failure(output), folder_lock(output):
         return vae_training_loop(args, output, files)
 
 def check_vae_args(args):

@@ -62,11 +62,13 @@ from common.attention import attention
 from common.io import (
     SEED,
     ArgumentParser,
+    FolderInUse,
     UserError,
     atomic_write,
     check_output_file,
     check_writable_folder,
     device_name,
+    folder_lock,
     image_to_tensor,
     integer,
     load_image,
@@ -547,13 +549,11 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
 
 # ======================================================================================== training
 
-def train_sr(args) -> list[tuple[int, float]]:
+def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
     """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A non-finite loss or
     gradient stops the run before the optimizer moves; a resumed run takes --lr and --weight-decay from the
     command line. Every rank holds the whole frozen model; the LoRA gradients are averaged."""
-    ctx = setup_distributed(args.device)
-    output = Path(args.output)
-    resume_from = check_train_output(output, args.resume)
+    ctx, output = setup_distributed(args.device), Path(args.output)
     files = vae_image_files(args.data, verbose=ctx.main)
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
@@ -1102,14 +1102,16 @@ def train_sr_command(args):
     weights = args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight, args.periodicity_weight
     if not any(weights):
         raise UserError("every loss weight is 0: nothing to train")
-    output = Path(args.output)
-    created = not output.exists()
+    output, main = Path(args.output), int(os.environ.get("RANK", "0")) == 0
+    resume_from, created = check_train_output(output, args.resume), not output.exists()
     try:
-        train_sr(args)
+        with folder_lock(output, main):
+            train_sr(args, resume_from)
+    except FolderInUse:
+        raise  # the folder is another run's: nothing in it is ours to remove
     except BaseException:
         # a failed run that saved no checkpoint leaves nothing behind in the folder it created
-        saved = any(output.glob("checkpoints/step-*/state.pt"))
-        if created and int(os.environ.get("RANK", "0")) == 0 and not saved:
+        if created and main and not any(output.glob("checkpoints/step-*/state.pt")):
             shutil.rmtree(output, ignore_errors=True)
         raise
     finally:

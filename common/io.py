@@ -11,7 +11,8 @@ Images
 Outputs
     `check_output_file` refuses a bad output path before any weights are read; `atomic_files`
     writes one or several files so that they all appear, complete, or none does, and never
-    replaces an existing file unless asked to (two runs racing for one name: one fails cleanly).
+    replaces an existing file unless asked to (two runs racing for one name: one fails cleanly);
+    `folder_lock` keeps a second training run out of a folder that one is writing.
 Arguments
     `ArgumentParser` reports a bad argument in one line; `integer`, `number` and `device_name`
     are argparse types that check ranges, finiteness and devices before anything is loaded.
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -360,6 +362,65 @@ def _publish(temp: Path, path: Path, overwrite: bool):
             raise UserError(f"{path} exists; pass --overwrite to replace it") from None
         os.replace(temp, path)
     temp.unlink(missing_ok=True)
+
+
+class FolderInUse(UserError):
+    """Another run holds the folder: a run that stops for this must not clean anything up in it."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by another run ({holder or 'unknown'}): choose another "
+                         f"--output, or delete {folder / '.lock'} if that run has ended")
+
+
+@contextlib.contextmanager
+def folder_lock(folder, enabled=True):
+    """Hold FOLDER/.lock (host and process id) while this run writes FOLDER, so that a second run on it
+    stops with one line instead of overwriting this one's checkpoints. A lock left by a process of this
+    machine that no longer runs (a killed run) is taken over. Under torchrun only rank 0 takes it."""
+    if not enabled:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, owner = folder / ".lock", f"{socket.gethostname()} {os.getpid()}"
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = lock_holder(folder)
+        host, _, pid = holder.partition(" ")
+        if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+            raise FolderInUse(folder, holder) from None
+        descriptor = os.open(lock, os.O_WRONLY | os.O_TRUNC)  # the lock of a run that died: take it over
+    with os.fdopen(descriptor, "w") as file:
+        file.write(owner)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def check_unlocked(folder) -> None:
+    """Refuse a folder that holds a run's lock (before `folder_lock`, in checks that read its contents)."""
+    if (Path(folder) / ".lock").exists():
+        raise FolderInUse(Path(folder), lock_holder(folder))
+
+
+def lock_holder(folder) -> str:
+    """"host pid" of the run holding FOLDER/.lock, "" if there is none or it cannot be read."""
+    try:
+        return (Path(folder) / ".lock").read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

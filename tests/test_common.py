@@ -361,3 +361,42 @@ def test_read_text_refuses_non_utf8(tmp_path):
     (tmp_path / "model_index.json").write_bytes(b'{"name": "\xff"}')
     with pytest.raises(UserError, match="model_index.json: the JSON file is not UTF-8"):
         io.read_json(tmp_path / "model_index.json")
+
+
+# ----------------------------------------------------------------------------- folder_lock
+
+
+def test_folder_lock_keeps_a_second_run_out_and_is_released(tmp_path):
+    folder = tmp_path / "new" / "run"
+    with io.folder_lock(folder):
+        holder = (folder / ".lock").read_text()
+        assert holder == f"{io.socket.gethostname()} {os.getpid()}"
+        with pytest.raises(io.FolderInUse) as refused, io.folder_lock(folder):
+            pass
+        message = str(refused.value)
+        assert f"in use by another run ({holder})" in message and str(folder / ".lock") in message
+        assert "\n" not in message and isinstance(refused.value, UserError)
+        assert (folder / ".lock").read_text() == holder  # the refused run left the lock alone
+    assert list(folder.iterdir()) == []
+    with pytest.raises(RuntimeError), io.folder_lock(folder):  # released on failure too
+        raise RuntimeError
+    assert list(folder.iterdir()) == []
+    with io.folder_lock(tmp_path / "rank1", enabled=False):
+        assert not (tmp_path / "rank1").exists()
+
+
+def test_folder_lock_takes_over_a_dead_run_but_not_another_machine(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(f"{io.socket.gethostname()} {finished.stdout.strip()}")
+    with io.folder_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == f"{io.socket.gethostname()} {os.getpid()}"
+    (tmp_path / ".lock").write_text("another-machine 1")
+    with pytest.raises(io.FolderInUse, match="another-machine 1"), io.folder_lock(tmp_path):
+        pass
+    with pytest.raises(io.FolderInUse, match="another-machine 1"):
+        io.check_unlocked(tmp_path)
+    (tmp_path / ".lock").unlink()
+    io.check_unlocked(tmp_path)

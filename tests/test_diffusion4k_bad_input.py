@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,12 @@ def undecodable_data(tmp):
     (tmp / "bad" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "a cat"}) + "\n")
 
 
+def live_lock(folder: Path):
+    """The lock a running training run holds (this very process: it is alive)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+
+
 def fake_checkpoint(tmp, state=b""):
     folder = tmp / "run" / "checkpoints" / "step-00000002"
     folder.mkdir(parents=True)
@@ -309,6 +316,10 @@ TRAIN = {
     "output not empty": (["--output", "{tmp}/full"], "is not empty",
                          lambda tmp: ((tmp / "full").mkdir(), (tmp / "full" / "mine.txt").write_text("x"))),
     "run without --resume": (["--output", "{tmp}/run"], "pass --resume", fake_checkpoint),
+    "output in use by a starting run": (["--output", "{tmp}/busy"], "is in use by another run",
+                                        lambda tmp: live_lock(tmp / "busy")),
+    "resume a run that is running": (["--output", "{tmp}/run", "--resume"], "is in use by another run",
+                                     lambda tmp: (fake_checkpoint(tmp), live_lock(tmp / "run"))),
     "resume nothing": (["--output", "{tmp}/new", "--resume"], "no checkpoint under", None),
     "resume a non-checkpoint": (["--resume", "{tmp}"], "not a checkpoint folder", None),
     "junk text cache": (["--text-cache", "{tmp}/cache.safetensors"], "not a text cache",
@@ -395,6 +406,8 @@ TRAIN_VAE = {
     "NaN in the base": (["--base", "{vae_nan}"], "decoder.conv_out.bias holds NaN or Inf", None),
     "every checkpoint damaged": (["--output", "{tmp}/run", "--resume"], "no intact checkpoint left",
                                  lambda tmp: fake_checkpoint(tmp, b"PK\x03\x04 truncated")),
+    "resume a run that is running": (["--output", "{tmp}/run", "--resume"], "is in use by another run",
+                                     lambda tmp: (fake_checkpoint(tmp), live_lock(tmp / "run"))),
 }
 
 

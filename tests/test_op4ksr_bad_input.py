@@ -4,6 +4,8 @@ Most cases are refused before any model loads: they pass `--flux` a path that do
 a case that got as far as loading Flux would fail with another message."""
 
 import json
+import os
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -325,6 +327,15 @@ def test_divergence_keeps_the_last_good_checkpoint(flux_folder, data, tmp_path, 
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000001"]
     assert not (output / "op4ksr.safetensors").exists()
     assert all(torch.isfinite(t).all() for t in load_file(output / "checkpoints/step-00000001/trainable.safetensors").values())
+
+
+def test_train_refuses_an_output_another_run_holds(flux_folder, data, tmp_path, capsys):
+    """A run that is writing OUTPUT holds OUTPUT/.lock: a second run stops before loading anything, and
+    neither removes nor changes any of the first run's files."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # this process: alive
+    refused(capsys, tmp_path, train(flux_folder, data, output=busy), "is in use by another run")
 
 
 def test_resume_over_a_truncated_checkpoint_falls_back(flux_folder, run, tmp_path, capsys):
