@@ -67,7 +67,6 @@ from common.io import (
     UserError,
     atomic_write,
     check_output_file,
-    check_unlocked,
     check_writable_folder,
     device_name,
     folder_lock,
@@ -678,15 +677,15 @@ def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
 
 def check_output(output: Path, resume) -> None:
     """Fail before any model is loaded if OUTPUT cannot be written, holds something else, or holds nothing
-    to resume (train-vae's `--resume` then starts afresh: resume is True)."""
+    to resume (train-vae's `--resume` then starts afresh: resume is True). A `.lock` alone is a run that
+    is starting (or this run's rank 0 under torchrun): `folder_lock` decides about it."""
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} is a file; --output takes a folder")
     check_writable_folder(output)
     previous = latest_checkpoint(output)
     if previous is not None and not resume:
         raise UserError(f"{output} already holds a training run: pass --resume, or choose another --output")
-    if previous is None and output.is_dir() and any(output.iterdir()):
-        check_unlocked(output)
+    if previous is None and output.is_dir() and any(p.name != ".lock" for p in output.iterdir()):
         raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
     if resume == "latest" and previous is None:
         raise UserError(f"--resume: no checkpoint under {output / 'checkpoints'} (start without --resume)")

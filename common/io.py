@@ -399,12 +399,6 @@ def folder_lock(folder, enabled=True):
         lock.unlink(missing_ok=True)
 
 
-def check_unlocked(folder) -> None:
-    """Refuse a folder that holds a run's lock (before `folder_lock`, in checks that read its contents)."""
-    if (Path(folder) / ".lock").exists():
-        raise FolderInUse(Path(folder), lock_holder(folder))
-
-
 def lock_holder(folder) -> str:
     """"host pid" of the run holding FOLDER/.lock, "" if there is none or it cannot be read."""
     try:

@@ -389,14 +389,11 @@ def test_folder_lock_takes_over_a_dead_run_but_not_another_machine(tmp_path):
     import subprocess
     import sys
 
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    command = [sys.executable, "-c", "import os; print(os.getpid())"]
+    finished = subprocess.run(command, capture_output=True, text=True)
     (tmp_path / ".lock").write_text(f"{io.socket.gethostname()} {finished.stdout.strip()}")
     with io.folder_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == f"{io.socket.gethostname()} {os.getpid()}"
     (tmp_path / ".lock").write_text("another-machine 1")
     with pytest.raises(io.FolderInUse, match="another-machine 1"), io.folder_lock(tmp_path):
         pass
-    with pytest.raises(io.FolderInUse, match="another-machine 1"):
-        io.check_unlocked(tmp_path)
-    (tmp_path / ".lock").unlink()
-    io.check_unlocked(tmp_path)
