@@ -919,7 +919,7 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
     table, folder = transformer_key_table(kind, model.config), output / "transformer"
     state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table, model.config.hidden_size)
     save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(diffusers_config(model, kind), folder / "config.json")
+    write_json(diffusers_config(model.config, kind), folder / "config.json")
 
 def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     """Original keys -> folder layout. Fused tensors split as [hidden]*(n-1) + [rest]."""
@@ -933,9 +933,8 @@ def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
             out.update(zip(parts, tensor.split(sizes)))
     return out
 
-def diffusers_config(model: nn.Module, kind: str) -> dict:
+def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
     """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel for our config."""
-    c = model.config
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
     heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)

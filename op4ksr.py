@@ -143,9 +143,13 @@ def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU, update=
         power = hr.double().pow(2).mean().cpu()
         distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
         total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
-        best, done = int(total.argmin()), done + len(hr)
+        done += len(hr)
         if update is not None:
+            best = int(total.argmin())
             update(done, postfix={"t": best + 1, "sigma": f"{float(sigmas[best]):.4f}"})
+    if not done:
+        raise ValueError("matched_sigma needs at least one (HR, LR) batch")
+    best = int(total.argmin())
     return best + 1, float(sigmas[best])
 
 

@@ -386,7 +386,10 @@ def folder_lock(folder, enabled=True):
     try:
         descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        holder = lock_holder(folder)
+        try:
+            holder = lock.read_text(errors="replace").strip()
+        except OSError:  # removed or unreadable meanwhile
+            holder = ""
         host, _, pid = holder.partition(" ")
         if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
             raise FolderInUse(folder, holder) from None
@@ -399,21 +402,13 @@ def folder_lock(folder, enabled=True):
         lock.unlink(missing_ok=True)
 
 
-def lock_holder(folder) -> str:
-    """"host pid" of the run holding FOLDER/.lock, "" if there is none or it cannot be read."""
-    try:
-        return (Path(folder) / ".lock").read_text(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # it exists, as another user's process
+        pass
     return True
 
 

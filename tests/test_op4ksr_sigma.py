@@ -103,3 +103,8 @@ def test_calibrate_sigma_max_images(flux_folder, tmp_path, capsys):
     data = write_hr(tmp_path / "hr", count=3)
     out = calibrate(capsys, "--data", data, "--vae", flux_folder, "--crop", 64, "--max-images", 1)[3]
     assert "(1 images, crop 64, scale 4, batch 1)" in out
+
+
+def test_calibration_without_batches_says_so():
+    with pytest.raises(ValueError, match="at least one"):
+        op4ksr.matched_sigma([])

@@ -41,13 +41,7 @@ def sd3_models(config: d.SD3Config, device, dtype, std=0.02):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            reference = SD3Transformer2DModel(
-                sample_size=128, patch_size=config.patch_size, in_channels=config.in_channels, num_layers=config.depth,
-                attention_head_dim=config.hidden_size // config.num_heads, num_attention_heads=config.num_heads,
-                joint_attention_dim=config.context_dim, caption_projection_dim=config.hidden_size,
-                pooled_projection_dim=config.adm_in_channels, out_channels=config.out_channels,
-                pos_embed_max_size=config.pos_embed_max_size,
-            )
+            reference = SD3Transformer2DModel.from_config(d.diffusers_config(config, "sd3"))
     finally:
         torch.set_default_dtype(previous)
     generator = torch.Generator(device).manual_seed(0)

@@ -63,18 +63,7 @@ def build_models(config: d.FluxConfig, device, dtype, std):
     torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy of 12B weights
     try:
         with torch.device(device):
-            reference = FluxTransformer2DModel(
-                patch_size=1,
-                in_channels=config.in_channels,
-                num_layers=config.depth,
-                num_single_layers=config.depth_single_blocks,
-                attention_head_dim=config.hidden_size // config.num_heads,
-                num_attention_heads=config.num_heads,
-                joint_attention_dim=config.context_in_dim,
-                pooled_projection_dim=config.vec_in_dim,
-                guidance_embeds=config.guidance_embed,
-                axes_dims_rope=tuple(config.axes_dim),
-            )
+            reference = FluxTransformer2DModel.from_config(d.diffusers_config(config, "flux"))
     finally:
         torch.set_default_dtype(previous)
     generator = torch.Generator(device).manual_seed(0)

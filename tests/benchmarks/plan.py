@@ -655,20 +655,7 @@ def diffusers_trace(s: Setup, kind: str, size: int) -> Trace:
     latent = size // 16
     flux, sd3 = s.flux, s.sd3
     if kind == "flux":
-        model = s.build(
-            lambda: diffusers.FluxTransformer2DModel(
-                patch_size=1,
-                in_channels=flux.in_channels,
-                num_layers=flux.depth,
-                num_single_layers=flux.depth_single_blocks,
-                attention_head_dim=flux.hidden_size // flux.num_heads,
-                num_attention_heads=flux.num_heads,
-                joint_attention_dim=flux.context_in_dim,
-                pooled_projection_dim=flux.vec_in_dim,
-                guidance_embeds=flux.guidance_embed,
-                axes_dims_rope=tuple(flux.axes_dim),
-            )
-        )
+        model = s.build(lambda: diffusers.FluxTransformer2DModel.from_config(d.diffusers_config(flux, "flux")))
         blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
         other = ("vae", weight_bytes(s.build(lambda: d.AutoEncoder(s.f16(s.vae)))))
 
@@ -684,21 +671,7 @@ def diffusers_trace(s: Setup, kind: str, size: int) -> Trace:
                 guidance=s.randn(1) if flux.guidance_embed else None,
             )
     elif kind == "sd3":
-        model = s.build(
-            lambda: diffusers.SD3Transformer2DModel(
-                sample_size=latent,
-                patch_size=sd3.patch_size,
-                in_channels=sd3.in_channels,
-                num_layers=sd3.depth,
-                attention_head_dim=sd3.hidden_size // sd3.num_heads,
-                num_attention_heads=sd3.num_heads,
-                joint_attention_dim=sd3.context_dim,
-                caption_projection_dim=sd3.hidden_size,
-                pooled_projection_dim=sd3.adm_in_channels,
-                out_channels=sd3.out_channels,
-                pos_embed_max_size=sd3.pos_embed_max_size,
-            )
-        )
+        model = s.build(lambda: diffusers.SD3Transformer2DModel.from_config(d.diffusers_config(sd3, "sd3")))
         blocks = list(model.transformer_blocks)
         other = ("vae", weight_bytes(s.build(lambda: d.AutoEncoder(s.f16(s.sd3_vae)))))
 
