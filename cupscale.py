@@ -215,7 +215,7 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     contexts = [neg["context"]] * n + [glob["context"]] * n + [c["context"] for c in own]
     pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] * 2 if composer else [glob["pooled"]] * n)
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
-    t = torch.full((len(x),), sigma * 1000, device=device, dtype=dtype)
+    t = torch.full((len(x),), sigma * 1000, device=device)  # fp32: bf16 would round 857.7 to 856
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
     rows = dict(n=n, composer=composer, priors=priors, lr_maps=lr_maps)
     hook = attention_hook(model, lambda block: partial(regional_attention, block=block, **rows))
@@ -507,7 +507,7 @@ def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) 
         maps.append(probs.unflatten(1, (rows, cols)))
         return attention(q, k, v)
 
-    t = torch.full((1,), sigma * 1000, device=latent.device, dtype=latent.dtype)
+    t = torch.full((1,), sigma * 1000, device=latent.device)  # fp32, as in upscale's steps
     with attention_hook(model, lambda block: attend):
         model(latent, t, condition["context"], condition["pooled"])
     return maps

@@ -134,7 +134,7 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
         sigmas = sd3_sigmas(steps)
 
         def velocity(z, sigma):  # classifier-free guidance, unconditional and conditional in one batch
-            t = torch.full((2,), sigma * 1000, device=device, dtype=dtype)
+            t = torch.full((2,), sigma * 1000, device=device)  # fp32: bf16 would round 857.7 to 856
             uncond, cond = model(to_gpu(torch.cat([z, z])), t, context, pooled).float().chunk(2)
             return uncond + guidance * (cond - uncond)
     with visiting(model, device, "cpu") if pipe.offload == "model" else contextlib.nullcontext():
@@ -2996,8 +2996,9 @@ class Distributed:
         return self.rank == 0
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over processes. The collective runs on `device`: nccl takes CUDA tensors only."""
         if self.world > 1:
-            value = value.clone()
+            value = value.to(self.device, copy=True)
             dist.all_reduce(value)  # gloo has no AVG
             value /= self.world
         return value

@@ -499,7 +499,7 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             f"model's {original} takes {(rows, *weight.shape[1:])}: the checkpoint is for "
                             "another base model")
         with torch.no_grad():
-            weight[first : first + rows] += delta.to(weight.dtype)
+            weight[first : first + rows] += delta.to(weight.device, weight.dtype)  # file read to the CPU
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRA weights."""
