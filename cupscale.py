@@ -187,6 +187,8 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
             velocities.append(
                 denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
             if progress is not None:
+                if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue its kernels
+                    torch.cuda.synchronize(z.device)
                 progress(i * len(batches) + j + 1, steps * len(batches))
         v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
         if config.gsp:
@@ -946,14 +948,34 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def visiting(module: nn.Module, device, home):
-    """Run a module on `device` and send it back `home` afterwards (offloading)."""
-    module.to(device)
+    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
+    do not change during a visit, so leaving drops the device copy instead of copying it back."""
+    module.to(home)
+    slots = weight_slots(module)
+    resting = [held(slot) for slot in slots]
+    place(slots, [t.to(device) for t in resting])
     try:
         yield module
     finally:
-        module.to(home)
+        place(slots, resting)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
+    return [(owner, name) for owner in module.modules()
+            for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
+
+def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
+    owner, name = slot
+    return owner._parameters.get(name, owner._buffers.get(name))
+
+def place(slots: list, tensors: list):
+    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
+    for (owner, name), t in zip(slots, tensors):
+        if name in owner._parameters and not isinstance(t, nn.Parameter):
+            t = nn.Parameter(t, requires_grad=False)
+        (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
 # --- END copy: pipeline ---
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
@@ -2108,4 +2130,4 @@ def check_finite(state: dict, path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, memory_hint="try --offload model or a smaller --vae-tile"))

@@ -96,6 +96,7 @@ DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, 
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
 WHOLE_DECODE_MAX_SIDE = 4096  # larger images are decoded in tiles (see generate)
 DECODE_TILE = 128  # latent pixels per decode tile: 2048 px with the F16 VAE
+PROMPT_BATCH = 8  # prompts per text-encoder batch with --prompts
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
 UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # train_flux.sh / train_sd3.sh: 4 / 8 per GPU x 8 GPUs
 
@@ -151,6 +152,8 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
+            if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue its kernels
+                torch.cuda.synchronize(z.device)
             progress(i + 1, len(sigmas) - 1)
     return z
 
@@ -394,6 +397,8 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
+    if kind == "flux" and dtype == torch.float16:
+        raise UserError("Flux's activations overflow fp16: use bf16 (the default on CUDA) or fp32")
     text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
     vae_source = vae_source or (text_source if single_file and kind == "flux" else model)
     home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
@@ -438,26 +443,64 @@ def detect_kind(source, token=None) -> str:
             return "sd3"
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
-def stream_blocks(transformer: nn.Module, device, home="cpu"):
-    """Keep the transformer's blocks in `home` memory and move each to `device` only for its own forward
-    (the rest is small and stays on `device`): the 12B Flux then needs the GPU memory of one block plus
-    activations. The hooks stay eager under `compile_blocks`: moving weights is no part of a graph."""
-    @torch.compiler.disable
-    def arrive(module, args):
-        module.to(device)
-    @torch.compiler.disable
-    def leave(module, args, output):
-        module.to(home)
-
+def stream_blocks(transformer: nn.Module, device):
+    """Keep the transformer's blocks in CPU memory and give each a copy on `device` only for its own
+    forward (the rest is small and stays on `device`): the 12B Flux then needs the GPU memory of two
+    blocks plus activations. On CUDA the blocks sit in pinned memory and the next block is copied on a
+    side stream while the current one computes; weights never change here, so a finished block just
+    drops its copy instead of copying it back."""
     for child in transformer.children():
-        if isinstance(child, nn.ModuleList):
-            for block in child:
-                block.register_forward_pre_hook(arrive)
-                block.register_forward_hook(leave)
-        else:
+        if not isinstance(child, nn.ModuleList):
             child.to(device)
     for name, buffer in list(transformer.named_buffers(recurse=False)):
         setattr(transformer, name, buffer.to(device))
+    lists = [child for child in transformer.children() if isinstance(child, nn.ModuleList)]
+    BlockStream([block for blocks in lists for block in blocks], torch.device(device))
+
+class BlockStream:
+    """The forward hooks of `stream_blocks`: block i arrives (waiting for its copy) and sends for block
+    i + 1, the first block after the last, so the next step's first copy also overlaps compute. The hooks
+    stay eager under `compile_blocks`: moving weights is no part of a graph."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.copier = torch.cuda.Stream(device) if self.cuda else None
+        self.slots = [weight_slots(block) for block in blocks]
+        self.host = [[held(slot).cpu() for slot in slots] for slots in self.slots]
+        if self.cuda:  # copies from pinned memory run asynchronously, at the link's full speed
+            self.host = [[t.pin_memory() for t in tensors] for tensors in self.host]
+        for slots, tensors in zip(self.slots, self.host):
+            place(slots, tensors)
+        self.copies = {}  # block index -> (its tensors on `device`, the event that says they are there)
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(functools.partial(self.arrive, i))
+            block.register_forward_hook(functools.partial(self.leave, i))
+
+    def send(self, i: int):
+        if i in self.copies:
+            return
+        if not self.cuda:
+            self.copies[i] = [t.to(self.device) for t in self.host[i]], None
+            return
+        with torch.cuda.stream(self.copier):
+            copies = [t.to(self.device, non_blocking=True) for t in self.host[i]]
+            self.copies[i] = copies, self.copier.record_event()
+
+    @torch.compiler.disable
+    def arrive(self, i: int, block, args):
+        self.send(i)
+        copies, copied = self.copies.pop(i)
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for copy in copies:
+                copy.record_stream(compute)  # made on the copy stream: freed only after this one used it
+        place(self.slots[i], copies)
+        self.send((i + 1) % len(self.slots))
+
+    @torch.compiler.disable
+    def leave(self, i: int, block, args, output):
+        place(self.slots[i], self.host[i])
 
 # --- BEGIN kit: pipeline ---
 TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
@@ -532,14 +575,34 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def visiting(module: nn.Module, device, home):
-    """Run a module on `device` and send it back `home` afterwards (offloading)."""
-    module.to(device)
+    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
+    do not change during a visit, so leaving drops the device copy instead of copying it back."""
+    module.to(home)
+    slots = weight_slots(module)
+    resting = [held(slot) for slot in slots]
+    place(slots, [t.to(device) for t in resting])
     try:
         yield module
     finally:
-        module.to(home)
+        place(slots, resting)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
+    return [(owner, name) for owner in module.modules()
+            for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
+
+def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
+    owner, name = slot
+    return owner._parameters.get(name, owner._buffers.get(name))
+
+def place(slots: list, tensors: list):
+    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
+    for (owner, name), t in zip(slots, tensors):
+        if name in owner._parameters and not isinstance(t, nn.Parameter):
+            t = nn.Parameter(t, requires_grad=False)
+        (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
 # --- END kit: pipeline ---
 
 
@@ -1330,9 +1393,11 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
         print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
     f16_decode = args.f16_decode if args.vae == "f16" else None
     negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
-    conditions = encode_prompts(pipe, prompts)
     negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
-    for n, (i, prompt, condition, output) in enumerate(zip(numbers, prompts, conditions, outputs)):
+    for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
+        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: a long file is encoded in parts
+            conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
+        condition = conditions[n % PROMPT_BATCH]
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
         settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
                         steps=steps, guidance=guidance, seed=seed, mu=args.mu, negative_prompt=negative_text)
@@ -1399,7 +1464,8 @@ def generate_parser() -> argparse.ArgumentParser:
     add("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
     add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
     add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--dtype", choices=["bf16", "fp16", "fp32"],
+        help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
     add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
     return parser
 
@@ -3217,4 +3283,5 @@ def weight_file(spec, what: str, token=None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    hint = "try a smaller size or --offload model / blocks (training: a smaller --crop)"
+    sys.exit(run_cli(main, memory_hint=hint))

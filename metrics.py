@@ -2006,4 +2006,4 @@ def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, memory_hint="try --device cpu"))

@@ -559,8 +559,9 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
     command line. Every rank holds the whole frozen model; the LoRA gradients are averaged."""
     ctx, output = setup_distributed(args.device), Path(args.output)
     files = vae_image_files(args.data, verbose=ctx.main)
-    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    autocast = torch.autocast("cuda", dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    bf16 = args.dtype == "bf16" if args.dtype else ctx.device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32  # frozen bases; the LoRAs stay fp32
+    autocast = torch.autocast(ctx.device.type, dtype) if bf16 else contextlib.nullcontext()
     lpips = None  # small, and the likeliest download to fail: before the large models
     if args.lpips_weight:
         lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
@@ -1167,6 +1168,8 @@ def sr_train_parser() -> argparse.ArgumentParser:
     add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["bf16", "fp32"],
+        help="frozen bases in bf16 under bf16 autocast (default on CUDA), or fp32 (default on CPU)")
     add("--token", help="Hugging Face token for gated repos")
     return parser
 
@@ -2501,8 +2504,9 @@ class Distributed:
         return self.rank == 0
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over processes. The collective runs on `device`: nccl takes CUDA tensors only."""
         if self.world > 1:
-            value = value.clone()
+            value = value.to(self.device, copy=True)
             dist.all_reduce(value)  # gloo has no AVG
             value /= self.world
         return value
@@ -2720,4 +2724,4 @@ def weight_file(spec, what: str, token=None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, memory_hint="try a smaller --size or --scale (training: a smaller --crop)"))

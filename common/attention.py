@@ -53,6 +53,14 @@ def attention(q, k, v, mask=None, scale=None):
     (batch, heads, queries, keys). scale: defaults to 1/sqrt(head_dim).
     Returns (batch, heads, queries, head_dim).
     """
+    device = q.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # SDPA's own autocast rule, applied before the backend choice: under bf16 autocast with fp32
+        # master weights the fp32 RMSNorm scales make q and k fp32 while v is bf16, which no fused
+        # kernel takes; SDPA would cast them itself, but only after `builds_scores` saw "math".
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
     batch, heads, queries, _ = q.shape
     chunk = max(1, MAX_SCORE_ELEMENTS // (batch * heads * k.shape[-2]))
     with sdpa_kernel(preferred_backends(q), set_priority=True):

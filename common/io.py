@@ -43,8 +43,9 @@ class UserError(Exception):
     """A problem with the user's input, files or environment, stated in one line."""
 
 
-def run_cli(main, argv=None) -> int:
-    """Run `main(argv)`; turn the errors a user can act on into one line on stderr and an exit code."""
+def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
+    """Run `main(argv)`; turn the errors a user can act on into one line on stderr and an exit code.
+    memory_hint: what the CLI offers against running out of GPU memory."""
     try:
         main(argv)
     except UserError as error:
@@ -53,7 +54,7 @@ def run_cli(main, argv=None) -> int:
         return 2
     except torch.OutOfMemoryError:
         end_progress_lines()
-        print("error: out of GPU memory; try a smaller size or the --offload option", file=sys.stderr)
+        print(f"error: out of GPU memory; {memory_hint}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         end_progress_lines()
@@ -424,13 +425,13 @@ def atomic_files(paths, overwrite=False):
     for path in paths:
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; pass --overwrite to replace it")
-    temps, published = [], []
+    temps, published, mode = [], [], _file_mode()
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(handle)
-            os.chmod(temp, _file_mode())
+            os.chmod(temp, mode)
             temps.append(Path(temp))
     except OSError as error:
         for temp in temps:
@@ -439,6 +440,7 @@ def atomic_files(paths, overwrite=False):
     try:
         yield temps
         for temp, path in zip(temps, paths):
+            os.chmod(temp, mode)  # again: some writers (safetensors) replace the file with a 0600 one
             _publish(temp, path, overwrite)
             published.append(path)
     except BaseException as error:

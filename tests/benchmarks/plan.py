@@ -33,15 +33,21 @@ Live bytes
     Peak = max over the run of live bytes + the weights resident at that moment, which depend on
     the offload mode (`diffusion4k.load_pipeline`): "none" every component (the text encoders
     only visit to encode: never resident), "model" the component running (the one whose forward
-    began last), "blocks" the transformer's non-block modules always, one streamed block while it
-    runs, and the other component running. Not modelled: the caching allocator's rounding,
-    fragmentation and cached blocks, cuBLAS / cuDNN workspaces, kernels' internal scratch, the
-    CUDA context (about 0.5 GiB): what a real run reserves is higher.
+    began last), "blocks" the transformer's non-block modules always, the streamed block that runs
+    and the next one (sent ahead), and the other component running. Not modelled: the caching
+    allocator's rounding, fragmentation and cached blocks, cuBLAS / cuDNN workspaces, kernels'
+    internal scratch, the CUDA context (about 0.5 GiB): what a real run reserves is higher.
 Roofline
     Per op on the GPU: max(FLOPs / peak, bytes / bandwidth), bytes = its inputs read + outputs
     written (views move nothing), summed over the ops: eager PyTorch, no fusion, no overlap of
-    ops, no host transfers or collectives. Peaks (dense): bf16 / fp16 989 TFLOP/s on both;
-    fp32 matmuls 67 TFLOP/s (no TF32); HBM 3.35 TB/s (H100 SXM), 4.8 TB/s (H200).
+    ops, no host transfers (see Transfers) or collectives. Peaks (dense): bf16 / fp16 989 TFLOP/s
+    on both; fp32 matmuls 67 TFLOP/s (no TF32); HBM 3.35 TB/s (H100 SXM), 4.8 TB/s (H200).
+Transfers
+    What --offload copies from host to GPU memory, at PCIE (an assumption, not a measurement):
+    "model" each component once per image, as its phase begins; "blocks" every streamed block at
+    every step, from pinned memory on a side stream while the previous block computes, so a step
+    takes max(compute, copy) (`est_seconds_blocks`); nothing is copied back. The table's "PCIe s"
+    is one step's copies, "blocks s" that step's estimate.
 Autocast
     Meta tensors have no autocast, so the training steps, which run under CUDA bf16 autocast,
     run under `CudaAutocast`: CUDA's cast lists for the ops the models call, and its cache of
@@ -93,6 +99,7 @@ from bench_flux import flux_forward_flops  # noqa: E402
 aten = torch.ops.aten
 GIB = 2**30
 GPUS = {"h100": dict(bf16=989e12, fp32=67e12, hbm=3.35e12), "h200": dict(bf16=989e12, fp32=67e12, hbm=4.8e12)}
+PCIE = 50e9  # bytes/s host to GPU from pinned memory, assumed: PCIe 5.0 x16 (64 GB/s raw); about 25 on 4.0
 FUSED = aten._scaled_dot_product_flash_attention_for_cpu
 FUSED_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward
 FUSED_FLOPS = {  # FlopCounterMode's SDPA formulas, for the op that stands for the fused kernels
@@ -137,10 +144,12 @@ class Residency:
             for name, (_, entries) in components.items()
             for m in entries
         ]
-        for block in blocks:
+        sizes = [weight_bytes(block) for block in blocks]
+        for i, block in enumerate(blocks):  # the running block and the next one, sent ahead
+            after = sizes[(i + 1) % len(sizes)]
             self.hooks += [
-                block.register_forward_pre_hook(functools.partial(self._block, weight_bytes(block))),
-                block.register_forward_hook(lambda *_: self._block(0)),
+                block.register_forward_pre_hook(functools.partial(self._block, sizes[i] + after)),
+                block.register_forward_hook(functools.partial(self._block, after)),
             ]
 
     def _enter(self, name, *_):
@@ -371,6 +380,7 @@ class Trace:
     phases: dict  # phase -> Stats
     sizes: dict  # component -> weight bytes
     at_peak: dict  # phase or "total" -> what was live at its peak (offload "none"; --explain only)
+    streamed: int = 0  # weight bytes of the blocks that --offload blocks streams
 
 
 class Tracer:
@@ -389,7 +399,8 @@ class Tracer:
         with gpu_attention() if self.device == "meta" else contextlib.nullcontext(), self.live:
             run(self)
         self.residency.remove()
-        return Trace(self.live.total, self.live.phases, self.residency.sizes, self.live.at_peak)
+        live, residency = self.live, self.residency
+        return Trace(live.total, live.phases, residency.sizes, live.at_peak, residency.streamed)
 
 
 # ======================================================================== workloads
@@ -723,17 +734,23 @@ KEYS = ["flux-4096", "flux-2048", "sd3-4096", "decode-f16-4096", "decode-f16-819
 GOALS = {"op4ksr-4096": 30 * GIB, "flux-4096": 40 * GIB, "cupscale-8192": 40 * GIB}  # offload "none"
 
 
-def result(stats: Stats, weights: int, flops=None, seconds=None, at_peak=None) -> dict:
+def result(stats: Stats, weights: int, flops=None, seconds=None, at_peak=None, copies=None) -> dict:
     out = {"flops": stats.flops if flops is None else flops, "weight_bytes": weights,
            "peak_bytes": stats.peak["none"], "peak_bytes_by_offload": dict(stats.peak),
            "est_seconds": seconds or dict(stats.seconds)}
+    if copies:  # see "Transfers" in the module docstring
+        out["copied_bytes_by_offload"] = copies
+        copy = copies["blocks"] / PCIE
+        out["est_seconds_blocks"] = {gpu: max(t, copy) for gpu, t in out["est_seconds"].items()}
     return {**out, "largest_at_peak": largest(at_peak)} if at_peak else out
 
 
 def by_phase(kind: str, size: int, keys: dict) -> dict:
     """Keys for phases of one generate run: {phase: key}."""
     t = generate_trace(REAL, kind, size)
-    return {key: result(t.phases[phase], t.sizes[phase], at_peak=t.at_peak.get(phase))
+    copies = {"transformer": {"model": t.sizes["transformer"], "blocks": t.streamed},
+              "vae": {"model": t.sizes["vae"], "blocks": t.sizes["vae"]}}
+    return {key: result(t.phases[phase], t.sizes[phase], at_peak=t.at_peak.get(phase), copies=copies[phase])
             for phase, key in keys.items()}
 
 
@@ -793,13 +810,15 @@ def plan(keys) -> dict:
 def table(results: dict) -> str:
     gib = lambda n: f"{n / GIB:.1f}" if n is not None else "-"  # noqa: E731
     lines = [f"{'workload':<26} {'TFLOP':>8} {'weights':>8} {'peak GiB: none':>14} {'model':>6} "
-             f"{'blocks':>6} {'H100 s':>7} {'H200 s':>7}  goal (none)"]
+             f"{'blocks':>6} {'H100 s':>7} {'H200 s':>7} {'PCIe s':>7} {'blocks s':>8}  goal (none)"]
     for key, r in results.items():
         peaks, goal, seconds = r["peak_bytes_by_offload"], GOALS.get(key), r["est_seconds"]
         verdict = f"<= {goal / GIB:.0f}: {'met' if r['peak_bytes'] <= goal else 'OVER'}" if goal else ""
+        copied = r.get("copied_bytes_by_offload")
+        pcie = f"{copied['blocks'] / PCIE:>7.3f} {r['est_seconds_blocks']['h100']:>8.3f}" if copied else " " * 16
         lines.append(f"{key:<26} {r['flops'] / 1e12:>8.1f} {gib(r['weight_bytes']):>8} "
                      f"{gib(peaks['none']):>14} {gib(peaks.get('model')):>6} {gib(peaks.get('blocks')):>6} "
-                     f"{seconds['h100']:>7.3f} {seconds['h200']:>7.3f}  {verdict}")
+                     f"{seconds['h100']:>7.3f} {seconds['h200']:>7.3f} {pcie}  {verdict}")
     return "\n".join(lines)
 
 
