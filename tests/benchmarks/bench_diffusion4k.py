@@ -26,11 +26,13 @@ import diffusion4k as d  # noqa: E402
 from bench_flux import (  # noqa: E402
     build_models, compile_reference, flux_forward_flops, make_inputs, measure, run_reference,
 )
+from random_weights import random_model  # noqa: E402
 
-TINY_SD3 = d.SD3Config(hidden_size=128, num_heads=2, depth=3, context_dim=64, adm_in_channels=64, pos_embed_max_size=64)
+TINY_SD3 = d.SD3Config(hidden_size=128, num_heads=2, depth=3, context_dim=64, adm_in_channels=64,
+                       pos_embed_max_size=64)
 TINY_VAE = d.VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, stride=2)
-TINY_FLUX = d.FluxConfig(hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64, vec_in_dim=64,
-                         axes_dim=(8, 28, 28))
+TINY_FLUX = d.FluxConfig(hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
+                         vec_in_dim=64, axes_dim=(8, 28, 28))
 
 
 def sd3_models(config: d.SD3Config, device, dtype, std=0.02):
@@ -48,11 +50,12 @@ def sd3_models(config: d.SD3Config, device, dtype, std=0.02):
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.normal_(0.0, std, generator=generator)
-    reference = reference.eval()
+    reference = reference.to(dtype).eval()  # its position table is built in fp32; loaded weights are in dtype
     state = reference.state_dict()
     with torch.device("meta"):
         ours = d.MMDiT(config)
-    d.assign_state_dict(ours, d.to_original_layout(state, d.sd3_key_table(config.depth), "benchmark"), "benchmark")
+    table = d.sd3_key_table(config.depth)
+    d.assign_state_dict(ours, d.to_original_layout(state, table, "benchmark"), "benchmark")
     return ours.eval(), reference
 
 
@@ -78,6 +81,55 @@ def report(title, results, flops):
         print(f"  max abs difference of the outputs: {difference:.3e}")
 
 
+def flux_step(config: d.FluxConfig, image_tokens: int, text_tokens: int, device, dtype, warmup=1, iters=3,
+              reference=True, compile=False) -> dict:
+    """One Flux step (one forward) timed by bench_flux.measure: {"diffusers", "ours"} (ours alone
+    without `reference`: random weights, no diffusers needed)."""
+    if reference:
+        ours, theirs = build_models(config, device, dtype, std=0.02)
+    else:
+        ours, theirs = random_model(lambda: d.Flux(config), device, dtype), None
+    if compile:
+        ours = d.compile_blocks(ours)
+        theirs = compile_reference(theirs) if theirs is not None else None
+    inputs = make_inputs(config, image_tokens, text_tokens, device, dtype)
+    forwards = {"ours": lambda: ours(**inputs)}
+    if theirs is not None:
+        forwards = {"diffusers": lambda: run_reference(theirs, inputs), **forwards}
+    return measure(forwards, device, warmup, iters)
+
+
+def sd3_step(config: d.SD3Config, latent: int, text_tokens: int, device, dtype, warmup=1, iters=3,
+             reference=True, compile=False) -> dict:
+    """One SD3 step (a CFG forward of batch 2) on a latent x latent input, as `flux_step`."""
+    if reference:
+        ours, theirs = sd3_models(config, device, dtype)
+    else:
+        ours, theirs = random_model(lambda: d.MMDiT(config), device, dtype), None
+    if compile:
+        ours = d.compile_blocks(ours)
+        theirs = compile_reference(theirs) if theirs is not None else None
+    generator = torch.Generator(device).manual_seed(1)
+    x = torch.randn(2, config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype)
+    context = torch.randn(2, text_tokens, config.context_dim, generator=generator, device=device, dtype=dtype)
+    pooled = torch.randn(2, config.adm_in_channels, generator=generator, device=device, dtype=dtype)
+    t = torch.full((2,), 750.0, device=device, dtype=dtype)
+    forwards = {"ours": lambda: ours(x, t, context, pooled)}
+    if theirs is not None:
+        forwards = {"diffusers": lambda: theirs(hidden_states=x, encoder_hidden_states=context,
+                                                pooled_projections=pooled, timestep=t, return_dict=False)[0],
+                    **forwards}
+    return measure(forwards, device, warmup, iters)
+
+
+def f16_decode(config: d.VAEConfig, size: int, device, dtype, warmup=1, iters=3) -> dict:
+    """Our F16 VAE (`config` with stride 2) decoding one size x size image: {"ours": ...} as `flux_step`."""
+    vae = random_model(lambda: d.AutoEncoder(config), device, dtype)
+    factor = config.downsample_factor
+    z = torch.randn(1, config.z_channels, size // factor, size // factor, device=device, dtype=dtype)
+    return measure({"ours": lambda: vae.decode(z)}, device, warmup, iters)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="full-size models on CUDA in bf16 at 4096^2")
@@ -99,52 +151,33 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if args.full else f"CPU, {torch.get_num_threads()} threads"
     print(f"Diffusion-4K benchmark at {size}x{size} (F16 VAE: {latent}^2 latent, {image_tokens:,} image "
           f"tokens), {where}{', transformer blocks compiled' if args.compile else ''}")
+    timing = dict(warmup=args.warmup, iters=args.iters)
 
     if args.only in (None, "flux"):
-        config = d.FLUX_DEV if args.full else TINY_FLUX
-        text = 512 if args.full else 64
-        ours, reference = build_models(config, device, dtype, std=0.02)
-        if args.compile:
-            ours, reference = d.compile_blocks(ours), compile_reference(reference)
-        inputs = make_inputs(config, image_tokens, text, device, dtype)
-        results = measure({"diffusers": lambda: run_reference(reference, inputs), "ours": lambda: ours(**inputs)},
-                          device, args.warmup, args.iters)
+        config, text = (d.FLUX_DEV, 512) if args.full else (TINY_FLUX, 64)
+        results = flux_step(config, image_tokens, text, device, dtype, **timing, compile=args.compile)
         report(f"Flux ({'FLUX.1-dev' if args.full else 'tiny'}), one step = one forward", results,
                flux_forward_flops(config, image_tokens, text))
-        del ours, reference
-        torch.cuda.empty_cache() if args.full else None
+        free_memory(device)
 
     if args.only in (None, "sd3"):
-        config = d.SD3_MEDIUM if args.full else TINY_SD3
-        text = 333 if args.full else 77
-        ours, reference = sd3_models(config, device, dtype)
-        if args.compile:
-            ours, reference = d.compile_blocks(ours), compile_reference(reference)
-        generator = torch.Generator(device).manual_seed(1)
-        x = torch.randn(2, config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype)
-        context = torch.randn(2, text, config.context_dim, generator=generator, device=device, dtype=dtype)
-        pooled = torch.randn(2, config.adm_in_channels, generator=generator, device=device, dtype=dtype)
-        t = torch.full((2,), 750.0, device=device, dtype=dtype)
-        results = measure({
-            "diffusers": lambda: reference(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                                           timestep=t, return_dict=False)[0],
-            "ours": lambda: ours(x, t, context, pooled),
-        }, device, args.warmup, args.iters)
+        config, text = (d.SD3_MEDIUM, 333) if args.full else (TINY_SD3, 77)
+        results = sd3_step(config, latent, text, device, dtype, **timing, compile=args.compile)
         report(f"SD3 ({'SD3-Medium' if args.full else 'tiny'}), one step = CFG forward of batch 2", results,
                sd3_step_flops(config, image_tokens, text))
-        del ours, reference
-        torch.cuda.empty_cache() if args.full else None
+        free_memory(device)
 
     if args.only in (None, "vae"):
         config = d.FLUX_VAE.__class__(stride=2) if args.full else TINY_VAE
-        with torch.device(device):
-            vae = d.AutoEncoder(config).to(dtype).eval()
-        factor = config.downsample_factor
-        z = torch.randn(1, config.z_channels, size // factor, size // factor, device=device, dtype=dtype)
-        results = measure({"ours": lambda: vae.decode(z)}, device, args.warmup, args.iters)
-        seconds, peak, _ = results["ours"]
+        seconds, peak, _ = f16_decode(config, size, device, dtype, **timing)["ours"]
         memory = f", peak {peak[0] / 2**30:.2f} GiB" if peak else ""
         print(f"F16 VAE decode of one {size}x{size} image: {seconds:.3f} s{memory}")
+
+
+def free_memory(device):
+    """Hand the cached memory of a finished part's models (freed with its function's frame) back."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
