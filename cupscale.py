@@ -35,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,8 +63,11 @@ from common.io import (
     ArgumentParser,
     UserError,
     atomic_files,
+    check_apart,
     check_output_file,
+    check_weights,
     device_name,
+    image_size,
     image_to_tensor,
     integer,
     load_image,
@@ -72,7 +77,6 @@ from common.io import (
     read_json,
     resolve_source,
     run_cli,
-    safetensors_files,
     safetensors_keys,
     seed_everything,
     tensor_to_image,
@@ -576,20 +580,13 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
     """Run one captioning command; return its standard output as one line, or raise UserError naming it."""
     shown = shlex.join(command)
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
-    except FileNotFoundError:
-        raise UserError(f"caption command not found: {command[0]}") from None
-    except subprocess.TimeoutExpired:
-        raise UserError(f"caption command timed out after {timeout_s:g} s: {shown}") from None
-    except OSError as error:  # not executable, not a program, ...
-        raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+    code, stdout, stderr = _run_alone(command, timeout_s)
+    if code != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
         last_line = lines[-1][:200]
-        raise UserError(f"caption command failed with exit code {done.returncode}: {shown}: {last_line}")
+        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
     try:
-        caption = " ".join(done.stdout.decode("utf-8").split())
+        caption = " ".join(stdout.decode("utf-8").split())
     except UnicodeDecodeError as error:
         raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): {shown}") from None
     if not caption:
@@ -597,6 +594,33 @@ def _run_caption_command(command: list[str], timeout_s: float) -> str:
     if not caption.isprintable():  # terminal escapes or binary output, not a prompt
         raise UserError(f"caption command printed control characters, not a prompt: {shown}")
     return caption
+
+def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes to
+    temporary files, not pipes: the command is done when it exits, even if a child it started in the
+    background still holds them open (a pipe would stay open until that child ends). On a timeout, and
+    when this run is interrupted, the whole group is killed."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                       start_new_session=True)
+        except FileNotFoundError:
+            raise UserError(f"caption command not found: {command[0]}") from None
+        except OSError as error:  # not executable, not a program, ...
+            raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
+        try:
+            code = process.wait(timeout_s)
+        except BaseException as error:  # the timeout, Ctrl-C, SIGTERM: none of the command outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise UserError(f"caption command timed out after {timeout_s:g} s: "
+                                f"{shlex.join(command)}") from None
+            raise
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
     """Read and check a --region-prompts JSON file."""
@@ -671,13 +695,20 @@ def model_geometry(model, token=None) -> tuple[int, int, int]:
                         for part in ("transformer", "vae"))
     if not (transformer.is_file() and vae.is_file() and transformer.parent != vae.parent):
         raise UserError(f"{model}: not an SD3 pipeline folder (it lacks transformer/ or vae/config.json)")
-    transformer, vae = read_json(transformer), read_json(vae)
-    try:
-        levels, patch = len(vae["block_out_channels"]), transformer["patch_size"]
-        return 2 ** (levels - 1), int(patch), int(transformer["pos_embed_max_size"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{model}: not an SD3-Medium pipeline (transformer/config.json needs patch_size and "
-                        "pos_embed_max_size, vae/config.json block_out_channels)") from None
+    settings, widths = read_json(transformer), read_json(vae).get("block_out_channels")
+    patch, table = (config_count(settings, key, transformer) for key in ("patch_size", "pos_embed_max_size"))
+    if not (isinstance(widths, list) and widths):
+        raise UserError(f"{vae}: field block_out_channels is {json.dumps(widths)[:40]}, not a non-empty list "
+                        "(an SD3-Medium VAE config.json?)")
+    return 2 ** (len(widths) - 1), patch, table
+
+def config_count(config: dict, key: str, file: Path) -> int:
+    """config[key], refused in one line naming the file and the field unless it is a positive integer."""
+    value = config.get(key)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not a positive integer "
+                        "(an SD3-Medium transformer config.json?)")
+    return value
 
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
                       region_prompts: dict | None = None, batch_size: int = 16) -> dict:
@@ -723,13 +754,10 @@ def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int,
 def main(argv=None):
     args = parser().parse_args(argv)
     # Every check that can fail comes before the weights are read: outputs, input, sizes, regional prompts.
-    output = check_output_file(args.output, args.overwrite)
-    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
-    if record_path.is_dir():
-        raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
-                        "choose another --output")
-    check_output_file(record_path, args.overwrite, suffixes=None)
-    image = load_image(args.input)
+    if args.prompt and not args.prompt.strip():
+        raise UserError("--prompt is blank: give the global prompt (or leave the option out)")
+    input_size = image_size(args.input)  # from the header: an absurd target is refused before decoding
+    output, record_path = check_outputs(args)
     baseline = args.mode == "multidiffusion"
     config = CUpscaleConfig(
         region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
@@ -744,7 +772,8 @@ def main(argv=None):
         raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take "
                         f"(--noise-level {args.noise_level})") from None
     steps, start_sigma = len(sigmas) - 1, sigmas[0].item()
-    target_size(*image.size, args.scale, 2)  # refuse absurd targets before the model is looked up
+    target_size(*input_size, args.scale, 2)  # refuse absurd targets before the model is looked up
+    image = load_image(args.input)
     if not args.prompt:
         print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
               "prompt", file=sys.stderr)
@@ -808,6 +837,19 @@ def main(argv=None):
         record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
     print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
           file=sys.stderr)
+
+def check_outputs(args) -> tuple[Path, Path]:
+    """(image, sidecar): OUTPUT and OUTPUT.regions.json beside it, checked as outputs and kept apart from
+    every input."""
+    output = check_output_file(args.output, args.overwrite)
+    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
+    if record_path.is_dir():
+        raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
+                        "choose another --output")
+    check_output_file(record_path, args.overwrite, suffixes=None)
+    check_apart([("--output", output), ("--output", record_path)],
+                [("--input", args.input), ("--model", args.model), ("--region-prompts", args.region_prompts)])
+    return output, record_path
 
 def parser() -> ArgumentParser:
     d = CUpscaleConfig()
@@ -1230,7 +1272,7 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
             raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = MMDiT(sd3_config_from_state(state, folder_config(path)))
     return assign_state_dict(model, state, f"{source} (SD3)").eval()
 
@@ -1929,7 +1971,7 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = T5Encoder(config or t5_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
 
@@ -1945,7 +1987,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
@@ -1957,7 +1999,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
     state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
@@ -2022,13 +2064,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    expected = model.state_dict()
-    report = mismatch_report({
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-                        for key in expected if key in state and state[key].shape != expected[key].shape],
-    })
+    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
@@ -2056,6 +2092,15 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def shape_mismatch(state: dict, expected: dict) -> str:
+    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    return mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
+                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+    })
 
 def mismatch_report(kinds: dict) -> str:
     """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
@@ -2094,12 +2139,58 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
+    loaders read are checked for their type (`check_config_fields`)."""
     if path.is_dir():
         config = path / "config.json"
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    return read_json(config) if config is not None and config.exists() else {}
+    data = read_json(config) if config is not None and config.exists() else {}
+    return check_config_fields(data, config)
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def _is_count(value) -> bool:
+    return _is_number(value) and isinstance(value, int) and value > 0
+
+CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
+    "a positive integer": _is_count,
+    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
+    "a positive number": lambda v: _is_number(v) and v > 0,
+    "a finite number": _is_number,
+    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+}
+CONFIG_FIELDS = {  # the config.json fields the loaders read
+    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
+    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
+    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
+    "feed_forward_proj": "a string", "text_config": "an object",
+}
+
+@contextlib.contextmanager
+def config_from_files(source):
+    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
+    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
+    `source`."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
+
+def check_config_fields(config: dict, file) -> dict:
+    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
+    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    for key, kind in CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not CONFIG_TYPES[kind](value):
+            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
+    if isinstance(config.get("text_config"), dict):
+        check_config_fields(config["text_config"], file)
+    return config
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
@@ -2113,19 +2204,9 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
     state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
-    first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
+    return check_weights(state, path)
 # --- END copy: weight loading ---
 
 

@@ -66,14 +66,19 @@ from common.io import (
     FolderInUse,
     UserError,
     atomic_write,
+    check_apart,
     check_output_file,
+    check_regular_file,
+    check_weights,
     check_writable_folder,
     device_name,
     folder_lock,
     image_to_tensor,
     integer,
+    is_repo_id,
     load_image,
     load_safetensors,
+    loads_unique,
     number,
     positive,
     progress_bar,
@@ -81,11 +86,14 @@ from common.io import (
     read_text,
     resolve_source,
     run_cli,
-    safetensors_files,
     safetensors_keys,
+    safetensors_metadata,
     save_image,
+    save_torch,
     seed_everything,
+    source_name,
     tensor_to_image,
+    verify_image,
     warn,
 )
 
@@ -427,7 +435,7 @@ def detect_kind(source, token=None) -> str:
             return "flux"
         if any(key.startswith(("joint_blocks.", "pos_embed.pos_embed")) for key in keys):
             return "sd3"
-        vae = "a VAE (give it with --vae-weights)"
+        vae = "a VAE, not a transformer"
         looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
                  "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
         guess = next((what for start, what in looks.items() if any(k.startswith(start) for k in keys)), None)
@@ -436,7 +444,7 @@ def detect_kind(source, token=None) -> str:
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
                             token=token)
     for index in (folder / "model_index.json", folder / "transformer/config.json", folder / "config.json"):
-        name = read_json(index).get("_class_name", "") if index.exists() else ""
+        name = str(read_json(index).get("_class_name", "")) if index.exists() else ""
         if "Flux" in name:
             return "flux"
         if "StableDiffusion3" in name or "SD3" in name:
@@ -612,7 +620,12 @@ def train(args) -> list[tuple[int, float]]:
     """Fine-tune the pipeline's transformer; returns the (step, loss) pairs run by this call."""
     ctx, output = setup_distributed(args.device), Path(args.output)
     weights, crop = parse_weights(args.wavelet_weights), parse_crop(args.crop, args.resolution)
+    check_apart([("--output", output), ("--text-cache", args.text_cache)],
+                [("--data", args.data), ("--model", args.model)])
     check_output(output, args.resume)
+    if args.resume:  # before any weight is read: a checkpoint of another run is refused now
+        check_resumable(latest_checkpoint(output) if args.resume == "latest" else Path(args.resume),
+                        wlf_run(args))
     examples = read_dataset(args.data, verbose=ctx.main)
     if args.text_cache:
         check_output_file(args.text_cache, overwrite=True, suffixes=(".safetensors",))
@@ -672,7 +685,7 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
     batches, step = Batches(len(examples), args.seed), 0
     if args.resume:
         folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        step = load_checkpoint(folder, model, optimizer, batches, lora)
+        step = load_checkpoint(folder, model, optimizer, batches, lora, wlf_run(args))
     factor = vae.config.downsample_factor
     latent_shape = (global_batch, vae.config.z_channels, height // factor, width // factor)
     first = ctx.rank * micro * accumulation  # this rank's entries of the global batch: first, first + 1, ...
@@ -714,9 +727,17 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm, "lr": lr}) + "\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, args.keep_checkpoints)
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, args.keep_checkpoints,
+                            wlf_run(args))
     save_result(args, pipe, model, kind, lora, output, ctx)
     return losses
+
+def wlf_run(args) -> dict:
+    """What a checkpoint must share with the run that resumes it (`check_resumable`): the trainer, the base
+    model, the LoRA (rank 0: full fine-tuning) and the VAE whose latents the model learns; the tensors'
+    names and shapes are checked when they load."""
+    return {"trainer": "diffusion4k.py train", "model": source_name(args.model), "lora_rank": args.lora_rank,
+            "lora_alpha": args.lora_alpha or args.lora_rank, "vae": args.vae}
 
 def parse_weights(text: str) -> tuple:
     try:
@@ -757,29 +778,28 @@ def check_output(output: Path, resume) -> None:
 
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
     """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with one
-    {"file_name", "text"} object per line. Bad lines and unreadable images are skipped with a warning."""
+    {"file_name", "text"} object per line. Bad lines, repeated file names and unreadable images are skipped
+    with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
     metadata = folder / "metadata.jsonl"
-    try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{metadata}: cannot read the captions file ({error})") from None
-    examples, skipped = [], 0
+    lines = read_text(metadata, "captions file").splitlines()
+    examples, skipped, seen = [], 0, {}
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads_unique(line)
             name, text = record["file_name"], record["text"]
             if not isinstance(name, str) or not isinstance(text, str):
                 raise ValueError("file_name and text must be strings")
-            path = folder / name
-            with Image.open(path) as image:  # header + integrity check; pixels are decoded when used
-                image.verify()
-            examples.append(Example(path, text))
-        except (ValueError, KeyError, TypeError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+            if name in seen:
+                raise ValueError(f"file_name {name!r} repeats line {seen[name]}")
+            verify_image(folder / name)  # header + integrity check; pixels are decoded when used
+            seen[name] = line_number
+            examples.append(Example(folder / name, text))
+        except (ValueError, KeyError, TypeError, UserError) as error:
             skipped += 1
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             reason = f"missing {error}" if isinstance(error, KeyError) else reason
@@ -853,7 +873,7 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
     stored = {}
     if cache is not None and text_cache_key(cache) == key:
-        stored = check_finite(load_safetensors(cache), cache)
+        stored = check_weights(load_safetensors(cache), cache)
     if stored:
         print(f"text embeddings: {len(unique)} captions read from {cache}", file=sys.stderr)
     else:
@@ -1034,9 +1054,9 @@ def copy_base_components(base, output: Path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
         try:
-            os.link(path.resolve(), target)
+            os.link(path.resolve(), target)  # the same file as the base's, with its mode
         except OSError:
-            shutil.copy2(path.resolve(), target)
+            shutil.copyfile(path.resolve(), target)  # a new file: the umask's mode, as every output
 
 
 # ================================================================================= SC-VAE training
@@ -1057,6 +1077,9 @@ def check_vae_args(args):
                         "must be 2x2); --gan-weight 0 trains without it")
     if args.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
+    check_apart([("--output", args.output)], [("--data", args.data), ("--base", args.base),
+                                              ("--lpips-linear", args.lpips_linear),
+                                              ("--lpips-backbone", args.lpips_backbone)])
     check_output(Path(args.output), args.resume)
 
 def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
@@ -1096,13 +1119,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     step, checkpoint_folder = 0, latest_checkpoint(output)
     if args.resume and checkpoint_folder is not None:
         checkpoint_folder, state = read_checkpoint(checkpoint_folder, read_vae_checkpoint)
-        if (state["ema"] is None) != (ema is None) or (state["disc"] is None) != (disc is None):
-            ema_on, gan_on = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-            raise UserError(f"{checkpoint_folder}: saved with EMA {ema_on} and the GAN {gan_on}; resume with "
-                            "the same --ema / --gan-weight")
-        for key, part in stateful.items():
-            if part is not None:
-                part.load_state_dict(state[key])
+        load_vae_state(checkpoint_folder, state, stateful, vae_run(args), ema is not None)
         if ema is not None:
             ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
         step, fakes = state["step"], state["fakes"].to(device) if state["fakes"] is not None else None
@@ -1173,6 +1190,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
             state = {key: None if part is None else part.state_dict() for key, part in stateful.items()}
             state.update(step=step, ema=ema, fakes=fakes.cpu() if next_needs_fakes else None,
                          stream=stream.state(), noise=noise.get_state(), torch_rng=torch.get_rng_state())
+            state["run"] = json.dumps(vae_run(args))
             save_vae_checkpoint(output, step, state, args.keep_checkpoints)
     final = student
     if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
@@ -1239,16 +1257,43 @@ def read_vae_checkpoint(folder: Path) -> dict:
             "torch_rng")
     state = load_state_file(folder / "state.pt", keys)
     for part in ("decoder", "ema", "disc"):
-        check_finite(state[part] or {}, folder / "state.pt")
+        check_weights(state[part] or {}, folder / "state.pt")
     return state
 
+def vae_run(args) -> dict:
+    """What a checkpoint must share with the run that resumes it (`check_run`): the trainer, the base VAE
+    and the F16 head the decoder learns through (the decoder's shapes are checked when its state loads)."""
+    return {"trainer": "diffusion4k.py train-vae", "base": source_name(args.base),
+            "f16_decode": args.f16_decode}
+
+def load_vae_state(folder: Path, state: dict, stateful: dict, run: dict, ema_on: bool):
+    """Load a train-vae checkpoint's models and optimizers, once it proves to be this run's: its record,
+    EMA and GAN as this run's, its tensors exactly the models'."""
+    check_run(folder, state.get("run"), run)
+    if (state["ema"] is None) == ema_on or (state["disc"] is None) != (stateful["disc"] is None):
+        ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
+        raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same --ema / "
+                        "--gan-weight")
+    try:
+        for key, part in stateful.items():
+            if part is not None:
+                part.load_state_dict(state[key])
+    except (RuntimeError, ValueError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()[:120]
+        raise UserError(f"{folder}: does not fit this model ({reason})") from None
+
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, written atomically, if its weights are finite; older ones pruned."""
+    """checkpoints/step-N/state.pt, written atomically, if its weights are finite; older ones pruned. A
+    checkpoint that cannot be written whole leaves no folder."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
-    with atomic_write(output / "checkpoints" / f"step-{step:08d}" / "state.pt") as temp:
-        torch.save(state, temp)
+    folder = output / "checkpoints" / f"step-{step:08d}"
+    try:
+        save_torch(state, folder / "state.pt")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -1289,13 +1334,16 @@ def main(argv=None):
 
 def generate_command(args):
     prompts, stems = read_prompt_file(args.prompts) if args.prompts else ([args.prompt], None)
-    if not prompts[0]:
-        raise UserError("give --prompt TEXT or --prompts FILE")
+    if not prompts[0].strip():
+        raise UserError("give --prompt TEXT or --prompts FILE (the prompt is empty or blank)")
     if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
         raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond 2**64 - 1")
-    for option in ("model", "text_encoders", "vae_weights"):
-        check_source(getattr(args, option), "--" + option.replace("_", "-"))
+    sources = [("--" + option.replace("_", "-"), getattr(args, option))
+               for option in ("prompts", "model", "text_encoders", "vae_weights")]
+    for option, value in sources[1:]:
+        check_source(value, option)
     outputs = batch_outputs(args, len(prompts), stems)
+    check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs], sources)
     metadata = outputs.pop() if args.prompts else None
     records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
                if args.skip_existing and path.exists()}
@@ -1329,7 +1377,7 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads_unique(line)
         except ValueError as error:
             raise UserError(f"{path} line {line_number}: not JSON ({error})") from None
         record = record if isinstance(record, dict) else {}
@@ -1349,10 +1397,12 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
     return [text for _, text in seen.values()], list(seen)
 
 def check_source(value, option: str):
-    """Refuse a local path that does not exist before anything is loaded (Hub ids are fetched later)."""
-    if value is not None and not Path(value).expanduser().exists():
-        if str(value).count("/") != 1 or str(value).startswith((".", "/", "~")):
-            raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
+    """Refuse a local path that does not exist, or is a FIFO or device, before anything is loaded (Hub ids
+    are fetched later)."""
+    if value is not None and not Path(value).expanduser().exists() and not is_repo_id(value):
+        raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
+    if value is not None:
+        check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
     """The output files, checked before anything is loaded: one image, or with --prompts OUTPUT_DIR/00000.png
@@ -1862,7 +1912,8 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
         if "transformer_blocks.0.attn.to_q.weight" not in state:
             raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with config_from_files(source):
+        config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
     with torch.device("meta"):
         model = Flux(config)
     return assign_state_dict(model, state, f"{source} (Flux)").eval()
@@ -2063,7 +2114,7 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
             raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = MMDiT(sd3_config_from_state(state, folder_config(path)))
     return assign_state_dict(model, state, f"{source} (SD3)").eval()
 
@@ -2762,7 +2813,7 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = T5Encoder(config or t5_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
 
@@ -2778,7 +2829,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
@@ -2790,7 +2841,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
     state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
@@ -2855,13 +2906,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # --- BEGIN kit: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    expected = model.state_dict()
-    report = mismatch_report({
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-                        for key in expected if key in state and state[key].shape != expected[key].shape],
-    })
+    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
@@ -2889,6 +2934,15 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def shape_mismatch(state: dict, expected: dict) -> str:
+    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    return mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
+                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+    })
 
 def mismatch_report(kinds: dict) -> str:
     """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
@@ -2927,12 +2981,58 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
+    loaders read are checked for their type (`check_config_fields`)."""
     if path.is_dir():
         config = path / "config.json"
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    return read_json(config) if config is not None and config.exists() else {}
+    data = read_json(config) if config is not None and config.exists() else {}
+    return check_config_fields(data, config)
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def _is_count(value) -> bool:
+    return _is_number(value) and isinstance(value, int) and value > 0
+
+CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
+    "a positive integer": _is_count,
+    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
+    "a positive number": lambda v: _is_number(v) and v > 0,
+    "a finite number": _is_number,
+    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+}
+CONFIG_FIELDS = {  # the config.json fields the loaders read
+    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
+    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
+    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
+    "feed_forward_proj": "a string", "text_config": "an object",
+}
+
+@contextlib.contextmanager
+def config_from_files(source):
+    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
+    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
+    `source`."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
+
+def check_config_fields(config: dict, file) -> dict:
+    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
+    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    for key, kind in CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not CONFIG_TYPES[kind](value):
+            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
+    if isinstance(config.get("text_config"), dict):
+        check_config_fields(config["text_config"], file)
+    return config
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
@@ -2946,19 +3046,9 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
     state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
-    first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
+    return check_weights(state, path)
 # --- END kit: weight loading ---
 
 
@@ -2974,36 +3064,47 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
+    metadata, usable = folder / "metadata.jsonl", []
     if metadata.is_file():
-        candidates = []
-        lines = metadata.read_text(encoding="utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                if line.strip():
-                    candidates.append(folder / json.loads(line)["file_name"])
-            except (ValueError, KeyError, TypeError) as error:
-                skipped += 1
-                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped",
-                      file=sys.stderr)
+        candidates, skipped = listed_files(metadata)
     else:
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and p.is_file())
+        candidates, skipped = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                                     and p.is_file()), 0
     for path in candidates:
         try:
-            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
-                image.verify()
+            verify_image(path)  # header and integrity check; pixels are decoded when used
             usable.append(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except UserError as error:
             skipped += 1
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
+            print(f"warning: {error}; skipped", file=sys.stderr)
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
         print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
               file=sys.stderr)
     return usable
+
+def listed_files(metadata: Path) -> tuple[list[Path], int]:
+    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped with a
+    warning: not a JSON object with a string file_name, or a file_name that an earlier line gave."""
+    files, seen, skipped = [], {}, 0
+    for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            name = loads_unique(line)["file_name"]
+            problem = None if isinstance(name, str) else "file_name is not a string"
+        except (ValueError, KeyError, TypeError) as error:
+            name, problem = None, f"{type(error).__name__}: {error}"
+        if problem is None and name in seen:
+            problem = f"file_name {name!r} repeats line {seen[name]}"
+        if problem:
+            skipped += 1
+            print(f"warning: {metadata.name} line {line_number}: {problem}; skipped", file=sys.stderr)
+            continue
+        seen[name] = line_number
+        files.append(metadata.parent / name)
+    return files, skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
     """Resize so the image just covers height x width (for a square crop: its shorter side to the crop
@@ -3099,9 +3200,10 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed,
-                    keep: int):
-    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream). Weights
-    that are no longer finite are never written: the run stops with the last good checkpoint kept."""
+                    keep: int, run: dict):
+    """checkpoints/step-N/: trainable.safetensors (with `run`, the record `check_resumable` compares), then
+    state.pt (step, optimizer, data stream). Weights that are no longer finite are never written: the run
+    stops with the last good checkpoint kept; a checkpoint that cannot be written whole is removed."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -3110,9 +3212,12 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         if any(not torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
             raise training_diverged(step, "a weight after the update", output)
         folder = output / "checkpoints" / f"step-{step:08d}"
-        save_safetensors(weights, folder / "trainable.safetensors")
-        with atomic_write(folder / "state.pt") as temp:
-            torch.save({"step": step, "optimizer": optim, "batches": batches.state()}, temp)
+        try:
+            save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
+            save_torch({"step": step, "optimizer": optim, "batches": batches.state()}, folder / "state.pt")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         for old in sorted((output / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
@@ -3144,8 +3249,9 @@ def latest_checkpoint(output: Path) -> Path | None:
     done = sorted((output / "checkpoints").glob("step-*/state.pt"))
     return done[-1].parent if done else None
 
-def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
-    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
+def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
+    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`), once it
+    proves to be this run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     def read(candidate):
@@ -3153,9 +3259,15 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         state = load_state_file(candidate / "state.pt", ("step", "optimizer", "batches"))
         if not weights.is_file():
             raise UserError(f"{weights}: missing")
-        return state, check_finite(load_safetensors(weights), weights)
+        return state, check_weights(load_safetensors(weights), weights)
 
     folder, (state, weights) = read_checkpoint(folder, read)
+    check_resumable(folder, run)
+    expected = {key: value.shape for key, value in model.state_dict().items()
+                if not lora or key.endswith((".lora_A", ".lora_B"))}
+    report = shape_mismatch(weights, expected)
+    if report:
+        raise UserError(f"{folder}: does not fit this model: {report}")
     try:
         set_model_state_dict(model, weights, options=state_options(lora))
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
@@ -3166,6 +3278,32 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
                         "settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
+
+def check_resumable(folder: Path, run: dict):
+    """Refuse, in one line naming what differs, a checkpoint that another run wrote: another trainer, base
+    model, LoRA or setting that changes the model (`run`, recorded in trainable.safetensors' header). A
+    file too damaged to tell is left to `load_checkpoint`, which falls back to the checkpoint before it."""
+    try:
+        recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
+    except UserError:
+        return
+    check_run(folder, recorded, run)
+
+def check_run(folder: Path, recorded: str | None, run: dict):
+    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`."""
+    try:
+        theirs = json.loads(recorded) if recorded else None
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be resumed "
+                        "safely; start a new --output")
+    ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
+    for key, value in ours.items():
+        if theirs.get(key) != value:
+            raise UserError(f"{folder}: a checkpoint of another run ({key} {json.dumps(theirs.get(key))} "
+                            f"there, {json.dumps(value)} here); resume with its settings, or start a new "
+                            "--output")
 
 def read_checkpoint(folder: Path, read):
     """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it was
@@ -3180,6 +3318,7 @@ def read_checkpoint(folder: Path, read):
 
 def load_state_file(path: Path, keys: tuple) -> dict:
     """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    check_regular_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -3248,13 +3387,13 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
         except UserError as error:
             raise UserError(f"{error}{hint}") from None
         if path.suffix == ".safetensors":
-            return load_safetensors(path, torch.float32)
+            return check_weights(load_safetensors(path, torch.float32), path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # `weight_file`: a regular file
         except Exception as error:  # pickle raises many types; the file is the problem either way
             raise UserError(f"{what}: {path} is not a readable weights file "
                             f"({type(error).__name__})") from None
-        return state.get("state_dict", state) if isinstance(state, dict) else {}
+        return check_weights(state.get("state_dict", state) if isinstance(state, dict) else {}, path)
 
     model = LPIPS()
     raw = read(backbone, "LPIPS backbone")
@@ -3267,7 +3406,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
 
 def weight_file(spec, what: str, token=None) -> Path:
     """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
-    local = Path(spec).expanduser()
+    local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
     parts = str(spec).split("/")

@@ -3,33 +3,47 @@
 Weights
     `resolve_source` turns a Hub repo id or a local path into local files, downloading only
     the files asked for; `load_safetensors` reads one file, a shard set (through its
-    `*.index.json`) or a folder straight into the requested dtype and device.
+    `*.index.json`) or a folder straight into the requested dtype and device; `check_weights`
+    refuses tensors that are not floating point or not finite.
 Images
     `load_image` opens anything Pillow reads (EXIF orientation applied, palette / 16-bit /
-    alpha / CMYK converted to 8-bit RGB, decompression bombs refused); `save_image` writes
-    atomically and stores the generation settings as PNG text chunks.
+    alpha / CMYK converted to 8-bit RGB, decompression bombs refused); `image_size` reads the
+    size from the header alone; `save_image` writes atomically and stores the generation
+    settings as PNG text chunks.
+Inputs
+    `read_text` decodes UTF-8 (and UTF-16 / UTF-32 with a byte-order mark), refusing NUL-laden
+    text; `loads_unique` refuses JSON objects that repeat a key; `check_regular_file` refuses
+    FIFOs, devices and sockets before anything opens them.
 Outputs
-    `check_output_file` refuses a bad output path before any weights are read; `atomic_files`
-    writes one or several files so that they all appear, complete, or none does, and never
-    replaces an existing file unless asked to (two runs racing for one name: one fails cleanly);
-    `folder_lock` keeps a second training run out of a folder that one is writing.
+    `check_output_file` refuses a bad output path before any weights are read (too long, a
+    dangling link, not a file); `check_apart` refuses an output that is, or lies inside, an input;
+    `atomic_files` writes one or several files so that they all appear, complete, or none does,
+    and never replaces an existing file unless asked to (two runs racing for one name: one fails
+    cleanly); `folder_lock` keeps a second training run out of a folder that one is writing.
 Arguments
     `ArgumentParser` reports a bad argument in one line; `integer`, `number` and `device_name`
     are argparse types that check ranges, finiteness and devices before anything is loaded.
 Errors
-    `UserError` is a problem the user can fix; `run_cli` prints it as one line and exits 2.
+    `UserError` is a problem the user can fix; `run_cli` prints it, a file-system fault, a
+    library warning or SIGTERM as one line each and exits with a code.
 """
 
 import argparse
+import codecs
 import contextlib
 import errno
 import json
 import math
 import os
 import random
+import re
+import signal
 import socket
+import stat
 import sys
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,30 +51,95 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 16384 * 16384  # a 16K square; anything larger is refused before decoding
+# Pillow's own bomb guard warns from 89 Mpx and refuses from 179 Mpx; ours is the limit above, so Pillow warns
+# only about images that `load_image` refuses from their header anyway.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, APFS, NTFS (in UTF-16 units)
 
 
 class UserError(Exception):
     """A problem with the user's input, files or environment, stated in one line."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, a job scheduler), raised where the program is, so that every clean-up runs: no
+    temporary file or half-written checkpoint is left behind."""
+
+
 def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
-    """Run `main(argv)`; turn the errors a user can act on into one line on stderr and an exit code.
-    memory_hint: what the CLI offers against running out of GPU memory."""
-    try:
-        main(argv)
-    except UserError as error:
-        end_progress_lines()
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        end_progress_lines()
-        print(f"error: out of GPU memory; {memory_hint}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        end_progress_lines()
-        print("interrupted", file=sys.stderr)
-        return 130
+    """Run `main(argv)`; turn the errors a user can act on into one line on stderr and an exit code: 2 for
+    bad input and file-system faults (a full disk, ...), 3 out of GPU memory, 130 interrupted, 143 on SIGTERM.
+    Library warnings become one `warning:` line each. memory_hint: what the CLI offers against running out
+    of GPU memory."""
+    with _one_line_warnings(), _sigterm_raises():
+        try:
+            main(argv)
+        except UserError as error:
+            return _fail(f"error: {error}", 2)
+        except torch.OutOfMemoryError:
+            return _fail(f"error: out of GPU memory; {memory_hint}", 3)
+        except OSError as error:  # a fault no check could foresee: the disk filled up, a file vanished, ...
+            return _fail(f"error: {os_error_text(error)}", 2)
+        except KeyboardInterrupt:
+            return _fail("interrupted", 130)
+        except Terminated:
+            return _fail("terminated", 143)
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    end_progress_lines()
+    print(message, file=sys.stderr)
+    return code
+
+
+def os_error_text(error: OSError, action: str = "") -> str:
+    """One line for a file-system error: '[action ]FILE: reason', the reason in words."""
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system",
+               errno.ENAMETOOLONG: f"name too long (a file system takes {NAME_MAX} bytes per name)"}
+    reason = reasons.get(error.errno) or error.strerror or str(error)
+    return f"{action}{_short(error.filename)}: {reason}" if error.filename else f"{action}{reason}"
+
+
+def _short(path, limit: int = 100) -> str:
+    """A path fit for a one-line message: a very long one keeps its start and its end."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 4 :]}"
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Show a library warning as one `warning:` line, not Python's file, line number and source line."""
+    previous = warnings.showwarning
+
+    def show(message, category, *_, **__):
+        lines = str(message).strip().splitlines()
+        warn(lines[0] if lines else category.__name__)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the CLI runs, SIGTERM raises `Terminated` in the main thread instead of ending the process
+    where it stands (which would leave temporary files). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -188,16 +267,75 @@ def end_progress_lines():
         print(file=sys.stderr)
 
 
-def read_text(path, what="file") -> str:
-    """A UTF-8 text file's contents, or a one-line `UserError` naming the file and the problem."""
+# ----------------------------------------------------------------------------- inputs
+
+# Byte-order marks, UTF-32's before UTF-16's (UTF-32-LE's starts with UTF-16-LE's); the codecs drop them.
+BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF8, "UTF-8-sig"),
+        (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def check_regular_file(path, what="file") -> Path:
+    """Refuse, without opening it, a path that is a FIFO, a device or a socket: reading a FIFO waits for a
+    writer forever, a device may never end. A missing path or a folder is left to the caller to name."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: the {what} is not UTF-8 text (byte {error.start})") from None
+        mode = os.stat(path).st_mode
+    except OSError:
+        return Path(path)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise UserError(f"{_short(path)} is {kind}, not a {what}")
+    return Path(path)
+
+
+def read_text(path, what="file") -> str:
+    """A text file's contents: UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32 with a byte-order
+    mark. Text holding NUL characters (UTF-16 / UTF-32 without a mark, a binary file) is refused: it would
+    become prompts full of NULs. Any problem is a one-line `UserError` naming the file."""
+    check_regular_file(path, what)
+    try:
+        data = Path(path).read_bytes()
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, not a {what}") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), "UTF-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: the {what} is not {encoding.removesuffix('-sig')} text "
+                        f"(byte {error.start})") from None
+    if "\0" in text:
+        raise UserError(f"{path}: the {what} holds NUL characters (UTF-16 or UTF-32 without a byte-order "
+                        "mark?); save it as UTF-8")
+    return text
+
+
+def loads_unique(text: str):
+    """`json.loads`, refusing an object that names a key twice (json keeps the last one silently) with a
+    ValueError that names the key."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list) -> dict:
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {repeated!r} appears twice")
+    return data
+
+
+def read_json(path) -> dict:
+    """A JSON file holding an object, or a one-line `UserError` naming the file and the problem."""
+    try:
+        data = loads_unique(read_text(path, "JSON file"))
+    except ValueError as error:
+        raise UserError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object but a {type(data).__name__}")
+    return data
 
 
 # ----------------------------------------------------------------------------- weights
@@ -217,7 +355,7 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
         if subfolder and (local / subfolder).is_dir():
             return local / subfolder
         return local
-    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+    if not is_repo_id(source):
         raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form owner/name")
 
     from huggingface_hub import errors as hub
@@ -239,21 +377,45 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
         raise UserError(f"{source}: {message}") from None
     except hub.HfHubHTTPError as error:
         raise UserError(f"{source}: download failed: {str(error).splitlines()[0]}") from None
+    except OSError as error:  # the cache folder cannot be used: HF_HOME is a file, read-only, full
+        raise UserError(f"{source}: the Hugging Face cache cannot be used ({os_error_text(error)}); "
+                        "check HF_HOME / HF_HUB_CACHE") from None
     path = root / subfolder if subfolder else root
     if not path.exists():
         raise UserError(f"{source} has no files matching {patterns}")
     return path
 
 
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+
+
+def is_repo_id(text) -> bool:
+    """Whether `text` is a Hub repo id, owner/name: letters, digits, '_', '-', '.', neither starting nor
+    ending a part, no '--' or '..' (the Hub's rule; `owner/` or `a/b/c` is a path that does not exist)."""
+    text = str(text)
+    return re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None and not re.search(r"--|\.\.", text)
+
+
+def source_name(source) -> str:
+    """A weights source as a run records it: a local path made absolute (the same from any working folder),
+    a Hub repo id as it is."""
+    local = Path(str(source)).expanduser()
+    return str(local.resolve()) if local.exists() else str(source)
+
+
 def safetensors_files(path) -> list[Path]:
     """The safetensors files that make up one model: a file, a sharded set, or a folder's files."""
     path = Path(path)
-    if path.is_file():
-        return [path]
+    if not path.is_dir():
+        return [check_regular_file(path, "safetensors file")]
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(indexes[0]).get("weight_map")
+        shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        if not shards or not all(isinstance(name, str) and Path(name).name == name for name in shards):
+            raise UserError(f"{indexes[0]}: no weight_map naming a shard file for each tensor "
+                            "(a damaged index?)")
+        return [path / name for name in sorted(shards)]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: no .safetensors files")
@@ -263,9 +425,9 @@ def safetensors_files(path) -> list[Path]:
 def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[str, torch.Tensor]:
     """Read every tensor of `path` (see `safetensors_files`) into `dtype` on `device`.
 
-    Floating-point tensors (fp8 included) are converted to `dtype`; integer tensors are kept.
-    `key_filter(key) -> bool` skips tensors before they are read, so loading one model out
-    of an all-in-one checkpoint never reads the others.
+    Floating-point tensors (fp8 included) are converted to `dtype`; integer tensors are kept (weights
+    loaders refuse them with `check_weights`). `key_filter(key) -> bool` skips tensors before they are
+    read, so loading one model out of an all-in-one checkpoint never reads the others.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -273,6 +435,7 @@ def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[st
     for file in safetensors_files(path):
         if not file.exists():
             raise UserError(f"{file}: missing shard")
+        check_regular_file(file, "safetensors file")
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for key in f.keys():
@@ -287,20 +450,44 @@ def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[st
 
 def safetensors_keys(path) -> list[str]:
     """The tensor names of a safetensors file, read from its header alone."""
+    return _safetensors_header(path)[0]
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The string metadata of a safetensors file, read from its header alone."""
+    return _safetensors_header(path)[1]
+
+
+def _safetensors_header(path) -> tuple[list[str], dict]:
     from safetensors import SafetensorError, safe_open
 
+    check_regular_file(path, "safetensors file")
     try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def read_json(path) -> dict:
-    try:
-        return json.loads(read_text(path, "JSON file"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not a readable JSON file ({error})") from None
+def check_weights(state: dict, path) -> dict:
+    """Refuse what cannot be weights, naming the file (the shard that holds it) and the tensor: a value that
+    is not a tensor (a pickled .pth), a tensor that is not floating point (integers, bools: a quantised or
+    foreign file this code would otherwise use as numbers), or one holding NaN / Inf (a diverged run, a
+    damaged file: black images or NaN losses later). Returns `state`."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            problem = f"entry {key} is a {type(value).__name__}, not a tensor"
+        elif not value.is_floating_point():
+            dtype = str(value.dtype).removeprefix("torch.")
+            problem = f"tensor {key} is {dtype}, not floating point; these are not weights this code reads"
+        elif not torch.isfinite(value).all():
+            problem = f"tensor {key} holds NaN or Inf values; these weights are broken"
+        else:
+            continue
+        files = safetensors_files(path) if Path(path).is_dir() else [path]
+        file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
+        raise UserError(f"{file}: {problem}")
+    return state
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -313,13 +500,27 @@ IMAGE_FORMATS = {
 def check_writable_folder(folder) -> None:
     """Refuse a folder that cannot be created or written, naming the first ancestor in the way."""
     folder = Path(folder)
+    check_name_length(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # mkdir would fail on it at the end of the run
+            raise UserError(f"cannot write into {folder}: {existing} is a link to {os.readlink(existing)}, "
+                            "which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"cannot write into {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {folder}: {existing} is not writable")
+
+
+def check_name_length(path) -> None:
+    """Refuse a path no file system takes (a name over NAME_MAX bytes, a path over 4095) before the run,
+    rather than at its end."""
+    for name in (*Path(path).parts, str(path)):
+        limit = 4095 if name == str(path) else NAME_MAX
+        if len(os.fsencode(name)) > limit:
+            raise UserError(f"{_short(path)}: a {'path' if limit > NAME_MAX else 'file name'} of "
+                            f"{len(os.fsencode(name))} bytes; file systems take at most {limit}")
 
 
 def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
@@ -328,16 +529,40 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
     `suffixes=None` accepts any extension. Returns the path.
     """
     path = Path(path)
+    check_name_length(path)
     if path.is_dir():
         example = path / ("output" + (suffixes or (".png",))[0])
         raise UserError(f"{path} is a folder; give a file name such as {example}")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         allowed = ", ".join(suffixes)
         raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} (use one of {allowed})")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; remove the link or "
+                        "choose another name")
+    check_regular_file(path, "file to replace")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
     check_writable_folder(path.parent)
     return path
+
+
+def check_apart(outputs, inputs) -> None:
+    """Refuse an output that is one of the inputs (the same file by any name: a link, a hard link) or lies
+    inside an input folder, whatever --overwrite says: no run replaces or adds to what it reads. `outputs`
+    and `inputs` are (option, path) pairs; None, and inputs that are not local paths (Hub ids), are
+    skipped."""
+    sources = [(option, Path(path).expanduser()) for option, path in inputs if path is not None]
+    sources = [(option, path, path.resolve()) for option, path in sources if path.exists()]
+    for out_option, output in ((option, path) for option, path in outputs if path is not None):
+        check_name_length(output)  # before the file system is asked about it
+        target = Path(output).expanduser().resolve()
+        for option, source, real in sources:
+            if target == real or (target.exists() and os.path.samefile(target, real)):
+                raise UserError(f"{out_option}: {output} is {option} {source}; an output never replaces an "
+                                f"input: choose another {out_option}")
+            if real.is_dir() and target.is_relative_to(real):
+                raise UserError(f"{out_option}: {output} lies inside {option} {source}; a run never writes "
+                                f"into its inputs: choose another {out_option}")
 
 
 def _file_mode() -> int:
@@ -385,7 +610,7 @@ def folder_lock(folder, enabled=True):
     folder.mkdir(parents=True, exist_ok=True)
     lock, owner = folder / ".lock", f"{socket.gethostname()} {os.getpid()}"
     try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides
     except FileExistsError:
         try:
             holder = lock.read_text(errors="replace").strip()
@@ -418,25 +643,27 @@ def atomic_files(paths, overwrite=False):
     """Yield one temporary path beside each of `paths`; when the block succeeds, move them all in.
 
     Either every file appears, complete and with the umask's mode, or none does: a failure in the
-    block, or in moving any of them in, removes the temporary files and the ones already moved.
-    Without `overwrite` an existing file is never replaced, even one that appears during the run.
+    block, or in moving any of them in, removes the temporary files, the ones already moved and the
+    folders made for them. Without `overwrite` an existing file is never replaced, even one that appears
+    during the run.
     """
     paths = [Path(p) for p in paths]
     for path in paths:
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; pass --overwrite to replace it")
-    temps, published, mode = [], [], _file_mode()
+    temps, published, mode, made = [], [], _file_mode(), _missing_folders(paths)
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            # the temporary name adds 14 bytes: a name near NAME_MAX would not fit
+            name = path.name if len(os.fsencode(path.name)) <= NAME_MAX - 20 else "output"
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
             os.close(handle)
             os.chmod(temp, mode)
             temps.append(Path(temp))
     except OSError as error:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {paths[len(temps)]}: {error.strerror or error}") from None
+        _remove(temps, made)
+        raise UserError(f"cannot write {paths[len(temps)]}: {_write_failure(error)}") from None
     try:
         yield temps
         for temp, path in zip(temps, paths):
@@ -444,17 +671,48 @@ def atomic_files(paths, overwrite=False):
             _publish(temp, path, overwrite)
             published.append(path)
     except BaseException as error:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        if not overwrite:  # what this run created; replaced files cannot be restored
-            for path in published:
-                path.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            reason = error.strerror or str(error)
-            if error.errno == errno.ENOSPC:
-                reason = "no space left on device"
-            raise UserError(f"cannot write {paths[len(published)]}: {reason}") from None
-        raise
+        # without overwrite, what this run created; replaced files cannot be restored
+        _remove(temps + ([] if overwrite else published), made)
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        raise UserError(f"cannot write {paths[len(published)]}: {reason}") from None
+
+
+def _missing_folders(paths: list[Path]) -> list[Path]:
+    """The folders that writing `paths` will create, deepest first."""
+    missing = set()
+    for path in paths:
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def _remove(files: list[Path], folders: list[Path]):
+    """Remove `files`, then those of `folders` that are left empty."""
+    for file in files:
+        file.unlink(missing_ok=True)
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The reason in words when the file system refused a write: an OSError, or the 'os error N' that
+    safetensors' Rust writer reports. None for any other failure."""
+    if isinstance(error, OSError):
+        return os_error_text(OSError(error.errno, error.strerror or str(error)))
+    found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
+    return os_error_text(OSError(int(found[1]), os.strerror(int(found[1])))) if found else None
+
+
+def save_torch(data, path):
+    """`torch.save` atomically, through a file object: a full disk then raises OSError (torch's own file
+    writer reports it as an unrelated RuntimeError)."""
+    with atomic_write(path) as temp, open(temp, "wb") as file:
+        torch.save(data, file)
 
 
 @contextlib.contextmanager
@@ -469,21 +727,47 @@ def atomic_write(path, overwrite=True):
 
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, upright, refusing files that are not images or too large."""
+    with _opened_image(path, max_pixels) as opened:
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    return to_rgb(image)
+
+
+def image_size(path, max_pixels=MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file as `load_image` returns it (EXIF rotation applied), read from its
+    header alone: size limits are checked before a large image is decoded."""
+    with _opened_image(path, max_pixels) as opened:
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        return opened.size[::-1] if turned else opened.size
+
+
+def verify_image(path, max_pixels=MAX_IMAGE_PIXELS) -> None:
+    """Refuse a file that is not an image, too large, or fails Pillow's integrity check, without decoding
+    its pixels (a file can still fail to decode later: a PNG cut after its header)."""
+    with _opened_image(path, max_pixels) as opened:
+        opened.verify()
+
+
+@contextlib.contextmanager
+def _opened_image(path, max_pixels):
+    """The image opened by Pillow (its header read), refused with one line if it is not a readable image
+    file or has more than `max_pixels` pixels; errors while the block decodes it are refused alike."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give an image file")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
+    check_regular_file(path, "image file")
     try:
         with Image.open(path) as opened:
             if opened.width * opened.height > max_pixels:
                 size = f"{opened.width}x{opened.height}"
                 raise UserError(f"{path}: {size} exceeds the {max_pixels:,}-pixel limit")
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
+            yield opened
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: exceeds the {max_pixels:,}-pixel limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

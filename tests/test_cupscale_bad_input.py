@@ -112,7 +112,7 @@ CASES = [
          image_at("big.png", (128, 128))),
     # the model, looked up through its config files only
     case("model-missing", {"--model": "{tmp}/nowhere"}, "nowhere: no such file or folder"),
-    case("model-not-a-pipeline", {"--model": "{tmp}"}, "not an SD3 pipeline folder"),
+    case("model-not-a-pipeline", {"--model": "{tmp}/folder"}, "not an SD3 pipeline folder", folder_at("folder")),
     case("model-not-safetensors", {"--model": "{tmp}/lr.png"}, "lr.png: not a readable safetensors file"),
     # sizes the model cannot take
     case("region-beyond-position-table", {"--region-size": "256"}, "position table covers at most 128 px"),

@@ -121,9 +121,11 @@ def test_fid_with_few_images_warns_with_the_count(folders, capsys, monkeypatch):
     pred, ref = folders
     seen = []
     monkeypatch.setattr(M.InceptionV3, "from_pretrained", classmethod(lambda cls, source: seen.append(source) or PooledColours()))
-    with pytest.warns(UserWarning, match="pred has 3 samples; a full-rank 12-d covariance needs at least 13"):
-        code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "fid", "--inception", "my/inception.pth"], capsys)
+    code, out, err = run(["--pred", pred, "--ref", ref, "--metrics", "fid", "--inception", "my/inception.pth"], capsys)
     assert code == 0, err
+    # the CLI shows a library warning as one line of its own
+    assert "pred has 3 samples; a full-rank 12-d covariance needs at least 13" in err
+    assert all(line.startswith("warning: ") for line in err.splitlines() if "covariance" in line), err
     assert seen == ["my/inception.pth"]
     assert np.isfinite(json.loads((pred / "metrics.json").read_text())["metrics"]["fid"])
     # patch FID: a 128x160 image holds a 2x2 grid of 64-px crops and 1x2 more in the half-shifted grid
@@ -162,3 +164,43 @@ def test_prompts_must_cover_every_image(folders, capsys, tmp_path):
     prompts.write_text("not json\n")
     code, _, err = run(["--pred", pred, "--prompts", prompts, "--metrics", "clip"], capsys)
     assert code == 2 and "metadata.jsonl:1" in err
+
+
+def test_network_precision_is_chosen_per_device_and_recorded(folders, capsys, monkeypatch):
+    assert M.set_network_precision("cpu") == "fp32"
+    assert not torch.backends.cuda.matmul.allow_tf32  # float32 matrix products, as the references
+    pred, ref = folders
+    monkeypatch.setattr(M.InceptionV3, "from_pretrained", classmethod(lambda cls, source: PooledColours()))
+    code, _, err = run(["--pred", pred, "--ref", ref, "--metrics", "fid,glcm", "--fid-patch", 64], capsys)
+    assert code == 0, err
+    assert json.loads((pred / "metrics.json").read_text())["settings"]["precision"] == "fp32"
+
+
+def test_progress_names_the_metric_and_the_network_precision(monkeypatch):
+    calls = []
+    monkeypatch.setattr(M, "progress_bar", lambda label, total: lambda done, postfix=None: calls.append((done, postfix)))
+    for name, show in M.progress(["a", "b"], "metrics", "tf32"):
+        show("glcm")
+        show("lpips")
+    assert calls == [(0, {"metric": "glcm"}), (0, {"metric": "lpips (tf32)"}), (1, None),
+                     (1, {"metric": "glcm"}), (1, {"metric": "lpips (tf32)"}), (2, None)]
+
+
+def test_folder_run_memory_does_not_grow_with_the_number_of_images(tmp_path, capsys):
+    """Peak memory of a folder run (numpy's buffers and Python objects, as tracemalloc sees them) is the
+    same for 2 and for 8 images: nothing an image needs is kept once it is scored."""
+    import tracemalloc
+
+    peaks = {}
+    for count in (2, 8):
+        pred, ref = tmp_path / f"pred{count}", tmp_path / f"ref{count}"
+        pred.mkdir(), ref.mkdir()
+        for i in range(count):
+            Image.fromarray(image(i, 192, 192)).save(pred / f"{i:04d}.png")
+            Image.fromarray(image(i + 1, 192, 192)).save(ref / f"{i:04d}.png")
+        tracemalloc.start()
+        code, _, err = run(["--pred", pred, "--ref", ref, "--metrics", "glcm,cr,psnr,ssim"], capsys)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert code == 0, err
+    assert peaks[8] < 1.3 * peaks[2], peaks
