@@ -26,6 +26,7 @@ Commands
     python op4ksr.py train --data HR_DIR --output runs/op4ksr              # -> runs/op4ksr/op4ksr.safetensors
     torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
     python op4ksr.py calibrate-sigma --data HR_DIR                         # OMGSR's SNR-matched sigma
+    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F's LoRAs
 
 The appendix holds whole kits copied from diffusion4k.py (kept identical by tests/test_copies.py): the Flux
 transformer with a tunable RoPE base, the VAE with the F16 stride, the T5 and CLIP text encoders and
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -65,24 +67,35 @@ from common.io import (
     FolderInUse,
     UserError,
     atomic_write,
+    check_apart,
     check_output_file,
+    check_regular_file,
+    check_weights,
     check_writable_folder,
     device_name,
     folder_lock,
+    image_size,
     image_to_tensor,
     integer,
     load_image,
     load_safetensors,
+    loads_unique,
     number,
+    os_error_text,
     positive,
     progress_bar,
     read_json,
+    read_text,
     resolve_source,
     run_cli,
-    safetensors_files,
     safetensors_keys,
+    safetensors_metadata,
     save_image,
+    save_torch,
+    source_name,
     tensor_to_image,
+    verify_image,
+    warn,
 )
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
@@ -114,14 +127,18 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, 
     theta^(-2i/d) radians per token, so a lower base lets more pairs tell adjacent tokens apart (Fig. 5: 15
     of the 28 spatial pairs step by 5 degrees or more with theta 100, 8 with 10000; axis 0's ids are 0)."""
     z = vae.encode(image)
+    return z - sigma * flux_velocity(transformer, z, txt, y, sigma, guidance)
+
+def flux_velocity(transformer: Flux, z: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
+    """Flux's velocity (B, C, h, w) for latents z (B, C, h, w) at noise level `sigma`, in one pass over all
+    h/2 x w/2 packed tokens (RoPE positions from 0), conditioned on the prompt embeddings txt, y."""
     b, _, h, w = z.shape
     x = pack_latents(z)
     txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
     t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
     g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
     ids = latent_image_ids(h, w, z.device)
-    v = transformer(x, ids, txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g)
-    return unpack_latents(x - sigma * v, h, w)
+    return unpack_latents(transformer(x, ids, txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g), h, w)
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
     """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted with the mu
@@ -376,7 +393,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
     checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
     path, meta = read_op4ksr_metadata(weights, token)
     state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
-    check_finite(state, path)
+    check_weights(state, path)
     c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
@@ -430,13 +447,8 @@ SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
     """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header."""
-    from safetensors import SafetensorError, safe_open
     path = weight_file(spec, "--weights", token)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+    meta = safetensors_metadata(path)
     if meta.get("format") != "op4ksr":
         raise UserError(f"{path}: not an OP4KSR checkpoint (no 'format: op4ksr' in its metadata)")
     version = meta.get("format_version", "0")
@@ -489,6 +501,10 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
         if a is None or b is None or name not in parts_of:
             raise UserError(f"{source}: LoRA {name} has no counterpart in this base model "
                             "(a checkpoint for another model?)")
+        low_rank = a.ndim in (2, 4) and b.ndim == a.ndim and b.shape[2:] in ((), (1, 1))
+        if not (low_rank and b.shape[1] == a.shape[0]):
+            raise UserError(f"{source}: LoRA {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                            "not a low-rank pair (A: rank x inputs, B: outputs x rank, the same rank)")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
         delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
@@ -521,7 +537,7 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
     metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
                 "theta": str(transformer.config.theta), "flux_config": json.dumps(flux_config),
                 "vae_config": json.dumps(vae_config), **{k: str(v) for k, v in settings.items()}}
-    save_safetensors(check_finite(state, path), Path(path), metadata)  # a diverged run saves no loadable file
+    save_safetensors(check_weights(state, path), Path(path), metadata)  # a diverged run: no loadable file
 
 def export_flux_lora(model: Flux) -> dict:
     """The SplitLoRALinear weights under peft / diffusers names, block i of a fused weight as its i-th
@@ -551,6 +567,317 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
     return out
 
 
+# ====================================== OMGSR-F's public weights, and OMGSR-F's own tiled inference
+
+# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as a folder of two peft `save_pretrained` adapters (a download
+# from its README). Each is merged into our modules through the names OP4KSR's own file uses:
+#   flux_adapter/          Flux-dev transformer, r = alpha = 64          -> transformer.<diffusers module>
+#   vae_encoder_adapter/   the F8 VAE's encoder, r = alpha = 64           -> vae.encoder.<diffusers module>
+# each holding adapter_config.json and adapter_model.safetensors (base_model.model.<module>.lora_A/B.weight).
+OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
+OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
+PEFT_PREFIX = "base_model.model."
+PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values that leave LoRA plain
+    "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
+    "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
+    "modules_to_save": (None, []), "layers_to_transform": (None,), "layers_pattern": (None, [], ""),
+    "layer_replication": (None, []), "exclude_modules": (None, [], ""), "lora_bias": (None, False),
+    "use_qalora": (None, False), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
+    "peft_type": (None, "LORA"),
+}
+
+def omgsr_f_folder(spec, token=None) -> Path | None:
+    """The local folder of an OMGSR-F adapter given as --weights (a folder, or a Hub repo or repo/subfolder:
+    only its two adapters are downloaded), or None where `spec` names an OP4KSR checkpoint file."""
+    text, local = str(spec), Path(str(spec)).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or text.endswith(".safetensors") or text.startswith((".", "/", "~")) or "/" not in text:
+        return None
+    parts = text.split("/")
+    patterns = tuple(f"{half}/*" for half in OMGSR_F_ADAPTERS)
+    return resolve_source("/".join(parts[:2]), "/".join(parts[2:]) or None, patterns, token)
+
+def omgsr_f_halves(folder: Path) -> dict:
+    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder, from the configs alone:
+    refuses a folder that is no such adapter, a missing half, and peft options we do not implement."""
+    present = [half for half in OMGSR_F_ADAPTERS if (folder / half).is_dir()]
+    if not present:
+        raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ nor "
+                        "vae_encoder_adapter/, the two peft folders of OMGSR's omgsr-f-1024-adapter)")
+    if len(present) == 1:
+        missing = next(half for half in OMGSR_F_ADAPTERS if half not in present)
+        raise UserError(f"{folder}: has {present[0]}/ but no {missing}/; OMGSR-F's adapter needs both halves")
+    halves = {}
+    for half in OMGSR_F_ADAPTERS:
+        config, weights = folder / half / "adapter_config.json", folder / half / "adapter_model.safetensors"
+        for file in (config, weights):
+            if not file.is_file():
+                raise UserError(f"{folder / half}: no {file.name} (a peft LoRA folder holds "
+                                "adapter_config.json and adapter_model.safetensors)")
+        halves[half] = (weights, *peft_lora_config(read_json(config), config))
+    return halves
+
+def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
+    """(r, lora_alpha, target_modules) of a peft adapter_config.json, refusing every option that would make
+    the LoRA other than W + (alpha / r) B A on the selected modules."""
+    for option, plain in PEFT_PLAIN.items():
+        if config.get(option) not in plain:
+            raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader does not "
+                            "implement (plain LoRA only: r, lora_alpha, target_modules)")
+    rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if not _is_count(rank) or not _is_number(alpha):
+        raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer and a "
+                        "number")
+    names = isinstance(targets, list) and all(isinstance(target, str) for target in targets)
+    if not (isinstance(targets, str) or names):
+        raise UserError(f"{path}: target_modules={targets!r} is neither a list of module names nor a pattern")
+    try:
+        if isinstance(targets, str):
+            re.compile(targets)
+    except re.error as error:
+        raise UserError(f"{path}: target_modules={targets!r} is not a regular expression ({error})") from None
+    return rank, float(alpha), targets
+
+def read_omgsr_f_adapters(folder: Path) -> dict:
+    """Both adapters' LoRAs under the names of OP4KSR's file (`merge_op4ksr_lora`), peft's scale alpha / r
+    folded into B. Each LoRA must sit on a module its target_modules selects and have its rank r."""
+    state = {}
+    for half, (weights, rank, alpha, targets) in omgsr_f_halves(folder).items():
+        for key, value in check_weights(load_safetensors(weights, torch.float32), weights).items():
+            module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            peft_key = key.startswith(PEFT_PREFIX) and kind in ("A.weight", "B.weight")
+            if not peft_key or value.ndim not in (2, 4):
+                raise UserError(f"{weights}: {key} {tuple(value.shape)} is not a peft LoRA weight "
+                                "(base_model.model.<module>.lora_A/B.weight, 2-D or 4-D)")
+            selected = (re.fullmatch(targets, module) if isinstance(targets, str)
+                        else peft_selects(module, targets))
+            if not selected:
+                raise UserError(f"{weights}: a LoRA on {module}, which adapter_config.json's target_modules "
+                                "does not select (a damaged adapter?)")
+            if value.shape[0 if kind == "A.weight" else 1] != rank:
+                raise UserError(f"{weights}: {key} is {tuple(value.shape)}, not of the rank r={rank} "
+                                "that adapter_config.json gives")
+            scale = alpha / rank if kind == "B.weight" else 1.0
+            state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
+    return state
+
+def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "", max_length: int = 512) -> dict:
+    """OMGSR-F's fixed condition, the empty prompt's T5 / pooled CLIP-L embeddings {"txt", "y"}: encoded
+    once per base model and dtype (the text encoders are loaded for it, then freed) and read back from a
+    cache afterwards. The cache lives in $OP4KSR_CACHE, else $HF_HOME/op4ksr; its file name is a hash of the
+    base's name (a local folder's path, with its text encoders' sizes and dates), the prompt and the dtype."""
+    source = source_name(flux)
+    local = Path(source)
+    stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
+                    for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
+    key = json.dumps([source, stamps, prompt, max_length, str(dtype)])
+    path = prompt_cache_folder() / f"prompt-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        with contextlib.suppress(UserError):
+            cached = load_safetensors(path, dtype, device)
+            if {"txt", "y"} <= cached.keys() and all(torch.isfinite(t).all() for t in cached.values()):
+                return cached
+    print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in {path})",
+          file=sys.stderr)
+    encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path, {"base_flux": source})
+    except OSError as error:
+        warn(f"the prompt embeddings could not be cached in {path.parent} ({os_error_text(error)}); "
+             "set OP4KSR_CACHE to a writable folder")
+    return {"txt": encoded["txt"], "y": encoded["y"]}
+
+def prompt_cache_folder() -> Path:
+    """$OP4KSR_CACHE, else op4ksr/ in the Hugging Face home ($HF_HOME, by default ~/.cache/huggingface)."""
+    if os.environ.get("OP4KSR_CACHE"):
+        return Path(os.environ["OP4KSR_CACHE"]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME).expanduser() / "op4ksr"
+
+def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=None, token=None,
+                          theta: float = 10000.0, stride: int = 1, text_encoders=None) -> SRPipeline:
+    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`, the
+    cached empty prompt (`text_encoders`: a Flux pipeline with them, default `flux`), OMGSR-F's sigma
+    (t = 244) and guidance 1. The adapters are read before any base."""
+    loras = read_omgsr_f_adapters(folder)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    flux = flux or DEFAULT_FLUX
+    vae = vae or (flux if stride == 1 else DEFAULT_VAE)
+    prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # first: T5 is freed before Flux
+    print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
+    transformer = load_flux(flux, dtype, device, theta=theta, token=token)
+    autoencoder = load_vae(vae, dtype, device, stride=stride, token=token)
+    c = transformer.config
+    if prompt["txt"].shape[-1] != c.context_in_dim or prompt["y"].shape[-1] != c.vec_in_dim:
+        raise UserError(f"the cached prompt embeddings do not fit {flux}: delete them from "
+                        f"{prompt_cache_folder()} and run again")
+    merge_op4ksr_lora(loras, transformer, autoencoder, str(folder))
+    guidance = 1.0 if c.guidance_embed else None
+    meta = {"base_flux": str(flux), "base_vae": str(vae)}
+    return SRPipeline(transformer, autoencoder, prompt["txt"], prompt["y"], OMGSR_SIGMA, guidance, 4.0,
+                      device, dtype, meta)
+
+def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
+    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's adapters, as
+    `read_omgsr_f_adapters` gives them): each SplitLoRALinear part and LoRAConv2d takes its A, and its B
+    divided by the module's own scale. Every LoRA of `state` must find its module, at the same rank."""
+    c, vae_table = transformer.config, vae_lora_table(vae)
+    flux_table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
+    slots = []  # (the parameter or its block, the key in `state`, the layout transform, the scale to undo)
+    for name, module in transformer.named_modules():
+        if isinstance(module, SplitLoRALinear):
+            for i, part in enumerate(flux_table[f"{name}.weight"][0][: len(module.lora_A)]):
+                prefix = "transformer." + part.removesuffix(".weight")
+                slots += [(module.lora_A[i], f"{prefix}.lora_A.weight", None, 1.0),
+                          (module.lora_B[i], f"{prefix}.lora_B.weight", None, module.scale)]
+    for name, module in vae.encoder.named_modules():
+        if isinstance(module, LoRAConv2d):
+            (part,), transform = vae_table[f"encoder.{name}.weight"]
+            prefix = "vae." + part.removesuffix(".weight")
+            slots += [(module.lora_A, f"{prefix}.lora_A.weight", transform, 1.0),
+                      (module.lora_B, f"{prefix}.lora_B.weight", transform, module.scale)]
+    with torch.no_grad():
+        for target, key, transform, scale in slots:
+            value = state.get(key)
+            value = None if value is None else TRANSFORMS[transform][0](value) / scale
+            if value is None or value.shape != target.shape:
+                found = "missing" if value is None else f"{tuple(value.shape)}"
+                raise UserError(f"--init {source}: {key} is {found} where the LoRA being trained takes "
+                                f"{tuple(target.shape)} (--lora-rank must be the adapter's rank)")
+            target.copy_(value)
+    unused = sorted(state.keys() - {key for _, key, _, _ in slots})
+    if unused:
+        raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
+                        "(OMGSR-F's target lists)")
+
+# OMGSR-F's inference (`infer/infer_omgsr_f.py` + `OMGSR_F_Infer`, wuer5/OMGSR@8996613), step by step.
+# It encodes a sample of the posterior without a seed; we take its mode (the mean), which makes runs
+# reproducible: the difference is one draw of the posterior's noise, exp(logvar / 2) per latent value.
+OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of process_size / 8
+
+def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
+                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+    """OMGSR-F's inference of one image (`infer_omgsr_f.py`): processed input, tiled one step, decode,
+    colour fix, resize back."""
+    lq = omgsr_f_input(image, upscale, process_size)
+    x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
+    with torch.inference_mode():
+        decoded = pipe.vae.decode(omgsr_f_latent(pipe, x, process_size).to(pipe.dtype))
+    return omgsr_f_output(decoded, lq, color_fix, omgsr_f_sizes(*image.size, upscale, process_size)[1])
+
+def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE):
+    """(the size the model processes, the output size) of an input by OMGSR-F's rules: an input with a
+    side under process_size / upscale is first resized (bicubic) so that its shorter side reaches it, and
+    its output is resized back to upscale x the input at the end; the x upscale input is then resized
+    (LANCZOS) to multiples of 8 px (sides floored: the output is that size unless resized back)."""
+    least, final = process_size // upscale, None
+    if width < least or height < least:
+        scale = least / min(width, height)
+        final = (int(upscale * width), int(upscale * height))
+        width, height = int(scale * width), int(scale * height)
+    width, height = width * upscale, height * upscale
+    process = (width - width % 8, height - height % 8)
+    return process, final or process
+
+def omgsr_f_input(image: Image.Image, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+    """The processed input by `omgsr_f_sizes`' rules, made with PIL as OMGSR-F does (bicubic, LANCZOS)."""
+    least = process_size // upscale
+    if image.width < least or image.height < least:
+        scale = least / min(image.size)
+        image = image.resize((int(scale * image.width), int(scale * image.height)), Image.BICUBIC)
+    image = image.resize((image.width * upscale, image.height * upscale), Image.BICUBIC)
+    return image.resize((image.width - image.width % 8, image.height - image.height % 8), Image.LANCZOS)
+
+@torch.inference_mode()
+def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
+    """OMGSR-F's one step on its latent tiles: z = E(image) (the posterior's mode), v by Flux, over the
+    whole latent when it has at most (process_size / 8)^2 pixels, else tile by tile
+    (`omgsr_f_tiled_velocity`); x0 = z - sigma v. An odd latent side, where OMGSR-F's code fails to pack
+    tokens, is tiled instead."""
+    z = pipe.vae.encode(image)
+    h, w = z.shape[-2:]
+    tile = process_size // 8
+    if h * w <= tile * tile and h % 2 == w % 2 == 0:
+        v = flux_velocity(pipe.transformer, z, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+    else:
+        v = omgsr_f_tiled_velocity(pipe, z, tile, tile // 2)
+    return z - pipe.sigma * v
+
+def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """OMGSR-F's latent tiling: square tiles of `tile` latent pixels (at most the shorter side; made even),
+    one every tile - overlap along each side and the last flush with the far edge (`omgsr_f_tile_starts`),
+    each through Flux on its own with the positions of one tile, blended with `omgsr_f_tile_weights` into
+    a float32 sum. OMGSR-F's code would batch a row of tiles, but its condition fires at every tile."""
+    h, w = z.shape[-2:]
+    tile = min(tile, h, w) // 2 * 2
+    weight = omgsr_f_tile_weights(tile).to(z.device)
+    total, count = torch.zeros(z.shape, device=z.device), torch.zeros(z.shape, device=z.device)
+    for left in omgsr_f_tile_starts(w, tile, overlap):  # its order: tile columns outer
+        for top in omgsr_f_tile_starts(h, tile, overlap):
+            window = (..., slice(top, top + tile), slice(left, left + tile))
+            part = z[window].contiguous()
+            v = flux_velocity(pipe.transformer, part, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+            total[window] += v * weight
+            count[window] += weight
+    return total / count
+
+def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along one side: as few tiles as cover it at a step of tile - overlap, the last moved to
+    end at the far edge. 4096 px at F8: 512 latent pixels, 7 tiles of 128 (7 x 7 = 49 passes)."""
+    if overlap >= tile:
+        raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
+                        "--process-size or input")
+    count = 1
+    while (count - 1) * (tile - overlap) + tile < size:
+        count += 1
+    return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
+
+def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
+    """OMGSR-F's tile weights (tile, tile), float64: a Gaussian of variance 0.01 in units of the tile
+    side, N(i; m, 0.01 tile^2) up to a constant, with mid-points m = (tile - 1) / 2 across the columns but
+    tile / 2 down the rows (its code's asymmetry, kept: it moves the blend half a pixel)."""
+    i = torch.arange(tile, dtype=torch.float64)
+
+    def bell(mid):
+        return torch.exp(-((i - mid) ** 2) / tile**2 / (2 * 0.01)) / math.sqrt(2 * math.pi * 0.01)
+
+    return bell(tile / 2)[:, None] * bell((tile - 1) / 2)[None, :]
+
+def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size) -> Image.Image:
+    """OMGSR-F's output: the decoded image (1, 3, H, W) in [-1, 1] to 8 bits by truncation (torchvision's
+    ToPILImage), its colour fix against the processed input on those 8-bit values, truncated again, and
+    the resize back (bicubic) to `size` where the small-input rule resized the input."""
+    out = truncated_image(decoded[0].float().cpu() * 0.5 + 0.5)
+    if color_fix in ("adain", "wavelet"):
+        fix = omgsr_adain if color_fix == "adain" else wavelet_color_fix
+        out = truncated_image(fix(unit_tensor(out)[None], unit_tensor(lq)[None])[0])
+    return out if out.size == tuple(size) else out.resize(tuple(size), Image.BICUBIC)
+
+def truncated_image(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB by x * 255 truncated (clipped to [0, 1] first), as torchvision."""
+    if not torch.isfinite(x).all():
+        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image was written")
+    array = (x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, mode="RGB")
+
+def unit_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB -> (3, H, W) in [0, 1], as torchvision's to_tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """OMGSR-F's AdaIN colour fix: `adain_color_fix` with eps added to the variances (both unbiased)."""
+    def stats(x):
+        flat = x.flatten(2)
+        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
+
+    (mean, std), (ref_mean, ref_std) = stats(image), stats(reference)
+    return (image - mean) / std * ref_std + ref_mean
+
+
 # ======================================================================================== training
 
 def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
@@ -577,6 +904,8 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
     transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
     add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
     add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
+    if args.init:  # OP4KSR builds on OMGSR-F: start from its LoRAs
+        init_loras_from(transformer, vae, read_omgsr_f_adapters(Path(args.init)), args.init)
     vae.decoder.requires_grad_(False)
     transformer.gradient_checkpointing = args.gradient_checkpointing
     vae.encoder.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
@@ -592,7 +921,7 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
               f"sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
     batches, step = Batches(len(files), args.seed), 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, trainable, optimizer, batches, True)
+        step = load_checkpoint(resume_from, trainable, optimizer, batches, True, sr_run(args))
         for group in optimizer.param_groups:
             group.update(lr=args.lr, weight_decay=args.weight_decay)
     losses, log, unreadable = [], output / "train_log.jsonl", set()
@@ -636,7 +965,8 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints)
+            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints,
+                            sr_run(args))
 
     if ctx.main:
         if unreadable:
@@ -650,6 +980,14 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
         print(f"wrote {final} (use: python op4ksr.py --input LR.png --weights {final})", file=sys.stderr)
     ctx.barrier()
     return losses
+
+def sr_run(args) -> dict:
+    """What a checkpoint must share with the run that resumes it (`check_resumable`): the trainer, the base
+    models, the LoRA, and the settings that change what it learns: RoPE theta (RFR), sigma, the scale and
+    the fixed prompt. The tensors' names and shapes are checked when they load."""
+    return {"trainer": "op4ksr.py train", "flux": source_name(args.flux), "vae": source_name(args.vae),
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "theta": args.theta,
+            "sigma": args.sigma, "scale": args.scale, "prompt": args.prompt}
 
 def check_train_output(output: Path, resume: str | None) -> Path | None:
     """Refuse an --output that training cannot use; return the checkpoint folder to resume from or None."""
@@ -967,12 +1305,16 @@ NO_WEIGHTS = (
     ".safetensors); the authors have published no weights (arXiv 2605.13457), so you train one: put 4K HR "
     "images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (FLUX.1-dev is "
     "gated: accept its licence on huggingface.co and `huggingface-cli login`), then pass --weights "
-    "runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`.")
+    "runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`. Or run OMGSR-F's public LoRAs "
+    "(--weights omgsr-f-1024-adapter/, the folder OMGSR's README links; see --recipe).")
 RAW = argparse.RawDescriptionHelpFormatter
 SR_EXAMPLES = """Examples:
   python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)
   python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)
   python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)
+OMGSR-F's public LoRAs (its README's omgsr-f-1024-adapter folder; not OP4KSR's weights):
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/                 (patch-free, F16, RFR)
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ --recipe omgsr-f (OMGSR-F's tiled run)
 Training: python op4ksr.py train --help"""
 TRAIN_EXAMPLES = """Examples:
   python op4ksr.py train --data hr4k/ --output runs/op4ksr
@@ -991,14 +1333,20 @@ def main(argv=None):
 def sr_command(args):
     if not args.weights:
         raise UserError(NO_WEIGHTS)
+    folder = omgsr_f_folder(args.weights, args.token)
+    check_recipe_options(args, folder is not None)
+    if folder is not None:
+        return omgsr_f_command(args, folder)
     pairs = sr_outputs(args)
     if not pairs:
         print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
         return
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
-    jobs = [(path, *sr_size(*load_image(path).size, None if args.size else scale, args.size), output)
-            for path, output in pairs]  # every input checked before any model is loaded
+    jobs = [(path, *sr_size(*image_size(path), None if args.size else scale, args.size), output)
+            for path, output in pairs]  # sizes from the headers: a huge input is refused before it decodes
+    for path, _ in pairs:
+        load_image(path)  # every input decodes before any model is loaded
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
@@ -1022,6 +1370,102 @@ def sr_command(args):
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
 
+def omgsr_f_command(args, folder: Path):
+    """--weights is OMGSR-F's adapter folder: --recipe omgsr-f runs OMGSR-F's own inference (F8, tiled),
+    op4ksr its LoRAs patch-free in one pass (RoPE base --theta, the F16 or F8 VAE)."""
+    upstream = args.recipe == "omgsr-f"
+    omgsr_f_halves(folder)  # the configs: a broken adapter is refused before any image is read
+    pairs = sr_outputs(args)
+    if not pairs:
+        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+        return
+    jobs = [(path, omgsr_f_job_size(args, *image_size(path)), output) for path, output in pairs]
+    for path, _ in pairs:
+        load_image(path)  # every input decodes before any model is loaded
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
+    pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, dtype, args.token, theta, stride,
+                                 args.text_encoders)
+    pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
+    if args.compile:
+        compile_blocks(pipe.transformer)
+    settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
+                "sigma": pipe.sigma, "theta": theta, "vae": f"F{8 * stride} {pipe.meta['base_vae']}",
+                "color_fix": args.color_fix, "base_flux": pipe.meta["base_flux"]}
+    if upstream:
+        settings.update(scale=int(args.scale or 4), process_size=args.process_size, latent="posterior mode")
+    method = "OMGSR-F" if upstream else "OP4KSR's patch-free pass with OMGSR-F's weights"
+    update = progress_bar("super-resolve", len(jobs))
+    for i, (path, (width, height), output) in enumerate(jobs, start=1):
+        if args.skip_existing and output.exists():
+            print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
+        else:
+            start, image = time.perf_counter(), load_image(path)
+            if upstream:
+                result = omgsr_f_image(pipe, image, int(args.scale or 4), args.color_fix, args.process_size)
+            else:
+                result = tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
+            info = {"method": method, "settings": json.dumps({"input": path.name, **settings,
+                                                              "size": f"{width}x{height}"})}
+            save_image(result, output, info, overwrite=args.overwrite)
+            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
+                  f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        update(i)
+
+def omgsr_f_job_size(args, width: int, height: int) -> tuple[int, int]:
+    """The output size of one input under the recipe, refusing absurd sizes before any image decodes."""
+    if args.recipe == "op4ksr":
+        return sr_size(width, height, None if args.size else (args.scale or 4.0), args.size)
+    process, final = omgsr_f_sizes(width, height, int(args.scale or 4), args.process_size)
+    if max(*process, *final) > MAX_SIDE or min(process) < 16:
+        shown = f"{process[0]}x{process[1]}"
+        raise UserError(f"{width}x{height}: OMGSR-F would process it at {shown}; sides must be between 16 "
+                        f"and {MAX_SIDE} px")
+    return final
+
+def check_recipe_options(args, omgsr_f: bool):
+    """Refuse options that the weights or the recipe do not take; fill in the recipe's colour fix."""
+    options = (("--theta", args.theta), ("--vae-mode", args.vae_mode), ("--process-size", args.process_size),
+               ("--text-encoders", args.text_encoders))
+    given = [option for option, value in options if value is not None]
+    if not omgsr_f and (given or args.recipe != "op4ksr"):
+        option = given[0] if given else f"--recipe {args.recipe}"
+        raise UserError(f"{option} needs OMGSR-F's adapter folder as --weights; an OP4KSR checkpoint fixes "
+                        "its recipe, RoPE base, VAE and prompt")
+    if args.recipe == "omgsr-f":
+        refused = {"--size": args.size is not None, "--theta": args.theta is not None,
+                   "--vae-mode f16": args.vae_mode == "f16",
+                   "a --scale that is not an integer": args.scale is not None and args.scale % 1 != 0}
+        for option, bad in refused.items():
+            if bad:
+                raise UserError(f"--recipe omgsr-f takes no {option}: it runs OMGSR-F's own inference (F8 "
+                                "VAE, Flux's RoPE, an integer --scale)")
+    elif args.process_size is not None:
+        raise UserError("--process-size is --recipe omgsr-f's (the size of its tiles)")
+    args.theta = 100.0 if args.theta is None else args.theta
+    args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
+    args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
+    fixes = {None: "adain" if args.recipe == "omgsr-f" else "none", "nofix": "none"}
+    args.color_fix = fixes.get(args.color_fix, args.color_fix)
+
+def add_omgsr_f_options(parser):
+    add = parser.add_argument
+    add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
+        help="with OMGSR-F's adapter as --weights: 'op4ksr' (default) runs its LoRAs OP4KSR's way, the whole "
+             "target in one patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference "
+             "(x --scale, F8 VAE, 1024-px latent tiles). Either way these are OMGSR-F's weights, trained at "
+             "1024 px, not OP4KSR's")
+    add("--theta", type=number(1),
+        help="op4ksr recipe with OMGSR-F's weights: RoPE base of the position axes (default 100, RFR; 10000: "
+             "Flux's, as OMGSR-F was trained)")
+    add("--vae-mode", choices=["f16", "f8"],
+        help="op4ksr recipe with OMGSR-F's weights: 'f16' (default: --vae, by default UltraFlux's, with a "
+             "stride-2 conv_in) or 'f8' (--vae, by default --flux's vae/, as it is)")
+    add("--process-size", type=integer(64, MAX_SIDE),
+        help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE}; tiles of a /8 of it)")
+    add("--text-encoders", help="with OMGSR-F's weights: a Flux pipeline folder / Hub repo with the text "
+                                "encoders for its empty prompt, encoded once and cached (default: --flux)")
+
 def sr_outputs(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs, all checked before anything is read (a folder writes OUTPUT/<name>.png);
     existing outputs are refused, replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
@@ -1040,11 +1484,15 @@ def sr_outputs(args) -> list[tuple[Path, Path]]:
     else:
         inputs = [source]
         outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
-    given = {path.resolve(): path for path in inputs}
+    images = {path.resolve() for path in inputs}
+    for output in outputs:
+        if output.resolve() in images:
+            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
+    given = [("--input", source), ("--weights", args.weights), ("--flux", args.flux), ("--vae", args.vae),
+             ("--text-encoders", args.text_encoders)]
+    check_apart([("--output", output) for output in outputs], given)
     first_input = {}
     for path, output in zip(inputs, outputs):
-        if output.resolve() in given:
-            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
         if output in first_input:
             raise UserError(f"{first_input[output].name} and {path.name} would both be written to {output}: "
                             "rename one of them")
@@ -1063,6 +1511,8 @@ def sr_outputs(args) -> list[tuple[Path, Path]]:
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
     """The target (width, height): LR x scale, or the longer side = size; refuses absurd targets."""
     factor = size / max(width, height) if size is not None else scale
+    if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): a huge scale would overflow it
+        raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and {MAX_SIDE} px")
     target = (round(width * factor), round(height * factor))
     shown = f"{target[0]}x{target[1]}"
     if max(target) > MAX_SIDE or min(target) < 32:
@@ -1078,14 +1528,17 @@ def sr_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--input", required=True, help="LR image, or a folder of images")
     add("--output", help="output image (default INPUT_op4ksr.png), or folder for a folder (INPUT_op4ksr/)")
-    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors")
+    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors; "
+                          "or OMGSR-F's adapter folder (flux_adapter/, vae_encoder_adapter/): see --recipe")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
     target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px, e.g. 4096")
-    add("--color-fix", choices=["none", "wavelet", "adain"], default="none", help="match the LR colours")
+    add("--color-fix", choices=["none", "nofix", "wavelet", "adain"],
+        help="match the LR colours (default: none; adain with --recipe omgsr-f, as OMGSR-F; nofix = none)")
     add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
     add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
     add_f16_decode_option(parser)
+    add_omgsr_f_options(parser)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs, do the rest")
@@ -1104,11 +1557,26 @@ def add_f16_decode_option(parser):
 
 def train_sr_command(args):
     check_crop(args.crop, args.scale)
+    if args.init:  # the adapter's configs now: a wrong folder is refused before anything loads
+        folder = omgsr_f_folder(args.init, args.token)
+        if folder is None:
+            raise UserError(f"--init {args.init}: not a folder; give OMGSR-F's adapter folder "
+                            "(flux_adapter/, vae_encoder_adapter/)")
+        omgsr_f_halves(folder)
+        args.init = str(folder)
     weights = args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight, args.periodicity_weight
     if not any(weights):
         raise UserError("every loss weight is 0: nothing to train")
+    if not args.prompt.strip():
+        raise UserError("--prompt is blank: give the fixed prompt, or leave the option out for the default")
     output, main = Path(args.output), int(os.environ.get("RANK", "0")) == 0
+    check_apart([("--output", output)], [
+        ("--data", args.data), ("--flux", args.flux), ("--vae", args.vae),
+        ("--text-encoders", args.text_encoders), ("--lpips-linear", args.lpips_linear),
+        ("--lpips-backbone", args.lpips_backbone), ("--init", args.init)])
     resume_from, created = check_train_output(output, args.resume), not output.exists()
+    if resume_from is not None:  # before any weight is read: a checkpoint of another run is refused now
+        check_resumable(resume_from, sr_run(args))
     try:
         with folder_lock(output, main):
             train_sr(args, resume_from)
@@ -1143,6 +1611,8 @@ def sr_train_parser() -> argparse.ArgumentParser:
     add("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
     add("--lora-rank", type=integer(1), default=64, help="LoRA rank on OMGSR-F's Flux and encoder targets")
     add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
+    add("--init", help="start the LoRAs from OMGSR-F's adapter folder (flux_adapter/, vae_encoder_adapter/; "
+                       "its rank must be --lora-rank, 64); the checkpoint written stays OP4KSR's format")
     add("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
     add("--weight-decay", type=number(0), default=1e-4)
     add("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
@@ -1496,7 +1966,8 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
         if "transformer_blocks.0.attn.to_q.weight" not in state:
             raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with config_from_files(source):
+        config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
     with torch.device("meta"):
         model = Flux(config)
     return assign_state_dict(model, state, f"{source} (Flux)").eval()
@@ -2204,7 +2675,7 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = T5Encoder(config or t5_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
 
@@ -2220,7 +2691,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"):
+    with torch.device("meta"), config_from_files(source):
         model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
     return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
 
@@ -2232,7 +2703,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
 
-    state = check_finite(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
     state = {k[len(prefix) :]: v for k, v in state.items()}
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
@@ -2297,13 +2768,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    expected = model.state_dict()
-    report = mismatch_report({
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(expected[key].shape)}"
-                        for key in expected if key in state and state[key].shape != expected[key].shape],
-    })
+    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
@@ -2331,6 +2796,15 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
+
+def shape_mismatch(state: dict, expected: dict) -> str:
+    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    return mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
+                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+    })
 
 def mismatch_report(kinds: dict) -> str:
     """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
@@ -2369,12 +2843,58 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file."""
+    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
+    loaders read are checked for their type (`check_config_fields`)."""
     if path.is_dir():
         config = path / "config.json"
     else:
         config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    return read_json(config) if config is not None and config.exists() else {}
+    data = read_json(config) if config is not None and config.exists() else {}
+    return check_config_fields(data, config)
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def _is_count(value) -> bool:
+    return _is_number(value) and isinstance(value, int) and value > 0
+
+CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
+    "a positive integer": _is_count,
+    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
+    "a positive number": lambda v: _is_number(v) and v > 0,
+    "a finite number": _is_number,
+    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+}
+CONFIG_FIELDS = {  # the config.json fields the loaders read
+    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
+    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
+    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
+    "feed_forward_proj": "a string", "text_config": "an object",
+}
+
+@contextlib.contextmanager
+def config_from_files(source):
+    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
+    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
+    `source`."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
+
+def check_config_fields(config: dict, file) -> dict:
+    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
+    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    for key, kind in CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not CONFIG_TYPES[kind](value):
+            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
+    if isinstance(config.get("text_config"), dict):
+        check_config_fields(config["text_config"], file)
+    return config
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
@@ -2388,19 +2908,9 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     SD3 all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_finite(state, path).items()}
+        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
     state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_finite(state, path)
-
-def check_finite(state: dict, path) -> dict:
-    """Refuse weights holding NaN or Inf (a diverged training run, a damaged file), naming the file and the
-    first bad tensor: they would only give black images or NaN losses later."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            files = safetensors_files(path) if Path(path).is_dir() else [path]
-            file = next((f for f in files if len(files) == 1 or key in safetensors_keys(f)), path)
-            raise UserError(f"{file}: tensor {key} holds NaN or Inf values; these weights are broken")
-    return state
+    return check_weights(state, path)
 # --- END copy: weight loading ---
 
 
@@ -2416,36 +2926,47 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata, skipped, usable = folder / "metadata.jsonl", 0, []
+    metadata, usable = folder / "metadata.jsonl", []
     if metadata.is_file():
-        candidates = []
-        lines = metadata.read_text(encoding="utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                if line.strip():
-                    candidates.append(folder / json.loads(line)["file_name"])
-            except (ValueError, KeyError, TypeError) as error:
-                skipped += 1
-                print(f"warning: {metadata.name} line {number}: {type(error).__name__}: {error}; skipped",
-                      file=sys.stderr)
+        candidates, skipped = listed_files(metadata)
     else:
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and p.is_file())
+        candidates, skipped = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                                     and p.is_file()), 0
     for path in candidates:
         try:
-            with Image.open(path) as image:  # header and integrity check; pixels are decoded when used
-                image.verify()
+            verify_image(path)  # header and integrity check; pixels are decoded when used
             usable.append(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except UserError as error:
             skipped += 1
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"warning: {path}: not a readable image ({reason}); skipped", file=sys.stderr)
+            print(f"warning: {error}; skipped", file=sys.stderr)
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
         print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
               file=sys.stderr)
     return usable
+
+def listed_files(metadata: Path) -> tuple[list[Path], int]:
+    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped with a
+    warning: not a JSON object with a string file_name, or a file_name that an earlier line gave."""
+    files, seen, skipped = [], {}, 0
+    for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            name = loads_unique(line)["file_name"]
+            problem = None if isinstance(name, str) else "file_name is not a string"
+        except (ValueError, KeyError, TypeError) as error:
+            name, problem = None, f"{type(error).__name__}: {error}"
+        if problem is None and name in seen:
+            problem = f"file_name {name!r} repeats line {seen[name]}"
+        if problem:
+            skipped += 1
+            print(f"warning: {metadata.name} line {line_number}: {problem}; skipped", file=sys.stderr)
+            continue
+        seen[name] = line_number
+        files.append(metadata.parent / name)
+    return files, skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
     """Resize so the image just covers height x width (for a square crop: its shorter side to the crop
@@ -2541,9 +3062,10 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed,
-                    keep: int):
-    """checkpoints/step-N/: trainable.safetensors, then state.pt (step, optimizer, data stream). Weights
-    that are no longer finite are never written: the run stops with the last good checkpoint kept."""
+                    keep: int, run: dict):
+    """checkpoints/step-N/: trainable.safetensors (with `run`, the record `check_resumable` compares), then
+    state.pt (step, optimizer, data stream). Weights that are no longer finite are never written: the run
+    stops with the last good checkpoint kept; a checkpoint that cannot be written whole is removed."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2552,9 +3074,12 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         if any(not torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
             raise training_diverged(step, "a weight after the update", output)
         folder = output / "checkpoints" / f"step-{step:08d}"
-        save_safetensors(weights, folder / "trainable.safetensors")
-        with atomic_write(folder / "state.pt") as temp:
-            torch.save({"step": step, "optimizer": optim, "batches": batches.state()}, temp)
+        try:
+            save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
+            save_torch({"step": step, "optimizer": optim, "batches": batches.state()}, folder / "state.pt")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         for old in sorted((output / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
@@ -2586,8 +3111,9 @@ def latest_checkpoint(output: Path) -> Path | None:
     done = sorted((output / "checkpoints").glob("step-*/state.pt"))
     return done[-1].parent if done else None
 
-def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool) -> int:
-    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`)."""
+def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
+    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`), once it
+    proves to be this run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     def read(candidate):
@@ -2595,9 +3121,15 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         state = load_state_file(candidate / "state.pt", ("step", "optimizer", "batches"))
         if not weights.is_file():
             raise UserError(f"{weights}: missing")
-        return state, check_finite(load_safetensors(weights), weights)
+        return state, check_weights(load_safetensors(weights), weights)
 
     folder, (state, weights) = read_checkpoint(folder, read)
+    check_resumable(folder, run)
+    expected = {key: value.shape for key, value in model.state_dict().items()
+                if not lora or key.endswith((".lora_A", ".lora_B"))}
+    report = shape_mismatch(weights, expected)
+    if report:
+        raise UserError(f"{folder}: does not fit this model: {report}")
     try:
         set_model_state_dict(model, weights, options=state_options(lora))
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
@@ -2608,6 +3140,32 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
                         "settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
+
+def check_resumable(folder: Path, run: dict):
+    """Refuse, in one line naming what differs, a checkpoint that another run wrote: another trainer, base
+    model, LoRA or setting that changes the model (`run`, recorded in trainable.safetensors' header). A
+    file too damaged to tell is left to `load_checkpoint`, which falls back to the checkpoint before it."""
+    try:
+        recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
+    except UserError:
+        return
+    check_run(folder, recorded, run)
+
+def check_run(folder: Path, recorded: str | None, run: dict):
+    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`."""
+    try:
+        theirs = json.loads(recorded) if recorded else None
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be resumed "
+                        "safely; start a new --output")
+    ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
+    for key, value in ours.items():
+        if theirs.get(key) != value:
+            raise UserError(f"{folder}: a checkpoint of another run ({key} {json.dumps(theirs.get(key))} "
+                            f"there, {json.dumps(value)} here); resume with its settings, or start a new "
+                            "--output")
 
 def read_checkpoint(folder: Path, read):
     """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it was
@@ -2622,6 +3180,7 @@ def read_checkpoint(folder: Path, read):
 
 def load_state_file(path: Path, keys: tuple) -> dict:
     """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    check_regular_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -2690,13 +3249,13 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
         except UserError as error:
             raise UserError(f"{error}{hint}") from None
         if path.suffix == ".safetensors":
-            return load_safetensors(path, torch.float32)
+            return check_weights(load_safetensors(path, torch.float32), path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # `weight_file`: a regular file
         except Exception as error:  # pickle raises many types; the file is the problem either way
             raise UserError(f"{what}: {path} is not a readable weights file "
                             f"({type(error).__name__})") from None
-        return state.get("state_dict", state) if isinstance(state, dict) else {}
+        return check_weights(state.get("state_dict", state) if isinstance(state, dict) else {}, path)
 
     model = LPIPS()
     raw = read(backbone, "LPIPS backbone")
@@ -2709,7 +3268,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
 
 def weight_file(spec, what: str, token=None) -> Path:
     """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
-    local = Path(spec).expanduser()
+    local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
     parts = str(spec).split("/")

@@ -138,7 +138,7 @@ INFERENCE = {  # name: (argv with {path} fields, a fragment of the error line)
     "unknown option": (std("--strength", "0.5"), "unrecognized arguments"),
     "no weights": (["--input", "{lr}", "--output", "{out}"], "op4ksr.py train"),
     "weights missing": (std("--weights", "{root}/missing.safetensors"), "missing.safetensors"),
-    "weights a folder": (std("--weights", "{folder}"), "neither a file"),
+    "weights a folder": (std("--weights", "{folder}"), "not an OMGSR-F adapter folder"),
     "weights not safetensors": (std("--weights", "{text}"), "not a readable safetensors file"),
     "weights not op4ksr": (std("--weights", "{other}"), "not an OP4KSR checkpoint"),
     "weights nan": (std("--weights", "{nan}"), "tensor transformer.transformer_blocks.0.attn.to_q.lora_B.weight holds NaN"),

@@ -33,6 +33,8 @@ PLANNED, REAL = plan.Setup(**TINY, device="meta"), plan.Setup(**TINY, device="cp
 WORKLOADS = {  # F16 VAE: 128 px -> an 8x8 latent, 16 image tokens
     "generate (step + decode)": lambda s: plan.generate_trace(s, "flux", 128),
     "op4ksr": lambda s: plan.op4ksr_trace(s, 128),
+    "op4ksr F8": lambda s: plan.op4ksr_trace(s, 128, f16=False),
+    "OMGSR-F tiled (7 x 7 tiles)": lambda s: plan.omgsr_f_trace(s, 128, process_size=64),
     "WLF LoRA training step": lambda s: plan.wlf_lora_trace(s, 128),
 }
 
@@ -90,6 +92,16 @@ def test_flux_4096_flops_match_the_analytic_count():
     trace = plan.generate_trace(plan.REAL, "flux", 4096)
     planned = trace.phases["transformer"].flops
     assert planned == pytest.approx(plan.flux_forward_flops(plan.REAL.flux, 16384, 512), rel=0.02)
+
+
+def test_omgsr_f_4096_is_49_tile_passes():
+    """OMGSR-F's tiled baseline at 4096^2 (F8: a 512^2 latent, tiles of 128 overlapping by 64): its Flux
+    work is 49 passes of 4,096 image + 512 text tokens, about 8x one patch-free F16 pass (16,384 tokens)."""
+    trace = plan.omgsr_f_trace(plan.REAL, 4096)
+    one_tile = plan.flux_forward_flops(plan.REAL.flux, 4096, 512)
+    assert trace.phases["transformer"].flops == pytest.approx(49 * one_tile, rel=0.02)
+    ratio = 49 * one_tile / plan.flux_forward_flops(plan.REAL.flux, 16384, 512)
+    assert 7 < ratio < 10
 
 
 def test_gpu_attention_choice():
