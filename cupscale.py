@@ -15,6 +15,8 @@ their velocities are averaged back (MultiDiffusion). Three priors guide every st
       region's image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass on the text keys).
   RSP (regional semantic prior): a multimodal LLM captions each region; in every joint block the image
       features attended with the global and with the regional prompt are averaged (the Attention Composer).
+The method runs the paper's default readings; the other readings of its SDXL settings on SD3, and
+its GSP ablation schedules, are in the section "alternative readings and ablations".
 
 Run
     python cupscale.py --input lr.png --prompt "a lighthouse at dawn" --scale 4 --output hr.png
@@ -209,7 +211,7 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
 
     conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None}, on
     the model's device. RAP is on when `lr_maps` is given. With regional prompts (RSP) each region gets a
-    third row, for the Attention Composer (`regional_attention`); its global and regional rows both take the
+    third row, for the Attention Composer (`attention_composer`); its global and regional rows both take the
     regional prompt's pooled vector (the paper's Eq. 8 conditions a region on its prompt), so the pair is one
     image stream with two text streams: with regional prompts equal to the global one and RAP off, plain
     regional denoising.
@@ -235,49 +237,20 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
     """The sigmas of diffuse-then-denoise, from the start noise level down to 0 (Euler steps).
 
-    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps (SDXL 50 -> 22).
-    On SD3's shifted flow schedule that reads three ways:
-    * "diffusers-strength" (default): as diffusers' SD3 img2img runs it, cut SD3's own schedule
-      (`sd3_sigmas`) at int(num_steps - strength * num_steps): sigma 0.707, 13 of 28 steps. The paper's 22 of
-      50 is exactly diffusers' arithmetic, and SD3 was tuned on this schedule, while equal SNR in two latent
-      spaces (SDXL 4 channels, SD3 16) is not equal corruption.
-    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`), sigma 0.578.
-    * "flow-sigma": sigma = strength, SD3's timestep axis read literally: the most faithful.
-    These two run int(strength * num_steps) steps (12), uniform in unshifted time (`time_shift` with
-    -ln(shift)) from the start sigma down to SD3's last non-zero sigma.
+    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps
+    (SDXL 50 -> 22). Read as diffusers' SD3 img2img runs it: cut SD3's own schedule (`sd3_sigmas`)
+    at int(num_steps - strength * num_steps), sigma 0.707, 13 of 28 steps. The paper's 22 of 50 is
+    exactly diffusers' arithmetic, and SD3 was tuned on this schedule, while equal SNR in two latent
+    spaces (SDXL 4 channels, SD3 16) is not equal corruption. The other readings of `noise_level`
+    ("snr-matched", "flow-sigma") are `alternative_start_sigmas`.
     """
-    if noise_level == "diffusers-strength":
-        start = int(max(num_steps - min(num_steps * strength, num_steps), 0))  # diffusers' get_timesteps
-        sigmas = sd3_sigmas(num_steps, shift)[start:]
-    elif noise_level in ("snr-matched", "flow-sigma"):
-        steps = int(strength * num_steps)
-        if steps < 1:
-            raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
-        first = flow_sigma_for_sdxl_strength(strength) if noise_level == "snr-matched" else strength
-        mu = math.log(shift)
-        t_first = time_shift(torch.tensor([first], dtype=torch.float64), -mu).item()
-        t_last = time_shift(torch.tensor([1 / SD3_TRAIN_STEPS], dtype=torch.float64), mu).item()
-        sigmas = torch.cat([time_shift(torch.linspace(t_first, t_last, steps, dtype=torch.float64), mu),
-                            torch.zeros(1, dtype=torch.float64)])
-    else:
-        raise ValueError(f"unknown noise level {noise_level!r}; choose from {', '.join(NOISE_LEVELS)}")
+    if noise_level != "diffusers-strength":  # an alternative reading
+        return alternative_start_sigmas(strength, num_steps, shift, noise_level)
+    start = int(max(num_steps - min(num_steps * strength, num_steps), 0))  # as diffusers' img2img
+    sigmas = sd3_sigmas(num_steps, shift)[start:]
     if len(sigmas) < 2:
         raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
     return sigmas.float()
-
-def flow_sigma_for_sdxl_strength(strength: float) -> float:
-    """The flow-matching sigma with the SNR of an SDXL latent noised to t = strength * T: (1 - sigma) / sigma
-    = sqrt(a / (1 - a)) with a = alpha_bar_t, i.e. sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)), 0.578 for
-    0.45 (alpha_bar_450 = 0.3470). x / (1 - sigma) and x_t / sqrt(a) are then the same random variable."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
-    return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
-
-def sdxl_alpha_bar(timestep: int) -> float:
-    """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)[timestep].item()
 
 class Region(NamedTuple):
     """One window of the latent canvas, in latent px, with its (row, col) place in the grid."""
@@ -365,36 +338,26 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
     return (-step_size * gradient).to(x0_pred.dtype)
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
-    """lambda_i / lambda at step `step` (0-based) of the `num_steps` taken, with p = step / (num_steps - 1):
-    cosine (the paper's) (1 + cos(pi p)) / 2, linear 1 - p, increasing p (its ablation, Fig. 8)."""
+    """lambda_i / lambda at step `step` (0-based) of the `num_steps` taken: the paper's decreasing
+    cosine (1 + cos(pi p)) / 2 with p = step / (num_steps - 1), from 1 at the first step to 0 at the
+    last. Its ablation's schedules (Fig. 8: "linear", "increasing") are `ablation_gsp_weight`."""
     progress = step / (num_steps - 1) if num_steps > 1 else 0.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1 - progress
-    if schedule == "increasing":
-        return progress
-    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
+    if schedule != "cosine":  # an ablation
+        return ablation_gsp_weight(progress, schedule)
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """The factor on lambda_i that turns `global_structure_prior` (written for L = 1/2 sum) into Eq. 5's step
-    under each reading of the paper's "MSE" (its Fig. 8: lambda 0.2 reduces repetition, 1.0 makes artifacts).
-    * "sum" (default): 1. A step closes exactly lambda of the low-band gap on any region, channel count or
-      noise level; lambda = 1 is DiffuseHigh's hard replacement of the band, which the paper criticises.
-    * "mean": 2 / n over the n = `low_band_size` LL coefficients of a region (65,536 for SD3 at 1024 px):
-      0.2 then closes 6.1e-6 of the gap per step, no visible effect.
-    * "sdxl": lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) makes a step close
-      lambda / a of the gap; a is the alpha_bar with sigma's SNR, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2),
-      floored at SDXL's a_999 (above 1, overshooting, for sigma > 2/3 at 0.2).
+    """The factor on lambda_i that turns `global_structure_prior` (written for L = 1/2 sum) into
+    Eq. 5's step under a reading of the paper's "MSE" (its Fig. 8: lambda 0.2 reduces repetition,
+    1.0 makes artifacts).
+
+    The default, "sum", gives 1: a step closes exactly lambda of the low-band gap on any region,
+    channel count or noise level; lambda = 1 is DiffuseHigh's hard replacement of the band, which
+    the paper criticises. The other readings ("mean", "sdxl") are `alternative_gsp_step_scale`.
     """
-    if normalisation == "sum":
-        return 1.0
-    if normalisation == "mean":
-        return 2 / low_band_size
-    if normalisation == "sdxl":
-        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
-        return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
-    raise ValueError(f"unknown GSP normalisation {normalisation!r}; choose from {GSP_NORMALISATIONS}")
+    if normalisation != "sum":  # an alternative reading
+        return alternative_gsp_step_scale(normalisation, sigma, low_band_size)
+    return 1.0
 
 # --- BEGIN copy of diffusion4k.py: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
@@ -418,22 +381,24 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 
 # ====================================================== the method: regional attention prior (RAP)
 
-def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, priors, lr_maps, block: int):
-    """Joint block `block`'s attention (B, H, L, D) for n regions, with RAP and the Attention Composer.
+def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, priors, lr_maps,
+                       block: int):
+    """Joint block `block`'s attention (B, H, L, D) for n regions, with RAP and the composer.
 
-    Batch rows: [negative] * n, [global prompt] * n and, with the composer, [regional prompt] * n. RAP is on
-    when `priors` (per region: its rows of the interpolation matrices) and `lr_maps` (per block: S of the LR
-    pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax runs over the keys [text (T = 333:
-    77 CLIP + 256 T5); image]. Per head, write an image query's row as P = [m S, (1 - m) R]: m is its mass on
-    the text keys, S its softmax over the text keys alone (what SDXL's cross-attention computes), R its
-    distribution over the image keys; its output is o = m S V_txt + (1 - m) R V_img. RAP keeps m and
-    (1 - m) R and replaces S by the prior A (whose rows, like S's, sum to one):
+    Batch rows: [negative] * n, [global prompt] * n and, with the composer, [regional prompt] * n.
+    RAP is on when `priors` (per region: its rows of the interpolation matrices) and `lr_maps` (per
+    block: S of the LR pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax runs
+    over the keys [text (T = 333: 77 CLIP + 256 T5); image]. Per head, write an image query's row as
+    P = [m S, (1 - m) R]: m is its mass on the text keys, S its softmax over the text keys alone
+    (what SDXL's cross-attention computes), R its distribution over the image keys; its output is
+    o = m S V_txt + (1 - m) R V_img. RAP keeps m and (1 - m) R and replaces S by the prior A (whose
+    rows, like S's, sum to one):
         o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt.
-    Per head and per block: the LR and HR passes share the weights, so head h of block l means the same in
-    both. Only the global-prompt rows get RAP; the negative rows and all text queries are untouched. o and m
-    come from one SDPA call; S is built for the text keys only, in chunks of queries, so memory stays bounded.
-    Composer (RSP): the image queries' outputs of the global and regional rows are averaged,
-    o = (o_global + o_regional) / 2, and given to both rows; text queries keep their own.
+    Per head and per block: the LR and HR passes share the weights, so head h of block l means the
+    same in both. Only the global-prompt rows get RAP; the negative rows and all text queries are
+    untouched. o and m come from one SDPA call; S is built for the text keys only, in chunks of
+    queries, so memory stays bounded. With the composer (RSP), `attention_composer` then merges the
+    image outputs of the global and the regional rows.
     """
     img, glob = slice(num_context, None), slice(n, 2 * n)
     if priors is None:
@@ -446,17 +411,18 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
         out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
         for i in range(n):
             row = n + i
-            q_img, k_txt, v_txt = q[row, :, img], k[row, :, :num_context], v[row, :, :num_context].float()
+            q_img, k_txt = q[row, :, img], k[row, :, :num_context]
+            v_txt = v[row, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
             for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
                 own = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
                 m = mass[i, :, num_context:][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - own) @ v_txt)  # m (A - S) V_txt
                 out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-    if composer:
-        both = (out[glob, :, img] + out[2 * n :, :, img]) / 2
-        out[glob, :, img] = both
-        out[2 * n :, :, img] = both
+    if composer:  # both rows go on with the composed image features; text queries keep their own
+        composed = attention_composer(out[glob, :, img], out[2 * n :, :, img])
+        out[glob, :, img] = composed
+        out[2 * n :, :, img] = composed
     return out
 
 def attention_and_text_mass(q, k, v, num_context: int):
@@ -529,9 +495,15 @@ def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
 
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
-    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for methods built on
-    SD3) for the duration; the class's plain attention comes back afterwards. The bound functions run eagerly
-    under `compile_blocks`: traced, their per-block and per-region Python would make a graph per block."""
+    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for methods
+    built on SD3) for the duration; the class's plain attention comes back afterwards. The bound
+    functions run eagerly under `compile_blocks`: traced, their per-block and per-region Python
+    would make a graph per block."""
+    # What the hook replaces: `JointBlock.forward` (Appendix B), one softmax over text and image,
+    #   q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
+    #   attn = merge_heads(self.attend(q, k, v, context.shape[1]))
+    # where the plain `JointBlock.attend(q, k, v, num_context)` returns attention(q, k, v). The
+    # instance attribute set here shadows that method (RAP, the composer: `regional_attention`).
     for index, block in enumerate(model.joint_blocks):
         block.attend = torch.compiler.disable(make_attend(index))
     try:
@@ -543,120 +515,94 @@ def attention_hook(model: MMDiT, make_attend):
 
 # ======================================================= the method: regional semantic prior (RSP)
 
-def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
-                    vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict[str, str] | None:
-    """Regional prompts from an external captioning command, run once per region (the paper's LLaVA-1.6
-    captions the region's crop given the global prompt; its instruction text is not in the paper).
-
-    `image` is the LR image resized to the target size. `command` is split like a shell line (no shell runs
-    it); in each argument {image} becomes the path of the region's crop (PNG) and {prompt} the global prompt.
-    On a failure, raise a UserError naming it, or, with `rsp_off_on_failure`, warn and return None (RSP off).
+def attention_composer(global_features: torch.Tensor, regional_features: torch.Tensor):
+    """The Attention Composer (Sec. 4.5, Fig. 4): a region's attended features under its two
+    priors, averaged,
+        f = (f_RAP + f_RSP) / 2.
+    f_RAP is attended with the global prompt and the regional attention prior (without RAP, plain
+    attention), f_RSP with the region's own prompt p_n = MLLM(crop_n, p) (Eqs. 7-8: LLaVA-1.6
+    captions the region, given the global prompt; here --region-prompts or --caption-cmd). RAP's
+    features follow the LR image, RSP's describe the region's objects in detail; the paper averages
+    them. SDXL's cross-attention gives an image query one output; SD3's joint attention gives an
+    image token one output per prompt row, so the average is over the image tokens of the global
+    and the regional rows, (B, H, N, D), and both rows go on with it: one image stream with two text
+    streams (`denoise_regions`).
     """
-    try:
-        template = shlex.split(command)
-    except ValueError as error:  # an unclosed quote or a trailing backslash
-        raise UserError(f"--caption-cmd cannot be split into arguments ({error}): {command}") from None
-    if not any("{image}" in argument for argument in template):
-        raise UserError(f"--caption-cmd must contain the placeholder {{image}}: {command}")
-    prompts = {}
-    with tempfile.TemporaryDirectory(prefix="cupscale-regions-") as folder:
-        for region in regions:
-            top, left = region.top * vae_scale, region.left * vae_scale
-            crop = image.crop((left, top, left + region.width * vae_scale, top + region.height * vae_scale))
-            crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
-            crop.save(crop_path)
-            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
-                         for a in template]
-            try:
-                prompts[region.key] = _run_caption_command(arguments, timeout_s)
-            except UserError as error:
-                if not rsp_off_on_failure:
-                    raise UserError(f"region {region.key}: {error}") from None
-                print(f"warning: region {region.key}: {error}; RSP (regional semantic prior) off "
-                      "(--caption-failure rsp-off)", file=sys.stderr)
-                return None
-    return prompts
+    return (global_features + regional_features) / 2
 
-def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError naming it."""
-    shown = shlex.join(command)
-    code, stdout, stderr = _run_alone(command, timeout_s)
-    if code != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
-        last_line = lines[-1][:200]
-        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
-    try:
-        caption = " ".join(stdout.decode("utf-8").split())
-    except UnicodeDecodeError as error:
-        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): {shown}") from None
-    if not caption:
-        raise UserError(f"caption command printed nothing: {shown}")
-    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
-        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
-    return caption
 
-def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes to
-    temporary files, not pipes: the command is done when it exits, even if a child it started in the
-    background still holds them open (a pipe would stay open until that child ends). On a timeout, and
-    when this run is interrupted, the whole group is killed."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                       start_new_session=True)
-        except FileNotFoundError:
-            raise UserError(f"caption command not found: {command[0]}") from None
-        except OSError as error:  # not executable, not a program, ...
-            raise UserError(f"caption command cannot run: {command[0]}: {error.strerror or error}") from None
-        try:
-            code = process.wait(timeout_s)
-        except BaseException as error:  # the timeout, Ctrl-C, SIGTERM: none of the command outlives it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            if isinstance(error, subprocess.TimeoutExpired):
-                raise UserError(f"caption command timed out after {timeout_s:g} s: "
-                                f"{shlex.join(command)}") from None
-            raise
-        out.seek(0)
-        err.seek(0)
-        return code, out.read(), err.read()
+# ============================================================== alternative readings and ablations
 
-def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
-    """Read and check a --region-prompts JSON file."""
-    return parse_region_prompts(read_json(path), regions, source=str(path))
+# The method above runs the paper's default readings. Here are the other readings of its SDXL
+# settings on SD3 (--noise-level, --gsp-normalisation) and its GSP ablation schedules
+# (--gsp-schedule), each argued in its docstring; the method's functions dispatch to them when
+# asked. The ablations that switch a whole prior off (--no-gsp, --no-rap, --no-rsp, --mode
+# multidiffusion) are `CUpscaleConfig`'s gsp, rap and rsp.
 
-def parse_region_prompts(data, regions: list[Region], source: str = "region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against the
-    planned regions; return it with normalised keys. Every region needs exactly one non-empty string;
-    unknown and missing regions are named in one UserError line."""
-    rows, cols = regions[-1].row + 1, regions[-1].col + 1
-    grid = f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} and col 0..{cols - 1}"
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: a JSON object is needed, {grid}")
-    expected = {region.key for region in regions}
-    prompts, unknown, not_text, repeated = {}, [], [], []
-    for key, prompt in data.items():
-        normalised = str(key).replace(" ", "")
-        if normalised not in expected:
-            unknown.append(str(key))
-        elif normalised in prompts:  # "0,1" and "0, 1" in one file
-            repeated.append(str(key))
-        elif not isinstance(prompt, str) or not prompt.strip():
-            not_text.append(str(key))
-        else:
-            prompts[normalised] = prompt.strip()
-    missing = [region.key for region in regions if region.key not in prompts and region.key not in not_text]
-    named = (("unknown regions", unknown), ("missing regions", missing), ("empty or not text", not_text),
-             ("given twice", repeated))
-    problems = [f"{label} {_describe_keys(keys)}" for label, keys in named if keys]
-    if problems:
-        raise UserError(f"{source} does not match the {rows}x{cols} regions: {'; '.join(problems)} ({grid})")
-    return prompts
+def alternative_start_sigmas(strength: float, num_steps: int, shift: float, noise_level: str):
+    """`start_sigmas` under the two other readings of the paper's "t = 0.45 T" on SD3's schedule.
 
-def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`),
+      sigma 0.578.
+    * "flow-sigma": sigma = strength, SD3's timestep axis read literally: the most faithful.
+    Both run int(strength * num_steps) steps (12 of 28), uniform in unshifted time (`time_shift`
+    with -ln(shift)) from the start sigma down to SD3's last non-zero sigma.
+    """
+    if noise_level not in ("snr-matched", "flow-sigma"):
+        choices = ", ".join(NOISE_LEVELS)
+        raise ValueError(f"unknown noise level {noise_level!r}; choose from {choices}")
+    steps = int(strength * num_steps)
+    if steps < 1:
+        raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
+    first = flow_sigma_for_sdxl_strength(strength) if noise_level == "snr-matched" else strength
+    mu = math.log(shift)
+    t_first = time_shift(torch.tensor([first], dtype=torch.float64), -mu).item()
+    t_last = time_shift(torch.tensor([1 / SD3_TRAIN_STEPS], dtype=torch.float64), mu).item()
+    sigmas = time_shift(torch.linspace(t_first, t_last, steps, dtype=torch.float64), mu)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+def flow_sigma_for_sdxl_strength(strength: float) -> float:
+    """The flow-matching sigma with the SNR of an SDXL latent noised to t = strength * T:
+    (1 - sigma) / sigma = sqrt(a / (1 - a)) with a = alpha_bar_t, i.e.
+    sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)), 0.578 for 0.45 (alpha_bar_450 = 0.3470).
+    x / (1 - sigma) and x_t / sqrt(a) are then the same random variable."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
+    return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
+
+def sdxl_alpha_bar(timestep: int) -> float:
+    """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000
+    steps."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)[timestep].item()
+
+def ablation_gsp_weight(progress: float, schedule: str) -> float:
+    """`gsp_weight` under the paper's ablation schedules (Fig. 8, lambda 0.2), p = `progress` in
+    [0, 1]: "linear" 1 - p (fewer repetitions, but artifacts) and "increasing" p (blurry)."""
+    if schedule == "linear":
+        return 1 - progress
+    if schedule == "increasing":
+        return progress
+    raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
+
+def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
+    """`gsp_step_scale` under the two other readings of Eq. 4's "MSE".
+
+    * "mean": 2 / n over the n = `low_band_size` LL coefficients of a region (65,536 for SD3 at
+      1024 px): 0.2 then closes 6.1e-6 of the gap per step, no visible effect.
+    * "sdxl": lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) makes a
+      step close lambda / a of the gap; a is the alpha_bar with sigma's SNR,
+      (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), floored at SDXL's a_999 (above 1, overshooting,
+      for sigma > 2/3 at 0.2).
+    """
+    if normalisation == "mean":
+        return 2 / low_band_size
+    if normalisation == "sdxl":
+        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+        return 1 / max(alpha_bar, sdxl_alpha_bar(SDXL_TRAIN_STEPS - 1))
+    raise ValueError(f"unknown GSP normalisation {normalisation!r}; "
+                     f"choose from {GSP_NORMALISATIONS}")
 
 
 # ======================================================================================== pipeline
@@ -913,6 +859,135 @@ def parser() -> ArgumentParser:
     p.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or "
                    "huggingface-cli login)")
     return p
+
+
+# ======================================= command line: regional prompts (RSP's files and captions)
+
+def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
+    """Read and check a --region-prompts JSON file."""
+    return parse_region_prompts(read_json(path), regions, source=str(path))
+
+def parse_region_prompts(data, regions: list[Region],
+                         source: str = "region prompts") -> dict[str, str]:
+    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against
+    the planned regions; return it with normalised keys. Every region needs exactly one non-empty
+    string; unknown and missing regions are named in one UserError line."""
+    rows, cols = regions[-1].row + 1, regions[-1].col + 1
+    grid = (f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} "
+            f"and col 0..{cols - 1}")
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a JSON object is needed, {grid}")
+    expected = {region.key for region in regions}
+    prompts, unknown, not_text, repeated = {}, [], [], []
+    for key, prompt in data.items():
+        normalised = str(key).replace(" ", "")
+        if normalised not in expected:
+            unknown.append(str(key))
+        elif normalised in prompts:  # "0,1" and "0, 1" in one file
+            repeated.append(str(key))
+        elif not isinstance(prompt, str) or not prompt.strip():
+            not_text.append(str(key))
+        else:
+            prompts[normalised] = prompt.strip()
+    missing = [r.key for r in regions if r.key not in prompts and r.key not in not_text]
+    named = (("unknown regions", unknown), ("missing regions", missing),
+             ("empty or not text", not_text), ("given twice", repeated))
+    problems = [f"{label} {_describe_keys(keys)}" for label, keys in named if keys]
+    if problems:
+        raise UserError(f"{source} does not match the {rows}x{cols} regions: "
+                        f"{'; '.join(problems)} ({grid})")
+    return prompts
+
+def _describe_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
+                    vae_scale: int, timeout_s: float,
+                    rsp_off_on_failure=False) -> dict[str, str] | None:
+    """Regional prompts from an external captioning command, run once per region (the paper's
+    LLaVA-1.6 captions the region's crop given the global prompt; its instruction text is not in
+    the paper).
+
+    `image` is the LR image resized to the target size. `command` is split like a shell line (no
+    shell runs it); in each argument {image} becomes the path of the region's crop (PNG) and
+    {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
+    `rsp_off_on_failure`, warn and return None (RSP off).
+    """
+    try:
+        template = shlex.split(command)
+    except ValueError as error:  # an unclosed quote or a trailing backslash
+        raise UserError(f"--caption-cmd cannot be split into arguments ({error}): "
+                        f"{command}") from None
+    if not any("{image}" in argument for argument in template):
+        raise UserError(f"--caption-cmd must contain the placeholder {{image}}: {command}")
+    prompts = {}
+    with tempfile.TemporaryDirectory(prefix="cupscale-regions-") as folder:
+        for region in regions:
+            top, left = region.top * vae_scale, region.left * vae_scale
+            bottom, right = top + region.height * vae_scale, left + region.width * vae_scale
+            crop = image.crop((left, top, right, bottom))
+            crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
+            crop.save(crop_path)
+            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
+                         for a in template]
+            try:
+                prompts[region.key] = _run_caption_command(arguments, timeout_s)
+            except UserError as error:
+                if not rsp_off_on_failure:
+                    raise UserError(f"region {region.key}: {error}") from None
+                print(f"warning: region {region.key}: {error}; RSP (regional semantic prior) "
+                      "off (--caption-failure rsp-off)", file=sys.stderr)
+                return None
+    return prompts
+
+def _run_caption_command(command: list[str], timeout_s: float) -> str:
+    """Run one captioning command; return its standard output as one line, or raise UserError
+    naming it."""
+    shown = shlex.join(command)
+    code, stdout, stderr = _run_alone(command, timeout_s)
+    if code != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        last_line = lines[-1][:200]
+        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
+    try:
+        caption = " ".join(stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
+                        f"{shown}") from None
+    if not caption:
+        raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
+    return caption
+
+def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes
+    to temporary files, not pipes: the command is done when it exits, even if a child it started in
+    the background still holds them open (a pipe would stay open until that child ends). On a
+    timeout, and when this run is interrupted, the whole group is killed."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                       start_new_session=True)
+        except FileNotFoundError:
+            raise UserError(f"caption command not found: {command[0]}") from None
+        except OSError as error:  # not executable, not a program, ...
+            raise UserError(f"caption command cannot run: {command[0]}: "
+                            f"{error.strerror or error}") from None
+        try:
+            code = process.wait(timeout_s)
+        except BaseException as error:  # timeout, Ctrl-C, SIGTERM: none of the command outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise UserError(f"caption command timed out after {timeout_s:g} s: "
+                                f"{shlex.join(command)}") from None
+            raise
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 
 # =================================================== Appendix A: pipeline pieces of diffusion4k.py
@@ -1333,12 +1408,29 @@ def sd3_key_table(depth: int) -> dict:
 
 # ================================================================================= Appendix C: VAE
 
+# --- BEGIN copy of diffusion4k.py: F16 VAE ---
+def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
+    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
+    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
+    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
+    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
+
+def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
+    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
+    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
+    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
+    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    if stride > 1:
+        h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
+    return conv_out(h)
+# --- END copy: F16 VAE ---
+
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
-    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
-    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
+    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -1388,7 +1480,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
         self.down = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(mults):
@@ -1458,11 +1550,12 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
+        input rows.
 
         The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
         never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each

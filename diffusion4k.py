@@ -26,10 +26,11 @@ Commands
     python diffusion4k.py train-vae --data Aesthetic-4K/train --output sc-vae        # SC-VAE decoder
     python diffusion4k.py --help;  python diffusion4k.py train --help;  python diffusion4k.py train-vae --help
 
-Order: the method (sampling at 4K, WLF, SC-VAE), pipeline, training, command line, then the appendix, whose
-kits op4ksr.py and cupscale.py copy: A. Flux and SD3 (MMDiT) with RoPE of tunable theta; B. the VAE in its F8
-and F16 forms; C. T5 and CLIP text encoders and tokenizers; D. weight loading from BFL / Stability single
-files and diffusers / transformers folders; E. training utilities (data, checkpoints, FSDP2) and LPIPS.
+Order: the method (sampling at 4K, the F16 VAE, WLF, SC-VAE), pipeline, training, command line, then the
+appendix, whose kits op4ksr.py and cupscale.py copy: A. Flux and SD3 (MMDiT) with RoPE of tunable theta; B.
+the VAE in its F8 and F16 forms; C. T5 and CLIP text encoders and tokenizers; D. weight loading from BFL /
+Stability single files and diffusers / transformers folders; E. training utilities (data, checkpoints,
+FSDP2) and LPIPS.
 """
 
 from __future__ import annotations
@@ -243,6 +244,27 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 # --- END kit: tiled VAE ---
 
 
+# ========================================================================= the method: the F16 VAE
+
+# --- BEGIN kit: F16 VAE ---
+def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
+    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
+    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
+    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
+    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
+
+def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
+    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
+    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
+    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
+    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    if stride > 1:
+        h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
+    return conv_out(h)
+# --- END kit: F16 VAE ---
+
+
 # ============================================== the method: Wavelet-based Latent Fine-tuning (WLF)
 
 def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
@@ -335,6 +357,32 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 
 
 # =============================================== the method: scale-consistent F16 decoder (SC-VAE)
+
+def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None, lpips=None,
+                disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1, gan_weight: float = 0.05):
+    """L_SC of the module docstring for crops x in [-1, 1], with the recipe's weights as defaults:
+        MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
+        + gan_weight lambda (-mean D(x_hat)),
+    x_hat = clamp(decoded, -1, 1) by the F16 student (through its `Decoder.head`), f the decoders' last
+    feature maps (the frozen F8 teacher's at H, from its own latent), lambda = `adaptive_weight` of the
+    reconstruction term (LPIPS; MSE when LPIPS is off) against D's at the student's conv_out.weight. lpips or
+    disc None drops that term. Latents are posterior samples drawn with the generator `posterior` (None: the
+    posterior mean). Returns ({"loss": L_SC, and each term}, x_hat detached)."""
+    with torch.no_grad():
+        target = teacher.decoder.features(encode_raw(teacher, x, posterior))
+        z = encode_raw(student, x, posterior)
+    features = student.decoder.features(z)
+    pred = student.decoder.head(features).float().clamp(-1, 1)
+    losses = {"mse": F.mse_loss(pred, x), "sc": scale_consistency_loss(features, target)}
+    if lpips is not None:
+        losses["lpips"] = lpips(pred, x).float().mean()
+    loss = losses["mse"] + sc_weight * losses["sc"] + lpips_weight * losses.get("lpips", 0.0)
+    if disc is not None:
+        losses["gen"] = -disc(pred).float().mean()
+        reconstruction = losses.get("lpips", losses["mse"])
+        losses["balance"] = adaptive_weight(reconstruction, losses["gen"], student.decoder.conv_out.weight)
+        loss = loss + gan_weight * losses["balance"] * losses["gen"]
+    return {"loss": loss, **losses}, pred.detach()
 
 def scale_consistency_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out + SiLU,
@@ -1085,11 +1133,8 @@ def check_vae_args(args):
 def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     """SC-VAE: the student (the base VAE with stride 2, F16) learns to decode like the frozen teacher (the
     same VAE with stride 1, F8). Only the student's decoder trains: with the encoder frozen, the latent space
-    and its scale / shift factors stay the base VAE's. For crops x in [-1, 1] the decoder's loss is
-        MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight `scale_consistency_loss`
-        + gan_weight lambda (-mean D(x_hat)),
-    x_hat = clamp(decoded, -1, 1) through the partitioned F16 head by default, as upstream trains it, lambda
-    from `adaptive_weight` (LPIPS's gradient against D's; MSE's when LPIPS is off) at conv_out.weight.
+    and its scale / shift factors stay the base VAE's. The decoder's loss is `sc_vae_loss`, x_hat through the
+    partitioned F16 head by default, as upstream trains it.
 
     As upstream (sc-vae/train_vae.py, train_vae.sh): from --gan-start the decoder and the discriminator take
     turns, one optimizer step each (`discriminator_turn`), the discriminator on fresh real crops against the
@@ -1131,23 +1176,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
     posterior = noise if args.posterior == "sample" else None
 
-    def decoder_losses(x, gan_on: bool) -> tuple[dict, torch.Tensor]:
-        with torch.no_grad():
-            target = teacher.decoder.features(encode_raw(teacher, x, posterior))
-            z = encode_raw(student, x, posterior)
-        features = decoder.features(z)
-        pred = decoder.head(features).float().clamp(-1, 1)
-        losses = {"mse": F.mse_loss(pred, x), "sc": scale_consistency_loss(features, target)}
-        if lpips is not None:
-            losses["lpips"] = lpips(pred, x).float().mean()
-        loss = losses["mse"] + args.sc_weight * losses["sc"] + args.lpips_weight * losses.get("lpips", 0.0)
-        if gan_on:
-            losses["gen"] = -disc(pred).float().mean()
-            reconstruction = losses.get("lpips", losses["mse"])
-            losses["balance"] = adaptive_weight(reconstruction, losses["gen"], decoder.conv_out.weight)
-            loss = loss + args.gan_weight * losses["balance"] * losses["gen"]
-        return {"loss": loss, **losses}, pred.detach()
-
+    weights = dict(sc_weight=args.sc_weight, lpips_weight=args.lpips_weight, gan_weight=args.gan_weight)
     result = VAETraining(student, teacher, ema)
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train-vae", args.steps, step)
@@ -1166,7 +1195,8 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
                     hinge, penalty = discriminator_loss(disc, x, fakes, args.gp_weight)
                     losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
                 else:
-                    losses, fakes = decoder_losses(x, disc is not None and step >= args.gan_start)
+                    gan = disc if disc is not None and step >= args.gan_start else None
+                    losses, fakes = sc_vae_loss(x, student, teacher, posterior, lpips, gan, **weights)
             (losses["loss"] / args.grad_accum).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / args.grad_accum
@@ -2178,9 +2208,8 @@ def sd3_key_table(depth: int) -> dict:
 # --- BEGIN kit: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
-    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
-    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
+    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -2230,7 +2259,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
         self.down = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(mults):
@@ -2300,11 +2329,12 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
+        input rows.
 
         The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
         never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each

@@ -8,10 +8,10 @@ latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v on
 and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt) (`sr_latent`). One step at 4K leaves
 periodic artifacts on the latent and token grids, which two remedies suppress. RoPE base-frequency
 rescaling (RFR) lowers the RoPE base of the position axes from theta = 10000 to 100, so that more
-frequency pairs tell adjacent tokens apart. The autocorrelation periodicity loss L_AP penalises, in each
-of Q = 4 quadrants and each channel, the power P_p at the lattice frequencies (k / p, l / p) of the periods
-p of a latent pixel and a token (16, 32 px), i.e. what repeats with period p, beyond the ground truth's
-(`lattice_power`); V is the variance of the ground truth's pixel differences:
+frequency pairs tell adjacent tokens apart (`rope_phase_steps`). The autocorrelation periodicity loss
+L_AP penalises, in each of Q = 4 quadrants and each channel, the power P_p at the lattice frequencies
+(k / p, l / p) of the periods p of a latent pixel and a token (16, 32 px), i.e. what repeats with period
+p, beyond the ground truth's (`lattice_power`); V is the variance of the ground truth's pixel differences:
 
     L_AP = mean_{q,c,p} sum_{k,l} relu(P_p(x)_kl - P_p(x_hr)_kl) / V(x_hr)
     L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1                  (`sr_loss`)
@@ -123,11 +123,22 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, 
     """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> the x0 latent.
     z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F); Flux predicts the
     velocity once over all H/32 x W/32 tokens; x0 = z - sigma v goes to `vae.decode`, the frozen decoder.
-    RFR is the transformer's `config.theta`, 100 instead of 10000: pair i of a RoPE axis turns by
-    theta^(-2i/d) radians per token, so a lower base lets more pairs tell adjacent tokens apart (Fig. 5: 15
-    of the 28 spatial pairs step by 5 degrees or more with theta 100, 8 with 10000; axis 0's ids are 0)."""
+    The transformer's RoPE base `config.theta` is RFR's, 100 (`rope_phase_steps`)."""
     z = vae.encode(image)
     return z - sigma * flux_velocity(transformer, z, txt, y, sigma, guidance)
+
+RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux's: 10000)
+
+def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
+    """RFR, as Fig. 5 tabulates it: the angle in degrees by which each of the dim/2 frequency pairs of one
+    RoPE position axis turns from a token to the next, theta^(-2i/dim) radians for pair i (the Flux kit's
+    `rope_frequencies`, which its `rope_table` multiplies by each token's row and column). A pair that turns
+    by only a few degrees hardly tells adjacent tokens apart. Over the 28 pairs of Flux's 56-dim row and
+    column axes (axis 0 sees only ids 0), with Flux's theta 10000 the steps fall from 57.3 to 0.008 degrees
+    and only 8 pairs step by 5 degrees or more; with RFR_THETA = 100 they fall to 0.68 degrees and 15 pairs
+    do. The kit takes the base as `FluxConfig.theta`, set by `load_flux(theta=...)` from --theta (default
+    RFR_THETA) and stored in OP4KSR checkpoints' metadata."""
+    return torch.rad2deg(rope_frequencies(dim, theta))
 
 def flux_velocity(transformer: Flux, z: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
     """Flux's velocity (B, C, h, w) for latents z (B, C, h, w) at noise level `sigma`, in one pass over all
@@ -1442,7 +1453,7 @@ def check_recipe_options(args, omgsr_f: bool):
                                 "VAE, Flux's RoPE, an integer --scale)")
     elif args.process_size is not None:
         raise UserError("--process-size is --recipe omgsr-f's (the size of its tiles)")
-    args.theta = 100.0 if args.theta is None else args.theta
+    args.theta = RFR_THETA if args.theta is None else args.theta
     args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
     args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
     fixes = {None: "adain" if args.recipe == "omgsr-f" else "none", "nofix": "none"}
@@ -1607,7 +1618,8 @@ def sr_train_parser() -> argparse.ArgumentParser:
     add("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
         help=f"the noise level of the LR latent (default {OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = "
              f"{OMGSR_MID_TIMESTEP} on Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})")
-    add("--theta", type=number(1), default=100.0, help="RoPE base of the position axes (RFR 100; Flux 10000)")
+    add("--theta", type=number(1), default=RFR_THETA,
+        help="RoPE base of the position axes (RFR 100; Flux 10000)")
     add("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
     add("--lora-rank", type=integer(1), default=64, help="LoRA rank on OMGSR-F's Flux and encoder targets")
     add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
@@ -2037,12 +2049,29 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 
 # ================================================================================= Appendix B: VAE
 
+# --- BEGIN copy of diffusion4k.py: F16 VAE ---
+def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
+    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
+    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
+    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
+    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
+
+def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
+    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
+    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
+    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
+    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    if stride > 1:
+        h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
+    return conv_out(h)
+# --- END copy: F16 VAE ---
+
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride=1 is the usual F8
-    VAE; stride=2 is Diffusion-4K's F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
-    upsample before `conv_out`, so a 4096^2 image becomes a 256^2 latent (16,384 Flux tokens, not 65,536)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
+    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -2092,7 +2121,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, stride=config.stride, padding=1)
+        self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
         self.down = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(mults):
@@ -2162,11 +2191,12 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage: conv_out (F8), or nearest upsampling then conv_out (F16)."""
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage: nearest x2 upsampling, then `conv_out`, in bands of `band_rows` input rows.
+        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
+        input rows.
 
         The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
         never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each

@@ -61,9 +61,9 @@ def test_nothing_is_copied_outside_the_markers(name):
 
 def test_each_file_copies_what_it_uses():
     used = {name: {m["name"] for m in copies(text(name))} for name in COPYING}
-    assert {"Flux transformer", "VAE", "text encoders", "LPIPS"} <= used["op4ksr.py"]
+    assert {"Flux transformer", "F16 VAE", "VAE", "text encoders", "LPIPS"} <= used["op4ksr.py"]
     assert "SD3 transformer" not in used["op4ksr.py"]
-    assert {"SD3 transformer", "VAE", "Haar wavelets", "pipeline"} <= used["cupscale.py"]
+    assert {"SD3 transformer", "F16 VAE", "VAE", "Haar wavelets", "pipeline"} <= used["cupscale.py"]
     assert "Flux transformer" not in used["cupscale.py"]
     assert used["metrics.py"] == {"periodicity loss"}
 

@@ -54,11 +54,13 @@ def test_default_decode_is_upstreams_partitioned_output(rows, cols, band_rows):
 
 @pytest.mark.parametrize("band_rows", [1, 2, 3, 64])
 def test_centred_decode_is_the_full_upsample_and_partitioned_is_it_shifted(band_rows):
+    """The banded head computes `decoder_head` (F16: nearest x2, then conv_out), centred or shifted."""
     head = decoder()
     head.partitioned = False
     h = torch.randn(2, 32, 12, 7, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = head.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        full = d4k.decoder_head(h, head.conv_out, 2)  # the method part's whole-map definition
+        assert torch.equal(full, head.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest")))
         centred = head.upsample_conv_out(h, band_rows)
         head.partitioned = True
         shifted = head.upsample_conv_out(h, band_rows)

@@ -74,8 +74,10 @@ def test_rope_table_of_fig5():
     """Per-token phase step of the 28 frequency pairs of a 56-dim spatial axis: >= 5 degrees for
     8 pairs at theta 10000 and 15 pairs at theta 100 (RFR)."""
     counts = {}
+    assert op4ksr.RFR_THETA == 100.0
     for theta in (10000.0, 100.0):
-        steps = torch.rad2deg(op4ksr.rope_frequencies(56, theta))
+        steps = op4ksr.rope_phase_steps(theta)
+        assert torch.equal(steps, torch.rad2deg(op4ksr.rope_frequencies(56, theta)))  # what the kit's RoPE uses
         assert len(steps) == 28
         counts[theta] = int((steps >= 5).sum())
         print(f"theta {theta:g}: {counts[theta]} of 28 pairs step >= 5 deg/token; slowest {steps.min().item():.4f} deg")
