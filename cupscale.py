@@ -27,9 +27,10 @@ Run
 `--model` takes the Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log in first),
 a local diffusers folder, or a Stability single file that includes the text encoders.
 
-Appendix, copied from diffusion4k.py (kept in sync by tests/sync_copies.py): the pipeline container, the flow
-schedule, the tiled VAE, SD3's MMDiT, the VAE, CLIP and T5 with their tokenizers, weight loading; here
-`load_sd3_pipeline` fills the copied `Pipeline`.
+After the method come the models it calls (SD3's MMDiT, the VAE, CLIP and T5 with their tokenizers),
+then the pipeline (`load_sd3_pipeline` fills `Pipeline`; the flow schedule, the tiled VAE), weight
+loading and, last, the command line. The models, the pipeline's pieces and weight loading are copied
+from diffusion4k.py (kept in sync by tests/sync_copies.py).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from common.io import (
     safetensors_keys,
     seed_everything,
     tensor_to_image,
+    warn,
     write_image,
 )
 
@@ -218,15 +220,17 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     """
     n, device = len(regions), canvas.device
     composer = conditions.get("regions") is not None
-    glob, neg = conditions["global"], conditions["negative"]
-    own = [conditions["regions"][r.key] for r in regions] if composer else []
-    contexts = [neg["context"]] * n + [glob["context"]] * n + [c["context"] for c in own]
-    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in own] * 2 if composer else [glob["pooled"]] * n)
+    global_cond, negative_cond = conditions["global"], conditions["negative"]
+    region_conds = [conditions["regions"][r.key] for r in regions] if composer else []
+    contexts = ([negative_cond["context"]] * n + [global_cond["context"]] * n
+                + [c["context"] for c in region_conds])
+    pooled = [negative_cond["pooled"]] * n + ([c["pooled"] for c in region_conds] * 2 if composer
+                                              else [global_cond["pooled"]] * n)
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
     t = torch.full((len(x),), sigma * 1000, device=device)  # fp32: bf16 would round 857.7 to 856
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
-    rows = dict(n=n, composer=composer, priors=priors, lr_maps=lr_maps)
-    hook = attention_hook(model, lambda block: partial(regional_attention, block=block, **rows))
+    attention_kwargs = dict(n=n, composer=composer, priors=priors, lr_maps=lr_maps)
+    hook = attention_hook(model, lambda block: partial(regional_attention, block=block, **attention_kwargs))
     with hook if composer or priors is not None else contextlib.nullcontext():
         out = model(x, t, torch.cat(contexts).to(dtype), torch.cat(pooled).to(dtype)).float()
     uncond, cond = out[:n], out[n : 2 * n]
@@ -400,7 +404,7 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
     queries, so memory stays bounded. With the composer (RSP), `attention_composer` then merges the
     image outputs of the global and the regional rows.
     """
-    img, glob = slice(num_context, None), slice(n, 2 * n)
+    img, global_rows = slice(num_context, None), slice(n, 2 * n)
     if priors is None:
         out = attention(q, k, v)
     else:
@@ -408,20 +412,21 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
         out[:n] = attention(q[:n], k[:n], v[:n])
         if composer:
             out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
-        out[glob], mass = attention_and_text_mass(q[glob], k[glob], v[glob], num_context)
+        out[global_rows], mass = attention_and_text_mass(q[global_rows], k[global_rows], v[global_rows],
+                                                         num_context)
         for i in range(n):
             row = n + i
             q_img, k_txt = q[row, :, img], k[row, :, :num_context]
             v_txt = v[row, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
             for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
-                own = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
+                text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
                 m = mass[i, :, num_context:][:, chunk, None].float()
-                correction = m * ((prior[:, chunk].float() - own) @ v_txt)  # m (A - S) V_txt
+                correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)  # m (A - S) V_txt
                 out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
     if composer:  # both rows go on with the composed image features; text queries keep their own
-        composed = attention_composer(out[glob, :, img], out[2 * n :, :, img])
-        out[glob, :, img] = composed
+        composed = attention_composer(out[global_rows, :, img], out[2 * n :, :, img])
+        out[global_rows, :, img] = composed
         out[2 * n :, :, img] = composed
     return out
 
@@ -430,11 +435,11 @@ def attention_and_text_mass(q, k, v, num_context: int):
     keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do not change; the scale stays
     1/sqrt(D)) and v an indicator channel of the text keys (plus 7 zeros, to keep the head dim a multiple of 8
     for the fused kernels)."""
-    d = q.shape[-1]
+    head_dim = q.shape[-1]
     extra = v.new_zeros(*v.shape[:-1], 8)
     extra[..., :num_context, 0] = 1
-    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=d**-0.5)
-    return out[..., :d], out[..., d]
+    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=head_dim**-0.5)
+    return out[..., :head_dim], out[..., head_dim]
 
 def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
     """A for one region, (H, region tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR token
@@ -467,8 +472,8 @@ def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) 
     """RAP's source: one pass of the noised LR latent (1, C, h, w), encoded at no more than the model's native
     area (`rap_size`), with the global prompt (conditional branch only). Returns, per joint block, S of the
     image queries on the LR token grid, (heads, h/p, w/p, T) in the model's dtype."""
-    p = model.config.patch_size
-    rows, cols = latent.shape[-2] // p, latent.shape[-1] // p
+    patch = model.config.patch_size
+    rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
     maps = []
 
     def attend(q, k, v, num_context):  # the blocks run in order: maps[i] is block i's
@@ -499,7 +504,7 @@ def attention_hook(model: MMDiT, make_attend):
     built on SD3) for the duration; the class's plain attention comes back afterwards. The bound
     functions run eagerly under `compile_blocks`: traced, their per-block and per-region Python
     would make a graph per block."""
-    # What the hook replaces: `JointBlock.forward` (Appendix B), one softmax over text and image,
+    # What the hook replaces: `JointBlock.forward` (the models), one softmax over text and image,
     #   q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
     #   attn = merge_heads(self.attend(q, k, v, context.shape[1]))
     # where the plain `JointBlock.attend(q, k, v, num_context)` returns attention(q, k, v). The
@@ -605,559 +610,7 @@ def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: 
                      f"choose from {GSP_NORMALISATIONS}")
 
 
-# ======================================================================================== pipeline
-
-def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
-    """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a Stability single
-    file with its text encoders (the tokenizers then come from the Hub)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    single_file = Path(str(model)).expanduser().is_file()
-    home = "cpu" if offload != "none" else device
-    print(f"loading SD3 from {model}", file=sys.stderr)
-    transformer = load_sd3(model, dtype, home, token=token)
-    factors = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
-    autoencoder = load_vae(model, dtype, home, stride=1, scale_factor=factors[0], shift_factor=factors[1],
-                           token=token)
-    text_source, encoder_file = (TEXT_SOURCES["sd3"], model) if single_file else (model, None)
-    encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token, encoder_file)
-    return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
-
-def model_geometry(model, token=None) -> tuple[int, int, int]:
-    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its config
-    files or a single file's tensor headers, so that sizes the model cannot take are refused before any
-    weight is read (or downloaded)."""
-    path = Path(str(model)).expanduser()
-    if path.is_file():
-        keys = safetensors_keys(path)
-        wanted = [DIFFUSION_PREFIX + "x_embedder.proj.weight", DIFFUSION_PREFIX + "pos_embed"]
-        levels = count_blocks(keys, r"first_stage_model\.encoder\.down\.(\d+)\.")
-        if not set(wanted) <= set(keys) or not levels:
-            raise UserError(f"{model}: not an SD3-Medium single file with its VAE (no {wanted[1]} or VAE)")
-        with safe_open(path, framework="pt") as f:
-            patch, table = f.get_slice(wanted[0]).get_shape()[-1], f.get_slice(wanted[1]).get_shape()[1]
-        return 2 ** (levels - 1), patch, math.isqrt(table)
-    transformer, vae = (resolve_source(model, part, ("config.json",), token) / "config.json"
-                        for part in ("transformer", "vae"))
-    if not (transformer.is_file() and vae.is_file() and transformer.parent != vae.parent):
-        raise UserError(f"{model}: not an SD3 pipeline folder (it lacks transformer/ or vae/config.json)")
-    settings, widths = read_json(transformer), read_json(vae).get("block_out_channels")
-    patch, table = (config_count(settings, key, transformer) for key in ("patch_size", "pos_embed_max_size"))
-    if not (isinstance(widths, list) and widths):
-        raise UserError(f"{vae}: field block_out_channels is {json.dumps(widths)[:40]}, not a non-empty list "
-                        "(an SD3-Medium VAE config.json?)")
-    return 2 ** (len(widths) - 1), patch, table
-
-def config_count(config: dict, key: str, file: Path) -> int:
-    """config[key], refused in one line naming the file and the field unless it is a positive integer."""
-    value = config.get(key)
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not a positive integer "
-                        "(an SD3-Medium transformer config.json?)")
-    return value
-
-def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
-                      region_prompts: dict | None = None, batch_size: int = 16) -> dict:
-    """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional prompts."""
-    prompts = [prompt, negative_prompt] + list((region_prompts or {}).values())
-    batches = (prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size))
-    encoded = [c for batch in batches for c in encode_prompts(pipe, batch)]
-    regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
-    return {"global": encoded[0], "negative": encoded[1], "regions": regions}
-
-def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
-    """The output size: the input's times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
-    if min(width, height) < MIN_INPUT_SIDE:
-        raise UserError(f"the input is {width}x{height}: too small (each side needs at least "
-                        f"{MIN_INPUT_SIDE} px)")
-    sides = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
-    if sides[0] * sides[1] > MAX_TARGET_PIXELS:
-        raise UserError(f"the target {sides[0]}x{sides[1]} ({sides[0] * sides[1] / 1e6:.0f} Mpx) is beyond "
-                        f"the {MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its memory "
-                        "for; lower --scale")
-    return sides[0], sides[1]
-
-def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int) -> tuple[int, int]:
-    """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area (region_px^2)
-    and to sides the position table covers (`max_side`)."""
-    shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
-    return tuple(max(multiple, round(side * shrink / multiple) * multiple) for side in (width, height))
-
-def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
-    windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
-               ("--vae-tile", config.vae_tile_px, "--vae-overlap", config.vae_overlap_px, "tile"))
-    for size_flag, size, overlap_flag, overlap, name in windows:
-        if size % multiple or overlap % multiple or not 0 <= overlap < size:
-            raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
-                            f"{multiple} px with 0 <= overlap < {name}")
-    if config.region_px // config.vae_scale // patch > pos_embed_patches:
-        raise UserError(f"--region-size {config.region_px}: the model's position table covers at most "
-                        f"{pos_embed_patches * patch * config.vae_scale} px")
-
-
-# ==================================================================================== command line
-
-def main(argv=None):
-    args = parser().parse_args(argv)
-    # Every check that can fail comes before the weights are read: outputs, input, sizes, regional prompts.
-    if args.prompt and not args.prompt.strip():
-        raise UserError("--prompt is blank: give the global prompt (or leave the option out)")
-    input_size = image_size(args.input)  # from the header: an absurd target is refused before decoding
-    output, record_path = check_outputs(args)
-    baseline = args.mode == "multidiffusion"
-    config = CUpscaleConfig(
-        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
-        num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
-        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline),
-        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_batch=args.region_batch,
-        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
-        gsp_normalisation=args.gsp_normalisation)
-    try:
-        sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
-    except ValueError:
-        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take "
-                        f"(--noise-level {args.noise_level})") from None
-    steps, start_sigma = len(sigmas) - 1, sigmas[0].item()
-    target_size(*input_size, args.scale, 2)  # refuse absurd targets before the model is looked up
-    image = load_image(args.input)
-    if not args.prompt:
-        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
-              "prompt", file=sys.stderr)
-
-    geometry = model_geometry(args.model, args.token)
-    config.vae_scale, patch, table = geometry
-    multiple = config.vae_scale * patch
-    check_regions(config, multiple, table, patch)
-    width, height = target_size(*image.size, args.scale, multiple)
-    latent_size = height // config.vae_scale, width // config.vae_scale
-    regions = plan_regions(*latent_size, config.region, config.stride)
-
-    # One line on RSP before any slow work; captions come before the weights (a local captioner has the GPU).
-    region_prompts, rsp = None, "RSP (regional semantic prior)"
-    if not config.rsp:
-        print(f"{rsp} off: {'--mode multidiffusion' if baseline else '--no-rsp'}", file=sys.stderr)
-    elif args.region_prompts:
-        region_prompts = load_region_prompts(args.region_prompts, regions)
-        print(f"{rsp} on: {len(regions)} regional prompts from {args.region_prompts}", file=sys.stderr)
-    elif args.caption_cmd:
-        print(f"{rsp} on: captioning {len(regions)} regions with --caption-cmd", file=sys.stderr)
-        resized = image.resize((width, height), Image.BICUBIC)
-        region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
-                                         config.caption_timeout_s, args.caption_failure == "rsp-off")
-    else:
-        print(f"{rsp} off: no --region-prompts or --caption-cmd (the paper captions each region with "
-              "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
-    config.rsp = region_prompts is not None
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
-    if args.compile:
-        compile_blocks(pipe.transformer)
-    loaded = (pipe.vae.config.downsample_factor, pipe.transformer.config.patch_size,
-              pipe.transformer.config.pos_embed_max_size)
-    if loaded != geometry:
-        raise UserError(f"{args.model}: its config files (VAE factor, patch, position table {geometry}) "
-                        f"disagree with its weights {loaded}")
-    conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
-    batches = len(list(region_batches(regions, config.region_batch)))
-    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
-                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
-    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} "
-          f"steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})", file=sys.stderr)
-    started = time.perf_counter()
-    progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
-    picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
-    given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed", "negative_prompt",
-             "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation", "region_size", "region_overlap")
-    settings = {key: getattr(args, key) for key in given} | dict(
-        input=str(args.input), input_size=list(image.size), width=width, height=height, steps_run=steps,
-        start_sigma=round(start_sigma, 6), gsp=config.gsp, rap=config.rap, rsp=config.rsp,
-        regions=len(regions), dtype=str(pipe.dtype))
-    s = config.vae_scale
-    record = {"prompt": args.prompt, "rsp": config.rsp, "regions": [
-        {"key": r.key, "box": [r.left * s, r.top * s, (r.left + r.width) * s, (r.top + r.height) * s],
-         "prompt": (region_prompts or {}).get(r.key)} for r in regions]}
-    metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
-    with atomic_files([output, record_path], args.overwrite) as (image_file, record_file):  # both or neither
-        write_image(picture, image_file, output.suffix, metadata)
-        record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
-          file=sys.stderr)
-
-def check_outputs(args) -> tuple[Path, Path]:
-    """(image, sidecar): OUTPUT and OUTPUT.regions.json beside it, checked as outputs and kept apart from
-    every input."""
-    output = check_output_file(args.output, args.overwrite)
-    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
-    if record_path.is_dir():
-        raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
-                        "choose another --output")
-    check_output_file(record_path, args.overwrite, suffixes=None)
-    check_apart([("--output", output), ("--output", record_path)],
-                [("--input", args.input), ("--model", args.model), ("--region-prompts", args.region_prompts)])
-    return output, record_path
-
-def parser() -> ArgumentParser:
-    d = CUpscaleConfig()
-    p = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free upscaling with "
-                       "SD3-Medium (global structure, regional attention and regional semantic priors).")
-    p.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    p.add_argument("--output", default="cupscale.png", help="output image (.png keeps the settings as text "
-                   "metadata); the regions and their prompts go beside it, to OUTPUT.regions.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output and .regions.json")
-    p.add_argument("--prompt", default="", help="the global prompt (the method needs one: the whole image)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
-                   help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
-    p.add_argument("--model", default=TEXT_SOURCES["sd3"],
-                   help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    p.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
-                   help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
-    p.add_argument("--strength", type=number(0, 1), default=d.strength,
-                   help="the paper's noise level in (0, 1]: noise to t = strength * T and run that share "
-                   "of the steps (paper: 0.45); --noise-level says how it reads on SD3")
-    p.add_argument("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
-                   help="how --strength becomes SD3's start noise: diffusers-strength (default: sigma 0.707, "
-                   "13 of 28 steps, as diffusers' img2img), snr-matched (SDXL's SNR: 0.578, 12 steps) or "
-                   "flow-sigma (sigma = strength: 0.45, 12 steps, the most faithful)")
-    p.add_argument("--guidance", type=number(0, 100), default=d.guidance, help="classifier-free guidance")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--region-size", type=integer(1), default=d.region_px, help="region side (px), SD3's 1024")
-    p.add_argument("--region-overlap", type=integer(0), default=d.overlap_px, help="region overlap in px")
-    p.add_argument("--region-batch", type=integer(1), default=d.region_batch, help="regions per model call")
-    rsp = p.add_mutually_exclusive_group()
-    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
-    rsp.add_argument("--caption-cmd",
-                     help="command run once per region, without a shell, {image} replaced by the region's "
-                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
-                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
-    p.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop", help="when a caption "
-                   "command fails: stop, naming the region (default), or go on with RSP off")
-    p.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
-    p.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    p.add_argument("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
-    p.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
-                   help="multidiffusion: the plain regional-denoising baseline (all priors off)")
-    p.add_argument("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
-                   help="GSP step size lambda (paper: 0.2): the share of the gap to the input's low band "
-                   "closed per step (with --gsp-normalisation sum; 1: replace the band)")
-    p.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
-                   help="how lambda decays over the steps (paper: cosine; linear, increasing: its ablation)")
-    p.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
-                   help="the reading of Eq. 4's 'MSE': sum (default: a step closes lambda of the low-band "
-                   "gap), mean (the literal mean over a region: 0.2 has no visible effect) or sdxl (the step "
-                   "lambda made on SDXL, lambda / alpha_bar)")
-    p.add_argument("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side in image px")
-    p.add_argument("--vae-overlap", type=integer(0), default=d.vae_overlap_px, help="VAE tile overlap in px")
-    p.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--offload", choices=["none", "model"], default="none",
-                   help="model: MMDiT and VAE wait on the CPU between uses")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each MMDiT block (regional attention stays eager): faster region "
-                   "batches after a compile wait in the first step")
-    p.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or "
-                   "huggingface-cli login)")
-    return p
-
-
-# ======================================= command line: regional prompts (RSP's files and captions)
-
-def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
-    """Read and check a --region-prompts JSON file."""
-    return parse_region_prompts(read_json(path), regions, source=str(path))
-
-def parse_region_prompts(data, regions: list[Region],
-                         source: str = "region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against
-    the planned regions; return it with normalised keys. Every region needs exactly one non-empty
-    string; unknown and missing regions are named in one UserError line."""
-    rows, cols = regions[-1].row + 1, regions[-1].col + 1
-    grid = (f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} "
-            f"and col 0..{cols - 1}")
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: a JSON object is needed, {grid}")
-    expected = {region.key for region in regions}
-    prompts, unknown, not_text, repeated = {}, [], [], []
-    for key, prompt in data.items():
-        normalised = str(key).replace(" ", "")
-        if normalised not in expected:
-            unknown.append(str(key))
-        elif normalised in prompts:  # "0,1" and "0, 1" in one file
-            repeated.append(str(key))
-        elif not isinstance(prompt, str) or not prompt.strip():
-            not_text.append(str(key))
-        else:
-            prompts[normalised] = prompt.strip()
-    missing = [r.key for r in regions if r.key not in prompts and r.key not in not_text]
-    named = (("unknown regions", unknown), ("missing regions", missing),
-             ("empty or not text", not_text), ("given twice", repeated))
-    problems = [f"{label} {_describe_keys(keys)}" for label, keys in named if keys]
-    if problems:
-        raise UserError(f"{source} does not match the {rows}x{cols} regions: "
-                        f"{'; '.join(problems)} ({grid})")
-    return prompts
-
-def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
-                    vae_scale: int, timeout_s: float,
-                    rsp_off_on_failure=False) -> dict[str, str] | None:
-    """Regional prompts from an external captioning command, run once per region (the paper's
-    LLaVA-1.6 captions the region's crop given the global prompt; its instruction text is not in
-    the paper).
-
-    `image` is the LR image resized to the target size. `command` is split like a shell line (no
-    shell runs it); in each argument {image} becomes the path of the region's crop (PNG) and
-    {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
-    `rsp_off_on_failure`, warn and return None (RSP off).
-    """
-    try:
-        template = shlex.split(command)
-    except ValueError as error:  # an unclosed quote or a trailing backslash
-        raise UserError(f"--caption-cmd cannot be split into arguments ({error}): "
-                        f"{command}") from None
-    if not any("{image}" in argument for argument in template):
-        raise UserError(f"--caption-cmd must contain the placeholder {{image}}: {command}")
-    prompts = {}
-    with tempfile.TemporaryDirectory(prefix="cupscale-regions-") as folder:
-        for region in regions:
-            top, left = region.top * vae_scale, region.left * vae_scale
-            bottom, right = top + region.height * vae_scale, left + region.width * vae_scale
-            crop = image.crop((left, top, right, bottom))
-            crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
-            crop.save(crop_path)
-            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
-                         for a in template]
-            try:
-                prompts[region.key] = _run_caption_command(arguments, timeout_s)
-            except UserError as error:
-                if not rsp_off_on_failure:
-                    raise UserError(f"region {region.key}: {error}") from None
-                print(f"warning: region {region.key}: {error}; RSP (regional semantic prior) "
-                      "off (--caption-failure rsp-off)", file=sys.stderr)
-                return None
-    return prompts
-
-def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError
-    naming it."""
-    shown = shlex.join(command)
-    code, stdout, stderr = _run_alone(command, timeout_s)
-    if code != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
-        last_line = lines[-1][:200]
-        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
-    try:
-        caption = " ".join(stdout.decode("utf-8").split())
-    except UnicodeDecodeError as error:
-        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
-                        f"{shown}") from None
-    if not caption:
-        raise UserError(f"caption command printed nothing: {shown}")
-    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
-        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
-    return caption
-
-def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes
-    to temporary files, not pipes: the command is done when it exits, even if a child it started in
-    the background still holds them open (a pipe would stay open until that child ends). On a
-    timeout, and when this run is interrupted, the whole group is killed."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                       start_new_session=True)
-        except FileNotFoundError:
-            raise UserError(f"caption command not found: {command[0]}") from None
-        except OSError as error:  # not executable, not a program, ...
-            raise UserError(f"caption command cannot run: {command[0]}: "
-                            f"{error.strerror or error}") from None
-        try:
-            code = process.wait(timeout_s)
-        except BaseException as error:  # timeout, Ctrl-C, SIGTERM: none of the command outlives it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            if isinstance(error, subprocess.TimeoutExpired):
-                raise UserError(f"caption command timed out after {timeout_s:g} s: "
-                                f"{shlex.join(command)}") from None
-            raise
-        out.seek(0)
-        err.seek(0)
-        return code, out.read(), err.read()
-
-
-# =================================================== Appendix A: pipeline pieces of diffusion4k.py
-
-# --- BEGIN copy of diffusion4k.py: pipeline ---
-TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
-                "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
-
-@dataclass
-class Pipeline:
-    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
-    then used many times to encode prompts (`encode_prompts`) and sample."""
-
-    kind: str  # "flux" or "sd3"
-    transformer: nn.Module
-    vae: AutoEncoder
-    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
-    tokenizers: dict
-    device: torch.device
-    dtype: torch.dtype
-    source: str
-    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
-
-    @property
-    def schnell(self) -> bool:
-        return self.kind == "flux" and not self.transformer.config.guidance_embed
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
-        return self.vae.config.downsample_factor * 2
-
-def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
-    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
-    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    files = ("*.json", "*.txt", "*.model")
-    if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
-        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
-                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
-        return encoders, tokenizers
-    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
-                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
-                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
-    if encoder_file is None:
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
-    else:
-        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
-    return encoders, tokenizers
-
-@torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
-    gpu, features = pipe.device, {}
-    for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
-    if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
-            for i in range(len(prompts))]
-
-@contextlib.contextmanager
-def visiting(module: nn.Module, device, home):
-    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
-    do not change during a visit, so leaving drops the device copy instead of copying it back."""
-    module.to(home)
-    slots = weight_slots(module)
-    resting = [held(slot) for slot in slots]
-    place(slots, [t.to(device) for t in resting])
-    try:
-        yield module
-    finally:
-        place(slots, resting)
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
-def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
-    return [(owner, name) for owner in module.modules()
-            for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
-
-def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
-    owner, name = slot
-    return owner._parameters.get(name, owner._buffers.get(name))
-
-def place(slots: list, tensors: list):
-    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
-    for (owner, name), t in zip(slots, tensors):
-        if name in owner._parameters and not isinstance(t, nn.Parameter):
-            t = nn.Parameter(t, requires_grad=False)
-        (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
-# --- END copy: pipeline ---
-
-# --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
-def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
-    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
-    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
-    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
-    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
-    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
-# --- END copy: flow-matching schedule ---
-
-# --- BEGIN copy of diffusion4k.py: tiled VAE ---
-def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
-    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
-    Returns fp32 on `device`."""
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x.to(device, dtype)).float()
-    th, tw = min(tile, height), min(tile, width)
-    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
-    out = weight = None
-    for top in tops:
-        for left in lefts:
-            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
-            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
-            if out is None:
-                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
-                weight = y.new_zeros(round(height * ratio), round(width * ratio))
-            fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
-            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
-            w = (wy[:, None] * wx[None]).to(y)
-            oy, ox = round(top * ratio), round(left * ratio)
-            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
-            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
-    return out / weight
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
-    weights = torch.ones(size, dtype=torch.float64)
-    if fade_start:
-        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
-    if fade_end:
-        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
-        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
-    return weights
-# --- END copy: tiled VAE ---
-
-
-# ========================================================================= Appendix B: transformer
+# ========================================================================= the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -1269,6 +722,18 @@ class MMDiT(nn.Module):
         out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
         out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, self.config.out_channels, height, width)
+
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
+        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
+        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
+        classifier-free guidance is the sampler's."""
+        if torch.is_tensor(sigma):
+            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
+        else:
+            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
+        return self(z, t, condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         size = self.config.pos_embed_max_size
@@ -1406,7 +871,7 @@ def sd3_key_table(depth: int) -> dict:
 # --- END copy: SD3 transformer ---
 
 
-# ================================================================================= Appendix C: VAE
+# ================================================================================= the models: VAE
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
@@ -1748,7 +1213,7 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # --- END copy: VAE ---
 
 
-# ======================================================== Appendix D: text encoders and tokenizers
+# ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
 # Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
@@ -2152,7 +1617,264 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # --- END copy: text encoders ---
 
 
-# ====================================================================== Appendix E: weight loading
+# ======================================================================================== pipeline
+
+def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
+    """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a Stability single
+    file with its text encoders (the tokenizers then come from the Hub)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    single_file = Path(str(model)).expanduser().is_file()
+    home = "cpu" if offload != "none" else device
+    print(f"loading SD3 from {model}", file=sys.stderr)
+    transformer = load_sd3(model, dtype, home, token=token)
+    factors = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
+    autoencoder = load_vae(model, dtype, home, stride=1, scale_factor=factors[0], shift_factor=factors[1],
+                           token=token)
+    text_source, encoder_file = (TEXT_SOURCES["sd3"], model) if single_file else (model, None)
+    encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token, encoder_file)
+    return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
+
+def model_geometry(model, token=None) -> tuple[int, int, int]:
+    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its config
+    files or a single file's tensor headers, so that sizes the model cannot take are refused before any
+    weight is read (or downloaded)."""
+    path = Path(str(model)).expanduser()
+    if path.is_file():
+        keys = safetensors_keys(path)
+        wanted = [DIFFUSION_PREFIX + "x_embedder.proj.weight", DIFFUSION_PREFIX + "pos_embed"]
+        levels = count_blocks(keys, r"first_stage_model\.encoder\.down\.(\d+)\.")
+        if not set(wanted) <= set(keys) or not levels:
+            raise UserError(f"{model}: not an SD3-Medium single file with its VAE (no {wanted[1]} or VAE)")
+        with safe_open(path, framework="pt") as f:
+            patch, table = f.get_slice(wanted[0]).get_shape()[-1], f.get_slice(wanted[1]).get_shape()[1]
+        return 2 ** (levels - 1), patch, math.isqrt(table)
+    transformer, vae = (resolve_source(model, part, ("config.json",), token) / "config.json"
+                        for part in ("transformer", "vae"))
+    if not (transformer.is_file() and vae.is_file() and transformer.parent != vae.parent):
+        raise UserError(f"{model}: not an SD3 pipeline folder (it lacks transformer/ or vae/config.json)")
+    settings, widths = read_json(transformer), read_json(vae).get("block_out_channels")
+    patch, table = (config_count(settings, key, transformer) for key in ("patch_size", "pos_embed_max_size"))
+    if not (isinstance(widths, list) and widths):
+        raise UserError(f"{vae}: field block_out_channels is {json.dumps(widths)[:40]}, not a non-empty list "
+                        "(an SD3-Medium VAE config.json?)")
+    return 2 ** (len(widths) - 1), patch, table
+
+def config_count(config: dict, key: str, file: Path) -> int:
+    """config[key], refused in one line naming the file and the field unless it is a positive integer."""
+    value = config.get(key)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not a positive integer "
+                        "(an SD3-Medium transformer config.json?)")
+    return value
+
+def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
+                      region_prompts: dict | None = None, batch_size: int = 16) -> dict:
+    """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional prompts."""
+    prompts = [prompt, negative_prompt] + list((region_prompts or {}).values())
+    batches = (prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size))
+    encoded = [c for batch in batches for c in encode_prompts(pipe, batch)]
+    regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
+    return {"global": encoded[0], "negative": encoded[1], "regions": regions}
+
+def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """The output size: the input's times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise UserError(f"the input is {width}x{height}: too small (each side needs at least "
+                        f"{MIN_INPUT_SIDE} px)")
+    sides = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
+    if sides[0] * sides[1] > MAX_TARGET_PIXELS:
+        raise UserError(f"the target {sides[0]}x{sides[1]} ({sides[0] * sides[1] / 1e6:.0f} Mpx) is beyond "
+                        f"the {MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its memory "
+                        "for; lower --scale")
+    return sides[0], sides[1]
+
+def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int) -> tuple[int, int]:
+    """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area (region_px^2)
+    and to sides the position table covers (`max_side`)."""
+    shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
+    return tuple(max(multiple, round(side * shrink / multiple) * multiple) for side in (width, height))
+
+def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
+    windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
+               ("--vae-tile", config.vae_tile_px, "--vae-overlap", config.vae_overlap_px, "tile"))
+    for size_flag, size, overlap_flag, overlap, name in windows:
+        if size % multiple or overlap % multiple or not 0 <= overlap < size:
+            raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
+                            f"{multiple} px with 0 <= overlap < {name}")
+    if config.region_px // config.vae_scale // patch > pos_embed_patches:
+        raise UserError(f"--region-size {config.region_px}: the model's position table covers at most "
+                        f"{pos_embed_patches * patch * config.vae_scale} px")
+
+
+# ======================================================== pipeline: its pieces from diffusion4k.py
+
+# --- BEGIN copy of diffusion4k.py: pipeline ---
+TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
+                "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
+
+@dataclass
+class Pipeline:
+    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
+    then used many times to encode prompts (`encode_prompts`) and sample."""
+
+    kind: str  # "flux" or "sd3"
+    transformer: nn.Module
+    vae: AutoEncoder
+    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
+    tokenizers: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
+
+    @property
+    def schnell(self) -> bool:
+        return self.kind == "flux" and not self.transformer.config.guidance_embed
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
+        return self.vae.config.downsample_factor * 2
+
+def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
+    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
+    files = ("*.json", "*.txt", "*.model")
+    if kind == "flux":
+        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
+        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
+                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
+        return encoders, tokenizers
+    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
+                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
+                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
+    if encoder_file is None:
+        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
+                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
+                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
+    else:
+        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
+                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
+                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
+    return encoders, tokenizers
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
+    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    gpu, features = pipe.device, {}
+    for name, encoder in pipe.text_encoders.items():
+        with visiting(encoder, gpu, "cpu"):
+            ids = pipe.tokenizers[name](prompts).to(gpu)
+            features[name] = encoder(ids)
+    if pipe.kind == "flux":
+        txt, y = features["t5"], features["clip_l"].pooled
+        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
+    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
+    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
+    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
+    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
+            for i in range(len(prompts))]
+
+@contextlib.contextmanager
+def visiting(module: nn.Module, device, home):
+    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
+    do not change during a visit, so leaving drops the device copy instead of copying it back."""
+    module.to(home)
+    slots = weight_slots(module)
+    resting = [held(slot) for slot in slots]
+    place(slots, [t.to(device) for t in resting])
+    try:
+        yield module
+    finally:
+        place(slots, resting)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
+    return [(owner, name) for owner in module.modules()
+            for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
+
+def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
+    owner, name = slot
+    return owner._parameters.get(name, owner._buffers.get(name))
+
+def place(slots: list, tensors: list):
+    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
+    for (owner, name), t in zip(slots, tensors):
+        if name in owner._parameters and not isinstance(t, nn.Parameter):
+            t = nn.Parameter(t, requires_grad=False)
+        (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
+# --- END copy: pipeline ---
+
+# --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
+def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
+    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
+    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
+    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
+    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
+    safe = sigmas.clamp_min(1e-12)
+    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
+# --- END copy: flow-matching schedule ---
+
+# --- BEGIN copy of diffusion4k.py: tiled VAE ---
+def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
+    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
+    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
+    Returns fp32 on `device`."""
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x.to(device, dtype)).float()
+    th, tw = min(tile, height), min(tile, width)
+    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
+    out = weight = None
+    for top in tops:
+        for left in lefts:
+            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
+            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
+            if out is None:
+                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
+                weight = y.new_zeros(round(height * ratio), round(width * ratio))
+            fade = round(overlap * ratio)
+            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
+            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
+            w = (wy[:, None] * wx[None]).to(y)
+            oy, ox = round(top * ratio), round(left * ratio)
+            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
+            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+    return out / weight
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    weights = torch.ones(size, dtype=torch.float64)
+    if fade_start:
+        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
+    if fade_end:
+        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
+        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    return weights
+# --- END copy: tiled VAE ---
+
+
+# ================================================================================== weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
@@ -2301,6 +2023,315 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
     return check_weights(state, path)
 # --- END copy: weight loading ---
+
+
+# ==================================================================================== command line
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    # Every check that can fail comes before the weights are read: outputs, input, sizes, regional prompts.
+    if args.prompt and not args.prompt.strip():
+        raise UserError("--prompt is blank: give the global prompt (or leave the option out)")
+    input_size = image_size(args.input)  # from the header: an absurd target is refused before decoding
+    output, record_path = check_outputs(args)
+    baseline = args.mode == "multidiffusion"
+    config = CUpscaleConfig(
+        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
+        num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
+        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline),
+        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_batch=args.region_batch,
+        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
+        gsp_normalisation=args.gsp_normalisation)
+    try:
+        sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
+    except ValueError:
+        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take "
+                        f"(--noise-level {args.noise_level})") from None
+    steps, start_sigma = len(sigmas) - 1, sigmas[0].item()
+    target_size(*input_size, args.scale, 2)  # refuse absurd targets before the model is looked up
+    image = load_image(args.input)
+    if not args.prompt:
+        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
+              "prompt", file=sys.stderr)
+
+    geometry = model_geometry(args.model, args.token)
+    config.vae_scale, patch, table = geometry
+    multiple = config.vae_scale * patch
+    check_regions(config, multiple, table, patch)
+    width, height = target_size(*image.size, args.scale, multiple)
+    latent_size = height // config.vae_scale, width // config.vae_scale
+    regions = plan_regions(*latent_size, config.region, config.stride)
+
+    # One line on RSP before any slow work; captions come before the weights (a local captioner has the GPU).
+    region_prompts, rsp = None, "RSP (regional semantic prior)"
+    if not config.rsp:
+        print(f"{rsp} off: {'--mode multidiffusion' if baseline else '--no-rsp'}", file=sys.stderr)
+    elif args.region_prompts:
+        region_prompts = load_region_prompts(args.region_prompts, regions)
+        print(f"{rsp} on: {len(regions)} regional prompts from {args.region_prompts}", file=sys.stderr)
+    elif args.caption_cmd:
+        print(f"{rsp} on: captioning {len(regions)} regions with --caption-cmd", file=sys.stderr)
+        resized = image.resize((width, height), Image.BICUBIC)
+        region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
+                                         config.caption_timeout_s, args.caption_failure == "rsp-off")
+    else:
+        print(f"{rsp} off: no --region-prompts or --caption-cmd (the paper captions each region with "
+              "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
+    config.rsp = region_prompts is not None
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
+    if args.compile:
+        compile_blocks(pipe.transformer)
+    loaded = (pipe.vae.config.downsample_factor, pipe.transformer.config.patch_size,
+              pipe.transformer.config.pos_embed_max_size)
+    if loaded != geometry:
+        raise UserError(f"{args.model}: its config files (VAE factor, patch, position table {geometry}) "
+                        f"disagree with its weights {loaded}")
+    conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
+    batches = len(list(region_batches(regions, config.region_batch)))
+    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
+                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
+    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} "
+          f"steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})", file=sys.stderr)
+    started = time.perf_counter()
+    progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
+    picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
+    given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed", "negative_prompt",
+             "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation", "region_size", "region_overlap")
+    settings = {key: getattr(args, key) for key in given} | dict(
+        input=str(args.input), input_size=list(image.size), width=width, height=height, steps_run=steps,
+        start_sigma=round(start_sigma, 6), gsp=config.gsp, rap=config.rap, rsp=config.rsp,
+        regions=len(regions), dtype=str(pipe.dtype))
+    vae_scale = config.vae_scale
+    record = {"prompt": args.prompt, "rsp": config.rsp, "regions": [
+        {"key": r.key, "box": [side * vae_scale
+                               for side in (r.left, r.top, r.left + r.width, r.top + r.height)],
+         "prompt": (region_prompts or {}).get(r.key)} for r in regions]}
+    metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
+    with atomic_files([output, record_path], args.overwrite) as (image_file, record_file):  # both or neither
+        write_image(picture, image_file, output.suffix, metadata)
+        record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
+          file=sys.stderr)
+
+def check_outputs(args) -> tuple[Path, Path]:
+    """(image, sidecar): OUTPUT and OUTPUT.regions.json beside it, checked as outputs and kept apart from
+    every input."""
+    output = check_output_file(args.output, args.overwrite)
+    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
+    if record_path.is_dir():
+        raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
+                        "choose another --output")
+    check_output_file(record_path, args.overwrite, suffixes=None)
+    check_apart([("--output", output), ("--output", record_path)],
+                [("--input", args.input), ("--model", args.model), ("--region-prompts", args.region_prompts)])
+    return output, record_path
+
+def parser() -> ArgumentParser:
+    defaults = CUpscaleConfig()
+    parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free upscaling "
+                            "with SD3-Medium (global structure, regional attention and regional semantic "
+                            "priors).")
+    parser.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
+    parser.add_argument("--output", default="cupscale.png",
+                        help="output image (.png keeps the settings as text metadata); the regions and "
+                        "their prompts go beside it, to OUTPUT.regions.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output and .regions.json")
+    parser.add_argument("--prompt", default="",
+                        help="the global prompt (the method needs one: the whole image)")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
+                        help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
+    parser.add_argument("--model", default=TEXT_SOURCES["sd3"],
+                        help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
+    parser.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=defaults.num_steps,
+                        help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
+    parser.add_argument("--strength", type=number(0, 1), default=defaults.strength,
+                        help="the paper's noise level in (0, 1]: noise to t = strength * T and run that "
+                        "share of the steps (paper: 0.45); --noise-level says how it reads on SD3")
+    parser.add_argument("--noise-level", choices=NOISE_LEVELS, default=defaults.noise_level,
+                        help="how --strength becomes SD3's start noise: diffusers-strength (default: sigma "
+                        "0.707, 13 of 28 steps, as diffusers' img2img), snr-matched (SDXL's SNR: 0.578, 12 "
+                        "steps) or flow-sigma (sigma = strength: 0.45, 12 steps, the most faithful)")
+    parser.add_argument("--guidance", type=number(0, 100), default=defaults.guidance,
+                        help="classifier-free guidance")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--region-size", type=integer(1), default=defaults.region_px,
+                        help="region side (px), SD3's 1024")
+    parser.add_argument("--region-overlap", type=integer(0), default=defaults.overlap_px,
+                        help="region overlap in px")
+    parser.add_argument("--region-batch", type=integer(1), default=defaults.region_batch,
+                        help="regions per model call")
+    rsp = parser.add_mutually_exclusive_group()
+    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
+    rsp.add_argument("--caption-cmd",
+                     help="command run once per region, without a shell, {image} replaced by the region's "
+                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
+                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
+    parser.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
+                        help="when a caption command fails: stop, naming the region (default), or go on "
+                        "with RSP off")
+    parser.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
+    parser.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
+    parser.add_argument("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
+    parser.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
+                        help="multidiffusion: the plain regional-denoising baseline (all priors off)")
+    parser.add_argument("--gsp-step-size", type=number(0, 1), default=defaults.gsp_step_size,
+                        help="GSP step size lambda (paper: 0.2): the share of the gap to the input's low "
+                        "band closed per step (with --gsp-normalisation sum; 1: replace the band)")
+    parser.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=defaults.gsp_schedule,
+                        help="how lambda decays over the steps (paper: cosine; linear, increasing: its "
+                        "ablation)")
+    parser.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=defaults.gsp_normalisation,
+                        help="the reading of Eq. 4's 'MSE': sum (default: a step closes lambda of the "
+                        "low-band gap), mean (the literal mean over a region: 0.2 has no visible effect) "
+                        "or sdxl (the step lambda made on SDXL, lambda / alpha_bar)")
+    parser.add_argument("--vae-tile", type=integer(1), default=defaults.vae_tile_px,
+                        help="VAE tile side in image px")
+    parser.add_argument("--vae-overlap", type=integer(0), default=defaults.vae_overlap_px,
+                        help="VAE tile overlap in px")
+    parser.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--offload", choices=["none", "model"], default="none",
+                        help="model: MMDiT and VAE wait on the CPU between uses")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each MMDiT block (regional attention stays eager): faster "
+                        "region batches after a compile wait in the first step")
+    parser.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or "
+                        "huggingface-cli login)")
+    return parser
+
+
+# ======================================= command line: regional prompts (RSP's files and captions)
+
+def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
+    """Read and check a --region-prompts JSON file."""
+    return parse_region_prompts(read_json(path), regions, source=str(path))
+
+def parse_region_prompts(data, regions: list[Region],
+                         source: str = "region prompts") -> dict[str, str]:
+    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against
+    the planned regions; return it with normalised keys. Every region needs exactly one non-empty
+    string; unknown and missing regions are named in one UserError line."""
+    rows, cols = regions[-1].row + 1, regions[-1].col + 1
+    grid = (f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} "
+            f"and col 0..{cols - 1}")
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a JSON object is needed, {grid}")
+    expected = {region.key for region in regions}
+    prompts, unknown, not_text, repeated = {}, [], [], []
+    for key, prompt in data.items():
+        normalised = str(key).replace(" ", "")
+        if normalised not in expected:
+            unknown.append(str(key))
+        elif normalised in prompts:  # "0,1" and "0, 1" in one file
+            repeated.append(str(key))
+        elif not isinstance(prompt, str) or not prompt.strip():
+            not_text.append(str(key))
+        else:
+            prompts[normalised] = prompt.strip()
+    missing = [r.key for r in regions if r.key not in prompts and r.key not in not_text]
+    named = (("unknown regions", unknown), ("missing regions", missing),
+             ("empty or not text", not_text), ("given twice", repeated))
+    problems = [f"{label} {_describe_keys(keys)}" for label, keys in named if keys]
+    if problems:
+        raise UserError(f"{source} does not match the {rows}x{cols} regions: "
+                        f"{'; '.join(problems)} ({grid})")
+    return prompts
+
+def _describe_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
+                    vae_scale: int, timeout_s: float,
+                    rsp_off_on_failure=False) -> dict[str, str] | None:
+    """Regional prompts from an external captioning command, run once per region (the paper's
+    LLaVA-1.6 captions the region's crop given the global prompt; its instruction text is not in
+    the paper).
+
+    `image` is the LR image resized to the target size. `command` is split like a shell line (no
+    shell runs it); in each argument {image} becomes the path of the region's crop (PNG) and
+    {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
+    `rsp_off_on_failure`, warn and return None (RSP off).
+    """
+    try:
+        template = shlex.split(command)
+    except ValueError as error:  # an unclosed quote or a trailing backslash
+        raise UserError(f"--caption-cmd cannot be split into arguments ({error}): "
+                        f"{command}") from None
+    if not any("{image}" in argument for argument in template):
+        raise UserError(f"--caption-cmd must contain the placeholder {{image}}: {command}")
+    prompts = {}
+    with tempfile.TemporaryDirectory(prefix="cupscale-regions-") as folder:
+        for region in regions:
+            top, left = region.top * vae_scale, region.left * vae_scale
+            bottom, right = top + region.height * vae_scale, left + region.width * vae_scale
+            crop = image.crop((left, top, right, bottom))
+            crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
+            crop.save(crop_path)
+            arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
+                         for a in template]
+            try:
+                prompts[region.key] = _run_caption_command(arguments, timeout_s)
+            except UserError as error:
+                if not rsp_off_on_failure:
+                    raise UserError(f"region {region.key}: {error}") from None
+                warn(f"region {region.key}: {error}; RSP (regional semantic prior) off "
+                     "(--caption-failure rsp-off)")
+                return None
+    return prompts
+
+def _run_caption_command(command: list[str], timeout_s: float) -> str:
+    """Run one captioning command; return its standard output as one line, or raise UserError
+    naming it."""
+    shown = shlex.join(command)
+    code, stdout, stderr = _run_alone(command, timeout_s)
+    if code != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        last_line = lines[-1][:200]
+        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
+    try:
+        caption = " ".join(stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
+                        f"{shown}") from None
+    if not caption:
+        raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
+    return caption
+
+def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes
+    to temporary files, not pipes: the command is done when it exits, even if a child it started in
+    the background still holds them open (a pipe would stay open until that child ends). On a
+    timeout, and when this run is interrupted, the whole group is killed."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                       start_new_session=True)
+        except FileNotFoundError:
+            raise UserError(f"caption command not found: {command[0]}") from None
+        except OSError as error:  # not executable, not a program, ...
+            raise UserError(f"caption command cannot run: {command[0]}: "
+                            f"{error.strerror or error}") from None
+        try:
+            code = process.wait(timeout_s)
+        except BaseException as error:  # timeout, Ctrl-C, SIGTERM: none of the command outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise UserError(f"caption command timed out after {timeout_s:g} s: "
+                                f"{shlex.join(command)}") from None
+            raise
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 
 if __name__ == "__main__":
