@@ -127,25 +127,20 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
     noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # CPU: same on any device
     device, dtype, model = pipe.device, pipe.dtype, pipe.transformer
     to_gpu = lambda t: t.to(device, dtype)  # noqa: E731
-    if pipe.kind == "flux":
-        txt, y = to_gpu(condition["txt"]), to_gpu(condition["y"])
-        img_ids, txt_ids = latent_image_ids(h, w, device), torch.zeros(1, txt.shape[1], 3, device=device)
-        distilled = None if pipe.schnell else torch.full((1,), guidance, device=device, dtype=dtype)
+    if pipe.kind == "flux":  # the guidance scale is a model input (distilled dev; schnell: none)
+        condition = {key: to_gpu(value) for key, value in condition.items()}  # T5 txt, CLIP y
+        distilled = None if pipe.schnell else guidance
         sigmas = flux_sigmas(steps, (h // 2) * (w // 2), mu, shift=not pipe.schnell)
 
         def velocity(z, sigma):
-            t = torch.full((1,), sigma, device=device, dtype=dtype)
-            v = model(to_gpu(pack_latents(z)), img_ids, txt, txt_ids, t, y, distilled)
-            return unpack_latents(v, h, w)
+            return model.velocity(to_gpu(z), sigma, condition, distilled)
     else:
         negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
-        context = to_gpu(torch.cat([negative["context"], condition["context"]]))
-        pooled = to_gpu(torch.cat([negative["pooled"], condition["pooled"]]))
+        both = {key: to_gpu(torch.cat([negative[key], value])) for key, value in condition.items()}
         sigmas = sd3_sigmas(steps)
 
         def velocity(z, sigma):  # classifier-free guidance, unconditional and conditional in one batch
-            t = torch.full((2,), sigma * 1000, device=device)  # fp32: bf16 would round 857.7 to 856
-            uncond, cond = model(to_gpu(torch.cat([z, z])), t, context, pooled).float().chunk(2)
+            uncond, cond = model.velocity(to_gpu(torch.cat([z, z])), sigma, both).float().chunk(2)
             return uncond + guidance * (cond - uncond)
     with visiting(model, device, "cpu") if pipe.offload == "model" else contextlib.nullcontext():
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
@@ -267,7 +262,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 
 # ============================================== the method: Wavelet-based Latent Fine-tuning (WLF)
 
-def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
+def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by the
     number of micro-batches per optimizer step, so the gradients they add up are those of the whole
@@ -275,17 +270,17 @@ def wlf_micro_step(model, kind, vae, images, noise, sigma, eps, condition, guida
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
-        loss = training_loss(model, kind, x0, noise, sigma, condition, guidance, subband_weights)
+        loss = training_loss(model, x0, noise, sigma, condition, guidance, subband_weights)
     (loss / accumulation).backward()
     return loss.detach()
 
-def training_loss(model, kind, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
+def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
     """WLF as the Diffusion-4K code runs it: noise x0 to z = (1 - sigma) x0 + sigma noise, turn the
     predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare the Haar
     subbands of x0_hat and x0 (`wlf_loss`)."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
-    v = predict_velocity(model, kind, z, sigma.to(x0), condition, guidance)
+    v = model.velocity(z, sigma.to(x0), condition, guidance)  # Flux or MMDiT
     return wlf_loss(z - s * v.float(), x0, subband_weights)
 
 def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor, subband_weights=WLF_UPSTREAM) -> torch.Tensor:
@@ -319,16 +314,6 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (..., h, 2, w, 2)
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END kit: Haar wavelets ---
-
-def predict_velocity(model, kind: str, z, sigma, condition: dict, guidance: float | None):
-    """The transformer's velocity for latents z (B, C, h, w) at noise levels sigma (B,)."""
-    if kind == "flux":
-        h, w = z.shape[-2:]
-        txt, y = condition["txt"], condition["y"]
-        ids, txt_ids = latent_image_ids(h, w, z.device), torch.zeros(1, txt.shape[1], 3, device=z.device)
-        g = None if guidance is None else torch.full_like(sigma, guidance)
-        return unpack_latents(model(pack_latents(z), ids, txt, txt_ids, sigma, y, g), h, w)
-    return model(z, sigma * 1000, condition["context"], condition["pooled"])
 
 def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised fp32 latents (x - shift) * scale of images, for SD3 too (upstream's SD3 training omits the
@@ -757,7 +742,7 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
             images, condition = micro_batch(examples, conditions, unreadable, crop, draws, share, ctx.device)
             micro_eps = None if eps is None else eps[share].to(ctx.device)
             micro_losses.append(wlf_micro_step(
-                model, kind, vae, images.to(ctx.device, dtype), noise[share].to(ctx.device),
+                model, vae, images.to(ctx.device, dtype), noise[share].to(ctx.device),
                 sigma[share].to(ctx.device), micro_eps, condition, guidance, weights, autocast, accumulation))
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
@@ -1786,6 +1771,25 @@ class Flux(nn.Module):
             x = run_checkpointed(self, block, x, vec, rope)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
+        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
+        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
+        diffusers."""
+        b, _, h, w = z.shape
+        txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
+        txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
+        v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
+        return unpack_latents(v, h, w)
+
+def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
+    if torch.is_tensor(value):
+        return value.to(like.device, like.dtype).expand(batch)
+    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
+
 class DoubleStreamBlock(nn.Module):
     """Text and image keep their own weights but attend jointly over [text, image]."""
 
@@ -2066,6 +2070,18 @@ class MMDiT(nn.Module):
         out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
         out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, self.config.out_channels, height, width)
+
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
+        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
+        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
+        classifier-free guidance is the sampler's."""
+        if torch.is_tensor(sigma):
+            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
+        else:
+            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
+        return self(z, t, condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         size = self.config.pos_embed_max_size

@@ -118,14 +118,15 @@ class LossWeights:
 
 # ====================================================================== the method: one step at 4K
 
-def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, txt, y, sigma: float,
-              guidance=None) -> torch.Tensor:
+def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
+              sigma: float, guidance=None) -> torch.Tensor:
     """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> the x0 latent.
     z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F); Flux predicts the
-    velocity once over all H/32 x W/32 tokens; x0 = z - sigma v goes to `vae.decode`, the frozen decoder.
-    The transformer's RoPE base `config.theta` is RFR's, 100 (`rope_phase_steps`)."""
+    velocity once over all H/32 x W/32 tokens, given the prompt embeddings {"txt", "y"};
+    x0 = z - sigma v goes to `vae.decode`, the frozen decoder. The transformer's RoPE base
+    `config.theta` is RFR's, 100 (`rope_phase_steps`)."""
     z = vae.encode(image)
-    return z - sigma * flux_velocity(transformer, z, txt, y, sigma, guidance)
+    return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
 RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux's: 10000)
 
@@ -139,17 +140,6 @@ def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
     do. The kit takes the base as `FluxConfig.theta`, set by `load_flux(theta=...)` from --theta (default
     RFR_THETA) and stored in OP4KSR checkpoints' metadata."""
     return torch.rad2deg(rope_frequencies(dim, theta))
-
-def flux_velocity(transformer: Flux, z: torch.Tensor, txt, y, sigma: float, guidance=None) -> torch.Tensor:
-    """Flux's velocity (B, C, h, w) for latents z (B, C, h, w) at noise level `sigma`, in one pass over all
-    h/2 x w/2 packed tokens (RoPE positions from 0), conditioned on the prompt embeddings txt, y."""
-    b, _, h, w = z.shape
-    x = pack_latents(z)
-    txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
-    t = torch.full((b,), sigma, device=z.device, dtype=x.dtype)
-    g = None if guidance is None else torch.full((b,), guidance, device=z.device, dtype=x.dtype)
-    ids = latent_image_ids(h, w, z.device)
-    return unpack_latents(transformer(x, ids, txt.expand(b, -1, -1), txt_ids, t, y.expand(b, -1), g), h, w)
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
     """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted with the mu
@@ -399,6 +389,10 @@ class SRPipeline:
     dtype: torch.dtype
     meta: dict
 
+    @property
+    def condition(self) -> dict:
+        return {"txt": self.txt, "y": self.y}
+
 def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
     """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, the
     checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
@@ -436,7 +430,7 @@ def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
     m = 2 * pipe.vae.config.downsample_factor  # one 2x2-packed token: 32 px with the F16 VAE
     up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate").to(pipe.device, pipe.dtype)
-    latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+    latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
     out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
     return (fix(out, lr) if fix else out)[0].clamp(-1, 1)
@@ -813,7 +807,7 @@ def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OM
     h, w = z.shape[-2:]
     tile = process_size // 8
     if h * w <= tile * tile and h % 2 == w % 2 == 0:
-        v = flux_velocity(pipe.transformer, z, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+        v = pipe.transformer.velocity(z, pipe.sigma, pipe.condition, pipe.guidance)
     else:
         v = omgsr_f_tiled_velocity(pipe, z, tile, tile // 2)
     return z - pipe.sigma * v
@@ -831,7 +825,7 @@ def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int, overlap
         for top in omgsr_f_tile_starts(h, tile, overlap):
             window = (..., slice(top, top + tile), slice(left, left + tile))
             part = z[window].contiguous()
-            v = flux_velocity(pipe.transformer, part, pipe.txt, pipe.y, pipe.sigma, pipe.guidance)
+            v = pipe.transformer.velocity(part, pipe.sigma, pipe.condition, pipe.guidance)
             total[window] += v * weight
             count[window] += weight
     return total / count
@@ -943,7 +937,7 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
                                                 unreadable, ctx)
         hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
         with autocast:
-            latent = sr_latent(transformer, vae, lr_up, prompt["txt"], prompt["y"], args.sigma, guidance)
+            latent = sr_latent(transformer, vae, lr_up, prompt, args.sigma, guidance)
             pred = vae.decode(latent).float()
             target_latent = None
             if weights.latent_mse:
@@ -1821,6 +1815,25 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = run_checkpointed(self, block, x, vec, rope)
         return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
+        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
+        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
+        diffusers."""
+        b, _, h, w = z.shape
+        txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
+        txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
+        v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
+        return unpack_latents(v, h, w)
+
+def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
+    if torch.is_tensor(value):
+        return value.to(like.device, like.dtype).expand(batch)
+    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
     """Text and image keep their own weights but attend jointly over [text, image]."""

@@ -170,8 +170,9 @@ def test_accumulated_micro_batches_equal_the_whole_batch(flux_folder):
         losses = []
         for i in torch.arange(4).chunk(parts):
             part = {name: value[i] for name, value in condition.items()}
-            losses.append(d4k.wlf_micro_step(model, "flux", vae, images[i], noise[i], sigma[i], eps[i], part,
-                                             3.5, d4k.WLF_UPSTREAM, contextlib.nullcontext, parts))
+            loss = d4k.wlf_micro_step(model, vae, images[i], noise[i], sigma[i], eps[i], part, 3.5,
+                                      d4k.WLF_UPSTREAM, contextlib.nullcontext, parts)
+            losses.append(loss)
         return torch.stack(losses).mean(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     def adamw_update(grads):
@@ -216,7 +217,7 @@ def test_crop_resizes_shorter_side_then_crops(tmp_path):
 # ---------------------------------------------------------------------- training runs
 
 
-def fixed_eval_loss(model, kind, pipe, data, guidance):
+def fixed_eval_loss(model, pipe, data, guidance):
     """Loss on the 3 training images (unflipped) at fixed sigmas and noise."""
     examples = d4k.read_dataset(data, verbose=False)
     pipe.tokenizers["t5"].max_length = 32  # as trained (train_args)
@@ -229,7 +230,8 @@ def fixed_eval_loss(model, kind, pipe, data, guidance):
         x0 = pipe.vae.encode(images)
         for sigma in (0.2, 0.5, 0.8):
             noise = torch.randn(x0.shape, generator=g)
-            total += d4k.training_loss(model, kind, x0, noise, torch.full((3,), sigma), condition, guidance).item() / 3
+            loss = d4k.training_loss(model, x0, noise, torch.full((3,), sigma), condition, guidance)
+            total += loss.item() / 3
     return total
 
 
@@ -244,8 +246,8 @@ def test_tiny_model_overfits_tiny_set_and_output_loads(kind, flux_folder, sd3_fo
     base = d4k.load_pipeline(str(folder), vae="f8", device="cpu", dtype=torch.float32)
     tuned = d4k.load_pipeline(str(output), vae="f8", device="cpu", dtype=torch.float32)  # OUTPUT is a complete pipeline
     guidance = 3.5 if kind == "flux" else None
-    before = fixed_eval_loss(base.transformer, kind, base, data, guidance)
-    after = fixed_eval_loss(tuned.transformer, kind, tuned, data, guidance)
+    before = fixed_eval_loss(base.transformer, base, data, guidance)
+    after = fixed_eval_loss(tuned.transformer, tuned, data, guidance)
     print(f"{kind}: eval loss {before:.4f} -> {after:.4f} ({before / after:.1f}x); train log {log_losses(output)[:2]} ... {log_losses(output)[-2:]}")
     assert before / after > (5 if kind == "flux" else 2.5)
 

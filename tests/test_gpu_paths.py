@@ -59,7 +59,7 @@ def test_autocast_training_attention_is_one_fused_call_in_one_dtype(sdpa_calls, 
     z, condition = flux_condition()
     sigma = torch.tensor([0.6])
     with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
-        loss = d4k.training_loss(model, "flux", z, torch.randn_like(z), sigma, condition, guidance=3.5)
+        loss = d4k.training_loss(model, z, torch.randn_like(z), sigma, condition, guidance=3.5)
     loss.backward()
     tokens = (8 // 2) * (8 // 2) + 5
     blocks = TINY_FLUX.depth + TINY_FLUX.depth_single_blocks

@@ -41,7 +41,7 @@ def build(flux_config, vae_config, device, dtype, compile=False):
 
 @torch.inference_mode()
 def patch_free(flux, vae16, image, txt, y, sigma=op4ksr.OMGSR_SIGMA):
-    return vae16.decode(op4ksr.sr_latent(flux, vae16, image, txt, y, sigma, 1.0))
+    return vae16.decode(op4ksr.sr_latent(flux, vae16, image, {"txt": txt, "y": y}, sigma, 1.0))
 
 
 @torch.inference_mode()

@@ -500,14 +500,14 @@ def omgsr_f_trace(s: Setup, size: int, process_size: int = 1024) -> Trace:
     residency = Residency(
         {"transformer": (transformer, [transformer]), "vae": (vae, [vae.encoder, vae.decoder])}
     )
-    tracer, velocity, done = Tracer(residency, s.device), op.flux_velocity, {}
+    tracer, velocity, done = Tracer(residency, s.device), transformer.velocity, {}
 
-    def first_tile_only(model, z, *args):
+    def first_tile_only(z, *args):
         if z.shape in done:
             tracer.live.charge(*done[z.shape])
             return torch.empty(z.shape, device=z.device, dtype=z.dtype)
         before = tracer.live.total.flops, dict(tracer.live.total.seconds)
-        out = velocity(model, z, *args)
+        out = velocity(z, *args)
         seconds = {gpu: tracer.live.total.seconds[gpu] - before[1][gpu] for gpu in GPUS}
         done[z.shape] = tracer.live.total.flops - before[0], seconds
         return out
@@ -520,11 +520,8 @@ def omgsr_f_trace(s: Setup, size: int, process_size: int = 1024) -> Trace:
         with torch.inference_mode():
             vae.decode(latent.to(s.dtype))
 
-    op.flux_velocity = first_tile_only
-    try:
-        return tracer(run)
-    finally:
-        op.flux_velocity = velocity
+    transformer.velocity = first_tile_only  # this instance only
+    return tracer(run)
 
 
 def cupscale_trace(s: Setup, size: int) -> tuple[Trace, int]:
@@ -595,7 +592,7 @@ def wlf_step(s: Setup, model, vae, params, optimizer, condition: dict, size: int
     shape = (1, vae.config.z_channels, size // factor, size // factor)
     noise, eps = (torch.randn(shape, generator=g).to(s.device) for _ in range(2))
     images = torch.rand(1, 3, size, size, generator=g) * 2 - 1
-    d.wlf_micro_step(model, "flux", vae, images.to(s.device, s.dtype), noise, sigma.to(s.device), eps,
+    d.wlf_micro_step(model, vae, images.to(s.device, s.dtype), noise, sigma.to(s.device), eps,
                      condition, 3.5, d.WLF_UPSTREAM, autocast.block)
     if optimizer is not None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
