@@ -728,7 +728,8 @@ def atomic_write(path, overwrite=True):
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, upright, refusing files that are not images or too large."""
     with _opened_image(path, max_pixels) as opened:
-        image = ImageOps.exif_transpose(opened)
+        turned = opened.getexif().get(0x0112, 1) != 1  # exif_transpose would copy an upright image too
+        image = ImageOps.exif_transpose(opened) if turned else opened
         image.load()
     return to_rgb(image)
 
@@ -783,7 +784,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of a 4K RGB image
 
 
 def write_image(image: Image.Image, file, suffix: str, metadata=None):

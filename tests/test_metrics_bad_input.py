@@ -8,16 +8,20 @@ images are tiny, so the whole file takes seconds.
 
 import json
 import os
+import signal
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import metrics as M
 from common.io import run_cli
 
 H, W = 64, 96  # one row of 64-px GLCM patches; too small for the periodicity lattice
+DATA = Path(__file__).parent / "data" / "metrics"
 
 
 def texture(seed, h=H, w=W):
@@ -53,6 +57,16 @@ def root(tmp_path_factory):
     (root / "bad.jsonl").write_text('{"file_name": "0000.png", "text": "ok"}\n[1, 2]\n')
     (root / "junk.npz").write_bytes(b"not a zip archive")
     (root / "junk.mat").write_bytes(b"MATLAB? no")
+    # weights that are not float, or not tensors, or not finite (issue 17)
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.ones(32, 3, 3, 3, dtype=torch.int8)}, root / "int8.pth")
+    torch.save({"epoch": 3, "layers.0.weight": torch.ones(2, 2)}, root / "not_tensors.pth")
+    from safetensors.torch import save_file
+
+    save_file({"visual.conv1.weight": torch.ones(2, 2, dtype=torch.int8)}, root / "int8.safetensors")
+    with np.load(DATA / "niqe_pris_params.npz") as data:
+        mu, cov = data["mu_pris_param"].copy(), data["cov_pris_param"]
+    mu.flat[5] = np.nan
+    np.savez(root / "nan_niqe.npz", mu_pris_param=mu, cov_pris_param=cov)
     return root
 
 
@@ -92,6 +106,17 @@ CASES = [
      "argument --inception: {r}/ref is a folder"),
     ("clip model file", "--pred {r}/pred --clip-model {r}/file.txt",
      "argument --clip-model: {r}/file.txt is a file"),
+    # weights that cannot be weights: refused in one line before any image is read
+    ("int8 inception", "--pred {r}/pred --ref {r}/ref --metrics fid --inception {r}/int8.pth",
+     "{r}/int8.pth: tensor Conv2d_1a_3x3.conv.weight is int8, not floating point"),
+    ("pth holding non-tensors", "--pred {r}/pred --metrics aesthetic --aesthetic-mlp {r}/not_tensors.pth",
+     "{r}/not_tensors.pth: entry epoch is a int, not a tensor"),
+    ("int8 clipiqa safetensors", "--pred {r}/pred --metrics clipiqa --clipiqa-weights {r}/int8.safetensors",
+     "{r}/int8.safetensors: tensor visual.conv1.weight is int8, not floating point"),
+    ("lpips backbone of non-tensors", "--pred {r}/pred --ref {r}/ref --metrics lpips --lpips-backbone {r}/not_tensors.pth",
+     "{r}/not_tensors.pth: entry epoch is a int, not a tensor"),
+    ("NaN in niqe params", "--pred {r}/pred --metrics niqe --niqe-params {r}/nan_niqe.npz",
+     "{r}/nan_niqe.npz holds NaN or Inf values"),
     # numbers out of range
     ("crop border beyond the image", "--pred {r}/pred --ref {r}/ref --metrics psnr --crop-border 500",
      "0000: crop border 500 leaves nothing of the 96x64 image (at most 31)"),
@@ -161,6 +186,10 @@ CASES = [
      "argument --save-spectra: {r}/file.txt is a file; a folder is expected"),
     ("spectra exist", "--pred {r}/pred --out {r}/new.json --save-spectra {r}/spectra_done",
      "{r}/spectra_done/0000_spectrum.png exists; pass --overwrite"),
+    ("spectra into pred", "--pred {r}/pred --out {r}/new.json --save-spectra {r}/pred",
+     "--save-spectra: {r}/pred is --pred {r}/pred; an output never replaces an input"),
+    ("spectra inside ref", "--pred {r}/pred --ref {r}/ref --out {r}/new.json --save-spectra {r}/ref/spectra",
+     "--save-spectra: {r}/ref/spectra lies inside --ref {r}/ref"),
     # a run that fails half-way leaves nothing, --overwrite or not
     ("failure keeps the old json",
      "--pred {r}/done --ref {r}/ref --metrics psnr --crop-border 500 --overwrite",
@@ -234,3 +263,22 @@ def test_overwrite_replaces_outputs_with_the_umask_mode(root, tmp_path, capsys):
     for path in [pred / "metrics.json", *spectra.iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
     assert f"wrote {pred / 'metrics.json'} and 3 images into {spectra}" in captured.err
+
+
+def test_sigterm_while_spectra_are_written_leaves_nothing(root, tmp_path, capsys, monkeypatch):
+    """run_cli turns SIGTERM into Terminated where the program is: the staging folder of the spectra is
+    removed on the way out, and neither the JSON nor any picture appears."""
+    pred = copy_images(root / "pred", tmp_path / "pred")
+    spectrum = M.log_spectrum
+
+    def terminated_half_way(image):
+        picture = spectrum(image)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return picture
+
+    monkeypatch.setattr(M, "log_spectrum", terminated_half_way)
+    argv = ["--pred", pred, "--metrics", "glcm", "--out", tmp_path / "m.json", "--save-spectra", tmp_path / "spectra"]
+    code = run_cli(M.main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 143 and "Traceback" not in err and shown_lines(err) == ["terminated"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no spectra, no staging folder, no JSON
