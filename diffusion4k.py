@@ -26,11 +26,12 @@ Commands
     python diffusion4k.py train-vae --data Aesthetic-4K/train --output sc-vae        # SC-VAE decoder
     python diffusion4k.py --help;  python diffusion4k.py train --help;  python diffusion4k.py train-vae --help
 
-Order: the method (sampling at 4K, the F16 VAE, WLF, SC-VAE), pipeline, training, command line, then the
-appendix, whose kits op4ksr.py and cupscale.py copy: A. Flux and SD3 (MMDiT) with RoPE of tunable theta; B.
-the VAE in its F8 and F16 forms; C. T5 and CLIP text encoders and tokenizers; D. weight loading from BFL /
-Stability single files and diffusers / transformers folders; E. training utilities (data, checkpoints,
-FSDP2) and LPIPS.
+After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the VAE in
+its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (`load_pipeline` fills `Pipeline`:
+load once, call many times), training (WLF fine-tuning, SC-VAE decoder training, and the utilities: data,
+checkpoints, FSDP2, LPIPS), weight loading (BFL / Stability single files, diffusers / transformers folders)
+and, last, the command line. The code between `# --- BEGIN kit` and `# --- END kit` lines is copied by
+op4ksr.py and cupscale.py (kept in sync by tests/sync_copies.py).
 """
 
 from __future__ import annotations
@@ -427,6 +428,1305 @@ def ema_update(ema: dict, params, step: int, decay: float):
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
+
+
+# ======================================================================== the models: transformers
+
+# --- BEGIN kit: transformer blocks ---
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+def modulate(x, shift, scale):
+    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    return x.transpose(1, 2).flatten(2)
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm_final = layer_norm(dim)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+def run_checkpointed(model: nn.Module, layer, *args):
+    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
+    its inputs and recomputes its activations in the backward pass."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
+    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
+    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
+    for name in ("double_blocks", "single_blocks", "joint_blocks"):
+        for block in getattr(model, name, ()):
+            block.compile()
+    return model
+# --- END kit: transformer blocks ---
+
+# --- BEGIN kit: Flux transformer ---
+@dataclass(frozen=True)
+class FluxConfig:
+    """Flux.1 transformer. Defaults: FLUX.1-dev (11.9B parameters)."""
+
+    in_channels: int = 64  # 16 latent channels x 2x2 packing
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+    vec_in_dim: int = 768  # CLIP-L pooled
+    context_in_dim: int = 4096  # T5-XXL
+    axes_dim: tuple = (16, 56, 56)  # RoPE dims per position axis (unused, row, column)
+    theta: float = 10000.0  # RoPE base; OP4KSR's RFR lowers it to 100
+    guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
+                             f"{self.hidden_size // self.num_heads}")
+
+FLUX_DEV = FluxConfig()
+
+FLUX_SCHNELL = FluxConfig(guidance_embed=False)
+
+class Flux(nn.Module):
+    """The Flux.1 rectified-flow transformer: double-stream blocks, then single-stream blocks over
+    [text, image]. Parameter names are BFL's checkpoint keys."""
+
+    def __init__(self, config: FluxConfig = FLUX_DEV):
+        super().__init__()
+        self.config = config
+        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
+        self.final_layer = FinalLayer(dim, config.in_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
+        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
+        guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        ids = torch.cat([txt_ids, img_ids], dim=-2)
+        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        for block in self.double_blocks:
+            img, txt = run_checkpointed(self, block, img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = run_checkpointed(self, block, x, vec, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
+        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
+        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
+        diffusers."""
+        b, _, h, w = z.shape
+        txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
+        txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
+        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
+        v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
+        return unpack_latents(v, h, w)
+
+def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
+    if torch.is_tensor(value):
+        return value.to(like.device, like.dtype).expand(batch)
+    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image keep their own weights but attend jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        mlp_hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, double=True)
+        self.img_norm1 = layer_norm(dim)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_norm2 = layer_norm(dim)
+        self.img_mlp = feed_forward(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_norm1 = layer_norm(dim)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_norm2 = layer_norm(dim)
+        self.txt_mlp = feed_forward(dim, mlp_hidden)
+
+    def forward(self, img, txt, vec, rope):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        # joint attention over the concatenated sequence, text first
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = attention_with_rope(q, k, v, rope)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        # gated residual attention and MLP, per stream
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+class SingleStreamBlock(nn.Module):
+    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.pre_norm = layer_norm(dim)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x, vec, rope):
+        shift, scale, gate = self.modulation(vec)
+        fused = self.linear1(modulate(self.pre_norm(x), shift, scale))
+        qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+class SelfAttention(nn.Module):
+    """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+class Modulation(nn.Module):
+    """adaLN: vec -> (shift, scale, gate) once (single blocks) or twice (double blocks)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+class RMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+def attention_with_rope(q, k, v, rope):
+    return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
+
+def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
+    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
+    computed in fp64: positions times slow frequencies lose precision in fp32."""
+    angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
+                        for i, dim in enumerate(axes_dim)], dim=-1)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of height x width."""
+    b, _, features = x.shape
+    x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
+
+def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
+    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+    return ids.reshape(1, -1, 3).float().to(device)
+
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
+    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
+    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
+    (only its `transformer/` files are downloaded)."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "double_blocks.0.img_attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state:
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
+        state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
+    with config_from_files(source):
+        config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
+    with torch.device("meta"):
+        model = Flux(config)
+    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+
+def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
+                           theta=10000.0) -> FluxConfig:
+    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
+    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    folder_config = folder_config or {}
+    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
+    if not axes_dim:
+        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
+                        "(it is not stored in the weights)")
+    return FluxConfig(
+        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
+        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
+        guidance_embed="guidance_in.in_layer.weight" in state)
+
+def flux_table_for(state: dict) -> dict:
+    """The key table of the Flux whose diffusers state dict this is."""
+    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
+    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
+    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
+
+def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
+    """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
+    table = {
+        **linear_entries("img_in", "x_embedder"),
+        **linear_entries("txt_in", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
+        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
+        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
+    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
+    streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
+               ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
+    for i in range(depth):
+        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for stream, suffix, qkv, out, norm in streams:
+            s, a = f"{o}.{stream}", f"{f}.attn"
+            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
+            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
+            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
+            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
+            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
+            for x, name in (("q", "query_norm"), ("k", "key_norm")):
+                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
+    for i in range(depth_single):
+        o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
+        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
+        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
+        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
+        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
+    return table
+# --- END kit: Flux transformer ---
+
+# --- BEGIN kit: SD3 transformer ---
+@dataclass(frozen=True)
+class SD3Config:
+    """SD3 MMDiT. Defaults: SD3-Medium (2B parameters)."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    hidden_size: int = 1536
+    num_heads: int = 24
+    depth: int = 24
+    mlp_ratio: float = 4.0
+    adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
+    context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
+    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+SD3_MEDIUM = SD3Config()
+
+class MMDiT(nn.Module):
+    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
+    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
+
+    def __init__(self, config: SD3Config = SD3_MEDIUM):
+        super().__init__()
+        self.config = config
+        dim, p, n = config.hidden_size, config.patch_size, config.depth
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        # a fixed sin-cos table stored in the checkpoint; positions are its centre crop
+        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
+        self.t_embedder = TimestepMLP(256, dim)
+        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
+                                          for i in range(n))
+        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, timesteps, context, y):
+        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
+        Returns the velocity (B, C, H, W)."""
+        b, _, height, width = x.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
+        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            context, tokens = run_checkpointed(self, block, context, tokens, c)
+        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
+        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.config.out_channels, height, width)
+
+    def velocity(self, z, sigma, condition: dict, guidance=None):
+        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
+        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
+        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
+        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
+        classifier-free guidance is the sampler's."""
+        if torch.is_tensor(sigma):
+            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
+        else:
+            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
+        return self(z, t, condition["context"], condition["pooled"])
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        size = self.config.pos_embed_max_size
+        if h > size or w > size:
+            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
+        return grid.reshape(1, h * w, -1)
+
+class JointBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
+        super().__init__()
+        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
+        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
+
+    def forward(self, context, x, c):
+        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
+        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
+        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
+        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        if not self.context_block.pre_only:
+            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
+        return context, self.x_block.post_attention(x, x_attn, x_mods)
+
+    def attend(self, q, k, v, num_context: int):
+        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
+        built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        return attention(q, k, v)
+
+class StreamBlock(nn.Module):
+    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
+    context stream is `pre_only`: it only supplies keys and values."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.pre_only = pre_only
+        self.norm1 = layer_norm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        if not pre_only:
+            self.attn.proj = nn.Linear(dim, dim)
+            self.norm2 = layer_norm(dim)
+            self.mlp = nn.Module()
+            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def pre_attention(self, x, c):
+        """Returns (q, k, v) of this stream and the modulation still to be applied."""
+        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
+        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
+
+    def post_attention(self, x, attn, mods):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa[:, None] * self.attn.proj(attn)
+        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
+    folder, a pipeline folder, or a Hub repo id."""
+    path = component_path(source, "transformer", token)
+    state = read_component(path, dtype, device)
+    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
+        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
+        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
+        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
+    with torch.device("meta"), config_from_files(source):
+        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
+    return assign_state_dict(model, state, f"{source} (SD3)").eval()
+
+def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
+    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
+    if any(".ln_q." in key or ".attn2." in key for key in state):
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
+                        "supported")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    heads = (folder_config or {}).get("num_attention_heads")
+    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+        if hidden % 64:
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
+                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
+                            "instead")
+        heads = hidden // 64
+    out_features = state["final_layer.linear.weight"].shape[0]
+    return SD3Config(
+        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
+        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
+        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
+        context_dim=state["context_embedder.weight"].shape[1],
+        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
+
+def sd3_key_table(depth: int) -> dict:
+    """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
+    table = {
+        "pos_embed": (["pos_embed.pos_embed"], None),
+        **linear_entries("x_embedder.proj", "pos_embed.proj"),
+        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        **linear_entries("context_embedder", "context_embedder"),
+        **linear_entries("final_layer.linear", "proj_out"),
+        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+    }
+    for i in range(depth):
+        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == depth - 1
+        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
+        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
+        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
+        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
+        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
+        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
+        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
+                                    "swap" if last else None))
+        if not last:
+            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
+            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
+    return table
+# --- END kit: SD3 transformer ---
+
+
+# ================================================================================= the models: VAE
+
+# --- BEGIN kit: VAE ---
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
+    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    stride: int = 1
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
+
+FLUX_VAE = VAEConfig()
+
+SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
+
+class AutoEncoder(nn.Module):
+    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
+
+    def __init__(self, config: VAEConfig = FLUX_VAE):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        mean = self.encoder(x).chunk(2, dim=1)[0]
+        return (mean - self.config.shift_factor) * self.config.scale_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (not clipped)."""
+        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
+
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
+    if generator is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            if level < len(mults) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(down, "downsample"):
+                h = run_checkpointed(self, down.downsample, h)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, mults = config.base_channels, config.channel_multipliers
+        self.stride = config.stride
+        self.gradient_checkpointing = False
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
+        block_in = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = mid_block(block_in)
+        up_levels = []
+        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * mults[level]))
+                block_in = ch * mults[level]
+            if level > 0:
+                up.upsample = Upsample(block_in)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.head(self.features(z))
+
+    def features(self, z):
+        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
+        SC-VAE training compares it with the F8 decoder's."""
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = run_checkpointed(self, block, h)
+        for up in reversed(self.up):
+            for block in up.block:
+                h = run_checkpointed(self, block, h)
+            if hasattr(up, "upsample"):
+                h = run_checkpointed(self, up.upsample, h)
+        return F.silu(self.norm_out(h))
+
+    def head(self, h):
+        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
+
+    def upsample_conv_out(self, h, band_rows: int = 64):
+        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
+        input rows.
+
+        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
+        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
+        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
+        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
+        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
+        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
+        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
+        the image."""
+        s, rows = self.stride, h.shape[-2]
+        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        bands = []
+        for top in range(0, rows, band_rows):
+            n = min(band_rows, rows - top)
+            halo_below = 1 - shift  # rows below the band that its last output row sees
+            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = F.pad(up, (1 + shift, 1 - shift))
+            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
+        return torch.cat(bands, dim=-2)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
+        # materialises the hw x hw scores
+        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+def mid_block(channels: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
+    mid = nn.Sequential()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
+             token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
+    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
+    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
+    config.json may say `"stride": 2`)."""
+    path = component_path(source, "vae", token)
+    config = folder_config(path)
+    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+             "use_quant_conv": False, "use_post_quant_conv": False,
+             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+        values = config.get(key, supported)
+        if any(value != supported for value in (values if isinstance(values, list) else [values])):
+            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                            f"{supported!r}")
+    state = read_component(path, dtype, device, prefix="first_stage_model.")
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
+    quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
+    if "encoder.down.0.block.0.conv1.weight" not in state or quant:
+        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                        f"(first keys: {first_keys(state)})")
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+                                       setting(stride, "stride", 1))
+    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    problems = {
+        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
+        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
+        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+    }
+    for problem, bad in problems.items():
+        if bad:
+            raise UserError(f"{source}: this VAE cannot have {problem}")
+    with torch.device("meta"):
+        model = AutoEncoder(vae_config)
+    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    return VAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        base_channels=base, channel_multipliers=tuple(width // base for width in widths),
+        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
+        shift_factor=shift_factor, stride=stride)
+
+def vae_table_for(state: dict) -> dict:
+    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
+    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    folder = any(key.startswith("encoder.down_blocks.") for key in state)
+    down, block = ("down_blocks", "resnets") if folder else ("down", "block")
+    levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
+    res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
+    return {
+        original: (parts, transform)
+        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
+    }
+
+def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
+    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
+    table = {}
+
+    def add(original, folder, transform=None):
+        table.update(linear_entries(original, folder, transform))
+
+    def resnet(original, folder, shortcut):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            add(f"{original}.{name}", f"{folder}.{name}")
+        if shortcut:
+            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+
+    for part in ("encoder", "decoder"):
+        add(f"{part}.conv_in", f"{part}.conv_in")
+        add(f"{part}.conv_out", f"{part}.conv_out")
+        add(f"{part}.norm_out", f"{part}.conv_norm_out")
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
+        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+    for level in range(num_levels):
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
+        if level < num_levels - 1:
+            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+        if level > 0:
+            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
+    return table
+# --- END kit: VAE ---
+
+
+# ======================================================== the models: text encoders and tokenizers
+
+# --- BEGIN kit: text encoders ---
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
+# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
+# keys, so a Hub folder loads without a rename table.
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64  # head dim
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
+    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    layer_norm_epsilon: float = 1e-6
+
+T5_XXL = T5Config()
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
+    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
+    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
+
+    def __init__(self, config: T5Config = T5_XXL):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(
+            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        c = self.config
+        buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
+                                      c.relative_attention_max_distance, ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
+        if mask is not None:
+            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
+    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
+    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
+    last one."""
+    position = torch.arange(length, device=device)
+    offset = position[None, :] - position[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offset.abs()
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+class T5Block(nn.Module):
+    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+
+    def __init__(self, c: T5Config, owns_position_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        attn, ff = nn.Module(), nn.Module()
+        sa = attn.SelfAttention = nn.Module()
+        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        sa.o = nn.Linear(inner, c.d_model, bias=False)
+        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
+        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.layer = nn.ModuleList([attn, ff])
+        self.num_heads = c.num_heads
+
+    def forward(self, x, position_bias):
+        attn, ff = self.layer
+        sa, h = attn.SelfAttention, attn.layer_norm(x)
+        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
+        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+
+class T5LayerNorm(nn.Module):
+    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
+    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
+
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    layer_norm_eps: float = 1e-5
+    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
+    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+CLIP_L = CLIPTextConfig()
+
+CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
+    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
+    CLIPTextModel."""
+
+    def __init__(self, config: CLIPTextConfig = CLIP_L):
+        super().__init__()
+        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        projection = config.projection_dim
+        self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
+
+    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
+        m, length = self.text_model, ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        for layer in m.encoder.layers:
+            penultimate = x  # after the loop: the input of the last layer
+            x = layer(x, causal)
+        x = m.final_layer_norm(x)
+        eos_id = self.config.eos_token_id
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        pooled = x[torch.arange(len(ids), device=ids.device), eos]
+        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
+        return CLIPTextOutput(x, penultimate, pooled, projected)
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.hidden_size
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, causal):
+        a = self.self_attn
+        proj = (a.q_proj, a.k_proj, a.v_proj, a.out_proj)
+        x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
+    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
+
+    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
+    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
+    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
+    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
+
+    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+        folder = Path(folder)
+        for file in ("vocab.json", "merges.txt"):
+            if not (folder / file).is_file():
+                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
+                                "merges.txt)")
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
+                            continuing_subword_prefix="")
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
+        self.tokenizer.add_special_tokens(  # kept whole in a prompt
+            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
+        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
+        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+        if pad_id is None:
+            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad_id = self.tokenizer.token_to_id(pad)
+            if pad_id is None:
+                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
+
+class T5Tokenizer:
+    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
+    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
+    256 for FLUX.1-schnell and SD3."""
+
+    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+        try:
+            if path.suffix == ".json":
+                tokenizer = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
+                                                                                   add_special_tokens=False)]
+                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            else:
+                import sentencepiece
+
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode = tokenizer.encode
+                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
+        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
+            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+        self.max_length, self.name = max_length, name  # name None: cut prompts silently
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
+    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
+    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    room = max_length - len(head) - len(tail)
+    dropped = [len(ids) - room for ids in rows if len(ids) > room]
+    if dropped and name:
+        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
+        longest = "" if len(dropped) == 1 else " from the longest"
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
+              f"{longest}", file=sys.stderr)
+    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        row = head + ids[:room] + tail
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+def special_token(folder: Path, name: str) -> str | None:
+    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        value = tokenizer_json(folder, file).get(name)
+        if value:
+            return value["content"] if isinstance(value, dict) else value
+    return None
+
+def tokenizer_json(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+            config: T5Config | None = None) -> T5Encoder:
+    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
+    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
+    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
+    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    if dtype == torch.float16:
+        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    if "shared.weight" not in state and tied is not None:
+        state["shared.weight"] = tied
+    with torch.device("meta"), config_from_files(source):
+        model = T5Encoder(config or t5_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+
+def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
+              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
+    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
+    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
+    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
+    file's vision tower is skipped. Returns a frozen eval model."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
+            "embeddings.position_ids")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    own = ("text_model.", "text_projection.")
+    state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
+    with torch.device("meta"), config_from_files(source):
+        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
+    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+
+def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
+    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
+    starting with one of `skip` (after the prefix) are never read."""
+    path = component_path(source, subfolder)
+
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
+
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    state = {k[len(prefix) :]: v for k, v in state.items()}
+    if not state:
+        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+    return state, folder_config(path)
+
+def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
+    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    what = f"{source} is not a T5 encoder checkpoint"
+    vocab, width = tensor_shape(state, "shared.weight", what)
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
+    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
+    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                        f"not {config_json['feed_forward_proj']!r}")
+    return T5Config(
+        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
+    )
+
+def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
+    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
+    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    what = f"{source} is not a CLIP text encoder checkpoint"
+    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
+    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
+    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
+    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
+    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
+        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+        defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                    "eos_token_id": 49407}
+        heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
+    else:
+        if width % 64:
+            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
+                            "stored and the width is no multiple of CLIP's head dim 64; load its "
+                            "transformers folder instead")
+        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
+    try:
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
+                              layer_norm_eps=eps, eos_token_id=eos)
+    except ValueError as error:
+        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+
+def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
+    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    if key not in state:
+        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+    return state[key].shape
+# --- END kit: text encoders ---
 
 
 # ======================================================================================== pipeline
@@ -1337,1768 +2637,7 @@ def diffusers_vae_config(config: VAEConfig, base: dict | None = None) -> dict:
             "stride": config.stride}
 
 
-# ==================================================================================== command line
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":
-        return train_command(train_parser().parse_args(argv[1:]))
-    if argv and argv[0] == "train-vae":
-        return train_vae_command(train_vae_parser().parse_args(argv[1:]))
-    generate_command(generate_parser().parse_args(argv))
-
-def generate_command(args):
-    prompts, stems = read_prompt_file(args.prompts) if args.prompts else ([args.prompt], None)
-    if not prompts[0].strip():
-        raise UserError("give --prompt TEXT or --prompts FILE (the prompt is empty or blank)")
-    if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
-        raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond 2**64 - 1")
-    sources = [("--" + option.replace("_", "-"), getattr(args, option))
-               for option in ("prompts", "model", "text_encoders", "vae_weights")]
-    for option, value in sources[1:]:
-        check_source(value, option)
-    outputs = batch_outputs(args, len(prompts), stems)
-    check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs], sources)
-    metadata = outputs.pop() if args.prompts else None
-    records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
-               if args.skip_existing and path.exists()}
-    for i in records:
-        print(f"{outputs[i]} exists; skipped", file=sys.stderr)
-    todo = [i for i in range(len(prompts)) if i not in records]
-    if todo:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights,
-                             args.offload, args.token)
-        if args.compile:
-            compile_blocks(pipe.transformer)
-        pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
-        todo_prompts, todo_outputs = [prompts[i] for i in todo], [outputs[i] for i in todo]
-        generate_images(args, pipe, todo_prompts, todo_outputs, todo, records, metadata)
-    if metadata is not None:
-        write_metadata(metadata, records)
-
-def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: numbered
-    outputs), or a .jsonl file with {"file_name", "text"} per line (outputs named after the file_names' stems,
-    as upstream's generate_and_eval_fid.py). Any bad line stops the batch before it starts."""
-    lines = read_text(path, "prompt file").splitlines()
-    if Path(path).suffix.lower() != ".jsonl":
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
-        return prompts, None
-    seen = {}  # stem -> (line number, prompt)
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = loads_unique(line)
-        except ValueError as error:
-            raise UserError(f"{path} line {line_number}: not JSON ({error})") from None
-        record = record if isinstance(record, dict) else {}
-        name, text = record.get("file_name"), record.get("text")
-        if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            expected = "expected an object with a file_name and a non-empty text"
-            raise UserError(f"{path} line {line_number}: {expected}")
-        stem = Path(name).stem
-        if not stem or "\0" in stem:
-            raise UserError(f"{path} line {line_number}: file_name {name!r} gives no usable output name")
-        if stem in seen:
-            raise UserError(f"{path} line {line_number}: file_name {name!r} gives the output name {stem}.png "
-                            f"of line {seen[stem][0]}")
-        seen[stem] = line_number, text
-    if not seen:
-        raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
-    return [text for _, text in seen.values()], list(seen)
-
-def check_source(value, option: str):
-    """Refuse a local path that does not exist, or is a FIFO or device, before anything is loaded (Hub ids
-    are fetched later)."""
-    if value is not None and not Path(value).expanduser().exists() and not is_repo_id(value):
-        raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
-    if value is not None:
-        check_regular_file(Path(value).expanduser(), f"{option} file or folder")
-
-def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The output files, checked before anything is loaded: one image, or with --prompts OUTPUT_DIR/00000.png
-    ... (or <stem>.png for each of `stems`) and OUTPUT_DIR/metadata.jsonl (last)."""
-    if not args.prompts:
-        return [check_output_file(args.output, args.overwrite or args.skip_existing)]
-    folder = Path(args.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output-dir {folder} is a file, not a folder")
-    names = [f"{stem}.png" for stem in stems] if stems else [f"{i:05d}.png" for i in range(count)]
-    outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
-    for path in outputs:
-        if path.exists() and not (args.overwrite or args.skip_existing):
-            raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to finish")
-        check_output_file(path, True, None)  # a folder in the way, or an unwritable one
-    return outputs
-
-def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
-    `generate_images` writes (an image kept by --skip-existing), else the prompt alone."""
-    if settings is None:
-        try:
-            with Image.open(path) as image:
-                prompt, settings = image.text["prompt"], json.loads(image.text["settings"])
-        except (OSError, ValueError, SyntaxError, KeyError, AttributeError):
-            settings = {}
-    return {"file_name": path.name, "text": prompt, **settings}
-
-def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int],
-                    records: dict, metadata: Path | None):
-    """Sample and save each prompt's image; with --prompts metadata.jsonl is rewritten after each image,
-    so an interrupted batch keeps one that matches."""
-    family = "flux-schnell" if pipe.schnell else pipe.kind
-    steps = args.steps or DEFAULTS[family]["steps"]
-    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
-    height, width = check_size(pipe, args.height, args.width)
-    if pipe.kind == "flux" and args.negative_prompt:
-        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
-    f16_decode = args.f16_decode if args.vae == "f16" else None
-    negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
-    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
-    for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
-        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: a long file is encoded in parts
-            conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
-        condition = conditions[n % PROMPT_BATCH]
-        seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
-                        steps=steps, guidance=guidance, seed=seed, mu=args.mu, negative_prompt=negative_text)
-        start = time.perf_counter()
-        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
-                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
-        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)},
-                   overwrite=args.overwrite)
-        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        records[i] = image_record(output, prompt, settings)
-        if metadata is not None:
-            write_metadata(metadata, records)
-
-def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
-    multiple = pipe.size_multiple
-    rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
-    if rounded != [height, width]:
-        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}",
-              file=sys.stderr)
-    if pipe.kind == "sd3":
-        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
-        if max(rounded) > limit:
-            hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
-            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with "
-                            f"this VAE{hint}")
-    return rounded[0], rounded[1]
-
-def write_metadata(path: Path, records: dict):
-    with atomic_write(path) as temp:
-        temp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)), encoding="utf-8")
-
-def generate_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
-                            "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
-                            description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
-    add = parser.add_argument
-    add("--prompt", default="", help="the text prompt")
-    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl file with "
-        "file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval metadata.jsonl")
-    add("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
-    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images, metadata.jsonl")
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    existing.add_argument("--skip-existing", action="store_true", help="keep existing images, add the rest")
-    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
-        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
-    add("--height", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
-    add("--width", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
-    add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
-    add("--negative-prompt", default="", help="SD3 only")
-    add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
-    add("--seed-per-prompt", choices=["increment", "same"], default="increment",
-        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's generate_and_eval_fid.py)")
-    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
-    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) or centred")
-    add("--vae-tile", type=integer(0), help="decode in tiles of this many latent pixels (0: whole image)")
-    add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
-    add("--offload", choices=["none", "model", "blocks"], default="none",
-        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux blocks: 24 GB)")
-    add("--compile", action="store_true", help="torch.compile each transformer block")
-    add("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
-    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp16", "fp32"],
-        help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
-    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
-    return parser
-
-def train_command(args):
-    try:
-        train(args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-def train_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K "
-                    "style\nfolder (images + metadata.jsonl with file_name and text); upstream's defaults.",
-        epilog="Examples:\n"
-               "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output flux4k\n"
-               "  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take ~190 GB)\n"
-               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in --output")
-    add = parser.add_argument
-    add("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or diffusers folder")
-    add("--data", required=True, help="folder with images and metadata.jsonl (file_name, text per line)")
-    add("--output", required=True, help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
-    add("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop")
-    add("--crop", help="HEIGHTxWIDTH (default: a RESOLUTION square); multiples of the VAE factor x 2")
-    add("--batch-size", type=integer(1), default=1, help="images per process per micro-batch (upstream: 4 "
-        "for Flux, 8 for SD3; 1 fits memory, --grad-accum makes up the global batch)")
-    add("--grad-accum", type=accumulation_count, default=None, metavar="N|auto", help="micro-batches per "
-        "step: global batch = processes x --batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)")
-    add("--steps", type=integer(1), default=20000, help="optimizer steps")
-    add("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (LoRA wants ~1e-4)")
-    add("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
-    add("--weight-decay", type=number(0), default=1e-4)
-    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
-    add("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention and MLPs")
-    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
-    add("--wavelet-weights", default="1,1,1,1",
-        help="WLF weights of the Haar subbands LL,LH,HL,HH; unequal ones (e.g. 1,2,2,2) are our extension")
-    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
-    add("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: the distilled guidance fed")
-    add("--timestep-sampling", choices=["uniform", "logit_normal"], help="Flux: uniform, SD3: logit_normal")
-    add("--shift", type=positive(), help="static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, SD3 3)")
-    add("--max-sequence-length", type=integer(1, 512), default=77, help="T5 tokens of the captions")
-    add("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    add("--checkpoint-every", type=integer(1), default=1000, help="steps per checkpoint (upstream: 5000)")
-    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    add("--log-every", type=integer(1), default=10, help="steps between log lines")
-    add("--resume", nargs="?", const="latest", help="a checkpoint folder, or none: the newest in --output")
-    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noises, LoRA init")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-        help="recompute block activations in the backward pass (needed at 4K)")
-    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
-    add("--device", type=device_name, help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
-    add("--dtype", choices=["bf16", "fp32"], help="bf16 autocast over fp32 weights (CUDA default), or fp32")
-    add("--token", help="Hugging Face token for gated repos")
-    return parser
-
-def accumulation_count(text: str) -> int | None:
-    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
-    if text == "auto":
-        return None
-    try:
-        return integer(1)(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
-
-def train_vae_command(args):
-    result = train_vae(args)
-    last = next((record for record in reversed(result.history) if record["turn"] == "decoder"), {})
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "sc", "lpips", "gen") if k in last)
-    summary = f"; last decoder step: {summary}" if summary else ""
-    print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){summary}", file=sys.stderr)
-
-def train_vae_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): "
-                            "retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match "
-                            "the frozen F8 decoder's last feature map. Writes OUTPUT/vae/ for "
-                            "`diffusion4k.py --vae-weights OUTPUT`. Defaults are upstream's.")
-    add = parser.add_argument
-    add("--data", required=True, help="image folder (recursive), or the files its metadata.jsonl lists")
-    add("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
-    add("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, folder or file")
-    add("--resolution", type=integer(16), default=512, help="square crops, shorter side resized to it")
-    add("--batch-size", type=integer(1), default=32, help="crops per micro-batch (upstream: 32 per GPU)")
-    add("--grad-accum", type=integer(1, 4096), default=8, help="micro-batches per step (upstream 2 x 4 GPUs)")
-    add("--steps", type=integer(1), default=10000, help="optimizer steps, the decoder's and discriminator's")
-    add("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant")
-    add("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay of both models")
-    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping of each model's total norm")
-    add("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight")
-    add("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight; 0 = off, no weights needed")
-    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linears: file, owner/repo/path")
-    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights: file, owner/repo/path")
-    add("--gan-weight", type=number(0), default=0.05, help="adversarial weight; 0 = no discriminator")
-    add("--gan-start", type=integer(0), default=0, help="step from which decoder and discriminator alternate")
-    add("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
-    add("--disc-lr", type=positive(1.0), help="discriminator learning rate (default: --lr)")
-    add("--ema", type=number(0, 1), default=0.9999, help="EMA decay of the saved decoder; 0 = off")
-    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
-    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="the student's last stage: partitioned (upstream trains through it) or centred")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-        help="recompute decoder activations in backward (needed for 32 crops of 512^2)")
-    add("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
-    add("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    add("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
-    add("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
-    add("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
-    add("--workers", type=integer(1, 64), default=4, help="image decoding threads")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute: fp32, or bf16 autocast (faster)")
-    add("--token", help="Hugging Face token for gated repos")
-    return parser
-
-
-# ======================================================================== Appendix A: transformers
-
-# --- BEGIN kit: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-def modulate(x, shift, scale):
-    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-def layer_norm(dim: int) -> nn.LayerNorm:
-    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-def split_heads(qkv: torch.Tensor, num_heads: int):
-    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D)."""
-    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
-    return x.transpose(1, 2).flatten(2)
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
-
-    def __init__(self, dim: int, out_features: int):
-        super().__init__()
-        self.norm_final = layer_norm(dim)
-        self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
-    its inputs and recomputes its activations in the backward pass."""
-    if model.gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
-    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
-    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
-    for name in ("double_blocks", "single_blocks", "joint_blocks"):
-        for block in getattr(model, name, ()):
-            block.compile()
-    return model
-# --- END kit: transformer blocks ---
-
-# --- BEGIN kit: Flux transformer ---
-@dataclass(frozen=True)
-class FluxConfig:
-    """Flux.1 transformer. Defaults: FLUX.1-dev (11.9B parameters)."""
-
-    in_channels: int = 64  # 16 latent channels x 2x2 packing
-    hidden_size: int = 3072
-    num_heads: int = 24
-    depth: int = 19  # double-stream blocks
-    depth_single_blocks: int = 38
-    mlp_ratio: float = 4.0
-    vec_in_dim: int = 768  # CLIP-L pooled
-    context_in_dim: int = 4096  # T5-XXL
-    axes_dim: tuple = (16, 56, 56)  # RoPE dims per position axis (unused, row, column)
-    theta: float = 10000.0  # RoPE base; OP4KSR's RFR lowers it to 100
-    guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
-                             f"{self.hidden_size // self.num_heads}")
-
-FLUX_DEV = FluxConfig()
-
-FLUX_SCHNELL = FluxConfig(guidance_embed=False)
-
-class Flux(nn.Module):
-    """The Flux.1 rectified-flow transformer: double-stream blocks, then single-stream blocks over
-    [text, image]. Parameter names are BFL's checkpoint keys."""
-
-    def __init__(self, config: FluxConfig = FLUX_DEV):
-        super().__init__()
-        self.config = config
-        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
-        self.img_in = nn.Linear(config.in_channels, dim)
-        self.time_in = MLPEmbedder(256, dim)
-        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
-        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
-        self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
-        self.final_layer = FinalLayer(dim, config.in_channels)
-        self.gradient_checkpointing = False
-
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
-        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
-        guidance scale (dev only). Returns the velocity (B, L, 64)."""
-        vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
-            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
-        vec = vec + self.vector_in(y)
-        img, txt = self.img_in(img), self.txt_in(txt)
-        ids = torch.cat([txt_ids, img_ids], dim=-2)
-        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
-        for block in self.double_blocks:
-            img, txt = run_checkpointed(self, block, img, txt, vec, rope)
-        x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = run_checkpointed(self, block, x, vec, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
-
-    def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
-        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
-        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
-        diffusers."""
-        b, _, h, w = z.shape
-        txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
-        txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
-        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
-        v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
-        return unpack_latents(v, h, w)
-
-def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
-    if torch.is_tensor(value):
-        return value.to(like.device, like.dtype).expand(batch)
-    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
-
-class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        mlp_hidden = int(dim * mlp_ratio)
-        self.img_mod = Modulation(dim, double=True)
-        self.img_norm1 = layer_norm(dim)
-        self.img_attn = SelfAttention(dim, num_heads)
-        self.img_norm2 = layer_norm(dim)
-        self.img_mlp = feed_forward(dim, mlp_hidden)
-        self.txt_mod = Modulation(dim, double=True)
-        self.txt_norm1 = layer_norm(dim)
-        self.txt_attn = SelfAttention(dim, num_heads)
-        self.txt_norm2 = layer_norm(dim)
-        self.txt_mlp = feed_forward(dim, mlp_hidden)
-
-    def forward(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-        # joint attention over the concatenated sequence, text first
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention_with_rope(q, k, v, rope)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        # gated residual attention and MLP, per stream
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
-        return img, txt
-
-class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.mlp_hidden = int(dim * mlp_ratio)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
-        self.norm = QKNorm(dim // num_heads)
-        self.pre_norm = layer_norm(dim)
-        self.modulation = Modulation(dim, double=False)
-
-    def forward(self, x, vec, rope):
-        shift, scale, gate = self.modulation(vec)
-        fused = self.linear1(modulate(self.pre_norm(x), shift, scale))
-        qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-
-class SelfAttention(nn.Module):
-    """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def qkv_heads(self, x):
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        return self.norm.query_norm(q), self.norm.key_norm(k), v
-
-class Modulation(nn.Module):
-    """adaLN: vec -> (shift, scale, gate) once (single blocks) or twice (double blocks)."""
-
-    def __init__(self, dim: int, double: bool):
-        super().__init__()
-        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
-
-    def forward(self, vec):
-        return self.lin(F.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], dim=-1)
-
-class QKNorm(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
-
-class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
-
-class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
-
-    def forward(self, x):
-        return self.out_layer(F.silu(self.in_layer(x)))
-
-def feed_forward(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-def attention_with_rope(q, k, v, rope):
-    return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
-
-def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
-    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
-    computed in fp64: positions times slow frequencies lose precision in fp32."""
-    angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
-                        for i, dim in enumerate(axes_dim)], dim=-1)
-    return angles.cos().float()[:, None], angles.sin().float()[:, None]
-
-def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
-    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-
-def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
-    cos, sin = rope
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
-    b, c, h, w = z.shape
-    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `pack_latents` for a latent of height x width."""
-    b, _, features = x.shape
-    x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
-
-def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
-    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
-    return ids.reshape(1, -1, 3).float().to(device)
-
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
-    (only its `transformer/` files are downloaded)."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "double_blocks.0.img_attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
-        state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    with config_from_files(source):
-        config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
-    with torch.device("meta"):
-        model = Flux(config)
-    return assign_state_dict(model, state, f"{source} (Flux)").eval()
-
-def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
-                           theta=10000.0) -> FluxConfig:
-    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
-    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
-    hidden = state["img_in.weight"].shape[0]
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    folder_config = folder_config or {}
-    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
-    if not axes_dim:
-        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
-                        "(it is not stored in the weights)")
-    return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
-        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
-        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
-        guidance_embed="guidance_in.in_layer.weight" in state)
-
-def flux_table_for(state: dict) -> dict:
-    """The key table of the Flux whose diffusers state dict this is."""
-    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
-    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
-    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
-
-def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
-    """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
-    table = {
-        **linear_entries("img_in", "x_embedder"),
-        **linear_entries("txt_in", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
-    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
-        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
-        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
-    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
-    streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
-               ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
-    for i in range(depth):
-        o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        for stream, suffix, qkv, out, norm in streams:
-            s, a = f"{o}.{stream}", f"{f}.attn"
-            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
-            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
-            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
-            for x, name in (("q", "query_norm"), ("k", "key_norm")):
-                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
-    for i in range(depth_single):
-        o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
-        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
-        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
-        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
-        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
-    return table
-# --- END kit: Flux transformer ---
-
-# --- BEGIN kit: SD3 transformer ---
-@dataclass(frozen=True)
-class SD3Config:
-    """SD3 MMDiT. Defaults: SD3-Medium (2B parameters)."""
-
-    in_channels: int = 16
-    out_channels: int = 16
-    patch_size: int = 2
-    hidden_size: int = 1536
-    num_heads: int = 24
-    depth: int = 24
-    mlp_ratio: float = 4.0
-    adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
-    context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
-    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-
-SD3_MEDIUM = SD3Config()
-
-class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
-    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
-
-    def __init__(self, config: SD3Config = SD3_MEDIUM):
-        super().__init__()
-        self.config = config
-        dim, p, n = config.hidden_size, config.patch_size, config.depth
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        # a fixed sin-cos table stored in the checkpoint; positions are its centre crop
-        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
-        self.t_embedder = TimestepMLP(256, dim)
-        self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
-        self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
-                                          for i in range(n))
-        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
-        self.gradient_checkpointing = False
-
-    def forward(self, x, timesteps, context, y):
-        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
-        Returns the velocity (B, C, H, W)."""
-        b, _, height, width = x.shape
-        p = self.config.patch_size
-        h, w = height // p, width // p
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
-        c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
-        context = self.context_embedder(context)
-        for block in self.joint_blocks:
-            context, tokens = run_checkpointed(self, block, context, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
-
-    def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
-        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
-        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
-        classifier-free guidance is the sampler's."""
-        if torch.is_tensor(sigma):
-            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
-        else:
-            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
-        return self(z, t, condition["context"], condition["pooled"])
-
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        size = self.config.pos_embed_max_size
-        if h > size or w > size:
-            raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
-
-class JointBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
-        super().__init__()
-        self.context_block = StreamBlock(dim, num_heads, mlp_ratio, pre_only=last)
-        self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
-
-    def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
-        if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
-
-    def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
-        built on SD3 (C-Upscale's regional attention) can replace it per block."""
-        return attention(q, k, v)
-
-class StreamBlock(nn.Module):
-    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
-    context stream is `pre_only`: it only supplies keys and values."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.pre_only = pre_only
-        self.norm1 = layer_norm(dim)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
-        if not pre_only:
-            self.attn.proj = nn.Linear(dim, dim)
-            self.norm2 = layer_norm(dim)
-            self.mlp = nn.Module()
-            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
-
-    def pre_attention(self, x, c):
-        """Returns (q, k, v) of this stream and the modulation still to be applied."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
-
-    def post_attention(self, x, attn, mods):
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa[:, None] * self.attn.proj(attn)
-        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
-
-class TimestepMLP(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, x):
-        return self.mlp(x)
-
-def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
-    folder, a pipeline folder, or a Hub repo id."""
-    path = component_path(source, "transformer", token)
-    state = read_component(path, dtype, device)
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
-        table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
-        state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"), config_from_files(source):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
-
-def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
-    if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
-                        "supported")
-    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
-                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
-                            "instead")
-        heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
-    return SD3Config(
-        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
-        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
-        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
-        adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
-        context_dim=state["context_embedder.weight"].shape[1],
-        pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
-
-def sd3_key_table(depth: int) -> dict:
-    """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
-    table = {
-        "pos_embed": (["pos_embed.pos_embed"], None),
-        **linear_entries("x_embedder.proj", "pos_embed.proj"),
-        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        **linear_entries("context_embedder", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    for i in range(depth):
-        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
-        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
-        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
-        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
-        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
-        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
-                                    "swap" if last else None))
-        if not last:
-            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
-    return table
-# --- END kit: SD3 transformer ---
-
-
-# ================================================================================= Appendix B: VAE
-
-# --- BEGIN kit: VAE ---
-@dataclass(frozen=True)
-class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
-    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 128
-    channel_multipliers: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-    stride: int = 1
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1) * self.stride
-
-FLUX_VAE = VAEConfig()
-
-SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
-
-class AutoEncoder(nn.Module):
-    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
-
-    def __init__(self, config: VAEConfig = FLUX_VAE):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
-        mean = self.encoder(x).chunk(2, dim=1)[0]
-        return (mean - self.config.shift_factor) * self.config.scale_factor
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images in [-1, 1] (not clipped)."""
-        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
-
-def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
-    mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
-    if generator is None:
-        return mean
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-
-class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
-            if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
-        self.gradient_checkpointing = False
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = run_checkpointed(self, block, h)
-            if hasattr(down, "downsample"):
-                h = run_checkpointed(self, down.downsample, h)
-        for block in self.mid:
-            h = run_checkpointed(self, block, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        ch, mults = config.base_channels, config.channel_multipliers
-        self.stride = config.stride
-        self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
-            if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        return self.head(self.features(z))
-
-    def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
-        SC-VAE training compares it with the F8 decoder's."""
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = run_checkpointed(self, block, h)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = run_checkpointed(self, block, h)
-            if hasattr(up, "upsample"):
-                h = run_checkpointed(self, up.upsample, h)
-        return F.silu(self.norm_out(h))
-
-    def head(self, h):
-        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
-        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
-        input rows.
-
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
-        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
-        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
-        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
-        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
-        the image."""
-        s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
-            up = F.pad(up, (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        hidden = self.norm(x)
-        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
-        # materialises the hw x hw scores
-        q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
-                   for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-def mid_block(channels: int) -> nn.Sequential:
-    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
-    mid = nn.Sequential()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
-             token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
-    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
-    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
-    config.json may say `"stride": 2`)."""
-    path = component_path(source, "vae", token)
-    config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
-             "use_quant_conv": False, "use_post_quant_conv": False,
-             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
-        values = config.get(key, supported)
-        if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
-                            f"{supported!r}")
-    state = read_component(path, dtype, device, prefix="first_stage_model.")
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
-    quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
-    if "encoder.down.0.block.0.conv1.weight" not in state or quant:
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
-                        f"(first keys: {first_keys(state)})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-                                       setting(stride, "stride", 1))
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
-
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
-    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
-    return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        base_channels=base, channel_multipliers=tuple(width // base for width in widths),
-        num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
-        shift_factor=shift_factor, stride=stride)
-
-def vae_table_for(state: dict) -> dict:
-    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
-    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
-    folder = any(key.startswith("encoder.down_blocks.") for key in state)
-    down, block = ("down_blocks", "resnets") if folder else ("down", "block")
-    levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
-    res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
-
-def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
-    table = {}
-
-    def add(original, folder, transform=None):
-        table.update(linear_entries(original, folder, transform))
-
-    def resnet(original, folder, shortcut):
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            add(f"{original}.{name}", f"{folder}.{name}")
-        if shortcut:
-            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
-
-    for part in ("encoder", "decoder"):
-        add(f"{part}.conv_in", f"{part}.conv_in")
-        add(f"{part}.conv_out", f"{part}.conv_out")
-        add(f"{part}.norm_out", f"{part}.conv_norm_out")
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
-        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
-    for level in range(num_levels):
-        for j in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
-        if level < num_levels - 1:
-            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
-        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
-        for j in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
-        if level > 0:
-            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
-    return table
-# --- END kit: VAE ---
-
-
-# ======================================================== Appendix C: text encoders and tokenizers
-
-# --- BEGIN kit: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
-# keys, so a Hub folder loads without a rename table.
-@dataclass(frozen=True)
-class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
-
-    vocab_size: int = 32128
-    d_model: int = 4096
-    d_kv: int = 64  # head dim
-    num_heads: int = 64
-    d_ff: int = 10240
-    num_layers: int = 24
-    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
-    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
-    layer_norm_epsilon: float = 1e-6
-
-T5_XXL = T5Config()
-
-class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
-    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
-    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
-
-    def __init__(self, config: T5Config = T5_XXL):
-        super().__init__()
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(
-            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
-        c = self.config
-        buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
-                                      c.relative_attention_max_distance, ids.device)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
-        if mask is not None:
-            bias = torch.where(mask.bool()[:, None, None, :], bias, torch.finfo(bias.dtype).min)
-        x = self.shared(ids)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
-
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
-    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
-    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
-    last one."""
-    position = torch.arange(length, device=device)
-    offset = position[None, :] - position[:, None]
-    half = num_buckets // 2
-    exact = half // 2
-    distance = offset.abs()
-    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
-    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
-    return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
-
-class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
-
-    def __init__(self, c: T5Config, owns_position_bias: bool):
-        super().__init__()
-        inner = c.num_heads * c.d_kv
-        attn, ff = nn.Module(), nn.Module()
-        sa = attn.SelfAttention = nn.Module()
-        sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
-        sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
-            sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
-        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
-        mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
-        mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
-        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        self.layer = nn.ModuleList([attn, ff])
-        self.num_heads = c.num_heads
-
-    def forward(self, x, position_bias):
-        attn, ff = self.layer
-        sa, h = attn.SelfAttention, attn.layer_norm(x)
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
-        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
-        h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
-
-class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
-
-def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
-    return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
-
-CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
-    layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
-    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
-    eos_token_id: int = 2
-
-    def __post_init__(self):
-        if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-
-CLIP_L = CLIPTextConfig()
-
-CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
-
-class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
-    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
-    CLIPTextModel."""
-
-    def __init__(self, config: CLIPTextConfig = CLIP_L):
-        super().__init__()
-        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        projection = config.projection_dim
-        self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
-
-    def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
-        m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
-            x = layer(x, causal)
-        x = m.final_layer_norm(x)
-        eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
-        pooled = x[torch.arange(len(ids), device=ids.device), eos]
-        projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPTextOutput(x, penultimate, pooled, projected)
-
-class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
-
-class CLIPLayer(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
-        super().__init__()
-        d = c.hidden_size
-        a = self.self_attn = nn.Module()
-        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
-        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
-        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
-
-    def forward(self, x, causal):
-        a = self.self_attn
-        proj = (a.q_proj, a.k_proj, a.v_proj, a.out_proj)
-        x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
-
-class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
-    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
-
-    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
-    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
-    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
-
-    WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
-        folder = Path(folder)
-        for file in ("vocab.json", "merges.txt"):
-            if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
-                                "merges.txt)")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
-                            continuing_subword_prefix="")
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        self.tokenizer.add_special_tokens(  # kept whole in a prompt
-            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
-        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
-        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
-        if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
-            if pad_id is None:
-                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
-
-class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
-    256 for FLUX.1-schnell and SD3."""
-
-    def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
-        if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
-        try:
-            if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
-                                                                                   add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
-            else:
-                import sentencepiece
-
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
-            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
-            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length, self.name = max_length, name  # name None: cut prompts silently
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
-    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
-    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
-              f"{longest}", file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
-            config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
-    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
-    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
-    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
-    if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
-    with torch.device("meta"), config_from_files(source):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
-
-def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
-              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
-    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
-    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
-    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
-    file's vision tower is skipped. Returns a frozen eval model."""
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
-            "embeddings.position_ids")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    own = ("text_model.", "text_projection.")
-    state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"), config_from_files(source):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
-
-def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
-    starting with one of `skip` (after the prefix) are never read."""
-    path = component_path(source, subfolder)
-
-    def wanted(key):
-        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
-
-    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
-    state = {k[len(prefix) :]: v for k, v in state.items()}
-    if not state:
-        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
-    return state, folder_config(path)
-
-def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
-    what = f"{source} is not a T5 encoder checkpoint"
-    vocab, width = tensor_shape(state, "shared.weight", what)
-    attn = "encoder.block.0.layer.0.SelfAttention"
-    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
-    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
-    if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
-                        f"not {config_json['feed_forward_proj']!r}")
-    return T5Config(
-        vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
-        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
-    )
-
-def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
-    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
-    what = f"{source} is not a CLIP text encoder checkpoint"
-    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
-    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
-    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
-    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
-    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
-        defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-                    "eos_token_id": 49407}
-        heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
-    else:
-        if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
-                            "stored and the width is no multiple of CLIP's head dim 64; load its "
-                            "transformers folder instead")
-        heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
-    try:
-        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
-                              layer_norm_eps=eps, eos_token_id=eos)
-    except ValueError as error:
-        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
-
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
-    return state[key].shape
-# --- END kit: text encoders ---
-
-
-# ====================================================================== Appendix D: weight loading
-
-# --- BEGIN kit: weight loading ---
-def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
-    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
-    if report:
-        raise UserError(f"{what}: does not match the model: {report}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout (diffusers) tensors -> original keys.
-
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
-    files load as they are; a folder converts through one explicit table per model, {original key:
-    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
-    linear1), concatenated along dim 0.
-    """
-    state, out, missing, wrong = dict(state), {}, [], []
-    for original, (parts, transform) in table.items():
-        if not all(part in state for part in parts):
-            missing += [part for part in parts if part not in state]
-            continue
-        tensors = [state.pop(part) for part in parts]
-        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
-            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
-            continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
-    report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
-    if report:
-        raise UserError(f"{what}: not a checkpoint of this model: {report}")
-    return out
-
-def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
-    return mismatch_report({
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
-                        for key, shape in expected.items() if key in state and state[key].shape != shape],
-    })
-
-def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
-    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                     for kind, keys in kinds.items() if keys)
-
-def first_keys(state: dict) -> str:
-    return ", ".join(list(state)[:3])
-
-def linear_entries(original: str, folder, transform=None) -> dict:
-    """Table rows for a layer with weight and bias."""
-    folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
-
-def swap_halves(t):
-    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
-    return torch.cat(t.chunk(2)[::-1])
-
-TRANSFORMS = {  # (folder -> original, original -> folder)
-    None: (lambda t: t, lambda t: t),
-    "swap": (swap_halves, swap_halves),
-    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
-                lambda t: t.flatten(1) if t.ndim == 4 else t),
-}
-
-def count_blocks(keys, pattern: str) -> int:
-    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
-    otherwise be read as if it were the component)."""
-    path = resolve_source(source, subfolder, allow_patterns, token)
-    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
-        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
-    return path
-
-def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
-    loaders read are checked for their type (`check_config_fields`)."""
-    if path.is_dir():
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
-    data = read_json(config) if config is not None and config.exists() else {}
-    return check_config_fields(data, config)
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-def _is_count(value) -> bool:
-    return _is_number(value) and isinstance(value, int) and value > 0
-
-CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
-    "a positive integer": _is_count,
-    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
-    "a positive number": lambda v: _is_number(v) and v > 0,
-    "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
-    "a string": lambda v: isinstance(v, str),
-    "an object": lambda v: isinstance(v, dict),
-}
-CONFIG_FIELDS = {  # the config.json fields the loaders read
-    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
-    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
-    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
-    "feed_forward_proj": "a string", "text_config": "an object",
-}
-
-@contextlib.contextmanager
-def config_from_files(source):
-    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
-    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
-    `source`."""
-    try:
-        yield
-    except ValueError as error:
-        raise UserError(f"{source}: {error}") from None
-
-def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
-    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
-    for key, kind in CONFIG_FIELDS.items():
-        value = config.get(key)
-        if value is not None and not CONFIG_TYPES[kind](value):
-            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
-    if isinstance(config.get("text_config"), dict):
-        check_config_fields(config["text_config"], file)
-    return config
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
-                    "text_encoder")
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
-    otherwise every key that belongs to no other component. Other components' tensors are never read (an
-    SD3 all-in-one file holds a 9 GB T5)."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_weights(state, path)
-# --- END kit: weight loading ---
-
-
-# ================================================================== Appendix E: training utilities
+# ============================================================================== training utilities
 
 # --- BEGIN kit: training utilities ---
 # Training data, seeded batch order, torchrun / FSDP2 set-up and resumable checkpoints.
@@ -3465,6 +3004,467 @@ def weight_file(spec, what: str, token=None) -> Path:
     return path
 # --- END kit: LPIPS ---
 
+
+# ================================================================================== weight loading
+
+# --- BEGIN kit: weight loading ---
+def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
+    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
+    if report:
+        raise UserError(f"{what}: does not match the model: {report}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout (diffusers) tensors -> original keys.
+
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
+    files load as they are; a folder converts through one explicit table per model, {original key:
+    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
+    linear1), concatenated along dim 0.
+    """
+    state, out, missing, wrong = dict(state), {}, [], []
+    for original, (parts, transform) in table.items():
+        if not all(part in state for part in parts):
+            missing += [part for part in parts if part not in state]
+            continue
+        tensors = [state.pop(part) for part in parts]
+        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+            wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
+            continue
+        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+    report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
+    if report:
+        raise UserError(f"{what}: not a checkpoint of this model: {report}")
+    return out
+
+def shape_mismatch(state: dict, expected: dict) -> str:
+    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    return mismatch_report({
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
+                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+    })
+
+def mismatch_report(kinds: dict) -> str:
+    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
+    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds.items() if keys)
+
+def first_keys(state: dict) -> str:
+    return ", ".join(list(state)[:3])
+
+def linear_entries(original: str, folder, transform=None) -> dict:
+    """Table rows for a layer with weight and bias."""
+    folder = [folder] if isinstance(folder, str) else folder
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+def swap_halves(t):
+    """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
+    return torch.cat(t.chunk(2)[::-1])
+
+TRANSFORMS = {  # (folder -> original, original -> folder)
+    None: (lambda t: t, lambda t: t),
+    "swap": (swap_halves, swap_halves),
+    "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
+                lambda t: t.flatten(1) if t.ndim == 4 else t),
+}
+
+def count_blocks(keys, pattern: str) -> int:
+    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
+    otherwise be read as if it were the component)."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
+
+def folder_config(path) -> dict:
+    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
+    loaders read are checked for their type (`check_config_fields`)."""
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+    data = read_json(config) if config is not None and config.exists() else {}
+    return check_config_fields(data, config)
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def _is_count(value) -> bool:
+    return _is_number(value) and isinstance(value, int) and value > 0
+
+CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
+    "a positive integer": _is_count,
+    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
+    "a positive number": lambda v: _is_number(v) and v > 0,
+    "a finite number": _is_number,
+    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+}
+CONFIG_FIELDS = {  # the config.json fields the loaders read
+    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
+    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
+    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
+    "feed_forward_proj": "a string", "text_config": "an object",
+}
+
+@contextlib.contextmanager
+def config_from_files(source):
+    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
+    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
+    `source`."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
+
+def check_config_fields(config: dict, file) -> dict:
+    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
+    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    for key, kind in CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not CONFIG_TYPES[kind](value):
+            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
+    if isinstance(config.get("text_config"), dict):
+        check_config_fields(config["text_config"], file)
+    return config
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
+                    "text_encoder")
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
+    otherwise every key that belongs to no other component. Other components' tensors are never read (an
+    SD3 all-in-one file holds a 9 GB T5)."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
+        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
+    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    return check_weights(state, path)
+# --- END kit: weight loading ---
+
+
+# ==================================================================================== command line
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_command(train_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "train-vae":
+        return train_vae_command(train_vae_parser().parse_args(argv[1:]))
+    generate_command(generate_parser().parse_args(argv))
+
+def generate_command(args):
+    prompts, stems = read_prompt_file(args.prompts) if args.prompts else ([args.prompt], None)
+    if not prompts[0].strip():
+        raise UserError("give --prompt TEXT or --prompts FILE (the prompt is empty or blank)")
+    if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
+        raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond 2**64 - 1")
+    sources = [("--" + option.replace("_", "-"), getattr(args, option))
+               for option in ("prompts", "model", "text_encoders", "vae_weights")]
+    for option, value in sources[1:]:
+        check_source(value, option)
+    outputs = batch_outputs(args, len(prompts), stems)
+    check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs], sources)
+    metadata = outputs.pop() if args.prompts else None
+    records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
+               if args.skip_existing and path.exists()}
+    for i in records:
+        print(f"{outputs[i]} exists; skipped", file=sys.stderr)
+    todo = [i for i in range(len(prompts)) if i not in records]
+    if todo:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights,
+                             args.offload, args.token)
+        if args.compile:
+            compile_blocks(pipe.transformer)
+        pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
+        todo_prompts, todo_outputs = [prompts[i] for i in todo], [outputs[i] for i in todo]
+        generate_images(args, pipe, todo_prompts, todo_outputs, todo, records, metadata)
+    if metadata is not None:
+        write_metadata(metadata, records)
+
+def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
+    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: numbered
+    outputs), or a .jsonl file with {"file_name", "text"} per line (outputs named after the file_names' stems,
+    as upstream's generate_and_eval_fid.py). Any bad line stops the batch before it starts."""
+    lines = read_text(path, "prompt file").splitlines()
+    if Path(path).suffix.lower() != ".jsonl":
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
+        return prompts, None
+    seen = {}  # stem -> (line number, prompt)
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = loads_unique(line)
+        except ValueError as error:
+            raise UserError(f"{path} line {line_number}: not JSON ({error})") from None
+        record = record if isinstance(record, dict) else {}
+        name, text = record.get("file_name"), record.get("text")
+        if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
+            expected = "expected an object with a file_name and a non-empty text"
+            raise UserError(f"{path} line {line_number}: {expected}")
+        stem = Path(name).stem
+        if not stem or "\0" in stem:
+            raise UserError(f"{path} line {line_number}: file_name {name!r} gives no usable output name")
+        if stem in seen:
+            raise UserError(f"{path} line {line_number}: file_name {name!r} gives the output name {stem}.png "
+                            f"of line {seen[stem][0]}")
+        seen[stem] = line_number, text
+    if not seen:
+        raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
+    return [text for _, text in seen.values()], list(seen)
+
+def check_source(value, option: str):
+    """Refuse a local path that does not exist, or is a FIFO or device, before anything is loaded (Hub ids
+    are fetched later)."""
+    if value is not None and not Path(value).expanduser().exists() and not is_repo_id(value):
+        raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
+    if value is not None:
+        check_regular_file(Path(value).expanduser(), f"{option} file or folder")
+
+def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
+    """The output files, checked before anything is loaded: one image, or with --prompts OUTPUT_DIR/00000.png
+    ... (or <stem>.png for each of `stems`) and OUTPUT_DIR/metadata.jsonl (last)."""
+    if not args.prompts:
+        return [check_output_file(args.output, args.overwrite or args.skip_existing)]
+    folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir {folder} is a file, not a folder")
+    names = [f"{stem}.png" for stem in stems] if stems else [f"{i:05d}.png" for i in range(count)]
+    outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
+    for path in outputs:
+        if path.exists() and not (args.overwrite or args.skip_existing):
+            raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to finish")
+        check_output_file(path, True, None)  # a folder in the way, or an unwritable one
+    return outputs
+
+def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
+    """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
+    `generate_images` writes (an image kept by --skip-existing), else the prompt alone."""
+    if settings is None:
+        try:
+            with Image.open(path) as image:
+                prompt, settings = image.text["prompt"], json.loads(image.text["settings"])
+        except (OSError, ValueError, SyntaxError, KeyError, AttributeError):
+            settings = {}
+    return {"file_name": path.name, "text": prompt, **settings}
+
+def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int],
+                    records: dict, metadata: Path | None):
+    """Sample and save each prompt's image; with --prompts metadata.jsonl is rewritten after each image,
+    so an interrupted batch keeps one that matches."""
+    family = "flux-schnell" if pipe.schnell else pipe.kind
+    steps = args.steps or DEFAULTS[family]["steps"]
+    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
+    height, width = check_size(pipe, args.height, args.width)
+    if pipe.kind == "flux" and args.negative_prompt:
+        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
+    f16_decode = args.f16_decode if args.vae == "f16" else None
+    negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
+    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
+    for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
+        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: a long file is encoded in parts
+            conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
+        condition = conditions[n % PROMPT_BATCH]
+        seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
+        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
+                        steps=steps, guidance=guidance, seed=seed, mu=args.mu, negative_prompt=negative_text)
+        start = time.perf_counter()
+        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
+                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
+        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)},
+                   overwrite=args.overwrite)
+        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        records[i] = image_record(output, prompt, settings)
+        if metadata is not None:
+            write_metadata(metadata, records)
+
+def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
+    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
+    multiple = pipe.size_multiple
+    rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
+    if rounded != [height, width]:
+        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}",
+              file=sys.stderr)
+    if pipe.kind == "sd3":
+        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
+        if max(rounded) > limit:
+            hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
+            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with "
+                            f"this VAE{hint}")
+    return rounded[0], rounded[1]
+
+def write_metadata(path: Path, records: dict):
+    with atomic_write(path) as temp:
+        temp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)), encoding="utf-8")
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
+                            "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
+                            description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
+    add = parser.add_argument
+    add("--prompt", default="", help="the text prompt")
+    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl file with "
+        "file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval metadata.jsonl")
+    add("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
+    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images, metadata.jsonl")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing images, add the rest")
+    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
+        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
+    add("--height", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--width", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
+    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
+    add("--negative-prompt", default="", help="SD3 only")
+    add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
+    add("--seed-per-prompt", choices=["increment", "same"], default="increment",
+        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's generate_and_eval_fid.py)")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) or centred")
+    add("--vae-tile", type=integer(0), help="decode in tiles of this many latent pixels (0: whole image)")
+    add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
+    add("--offload", choices=["none", "model", "blocks"], default="none",
+        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux blocks: 24 GB)")
+    add("--compile", action="store_true", help="torch.compile each transformer block")
+    add("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
+    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["bf16", "fp16", "fp32"],
+        help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
+    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
+    return parser
+
+def train_command(args):
+    try:
+        train(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K "
+                    "style\nfolder (images + metadata.jsonl with file_name and text); upstream's defaults.",
+        epilog="Examples:\n"
+               "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
+               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output flux4k\n"
+               "  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take ~190 GB)\n"
+               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in --output")
+    add = parser.add_argument
+    add("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or diffusers folder")
+    add("--data", required=True, help="folder with images and metadata.jsonl (file_name, text per line)")
+    add("--output", required=True, help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
+    add("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop")
+    add("--crop", help="HEIGHTxWIDTH (default: a RESOLUTION square); multiples of the VAE factor x 2")
+    add("--batch-size", type=integer(1), default=1, help="images per process per micro-batch (upstream: 4 "
+        "for Flux, 8 for SD3; 1 fits memory, --grad-accum makes up the global batch)")
+    add("--grad-accum", type=accumulation_count, default=None, metavar="N|auto", help="micro-batches per "
+        "step: global batch = processes x --batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)")
+    add("--steps", type=integer(1), default=20000, help="optimizer steps")
+    add("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (LoRA wants ~1e-4)")
+    add("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
+    add("--weight-decay", type=number(0), default=1e-4)
+    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
+    add("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention and MLPs")
+    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
+    add("--wavelet-weights", default="1,1,1,1",
+        help="WLF weights of the Haar subbands LL,LH,HL,HH; unequal ones (e.g. 1,2,2,2) are our extension")
+    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
+    add("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: the distilled guidance fed")
+    add("--timestep-sampling", choices=["uniform", "logit_normal"], help="Flux: uniform, SD3: logit_normal")
+    add("--shift", type=positive(), help="static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, SD3 3)")
+    add("--max-sequence-length", type=integer(1, 512), default=77, help="T5 tokens of the captions")
+    add("--text-cache", help="safetensors file caching the caption embeddings between runs")
+    add("--checkpoint-every", type=integer(1), default=1000, help="steps per checkpoint (upstream: 5000)")
+    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
+    add("--log-every", type=integer(1), default=10, help="steps between log lines")
+    add("--resume", nargs="?", const="latest", help="a checkpoint folder, or none: the newest in --output")
+    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noises, LoRA init")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute block activations in the backward pass (needed at 4K)")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+    add("--device", type=device_name, help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
+    add("--dtype", choices=["bf16", "fp32"], help="bf16 autocast over fp32 weights (CUDA default), or fp32")
+    add("--token", help="Hugging Face token for gated repos")
+    return parser
+
+def accumulation_count(text: str) -> int | None:
+    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
+    if text == "auto":
+        return None
+    try:
+        return integer(1)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
+
+def train_vae_command(args):
+    result = train_vae(args)
+    last = next((record for record in reversed(result.history) if record["turn"] == "decoder"), {})
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "sc", "lpips", "gen") if k in last)
+    summary = f"; last decoder step: {summary}" if summary else ""
+    print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){summary}", file=sys.stderr)
+
+def train_vae_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): "
+                            "retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match "
+                            "the frozen F8 decoder's last feature map. Writes OUTPUT/vae/ for "
+                            "`diffusion4k.py --vae-weights OUTPUT`. Defaults are upstream's.")
+    add = parser.add_argument
+    add("--data", required=True, help="image folder (recursive), or the files its metadata.jsonl lists")
+    add("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
+    add("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, folder or file")
+    add("--resolution", type=integer(16), default=512, help="square crops, shorter side resized to it")
+    add("--batch-size", type=integer(1), default=32, help="crops per micro-batch (upstream: 32 per GPU)")
+    add("--grad-accum", type=integer(1, 4096), default=8, help="micro-batches per step (upstream 2 x 4 GPUs)")
+    add("--steps", type=integer(1), default=10000, help="optimizer steps, the decoder's and discriminator's")
+    add("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant")
+    add("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay of both models")
+    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping of each model's total norm")
+    add("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight")
+    add("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight; 0 = off, no weights needed")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linears: file, owner/repo/path")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights: file, owner/repo/path")
+    add("--gan-weight", type=number(0), default=0.05, help="adversarial weight; 0 = no discriminator")
+    add("--gan-start", type=integer(0), default=0, help="step from which decoder and discriminator alternate")
+    add("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
+    add("--disc-lr", type=positive(1.0), help="discriminator learning rate (default: --lr)")
+    add("--ema", type=number(0, 1), default=0.9999, help="EMA decay of the saved decoder; 0 = off")
+    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
+    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
+        help="the student's last stage: partitioned (upstream trains through it) or centred")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute decoder activations in backward (needed for 32 crops of 512^2)")
+    add("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
+    add("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    add("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
+    add("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
+    add("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
+    add("--workers", type=integer(1, 64), default=4, help="image decoding threads")
+    add("--device", type=device_name, help="cuda (default when available) or cpu")
+    add("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute: fp32, or bf16 autocast (faster)")
+    add("--token", help="Hugging Face token for gated repos")
+    return parser
 
 
 if __name__ == "__main__":
