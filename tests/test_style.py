@@ -45,6 +45,6 @@ def test_the_construct_check_finds_them():
 
 @pytest.mark.parametrize("name", FILES)
 def test_module_docstring_fits_a_screen(name):
-    """Paper, method with its equations, commands and the appendix's contents: 40 lines at most."""
+    """Paper, method with its equations, commands and the order of the rest of the file: 40 lines at most."""
     docstring = ast.get_docstring(ast.parse((ROOT / name).read_text()), clean=False)
     assert docstring and len(docstring.splitlines()) <= 40
