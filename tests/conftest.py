@@ -1,8 +1,17 @@
+import getpass
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# inductor's on-disk cache does not key its kernels by ATEN_CPU_CAPABILITY: a kernel built in a run
+# with one capability and reused in a run with another returned NaN. One cache per capability.
+_CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{_CAPABILITY}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
