@@ -843,6 +843,10 @@ CLIP_FORMS = {
     "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
 }
 
+# Images per call of the CLIP towers in a folder run (ClipBatches): enough to keep a GPU busy, and
+# the buffer of 3 x 224 x 224 float tensors it needs stays under 20 MB.
+CLIP_BATCH = 32
+
 def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.Tensor:
     """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image and caption
     embeddings, clamped at 0.
@@ -860,17 +864,65 @@ def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.T
     Captions longer than 77 tokens keep their end token (see ClipScoreTokenizer; torchmetrics drops it,
     openai-clip's tokenize as pyiqa calls it refuses them).
     """
+    pixels = torch.stack([model.preprocess(image, clip_resize(form)) for image in images])
+    return clip_score_pixels(model, pixels, captions, form)
+
+def clip_score_pixels(model: ClipViT, pixels, captions, form="torchmetrics") -> torch.Tensor:
+    """clip_score of images already preprocessed, (B, 3, S, S), as clip_resize(form) says."""
     if form not in CLIP_FORMS:
         raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
     if form != "torchmetrics":
         captions = ["A photo depicts " + c for c in captions]
-    images = model.encode_images(images, "tensor" if form == "pyiqa" else "pil")
-    cos = (images * model.encode_texts(captions)).sum(-1)
+    cos = (model.encode_pixels(pixels) * model.encode_texts(captions)).sum(-1)
     return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
+
+def clip_resize(form: str) -> str:
+    """clip_preprocess's resize in a CLIPScore form: pyiqa's float tensor resize, else Pillow's."""
+    return "tensor" if form == "pyiqa" else "pil"
 
 @torch.no_grad()
 def aesthetic_score(clip: ClipViT, mlp: AestheticMLP, images) -> torch.Tensor:
     return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
+
+class ClipBatches:
+    """Per-image scores of a CLIP metric over a folder (ClipBatches.clip, .aesthetic), computed on
+    batches of `size` images (None: CLIP_BATCH) rather than one image per call of the towers.
+
+    add() preprocesses an image as soon as it is read (a 4K image becomes one 3 x 224 x 224
+    tensor), so the buffer holds at most `size` small tensors and memory stays flat in the number of
+    images; a full buffer, or the `last` image, runs the towers (the text tower on the captions) on
+    all of it at once, which keeps a GPU busy. Every image gets the score it gets alone up to float
+    rounding (batching only reorders the sums in the kernels), and only the images added get one:
+    flush() the rest at the end. score(pixels, captions) -> (B,) scores."""
+
+    def __init__(self, score, preprocess, size: int | None = None):
+        self.score, self.preprocess, self.size = score, preprocess, size or CLIP_BATCH
+        self.names, self.pixels, self.captions, self.values = [], [], [], {}
+
+    @classmethod
+    def clip(cls, model: ClipViT, form="torchmetrics", size=None) -> ClipBatches:
+        preprocess = functools.partial(model.preprocess, resize=clip_resize(form))
+        return cls(functools.partial(clip_score_pixels, model, form=form), preprocess, size)
+
+    @classmethod
+    def aesthetic(cls, clip: ClipViT, mlp: AestheticMLP, size=None) -> ClipBatches:
+        return cls(lambda pixels, _: mlp(clip.encode_pixels(pixels)), clip.preprocess, size)
+
+    def add(self, name: str, image: Image.Image, caption: str | None = None, last=False):
+        self.names.append(name)
+        self.pixels.append(self.preprocess(image))
+        self.captions.append(caption)
+        if last or len(self.names) == self.size:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> dict[str, float]:
+        """Score the images waiting, if any; returns name -> score of every image added so far."""
+        if self.names:
+            scores = self.score(torch.stack(self.pixels), self.captions).tolist()
+            self.values.update(zip(self.names, scores))
+            self.names, self.pixels, self.captions = [], [], []
+        return self.values
 
 def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
     """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long / short)),
@@ -1029,10 +1081,18 @@ class ClipViT(nn.Module):
         model = cls(vision, text, tokenizer)
         return load_strict(model, state, f"CLIP weights {source}").eval()
 
-    @torch.no_grad()
     def encode_images(self, images, resize="pil") -> torch.Tensor:
+        """L2-normalised embeddings of PIL images: preprocess, then encode_pixels."""
+        return self.encode_pixels(torch.stack([self.preprocess(image, resize) for image in images]))
+
+    def preprocess(self, image: Image.Image, resize="pil") -> torch.Tensor:
+        """An image as the vision tower reads it, (3, S, S): clip_preprocess at the tower's size."""
+        return clip_preprocess(image, self.vision.image_size, resize)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, embed_dim) L2-normalised image embeddings."""
         device = next(self.parameters()).device
-        pixels = torch.stack([clip_preprocess(im, self.vision.image_size, resize) for im in images])
         return F.normalize(self.vision(pixels.to(device)), dim=-1)
 
     @torch.no_grad()
@@ -1637,11 +1697,13 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
     models = {}
     if "fid" in metrics:
         models["inception"] = InceptionV3.from_pretrained(opts.inception).to(device)
-    if "clip" in metrics:
-        models["clip"] = ClipViT.from_pretrained(opts.clip_model).to(device)
+    if "clip" in metrics:  # the CLIP metrics score CLIP_BATCH images at a time (ClipBatches)
+        clip = ClipViT.from_pretrained(opts.clip_model).to(device)
+        models["clip"] = ClipBatches.clip(clip, opts.clip_form)
     if "aesthetic" in metrics:
-        models["aesthetic_mlp"] = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(device)
-        models["aesthetic_clip"] = ClipViT.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
+        mlp = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(device)
+        clip = ClipViT.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
+        models["aesthetic"] = ClipBatches.aesthetic(clip, mlp)
     if "lpips" in metrics:
         lpips = LPIPSMetric.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone)
         models["lpips"] = lpips.to(device)
@@ -1695,14 +1757,10 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
             if "fid" in metrics:
                 show("fid")
                 add_fid(image, "pred")
-            if "clip" in metrics:
-                show("clip")
-                score = clip_score(models["clip"], [image], [prompts[name]], opts.clip_form)
-                per_image["clip"][name] = score.item()
-            if "aesthetic" in metrics:
-                show("aesthetic")
-                score = aesthetic_score(models["aesthetic_clip"], models["aesthetic_mlp"], [image])
-                per_image["aesthetic"][name] = score.item()
+            for m in ("clip", "aesthetic"):
+                if m in metrics:
+                    show(m)
+                    models[m].add(name, image, prompts.get(name), last=name == names[-1])
             for m, score in (("psnr", psnr), ("ssim", ssim)):
                 if m in metrics:
                     show(m)
@@ -1733,6 +1791,7 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
             evaluated += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
+    per_image.update((m, models[m].flush()) for m in ("clip", "aesthetic") if m in metrics)
     if "fid" in metrics:  # the reference set: every image in --fid-ref or --ref, matched or not
         for name, _ in progress(sorted(fid_ref), "fid ref"):
             image = open_image(fid_ref[name], opts.on_error, skipped)

@@ -237,6 +237,45 @@ def test_aesthetic_mlp_loads_released_layout_and_is_affine(tmp_path, clip_folder
     assert report("aesthetic score", M.aesthetic_score(clip, mlp, [image]), expected) < 1e-5
 
 
+def test_clip_batches_score_each_image_as_alone(clip_folder):
+    """ClipBatches, a folder run's CLIPScore and aesthetics: batches of 1, 3 (a partial last batch)
+    and 32 give each image its score of one image per call (clip_score, aesthetic_score) up to float
+    rounding, in the order added, with at most one batch of preprocessed images held."""
+    folder, _, _ = clip_folder
+    clip = M.ClipViT.from_pretrained(str(folder))
+    mlp = randomize_(M.AestheticMLP(24), std=0.05).eval()
+    rng = np.random.default_rng(5)
+    shapes = [(40, 56), (64, 48), (33, 33), (120, 80), (50, 50), (47, 90), (32, 32)]
+    images = [Image.fromarray(rng.integers(0, 256, (*hw, 3)).astype(np.uint8)) for hw in shapes]
+    captions = ["a red house", "a dog in the snow", "tree", "the cat in the snow of a red house",
+                "a", "photo of a tree", "the dog"]  # padded to the longest caption in a batch
+    names = [f"{i:04d}" for i in range(len(images))]
+    with torch.no_grad():  # random towers: make the cosines positive on the whole, few clamp to 0
+        cos = (clip.encode_images(images) * clip.encode_texts(captions)).sum(-1)
+        clip.text.proj.weight.mul_(cos.mean().sign())
+
+    def batched(batches, size):
+        for i, (name, image, caption) in enumerate(zip(names, images, captions)):
+            batches.add(name, image, caption)
+            assert len(batches.pixels) == (i + 1) % size  # a full batch is scored at once
+        values = batches.flush()
+        assert list(values) == names and not batches.pixels
+        return torch.tensor(list(values.values()))
+
+    for form in M.CLIP_FORMS:
+        alone = torch.cat([M.clip_score(clip, [im], [c], form) for im, c in zip(images, captions)])
+        scale = 100 if form == "torchmetrics" else 2.5  # compared as cosines
+        assert (alone > 0).sum() >= 4
+        for size in (1, 3, 32):
+            scores = batched(M.ClipBatches.clip(clip, form, size), size)
+            name = f"clip {form}, batches of {size} vs 1"
+            assert report(name, scores / scale, alone / scale) < 1e-6
+    alone = torch.cat([M.aesthetic_score(clip, mlp, [image]) for image in images])
+    for size in (1, 3, 32):
+        scores = batched(M.ClipBatches.aesthetic(clip, mlp, size), size)
+        assert report(f"aesthetic, batches of {size} vs 1", scores, alone) < 1e-5
+
+
 # ----------------------------------------------------------------------------- LPIPS
 
 

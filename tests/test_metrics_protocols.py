@@ -218,6 +218,51 @@ def test_diffusion4k_protocol_reproduces_the_upstream_pipeline(tmp_path, capsys,
     assert result["metrics"]["cr"] == pytest.approx(cr, rel=1e-12)
 
 
+def test_clip_metrics_batch_across_images_and_skip_corrupt_ones(tmp_path, capsys, monkeypatch):
+    """CLIPScore and aesthetics run the towers on CLIP_BATCH images at a time (here 2, the last
+    batch partial and flushed after the loop) with the scores of one image per call; an unreadable
+    image under --on-error skip gets no entry."""
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    samples = [texture(i, 48 + 8 * i, 64) for i in range(7)]
+    for i, rgb in enumerate(samples):
+        Image.fromarray(rgb).save(pred / f"{i:04d}.png")
+    for corrupt in ("0002", "0006"):  # one in the middle, and the last file
+        (pred / f"{corrupt}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    captions = ["a red house", "a dog in the snow", "the tree", "snow", "a photo of a dog",
+                "the house", "a"]
+    prompts = tmp_path / "metadata.jsonl"
+    prompts.write_text("".join(json.dumps({"file_name": f"{i:04d}.png", "text": text}) + "\n"
+                               for i, text in enumerate(captions)))
+    clip, mlp = tiny_clip(tmp_path), randomize_(M.AestheticMLP(24), std=0.05).eval()
+    load_clip = classmethod(lambda cls, source, towers=(): clip)
+    monkeypatch.setattr(M.ClipViT, "from_pretrained", load_clip)
+    monkeypatch.setattr(M.AestheticMLP, "from_pretrained", classmethod(lambda cls, source: mlp))
+    monkeypatch.setattr(M, "CLIP_BATCH", 2)
+    sizes = []  # the batch of each call of the vision tower
+
+    def encode_pixels(pixels, encode=clip.encode_pixels):
+        sizes.append(len(pixels))
+        return encode(pixels)
+
+    monkeypatch.setattr(clip, "encode_pixels", encode_pixels)
+
+    argv = ["--pred", pred, "--prompts", prompts, "--metrics", "clip,aesthetic"]
+    code, _, err = run([*argv, "--on-error", "skip"], capsys)
+    assert code == 0, err
+    result = json.loads((pred / "metrics.json").read_text())
+    readable = ["0000", "0001", "0003", "0004", "0005"]
+    assert result["count"] == 5 and len(result["skipped"]) == 2
+    assert sizes == [2, 2, 2, 2, 1, 1]  # clip and aesthetic take turns; the 5th image at the end
+    for name in readable:
+        image, caption = Image.open(pred / f"{name}.png").convert("RGB"), captions[int(name)]
+        expected = M.clip_score(clip, [image], [caption]).item()
+        assert result["per_image"]["clip"][name] == pytest.approx(expected, rel=1e-6, abs=1e-4)
+        expected = M.aesthetic_score(clip, mlp, [image]).item()
+        assert result["per_image"]["aesthetic"][name] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert [list(result["per_image"][m]) for m in ("clip", "aesthetic")] == [readable, readable]
+
+
 @pytest.mark.filterwarnings("ignore:FID. (pred|ref) has")
 def test_samples_of_several_sizes_need_an_explicit_fid_size(tmp_path, capsys, monkeypatch):
     pred = tmp_path / "pred"
