@@ -62,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    DTYPES,
     SEED,
     ArgumentParser,
     UserError,
@@ -69,6 +70,7 @@ from common.io import (
     check_apart,
     check_output_file,
     check_weights,
+    device_dtype,
     device_name,
     image_size,
     image_to_tensor,
@@ -1622,8 +1624,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
     """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a Stability single
     file with its text encoders (the tokenizers then come from the Hub)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_dtype(device, dtype)
     single_file = Path(str(model)).expanduser().is_file()
     home = "cpu" if offload != "none" else device
     print(f"loading SD3 from {model}", file=sys.stderr)
@@ -2079,7 +2080,7 @@ def main(argv=None):
               "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
     config.rsp = region_prompts is not None
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
     if args.compile:
         compile_blocks(pipe.transformer)

@@ -63,21 +63,23 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    DTYPES,
     SEED,
     ArgumentParser,
-    FolderInUse,
     UserError,
     atomic_write,
     check_apart,
     check_output_file,
     check_regular_file,
+    check_train_output,
     check_weights,
-    check_writable_folder,
+    device_dtype,
     device_name,
     folder_lock,
     image_to_tensor,
     integer,
     is_repo_id,
+    latest_checkpoint,
     load_image,
     load_safetensors,
     loads_unique,
@@ -95,6 +97,7 @@ from common.io import (
     seed_everything,
     source_name,
     tensor_to_image,
+    undone_on_failure,
     verify_image,
     warn,
 )
@@ -1735,8 +1738,7 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
                   offload="none", token=None) -> Pipeline:
     """Load a Flux or SD3 diffusers pipeline folder or Hub repo, or a single transformer file with its
     text encoders from `text_source` and its VAE from `vae_source`."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_dtype(device, dtype)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     if kind == "flux" and dtype == torch.float16:
         raise UserError("Flux's activations overflow fp16: use bf16 (the default on CUDA) or fp32")
@@ -1955,7 +1957,7 @@ def train(args) -> list[tuple[int, float]]:
     weights, crop = parse_weights(args.wavelet_weights), parse_crop(args.crop, args.resolution)
     check_apart([("--output", output), ("--text-cache", args.text_cache)],
                 [("--data", args.data), ("--model", args.model)])
-    check_output(output, args.resume)
+    check_train_output(output, args.resume)
     if args.resume:  # before any weight is read: a checkpoint of another run is refused now
         check_resumable(latest_checkpoint(output) if args.resume == "latest" else Path(args.resume),
                         wlf_run(args))
@@ -1978,8 +1980,8 @@ def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], we
     of every weight until the block ends (under FSDP2: the whole model on every GPU) and saves nothing here
     (each weight is used once per forward; checkpointing recasts in backward). Unlike FSDP2's
     MixedPrecisionPolicy, every process count then runs the same arithmetic."""
-    bf16 = (args.dtype or ("bf16" if ctx.device.type == "cuda" else "fp32")) == "bf16"
-    dtype, autocast = (torch.bfloat16 if bf16 else torch.float32), contextlib.nullcontext
+    dtype, autocast = device_dtype(ctx.device, args.dtype)[1], contextlib.nullcontext
+    bf16 = dtype == torch.bfloat16
     if bf16:
         autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16, cache_enabled=False)
 
@@ -2092,23 +2094,6 @@ def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
         raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH with positive sides, e.g. 4096x4096")
     return height, width
 
-def check_output(output: Path, resume) -> None:
-    """Fail before any model is loaded if OUTPUT cannot be written, holds something else, or holds nothing
-    to resume (train-vae's `--resume` then starts afresh: resume is True). A `.lock` alone is a run that
-    is starting (or this run's rank 0 under torchrun): `folder_lock` decides about it."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} is a file; --output takes a folder")
-    check_writable_folder(output)
-    previous = latest_checkpoint(output)
-    if previous is not None and not resume:
-        raise UserError(f"{output} already holds a training run: pass --resume, or choose another --output")
-    if previous is None and output.is_dir() and any(p.name != ".lock" for p in output.iterdir()):
-        raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
-    if resume == "latest" and previous is None:
-        raise UserError(f"--resume: no checkpoint under {output / 'checkpoints'} (start without --resume)")
-    if resume not in (None, False, True, "latest") and not (Path(resume) / "state.pt").is_file():
-        raise UserError(f"--resume {resume}: not a checkpoint folder (it has no state.pt)")
-
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
     """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with one
     {"file_name", "text"} object per line. Bad lines, repeated file names and unreadable images are skipped
@@ -2137,7 +2122,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             reason = f"missing {error}" if isinstance(error, KeyError) else reason
             if verbose:
-                print(f"warning: {metadata.name} line {line_number}: {reason}; skipped", file=sys.stderr)
+                warn(f"{metadata.name} line {line_number}: {reason}; skipped")
     if not examples:
         raise UserError(f"{folder}: no usable images in metadata.jsonl ({skipped} entries skipped)")
     if verbose:
@@ -2173,30 +2158,6 @@ def accumulation_steps(args, world: int) -> int:
         raise UserError(f"{world} process(es) x --batch-size {args.batch_size} does not divide upstream's "
                         f"global batch of {target}: pass --grad-accum N")
     return target // (world * args.batch_size)
-
-@contextlib.contextmanager
-def undone_on_failure(output: Path, main: bool = True):
-    """A run that fails before its first checkpoint leaves no trace: the folders it created are removed,
-    and so is anything it added to a folder that existed."""
-    created = output
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
-    before = None if not output.exists() else set(output.iterdir())
-    try:
-        yield
-    except FolderInUse:
-        raise  # the folder is another run's: nothing in it is ours to remove
-    except BaseException:
-        if main and latest_checkpoint(output) is None:
-            if before is None:
-                shutil.rmtree(created, ignore_errors=True)
-            else:
-                for path in set(output.iterdir()) - before:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
-        raise
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch: int = 8) -> dict:
     """Every distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the CPU),
@@ -2413,7 +2374,7 @@ def check_vae_args(args):
     check_apart([("--output", args.output)], [("--data", args.data), ("--base", args.base),
                                               ("--lpips-linear", args.lpips_linear),
                                               ("--lpips-backbone", args.lpips_backbone)])
-    check_output(Path(args.output), args.resume)
+    check_train_output(Path(args.output), args.resume)
 
 def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     """SC-VAE: the student (the base VAE with stride 2, F16) learns to decode like the frozen teacher (the
@@ -2426,7 +2387,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     decoder's last fake micro-batch; the step count covers both; the EMA (`ema_update`) updates after every
     step; posterior samples from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4 for both models,
     clipping at 1, 256 crops of 512^2 per step (images resized to a 512 shorter side), horizontal flips."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_dtype(args.device)[0]
     stream = CropStream(files, args.resolution, args.seed, args.workers)
     teacher = load_vae(args.base, torch.float32, device, stride=1, token=args.token).requires_grad_(False)
     student = load_vae(args.base, torch.float32, device, stride=2, token=args.token).requires_grad_(False)
@@ -2511,7 +2472,7 @@ def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
     if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
         final = copy.deepcopy(student)
         final.decoder.load_state_dict(ema)  # the decoder has parameters only, so EMA covers its whole state
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
+    dtype = DTYPES[args.save_dtype]
     save_vae(final, output, folder_config(component_path(args.base, "vae", args.token)), dtype, args.ae_file)
     return result
 
@@ -2661,7 +2622,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
             usable.append(path)
         except UserError as error:
             skipped += 1
-            print(f"warning: {error}; skipped", file=sys.stderr)
+            warn(f"{error}; skipped")
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
@@ -2685,7 +2646,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             problem = f"file_name {name!r} repeats line {seen[name]}"
         if problem:
             skipped += 1
-            print(f"warning: {metadata.name} line {line_number}: {problem}; skipped", file=sys.stderr)
+            warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
         files.append(metadata.parent / name)
@@ -2761,7 +2722,7 @@ class Distributed:
 
 def setup_distributed(device_name: str | None) -> Distributed:
     """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_dtype(device_name)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
     if not dist.is_available():
@@ -2829,11 +2790,6 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
     return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
                      + (" and --resume" if last else " and start again"))
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
-    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
-    return done[-1].parent if done else None
-
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
     """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`), once it
     proves to be this run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
@@ -2898,7 +2854,7 @@ def read_checkpoint(folder: Path, read):
         try:
             return candidate, read(candidate)
         except UserError as error:
-            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+            warn(f"{error}; trying the checkpoint before it")
     raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
 
 def load_state_file(path: Path, keys: tuple) -> dict:
@@ -3185,7 +3141,7 @@ def generate_command(args):
         print(f"{outputs[i]} exists; skipped", file=sys.stderr)
     todo = [i for i in range(len(prompts)) if i not in records]
     if todo:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        dtype = DTYPES.get(args.dtype)
         pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights,
                              args.offload, args.token)
         if args.compile:

@@ -66,21 +66,23 @@ from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
 from common.io import (
+    DTYPES,
     SEED,
     ArgumentParser,
-    FolderInUse,
     UserError,
     atomic_write,
     check_apart,
     check_output_file,
     check_regular_file,
+    check_train_output,
     check_weights,
-    check_writable_folder,
+    device_dtype,
     device_name,
     folder_lock,
     image_size,
     image_to_tensor,
     integer,
+    latest_checkpoint,
     load_image,
     load_safetensors,
     loads_unique,
@@ -98,6 +100,7 @@ from common.io import (
     save_torch,
     source_name,
     tensor_to_image,
+    undone_on_failure,
     verify_image,
     warn,
 )
@@ -1524,8 +1527,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
             shown = "(" + ", ".join(map(str, shape)) + ")"
             raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
                             f"the base Flux takes {shown}: a damaged file?")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_dtype(device, dtype)
     flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
     print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
     transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
@@ -1825,8 +1827,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     cached empty prompt (`text_encoders`: a Flux pipeline with them, default `flux`), OMGSR-F's sigma
     (t = 244) and guidance 1. The adapters are read before any base."""
     loras = read_omgsr_f_adapters(folder)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_dtype(device, dtype)
     flux = flux or DEFAULT_FLUX
     vae = vae or (flux if stride == 1 else DEFAULT_VAE)
     prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # first: T5 is freed before Flux
@@ -2008,8 +2009,8 @@ def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
     command line. Every rank holds the whole frozen model; the LoRA gradients are averaged."""
     ctx, output = setup_distributed(args.device), Path(args.output)
     files = vae_image_files(args.data, verbose=ctx.main)
-    bf16 = args.dtype == "bf16" if args.dtype else ctx.device.type == "cuda"
-    dtype = torch.bfloat16 if bf16 else torch.float32  # frozen bases; the LoRAs stay fp32
+    dtype = device_dtype(ctx.device, args.dtype)[1]  # frozen bases; the LoRAs stay fp32
+    bf16 = dtype == torch.bfloat16
     autocast = torch.autocast(ctx.device.type, dtype) if bf16 else contextlib.nullcontext()
     lpips = None  # small, and the likeliest download to fail: before the large models
     if args.lpips_weight:
@@ -2111,24 +2112,6 @@ def sr_run(args) -> dict:
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "theta": args.theta,
             "sigma": args.sigma, "scale": args.scale, "prompt": args.prompt}
 
-def check_train_output(output: Path, resume: str | None) -> Path | None:
-    """Refuse an --output that training cannot use; return the checkpoint folder to resume from or None."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; training writes a folder "
-                        "(checkpoints/, train_log.jsonl, op4ksr.safetensors)")
-    check_writable_folder(output)
-    if not resume:
-        if latest_checkpoint(output) is not None or (output / "op4ksr.safetensors").exists():
-            raise UserError(f"{output} already holds a training run: pass --resume to continue it, "
-                            "or choose another --output")
-        return None
-    folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
-    if folder is None:
-        raise UserError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
-    if not folder.is_dir():
-        raise UserError(f"--resume {resume}: no such checkpoint folder")
-    return folder
-
 def check_crop(crop: int, scale: int, factor: int | None = None):
     """Refuse a crop that the scale or, once the VAE is known, its token (2 factor px) does not divide."""
     if crop % scale:
@@ -2188,7 +2171,7 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
             return torch.stack([crops[i] for i in mine])
         unreadable.update(picks[i] for i in slots)
         for error in errors:
-            print(f"warning: {error}; skipped ({len(unreadable)} undecodable so far)", file=sys.stderr)
+            warn(f"{error}; skipped ({len(unreadable)} undecodable so far)")
         if 2 * (len(files) - len(unreadable)) < len(files):
             raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than "
                             "half: check the files in --data")
@@ -2444,7 +2427,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
             usable.append(path)
         except UserError as error:
             skipped += 1
-            print(f"warning: {error}; skipped", file=sys.stderr)
+            warn(f"{error}; skipped")
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
@@ -2468,7 +2451,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             problem = f"file_name {name!r} repeats line {seen[name]}"
         if problem:
             skipped += 1
-            print(f"warning: {metadata.name} line {line_number}: {problem}; skipped", file=sys.stderr)
+            warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
         files.append(metadata.parent / name)
@@ -2544,7 +2527,7 @@ class Distributed:
 
 def setup_distributed(device_name: str | None) -> Distributed:
     """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_dtype(device_name)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
     if not dist.is_available():
@@ -2612,11 +2595,6 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
     return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
                      + (" and --resume" if last else " and start again"))
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
-    done = sorted((output / "checkpoints").glob("step-*/state.pt"))
-    return done[-1].parent if done else None
-
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
     """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`), once it
     proves to be this run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
@@ -2681,7 +2659,7 @@ def read_checkpoint(folder: Path, read):
         try:
             return candidate, read(candidate)
         except UserError as error:
-            print(f"warning: {error}; trying the checkpoint before it", file=sys.stderr)
+            warn(f"{error}; trying the checkpoint before it")
     raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
 
 def load_state_file(path: Path, keys: tuple) -> dict:
@@ -2988,7 +2966,7 @@ def sr_command(args):
             for path, output in pairs]  # sizes from the headers: a huge input is refused before it decodes
     for path, _ in pairs:
         load_image(path)  # every input decodes before any model is loaded
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = DTYPES.get(args.dtype)
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
     if args.compile:
@@ -3023,7 +3001,7 @@ def omgsr_f_command(args, folder: Path):
     jobs = [(path, omgsr_f_job_size(args, *image_size(path)), output) for path, output in pairs]
     for path, _ in pairs:
         load_image(path)  # every input decodes before any model is loaded
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = DTYPES.get(args.dtype)
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
     pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, dtype, args.token, theta, stride,
                                  args.text_encoders)
@@ -3215,19 +3193,12 @@ def train_sr_command(args):
         ("--data", args.data), ("--flux", args.flux), ("--vae", args.vae),
         ("--text-encoders", args.text_encoders), ("--lpips-linear", args.lpips_linear),
         ("--lpips-backbone", args.lpips_backbone), ("--init", args.init)])
-    resume_from, created = check_train_output(output, args.resume), not output.exists()
+    resume_from = check_train_output(output, args.resume, "op4ksr.safetensors")
     if resume_from is not None:  # before any weight is read: a checkpoint of another run is refused now
         check_resumable(resume_from, sr_run(args))
     try:
-        with folder_lock(output, main):
+        with undone_on_failure(output, main), folder_lock(output, main):
             train_sr(args, resume_from)
-    except FolderInUse:
-        raise  # the folder is another run's: nothing in it is ours to remove
-    except BaseException:
-        # a failed run that saved no checkpoint leaves nothing behind in the folder it created
-        if created and main and not any(output.glob("checkpoints/step-*/state.pt")):
-            shutil.rmtree(output, ignore_errors=True)
-        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -3298,8 +3269,7 @@ def calibrate_command(args):
     check_crop(args.crop, args.scale)
     files = vae_image_files(args.data)
     count = min(args.max_images or len(files), len(files))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_dtype(args.device)
     vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
     check_crop(args.crop, args.scale, vae.config.downsample_factor)
     latents = calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed)

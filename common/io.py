@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -229,6 +230,15 @@ def device_name(text) -> str:
 # ----------------------------------------------------------------------------- progress
 
 _open_bars = []
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """DEVICE, or CUDA if any, else the CPU; DTYPE (a dtype or a DTYPES name), or bf16 on CUDA, else fp32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def progress_bar(description: str, total=None, initial=0):
@@ -492,9 +502,8 @@ def check_weights(state: dict, path) -> dict:
 
 # ----------------------------------------------------------------------------- outputs
 
-IMAGE_FORMATS = {
-    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"
-}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
 
 
 def check_writable_folder(folder) -> None:
@@ -525,9 +534,7 @@ def check_name_length(path) -> None:
 
 def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
     """Refuse an output path that would fail at the end of a long run: call it before loading anything.
-
-    `suffixes=None` accepts any extension. Returns the path.
-    """
+    `suffixes=None` accepts any extension. Returns the path."""
     path = Path(path)
     check_name_length(path)
     if path.is_dir():
@@ -626,6 +633,58 @@ def folder_lock(folder, enabled=True):
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def latest_checkpoint(output) -> Path | None:
+    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
+    done = sorted((Path(output) / "checkpoints").glob("step-*/state.pt"))
+    return done[-1].parent if done else None
+
+
+def check_train_output(output: Path, resume, finished: str | None = None) -> Path | None:
+    """Fail before any model loads if a training OUTPUT cannot be written, holds another run or nothing to
+    resume; return the checkpoint to resume from or None. With `finished` (a finished run's file: op4ksr.py)
+    other files may stay and --resume takes any folder; without it (diffusion4k.py) only a `.lock` may stay
+    (`folder_lock` decides), --resume needs a state.pt, and True (train-vae) starts afresh where none is."""
+    ours, previous = finished is None, latest_checkpoint(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output} is a file; --output takes a folder" if ours else f"--output {output} is a "
+                        f"file; training writes a folder (checkpoints/, train_log.jsonl, {finished})")
+    check_writable_folder(output)
+    if not resume and (previous is not None or not ours and (output / finished).exists()):
+        raise UserError(f"{output} already holds a training run: pass --resume"
+                        f"{'' if ours else ' to continue it'}, or choose another --output")
+    if ours and previous is None and output.is_dir() and any(p.name != ".lock" for p in output.iterdir()):
+        raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
+    if resume == "latest" and previous is None:
+        raise UserError(f"--resume: no {'' if ours else 'complete '}checkpoint under {output / 'checkpoints'}"
+                        + (" (start without --resume)" if ours else ""))
+    if resume in (None, False, True, "latest"):
+        return previous if resume else None
+    if not ((Path(resume) / "state.pt").is_file() if ours else Path(resume).is_dir()):
+        raise UserError(f"--resume {resume}: " + ("not a checkpoint folder (it has no state.pt)" if ours
+                                                  else "no such checkpoint folder"))
+    return Path(resume)
+
+
+@contextlib.contextmanager
+def undone_on_failure(output: Path, main: bool = True):
+    """A run that fails before its first checkpoint leaves no trace: the folders it created are removed,
+    and so is anything it added to a folder that existed."""
+    created = output
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    before = None if not output.exists() else set(output.iterdir())
+    try:
+        yield
+    except BaseException as error:  # FolderInUse: the folder is another run's, nothing in it is ours
+        if main and not isinstance(error, FolderInUse) and latest_checkpoint(output) is None:
+            for path in [created] if before is None else set(output.iterdir()) - before:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
 
 
 def _running(pid: int) -> bool:
