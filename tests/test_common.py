@@ -397,3 +397,53 @@ def test_folder_lock_takes_over_a_dead_run_but_not_another_machine(tmp_path):
     (tmp_path / ".lock").write_text("another-machine 1")
     with pytest.raises(io.FolderInUse, match="another-machine 1"), io.folder_lock(tmp_path):
         pass
+
+
+def test_device_dtype_defaults_follow_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert io.device_dtype() == (torch.device("cuda"), torch.bfloat16)
+    assert io.device_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    assert io.device_dtype("cuda", "fp32") == (torch.device("cuda"), torch.float32)
+    assert io.device_dtype("cpu", torch.float16) == (torch.device("cpu"), torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert io.device_dtype(dtype="bf16") == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_train_output_rules_of_both_trainers(tmp_path):
+    """diffusion4k.py (no `finished`): only a lock may stay, --resume PATH needs a state.pt. op4ksr.py
+    (`finished` names its result file): other files may stay, --resume takes a folder."""
+    out = tmp_path / "run"
+    assert io.check_train_output(out, None) is None  # a new folder
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty and holds no checkpoint"):
+        io.check_train_output(out, None)
+    assert io.check_train_output(out, None, finished="op4ksr.safetensors") is None
+    checkpoint = out / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="already holds a training run"):
+        io.check_train_output(out, None)
+    assert io.check_train_output(out, "latest") == checkpoint
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UserError, match="no state.pt"):
+        io.check_train_output(out, str(bare))
+    assert io.check_train_output(out, str(bare), finished="op4ksr.safetensors") == bare
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        io.check_train_output(tmp_path / "file", None)
+
+
+def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    new = tmp_path / "a" / "b" / "run"
+    for folder in (existing, new):
+        with pytest.raises(RuntimeError), io.undone_on_failure(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "train_log.jsonl").write_text("{}")
+            raise RuntimeError("failed before the first checkpoint")
+    assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "a").exists()
