@@ -1,31 +1,13 @@
 """File I/O shared by the method files: weights, images, arguments, progress, errors.
 
-Weights
-    `resolve_source` turns a Hub repo id or a local path into local files, downloading only
-    the files asked for; `load_safetensors` reads one file, a shard set (through its
-    `*.index.json`) or a folder straight into the requested dtype and device; `check_weights`
-    refuses tensors that are not floating point or not finite.
-Images
-    `load_image` opens anything Pillow reads (EXIF orientation applied, palette / 16-bit /
-    alpha / CMYK converted to 8-bit RGB, decompression bombs refused); `image_size` reads the
-    size from the header alone; `save_image` writes atomically and stores the generation
-    settings as PNG text chunks.
-Inputs
-    `read_text` decodes UTF-8 (and UTF-16 / UTF-32 with a byte-order mark), refusing NUL-laden
-    text; `loads_unique` refuses JSON objects that repeat a key; `check_regular_file` refuses
-    FIFOs, devices and sockets before anything opens them.
-Outputs
-    `check_output_file` refuses a bad output path before any weights are read (too long, a
-    dangling link, not a file); `check_apart` refuses an output that is, or lies inside, an input;
-    `atomic_files` writes one or several files so that they all appear, complete, or none does,
-    and never replaces an existing file unless asked to (two runs racing for one name: one fails
-    cleanly); `folder_lock` keeps a second training run out of a folder that one is writing.
-Arguments
-    `ArgumentParser` reports a bad argument in one line; `integer`, `number` and `device_name`
-    are argparse types that check ranges, finiteness and devices before anything is loaded.
-Errors
-    `UserError` is a problem the user can fix; `run_cli` prints it, a file-system fault, a
-    library warning or SIGTERM as one line each and exits with a code.
+The checks run before anything heavy loads and refuse what the user can fix as a one-line
+`UserError`; `run_cli` prints it, a file-system fault, a library warning or SIGTERM as one line
+each and exits with a code. Weights come from a local path or the Hub (`resolve_source`) and are
+read straight into the requested dtype and device (`load_safetensors`); images are read upright as
+8-bit RGB with decompression bombs refused (`load_image`). Outputs never replace an input
+(`check_apart`) or, unless asked to, an existing file; they are written atomically (`atomic_files`:
+every file appears, complete, or none does), and `folder_lock` keeps a second training run out of
+a folder that one is writing.
 """
 
 import argparse
@@ -52,7 +34,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 16384 * 16384  # a 16K square; anything larger is refused before decoding
-# Pillow's own bomb guard warns from 89 Mpx and refuses from 179 Mpx; ours is the limit above, so Pillow warns
+# Pillow warns above its own limit and refuses above twice that; with ours as its limit, it warns
 # only about images that `load_image` refuses from their header anyway.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, APFS, NTFS (in UTF-16 units)
@@ -63,15 +45,13 @@ class UserError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM (`kill`, a job scheduler), raised where the program is, so that every clean-up runs: no
-    temporary file or half-written checkpoint is left behind."""
+    """SIGTERM (`kill`, a job scheduler) raised where the program is, so every clean-up runs."""
 
 
 def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
-    """Run `main(argv)`; turn the errors a user can act on into one line on stderr and an exit code: 2 for
-    bad input and file-system faults (a full disk, ...), 3 out of GPU memory, 130 interrupted, 143 on SIGTERM.
-    Library warnings become one `warning:` line each. memory_hint: what the CLI offers against running out
-    of GPU memory."""
+    """Run `main(argv)`, turning what a user can act on into one stderr line and an exit code: 2 bad
+    input or a file-system fault (a full disk, ...), 3 out of GPU memory, 130 interrupted, 143
+    SIGTERM; library warnings become `warning:` lines. memory_hint: the advice on GPU memory."""
     with _one_line_warnings(), _sigterm_raises():
         try:
             main(argv)
@@ -79,7 +59,7 @@ def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
             return _fail(f"error: {error}", 2)
         except torch.OutOfMemoryError:
             return _fail(f"error: out of GPU memory; {memory_hint}", 3)
-        except OSError as error:  # a fault no check could foresee: the disk filled up, a file vanished, ...
+        except OSError as error:  # what no check could foresee: a full disk, a vanished file
             return _fail(f"error: {os_error_text(error)}", 2)
         except KeyboardInterrupt:
             return _fail("interrupted", 130)
@@ -111,7 +91,7 @@ def _short(path, limit: int = 100) -> str:
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """Show a library warning as one `warning:` line, not Python's file, line number and source line."""
+    """A library warning as one `warning:` line, without Python's file, line and source line."""
     previous = warnings.showwarning
 
     def show(message, category, *_, **__):
@@ -127,8 +107,8 @@ def _one_line_warnings():
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """While the CLI runs, SIGTERM raises `Terminated` in the main thread instead of ending the process
-    where it stands (which would leave temporary files). Only the main thread may set handlers."""
+    """While the CLI runs, SIGTERM raises `Terminated` in the main thread (only it sets handlers)
+    instead of ending the process where it stands, leaving temporary files."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -210,21 +190,35 @@ SEED = integer(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64-bit seeds
 
 def device_name(text) -> str:
     """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps)."""
+    kinds = "(use cuda, cuda:N, cpu or mps)"
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cuda, cuda:N, cpu or mps)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device {kinds}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use --device cpu")
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use "
+                                             "--device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
             raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
+        raise argparse.ArgumentTypeError(
+            f"{text}: MPS is not available on this machine; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text}: unsupported device type (use cuda, cuda:N, cpu or mps)")
+        raise argparse.ArgumentTypeError(f"{text}: unsupported device type {kinds}")
     return text
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """DEVICE, else CUDA if any, else the CPU; DTYPE (a dtype or a DTYPES name), else bf16 on CUDA
+    and fp32 elsewhere."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES.get(dtype, dtype) or default
 
 
 # ----------------------------------------------------------------------------- progress
@@ -232,21 +226,13 @@ def device_name(text) -> str:
 _open_bars = []
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """DEVICE, or CUDA if any, else the CPU; DTYPE (a dtype or a DTYPES name), or bf16 on CUDA, else fp32."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
 def progress_bar(description: str, total=None, initial=0):
-    """A progress bar on stderr; returns `update(done, total, postfix)` (postfix: a dict of values
-    shown after the bar, e.g. the losses). The bar closes itself at `total`."""
+    """A progress bar on stderr; returns `update(done, total, postfix)`, postfix a dict of values
+    shown after the bar (the losses). The bar closes itself at `total`."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
 
-    bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr, leave=False)
+    bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr,
+               leave=False)
     _open_bars.append(bar)
 
     def update(done, total=None, postfix=None):
@@ -263,14 +249,14 @@ def progress_bar(description: str, total=None, initial=0):
 
 
 def warn(message: str):
-    """A warning line on stderr, above any progress bar (a plain print would land on the bar's line)."""
+    """A warning line on stderr above any progress bar (a print would land on the bar's line)."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
 
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def end_progress_lines():
-    """Close the bars still open (a run that stopped half-way) so that the next line starts clean."""
+    """Close the bars still open (a run stopped half-way) so that the next line starts clean."""
     if _open_bars:
         while _open_bars:
             _open_bars.pop().close()
@@ -279,16 +265,17 @@ def end_progress_lines():
 
 # ----------------------------------------------------------------------------- inputs
 
-# Byte-order marks, UTF-32's before UTF-16's (UTF-32-LE's starts with UTF-16-LE's); the codecs drop them.
-BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF8, "UTF-8-sig"),
-        (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+# Byte-order marks, UTF-32's before UTF-16's (UTF-32-LE's starts with UTF-16-LE's); the codecs
+# drop them.
+BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF8: "UTF-8-sig",
+        codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
 FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 def check_regular_file(path, what="file") -> Path:
-    """Refuse, without opening it, a path that is a FIFO, a device or a socket: reading a FIFO waits for a
-    writer forever, a device may never end. A missing path or a folder is left to the caller to name."""
+    """Refuse, without opening it, a FIFO (reading waits for a writer forever), a device (it may
+    never end) or a socket. A missing path or a folder is left to the caller to name."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -300,9 +287,9 @@ def check_regular_file(path, what="file") -> Path:
 
 
 def read_text(path, what="file") -> str:
-    """A text file's contents: UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32 with a byte-order
-    mark. Text holding NUL characters (UTF-16 / UTF-32 without a mark, a binary file) is refused: it would
-    become prompts full of NULs. Any problem is a one-line `UserError` naming the file."""
+    """A text file's contents: UTF-8, or UTF-16 / UTF-32 with a byte-order mark (dropped). Text with
+    NUL characters (UTF-16 / UTF-32 without a mark, a binary file) would become prompts full of NULs
+    and is refused. Any problem is a one-line `UserError` naming the file."""
     check_regular_file(path, what)
     try:
         data = Path(path).read_bytes()
@@ -310,20 +297,20 @@ def read_text(path, what="file") -> str:
         raise UserError(f"{path}: is a folder, not a {what}") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
-    encoding = next((name for bom, name in BOMS if data.startswith(bom)), "UTF-8")
+    encoding = next((name for bom, name in BOMS.items() if data.startswith(bom)), "UTF-8")
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: the {what} is not {encoding.removesuffix('-sig')} text "
                         f"(byte {error.start})") from None
     if "\0" in text:
-        raise UserError(f"{path}: the {what} holds NUL characters (UTF-16 or UTF-32 without a byte-order "
-                        "mark?); save it as UTF-8")
+        raise UserError(f"{path}: the {what} holds NUL characters (UTF-16 or UTF-32 without a "
+                        "byte-order mark?); save it as UTF-8")
     return text
 
 
 def loads_unique(text: str):
-    """`json.loads`, refusing an object that names a key twice (json keeps the last one silently) with a
+    """`json.loads`, refusing an object that names a key twice (json would keep the last one) with a
     ValueError that names the key."""
     return json.loads(text, object_pairs_hook=_unique_keys)
 
@@ -351,22 +338,18 @@ def read_json(path) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
-def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.json"), token=None) -> Path:
-    """Return a local path for `source`: an existing file or folder, or a Hub repo id.
-
-    For a Hub repo only the files matching `allow_patterns` inside `subfolder` are
-    downloaded (or taken from the local cache). Gated repos (FLUX.1-dev, SD3) need a
-    token: `HF_TOKEN` in the environment, `huggingface-cli login`, or `token=`.
-    """
+def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.json"),
+                   token=None) -> Path:
+    """A local path for `source`: an existing file or folder, or a Hub repo id, of which only the
+    files matching `allow_patterns` inside `subfolder` are downloaded (or taken from the cache).
+    Gated repos (FLUX.1-dev, SD3) need a token: HF_TOKEN, `huggingface-cli login` or `token=`."""
     local = Path(source).expanduser()
     if local.exists():
-        # A local pipeline folder resolves to its component subfolder; a component folder
-        # or a single file is taken as it is.
-        if subfolder and (local / subfolder).is_dir():
-            return local / subfolder
-        return local
+        # a pipeline folder resolves to its component subfolder; a component folder or file is kept
+        return local / subfolder if subfolder and (local / subfolder).is_dir() else local
     if not is_repo_id(source):
-        raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form owner/name")
+        raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form "
+                        "owner/name")
 
     from huggingface_hub import errors as hub
     from huggingface_hub import snapshot_download
@@ -375,10 +358,8 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
     try:
         root = Path(snapshot_download(str(source), allow_patterns=patterns, token=token))
     except hub.GatedRepoError:
-        raise UserError(
-            f"{source} is a gated repo: accept its licence at https://huggingface.co/{source} "
-            "and log in (huggingface-cli login, or set HF_TOKEN)"
-        ) from None
+        raise UserError(f"{source} is a gated repo: accept its licence at https://huggingface.co/"
+                        f"{source} and log in (huggingface-cli login, or set HF_TOKEN)") from None
     except hub.RepositoryNotFoundError:
         message = "no such repo on the Hugging Face Hub (or it is private and no token was given)"
         raise UserError(f"{source}: {message}") from None
@@ -388,8 +369,8 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
     except hub.HfHubHTTPError as error:
         raise UserError(f"{source}: download failed: {str(error).splitlines()[0]}") from None
     except OSError as error:  # the cache folder cannot be used: HF_HOME is a file, read-only, full
-        raise UserError(f"{source}: the Hugging Face cache cannot be used ({os_error_text(error)}); "
-                        "check HF_HOME / HF_HUB_CACHE") from None
+        raise UserError(f"{source}: the Hugging Face cache cannot be used "
+                        f"({os_error_text(error)}); check HF_HOME / HF_HUB_CACHE") from None
     path = root / subfolder if subfolder else root
     if not path.exists():
         raise UserError(f"{source} has no files matching {patterns}")
@@ -400,15 +381,15 @@ _REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 
 
 def is_repo_id(text) -> bool:
-    """Whether `text` is a Hub repo id, owner/name: letters, digits, '_', '-', '.', neither starting nor
-    ending a part, no '--' or '..' (the Hub's rule; `owner/` or `a/b/c` is a path that does not exist)."""
+    """Whether `text` is a Hub repo id, owner/name: letters, digits, '_', '-', '.', neither '-' nor
+    '.' starting or ending a part, no '--' or '..' (`owner/` or `a/b/c` is a missing path)."""
     text = str(text)
-    return re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None and not re.search(r"--|\.\.", text)
+    valid = re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None
+    return valid and not re.search(r"--|\.\.", text)
 
 
 def source_name(source) -> str:
-    """A weights source as a run records it: a local path made absolute (the same from any working folder),
-    a Hub repo id as it is."""
+    """A weights source as a run records it: a local path made absolute, a Hub repo id as it is."""
     local = Path(str(source)).expanduser()
     return str(local.resolve()) if local.exists() else str(source)
 
@@ -422,7 +403,7 @@ def safetensors_files(path) -> list[Path]:
     if indexes:
         weight_map = read_json(indexes[0]).get("weight_map")
         shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
-        if not shards or not all(isinstance(name, str) and Path(name).name == name for name in shards):
+        if not shards or not all(isinstance(s, str) and Path(s).name == s for s in shards):
             raise UserError(f"{indexes[0]}: no weight_map naming a shard file for each tensor "
                             "(a damaged index?)")
         return [path / name for name in sorted(shards)]
@@ -433,12 +414,9 @@ def safetensors_files(path) -> list[Path]:
 
 
 def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[str, torch.Tensor]:
-    """Read every tensor of `path` (see `safetensors_files`) into `dtype` on `device`.
-
-    Floating-point tensors (fp8 included) are converted to `dtype`; integer tensors are kept (weights
-    loaders refuse them with `check_weights`). `key_filter(key) -> bool` skips tensors before they are
-    read, so loading one model out of an all-in-one checkpoint never reads the others.
-    """
+    """Every tensor of `path` (see `safetensors_files`) on `device`, floating-point ones (fp8 too)
+    in `dtype`; integer tensors are kept for `check_weights` to refuse. `key_filter(key) -> bool`
+    skips tensors before they are read: one model of an all-in-one file never reads the others."""
     from safetensors import SafetensorError, safe_open
 
     state = {}
@@ -480,16 +458,16 @@ def _safetensors_header(path) -> tuple[list[str], dict]:
 
 
 def check_weights(state: dict, path) -> dict:
-    """Refuse what cannot be weights, naming the file (the shard that holds it) and the tensor: a value that
-    is not a tensor (a pickled .pth), a tensor that is not floating point (integers, bools: a quantised or
-    foreign file this code would otherwise use as numbers), or one holding NaN / Inf (a diverged run, a
-    damaged file: black images or NaN losses later). Returns `state`."""
+    """Refuse what cannot be weights, naming the file (the shard holding it) and the tensor: not a
+    tensor (a pickled .pth), not floating point (a quantised or foreign file whose integers would be
+    used as numbers), or holding NaN / Inf (a diverged run, a damaged file). Returns `state`."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             problem = f"entry {key} is a {type(value).__name__}, not a tensor"
         elif not value.is_floating_point():
             dtype = str(value.dtype).removeprefix("torch.")
-            problem = f"tensor {key} is {dtype}, not floating point; these are not weights this code reads"
+            problem = (f"tensor {key} is {dtype}, not floating point; "
+                       "these are not weights this code reads")
         elif not torch.isfinite(value).all():
             problem = f"tensor {key} holds NaN or Inf values; these weights are broken"
         else:
@@ -513,8 +491,8 @@ def check_writable_folder(folder) -> None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # mkdir would fail on it at the end of the run
-            raise UserError(f"cannot write into {folder}: {existing} is a link to {os.readlink(existing)}, "
-                            "which does not exist")
+            raise UserError(f"cannot write into {folder}: {existing} is a link to "
+                            f"{os.readlink(existing)}, which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"cannot write into {folder}: {existing} is a file, not a folder")
@@ -523,8 +501,8 @@ def check_writable_folder(folder) -> None:
 
 
 def check_name_length(path) -> None:
-    """Refuse a path no file system takes (a name over NAME_MAX bytes, a path over 4095) before the run,
-    rather than at its end."""
+    """Refuse, before the run rather than at its end, a path no file system takes: a name over
+    NAME_MAX bytes, a path over 4095."""
     for name in (*Path(path).parts, str(path)):
         limit = 4095 if name == str(path) else NAME_MAX
         if len(os.fsencode(name)) > limit:
@@ -533,7 +511,7 @@ def check_name_length(path) -> None:
 
 
 def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
-    """Refuse an output path that would fail at the end of a long run: call it before loading anything.
+    """Refuse, before anything loads, an output path that would fail at the end of a long run;
     `suffixes=None` accepts any extension. Returns the path."""
     path = Path(path)
     check_name_length(path)
@@ -541,11 +519,11 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
         example = path / ("output" + (suffixes or (".png",))[0])
         raise UserError(f"{path} is a folder; give a file name such as {example}")
     if suffixes is not None and path.suffix.lower() not in suffixes:
-        allowed = ", ".join(suffixes)
-        raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} (use one of {allowed})")
+        raise UserError(f"{path}: unsupported extension {path.suffix or '(none)'} "
+                        f"(use one of {', '.join(suffixes)})")
     if path.is_symlink() and not path.exists():
-        raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; remove the link or "
-                        "choose another name")
+        raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; remove "
+                        "the link or choose another name")
     check_regular_file(path, "file to replace")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
@@ -554,10 +532,9 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
 
 
 def check_apart(outputs, inputs) -> None:
-    """Refuse an output that is one of the inputs (the same file by any name: a link, a hard link) or lies
-    inside an input folder, whatever --overwrite says: no run replaces or adds to what it reads. `outputs`
-    and `inputs` are (option, path) pairs; None, and inputs that are not local paths (Hub ids), are
-    skipped."""
+    """Refuse, whatever --overwrite says, an output that is an input (by any name: a link, a hard
+    link) or lies inside an input folder: no run replaces or adds to what it reads. `outputs` and
+    `inputs` are (option, path) pairs; None, and inputs that are not local paths, are skipped."""
     sources = [(option, Path(path).expanduser()) for option, path in inputs if path is not None]
     sources = [(option, path, path.resolve()) for option, path in sources if path.exists()]
     for out_option, output in ((option, path) for option, path in outputs if path is not None):
@@ -565,11 +542,11 @@ def check_apart(outputs, inputs) -> None:
         target = Path(output).expanduser().resolve()
         for option, source, real in sources:
             if target == real or (target.exists() and os.path.samefile(target, real)):
-                raise UserError(f"{out_option}: {output} is {option} {source}; an output never replaces an "
-                                f"input: choose another {out_option}")
+                raise UserError(f"{out_option}: {output} is {option} {source}; an output never "
+                                f"replaces an input: choose another {out_option}")
             if real.is_dir() and target.is_relative_to(real):
-                raise UserError(f"{out_option}: {output} lies inside {option} {source}; a run never writes "
-                                f"into its inputs: choose another {out_option}")
+                raise UserError(f"{out_option}: {output} lies inside {option} {source}; a run "
+                                f"never writes into its inputs: choose another {out_option}")
 
 
 def _file_mode() -> int:
@@ -586,8 +563,8 @@ def _publish(temp: Path, path: Path, overwrite: bool):
     try:
         os.link(temp, path)  # atomic and exclusive: fails if `path` appeared meanwhile
     except FileExistsError:
-        message = "exists (written by another run meanwhile?); pass --overwrite to replace it"
-        raise UserError(f"{path} {message}") from None
+        raise UserError(f"{path} exists (written by another run meanwhile?); pass --overwrite to "
+                        "replace it") from None
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
             raise
@@ -601,15 +578,15 @@ class FolderInUse(UserError):
     """Another run holds the folder: a run that stops for this must not clean anything up in it."""
 
     def __init__(self, folder: Path, holder: str):
-        super().__init__(f"{folder} is in use by another run ({holder or 'unknown'}): choose another "
-                         f"--output, or delete {folder / '.lock'} if that run has ended")
+        super().__init__(f"{folder} is in use by another run ({holder or 'unknown'}): choose "
+                         f"another --output, or delete {folder / '.lock'} if that run has ended")
 
 
 @contextlib.contextmanager
 def folder_lock(folder, enabled=True):
-    """Hold FOLDER/.lock (host and process id) while this run writes FOLDER, so that a second run on it
-    stops with one line instead of overwriting this one's checkpoints. A lock left by a process of this
-    machine that no longer runs (a killed run) is taken over. Under torchrun only rank 0 takes it."""
+    """Hold FOLDER/.lock (host and process id) while this run writes FOLDER: a second run on it
+    stops with one line instead of overwriting this one's checkpoints. The lock of a process of this
+    machine that no longer runs (a killed run) is taken over. Under torchrun only rank 0 locks."""
     if not enabled:
         yield
         return
@@ -617,7 +594,7 @@ def folder_lock(folder, enabled=True):
     folder.mkdir(parents=True, exist_ok=True)
     lock, owner = folder / ".lock", f"{socket.gethostname()} {os.getpid()}"
     try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask decides
     except FileExistsError:
         try:
             holder = lock.read_text(errors="replace").strip()
@@ -626,65 +603,13 @@ def folder_lock(folder, enabled=True):
         host, _, pid = holder.partition(" ")
         if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
             raise FolderInUse(folder, holder) from None
-        descriptor = os.open(lock, os.O_WRONLY | os.O_TRUNC)  # the lock of a run that died: take it over
+        descriptor = os.open(lock, os.O_WRONLY | os.O_TRUNC)  # a dead run's lock: take it over
     with os.fdopen(descriptor, "w") as file:
         file.write(owner)
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
-
-
-def latest_checkpoint(output) -> Path | None:
-    """The newest complete checkpoint: `state.pt` is written last, so a crash mid-save leaves none."""
-    done = sorted((Path(output) / "checkpoints").glob("step-*/state.pt"))
-    return done[-1].parent if done else None
-
-
-def check_train_output(output: Path, resume, finished: str | None = None) -> Path | None:
-    """Fail before any model loads if a training OUTPUT cannot be written, holds another run or nothing to
-    resume; return the checkpoint to resume from or None. With `finished` (a finished run's file: op4ksr.py)
-    other files may stay and --resume takes any folder; without it (diffusion4k.py) only a `.lock` may stay
-    (`folder_lock` decides), --resume needs a state.pt, and True (train-vae) starts afresh where none is."""
-    ours, previous = finished is None, latest_checkpoint(output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} is a file; --output takes a folder" if ours else f"--output {output} is a "
-                        f"file; training writes a folder (checkpoints/, train_log.jsonl, {finished})")
-    check_writable_folder(output)
-    if not resume and (previous is not None or not ours and (output / finished).exists()):
-        raise UserError(f"{output} already holds a training run: pass --resume"
-                        f"{'' if ours else ' to continue it'}, or choose another --output")
-    if ours and previous is None and output.is_dir() and any(p.name != ".lock" for p in output.iterdir()):
-        raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty --output")
-    if resume == "latest" and previous is None:
-        raise UserError(f"--resume: no {'' if ours else 'complete '}checkpoint under {output / 'checkpoints'}"
-                        + (" (start without --resume)" if ours else ""))
-    if resume in (None, False, True, "latest"):
-        return previous if resume else None
-    if not ((Path(resume) / "state.pt").is_file() if ours else Path(resume).is_dir()):
-        raise UserError(f"--resume {resume}: " + ("not a checkpoint folder (it has no state.pt)" if ours
-                                                  else "no such checkpoint folder"))
-    return Path(resume)
-
-
-@contextlib.contextmanager
-def undone_on_failure(output: Path, main: bool = True):
-    """A run that fails before its first checkpoint leaves no trace: the folders it created are removed,
-    and so is anything it added to a folder that existed."""
-    created = output
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
-    before = None if not output.exists() else set(output.iterdir())
-    try:
-        yield
-    except BaseException as error:  # FolderInUse: the folder is another run's, nothing in it is ours
-        if main and not isinstance(error, FolderInUse) and latest_checkpoint(output) is None:
-            for path in [created] if before is None else set(output.iterdir()) - before:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        raise
 
 
 def _running(pid: int) -> bool:
@@ -697,15 +622,68 @@ def _running(pid: int) -> bool:
     return True
 
 
+def latest_checkpoint(output) -> Path | None:
+    """The newest complete checkpoint: `state.pt` is written last, a crash mid-save leaves none."""
+    done = sorted((Path(output) / "checkpoints").glob("step-*/state.pt"))
+    return done[-1].parent if done else None
+
+
+def check_train_output(output: Path, resume, finished: str | None = None) -> Path | None:
+    """Fail before any model loads if a training OUTPUT cannot be written, holds another run or
+    nothing to resume; return the checkpoint to resume from, or None. With `finished` (the file a
+    finished run leaves: op4ksr.py) other files may stay and --resume takes any folder; without it
+    (diffusion4k.py) only a `.lock` may stay (`folder_lock` decides), --resume needs a state.pt, and
+    True (train-vae) starts afresh where there is none."""
+    ours, previous = finished is None, latest_checkpoint(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output} is a file; --output takes a folder" if ours else
+                        f"--output {output} is a file; training writes a folder "
+                        f"(checkpoints/, train_log.jsonl, {finished})")
+    check_writable_folder(output)
+    if not resume and (previous is not None or not ours and (output / finished).exists()):
+        raise UserError(f"{output} already holds a training run: pass --resume"
+                        f"{'' if ours else ' to continue it'}, or choose another --output")
+    if (ours and previous is None and output.is_dir()
+            and any(p.name != ".lock" for p in output.iterdir())):
+        raise UserError(f"{output} is not empty and holds no checkpoint; choose a new or empty "
+                        "--output")
+    if resume == "latest" and previous is None:
+        raise UserError(f"--resume: no {'' if ours else 'complete '}checkpoint under "
+                        f"{output / 'checkpoints'}" + (" (start without --resume)" if ours else ""))
+    if resume in (None, False, True, "latest"):
+        return previous if resume else None
+    if not ((Path(resume) / "state.pt").is_file() if ours else Path(resume).is_dir()):
+        raise UserError(f"--resume {resume}: " + ("not a checkpoint folder (it has no state.pt)"
+                                                  if ours else "no such checkpoint folder"))
+    return Path(resume)
+
+
+@contextlib.contextmanager
+def undone_on_failure(output: Path, main: bool = True):
+    """A run that fails before its first checkpoint leaves no trace: the folders it created are
+    removed, and so is anything it added to a folder that existed."""
+    created = output
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    before = None if not output.exists() else set(output.iterdir())
+    try:
+        yield
+    except BaseException as error:  # FolderInUse: another run's folder, nothing in it is ours
+        if main and not isinstance(error, FolderInUse) and latest_checkpoint(output) is None:
+            for path in [created] if before is None else set(output.iterdir()) - before:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_files(paths, overwrite=False):
-    """Yield one temporary path beside each of `paths`; when the block succeeds, move them all in.
-
-    Either every file appears, complete and with the umask's mode, or none does: a failure in the
-    block, or in moving any of them in, removes the temporary files, the ones already moved and the
-    folders made for them. Without `overwrite` an existing file is never replaced, even one that appears
-    during the run.
-    """
+    """Yield a temporary path beside each of `paths`; when the block succeeds, move them all in.
+    Either every file appears, complete and with the umask's mode, or none does: a failure removes
+    the temporary files, those already moved in and the folders made for them. Without `overwrite`
+    an existing file is never replaced, even one that appears during the run."""
     paths = [Path(p) for p in paths]
     for path in paths:
         if path.exists() and not overwrite:
@@ -726,7 +704,7 @@ def atomic_files(paths, overwrite=False):
     try:
         yield temps
         for temp, path in zip(temps, paths):
-            os.chmod(temp, mode)  # again: some writers (safetensors) replace the file with a 0600 one
+            os.chmod(temp, mode)  # again: a writer may replace it with a 0600 file (safetensors)
             _publish(temp, path, overwrite)
             published.append(path)
     except BaseException as error:
@@ -759,8 +737,8 @@ def _remove(files: list[Path], folders: list[Path]):
 
 
 def _write_failure(error: BaseException) -> str | None:
-    """The reason in words when the file system refused a write: an OSError, or the 'os error N' that
-    safetensors' Rust writer reports. None for any other failure."""
+    """The reason in words when the file system refused a write (an OSError, or the 'os error N' of
+    safetensors' Rust writer); None for any other failure."""
     if isinstance(error, OSError):
         return os_error_text(OSError(error.errno, error.strerror or str(error)))
     found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
@@ -768,15 +746,15 @@ def _write_failure(error: BaseException) -> str | None:
 
 
 def save_torch(data, path):
-    """`torch.save` atomically, through a file object: a full disk then raises OSError (torch's own file
-    writer reports it as an unrelated RuntimeError)."""
+    """`torch.save` atomically, through a file object: a full disk then raises OSError (torch's own
+    file writer reports it as an unrelated RuntimeError)."""
     with atomic_write(path) as temp, open(temp, "wb") as file:
         torch.save(data, file)
 
 
 @contextlib.contextmanager
 def atomic_write(path, overwrite=True):
-    """`atomic_files` for one file: yield a temporary path that replaces (or creates) `path` on success."""
+    """`atomic_files` for one file: a temporary path that replaces or creates `path` on success."""
     with atomic_files([path], overwrite) as (temp,):
         yield temp
 
@@ -787,31 +765,31 @@ def atomic_write(path, overwrite=True):
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, upright, refusing files that are not images or too large."""
     with _opened_image(path, max_pixels) as opened:
-        turned = opened.getexif().get(0x0112, 1) != 1  # exif_transpose would copy an upright image too
+        turned = opened.getexif().get(0x0112, 1) != 1  # exif_transpose copies upright images too
         image = ImageOps.exif_transpose(opened) if turned else opened
         image.load()
     return to_rgb(image)
 
 
 def image_size(path, max_pixels=MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image file as `load_image` returns it (EXIF rotation applied), read from its
+    """(width, height) of an image as `load_image` returns it (EXIF rotation applied), read from the
     header alone: size limits are checked before a large image is decoded."""
     with _opened_image(path, max_pixels) as opened:
-        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
         return opened.size[::-1] if turned else opened.size
 
 
 def verify_image(path, max_pixels=MAX_IMAGE_PIXELS) -> None:
-    """Refuse a file that is not an image, too large, or fails Pillow's integrity check, without decoding
-    its pixels (a file can still fail to decode later: a PNG cut after its header)."""
+    """Refuse a file that is not an image, too large, or fails Pillow's integrity check, without
+    decoding its pixels (it can still fail to decode later: a PNG cut after its header)."""
     with _opened_image(path, max_pixels) as opened:
         opened.verify()
 
 
 @contextlib.contextmanager
 def _opened_image(path, max_pixels):
-    """The image opened by Pillow (its header read), refused with one line if it is not a readable image
-    file or has more than `max_pixels` pixels; errors while the block decodes it are refused alike."""
+    """The image opened by Pillow (its header read). A file that is not a readable image or has over
+    `max_pixels` pixels is refused in one line, and so are errors while the block decodes it."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give an image file")
@@ -849,16 +827,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def write_image(image: Image.Image, file, suffix: str, metadata=None):
     """Encode `image` into `file` in the format of `suffix`; `metadata` (str -> str) goes into PNG
     text chunks or the JPEG comment."""
-    if suffix.lower() not in IMAGE_FORMATS:
-        raise UserError(f"unsupported image extension {suffix} (use one of {', '.join(IMAGE_FORMATS)})")
-    kind = IMAGE_FORMATS[suffix.lower()]
+    kind = IMAGE_FORMATS.get(suffix.lower())
+    if kind is None:
+        raise UserError(f"unsupported image extension {suffix} "
+                        f"(use one of {', '.join(IMAGE_FORMATS)})")
     options = {}
     metadata = {key: str(value) for key, value in (metadata or {}).items()}
     if kind == "PNG":
-        info = PngImagePlugin.PngInfo()
+        options["pnginfo"] = info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)
-        options["pnginfo"] = info
     elif kind == "JPEG":
         options.update(quality=95, comment=json.dumps(metadata).encode())
     image.save(file, format=kind, **options)
@@ -868,7 +846,8 @@ def save_image(image: Image.Image, path, metadata=None, overwrite=True):
     """Write `image` atomically, in the format its extension names (see `write_image`)."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_FORMATS:
-        raise UserError(f"{path}: unsupported image extension (use one of {', '.join(IMAGE_FORMATS)})")
+        raise UserError(f"{path}: unsupported image extension "
+                        f"(use one of {', '.join(IMAGE_FORMATS)})")
     with atomic_write(path, overwrite=overwrite) as temp:
         write_image(image, temp, path.suffix, metadata)
 
@@ -880,12 +859,11 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image (values outside are clipped).
-
-    A tensor holding NaN or Inf is refused: it comes from broken weights or settings, and would
-    otherwise be written as a black or garbage image."""
+    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image, clipped. NaN / Inf, from broken weights
+    or settings, is refused rather than written as a black or garbage image."""
     if not torch.isfinite(x).all():
-        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image was written")
+        raise UserError("the result holds NaN/Inf values (broken weights or settings); "
+                        "no image was written")
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 
