@@ -66,14 +66,13 @@ def attention(q, k, v, mask=None, scale=None):
     with sdpa_kernel(preferred_backends(q), set_priority=True):
         # Inside a compiled block (`compile_blocks`) the question would break the block's graph;
         # the transformers' q, k, v always suit a fused kernel, so the call stays whole there.
-        if queries <= chunk or torch.compiler.is_compiling() or not builds_scores(q, k, v, mask, scale):
+        whole = queries <= chunk or torch.compiler.is_compiling()
+        if whole or not builds_scores(q, k, v, mask, scale):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         outputs = []
         for start in range(0, queries, chunk):
             rows = slice(start, start + chunk)
-            chunk_mask = mask
-            if mask is not None and mask.shape[-2] != 1:
-                chunk_mask = mask[..., rows, :]
-            part = F.scaled_dot_product_attention(q[..., rows, :], k, v, attn_mask=chunk_mask, scale=scale)
-            outputs.append(part)
+            rows_mask = mask[..., rows, :] if mask is not None and mask.shape[-2] != 1 else mask
+            outputs.append(F.scaled_dot_product_attention(q[..., rows, :], k, v,
+                                                          attn_mask=rows_mask, scale=scale))
         return torch.cat(outputs, dim=-2)

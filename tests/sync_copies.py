@@ -1,4 +1,4 @@
-"""Rewrite every copied kit from its source: `python tests/sync_copies.py` (add --check to only report).
+"""Rewrite every copied kit from its source: `python tests/sync_copies.py` (--check only reports).
 
 A source file marks a kit as
     # --- BEGIN kit: <name> ---  ...  # --- END kit: <name> ---
@@ -18,7 +18,8 @@ KIT = re.compile(
     r"^# --- BEGIN kit: (?P<name>.+?) ---\n(?P<body>.*?)^# --- END kit: (?P=name) ---$", re.S | re.M
 )
 COPY = re.compile(
-    r"^# --- BEGIN copy of (?P<source>\S+): (?P<name>.+?) ---\n(?P<body>.*?)^# --- END copy: (?P=name) ---$",
+    r"^# --- BEGIN copy of (?P<source>\S+): (?P<name>.+?) ---\n"
+    r"(?P<body>.*?)^# --- END copy: (?P=name) ---$",
     re.S | re.M,
 )
 MARKER = re.compile(r"^# --- (BEGIN|END) ", re.M)
