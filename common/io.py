@@ -195,19 +195,17 @@ def device_name(text) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device {kinds}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use "
-                                             "--device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        problem = f"unsupported device type {kinds}"
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(
-            f"{text}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text}: unsupported device type {kinds}")
-    return text
+        problem = "MPS is not available on this machine; use --device cpu"
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        problem = "CUDA is not available here; use --device cpu"
+    elif device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        problem = f"this machine has {count} CUDA device(s)"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"{text}: {problem}")
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -265,8 +263,7 @@ def end_progress_lines():
 
 # ----------------------------------------------------------------------------- inputs
 
-# Byte-order marks, UTF-32's before UTF-16's (UTF-32-LE's starts with UTF-16-LE's); the codecs
-# drop them.
+# Byte-order marks, UTF-32's first (UTF-32-LE's starts with UTF-16-LE's); the codecs drop them.
 BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF8: "UTF-8-sig",
         codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
 FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
