@@ -49,6 +49,9 @@ _TORCHVISION_OPS = _make_torchvision_importable()
 def _deterministic():
     torch.manual_seed(0)
     yield
+    from common import io  # a test that stops a run half-way leaves its progress bars to the next one
+
+    io._open_bars.clear()
 
 
 def randomize_(module, std=0.2, seed=0):
