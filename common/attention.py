@@ -28,7 +28,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAX_SCORE_ELEMENTS = 2**28  # 1 GiB of fp32 scores per chunk
 
-
 def preferred_backends(q: torch.Tensor) -> list[SDPBackend]:
     """SDPA backends in the order we want them tried for this query tensor."""
     fused_half = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -38,12 +37,10 @@ def preferred_backends(q: torch.Tensor) -> list[SDPBackend]:
         return fused_half + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
-
 def builds_scores(q, k, v, mask=None, scale=None) -> bool:
     """Whether SDPA, with the backends enabled where it is called, would run its math backend
     for these inputs: the one backend that writes the full score matrix."""
     return torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=scale) == SDPBackend.MATH.value
-
 
 def attention(q, k, v, mask=None, scale=None):
     """softmax(q @ k^T * scale + mask) @ v.

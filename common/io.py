@@ -39,14 +39,11 @@ MAX_IMAGE_PIXELS = 16384 * 16384  # a 16K square; anything larger is refused bef
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, APFS, NTFS (in UTF-16 units)
 
-
 class UserError(Exception):
     """A problem with the user's input, files or environment, stated in one line."""
 
-
 class Terminated(BaseException):
     """SIGTERM (`kill`, a job scheduler) raised where the program is, so every clean-up runs."""
-
 
 def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
     """Run `main(argv)`, turning what a user can act on into one stderr line and an exit code: 2 bad
@@ -67,12 +64,10 @@ def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
             return _fail("terminated", 143)
     return 0
 
-
 def _fail(message: str, code: int) -> int:
     end_progress_lines()
     print(message, file=sys.stderr)
     return code
-
 
 def os_error_text(error: OSError, action: str = "") -> str:
     """One line for a file-system error: '[action ]FILE: reason', the reason in words."""
@@ -82,12 +77,10 @@ def os_error_text(error: OSError, action: str = "") -> str:
     reason = reasons.get(error.errno) or error.strerror or str(error)
     return f"{action}{_short(error.filename)}: {reason}" if error.filename else f"{action}{reason}"
 
-
 def _short(path, limit: int = 100) -> str:
     """A path fit for a one-line message: a very long one keeps its start and its end."""
     text = str(path)
     return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 4 :]}"
-
 
 @contextlib.contextmanager
 def _one_line_warnings():
@@ -103,7 +96,6 @@ def _one_line_warnings():
         yield
     finally:
         warnings.showwarning = previous
-
 
 @contextlib.contextmanager
 def _sigterm_raises():
@@ -122,9 +114,7 @@ def _sigterm_raises():
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
-
 # ----------------------------------------------------------------------------- arguments
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as a `UserError`: one line instead of a usage dump."""
@@ -132,12 +122,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
-
 def _range_text(low, high) -> str:
     if high is None:
         return f">= {low}"
     return f"<= {high}" if low is None else f"in [{low}, {high}]"
-
 
 def integer(low=None, high=None):
     """argparse type: an integer in [low, high] (either bound may be None)."""
@@ -152,7 +140,6 @@ def integer(low=None, high=None):
         return value
 
     return parse
-
 
 def number(low=None, high=None):
     """argparse type: a finite float in [low, high] (either bound may be None)."""
@@ -170,7 +157,6 @@ def number(low=None, high=None):
 
     return parse
 
-
 def positive(high=None):
     """argparse type: a finite number in (0, high] (a learning rate, a weight that must act)."""
     finite = number()
@@ -184,9 +170,7 @@ def positive(high=None):
 
     return parse
 
-
 SEED = integer(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64-bit seeds
-
 
 def device_name(text) -> str:
     """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps)."""
@@ -207,9 +191,7 @@ def device_name(text) -> str:
         return text
     raise argparse.ArgumentTypeError(f"{text}: {problem}")
 
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """DEVICE, else CUDA if any, else the CPU; DTYPE (a dtype or a DTYPES name), else bf16 on CUDA
@@ -218,11 +200,9 @@ def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, DTYPES.get(dtype, dtype) or default
 
-
 # ----------------------------------------------------------------------------- progress
 
 _open_bars = []
-
 
 def progress_bar(description: str, total=None, initial=0):
     """A progress bar on stderr; returns `update(done, total, postfix)`, postfix a dict of values
@@ -245,13 +225,11 @@ def progress_bar(description: str, total=None, initial=0):
 
     return update
 
-
 def warn(message: str):
     """A warning line on stderr above any progress bar (a print would land on the bar's line)."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
 
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
 
 def end_progress_lines():
     """Close the bars still open (a run stopped half-way) so that the next line starts clean."""
@@ -260,7 +238,6 @@ def end_progress_lines():
             _open_bars.pop().close()
         print(file=sys.stderr)
 
-
 # ----------------------------------------------------------------------------- inputs
 
 # Byte-order marks, UTF-32's first (UTF-32-LE's starts with UTF-16-LE's); the codecs drop them.
@@ -268,7 +245,6 @@ BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM
         codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
 FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
 
 def check_regular_file(path, what="file") -> Path:
     """Refuse, without opening it, a FIFO (reading waits for a writer forever), a device (it may
@@ -281,7 +257,6 @@ def check_regular_file(path, what="file") -> Path:
         kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
         raise UserError(f"{_short(path)} is {kind}, not a {what}")
     return Path(path)
-
 
 def read_text(path, what="file") -> str:
     """A text file's contents: UTF-8, or UTF-16 / UTF-32 with a byte-order mark (dropped). Text with
@@ -305,12 +280,10 @@ def read_text(path, what="file") -> str:
                         "byte-order mark?); save it as UTF-8")
     return text
 
-
 def loads_unique(text: str):
     """`json.loads`, refusing an object that names a key twice (json would keep the last one) with a
     ValueError that names the key."""
     return json.loads(text, object_pairs_hook=_unique_keys)
-
 
 def _unique_keys(pairs: list) -> dict:
     data = dict(pairs)
@@ -319,7 +292,6 @@ def _unique_keys(pairs: list) -> dict:
         repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
         raise ValueError(f"the key {repeated!r} appears twice")
     return data
-
 
 def read_json(path) -> dict:
     """A JSON file holding an object, or a one-line `UserError` naming the file and the problem."""
@@ -331,9 +303,7 @@ def read_json(path) -> dict:
         raise UserError(f"{path}: not a JSON object but a {type(data).__name__}")
     return data
 
-
 # ----------------------------------------------------------------------------- weights
-
 
 def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.json"),
                    token=None) -> Path:
@@ -373,9 +343,7 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
         raise UserError(f"{source} has no files matching {patterns}")
     return path
 
-
 _REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-
 
 def is_repo_id(text) -> bool:
     """Whether `text` is a Hub repo id, owner/name: letters, digits, '_', '-', '.', neither '-' nor
@@ -384,12 +352,10 @@ def is_repo_id(text) -> bool:
     valid = re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None
     return valid and not re.search(r"--|\.\.", text)
 
-
 def source_name(source) -> str:
     """A weights source as a run records it: a local path made absolute, a Hub repo id as it is."""
     local = Path(str(source)).expanduser()
     return str(local.resolve()) if local.exists() else str(source)
-
 
 def safetensors_files(path) -> list[Path]:
     """The safetensors files that make up one model: a file, a sharded set, or a folder's files."""
@@ -408,7 +374,6 @@ def safetensors_files(path) -> list[Path]:
     if not files:
         raise UserError(f"{path}: no .safetensors files")
     return files
-
 
 def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[str, torch.Tensor]:
     """Every tensor of `path` (see `safetensors_files`) on `device`, floating-point ones (fp8 too)
@@ -432,16 +397,13 @@ def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[st
             raise UserError(f"{file}: not a readable safetensors file ({error})") from None
     return state
 
-
 def safetensors_keys(path) -> list[str]:
     """The tensor names of a safetensors file, read from its header alone."""
     return _safetensors_header(path)[0]
 
-
 def safetensors_metadata(path) -> dict[str, str]:
     """The string metadata of a safetensors file, read from its header alone."""
     return _safetensors_header(path)[1]
-
 
 def _safetensors_header(path) -> tuple[list[str], dict]:
     from safetensors import SafetensorError, safe_open
@@ -452,7 +414,6 @@ def _safetensors_header(path) -> tuple[list[str], dict]:
             return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
-
 
 def check_weights(state: dict, path) -> dict:
     """Refuse what cannot be weights, naming the file (the shard holding it) and the tensor: not a
@@ -474,12 +435,10 @@ def check_weights(state: dict, path) -> dict:
         raise UserError(f"{file}: {problem}")
     return state
 
-
 # ----------------------------------------------------------------------------- outputs
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
-
 
 def check_writable_folder(folder) -> None:
     """Refuse a folder that cannot be created or written, naming the first ancestor in the way."""
@@ -496,7 +455,6 @@ def check_writable_folder(folder) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {folder}: {existing} is not writable")
 
-
 def check_name_length(path) -> None:
     """Refuse, before the run rather than at its end, a path no file system takes: a name over
     NAME_MAX bytes, a path over 4095."""
@@ -505,7 +463,6 @@ def check_name_length(path) -> None:
         if len(os.fsencode(name)) > limit:
             raise UserError(f"{_short(path)}: a {'path' if limit > NAME_MAX else 'file name'} of "
                             f"{len(os.fsencode(name))} bytes; file systems take at most {limit}")
-
 
 def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
     """Refuse, before anything loads, an output path that would fail at the end of a long run;
@@ -527,7 +484,6 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
     check_writable_folder(path.parent)
     return path
 
-
 def check_apart(outputs, inputs) -> None:
     """Refuse, whatever --overwrite says, an output that is an input (by any name: a link, a hard
     link) or lies inside an input folder: no run replaces or adds to what it reads. `outputs` and
@@ -545,12 +501,10 @@ def check_apart(outputs, inputs) -> None:
                 raise UserError(f"{out_option}: {output} lies inside {option} {source}; a run "
                                 f"never writes into its inputs: choose another {out_option}")
 
-
 def _file_mode() -> int:
     mask = os.umask(0)  # the only way to read the umask is to set it
     os.umask(mask)
     return 0o666 & ~mask
-
 
 def _publish(temp: Path, path: Path, overwrite: bool):
     """Move a finished temporary file to `path`; without `overwrite`, fail if `path` exists."""
@@ -570,14 +524,12 @@ def _publish(temp: Path, path: Path, overwrite: bool):
         os.replace(temp, path)
     temp.unlink(missing_ok=True)
 
-
 class FolderInUse(UserError):
     """Another run holds the folder: a run that stops for this must not clean anything up in it."""
 
     def __init__(self, folder: Path, holder: str):
         super().__init__(f"{folder} is in use by another run ({holder or 'unknown'}): choose "
                          f"another --output, or delete {folder / '.lock'} if that run has ended")
-
 
 @contextlib.contextmanager
 def folder_lock(folder, enabled=True):
@@ -608,7 +560,6 @@ def folder_lock(folder, enabled=True):
     finally:
         lock.unlink(missing_ok=True)
 
-
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0 only asks whether the process exists
@@ -618,12 +569,10 @@ def _running(pid: int) -> bool:
         pass
     return True
 
-
 def latest_checkpoint(output) -> Path | None:
     """The newest complete checkpoint: `state.pt` is written last, a crash mid-save leaves none."""
     done = sorted((Path(output) / "checkpoints").glob("step-*/state.pt"))
     return done[-1].parent if done else None
-
 
 def check_train_output(output: Path, resume, finished: str | None = None) -> Path | None:
     """Fail before any model loads if a training OUTPUT cannot be written, holds another run or
@@ -654,7 +603,6 @@ def check_train_output(output: Path, resume, finished: str | None = None) -> Pat
                                                   if ours else "no such checkpoint folder"))
     return Path(resume)
 
-
 @contextlib.contextmanager
 def undone_on_failure(output: Path, main: bool = True):
     """A run that fails before its first checkpoint leaves no trace: the folders it created are
@@ -673,7 +621,6 @@ def undone_on_failure(output: Path, main: bool = True):
                 else:
                     path.unlink(missing_ok=True)
         raise
-
 
 @contextlib.contextmanager
 def atomic_files(paths, overwrite=False):
@@ -712,7 +659,6 @@ def atomic_files(paths, overwrite=False):
             raise
         raise UserError(f"cannot write {paths[len(published)]}: {reason}") from None
 
-
 def _missing_folders(paths: list[Path]) -> list[Path]:
     """The folders that writing `paths` will create, deepest first."""
     missing = set()
@@ -723,7 +669,6 @@ def _missing_folders(paths: list[Path]) -> list[Path]:
             folder = folder.parent
     return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
 
-
 def _remove(files: list[Path], folders: list[Path]):
     """Remove `files`, then those of `folders` that are left empty."""
     for file in files:
@@ -731,7 +676,6 @@ def _remove(files: list[Path], folders: list[Path]):
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
-
 
 def _write_failure(error: BaseException) -> str | None:
     """The reason in words when the file system refused a write (an OSError, or the 'os error N' of
@@ -741,13 +685,11 @@ def _write_failure(error: BaseException) -> str | None:
     found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
     return os_error_text(OSError(int(found[1]), os.strerror(int(found[1])))) if found else None
 
-
 def save_torch(data, path):
     """`torch.save` atomically, through a file object: a full disk then raises OSError (torch's own
     file writer reports it as an unrelated RuntimeError)."""
     with atomic_write(path) as temp, open(temp, "wb") as file:
         torch.save(data, file)
-
 
 @contextlib.contextmanager
 def atomic_write(path, overwrite=True):
@@ -755,9 +697,7 @@ def atomic_write(path, overwrite=True):
     with atomic_files([path], overwrite) as (temp,):
         yield temp
 
-
 # ----------------------------------------------------------------------------- images
-
 
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, upright, refusing files that are not images or too large."""
@@ -767,7 +707,6 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
         image.load()
     return to_rgb(image)
 
-
 def image_size(path, max_pixels=MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) of an image as `load_image` returns it (EXIF rotation applied), read from the
     header alone: size limits are checked before a large image is decoded."""
@@ -775,13 +714,11 @@ def image_size(path, max_pixels=MAX_IMAGE_PIXELS) -> tuple[int, int]:
         turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
         return opened.size[::-1] if turned else opened.size
 
-
 def verify_image(path, max_pixels=MAX_IMAGE_PIXELS) -> None:
     """Refuse a file that is not an image, too large, or fails Pillow's integrity check, without
     decoding its pixels (it can still fail to decode later: a PNG cut after its header)."""
     with _opened_image(path, max_pixels) as opened:
         opened.verify()
-
 
 @contextlib.contextmanager
 def _opened_image(path, max_pixels):
@@ -804,7 +741,6 @@ def _opened_image(path, max_pixels):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
 
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparent areas become white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -819,7 +755,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of a 4K RGB image
-
 
 def write_image(image: Image.Image, file, suffix: str, metadata=None):
     """Encode `image` into `file` in the format of `suffix`; `metadata` (str -> str) goes into PNG
@@ -838,7 +773,6 @@ def write_image(image: Image.Image, file, suffix: str, metadata=None):
         options.update(quality=95, comment=json.dumps(metadata).encode())
     image.save(file, format=kind, **options)
 
-
 def save_image(image: Image.Image, path, metadata=None, overwrite=True):
     """Write `image` atomically, in the format its extension names (see `write_image`)."""
     path = Path(path)
@@ -848,12 +782,10 @@ def save_image(image: Image.Image, path, metadata=None, overwrite=True):
     with atomic_write(path, overwrite=overwrite) as temp:
         write_image(image, temp, path.suffix, metadata)
 
-
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB image -> float tensor (3, H, W) in [-1, 1]."""
     array = np.asarray(to_rgb(image), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
-
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image, clipped. NaN / Inf, from broken weights
@@ -863,7 +795,6 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
                         "no image was written")
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
-
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for noise, so a seed gives the same
