@@ -1,38 +1,32 @@
 """C-Upscale on Stable Diffusion 3: tuning-free creative upscaling with global-regional priors.
 
 Paper: Qian, Cai, Pan, Yao, Mei, "Creatively Upscaling Images with Global-Regional Priors",
-arXiv 2505.16976 (IJCV 2025). No official code is public. The paper's experiments use SDXL; this
-reconstruction runs on SD3-Medium (MMDiT joint attention, flow matching), and each adaptation is
-argued where it is coded.
+arXiv 2505.16976 (IJCV 2025). No official code is public. The paper uses SDXL; this reconstruction
+runs on SD3-Medium (MMDiT joint attention, flow matching), each adaptation argued where it is coded.
 
-The method. The low-resolution (LR) image, resized to the target and encoded, is z_L. Noise z_L to
-a middle level (the paper's strength 0.45) and denoise it with the remaining steps; at every step
-the latent is cut into overlapping regions of the model's native size (1024 px, overlap 512 px),
-each region is denoised, and their velocities are averaged back (MultiDiffusion). Three priors
-guide every step:
+The low-resolution (LR) image, resized to the target and encoded, is z_L. Noise z_L to a middle
+level (strength 0.45) and denoise it; at every step the latent is cut into overlapping regions of
+the model's native size (1024 px, overlap 512 px) whose velocities are averaged (MultiDiffusion).
+Three priors guide every step:
   GSP (global structure prior, Eqs. 4-5): z_t <- z_t - lambda_t dL/dz_t with
-      L = 1/2 |LL(x0_hat) - LL(z_L)|^2 on the Haar low band of the predicted clean latent,
-      lambda_t = 0.2 under a decreasing cosine schedule.
-  RAP (regional attention prior): a pass of the noised LR image with the global prompt gives every
-      head's image-to-text distribution; resized to the HR token grid and cropped to a region it is
-      A, and the region's image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass
-      on the text keys).
+      L = 1/2 |LL(x0_hat) - LL(z_L)|^2 on the Haar low band, lambda_t = 0.2 under a cosine decay.
+  RAP (regional attention prior): a pass of the noised LR image gives every head's image-to-text
+      distribution; resized to the HR token grid and cropped to a region it is A, and the region's
+      image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass on the text keys).
   RSP (regional semantic prior): a multimodal LLM captions each region; in every joint block the
       image features attended with the global and with the regional prompt are averaged.
-The method runs the paper's default readings; the other readings of its SDXL settings on SD3, and
-its GSP ablation schedules, are in the section "alternative readings and ablations".
+Other readings of the SDXL settings on SD3 and the GSP ablations have a section of their own.
 
 Run
     python cupscale.py --input lr.png --prompt "a lighthouse at dawn" --scale 4 --output hr.png
-    python cupscale.py ... --scale 8 --region-batch 2
     python cupscale.py ... --region-prompts regions.json    # RSP from a file ({"row,col": prompt})
     python cupscale.py ... --caption-cmd "llava-cli --image {image} --prompt {prompt}"
     python cupscale.py ... --no-gsp | --no-rap | --no-rsp | --mode multidiffusion   # ablations
-`--model`: a Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log in
-first), a local diffusers folder, or a Stability single file that includes the text encoders.
+`--model`: a Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated), a diffusers
+folder, or a Stability single file that includes the text encoders.
 
-After the method: the models it calls (MMDiT, VAE, CLIP and T5), the pipeline, weight loading
-(these three copied from diffusion4k.py, kept in sync by tests/sync_copies.py) and the command line.
+After the method: the models (MMDiT, VAE, CLIP, T5), the pipeline, weight loading (these copied
+from diffusion4k.py by tests/sync_copies.py) and the command line.
 """
 
 from __future__ import annotations
@@ -96,9 +90,9 @@ GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
 NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
 SDXL_TRAIN_STEPS = SD3_TRAIN_STEPS = 1000
 
-TEXT_CHUNK_ELEMENTS = 2**26  # RAP builds image->text probabilities this many values at a time
+TEXT_CHUNK_ELEMENTS = 2**26  # RAP's image->text probabilities are built in chunks this large
 MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond, hours of work and a 200 MB image
-MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
+MIN_INPUT_SIDE = 64  # px: less holds too little structure for GSP and RAP
 MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128
 
 @dataclass
@@ -107,11 +101,11 @@ class CUpscaleConfig:
 
     vae_scale: int = 8  # image px per latent px
     region_px: int = 1024  # the model's training resolution
-    overlap_px: int = 512  # half the region
+    overlap_px: int = 512
     strength: float = 0.45  # the paper's t = 0.45 T, 0.45 of the steps
     noise_level: str = "diffusers-strength"  # how strength reads on SD3 (`start_sigmas`)
-    num_steps: int = 28  # SD3's default full schedule
-    shift: float = 3.0  # SD3's flow-matching time shift
+    num_steps: int = 28
+    shift: float = 3.0
     guidance: float = 7.5  # CFG: the paper follows DemoFusion's 7.5
     gsp: bool = True
     rap: bool = True
@@ -120,7 +114,7 @@ class CUpscaleConfig:
     gsp_schedule: str = "cosine"
     gsp_normalisation: str = "sum"  # the reading of Eq. 4's loss (`gsp_step_scale`)
     region_batch: int = 4  # regions per model call (each 2 or 3 batch rows)
-    vae_tile_px: int = 1024  # an 8192^2 image never passes the VAE whole
+    vae_tile_px: int = 1024
     vae_overlap_px: int = 128
     caption_timeout_s: float = 300.0  # per region; a local LLaVA loads its weights every call
 
@@ -138,8 +132,8 @@ class CUpscaleConfig:
 @torch.no_grad()
 def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
             config: CUpscaleConfig, seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image` to width x height: (3, H, W) in [-1, 1] on the CPU. Noise comes from a CPU
-    generator (the same image on any device); `conditions` come from `encode_conditions`."""
+    """C-Upscale `image` to width x height: (3, H, W) in [-1, 1] on the CPU. The noise comes from
+    a CPU generator: the same image on any device."""
     device, dtype = pipe.device, pipe.dtype
     generator = seed_everything(seed)
 
@@ -168,14 +162,11 @@ def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditi
 
 def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig,
                    dtype, generator: torch.Generator, progress=None) -> torch.Tensor:
-    """Diffuse-then-denoise with regional denoising and the priors: the clean HR latent.
-
-    lr_latent: z_L, the LR image resized to the target (the paper's R(z_L)) and encoded;
-    rap_latent: the LR image at `rap_size`, encoded, noised with one fixed noise for RAP. Each
-    Euler step: the regions' velocities are blended into v, x0_hat = z - sigma v, GSP moves z,
-    then z += (sigma_next - sigma) v with the same v. GSP acts once on the merged canvas: with
-    even region offsets and uniform weights, that equals GSP inside every region.
-    """
+    """Diffuse-then-denoise z_L = `lr_latent` (the paper's R(z_L)) with the priors; `rap_latent`
+    is the LR image at `rap_size`, noised with one fixed noise for RAP. Each Euler step blends
+    the regions' velocities into v, moves z by GSP on x0_hat = z - sigma v, then by
+    (sigma_next - sigma) v. GSP on the merged canvas equals GSP in every region (even offsets,
+    uniform weights)."""
     device = lr_latent.device
     sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
     sigmas = sigmas.tolist()
@@ -213,13 +204,12 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
 @torch.no_grad()
 def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict,
                     config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None):
-    """The CFG velocity (n, C, h, w) in fp32 of a batch of regions of the latent canvas (C, H, W).
+    """The CFG velocity (n, C, h, w) in fp32 of n regions of the latent canvas (C, H, W).
 
-    Batch rows: negative, global and, with regional prompts (RSP), regional, n of each. RAP is on
-    when `lr_maps` is given. The global and the regional rows both take the regional prompt's
-    pooled vector (Eq. 8 conditions a region on its prompt): one image stream with two text
-    streams, which `attention_composer` merges. With regional prompts equal to the global one and
-    RAP off, this is plain regional denoising.
+    Batch rows: negative, global and, with RSP, regional prompt, n of each; RAP is on when
+    `lr_maps` is given. The global and regional rows both take the regional pooled vector (Eq. 8
+    conditions a region on its prompt): one image stream with two text streams, merged by
+    `attention_composer`.
     """
     n = len(regions)
     composer = conditions.get("regions") is not None
@@ -241,11 +231,10 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     return uncond + config.guidance * (cond - uncond)
 
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
-    """The sigmas of diffuse-then-denoise, from the start noise level down to 0 (Euler steps).
+    """The sigmas of diffuse-then-denoise, from the start noise level down to 0.
 
-    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of the default steps (SDXL 50 -> 22).
-    Read as diffusers' SD3 img2img: cut SD3's own schedule at int(num_steps - strength * num_steps),
-    sigma 0.707, 13 of 28 steps. The paper's 22 of 50 is exactly diffusers' arithmetic, and SD3 was
+    The paper noises to "t = 0.45 T" and runs 0.45 of SDXL's 50 steps (22): diffusers' img2img
+    arithmetic, which on SD3's own schedule starts at sigma 0.707 and runs 13 of 28 steps. SD3 was
     tuned on this schedule, while equal SNR in two latent spaces (SDXL 4 channels, SD3 16) is not
     equal corruption. The other readings are `alternative_start_sigmas`.
     """
@@ -280,19 +269,13 @@ class Region(NamedTuple):
                                           self.top + self.height)]
 
 def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
-    """Overlapping `region`-square windows covering a latent canvas, row by row from the top left.
-
-    The paper's regions are the model's training size, overlapping by half (Sec. 5.1). The last
-    window of a row or column is moved back to end on the border, so all have one size (one
-    batch); a side shorter than `region` gets one window of its length. Sizes and offsets must be
-    even (2x2 latent px make one SD3 token, and RAP crops on that grid).
-    """
-    if min(latent_height, latent_width, region, stride) <= 0 or stride > region:
-        raise ValueError(f"need positive sizes and stride <= region, got region {region}, "
-                         f"stride {stride}")
-    if any(n % 2 for n in (latent_height, latent_width, region, stride)):
+    """Overlapping `region`-square windows over a latent canvas, row by row (Sec. 5.1: the model's
+    training size, overlapping by half). The last window is moved back to end on the border, so
+    all have one size (one batch). Sizes and offsets are even: 2x2 latent px make one SD3 token."""
+    sizes = (latent_height, latent_width, region, stride)
+    if min(sizes) <= 0 or stride > region or any(n % 2 for n in sizes):
         raise ValueError(f"canvas {latent_height}x{latent_width}, region {region} and stride "
-                         f"{stride} must be even (latent px)")
+                         f"{stride} must be positive and even, stride <= region (latent px)")
     height, width = min(region, latent_height), min(region, latent_width)
     rows = _window_starts(latent_height, height, stride)
     cols = _window_starts(latent_width, width, stride)
@@ -317,9 +300,8 @@ def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) ->
     return canvas
 
 def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
-    """(N, h, w): 1 / (number of regions covering the pixel). Uniform, as in MultiDiffusion, which
-    the paper follows (no seams at overlap 512 px); with half-region overlaps they are constant on
-    every 2x2 block, so GSP on the merged canvas equals GSP per region."""
+    """(N, h, w): 1 / (number of regions covering the pixel), uniform as in MultiDiffusion, which
+    the paper follows (no seams at overlap 512 px)."""
     count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 exact in fp64
     for region in regions:
         count[region.slices] += 1
@@ -333,11 +315,10 @@ def blend_weights(regions: list[Region], latent_height: int, latent_width: int) 
 def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float):
     """The GSP update -step_size * dL/dz (Eqs. 4-5), to add to the noisy latent z.
 
-    L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 over the low band of a one-level Haar transform
-    (the paper does not say how many levels). The prediction is a constant, as the paper's cost
-    analysis implies ("GSP only involves simple tensor transformation"), and with flow matching
-    x0_pred = z - sigma v, so dL/dz = dL/dx0_pred = IDWT(LL gap, 0, 0, 0): the step moves the low
-    band of x0_pred (and of z) `step_size` of the way to the LR latent's and keeps the details.
+    L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 on a one-level Haar low band (the paper gives no
+    level count). The prediction x0_pred = z - sigma v is a constant, as the paper's cost analysis
+    implies, so dL/dz = IDWT(LL gap, 0, 0, 0): the step moves the low band `step_size` of the way
+    to the LR latent's and keeps the details.
     """
     if x0_pred.shape != lr_latent.shape:
         raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent "
@@ -348,20 +329,18 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
     return (-step_size * gradient).to(x0_pred.dtype)
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
-    """lambda_i / lambda at step `step` (0-based) of `num_steps`: the paper's decreasing cosine
-    (1 + cos(pi p)) / 2 with p = step / (num_steps - 1). Its ablation schedules (Fig. 8) are
-    `ablation_gsp_weight`."""
+    """lambda_i / lambda: the paper's decreasing cosine (1 + cos(pi p)) / 2 at progress
+    p = step / (num_steps - 1). Its ablation schedules are `ablation_gsp_weight`."""
     progress = step / (num_steps - 1) if num_steps > 1 else 0.0
     if schedule != "cosine":
         return ablation_gsp_weight(progress, schedule)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """The factor on lambda_i that turns `global_structure_prior` (written for L = 1/2 sum) into
-    Eq. 5's step under a reading of the paper's "MSE" (Fig. 8: lambda 0.2 reduces repetition, 1.0
-    makes artifacts). The default, "sum", gives 1: a step closes exactly lambda of the low-band gap
-    on any region, channel count or noise level; lambda = 1 is DiffuseHigh's hard replacement of
-    the band, which the paper criticises. The other readings are `alternative_gsp_step_scale`."""
+    """The factor on lambda_i for a reading of Eq. 4's "MSE". "sum" (L = 1/2 sum) gives 1: a step
+    closes lambda of the low-band gap on any region size or noise level, and lambda = 1 is
+    DiffuseHigh's hard replacement, which the paper criticises (Fig. 8: 0.2 reduces repetition,
+    1.0 makes artifacts). The other readings are `alternative_gsp_step_scale`."""
     if normalisation != "sum":
         return alternative_gsp_step_scale(normalisation, sigma, low_band_size)
     return 1.0
@@ -392,17 +371,14 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
                        block: int):
     """Joint block `block`'s attention (B, H, L, D) for n regions, with RAP and the composer.
 
-    Batch rows as in `denoise_regions`. RAP is on when `priors` (per region: its rows of the
-    interpolation matrices) and `lr_maps` (per block: S of the LR pass, (H, h, w, T)) are given.
-    SD3 has no cross-attention: one softmax runs over the keys [text (T = 333); image]. Per head,
-    an image query's row is P = [m S, (1 - m) R]: m its mass on the text keys, S its softmax over
-    the text keys alone (what SDXL's cross-attention computes), R its distribution over the image
-    keys; o = m S V_txt + (1 - m) R V_img. RAP keeps m and (1 - m) R and replaces S by the prior
-    A (whose rows, like S's, sum to one):
-        o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt.
-    Per head and per block: the LR and HR passes share the weights, so head h of block l means the
-    same in both. Only the global-prompt rows' image queries get RAP. o and m come from one SDPA
-    call; S is built for the text keys only, in chunks of queries, to bound memory.
+    RAP is on when `priors` (per region: its rows of the interpolation matrices) and `lr_maps`
+    (per block: S of the LR pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax
+    runs over [text; image] keys. Per head, an image query's row is P = [m S, (1 - m) R]: m its
+    mass on the text keys, S its softmax over them alone (SDXL's cross-attention), R over the
+    image keys. RAP replaces S by the prior A (rows summing to one, like S's):
+        o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt,
+    per head and block (the LR and HR passes share the weights), on the global-prompt rows' image
+    queries. o and m come from one SDPA call; S is built in chunks of queries.
     """
     img, global_rows = slice(num_context, None), slice(n, 2 * n)
     if priors is None:
@@ -424,7 +400,7 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
                 m = mass[i, :, num_context:][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
                 out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-    if composer:  # both rows go on with the composed image features; text queries keep their own
+    if composer:  # both rows go on with the composed image features
         composed = attention_composer(out[global_rows, :, img], out[2 * n :, :, img])
         out[global_rows, :, img] = composed
         out[2 * n :, :, img] = composed
@@ -432,8 +408,8 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
 
 def attention_and_text_mass(q, k, v, num_context: int):
     """Joint attention (B, H, L, D) and each query's mass on the first `num_context` keys (B, H, L)
-    from one SDPA call: q and k get 8 zero channels (same logits; the scale stays 1/sqrt(D)), v an
-    indicator channel of the text keys and 7 zeros (fused kernels want head dims of 8k)."""
+    from one SDPA call: q and k get 8 zero channels, v an indicator of the text keys and 7 zeros
+    (fused kernels want head dims of 8k)."""
     head_dim = q.shape[-1]
     extra = v.new_zeros(*v.shape[:-1], 8)
     extra[..., :num_context, 0] = 1
@@ -442,8 +418,8 @@ def attention_and_text_mass(q, k, v, num_context: int):
     return out[..., :head_dim], out[..., head_dim]
 
 def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor):
-    """A for one region, (H, region tokens, T): the LR map (H, h, w, T) resized bilinearly to the
-    HR token grid, for the region's tokens only (the whole grid of a 4K image would take 25 GB)."""
+    """A for one region, (H, tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR
+    grid, for the region's tokens only (a 4K image's whole grid would take 25 GB)."""
     x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
     return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
 
@@ -469,9 +445,8 @@ def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list:
-    """RAP's source: one pass of the noised LR latent (1, C, h, w) at `rap_size` with the global
-    prompt (conditional branch only). Per joint block, S of the image queries on the LR token grid,
-    (heads, h/p, w/p, T) in the model's dtype."""
+    """RAP's source: per joint block, S of the image queries (H, h/p, w/p, T) in a pass of the
+    noised LR latent with the global prompt."""
     patch = model.config.patch_size
     rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
     maps = []
@@ -499,10 +474,9 @@ def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
 
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
-    """Bind `make_attend(block_index)` as every joint block's `attend` for the duration: the
-    instance attribute shadows `JointBlock.attend`, the plain attention(q, k, v) over [text;
-    image] that `JointBlock.forward` calls. The bound functions run eagerly under
-    `compile_blocks`: traced, their per-block and per-region Python would make a graph per block."""
+    """Bind `make_attend(block_index)` over every joint block's `JointBlock.attend` for the
+    duration. They run eagerly under `compile_blocks`: traced, their Python would make a graph per
+    block."""
     for index, block in enumerate(model.joint_blocks):
         block.attend = torch.compiler.disable(make_attend(index))
     try:
@@ -515,34 +489,25 @@ def attention_hook(model: MMDiT, make_attend):
 # ======================================================= the method: regional semantic prior (RSP)
 
 def attention_composer(global_features: torch.Tensor, regional_features: torch.Tensor):
-    """The Attention Composer (Sec. 4.5, Fig. 4): f = (f_RAP + f_RSP) / 2.
-
-    f_RAP is a region's image features attended with the global prompt and RAP (without RAP, plain
-    attention); f_RSP with the region's own prompt p_n = MLLM(crop_n, p) (Eqs. 7-8; here from
-    --region-prompts or --caption-cmd). RAP's features follow the LR image, RSP's describe the
-    region's objects in detail. SDXL's cross-attention gives an image query one output; SD3's joint
-    attention gives it one per prompt row, so the average is over the image tokens of the global
-    and the regional rows, (B, H, N, D), and both rows go on with it (`denoise_regions`).
+    """The Attention Composer (Sec. 4.5): f = (f_RAP + f_RSP) / 2, a region's image features
+    attended with the global prompt and RAP, and with its own prompt p_n = MLLM(crop_n, p)
+    (Eqs. 7-8): RAP's follow the LR image, RSP's detail the region's objects. SD3's joint
+    attention gives an image token one output per prompt row; both rows go on with the average.
     """
     return (global_features + regional_features) / 2
 
 
 # ============================================================== alternative readings and ablations
 
-# The other readings of the paper's SDXL settings on SD3 (--noise-level, --gsp-normalisation) and
-# its GSP ablation schedules (--gsp-schedule); the method hands off to them only when asked. The
-# ablations that switch a prior off (--no-gsp, --no-rap, --no-rsp, --mode multidiffusion) are
-# `CUpscaleConfig`'s gsp, rap and rsp.
+# Other readings of the paper's SDXL settings on SD3 (--noise-level, --gsp-normalisation) and its
+# GSP ablation schedules (--gsp-schedule): the method hands off to them only when asked.
 
 def alternative_start_sigmas(strength: float, num_steps: int, shift: float, noise_level: str):
-    """`start_sigmas` under the other readings of the paper's "t = 0.45 T" on SD3's schedule:
-    "snr-matched", the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`, 0.578), or
-    "flow-sigma", sigma = strength (SD3's timestep axis read literally: the most faithful). Both
-    run int(strength * num_steps) steps (12 of 28), uniform in unshifted time, from the start sigma
-    down to SD3's last non-zero sigma."""
+    """`start_sigmas` under the other readings of "t = 0.45 T": "snr-matched", the SNR of SDXL's
+    t (0.578), or "flow-sigma", sigma = strength (the most literal). Both run int(strength *
+    num_steps) steps (12 of 28), uniform in unshifted time, down to SD3's last non-zero sigma."""
     if noise_level not in ("snr-matched", "flow-sigma"):
-        choices = ", ".join(NOISE_LEVELS)
-        raise ValueError(f"unknown noise level {noise_level!r}; choose from {choices}")
+        raise ValueError(f"unknown noise level {noise_level!r}; choose from {NOISE_LEVELS}")
     steps = int(strength * num_steps)
     if steps < 1:
         raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
@@ -554,22 +519,21 @@ def alternative_start_sigmas(strength: float, num_steps: int, shift: float, nois
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
 
 def flow_sigma_for_sdxl_strength(strength: float) -> float:
-    """The flow-matching sigma with the SNR of an SDXL latent noised to t = strength * T:
-    (1 - sigma) / sigma = sqrt(a / (1 - a)) with a = alpha_bar_t, so
-    sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)), 0.578 for 0.45 (alpha_bar_450 = 0.3470)."""
+    """The flow sigma with the SNR of SDXL's t = strength * T: (1 - sigma) / sigma =
+    sqrt(a / (1 - a)) with a = alpha_bar_t, so sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
     return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
 
 def sdxl_alpha_bar(timestep: int) -> float:
-    """alpha_bar_t of SDXL's scaled-linear betas, 0.00085 to 0.012 over 1000 steps."""
+    """SDXL's alpha_bar_t: scaled-linear betas, 0.00085 to 0.012."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0)[timestep].item()
 
 def ablation_gsp_weight(progress: float, schedule: str) -> float:
-    """`gsp_weight` under the paper's ablation schedules (Fig. 8, lambda 0.2) at progress p in
-    [0, 1]: "linear" 1 - p (fewer repetitions, but artifacts), "increasing" p (blurry)."""
+    """`gsp_weight` under the paper's ablations (Fig. 8): "linear" 1 - p (fewer repetitions, but
+    artifacts), "increasing" p (blurry)."""
     if schedule == "linear":
         return 1 - progress
     if schedule == "increasing":
@@ -577,14 +541,10 @@ def ablation_gsp_weight(progress: float, schedule: str) -> float:
     raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
 
 def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """`gsp_step_scale` under the other readings of Eq. 4's "MSE".
-
-    * "mean": 2 / n over a region's n = `low_band_size` LL coefficients (65,536 for SD3 at 1024
-      px): 0.2 then closes 6.1e-6 of the gap per step, no visible effect.
-    * "sdxl": lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) makes a
-      step close lambda / a of the gap; a is the alpha_bar with sigma's SNR,
-      (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), floored at SDXL's a_999.
-    """
+    """`gsp_step_scale` under the other readings of Eq. 4's "MSE": "mean", 2 / n over a region's
+    n = `low_band_size` LL coefficients (lambda 0.2 then has no visible effect), or "sdxl",
+    lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) closes lambda / a
+    of the gap; a has sigma's SNR, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), floored at a_999."""
     if normalisation == "mean":
         return 2 / low_band_size
     if normalisation == "sdxl":
@@ -1604,8 +1564,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # ======================================================================================== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
-    """SD3-Medium from a Hub repo, a diffusers folder or a Stability single file with its text
-    encoders (the tokenizers then come from the Hub)."""
+    """SD3-Medium from a Hub repo, a diffusers folder or a single file with its text encoders."""
     device, dtype = device_dtype(device, dtype)
     single_file = Path(str(model)).expanduser().is_file()
     home = "cpu" if offload != "none" else device
@@ -1621,8 +1580,8 @@ def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None
                     offload)
 
 def model_geometry(model, token=None) -> tuple[int, int, int]:
-    """(VAE factor, patch size, position-table side in patches), from the config files or a single
-    file's tensor headers: sizes the model cannot take are refused before any weight is read."""
+    """(VAE factor, patch, position-table side) from the configs or a single file's headers: sizes
+    the model cannot take are refused before any weight is read."""
     path = Path(str(model)).expanduser()
     if path.is_file():
         keys = safetensors_keys(path)
@@ -1658,9 +1617,9 @@ def config_count(config: dict, key: str, file: Path) -> int:
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
                       region_prompts: dict | None = None, batch_size: int = 16) -> dict:
     """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional."""
-    prompts = [prompt, negative_prompt] + list((region_prompts or {}).values())
-    batches = (prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size))
-    encoded = [c for batch in batches for c in encode_prompts(pipe, batch)]
+    prompts = [prompt, negative_prompt, *(region_prompts or {}).values()]
+    encoded = [c for start in range(0, len(prompts), batch_size)
+               for c in encode_prompts(pipe, prompts[start : start + batch_size])]
     regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
     return {"global": encoded[0], "negative": encoded[1], "regions": regions}
 
@@ -1677,8 +1636,7 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
     return w, h
 
 def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int):
-    """The size of RAP's LR pass: the input's, shrunk to at most the model's native area
-    (region_px^2) and to sides the position table covers."""
+    """RAP's LR pass size: the input's, shrunk to the native area and the position table."""
     shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
     return tuple(max(multiple, round(side * shrink / multiple) * multiple)
                  for side in (width, height))
@@ -2112,63 +2070,56 @@ def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dic
         record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 def parser() -> ArgumentParser:
-    defaults = CUpscaleConfig()
+    d = CUpscaleConfig()
     parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free "
                             "upscaling with SD3-Medium (global structure, regional attention and "
                             "regional semantic priors).")
     add = parser.add_argument
-    add("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    add("--output", default="cupscale.png", help="output image (.png keeps the settings as "
-        "metadata); the regions and their prompts go to OUTPUT.regions.json")
+    add("--input", required=True, help="the low-resolution image")
+    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); the "
+        "regions and their prompts go to OUTPUT.regions.json")
     add("--overwrite", action="store_true", help="replace an existing output and .regions.json")
     add("--prompt", default="", help="the global prompt (the method needs one)")
     add("--negative-prompt", default="")
-    add("--scale", type=number(1, MAX_SCALE), default=4.0,
-        help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096)")
+    add("--scale", type=number(1, MAX_SCALE), default=4.0, help="upscaling factor (4: 1K -> 4K)")
     add("--model", default=TEXT_SOURCES["sd3"],
         help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    add("--steps", type=integer(1, SD3_TRAIN_STEPS), default=defaults.num_steps,
-        help="length of SD3's full schedule, of which the --strength share runs (28 -> 13)")
-    add("--strength", type=number(0, 1), default=defaults.strength,
-        help="the paper's noise level in (0, 1] (paper: 0.45); --noise-level reads it on SD3")
-    add("--noise-level", choices=NOISE_LEVELS, default=defaults.noise_level,
-        help="diffusers-strength (sigma 0.707, 13 of 28 steps, as diffusers' img2img), "
-        "snr-matched (SDXL's SNR: 0.578, 12 steps) or flow-sigma (sigma = strength, 12 steps)")
-    add("--guidance", type=number(0, 100), default=defaults.guidance,
-        help="classifier-free guidance")
+    add("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
+        help="SD3's full schedule, of which the --strength share runs (28 -> 13)")
+    add("--strength", type=number(0, 1), default=d.strength, help="the paper's noise level")
+    add("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
+        help="how --strength reads on SD3: sigma 0.707 as diffusers' img2img, SDXL's SNR (0.578) "
+        "or sigma = strength")
+    add("--guidance", type=number(0, 100), default=d.guidance, help="classifier-free guidance")
     add("--seed", type=SEED, default=0)
-    add("--region-size", type=integer(1), default=defaults.region_px, help="region side (px)")
-    add("--region-overlap", type=integer(0), default=defaults.overlap_px)
-    add("--region-batch", type=integer(1), default=defaults.region_batch,
-        help="regions per model call")
+    add("--region-size", type=integer(1), default=d.region_px, help="region side (px)")
+    add("--region-overlap", type=integer(0), default=d.overlap_px, help="(px)")
+    add("--region-batch", type=integer(1), default=d.region_batch, help="regions per model call")
     rsp = parser.add_mutually_exclusive_group()
-    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt}, a prompt per region (RSP)')
-    rsp.add_argument("--caption-cmd", help="command run per region without a shell, {image} "
-                     "replaced by the region's crop (PNG) and {prompt} by the global prompt; it "
-                     "prints the regional prompt (UTF-8) and exits 0 within 300 s (RSP)")
+    rsp.add_argument("--region-prompts", help='RSP: JSON {"row,col": prompt}, one per region')
+    rsp.add_argument("--caption-cmd", help="RSP: a command run per region (no shell), {image} "
+                     "the region's crop (PNG), {prompt} the global prompt; it prints the prompt")
     add("--caption-failure", choices=["stop", "rsp-off"], default="stop",
-        help="when a caption command fails: stop (default) or go on with RSP off")
+        help="when a caption command fails: stop, or go on with RSP off")
     add("--no-gsp", action="store_true", help="ablation: no global structure prior")
     add("--no-rap", action="store_true", help="ablation: no regional attention prior")
     add("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
     add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
-        help="multidiffusion: the plain regional-denoising baseline (all priors off)")
-    add("--gsp-step-size", type=number(0, 1), default=defaults.gsp_step_size,
-        help="GSP's lambda (paper: 0.2): the share of the low-band gap closed per step")
-    add("--gsp-schedule", choices=GSP_SCHEDULES, default=defaults.gsp_schedule,
-        help="lambda over the steps (paper: cosine; linear, increasing: its ablation)")
-    add("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=defaults.gsp_normalisation,
-        help="Eq. 4's 'MSE': sum (a step closes lambda of the gap), mean (over a region: 0.2 has "
-        "no visible effect) or sdxl (lambda's step on SDXL, lambda / alpha_bar)")
-    add("--vae-tile", type=integer(1), default=defaults.vae_tile_px, help="VAE tile side (px)")
-    add("--vae-overlap", type=integer(0), default=defaults.vae_overlap_px)
+        help="multidiffusion: the baseline, no prior")
+    add("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
+        help="GSP's lambda: the share of the low-band gap closed per step")
+    add("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
+        help="lambda over the steps (linear, increasing: the paper's ablation)")
+    add("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
+        help="the reading of Eq. 4's 'MSE': sum, mean or sdxl (lambda / alpha_bar)")
+    add("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side (px)")
+    add("--vae-overlap", type=integer(0), default=d.vae_overlap_px, help="(px)")
     add("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
     add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     add("--offload", choices=["none", "model"], default="none",
         help="model: MMDiT and VAE wait on the CPU between uses")
-    add("--compile", action="store_true", help="torch.compile each MMDiT block (regional "
-        "attention stays eager): faster after a compile wait in the first step")
-    add("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or login)")
+    add("--compile", action="store_true", help="torch.compile the MMDiT blocks (RAP stays eager)")
+    add("--token", help="Hugging Face token (default: HF_TOKEN or huggingface-cli login)")
     return parser
 
 
@@ -2234,13 +2185,10 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
                     vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
-    """Regional prompts from a captioning command run once per region (the paper's LLaVA-1.6
-    captions the region's crop given the global prompt; its instruction is not in the paper).
-
-    `image`: the LR image at the target size. `command` is split like a shell line (no shell runs
-    it); {image} becomes the path of the region's crop (PNG), {prompt} the global prompt. A
-    failure is a UserError naming the region, or, with `rsp_off_on_failure`, a warning and None.
-    """
+    """Regional prompts from `command` run per region (the paper's LLaVA-1.6 captions the crop
+    given the global prompt), split like a shell line: {image} becomes the path of the region's
+    crop of `image` (PNG), {prompt} the global prompt. A failure stops the run, or with
+    `rsp_off_on_failure` turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -2266,28 +2214,11 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
     return prompts
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command: its standard output as one line, or a UserError naming it."""
+    """Run one captioning command in a process group of its own: its standard output as one line,
+    or a UserError naming it. The output goes to files, not pipes: a pipe would stay open until a
+    child the command left in the background ends. On a timeout or an interruption the whole
+    group is killed."""
     shown = shlex.join(command)
-    code, stdout, stderr = _run_alone(command, timeout_s)
-    if code != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
-        raise UserError(f"caption command failed with exit code {code}: {shown}: "
-                        f"{lines[-1][:200]}")
-    try:
-        caption = " ".join(stdout.decode("utf-8").split())
-    except UnicodeDecodeError as error:
-        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
-                        f"{shown}") from None
-    if not caption:
-        raise UserError(f"caption command printed nothing: {shown}")
-    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
-        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
-    return caption
-
-def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr) of `command`, run in a process group of its own. The output
-    goes to files, not pipes: a pipe would stay open until a child the command left in the
-    background ends. On a timeout or an interruption the whole group is killed."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -2305,11 +2236,25 @@ def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]
             process.wait()
             if isinstance(error, subprocess.TimeoutExpired):
                 raise UserError(f"caption command timed out after {timeout_s:g} s: "
-                                f"{shlex.join(command)}") from None
+                                f"{shown}") from None
             raise
         out.seek(0)
         err.seek(0)
-        return code, out.read(), err.read()
+        stdout, stderr = out.read(), err.read()
+    if code != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        raise UserError(f"caption command failed with exit code {code}: {shown}: "
+                        f"{lines[-1][:200]}")
+    try:
+        caption = " ".join(stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
+                        f"{shown}") from None
+    if not caption:
+        raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
+    return caption
 
 
 if __name__ == "__main__":
