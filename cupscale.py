@@ -206,19 +206,18 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
                     config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None):
     """The CFG velocity (n, C, h, w) in fp32 of n regions of the latent canvas (C, H, W).
 
-    Batch rows: negative, global and, with RSP, regional prompt, n of each; RAP is on when
-    `lr_maps` is given. The global and regional rows both take the regional pooled vector (Eq. 8
-    conditions a region on its prompt): one image stream with two text streams, merged by
-    `attention_composer`.
+    Batch rows, n each: negative, global and, with RSP, regional prompt. With RSP the global rows
+    take the regional pooled vector (Eq. 8 conditions a region on its prompt): one image stream
+    with two text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
     """
-    n = len(regions)
-    composer = conditions.get("regions") is not None
-    neg, pos = conditions["negative"], conditions["global"]
-    regional = [conditions["regions"][r.key] for r in regions] if composer else []
-    contexts = [neg["context"]] * n + [pos["context"]] * n + [c["context"] for c in regional]
-    pooled = [neg["pooled"]] * n + ([c["pooled"] for c in regional] * 2 if composer
-                                    else [pos["pooled"]] * n)
-    condition = {"context": torch.cat(contexts).to(dtype), "pooled": torch.cat(pooled).to(dtype)}
+    n, composer = len(regions), conditions.get("regions") is not None
+    negative, context = conditions["negative"], conditions["global"]["context"]
+    if composer:
+        own = [conditions["regions"][r.key] for r in regions]
+        rows = [negative] * n + [{"context": context, "pooled": c["pooled"]} for c in own] + own
+    else:
+        rows = [negative] * n + [conditions["global"]] * n
+    condition = {key: torch.cat([r[key] for r in rows]).to(dtype) for key in ("context", "pooled")}
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
     attend = partial(regional_attention, n=n, composer=composer, priors=priors, lr_maps=lr_maps)
