@@ -2023,8 +2023,9 @@ def main(argv=None):
                     height=height, steps_run=steps, start_sigma=round(start_sigma, 6),
                     gsp=config.gsp, rap=config.rap, rsp=config.rsp, regions=len(regions),
                     dtype=str(pipe.dtype))
-    write_outputs(args, (output, record_path), tensor_to_image(hr), settings,
-                  region_record(regions, region_prompts, config.vae_scale))
+    record = [{"key": r.key, "box": r.box(config.vae_scale),
+               "prompt": (region_prompts or {}).get(r.key)} for r in regions]
+    write_outputs(args, (output, record_path), tensor_to_image(hr), settings, record)
     print(f"wrote {output} and {record_path.name} ({width}x{height}, "
           f"{time.perf_counter() - started:.1f} s)", file=sys.stderr)
 
@@ -2051,13 +2052,8 @@ def check_outputs(args) -> tuple[Path, Path]:
     check_apart([("--output", output), ("--output", record_path)], inputs)
     return output, record_path
 
-def region_record(regions: list[Region], region_prompts: dict | None, vae_scale: int) -> list:
-    """The sidecar's regions: each one's key, box (left, top, right, bottom) in px and prompt."""
-    prompts = region_prompts or {}
-    return [{"key": r.key, "box": r.box(vae_scale), "prompt": prompts.get(r.key)} for r in regions]
-
 def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dict, regions: list):
-    """The image, with the settings as metadata, and its sidecar: both or neither."""
+    """The image, with the settings as metadata, and its sidecar of regions: both or neither."""
     given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed",
              "negative_prompt", "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation",
              "region_size", "region_overlap")
@@ -2069,7 +2065,7 @@ def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dic
         record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 def parser() -> ArgumentParser:
-    d = CUpscaleConfig()
+    default = CUpscaleConfig()
     parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free "
                             "upscaling with SD3-Medium (global structure, regional attention and "
                             "regional semantic priors).")
@@ -2083,17 +2079,18 @@ def parser() -> ArgumentParser:
     add("--scale", type=number(1, MAX_SCALE), default=4.0, help="upscaling factor (4: 1K -> 4K)")
     add("--model", default=TEXT_SOURCES["sd3"],
         help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    add("--steps", type=integer(1, SD3_TRAIN_STEPS), default=d.num_steps,
+    add("--steps", type=integer(1, SD3_TRAIN_STEPS), default=default.num_steps,
         help="SD3's full schedule, of which the --strength share runs (28 -> 13)")
-    add("--strength", type=number(0, 1), default=d.strength, help="the paper's noise level")
-    add("--noise-level", choices=NOISE_LEVELS, default=d.noise_level,
+    add("--strength", type=number(0, 1), default=default.strength, help="noise level (paper: 0.45)")
+    add("--noise-level", choices=NOISE_LEVELS, default=default.noise_level,
         help="how --strength reads on SD3: sigma 0.707 as diffusers' img2img, SDXL's SNR (0.578) "
         "or sigma = strength")
-    add("--guidance", type=number(0, 100), default=d.guidance, help="classifier-free guidance")
+    add("--guidance", type=number(0, 100), default=default.guidance, help="CFG scale")
     add("--seed", type=SEED, default=0)
-    add("--region-size", type=integer(1), default=d.region_px, help="region side (px)")
-    add("--region-overlap", type=integer(0), default=d.overlap_px, help="(px)")
-    add("--region-batch", type=integer(1), default=d.region_batch, help="regions per model call")
+    add("--region-size", type=integer(1), default=default.region_px, help="region side (px)")
+    add("--region-overlap", type=integer(0), default=default.overlap_px, help="in px")
+    add("--region-batch", type=integer(1), default=default.region_batch,
+        help="regions per model call")
     rsp = parser.add_mutually_exclusive_group()
     rsp.add_argument("--region-prompts", help='RSP: JSON {"row,col": prompt}, one per region')
     rsp.add_argument("--caption-cmd", help="RSP: a command run per region (no shell), {image} "
@@ -2105,14 +2102,14 @@ def parser() -> ArgumentParser:
     add("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
     add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
         help="multidiffusion: the baseline, no prior")
-    add("--gsp-step-size", type=number(0, 1), default=d.gsp_step_size,
-        help="GSP's lambda: the share of the low-band gap closed per step")
-    add("--gsp-schedule", choices=GSP_SCHEDULES, default=d.gsp_schedule,
-        help="lambda over the steps (linear, increasing: the paper's ablation)")
-    add("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=d.gsp_normalisation,
+    add("--gsp-step-size", type=number(0, 1), default=default.gsp_step_size,
+        help="GSP's lambda (0.2): the low-band gap's share closed per step")
+    add("--gsp-schedule", choices=GSP_SCHEDULES, default=default.gsp_schedule,
+        help="lambda over the steps (the paper: cosine; the others: its ablation)")
+    add("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=default.gsp_normalisation,
         help="the reading of Eq. 4's 'MSE': sum, mean or sdxl (lambda / alpha_bar)")
-    add("--vae-tile", type=integer(1), default=d.vae_tile_px, help="VAE tile side (px)")
-    add("--vae-overlap", type=integer(0), default=d.vae_overlap_px, help="(px)")
+    add("--vae-tile", type=integer(1), default=default.vae_tile_px, help="VAE tile side (px)")
+    add("--vae-overlap", type=integer(0), default=default.vae_overlap_px, help="in px")
     add("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
     add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     add("--offload", choices=["none", "model"], default="none",
