@@ -1,36 +1,32 @@
 """C-Upscale on Stable Diffusion 3: tuning-free creative upscaling with global-regional priors.
 
-Paper: Qian, Cai, Pan, Yao, Mei, "Creatively Upscaling Images with Global-Regional Priors", arXiv 2505.16976
-(IJCV 2025). No official code is public. The paper's experiments use SDXL; this reconstruction runs on
-SD3-Medium (MMDiT joint attention, flow matching), and each adaptation is argued where it is coded.
+Paper: Qian, Cai, Pan, Yao, Mei, "Creatively Upscaling Images with Global-Regional Priors",
+arXiv 2505.16976 (IJCV 2025). No official code is public. The paper uses SDXL; this reconstruction
+runs on SD3-Medium (MMDiT joint attention, flow matching), each adaptation argued where it is coded.
 
-The method. The low-resolution (LR) image, resized to the target and encoded, is z_L. Noise z_L to a middle
-level (the paper's strength 0.45) and denoise it with the remaining steps; at every step the latent is cut
-into overlapping regions of the model's native size (1024 px, overlap 512 px), each region is denoised, and
-their velocities are averaged back (MultiDiffusion). Three priors guide every step:
-  GSP (global structure prior, Eqs. 4-5): z_t <- z_t - lambda_t dL/dz_t with L = 1/2 |LL(x0_hat) - LL(z_L)|^2
-      on the Haar low band of the predicted clean latent, lambda_t = 0.2 under a decreasing cosine schedule.
-  RAP (regional attention prior): a pass of the noised LR image with the global prompt gives every head's
-      image-to-text distribution; resized to the HR token grid and cropped to a region it is A, and the
-      region's image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass on the text keys).
-  RSP (regional semantic prior): a multimodal LLM captions each region; in every joint block the image
-      features attended with the global and with the regional prompt are averaged (the Attention Composer).
-The method runs the paper's default readings; the other readings of its SDXL settings on SD3, and
-its GSP ablation schedules, are in the section "alternative readings and ablations".
+The low-resolution (LR) image, resized to the target and encoded, is z_L. Noise z_L to a middle
+level (strength 0.45) and denoise it; at every step the latent is cut into overlapping regions of
+the model's native size (1024 px, overlap 512 px) whose velocities are averaged (MultiDiffusion).
+Three priors guide every step:
+  GSP (global structure prior, Eqs. 4-5): z_t <- z_t - lambda_t dL/dz_t with
+      L = 1/2 |LL(x0_hat) - LL(z_L)|^2 on the Haar low band, lambda_t = 0.2 under a cosine decay.
+  RAP (regional attention prior): a pass of the noised LR image gives every head's image-to-text
+      distribution; resized to the HR token grid and cropped to a region it is A, and the region's
+      image queries attend as o = m A V_txt + (1 - m) R V_img (m: their mass on the text keys).
+  RSP (regional semantic prior): a multimodal LLM captions each region; in every joint block the
+      image features attended with the global and with the regional prompt are averaged.
+Other readings of the SDXL settings on SD3 and the GSP ablations have a section of their own.
 
 Run
     python cupscale.py --input lr.png --prompt "a lighthouse at dawn" --scale 4 --output hr.png
-    python cupscale.py --input lr.png --prompt "..." --scale 8 --output hr8k.png --region-batch 2
-    python cupscale.py ... --region-prompts regions.json         # RSP from a file ({"row,col": prompt})
+    python cupscale.py ... --region-prompts regions.json    # RSP from a file ({"row,col": prompt})
     python cupscale.py ... --caption-cmd "llava-cli --image {image} --prompt {prompt}"
-    python cupscale.py ... --no-gsp | --no-rap | --no-rsp | --mode multidiffusion   # the ablations
-`--model` takes the Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated: log in first),
-a local diffusers folder, or a Stability single file that includes the text encoders.
+    python cupscale.py ... --no-gsp | --no-rap | --no-rsp | --mode multidiffusion   # ablations
+`--model`: a Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated), a diffusers
+folder, or a Stability single file that includes the text encoders.
 
-After the method come the models it calls (SD3's MMDiT, the VAE, CLIP and T5 with their tokenizers),
-then the pipeline (`load_sd3_pipeline` fills `Pipeline`; the flow schedule, the tiled VAE), weight
-loading and, last, the command line. The models, the pipeline's pieces and weight loading are copied
-from diffusion4k.py (kept in sync by tests/sync_copies.py).
+After the method: the models (MMDiT, VAE, CLIP, T5), the pipeline, weight loading (these copied
+from diffusion4k.py by tests/sync_copies.py) and the command line.
 """
 
 from __future__ import annotations
@@ -94,23 +90,23 @@ GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
 NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
 SDXL_TRAIN_STEPS = SD3_TRAIN_STEPS = 1000
 
-TEXT_CHUNK_ELEMENTS = 2**26  # explicit image->text probabilities are built this many values at a time
-MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond it the run would take hours and the image 200 MB
-MIN_INPUT_SIDE = 64  # px; smaller inputs hold too little structure for GSP and RAP
-MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128: the smallest input to the largest target
+TEXT_CHUNK_ELEMENTS = 2**26  # RAP's image->text probabilities are built in chunks this large
+MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond, hours of work and a 200 MB image
+MIN_INPUT_SIDE = 64  # px: less holds too little structure for GSP and RAP
+MAX_SCALE = math.isqrt(MAX_TARGET_PIXELS) // MIN_INPUT_SIDE  # 128
 
 @dataclass
 class CUpscaleConfig:
     """The paper's settings (Sec. 5.1), with SD3-Medium's sampler defaults."""
 
-    vae_scale: int = 8  # SD3's VAE: 8 image px per latent px
+    vae_scale: int = 8  # image px per latent px
     region_px: int = 1024  # the model's training resolution
-    overlap_px: int = 512  # half the region
-    strength: float = 0.45  # the paper's share of the schedule: t = 0.45 T, 0.45 of the steps
-    noise_level: str = "diffusers-strength"  # how strength reads on SD3's schedule (`start_sigmas`)
-    num_steps: int = 28  # SD3's default full schedule
-    shift: float = 3.0  # SD3's flow-matching time shift
-    guidance: float = 7.5  # CFG scale: the paper follows DemoFusion, whose scale is 7.5
+    overlap_px: int = 512
+    strength: float = 0.45  # the paper's t = 0.45 T, 0.45 of the steps
+    noise_level: str = "diffusers-strength"  # how strength reads on SD3 (`start_sigmas`)
+    num_steps: int = 28
+    shift: float = 3.0
+    guidance: float = 7.5  # CFG: the paper follows DemoFusion's 7.5
     gsp: bool = True
     rap: bool = True
     rsp: bool = True  # needs regional prompts; without them it is off
@@ -118,7 +114,7 @@ class CUpscaleConfig:
     gsp_schedule: str = "cosine"
     gsp_normalisation: str = "sum"  # the reading of Eq. 4's loss (`gsp_step_scale`)
     region_batch: int = 4  # regions per model call (each 2 or 3 batch rows)
-    vae_tile_px: int = 1024  # the VAE runs in overlapping tiles: an 8192^2 image never passes whole
+    vae_tile_px: int = 1024
     vae_overlap_px: int = 128
     caption_timeout_s: float = 300.0  # per region; a local LLaVA loads its weights every call
 
@@ -136,20 +132,19 @@ class CUpscaleConfig:
 @torch.no_grad()
 def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
             config: CUpscaleConfig, seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image` to width x height: the image (3, H, W) in [-1, 1] on the CPU. Noise comes from a CPU
-    generator seeded by `seed` (the same image on any device); `config.vae_scale` must be the VAE's factor;
-    `conditions` come from `encode_conditions` (their "regions" set to None turns RSP off)."""
+    """C-Upscale `image` to width x height: (3, H, W) in [-1, 1] on the CPU. The noise comes from
+    a CPU generator: the same image on any device."""
     device, dtype = pipe.device, pipe.dtype
     generator = seed_everything(seed)
 
-    def to_device(condition: dict) -> dict:
+    def on_device(condition: dict) -> dict:
         return {k: v.to(device) for k, v in condition.items()}
 
     regions = conditions.get("regions") if config.rsp else None
-    moved = {name: to_device(c) for name, c in conditions.items() if name != "regions"}
-    moved["regions"] = None if regions is None else {key: to_device(c) for key, c in regions.items()}
+    moved = {name: on_device(c) for name, c in conditions.items() if name != "regions"}
+    moved["regions"] = None if regions is None else {k: on_device(c) for k, c in regions.items()}
     resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
-    max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple  # patches x px per patch
+    max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
     small_size = rap_size(*image.size, config.region_px, pipe.size_multiple, max_side)
     small = image_to_tensor(image.resize(small_size, Image.BICUBIC))[None]
     home = "cpu" if pipe.offload != "none" else device
@@ -158,24 +153,23 @@ def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditi
         lr_latent = tiled_vae(pipe.vae.encode, resized, tile, overlap, device, dtype)
         rap_latent = tiled_vae(pipe.vae.encode, small, tile, overlap, device, dtype)
     with visiting(pipe.transformer, device, home):
-        z = sample_regions(pipe.transformer, lr_latent, rap_latent, moved, config, dtype, generator, progress)
+        z = sample_regions(pipe.transformer, lr_latent, rap_latent, moved, config, dtype,
+                           generator, progress)
     factor = pipe.vae.config.downsample_factor
     with visiting(pipe.vae, device, home):
         decoded = tiled_vae(pipe.vae.decode, z, tile // factor, overlap // factor, device, dtype)
     return decoded[0].clamp(-1, 1).cpu()
 
-def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig, dtype,
-                   generator: torch.Generator, progress=None) -> torch.Tensor:
-    """Diffuse-then-denoise with regional denoising and the priors: the clean HR latent (1, C, H, W).
-
-    lr_latent: z_L, the LR image resized to the target (the paper's R(z_L)) and encoded, fp32 on the model's
-    device; rap_latent: the LR image at `rap_size`, encoded, noised with one fixed noise for RAP. Each Euler
-    step: the regions' velocities are blended into v, x0_hat = z - sigma v, GSP moves z, then z += (sigma_next
-    - sigma) v with the same v. GSP acts once on the merged canvas: with even region offsets and uniform
-    weights, that equals GSP inside every region.
-    """
+def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig,
+                   dtype, generator: torch.Generator, progress=None) -> torch.Tensor:
+    """Diffuse-then-denoise z_L = `lr_latent` (the paper's R(z_L)) with the priors; `rap_latent`
+    is the LR image at `rap_size`, noised with one fixed noise for RAP. Each Euler step blends
+    the regions' velocities into v, moves z by GSP on x0_hat = z - sigma v, then by
+    (sigma_next - sigma) v. GSP on the merged canvas equals GSP in every region (even offsets,
+    uniform weights)."""
     device = lr_latent.device
-    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level).tolist()
+    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
+    sigmas = sigmas.tolist()
     noise = torch.randn(lr_latent.shape, generator=generator).to(device)
     rap_noise = torch.randn(rap_latent.shape, generator=generator).to(device)
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
@@ -185,19 +179,18 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
     global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
     batches = list(region_batches(regions, config.region_batch))
-    steps = len(sigmas) - 1
-    low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # LL coefficients of one region
+    steps, lr_maps = len(sigmas) - 1, None
+    low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # one region's LL
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        lr_maps = None
         if config.rap:
             noisy_lr = ((1 - sigma) * rap_latent + sigma * rap_noise).to(dtype)
             lr_maps = capture_text_attention(model, noisy_lr, sigma, global_condition)
         velocities = []
         for j, batch in enumerate(batches):
-            velocities.append(
-                denoise_regions(model, z[0], batch, sigma, conditions, config, dtype, lr_maps, interpolation))
+            velocities.append(denoise_regions(model, z[0], batch, sigma, conditions, config, dtype,
+                                              lr_maps, interpolation))
             if progress is not None:
-                if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue its kernels
+                if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue kernels
                     torch.cuda.synchronize(z.device)
                 progress(i * len(batches) + j + 1, steps * len(batches))
         v = merge_regions(torch.cat(velocities), regions, z[0].shape)[None]
@@ -210,47 +203,41 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
 
 @torch.no_grad()
 def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, conditions: dict,
-                    config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None) -> torch.Tensor:
-    """The CFG velocity (n, C, h, w) in fp32 of a batch of regions of the latent canvas (C, H, W).
+                    config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None):
+    """The CFG velocity (n, C, h, w) in fp32 of n regions of the latent canvas (C, H, W).
 
-    conditions: {"global", "negative": {context, pooled}, "regions": {key: {context, pooled}} or None}, on
-    the model's device. RAP is on when `lr_maps` is given. With regional prompts (RSP) each region gets a
-    third row, for the Attention Composer (`attention_composer`); its global and regional rows both take the
-    regional prompt's pooled vector (the paper's Eq. 8 conditions a region on its prompt), so the pair is one
-    image stream with two text streams: with regional prompts equal to the global one and RAP off, plain
-    regional denoising.
+    Batch rows, n each: negative, global and, with RSP, regional prompt. With RSP the global rows
+    take the regional pooled vector (Eq. 8 conditions a region on its prompt): one image stream
+    with two text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
     """
-    n, device = len(regions), canvas.device
-    composer = conditions.get("regions") is not None
-    global_cond, negative_cond = conditions["global"], conditions["negative"]
-    region_conds = [conditions["regions"][r.key] for r in regions] if composer else []
-    contexts = ([negative_cond["context"]] * n + [global_cond["context"]] * n
-                + [c["context"] for c in region_conds])
-    pooled = [negative_cond["pooled"]] * n + ([c["pooled"] for c in region_conds] * 2 if composer
-                                              else [global_cond["pooled"]] * n)
+    n, composer = len(regions), conditions.get("regions") is not None
+    negative, context = conditions["negative"], conditions["global"]["context"]
+    if composer:
+        own = [conditions["regions"][r.key] for r in regions]
+        rows = [negative] * n + [{"context": context, "pooled": c["pooled"]} for c in own] + own
+    else:
+        rows = [negative] * n + [conditions["global"]] * n
+    condition = {key: torch.cat([r[key] for r in rows]).to(dtype) for key in ("context", "pooled")}
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
-    t = torch.full((len(x),), sigma * 1000, device=device)  # fp32: bf16 would round 857.7 to 856
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
-    attention_kwargs = dict(n=n, composer=composer, priors=priors, lr_maps=lr_maps)
-    hook = attention_hook(model, lambda block: partial(regional_attention, block=block, **attention_kwargs))
+    attend = partial(regional_attention, n=n, composer=composer, priors=priors, lr_maps=lr_maps)
+    hook = attention_hook(model, lambda block: partial(attend, block=block))
     with hook if composer or priors is not None else contextlib.nullcontext():
-        out = model(x, t, torch.cat(contexts).to(dtype), torch.cat(pooled).to(dtype)).float()
+        out = model.velocity(x, sigma, condition).float()
     uncond, cond = out[:n], out[n : 2 * n]
     if composer:
-        cond = (cond + out[2 * n :]) / 2  # the two rows share one image stream: equal up to rounding
+        cond = (cond + out[2 * n :]) / 2  # one image stream: the rows agree up to rounding
     return uncond + config.guidance * (cond - uncond)
 
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
-    """The sigmas of diffuse-then-denoise, from the start noise level down to 0 (Euler steps).
+    """The sigmas of diffuse-then-denoise, from the start noise level down to 0.
 
-    The paper noises to "t = 0.45 T" on SDXL and runs 0.45 of each model's default steps
-    (SDXL 50 -> 22). Read as diffusers' SD3 img2img runs it: cut SD3's own schedule (`sd3_sigmas`)
-    at int(num_steps - strength * num_steps), sigma 0.707, 13 of 28 steps. The paper's 22 of 50 is
-    exactly diffusers' arithmetic, and SD3 was tuned on this schedule, while equal SNR in two latent
-    spaces (SDXL 4 channels, SD3 16) is not equal corruption. The other readings of `noise_level`
-    ("snr-matched", "flow-sigma") are `alternative_start_sigmas`.
+    The paper noises to "t = 0.45 T" and runs 0.45 of SDXL's 50 steps (22): diffusers' img2img
+    arithmetic, which on SD3's own schedule starts at sigma 0.707 and runs 13 of 28 steps. SD3 was
+    tuned on this schedule, while equal SNR in two latent spaces (SDXL 4 channels, SD3 16) is not
+    equal corruption. The other readings are `alternative_start_sigmas`.
     """
-    if noise_level != "diffusers-strength":  # an alternative reading
+    if noise_level != "diffusers-strength":
         return alternative_start_sigmas(strength, num_steps, shift, noise_level)
     start = int(max(num_steps - min(num_steps * strength, num_steps), 0))  # as diffusers' img2img
     sigmas = sd3_sigmas(num_steps, shift)[start:]
@@ -259,7 +246,7 @@ def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="dif
     return sigmas.float()
 
 class Region(NamedTuple):
-    """One window of the latent canvas, in latent px, with its (row, col) place in the grid."""
+    """A window of the latent canvas, in latent px, with its (row, col) place in the grid."""
 
     row: int
     col: int
@@ -276,19 +263,18 @@ class Region(NamedTuple):
     def slices(self) -> tuple[slice, slice]:
         return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
 
-def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
-    """Overlapping `region`-square windows covering a latent canvas, row by row from the top left.
+    def box(self, scale: int) -> list[int]:  # (left, top, right, bottom) in image px
+        return [scale * side for side in (self.left, self.top, self.left + self.width,
+                                          self.top + self.height)]
 
-    The paper's regions are the model's training size, overlapping by half (Sec. 5.1). Windows start every
-    `stride` and the last one is moved back to end on the border, so none is partial and all have one size
-    (one batch); a side shorter than `region` gets one window of its length. Sizes and offsets must be even
-    (2x2 latent px make one SD3 token, and RAP crops on that grid) and stride <= region (no gaps).
-    """
-    if min(latent_height, latent_width, region, stride) <= 0 or stride > region:
-        raise ValueError(f"need positive sizes and stride <= region, got region {region}, stride {stride}")
-    if any(n % 2 for n in (latent_height, latent_width, region, stride)):
-        raise ValueError(f"canvas {latent_height}x{latent_width}, region {region} and stride {stride} "
-                         "must be even (latent px)")
+def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
+    """Overlapping `region`-square windows over a latent canvas, row by row (Sec. 5.1: the model's
+    training size, overlapping by half). The last window is moved back to end on the border, so
+    all have one size (one batch). Sizes and offsets are even: 2x2 latent px make one SD3 token."""
+    sizes = (latent_height, latent_width, region, stride)
+    if min(sizes) <= 0 or stride > region or any(n % 2 for n in sizes):
+        raise ValueError(f"canvas {latent_height}x{latent_width}, region {region} and stride "
+                         f"{stride} must be positive and even, stride <= region (latent px)")
     height, width = min(region, latent_height), min(region, latent_width)
     rows = _window_starts(latent_height, height, stride)
     cols = _window_starts(latent_width, width, stride)
@@ -296,16 +282,16 @@ def plan_regions(latent_height: int, latent_width: int, region: int, stride: int
             for r, top in enumerate(rows) for c, left in enumerate(cols)]
 
 def region_batches(regions: list[Region], batch_size: int):
-    """Yield the regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
+    """The regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
     for start in range(0, len(regions), batch_size):
         yield regions[start : start + batch_size]
 
 def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
-    """(..., H, W) -> (N, ..., region h, region w): the regions stacked as one batch."""
+    """(..., H, W) -> (N, ..., h, w)."""
     return torch.stack([canvas[(..., *region.slices)] for region in regions])
 
 def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
-    """Blend (N, ..., h, w) outputs of *all* the planned regions into one (..., H, W) canvas."""
+    """Blend (N, ..., h, w) outputs of all the planned regions into one (..., H, W) canvas."""
     weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
     canvas = region_outputs.new_zeros(shape)
     for output, weight, region in zip(region_outputs, weights, regions):
@@ -313,11 +299,9 @@ def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) ->
     return canvas
 
 def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
-    """(N, region h, region w): 1 / (number of regions covering the pixel), so the weights sum to one at
-    every latent pixel. Uniform, as in MultiDiffusion, which the paper follows (it finds no seams at overlap
-    512 px); with half-region overlaps they are constant on every 2x2 block, which makes GSP on the merged
-    canvas equal GSP per region."""
-    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 stays exact in fp64 outputs
+    """(N, h, w): 1 / (number of regions covering the pixel), uniform as in MultiDiffusion, which
+    the paper follows (no seams at overlap 512 px)."""
+    count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 exact in fp64
     for region in regions:
         count[region.slices] += 1
     if (count == 0).any():
@@ -327,41 +311,36 @@ def blend_weights(regions: list[Region], latent_height: int, latent_width: int) 
 
 # ======================================================== the method: global structure prior (GSP)
 
-def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float) -> torch.Tensor:
-    """The GSP update -step_size * dL/dz (paper Eqs. 4-5), to add to the noisy latent z.
+def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float):
+    """The GSP update -step_size * dL/dz (Eqs. 4-5), to add to the noisy latent z.
 
-    L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 over the low band of a one-level Haar transform (the paper
-    does not say how many levels). The prediction is a constant, as the paper's cost analysis implies ("GSP
-    only involves simple tensor transformation"), and with flow matching x0_pred = z - sigma v, so dL/dz =
-    dL/dx0_pred = IDWT(LL gap, 0, 0, 0). The update moves the low band of x0_pred (and of z) a fraction
-    `step_size` of the way to the LR latent's and leaves the three detail bands as they were.
+    L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 on a one-level Haar low band (the paper gives no
+    level count). The prediction x0_pred = z - sigma v is a constant, as the paper's cost analysis
+    implies, so dL/dz = IDWT(LL gap, 0, 0, 0): the step moves the low band `step_size` of the way
+    to the LR latent's and keeps the details.
     """
     if x0_pred.shape != lr_latent.shape:
-        raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent {tuple(lr_latent.shape)} differ")
-    low_band_gap = haar_dwt(x0_pred.float())[..., :1, :, :] - haar_dwt(lr_latent.float())[..., :1, :, :]
-    details = low_band_gap.new_zeros(*low_band_gap.shape[:-3], 3, *low_band_gap.shape[-2:])
-    gradient = haar_idwt(torch.cat([low_band_gap, details], dim=-3))
+        raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent "
+                         f"{tuple(lr_latent.shape)} differ")
+    gap = haar_dwt(x0_pred.float())[..., :1, :, :] - haar_dwt(lr_latent.float())[..., :1, :, :]
+    details = gap.new_zeros(*gap.shape[:-3], 3, *gap.shape[-2:])
+    gradient = haar_idwt(torch.cat([gap, details], dim=-3))
     return (-step_size * gradient).to(x0_pred.dtype)
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
-    """lambda_i / lambda at step `step` (0-based) of the `num_steps` taken: the paper's decreasing
-    cosine (1 + cos(pi p)) / 2 with p = step / (num_steps - 1), from 1 at the first step to 0 at the
-    last. Its ablation's schedules (Fig. 8: "linear", "increasing") are `ablation_gsp_weight`."""
+    """lambda_i / lambda: the paper's decreasing cosine (1 + cos(pi p)) / 2 at progress
+    p = step / (num_steps - 1). Its ablation schedules are `ablation_gsp_weight`."""
     progress = step / (num_steps - 1) if num_steps > 1 else 0.0
-    if schedule != "cosine":  # an ablation
+    if schedule != "cosine":
         return ablation_gsp_weight(progress, schedule)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """The factor on lambda_i that turns `global_structure_prior` (written for L = 1/2 sum) into
-    Eq. 5's step under a reading of the paper's "MSE" (its Fig. 8: lambda 0.2 reduces repetition,
-    1.0 makes artifacts).
-
-    The default, "sum", gives 1: a step closes exactly lambda of the low-band gap on any region,
-    channel count or noise level; lambda = 1 is DiffuseHigh's hard replacement of the band, which
-    the paper criticises. The other readings ("mean", "sdxl") are `alternative_gsp_step_scale`.
-    """
-    if normalisation != "sum":  # an alternative reading
+    """The factor on lambda_i for a reading of Eq. 4's "MSE". "sum" (L = 1/2 sum) gives 1: a step
+    closes lambda of the low-band gap on any region size or noise level, and lambda = 1 is
+    DiffuseHigh's hard replacement, which the paper criticises (Fig. 8: 0.2 reduces repetition,
+    1.0 makes artifacts). The other readings are `alternative_gsp_step_scale`."""
+    if normalisation != "sum":
         return alternative_gsp_step_scale(normalisation, sigma, low_band_size)
     return 1.0
 
@@ -391,20 +370,14 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
                        block: int):
     """Joint block `block`'s attention (B, H, L, D) for n regions, with RAP and the composer.
 
-    Batch rows: [negative] * n, [global prompt] * n and, with the composer, [regional prompt] * n.
-    RAP is on when `priors` (per region: its rows of the interpolation matrices) and `lr_maps` (per
-    block: S of the LR pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax runs
-    over the keys [text (T = 333: 77 CLIP + 256 T5); image]. Per head, write an image query's row as
-    P = [m S, (1 - m) R]: m is its mass on the text keys, S its softmax over the text keys alone
-    (what SDXL's cross-attention computes), R its distribution over the image keys; its output is
-    o = m S V_txt + (1 - m) R V_img. RAP keeps m and (1 - m) R and replaces S by the prior A (whose
-    rows, like S's, sum to one):
-        o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt.
-    Per head and per block: the LR and HR passes share the weights, so head h of block l means the
-    same in both. Only the global-prompt rows get RAP; the negative rows and all text queries are
-    untouched. o and m come from one SDPA call; S is built for the text keys only, in chunks of
-    queries, so memory stays bounded. With the composer (RSP), `attention_composer` then merges the
-    image outputs of the global and the regional rows.
+    RAP is on when `priors` (per region: its rows of the interpolation matrices) and `lr_maps`
+    (per block: S of the LR pass, (H, h, w, T)) are given. SD3 has no cross-attention: one softmax
+    runs over [text; image] keys. Per head, an image query's row is P = [m S, (1 - m) R]: m its
+    mass on the text keys, S its softmax over them alone (SDXL's cross-attention), R over the
+    image keys. RAP replaces S by the prior A (rows summing to one, like S's):
+        o_RAP = m A V_txt + (1 - m) R V_img = o + m (A - S) V_txt,
+    per head and block (the LR and HR passes share the weights), on the global-prompt rows' image
+    queries. o and m come from one SDPA call; S is built in chunks of queries.
     """
     img, global_rows = slice(num_context, None), slice(n, 2 * n)
     if priors is None:
@@ -414,8 +387,8 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
         out[:n] = attention(q[:n], k[:n], v[:n])
         if composer:
             out[2 * n :] = attention(q[2 * n :], k[2 * n :], v[2 * n :])
-        out[global_rows], mass = attention_and_text_mass(q[global_rows], k[global_rows], v[global_rows],
-                                                         num_context)
+        rows = (q[global_rows], k[global_rows], v[global_rows])
+        out[global_rows], mass = attention_and_text_mass(*rows, num_context)
         for i in range(n):
             row = n + i
             q_img, k_txt = q[row, :, img], k[row, :, :num_context]
@@ -424,42 +397,42 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
             for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
                 text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
                 m = mass[i, :, num_context:][:, chunk, None].float()
-                correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)  # m (A - S) V_txt
+                correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
                 out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-    if composer:  # both rows go on with the composed image features; text queries keep their own
+    if composer:  # both rows go on with the composed image features
         composed = attention_composer(out[global_rows, :, img], out[2 * n :, :, img])
         out[global_rows, :, img] = composed
         out[2 * n :, :, img] = composed
     return out
 
 def attention_and_text_mass(q, k, v, num_context: int):
-    """Joint attention output (B, H, L, D) and each query's probability mass m on the first `num_context`
-    keys (B, H, L), from one SDPA call: q and k get 8 zero channels (the logits do not change; the scale stays
-    1/sqrt(D)) and v an indicator channel of the text keys (plus 7 zeros, to keep the head dim a multiple of 8
-    for the fused kernels)."""
+    """Joint attention (B, H, L, D) and each query's mass on the first `num_context` keys (B, H, L)
+    from one SDPA call: q and k get 8 zero channels, v an indicator of the text keys and 7 zeros
+    (fused kernels want head dims of 8k)."""
     head_dim = q.shape[-1]
     extra = v.new_zeros(*v.shape[:-1], 8)
     extra[..., :num_context, 0] = 1
-    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1), scale=head_dim**-0.5)
+    out = attention(F.pad(q, (0, 8)), F.pad(k, (0, 8)), torch.cat([v, extra], dim=-1),
+                    scale=head_dim**-0.5)
     return out[..., :head_dim], out[..., head_dim]
 
-def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
-    """A for one region, (H, region tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR token
-    grid and cropped to the region, from the crop's rows of the two interpolation matrices (the region's
-    tokens only: the whole grid of a 4K image would take 25 GB)."""
+def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor):
+    """A for one region, (H, tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR
+    grid, for the region's tokens only (a 4K image's whole grid would take 25 GB)."""
     x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
     return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
 
-def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple, patch: int) -> dict:
+def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple,
+                         patch: int) -> dict:
     """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
     rows, cols = (interpolation_matrix(out, size) for out, size in zip(canvas_tokens, lr_tokens))
     return {r.key: (rows[r.top // patch : (r.top + r.height) // patch],
                     cols[r.left // patch : (r.left + r.width) // patch]) for r in regions}
 
 def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
-    """(size_out, size_in): the weights of F.interpolate's linear resizing (align_corners=False) along one
-    axis, so that resize(x) = M @ x. Rows sum to one."""
-    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    """M (size_out, size_in) with F.interpolate's linear resize (align_corners=False) = M @ x."""
+    scale = size_in / size_out
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
     low = source.floor().long().clamp(max=size_in - 1)
     high = (low + 1).clamp(max=size_in - 1)
     frac = source - low
@@ -470,10 +443,9 @@ def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
     return matrix
 
 @torch.no_grad()
-def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list[torch.Tensor]:
-    """RAP's source: one pass of the noised LR latent (1, C, h, w), encoded at no more than the model's native
-    area (`rap_size`), with the global prompt (conditional branch only). Returns, per joint block, S of the
-    image queries on the LR token grid, (heads, h/p, w/p, T) in the model's dtype."""
+def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list:
+    """RAP's source: per joint block, S of the image queries (H, h/p, w/p, T) in a pass of the
+    noised LR latent with the global prompt."""
     patch = model.config.patch_size
     rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
     maps = []
@@ -486,9 +458,8 @@ def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) 
         maps.append(probs.unflatten(1, (rows, cols)))
         return attention(q, k, v)
 
-    t = torch.full((1,), sigma * 1000, device=latent.device)  # fp32, as in upscale's steps
     with attention_hook(model, lambda block: attend):
-        model(latent, t, condition["context"], condition["pooled"])
+        model.velocity(latent, sigma, condition)
     return maps
 
 def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
@@ -502,15 +473,9 @@ def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
 
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
-    """Bind `make_attend(block_index)` as every joint block's `attend` (the MMDiT's hook for methods
-    built on SD3) for the duration; the class's plain attention comes back afterwards. The bound
-    functions run eagerly under `compile_blocks`: traced, their per-block and per-region Python
-    would make a graph per block."""
-    # What the hook replaces: `JointBlock.forward` (the models), one softmax over text and image,
-    #   q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-    #   attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-    # where the plain `JointBlock.attend(q, k, v, num_context)` returns attention(q, k, v). The
-    # instance attribute set here shadows that method (RAP, the composer: `regional_attention`).
+    """Bind `make_attend(block_index)` over every joint block's `JointBlock.attend` for the
+    duration. They run eagerly under `compile_blocks`: traced, their Python would make a graph per
+    block."""
     for index, block in enumerate(model.joint_blocks):
         block.attend = torch.compiler.disable(make_attend(index))
     try:
@@ -523,41 +488,25 @@ def attention_hook(model: MMDiT, make_attend):
 # ======================================================= the method: regional semantic prior (RSP)
 
 def attention_composer(global_features: torch.Tensor, regional_features: torch.Tensor):
-    """The Attention Composer (Sec. 4.5, Fig. 4): a region's attended features under its two
-    priors, averaged,
-        f = (f_RAP + f_RSP) / 2.
-    f_RAP is attended with the global prompt and the regional attention prior (without RAP, plain
-    attention), f_RSP with the region's own prompt p_n = MLLM(crop_n, p) (Eqs. 7-8: LLaVA-1.6
-    captions the region, given the global prompt; here --region-prompts or --caption-cmd). RAP's
-    features follow the LR image, RSP's describe the region's objects in detail; the paper averages
-    them. SDXL's cross-attention gives an image query one output; SD3's joint attention gives an
-    image token one output per prompt row, so the average is over the image tokens of the global
-    and the regional rows, (B, H, N, D), and both rows go on with it: one image stream with two text
-    streams (`denoise_regions`).
+    """The Attention Composer (Sec. 4.5): f = (f_RAP + f_RSP) / 2, a region's image features
+    attended with the global prompt and RAP, and with its own prompt p_n = MLLM(crop_n, p)
+    (Eqs. 7-8): RAP's follow the LR image, RSP's detail the region's objects. SD3's joint
+    attention gives an image token one output per prompt row; both rows go on with the average.
     """
     return (global_features + regional_features) / 2
 
 
 # ============================================================== alternative readings and ablations
 
-# The method above runs the paper's default readings. Here are the other readings of its SDXL
-# settings on SD3 (--noise-level, --gsp-normalisation) and its GSP ablation schedules
-# (--gsp-schedule), each argued in its docstring; the method's functions dispatch to them when
-# asked. The ablations that switch a whole prior off (--no-gsp, --no-rap, --no-rsp, --mode
-# multidiffusion) are `CUpscaleConfig`'s gsp, rap and rsp.
+# Other readings of the paper's SDXL settings on SD3 (--noise-level, --gsp-normalisation) and its
+# GSP ablation schedules (--gsp-schedule): the method hands off to them only when asked.
 
 def alternative_start_sigmas(strength: float, num_steps: int, shift: float, noise_level: str):
-    """`start_sigmas` under the two other readings of the paper's "t = 0.45 T" on SD3's schedule.
-
-    * "snr-matched": the SNR of SDXL's t = strength * T (`flow_sigma_for_sdxl_strength`),
-      sigma 0.578.
-    * "flow-sigma": sigma = strength, SD3's timestep axis read literally: the most faithful.
-    Both run int(strength * num_steps) steps (12 of 28), uniform in unshifted time (`time_shift`
-    with -ln(shift)) from the start sigma down to SD3's last non-zero sigma.
-    """
+    """`start_sigmas` under the other readings of "t = 0.45 T": "snr-matched", the SNR of SDXL's
+    t (0.578), or "flow-sigma", sigma = strength (the most literal). Both run int(strength *
+    num_steps) steps (12 of 28), uniform in unshifted time, down to SD3's last non-zero sigma."""
     if noise_level not in ("snr-matched", "flow-sigma"):
-        choices = ", ".join(NOISE_LEVELS)
-        raise ValueError(f"unknown noise level {noise_level!r}; choose from {choices}")
+        raise ValueError(f"unknown noise level {noise_level!r}; choose from {NOISE_LEVELS}")
     steps = int(strength * num_steps)
     if steps < 1:
         raise ValueError(f"strength {strength} of {num_steps} steps leaves no step to take")
@@ -569,24 +518,21 @@ def alternative_start_sigmas(strength: float, num_steps: int, shift: float, nois
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
 
 def flow_sigma_for_sdxl_strength(strength: float) -> float:
-    """The flow-matching sigma with the SNR of an SDXL latent noised to t = strength * T:
-    (1 - sigma) / sigma = sqrt(a / (1 - a)) with a = alpha_bar_t, i.e.
-    sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)), 0.578 for 0.45 (alpha_bar_450 = 0.3470).
-    x / (1 - sigma) and x_t / sqrt(a) are then the same random variable."""
+    """The flow sigma with the SNR of SDXL's t = strength * T: (1 - sigma) / sigma =
+    sqrt(a / (1 - a)) with a = alpha_bar_t, so sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     alpha_bar = sdxl_alpha_bar(min(round(strength * SDXL_TRAIN_STEPS), SDXL_TRAIN_STEPS - 1))
     return math.sqrt(1 - alpha_bar) / (math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar))
 
 def sdxl_alpha_bar(timestep: int) -> float:
-    """alpha_bar_t of SDXL's DDPM schedule: scaled-linear betas from 0.00085 to 0.012 over 1000
-    steps."""
+    """SDXL's alpha_bar_t: scaled-linear betas, 0.00085 to 0.012."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, SDXL_TRAIN_STEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0)[timestep].item()
 
 def ablation_gsp_weight(progress: float, schedule: str) -> float:
-    """`gsp_weight` under the paper's ablation schedules (Fig. 8, lambda 0.2), p = `progress` in
-    [0, 1]: "linear" 1 - p (fewer repetitions, but artifacts) and "increasing" p (blurry)."""
+    """`gsp_weight` under the paper's ablations (Fig. 8): "linear" 1 - p (fewer repetitions, but
+    artifacts), "increasing" p (blurry)."""
     if schedule == "linear":
         return 1 - progress
     if schedule == "increasing":
@@ -594,15 +540,10 @@ def ablation_gsp_weight(progress: float, schedule: str) -> float:
     raise ValueError(f"unknown GSP schedule {schedule!r}; choose from {', '.join(GSP_SCHEDULES)}")
 
 def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> float:
-    """`gsp_step_scale` under the two other readings of Eq. 4's "MSE".
-
-    * "mean": 2 / n over the n = `low_band_size` LL coefficients of a region (65,536 for SD3 at
-      1024 px): 0.2 then closes 6.1e-6 of the gap per step, no visible effect.
-    * "sdxl": lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) makes a
-      step close lambda / a of the gap; a is the alpha_bar with sigma's SNR,
-      (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), floored at SDXL's a_999 (above 1, overshooting,
-      for sigma > 2/3 at 0.2).
-    """
+    """`gsp_step_scale` under the other readings of Eq. 4's "MSE": "mean", 2 / n over a region's
+    n = `low_band_size` LL coefficients (lambda 0.2 then has no visible effect), or "sdxl",
+    lambda's effect on SDXL, where x0_hat = (z_t - sqrt(1 - a) eps) / sqrt(a) closes lambda / a
+    of the gap; a has sigma's SNR, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), floored at a_999."""
     if normalisation == "mean":
         return 2 / low_band_size
     if normalisation == "sdxl":
@@ -1622,47 +1563,50 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # ======================================================================================== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
-    """SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G, T5) from a Hub repo, a diffusers folder or a Stability single
-    file with its text encoders (the tokenizers then come from the Hub)."""
+    """SD3-Medium from a Hub repo, a diffusers folder or a single file with its text encoders."""
     device, dtype = device_dtype(device, dtype)
     single_file = Path(str(model)).expanduser().is_file()
     home = "cpu" if offload != "none" else device
     print(f"loading SD3 from {model}", file=sys.stderr)
     transformer = load_sd3(model, dtype, home, token=token)
-    factors = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
-    autoencoder = load_vae(model, dtype, home, stride=1, scale_factor=factors[0], shift_factor=factors[1],
-                           token=token)
+    scale, shift = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
+    vae = load_vae(model, dtype, home, stride=1, scale_factor=scale, shift_factor=shift,
+                   token=token)
     text_source, encoder_file = (TEXT_SOURCES["sd3"], model) if single_file else (model, None)
-    encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token, encoder_file)
-    return Pipeline("sd3", transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
+    encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token,
+                                              encoder_file)
+    return Pipeline("sd3", transformer, vae, encoders, tokenizers, device, dtype, str(model),
+                    offload)
 
 def model_geometry(model, token=None) -> tuple[int, int, int]:
-    """(VAE factor, patch size, position-table side in patches) of an SD3 pipeline, read from its config
-    files or a single file's tensor headers, so that sizes the model cannot take are refused before any
-    weight is read (or downloaded)."""
+    """(VAE factor, patch, position-table side) from the configs or a single file's headers: sizes
+    the model cannot take are refused before any weight is read."""
     path = Path(str(model)).expanduser()
     if path.is_file():
         keys = safetensors_keys(path)
         wanted = [DIFFUSION_PREFIX + "x_embedder.proj.weight", DIFFUSION_PREFIX + "pos_embed"]
         levels = count_blocks(keys, r"first_stage_model\.encoder\.down\.(\d+)\.")
         if not set(wanted) <= set(keys) or not levels:
-            raise UserError(f"{model}: not an SD3-Medium single file with its VAE (no {wanted[1]} or VAE)")
+            raise UserError(f"{model}: not an SD3-Medium single file with its VAE "
+                            f"(no {wanted[1]} or VAE)")
         with safe_open(path, framework="pt") as f:
-            patch, table = f.get_slice(wanted[0]).get_shape()[-1], f.get_slice(wanted[1]).get_shape()[1]
+            patch = f.get_slice(wanted[0]).get_shape()[-1]
+            table = f.get_slice(wanted[1]).get_shape()[1]
         return 2 ** (levels - 1), patch, math.isqrt(table)
     transformer, vae = (resolve_source(model, part, ("config.json",), token) / "config.json"
                         for part in ("transformer", "vae"))
     if not (transformer.is_file() and vae.is_file() and transformer.parent != vae.parent):
-        raise UserError(f"{model}: not an SD3 pipeline folder (it lacks transformer/ or vae/config.json)")
+        raise UserError(f"{model}: not an SD3 pipeline folder "
+                        "(it lacks transformer/ or vae/config.json)")
     settings, widths = read_json(transformer), read_json(vae).get("block_out_channels")
-    patch, table = (config_count(settings, key, transformer) for key in ("patch_size", "pos_embed_max_size"))
+    patch, table = (config_count(settings, key, transformer)
+                    for key in ("patch_size", "pos_embed_max_size"))
     if not (isinstance(widths, list) and widths):
-        raise UserError(f"{vae}: field block_out_channels is {json.dumps(widths)[:40]}, not a non-empty list "
-                        "(an SD3-Medium VAE config.json?)")
+        raise UserError(f"{vae}: field block_out_channels is {json.dumps(widths)[:40]}, not a "
+                        "non-empty list (an SD3-Medium VAE config.json?)")
     return 2 ** (len(widths) - 1), patch, table
 
 def config_count(config: dict, key: str, file: Path) -> int:
-    """config[key], refused in one line naming the file and the field unless it is a positive integer."""
     value = config.get(key)
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not a positive integer "
@@ -1671,30 +1615,30 @@ def config_count(config: dict, key: str, file: Path) -> int:
 
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
                       region_prompts: dict | None = None, batch_size: int = 16) -> dict:
-    """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional prompts."""
-    prompts = [prompt, negative_prompt] + list((region_prompts or {}).values())
-    batches = (prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size))
-    encoded = [c for batch in batches for c in encode_prompts(pipe, batch)]
+    """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional."""
+    prompts = [prompt, negative_prompt, *(region_prompts or {}).values()]
+    encoded = [c for start in range(0, len(prompts), batch_size)
+               for c in encode_prompts(pipe, prompts[start : start + batch_size])]
     regions = dict(zip(region_prompts, encoded[2:])) if region_prompts is not None else None
     return {"global": encoded[0], "negative": encoded[1], "regions": regions}
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
-    """The output size: the input's times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
+    """The input's size times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
     if min(width, height) < MIN_INPUT_SIDE:
         raise UserError(f"the input is {width}x{height}: too small (each side needs at least "
                         f"{MIN_INPUT_SIDE} px)")
-    sides = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
-    if sides[0] * sides[1] > MAX_TARGET_PIXELS:
-        raise UserError(f"the target {sides[0]}x{sides[1]} ({sides[0] * sides[1] / 1e6:.0f} Mpx) is beyond "
-                        f"the {MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its memory "
-                        "for; lower --scale")
-    return sides[0], sides[1]
+    w, h = (max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+    if w * h > MAX_TARGET_PIXELS:
+        raise UserError(f"the target {w}x{h} ({w * h / 1e6:.0f} Mpx) is beyond the "
+                        f"{MAX_TARGET_PIXELS / 1e6:.0f} Mpx (8192x8192) this pipeline bounds its "
+                        "memory for; lower --scale")
+    return w, h
 
-def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int) -> tuple[int, int]:
-    """The size RAP's LR pass runs at: the input's, shrunk to at most the model's native area (region_px^2)
-    and to sides the position table covers (`max_side`)."""
+def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: int):
+    """RAP's LR pass size: the input's, shrunk to the native area and the position table."""
     shrink = min(1.0, region_px / math.sqrt(width * height), max_side / max(width, height))
-    return tuple(max(multiple, round(side * shrink / multiple) * multiple) for side in (width, height))
+    return tuple(max(multiple, round(side * shrink / multiple) * multiple)
+                 for side in (width, height))
 
 def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
     windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
@@ -1704,8 +1648,8 @@ def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int,
             raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
                             f"{multiple} px with 0 <= overlap < {name}")
     if config.region_px // config.vae_scale // patch > pos_embed_patches:
-        raise UserError(f"--region-size {config.region_px}: the model's position table covers at most "
-                        f"{pos_embed_patches * patch * config.vae_scale} px")
+        raise UserError(f"--region-size {config.region_px}: the model's position table covers at "
+                        f"most {pos_embed_patches * patch * config.vae_scale} px")
 
 
 # ======================================================== pipeline: its pieces from diffusion4k.py
@@ -2030,193 +1974,181 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    # Every check that can fail comes before the weights are read: outputs, input, sizes, regional prompts.
+    # Every check that can fail comes before the weights are read.
     if args.prompt and not args.prompt.strip():
         raise UserError("--prompt is blank: give the global prompt (or leave the option out)")
-    input_size = image_size(args.input)  # from the header: an absurd target is refused before decoding
+    input_size = image_size(args.input)  # from the header: absurd targets go before decoding
     output, record_path = check_outputs(args)
-    baseline = args.mode == "multidiffusion"
-    config = CUpscaleConfig(
-        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
-        num_steps=args.steps, guidance=args.guidance, gsp=not (args.no_gsp or baseline),
-        rap=not (args.no_rap or baseline), rsp=not (args.no_rsp or baseline),
-        gsp_step_size=args.gsp_step_size, gsp_schedule=args.gsp_schedule, region_batch=args.region_batch,
-        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
-        gsp_normalisation=args.gsp_normalisation)
+    config = config_from(args)
     try:
         sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
     except ValueError:
-        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to take "
-                        f"(--noise-level {args.noise_level})") from None
+        raise UserError(f"--strength {args.strength:g} of --steps {args.steps} leaves no step to "
+                        f"take (--noise-level {args.noise_level})") from None
     steps, start_sigma = len(sigmas) - 1, sigmas[0].item()
-    target_size(*input_size, args.scale, 2)  # refuse absurd targets before the model is looked up
+    target_size(*input_size, args.scale, 2)  # before the model is looked up
     image = load_image(args.input)
     if not args.prompt:
-        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using the empty "
-              "prompt", file=sys.stderr)
-
+        print("note: no --prompt; C-Upscale's priors need one (the paper always gives one): using "
+              "the empty prompt", file=sys.stderr)
     geometry = model_geometry(args.model, args.token)
     config.vae_scale, patch, table = geometry
-    multiple = config.vae_scale * patch
-    check_regions(config, multiple, table, patch)
-    width, height = target_size(*image.size, args.scale, multiple)
-    latent_size = height // config.vae_scale, width // config.vae_scale
-    regions = plan_regions(*latent_size, config.region, config.stride)
-
-    # One line on RSP before any slow work; captions come before the weights (a local captioner has the GPU).
-    region_prompts, rsp = None, "RSP (regional semantic prior)"
-    if not config.rsp:
-        print(f"{rsp} off: {'--mode multidiffusion' if baseline else '--no-rsp'}", file=sys.stderr)
-    elif args.region_prompts:
-        region_prompts = load_region_prompts(args.region_prompts, regions)
-        print(f"{rsp} on: {len(regions)} regional prompts from {args.region_prompts}", file=sys.stderr)
-    elif args.caption_cmd:
-        print(f"{rsp} on: captioning {len(regions)} regions with --caption-cmd", file=sys.stderr)
-        resized = image.resize((width, height), Image.BICUBIC)
-        region_prompts = caption_regions(resized, regions, args.caption_cmd, args.prompt, config.vae_scale,
-                                         config.caption_timeout_s, args.caption_failure == "rsp-off")
-    else:
-        print(f"{rsp} off: no --region-prompts or --caption-cmd (the paper captions each region with "
-              "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
+    check_regions(config, config.vae_scale * patch, table, patch)
+    width, height = target_size(*image.size, args.scale, config.vae_scale * patch)
+    regions = plan_regions(height // config.vae_scale, width // config.vae_scale, config.region,
+                           config.stride)
+    region_prompts = regional_prompts(args, config, regions, image, (width, height))
     config.rsp = region_prompts is not None
 
-    dtype = DTYPES.get(args.dtype)
-    pipe = load_sd3_pipeline(args.model, args.device, dtype, args.offload, args.token)
+    pipe = load_sd3_pipeline(args.model, args.device, DTYPES.get(args.dtype), args.offload,
+                             args.token)
     if args.compile:
         compile_blocks(pipe.transformer)
     loaded = (pipe.vae.config.downsample_factor, pipe.transformer.config.patch_size,
               pipe.transformer.config.pos_embed_max_size)
     if loaded != geometry:
-        raise UserError(f"{args.model}: its config files (VAE factor, patch, position table {geometry}) "
-                        f"disagree with its weights {loaded}")
+        raise UserError(f"{args.model}: its config files (VAE factor, patch, position table "
+                        f"{geometry}) disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
     batches = len(list(region_batches(regions, config.region_batch)))
     switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
                          (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
-    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x {steps} "
-          f"steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})", file=sys.stderr)
+    print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x "
+          f"{steps} steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})",
+          file=sys.stderr)
     started = time.perf_counter()
     progress = progress_bar(f"denoising ({steps} steps x {batches} region batches)")
-    picture = tensor_to_image(upscale(pipe, image, width, height, conditions, config, args.seed, progress))
-    given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed", "negative_prompt",
-             "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation", "region_size", "region_overlap")
-    settings = {key: getattr(args, key) for key in given} | dict(
-        input=str(args.input), input_size=list(image.size), width=width, height=height, steps_run=steps,
-        start_sigma=round(start_sigma, 6), gsp=config.gsp, rap=config.rap, rsp=config.rsp,
-        regions=len(regions), dtype=str(pipe.dtype))
-    vae_scale = config.vae_scale
-    record = {"prompt": args.prompt, "rsp": config.rsp, "regions": [
-        {"key": r.key, "box": [side * vae_scale
-                               for side in (r.left, r.top, r.left + r.width, r.top + r.height)],
-         "prompt": (region_prompts or {}).get(r.key)} for r in regions]}
-    metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
-    with atomic_files([output, record_path], args.overwrite) as (image_file, record_file):  # both or neither
-        write_image(picture, image_file, output.suffix, metadata)
-        record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    print(f"wrote {output} and {record_path.name} ({width}x{height}, {time.perf_counter() - started:.1f} s)",
-          file=sys.stderr)
+    hr = upscale(pipe, image, width, height, conditions, config, args.seed, progress)
+    settings = dict(input=str(args.input), input_size=list(image.size), width=width,
+                    height=height, steps_run=steps, start_sigma=round(start_sigma, 6),
+                    gsp=config.gsp, rap=config.rap, rsp=config.rsp, regions=len(regions),
+                    dtype=str(pipe.dtype))
+    record = [{"key": r.key, "box": r.box(config.vae_scale),
+               "prompt": (region_prompts or {}).get(r.key)} for r in regions]
+    write_outputs(args, (output, record_path), tensor_to_image(hr), settings, record)
+    print(f"wrote {output} and {record_path.name} ({width}x{height}, "
+          f"{time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+def config_from(args) -> CUpscaleConfig:
+    on = args.mode != "multidiffusion"  # the baseline: every prior off
+    return CUpscaleConfig(
+        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
+        num_steps=args.steps, guidance=args.guidance, gsp=on and not args.no_gsp,
+        rap=on and not args.no_rap, rsp=on and not args.no_rsp, gsp_step_size=args.gsp_step_size,
+        gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
+        vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
+        gsp_normalisation=args.gsp_normalisation)
 
 def check_outputs(args) -> tuple[Path, Path]:
-    """(image, sidecar): OUTPUT and OUTPUT.regions.json beside it, checked as outputs and kept apart from
-    every input."""
+    """OUTPUT and OUTPUT.regions.json beside it, checked as outputs and apart from every input."""
     output = check_output_file(args.output, args.overwrite)
-    record_path = output.with_suffix(".regions.json")  # the regions and their prompts, beside the image
+    record_path = output.with_suffix(".regions.json")
     if record_path.is_dir():
         raise UserError(f"{record_path} is a folder, where the regions of --output {output} go; "
                         "choose another --output")
     check_output_file(record_path, args.overwrite, suffixes=None)
-    check_apart([("--output", output), ("--output", record_path)],
-                [("--input", args.input), ("--model", args.model), ("--region-prompts", args.region_prompts)])
+    inputs = [("--input", args.input), ("--model", args.model),
+              ("--region-prompts", args.region_prompts)]
+    check_apart([("--output", output), ("--output", record_path)], inputs)
     return output, record_path
 
+def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dict, regions: list):
+    """The image, with the settings as metadata, and its sidecar of regions: both or neither."""
+    given = ("model", "scale", "steps", "strength", "noise_level", "guidance", "seed",
+             "negative_prompt", "mode", "gsp_step_size", "gsp_schedule", "gsp_normalisation",
+             "region_size", "region_overlap")
+    settings = {key: getattr(args, key) for key in given} | run
+    metadata = {"prompt": args.prompt, "seed": args.seed, "settings": json.dumps(settings)}
+    record = {"prompt": args.prompt, "rsp": run["rsp"], "regions": regions}
+    with atomic_files(paths, args.overwrite) as (image_file, record_file):
+        write_image(picture, image_file, paths[0].suffix, metadata)
+        record_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
 def parser() -> ArgumentParser:
-    defaults = CUpscaleConfig()
-    parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free upscaling "
-                            "with SD3-Medium (global structure, regional attention and regional semantic "
-                            "priors).")
-    parser.add_argument("--input", required=True, help="the low-resolution image (any format Pillow reads)")
-    parser.add_argument("--output", default="cupscale.png",
-                        help="output image (.png keeps the settings as text metadata); the regions and "
-                        "their prompts go beside it, to OUTPUT.regions.json")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output and .regions.json")
-    parser.add_argument("--prompt", default="",
-                        help="the global prompt (the method needs one: the whole image)")
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--scale", type=number(1, MAX_SCALE), default=4.0,
-                        help=f"upscaling factor in [1, {MAX_SCALE}] (4: 1024 -> 4096; 8: 1024 -> 8192)")
-    parser.add_argument("--model", default=TEXT_SOURCES["sd3"],
-                        help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
-    parser.add_argument("--steps", type=integer(1, SD3_TRAIN_STEPS), default=defaults.num_steps,
-                        help="length of SD3's full schedule, of which the --strength share is run (28 -> 13)")
-    parser.add_argument("--strength", type=number(0, 1), default=defaults.strength,
-                        help="the paper's noise level in (0, 1]: noise to t = strength * T and run that "
-                        "share of the steps (paper: 0.45); --noise-level says how it reads on SD3")
-    parser.add_argument("--noise-level", choices=NOISE_LEVELS, default=defaults.noise_level,
-                        help="how --strength becomes SD3's start noise: diffusers-strength (default: sigma "
-                        "0.707, 13 of 28 steps, as diffusers' img2img), snr-matched (SDXL's SNR: 0.578, 12 "
-                        "steps) or flow-sigma (sigma = strength: 0.45, 12 steps, the most faithful)")
-    parser.add_argument("--guidance", type=number(0, 100), default=defaults.guidance,
-                        help="classifier-free guidance")
-    parser.add_argument("--seed", type=SEED, default=0)
-    parser.add_argument("--region-size", type=integer(1), default=defaults.region_px,
-                        help="region side (px), SD3's 1024")
-    parser.add_argument("--region-overlap", type=integer(0), default=defaults.overlap_px,
-                        help="region overlap in px")
-    parser.add_argument("--region-batch", type=integer(1), default=defaults.region_batch,
-                        help="regions per model call")
+    default = CUpscaleConfig()
+    parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free "
+                            "upscaling with SD3-Medium (global structure, regional attention and "
+                            "regional semantic priors).")
+    add = parser.add_argument
+    add("--input", required=True, help="the low-resolution image")
+    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); the "
+        "regions and their prompts go to OUTPUT.regions.json")
+    add("--overwrite", action="store_true", help="replace an existing output and .regions.json")
+    add("--prompt", default="", help="the global prompt (the method needs one)")
+    add("--negative-prompt", default="")
+    add("--scale", type=number(1, MAX_SCALE), default=4.0, help="upscaling factor (4: 1K -> 4K)")
+    add("--model", default=TEXT_SOURCES["sd3"],
+        help="SD3-Medium: Hub repo, diffusers folder, or single file with text encoders")
+    add("--steps", type=integer(1, SD3_TRAIN_STEPS), default=default.num_steps,
+        help="SD3's full schedule, of which the --strength share runs (28 -> 13)")
+    add("--strength", type=number(0, 1), default=default.strength, help="noise level (paper: 0.45)")
+    add("--noise-level", choices=NOISE_LEVELS, default=default.noise_level,
+        help="how --strength reads on SD3: sigma 0.707 as diffusers' img2img, SDXL's SNR (0.578) "
+        "or sigma = strength")
+    add("--guidance", type=number(0, 100), default=default.guidance, help="CFG scale")
+    add("--seed", type=SEED, default=0)
+    add("--region-size", type=integer(1), default=default.region_px, help="region side (px)")
+    add("--region-overlap", type=integer(0), default=default.overlap_px, help="in px")
+    add("--region-batch", type=integer(1), default=default.region_batch,
+        help="regions per model call")
     rsp = parser.add_mutually_exclusive_group()
-    rsp.add_argument("--region-prompts", help='JSON {"row,col": prompt} with one prompt per region (RSP)')
-    rsp.add_argument("--caption-cmd",
-                     help="command run once per region, without a shell, {image} replaced by the region's "
-                     "crop of the resized input (PNG) and {prompt} by the global prompt; it must print the "
-                     "regional prompt as UTF-8 on stdout and exit 0 within 300 s (RSP)")
-    parser.add_argument("--caption-failure", choices=["stop", "rsp-off"], default="stop",
-                        help="when a caption command fails: stop, naming the region (default), or go on "
-                        "with RSP off")
-    parser.add_argument("--no-gsp", action="store_true", help="ablation: no global structure prior")
-    parser.add_argument("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    parser.add_argument("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
-    parser.add_argument("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
-                        help="multidiffusion: the plain regional-denoising baseline (all priors off)")
-    parser.add_argument("--gsp-step-size", type=number(0, 1), default=defaults.gsp_step_size,
-                        help="GSP step size lambda (paper: 0.2): the share of the gap to the input's low "
-                        "band closed per step (with --gsp-normalisation sum; 1: replace the band)")
-    parser.add_argument("--gsp-schedule", choices=GSP_SCHEDULES, default=defaults.gsp_schedule,
-                        help="how lambda decays over the steps (paper: cosine; linear, increasing: its "
-                        "ablation)")
-    parser.add_argument("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=defaults.gsp_normalisation,
-                        help="the reading of Eq. 4's 'MSE': sum (default: a step closes lambda of the "
-                        "low-band gap), mean (the literal mean over a region: 0.2 has no visible effect) "
-                        "or sdxl (the step lambda made on SDXL, lambda / alpha_bar)")
-    parser.add_argument("--vae-tile", type=integer(1), default=defaults.vae_tile_px,
-                        help="VAE tile side in image px")
-    parser.add_argument("--vae-overlap", type=integer(0), default=defaults.vae_overlap_px,
-                        help="VAE tile overlap in px")
-    parser.add_argument("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                        help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--offload", choices=["none", "model"], default="none",
-                        help="model: MMDiT and VAE wait on the CPU between uses")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each MMDiT block (regional attention stays eager): faster "
-                        "region batches after a compile wait in the first step")
-    parser.add_argument("--token", help="Hugging Face token for the gated SD3 repo (default: HF_TOKEN or "
-                        "huggingface-cli login)")
+    rsp.add_argument("--region-prompts", help='RSP: JSON {"row,col": prompt}, one per region')
+    rsp.add_argument("--caption-cmd", help="RSP: a command run per region (no shell), {image} "
+                     "the region's crop (PNG), {prompt} the global prompt; it prints the prompt")
+    add("--caption-failure", choices=["stop", "rsp-off"], default="stop",
+        help="when a caption command fails: stop, or go on with RSP off")
+    add("--no-gsp", action="store_true", help="ablation: no global structure prior")
+    add("--no-rap", action="store_true", help="ablation: no regional attention prior")
+    add("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
+    add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
+        help="multidiffusion: the baseline, no prior")
+    add("--gsp-step-size", type=number(0, 1), default=default.gsp_step_size,
+        help="GSP's lambda (0.2): the low-band gap's share closed per step")
+    add("--gsp-schedule", choices=GSP_SCHEDULES, default=default.gsp_schedule,
+        help="lambda over the steps (the paper: cosine; the others: its ablation)")
+    add("--gsp-normalisation", choices=GSP_NORMALISATIONS, default=default.gsp_normalisation,
+        help="the reading of Eq. 4's 'MSE': sum, mean or sdxl (lambda / alpha_bar)")
+    add("--vae-tile", type=integer(1), default=default.vae_tile_px, help="VAE tile side (px)")
+    add("--vae-overlap", type=integer(0), default=default.vae_overlap_px, help="in px")
+    add("--device", type=device_name, help="cuda (default when available), cuda:N or cpu")
+    add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--offload", choices=["none", "model"], default="none",
+        help="model: MMDiT and VAE wait on the CPU between uses")
+    add("--compile", action="store_true", help="torch.compile the MMDiT blocks (RAP stays eager)")
+    add("--token", help="Hugging Face token (default: HF_TOKEN or huggingface-cli login)")
     return parser
 
 
 # ======================================= command line: regional prompts (RSP's files and captions)
 
+def regional_prompts(args, config: CUpscaleConfig, regions: list[Region], image, size):
+    """RSP's prompt per region key, or None (RSP off), said in one line before any slow work.
+    Captions come before the weights are read (a local captioner has the GPU)."""
+    rsp = "RSP (regional semantic prior)"
+    if not config.rsp:
+        reason = "--no-rsp" if args.mode != "multidiffusion" else "--mode multidiffusion"
+        print(f"{rsp} off: {reason}", file=sys.stderr)
+        return None
+    if args.region_prompts:
+        prompts = load_region_prompts(args.region_prompts, regions)
+        print(f"{rsp} on: {len(regions)} regional prompts from {args.region_prompts}",
+              file=sys.stderr)
+        return prompts
+    if args.caption_cmd:
+        print(f"{rsp} on: captioning {len(regions)} regions with --caption-cmd", file=sys.stderr)
+        return caption_regions(image.resize(size, Image.BICUBIC), regions, args.caption_cmd,
+                               args.prompt, config.vae_scale, config.caption_timeout_s,
+                               args.caption_failure == "rsp-off")
+    print(f"{rsp} off: no --region-prompts or --caption-cmd (the paper captions each region with "
+          "LLaVA-1.6; pass one to turn it on)", file=sys.stderr)
+    return None
+
 def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
-    """Read and check a --region-prompts JSON file."""
     return parse_region_prompts(read_json(path), regions, source=str(path))
 
-def parse_region_prompts(data, regions: list[Region],
-                         source: str = "region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping (rows and columns counted from 0 at the top left) against
-    the planned regions; return it with normalised keys. Every region needs exactly one non-empty
-    string; unknown and missing regions are named in one UserError line."""
+def parse_region_prompts(data, regions: list[Region], source="region prompts") -> dict[str, str]:
+    """Check a {"row,col": prompt} mapping (counted from 0 at the top left) against the regions:
+    one non-empty string per region, the others named in one line. Keys come back normalised."""
     rows, cols = regions[-1].row + 1, regions[-1].col + 1
     grid = (f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} "
             f"and col 0..{cols - 1}")
@@ -2248,17 +2180,11 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
-                    vae_scale: int, timeout_s: float,
-                    rsp_off_on_failure=False) -> dict[str, str] | None:
-    """Regional prompts from an external captioning command, run once per region (the paper's
-    LLaVA-1.6 captions the region's crop given the global prompt; its instruction text is not in
-    the paper).
-
-    `image` is the LR image resized to the target size. `command` is split like a shell line (no
-    shell runs it); in each argument {image} becomes the path of the region's crop (PNG) and
-    {prompt} the global prompt. On a failure, raise a UserError naming it, or, with
-    `rsp_off_on_failure`, warn and return None (RSP off).
-    """
+                    vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
+    """Regional prompts from `command` run per region (the paper's LLaVA-1.6 captions the crop
+    given the global prompt), split like a shell line: {image} becomes the path of the region's
+    crop of `image` (PNG), {prompt} the global prompt. A failure stops the run, or with
+    `rsp_off_on_failure` turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -2269,11 +2195,8 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
     prompts = {}
     with tempfile.TemporaryDirectory(prefix="cupscale-regions-") as folder:
         for region in regions:
-            top, left = region.top * vae_scale, region.left * vae_scale
-            bottom, right = top + region.height * vae_scale, left + region.width * vae_scale
-            crop = image.crop((left, top, right, bottom))
             crop_path = Path(folder) / f"region_{region.row}_{region.col}.png"
-            crop.save(crop_path)
+            image.crop(region.box(vae_scale)).save(crop_path)
             arguments = [a.replace("{image}", str(crop_path)).replace("{prompt}", global_prompt)
                          for a in template]
             try:
@@ -2287,30 +2210,11 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
     return prompts
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command; return its standard output as one line, or raise UserError
-    naming it."""
+    """Run one captioning command in a process group of its own: its standard output as one line,
+    or a UserError naming it. The output goes to files, not pipes: a pipe would stay open until a
+    child the command left in the background ends. On a timeout or an interruption the whole
+    group is killed."""
     shown = shlex.join(command)
-    code, stdout, stderr = _run_alone(command, timeout_s)
-    if code != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
-        last_line = lines[-1][:200]
-        raise UserError(f"caption command failed with exit code {code}: {shown}: {last_line}")
-    try:
-        caption = " ".join(stdout.decode("utf-8").split())
-    except UnicodeDecodeError as error:
-        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
-                        f"{shown}") from None
-    if not caption:
-        raise UserError(f"caption command printed nothing: {shown}")
-    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
-        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
-    return caption
-
-def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr) of `command`, run in a process group of its own. Its output goes
-    to temporary files, not pipes: the command is done when it exits, even if a child it started in
-    the background still holds them open (a pipe would stay open until that child ends). On a
-    timeout, and when this run is interrupted, the whole group is killed."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -2328,11 +2232,25 @@ def _run_alone(command: list[str], timeout_s: float) -> tuple[int, bytes, bytes]
             process.wait()
             if isinstance(error, subprocess.TimeoutExpired):
                 raise UserError(f"caption command timed out after {timeout_s:g} s: "
-                                f"{shlex.join(command)}") from None
+                                f"{shown}") from None
             raise
         out.seek(0)
         err.seek(0)
-        return code, out.read(), err.read()
+        stdout, stderr = out.read(), err.read()
+    if code != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["no error output"]
+        raise UserError(f"caption command failed with exit code {code}: {shown}: "
+                        f"{lines[-1][:200]}")
+    try:
+        caption = " ".join(stdout.decode("utf-8").split())
+    except UnicodeDecodeError as error:
+        raise UserError(f"caption command printed non-UTF-8 bytes (at byte {error.start}): "
+                        f"{shown}") from None
+    if not caption:
+        raise UserError(f"caption command printed nothing: {shown}")
+    if not caption.isprintable():  # terminal escapes or binary output, not a prompt
+        raise UserError(f"caption command printed control characters, not a prompt: {shown}")
+    return caption
 
 
 if __name__ == "__main__":

@@ -418,9 +418,9 @@ class HookedJointAttention(JointAttnProcessor2_0):
 
 
 class DiffusersMMDiT(torch.nn.Module):
-    """SD3Transformer2DModel behind our MMDiT's interface: model(x, timesteps, context, y), a config with
-    the fields C-Upscale reads, and joint blocks whose `attend` C-Upscale sets. Records the dtypes of the
-    timesteps it is handed."""
+    """SD3Transformer2DModel behind our MMDiT's interface: model(x, timesteps, context, y) and our own
+    `MMDiT.velocity` over it, a config with the fields C-Upscale reads, and joint blocks whose `attend`
+    C-Upscale sets. Records the dtypes of the timesteps it is handed."""
 
     def __init__(self, model):
         super().__init__()
@@ -436,6 +436,8 @@ class DiffusersMMDiT(torch.nn.Module):
         self.timestep_dtypes.add(timesteps.dtype)
         return self.model(hidden_states=x, timestep=timesteps, encoder_hidden_states=context,
                           pooled_projections=y, return_dict=False)[0]
+
+    velocity = cu.MMDiT.velocity  # the one call C-Upscale makes (sigma -> fp32 timesteps)
 
 
 class DiffusersVAE(torch.nn.Module):
