@@ -367,20 +367,20 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
 
 # --- BEGIN copy of diffusion4k.py: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform (sums of squares are preserved) over the last two
-    dims: (..., H, W) -> (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    """One level of the orthonormal 2-D Haar transform over the last two dims: (..., H, W) ->
+    (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
 def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
-    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
+    """Inverse of `haar_dwt`."""
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (..., h, 2, w, 2)
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (.., h, 2, w, 2)
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END copy: Haar wavelets ---
 
@@ -616,18 +616,19 @@ def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: 
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t.float()[:, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
-    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
+    """adaLN of tokens (B, L, C) by per-sample (B, C) vectors."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -635,11 +636,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
     return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
     return x.transpose(1, 2).flatten(2)
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+    """adaLN (shift, scale), then a linear map to the output features."""
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
@@ -651,17 +651,21 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def residuals(x, attn, mods, proj, norm, mlp):
+    """A stream's gated residual attention output and MLP, with the second half of its modulation."""
+    _, _, gate1, shift2, scale2, gate2 = mods
+    x = x + gate1[:, None] * proj(attn)
+    return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
+
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
-    its inputs and recomputes its activations in the backward pass."""
+    """layer(*args), recomputed in the backward pass while `model.gradient_checkpointing` is on."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
-    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
-    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
+    """Regional compilation: `torch.compile` each transformer block, so each block class compiles once
+    at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -682,17 +686,18 @@ class SD3Config:
     mlp_ratio: float = 4.0
     adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
     context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
-    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
+    pos_embed_max_size: int = 192  # stored position grid: 192 patches = 3072 px (F8), 6144 px (F16)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
 
 SD3_MEDIUM = SD3Config()
 
 class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
-    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
+    """SD3's multimodal diffusion transformer: joint blocks over [context, image]. Parameter names are
+    Stability's checkpoint keys (without `model.diffusion_model.`)."""
 
     def __init__(self, config: SD3Config = SD3_MEDIUM):
         super().__init__()
@@ -705,8 +710,8 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepMLP(256, dim)
         self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
         self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
-                                          for i in range(n))
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1) for i in range(n))
         self.final_layer = FinalLayer(dim, p * p * config.out_channels)
         self.gradient_checkpointing = False
 
@@ -714,7 +719,7 @@ class MMDiT(nn.Module):
         """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
         Returns the velocity (B, C, H, W)."""
         b, _, height, width = x.shape
-        p = self.config.patch_size
+        p, channels = self.config.patch_size, self.config.out_channels
         h, w = height // p, width // p
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
         c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
@@ -722,19 +727,19 @@ class MMDiT(nn.Module):
         for block in self.joint_blocks:
             context, tokens = run_checkpointed(self, block, context, tokens, c)
         out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
+        out = out.view(b, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, channels, height, width)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
-        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
-        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
-        classifier-free guidance is the sampler's."""
+        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
+        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The timestep stays fp32 in any
+        model dtype, as diffusers' scheduler hands it over (bf16 would round 857.7 to 856). SD3 has no
+        guidance input: classifier-free guidance is the sampler's."""
+        b = z.shape[0]
         if torch.is_tensor(sigma):
-            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
+            t = sigma.float().to(z.device).expand(b) * 1000
         else:
-            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
+            t = torch.full((b,), sigma * 1000, device=z.device)
         return self(z, t, condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
@@ -762,18 +767,17 @@ class JointBlock(nn.Module):
         return context, self.x_block.post_attention(x, x_attn, x_mods)
 
     def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
+        """Joint attention over [context, image] tokens (B, H, L, D); a method of its own so that a method
         built on SD3 (C-Upscale's regional attention) can replace it per block."""
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
-    context stream is `pre_only`: it only supplies keys and values."""
+    """One stream of a joint block. The last block's context stream is `pre_only`: it only supplies keys
+    and values."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
-        self.num_heads = num_heads
-        self.pre_only = pre_only
+        self.num_heads, self.pre_only = num_heads, pre_only
         self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
@@ -786,15 +790,16 @@ class StreamBlock(nn.Module):
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def pre_attention(self, x, c):
-        """Returns (q, k, v) of this stream and the modulation still to be applied."""
+        """(q, k, v) of this stream, and the modulation still to be applied."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
+        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        return split_heads(qkv, self.num_heads), mods
 
     def post_attention(self, x, attn, mods):
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa[:, None] * self.attn.proj(attn)
-        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
+        return residuals(x, attn, mods, self.attn.proj, self.norm2, self.mlp_forward)
+
+    def mlp_forward(self, x):
+        return self.mlp.fc2(F.gelu(self.mlp.fc1(x), approximate="tanh"))
 
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
@@ -805,13 +810,14 @@ class TimestepMLP(nn.Module):
         return self.mlp(x)
 
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
-    folder, a pipeline folder, or a Hub repo id."""
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
+    `transformer/` or pipeline folder, or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: "
+                            f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
     with torch.device("meta"), config_from_files(source):
@@ -825,16 +831,16 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
                         "supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+    if heads is None:  # not in single files
         if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
-                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
-                            "instead")
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head "
+                            f"count and {hidden} is no multiple of SD3's head dim 64; load its "
+                            "diffusers folder instead")
         heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
     return SD3Config(
-        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
-        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        in_channels=in_channels, patch_size=patch, hidden_size=hidden, num_heads=heads,
+        out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
+        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
         mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
         adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
         context_dim=state["context_embedder.weight"].shape[1],
@@ -842,34 +848,26 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
 
 def sd3_key_table(depth: int) -> dict:
     """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
-    table = {
-        "pos_embed": (["pos_embed.pos_embed"], None),
-        **linear_entries("x_embedder.proj", "pos_embed.proj"),
-        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        **linear_entries("context_embedder", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
+    rows = [("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
+            ("final_layer.linear", "proj_out"),
+            ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
+    for original, folder in (("t", "timestep"), ("y", "text")):
+        rows += [(f"{original}_embedder.mlp.{2 * j}", f"time_text_embed.{folder}_embedder.linear_{j + 1}")
+                 for j in (0, 1)]
     for i in range(depth):
-        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
-        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
-        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
-        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
-        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
-        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
-                                    "swap" if last else None))
+        o, f, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1
+        xb, cb = f"{o}.x_block", f"{o}.context_block"
+        rows += [(f"{xb}.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]),
+                 (f"{xb}.attn.proj", f"{f}.attn.to_out.0"), (f"{xb}.mlp.fc1", f"{f}.ff.net.0.proj"),
+                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"), (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
+                 (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
+                 # the last context stream has only (shift, scale): diffusers' AdaLayerNormContinuous
+                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None)]
         if not last:
-            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
-    return table
+            rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
+                     (f"{cb}.mlp.fc1", f"{f}.ff_context.net.0.proj"),
+                     (f"{cb}.mlp.fc2", f"{f}.ff_context.net.2")]
+    return {"pos_embed": (["pos_embed.pos_embed"], None), **key_table(rows)}
 # --- END copy: SD3 transformer ---
 
 
@@ -877,17 +875,14 @@ def sd3_key_table(depth: int) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
-    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
-    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
-    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one (same weights):
+    a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
-    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
-    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
-    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
+    `vae_conv_in`'s stride) before conv_out. The whole-map, centred form; `Decoder.upsample_conv_out`
+    computes it in bands, by default shifted as Diffusion-4K's partitioned decode."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -1815,25 +1810,23 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
-    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
-    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to the shifted smallest
+    training level shift(1/1000), shifted once more (SD3 was tuned with this double shift), then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
-    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
+    """Move a rectified-flow schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1); 0 stays 0.
+    SD3's static shift s is mu = ln(s)."""
     safe = sigmas.clamp_min(1e-12)
     return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
 # --- END copy: flow-matching schedule ---
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
-    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
-    Returns fp32 on `device`."""
+    """The VAE's `encode` or `decode` of (1, C, H, W) x in overlapping `tile`-square tiles (x's pixels),
+    blended with ramps that sum to one. Returns fp32 on `device`."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -1857,7 +1850,7 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    """Starts every `stride`, plus one window flush with the end, so none is partial."""
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] + window < length:
         starts.append(length - window)
@@ -1930,6 +1923,10 @@ def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+def key_table(rows) -> dict:
+    """Table rows of layers with weight and bias, given as (original, folder[, transform])."""
+    return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
     """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""

@@ -384,18 +384,19 @@ class LoRAConv2d(nn.Module):
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t.float()[:, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
-    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
+    """adaLN of tokens (B, L, C) by per-sample (B, C) vectors."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -403,11 +404,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
     return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
     return x.transpose(1, 2).flatten(2)
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+    """adaLN (shift, scale), then a linear map to the output features."""
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
@@ -419,17 +419,21 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def residuals(x, attn, mods, proj, norm, mlp):
+    """A stream's gated residual attention output and MLP, with the second half of its modulation."""
+    _, _, gate1, shift2, scale2, gate2 = mods
+    x = x + gate1[:, None] * proj(attn)
+    return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
+
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
-    its inputs and recomputes its activations in the backward pass."""
+    """layer(*args), recomputed in the backward pass while `model.gradient_checkpointing` is on."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
-    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
-    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
+    """Regional compilation: `torch.compile` each transformer block, so each block class compiles once
+    at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -454,11 +458,11 @@ class FluxConfig:
     guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
-                             f"{self.hidden_size // self.num_heads}")
+        heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
+        if self.hidden_size % heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {heads}")
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
 FLUX_DEV = FluxConfig()
 
@@ -477,16 +481,16 @@ class Flux(nn.Module):
         self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
         self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
         self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
-        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
-        guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        """img (B, L, 64) packed latents, txt (B, T, 4096) T5 features, their RoPE ids (B or 1, ., 3),
+        timesteps (B,) sigma, y (B, 768) CLIP pooled, guidance (B,) (dev). Returns the velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -504,10 +508,9 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
-        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
-        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
+        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
+        {"txt": T5 features, "y": CLIP pooled} and, for dev, the guidance scale. Image tokens sit at
+        RoPE positions (0, row, col), text at (0, 0, 0); sigma and guidance go in z's dtype, as in
         diffusers."""
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
@@ -517,7 +520,7 @@ class Flux(nn.Module):
         return unpack_latents(v, h, w)
 
 def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
+    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`."""
     if torch.is_tensor(value):
         return value.to(like.device, like.dtype).expand(batch)
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
@@ -540,19 +543,14 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = feed_forward(dim, mlp_hidden)
 
     def forward(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-        # joint attention over the concatenated sequence, text first
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)  # shift, scale, gate (x2)
+        img_qkv = self.img_attn.qkv_heads(modulate(self.img_norm1(img), *img_mod[:2]))
+        txt_qkv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), *txt_mod[:2]))
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))  # text first
         attn = attention_with_rope(q, k, v, rope)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        # gated residual attention and MLP, per stream
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        n = txt.shape[1]
+        img = residuals(img, attn[:, n:], img_mod, self.img_attn.proj, self.img_norm2, self.img_mlp)
+        txt = residuals(txt, attn[:, :n], txt_mod, self.txt_attn.proj, self.txt_norm2, self.txt_mlp)
         return img, txt
 
 class SingleStreamBlock(nn.Module):
@@ -574,10 +572,11 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        mlp = F.gelu(mlp, approximate="tanh")
+        return x + gate[:, None] * self.linear2(torch.cat([attn, mlp], dim=-1))
 
 class SelfAttention(nn.Module):
-    """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
+    """One stream's attention weights: fused qkv, QK RMSNorm, output projection."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -607,7 +606,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+    """Per-head RMS normalisation of queries and keys, statistics in fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -634,9 +633,8 @@ def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
-    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
-    computed in fp64: positions times slow frequencies lose precision in fp32."""
+    """(cos, sin), each (B, 1, L, head_dim/2) fp32, for positions ids (B, L, n_axes); each axis owns a
+    slice of the head dim. Angles in fp64: positions times slow frequencies lose precision in fp32."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
@@ -646,37 +644,38 @@ def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D) by `rope_table`'s angles, in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, features ordered (c, row, col)."""
     b, c, h, w = z.shape
-    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `pack_latents` for a latent of height x width."""
     b, _, features = x.shape
     x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
+    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens: (0, row, col)."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
-    (only its `transformer/` files are downloaded)."""
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
+              token=None) -> Flux:
+    """A Flux transformer from a BFL single file (keys bare or under `model.diffusion_model.`), a
+    diffusers `transformer/` or pipeline folder, or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: "
+                            f"{first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
     with config_from_files(source):
         config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
@@ -686,18 +685,19 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
-    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    """Every dimension from the (original-layout) tensors but the RoPE split of the head dim: that comes
+    from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
-    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
+    axes_dim = (axes_dim or folder_config.get("axes_dims_rope")
+                or ((16, 56, 56) if head_dim == 128 else ()))
     if not axes_dim:
         raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
                         "(it is not stored in the weights)")
     return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden,
+        num_heads=hidden // head_dim, depth=count_blocks(state, r"double_blocks\.(\d+)\."),
         depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
         vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
@@ -707,42 +707,40 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
 def flux_table_for(state: dict) -> dict:
     """The key table of the Flux whose diffusers state dict this is."""
     depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
-    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
-    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
+    single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
+    return flux_key_table(depth, single, guidance)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
     """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
-    table = {
-        **linear_entries("img_in", "x_embedder"),
-        **linear_entries("txt_in", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
-    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
-        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
-        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
-    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
+    rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+            ("final_layer.linear", "proj_out"),
+            ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
+    embedders = [("time_in", "timestep"), ("vector_in", "text")] + [("guidance_in", "guidance")] * guidance
+    for original, folder in embedders:
+        rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
+                 (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
+    norms = {}  # QK-norm scales: weight only
+    # per stream: diffusers' suffix and its names of q/k/v, output projection and QK norms
     streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
                ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
     for i in range(depth):
         o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
         for stream, suffix, qkv, out, norm in streams:
             s, a = f"{o}.{stream}", f"{f}.attn"
-            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
-            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
-            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
-            for x, name in (("q", "query_norm"), ("k", "key_norm")):
-                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
+            rows += [(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"),
+                     (f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]),
+                     (f"{s}_attn.proj", f"{a}.{out}"), (f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"),
+                     (f"{s}_mlp.2", f"{f}.ff{suffix}.net.2")]
+            norms[f"{s}_attn.norm.query_norm"] = f"{a}.{norm.format('q')}"
+            norms[f"{s}_attn.norm.key_norm"] = f"{a}.{norm.format('k')}"
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
-        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
-        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
-        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
-        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
+        rows += [(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]),
+                 (f"{o}.linear2", f"{f}.proj_out"), (f"{o}.modulation.lin", f"{f}.norm.linear")]
+        norms[f"{o}.norm.query_norm"], norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_q", f"{f}.attn.norm_k"
+    table = key_table(rows)
+    table.update({f"{o}.scale": ([f"{f}.weight"], None) for o, f in norms.items()})
     return table
 # --- END copy: Flux transformer ---
 
@@ -751,17 +749,14 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
-    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
-    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
-    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one (same weights):
+    a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
-    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
-    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
-    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
+    `vae_conv_in`'s stride) before conv_out. The whole-map, centred form; `Decoder.upsample_conv_out`
+    computes it in bands, by default shifted as Diffusion-4K's partitioned decode."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -2821,6 +2816,10 @@ def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+
+def key_table(rows) -> dict:
+    """Table rows of layers with weight and bias, given as (original, folder[, transform])."""
+    return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
     """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
