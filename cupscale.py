@@ -380,7 +380,7 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (.., h, 2, w, 2)
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # h, 2, w, 2
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END copy: Haar wavelets ---
 
@@ -615,7 +615,7 @@ def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: 
 # ========================================================================= the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
     """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
@@ -652,7 +652,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 def residuals(x, attn, mods, proj, norm, mlp):
-    """A stream's gated residual attention output and MLP, with the second half of its modulation."""
+    """A stream's gated residual attention and MLP, modulated (adaLN-Zero)."""
     _, _, gate1, shift2, scale2, gate2 = mods
     x = x + gate1[:, None] * proj(attn)
     return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
@@ -664,8 +664,8 @@ def run_checkpointed(model: nn.Module, layer, *args):
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, so each block class compiles once
-    at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
+    """Regional compilation: `torch.compile` each transformer block, so each block class compiles
+    once at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -820,9 +820,8 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"), config_from_files(source):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
+    config = folder_config(path)
+    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)", source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
@@ -875,14 +874,14 @@ def sd3_key_table(depth: int) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one (same weights):
-    a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
+    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one, same
+    weights: a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
     """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
-    `vae_conv_in`'s stride) before conv_out. The whole-map, centred form; `Decoder.upsample_conv_out`
-    computes it in bands, by default shifted as Diffusion-4K's partitioned decode."""
+    `vae_conv_in`'s stride) before conv_out. This is the whole-map, centred form;
+    `Decoder.upsample_conv_out` computes it in bands, by default as Diffusion-4K decodes."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -891,8 +890,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
-    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3). stride 2: Diffusion-4K's F16 VAE."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -922,7 +920,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        """Images in [-1, 1] -> normalised latents (the posterior mean)."""
         mean = self.encoder(x).chunk(2, dim=1)[0]
         return (mean - self.config.shift_factor) * self.config.scale_factor
 
@@ -930,8 +928,8 @@ class AutoEncoder(nn.Module):
         """Normalised latents -> images in [-1, 1] (not clipped)."""
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
-def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Unnormalised latents of x: a posterior sample, or the mean when generator is None."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -943,21 +941,20 @@ class Encoder(nn.Module):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
         self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
-        self.down = nn.ModuleList()
-        block_in = ch
+        self.down, width = nn.ModuleList(), ch
         for level, mult in enumerate(mults):
             down = nn.Module()
             down.block = nn.ModuleList()
             for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
+                down.block.append(ResnetBlock(width, ch * mult))
+                width = ch * mult
             if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
+                down.downsample = Downsample(width)
             self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.mid = mid_block(width)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level dominates memory
         self.gradient_checkpointing = False
 
     def forward(self, x):
@@ -977,30 +974,28 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's code (`upsample_conv_out`)
+        width = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
+        self.mid = mid_block(width)
+        self.up = nn.ModuleList()
         for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
+                up.block.append(ResnetBlock(width, ch * mults[level]))
+                width = ch * mults[level]
             if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+                up.upsample = Upsample(width)
+            self.up.insert(0, up)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
 
     def forward(self, z):
         return self.head(self.features(z))
 
     def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
-        SC-VAE training compares it with the F8 decoder's."""
+        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares with F8's."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -1012,21 +1007,18 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        """`decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
         return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
-        input rows.
+        """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
+        upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
 
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
-        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
-        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
-        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
-        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
-        the image."""
+        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer side
+        only and cropped one pixel in, and its decoders were trained that way: output pixel (r, c) is
+        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map. We compute that
+        (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need input rows
+        [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
         s, rows = self.stride, h.shape[-2]
         shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
@@ -1036,7 +1028,7 @@ class Decoder(nn.Module):
             low, high = max(top - 1, 0), min(top + n + halo_below, rows)
             band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # rows the 3x3 window reaches
             up = F.pad(up, (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
@@ -1052,15 +1044,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
-        inplace = not torch.is_grad_enabled()
+        inplace = not torch.is_grad_enabled()  # without autograd no norm output is needed again
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+    """Single-head self-attention over all pixels of the lowest-resolution map."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -1071,8 +1061,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
-        # materialises the hw x hw scores
+        # contiguous: with a strided last dim SDPA falls back to math, which writes the hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -1084,8 +1073,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # the weights expect right/bottom padding only
 
 class Upsample(nn.Module):
     def __init__(self, channels: int):
@@ -1096,7 +1084,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 def mid_block(channels: int) -> nn.Sequential:
-    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
     mid = nn.Sequential()
     mid.block_1 = ResnetBlock(channels, channels)
     mid.attn_1 = AttnBlock(channels)
@@ -1106,18 +1093,19 @@ def mid_block(channels: int) -> nn.Sequential:
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
-             token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
-    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
-    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
-    config.json may say `"stride": 2`)."""
+VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
+    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
+    "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
+    "up_block_types": "UpDecoderBlock2D"}
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
+             shift_factor=None, token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers `vae/`
+    or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the arguments,
+    else the folder's config.json, else Flux's F8 VAE."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
-             "use_quant_conv": False, "use_post_quant_conv": False,
-             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+    for key, supported in VAE_FIXED.items():
         values = config.get(key, supported)
         if any(value != supported for value in (values if isinstance(values, list) else [values])):
             raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
@@ -1129,28 +1117,23 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     if "encoder.down.0.block.0.conv1.weight" not in state or quant:
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
                         f"(first keys: {first_keys(state)})")
-
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-                                       setting(stride, "stride", 1))
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
+    given = ((scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+             (shift_factor, "shift_factor", FLUX_VAE.shift_factor), (stride, "stride", 1))
+    c = vae_config_from_state(state, *(next(v for v in (value, config.get(key), default)
+                                            if v is not None) for value, key, default in given))
+    widths = [c.base_channels * m for m in c.channel_multipliers]
     problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
+        f"stride {c.stride} (1: F8, 2: F16)": c.stride not in (1, 2),
         f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
+        f"scaling_factor {c.scale_factor} (finite, > 0)": not 0 < c.scale_factor < math.inf,
+        f"shift_factor {c.shift_factor} (finite)": not math.isfinite(c.shift_factor),
     }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+    for problem in (problem for problem, bad in problems.items() if bad):
+        raise UserError(f"{source}: this VAE cannot have {problem}")
+    return build(lambda: AutoEncoder(c), state, f"{source} (VAE)", source)
 
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
+                          stride: int) -> VAEConfig:
     base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
@@ -1162,63 +1145,59 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
-    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    """The key table of the VAE whose state dict (either layout) this is, with shortcut rows only
+    where the state has them (a resnet has one only where it changes width)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
     res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
+    return {original: (parts, transform)
+            for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
+
+RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
     """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
-    table = {}
+    rows = []
 
-    def add(original, folder, transform=None):
-        table.update(linear_entries(original, folder, transform))
-
-    def resnet(original, folder, shortcut):
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            add(f"{original}.{name}", f"{folder}.{name}")
+    def resnet(original, folder, shortcut=True):
+        rows.extend((f"{original}.{name}", f"{folder}.{name}") for name in RESNET_LAYERS)
         if shortcut:
-            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+            rows.append((f"{original}.nin_shortcut", f"{folder}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        add(f"{part}.conv_in", f"{part}.conv_in")
-        add(f"{part}.conv_out", f"{part}.conv_out")
-        add(f"{part}.norm_out", f"{part}.conv_norm_out")
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
-        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
+                 (f"{part}.norm_out", f"{part}.conv_norm_out"),
+                 (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
+        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
+        rows += [(f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1") for original, folder
+                 in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))]
     for level in range(num_levels):
-        for j in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
-        if level < num_levels - 1:
-            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
         up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
         for j in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
+        if level < num_levels - 1:
+            rows.append((f"encoder.down.{level}.downsample.conv",
+                         f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
-            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
-    return table
+            rows.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+    return key_table(rows)
 # --- END copy: VAE ---
 
 
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
-# keys, so a Hub folder loads without a rename table.
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per
+# token: penultimate CLIP layer; pooled: both CLIPs, projected). Module names are transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
 
     vocab_size: int = 32128
     d_model: int = 4096
@@ -1233,9 +1212,9 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
-    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
-    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state. No absolute positions: a learned bias per
+    (head, bucket of key - query offset) is added to every layer's logits. transformers'
+    `encoder.embed_tokens` is `shared` again, so not a parameter here."""
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1261,10 +1240,9 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
-    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
-    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
-    last one."""
+    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in a
+    half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
+    buckets, offsets from `max_distance` on the last."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1275,7 +1253,7 @@ def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device
     return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
 
 class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+    """Pre-norm attention + gated-GELU feed-forward; `layer.0` / `layer.1` as in the checkpoint."""
 
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
@@ -1284,10 +1262,10 @@ class T5Block(nn.Module):
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+        if owns_position_bias:  # block 0 stores the table; every block adds the same bias
             sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
         attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp = ff.DenseReluDense = nn.Module()  # historical name: v1.1 uses gated GELU
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
@@ -1297,14 +1275,14 @@ class T5Block(nn.Module):
     def forward(self, x, position_bias):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, 1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: in fp16 its output overflows
 
 class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+    """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -1317,15 +1295,15 @@ class T5LayerNorm(nn.Module):
         return self.weight * x.to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    """Self-attention of x (B, L, C) through the linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14; `CLIP_G`: OpenCLIP bigG (SD3)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -1333,11 +1311,11 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); bigG uses "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux's CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
-    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Hub CLIP configs say 2, which transformers reads as "legacy": pool at argmax(ids), the first
+    # <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
@@ -1353,21 +1331,19 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
-    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
-    CLIPTextModel."""
+    """CLIP's causal text transformer, keys of transformers' CLIPTextModelWithProjection (or, with
+    `projection_dim=None`, CLIPTextModel)."""
 
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
-        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        projection = config.projection_dim
+        self.config, d, projection = config, config.hidden_size, config.projection_dim
+        m = self.text_model = nn.Module()
+        m.embeddings = nn.Module()
+        m.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        m.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        m.encoder = nn.Module()
+        m.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        m.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
 
     def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
@@ -1380,16 +1356,16 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # the first maximum
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
 
 class CLIPTextOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input: SD3's per-token features
     pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection (SD3), else `pooled`
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -1411,41 +1387,37 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
-    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
-
-    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
-    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
-    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
+    """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
+    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word. Prompts
+    are framed by `frame_ids` and padded with the folder's pad token, else <|endoftext|>. Tokens in
+    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's CLIP-G
+    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None,
+                 name: str | None = "CLIP"):
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
                 raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
                                 "merges.txt)")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
-                            continuing_subword_prefix="")
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                            end_of_word_suffix="</w>", continuing_subword_prefix="")
+        tok = self.tokenizer = Tokenizer(bpe)
+        tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
         added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        self.tokenizer.add_special_tokens(  # kept whole in a prompt
-            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
-        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
-        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+        tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *(t["content"] for t in added)])
+        self.bos_id, self.eos_id = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
         if pad_id is None:
             pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
+            pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1453,9 +1425,9 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
-    256 for FLUX.1-schnell and SD3."""
+    """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
+    Prompts end in </s> and are padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
+    schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -1465,17 +1437,15 @@ class T5Tokenizer:
             raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
         try:
             if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
-                                                                                   add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+                tok = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
 
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
+                tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
+        except Exception as error:  # either library raises Exception / RuntimeError / OSError
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -1486,17 +1456,16 @@ class T5Tokenizer:
         return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
-    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
-    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
+    (diffusers' `truncation=True, padding="max_length"`). With a tokenizer `name`, a cut is reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
     if dropped and name:
         which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
         longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
-              f"{longest}", file=sys.stderr)
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} "
+              f"dropped{longest}", file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         row = head + ids[:room] + tail
@@ -1516,39 +1485,36 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
-    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
-    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
-    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one safetensors
+    file (+ `prefix`, e.g. "text_encoders.t5xxl.transformer." in SD3's). fp8 weights are upcast; a
+    T5ForConditionalGeneration's decoder is skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
     tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"), config_from_files(source):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+    model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
+                  f"{source}: T5 encoder", source)
+    return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
-    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
-    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
-    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
-    file's vision tower is skipped. Returns a frozen eval model."""
+    """A frozen CLIP text encoder (projected if the file has `text_projection`) from a transformers
+    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or without
+    `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
     skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
             "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"), config_from_files(source):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+    model = build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
+                  state, f"{source}: CLIP text encoder", source)
+    return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
-    starting with one of `skip` (after the prefix) are never read."""
+    """(tensors under `prefix`, prefix removed, config.json or {}); keys starting with one of `skip`
+    (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1561,7 +1527,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    """Dimensions from the tensors; the two values they lack from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1575,39 +1541,38 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
-    )
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
-    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
+    heads (every real CLIP) and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
     projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
-    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+    if config_json:  # a saved config omits values equal to transformers' defaults
+        given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
         defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
+    elif width % 64:
+        raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is "
+                        "not stored and the width is no multiple of CLIP's head dim 64; load its "
+                        "transformers folder instead")
     else:
-        if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
-                            "stored and the width is no multiple of CLIP's head dim 64; load its "
-                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
         return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
                               num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
-                              layer_norm_eps=eps, eos_token_id=eos)
+                              max_position_embeddings=positions, hidden_act=act,
+                              projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    """state[key]'s shape; without the key, the file holds another model: name its keys."""
     if key not in state:
         raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return state[key].shape
@@ -1711,8 +1676,7 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of sing
 
 @dataclass
 class Pipeline:
-    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
-    then used many times to encode prompts (`encode_prompts`) and sample."""
+    """What turns prompts into 4K images: loaded once, then used to encode prompts and sample."""
 
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
@@ -1734,43 +1698,45 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
-    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo; SD3's encoders may
+    come from `encoder_file` instead (a Stability all-in-one file, which has no tokenizers)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    files = ("*.json", "*.txt", "*.model")
+
+    def folder(name):
+        return component_path(source, name, token, ("*.json", "*.txt", "*.model"))
+
     if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
-        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
-                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
+        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256
+        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
+                      "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
         encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
                     "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
         return encoders, tokenizers
-    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
-                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
-                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
+    tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
+                  "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
+                  "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
+    parts = (("clip_l", load_clip, "", "clip_l"), ("clip_g", load_clip, "_2", "clip_g"),
+             ("t5", load_t5, "_3", "t5xxl"))
     if encoder_file is None:
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
+        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
+                    for name, load, suffix, _ in parts}
     else:
-        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
+        encoders = {name: load(encoder_file, text_dtype, prefix=f"text_encoders.{key}.transformer.")
+                    for name, load, _, key in parts}
     return encoders, tokenizers
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
         with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
+            features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
     if pipe.kind == "flux":
         txt, y = features["t5"], features["clip_l"].pooled
         return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
     clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features padded to 4096
     context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
     pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
     return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
@@ -1778,8 +1744,8 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def visiting(module: nn.Module, device, home):
-    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
-    do not change during a visit, so leaving drops the device copy instead of copying it back."""
+    """Run a module on `device`, its weights resting in `home` memory otherwise. They do not change
+    during a visit, so leaving drops the device copy instead of copying it back."""
     module.to(home)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -1792,7 +1758,7 @@ def visiting(module: nn.Module, device, home):
             torch.cuda.empty_cache()
 
 def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
+    """(owner, name) of every parameter and buffer of `module`."""
     return [(owner, name) for owner in module.modules()
             for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
 
@@ -1801,7 +1767,7 @@ def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 def place(slots: list, tensors: list):
-    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
+    """Let the slots hold these tensors without copying (frozen parameters stay parameters)."""
     for (owner, name), t in zip(slots, tensors):
         if name in owner._parameters and not isinstance(t, nn.Parameter):
             t = nn.Parameter(t, requires_grad=False)
@@ -1810,39 +1776,38 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to the shifted smallest
-    training level shift(1/1000), shifted once more (SD3 was tuned with this double shift), then 0."""
+    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to the shifted
+    smallest training level shift(1/1000), shifted once more (SD3 was tuned so), then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move a rectified-flow schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1); 0 stays 0.
-    SD3's static shift s is mu = ln(s)."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
+    """Move a rectified-flow schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1), 0
+    staying 0. SD3's static shift s is mu = ln(s)."""
+    shifted = math.exp(mu) / (math.exp(mu) + 1 / sigmas.clamp_min(1e-12) - 1)
+    return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
 # --- END copy: flow-matching schedule ---
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """The VAE's `encode` or `decode` of (1, C, H, W) x in overlapping `tile`-square tiles (x's pixels),
-    blended with ramps that sum to one. Returns fp32 on `device`."""
+    """The VAE's `encode` or `decode` of (1, C, H, W) x in overlapping `tile`-square tiles (x's
+    pixels), blended with ramps that sum to one. Returns fp32 on `device`."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
-    th, tw = min(tile, height), min(tile, width)
-    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
+    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
     out = weight = None
-    for top in tops:
-        for left in lefts:
+    for top in _window_starts(height, th, stride):
+        for left in _window_starts(width, tw, stride):
             y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
             ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
             if out is None:
                 out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
                 weight = y.new_zeros(round(height * ratio), round(width * ratio))
             fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
-            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
+            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
+            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
             w = (wy[:, None] * wx[None]).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
             out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
@@ -1857,7 +1822,7 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
     weights = torch.ones(size, dtype=torch.float64)
     if fade_start:
         weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
@@ -1879,14 +1844,19 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
+def build(make, state: dict, what: str, source) -> nn.Module:
+    """make() on the meta device, then `state` assigned (`assign_state_dict`); in eval mode."""
+    with torch.device("meta"), config_from_files(source):
+        model = make()
+    return assign_state_dict(model, state, what).eval()
+
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """Folder-layout (diffusers) tensors -> original keys.
 
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
-    files load as they are; a folder converts through one explicit table per model, {original key:
-    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
-    linear1), concatenated along dim 0.
-    """
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so
+    those files load as they are; a folder converts through one table per model, {original key:
+    ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's qkv, its single
+    blocks' linear1), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -1925,7 +1895,7 @@ def linear_entries(original: str, folder, transform=None) -> dict:
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
-    """Table rows of layers with weight and bias, given as (original, folder[, transform])."""
+    """The table rows of layers given as (original, folder[, transform])."""
     return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
@@ -1944,16 +1914,15 @@ def count_blocks(keys, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
-    otherwise be read as if it were the component)."""
+    """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
+    read as the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
-    loaders read are checked for their type (`check_config_fields`)."""
+    """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
     if path.is_dir():
         config = path / "config.json"
     else:
@@ -1986,17 +1955,16 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
-    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
-    `source`."""
+    """A ValueError while building a config from `source`'s files (an invariant they break) becomes a
+    one-line UserError naming `source`."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
-    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    """Refuse a field of the wrong type (which would otherwise fail deep inside a model), naming the
+    file and the field; a CLIPModel's `text_config` is checked alike."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -2012,9 +1980,8 @@ OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.",
                     "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
-    otherwise every key that belongs to no other component. Other components' tensors are never read (an
-    SD3 all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else those
+    of no other component. Other components are never read (SD3's all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
