@@ -696,8 +696,8 @@ class SD3Config:
 SD3_MEDIUM = SD3Config()
 
 class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer: joint blocks over [context, image]. Parameter names are
-    Stability's checkpoint keys (without `model.diffusion_model.`)."""
+    """SD3's multimodal diffusion transformer: joint blocks over [context, image]. Parameter names
+    are Stability's checkpoint keys (without `model.diffusion_model.`)."""
 
     def __init__(self, config: SD3Config = SD3_MEDIUM):
         super().__init__()
@@ -732,9 +732,9 @@ class MMDiT(nn.Module):
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
-        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The timestep stays fp32 in any
-        model dtype, as diffusers' scheduler hands it over (bf16 would round 857.7 to 856). SD3 has no
-        guidance input: classifier-free guidance is the sampler's."""
+        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The timestep stays fp32 in
+        any model dtype, as diffusers' scheduler hands it over (bf16 would round 857.7 to 856).
+        SD3 has no guidance input: classifier-free guidance is the sampler's."""
         b = z.shape[0]
         if torch.is_tensor(sigma):
             t = sigma.float().to(z.device).expand(b) * 1000
@@ -767,13 +767,13 @@ class JointBlock(nn.Module):
         return context, self.x_block.post_attention(x, x_attn, x_mods)
 
     def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D); a method of its own so that a method
-        built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        """Joint attention over [context, image] tokens (B, H, L, D); a method of its own so that
+        a method built on SD3 (C-Upscale's regional attention) can replace it per block."""
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream of a joint block. The last block's context stream is `pre_only`: it only supplies keys
-    and values."""
+    """One stream of a joint block. The last block's context stream is `pre_only`: it only supplies
+    keys and values."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
@@ -781,7 +781,8 @@ class StreamBlock(nn.Module):
         self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        mods = 2 if pre_only else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, mods * dim))
         if not pre_only:
             self.attn.proj = nn.Linear(dim, dim)
             self.norm2 = layer_norm(dim)
@@ -815,26 +816,27 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
+        if not {"transformer_blocks.0.attn.to_q.weight", "pos_embed.pos_embed"} <= state.keys():
             raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: "
                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
     config = folder_config(path)
-    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)", source)
+    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)",
+                 source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
-                        "supported")
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
+                        "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
     if heads is None:  # not in single files
         if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head "
-                            f"count and {hidden} is no multiple of SD3's head dim 64; load its "
-                            "diffusers folder instead")
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                            f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                            "load its diffusers folder instead")
         heads = hidden // 64
     return SD3Config(
         in_channels=in_channels, patch_size=patch, hidden_size=hidden, num_heads=heads,
@@ -851,17 +853,19 @@ def sd3_key_table(depth: int) -> dict:
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
     for original, folder in (("t", "timestep"), ("y", "text")):
-        rows += [(f"{original}_embedder.mlp.{2 * j}", f"time_text_embed.{folder}_embedder.linear_{j + 1}")
-                 for j in (0, 1)]
+        o, f = f"{original}_embedder.mlp", f"time_text_embed.{folder}_embedder"
+        rows += [(f"{o}.0", f"{f}.linear_1"), (f"{o}.2", f"{f}.linear_2")]
     for i in range(depth):
         o, f, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1
         xb, cb = f"{o}.x_block", f"{o}.context_block"
         rows += [(f"{xb}.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]),
                  (f"{xb}.attn.proj", f"{f}.attn.to_out.0"), (f"{xb}.mlp.fc1", f"{f}.ff.net.0.proj"),
-                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"), (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
+                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"),
+                 (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
                  (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
-                 # the last context stream has only (shift, scale): diffusers' AdaLayerNormContinuous
-                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear", "swap" if last else None)]
+                 # the last context stream has only (shift, scale), as an AdaLayerNormContinuous
+                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
+                  "swap" if last else None)]
         if not last:
             rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
                      (f"{cb}.mlp.fc1", f"{f}.ff_context.net.0.proj"),
@@ -979,7 +983,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = mid_block(width)
         self.up = nn.ModuleList()
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+        for level in reversed(range(len(mults))):  # built from the lowest resolution
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
@@ -1014,11 +1018,11 @@ class Decoder(nn.Module):
         """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
         upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
 
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer side
-        only and cropped one pixel in, and its decoders were trained that way: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map. We compute that
-        (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need input rows
-        [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
+        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
+        side only and cropped one pixel in, and its decoders were trained that way: output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
+        We compute that (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need
+        input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
         s, rows = self.stride, h.shape[-2]
         shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
@@ -1028,7 +1032,8 @@ class Decoder(nn.Module):
             low, high = max(top - 1, 0), min(top + n + halo_below, rows)
             band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # rows the 3x3 window reaches
+            first = s - 1 - shift  # of the rows the 3x3 window reaches
+            up = up[..., first : first + s * n + 2, :]
             up = F.pad(up, (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
@@ -1061,7 +1066,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # contiguous: with a strided last dim SDPA falls back to math, which writes the hw x hw scores
+        # contiguous: with a strided last dim SDPA falls back to math, writing hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -1094,15 +1099,15 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
-    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-    "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-    "up_block_types": "UpDecoderBlock2D"}
+    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+    "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers `vae/`
-    or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the arguments,
-    else the folder's config.json, else Flux's F8 VAE."""
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
+    `vae/` or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the
+    arguments, else the folder's config.json, else Flux's F8 VAE."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1134,7 +1139,8 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
 
 def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
                           stride: int) -> VAEConfig:
-    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
         in_channels=state["encoder.conv_in.weight"].shape[1],
@@ -1158,7 +1164,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
+    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, with every possible shortcut."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1173,8 +1179,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
                  (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
         resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
         resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
-        rows += [(f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1") for original, folder
-                 in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))]
+        for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
+            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
     for level in range(num_levels):
         up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
         for j in range(num_res_blocks):
@@ -1185,7 +1191,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
             rows.append((f"encoder.down.{level}.downsample.conv",
                          f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
-            rows.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+            rows.append((f"decoder.up.{level}.upsample.conv",
+                         f"decoder.up_blocks.{up}.upsamplers.0.conv"))
     return key_table(rows)
 # --- END copy: VAE ---
 
@@ -1193,8 +1200,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per
-# token: penultimate CLIP layer; pooled: both CLIPs, projected). Module names are transformers' keys.
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
@@ -1226,7 +1233,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask: (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1239,9 +1246,9 @@ class T5Encoder(nn.Module):
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
 
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in a
-    half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
+    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in
+    a half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
     buckets, offsets from `max_distance` on the last."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
@@ -1276,10 +1283,11 @@ class T5Block(nn.Module):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
         # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, 1.0)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias,
+                                     scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: in fp16 its output overflows
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
 class T5LayerNorm(nn.Module):
     """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
@@ -1320,7 +1328,8 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
+                             f"{sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -1356,7 +1365,7 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # the first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # first maximum
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
@@ -1388,10 +1397,10 @@ class CLIPLayer(nn.Module):
 
 class CLIPTokenizer:
     """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
-    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word. Prompts
-    are framed by `frame_ids` and padded with the folder's pad token, else <|endoftext|>. Tokens in
-    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
+    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word.
+    Prompts are padded with the folder's pad token, else <|endoftext|>. Tokens in
+    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's
+    CLIP-G lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1408,16 +1417,18 @@ class CLIPTokenizer:
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *(t["content"] for t in added)])
-        self.bos_id, self.eos_id = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {})
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+        tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad = special_token(folder, "pad_token") or eos
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # None: cut silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1426,19 +1437,22 @@ class CLIPTokenizer:
 
 class T5Tokenizer:
     """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
-    Prompts end in </s> and are padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
+    Prompts end in </s>, padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
     schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+            json_file = path / "tokenizer.json"
+            path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                            "spiece.model)")
         try:
             if path.suffix == ".json":
                 tok = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                self.encode = lambda texts: [
+                    e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
                 self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -1453,11 +1467,14 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+        rows = self.encode(prompts)
+        return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
+              name=None) -> torch.Tensor:
     """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
-    (diffusers' `truncation=True, padding="max_length"`). With a tokenizer `name`, a cut is reported."""
+    (diffusers' `truncation=True, padding="max_length"`); with a tokenizer `name`, a cut is
+    reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1490,8 +1507,9 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     T5ForConditionalGeneration's decoder is skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    skip = ("decoder.", "lm_head.")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold 1 or 2
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
@@ -1501,10 +1519,10 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
     """A frozen CLIP text encoder (projected if the file has `text_projection`) from a transformers
-    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or without
-    `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
-            "embeddings.position_ids")
+    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or
+    without `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale",
+            "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
@@ -1539,7 +1557,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
+        relative_attention_num_buckets=buckets,
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
@@ -1550,7 +1569,8 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    projection = state.get("text_projection.weight")
+    projection = None if projection is None else projection.shape[0]
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' defaults
         given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
@@ -1686,7 +1706,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     source: str
-    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
+    offload: str = "none"  # "none", "model" (components take turns on the GPU) or "blocks" (too)
 
     @property
     def schnell(self) -> bool:
@@ -1698,8 +1718,8 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo; SD3's encoders may
-    come from `encoder_file` instead (a Stability all-in-one file, which has no tokenizers)."""
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo; SD3's encoders
+    may come from `encoder_file` instead (a Stability all-in-one file, which has no tokenizers)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
 
     def folder(name):
@@ -1736,7 +1756,7 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
         txt, y = features["t5"], features["clip_l"].pooled
         return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
     clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features padded to 4096
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
     context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
     pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
     return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
@@ -1853,10 +1873,10 @@ def build(make, state: dict, what: str, source) -> nn.Module:
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """Folder-layout (diffusers) tensors -> original keys.
 
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so
-    those files load as they are; a folder converts through one table per model, {original key:
-    ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's qkv, its single
-    blocks' linear1), concatenated along dim 0."""
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
+    SD3), so those files load as they are; a folder converts through one table per model,
+    {original key: ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's
+    qkv, its single blocks' linear1), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -1866,19 +1886,21 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+        fused = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    """`mismatch_report` of the tensors `state` against the shapes a model expects."""
+    wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
         "missing": [key for key in expected if key not in state],
         "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
-                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}"
+                        for k in wrong],
     })
 
 def mismatch_report(kinds: dict) -> str:
@@ -1892,7 +1914,8 @@ def first_keys(state: dict) -> str:
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
+            for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
     """The table rows of layers given as (original, folder[, transform])."""
@@ -1913,7 +1936,7 @@ def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
     """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
     read as the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
@@ -1925,8 +1948,10 @@ def folder_config(path) -> dict:
     """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
     if path.is_dir():
         config = path / "config.json"
+    elif path.name.startswith("diffusion_pytorch_model"):
+        config = path.parent / "config.json"
     else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+        config = None
     data = read_json(config) if config is not None and config.exists() else {}
     return check_config_fields(data, config)
 
@@ -1941,22 +1966,23 @@ CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
     "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
     "a positive number": lambda v: _is_number(v) and v > 0,
     "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(_is_count, v)),
     "a string": lambda v: isinstance(v, str),
     "an object": lambda v: isinstance(v, dict),
 }
 CONFIG_FIELDS = {  # the config.json fields the loaders read
     "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
-    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
-    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
-    "feed_forward_proj": "a string", "text_config": "an object",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number",
+    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
+    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
+    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
+    "text_config": "an object",
 }
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files (an invariant they break) becomes a
-    one-line UserError naming `source`."""
+    """A ValueError while building a config from `source`'s files (an invariant they break)
+    becomes a one-line UserError naming `source`."""
     try:
         yield
     except ValueError as error:
@@ -1976,16 +2002,17 @@ def check_config_fields(config: dict, file) -> dict:
 DIFFUSION_PREFIX = "model.diffusion_model."
 
 # Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
-                    "text_encoder")
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
+                    "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else those
-    of no other component. Other components are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else
+    those of no other component. Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    state = load_safetensors(path, dtype, device,
+                             key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
     return check_weights(state, path)
 # --- END copy: weight loading ---
 

@@ -458,9 +458,10 @@ class FluxConfig:
     guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
 
     def __post_init__(self):
-        heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
-        if self.hidden_size % heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {heads}")
+        width, heads = self.hidden_size, self.num_heads
+        head_dim = width // heads
+        if width % heads:
+            raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
@@ -489,17 +490,19 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents, txt (B, T, 4096) T5 features, their RoPE ids (B or 1, ., 3),
-        timesteps (B,) sigma, y (B, 768) CLIP pooled, guidance (B,) (dev). Returns the velocity."""
+        """img (B, L, 64) packed latents, txt (B, T, 4096) T5 features, their RoPE ids (B or 1,
+        L or T, 3), timesteps (B,) sigma, y (B, 768) CLIP pooled, guidance (B,) -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance "
+                                 "scale")
             vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         ids = torch.cat([txt_ids, img_ids], dim=-2)
-        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        ids = ids if ids.ndim == 3 else ids[None]
+        rope = rope_table(ids, self.config.axes_dim, self.config.theta)
         for block in self.double_blocks:
             img, txt = run_checkpointed(self, block, img, txt, vec, rope)
         x = torch.cat([txt, img], dim=1)
@@ -615,7 +618,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.scale
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -627,14 +631,15 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    gelu = nn.GELU(approximate="tanh")
+    return nn.Sequential(nn.Linear(dim, hidden), gelu, nn.Linear(hidden, dim))
 
 def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) fp32, for positions ids (B, L, n_axes); each axis owns a
-    slice of the head dim. Angles in fp64: positions times slow frequencies lose precision in fp32."""
+    """(cos, sin), each (B, 1, L, head_dim/2) fp32, for positions ids (B, L, n_axes); each axis
+    owns a slice of the head dim. Angles in fp64: fp32 loses precision at slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
@@ -683,8 +688,8 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Every dimension from the (original-layout) tensors but the RoPE split of the head dim: that comes
-    from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    """Dimensions from the (original-layout) tensors but the RoPE split of the head dim: that
+    comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
@@ -714,8 +719,8 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
     rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
-    embedders = [("time_in", "timestep"), ("vector_in", "text")] + [("guidance_in", "guidance")] * guidance
-    for original, folder in embedders:
+    embedders = [("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")]
+    for original, folder in embedders[: 3 if guidance else 2]:
         rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
                  (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
     norms = {}  # QK-norm scales: weight only
@@ -736,7 +741,8 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         rows += [(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]),
                  (f"{o}.linear2", f"{f}.proj_out"), (f"{o}.modulation.lin", f"{f}.norm.linear")]
-        norms[f"{o}.norm.query_norm"], norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_q", f"{f}.attn.norm_k"
+        norms[f"{o}.norm.query_norm"] = f"{f}.attn.norm_q"
+        norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_k"
     table = key_table(rows)
     table.update({f"{o}.scale": ([f"{f}.weight"], None) for o, f in norms.items()})
     return table
@@ -852,7 +858,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = mid_block(width)
         self.up = nn.ModuleList()
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+        for level in reversed(range(len(mults))):  # built from the lowest resolution
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
@@ -887,11 +893,11 @@ class Decoder(nn.Module):
         """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
         upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
 
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer side
-        only and cropped one pixel in, and its decoders were trained that way: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map. We compute that
-        (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need input rows
-        [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
+        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
+        side only and cropped one pixel in, and its decoders were trained that way: output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
+        We compute that (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need
+        input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
         s, rows = self.stride, h.shape[-2]
         shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
@@ -901,7 +907,8 @@ class Decoder(nn.Module):
             low, high = max(top - 1, 0), min(top + n + halo_below, rows)
             band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # rows the 3x3 window reaches
+            first = s - 1 - shift  # of the rows the 3x3 window reaches
+            up = up[..., first : first + s * n + 2, :]
             up = F.pad(up, (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
@@ -934,7 +941,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # contiguous: with a strided last dim SDPA falls back to math, which writes the hw x hw scores
+        # contiguous: with a strided last dim SDPA falls back to math, writing hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -967,15 +974,15 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
-    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": False,
-    "use_post_quant_conv": False, "down_block_types": "DownEncoderBlock2D",
-    "up_block_types": "UpDecoderBlock2D"}
+    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+    "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers `vae/`
-    or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the arguments,
-    else the folder's config.json, else Flux's F8 VAE."""
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
+    `vae/` or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the
+    arguments, else the folder's config.json, else Flux's F8 VAE."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1007,7 +1014,8 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
 
 def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
                           stride: int) -> VAEConfig:
-    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
         in_channels=state["encoder.conv_in.weight"].shape[1],
@@ -1031,7 +1039,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
+    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, with every possible shortcut."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1046,8 +1054,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
                  (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
         resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
         resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
-        rows += [(f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1") for original, folder
-                 in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))]
+        for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
+            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
     for level in range(num_levels):
         up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
         for j in range(num_res_blocks):
@@ -1058,7 +1066,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
             rows.append((f"encoder.down.{level}.downsample.conv",
                          f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
-            rows.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+            rows.append((f"decoder.up.{level}.upsample.conv",
+                         f"decoder.up_blocks.{up}.upsamplers.0.conv"))
     return key_table(rows)
 # --- END copy: VAE ---
 
@@ -1066,8 +1075,8 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per
-# token: penultimate CLIP layer; pooled: both CLIPs, projected). Module names are transformers' keys.
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
@@ -1099,7 +1108,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask: (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1112,9 +1121,9 @@ class T5Encoder(nn.Module):
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
 
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in a
-    half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
+    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in
+    a half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
     buckets, offsets from `max_distance` on the last."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
@@ -1149,10 +1158,11 @@ class T5Block(nn.Module):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
         # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, 1.0)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias,
+                                     scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: in fp16 its output overflows
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
 class T5LayerNorm(nn.Module):
     """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
@@ -1193,7 +1203,8 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
+                             f"{sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -1229,7 +1240,7 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # the first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # first maximum
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
@@ -1261,10 +1272,10 @@ class CLIPLayer(nn.Module):
 
 class CLIPTokenizer:
     """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
-    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word. Prompts
-    are framed by `frame_ids` and padded with the folder's pad token, else <|endoftext|>. Tokens in
-    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
+    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word.
+    Prompts are padded with the folder's pad token, else <|endoftext|>. Tokens in
+    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's
+    CLIP-G lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1281,16 +1292,18 @@ class CLIPTokenizer:
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>", *(t["content"] for t in added)])
-        self.bos_id, self.eos_id = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {})
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+        tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
+            pad = special_token(folder, "pad_token") or eos
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # None: cut silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1299,19 +1312,22 @@ class CLIPTokenizer:
 
 class T5Tokenizer:
     """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
-    Prompts end in </s> and are padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
+    Prompts end in </s>, padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
     schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+            json_file = path / "tokenizer.json"
+            path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                            "spiece.model)")
         try:
             if path.suffix == ".json":
                 tok = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                self.encode = lambda texts: [
+                    e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
                 self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -1326,11 +1342,14 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+        rows = self.encode(prompts)
+        return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
+              name=None) -> torch.Tensor:
     """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
-    (diffusers' `truncation=True, padding="max_length"`). With a tokenizer `name`, a cut is reported."""
+    (diffusers' `truncation=True, padding="max_length"`); with a tokenizer `name`, a cut is
+    reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1363,8 +1382,9 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     T5ForConditionalGeneration's decoder is skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    skip = ("decoder.", "lm_head.")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold 1 or 2
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
@@ -1374,10 +1394,10 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
     """A frozen CLIP text encoder (projected if the file has `text_projection`) from a transformers
-    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or without
-    `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
-            "embeddings.position_ids")
+    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or
+    without `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale",
+            "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
@@ -1412,7 +1432,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
+        relative_attention_num_buckets=buckets,
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
@@ -1423,7 +1444,8 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    projection = state.get("text_projection.weight")
+    projection = None if projection is None else projection.shape[0]
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' defaults
         given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
@@ -2369,8 +2391,8 @@ def _pick(generator, options, probs=None):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The images metadata.jsonl lists, else every image under the folder; unreadable ones are skipped
-    with a warning each."""
+    """The images metadata.jsonl lists, else every image under the folder; unreadable ones are
+    skipped with a warning each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2378,8 +2400,9 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
     else:
-        candidates, skipped = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                                     and p.is_file()), 0
+        candidates = sorted(p for p in folder.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        skipped = 0
     for path in candidates:
         try:
             verify_image(path)  # pixels are decoded when used
@@ -2390,13 +2413,13 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
-        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
-              file=sys.stderr)
+        note = f", {skipped} skipped" if skipped else ""
+        print(f"data: {len(usable)} images from {folder}{note}", file=sys.stderr)
     return usable
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
-    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped with
-    a warning (no string file_name, or a repeated one)."""
+    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped
+    with a warning (no string file_name, or a repeated one)."""
     files, seen, skipped = [], {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
@@ -2416,7 +2439,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
         files.append(metadata.parent / name)
     return files, skipped
 
-def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
+def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
     """The image resized to just cover height x width, cropped at the relative offset (0..1, 0..1),
     flipped if asked: (3, H, W) in [-1, 1]."""
     image = load_image(path)
@@ -2430,9 +2453,9 @@ def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], 
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and every
-    sample's crop, flip, sigma and noise for the whole global batch, and each rank keeps its share.
-    Checkpoints save its state, so a resumed run draws what the uninterrupted run would have."""
+    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and
+    every sample's crop, flip, sigma and noise for the whole global batch, each rank keeping its
+    share. Checkpoints save its state, so a resumed run draws what an uninterrupted one would."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2442,7 +2465,8 @@ class Batches:
         out = []
         while len(out) < count:
             if self.cursor >= len(self.order):
-                self.order, self.cursor = torch.randperm(self.size, generator=self.generator).tolist(), 0
+                self.order = torch.randperm(self.size, generator=self.generator).tolist()
+                self.cursor = 0
             out.append(self.order[self.cursor])
             self.cursor += 1
         return out
@@ -2503,16 +2527,16 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    blocks = [*model.double_blocks, *model.single_blocks] if kind == "flux" else list(model.joint_blocks)
-    for block in blocks:
+    flux = kind == "flux"
+    for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
-    """checkpoints/step-N/: trainable.safetensors (with `run`, which `check_resumable` compares), then
-    state.pt (step, optimizer, data stream). Non-finite weights stop the run instead; a checkpoint that
-    cannot be written whole is removed."""
+    """checkpoints/step-N/: trainable.safetensors (with `run`, which `check_resumable` compares),
+    then state.pt (step, optimizer, data stream). Non-finite weights stop the run instead; a
+    checkpoint that cannot be written whole is removed."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2523,7 +2547,8 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         folder = output / "checkpoints" / f"step-{step:08d}"
         try:
             save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
-            save_torch({"step": step, "optimizer": optim, "batches": batches.state()}, folder / "state.pt")
+            state = {"step": step, "optimizer": optim, "batches": batches.state()}
+            save_torch(state, folder / "state.pt")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -2554,9 +2579,9 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
-    """Resume from `folder`, or the newest intact checkpoint before it, once it proves to be this run's
-    (`check_resumable`) and its tensors are exactly the model's trainable ones."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    """Resume from `folder`, or the newest intact checkpoint before it, once it proves to be this
+    run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
+    from torch.distributed.checkpoint import state_dict as dcp
 
     def read(candidate):
         weights = candidate / "trainable.safetensors"
@@ -2573,8 +2598,9 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     if report:
         raise UserError(f"{folder}: does not fit this model: {report}")
     try:
-        set_model_state_dict(model, weights, options=state_options(lora))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
+        options = state_options(lora)
+        dcp.set_model_state_dict(model, weights, options=options)
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
         batches.load(state["batches"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
@@ -2593,25 +2619,25 @@ def check_resumable(folder: Path, run: dict):
     check_run(folder, recorded, run)
 
 def check_run(folder: Path, recorded: str | None, run: dict):
-    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`: another
-    trainer, base model, LoRA or model setting is refused in one line naming what differs."""
+    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`:
+    another trainer, base model, LoRA or model setting is refused, naming what differs."""
     try:
         theirs = json.loads(recorded) if recorded else None
     except ValueError:
         theirs = None
     if not isinstance(theirs, dict):
-        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be resumed "
-                        "safely; start a new --output")
+        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
+                        "resumed safely; start a new --output")
     ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
     for key, value in ours.items():
         if theirs.get(key) != value:
-            raise UserError(f"{folder}: a checkpoint of another run ({key} {json.dumps(theirs.get(key))} "
-                            f"there, {json.dumps(value)} here); resume with its settings, or start a new "
-                            "--output")
+            there, here = json.dumps(theirs.get(key)), json.dumps(value)
+            raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
+                            "here); resume with its settings, or start a new --output")
 
 def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)); when `folder` is damaged (a crash or a full disk while it was written),
-    a warning names it and the newest intact checkpoint before it is read instead."""
+    """(folder, read(folder)); when `folder` is damaged (a crash or a full disk while it was
+    written), a warning names it and the newest intact checkpoint before it is read instead."""
     older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
     for candidate in [folder, *sorted(older, reverse=True)]:
         try:
@@ -2628,24 +2654,25 @@ def load_state_file(path: Path, keys: tuple) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except Exception as error:  # zip and pickle raise many types; the file is the problem anyway
-        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+        kind = type(error).__name__
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({kind})") from None
     if not isinstance(state, dict) or not set(keys) <= state.keys():
         raise UserError(f"{path}: not a checkpoint of this trainer")
     return state
 # --- END copy: training utilities ---
 
 # --- BEGIN copy of diffusion4k.py: LPIPS ---
-LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # lpips' v0.1
 
 LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a loss: at five
-    ReLU outputs the unit-normalised channel vectors' squared difference is weighted by the learned 1x1
-    `lins` and averaged over space, and the five numbers summed (the lpips package, spatial=False).
-    `features` has torchvision's indices, so its checkpoints load unchanged."""
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a loss: at
+    five ReLU outputs the unit-normalised channel vectors' squared difference is weighted by the
+    learned 1x1 `lins` and averaged over space, the five numbers summed (the lpips package,
+    spatial=False). `features` has torchvision's indices, so its checkpoints load unchanged."""
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
 
@@ -2677,8 +2704,8 @@ class LPIPS(nn.Module):
         return out
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear layers (.pth: lin0..lin4) and torchvision / timm VGG16
-    weights (.pth or .safetensors; `features.*` up to conv5_3)."""
+    """LPIPS-vgg from the lpips package's linear layers (.pth: lin0..lin4) and torchvision / timm
+    VGG16 weights (.pth or .safetensors; `features.*` up to conv5_3)."""
     hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
             "--lpips-weight 0)")
 
@@ -2694,14 +2721,15 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
         except Exception as error:  # pickle raises many types; the file is the problem anyway
             raise UserError(f"{what}: {path} is not a readable weights file "
                             f"({type(error).__name__})") from None
-        return check_weights(state.get("state_dict", state) if isinstance(state, dict) else {}, path)
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return check_weights(state, path)
 
     model = LPIPS()
     raw = read(backbone, "LPIPS backbone")
     state = {k[k.index("features.") :]: v.float() for k, v in raw.items() if "features." in k}
     state = {k: v for k, v in state.items() if int(k.split(".")[1]) < len(model.features)}
     lins = read(linear, "LPIPS linear layers")
-    state.update({f"lins.{k[3]}.weight": v.float() for k, v in lins.items() if re.match(r"lin\d\.", k)})
+    state |= {f"lins.{k[3]}.weight": v.float() for k, v in lins.items() if re.match(r"lin\d\.", k)}
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
@@ -2740,10 +2768,10 @@ def build(make, state: dict, what: str, source) -> nn.Module:
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """Folder-layout (diffusers) tensors -> original keys.
 
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so
-    those files load as they are; a folder converts through one table per model, {original key:
-    ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's qkv, its single
-    blocks' linear1), concatenated along dim 0."""
+    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
+    SD3), so those files load as they are; a folder converts through one table per model,
+    {original key: ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's
+    qkv, its single blocks' linear1), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -2753,19 +2781,21 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+        fused = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    """`mismatch_report` of the tensors `state` against the shapes a model expects."""
+    wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
         "missing": [key for key in expected if key not in state],
         "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
-                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}"
+                        for k in wrong],
     })
 
 def mismatch_report(kinds: dict) -> str:
@@ -2779,7 +2809,8 @@ def first_keys(state: dict) -> str:
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
+            for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
     """The table rows of layers given as (original, folder[, transform])."""
@@ -2800,7 +2831,7 @@ def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
     """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
     read as the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
@@ -2812,8 +2843,10 @@ def folder_config(path) -> dict:
     """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
     if path.is_dir():
         config = path / "config.json"
+    elif path.name.startswith("diffusion_pytorch_model"):
+        config = path.parent / "config.json"
     else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+        config = None
     data = read_json(config) if config is not None and config.exists() else {}
     return check_config_fields(data, config)
 
@@ -2828,22 +2861,23 @@ CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
     "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
     "a positive number": lambda v: _is_number(v) and v > 0,
     "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(_is_count, v)),
     "a string": lambda v: isinstance(v, str),
     "an object": lambda v: isinstance(v, dict),
 }
 CONFIG_FIELDS = {  # the config.json fields the loaders read
     "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
-    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
-    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
-    "feed_forward_proj": "a string", "text_config": "an object",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number",
+    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
+    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
+    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
+    "text_config": "an object",
 }
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files (an invariant they break) becomes a
-    one-line UserError naming `source`."""
+    """A ValueError while building a config from `source`'s files (an invariant they break)
+    becomes a one-line UserError naming `source`."""
     try:
         yield
     except ValueError as error:
@@ -2863,16 +2897,17 @@ def check_config_fields(config: dict, file) -> dict:
 DIFFUSION_PREFIX = "model.diffusion_model."
 
 # Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
-                    "text_encoder")
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
+                    "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else those
-    of no other component. Other components are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else
+    those of no other component. Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    state = load_safetensors(path, dtype, device,
+                             key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
     return check_weights(state, path)
 # --- END copy: weight loading ---
 
