@@ -781,6 +781,19 @@ class VAEConfig:
     shift_factor: float = 0.1159
     stride: int = 1
 
+    def __post_init__(self):
+        widths = [self.base_channels * m for m in self.channel_multipliers]
+        scale, shift = self.scale_factor, self.shift_factor
+        problems = [
+            (self.stride not in (1, 2), f"stride {self.stride} (1: F8, 2: F16)"),
+            (any(w % 32 for w in widths), f"widths {widths} (multiples of 32 for GroupNorm)"),
+            (not 0 < scale < math.inf, f"scaling_factor {scale} (finite, > 0)"),
+            (not math.isfinite(shift), f"shift_factor {shift} (finite)"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise ValueError(f"this VAE cannot have {problem}")
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1) * self.stride
@@ -997,20 +1010,15 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     if "encoder.down.0.block.0.conv1.weight" not in state or quant:
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
                         f"(first keys: {first_keys(state)})")
-    given = ((scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-             (shift_factor, "shift_factor", FLUX_VAE.shift_factor), (stride, "stride", 1))
-    c = vae_config_from_state(state, *(next(v for v in (value, config.get(key), default)
-                                            if v is not None) for value, key, default in given))
-    widths = [c.base_channels * m for m in c.channel_multipliers]
-    problems = {
-        f"stride {c.stride} (1: F8, 2: F16)": c.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {c.scale_factor} (finite, > 0)": not 0 < c.scale_factor < math.inf,
-        f"shift_factor {c.shift_factor} (finite)": not math.isfinite(c.shift_factor),
-    }
-    for problem in (problem for problem, bad in problems.items() if bad):
-        raise UserError(f"{source}: this VAE cannot have {problem}")
-    return build(lambda: AutoEncoder(c), state, f"{source} (VAE)", source)
+
+    def setting(given, key, default):
+        return next(value for value in (given, config.get(key), default) if value is not None)
+
+    scale = setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor)
+    shift = setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor)
+    vae_stride = setting(stride, "stride", 1)
+    return build(lambda: AutoEncoder(vae_config_from_state(state, scale, shift, vae_stride)), state,
+                 f"{source} (VAE)", source)
 
 def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
                           stride: int) -> VAEConfig:
