@@ -1737,20 +1737,20 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
         t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256
         tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
                       "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
-        return encoders, tokenizers
-    tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
-                  "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
-                  "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
-    parts = (("clip_l", load_clip, "", "clip_l"), ("clip_g", load_clip, "_2", "clip_g"),
-             ("t5", load_t5, "_3", "t5xxl"))
-    if encoder_file is None:
-        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
-                    for name, load, suffix, _ in parts}
+        parts = (("clip_l", load_clip, ""), ("t5", load_t5, "_2"))
     else:
-        encoders = {name: load(encoder_file, text_dtype, prefix=f"text_encoders.{key}.transformer.")
-                    for name, load, _, key in parts}
+        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
+                      "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
+                      "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
+        parts = (("clip_l", load_clip, ""), ("clip_g", load_clip, "_2"), ("t5", load_t5, "_3"))
+    if encoder_file is None or kind == "flux":
+        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
+                    for name, load, suffix in parts}
+    else:
+        key = {"t5": "t5xxl"}  # Stability's names, where they differ
+        encoders = {name: load(encoder_file, text_dtype,
+                               prefix=f"text_encoders.{key.get(name, name)}.transformer.")
+                    for name, load, _ in parts}
     return encoders, tokenizers
 
 @torch.no_grad()
