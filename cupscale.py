@@ -732,9 +732,8 @@ class MMDiT(nn.Module):
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
-        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The timestep stays fp32 in
-        any model dtype, as diffusers' scheduler hands it over (bf16 would round 857.7 to 856).
-        SD3 has no guidance input: classifier-free guidance is the sampler's."""
+        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}; `guidance` is unused. The
+        timestep stays fp32, as diffusers hands it over (bf16 would round 857.7 to 856)."""
         b = z.shape[0]
         if torch.is_tensor(sigma):
             t = sigma.float().to(z.device).expand(b) * 1000
@@ -1510,9 +1509,9 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one safetensors
-    file (+ `prefix`, e.g. "text_encoders.t5xxl.transformer." in SD3's). fp8 weights are upcast; a
-    T5ForConditionalGeneration's decoder is skipped."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
+    safetensors file (+ `prefix`); fp8 weights are upcast, a T5ForConditionalGeneration's decoder
+    skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
@@ -1526,9 +1525,8 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """A frozen CLIP text encoder (projected if the file has `text_projection`) from a transformers
-    folder, a Hub repo (+ `subfolder`) or one safetensors file (+ `prefix`). Keys load with or
-    without `text_model.` (transformers 5 drops it); a CLIPModel's vision tower is skipped."""
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.` (transformers
+    5 drops it), a CLIPModel's vision tower skipped."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
@@ -1879,12 +1877,9 @@ def build(make, state: dict, what: str, source) -> nn.Module:
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout (diffusers) tensors -> original keys.
-
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for
-    SD3), so those files load as they are; a folder converts through one table per model,
-    {original key: ([folder keys], transform)}. Several folder keys make a fused tensor (Flux's
-    qkv, its single blocks' linear1), concatenated along dim 0."""
+    """Folder-layout (diffusers) tensors -> the original single-file keys that our modules carry,
+    through a table {original key: ([folder keys], transform)}; several folder keys make a fused
+    tensor (Flux's qkv), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
