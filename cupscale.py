@@ -346,20 +346,20 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
 
 # --- BEGIN copy of diffusion4k.py: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform (sums of squares are preserved) over the last two
-    dims: (..., H, W) -> (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    """One level of the orthonormal 2-D Haar transform over the last two dims: (..., H, W) ->
+    (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
 def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
-    """Inverse of `haar_dwt`: (..., 4, H/2, W/2) -> (..., H, W)."""
+    """Inverse of `haar_dwt`."""
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # (..., h, 2, w, 2)
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # h, 2, w, 2
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END copy: Haar wavelets ---
 
@@ -556,19 +556,20 @@ def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: 
 # ========================================================================= the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t.float()[:, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
-    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
+    """adaLN of tokens (B, L, C) by per-sample (B, C) vectors."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -576,11 +577,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
     return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
     return x.transpose(1, 2).flatten(2)
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+    """adaLN (shift, scale), then a linear map to the output features."""
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
@@ -592,17 +592,21 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def residuals(x, attn, mods, proj, norm, mlp):
+    """A stream's gated residual attention and MLP, modulated (adaLN-Zero)."""
+    _, _, gate1, shift2, scale2, gate2 = mods
+    x = x + gate1[:, None] * proj(attn)
+    return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
+
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
-    its inputs and recomputes its activations in the backward pass."""
+    """layer(*args), recomputed in the backward pass while `model.gradient_checkpointing` is on."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
-    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
-    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
+    """Regional compilation: `torch.compile` each transformer block, so each block class compiles
+    once at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -623,17 +627,18 @@ class SD3Config:
     mlp_ratio: float = 4.0
     adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
     context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
-    pos_embed_max_size: int = 192  # the stored position grid: 192 patches = 3072 px with F8, 6144 px with F16
+    pos_embed_max_size: int = 192  # stored position grid: 192 patches = 3072 px (F8), 6144 px (F16)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
 
 SD3_MEDIUM = SD3Config()
 
 class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer, joint blocks over [context, image]. Parameter names are
-    Stability's checkpoint keys (without the `model.diffusion_model.` prefix)."""
+    """SD3's multimodal diffusion transformer: joint blocks over [context, image]. Parameter names
+    are Stability's checkpoint keys (without `model.diffusion_model.`)."""
 
     def __init__(self, config: SD3Config = SD3_MEDIUM):
         super().__init__()
@@ -646,8 +651,8 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepMLP(256, dim)
         self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
         self.context_embedder = nn.Linear(config.context_dim, dim)
-        self.joint_blocks = nn.ModuleList(JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1)
-                                          for i in range(n))
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(dim, config.num_heads, config.mlp_ratio, last=i == n - 1) for i in range(n))
         self.final_layer = FinalLayer(dim, p * p * config.out_channels)
         self.gradient_checkpointing = False
 
@@ -655,7 +660,7 @@ class MMDiT(nn.Module):
         """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
         Returns the velocity (B, C, H, W)."""
         b, _, height, width = x.shape
-        p = self.config.patch_size
+        p, channels = self.config.patch_size, self.config.out_channels
         h, w = height // p, width // p
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w)
         c = self.t_embedder(timestep_embedding(timesteps).to(x.dtype)) + self.y_embedder(y)
@@ -663,19 +668,18 @@ class MMDiT(nn.Module):
         for block in self.joint_blocks:
             context, tokens = run_checkpointed(self, block, context, tokens, c)
         out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
-        out = out.view(b, h, w, p, p, self.config.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.config.out_channels, height, width)
+        out = out.view(b, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, channels, height, width)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}. The
-        timestep sigma * 1000 stays fp32 in any model dtype, as diffusers' scheduler hands it over
-        (bf16 would round 857.7 to 856). SD3 has no guidance input (`guidance` is ignored):
-        classifier-free guidance is the sampler's."""
+        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
+        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}; `guidance` is unused. The
+        timestep stays fp32, as diffusers hands it over (bf16 would round 857.7 to 856)."""
+        b = z.shape[0]
         if torch.is_tensor(sigma):
-            t = sigma.float().to(z.device).expand(z.shape[0]) * 1000
+            t = sigma.float().to(z.device).expand(b) * 1000
         else:
-            t = torch.full((z.shape[0],), sigma * 1000, device=z.device)
+            t = torch.full((b,), sigma * 1000, device=z.device)
         return self(z, t, condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
@@ -703,22 +707,22 @@ class JointBlock(nn.Module):
         return context, self.x_block.post_attention(x, x_attn, x_mods)
 
     def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D). A method of its own so that a method
-        built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        """Joint attention over [context, image] tokens (B, H, L, D); a method of its own so that
+        a method built on SD3 (C-Upscale's regional attention) can replace it per block."""
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream (image or context) of a joint block: adaLN-Zero, qkv, projection, MLP. The last block's
-    context stream is `pre_only`: it only supplies keys and values."""
+    """One stream of a joint block. The last block's context stream is `pre_only`: it only supplies
+    keys and values."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
-        self.num_heads = num_heads
-        self.pre_only = pre_only
+        self.num_heads, self.pre_only = num_heads, pre_only
         self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        mods = 2 if pre_only else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, mods * dim))
         if not pre_only:
             self.attn.proj = nn.Linear(dim, dim)
             self.norm2 = layer_norm(dim)
@@ -727,15 +731,16 @@ class StreamBlock(nn.Module):
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def pre_attention(self, x, c):
-        """Returns (q, k, v) of this stream and the modulation still to be applied."""
+        """(q, k, v) of this stream, and the modulation still to be applied."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        return split_heads(self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1])), self.num_heads), mods
+        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        return split_heads(qkv, self.num_heads), mods
 
     def post_attention(self, x, attn, mods):
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa[:, None] * self.attn.proj(attn)
-        h = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp[:, None] * self.mlp.fc2(F.gelu(h, approximate="tanh"))
+        return residuals(x, attn, mods, self.attn.proj, self.norm2, self.mlp_forward)
+
+    def mlp_forward(self, x):
+        return self.mlp.fc2(F.gelu(self.mlp.fc1(x), approximate="tanh"))
 
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
@@ -746,36 +751,37 @@ class TimestepMLP(nn.Module):
         return self.mlp(x)
 
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers `transformer/`
-    folder, a pipeline folder, or a Hub repo id."""
+    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
+    `transformer/` or pipeline folder, or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
-        if "transformer_blocks.0.attn.to_q.weight" not in state or "pos_embed.pos_embed" not in state:
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: {first_keys(state)})")
+        if not {"transformer_blocks.0.attn.to_q.weight", "pos_embed.pos_embed"} <= state.keys():
+            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: "
+                            f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    with torch.device("meta"), config_from_files(source):
-        model = MMDiT(sd3_config_from_state(state, folder_config(path)))
-    return assign_state_dict(model, state, f"{source} (SD3)").eval()
+    config = folder_config(path)
+    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)",
+                 source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium is "
-                        "supported")
+        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
+                        "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # single files do not store it; every SD3 has 64-wide heads
+    if heads is None:  # not in single files
         if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store the head count "
-                            f"and {hidden} is no multiple of SD3's head dim 64; load its diffusers folder "
-                            "instead")
+            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                            f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                            "load its diffusers folder instead")
         heads = hidden // 64
-    out_features = state["final_layer.linear.weight"].shape[0]
     return SD3Config(
-        in_channels=in_channels, out_channels=out_features // patch**2, patch_size=patch, hidden_size=hidden,
-        num_heads=heads, depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
+        in_channels=in_channels, patch_size=patch, hidden_size=hidden, num_heads=heads,
+        out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
+        depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
         mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
         adm_in_channels=state["y_embedder.mlp.0.weight"].shape[1],
         context_dim=state["context_embedder.weight"].shape[1],
@@ -783,34 +789,28 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
 
 def sd3_key_table(depth: int) -> dict:
     """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
-    table = {
-        "pos_embed": (["pos_embed.pos_embed"], None),
-        **linear_entries("x_embedder.proj", "pos_embed.proj"),
-        **linear_entries("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        **linear_entries("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        **linear_entries("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        **linear_entries("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        **linear_entries("context_embedder", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
+    rows = [("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
+            ("final_layer.linear", "proj_out"),
+            ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
+    for original, folder in (("t", "timestep"), ("y", "text")):
+        o, f = f"{original}_embedder.mlp", f"time_text_embed.{folder}_embedder"
+        rows += [(f"{o}.0", f"{f}.linear_1"), (f"{o}.2", f"{f}.linear_2")]
     for i in range(depth):
-        o, f = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
-        table.update(linear_entries(f"{o}.x_block.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]))
-        table.update(linear_entries(f"{o}.x_block.attn.proj", f"{f}.attn.to_out.0"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc1", f"{f}.ff.net.0.proj"))
-        table.update(linear_entries(f"{o}.x_block.mlp.fc2", f"{f}.ff.net.2"))
-        table.update(linear_entries(f"{o}.x_block.adaLN_modulation.1", f"{f}.norm1.linear"))
-        table.update(linear_entries(f"{o}.context_block.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]))
-        # the last context stream has only (shift, scale): diffusers makes it an AdaLayerNormContinuous
-        table.update(linear_entries(f"{o}.context_block.adaLN_modulation.1", f"{f}.norm1_context.linear",
-                                    "swap" if last else None))
+        o, f, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1
+        xb, cb = f"{o}.x_block", f"{o}.context_block"
+        rows += [(f"{xb}.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]),
+                 (f"{xb}.attn.proj", f"{f}.attn.to_out.0"), (f"{xb}.mlp.fc1", f"{f}.ff.net.0.proj"),
+                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"),
+                 (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
+                 (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
+                 # the last context stream has only (shift, scale), as an AdaLayerNormContinuous
+                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
+                  "swap" if last else None)]
         if not last:
-            table.update(linear_entries(f"{o}.context_block.attn.proj", f"{f}.attn.to_add_out"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc1", f"{f}.ff_context.net.0.proj"))
-            table.update(linear_entries(f"{o}.context_block.mlp.fc2", f"{f}.ff_context.net.2"))
-    return table
+            rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
+                     (f"{cb}.mlp.fc1", f"{f}.ff_context.net.0.proj"),
+                     (f"{cb}.mlp.fc2", f"{f}.ff_context.net.2")]
+    return {"pos_embed": (["pos_embed.pos_embed"], None), **key_table(rows)}
 # --- END copy: SD3 transformer ---
 
 
@@ -818,17 +818,14 @@ def sd3_key_table(depth: int) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
-    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
-    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
-    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one, same
+    weights: a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
-    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
-    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
-    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
+    `vae_conv_in`'s stride) before conv_out. This is the whole-map, centred form;
+    `Decoder.upsample_conv_out` computes it in bands, by default as Diffusion-4K decodes."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -837,8 +834,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
-    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3). stride 2: Diffusion-4K's F16 VAE."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -849,6 +845,19 @@ class VAEConfig:
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
     stride: int = 1
+
+    def __post_init__(self):
+        widths = [self.base_channels * m for m in self.channel_multipliers]
+        scale, shift = self.scale_factor, self.shift_factor
+        problems = [
+            (self.stride not in (1, 2), f"stride {self.stride} (1: F8, 2: F16)"),
+            (any(w % 32 for w in widths), f"widths {widths} (multiples of 32 for GroupNorm)"),
+            (not 0 < scale < math.inf, f"scaling_factor {scale} (finite, > 0)"),
+            (not math.isfinite(shift), f"shift_factor {shift} (finite)"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise ValueError(f"this VAE cannot have {problem}")
 
     @property
     def downsample_factor(self) -> int:
@@ -868,7 +877,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        """Images in [-1, 1] -> normalised latents (the posterior mean)."""
         mean = self.encoder(x).chunk(2, dim=1)[0]
         return (mean - self.config.shift_factor) * self.config.scale_factor
 
@@ -876,8 +885,8 @@ class AutoEncoder(nn.Module):
         """Normalised latents -> images in [-1, 1] (not clipped)."""
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
-def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Unnormalised latents of x: a posterior sample, or the mean when generator is None."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -889,21 +898,20 @@ class Encoder(nn.Module):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
         self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
-        self.down = nn.ModuleList()
-        block_in = ch
+        self.down, width = nn.ModuleList(), ch
         for level, mult in enumerate(mults):
             down = nn.Module()
             down.block = nn.ModuleList()
             for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
+                down.block.append(ResnetBlock(width, ch * mult))
+                width = ch * mult
             if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
+                down.downsample = Downsample(width)
             self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.mid = mid_block(width)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level dominates memory
         self.gradient_checkpointing = False
 
     def forward(self, x):
@@ -923,30 +931,28 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's code (`upsample_conv_out`)
+        width = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
+        self.mid = mid_block(width)
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(mults))):  # built from the lowest resolution
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
+                up.block.append(ResnetBlock(width, ch * mults[level]))
+                width = ch * mults[level]
             if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+                up.upsample = Upsample(width)
+            self.up.insert(0, up)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
 
     def forward(self, z):
         return self.head(self.features(z))
 
     def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
-        SC-VAE training compares it with the F8 decoder's."""
+        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares with F8's."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -958,21 +964,18 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        """`decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
         return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
-        input rows.
+        """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
+        upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
 
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
-        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
-        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
-        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
-        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
-        the image."""
+        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
+        side only and cropped one pixel in, and its decoders were trained that way: output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
+        We compute that (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need
+        input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
         s, rows = self.stride, h.shape[-2]
         shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
@@ -982,7 +985,8 @@ class Decoder(nn.Module):
             low, high = max(top - 1, 0), min(top + n + halo_below, rows)
             band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            first = s - 1 - shift  # of the rows the 3x3 window reaches
+            up = up[..., first : first + s * n + 2, :]
             up = F.pad(up, (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
@@ -998,15 +1002,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
-        inplace = not torch.is_grad_enabled()
+        inplace = not torch.is_grad_enabled()  # without autograd no norm output is needed again
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+    """Single-head self-attention over all pixels of the lowest-resolution map."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -1017,8 +1019,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
-        # materialises the hw x hw scores
+        # contiguous: with a strided last dim SDPA falls back to math, writing hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -1030,8 +1031,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # the weights expect right/bottom padding only
 
 class Upsample(nn.Module):
     def __init__(self, channels: int):
@@ -1042,7 +1042,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 def mid_block(channels: int) -> nn.Sequential:
-    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
     mid = nn.Sequential()
     mid.block_1 = ResnetBlock(channels, channels)
     mid.attn_1 = AttnBlock(channels)
@@ -1052,18 +1051,19 @@ def mid_block(channels: int) -> nn.Sequential:
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
-             token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
-    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
-    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
-    config.json may say `"stride": 2`)."""
+VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
+    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+    "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
+             shift_factor=None, token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
+    `vae/` or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the
+    arguments, else the folder's config.json, else Flux's F8 VAE."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
-             "use_quant_conv": False, "use_post_quant_conv": False,
-             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+    for key, supported in VAE_FIXED.items():
         values = config.get(key, supported)
         if any(value != supported for value in (values if isinstance(values, list) else [values])):
             raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
@@ -1079,25 +1079,16 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     def setting(given, key, default):
         return next(value for value in (given, config.get(key), default) if value is not None)
 
-    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-                                       setting(stride, "stride", 1))
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+    scale = setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor)
+    shift = setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor)
+    vae_stride = setting(stride, "stride", 1)
+    return build(lambda: AutoEncoder(vae_config_from_state(state, scale, shift, vae_stride)), state,
+                 f"{source} (VAE)", source)
 
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
+                          stride: int) -> VAEConfig:
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
         in_channels=state["encoder.conv_in.weight"].shape[1],
@@ -1108,63 +1099,60 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
-    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    """The key table of the VAE whose state dict (either layout) this is, with shortcut rows only
+    where the state has them (a resnet has one only where it changes width)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
     res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
+    return {original: (parts, transform)
+            for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
+
+RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
-    table = {}
+    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, with every possible shortcut."""
+    rows = []
 
-    def add(original, folder, transform=None):
-        table.update(linear_entries(original, folder, transform))
-
-    def resnet(original, folder, shortcut):
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            add(f"{original}.{name}", f"{folder}.{name}")
+    def resnet(original, folder, shortcut=True):
+        rows.extend((f"{original}.{name}", f"{folder}.{name}") for name in RESNET_LAYERS)
         if shortcut:
-            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+            rows.append((f"{original}.nin_shortcut", f"{folder}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        add(f"{part}.conv_in", f"{part}.conv_in")
-        add(f"{part}.conv_out", f"{part}.conv_out")
-        add(f"{part}.norm_out", f"{part}.conv_norm_out")
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
-        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
+                 (f"{part}.norm_out", f"{part}.conv_norm_out"),
+                 (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
+        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
+        for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
+            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
     for level in range(num_levels):
-        for j in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
-        if level < num_levels - 1:
-            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
         up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
         for j in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
+        if level < num_levels - 1:
+            rows.append((f"encoder.down.{level}.downsample.conv",
+                         f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
-            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
-    return table
+            rows.append((f"decoder.up.{level}.upsample.conv",
+                         f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+    return key_table(rows)
 # --- END copy: VAE ---
 
 
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
-# keys, so a Hub folder loads without a rename table.
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
 
     vocab_size: int = 32128
     d_model: int = 4096
@@ -1179,9 +1167,9 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
-    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
-    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state. No absolute positions: a learned bias per
+    (head, bucket of key - query offset) is added to every layer's logits. transformers'
+    `encoder.embed_tokens` is `shared` again, so not a parameter here."""
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1193,7 +1181,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask: (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1206,11 +1194,10 @@ class T5Encoder(nn.Module):
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
 
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
-    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
-    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
-    last one."""
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
+    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in
+    a half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
+    buckets, offsets from `max_distance` on the last."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1221,7 +1208,7 @@ def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device
     return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
 
 class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+    """Pre-norm attention + gated-GELU feed-forward; `layer.0` / `layer.1` as in the checkpoint."""
 
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
@@ -1230,10 +1217,10 @@ class T5Block(nn.Module):
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+        if owns_position_bias:  # block 0 stores the table; every block adds the same bias
             sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
         attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp = ff.DenseReluDense = nn.Module()  # historical name: v1.1 uses gated GELU
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
@@ -1243,14 +1230,15 @@ class T5Block(nn.Module):
     def forward(self, x, position_bias):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias,
+                                     scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
 class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+    """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -1263,15 +1251,15 @@ class T5LayerNorm(nn.Module):
         return self.weight * x.to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    """Self-attention of x (B, L, C) through the linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14; `CLIP_G`: OpenCLIP bigG (SD3)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -1279,16 +1267,17 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); bigG uses "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux's CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
-    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Hub CLIP configs say 2, which transformers reads as "legacy": pool at argmax(ids), the first
+    # <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
+                             f"{sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -1299,21 +1288,19 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
-    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
-    CLIPTextModel."""
+    """CLIP's causal text transformer, keys of transformers' CLIPTextModelWithProjection (or, with
+    `projection_dim=None`, CLIPTextModel)."""
 
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
-        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        projection = config.projection_dim
+        self.config, d, projection = config, config.hidden_size, config.projection_dim
+        m = self.text_model = nn.Module()
+        m.embeddings = nn.Module()
+        m.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        m.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        m.encoder = nn.Module()
+        m.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        m.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
 
     def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
@@ -1326,16 +1313,16 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # first maximum
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
 
 class CLIPTextOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input: SD3's per-token features
     pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection (SD3), else `pooled`
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -1357,41 +1344,39 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
-    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
-
-    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
-    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
-    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
+    """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
+    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word.
+    Prompts are padded with the folder's pad token, else <|endoftext|>. Tokens in
+    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's
+    CLIP-G lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None,
+                 name: str | None = "CLIP"):
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
                 raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
                                 "merges.txt)")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
-                            continuing_subword_prefix="")
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                            end_of_word_suffix="</w>", continuing_subword_prefix="")
+        tok = self.tokenizer = Tokenizer(bpe)
+        tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        self.tokenizer.add_special_tokens(  # kept whole in a prompt
-            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
-        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
-        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {})
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+        tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
+            pad = special_token(folder, "pad_token") or eos
+            pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # None: cut silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1399,29 +1384,30 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
-    256 for FLUX.1-schnell and SD3."""
+    """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
+    Prompts end in </s>, padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
+    schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+            json_file = path / "tokenizer.json"
+            path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                            "spiece.model)")
         try:
             if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
-                                                                                   add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+                tok = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [
+                    e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
 
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
+                tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
+        except Exception as error:  # either library raises Exception / RuntimeError / OSError
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -1429,20 +1415,22 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+        rows = self.encode(prompts)
+        return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
-    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
-    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
+              name=None) -> torch.Tensor:
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
+    (diffusers' `truncation=True, padding="max_length"`); with a tokenizer `name`, a cut is
+    reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
     if dropped and name:
         which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
         longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
-              f"{longest}", file=sys.stderr)
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} "
+              f"dropped{longest}", file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         row = head + ids[:room] + tail
@@ -1462,39 +1450,36 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
-    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
-    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
-    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
+    safetensors file (+ `prefix`); fp8 weights are upcast, a T5ForConditionalGeneration's decoder
+    skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    skip = ("decoder.", "lm_head.")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold 1 or 2
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"), config_from_files(source):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+    model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
+                  f"{source}: T5 encoder", source)
+    return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
-    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
-    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
-    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
-    file's vision tower is skipped. Returns a frozen eval model."""
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
-            "embeddings.position_ids")
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.` (transformers
+    5 drops it), a CLIPModel's vision tower skipped."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale",
+            "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"), config_from_files(source):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+    model = build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
+                  state, f"{source}: CLIP text encoder", source)
+    return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
-    starting with one of `skip` (after the prefix) are never read."""
+    """(tensors under `prefix`, prefix removed, config.json or {}); keys starting with one of `skip`
+    (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1507,7 +1492,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    """Dimensions from the tensors; the two values they lack from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1519,41 +1504,42 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
+        relative_attention_num_buckets=buckets,
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
-    )
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
-    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
+    heads (every real CLIP) and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    projection = state.get("text_projection.weight")
+    projection = None if projection is None else projection.shape[0]
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
-    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+    if config_json:  # a saved config omits values equal to transformers' defaults
+        given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
         defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
+    elif width % 64:
+        raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is "
+                        "not stored and the width is no multiple of CLIP's head dim 64; load its "
+                        "transformers folder instead")
     else:
-        if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
-                            "stored and the width is no multiple of CLIP's head dim 64; load its "
-                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
         return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
                               num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
-                              layer_norm_eps=eps, eos_token_id=eos)
+                              max_position_embeddings=positions, hidden_act=act,
+                              projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    """state[key]'s shape; without the key, the file holds another model: name its keys."""
     if key not in state:
         raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return state[key].shape
@@ -1660,8 +1646,7 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of sing
 
 @dataclass
 class Pipeline:
-    """Everything needed to turn prompts into 4K images: loaded once (diffusion4k.py's `load_pipeline`),
-    then used many times to encode prompts (`encode_prompts`) and sample."""
+    """What turns prompts into 4K images: loaded once, then used to encode prompts and sample."""
 
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
@@ -1671,7 +1656,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     source: str
-    offload: str = "none"  # "none" | "model" (components take turns on the GPU) | "blocks" (blocks too)
+    offload: str = "none"  # "none", "model" (components take turns on the GPU) or "blocks" (too)
 
     @property
     def schnell(self) -> bool:
@@ -1683,43 +1668,45 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo `source`; for SD3 the
-    encoders may come from `encoder_file` instead (a Stability all-in-one file, which lacks tokenizers)."""
+    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo; SD3's encoders
+    may come from `encoder_file` instead (a Stability all-in-one file, which has no tokenizers)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-    files = ("*.json", "*.txt", "*.model")
+
+    def folder(name):
+        return component_path(source, name, token, ("*.json", "*.txt", "*.model"))
+
     if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256 tokens
-        tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files)),
-                      "t5": T5Tokenizer(component_path(source, "tokenizer_2", token, files), t5_length)}
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_2")}
-        return encoders, tokenizers
-    tokenizers = {"clip_l": CLIPTokenizer(component_path(source, "tokenizer", token, files), name="CLIP-L"),
-                  "clip_g": CLIPTokenizer(component_path(source, "tokenizer_2", token, files), name="CLIP-G"),
-                  "t5": T5Tokenizer(component_path(source, "tokenizer_3", token, files), max_length=256)}
-    if encoder_file is None:
-        encoders = {"clip_l": load_clip(source, text_dtype, subfolder="text_encoder"),
-                    "clip_g": load_clip(source, text_dtype, subfolder="text_encoder_2"),
-                    "t5": load_t5(source, text_dtype, subfolder="text_encoder_3")}
+        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256
+        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
+                      "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
+        parts = (("clip_l", load_clip, ""), ("t5", load_t5, "_2"))
     else:
-        encoders = {"clip_l": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_l.transformer."),
-                    "clip_g": load_clip(encoder_file, text_dtype, prefix="text_encoders.clip_g.transformer."),
-                    "t5": load_t5(encoder_file, text_dtype, prefix="text_encoders.t5xxl.transformer.")}
+        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
+                      "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
+                      "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
+        parts = (("clip_l", load_clip, ""), ("clip_g", load_clip, "_2"), ("t5", load_t5, "_3"))
+    if encoder_file is None or kind == "flux":
+        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
+                    for name, load, suffix in parts}
+    else:
+        key = {"t5": "t5xxl"}  # Stability's names, where they differ
+        encoders = {name: load(encoder_file, text_dtype,
+                               prefix=f"text_encoders.{key.get(name, name)}.transformer.")
+                    for name, load, _ in parts}
     return encoders, tokenizers
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Text conditioning for each prompt (moved back to the CPU): Flux {txt, y}; SD3 {context, pooled}."""
+    """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
         with visiting(encoder, gpu, "cpu"):
-            ids = pipe.tokenizers[name](prompts).to(gpu)
-            features[name] = encoder(ids)
+            features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
     if pipe.kind == "flux":
         txt, y = features["t5"], features["clip_l"].pooled
         return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
     clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # CLIP's 2048 features padded to 4096
+    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
     context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
     pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
     return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
@@ -1727,8 +1714,8 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def visiting(module: nn.Module, device, home):
-    """Run a module on `device`, its weights resting in `home` memory otherwise (offloading). The weights
-    do not change during a visit, so leaving drops the device copy instead of copying it back."""
+    """Run a module on `device`, its weights resting in `home` memory otherwise. They do not change
+    during a visit, so leaving drops the device copy instead of copying it back."""
     module.to(home)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -1741,7 +1728,7 @@ def visiting(module: nn.Module, device, home):
             torch.cuda.empty_cache()
 
 def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of every parameter and buffer of `module`, for swapping the tensors they hold."""
+    """(owner, name) of every parameter and buffer of `module`."""
     return [(owner, name) for owner in module.modules()
             for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
 
@@ -1750,7 +1737,7 @@ def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 def place(slots: list, tensors: list):
-    """Let the slots hold these tensors (frozen parameters stay parameters), without copying."""
+    """Let the slots hold these tensors without copying (frozen parameters stay parameters)."""
     for (owner, name), t in zip(slots, tensors):
         if name in owner._parameters and not isinstance(t, nn.Parameter):
             t = nn.Parameter(t, requires_grad=False)
@@ -1759,41 +1746,38 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule as diffusers' FlowMatchEulerDiscreteScheduler computes it: `steps` levels evenly spaced
-    between 1 and the shifted smallest training level shift(1/1000), shifted once more, then 0 (the double
-    shift of the low end is diffusers' behaviour, which SD3 was tuned with)."""
+    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to the shifted
+    smallest training level shift(1/1000), shifted once more (SD3 was tuned so), then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move a rectified-flow schedule (z_sigma = (1 - sigma) x0 + sigma noise) towards high noise:
-    sigma' = e^mu / (e^mu + 1/sigma - 1). SD3's static shift s is the same map with mu = ln(s); 0 stays 0."""
-    safe = sigmas.clamp_min(1e-12)
-    return torch.where(sigmas > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(sigmas))
+    """Move a rectified-flow schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1), 0
+    staying 0. SD3's static shift s is mu = ln(s)."""
+    shifted = math.exp(mu) / (math.exp(mu) + 1 / sigmas.clamp_min(1e-12) - 1)
+    return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
 # --- END copy: flow-matching schedule ---
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """Apply the VAE's `encode` or `decode` to (1, C, H, W) `x` in overlapping `tile`-square tiles (in x's
-    pixels), blending the outputs with ramps normalised to sum to one (x fits one tile: the plain call).
-    Returns fp32 on `device`."""
+    """The VAE's `encode` or `decode` of (1, C, H, W) x in overlapping `tile`-square tiles (x's
+    pixels), blended with ramps that sum to one. Returns fp32 on `device`."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
-    th, tw = min(tile, height), min(tile, width)
-    tops, lefts = _window_starts(height, th, tile - overlap), _window_starts(width, tw, tile - overlap)
+    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
     out = weight = None
-    for top in tops:
-        for left in lefts:
+    for top in _window_starts(height, th, stride):
+        for left in _window_starts(width, tw, stride):
             y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
             ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
             if out is None:
                 out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
                 weight = y.new_zeros(round(height * ratio), round(width * ratio))
             fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade if top > 0 else 0, fade if top + th < height else 0)
-            wx = blend_window(y.shape[-1], fade if left > 0 else 0, fade if left + tw < width else 0)
+            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
+            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
             w = (wy[:, None] * wx[None]).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
             out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
@@ -1801,14 +1785,14 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one final window flush with the end, so none is partial."""
+    """Starts every `stride`, plus one window flush with the end, so none is partial."""
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] + window < length:
         starts.append(length - window)
     return starts
 
 def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples, 1 between."""
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
     weights = torch.ones(size, dtype=torch.float64)
     if fade_start:
         weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
@@ -1830,14 +1814,16 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout (diffusers) tensors -> original keys.
+def build(make, state: dict, what: str, source) -> nn.Module:
+    """make() on the meta device, then `state` assigned (`assign_state_dict`); in eval mode."""
+    with torch.device("meta"), config_from_files(source):
+        model = make()
+    return assign_state_dict(model, state, what).eval()
 
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
-    files load as they are; a folder converts through one explicit table per model, {original key:
-    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
-    linear1), concatenated along dim 0.
-    """
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout (diffusers) tensors -> the original single-file keys that our modules carry,
+    through a table {original key: ([folder keys], transform)}; several folder keys make a fused
+    tensor (Flux's qkv), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -1847,19 +1833,21 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+        fused = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    """`mismatch_report` of the tensors `state` against the shapes a model expects."""
+    wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
         "missing": [key for key in expected if key not in state],
         "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
-                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}"
+                        for k in wrong],
     })
 
 def mismatch_report(kinds: dict) -> str:
@@ -1873,7 +1861,12 @@ def first_keys(state: dict) -> str:
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
+            for p in ("weight", "bias")}
+
+def key_table(rows) -> dict:
+    """The table rows of layers given as (original, folder[, transform])."""
+    return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
     """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
@@ -1890,21 +1883,22 @@ def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
-    otherwise be read as if it were the component)."""
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
+    """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
+    read as the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
-    loaders read are checked for their type (`check_config_fields`)."""
+    """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
     if path.is_dir():
         config = path / "config.json"
+    elif path.name.startswith("diffusion_pytorch_model"):
+        config = path.parent / "config.json"
     else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+        config = None
     data = read_json(config) if config is not None and config.exists() else {}
     return check_config_fields(data, config)
 
@@ -1919,31 +1913,31 @@ CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
     "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
     "a positive number": lambda v: _is_number(v) and v > 0,
     "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(_is_count, v)),
     "a string": lambda v: isinstance(v, str),
     "an object": lambda v: isinstance(v, dict),
 }
 CONFIG_FIELDS = {  # the config.json fields the loaders read
     "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
-    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
-    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
-    "feed_forward_proj": "a string", "text_config": "an object",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number",
+    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
+    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
+    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
+    "text_config": "an object",
 }
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
-    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
-    `source`."""
+    """A ValueError while building a config from `source`'s files (an invariant they break)
+    becomes a one-line UserError naming `source`."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
-    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    """Refuse a field of the wrong type (which would otherwise fail deep inside a model), naming the
+    file and the field; a CLIPModel's `text_config` is checked alike."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -1955,17 +1949,17 @@ def check_config_fields(config: dict, file) -> dict:
 DIFFUSION_PREFIX = "model.diffusion_model."
 
 # Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
-                    "text_encoder")
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
+                    "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
-    otherwise every key that belongs to no other component. Other components' tensors are never read (an
-    SD3 all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else
+    those of no other component. Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    state = load_safetensors(path, dtype, device,
+                             key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
     return check_weights(state, path)
 # --- END copy: weight loading ---
 

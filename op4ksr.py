@@ -383,19 +383,20 @@ class LoRAConv2d(nn.Module):
 # ========================================================================= the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), as in both Flux and SD3."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t.float()[:, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
-    """adaLN: shift and scale the tokens x (B, L, C) by per-sample vectors (B, C)."""
+    """adaLN of tokens (B, L, C) by per-sample (B, C) vectors."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The LayerNorm in front of a modulation: no affine of its own, adaLN supplies it."""
+    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -403,11 +404,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
     return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
     return x.transpose(1, 2).flatten(2)
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map to the output features (Flux and SD3 alike)."""
+    """adaLN (shift, scale), then a linear map to the output features."""
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
@@ -419,17 +419,21 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
+def residuals(x, attn, mods, proj, norm, mlp):
+    """A stream's gated residual attention and MLP, modulated (adaLN-Zero)."""
+    _, _, gate1, shift2, scale2, gate2 = mods
+    x = x + gate1[:, None] * proj(attn)
+    return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
+
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args); while `model.gradient_checkpointing` is on and autograd records, the layer keeps only
-    its inputs and recomputes its activations in the backward pass."""
+    """layer(*args), recomputed in the backward pass while `model.gradient_checkpointing` is on."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, not the whole model. Blocks of one class
-    run the same code, so each class compiles once however deep the model is; everything else, forward hooks
-    and functions under `torch.compiler.disable` included, stays eager. A new input shape compiles again."""
+    """Regional compilation: `torch.compile` each transformer block, so each block class compiles
+    once at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -454,11 +458,12 @@ class FluxConfig:
     guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim "
-                             f"{self.hidden_size // self.num_heads}")
+        width, heads = self.hidden_size, self.num_heads
+        head_dim = width // heads
+        if width % heads:
+            raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
 FLUX_DEV = FluxConfig()
 
@@ -477,25 +482,27 @@ class Flux(nn.Module):
         self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
         self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
         self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents; img_ids (B or 1, L, 3); txt (B, T, 4096) T5 features; txt_ids
-        (B or 1, T, 3); timesteps (B,) sigma in [0, 1]; y (B, 768) CLIP pooled; guidance (B,) the distilled
-        guidance scale (dev only). Returns the velocity (B, L, 64)."""
+        """img (B, L, 64) packed latents, txt (B, T, 4096) T5 features, their RoPE ids (B or 1,
+        L or T, 3), timesteps (B,) sigma, y (B, 768) CLIP pooled, guidance (B,) -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance "
+                                 "scale")
             vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         ids = torch.cat([txt_ids, img_ids], dim=-2)
-        rope = rope_table(ids if ids.ndim == 3 else ids[None], self.config.axes_dim, self.config.theta)
+        ids = ids if ids.ndim == 3 else ids[None]
+        rope = rope_table(ids, self.config.axes_dim, self.config.theta)
         for block in self.double_blocks:
             img, txt = run_checkpointed(self, block, img, txt, vec, rope)
         x = torch.cat([txt, img], dim=1)
@@ -504,11 +511,9 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity (B, C, H, W) of latents z (B, C, H, W) at noise level sigma (a float or
-        (B,)), given condition {"txt": T5 features, "y": CLIP pooled} (batch 1 or B) and, for
-        dev, the distilled guidance scale. Packs z into 2x2-patch tokens at RoPE positions
-        (0, row, col), the text tokens at (0, 0, 0); sigma and guidance go in z's dtype, as in
-        diffusers."""
+        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
+        {"txt": T5 features, "y": CLIP pooled} and, for dev, the guidance scale (both in z's dtype,
+        as in diffusers). Text tokens sit at RoPE position (0, 0, 0)."""
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
@@ -517,7 +522,7 @@ class Flux(nn.Module):
         return unpack_latents(v, h, w)
 
 def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`'s."""
+    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`."""
     if torch.is_tensor(value):
         return value.to(like.device, like.dtype).expand(batch)
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
@@ -540,19 +545,14 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = feed_forward(dim, mlp_hidden)
 
     def forward(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-        # joint attention over the concatenated sequence, text first
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)  # shift, scale, gate (x2)
+        img_qkv = self.img_attn.qkv_heads(modulate(self.img_norm1(img), *img_mod[:2]))
+        txt_qkv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), *txt_mod[:2]))
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))  # text first
         attn = attention_with_rope(q, k, v, rope)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        # gated residual attention and MLP, per stream
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        n = txt.shape[1]
+        img = residuals(img, attn[:, n:], img_mod, self.img_attn.proj, self.img_norm2, self.img_mlp)
+        txt = residuals(txt, attn[:, :n], txt_mod, self.txt_attn.proj, self.txt_norm2, self.txt_mlp)
         return img, txt
 
 class SingleStreamBlock(nn.Module):
@@ -574,10 +574,11 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = fused.split([x.shape[-1] * 3, self.mlp_hidden], -1)
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention_with_rope(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        mlp = F.gelu(mlp, approximate="tanh")
+        return x + gate[:, None] * self.linear2(torch.cat([attn, mlp], dim=-1))
 
 class SelfAttention(nn.Module):
-    """Parameter holder for one stream's attention: fused qkv, QK RMSNorm, output projection."""
+    """One stream's attention weights: fused qkv, QK RMSNorm, output projection."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -607,7 +608,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys (statistics in fp32)."""
+    """Per-head RMS normalisation of queries and keys, statistics in fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -616,7 +617,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.scale
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -628,15 +630,15 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    gelu = nn.GELU(approximate="tanh")
+    return nn.Sequential(nn.Linear(dim, hidden), gelu, nn.Linear(hidden, dim))
 
 def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) in fp32, for positions ids (B, L, n_axes). Each axis owns a
-    slice of the head dim (Flux: 16 for the unused axis 0, 56 for rows, 56 for columns). Angles are
-    computed in fp64: positions times slow frequencies lose precision in fp32."""
+    """(cos, sin), each (B, 1, L, head_dim/2) fp32, for positions ids (B, L, n_axes); each axis
+    owns a slice of the head dim. Angles in fp64: fp32 loses precision at slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
@@ -646,58 +648,58 @@ def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles of `rope_table`, in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D) by `rope_table`'s angles, in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens; feature order (c, row, col) in each 2x2 patch."""
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, features ordered (c, row, col)."""
     b, c, h, w = z.shape
-    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `pack_latents` for a latent of height x width."""
     b, _, features = x.shape
     x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens of a height x width latent: (0, row, col)."""
+    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens: (0, row, col)."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
-def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0, token=None) -> Flux:
-    """A Flux transformer from a BFL single file (`flux1-dev.safetensors`, bare or with the
-    `model.diffusion_model.` prefix), a diffusers `transformer/` folder, a pipeline folder, or a Hub repo id
-    (only its `transformer/` files are downloaded)."""
+def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
+              token=None) -> Flux:
+    """A Flux transformer from a BFL single file (keys bare or under `model.diffusion_model.`), a
+    diffusers `transformer/` or pipeline folder, or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: {first_keys(state)})")
+            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: "
+                            f"{first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    with config_from_files(source):
-        config = flux_config_from_state(state, folder_config(path), axes_dim, theta)
-    with torch.device("meta"):
-        model = Flux(config)
-    return assign_state_dict(model, state, f"{source} (Flux)").eval()
+    config = folder_config(path)
+    return build(lambda: Flux(flux_config_from_state(state, config, axes_dim, theta)), state,
+                 f"{source} (Flux)", source)
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Every dimension from the (original-layout) tensors; only the RoPE split of the head dim is not in
-    them: it comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    """Dimensions from the (original-layout) tensors but the RoPE split of the head dim: that
+    comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
-    axes_dim = axes_dim or folder_config.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else ())
+    axes_dim = (axes_dim or folder_config.get("axes_dims_rope")
+                or ((16, 56, 56) if head_dim == 128 else ()))
     if not axes_dim:
         raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
                         "(it is not stored in the weights)")
     return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden, num_heads=hidden // head_dim,
-        depth=count_blocks(state, r"double_blocks\.(\d+)\."),
+        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden,
+        num_heads=hidden // head_dim, depth=count_blocks(state, r"double_blocks\.(\d+)\."),
         depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
         vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
@@ -707,42 +709,41 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
 def flux_table_for(state: dict) -> dict:
     """The key table of the Flux whose diffusers state dict this is."""
     depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
-    depth_single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
-    return flux_key_table(depth, depth_single, "time_text_embed.guidance_embedder.linear_1.weight" in state)
+    single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
+    return flux_key_table(depth, single, guidance)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
     """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
-    table = {
-        **linear_entries("img_in", "x_embedder"),
-        **linear_entries("txt_in", "context_embedder"),
-        **linear_entries("final_layer.linear", "proj_out"),
-        **linear_entries("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
-    }
-    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
-    for original, folder in embedders + ([("guidance_in", "guidance_embedder")] if guidance else []):
-        table.update(linear_entries(f"{original}.in_layer", f"time_text_embed.{folder}.linear_1"))
-        table.update(linear_entries(f"{original}.out_layer", f"time_text_embed.{folder}.linear_2"))
-    # per stream: diffusers' suffix, its q/k/v, output projection and QK-norm names
+    rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+            ("final_layer.linear", "proj_out"),
+            ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
+    embedders = [("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")]
+    for original, folder in embedders[: 3 if guidance else 2]:
+        rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
+                 (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
+    norms = {}  # QK-norm scales: weight only
+    # per stream: diffusers' suffix and its names of q/k/v, output projection and QK norms
     streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
                ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
     for i in range(depth):
         o, f = f"double_blocks.{i}", f"transformer_blocks.{i}"
         for stream, suffix, qkv, out, norm in streams:
             s, a = f"{o}.{stream}", f"{f}.attn"
-            table.update(linear_entries(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"))
-            table.update(linear_entries(f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]))
-            table.update(linear_entries(f"{s}_attn.proj", f"{a}.{out}"))
-            table.update(linear_entries(f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"))
-            table.update(linear_entries(f"{s}_mlp.2", f"{f}.ff{suffix}.net.2"))
-            for x, name in (("q", "query_norm"), ("k", "key_norm")):
-                table[f"{s}_attn.norm.{name}.scale"] = ([f"{a}.{norm.format(x)}.weight"], None)
+            rows += [(f"{s}_mod.lin", f"{f}.norm1{suffix}.linear"),
+                     (f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]),
+                     (f"{s}_attn.proj", f"{a}.{out}"), (f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"),
+                     (f"{s}_mlp.2", f"{f}.ff{suffix}.net.2")]
+            norms[f"{s}_attn.norm.query_norm"] = f"{a}.{norm.format('q')}"
+            norms[f"{s}_attn.norm.key_norm"] = f"{a}.{norm.format('k')}"
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        table.update(linear_entries(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]))
-        table.update(linear_entries(f"{o}.linear2", f"{f}.proj_out"))
-        table.update(linear_entries(f"{o}.modulation.lin", f"{f}.norm.linear"))
-        table[f"{o}.norm.query_norm.scale"] = ([f"{f}.attn.norm_q.weight"], None)
-        table[f"{o}.norm.key_norm.scale"] = ([f"{f}.attn.norm_k.weight"], None)
+        rows += [(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]),
+                 (f"{o}.linear2", f"{f}.proj_out"), (f"{o}.modulation.lin", f"{f}.norm.linear")]
+        norms[f"{o}.norm.query_norm"] = f"{f}.attn.norm_q"
+        norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_k"
+    table = key_table(rows)
+    table.update({f"{o}.scale": ([f"{f}.weight"], None) for o, f in norms.items()})
     return table
 # --- END copy: Flux transformer ---
 
@@ -751,17 +752,14 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The VAE encoder's first layer. `VAEConfig.stride` 1 is the usual F8 VAE; stride 2 is Diffusion-4K's
-    F16 VAE: the same 3x3 weights (a stride is no part of their shape) read at every second pixel. After
-    the encoder's three stride-2 downsamples the latent is H/16: a 4096^2 image becomes a 256^2 latent,
-    16,384 Flux tokens (2x2 patches) instead of 65,536."""
+    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one, same
+    weights: a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The VAE decoder's last stage on its last feature map h (after norm_out + SiLU): conv_out for F8; for
-    F16 first a nearest x2 upsample, which undoes `vae_conv_in`'s stride, so h at H/2 decodes to H. This is
-    the whole-map, centred form; `Decoder.head` computes the F16 case in bands and, by default, as
-    Diffusion-4K's partitioned decode, one pixel down and right (`Decoder.upsample_conv_out`)."""
+    """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
+    `vae_conv_in`'s stride) before conv_out. This is the whole-map, centred form;
+    `Decoder.upsample_conv_out` computes it in bands, by default as Diffusion-4K decodes."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -770,8 +768,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 # --- BEGIN copy of diffusion4k.py: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3 share the architecture). stride 1 is the usual F8
-    VAE, stride 2 Diffusion-4K's F16 VAE (`vae_conv_in`, `decoder_head`)."""
+    """AutoencoderKL with 16 latent channels (Flux and SD3). stride 2: Diffusion-4K's F16 VAE."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -782,6 +779,19 @@ class VAEConfig:
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
     stride: int = 1
+
+    def __post_init__(self):
+        widths = [self.base_channels * m for m in self.channel_multipliers]
+        scale, shift = self.scale_factor, self.shift_factor
+        problems = [
+            (self.stride not in (1, 2), f"stride {self.stride} (1: F8, 2: F16)"),
+            (any(w % 32 for w in widths), f"widths {widths} (multiples of 32 for GroupNorm)"),
+            (not 0 < scale < math.inf, f"scaling_factor {scale} (finite, > 0)"),
+            (not math.isfinite(shift), f"shift_factor {shift} (finite)"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise ValueError(f"this VAE cannot have {problem}")
 
     @property
     def downsample_factor(self) -> int:
@@ -801,7 +811,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (the posterior mean)."""
+        """Images in [-1, 1] -> normalised latents (the posterior mean)."""
         mean = self.encoder(x).chunk(2, dim=1)[0]
         return (mean - self.config.shift_factor) * self.config.scale_factor
 
@@ -809,8 +819,8 @@ class AutoEncoder(nn.Module):
         """Normalised latents -> images in [-1, 1] (not clipped)."""
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
-def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw (unnormalised) latents of x: a posterior sample, or the mean when generator is None."""
+def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Unnormalised latents of x: a posterior sample, or the mean when generator is None."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -822,21 +832,20 @@ class Encoder(nn.Module):
         super().__init__()
         ch, mults = config.base_channels, config.channel_multipliers
         self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
-        self.down = nn.ModuleList()
-        block_in = ch
+        self.down, width = nn.ModuleList(), ch
         for level, mult in enumerate(mults):
             down = nn.Module()
             down.block = nn.ModuleList()
             for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult))
-                block_in = ch * mult
+                down.block.append(ResnetBlock(width, ch * mult))
+                width = ch * mult
             if level < len(mults) - 1:
-                down.downsample = Downsample(block_in)
+                down.downsample = Downsample(width)
             self.down.append(down)
-        self.mid = mid_block(block_in)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level's maps dominate memory
+        self.mid = mid_block(width)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
+        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level dominates memory
         self.gradient_checkpointing = False
 
     def forward(self, x):
@@ -856,30 +865,28 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: decode as Diffusion-4K's upstream code (see `upsample_conv_out`)
-        block_in = ch * mults[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = mid_block(block_in)
-        up_levels = []
-        for level in reversed(range(len(mults))):  # built lowest resolution first, stored in level order
+        self.partitioned = True  # F16 only: decode as Diffusion-4K's code (`upsample_conv_out`)
+        width = ch * mults[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
+        self.mid = mid_block(width)
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(mults))):  # built from the lowest resolution
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * mults[level]))
-                block_in = ch * mults[level]
+                up.block.append(ResnetBlock(width, ch * mults[level]))
+                width = ch * mults[level]
             if level > 0:
-                up.upsample = Upsample(block_in)
-            up_levels.insert(0, up)
-        self.up = nn.ModuleList(up_levels)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+                up.upsample = Upsample(width)
+            self.up.insert(0, up)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
 
     def forward(self, z):
         return self.head(self.features(z))
 
     def features(self, z):
-        """Everything up to the last stage: the map after norm_out + SiLU (at H/2 for F16). diffusion4k.py's
-        SC-VAE training compares it with the F8 decoder's."""
+        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares with F8's."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -891,21 +898,18 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """The last stage, `decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
+        """`decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
         return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage (`decoder_head`): nearest x2 upsampling, then `conv_out`, in bands of `band_rows`
-        input rows.
+        """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
+        upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
 
-        The upsampled 128-channel map is the largest tensor of the decode (4.3 GB in bf16 at 4096^2), so it
-        never exists whole. Diffusion-4K's upstream code decodes this stage in 2x2 partitions, each
-        zero-padded on its outer side only and cropped one pixel in, and its decoders were trained through
-        that path. Its output is the full-map result moved one pixel down and right: output pixel (r, c) is
-        the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the map being zero outside. We compute
-        exactly that (`partitioned`), or the centred result when `partitioned` is False. A band of output
-        rows [2t, 2t + 2n) then needs input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond
-        the image."""
+        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
+        side only and cropped one pixel in, and its decoders were trained that way: output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
+        We compute that (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need
+        input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
         s, rows = self.stride, h.shape[-2]
         shift = 1 if self.partitioned else 0  # how far the result moves down and right
         bands = []
@@ -915,7 +919,8 @@ class Decoder(nn.Module):
             low, high = max(top - 1, 0), min(top + n + halo_below, rows)
             band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            up = up[..., s - 1 - shift : s - 1 - shift + s * n + 2, :]  # the rows the 3x3 window reaches
+            first = s - 1 - shift  # of the rows the 3x3 window reaches
+            up = up[..., first : first + s * n + 2, :]
             up = F.pad(up, (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
@@ -931,15 +936,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        # without autograd no intermediate map is needed again: SiLU runs in place on the norm outputs
-        inplace = not torch.is_grad_enabled()
+        inplace = not torch.is_grad_enabled()  # without autograd no norm output is needed again
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = F.silu(self.norm2(h), inplace=inplace)
-        h = self.conv2(h)
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution feature map."""
+    """Single-head self-attention over all pixels of the lowest-resolution map."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -950,8 +953,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # (b, 1, hw, c) made contiguous: with a strided last dim SDPA falls back to its math backend, which
-        # materialises the hw x hw scores
+        # contiguous: with a strided last dim SDPA falls back to math, writing hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -963,8 +965,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
-        # torch convolutions pad symmetrically; the trained weights expect right/bottom padding only
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # the weights expect right/bottom padding only
 
 class Upsample(nn.Module):
     def __init__(self, channels: int):
@@ -975,7 +976,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 def mid_block(channels: int) -> nn.Sequential:
-    """ResNet, attention, ResNet at the lowest resolution (keys mid.block_1, mid.attn_1, mid.block_2)."""
     mid = nn.Sequential()
     mid.block_1 = ResnetBlock(channels, channels)
     mid.attn_1 = AttnBlock(channels)
@@ -985,18 +985,19 @@ def mid_block(channels: int) -> nn.Sequential:
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
-def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None, shift_factor=None,
-             token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file (its `first_stage_model.`
-    part), a diffusers `vae/` folder, a pipeline folder or a Hub repo id. Latent scale and shift come from
-    the arguments, else the folder's config.json, else Flux's. stride 2 gives the F16 VAE (Diffusion-4K's
-    config.json may say `"stride": 2`)."""
+VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
+    "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+    "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
+             shift_factor=None, token=None) -> AutoEncoder:
+    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
+    `vae/` or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the
+    arguments, else the folder's config.json, else Flux's F8 VAE."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
-    fixed = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
-             "use_quant_conv": False, "use_post_quant_conv": False,
-             "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-    for key, supported in fixed.items():  # diffusers' AutoencoderKL is more general than this VAE
+    for key, supported in VAE_FIXED.items():
         values = config.get(key, supported)
         if any(value != supported for value in (values if isinstance(values, list) else [values])):
             raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
@@ -1012,25 +1013,16 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     def setting(given, key, default):
         return next(value for value in (given, config.get(key), default) if value is not None)
 
-    vae_config = vae_config_from_state(state, setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
-                                       setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor),
-                                       setting(stride, "stride", 1))
-    widths = [vae_config.base_channels * m for m in vae_config.channel_multipliers]
-    problems = {
-        f"stride {vae_config.stride} (1: F8, 2: F16)": vae_config.stride not in (1, 2),
-        f"widths {widths} (multiples of 32: GroupNorm has 32 groups)": any(w % 32 for w in widths),
-        f"scaling_factor {vae_config.scale_factor} (finite, > 0)": not 0 < vae_config.scale_factor < math.inf,
-        f"shift_factor {vae_config.shift_factor} (finite)": not math.isfinite(vae_config.shift_factor),
-    }
-    for problem, bad in problems.items():
-        if bad:
-            raise UserError(f"{source}: this VAE cannot have {problem}")
-    with torch.device("meta"):
-        model = AutoEncoder(vae_config)
-    return assign_state_dict(model, state, f"{source} (VAE)").eval()
+    scale = setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor)
+    shift = setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor)
+    vae_stride = setting(stride, "stride", 1)
+    return build(lambda: AutoEncoder(vae_config_from_state(state, scale, shift, vae_stride)), state,
+                 f"{source} (VAE)", source)
 
-def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float, stride: int) -> VAEConfig:
-    base, levels = state["encoder.conv_in.weight"].shape[0], count_blocks(state, r"encoder\.down\.(\d+)\.")
+def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
+                          stride: int) -> VAEConfig:
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
         in_channels=state["encoder.conv_in.weight"].shape[1],
@@ -1041,63 +1033,60 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of the VAE whose state dict (either layout) this is. A resnet has a shortcut
-    convolution only where it changes width, so shortcut rows are kept only where the state has them."""
+    """The key table of the VAE whose state dict (either layout) this is, with shortcut rows only
+    where the state has them (a resnet has one only where it changes width)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
     res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    return {
-        original: (parts, transform)
-        for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-        if "nin_shortcut" not in original or (parts[0] if folder else original) in state
-    }
+    return {original: (parts, transform)
+            for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
+            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
+
+RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (see `to_original_layout`) of a VAE, with every possible shortcut."""
-    table = {}
+    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, with every possible shortcut."""
+    rows = []
 
-    def add(original, folder, transform=None):
-        table.update(linear_entries(original, folder, transform))
-
-    def resnet(original, folder, shortcut):
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            add(f"{original}.{name}", f"{folder}.{name}")
+    def resnet(original, folder, shortcut=True):
+        rows.extend((f"{original}.{name}", f"{folder}.{name}") for name in RESNET_LAYERS)
         if shortcut:
-            add(f"{original}.nin_shortcut", f"{folder}.conv_shortcut")
+            rows.append((f"{original}.nin_shortcut", f"{folder}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        add(f"{part}.conv_in", f"{part}.conv_in")
-        add(f"{part}.conv_out", f"{part}.conv_out")
-        add(f"{part}.norm_out", f"{part}.conv_norm_out")
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        add(f"{part}.mid.attn_1.norm", f"{part}.mid_block.attentions.0.group_norm")
-        for original, folder in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            add(f"{part}.mid.attn_1.{original}", f"{part}.mid_block.attentions.0.{folder}", "conv1x1")
+        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
+                 (f"{part}.norm_out", f"{part}.conv_norm_out"),
+                 (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
+        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
+        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
+        for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
+            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
     for level in range(num_levels):
-        for j in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", True)
-        if level < num_levels - 1:
-            add(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
         up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
         for j in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", True)
+            resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
+        if level < num_levels - 1:
+            rows.append((f"encoder.down.{level}.downsample.conv",
+                         f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
-            add(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv")
-    return table
+            rows.append((f"decoder.up.{level}.upsample.conv",
+                         f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+    return key_table(rows)
 # --- END copy: VAE ---
 
 
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# the penultimate CLIP layer; pooled: both CLIPs, projected). Module names are the transformers checkpoint
-# keys, so a Hub folder loads without a rename table.
+# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
+# (per token: penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL, as used by Flux and SD3 (4.76B parameters)."""
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
 
     vocab_size: int = 32128
     d_model: int = 4096
@@ -1112,9 +1101,9 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state (B, T, d_model). No absolute positions: a learned bias
-    per (head, bucket of key - query offset) is added to every layer's attention logits. transformers'
-    `encoder.embed_tokens` is the same tensor as `shared`, so it is not a parameter here."""
+    """T5 v1.1 encoder: ids (B, T) -> last hidden state. No absolute positions: a learned bias per
+    (head, bucket of key - query offset) is added to every layer's logits. transformers'
+    `encoder.embed_tokens` is `shared` again, so not a parameter here."""
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1126,7 +1115,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: optional (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask: (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1139,11 +1128,10 @@ class T5Encoder(nn.Module):
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
 
-def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(query, key) -> bucket of the offset key - query, bidirectional, as in T5. Keys after the query use
-    the upper half of the buckets. Within a half, offsets below a quarter of the buckets get a bucket each;
-    larger ones fall into logarithmically wider buckets, and every offset from `max_distance` on shares the
-    last one."""
+def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
+    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in
+    a half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
+    buckets, offsets from `max_distance` on the last."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1154,7 +1142,7 @@ def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device
     return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
 
 class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward. `layer.0` / `layer.1` mirror the checkpoint keys."""
+    """Pre-norm attention + gated-GELU feed-forward; `layer.0` / `layer.1` as in the checkpoint."""
 
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
@@ -1163,10 +1151,10 @@ class T5Block(nn.Module):
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # only block 0 stores the table; every block adds the same bias
+        if owns_position_bias:  # block 0 stores the table; every block adds the same bias
             sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
         attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # the name is historical: v1.1 uses gated GELU
+        mlp = ff.DenseReluDense = nn.Module()  # historical name: v1.1 uses gated GELU
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
@@ -1176,14 +1164,15 @@ class T5Block(nn.Module):
     def forward(self, x, position_bias):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
-        # T5 has no 1/sqrt(d) in its attention logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias, scale=1.0)
+        # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
+        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias,
+                                     scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
-        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may be kept in fp32: in fp16 its output overflows
+        return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
 class T5LayerNorm(nn.Module):
-    """What T5 calls LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+    """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -1196,15 +1185,15 @@ class T5LayerNorm(nn.Module):
         return self.weight * x.to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the four linear maps `proj` = (q, k, v, out)."""
-    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])  # (B, H, L, D)
+    """Self-attention of x (B, L, C) through the linear maps `proj` = (q, k, v, out)."""
+    q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
 CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14 (Flux, SD3); `CLIP_G` is OpenCLIP bigG (SD3)."""
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14; `CLIP_G`: OpenCLIP bigG (SD3)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -1212,16 +1201,17 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); OpenCLIP bigG uses exact "gelu"
-    projection_dim: int | None = 768  # None: no `text_projection` (Flux loads CLIP-L as CLIPTextModel)
+    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); bigG uses "gelu"
+    projection_dim: int | None = 768  # None: no `text_projection` (Flux's CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Every Hub CLIP config says 2, which transformers treats as "legacy": pool at argmax(ids), i.e. at the
-    # first <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # Hub CLIP configs say 2, which transformers reads as "legacy": pool at argmax(ids), the first
+    # <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(CLIP_ACTIVATIONS)}")
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
+                             f"{sorted(CLIP_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -1232,21 +1222,19 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer: ids (B, 77) -> CLIPTextOutput. Keys are those of transformers'
-    CLIPTextModelWithProjection (`text_model.*`, `text_projection`), or with `projection_dim=None` those of
-    CLIPTextModel."""
+    """CLIP's causal text transformer, keys of transformers' CLIPTextModelWithProjection (or, with
+    `projection_dim=None`, CLIPTextModel)."""
 
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
-        self.config, d, layers = config, config.hidden_size, config.num_hidden_layers
-        self.text_model = nn.Module()
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.text_model.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        projection = config.projection_dim
+        self.config, d, projection = config, config.hidden_size, config.projection_dim
+        m = self.text_model = nn.Module()
+        m.embeddings = nn.Module()
+        m.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
+        m.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        m.encoder = nn.Module()
+        m.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
+        m.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.text_projection = nn.Linear(d, projection, bias=False) if projection else None
 
     def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
@@ -1259,16 +1247,16 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # argmax: the first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # first maximum
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
 
 class CLIPTextOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) the last layer's input, no final LN: SD3's per-token features
+    penultimate: torch.Tensor  # (B, T, D) the last layer's input: SD3's per-token features
     pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection: SD3's pooled; `pooled` without a projection
+    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection (SD3), else `pooled`
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -1290,41 +1278,39 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE from a Hub folder's vocab.json + merges.txt, as OpenAI's SimpleTokenizer:
-    NFC, whitespace runs -> one space, lower case, CLIP's word pattern, BPE with "</w>" closing each word.
-
-    A prompt becomes <|startoftext|> ids <|endoftext|>, cut to fit `max_length` and padded with `pad_id`:
-    the folder's pad token when it names one (SD3's CLIP-G: "!" = 0), else <|endoftext|> (CLIP-L). Tokens
-    in tokenizer_config.json's `added_tokens_decoder` are matched whole, as transformers does: SD3's CLIP-G
-    lists "!", so "wow!!" gives "wow" 0 0 as in diffusers, where OpenAI's tokenizer would merge "!!"."""
+    """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
+    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word.
+    Prompts are padded with the folder's pad token, else <|endoftext|>. Tokens in
+    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's
+    CLIP-G lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None, name: str | None = "CLIP"):
+    def __init__(self, folder, max_length: int = 77, pad_id: int | None = None,
+                 name: str | None = "CLIP"):
         folder = Path(folder)
         for file in ("vocab.json", "merges.txt"):
             if not (folder / file).is_file():
                 raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
                                 "merges.txt)")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), end_of_word_suffix="</w>",
-                            continuing_subword_prefix="")
-        self.tokenizer = Tokenizer(bpe)
-        self.tokenizer.normalizer = normalizers.Sequence(
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                            end_of_word_suffix="</w>", continuing_subword_prefix="")
+        tok = self.tokenizer = Tokenizer(bpe)
+        tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)  # keep the matches
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {}).values()
-        self.tokenizer.add_special_tokens(  # kept whole in a prompt
-            ["<|startoftext|>", "<|endoftext|>", *(token["content"] for token in added)])
-        self.bos_id = self.tokenizer.token_to_id("<|startoftext|>")
-        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
+        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {})
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+        tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         if pad_id is None:
-            pad = special_token(folder, "pad_token") or "<|endoftext|>"
-            pad_id = self.tokenizer.token_to_id(pad)
+            pad = special_token(folder, "pad_token") or eos
+            pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # name None: cut prompts silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # None: cut silently
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1332,29 +1318,30 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's SentencePiece unigram, from tokenizer.json (preferred) or spiece.model (needs `sentencepiece`).
-    A prompt becomes ids </s>, cut to fit `max_length` and padded with <pad> (0): 512 tokens for FLUX.1-dev,
-    256 for FLUX.1-schnell and SD3."""
+    """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
+    Prompts end in </s>, padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
+    schnell and SD3."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "spiece.model"
+            json_file = path / "tokenizer.json"
+            path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or spiece.model)")
+            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                            "spiece.model)")
         try:
             if path.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts,
-                                                                                   add_special_tokens=False)]
-                self.eos_id, self.pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+                tok = Tokenizer.from_file(str(path))
+                self.encode = lambda texts: [
+                    e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
 
-                tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
-                self.encode = tokenizer.encode
-                self.eos_id, self.pad_id = tokenizer.eos_id(), tokenizer.pad_id()
-        except Exception as error:  # both libraries raise Exception / RuntimeError / OSError on a bad file
+                tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
+        except Exception as error:  # either library raises Exception / RuntimeError / OSError
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
@@ -1362,20 +1349,22 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return frame_ids(self.encode(prompts), self.max_length, self.pad_id, None, self.eos_id, self.name)
+        rows = self.encode(prompts)
+        return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None, name=None):
-    """Token rows -> (B, max_length) LongTensor: [bos] ids [eos] pad pad ... The ids are cut so that the
-    special tokens always fit, as `truncation=True, padding="max_length"` in the diffusers pipelines; with a
-    tokenizer `name`, a cut is reported in one line with the number of tokens dropped."""
+def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
+              name=None) -> torch.Tensor:
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
+    (diffusers' `truncation=True, padding="max_length"`); with a tokenizer `name`, a cut is
+    reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
     if dropped and name:
         which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
         longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} dropped"
-              f"{longest}", file=sys.stderr)
+        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} "
+              f"dropped{longest}", file=sys.stderr)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         row = head + ids[:room] + tail
@@ -1395,39 +1384,36 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """T5 encoder from a transformers folder (config.json + model.safetensors or shards), a Hub repo
-    (+ `subfolder`, e.g. FLUX.1-dev "text_encoder_2") or one safetensors file (+ `prefix`, e.g.
-    "text_encoders.t5xxl.transformer." in SD3's all-in-one file). fp8 weights are upcast to `dtype`; a
-    T5ForConditionalGeneration file's decoder is skipped. Returns a frozen eval model."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
+    safetensors file (+ `prefix`); fp8 weights are upcast, a T5ForConditionalGeneration's decoder
+    skipped."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
-    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip=("decoder.", "lm_head."))
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold either or both
+    skip = ("decoder.", "lm_head.")
+    state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
+    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold 1 or 2
     if "shared.weight" not in state and tied is not None:
         state["shared.weight"] = tied
-    with torch.device("meta"), config_from_files(source):
-        model = T5Encoder(config or t5_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: T5 encoder").eval().requires_grad_(False)
+    model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
+                  f"{source}: T5 encoder", source)
+    return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder (with `text_projection` when the file has one) from a transformers folder, a Hub
-    repo (+ `subfolder`: "text_encoder", SD3's "text_encoder_2") or one safetensors file (+ `prefix`:
-    "text_encoders.clip_l.transformer." / "text_encoders.clip_g.transformer." in SD3's). Keys load with or
-    without the `text_model.` prefix (transformers 5 saves CLIPTextModel without it); a full CLIPModel
-    file's vision tower is skipped. Returns a frozen eval model."""
-    skip = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids",
-            "embeddings.position_ids")
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.` (transformers
+    5 drops it), a CLIPModel's vision tower skipped."""
+    skip = ("vision_model.", "visual_projection.", "logit_scale",
+            "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    with torch.device("meta"), config_from_files(source):
-        model = CLIPTextEncoder(config or clip_config_from(state, config_json, source))
-    return assign_state_dict(model, state, f"{source}: CLIP text encoder").eval().requires_grad_(False)
+    model = build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
+                  state, f"{source}: CLIP text encoder", source)
+    return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors with `prefix` removed, config.json or {}) of a folder, Hub repo or single file. Keys
-    starting with one of `skip` (after the prefix) are never read."""
+    """(tensors under `prefix`, prefix removed, config.json or {}); keys starting with one of `skip`
+    (after the prefix) are never read."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1440,7 +1426,7 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they do not hold from config.json, if any."""
+    """Dimensions from the tensors; the two values they lack from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1452,41 +1438,42 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
-        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
+        relative_attention_num_buckets=buckets,
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6),
-    )
+        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors. Heads, activation, eps and EOS id from config.json; without one, 64-wide
-    heads (all real CLIPs) and quick_gelu at width 768 (OpenAI CLIP-L), else gelu (bigG)."""
+    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
+    heads (every real CLIP) and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
-    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    projection = state.get("text_projection.weight")
+    projection = None if projection is None else projection.shape[0]
     layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
-    if config_json:  # a saved config omits values equal to transformers' CLIPTextConfig defaults
-        given = config_json.get("text_config", config_json)  # a full CLIPModel config nests it
+    if config_json:  # a saved config omits values equal to transformers' defaults
+        given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
         defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
+    elif width % 64:
+        raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is "
+                        "not stored and the width is no multiple of CLIP's head dim 64; load its "
+                        "transformers folder instead")
     else:
-        if width % 64:
-            raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is not "
-                            "stored and the width is no multiple of CLIP's head dim 64; load its "
-                            "transformers folder instead")
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     try:
         return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
                               num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act, projection_dim=projection,
-                              layer_norm_eps=eps, eos_token_id=eos)
+                              max_position_embeddings=positions, hidden_act=act,
+                              projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos)
     except ValueError as error:
         raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """Shape of state[key]; without the key, the file holds some other model: say which keys it has."""
+    """state[key]'s shape; without the key, the file holds another model: name its keys."""
     if key not in state:
         raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return state[key].shape
@@ -2406,12 +2393,12 @@ def _pick(generator, options, probs=None):
 # =========================================== training: its utilities and LPIPS from diffusion4k.py
 
 # --- BEGIN copy of diffusion4k.py: training utilities ---
-# Training data, seeded batch order, torchrun / FSDP2 set-up and resumable checkpoints.
+# Training data, seeded batch order, torchrun / FSDP2 and resumable checkpoints.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The training images: the files metadata.jsonl lists (`file_name`), else every image under the
-    folder (recursively). Entries that cannot be opened are skipped with one warning each."""
+    """The images metadata.jsonl lists, else every image under the folder; unreadable ones are
+    skipped with a warning each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2419,11 +2406,12 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
     else:
-        candidates, skipped = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                                     and p.is_file()), 0
+        candidates = sorted(p for p in folder.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        skipped = 0
     for path in candidates:
         try:
-            verify_image(path)  # header and integrity check; pixels are decoded when used
+            verify_image(path)  # pixels are decoded when used
             usable.append(path)
         except UserError as error:
             skipped += 1
@@ -2431,13 +2419,13 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     if not usable:
         raise UserError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
-        print(f"data: {len(usable)} images from {folder}" + (f", {skipped} skipped" if skipped else ""),
-              file=sys.stderr)
+        note = f", {skipped} skipped" if skipped else ""
+        print(f"data: {len(usable)} images from {folder}{note}", file=sys.stderr)
     return usable
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
-    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped with a
-    warning: not a JSON object with a string file_name, or a file_name that an earlier line gave."""
+    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped
+    with a warning (no string file_name, or a repeated one)."""
     files, seen, skipped = [], {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
@@ -2457,9 +2445,9 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
         files.append(metadata.parent / name)
     return files, skipped
 
-def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], flip: bool) -> torch.Tensor:
-    """Resize so the image just covers height x width (for a square crop: its shorter side to the crop
-    size), crop at the relative offset (0..1, 0..1), flip if asked. Returns (3, H, W) in [-1, 1]."""
+def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
+    """The image resized to just cover height x width, cropped at the relative offset (0..1, 0..1),
+    flipped if asked: (3, H, W) in [-1, 1]."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -2471,10 +2459,9 @@ def load_crop(path: Path, height: int, width: int, offset: tuple[float, float], 
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches. One CPU generator draws, in order, each epoch's permutation and
-    every sample's crop offset, flip, sigma and noise for the whole global batch; each rank then keeps its
-    share. Its state (generator, permutation, position) is saved in checkpoints, so a resumed run draws
-    exactly what the uninterrupted run would have."""
+    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and
+    every sample's crop, flip, sigma and noise for the whole global batch, each rank keeping its
+    share. Checkpoints save its state, so a resumed run draws what an uninterrupted one would."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2484,7 +2471,8 @@ class Batches:
         out = []
         while len(out) < count:
             if self.cursor >= len(self.order):
-                self.order, self.cursor = torch.randperm(self.size, generator=self.generator).tolist(), 0
+                self.order = torch.randperm(self.size, generator=self.generator).tolist()
+                self.cursor = 0
             out.append(self.order[self.cursor])
             self.cursor += 1
         return out
@@ -2514,7 +2502,7 @@ class Distributed:
         return self.rank == 0
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean over processes. The collective runs on `device`: nccl takes CUDA tensors only."""
+        """The mean over processes, on `device` (nccl takes CUDA tensors only)."""
         if self.world > 1:
             value = value.to(self.device, copy=True)
             dist.all_reduce(value)  # gloo has no AVG
@@ -2540,32 +2528,33 @@ def setup_distributed(device_name: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block its own shard group, then the root (embedders, final layer)."""
+    """FSDP2: each transformer block a shard group, then the root (embedders, final layer)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    blocks = [*model.double_blocks, *model.single_blocks] if kind == "flux" else list(model.joint_blocks)
-    for block in blocks:
+    flux = kind == "flux"
+    for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
-def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool, ctx: Distributed,
-                    keep: int, run: dict):
-    """checkpoints/step-N/: trainable.safetensors (with `run`, the record `check_resumable` compares), then
-    state.pt (step, optimizer, data stream). Weights that are no longer finite are never written: the run
-    stops with the last good checkpoint kept; a checkpoint that cannot be written whole is removed."""
+def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
+                    ctx: Distributed, keep: int, run: dict):
+    """checkpoints/step-N/: trainable.safetensors (with `run`, which `check_resumable` compares),
+    then state.pt (step, optimizer, data stream). Non-finite weights stop the run instead; a
+    checkpoint that cannot be written whole is removed."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
     optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
     if ctx.main:
-        if any(not torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
+        if any(not torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
             raise training_diverged(step, "a weight after the update", output)
         folder = output / "checkpoints" / f"step-{step:08d}"
         try:
             save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
-            save_torch({"step": step, "optimizer": optim, "batches": batches.state()}, folder / "state.pt")
+            state = {"step": step, "optimizer": optim, "batches": batches.state()}
+            save_torch(state, folder / "state.pt")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -2574,8 +2563,8 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): all weights and
-    buffers, or for LoRA only the A and B matrices."""
+    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): everything, or
+    for LoRA the A and B matrices."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options(lora))
@@ -2596,9 +2585,9 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
-    """Resume from `folder`, or from the newest intact checkpoint before it (see `read_checkpoint`), once it
-    proves to be this run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    """Resume from `folder`, or the newest intact checkpoint before it, once it proves to be this
+    run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
+    from torch.distributed.checkpoint import state_dict as dcp
 
     def read(candidate):
         weights = candidate / "trainable.safetensors"
@@ -2615,8 +2604,9 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     if report:
         raise UserError(f"{folder}: does not fit this model: {report}")
     try:
-        set_model_state_dict(model, weights, options=state_options(lora))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=state_options(lora))
+        options = state_options(lora)
+        dcp.set_model_state_dict(model, weights, options=options)
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
         batches.load(state["batches"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
@@ -2626,9 +2616,8 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     return state["step"]
 
 def check_resumable(folder: Path, run: dict):
-    """Refuse, in one line naming what differs, a checkpoint that another run wrote: another trainer, base
-    model, LoRA or setting that changes the model (`run`, recorded in trainable.safetensors' header). A
-    file too damaged to tell is left to `load_checkpoint`, which falls back to the checkpoint before it."""
+    """Refuse a checkpoint that another run wrote (`check_run` on trainable.safetensors' record); a
+    file too damaged to tell is left to `load_checkpoint`, which falls back to the one before."""
     try:
         recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
     except UserError:
@@ -2636,24 +2625,25 @@ def check_resumable(folder: Path, run: dict):
     check_run(folder, recorded, run)
 
 def check_run(folder: Path, recorded: str | None, run: dict):
-    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`."""
+    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`:
+    another trainer, base model, LoRA or model setting is refused, naming what differs."""
     try:
         theirs = json.loads(recorded) if recorded else None
     except ValueError:
         theirs = None
     if not isinstance(theirs, dict):
-        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be resumed "
-                        "safely; start a new --output")
+        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
+                        "resumed safely; start a new --output")
     ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
     for key, value in ours.items():
         if theirs.get(key) != value:
-            raise UserError(f"{folder}: a checkpoint of another run ({key} {json.dumps(theirs.get(key))} "
-                            f"there, {json.dumps(value)} here); resume with its settings, or start a new "
-                            "--output")
+            there, here = json.dumps(theirs.get(key)), json.dumps(value)
+            raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
+                            "here); resume with its settings, or start a new --output")
 
 def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)); when a file of `folder` is damaged (a crash or a full disk while it was
-    written), one warning names it and the newest intact checkpoint before it is read instead."""
+    """(folder, read(folder)); when `folder` is damaged (a crash or a full disk while it was
+    written), a warning names it and the newest intact checkpoint before it is read instead."""
     older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
     for candidate in [folder, *sorted(older, reverse=True)]:
         try:
@@ -2663,34 +2653,32 @@ def read_checkpoint(folder: Path, read):
     raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
 
 def load_state_file(path: Path, keys: tuple) -> dict:
-    """A checkpoint's `state.pt` holding `keys`, or a one-line UserError naming the file."""
+    """A checkpoint's `state.pt` holding `keys`."""
     check_regular_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
-    except Exception as error:  # zip and pickle readers raise many types; the file is the problem either way
-        raise UserError(f"{path}: damaged or truncated checkpoint file ({type(error).__name__})") from None
+    except Exception as error:  # zip and pickle raise many types; the file is the problem anyway
+        kind = type(error).__name__
+        raise UserError(f"{path}: damaged or truncated checkpoint file ({kind})") from None
     if not isinstance(state, dict) or not set(keys) <= state.keys():
         raise UserError(f"{path}: not a checkpoint of this trainer")
     return state
 # --- END copy: training utilities ---
 
 # --- BEGIN copy of diffusion4k.py: LPIPS ---
-LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # the lpips package's v0.1
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # lpips' v0.1
 
 LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a training loss.
-
-    Inputs in [-1, 1] are normalised to the backbone's statistics; at five ReLU outputs the channel vectors
-    are unit-normalised, their squared difference is weighted by the learned 1x1 `lins` and averaged over
-    space; the five numbers are summed (the lpips package, spatial=False). `features` uses torchvision's
-    indices, so its checkpoints load unchanged.
-    """
+    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a loss: at
+    five ReLU outputs the unit-normalised channel vectors' squared difference is weighted by the
+    learned 1x1 `lins` and averaged over space, the five numbers summed (the lpips package,
+    spatial=False). `features` has torchvision's indices, so its checkpoints load unchanged."""
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
 
@@ -2706,8 +2694,8 @@ class LPIPS(nn.Module):
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(self.features[i - 1].out_channels, 1, 1, bias=False)
                                   for i in self.TAPS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[:, None, None], persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[:, None, None], persistent=False)
+        for name, value in (("shift", [-0.030, -0.088, -0.188]), ("scale", [0.458, 0.448, 0.450])):
+            self.register_buffer(name, torch.tensor(value)[:, None, None], persistent=False)
 
     def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] -> (B,)
         pairs = zip(self.lins, self.taps(a), self.taps(b))
@@ -2722,8 +2710,8 @@ class LPIPS(nn.Module):
         return out
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear-layer file (.pth: lin0..lin4) and torchvision / timm VGG16
-    weights (.pth or .safetensors; only `features.*` up to conv5_3 is used)."""
+    """LPIPS-vgg from the lpips package's linear layers (.pth: lin0..lin4) and torchvision / timm
+    VGG16 weights (.pth or .safetensors; `features.*` up to conv5_3)."""
     hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
             "--lpips-weight 0)")
 
@@ -2735,19 +2723,19 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
         if path.suffix == ".safetensors":
             return check_weights(load_safetensors(path, torch.float32), path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # `weight_file`: a regular file
-        except Exception as error:  # pickle raises many types; the file is the problem either way
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle raises many types; the file is the problem anyway
             raise UserError(f"{what}: {path} is not a readable weights file "
                             f"({type(error).__name__})") from None
-        return check_weights(state.get("state_dict", state) if isinstance(state, dict) else {}, path)
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return check_weights(state, path)
 
     model = LPIPS()
     raw = read(backbone, "LPIPS backbone")
-    state = {key[key.index("features."):]: value.float() for key, value in raw.items() if "features." in key}
-    state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.features)}
+    state = {k[k.index("features.") :]: v.float() for k, v in raw.items() if "features." in k}
+    state = {k: v for k, v in state.items() if int(k.split(".")[1]) < len(model.features)}
     lins = read(linear, "LPIPS linear layers")
-    state.update({f"lins.{key[3]}.weight": value.float() for key, value in lins.items()
-                  if re.match(r"lin\d\.", key)})
+    state |= {f"lins.{k[3]}.weight": v.float() for k, v in lins.items() if re.match(r"lin\d\.", k)}
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
@@ -2777,14 +2765,16 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout (diffusers) tensors -> original keys.
+def build(make, state: dict, what: str, source) -> nn.Module:
+    """make() on the meta device, then `state` assigned (`assign_state_dict`); in eval mode."""
+    with torch.device("meta"), config_from_files(source):
+        model = make()
+    return assign_state_dict(model, state, what).eval()
 
-    Our modules carry the original single-file names (BFL for Flux and its VAE, Stability for SD3), so those
-    files load as they are; a folder converts through one explicit table per model, {original key:
-    ([folder keys], transform)}. Several folder keys mean a fused tensor (Flux's qkv, its single blocks'
-    linear1), concatenated along dim 0.
-    """
+def to_original_layout(state: dict, table: dict, what: str) -> dict:
+    """Folder-layout (diffusers) tensors -> the original single-file keys that our modules carry,
+    through a table {original key: ([folder keys], transform)}; several folder keys make a fused
+    tensor (Flux's qkv), concatenated along dim 0."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -2794,19 +2784,21 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
-        out[original] = TRANSFORMS[transform][0](torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+        fused = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects ({key: shape})."""
+    """`mismatch_report` of the tensors `state` against the shapes a model expects."""
+    wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
         "missing": [key for key in expected if key not in state],
         "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{key} {tuple(state[key].shape)} instead of {tuple(shape)}"
-                        for key, shape in expected.items() if key in state and state[key].shape != shape],
+        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}"
+                        for k in wrong],
     })
 
 def mismatch_report(kinds: dict) -> str:
@@ -2820,7 +2812,12 @@ def first_keys(state: dict) -> str:
 def linear_entries(original: str, folder, transform=None) -> dict:
     """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform) for p in ("weight", "bias")}
+    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
+            for p in ("weight", "bias")}
+
+def key_table(rows) -> dict:
+    """The table rows of layers given as (original, folder[, transform])."""
+    return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
     """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
@@ -2837,21 +2834,22 @@ def count_blocks(keys, pattern: str) -> int:
     indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")) -> Path:
-    """`resolve_source` for one component, refusing a pipeline folder that lacks its subfolder (which would
-    otherwise be read as if it were the component)."""
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
+    """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
+    read as the component)."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json: inside its folder, or beside a diffusers single file. The fields the
-    loaders read are checked for their type (`check_config_fields`)."""
+    """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
     if path.is_dir():
         config = path / "config.json"
+    elif path.name.startswith("diffusion_pytorch_model"):
+        config = path.parent / "config.json"
     else:
-        config = path.parent / "config.json" if path.name.startswith("diffusion_pytorch_model") else None
+        config = None
     data = read_json(config) if config is not None and config.exists() else {}
     return check_config_fields(data, config)
 
@@ -2866,31 +2864,31 @@ CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
     "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
     "a positive number": lambda v: _is_number(v) and v > 0,
     "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is_count, v)),
+    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(_is_count, v)),
     "a string": lambda v: isinstance(v, str),
     "an object": lambda v: isinstance(v, dict),
 }
 CONFIG_FIELDS = {  # the config.json fields the loaders read
     "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number", "stride": "a positive integer",
-    "relative_attention_max_distance": "a positive integer", "layer_norm_epsilon": "a positive number",
-    "layer_norm_eps": "a positive number", "eos_token_id": "an integer >= 0", "hidden_act": "a string",
-    "feed_forward_proj": "a string", "text_config": "an object",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number",
+    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
+    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
+    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
+    "text_config": "an object",
 }
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """Building a model's config from `source`'s tensors and config.json: an invariant that the files break
-    (a ValueError: RoPE axes that do not sum to the head dim, an unknown activation) is one line naming
-    `source`."""
+    """A ValueError while building a config from `source`'s files (an invariant they break)
+    becomes a one-line UserError naming `source`."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field (a string where a number belongs
-    would otherwise fail deep inside a model); `text_config` (a CLIPModel's) is checked alike."""
+    """Refuse a field of the wrong type (which would otherwise fail deep inside a model), naming the
+    file and the field; a CLIPModel's `text_config` is checked alike."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -2902,17 +2900,17 @@ def check_config_fields(config: dict, file) -> dict:
 DIFFUSION_PREFIX = "model.diffusion_model."
 
 # Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.", "vae.",
-                    "text_encoder")
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
+                    "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """The tensors of one component: in a single file that has keys under `prefix`, those keys (stripped);
-    otherwise every key that belongs to no other component. Other components' tensors are never read (an
-    SD3 all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else
+    those of no other component. Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device, key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
+    state = load_safetensors(path, dtype, device,
+                             key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
     return check_weights(state, path)
 # --- END copy: weight loading ---
 
