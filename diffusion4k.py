@@ -1,42 +1,40 @@
 """Diffusion-4K: direct ultra-high-resolution (4096x4096) text-to-image with latent diffusion.
 
 Zhang et al., "Diffusion-4K: Ultra-High-Resolution Image Synthesis for Latent Diffusion Models",
-CVPR 2025, arXiv 2503.18352; and the extension "Ultra-High-Resolution Image Synthesis: Data, Method
-and Evaluation", arXiv 2506.01331 (SC-VAE). Released weights: the Flux fine-tunes
-`zhang0jhon/flux_wavelet` and `zhang0jhon/flux_wavelet_v2_sc` (no SD3 weights are public).
+CVPR 2025, arXiv 2503.18352; the extension "Ultra-High-Resolution Image Synthesis: Data, Method and
+Evaluation", arXiv 2506.01331 (SC-VAE). Released weights: `zhang0jhon/flux_wavelet` and
+`zhang0jhon/flux_wavelet_v2_sc` (Flux fine-tunes; no SD3 weights are public).
 
-With the usual F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend
-over. Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest
-x2 upsample before `conv_out`, so 4096^2 becomes a 256^2 latent and 16,384 tokens, sampled by Euler
-steps with an explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on
-Aesthetic-4K with Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and
-predicted velocity v_hat,
-    x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2,
-over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: then the x0 MSE); (3)
-in the extension, retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE):
-for crops x, reconstructions x_hat, the decoders' last feature maps f (F16 student at H/2, F8
-teacher at H), a patch discriminator D and VQGAN's adaptive weight lambda,
+With the F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
+Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
+upsample before `conv_out`, so 4096^2 is a 256^2 latent, 16,384 tokens, sampled by Euler steps with
+an explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
+Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted
+velocity v_hat,
+    x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2
+over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: the x0 MSE); (3) the
+extension retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for
+crops x, reconstructions x_hat, the decoders' last feature maps f (F16 student at H/2, F8 teacher
+at H), a patch discriminator D and VQGAN's adaptive weight lambda,
     L_SC = MSE(x_hat, x) + 0.1 LPIPS(x_hat, x) + MSE(f_student, avgpool2(f_teacher))
            - 0.05 lambda D(x_hat)
 
 Commands
-    python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
+    python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096
     python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --prompt "..."
     python diffusion4k.py --prompts prompts.txt --output-dir out/ [--skip-existing]
     python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data 4k/train --output wlf
     torchrun --nproc_per_node 8 diffusion4k.py train ...                 # FSDP2 over 8 GPUs
-    python diffusion4k.py train-vae --data Aesthetic-4K/train --output sc-vae   # SC-VAE decoder
-    python diffusion4k.py --help; python diffusion4k.py train --help; ... train-vae --help
+    python diffusion4k.py train-vae --data 4k/train --output sc-vae      # SC-VAE decoder
+    python diffusion4k.py [train | train-vae] --help
 
 After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the
-VAE in its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (`load_pipeline`
-fills `Pipeline`: load once, call many times), training (WLF fine-tuning, SC-VAE decoder training,
-each a recipe dataclass, a step function and a short loop; then the utilities: data, checkpoints,
-FSDP2, LPIPS), weight loading (BFL / Stability single files, diffusers / transformers folders) and,
-last, the command line. The code between `# --- BEGIN kit` and `# --- END kit` lines is copied by
-op4ksr.py and cupscale.py (kept in sync by tests/sync_copies.py).
+VAE in its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (load once,
+sample many times), training (WLF, SC-VAE: each a recipe dataclass, a step function and a short
+loop; then data, checkpoints, FSDP2, LPIPS), weight loading and, last, the command line. The code
+between `# --- BEGIN kit` and `# --- END kit` lines is copied by op4ksr.py and cupscale.py (kept
+in sync by tests/sync_copies.py).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -1988,7 +1986,7 @@ def place(slots: list, tensors: list):
 # ==================================================================================== WLF training
 
 def option(default, help: str, **cli):
-    """A recipe field: its default, and how the command line offers it (help, argparse type...)."""
+    """A recipe field: its default and its command-line option's help (and argparse type...)."""
     return field(default=default, metadata={"help": help, **cli})
 
 def wavelet_weights(text: str) -> tuple:
@@ -2011,7 +2009,6 @@ def crop_size(text: str) -> tuple[int, int]:
     return height, width
 
 def accumulation_count(text: str) -> int | None:
-    """--grad-accum: "auto" (None) or an integer >= 1."""
     if text == "auto":
         return None
     try:
@@ -2019,28 +2016,26 @@ def accumulation_count(text: str) -> int | None:
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
 
-SAMPLE_OR_MEAN = dict(choices=["sample", "mean"], help="latents: posterior sample or mean")
+POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or mean")
 
 @dataclass
 class WLFRecipe:
-    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): posterior-sample
-    latents, sigma from `sample_sigmas`, AdamW (0.9, 0.999) with eps 1e-8, square crops with random
-    flips, 20,000 steps of a global batch of 32 for Flux, 64 for SD3.
+    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): posterior samples,
+    sigma from `sample_sigmas`, AdamW (0.9, 0.999, eps 1e-8), square crops, random flips, 20,000
+    steps of a global batch of 32 (Flux) or 64 (SD3).
 
-    bf16 runs as autocast over fp32 master weights, without autocast's weight cache: the cache
-    would hold a bf16 copy of every weight until the block ends (under FSDP2: the whole model on
-    every GPU) and saves nothing here (each weight is used once per forward; checkpointing recasts
-    in backward). Unlike FSDP2's MixedPrecisionPolicy, every process count then runs the same
-    arithmetic."""
+    bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
+    bf16 copy of every weight until the block ends (under FSDP2: the whole model on every GPU) and
+    saves nothing here (each weight is used once per forward; checkpointing recasts in backward).
+    Unlike FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
 
-    model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or diffusers folder")
+    model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
     vae: str = option("f16", "Diffusion-4K's F16 VAE, or the stock F8 VAE", choices=["f16", "f8"])
     resolution: int = option(4096, "images are resized to cover the crop", type=integer(1))
     crop: tuple | None = option(None, "HEIGHTxWIDTH (default: a RESOLUTION square); multiples of "
                                 "the VAE factor x 2", type=crop_size)
     batch_size: int = option(1, "images per process per micro-batch (upstream: 4 for Flux, 8 for "
-                             "SD3; 1 fits memory, --grad-accum makes up the global batch)",
-                             type=integer(1))
+                             "SD3; --grad-accum makes up the global batch)", type=integer(1))
     grad_accum: int | None = option(None, "micro-batches per step: global batch = processes x "
                                     "--batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)",
                                     type=accumulation_count, metavar="N|auto")
@@ -2049,14 +2044,14 @@ class WLFRecipe:
     warmup_steps: int = option(0, "linear warm-up steps before the constant rate", type=integer(0))
     weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
     max_grad_norm: float = option(1.0, "gradient clipping (total norm)", type=positive())
-    lora_rank: int = option(0, "train a LoRA of this rank on the attention and MLPs (0: full "
-                            "fine-tuning)", type=integer(0))
+    lora_rank: int = option(0, "train a LoRA of this rank on the attention and MLPs (0: all "
+                            "weights)", type=integer(0))
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)",
                                       type=positive())
     wavelet_weights: tuple = option(WLF_UPSTREAM, "WLF weights of the Haar subbands LL,LH,HL,HH; "
                                     "unequal ones (e.g. 1,2,2,2) are our extension",
                                     type=wavelet_weights)
-    posterior: str = option("sample", **SAMPLE_OR_MEAN)
+    posterior: str = option("sample", **POSTERIOR)
     guidance: float = option(3.5, "Flux-dev: the distilled guidance fed", type=number(0, 100))
     timestep_sampling: str | None = option(None, "Flux: uniform, SD3: logit_normal",
                                            choices=["uniform", "logit_normal"])
@@ -2077,8 +2072,8 @@ UPSTREAM_SIGMAS = {"flux": ("uniform", 1.0), "sd3": ("logit_normal", 3.0)}  # la
 
 def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
           token=None) -> list[tuple[int, float]]:
-    """Fine-tune the pipeline's transformer with WLF; returns this call's (step, loss) pairs.
-    resume: a checkpoint folder, or "latest" (the newest in `output`)."""
+    """Fine-tune with WLF; returns this call's (step, loss) pairs. resume: a checkpoint folder or
+    "latest"."""
     ctx, output = setup_distributed(device), Path(output)
     check_apart([("--output", output), ("--text-cache", text_cache)],
                 [("--data", data), ("--model", r.model)])
@@ -2087,29 +2082,27 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
         resume = latest_checkpoint(output) if resume == "latest" else Path(resume)
         check_resumable(resume, wlf_run(r))
     examples = read_dataset(data, verbose=ctx.main)
-    if text_cache:
-        check_output_file(text_cache, overwrite=True, suffixes=(".safetensors",))
-        text_cache_key(Path(text_cache))
+    cache = Path(text_cache) if text_cache else None
+    if cache:
+        check_output_file(cache, overwrite=True, suffixes=(".safetensors",))
+        text_cache_key(cache)
     accumulation = accumulation_steps(r, ctx.world, token)
     with undone_on_failure(output, ctx.main), folder_lock(output, ctx.main):
         # everything rests on the CPU while the text is encoded; the encoders then leave
         dtype = device_dtype(ctx.device, r.dtype)[1]
         pipe = load_pipeline(r.model, r.vae, ctx.device, dtype, offload="model", token=token)
         pipe.tokenizers["t5"].max_length = r.max_sequence_length
-        crop = r.crop or (r.resolution, r.resolution)
-        if crop[0] % pipe.size_multiple or crop[1] % pipe.size_multiple:
-            raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of "
-                            f"{pipe.size_multiple} here")
-        texts = [e.text for e in examples]
-        cache = Path(text_cache) if text_cache else None
-        data = Captioned(examples, encode_captions(pipe, texts, cache), crop)
-        losses = wlf_loop(r, ctx, output, pipe, data, accumulation, resume)
+        crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
+        if crop[0] % side or crop[1] % side:
+            raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
+        captions = encode_captions(pipe, [e.text for e in examples], cache)
+        losses = wlf_loop(r, ctx, output, pipe, Captioned(examples, captions, crop), accumulation,
+                          resume)
         save_result(r, pipe, output, ctx)
         return losses
 
 def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data: Captioned,
              accumulation: int, resume: Path | None) -> list[tuple[int, float]]:
-    """The optimizer steps: draw the global batch, `wlf_step`, then the shared `finish_step`."""
     vae, lora, (scheme, shift) = pipe.vae.to(ctx.device), r.lora_rank > 0, UPSTREAM_SIGMAS[pipe.kind]
     model, params = trainable_transformer(pipe, r, ctx)
     scheme, shift = r.timestep_sampling or scheme, shift if r.shift is None else r.shift
@@ -2125,13 +2118,14 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
     batches, step, losses = Batches(len(data.examples), r.seed), 0, []
     if resume:
         step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
-    factor = vae.config.downsample_factor
-    latent_shape = (total, vae.config.z_channels, data.crop[0] // factor, data.crop[1] // factor)
-    first = ctx.rank * micro * accumulation  # this rank's entries of the global batch: first, ...
+    f = vae.config.downsample_factor
+    latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
+    first = ctx.rank * micro * accumulation  # this rank's share of the global batch
     shares = [range(s, s + micro) for s in range(first, first + micro * accumulation, micro)]
-    dtype, autocast = pipe.dtype, contextlib.nullcontext
-    if dtype == torch.bfloat16:
-        autocast = functools.partial(torch.autocast, ctx.device.type, dtype, cache_enabled=False)
+    autocast = contextlib.nullcontext
+    if pipe.dtype == torch.bfloat16:
+        autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
+                                     cache_enabled=False)
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", r.steps, step) if ctx.main else None
     while step < r.steps:
@@ -2139,7 +2133,7 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = (data.micro_batch(draws, share, ctx.device, dtype) for share in shares)
+        micro_batches = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
         loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast, accumulation)
         value = ctx.mean(loss.cpu()).item()
         record = {"step": step + 1, "loss": value, "grad_norm": norm, "lr": lr}
@@ -2157,8 +2151,7 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
 
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
              accumulation: int) -> tuple[torch.Tensor, float]:
-    """One step's gradients: each micro-batch's forward and backward (`wlf_micro_step`), then
-    clipping. Returns (the mean loss, the gradient norm before clipping)."""
+    """Every micro-batch's forward and backward, then clipping: (mean loss, gradient norm)."""
     losses = [wlf_micro_step(model, vae, *batch, guidance, r.wavelet_weights, autocast, accumulation)
               for batch in micro_batches]
     norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
@@ -2166,15 +2159,14 @@ def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast
     return torch.stack(losses).float().mean(), norm
 
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
-    """(the transformer set to train, its trainable parameters): LoRA on the frozen model, or fp32
-    master weights (bf16 compute comes from autocast); sharded over the processes."""
+    """(model, its trainable parameters): a LoRA on the frozen model, or fp32 master weights (bf16
+    compute comes from autocast); sharded over the processes."""
     model = pipe.transformer
     if r.lora_rank > 0:
         add_lora(model, pipe.kind, r.lora_rank, r.lora_alpha, r.seed)
     else:
         model.float().requires_grad_(True)
-    model.train()
-    model.gradient_checkpointing = r.gradient_checkpointing
+    model.train().gradient_checkpointing = r.gradient_checkpointing
     if ctx.world > 1:
         shard_model(model, pipe.kind, ctx)
     model.to(ctx.device)
@@ -2182,8 +2174,8 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
 
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
-    """Every random number of one step, for the whole global batch (every rank draws it from the
-    same generator and keeps its share, so the draws do not depend on how the batch is split)."""
+    """A step's random numbers for the whole global batch: every rank draws them from the same
+    generator and keeps its share, so they do not depend on how the batch is split."""
     g = batches.generator
     draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
              "flips": torch.rand(n, generator=g) < 0.5}
@@ -2193,34 +2185,31 @@ def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str
     return draws
 
 def wlf_run(r: WLFRecipe) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_resumable`): the trainer,
-    the base model, the LoRA (rank 0: full fine-tuning) and the VAE whose latents the model learns;
-    the tensors' names and shapes are checked when they load."""
+    """What a checkpoint must share with the run that resumes it (`check_resumable`): trainer,
+    base model, LoRA and the VAE whose latents the model learns."""
     return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
             "lora_rank": r.lora_rank, "lora_alpha": r.lora_alpha or r.lora_rank, "vae": r.vae}
 
 def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
-    """r.grad_accum, or by default the count that makes processes x batch_size x it upstream's
-    global batch."""
+    """r.grad_accum, or the count that makes processes x batch_size x it upstream's batch."""
     if r.grad_accum is not None:
         return r.grad_accum
-    target = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)]
-    if target % (world * r.batch_size):
+    target, share = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)], world * r.batch_size
+    if target % share:
         raise UserError(f"{world} process(es) x --batch-size {r.batch_size} does not divide "
                         f"upstream's global batch of {target}: pass --grad-accum N")
-    return target // (world * r.batch_size)
+    return target // share
 
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with one
-    {"file_name", "text"} object per line. Bad lines, repeated file names and unreadable images are
-    skipped with a warning."""
+    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with
+    one {"file_name", "text"} per line. Bad lines, repeats and unreadable images are skipped with
+    a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
     metadata = folder / "metadata.jsonl"
-    lines = read_text(metadata, "captions file").splitlines()
     examples, skipped, seen = [], 0, {}
-    for line_number, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -2231,14 +2220,14 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             if name in seen:
                 raise ValueError(f"file_name {name!r} repeats line {seen[name]}")
             verify_image(folder / name)  # header + integrity check; pixels are decoded when used
-            seen[name] = line_number
+            seen[name] = line_no
             examples.append(Example(folder / name, text))
         except (ValueError, KeyError, TypeError, UserError) as error:
             skipped += 1
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            reason = f"missing {error}" if isinstance(error, KeyError) else reason
             if verbose:
-                warn(f"{metadata.name} line {line_number}: {reason}; skipped")
+                reason = f"missing {error}" if isinstance(error, KeyError) else reason
+                warn(f"{metadata.name} line {line_no}: {reason}; skipped")
     if not examples:
         raise UserError(f"{folder}: no usable images in metadata.jsonl ({skipped} entries skipped)")
     if verbose:
@@ -2252,8 +2241,8 @@ class Example(NamedTuple):
 
 @dataclass
 class Captioned:
-    """The training images, their captions' text-encoder features (caption -> {name: tensor}) and
-    the crop size (height, width); images that fail to decode are remembered and skipped."""
+    """The training images, their captions' features (caption -> {name: tensor}) and the crop
+    size; images that fail to decode are remembered and skipped."""
 
     examples: list[Example]
     conditions: dict
@@ -2261,8 +2250,7 @@ class Captioned:
     unreadable: set = field(default_factory=set)
 
     def micro_batch(self, draws: dict, share: range, device, dtype) -> tuple:
-        """(images, noise, sigma, eps, condition) on `device` of entries `share` of the global
-        batch's `draws`."""
+        """(images, noise, sigma, eps, condition) on `device`: entries `share` of `draws`."""
         loaded = [self.readable_crop(draws["picks"][i], draws["offsets"][i].tolist(),
                                      bool(draws["flips"][i])) for i in share]
         texts = [self.examples[index].text for index, _ in loaded]
@@ -2274,8 +2262,8 @@ class Captioned:
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
-        """(index, crop) of example `index`, or of the next one that decodes (a file can pass
-        `verify()` and still fail, e.g. a PNG cut after its header): such files are named once."""
+        """(index, crop) of example `index` or of the next one that decodes: a file can pass
+        `verify()` and still fail (a PNG cut after its header); it is named once."""
         n, bad = len(self.examples), self.unreadable
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
@@ -2288,8 +2276,8 @@ class Captioned:
         raise UserError(f"none of the {n} training images could be decoded")
 
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache that `encode_captions` wrote (None: no such file); any other
-    existing file is refused, so that it is never replaced."""
+    """The key of a text cache `encode_captions` wrote (None: no such file); any other file is
+    refused, so that it is never replaced."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open
@@ -2305,9 +2293,8 @@ def text_cache_key(path: Path) -> str | None:
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
                     batch: int = 8) -> dict:
-    """Every distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the
-    CPU), optionally cached in a safetensors file keyed by model, captions and token lengths; frees
-    the encoders."""
+    """Each distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the
+    CPU), cached in `cache` keyed by model, captions and token lengths; frees the encoders."""
     unique = sorted(set(texts))
     lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
@@ -2321,10 +2308,10 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
             tokenizer(unique)
             tokenizer.name = None
         for start in range(0, len(unique), batch):
-            chunk = unique[start : start + batch]
-            for i, condition in enumerate(encode_prompts(pipe, chunk), start=start):
-                stored.update({f"{i}.{name}": value[0].to(pipe.dtype)
-                               for name, value in condition.items()})
+            conditions = encode_prompts(pipe, unique[start : start + batch])
+            stored.update({f"{i}.{name}": value[0].to(pipe.dtype)
+                           for i, condition in enumerate(conditions, start)
+                           for name, value in condition.items()})
         if cache is not None:
             save_safetensors(stored, cache, {"key": key})
     pipe.text_encoders.clear()  # free their memory before the transformer trains
@@ -2386,17 +2373,20 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
         print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors",
               file=sys.stderr)
     elif ctx.main:
-        save_transformer(state, model, kind, output, pipe.dtype)
+        table, folder = transformer_key_table(kind, model.config), output / "transformer"
+        state = {k: v.to(pipe.dtype) for k, v in state.items()}
+        state = to_folder_layout(state, table, model.config.hidden_size)
+        save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+        write_json(diffusers_config(model.config, kind), folder / "config.json")
         copy_base_components(r.model, output)
         print(f"wrote {output} (a pipeline folder: `diffusion4k.py --model {output}`)",
               file=sys.stderr)
     ctx.barrier()
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA (original module names, fused qkv) -> diffusers / peft
-    `transformer.<module>.lora_A.weight`. A LoRA on a fused projection splits exactly: the rows of
-    delta = B A that belong to to_q / to_k / to_v (/ proj_mlp) are those rows of B times the shared
-    A. B carries the scale (peft's default alpha = rank)."""
+    """Our LoRA (original module names, fused qkv) -> diffusers / peft names. A LoRA on a fused
+    projection splits exactly: the rows of delta = B A that belong to to_q / to_k / to_v
+    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft: alpha = rank)."""
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
@@ -2409,22 +2399,12 @@ def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> 
     return out
 
 def fused_sizes(parts: int, rows: int, hidden: int) -> list[int]:
-    """The row counts of a fused tensor's parts: [hidden] * (parts - 1) + [the rest]."""
     return [hidden] * (parts - 1) + [rows - hidden * (parts - 1)]
 
 def transformer_key_table(kind: str, config) -> dict:
     if kind == "flux":
         return flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
     return sd3_key_table(config.depth)
-
-def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
-    """OUTPUT/transformer/ in the diffusers layout (diffusers' from_pretrained, `load_flux`,
-    `load_sd3`)."""
-    table, folder = transformer_key_table(kind, model.config), output / "transformer"
-    state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table,
-                             model.config.hidden_size)
-    save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(diffusers_config(model.config, kind), folder / "config.json")
 
 def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     """Original keys -> folder layout, fused tensors split by `fused_sizes`."""
@@ -2461,18 +2441,16 @@ def write_json(data, path: Path):
         temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 def copy_base_components(base, output: Path):
-    """Hard-link (else copy) every file of the base pipeline but its transformer/: OUTPUT is a
-    pipeline."""
+    """Hard-link (else copy) every file of the base pipeline but its transformer/."""
     if Path(str(base)).expanduser().is_file():
         print(f"note: {base} is a single file; {output} holds the transformer only",
               file=sys.stderr)
         return
     patterns = ("model_index.json", "scheduler/*", "vae/*", "text_encoder*/*", "tokenizer*/*")
     folder = resolve_source(base, allow_patterns=patterns)
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        skip = relative.parts[0] in ("transformer", ".cache") or relative.name.startswith(".")
-        if skip or not path.is_file():
+        if relative.parts[0] in ("transformer", ".cache") or relative.name.startswith("."):
             continue
         target = output / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -2488,12 +2466,12 @@ def copy_base_components(base, output: Path):
 @dataclass
 class SCVAERecipe:
     """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): the student (the base VAE
-    with stride 2, F16) learns to decode like the frozen teacher (the same VAE with stride 1, F8).
-    Only the student's decoder trains: with the encoder frozen, the latent space and its scale /
-    shift factors stay the base VAE's. From gan_start the decoder and the discriminator take turns,
-    one optimizer step each (`discriminator_turn`), the discriminator on fresh real crops against
-    the decoder's last fakes; the EMA (`ema_update`) follows every step; posterior samples from
-    both encoders; AdamW (0.9, 0.999) for both models; horizontal flips."""
+    with stride 2, F16) learns to decode like the frozen teacher (the same VAE, stride 1, F8). Only
+    the decoder trains: with the encoder frozen, the latent space and its factors stay the base
+    VAE's. From gan_start the decoder and the discriminator take turns, one optimizer step each
+    (`discriminator_turn`), the discriminator on fresh real crops against the decoder's last
+    fakes; the EMA (`ema_update`) follows every step; posterior samples; AdamW (0.9, 0.999) for
+    both models; horizontal flips."""
 
     base: str = option("black-forest-labs/FLUX.1-schnell", "base VAE: Hub repo, folder or file")
     resolution: int = option(512, "square crops, shorter side resized to it", type=integer(16))
@@ -2516,11 +2494,11 @@ class SCVAERecipe:
     disc_lr: float | None = option(None, "discriminator learning rate (default: --lr)",
                                    type=positive(1.0))
     ema: float = option(0.9999, "EMA decay of the saved decoder; 0 = off", type=number(0, 1))
-    posterior: str = option("sample", **SAMPLE_OR_MEAN)
+    posterior: str = option("sample", **POSTERIOR)
     f16_decode: str = option("partitioned", "the student's last stage: partitioned (upstream "
                              "trains through it) or centred", choices=["partitioned", "centred"])
-    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward (needed "
-                                          "for 32 crops of 512^2)",
+    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward "
+                                          "(needed for 32 crops of 512^2)",
                                           action=argparse.BooleanOptionalAction)
     dtype: str = option("fp32", "compute: fp32, or bf16 autocast (faster)",
                         choices=["fp32", "bf16"])
@@ -2534,8 +2512,8 @@ class SCVAERecipe:
 
 def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
               device=None, token=None) -> VAETraining:
-    """Train the F16 decoder with L_SC; leaves OUTPUT/vae/ (and checkpoints) behind. lpips: the
-    LPIPS weight files (linear, backbone); None: `load_lpips`'s."""
+    """Train the F16 decoder with L_SC into OUTPUT/vae/. lpips: the LPIPS weight files (linear,
+    backbone); None: `load_lpips`'s."""
     linear, backbone = lpips or (LPIPS_VGG_LINEAR, LPIPS_VGG_BACKBONE)
     if r.resolution % 16:
         raise UserError(f"--resolution {r.resolution}: must be a multiple of 16")
@@ -2545,15 +2523,13 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
     if r.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
     check_apart([("--output", output)], [("--data", data), ("--base", r.base),
-                                         ("--lpips-linear", linear),
-                                         ("--lpips-backbone", backbone)])
+                                         ("--lpips-linear", linear), ("--lpips-backbone", backbone)])
     output = Path(output)
     check_train_output(output, resume)
     files = vae_image_files(data)
     with undone_on_failure(output), folder_lock(output):
         run = sc_vae_setup(r, files, (linear, backbone), device_dtype(device)[0], token)
-        step = resume_vae(run, r, output) if resume else 0
-        sc_vae_loop(run, r, output, step)
+        sc_vae_loop(run, r, output, resume_vae(run, r, output) if resume else 0)
         final = run.student
         if run.ema is not None:  # the EMA decoder is the result; the raw one stays in checkpoints
             final = copy.deepcopy(run.student)
@@ -2564,8 +2540,7 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
 
 @dataclass
 class VAETraining:
-    """An SC-VAE run: its models, optimizers, data and random state, and one dict of losses per
-    step (`history`)."""
+    """An SC-VAE run: models, optimizers, data, random state, and the losses of each step."""
 
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
@@ -2607,7 +2582,6 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
     return run
 
 def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
-    """The optimizer steps: `sc_vae_step`, the shared `finish_step`, the EMA, checkpoints."""
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train-vae", r.steps, step)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=r.dtype == "bf16")
@@ -2616,7 +2590,7 @@ def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
         optimizer, totals = sc_vae_step(run, r, step, autocast)
         turn = "decoder" if optimizer is run.optimizer else "discriminator"
         record = {"step": step + 1, "turn": turn, **{k: v.item() for k, v in totals.items()}}
-        whose = "discriminator " if turn == "discriminator" else ""
+        whose = "" if turn == "decoder" else "discriminator "
         finite = {whose + "loss": totals["loss"], whose + "gradient": totals["grad_norm"]}
         step = finish_step(optimizer, record, finite, output)
         if run.ema is not None:
@@ -2629,15 +2603,15 @@ def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
 
 def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     """Step `step` (0-based) up to the update: the decoder's L_SC, or on the discriminator's turns
-    its hinge loss and penalty on fresh real crops against the decoder's last fakes; gradients of
-    the mean over r.grad_accum micro-batches, clipped. Returns (the optimizer to step, {the mean
-    losses, "grad_norm"})."""
+    its loss on fresh real crops against the decoder's last fakes; gradients of the mean over
+    r.grad_accum micro-batches, clipped. Returns (the optimizer to step, {mean losses,
+    "grad_norm"})."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
-    model, optimizer = (disc, run.disc_optimizer) if disc_turn else (run.student.decoder,
-                                                                    run.optimizer)
+    model, optimizer = run.student.decoder, run.optimizer
     if disc is not None:
         disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
+        model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
     gan = disc if disc is not None and step >= r.gan_start else None
     weights = dict(sc_weight=r.sc_weight, lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
     totals = {}
@@ -2657,10 +2631,9 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     return optimizer, totals
 
 class CropStream:
-    """Seeded square crops: `Batches` draws each epoch's permutation and, from the same generator,
-    every crop's offset and flip. Files that fail to decode are dropped with one warning and
-    replaced by the next draw; the state goes into checkpoints, so a resumed run draws what the
-    uninterrupted run would have."""
+    """Seeded square crops: `Batches` draws each epoch's permutation and, from the same
+    generator, every crop's offset and flip. Files that fail to decode are dropped with one
+    warning and replaced by the next draw. The state goes into checkpoints."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -2681,7 +2654,7 @@ class CropStream:
             return error
 
     def batch(self, n: int) -> torch.Tensor:
-        crops = []
+        crops, total = [], len(self.files)
         with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL decodes without the GIL
             while len(crops) < n:
                 specs = [self.draw() for _ in range(n - len(crops))]
@@ -2690,9 +2663,8 @@ class CropStream:
                         crops.append(crop)
                     elif index not in self.bad:
                         self.bad.add(index)
-                        warn(f"{crop}; skipped ({len(self.bad)} of {len(self.files)} images "
-                             "unreadable)")
-                if len(self.bad) == len(self.files):
+                        warn(f"{crop}; skipped ({len(self.bad)} of {total} images unreadable)")
+                if len(self.bad) == total:
                     raise UserError("none of the training images could be decoded")
         return torch.stack(crops)
 
@@ -2703,24 +2675,22 @@ class CropStream:
         self.batches.load(state)
         self.bad = set(state["bad"].tolist())
 
-VAE_STATE = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "fakes", "stream",
-             "noise", "torch_rng")
-
 def read_vae_checkpoint(folder: Path) -> dict:
-    state = load_state_file(folder / "state.pt", VAE_STATE)
+    state = load_state_file(folder / "state.pt", ("step", "decoder", "optimizer", "ema", "disc",
+                                                  "disc_optimizer", "fakes", "stream", "noise",
+                                                  "torch_rng"))
     for part in ("decoder", "ema", "disc"):
         check_weights(state[part] or {}, folder / "state.pt")
     return state
 
 def vae_run(r: SCVAERecipe) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_run`): the trainer, the
-    base VAE and the F16 head the decoder learns through (the decoder's shapes are checked when
-    its state loads)."""
+    """What a checkpoint must share with the run that resumes it (`check_run`): trainer, base VAE
+    and the F16 head the decoder learns through."""
     return {"trainer": "diffusion4k.py train-vae", "base": source_name(r.base),
             "f16_decode": r.f16_decode}
 
 def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
-    """A checkpoint after `step` steps: everything a resumed run needs to go on identically."""
+    """A checkpoint after `step` steps: all a resumed run needs to go on identically."""
     next_needs_fakes = run.disc is not None and discriminator_turn(step, r.gan_start)
     state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
     state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
@@ -2730,15 +2700,15 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
     return state
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
-    """Load the newest intact checkpoint in `output` into `run` once it proves to be this run's:
-    its record, EMA and GAN as this run's, its tensors exactly the models'. Returns its step."""
+    """Load the newest intact checkpoint into `run` once it proves to be this run's (record, EMA
+    and GAN as this run's, tensors exactly the models'); returns its step."""
     if latest_checkpoint(output) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
     folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
-    if (state["ema"] is None) == (run.ema is not None) or (state["disc"] is None) != (run.disc is None):
-        ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
+    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
+    if (ema, gan) != ("off" if run.ema is None else "on", "off" if run.disc is None else "on"):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
     try:
@@ -2758,8 +2728,8 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, written atomically, if its weights are finite; older ones
-    pruned. A checkpoint that cannot be written whole leaves no folder."""
+    """checkpoints/step-N/state.pt if its weights are finite; older ones pruned. A checkpoint that
+    cannot be written whole leaves no folder."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -2774,10 +2744,9 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
 
 def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
              ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2), loadable by `load_vae`
-    and by diffusers' AutoencoderKL.from_pretrained (as an F8 VAE); optionally
-    OUTPUT/ae.safetensors in BFL's layout (load it with `load_vae(path, stride=2)`: a single file
-    has no config)."""
+    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2) for `load_vae` and
+    diffusers' AutoencoderKL (as an F8 VAE); optionally OUTPUT/ae.safetensors in BFL's layout
+    (a single file has no config: load it with `load_vae(path, stride=2)`)."""
     state = {key: value.detach().to("cpu", dtype).contiguous()
              for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
@@ -2787,18 +2756,17 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
     if ae_file:
         save_safetensors(state, output / "ae.safetensors", {**meta, "stride": str(vae.config.stride)})
 
-def diffusers_vae_config(config: VAEConfig, base: dict | None = None) -> dict:
+def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
     """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
-    levels = len(config.channel_multipliers)
-    return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": config.in_channels,
-            "out_channels": config.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
+    levels = len(c.channel_multipliers)
+    return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": c.in_channels,
+            "out_channels": c.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
             "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": [config.base_channels * m for m in config.channel_multipliers],
-            "layers_per_block": config.num_res_blocks, "act_fn": "silu",
-            "latent_channels": config.z_channels, "norm_num_groups": 32,
-            "scaling_factor": config.scale_factor, "shift_factor": config.shift_factor,
-            "use_quant_conv": False, "use_post_quant_conv": False,
-            "mid_block_add_attention": True, "stride": config.stride}
+            "block_out_channels": [c.base_channels * m for m in c.channel_multipliers],
+            "layers_per_block": c.num_res_blocks, "act_fn": "silu", "latent_channels": c.z_channels,
+            "norm_num_groups": 32, "scaling_factor": c.scale_factor,
+            "shift_factor": c.shift_factor, "use_quant_conv": False, "use_post_quant_conv": False,
+            "mid_block_add_attention": True, "stride": c.stride}
 
 
 # ============================================================================== training utilities
