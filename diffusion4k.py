@@ -1848,7 +1848,7 @@ class BlockStream:
             self.host = [[t.pin_memory() for t in tensors] for tensors in self.host]
         for slots, tensors in zip(self.slots, self.host):
             place(slots, tensors)
-        self.copies = {}  # block index -> (its tensors on `device`, the event saying they are there)
+        self.copies = {}  # block index -> (its tensors on `device`, the event: they are there)
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(functools.partial(self.arrive, i))
             block.register_forward_hook(functools.partial(self.leave, i))
@@ -2103,8 +2103,9 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
 
 def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data: Captioned,
              accumulation: int, resume: Path | None) -> list[tuple[int, float]]:
-    vae, lora, (scheme, shift) = pipe.vae.to(ctx.device), r.lora_rank > 0, UPSTREAM_SIGMAS[pipe.kind]
+    vae, lora = pipe.vae.to(ctx.device), r.lora_rank > 0
     model, params = trainable_transformer(pipe, r, ctx)
+    scheme, shift = UPSTREAM_SIGMAS[pipe.kind]
     scheme, shift = r.timestep_sampling or scheme, shift if r.shift is None else r.shift
     guidance = r.guidance if getattr(model.config, "guidance_embed", False) else None
     optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
@@ -2134,7 +2135,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
-        loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast, accumulation)
+        loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast,
+                              accumulation)
         value = ctx.mean(loss.cpu()).item()
         record = {"step": step + 1, "loss": value, "grad_norm": norm, "lr": lr}
         step = finish_step(optimizer, record, {"loss": value, "gradient": norm}, output, ctx.main)
@@ -2152,7 +2154,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
              accumulation: int) -> tuple[torch.Tensor, float]:
     """Every micro-batch's forward and backward, then clipping: (mean loss, gradient norm)."""
-    losses = [wlf_micro_step(model, vae, *batch, guidance, r.wavelet_weights, autocast, accumulation)
+    weights = r.wavelet_weights
+    losses = [wlf_micro_step(model, vae, *batch, guidance, weights, autocast, accumulation)
               for batch in micro_batches]
     norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
@@ -2386,7 +2389,8 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
     """Our LoRA (original module names, fused qkv) -> diffusers / peft names. A LoRA on a fused
     projection splits exactly: the rows of delta = B A that belong to to_q / to_k / to_v
-    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft: alpha = rank)."""
+    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft's alpha: the
+    rank)."""
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
@@ -2522,8 +2526,9 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
                         "last map must be 2x2); --gan-weight 0 trains without it")
     if r.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
-    check_apart([("--output", output)], [("--data", data), ("--base", r.base),
-                                         ("--lpips-linear", linear), ("--lpips-backbone", backbone)])
+    inputs = [("--data", data), ("--base", r.base), ("--lpips-linear", linear),
+              ("--lpips-backbone", backbone)]
+    check_apart([("--output", output)], inputs)
     output = Path(output)
     check_train_output(output, resume)
     files = vae_image_files(data)
@@ -2754,7 +2759,8 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
                      folder / "diffusion_pytorch_model.safetensors", meta)
     write_json(diffusers_vae_config(vae.config, base_config), folder / "config.json")
     if ae_file:
-        save_safetensors(state, output / "ae.safetensors", {**meta, "stride": str(vae.config.stride)})
+        meta["stride"] = str(vae.config.stride)
+        save_safetensors(state, output / "ae.safetensors", meta)
 
 def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
     """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
@@ -3328,8 +3334,8 @@ def generate_command(args):
     check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs],
                 sources)
     metadata = outputs.pop() if args.prompts else None
-    records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
-               if args.skip_existing and path.exists()}
+    records = {i: image_record(path, prompt) for i, (path, prompt)
+               in enumerate(zip(outputs, prompts)) if args.skip_existing and path.exists()}
     for i in records:
         print(f"{outputs[i]} exists; skipped", file=sys.stderr)
     todo = [i for i in range(len(prompts)) if i not in records]
@@ -3370,7 +3376,8 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
                             "non-empty text")
         stem = Path(name).stem
         if not stem or "\0" in stem:
-            raise UserError(f"{path} line {line_no}: file_name {name!r} gives no usable output name")
+            raise UserError(f"{path} line {line_no}: file_name {name!r} gives no usable output "
+                            "name")
         if stem in seen:
             raise UserError(f"{path} line {line_no}: file_name {name!r} gives the output name "
                             f"{stem}.png of line {seen[stem][0]}")
@@ -3548,8 +3555,9 @@ def train_parser() -> argparse.ArgumentParser:
                     "upstream's defaults.",
         epilog="Examples:\n"
                "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output flux4k\n"
-               "  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take ~190 GB)\n"
+               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output "
+               "flux4k\n  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take "
+               "~190 GB)\n"
                "  diffusion4k.py train ... --resume       continue from the newest checkpoint in "
                "--output")
     add = parser.add_argument
