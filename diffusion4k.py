@@ -120,12 +120,10 @@ WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equ
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float,
              seed: int, negative: dict | None = None, mu: float | None = None, progress=None,
              vae_tile: int | None = None) -> torch.Tensor:
-    """Sample one image; returns it decoded, (3, H, W) in [-1, 1] on the CPU.
-
-    Above WHOLE_DECODE_MAX_SIDE the decoder's full-resolution activations alone need tens of GB, so
-    the image is decoded in DECODE_TILE tiles (`vae_tile` latent pixels; 0: whole) blended with
-    linear ramps: GroupNorm and the mid-block attention then see one tile at a time, close to, not
-    exactly, the whole-image decode."""
+    """Sample one image: (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the
+    decoder's activations alone need tens of GB, so it decodes `vae_tile` (default DECODE_TILE;
+    0: whole) latent pixels at a time, blended with linear ramps: GroupNorm and the mid-block
+    attention then see one tile, close to, not exactly, the whole-image decode."""
     vae, device = pipe.vae.config, pipe.device
     h, w = height // vae.downsample_factor, width // vae.downsample_factor
     noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # any device
@@ -145,8 +143,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
     return image[0].clamp(-1, 1).cpu()
 
 def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Flux-dev takes the guidance scale as a model input (guidance distillation; schnell: none,
-    and no shift) and so needs no negative prompt."""
+    """Flux-dev takes the guidance scale as a model input (distilled; schnell: none, and
+    no shift), so it needs no negative prompt."""
     distilled = None if pipe.schnell else guidance
 
     def velocity(z, sigma):
@@ -154,8 +152,8 @@ def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
     return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
 
 def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Classifier-free guidance on SD3's fixed-shift schedule: the unconditional (negative prompt,
-    else zeros) and conditional predictions in one batch."""
+    """Classifier-free guidance on SD3's fixed-shift schedule: the unconditional (negative
+    prompt, else zeros) and conditional predictions in one batch."""
     negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
     both = {key: torch.cat([negative[key].to(value), value]) for key, value in condition.items()}
 
@@ -283,9 +281,9 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by
-    the micro-batches per optimizer step, so that their gradients add up to those of the whole
-    batch's mean loss. `autocast` makes a fresh autocast context (or a null one)."""
+    """Forward and backward of one micro-batch; returns its loss, detached. The loss is
+    divided by the micro-batches per step, so their gradients add up to the whole batch's mean
+    loss's. `autocast` makes a fresh autocast (or null) context."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -338,9 +336,9 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 
 def encode_latents(vae: AutoEncoder, images: torch.Tensor,
                    eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised fp32 latents (x - shift) * scale of images, for SD3 too (upstream's SD3 training
-    omits the shift): of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`,
-    eps ~ N(0, 1) drawn by the caller), or of the mean when eps is None."""
+    """Normalised fp32 latents (x - shift) * scale, for SD3 too (upstream's SD3 training
+    omits the shift), of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`,
+    eps ~ N(0, 1) from the caller), or of the mean when eps is None."""
     if eps is None:
         return vae.encode(images).float()
     mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
@@ -1764,8 +1762,8 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
                   offload="none", token=None) -> Pipeline:
-    """Load a Flux or SD3 diffusers pipeline folder or Hub repo, or a single transformer file with
-    its text encoders from `text_source` and its VAE from `vae_source`."""
+    """A Flux or SD3 pipeline folder or Hub repo, or a single transformer file with
+    the text encoders of `text_source` and the VAE of `vae_source`."""
     device, dtype = device_dtype(device, dtype)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     if kind == "flux" and dtype == torch.float16:
@@ -1821,11 +1819,10 @@ def detect_kind(source, token=None) -> str:
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
 def stream_blocks(transformer: nn.Module, device):
-    """Keep the transformer's blocks in CPU memory and give each a copy on `device` only for its own
-    forward (the rest is small and stays on `device`): the 12B Flux then needs the GPU memory of two
-    blocks plus activations. On CUDA the blocks sit in pinned memory and the next block is copied
-    on a side stream while the current one computes; weights never change here, so a finished
-    block just drops its copy instead of copying it back."""
+    """Keep the transformer's blocks in CPU memory and give each a copy on `device`
+    only for its own forward: the 12B Flux then needs the GPU memory of two blocks plus
+    activations. On CUDA the blocks sit in pinned memory and the next block is copied on a side
+    stream while the current one computes; a finished block just drops its copy."""
     for child in transformer.children():
         if not isinstance(child, nn.ModuleList):
             child.to(device)
@@ -1835,9 +1832,8 @@ def stream_blocks(transformer: nn.Module, device):
     BlockStream([block for blocks in lists for block in blocks], torch.device(device))
 
 class BlockStream:
-    """The forward hooks of `stream_blocks`: block i arrives (waiting for its copy) and sends for
-    block i + 1, the first block after the last, so the next step's first copy also overlaps
-    compute. The hooks stay eager under `compile_blocks`: moving weights is no part of a graph."""
+    """The hooks of `stream_blocks`: block i waits for its copy and sends for block i + 1
+    (after the last, the first: the next step's). They stay eager under `compile_blocks`."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -1986,7 +1982,7 @@ def place(slots: list, tensors: list):
 # ==================================================================================== WLF training
 
 def option(default, help: str, **cli):
-    """A recipe field: its default and its command-line option's help (and argparse type...)."""
+    """A recipe field: its default and its command-line option."""
     return field(default=default, metadata={"help": help, **cli})
 
 def wavelet_weights(text: str) -> tuple:
@@ -2162,8 +2158,8 @@ def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast
     return torch.stack(losses).float().mean(), norm
 
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
-    """(model, its trainable parameters): a LoRA on the frozen model, or fp32 master weights (bf16
-    compute comes from autocast); sharded over the processes."""
+    """(model, trainable parameters): LoRA on the frozen model or fp32 master
+    weights, sharded over the processes."""
     model = pipe.transformer
     if r.lora_rank > 0:
         add_lora(model, pipe.kind, r.lora_rank, r.lora_alpha, r.seed)
@@ -2177,8 +2173,8 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
 
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
-    """A step's random numbers for the whole global batch: every rank draws them from the same
-    generator and keeps its share, so they do not depend on how the batch is split."""
+    """A step's random numbers for the whole global batch: every rank draws them
+    and keeps its share, so they do not depend on how the batch is split."""
     g = batches.generator
     draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
              "flips": torch.rand(n, generator=g) < 0.5}
@@ -2188,13 +2184,12 @@ def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str
     return draws
 
 def wlf_run(r: WLFRecipe) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_resumable`): trainer,
-    base model, LoRA and the VAE whose latents the model learns."""
+    """What a resumed checkpoint must share with this run (`check_resumable`)."""
     return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
             "lora_rank": r.lora_rank, "lora_alpha": r.lora_alpha or r.lora_rank, "vae": r.vae}
 
 def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
-    """r.grad_accum, or the count that makes processes x batch_size x it upstream's batch."""
+    """r.grad_accum, or what makes processes x batch size x it upstream's batch."""
     if r.grad_accum is not None:
         return r.grad_accum
     target, share = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)], world * r.batch_size
@@ -2204,9 +2199,8 @@ def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
     return target // share
 
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with
-    one {"file_name", "text"} per line. Bad lines, repeats and unreadable images are skipped with
-    a warning."""
+    """The (image, caption) pairs of an images + metadata.jsonl folder; bad lines,
+    repeats and unreadable images are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2244,8 +2238,7 @@ class Example(NamedTuple):
 
 @dataclass
 class Captioned:
-    """The training images, their captions' features (caption -> {name: tensor}) and the crop
-    size; images that fail to decode are remembered and skipped."""
+    """Training images, their captions' features and the crop size."""
 
     examples: list[Example]
     conditions: dict
@@ -2265,8 +2258,8 @@ class Captioned:
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
-        """(index, crop) of example `index` or of the next one that decodes: a file can pass
-        `verify()` and still fail (a PNG cut after its header); it is named once."""
+        """(index, crop) of example `index` or of the next that decodes (a file can pass
+    `verify()` and still fail); a bad file is named once."""
         n, bad = len(self.examples), self.unreadable
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
@@ -2279,8 +2272,8 @@ class Captioned:
         raise UserError(f"none of the {n} training images could be decoded")
 
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache `encode_captions` wrote (None: no such file); any other file is
-    refused, so that it is never replaced."""
+    """The key of a text cache (None: no file); any other file is refused, never
+    replaced."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open
@@ -2296,8 +2289,8 @@ def text_cache_key(path: Path) -> str | None:
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
                     batch: int = 8) -> dict:
-    """Each distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the
-    CPU), cached in `cache` keyed by model, captions and token lengths; frees the encoders."""
+    """Each distinct caption encoded once (caption -> {name: tensor}, CPU), cached in
+    `cache` keyed by model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
     lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
@@ -2333,7 +2326,6 @@ LORA_TARGETS = {
 
 def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None,
              seed: int = 0) -> nn.Module:
-    """Freeze the model and wrap its `lora_targets` with LoRA (alpha defaults to rank: scale 1)."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name in lora_targets(model, kind):
@@ -2347,8 +2339,8 @@ def lora_targets(model: nn.Module, kind: str) -> list[str]:
             if isinstance(module, nn.Linear) and re.fullmatch(LORA_TARGETS[kind], name)]
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at the
-    base model. A and B stay fp32 even when the base weights are bf16."""
+    """y = W x + b + (alpha / r) B A x, W and b frozen. B starts at zero: training starts at
+    the base model. A and B stay fp32."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -2363,8 +2355,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + low_rank * self.scale
 
 def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT is a diffusers pipeline folder. LoRA: OUTPUT/lora.safetensors (ours)
-    and OUTPUT/pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors
+    and pytorch_lora_weights.safetensors (diffusers / peft names)."""
     model, kind, lora = pipe.transformer, pipe.kind, r.lora_rank > 0
     state = trainable_state(model, lora)
     if lora and ctx.main:
@@ -2387,10 +2379,9 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
     ctx.barrier()
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA (original module names, fused qkv) -> diffusers / peft names. A LoRA on a fused
-    projection splits exactly: the rows of delta = B A that belong to to_q / to_k / to_v
-    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft's alpha: the
-    rank)."""
+    """Our LoRA -> diffusers / peft names. A LoRA on a fused projection splits
+    exactly: the rows of B A of to_q / to_k / to_v (/ proj_mlp) are those rows of B times A. B
+    carries the scale (peft's alpha: the rank)."""
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
@@ -2411,7 +2402,6 @@ def transformer_key_table(kind: str, config) -> dict:
     return sd3_key_table(config.depth)
 
 def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
-    """Original keys -> folder layout, fused tensors split by `fused_sizes`."""
     out = {}
     for original, (parts, transform) in table.items():
         tensor = TRANSFORMS[transform][1](state[original])
@@ -2422,7 +2412,7 @@ def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     return out
 
 def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
-    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel for our config."""
+    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel."""
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
     heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)
@@ -2445,7 +2435,7 @@ def write_json(data, path: Path):
         temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 def copy_base_components(base, output: Path):
-    """Hard-link (else copy) every file of the base pipeline but its transformer/."""
+    """Hard-link (else copy) the base pipeline's files but its transformer/."""
     if Path(str(base)).expanduser().is_file():
         print(f"note: {base} is a single file; {output} holds the transformer only",
               file=sys.stderr)
@@ -2516,8 +2506,7 @@ class SCVAERecipe:
 
 def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
               device=None, token=None) -> VAETraining:
-    """Train the F16 decoder with L_SC into OUTPUT/vae/. lpips: the LPIPS weight files (linear,
-    backbone); None: `load_lpips`'s."""
+    """Train the F16 decoder with L_SC into OUTPUT/vae/; lpips: the LPIPS weight files."""
     linear, backbone = lpips or (LPIPS_VGG_LINEAR, LPIPS_VGG_BACKBONE)
     if r.resolution % 16:
         raise UserError(f"--resolution {r.resolution}: must be a multiple of 16")
@@ -2545,7 +2534,7 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
 
 @dataclass
 class VAETraining:
-    """An SC-VAE run: models, optimizers, data, random state, and the losses of each step."""
+    """An SC-VAE run: models, optimizers, data, random state, losses per step."""
 
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
@@ -2607,10 +2596,9 @@ def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
             save_vae_checkpoint(output, step, vae_state(run, r, step), r.keep_checkpoints)
 
 def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
-    """Step `step` (0-based) up to the update: the decoder's L_SC, or on the discriminator's turns
-    its loss on fresh real crops against the decoder's last fakes; gradients of the mean over
-    r.grad_accum micro-batches, clipped. Returns (the optimizer to step, {mean losses,
-    "grad_norm"})."""
+    """Step `step` (0-based) up to the update: the decoder's L_SC or, on the
+    discriminator's turns, D's loss on fresh crops against the last fakes; mean gradients over
+    the micro-batches, clipped. Returns (the optimizer to step, the mean losses and norm)."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
     model, optimizer = run.student.decoder, run.optimizer
@@ -2636,9 +2624,8 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     return optimizer, totals
 
 class CropStream:
-    """Seeded square crops: `Batches` draws each epoch's permutation and, from the same
-    generator, every crop's offset and flip. Files that fail to decode are dropped with one
-    warning and replaced by the next draw. The state goes into checkpoints."""
+    """Seeded square crops: `Batches` draws each epoch's permutation and every crop's
+    offset and flip. Files that fail to decode are dropped with one warning."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -2689,13 +2676,12 @@ def read_vae_checkpoint(folder: Path) -> dict:
     return state
 
 def vae_run(r: SCVAERecipe) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_run`): trainer, base VAE
-    and the F16 head the decoder learns through."""
+    """What a resumed checkpoint must share with this run (`check_run`)."""
     return {"trainer": "diffusion4k.py train-vae", "base": source_name(r.base),
             "f16_decode": r.f16_decode}
 
 def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
-    """A checkpoint after `step` steps: all a resumed run needs to go on identically."""
+    """All a resumed run needs to go on identically after `step` steps."""
     next_needs_fakes = run.disc is not None and discriminator_turn(step, r.gan_start)
     state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
     state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
@@ -2705,8 +2691,8 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
     return state
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
-    """Load the newest intact checkpoint into `run` once it proves to be this run's (record, EMA
-    and GAN as this run's, tensors exactly the models'); returns its step."""
+    """Load the newest intact checkpoint if it is this run's (record, EMA, GAN,
+    tensors); returns its step."""
     if latest_checkpoint(output) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
@@ -2733,8 +2719,8 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt if its weights are finite; older ones pruned. A checkpoint that
-    cannot be written whole leaves no folder."""
+    """checkpoints/step-N/state.pt if its weights are finite, whole or not at
+    all; older ones pruned."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -2749,9 +2735,9 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
 
 def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
              ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2) for `load_vae` and
-    diffusers' AutoencoderKL (as an F8 VAE); optionally OUTPUT/ae.safetensors in BFL's layout
-    (a single file has no config: load it with `load_vae(path, stride=2)`)."""
+    """OUTPUT/vae/ in the diffusers layout ("stride": 2) for `load_vae` and diffusers'
+    AutoencoderKL; with ae_file also OUTPUT/ae.safetensors in BFL's layout (configless: load it
+    with `load_vae(path, stride=2)`)."""
     state = {key: value.detach().to("cpu", dtype).contiguous()
              for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
@@ -2763,7 +2749,7 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
         save_safetensors(state, output / "ae.safetensors", meta)
 
 def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
-    """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
+    """config.json for diffusers' AutoencoderKL (which ignores `stride`)."""
     levels = len(c.channel_multipliers)
     return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": c.in_channels,
             "out_channels": c.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
@@ -3351,10 +3337,9 @@ def generate_command(args):
         write_metadata(metadata, records)
 
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: numbered
-    outputs), or a .jsonl file with {"file_name", "text"} per line (outputs named after the
-    file_names' stems, as upstream's generate_and_eval_fid.py). A bad line stops the batch before
-    it starts."""
+    """(prompts, output stems) of --prompts: a text file, one prompt per line
+    (stems None), or a .jsonl file with {"file_name", "text"} per line, named after the
+    file_names' stems (upstream's generate_and_eval_fid.py). A bad line stops the batch."""
     lines = read_text(path, "prompt file").splitlines()
     if Path(path).suffix.lower() != ".jsonl":
         prompts = [line.strip() for line in lines if line.strip()]
@@ -3387,8 +3372,7 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
     return [text for _, text in seen.values()], list(seen)
 
 def check_source(value, option: str):
-    """Refuse a local path that does not exist, or is a FIFO or device, before anything is loaded
-    (Hub ids are fetched later)."""
+    """Refuse a missing local path, a FIFO or a device before anything loads."""
     if value is None:
         return
     if not Path(value).expanduser().exists() and not is_repo_id(value):
@@ -3396,9 +3380,8 @@ def check_source(value, option: str):
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The output files, checked before anything is loaded: one image, or with --prompts
-    OUTPUT_DIR/00000.png ... (or <stem>.png for each of `stems`) and OUTPUT_DIR/metadata.jsonl
-    (last)."""
+    """The outputs, checked before anything loads: one image, or OUTPUT_DIR/00000.png
+    ... (or <stem>.png) and OUTPUT_DIR/metadata.jsonl (last)."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -3414,8 +3397,8 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
-    `generate_images` writes (an image kept by --skip-existing), else the prompt alone."""
+    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks
+    (an image kept by --skip-existing), else the prompt alone."""
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3426,8 +3409,8 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
 
 def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path],
                     numbers: list[int], records: dict, metadata: Path | None):
-    """Sample and save each prompt's image; with --prompts metadata.jsonl is rewritten after each
-    image, so an interrupted batch keeps one that matches."""
+    """Sample and save each image; metadata.jsonl is rewritten after each one, so an
+    interrupted batch keeps one that matches."""
     family = DEFAULTS["flux-schnell" if pipe.schnell else pipe.kind]
     steps = args.steps or family["steps"]
     guidance = family["guidance"] if args.guidance is None else args.guidance
@@ -3457,7 +3440,7 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
             write_metadata(metadata, records)
 
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
+    """Round the sides to the model's multiple (saying so); refuse impossible sizes."""
     multiple = pipe.size_multiple
     rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
     if rounded != [height, width]:
@@ -3531,11 +3514,10 @@ def generate_parser() -> argparse.ArgumentParser:
     return parser
 
 def recipe(kind, args):
-    """The recipe dataclass `kind` with the command line's values."""
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
 
 def add_recipe(parser: argparse.ArgumentParser, kind):
-    """One --option per field of the recipe dataclass `kind`, with the recipe's default."""
+    """One --option per field of the recipe `kind`, defaults the recipe's."""
     for f in fields(kind):
         parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
 
