@@ -3479,10 +3479,9 @@ def generate_parser() -> argparse.ArgumentParser:
                           help="keep existing images, add the rest")
     add("--model", default="zhang0jhon/flux_wavelet_v2_sc", help="Hub repo or local pipeline "
         "folder (Flux or SD3), or a single transformer .safetensors file")
-    add("--height", type=integer(1, 16384), default=4096,
-        help="in px, rounded to the model's multiple")
-    add("--width", type=integer(1, 16384), default=4096,
-        help="in px, rounded to the model's multiple")
+    side = dict(type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--height", **side)
+    add("--width", **side)
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
     add("--guidance", type=number(0, 100),
         help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
