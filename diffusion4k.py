@@ -2368,15 +2368,19 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
         print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors",
               file=sys.stderr)
     elif ctx.main:
-        table, folder = transformer_key_table(kind, model.config), output / "transformer"
-        state = {k: v.to(pipe.dtype) for k, v in state.items()}
-        state = to_folder_layout(state, table, model.config.hidden_size)
-        save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-        write_json(diffusers_config(model.config, kind), folder / "config.json")
+        save_transformer(state, model, kind, output, pipe.dtype)
         copy_base_components(r.model, output)
         print(f"wrote {output} (a pipeline folder: `diffusion4k.py --model {output}`)",
               file=sys.stderr)
     ctx.barrier()
+
+def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
+    """OUTPUT/transformer/ in the diffusers layout."""
+    table, folder = transformer_key_table(kind, model.config), output / "transformer"
+    state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table,
+                             model.config.hidden_size)
+    save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    write_json(diffusers_config(model.config, kind), folder / "config.json")
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
     """Our LoRA -> diffusers / peft names. A LoRA on a fused projection splits
