@@ -1,39 +1,40 @@
 """Diffusion-4K: direct ultra-high-resolution (4096x4096) text-to-image with latent diffusion.
 
-Zhang et al., "Diffusion-4K: Ultra-High-Resolution Image Synthesis for Latent Diffusion Models", CVPR 2025,
-arXiv 2503.18352; and the extension "Ultra-High-Resolution Image Synthesis: Data, Method and Evaluation",
-arXiv 2506.01331 (SC-VAE). Released weights: the Flux fine-tunes `zhang0jhon/flux_wavelet` and
-`zhang0jhon/flux_wavelet_v2_sc` (no SD3 weights are public).
+Zhang et al., "Diffusion-4K: Ultra-High-Resolution Image Synthesis for Latent Diffusion Models",
+CVPR 2025, arXiv 2503.18352; the extension "Ultra-High-Resolution Image Synthesis: Data, Method and
+Evaluation", arXiv 2506.01331 (SC-VAE). Released weights: `zhang0jhon/flux_wavelet` and
+`zhang0jhon/flux_wavelet_v2_sc` (Flux fine-tunes; no SD3 weights are public).
 
-With the usual F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
-Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2 upsample
-before `conv_out`, so 4096^2 becomes a 256^2 latent and 16,384 tokens, sampled by Euler steps with an
-explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
-Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted velocity v_hat,
-    x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2,
-over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: then the x0 MSE); (3) in the
-extension, retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for crops x,
-reconstructions x_hat, the decoders' last feature maps f (F16 student at H/2, F8 teacher at H), a patch
-discriminator D and VQGAN's adaptive weight lambda,
-    L_SC = MSE(x_hat, x) + 0.1 LPIPS(x_hat, x) + MSE(f_student, avgpool2(f_teacher)) - 0.05 lambda D(x_hat)
+With the F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
+Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
+upsample before `conv_out`, so 4096^2 is a 256^2 latent, 16,384 tokens, sampled by Euler steps with
+an explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
+Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted
+velocity v_hat,
+    x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2
+over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: the x0 MSE); (3) the
+extension retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for
+crops x, reconstructions x_hat, the decoders' last feature maps f (F16 student at H/2, F8 teacher
+at H), a patch discriminator D and VQGAN's adaptive weight lambda,
+    L_SC = MSE(x_hat, x) + 0.1 LPIPS(x_hat, x) + MSE(f_student, avgpool2(f_teacher))
+           - 0.05 lambda D(x_hat)
 
 Commands
-    python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096 --output out.png
-    python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --prompt "..."  # SD3
-    python diffusion4k.py --prompts prompts.txt --output-dir out/ [--skip-existing]  # + out/metadata.jsonl
-    python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data Aesthetic-4K/train --output wlf
-    torchrun --nproc_per_node 8 diffusion4k.py train ...                             # FSDP2 over 8 GPUs
-    python diffusion4k.py train-vae --data Aesthetic-4K/train --output sc-vae        # SC-VAE decoder
-    python diffusion4k.py --help;  python diffusion4k.py train --help;  python diffusion4k.py train-vae --help
+    python diffusion4k.py --prompt "a lighthouse at dawn" --height 4096 --width 4096
+    python diffusion4k.py --model stabilityai/stable-diffusion-3-medium-diffusers --prompt "..."
+    python diffusion4k.py --prompts prompts.txt --output-dir out/ [--skip-existing]
+    python diffusion4k.py train --model zhang0jhon/flux_wavelet_v2_sc --data 4k/train --output wlf
+    torchrun --nproc_per_node 8 diffusion4k.py train ...                 # FSDP2 over 8 GPUs
+    python diffusion4k.py train-vae --data 4k/train --output sc-vae      # SC-VAE decoder
+    python diffusion4k.py [train | train-vae] --help
 
-After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the VAE in
-its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (`load_pipeline` fills `Pipeline`:
-load once, call many times), training (WLF fine-tuning, SC-VAE decoder training, and the utilities: data,
-checkpoints, FSDP2, LPIPS), weight loading (BFL / Stability single files, diffusers / transformers folders)
-and, last, the command line. The code between `# --- BEGIN kit` and `# --- END kit` lines is copied by
-op4ksr.py and cupscale.py (kept in sync by tests/sync_copies.py).
+After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the
+VAE in its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (load once,
+sample many times), training (WLF, SC-VAE: each a recipe dataclass, a step function and a short
+loop; then data, checkpoints, FSDP2, LPIPS), weight loading and, last, the command line. The code
+between `# --- BEGIN kit` and `# --- END kit` lines is copied by op4ksr.py and cupscale.py (kept
+in sync by tests/sync_copies.py).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,8 +103,8 @@ from common.io import (
     warn,
 )
 
-# Sampling defaults as Diffusion-4K runs them: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
-# script (28 steps, CFG 7). Plain FLUX.1-dev is usually run at 28 steps, guidance 3.5 (--steps, --guidance).
+# Sampling as Diffusion-4K runs it: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
+# script (28 steps, CFG 7). Plain FLUX.1-dev is usually run at 28 steps, guidance 3.5.
 DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0),
             "sd3": dict(steps=28, guidance=7.0)}
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
@@ -111,52 +112,62 @@ WHOLE_DECODE_MAX_SIDE = 4096  # larger images are decoded in tiles (see generate
 DECODE_TILE = 128  # latent pixels per decode tile: 2048 px with the F16 VAE
 PROMPT_BATCH = 8  # prompts per text-encoder batch with --prompts
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
-UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # train_flux.sh / train_sd3.sh: 4 / 8 per GPU x 8 GPUs
 
 
 # ====================================================================== the method: sampling at 4K
 
 @torch.no_grad()
-def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float, seed: int,
-             negative: dict | None = None, mu: float | None = None, progress=None,
+def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float,
+             seed: int, negative: dict | None = None, mu: float | None = None, progress=None,
              vae_tile: int | None = None) -> torch.Tensor:
-    """Sample one image; returns the decoded image (3, H, W) in [-1, 1] on the CPU.
-
-    vae_tile: decode in tiles of this many latent pixels (0: whole image). By default images up to
-    WHOLE_DECODE_MAX_SIDE are decoded whole; above it the decoder's full-resolution activations alone need
-    tens of GB, so they are decoded in DECODE_TILE tiles blended with linear ramps (GroupNorm and the
-    mid-block attention then see one tile at a time: close to, not exactly, the whole-image decode)."""
-    vae = pipe.vae.config
+    """Sample one image: (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the
+    decoder's activations alone need tens of GB, so it decodes `vae_tile` (default DECODE_TILE;
+    0: whole) latent pixels at a time, blended with linear ramps: GroupNorm and the mid-block
+    attention then see one tile, close to, not exactly, the whole-image decode."""
+    vae, device = pipe.vae.config, pipe.device
     h, w = height // vae.downsample_factor, width // vae.downsample_factor
-    noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # CPU: same on any device
-    device, dtype, model = pipe.device, pipe.dtype, pipe.transformer
-    to_gpu = lambda t: t.to(device, dtype)  # noqa: E731
-    if pipe.kind == "flux":  # the guidance scale is a model input (distilled dev; schnell: none)
-        condition = {key: to_gpu(value) for key, value in condition.items()}  # T5 txt, CLIP y
-        distilled = None if pipe.schnell else guidance
-        sigmas = flux_sigmas(steps, (h // 2) * (w // 2), mu, shift=not pipe.schnell)
+    noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # any device
+    condition = {key: value.to(device, pipe.dtype) for key, value in condition.items()}
 
-        def velocity(z, sigma):
-            return model.velocity(to_gpu(z), sigma, condition, distilled)
-    else:
-        negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
-        both = {key: to_gpu(torch.cat([negative[key], value])) for key, value in condition.items()}
-        sigmas = sd3_sigmas(steps)
-
-        def velocity(z, sigma):  # classifier-free guidance, unconditional and conditional in one batch
-            uncond, cond = model.velocity(to_gpu(torch.cat([z, z])), sigma, both).float().chunk(2)
-            return uncond + guidance * (cond - uncond)
-    with visiting(model, device, "cpu") if pipe.offload == "model" else contextlib.nullcontext():
+    def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
+        return visiting(module, device, "cpu") if offloaded else contextlib.nullcontext()
+    sampling = SAMPLING[pipe.kind]
+    velocity, sigmas = sampling(pipe, condition, negative, guidance, steps, (h // 2) * (w // 2), mu)
+    with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     if vae_tile is None:
         vae_tile = 0 if max(height, width) <= WHOLE_DECODE_MAX_SIDE else DECODE_TILE
-    with visiting(pipe.vae, device, "cpu") if pipe.offload != "none" else contextlib.nullcontext():
-        image = tiled_vae(pipe.vae.decode, z, vae_tile or max(h, w), vae_tile // 4, device, dtype)  # 0: whole
+    with resting(pipe.vae, pipe.offload != "none"):
+        image = tiled_vae(pipe.vae.decode, z, vae_tile or max(h, w), vae_tile // 4, device,
+                          pipe.dtype)
     return image[0].clamp(-1, 1).cpu()
 
+def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
+    """Flux-dev takes the guidance scale as a model input (distilled; schnell: none, and
+    no shift), so it needs no negative prompt."""
+    distilled = None if pipe.schnell else guidance
+
+    def velocity(z, sigma):
+        return pipe.transformer.velocity(z.to(pipe.dtype), sigma, condition, distilled)
+    return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
+
+def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
+    """Classifier-free guidance on SD3's fixed-shift schedule: the unconditional (negative
+    prompt, else zeros) and conditional predictions in one batch."""
+    negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
+    both = {key: torch.cat([negative[key].to(value), value]) for key, value in condition.items()}
+
+    def velocity(z, sigma):
+        z = torch.cat([z, z]).to(pipe.dtype)
+        uncond, cond = pipe.transformer.velocity(z, sigma, both).float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+    return velocity, sd3_sigmas(steps)
+
+SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
+
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Integrate dz/dsigma = v(z, sigma) (rectified flow: v = noise - x0) from sigmas[0] to sigmas[-1] by
-    Euler steps z <- z + (sigma_next - sigma) * v(z, sigma)."""
+    """Integrate dz/dsigma = v(z, sigma) (rectified flow: v = noise - x0) from sigmas[0] to
+    sigmas[-1] by Euler steps z <- z + (sigma_next - sigma) v(z, sigma)."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
@@ -165,14 +176,16 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
             progress(i + 1, len(sigmas) - 1)
     return z
 
-def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None, shift: bool = True) -> torch.Tensor:
-    """steps + 1 noise levels from 1 to 0, shifted by mu (default: `flux_mu` of the token count, capped at
-    MU_CAP_TOKENS). FLUX.1-schnell samples without a shift (shift=False).
+def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None,
+                shift: bool = True) -> torch.Tensor:
+    """steps + 1 noise levels from 1 to 0, shifted by mu (default: `flux_mu` of the token count,
+    capped at MU_CAP_TOKENS); FLUX.1-schnell samples unshifted.
 
-    Flux's rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's pipelines apply it at the real count:
-    16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With the F8 VAE the same image has 65,536 tokens,
-    mu = 11.55 and e^mu ~ 1e5: every sigma but the last rounds to 1 and the image is denoised in one step.
-    The cap keeps upstream's value up to 4096^2 with F16 and a sane one beyond."""
+    Flux's rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's pipelines apply it at the real
+    count: 16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With the F8 VAE the same image has
+    65,536 tokens, mu = 11.55 and e^mu ~ 1e5: every sigma but the last rounds to 1 and the image is
+    denoised in one step. The cap keeps upstream's value up to 4096^2 with F16 and a sane one
+    beyond."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     mu = flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu
     return time_shift(sigmas, mu) if shift else sigmas
@@ -262,9 +275,9 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss, detached. The loss is divided by the
-    number of micro-batches per optimizer step, so the gradients they add up are those of the whole
-    batch's mean loss. `autocast` makes a fresh autocast context (or a null one)."""
+    """Forward and backward of one micro-batch; returns its loss, detached. The loss is
+    divided by the micro-batches per step, so their gradients add up to the whole batch's mean
+    loss's. `autocast` makes a fresh autocast (or null) context."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -274,25 +287,27 @@ def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, s
 
 def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
     """WLF as the Diffusion-4K code runs it: noise x0 to z = (1 - sigma) x0 + sigma noise, turn the
-    predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare the Haar
-    subbands of x0_hat and x0 (`wlf_loss`)."""
+    predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare
+    the Haar subbands of x0_hat and x0 (`wlf_loss`)."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
     v = model.velocity(z, sigma.to(x0), condition, guidance)  # Flux or MMDiT
     return wlf_loss(z - s * v.float(), x0, subband_weights)
 
-def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor, subband_weights=WLF_UPSTREAM) -> torch.Tensor:
-    """Wavelet-based latent loss: mean over (batch, channel, subband, position) of
-    w_band * (DWT(pred_x0) - DWT(target_x0))^2, with weights for (LL, LH, HL, HH).
+def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
+             subband_weights=WLF_UPSTREAM) -> torch.Tensor:
+    """Mean over (batch, channel, subband, position) of w_band (DWT(pred_x0) - DWT(target_x0))^2,
+    with weights for (LL, LH, HL, HH).
 
-    Upstream weighs the subbands equally, and then this is exactly the latent MSE: the one-level Haar DWT of
-    an even-sized map is an orthonormal 2x2-block transform, so it preserves the sum of squares and the
-    element count (4 bands x H/2 x W/2 = H x W). And since x0_hat - x0 = -sigma (v_hat - v), it equals
-    sigma^2 * MSE(v_hat, noise - x0) per sample. Only unequal weights (`--wavelet-weights`, e.g. 1,2,2,2:
-    our extension, in neither the paper nor upstream's code) change the objective."""
-    weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device).view(4, 1, 1)
+    Upstream weighs the subbands equally, and then this is exactly the latent MSE: the one-level
+    Haar DWT of an even-sized map is an orthonormal 2x2-block transform, so it preserves the sum of
+    squares and the element count (4 bands x H/2 x W/2 = H x W). And since x0_hat - x0 =
+    -sigma (v_hat - v), it equals sigma^2 MSE(v_hat, noise - x0) per sample. Only unequal weights
+    (`--wavelet-weights`, e.g. 1,2,2,2: our extension, in neither the paper nor upstream's code)
+    change the objective."""
+    weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device)
     bands = haar_dwt(pred_x0.float() - target_x0.float())  # (B, C, 4, H/2, W/2); the DWT is linear
-    return (weights * bands.square()).mean()
+    return (weights.view(4, 1, 1) * bands.square()).mean()
 
 # --- BEGIN kit: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
@@ -313,10 +328,11 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END kit: Haar wavelets ---
 
-def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised fp32 latents (x - shift) * scale of images, for SD3 too (upstream's SD3 training omits the
-    shift): of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`, eps ~ N(0, 1)
-    drawn by the caller), or of the mean when eps is None."""
+def encode_latents(vae: AutoEncoder, images: torch.Tensor,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised fp32 latents (x - shift) * scale, for SD3 too (upstream's SD3 training
+    omits the shift), of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`,
+    eps ~ N(0, 1) from the caller), or of the mean when eps is None."""
     if eps is None:
         return vae.encode(images).float()
     mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
@@ -325,10 +341,11 @@ def encode_latents(vae: AutoEncoder, images: torch.Tensor, eps: torch.Tensor | N
 
 def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
                   table: int = 1000) -> torch.Tensor:
-    """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or sigmoid(N(0, 1))
-    ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table sigma_i = 1 - i / table
-    (so sigma is one of 1/table, ..., 1), then the static shift sigma' = s sigma / (1 + (s - 1) sigma)
-    (SD3: s = 3; Flux: 1, i.e. none). Both laws of u are symmetric about 1/2, so sigma follows u's law."""
+    """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or
+    sigmoid(N(0, 1)) ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table
+    sigma_i = 1 - i / table (so sigma is one of 1/table, ..., 1), then the static shift
+    sigma' = s sigma / (1 + (s - 1) sigma) (SD3: s = 3; Flux: 1, none). Both laws of u are
+    symmetric about 1/2, so sigma follows u's law."""
     if scheme == "uniform":
         u = torch.rand(n, generator=generator, dtype=torch.float64)
     elif scheme == "logit_normal":
@@ -341,16 +358,18 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 
 # =============================================== the method: scale-consistent F16 decoder (SC-VAE)
 
-def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None, lpips=None,
-                disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1, gan_weight: float = 0.05):
-    """L_SC of the module docstring for crops x in [-1, 1], with the recipe's weights as defaults:
+def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
+                lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
+                gan_weight: float = 0.05):
+    """L_SC of the module docstring for crops x in [-1, 1], the recipe's weights as defaults:
         MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
         + gan_weight lambda (-mean D(x_hat)),
-    x_hat = clamp(decoded, -1, 1) by the F16 student (through its `Decoder.head`), f the decoders' last
-    feature maps (the frozen F8 teacher's at H, from its own latent), lambda = `adaptive_weight` of the
-    reconstruction term (LPIPS; MSE when LPIPS is off) against D's at the student's conv_out.weight. lpips or
-    disc None drops that term. Latents are posterior samples drawn with the generator `posterior` (None: the
-    posterior mean). Returns ({"loss": L_SC, and each term}, x_hat detached)."""
+    x_hat = clamp(decoded, -1, 1) by the F16 student (through its `Decoder.head`), f the decoders'
+    last feature maps (the frozen F8 teacher's at H, from its own latent), lambda =
+    `adaptive_weight` of the reconstruction term (LPIPS; MSE when LPIPS is off) against D's at the
+    student's conv_out.weight. lpips or disc None drops that term. Latents are posterior samples
+    drawn with the generator `posterior` (None: the posterior mean). Returns ({"loss": L_SC, and
+    each term}, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -363,43 +382,50 @@ def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, pos
     if disc is not None:
         losses["gen"] = -disc(pred).float().mean()
         reconstruction = losses.get("lpips", losses["mse"])
-        losses["balance"] = adaptive_weight(reconstruction, losses["gen"], student.decoder.conv_out.weight)
+        last = student.decoder.conv_out.weight
+        losses["balance"] = adaptive_weight(reconstruction, losses["gen"], last)
         loss = loss + gan_weight * losses["balance"] * losses["gen"]
     return {"loss": loss, **losses}, pred.detach()
 
-def scale_consistency_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out + SiLU,
-    before the last upsample and conv_out): the F16 student's at H/2, the F8 teacher's at H.
+def scale_consistency_loss(student_features: torch.Tensor,
+                           teacher_features: torch.Tensor) -> torch.Tensor:
+    """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out +
+    SiLU, before the last upsample and conv_out): the F16 student's at H/2, the F8 teacher's at H.
 
-    Upstream upsamples the student's map (nearest x2) to H instead. Nearest x2 copies each value to a 2x2
-    block, so MSE(up(s), t) = MSE(s, avgpool2(t)) + the mean within-block variance of t, a constant: the same
-    gradient at a quarter of the memory (bilinear downsampling would change the objective)."""
+    Upstream upsamples the student's map (nearest x2) to H instead. Nearest x2 copies each value to
+    a 2x2 block, so MSE(up(s), t) = MSE(s, avgpool2(t)) + the mean within-block variance of t, a
+    constant: the same gradient at a quarter of the memory (bilinear downsampling would change the
+    objective)."""
     return F.mse_loss(student_features.float(), F.avg_pool2d(teacher_features.float(), 2))
 
 class Discriminator(nn.Module):
-    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs (InstanceNorm
-    after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid. Output (B, 1, H/64, W/64);
-    crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
+    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs
+    (InstanceNorm after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid.
+    Output (B, 1, H/64, W/64); crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
 
     def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
         super().__init__()
         layers, width = [], in_channels
         for i, out in enumerate(widths):
-            conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(width, out, 3, stride=2, padding=1))
-            layers += [conv, nn.InstanceNorm2d(out), nn.LeakyReLU(0.2)] if i else [conv, nn.LeakyReLU(0.2)]
+            conv = nn.Conv2d(width, out, 3, stride=2, padding=1)
+            layers += [nn.utils.parametrizations.spectral_norm(conv)]
+            layers += [nn.InstanceNorm2d(out), nn.LeakyReLU(0.2)] if i else [nn.LeakyReLU(0.2)]
             width = out
         self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 1), nn.Sigmoid())
 
     def forward(self, x):
         return self.net(x)
 
-def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor, gp_weight: float = 10.0):
-    """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the reals.
+def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor,
+                       gp_weight: float = 10.0):
+    """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the
+    reals.
 
-    D's sigmoid output lies in (0, 1), so the hinge never clips: the loss is D(fake) - D(real) + 2, a bounded
-    critic held in check by the penalty. The penalty differentiates the sum of each image's output map (as
-    upstream's grad_outputs of ones), not its mean, whose gradient is smaller by the map size. Images are
-    independent (InstanceNorm), so one gradient of the batch's total gives every image's own."""
+    D's sigmoid output lies in (0, 1), so the hinge never clips: the loss is D(fake) - D(real) + 2,
+    a bounded critic held in check by the penalty. The penalty differentiates the sum of each
+    image's output map (as upstream's grad_outputs of ones), not its mean, whose gradient is
+    smaller by the map size. Images are independent (InstanceNorm), so one gradient of the batch's
+    total gives every image's own."""
     real = real.detach().requires_grad_(True)
     d_real, d_fake = disc(real), disc(fake.detach())
     hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
@@ -408,8 +434,8 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     return hinge, penalty
 
 def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor):
-    """VQGAN's balance lambda, as upstream: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8) at
-    the last layer, capped at 1e4."""
+    """VQGAN's balance lambda, as upstream: ||grad reconstruction|| / max(||grad generator_loss||,
+    1e-8) at the last layer, capped at 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
@@ -420,8 +446,8 @@ def discriminator_turn(step: int, gan_start: int) -> bool:
     return step >= gan_start and (step - gan_start) % 2 == 1
 
 def ema_update(ema: dict, params, step: int, decay: float):
-    """Move the average towards `params` after step n (0-based) with diffusers' EMAModel schedule, as
-    upstream: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0 (the average starts as a copy)."""
+    """Move the average towards `params` after step n (0-based) with diffusers' EMAModel schedule,
+    as upstream: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0 (it starts as a copy)."""
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
@@ -1716,30 +1742,33 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
                   offload="none", token=None) -> Pipeline:
-    """Load a Flux or SD3 diffusers pipeline folder or Hub repo, or a single transformer file with its
-    text encoders from `text_source` and its VAE from `vae_source`."""
+    """A Flux or SD3 pipeline folder or Hub repo, or a single transformer file with
+    the text encoders of `text_source` and the VAE of `vae_source`."""
     device, dtype = device_dtype(device, dtype)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     if kind == "flux" and dtype == torch.float16:
         raise UserError("Flux's activations overflow fp16: use bf16 (the default on CUDA) or fp32")
     text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
     vae_source = vae_source or (text_source if single_file and kind == "flux" else model)
-    home = "cpu" if offload != "none" else device  # where the diffusion model and VAE rest between uses
-    component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))  # unreachable? fail before 12B loads
+    home = "cpu" if offload != "none" else device  # where the model and VAE rest between uses
+    # an unreachable tokenizer fails before 12B parameters load
+    component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
     transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
-    vae_file = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
     factors = FLUX_VAE if kind == "flux" else SD3_VAE
+    fixed = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
     autoencoder = load_vae(vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
-                           scale_factor=factors.scale_factor if vae_file else None,
-                           shift_factor=factors.shift_factor if vae_file else None)
+                           scale_factor=factors.scale_factor if fixed else None,
+                           shift_factor=factors.shift_factor if fixed else None)
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
-    has_encoders = single_file and any(key.startswith("text_encoders.") for key in safetensors_keys(model))
+    keys = safetensors_keys(model) if single_file else []
+    has_encoders = any(key.startswith("text_encoders.") for key in keys)
     encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token,
                                               model if has_encoders else None)
-    return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model), offload)
+    return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model),
+                    offload)
 
 def detect_kind(source, token=None) -> str:
     """"flux" or "sd3", from a pipeline folder's model_index.json or a single file's keys."""
@@ -1753,12 +1782,15 @@ def detect_kind(source, token=None) -> str:
         vae = "a VAE, not a transformer"
         looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
                  "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
-        guess = next((what for start, what in looks.items() if any(k.startswith(start) for k in keys)), None)
-        what = f"it looks like {guess}" if guess else f"its first keys: {', '.join(keys[:3]) or 'none'}"
+        guess = next((what for start, what in looks.items()
+                      if any(k.startswith(start) for k in keys)), None)
+        first = ", ".join(keys[:3]) or "none"
+        what = f"it looks like {guess}" if guess else f"its first keys: {first}"
         raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
                             token=token)
-    for index in (folder / "model_index.json", folder / "transformer/config.json", folder / "config.json"):
+    for index in ("model_index.json", "transformer/config.json", "config.json"):
+        index = folder / index
         name = str(read_json(index).get("_class_name", "")) if index.exists() else ""
         if "Flux" in name:
             return "flux"
@@ -1767,11 +1799,10 @@ def detect_kind(source, token=None) -> str:
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
 def stream_blocks(transformer: nn.Module, device):
-    """Keep the transformer's blocks in CPU memory and give each a copy on `device` only for its own
-    forward (the rest is small and stays on `device`): the 12B Flux then needs the GPU memory of two
-    blocks plus activations. On CUDA the blocks sit in pinned memory and the next block is copied on a
-    side stream while the current one computes; weights never change here, so a finished block just
-    drops its copy instead of copying it back."""
+    """Keep the transformer's blocks in CPU memory and give each a copy on `device`
+    only for its own forward: the 12B Flux then needs the GPU memory of two blocks plus
+    activations. On CUDA the blocks sit in pinned memory and the next block is copied on a side
+    stream while the current one computes; a finished block just drops its copy."""
     for child in transformer.children():
         if not isinstance(child, nn.ModuleList):
             child.to(device)
@@ -1781,9 +1812,8 @@ def stream_blocks(transformer: nn.Module, device):
     BlockStream([block for blocks in lists for block in blocks], torch.device(device))
 
 class BlockStream:
-    """The forward hooks of `stream_blocks`: block i arrives (waiting for its copy) and sends for block
-    i + 1, the first block after the last, so the next step's first copy also overlaps compute. The hooks
-    stay eager under `compile_blocks`: moving weights is no part of a graph."""
+    """The hooks of `stream_blocks`: block i waits for its copy and sends for block i + 1
+    (after the last, the first: the next step's). They stay eager under `compile_blocks`."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -1794,7 +1824,7 @@ class BlockStream:
             self.host = [[t.pin_memory() for t in tensors] for tensors in self.host]
         for slots, tensors in zip(self.slots, self.host):
             place(slots, tensors)
-        self.copies = {}  # block index -> (its tensors on `device`, the event that says they are there)
+        self.copies = {}  # block index -> (its tensors on `device`, the event: they are there)
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(functools.partial(self.arrive, i))
             block.register_forward_hook(functools.partial(self.leave, i))
@@ -1817,7 +1847,7 @@ class BlockStream:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(copied)
             for copy in copies:
-                copy.record_stream(compute)  # made on the copy stream: freed only after this one used it
+                copy.record_stream(compute)  # made on the copy stream: freed after this one used it
         place(self.slots[i], copies)
         self.send((i + 1) % len(self.slots))
 
@@ -1932,141 +1962,21 @@ def place(slots: list, tensors: list):
 
 # ==================================================================================== WLF training
 
-def train(args) -> list[tuple[int, float]]:
-    """Fine-tune the pipeline's transformer; returns the (step, loss) pairs run by this call."""
-    ctx, output = setup_distributed(args.device), Path(args.output)
-    weights, crop = parse_weights(args.wavelet_weights), parse_crop(args.crop, args.resolution)
-    check_apart([("--output", output), ("--text-cache", args.text_cache)],
-                [("--data", args.data), ("--model", args.model)])
-    check_train_output(output, args.resume)
-    if args.resume:  # before any weight is read: a checkpoint of another run is refused now
-        check_resumable(latest_checkpoint(output) if args.resume == "latest" else Path(args.resume),
-                        wlf_run(args))
-    examples = read_dataset(args.data, verbose=ctx.main)
-    if args.text_cache:
-        check_output_file(args.text_cache, overwrite=True, suffixes=(".safetensors",))
-        text_cache_key(Path(args.text_cache))
-    accumulation = accumulation_steps(args, ctx.world)
-    with undone_on_failure(output, ctx.main), folder_lock(output, ctx.main):
-        return train_loop(args, ctx, output, examples, weights, crop, accumulation)
+def option(default, help: str, **cli):
+    """A recipe field: its default and its command-line option."""
+    return field(default=default, metadata={"help": help, **cli})
 
-def train_loop(args, ctx: Distributed, output: Path, examples: list[Example], weights: tuple, crop: tuple,
-               accumulation: int = 1):
-    """WLF with upstream's recipe (train_flux.sh / train_sd3.sh) as defaults: posterior-sample latents, sigma
-    from `sample_sigmas`, Flux guidance 3.5, captions of 77 T5 tokens, AdamW (0.9, 0.999), weight decay 1e-4,
-    eps 1e-8, constant lr 1e-6, clipping at 1.0, square crops, random flips, 20,000 steps of a global batch
-    (processes x --batch-size x --grad-accum) of 32 for Flux, 64 for SD3.
-
-    bf16 autocast over fp32 master weights runs without autocast's weight cache, which would hold a bf16 copy
-    of every weight until the block ends (under FSDP2: the whole model on every GPU) and saves nothing here
-    (each weight is used once per forward; checkpointing recasts in backward). Unlike FSDP2's
-    MixedPrecisionPolicy, every process count then runs the same arithmetic."""
-    dtype, autocast = device_dtype(ctx.device, args.dtype)[1], contextlib.nullcontext
-    bf16 = dtype == torch.bfloat16
-    if bf16:
-        autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16, cache_enabled=False)
-
-    # everything rests on the CPU while the text is encoded; the encoders then leave
-    pipe = load_pipeline(args.model, args.vae, ctx.device, dtype, offload="model", token=args.token)
-    kind, model = pipe.kind, pipe.transformer
-    pipe.tokenizers["t5"].max_length = args.max_sequence_length
-    height, width = crop
-    if height % pipe.size_multiple or width % pipe.size_multiple:
-        raise UserError(f"crop {height}x{width}: sides must be multiples of {pipe.size_multiple} here")
-    cache = Path(args.text_cache) if args.text_cache else None
-    conditions = encode_captions(pipe, [e.text for e in examples], cache)
-    vae = pipe.vae.to(ctx.device)
-    sampling = args.timestep_sampling or ("uniform" if kind == "flux" else "logit_normal")
-    shift = args.shift if args.shift is not None else (1.0 if kind == "flux" else 3.0)
-    guidance = args.guidance if kind == "flux" and model.config.guidance_embed else None
-    lora = args.lora_rank > 0
-    if lora:
-        add_lora(model, kind, args.lora_rank, args.lora_alpha, args.seed)
-    else:
-        model.float().requires_grad_(True)  # fp32 master weights; bf16 compute comes from autocast
-    model.train()
-    model.gradient_checkpointing = args.gradient_checkpointing
-    if ctx.world > 1:
-        shard_model(model, kind, ctx)
-    model.to(ctx.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    micro, global_batch = args.batch_size, args.batch_size * accumulation * ctx.world
-    if ctx.main:
-        count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
-        print(f"training {kind} ({'LoRA rank %d' % args.lora_rank if lora else 'full'}, ~{count / 1e6:.2f}M "
-              f"trainable), global batch {global_batch} = {ctx.world} process(es) x batch {micro} x "
-              f"{accumulation} accumulated, latents {args.posterior}, sigma {sampling} shift {shift}, "
-              f"wavelet weights {weights}", file=sys.stderr)
-    batches, step = Batches(len(examples), args.seed), 0
-    if args.resume:
-        folder = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        step = load_checkpoint(folder, model, optimizer, batches, lora, wlf_run(args))
-    factor = vae.config.downsample_factor
-    latent_shape = (global_batch, vae.config.z_channels, height // factor, width // factor)
-    first = ctx.rank * micro * accumulation  # this rank's entries of the global batch: first, first + 1, ...
-    output.mkdir(parents=True, exist_ok=True)
-    log, losses, unreadable = output / "train_log.jsonl", [], set()
-    update = progress_bar("train", args.steps, step) if ctx.main else None
-    while step < args.steps:
-        # the whole global batch is drawn on every rank (same generator), each rank keeps its share,
-        # in micro-batches: the draws do not depend on how the batch is split
-        g, picks = batches.generator, batches.indices(global_batch)
-        draws = picks, torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
-        sigma = sample_sigmas(global_batch, sampling, shift, g)
-        noise = torch.randn(latent_shape, generator=g)
-        eps = torch.randn(latent_shape, generator=g) if args.posterior == "sample" else None
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_losses = []
-        for start in range(first, first + micro * accumulation, micro):
-            share = range(start, start + micro)
-            images, condition = micro_batch(examples, conditions, unreadable, crop, draws, share, ctx.device)
-            micro_eps = None if eps is None else eps[share].to(ctx.device)
-            micro_losses.append(wlf_micro_step(
-                model, vae, images.to(ctx.device, dtype), noise[share].to(ctx.device),
-                sigma[share].to(ctx.device), micro_eps, condition, guidance, weights, autocast, accumulation))
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        value = ctx.mean(torch.stack(micro_losses).float().mean().cpu()).item()
-        stop_unless_finite(step + 1, {"loss": value, "gradient": norm}, output)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append((step, value))
-        if ctx.main:
-            update(step)
-            if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
-                      file=sys.stderr)
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm, "lr": lr}) + "\n")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, args.keep_checkpoints,
-                            wlf_run(args))
-    save_result(args, pipe, model, kind, lora, output, ctx)
-    return losses
-
-def wlf_run(args) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_resumable`): the trainer, the base
-    model, the LoRA (rank 0: full fine-tuning) and the VAE whose latents the model learns; the tensors'
-    names and shapes are checked when they load."""
-    return {"trainer": "diffusion4k.py train", "model": source_name(args.model), "lora_rank": args.lora_rank,
-            "lora_alpha": args.lora_alpha or args.lora_rank, "vae": args.vae}
-
-def parse_weights(text: str) -> tuple:
+def wavelet_weights(text: str) -> tuple:
     try:
         weights = tuple(float(w) for w in text.split(","))
     except ValueError:
         weights = ()
     if len(weights) != 4 or not all(0 <= w < math.inf for w in weights) or max(weights) == 0:
-        raise UserError(f"--wavelet-weights {text!r}: give four weights >= 0 for LL,LH,HL,HH, e.g. 1,2,2,2")
+        raise UserError(f"--wavelet-weights {text!r}: give four weights >= 0 for LL,LH,HL,HH, "
+                        "e.g. 1,2,2,2")
     return weights
 
-def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
-    if not text:
-        return resolution, resolution
+def crop_size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(side) for side in text.lower().split("x"))
     except ValueError:
@@ -2075,17 +1985,209 @@ def parse_crop(text: str | None, resolution: int) -> tuple[int, int]:
         raise UserError(f"--crop {text!r}: give HEIGHTxWIDTH with positive sides, e.g. 4096x4096")
     return height, width
 
+def accumulation_count(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return integer(1)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
+
+POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or mean")
+
+@dataclass
+class WLFRecipe:
+    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): posterior samples,
+    sigma from `sample_sigmas`, AdamW (0.9, 0.999, eps 1e-8), square crops, random flips, 20,000
+    steps of a global batch of 32 (Flux) or 64 (SD3).
+
+    bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
+    bf16 copy of every weight until the block ends (under FSDP2: the whole model on every GPU) and
+    saves nothing here (each weight is used once per forward; checkpointing recasts in backward).
+    Unlike FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
+
+    model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
+    vae: str = option("f16", "Diffusion-4K's F16 VAE, or the stock F8 VAE", choices=["f16", "f8"])
+    resolution: int = option(4096, "images are resized to cover the crop", type=integer(1))
+    crop: tuple | None = option(None, "HEIGHTxWIDTH (default: a RESOLUTION square); multiples of "
+                                "the VAE factor x 2", type=crop_size)
+    batch_size: int = option(1, "images per process per micro-batch (upstream: 4 for Flux, 8 for "
+                             "SD3; --grad-accum makes up the global batch)", type=integer(1))
+    grad_accum: int | None = option(None, "micro-batches per step: global batch = processes x "
+                                    "--batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)",
+                                    type=accumulation_count, metavar="N|auto")
+    steps: int = option(20000, "optimizer steps", type=integer(1))
+    lr: float = option(1e-6, "AdamW learning rate, constant (LoRA wants ~1e-4)", type=positive(1.0))
+    warmup_steps: int = option(0, "linear warm-up steps before the constant rate", type=integer(0))
+    weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping (total norm)", type=positive())
+    lora_rank: int = option(0, "train a LoRA of this rank on the attention and MLPs (0: all "
+                            "weights)", type=integer(0))
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)",
+                                      type=positive())
+    wavelet_weights: tuple = option(WLF_UPSTREAM, "WLF weights of the Haar subbands LL,LH,HL,HH; "
+                                    "unequal ones (e.g. 1,2,2,2) are our extension",
+                                    type=wavelet_weights)
+    posterior: str = option("sample", **POSTERIOR)
+    guidance: float = option(3.5, "Flux-dev: the distilled guidance fed", type=number(0, 100))
+    timestep_sampling: str | None = option(None, "Flux: uniform, SD3: logit_normal",
+                                           choices=["uniform", "logit_normal"])
+    shift: float | None = option(None, "static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, "
+                                 "SD3 3)", type=positive())
+    max_sequence_length: int = option(77, "T5 tokens of the captions", type=integer(1, 512))
+    gradient_checkpointing: bool = option(True, "recompute block activations in the backward pass "
+                                          "(needed at 4K)", action=argparse.BooleanOptionalAction)
+    dtype: str | None = option(None, "bf16 autocast over fp32 weights (CUDA default), or fp32",
+                               choices=["bf16", "fp32"])
+    seed: int = option(0, "seeds data order, crops, flips, sigmas, noises, LoRA init", type=SEED)
+    checkpoint_every: int = option(1000, "steps per checkpoint (upstream: 5000)", type=integer(1))
+    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    log_every: int = option(10, "steps between log lines", type=integer(1))
+
+UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # 4 / 8 per GPU x 8 GPUs
+UPSTREAM_SIGMAS = {"flux": ("uniform", 1.0), "sd3": ("logit_normal", 3.0)}  # law of u, shift
+
+def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
+          token=None) -> list[tuple[int, float]]:
+    """Fine-tune with WLF; returns this call's (step, loss) pairs. resume: a checkpoint folder or
+    "latest"."""
+    ctx, output = setup_distributed(device), Path(output)
+    check_apart([("--output", output), ("--text-cache", text_cache)],
+                [("--data", data), ("--model", r.model)])
+    check_train_output(output, resume)
+    if resume:  # before any weight is read: a checkpoint of another run is refused now
+        resume = latest_checkpoint(output) if resume == "latest" else Path(resume)
+        check_resumable(resume, wlf_run(r))
+    examples = read_dataset(data, verbose=ctx.main)
+    cache = Path(text_cache) if text_cache else None
+    if cache:
+        check_output_file(cache, overwrite=True, suffixes=(".safetensors",))
+        text_cache_key(cache)
+    accumulation = accumulation_steps(r, ctx.world, token)
+    with undone_on_failure(output, ctx.main), folder_lock(output, ctx.main):
+        # everything rests on the CPU while the text is encoded; the encoders then leave
+        dtype = device_dtype(ctx.device, r.dtype)[1]
+        pipe = load_pipeline(r.model, r.vae, ctx.device, dtype, offload="model", token=token)
+        pipe.tokenizers["t5"].max_length = r.max_sequence_length
+        crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
+        if crop[0] % side or crop[1] % side:
+            raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
+        captions = encode_captions(pipe, [e.text for e in examples], cache)
+        losses = wlf_loop(r, ctx, output, pipe, Captioned(examples, captions, crop), accumulation,
+                          resume)
+        save_result(r, pipe, output, ctx)
+        return losses
+
+def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data: Captioned,
+             accumulation: int, resume: Path | None) -> list[tuple[int, float]]:
+    vae, lora = pipe.vae.to(ctx.device), r.lora_rank > 0
+    model, params = trainable_transformer(pipe, r, ctx)
+    scheme, shift = UPSTREAM_SIGMAS[pipe.kind]
+    scheme, shift = r.timestep_sampling or scheme, shift if r.shift is None else r.shift
+    guidance = r.guidance if getattr(model.config, "guidance_embed", False) else None
+    optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
+    micro, total = r.batch_size, r.batch_size * accumulation * ctx.world
+    if ctx.main:
+        count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
+        print(f"training {pipe.kind} ({'LoRA rank %d' % r.lora_rank if lora else 'full'}, "
+              f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
+              f"batch {micro} x {accumulation} accumulated, latents {r.posterior}, sigma {scheme} "
+              f"shift {shift}, wavelet weights {r.wavelet_weights}", file=sys.stderr)
+    batches, step, losses = Batches(len(data.examples), r.seed), 0, []
+    if resume:
+        step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
+    f = vae.config.downsample_factor
+    latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
+    first = ctx.rank * micro * accumulation  # this rank's share of the global batch
+    shares = [range(s, s + micro) for s in range(first, first + micro * accumulation, micro)]
+    autocast = contextlib.nullcontext
+    if pipe.dtype == torch.bfloat16:
+        autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
+                                     cache_enabled=False)
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train", r.steps, step) if ctx.main else None
+    while step < r.steps:
+        draws = draw_global_batch(batches, total, latent_shape, scheme, shift, r.posterior)
+        lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
+        loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast,
+                              accumulation)
+        value = ctx.mean(loss.cpu()).item()
+        record = {"step": step + 1, "loss": value, "grad_norm": norm, "lr": lr}
+        step = finish_step(optimizer, record, {"loss": value, "gradient": norm}, output, ctx.main)
+        losses.append((step, value))
+        if ctx.main:
+            update(step)
+            if step % r.log_every == 0 or step == r.steps:
+                print(f"step {step}/{r.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
+                      file=sys.stderr)
+        if step % r.checkpoint_every == 0 or step == r.steps:
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, r.keep_checkpoints,
+                            wlf_run(r))
+    return losses
+
+def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
+             accumulation: int) -> tuple[torch.Tensor, float]:
+    """Every micro-batch's forward and backward, then clipping: (mean loss, gradient norm)."""
+    weights = r.wavelet_weights
+    losses = [wlf_micro_step(model, vae, *batch, guidance, weights, autocast, accumulation)
+              for batch in micro_batches]
+    norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
+    return torch.stack(losses).float().mean(), norm
+
+def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
+    """(model, trainable parameters): LoRA on the frozen model or fp32 master
+    weights, sharded over the processes."""
+    model = pipe.transformer
+    if r.lora_rank > 0:
+        add_lora(model, pipe.kind, r.lora_rank, r.lora_alpha, r.seed)
+    else:
+        model.float().requires_grad_(True)
+    model.train().gradient_checkpointing = r.gradient_checkpointing
+    if ctx.world > 1:
+        shard_model(model, pipe.kind, ctx)
+    model.to(ctx.device)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
+                      posterior: str) -> dict:
+    """A step's random numbers for the whole global batch: every rank draws them
+    and keeps its share, so they do not depend on how the batch is split."""
+    g = batches.generator
+    draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
+             "flips": torch.rand(n, generator=g) < 0.5}
+    draws["sigma"] = sample_sigmas(n, scheme, shift, g)
+    draws["noise"] = torch.randn(latent_shape, generator=g)
+    draws["eps"] = torch.randn(latent_shape, generator=g) if posterior == "sample" else None
+    return draws
+
+def wlf_run(r: WLFRecipe) -> dict:
+    """What a resumed checkpoint must share with this run (`check_resumable`)."""
+    return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
+            "lora_rank": r.lora_rank, "lora_alpha": r.lora_alpha or r.lora_rank, "vae": r.vae}
+
+def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
+    """r.grad_accum, or what makes processes x batch size x it upstream's batch."""
+    if r.grad_accum is not None:
+        return r.grad_accum
+    target, share = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)], world * r.batch_size
+    if target % share:
+        raise UserError(f"{world} process(es) x --batch-size {r.batch_size} does not divide "
+                        f"upstream's global batch of {target}: pass --grad-accum N")
+    return target // share
+
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an Aesthetic-4K style folder: images + metadata.jsonl with one
-    {"file_name", "text"} object per line. Bad lines, repeated file names and unreadable images are skipped
-    with a warning."""
+    """The (image, caption) pairs of an images + metadata.jsonl folder; bad lines,
+    repeats and unreadable images are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
     metadata = folder / "metadata.jsonl"
-    lines = read_text(metadata, "captions file").splitlines()
     examples, skipped, seen = [], 0, {}
-    for line_number, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -2096,14 +2198,14 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             if name in seen:
                 raise ValueError(f"file_name {name!r} repeats line {seen[name]}")
             verify_image(folder / name)  # header + integrity check; pixels are decoded when used
-            seen[name] = line_number
+            seen[name] = line_no
             examples.append(Example(folder / name, text))
         except (ValueError, KeyError, TypeError, UserError) as error:
             skipped += 1
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            reason = f"missing {error}" if isinstance(error, KeyError) else reason
             if verbose:
-                warn(f"{metadata.name} line {line_number}: {reason}; skipped")
+                reason = f"missing {error}" if isinstance(error, KeyError) else reason
+                warn(f"{metadata.name} line {line_no}: {reason}; skipped")
     if not examples:
         raise UserError(f"{folder}: no usable images in metadata.jsonl ({skipped} entries skipped)")
     if verbose:
@@ -2115,9 +2217,44 @@ class Example(NamedTuple):
     path: Path
     text: str
 
+@dataclass
+class Captioned:
+    """Training images, their captions' features and the crop size."""
+
+    examples: list[Example]
+    conditions: dict
+    crop: tuple[int, int]
+    unreadable: set = field(default_factory=set)
+
+    def micro_batch(self, draws: dict, share: range, device, dtype) -> tuple:
+        """(images, noise, sigma, eps, condition) on `device`: entries `share` of `draws`."""
+        loaded = [self.readable_crop(draws["picks"][i], draws["offsets"][i].tolist(),
+                                     bool(draws["flips"][i])) for i in share]
+        texts = [self.examples[index].text for index, _ in loaded]
+        condition = {name: torch.stack([self.conditions[text][name] for text in texts]).to(device)
+                     for name in self.conditions[texts[0]]}
+        eps = None if draws["eps"] is None else draws["eps"][share].to(device)
+        images = torch.stack([image for _, image in loaded]).to(device, dtype)
+        noise, sigma = (draws[key][share].to(device) for key in ("noise", "sigma"))
+        return images, noise, sigma, eps, condition
+
+    def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
+        """(index, crop) of example `index` or of the next that decodes (a file can pass
+    `verify()` and still fail); a bad file is named once."""
+        n, bad = len(self.examples), self.unreadable
+        for candidate in [(index + k) % n for k in range(n)]:
+            if candidate not in bad:
+                try:
+                    path = self.examples[candidate].path
+                    return candidate, load_crop(path, *self.crop, offset, flip)
+                except UserError as error:
+                    bad.add(candidate)
+                    warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
+        raise UserError(f"none of the {n} training images could be decoded")
+
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache that `encode_captions` wrote (None: no such file); any other existing file
-    is refused, so that it is never replaced."""
+    """The key of a text cache (None: no file); any other file is refused, never
+    replaced."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open
@@ -2127,22 +2264,14 @@ def text_cache_key(path: Path) -> str | None:
     except (SafetensorError, OSError):
         key = None
     if key is None:
-        raise UserError(f"{path}: not a text cache of `train`; delete it or choose another --text-cache")
+        raise UserError(f"{path}: not a text cache of `train`; delete it or choose another "
+                        "--text-cache")
     return key
 
-def accumulation_steps(args, world: int) -> int:
-    """--grad-accum, or by default the count that makes processes x --batch-size x it upstream's batch."""
-    if args.grad_accum is not None:
-        return args.grad_accum
-    target = UPSTREAM_GLOBAL_BATCH[detect_kind(args.model, args.token)]
-    if target % (world * args.batch_size):
-        raise UserError(f"{world} process(es) x --batch-size {args.batch_size} does not divide upstream's "
-                        f"global batch of {target}: pass --grad-accum N")
-    return target // (world * args.batch_size)
-
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch: int = 8) -> dict:
-    """Every distinct caption encoded once (caption -> {name: tensor without the batch dim}, on the CPU),
-    optionally cached in a safetensors file keyed by model, captions and token lengths; frees the encoders."""
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
+                    batch: int = 8) -> dict:
+    """Each distinct caption encoded once (caption -> {name: tensor}, CPU), cached in
+    `cache` keyed by model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
     lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
@@ -2152,24 +2281,32 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
     if stored:
         print(f"text embeddings: {len(unique)} captions read from {cache}", file=sys.stderr)
     else:
-        for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions, not per chunk
+        for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions
             tokenizer(unique)
             tokenizer.name = None
         for start in range(0, len(unique), batch):
-            chunk = unique[start : start + batch]
-            for i, condition in enumerate(encode_prompts(pipe, chunk), start=start):
-                stored.update({f"{i}.{name}": value[0].to(pipe.dtype) for name, value in condition.items()})
+            conditions = encode_prompts(pipe, unique[start : start + batch])
+            stored.update({f"{i}.{name}": value[0].to(pipe.dtype)
+                           for i, condition in enumerate(conditions, start)
+                           for name, value in condition.items()})
         if cache is not None:
             save_safetensors(stored, cache, {"key": key})
     pipe.text_encoders.clear()  # free their memory before the transformer trains
     conditions = {text: {} for text in unique}
     for name, value in stored.items():
-        index, field = name.split(".")
-        conditions[unique[int(index)]][field] = value
+        index, part = name.split(".")
+        conditions[unique[int(index)]][part] = value
     return conditions
 
-def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None, seed: int = 0) -> nn.Module:
-    """Freeze the model and wrap its attention / MLP linears with LoRA (alpha defaults to rank: scale 1)."""
+# the attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block streams
+# and the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)
+LORA_TARGETS = {
+    "flux": r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+            r"|single_blocks\.\d+\.linear[12]",
+    "sd3": r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"}
+
+def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None,
+             seed: int = 0) -> nn.Module:
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name in lora_targets(model, kind):
@@ -2179,24 +2316,18 @@ def add_lora(model: nn.Module, kind: str, rank: int, alpha: float | None = None,
     return model
 
 def lora_targets(model: nn.Module, kind: str) -> list[str]:
-    """The attention and MLP linears: fused qkv, output projections, MLPs (Flux: double-block streams and
-    the single blocks' fused linear1 / linear2; SD3: both streams of every joint block)."""
-    if kind == "flux":
-        pattern = r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]"
-    else:
-        pattern = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])"
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
+            if isinstance(module, nn.Linear) and re.fullmatch(LORA_TARGETS[kind], name)]
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x with W, b frozen. B starts at zero, so training starts at the base
-    model. A and B stay fp32 even when the base weights are bf16."""
+    """y = W x + b + (alpha / r) B A x, W and b frozen. B starts at zero: training starts at
+    the base model. A and B stay fp32."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         self.base, self.rank, self.scale = base, rank, alpha / rank
         a = torch.empty(rank, base.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # what nn.Linear and peft use
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as nn.Linear and peft
         self.lora_A = nn.Parameter(a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
 
@@ -2204,95 +2335,69 @@ class LoRALinear(nn.Module):
         low_rank = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base(x) + low_rank * self.scale
 
-def micro_batch(examples: list[Example], conditions: dict, unreadable: set, crop: tuple, draws: tuple,
-                indices: range, device) -> tuple[torch.Tensor, dict]:
-    """Crops (CPU) and caption embeddings (`device`) of entries `indices` of the global batch's `draws`."""
-    picks, offsets, flips = draws
-    loaded = [readable_crop(examples, picks[i], unreadable, *crop, offsets[i].tolist(), bool(flips[i]))
-              for i in indices]
-    texts = [examples[index].text for index, _ in loaded]
-    condition = {name: torch.stack([conditions[text][name] for text in texts]).to(device)
-                 for name in conditions[texts[0]]}
-    return torch.stack([image for _, image in loaded]), condition
-
-def readable_crop(examples: list[Example], index: int, bad: set, *crop) -> tuple[int, torch.Tensor]:
-    """(index, crop) of example `index`, or of the next one that decodes (a file can pass `verify()` and
-    still fail, e.g. a PNG cut after its header): such files are named once, then skipped via `bad`."""
-    for candidate in [(index + k) % len(examples) for k in range(len(examples))]:
-        if candidate not in bad:
-            try:
-                return candidate, load_crop(examples[candidate].path, *crop)
-            except UserError as error:
-                bad.add(candidate)
-                warn(f"{error}; skipped ({len(bad)} of {len(examples)} images unreadable)")
-    raise UserError(f"none of the {len(examples)} training images could be decoded")
-
-def stop_unless_finite(step: int, values: dict, output: Path):
-    """Stop at the first of `values` (loss, gradient norm, ...) that is not finite."""
-    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
-    if bad is not None:
-        raise training_diverged(step, f"the {bad}", output)
-
-def save_result(args, pipe, model, kind, lora, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT is a diffusers pipeline folder. LoRA: OUTPUT/lora.safetensors (ours) and
-    OUTPUT/pytorch_lora_weights.safetensors (diffusers / peft names)."""
+def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
+    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors
+    and pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    model, kind, lora = pipe.transformer, pipe.kind, r.lora_rank > 0
     state = trainable_state(model, lora)
     if lora and ctx.main:
-        scale = args.lora_alpha / args.lora_rank if args.lora_alpha else 1.0
-        meta = {"kind": kind, "rank": str(args.lora_rank), "scale": str(scale), "base": str(args.model)}
+        scale = r.lora_alpha / r.lora_rank if r.lora_alpha else 1.0
+        meta = {"kind": kind, "rank": str(r.lora_rank), "scale": str(scale), "base": str(r.model)}
         save_safetensors(state, output / "lora.safetensors", meta)
         exported = export_lora_diffusers(state, kind, model.config, scale)
         save_safetensors(exported, output / "pytorch_lora_weights.safetensors", meta)
-        print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors", file=sys.stderr)
+        print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors",
+              file=sys.stderr)
     elif ctx.main:
         save_transformer(state, model, kind, output, pipe.dtype)
-        copy_base_components(args.model, output)
-        print(f"wrote {output} (a pipeline folder: `diffusion4k.py --model {output}`)", file=sys.stderr)
+        copy_base_components(r.model, output)
+        print(f"wrote {output} (a pipeline folder: `diffusion4k.py --model {output}`)",
+              file=sys.stderr)
     ctx.barrier()
 
+def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
+    """OUTPUT/transformer/ in the diffusers layout."""
+    table, folder = transformer_key_table(kind, model.config), output / "transformer"
+    state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table,
+                             model.config.hidden_size)
+    save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    write_json(diffusers_config(model.config, kind), folder / "config.json")
+
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA (original module names, fused qkv) -> diffusers / peft `transformer.<module>.lora_A.weight`.
-    A LoRA on a fused projection splits exactly: the rows of delta = B A that belong to to_q / to_k / to_v
-    (/ proj_mlp) are those rows of B times the shared A. B carries the scale (peft's default alpha = rank)."""
+    """Our LoRA -> diffusers / peft names. A LoRA on a fused projection splits
+    exactly: the rows of B A of to_q / to_k / to_v (/ proj_mlp) are those rows of B times A. B
+    carries the scale (peft's alpha: the rank)."""
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
         parts, transform = table[f"{module}.weight"]
         assert transform is None, f"{module}: LoRA export needs a plain weight"
-        hidden = config.hidden_size
-        sizes = [hidden] * (len(parts) - 1) + [b.shape[0] - hidden * (len(parts) - 1)]
-        for part, rows in zip(parts, b.split(sizes)):
+        for part, rows in zip(parts, b.split(fused_sizes(len(parts), len(b), config.hidden_size))):
             name = part.removesuffix(".weight")
             out[f"transformer.{name}.lora_A.weight"] = a.clone().contiguous()
             out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
     return out
+
+def fused_sizes(parts: int, rows: int, hidden: int) -> list[int]:
+    return [hidden] * (parts - 1) + [rows - hidden * (parts - 1)]
 
 def transformer_key_table(kind: str, config) -> dict:
     if kind == "flux":
         return flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
     return sd3_key_table(config.depth)
 
-def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
-    """OUTPUT/transformer/ in the diffusers layout (diffusers' from_pretrained, `load_flux`, `load_sd3`)."""
-    table, folder = transformer_key_table(kind, model.config), output / "transformer"
-    state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table, model.config.hidden_size)
-    save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(diffusers_config(model.config, kind), folder / "config.json")
-
 def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
-    """Original keys -> folder layout. Fused tensors split as [hidden]*(n-1) + [rest]."""
     out = {}
     for original, (parts, transform) in table.items():
         tensor = TRANSFORMS[transform][1](state[original])
         if len(parts) == 1:
             out[parts[0]] = tensor
         else:
-            sizes = [hidden_size] * (len(parts) - 1) + [tensor.shape[0] - hidden_size * (len(parts) - 1)]
-            out.update(zip(parts, tensor.split(sizes)))
+            out.update(zip(parts, tensor.split(fused_sizes(len(parts), len(tensor), hidden_size))))
     return out
 
 def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
-    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel for our config."""
+    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel."""
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
     heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)
@@ -2300,9 +2405,10 @@ def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
         if c.theta != 10000.0:
             raise UserError(f"RoPE theta {c.theta}: diffusers' Flux transformer is fixed at 10000")
         return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=c.in_channels,
-                    out_channels=None, num_layers=c.depth, num_single_layers=c.depth_single_blocks, **heads,
-                    joint_attention_dim=c.context_in_dim, pooled_projection_dim=c.vec_in_dim,
-                    guidance_embeds=c.guidance_embed, axes_dims_rope=list(c.axes_dim))
+                    out_channels=None, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
+                    **heads, joint_attention_dim=c.context_in_dim,
+                    pooled_projection_dim=c.vec_in_dim, guidance_embeds=c.guidance_embed,
+                    axes_dims_rope=list(c.axes_dim))
     return dict(_class_name="SD3Transformer2DModel", sample_size=min(128, c.pos_embed_max_size),
                 patch_size=c.patch_size, in_channels=c.in_channels, num_layers=c.depth, **heads,
                 joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden_size,
@@ -2314,16 +2420,16 @@ def write_json(data, path: Path):
         temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 def copy_base_components(base, output: Path):
-    """Hard-link (else copy) every file of the base pipeline but its transformer/: OUTPUT is a pipeline."""
+    """Hard-link (else copy) the base pipeline's files but its transformer/."""
     if Path(str(base)).expanduser().is_file():
-        print(f"note: {base} is a single file; {output} holds the transformer only", file=sys.stderr)
+        print(f"note: {base} is a single file; {output} holds the transformer only",
+              file=sys.stderr)
         return
     patterns = ("model_index.json", "scheduler/*", "vae/*", "text_encoder*/*", "tokenizer*/*")
     folder = resolve_source(base, allow_patterns=patterns)
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        skip = relative.parts[0] in ("transformer", ".cache") or relative.name.startswith(".")
-        if skip or not path.is_file():
+        if relative.parts[0] in ("transformer", ".cache") or relative.name.startswith("."):
             continue
         target = output / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -2336,138 +2442,175 @@ def copy_base_components(base, output: Path):
 
 # ================================================================================= SC-VAE training
 
-def train_vae(args) -> VAETraining:
-    """SC-VAE decoder training (`vae_training_loop`); returns the models and the per-step losses, and
-    leaves OUTPUT/vae/ (and checkpoints) behind."""
-    check_vae_args(args)
-    output, files = Path(args.output), vae_image_files(args.data)
-    with undone_on_failure(output), folder_lock(output):
-        return vae_training_loop(args, output, files)
+@dataclass
+class SCVAERecipe:
+    """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): the student (the base VAE
+    with stride 2, F16) learns to decode like the frozen teacher (the same VAE, stride 1, F8). Only
+    the decoder trains: with the encoder frozen, the latent space and its factors stay the base
+    VAE's. From gan_start the decoder and the discriminator take turns, one optimizer step each
+    (`discriminator_turn`), the discriminator on fresh real crops against the decoder's last
+    fakes; the EMA (`ema_update`) follows every step; posterior samples; AdamW (0.9, 0.999) for
+    both models; horizontal flips."""
 
-def check_vae_args(args):
-    if args.resolution % 16:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 16")
-    if args.gan_weight > 0 and args.resolution < 128:
-        raise UserError(f"--resolution {args.resolution}: the discriminator needs 128 or more (its last map "
-                        "must be 2x2); --gan-weight 0 trains without it")
-    if args.ema == 1:
+    base: str = option("black-forest-labs/FLUX.1-schnell", "base VAE: Hub repo, folder or file")
+    resolution: int = option(512, "square crops, shorter side resized to it", type=integer(16))
+    batch_size: int = option(32, "crops per micro-batch (upstream: 32 per GPU)", type=integer(1))
+    grad_accum: int = option(8, "micro-batches per step (upstream 2 x 4 GPUs)",
+                             type=integer(1, 4096))
+    steps: int = option(10000, "optimizer steps, the decoder's and discriminator's",
+                        type=integer(1))
+    lr: float = option(1e-5, "AdamW learning rate, constant", type=positive(1.0))
+    weight_decay: float = option(1e-4, "AdamW weight decay of both models", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping of each model's total norm",
+                                  type=positive())
+    sc_weight: float = option(1.0, "scale-consistency loss weight", type=number(0))
+    lpips_weight: float = option(0.1, "LPIPS-vgg weight; 0 = off, no weights needed",
+                                 type=number(0))
+    gan_weight: float = option(0.05, "adversarial weight; 0 = no discriminator", type=number(0))
+    gan_start: int = option(0, "step from which decoder and discriminator alternate",
+                            type=integer(0))
+    gp_weight: float = option(10.0, "discriminator gradient penalty weight", type=number(0))
+    disc_lr: float | None = option(None, "discriminator learning rate (default: --lr)",
+                                   type=positive(1.0))
+    ema: float = option(0.9999, "EMA decay of the saved decoder; 0 = off", type=number(0, 1))
+    posterior: str = option("sample", **POSTERIOR)
+    f16_decode: str = option("partitioned", "the student's last stage: partitioned (upstream "
+                             "trains through it) or centred", choices=["partitioned", "centred"])
+    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward "
+                                          "(needed for 32 crops of 512^2)",
+                                          action=argparse.BooleanOptionalAction)
+    dtype: str = option("fp32", "compute: fp32, or bf16 autocast (faster)",
+                        choices=["fp32", "bf16"])
+    seed: int = option(0, "seeds crops, flips, posterior samples and the discriminator", type=SEED)
+    workers: int = option(4, "image decoding threads", type=integer(1, 64))
+    save_every: int = option(1000, "checkpoint interval in steps", type=integer(1))
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", type=integer(1))
+    save_dtype: str = option("fp32", "dtype of the saved VAE weights", choices=["fp32", "bf16"])
+    ae_file: bool = option(False, "also write OUTPUT/ae.safetensors in BFL's single-file layout",
+                           action="store_true")
+
+def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
+              device=None, token=None) -> VAETraining:
+    """Train the F16 decoder with L_SC into OUTPUT/vae/; lpips: the LPIPS weight files."""
+    linear, backbone = lpips or (LPIPS_VGG_LINEAR, LPIPS_VGG_BACKBONE)
+    if r.resolution % 16:
+        raise UserError(f"--resolution {r.resolution}: must be a multiple of 16")
+    if r.gan_weight > 0 and r.resolution < 128:
+        raise UserError(f"--resolution {r.resolution}: the discriminator needs 128 or more (its "
+                        "last map must be 2x2); --gan-weight 0 trains without it")
+    if r.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
-    check_apart([("--output", args.output)], [("--data", args.data), ("--base", args.base),
-                                              ("--lpips-linear", args.lpips_linear),
-                                              ("--lpips-backbone", args.lpips_backbone)])
-    check_train_output(Path(args.output), args.resume)
-
-def vae_training_loop(args, output: Path, files: list[Path]) -> VAETraining:
-    """SC-VAE: the student (the base VAE with stride 2, F16) learns to decode like the frozen teacher (the
-    same VAE with stride 1, F8). Only the student's decoder trains: with the encoder frozen, the latent space
-    and its scale / shift factors stay the base VAE's. The decoder's loss is `sc_vae_loss`, x_hat through the
-    partitioned F16 head by default, as upstream trains it.
-
-    As upstream (sc-vae/train_vae.py, train_vae.sh): from --gan-start the decoder and the discriminator take
-    turns, one optimizer step each (`discriminator_turn`), the discriminator on fresh real crops against the
-    decoder's last fake micro-batch; the step count covers both; the EMA (`ema_update`) updates after every
-    step; posterior samples from both encoders, fp32, AdamW lr 1e-5 and weight decay 1e-4 for both models,
-    clipping at 1, 256 crops of 512^2 per step (images resized to a 512 shorter side), horizontal flips."""
-    device = device_dtype(args.device)[0]
-    stream = CropStream(files, args.resolution, args.seed, args.workers)
-    teacher = load_vae(args.base, torch.float32, device, stride=1, token=args.token).requires_grad_(False)
-    student = load_vae(args.base, torch.float32, device, stride=2, token=args.token).requires_grad_(False)
-    decoder = student.decoder.train().requires_grad_(True)
-    decoder.gradient_checkpointing = args.gradient_checkpointing
-    decoder.partitioned = args.f16_decode == "partitioned"
-    params = list(decoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    ema = {name: p.detach().clone() for name, p in decoder.named_parameters()} if args.ema > 0 else None
-    lpips_files = args.lpips_linear, args.lpips_backbone, args.token
-    lpips = load_lpips(*lpips_files).to(device) if args.lpips_weight > 0 else None
-    torch.manual_seed(args.seed)  # the discriminator's initialisation
-    disc = Discriminator().to(device) if args.gan_weight > 0 else None
-    disc_optimizer = None if disc is None else torch.optim.AdamW(disc.parameters(), args.disc_lr or args.lr,
-                                                                  weight_decay=args.weight_decay)
-    noise = torch.Generator().manual_seed(args.seed + 1)  # posterior samples
-    fakes = None  # the decoder's last output, which the discriminator's next step is shown
-    stateful = {"decoder": decoder, "optimizer": optimizer, "disc": disc, "disc_optimizer": disc_optimizer}
-
-    step, checkpoint_folder = 0, latest_checkpoint(output)
-    if args.resume and checkpoint_folder is not None:
-        checkpoint_folder, state = read_checkpoint(checkpoint_folder, read_vae_checkpoint)
-        load_vae_state(checkpoint_folder, state, stateful, vae_run(args), ema is not None)
-        if ema is not None:
-            ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
-        step, fakes = state["step"], state["fakes"].to(device) if state["fakes"] is not None else None
-        stream.load_state(state["stream"])
-        noise.set_state(state["noise"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resumed from {checkpoint_folder} at step {step}", file=sys.stderr)
-    elif args.resume:
-        print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
-    posterior = noise if args.posterior == "sample" else None
-
-    weights = dict(sc_weight=args.sc_weight, lpips_weight=args.lpips_weight, gan_weight=args.gan_weight)
-    result = VAETraining(student, teacher, ema)
-    output.mkdir(parents=True, exist_ok=True)
-    update = progress_bar("train-vae", args.steps, step)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    while step < args.steps:
-        disc_turn = disc is not None and discriminator_turn(step, args.gan_start)
-        model, model_optimizer = (disc, disc_optimizer) if disc_turn else (decoder, optimizer)
-        if disc is not None:
-            disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
-        model_optimizer.zero_grad(set_to_none=True)
-        totals = {}
-        for _ in range(args.grad_accum):  # gradients of the mean loss over the micro-batches
-            x = stream.batch(args.batch_size).to(device)
-            with autocast:
-                if disc_turn:
-                    hinge, penalty = discriminator_loss(disc, x, fakes, args.gp_weight)
-                    losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
-                else:
-                    gan = disc if disc is not None and step >= args.gan_start else None
-                    losses, fakes = sc_vae_loss(x, student, teacher, posterior, lpips, gan, **weights)
-            (losses["loss"] / args.grad_accum).backward()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float() / args.grad_accum
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        whose = "discriminator " if disc_turn else ""
-        finite = {whose + "loss": totals["loss"], whose + "gradient": totals["grad_norm"]}
-        stop_unless_finite(step + 1, finite, output)  # before the update that would carry it into the weights
-        model_optimizer.step()
-        if ema is not None:
-            ema_update(ema, params, step, args.ema)
-        step += 1
-        record = {"step": step, "turn": "discriminator" if disc_turn else "decoder"}
-        record.update((key, value.item()) for key, value in totals.items())
-        result.history.append(record)
-        with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:  # a resumed run may repeat steps
-            log.write(json.dumps(record) + "\n")
-        shown = ("loss", "mse", "sc", "lpips", "gen", "gp")
-        update(step, postfix={key: f"{record[key]:.4g}" for key in shown if key in record})
-        if step % args.save_every == 0 or step == args.steps:
-            next_needs_fakes = disc is not None and discriminator_turn(step, args.gan_start)
-            state = {key: None if part is None else part.state_dict() for key, part in stateful.items()}
-            state.update(step=step, ema=ema, fakes=fakes.cpu() if next_needs_fakes else None,
-                         stream=stream.state(), noise=noise.get_state(), torch_rng=torch.get_rng_state())
-            state["run"] = json.dumps(vae_run(args))
-            save_vae_checkpoint(output, step, state, args.keep_checkpoints)
-    final = student
-    if ema is not None:  # the EMA decoder is the result; the raw one stays in the checkpoint
-        final = copy.deepcopy(student)
-        final.decoder.load_state_dict(ema)  # the decoder has parameters only, so EMA covers its whole state
-    dtype = DTYPES[args.save_dtype]
-    save_vae(final, output, folder_config(component_path(args.base, "vae", args.token)), dtype, args.ae_file)
-    return result
+    inputs = [("--data", data), ("--base", r.base), ("--lpips-linear", linear),
+              ("--lpips-backbone", backbone)]
+    check_apart([("--output", output)], inputs)
+    output = Path(output)
+    check_train_output(output, resume)
+    files = vae_image_files(data)
+    with undone_on_failure(output), folder_lock(output):
+        run = sc_vae_setup(r, files, (linear, backbone), device_dtype(device)[0], token)
+        sc_vae_loop(run, r, output, resume_vae(run, r, output) if resume else 0)
+        final = run.student
+        if run.ema is not None:  # the EMA decoder is the result; the raw one stays in checkpoints
+            final = copy.deepcopy(run.student)
+            final.decoder.load_state_dict(run.ema)  # parameters only: EMA covers its whole state
+        base_config = folder_config(component_path(r.base, "vae", token))
+        save_vae(final, output, base_config, DTYPES[r.save_dtype], r.ae_file)
+        return run
 
 @dataclass
 class VAETraining:
-    student: AutoEncoder
-    teacher: AutoEncoder
-    ema: dict | None
-    history: list = field(default_factory=list)  # one dict of losses per step
+    """An SC-VAE run: models, optimizers, data, random state, losses per step."""
+
+    student: AutoEncoder  # F16; its decoder trains
+    teacher: AutoEncoder  # F8, frozen
+    optimizer: torch.optim.Optimizer
+    stream: CropStream
+    noise: torch.Generator  # posterior samples
+    device: torch.device
+    ema: dict | None = None  # the decoder's EMA
+    lpips: LPIPS | None = None
+    disc: Discriminator | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    fakes: torch.Tensor | None = None  # the decoder's last output, shown to D's next step
+    history: list = field(default_factory=list)
+
+    def parts(self) -> dict:  # what a checkpoint's state_dicts hold
+        return {"decoder": self.student.decoder, "optimizer": self.optimizer, "disc": self.disc,
+                "disc_optimizer": self.disc_optimizer}
+
+def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token) -> VAETraining:
+    stream = CropStream(files, r.resolution, r.seed, r.workers)
+    teacher = load_vae(r.base, torch.float32, device, stride=1, token=token).requires_grad_(False)
+    student = load_vae(r.base, torch.float32, device, stride=2, token=token).requires_grad_(False)
+    decoder = student.decoder.train().requires_grad_(True)
+    decoder.gradient_checkpointing = r.gradient_checkpointing
+    decoder.partitioned = r.f16_decode == "partitioned"
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=r.lr, betas=(0.9, 0.999),
+                                  weight_decay=r.weight_decay)
+    run = VAETraining(student, teacher, optimizer, stream, torch.Generator(), device)
+    if r.ema > 0:
+        run.ema = {name: p.detach().clone() for name, p in decoder.named_parameters()}
+    if r.lpips_weight > 0:
+        run.lpips = load_lpips(*lpips, token).to(device)
+    torch.manual_seed(r.seed)  # the discriminator's initialisation
+    if r.gan_weight > 0:
+        run.disc = Discriminator().to(device)
+        run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), r.disc_lr or r.lr,
+                                               weight_decay=r.weight_decay)
+    run.noise.manual_seed(r.seed + 1)
+    return run
+
+def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train-vae", r.steps, step)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=r.dtype == "bf16")
+    params = list(run.student.decoder.parameters())
+    while step < r.steps:
+        optimizer, totals = sc_vae_step(run, r, step, autocast)
+        turn = "decoder" if optimizer is run.optimizer else "discriminator"
+        record = {"step": step + 1, "turn": turn, **{k: v.item() for k, v in totals.items()}}
+        whose = "" if turn == "decoder" else "discriminator "
+        finite = {whose + "loss": totals["loss"], whose + "gradient": totals["grad_norm"]}
+        step = finish_step(optimizer, record, finite, output)
+        if run.ema is not None:
+            ema_update(run.ema, params, step - 1, r.ema)
+        run.history.append(record)
+        shown = ("loss", "mse", "sc", "lpips", "gen", "gp")
+        update(step, postfix={key: f"{record[key]:.4g}" for key in shown if key in record})
+        if step % r.save_every == 0 or step == r.steps:
+            save_vae_checkpoint(output, step, vae_state(run, r, step), r.keep_checkpoints)
+
+def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
+    """Step `step` (0-based) up to the update: the decoder's L_SC or, on the
+    discriminator's turns, D's loss on fresh crops against the last fakes; mean gradients over
+    the micro-batches, clipped. Returns (the optimizer to step, the mean losses and norm)."""
+    disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
+    disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
+    model, optimizer = run.student.decoder, run.optimizer
+    if disc is not None:
+        disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
+        model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
+    gan = disc if disc is not None and step >= r.gan_start else None
+    weights = dict(sc_weight=r.sc_weight, lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
+    totals = {}
+    for _ in range(r.grad_accum):
+        x = run.stream.batch(r.batch_size).to(run.device)
+        with autocast:
+            if disc_turn:
+                hinge, penalty = discriminator_loss(disc, x, run.fakes, r.gp_weight)
+                losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
+            else:
+                losses, run.fakes = sc_vae_loss(x, run.student, run.teacher, posterior, run.lpips,
+                                                gan, **weights)
+        (losses["loss"] / r.grad_accum).backward()
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
+    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), r.max_grad_norm)
+    return optimizer, totals
 
 class CropStream:
-    """Seeded square crops: `Batches` draws each epoch's permutation and, from the same generator, every
-    crop's offset and flip. Files that fail to decode are dropped with one warning and replaced by the next
-    draw; the state goes into checkpoints, so a resumed run draws what the uninterrupted run would have."""
+    """Seeded square crops: `Batches` draws each epoch's permutation and every crop's
+    offset and flip. Files that fail to decode are dropped with one warning."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -2488,7 +2631,7 @@ class CropStream:
             return error
 
     def batch(self, n: int) -> torch.Tensor:
-        crops = []
+        crops, total = [], len(self.files)
         with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL decodes without the GIL
             while len(crops) < n:
                 specs = [self.draw() for _ in range(n - len(crops))]
@@ -2496,9 +2639,9 @@ class CropStream:
                     if isinstance(crop, torch.Tensor):
                         crops.append(crop)
                     elif index not in self.bad:
-                        warn(f"{crop}; skipped ({len(self.bad) + 1} of {len(self.files)} images unreadable)")
                         self.bad.add(index)
-                if len(self.bad) == len(self.files):
+                        warn(f"{crop}; skipped ({len(self.bad)} of {total} images unreadable)")
+                if len(self.bad) == total:
                     raise UserError("none of the training images could be decoded")
         return torch.stack(crops)
 
@@ -2510,38 +2653,59 @@ class CropStream:
         self.bad = set(state["bad"].tolist())
 
 def read_vae_checkpoint(folder: Path) -> dict:
-    keys = ("step", "decoder", "optimizer", "ema", "disc", "disc_optimizer", "fakes", "stream", "noise",
-            "torch_rng")
-    state = load_state_file(folder / "state.pt", keys)
+    state = load_state_file(folder / "state.pt", ("step", "decoder", "optimizer", "ema", "disc",
+                                                  "disc_optimizer", "fakes", "stream", "noise",
+                                                  "torch_rng"))
     for part in ("decoder", "ema", "disc"):
         check_weights(state[part] or {}, folder / "state.pt")
     return state
 
-def vae_run(args) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_run`): the trainer, the base VAE
-    and the F16 head the decoder learns through (the decoder's shapes are checked when its state loads)."""
-    return {"trainer": "diffusion4k.py train-vae", "base": source_name(args.base),
-            "f16_decode": args.f16_decode}
+def vae_run(r: SCVAERecipe) -> dict:
+    """What a resumed checkpoint must share with this run (`check_run`)."""
+    return {"trainer": "diffusion4k.py train-vae", "base": source_name(r.base),
+            "f16_decode": r.f16_decode}
 
-def load_vae_state(folder: Path, state: dict, stateful: dict, run: dict, ema_on: bool):
-    """Load a train-vae checkpoint's models and optimizers, once it proves to be this run's: its record,
-    EMA and GAN as this run's, its tensors exactly the models'."""
-    check_run(folder, state.get("run"), run)
-    if (state["ema"] is None) == ema_on or (state["disc"] is None) != (stateful["disc"] is None):
-        ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-        raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same --ema / "
-                        "--gan-weight")
+def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
+    """All a resumed run needs to go on identically after `step` steps."""
+    next_needs_fakes = run.disc is not None and discriminator_turn(step, r.gan_start)
+    state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
+    state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
+                 stream=run.stream.state(), noise=run.noise.get_state(),
+                 torch_rng=torch.get_rng_state())
+    state["run"] = json.dumps(vae_run(r))
+    return state
+
+def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
+    """Load the newest intact checkpoint if it is this run's (record, EMA, GAN,
+    tensors); returns its step."""
+    if latest_checkpoint(output) is None:
+        print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
+        return 0
+    folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
+    check_run(folder, state.get("run"), vae_run(r))
+    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
+    if (ema, gan) != ("off" if run.ema is None else "on", "off" if run.disc is None else "on"):
+        raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
+                        "--ema / --gan-weight")
     try:
-        for key, part in stateful.items():
+        for key, part in run.parts().items():
             if part is not None:
                 part.load_state_dict(state[key])
     except (RuntimeError, ValueError, KeyError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()[:120]
         raise UserError(f"{folder}: does not fit this model ({reason})") from None
+    if run.ema is not None:
+        run.ema = {name: tensor.to(run.device) for name, tensor in state["ema"].items()}
+    run.fakes = None if state["fakes"] is None else state["fakes"].to(run.device)
+    run.stream.load_state(state["stream"])
+    run.noise.set_state(state["noise"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
+    return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, written atomically, if its weights are finite; older ones pruned. A
-    checkpoint that cannot be written whole leaves no folder."""
+    """checkpoints/step-N/state.pt if its weights are finite, whole or not at
+    all; older ones pruned."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -2556,30 +2720,53 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
 
 def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
              ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout (config.json says "stride": 2), loadable by `load_vae` and by
-    diffusers' AutoencoderKL.from_pretrained (as an F8 VAE); optionally OUTPUT/ae.safetensors in BFL's
-    layout (load it with `load_vae(path, stride=2)`: a single file has no config)."""
-    state = {key: value.detach().to("cpu", dtype).contiguous() for key, value in vae.state_dict().items()}
-    folder_state = to_folder_layout(state, vae_table_for(state))
-    save_safetensors(folder_state, output / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(diffusers_vae_config(vae.config, base_config), output / "vae" / "config.json")
+    """OUTPUT/vae/ in the diffusers layout ("stride": 2) for `load_vae` and diffusers'
+    AutoencoderKL; with ae_file also OUTPUT/ae.safetensors in BFL's layout (configless: load it
+    with `load_vae(path, stride=2)`)."""
+    state = {key: value.detach().to("cpu", dtype).contiguous()
+             for key, value in vae.state_dict().items()}
+    folder, meta = output / "vae", {"format": "pt"}
+    save_safetensors(to_folder_layout(state, vae_table_for(state)),
+                     folder / "diffusion_pytorch_model.safetensors", meta)
+    write_json(diffusers_vae_config(vae.config, base_config), folder / "config.json")
     if ae_file:
-        save_safetensors(state, output / "ae.safetensors", {"format": "pt", "stride": str(vae.config.stride)})
+        meta["stride"] = str(vae.config.stride)
+        save_safetensors(state, output / "ae.safetensors", meta)
 
-def diffusers_vae_config(config: VAEConfig, base: dict | None = None) -> dict:
-    """config.json for diffusers' AutoencoderKL (which ignores `stride`) and for `load_vae`."""
-    levels = len(config.channel_multipliers)
-    return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": config.in_channels,
-            "out_channels": config.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
+def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
+    """config.json for diffusers' AutoencoderKL (which ignores `stride`)."""
+    levels = len(c.channel_multipliers)
+    return {**(base or {}), "_class_name": "AutoencoderKL", "in_channels": c.in_channels,
+            "out_channels": c.out_channels, "down_block_types": ["DownEncoderBlock2D"] * levels,
             "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": [config.base_channels * m for m in config.channel_multipliers],
-            "layers_per_block": config.num_res_blocks, "act_fn": "silu", "latent_channels": config.z_channels,
-            "norm_num_groups": 32, "scaling_factor": config.scale_factor, "shift_factor": config.shift_factor,
-            "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
-            "stride": config.stride}
+            "block_out_channels": [c.base_channels * m for m in c.channel_multipliers],
+            "layers_per_block": c.num_res_blocks, "act_fn": "silu", "latent_channels": c.z_channels,
+            "norm_num_groups": 32, "scaling_factor": c.scale_factor,
+            "shift_factor": c.shift_factor, "use_quant_conv": False, "use_post_quant_conv": False,
+            "mid_block_add_attention": True, "stride": c.stride}
 
 
 # ============================================================================== training utilities
+
+# --- BEGIN kit: training step ---
+def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
+    """The end of every optimizer step, once the gradients are in: stop at the first non-finite
+    number of `checked` (loss, gradient norm, ...) before the update would carry it into the
+    weights, update, and append `record` (its "step" counts from 1) to OUTPUT/train_log.jsonl.
+    Returns the number of steps done."""
+    stop_unless_finite(record["step"], checked, output)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if main:  # a resumed run may repeat steps in the log
+        with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+    return record["step"]
+
+def stop_unless_finite(step: int, values: dict, output: Path):
+    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
+    if bad is not None:
+        raise training_diverged(step, f"the {bad}", output)
+# --- END kit: training step ---
 
 # --- BEGIN kit: training utilities ---
 # Training data, seeded batch order, torchrun / FSDP2 and resumable checkpoints.
@@ -3119,35 +3306,36 @@ def generate_command(args):
     if not prompts[0].strip():
         raise UserError("give --prompt TEXT or --prompts FILE (the prompt is empty or blank)")
     if args.seed_per_prompt == "increment" and args.seed + len(prompts) - 1 >= 2**64:
-        raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond 2**64 - 1")
+        raise UserError(f"--seed {args.seed}: prompt {len(prompts)} would need a seed beyond "
+                        "2**64 - 1")
     sources = [("--" + option.replace("_", "-"), getattr(args, option))
                for option in ("prompts", "model", "text_encoders", "vae_weights")]
     for option, value in sources[1:]:
         check_source(value, option)
     outputs = batch_outputs(args, len(prompts), stems)
-    check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs], sources)
+    check_apart([("--output-dir" if args.prompts else "--output", path) for path in outputs],
+                sources)
     metadata = outputs.pop() if args.prompts else None
-    records = {i: image_record(path, prompt) for i, (path, prompt) in enumerate(zip(outputs, prompts))
-               if args.skip_existing and path.exists()}
+    records = {i: image_record(path, prompt) for i, (path, prompt)
+               in enumerate(zip(outputs, prompts)) if args.skip_existing and path.exists()}
     for i in records:
         print(f"{outputs[i]} exists; skipped", file=sys.stderr)
     todo = [i for i in range(len(prompts)) if i not in records]
     if todo:
-        dtype = DTYPES.get(args.dtype)
-        pipe = load_pipeline(args.model, args.vae, args.device, dtype, args.text_encoders, args.vae_weights,
-                             args.offload, args.token)
+        pipe = load_pipeline(args.model, args.vae, args.device, DTYPES.get(args.dtype),
+                             args.text_encoders, args.vae_weights, args.offload, args.token)
         if args.compile:
             compile_blocks(pipe.transformer)
         pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
-        todo_prompts, todo_outputs = [prompts[i] for i in todo], [outputs[i] for i in todo]
-        generate_images(args, pipe, todo_prompts, todo_outputs, todo, records, metadata)
+        generate_images(args, pipe, [prompts[i] for i in todo], [outputs[i] for i in todo], todo,
+                        records, metadata)
     if metadata is not None:
         write_metadata(metadata, records)
 
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line (stems None: numbered
-    outputs), or a .jsonl file with {"file_name", "text"} per line (outputs named after the file_names' stems,
-    as upstream's generate_and_eval_fid.py). Any bad line stops the batch before it starts."""
+    """(prompts, output stems) of --prompts: a text file, one prompt per line
+    (stems None), or a .jsonl file with {"file_name", "text"} per line, named after the
+    file_names' stems (upstream's generate_and_eval_fid.py). A bad line stops the batch."""
     lines = read_text(path, "prompt file").splitlines()
     if Path(path).suffix.lower() != ".jsonl":
         prompts = [line.strip() for line in lines if line.strip()]
@@ -3155,40 +3343,41 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
             raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
         return prompts, None
     seen = {}  # stem -> (line number, prompt)
-    for line_number, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = loads_unique(line)
         except ValueError as error:
-            raise UserError(f"{path} line {line_number}: not JSON ({error})") from None
+            raise UserError(f"{path} line {line_no}: not JSON ({error})") from None
         record = record if isinstance(record, dict) else {}
         name, text = record.get("file_name"), record.get("text")
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            expected = "expected an object with a file_name and a non-empty text"
-            raise UserError(f"{path} line {line_number}: {expected}")
+            raise UserError(f"{path} line {line_no}: expected an object with a file_name and a "
+                            "non-empty text")
         stem = Path(name).stem
         if not stem or "\0" in stem:
-            raise UserError(f"{path} line {line_number}: file_name {name!r} gives no usable output name")
+            raise UserError(f"{path} line {line_no}: file_name {name!r} gives no usable output "
+                            "name")
         if stem in seen:
-            raise UserError(f"{path} line {line_number}: file_name {name!r} gives the output name {stem}.png "
-                            f"of line {seen[stem][0]}")
-        seen[stem] = line_number, text
+            raise UserError(f"{path} line {line_no}: file_name {name!r} gives the output name "
+                            f"{stem}.png of line {seen[stem][0]}")
+        seen[stem] = line_no, text
     if not seen:
         raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
     return [text for _, text in seen.values()], list(seen)
 
 def check_source(value, option: str):
-    """Refuse a local path that does not exist, or is a FIFO or device, before anything is loaded (Hub ids
-    are fetched later)."""
-    if value is not None and not Path(value).expanduser().exists() and not is_repo_id(value):
+    """Refuse a missing local path, a FIFO or a device before anything loads."""
+    if value is None:
+        return
+    if not Path(value).expanduser().exists() and not is_repo_id(value):
         raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
-    if value is not None:
-        check_regular_file(Path(value).expanduser(), f"{option} file or folder")
+    check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The output files, checked before anything is loaded: one image, or with --prompts OUTPUT_DIR/00000.png
-    ... (or <stem>.png for each of `stems`) and OUTPUT_DIR/metadata.jsonl (last)."""
+    """The outputs, checked before anything loads: one image, or OUTPUT_DIR/00000.png
+    ... (or <stem>.png) and OUTPUT_DIR/metadata.jsonl (last)."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -3198,13 +3387,14 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
     for path in outputs:
         if path.exists() and not (args.overwrite or args.skip_existing):
-            raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to finish")
+            raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to "
+                            "finish")
         check_output_file(path, True, None)  # a folder in the way, or an unwritable one
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """The metadata.jsonl line of an image: from `settings`, else from the PNG text chunks that
-    `generate_images` writes (an image kept by --skip-existing), else the prompt alone."""
+    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks
+    (an image kept by --skip-existing), else the prompt alone."""
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3213,97 +3403,123 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
             settings = {}
     return {"file_name": path.name, "text": prompt, **settings}
 
-def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path], numbers: list[int],
-                    records: dict, metadata: Path | None):
-    """Sample and save each prompt's image; with --prompts metadata.jsonl is rewritten after each image,
-    so an interrupted batch keeps one that matches."""
-    family = "flux-schnell" if pipe.schnell else pipe.kind
-    steps = args.steps or DEFAULTS[family]["steps"]
-    guidance = DEFAULTS[family]["guidance"] if args.guidance is None else args.guidance
+def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path],
+                    numbers: list[int], records: dict, metadata: Path | None):
+    """Sample and save each image; metadata.jsonl is rewritten after each one, so an
+    interrupted batch keeps one that matches."""
+    family = DEFAULTS["flux-schnell" if pipe.schnell else pipe.kind]
+    steps = args.steps or family["steps"]
+    guidance = family["guidance"] if args.guidance is None else args.guidance
     height, width = check_size(pipe, args.height, args.width)
     if pipe.kind == "flux" and args.negative_prompt:
-        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it", file=sys.stderr)
+        print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it",
+              file=sys.stderr)
     f16_decode = args.f16_decode if args.vae == "f16" else None
     negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
     negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
     for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
-        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: a long file is encoded in parts
+        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: encoded in parts
             conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
-        condition = conditions[n % PROMPT_BATCH]
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height, width=width,
-                        steps=steps, guidance=guidance, seed=seed, mu=args.mu, negative_prompt=negative_text)
+        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height,
+                        width=width, steps=steps, guidance=guidance, seed=seed, mu=args.mu,
+                        negative_prompt=negative_text)
         start = time.perf_counter()
-        image = generate(pipe, condition, height, width, steps, guidance, seed, negative, args.mu,
-                         progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
-        save_image(tensor_to_image(image), output, {"prompt": prompt, "settings": json.dumps(settings)},
-                   overwrite=args.overwrite)
-        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        image = generate(pipe, conditions[n % PROMPT_BATCH], height, width, steps, guidance, seed,
+                         negative, args.mu, progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
+        text = {"prompt": prompt, "settings": json.dumps(settings)}
+        save_image(tensor_to_image(image), output, text, overwrite=args.overwrite)
+        print(f"wrote {output} ({width}x{height}, {time.perf_counter() - start:.1f} s)",
+              file=sys.stderr)
         records[i] = image_record(output, prompt, settings)
         if metadata is not None:
             write_metadata(metadata, records)
 
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the multiple the model needs (saying so) and refuse impossible sizes."""
+    """Round the sides to the model's multiple (saying so); refuse impossible sizes."""
     multiple = pipe.size_multiple
     rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
     if rounded != [height, width]:
-        print(f"note: {height}x{width} is not a multiple of {multiple}; generating {rounded[0]}x{rounded[1]}",
-              file=sys.stderr)
+        print(f"note: {height}x{width} is not a multiple of {multiple}; generating "
+              f"{rounded[0]}x{rounded[1]}", file=sys.stderr)
     if pipe.kind == "sd3":
-        limit = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
+        limit = pipe.transformer.config.pos_embed_max_size * multiple
         if max(rounded) > limit:
             hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
-            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px per side with "
-                            f"this VAE{hint}")
+            raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px "
+                            f"per side with this VAE{hint}")
     return rounded[0], rounded[1]
 
 def write_metadata(path: Path, records: dict):
+    lines = "".join(json.dumps(records[i]) + "\n" for i in sorted(records))
     with atomic_write(path) as temp:
-        temp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)), encoding="utf-8")
+        temp.write_text(lines, encoding="utf-8")
 
 def generate_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
-                            "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
-                            description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
+    parser = ArgumentParser(
+        prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
+        "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
+        description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
     add = parser.add_argument
     add("--prompt", default="", help="the text prompt")
-    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl file with "
-        "file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval metadata.jsonl")
-    add("--output", default="diffusion4k.png", help="output image (.png keeps the settings as text metadata)")
-    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images, metadata.jsonl")
+    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl "
+        "file with file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval "
+        "metadata.jsonl")
+    add("--output", default="diffusion4k.png",
+        help="output image (.png keeps the settings as text metadata)")
+    add("--output-dir", default="diffusion4k_outputs",
+        help="folder for the --prompts images, metadata.jsonl")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    existing.add_argument("--skip-existing", action="store_true", help="keep existing images, add the rest")
-    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
-        help="Hub repo or local pipeline folder (Flux or SD3), or a single transformer .safetensors file")
-    add("--height", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
-    add("--width", type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep existing images, add the rest")
+    add("--model", default="zhang0jhon/flux_wavelet_v2_sc", help="Hub repo or local pipeline "
+        "folder (Flux or SD3), or a single transformer .safetensors file")
+    side = dict(type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    add("--height", **side)
+    add("--width", **side)
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
+    add("--guidance", type=number(0, 100),
+        help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
     add("--negative-prompt", default="", help="SD3 only")
     add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
     add("--seed-per-prompt", choices=["increment", "same"], default="increment",
-        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's generate_and_eval_fid.py)")
-    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's "
+        "generate_and_eval_fid.py)")
+    add("--vae", choices=["f16", "f8"], default="f16",
+        help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
     add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) or centred")
-    add("--vae-tile", type=integer(0), help="decode in tiles of this many latent pixels (0: whole image)")
+        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) "
+        "or centred")
+    add("--vae-tile", type=integer(0),
+        help="decode in tiles of this many latent pixels (0: whole image)")
     add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
     add("--offload", choices=["none", "model", "blocks"], default="none",
-        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux blocks: 24 GB)")
+        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux "
+        "blocks: 24 GB)")
     add("--compile", action="store_true", help="torch.compile each transformer block")
-    add("--text-encoders", help="pipeline folder / Hub repo with the text encoders (for single-file models)")
+    add("--text-encoders",
+        help="pipeline folder / Hub repo with the text encoders (for single-file models)")
     add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
     add("--device", type=device_name, help="cuda (default when available) or cpu")
     add("--dtype", choices=["bf16", "fp16", "fp32"],
         help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
-    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / huggingface-cli login)")
+    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / "
+        "huggingface-cli login)")
     return parser
 
-def train_command(args):
+def recipe(kind, args):
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
+
+def add_recipe(parser: argparse.ArgumentParser, kind):
+    """One --option per field of the recipe `kind`, defaults the recipe's."""
+    for f in fields(kind):
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
+
+def train_command(args) -> list[tuple[int, float]]:
     try:
-        train(args)
+        return train(recipe(WLFRecipe, args), args.data, args.output, args.resume,
+                     args.text_cache, args.device, args.token)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -3311,109 +3527,59 @@ def train_command(args):
 def train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an Aesthetic-4K "
-                    "style\nfolder (images + metadata.jsonl with file_name and text); upstream's defaults.",
+        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an "
+                    "Aesthetic-4K style\nfolder (images + metadata.jsonl with file_name and text); "
+                    "upstream's defaults.",
         epilog="Examples:\n"
                "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output flux4k\n"
-               "  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take ~190 GB)\n"
-               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in --output")
+               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output "
+               "flux4k\n  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take "
+               "~190 GB)\n"
+               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in "
+               "--output")
     add = parser.add_argument
-    add("--model", default="black-forest-labs/FLUX.1-dev", help="base pipeline: Hub repo or diffusers folder")
-    add("--data", required=True, help="folder with images and metadata.jsonl (file_name, text per line)")
-    add("--output", required=True, help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
-    add("--resolution", type=integer(1), default=4096, help="images are resized to cover the crop")
-    add("--crop", help="HEIGHTxWIDTH (default: a RESOLUTION square); multiples of the VAE factor x 2")
-    add("--batch-size", type=integer(1), default=1, help="images per process per micro-batch (upstream: 4 "
-        "for Flux, 8 for SD3; 1 fits memory, --grad-accum makes up the global batch)")
-    add("--grad-accum", type=accumulation_count, default=None, metavar="N|auto", help="micro-batches per "
-        "step: global batch = processes x --batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)")
-    add("--steps", type=integer(1), default=20000, help="optimizer steps")
-    add("--lr", type=positive(1.0), default=1e-6, help="AdamW learning rate, constant (LoRA wants ~1e-4)")
-    add("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps before the constant rate")
-    add("--weight-decay", type=number(0), default=1e-4)
-    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping (total norm)")
-    add("--lora-rank", type=integer(0), default=0, help="train a LoRA of this rank on the attention and MLPs")
-    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, i.e. scale 1)")
-    add("--wavelet-weights", default="1,1,1,1",
-        help="WLF weights of the Haar subbands LL,LH,HL,HH; unequal ones (e.g. 1,2,2,2) are our extension")
-    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
-    add("--guidance", type=number(0, 100), default=3.5, help="Flux-dev: the distilled guidance fed")
-    add("--timestep-sampling", choices=["uniform", "logit_normal"], help="Flux: uniform, SD3: logit_normal")
-    add("--shift", type=positive(), help="static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, SD3 3)")
-    add("--max-sequence-length", type=integer(1, 512), default=77, help="T5 tokens of the captions")
+    add("--data", required=True,
+        help="folder with images and metadata.jsonl (file_name, text per line)")
+    add("--output", required=True,
+        help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
     add("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    add("--checkpoint-every", type=integer(1), default=1000, help="steps per checkpoint (upstream: 5000)")
-    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    add("--log-every", type=integer(1), default=10, help="steps between log lines")
-    add("--resume", nargs="?", const="latest", help="a checkpoint folder, or none: the newest in --output")
-    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, sigmas, noises, LoRA init")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-        help="recompute block activations in the backward pass (needed at 4K)")
-    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
-    add("--device", type=device_name, help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
-    add("--dtype", choices=["bf16", "fp32"], help="bf16 autocast over fp32 weights (CUDA default), or fp32")
+    add("--resume", nargs="?", const="latest",
+        help="a checkpoint folder, or none: the newest in --output")
+    add("--device", type=device_name,
+        help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
     add("--token", help="Hugging Face token for gated repos")
+    add_recipe(parser, WLFRecipe)
     return parser
 
-def accumulation_count(text: str) -> int | None:
-    """argparse type of --grad-accum: "auto" (None) or an integer >= 1."""
-    if text == "auto":
-        return None
-    try:
-        return integer(1)(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
-
-def train_vae_command(args):
-    result = train_vae(args)
+def train_vae_command(args) -> VAETraining:
+    result = train_vae(recipe(SCVAERecipe, args), args.data, args.output, args.resume,
+                       (args.lpips_linear, args.lpips_backbone), args.device, args.token)
     last = next((record for record in reversed(result.history) if record["turn"] == "decoder"), {})
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "sc", "lpips", "gen") if k in last)
     summary = f"; last decoder step: {summary}" if summary else ""
     print(f"wrote {Path(args.output) / 'vae'} (F16 SC-VAE){summary}", file=sys.stderr)
+    return result
 
 def train_vae_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): "
-                            "retrain the F16 VAE's decoder (encoder frozen) to reconstruct images and match "
-                            "the frozen F8 decoder's last feature map. Writes OUTPUT/vae/ for "
-                            "`diffusion4k.py --vae-weights OUTPUT`. Defaults are upstream's.")
+    parser = ArgumentParser(
+        prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): retrain the F16 "
+        "VAE's decoder (encoder frozen) to reconstruct images and match the frozen F8 decoder's "
+        "last feature map. Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`. "
+        "Defaults are upstream's.")
     add = parser.add_argument
-    add("--data", required=True, help="image folder (recursive), or the files its metadata.jsonl lists")
-    add("--output", required=True, help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
-    add("--base", default="black-forest-labs/FLUX.1-schnell", help="base VAE: Hub repo, folder or file")
-    add("--resolution", type=integer(16), default=512, help="square crops, shorter side resized to it")
-    add("--batch-size", type=integer(1), default=32, help="crops per micro-batch (upstream: 32 per GPU)")
-    add("--grad-accum", type=integer(1, 4096), default=8, help="micro-batches per step (upstream 2 x 4 GPUs)")
-    add("--steps", type=integer(1), default=10000, help="optimizer steps, the decoder's and discriminator's")
-    add("--lr", type=positive(1.0), default=1e-5, help="AdamW learning rate, constant")
-    add("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay of both models")
-    add("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping of each model's total norm")
-    add("--sc-weight", type=number(0), default=1.0, help="scale-consistency loss weight")
-    add("--lpips-weight", type=number(0), default=0.1, help="LPIPS-vgg weight; 0 = off, no weights needed")
-    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS v0.1 vgg linears: file, owner/repo/path")
-    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 ImageNet weights: file, owner/repo/path")
-    add("--gan-weight", type=number(0), default=0.05, help="adversarial weight; 0 = no discriminator")
-    add("--gan-start", type=integer(0), default=0, help="step from which decoder and discriminator alternate")
-    add("--gp-weight", type=number(0), default=10.0, help="discriminator gradient penalty weight")
-    add("--disc-lr", type=positive(1.0), help="discriminator learning rate (default: --lr)")
-    add("--ema", type=number(0, 1), default=0.9999, help="EMA decay of the saved decoder; 0 = off")
-    add("--posterior", choices=["sample", "mean"], default="sample", help="latents: posterior sample or mean")
-    add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="the student's last stage: partitioned (upstream trains through it) or centred")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-        help="recompute decoder activations in backward (needed for 32 crops of 512^2)")
-    add("--save-every", type=integer(1), default=1000, help="checkpoint interval in steps")
-    add("--keep-checkpoints", type=integer(1), default=2, help="how many recent checkpoints to keep")
+    add("--data", required=True,
+        help="image folder (recursive), or the files its metadata.jsonl lists")
+    add("--output", required=True,
+        help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    add("--save-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved VAE weights")
-    add("--ae-file", action="store_true", help="also write OUTPUT/ae.safetensors in BFL's single-file layout")
-    add("--seed", type=SEED, default=0, help="seeds crops, flips, posterior samples and the discriminator")
-    add("--workers", type=integer(1, 64), default=4, help="image decoding threads")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR,
+        help="LPIPS v0.1 vgg linears: file, owner/repo/path")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
+        help="VGG16 ImageNet weights: file, owner/repo/path")
     add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute: fp32, or bf16 autocast (faster)")
     add("--token", help="Hugging Face token for gated repos")
+    add_recipe(parser, SCVAERecipe)
     return parser
-
 
 if __name__ == "__main__":
     hint = "try a smaller size or --offload model / blocks (training: a smaller --crop)"

@@ -141,7 +141,8 @@ def test_training_defaults_are_upstreams(flux_folder, sd3_folder, tmp_path):
     args = d4k.train_parser().parse_args(["--data", str(tmp_path), "--output", str(tmp_path / "o")])
     defaults = (args.posterior, args.max_sequence_length, args.lr, args.warmup_steps, args.weight_decay,
                 args.max_grad_norm, args.guidance, args.seed, args.steps, args.wavelet_weights, args.crop)
-    assert defaults == ("sample", 77, 1e-6, 0, 1e-4, 1.0, 3.5, 0, 20000, "1,1,1,1", None)
+    assert defaults == ("sample", 77, 1e-6, 0, 1e-4, 1.0, 3.5, 0, 20000, (1.0, 1.0, 1.0, 1.0), None)
+    args = d4k.recipe(d4k.WLFRecipe, args)
     args.model = flux_folder  # global batch 32 (Flux) and 64 (SD3), however it is split
     assert d4k.accumulation_steps(args, world=1) == 32
     args.batch_size = 4

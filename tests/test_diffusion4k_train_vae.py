@@ -100,7 +100,7 @@ def trained(base, two, tmp_path_factory):
     output = tmp_path_factory.mktemp("run") / "out"
     args = make_args(base, two, output, "--steps", STEPS, "--lr", 3e-3, "--sc-weight", 300,
                      "--posterior", "mean", "--save-every", 10, "--ae-file")
-    return d4k.train_vae(args), output
+    return d4k.train_vae_command(args), output
 
 
 GAN_STEPS, ACCUMULATION = 12, 2
@@ -128,7 +128,7 @@ def gan_run(base3, two, tmp_path_factory):
         patch.setattr(d4k, "scale_consistency_loss", lambda *a: micro.append("G") or real_sc(*a))
         patch.setattr(d4k, "discriminator_loss", lambda *a: micro.append("D") or real_disc(*a))
         patch.setattr(d4k, "ema_update", ema_update)
-        result = d4k.train_vae(args)
+        result = d4k.train_vae_command(args)
     return result, micro, after_step
 
 
@@ -349,12 +349,12 @@ def test_resume_continues_identically_with_gan_and_ema(base3, data, tmp_path):
     next turn is shown) and after the discriminator's; the GAN from step 2 on."""
     gan = ("--resolution", 128, "--batch-size", 1, "--gan-weight", 0.05, "--gan-start", 1, "--ema", 0.9,
            "--lr", 1e-3)
-    straight = d4k.train_vae(make_args(base3, data, tmp_path / "a", "--steps", 4, *gan))
+    straight = d4k.train_vae_command(make_args(base3, data, tmp_path / "a", "--steps", 4, *gan))
     assert [r["turn"] for r in straight.history] == ["decoder", "decoder", "discriminator", "decoder"]
-    d4k.train_vae(make_args(base3, data, tmp_path / "b", "--steps", 2, *gan))
+    d4k.train_vae_command(make_args(base3, data, tmp_path / "b", "--steps", 2, *gan))
     saved_fakes = d4k.read_vae_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000002")["fakes"]
     assert saved_fakes.shape == (1, 3, 128, 128)
-    resumed = [d4k.train_vae(make_args(base3, data, tmp_path / "b", "--steps", n, "--resume", *gan))
+    resumed = [d4k.train_vae_command(make_args(base3, data, tmp_path / "b", "--steps", n, "--resume", *gan))
                for n in (3, 4)]
     assert [r["step"] for run in resumed for r in run.history] == [3, 4]
     assert resumed[0].history + resumed[1].history == straight.history[2:]
@@ -380,7 +380,7 @@ def test_f16_decode_choice_is_the_training_decode(base, two, tmp_path, monkeypat
 
     monkeypatch.setattr(d4k.Decoder, "upsample_conv_out", recording)
     chosen = ["--f16-decode", mode] if mode == "centred" else []  # partitioned: the default
-    result = d4k.train_vae(make_args(base, two, tmp_path / "out", "--steps", 1, *chosen))
+    result = d4k.train_vae_command(make_args(base, two, tmp_path / "out", "--steps", 1, *chosen))
     assert seen == [mode == "partitioned"] and result.student.decoder.partitioned == (mode == "partitioned")
 
 
@@ -388,7 +388,7 @@ def test_lpips_term_trains(base, data, tmp_path):
     _, linear, backbone = write_lpips_files(tmp_path)
     args = make_args(base, data, tmp_path / "out", "--steps", 2, "--lpips-weight", 0.1,
                      "--lpips-linear", linear, "--lpips-backbone", backbone, "--posterior", "mean", "--gradient-checkpointing")
-    history = d4k.train_vae(args).history
+    history = d4k.train_vae_command(args).history
     assert all(np.isfinite(r["lpips"]) and r["lpips"] > 0 for r in history)
 
 

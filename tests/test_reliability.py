@@ -281,7 +281,8 @@ def test_train_refuses_a_checkpoint_without_its_record_or_with_other_tensors(mod
     save_file(state, file)  # no record
     argv = d4k_train_argv(models["flux"], runs["data"], output, "--steps", 3, "--resume")
     refused(capsys, d4k.main, argv, "holds no record of the run that wrote it", tmp_path)
-    record = json.dumps(d4k.wlf_run(d4k.train_parser().parse_args([str(a) for a in argv[1:]])))
+    args = d4k.train_parser().parse_args([str(a) for a in argv[1:]])
+    record = json.dumps(d4k.wlf_run(d4k.recipe(d4k.WLFRecipe, args)))
     save_file({k: v for k, v in list(state.items())[1:]}, file, {"run": record})  # one tensor short
     refused(capsys, d4k.main, argv, "does not fit this model: 1 missing", tmp_path)
 

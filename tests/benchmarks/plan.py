@@ -8,8 +8,8 @@ device (shapes and dtypes, no values): no weights, no GPU, a few minutes on a CP
 
 Each workload calls the method files' own functions on models built on the meta device from the
 real configurations (FLUX.1-dev, SD3-Medium, the 16-channel VAEs), in bf16: `generate`,
-`super_resolve`, `upscale`, `wlf_micro_step` (the body of `train_loop`), the body of
-`train_vae`'s loop (not a function of its own). The meta device stands for the GPU; CPU tensors
+`super_resolve`, `upscale`, `wlf_micro_step` (the body of `wlf_step`), the body of
+`sc_vae_step`. The meta device stands for the GPU; CPU tensors
 are host memory.
 
 FLOPs
@@ -584,7 +584,7 @@ class Autocast:
 
 
 def wlf_step(s: Setup, model, vae, params, optimizer, condition: dict, size: int, autocast: Autocast):
-    """One optimizer step of diffusion4k.train_loop with one micro-batch of 1 (Flux, default settings:
+    """One optimizer step of diffusion4k.wlf_loop with one micro-batch of 1 (Flux, default settings:
     posterior samples, 77 T5 tokens); further micro-batches of an accumulated step allocate alike."""
     g = torch.Generator().manual_seed(0)
     factor = vae.config.downsample_factor
