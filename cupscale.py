@@ -137,26 +137,26 @@ def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditi
     device, dtype = pipe.device, pipe.dtype
     generator = seed_everything(seed)
 
-    def on_device(condition: dict) -> dict:
+    def to_device(condition: dict) -> dict:
         return {k: v.to(device) for k, v in condition.items()}
 
     regions = conditions.get("regions") if config.rsp else None
-    moved = {name: on_device(c) for name, c in conditions.items() if name != "regions"}
-    moved["regions"] = None if regions is None else {k: on_device(c) for k, c in regions.items()}
+    moved = {name: to_device(c) for name, c in conditions.items() if name != "regions"}
+    moved["regions"] = None if regions is None else {k: to_device(c) for k, c in regions.items()}
     resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
     max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
     small_size = rap_size(*image.size, config.region_px, pipe.size_multiple, max_side)
     small = image_to_tensor(image.resize(small_size, Image.BICUBIC))[None]
-    home = "cpu" if pipe.offload != "none" else device
+    rest_device = "cpu" if pipe.offload != "none" else device
     tile, overlap = config.vae_tile_px, config.vae_overlap_px
-    with visiting(pipe.vae, device, home):
+    with on_device(pipe.vae, device, rest_device):
         lr_latent = tiled_vae(pipe.vae.encode, resized, tile, overlap, device, dtype)
         rap_latent = tiled_vae(pipe.vae.encode, small, tile, overlap, device, dtype)
-    with visiting(pipe.transformer, device, home):
+    with on_device(pipe.transformer, device, rest_device):
         z = sample_regions(pipe.transformer, lr_latent, rap_latent, moved, config, dtype,
                            generator, progress)
     factor = pipe.vae.config.downsample_factor
-    with visiting(pipe.vae, device, home):
+    with on_device(pipe.vae, device, rest_device):
         decoded = tiled_vae(pipe.vae.decode, z, tile // factor, overlap // factor, device, dtype)
     return decoded[0].clamp(-1, 1).cpu()
 
@@ -1552,11 +1552,11 @@ def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None
     """SD3-Medium from a Hub repo, a diffusers folder or a single file with its text encoders."""
     device, dtype = device_dtype(device, dtype)
     single_file = Path(str(model)).expanduser().is_file()
-    home = "cpu" if offload != "none" else device
+    rest_device = "cpu" if offload != "none" else device
     print(f"loading SD3 from {model}", file=sys.stderr)
-    transformer = load_sd3(model, dtype, home, token=token)
+    transformer = load_sd3(model, dtype, rest_device, token=token)
     scale, shift = (SD3_VAE.scale_factor, SD3_VAE.shift_factor) if single_file else (None, None)
-    vae = load_vae(model, dtype, home, stride=1, scale_factor=scale, shift_factor=shift,
+    vae = load_vae(model, dtype, rest_device, stride=1, scale_factor=scale, shift_factor=shift,
                    token=token)
     text_source, encoder_file = (TEXT_SOURCES["sd3"], model) if single_file else (model, None)
     encoders, tokenizers = load_text_encoders("sd3", text_source, dtype, transformer, token,
@@ -1700,7 +1700,7 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
     """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
+        with on_device(encoder, gpu, "cpu"):
             features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
     if pipe.kind == "flux":
         txt, y = features["t5"], features["clip_l"].pooled
@@ -1713,10 +1713,10 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
             for i in range(len(prompts))]
 
 @contextlib.contextmanager
-def visiting(module: nn.Module, device, home):
-    """Run a module on `device`, its weights resting in `home` memory otherwise. They do not change
-    during a visit, so leaving drops the device copy instead of copying it back."""
-    module.to(home)
+def on_device(module: nn.Module, device, rest_device):
+    """Run a module on `device`, its weights resting on `rest_device` otherwise. They do not
+    change during a visit, so leaving drops the device copy instead of copying it back."""
+    module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
     place(slots, [t.to(device) for t in resting])

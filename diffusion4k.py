@@ -130,7 +130,7 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
     condition = {key: value.to(device, pipe.dtype) for key, value in condition.items()}
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
-        return visiting(module, device, "cpu") if offloaded else contextlib.nullcontext()
+        return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
     sampling = SAMPLING[pipe.kind]
     velocity, sigmas = sampling(pipe, condition, negative, guidance, steps, (h // 2) * (w // 2), mu)
     with resting(pipe.transformer, pipe.offload == "model"):
@@ -1750,16 +1750,18 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
         raise UserError("Flux's activations overflow fp16: use bf16 (the default on CUDA) or fp32")
     text_source = text_source or (TEXT_SOURCES[kind] if single_file else model)
     vae_source = vae_source or (text_source if single_file and kind == "flux" else model)
-    home = "cpu" if offload != "none" else device  # where the model and VAE rest between uses
+    rest_device = "cpu" if offload != "none" else device  # model and VAE between uses
     # an unreachable tokenizer fails before 12B parameters load
     component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
-    transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, home, token=token)
+    load_transformer = load_flux if kind == "flux" else load_sd3
+    transformer = load_transformer(model, dtype, rest_device, token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
     factors = FLUX_VAE if kind == "flux" else SD3_VAE
     fixed = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
-    autoencoder = load_vae(vae_source, dtype, home, stride={"f8": 1, "f16": 2}[vae], token=token,
+    stride = {"f8": 1, "f16": 2}[vae]
+    autoencoder = load_vae(vae_source, dtype, rest_device, stride=stride, token=token,
                            scale_factor=factors.scale_factor if fixed else None,
                            shift_factor=factors.shift_factor if fixed else None)
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
@@ -1915,7 +1917,7 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
     """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
-        with visiting(encoder, gpu, "cpu"):
+        with on_device(encoder, gpu, "cpu"):
             features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
     if pipe.kind == "flux":
         txt, y = features["t5"], features["clip_l"].pooled
@@ -1928,10 +1930,10 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
             for i in range(len(prompts))]
 
 @contextlib.contextmanager
-def visiting(module: nn.Module, device, home):
-    """Run a module on `device`, its weights resting in `home` memory otherwise. They do not change
-    during a visit, so leaving drops the device copy instead of copying it back."""
-    module.to(home)
+def on_device(module: nn.Module, device, rest_device):
+    """Run a module on `device`, its weights resting on `rest_device` otherwise. They do not
+    change during a visit, so leaving drops the device copy instead of copying it back."""
+    module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
     place(slots, [t.to(device) for t in resting])

@@ -123,7 +123,7 @@ def test_a_visit_drops_the_device_copy_instead_of_copying_back():
     model = tiny_flux()
     before = {name: p.data_ptr() for name, p in model.named_parameters()}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    with Copies() as copies, d4k.visiting(model, "meta", "cpu"):
+    with Copies() as copies, d4k.on_device(model, "meta", "cpu"):
         assert all(p.device.type == "meta" for p in model.parameters())
     assert copies.bytes == {("cpu", "meta"): weights}
     assert before == {name: p.data_ptr() for name, p in model.named_parameters()}
