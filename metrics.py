@@ -1545,8 +1545,8 @@ VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: fl
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
     """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
     lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
-    target's difference variance (a constant: it does not turn the gradient), averaged. Only power above the
-    ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
+    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
+    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
     pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
     to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
     variance (the absolute form)."""
