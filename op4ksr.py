@@ -2114,7 +2114,8 @@ class SRTrainRecipe:
                          "(--lr, --weight-decay: from here)", nargs="?", const="latest")
     seed: int = option(0, "seeds data order, crops, flips, degradations, LoRA init", type=SEED)
     gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
-    device: str = option(None, "cuda (default when available) or cpu", type=device_name)
+    device: str = option(None, "cuda (default when available) or cpu",
+                         type=lambda text: device_name(text))  # looked up at parse time
     dtype: str = option(None, "frozen bases in bf16 under bf16 autocast (default on CUDA), or "
                         "fp32 (on CPU)", choices=["bf16", "fp32"])
     token: str = option(None, "Hugging Face token for gated repos")
