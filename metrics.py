@@ -1540,15 +1540,16 @@ def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image
     return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
 
 # --- BEGIN copy of op4ksr.py: periodicity loss ---
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise in [-1, 1]: flat quadrants score ~0
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the lattice
-    frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the target's difference
-    variance (a constant: it does not turn the gradient), averaged. Only power above the ground truth's
-    counts, so real periodic texture (fabric, tiles) keeps its strength and pred == target has loss and
-    gradient 0; artifacts at the ground truth's own frequencies are left to the reconstruction terms.
-    Without `target` all lattice power counts, in units of pred's own variance (the absolute form)."""
+    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
+    lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
+    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
+    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
+    pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
+    to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
+    variance (the absolute form)."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -1558,37 +1559,40 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins), for each
-    period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the p-periodic part, and
-    variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and vertical differences; each RGB
-    channel counts on its own (a chroma-only grid is invisible in luma).
+    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins),
+    for each period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the
+    p-periodic part, and variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and
+    vertical differences; each RGB channel counts on its own (a chroma-only grid is invisible in
+    luma).
 
-    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the lattice
-    lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
-    the transform of the circular autocovariance summed over every lattice lag, the power of all that
-    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean of its
-    p x p tiles, cropped to whole periods from the top-left corner, on the token grid), so its gradient is
-    p-periodic: it moves only what repeats (the autocovariance read at a few lags would mix each pixel with
-    its lattice neighbours, and fall by decorrelating the repeats). Differences weight frequency f by
-    2 (sin^2(pi fy) + sin^2(pi fx)), which flattens natural images' ~1/f spectrum so that a grid's high
-    harmonics count, and gives (0, 0) weight 0; smooth 16/32-px modulations are seen only weakly."""
+    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the
+    lattice lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the
+    power there is the transform of the circular autocovariance summed over every lattice lag, the
+    power of all that repeats with period p. It is exactly the FFT of the quadrant folded onto one
+    period (the mean of its p x p tiles, cropped to whole periods from the top-left corner, on the
+    token grid), so its gradient is p-periodic: it moves only what repeats (the autocovariance read
+    at a few lags would mix each pixel with its lattice neighbours, and fall by decorrelating the
+    repeats). Differences weight frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), which flattens
+    natural images' ~1/f spectrum so that a grid's high harmonics count, and gives (0, 0) weight 0;
+    smooth 16/32-px modulations are seen only weakly."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
-    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lattice lags of 2.5 periods each way
+    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way
     if min(h, w) <= smallest:
-        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than {smallest} px, "
-                         f"got {h}x{w}")
-    horizontal, vertical = tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
-    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than "
+                         f"{smallest} px, got {h}x{w}")
+    horizontal = tiles[..., 1:, 1:] - tiles[..., 1:, :-1]
+    vertical = tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
+    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)
     powers = []
     for p in periods:
         n, m = h // p, w // p
-        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
-        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
+        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p)
+        spectrum = torch.fft.fft2(tile.mean(dim=(-4, -2)), norm="forward")  # bin k: frequency k / p
         sin2 = torch.sin(torch.pi * torch.fft.fftfreq(p, device=image.device)).square()
         weight = 2 * (sin2[:, None] + sin2[None, :])
         powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
-    return torch.cat(powers, dim=-1), variance
+    return torch.cat(powers, dim=-1), variance[..., None]
 
 def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
     """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""

@@ -2,39 +2,38 @@
 
 Deng, Yu, Chen, Shen, Zhang, Li, Yuan, Zhou and Yu, arXiv 2605.13457 (2026).
 
-OP4KSR super-resolves a whole image to 4096x4096 in one Flux step, without patches. The LR image, resized
-(bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its latent z is taken as the noisy
-latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v once over all 16,384 tokens,
-and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt) (`sr_latent`). One step at 4K leaves
-periodic artifacts on the latent and token grids, which two remedies suppress. RoPE base-frequency
-rescaling (RFR) lowers the RoPE base of the position axes from theta = 10000 to 100, so that more
-frequency pairs tell adjacent tokens apart (`rope_phase_steps`). The autocorrelation periodicity loss
-L_AP penalises, in each of Q = 4 quadrants and each channel, the power P_p at the lattice frequencies
-(k / p, l / p) of the periods p of a latent pixel and a token (16, 32 px), i.e. what repeats with period
-p, beyond the ground truth's (`lattice_power`); V is the variance of the ground truth's pixel differences:
+OP4KSR super-resolves a whole image to 4096x4096 in one Flux step, without patches. The LR image,
+resized (bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its latent z is taken
+as the noisy latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v once over
+all 16,384 tokens, and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt)
+(`sr_latent`). One step at 4K leaves periodic artifacts on the latent and token grids, which two
+remedies suppress. RoPE base-frequency rescaling (RFR) lowers the RoPE base of the position axes
+from theta = 10000 to 100, so that more frequency pairs tell adjacent tokens apart
+(`rope_phase_steps`). The autocorrelation periodicity loss L_AP penalises, in each of Q = 4
+quadrants and each channel, the power P_p at the lattice frequencies (k / p, l / p) of the periods p
+of a latent pixel and a token (16, 32 px), i.e. what repeats with period p, beyond the ground
+truth's (`lattice_power`); V is the variance of the ground truth's pixel differences:
 
     L_AP = mean_{q,c,p} sum_{k,l} relu(P_p(x)_kl - P_p(x_hr)_kl) / V(x_hr)
-    L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1                  (`sr_loss`)
+    L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1        (`sr_loss`)
 
-The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code, weights,
-loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which OP4KSR builds
-on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's.
+The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code,
+weights, loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which
+OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's (`SRTrainRecipe`).
 
 Commands
-    python op4ksr.py --input lr.png --weights op4ksr.safetensors           # 4x -> lr_op4ksr.png
-    python op4ksr.py --input lr_dir/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
-    python op4ksr.py train --data HR_DIR --output runs/op4ksr              # -> runs/op4ksr/op4ksr.safetensors
+    python op4ksr.py --input lr.png --weights op4ksr.safetensors        # 4x -> lr_op4ksr.png
+    python op4ksr.py --input lr/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
+    python op4ksr.py train --data HR_DIR --output runs/op4ksr  # -> runs/op4ksr/op4ksr.safetensors
     torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
-    python op4ksr.py calibrate-sigma --data HR_DIR                         # OMGSR's SNR-matched sigma
-    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F's LoRAs
+    python op4ksr.py calibrate-sigma --data HR_DIR                      # OMGSR's SNR-matched sigma
+    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F
 
-After the method come the models it calls (the Flux transformer with a tunable RoPE base, the VAE with
-the F16 stride, the T5 and CLIP text encoders and tokenizers), then the pipeline (`load_sr_pipeline`
-fills `SRPipeline`; the checkpoint format; OMGSR-F's public LoRAs and its tiled inference), training
-(`train_sr`, Real-ESRGAN's degradation, the training utilities and LPIPS), weight loading (Hub,
-diffusers and single-file layouts) and, last, the command line. The models, the training utilities,
-LPIPS and weight loading are whole kits copied from diffusion4k.py (kept identical by
-tests/test_copies.py).
+After the method and its alternatives come the models (Flux with a tunable RoPE base, the F16
+VAE, the text encoders), the pipeline (the checkpoint; OMGSR-F's public LoRAs and tiled inference),
+training (`SRTrainRecipe`, Real-ESRGAN's degradation, the training utilities, LPIPS), weight loading
+and the command line. The models, training utilities, LPIPS and weight loading are diffusion4k.py's
+kits.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -108,18 +107,17 @@ from common.io import (
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
 DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
 DEFAULT_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
-                  "and natural lighting.")  # S3Diff's positive prompt, stored encoded in the checkpoint
-OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule and timestep: `omgsr_sigmas`
+                  "and natural lighting.")  # S3Diff's positive prompt, stored encoded
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule: `omgsr_sigmas`
 MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; a larger pass is far outside the training sizes
 
 @dataclass
 class LossWeights:
-    """Weights of the training loss terms; 0 switches a term off. The paper publishes none: pixel MSE 1
-    to LPIPS-VGG 2 is OSEDiff's ratio."""
+    """The training loss terms' weights; 0 switches a term off."""
     pixel_mse: float = 1.0
     pixel_l1: float = 0.0
-    latent_mse: float = 0.0  # MSE between the predicted x0 latent and the HR latent
-    perceptual: float = 2.0  # a callable (e.g. LPIPS on crops) supplied by the training loop
+    latent_mse: float = 0.0
+    perceptual: float = 2.0  # sr_loss's `perceptual` callable, LPIPS on crops in training
     periodicity: float = 1.0  # lambda_AP
 
 
@@ -127,41 +125,39 @@ class LossWeights:
 
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
-    """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> the x0 latent.
-    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F); Flux predicts the
-    velocity once over all H/32 x W/32 tokens, given the prompt embeddings {"txt", "y"};
-    x0 = z - sigma v goes to `vae.decode`, the frozen decoder. The transformer's RoPE base
-    `config.theta` is RFR's, 100 (`rope_phase_steps`)."""
+    """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> x0's
+    latent. z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F);
+    Flux, with RFR's RoPE base as `config.theta`, predicts the velocity once over all H/32 x W/32
+    tokens."""
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
-RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux's: 10000)
+RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux: 10000)
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
-    """RFR, as Fig. 5 tabulates it: the angle in degrees by which each of the dim/2 frequency pairs of one
-    RoPE position axis turns from a token to the next, theta^(-2i/dim) radians for pair i (the Flux kit's
-    `rope_frequencies`, which its `rope_table` multiplies by each token's row and column). A pair that turns
-    by only a few degrees hardly tells adjacent tokens apart. Over the 28 pairs of Flux's 56-dim row and
-    column axes (axis 0 sees only ids 0), with Flux's theta 10000 the steps fall from 57.3 to 0.008 degrees
-    and only 8 pairs step by 5 degrees or more; with RFR_THETA = 100 they fall to 0.68 degrees and 15 pairs
-    do. The kit takes the base as `FluxConfig.theta`, set by `load_flux(theta=...)` from --theta (default
-    RFR_THETA) and stored in OP4KSR checkpoints' metadata."""
+    """RFR, as Fig. 5 tabulates it: the angle in degrees by which each frequency pair of one RoPE
+    position axis turns from a token to the next, theta^(-2i/dim) radians for pair i (the kit's
+    `rope_frequencies`). A pair that turns by a few degrees hardly tells adjacent tokens apart. Over
+    the 28 pairs of Flux's row and column axes, with theta 10000 the steps fall from 57.3 to 0.008
+    degrees and 8 pairs step by 5 degrees or more; with RFR_THETA = 100 they fall to 0.68 degrees
+    and 15 pairs do. The base is `FluxConfig.theta` (--theta), stored in OP4KSR checkpoints."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
-    """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted with the mu
-    of a 1024^2 image at every size. OMGSR-F gives Flux the LR latent as the noisy latent of t = 244, found
-    by matching SNRs (`matched_sigma`): sigma = 0.505, our default (unshifted: 244/999 = 0.244)."""
+    """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted
+    with the mu of a 1024^2 image at every size. OMGSR-F takes the LR latent as the noisy latent of
+    t = 244, found by matching SNRs (`matched_sigma`): sigma = 0.505."""
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
 
 OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
 
-def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU, update=None) -> tuple[int, float]:
-    """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the timestep
-    giving the noisy HR latent the LR latent's SNR. With P_b = mean(hr^2), D_b = mean((lr - hr)^2), batch b's
-    LR latent has SNR P_b / D_b, the noisy one P_b (1 - sigma)^2 / sigma^2; the t minimising the sum of their
-    |differences| wins (one batch: sigma = sqrt(D) / (1 + sqrt(D))). `update` follows the running answer."""
+def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
+                  update=None) -> tuple[int, float]:
+    """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the
+    timestep giving the noisy HR latent the LR latent's SNR. With P = mean(hr^2) and D = mean((lr -
+    hr)^2), a batch's LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t
+    minimising the sum of their |differences| wins (one batch: sigma = sqrt(D) / (1 + sqrt(D)))."""
     sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
     total, done = torch.zeros_like(sigmas), 0
     for hr, lr in pairs:
@@ -180,35 +176,32 @@ def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU, update=
 
 # ========================================================== the method: the training loss and L_AP
 
-def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None, target_latent=None,
-            periods=(16, 32)):
-    """(weighted sum, {term: detached value}) of the training terms with a non-zero weight; `pred`/`target`:
-    decoded output and HR image in [-1, 1], `perceptual(pred, target)`: LPIPS on crops; `periods`: L_AP's."""
-    terms = {
-        "pixel_mse": lambda: F.mse_loss(pred, target),
-        "pixel_l1": lambda: F.l1_loss(pred, target),
-        "latent_mse": lambda: F.mse_loss(pred_latent, target_latent),
-        "perceptual": lambda: perceptual(pred, target),
-        "periodicity": lambda: periodicity_loss(pred, target, periods),
-    }
+def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None,
+            target_latent=None, periods=(16, 32)):
+    """(weighted sum, {term: detached value}) of the terms with a non-zero weight: pixel MSE,
+    `perceptual` (LPIPS on crops) and L_AP at `periods` of the decoded output and the HR image, and
+    the `alternative_terms`."""
     if weights.perceptual and perceptual is None:
         raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
-    if weights.latent_mse and (pred_latent is None or target_latent is None):
-        raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
+    terms = {"pixel_mse": lambda: F.mse_loss(pred, target),
+             **alternative_terms(pred, target, weights, pred_latent, target_latent),
+             "perceptual": lambda: perceptual(pred, target),
+             "periodicity": lambda: periodicity_loss(pred, target, periods)}
     parts = {name: term() for name, term in terms.items() if getattr(weights, name)}
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}
 
 # --- BEGIN kit: periodicity loss ---
-VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation noise in [-1, 1]: flat quadrants score ~0
+VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the lattice
-    frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the target's difference
-    variance (a constant: it does not turn the gradient), averaged. Only power above the ground truth's
-    counts, so real periodic texture (fabric, tiles) keeps its strength and pred == target has loss and
-    gradient 0; artifacts at the ground truth's own frequencies are left to the reconstruction terms.
-    Without `target` all lattice power counts, in units of pred's own variance (the absolute form)."""
+    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
+    lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
+    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
+    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
+    pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
+    to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
+    variance (the absolute form)."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -218,37 +211,40 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins), for each
-    period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the p-periodic part, and
-    variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and vertical differences; each RGB
-    channel counts on its own (a chroma-only grid is invisible in luma).
+    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins),
+    for each period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the
+    p-periodic part, and variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and
+    vertical differences; each RGB channel counts on its own (a chroma-only grid is invisible in
+    luma).
 
-    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the lattice
-    lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
-    the transform of the circular autocovariance summed over every lattice lag, the power of all that
-    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean of its
-    p x p tiles, cropped to whole periods from the top-left corner, on the token grid), so its gradient is
-    p-periodic: it moves only what repeats (the autocovariance read at a few lags would mix each pixel with
-    its lattice neighbours, and fall by decorrelating the repeats). Differences weight frequency f by
-    2 (sin^2(pi fy) + sin^2(pi fx)), which flattens natural images' ~1/f spectrum so that a grid's high
-    harmonics count, and gives (0, 0) weight 0; smooth 16/32-px modulations are seen only weakly."""
+    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the
+    lattice lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the
+    power there is the transform of the circular autocovariance summed over every lattice lag, the
+    power of all that repeats with period p. It is exactly the FFT of the quadrant folded onto one
+    period (the mean of its p x p tiles, cropped to whole periods from the top-left corner, on the
+    token grid), so its gradient is p-periodic: it moves only what repeats (the autocovariance read
+    at a few lags would mix each pixel with its lattice neighbours, and fall by decorrelating the
+    repeats). Differences weight frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), which flattens
+    natural images' ~1/f spectrum so that a grid's high harmonics count, and gives (0, 0) weight 0;
+    smooth 16/32-px modulations are seen only weakly."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
-    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lattice lags of 2.5 periods each way
+    smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way
     if min(h, w) <= smallest:
-        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than {smallest} px, "
-                         f"got {h}x{w}")
-    horizontal, vertical = tiles[..., 1:, 1:] - tiles[..., 1:, :-1], tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
-    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)[..., None]
+        raise ValueError(f"lattice lags up to {smallest - 1} px need quadrants larger than "
+                         f"{smallest} px, got {h}x{w}")
+    horizontal = tiles[..., 1:, 1:] - tiles[..., 1:, :-1]
+    vertical = tiles[..., 1:, 1:] - tiles[..., :-1, 1:]
+    variance = torch.stack([horizontal, vertical]).var(dim=(-2, -1), unbiased=False).mean(dim=0)
     powers = []
     for p in periods:
         n, m = h // p, w // p
-        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p).mean(dim=(-4, -2))
-        spectrum = torch.fft.fft2(tile, norm="forward")  # bins (ky, kx): frequency (ky / p, kx / p)
+        tile = tiles[..., : n * p, : m * p].reshape(*tiles.shape[:-2], n, p, m, p)
+        spectrum = torch.fft.fft2(tile.mean(dim=(-4, -2)), norm="forward")  # bin k: frequency k / p
         sin2 = torch.sin(torch.pi * torch.fft.fftfreq(p, device=image.device)).square()
         weight = 2 * (sin2[:, None] + sin2[None, :])
         powers.append(((spectrum.real.square() + spectrum.imag.square()) * weight).flatten(-2))
-    return torch.cat(powers, dim=-1), variance
+    return torch.cat(powers, dim=-1), variance[..., None]
 
 def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tensor:
     """(B, C, H, W) -> (B, Q, C, H/side, W/side) with Q = side^2; an odd remainder is dropped."""
@@ -262,36 +258,10 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 # --- END kit: periodicity loss ---
 
 
-# =================================================================== the method: colour correction
-
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`, usually
-    the LR input, first resized (bicubic) to `image`'s size. Off by default: the paper names no colour fix."""
-    if reference.shape[-2:] != image.shape[-2:]:
-        reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic", align_corners=False)
-    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
-
-def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Coarsest band of an a-trous wavelet decomposition: `levels` binomial 3x3 blurs, dilation 1, 2, 4..."""
-    taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device) / 4
-    kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
-    for level in range(levels):
-        step = 2**level
-        padded = F.pad(image, (step, step, step, step), mode="replicate")
-        image = F.conv2d(padded, kernel, dilation=step, groups=image.shape[1])
-    return image
-
-def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give each channel of `image` the mean and standard deviation of `reference`'s (any size)."""
-    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
-    ref_mean, ref_std = reference.mean(dim=(-2, -1), keepdim=True), reference.std(dim=(-2, -1), keepdim=True)
-    return (image - mean) / (std + 1e-6) * ref_std + ref_mean
-
-
 # =================================================== the method: LoRAs on Flux and the F16 encoder
 
-# OMGSR-F's peft target lists (diffusers names); peft adapts every module whose name is one of them or ends
-# with "." + one. We find the same weights through the key tables that load diffusers checkpoints.
+# OMGSR-F's peft target lists (diffusers names); peft adapts every module whose name is one of them
+# or ends with "." + one. We find the same weights through the key tables of the diffusers loaders.
 OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -299,7 +269,7 @@ OMGSR_F_VAE_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "co
                        "to_k", "to_q", "to_v", "to_out.0")
 
 def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int = 0) -> Flux:
-    """Freeze Flux and wrap OMGSR-F's targets with SplitLoRALinear (alpha: the rank, scale 1, as OMGSR-F)."""
+    """Freeze Flux and wrap OMGSR-F's targets with SplitLoRALinear (alpha: the rank)."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, parts in flux_lora_targets(model.config).items():
@@ -311,11 +281,12 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
-    """Our Flux linears OMGSR-F's list selects, with how many leading row blocks: img_in; per double block
-    and stream qkv (3), the attention projection, both MLP linears; per single block linear1's q, k, v (3)."""
-    targets, table = {}, flux_key_table(config.depth, config.depth_single_blocks, config.guidance_embed)
-    for key, (parts, _) in table.items():
-        chosen = [peft_selects(part.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for part in parts]
+    """Our Flux linears that OMGSR-F's list selects, with how many leading row blocks: img_in; per
+    double block and stream qkv (3), the attention projection, both MLP linears; per single block
+    linear1's q, k, v (3)."""
+    targets = {}
+    for key, (parts, _) in flux_table(config).items():
+        chosen = [peft_selects(p.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for p in parts]
         if key.endswith(".weight") and any(chosen):
             # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
             count = sum(chosen)
@@ -324,13 +295,12 @@ def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
     return targets
 
 def peft_selects(module: str, targets) -> bool:
-    """peft's rule for a list of target names: the module's name is one of them or ends with "." + one."""
     return any(module == target or module.endswith("." + target) for target in targets)
 
 class SplitLoRALinear(nn.Module):
-    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, one A and B each (as peft's on
-    separate q, k, v): y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's "gaussian" init
-    (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0. A and B stay fp32."""
+    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, one A and B each (as
+    peft's on separate q, k, v): y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's
+    "gaussian" init (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0; both stay fp32."""
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
@@ -341,11 +311,12 @@ class SplitLoRALinear(nn.Module):
 
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
-        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1) * self.scale
+        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1)
+        up = up * self.scale
         return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
 
-def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, seed: int = 0) -> AutoEncoder:
-    """Freeze the encoder and wrap OMGSR-F's targets (`encoder_lora_targets`) with LoRAConv2d."""
+def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
+                     seed: int = 0) -> AutoEncoder:
     vae.encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name in encoder_lora_targets(vae):
@@ -355,15 +326,16 @@ def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None, se
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
-    """The convs (names inside vae.encoder) that OMGSR-F's VAE list selects: every conv of the encoder,
-    the mid attention's 1x1 q, k, v and proj_out included."""
+    """The encoder convs OMGSR-F's VAE list selects: every one, the mid attention's 1x1 q, k, v and
+    proj_out included."""
     return [key.removeprefix("encoder.").removesuffix(".weight")
             for key, ((part,), _) in vae_lora_table(vae).items()
-            if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"), OMGSR_F_VAE_TARGETS)]
+            if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"),
+                            OMGSR_F_VAE_TARGETS)]
 
 class LoRAConv2d(nn.Module):
-    """peft's Conv2d LoRA on a frozen conv: y = conv(x) + (alpha / r) B(A(x)); A is a conv with the base's
-    kernel, stride, padding and dilation to r channels, B a 1x1 conv back. Init, dtype: as SplitLoRALinear."""
+    """peft's Conv2d LoRA on a frozen conv: y = conv(x) + (alpha / r) B(A(x)), A a conv like the
+    base's to r channels, B a 1x1 conv back. Init and dtype as SplitLoRALinear's."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -372,12 +344,71 @@ class LoRAConv2d(nn.Module):
         self.base, self.rank, self.scale = base, rank, alpha / rank
         a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
         self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1,
+                                               device=base.weight.device))
 
     def forward(self, x):
         c = self.base
         down = F.conv2d(x, self.lora_A.to(x.dtype), None, c.stride, c.padding, c.dilation)
         return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
+
+
+# ============================================================== alternative readings and options
+
+def alternative_terms(pred, target, weights: LossWeights, pred_latent, target_latent) -> dict:
+    """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's, beside DISTS and a
+    GAN) and the MSE of x0's latent to the base encoder's HR latent."""
+    if weights.latent_mse and (pred_latent is None or target_latent is None):
+        raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
+    return {"pixel_l1": lambda: F.l1_loss(pred, target),
+            "latent_mse": lambda: F.mse_loss(pred_latent, target_latent)}
+
+@contextlib.contextmanager
+def lora_off(module: nn.Module):
+    scales = {m: m.scale for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))}
+    for m in scales:
+        m.scale = 0.0
+    try:
+        yield module
+    finally:
+        for m, scale in scales.items():
+            m.scale = scale
+
+# Colour fixes, off by default (the paper names none); --recipe omgsr-f uses OMGSR-F's AdaIN.
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels=5) -> torch.Tensor:
+    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
+    resized (bicubic) to `image`'s size."""
+    if reference.shape[-2:] != image.shape[-2:]:
+        reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic",
+                                  align_corners=False)
+    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
+
+def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Coarsest band of an a-trous wavelet decomposition: binomial 3x3 blurs, dilation 2^level."""
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device) / 4
+    kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
+    for level in range(levels):
+        step = 2**level
+        padded = F.pad(image, (step, step, step, step), mode="replicate")
+        image = F.conv2d(padded, kernel, dilation=step, groups=image.shape[1])
+    return image
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Give each channel of `image` the mean and standard deviation of `reference`'s."""
+    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
+    ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
+    ref_std = reference.std(dim=(-2, -1), keepdim=True)
+    return (image - mean) / (std + 1e-6) * ref_std + ref_mean
+
+def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the (unbiased) variances."""
+    def stats(x):
+        flat = x.flatten(2)
+        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
+
+    (mean, std), (ref_mean, ref_std) = stats(image), stats(reference)
+    return (image - mean) / std * ref_std + ref_mean
 
 
 # ========================================================================= the models: transformer
@@ -1484,7 +1515,7 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 @dataclass
 class SRPipeline:
-    """The merged models and the fixed prompt: load once with `load_sr_pipeline`, call `super_resolve`."""
+    """The merged models and the fixed prompt, for `super_resolve`."""
     transformer: Flux
     vae: AutoEncoder
     txt: torch.Tensor
@@ -1500,22 +1531,25 @@ class SRPipeline:
     def condition(self) -> dict:
         return {"txt": self.txt, "y": self.y}
 
-def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, token=None) -> SRPipeline:
-    """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, the
-    checkpoint's RoPE theta (RFR), sigma and prompt embeddings. No text encoder."""
+def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
+                     token=None) -> SRPipeline:
+    """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, and the
+    checkpoint's RoPE theta, sigma and prompt embeddings: no text encoder."""
     path, meta = read_op4ksr_metadata(weights, token)
-    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases load
+    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases
     check_weights(state, path)
     c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
         found = tuple(state[key].shape) if key in state else None
-        if found is None or len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
+        if (found is None or len(found) != len(shape)
+                or any(n not in ("T", m) for n, m in zip(shape, found))):
             shown = "(" + ", ".join(map(str, shape)) + ")"
             raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
                             f"the base Flux takes {shown}: a damaged file?")
     device, dtype = device_dtype(device, dtype)
-    flux, vae = flux or meta.get("base_flux", DEFAULT_FLUX), vae or meta.get("base_vae", DEFAULT_VAE)
+    flux = flux or meta.get("base_flux", DEFAULT_FLUX)
+    vae = vae or meta.get("base_vae", DEFAULT_VAE)
     print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
     transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
     autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
@@ -1530,34 +1564,35 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None, toke
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one transformer pass. Sides
-    that are not multiples of 32 px are padded by replication for the pass and cropped afterwards."""
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass. Sides
+    that are not whole tokens are padded by replication and cropped afterwards."""
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    m = 2 * pipe.vae.config.downsample_factor  # one 2x2-packed token: 32 px with the F16 VAE
-    up = F.pad(up, (0, -width % m, 0, -height % m), mode="replicate").to(pipe.device, pipe.dtype)
+    token_px = 2 * pipe.vae.config.downsample_factor  # 32 with the F16 VAE
+    up = F.pad(up, (0, -width % token_px, 0, -height % token_px), mode="replicate")
+    up = up.to(pipe.device, pipe.dtype)
     latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
     out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
     return (fix(out, lr) if fix else out)[0].clamp(-1, 1)
 
-# The checkpoint file: one safetensors file holds everything OP4KSR adds to the base models,
-#   transformer.<diffusers module>.lora_A.weight / .lora_B.weight  Flux LoRA, peft names (q/k/v split)
-#   vae.encoder.<diffusers module>.lora_A.weight / .lora_B.weight  F16 encoder LoRA in peft's Conv2d layout
-#       (A: r x in x k x k, B: out x r x 1 x 1; the 1x1 attention convs as diffusers' Linear, 2-D)
-#   prompt.txt (1, T, 4096), prompt.y (1, 768)                     the fixed prompt's T5 / CLIP-L embeddings
-# with the LoRA scale folded into B, and string metadata: format ("op4ksr"), format_version, prompt, theta,
-# flux_config / vae_config (FLUX_CONFIG_KEYS / VAE_CONFIG_KEYS of the bases, checked on loading), train's
-# settings. diffusers' `load_lora_adapter(state, prefix="transformer")` takes the file as it is.
+# The checkpoint: one safetensors file holds everything OP4KSR adds to the base models,
+#   transformer.<diffusers module>.lora_A/B.weight   Flux LoRA, peft names (q/k/v split)
+#   vae.encoder.<diffusers module>.lora_A/B.weight   encoder LoRA in peft's Conv2d layout
+#       (A: r x in x k x k, B: out x r x 1 x 1; the 1x1 attention convs as diffusers' Linear)
+#   prompt.txt (1, T, 4096), prompt.y (1, 768)       the fixed prompt's T5 / CLIP-L embeddings
+# with the LoRA scale folded into B, and string metadata: format ("op4ksr"), format_version,
+# prompt, theta, flux_config / vae_config (checked on loading) and train's settings. diffusers'
+# `load_lora_adapter(state, prefix="transformer")` takes the file as it is.
 FORMAT_VERSION = 1
-FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks", "vec_in_dim",
-                    "context_in_dim", "guidance_embed")
+FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks",
+                    "vec_in_dim", "context_in_dim", "guidance_embed")
 VAE_CONFIG_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "z_channels", "stride")
-SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),  # each in (low, high]
+SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf),  # (low, high]
                   "guidance": (-math.inf, math.inf)}
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
-    """(local path, metadata) of an OP4KSR file (a path or a Hub file owner/repo/path); reads the header."""
+    """(local path, metadata) of an OP4KSR file (a path or a Hub file)."""
     path = weight_file(spec, "--weights", token)
     meta = safetensors_metadata(path)
     if meta.get("format") != "op4ksr":
@@ -1586,22 +1621,22 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
     return path, meta
 
 def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Refuse a checkpoint trained on another base model, naming the first differing setting."""
     for what, ours, stored, base in (("Flux", transformer.config, "flux_config", "base_flux"),
                                      ("VAE", vae.config, "vae_config", "base_vae")):
         for key, value in json.loads(meta[stored]).items():
             mine = getattr(ours, key, None)
             if (list(mine) if isinstance(mine, tuple) else mine) != value:
-                trained = f"{source} was trained on the {what} {meta.get(base, '?')} with {key}={value}"
-                raise UserError(f"{trained}, but the {what} loaded has {key}={mine}: pass the base it was "
-                                "trained on (--flux / --vae)")
+                trained = (f"{source} was trained on the {what} {meta.get(base, '?')} "
+                           f"with {key}={value}")
+                raise UserError(f"{trained}, but the {what} loaded has {key}={mine}: pass the base "
+                                "it was trained on (--flux / --vae)")
 
 def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Add every LoRA delta of the file to the base weights, in place; a fused weight (qkv, linear1) takes
-    each diffusers part's delta in its own rows. Unknown names or wrong shapes are refused."""
+    """Add every LoRA delta of the file to the base weights, in place; a fused weight (qkv, linear1)
+    takes each diffusers part's delta in its own rows."""
     c = transformer.config
-    parts_of = {}  # diffusers LoRA module -> (model, our weight key, part index, part count, transform)
-    for original, (parts, _) in flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed).items():
+    parts_of = {}  # diffusers LoRA module -> (model, our key, part index, part count, transform)
+    for original, (parts, _) in flux_table(c).items():
         for i, part in enumerate(parts):
             module = "transformer." + part.removesuffix(".weight")
             parts_of[module] = (transformer, original, i, len(parts), None)
@@ -1614,114 +1649,132 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             "(a checkpoint for another model?)")
         low_rank = a.ndim in (2, 4) and b.ndim == a.ndim and b.shape[2:] in ((), (1, 1))
         if not (low_rank and b.shape[1] == a.shape[0]):
-            raise UserError(f"{source}: LoRA {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                            "not a low-rank pair (A: rank x inputs, B: outputs x rank, the same rank)")
+            raise UserError(f"{source}: LoRA {name} has lora_A {tuple(a.shape)} and lora_B "
+                            f"{tuple(b.shape)}, not a low-rank pair (A: rank x inputs, B: outputs "
+                            "x rank, the same rank)")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
         delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
-            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the base "
-                            f"model's {original} takes {(rows, *weight.shape[1:])}: the checkpoint is for "
-                            "another base model")
-        with torch.no_grad():
-            weight[first : first + rows] += delta.to(weight.device, weight.dtype)  # file read to the CPU
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the "
+                            f"base model's {original} takes {(rows, *weight.shape[1:])}: the "
+                            "checkpoint is for another base model")
+        with torch.no_grad():  # the file was read to the CPU
+            weight[first : first + rows] += delta.to(weight.device, weight.dtype)
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRA weights."""
+    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
     return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
 
+def flux_table(c: FluxConfig) -> dict:
+    return flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
+
 def vae_lora_table(vae: AutoEncoder) -> dict:
-    """Original encoder key -> ([diffusers key], transform) for every encoder conv (LoRA-wrapped or not)."""
+    """Original encoder key -> ([diffusers key], transform) for every encoder conv."""
     table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
+def flux_lora_slots(transformer: Flux):
+    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear: block i of a fused
+    weight is its i-th diffusers projection."""
+    table = flux_table(transformer.config)
+    for name, module in transformer.named_modules():
+        if isinstance(module, SplitLoRALinear):
+            for part, a, b in zip(table[f"{name}.weight"][0], module.lora_A, module.lora_B):
+                yield "transformer." + part.removesuffix(".weight"), module, a, b
+
+def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
+    table = vae_lora_table(vae)
+    for name, module in encoder.named_modules():
+        if isinstance(module, LoRAConv2d):
+            (part,), transform = table[f"encoder.{name}.weight"]
+            yield "vae." + part.removesuffix(".weight"), module, transform
+
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    """Write the checkpoint file from a LoRA-wrapped transformer and VAE encoder. `prompt`: {"txt", "y",
-    "text"}; `settings`: sigma, guidance, scale, base_flux, base_vae, lora_rank, lora_alpha, steps."""
+    """Write the checkpoint from the LoRA-wrapped models, `prompt` ({"txt", "y", "text"}) and
+    train's `settings`."""
     state = export_flux_lora(transformer)
     state.update(export_vae_lora(vae.encoder, vae))
     state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
     flux_config = {k: getattr(transformer.config, k) for k in FLUX_CONFIG_KEYS}
     vae_config = {k: getattr(vae.config, k) for k in VAE_CONFIG_KEYS}
-    metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION), "prompt": prompt["text"],
-                "theta": str(transformer.config.theta), "flux_config": json.dumps(flux_config),
-                "vae_config": json.dumps(vae_config), **{k: str(v) for k, v in settings.items()}}
-    save_safetensors(check_weights(state, path), Path(path), metadata)  # a diverged run: no loadable file
+    metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION),
+                "prompt": prompt["text"], "theta": str(transformer.config.theta),
+                "flux_config": json.dumps(flux_config), "vae_config": json.dumps(vae_config),
+                **{k: str(v) for k, v in settings.items()}}
+    save_safetensors(check_weights(state, path), Path(path), metadata)  # diverged: no file
 
 def export_flux_lora(model: Flux) -> dict:
-    """The SplitLoRALinear weights under peft / diffusers names, block i of a fused weight as its i-th
-    diffusers projection; the scale is folded into B, so the file loads with peft's default alpha = rank."""
-    c, out = model.config, {}
-    table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
-    for name, module in model.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            parts, _ = table[f"{name}.weight"]
-            for part, a, b in zip(parts, module.lora_A, module.lora_B):
-                prefix = "transformer." + part.removesuffix(".weight")
-                out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-                out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
+    """The SplitLoRALinear weights under peft names, the scale folded into B (the file loads with
+    peft's default alpha = rank)."""
+    out = {}
+    for prefix, module, a, b in flux_lora_slots(model):
+        out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
     return out
 
 def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
-    """The encoder's LoRAConv2d weights under peft / diffusers names, the scale folded into B."""
-    table, out = vae_lora_table(vae), {}
-    for name, module in encoder.named_modules():
-        if isinstance(module, LoRAConv2d):
-            (part,), transform = table[f"encoder.{name}.weight"]
-            to_folder = TRANSFORMS[transform][1]
-            prefix = "vae." + part.removesuffix(".weight")
-            a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu() * module.scale
-            out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
-            out[f"{prefix}.lora_B.weight"] = to_folder(b).contiguous()
+    out = {}
+    for prefix, module, transform in encoder_lora_slots(encoder, vae):
+        to_folder = TRANSFORMS[transform][1]
+        a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu()
+        b = b * module.scale
+        out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
+        out[f"{prefix}.lora_B.weight"] = to_folder(b).contiguous()
     return out
 
 
 # =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
 
-# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as a folder of two peft `save_pretrained` adapters (a download
-# from its README). Each is merged into our modules through the names OP4KSR's own file uses:
-#   flux_adapter/          Flux-dev transformer, r = alpha = 64          -> transformer.<diffusers module>
-#   vae_encoder_adapter/   the F8 VAE's encoder, r = alpha = 64           -> vae.encoder.<diffusers module>
-# each holding adapter_config.json and adapter_model.safetensors (base_model.model.<module>.lora_A/B.weight).
+# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as a folder of two peft `save_pretrained` adapters,
+#   flux_adapter/          Flux-dev transformer, r = alpha = 64  -> transformer.<diffusers module>
+#   vae_encoder_adapter/   the F8 VAE's encoder, r = alpha = 64   -> vae.encoder.<diffusers module>
+# each with adapter_config.json and adapter_model.safetensors (base_model.model.<module>.lora_A/B),
+# merged through the names of OP4KSR's own file.
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
-PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values that leave LoRA plain
+PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values that keep it plain
     "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
     "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
-    "modules_to_save": (None, []), "layers_to_transform": (None,), "layers_pattern": (None, [], ""),
-    "layer_replication": (None, []), "exclude_modules": (None, [], ""), "lora_bias": (None, False),
-    "use_qalora": (None, False), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
+    "modules_to_save": (None, []), "layers_to_transform": (None,),
+    "layers_pattern": (None, [], ""), "layer_replication": (None, []),
+    "exclude_modules": (None, [], ""), "lora_bias": (None, False), "use_qalora": (None, False),
+    "target_parameters": (None, []), "trainable_token_indices": (None, {}),
     "peft_type": (None, "LORA"),
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
-    """The local folder of an OMGSR-F adapter given as --weights (a folder, or a Hub repo or repo/subfolder:
-    only its two adapters are downloaded), or None where `spec` names an OP4KSR checkpoint file."""
+    """The local folder of an OMGSR-F adapter given as --weights (a folder, or a Hub repo or
+    repo/subfolder: only its two adapters are downloaded), or None for an OP4KSR file."""
     text, local = str(spec), Path(str(spec)).expanduser()
     if local.is_dir():
         return local
-    if local.exists() or text.endswith(".safetensors") or text.startswith((".", "/", "~")) or "/" not in text:
+    if (local.exists() or text.endswith(".safetensors") or text.startswith((".", "/", "~"))
+            or "/" not in text):
         return None
     parts = text.split("/")
     patterns = tuple(f"{half}/*" for half in OMGSR_F_ADAPTERS)
     return resolve_source("/".join(parts[:2]), "/".join(parts[2:]) or None, patterns, token)
 
 def omgsr_f_halves(folder: Path) -> dict:
-    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder, from the configs alone:
-    refuses a folder that is no such adapter, a missing half, and peft options we do not implement."""
+    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder, from the configs
+    alone."""
     present = [half for half in OMGSR_F_ADAPTERS if (folder / half).is_dir()]
     if not present:
-        raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ nor "
-                        "vae_encoder_adapter/, the two peft folders of OMGSR's omgsr-f-1024-adapter)")
+        raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ "
+                        "nor vae_encoder_adapter/, the two peft folders of OMGSR's "
+                        "omgsr-f-1024-adapter)")
     if len(present) == 1:
         missing = next(half for half in OMGSR_F_ADAPTERS if half not in present)
-        raise UserError(f"{folder}: has {present[0]}/ but no {missing}/; OMGSR-F's adapter needs both halves")
+        raise UserError(f"{folder}: has {present[0]}/ but no {missing}/; OMGSR-F's adapter needs "
+                        "both halves")
     halves = {}
     for half in OMGSR_F_ADAPTERS:
-        config, weights = folder / half / "adapter_config.json", folder / half / "adapter_model.safetensors"
+        config = folder / half / "adapter_config.json"
+        weights = folder / half / "adapter_model.safetensors"
         for file in (config, weights):
             if not file.is_file():
                 raise UserError(f"{folder / half}: no {file.name} (a peft LoRA folder holds "
@@ -1730,29 +1783,31 @@ def omgsr_f_halves(folder: Path) -> dict:
     return halves
 
 def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
-    """(r, lora_alpha, target_modules) of a peft adapter_config.json, refusing every option that would make
-    the LoRA other than W + (alpha / r) B A on the selected modules."""
+    """(r, lora_alpha, target_modules) of a peft adapter_config.json, refusing every option that
+    would make the LoRA other than W + (alpha / r) B A on the selected modules."""
     for option, plain in PEFT_PLAIN.items():
         if config.get(option) not in plain:
-            raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader does not "
-                            "implement (plain LoRA only: r, lora_alpha, target_modules)")
+            raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
+                            "does not implement (plain LoRA only: r, lora_alpha, target_modules)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not _is_count(rank) or not _is_number(alpha):
-        raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer and a "
-                        "number")
+        raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer "
+                        "and a number")
     names = isinstance(targets, list) and all(isinstance(target, str) for target in targets)
     if not (isinstance(targets, str) or names):
-        raise UserError(f"{path}: target_modules={targets!r} is neither a list of module names nor a pattern")
+        raise UserError(f"{path}: target_modules={targets!r} is neither a list of module names "
+                        "nor a pattern")
     try:
         if isinstance(targets, str):
             re.compile(targets)
     except re.error as error:
-        raise UserError(f"{path}: target_modules={targets!r} is not a regular expression ({error})") from None
+        raise UserError(f"{path}: target_modules={targets!r} is not a regular expression "
+                        f"({error})") from None
     return rank, float(alpha), targets
 
 def read_omgsr_f_adapters(folder: Path) -> dict:
-    """Both adapters' LoRAs under the names of OP4KSR's file (`merge_op4ksr_lora`), peft's scale alpha / r
-    folded into B. Each LoRA must sit on a module its target_modules selects and have its rank r."""
+    """Both adapters' LoRAs under the names of OP4KSR's file, peft's scale alpha / r folded into
+    B."""
     state = {}
     for half, (weights, rank, alpha, targets) in omgsr_f_halves(folder).items():
         for key, value in check_weights(load_safetensors(weights, torch.float32), weights).items():
@@ -1764,44 +1819,46 @@ def read_omgsr_f_adapters(folder: Path) -> dict:
             selected = (re.fullmatch(targets, module) if isinstance(targets, str)
                         else peft_selects(module, targets))
             if not selected:
-                raise UserError(f"{weights}: a LoRA on {module}, which adapter_config.json's target_modules "
-                                "does not select (a damaged adapter?)")
+                raise UserError(f"{weights}: a LoRA on {module}, which adapter_config.json's "
+                                "target_modules does not select (a damaged adapter?)")
             if value.shape[0 if kind == "A.weight" else 1] != rank:
-                raise UserError(f"{weights}: {key} is {tuple(value.shape)}, not of the rank r={rank} "
-                                "that adapter_config.json gives")
+                raise UserError(f"{weights}: {key} is {tuple(value.shape)}, not of the rank "
+                                f"r={rank} that adapter_config.json gives")
             scale = alpha / rank if kind == "B.weight" else 1.0
             state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
     return state
 
-def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "", max_length: int = 512) -> dict:
-    """OMGSR-F's fixed condition, the empty prompt's T5 / pooled CLIP-L embeddings {"txt", "y"}: encoded
-    once per base model and dtype (the text encoders are loaded for it, then freed) and read back from a
-    cache afterwards. The cache lives in $OP4KSR_CACHE, else $HF_HOME/op4ksr; its file name is a hash of the
-    base's name (a local folder's path, with its text encoders' sizes and dates), the prompt and the dtype."""
+def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
+                   max_length: int = 512) -> dict:
+    """OMGSR-F's condition, the empty prompt's embeddings {"txt", "y"}: encoded once per base model
+    and dtype, then read from a cache ($OP4KSR_CACHE, else $HF_HOME/op4ksr) keyed by a hash of the
+    base (a local folder's path and its text encoders' sizes and dates), prompt and dtype."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
                     for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
     key = json.dumps([source, stamps, prompt, max_length, str(dtype)])
-    path = prompt_cache_folder() / f"prompt-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = prompt_cache_folder() / f"prompt-{digest}.safetensors"
     if path.is_file():
         with contextlib.suppress(UserError):
             cached = load_safetensors(path, dtype, device)
-            if {"txt", "y"} <= cached.keys() and all(torch.isfinite(t).all() for t in cached.values()):
+            finite = all(torch.isfinite(t).all() for t in cached.values())
+            if {"txt", "y"} <= cached.keys() and finite:
                 return cached
-    print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in {path})",
-          file=sys.stderr)
+    print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in "
+          f"{path})", file=sys.stderr)
     encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path, {"base_flux": source})
+        tensors = {k: encoded[k].float().cpu() for k in ("txt", "y")}
+        save_safetensors(tensors, path, {"base_flux": source})
     except OSError as error:
-        warn(f"the prompt embeddings could not be cached in {path.parent} ({os_error_text(error)}); "
-             "set OP4KSR_CACHE to a writable folder")
+        warn(f"the prompt embeddings could not be cached in {path.parent} "
+             f"({os_error_text(error)}); set OP4KSR_CACHE to a writable folder")
     return {"txt": encoded["txt"], "y": encoded["y"]}
 
 def prompt_cache_folder() -> Path:
-    """$OP4KSR_CACHE, else op4ksr/ in the Hugging Face home ($HF_HOME, by default ~/.cache/huggingface)."""
     if os.environ.get("OP4KSR_CACHE"):
         return Path(os.environ["OP4KSR_CACHE"]).expanduser()
     from huggingface_hub import constants
@@ -1809,15 +1866,16 @@ def prompt_cache_folder() -> Path:
     return Path(constants.HF_HOME).expanduser() / "op4ksr"
 
 def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=None, token=None,
-                          theta: float = 10000.0, stride: int = 1, text_encoders=None) -> SRPipeline:
-    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`, the
-    cached empty prompt (`text_encoders`: a Flux pipeline with them, default `flux`), OMGSR-F's sigma
-    (t = 244) and guidance 1. The adapters are read before any base."""
+                          theta: float = 10000.0, stride: int = 1,
+                          text_encoders=None) -> SRPipeline:
+    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`,
+    the cached empty prompt, OMGSR-F's sigma (t = 244) and guidance 1. The adapters are read before
+    any base."""
     loras = read_omgsr_f_adapters(folder)
     device, dtype = device_dtype(device, dtype)
     flux = flux or DEFAULT_FLUX
     vae = vae or (flux if stride == 1 else DEFAULT_VAE)
-    prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # first: T5 is freed before Flux
+    prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # T5 freed before Flux
     print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
     transformer = load_flux(flux, dtype, device, theta=theta, token=token)
     autoencoder = load_vae(vae, dtype, device, stride=stride, token=token)
@@ -1828,62 +1886,54 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     merge_op4ksr_lora(loras, transformer, autoencoder, str(folder))
     guidance = 1.0 if c.guidance_embed else None
     meta = {"base_flux": str(flux), "base_vae": str(vae)}
-    return SRPipeline(transformer, autoencoder, prompt["txt"], prompt["y"], OMGSR_SIGMA, guidance, 4.0,
-                      device, dtype, meta)
+    return SRPipeline(transformer, autoencoder, prompt["txt"], prompt["y"], OMGSR_SIGMA, guidance,
+                      4.0, device, dtype, meta)
 
 def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
-    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's adapters, as
-    `read_omgsr_f_adapters` gives them): each SplitLoRALinear part and LoRAConv2d takes its A, and its B
-    divided by the module's own scale. Every LoRA of `state` must find its module, at the same rank."""
-    c, vae_table = transformer.config, vae_lora_table(vae)
-    flux_table = flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
-    slots = []  # (the parameter or its block, the key in `state`, the layout transform, the scale to undo)
-    for name, module in transformer.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            for i, part in enumerate(flux_table[f"{name}.weight"][0][: len(module.lora_A)]):
-                prefix = "transformer." + part.removesuffix(".weight")
-                slots += [(module.lora_A[i], f"{prefix}.lora_A.weight", None, 1.0),
-                          (module.lora_B[i], f"{prefix}.lora_B.weight", None, module.scale)]
-    for name, module in vae.encoder.named_modules():
-        if isinstance(module, LoRAConv2d):
-            (part,), transform = vae_table[f"encoder.{name}.weight"]
-            prefix = "vae." + part.removesuffix(".weight")
-            slots += [(module.lora_A, f"{prefix}.lora_A.weight", transform, 1.0),
-                      (module.lora_B, f"{prefix}.lora_B.weight", transform, module.scale)]
+    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's
+    adapters): each LoRA takes its A, and its B divided by its own scale."""
+    slots = []  # (the parameter or its block, the key in `state`, the layout transform, the scale)
+    for prefix, module, a, b in flux_lora_slots(transformer):
+        slots += [(a, f"{prefix}.lora_A.weight", None, 1.0),
+                  (b, f"{prefix}.lora_B.weight", None, module.scale)]
+    for prefix, module, transform in encoder_lora_slots(vae.encoder, vae):
+        slots += [(module.lora_A, f"{prefix}.lora_A.weight", transform, 1.0),
+                  (module.lora_B, f"{prefix}.lora_B.weight", transform, module.scale)]
     with torch.no_grad():
         for target, key, transform, scale in slots:
             value = state.get(key)
             value = None if value is None else TRANSFORMS[transform][0](value) / scale
             if value is None or value.shape != target.shape:
                 found = "missing" if value is None else f"{tuple(value.shape)}"
-                raise UserError(f"--init {source}: {key} is {found} where the LoRA being trained takes "
-                                f"{tuple(target.shape)} (--lora-rank must be the adapter's rank)")
+                raise UserError(f"--init {source}: {key} is {found} where the LoRA being trained "
+                                f"takes {tuple(target.shape)} (--lora-rank must be the adapter's "
+                                "rank)")
             target.copy_(value)
     unused = sorted(state.keys() - {key for _, key, _, _ in slots})
     if unused:
         raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
                         "(OMGSR-F's target lists)")
 
-# OMGSR-F's inference (`infer/infer_omgsr_f.py` + `OMGSR_F_Infer`, wuer5/OMGSR@8996613), step by step.
-# It encodes a sample of the posterior without a seed; we take its mode (the mean), which makes runs
-# reproducible: the difference is one draw of the posterior's noise, exp(logvar / 2) per latent value.
-OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of process_size / 8
+# OMGSR-F's inference (`infer/infer_omgsr_f.py` + `OMGSR_F_Infer`, wuer5/OMGSR@8996613). It encodes
+# a posterior sample without a seed; we take its mode (the mean), which makes runs reproducible: the
+# difference is one draw of the posterior's noise, exp(logvar / 2) per latent value.
+OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of 1/8 of it
 
 def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """OMGSR-F's inference of one image (`infer_omgsr_f.py`): processed input, tiled one step, decode,
-    colour fix, resize back."""
+    """OMGSR-F's inference of one image: processed input, tiled step, decode, colour fix."""
     lq = omgsr_f_input(image, upscale, process_size)
     x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
     with torch.inference_mode():
         decoded = pipe.vae.decode(omgsr_f_latent(pipe, x, process_size).to(pipe.dtype))
-    return omgsr_f_output(decoded, lq, color_fix, omgsr_f_sizes(*image.size, upscale, process_size)[1])
+    size = omgsr_f_sizes(*image.size, upscale, process_size)[1]
+    return omgsr_f_output(decoded, lq, color_fix, size)
 
 def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """(the size the model processes, the output size) of an input by OMGSR-F's rules: an input with a
-    side under process_size / upscale is first resized (bicubic) so that its shorter side reaches it, and
-    its output is resized back to upscale x the input at the end; the x upscale input is then resized
-    (LANCZOS) to multiples of 8 px (sides floored: the output is that size unless resized back)."""
+    """(the size the model processes, the output size) by OMGSR-F's rules: an input with a side
+    under process_size / upscale is first resized (bicubic) so that its shorter side reaches it, and
+    its output resized back to upscale x the input; the x upscale input is then resized (LANCZOS) to
+    multiples of 8 px."""
     least, final = process_size // upscale, None
     if width < least or height < least:
         scale = least / min(width, height)
@@ -1893,21 +1943,22 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
     process = (width - width % 8, height - height % 8)
     return process, final or process
 
-def omgsr_f_input(image: Image.Image, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """The processed input by `omgsr_f_sizes`' rules, made with PIL as OMGSR-F does (bicubic, LANCZOS)."""
+def omgsr_f_input(image: Image.Image, upscale: int,
+                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+    """The processed input by `omgsr_f_sizes`' rules, made with PIL as OMGSR-F does."""
     least = process_size // upscale
     if image.width < least or image.height < least:
         scale = least / min(image.size)
         image = image.resize((int(scale * image.width), int(scale * image.height)), Image.BICUBIC)
     image = image.resize((image.width * upscale, image.height * upscale), Image.BICUBIC)
-    return image.resize((image.width - image.width % 8, image.height - image.height % 8), Image.LANCZOS)
+    return image.resize((image.width - image.width % 8, image.height - image.height % 8),
+                        Image.LANCZOS)
 
 @torch.inference_mode()
 def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """OMGSR-F's one step on its latent tiles: z = E(image) (the posterior's mode), v by Flux, over the
-    whole latent when it has at most (process_size / 8)^2 pixels, else tile by tile
-    (`omgsr_f_tiled_velocity`); x0 = z - sigma v. An odd latent side, where OMGSR-F's code fails to pack
-    tokens, is tiled instead."""
+    """OMGSR-F's one step: z = E(image) (the posterior's mode), v by Flux over the whole latent when
+    it has at most (process_size / 8)^2 pixels, else tile by tile; x0 = z - sigma v. An odd latent
+    side, where OMGSR-F's code fails to pack tokens, is tiled instead."""
     z = pipe.vae.encode(image)
     h, w = z.shape[-2:]
     tile = process_size // 8
@@ -1917,11 +1968,12 @@ def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OM
         v = omgsr_f_tiled_velocity(pipe, z, tile, tile // 2)
     return z - pipe.sigma * v
 
-def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-    """OMGSR-F's latent tiling: square tiles of `tile` latent pixels (at most the shorter side; made even),
-    one every tile - overlap along each side and the last flush with the far edge (`omgsr_f_tile_starts`),
-    each through Flux on its own with the positions of one tile, blended with `omgsr_f_tile_weights` into
-    a float32 sum. OMGSR-F's code would batch a row of tiles, but its condition fires at every tile."""
+def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
+                           overlap: int) -> torch.Tensor:
+    """OMGSR-F's latent tiling: square tiles of `tile` latent pixels (at most the shorter side;
+    even), one every tile - overlap and the last flush with the far edge, each through Flux on its
+    own, blended with `omgsr_f_tile_weights` in float32. (OMGSR-F's code would batch a row of tiles,
+    but its condition fires at every tile.)"""
     h, w = z.shape[-2:]
     tile = min(tile, h, w) // 2 * 2
     weight = omgsr_f_tile_weights(tile).to(z.device)
@@ -1936,8 +1988,8 @@ def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int, overlap
     return total / count
 
 def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets along one side: as few tiles as cover it at a step of tile - overlap, the last moved to
-    end at the far edge. 4096 px at F8: 512 latent pixels, 7 tiles of 128 (7 x 7 = 49 passes)."""
+    """Offsets of as few tiles as cover `size` at a step of tile - overlap, the last moved to end at
+    the far edge. 4096 px at F8: 512 latent pixels, 7 tiles of 128."""
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size or input")
@@ -1947,9 +1999,9 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
-    """OMGSR-F's tile weights (tile, tile), float64: a Gaussian of variance 0.01 in units of the tile
-    side, N(i; m, 0.01 tile^2) up to a constant, with mid-points m = (tile - 1) / 2 across the columns but
-    tile / 2 down the rows (its code's asymmetry, kept: it moves the blend half a pixel)."""
+    """OMGSR-F's tile weights, float64: a Gaussian of variance 0.01 in units of the tile side,
+    centred at (tile - 1) / 2 across the columns but tile / 2 down the rows (its code's asymmetry,
+    kept: it moves the blend half a pixel)."""
     i = torch.arange(tile, dtype=torch.float64)
 
     def bell(mid):
@@ -1958,9 +2010,9 @@ def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     return bell(tile / 2)[:, None] * bell((tile - 1) / 2)[None, :]
 
 def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size) -> Image.Image:
-    """OMGSR-F's output: the decoded image (1, 3, H, W) in [-1, 1] to 8 bits by truncation (torchvision's
-    ToPILImage), its colour fix against the processed input on those 8-bit values, truncated again, and
-    the resize back (bicubic) to `size` where the small-input rule resized the input."""
+    """OMGSR-F's output: the decoded image to 8 bits by truncation (torchvision's ToPILImage), the
+    colour fix against the processed input on those values, truncated again, and the resize back
+    (bicubic) to `size`."""
     out = truncated_image(decoded[0].float().cpu() * 0.5 + 0.5)
     if color_fix in ("adain", "wavelet"):
         fix = omgsr_adain if color_fix == "adain" else wavelet_color_fix
@@ -1968,179 +2020,291 @@ def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size)
     return out if out.size == tuple(size) else out.resize(tuple(size), Image.BICUBIC)
 
 def truncated_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB by x * 255 truncated (clipped to [0, 1] first), as torchvision."""
+    """(3, H, W) in [0, 1] -> 8-bit RGB by x * 255 truncated, as torchvision."""
     if not torch.isfinite(x).all():
-        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image was written")
+        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image "
+                        "was written")
     array = (x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array, mode="RGB")
 
 def unit_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB -> (3, H, W) in [0, 1], as torchvision's to_tensor."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """OMGSR-F's AdaIN colour fix: `adain_color_fix` with eps added to the variances (both unbiased)."""
-    def stats(x):
-        flat = x.flatten(2)
-        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
-
-    (mean, std), (ref_mean, ref_std) = stats(image), stats(reference)
-    return (image - mean) / std * ref_std + ref_mean
+    array = np.asarray(image, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
 
 # ======================================================================================== training
 
-def train_sr(args, resume_from: Path | None = None) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A non-finite loss or
-    gradient stops the run before the optimizer moves; a resumed run takes --lr and --weight-decay from the
-    command line. Every rank holds the whole frozen model; the LoRA gradients are averaged."""
-    ctx, output = setup_distributed(args.device), Path(args.output)
-    files = vae_image_files(args.data, verbose=ctx.main)
-    dtype = device_dtype(ctx.device, args.dtype)[1]  # frozen bases; the LoRAs stay fp32
-    bf16 = dtype == torch.bfloat16
-    autocast = torch.autocast(ctx.device.type, dtype) if bf16 else contextlib.nullcontext()
-    lpips = None  # small, and the likeliest download to fail: before the large models
-    if args.lpips_weight:
-        lpips = load_lpips(args.lpips_linear, args.lpips_backbone, args.token).to(ctx.device)
-    vae = load_vae(args.vae, dtype, ctx.device, stride=2, token=args.token)
-    vae.decoder.partitioned = args.f16_decode == "partitioned"
-    factor = vae.config.downsample_factor
-    check_crop(args.crop, args.scale, factor)
-    periods = (factor, 2 * factor)  # one latent pixel, one 2x2-packed token: 16 and 32 px with the F16 VAE
-    if args.periodicity_weight and args.crop // 2 <= 5 * factor + 1:  # `lattice_power`'s smallest quadrant
-        raise UserError(f"--crop {args.crop}: L_AP's quadrants must be larger than {5 * factor + 1} px")
-    prompt = encode_fixed_prompt(args.text_encoders or args.flux, args.prompt, ctx.device, dtype,
-                                 args.max_sequence_length, args.token)
-    transformer = load_flux(args.flux, dtype, ctx.device, theta=args.theta, token=args.token)
-    add_flux_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
-    add_encoder_lora(vae, args.lora_rank, args.lora_alpha, (args.seed + 1) % 2**64)
-    if args.init:  # OP4KSR builds on OMGSR-F: start from its LoRAs
-        init_loras_from(transformer, vae, read_omgsr_f_adapters(Path(args.init)), args.init)
-    vae.decoder.requires_grad_(False)
-    transformer.gradient_checkpointing = args.gradient_checkpointing
-    vae.encoder.gradient_checkpointing = vae.decoder.gradient_checkpointing = args.gradient_checkpointing
-    trainable = nn.ModuleDict({"transformer": transformer, "encoder": vae.encoder}).train()
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    weights = LossWeights(pixel_mse=args.mse_weight, pixel_l1=args.l1_weight, latent_mse=args.latent_weight,
-                          perceptual=args.lpips_weight, periodicity=args.periodicity_weight)
-    guidance = args.guidance if transformer.config.guidance_embed else None
-    if ctx.main:
-        print(f"training OP4KSR LoRAs (rank {args.lora_rank}, {sum(p.numel() for p in params) / 1e6:.2f}M "
-              f"parameters), {ctx.world} process(es) x batch {args.batch_size}, crop {args.crop}, "
-              f"sigma {args.sigma}, theta {args.theta}, L_AP periods {periods}", file=sys.stderr)
-    batches, step = Batches(len(files), args.seed), 0
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, trainable, optimizer, batches, True, sr_run(args))
-        for group in optimizer.param_groups:
-            group.update(lr=args.lr, weight_decay=args.weight_decay)
-    losses, log, unreadable = [], output / "train_log.jsonl", set()
-    output.mkdir(parents=True, exist_ok=True)
-    update = progress_bar("train", args.steps, step) if ctx.main else None
-    while step < args.steps:
-        hr, lr_up, crop_offset = training_pairs(files, batches, args.crop, args.scale, args.batch_size,
-                                                unreadable, ctx)
-        hr, lr_up = hr.to(ctx.device), lr_up.to(ctx.device, dtype)
-        with autocast:
-            latent = sr_latent(transformer, vae, lr_up, prompt, args.sigma, guidance)
-            pred = vae.decode(latent).float()
-            target_latent = None
-            if weights.latent_mse:
-                with torch.no_grad(), lora_off(vae.encoder):
-                    target_latent = vae.encode(hr.to(dtype)).float()
-            perceptual = lpips_on_crops(lpips, args.lpips_crop, crop_offset) if lpips is not None else None
-            loss, parts = sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent, periods)
-        loss.backward()
-        if ctx.world > 1:
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad /= ctx.world
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank, as the gradients are
-        for what, found in (("loss", value), ("gradient norm", norm.item())):
-            if not math.isfinite(found):
-                raise training_diverged(step + 1, f"the {what} ({found})", output)
-        optimizer.step()
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
-            raise training_diverged(step + 1, "a LoRA weight after the update", output)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append((step, value))
-        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}  # collective
-        if ctx.main:
-            update(step, args.steps)
-            if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {value:.5f} {terms} grad-norm {norm.item():.3f}",
-                      file=sys.stderr)
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm.item()}) + "\n")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx, args.keep_checkpoints,
-                            sr_run(args))
+def option(default=None, help=None, factory=None, **parse):
+    """A recipe field: its default, and how `op4ksr.py train` parses it."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **parse})
+    return field(default=default, metadata={"help": help, **parse})
 
+@dataclass
+class SRTrainRecipe:
+    """OP4KSR training, each field an option of `op4ksr.py train`: the paper's loss and RFR on
+    OMGSR-F's set-up (the paper publishes no sigma, loss weights or optimiser settings)."""
+    data: str = option(None, "folder of HR images (recursive) or with a metadata.jsonl",
+                       required=True)
+    output: str = option(None, "output folder", required=True)
+    vae: str = option(DEFAULT_VAE, "F16 VAE: Hub repo / folder with vae/ (UltraFlux), or a file")
+    crop: int = option(4096, "square HR crop side; images are resized to cover it (default 4096: "
+                       "whole targets)", type=integer(1, MAX_SIDE))
+    scale: int = option(4, "SR factor: LR = degrade(HR) at 1/scale (default 4)",
+                        type=integer(1, 16))
+    flux: str = option(DEFAULT_FLUX, "base Flux: Hub repo, diffusers folder or BFL single file")
+    f16_decode: str = option(
+        "partitioned", "the F16 decoder's last stage: 'partitioned' as upstream Diffusion-4K's "
+        "decode, which the released F16 decoders were trained through; 'centred' centres "
+        "conv_out's window (the output moves 1 px up-left)", choices=["partitioned", "centred"])
+    text_encoders: str = option(None, "Flux pipeline with the text encoders (default: --flux)")
+    prompt: str = option(DEFAULT_PROMPT, "the fixed prompt (S3Diff's; stored encoded)")
+    max_sequence_length: int = option(512, "T5 tokens of the fixed prompt", type=integer(1, 512))
+    sigma: float = option(OMGSR_SIGMA, f"the noise level of the LR latent (default "
+                          f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} on "
+                          f"Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})",
+                          type=number(1e-3, 1))
+    theta: float = option(RFR_THETA, "RoPE base of the position axes (RFR 100; Flux 10000)",
+                          type=number(1))
+    guidance: float = option(1.0, "Flux-dev's distilled guidance input (fixed)", type=number(0))
+    lora_rank: int = option(64, "LoRA rank on OMGSR-F's Flux and encoder targets",
+                            type=integer(1))
+    lora_alpha: float = option(None, "LoRA alpha (default: the rank, as OMGSR-F)",
+                               type=positive())
+    init: str = option(None, "start the LoRAs from OMGSR-F's adapter folder (its rank must be "
+                       "--lora-rank, 64); the checkpoint written stays OP4KSR's")
+    lr: float = option(2.5e-5, "AdamW learning rate (constant)", type=positive(1))
+    weight_decay: float = option(1e-4, type=number(0))
+    max_grad_norm: float = option(1.0, "gradients are clipped to this global norm",
+                                  type=positive())
+    batch_size: int = option(1, "images per process per step", type=integer(1))
+    steps: int = option(10000, type=integer(1))
+    mse_weight: float = option(1.0, "pixel MSE (default 1: the fidelity term)", type=number(0))
+    l1_weight: float = option(0.0, "pixel L1 (OMGSR-F: 0.5, beside DISTS and a GAN)",
+                              type=number(0))
+    latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
+                                  type=number(0))
+    lpips_weight: float = option(2.0, "LPIPS-VGG on one --lpips-crop crop per image (default 2: "
+                                 "OSEDiff's ratio to MSE)", type=number(0))
+    lpips_linear: str = option(help="LPIPS v0.1 VGG linear layers (.pth), file or Hub path",
+                               factory=lambda: LPIPS_VGG_LINEAR)
+    lpips_backbone: str = option(help="VGG16 ImageNet weights (.pth or .safetensors), file or "
+                                 "Hub path", factory=lambda: LPIPS_VGG_BACKBONE)
+    lpips_crop: int = option(512, "LPIPS runs on one random crop of this side (a 4K image's VGG "
+                             "activations would not fit beside Flux)", type=integer(1))
+    periodicity_weight: float = option(1.0, "lambda_AP (0: no L_AP)", type=number(0))
+    checkpoint_every: int = option(500, type=integer(1))
+    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    log_every: int = option(10, type=integer(1))
+    resume: str = option(None, "a checkpoint folder, or no value for the newest in --output "
+                         "(--lr, --weight-decay: from here)", nargs="?", const="latest")
+    seed: int = option(0, "seeds data order, crops, flips, degradations, LoRA init", type=SEED)
+    gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
+    device: str = option(None, "cuda (default when available) or cpu",
+                         type=lambda text: device_name(text))  # looked up at parse time
+    dtype: str = option(None, "frozen bases in bf16 under bf16 autocast (default on CUDA), or "
+                        "fp32 (on CPU)", choices=["bf16", "fp32"])
+    token: str = option(None, "Hugging Face token for gated repos")
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.mse_weight, self.l1_weight, self.latent_weight, self.lpips_weight,
+                           self.periodicity_weight)
+
+    @property
+    def run(self) -> dict:
+        """What a checkpoint shares with the run that resumes it (`check_resumable`)."""
+        return {"trainer": "op4ksr.py train", "flux": source_name(self.flux),
+                "vae": source_name(self.vae), "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha or self.lora_rank, "theta": self.theta,
+                "sigma": self.sigma, "scale": self.scale, "prompt": self.prompt}
+
+class SRModels(NamedTuple):
+    transformer: Flux
+    vae: AutoEncoder
+    prompt: dict  # {"txt", "y", "text"}
+    lpips: nn.Module | None
+
+def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[int, float]]:
+    """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A resumed
+    run takes lr and weight_decay from `r`. Each rank holds the whole frozen model."""
+    ctx, output = setup_distributed(r.device), Path(r.output)
+    files = vae_image_files(r.data, verbose=ctx.main)
+    dtype = device_dtype(ctx.device, r.dtype)[1]  # the frozen bases; the LoRAs stay fp32
+    m = load_training_models(r, ctx.device, dtype)
+    trainable = nn.ModuleDict({"transformer": m.transformer, "encoder": m.vae.encoder}).train()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
+    if ctx.main:
+        millions = sum(p.numel() for p in params) / 1e6
+        print(f"training OP4KSR LoRAs (rank {r.lora_rank}, {millions:.2f}M "
+              f"parameters), {ctx.world} process(es) x batch {r.batch_size}, crop {r.crop}, "
+              f"sigma {r.sigma}, theta {r.theta}, L_AP periods {lap_periods(m.vae)}",
+              file=sys.stderr)
+    batches, step = Batches(len(files), r.seed), 0
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, trainable, optimizer, batches, True, r.run)
+        for group in optimizer.param_groups:
+            group.update(lr=r.lr, weight_decay=r.weight_decay)
+    losses, unreadable = [], set()
+    output.mkdir(parents=True, exist_ok=True)
+    update = progress_bar("train", r.steps, step) if ctx.main else None
+    while step < r.steps:
+        hr, lr_up, crop_offset = training_pairs(files, batches, r.crop, r.scale, r.batch_size,
+                                                unreadable, ctx)
+        loss, parts = sr_training_loss(m, r, hr.to(ctx.device), lr_up.to(ctx.device, dtype),
+                                       crop_offset)
+        step += 1
+        value, norm = optimizer_step(loss, params, optimizer, r.max_grad_norm, ctx, step, output)
+        losses.append((step, value))
+        terms = {k: round(ctx.mean(v.float().cpu()).item(), 6) for k, v in parts.items()}
+        if ctx.main:
+            update(step, r.steps)
+            log_step(output, step, r, value, terms, norm)
+        if step % r.checkpoint_every == 0 or step == r.steps:
+            save_checkpoint(output, step, trainable, optimizer, batches, True, ctx,
+                            r.keep_checkpoints, r.run)
     if ctx.main:
         if unreadable:
-            print(f"data: {len(unreadable)} of the {len(files)} training images could not be decoded and "
-                  "were skipped", file=sys.stderr)
-        settings = {"sigma": args.sigma, "guidance": args.guidance, "scale": args.scale,
-                    "base_flux": args.flux, "base_vae": args.vae, "lora_rank": args.lora_rank,
-                    "lora_alpha": args.lora_alpha or args.lora_rank, "steps": step}
-        final = output / "op4ksr.safetensors"
-        save_op4ksr(final, transformer, vae, prompt, settings)
-        print(f"wrote {final} (use: python op4ksr.py --input LR.png --weights {final})", file=sys.stderr)
+            print(f"data: {len(unreadable)} of the {len(files)} training images could not be "
+                  "decoded and were skipped", file=sys.stderr)
+        save_trained(output, m, r, step)
     ctx.barrier()
     return losses
 
-def sr_run(args) -> dict:
-    """What a checkpoint must share with the run that resumes it (`check_resumable`): the trainer, the base
-    models, the LoRA, and the settings that change what it learns: RoPE theta (RFR), sigma, the scale and
-    the fixed prompt. The tensors' names and shapes are checked when they load."""
-    return {"trainer": "op4ksr.py train", "flux": source_name(args.flux), "vae": source_name(args.vae),
-            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank, "theta": args.theta,
-            "sigma": args.sigma, "scale": args.scale, "prompt": args.prompt}
+def lap_periods(vae: AutoEncoder) -> tuple[int, int]:
+    """L_AP's periods: a latent pixel and a 2x2-packed token, 16 and 32 px at F16."""
+    factor = vae.config.downsample_factor
+    return factor, 2 * factor
+
+def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
+    lpips = None  # small, and the likeliest download to fail: before the large models
+    if r.lpips_weight:
+        lpips = load_lpips(r.lpips_linear, r.lpips_backbone, r.token).to(device)
+    vae = load_vae(r.vae, dtype, device, stride=2, token=r.token)
+    vae.decoder.partitioned = r.f16_decode == "partitioned"
+    factor = vae.config.downsample_factor
+    check_crop(r.crop, r.scale, factor)
+    if r.periodicity_weight and r.crop // 2 <= 5 * factor + 1:  # `lattice_power`'s smallest
+        raise UserError(f"--crop {r.crop}: L_AP's quadrants must be larger than "
+                        f"{5 * factor + 1} px")
+    prompt = encode_fixed_prompt(r.text_encoders or r.flux, r.prompt, device, dtype,
+                                 r.max_sequence_length, r.token)
+    transformer = load_flux(r.flux, dtype, device, theta=r.theta, token=r.token)
+    add_flux_lora(transformer, r.lora_rank, r.lora_alpha, r.seed)
+    add_encoder_lora(vae, r.lora_rank, r.lora_alpha, (r.seed + 1) % 2**64)
+    if r.init:
+        init_loras_from(transformer, vae, read_omgsr_f_adapters(Path(r.init)), r.init)
+    vae.decoder.requires_grad_(False)
+    transformer.gradient_checkpointing = r.gradient_checkpointing
+    vae.encoder.gradient_checkpointing = r.gradient_checkpointing
+    vae.decoder.gradient_checkpointing = r.gradient_checkpointing
+    return SRModels(transformer, vae, prompt, lpips)
+
+def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, crop_offset):
+    """`sr_loss` of one batch, under bf16 autocast when the bases are bf16."""
+    dtype = lr_up.dtype
+    bf16 = dtype == torch.bfloat16
+    autocast = torch.autocast(hr.device.type, dtype) if bf16 else contextlib.nullcontext()
+    weights = r.loss_weights
+    guidance = r.guidance if m.transformer.config.guidance_embed else None
+    with autocast:
+        latent = sr_latent(m.transformer, m.vae, lr_up, m.prompt, r.sigma, guidance)
+        pred = m.vae.decode(latent).float()
+        target_latent = None
+        if weights.latent_mse:
+            with torch.no_grad(), lora_off(m.vae.encoder):
+                target_latent = m.vae.encode(hr.to(dtype)).float()
+        perceptual = None
+        if m.lpips is not None:
+            perceptual = lpips_on_crops(m.lpips, r.lpips_crop, crop_offset)
+        return sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent,
+                       lap_periods(m.vae))
+
+def optimizer_step(loss, params, optimizer, max_norm: float, ctx: Distributed, step: int,
+                   output: Path) -> tuple[float, float]:
+    """Backward, gradients averaged over the ranks, clipped, one step: (loss, gradient norm). A
+    non-finite loss, gradient or weight stops the run."""
+    loss.backward()
+    if ctx.world > 1:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank
+    for what, found in (("loss", value), ("gradient norm", norm)):
+        if not math.isfinite(found):
+            raise training_diverged(step, f"the {what} ({found})", output)
+    optimizer.step()
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        raise training_diverged(step, "a LoRA weight after the update", output)
+    optimizer.zero_grad(set_to_none=True)
+    return value, norm
+
+def log_step(output: Path, step: int, r: SRTrainRecipe, value: float, terms: dict, norm: float):
+    if step % r.log_every == 0 or step == r.steps:
+        print(f"step {step}/{r.steps} loss {value:.5f} {terms} grad-norm {norm:.3f}",
+              file=sys.stderr)
+    with open(output / "train_log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "loss": value, **terms, "grad_norm": norm}) + "\n")
+
+def save_trained(output: Path, m: SRModels, r: SRTrainRecipe, step: int):
+    settings = {"sigma": r.sigma, "guidance": r.guidance, "scale": r.scale, "base_flux": r.flux,
+                "base_vae": r.vae, "lora_rank": r.lora_rank,
+                "lora_alpha": r.lora_alpha or r.lora_rank, "steps": step}
+    final = output / "op4ksr.safetensors"
+    save_op4ksr(final, m.transformer, m.vae, m.prompt, settings)
+    print(f"wrote {final} (use: python op4ksr.py --input LR.png --weights {final})",
+          file=sys.stderr)
 
 def check_crop(crop: int, scale: int, factor: int | None = None):
-    """Refuse a crop that the scale or, once the VAE is known, its token (2 factor px) does not divide."""
     if crop % scale:
-        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is crop / scale)")
+        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is "
+                        "crop / scale)")
     if factor is not None and crop % (2 * factor):
-        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this VAE)")
+        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this "
+                        "VAE)")
 
 @torch.no_grad()
-def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512, token=None) -> dict:
-    """The fixed prompt through Flux's text encoders, once: {"txt": (1, T, 4096) T5, "y": (1, 768)
-    pooled CLIP-L, "text"}. `source`: a Flux pipeline folder or Hub repo (tokenizer*/, text_encoder*/)."""
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
+                        token=None) -> dict:
+    """The fixed prompt through the text encoders of the Flux pipeline `source`: {"txt": (1, T,
+    4096) T5, "y": (1, 768) pooled CLIP-L, "text"}."""
     files = ("*.json", "*.txt", "*.model")
     clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
-    t5_tokenizer = T5Tokenizer(resolve_source(source, "tokenizer_2", files, token), max_length=max_length)
+    t5_folder = resolve_source(source, "tokenizer_2", files, token)
+    t5_tokenizer = T5Tokenizer(t5_folder, max_length=max_length)
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
     clip_ids, t5_ids = clip_tokenizer(prompt).to(device), t5_tokenizer(prompt).to(device)
-    y = load_clip(source, text_dtype, device, subfolder="text_encoder")(clip_ids).pooled  # one at a time
+    y = load_clip(source, text_dtype, device, subfolder="text_encoder")(clip_ids).pooled
     txt = load_t5(source, text_dtype, device, subfolder="text_encoder_2")(t5_ids)
     return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
 
-def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int, unreadable: set,
-                   ctx: Distributed):
-    """This rank's share of the next global batch (every rank draws all of it): HR crops (B, 3, crop, crop)
-    in [-1, 1], resized to cover, cropped and flipped at random, the input LR = degrade(HR) at 1/scale and
-    bicubic back up (as OMGSR resizes LQ back), and the LPIPS crop offset."""
+def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int,
+                   unreadable: set, ctx: Distributed):
+    """This rank's share of the next global batch (every rank draws all of it): HR crops in [-1, 1],
+    resized to cover, cropped and flipped at random, the input LR = degrade(HR) at 1/scale bicubic
+    back up (as OMGSR), and the LPIPS crop offset."""
     global_batch, g = batch_size * ctx.world, batches.generator
     mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
     picks = batches.indices(global_batch)
-    offsets, flips = torch.rand(global_batch, 2, generator=g), torch.rand(global_batch, generator=g) < 0.5
-    seeds, crop_offset = torch.randint(2**62, (global_batch,), generator=g), torch.rand(2, generator=g)
+    offsets = torch.rand(global_batch, 2, generator=g)
+    flips = torch.rand(global_batch, generator=g) < 0.5
+    seeds = torch.randint(2**62, (global_batch,), generator=g)
+    crop_offset = torch.rand(2, generator=g)
     hr = load_hr_crops(files, picks, mine, crop, offsets, flips, batches, unreadable, ctx)
     streams = [torch.Generator().manual_seed(int(seeds[i])) for i in mine]
     lr = torch.cat([degrade((image[None] + 1) / 2, DegradationConfig(), stream, scale)
                     for image, stream in zip(hr, streams)]) * 2 - 1
-    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-    return hr, lr_up, crop_offset
+    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+    return hr, lr_up.clamp(-1, 1), crop_offset
 
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
-    """This rank's HR crops (slots `mine`) of the global batch `picks` (file indices). An undecodable file
-    is skipped from then on, its slot taking the data stream's next index (in `picks`); the ranks sum
-    their failures first, so all stay in step. Stops when fewer than half of the images decode."""
+    """This rank's HR crops (slots `mine`) of the global batch `picks`. An undecodable file is
+    skipped from then on, its slot taking the data stream's next index; the ranks sum their failures
+    first, so all stay in step."""
     crops = {}
     while True:
         failed, errors = torch.zeros(len(picks)), []
@@ -2149,7 +2313,8 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
                 failed[i] = 1
                 continue
             try:
-                crops[i] = load_crop(files[picks[i]], crop, crop, offsets[i].tolist(), bool(flips[i]))
+                crops[i] = load_crop(files[picks[i]], crop, crop, offsets[i].tolist(),
+                                     bool(flips[i]))
             except UserError as error:
                 failed[i] = 1
                 errors.append(str(error))
@@ -2160,26 +2325,14 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
         for error in errors:
             warn(f"{error}; skipped ({len(unreadable)} undecodable so far)")
         if 2 * (len(files) - len(unreadable)) < len(files):
-            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not decode, more than "
-                            "half: check the files in --data")
+            raise UserError(f"{len(unreadable)} of the {len(files)} training images do not "
+                            "decode, more than half: check the files in --data")
         for i in slots:
             picks[i] = batches.indices(1)[0]
 
-@contextlib.contextmanager
-def lora_off(module: nn.Module):
-    """Switch the LoRAs inside `module` off for a moment (the base encoder's HR latent target)."""
-    scales = {m: m.scale for m in module.modules() if isinstance(m, (LoRAConv2d, SplitLoRALinear))}
-    for m in scales:
-        m.scale = 0.0
-    try:
-        yield module
-    finally:
-        for m, scale in scales.items():
-            m.scale = scale
-
 def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
-    """LPIPS(pred, target) on one crop (the same for both) at a relative offset: at 4096^2 the VGG
-    activations of the whole image would not fit beside Flux."""
+    """LPIPS on one crop (the same for both images) at a relative offset: a 4K image's VGG
+    activations would not fit beside Flux."""
     def perceptual(pred, target):
         h, w = pred.shape[-2:]
         size_h, size_w = min(crop, h), min(crop, w)
@@ -2189,10 +2342,10 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
     return perceptual
 
 @torch.no_grad()
-def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int, count: int,
-                        seed: int):
-    """(HR latents, LR latents) per batch for `matched_sigma`: the first `count` pairs `train` makes from
-    the same seed, both through the base F16 encoder as normalised posterior samples (as OMGSR's)."""
+def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int,
+                        count: int, seed: int):
+    """(HR latents, LR latents) per batch for `matched_sigma`: the first `count` pairs `train` makes
+    from the same seed, as normalised posterior samples of the base encoder (as OMGSR)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
@@ -2205,13 +2358,14 @@ def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_si
 
 # ========================================================== training data: Real-ESRGAN degradation
 
-KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
-    """One order of the Real-ESRGAN degradation (defaults: its first order). A probability of 0 switches
-    a step off; `resize_probs=(0, 0, 1)` keeps the size. Noise sigmas are in 8-bit levels."""
+    """One order of the Real-ESRGAN degradation (defaults: its first). A probability of 0 switches a
+    step off. Noise sigmas are in 8-bit levels."""
     blur_prob: float = 1.0
     kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes from..to, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
@@ -2232,12 +2386,12 @@ class DegradationStage:
 
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN's second-order degradation with its published defaults. The second order's resize is
-    relative to the LR size; its JPEG is the final one, before or after the final resize and sinc filter."""
+    """Real-ESRGAN's second-order degradation with its published defaults. The second order resizes
+    relative to the LR size; its JPEG is the final one."""
     first: DegradationStage = field(default_factory=DegradationStage)
     second: DegradationStage = field(default_factory=lambda: DegradationStage(
-        blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
-        noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5)))
+        blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
+        resize_range=(0.3, 1.2), noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5)))
     final_sinc_prob: float = 0.8
     final_resize_modes: tuple[str, ...] = RESIZE_MODES
 
@@ -2245,11 +2399,11 @@ STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "j
 
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator,
             scale: int = 4) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H/scale, W/scale), blur,
-    resize, noise and JPEG twice, then the final resize, sinc and JPEG, quantised to 8 bits. Unlike
-    Real-ESRGAN, every image gets its own parameters, each step its own random stream (so switching one
-    off leaves the others' draws alone); Poisson noise counts 255 levels, JPEG is Pillow's at an integer
-    quality, blur pads by replication. The kernel sizes (7..21) suit ~256-px crops: 4K may want larger."""
+    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
+    resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order, quantised to
+    8 bits. Unlike Real-ESRGAN, every image gets its own parameters and each step its own random
+    stream (switching one off leaves the others' draws alone); Poisson noise counts 255 levels, JPEG
+    is Pillow's, blur pads by replication. The kernel sizes (7..21) suit ~256-px crops."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
@@ -2258,13 +2412,14 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     lr_size = (height // scale, width // scale)
     lrs = []
     for image in hr:
-        seeds = torch.randint(2**62, (len(STEPS),), generator=generator, device=generator.device).tolist()
-        streams = {step: torch.Generator().manual_seed(seed) for step, seed in zip(STEPS, seeds)}
+        seeds = torch.randint(2**62, (len(STEPS),), generator=generator, device=generator.device)
+        streams = {step: torch.Generator().manual_seed(seed)
+                   for step, seed in zip(STEPS, seeds.tolist())}
         lrs.append(_degrade_one(image[None].float(), config, lr_size, streams))
     return torch.cat(lrs).to(hr.dtype)
 
 def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Tensor:
-    first, second = config.first, config.second
+    first, second, final = config.first, config.second, streams["final"]
     for stage, order in ((first, "1"), (second, "2")):
         if _happens(streams["blur" + order], stage.blur_prob):
             image = filter2d(image, random_blur_kernel(stage, streams["blur" + order]))
@@ -2274,14 +2429,13 @@ def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Te
             image = _random_noise(image, stage, streams["noise" + order])
         if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
             image = _random_jpeg(image, first, streams["jpeg1"])
-
     # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
-    for step in ("resize", "jpeg") if _happens(streams["final"], 0.5) else ("jpeg", "resize"):
+    for step in ("resize", "jpeg") if _happens(final, 0.5) else ("jpeg", "resize"):
         if step == "resize":
-            image = _resize(image, lr_size, _pick(streams["final"], config.final_resize_modes))
-            if _happens(streams["final"], config.final_sinc_prob):
-                size = _odd_size(streams["final"], second.kernel_sizes)
-                image = filter2d(image, sinc_kernel(size, _uniform(streams["final"], math.pi / 3, math.pi)))
+            image = _resize(image, lr_size, _pick(final, config.final_resize_modes))
+            if _happens(final, config.final_sinc_prob):
+                size = _odd_size(final, second.kernel_sizes)
+                image = filter2d(image, sinc_kernel(size, _uniform(final, math.pi / 3, math.pi)))
         elif _happens(streams["jpeg2"], second.jpeg_prob):
             image = _random_jpeg(image, second, streams["jpeg2"])
     return (image.clamp(0, 1) * 255).round() / 255
@@ -2289,25 +2443,28 @@ def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Te
 def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
     size = _odd_size(generator, stage.kernel_sizes)
     if _happens(generator, stage.sinc_prob):
-        # Small kernels cannot hold a low cutoff's wide ringing.
-        low = math.pi / 3 if size < 13 else math.pi / 5
+        low = math.pi / 3 if size < 13 else math.pi / 5  # small kernels cannot hold wide ringing
         return sinc_kernel(size, _uniform(generator, low, math.pi))
     kind = _pick(generator, KERNEL_TYPES, stage.kernel_probs)
     sigma_x = _uniform(generator, *stage.blur_sigma)
     if kind.endswith("iso") and not kind.endswith("aniso"):
         sigma_y, angle = sigma_x, 0.0
     else:
-        sigma_y, angle = _uniform(generator, *stage.blur_sigma), _uniform(generator, -math.pi, math.pi)
+        sigma_y = _uniform(generator, *stage.blur_sigma)
+        angle = _uniform(generator, -math.pi, math.pi)
     beta = 1.0
     if kind.startswith(("generalized", "plateau")):
         low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
         # Half the draws below 1 (heavier tails), half above (flatter top).
-        beta = _uniform(generator, low, 1.0) if _happens(generator, 0.5) else _uniform(generator, 1.0, high)
-    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=kind.startswith("plateau"))
+        heavy = _happens(generator, 0.5)
+        beta = _uniform(generator, low, 1.0) if heavy else _uniform(generator, 1.0, high)
+    plateau = kind.startswith("plateau")
+    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=plateau)
 
-def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0, plateau=False) -> torch.Tensor:
-    """Anisotropic Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1: with
-    q = x^T Sigma^-1 x for Sigma rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
+def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
+                           plateau=False) -> torch.Tensor:
+    """Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1: with q = x^T
+    Sigma^-1 x for Sigma rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
     y, x = _kernel_grid(size)
     along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
     across = -math.sin(angle) * x + math.cos(angle) * y
@@ -2316,7 +2473,7 @@ def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0, plateau=
     return (kernel / kernel.sum()).float()
 
 def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
-    """Ideal circular low-pass filter (cutoff in radians per pixel), cut to size x size, summing to 1."""
+    """Ideal circular low-pass filter (cutoff in radians per pixel), summing to 1."""
     y, x = _kernel_grid(size)
     r = torch.hypot(x, y).clamp_min(1e-12)
     kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r)
@@ -2331,7 +2488,7 @@ def _odd_size(generator, sizes) -> int:
     return _pick(generator, list(range(sizes[0], sizes[1] + 1, 2)))
 
 def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Convolve each channel of (B, C, H, W) with one (k, k) kernel; edges replicated."""
+    """Each channel of (B, C, H, W) convolved with one (k, k) kernel; edges replicated."""
     pad = kernel.shape[-1] // 2
     channels = image.shape[1]
     weight = kernel.to(image).expand(channels, 1, *kernel.shape)
@@ -2342,11 +2499,11 @@ def _random_resize(image, stage: DegradationStage, base_size, generator) -> torc
     low, high = (1.0, stage.resize_range[1]) if direction == "up" else (stage.resize_range[0], 1.0)
     factor = 1.0 if direction == "keep" else _uniform(generator, low, high)
     mode = _pick(generator, stage.resize_modes)
-    size = tuple(max(1, int(side * factor)) for side in base_size)
-    return _resize(image, size, mode)
+    return _resize(image, tuple(max(1, int(side * factor)) for side in base_size), mode)
 
 def _resize(image, size, mode) -> torch.Tensor:
-    return F.interpolate(image, size=size, mode=mode, align_corners=None if mode == "area" else False)
+    corners = None if mode == "area" else False
+    return F.interpolate(image, size=size, mode=mode, align_corners=corners)
 
 def _random_noise(image, stage: DegradationStage, generator) -> torch.Tensor:
     gray = _happens(generator, stage.gray_noise_prob)  # one noise image shared by the channels
@@ -2354,8 +2511,7 @@ def _random_noise(image, stage: DegradationStage, generator) -> torch.Tensor:
         sigma = _uniform(generator, *stage.noise_range) / 255
         shape = (image.shape[0], 1 if gray else 3, *image.shape[2:])
         noise = torch.randn(shape, generator=generator) * sigma
-    else:
-        # Shot noise: the 8-bit level of each pixel taken as a photon count.
+    else:  # shot noise: the 8-bit level of each pixel taken as a photon count
         scale = _uniform(generator, *stage.poisson_scale_range)
         counts = ((_luma(image) if gray else image).clamp(0, 1) * 255).round().cpu()
         noise = (torch.poisson(counts, generator=generator) - counts) / 255 * scale
@@ -2369,7 +2525,6 @@ def _random_jpeg(image, stage: DegradationStage, generator) -> torch.Tensor:
     return jpeg_compress(image, round(_uniform(generator, *stage.jpeg_range)))
 
 def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG-encode and decode each image of (B, 3, H, W) in [0, 1] with Pillow."""
     decoded = []
     for single in image:
         pixels = (single.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -2386,7 +2541,7 @@ def _happens(generator, probability) -> bool:
     return torch.rand((), generator=generator, dtype=torch.float64).item() < probability
 
 def _pick(generator, options, probs=None):
-    weights = torch.tensor(probs if probs is not None else [1.0] * len(options), dtype=torch.float64)
+    weights = torch.tensor(probs or [1.0] * len(options), dtype=torch.float64)
     return options[torch.multinomial(weights, 1, generator=generator).item()]
 
 
@@ -2918,26 +3073,28 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
 # ==================================================================================== command line
 
 NO_WEIGHTS = (
-    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file owner/repo/path"
-    ".safetensors); the authors have published no weights (arXiv 2605.13457), so you train one: put 4K HR "
-    "images in a folder and run `python op4ksr.py train --data HR_DIR --output runs/op4ksr` (FLUX.1-dev is "
-    "gated: accept its licence on huggingface.co and `huggingface-cli login`), then pass --weights "
-    "runs/op4ksr/op4ksr.safetensors; see `python op4ksr.py train --help`. Or run OMGSR-F's public LoRAs "
-    "(--weights omgsr-f-1024-adapter/, the folder OMGSR's README links; see --recipe).")
+    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file "
+    "owner/repo/path.safetensors); the authors have published no weights (arXiv 2605.13457), so "
+    "you train one: put 4K HR images in a folder and run `python op4ksr.py train --data HR_DIR "
+    "--output runs/op4ksr` (FLUX.1-dev is gated: accept its licence on huggingface.co and "
+    "`huggingface-cli login`), then pass --weights runs/op4ksr/op4ksr.safetensors; see `python "
+    "op4ksr.py train --help`. Or run OMGSR-F's public LoRAs (--weights omgsr-f-1024-adapter/, the "
+    "folder OMGSR's README links; see --recipe).")
 RAW = argparse.RawDescriptionHelpFormatter
 SR_EXAMPLES = """Examples:
-  python op4ksr.py --input lr.png --weights op4ksr.safetensors            (4x, writes lr_op4ksr.png)
-  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/  (longer side 4096)
-  python op4ksr.py --input photos/ ... --output sr/ --skip-existing       (continue an interrupted batch)
+  python op4ksr.py --input lr.png --weights op4ksr.safetensors         (4x, writes lr_op4ksr.png)
+  python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/   (longer side 4096)
+  python op4ksr.py --input photos/ ... --output sr/ --skip-existing    (continue a batch)
 OMGSR-F's public LoRAs (its README's omgsr-f-1024-adapter folder; not OP4KSR's weights):
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/                 (patch-free, F16, RFR)
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ --recipe omgsr-f (OMGSR-F's tiled run)
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/      (patch-free, F16, RFR)
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ --recipe omgsr-f  (tiled)
 Training: python op4ksr.py train --help"""
 TRAIN_EXAMPLES = """Examples:
   python op4ksr.py train --data hr4k/ --output runs/op4ksr
-  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr   (data parallel)
+  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr  (data parallel)
   python op4ksr.py train ... --resume      continue from the newest checkpoint in --output
-Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/, OUTPUT/train_log.jsonl."""
+Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/ and
+OUTPUT/train_log.jsonl."""
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -2956,107 +3113,115 @@ def sr_command(args):
         return omgsr_f_command(args, folder)
     pairs = sr_outputs(args)
     if not pairs:
-        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
-        return
+        return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
     _, meta = read_op4ksr_metadata(args.weights, args.token)
-    scale = args.scale if args.scale is not None else float(meta.get("scale", 4))
-    jobs = [(path, *sr_size(*image_size(path), None if args.size else scale, args.size), output)
-            for path, output in pairs]  # sizes from the headers: a huge input is refused before it decodes
-    for path, _ in pairs:
-        load_image(path)  # every input decodes before any model is loaded
-    dtype = DTYPES.get(args.dtype)
-    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, dtype, args.token)
-    pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
-    if args.compile:
-        compile_blocks(pipe.transformer)
-    update = progress_bar("super-resolve", len(jobs))
-    for i, (path, width, height, output) in enumerate(jobs, start=1):
-        if args.skip_existing and output.exists():
-            print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
-        else:
-            start, image = time.perf_counter(), load_image(path)  # again: a batch is never all in memory
-            sr = super_resolve(pipe, image, width, height, args.color_fix)
-            settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
-                        "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
-                        "color_fix": args.color_fix, "f16_decode": args.f16_decode,
-                        "base_flux": pipe.meta.get("base_flux", "")}
-            # created exclusively without --overwrite: an output another run wrote meanwhile is never replaced
-            info = {"method": "OP4KSR", "settings": json.dumps(settings)}
-            save_image(tensor_to_image(sr), output, info, overwrite=args.overwrite)
-            print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
-                  f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        update(i)
+    scale = None if args.size else args.scale or float(meta.get("scale", 4))
+    jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
+    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
+                            args.token)
+    prepare(pipe, args)
+
+    def make(image, width, height):
+        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
+
+    def info(path, width, height):
+        settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
+                    "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
+                    "color_fix": args.color_fix, "f16_decode": args.f16_decode,
+                    "base_flux": pipe.meta.get("base_flux", "")}
+        return {"method": "OP4KSR", "settings": json.dumps(settings)}
+
+    write_results(jobs, args, make, info)
 
 def omgsr_f_command(args, folder: Path):
-    """--weights is OMGSR-F's adapter folder: --recipe omgsr-f runs OMGSR-F's own inference (F8, tiled),
-    op4ksr its LoRAs patch-free in one pass (RoPE base --theta, the F16 or F8 VAE)."""
+    """--weights is OMGSR-F's adapter: --recipe omgsr-f runs OMGSR-F's own inference, op4ksr its
+    LoRAs patch-free in one pass (RoPE base --theta, the F16 or F8 VAE)."""
     upstream = args.recipe == "omgsr-f"
     omgsr_f_halves(folder)  # the configs: a broken adapter is refused before any image is read
     pairs = sr_outputs(args)
     if not pairs:
-        print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
-        return
-    jobs = [(path, omgsr_f_job_size(args, *image_size(path)), output) for path, output in pairs]
-    for path, _ in pairs:
-        load_image(path)  # every input decodes before any model is loaded
-    dtype = DTYPES.get(args.dtype)
+        return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+    jobs = decodable_jobs(pairs, lambda width, height: omgsr_f_job_size(args, width, height))
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
-    pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, dtype, args.token, theta, stride,
-                                 args.text_encoders)
+    pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
+                                 args.token, theta, stride, args.text_encoders)
+    prepare(pipe, args)
+    vae = f"F{8 * stride} {pipe.meta['base_vae']}"
+    settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
+                "sigma": pipe.sigma, "theta": theta, "vae": vae,
+                "color_fix": args.color_fix, "base_flux": pipe.meta["base_flux"]}
+    if upstream:
+        settings.update(scale=int(args.scale or 4), process_size=args.process_size,
+                        latent="posterior mode")
+    method = "OMGSR-F" if upstream else "OP4KSR's patch-free pass with OMGSR-F's weights"
+
+    def make(image, width, height):
+        if upstream:
+            return omgsr_f_image(pipe, image, int(args.scale or 4), args.color_fix,
+                                 args.process_size)
+        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
+
+    def info(path, width, height):
+        record = {"input": path.name, **settings, "size": f"{width}x{height}"}
+        return {"method": method, "settings": json.dumps(record)}
+
+    write_results(jobs, args, make, info)
+
+def decodable_jobs(pairs, size_of) -> list:
+    """(input, (width, height), output) per pair, sized from the headers; every input decodes before
+    any model loads."""
+    jobs = [(path, size_of(*image_size(path)), output) for path, output in pairs]
+    for path, _ in pairs:
+        load_image(path)
+    return jobs
+
+def prepare(pipe: SRPipeline, args):
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
     if args.compile:
         compile_blocks(pipe.transformer)
-    settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
-                "sigma": pipe.sigma, "theta": theta, "vae": f"F{8 * stride} {pipe.meta['base_vae']}",
-                "color_fix": args.color_fix, "base_flux": pipe.meta["base_flux"]}
-    if upstream:
-        settings.update(scale=int(args.scale or 4), process_size=args.process_size, latent="posterior mode")
-    method = "OMGSR-F" if upstream else "OP4KSR's patch-free pass with OMGSR-F's weights"
+
+def write_results(jobs, args, make, info):
+    """Each input read again (a batch never all in memory) and `make`'s image saved, created
+    exclusively without --overwrite: an output another run wrote meanwhile stays."""
     update = progress_bar("super-resolve", len(jobs))
     for i, (path, (width, height), output) in enumerate(jobs, start=1):
         if args.skip_existing and output.exists():
             print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
         else:
             start, image = time.perf_counter(), load_image(path)
-            if upstream:
-                result = omgsr_f_image(pipe, image, int(args.scale or 4), args.color_fix, args.process_size)
-            else:
-                result = tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
-            info = {"method": method, "settings": json.dumps({"input": path.name, **settings,
-                                                              "size": f"{width}x{height}"})}
-            save_image(result, output, info, overwrite=args.overwrite)
+            result = make(image, width, height)
+            save_image(result, output, info(path, width, height), overwrite=args.overwrite)
             print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
 
 def omgsr_f_job_size(args, width: int, height: int) -> tuple[int, int]:
-    """The output size of one input under the recipe, refusing absurd sizes before any image decodes."""
     if args.recipe == "op4ksr":
         return sr_size(width, height, None if args.size else (args.scale or 4.0), args.size)
     process, final = omgsr_f_sizes(width, height, int(args.scale or 4), args.process_size)
     if max(*process, *final) > MAX_SIDE or min(process) < 16:
         shown = f"{process[0]}x{process[1]}"
-        raise UserError(f"{width}x{height}: OMGSR-F would process it at {shown}; sides must be between 16 "
-                        f"and {MAX_SIDE} px")
+        raise UserError(f"{width}x{height}: OMGSR-F would process it at {shown}; sides must be "
+                        f"between 16 and {MAX_SIDE} px")
     return final
 
 def check_recipe_options(args, omgsr_f: bool):
-    """Refuse options that the weights or the recipe do not take; fill in the recipe's colour fix."""
-    options = (("--theta", args.theta), ("--vae-mode", args.vae_mode), ("--process-size", args.process_size),
-               ("--text-encoders", args.text_encoders))
+    """Refuse options the weights or the recipe do not take; fill in the defaults."""
+    options = (("--theta", args.theta), ("--vae-mode", args.vae_mode),
+               ("--process-size", args.process_size), ("--text-encoders", args.text_encoders))
     given = [option for option, value in options if value is not None]
     if not omgsr_f and (given or args.recipe != "op4ksr"):
         option = given[0] if given else f"--recipe {args.recipe}"
-        raise UserError(f"{option} needs OMGSR-F's adapter folder as --weights; an OP4KSR checkpoint fixes "
-                        "its recipe, RoPE base, VAE and prompt")
+        raise UserError(f"{option} needs OMGSR-F's adapter folder as --weights; an OP4KSR "
+                        "checkpoint fixes its recipe, RoPE base, VAE and prompt")
     if args.recipe == "omgsr-f":
         refused = {"--size": args.size is not None, "--theta": args.theta is not None,
                    "--vae-mode f16": args.vae_mode == "f16",
-                   "a --scale that is not an integer": args.scale is not None and args.scale % 1 != 0}
+                   "a --scale that is not an integer": args.scale is not None and args.scale % 1}
         for option, bad in refused.items():
             if bad:
-                raise UserError(f"--recipe omgsr-f takes no {option}: it runs OMGSR-F's own inference (F8 "
-                                "VAE, Flux's RoPE, an integer --scale)")
+                raise UserError(f"--recipe omgsr-f takes no {option}: it runs OMGSR-F's own "
+                                "inference (F8 VAE, Flux's RoPE, an integer --scale)")
     elif args.process_size is not None:
         raise UserError("--process-size is --recipe omgsr-f's (the size of its tiles)")
     args.theta = RFR_THETA if args.theta is None else args.theta
@@ -3065,203 +3230,154 @@ def check_recipe_options(args, omgsr_f: bool):
     fixes = {None: "adain" if args.recipe == "omgsr-f" else "none", "nofix": "none"}
     args.color_fix = fixes.get(args.color_fix, args.color_fix)
 
-def add_omgsr_f_options(parser):
-    add = parser.add_argument
-    add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
-        help="with OMGSR-F's adapter as --weights: 'op4ksr' (default) runs its LoRAs OP4KSR's way, the whole "
-             "target in one patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference "
-             "(x --scale, F8 VAE, 1024-px latent tiles). Either way these are OMGSR-F's weights, trained at "
-             "1024 px, not OP4KSR's")
-    add("--theta", type=number(1),
-        help="op4ksr recipe with OMGSR-F's weights: RoPE base of the position axes (default 100, RFR; 10000: "
-             "Flux's, as OMGSR-F was trained)")
-    add("--vae-mode", choices=["f16", "f8"],
-        help="op4ksr recipe with OMGSR-F's weights: 'f16' (default: --vae, by default UltraFlux's, with a "
-             "stride-2 conv_in) or 'f8' (--vae, by default --flux's vae/, as it is)")
-    add("--process-size", type=integer(64, MAX_SIDE),
-        help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE}; tiles of a /8 of it)")
-    add("--text-encoders", help="with OMGSR-F's weights: a Flux pipeline folder / Hub repo with the text "
-                                "encoders for its empty prompt, encoded once and cached (default: --flux)")
-
 def sr_outputs(args) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, all checked before anything is read (a folder writes OUTPUT/<name>.png);
-    existing outputs are refused, replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
+    """(input, output) pairs, checked before anything is read; existing outputs are refused,
+    replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
     source = Path(args.input)
-    if source.is_dir():
-        inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not inputs:
-            raise UserError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        folder = Path(args.output or source.resolve().with_name(source.resolve().name + "_op4ksr"))
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
-                            f"(default: {source.name}_op4ksr/)")
-        outputs = [folder / f"{path.stem}.png" for path in inputs]
-    elif not source.exists():
-        raise UserError(f"{source}: no such file or folder")
-    else:
-        inputs = [source]
-        outputs = [Path(args.output) if args.output else source.with_name(f"{source.stem}_op4ksr.png")]
+    inputs, outputs = sr_inputs(source, args.output)
     images = {path.resolve() for path in inputs}
     for output in outputs:
         if output.resolve() in images:
             raise UserError(f"--output: {output} is an input image; write the results elsewhere")
-    given = [("--input", source), ("--weights", args.weights), ("--flux", args.flux), ("--vae", args.vae),
-             ("--text-encoders", args.text_encoders)]
+    given = [("--input", source), ("--weights", args.weights), ("--flux", args.flux),
+             ("--vae", args.vae), ("--text-encoders", args.text_encoders)]
     check_apart([("--output", output) for output in outputs], given)
     first_input = {}
     for path, output in zip(inputs, outputs):
         if output in first_input:
-            raise UserError(f"{first_input[output].name} and {path.name} would both be written to {output}: "
-                            "rename one of them")
+            raise UserError(f"{first_input[output].name} and {path.name} would both be written "
+                            f"to {output}: rename one of them")
         first_input[output] = path
     existing = [output for output in outputs if output.is_file()]
     if existing and not (args.overwrite or args.skip_existing):
-        more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
+        more = (f" (and {len(existing) - 1} more of the {len(outputs)} outputs)"
+                if len(existing) > 1 else "")
         way = ("--skip-existing to keep them and do the rest, or --overwrite" if source.is_dir()
                else "--overwrite to replace it")
         raise UserError(f"{existing[0]} exists{more}; pass {way}")
-    pairs = [(path, out) for path, out in zip(inputs, outputs) if not (args.skip_existing and out.is_file())]
+    pairs = [(path, out) for path, out in zip(inputs, outputs)
+             if not (args.skip_existing and out.is_file())]
     for _, output in pairs:
         check_output_file(output, args.overwrite)
     return pairs
 
+def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
+    if not source.is_dir():
+        if not source.exists():
+            raise UserError(f"{source}: no such file or folder")
+        return [source], [Path(output) if output else source.with_name(f"{source.stem}_op4ksr.png")]
+    inputs = sorted(p for p in source.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not inputs:
+        raise UserError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    folder = Path(output or source.resolve().with_name(source.resolve().name + "_op4ksr"))
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
+                        f"(default: {source.name}_op4ksr/)")
+    return inputs, [folder / f"{path.stem}.png" for path in inputs]
+
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
-    """The target (width, height): LR x scale, or the longer side = size; refuses absurd targets."""
+    """The target (width, height): LR x scale, or the longer side = size."""
     factor = size / max(width, height) if size is not None else scale
-    if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): a huge scale would overflow it
-        raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and {MAX_SIDE} px")
+    if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): it would overflow
+        raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and "
+                        f"{MAX_SIDE} px")
     target = (round(width * factor), round(height * factor))
     shown = f"{target[0]}x{target[1]}"
     if max(target) > MAX_SIDE or min(target) < 32:
-        raise UserError(f"{width}x{height} -> {shown}: target sides must be between 32 and {MAX_SIDE} px")
+        raise UserError(f"{width}x{height} -> {shown}: target sides must be between 32 and "
+                        f"{MAX_SIDE} px")
     if width > target[0] or height > target[1]:
         raise UserError(f"the input ({width}x{height}) is already larger than the target {shown}")
     return target
 
 def sr_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py", epilog=SR_EXAMPLES, formatter_class=RAW,
-                            description="OP4KSR: one-step, patch-free super-resolution to 4K with Flux and "
-                                        "an F16 VAE (arXiv 2605.13457).")
+                            description="OP4KSR: one-step, patch-free super-resolution to 4K with "
+                                        "Flux and an F16 VAE (arXiv 2605.13457).")
     add = parser.add_argument
     add("--input", required=True, help="LR image, or a folder of images")
-    add("--output", help="output image (default INPUT_op4ksr.png), or folder for a folder (INPUT_op4ksr/)")
-    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path.safetensors; "
-                          "or OMGSR-F's adapter folder (flux_adapter/, vae_encoder_adapter/): see --recipe")
+    add("--output", help="output image (default INPUT_op4ksr.png), or folder (INPUT_op4ksr/)")
+    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path"
+                          ".safetensors; or OMGSR-F's adapter folder: see --recipe")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
-    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px, e.g. 4096")
+    target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px")
     add("--color-fix", choices=["none", "nofix", "wavelet", "adain"],
-        help="match the LR colours (default: none; adain with --recipe omgsr-f, as OMGSR-F; nofix = none)")
+        help="match the LR colours (default: none; adain with --recipe omgsr-f; nofix = none)")
     add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
     add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
-    add_f16_decode_option(parser)
-    add_omgsr_f_options(parser)
+    recipe_options(parser, ["f16_decode"])
+    add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
+        help="with OMGSR-F's adapter as --weights: 'op4ksr' runs its LoRAs OP4KSR's way, in one "
+             "patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference (F8 "
+             "VAE, 1024-px latent tiles). Either way these are OMGSR-F's weights, not OP4KSR's")
+    add("--theta", type=number(1), help="op4ksr recipe with OMGSR-F's weights: RoPE base of the "
+                                        "position axes (default 100, RFR; Flux's: 10000)")
+    add("--vae-mode", choices=["f16", "f8"],
+        help="op4ksr recipe with OMGSR-F's weights: 'f16' (default: --vae, by default "
+             "UltraFlux's) or 'f8' (--vae, by default --flux's vae/)")
+    add("--process-size", type=integer(64, MAX_SIDE),
+        help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE})")
+    add("--text-encoders", help="with OMGSR-F's weights: a Flux pipeline with the text encoders "
+                                "for its empty prompt, encoded once and cached (default: --flux)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs, do the rest")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep existing outputs, do the rest")
     add("--device", type=device_name, help="cuda (default when available) or cpu")
     add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    add("--compile", action="store_true", help="torch.compile each Flux block (built during the first image; "
-                                               "a new size builds once more): worth it for a batch of images")
+    add("--compile", action="store_true",
+        help="torch.compile each Flux block (built during the first image of each size)")
     add("--token", help="Hugging Face token for gated repos")
     return parser
 
-def add_f16_decode_option(parser):
-    parser.add_argument("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-                        help="the F16 decoder's last stage (Decoder.upsample_conv_out): 'partitioned' as "
-                             "upstream Diffusion-4K's decode, which the released F16 decoders were trained "
-                             "through; 'centred' centres conv_out's window (the output moves 1 px up-left)")
-
 def train_sr_command(args):
-    check_crop(args.crop, args.scale)
-    if args.init:  # the adapter's configs now: a wrong folder is refused before anything loads
-        folder = omgsr_f_folder(args.init, args.token)
+    r = SRTrainRecipe(**vars(args))
+    check_crop(r.crop, r.scale)
+    if r.init:  # the adapter's configs now: a wrong folder is refused before anything loads
+        folder = omgsr_f_folder(r.init, r.token)
         if folder is None:
-            raise UserError(f"--init {args.init}: not a folder; give OMGSR-F's adapter folder "
+            raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder "
                             "(flux_adapter/, vae_encoder_adapter/)")
         omgsr_f_halves(folder)
-        args.init = str(folder)
-    weights = args.mse_weight, args.l1_weight, args.latent_weight, args.lpips_weight, args.periodicity_weight
-    if not any(weights):
+        r.init = str(folder)
+    if not any(astuple(r.loss_weights)):
         raise UserError("every loss weight is 0: nothing to train")
-    if not args.prompt.strip():
-        raise UserError("--prompt is blank: give the fixed prompt, or leave the option out for the default")
-    output, main = Path(args.output), int(os.environ.get("RANK", "0")) == 0
+    if not r.prompt.strip():
+        raise UserError("--prompt is blank: give the fixed prompt, or leave the option out for "
+                        "the default")
+    output, main = Path(r.output), int(os.environ.get("RANK", "0")) == 0
     check_apart([("--output", output)], [
-        ("--data", args.data), ("--flux", args.flux), ("--vae", args.vae),
-        ("--text-encoders", args.text_encoders), ("--lpips-linear", args.lpips_linear),
-        ("--lpips-backbone", args.lpips_backbone), ("--init", args.init)])
-    resume_from = check_train_output(output, args.resume, "op4ksr.safetensors")
-    if resume_from is not None:  # before any weight is read: a checkpoint of another run is refused now
-        check_resumable(resume_from, sr_run(args))
+        ("--data", r.data), ("--flux", r.flux), ("--vae", r.vae),
+        ("--text-encoders", r.text_encoders), ("--lpips-linear", r.lpips_linear),
+        ("--lpips-backbone", r.lpips_backbone), ("--init", r.init)])
+    resume_from = check_train_output(output, r.resume, "op4ksr.safetensors")
+    if resume_from is not None:  # before any weight is read: another run's checkpoint is refused
+        check_resumable(resume_from, r.run)
     try:
         with undone_on_failure(output, main), folder_lock(output, main):
-            train_sr(args, resume_from)
+            train_sr(r, resume_from)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+def recipe_options(parser, names=None):
+    """SRTrainRecipe's fields (all, or `names`) as --options."""
+    recipe = SRTrainRecipe()
+    for f in fields(SRTrainRecipe):
+        if names is None or f.name in names:
+            option = "--" + f.name.replace("_", "-")
+            parser.add_argument(option, default=getattr(recipe, f.name), **f.metadata)
+
 def sr_train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py train", epilog=TRAIN_EXAMPLES, formatter_class=RAW,
-                            description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE encoder, decoder "
-                                        "frozen) on a folder of 4K HR images; LR inputs are made on the fly "
-                                        "by the Real-ESRGAN second-order degradation.")
-    add = parser.add_argument
-    add_pair_options(parser)
-    add("--output", required=True, help="output folder")
-    add("--flux", default=DEFAULT_FLUX, help="base Flux: Hub repo, local diffusers folder or BFL single file")
-    add_f16_decode_option(parser)
-    add("--text-encoders", help="Flux pipeline folder / Hub repo with the text encoders (default: --flux)")
-    add("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (encoded once, stored in the checkpoint)")
-    add("--max-sequence-length", type=integer(1, 512), default=512, help="T5 tokens of the fixed prompt")
-    add("--sigma", type=number(1e-3, 1), default=OMGSR_SIGMA,
-        help=f"the noise level of the LR latent (default {OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = "
-             f"{OMGSR_MID_TIMESTEP} on Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})")
-    add("--theta", type=number(1), default=RFR_THETA,
-        help="RoPE base of the position axes (RFR 100; Flux 10000)")
-    add("--guidance", type=number(0), default=1.0, help="Flux-dev's distilled guidance input (fixed)")
-    add("--lora-rank", type=integer(1), default=64, help="LoRA rank on OMGSR-F's Flux and encoder targets")
-    add("--lora-alpha", type=positive(), help="LoRA alpha (default: the rank, scale 1, as OMGSR-F)")
-    add("--init", help="start the LoRAs from OMGSR-F's adapter folder (flux_adapter/, vae_encoder_adapter/; "
-                       "its rank must be --lora-rank, 64); the checkpoint written stays OP4KSR's format")
-    add("--lr", type=positive(1), default=2.5e-5, help="AdamW learning rate (constant)")
-    add("--weight-decay", type=number(0), default=1e-4)
-    add("--max-grad-norm", type=positive(), default=1.0, help="gradients are clipped to this global norm")
-    add("--batch-size", type=integer(1), default=1, help="images per process per step")
-    add("--steps", type=integer(1), default=10000)
-    # loss weights: the paper publishes none; 0 switches a term off
-    add("--mse-weight", type=number(0), default=1.0, help="pixel MSE (default 1: the fidelity term)")
-    add("--l1-weight", type=number(0), default=0.0, help="pixel L1 (OMGSR-F: 0.5, beside DISTS and a GAN)")
-    add("--latent-weight", type=number(0), default=0.0, help="MSE of x0 to the base encoder's HR latent")
-    add("--lpips-weight", type=number(0), default=2.0,
-        help="LPIPS-VGG on one --lpips-crop crop per image (OSEDiff's ratio to MSE; 0: no LPIPS weights)")
-    add("--lpips-linear", default=LPIPS_VGG_LINEAR,
-        help="LPIPS v0.1 VGG linear layers (.pth), file or Hub path (default: the lpips package's)")
-    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
-        help="VGG16 ImageNet weights (.pth or .safetensors), file or Hub path (default: torchvision's, timm)")
-    add("--lpips-crop", type=integer(1), default=512, help="LPIPS runs on one random crop of this side")
-    add("--periodicity-weight", type=number(0), default=1.0, help="lambda_AP, L_AP's weight (0: no L_AP)")
-    add("--checkpoint-every", type=integer(1), default=500)
-    add("--keep-checkpoints", type=integer(0), default=2, help="how many checkpoints to keep (0: all)")
-    add("--log-every", type=integer(1), default=10)
-    add("--resume", nargs="?", const="latest",
-        help="a checkpoint folder, or no value for the newest in --output (--lr, --weight-decay: from here)")
-    add("--seed", type=SEED, default=0, help="seeds data order, crops, flips, degradations and the LoRA init")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp32"],
-        help="frozen bases in bf16 under bf16 autocast (default on CUDA), or fp32 (default on CPU)")
-    add("--token", help="Hugging Face token for gated repos")
+                            description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE "
+                                        "encoder, decoder frozen) on a folder of 4K HR images; LR "
+                                        "inputs are made on the fly by the Real-ESRGAN "
+                                        "second-order degradation.")
+    recipe_options(parser)
     return parser
-
-def add_pair_options(parser):
-    """The options that make the (HR, LR) pairs: `train` and `calibrate-sigma` read them alike."""
-    add = parser.add_argument
-    add("--data", required=True, help="folder of HR images (recursive) or with a metadata.jsonl of file_name")
-    add("--vae", default=DEFAULT_VAE, help="F16 VAE: Hub repo / folder with vae/ (UltraFlux), or a file")
-    add("--crop", type=integer(1, MAX_SIDE), default=4096,
-        help="square HR crop side; images are resized to cover it (default 4096: whole 4K targets)")
-    add("--scale", type=integer(1, 16), default=4, help="SR factor: LR = degrade(HR) at 1/scale (default 4)")
 
 def calibrate_command(args):
     check_crop(args.crop, args.scale)
@@ -3270,32 +3386,36 @@ def calibrate_command(args):
     device, dtype = device_dtype(args.device)
     vae = load_vae(args.vae, dtype, device, stride=2, token=args.token)
     check_crop(args.crop, args.scale, vae.config.downsample_factor)
-    latents = calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count, args.seed)
+    latents = calibration_latents(files, vae, args.crop, args.scale, args.batch_size, count,
+                                  args.seed)
     t, sigma = matched_sigma(latents, update=progress_bar("calibrate-sigma", count))
     print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
           f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
-    print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this is "
-          f"{sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma {sigma:.6f}")
+    print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this "
+          f"is {sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma "
+          f"{sigma:.6f}")
 
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="op4ksr.py calibrate-sigma", formatter_class=RAW,
-        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR) pairs as\n"
-                    "`train` does, encode both with the base F16 encoder (posterior samples, as OMGSR) and\n"
-                    "print the timestep of OMGSR-F's schedule whose noise level gives the noisy HR latent\n"
-                    "the SNR of the LR latent, mean(hr^2) / mean((lr - hr)^2), averaged over batches.\n"
-                    "Train with the sigma it prints (train --sigma).",
+        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR)\n"
+                    "pairs as `train` does, encode both with the base F16 encoder (posterior\n"
+                    "samples, as OMGSR) and print the timestep of OMGSR-F's schedule whose noise\n"
+                    "level gives the noisy HR latent the SNR of the LR latent, mean(hr^2) /\n"
+                    "mean((lr - hr)^2), averaged over batches. Train with the sigma it prints.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
+    recipe_options(parser, ["data", "vae", "crop", "scale"])
     add = parser.add_argument
-    add_pair_options(parser)
-    add("--max-images", type=integer(1), help="at most this many images, one random crop each (default: all)")
-    add("--batch-size", type=integer(1), default=1, help="images per SNR average (default 1, OMGSR's)")
-    add("--seed", type=SEED, default=0, help="seeds the pairs (as train's --seed and --batch-size: its first "
-                                             "steps' pairs) and the posterior samples")
+    add("--max-images", type=integer(1), help="at most this many images, one crop each")
+    add("--batch-size", type=integer(1), default=1,
+        help="images per SNR average (default 1, OMGSR's)")
+    add("--seed", type=SEED, default=0, help="seeds the pairs (as train's --seed and --batch-size: "
+                                             "its first steps' pairs) and the posterior samples")
     add("--device", type=device_name, help="cuda (default when available) or cpu")
     add("--token", help="Hugging Face token for gated repos")
     return parser
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, memory_hint="try a smaller --size or --scale (training: a smaller --crop)"))
+    hint = "try a smaller --size or --scale (training: a smaller --crop)"
+    sys.exit(run_cli(main, memory_hint=hint))
