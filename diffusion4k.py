@@ -1964,9 +1964,23 @@ def place(slots: list, tensors: list):
 
 # ==================================================================================== WLF training
 
-def option(default, help: str, **cli):
-    """A recipe field: its default and its command-line option."""
+# --- BEGIN kit: recipes ---
+def option(default=None, help: str | None = None, factory=None, **cli):
+    """A recipe field: its default (`factory` builds a mutable one) and argparse's keywords for
+    its command-line option."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **cli})
     return field(default=default, metadata={"help": help, **cli})
+
+def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
+    """One --option per field of the recipe class `kind` (all, or those in `names`), with the
+    recipe's default."""
+    defaults = kind()
+    for f in fields(kind):
+        if names is None or f.name in names:
+            parser.add_argument("--" + f.name.replace("_", "-"), default=getattr(defaults, f.name),
+                                **f.metadata)
+# --- END kit: recipes ---
 
 def wavelet_weights(text: str) -> tuple:
     try:
@@ -3512,11 +3526,6 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def recipe(kind, args):
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
-
-def add_recipe(parser: argparse.ArgumentParser, kind):
-    """One --option per field of the recipe `kind`, defaults the recipe's."""
-    for f in fields(kind):
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
 
 def train_command(args) -> list[tuple[int, float]]:
     try:

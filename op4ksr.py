@@ -2035,11 +2035,23 @@ def unit_tensor(image: Image.Image) -> torch.Tensor:
 
 # ======================================================================================== training
 
-def option(default=None, help=None, factory=None, **parse):
-    """A recipe field: its default, and how `op4ksr.py train` parses it."""
+# --- BEGIN copy of diffusion4k.py: recipes ---
+def option(default=None, help: str | None = None, factory=None, **cli):
+    """A recipe field: its default (`factory` builds a mutable one) and argparse's keywords for
+    its command-line option."""
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **parse})
-    return field(default=default, metadata={"help": help, **parse})
+        return field(default_factory=factory, metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
+    """One --option per field of the recipe class `kind` (all, or those in `names`), with the
+    recipe's default."""
+    defaults = kind()
+    for f in fields(kind):
+        if names is None or f.name in names:
+            parser.add_argument("--" + f.name.replace("_", "-"), default=getattr(defaults, f.name),
+                                **f.metadata)
+# --- END copy: recipes ---
 
 @dataclass
 class SRTrainRecipe:
@@ -3307,7 +3319,7 @@ def sr_parser() -> argparse.ArgumentParser:
         help="match the LR colours (default: none; adain with --recipe omgsr-f; nofix = none)")
     add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
     add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
-    recipe_options(parser, ["f16_decode"])
+    add_recipe(parser, SRTrainRecipe, ["f16_decode"])
     add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
         help="with OMGSR-F's adapter as --weights: 'op4ksr' runs its LoRAs OP4KSR's way, in one "
              "patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference (F8 "
@@ -3362,21 +3374,13 @@ def train_sr_command(args):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
-def recipe_options(parser, names=None):
-    """SRTrainRecipe's fields (all, or `names`) as --options."""
-    recipe = SRTrainRecipe()
-    for f in fields(SRTrainRecipe):
-        if names is None or f.name in names:
-            option = "--" + f.name.replace("_", "-")
-            parser.add_argument(option, default=getattr(recipe, f.name), **f.metadata)
-
 def sr_train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py train", epilog=TRAIN_EXAMPLES, formatter_class=RAW,
                             description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE "
                                         "encoder, decoder frozen) on a folder of 4K HR images; LR "
                                         "inputs are made on the fly by the Real-ESRGAN "
                                         "second-order degradation.")
-    recipe_options(parser)
+    add_recipe(parser, SRTrainRecipe)
     return parser
 
 def calibrate_command(args):
@@ -3404,7 +3408,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
                     "level gives the noisy HR latent the SNR of the LR latent, mean(hr^2) /\n"
                     "mean((lr - hr)^2), averaged over batches. Train with the sigma it prints.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
-    recipe_options(parser, ["data", "vae", "crop", "scale"])
+    add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
     add = parser.add_argument
     add("--max-images", type=integer(1), help="at most this many images, one crop each")
     add("--batch-size", type=integer(1), default=1,
