@@ -83,12 +83,11 @@ GLCM_UNIQUE_OFFSETS = list(dict.fromkeys(GLCM_OFFSETS))
 GLCM_SLICE_OFFSET = np.array([GLCM_UNIQUE_OFFSETS.index(o) for o in GLCM_OFFSETS])
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
-def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 4) -> float:
-    """Diffusion-4K's GLCM Score (Zhang et al., CVPR 2025, Table 1; eval.py): OpenCV grey >> 2 (64
-    levels), patch x patch tiles from the top-left, per tile graycomatrix at GLCM_OFFSETS (normed,
-    not symmetric) and shannon_entropy of it (another `prop`: mean graycoprops rounded to 4
-    decimals), mean over tiles. Upstream scores its JPEG-95 files (so does the CLI). `chunk` tiles
-    are counted at once: the counts stay in the L2 cache."""
+def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
+    """Diffusion-4K's GLCM Score (CVPR 2025, Table 1; eval.py): OpenCV grey >> 2 (64 levels) in
+    patch x patch tiles, per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not
+    symmetric; another `prop`: mean graycoprops to 4 decimals), mean over tiles. Upstream scores
+    its JPEG-95 files, as the CLI does. `chunk` tiles at once: the counts stay in the L2 cache."""
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
@@ -106,7 +105,7 @@ def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 4) -> f
             scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
     return float(np.concatenate(scores).mean())
 
-def grey_opencv(rgb, shift: int = 0, band: int = 64) -> np.ndarray:
+def grey_opencv(rgb, shift=0, band=64):
     """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), then >> shift;
     by bands of rows, so that no 32-bit copy of a 4K image is held."""
     width, height = rgb.size if isinstance(rgb, Image.Image) else as_array(rgb).shape[1::-1]
@@ -123,12 +122,12 @@ def grey_opencv(rgb, shift: int = 0, band: int = 64) -> np.ndarray:
         out[top : top + band] = total >> (15 + shift)
     return out
 
-def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
+def glcm_counts(patches, levels=64):
     """(P, h, w) patches -> (P, 16, levels, levels) counts, as graycomatrix(symmetric=False)."""
     counts = glcm_offset_counts(patches, levels).reshape(len(patches), len(GLCM_UNIQUE_OFFSETS), -1)
     return counts[:, GLCM_SLICE_OFFSET].reshape(len(patches), len(GLCM_OFFSETS), levels, levels)
 
-def glcm_offset_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
+def glcm_offset_counts(patches, levels=64):
     """(P, h, w) -> (P * 14, levels^2) counts, row 14 p + k for GLCM_UNIQUE_OFFSETS[k]: one bincount
     of the key (14 p + k) levels^2 + i levels + j over all pixel pairs."""
     count, h, w = patches.shape
@@ -145,11 +144,11 @@ def glcm_offset_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
         start += a.size
     return np.bincount(keys, minlength=count * offsets * cells).reshape(count * offsets, cells)
 
-def glcm_pair_counts(h: int, w: int, offsets=GLCM_OFFSETS) -> np.ndarray:
+def glcm_pair_counts(h, w, offsets=GLCM_OFFSETS):
     """Pixel pairs per offset: the divisor of normed=True."""
     return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in offsets], dtype=np.int64)
 
-def glcm_entropy(patches: np.ndarray, levels: int = 64) -> np.ndarray:
+def glcm_entropy(patches, levels=64):
     """shannon_entropy(graycomatrix(patch)) of (P, h, w) patches -> (P,): the base-2 entropy of the
     histogram of *distinct values* among the entries count / n_s (not Haralick's -sum p log p). Two
     such doubles are equal exactly when the fractions are, so each (offset, count) present maps
@@ -170,14 +169,14 @@ def glcm_entropy(patches: np.ndarray, levels: int = 64) -> np.ndarray:
     return -np.bincount(keys // distinct, weights=p * np.log(p), minlength=count) / np.log(2)
 
 @functools.lru_cache(maxsize=8)
-def _glcm_value_ids(h: int, w: int) -> tuple[np.ndarray, int]:
+def _glcm_value_ids(h, w):
     """(14, max pairs + 1): the rank of count / n_k among all distinct values, and their number."""
     n = glcm_pair_counts(h, w, GLCM_UNIQUE_OFFSETS).astype(np.float64)
     values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
     ids = np.unique(values, return_inverse=True)[1].reshape(values.shape)
     return ids, int(ids.max()) + 1
 
-def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
+def glcm_props(normed, prop):
     """graycoprops(glcm, prop) for (P, 16, L, L) normalised matrices -> (P, 16)."""
     p = normed / normed.sum(axis=(-2, -1), keepdims=True)  # graycoprops re-normalises; so do we
     i, j = np.ogrid[: normed.shape[-1], : normed.shape[-1]]
@@ -198,12 +197,12 @@ def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
         raise ValueError(f"unknown GLCM property {prop!r}; choose from {GLCM_PROPS}")
     return total(p * weights[prop])
 
-def compression_ratio(jpeg_sizes, shapes) -> float:
+def compression_ratio(jpeg_sizes, shapes):
     """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (eval.py's
     N size^2 3 / sum(file sizes), not a mean of ratios). Lower: more high-frequency detail."""
     return sum(h * w * 3 for h, w in shapes) / sum(jpeg_sizes)
 
-def jpeg95(image: Image.Image) -> bytes:
+def jpeg95(image):
     """What Diffusion-4K's generator writes: Pillow JPEG quality 95, Pillow's defaults (4:2:0)."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
@@ -221,7 +220,7 @@ NIQE_CONVENTIONS = {
     "matlab": "the MATLAB release's arithmetic: float64 on rounded rgb2gray (approximate)",
 }
 
-def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
+def psnr(pred, ref, crop_border=0, mode="rgb"):
     """PSNR in dB, peak 255, inf for identical images: basicsr's calculate_psnr (SR papers), with
     `crop_border` (the scale) px off each side, on BT.601 Y (mode 'y') or RGB (as scikit-image)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
@@ -233,11 +232,11 @@ def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
         mse = np.square(d, out=d).mean()
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
-def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
-    """SSIM (Wang et al. 2004), 11x11 Gaussian window (sigma 1.5), 'valid' region, mean over the map
-    and channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
-    use_sample_covariance=False). mode 'gray': ssim.m's input. ssim.m's automatic downsampling is not
-    applied (nor by basicsr): at 4K it would average-pool by 16."""
+def ssim(pred, ref, crop_border=0, mode="rgb"):
+    """SSIM (Wang et al. 2004), Gaussian window (sigma 1.5), 'valid' region, mean over map and
+    channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
+    use_sample_covariance=False); mode 'gray': ssim.m's input. Without ssim.m's downsampling (as
+    basicsr): at 4K it would average-pool by 16."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if min(a.shape[-2:]) < 11:
         height, width = a.shape[-2:]
@@ -245,7 +244,7 @@ def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
         raise ValueError(f"{size} is smaller than SSIM's 11x11 window")
     return float(np.mean([_ssim_mean(x, y) for x, y in zip(a, b)]))
 
-def _ssim_mean(x: np.ndarray, y: np.ndarray) -> float:
+def _ssim_mean(x, y):
     """((2 mx my + c1) (2 sxy + c2)) / ((mx^2 + my^2 + c1) (sxx + syy + c2)) averaged, in float64;
     the formula needs only sxx + syy, so four planes are blurred: x, y, x^2 + y^2, xy."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -262,7 +261,7 @@ def _ssim_mean(x: np.ndarray, y: np.ndarray) -> float:
     return numerator.div_(denominator).mean().item()
 
 @functools.lru_cache(maxsize=4)
-def _band_matrix(block: int, sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
+def _band_matrix(block, sigma=1.5, radius=5):
     """Column j: the normalised Gaussian at rows j..j+2r."""
     d = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 / sigma**2 * d**2)
@@ -271,7 +270,7 @@ def _band_matrix(block: int, sigma: float = 1.5, radius: int = 5) -> torch.Tenso
         band[j : j + 2 * radius + 1, j] = g / g.sum()
     return band
 
-def gaussian_blur_valid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def gaussian_blur_valid(x, block=32):
     """SSIM's Gaussian of (..., H, W) float64, 'valid' region: scipy's gaussian_filter(truncate=3.5)
     without its 5-px border. Each pass multiplies by a banded matrix (32 outputs from 42 inputs):
     2.6x the work of an 11-tap loop, but torch's BLAS beats scipy and a float64 conv2d on the CPU.
@@ -283,7 +282,8 @@ def gaussian_blur_valid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
         out = x.new_empty(x.shape[:-2] + (h, x.shape[-1]))
         for r in range(0, h, block):
             n = min(block, h - r)
-            torch.matmul(band[: n + 10, :n].T, x[..., r : r + n + 10, :], out=out[..., r : r + n, :])
+            window = x[..., r : r + n + 10, :]
+            torch.matmul(band[: n + 10, :n].T, window, out=out[..., r : r + n, :])
         return out.transpose(-1, -2)
 
     return rows(rows(x))
@@ -295,7 +295,7 @@ def _prepare_pair(pred, ref, crop_border, mode):
         raise ValueError(f"sizes differ: {sizes}")
     return tuple(remove_border(_channels(x, mode), crop_border) for x in (pred, ref))
 
-def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
+def _channels(rgb, mode):
     if mode == "rgb":
         return rgb.transpose(2, 0, 1)
     if mode == "y":
@@ -304,17 +304,17 @@ def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
         return grey_matlab(rgb)[None]
     raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
 
-def y_channel(rgb: np.ndarray) -> np.ndarray:
+def y_channel(rgb):
     """Unrounded Y of BT.601 YCbCr in [16, 235]: basicsr's test_y_channel (pyiqa's YIQ differs)."""
     x = rgb.astype(np.float64) / 255.0
     return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
 
-def grey_matlab(rgb: np.ndarray) -> np.ndarray:
+def grey_matlab(rgb):
     x = rgb.astype(np.float64)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     return np.round(0.298936021293775 * r + 0.587043074451121 * g + 0.114020904255103 * b)
 
-def remove_border(x: np.ndarray, border: int) -> np.ndarray:
+def remove_border(x, border):
     h, w = x.shape[-2:]
     if border and 2 * border >= min(h, w):
         largest = (min(h, w) - 1) // 2
@@ -322,9 +322,9 @@ def remove_border(x: np.ndarray, border: int) -> np.ndarray:
                          f"(at most {largest})")
     return x[..., border : h - border, border : w - border]
 
-def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
-    """NIQE (Mittal et al., IEEE SPL 2013), lower is better: the MATLAB release's pristine model, 96-px
-    blocks from the top-left, two scales, 36 features; the whole image (1,764 blocks at 4096^2).
+def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
+    """NIQE (Mittal et al., IEEE SPL 2013), lower is better: the MATLAB release's pristine model,
+    96-px blocks from the top-left, two scales, 36 features; the whole image (1,764 at 4096^2).
 
     NIQE is touchy: sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one
     float32 rounding moves it by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers
@@ -341,8 +341,8 @@ def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> f
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
     return niqe_distance(features, *params)
 
-def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
-    """The pristine model's mean (36,) and covariance (36, 36) from pyiqa's .mat or basicsr's .npz."""
+def niqe_params(source=NIQE_PARAMS):
+    """The pristine model's mean (36,) and covariance (36, 36): pyiqa's .mat or basicsr's .npz."""
     what = "NIQE parameters"
     path = resolve_weights(source, what)
     try:
@@ -357,8 +357,8 @@ def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
         kind = type(error).__name__
-        raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's .npz "
-                        "(mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, "
+        raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's "
+                        ".npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, "
                         "cov_prisparam)") from None
     if mu.shape != (36,) or cov.shape != (36, 36):
         shapes = f"{path} holds shapes {mu.shape} and {cov.shape}"
@@ -375,7 +375,7 @@ def _loadmat(path):
                         "or pass basicsr's niqe_pris_params.npz") from None
     return loadmat(str(path))
 
-def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
+def niqe_grey(rgb, convention="pyiqa"):
     """The rounded grey image each convention scores: pyiqa's Y of YIQ in float32, or rgb2gray."""
     rgb = as_array(rgb)
     if convention == "pyiqa":
@@ -388,8 +388,8 @@ def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
     choices = ", ".join(NIQE_CONVENTIONS)
     raise ValueError(f"unknown NIQE convention {convention!r}; choose from {choices}")
 
-def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
-    """(N, 36) block features: 18 at full scale, 18 at half scale (MATLAB bicubic) on the same tiles."""
+def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
+    """(N, 36) block features: 18 at full scale, 18 at half scale (MATLAB bicubic), same tiles."""
     grid = "float32" if pyiqa else "float64"
     rows, cols = grey.shape[0] // block, grey.shape[1] // block
     x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))
@@ -398,7 +398,7 @@ def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True)
     half = imresize_half(x / 255) * 255
     return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
 
-def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
+def mscn(grey, window32=False):
     """MSCN coefficients (x - mu) / (sigma + 1), mu and sigma = sqrt(|E[x^2] - mu^2|) from the 7x7
     Gaussian window, borders replicated."""
     w = _niqe_window(window32).to(grey.device)[None, None]
@@ -412,14 +412,14 @@ def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
 
-def _niqe_window(float32: bool = False) -> torch.Tensor:
+def _niqe_window(float32=False):
     """fspecial('gaussian', 7, 7/6); pyiqa rounds it to float32, which flips AGGD grid choices."""
     x = torch.arange(7, dtype=torch.float64) - 3
     g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
     g = g / g.sum()
     return g.float().double() if float32 else g
 
-def niqe_block_features(coefficients, block: int, grid: str = "float64") -> torch.Tensor:
+def niqe_block_features(coefficients, block, grid="float64"):
     """(N, 18) per block: AGGD (alpha, mean scale) of the coefficients, then of their products with
     the neighbour at 4 shifts (circular in the block) (alpha, mean, left, right)."""
     h, w = coefficients.shape
@@ -434,7 +434,7 @@ def niqe_block_features(coefficients, block: int, grid: str = "float64") -> torc
         features += [alpha, mean, left, right]
     return torch.stack(features, 1)
 
-def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
+def aggd_fit(x, grid="float64", chunk=256):
     """Moment-matching AGGD fit of each row of x (N, P): the grid alpha whose r(alpha) is nearest to
     the moment ratio, and the left / right scales (NaN for a one-signed row, as the references)."""
     gam, r = (t.to(x.device) for t in _aggd_table(grid))
@@ -453,8 +453,8 @@ def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
     return alpha, left * ratio, right * ratio
 
 @functools.lru_cache(maxsize=2)
-def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid 0.2:0.001:10 (float32 as pyiqa's, or float64) and r(g) = G(2/g)^2 / (G(1/g) G(3/g))."""
+def _aggd_table(grid):
+    """The grid 0.2:0.001:10 (pyiqa's float32 or float64), r(g) = G(2/g)^2 / (G(1/g) G(3/g))."""
     if grid == "float32":
         gam = torch.arange(0.2, 10 + 0.001, 0.001, dtype=torch.float32).double()
     else:
@@ -462,7 +462,7 @@ def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
     r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
     return gam, r
 
-def imresize_half(x: torch.Tensor) -> torch.Tensor:
+def imresize_half(x):
     """MATLAB imresize(x, 0.5) of (H, W), both even: antialiased bicubic (a = -0.5), i.e. 8 taps
     0.5 k(d / 2) around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
 
@@ -485,7 +485,7 @@ def imresize_half(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return along_rows(along_rows(x).T).T.double()
 
-def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
+def niqe_distance(features, mu_pris, cov_pris):
     """sqrt(d pinv((S_p + S_d) / 2) d^T), d = mu_p - nanmean(features), S_d = nancov(features)."""
     f = features.numpy()
     clean = f[~np.isnan(f).any(1)]
@@ -517,7 +517,7 @@ def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, ba
     samples = (fid_crops(x, patch, half_shift) if patch else x).split(batch)
     return torch.cat([model(fid_input(group, resize)) for group in samples])
 
-def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(rgb, size):
     """Diffusion-4K's FID preprocessing (generate_and_eval_fid.py l. 79-84) of both sets, so that
     photos and samples reach the 299-px resize with one aspect ratio: torchvision's resize(uint8,
     size) (shorter side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
@@ -531,7 +531,7 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return rgb[top : top + size, left : left + size]
 
-def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
+def fid_crops(x, patch, half_shift):
     """Patch FID's samples: the patch grid from the top-left, with `half_shift` also the grid moved
     by patch/2 (HiFiC's FID/256, Mentzer et al. 2020)."""
     h, w = x.shape[-2:]
@@ -542,7 +542,7 @@ def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
                       for r in range(r0, h - patch + 1, patch)
                       for c in range(c0, w - patch + 1, patch)])
 
-def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
+def fid_input(x, resize="tf1"):
     """(B, 3, H, W) with values 0..255 -> the network's (B, 3, 299, 299) input."""
     if resize == "tf1":
         return (resize_tf1_bilinear(x, 299) - 128) / 128
@@ -559,7 +559,7 @@ def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
         return (out.to(x.device) - 128) / 128
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
 
-def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize_tf1_bilinear(x, size):
     """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input). It
     samples a 4096-px image at 299 points per axis: hence patch FID."""
 
@@ -584,7 +584,7 @@ class FeatureStats:
     total: torch.Tensor | None = None
     outer: torch.Tensor | None = None
 
-    def update(self, features: torch.Tensor):
+    def update(self, features):
         f = features.detach().double().cpu()
         self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
         self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
@@ -597,7 +597,7 @@ class FeatureStats:
         cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         return mean, cov
 
-def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
+def fid_from_stats(pred, ref):
     """FID (Heusel et al. 2017), warning when a covariance is rank-deficient."""
     for name, stats in (("pred", pred), ("ref", ref)):
         dim = stats.total.numel()
@@ -608,7 +608,7 @@ def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
                           stacklevel=2)
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+def frechet_distance(mu1, cov1, mu2, cov2):
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, with tr sqrt(S1 S2) =
     tr sqrt(S1^1/2 S2 S1^1/2): symmetric eigendecompositions instead of scipy's sqrtm of S1 S2
     (pytorch-fid, clean-fid), no complex parts or eps retry when N < 2048."""
@@ -774,7 +774,7 @@ CLIP_FORMS = {
 
 CLIP_BATCH = 32  # images per call of the CLIP towers in a folder run: a busy GPU, under 20 MB
 
-def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.Tensor:
+def clip_score(model, images, captions, form="torchmetrics"):
     """Per-image CLIPScore (Hessel et al., EMNLP 2021): the cosine of CLIP image and caption
     embeddings, scaled as CLIP_FORMS says (Diffusion-4K averages torchmetrics' per image).
 
@@ -785,7 +785,7 @@ def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.T
     pixels = torch.stack([model.preprocess(image, clip_resize(form)) for image in images])
     return clip_score_pixels(model, pixels, captions, form)
 
-def clip_score_pixels(model: ClipViT, pixels, captions, form="torchmetrics") -> torch.Tensor:
+def clip_score_pixels(model, pixels, captions, form="torchmetrics"):
     if form not in CLIP_FORMS:
         raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
     if form != "torchmetrics":
@@ -793,32 +793,32 @@ def clip_score_pixels(model: ClipViT, pixels, captions, form="torchmetrics") -> 
     cos = (model.encode_pixels(pixels) * model.encode_texts(captions)).sum(-1)
     return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
 
-def clip_resize(form: str) -> str:
+def clip_resize(form):
     return "tensor" if form == "pyiqa" else "pil"
 
 @torch.no_grad()
-def aesthetic_score(clip: ClipViT, mlp: AestheticMLP, images) -> torch.Tensor:
+def aesthetic_score(clip, mlp, images):
     return mlp(clip.encode_images(images))  # L2-normalised embeddings, as the original
 
 class ClipBatches:
     """A folder run's scores of a CLIP metric on batches of `size` (CLIP_BATCH) images: add()
     preprocesses an image when read (to 3 x 224 x 224: memory stays flat), a full buffer or the
-    `last` image runs the towers, flush() the rest. Each image gets its score alone up to rounding."""
+    `last` image runs the towers, flush() the rest. Each score equals its own alone to rounding."""
 
-    def __init__(self, score, preprocess, size: int | None = None):
+    def __init__(self, score, preprocess, size=None):
         self.score, self.preprocess, self.size = score, preprocess, size or CLIP_BATCH
         self.names, self.pixels, self.captions, self.values = [], [], [], {}
 
     @classmethod
-    def clip(cls, model: ClipViT, form="torchmetrics", size=None) -> ClipBatches:
+    def clip(cls, model, form="torchmetrics", size=None):
         preprocess = functools.partial(model.preprocess, resize=clip_resize(form))
         return cls(functools.partial(clip_score_pixels, model, form=form), preprocess, size)
 
     @classmethod
-    def aesthetic(cls, clip: ClipViT, mlp: AestheticMLP, size=None) -> ClipBatches:
+    def aesthetic(cls, clip, mlp, size=None):
         return cls(lambda pixels, _: mlp(clip.encode_pixels(pixels)), clip.preprocess, size)
 
-    def add(self, name: str, image: Image.Image, caption: str | None = None, last=False):
+    def add(self, name, image, caption=None, last=False):
         self.names.append(name)
         self.pixels.append(self.preprocess(image))
         self.captions.append(caption)
@@ -826,16 +826,16 @@ class ClipBatches:
             self.flush()
 
     @torch.no_grad()
-    def flush(self) -> dict[str, float]:
+    def flush(self):
         if self.names:
             scores = self.score(torch.stack(self.pixels), self.captions).tolist()
             self.values.update(zip(self.names, scores))
             self.names, self.pixels, self.captions = [], [], []
         return self.values
 
-def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
-    """CLIP's preprocessing of the whole image: shorter side to `size`, centre crop, mean/std; 'pil':
-    Pillow bicubic (openai-clip, transformers), 'tensor': float bicubic (pyiqa's)."""
+def clip_preprocess(image, size=224, resize="pil"):
+    """CLIP's preprocessing of the whole image: shorter side to `size`, centre crop, mean/std;
+    'pil': Pillow bicubic (openai-clip, transformers), 'tensor': float bicubic (pyiqa's)."""
     w, h = image.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if resize not in ("pil", "tensor"):
@@ -844,15 +844,14 @@ def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") ->
         image = image.resize(new, Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if resize == "tensor" and new != (w, h):
-        x = F.interpolate(x[None], new[::-1], mode="bicubic", align_corners=False, antialias=True)[0]
+        x = F.interpolate(x[None], new[::-1], mode="bicubic", antialias=True)[0]
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     x = x[:, top : top + size, left : left + size]
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 class AestheticMLP(nn.Module):
-    """LAION's improved aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table
-    1): linear layers with *no* activations (commented out in the original) on the L2-normalised
-    CLIP ViT-L/14 image embedding."""
+    """LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table 1):
+    linear layers, *no* activations (commented out in the original), on the CLIP L/14 embedding."""
 
     def __init__(self, dim=768):
         super().__init__()
@@ -879,7 +878,7 @@ class ClipTowerConfig:
 
 class ClipBlock(nn.Module):
 
-    def __init__(self, cfg: ClipTowerConfig):
+    def __init__(self, cfg):
         super().__init__()
         w = cfg.width
         self.heads, self.act = cfg.heads, cfg.act
@@ -900,7 +899,7 @@ class ClipBlock(nn.Module):
         return x + self.fc2(h)
 
 class ClipVisionTower(nn.Module):
-    def __init__(self, cfg: ClipTowerConfig, patch: int, image_size: int, embed_dim: int):
+    def __init__(self, cfg, patch, image_size, embed_dim):
         super().__init__()
         self.patch_size, self.image_size = patch, image_size
         self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
@@ -920,7 +919,7 @@ class ClipVisionTower(nn.Module):
         return self.proj(self.ln_post(x[:, 0]))
 
 class ClipTextTower(nn.Module):
-    def __init__(self, cfg: ClipTowerConfig, vocab: int, context: int, embed_dim: int):
+    def __init__(self, cfg, vocab, context, embed_dim):
         super().__init__()
         self.token = nn.Embedding(vocab, cfg.width)
         self.pos = nn.Parameter(torch.zeros(context, cfg.width))
@@ -939,9 +938,9 @@ class ClipTextTower(nn.Module):
         return self.proj(x[torch.arange(len(x)), lengths - 1])
 
 class ClipViT(nn.Module):
-    """OpenAI CLIP ViT (Radford et al. 2021) from a transformers-layout folder (openai/clip-vit-*)."""
+    """OpenAI CLIP ViT (Radford et al. 2021) from a transformers folder (openai/clip-vit-*)."""
 
-    def __init__(self, vision: ClipVisionTower | None, text: ClipTextTower | None, tokenizer=None):
+    def __init__(self, vision, text, tokenizer=None):
         super().__init__()
         self.vision, self.text, self.tokenizer = vision, text, tokenizer
 
@@ -971,24 +970,24 @@ class ClipViT(nn.Module):
             tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
         return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
 
-    def encode_images(self, images, resize="pil") -> torch.Tensor:
+    def encode_images(self, images, resize="pil"):
         return self.encode_pixels(torch.stack([self.preprocess(image, resize) for image in images]))
 
-    def preprocess(self, image: Image.Image, resize="pil") -> torch.Tensor:
+    def preprocess(self, image, resize="pil"):
         return clip_preprocess(image, self.vision.image_size, resize)
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixels):
         device = next(self.parameters()).device
         return F.normalize(self.vision(pixels.to(device)), dim=-1)
 
     @torch.no_grad()
-    def encode_texts(self, texts) -> torch.Tensor:
+    def encode_texts(self, texts):
         device = next(self.parameters()).device
         ids, lengths = self.tokenizer(texts)
         return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
 
-def _clip_tower_config(config, state, tower, width) -> ClipTowerConfig:
+def _clip_tower_config(config, state, tower, width):
     sub = config.get(f"{tower}_config", {})
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
     return ClipTowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
@@ -997,11 +996,13 @@ def _clip_tower_config(config, state, tower, width) -> ClipTowerConfig:
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
     ("vision_model.embeddings.patch_embedding.", "vision.patch."),
-    ("visual_projection.", "vision.proj."), ("vision_model.embeddings.class_embedding", "vision.cls"),
+    ("visual_projection.", "vision.proj."),
+    ("vision_model.embeddings.class_embedding", "vision.cls"),
     ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
     ("vision_model.pre_layrnorm.", "vision.ln_pre."),
     ("vision_model.post_layernorm.", "vision.ln_post."),
-    ("vision_model.encoder.layers.", "vision.blocks."), ("text_model.encoder.layers.", "text.blocks."),
+    ("vision_model.encoder.layers.", "vision.blocks."),
+    ("text_model.encoder.layers.", "text.blocks."),
     ("text_model.embeddings.token_embedding.", "text.token."), ("text_projection.", "text.proj."),
     ("text_model.embeddings.position_embedding.weight", "text.pos"),
     ("text_model.final_layer_norm.", "text.ln_final."),
@@ -1010,7 +1011,7 @@ _CLIP_RENAMES = [
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
 ]
 
-def clip_state_from_transformers(state: dict) -> dict:
+def clip_state_from_transformers(state):
     renamed = {}
     for key, value in state.items():
         if key == "logit_scale" or key.endswith("position_ids"):
@@ -1021,9 +1022,9 @@ def clip_state_from_transformers(state: dict) -> dict:
     return renamed
 
 class ClipScoreTokenizer:
-    """CLIP's BPE from the repo's tokenizer.json, truncated as openai-clip's tokenize(truncate=True):
-    <start>, at most context-2 tokens, <end>. torchmetrics cuts long captions (Aesthetic-4K's) to 77
-    ids *without* the end token and pools at argmax(ids), on whichever token has the largest id."""
+    """CLIP's BPE (tokenizer.json), truncated as openai-clip's tokenize(truncate=True): <start>, at
+    most context-2 tokens, <end>. torchmetrics cuts long captions (Aesthetic-4K's) to 77 ids
+    *without* the end token and pools at argmax(ids), on whichever token has the largest id."""
 
     def __init__(self, path, context=77):
         from tokenizers import Tokenizer
@@ -1072,7 +1073,7 @@ CLIPIQA_PROMPT_IDS = (
 )
 
 @torch.inference_mode()
-def lpips_tiled(model: LPIPSMetric, pred, ref, tile=512, batch=8) -> float:
+def lpips_tiled(model, pred, ref, tile=512, batch=8):
     """Mean LPIPS over the `tiles` of a pair; tile 0: the whole image at once."""
     device = next(model.parameters()).device
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
@@ -1087,7 +1088,7 @@ def lpips_tiled(model: LPIPSMetric, pred, ref, tile=512, batch=8) -> float:
     return torch.cat(values).mean().item()
 
 @torch.no_grad()
-def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
+def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
     x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
     boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
@@ -1096,7 +1097,7 @@ def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
               for group in groups]
     return torch.cat(scores).mean().item()
 
-def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
+def tiles(h, w, size):
     """The networks' 4K protocol: size x size tiles covering the image, the last row and column
     flush with the border (overlapping rather than dropping pixels)."""
     if h <= size and w <= size:
@@ -1109,7 +1110,7 @@ def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
 class LPIPSMetric(nn.Module):
     """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet (most SR papers) or VGG16: at five ReLU taps
     the unit-normalised features' squared difference, weighted by the learned 1x1 `lins`, averaged
-    over space and summed (the lpips package). 4K images are tiled: VGG at 4096^2 needs tens of GB."""
+    over space and summed (the lpips package). 4K images are tiled (VGG at 4096^2: tens of GB)."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -1151,8 +1152,8 @@ class LPIPSMetric(nn.Module):
         model = load_strict(model, state, f"LPIPS-{net} weights").eval()
         return model.to(memory_format=torch.channels_last)
 
-def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
-    """torchvision's `features` stack (VGG16's 0: a max pool) and the indices of the tapped ReLUs."""
+def lpips_backbone(net):
+    """torchvision's `features` (VGG16's 0: a max pool) and the indices of the tapped ReLUs."""
     relu = functools.partial(nn.ReLU, inplace=True)
     if net == "alex":
         layers = [
@@ -1175,13 +1176,13 @@ class CLIPIQA(nn.Module):
     on the image at its own size; per antonym pair softmax(logit_scale.exp() cos) of the positive
     prompt, averaged. In (0, 1), higher is better."""
 
-    def __init__(self, visual: ClipResNet, text: ClipTextTower):
+    def __init__(self, visual, text):
         super().__init__()
         self.visual, self.text = visual, text
         self.register_buffer("logit_scale", torch.zeros(()))
 
     @classmethod
-    def from_state(cls, state: dict, what="CLIPIQA weights"):
+    def from_state(cls, state, what="CLIPIQA weights"):
         visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         blocks = [[int(k.split(".")[1]) for k in visual if k.startswith(f"layer{i}.")]
                   for i in range(1, 5)]
@@ -1210,7 +1211,7 @@ class CLIPIQA(nn.Module):
         return cls.from_state(load_state(source, "CLIPIQA weights"))
 
     @torch.no_grad()
-    def text_features(self) -> torch.Tensor:
+    def text_features(self):
         device = self.logit_scale.device
         rows = [torch.tensor(ids) for ids in CLIPIQA_PROMPT_IDS]
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=49407).to(device)
@@ -1218,7 +1219,7 @@ class CLIPIQA(nn.Module):
         return F.normalize(self.text(ids, lengths), dim=-1)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         """(B, 3, H, W) RGB in [0, 1] -> (B,)."""
         mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
         std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
@@ -1226,11 +1227,12 @@ class CLIPIQA(nn.Module):
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
-def clip_text_state_from_openai(state: dict) -> dict:
+def clip_text_state_from_openai(state):
     """OpenAI text-tower keys -> ClipTextTower's: in_proj split in q, k, v; text_projection^T."""
     out = {"text.token.weight": state["token_embedding.weight"],
            "text.pos": state["positional_embedding"],
-           "text.ln_final.weight": state["ln_final.weight"], "text.ln_final.bias": state["ln_final.bias"],
+           "text.ln_final.weight": state["ln_final.weight"],
+           "text.ln_final.bias": state["ln_final.bias"],
            "text.proj.weight": state["text_projection"].T.contiguous()}
     renames = {"ln_1.": "ln1.", "ln_2.": "ln2.", "attn.out_proj.": "proj.", "mlp.c_fc.": "fc1.",
                "mlp.c_proj.": "fc2."}
@@ -1269,9 +1271,9 @@ class ClipBottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
 
 class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): 3-conv stem, bottleneck stages, attention pool
-    queried by the mean token alone (exact, and linear in the 16,384 tokens of a 4096^2 input). Its
-    positional embedding is unused (pyiqa's pos_embedding=False: any input size)."""
+    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): 3-conv stem, bottleneck stages, attention
+    pool queried by the mean token alone (exact, and linear in the 16,384 tokens of a 4096^2 input).
+    Its positional embedding is unused (pyiqa's pos_embedding=False: any input size)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
         super().__init__()
@@ -1312,17 +1314,16 @@ class ClipResNet(nn.Module):
 
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
-def periodicity_input(rgb, device="cpu") -> torch.Tensor:
+def periodicity_input(rgb, device="cpu"):
     """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assume."""
     return to_float_tensor(as_array(rgb), device) / 127.5 - 1
 
 @torch.no_grad()
-def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
-    """Periodic-artifact score (B,) of images in [-1, 1]: OP4KSR's L_AP (Deng et al., arXiv
-    2605.13457) as a metric. Without `ref` periodicity_score, the share of the pixel differences'
-    variance that repeats on the period lattices; with `ref` periodicity_loss per image, so that
-    texture periodic in the ground truth does not count. The noise floor falls with the quadrant's
-    size: compare images of one size."""
+def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
+    """Periodic-artifact score (B,) of images in [-1, 1]: OP4KSR's L_AP as a metric. Without `ref`
+    periodicity_score, the share of the pixel differences' variance that repeats on the period
+    lattices; with `ref` periodicity_loss per image, so that texture periodic in the ground truth
+    does not count. The noise floor falls with size: compare images of one size."""
     if ref is not None and ref.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
     try:
@@ -1337,12 +1338,12 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4) -> torch.Te
         size = f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)}"
         raise ValueError(f"{size} with {quadrants} quadrants ({error})") from None
 
-def periodicity_score(image, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
+def periodicity_score(image, periods=PERIODS, quadrants=4):
     """L_AP's absolute form per image: ~1 for a pure pattern, 1 / (p x p tiles) for white noise."""
     power, variance = lattice_power(image, periods, quadrants)
     return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
-def log_spectrum(rgb) -> Image.Image:
+def log_spectrum(rgb):
     """Centred log power spectrum of the pixel differences as a grey image: a period-p artifact is a
     lattice of dots at multiples of W/p (H/p)."""
     x = periodicity_input(rgb)[0]
@@ -1352,10 +1353,10 @@ def log_spectrum(rgb) -> Image.Image:
     spectrum = torch.fft.fftshift(power).log1p()
     return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
 
-def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2):
-    """The mean autocorrelation of the quadrants' pixel differences for lags up to harmonics * p +
-    p // 2 as a grey image (lag 0 at the centre, 0 mid-grey, scaled to the largest value outside
-    the central 3x3): a period-p artifact is a lattice of bright points p px apart."""
+def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
+    """The quadrants' mean autocorrelation of pixel differences, lags up to harmonics * p + p // 2,
+    as a grey image (lag 0 centred, 0 mid-grey, scaled to the largest value outside the central
+    3x3): a period-p artifact is a lattice of bright points p px apart."""
     array = as_array(rgb)
     max_lag = max(harmonics * p + p // 2 for p in periods)
     differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
@@ -1371,9 +1372,9 @@ def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: i
     scale = outer.abs().max().item()
     return _to_grey_image(correlation, -scale, scale)
 
-def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
+def autocovariance(x, max_lag):
     """Unbiased autocovariance of each map for lags -max_lag..max_lag each way, lag 0 at the centre:
-    Wiener-Khinchin on the map zero-padded by max_lag (no lag wraps around), / each lag's overlap."""
+    Wiener-Khinchin on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
     h, w = x.shape[-2:]
     if max_lag >= min(h, w):
         raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, "
@@ -1388,7 +1389,7 @@ def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
     overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]
     return sums / overlap
 
-def _fast_fft_length(n: int) -> int:
+def _fast_fft_length(n):
     """The smallest length >= n without a prime factor above 5."""
     while True:
         m = n
@@ -1399,11 +1400,11 @@ def _fast_fft_length(n: int) -> int:
             return n
         n += 1
 
-def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
+def _pixel_differences(x):
     """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
-def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
+def _to_grey_image(values, low, high):
     scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
     return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
 
@@ -1494,12 +1495,12 @@ NEEDS = {"ref": "--ref", "fid_ref": "--ref or --fid-ref", "prompts": "--prompts"
 #   patches (512 px here; the size is left to its supplement), PSNR / SSIM on Y without crop, as
 #   the one-step SR papers it builds on (S3Diff).
 PROTOCOLS = {
-    "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16", clip_form="torchmetrics",
-                        glcm_input="jpeg95", glcm_prop="entropy"),
-    "cupscale": dict(fid_resize="clean", clip_model="b32", clip_form="pyiqa", lpips_net="alex", tile=0,
-                     resize_to_ref=True, clipiqa_tile=0),
-    "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512, niqe_convention="pyiqa",
-                   clipiqa_tile=512),
+    "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16",
+                        clip_form="torchmetrics", glcm_input="jpeg95", glcm_prop="entropy"),
+    "cupscale": dict(fid_resize="clean", clip_model="b32", clip_form="pyiqa", lpips_net="alex",
+                     tile=0, resize_to_ref=True, clipiqa_tile=0),
+    "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512,
+                   niqe_convention="pyiqa", clipiqa_tile=512),
 }
 
 PROTOCOL_COLUMNS = {
@@ -1545,8 +1546,7 @@ def score_fid(run, item, _):
     add_fid(run, item.image, "pred")
 
 def add_fid(run, image, which):
-    """Features of one image into FID's `which` set; fid_size 'pred' is the first pred image's
-    shorter side, which every pred image must share."""
+    """One image into FID's `which` set; fid_size 'pred': the first pred image's shorter side."""
     opts = run.opts
     if run.fid_size == "pred":
         run.fid_size = min(image.size)
@@ -1582,6 +1582,9 @@ def score_periodicity(run, item, _):
     y = None if item.target is None else periodicity_input(item.target, device)
     return periodicity(x, y, run.opts.periods, run.opts.quadrants).item()
 
+def inception(opts):
+    return InceptionV3.from_pretrained(opts.inception).to(opts.device)
+
 def clip_batches(opts):
     model = ClipViT.from_pretrained(opts.clip_model).to(opts.device)
     return ClipBatches.clip(model, opts.clip_form)
@@ -1595,23 +1598,24 @@ def lpips_metric(opts):
     model = LPIPSMetric.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone)
     return model.to(opts.device)
 
+def clipiqa_model(opts):
+    return CLIPIQA.from_pretrained(opts.clipiqa_weights).to(opts.device)
+
 METRICS = {  # name -> (what it needs besides --pred, loader of its model, score of one image)
     "glcm": (None, None, score_glcm),
     "cr": (None, None, score_cr),
-    "fid": ("fid_ref", lambda opts: InceptionV3.from_pretrained(opts.inception).to(opts.device),
-            score_fid),
+    "fid": ("fid_ref", inception, score_fid),
     "clip": ("prompts", clip_batches, score_batched),
     "aesthetic": (None, aesthetic_batches, score_batched),
     "psnr": ("ref", None, score_psnr),
     "ssim": ("ref", None, score_ssim),
     "lpips": ("ref", lpips_metric, score_lpips),
     "niqe": (None, lambda opts: niqe_params(opts.niqe_params), score_niqe),
-    "clipiqa": (None, lambda opts: CLIPIQA.from_pretrained(opts.clipiqa_weights).to(opts.device),
-                score_clipiqa),
+    "clipiqa": (None, clipiqa_model, score_clipiqa),
     "periodicity": (None, None, score_periodicity),
 }
 
-def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
+def evaluate(pred_dir, ref_dir, prompts_file, opts):
     """`opts.metrics` (a list) over folders, with opts.settings (a dict): the result JSON."""
     metrics = [m for m in METRICS if m in opts.metrics]  # the order in which they share work
     pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, prompts_file, opts)
@@ -1656,7 +1660,7 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
     return {"metrics": summary, "count": count, "skipped": skipped, "per_image": per_image,
             "settings": opts.settings}
 
-def summarize(run, metric, values) -> float:
+def summarize(run, metric, values):
     """CR and FID from their sums, any other metric the mean of its finite values."""
     if metric == "cr":
         sizes, shapes = zip(*run.jpeg)
@@ -1679,7 +1683,8 @@ def read_inputs(pred_dir, ref_dir, prompts_file, opts):
     fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
     if ref and READS_REF.intersection(metrics):
         only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
-        sides = [f"only in {side}: {', '.join(xs[:10])}" + f" and {len(xs) - 10} more" * (len(xs) > 10)
+        sides = [f"only in {side}: " + ", ".join(xs[:10])
+                 + f" and {len(xs) - 10} more" * (len(xs) > 10)
                  for side, xs in (("pred", only_pred), ("ref", only_ref)) if xs]
         if sides:
             raise UserError("pred and ref file names do not match: " + "; ".join(sides))
@@ -1715,18 +1720,17 @@ def save_spectra(opts, item):
     except ValueError as error:  # too small for the lags: the spectrum is still written
         warn(f"{item.name}: no autocorrelation image: {error}")
 
-def set_network_precision(device) -> str:
-    """Set the networks' arithmetic: 'tf32' on a GPU with TF32, else 'fp32'. tf32 means TF32
-    convolutions and float32 matrix products: PyTorch's defaults, hence what the references compute
-    on the same GPU (bf16 would leave their tolerance). Set explicitly, so that no earlier choice of
-    the caller changes the numbers."""
+def set_network_precision(device):
+    """Set the networks' arithmetic, explicitly (no earlier choice changes the numbers): on a GPU
+    with TF32, TF32 convolutions and float32 matrix products, PyTorch's defaults and so what the
+    references compute on the same GPU (bf16 would leave their tolerance); else fp32."""
     device = torch.device(device)
     tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     return "tf32" if tf32 else "fp32"
 
-def list_images(folder) -> dict[str, Path]:
+def list_images(folder):
     """stem -> path of the images in a folder (not recursive)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -1744,7 +1748,7 @@ def list_images(folder) -> dict[str, Path]:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
 
-def read_prompts(path) -> dict[str, str]:
+def read_prompts(path):
     """stem -> caption from metadata.jsonl lines (file_name / image / filename, text / prompt /
     caption), as Aesthetic-4K's."""
     prompts = {}
@@ -1772,7 +1776,7 @@ def open_image(path, on_error, skipped):
         skipped.append(str(path))
         return None
 
-def spectra_files(folder, name) -> tuple[Path, Path]:
+def spectra_files(folder, name):
     return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
 
 def progress(items, label, precision=None):
@@ -1788,7 +1792,7 @@ def progress(items, label, precision=None):
         yield item, functools.partial(show, i)
         update(i + 1)
 
-def jpeg95_view(path, image, decode=True) -> tuple[int, Image.Image]:
+def jpeg95_view(path, image, decode=True):
     """The bytes of the image's JPEG-95 file and (`decode`) its pixels, as Diffusion-4K sees them;
     a JPEG file counts as it is."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
@@ -1811,7 +1815,8 @@ protocols (--protocol presets the options of a paper's table; options given expl
 
 Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
   python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl \\
-      --output-dir eval2048/ --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
+      --output-dir eval2048/ --height 2048 --width 2048 --guidance 7.0 --seed 0 \\
+      --seed-per-prompt same
   python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
       --prompts eval2048/metadata.jsonl
 """
@@ -1951,15 +1956,15 @@ def add_network_options(p):
                    help="write NAME_spectrum.png (log power spectrum of the pixel differences) and "
                    "NAME_autocorrelation.png (what periodicity reads) per pred image here")
 
-def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
-    """The protocol's columns that the folders given allow (FID's reference: --fid-ref, else --ref,
-    except under cupscale, whose --ref holds the low-resolution inputs)."""
+def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
+    """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
+    under cupscale, whose --ref holds the low-resolution inputs)."""
     if protocol != "cupscale":
         fid_ref = fid_ref or ref
     given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
     return [m for m in PROTOCOL_COLUMNS[protocol] if given[METRICS[m][0]] is not None]
 
-def metric_names(text) -> list[str]:
+def metric_names(text):
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
@@ -1967,28 +1972,27 @@ def metric_names(text) -> list[str]:
         raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(METRICS)}")
     return names
 
-def periods_list(text) -> tuple[int, ...]:
+def periods_list(text):
     try:
         return tuple(integer(2)(p) for p in text.split(","))
     except argparse.ArgumentTypeError:
         expected = "expected comma-separated integers >= 2"
         raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
 
-def square_number(text) -> int:
+def square_number(text):
     value = integer(1, 10_000)(text)
     if math.isqrt(value) ** 2 != value:
         raise argparse.ArgumentTypeError(f"must be a square number (1, 4, 9, ...), got {value}")
     return value
 
-def tile_or_zero(text) -> int:
+def tile_or_zero(text):
     value = integer(0)(text)
     if 0 < value < 32:
         raise argparse.ArgumentTypeError(f"must be 0 (whole image) or >= 32, got {value}")
     return value
 
 def local_path(expected, must_exist=True, alternative=""):
-    """argparse type: a path that, where it exists, is of the `expected` kind ('file' or 'folder');
-    `alternative` names what else the option takes."""
+    """argparse type: a path that, where it exists, is a `expected` ('file' or 'folder')."""
 
     def parse(text):
         path = Path(text).expanduser()
@@ -2012,8 +2016,7 @@ def size_or_pred(text):
 
 @contextlib.contextmanager
 def staging_folder(folder):
-    """A temporary folder beside `folder` (files move in by renaming), removed with what is left in
-    it; None when `folder` is None."""
+    """A temporary folder beside `folder` (files move in by renaming), removed at the end."""
     if folder is None:
         yield None
         return
@@ -2031,7 +2034,7 @@ def finite_or_none(value):
         return [finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
-def format_table(result) -> str:
+def format_table(result):
     rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>12}" for a, b in rows]
@@ -2043,9 +2046,8 @@ def format_table(result) -> str:
 
 # =============================================================================== weights and images
 
-def load_state(spec, what) -> dict:
-    """A float32 state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code
-    runs); `spec` as resolve_weights takes it."""
+def load_state(spec, what):
+    """A float32 state dict from .safetensors or a .pth/.pt pickle (weights_only: no code runs)."""
     path = resolve_weights(spec, what)
     if path.suffix == ".safetensors":
         return check_float_weights(load_safetensors(path, dtype=torch.float32), path)
@@ -2061,12 +2063,12 @@ def load_state(spec, what) -> dict:
     check_float_weights(state, path)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
-def check_float_weights(state: dict, path) -> dict:
+def check_float_weights(state, path):
     """check_weights on all but BatchNorm's step counters, integers by nature and unused."""
     check_weights({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
     return state
 
-def resolve_weights(spec, what) -> Path:
+def resolve_weights(spec, what):
     """A local file, or `owner/repo/path/in/repo` fetched from the Hub."""
     local = Path(spec).expanduser()
     if local.is_file():
@@ -2097,14 +2099,14 @@ def load_strict(module, state, what):
     module.load_state_dict(state)
     return module
 
-def as_array(image) -> np.ndarray:
+def as_array(image):
     """PIL image or HWC array -> HWC uint8 RGB array."""
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
     return array
 
-def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
+def to_float_tensor(array, device="cpu"):
     """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
 
