@@ -29,7 +29,8 @@ file stem; the table goes to stdout, the numbers with the settings and per-image
 
 Weights load in fp32 from the Hub (the *_WEIGHTS, CLIP_MODELS, LPIPS_*, NIQE_PARAMS defaults) or
 local files; pickles only with weights_only=True. LPIPS-alex needs torchvision's
-alexnet-owt-7be5be79.pth (no Hub copy is known).
+alexnet-owt-7be5be79.pth (no Hub copy is known). periodicity runs a verbatim copy of op4ksr.py's
+kit "periodicity loss".
 """
 
 from __future__ import annotations
@@ -345,16 +346,15 @@ def niqe_params(source=NIQE_PARAMS):
     """The pristine model's mean (36,) and covariance (36, 36): pyiqa's .mat or basicsr's .npz."""
     what = "NIQE parameters"
     path = resolve_weights(source, what)
+    loadmat = None if path.suffix == ".npz" else scipy_loadmat(path)
     try:
-        if path.suffix == ".npz":
+        if loadmat is None:
             with np.load(path, allow_pickle=False) as data:
                 mu, cov = data["mu_pris_param"], data["cov_pris_param"]
         else:
-            data = _loadmat(path)
+            data = loadmat(str(path))
             mu, cov = data["mu_prisparam"], data["cov_prisparam"]
         mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
-    except UserError:
-        raise
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
         kind = type(error).__name__
         raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's "
@@ -367,13 +367,13 @@ def niqe_params(source=NIQE_PARAMS):
         raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
 
-def _loadmat(path):
+def scipy_loadmat(path):
     try:
         from scipy.io import loadmat
     except ImportError:
         raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
                         "or pass basicsr's niqe_pris_params.npz") from None
-    return loadmat(str(path))
+    return loadmat
 
 def niqe_grey(rgb, convention="pyiqa"):
     """The rounded grey image each convention scores: pyiqa's Y of YIQ in float32, or rgb2gray."""
@@ -989,9 +989,14 @@ class ClipViT(nn.Module):
 
 def _clip_tower_config(config, state, tower, width):
     sub = config.get(f"{tower}_config", {})
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
-    return ClipTowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
+    return ClipTowerConfig(width, depth(state, f"{tower}.blocks."),
+                           sub.get("num_attention_heads", width // 64),
                            sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
+
+def depth(state, prefix):
+    """The number of blocks `prefix`0., `prefix`1., ... in a state dict."""
+    return 1 + max((int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)),
+                   default=-1)
 
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
@@ -1184,19 +1189,16 @@ class CLIPIQA(nn.Module):
     @classmethod
     def from_state(cls, state, what="CLIPIQA weights"):
         visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-        blocks = [[int(k.split(".")[1]) for k in visual if k.startswith(f"layer{i}.")]
-                  for i in range(1, 5)]
-        layers = tuple(1 + max(indices, default=-1) for indices in blocks)
+        layers = tuple(depth(visual, f"layer{i}.") for i in range(1, 5))
         if "conv1.weight" not in visual or min(layers) < 1:
             raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
         grid = math.isqrt(visual["attnpool.positional_embedding"].shape[0] - 1)
         resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
                             visual["attnpool.c_proj.weight"].shape[0], grid)
         text_state = clip_text_state_from_openai(state)
-        token = text_state["text.token.weight"]
-        count = 1 + max(int(k.split(".")[2]) for k in text_state if k.startswith("text.blocks."))
-        cfg = ClipTowerConfig(token.shape[1], count, token.shape[1] // 64)
-        text = ClipTextTower(cfg, token.shape[0], text_state["text.pos"].shape[0],
+        vocab, width = text_state["text.token.weight"].shape
+        cfg = ClipTowerConfig(width, depth(text_state, "text.blocks."), width // 64)
+        text = ClipTextTower(cfg, vocab, text_state["text.pos"].shape[0],
                              text_state["text.proj.weight"].shape[0])
         model = cls(resnet, text)
         full = {f"visual.{k}": v for k, v in visual.items()} | text_state
