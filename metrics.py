@@ -1483,19 +1483,14 @@ READS_REF = {"psnr", "ssim", "lpips", "periodicity"}  # metrics that read each i
 
 NEEDS = {"ref": "--ref", "fid_ref": "--ref or --fid-ref", "prompts": "--prompts"}
 
-# A protocol presets the options of a paper's table (what is typed overrides them) and, without
-# --metrics, its columns that the folders given allow (PROTOCOL_COLUMNS).
-# diffusion4k (zhang0jhon/diffusion-4k@9bea802, generate_and_eval_fid.py): FID with torchmetrics
-#   1.5.1, both sets resized and centre-cropped to the samples' size (l. 107-109, 171, 205), TF1
-#   resize; CLIPScore ViT-B/16 100 cos per image (l. 165); LAION aesthetics (l. 174-216); GLCM and
-#   CR by eval.py on the JPEG q95 files (l. 222), which GLCM and CR re-encode here with Pillow.
-# cupscale (arXiv 2505.16976, Sec. 5.2): no code; the column names point to pyiqa's defaults (whole
-#   images, clean-fid resize, clipscore). LPIPS is "between input low-resolution images and output
-#   higher-resolution images", down to 0.007 for BSRGAN: --ref holds the inputs and each output is
-#   resized to its input (bicubic: not stated). FID compares with the ground truth: --fid-ref.
-# op4ksr (arXiv 2605.13457, beside Fig. 8): PSNR and NIQE on the whole image, LPIPS and CLIPIQA on
-#   patches (512 px here; the size is left to its supplement), PSNR / SSIM on Y without crop, as
-#   the one-step SR papers it builds on (S3Diff).
+# The options of each paper's table (EPILOG summarises them). Sources:
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1; l.
+#   107-109, 165, 171-216) and eval.py on the JPEG q95 files it saves (l. 222), re-encoded here.
+# cupscale: arXiv 2505.16976 Sec. 5.2, no code; its column names point to pyiqa's defaults. LPIPS is
+#   "between input low-resolution images and output higher-resolution images", down to 0.007 for
+#   BSRGAN: --ref holds the inputs, each output resized to its input (bicubic: not stated).
+# op4ksr: arXiv 2605.13457 beside Fig. 8: PSNR and NIQE on whole images, LPIPS and CLIPIQA on
+#   patches (512 px here: the size is left to its supplement), PSNR / SSIM on Y as S3Diff.
 PROTOCOLS = {
     "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16",
                         clip_form="torchmetrics", glcm_input="jpeg95", glcm_prop="entropy"),
