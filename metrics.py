@@ -1530,12 +1530,14 @@ class FolderRun:
     fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
     jpeg: list = field(default_factory=list)  # per image: (JPEG-95 bytes, (H, W))
 
+# Each metric's step on one image: (run, item, the metric's model) -> its value, or None where the
+# summary is not a mean over images (CR and FID sums grow in `run`, CLIP batches wait in theirs).
 def score_glcm(run, item, _):
     decode = run.opts.glcm_input == "jpeg95"
     item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
     return glcm_score(pixels, prop=run.opts.glcm_prop)
 
-def score_cr(run, item, _):  # an aggregate: CR's sums grow here
+def score_cr(run, item, _):
     size = item.jpeg_size or jpeg95_view(item.path, item.image, decode=False)[0]
     run.jpeg.append((size, (item.image.height, item.image.width)))
 
