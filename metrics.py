@@ -1,35 +1,36 @@
 r"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
 
-name         needs          definition (reference implementation)                             4K protocol
------------  -------------  ----------------------------------------------------------------  ----------------
-glcm         pred           Diffusion-4K's GLCM Score: entropy of GLCM values (scikit-image)  64-px patches
-cr           pred           Diffusion-4K's Compression Ratio: raw / JPEG-95 bytes (Pillow)    whole image
-fid          pred, ref      FID on InceptionV3 pool3 (pytorch-fid, torch-fidelity)            whole or patches
-clip         pred, prompts  CLIPScore: 100 cos (torchmetrics) or 2.5 max(cos, 0) (Hessel)     whole, to 224 px
-aesthetic    pred           LAION improved aesthetic predictor v2 on CLIP ViT-L/14            whole, to 224 px
-psnr, ssim   pred, ref      RGB or BT.601 Y, border crop (basicsr, scikit-image)              whole image
-lpips        pred, ref      LPIPS v0.1, AlexNet or VGG16 + learned linear layers (lpips)      512-px tiles
-niqe         pred           NIQE, MATLAB pristine model, 96-px blocks (pyiqa 'niqe')          whole image
-clipiqa      pred           CLIP-IQA, RN50 + 5 antonym prompt pairs (pyiqa 'clipiqa')         512-px tiles
-periodicity  pred [, ref]   OP4KSR's L_AP statistic (arXiv 2605.13457), relative to ref       2x2 quadrants
+name        needs          definition (reference implementation)                   4K protocol
+----------  -------------  ------------------------------------------------------  -------------
+glcm        pred           Diffusion-4K's GLCM Score: GLCM entropy (scikit-image)  64-px patches
+cr          pred           Diffusion-4K's Compression Ratio: raw / JPEG-95 bytes   whole image
+fid         pred, ref      FID on InceptionV3 pool3 (pytorch-fid, torch-fidelity)  whole, patches
+clip        pred, prompts  CLIPScore: 100 cos (torchmetrics) or 2.5 max(cos, 0)    whole, 224 px
+aesthetic   pred           LAION aesthetic predictor v2 on CLIP ViT-L/14           whole, 224 px
+psnr, ssim  pred, ref      RGB or BT.601 Y, border crop (basicsr, scikit-image)    whole image
+lpips       pred, ref      LPIPS v0.1, AlexNet or VGG16 (lpips)                    512-px tiles
+niqe        pred           NIQE, MATLAB pristine model (pyiqa 'niqe')              whole image
+clipiqa     pred           CLIP-IQA, RN50, 5 antonym prompt pairs (pyiqa)          512-px tiles
+periodicity pred [, ref]   OP4KSR's L_AP (arXiv 2605.13457), relative to ref       2x2 quadrants
 
-`--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and, without --metrics,
-its columns (sources at PROTOCOLS); options given explicitly override it. Images pair by file stem; the
-table goes to stdout, the numbers with the settings and per-image values to --out (PRED/metrics.json).
+`--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and, without
+--metrics, its columns (sources at PROTOCOLS); options given explicitly override it. Images pair by
+file stem; the table goes to stdout, the numbers with the settings and per-image values to --out
+(PRED/metrics.json).
 
-    python metrics.py --pred out/ --metrics glcm,cr                          # Diffusion-4K's Table 1 pair
+    python metrics.py --pred out/ --metrics glcm,cr                  # Diffusion-4K's Table 1 pair
     python metrics.py --pred out/ --ref gt/ --metrics psnr,ssim,lpips --y-channel --crop-border 4
     python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
-    python metrics.py --pred out/ --metrics niqe,clipiqa                     # SR papers' no-reference pair
+    python metrics.py --pred out/ --metrics niqe,clipiqa             # SR papers' no-reference pair
     python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
     python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \
-        --prompts eval2048/metadata.jsonl    # Diffusion-4K's table; --help shows how to sample eval2048/
+        --prompts eval2048/metadata.jsonl    # Diffusion-4K's table; --help: how to sample eval2048/
 
-Weights load in fp32 from the Hub (the defaults: INCEPTION_WEIGHTS, CLIP_MODELS, AESTHETIC_WEIGHTS,
-LPIPS_LINEAR, LPIPS_BACKBONE, NIQE_PARAMS, CLIPIQA_WEIGHTS) or from local files; pickles only with
-weights_only=True. LPIPS-alex needs torchvision's alexnet-owt-7be5be79.pth (no Hub copy is known). The
-periodicity metric uses a verbatim copy of op4ksr.py's kit "periodicity loss" (between the markers).
+Weights load in fp32 from the Hub (the *_WEIGHTS, CLIP_MODELS, LPIPS_*, NIQE_PARAMS defaults) or
+local files; pickles only with weights_only=True. LPIPS-alex needs torchvision's
+alexnet-owt-7be5be79.pth (no Hub copy is known). periodicity runs a verbatim copy of op4ksr.py's
+kit "periodicity loss".
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,38 +76,24 @@ from common.io import (
 
 # ================================================== GLCM Score and Compression Ratio (Diffusion-4K)
 
-GLCM_DISTANCES = (1, 2, 3, 4)
-
-GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
-
-# scikit-image's offsets, (row, col) = (round(sin(a) d), round(cos(a) d)). No value lies on .5, so the
-# rounding rule does not matter; d=2 at 45 degrees rounds to (1, 1), the same offset as d=1.
+# scikit-image's offsets (round(sin(a) d), round(cos(a) d)), d = 1-4, a = 0/45/90/135 degrees; d=2
+# at 45 degrees rounds to (1, 1) like d=1: 14 are distinct. GLCM_SLICE_OFFSET: slice -> distinct.
 GLCM_OFFSETS = [(round(math.sin(a) * d), round(math.cos(a) * d))
-                for d in GLCM_DISTANCES for a in GLCM_ANGLES]
-
-# The 14 distinct offsets (the two repeated ones are counted once) and, for each of the 16 slices, the
-# distinct offset it holds.
+                for d in (1, 2, 3, 4) for a in (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)]
 GLCM_UNIQUE_OFFSETS = list(dict.fromkeys(GLCM_OFFSETS))
-
 GLCM_SLICE_OFFSET = np.array([GLCM_UNIQUE_OFFSETS.index(o) for o in GLCM_OFFSETS])
-
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
-def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 4) -> float:
-    """Diffusion-4K's GLCM Score of one image (Zhang et al., Diffusion-4K, CVPR 2025, Table 1; `eval.py`).
-
-    OpenCV BGR2GRAY grey, quantised to 64 levels by `grey >> 2`, non-overlapping patch x patch tiles from
-    the top-left (eval.py's int(size/64)^2 tiles of a square image), for each tile graycomatrix at
-    distances 1-4 and angles 0/45/90/135 degrees (normed, not symmetric), then shannon_entropy of that
-    array (or, for another `prop`, the mean of graycoprops rounded to 4 decimals); the image score is the
-    mean over tiles. Diffusion-4K reads the JPEG-95 files its generator saved: pass decoded JPEG-95 pixels
-    for the same numbers (the CLI does unless --glcm-input raw). `chunk` tiles are counted together: a
-    few, so that the counting arrays stay in the CPU's L2 cache.
-    """
+def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
+    """Diffusion-4K's GLCM Score (CVPR 2025, Table 1; eval.py): OpenCV grey >> 2 (64 levels) in
+    patch x patch tiles, per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not
+    symmetric; another `prop`: mean graycoprops to 4 decimals), mean over tiles. Upstream scores
+    its JPEG-95 files, as the CLI does. `chunk` tiles at once: the counts stay in the L2 cache."""
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
-        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} GLCM patch")
+        size = f"{q.shape[1]}x{q.shape[0]}"
+        raise ValueError(f"image {size} is smaller than one {patch}x{patch} GLCM patch")
     tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
     tiles = tiles.reshape(-1, patch, patch)
     scores = []
@@ -119,11 +106,9 @@ def glcm_score(rgb, patch: int = 64, prop: str = "entropy", chunk: int = 4) -> f
             scores.append(glcm_props(normed, prop).round(4).mean(axis=1))
     return float(np.concatenate(scores).mean())
 
-def grey_opencv(rgb, shift: int = 0, band: int = 64) -> np.ndarray:
-    """cv2.cvtColor(BGR2GRAY) of uint8 RGB (array or PIL image), bit for bit: 15-bit fixed-point BT.601
-    with rounding (Pillow's convert('L') uses other coefficients, enough to move a GLCM score), then
-    `>> shift` (2: the GLCM's 64 levels) in the same integer step. It runs over bands of rows, so that the
-    32-bit sums (and a PIL image's pixels) are never held for the whole of a 4K image."""
+def grey_opencv(rgb, shift=0, band=64):
+    """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), then >> shift;
+    by bands of rows, so that no 32-bit copy of a 4K image is held."""
     width, height = rgb.size if isinstance(rgb, Image.Image) else as_array(rgb).shape[1::-1]
     out = np.empty((height, width), np.uint8)
     for top in range(0, height, band):
@@ -138,25 +123,19 @@ def grey_opencv(rgb, shift: int = 0, band: int = 64) -> np.ndarray:
         out[top : top + band] = total >> (15 + shift)
     return out
 
-def glcm_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
-    """Co-occurrence counts of a stack of quantised patches: (P, h, w) -> (P, 16, levels, levels) int64.
-
-    Slice s = 4 * distance_index + angle_index counts pairs (value at (r, c), value at (r+dr, c+dc))
-    with both pixels inside the patch, not symmetrised: scikit-image's graycomatrix(symmetric=False).
-    """
+def glcm_counts(patches, levels=64):
+    """(P, h, w) patches -> (P, 16, levels, levels) counts, as graycomatrix(symmetric=False)."""
     counts = glcm_offset_counts(patches, levels).reshape(len(patches), len(GLCM_UNIQUE_OFFSETS), -1)
     return counts[:, GLCM_SLICE_OFFSET].reshape(len(patches), len(GLCM_OFFSETS), levels, levels)
 
-def glcm_offset_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
-    """(P, h, w) quantised patches -> (P * 14, levels^2) int64 counts, row p * 14 + k for the k-th of
-    GLCM_UNIQUE_OFFSETS: one bincount of key (p * 14 + k) * levels^2 + i * levels + j over every pixel
-    pair of every patch and offset, instead of one graycomatrix call per patch."""
+def glcm_offset_counts(patches, levels=64):
+    """(P, h, w) -> (P * 14, levels^2) counts, row 14 p + k for GLCM_UNIQUE_OFFSETS[k]: one bincount
+    of the key (14 p + k) levels^2 + i levels + j over all pixel pairs."""
     count, h, w = patches.shape
     cells, offsets = levels * levels, len(GLCM_UNIQUE_OFFSETS)
     q = patches.astype(np.intp)
-    first = q * levels + (np.arange(count) * offsets * cells)[:, None, None]  # row base + i * levels
-    sizes = [(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_UNIQUE_OFFSETS]
-    keys, start = np.empty(count * sum(sizes), np.intp), 0
+    first = q * levels + (np.arange(count) * offsets * cells)[:, None, None]
+    keys, start = np.empty(count * glcm_pair_counts(h, w, GLCM_UNIQUE_OFFSETS).sum(), np.intp), 0
     for k, (dr, dc) in enumerate(GLCM_UNIQUE_OFFSETS):
         a = first[:, max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)]
         b = q[:, max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)]
@@ -166,20 +145,15 @@ def glcm_offset_counts(patches: np.ndarray, levels: int = 64) -> np.ndarray:
         start += a.size
     return np.bincount(keys, minlength=count * offsets * cells).reshape(count * offsets, cells)
 
-def glcm_pair_counts(h: int, w: int) -> np.ndarray:
-    """Number of pixel pairs per offset in an h x w patch, the divisor of normed=True."""
-    return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_OFFSETS], dtype=np.float64)
+def glcm_pair_counts(h, w, offsets=GLCM_OFFSETS):
+    """Pixel pairs per offset: the divisor of normed=True."""
+    return np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in offsets], dtype=np.int64)
 
-def glcm_entropy(patches: np.ndarray, levels: int = 64) -> np.ndarray:
-    """skimage.measure.shannon_entropy(graycomatrix(patch, ...)) for a stack of patches (P, h, w) -> (P,).
-
-    shannon_entropy is the base-2 entropy of the histogram of *distinct values* among the 16 L^2
-    normalised entries, not Haralick's -sum p log p. A normalised entry is count / n_s for slice s; two
-    such doubles are equal exactly when the fractions are (distinct fractions with denominators <= 4096
-    differ by far more than a double's rounding). So: histogram the counts of each (patch, offset) row,
-    send each (offset, count) present through a fixed table to the index of its value, and sum the
-    histograms per value; no per-patch sort of 65,536 doubles as in scikit-image.
-    """
+def glcm_entropy(patches, levels=64):
+    """shannon_entropy(graycomatrix(patch)) of (P, h, w) patches -> (P,): the base-2 entropy of the
+    histogram of *distinct values* among the entries count / n_s (not Haralick's -sum p log p). Two
+    such doubles are equal exactly when the fractions are, so each (offset, count) present maps
+    through a fixed table to its value's index: no per-patch sort of 65,536 doubles."""
     count, h, w = patches.shape
     offsets = len(GLCM_UNIQUE_OFFSETS)
     counts = glcm_offset_counts(patches, levels)
@@ -192,48 +166,45 @@ def glcm_entropy(patches: np.ndarray, levels: int = 64) -> np.ndarray:
     ids, distinct = _glcm_value_ids(h, w)
     keys, group = np.unique(patch * distinct + ids[offset, value], return_inverse=True)
     repeats = np.bincount(GLCM_SLICE_OFFSET, minlength=offsets)  # slices per distinct offset
-    p = np.bincount(group, weights=per_row[present] * repeats[offset]) / (len(GLCM_OFFSETS) * levels**2)
+    p = np.bincount(group, weights=per_row[present] * repeats[offset]) / (16 * levels**2)
     return -np.bincount(keys // distinct, weights=p * np.log(p), minlength=count) / np.log(2)
 
 @functools.lru_cache(maxsize=8)
-def _glcm_value_ids(h: int, w: int) -> tuple[np.ndarray, int]:
-    """(14, max pairs + 1) table: index of the distinct double count / n_k among all distinct offsets k,
-    in increasing order of value (the order np.unique gives scikit-image), and the number of indices."""
-    n = np.array([(h - abs(dr)) * (w - abs(dc)) for dr, dc in GLCM_UNIQUE_OFFSETS], dtype=np.float64)
+def _glcm_value_ids(h, w):
+    """(14, max pairs + 1): the rank of count / n_k among all distinct values, and their number."""
+    n = glcm_pair_counts(h, w, GLCM_UNIQUE_OFFSETS).astype(np.float64)
     values = np.arange(int(n.max()) + 1)[None, :] / n[:, None]
     ids = np.unique(values, return_inverse=True)[1].reshape(values.shape)
     return ids, int(ids.max()) + 1
 
-def glcm_props(normed: np.ndarray, prop: str) -> np.ndarray:
+def glcm_props(normed, prop):
     """graycoprops(glcm, prop) for (P, 16, L, L) normalised matrices -> (P, 16)."""
     p = normed / normed.sum(axis=(-2, -1), keepdims=True)  # graycoprops re-normalises; so do we
     i, j = np.ogrid[: normed.shape[-1], : normed.shape[-1]]
+    total = functools.partial(np.sum, axis=(-2, -1))
     if prop in ("ASM", "energy"):
-        asm = (p**2).sum(axis=(-2, -1))
+        asm = total(p**2)
         return asm if prop == "ASM" else np.sqrt(asm)
     if prop == "correlation":
-        mean_i, mean_j = (p * i).sum(axis=(-2, -1)), (p * j).sum(axis=(-2, -1))
-        di, dj = i - mean_i[..., None, None], j - mean_j[..., None, None]
-        std_i, std_j = np.sqrt((p * di**2).sum(axis=(-2, -1))), np.sqrt((p * dj**2).sum(axis=(-2, -1)))
-        cov = (p * di * dj).sum(axis=(-2, -1))
-        flat = (std_i < 1e-15) | (std_j < 1e-15)  # a constant patch correlates perfectly by convention
+        di = i - total(p * i)[..., None, None]
+        dj = j - total(p * j)[..., None, None]
+        std_i, std_j = np.sqrt(total(p * di**2)), np.sqrt(total(p * dj**2))
+        flat = (std_i < 1e-15) | (std_j < 1e-15)  # a constant patch correlates perfectly
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(flat, 1.0, cov / (std_i * std_j))
+            return np.where(flat, 1.0, total(p * di * dj) / (std_i * std_j))
     d = i - j
     weights = {"contrast": d**2, "dissimilarity": np.abs(d), "homogeneity": 1.0 / (1.0 + d**2)}
     if prop not in weights:
         raise ValueError(f"unknown GLCM property {prop!r}; choose from {GLCM_PROPS}")
-    return (p * weights[prop]).sum(axis=(-2, -1))
+    return total(p * weights[prop])
 
-def compression_ratio(jpeg_sizes, shapes) -> float:
-    """Diffusion-4K's Compression Ratio: total raw RGB bytes (H * W * 3 summed over the (H, W) `shapes`) /
-    total JPEG-95 file bytes, an aggregate ratio as eval.py's N * size * size * 3 / sum(file sizes), not
-    the mean of per-image ratios. Lower means more high-frequency detail (harder to compress)."""
+def compression_ratio(jpeg_sizes, shapes):
+    """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (eval.py's
+    N size^2 3 / sum(file sizes), not a mean of ratios). Lower: more high-frequency detail."""
     return sum(h * w * 3 for h, w in shapes) / sum(jpeg_sizes)
 
-def jpeg95(image: Image.Image) -> bytes:
-    """The bytes Diffusion-4K's generator writes: Pillow JPEG, quality 95, Pillow's defaults
-    (4:2:0 chroma subsampling, no optimise, baseline). Sizes depend on the libjpeg-turbo version."""
+def jpeg95(image):
+    """What Diffusion-4K's generator writes: Pillow JPEG quality 95, Pillow's defaults (4:2:0)."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -246,16 +217,13 @@ NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
 NIQE_BLOCK = 96
 
 NIQE_CONVENTIONS = {
-    "pyiqa": "pyiqa 'niqe' (what SR papers report): Y of YIQ from float32 RGB, rounded; pyiqa's float32 "
-    "window and grid  [default]",
-    "matlab": "the MATLAB release's arithmetic in float64 on rounded rgb2gray (approximate: see niqe())",
+    "pyiqa": "pyiqa 'niqe' (what SR papers report): its grey image, float32 window and grid",
+    "matlab": "the MATLAB release's arithmetic: float64 on rounded rgb2gray (approximate)",
 }
 
-def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
-    """PSNR in dB with peak 255, in float64: 10 log10(255^2 / MSE), inf for identical images. SR papers
-    (SwinIR, Real-ESRGAN, OSEDiff, ...) report basicsr's `calculate_psnr`: `crop_border` = scale pixels
-    removed on every side, and with --y-channel the BT.601 Y channel (mode 'y'); mode 'rgb' averages the
-    squared error over the three channels, as scikit-image's peak_signal_noise_ratio does."""
+def psnr(pred, ref, crop_border=0, mode="rgb"):
+    """PSNR in dB, peak 255, inf for identical images: basicsr's calculate_psnr (SR papers), with
+    `crop_border` (the scale) px off each side, on BT.601 Y (mode 'y') or RGB (as scikit-image)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if a.dtype == np.uint8:  # integer errors: their squares summed exactly in int64, one division
         d = np.subtract(a, b, dtype=np.int64).ravel(order="K")
@@ -265,42 +233,37 @@ def psnr(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
         mse = np.square(d, out=d).mean()
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
-def ssim(pred, ref, crop_border: int = 0, mode: str = "rgb") -> float:
-    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
-    C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, mean of the map; for RGB the mean over channels. This is
-    basicsr's `calculate_ssim` (what SR papers report), equal to scikit-image's structural_similarity(
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255), whose 5-pixel border
-    crop is exactly the 'valid' region. mode 'y' is the BT.601 Y channel; mode 'gray' the rounded MATLAB
-    rgb2gray of the original ssim.m. The MATLAB code's automatic downsampling for large images is NOT
-    applied (as in basicsr; pyiqa makes it optional): at 4K it would average-pool by 16."""
+def ssim(pred, ref, crop_border=0, mode="rgb"):
+    """SSIM (Wang et al. 2004), Gaussian window (sigma 1.5), 'valid' region, mean over map and
+    channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
+    use_sample_covariance=False); mode 'gray': ssim.m's input. Without ssim.m's downsampling (as
+    basicsr): at 4K it would average-pool by 16."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if min(a.shape[-2:]) < 11:
         height, width = a.shape[-2:]
-        raise ValueError(f"{width}x{height} px (after the crop border) is smaller than SSIM's 11x11 window")
+        size = f"{width}x{height} px (after the crop border)"
+        raise ValueError(f"{size} is smaller than SSIM's 11x11 window")
     return float(np.mean([_ssim_mean(x, y) for x, y in zip(a, b)]))
 
-def _ssim_mean(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean SSIM map of two (H, W) planes (uint8 or float64; the arithmetic is float64). Filtering is
-    linear, so the four blurred planes are x, y, x^2 + y^2 and xy (sigma_x^2 + sigma_y^2 is all the
-    formula needs); the map is then formed in place:
-    ((2 mx my + c1) (2 sxy + c2)) / ((mx^2 + my^2 + c1) (sxx + syy + c2))."""
+def _ssim_mean(x, y):
+    """((2 mx my + c1) (2 sxy + c2)) / ((mx^2 + my^2 + c1) (sxx + syy + c2)) averaged, in float64;
+    the formula needs only sxx + syy, so four planes are blurred: x, y, x^2 + y^2, xy."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     planes = torch.empty((4, *x.shape), dtype=torch.float64)
-    planes.numpy()[:2] = x, y  # copied as float64 (an RGB plane arrives as a uint8 view)
+    planes.numpy()[:2] = x, y
     x, y = planes[0], planes[1]
     torch.mul(x, x, out=planes[2]).addcmul_(y, y)
     torch.mul(x, y, out=planes[3])
     mx, my, squares, xy = gaussian_blur_valid(planes)
-    means_squared = torch.addcmul(my * my, mx, mx)  # mx^2 + my^2
+    means_squared = torch.addcmul(my * my, mx, mx)
     two_mxmy = mx.mul_(my).mul_(2)
     numerator = xy.mul_(2).sub_(two_mxmy).add_(c2).mul_(two_mxmy.add_(c1))
     denominator = squares.sub_(means_squared).add_(c2).mul_(means_squared.add_(c1))
     return numerator.div_(denominator).mean().item()
 
 @functools.lru_cache(maxsize=4)
-def _band_matrix(block: int, sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
-    """(block + 2 radius, block) float64: column j holds the normalised Gaussian window at rows j..j+2r,
-    so that x[:, c : c + block + 2r] @ band is the 'valid' filtering of `block` output columns."""
+def _band_matrix(block, sigma=1.5, radius=5):
+    """Column j: the normalised Gaussian at rows j..j+2r."""
     d = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 / sigma**2 * d**2)
     band = torch.zeros(block + 2 * radius, block, dtype=torch.float64)
@@ -308,17 +271,11 @@ def _band_matrix(block: int, sigma: float = 1.5, radius: int = 5) -> torch.Tenso
         band[j : j + 2 * radius + 1, j] = g / g.sum()
     return band
 
-def gaussian_blur_valid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """SSIM's separable 11x11 Gaussian (sigma 1.5) of a float64 stack (..., H, W), 'valid' region only
-    (..., H - 10, W - 10): scipy's gaussian_filter(truncate=3.5) with its 5-pixel border cut off.
-
-    Each pass is a matrix product with a banded matrix, block by block (_band_matrix: 32 outputs from
-    42 inputs): about 2.6 times the multiply-adds of a direct 11-tap loop, but run by the BLAS, which
-    beats both scipy's per-line loop and a float64 conv2d (im2col) on the CPU. Both passes multiply from
-    the left on slices of whole rows, so no block is copied: the second pass reads the first one's
-    output transposed and writes its own transposed, so the result (a view) is the right way round.
-    torch's BLAS, not numpy's: OpenBLAS' threads stall on a busy machine.
-    """
+def gaussian_blur_valid(x, block=32):
+    """SSIM's Gaussian of (..., H, W) float64, 'valid' region: scipy's gaussian_filter(truncate=3.5)
+    without its 5-px border. Each pass multiplies by a banded matrix (32 outputs from 42 inputs):
+    2.6x the work of an 11-tap loop, but torch's BLAS beats scipy and a float64 conv2d on the CPU.
+    Both passes read whole rows and write transposed: nothing is copied."""
     band = _band_matrix(block)
 
     def rows(x):  # (..., H, W) -> (..., W, H - 10): filtered along H, written transposed
@@ -326,7 +283,8 @@ def gaussian_blur_valid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
         out = x.new_empty(x.shape[:-2] + (h, x.shape[-1]))
         for r in range(0, h, block):
             n = min(block, h - r)
-            torch.matmul(band[: n + 10, :n].T, x[..., r : r + n + 10, :], out=out[..., r : r + n, :])
+            window = x[..., r : r + n + 10, :]
+            torch.matmul(band[: n + 10, :n].T, window, out=out[..., r : r + n, :])
         return out.transpose(-1, -2)
 
     return rows(rows(x))
@@ -334,12 +292,11 @@ def gaussian_blur_valid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 def _prepare_pair(pred, ref, crop_border, mode):
     pred, ref = as_array(pred), as_array(ref)
     if pred.shape != ref.shape:
-        raise ValueError(f"sizes differ: {pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}")
+        sizes = f"{pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}"
+        raise ValueError(f"sizes differ: {sizes}")
     return tuple(remove_border(_channels(x, mode), crop_border) for x in (pred, ref))
 
-def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
-    """HWC uint8 -> (C, H, W) in the requested colour convention: the uint8 pixels themselves for 'rgb'
-    (a view; each metric widens them as it needs), float64 for 'y' and 'gray'."""
+def _channels(rgb, mode):
     if mode == "rgb":
         return rgb.transpose(2, 0, 1)
     if mode == "y":
@@ -348,65 +305,50 @@ def _channels(rgb: np.ndarray, mode: str) -> np.ndarray:
         return grey_matlab(rgb)[None]
     raise ValueError(f"unknown channel mode {mode!r}; use rgb, y or gray")
 
-def y_channel(rgb: np.ndarray) -> np.ndarray:
-    """Y of ITU-R BT.601 YCbCr in [16, 235], float64, unrounded: basicsr's `test_y_channel` convention,
-    which most SR papers report (pyiqa uses Y of YIQ instead: the numbers differ)."""
+def y_channel(rgb):
+    """Unrounded Y of BT.601 YCbCr in [16, 235]: basicsr's test_y_channel (pyiqa's YIQ differs)."""
     x = rgb.astype(np.float64) / 255.0
     return (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) + 16.0
 
-def grey_matlab(rgb: np.ndarray) -> np.ndarray:
-    """MATLAB rgb2gray rounded to integers: the convention of the original SSIM code (ssim.m)."""
+def grey_matlab(rgb):
     x = rgb.astype(np.float64)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     return np.round(0.298936021293775 * r + 0.587043074451121 * g + 0.114020904255103 * b)
 
-def remove_border(x: np.ndarray, border: int) -> np.ndarray:
-    """Remove `border` pixels on each side of the last two axes; refuse a border that leaves nothing."""
+def remove_border(x, border):
     h, w = x.shape[-2:]
     if border and 2 * border >= min(h, w):
         largest = (min(h, w) - 1) // 2
-        raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image (at most {largest})")
+        raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image "
+                         f"(at most {largest})")
     return x[..., border : h - border, border : w - border]
 
-def niqe(rgb, params=None, convention: str = "pyiqa", crop_border: int = 0) -> float:
-    """NIQE (Mittal, Soundararajan & Bovik, "Making a 'completely blind' image quality analyzer", IEEE
-    SPL 2013), lower is better; `params` = niqe_params(...).
+def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
+    """NIQE (Mittal et al., IEEE SPL 2013), lower is better: the MATLAB release's pristine model,
+    96-px blocks from the top-left, two scales, 36 features; the whole image (1,764 at 4096^2).
 
-    SR papers (StableSR, SeeSR, OSEDiff, PiSA-SR, ...) report pyiqa's 'niqe', the default convention. All
-    implementations use the MATLAB release's pristine model, 96x96 blocks without overlap (the image
-    cropped to whole blocks from the top-left), two scales, 36 features (the sharpness selection of blocks
-    belongs to fitting the model, not to scoring). `crop_border` removes pixels on each side first
-    (basicsr's SR configs pass the scale). 4K protocol: the whole image (1,764 blocks at 4096^2).
-
-    NIQE is numerically touchy: sigma comes from E[x^2] - mu^2 (a difference of two numbers near 255^2)
-    and alpha is a nearest-grid-point choice, so one float32 rounding flips grid points and moves the
-    score by up to a few percent. Hence the conventions: 'pyiqa' follows pyiqa 0.1.16's arithmetic (its
-    grey image, float32-rounded window and grid, float32 bicubic resize, float64 elsewhere); 'matlab' runs
-    float64 throughout on rounded rgb2gray, close to MATLAB but not bit-faithful. basicsr's
-    calculate_niqe (Y of BT.601 YCbCr, first scale and resize in float32) is not offered.
+    NIQE is touchy: sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one
+    float32 rounding moves it by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers
+    report) follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
+    'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful.
     """
     if params is None:
         params = niqe_params()
     grey = remove_border(niqe_grey(rgb, convention), crop_border)
     if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
         blocks = f"two {NIQE_BLOCK}x{NIQE_BLOCK} blocks"
-        raise ValueError(f"image {grey.shape[1]}x{grey.shape[0]} too small for NIQE (needs {blocks})")
+        size = f"{grey.shape[1]}x{grey.shape[0]}"
+        raise ValueError(f"image {size} too small for NIQE (needs {blocks})")
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
     return niqe_distance(features, *params)
 
-def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
-    """The pristine model of the MATLAB NIQE release, mean (36,) and covariance (36, 36) in float64, from
-    pyiqa's `niqe_modelparameters.mat` (mu_prisparam / cov_prisparam, MATLAB v5, read with scipy.io) or
-    basicsr 1.4.2's sdist file `basicsr/metrics/niqe_pris_params.npz` (mu_pris_param / cov_pris_param)."""
-    path = resolve_weights(source, "NIQE parameters")
-    if path.suffix != ".npz":
-        try:
-            from scipy.io import loadmat
-        except ImportError:
-            raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
-                            "or pass basicsr's niqe_pris_params.npz") from None
+def niqe_params(source=NIQE_PARAMS):
+    """The pristine model's mean (36,) and covariance (36, 36): pyiqa's .mat or basicsr's .npz."""
+    what = "NIQE parameters"
+    path = resolve_weights(source, what)
+    loadmat = None if path.suffix == ".npz" else scipy_loadmat(path)
     try:
-        if path.suffix == ".npz":
+        if loadmat is None:
             with np.load(path, allow_pickle=False) as data:
                 mu, cov = data["mu_pris_param"], data["cov_pris_param"]
         else:
@@ -414,69 +356,72 @@ def niqe_params(source=NIQE_PARAMS) -> tuple[np.ndarray, np.ndarray]:
             mu, cov = data["mu_prisparam"], data["cov_prisparam"]
         mu, cov = np.asarray(mu, np.float64).ravel(), np.asarray(cov, np.float64)
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
-        raise UserError(f"NIQE parameters: {path} is not a NIQE model file ({type(error).__name__}); "
-                        "expected basicsr's .npz (mu_pris_param, cov_pris_param) or pyiqa's .mat "
-                        "(mu_prisparam, cov_prisparam)") from None
+        kind = type(error).__name__
+        raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's "
+                        ".npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, "
+                        "cov_prisparam)") from None
     if mu.shape != (36,) or cov.shape != (36, 36):
         shapes = f"{path} holds shapes {mu.shape} and {cov.shape}"
-        raise UserError(f"NIQE parameters: {shapes}, expected (36,) and (36, 36)")
+        raise UserError(f"{what}: {shapes}, expected (36,) and (36, 36)")
     if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
-        raise UserError(f"NIQE parameters: {path} holds NaN or Inf values; this model file is broken")
+        raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
 
-def niqe_grey(rgb: np.ndarray, convention: str = "pyiqa") -> np.ndarray:
-    """The integer-valued float64 grey image (0..255) each NIQE convention scores, rounded as its reference
-    rounds (pyiqa: x/255 in float32 through the YIQ matrix, x 255; MATLAB: rgb2gray in float64)."""
+def scipy_loadmat(path):
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
+                        "or pass basicsr's niqe_pris_params.npz") from None
+    return loadmat
+
+def niqe_grey(rgb, convention="pyiqa"):
+    """The rounded grey image each convention scores: pyiqa's Y of YIQ in float32, or rgb2gray."""
     rgb = as_array(rgb)
     if convention == "pyiqa":
         x = torch.tensor(rgb).float() / 255
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213],
+                            [0.2115, -0.5227, 0.3112]])
         return torch.round((x @ yiq.T)[..., 0] * 255).double().numpy()
     if convention == "matlab":
         return grey_matlab(rgb)
-    raise ValueError(f"unknown NIQE convention {convention!r}; choose from {', '.join(NIQE_CONVENTIONS)}")
+    choices = ", ".join(NIQE_CONVENTIONS)
+    raise ValueError(f"unknown NIQE convention {convention!r}; choose from {choices}")
 
-def niqe_features(grey: np.ndarray, block: int = NIQE_BLOCK, pyiqa: bool = True) -> torch.Tensor:
-    """(N, 36) features of an integer-valued (H, W) grey image: 18 at full scale on block x block tiles,
-    18 at half scale (MATLAB bicubic of x/255, x 255) on the same tiles, now block/2. The image is first
-    cropped to whole blocks from the top-left. `pyiqa`: its float32 rounding of the window and of the
-    AGGD grid; otherwise float64 as in MATLAB."""
+def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
+    """(N, 36) block features: 18 at full scale, 18 at half scale (MATLAB bicubic), same tiles."""
     grid = "float32" if pyiqa else "float64"
     rows, cols = grey.shape[0] // block, grey.shape[1] // block
-    x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))[: rows * block, : cols * block]
+    x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))
+    x = x[: rows * block, : cols * block]
     full = niqe_block_features(mscn(x, pyiqa), block, grid)
     half = imresize_half(x / 255) * 255
     return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
 
-def mscn(grey: torch.Tensor, window32: bool = False) -> torch.Tensor:
-    """Mean-subtracted contrast-normalised coefficients of (H, W) float64: (x - mu) / (sigma + 1), mu and
-    sigma from the 7x7 Gaussian window with replicated borders (MATLAB 'replicate', scipy 'nearest');
-    sigma = sqrt(|E[x^2] - mu^2|)."""
+def mscn(grey, window32=False):
+    """MSCN coefficients (x - mu) / (sigma + 1), mu and sigma = sqrt(|E[x^2] - mu^2|) from the 7x7
+    Gaussian window, borders replicated."""
     w = _niqe_window(window32).to(grey.device)[None, None]
     h, w_ = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
     sums = torch.zeros_like(padded[:, :h, :w_])
-    for i in range(7):  # 49 shifted multiply-adds: several times faster than float64 conv2d on a CPU
+    for i in range(7):  # 49 shifted multiply-adds: faster than a float64 conv2d on a CPU
         for j in range(7):
             sums += w[0, 0, i, j] * padded[:, i : i + h, j : j + w_]
     mu, second = sums
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
 
-def _niqe_window(float32: bool = False) -> torch.Tensor:
-    """MATLAB fspecial('gaussian', 7, 7/6): the local mean / contrast window of NIQE. pyiqa rounds it to
-    float32 before filtering in float64; since sigma comes from E[x^2] - mu^2, that rounding flips AGGD
-    grid choices, so the pyiqa convention rounds it too."""
+def _niqe_window(float32=False):
+    """fspecial('gaussian', 7, 7/6); pyiqa rounds it to float32, which flips AGGD grid choices."""
     x = torch.arange(7, dtype=torch.float64) - 3
     g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
     g = g / g.sum()
     return g.float().double() if float32 else g
 
-def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "float64") -> torch.Tensor:
-    """The 18 NIQE features of every block x block tile of an (H, W) MSCN map -> (N, 18): AGGD (alpha,
-    mean of the two scales) of the coefficients, then for the products with the neighbour at shifts
-    (0,1), (1,0), (1,1), (1,-1) (circular inside the block, np.roll) (alpha, (right - left)
-    G(2/alpha)/G(1/alpha), left, right)."""
+def niqe_block_features(coefficients, block, grid="float64"):
+    """(N, 18) per block: AGGD (alpha, mean scale) of the coefficients, then of their products with
+    the neighbour at 4 shifts (circular in the block) (alpha, mean, left, right)."""
     h, w = coefficients.shape
     blocks = coefficients.reshape(h // block, block, w // block, block).transpose(1, 2)
     blocks = blocks.reshape(-1, block, block)
@@ -489,13 +434,10 @@ def niqe_block_features(coefficients: torch.Tensor, block: int, grid: str = "flo
         features += [alpha, mean, left, right]
     return torch.stack(features, 1)
 
-def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
-    """Moment-matching fit of an asymmetric generalised Gaussian to each row of x (N, P): shape alpha (the
-    grid value whose r(alpha) is nearest to the normalised moment ratio) and the left / right scales.
-    Rows with no negative (or no positive) value give NaN scales, as in the references (their alpha is
-    then the grid's first value, 0.2)."""
-    gam, r = _aggd_table(grid)
-    gam, r = gam.to(x.device), r.to(x.device)
+def aggd_fit(x, grid="float64", chunk=256):
+    """Moment-matching AGGD fit of each row of x (N, P): the grid alpha whose r(alpha) is nearest to
+    the moment ratio, and the left / right scales (NaN for a one-signed row, as the references)."""
+    gam, r = (t.to(x.device) for t in _aggd_table(grid))
     neg, pos = x < 0, x > 0
     sq = x * x
     left = ((sq * neg).sum(1) / neg.sum(1)).sqrt()
@@ -503,17 +445,16 @@ def aggd_fit(x: torch.Tensor, grid: str = "float64", chunk: int = 256):
     g = left / right
     rhat = x.abs().mean(1) ** 2 / sq.mean(1)
     rnorm = rhat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
-    index = torch.cat([(r - rnorm[i : i + chunk, None]).abs().argmin(1) for i in range(0, len(x), chunk)])
-    index[torch.isnan(rnorm)] = 0  # an all-NaN row: both references take the first grid value
+    chunks = range(0, len(x), chunk)
+    index = torch.cat([(r - rnorm[i : i + chunk, None]).abs().argmin(1) for i in chunks])
+    index[torch.isnan(rnorm)] = 0
     alpha = gam[index]
     ratio = (torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)).exp().sqrt()
     return alpha, left * ratio, right * ratio
 
 @functools.lru_cache(maxsize=2)
-def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shape grid 0.2:0.001:10 (9,801 values) and r(g) = G(2/g)^2 / (G(1/g) G(3/g)) on it. 'float32':
-    the grid values as torch.arange makes them in float32 (pyiqa); 'float64': as numpy / MATLAB make
-    them (basicsr, MATLAB)."""
+def _aggd_table(grid):
+    """The grid 0.2:0.001:10 (pyiqa's float32 or float64), r(g) = G(2/g)^2 / (G(1/g) G(3/g))."""
     if grid == "float32":
         gam = torch.arange(0.2, 10 + 0.001, 0.001, dtype=torch.float32).double()
     else:
@@ -521,12 +462,9 @@ def _aggd_table(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
     r = (2 * torch.lgamma(2 / gam) - torch.lgamma(1 / gam) - torch.lgamma(3 / gam)).exp()
     return gam, r
 
-def imresize_half(x: torch.Tensor) -> torch.Tensor:
-    """MATLAB imresize(x, 0.5) with its default bicubic kernel (a = -0.5) and antialiasing, on (H, W) with
-    even H and W: the kernel is stretched to 8 taps of weight 0.5 k(d / 2) around the source point
-    u = 2 i - 0.5 (1-based), rows normalised, borders mirrored (symmetric, edge pixel repeated); one axis
-    after the other. The arithmetic runs in float32, as in both references (basicsr and pyiqa resize in
-    float32), and is returned as float64."""
+def imresize_half(x):
+    """MATLAB imresize(x, 0.5) of (H, W), both even: antialiased bicubic (a = -0.5), i.e. 8 taps
+    0.5 k(d / 2) around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
 
     def cubic(d):
         d = d.abs()
@@ -535,9 +473,8 @@ def imresize_half(x: torch.Tensor) -> torch.Tensor:
 
     def along_rows(x):
         n = x.shape[0]
-        out = torch.arange(1, n // 2 + 1, dtype=torch.float64)
-        u = 2 * out - 0.5
-        taps = torch.floor(u - 4)[:, None] + torch.arange(10, dtype=torch.float64)  # ceil(8) + 2 candidates
+        u = 2 * torch.arange(1, n // 2 + 1, dtype=torch.float64) - 0.5
+        taps = torch.floor(u - 4)[:, None] + torch.arange(10, dtype=torch.float64)
         weights = 0.5 * cubic(0.5 * (u[:, None] - taps))
         weights = weights / weights.sum(1, keepdim=True)
         keep = (weights != 0).any(0)  # drop the candidate columns that are zero for every output
@@ -548,17 +485,14 @@ def imresize_half(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return along_rows(along_rows(x).T).T.double()
 
-def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
-    """sqrt((mu_p - mu_d) pinv((S_p + S_d) / 2) (mu_p - mu_d)^T), with mu_d the NaN-ignoring mean of the
-    block features and S_d the (N-1) covariance of the NaN-free blocks (MATLAB nanmean / nancov), in
-    float64 numpy like basicsr."""
+def niqe_distance(features, mu_pris, cov_pris):
+    """sqrt(d pinv((S_p + S_d) / 2) d^T), d = mu_p - nanmean(features), S_d = nancov(features)."""
     f = features.numpy()
     clean = f[~np.isnan(f).any(1)]
     if len(clean) < 2:
         blocks = f"{NIQE_BLOCK}x{NIQE_BLOCK} blocks"
         raise ValueError(f"NIQE needs at least two {blocks} with finite features, got {len(clean)}")
-    mu = np.nanmean(f, axis=0)
-    diff = np.asarray(mu_pris, np.float64).ravel() - mu
+    diff = np.asarray(mu_pris, np.float64).ravel() - np.nanmean(f, axis=0)
     inverse = np.linalg.pinv((np.asarray(cov_pris, np.float64) + np.cov(clean, rowvar=False)) / 2)
     return float(np.sqrt(diff @ inverse @ diff))
 
@@ -568,53 +502,48 @@ def niqe_distance(features: torch.Tensor, mu_pris, cov_pris) -> float:
 INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
 
 FID_RESIZE = {
-    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128  [default]",
+    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128",
     "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
     "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
     "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
 }
 
 @torch.no_grad()
-def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16) -> torch.Tensor:
-    """pool3 features (N, 2048) of one image: N = 1 for whole-image FID, else its crops; with `size` > 0
-    the image first goes through `resize_center_crop(rgb, size)`."""
+def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16):
+    """pool3 features (N, 2048) of the image (N = 1) or of its patches."""
     device = next(model.parameters()).device
     rgb = as_array(rgb)
     x = to_float_tensor(resize_center_crop(rgb, size) if size else rgb, device)
     samples = (fid_crops(x, patch, half_shift) if patch else x).split(batch)
     return torch.cat([model(fid_input(group, resize)) for group in samples])
 
-def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Diffusion-4K's FID preprocessing (`generate_and_eval_fid.py` fid_preprocess, l. 79-84 at 9bea802):
-    torchvision's resize(uint8 tensor, size) then center_crop(size), for generated and real images alike,
-    before torchmetrics' own resize to 299 (else a 4096x2731 photo and a 2048^2 sample would reach the
-    network squeezed with different aspect ratios). The shorter side becomes `size`, the longer
-    int(size * long / short); bilinear, antialiased (torchvision >= 0.17; upstream pins 0.19), in float32,
-    rounded back to uint8; an image already at that size is not resampled. The crop starts at
-    round((side - size) / 2)."""
+def resize_center_crop(rgb, size):
+    """Diffusion-4K's FID preprocessing (generate_and_eval_fid.py l. 79-84) of both sets, so that
+    photos and samples reach the 299-px resize with one aspect ratio: torchvision's resize(uint8,
+    size) (shorter side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
     h, w = rgb.shape[:2]
     short, long = min(h, w), max(h, w)
     new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
     if (new_h, new_w) != (h, w):
         x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return rgb[top : top + size, left : left + size]
 
-def fid_crops(x: torch.Tensor, patch: int, half_shift: bool) -> torch.Tensor:
-    """Patch FID's samples from one (1, 3, H, W) image: the non-overlapping patch x patch grid from the
-    top-left, plus, with `half_shift`, the grid moved by patch/2 on both axes (HiFiC's FID/256 protocol,
-    Mentzer et al. 2020). Remainders at the right and bottom are dropped."""
+def fid_crops(x, patch, half_shift):
+    """Patch FID's samples: the patch grid from the top-left, with `half_shift` also the grid moved
+    by patch/2 (HiFiC's FID/256, Mentzer et al. 2020)."""
     h, w = x.shape[-2:]
     if patch > min(h, w):
         raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
     starts = [(0, 0)] + ([(patch // 2, patch // 2)] if half_shift else [])
     return torch.cat([x[..., r : r + patch, c : c + patch] for r0, c0 in starts
-                      for r in range(r0, h - patch + 1, patch) for c in range(c0, w - patch + 1, patch)])
+                      for r in range(r0, h - patch + 1, patch)
+                      for c in range(c0, w - patch + 1, patch)])
 
-def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
-    """(B, 3, H, W) float with values 0..255 -> the network's (B, 3, 299, 299) input."""
+def fid_input(x, resize="tf1"):
+    """(B, 3, H, W) with values 0..255 -> the network's (B, 3, 299, 299) input."""
     if resize == "tf1":
         return (resize_tf1_bilinear(x, 299) - 128) / 128
     if resize == "pytorch-fid":
@@ -630,11 +559,9 @@ def fid_input(x: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
         return (out.to(x.device) - 128) / 128
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
 
-def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source = dest * in / out, with no half-pixel
-    offset and no antialiasing. This is what torch-fidelity (hence torchmetrics up to 1.5, hence
-    Diffusion-4K's FID) feeds the network; it samples a 4096-px image at 299 points per axis, i.e. it is
-    heavily aliased, which is why patch FID exists."""
+def resize_tf1_bilinear(x, size):
+    """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input). It
+    samples a 4096-px image at 299 points per axis: hence patch FID."""
 
     def taps(n_in):
         step = torch.tensor(n_in / size, dtype=torch.float32)
@@ -651,46 +578,40 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class FeatureStats:
-    """Running float64 sums of features, so a million 4K patches never sit in memory at once."""
+    """Running float64 sums: a million 4K patches' features never sit in memory at once."""
 
     count: int = 0
     total: torch.Tensor | None = None
     outer: torch.Tensor | None = None
 
-    def update(self, features: torch.Tensor):
+    def update(self, features):
         f = features.detach().double().cpu()
         self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
         self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
         self.count += len(f)
 
     def mean_cov(self):
-        """Mean and the unbiased (N-1) covariance, np.cov(rowvar=False)'s convention."""
         if self.count < 2:
             raise ValueError(f"FID needs at least 2 samples, got {self.count}")
         mean = self.total / self.count
         cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         return mean, cov
 
-def fid_from_stats(pred: FeatureStats, ref: FeatureStats) -> float:
-    """FID (Heusel et al. 2017) between two feature sets, warning when a covariance is rank-deficient."""
+def fid_from_stats(pred, ref):
+    """FID (Heusel et al. 2017), warning when a covariance is rank-deficient."""
     for name, stats in (("pred", pred), ("ref", ref)):
         dim = stats.total.numel()
         if stats.count <= dim:
-            warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d covariance needs at "
-                          f"least {dim + 1}; the value is biased upwards and not comparable across sample "
-                          "counts (use --fid-patch for more samples)", stacklevel=2)
-    mu1, cov1 = pred.mean_cov()
-    mu2, cov2 = ref.mean_cov()
-    return frechet_distance(mu1, cov1, mu2, cov2)
+            warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
+                          f"covariance needs at least {dim + 1}; the value is biased upwards and "
+                          "not comparable across sample counts (use --fid-patch for more samples)",
+                          stacklevel=2)
+    return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
-
-    pytorch-fid and clean-fid take scipy.linalg.sqrtm of the non-symmetric product S1 S2 and discard an
-    imaginary part that appears when N < 2048 makes the covariances singular. tr sqrt(S1 S2) equals
-    tr sqrt(S1^1/2 S2 S1^1/2), the product of PSD matrices made symmetric, whose eigenvalues are real and
-    >= 0 up to rounding: two symmetric eigendecompositions, no complex numbers, no eps retry.
-    """
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, with tr sqrt(S1 S2) =
+    tr sqrt(S1^1/2 S2 S1^1/2): symmetric eigendecompositions instead of scipy's sqrtm of S1 S2
+    (pytorch-fid, clean-fid), no complex parts or eps retry when N < 2048."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
     w, v = torch.linalg.eigh(cov1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T
@@ -699,7 +620,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
 
 class ConvBN(nn.Sequential):
-    """Conv (no bias) + BatchNorm (eps 1e-3, TF's) + ReLU; keys `conv.*`, `bn.*` as in torchvision."""
+    """Conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU, keys as in torchvision."""
 
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
         super().__init__()
@@ -708,8 +629,14 @@ class ConvBN(nn.Sequential):
         self.relu = nn.ReLU()
 
 def avg_pool_3x3(x):
-    """The TF graph's average pool ignores the zero padding: count_include_pad=False."""
+    """The TF graph's average pool ignores the zero padding."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+def conv_1x7(cin, cout):
+    return ConvBN(cin, cout, (1, 7), padding=(0, 3))
+
+def conv_7x1(cin, cout):
+    return ConvBN(cin, cout, (7, 1), padding=(3, 0))
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -717,7 +644,8 @@ class InceptionA(nn.Module):
         self.branch1x1 = ConvBN(cin, 64, 1)
         self.branch5x5_1, self.branch5x5_2 = ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2)
         self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
         self.branch_pool = ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
@@ -730,7 +658,8 @@ class InceptionB(nn.Module):  # grid reduction 35 -> 17
         super().__init__()
         self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
         self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
         dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -740,12 +669,11 @@ class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1, self.branch_pool = ConvBN(cin, 192, 1), ConvBN(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), conv_1x7(c7, c7)
+        self.branch7x7_3 = conv_7x1(c7, 192)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), conv_7x1(c7, c7)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = conv_1x7(c7, c7), conv_7x1(c7, c7)
+        self.branch7x7dbl_5 = conv_1x7(c7, 192)
 
     def forward(self, x):
         dbl = x
@@ -758,17 +686,18 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), conv_1x7(192, 192)
+        self.branch7x7x3_3 = conv_7x1(192, 192)
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionE(nn.Module):
-    """The last two blocks. The TF graph pools Mixed_7b with an average and Mixed_7c with a *max* (a quirk
-    of the 2015 graph that torchvision's Inception3 does not have)."""
+    """The last two blocks; the TF graph pools Mixed_7b with an average and Mixed_7c with a *max*
+    (a quirk of the 2015 graph that torchvision's Inception3 lacks)."""
 
     def __init__(self, cin, pool):
         super().__init__()
@@ -776,7 +705,8 @@ class InceptionE(nn.Module):
         self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
         self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
         self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
         self.branch_pool = ConvBN(cin, 192, 1)
@@ -786,13 +716,12 @@ class InceptionE(nn.Module):
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl), self.branch_pool(pooled)], 1)
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+                          self.branch_pool(pooled)], 1)
 
 class InceptionV3(nn.Module):
-    """The FID network: TensorFlow's 2015-12-05 InceptionV3 graph as ported by pytorch-fid, returning the
-    2048-d pool3 features of a (B, 3, 299, 299) input already normalised to [-1, 1]. Module names equal
-    torchvision's, so pt_inception-2015-12-05-6726825d.pth loads as is (its 1008-way `fc` is dropped:
-    FID never uses the logits)."""
+    """The FID network: TF's 2015-12-05 InceptionV3 graph as ported by pytorch-fid, [-1, 1] input ->
+    2048-d pool3 features; torchvision's names (pt_inception-2015-12-05's `fc` unused)."""
 
     def __init__(self):
         super().__init__()
@@ -827,7 +756,7 @@ class InceptionV3(nn.Module):
 
 CLIP_MODELS = {
     "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
-    "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default, and the aesthetic predictor's tower
+    "l14": "openai/clip-vit-large-patch14",  # torchmetrics' default; the aesthetic predictor's
     "b32": "openai/clip-vit-base-patch32",  # Hessel et al.'s CLIPScore
 }
 
@@ -838,37 +767,25 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CLIP_FORMS = {
-    "torchmetrics": "max(100 cos, 0) per image, as torchmetrics' CLIPScore called per image (Diffusion-4K)",
-    "hessel": "2.5 max(cos, 0) with the prefix 'A photo depicts ' (Hessel et al. 2021, CLIPScore)",
-    "pyiqa": "the hessel formula with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
+    "torchmetrics": "max(100 cos, 0), torchmetrics' CLIPScore per image (Diffusion-4K)",
+    "hessel": "2.5 max(cos, 0), prefix 'A photo depicts ' (Hessel et al. 2021)",
+    "pyiqa": "hessel with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
 }
 
-# Images per call of the CLIP towers in a folder run (ClipBatches): enough to keep a GPU busy, and
-# the buffer of 3 x 224 x 224 float tensors it needs stays under 20 MB.
-CLIP_BATCH = 32
+CLIP_BATCH = 32  # images per call of the CLIP towers in a folder run: a busy GPU, under 20 MB
 
-def clip_score(model: ClipViT, images, captions, form="torchmetrics") -> torch.Tensor:
-    """Per-image CLIPScore (Hessel et al., EMNLP 2021): a scaled cosine between the CLIP image and caption
-    embeddings, clamped at 0.
+def clip_score(model, images, captions, form="torchmetrics"):
+    """Per-image CLIPScore (Hessel et al., EMNLP 2021): the cosine of CLIP image and caption
+    embeddings, scaled as CLIP_FORMS says (Diffusion-4K averages torchmetrics' per image).
 
-    'torchmetrics': 100 * cos, what torchmetrics' CLIPScore returns for one image; Diffusion-4K (Table 1,
-    ViT-B/16) calls it image by image and averages. 'hessel': the paper's 2.5 * cos with the caption
-    prefix 'A photo depicts ', ViT-B/32 in the paper. 'pyiqa': the same formula as pyiqa's 'clipscore'
-    computes it, the image resized as a float tensor.
-
-    C-Upscale (arXiv 2505.16976, Sec. 5.2 and Tables 1-6) reports a "CLIP" score citing CLIP itself, with
-    values from 0.455 to 0.894: neither 100 * cos (20-36) nor a raw cosine (CLIP's image-caption cosines
-    lie near 0.2-0.36). 2.5 * cos maps those cosines onto 0.5-0.9, and a degenerate output (ScaleCrafter
-    at 4096^2: 0.455) onto the low end; its other columns are pyiqa's metric names, and pyiqa's
-    'clipscore' is this formula on ViT-B/32: hence the 'pyiqa' form with b32 in --protocol cupscale.
-    Captions longer than 77 tokens keep their end token (see ClipScoreTokenizer; torchmetrics drops it,
-    openai-clip's tokenize as pyiqa calls it refuses them).
+    C-Upscale (arXiv 2505.16976) reports a "CLIP" score of 0.455-0.894: neither 100 cos (20-36) nor
+    a cosine (0.2-0.36), but 2.5 cos maps cosines there, its other columns are pyiqa's names, and
+    pyiqa's 'clipscore' is that on ViT-B/32: hence 'pyiqa' and b32 in --protocol cupscale.
     """
     pixels = torch.stack([model.preprocess(image, clip_resize(form)) for image in images])
     return clip_score_pixels(model, pixels, captions, form)
 
-def clip_score_pixels(model: ClipViT, pixels, captions, form="torchmetrics") -> torch.Tensor:
-    """clip_score of images already preprocessed, (B, 3, S, S), as clip_resize(form) says."""
+def clip_score_pixels(model, pixels, captions, form="torchmetrics"):
     if form not in CLIP_FORMS:
         raise ValueError(f"unknown CLIPScore form {form!r}; choose from {', '.join(CLIP_FORMS)}")
     if form != "torchmetrics":
@@ -876,39 +793,32 @@ def clip_score_pixels(model: ClipViT, pixels, captions, form="torchmetrics") -> 
     cos = (model.encode_pixels(pixels) * model.encode_texts(captions)).sum(-1)
     return (100 * cos).clamp(min=0) if form == "torchmetrics" else 2.5 * cos.clamp(min=0)
 
-def clip_resize(form: str) -> str:
-    """clip_preprocess's resize in a CLIPScore form: pyiqa's float tensor resize, else Pillow's."""
+def clip_resize(form):
     return "tensor" if form == "pyiqa" else "pil"
 
 @torch.no_grad()
-def aesthetic_score(clip: ClipViT, mlp: AestheticMLP, images) -> torch.Tensor:
-    return mlp(clip.encode_images(images))  # encode_images already L2-normalises, as the original does
+def aesthetic_score(clip, mlp, images):
+    return mlp(clip.encode_images(images))  # L2-normalised embeddings, as the original
 
 class ClipBatches:
-    """Per-image scores of a CLIP metric over a folder (ClipBatches.clip, .aesthetic), computed on
-    batches of `size` images (None: CLIP_BATCH) rather than one image per call of the towers.
+    """A folder run's scores of a CLIP metric on batches of `size` (CLIP_BATCH) images: add()
+    preprocesses an image when read (to 3 x 224 x 224: memory stays flat), a full buffer or the
+    `last` image runs the towers, flush() the rest. Each score equals its own alone to rounding."""
 
-    add() preprocesses an image as soon as it is read (a 4K image becomes one 3 x 224 x 224
-    tensor), so the buffer holds at most `size` small tensors and memory stays flat in the number of
-    images; a full buffer, or the `last` image, runs the towers (the text tower on the captions) on
-    all of it at once, which keeps a GPU busy. Every image gets the score it gets alone up to float
-    rounding (batching only reorders the sums in the kernels), and only the images added get one:
-    flush() the rest at the end. score(pixels, captions) -> (B,) scores."""
-
-    def __init__(self, score, preprocess, size: int | None = None):
+    def __init__(self, score, preprocess, size=None):
         self.score, self.preprocess, self.size = score, preprocess, size or CLIP_BATCH
         self.names, self.pixels, self.captions, self.values = [], [], [], {}
 
     @classmethod
-    def clip(cls, model: ClipViT, form="torchmetrics", size=None) -> ClipBatches:
+    def clip(cls, model, form="torchmetrics", size=None):
         preprocess = functools.partial(model.preprocess, resize=clip_resize(form))
         return cls(functools.partial(clip_score_pixels, model, form=form), preprocess, size)
 
     @classmethod
-    def aesthetic(cls, clip: ClipViT, mlp: AestheticMLP, size=None) -> ClipBatches:
+    def aesthetic(cls, clip, mlp, size=None):
         return cls(lambda pixels, _: mlp(clip.encode_pixels(pixels)), clip.preprocess, size)
 
-    def add(self, name: str, image: Image.Image, caption: str | None = None, last=False):
+    def add(self, name, image, caption=None, last=False):
         self.names.append(name)
         self.pixels.append(self.preprocess(image))
         self.captions.append(caption)
@@ -916,21 +826,16 @@ class ClipBatches:
             self.flush()
 
     @torch.no_grad()
-    def flush(self) -> dict[str, float]:
-        """Score the images waiting, if any; returns name -> score of every image added so far."""
+    def flush(self):
         if self.names:
             scores = self.score(torch.stack(self.pixels), self.captions).tolist()
             self.values.update(zip(self.names, scores))
             self.names, self.pixels, self.captions = [], [], []
         return self.values
 
-def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") -> torch.Tensor:
-    """CLIP's preprocessing: shorter side to `size` (the longer one truncated, int(size * long / short)),
-    centre crop, [0, 1], CLIP mean/std. A 4K image is reduced as a whole, not tiled.
-
-    resize 'pil': Pillow bicubic on the uint8 image (openai-clip and transformers' processor); 'tensor':
-    antialiased bicubic on the [0, 1] float image (pyiqa's clip_preprocess_tensor); the scores differ a bit.
-    """
+def clip_preprocess(image, size=224, resize="pil"):
+    """CLIP's preprocessing of the whole image: shorter side to `size`, centre crop, mean/std;
+    'pil': Pillow bicubic (openai-clip, transformers), 'tensor': float bicubic (pyiqa's)."""
     w, h = image.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if resize not in ("pil", "tensor"):
@@ -939,46 +844,41 @@ def clip_preprocess(image: Image.Image, size: int = 224, resize: str = "pil") ->
         image = image.resize(new, Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if resize == "tensor" and new != (w, h):
-        x = F.interpolate(x[None], size=new[::-1], mode="bicubic", align_corners=False, antialias=True)[0]
+        x = F.interpolate(x[None], new[::-1], mode="bicubic", antialias=True)[0]
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     x = x[:, top : top + size, left : left + size]
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 class AestheticMLP(nn.Module):
-    """LAION's improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor,
-    sac+logos+ava1-l14-linearMSE), used by Diffusion-4K's Table 1 and many 4K papers.
-
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and *no* activations (commented out in the
-    original), so at inference one affine map of the L2-normalised CLIP ViT-L/14 image embedding; the
-    layer indices (layers.0/2/4/6/7) are kept so the released .pth loads unchanged.
-    """
+    """LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table 1):
+    linear layers, *no* activations (commented out in the original), on the CLIP L/14 embedding."""
 
     def __init__(self, dim=768):
         super().__init__()
         self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
-                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
-                                    nn.Linear(16, 1))
+                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1),
+                                    nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, embedding):
         return self.layers(embedding).squeeze(-1)
 
     @classmethod
     def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
-        state = load_state(source, "aesthetic MLP weights")
-        return load_strict(cls(state["layers.0.weight"].shape[1]), state, "aesthetic MLP weights").eval()
+        what = "aesthetic MLP weights"
+        state = load_state(source, what)
+        return load_strict(cls(state["layers.0.weight"].shape[1]), state, what).eval()
 
 @dataclass
 class ClipTowerConfig:
     width: int
     layers: int
     heads: int
-    act: str = "quick_gelu"  # OpenAI's models use x * sigmoid(1.702 x)
+    act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x)
     eps: float = 1e-5
 
 class ClipBlock(nn.Module):
-    """Pre-LayerNorm transformer block (both CLIP towers)."""
 
-    def __init__(self, cfg: ClipTowerConfig):
+    def __init__(self, cfg):
         super().__init__()
         w = cfg.width
         self.heads, self.act = cfg.heads, cfg.act
@@ -987,8 +887,7 @@ class ClipBlock(nn.Module):
         self.fc1, self.fc2 = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
 
     def forward(self, x, mask=None, rows=None):
-        """(B, N, W) -> (B, N, W); with `rows` only the first `rows` tokens' outputs (B, rows, W), which
-        attend to all N: the vision tower's last block needs the class token's alone."""
+        """`rows`: only the first rows' outputs (the vision tower's last block reads one)."""
         b, n, w = x.shape
         h = self.ln1(x)
         k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.k, self.v))
@@ -1000,7 +899,7 @@ class ClipBlock(nn.Module):
         return x + self.fc2(h)
 
 class ClipVisionTower(nn.Module):
-    def __init__(self, cfg: ClipTowerConfig, patch: int, image_size: int, embed_dim: int):
+    def __init__(self, cfg, patch, image_size, embed_dim):
         super().__init__()
         self.patch_size, self.image_size = patch, image_size
         self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
@@ -1016,11 +915,11 @@ class ClipVisionTower(nn.Module):
         x = self.ln_pre(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        x = self.blocks[-1](x, rows=1)  # only the class token is read: the rest of the block is skipped
+        x = self.blocks[-1](x, rows=1)  # only the class token is read
         return self.proj(self.ln_post(x[:, 0]))
 
 class ClipTextTower(nn.Module):
-    def __init__(self, cfg: ClipTowerConfig, vocab: int, context: int, embed_dim: int):
+    def __init__(self, cfg, vocab, context, embed_dim):
         super().__init__()
         self.token = nn.Embedding(vocab, cfg.width)
         self.pos = nn.Parameter(torch.zeros(context, cfg.width))
@@ -1029,9 +928,7 @@ class ClipTextTower(nn.Module):
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
     def forward(self, ids, lengths):
-        """ids (B, L) padded after the end-of-text token; lengths (B,) = index of that token + 1. Pooling
-        reads the hidden state at the end-of-text position; with the causal mask the padding after it
-        cannot leak in, so no padding mask is needed."""
+        """Pools at the end token (lengths - 1); the causal mask keeps the padding after it out."""
         n = ids.shape[1]
         x = self.token(ids) + self.pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
@@ -1041,17 +938,17 @@ class ClipTextTower(nn.Module):
         return self.proj(x[torch.arange(len(x)), lengths - 1])
 
 class ClipViT(nn.Module):
-    """OpenAI CLIP ViT (Radford et al. 2021): image and text towers, shapes read from the weights, from
-    transformers-layout folders (openai/clip-vit-*: model.safetensors, config.json, tokenizer.json)."""
+    """OpenAI CLIP ViT (Radford et al. 2021) from a transformers folder (openai/clip-vit-*)."""
 
-    def __init__(self, vision: ClipVisionTower | None, text: ClipTextTower | None, tokenizer=None):
+    def __init__(self, vision, text, tokenizer=None):
         super().__init__()
         self.vision, self.text, self.tokenizer = vision, text, tokenizer
 
     @classmethod
     def from_pretrained(cls, source, towers=("vision", "text")):
         source = CLIP_MODELS.get(source, source)
-        root = resolve_source(source, allow_patterns=("model.safetensors", "config.json", "tokenizer.json"))
+        files = ("model.safetensors", "config.json", "tokenizer.json")
+        root = resolve_source(source, allow_patterns=files)
         config = read_json(root / "config.json")
         wanted = {"vision": ("vision_model.", "visual_projection."),
                   "text": ("text_model.", "text_projection.")}
@@ -1059,55 +956,58 @@ class ClipViT(nn.Module):
         raw = load_safetensors(root, torch.float32, key_filter=lambda k: k.startswith(prefixes))
         check_weights({k: v for k, v in raw.items() if not k.endswith("position_ids")}, root)
         state = clip_state_from_transformers(raw)
-
-        def tower_config(tower, width):
-            """Width and depth from the tensors; heads, activation and eps from config.json."""
-            sub = config.get(f"{tower}_config", {})
-            layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{tower}.blocks."))
-            return ClipTowerConfig(width, layers, sub.get("num_attention_heads", width // 64),
-                                   sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
-
         vision = text = tokenizer = None
         if "vision" in towers:
             patch, embed = state["vision.patch.weight"], state["vision.proj.weight"].shape[0]
             grid = math.isqrt(state["vision.pos"].shape[0] - 1)
-            cfg = tower_config("vision", patch.shape[0])
+            cfg = _clip_tower_config(config, state, "vision", patch.shape[0])
             vision = ClipVisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], embed)
         if "text" in towers:
             token, embed = state["text.token.weight"], state["text.proj.weight"].shape[0]
-            cfg = tower_config("text", token.shape[1])
-            text = ClipTextTower(cfg, token.shape[0], state["text.pos"].shape[0], embed)
-            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=state["text.pos"].shape[0])
-        model = cls(vision, text, tokenizer)
-        return load_strict(model, state, f"CLIP weights {source}").eval()
+            context = state["text.pos"].shape[0]
+            cfg = _clip_tower_config(config, state, "text", token.shape[1])
+            text = ClipTextTower(cfg, token.shape[0], context, embed)
+            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
+        return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
 
-    def encode_images(self, images, resize="pil") -> torch.Tensor:
-        """L2-normalised embeddings of PIL images: preprocess, then encode_pixels."""
+    def encode_images(self, images, resize="pil"):
         return self.encode_pixels(torch.stack([self.preprocess(image, resize) for image in images]))
 
-    def preprocess(self, image: Image.Image, resize="pil") -> torch.Tensor:
-        """An image as the vision tower reads it, (3, S, S): clip_preprocess at the tower's size."""
+    def preprocess(self, image, resize="pil"):
         return clip_preprocess(image, self.vision.image_size, resize)
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, embed_dim) L2-normalised image embeddings."""
+    def encode_pixels(self, pixels):
         device = next(self.parameters()).device
         return F.normalize(self.vision(pixels.to(device)), dim=-1)
 
     @torch.no_grad()
-    def encode_texts(self, texts) -> torch.Tensor:
+    def encode_texts(self, texts):
         device = next(self.parameters()).device
         ids, lengths = self.tokenizer(texts)
         return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
 
+def _clip_tower_config(config, state, tower, width):
+    sub = config.get(f"{tower}_config", {})
+    return ClipTowerConfig(width, depth(state, f"{tower}.blocks."),
+                           sub.get("num_attention_heads", width // 64),
+                           sub.get("hidden_act", "quick_gelu"), sub.get("layer_norm_eps", 1e-5))
+
+def depth(state, prefix):
+    """The number of blocks `prefix`0., `prefix`1., ... in a state dict."""
+    return 1 + max((int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)),
+                   default=-1)
+
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
-    ("vision_model.embeddings.patch_embedding.", "vision.patch."), ("visual_projection.", "vision.proj."),
+    ("vision_model.embeddings.patch_embedding.", "vision.patch."),
+    ("visual_projection.", "vision.proj."),
     ("vision_model.embeddings.class_embedding", "vision.cls"),
     ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
-    ("vision_model.pre_layrnorm.", "vision.ln_pre."), ("vision_model.post_layernorm.", "vision.ln_post."),
-    ("vision_model.encoder.layers.", "vision.blocks."), ("text_model.encoder.layers.", "text.blocks."),
+    ("vision_model.pre_layrnorm.", "vision.ln_pre."),
+    ("vision_model.post_layernorm.", "vision.ln_post."),
+    ("vision_model.encoder.layers.", "vision.blocks."),
+    ("text_model.encoder.layers.", "text.blocks."),
     ("text_model.embeddings.token_embedding.", "text.token."), ("text_projection.", "text.proj."),
     ("text_model.embeddings.position_embedding.weight", "text.pos"),
     ("text_model.final_layer_norm.", "text.ln_final."),
@@ -1116,8 +1016,7 @@ _CLIP_RENAMES = [
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
 ]
 
-def clip_state_from_transformers(state: dict) -> dict:
-    """Rename a transformers CLIPModel state dict; drop logit_scale and position_ids buffers."""
+def clip_state_from_transformers(state):
     renamed = {}
     for key, value in state.items():
         if key == "logit_scale" or key.endswith("position_ids"):
@@ -1128,11 +1027,9 @@ def clip_state_from_transformers(state: dict) -> dict:
     return renamed
 
 class ClipScoreTokenizer:
-    """CLIP's byte-level BPE through the `tokenizers` library (the repo's tokenizer.json), with OpenAI's
-    truncation: <start> + at most context-2 text tokens + <end> (openai-clip's `tokenize(truncate=True)`).
-    torchmetrics slices a long caption's ids to 77 *without* re-inserting the end token and pools at
-    argmax(ids), i.e. on whatever text token has the largest id; the long GPT-4o captions of Aesthetic-4K hit
-    this. Text normalisation is the tokenizer.json's (NFC, whitespace, lower case), not ftfy."""
+    """CLIP's BPE (tokenizer.json), truncated as openai-clip's tokenize(truncate=True): <start>, at
+    most context-2 tokens, <end>. torchmetrics cuts long captions (Aesthetic-4K's) to 77 ids
+    *without* the end token and pools at argmax(ids), on whichever token has the largest id."""
 
     def __init__(self, path, context=77):
         from tokenizers import Tokenizer
@@ -1142,13 +1039,15 @@ class ClipScoreTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.no_truncation()
         self.context = context
-        self.start, self.end = (self.tokenizer.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>"))
+        ends = ("<|startoftext|>", "<|endoftext|>")
+        self.start, self.end = (self.tokenizer.token_to_id(t) for t in ends)
         if self.start is None or self.end is None:
-            raise UserError(f"{path}: no <|startoftext|> / <|endoftext|> tokens; not a CLIP tokenizer")
+            raise UserError(f"{path}: no {' / '.join(ends)} tokens; not a CLIP tokenizer")
 
     def __call__(self, texts):
-        bodies = [self.tokenizer.encode(t, add_special_tokens=False).ids[: self.context - 2] for t in texts]
-        rows = [torch.tensor([self.start, *body, self.end]) for body in bodies]
+        encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+        rows = [torch.tensor([self.start, *encode(t).ids[: self.context - 2], self.end])
+                for t in texts]
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.end)
         return ids, torch.tensor([len(r) for r in rows])
 
@@ -1170,7 +1069,7 @@ CLIPIQA_PROMPTS = (
     ("High resolution image", "low resolution image"), ("Noise-free image", "noisy image"),
 )
 
-# Their CLIP BPE ids (<start> ... <end>) as OpenAI's clip.tokenize gives them: no tokenizer file needed.
+# Their CLIP BPE ids (<start> ... <end>) from OpenAI's clip.tokenize: no tokenizer file needed.
 CLIPIQA_PROMPT_IDS = (
     (49406, 886, 2867, 49407), (49406, 2103, 2867, 49407), (49406, 8157, 2867, 49407),
     (49406, 21977, 2867, 49407), (49406, 8157, 20938, 49407), (49406, 21977, 20938, 49407),
@@ -1179,8 +1078,8 @@ CLIPIQA_PROMPT_IDS = (
 )
 
 @torch.inference_mode()
-def lpips_tiled(model: LPIPSMetric, pred, ref, tile=512, batch=8) -> float:
-    """Mean LPIPS over the `tiles` of an image pair (uint8 RGB); tile 0: the whole image at once."""
+def lpips_tiled(model, pred, ref, tile=512, batch=8):
+    """Mean LPIPS over the `tiles` of a pair; tile 0: the whole image at once."""
     device = next(model.parameters()).device
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
@@ -1194,20 +1093,18 @@ def lpips_tiled(model: LPIPSMetric, pred, ref, tile=512, batch=8) -> float:
     return torch.cat(values).mean().item()
 
 @torch.no_grad()
-def clipiqa_tiled(model: CLIPIQA, rgb, tile=512, batch=4) -> float:
-    """CLIPIQA of one image (uint8 RGB): the mean over the `tiles` grid, or the whole image with tile=0,
-    which is what pyiqa does at any size (a 4096^2 RN50 pass needs several GB of activations)."""
-    device = model.logit_scale.device
-    x = to_float_tensor(as_array(rgb), device) / 255
+def clipiqa_tiled(model, rgb, tile=512, batch=4):
+    """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
+    x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
     boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
     groups = (boxes[i : i + batch] for i in range(0, len(boxes), batch))
-    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in group])) for group in groups]
+    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in group]))
+              for group in groups]
     return torch.cat(scores).mean().item()
 
-def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
-    """The tile protocol for 4K full-reference and no-reference networks: size x size tiles on a grid that
-    covers the whole image, the last row/column flush with the border (overlapping its neighbour rather
-    than dropping pixels). An image smaller than `size` is one tile."""
+def tiles(h, w, size):
+    """The networks' 4K protocol: size x size tiles covering the image, the last row and column
+    flush with the border (overlapping rather than dropping pixels)."""
     if h <= size and w <= size:
         return [(0, 0, h, w)]
     th, tw = min(size, h), min(size, w)
@@ -1216,14 +1113,9 @@ def tiles(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
     return [(r, c, th, tw) for r in rows for c in cols]
 
 class LPIPSMetric(nn.Module):
-    """LPIPS v0.1 (Zhang et al., CVPR 2018), the perceptual distance SR papers report (OSEDiff, S3Diff,
-    OMGSR, 4K SR papers; alex in most, vgg in some), with AlexNet or VGG16.
-
-    Input in [-1, 1]; shift/scale to the backbone's statistics; at five ReLU taps the channel vectors are
-    unit-normalised, the squared difference is weighted by the learned 1x1 `lins` and averaged over space;
-    the five numbers are summed (the lpips package, spatial=False). On 4K images `lpips_tiled` averages
-    over tiles: VGG at 4096^2 needs tens of GB, and SR papers evaluate on crops.
-    """
+    """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet (most SR papers) or VGG16: at five ReLU taps
+    the unit-normalised features' squared difference, weighted by the learned 1x1 `lins`, averaged
+    over space and summed (the lpips package). 4K images are tiled (VGG at 4096^2: tens of GB)."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -1231,14 +1123,13 @@ class LPIPSMetric(nn.Module):
     def __init__(self, net="alex"):
         super().__init__()
         self.features, self.taps = lpips_backbone(net)
-        tap_widths = [self.features[i - 1].out_channels for i in self.taps]  # each tap follows conv + ReLU
+        tap_widths = [self.features[i - 1].out_channels for i in self.taps]  # conv, tapped ReLU
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in tap_widths)
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
 
     def tap(self, x):
-        """The five unit-normalised feature maps. Channels-last on the CPU (from_pretrained stores the
-        weights so): oneDNN's fastest convolution layout, and the one an HWC image arrives in."""
+        """The five unit-normalised maps; channels-last, oneDNN's fastest layout on the CPU."""
         x, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
             x = layer(x)
@@ -1254,21 +1145,20 @@ class LPIPSMetric(nn.Module):
     def from_pretrained(cls, net="alex", linear=None, backbone=None):
         linear, backbone = linear or LPIPS_LINEAR[net], backbone or LPIPS_BACKBONE[net]
         if backbone is None:
-            raise UserError(f"LPIPS-{net} needs ImageNet backbone weights and no Hub copy is known: pass "
-                            "--lpips-backbone PATH to torchvision's alexnet-owt-7be5be79.pth "
-                            "(https://download.pytorch.org/models/)")
+            raise UserError(f"LPIPS-{net} needs ImageNet backbone weights and no Hub copy is "
+                            "known: pass --lpips-backbone PATH to torchvision's "
+                            "alexnet-owt-7be5be79.pth (https://download.pytorch.org/models/)")
         model = cls(net)
         raw = load_state(backbone, f"LPIPS {net} backbone")
-        state = {k[k.index("features.") :]: v for k, v in raw.items() if "features." in k}  # no classifier
+        state = {k[k.index("features.") :]: v for k, v in raw.items() if "features." in k}
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
         lins = load_state(linear, f"LPIPS {net} linear layers")
         state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
         model = load_strict(model, state, f"LPIPS-{net} weights").eval()
         return model.to(memory_format=torch.channels_last)
 
-def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
-    """torchvision's `features` stack (same indices, so its state dicts load) and the indices after which
-    LPIPS taps the ReLU outputs (in place: the tapped maps are normalised into new tensors)."""
+def lpips_backbone(net):
+    """torchvision's `features` (VGG16's 0: a max pool) and the indices of the tapped ReLUs."""
     relu = functools.partial(nn.ReLU, inplace=True)
     if net == "alex":
         layers = [
@@ -1280,78 +1170,71 @@ def lpips_backbone(net: str) -> tuple[nn.Sequential, list[int]]:
         return nn.Sequential(*layers), [1, 4, 7, 9, 11]
     if net == "vgg":
         layers, cin = [], 3
-        for item in _VGG16:
-            layers += [nn.MaxPool2d(2, 2)] if item == "M" else [nn.Conv2d(cin, item, 3, padding=1), relu()]
-            cin = cin if item == "M" else item
+        for item in (64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512):
+            layers += [nn.Conv2d(cin, item, 3, padding=1), relu()] if item else [nn.MaxPool2d(2, 2)]
+            cin = item or cin
         return nn.Sequential(*layers), [3, 8, 15, 22, 29]
     raise ValueError(f"unknown LPIPS network {net!r}; use alex or vgg")
 
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-
 class CLIPIQA(nn.Module):
-    """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) in the multi-prompt form of pyiqa's 'clipiqa', the number SR
-    papers report (SeeSR, OSEDiff, PiSA-SR, C-Upscale, ...): CLIP RN50, the image at its own resolution
-    (no resize, CLIP mean/std), five antonym pairs; for each pair softmax(logit_scale.exp() * cos) of the
-    positive prompt, averaged over the pairs. Higher is better, in (0, 1). The original paper's single
-    pair ("Good photo." / "Bad photo.") and CLIP-IQA+'s learned prompts are not implemented. Weights: an
-    OpenAI-named RN50 state dict (CLIPIQA_WEIGHTS), logit_scale included (100 for RN50)."""
+    """CLIP-IQA (Wang, Chan & Loy, AAAI 2023) as pyiqa's 'clipiqa', what SR papers report: CLIP RN50
+    on the image at its own size; per antonym pair softmax(logit_scale.exp() cos) of the positive
+    prompt, averaged. In (0, 1), higher is better."""
 
-    def __init__(self, visual: ClipResNet, text: ClipTextTower):
+    def __init__(self, visual, text):
         super().__init__()
         self.visual, self.text = visual, text
         self.register_buffer("logit_scale", torch.zeros(()))
 
     @classmethod
-    def from_state(cls, state: dict, what="CLIPIQA weights"):
-        visual_state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-        blocks = [[int(k.split(".")[1]) for k in visual_state if k.startswith(f"layer{i}.")]
-                  for i in range(1, 5)]
-        layers = tuple(1 + max(indices, default=-1) for indices in blocks)
-        if "conv1.weight" not in visual_state or min(layers) < 1:
+    def from_state(cls, state, what="CLIPIQA weights"):
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        layers = tuple(depth(visual, f"layer{i}.") for i in range(1, 5))
+        if "conv1.weight" not in visual or min(layers) < 1:
             raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
-        width = visual_state["layer1.0.conv1.weight"].shape[0]
-        embed = visual_state["attnpool.c_proj.weight"].shape[0]
-        grid = math.isqrt(visual_state["attnpool.positional_embedding"].shape[0] - 1)
+        grid = math.isqrt(visual["attnpool.positional_embedding"].shape[0] - 1)
+        resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
+                            visual["attnpool.c_proj.weight"].shape[0], grid)
         text_state = clip_text_state_from_openai(state)
-        token = text_state["text.token.weight"]
-        count = 1 + max(int(k.split(".")[2]) for k in text_state if k.startswith("text.blocks."))
-        cfg = ClipTowerConfig(token.shape[1], count, token.shape[1] // 64)
-        context, text_embed = text_state["text.pos"].shape[0], text_state["text.proj.weight"].shape[0]
-        text = ClipTextTower(cfg, token.shape[0], context, text_embed)
-        model = cls(ClipResNet(layers, width, embed, grid), text)
-        full = {f"visual.{k}": v for k, v in visual_state.items()} | text_state
+        vocab, width = text_state["text.token.weight"].shape
+        cfg = ClipTowerConfig(width, depth(text_state, "text.blocks."), width // 64)
+        text = ClipTextTower(cfg, vocab, text_state["text.pos"].shape[0],
+                             text_state["text.proj.weight"].shape[0])
+        model = cls(resnet, text)
+        full = {f"visual.{k}": v for k, v in visual.items()} | text_state
         full["logit_scale"] = state["logit_scale"].reshape(())
-        for key, value in model.state_dict().items():  # BatchNorm counters: absent from some exports, unused
+        for key, value in model.state_dict().items():  # BatchNorm counters: unused, often unsaved
             if key.endswith("num_batches_tracked"):
                 full.setdefault(key, value)
-        load_strict(model, full, what)
-        return model.eval()
+        return load_strict(model, full, what).eval()
 
     @classmethod
     def from_pretrained(cls, source=CLIPIQA_WEIGHTS):
         return cls.from_state(load_state(source, "CLIPIQA weights"))
 
     @torch.no_grad()
-    def text_features(self) -> torch.Tensor:
+    def text_features(self):
         device = self.logit_scale.device
         rows = [torch.tensor(ids) for ids in CLIPIQA_PROMPT_IDS]
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=49407).to(device)
-        return F.normalize(self.text(ids, torch.tensor([len(r) for r in rows], device=device)), dim=-1)
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=49407).to(device)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        return F.normalize(self.text(ids, lengths), dim=-1)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> (B,) scores."""
+    def forward(self, x):
+        """(B, 3, H, W) RGB in [0, 1] -> (B,)."""
         mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
         std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
         image = F.normalize(self.visual((x - mean) / std), dim=-1)
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
-def clip_text_state_from_openai(state: dict) -> dict:
-    """OpenAI / open_clip text-tower keys -> ClipTextTower's (`text.` prefix): the fused in_proj is split
-    into q, k, v and text_projection (width, embed) becomes a Linear weight (embed, width)."""
-    out = {"text.token.weight": state["token_embedding.weight"], "text.pos": state["positional_embedding"],
-           "text.ln_final.weight": state["ln_final.weight"], "text.ln_final.bias": state["ln_final.bias"],
+def clip_text_state_from_openai(state):
+    """OpenAI text-tower keys -> ClipTextTower's: in_proj split in q, k, v; text_projection^T."""
+    out = {"text.token.weight": state["token_embedding.weight"],
+           "text.pos": state["positional_embedding"],
+           "text.ln_final.weight": state["ln_final.weight"],
+           "text.ln_final.bias": state["ln_final.bias"],
            "text.proj.weight": state["text_projection"].T.contiguous()}
     renames = {"ln_1.": "ln1.", "ln_2.": "ln2.", "attn.out_proj.": "proj.", "mlp.c_fc.": "fc1.",
                "mlp.c_proj.": "fc2."}
@@ -1362,23 +1245,23 @@ def clip_text_state_from_openai(state: dict) -> dict:
         prefix = f"text.blocks.{index}."
         if rest.startswith("attn.in_proj_"):  # in_proj_weight / in_proj_bias
             kind = rest.rsplit("_", 1)[1]
-            out.update({f"{prefix}{name}.{kind}": part for name, part in zip("qkv", value.chunk(3))})
-            continue
+            out.update({f"{prefix}{q}.{kind}": part for q, part in zip("qkv", value.chunk(3))})
         for old, new in renames.items():
             if rest.startswith(old):
                 out[prefix + new + rest[len(old) :]] = value
     return out
 
 class ClipBottleneck(nn.Module):
-    """CLIP's ResNet block: 1x1, 3x3, average pool (when strided), 1x1, with an average-pooled 1x1
-    projection on the shortcut. Key names as in OpenAI's checkpoints."""
+    """CLIP's ResNet block: 1x1, 3x3, average pool when strided, 1x1; a pooled 1x1 shortcut."""
 
     def __init__(self, cin, planes, stride=1):
         super().__init__()
         self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * planes)
         self.downsample = None
         if stride > 1 or cin != 4 * planes:  # keys downsample.0 (conv) / downsample.1 (bn)
             conv = nn.Conv2d(cin, 4 * planes, 1, bias=False)
@@ -1390,20 +1273,17 @@ class ClipBottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
 
 class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' image tower (RN50: layers 3-4-6-3, width 64): a 3-conv stem with
-    average pooling, bottleneck stages, and an attention pool whose query is the mean token.
-
-    The attention pool's positional embedding is loaded but not used (pyiqa's pos_embedding=False: CLIPIQA
-    runs at the input resolution). Only the mean token's query is computed: exact, and linear in the
-    number of tokens instead of quadratic (a 4096^2 input has 16,384 tokens).
-    """
+    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): 3-conv stem, bottleneck stages, attention
+    pool queried by the mean token alone (exact, and linear in the 16,384 tokens of a 4096^2 input).
+    Its positional embedding is unused (pyiqa's pos_embedding=False: any input size)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
         super().__init__()
         half = width // 2
         self.conv1, self.bn1 = nn.Conv2d(3, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half)
         self.conv2, self.bn2 = nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half)
-        self.conv3, self.bn3 = nn.Conv2d(half, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(half, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
         cin = width
         for i, count in enumerate(layers):
             planes = width * 2**i
@@ -1429,50 +1309,45 @@ class ClipResNet(nn.Module):
         q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
         k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
         v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
-        out = attention(q, k, v).transpose(1, 2).reshape(b, c)
-        return pool.c_proj(out)
+        return pool.c_proj(attention(q, k, v).transpose(1, 2).reshape(b, c))
 
 
 # ====================================================================== periodicity (OP4KSR's L_AP)
 
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
-def periodicity_input(rgb, device="cpu") -> torch.Tensor:
-    """HWC uint8 RGB -> (1, 3, H, W) float32 in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assumes."""
+def periodicity_input(rgb, device="cpu"):
+    """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assume."""
     return to_float_tensor(as_array(rgb), device) / 127.5 - 1
 
 @torch.no_grad()
-def periodicity(pred, ref=None, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
-    """Periodic-artifact score per image (B,): OP4KSR's L_AP statistic (Deng et al., arXiv 2605.13457) as a
-    metric, on (B, 3, H, W) images in [-1, 1] (`periodicity_input`). Without `ref` it is the absolute form,
-    `periodicity_score`: the fraction of the pixel differences' variance that repeats on the period lattices,
-    per quadrant, colour channel and period (`lattice_power`). With `ref` it is the relative form,
-    `periodicity_loss(pred[i:i+1], ref[i:i+1])` per image: only lattice power above ref's counts, so texture
-    that is periodic in the ground truth (fabric, tiles) does not. The noise floor falls with the quadrant's
-    size: compare images of one size."""
+def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
+    """Periodic-artifact score (B,) of images in [-1, 1]: OP4KSR's L_AP as a metric. Without `ref`
+    periodicity_score, the share of the pixel differences' variance that repeats on the period
+    lattices; with `ref` periodicity_loss per image, so that texture periodic in the ground truth
+    does not count. The noise floor falls with size: compare images of one size."""
     if ref is not None and ref.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
     try:
         if ref is None:
             return periodicity_score(pred, periods, quadrants)
         pairs = zip(pred, ref)
-        return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants) for p, r in pairs])
-    except ValueError as error:  # quadrants too small: name the image's size, not just the quadrant's
+        return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants)
+                            for p, r in pairs])
+    except ValueError as error:  # quadrants too small: name the image's size
         if "square number" in str(error):
             raise
         size = f"image {pred.shape[-1]}x{pred.shape[-2]} too small for periods {tuple(periods)}"
         raise ValueError(f"{size} with {quadrants} quadrants ({error})") from None
 
-def periodicity_score(image, periods=PERIODS, quadrants: int = 4) -> torch.Tensor:
-    """Per-image periodicity (B,), the absolute form of L_AP: the fraction of the difference variance that
-    repeats on the lattices. ~1 for a pure pattern, 1 / (p x p tiles per quadrant) for white noise."""
+def periodicity_score(image, periods=PERIODS, quadrants=4):
+    """L_AP's absolute form per image: ~1 for a pure pattern, 1 / (p x p tiles) for white noise."""
     power, variance = lattice_power(image, periods, quadrants)
     return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
-def log_spectrum(rgb) -> Image.Image:
-    """Centred log power spectrum of the pixel differences (mean over channels and both directions) as an
-    8-bit grey image of the image's size: a period-p artifact shows as a lattice of bright dots at
-    multiples of W/p (H/p) from the centre."""
+def log_spectrum(rgb):
+    """Centred log power spectrum of the pixel differences as a grey image: a period-p artifact is a
+    lattice of dots at multiples of W/p (H/p)."""
     x = periodicity_input(rgb)[0]
     power = torch.zeros(x.shape[-2:])
     for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
@@ -1480,12 +1355,10 @@ def log_spectrum(rgb) -> Image.Image:
     spectrum = torch.fft.fftshift(power).log1p()
     return _to_grey_image(spectrum, spectrum.min().item(), spectrum.max().item())
 
-def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: int = 2) -> Image.Image:
-    """The autocorrelation of each quadrant's pixel differences for lags up to harmonics * max(periods) +
-    max(periods) // 2 px each way (covariance / (variance + VARIANCE_FLOOR), mean over quadrants, channels
-    and directions) as an 8-bit grey image: lag (0, 0) at the centre, 0 mid-grey, the scale set by the
-    largest |value| outside the 3x3 central lags. A period-p artifact is a lattice of bright points p px
-    apart (a grid of lines: bright ridges along the lattice's rows and columns)."""
+def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
+    """The quadrants' mean autocorrelation of pixel differences, lags up to harmonics * p + p // 2,
+    as a grey image (lag 0 centred, 0 mid-grey, scaled to the largest value outside the central
+    3x3): a period-p artifact is a lattice of bright points p px apart."""
     array = as_array(rgb)
     max_lag = max(harmonics * p + p // 2 for p in periods)
     differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
@@ -1501,27 +1374,25 @@ def autocorrelation_image(rgb, periods=PERIODS, quadrants: int = 4, harmonics: i
     scale = outer.abs().max().item()
     return _to_grey_image(correlation, -scale, scale)
 
-def autocovariance(x: torch.Tensor, max_lag: int) -> torch.Tensor:
-    """Autocovariance of each (h, w) map of `x` for lags -max_lag..max_lag in y and x: (..., 2 max_lag + 1,
-    2 max_lag + 1) with lag (dy, dx) at [max_lag + dy, max_lag + dx]. Wiener-Khinchin: the inverse FFT of
-    the power spectrum of the mean-removed map, zero-padded by max_lag so that no lag wraps around (the
-    linear, not circular, autocorrelation); each lag is divided by its overlap area (unbiased)."""
+def autocovariance(x, max_lag):
+    """Unbiased autocovariance of each map for lags -max_lag..max_lag each way, lag 0 at the centre:
+    Wiener-Khinchin on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
     h, w = x.shape[-2:]
     if max_lag >= min(h, w):
-        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, got {h}x{w}")
+        raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, "
+                         f"got {h}x{w}")
     x = x.float()
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     size = (_fast_fft_length(h + max_lag), _fast_fft_length(w + max_lag))
     spectrum = torch.fft.rfft2(x, s=size)
-    # [dy, dx]: sum over p of x(p) x(p + (dy, dx))
     sums = torch.fft.irfft2(spectrum.real.square() + spectrum.imag.square(), s=size)
     lags = torch.arange(-max_lag, max_lag + 1, device=x.device)
-    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative lags sit at the end
-    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]  # pixel pairs behind each lag
+    sums = sums[..., (lags % size[0])[:, None], (lags % size[1])[None, :]]  # negative: at the end
+    overlap = (h - lags.abs())[:, None] * (w - lags.abs())[None, :]
     return sums / overlap
 
-def _fast_fft_length(n: int) -> int:
-    """The smallest length >= n with no prime factor above 5 (fast for every FFT library)."""
+def _fast_fft_length(n):
+    """The smallest length >= n without a prime factor above 5."""
     while True:
         m = n
         for p in (2, 3, 5):
@@ -1531,11 +1402,11 @@ def _fast_fft_length(n: int) -> int:
             return n
         n += 1
 
-def _pixel_differences(x: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences the statistic reads."""
+def _pixel_differences(x):
+    """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
-def _to_grey_image(values: torch.Tensor, low: float, high: float) -> Image.Image:
+def _to_grey_image(values, low, high):
     scaled = ((values - low) / max(high - low, 1e-12)).clamp(0, 1)
     return Image.fromarray((scaled * 255).round().byte().cpu().numpy(), mode="L")
 
@@ -1610,189 +1481,171 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
-METRICS = {  # name -> (needs ref, needs prompts)
-    "glcm": (False, False), "cr": (False, False), "fid": (True, False), "clip": (False, True),
-    "aesthetic": (False, False), "psnr": (True, False), "ssim": (True, False), "lpips": (True, False),
-    "niqe": (False, False), "clipiqa": (False, False), "periodicity": (False, False),
-}
-
-PAIRED = {"psnr", "ssim", "lpips"}
-
 NETWORKS = {"fid", "clip", "aesthetic", "lpips", "clipiqa"}
 
-PRECISIONS = {
-    "fp32": "float32 throughout (the CPU, and GPUs before Ampere)",
-    "tf32": "TF32 convolutions (cuDNN's default, as in the references' GPU runs), float32 matrix products",
-}
+READS_REF = {"psnr", "ssim", "lpips", "periodicity"}  # metrics that read each image's own ref
 
-# A protocol presets the options under which a paper computed its table (options given on the command
-# line override it); without --metrics a run computes that paper's columns which the given folders allow
-# (PROTOCOL_COLUMNS: metric, and the folder it needs besides --pred). Sources:
-# diffusion4k: zhang0jhon/diffusion-4k@9bea802. FID (generate_and_eval_fid.py l. 171, 205-206): torchmetrics
-#   1.5.1 on uint8, both sets resized and centre-cropped to --size (default 2048, l. 107-109; see
-#   resize_center_crop), then TF1 bilinear to 299: fid_size 'pred' takes that size from the samples.
-#   CLIPScore (l. 165-168): ViT-B/16, 100 cos, image by image. Aesthetics (l. 174-216): LAION v2 MLP on
-#   ViT-L/14. All three see the in-memory samples; the files are then saved as JPEG q95 (l. 222), and
-#   eval.py scores GLCM (l. 50-66, 84-98) and Compression Ratio (l. 79, 107) on them. Here FID, CLIP and
-#   aesthetics read the pred files as they are (lossless PNGs hold upstream's in-memory pixels); GLCM and CR
-#   re-encode them as JPEG q95 (Pillow, upstream's encoder; JPEG inputs are taken as they are).
-# cupscale: arXiv 2505.16976 Sec. 5.2 and Tables 1-6 list MUSIQ, ClipIQA, ManIQA, FID, LPIPS and CLIP; no
-#   code is public (MUSIQ and ManIQA are not in this file). The tool, inferred from the metric names, is
-#   pyiqa with its defaults: CLIPIQA on the whole image, FID with clean-fid's 'clean' resize, LPIPS-alex
-#   v0.1 on the whole image, CLIP as pyiqa's clipscore (see clip_score). LPIPS is taken "between input
-#   low-resolution images and output higher-resolution images" (Sec. 5.2); values down to 0.007 for BSRGAN
-#   and Real-ESRGAN, which keep their input's content, mean the output was brought to the input's size,
-#   so --ref holds the low-resolution inputs and each output is resized to its input (Pillow bicubic: the
-#   kernel is not stated). FID compares with the ground-truth photos: pass them as --fid-ref.
-# op4ksr: arXiv 2605.13457, experimental settings (beside Fig. 8): PSNR, NIQE, CLIPIQA and LPIPS on 4K
-#   outputs, PSNR and NIQE on the whole image, the "resolution-sensitive" deep metrics on patches of a size
-#   the paper leaves to its supplement: 512-px tiles here. PSNR / SSIM on the BT.601 Y channel (basicsr's
-#   arithmetic) without border crop, LPIPS-alex, NIQE and CLIPIQA as pyiqa computes them: the usual
-#   settings of the one-step SR papers it builds on (S3Diff, whose fixed prompts it adopts).
+NEEDS = {"ref": "--ref", "fid_ref": "--ref or --fid-ref", "prompts": "--prompts"}
+
+# The options of each paper's table (EPILOG summarises them). Sources:
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1; l.
+#   107-109, 165, 171-216) and eval.py on the JPEG q95 files it saves (l. 222), re-encoded here.
+# cupscale: arXiv 2505.16976 Sec. 5.2, no code; its column names point to pyiqa's defaults. LPIPS is
+#   "between input low-resolution images and output higher-resolution images", down to 0.007 for
+#   BSRGAN: --ref holds the inputs, each output resized to its input (bicubic: not stated).
+# op4ksr: arXiv 2605.13457 beside Fig. 8: PSNR and NIQE on whole images, LPIPS and CLIPIQA on
+#   patches (512 px here: the size is left to its supplement), PSNR / SSIM on Y as S3Diff.
 PROTOCOLS = {
-    "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16", clip_form="torchmetrics",
-                        glcm_input="jpeg95", glcm_prop="entropy"),
-    "cupscale": dict(fid_resize="clean", clip_model="b32", clip_form="pyiqa", lpips_net="alex", tile=0,
-                     resize_to_ref=True, clipiqa_tile=0),
-    "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512, niqe_convention="pyiqa",
-                   clipiqa_tile=512),
+    "diffusion4k": dict(fid_size="pred", fid_resize="tf1", clip_model="b16",
+                        clip_form="torchmetrics", glcm_input="jpeg95", glcm_prop="entropy"),
+    "cupscale": dict(fid_resize="clean", clip_model="b32", clip_form="pyiqa", lpips_net="alex",
+                     tile=0, resize_to_ref=True, clipiqa_tile=0),
+    "op4ksr": dict(y_channel=True, crop_border=0, lpips_net="alex", tile=512,
+                   niqe_convention="pyiqa", clipiqa_tile=512),
 }
 
 PROTOCOL_COLUMNS = {
-    None: [("glcm", None), ("cr", None), ("psnr", "ref"), ("ssim", "ref")],
-    "diffusion4k": [("fid", "fid_ref"), ("clip", "prompts"), ("aesthetic", None), ("glcm", None),
-                    ("cr", None)],
-    "cupscale": [("clipiqa", None), ("fid", "fid_ref"), ("lpips", "ref"), ("clip", "prompts")],
-    "op4ksr": [("psnr", "ref"), ("ssim", "ref"), ("lpips", "ref"), ("niqe", None), ("clipiqa", None)],
+    None: ["glcm", "cr", "psnr", "ssim"],
+    "diffusion4k": ["fid", "clip", "aesthetic", "glcm", "cr"],
+    "cupscale": ["clipiqa", "fid", "lpips", "clip"],
+    "op4ksr": ["psnr", "ssim", "lpips", "niqe", "clipiqa"],
 }
 
-def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
-    """`opts.metrics` over folders: {'metrics', 'per_image', 'skipped', 'count', 'settings'}. `opts`: the
-    options of parse_args, with `metrics` (a list), `settings` (a dict) and `save_spectra` filled in."""
-    unknown = [m for m in opts.metrics if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    fid_ref_dir = opts.fid_ref or ref_dir
-    for m in opts.metrics:
-        if METRICS[m][0] and (fid_ref_dir if m == "fid" else ref_dir) is None:
-            raise UserError(f"{m} needs --ref" + " or --fid-ref" * (m == "fid"))
-        if METRICS[m][1] and prompts_file is None:
-            raise UserError(f"{m} needs --prompts")
-    pred = list_images(pred_dir)
-    ref = list_images(ref_dir) if ref_dir else {}
-    fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
-    names = sorted(pred)
-    if ref and (set(opts.metrics) & PAIRED or "periodicity" in opts.metrics):
-        only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
-        if only_pred or only_ref:
-            sides = [f"only in {side}: " + ", ".join(xs[:10]) + f" and {len(xs) - 10} more" * (len(xs) > 10)
-                     for side, xs in (("pred", only_pred), ("ref", only_ref)) if xs]
-            raise UserError("pred and ref file names do not match: " + "; ".join(sides))
-    prompts = read_prompts(prompts_file) if prompts_file else {}
-    if "clip" in opts.metrics:
-        missing = [n for n in names if n not in prompts]
-        if missing:
-            more = " ..." * (len(missing) > 10)
-            raise UserError(f"{prompts_file}: no caption for {', '.join(missing[:10])}{more}")
+@dataclass
+class Item:
+    """One pred image as the metrics see it."""
 
-    metrics, device = set(opts.metrics), opts.device
-    if metrics & NETWORKS:
-        opts.settings["precision"] = set_network_precision(device)
-    models = {}
-    if "fid" in metrics:
-        models["inception"] = InceptionV3.from_pretrained(opts.inception).to(device)
-    if "clip" in metrics:  # the CLIP metrics score CLIP_BATCH images at a time (ClipBatches)
-        clip = ClipViT.from_pretrained(opts.clip_model).to(device)
-        models["clip"] = ClipBatches.clip(clip, opts.clip_form)
-    if "aesthetic" in metrics:
-        mlp = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(device)
-        clip = ClipViT.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(device)
-        models["aesthetic"] = ClipBatches.aesthetic(clip, mlp)
-    if "lpips" in metrics:
-        lpips = LPIPSMetric.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone)
-        models["lpips"] = lpips.to(device)
-    if "niqe" in metrics:
-        models["niqe"] = niqe_params(opts.niqe_params)
-    if "clipiqa" in metrics:
-        models["clipiqa"] = CLIPIQA.from_pretrained(opts.clipiqa_weights).to(device)
+    name: str
+    path: Path
+    image: Image.Image
+    paired: Image.Image  # as the ref-based metrics see it: resized to its ref by --resize-to-ref
+    target: Image.Image | None  # its ref
+    prompt: str | None
+    last: bool  # the last pred image: batches are scored now
+    jpeg_size: int | None = None  # bytes of its JPEG-95 file, once GLCM has read it
+
+@dataclass
+class FolderRun:
+    """What the metrics share over a folder: options, models, FID's and CR's sums."""
+
+    opts: argparse.Namespace
+    models: dict
+    fid_size: int | str
+    fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
+    jpeg: list = field(default_factory=list)  # per image: (JPEG-95 bytes, (H, W))
+
+# Each metric's step on one image: (run, item, the metric's model) -> its value, or None where the
+# summary is not a mean over images (CR and FID sums grow in `run`, CLIP batches wait in theirs).
+def score_glcm(run, item, _):
+    decode = run.opts.glcm_input == "jpeg95"
+    item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
+    return glcm_score(pixels, prop=run.opts.glcm_prop)
+
+def score_cr(run, item, _):
+    size = item.jpeg_size or jpeg95_view(item.path, item.image, decode=False)[0]
+    run.jpeg.append((size, (item.image.height, item.image.width)))
+
+def score_fid(run, item, _):
+    add_fid(run, item.image, "pred")
+
+def add_fid(run, image, which):
+    """One image into FID's `which` set; fid_size 'pred': the first pred image's shorter side."""
+    opts = run.opts
+    if run.fid_size == "pred":
+        run.fid_size = min(image.size)
+    elif opts.fid_size == "pred" and which == "pred" and min(image.size) != run.fid_size:
+        sides = f"{run.fid_size} and {min(image.size)} px"
+        raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
+    settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
+    run.fid[which].update(fid_features(run.models["fid"], image, *settings))
+
+def score_batched(run, item, batches):  # CLIP_BATCH images at a time: ClipBatches
+    batches.add(item.name, item.image, item.prompt, last=item.last)
+
+def score_psnr(run, item, _):
+    mode = "y" if run.opts.y_channel else "rgb"
+    return psnr(item.paired, item.target, run.opts.crop_border, mode)
+
+def score_ssim(run, item, _):
+    mode = "y" if run.opts.y_channel else "rgb"
+    return ssim(item.paired, item.target, run.opts.crop_border, mode)
+
+def score_lpips(run, item, model):
+    return lpips_tiled(model, item.paired, item.target, run.opts.tile)
+
+def score_niqe(run, item, params):
+    return niqe(item.image, params, run.opts.niqe_convention, run.opts.crop_border)
+
+def score_clipiqa(run, item, model):
+    return clipiqa_tiled(model, item.image, run.opts.clipiqa_tile)
+
+def score_periodicity(run, item, _):
+    device = run.opts.device
+    x = periodicity_input(item.paired, device)
+    y = None if item.target is None else periodicity_input(item.target, device)
+    return periodicity(x, y, run.opts.periods, run.opts.quadrants).item()
+
+def inception(opts):
+    return InceptionV3.from_pretrained(opts.inception).to(opts.device)
+
+def clip_batches(opts):
+    model = ClipViT.from_pretrained(opts.clip_model).to(opts.device)
+    return ClipBatches.clip(model, opts.clip_form)
+
+def aesthetic_batches(opts):
+    mlp = AestheticMLP.from_pretrained(opts.aesthetic_mlp).to(opts.device)
+    clip = ClipViT.from_pretrained(opts.aesthetic_clip, towers=("vision",)).to(opts.device)
+    return ClipBatches.aesthetic(clip, mlp)
+
+def lpips_metric(opts):
+    model = LPIPSMetric.from_pretrained(opts.lpips_net, opts.lpips_linear, opts.lpips_backbone)
+    return model.to(opts.device)
+
+def clipiqa_model(opts):
+    return CLIPIQA.from_pretrained(opts.clipiqa_weights).to(opts.device)
+
+METRICS = {  # name -> (what it needs besides --pred, loader of its model, score of one image)
+    "glcm": (None, None, score_glcm),
+    "cr": (None, None, score_cr),
+    "fid": ("fid_ref", inception, score_fid),
+    "clip": ("prompts", clip_batches, score_batched),
+    "aesthetic": (None, aesthetic_batches, score_batched),
+    "psnr": ("ref", None, score_psnr),
+    "ssim": ("ref", None, score_ssim),
+    "lpips": ("ref", lpips_metric, score_lpips),
+    "niqe": (None, lambda opts: niqe_params(opts.niqe_params), score_niqe),
+    "clipiqa": (None, clipiqa_model, score_clipiqa),
+    "periodicity": (None, None, score_periodicity),
+}
+
+def evaluate(pred_dir, ref_dir, prompts_file, opts):
+    """`opts.metrics` (a list) over folders, with opts.settings (a dict): the result JSON."""
+    metrics = [m for m in METRICS if m in opts.metrics]  # the order in which they share work
+    pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, prompts_file, opts)
+    if NETWORKS.intersection(metrics):
+        opts.settings["precision"] = set_network_precision(opts.device)
+    models = {m: METRICS[m][1](opts) for m in metrics if METRICS[m][1]}
+    run = FolderRun(opts, models, opts.fid_size)
     if opts.save_spectra:
         Path(opts.save_spectra).mkdir(parents=True, exist_ok=True)
-
+    names, skipped, count = sorted(pred), [], 0
     per_image = {m: {} for m in metrics if m not in ("fid", "cr")}
-    skipped, jpeg_sizes, shapes, evaluated = [], [], [], 0
-    fid_stats = {"pred": FeatureStats(), "ref": FeatureStats()}
-    mode = "y" if opts.y_channel else "rgb"
-    fid_size = opts.fid_size  # 'pred': the first generated image's shorter side, which all must share
-
-    def add_fid(image, which):
-        nonlocal fid_size
-        if fid_size == "pred":
-            fid_size = min(image.size)
-        elif opts.fid_size == "pred" and which == "pred" and min(image.size) != fid_size:
-            sides = f"{fid_size} and {min(image.size)} px"
-            raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
-        settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, fid_size)
-        fid_stats[which].update(fid_features(models["inception"], image, *settings))
-
+    with_ref = ref if READS_REF.intersection(metrics) else {}
     for name, show in progress(names, "metrics", opts.settings.get("precision")):
         try:
-            image = open_image(pred[name], opts.on_error, skipped)
-            if image is None:
+            images = open_pair(name, pred[name], with_ref.get(name), opts, skipped)
+            if images is None:
                 continue
-            target, paired = None, image  # paired: pred as the ref-based metrics see it
-            if name in ref and (metrics & PAIRED or "periodicity" in metrics):
-                target = open_image(ref[name], opts.on_error, skipped)
-                if target is None:
-                    continue
-                if opts.resize_to_ref and target.size != image.size:
-                    paired = image.resize(target.size, Image.BICUBIC)
-                if target.size != paired.size:
-                    sizes = f"pred is {image.width}x{image.height} but ref is {target.width}x{target.height}"
-                    raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
-            if "glcm" in metrics or "cr" in metrics:
-                show("glcm" if "glcm" in metrics else "cr")
-                decode = "glcm" in metrics and opts.glcm_input == "jpeg95"
-                size, pixels = jpeg95_view(pred[name], image, decode)
-                jpeg_sizes.append(size)
-                shapes.append((image.height, image.width))
-                if "glcm" in metrics:
-                    per_image["glcm"][name] = glcm_score(pixels, prop=opts.glcm_prop)
-                del pixels
-            if "fid" in metrics:
-                show("fid")
-                add_fid(image, "pred")
-            for m in ("clip", "aesthetic"):
-                if m in metrics:
-                    show(m)
-                    models[m].add(name, image, prompts.get(name), last=name == names[-1])
-            for m, score in (("psnr", psnr), ("ssim", ssim)):
-                if m in metrics:
-                    show(m)
-                    per_image[m][name] = score(paired, target, opts.crop_border, mode)
-            if "lpips" in metrics:
-                show("lpips")
-                per_image["lpips"][name] = lpips_tiled(models["lpips"], paired, target, opts.tile)
-            if "niqe" in metrics:
-                show("niqe")
-                per_image["niqe"][name] = niqe(image, models["niqe"], opts.niqe_convention, opts.crop_border)
-            if "clipiqa" in metrics:
-                show("clipiqa")
-                per_image["clipiqa"][name] = clipiqa_tiled(models["clipiqa"], image, opts.clipiqa_tile)
-            if "periodicity" in metrics:
-                show("periodicity")
-                x = periodicity_input(paired, device)
-                y = periodicity_input(target, device) if target is not None else None
-                per_image["periodicity"][name] = periodicity(x, y, opts.periods, opts.quadrants).item()
+            item = Item(name, pred[name], *images, prompts.get(name), name == names[-1])
+            for m in metrics:
+                show(m)
+                value = METRICS[m][2](run, item, models.get(m))
+                if value is not None:
+                    per_image[m][name] = value
             if opts.save_spectra:
                 show("spectra")
-                spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, name)
-                log_spectrum(image).save(spectrum_file)
-                try:
-                    picture = autocorrelation_image(image, opts.periods, opts.quadrants, opts.harmonics)
-                    picture.save(autocorrelation_file)
-                except ValueError as error:  # too small for the lags: the spectrum is still written
-                    warn(f"{name}: no autocorrelation image: {error}")
-            evaluated += 1
+                save_spectra(opts, item)
+            count += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
     per_image.update((m, models[m].flush()) for m in ("clip", "aesthetic") if m in metrics)
@@ -1800,43 +1653,88 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts: argparse.Namespace) -> dict:
         for name, _ in progress(sorted(fid_ref), "fid ref"):
             image = open_image(fid_ref[name], opts.on_error, skipped)
             if image is not None:
-                add_fid(image, "ref")
-
-    if evaluated == 0:
+                add_fid(run, image, "ref")
+    if count == 0:
         raise UserError("no readable image pairs left to evaluate")
-    summary = {}
-    for m in opts.metrics:
-        if m == "cr":
-            summary["cr"] = compression_ratio(jpeg_sizes, shapes)
-        elif m == "fid":
-            summary["fid"] = fid_from_stats(fid_stats["pred"], fid_stats["ref"])
-        else:
-            values = [v for v in per_image[m].values() if math.isfinite(v)]
-            summary[m] = float(np.mean(values)) if values else float("inf")
+    summary = {m: summarize(run, m, per_image.get(m)) for m in opts.metrics}
     if "fid" in metrics:
-        opts.settings["fid_samples"] = {"pred": fid_stats["pred"].count, "ref": fid_stats["ref"].count}
-        opts.settings["fid_size"] = fid_size  # 'pred' resolved
-    return {"metrics": summary, "count": evaluated, "skipped": skipped, "per_image": per_image,
+        opts.settings["fid_samples"] = {k: stats.count for k, stats in run.fid.items()}
+        opts.settings["fid_size"] = run.fid_size  # 'pred' resolved
+    return {"metrics": summary, "count": count, "skipped": skipped, "per_image": per_image,
             "settings": opts.settings}
 
-def set_network_precision(device) -> str:
-    """Choose, set and return (a PRECISIONS key) the arithmetic of the networks on `device`.
+def summarize(run, metric, values):
+    """CR and FID from their sums, any other metric the mean of its finite values."""
+    if metric == "cr":
+        sizes, shapes = zip(*run.jpeg)
+        return compression_ratio(sizes, shapes)
+    if metric == "fid":
+        return fid_from_stats(run.fid["pred"], run.fid["ref"])
+    finite = [v for v in values.values() if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("inf")
 
-    On a CUDA GPU with TF32 (compute capability 8 and up) convolutions run in TF32 and matrix products in
-    float32: PyTorch's own defaults, hence what torch-fidelity, the lpips package and pyiqa compute on the
-    same GPU, so the values stay within the references' own GPU tolerance (TF32 keeps float32's range
-    and accumulation and rounds the inputs of each product to 10 mantissa bits). bf16, with 7, would
-    move the features beyond that tolerance. The flags are set explicitly, so that an earlier choice of
-    the caller cannot change the numbers silently. Elsewhere: float32.
-    """
+def read_inputs(pred_dir, ref_dir, prompts_file, opts):
+    """stem -> path of pred, ref and FID's reference set, stem -> caption; all checked first."""
+    fid_ref_dir = opts.fid_ref or ref_dir
+    given = {None: True, "ref": ref_dir, "fid_ref": fid_ref_dir, "prompts": prompts_file}
+    metrics = opts.metrics
+    for m in metrics:
+        if given[METRICS[m][0]] is None:
+            raise UserError(f"{m} needs {NEEDS[METRICS[m][0]]}")
+    pred = list_images(pred_dir)
+    ref = list_images(ref_dir) if ref_dir else {}
+    fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
+    if ref and READS_REF.intersection(metrics):
+        only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
+        sides = [f"only in {side}: " + ", ".join(xs[:10])
+                 + f" and {len(xs) - 10} more" * (len(xs) > 10)
+                 for side, xs in (("pred", only_pred), ("ref", only_ref)) if xs]
+        if sides:
+            raise UserError("pred and ref file names do not match: " + "; ".join(sides))
+    prompts = read_prompts(prompts_file) if prompts_file else {}
+    missing = [n for n in sorted(pred) if n not in prompts] if "clip" in metrics else []
+    if missing:
+        more = " ..." * (len(missing) > 10)
+        raise UserError(f"{prompts_file}: no caption for {', '.join(missing[:10])}{more}")
+    return pred, ref, fid_ref, prompts
+
+def open_pair(name, path, ref_path, opts, skipped):
+    """(pred image, pred as the ref-based metrics see it, its ref or None), or None when skipped."""
+    image = open_image(path, opts.on_error, skipped)
+    if image is None or ref_path is None:
+        return None if image is None else (image, image, None)
+    target = open_image(ref_path, opts.on_error, skipped)
+    if target is None:
+        return None
+    paired = image
+    if opts.resize_to_ref and target.size != image.size:
+        paired = image.resize(target.size, Image.BICUBIC)
+    if target.size != paired.size:
+        sizes = f"pred is {image.width}x{image.height} but ref is {target.width}x{target.height}"
+        raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
+    return image, paired, target
+
+def save_spectra(opts, item):
+    spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, item.name)
+    log_spectrum(item.image).save(spectrum_file)
+    try:
+        picture = autocorrelation_image(item.image, opts.periods, opts.quadrants, opts.harmonics)
+        picture.save(autocorrelation_file)
+    except ValueError as error:  # too small for the lags: the spectrum is still written
+        warn(f"{item.name}: no autocorrelation image: {error}")
+
+def set_network_precision(device):
+    """Set the networks' arithmetic, explicitly (no earlier choice changes the numbers): on a GPU
+    with TF32, TF32 convolutions and float32 matrix products, PyTorch's defaults and so what the
+    references compute on the same GPU (bf16 would leave their tolerance); else fp32."""
     device = torch.device(device)
     tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     return "tf32" if tf32 else "fp32"
 
-def list_images(folder) -> dict[str, Path]:
-    """stem -> path for the images in a folder (not recursive); duplicate stems are an error."""
+def list_images(folder):
+    """stem -> path of the images in a folder (not recursive)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; a folder of images is expected")
@@ -1853,9 +1751,9 @@ def list_images(folder) -> dict[str, Path]:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
 
-def read_prompts(path) -> dict[str, str]:
-    """metadata.jsonl: one JSON object per line with a file name (file_name / image / filename) and a
-    caption (text / prompt / caption), as in Aesthetic-4K's metadata. Keyed by stem."""
+def read_prompts(path):
+    """stem -> caption from metadata.jsonl lines (file_name / image / filename, text / prompt /
+    caption), as Aesthetic-4K's."""
     prompts = {}
     for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
@@ -1865,12 +1763,13 @@ def read_prompts(path) -> dict[str, str]:
             name = next(row[k] for k in ("file_name", "image", "filename") if k in row)
             text = next(row[k] for k in ("text", "prompt", "caption") if k in row)
         except (json.JSONDecodeError, StopIteration, TypeError):
-            raise UserError(f"{path}:{number}: expected a JSON object with file_name and text") from None
+            expected = "expected a JSON object with file_name and text"
+            raise UserError(f"{path}:{number}: {expected}") from None
         prompts[Path(name).stem] = str(text)
     return prompts
 
 def open_image(path, on_error, skipped):
-    """load_image, or None (and the name recorded) when the file is corrupt and --on-error skip."""
+    """load_image, or None (the path added to `skipped`) for a corrupt file with --on-error skip."""
     try:
         return load_image(path)
     except UserError as error:
@@ -1880,15 +1779,12 @@ def open_image(path, on_error, skipped):
         skipped.append(str(path))
         return None
 
-def spectra_files(folder, name) -> tuple[Path, Path]:
-    """Where --save-spectra puts an image's log spectrum and autocorrelation pictures."""
+def spectra_files(folder, name):
     return Path(folder) / f"{name}_spectrum.png", Path(folder) / f"{name}_autocorrelation.png"
 
 def progress(items, label, precision=None):
-    """Yield (item, show) for `items` under a progress bar on stderr (common.io's: an error closes it
-    first): the bar counts the items done, and show(metric) names in it the metric now computed on the
-    current item, so that a slow metric on a 4K image is visible as such; a network metric with the
-    `precision` it runs in."""
+    """(item, show) under a progress bar; show(metric) names the metric now computed (a network
+    with its `precision`), so that a slow one is visible as such."""
 
     def show(i, metric):
         suffix = f" ({precision})" if precision and metric in NETWORKS else ""
@@ -1899,11 +1795,9 @@ def progress(items, label, precision=None):
         yield item, functools.partial(show, i)
         update(i + 1)
 
-def jpeg95_view(path, image, decode=True) -> tuple[int, Image.Image]:
-    """Diffusion-4K's view of a generated image: the size in bytes of its JPEG-95 file, and (`decode`)
-    the pixels eval.py reads from it. A JPEG file is taken as it is: its size on disk and the pixels
-    load_image already decoded (upright, as cv2.imread reads them), not decoded twice. Any other image is
-    encoded as JPEG-95 in memory and decoded again; without `decode` its own pixels are returned."""
+def jpeg95_view(path, image, decode=True):
+    """The bytes of the image's JPEG-95 file and (`decode`) its pixels, as Diffusion-4K sees them;
+    a JPEG file counts as it is."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return Path(path).stat().st_size, image
     encoded = jpeg95(image)
@@ -1917,14 +1811,15 @@ def jpeg95_view(path, image, decode=True) -> tuple[int, Image.Image]:
 
 EPILOG = """\
 protocols (--protocol presets the options of a paper's table; options given explicitly override it):
-  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16, aesthetics,
-               GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
-  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP 2.5 cos ViT-B/32
+  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16,
+               aesthetics, GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
+  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP B/32
   op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
 
 Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
-  python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl --output-dir eval2048/ \\
-      --height 2048 --width 2048 --guidance 7.0 --seed 0 --seed-per-prompt same
+  python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl \\
+      --output-dir eval2048/ --height 2048 --width 2048 --guidance 7.0 --seed 0 \\
+      --seed-per-prompt same
   python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \\
       --prompts eval2048/metadata.jsonl
 """
@@ -1935,30 +1830,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def main(argv=None):
     args = parse_args(argv)
     metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
-    # Every output is checked before any image or weight is read: a long run never ends on a name clash.
+    # Every output is checked before any image or weight is read: a long run never ends on a clash.
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     check_output_file(out, args.overwrite, (".json",))
     spectra = Path(args.save_spectra) if args.save_spectra else None
     inputs = [("--pred", args.pred), ("--ref", args.ref), ("--fid-ref", args.fid_ref),
               ("--prompts", args.prompts)]
-    check_apart([("--save-spectra", spectra)], inputs)  # never a picture into (or onto) an input
+    check_apart([("--save-spectra", spectra)], inputs)
     if spectra:
         for name in list_images(args.pred):
             for path in spectra_files(spectra, name):
                 check_output_file(path, args.overwrite, (".png",))
-    excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # paths and switches, not settings
+    excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
     args.metrics, args.settings = metrics, settings
-    original = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one plain line, like errors
-    # The spectra images are written into a staging folder and published with the JSON at the end:
-    # all of them appear or none does, and an existing file is replaced only with --overwrite.
+    # The spectra are staged and published with the JSON at the end: all of them or none, an
+    # existing file replaced only with --overwrite.
     with staging_folder(spectra) as staged:
         args.save_spectra = staged
-        try:
-            result = evaluate(args.pred, args.ref, args.prompts, args)
-        finally:
-            warnings.formatwarning = original
+        result = evaluate(args.pred, args.ref, args.prompts, args)
         images = sorted(staged.iterdir()) if staged else []
         outputs = [out, *(spectra / image.name for image in images)]
         with atomic_files(outputs, args.overwrite) as (temp, *temps):
@@ -1966,15 +1856,14 @@ def main(argv=None):
             for image, image_temp in zip(images, temps):
                 shutil.move(image, image_temp)
     print(format_table(result))
-    print(f"wrote {out}" + (f" and {len(images)} images into {spectra}" if images else ""), file=sys.stderr)
+    wrote = f" and {len(images)} images into {spectra}" if images else ""
+    print(f"wrote {out}{wrote}", file=sys.stderr)
     return result
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="metrics.py", epilog=EPILOG, formatter_class=HelpFormatter,
                        description="Metrics for 4K synthesis and super-resolution "
                        "(see the module docstring for definitions and weights).")
-    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path/in/repo)")
-    clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS),
                    help="a paper's evaluation settings and table columns (see below)")
     p.add_argument("--pred", required=True, type=local_path("folder"),
@@ -1984,17 +1873,31 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=local_path("file"),
                    help="metadata.jsonl with file_name and text per line (for clip)")
     p.add_argument("--metrics", type=metric_names,
-                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, else glcm,cr "
-                   "(+psnr,ssim with --ref)")
+                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, "
+                   "else glcm,cr (+psnr,ssim with --ref)")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (JSON and spectra)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", type=device_name, default=device)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="corrupt images: stop, or name and skip them")
+    add_pixel_options(p)
+    add_network_options(p)
+    args = p.parse_args(argv)
+    if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
+        p.set_defaults(**PROTOCOLS[args.protocol])
+        args = p.parse_args(argv)
+    return args
+
+WEIGHTS = " (or a Hub spec owner/repo/path/in/repo)"
+
+def add_pixel_options(p):
+    """Options of GLCM / CR, PSNR / SSIM / LPIPS and FID."""
+    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
     g = p.add_argument_group("GLCM / CR")
     g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
     g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
-                   help="jpeg95: score the JPEG-95 pixels, as Diffusion-4K does (JPEG inputs as they are)")
+                   help="jpeg95: the JPEG-95 pixels, as Diffusion-4K (JPEG inputs as they are)")
     g = p.add_argument_group("PSNR / SSIM / LPIPS")
     g.add_argument("--crop-border", type=integer(0), default=0,
                    help="pixels removed on each side (SR: the scale); also NIQE")
@@ -2008,13 +1911,13 @@ def parse_args(argv=None):
     g.add_argument("--tile", type=tile_or_zero, default=512,
                    help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
     g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
-                   help="resize each pred image to its ref's size (Pillow bicubic) for ref-based metrics")
+                   help="resize each pred image to its ref's size (Pillow bicubic) for ref metrics")
     g = p.add_argument_group("FID")
     g.add_argument("--fid-ref", type=local_path("folder"),
-                   help="FID's reference set when it is not --ref (cupscale: the ground-truth photos)")
+                   help="FID's reference set when it is not --ref (cupscale: the ground truth)")
     g.add_argument("--fid-size", type=size_or_pred, default=0,
-                   help="first resize the shorter side to this size and centre-crop a square (torchvision, "
-                   "Diffusion-4K); pred: the generated images' size; 0: as they are")
+                   help="first resize the shorter side to this size and centre-crop a square "
+                   "(torchvision, Diffusion-4K); pred: the generated images' size; 0: as they are")
     g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
                    help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
     g.add_argument("--fid-patch", type=integer(0), default=0,
@@ -2023,52 +1926,48 @@ def parse_args(argv=None):
                    help="patch FID: add the grid shifted by half a patch (HiFiC)")
     g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
                    help="pt_inception-2015-12-05 .pth: file or Hub spec")
+
+def add_network_options(p):
+    """Options of CLIPScore / aesthetics, NIQE / CLIPIQA and periodicity."""
+    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
+    clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     g = p.add_argument_group("CLIPScore / aesthetics")
     g.add_argument("--clip-model", type=clip, default="b16",
                    help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
     g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
                    help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
-    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14 repo or folder")
+    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14")
     g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
                    help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
     g = p.add_argument_group("NIQE / CLIPIQA")
     g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
-                   help="NIQE pristine model: niqe_modelparameters.mat or basicsr's niqe_pris_params.npz "
-                   "(file or Hub spec)")
+                   help="niqe_modelparameters.mat (pyiqa) or niqe_pris_params.npz (basicsr)")
     g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
                    help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
     g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
-                   help="OpenAI-named CLIP RN50 state dict (.safetensors/.pth): file or Hub spec")
+                   help="OpenAI-named CLIP RN50 (.safetensors/.pth): file or Hub spec")
     g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
                    help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
     g = p.add_argument_group("periodicity")
     g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
-                   help="lattice periods in pixels (OP4KSR: one F16 latent pixel, one packed token)")
+                   help="lattice periods in px (OP4KSR: one F16 latent pixel, one packed token)")
     g.add_argument("--quadrants", type=square_number, default=4,
-                   help="image split into this many tiles (a square number up to 10000; OP4KSR: Q = 4)")
+                   help="tiles the image is split into (a square number up to 10000; OP4KSR: 4)")
     g.add_argument("--harmonics", type=integer(1), default=2,
-                   help="--save-spectra's autocorrelation shows lags up to this many periods "
-                   "(+ half a period) each way")
+                   help="--save-spectra's autocorrelation: lags up to this many periods (+ half)")
     g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
-                   help="write into this folder, per pred image, NAME_spectrum.png (log power spectrum of "
-                   "the pixel differences) and NAME_autocorrelation.png (the autocorrelation the "
-                   "periodicity metric reads)")
-    args = p.parse_args(argv)
-    if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
-        p.set_defaults(**PROTOCOLS[args.protocol])
-        args = p.parse_args(argv)
-    return args
+                   help="write NAME_spectrum.png (log power spectrum of the pixel differences) and "
+                   "NAME_autocorrelation.png (what periodicity reads) per pred image here")
 
-def default_metrics(protocol, ref=None, fid_ref=None, prompts=None) -> list[str]:
-    """The protocol's columns that the given folders allow (FID's reference: --fid-ref, else --ref,
-    except under cupscale, whose --ref holds the low-resolution inputs)."""
+def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
+    """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
+    under cupscale, whose --ref holds the low-resolution inputs)."""
     if protocol != "cupscale":
         fid_ref = fid_ref or ref
     given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
-    return [metric for metric, needs in PROTOCOL_COLUMNS[protocol] if given[needs] is not None]
+    return [m for m in PROTOCOL_COLUMNS[protocol] if given[METRICS[m][0]] is not None]
 
-def metric_names(text) -> list[str]:
-    """argparse type: a comma-separated list of METRICS names."""
+def metric_names(text):
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
@@ -2076,36 +1975,34 @@ def metric_names(text) -> list[str]:
         raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(METRICS)}")
     return names
 
-def periods_list(text) -> tuple[int, ...]:
-    """argparse type: comma-separated lattice periods, integers >= 2."""
+def periods_list(text):
     try:
         return tuple(integer(2)(p) for p in text.split(","))
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}") from None
+        expected = "expected comma-separated integers >= 2"
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
 
-def square_number(text) -> int:
-    """argparse type: a quadrant count, a square number up to 100 x 100."""
+def square_number(text):
     value = integer(1, 10_000)(text)
     if math.isqrt(value) ** 2 != value:
         raise argparse.ArgumentTypeError(f"must be a square number (1, 4, 9, ...), got {value}")
     return value
 
-def tile_or_zero(text) -> int:
-    """argparse type: 0 (the whole image) or a tile size >= 32."""
+def tile_or_zero(text):
     value = integer(0)(text)
     if 0 < value < 32:
         raise argparse.ArgumentTypeError(f"must be 0 (whole image) or >= 32, got {value}")
     return value
 
 def local_path(expected, must_exist=True, alternative=""):
-    """argparse type: a path that, where it exists, is of the `expected` kind ('file' or 'folder');
-    `alternative` names what else the option takes (a Hub spec, a model alias)."""
+    """argparse type: a path that, where it exists, is a `expected` ('file' or 'folder')."""
 
     def parse(text):
         path = Path(text).expanduser()
         if path.exists() and path.is_dir() != (expected == "folder"):
             wrong = "folder" if expected == "file" else "file"
-            raise argparse.ArgumentTypeError(f"{text} is a {wrong}; a {expected}{alternative} is expected")
+            expected_kind = f"a {expected}{alternative} is expected"
+            raise argparse.ArgumentTypeError(f"{text} is a {wrong}; {expected_kind}")
         if must_exist and not path.exists():
             raise argparse.ArgumentTypeError(f"{text}: no such {expected}")
         return text
@@ -2113,7 +2010,6 @@ def local_path(expected, must_exist=True, alternative=""):
     return parse
 
 def size_or_pred(text):
-    """argparse type: 0 (native size), a size in px, or 'pred' (the generated images' size)."""
     if text == "pred":
         return text
     try:
@@ -2123,8 +2019,7 @@ def size_or_pred(text):
 
 @contextlib.contextmanager
 def staging_folder(folder):
-    """A temporary folder beside `folder` (on its file system, so files move in by renaming), removed
-    with whatever is left in it; None when `folder` is None."""
+    """A temporary folder beside `folder` (files move in by renaming), removed at the end."""
     if folder is None:
         yield None
         return
@@ -2142,7 +2037,7 @@ def finite_or_none(value):
         return [finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
-def format_table(result) -> str:
+def format_table(result):
     rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in result["metrics"].items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>12}" for a, b in rows]
@@ -2154,31 +2049,30 @@ def format_table(result) -> str:
 
 # =============================================================================== weights and images
 
-def load_state(spec, what) -> dict:
-    """A float32 state dict from a .safetensors file or a pickled .pth/.pt (weights_only: no code runs);
-    `spec` as resolve_weights takes it."""
+def load_state(spec, what):
+    """A float32 state dict from .safetensors or a .pth/.pt pickle (weights_only: no code runs)."""
     path = resolve_weights(spec, what)
     if path.suffix == ".safetensors":
         return check_float_weights(load_safetensors(path, dtype=torch.float32), path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; the file is the problem either way
-        raise UserError(f"{what}: {path} is not a readable weights file ({type(error).__name__})") from None
+    except Exception as error:  # pickle errors come in many types; the file is the problem
+        kind = type(error).__name__
+        raise UserError(f"{what}: {path} is not a readable weights file ({kind})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"{what}: {path} does not hold a state dict")
     check_float_weights(state, path)
-    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
-def check_float_weights(state: dict, path) -> dict:
-    """common.io's check_weights (every entry a finite floating-point tensor, else one line naming the
-    file and the tensor) on all but BatchNorm's step counters, which are integers by nature and unused."""
+def check_float_weights(state, path):
+    """check_weights on all but BatchNorm's step counters, integers by nature and unused."""
     check_weights({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
     return state
 
-def resolve_weights(spec, what) -> Path:
-    """A local file, or `owner/repo/path/in/repo` fetched from the Hub; `what` names it in errors."""
+def resolve_weights(spec, what):
+    """A local file, or `owner/repo/path/in/repo` fetched from the Hub."""
     local = Path(spec).expanduser()
     if local.is_file():
         return local
@@ -2195,7 +2089,7 @@ def resolve_weights(spec, what) -> Path:
     return path
 
 def load_strict(module, state, what):
-    """load_state_dict that names the first offending keys instead of a wall of text."""
+    """load_state_dict naming the first offending keys instead of a wall of text."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -2208,15 +2102,15 @@ def load_strict(module, state, what):
     module.load_state_dict(state)
     return module
 
-def as_array(image) -> np.ndarray:
+def as_array(image):
     """PIL image or HWC array -> HWC uint8 RGB array."""
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
     return array
 
-def to_float_tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
-    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (no rescaling: each metric states its own)."""
+def to_float_tensor(array, device="cpu"):
+    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
 
 
