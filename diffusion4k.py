@@ -2985,7 +2985,7 @@ def check_run(folder: Path, recorded: str | None, run: dict):
                             "here); resume with its settings, or start a new --output")
 
 def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)), or with a warning the newest intact checkpoint before a damaged one."""
+    """(folder, read(folder)), or after a warning, the newest intact checkpoint before it."""
     older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
     for candidate in [folder, *sorted(older, reverse=True)]:
         try:
