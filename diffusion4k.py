@@ -196,8 +196,7 @@ def flux_mu(image_tokens: int) -> float:
 
 # --- BEGIN kit: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to shift(1/1000),
-    shifted once more (as SD3 was tuned), then 0."""
+    """diffusers' SD3 schedule: `steps` levels from 1 to shift(1/1000), shifted again, then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -210,8 +209,7 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 # --- BEGIN kit: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles, blended by ramps summing
-    to one; fp32 on `device`."""
+    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -234,7 +232,7 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, and one flush with the end, so no window is partial."""
+    """Starts every `stride`, and one flush with the end."""
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] + window < length:
         starts.append(length - window)
@@ -256,13 +254,12 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 
 # --- BEGIN kit: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights:
-    a 4096^2 image becomes 16,384 Flux tokens instead of 65,536."""
+    """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage: for F16 a nearest x2 upsample before conv_out. This is the
-    whole-map, centred form; `Decoder.upsample_conv_out` bands it, as Diffusion-4K decodes."""
+    """The decoder's last stage, for F16 upsampled x2 before conv_out; centred, unlike
+    `Decoder.upsample_conv_out`, which decodes as Diffusion-4K does."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -468,7 +465,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -477,6 +473,14 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+def check_divisible(width: int, heads: int, heads_name: str = "num_heads"):
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by {heads_name} {heads}")
 
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_features: int):
@@ -527,10 +531,8 @@ class FluxConfig:
     guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
 
     def __post_init__(self):
-        width, heads = self.hidden_size, self.num_heads
-        head_dim = width // heads
-        if width % heads:
-            raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+        check_divisible(self.hidden_size, self.num_heads)
+        head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
@@ -558,13 +560,12 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """Packed latents img (B, L, 64), T5 features txt, their RoPE ids (B or 1, L or T, 3),
-        sigma (B,), CLIP pooled y (B, 768), guidance (B,) -> velocity."""
+        """Packed latents img, T5 features txt, their RoPE ids (B or 1, L, 3), sigma timesteps,
+        CLIP pooled y, guidance -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance "
-                                 "scale")
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
             vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
@@ -580,7 +581,7 @@ class Flux(nn.Module):
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """Velocity of latents z (B, C, H, W) at sigma (float or (B,)) given {"txt", "y"}; sigma
-        and guidance in z's dtype, as in diffusers. Text tokens sit at RoPE position 0."""
+        and guidance in z's dtype, as in diffusers."""
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
@@ -589,7 +590,6 @@ class Flux(nn.Module):
         return unpack_latents(v, h, w)
 
 def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as (batch,) like `like`."""
     if torch.is_tensor(value):
         return value.to(like.device, like.dtype).expand(batch)
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
@@ -681,9 +681,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.scale
+        return rms_normalize(x, self.eps).type_as(x) * self.scale
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -703,7 +701,7 @@ def attention_with_rope(q, k, v, rope):
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) (B, 1, L, head_dim/2) for positions ids (B, L, axes), each axis owning a slice of
-    the head dim. Angles in fp64: fp32 loses precision at slow frequencies."""
+    the head dim. Angles in fp64 for precision at slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
@@ -730,7 +728,7 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens: (0, row, col)."""
+    """RoPE positions (0, row, col) of the packed tokens."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
@@ -770,7 +768,6 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
         guidance_embed="guidance_in.in_layer.weight" in state)
 
 def flux_table_for(state: dict) -> dict:
-    """The key table of this diffusers Flux state."""
     depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
     single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
     guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
@@ -827,9 +824,7 @@ class SD3Config:
     pos_embed_max_size: int = 192  # 192 patches = 3072 px (F8), 6144 px (F16)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
+        check_divisible(self.hidden_size, self.num_heads)
 
 SD3_MEDIUM = SD3Config()
 
@@ -891,14 +886,14 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
 
     def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        ctx_qkv, ctx_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(ctx_qkv, x_qkv))
+        n = context.shape[1]
+        attn = merge_heads(self.attend(q, k, v, n))
         if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
+            context = self.context_block.post_attention(context, attn[:, :n], ctx_mods)
+        return context, self.x_block.post_attention(x, attn[:, n:], x_mods)
 
     def attend(self, q, k, v, num_context: int):
         """Joint attention over [context, image]; C-Upscale replaces it per block."""
@@ -923,7 +918,6 @@ class StreamBlock(nn.Module):
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def pre_attention(self, x, c):
-        """(q, k, v), and the modulation still to apply."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
         qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
         return split_heads(qkv, self.num_heads), mods
@@ -1230,8 +1224,8 @@ VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE supports
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
-    folder or a Hub repo id; scale, shift and stride from the arguments, config.json, or Flux's."""
+    """A 16-channel AutoencoderKL from a single file, a diffusers folder or a Hub repo id; scale,
+    shift and stride from the arguments, config.json, or Flux's."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1270,7 +1264,7 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of this VAE state (either layout), with its shortcuts only."""
+    """The key table of this VAE state (either layout)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
@@ -1318,8 +1312,7 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN kit: text encoders ---
-# Flux conditions on T5 (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
+# Module names are transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL."""
@@ -1337,8 +1330,8 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """ids (B, T) -> last hidden state. No absolute positions: a learned bias per (head, bucket of
-    key - query offset) is added to every layer's logits."""
+    """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
+
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1350,7 +1343,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask (B, T): true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1365,7 +1358,7 @@ class T5Encoder(nn.Module):
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
     """(query, key) -> T5's bucket of key - query: keys after the query use the upper half; in a
-    half, small offsets get one bucket each, larger ones log-wider buckets up to `max_distance`."""
+    half, small offsets get a bucket each, larger ones log-wider buckets."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1411,9 +1404,7 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
     """Self-attention of x (B, L, C) through the linear maps (q, k, v, out)."""
@@ -1442,9 +1433,7 @@ class CLIPTextConfig:
         if self.hidden_act not in CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
                              f"{sorted(CLIP_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_divisible(self.hidden_size, self.num_attention_heads, "num_attention_heads")
 
 CLIP_L = CLIPTextConfig()
 
@@ -1507,9 +1496,8 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer: NFC, whitespace runs to one space, lower
-    case, "</w>" closing each word; padded with the folder's pad token, else <|endoftext|>.
-    `added_tokens_decoder` tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
+    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token, else
+    <|endoftext|>. Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1545,8 +1533,7 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`): prompts end in
-    </s>, padded with <pad> to `max_length` (512 for FLUX.1-dev, 256 for schnell and SD3)."""
+    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`)."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -1580,8 +1567,8 @@ class T5Tokenizer:
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
               name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut as diffusers' `truncation=True`;
-    with a tokenizer `name`, a cut is reported."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut as diffusers does; with a `name`,
+    a cut is reported."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1609,8 +1596,7 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
-    safetensors file (+ `prefix`); a T5ForConditionalGeneration's decoder is skipped."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
@@ -1624,8 +1610,7 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`, a CLIPModel's
-    vision tower skipped."""
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
@@ -1649,7 +1634,6 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors, the rest from config.json."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1667,15 +1651,13 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
-    heads and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
+    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu at
+    width 768 (CLIP-L), gelu otherwise (bigG)."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
     projection = state.get("text_projection.weight")
-    projection = None if projection is None else projection.shape[0]
-    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' defaults
         given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
         defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
@@ -1687,13 +1669,11 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
                         "transformers folder instead")
     else:
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
-    try:
-        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act,
-                              projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos)
-    except ValueError as error:
-        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_attention_heads=heads,
+        num_hidden_layers=count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\."),
+        max_position_embeddings=positions, hidden_act=act, layer_norm_eps=eps, eos_token_id=eos,
+        projection_dim=None if projection is None else projection.shape[0])
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
     """state[key]'s shape, or an error naming the file's first keys."""
@@ -1829,8 +1809,6 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of sing
 
 @dataclass
 class Pipeline:
-    """What turns prompts into 4K images."""
-
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
     vae: AutoEncoder
@@ -1850,8 +1828,8 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """Tokenizers and text encoders of a diffusers folder or Hub repo; SD3's encoders may come from
-    `encoder_file` (a Stability all-in-one file) instead."""
+    """Tokenizers and text encoders of a diffusers folder or Hub repo, or SD3's from
+    `encoder_file`."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
 
     def folder(name):
@@ -1896,8 +1874,8 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device, rest_device):
-    """Run a module on `device`, its weights resting on `rest_device`. They do not change during a
-    visit, so leaving drops the device copy instead of copying it back."""
+    """Run a module on `device`, its weights resting on `rest_device`; leaving drops the device
+    copy (weights do not change during a visit)."""
     module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -2729,8 +2707,8 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
 
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
-    """End an optimizer step: stop at a non-finite value of `checked` before the update carries it
-    into the weights, update, log `record` to train_log.jsonl; returns the steps done."""
+    """Stop at a non-finite value of `checked` before the update carries it into the weights,
+    update, log `record`; returns the steps done."""
     stop_unless_finite(record["step"], checked, output)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -2809,9 +2787,8 @@ def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) ->
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and
-    every sample's crop, flip, sigma and noise, each rank keeping its share; checkpointed, so a
-    resumed run draws what an uninterrupted one would."""
+    """Seeded global batches: one CPU generator draws each epoch's permutation and every sample's
+    crop, flip, sigma and noise; checkpointed, so a resumed run draws the same."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2853,6 +2830,7 @@ class Distributed:
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean over processes, on `device` (nccl takes CUDA tensors only)."""
+
         if self.world > 1:
             value = value.to(self.device, copy=True)
             dist.all_reduce(value)  # gloo has no AVG
@@ -2864,7 +2842,7 @@ class Distributed:
             dist.barrier()
 
 def setup_distributed(device_name: str | None) -> Distributed:
-    """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
+    """One process, or one per GPU under `torchrun`."""
     device = device_dtype(device_name)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
@@ -2912,7 +2890,6 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options(lora))
@@ -3015,8 +2992,7 @@ VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 with VGG16 (Zhang et al., 2018): at five ReLU outputs the squared difference of
-    unit-normalised channel vectors is weighted by the 1x1 `lins`, averaged over space and summed.
-    `features` has torchvision's indices, so its checkpoints load unchanged."""
+    unit-normalised channel vectors is weighted by the 1x1 `lins`, averaged and summed."""
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
 
@@ -3095,7 +3071,7 @@ def weight_file(spec, what: str, token=None) -> Path:
 
 # --- BEGIN kit: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a meta-device model, refusing any mismatch by name."""
+    """Load `state` into a meta-device model, refusing any mismatch."""
     report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
@@ -3103,14 +3079,13 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     return model
 
 def build(make, state: dict, what: str, source) -> nn.Module:
-    """make() on the meta device with `state` assigned, in eval mode."""
     with torch.device("meta"), config_from_files(source):
         model = make()
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """diffusers tensors -> the original single-file keys, by a table {original key: ([folder
-    keys], transform)}; several folder keys are concatenated into one fused tensor (qkv)."""
+    """diffusers tensors -> original keys by a table {original key: ([folder keys], transform)};
+    several folder keys make one fused tensor (qkv)."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -3150,7 +3125,7 @@ def linear_entries(original: str, folder, transform=None) -> dict:
             for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
-    """The table rows of layers (original, folder[, transform]), weight and bias."""
+    """Table rows (weight and bias) of layers (original, folder[, transform])."""
     return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
@@ -3177,14 +3152,10 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
 
 def folder_config(path) -> dict:
     """A component's config.json (in its folder or beside a diffusers file), type-checked."""
-    if path.is_dir():
-        config = path / "config.json"
-    elif path.name.startswith("diffusion_pytorch_model"):
-        config = path.parent / "config.json"
-    else:
-        config = None
-    data = read_json(config) if config is not None and config.exists() else {}
-    return check_config_fields(data, config)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
+    return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -3219,7 +3190,6 @@ def config_from_files(source):
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -3235,8 +3205,8 @@ OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: those under `prefix` (stripped), else those of no other component.
-    Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: those under `prefix` (stripped), else those of no other component;
+    others are never read."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
