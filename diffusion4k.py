@@ -220,8 +220,8 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
             ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
             if out is None:
-                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
                 weight = y.new_zeros(round(height * ratio), round(width * ratio))
+                out = y.new_zeros(1, y.shape[1], *weight.shape)
             fade = round(overlap * ratio)
             wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
@@ -500,13 +500,13 @@ def residuals(x, attn, mods, proj, norm, mlp):
     return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
 
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args), recomputed in backward while `model.gradient_checkpointing` is on."""
+    """layer(*args), recomputed in backward if `model.gradient_checkpointing`."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: each block compiles once at any depth, the rest stays eager."""
+    """Regional compilation: each block class compiles once, the rest stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -595,7 +595,7 @@ def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
+    """Text and image have their own weights but attend jointly."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -623,7 +623,7 @@ class DoubleStreamBlock(nn.Module):
         return img, txt
 
 class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one matmul."""
+    """One weight set over [text, image]: attention and MLP in parallel."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -673,8 +673,6 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    """Per-head RMSNorm of queries and keys, statistics in fp32."""
-
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
@@ -707,17 +705,18 @@ def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor,
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """One RoPE axis' dim/2 rotation speeds theta^(-2j/dim), radians per position."""
+    """One RoPE axis' rotation speeds theta^(-2j/dim)."""
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles, in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D), in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, features (c, row, col)."""
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
+
     b, c, h, w = z.shape
     z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return z.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -735,7 +734,7 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
 
 def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
               token=None) -> Flux:
-    """A Flux transformer from a BFL single file, a diffusers folder or a Hub repo id."""
+    """A Flux transformer from a BFL file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
@@ -749,7 +748,7 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Dimensions from the tensors; the RoPE split from `axes_dim`, config.json or (16, 56, 56)."""
+    """Dimensions from the tensors; the RoPE split from `axes_dim` or config.json."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
@@ -774,7 +773,7 @@ def flux_table_for(state: dict) -> dict:
     return flux_key_table(depth, single, guidance)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
-    """BFL key -> diffusers keys (`to_original_layout`) of a Flux with these blocks."""
+    """BFL key -> diffusers keys of a Flux with these blocks."""
     rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -900,7 +899,7 @@ class JointBlock(nn.Module):
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream of a joint block; the last context stream (`pre_only`) only gives keys, values."""
+    """One stream of a joint block; the last context stream (`pre_only`) has no output."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
@@ -937,7 +936,7 @@ class TimestepMLP(nn.Module):
         return self.mlp(x)
 
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file, a diffusers folder or a Hub repo id."""
+    """An SD3 MMDiT from a Stability file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
@@ -951,7 +950,7 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                  source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; heads from config.json, else SD3's head dim of 64."""
+    """Dimensions from the tensors; heads from config.json, else 64 wide."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
         raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
                         "is supported")
@@ -973,7 +972,7 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
         pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
 
 def sd3_key_table(depth: int) -> dict:
-    """Stability key -> diffusers keys (`to_original_layout`) of an SD3 MMDiT of this depth."""
+    """Stability key -> diffusers keys of an SD3 MMDiT of this depth."""
     rows = [("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -1057,7 +1056,7 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
-    """Unnormalised latents of x: a posterior sample, or without generator the mean."""
+    """Unnormalised latents: a posterior sample, or without generator the mean."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -1122,7 +1121,7 @@ class Decoder(nn.Module):
         return self.head(self.features(z))
 
     def features(self, z):
-        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares."""
+        """The map after norm_out + SiLU, which SC-VAE training compares."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -1138,14 +1137,12 @@ class Decoder(nn.Module):
 
     def upsample_conv_out(self, h, band_rows: int = 64):
         """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
-        map (4.3 GB in bf16 at 4096^2) never exists whole.
-
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
-        side only and cropped one pixel in, and its decoders were trained that way: output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
-        We compute that (`partitioned`), or the centred result."""
+        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
+        its outer side and cropped one pixel in (and trained its decoders so): output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
+        (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        shift = int(self.partitioned)  # how far the result moves down and right
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
@@ -1276,7 +1273,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, every possible shortcut in."""
+    """LDM key -> diffusers keys of a VAE, every possible shortcut in."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1407,7 +1404,7 @@ class T5LayerNorm(nn.Module):
         return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the linear maps (q, k, v, out)."""
+    """Self-attention of x (B, L, C) by the linear maps (q, k, v, out)."""
     q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
@@ -1441,8 +1438,6 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer (transformers' CLIPTextModel[WithProjection])."""
-
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
         self.config, d, projection = config, config.hidden_size, config.projection_dim
@@ -1561,8 +1556,7 @@ class T5Tokenizer:
         self.max_length, self.name = max_length, name
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = self.encode(prompts)
+        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
@@ -1584,7 +1578,7 @@ def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, 
     return out
 
 def special_token(folder: Path, name: str) -> str | None:
-    """A special token ("pad_token") as a tokenizer folder's json files declare it."""
+    """A special token ("pad_token") as a tokenizer folder declares it."""
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         value = tokenizer_json(folder, file).get(name)
         if value:
@@ -1602,8 +1596,8 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     tied = state.pop("encoder.embed_tokens.weight", None)  # a copy of shared.weight, if any
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
+    if tied is not None:
+        state.setdefault("shared.weight", tied)
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
                   f"{source}: T5 encoder", source)
     return model.requires_grad_(False)
@@ -1621,7 +1615,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors under `prefix`, stripped, but those starting with one of `skip`; config.json)."""
+    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1857,20 +1851,20 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
+    """Each prompt's conditioning on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
         with on_device(encoder, gpu, "cpu"):
             features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
+    t5, clip_l, clip_g = features["t5"], features["clip_l"], features.get("clip_g")
     if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
-            for i in range(len(prompts))]
+        cond = {"txt": t5, "y": clip_l.pooled}
+    else:
+        clip = torch.cat([clip_l.penultimate, clip_g.penultimate], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
+        cond = {"context": torch.cat([clip, t5], dim=1),
+                "pooled": torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)}
+    return [{k: v[i : i + 1].cpu() for k, v in cond.items()} for i in range(len(prompts))]
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device, rest_device):
@@ -1896,7 +1890,7 @@ def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 def place(slots: list, tensors: list):
-    """Let the slots hold these tensors without copying (frozen parameters stay parameters)."""
+    """Let the slots hold these tensors (frozen parameters stay parameters)."""
     for (owner, name), t in zip(slots, tensors):
         if name in owner._parameters and not isinstance(t, nn.Parameter):
             t = nn.Parameter(t, requires_grad=False)
@@ -1908,10 +1902,11 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN kit: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
-    """A recipe field: its default (or `factory`) and argparse's keywords for its option."""
+    """A recipe field: its default (or `factory`) and argparse keywords."""
+    metadata = {"help": help, **cli}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **cli})
-    return field(default=default, metadata={"help": help, **cli})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
     """One --option per field of the recipe class `kind` (or those in `names`)."""
@@ -2707,8 +2702,7 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
 
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
-    """Stop at a non-finite value of `checked` before the update carries it into the weights,
-    update, log `record`; returns the steps done."""
+    """Stop at a non-finite value of `checked` before the update; update, log; return the step."""
     stop_unless_finite(record["step"], checked, output)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -2727,7 +2721,7 @@ def stop_unless_finite(step: int, values: dict, output: Path):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The images metadata.jsonl lists, else all under the folder; unreadable ones skipped."""
+    """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2753,7 +2747,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     return usable
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
-    """The files metadata.jsonl names (`file_name`), each once, and how many lines were skipped."""
+    """The files metadata.jsonl names, each once, and how many lines were skipped."""
     files, seen, skipped = [], {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
@@ -2774,8 +2768,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
     return files, skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
-    """The image resized to cover height x width, cropped at the relative offset, maybe flipped:
-    (3, H, W) in [-1, 1]."""
+    """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -2787,8 +2780,9 @@ def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) ->
     return image_to_tensor(image)
 
 class Batches:
-    """Seeded global batches: one CPU generator draws each epoch's permutation and every sample's
-    crop, flip, sigma and noise; checkpointed, so a resumed run draws the same."""
+    """Seeded global batches: one CPU generator draws each epoch's order and every sample's crop,
+    flip, sigma and noise, so a resumed run draws the same."""
+
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2807,6 +2801,7 @@ class Batches:
     def state(self) -> dict:
         order = torch.tensor(self.order, dtype=torch.long)
         return {"generator": self.generator.get_state(), "order": order, "cursor": self.cursor}
+
 
     def load(self, state: dict):
         self.generator.set_state(state["generator"])
@@ -2830,7 +2825,6 @@ class Distributed:
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean over processes, on `device` (nccl takes CUDA tensors only)."""
-
         if self.world > 1:
             value = value.to(self.device, copy=True)
             dist.all_reduce(value)  # gloo has no AVG
@@ -2856,7 +2850,7 @@ def setup_distributed(device_name: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root (embedders, final layer)."""
+    """FSDP2: each transformer block a shard group, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -2868,8 +2862,7 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
-    """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt; a
-    checkpoint that cannot be written whole is removed."""
+    """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2908,7 +2901,7 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
-    """Resume from `folder`, or the newest intact checkpoint before it, if it is this run's."""
+    """Resume from `folder`, or the newest intact checkpoint before it; returns the step."""
     from torch.distributed.checkpoint import state_dict as dcp
 
     def read(candidate):
@@ -2938,7 +2931,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     return state["step"]
 
 def check_resumable(folder: Path, run: dict):
-    """Refuse another run's checkpoint; a file too damaged to tell is left to `load_checkpoint`."""
+    """Refuse another run's checkpoint (a damaged one is left to `load_checkpoint`)."""
     try:
         recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
     except UserError:
@@ -3024,7 +3017,7 @@ class LPIPS(nn.Module):
         return out
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear layers and torchvision / timm VGG16 weights."""
+    """LPIPS-vgg from lpips' linear layers and torchvision / timm VGG16 weights."""
     hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
             "--lpips-weight 0)")
 
@@ -3052,7 +3045,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
-    """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is fetched)."""
+    """A local file, or `owner/repo/path/in/repo` on the Hub."""
     local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
@@ -3112,7 +3105,7 @@ def shape_mismatch(state: dict, expected: dict) -> str:
     })
 
 def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)': each non-empty list, its first three keys named."""
+    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
     return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                      for kind, keys in kinds.items() if keys)
 
@@ -3151,7 +3144,7 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json (in its folder or beside a diffusers file), type-checked."""
+    """A component's config.json, type-checked."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
     return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
@@ -3183,7 +3176,7 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files becomes a UserError."""
+    """A ValueError from a config built from `source`'s files becomes a UserError."""
     try:
         yield
     except ValueError as error:
