@@ -227,8 +227,9 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
             w = (wy[:, None] * wx[None]).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
-            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
-            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
+            out[..., rows, cols] += y * w
+            weight[rows, cols] += w
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -258,8 +259,7 @@ def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage, for F16 upsampled x2 before conv_out; centred, unlike
-    `Decoder.upsample_conv_out`, which decodes as Diffusion-4K does."""
+    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -306,8 +306,7 @@ def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
 
 # --- BEGIN kit: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform: (..., H, W) -> (..., 4, H/2, W/2), the
-    subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    """Orthonormal 2-D Haar DWT (..., H, W) -> (..., 4, H/2, W/2): LL, LH, HL, HH as pywt's."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
@@ -560,8 +559,7 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """Packed latents img, T5 features txt, their RoPE ids (B or 1, L, 3), sigma timesteps,
-        CLIP pooled y, guidance -> velocity."""
+        """Packed latents img and T5 features txt with RoPE ids (B or 1, L, 3) -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -698,8 +696,8 @@ def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) (B, 1, L, head_dim/2) for positions ids (B, L, axes), each axis owning a slice of
-    the head dim. Angles in fp64 for precision at slow frequencies."""
+    """(cos, sin) (B, 1, L, head_dim/2) of positions ids (B, L, axes), each axis a slice of the
+    head dim; angles in fp64, as fp32 loses the slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
@@ -861,8 +859,8 @@ class MMDiT(nn.Module):
         return out.reshape(b, channels, height, width)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """As `Flux.velocity`, given {"context", "pooled"}; `guidance` is unused. The timestep
-        stays fp32, as in diffusers (bf16 would round 857.7 to 856)."""
+        """As `Flux.velocity`, given {"context", "pooled"}; the timestep stays fp32, as in
+        diffusers (bf16 would round 857.7 to 856)."""
         b = z.shape[0]
         if torch.is_tensor(sigma):
             t = sigma.float().to(z.device).expand(b) * 1000
@@ -1222,7 +1220,7 @@ VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE supports
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
     """A 16-channel AutoencoderKL from a single file, a diffusers folder or a Hub repo id; scale,
-    shift and stride from the arguments, config.json, or Flux's."""
+    shift and stride from the arguments, else config.json, else Flux's."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1354,8 +1352,8 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
-    """(query, key) -> T5's bucket of key - query: keys after the query use the upper half; in a
-    half, small offsets get a bucket each, larger ones log-wider buckets."""
+    """(query, key) -> T5's bucket of key - query: keys after the query in the upper half; small
+    offsets get a bucket each, larger ones log-wider buckets."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1491,8 +1489,8 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token, else
-    <|endoftext|>. Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
+    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token.
+    Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1551,7 +1549,7 @@ class T5Tokenizer:
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
         except Exception as error:  # both libraries raise assorted types
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+        if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
@@ -1561,8 +1559,7 @@ class T5Tokenizer:
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
               name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut as diffusers does; with a `name`,
-    a cut is reported."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut (and with a `name` reported)."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1645,8 +1642,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu at
-    width 768 (CLIP-L), gelu otherwise (bigG)."""
+    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
+    for CLIP-L, gelu otherwise."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -1822,8 +1819,7 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """Tokenizers and text encoders of a diffusers folder or Hub repo, or SD3's from
-    `encoder_file`."""
+    """Text encoders and tokenizers of a diffusers folder or Hub repo (SD3's: or `encoder_file`)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
 
     def folder(name):
@@ -1868,8 +1864,7 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device, rest_device):
-    """Run a module on `device`, its weights resting on `rest_device`; leaving drops the device
-    copy (weights do not change during a visit)."""
+    """Run a module on `device`, its weights resting on `rest_device`, dropping the device copy."""
     module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -2858,6 +2853,7 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     flux = kind == "flux"
     for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
         fully_shard(block, mesh=mesh)
+
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
@@ -3077,8 +3073,7 @@ def build(make, state: dict, what: str, source) -> nn.Module:
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """diffusers tensors -> original keys by a table {original key: ([folder keys], transform)};
-    several folder keys make one fused tensor (qkv)."""
+    """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -3198,8 +3193,7 @@ OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: those under `prefix` (stripped), else those of no other component;
-    others are never read."""
+    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
