@@ -563,7 +563,8 @@ class Flux(nn.Module):
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance scale")
+                raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance "
+                                 "scale")
             vec = vec + self.guidance_in(timestep_embedding(guidance * 1000).to(img.dtype))
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
