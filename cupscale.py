@@ -346,8 +346,7 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
 
 # --- BEGIN copy of diffusion4k.py: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform: (..., H, W) -> (..., 4, H/2, W/2), the
-    subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    """Orthonormal 2-D Haar DWT (..., H, W) -> (..., 4, H/2, W/2): LL, LH, HL, HH as pywt's."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
@@ -570,7 +569,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -606,13 +604,13 @@ def residuals(x, attn, mods, proj, norm, mlp):
     return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
 
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args), recomputed in backward while `model.gradient_checkpointing` is on."""
+    """layer(*args), recomputed in backward if `model.gradient_checkpointing`."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: each block compiles once at any depth, the rest stays eager."""
+    """Regional compilation: each block class compiles once, the rest stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -674,8 +672,8 @@ class MMDiT(nn.Module):
         return out.reshape(b, channels, height, width)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """As `Flux.velocity`, given {"context", "pooled"}; `guidance` is unused. The timestep
-        stays fp32, as in diffusers (bf16 would round 857.7 to 856)."""
+        """As `Flux.velocity`, given {"context", "pooled"}; the timestep stays fp32, as in
+        diffusers (bf16 would round 857.7 to 856)."""
         b = z.shape[0]
         if torch.is_tensor(sigma):
             t = sigma.float().to(z.device).expand(b) * 1000
@@ -698,21 +696,21 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
 
     def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        ctx_qkv, ctx_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(ctx_qkv, x_qkv))
+        n = context.shape[1]
+        attn = merge_heads(self.attend(q, k, v, n))
         if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
+            context = self.context_block.post_attention(context, attn[:, :n], ctx_mods)
+        return context, self.x_block.post_attention(x, attn[:, n:], x_mods)
 
     def attend(self, q, k, v, num_context: int):
         """Joint attention over [context, image]; C-Upscale replaces it per block."""
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream of a joint block; the last context stream (`pre_only`) only gives keys, values."""
+    """One stream of a joint block; the last context stream (`pre_only`) has no output."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
@@ -730,7 +728,6 @@ class StreamBlock(nn.Module):
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def pre_attention(self, x, c):
-        """(q, k, v), and the modulation still to apply."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
         qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
         return split_heads(qkv, self.num_heads), mods
@@ -750,7 +747,7 @@ class TimestepMLP(nn.Module):
         return self.mlp(x)
 
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file, a diffusers folder or a Hub repo id."""
+    """An SD3 MMDiT from a Stability file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
@@ -764,7 +761,7 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                  source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; heads from config.json, else SD3's head dim of 64."""
+    """Dimensions from the tensors; heads from config.json, else 64 wide."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
         raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
                         "is supported")
@@ -786,7 +783,7 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
         pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
 
 def sd3_key_table(depth: int) -> dict:
-    """Stability key -> diffusers keys (`to_original_layout`) of an SD3 MMDiT of this depth."""
+    """Stability key -> diffusers keys of an SD3 MMDiT of this depth."""
     rows = [("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -817,13 +814,11 @@ def sd3_key_table(depth: int) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights:
-    a 4096^2 image becomes 16,384 Flux tokens instead of 65,536."""
+    """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage: for F16 a nearest x2 upsample before conv_out. This is the
-    whole-map, centred form; `Decoder.upsample_conv_out` bands it, as Diffusion-4K decodes."""
+    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -884,7 +879,7 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
-    """Unnormalised latents of x: a posterior sample, or without generator the mean."""
+    """Unnormalised latents: a posterior sample, or without generator the mean."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -949,7 +944,7 @@ class Decoder(nn.Module):
         return self.head(self.features(z))
 
     def features(self, z):
-        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares."""
+        """The map after norm_out + SiLU, which SC-VAE training compares."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -965,14 +960,12 @@ class Decoder(nn.Module):
 
     def upsample_conv_out(self, h, band_rows: int = 64):
         """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
-        map (4.3 GB in bf16 at 4096^2) never exists whole.
-
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
-        side only and cropped one pixel in, and its decoders were trained that way: output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
-        We compute that (`partitioned`), or the centred result."""
+        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
+        its outer side and cropped one pixel in (and trained its decoders so): output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
+        (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        shift = int(self.partitioned)  # how far the result moves down and right
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
@@ -1051,8 +1044,8 @@ VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE supports
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
-    folder or a Hub repo id; scale, shift and stride from the arguments, config.json, or Flux's."""
+    """A 16-channel AutoencoderKL from a single file, a diffusers folder or a Hub repo id; scale,
+    shift and stride from the arguments, else config.json, else Flux's."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1091,7 +1084,7 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of this VAE state (either layout), with its shortcuts only."""
+    """The key table of this VAE state (either layout)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
@@ -1103,7 +1096,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, every possible shortcut in."""
+    """LDM key -> diffusers keys of a VAE, every possible shortcut in."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1139,8 +1132,7 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
+# Module names are transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL."""
@@ -1158,8 +1150,8 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """ids (B, T) -> last hidden state. No absolute positions: a learned bias per (head, bucket of
-    key - query offset) is added to every layer's logits."""
+    """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
+
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1171,7 +1163,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask (B, T): true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1185,8 +1177,8 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
-    """(query, key) -> T5's bucket of key - query: keys after the query use the upper half; in a
-    half, small offsets get one bucket each, larger ones log-wider buckets up to `max_distance`."""
+    """(query, key) -> T5's bucket of key - query: keys after the query in the upper half; small
+    offsets get a bucket each, larger ones log-wider buckets."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1235,7 +1227,7 @@ class T5LayerNorm(nn.Module):
         return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the linear maps (q, k, v, out)."""
+    """Self-attention of x (B, L, C) by the linear maps (q, k, v, out)."""
     q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
@@ -1269,8 +1261,6 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer (transformers' CLIPTextModel[WithProjection])."""
-
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
         self.config, d, projection = config, config.hidden_size, config.projection_dim
@@ -1324,9 +1314,8 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer: NFC, whitespace runs to one space, lower
-    case, "</w>" closing each word; padded with the folder's pad token, else <|endoftext|>.
-    `added_tokens_decoder` tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
+    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token.
+    Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1362,8 +1351,7 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`): prompts end in
-    </s>, padded with <pad> to `max_length` (512 for FLUX.1-dev, 256 for schnell and SD3)."""
+    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`)."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -1386,19 +1374,17 @@ class T5Tokenizer:
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
         except Exception as error:  # both libraries raise assorted types
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+        if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = self.encode(prompts)
+        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
               name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut as diffusers' `truncation=True`;
-    with a tokenizer `name`, a cut is reported."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut (and with a `name` reported)."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1414,7 +1400,7 @@ def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, 
     return out
 
 def special_token(folder: Path, name: str) -> str | None:
-    """A special token ("pad_token") as a tokenizer folder's json files declare it."""
+    """A special token ("pad_token") as a tokenizer folder declares it."""
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         value = tokenizer_json(folder, file).get(name)
         if value:
@@ -1426,23 +1412,21 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
-    safetensors file (+ `prefix`); a T5ForConditionalGeneration's decoder is skipped."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     tied = state.pop("encoder.embed_tokens.weight", None)  # a copy of shared.weight, if any
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
+    if tied is not None:
+        state.setdefault("shared.weight", tied)
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
                   f"{source}: T5 encoder", source)
     return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`, a CLIPModel's
-    vision tower skipped."""
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
@@ -1453,7 +1437,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors under `prefix`, stripped, but those starting with one of `skip`; config.json)."""
+    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1466,7 +1450,6 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors, the rest from config.json."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1484,8 +1467,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
-    heads and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
+    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
+    for CLIP-L, gelu otherwise."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -1617,8 +1600,6 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of sing
 
 @dataclass
 class Pipeline:
-    """What turns prompts into 4K images."""
-
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
     vae: AutoEncoder
@@ -1638,8 +1619,7 @@ class Pipeline:
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """Tokenizers and text encoders of a diffusers folder or Hub repo; SD3's encoders may come from
-    `encoder_file` (a Stability all-in-one file) instead."""
+    """Text encoders and tokenizers of a diffusers folder or Hub repo (SD3's: or `encoder_file`)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
 
     def folder(name):
@@ -1667,25 +1647,24 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
+    """Each prompt's conditioning on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
         with on_device(encoder, gpu, "cpu"):
             features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
+    t5, clip_l, clip_g = features["t5"], features["clip_l"], features.get("clip_g")
     if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
-            for i in range(len(prompts))]
+        cond = {"txt": t5, "y": clip_l.pooled}
+    else:
+        clip = torch.cat([clip_l.penultimate, clip_g.penultimate], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
+        cond = {"context": torch.cat([clip, t5], dim=1),
+                "pooled": torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)}
+    return [{k: v[i : i + 1].cpu() for k, v in cond.items()} for i in range(len(prompts))]
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device, rest_device):
-    """Run a module on `device`, its weights resting on `rest_device`. They do not change during a
-    visit, so leaving drops the device copy instead of copying it back."""
+    """Run a module on `device`, its weights resting on `rest_device`, dropping the device copy."""
     module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -1706,7 +1685,7 @@ def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 def place(slots: list, tensors: list):
-    """Let the slots hold these tensors without copying (frozen parameters stay parameters)."""
+    """Let the slots hold these tensors (frozen parameters stay parameters)."""
     for (owner, name), t in zip(slots, tensors):
         if name in owner._parameters and not isinstance(t, nn.Parameter):
             t = nn.Parameter(t, requires_grad=False)
@@ -1715,8 +1694,7 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN copy of diffusion4k.py: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to shift(1/1000),
-    shifted once more (as SD3 was tuned), then 0."""
+    """diffusers' SD3 schedule: `steps` levels from 1 to shift(1/1000), shifted again, then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -1729,8 +1707,7 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles, blended by ramps summing
-    to one; fp32 on `device`."""
+    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -1741,19 +1718,20 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
             ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
             if out is None:
-                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
                 weight = y.new_zeros(round(height * ratio), round(width * ratio))
+                out = y.new_zeros(1, y.shape[1], *weight.shape)
             fade = round(overlap * ratio)
             wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
             w = (wy[:, None] * wx[None]).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
-            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
-            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
+            out[..., rows, cols] += y * w
+            weight[rows, cols] += w
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, and one flush with the end, so no window is partial."""
+    """Starts every `stride`, and one flush with the end."""
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] + window < length:
         starts.append(length - window)
@@ -1775,7 +1753,7 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a meta-device model, refusing any mismatch by name."""
+    """Load `state` into a meta-device model, refusing any mismatch."""
     report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
@@ -1783,14 +1761,12 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     return model
 
 def build(make, state: dict, what: str, source) -> nn.Module:
-    """make() on the meta device with `state` assigned, in eval mode."""
     with torch.device("meta"), config_from_files(source):
         model = make()
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """diffusers tensors -> the original single-file keys, by a table {original key: ([folder
-    keys], transform)}; several folder keys are concatenated into one fused tensor (qkv)."""
+    """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -1817,7 +1793,7 @@ def shape_mismatch(state: dict, expected: dict) -> str:
     })
 
 def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)': each non-empty list, its first three keys named."""
+    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
     return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                      for kind, keys in kinds.items() if keys)
 
@@ -1830,7 +1806,7 @@ def linear_entries(original: str, folder, transform=None) -> dict:
             for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
-    """The table rows of layers (original, folder[, transform]), weight and bias."""
+    """Table rows (weight and bias) of layers (original, folder[, transform])."""
     return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
@@ -1856,7 +1832,7 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json (in its folder or beside a diffusers file), type-checked."""
+    """A component's config.json, type-checked."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
     return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
@@ -1888,14 +1864,13 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files becomes a UserError."""
+    """A ValueError from a config built from `source`'s files becomes a UserError."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -1911,8 +1886,7 @@ OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: those under `prefix` (stripped), else those of no other component.
-    Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}

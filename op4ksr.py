@@ -427,7 +427,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -463,13 +462,13 @@ def residuals(x, attn, mods, proj, norm, mlp):
     return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
 
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args), recomputed in backward while `model.gradient_checkpointing` is on."""
+    """layer(*args), recomputed in backward if `model.gradient_checkpointing`."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: each block compiles once at any depth, the rest stays eager."""
+    """Regional compilation: each block class compiles once, the rest stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -523,8 +522,7 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """Packed latents img (B, L, 64), T5 features txt, their RoPE ids (B or 1, L or T, 3),
-        sigma (B,), CLIP pooled y (B, 768), guidance (B,) -> velocity."""
+        """Packed latents img and T5 features txt with RoPE ids (B or 1, L, 3) -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -545,7 +543,7 @@ class Flux(nn.Module):
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """Velocity of latents z (B, C, H, W) at sigma (float or (B,)) given {"txt", "y"}; sigma
-        and guidance in z's dtype, as in diffusers. Text tokens sit at RoPE position 0."""
+        and guidance in z's dtype, as in diffusers."""
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
@@ -554,13 +552,12 @@ class Flux(nn.Module):
         return unpack_latents(v, h, w)
 
 def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as (batch,) like `like`."""
     if torch.is_tensor(value):
         return value.to(like.device, like.dtype).expand(batch)
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
+    """Text and image have their own weights but attend jointly."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -588,7 +585,7 @@ class DoubleStreamBlock(nn.Module):
         return img, txt
 
 class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one matmul."""
+    """One weight set over [text, image]: attention and MLP in parallel."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -638,8 +635,6 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    """Per-head RMSNorm of queries and keys, statistics in fp32."""
-
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
@@ -665,24 +660,25 @@ def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) (B, 1, L, head_dim/2) for positions ids (B, L, axes), each axis owning a slice of
-    the head dim. Angles in fp64: fp32 loses precision at slow frequencies."""
+    """(cos, sin) (B, 1, L, head_dim/2) of positions ids (B, L, axes), each axis a slice of the
+    head dim; angles in fp64, as fp32 loses the slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """One RoPE axis' dim/2 rotation speeds theta^(-2j/dim), radians per position."""
+    """One RoPE axis' rotation speeds theta^(-2j/dim)."""
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles, in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D), in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, features (c, row, col)."""
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
+
     b, c, h, w = z.shape
     z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return z.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -693,14 +689,14 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens: (0, row, col)."""
+    """RoPE positions (0, row, col) of the packed tokens."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
 def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
               token=None) -> Flux:
-    """A Flux transformer from a BFL single file, a diffusers folder or a Hub repo id."""
+    """A Flux transformer from a BFL file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
@@ -714,7 +710,7 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Dimensions from the tensors; the RoPE split from `axes_dim`, config.json or (16, 56, 56)."""
+    """Dimensions from the tensors; the RoPE split from `axes_dim` or config.json."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
@@ -733,14 +729,13 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
         guidance_embed="guidance_in.in_layer.weight" in state)
 
 def flux_table_for(state: dict) -> dict:
-    """The key table of this diffusers Flux state."""
     depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
     single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
     guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
     return flux_key_table(depth, single, guidance)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
-    """BFL key -> diffusers keys (`to_original_layout`) of a Flux with these blocks."""
+    """BFL key -> diffusers keys of a Flux with these blocks."""
     rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -778,13 +773,11 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights:
-    a 4096^2 image becomes 16,384 Flux tokens instead of 65,536."""
+    """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage: for F16 a nearest x2 upsample before conv_out. This is the
-    whole-map, centred form; `Decoder.upsample_conv_out` bands it, as Diffusion-4K decodes."""
+    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -845,7 +838,7 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
-    """Unnormalised latents of x: a posterior sample, or without generator the mean."""
+    """Unnormalised latents: a posterior sample, or without generator the mean."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -910,7 +903,7 @@ class Decoder(nn.Module):
         return self.head(self.features(z))
 
     def features(self, z):
-        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares."""
+        """The map after norm_out + SiLU, which SC-VAE training compares."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -926,14 +919,12 @@ class Decoder(nn.Module):
 
     def upsample_conv_out(self, h, band_rows: int = 64):
         """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
-        map (4.3 GB in bf16 at 4096^2) never exists whole.
-
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
-        side only and cropped one pixel in, and its decoders were trained that way: output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
-        We compute that (`partitioned`), or the centred result."""
+        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
+        its outer side and cropped one pixel in (and trained its decoders so): output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
+        (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        shift = int(self.partitioned)  # how far the result moves down and right
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
@@ -1012,8 +1003,8 @@ VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE supports
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
-    folder or a Hub repo id; scale, shift and stride from the arguments, config.json, or Flux's."""
+    """A 16-channel AutoencoderKL from a single file, a diffusers folder or a Hub repo id; scale,
+    shift and stride from the arguments, else config.json, else Flux's."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1052,7 +1043,7 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of this VAE state (either layout), with its shortcuts only."""
+    """The key table of this VAE state (either layout)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
@@ -1064,7 +1055,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, every possible shortcut in."""
+    """LDM key -> diffusers keys of a VAE, every possible shortcut in."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1100,8 +1091,7 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
-# Flux conditions on T5 (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G (per token:
-# penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
+# Module names are transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
     """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL."""
@@ -1119,8 +1109,8 @@ class T5Config:
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """ids (B, T) -> last hidden state. No absolute positions: a learned bias per (head, bucket of
-    key - query offset) is added to every layer's logits."""
+    """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
+
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1132,7 +1122,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask (B, T): true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1146,8 +1136,8 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
-    """(query, key) -> T5's bucket of key - query: keys after the query use the upper half; in a
-    half, small offsets get one bucket each, larger ones log-wider buckets up to `max_distance`."""
+    """(query, key) -> T5's bucket of key - query: keys after the query in the upper half; small
+    offsets get a bucket each, larger ones log-wider buckets."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1196,7 +1186,7 @@ class T5LayerNorm(nn.Module):
         return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the linear maps (q, k, v, out)."""
+    """Self-attention of x (B, L, C) by the linear maps (q, k, v, out)."""
     q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
@@ -1230,8 +1220,6 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer (transformers' CLIPTextModel[WithProjection])."""
-
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
         self.config, d, projection = config, config.hidden_size, config.projection_dim
@@ -1285,9 +1273,8 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer: NFC, whitespace runs to one space, lower
-    case, "</w>" closing each word; padded with the folder's pad token, else <|endoftext|>.
-    `added_tokens_decoder` tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
+    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token.
+    Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1323,8 +1310,7 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`): prompts end in
-    </s>, padded with <pad> to `max_length` (512 for FLUX.1-dev, 256 for schnell and SD3)."""
+    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`)."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -1347,19 +1333,17 @@ class T5Tokenizer:
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
         except Exception as error:  # both libraries raise assorted types
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+        if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = self.encode(prompts)
+        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
               name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut as diffusers' `truncation=True`;
-    with a tokenizer `name`, a cut is reported."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut (and with a `name` reported)."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1375,7 +1359,7 @@ def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, 
     return out
 
 def special_token(folder: Path, name: str) -> str | None:
-    """A special token ("pad_token") as a tokenizer folder's json files declare it."""
+    """A special token ("pad_token") as a tokenizer folder declares it."""
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         value = tokenizer_json(folder, file).get(name)
         if value:
@@ -1387,23 +1371,21 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
-    safetensors file (+ `prefix`); a T5ForConditionalGeneration's decoder is skipped."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     tied = state.pop("encoder.embed_tokens.weight", None)  # a copy of shared.weight, if any
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
+    if tied is not None:
+        state.setdefault("shared.weight", tied)
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
                   f"{source}: T5 encoder", source)
     return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`, a CLIPModel's
-    vision tower skipped."""
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
@@ -1414,7 +1396,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors under `prefix`, stripped, but those starting with one of `skip`; config.json)."""
+    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1427,7 +1409,6 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors, the rest from config.json."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1445,8 +1426,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
-    heads and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
+    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
+    for CLIP-L, gelu otherwise."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
@@ -2004,10 +1985,11 @@ def unit_tensor(image: Image.Image) -> torch.Tensor:
 
 # --- BEGIN copy of diffusion4k.py: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
-    """A recipe field: its default (or `factory`) and argparse's keywords for its option."""
+    """A recipe field: its default (or `factory`) and argparse keywords."""
+    metadata = {"help": help, **cli}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **cli})
-    return field(default=default, metadata={"help": help, **cli})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
     """One --option per field of the recipe class `kind` (or those in `names`)."""
@@ -2529,7 +2511,7 @@ def _pick(generator, options, probs=None):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The images metadata.jsonl lists, else all under the folder; unreadable ones skipped."""
+    """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2555,7 +2537,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     return usable
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
-    """The files metadata.jsonl names (`file_name`), each once, and how many lines were skipped."""
+    """The files metadata.jsonl names, each once, and how many lines were skipped."""
     files, seen, skipped = [], {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
@@ -2576,8 +2558,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
     return files, skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
-    """The image resized to cover height x width, cropped at the relative offset, maybe flipped:
-    (3, H, W) in [-1, 1]."""
+    """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -2589,9 +2570,9 @@ def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) ->
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and
-    every sample's crop, flip, sigma and noise, each rank keeping its share; checkpointed, so a
-    resumed run draws what an uninterrupted one would."""
+    """Seeded global batches: one CPU generator draws each epoch's order and every sample's crop,
+    flip, sigma and noise, so a resumed run draws the same."""
+
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2610,6 +2591,7 @@ class Batches:
     def state(self) -> dict:
         order = torch.tensor(self.order, dtype=torch.long)
         return {"generator": self.generator.get_state(), "order": order, "cursor": self.cursor}
+
 
     def load(self, state: dict):
         self.generator.set_state(state["generator"])
@@ -2644,7 +2626,7 @@ class Distributed:
             dist.barrier()
 
 def setup_distributed(device_name: str | None) -> Distributed:
-    """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
+    """One process, or one per GPU under `torchrun`."""
     device = device_dtype(device_name)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
@@ -2658,7 +2640,7 @@ def setup_distributed(device_name: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root (embedders, final layer)."""
+    """FSDP2: each transformer block a shard group, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -2666,12 +2648,12 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     flux = kind == "flux"
     for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
         fully_shard(block, mesh=mesh)
+
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
-    """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt; a
-    checkpoint that cannot be written whole is removed."""
+    """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2692,7 +2674,6 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options(lora))
@@ -2711,7 +2692,7 @@ def training_diverged(step: int, what: str, output: Path) -> UserError:
                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
-    """Resume from `folder`, or the newest intact checkpoint before it, if it is this run's."""
+    """Resume from `folder`, or the newest intact checkpoint before it; returns the step."""
     from torch.distributed.checkpoint import state_dict as dcp
 
     def read(candidate):
@@ -2741,7 +2722,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     return state["step"]
 
 def check_resumable(folder: Path, run: dict):
-    """Refuse another run's checkpoint; a file too damaged to tell is left to `load_checkpoint`."""
+    """Refuse another run's checkpoint (a damaged one is left to `load_checkpoint`)."""
     try:
         recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
     except UserError:
@@ -2795,8 +2776,7 @@ VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 with VGG16 (Zhang et al., 2018): at five ReLU outputs the squared difference of
-    unit-normalised channel vectors is weighted by the 1x1 `lins`, averaged over space and summed.
-    `features` has torchvision's indices, so its checkpoints load unchanged."""
+    unit-normalised channel vectors is weighted by the 1x1 `lins`, averaged and summed."""
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
 
@@ -2828,7 +2808,7 @@ class LPIPS(nn.Module):
         return out
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear layers and torchvision / timm VGG16 weights."""
+    """LPIPS-vgg from lpips' linear layers and torchvision / timm VGG16 weights."""
     hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
             "--lpips-weight 0)")
 
@@ -2856,7 +2836,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
-    """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is fetched)."""
+    """A local file, or `owner/repo/path/in/repo` on the Hub."""
     local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
@@ -2875,7 +2855,7 @@ def weight_file(spec, what: str, token=None) -> Path:
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a meta-device model, refusing any mismatch by name."""
+    """Load `state` into a meta-device model, refusing any mismatch."""
     report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
@@ -2883,14 +2863,12 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     return model
 
 def build(make, state: dict, what: str, source) -> nn.Module:
-    """make() on the meta device with `state` assigned, in eval mode."""
     with torch.device("meta"), config_from_files(source):
         model = make()
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """diffusers tensors -> the original single-file keys, by a table {original key: ([folder
-    keys], transform)}; several folder keys are concatenated into one fused tensor (qkv)."""
+    """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
@@ -2917,7 +2895,7 @@ def shape_mismatch(state: dict, expected: dict) -> str:
     })
 
 def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)': each non-empty list, its first three keys named."""
+    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
     return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                      for kind, keys in kinds.items() if keys)
 
@@ -2930,7 +2908,7 @@ def linear_entries(original: str, folder, transform=None) -> dict:
             for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
-    """The table rows of layers (original, folder[, transform]), weight and bias."""
+    """Table rows (weight and bias) of layers (original, folder[, transform])."""
     return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
@@ -2956,7 +2934,7 @@ def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json (in its folder or beside a diffusers file), type-checked."""
+    """A component's config.json, type-checked."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
     return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
@@ -2988,14 +2966,13 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files becomes a UserError."""
+    """A ValueError from a config built from `source`'s files becomes a UserError."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type, naming the file and the field."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -3011,8 +2988,7 @@ OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: those under `prefix` (stripped), else those of no other component.
-    Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
