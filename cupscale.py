@@ -966,12 +966,12 @@ class Decoder(nn.Module):
         (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
         shift = int(self.partitioned)  # how far the result moves down and right
+        halo = 1 - shift  # input rows below a band that it sees
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # input rows below the band that it sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            low, high = max(top - 1, 0), min(top + n + halo, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
             first = s - 1 - shift  # of the rows the 3x3 window reaches
             up = up[..., first : first + s * n + 2, :]
@@ -1881,7 +1881,8 @@ def check_config_fields(config: dict, file) -> dict:
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+# the other components' prefixes in all-in-one checkpoints (ComfyUI, Stability)
+
 OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
                     "vae.", "text_encoder")
 
