@@ -1152,7 +1152,6 @@ T5_XXL = T5Config()
 class T5Encoder(nn.Module):
     """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
 
-
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
         self.config = config

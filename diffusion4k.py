@@ -1328,7 +1328,6 @@ T5_XXL = T5Config()
 class T5Encoder(nn.Module):
     """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
 
-
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
         self.config = config
@@ -2779,7 +2778,6 @@ class Batches:
     """Seeded global batches: one CPU generator draws each epoch's order and every sample's crop,
     flip, sigma and noise, so a resumed run draws the same."""
 
-
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
         self.order, self.cursor = [], 0
@@ -2797,7 +2795,6 @@ class Batches:
     def state(self) -> dict:
         order = torch.tensor(self.order, dtype=torch.long)
         return {"generator": self.generator.get_state(), "order": order, "cursor": self.cursor}
-
 
     def load(self, state: dict):
         self.generator.set_state(state["generator"])
