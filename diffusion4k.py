@@ -196,23 +196,20 @@ def flux_mu(image_tokens: int) -> float:
 
 # --- BEGIN kit: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """diffusers' FlowMatchEulerDiscreteScheduler for SD3: `steps` levels from 1 to the shifted
-    smallest training level shift(1/1000), shifted once more (SD3 was tuned so), then 0."""
+    """diffusers' SD3 schedule: `steps` levels from 1 to shift(1/1000), shifted again, then 0."""
     smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
     sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """Move a rectified-flow schedule towards high noise: sigma' = e^mu / (e^mu + 1/sigma - 1), 0
-    staying 0. SD3's static shift s is mu = ln(s)."""
+    """Shift a schedule towards noise: sigma' = e^mu / (e^mu + 1/sigma - 1); SD3's shift s: ln s."""
     shifted = math.exp(mu) / (math.exp(mu) + 1 / sigmas.clamp_min(1e-12) - 1)
     return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
 # --- END kit: flow-matching schedule ---
 
 # --- BEGIN kit: tiled VAE ---
 def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """The VAE's `encode` or `decode` of (1, C, H, W) x in overlapping `tile`-square tiles (x's
-    pixels), blended with ramps that sum to one. Returns fp32 on `device`."""
+    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:
         return fn(x.to(device, dtype)).float()
@@ -223,26 +220,27 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
             ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
             if out is None:
-                out = y.new_zeros(1, y.shape[1], round(height * ratio), round(width * ratio))
                 weight = y.new_zeros(round(height * ratio), round(width * ratio))
+                out = y.new_zeros(1, y.shape[1], *weight.shape)
             fade = round(overlap * ratio)
             wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
             w = (wy[:, None] * wx[None]).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
-            out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
-            weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
+            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
+            out[..., rows, cols] += y * w
+            weight[rows, cols] += w
     return out / weight
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, plus one window flush with the end, so none is partial."""
+    """Starts every `stride`, and one flush with the end."""
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] + window < length:
         starts.append(length - window)
     return starts
 
 def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
+    """1-D tile weights: linear ramps over the first and last samples."""
     weights = torch.ones(size, dtype=torch.float64)
     if fade_start:
         weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
@@ -257,14 +255,11 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 
 # --- BEGIN kit: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
-    """The encoder's first layer. Stride 2 makes Diffusion-4K's F16 VAE from the F8 one, same
-    weights: a 4096^2 image becomes a 256^2 latent, 16,384 Flux tokens instead of 65,536."""
+    """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
 def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage after norm_out + SiLU: for F16 a nearest x2 upsample (undoing
-    `vae_conv_in`'s stride) before conv_out. This is the whole-map, centred form;
-    `Decoder.upsample_conv_out` computes it in bands, by default as Diffusion-4K decodes."""
+    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
     if stride > 1:
         h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
     return conv_out(h)
@@ -311,11 +306,10 @@ def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
 
 # --- BEGIN kit: Haar wavelets ---
 def haar_dwt(x: torch.Tensor) -> torch.Tensor:
-    """One level of the orthonormal 2-D Haar transform over the last two dims: (..., H, W) ->
-    (..., 4, H/2, W/2), the subbands LL, LH, HL, HH = pywt's dwt2(x, "haar")."""
+    """Orthonormal 2-D Haar DWT (..., H, W) -> (..., 4, H/2, W/2): LL, LH, HL, HH as pywt's."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"haar_dwt needs an even height and width, got {tuple(x.shape[-2:])}")
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
     c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     return torch.stack([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) / 2
 
@@ -324,7 +318,8 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     ll, lh, hl, hh = bands.unbind(-3)
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
-    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)  # h, 2, w, 2
+    blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)
+
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END kit: Haar wavelets ---
 
@@ -457,7 +452,7 @@ def ema_update(ema: dict, params, step: int, decay: float):
 
 # --- BEGIN kit: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim) (Flux and SD3)."""
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(-math.log(max_period) * steps / half)
@@ -465,11 +460,10 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 def modulate(x, shift, scale):
-    """adaLN of tokens (B, L, C) by per-sample (B, C) vectors."""
+    """adaLN of tokens (B, L, C) by per-sample (B, C) shift and scale."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def layer_norm(dim: int) -> nn.LayerNorm:
-    """The norm before a modulation, which supplies its affine."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 def split_heads(qkv: torch.Tensor, num_heads: int):
@@ -479,9 +473,15 @@ def split_heads(qkv: torch.Tensor, num_heads: int):
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale), then a linear map to the output features."""
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
+def check_divisible(width: int, heads: int, heads_name: str = "num_heads"):
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by {heads_name} {heads}")
+
+class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_features: int):
         super().__init__()
         self.norm_final = layer_norm(dim)
@@ -493,20 +493,19 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 def residuals(x, attn, mods, proj, norm, mlp):
-    """A stream's gated residual attention and MLP, modulated (adaLN-Zero)."""
+    """A stream's gated residual attention and MLP (adaLN-Zero)."""
     _, _, gate1, shift2, scale2, gate2 = mods
     x = x + gate1[:, None] * proj(attn)
     return x + gate2[:, None] * mlp(modulate(norm(x), shift2, scale2))
 
 def run_checkpointed(model: nn.Module, layer, *args):
-    """layer(*args), recomputed in the backward pass while `model.gradient_checkpointing` is on."""
+    """layer(*args), recomputed in backward if `model.gradient_checkpointing`."""
     if model.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional compilation: `torch.compile` each transformer block, so each block class compiles
-    once at any depth and the rest (hooks, `torch.compiler.disable` functions) stays eager."""
+    """Regional compilation: each block class compiles once, the rest stays eager."""
     for name in ("double_blocks", "single_blocks", "joint_blocks"):
         for block in getattr(model, name, ()):
             block.compile()
@@ -516,25 +515,23 @@ def compile_blocks(model: nn.Module) -> nn.Module:
 # --- BEGIN kit: Flux transformer ---
 @dataclass(frozen=True)
 class FluxConfig:
-    """Flux.1 transformer. Defaults: FLUX.1-dev (11.9B parameters)."""
+    """Flux.1 transformer. Defaults: FLUX.1-dev."""
 
     in_channels: int = 64  # 16 latent channels x 2x2 packing
     hidden_size: int = 3072
     num_heads: int = 24
-    depth: int = 19  # double-stream blocks
+    depth: int = 19
     depth_single_blocks: int = 38
     mlp_ratio: float = 4.0
-    vec_in_dim: int = 768  # CLIP-L pooled
-    context_in_dim: int = 4096  # T5-XXL
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
     axes_dim: tuple = (16, 56, 56)  # RoPE dims per position axis (unused, row, column)
-    theta: float = 10000.0  # RoPE base; OP4KSR's RFR lowers it to 100
+    theta: float = 10000.0
     guidance_embed: bool = True  # dev: distilled guidance input; schnell: none
 
     def __post_init__(self):
-        width, heads = self.hidden_size, self.num_heads
-        head_dim = width // heads
-        if width % heads:
-            raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+        check_divisible(self.hidden_size, self.num_heads)
+        head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
@@ -543,8 +540,7 @@ FLUX_DEV = FluxConfig()
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 class Flux(nn.Module):
-    """The Flux.1 rectified-flow transformer: double-stream blocks, then single-stream blocks over
-    [text, image]. Parameter names are BFL's checkpoint keys."""
+    """Flux.1: double-stream blocks, then single-stream blocks over [text, image]; BFL's keys."""
 
     def __init__(self, config: FluxConfig = FLUX_DEV):
         super().__init__()
@@ -563,8 +559,7 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        """img (B, L, 64) packed latents, txt (B, T, 4096) T5 features, their RoPE ids (B or 1,
-        L or T, 3), timesteps (B,) sigma, y (B, 768) CLIP pooled, guidance (B,) -> velocity."""
+        """Packed latents img and T5 features txt with RoPE ids (B or 1, L, 3) -> velocity."""
         vec = self.time_in(timestep_embedding(timesteps * 1000).to(img.dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -584,9 +579,8 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
-        {"txt": T5 features, "y": CLIP pooled} and, for dev, the guidance scale (both in z's dtype,
-        as in diffusers). Text tokens sit at RoPE position (0, 0, 0)."""
+        """Velocity of latents z (B, C, H, W) at sigma (float or (B,)) given {"txt", "y"}; sigma
+        and guidance in z's dtype, as in diffusers."""
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
@@ -595,13 +589,12 @@ class Flux(nn.Module):
         return unpack_latents(v, h, w)
 
 def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, or a tensor of 1 or `batch` values, as a (batch,) tensor like `like`."""
     if torch.is_tensor(value):
         return value.to(like.device, like.dtype).expand(batch)
     return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
-    """Text and image keep their own weights but attend jointly over [text, image]."""
+    """Text and image have their own weights but attend jointly."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -618,7 +611,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = feed_forward(dim, mlp_hidden)
 
     def forward(self, img, txt, vec, rope):
-        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)  # shift, scale, gate (x2)
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         img_qkv = self.img_attn.qkv_heads(modulate(self.img_norm1(img), *img_mod[:2]))
         txt_qkv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), *txt_mod[:2]))
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))  # text first
@@ -629,7 +622,7 @@ class DoubleStreamBlock(nn.Module):
         return img, txt
 
 class SingleStreamBlock(nn.Module):
-    """One weight set over [text, image]: attention and MLP in parallel from one fused matmul."""
+    """One weight set over [text, image]: attention and MLP in parallel."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -651,8 +644,6 @@ class SingleStreamBlock(nn.Module):
         return x + gate[:, None] * self.linear2(torch.cat([attn, mlp], dim=-1))
 
 class SelfAttention(nn.Module):
-    """One stream's attention weights: fused qkv, QK RMSNorm, output projection."""
-
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -665,7 +656,7 @@ class SelfAttention(nn.Module):
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 class Modulation(nn.Module):
-    """adaLN: vec -> (shift, scale, gate) once (single blocks) or twice (double blocks)."""
+    """vec -> (shift, scale, gate), twice for double blocks."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
@@ -681,17 +672,13 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    """Per-head RMS normalisation of queries and keys, statistics in fp32."""
-
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.scale
+        return rms_normalize(x, self.eps).type_as(x) * self.scale
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -710,24 +697,25 @@ def attention_with_rope(q, k, v, rope):
     return merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
 
 def rope_table(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, L, head_dim/2) fp32, for positions ids (B, L, n_axes); each axis
-    owns a slice of the head dim. Angles in fp64: fp32 loses precision at slow frequencies."""
+    """(cos, sin) (B, 1, L, head_dim/2) of positions ids (B, L, axes), each axis a slice of the
+    head dim; angles in fp64, as fp32 loses the slow frequencies."""
     angles = torch.cat([ids[..., i, None].double() * rope_frequencies(dim, theta).to(ids.device)
                         for i, dim in enumerate(axes_dim)], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """The dim/2 rotation speeds (radians per position) of one RoPE axis: theta^(-2j/dim)."""
+    """One RoPE axis' rotation speeds theta^(-2j/dim)."""
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D) by `rope_table`'s angles, in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, H, L, D), in fp32."""
     cos, sin = rope
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, features ordered (c, row, col)."""
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
+
     b, c, h, w = z.shape
     z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return z.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -738,15 +726,14 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """RoPE positions (1, H/2 * W/2, 3) of the packed tokens: (0, row, col)."""
+    """RoPE positions (0, row, col) of the packed tokens."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
     return ids.reshape(1, -1, 3).float().to(device)
 
 def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
               token=None) -> Flux:
-    """A Flux transformer from a BFL single file (keys bare or under `model.diffusion_model.`), a
-    diffusers `transformer/` or pipeline folder, or a Hub repo id."""
+    """A Flux transformer from a BFL file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
@@ -760,8 +747,7 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
-    """Dimensions from the (original-layout) tensors but the RoPE split of the head dim: that
-    comes from `axes_dim`, the folder's config.json, or Flux's (16, 56, 56)."""
+    """Dimensions from the tensors; the RoPE split from `axes_dim` or config.json."""
     hidden = state["img_in.weight"].shape[0]
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     folder_config = folder_config or {}
@@ -780,14 +766,13 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
         guidance_embed="guidance_in.in_layer.weight" in state)
 
 def flux_table_for(state: dict) -> dict:
-    """The key table of the Flux whose diffusers state dict this is."""
     depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
     single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
     guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
     return flux_key_table(depth, single, guidance)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
-    """BFL key -> diffusers keys (see `to_original_layout`) of a Flux with these blocks."""
+    """BFL key -> diffusers keys of a Flux with these blocks."""
     rows = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -796,7 +781,7 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
         rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
                  (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
     norms = {}  # QK-norm scales: weight only
-    # per stream: diffusers' suffix and its names of q/k/v, output projection and QK norms
+    # per stream: diffusers' suffix and names of q/k/v, output projection and QK norms
     streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
                ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
     for i in range(depth):
@@ -823,7 +808,7 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 # --- BEGIN kit: SD3 transformer ---
 @dataclass(frozen=True)
 class SD3Config:
-    """SD3 MMDiT. Defaults: SD3-Medium (2B parameters)."""
+    """SD3 MMDiT. Defaults: SD3-Medium."""
 
     in_channels: int = 16
     out_channels: int = 16
@@ -833,19 +818,16 @@ class SD3Config:
     depth: int = 24
     mlp_ratio: float = 4.0
     adm_in_channels: int = 2048  # pooled CLIP-L + CLIP-G
-    context_dim: int = 4096  # T5-XXL width; CLIP features are zero-padded to it
-    pos_embed_max_size: int = 192  # stored position grid: 192 patches = 3072 px (F8), 6144 px (F16)
+    context_dim: int = 4096
+    pos_embed_max_size: int = 192  # 192 patches = 3072 px (F8), 6144 px (F16)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
+        check_divisible(self.hidden_size, self.num_heads)
 
 SD3_MEDIUM = SD3Config()
 
 class MMDiT(nn.Module):
-    """SD3's multimodal diffusion transformer: joint blocks over [context, image]. Parameter names
-    are Stability's checkpoint keys (without `model.diffusion_model.`)."""
+    """SD3's multimodal diffusion transformer: joint blocks over [context, image]."""
 
     def __init__(self, config: SD3Config = SD3_MEDIUM):
         super().__init__()
@@ -853,7 +835,7 @@ class MMDiT(nn.Module):
         dim, p, n = config.hidden_size, config.patch_size, config.depth
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        # a fixed sin-cos table stored in the checkpoint; positions are its centre crop
+        # a fixed sin-cos table; positions are its centre crop
         self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size**2, dim))
         self.t_embedder = TimestepMLP(256, dim)
         self.y_embedder = TimestepMLP(config.adm_in_channels, dim)
@@ -864,8 +846,7 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, timesteps, context, y):
-        """x (B, C, H, W) latents; timesteps (B,) = sigma * 1000; context (B, T, 4096); y (B, 2048).
-        Returns the velocity (B, C, H, W)."""
+        """Latents x (B, C, H, W), timesteps (B,) = sigma * 1000, context, y -> velocity."""
         b, _, height, width = x.shape
         p, channels = self.config.patch_size, self.config.out_channels
         h, w = height // p, width // p
@@ -874,14 +855,13 @@ class MMDiT(nn.Module):
         context = self.context_embedder(context)
         for block in self.joint_blocks:
             context, tokens = run_checkpointed(self, block, context, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C), channels last inside each patch
+        out = self.final_layer(tokens, c)  # channels last inside each patch
         out = out.view(b, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, channels, height, width)
 
     def velocity(self, z, sigma, condition: dict, guidance=None):
-        """The velocity of latents z (B, C, H, W) at noise level sigma (a float or (B,)), given
-        {"context": CLIP + T5 features, "pooled": pooled CLIP-L/G}; `guidance` is unused. The
-        timestep stays fp32, as diffusers hands it over (bf16 would round 857.7 to 856)."""
+        """As `Flux.velocity`, given {"context", "pooled"}; the timestep stays fp32, as in
+        diffusers (bf16 would round 857.7 to 856)."""
         b = z.shape[0]
         if torch.is_tensor(sigma):
             t = sigma.float().to(z.device).expand(b) * 1000
@@ -904,23 +884,21 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, num_heads, mlp_ratio)
 
     def forward(self, context, x, c):
-        (ctx_q, ctx_k, ctx_v), ctx_mods = self.context_block.pre_attention(context, c)
-        (x_q, x_k, x_v), x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((ctx_q, x_q), (ctx_k, x_k), (ctx_v, x_v)))
-        attn = merge_heads(self.attend(q, k, v, context.shape[1]))
-        ctx_attn, x_attn = attn[:, : context.shape[1]], attn[:, context.shape[1] :]
+        ctx_qkv, ctx_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(ctx_qkv, x_qkv))
+        n = context.shape[1]
+        attn = merge_heads(self.attend(q, k, v, n))
         if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, ctx_attn, ctx_mods)
-        return context, self.x_block.post_attention(x, x_attn, x_mods)
+            context = self.context_block.post_attention(context, attn[:, :n], ctx_mods)
+        return context, self.x_block.post_attention(x, attn[:, n:], x_mods)
 
     def attend(self, q, k, v, num_context: int):
-        """Joint attention over [context, image] tokens (B, H, L, D); a method of its own so that
-        a method built on SD3 (C-Upscale's regional attention) can replace it per block."""
+        """Joint attention over [context, image]; C-Upscale replaces it per block."""
         return attention(q, k, v)
 
 class StreamBlock(nn.Module):
-    """One stream of a joint block. The last block's context stream is `pre_only`: it only supplies
-    keys and values."""
+    """One stream of a joint block; the last context stream (`pre_only`) has no output."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pre_only: bool = False):
         super().__init__()
@@ -938,7 +916,6 @@ class StreamBlock(nn.Module):
             self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def pre_attention(self, x, c):
-        """(q, k, v) of this stream, and the modulation still to be applied."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
         qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
         return split_heads(qkv, self.num_heads), mods
@@ -958,8 +935,7 @@ class TimestepMLP(nn.Module):
         return self.mlp(x)
 
 def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
-    """An SD3 MMDiT from a Stability single file (`sd3_medium*.safetensors`), a diffusers
-    `transformer/` or pipeline folder, or a Hub repo id."""
+    """An SD3 MMDiT from a Stability file, a diffusers folder or a Hub repo id."""
     path = component_path(source, "transformer", token)
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
@@ -973,13 +949,13 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                  source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
-    """Dimensions from the tensors; the head count from config.json, else SD3's head dim of 64."""
+    """Dimensions from the tensors; heads from config.json, else 64 wide."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
         raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
                         "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:  # not in single files
+    if heads is None:
         if hidden % 64:
             raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
                             f"the head count and {hidden} is no multiple of SD3's head dim 64; "
@@ -995,7 +971,7 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
         pos_embed_max_size=math.isqrt(state["pos_embed"].shape[1]))
 
 def sd3_key_table(depth: int) -> dict:
-    """Stability key -> diffusers keys (see `to_original_layout`) of an SD3 MMDiT of this depth."""
+    """Stability key -> diffusers keys of an SD3 MMDiT of this depth."""
     rows = [("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
@@ -1010,8 +986,9 @@ def sd3_key_table(depth: int) -> dict:
                  (f"{xb}.mlp.fc2", f"{f}.ff.net.2"),
                  (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
                  (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
-                 # the last context stream has only (shift, scale), as an AdaLayerNormContinuous
+                 # the last context stream has only (shift, scale)
                  (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
+
                   "swap" if last else None)]
         if not last:
             rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
@@ -1026,7 +1003,7 @@ def sd3_key_table(depth: int) -> dict:
 # --- BEGIN kit: VAE ---
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 16 latent channels (Flux and SD3). stride 2: Diffusion-4K's F16 VAE."""
+    """16-channel AutoencoderKL (Flux, SD3); stride 2: Diffusion-4K's F16 VAE."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -1060,7 +1037,7 @@ FLUX_VAE = VAEConfig()
 SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
 
 class AutoEncoder(nn.Module):
-    """AutoencoderKL; parameter names are the LDM / BFL `ae.safetensors` keys."""
+    """AutoencoderKL with the LDM / BFL `ae.safetensors` keys."""
 
     def __init__(self, config: VAEConfig = FLUX_VAE):
         super().__init__()
@@ -1078,7 +1055,7 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 def encode_raw(vae: AutoEncoder, x: torch.Tensor, generator=None) -> torch.Tensor:
-    """Unnormalised latents of x: a posterior sample, or the mean when generator is None."""
+    """Unnormalised latents: a posterior sample, or without generator the mean."""
     mean, logvar = vae.encoder(x).float().chunk(2, dim=1)
     if generator is None:
         return mean
@@ -1103,8 +1080,7 @@ class Encoder(nn.Module):
         self.mid = mid_block(width)
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
-        # OP4KSR trains LoRAs inside the encoder at 4096^2, where the first level dominates memory
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # OP4KSR trains encoder LoRAs at 4096^2
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -1123,12 +1099,12 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16 only: decode as Diffusion-4K's code (`upsample_conv_out`)
+        self.partitioned = True  # F16: decode as Diffusion-4K's code (`upsample_conv_out`)
         width = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = mid_block(width)
         self.up = nn.ModuleList()
-        for level in reversed(range(len(mults))):  # built from the lowest resolution
+        for level in reversed(range(len(mults))):
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
@@ -1144,7 +1120,7 @@ class Decoder(nn.Module):
         return self.head(self.features(z))
 
     def features(self, z):
-        """The map after norm_out + SiLU (H/2 for F16), which SC-VAE training compares with F8's."""
+        """The map after norm_out + SiLU, which SC-VAE training compares."""
         h = self.conv_in(z)
         for block in self.mid:
             h = run_checkpointed(self, block, h)
@@ -1156,26 +1132,22 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        """`decoder_head`: conv_out (F8), or nearest x2 then conv_out in bands (F16)."""
         return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage, nearest x2 then `conv_out`, in bands of `band_rows` input rows: the
-        upsampled map (4.3 GB in bf16 at 4096^2) never exists whole.
-
-        Diffusion-4K's code decodes this stage in 2x2 partitions, each zero-padded on its outer
-        side only and cropped one pixel in, and its decoders were trained that way: output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), zero outside the map.
-        We compute that (`partitioned`), or the centred result. Output rows [2t, 2t + 2n) need
-        input rows [t - 1, t + n) (centred: [t - 1, t + n + 1)), zero beyond the image."""
+        """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
+        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
+        its outer side and cropped one pixel in (and trained its decoders so): output pixel
+        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
+        (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
-        shift = 1 if self.partitioned else 0  # how far the result moves down and right
+        shift = int(self.partitioned)  # how far the result moves down and right
+        halo = 1 - shift  # input rows below a band that it sees
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
-            halo_below = 1 - shift  # rows below the band that its last output row sees
-            low, high = max(top - 1, 0), min(top + n + halo_below, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo_below - high))
+            low, high = max(top - 1, 0), min(top + n + halo, rows)
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
             first = s - 1 - shift  # of the rows the 3x3 window reaches
             up = up[..., first : first + s * n + 2, :]
@@ -1194,14 +1166,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        inplace = not torch.is_grad_enabled()  # without autograd no norm output is needed again
+        inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels of the lowest-resolution map."""
-
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)
@@ -1211,7 +1181,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        # contiguous: with a strided last dim SDPA falls back to math, writing hw x hw scores
+        # contiguous: else SDPA falls back to math, writing hw x hw scores
         q, k, v = (conv(hidden).view(b, 1, c, h * w).transpose(-1, -2).contiguous()
                    for conv in (self.q, self.k, self.v))
         out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
@@ -1243,16 +1213,15 @@ def mid_block(channels: int) -> nn.Sequential:
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
-VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE implements
+VAE_FIXED = {  # the diffusers AutoencoderKL settings this VAE supports
     "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True,
     "use_quant_conv": False, "use_post_quant_conv": False,
     "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_factor=None,
              shift_factor=None, token=None) -> AutoEncoder:
-    """A 16-channel AutoencoderKL from BFL's `ae.safetensors`, an SD3 single file, a diffusers
-    `vae/` or pipeline folder or a Hub repo id. Scale, shift and stride (2: F16) come from the
-    arguments, else the folder's config.json, else Flux's F8 VAE."""
+    """A 16-channel AutoencoderKL from a single file, a diffusers folder or a Hub repo id; scale,
+    shift and stride from the arguments, else config.json, else Flux's."""
     path = component_path(source, "vae", token)
     config = folder_config(path)
     for key, supported in VAE_FIXED.items():
@@ -1291,8 +1260,7 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of the VAE whose state dict (either layout) this is, with shortcut rows only
-    where the state has them (a resnet has one only where it changes width)."""
+    """The key table of this VAE state (either layout)."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
@@ -1304,7 +1272,7 @@ def vae_table_for(state: dict) -> dict:
 RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
 
 def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys (`to_original_layout`) of a VAE, with every possible shortcut."""
+    """LDM key -> diffusers keys of a VAE, every possible shortcut in."""
     rows = []
 
     def resnet(original, folder, shortcut=True):
@@ -1322,7 +1290,7 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
         for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
             rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
     for level in range(num_levels):
-        up = num_levels - 1 - level  # diffusers numbers decoder blocks from the lowest resolution
+        up = num_levels - 1 - level  # diffusers counts decoder blocks from the lowest resolution
         for j in range(num_res_blocks):
             resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
         for j in range(num_res_blocks + 1):
@@ -1340,28 +1308,25 @@ def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
 # ======================================================== the models: text encoders and tokenizers
 
 # --- BEGIN kit: text encoders ---
-# Flux conditions on T5 v1.1 XXL (per token) and CLIP-L (pooled); SD3 on T5, CLIP-L and CLIP-G
-# (per token: penultimate CLIP layer; pooled: both, projected). Module names: transformers' keys.
+# Module names are transformers' keys.
 @dataclass(frozen=True)
 class T5Config:
-    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL (4.76B parameters)."""
+    """T5 v1.1 encoder (gated-GELU). Defaults: T5-XXL."""
 
     vocab_size: int = 32128
     d_model: int = 4096
-    d_kv: int = 64  # head dim
+    d_kv: int = 64
     num_heads: int = 64
     d_ff: int = 10240
     num_layers: int = 24
-    relative_attention_num_buckets: int = 32  # half for keys before the query, half for keys after
-    relative_attention_max_distance: int = 128  # offsets at least this far share the last bucket
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
 
 T5_XXL = T5Config()
 
 class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, T) -> last hidden state. No absolute positions: a learned bias per
-    (head, bucket of key - query offset) is added to every layer's logits. transformers'
-    `encoder.embed_tokens` is `shared` again, so not a parameter here."""
+    """ids (B, T) -> last hidden state; a learned bias per (head, offset bucket) gives positions."""
 
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
@@ -1373,7 +1338,7 @@ class T5Encoder(nn.Module):
         self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: (B, T), true for real tokens. Flux and SD3 pass none: padding is attended."""
+        """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
         c = self.config
         buckets = t5_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                       c.relative_attention_max_distance, ids.device)
@@ -1387,9 +1352,8 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device=None):
-    """(query, key) -> bucket of key - query, as in T5: keys after the query use the upper half; in
-    a half, offsets below a quarter of the buckets get one each, larger ones logarithmically wider
-    buckets, offsets from `max_distance` on the last."""
+    """(query, key) -> T5's bucket of key - query: keys after the query in the upper half; small
+    offsets get a bucket each, larger ones log-wider buckets."""
     position = torch.arange(length, device=device)
     offset = position[None, :] - position[:, None]
     half = num_buckets // 2
@@ -1400,8 +1364,6 @@ def t5_position_buckets(length: int, num_buckets: int, max_distance: int, device
     return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
 
 class T5Block(nn.Module):
-    """Pre-norm attention + gated-GELU feed-forward; `layer.0` / `layer.1` as in the checkpoint."""
-
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
         inner = c.num_heads * c.d_kv
@@ -1409,10 +1371,10 @@ class T5Block(nn.Module):
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
-        if owns_position_bias:  # block 0 stores the table; every block adds the same bias
+        if owns_position_bias:  # block 0 stores the table every block uses
             sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
         attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        mlp = ff.DenseReluDense = nn.Module()  # historical name: v1.1 uses gated GELU
+        mlp = ff.DenseReluDense = nn.Module()  # v1.1: gated GELU despite the name
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
@@ -1422,15 +1384,14 @@ class T5Block(nn.Module):
     def forward(self, x, position_bias):
         attn, ff = self.layer
         sa, h = attn.SelfAttention, attn.layer_norm(x)
-        # T5 has no 1/sqrt(d) in its logits (it is folded into the initialisation)
-        x = x + multi_head_attention(h, (sa.q, sa.k, sa.v, sa.o), self.num_heads, position_bias,
-                                     scale=1.0)
+        proj = (sa.q, sa.k, sa.v, sa.o)  # T5's logits have no 1/sqrt(d): it is in the weights
+        x = x + multi_head_attention(h, proj, self.num_heads, position_bias, scale=1.0)
         mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
         return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
 class T5LayerNorm(nn.Module):
-    """T5's LayerNorm is an RMSNorm: no mean subtraction, no bias; statistics in fp32."""
+    """T5's LayerNorm is an RMSNorm, statistics in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -1438,12 +1399,10 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
 
 def multi_head_attention(x, proj, num_heads, mask=None, scale=None):
-    """Self-attention of x (B, L, C) through the linear maps `proj` = (q, k, v, out)."""
+    """Self-attention of x (B, L, C) by the linear maps (q, k, v, out)."""
     q, k, v = (p(x).unflatten(-1, (num_heads, -1)).transpose(1, 2) for p in proj[:3])
     return proj[3](merge_heads(attention(q, k, v, mask=mask, scale=scale)))
 
@@ -1451,7 +1410,7 @@ CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu"
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14; `CLIP_G`: OpenCLIP bigG (SD3)."""
+    """CLIP text transformer. Defaults: OpenAI CLIP ViT-L/14."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -1459,20 +1418,17 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI's x * sigmoid(1.702 x); bigG uses "gelu"
+    hidden_act: str = "quick_gelu"
     projection_dim: int | None = 768  # None: no `text_projection` (Flux's CLIPTextModel)
     layer_norm_eps: float = 1e-5
-    # Hub CLIP configs say 2, which transformers reads as "legacy": pool at argmax(ids), the first
-    # <|endoftext|> (49407, the largest id). Any other value: pool at its first occurrence.
+    # 2 (Hub configs) is transformers' "legacy": pool at argmax(ids), the first <|endoftext|>
     eos_token_id: int = 2
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
                              f"{sorted(CLIP_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_divisible(self.hidden_size, self.num_attention_heads, "num_attention_heads")
 
 CLIP_L = CLIPTextConfig()
 
@@ -1480,9 +1436,6 @@ CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_lay
                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's causal text transformer, keys of transformers' CLIPTextModelWithProjection (or, with
-    `projection_dim=None`, CLIPTextModel)."""
-
     def __init__(self, config: CLIPTextConfig = CLIP_L):
         super().__init__()
         self.config, d, projection = config, config.hidden_size, config.projection_dim
@@ -1501,20 +1454,20 @@ class CLIPTextEncoder(nn.Module):
         x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
         causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
         for layer in m.encoder.layers:
-            penultimate = x  # after the loop: the input of the last layer
+            penultimate = x
             x = layer(x, causal)
         x = m.final_layer_norm(x)
         eos_id = self.config.eos_token_id
-        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # first maximum
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)
         pooled = x[torch.arange(len(ids), device=ids.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
         return CLIPTextOutput(x, penultimate, pooled, projected)
 
 class CLIPTextOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # (B, T, D) after the final LayerNorm
-    penultimate: torch.Tensor  # (B, T, D) the last layer's input: SD3's per-token features
-    pooled: torch.Tensor  # (B, D) final-LN'd state at EOS: Flux's `y` (transformers' pooler_output)
-    text_embeds: torch.Tensor  # (B, P) pooled @ text_projection (SD3), else `pooled`
+    last_hidden_state: torch.Tensor
+    penultimate: torch.Tensor  # the last layer's input: SD3's per-token features
+    pooled: torch.Tensor  # final-LN'd state at EOS: Flux's `y`
+    text_embeds: torch.Tensor  # pooled @ text_projection (SD3), else `pooled`
 
 class CLIPLayer(nn.Module):
     def __init__(self, c: CLIPTextConfig):
@@ -1536,11 +1489,8 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE (vocab.json + merges.txt) as OpenAI's SimpleTokenizer: NFC,
-    whitespace runs to one space, lower case, CLIP's word pattern, "</w>" closing each word.
-    Prompts are padded with the folder's pad token, else <|endoftext|>. Tokens in
-    tokenizer_config.json's `added_tokens_decoder` are kept whole, as transformers does: SD3's
-    CLIP-G lists "!", so "wow!!" gives "wow" 0 0 as in diffusers (OpenAI would merge "!!")."""
+    """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token.
+    Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
     WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -1568,7 +1518,7 @@ class CLIPTokenizer:
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
-        self.max_length, self.pad_id, self.name = max_length, pad_id, name  # None: cut silently
+        self.max_length, self.pad_id, self.name = max_length, pad_id, name
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1576,9 +1526,7 @@ class CLIPTokenizer:
         return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
 
 class T5Tokenizer:
-    """T5's SentencePiece unigram from tokenizer.json, or spiece.model (needs `sentencepiece`).
-    Prompts end in </s>, padded with <pad> to `max_length`: 512 tokens for FLUX.1-dev, 256 for
-    schnell and SD3."""
+    """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`)."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
         path = Path(path)
@@ -1599,22 +1547,19 @@ class T5Tokenizer:
 
                 tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
-        except Exception as error:  # either library raises Exception / RuntimeError / OSError
+        except Exception as error:  # both libraries raise assorted types
             raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
-        if self.eos_id is None or self.pad_id is None or min(self.eos_id, self.pad_id) < 0:
+        if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
-        self.max_length, self.name = max_length, name  # name None: cut prompts silently
+        self.max_length, self.name = max_length, name
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = self.encode(prompts)
+        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
 
 def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
               name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., the ids cut so the special tokens fit
-    (diffusers' `truncation=True, padding="max_length"`); with a tokenizer `name`, a cut is
-    reported."""
+    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut (and with a `name` reported)."""
     head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
     room = max_length - len(head) - len(tail)
     dropped = [len(ids) - room for ids in rows if len(ids) > room]
@@ -1630,7 +1575,7 @@ def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, 
     return out
 
 def special_token(folder: Path, name: str) -> str | None:
-    """A special token (e.g. "pad_token") as a tokenizer folder's json files declare it."""
+    """A special token ("pad_token") as a tokenizer folder declares it."""
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         value = tokenizer_json(folder, file).get(name)
         if value:
@@ -1642,24 +1587,21 @@ def tokenizer_json(folder: Path, name: str) -> dict:
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
-    """A frozen T5 encoder from a transformers folder, a Hub repo (+ `subfolder`) or one
-    safetensors file (+ `prefix`); fp8 weights are upcast, a T5ForConditionalGeneration's decoder
-    skipped."""
+    """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    tied = state.pop("encoder.embed_tokens.weight", None)  # shared.weight again; files hold 1 or 2
-    if "shared.weight" not in state and tied is not None:
-        state["shared.weight"] = tied
+    tied = state.pop("encoder.embed_tokens.weight", None)  # a copy of shared.weight, if any
+    if tied is not None:
+        state.setdefault("shared.weight", tied)
     model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
                   f"{source}: T5 encoder", source)
     return model.requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
-    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.` (transformers
-    5 drops it), a CLIPModel's vision tower skipped."""
+    """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
@@ -1670,8 +1612,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     return model.requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors under `prefix`, prefix removed, config.json or {}); keys starting with one of `skip`
-    (after the prefix) are never read."""
+    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
     path = component_path(source, subfolder)
 
     def wanted(key):
@@ -1684,7 +1625,6 @@ def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> t
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    """Dimensions from the tensors; the two values they lack from config.json, if any."""
     what = f"{source} is not a T5 encoder checkpoint"
     vocab, width = tensor_shape(state, "shared.weight", what)
     attn = "encoder.block.0.layer.0.SelfAttention"
@@ -1702,15 +1642,13 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
-    """Dimensions from the tensors; heads, activation, eps and EOS id from config.json, else 64-wide
-    heads (every real CLIP) and quick_gelu at width 768 (OpenAI CLIP-L), gelu otherwise (bigG)."""
+    """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
+    for CLIP-L, gelu otherwise."""
     what = f"{source} is not a CLIP text encoder checkpoint"
     vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
     positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
     ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
     projection = state.get("text_projection.weight")
-    projection = None if projection is None else projection.shape[0]
-    layers = count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\.")
     if config_json:  # a saved config omits values equal to transformers' defaults
         given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
         defaults = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
@@ -1722,16 +1660,15 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
                         "transformers folder instead")
     else:
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
-    try:
-        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ff,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              max_position_embeddings=positions, hidden_act=act,
-                              projection_dim=projection, layer_norm_eps=eps, eos_token_id=eos)
-    except ValueError as error:
-        raise UserError(f"{source}: unsupported CLIP text config: {error}") from None
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=ff, num_attention_heads=heads,
+        num_hidden_layers=count_blocks(state, r"text_model\.encoder\.layers\.(\d+)\."),
+        max_position_embeddings=positions, hidden_act=act, layer_norm_eps=eps, eos_token_id=eos,
+        projection_dim=None if projection is None else projection.shape[0])
 
 def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """state[key]'s shape; without the key, the file holds another model: name its keys."""
+    """state[key]'s shape, or an error naming the file's first keys."""
+
     if key not in state:
         raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return state[key].shape
@@ -1863,12 +1800,10 @@ TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of sing
 
 @dataclass
 class Pipeline:
-    """What turns prompts into 4K images: loaded once, then used to encode prompts and sample."""
-
     kind: str  # "flux" or "sd3"
     transformer: nn.Module
     vae: AutoEncoder
-    text_encoders: dict  # name -> encoder; they live on the CPU and visit the GPU only to encode
+    text_encoders: dict  # name -> encoder, on the CPU but while encoding
     tokenizers: dict
     device: torch.device
     dtype: torch.dtype
@@ -1881,19 +1816,17 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of the VAE factor times the 2x2 patch."""
         return self.vae.config.downsample_factor * 2
 
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
-    """The tokenizers and text encoders of a diffusers pipeline folder or Hub repo; SD3's encoders
-    may come from `encoder_file` instead (a Stability all-in-one file, which has no tokenizers)."""
+    """Text encoders and tokenizers of a diffusers folder or Hub repo (SD3's: or `encoder_file`)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
 
     def folder(name):
         return component_path(source, name, token, ("*.json", "*.txt", "*.model"))
 
     if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # FLUX.1-schnell reads 256
+        t5_length = 512 if transformer.config.guidance_embed else 256  # schnell reads 256
         tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
                       "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
         parts = (("clip_l", load_clip, ""), ("t5", load_t5, "_2"))
@@ -1914,25 +1847,24 @@ def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_fil
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> list[dict]:
-    """Each prompt's conditioning, on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
+    """Each prompt's conditioning on the CPU: Flux {txt, y}; SD3 {context, pooled}."""
     gpu, features = pipe.device, {}
     for name, encoder in pipe.text_encoders.items():
         with on_device(encoder, gpu, "cpu"):
             features[name] = encoder(pipe.tokenizers[name](prompts).to(gpu))
+    t5, clip_l, clip_g = features["t5"], features["clip_l"], features.get("clip_g")
     if pipe.kind == "flux":
-        txt, y = features["t5"], features["clip_l"].pooled
-        return [{"txt": txt[i : i + 1].cpu(), "y": y[i : i + 1].cpu()} for i in range(len(prompts))]
-    clip = torch.cat([features["clip_l"].penultimate, features["clip_g"].penultimate], dim=-1)
-    clip = F.pad(clip, (0, features["t5"].shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
-    context = torch.cat([clip, features["t5"]], dim=1)  # 77 CLIP tokens then 256 T5 tokens
-    pooled = torch.cat([features["clip_l"].text_embeds, features["clip_g"].text_embeds], dim=-1)
-    return [{"context": context[i : i + 1].cpu(), "pooled": pooled[i : i + 1].cpu()}
-            for i in range(len(prompts))]
+        cond = {"txt": t5, "y": clip_l.pooled}
+    else:
+        clip = torch.cat([clip_l.penultimate, clip_g.penultimate], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # 2048 features -> 4096
+        cond = {"context": torch.cat([clip, t5], dim=1),
+                "pooled": torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)}
+    return [{k: v[i : i + 1].cpu() for k, v in cond.items()} for i in range(len(prompts))]
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device, rest_device):
-    """Run a module on `device`, its weights resting on `rest_device` otherwise. They do not
-    change during a visit, so leaving drops the device copy instead of copying it back."""
+    """Run a module on `device`, its weights resting on `rest_device`, dropping the device copy."""
     module.to(rest_device)
     slots = weight_slots(module)
     resting = [held(slot) for slot in slots]
@@ -1945,7 +1877,6 @@ def on_device(module: nn.Module, device, rest_device):
             torch.cuda.empty_cache()
 
 def weight_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of every parameter and buffer of `module`."""
     return [(owner, name) for owner in module.modules()
             for name, t in [*owner._parameters.items(), *owner._buffers.items()] if t is not None]
 
@@ -1954,7 +1885,7 @@ def held(slot: tuple[nn.Module, str]) -> torch.Tensor:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 def place(slots: list, tensors: list):
-    """Let the slots hold these tensors without copying (frozen parameters stay parameters)."""
+    """Let the slots hold these tensors (frozen parameters stay parameters)."""
     for (owner, name), t in zip(slots, tensors):
         if name in owner._parameters and not isinstance(t, nn.Parameter):
             t = nn.Parameter(t, requires_grad=False)
@@ -1966,15 +1897,15 @@ def place(slots: list, tensors: list):
 
 # --- BEGIN kit: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
-    """A recipe field: its default (`factory` builds a mutable one) and argparse's keywords for
-    its command-line option."""
+    """A recipe field: its default (or `factory`) and argparse keywords."""
+    metadata = {"help": help, **cli}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **cli})
-    return field(default=default, metadata={"help": help, **cli})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
-    """One --option per field of the recipe class `kind` (all, or those in `names`), with the
-    recipe's default."""
+    """One --option per field of the recipe class `kind` (or those in `names`)."""
+
     defaults = kind()
     for f in fields(kind):
         if names is None or f.name in names:
@@ -2766,10 +2697,7 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
 
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
-    """The end of every optimizer step, once the gradients are in: stop at the first non-finite
-    number of `checked` (loss, gradient norm, ...) before the update would carry it into the
-    weights, update, and append `record` (its "step" counts from 1) to OUTPUT/train_log.jsonl.
-    Returns the number of steps done."""
+    """Stop at a non-finite value of `checked` before the update; update, log; return the step."""
     stop_unless_finite(record["step"], checked, output)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -2785,12 +2713,10 @@ def stop_unless_finite(step: int, values: dict, output: Path):
 # --- END kit: training step ---
 
 # --- BEGIN kit: training utilities ---
-# Training data, seeded batch order, torchrun / FSDP2 and resumable checkpoints.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
-    """The images metadata.jsonl lists, else every image under the folder; unreadable ones are
-    skipped with a warning each."""
+    """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2803,7 +2729,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
         skipped = 0
     for path in candidates:
         try:
-            verify_image(path)  # pixels are decoded when used
+            verify_image(path)
             usable.append(path)
         except UserError as error:
             skipped += 1
@@ -2816,8 +2742,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     return usable
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
-    """The files a metadata.jsonl names (`file_name`), each once, and the number of lines skipped
-    with a warning (no string file_name, or a repeated one)."""
+    """The files metadata.jsonl names, each once, and how many lines were skipped."""
     files, seen, skipped = [], {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
@@ -2838,8 +2763,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
     return files, skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
-    """The image resized to just cover height x width, cropped at the relative offset (0..1, 0..1),
-    flipped if asked: (3, H, W) in [-1, 1]."""
+    """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
     image = load_image(path)
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -2851,9 +2775,8 @@ def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) ->
     return image_to_tensor(image)
 
 class Batches:
-    """The seeded stream of global batches: one CPU generator draws each epoch's permutation and
-    every sample's crop, flip, sigma and noise for the whole global batch, each rank keeping its
-    share. Checkpoints save its state, so a resumed run draws what an uninterrupted one would."""
+    """Seeded global batches: one CPU generator draws each epoch's order and every sample's crop,
+    flip, sigma and noise, so a resumed run draws the same."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
@@ -2906,7 +2829,7 @@ class Distributed:
             dist.barrier()
 
 def setup_distributed(device_name: str | None) -> Distributed:
-    """One process, or one per GPU under `torchrun` (nccl on CUDA, gloo on CPU)."""
+    """One process, or one per GPU under `torchrun`."""
     device = device_dtype(device_name)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
@@ -2920,7 +2843,7 @@ def setup_distributed(device_name: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root (embedders, final layer)."""
+    """FSDP2: each transformer block a shard group, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -2928,13 +2851,12 @@ def shard_model(model: nn.Module, kind: str, ctx: Distributed):
     flux = kind == "flux"
     for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
         fully_shard(block, mesh=mesh)
+
     fully_shard(model, mesh=mesh)
 
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
-    """checkpoints/step-N/: trainable.safetensors (with `run`, which `check_resumable` compares),
-    then state.pt (step, optimizer, data stream). Non-finite weights stop the run instead; a
-    checkpoint that cannot be written whole is removed."""
+    """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = trainable_state(model, lora)
@@ -2955,30 +2877,25 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    """Full CPU tensors of what is trained (collective under FSDP; rank 0 gets them): everything, or
-    for LoRA the A and B matrices."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options(lora))
     return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
 
 def state_options(lora: bool):
-    """Full (unsharded) tensors on the CPU; for LoRA only the trainable ones."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
                             strict=not lora)
 
 def training_diverged(step: int, what: str, output: Path) -> UserError:
-    """The error that stops a run at the first non-finite number, before it reaches a checkpoint."""
     last = latest_checkpoint(output)
     kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
     return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
-    """Resume from `folder`, or the newest intact checkpoint before it, once it proves to be this
-    run's (`check_resumable`) and its tensors are exactly the model's trainable ones."""
+    """Resume from `folder`, or the newest intact checkpoint before it; returns the step."""
     from torch.distributed.checkpoint import state_dict as dcp
 
     def read(candidate):
@@ -3008,8 +2925,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     return state["step"]
 
 def check_resumable(folder: Path, run: dict):
-    """Refuse a checkpoint that another run wrote (`check_run` on trainable.safetensors' record); a
-    file too damaged to tell is left to `load_checkpoint`, which falls back to the one before."""
+    """Refuse another run's checkpoint (a damaged one is left to `load_checkpoint`)."""
     try:
         recorded = safetensors_metadata(folder / "trainable.safetensors").get("run")
     except UserError:
@@ -3017,8 +2933,7 @@ def check_resumable(folder: Path, run: dict):
     check_run(folder, recorded, run)
 
 def check_run(folder: Path, recorded: str | None, run: dict):
-    """Compare the JSON record of the run that wrote checkpoint `folder` with this run's `run`:
-    another trainer, base model, LoRA or model setting is refused, naming what differs."""
+    """Refuse a checkpoint whose run record differs from `run`, naming what differs."""
     try:
         theirs = json.loads(recorded) if recorded else None
     except ValueError:
@@ -3034,8 +2949,7 @@ def check_run(folder: Path, recorded: str | None, run: dict):
                             "here); resume with its settings, or start a new --output")
 
 def read_checkpoint(folder: Path, read):
-    """(folder, read(folder)); when `folder` is damaged (a crash or a full disk while it was
-    written), a warning names it and the newest intact checkpoint before it is read instead."""
+    """(folder, read(folder)), or after a warning, the newest intact checkpoint before it."""
     older = [f.parent for f in folder.parent.glob("step-*/state.pt") if f.parent.name < folder.name]
     for candidate in [folder, *sorted(older, reverse=True)]:
         try:
@@ -3045,13 +2959,12 @@ def read_checkpoint(folder: Path, read):
     raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
 
 def load_state_file(path: Path, keys: tuple) -> dict:
-    """A checkpoint's `state.pt` holding `keys`."""
     check_regular_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
-    except Exception as error:  # zip and pickle raise many types; the file is the problem anyway
+    except Exception as error:  # zip and pickle raise many types
         kind = type(error).__name__
         raise UserError(f"{path}: damaged or truncated checkpoint file ({kind})") from None
     if not isinstance(state, dict) or not set(keys) <= state.keys():
@@ -3060,17 +2973,13 @@ def load_state_file(path: Path, keys: tuple) -> dict:
 # --- END kit: training utilities ---
 
 # --- BEGIN kit: LPIPS ---
-LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"  # lpips' v0.1
-
-LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 ImageNet weights
-
+LPIPS_VGG_LINEAR = "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_vgg-a78928a0.pth"
+LPIPS_VGG_BACKBONE = "timm/vgg16.tv_in1k/model.safetensors"  # torchvision's VGG16 weights
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al., CVPR 2018), a perceptual distance used as a loss: at
-    five ReLU outputs the unit-normalised channel vectors' squared difference is weighted by the
-    learned 1x1 `lins` and averaged over space, the five numbers summed (the lpips package,
-    spatial=False). `features` has torchvision's indices, so its checkpoints load unchanged."""
+    """LPIPS v0.1 with VGG16 (Zhang et al., 2018): at five ReLU outputs the squared difference of
+    unit-normalised channel vectors is weighted by the 1x1 `lins`, averaged and summed."""
 
     TAPS = (3, 8, 15, 22, 29)  # ReLU outputs after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
 
@@ -3102,8 +3011,7 @@ class LPIPS(nn.Module):
         return out
 
 def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None) -> LPIPS:
-    """LPIPS-vgg from the lpips package's linear layers (.pth: lin0..lin4) and torchvision / timm
-    VGG16 weights (.pth or .safetensors; `features.*` up to conv5_3)."""
+    """LPIPS-vgg from lpips' linear layers and torchvision / timm VGG16 weights."""
     hint = (" (give local files with --lpips-linear / --lpips-backbone, or turn LPIPS off with "
             "--lpips-weight 0)")
 
@@ -3116,7 +3024,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
             return check_weights(load_safetensors(path, torch.float32), path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle raises many types; the file is the problem anyway
+        except Exception as error:  # pickle raises many types
             raise UserError(f"{what}: {path} is not a readable weights file "
                             f"({type(error).__name__})") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else {}
@@ -3131,7 +3039,7 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
     return assign_state_dict(model, state, "LPIPS-vgg weights").eval().requires_grad_(False)
 
 def weight_file(spec, what: str, token=None) -> Path:
-    """A local file, or `owner/repo/path/in/repo` on the Hub (only that file is downloaded)."""
+    """A local file, or `owner/repo/path/in/repo` on the Hub."""
     local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
@@ -3150,7 +3058,7 @@ def weight_file(spec, what: str, token=None) -> Path:
 
 # --- BEGIN kit: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a model built on the meta device, refusing any mismatch by name."""
+    """Load `state` into a meta-device model, refusing any mismatch."""
     report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
@@ -3158,22 +3066,19 @@ def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     return model
 
 def build(make, state: dict, what: str, source) -> nn.Module:
-    """make() on the meta device, then `state` assigned (`assign_state_dict`); in eval mode."""
     with torch.device("meta"), config_from_files(source):
         model = make()
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
-    """Folder-layout (diffusers) tensors -> the original single-file keys that our modules carry,
-    through a table {original key: ([folder keys], transform)}; several folder keys make a fused
-    tensor (Flux's qkv), concatenated along dim 0."""
+    """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
         if not all(part in state for part in parts):
             missing += [part for part in parts if part not in state]
             continue
         tensors = [state.pop(part) for part in parts]
-        if len({t.shape[1:] for t in tensors}) > 1:  # parts of one fused tensor must agree in width
+        if len({t.shape[1:] for t in tensors}) > 1:
             wrong += [f"{part} {tuple(t.shape)}" for part, t in zip(parts, tensors)]
             continue
         fused = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
@@ -3184,7 +3089,6 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    """`mismatch_report` of the tensors `state` against the shapes a model expects."""
     wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
         "missing": [key for key in expected if key not in state],
@@ -3194,7 +3098,7 @@ def shape_mismatch(state: dict, expected: dict) -> str:
     })
 
 def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)': each non-empty list of keys, its first three named."""
+    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
     return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                      for kind, keys in kinds.items() if keys)
 
@@ -3202,13 +3106,12 @@ def first_keys(state: dict) -> str:
     return ", ".join(list(state)[:3])
 
 def linear_entries(original: str, folder, transform=None) -> dict:
-    """Table rows for a layer with weight and bias."""
     folder = [folder] if isinstance(folder, str) else folder
     return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
             for p in ("weight", "bias")}
 
 def key_table(rows) -> dict:
-    """The table rows of layers given as (original, folder[, transform])."""
+    """Table rows (weight and bias) of layers (original, folder[, transform])."""
     return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
 
 def swap_halves(t):
@@ -3227,23 +3130,18 @@ def count_blocks(keys, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
-    """`resolve_source`, refusing a pipeline folder without the subfolder (which would otherwise be
-    read as the component)."""
+    """`resolve_source`, refusing a pipeline folder without the subfolder."""
     path = resolve_source(source, subfolder, allow_patterns, token)
     if subfolder and path.is_dir() and (path / "model_index.json").is_file():
         raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
     return path
 
 def folder_config(path) -> dict:
-    """A component's config.json, in its folder or beside a diffusers single file, type-checked."""
-    if path.is_dir():
-        config = path / "config.json"
-    elif path.name.startswith("diffusion_pytorch_model"):
-        config = path.parent / "config.json"
-    else:
-        config = None
-    data = read_json(config) if config is not None and config.exists() else {}
-    return check_config_fields(data, config)
+    """A component's config.json, type-checked."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
+    return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -3271,16 +3169,13 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
 
 @contextlib.contextmanager
 def config_from_files(source):
-    """A ValueError while building a config from `source`'s files (an invariant they break)
-    becomes a one-line UserError naming `source`."""
+    """A ValueError from a config built from `source`'s files becomes a UserError."""
     try:
         yield
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
 def check_config_fields(config: dict, file) -> dict:
-    """Refuse a field of the wrong type (which would otherwise fail deep inside a model), naming the
-    file and the field; a CLIPModel's `text_config` is checked alike."""
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if value is not None and not CONFIG_TYPES[kind](value):
@@ -3291,13 +3186,13 @@ def check_config_fields(config: dict, file) -> dict:
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
-# Prefixes of the other components inside all-in-one checkpoints (ComfyUI, Stability).
+# the other components' prefixes in all-in-one checkpoints (ComfyUI, Stability)
+
 OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: in a single file with keys under `prefix`, those (stripped), else
-    those of no other component. Others are never read (SD3's all-in-one file holds a 9 GB T5)."""
+    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
         state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
         return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
