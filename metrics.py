@@ -1,4 +1,4 @@
-r"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
+"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
 
 name        needs          definition (reference implementation)                   4K protocol
 ----------  -------------  ------------------------------------------------------  -------------
@@ -13,24 +13,13 @@ niqe        pred           NIQE, MATLAB pristine model (pyiqa 'niqe')           
 clipiqa     pred           CLIP-IQA, RN50, 5 antonym prompt pairs (pyiqa)          512-px tiles
 periodicity pred [, ref]   OP4KSR's L_AP (arXiv 2605.13457), relative to ref       2x2 quadrants
 
-`--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and, without
---metrics, its columns (sources at PROTOCOLS); options given explicitly override it. Images pair by
-file stem; the table goes to stdout, the numbers with the settings and per-image values to --out
-(PRED/metrics.json).
+`--protocol diffusion4k|cupscale|op4ksr` presets a paper's options and columns (PROTOCOLS).
+Images pair by file stem; the table goes to stdout, values and settings to --out.
 
-    python metrics.py --pred out/ --metrics glcm,cr                  # Diffusion-4K's Table 1 pair
     python metrics.py --pred out/ --ref gt/ --metrics psnr,ssim,lpips --y-channel --crop-border 4
-    python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
-    python metrics.py --pred out/ --metrics niqe,clipiqa             # SR papers' no-reference pair
-    python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
-    python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \
-        --prompts eval2048/metadata.jsonl    # Diffusion-4K's table; --help: how to sample eval2048/
 
-Weights load in fp32 from the Hub (the *_WEIGHTS, CLIP_MODELS, LPIPS_*, NIQE_PARAMS defaults) or
-local files; pickles only with weights_only=True. LPIPS-alex needs torchvision's
-alexnet-owt-7be5be79.pth (no Hub copy is known). periodicity runs a verbatim copy of op4ksr.py's
-kit "periodicity loss".
+Weights load in fp32 from the Hub or local files, pickles only with weights_only=True.
 """
 
 from __future__ import annotations
@@ -216,10 +205,7 @@ NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
 
 NIQE_BLOCK = 96
 
-NIQE_CONVENTIONS = {
-    "pyiqa": "pyiqa 'niqe' (what SR papers report): its grey image, float32 window and grid",
-    "matlab": "the MATLAB release's arithmetic: float64 on rounded rgb2gray (approximate)",
-}
+NIQE_CONVENTIONS = ("pyiqa", "matlab")  # see niqe()
 
 def psnr(pred, ref, crop_border=0, mode="rgb"):
     """PSNR in dB, peak 255, inf for identical images: basicsr's calculate_psnr (SR papers), with
@@ -501,12 +487,8 @@ def niqe_distance(features, mu_pris, cov_pris):
 
 INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
 
-FID_RESIZE = {
-    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128",
-    "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
-    "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
-    "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
-}
+# torch-fidelity and torchmetrics<=1.5 (Diffusion-4K), pytorch-fid, torchmetrics>=1.6, clean-fid
+FID_RESIZE = ("tf1", "pytorch-fid", "antialias", "clean")
 
 @torch.no_grad()
 def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16):
@@ -766,17 +748,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-CLIP_FORMS = {
-    "torchmetrics": "max(100 cos, 0), torchmetrics' CLIPScore per image (Diffusion-4K)",
-    "hessel": "2.5 max(cos, 0), prefix 'A photo depicts ' (Hessel et al. 2021)",
-    "pyiqa": "hessel with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
-}
+# max(100 cos, 0) per image (Diffusion-4K); 2.5 max(cos, 0) on 'A photo depicts ' + caption
+# (Hessel et al. 2021); that with pyiqa's tensor resize (pyiqa 'clipscore', C-Upscale)
+CLIP_FORMS = ("torchmetrics", "hessel", "pyiqa")
 
 CLIP_BATCH = 32  # images per call of the CLIP towers in a folder run: a busy GPU, under 20 MB
 
 def clip_score(model, images, captions, form="torchmetrics"):
     """Per-image CLIPScore (Hessel et al., EMNLP 2021): the cosine of CLIP image and caption
-    embeddings, scaled as CLIP_FORMS says (Diffusion-4K averages torchmetrics' per image).
+    embeddings, scaled as CLIP_FORMS says.
 
     C-Upscale (arXiv 2505.16976) reports a "CLIP" score of 0.455-0.894: neither 100 cos (20-36) nor
     a cosine (0.2-0.36), but 2.5 cos maps cosines there, its other columns are pyiqa's names, and
@@ -1862,25 +1842,17 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="metrics.py", epilog=EPILOG, formatter_class=HelpFormatter,
-                       description="Metrics for 4K synthesis and super-resolution "
-                       "(see the module docstring for definitions and weights).")
-    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
-                   help="a paper's evaluation settings and table columns (see below)")
-    p.add_argument("--pred", required=True, type=local_path("folder"),
-                   help="folder of generated / super-resolved images")
-    p.add_argument("--ref", type=local_path("folder"),
-                   help="folder of reference images (paired by file stem; FID uses all of them)")
-    p.add_argument("--prompts", type=local_path("file"),
-                   help="metadata.jsonl with file_name and text per line (for clip)")
-    p.add_argument("--metrics", type=metric_names,
-                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, "
-                   "else glcm,cr (+psnr,ssim with --ref)")
+                       description="Metrics for 4K synthesis and super-resolution.")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), help="a paper's settings and columns")
+    p.add_argument("--pred", required=True, type=local_path("folder"), help="images to score")
+    p.add_argument("--ref", type=local_path("folder"), help="reference images, paired by stem")
+    p.add_argument("--prompts", type=local_path("file"), help="metadata.jsonl (clip)")
+    p.add_argument("--metrics", type=metric_names, help=f"comma list from {','.join(METRICS)}")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", type=device_name, default=device)
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="corrupt images: stop, or name and skip them")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images")
     add_pixel_options(p)
     add_network_options(p)
     args = p.parse_args(argv)
@@ -1889,75 +1861,49 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
     return args
 
-WEIGHTS = " (or a Hub spec owner/repo/path/in/repo)"
+def weights_path():
+    return local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
 
 def add_pixel_options(p):
-    """Options of GLCM / CR, PSNR / SSIM / LPIPS and FID."""
-    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
+    weights = weights_path()
     g = p.add_argument_group("GLCM / CR")
     g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
-    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
-                   help="jpeg95: the JPEG-95 pixels, as Diffusion-4K (JPEG inputs as they are)")
+    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95")
     g = p.add_argument_group("PSNR / SSIM / LPIPS")
-    g.add_argument("--crop-border", type=integer(0), default=0,
-                   help="pixels removed on each side (SR: the scale); also NIQE")
-    g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False,
-                   help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
+    g.add_argument("--crop-border", type=integer(0), default=0, help="px off each side (and NIQE)")
+    g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
-    g.add_argument("--lpips-linear", type=weights,
-                   help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
-    g.add_argument("--lpips-backbone", type=weights,
-                   help="torchvision-named backbone weights (.pth or .safetensors)")
-    g.add_argument("--tile", type=tile_or_zero, default=512,
-                   help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
-    g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
-                   help="resize each pred image to its ref's size (Pillow bicubic) for ref metrics")
+    g.add_argument("--lpips-linear", type=weights, help="LPIPS linear layers .pth")
+    g.add_argument("--lpips-backbone", type=weights, help="torchvision-named backbone")
+    g.add_argument("--tile", type=tile_or_zero, default=512, help="LPIPS tile (0: whole image)")
+    g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False)
     g = p.add_argument_group("FID")
-    g.add_argument("--fid-ref", type=local_path("folder"),
-                   help="FID's reference set when it is not --ref (cupscale: the ground truth)")
-    g.add_argument("--fid-size", type=size_or_pred, default=0,
-                   help="first resize the shorter side to this size and centre-crop a square "
-                   "(torchvision, Diffusion-4K); pred: the generated images' size; 0: as they are")
-    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
-                   help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
-    g.add_argument("--fid-patch", type=integer(0), default=0,
-                   help="patch FID: crop size (0 = whole image resized to 299)")
-    g.add_argument("--fid-half-shift", action="store_true",
-                   help="patch FID: add the grid shifted by half a patch (HiFiC)")
-    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
-                   help="pt_inception-2015-12-05 .pth: file or Hub spec")
+    g.add_argument("--fid-ref", type=local_path("folder"), help="FID's reference set")
+    g.add_argument("--fid-size", type=size_or_pred, default=0, help="resize and centre-crop")
+    g.add_argument("--fid-resize", choices=FID_RESIZE, default="tf1")
+    g.add_argument("--fid-patch", type=integer(0), default=0, help="patch FID's crop size")
+    g.add_argument("--fid-half-shift", action="store_true", help="add the half-shifted grid")
+    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS)
 
 def add_network_options(p):
-    """Options of CLIPScore / aesthetics, NIQE / CLIPIQA and periodicity."""
-    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
+    weights = weights_path()
     clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     g = p.add_argument_group("CLIPScore / aesthetics")
-    g.add_argument("--clip-model", type=clip, default="b16",
-                   help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
-    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
-                   help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
-    g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14")
-    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
-                   help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g.add_argument("--clip-model", type=clip, default="b16", help="b16, l14, b32 or a repo/folder")
+    g.add_argument("--clip-form", choices=CLIP_FORMS, default="torchmetrics")
+    g.add_argument("--aesthetic-clip", type=clip, default="l14")
+    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS)
     g = p.add_argument_group("NIQE / CLIPIQA")
-    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
-                   help="niqe_modelparameters.mat (pyiqa) or niqe_pris_params.npz (basicsr)")
-    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
-                   help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
-    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
-                   help="OpenAI-named CLIP RN50 (.safetensors/.pth): file or Hub spec")
-    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
-                   help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
+    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS)
+    g.add_argument("--niqe-convention", choices=NIQE_CONVENTIONS, default="pyiqa")
+    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS)
+    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512, help="0: whole image")
     g = p.add_argument_group("periodicity")
-    g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
-                   help="lattice periods in px (OP4KSR: one F16 latent pixel, one packed token)")
-    g.add_argument("--quadrants", type=square_number, default=4,
-                   help="tiles the image is split into (a square number up to 10000; OP4KSR: 4)")
-    g.add_argument("--harmonics", type=integer(1), default=2,
-                   help="--save-spectra's autocorrelation: lags up to this many periods (+ half)")
+    g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)))
+    g.add_argument("--quadrants", type=square_number, default=4, help="a square number")
+    g.add_argument("--harmonics", type=integer(1), default=2, help="autocorrelation lags")
     g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
-                   help="write NAME_spectrum.png (log power spectrum of the pixel differences) and "
-                   "NAME_autocorrelation.png (what periodicity reads) per pred image here")
+                   help="folder for NAME_spectrum.png and NAME_autocorrelation.png")
 
 def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
     """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
