@@ -826,8 +826,11 @@ def clip_preprocess(image, size=224, resize="pil"):
     if resize == "tensor" and new != (w, h):
         x = F.interpolate(x[None], new[::-1], mode="bicubic", antialias=True)[0]
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    x = x[:, top : top + size, left : left + size]
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return clip_normalize(x[:, top : top + size, left : left + size])
+
+def clip_normalize(x):
+    mean, std = (torch.tensor(t, device=x.device)[:, None, None] for t in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
 
 class AestheticMLP(nn.Module):
     """LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table 1):
@@ -938,15 +941,14 @@ class ClipViT(nn.Module):
         state = clip_state_from_transformers(raw)
         vision = text = tokenizer = None
         if "vision" in towers:
-            patch, embed = state["vision.patch.weight"], state["vision.proj.weight"].shape[0]
-            grid = math.isqrt(state["vision.pos"].shape[0] - 1)
-            cfg = _clip_tower_config(config, state, "vision", patch.shape[0])
-            vision = ClipVisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], embed)
+            patch = state["vision.patch.weight"]
+            size = math.isqrt(len(state["vision.pos"]) - 1) * patch.shape[-1]
+            cfg = _clip_tower_config(config, state, "vision", len(patch))
+            vision = ClipVisionTower(cfg, patch.shape[-1], size, len(state["vision.proj.weight"]))
         if "text" in towers:
-            token, embed = state["text.token.weight"], state["text.proj.weight"].shape[0]
-            context = state["text.pos"].shape[0]
-            cfg = _clip_tower_config(config, state, "text", token.shape[1])
-            text = ClipTextTower(cfg, token.shape[0], context, embed)
+            (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
+            cfg = _clip_tower_config(config, state, "text", width)
+            text = ClipTextTower(cfg, vocab, context, len(state["text.proj.weight"]))
             tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
         return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
 
@@ -958,14 +960,16 @@ class ClipViT(nn.Module):
 
     @torch.no_grad()
     def encode_pixels(self, pixels):
-        device = next(self.parameters()).device
-        return F.normalize(self.vision(pixels.to(device)), dim=-1)
+        return F.normalize(self.vision(pixels.to(self.device)), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts):
-        device = next(self.parameters()).device
         ids, lengths = self.tokenizer(texts)
-        return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
+        return F.normalize(self.text(ids.to(self.device), lengths.to(self.device)), dim=-1)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
 
 def _clip_tower_config(config, state, tower, width):
     sub = config.get(f"{tower}_config", {})
@@ -1093,9 +1097,8 @@ def tiles(h, w, size):
     return [(r, c, th, tw) for r in rows for c in cols]
 
 class LPIPSMetric(nn.Module):
-    """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet (most SR papers) or VGG16: at five ReLU taps
-    the unit-normalised features' squared difference, weighted by the learned 1x1 `lins`, averaged
-    over space and summed (the lpips package). 4K images are tiled (VGG at 4096^2: tens of GB)."""
+    """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet or VGG16: at five ReLU taps the unit-normalised
+    features' squared difference, weighted by the learned 1x1 `lins`, averaged over space, summed."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -1103,13 +1106,13 @@ class LPIPSMetric(nn.Module):
     def __init__(self, net="alex"):
         super().__init__()
         self.features, self.taps = lpips_backbone(net)
-        tap_widths = [self.features[i - 1].out_channels for i in self.taps]  # conv, tapped ReLU
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in tap_widths)
-        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
+        widths = [self.features[i - 1].out_channels for i in self.taps]  # the tapped ReLU's conv
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
+        for name, value in (("shift", self.SHIFT), ("scale", self.SCALE)):
+            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
 
     def tap(self, x):
-        """The five unit-normalised maps; channels-last, oneDNN's fastest layout on the CPU."""
+        """The five unit-normalised maps (channels-last: oneDNN's fastest layout on the CPU)."""
         x, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
             x = layer(x)
@@ -1133,7 +1136,7 @@ class LPIPSMetric(nn.Module):
         state = {k[k.index("features.") :]: v for k, v in raw.items() if "features." in k}
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
         lins = load_state(linear, f"LPIPS {net} linear layers")
-        state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
+        state |= {f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")}
         model = load_strict(model, state, f"LPIPS-{net} weights").eval()
         return model.to(memory_format=torch.channels_last)
 
@@ -1168,20 +1171,18 @@ class CLIPIQA(nn.Module):
 
     @classmethod
     def from_state(cls, state, what="CLIPIQA weights"):
-        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
         layers = tuple(depth(visual, f"layer{i}.") for i in range(1, 5))
         if "conv1.weight" not in visual or min(layers) < 1:
             raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
         grid = math.isqrt(visual["attnpool.positional_embedding"].shape[0] - 1)
         resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
                             visual["attnpool.c_proj.weight"].shape[0], grid)
-        text_state = clip_text_state_from_openai(state)
-        vocab, width = text_state["text.token.weight"].shape
-        cfg = ClipTowerConfig(width, depth(text_state, "text.blocks."), width // 64)
-        text = ClipTextTower(cfg, vocab, text_state["text.pos"].shape[0],
-                             text_state["text.proj.weight"].shape[0])
+        full = {"visual." + k: v for k, v in visual.items()} | clip_text_state_from_openai(state)
+        vocab, width = full["text.token.weight"].shape
+        cfg = ClipTowerConfig(width, depth(full, "text.blocks."), width // 64)
+        text = ClipTextTower(cfg, vocab, len(full["text.pos"]), len(full["text.proj.weight"]))
         model = cls(resnet, text)
-        full = {f"visual.{k}": v for k, v in visual.items()} | text_state
         full["logit_scale"] = state["logit_scale"].reshape(())
         for key, value in model.state_dict().items():  # BatchNorm counters: unused, often unsaved
             if key.endswith("num_batches_tracked"):
@@ -1201,11 +1202,8 @@ class CLIPIQA(nn.Module):
         return F.normalize(self.text(ids, lengths), dim=-1)
 
     @torch.no_grad()
-    def forward(self, x):
-        """(B, 3, H, W) RGB in [0, 1] -> (B,)."""
-        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
-        image = F.normalize(self.visual((x - mean) / std), dim=-1)
+    def forward(self, x):  # (B, 3, H, W) RGB in [0, 1] -> (B,)
+        image = F.normalize(self.visual(clip_normalize(x)), dim=-1)
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
@@ -1221,7 +1219,7 @@ def clip_text_state_from_openai(state):
     for key, value in state.items():
         if not key.startswith("transformer.resblocks."):
             continue
-        index, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        _, _, index, rest = key.split(".", 3)
         prefix = f"text.blocks.{index}."
         if rest.startswith("attn.in_proj_"):  # in_proj_weight / in_proj_bias
             kind = rest.rsplit("_", 1)[1]
@@ -1253,17 +1251,15 @@ class ClipBottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
 
 class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): 3-conv stem, bottleneck stages, attention
-    pool queried by the mean token alone (exact, and linear in the 16,384 tokens of a 4096^2 input).
-    Its positional embedding is unused (pyiqa's pos_embedding=False: any input size)."""
+    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): attention pool queried by the mean token alone
+    (exact, and linear in the tokens); no positional embedding (pyiqa's pos_embedding=False)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
         super().__init__()
         half = width // 2
-        self.conv1, self.bn1 = nn.Conv2d(3, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half)
-        self.conv2, self.bn2 = nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half)
-        self.conv3 = nn.Conv2d(half, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        for i, (cin, cout) in enumerate(((3, half), (half, half), (half, width)), 1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, 2 if i == 1 else 1, 1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
         cin = width
         for i, count in enumerate(layers):
             planes = width * 2**i
@@ -1278,8 +1274,8 @@ class ClipResNet(nn.Module):
         self.heads = cin // 64  # OpenAI's rule: width * 32 // 64
 
     def forward(self, x):  # (B, 3, H, W) CLIP-normalised -> (B, embed_dim)
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            x = F.relu(bn(conv(x)))
+        for i in range(1, 4):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         x = F.avg_pool2d(x, 2)
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
