@@ -74,10 +74,9 @@ GLCM_SLICE_OFFSET = np.array([GLCM_UNIQUE_OFFSETS.index(o) for o in GLCM_OFFSETS
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
 def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
-    """Diffusion-4K's GLCM Score (CVPR 2025, Table 1; eval.py): OpenCV grey >> 2 (64 levels) in
-    patch x patch tiles, per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not
-    symmetric; another `prop`: mean graycoprops to 4 decimals), mean over tiles. Upstream scores
-    its JPEG-95 files, as the CLI does. `chunk` tiles at once: the counts stay in the L2 cache."""
+    """Diffusion-4K's GLCM Score (eval.py): OpenCV grey >> 2 (64 levels) in patch x patch tiles,
+    per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not symmetric; another `prop`:
+    mean graycoprops to 4 decimals), mean over tiles. `chunk` tiles keep the counts in L2 cache."""
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
@@ -96,8 +95,8 @@ def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
     return float(np.concatenate(scores).mean())
 
 def grey_opencv(rgb, shift=0, band=64):
-    """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), then >> shift;
-    by bands of rows, so that no 32-bit copy of a 4K image is held."""
+    """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), >> shift; by
+    bands of rows: no 32-bit copy of a 4K image."""
     width, height = rgb.size if isinstance(rgb, Image.Image) else as_array(rgb).shape[1::-1]
     out = np.empty((height, width), np.uint8)
     for top in range(0, height, band):
@@ -118,8 +117,7 @@ def glcm_counts(patches, levels=64):
     return counts[:, GLCM_SLICE_OFFSET].reshape(len(patches), len(GLCM_OFFSETS), levels, levels)
 
 def glcm_offset_counts(patches, levels=64):
-    """(P, h, w) -> (P * 14, levels^2) counts, row 14 p + k for GLCM_UNIQUE_OFFSETS[k]: one bincount
-    of the key (14 p + k) levels^2 + i levels + j over all pixel pairs."""
+    """(P, h, w) -> (P * 14, L^2) counts: one bincount of (14 p + k) L^2 + L i + j."""
     count, h, w = patches.shape
     cells, offsets = levels * levels, len(GLCM_UNIQUE_OFFSETS)
     q = patches.astype(np.intp)
@@ -188,12 +186,12 @@ def glcm_props(normed, prop):
     return total(p * weights[prop])
 
 def compression_ratio(jpeg_sizes, shapes):
-    """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (eval.py's
-    N size^2 3 / sum(file sizes), not a mean of ratios). Lower: more high-frequency detail."""
+    """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (not a mean
+    of ratios). Lower: more high-frequency detail."""
     return sum(h * w * 3 for h, w in shapes) / sum(jpeg_sizes)
 
 def jpeg95(image):
-    """What Diffusion-4K's generator writes: Pillow JPEG quality 95, Pillow's defaults (4:2:0)."""
+    """What Diffusion-4K's generator writes: Pillow JPEG quality 95, 4:2:0."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -208,8 +206,7 @@ NIQE_BLOCK = 96
 NIQE_CONVENTIONS = ("pyiqa", "matlab")  # see niqe()
 
 def psnr(pred, ref, crop_border=0, mode="rgb"):
-    """PSNR in dB, peak 255, inf for identical images: basicsr's calculate_psnr (SR papers), with
-    `crop_border` (the scale) px off each side, on BT.601 Y (mode 'y') or RGB (as scikit-image)."""
+    """PSNR in dB, peak 255 (inf for identical images), as basicsr's calculate_psnr."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if a.dtype == np.uint8:  # integer errors: their squares summed exactly in int64, one division
         d = np.subtract(a, b, dtype=np.int64).ravel(order="K")
@@ -222,8 +219,7 @@ def psnr(pred, ref, crop_border=0, mode="rgb"):
 def ssim(pred, ref, crop_border=0, mode="rgb"):
     """SSIM (Wang et al. 2004), Gaussian window (sigma 1.5), 'valid' region, mean over map and
     channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
-    use_sample_covariance=False); mode 'gray': ssim.m's input. Without ssim.m's downsampling (as
-    basicsr): at 4K it would average-pool by 16."""
+    use_sample_covariance=False), without ssim.m's downsampling (at 4K: by 16)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if min(a.shape[-2:]) < 11:
         height, width = a.shape[-2:]
@@ -260,8 +256,7 @@ def _band_matrix(block, sigma=1.5, radius=5):
 def gaussian_blur_valid(x, block=32):
     """SSIM's Gaussian of (..., H, W) float64, 'valid' region: scipy's gaussian_filter(truncate=3.5)
     without its 5-px border. Each pass multiplies by a banded matrix (32 outputs from 42 inputs):
-    2.6x the work of an 11-tap loop, but torch's BLAS beats scipy and a float64 conv2d on the CPU.
-    Both passes read whole rows and write transposed: nothing is copied."""
+    more work than 11 taps, but torch's BLAS beats scipy and a float64 conv2d on the CPU."""
     band = _band_matrix(block)
 
     def rows(x):  # (..., H, W) -> (..., W, H - 10): filtered along H, written transposed
@@ -310,12 +305,12 @@ def remove_border(x, border):
     return x[..., border : h - border, border : w - border]
 
 def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
-    """NIQE (Mittal et al., IEEE SPL 2013), lower is better: the MATLAB release's pristine model,
-    96-px blocks from the top-left, two scales, 36 features; the whole image (1,764 at 4096^2).
+    """NIQE (Mittal et al. 2013), lower is better: the MATLAB release's pristine model, 96-px blocks
+    from the top-left, two scales, 36 features, over the whole image.
 
-    NIQE is touchy: sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one
-    float32 rounding moves it by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers
-    report) follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
+    sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one float32 rounding
+    moves NIQE by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers report)
+    follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
     'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful.
     """
     if params is None:
@@ -385,8 +380,7 @@ def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
     return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
 
 def mscn(grey, window32=False):
-    """MSCN coefficients (x - mu) / (sigma + 1), mu and sigma = sqrt(|E[x^2] - mu^2|) from the 7x7
-    Gaussian window, borders replicated."""
+    """MSCN coefficients (x - mu) / (sigma + 1), 7x7 Gaussian window, borders replicated."""
     w = _niqe_window(window32).to(grey.device)[None, None]
     h, w_ = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
@@ -449,8 +443,8 @@ def _aggd_table(grid):
     return gam, r
 
 def imresize_half(x):
-    """MATLAB imresize(x, 0.5) of (H, W), both even: antialiased bicubic (a = -0.5), i.e. 8 taps
-    0.5 k(d / 2) around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
+    """MATLAB imresize(x, 0.5), H and W even: antialiased bicubic (a = -0.5), 8 taps 0.5 k(d / 2)
+    around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
 
     def cubic(d):
         d = d.abs()
@@ -500,9 +494,8 @@ def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, ba
     return torch.cat([model(fid_input(group, resize)) for group in samples])
 
 def resize_center_crop(rgb, size):
-    """Diffusion-4K's FID preprocessing (generate_and_eval_fid.py l. 79-84) of both sets, so that
-    photos and samples reach the 299-px resize with one aspect ratio: torchvision's resize(uint8,
-    size) (shorter side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
+    """Diffusion-4K's FID preprocessing of both sets: torchvision's resize(uint8, size) (shorter
+    side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
     h, w = rgb.shape[:2]
     short, long = min(h, w), max(h, w)
     new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
@@ -514,8 +507,8 @@ def resize_center_crop(rgb, size):
     return rgb[top : top + size, left : left + size]
 
 def fid_crops(x, patch, half_shift):
-    """Patch FID's samples: the patch grid from the top-left, with `half_shift` also the grid moved
-    by patch/2 (HiFiC's FID/256, Mentzer et al. 2020)."""
+    """Patch FID's samples: the grid from the top-left, and with `half_shift` the grid moved by
+    patch/2 (HiFiC's FID/256)."""
     h, w = x.shape[-2:]
     if patch > min(h, w):
         raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
@@ -542,8 +535,7 @@ def fid_input(x, resize="tf1"):
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
 
 def resize_tf1_bilinear(x, size):
-    """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input). It
-    samples a 4096-px image at 299 points per axis: hence patch FID."""
+    """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input)."""
 
     def taps(n_in):
         step = torch.tensor(n_in / size, dtype=torch.float32)
@@ -591,9 +583,8 @@ def fid_from_stats(pred, ref):
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, with tr sqrt(S1 S2) =
-    tr sqrt(S1^1/2 S2 S1^1/2): symmetric eigendecompositions instead of scipy's sqrtm of S1 S2
-    (pytorch-fid, clean-fid), no complex parts or eps retry when N < 2048."""
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^1/2 S2 S1^1/2) in float64: symmetric
+    eigendecompositions instead of sqrtm(S1 S2), so no complex parts or eps retry when N < 2048."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
     w, v = torch.linalg.eigh(cov1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T
@@ -703,7 +694,7 @@ class InceptionE(nn.Module):
 
 class InceptionV3(nn.Module):
     """The FID network: TF's 2015-12-05 InceptionV3 graph as ported by pytorch-fid, [-1, 1] input ->
-    2048-d pool3 features; torchvision's names (pt_inception-2015-12-05's `fc` unused)."""
+    2048-d pool3 features."""
 
     def __init__(self):
         super().__init__()
@@ -755,13 +746,9 @@ CLIP_FORMS = ("torchmetrics", "hessel", "pyiqa")
 CLIP_BATCH = 32  # images per call of the CLIP towers in a folder run: a busy GPU, under 20 MB
 
 def clip_score(model, images, captions, form="torchmetrics"):
-    """Per-image CLIPScore (Hessel et al., EMNLP 2021): the cosine of CLIP image and caption
-    embeddings, scaled as CLIP_FORMS says.
-
-    C-Upscale (arXiv 2505.16976) reports a "CLIP" score of 0.455-0.894: neither 100 cos (20-36) nor
-    a cosine (0.2-0.36), but 2.5 cos maps cosines there, its other columns are pyiqa's names, and
-    pyiqa's 'clipscore' is that on ViT-B/32: hence 'pyiqa' and b32 in --protocol cupscale.
-    """
+    """Per-image CLIPScore (Hessel et al. 2021): the cosine of CLIP image and caption embeddings,
+    scaled as CLIP_FORMS says. C-Upscale's "CLIP" of 0.455-0.894 fits 2.5 cos, and its other
+    columns are pyiqa's: hence pyiqa's 'clipscore' (ViT-B/32) in --protocol cupscale."""
     pixels = torch.stack([model.preprocess(image, clip_resize(form)) for image in images])
     return clip_score_pixels(model, pixels, captions, form)
 
@@ -781,9 +768,8 @@ def aesthetic_score(clip, mlp, images):
     return mlp(clip.encode_images(images))  # L2-normalised embeddings, as the original
 
 class ClipBatches:
-    """A folder run's scores of a CLIP metric on batches of `size` (CLIP_BATCH) images: add()
-    preprocesses an image when read (to 3 x 224 x 224: memory stays flat), a full buffer or the
-    `last` image runs the towers, flush() the rest. Each score equals its own alone to rounding."""
+    """A CLIP metric's scores over a folder in batches: add() preprocesses an image when read
+    (memory stays flat), a full batch or the `last` image runs the towers, flush() the rest."""
 
     def __init__(self, score, preprocess, size=None):
         self.score, self.preprocess, self.size = score, preprocess, size or CLIP_BATCH
@@ -814,8 +800,8 @@ class ClipBatches:
         return self.values
 
 def clip_preprocess(image, size=224, resize="pil"):
-    """CLIP's preprocessing of the whole image: shorter side to `size`, centre crop, mean/std;
-    'pil': Pillow bicubic (openai-clip, transformers), 'tensor': float bicubic (pyiqa's)."""
+    """Shorter side to `size`, centre crop, mean/std; 'pil': Pillow bicubic (openai-clip,
+    transformers), 'tensor': float bicubic (pyiqa's)."""
     w, h = image.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if resize not in ("pil", "tensor"):
@@ -833,8 +819,8 @@ def clip_normalize(x):
     return (x - mean) / std
 
 class AestheticMLP(nn.Module):
-    """LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table 1):
-    linear layers, *no* activations (commented out in the original), on the CLIP L/14 embedding."""
+    """LAION's aesthetic predictor v2: linear layers, *no* activations (commented out in the
+    original), on the CLIP L/14 embedding."""
 
     def __init__(self, dim=768):
         super().__init__()
@@ -1011,9 +997,8 @@ def clip_state_from_transformers(state):
     return renamed
 
 class ClipScoreTokenizer:
-    """CLIP's BPE (tokenizer.json), truncated as openai-clip's tokenize(truncate=True): <start>, at
-    most context-2 tokens, <end>. torchmetrics cuts long captions (Aesthetic-4K's) to 77 ids
-    *without* the end token and pools at argmax(ids), on whichever token has the largest id."""
+    """CLIP's BPE, truncated as openai-clip's tokenize(truncate=True): <start>, at most context-2
+    tokens, <end> (torchmetrics drops the end token of long captions and pools at argmax(ids))."""
 
     def __init__(self, path, context=77):
         from tokenizers import Tokenizer
@@ -1098,7 +1083,7 @@ def tiles(h, w, size):
 
 class LPIPSMetric(nn.Module):
     """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet or VGG16: at five ReLU taps the unit-normalised
-    features' squared difference, weighted by the learned 1x1 `lins`, averaged over space, summed."""
+    features' squared difference, weighted by the learned 1x1 `lins`, spatial mean, summed."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -1251,8 +1236,8 @@ class ClipBottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
 
 class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): attention pool queried by the mean token alone
-    (exact, and linear in the tokens); no positional embedding (pyiqa's pos_embedding=False)."""
+    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3), its attention pool queried by the mean token
+    alone (exact, linear in the tokens); no positional embedding (pyiqa's pos_embedding=False)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
         super().__init__()
@@ -1293,15 +1278,14 @@ class ClipResNet(nn.Module):
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
 def periodicity_input(rgb, device="cpu"):
-    """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assume."""
+    """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP and VARIANCE_FLOOR assume."""
     return to_float_tensor(as_array(rgb), device) / 127.5 - 1
 
 @torch.no_grad()
 def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
-    """Periodic-artifact score (B,) of images in [-1, 1]: OP4KSR's L_AP as a metric. Without `ref`
-    periodicity_score, the share of the pixel differences' variance that repeats on the period
-    lattices; with `ref` periodicity_loss per image, so that texture periodic in the ground truth
-    does not count. The noise floor falls with size: compare images of one size."""
+    """OP4KSR's L_AP as a metric (B,) of images in [-1, 1]: without `ref` the share of the pixel
+    differences' variance that repeats on the period lattices, with `ref` relative to it (texture
+    periodic in the ground truth does not count). The noise floor falls with size."""
     if ref is not None and ref.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
     try:
@@ -1322,8 +1306,7 @@ def periodicity_score(image, periods=PERIODS, quadrants=4):
     return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
 def log_spectrum(rgb):
-    """Centred log power spectrum of the pixel differences as a grey image: a period-p artifact is a
-    lattice of dots at multiples of W/p (H/p)."""
+    """Centred log power spectrum of the pixel differences: period p shows as dots W/p apart."""
     x = periodicity_input(rgb)[0]
     power = torch.zeros(x.shape[-2:])
     for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
@@ -1333,8 +1316,8 @@ def log_spectrum(rgb):
 
 def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
     """The quadrants' mean autocorrelation of pixel differences, lags up to harmonics * p + p // 2,
-    as a grey image (lag 0 centred, 0 mid-grey, scaled to the largest value outside the central
-    3x3): a period-p artifact is a lattice of bright points p px apart."""
+    lag 0 centred, 0 mid-grey, scaled to the largest value outside the central 3x3: period p shows
+    as bright points p px apart."""
     array = as_array(rgb)
     max_lag = max(harmonics * p + p // 2 for p in periods)
     differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
@@ -1351,8 +1334,8 @@ def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
     return _to_grey_image(correlation, -scale, scale)
 
 def autocovariance(x, max_lag):
-    """Unbiased autocovariance of each map for lags -max_lag..max_lag each way, lag 0 at the centre:
-    Wiener-Khinchin on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
+    """Unbiased autocovariance of each map, lags -max_lag..max_lag, lag 0 centred: Wiener-Khinchin
+    on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
     h, w = x.shape[-2:]
     if max_lag >= min(h, w):
         raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, "
@@ -1368,7 +1351,7 @@ def autocovariance(x, max_lag):
     return sums / overlap
 
 def _fast_fft_length(n):
-    """The smallest length >= n without a prime factor above 5."""
+    """The smallest n' >= n without a prime factor above 5."""
     while True:
         m = n
         for p in (2, 3, 5):
@@ -1379,7 +1362,6 @@ def _fast_fft_length(n):
         n += 1
 
 def _pixel_differences(x):
-    """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
 def _to_grey_image(values, low, high):
@@ -1494,10 +1476,10 @@ class Item:
     name: str
     path: Path
     image: Image.Image
-    paired: Image.Image  # as the ref-based metrics see it: resized to its ref by --resize-to-ref
+    paired: Image.Image  # as the ref-based metrics see it (--resize-to-ref)
     target: Image.Image | None  # its ref
     prompt: str | None
-    last: bool  # the last pred image: batches are scored now
+    last: bool  # batches are scored now
     jpeg_size: int | None = None  # bytes of its JPEG-95 file, once GLCM has read it
 
 @dataclass
@@ -1525,7 +1507,7 @@ def score_fid(run, item, _):
     add_fid(run, item.image, "pred")
 
 def add_fid(run, image, which):
-    """One image into FID's `which` set; fid_size 'pred': the first pred image's shorter side."""
+    """One image into FID's `which` set; fid_size 'pred': the first image's shorter side."""
     opts = run.opts
     if run.fid_size == "pred":
         run.fid_size = min(image.size)
@@ -1538,13 +1520,9 @@ def add_fid(run, image, which):
 def score_batched(run, item, batches):  # CLIP_BATCH images at a time: ClipBatches
     batches.add(item.name, item.image, item.prompt, last=item.last)
 
-def score_psnr(run, item, _):
+def score_paired(run, item, _, metric):
     mode = "y" if run.opts.y_channel else "rgb"
-    return psnr(item.paired, item.target, run.opts.crop_border, mode)
-
-def score_ssim(run, item, _):
-    mode = "y" if run.opts.y_channel else "rgb"
-    return ssim(item.paired, item.target, run.opts.crop_border, mode)
+    return metric(item.paired, item.target, run.opts.crop_border, mode)
 
 def score_lpips(run, item, model):
     return lpips_tiled(model, item.paired, item.target, run.opts.tile)
@@ -1586,8 +1564,8 @@ METRICS = {  # name -> (what it needs besides --pred, loader of its model, score
     "fid": ("fid_ref", inception, score_fid),
     "clip": ("prompts", clip_batches, score_batched),
     "aesthetic": (None, aesthetic_batches, score_batched),
-    "psnr": ("ref", None, score_psnr),
-    "ssim": ("ref", None, score_ssim),
+    "psnr": ("ref", None, functools.partial(score_paired, metric=psnr)),
+    "ssim": ("ref", None, functools.partial(score_paired, metric=ssim)),
     "lpips": ("ref", lpips_metric, score_lpips),
     "niqe": (None, lambda opts: niqe_params(opts.niqe_params), score_niqe),
     "clipiqa": (None, clipiqa_model, score_clipiqa),
@@ -1700,9 +1678,8 @@ def save_spectra(opts, item):
         warn(f"{item.name}: no autocorrelation image: {error}")
 
 def set_network_precision(device):
-    """Set the networks' arithmetic, explicitly (no earlier choice changes the numbers): on a GPU
-    with TF32, TF32 convolutions and float32 matrix products, PyTorch's defaults and so what the
-    references compute on the same GPU (bf16 would leave their tolerance); else fp32."""
+    """The networks' arithmetic, set explicitly: on a GPU with TF32, TF32 convolutions and float32
+    matrix products (PyTorch's defaults, so what the references compute); else fp32."""
     device = torch.device(device)
     tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     torch.backends.cudnn.allow_tf32 = tf32
@@ -1729,7 +1706,7 @@ def list_images(folder):
 
 def read_prompts(path):
     """stem -> caption from metadata.jsonl lines (file_name / image / filename, text / prompt /
-    caption), as Aesthetic-4K's."""
+    caption)."""
     prompts = {}
     for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
@@ -1760,7 +1737,7 @@ def spectra_files(folder, name):
 
 def progress(items, label, precision=None):
     """(item, show) under a progress bar; show(metric) names the metric now computed (a network
-    with its `precision`), so that a slow one is visible as such."""
+    with its `precision`)."""
 
     def show(i, metric):
         suffix = f" ({precision})" if precision and metric in NETWORKS else ""
@@ -1772,8 +1749,7 @@ def progress(items, label, precision=None):
         update(i + 1)
 
 def jpeg95_view(path, image, decode=True):
-    """The bytes of the image's JPEG-95 file and (`decode`) its pixels, as Diffusion-4K sees them;
-    a JPEG file counts as it is."""
+    """The size of the image's JPEG-95 file and (`decode`) its pixels; a JPEG file counts as is."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return Path(path).stat().st_size, image
     encoded = jpeg95(image)
