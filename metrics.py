@@ -339,11 +339,10 @@ def niqe_params(source=NIQE_PARAMS):
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
         kind = type(error).__name__
         raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's "
-                        ".npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, "
-                        "cov_prisparam)") from None
+                        ".npz or pyiqa's .mat") from None
     if mu.shape != (36,) or cov.shape != (36, 36):
-        shapes = f"{path} holds shapes {mu.shape} and {cov.shape}"
-        raise UserError(f"{what}: {shapes}, expected (36,) and (36, 36)")
+        shapes = f"shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)"
+        raise UserError(f"{what}: {path} holds {shapes}")
     if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
         raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
@@ -1053,23 +1052,22 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    boxes = tiles(a.shape[-2], a.shape[-1], tile or max(a.shape[-2:]))
-    values = []
-    for i in range(0, len(boxes), batch):
-        ta, tb = (torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])
-                  for x in (a, b))
-        values.append(model(ta, tb))
-    return torch.cat(values).mean().item()
+    groups = tile_groups(a, tile or max(a.shape[-2:]), batch)
+    return torch.cat([model(crops(a, group), crops(b, group)) for group in groups]).mean().item()
 
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
     x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
-    boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
-    groups = (boxes[i : i + batch] for i in range(0, len(boxes), batch))
-    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in group]))
-              for group in groups]
-    return torch.cat(scores).mean().item()
+    groups = tile_groups(x, tile or max(x.shape[-2:]), batch)
+    return torch.cat([model(crops(x, group)) for group in groups]).mean().item()
+
+def tile_groups(x, size, batch):
+    boxes = tiles(x.shape[-2], x.shape[-1], size)
+    return [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
+
+def crops(x, boxes):
+    return torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes])
 
 def tiles(h, w, size):
     """The networks' 4K protocol: size x size tiles covering the image, the last row and column
@@ -1445,12 +1443,12 @@ READS_REF = {"psnr", "ssim", "lpips", "periodicity"}  # metrics that read each i
 
 NEEDS = {"ref": "--ref", "fid_ref": "--ref or --fid-ref", "prompts": "--prompts"}
 
-# The options of each paper's table (EPILOG summarises them). Sources:
-# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1; l.
-#   107-109, 165, 171-216) and eval.py on the JPEG q95 files it saves (l. 222), re-encoded here.
+# The options of each paper's table. Sources:
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1) and
+#   eval.py on the JPEG q95 files it saves.
 # cupscale: arXiv 2505.16976 Sec. 5.2, no code; its column names point to pyiqa's defaults. LPIPS is
-#   "between input low-resolution images and output higher-resolution images", down to 0.007 for
-#   BSRGAN: --ref holds the inputs, each output resized to its input (bicubic: not stated).
+#   "between input low-resolution images and output higher-resolution images": --ref holds the
+#   inputs, each output resized to its input (bicubic: not stated).
 # op4ksr: arXiv 2605.13457 beside Fig. 8: PSNR and NIQE on whole images, LPIPS and CLIPIQA on
 #   patches (512 px here: the size is left to its supplement), PSNR / SSIM on Y as S3Diff.
 PROTOCOLS = {
@@ -1484,7 +1482,7 @@ class Item:
 
 @dataclass
 class FolderRun:
-    """What the metrics share over a folder: options, models, FID's and CR's sums."""
+    """What the metrics share over a folder."""
 
     opts: argparse.Namespace
     models: dict
@@ -1492,8 +1490,8 @@ class FolderRun:
     fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
     jpeg: list = field(default_factory=list)  # per image: (JPEG-95 bytes, (H, W))
 
-# Each metric's step on one image: (run, item, the metric's model) -> its value, or None where the
-# summary is not a mean over images (CR and FID sums grow in `run`, CLIP batches wait in theirs).
+# Each metric's step on one image: (run, item, its model) -> its value, or None where the summary
+# is not a mean over images (CR and FID sums grow in `run`, CLIP batches in theirs).
 def score_glcm(run, item, _):
     decode = run.opts.glcm_input == "jpeg95"
     item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
@@ -1517,7 +1515,7 @@ def add_fid(run, image, which):
     settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
     run.fid[which].update(fid_features(run.models["fid"], image, *settings))
 
-def score_batched(run, item, batches):  # CLIP_BATCH images at a time: ClipBatches
+def score_batched(run, item, batches):
     batches.add(item.name, item.image, item.prompt, last=item.last)
 
 def score_paired(run, item, _, metric):
@@ -1762,13 +1760,12 @@ def jpeg95_view(path, image, decode=True):
 # ===================================================================================== command line
 
 EPILOG = """\
-protocols (--protocol presets the options of a paper's table; options given explicitly override it):
-  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16,
-               aesthetics, GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
-  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP B/32
-  op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
+protocols (options given explicitly override theirs):
+  diffusion4k  FID, CLIPScore ViT-B/16, aesthetics, GLCM and CR on JPEG q95
+  cupscale     CLIPIQA, FID (clean), LPIPS against the --ref inputs, CLIP B/32
+  op4ksr       PSNR / SSIM on Y, LPIPS and CLIPIQA on 512-px tiles, NIQE
 
-Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
+Diffusion-4K's Aesthetic-Eval@2048 table:
   python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl \\
       --output-dir eval2048/ --height 2048 --width 2048 --guidance 7.0 --seed 0 \\
       --seed-per-prompt same
@@ -1777,12 +1774,12 @@ Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 
 """
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the option list, the epilog's command lines kept as written."""
+    pass
 
 def main(argv=None):
     args = parse_args(argv)
     metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
-    # Every output is checked before any image or weight is read: a long run never ends on a clash.
+    # Every output is checked before any image or weight is read: no long run ends on a clash.
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     check_output_file(out, args.overwrite, (".json",))
     spectra = Path(args.save_spectra) if args.save_spectra else None
@@ -1796,8 +1793,7 @@ def main(argv=None):
     excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
     args.metrics, args.settings = metrics, settings
-    # The spectra are staged and published with the JSON at the end: all of them or none, an
-    # existing file replaced only with --overwrite.
+    # The spectra are staged and published with the JSON at the end: all of them or none.
     with staging_folder(spectra) as staged:
         args.save_spectra = staged
         result = evaluate(args.pred, args.ref, args.prompts, args)
