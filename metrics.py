@@ -496,14 +496,17 @@ def resize_center_crop(rgb, size):
     """Diffusion-4K's FID preprocessing of both sets: torchvision's resize(uint8, size) (shorter
     side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
     h, w = rgb.shape[:2]
-    short, long = min(h, w), max(h, w)
-    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
+    (new_w, new_h), (left, top) = shorter_side_to(size, w, h)
     if (new_h, new_w) != (h, w):
         x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
         x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return rgb[top : top + size, left : left + size]
+
+def shorter_side_to(size, w, h):
+    """(width, height) with the shorter side `size`, and the top-left of the centred square."""
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return new, (int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0)))
 
 def fid_crops(x, patch, half_shift):
     """Patch FID's samples: the grid from the top-left, and with `half_shift` the grid moved by
@@ -576,8 +579,8 @@ def fid_from_stats(pred, ref):
         dim = stats.total.numel()
         if stats.count <= dim:
             warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
-                          f"covariance needs at least {dim + 1}; the value is biased upwards and "
-                          "not comparable across sample counts (use --fid-patch for more samples)",
+                          f"covariance needs at least {dim + 1}; the value is biased upwards "
+                          "(--fid-patch gives more samples)",
                           stacklevel=2)
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
@@ -802,7 +805,7 @@ def clip_preprocess(image, size=224, resize="pil"):
     """Shorter side to `size`, centre crop, mean/std; 'pil': Pillow bicubic (openai-clip,
     transformers), 'tensor': float bicubic (pyiqa's)."""
     w, h = image.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    new, (left, top) = shorter_side_to(size, w, h)
     if resize not in ("pil", "tensor"):
         raise ValueError(f"unknown CLIP resize {resize!r}; use pil or tensor")
     if resize == "pil" and new != (w, h):
@@ -810,7 +813,6 @@ def clip_preprocess(image, size=224, resize="pil"):
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if resize == "tensor" and new != (w, h):
         x = F.interpolate(x[None], new[::-1], mode="bicubic", antialias=True)[0]
-    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     return clip_normalize(x[:, top : top + size, left : left + size])
 
 def clip_normalize(x):
