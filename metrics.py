@@ -971,18 +971,13 @@ def depth(state, prefix):
 
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
-    ("vision_model.embeddings.patch_embedding.", "vision.patch."),
-    ("visual_projection.", "vision.proj."),
-    ("vision_model.embeddings.class_embedding", "vision.cls"),
-    ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
-    ("vision_model.pre_layrnorm.", "vision.ln_pre."),
-    ("vision_model.post_layernorm.", "vision.ln_post."),
-    ("vision_model.encoder.layers.", "vision.blocks."),
-    ("text_model.encoder.layers.", "text.blocks."),
-    ("text_model.embeddings.token_embedding.", "text.token."), ("text_projection.", "text.proj."),
-    ("text_model.embeddings.position_embedding.weight", "text.pos"),
-    ("text_model.final_layer_norm.", "text.ln_final."),
-    (".self_attn.q_proj.", ".q."), (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
+    ("vision_model.", "vision."), ("visual_projection.", "vision.proj."), ("text_model.", "text."),
+    ("text_projection.", "text.proj."), (".embeddings.patch_embedding.", ".patch."),
+    (".embeddings.class_embedding", ".cls"), (".embeddings.position_embedding.weight", ".pos"),
+    (".embeddings.token_embedding.", ".token."), (".encoder.layers.", ".blocks."),
+    (".pre_layrnorm.", ".ln_pre."), (".post_layernorm.", ".ln_post."),
+    (".final_layer_norm.", ".ln_final."), (".self_attn.q_proj.", ".q."),
+    (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
     (".self_attn.out_proj.", ".proj."), (".layer_norm1.", ".ln1."), (".layer_norm2.", ".ln2."),
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
 ]
