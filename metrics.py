@@ -1,4 +1,4 @@
-r"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
+"""Metrics of 4K synthesis and super-resolution, computed as the papers that report them do.
 
 name        needs          definition (reference implementation)                   4K protocol
 ----------  -------------  ------------------------------------------------------  -------------
@@ -13,24 +13,13 @@ niqe        pred           NIQE, MATLAB pristine model (pyiqa 'niqe')           
 clipiqa     pred           CLIP-IQA, RN50, 5 antonym prompt pairs (pyiqa)          512-px tiles
 periodicity pred [, ref]   OP4KSR's L_AP (arXiv 2605.13457), relative to ref       2x2 quadrants
 
-`--protocol diffusion4k|cupscale|op4ksr` presets the options of that paper's table and, without
---metrics, its columns (sources at PROTOCOLS); options given explicitly override it. Images pair by
-file stem; the table goes to stdout, the numbers with the settings and per-image values to --out
-(PRED/metrics.json).
+`--protocol diffusion4k|cupscale|op4ksr` presets a paper's options and columns (PROTOCOLS).
+Images pair by file stem; the table goes to stdout, values and settings to --out.
 
-    python metrics.py --pred out/ --metrics glcm,cr                  # Diffusion-4K's Table 1 pair
     python metrics.py --pred out/ --ref gt/ --metrics psnr,ssim,lpips --y-channel --crop-border 4
-    python metrics.py --pred out/ --ref real/ --metrics fid --fid-patch 256 --fid-half-shift
     python metrics.py --pred out/ --prompts metadata.jsonl --metrics clip,aesthetic
-    python metrics.py --pred out/ --metrics niqe,clipiqa             # SR papers' no-reference pair
-    python metrics.py --pred out/ --ref gt/ --metrics periodicity --save-spectra spectra/
-    python metrics.py --protocol diffusion4k --pred eval2048/ --ref Aesthetic-4K/eval/size_2048 \
-        --prompts eval2048/metadata.jsonl    # Diffusion-4K's table; --help: how to sample eval2048/
 
-Weights load in fp32 from the Hub (the *_WEIGHTS, CLIP_MODELS, LPIPS_*, NIQE_PARAMS defaults) or
-local files; pickles only with weights_only=True. LPIPS-alex needs torchvision's
-alexnet-owt-7be5be79.pth (no Hub copy is known). periodicity runs a verbatim copy of op4ksr.py's
-kit "periodicity loss".
+Weights load in fp32 from the Hub or local files, pickles only with weights_only=True.
 """
 
 from __future__ import annotations
@@ -85,10 +74,9 @@ GLCM_SLICE_OFFSET = np.array([GLCM_UNIQUE_OFFSETS.index(o) for o in GLCM_OFFSETS
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
 def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
-    """Diffusion-4K's GLCM Score (CVPR 2025, Table 1; eval.py): OpenCV grey >> 2 (64 levels) in
-    patch x patch tiles, per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not
-    symmetric; another `prop`: mean graycoprops to 4 decimals), mean over tiles. Upstream scores
-    its JPEG-95 files, as the CLI does. `chunk` tiles at once: the counts stay in the L2 cache."""
+    """Diffusion-4K's GLCM Score (eval.py): OpenCV grey >> 2 (64 levels) in patch x patch tiles,
+    per tile shannon_entropy(graycomatrix) at GLCM_OFFSETS (normed, not symmetric; another `prop`:
+    mean graycoprops to 4 decimals), mean over tiles. `chunk` tiles keep the counts in L2 cache."""
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
@@ -107,8 +95,8 @@ def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
     return float(np.concatenate(scores).mean())
 
 def grey_opencv(rgb, shift=0, band=64):
-    """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), then >> shift;
-    by bands of rows, so that no 32-bit copy of a 4K image is held."""
+    """cv2.cvtColor(BGR2GRAY) bit for bit (Pillow's convert('L') moves a GLCM score), >> shift; by
+    bands of rows: no 32-bit copy of a 4K image."""
     width, height = rgb.size if isinstance(rgb, Image.Image) else as_array(rgb).shape[1::-1]
     out = np.empty((height, width), np.uint8)
     for top in range(0, height, band):
@@ -129,8 +117,7 @@ def glcm_counts(patches, levels=64):
     return counts[:, GLCM_SLICE_OFFSET].reshape(len(patches), len(GLCM_OFFSETS), levels, levels)
 
 def glcm_offset_counts(patches, levels=64):
-    """(P, h, w) -> (P * 14, levels^2) counts, row 14 p + k for GLCM_UNIQUE_OFFSETS[k]: one bincount
-    of the key (14 p + k) levels^2 + i levels + j over all pixel pairs."""
+    """(P, h, w) -> (P * 14, L^2) counts: one bincount of (14 p + k) L^2 + L i + j."""
     count, h, w = patches.shape
     cells, offsets = levels * levels, len(GLCM_UNIQUE_OFFSETS)
     q = patches.astype(np.intp)
@@ -199,12 +186,12 @@ def glcm_props(normed, prop):
     return total(p * weights[prop])
 
 def compression_ratio(jpeg_sizes, shapes):
-    """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (eval.py's
-    N size^2 3 / sum(file sizes), not a mean of ratios). Lower: more high-frequency detail."""
+    """Diffusion-4K's Compression Ratio: raw RGB bytes / JPEG-95 bytes over all images (not a mean
+    of ratios). Lower: more high-frequency detail."""
     return sum(h * w * 3 for h, w in shapes) / sum(jpeg_sizes)
 
 def jpeg95(image):
-    """What Diffusion-4K's generator writes: Pillow JPEG quality 95, Pillow's defaults (4:2:0)."""
+    """What Diffusion-4K's generator writes: Pillow JPEG quality 95, 4:2:0."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -216,14 +203,10 @@ NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
 
 NIQE_BLOCK = 96
 
-NIQE_CONVENTIONS = {
-    "pyiqa": "pyiqa 'niqe' (what SR papers report): its grey image, float32 window and grid",
-    "matlab": "the MATLAB release's arithmetic: float64 on rounded rgb2gray (approximate)",
-}
+NIQE_CONVENTIONS = ("pyiqa", "matlab")  # see niqe()
 
 def psnr(pred, ref, crop_border=0, mode="rgb"):
-    """PSNR in dB, peak 255, inf for identical images: basicsr's calculate_psnr (SR papers), with
-    `crop_border` (the scale) px off each side, on BT.601 Y (mode 'y') or RGB (as scikit-image)."""
+    """PSNR in dB, peak 255 (inf for identical images), as basicsr's calculate_psnr."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if a.dtype == np.uint8:  # integer errors: their squares summed exactly in int64, one division
         d = np.subtract(a, b, dtype=np.int64).ravel(order="K")
@@ -236,8 +219,7 @@ def psnr(pred, ref, crop_border=0, mode="rgb"):
 def ssim(pred, ref, crop_border=0, mode="rgb"):
     """SSIM (Wang et al. 2004), Gaussian window (sigma 1.5), 'valid' region, mean over map and
     channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
-    use_sample_covariance=False); mode 'gray': ssim.m's input. Without ssim.m's downsampling (as
-    basicsr): at 4K it would average-pool by 16."""
+    use_sample_covariance=False), without ssim.m's downsampling (at 4K: by 16)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
     if min(a.shape[-2:]) < 11:
         height, width = a.shape[-2:]
@@ -274,8 +256,7 @@ def _band_matrix(block, sigma=1.5, radius=5):
 def gaussian_blur_valid(x, block=32):
     """SSIM's Gaussian of (..., H, W) float64, 'valid' region: scipy's gaussian_filter(truncate=3.5)
     without its 5-px border. Each pass multiplies by a banded matrix (32 outputs from 42 inputs):
-    2.6x the work of an 11-tap loop, but torch's BLAS beats scipy and a float64 conv2d on the CPU.
-    Both passes read whole rows and write transposed: nothing is copied."""
+    more work than 11 taps, but torch's BLAS beats scipy and a float64 conv2d on the CPU."""
     band = _band_matrix(block)
 
     def rows(x):  # (..., H, W) -> (..., W, H - 10): filtered along H, written transposed
@@ -324,12 +305,12 @@ def remove_border(x, border):
     return x[..., border : h - border, border : w - border]
 
 def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
-    """NIQE (Mittal et al., IEEE SPL 2013), lower is better: the MATLAB release's pristine model,
-    96-px blocks from the top-left, two scales, 36 features; the whole image (1,764 at 4096^2).
+    """NIQE (Mittal et al. 2013), lower is better: the MATLAB release's pristine model, 96-px blocks
+    from the top-left, two scales, 36 features, over the whole image.
 
-    NIQE is touchy: sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one
-    float32 rounding moves it by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers
-    report) follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
+    sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one float32 rounding
+    moves NIQE by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers report)
+    follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
     'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful.
     """
     if params is None:
@@ -358,11 +339,10 @@ def niqe_params(source=NIQE_PARAMS):
     except Exception as error:  # numpy, zipfile and scipy raise many types for a broken file
         kind = type(error).__name__
         raise UserError(f"{what}: {path} is not a NIQE model file ({kind}); expected basicsr's "
-                        ".npz (mu_pris_param, cov_pris_param) or pyiqa's .mat (mu_prisparam, "
-                        "cov_prisparam)") from None
+                        ".npz or pyiqa's .mat") from None
     if mu.shape != (36,) or cov.shape != (36, 36):
-        shapes = f"{path} holds shapes {mu.shape} and {cov.shape}"
-        raise UserError(f"{what}: {shapes}, expected (36,) and (36, 36)")
+        shapes = f"shapes {mu.shape} and {cov.shape}, expected (36,) and (36, 36)"
+        raise UserError(f"{what}: {path} holds {shapes}")
     if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
         raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
@@ -399,8 +379,7 @@ def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
     return torch.cat([full, niqe_block_features(mscn(half, pyiqa), block // 2, grid)], 1)
 
 def mscn(grey, window32=False):
-    """MSCN coefficients (x - mu) / (sigma + 1), mu and sigma = sqrt(|E[x^2] - mu^2|) from the 7x7
-    Gaussian window, borders replicated."""
+    """MSCN coefficients (x - mu) / (sigma + 1), 7x7 Gaussian window, borders replicated."""
     w = _niqe_window(window32).to(grey.device)[None, None]
     h, w_ = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
@@ -463,8 +442,8 @@ def _aggd_table(grid):
     return gam, r
 
 def imresize_half(x):
-    """MATLAB imresize(x, 0.5) of (H, W), both even: antialiased bicubic (a = -0.5), i.e. 8 taps
-    0.5 k(d / 2) around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
+    """MATLAB imresize(x, 0.5), H and W even: antialiased bicubic (a = -0.5), 8 taps 0.5 k(d / 2)
+    around u = 2 i - 0.5 (1-based), borders mirrored; in float32 as the references."""
 
     def cubic(d):
         d = d.abs()
@@ -501,12 +480,8 @@ def niqe_distance(features, mu_pris, cov_pris):
 
 INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
 
-FID_RESIZE = {
-    "tf1": "torch-fidelity / torchmetrics<=1.5 (Diffusion-4K): TF1 bilinear, (x-128)/128",
-    "pytorch-fid": "pytorch-fid: torch bilinear without antialiasing on x/255, then 2x-1",
-    "antialias": "torchmetrics>=1.6: torch bilinear with antialiasing, (x-128)/128",
-    "clean": "clean-fid 'clean': Pillow bicubic (antialiased) per channel in float, (x-128)/128",
-}
+# torch-fidelity and torchmetrics<=1.5 (Diffusion-4K), pytorch-fid, torchmetrics>=1.6, clean-fid
+FID_RESIZE = ("tf1", "pytorch-fid", "antialias", "clean")
 
 @torch.no_grad()
 def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, batch=16):
@@ -518,22 +493,24 @@ def fid_features(model, rgb, resize="tf1", patch=0, half_shift=False, size=0, ba
     return torch.cat([model(fid_input(group, resize)) for group in samples])
 
 def resize_center_crop(rgb, size):
-    """Diffusion-4K's FID preprocessing (generate_and_eval_fid.py l. 79-84) of both sets, so that
-    photos and samples reach the 299-px resize with one aspect ratio: torchvision's resize(uint8,
-    size) (shorter side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
+    """Diffusion-4K's FID preprocessing of both sets: torchvision's resize(uint8, size) (shorter
+    side to `size`, antialiased bilinear in float32, rounded), then center_crop."""
     h, w = rgb.shape[:2]
-    short, long = min(h, w), max(h, w)
-    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
+    (new_w, new_h), (left, top) = shorter_side_to(size, w, h)
     if (new_h, new_w) != (h, w):
         x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
         x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return rgb[top : top + size, left : left + size]
 
+def shorter_side_to(size, w, h):
+    """(width, height) with the shorter side `size`, and the top-left of the centred square."""
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return new, (int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0)))
+
 def fid_crops(x, patch, half_shift):
-    """Patch FID's samples: the patch grid from the top-left, with `half_shift` also the grid moved
-    by patch/2 (HiFiC's FID/256, Mentzer et al. 2020)."""
+    """Patch FID's samples: the grid from the top-left, and with `half_shift` the grid moved by
+    patch/2 (HiFiC's FID/256)."""
     h, w = x.shape[-2:]
     if patch > min(h, w):
         raise ValueError(f"FID patch {patch} is larger than the {w}x{h} image")
@@ -560,8 +537,7 @@ def fid_input(x, resize="tf1"):
     raise ValueError(f"unknown FID resize {resize!r}; choose from {', '.join(FID_RESIZE)}")
 
 def resize_tf1_bilinear(x, size):
-    """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input). It
-    samples a 4096-px image at 299 points per axis: hence patch FID."""
+    """TF1 resize_bilinear: source = dest * in / out, no antialiasing (torch-fidelity's input)."""
 
     def taps(n_in):
         step = torch.tensor(n_in / size, dtype=torch.float32)
@@ -603,15 +579,14 @@ def fid_from_stats(pred, ref):
         dim = stats.total.numel()
         if stats.count <= dim:
             warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
-                          f"covariance needs at least {dim + 1}; the value is biased upwards and "
-                          "not comparable across sample counts (use --fid-patch for more samples)",
+                          f"covariance needs at least {dim + 1}; the value is biased upwards "
+                          "(--fid-patch gives more samples)",
                           stacklevel=2)
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, with tr sqrt(S1 S2) =
-    tr sqrt(S1^1/2 S2 S1^1/2): symmetric eigendecompositions instead of scipy's sqrtm of S1 S2
-    (pytorch-fid, clean-fid), no complex parts or eps retry when N < 2048."""
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^1/2 S2 S1^1/2) in float64: symmetric
+    eigendecompositions instead of sqrtm(S1 S2), so no complex parts or eps retry when N < 2048."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
     w, v = torch.linalg.eigh(cov1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T
@@ -721,7 +696,7 @@ class InceptionE(nn.Module):
 
 class InceptionV3(nn.Module):
     """The FID network: TF's 2015-12-05 InceptionV3 graph as ported by pytorch-fid, [-1, 1] input ->
-    2048-d pool3 features; torchvision's names (pt_inception-2015-12-05's `fc` unused)."""
+    2048-d pool3 features."""
 
     def __init__(self):
         super().__init__()
@@ -766,22 +741,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-CLIP_FORMS = {
-    "torchmetrics": "max(100 cos, 0), torchmetrics' CLIPScore per image (Diffusion-4K)",
-    "hessel": "2.5 max(cos, 0), prefix 'A photo depicts ' (Hessel et al. 2021)",
-    "pyiqa": "hessel with pyiqa's tensor resize (pyiqa 'clipscore'; C-Upscale)",
-}
+# max(100 cos, 0) per image (Diffusion-4K); 2.5 max(cos, 0) on 'A photo depicts ' + caption
+# (Hessel et al. 2021); that with pyiqa's tensor resize (pyiqa 'clipscore', C-Upscale)
+CLIP_FORMS = ("torchmetrics", "hessel", "pyiqa")
 
 CLIP_BATCH = 32  # images per call of the CLIP towers in a folder run: a busy GPU, under 20 MB
 
 def clip_score(model, images, captions, form="torchmetrics"):
-    """Per-image CLIPScore (Hessel et al., EMNLP 2021): the cosine of CLIP image and caption
-    embeddings, scaled as CLIP_FORMS says (Diffusion-4K averages torchmetrics' per image).
-
-    C-Upscale (arXiv 2505.16976) reports a "CLIP" score of 0.455-0.894: neither 100 cos (20-36) nor
-    a cosine (0.2-0.36), but 2.5 cos maps cosines there, its other columns are pyiqa's names, and
-    pyiqa's 'clipscore' is that on ViT-B/32: hence 'pyiqa' and b32 in --protocol cupscale.
-    """
+    """Per-image CLIPScore (Hessel et al. 2021): the cosine of CLIP image and caption embeddings,
+    scaled as CLIP_FORMS says. C-Upscale's "CLIP" of 0.455-0.894 fits 2.5 cos, and its other
+    columns are pyiqa's: hence pyiqa's 'clipscore' (ViT-B/32) in --protocol cupscale."""
     pixels = torch.stack([model.preprocess(image, clip_resize(form)) for image in images])
     return clip_score_pixels(model, pixels, captions, form)
 
@@ -801,9 +770,8 @@ def aesthetic_score(clip, mlp, images):
     return mlp(clip.encode_images(images))  # L2-normalised embeddings, as the original
 
 class ClipBatches:
-    """A folder run's scores of a CLIP metric on batches of `size` (CLIP_BATCH) images: add()
-    preprocesses an image when read (to 3 x 224 x 224: memory stays flat), a full buffer or the
-    `last` image runs the towers, flush() the rest. Each score equals its own alone to rounding."""
+    """A CLIP metric's scores over a folder in batches: add() preprocesses an image when read
+    (memory stays flat), a full batch or the `last` image runs the towers, flush() the rest."""
 
     def __init__(self, score, preprocess, size=None):
         self.score, self.preprocess, self.size = score, preprocess, size or CLIP_BATCH
@@ -834,10 +802,10 @@ class ClipBatches:
         return self.values
 
 def clip_preprocess(image, size=224, resize="pil"):
-    """CLIP's preprocessing of the whole image: shorter side to `size`, centre crop, mean/std;
-    'pil': Pillow bicubic (openai-clip, transformers), 'tensor': float bicubic (pyiqa's)."""
+    """Shorter side to `size`, centre crop, mean/std; 'pil': Pillow bicubic (openai-clip,
+    transformers), 'tensor': float bicubic (pyiqa's)."""
     w, h = image.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    new, (left, top) = shorter_side_to(size, w, h)
     if resize not in ("pil", "tensor"):
         raise ValueError(f"unknown CLIP resize {resize!r}; use pil or tensor")
     if resize == "pil" and new != (w, h):
@@ -845,13 +813,15 @@ def clip_preprocess(image, size=224, resize="pil"):
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if resize == "tensor" and new != (w, h):
         x = F.interpolate(x[None], new[::-1], mode="bicubic", antialias=True)[0]
-    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    x = x[:, top : top + size, left : left + size]
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return clip_normalize(x[:, top : top + size, left : left + size])
+
+def clip_normalize(x):
+    mean, std = (torch.tensor(t, device=x.device)[:, None, None] for t in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
 
 class AestheticMLP(nn.Module):
-    """LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE; Diffusion-4K's Table 1):
-    linear layers, *no* activations (commented out in the original), on the CLIP L/14 embedding."""
+    """LAION's aesthetic predictor v2: linear layers, *no* activations (commented out in the
+    original), on the CLIP L/14 embedding."""
 
     def __init__(self, dim=768):
         super().__init__()
@@ -958,15 +928,14 @@ class ClipViT(nn.Module):
         state = clip_state_from_transformers(raw)
         vision = text = tokenizer = None
         if "vision" in towers:
-            patch, embed = state["vision.patch.weight"], state["vision.proj.weight"].shape[0]
-            grid = math.isqrt(state["vision.pos"].shape[0] - 1)
-            cfg = _clip_tower_config(config, state, "vision", patch.shape[0])
-            vision = ClipVisionTower(cfg, patch.shape[-1], grid * patch.shape[-1], embed)
+            patch = state["vision.patch.weight"]
+            size = math.isqrt(len(state["vision.pos"]) - 1) * patch.shape[-1]
+            cfg = _clip_tower_config(config, state, "vision", len(patch))
+            vision = ClipVisionTower(cfg, patch.shape[-1], size, len(state["vision.proj.weight"]))
         if "text" in towers:
-            token, embed = state["text.token.weight"], state["text.proj.weight"].shape[0]
-            context = state["text.pos"].shape[0]
-            cfg = _clip_tower_config(config, state, "text", token.shape[1])
-            text = ClipTextTower(cfg, token.shape[0], context, embed)
+            (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
+            cfg = _clip_tower_config(config, state, "text", width)
+            text = ClipTextTower(cfg, vocab, context, len(state["text.proj.weight"]))
             tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
         return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
 
@@ -978,14 +947,16 @@ class ClipViT(nn.Module):
 
     @torch.no_grad()
     def encode_pixels(self, pixels):
-        device = next(self.parameters()).device
-        return F.normalize(self.vision(pixels.to(device)), dim=-1)
+        return F.normalize(self.vision(pixels.to(self.device)), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts):
-        device = next(self.parameters()).device
         ids, lengths = self.tokenizer(texts)
-        return F.normalize(self.text(ids.to(device), lengths.to(device)), dim=-1)
+        return F.normalize(self.text(ids.to(self.device), lengths.to(self.device)), dim=-1)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
 
 def _clip_tower_config(config, state, tower, width):
     sub = config.get(f"{tower}_config", {})
@@ -1000,18 +971,13 @@ def depth(state, prefix):
 
 # transformers' CLIPModel names -> ours, applied in order to every key
 _CLIP_RENAMES = [
-    ("vision_model.embeddings.patch_embedding.", "vision.patch."),
-    ("visual_projection.", "vision.proj."),
-    ("vision_model.embeddings.class_embedding", "vision.cls"),
-    ("vision_model.embeddings.position_embedding.weight", "vision.pos"),
-    ("vision_model.pre_layrnorm.", "vision.ln_pre."),
-    ("vision_model.post_layernorm.", "vision.ln_post."),
-    ("vision_model.encoder.layers.", "vision.blocks."),
-    ("text_model.encoder.layers.", "text.blocks."),
-    ("text_model.embeddings.token_embedding.", "text.token."), ("text_projection.", "text.proj."),
-    ("text_model.embeddings.position_embedding.weight", "text.pos"),
-    ("text_model.final_layer_norm.", "text.ln_final."),
-    (".self_attn.q_proj.", ".q."), (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
+    ("vision_model.", "vision."), ("visual_projection.", "vision.proj."), ("text_model.", "text."),
+    ("text_projection.", "text.proj."), (".embeddings.patch_embedding.", ".patch."),
+    (".embeddings.class_embedding", ".cls"), (".embeddings.position_embedding.weight", ".pos"),
+    (".embeddings.token_embedding.", ".token."), (".encoder.layers.", ".blocks."),
+    (".pre_layrnorm.", ".ln_pre."), (".post_layernorm.", ".ln_post."),
+    (".final_layer_norm.", ".ln_final."), (".self_attn.q_proj.", ".q."),
+    (".self_attn.k_proj.", ".k."), (".self_attn.v_proj.", ".v."),
     (".self_attn.out_proj.", ".proj."), (".layer_norm1.", ".ln1."), (".layer_norm2.", ".ln2."),
     (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2."),
 ]
@@ -1027,9 +993,8 @@ def clip_state_from_transformers(state):
     return renamed
 
 class ClipScoreTokenizer:
-    """CLIP's BPE (tokenizer.json), truncated as openai-clip's tokenize(truncate=True): <start>, at
-    most context-2 tokens, <end>. torchmetrics cuts long captions (Aesthetic-4K's) to 77 ids
-    *without* the end token and pools at argmax(ids), on whichever token has the largest id."""
+    """CLIP's BPE, truncated as openai-clip's tokenize(truncate=True): <start>, at most context-2
+    tokens, <end> (torchmetrics drops the end token of long captions and pools at argmax(ids))."""
 
     def __init__(self, path, context=77):
         from tokenizers import Tokenizer
@@ -1084,23 +1049,22 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    boxes = tiles(a.shape[-2], a.shape[-1], tile or max(a.shape[-2:]))
-    values = []
-    for i in range(0, len(boxes), batch):
-        ta, tb = (torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])
-                  for x in (a, b))
-        values.append(model(ta, tb))
-    return torch.cat(values).mean().item()
+    groups = tile_groups(a, tile or max(a.shape[-2:]), batch)
+    return torch.cat([model(crops(a, group), crops(b, group)) for group in groups]).mean().item()
 
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
     x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
-    boxes = tiles(x.shape[-2], x.shape[-1], tile) if tile else [(0, 0, x.shape[-2], x.shape[-1])]
-    groups = (boxes[i : i + batch] for i in range(0, len(boxes), batch))
-    scores = [model(torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in group]))
-              for group in groups]
-    return torch.cat(scores).mean().item()
+    groups = tile_groups(x, tile or max(x.shape[-2:]), batch)
+    return torch.cat([model(crops(x, group)) for group in groups]).mean().item()
+
+def tile_groups(x, size, batch):
+    boxes = tiles(x.shape[-2], x.shape[-1], size)
+    return [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
+
+def crops(x, boxes):
+    return torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes])
 
 def tiles(h, w, size):
     """The networks' 4K protocol: size x size tiles covering the image, the last row and column
@@ -1113,9 +1077,8 @@ def tiles(h, w, size):
     return [(r, c, th, tw) for r in rows for c in cols]
 
 class LPIPSMetric(nn.Module):
-    """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet (most SR papers) or VGG16: at five ReLU taps
-    the unit-normalised features' squared difference, weighted by the learned 1x1 `lins`, averaged
-    over space and summed (the lpips package). 4K images are tiled (VGG at 4096^2: tens of GB)."""
+    """LPIPS v0.1 (Zhang et al., CVPR 2018), AlexNet or VGG16: at five ReLU taps the unit-normalised
+    features' squared difference, weighted by the learned 1x1 `lins`, spatial mean, summed."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -1123,13 +1086,13 @@ class LPIPSMetric(nn.Module):
     def __init__(self, net="alex"):
         super().__init__()
         self.features, self.taps = lpips_backbone(net)
-        tap_widths = [self.features[i - 1].out_channels for i in self.taps]  # conv, tapped ReLU
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in tap_widths)
-        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
+        widths = [self.features[i - 1].out_channels for i in self.taps]  # the tapped ReLU's conv
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
+        for name, value in (("shift", self.SHIFT), ("scale", self.SCALE)):
+            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
 
     def tap(self, x):
-        """The five unit-normalised maps; channels-last, oneDNN's fastest layout on the CPU."""
+        """The five unit-normalised maps (channels-last: oneDNN's fastest layout on the CPU)."""
         x, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
             x = layer(x)
@@ -1153,7 +1116,7 @@ class LPIPSMetric(nn.Module):
         state = {k[k.index("features.") :]: v for k, v in raw.items() if "features." in k}
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
         lins = load_state(linear, f"LPIPS {net} linear layers")
-        state.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")})
+        state |= {f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")}
         model = load_strict(model, state, f"LPIPS-{net} weights").eval()
         return model.to(memory_format=torch.channels_last)
 
@@ -1188,20 +1151,18 @@ class CLIPIQA(nn.Module):
 
     @classmethod
     def from_state(cls, state, what="CLIPIQA weights"):
-        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
         layers = tuple(depth(visual, f"layer{i}.") for i in range(1, 5))
         if "conv1.weight" not in visual or min(layers) < 1:
             raise UserError(f"{what}: not a CLIP ResNet (no visual.conv1 / visual.layer1-4 keys)")
         grid = math.isqrt(visual["attnpool.positional_embedding"].shape[0] - 1)
         resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
                             visual["attnpool.c_proj.weight"].shape[0], grid)
-        text_state = clip_text_state_from_openai(state)
-        vocab, width = text_state["text.token.weight"].shape
-        cfg = ClipTowerConfig(width, depth(text_state, "text.blocks."), width // 64)
-        text = ClipTextTower(cfg, vocab, text_state["text.pos"].shape[0],
-                             text_state["text.proj.weight"].shape[0])
+        full = {"visual." + k: v for k, v in visual.items()} | clip_text_state_from_openai(state)
+        vocab, width = full["text.token.weight"].shape
+        cfg = ClipTowerConfig(width, depth(full, "text.blocks."), width // 64)
+        text = ClipTextTower(cfg, vocab, len(full["text.pos"]), len(full["text.proj.weight"]))
         model = cls(resnet, text)
-        full = {f"visual.{k}": v for k, v in visual.items()} | text_state
         full["logit_scale"] = state["logit_scale"].reshape(())
         for key, value in model.state_dict().items():  # BatchNorm counters: unused, often unsaved
             if key.endswith("num_batches_tracked"):
@@ -1221,11 +1182,8 @@ class CLIPIQA(nn.Module):
         return F.normalize(self.text(ids, lengths), dim=-1)
 
     @torch.no_grad()
-    def forward(self, x):
-        """(B, 3, H, W) RGB in [0, 1] -> (B,)."""
-        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
-        image = F.normalize(self.visual((x - mean) / std), dim=-1)
+    def forward(self, x):  # (B, 3, H, W) RGB in [0, 1] -> (B,)
+        image = F.normalize(self.visual(clip_normalize(x)), dim=-1)
         logits = self.logit_scale.exp() * image @ self.text_features().T
         return logits.view(len(x), -1, 2).softmax(-1)[..., 0].mean(1)
 
@@ -1241,7 +1199,7 @@ def clip_text_state_from_openai(state):
     for key, value in state.items():
         if not key.startswith("transformer.resblocks."):
             continue
-        index, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        _, _, index, rest = key.split(".", 3)
         prefix = f"text.blocks.{index}."
         if rest.startswith("attn.in_proj_"):  # in_proj_weight / in_proj_bias
             kind = rest.rsplit("_", 1)[1]
@@ -1273,17 +1231,15 @@ class ClipBottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(self.pool(x))))
 
 class ClipResNet(nn.Module):
-    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3): 3-conv stem, bottleneck stages, attention
-    pool queried by the mean token alone (exact, and linear in the 16,384 tokens of a 4096^2 input).
-    Its positional embedding is unused (pyiqa's pos_embedding=False: any input size)."""
+    """OpenAI CLIP's 'ModifiedResNet' (RN50: 3-4-6-3), its attention pool queried by the mean token
+    alone (exact, linear in the tokens); no positional embedding (pyiqa's pos_embedding=False)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, embed_dim=1024, grid=7):
         super().__init__()
         half = width // 2
-        self.conv1, self.bn1 = nn.Conv2d(3, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half)
-        self.conv2, self.bn2 = nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half)
-        self.conv3 = nn.Conv2d(half, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        for i, (cin, cout) in enumerate(((3, half), (half, half), (half, width)), 1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, 2 if i == 1 else 1, 1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
         cin = width
         for i, count in enumerate(layers):
             planes = width * 2**i
@@ -1298,8 +1254,8 @@ class ClipResNet(nn.Module):
         self.heads = cin // 64  # OpenAI's rule: width * 32 // 64
 
     def forward(self, x):  # (B, 3, H, W) CLIP-normalised -> (B, embed_dim)
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            x = F.relu(bn(conv(x)))
+        for i in range(1, 4):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         x = F.avg_pool2d(x, 2)
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
@@ -1317,15 +1273,14 @@ class ClipResNet(nn.Module):
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
 def periodicity_input(rgb, device="cpu"):
-    """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP (and VARIANCE_FLOOR) assume."""
+    """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP and VARIANCE_FLOOR assume."""
     return to_float_tensor(as_array(rgb), device) / 127.5 - 1
 
 @torch.no_grad()
 def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
-    """Periodic-artifact score (B,) of images in [-1, 1]: OP4KSR's L_AP as a metric. Without `ref`
-    periodicity_score, the share of the pixel differences' variance that repeats on the period
-    lattices; with `ref` periodicity_loss per image, so that texture periodic in the ground truth
-    does not count. The noise floor falls with size: compare images of one size."""
+    """OP4KSR's L_AP as a metric (B,) of images in [-1, 1]: without `ref` the share of the pixel
+    differences' variance that repeats on the period lattices, with `ref` relative to it (texture
+    periodic in the ground truth does not count). The noise floor falls with size."""
     if ref is not None and ref.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
     try:
@@ -1346,8 +1301,7 @@ def periodicity_score(image, periods=PERIODS, quadrants=4):
     return (power / (variance + VARIANCE_FLOOR)).sum(dim=-1).mean(dim=(1, 2)) / len(periods)
 
 def log_spectrum(rgb):
-    """Centred log power spectrum of the pixel differences as a grey image: a period-p artifact is a
-    lattice of dots at multiples of W/p (H/p)."""
+    """Centred log power spectrum of the pixel differences: period p shows as dots W/p apart."""
     x = periodicity_input(rgb)[0]
     power = torch.zeros(x.shape[-2:])
     for d in _pixel_differences(x).flatten(0, 1):  # one map at a time: 4K spectra are large
@@ -1357,8 +1311,8 @@ def log_spectrum(rgb):
 
 def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
     """The quadrants' mean autocorrelation of pixel differences, lags up to harmonics * p + p // 2,
-    as a grey image (lag 0 centred, 0 mid-grey, scaled to the largest value outside the central
-    3x3): a period-p artifact is a lattice of bright points p px apart."""
+    lag 0 centred, 0 mid-grey, scaled to the largest value outside the central 3x3: period p shows
+    as bright points p px apart."""
     array = as_array(rgb)
     max_lag = max(harmonics * p + p // 2 for p in periods)
     differences = _pixel_differences(split_into_quadrants(periodicity_input(array), quadrants))
@@ -1375,8 +1329,8 @@ def autocorrelation_image(rgb, periods=PERIODS, quadrants=4, harmonics=2):
     return _to_grey_image(correlation, -scale, scale)
 
 def autocovariance(x, max_lag):
-    """Unbiased autocovariance of each map for lags -max_lag..max_lag each way, lag 0 at the centre:
-    Wiener-Khinchin on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
+    """Unbiased autocovariance of each map, lags -max_lag..max_lag, lag 0 centred: Wiener-Khinchin
+    on the map zero-padded by max_lag (no lag wraps around), / each overlap."""
     h, w = x.shape[-2:]
     if max_lag >= min(h, w):
         raise ValueError(f"lags up to {max_lag} px need quadrants larger than {max_lag} px, "
@@ -1392,7 +1346,7 @@ def autocovariance(x, max_lag):
     return sums / overlap
 
 def _fast_fft_length(n):
-    """The smallest length >= n without a prime factor above 5."""
+    """The smallest n' >= n without a prime factor above 5."""
     while True:
         m = n
         for p in (2, 3, 5):
@@ -1403,7 +1357,6 @@ def _fast_fft_length(n):
         n += 1
 
 def _pixel_differences(x):
-    """(..., H, W) -> (..., 2, H-1, W-1): the horizontal and vertical differences."""
     return torch.stack([x[..., 1:, 1:] - x[..., 1:, :-1], x[..., 1:, 1:] - x[..., :-1, 1:]], dim=-3)
 
 def _to_grey_image(values, low, high):
@@ -1487,12 +1440,12 @@ READS_REF = {"psnr", "ssim", "lpips", "periodicity"}  # metrics that read each i
 
 NEEDS = {"ref": "--ref", "fid_ref": "--ref or --fid-ref", "prompts": "--prompts"}
 
-# The options of each paper's table (EPILOG summarises them). Sources:
-# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1; l.
-#   107-109, 165, 171-216) and eval.py on the JPEG q95 files it saves (l. 222), re-encoded here.
+# The options of each paper's table. Sources:
+# diffusion4k: zhang0jhon/diffusion-4k@9bea802 generate_and_eval_fid.py (torchmetrics 1.5.1) and
+#   eval.py on the JPEG q95 files it saves.
 # cupscale: arXiv 2505.16976 Sec. 5.2, no code; its column names point to pyiqa's defaults. LPIPS is
-#   "between input low-resolution images and output higher-resolution images", down to 0.007 for
-#   BSRGAN: --ref holds the inputs, each output resized to its input (bicubic: not stated).
+#   "between input low-resolution images and output higher-resolution images": --ref holds the
+#   inputs, each output resized to its input (bicubic: not stated).
 # op4ksr: arXiv 2605.13457 beside Fig. 8: PSNR and NIQE on whole images, LPIPS and CLIPIQA on
 #   patches (512 px here: the size is left to its supplement), PSNR / SSIM on Y as S3Diff.
 PROTOCOLS = {
@@ -1518,15 +1471,15 @@ class Item:
     name: str
     path: Path
     image: Image.Image
-    paired: Image.Image  # as the ref-based metrics see it: resized to its ref by --resize-to-ref
+    paired: Image.Image  # as the ref-based metrics see it (--resize-to-ref)
     target: Image.Image | None  # its ref
     prompt: str | None
-    last: bool  # the last pred image: batches are scored now
+    last: bool  # batches are scored now
     jpeg_size: int | None = None  # bytes of its JPEG-95 file, once GLCM has read it
 
 @dataclass
 class FolderRun:
-    """What the metrics share over a folder: options, models, FID's and CR's sums."""
+    """What the metrics share over a folder."""
 
     opts: argparse.Namespace
     models: dict
@@ -1534,8 +1487,8 @@ class FolderRun:
     fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
     jpeg: list = field(default_factory=list)  # per image: (JPEG-95 bytes, (H, W))
 
-# Each metric's step on one image: (run, item, the metric's model) -> its value, or None where the
-# summary is not a mean over images (CR and FID sums grow in `run`, CLIP batches wait in theirs).
+# Each metric's step on one image: (run, item, its model) -> its value, or None where the summary
+# is not a mean over images (CR and FID sums grow in `run`, CLIP batches in theirs).
 def score_glcm(run, item, _):
     decode = run.opts.glcm_input == "jpeg95"
     item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
@@ -1549,7 +1502,7 @@ def score_fid(run, item, _):
     add_fid(run, item.image, "pred")
 
 def add_fid(run, image, which):
-    """One image into FID's `which` set; fid_size 'pred': the first pred image's shorter side."""
+    """One image into FID's `which` set; fid_size 'pred': the first image's shorter side."""
     opts = run.opts
     if run.fid_size == "pred":
         run.fid_size = min(image.size)
@@ -1559,16 +1512,12 @@ def add_fid(run, image, which):
     settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
     run.fid[which].update(fid_features(run.models["fid"], image, *settings))
 
-def score_batched(run, item, batches):  # CLIP_BATCH images at a time: ClipBatches
+def score_batched(run, item, batches):
     batches.add(item.name, item.image, item.prompt, last=item.last)
 
-def score_psnr(run, item, _):
+def score_paired(run, item, _, metric):
     mode = "y" if run.opts.y_channel else "rgb"
-    return psnr(item.paired, item.target, run.opts.crop_border, mode)
-
-def score_ssim(run, item, _):
-    mode = "y" if run.opts.y_channel else "rgb"
-    return ssim(item.paired, item.target, run.opts.crop_border, mode)
+    return metric(item.paired, item.target, run.opts.crop_border, mode)
 
 def score_lpips(run, item, model):
     return lpips_tiled(model, item.paired, item.target, run.opts.tile)
@@ -1610,8 +1559,8 @@ METRICS = {  # name -> (what it needs besides --pred, loader of its model, score
     "fid": ("fid_ref", inception, score_fid),
     "clip": ("prompts", clip_batches, score_batched),
     "aesthetic": (None, aesthetic_batches, score_batched),
-    "psnr": ("ref", None, score_psnr),
-    "ssim": ("ref", None, score_ssim),
+    "psnr": ("ref", None, functools.partial(score_paired, metric=psnr)),
+    "ssim": ("ref", None, functools.partial(score_paired, metric=ssim)),
     "lpips": ("ref", lpips_metric, score_lpips),
     "niqe": (None, lambda opts: niqe_params(opts.niqe_params), score_niqe),
     "clipiqa": (None, clipiqa_model, score_clipiqa),
@@ -1724,9 +1673,8 @@ def save_spectra(opts, item):
         warn(f"{item.name}: no autocorrelation image: {error}")
 
 def set_network_precision(device):
-    """Set the networks' arithmetic, explicitly (no earlier choice changes the numbers): on a GPU
-    with TF32, TF32 convolutions and float32 matrix products, PyTorch's defaults and so what the
-    references compute on the same GPU (bf16 would leave their tolerance); else fp32."""
+    """The networks' arithmetic, set explicitly: on a GPU with TF32, TF32 convolutions and float32
+    matrix products (PyTorch's defaults, so what the references compute); else fp32."""
     device = torch.device(device)
     tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     torch.backends.cudnn.allow_tf32 = tf32
@@ -1753,7 +1701,7 @@ def list_images(folder):
 
 def read_prompts(path):
     """stem -> caption from metadata.jsonl lines (file_name / image / filename, text / prompt /
-    caption), as Aesthetic-4K's."""
+    caption)."""
     prompts = {}
     for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
@@ -1784,7 +1732,7 @@ def spectra_files(folder, name):
 
 def progress(items, label, precision=None):
     """(item, show) under a progress bar; show(metric) names the metric now computed (a network
-    with its `precision`), so that a slow one is visible as such."""
+    with its `precision`)."""
 
     def show(i, metric):
         suffix = f" ({precision})" if precision and metric in NETWORKS else ""
@@ -1796,8 +1744,7 @@ def progress(items, label, precision=None):
         update(i + 1)
 
 def jpeg95_view(path, image, decode=True):
-    """The bytes of the image's JPEG-95 file and (`decode`) its pixels, as Diffusion-4K sees them;
-    a JPEG file counts as it is."""
+    """The size of the image's JPEG-95 file and (`decode`) its pixels; a JPEG file counts as is."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return Path(path).stat().st_size, image
     encoded = jpeg95(image)
@@ -1810,13 +1757,12 @@ def jpeg95_view(path, image, decode=True):
 # ===================================================================================== command line
 
 EPILOG = """\
-protocols (--protocol presets the options of a paper's table; options given explicitly override it):
-  diffusion4k  FID (resize and centre-crop to the samples' size), CLIPScore 100 cos ViT-B/16,
-               aesthetics, GLCM and CR on JPEG q95 (upstream generate_and_eval_fid.py + eval.py)
-  cupscale     CLIPIQA, FID (clean), LPIPS of the output resized to its --ref input, CLIP B/32
-  op4ksr       PSNR / SSIM on Y, LPIPS-alex and CLIPIQA on 512-px tiles, NIQE
+protocols (options given explicitly override theirs):
+  diffusion4k  FID, CLIPScore ViT-B/16, aesthetics, GLCM and CR on JPEG q95
+  cupscale     CLIPIQA, FID (clean), LPIPS against the --ref inputs, CLIP B/32
+  op4ksr       PSNR / SSIM on Y, LPIPS and CLIPIQA on 512-px tiles, NIQE
 
-Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 px):
+Diffusion-4K's Aesthetic-Eval@2048 table:
   python diffusion4k.py --prompts Aesthetic-4K/eval/size_2048/metadata.jsonl \\
       --output-dir eval2048/ --height 2048 --width 2048 --guidance 7.0 --seed 0 \\
       --seed-per-prompt same
@@ -1825,12 +1771,12 @@ Diffusion-4K's Aesthetic-Eval@2048 table, end to end (@4096: size_4096 and 4096 
 """
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the option list, the epilog's command lines kept as written."""
+    pass
 
 def main(argv=None):
     args = parse_args(argv)
     metrics = args.metrics or default_metrics(args.protocol, args.ref, args.fid_ref, args.prompts)
-    # Every output is checked before any image or weight is read: a long run never ends on a clash.
+    # Every output is checked before any image or weight is read: no long run ends on a clash.
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     check_output_file(out, args.overwrite, (".json",))
     spectra = Path(args.save_spectra) if args.save_spectra else None
@@ -1844,8 +1790,7 @@ def main(argv=None):
     excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
     args.metrics, args.settings = metrics, settings
-    # The spectra are staged and published with the JSON at the end: all of them or none, an
-    # existing file replaced only with --overwrite.
+    # The spectra are staged and published with the JSON at the end: all of them or none.
     with staging_folder(spectra) as staged:
         args.save_spectra = staged
         result = evaluate(args.pred, args.ref, args.prompts, args)
@@ -1862,25 +1807,17 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="metrics.py", epilog=EPILOG, formatter_class=HelpFormatter,
-                       description="Metrics for 4K synthesis and super-resolution "
-                       "(see the module docstring for definitions and weights).")
-    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
-                   help="a paper's evaluation settings and table columns (see below)")
-    p.add_argument("--pred", required=True, type=local_path("folder"),
-                   help="folder of generated / super-resolved images")
-    p.add_argument("--ref", type=local_path("folder"),
-                   help="folder of reference images (paired by file stem; FID uses all of them)")
-    p.add_argument("--prompts", type=local_path("file"),
-                   help="metadata.jsonl with file_name and text per line (for clip)")
-    p.add_argument("--metrics", type=metric_names,
-                   help=f"comma list from {','.join(METRICS)}; default: the protocol's columns, "
-                   "else glcm,cr (+psnr,ssim with --ref)")
+                       description="Metrics for 4K synthesis and super-resolution.")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), help="a paper's settings and columns")
+    p.add_argument("--pred", required=True, type=local_path("folder"), help="images to score")
+    p.add_argument("--ref", type=local_path("folder"), help="reference images, paired by stem")
+    p.add_argument("--prompts", type=local_path("file"), help="metadata.jsonl (clip)")
+    p.add_argument("--metrics", type=metric_names, help=f"comma list from {','.join(METRICS)}")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", type=device_name, default=device)
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="corrupt images: stop, or name and skip them")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images")
     add_pixel_options(p)
     add_network_options(p)
     args = p.parse_args(argv)
@@ -1889,75 +1826,52 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
     return args
 
-WEIGHTS = " (or a Hub spec owner/repo/path/in/repo)"
+def weights_path():
+    return local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
 
 def add_pixel_options(p):
-    """Options of GLCM / CR, PSNR / SSIM / LPIPS and FID."""
-    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
+    weights = weights_path()
     g = p.add_argument_group("GLCM / CR")
-    g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy")
-    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95",
-                   help="jpeg95: the JPEG-95 pixels, as Diffusion-4K (JPEG inputs as they are)")
+    g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy", help="GLCM property")
+    g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95", help="its pixels")
     g = p.add_argument_group("PSNR / SSIM / LPIPS")
-    g.add_argument("--crop-border", type=integer(0), default=0,
-                   help="pixels removed on each side (SR: the scale); also NIQE")
+    g.add_argument("--crop-border", type=integer(0), default=0, help="px off each side (and NIQE)")
     g.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=False,
-                   help="PSNR/SSIM on BT.601 Y (basicsr) instead of RGB")
-    g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
-    g.add_argument("--lpips-linear", type=weights,
-                   help="LPIPS linear layers .pth (default: the Hub copy for --lpips-net)")
-    g.add_argument("--lpips-backbone", type=weights,
-                   help="torchvision-named backbone weights (.pth or .safetensors)")
-    g.add_argument("--tile", type=tile_or_zero, default=512,
-                   help="tile size of the LPIPS 4K protocol (>= 32; 0 = whole image)")
+                   help="PSNR / SSIM on BT.601 Y")
+    g.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS network")
+    g.add_argument("--lpips-linear", type=weights, help="LPIPS linear layers .pth")
+    g.add_argument("--lpips-backbone", type=weights, help="torchvision-named backbone")
+    g.add_argument("--tile", type=tile_or_zero, default=512, help="LPIPS tile (0: whole image)")
     g.add_argument("--resize-to-ref", action=argparse.BooleanOptionalAction, default=False,
-                   help="resize each pred image to its ref's size (Pillow bicubic) for ref metrics")
+                   help="resize pred to its ref (bicubic)")
     g = p.add_argument_group("FID")
-    g.add_argument("--fid-ref", type=local_path("folder"),
-                   help="FID's reference set when it is not --ref (cupscale: the ground truth)")
-    g.add_argument("--fid-size", type=size_or_pred, default=0,
-                   help="first resize the shorter side to this size and centre-crop a square "
-                   "(torchvision, Diffusion-4K); pred: the generated images' size; 0: as they are")
-    g.add_argument("--fid-resize", choices=tuple(FID_RESIZE), default="tf1",
-                   help="; ".join(f"{k}: {v}" for k, v in FID_RESIZE.items()))
-    g.add_argument("--fid-patch", type=integer(0), default=0,
-                   help="patch FID: crop size (0 = whole image resized to 299)")
-    g.add_argument("--fid-half-shift", action="store_true",
-                   help="patch FID: add the grid shifted by half a patch (HiFiC)")
-    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS,
-                   help="pt_inception-2015-12-05 .pth: file or Hub spec")
+    g.add_argument("--fid-ref", type=local_path("folder"), help="FID's reference set")
+    g.add_argument("--fid-size", type=size_or_pred, default=0, help="resize and centre-crop")
+    g.add_argument("--fid-resize", choices=FID_RESIZE, default="tf1", help="resize to 299 px")
+    g.add_argument("--fid-patch", type=integer(0), default=0, help="patch FID's crop size")
+    g.add_argument("--fid-half-shift", action="store_true", help="add the half-shifted grid")
+    g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS, help="FID weights")
 
 def add_network_options(p):
-    """Options of CLIPScore / aesthetics, NIQE / CLIPIQA and periodicity."""
-    weights = local_path("file", must_exist=False, alternative=WEIGHTS)
+    weights = weights_path()
     clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     g = p.add_argument_group("CLIPScore / aesthetics")
-    g.add_argument("--clip-model", type=clip, default="b16",
-                   help="b16 (Diffusion-4K), l14, b32 (Hessel et al.), or a repo/folder")
-    g.add_argument("--clip-form", choices=tuple(CLIP_FORMS), default="torchmetrics",
-                   help="; ".join(f"{k}: {v}" for k, v in CLIP_FORMS.items()))
+    g.add_argument("--clip-model", type=clip, default="b16", help="b16, l14, b32 or a repo/folder")
+    g.add_argument("--clip-form", choices=CLIP_FORMS, default="torchmetrics", help="its scale")
     g.add_argument("--aesthetic-clip", type=clip, default="l14", help="CLIP ViT-L/14")
-    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS,
-                   help="sac+logos+ava1-l14-linearMSE.pth: file or Hub spec")
+    g.add_argument("--aesthetic-mlp", type=weights, default=AESTHETIC_WEIGHTS, help="LAION's MLP")
     g = p.add_argument_group("NIQE / CLIPIQA")
-    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS,
-                   help="niqe_modelparameters.mat (pyiqa) or niqe_pris_params.npz (basicsr)")
-    g.add_argument("--niqe-convention", choices=tuple(NIQE_CONVENTIONS), default="pyiqa",
-                   help="; ".join(f"{k}: {v}" for k, v in NIQE_CONVENTIONS.items()))
-    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS,
-                   help="OpenAI-named CLIP RN50 (.safetensors/.pth): file or Hub spec")
-    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512,
-                   help="CLIPIQA on tiles of this size, averaged; 0 = whole image (pyiqa)")
+    g.add_argument("--niqe-params", type=weights, default=NIQE_PARAMS, help=".mat or .npz")
+    g.add_argument("--niqe-convention", choices=NIQE_CONVENTIONS, default="pyiqa", help="rounding")
+    g.add_argument("--clipiqa-weights", type=weights, default=CLIPIQA_WEIGHTS, help="CLIP RN50")
+    g.add_argument("--clipiqa-tile", type=tile_or_zero, default=512, help="0: whole image")
     g = p.add_argument_group("periodicity")
     g.add_argument("--periods", type=periods_list, default=",".join(map(str, PERIODS)),
-                   help="lattice periods in px (OP4KSR: one F16 latent pixel, one packed token)")
-    g.add_argument("--quadrants", type=square_number, default=4,
-                   help="tiles the image is split into (a square number up to 10000; OP4KSR: 4)")
-    g.add_argument("--harmonics", type=integer(1), default=2,
-                   help="--save-spectra's autocorrelation: lags up to this many periods (+ half)")
+                   help="lattice periods in px")
+    g.add_argument("--quadrants", type=square_number, default=4, help="a square number")
+    g.add_argument("--harmonics", type=integer(1), default=2, help="autocorrelation lags")
     g.add_argument("--save-spectra", type=local_path("folder", must_exist=False),
-                   help="write NAME_spectrum.png (log power spectrum of the pixel differences) and "
-                   "NAME_autocorrelation.png (what periodicity reads) per pred image here")
+                   help="folder for NAME_spectrum.png and NAME_autocorrelation.png")
 
 def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
     """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
