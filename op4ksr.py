@@ -2,40 +2,30 @@
 
 Deng, Yu, Chen, Shen, Zhang, Li, Yuan, Zhou and Yu, arXiv 2605.13457 (2026).
 
-OP4KSR super-resolves a whole image to 4096x4096 in one Flux step, without patches. The LR image,
-resized (bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its latent z is taken
-as the noisy latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v once over
-all 16,384 tokens, and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt)
-(`sr_latent`). One step at 4K leaves periodic artifacts on the latent and token grids, which two
-remedies suppress. RoPE base-frequency rescaling (RFR) lowers the RoPE base of the position axes
-from theta = 10000 to 100, so that more frequency pairs tell adjacent tokens apart
-(`rope_phase_steps`). The autocorrelation periodicity loss L_AP penalises, in each of Q = 4
-quadrants and each channel, the power P_p at the lattice frequencies (k / p, l / p) of the periods p
-of a latent pixel and a token (16, 32 px), i.e. what repeats with period p, beyond the ground
-truth's (`lattice_power`); V is the variance of the ground truth's pixel differences:
+The LR image, resized (bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its
+latent z is taken as the noisy latent at a fixed sigma, Flux with a LoRA predicts the velocity once
+over all 16,384 tokens of a 4096^2 image, and the frozen F16 decoder decodes x0 = z - sigma v
+(`sr_latent`). Two remedies suppress the periodic artifacts of one step at 4K. RoPE base-frequency
+rescaling (RFR) lowers the RoPE base of the position axes from 10000 to 100, so that more frequency
+pairs tell adjacent tokens apart (`rope_phase_steps`). The periodicity loss L_AP penalises, per
+quadrant q and channel c, the power P_p at the lattice frequencies of the periods p of a latent
+pixel and a token (16, 32 px) beyond the ground truth's (`lattice_power`), in units of the
+variance V of the ground truth's pixel differences:
 
     L_AP = mean_{q,c,p} sum_{k,l} relu(P_p(x)_kl - P_p(x_hr)_kl) / V(x_hr)
     L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1        (`sr_loss`)
 
 The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code,
 weights, loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which
-OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's (`SRTrainRecipe`).
+OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's.
 
-Commands
     python op4ksr.py --input lr.png --weights op4ksr.safetensors        # 4x -> lr_op4ksr.png
-    python op4ksr.py --input lr/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
     python op4ksr.py train --data HR_DIR --output runs/op4ksr  # -> runs/op4ksr/op4ksr.safetensors
-    torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
     python op4ksr.py calibrate-sigma --data HR_DIR                      # OMGSR's SNR-matched sigma
     python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F
 
-After the method and its alternatives come the models (Flux with a tunable RoPE base, the F16
-VAE, the text encoders), the pipeline (the checkpoint; OMGSR-F's public LoRAs and tiled inference),
-training (`SRTrainRecipe`, Real-ESRGAN's degradation, the training utilities, LPIPS), weight loading
-and the command line. The models, training utilities, LPIPS and weight loading are diffusion4k.py's
-kits.
+The models, training utilities, LPIPS and weight loading are diffusion4k.py's kits.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -125,10 +115,8 @@ class LossWeights:
 
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
-    """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> x0's
-    latent. z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F);
-    Flux, with RFR's RoPE base as `config.theta`, predicts the velocity once over all H/32 x W/32
-    tokens."""
+    """The one step: the LR input resized to the target (B, 3, H, W) in [-1, 1] -> x0's latent.
+    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F)."""
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
@@ -136,28 +124,25 @@ RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the positio
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
     """RFR, as Fig. 5 tabulates it: the angle in degrees by which each frequency pair of one RoPE
-    position axis turns from a token to the next, theta^(-2i/dim) radians for pair i (the kit's
-    `rope_frequencies`). A pair that turns by a few degrees hardly tells adjacent tokens apart. Over
-    the 28 pairs of Flux's row and column axes, with theta 10000 the steps fall from 57.3 to 0.008
-    degrees and 8 pairs step by 5 degrees or more; with RFR_THETA = 100 they fall to 0.68 degrees
-    and 15 pairs do. The base is `FluxConfig.theta` (--theta), stored in OP4KSR checkpoints."""
+    position axis turns from a token to the next, theta^(-2i/dim) radians for pair i. A pair that
+    turns by a few degrees hardly tells adjacent tokens apart: of Flux's 28 pairs, 8 step by 5
+    degrees or more with theta 10000, 15 with RFR_THETA = 100."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
     """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted
-    with the mu of a 1024^2 image at every size. OMGSR-F takes the LR latent as the noisy latent of
-    t = 244, found by matching SNRs (`matched_sigma`): sigma = 0.505."""
+    with the mu of a 1024^2 image at every size."""
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
 
-OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
+OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505: OMGSR-F's SNR-matched t = 244
 
 def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
                   update=None) -> tuple[int, float]:
     """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the
     timestep giving the noisy HR latent the LR latent's SNR. With P = mean(hr^2) and D = mean((lr -
-    hr)^2), a batch's LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t
-    minimising the sum of their |differences| wins (one batch: sigma = sqrt(D) / (1 + sqrt(D)))."""
+    hr)^2), the LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t minimising
+    the sum over batches of their |differences| wins."""
     sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
     total, done = torch.zeros_like(sigmas), 0
     for hr, lr in pairs:
@@ -178,9 +163,7 @@ def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
 
 def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None,
             target_latent=None, periods=(16, 32)):
-    """(weighted sum, {term: detached value}) of the terms with a non-zero weight: pixel MSE,
-    `perceptual` (LPIPS on crops) and L_AP at `periods` of the decoded output and the HR image, and
-    the `alternative_terms`."""
+    """(weighted sum, {term: detached value}) of the terms with a non-zero weight."""
     if weights.perceptual and perceptual is None:
         raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
     terms = {"pixel_mse": lambda: F.mse_loss(pred, target),
@@ -196,12 +179,10 @@ VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: fl
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
     """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
-    lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
-    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
-    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
-    pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
-    to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
-    variance (the absolute form)."""
+    lattice frequencies of relu(power_pred - power_target) in units of the target's difference
+    variance, averaged. Only power above the ground truth's counts, so real periodic texture
+    (fabric, tiles) keeps its strength and pred == target has loss and gradient 0. Without `target`
+    all lattice power counts, in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -211,22 +192,18 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins),
-    for each period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the
-    p-periodic part, and variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and
-    vertical differences; each RGB channel counts on its own (a chroma-only grid is invisible in
-    luma).
+    """Power of each quadrant's pixel differences at the lattice frequencies (ky / p, kx / p) of
+    each period p: power (B, Q, C, bins) and variance (B, Q, C, 1), L_AP's unit, both averaging
+    horizontal and vertical differences; each RGB channel counts on its own.
 
-    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the
-    lattice lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the
-    power there is the transform of the circular autocovariance summed over every lattice lag, the
-    power of all that repeats with period p. It is exactly the FFT of the quadrant folded onto one
-    period (the mean of its p x p tiles, cropped to whole periods from the top-left corner, on the
-    token grid), so its gradient is p-periodic: it moves only what repeats (the autocovariance read
-    at a few lags would mix each pixel with its lattice neighbours, and fall by decorrelating the
-    repeats). Differences weight frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), which flattens
-    natural images' ~1/f spectrum so that a grid's high harmonics count, and gives (0, 0) weight 0;
-    smooth 16/32-px modulations are seen only weakly."""
+    The paper penalises the periodic peaks of each quadrant's autocorrelation, at the lattice lags
+    (k p, l p). Their Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
+    the transform of the autocovariance summed over every lattice lag, the power of all that
+    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean
+    of its p x p tiles, on the token grid), so its gradient moves only what repeats (reading the
+    autocovariance at a few lags would also fall by decorrelating the repeats). Differences weight
+    frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), flattening natural images' ~1/f spectrum so
+    that a grid's high harmonics count, and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
     smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way
@@ -260,8 +237,7 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 
 # =================================================== the method: LoRAs on Flux and the F16 encoder
 
-# OMGSR-F's peft target lists (diffusers names); peft adapts every module whose name is one of them
-# or ends with "." + one. We find the same weights through the key tables of the diffusers loaders.
+# OMGSR-F's peft target lists (diffusers names), found in our models through the loaders' key tables
 OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -281,14 +257,11 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
-    """Our Flux linears that OMGSR-F's list selects, with how many leading row blocks: img_in; per
-    double block and stream qkv (3), the attention projection, both MLP linears; per single block
-    linear1's q, k, v (3)."""
+    """Our Flux linears that OMGSR-F's list selects, with how many leading row blocks (qkv: 3)."""
     targets = {}
     for key, (parts, _) in flux_table(config).items():
         chosen = [peft_selects(p.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for p in parts]
         if key.endswith(".weight") and any(chosen):
-            # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
             count = sum(chosen)
             assert chosen[:count] == [True] * count and (len(parts) == 1 or count > 1), key
             targets[key.removesuffix(".weight")] = count
@@ -298,9 +271,9 @@ def peft_selects(module: str, targets) -> bool:
     return any(module == target or module.endswith("." + target) for target in targets)
 
 class SplitLoRALinear(nn.Module):
-    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, one A and B each (as
-    peft's on separate q, k, v): y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's
-    "gaussian" init (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0; both stay fp32."""
+    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, as peft's on separate q,
+    k, v: y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's "gaussian" init
+    (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0; both stay fp32."""
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
@@ -311,7 +284,7 @@ class SplitLoRALinear(nn.Module):
 
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
-        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1)
+        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], -1)
         up = up * self.scale
         return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
 
@@ -326,16 +299,15 @@ def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
-    """The encoder convs OMGSR-F's VAE list selects: every one, the mid attention's 1x1 q, k, v and
-    proj_out included."""
+    """The encoder convs OMGSR-F's VAE list selects: all, the attention's 1x1 convs included."""
     return [key.removeprefix("encoder.").removesuffix(".weight")
             for key, ((part,), _) in vae_lora_table(vae).items()
             if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"),
                             OMGSR_F_VAE_TARGETS)]
 
 class LoRAConv2d(nn.Module):
-    """peft's Conv2d LoRA on a frozen conv: y = conv(x) + (alpha / r) B(A(x)), A a conv like the
-    base's to r channels, B a 1x1 conv back. Init and dtype as SplitLoRALinear's."""
+    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), A a conv like the base's to r
+    channels, B a 1x1 conv back. Init and dtype as SplitLoRALinear's."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -377,8 +349,7 @@ def lora_off(module: nn.Module):
 # Colour fixes, off by default (the paper names none); --recipe omgsr-f uses OMGSR-F's AdaIN.
 
 def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels=5) -> torch.Tensor:
-    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
-    resized (bicubic) to `image`'s size."""
+    """`image`'s detail bands over `reference`'s coarse band (colour, shading)."""
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic",
                                   align_corners=False)
@@ -395,7 +366,6 @@ def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return image
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give each channel of `image` the mean and standard deviation of `reference`'s."""
     mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
     ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
     ref_std = reference.std(dim=(-2, -1), keepdim=True)
