@@ -1485,7 +1485,6 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 @dataclass
 class SRPipeline:
-    """The merged models and the fixed prompt, for `super_resolve`."""
     transformer: Flux
     vae: AutoEncoder
     txt: torch.Tensor
@@ -1506,17 +1505,16 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, and the
     checkpoint's RoPE theta, sigma and prompt embeddings: no text encoder."""
     path, meta = read_op4ksr_metadata(weights, token)
-    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases
-    check_weights(state, path)
-    c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
+    state = check_weights(load_safetensors(path, torch.float32), path)  # before the bases load
+    c = json.loads(meta["flux_config"])
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
         found = tuple(state[key].shape) if key in state else None
-        if (found is None or len(found) != len(shape)
-                or any(n not in ("T", m) for n, m in zip(shape, found))):
-            shown = "(" + ", ".join(map(str, shape)) + ")"
-            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
-                            f"the base Flux takes {shown}: a damaged file?")
+        if found is None or len(found) != len(shape) or any(
+                n not in ("T", m) for n, m in zip(shape, found)):
+            shown = str(shape).replace("'", "")
+            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, the base "
+                            f"Flux takes {shown}: a damaged file?")
     device, dtype = device_dtype(device, dtype)
     flux = flux or meta.get("base_flux", DEFAULT_FLUX)
     vae = vae or meta.get("base_vae", DEFAULT_VAE)
@@ -1534,11 +1532,11 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass. Sides
-    that are not whole tokens are padded by replication and cropped afterwards."""
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass; sides
+    are padded to whole tokens by replication."""
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    token_px = 2 * pipe.vae.config.downsample_factor  # 32 with the F16 VAE
+    token_px = 2 * pipe.vae.config.downsample_factor
     up = F.pad(up, (0, -width % token_px, 0, -height % token_px), mode="replicate")
     up = up.to(pipe.device, pipe.dtype)
     latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
@@ -1546,14 +1544,11 @@ def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
     return (fix(out, lr) if fix else out)[0].clamp(-1, 1)
 
-# The checkpoint: one safetensors file holds everything OP4KSR adds to the base models,
-#   transformer.<diffusers module>.lora_A/B.weight   Flux LoRA, peft names (q/k/v split)
-#   vae.encoder.<diffusers module>.lora_A/B.weight   encoder LoRA in peft's Conv2d layout
-#       (A: r x in x k x k, B: out x r x 1 x 1; the 1x1 attention convs as diffusers' Linear)
-#   prompt.txt (1, T, 4096), prompt.y (1, 768)       the fixed prompt's T5 / CLIP-L embeddings
-# with the LoRA scale folded into B, and string metadata: format ("op4ksr"), format_version,
-# prompt, theta, flux_config / vae_config (checked on loading) and train's settings. diffusers'
-# `load_lora_adapter(state, prefix="transformer")` takes the file as it is.
+# The checkpoint, one safetensors file: transformer.<diffusers module>.lora_A/B.weight (peft names,
+# q/k/v split), vae.encoder.<diffusers module>.lora_A/B.weight (peft's Conv2d layout), the fixed
+# prompt's prompt.txt (1, T, 4096) and prompt.y (1, 768), the LoRA scale folded into B; metadata:
+# format, format_version, prompt, theta, flux_config / vae_config and train's settings. diffusers'
+# `load_lora_adapter(state, prefix="transformer")` takes it as it is.
 FORMAT_VERSION = 1
 FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks",
                     "vec_in_dim", "context_in_dim", "guidance_embed")
@@ -1562,7 +1557,6 @@ SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf
                   "guidance": (-math.inf, math.inf)}
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
-    """(local path, metadata) of an OP4KSR file (a path or a Hub file)."""
     path = weight_file(spec, "--weights", token)
     meta = safetensors_metadata(path)
     if meta.get("format") != "op4ksr":
@@ -1572,7 +1566,7 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
         raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
                         f"(1 to {FORMAT_VERSION})")
     for key, (low, high) in SETTING_RANGES.items():
-        if key not in meta and key != "scale":  # scale is optional: 4 by default
+        if key not in meta and key != "scale":
             raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)")
         try:
             value = float(meta.get(key, 4))
@@ -1602,10 +1596,10 @@ def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
                                 "it was trained on (--flux / --vae)")
 
 def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Add every LoRA delta of the file to the base weights, in place; a fused weight (qkv, linear1)
-    takes each diffusers part's delta in its own rows."""
+    """Add every LoRA delta to the base weights, in place; a fused weight (qkv, linear1) takes each
+    diffusers part's delta in its own rows."""
     c = transformer.config
-    parts_of = {}  # diffusers LoRA module -> (model, our key, part index, part count, transform)
+    parts_of = {}  # diffusers module -> (model, our key, part index, part count, transform)
     for original, (parts, _) in flux_table(c).items():
         for i, part in enumerate(parts):
             module = "transformer." + part.removesuffix(".weight")
@@ -1635,20 +1629,18 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
+    """B A for linear or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
     return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
 
 def flux_table(c: FluxConfig) -> dict:
     return flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
 
 def vae_lora_table(vae: AutoEncoder) -> dict:
-    """Original encoder key -> ([diffusers key], transform) for every encoder conv."""
     table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
 def flux_lora_slots(transformer: Flux):
-    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear: block i of a fused
-    weight is its i-th diffusers projection."""
+    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear."""
     table = flux_table(transformer.config)
     for name, module in transformer.named_modules():
         if isinstance(module, SplitLoRALinear):
@@ -1663,8 +1655,6 @@ def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
             yield "vae." + part.removesuffix(".weight"), module, transform
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    """Write the checkpoint from the LoRA-wrapped models, `prompt` ({"txt", "y", "text"}) and
-    train's `settings`."""
     state = export_flux_lora(transformer)
     state.update(export_vae_lora(vae.encoder, vae))
     state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
@@ -1677,8 +1667,7 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
     save_safetensors(check_weights(state, path), Path(path), metadata)  # diverged: no file
 
 def export_flux_lora(model: Flux) -> dict:
-    """The SplitLoRALinear weights under peft names, the scale folded into B (the file loads with
-    peft's default alpha = rank)."""
+    """The SplitLoRALinear weights under peft names, the scale folded into B."""
     out = {}
     for prefix, module, a, b in flux_lora_slots(model):
         out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
@@ -1690,19 +1679,15 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
     for prefix, module, transform in encoder_lora_slots(encoder, vae):
         to_folder = TRANSFORMS[transform][1]
         a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu()
-        b = b * module.scale
         out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
-        out[f"{prefix}.lora_B.weight"] = to_folder(b).contiguous()
+        out[f"{prefix}.lora_B.weight"] = to_folder(b * module.scale).contiguous()
     return out
 
 
 # =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
 
-# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as a folder of two peft `save_pretrained` adapters,
-#   flux_adapter/          Flux-dev transformer, r = alpha = 64  -> transformer.<diffusers module>
-#   vae_encoder_adapter/   the F8 VAE's encoder, r = alpha = 64   -> vae.encoder.<diffusers module>
-# each with adapter_config.json and adapter_model.safetensors (base_model.model.<module>.lora_A/B),
-# merged through the names of OP4KSR's own file.
+# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as two peft adapters, flux_adapter/ (Flux-dev) and
+# vae_encoder_adapter/ (the F8 encoder), r = alpha = 64, merged under the names of OP4KSR's file.
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
@@ -1717,8 +1702,8 @@ PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
-    """The local folder of an OMGSR-F adapter given as --weights (a folder, or a Hub repo or
-    repo/subfolder: only its two adapters are downloaded), or None for an OP4KSR file."""
+    """The local folder of an OMGSR-F adapter (a folder, or a Hub repo or repo/subfolder: only the
+    two adapters are downloaded), or None for an OP4KSR file."""
     text, local = str(spec), Path(str(spec)).expanduser()
     if local.is_dir():
         return local
@@ -1730,8 +1715,7 @@ def omgsr_f_folder(spec, token=None) -> Path | None:
     return resolve_source("/".join(parts[:2]), "/".join(parts[2:]) or None, patterns, token)
 
 def omgsr_f_halves(folder: Path) -> dict:
-    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder, from the configs
-    alone."""
+    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder."""
     present = [half for half in OMGSR_F_ADAPTERS if (folder / half).is_dir()]
     if not present:
         raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ "
@@ -1753,8 +1737,8 @@ def omgsr_f_halves(folder: Path) -> dict:
     return halves
 
 def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
-    """(r, lora_alpha, target_modules) of a peft adapter_config.json, refusing every option that
-    would make the LoRA other than W + (alpha / r) B A on the selected modules."""
+    """(r, lora_alpha, target_modules) of a peft adapter_config.json; refuses every option that
+    would make the LoRA other than W + (alpha / r) B A."""
     for option, plain in PEFT_PLAIN.items():
         if config.get(option) not in plain:
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
@@ -1776,8 +1760,7 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
     return rank, float(alpha), targets
 
 def read_omgsr_f_adapters(folder: Path) -> dict:
-    """Both adapters' LoRAs under the names of OP4KSR's file, peft's scale alpha / r folded into
-    B."""
+    """Both adapters' LoRAs under the names of OP4KSR's file, alpha / r folded into B."""
     state = {}
     for half, (weights, rank, alpha, targets) in omgsr_f_halves(folder).items():
         for key, value in check_weights(load_safetensors(weights, torch.float32), weights).items():
@@ -1800,9 +1783,8 @@ def read_omgsr_f_adapters(folder: Path) -> dict:
 
 def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
                    max_length: int = 512) -> dict:
-    """OMGSR-F's condition, the empty prompt's embeddings {"txt", "y"}: encoded once per base model
-    and dtype, then read from a cache ($OP4KSR_CACHE, else $HF_HOME/op4ksr) keyed by a hash of the
-    base (a local folder's path and its text encoders' sizes and dates), prompt and dtype."""
+    """OMGSR-F's condition, the empty prompt's {"txt", "y"}, cached ($OP4KSR_CACHE, else
+    $HF_HOME/op4ksr) under a hash of the base (a folder's text encoders' sizes and dates too)."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -1839,8 +1821,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
                           theta: float = 10000.0, stride: int = 1,
                           text_encoders=None) -> SRPipeline:
     """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`,
-    the cached empty prompt, OMGSR-F's sigma (t = 244) and guidance 1. The adapters are read before
-    any base."""
+    the cached empty prompt, OMGSR-F's sigma and guidance 1."""
     loras = read_omgsr_f_adapters(folder)
     device, dtype = device_dtype(device, dtype)
     flux = flux or DEFAULT_FLUX
@@ -1860,9 +1841,8 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
                       4.0, device, dtype, meta)
 
 def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
-    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's
-    adapters): each LoRA takes its A, and its B divided by its own scale."""
-    slots = []  # (the parameter or its block, the key in `state`, the layout transform, the scale)
+    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's)."""
+    slots = []  # (parameter or block, key in `state`, layout transform, scale)
     for prefix, module, a, b in flux_lora_slots(transformer):
         slots += [(a, f"{prefix}.lora_A.weight", None, 1.0),
                   (b, f"{prefix}.lora_B.weight", None, module.scale)]
@@ -1884,14 +1864,12 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
         raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
                         "(OMGSR-F's target lists)")
 
-# OMGSR-F's inference (`infer/infer_omgsr_f.py` + `OMGSR_F_Infer`, wuer5/OMGSR@8996613). It encodes
-# a posterior sample without a seed; we take its mode (the mean), which makes runs reproducible: the
-# difference is one draw of the posterior's noise, exp(logvar / 2) per latent value.
+# OMGSR-F's inference (`infer/infer_omgsr_f.py`, wuer5/OMGSR@8996613). It encodes an unseeded
+# posterior sample; we take the posterior's mode, which makes runs reproducible.
 OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of 1/8 of it
 
 def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """OMGSR-F's inference of one image: processed input, tiled step, decode, colour fix."""
     lq = omgsr_f_input(image, upscale, process_size)
     x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
     with torch.inference_mode():
@@ -1900,10 +1878,7 @@ def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix:
     return omgsr_f_output(decoded, lq, color_fix, size)
 
 def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """(the size the model processes, the output size) by OMGSR-F's rules: an input with a side
-    under process_size / upscale is first resized (bicubic) so that its shorter side reaches it, and
-    its output resized back to upscale x the input; the x upscale input is then resized (LANCZOS) to
-    multiples of 8 px."""
+    """(the size the model processes, the output size) by OMGSR-F's rules, as `omgsr_f_input`."""
     least, final = process_size // upscale, None
     if width < least or height < least:
         scale = least / min(width, height)
@@ -1915,7 +1890,8 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
 
 def omgsr_f_input(image: Image.Image, upscale: int,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """The processed input by `omgsr_f_sizes`' rules, made with PIL as OMGSR-F does."""
+    """OMGSR-F's processed input: a side under process_size / upscale brings the shorter side to it
+    (bicubic; the output is resized back), x upscale (bicubic), cut to multiples of 8 (LANCZOS)."""
     least = process_size // upscale
     if image.width < least or image.height < least:
         scale = least / min(image.size)
@@ -1926,9 +1902,8 @@ def omgsr_f_input(image: Image.Image, upscale: int,
 
 @torch.inference_mode()
 def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """OMGSR-F's one step: z = E(image) (the posterior's mode), v by Flux over the whole latent when
-    it has at most (process_size / 8)^2 pixels, else tile by tile; x0 = z - sigma v. An odd latent
-    side, where OMGSR-F's code fails to pack tokens, is tiled instead."""
+    """OMGSR-F's one step: v over the whole latent when it has at most (process_size / 8)^2 pixels,
+    else tile by tile (also for an odd side, which OMGSR-F's code fails to pack)."""
     z = pipe.vae.encode(image)
     h, w = z.shape[-2:]
     tile = process_size // 8
@@ -1940,10 +1915,8 @@ def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OM
 
 def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
                            overlap: int) -> torch.Tensor:
-    """OMGSR-F's latent tiling: square tiles of `tile` latent pixels (at most the shorter side;
-    even), one every tile - overlap and the last flush with the far edge, each through Flux on its
-    own, blended with `omgsr_f_tile_weights` in float32. (OMGSR-F's code would batch a row of tiles,
-    but its condition fires at every tile.)"""
+    """OMGSR-F's latent tiling: square even tiles, one Flux call each, blended with
+    `omgsr_f_tile_weights` in float32."""
     h, w = z.shape[-2:]
     tile = min(tile, h, w) // 2 * 2
     weight = omgsr_f_tile_weights(tile).to(z.device)
@@ -1958,8 +1931,8 @@ def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
     return total / count
 
 def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Offsets of as few tiles as cover `size` at a step of tile - overlap, the last moved to end at
-    the far edge. 4096 px at F8: 512 latent pixels, 7 tiles of 128."""
+    """Offsets of as few tiles as cover `size` at a step of tile - overlap, the last flush with the
+    far edge."""
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size or input")
@@ -1969,9 +1942,8 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
-    """OMGSR-F's tile weights, float64: a Gaussian of variance 0.01 in units of the tile side,
-    centred at (tile - 1) / 2 across the columns but tile / 2 down the rows (its code's asymmetry,
-    kept: it moves the blend half a pixel)."""
+    """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
+    across but tile / 2 down (its code's asymmetry, kept)."""
     i = torch.arange(tile, dtype=torch.float64)
 
     def bell(mid):
@@ -1980,9 +1952,8 @@ def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     return bell(tile / 2)[:, None] * bell((tile - 1) / 2)[None, :]
 
 def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size) -> Image.Image:
-    """OMGSR-F's output: the decoded image to 8 bits by truncation (torchvision's ToPILImage), the
-    colour fix against the processed input on those values, truncated again, and the resize back
-    (bicubic) to `size`."""
+    """OMGSR-F's output: 8 bits by truncation (as torchvision), the colour fix against the processed
+    input, truncated again, resized (bicubic) to `size`."""
     out = truncated_image(decoded[0].float().cpu() * 0.5 + 0.5)
     if color_fix in ("adain", "wavelet"):
         fix = omgsr_adain if color_fix == "adain" else wavelet_color_fix
@@ -1990,7 +1961,6 @@ def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size)
     return out if out.size == tuple(size) else out.resize(tuple(size), Image.BICUBIC)
 
 def truncated_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB by x * 255 truncated, as torchvision."""
     if not torch.isfinite(x).all():
         raise UserError("the result holds NaN/Inf values (broken weights or settings); no image "
                         "was written")
@@ -1998,7 +1968,6 @@ def truncated_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 def unit_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB -> (3, H, W) in [0, 1], as torchvision's to_tensor."""
     array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
