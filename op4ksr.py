@@ -1994,69 +1994,53 @@ def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
 
 @dataclass
 class SRTrainRecipe:
-    """OP4KSR training, each field an option of `op4ksr.py train`: the paper's loss and RFR on
-    OMGSR-F's set-up (the paper publishes no sigma, loss weights or optimiser settings)."""
+    """`op4ksr.py train`'s options: the paper's loss and RFR on OMGSR-F's set-up (the paper
+    publishes no sigma, loss weights or optimiser settings)."""
     data: str = option(None, "folder of HR images (recursive) or with a metadata.jsonl",
                        required=True)
     output: str = option(None, "output folder", required=True)
-    vae: str = option(DEFAULT_VAE, "F16 VAE: Hub repo / folder with vae/ (UltraFlux), or a file")
-    crop: int = option(4096, "square HR crop side; images are resized to cover it (default 4096: "
-                       "whole targets)", type=integer(1, MAX_SIDE))
-    scale: int = option(4, "SR factor: LR = degrade(HR) at 1/scale (default 4)",
-                        type=integer(1, 16))
+    vae: str = option(DEFAULT_VAE, "F16 VAE: Hub repo / folder with vae/, or a file")
+    crop: int = option(4096, "square HR crop side", type=integer(1, MAX_SIDE))
+    scale: int = option(4, "SR factor", type=integer(1, 16))
     flux: str = option(DEFAULT_FLUX, "base Flux: Hub repo, diffusers folder or BFL single file")
-    f16_decode: str = option(
-        "partitioned", "the F16 decoder's last stage: 'partitioned' as upstream Diffusion-4K's "
-        "decode, which the released F16 decoders were trained through; 'centred' centres "
-        "conv_out's window (the output moves 1 px up-left)", choices=["partitioned", "centred"])
+    f16_decode: str = option("partitioned", "F16 decoder's last stage: as Diffusion-4K's decode, "
+                             "or centred", choices=["partitioned", "centred"])
     text_encoders: str = option(None, "Flux pipeline with the text encoders (default: --flux)")
-    prompt: str = option(DEFAULT_PROMPT, "the fixed prompt (S3Diff's; stored encoded)")
-    max_sequence_length: int = option(512, "T5 tokens of the fixed prompt", type=integer(1, 512))
-    sigma: float = option(OMGSR_SIGMA, f"the noise level of the LR latent (default "
-                          f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} on "
-                          f"Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})",
-                          type=number(1e-3, 1))
-    theta: float = option(RFR_THETA, "RoPE base of the position axes (RFR 100; Flux 10000)",
-                          type=number(1))
-    guidance: float = option(1.0, "Flux-dev's distilled guidance input (fixed)", type=number(0))
-    lora_rank: int = option(64, "LoRA rank on OMGSR-F's Flux and encoder targets",
-                            type=integer(1))
-    lora_alpha: float = option(None, "LoRA alpha (default: the rank, as OMGSR-F)",
-                               type=positive())
-    init: str = option(None, "start the LoRAs from OMGSR-F's adapter folder (its rank must be "
-                       "--lora-rank, 64); the checkpoint written stays OP4KSR's")
-    lr: float = option(2.5e-5, "AdamW learning rate (constant)", type=positive(1))
+    prompt: str = option(DEFAULT_PROMPT, "the fixed prompt (S3Diff's)")
+    max_sequence_length: int = option(512, "T5 tokens of the prompt", type=integer(1, 512))
+    sigma: float = option(OMGSR_SIGMA, f"noise level of the LR latent (OMGSR-F's t = "
+                          f"{OMGSR_MID_TIMESTEP})", type=number(1e-3, 1))
+    theta: float = option(RFR_THETA, "RoPE base (RFR 100; Flux 10000)", type=number(1))
+    guidance: float = option(1.0, "Flux-dev's guidance input", type=number(0))
+    lora_rank: int = option(64, type=integer(1))
+    lora_alpha: float = option(None, "default: the rank", type=positive())
+    init: str = option(None, "start from OMGSR-F's adapter folder")
+    lr: float = option(2.5e-5, "AdamW learning rate", type=positive(1))
     weight_decay: float = option(1e-4, type=number(0))
-    max_grad_norm: float = option(1.0, "gradients are clipped to this global norm",
-                                  type=positive())
+    max_grad_norm: float = option(1.0, type=positive())
     batch_size: int = option(1, "images per process per step", type=integer(1))
     steps: int = option(10000, type=integer(1))
-    mse_weight: float = option(1.0, "pixel MSE (default 1: the fidelity term)", type=number(0))
-    l1_weight: float = option(0.0, "pixel L1 (OMGSR-F: 0.5, beside DISTS and a GAN)",
-                              type=number(0))
+    mse_weight: float = option(1.0, "pixel MSE", type=number(0))
+    l1_weight: float = option(0.0, "pixel L1", type=number(0))
     latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
                                   type=number(0))
-    lpips_weight: float = option(2.0, "LPIPS-VGG on one --lpips-crop crop per image (default 2: "
-                                 "OSEDiff's ratio to MSE)", type=number(0))
-    lpips_linear: str = option(help="LPIPS v0.1 VGG linear layers (.pth), file or Hub path",
+    lpips_weight: float = option(2.0, "LPIPS-VGG (OSEDiff's ratio to MSE)", type=number(0))
+    lpips_linear: str = option(help="LPIPS v0.1 VGG linear layers (.pth)",
                                factory=lambda: LPIPS_VGG_LINEAR)
-    lpips_backbone: str = option(help="VGG16 ImageNet weights (.pth or .safetensors), file or "
-                                 "Hub path", factory=lambda: LPIPS_VGG_BACKBONE)
-    lpips_crop: int = option(512, "LPIPS runs on one random crop of this side (a 4K image's VGG "
-                             "activations would not fit beside Flux)", type=integer(1))
-    periodicity_weight: float = option(1.0, "lambda_AP (0: no L_AP)", type=number(0))
+    lpips_backbone: str = option(help="VGG16 ImageNet weights", factory=lambda: LPIPS_VGG_BACKBONE)
+    lpips_crop: int = option(512, "side of LPIPS's random crop", type=integer(1))
+    periodicity_weight: float = option(1.0, "lambda_AP", type=number(0))
     checkpoint_every: int = option(500, type=integer(1))
-    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    keep_checkpoints: int = option(2, "0: all", type=integer(0))
     log_every: int = option(10, type=integer(1))
-    resume: str = option(None, "a checkpoint folder, or no value for the newest in --output "
-                         "(--lr, --weight-decay: from here)", nargs="?", const="latest")
-    seed: int = option(0, "seeds data order, crops, flips, degradations, LoRA init", type=SEED)
+    resume: str = option(None, "a checkpoint folder, or none for the newest in --output",
+                         nargs="?", const="latest")
+    seed: int = option(0, type=SEED)
     gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
-    device: str = option(None, "cuda (default when available) or cpu",
-                         type=lambda text: device_name(text))  # looked up at parse time
-    dtype: str = option(None, "frozen bases in bf16 under bf16 autocast (default on CUDA), or "
-                        "fp32 (on CPU)", choices=["bf16", "fp32"])
-    token: str = option(None, "Hugging Face token for gated repos")
+    device: str = option(None, "default: cuda when available", type=lambda t: device_name(t))
+    dtype: str = option(None, "of the frozen bases (default: bf16 on CUDA)",
+                        choices=["bf16", "fp32"])
+    token: str = option(None, "Hugging Face token")
 
     @property
     def loss_weights(self) -> LossWeights:
@@ -3024,28 +3008,20 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
 # ==================================================================================== command line
 
 NO_WEIGHTS = (
-    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file "
-    "owner/repo/path.safetensors); the authors have published no weights (arXiv 2605.13457), so "
-    "you train one: put 4K HR images in a folder and run `python op4ksr.py train --data HR_DIR "
-    "--output runs/op4ksr` (FLUX.1-dev is gated: accept its licence on huggingface.co and "
-    "`huggingface-cli login`), then pass --weights runs/op4ksr/op4ksr.safetensors; see `python "
-    "op4ksr.py train --help`. Or run OMGSR-F's public LoRAs (--weights omgsr-f-1024-adapter/, the "
-    "folder OMGSR's README links; see --recipe).")
+    "OP4KSR needs a LoRA checkpoint (--weights FILE.safetensors or owner/repo/path.safetensors); "
+    "the authors have published none, so train one: `python op4ksr.py train --data HR_DIR "
+    "--output runs/op4ksr` (FLUX.1-dev is gated: accept its licence and `huggingface-cli login`). "
+    "Or run OMGSR-F's public LoRAs (--weights omgsr-f-1024-adapter/; see --recipe).")
 RAW = argparse.RawDescriptionHelpFormatter
 SR_EXAMPLES = """Examples:
   python op4ksr.py --input lr.png --weights op4ksr.safetensors         (4x, writes lr_op4ksr.png)
   python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/   (longer side 4096)
-  python op4ksr.py --input photos/ ... --output sr/ --skip-existing    (continue a batch)
-OMGSR-F's public LoRAs (its README's omgsr-f-1024-adapter folder; not OP4KSR's weights):
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/      (patch-free, F16, RFR)
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ --recipe omgsr-f  (tiled)
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  (OMGSR-F)
 Training: python op4ksr.py train --help"""
 TRAIN_EXAMPLES = """Examples:
-  python op4ksr.py train --data hr4k/ --output runs/op4ksr
-  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr  (data parallel)
+  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr
   python op4ksr.py train ... --resume      continue from the newest checkpoint in --output
-Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/ and
-OUTPUT/train_log.jsonl."""
+Writes OUTPUT/op4ksr.safetensors, OUTPUT/checkpoints/ and OUTPUT/train_log.jsonl."""
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3085,10 +3061,9 @@ def sr_command(args):
     write_results(jobs, args, make, info)
 
 def omgsr_f_command(args, folder: Path):
-    """--weights is OMGSR-F's adapter: --recipe omgsr-f runs OMGSR-F's own inference, op4ksr its
-    LoRAs patch-free in one pass (RoPE base --theta, the F16 or F8 VAE)."""
+    """OMGSR-F's adapter: its own inference (--recipe omgsr-f), or OP4KSR's patch-free pass."""
     upstream = args.recipe == "omgsr-f"
-    omgsr_f_halves(folder)  # the configs: a broken adapter is refused before any image is read
+    omgsr_f_halves(folder)  # a broken adapter is refused before any image is read
     pairs = sr_outputs(args)
     if not pairs:
         return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
@@ -3119,8 +3094,7 @@ def omgsr_f_command(args, folder: Path):
     write_results(jobs, args, make, info)
 
 def decodable_jobs(pairs, size_of) -> list:
-    """(input, (width, height), output) per pair, sized from the headers; every input decodes before
-    any model loads."""
+    """(input, (width, height), output) per pair; every input decodes before any model loads."""
     jobs = [(path, size_of(*image_size(path)), output) for path, output in pairs]
     for path, _ in pairs:
         load_image(path)
@@ -3132,8 +3106,8 @@ def prepare(pipe: SRPipeline, args):
         compile_blocks(pipe.transformer)
 
 def write_results(jobs, args, make, info):
-    """Each input read again (a batch never all in memory) and `make`'s image saved, created
-    exclusively without --overwrite: an output another run wrote meanwhile stays."""
+    """`make`'s image of each input saved; without --overwrite an output another run wrote
+    meanwhile stays."""
     update = progress_bar("super-resolve", len(jobs))
     for i, (path, (width, height), output) in enumerate(jobs, start=1):
         if args.skip_existing and output.exists():
@@ -3228,7 +3202,6 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
     return inputs, [folder / f"{path.stem}.png" for path in inputs]
 
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
-    """The target (width, height): LR x scale, or the longer side = size."""
     factor = size / max(width, height) if size is not None else scale
     if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): it would overflow
         raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and "
@@ -3244,49 +3217,39 @@ def sr_size(width: int, height: int, scale: float | None, size: int | None) -> t
 
 def sr_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py", epilog=SR_EXAMPLES, formatter_class=RAW,
-                            description="OP4KSR: one-step, patch-free super-resolution to 4K with "
-                                        "Flux and an F16 VAE (arXiv 2605.13457).")
+                            description="OP4KSR: one-step, patch-free 4K super-resolution.")
     add = parser.add_argument
     add("--input", required=True, help="LR image, or a folder of images")
-    add("--output", help="output image (default INPUT_op4ksr.png), or folder (INPUT_op4ksr/)")
-    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path"
-                          ".safetensors; or OMGSR-F's adapter folder: see --recipe")
+    add("--output", help="output image or folder (default: INPUT_op4ksr)")
+    add("--weights", help="OP4KSR .safetensors (file or Hub), or OMGSR-F's adapter folder")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
+    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's)")
     target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px")
     add("--color-fix", choices=["none", "nofix", "wavelet", "adain"],
-        help="match the LR colours (default: none; adain with --recipe omgsr-f; nofix = none)")
-    add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
-    add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+        help="match the LR colours (default: none; adain with --recipe omgsr-f)")
+    add("--flux", help="base Flux (default: the checkpoint's)")
+    add("--vae", help="F16 VAE (default: the checkpoint's)")
     add_recipe(parser, SRTrainRecipe, ["f16_decode"])
     add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
-        help="with OMGSR-F's adapter as --weights: 'op4ksr' runs its LoRAs OP4KSR's way, in one "
-             "patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference (F8 "
-             "VAE, 1024-px latent tiles). Either way these are OMGSR-F's weights, not OP4KSR's")
-    add("--theta", type=number(1), help="op4ksr recipe with OMGSR-F's weights: RoPE base of the "
-                                        "position axes (default 100, RFR; Flux's: 10000)")
-    add("--vae-mode", choices=["f16", "f8"],
-        help="op4ksr recipe with OMGSR-F's weights: 'f16' (default: --vae, by default "
-             "UltraFlux's) or 'f8' (--vae, by default --flux's vae/)")
+        help="with OMGSR-F's adapter: one patch-free pass, or OMGSR-F's own tiled inference")
+    add("--theta", type=number(1), help="op4ksr recipe: RoPE base (default 100, RFR)")
+    add("--vae-mode", choices=["f16", "f8"], help="op4ksr recipe: the VAE (default f16)")
     add("--process-size", type=integer(64, MAX_SIDE),
         help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE})")
-    add("--text-encoders", help="with OMGSR-F's weights: a Flux pipeline with the text encoders "
-                                "for its empty prompt, encoded once and cached (default: --flux)")
+    add("--text-encoders", help="Flux pipeline with the text encoders (default: --flux)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--skip-existing", action="store_true",
-                          help="keep existing outputs, do the rest")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    add("--compile", action="store_true",
-        help="torch.compile each Flux block (built during the first image of each size)")
-    add("--token", help="Hugging Face token for gated repos")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA")
+    add("--compile", action="store_true", help="torch.compile each Flux block")
+    add("--token", help="Hugging Face token")
     return parser
 
 def train_sr_command(args):
     r = SRTrainRecipe(**vars(args))
     check_crop(r.crop, r.scale)
-    if r.init:  # the adapter's configs now: a wrong folder is refused before anything loads
+    if r.init:  # a wrong folder is refused before anything loads
         folder = omgsr_f_folder(r.init, r.token)
         if folder is None:
             raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder "
@@ -3315,10 +3278,8 @@ def train_sr_command(args):
 
 def sr_train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py train", epilog=TRAIN_EXAMPLES, formatter_class=RAW,
-                            description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE "
-                                        "encoder, decoder frozen) on a folder of 4K HR images; LR "
-                                        "inputs are made on the fly by the Real-ESRGAN "
-                                        "second-order degradation.")
+                            description="Train the OP4KSR LoRAs on 4K HR images, degraded on the "
+                                        "fly (Real-ESRGAN).")
     add_recipe(parser, SRTrainRecipe)
     return parser
 
@@ -3341,21 +3302,16 @@ def calibrate_command(args):
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="op4ksr.py calibrate-sigma", formatter_class=RAW,
-        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR)\n"
-                    "pairs as `train` does, encode both with the base F16 encoder (posterior\n"
-                    "samples, as OMGSR) and print the timestep of OMGSR-F's schedule whose noise\n"
-                    "level gives the noisy HR latent the SNR of the LR latent, mean(hr^2) /\n"
-                    "mean((lr - hr)^2), averaged over batches. Train with the sigma it prints.",
+        description="OMGSR's mid-timestep calibration: the sigma at which the noisy HR latent\n"
+                    "has the LR latent's SNR, for your data and F16 VAE (train with it).",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
     add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
     add = parser.add_argument
     add("--max-images", type=integer(1), help="at most this many images, one crop each")
-    add("--batch-size", type=integer(1), default=1,
-        help="images per SNR average (default 1, OMGSR's)")
-    add("--seed", type=SEED, default=0, help="seeds the pairs (as train's --seed and --batch-size: "
-                                             "its first steps' pairs) and the posterior samples")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--batch-size", type=integer(1), default=1, help="images per SNR average")
+    add("--seed", type=SEED, default=0, help="as train's: the same pairs")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     return parser
 
 
