@@ -2062,8 +2062,8 @@ class SRModels(NamedTuple):
     lpips: nn.Module | None
 
 def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A resumed
-    run takes lr and weight_decay from `r`. Each rank holds the whole frozen model."""
+    """Train the OP4KSR LoRAs; returns this call's (step, loss) pairs. A resumed run takes lr and
+    weight_decay from `r`."""
     ctx, output = setup_distributed(r.device), Path(r.output)
     files = vae_image_files(r.data, verbose=ctx.main)
     dtype = device_dtype(ctx.device, r.dtype)[1]  # the frozen bases; the LoRAs stay fp32
@@ -2072,10 +2072,8 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
     if ctx.main:
-        millions = sum(p.numel() for p in params) / 1e6
-        print(f"training OP4KSR LoRAs (rank {r.lora_rank}, {millions:.2f}M "
-              f"parameters), {ctx.world} process(es) x batch {r.batch_size}, crop {r.crop}, "
-              f"sigma {r.sigma}, theta {r.theta}, L_AP periods {lap_periods(m.vae)}",
+        print(f"training OP4KSR LoRAs ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
+              f"{ctx.world} process(es) x batch {r.batch_size}, sigma {r.sigma}, theta {r.theta}",
               file=sys.stderr)
     batches, step = Batches(len(files), r.seed), 0
     if resume_from is not None:
@@ -2109,7 +2107,7 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     return losses
 
 def lap_periods(vae: AutoEncoder) -> tuple[int, int]:
-    """L_AP's periods: a latent pixel and a 2x2-packed token, 16 and 32 px at F16."""
+    """L_AP's periods: a latent pixel and a 2x2-packed token."""
     factor = vae.config.downsample_factor
     return factor, 2 * factor
 
@@ -2137,29 +2135,25 @@ def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
     vae.decoder.gradient_checkpointing = r.gradient_checkpointing
     return SRModels(transformer, vae, prompt, lpips)
 
-def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, crop_offset):
+def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, offset):
     """`sr_loss` of one batch, under bf16 autocast when the bases are bf16."""
-    dtype = lr_up.dtype
+    dtype, weights = lr_up.dtype, r.loss_weights
     bf16 = dtype == torch.bfloat16
-    autocast = torch.autocast(hr.device.type, dtype) if bf16 else contextlib.nullcontext()
-    weights = r.loss_weights
     guidance = r.guidance if m.transformer.config.guidance_embed else None
-    with autocast:
+    with torch.autocast(hr.device.type, dtype) if bf16 else contextlib.nullcontext():
         latent = sr_latent(m.transformer, m.vae, lr_up, m.prompt, r.sigma, guidance)
         pred = m.vae.decode(latent).float()
         target_latent = None
         if weights.latent_mse:
             with torch.no_grad(), lora_off(m.vae.encoder):
                 target_latent = m.vae.encode(hr.to(dtype)).float()
-        perceptual = None
-        if m.lpips is not None:
-            perceptual = lpips_on_crops(m.lpips, r.lpips_crop, crop_offset)
+        perceptual = None if m.lpips is None else lpips_on_crops(m.lpips, r.lpips_crop, offset)
         return sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent,
                        lap_periods(m.vae))
 
 def optimizer_step(loss, params, optimizer, max_norm: float, ctx: Distributed, step: int,
                    output: Path) -> tuple[float, float]:
-    """Backward, gradients averaged over the ranks, clipped, one step: (loss, gradient norm). A
+    """Backward, gradients averaged over the ranks and clipped, one step: (loss, gradient norm). A
     non-finite loss, gradient or weight stops the run."""
     loss.backward()
     if ctx.world > 1:
@@ -2204,8 +2198,7 @@ def check_crop(crop: int, scale: int, factor: int | None = None):
 @torch.no_grad()
 def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
                         token=None) -> dict:
-    """The fixed prompt through the text encoders of the Flux pipeline `source`: {"txt": (1, T,
-    4096) T5, "y": (1, 768) pooled CLIP-L, "text"}."""
+    """{"txt": T5's, "y": CLIP-L's pooled embedding, "text"} of the fixed prompt."""
     files = ("*.json", "*.txt", "*.model")
     clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
     t5_folder = resolve_source(source, "tokenizer_2", files, token)
@@ -2219,8 +2212,7 @@ def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 51
 def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int,
                    unreadable: set, ctx: Distributed):
     """This rank's share of the next global batch (every rank draws all of it): HR crops in [-1, 1],
-    resized to cover, cropped and flipped at random, the input LR = degrade(HR) at 1/scale bicubic
-    back up (as OMGSR), and the LPIPS crop offset."""
+    the LR input degrade(HR) bicubic back up (as OMGSR), and the LPIPS crop offset."""
     global_batch, g = batch_size * ctx.world, batches.generator
     mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
     picks = batches.indices(global_batch)
@@ -2238,8 +2230,7 @@ def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: i
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
     """This rank's HR crops (slots `mine`) of the global batch `picks`. An undecodable file is
-    skipped from then on, its slot taking the data stream's next index; the ranks sum their failures
-    first, so all stay in step."""
+    skipped from then on, its slot taking the next index; the ranks share failures."""
     crops = {}
     while True:
         failed, errors = torch.zeros(len(picks)), []
@@ -2266,8 +2257,8 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
             picks[i] = batches.indices(1)[0]
 
 def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
-    """LPIPS on one crop (the same for both images) at a relative offset: a 4K image's VGG
-    activations would not fit beside Flux."""
+    """LPIPS on one crop at a relative offset: a 4K image's VGG activations would not fit beside
+    Flux."""
     def perceptual(pred, target):
         h, w = pred.shape[-2:]
         size_h, size_w = min(crop, h), min(crop, w)
@@ -2279,8 +2270,8 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
 @torch.no_grad()
 def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int,
                         count: int, seed: int):
-    """(HR latents, LR latents) per batch for `matched_sigma`: the first `count` pairs `train` makes
-    from the same seed, as normalised posterior samples of the base encoder (as OMGSR)."""
+    """(HR latents, LR latents) per batch for `matched_sigma`: `train`'s first `count` pairs, as
+    posterior samples of the base encoder (as OMGSR)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
@@ -2299,8 +2290,7 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
-    """One order of the Real-ESRGAN degradation (defaults: its first). A probability of 0 switches a
-    step off. Noise sigmas are in 8-bit levels."""
+    """One order of the Real-ESRGAN degradation (defaults: its first); noise in 8-bit levels."""
     blur_prob: float = 1.0
     kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes from..to, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
@@ -2321,8 +2311,7 @@ class DegradationStage:
 
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN's second-order degradation with its published defaults. The second order resizes
-    relative to the LR size; its JPEG is the final one."""
+    """Real-ESRGAN's second-order degradation with its published defaults."""
     first: DegradationStage = field(default_factory=DegradationStage)
     second: DegradationStage = field(default_factory=lambda: DegradationStage(
         blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
@@ -2334,11 +2323,10 @@ STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "j
 
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator,
             scale: int = 4) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
+    """Real-ESRGAN's second-order degradation, HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
     resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order, quantised to
     8 bits. Unlike Real-ESRGAN, every image gets its own parameters and each step its own random
-    stream (switching one off leaves the others' draws alone); Poisson noise counts 255 levels, JPEG
-    is Pillow's, blur pads by replication. The kernel sizes (7..21) suit ~256-px crops."""
+    stream (switching one off leaves the others' draws alone); JPEG is Pillow's."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
@@ -2390,7 +2378,6 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
     beta = 1.0
     if kind.startswith(("generalized", "plateau")):
         low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
-        # Half the draws below 1 (heavier tails), half above (flatter top).
         heavy = _happens(generator, 0.5)
         beta = _uniform(generator, low, 1.0) if heavy else _uniform(generator, 1.0, high)
     plateau = kind.startswith("plateau")
@@ -2398,8 +2385,8 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
 
 def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
                            plateau=False) -> torch.Tensor:
-    """Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1: with q = x^T
-    Sigma^-1 x for Sigma rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
+    """Gaussian (beta 1), generalized Gaussian or plateau kernel: with q = x^T Sigma^-1 x for Sigma
+    rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
     y, x = _kernel_grid(size)
     along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
     across = -math.sin(angle) * x + math.cos(angle) * y
@@ -2408,7 +2395,7 @@ def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
     return (kernel / kernel.sum()).float()
 
 def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
-    """Ideal circular low-pass filter (cutoff in radians per pixel), summing to 1."""
+    """Ideal circular low-pass filter, cutoff in radians per pixel."""
     y, x = _kernel_grid(size)
     r = torch.hypot(x, y).clamp_min(1e-12)
     kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r)
@@ -2423,7 +2410,6 @@ def _odd_size(generator, sizes) -> int:
     return _pick(generator, list(range(sizes[0], sizes[1] + 1, 2)))
 
 def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Each channel of (B, C, H, W) convolved with one (k, k) kernel; edges replicated."""
     pad = kernel.shape[-1] // 2
     channels = image.shape[1]
     weight = kernel.to(image).expand(channels, 1, *kernel.shape)
