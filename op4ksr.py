@@ -95,11 +95,11 @@ from common.io import (
 )
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
+DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/: Flux's VAE retrained as F16
 DEFAULT_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
-                  "and natural lighting.")  # S3Diff's positive prompt, stored encoded
-OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule: `omgsr_sigmas`
-MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; a larger pass is far outside the training sizes
+                  "and natural lighting.")  # S3Diff's positive prompt
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule
+MAX_SIDE = 8192  # 65,536 F16 tokens, far beyond the training sizes
 
 @dataclass
 class LossWeights:
@@ -107,7 +107,7 @@ class LossWeights:
     pixel_mse: float = 1.0
     pixel_l1: float = 0.0
     latent_mse: float = 0.0
-    perceptual: float = 2.0  # sr_loss's `perceptual` callable, LPIPS on crops in training
+    perceptual: float = 2.0  # LPIPS on crops
     periodicity: float = 1.0  # lambda_AP
 
 
@@ -120,7 +120,7 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, conditio
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
-RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux: 10000)
+RFR_THETA = 100.0  # RFR's RoPE base of the position axes (Flux: 10000)
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
     """RFR, as Fig. 5 tabulates it: the angle in degrees by which each frequency pair of one RoPE
@@ -1576,12 +1576,10 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
             raise UserError(f"{path}: the OP4KSR metadata has {key}={meta[key]!r}, "
                             f"not a number in ({low}, {high}]")
     for key in ("flux_config", "vae_config"):
-        try:
-            if not isinstance(json.loads(meta[key]), dict):
-                raise ValueError
-        except (KeyError, ValueError):
-            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' "
-                            "(a damaged file?)") from None
+        with contextlib.suppress(KeyError, ValueError):
+            if isinstance(json.loads(meta[key]), dict):
+                continue
+        raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)")
     return path, meta
 
 def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
@@ -1590,10 +1588,9 @@ def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
         for key, value in json.loads(meta[stored]).items():
             mine = getattr(ours, key, None)
             if (list(mine) if isinstance(mine, tuple) else mine) != value:
-                trained = (f"{source} was trained on the {what} {meta.get(base, '?')} "
-                           f"with {key}={value}")
-                raise UserError(f"{trained}, but the {what} loaded has {key}={mine}: pass the base "
-                                "it was trained on (--flux / --vae)")
+                raise UserError(f"{source} was trained on the {what} {meta.get(base, '?')} with "
+                                f"{key}={value}, but the {what} loaded has {key}={mine}: pass the "
+                                "base it was trained on (--flux / --vae)")
 
 def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
     """Add every LoRA delta to the base weights, in place; a fused weight (qkv, linear1) takes each
@@ -1625,7 +1622,7 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
             raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the "
                             f"base model's {original} takes {(rows, *weight.shape[1:])}: the "
                             "checkpoint is for another base model")
-        with torch.no_grad():  # the file was read to the CPU
+        with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1664,7 +1661,7 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
                 "prompt": prompt["text"], "theta": str(transformer.config.theta),
                 "flux_config": json.dumps(flux_config), "vae_config": json.dumps(vae_config),
                 **{k: str(v) for k, v in settings.items()}}
-    save_safetensors(check_weights(state, path), Path(path), metadata)  # diverged: no file
+    save_safetensors(check_weights(state, path), Path(path), metadata)
 
 def export_flux_lora(model: Flux) -> dict:
     """The SplitLoRALinear weights under peft names, the scale folded into B."""
@@ -1747,16 +1744,15 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
     if not _is_count(rank) or not _is_number(alpha):
         raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer "
                         "and a number")
-    names = isinstance(targets, list) and all(isinstance(target, str) for target in targets)
-    if not (isinstance(targets, str) or names):
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise UserError(f"{path}: target_modules={targets!r} is not a regular expression "
+                            f"({error})") from None
+    elif not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise UserError(f"{path}: target_modules={targets!r} is neither a list of module names "
                         "nor a pattern")
-    try:
-        if isinstance(targets, str):
-            re.compile(targets)
-    except re.error as error:
-        raise UserError(f"{path}: target_modules={targets!r} is not a regular expression "
-                        f"({error})") from None
     return rank, float(alpha), targets
 
 def read_omgsr_f_adapters(folder: Path) -> dict:
@@ -1795,16 +1791,15 @@ def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
     if path.is_file():
         with contextlib.suppress(UserError):
             cached = load_safetensors(path, dtype, device)
-            finite = all(torch.isfinite(t).all() for t in cached.values())
-            if {"txt", "y"} <= cached.keys() and finite:
+            if {"txt", "y"} <= cached.keys() and all(t.isfinite().all() for t in cached.values()):
                 return cached
     print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in "
           f"{path})", file=sys.stderr)
     encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: encoded[k].float().cpu() for k in ("txt", "y")}
-        save_safetensors(tensors, path, {"base_flux": source})
+        save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path,
+                         {"base_flux": source})
     except OSError as error:
         warn(f"the prompt embeddings could not be cached in {path.parent} "
              f"({os_error_text(error)}); set OP4KSR_CACHE to a writable folder")
@@ -2058,7 +2053,7 @@ class SRTrainRecipe:
 class SRModels(NamedTuple):
     transformer: Flux
     vae: AutoEncoder
-    prompt: dict  # {"txt", "y", "text"}
+    prompt: dict
     lpips: nn.Module | None
 
 def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[int, float]]:
@@ -2161,7 +2156,7 @@ def optimizer_step(loss, params, optimizer, max_norm: float, ctx: Distributed, s
             dist.all_reduce(p.grad)
             p.grad /= ctx.world
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank
+    value = ctx.mean(loss.detach().float().cpu()).item()
     for what, found in (("loss", value), ("gradient norm", norm)):
         if not math.isfinite(found):
             raise training_diverged(step, f"the {what} ({found})", output)
@@ -3023,36 +3018,26 @@ def sr_command(args):
     folder = omgsr_f_folder(args.weights, args.token)
     check_recipe_options(args, folder is not None)
     if folder is not None:
-        return omgsr_f_command(args, folder)
+        omgsr_f_halves(folder)  # a broken adapter is refused before any image is read
     pairs = sr_outputs(args)
     if not pairs:
         return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+    if folder is not None:
+        return omgsr_f_command(args, folder, pairs)
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = None if args.size else args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
                             args.token)
     prepare(pipe, args)
+    settings = {"weights": str(args.weights), "sigma": pipe.sigma,
+                "theta": pipe.transformer.config.theta, "color_fix": args.color_fix,
+                "f16_decode": args.f16_decode, "base_flux": pipe.meta.get("base_flux", "")}
+    write_results(jobs, args, one_pass(pipe, args), "OP4KSR", settings)
 
-    def make(image, width, height):
-        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
-
-    def info(path, width, height):
-        settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
-                    "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
-                    "color_fix": args.color_fix, "f16_decode": args.f16_decode,
-                    "base_flux": pipe.meta.get("base_flux", "")}
-        return {"method": "OP4KSR", "settings": json.dumps(settings)}
-
-    write_results(jobs, args, make, info)
-
-def omgsr_f_command(args, folder: Path):
+def omgsr_f_command(args, folder: Path, pairs):
     """OMGSR-F's adapter: its own inference (--recipe omgsr-f), or OP4KSR's patch-free pass."""
     upstream = args.recipe == "omgsr-f"
-    omgsr_f_halves(folder)  # a broken adapter is refused before any image is read
-    pairs = sr_outputs(args)
-    if not pairs:
-        return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
     jobs = decodable_jobs(pairs, lambda width, height: omgsr_f_job_size(args, width, height))
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
     pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
@@ -3060,24 +3045,22 @@ def omgsr_f_command(args, folder: Path):
     prepare(pipe, args)
     vae = f"F{8 * stride} {pipe.meta['base_vae']}"
     settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
-                "sigma": pipe.sigma, "theta": theta, "vae": vae,
-                "color_fix": args.color_fix, "base_flux": pipe.meta["base_flux"]}
-    if upstream:
-        settings.update(scale=int(args.scale or 4), process_size=args.process_size,
-                        latent="posterior mode")
-    method = "OMGSR-F" if upstream else "OP4KSR's patch-free pass with OMGSR-F's weights"
+                "sigma": pipe.sigma, "theta": theta, "vae": vae, "color_fix": args.color_fix,
+                "base_flux": pipe.meta["base_flux"]}
+    if not upstream:
+        method = "OP4KSR's patch-free pass with OMGSR-F's weights"
+        return write_results(jobs, args, one_pass(pipe, args), method, settings)
+    scale = int(args.scale or 4)
+    settings.update(scale=scale, process_size=args.process_size, latent="posterior mode")
 
     def make(image, width, height):
-        if upstream:
-            return omgsr_f_image(pipe, image, int(args.scale or 4), args.color_fix,
-                                 args.process_size)
-        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
+        return omgsr_f_image(pipe, image, scale, args.color_fix, args.process_size)
 
-    def info(path, width, height):
-        record = {"input": path.name, **settings, "size": f"{width}x{height}"}
-        return {"method": method, "settings": json.dumps(record)}
+    write_results(jobs, args, make, "OMGSR-F", settings)
 
-    write_results(jobs, args, make, info)
+def one_pass(pipe: SRPipeline, args):
+    return lambda image, width, height: tensor_to_image(
+        super_resolve(pipe, image, width, height, args.color_fix))
 
 def decodable_jobs(pairs, size_of) -> list:
     """(input, (width, height), output) per pair; every input decodes before any model loads."""
@@ -3091,7 +3074,7 @@ def prepare(pipe: SRPipeline, args):
     if args.compile:
         compile_blocks(pipe.transformer)
 
-def write_results(jobs, args, make, info):
+def write_results(jobs, args, make, method: str, settings: dict):
     """`make`'s image of each input saved; without --overwrite an output another run wrote
     meanwhile stays."""
     update = progress_bar("super-resolve", len(jobs))
@@ -3101,7 +3084,9 @@ def write_results(jobs, args, make, info):
         else:
             start, image = time.perf_counter(), load_image(path)
             result = make(image, width, height)
-            save_image(result, output, info(path, width, height), overwrite=args.overwrite)
+            record = {"input": path.name, **settings, "size": f"{width}x{height}"}
+            info = {"method": method, "settings": json.dumps(record)}
+            save_image(result, output, info, overwrite=args.overwrite)
             print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
