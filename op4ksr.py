@@ -1607,21 +1607,19 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
         a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
         if a is None or b is None or name not in parts_of:
             raise UserError(f"{source}: LoRA {name} has no counterpart in this base model "
-                            "(a checkpoint for another model?)")
+                            "(another model's?)")
         low_rank = a.ndim in (2, 4) and b.ndim == a.ndim and b.shape[2:] in ((), (1, 1))
         if not (low_rank and b.shape[1] == a.shape[0]):
             raise UserError(f"{source}: LoRA {name} has lora_A {tuple(a.shape)} and lora_B "
-                            f"{tuple(b.shape)}, not a low-rank pair (A: rank x inputs, B: outputs "
-                            "x rank, the same rank)")
+                            f"{tuple(b.shape)}, not a low-rank pair")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
-        delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
+        delta = TRANSFORMS[transform][0](_delta(a, b))
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
-            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the "
-                            f"base model's {original} takes {(rows, *weight.shape[1:])}: the "
-                            "checkpoint is for another base model")
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where "
+                            f"{original} takes {(rows, *weight.shape[1:])}: another base model?")
         with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
 
@@ -1849,7 +1847,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
             value = state.get(key)
             value = None if value is None else TRANSFORMS[transform][0](value) / scale
             if value is None or value.shape != target.shape:
-                found = "missing" if value is None else f"{tuple(value.shape)}"
+                found = "missing" if value is None else tuple(value.shape)
                 raise UserError(f"--init {source}: {key} is {found} where the LoRA being trained "
                                 f"takes {tuple(target.shape)} (--lora-rank must be the adapter's "
                                 "rank)")
@@ -2065,7 +2063,7 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     m = load_training_models(r, ctx.device, dtype)
     trainable = nn.ModuleDict({"transformer": m.transformer, "encoder": m.vae.encoder}).train()
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
     if ctx.main:
         print(f"training OP4KSR LoRAs ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
               f"{ctx.world} process(es) x batch {r.batch_size}, sigma {r.sigma}, theta {r.theta}",
@@ -2079,10 +2077,9 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", r.steps, step) if ctx.main else None
     while step < r.steps:
-        hr, lr_up, crop_offset = training_pairs(files, batches, r.crop, r.scale, r.batch_size,
-                                                unreadable, ctx)
-        loss, parts = sr_training_loss(m, r, hr.to(ctx.device), lr_up.to(ctx.device, dtype),
-                                       crop_offset)
+        hr, lr_up, offset = training_pairs(files, batches, r.crop, r.scale, r.batch_size,
+                                           unreadable, ctx)
+        loss, parts = sr_training_loss(m, r, hr.to(ctx.device), lr_up.to(ctx.device, dtype), offset)
         step += 1
         value, norm = optimizer_step(loss, params, optimizer, r.max_grad_norm, ctx, step, output)
         losses.append((step, value))
