@@ -123,10 +123,9 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, conditio
 RFR_THETA = 100.0  # RFR's RoPE base of the position axes (Flux: 10000)
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
-    """RFR, as Fig. 5 tabulates it: the angle in degrees by which each frequency pair of one RoPE
-    position axis turns from a token to the next, theta^(-2i/dim) radians for pair i. A pair that
-    turns by a few degrees hardly tells adjacent tokens apart: of Flux's 28 pairs, 8 step by 5
-    degrees or more with theta 10000, 15 with RFR_THETA = 100."""
+    """RFR (Fig. 5): the angle in degrees by which each frequency pair of a RoPE position axis
+    turns per token. A pair turning by a few degrees hardly tells adjacent tokens apart: of Flux's
+    28 pairs, 8 turn by 5 degrees or more with theta 10000, 15 with RFR_THETA = 100."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
@@ -1714,20 +1713,17 @@ def omgsr_f_halves(folder: Path) -> dict:
     present = [half for half in OMGSR_F_ADAPTERS if (folder / half).is_dir()]
     if not present:
         raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ "
-                        "nor vae_encoder_adapter/, the two peft folders of OMGSR's "
-                        "omgsr-f-1024-adapter)")
-    if len(present) == 1:
-        missing = next(half for half in OMGSR_F_ADAPTERS if half not in present)
-        raise UserError(f"{folder}: has {present[0]}/ but no {missing}/; OMGSR-F's adapter needs "
-                        "both halves")
+                        "nor vae_encoder_adapter/)")
     halves = {}
     for half in OMGSR_F_ADAPTERS:
+        if half not in present:
+            raise UserError(f"{folder}: has {present[0]}/ but no {half}/; OMGSR-F's adapter needs "
+                            "both halves")
         config = folder / half / "adapter_config.json"
         weights = folder / half / "adapter_model.safetensors"
         for file in (config, weights):
             if not file.is_file():
-                raise UserError(f"{folder / half}: no {file.name} (a peft LoRA folder holds "
-                                "adapter_config.json and adapter_model.safetensors)")
+                raise UserError(f"{folder / half}: no {file.name}, not a peft LoRA folder")
         halves[half] = (weights, *peft_lora_config(read_json(config), config))
     return halves
 
@@ -2122,9 +2118,8 @@ def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
     if r.init:
         init_loras_from(transformer, vae, read_omgsr_f_adapters(Path(r.init)), r.init)
     vae.decoder.requires_grad_(False)
-    transformer.gradient_checkpointing = r.gradient_checkpointing
-    vae.encoder.gradient_checkpointing = r.gradient_checkpointing
-    vae.decoder.gradient_checkpointing = r.gradient_checkpointing
+    for module in (transformer, vae.encoder, vae.decoder):
+        module.gradient_checkpointing = r.gradient_checkpointing
     return SRModels(transformer, vae, prompt, lpips)
 
 def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, offset):
@@ -2284,16 +2279,16 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 class DegradationStage:
     """One order of the Real-ESRGAN degradation (defaults: its first); noise in 8-bit levels."""
     blur_prob: float = 1.0
-    kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes from..to, uniform
+    kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
-    sinc_prob: float = 0.1  # a sinc (ringing) kernel instead of a Gaussian-family one
+    sinc_prob: float = 0.1  # a sinc (ringing) kernel instead
     blur_sigma: tuple[float, float] = (0.2, 3.0)
     betag_range: tuple[float, float] = (0.5, 4.0)  # generalized Gaussian shape
     betap_range: tuple[float, float] = (1.0, 2.0)  # plateau shape
     resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
     resize_range: tuple[float, float] = (0.15, 1.5)
     resize_modes: tuple[str, ...] = RESIZE_MODES
-    noise_prob: float = 1.0  # Real-ESRGAN always adds noise
+    noise_prob: float = 1.0
     gaussian_noise_prob: float = 0.5  # otherwise Poisson
     noise_range: tuple[float, float] = (1.0, 30.0)
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
@@ -3106,7 +3101,7 @@ def check_recipe_options(args, omgsr_f: bool):
     if not omgsr_f and (given or args.recipe != "op4ksr"):
         option = given[0] if given else f"--recipe {args.recipe}"
         raise UserError(f"{option} needs OMGSR-F's adapter folder as --weights; an OP4KSR "
-                        "checkpoint fixes its recipe, RoPE base, VAE and prompt")
+                        "checkpoint fixes these")
     if args.recipe == "omgsr-f":
         refused = {"--size": args.size is not None, "--theta": args.theta is not None,
                    "--vae-mode f16": args.vae_mode == "f16",
@@ -3114,9 +3109,9 @@ def check_recipe_options(args, omgsr_f: bool):
         for option, bad in refused.items():
             if bad:
                 raise UserError(f"--recipe omgsr-f takes no {option}: it runs OMGSR-F's own "
-                                "inference (F8 VAE, Flux's RoPE, an integer --scale)")
+                                "inference")
     elif args.process_size is not None:
-        raise UserError("--process-size is --recipe omgsr-f's (the size of its tiles)")
+        raise UserError("--process-size is --recipe omgsr-f's")
     args.theta = RFR_THETA if args.theta is None else args.theta
     args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
     args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
@@ -3271,7 +3266,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="op4ksr.py calibrate-sigma", formatter_class=RAW,
         description="OMGSR's mid-timestep calibration: the sigma at which the noisy HR latent\n"
-                    "has the LR latent's SNR, for your data and F16 VAE (train with it).",
+                    "has the LR latent's SNR.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
     add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
     add = parser.add_argument
