@@ -1822,7 +1822,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     c = transformer.config
     if prompt["txt"].shape[-1] != c.context_in_dim or prompt["y"].shape[-1] != c.vec_in_dim:
         raise UserError(f"the cached prompt embeddings do not fit {flux}: delete them from "
-                        f"{prompt_cache_folder()} and run again")
+                        f"{prompt_cache_folder()}")
     merge_op4ksr_lora(loras, transformer, autoencoder, str(folder))
     guidance = 1.0 if c.guidance_embed else None
     meta = {"base_flux": str(flux), "base_vae": str(vae)}
@@ -1924,7 +1924,7 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     far edge."""
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
-                        "--process-size or input")
+                        "--process-size")
     count = 1
     while (count - 1) * (tile - overlap) + tile < size:
         count += 1
@@ -1951,8 +1951,7 @@ def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size)
 
 def truncated_image(x: torch.Tensor) -> Image.Image:
     if not torch.isfinite(x).all():
-        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image "
-                        "was written")
+        raise UserError("the result holds NaN/Inf values (broken weights?); no image was written")
     array = (x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array, mode="RGB")
 
@@ -2176,22 +2175,19 @@ def save_trained(output: Path, m: SRModels, r: SRTrainRecipe, step: int):
 
 def check_crop(crop: int, scale: int, factor: int | None = None):
     if crop % scale:
-        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is "
-                        "crop / scale)")
+        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale}")
     if factor is not None and crop % (2 * factor):
-        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this "
-                        "VAE)")
+        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token)")
 
 @torch.no_grad()
 def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
                         token=None) -> dict:
     """{"txt": T5's, "y": CLIP-L's pooled embedding, "text"} of the fixed prompt."""
     files = ("*.json", "*.txt", "*.model")
-    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
+    clip_ids = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))(prompt).to(device)
     t5_folder = resolve_source(source, "tokenizer_2", files, token)
-    t5_tokenizer = T5Tokenizer(t5_folder, max_length=max_length)
+    t5_ids = T5Tokenizer(t5_folder, max_length=max_length)(prompt).to(device)
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    clip_ids, t5_ids = clip_tokenizer(prompt).to(device), t5_tokenizer(prompt).to(device)
     y = load_clip(source, text_dtype, device, subfolder="text_encoder")(clip_ids).pooled
     txt = load_t5(source, text_dtype, device, subfolder="text_encoder_2")(t5_ids)
     return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
@@ -2239,7 +2235,7 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
             warn(f"{error}; skipped ({len(unreadable)} undecodable so far)")
         if 2 * (len(files) - len(unreadable)) < len(files):
             raise UserError(f"{len(unreadable)} of the {len(files)} training images do not "
-                            "decode, more than half: check the files in --data")
+                            "decode: check --data")
         for i in slots:
             picks[i] = batches.indices(1)[0]
 
@@ -3215,8 +3211,7 @@ def train_sr_command(args):
     if r.init:  # a wrong folder is refused before anything loads
         folder = omgsr_f_folder(r.init, r.token)
         if folder is None:
-            raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder "
-                            "(flux_adapter/, vae_encoder_adapter/)")
+            raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder")
         omgsr_f_halves(folder)
         r.init = str(folder)
     if not any(astuple(r.loss_weights)):
