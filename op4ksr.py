@@ -272,7 +272,7 @@ def peft_selects(module: str, targets) -> bool:
 class SplitLoRALinear(nn.Module):
     """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, as peft's on separate q,
     k, v: y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's "gaussian" init
-    (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0; both stay fp32."""
+    (OMGSR-F's); fp32."""
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
@@ -1501,8 +1501,7 @@ class SRPipeline:
 
 def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
                      token=None) -> SRPipeline:
-    """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, and the
-    checkpoint's RoPE theta, sigma and prompt embeddings: no text encoder."""
+    """The checkpoint's bases with its LoRAs merged, RoPE base, sigma and prompt embeddings."""
     path, meta = read_op4ksr_metadata(weights, token)
     state = check_weights(load_safetensors(path, torch.float32), path)  # before the bases load
     c = json.loads(meta["flux_config"])
@@ -1531,8 +1530,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass; sides
-    are padded to whole tokens by replication."""
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass."""
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
     token_px = 2 * pipe.vae.config.downsample_factor
@@ -1649,9 +1647,8 @@ def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
             yield "vae." + part.removesuffix(".weight"), module, transform
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    state = export_flux_lora(transformer)
-    state.update(export_vae_lora(vae.encoder, vae))
-    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
+    state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
+    state |= {f"prompt.{k}": prompt[k].float().cpu() for k in ("txt", "y")}
     flux_config = {k: getattr(transformer.config, k) for k in FLUX_CONFIG_KEYS}
     vae_config = {k: getattr(vae.config, k) for k in VAE_CONFIG_KEYS}
     metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION),
@@ -1696,8 +1693,7 @@ PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
-    """The local folder of an OMGSR-F adapter (a folder, or a Hub repo or repo/subfolder: only the
-    two adapters are downloaded), or None for an OP4KSR file."""
+    """The local folder of an OMGSR-F adapter (a folder or a Hub repo[/subfolder]), or None."""
     text, local = str(spec), Path(str(spec)).expanduser()
     if local.is_dir():
         return local
@@ -1809,8 +1805,7 @@ def prompt_cache_folder() -> Path:
 def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=None, token=None,
                           theta: float = 10000.0, stride: int = 1,
                           text_encoders=None) -> SRPipeline:
-    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`,
-    the cached empty prompt, OMGSR-F's sigma and guidance 1."""
+    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs, sigma and empty prompt."""
     loras = read_omgsr_f_adapters(folder)
     device, dtype = device_dtype(device, dtype)
     flux = flux or DEFAULT_FLUX
@@ -1904,8 +1899,7 @@ def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OM
 
 def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
                            overlap: int) -> torch.Tensor:
-    """OMGSR-F's latent tiling: square even tiles, one Flux call each, blended with
-    `omgsr_f_tile_weights` in float32."""
+    """OMGSR-F's latent tiling: square even tiles, blended in float32."""
     h, w = z.shape[-2:]
     tile = min(tile, h, w) // 2 * 2
     weight = omgsr_f_tile_weights(tile).to(z.device)
@@ -2013,9 +2007,8 @@ class SRTrainRecipe:
     latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
                                   type=number(0))
     lpips_weight: float = option(2.0, "LPIPS-VGG (OSEDiff's ratio to MSE)", type=number(0))
-    lpips_linear: str = option(help="LPIPS v0.1 VGG linear layers (.pth)",
-                               factory=lambda: LPIPS_VGG_LINEAR)
-    lpips_backbone: str = option(help="VGG16 ImageNet weights", factory=lambda: LPIPS_VGG_BACKBONE)
+    lpips_linear: str = option(help="LPIPS VGG linear layers", factory=lambda: LPIPS_VGG_LINEAR)
+    lpips_backbone: str = option(help="VGG16 weights", factory=lambda: LPIPS_VGG_BACKBONE)
     lpips_crop: int = option(512, "side of LPIPS's random crop", type=integer(1))
     periodicity_weight: float = option(1.0, "lambda_AP", type=number(0))
     checkpoint_every: int = option(500, type=integer(1))
@@ -2139,8 +2132,7 @@ def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, offset):
 
 def optimizer_step(loss, params, optimizer, max_norm: float, ctx: Distributed, step: int,
                    output: Path) -> tuple[float, float]:
-    """Backward, gradients averaged over the ranks and clipped, one step: (loss, gradient norm). A
-    non-finite loss, gradient or weight stops the run."""
+    """One step: (loss, gradient norm). A non-finite loss, gradient or weight stops the run."""
     loss.backward()
     if ctx.world > 1:
         for p in params:
@@ -2253,8 +2245,7 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
 @torch.no_grad()
 def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int,
                         count: int, seed: int):
-    """(HR latents, LR latents) per batch for `matched_sigma`: `train`'s first `count` pairs, as
-    posterior samples of the base encoder (as OMGSR)."""
+    """(HR latents, LR latents) of `train`'s first `count` pairs, posterior samples (as OMGSR)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
@@ -3115,8 +3106,7 @@ def check_recipe_options(args, omgsr_f: bool):
     args.color_fix = fixes.get(args.color_fix, args.color_fix)
 
 def sr_outputs(args) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, checked before anything is read; existing outputs are refused,
-    replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
+    """(input, output) pairs to do, checked before anything is read."""
     source = Path(args.input)
     inputs, outputs = sr_inputs(source, args.output)
     images = {path.resolve() for path in inputs}
