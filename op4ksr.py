@@ -17,12 +17,8 @@ variance V of the ground truth's pixel differences:
 
 The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code,
 weights, loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which
-OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's.
-
-    python op4ksr.py --input lr.png --weights op4ksr.safetensors        # 4x -> lr_op4ksr.png
-    python op4ksr.py train --data HR_DIR --output runs/op4ksr  # -> runs/op4ksr/op4ksr.safetensors
-    python op4ksr.py calibrate-sigma --data HR_DIR                      # OMGSR's SNR-matched sigma
-    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F
+OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's. OMGSR-F's public
+LoRAs also run here, patch-free or by OMGSR-F's own tiled inference (--recipe omgsr-f).
 
 The models, training utilities, LPIPS and weight loading are diffusion4k.py's kits.
 """
@@ -2354,8 +2350,7 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
         low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
         heavy = _happens(generator, 0.5)
         beta = _uniform(generator, low, 1.0) if heavy else _uniform(generator, 1.0, high)
-    plateau = kind.startswith("plateau")
-    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=plateau)
+    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, kind.startswith("plateau"))
 
 def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
                            plateau=False) -> torch.Tensor:
@@ -3207,13 +3202,11 @@ def train_sr_command(args):
     if not any(astuple(r.loss_weights)):
         raise UserError("every loss weight is 0: nothing to train")
     if not r.prompt.strip():
-        raise UserError("--prompt is blank: give the fixed prompt, or leave the option out for "
-                        "the default")
+        raise UserError("--prompt is blank: give a prompt, or leave the option out")
     output, main = Path(r.output), int(os.environ.get("RANK", "0")) == 0
-    check_apart([("--output", output)], [
-        ("--data", r.data), ("--flux", r.flux), ("--vae", r.vae),
-        ("--text-encoders", r.text_encoders), ("--lpips-linear", r.lpips_linear),
-        ("--lpips-backbone", r.lpips_backbone), ("--init", r.init)])
+    inputs = ("data", "flux", "vae", "text_encoders", "lpips_linear", "lpips_backbone", "init")
+    check_apart([("--output", output)],
+                [("--" + name.replace("_", "-"), getattr(r, name)) for name in inputs])
     resume_from = check_train_output(output, r.resume, "op4ksr.safetensors")
     if resume_from is not None:  # before any weight is read: another run's checkpoint is refused
         check_resumable(resume_from, r.run)
