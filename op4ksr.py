@@ -323,8 +323,8 @@ class LoRAConv2d(nn.Module):
 # ============================================================== alternative readings and options
 
 def alternative_terms(pred, target, weights: LossWeights, pred_latent, target_latent) -> dict:
-    """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's, beside DISTS and a
-    GAN) and the MSE of x0's latent to the base encoder's HR latent."""
+    """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's) and the MSE of x0's
+    latent to the base encoder's HR latent."""
     if weights.latent_mse and (pred_latent is None or target_latent is None):
         raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
     return {"pixel_l1": lambda: F.l1_loss(pred, target),
@@ -1725,7 +1725,7 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
     for option, plain in PEFT_PLAIN.items():
         if config.get(option) not in plain:
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
-                            "does not implement (plain LoRA only: r, lora_alpha, target_modules)")
+                            "does not implement (plain LoRA only)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not _is_count(rank) or not _is_number(alpha):
         raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer "
@@ -1749,24 +1749,22 @@ def read_omgsr_f_adapters(folder: Path) -> dict:
             module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             peft_key = key.startswith(PEFT_PREFIX) and kind in ("A.weight", "B.weight")
             if not peft_key or value.ndim not in (2, 4):
-                raise UserError(f"{weights}: {key} {tuple(value.shape)} is not a peft LoRA weight "
-                                "(base_model.model.<module>.lora_A/B.weight, 2-D or 4-D)")
+                raise UserError(f"{weights}: {key} {tuple(value.shape)} is not a peft LoRA weight")
             selected = (re.fullmatch(targets, module) if isinstance(targets, str)
                         else peft_selects(module, targets))
             if not selected:
-                raise UserError(f"{weights}: a LoRA on {module}, which adapter_config.json's "
-                                "target_modules does not select (a damaged adapter?)")
+                raise UserError(f"{weights}: a LoRA on {module}, which target_modules does not "
+                                "select")
             if value.shape[0 if kind == "A.weight" else 1] != rank:
                 raise UserError(f"{weights}: {key} is {tuple(value.shape)}, not of the rank "
-                                f"r={rank} that adapter_config.json gives")
+                                f"r={rank}")
             scale = alpha / rank if kind == "B.weight" else 1.0
             state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
     return state
 
 def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
                    max_length: int = 512) -> dict:
-    """OMGSR-F's condition, the empty prompt's {"txt", "y"}, cached ($OP4KSR_CACHE, else
-    $HF_HOME/op4ksr) under a hash of the base (a folder's text encoders' sizes and dates too)."""
+    """OMGSR-F's empty prompt {"txt", "y"}, cached under a hash of the base."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -1870,8 +1868,8 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
 
 def omgsr_f_input(image: Image.Image, upscale: int,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """OMGSR-F's processed input: a side under process_size / upscale brings the shorter side to it
-    (bicubic; the output is resized back), x upscale (bicubic), cut to multiples of 8 (LANCZOS)."""
+    """OMGSR-F's input: a side under process_size / upscale brings the shorter side to it, x upscale
+    (both bicubic), cut to multiples of 8 (LANCZOS)."""
     least = process_size // upscale
     if image.width < least or image.height < least:
         scale = least / min(image.size)
@@ -1882,8 +1880,8 @@ def omgsr_f_input(image: Image.Image, upscale: int,
 
 @torch.inference_mode()
 def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """OMGSR-F's one step: v over the whole latent when it has at most (process_size / 8)^2 pixels,
-    else tile by tile (also for an odd side, which OMGSR-F's code fails to pack)."""
+    """OMGSR-F's one step, tiled above (process_size / 8)^2 latent pixels or at an odd side (which
+    OMGSR-F's code fails to pack)."""
     z = pipe.vae.encode(image)
     h, w = z.shape[-2:]
     tile = process_size // 8
@@ -1899,7 +1897,8 @@ def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
     h, w = z.shape[-2:]
     tile = min(tile, h, w) // 2 * 2
     weight = omgsr_f_tile_weights(tile).to(z.device)
-    total, count = torch.zeros(z.shape, device=z.device), torch.zeros(z.shape, device=z.device)
+    total = torch.zeros(z.shape, device=z.device)
+    count = torch.zeros_like(total)
     for left in omgsr_f_tile_starts(w, tile, overlap):  # its order: tile columns outer
         for top in omgsr_f_tile_starts(h, tile, overlap):
             window = (..., slice(top, top + tile), slice(left, left + tile))
@@ -2182,8 +2181,8 @@ def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 51
 
 def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int,
                    unreadable: set, ctx: Distributed):
-    """This rank's share of the next global batch (every rank draws all of it): HR crops in [-1, 1],
-    the LR input degrade(HR) bicubic back up (as OMGSR), and the LPIPS crop offset."""
+    """This rank's share of the next global batch (every rank draws all of it): HR crops, the LR
+    input degrade(HR) bicubic back up (as OMGSR), and the LPIPS crop offset."""
     global_batch, g = batch_size * ctx.world, batches.generator
     mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
     picks = batches.indices(global_batch)
@@ -3057,10 +3056,9 @@ def write_results(jobs, args, make, method: str, settings: dict):
             print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
         else:
             start, image = time.perf_counter(), load_image(path)
-            result = make(image, width, height)
             record = {"input": path.name, **settings, "size": f"{width}x{height}"}
             info = {"method": method, "settings": json.dumps(record)}
-            save_image(result, output, info, overwrite=args.overwrite)
+            save_image(make(image, width, height), output, info, overwrite=args.overwrite)
             print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
