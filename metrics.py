@@ -1414,11 +1414,9 @@ def _to_grey_image(values, low, high):
 VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
-    lattice frequencies of relu(power_pred - power_target) in units of the target's difference
-    variance, averaged. Only power above the ground truth's counts, so real periodic texture
-    (fabric, tiles) keeps its strength and pred == target has loss and gradient 0. Without `target`
-    all lattice power counts, in units of pred's own variance."""
+    """L_AP of images (B, C, H, W) in [-1, 1]. Only lattice power above the ground truth's counts,
+    so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
+    in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -1428,16 +1426,15 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies (ky / p, kx / p) of
-    each period p: power (B, Q, C, bins) and variance (B, Q, C, 1), L_AP's unit, both averaging
-    horizontal and vertical differences; each RGB channel counts on its own.
+    """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies
+    (ky / p, kx / p) of each period p, and their variance (B, Q, C, 1), L_AP's unit.
 
     The paper penalises the periodic peaks of each quadrant's autocorrelation, at the lattice lags
     (k p, l p). Their Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
     the transform of the autocovariance summed over every lattice lag, the power of all that
-    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean
-    of its p x p tiles, on the token grid), so its gradient moves only what repeats (reading the
-    autocovariance at a few lags would also fall by decorrelating the repeats). Differences weight
+    repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
+    tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
+    fall by decorrelating the repeats). Differences weight
     frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), flattening natural images' ~1/f spectrum so
     that a grid's high harmonics count, and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()

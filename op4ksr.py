@@ -173,11 +173,9 @@ def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=Non
 VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
-    lattice frequencies of relu(power_pred - power_target) in units of the target's difference
-    variance, averaged. Only power above the ground truth's counts, so real periodic texture
-    (fabric, tiles) keeps its strength and pred == target has loss and gradient 0. Without `target`
-    all lattice power counts, in units of pred's own variance."""
+    """L_AP of images (B, C, H, W) in [-1, 1]. Only lattice power above the ground truth's counts,
+    so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
+    in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -187,16 +185,15 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies (ky / p, kx / p) of
-    each period p: power (B, Q, C, bins) and variance (B, Q, C, 1), L_AP's unit, both averaging
-    horizontal and vertical differences; each RGB channel counts on its own.
+    """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies
+    (ky / p, kx / p) of each period p, and their variance (B, Q, C, 1), L_AP's unit.
 
     The paper penalises the periodic peaks of each quadrant's autocorrelation, at the lattice lags
     (k p, l p). Their Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
     the transform of the autocovariance summed over every lattice lag, the power of all that
-    repeats with period p. It is exactly the FFT of the quadrant folded onto one period (the mean
-    of its p x p tiles, on the token grid), so its gradient moves only what repeats (reading the
-    autocovariance at a few lags would also fall by decorrelating the repeats). Differences weight
+    repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
+    tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
+    fall by decorrelating the repeats). Differences weight
     frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), flattening natural images' ~1/f spectrum so
     that a grid's high harmonics count, and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
@@ -1921,7 +1918,7 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
-    across but tile / 2 down (its code's asymmetry, kept)."""
+    across but tile / 2 down, as its code."""
     i = torch.arange(tile, dtype=torch.float64)
 
     def bell(mid):
@@ -1971,8 +1968,7 @@ def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
 
 @dataclass
 class SRTrainRecipe:
-    """`op4ksr.py train`'s options: the paper's loss and RFR on OMGSR-F's set-up (the paper
-    publishes no sigma, loss weights or optimiser settings)."""
+    """`op4ksr.py train`'s options: the paper's loss and RFR on OMGSR-F's set-up."""
     data: str = option(None, "folder of HR images (recursive) or with a metadata.jsonl",
                        required=True)
     output: str = option(None, "output folder", required=True)
@@ -2199,8 +2195,8 @@ def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: i
 
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
-    """This rank's HR crops (slots `mine`) of the global batch `picks`. An undecodable file is
-    skipped from then on, its slot taking the next index; the ranks share failures."""
+    """This rank's HR crops of the global batch `picks`. An undecodable file is skipped from then
+    on, its slot taking the next index; the ranks share failures."""
     crops = {}
     while True:
         failed, errors = torch.zeros(len(picks)), []
@@ -2259,7 +2255,7 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
-    """One order of the Real-ESRGAN degradation (defaults: its first); noise in 8-bit levels."""
+    """One order of the Real-ESRGAN degradation (defaults: its first)."""
     blur_prob: float = 1.0
     kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
@@ -2293,9 +2289,8 @@ STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "j
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator,
             scale: int = 4) -> torch.Tensor:
     """Real-ESRGAN's second-order degradation, HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
-    resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order, quantised to
-    8 bits. Unlike Real-ESRGAN, every image gets its own parameters and each step its own random
-    stream (switching one off leaves the others' draws alone); JPEG is Pillow's."""
+    resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order. Unlike
+    Real-ESRGAN, every image gets its own parameters and each step its own random stream."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
@@ -3105,7 +3100,7 @@ def sr_outputs(args) -> list[tuple[Path, Path]]:
     images = {path.resolve() for path in inputs}
     for output in outputs:
         if output.resolve() in images:
-            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
+            raise UserError(f"--output: {output} is an input image")
     given = [("--input", source), ("--weights", args.weights), ("--flux", args.flux),
              ("--vae", args.vae), ("--text-encoders", args.text_encoders)]
     check_apart([("--output", output) for output in outputs], given)
@@ -3235,8 +3230,7 @@ def calibrate_command(args):
     print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
           f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
     print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this "
-          f"is {sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma "
-          f"{sigma:.6f}")
+          f"is {sigma - OMGSR_SIGMA:+.6f} from it; train with --sigma {sigma:.6f}")
 
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
