@@ -2268,7 +2268,7 @@ class DegradationStage:
     resize_modes: tuple[str, ...] = RESIZE_MODES
     noise_prob: float = 1.0
     gaussian_noise_prob: float = 0.5  # otherwise Poisson
-    noise_range: tuple[float, float] = (1.0, 30.0)
+    noise_range: tuple[float, float] = (1.0, 30.0)  # 8-bit levels
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_prob: float = 1.0
