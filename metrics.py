@@ -1434,9 +1434,9 @@ def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
     the transform of the autocovariance summed over every lattice lag, the power of all that
     repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
     tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
-    fall by decorrelating the repeats). Differences weight
-    frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), flattening natural images' ~1/f spectrum so
-    that a grid's high harmonics count, and giving (0, 0) weight 0."""
+    fall by decorrelating the repeats). Differences weight frequency f by 2 (sin^2(pi fy) +
+    sin^2(pi fx)), flattening natural images' ~1/f spectrum so that a grid's high harmonics count,
+    and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
     smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way

@@ -193,9 +193,9 @@ def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
     the transform of the autocovariance summed over every lattice lag, the power of all that
     repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
     tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
-    fall by decorrelating the repeats). Differences weight
-    frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), flattening natural images' ~1/f spectrum so
-    that a grid's high harmonics count, and giving (0, 0) weight 0."""
+    fall by decorrelating the repeats). Differences weight frequency f by 2 (sin^2(pi fy) +
+    sin^2(pi fx)), flattening natural images' ~1/f spectrum so that a grid's high harmonics count,
+    and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
     smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way
@@ -276,7 +276,7 @@ class SplitLoRALinear(nn.Module):
 
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
-        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], -1)
+        up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1)
         up = up * self.scale
         return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
 
