@@ -2009,6 +2009,7 @@ class SRTrainRecipe:
                          nargs="?", const="latest")
     seed: int = option(0, type=SEED)
     gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
+    # device_name is looked up at parse time
     device: str = option(None, "default: cuda when available", type=lambda t: device_name(t))
     dtype: str = option(None, "of the frozen bases (default: bf16 on CUDA)",
                         choices=["bf16", "fp32"])
