@@ -1675,7 +1675,7 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
-PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values that keep it plain
+PEFT_PLAIN = {  # peft options, with the values that keep a LoRA plain
     "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
     "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
     "modules_to_save": (None, []), "layers_to_transform": (None,),
@@ -1853,7 +1853,7 @@ def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix:
     return omgsr_f_output(decoded, lq, color_fix, size)
 
 def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """(the size the model processes, the output size) by OMGSR-F's rules, as `omgsr_f_input`."""
+    """(processed size, output size) by OMGSR-F's rules (`omgsr_f_input`)."""
     least, final = process_size // upscale, None
     if width < least or height < least:
         scale = least / min(width, height)
@@ -2237,7 +2237,7 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
 @torch.no_grad()
 def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int,
                         count: int, seed: int):
-    """(HR latents, LR latents) of `train`'s first `count` pairs, posterior samples (as OMGSR)."""
+    """(HR, LR) latents of `train`'s first `count` pairs, posterior samples (as OMGSR)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
