@@ -1367,13 +1367,9 @@ def _to_grey_image(values, low, high):
 VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
-    lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
-    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
-    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
-    pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
-    to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
-    variance (the absolute form)."""
+    """L_AP of images (B, C, H, W) in [-1, 1]. Only lattice power above the ground truth's counts,
+    so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
+    in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -1383,22 +1379,17 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins),
-    for each period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the
-    p-periodic part, and variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and
-    vertical differences; each RGB channel counts on its own (a chroma-only grid is invisible in
-    luma).
+    """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies
+    (ky / p, kx / p) of each period p, and their variance (B, Q, C, 1), L_AP's unit.
 
-    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the
-    lattice lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the
-    power there is the transform of the circular autocovariance summed over every lattice lag, the
-    power of all that repeats with period p. It is exactly the FFT of the quadrant folded onto one
-    period (the mean of its p x p tiles, cropped to whole periods from the top-left corner, on the
-    token grid), so its gradient is p-periodic: it moves only what repeats (the autocovariance read
-    at a few lags would mix each pixel with its lattice neighbours, and fall by decorrelating the
-    repeats). Differences weight frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), which flattens
-    natural images' ~1/f spectrum so that a grid's high harmonics count, and gives (0, 0) weight 0;
-    smooth 16/32-px modulations are seen only weakly."""
+    The paper penalises the periodic peaks of each quadrant's autocorrelation, at the lattice lags
+    (k p, l p). Their Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
+    the transform of the autocovariance summed over every lattice lag, the power of all that
+    repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
+    tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
+    fall by decorrelating the repeats). Differences weight frequency f by 2 (sin^2(pi fy) +
+    sin^2(pi fx)), flattening natural images' ~1/f spectrum so that a grid's high harmonics count,
+    and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
     smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way

@@ -2,40 +2,26 @@
 
 Deng, Yu, Chen, Shen, Zhang, Li, Yuan, Zhou and Yu, arXiv 2605.13457 (2026).
 
-OP4KSR super-resolves a whole image to 4096x4096 in one Flux step, without patches. The LR image,
-resized (bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its latent z is taken
-as the noisy latent at a fixed noise level sigma, Flux with a LoRA predicts the velocity v once over
-all 16,384 tokens, and the frozen F16 decoder decodes x0 = z - sigma v(z, sigma, prompt)
-(`sr_latent`). One step at 4K leaves periodic artifacts on the latent and token grids, which two
-remedies suppress. RoPE base-frequency rescaling (RFR) lowers the RoPE base of the position axes
-from theta = 10000 to 100, so that more frequency pairs tell adjacent tokens apart
-(`rope_phase_steps`). The autocorrelation periodicity loss L_AP penalises, in each of Q = 4
-quadrants and each channel, the power P_p at the lattice frequencies (k / p, l / p) of the periods p
-of a latent pixel and a token (16, 32 px), i.e. what repeats with period p, beyond the ground
-truth's (`lattice_power`); V is the variance of the ground truth's pixel differences:
+The LR image, resized (bicubic) to the target, is encoded by an F16 VAE encoder with a LoRA; its
+latent z is taken as the noisy latent at a fixed sigma, Flux with a LoRA predicts the velocity once
+over all 16,384 tokens of a 4096^2 image, and the frozen F16 decoder decodes x0 = z - sigma v
+(`sr_latent`). Two remedies suppress the periodic artifacts of one step at 4K. RoPE base-frequency
+rescaling (RFR) lowers the RoPE base of the position axes from 10000 to 100, so that more frequency
+pairs tell adjacent tokens apart (`rope_phase_steps`). The periodicity loss L_AP penalises, per
+quadrant q and channel c, the power P_p at the lattice frequencies of the periods p of a latent
+pixel and a token (16, 32 px) beyond the ground truth's (`lattice_power`), in units of the
+variance V of the ground truth's pixel differences:
 
     L_AP = mean_{q,c,p} sum_{k,l} relu(P_p(x)_kl - P_p(x_hr)_kl) / V(x_hr)
     L    = ||x - x_hr||^2 + 2 LPIPS(x, x_hr) + lambda_AP L_AP,   lambda_AP = 1        (`sr_loss`)
 
 The LoRAs train on (HR, LR) pairs made by Real-ESRGAN's degradation. The paper publishes no code,
 weights, loss weights or sigma: sigma, the LoRA targets and the guidance input follow OMGSR-F, which
-OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's (`SRTrainRecipe`).
+OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's. OMGSR-F's public
+LoRAs also run here, patch-free or by OMGSR-F's own tiled inference (--recipe omgsr-f).
 
-Commands
-    python op4ksr.py --input lr.png --weights op4ksr.safetensors        # 4x -> lr_op4ksr.png
-    python op4ksr.py --input lr/ --size 4096 --weights owner/repo/op4ksr.safetensors --output sr/
-    python op4ksr.py train --data HR_DIR --output runs/op4ksr  # -> runs/op4ksr/op4ksr.safetensors
-    torchrun --nproc_per_node 8 op4ksr.py train --data HR_DIR --output runs/op4ksr
-    python op4ksr.py calibrate-sigma --data HR_DIR                      # OMGSR's SNR-matched sigma
-    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  # OMGSR-F
-
-After the method and its alternatives come the models (Flux with a tunable RoPE base, the F16
-VAE, the text encoders), the pipeline (the checkpoint; OMGSR-F's public LoRAs and tiled inference),
-training (`SRTrainRecipe`, Real-ESRGAN's degradation, the training utilities, LPIPS), weight loading
-and the command line. The models, training utilities, LPIPS and weight loading are diffusion4k.py's
-kits.
+The models, training utilities, LPIPS and weight loading are diffusion4k.py's kits.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -105,11 +91,11 @@ from common.io import (
 )
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/ subfolder: Flux's VAE retrained as F16
+DEFAULT_VAE = "Owen777/UltraFlux-v1"  # its vae/: Flux's VAE retrained as F16
 DEFAULT_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
-                  "and natural lighting.")  # S3Diff's positive prompt, stored encoded
-OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule: `omgsr_sigmas`
-MAX_SIDE = 8192  # 65,536 tokens with the F16 VAE; a larger pass is far outside the training sizes
+                  "and natural lighting.")  # S3Diff's positive prompt
+OMGSR_STEPS, OMGSR_MU, OMGSR_MID_TIMESTEP = 999, 1.15, 244  # OMGSR-F's schedule
+MAX_SIDE = 8192  # 65,536 F16 tokens, far beyond the training sizes
 
 @dataclass
 class LossWeights:
@@ -117,7 +103,7 @@ class LossWeights:
     pixel_mse: float = 1.0
     pixel_l1: float = 0.0
     latent_mse: float = 0.0
-    perceptual: float = 2.0  # sr_loss's `perceptual` callable, LPIPS on crops in training
+    perceptual: float = 2.0  # LPIPS on crops
     periodicity: float = 1.0  # lambda_AP
 
 
@@ -125,39 +111,33 @@ class LossWeights:
 
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
-    """The one step: image (B, 3, H, W) in [-1, 1], the LR input resized to the target, -> x0's
-    latent. z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F);
-    Flux, with RFR's RoPE base as `config.theta`, predicts the velocity once over all H/32 x W/32
-    tokens."""
+    """The one step: the LR input resized to the target (B, 3, H, W) in [-1, 1] -> x0's latent.
+    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F)."""
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
-RFR_THETA = 100.0  # RoPE base-frequency rescaling: the RoPE base of the position axes (Flux: 10000)
+RFR_THETA = 100.0  # RFR's RoPE base of the position axes (Flux: 10000)
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
-    """RFR, as Fig. 5 tabulates it: the angle in degrees by which each frequency pair of one RoPE
-    position axis turns from a token to the next, theta^(-2i/dim) radians for pair i (the kit's
-    `rope_frequencies`). A pair that turns by a few degrees hardly tells adjacent tokens apart. Over
-    the 28 pairs of Flux's row and column axes, with theta 10000 the steps fall from 57.3 to 0.008
-    degrees and 8 pairs step by 5 degrees or more; with RFR_THETA = 100 they fall to 0.68 degrees
-    and 15 pairs do. The base is `FluxConfig.theta` (--theta), stored in OP4KSR checkpoints."""
+    """RFR (Fig. 5): the angle in degrees by which each frequency pair of a RoPE position axis
+    turns per token. A pair turning by a few degrees hardly tells adjacent tokens apart: of Flux's
+    28 pairs, 8 turn by 5 degrees or more with theta 10000, 15 with RFR_THETA = 100."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
     """sigma_t = e^mu / (e^mu + steps / t - 1), t = 0..steps: OMGSR-F's schedule, Flux's shifted
-    with the mu of a 1024^2 image at every size. OMGSR-F takes the LR latent as the noisy latent of
-    t = 244, found by matching SNRs (`matched_sigma`): sigma = 0.505."""
+    with the mu of a 1024^2 image at every size."""
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     return math.exp(mu) / (math.exp(mu) + 1 / t - 1)
 
-OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505
+OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505: OMGSR-F's SNR-matched t = 244
 
 def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
                   update=None) -> tuple[int, float]:
     """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the
     timestep giving the noisy HR latent the LR latent's SNR. With P = mean(hr^2) and D = mean((lr -
-    hr)^2), a batch's LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t
-    minimising the sum of their |differences| wins (one batch: sigma = sqrt(D) / (1 + sqrt(D)))."""
+    hr)^2), the LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t minimising
+    the sum over batches of their |differences| wins."""
     sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
     total, done = torch.zeros_like(sigmas), 0
     for hr, lr in pairs:
@@ -178,9 +158,7 @@ def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
 
 def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None,
             target_latent=None, periods=(16, 32)):
-    """(weighted sum, {term: detached value}) of the terms with a non-zero weight: pixel MSE,
-    `perceptual` (LPIPS on crops) and L_AP at `periods` of the decoded output and the HR image, and
-    the `alternative_terms`."""
+    """(weighted sum, {term: detached value}) of the terms with a non-zero weight."""
     if weights.perceptual and perceptual is None:
         raise ValueError("weights.perceptual > 0 needs a perceptual(pred, target) callable")
     terms = {"pixel_mse": lambda: F.mse_loss(pred, target),
@@ -195,13 +173,9 @@ def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=Non
 VARIANCE_FLOOR = 1e-5  # about the variance of 8-bit quantisation in [-1, 1]: flat quadrants ~0
 
 def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) -> torch.Tensor:
-    """L_AP of images (B, C, H, W) in [-1, 1]: per quadrant, channel and period, the sum over the
-    lattice frequencies of relu(power_pred - power_target) (`lattice_power`) in units of the
-    target's difference variance (a constant: it does not turn the gradient), averaged. Only power
-    above the ground truth's counts, so real periodic texture (fabric, tiles) keeps its strength and
-    pred == target has loss and gradient 0; artifacts at the ground truth's own frequencies are left
-    to the reconstruction terms. Without `target` all lattice power counts, in units of pred's own
-    variance (the absolute form)."""
+    """L_AP of images (B, C, H, W) in [-1, 1]. Only lattice power above the ground truth's counts,
+    so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
+    in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
     if target is None:
         return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
@@ -211,22 +185,17 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     return excess.sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
-    """Power of each quadrant's pixel differences at the lattice frequencies: power (B, Q, C, bins),
-    for each period p the p x p frequencies (ky / p, kx / p), which sum to the variance of the
-    p-periodic part, and variance (B, Q, C, 1), L_AP's unit. Both average the horizontal and
-    vertical differences; each RGB channel counts on its own (a chroma-only grid is invisible in
-    luma).
+    """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies
+    (ky / p, kx / p) of each period p, and their variance (B, Q, C, 1), L_AP's unit.
 
-    The paper penalises the periodic peaks of each quadrant's autocorrelation. They sit on the
-    lattice lags (k p, l p), whose Fourier dual is the lattice frequencies: by Wiener-Khinchin the
-    power there is the transform of the circular autocovariance summed over every lattice lag, the
-    power of all that repeats with period p. It is exactly the FFT of the quadrant folded onto one
-    period (the mean of its p x p tiles, cropped to whole periods from the top-left corner, on the
-    token grid), so its gradient is p-periodic: it moves only what repeats (the autocovariance read
-    at a few lags would mix each pixel with its lattice neighbours, and fall by decorrelating the
-    repeats). Differences weight frequency f by 2 (sin^2(pi fy) + sin^2(pi fx)), which flattens
-    natural images' ~1/f spectrum so that a grid's high harmonics count, and gives (0, 0) weight 0;
-    smooth 16/32-px modulations are seen only weakly."""
+    The paper penalises the periodic peaks of each quadrant's autocorrelation, at the lattice lags
+    (k p, l p). Their Fourier dual is the lattice frequencies: by Wiener-Khinchin the power there is
+    the transform of the autocovariance summed over every lattice lag, the power of all that
+    repeats with period p: the FFT of the quadrant folded onto one period (the mean of its p x p
+    tiles), whose gradient moves only what repeats (the autocovariance at a few lags would also
+    fall by decorrelating the repeats). Differences weight frequency f by 2 (sin^2(pi fy) +
+    sin^2(pi fx)), flattening natural images' ~1/f spectrum so that a grid's high harmonics count,
+    and giving (0, 0) weight 0."""
     tiles = split_into_quadrants(image, quadrants).float()
     h, w = tiles.shape[-2:]
     smallest = max(5 * p // 2 for p in periods) + 1  # quadrants hold lags of 2.5 periods each way
@@ -260,8 +229,7 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 
 # =================================================== the method: LoRAs on Flux and the F16 encoder
 
-# OMGSR-F's peft target lists (diffusers names); peft adapts every module whose name is one of them
-# or ends with "." + one. We find the same weights through the key tables of the diffusers loaders.
+# OMGSR-F's peft target lists (diffusers names), found in our models through the loaders' key tables
 OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -281,14 +249,11 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
-    """Our Flux linears that OMGSR-F's list selects, with how many leading row blocks: img_in; per
-    double block and stream qkv (3), the attention projection, both MLP linears; per single block
-    linear1's q, k, v (3)."""
+    """Our Flux linears that OMGSR-F's list selects, with how many leading row blocks (qkv: 3)."""
     targets = {}
     for key, (parts, _) in flux_table(config).items():
         chosen = [peft_selects(p.removesuffix(".weight"), OMGSR_F_FLUX_TARGETS) for p in parts]
         if key.endswith(".weight") and any(chosen):
-            # SplitLoRALinear adapts leading blocks; a fused weight's blocks are hidden_size rows
             count = sum(chosen)
             assert chosen[:count] == [True] * count and (len(parts) == 1 or count > 1), key
             targets[key.removesuffix(".weight")] = count
@@ -298,9 +263,9 @@ def peft_selects(module: str, targets) -> bool:
     return any(module == target or module.endswith("." + target) for target in targets)
 
 class SplitLoRALinear(nn.Module):
-    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, one A and B each (as
-    peft's on separate q, k, v): y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's
-    "gaussian" init (OMGSR-F's): A ~ N(0, 1 / r^2), B = 0; both stay fp32."""
+    """LoRA on the first `parts` blocks of `rows` rows of a frozen linear, as peft's on separate q,
+    k, v: y = W x + b + (alpha / r) [B_1 A_1 x, ..., B_n A_n x, 0]. peft's "gaussian" init
+    (OMGSR-F's); fp32."""
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
@@ -326,16 +291,15 @@ def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
-    """The encoder convs OMGSR-F's VAE list selects: every one, the mid attention's 1x1 q, k, v and
-    proj_out included."""
+    """The encoder convs OMGSR-F's VAE list selects: all, the attention's 1x1 convs included."""
     return [key.removeprefix("encoder.").removesuffix(".weight")
             for key, ((part,), _) in vae_lora_table(vae).items()
             if peft_selects(part.removeprefix("encoder.").removesuffix(".weight"),
                             OMGSR_F_VAE_TARGETS)]
 
 class LoRAConv2d(nn.Module):
-    """peft's Conv2d LoRA on a frozen conv: y = conv(x) + (alpha / r) B(A(x)), A a conv like the
-    base's to r channels, B a 1x1 conv back. Init and dtype as SplitLoRALinear's."""
+    """peft's Conv2d LoRA: y = conv(x) + (alpha / r) B(A(x)), A a conv like the base's to r
+    channels, B a 1x1 conv back. Init and dtype as SplitLoRALinear's."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -356,8 +320,8 @@ class LoRAConv2d(nn.Module):
 # ============================================================== alternative readings and options
 
 def alternative_terms(pred, target, weights: LossWeights, pred_latent, target_latent) -> dict:
-    """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's, beside DISTS and a
-    GAN) and the MSE of x0's latent to the base encoder's HR latent."""
+    """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's) and the MSE of x0's
+    latent to the base encoder's HR latent."""
     if weights.latent_mse and (pred_latent is None or target_latent is None):
         raise ValueError("weights.latent_mse > 0 needs pred_latent and target_latent")
     return {"pixel_l1": lambda: F.l1_loss(pred, target),
@@ -377,8 +341,7 @@ def lora_off(module: nn.Module):
 # Colour fixes, off by default (the paper names none); --recipe omgsr-f uses OMGSR-F's AdaIN.
 
 def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels=5) -> torch.Tensor:
-    """Keep `image`'s detail bands and take the coarse band (colour, shading) from `reference`,
-    resized (bicubic) to `image`'s size."""
+    """`image`'s detail bands over `reference`'s coarse band (colour, shading)."""
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic",
                                   align_corners=False)
@@ -395,7 +358,6 @@ def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return image
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give each channel of `image` the mean and standard deviation of `reference`'s."""
     mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
     ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
     ref_std = reference.std(dim=(-2, -1), keepdim=True)
@@ -1462,7 +1424,6 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 @dataclass
 class SRPipeline:
-    """The merged models and the fixed prompt, for `super_resolve`."""
     transformer: Flux
     vae: AutoEncoder
     txt: torch.Tensor
@@ -1480,20 +1441,18 @@ class SRPipeline:
 
 def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
                      token=None) -> SRPipeline:
-    """Flux and the F16 VAE (default: the checkpoint's bases) with the OP4KSR LoRAs merged, and the
-    checkpoint's RoPE theta, sigma and prompt embeddings: no text encoder."""
+    """The checkpoint's bases with its LoRAs merged, RoPE base, sigma and prompt embeddings."""
     path, meta = read_op4ksr_metadata(weights, token)
-    state = load_safetensors(path, torch.float32)  # the small file first: refused before the bases
-    check_weights(state, path)
-    c = json.loads(meta["flux_config"])  # checked against the loaded Flux by check_base
+    state = check_weights(load_safetensors(path, torch.float32), path)  # before the bases load
+    c = json.loads(meta["flux_config"])
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
         found = tuple(state[key].shape) if key in state else None
-        if (found is None or len(found) != len(shape)
-                or any(n not in ("T", m) for n, m in zip(shape, found))):
-            shown = "(" + ", ".join(map(str, shape)) + ")"
-            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, "
-                            f"the base Flux takes {shown}: a damaged file?")
+        if found is None or len(found) != len(shape) or any(
+                n not in ("T", m) for n, m in zip(shape, found)):
+            shown = str(shape).replace("'", "")
+            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, the base "
+                            f"Flux takes {shown}: a damaged file?")
     device, dtype = device_dtype(device, dtype)
     flux = flux or meta.get("base_flux", DEFAULT_FLUX)
     vae = vae or meta.get("base_vae", DEFAULT_VAE)
@@ -1511,11 +1470,10 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
-    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass. Sides
-    that are not whole tokens are padded by replication and cropped afterwards."""
+    """One LR image -> the (3, height, width) SR image in [-1, 1] on the CPU, in one pass."""
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    token_px = 2 * pipe.vae.config.downsample_factor  # 32 with the F16 VAE
+    token_px = 2 * pipe.vae.config.downsample_factor
     up = F.pad(up, (0, -width % token_px, 0, -height % token_px), mode="replicate")
     up = up.to(pipe.device, pipe.dtype)
     latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
@@ -1523,14 +1481,11 @@ def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
     return (fix(out, lr) if fix else out)[0].clamp(-1, 1)
 
-# The checkpoint: one safetensors file holds everything OP4KSR adds to the base models,
-#   transformer.<diffusers module>.lora_A/B.weight   Flux LoRA, peft names (q/k/v split)
-#   vae.encoder.<diffusers module>.lora_A/B.weight   encoder LoRA in peft's Conv2d layout
-#       (A: r x in x k x k, B: out x r x 1 x 1; the 1x1 attention convs as diffusers' Linear)
-#   prompt.txt (1, T, 4096), prompt.y (1, 768)       the fixed prompt's T5 / CLIP-L embeddings
-# with the LoRA scale folded into B, and string metadata: format ("op4ksr"), format_version,
-# prompt, theta, flux_config / vae_config (checked on loading) and train's settings. diffusers'
-# `load_lora_adapter(state, prefix="transformer")` takes the file as it is.
+# The checkpoint, one safetensors file: transformer.<diffusers module>.lora_A/B.weight (peft names,
+# q/k/v split), vae.encoder.<diffusers module>.lora_A/B.weight (peft's Conv2d layout), the fixed
+# prompt's prompt.txt (1, T, 4096) and prompt.y (1, 768), the LoRA scale folded into B; metadata:
+# format, format_version, prompt, theta, flux_config / vae_config and train's settings. diffusers'
+# `load_lora_adapter(state, prefix="transformer")` takes it as it is.
 FORMAT_VERSION = 1
 FLUX_CONFIG_KEYS = ("in_channels", "hidden_size", "num_heads", "depth", "depth_single_blocks",
                     "vec_in_dim", "context_in_dim", "guidance_embed")
@@ -1539,7 +1494,6 @@ SETTING_RANGES = {"sigma": (0, 1), "theta": (0, math.inf), "scale": (0, math.inf
                   "guidance": (-math.inf, math.inf)}
 
 def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
-    """(local path, metadata) of an OP4KSR file (a path or a Hub file)."""
     path = weight_file(spec, "--weights", token)
     meta = safetensors_metadata(path)
     if meta.get("format") != "op4ksr":
@@ -1549,7 +1503,7 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
         raise UserError(f"{path}: OP4KSR format version {version} is not one this file reads "
                         f"(1 to {FORMAT_VERSION})")
     for key, (low, high) in SETTING_RANGES.items():
-        if key not in meta and key != "scale":  # scale is optional: 4 by default
+        if key not in meta and key != "scale":
             raise UserError(f"{path}: the OP4KSR metadata has no '{key}' (a damaged file?)")
         try:
             value = float(meta.get(key, 4))
@@ -1559,12 +1513,10 @@ def read_op4ksr_metadata(spec, token=None) -> tuple[Path, dict]:
             raise UserError(f"{path}: the OP4KSR metadata has {key}={meta[key]!r}, "
                             f"not a number in ({low}, {high}]")
     for key in ("flux_config", "vae_config"):
-        try:
-            if not isinstance(json.loads(meta[key]), dict):
-                raise ValueError
-        except (KeyError, ValueError):
-            raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' "
-                            "(a damaged file?)") from None
+        with contextlib.suppress(KeyError, ValueError):
+            if isinstance(json.loads(meta[key]), dict):
+                continue
+        raise UserError(f"{path}: the OP4KSR metadata has no readable '{key}' (a damaged file?)")
     return path, meta
 
 def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
@@ -1573,16 +1525,15 @@ def check_base(meta: dict, transformer: Flux, vae: AutoEncoder, source: str):
         for key, value in json.loads(meta[stored]).items():
             mine = getattr(ours, key, None)
             if (list(mine) if isinstance(mine, tuple) else mine) != value:
-                trained = (f"{source} was trained on the {what} {meta.get(base, '?')} "
-                           f"with {key}={value}")
-                raise UserError(f"{trained}, but the {what} loaded has {key}={mine}: pass the base "
-                                "it was trained on (--flux / --vae)")
+                raise UserError(f"{source} was trained on the {what} {meta.get(base, '?')} with "
+                                f"{key}={value}, but the {what} loaded has {key}={mine}: pass the "
+                                "base it was trained on (--flux / --vae)")
 
 def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: str):
-    """Add every LoRA delta of the file to the base weights, in place; a fused weight (qkv, linear1)
-    takes each diffusers part's delta in its own rows."""
+    """Add every LoRA delta to the base weights, in place; a fused weight (qkv, linear1) takes each
+    diffusers part's delta in its own rows."""
     c = transformer.config
-    parts_of = {}  # diffusers LoRA module -> (model, our key, part index, part count, transform)
+    parts_of = {}  # diffusers module -> (model, our key, part index, part count, transform)
     for original, (parts, _) in flux_table(c).items():
         for i, part in enumerate(parts):
             module = "transformer." + part.removesuffix(".weight")
@@ -1593,39 +1544,35 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
         a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
         if a is None or b is None or name not in parts_of:
             raise UserError(f"{source}: LoRA {name} has no counterpart in this base model "
-                            "(a checkpoint for another model?)")
+                            "(another model's?)")
         low_rank = a.ndim in (2, 4) and b.ndim == a.ndim and b.shape[2:] in ((), (1, 1))
         if not (low_rank and b.shape[1] == a.shape[0]):
             raise UserError(f"{source}: LoRA {name} has lora_A {tuple(a.shape)} and lora_B "
-                            f"{tuple(b.shape)}, not a low-rank pair (A: rank x inputs, B: outputs "
-                            "x rank, the same rank)")
+                            f"{tuple(b.shape)}, not a low-rank pair")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
-        delta = _delta(a, b) if transform is None else TRANSFORMS[transform][0](_delta(a, b))
+        delta = TRANSFORMS[transform][0](_delta(a, b))
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
-            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where the "
-                            f"base model's {original} takes {(rows, *weight.shape[1:])}: the "
-                            "checkpoint is for another base model")
-        with torch.no_grad():  # the file was read to the CPU
+            raise UserError(f"{source}: LoRA {name} gives a {tuple(delta.shape)} update where "
+                            f"{original} takes {(rows, *weight.shape[1:])}: another base model?")
+        with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear (2-D) or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
+    """B A for linear or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
     return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
 
 def flux_table(c: FluxConfig) -> dict:
     return flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
 
 def vae_lora_table(vae: AutoEncoder) -> dict:
-    """Original encoder key -> ([diffusers key], transform) for every encoder conv."""
     table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
 def flux_lora_slots(transformer: Flux):
-    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear: block i of a fused
-    weight is its i-th diffusers projection."""
+    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear."""
     table = flux_table(transformer.config)
     for name, module in transformer.named_modules():
         if isinstance(module, SplitLoRALinear):
@@ -1640,22 +1587,18 @@ def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
             yield "vae." + part.removesuffix(".weight"), module, transform
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
-    """Write the checkpoint from the LoRA-wrapped models, `prompt` ({"txt", "y", "text"}) and
-    train's `settings`."""
-    state = export_flux_lora(transformer)
-    state.update(export_vae_lora(vae.encoder, vae))
-    state["prompt.txt"], state["prompt.y"] = prompt["txt"].float().cpu(), prompt["y"].float().cpu()
+    state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
+    state |= {f"prompt.{k}": prompt[k].float().cpu() for k in ("txt", "y")}
     flux_config = {k: getattr(transformer.config, k) for k in FLUX_CONFIG_KEYS}
     vae_config = {k: getattr(vae.config, k) for k in VAE_CONFIG_KEYS}
     metadata = {"format": "op4ksr", "format_version": str(FORMAT_VERSION),
                 "prompt": prompt["text"], "theta": str(transformer.config.theta),
                 "flux_config": json.dumps(flux_config), "vae_config": json.dumps(vae_config),
                 **{k: str(v) for k, v in settings.items()}}
-    save_safetensors(check_weights(state, path), Path(path), metadata)  # diverged: no file
+    save_safetensors(check_weights(state, path), Path(path), metadata)
 
 def export_flux_lora(model: Flux) -> dict:
-    """The SplitLoRALinear weights under peft names, the scale folded into B (the file loads with
-    peft's default alpha = rank)."""
+    """The SplitLoRALinear weights under peft names, the scale folded into B."""
     out = {}
     for prefix, module, a, b in flux_lora_slots(model):
         out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
@@ -1667,23 +1610,19 @@ def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
     for prefix, module, transform in encoder_lora_slots(encoder, vae):
         to_folder = TRANSFORMS[transform][1]
         a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu()
-        b = b * module.scale
         out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
-        out[f"{prefix}.lora_B.weight"] = to_folder(b).contiguous()
+        out[f"{prefix}.lora_B.weight"] = to_folder(b * module.scale).contiguous()
     return out
 
 
 # =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
 
-# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as a folder of two peft `save_pretrained` adapters,
-#   flux_adapter/          Flux-dev transformer, r = alpha = 64  -> transformer.<diffusers module>
-#   vae_encoder_adapter/   the F8 VAE's encoder, r = alpha = 64   -> vae.encoder.<diffusers module>
-# each with adapter_config.json and adapter_model.safetensors (base_model.model.<module>.lora_A/B),
-# merged through the names of OP4KSR's own file.
+# OMGSR-F (wuer5/OMGSR) publishes its LoRAs as two peft adapters, flux_adapter/ (Flux-dev) and
+# vae_encoder_adapter/ (the F8 encoder), r = alpha = 64, merged under the names of OP4KSR's file.
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
-PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values that keep it plain
+PEFT_PLAIN = {  # peft options, with the values that keep a LoRA plain
     "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
     "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
     "modules_to_save": (None, []), "layers_to_transform": (None,),
@@ -1694,8 +1633,7 @@ PEFT_PLAIN = {  # adapter_config.json options beyond plain LoRA, with the values
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
-    """The local folder of an OMGSR-F adapter given as --weights (a folder, or a Hub repo or
-    repo/subfolder: only its two adapters are downloaded), or None for an OP4KSR file."""
+    """The local folder of an OMGSR-F adapter (a folder or a Hub repo[/subfolder]), or None."""
     text, local = str(spec), Path(str(spec)).expanduser()
     if local.is_dir():
         return local
@@ -1707,79 +1645,70 @@ def omgsr_f_folder(spec, token=None) -> Path | None:
     return resolve_source("/".join(parts[:2]), "/".join(parts[2:]) or None, patterns, token)
 
 def omgsr_f_halves(folder: Path) -> dict:
-    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder, from the configs
-    alone."""
+    """{adapter: (weights file, rank, alpha, target_modules)} of an OMGSR-F folder."""
     present = [half for half in OMGSR_F_ADAPTERS if (folder / half).is_dir()]
     if not present:
         raise UserError(f"{folder}: not an OMGSR-F adapter folder (it has neither flux_adapter/ "
-                        "nor vae_encoder_adapter/, the two peft folders of OMGSR's "
-                        "omgsr-f-1024-adapter)")
-    if len(present) == 1:
-        missing = next(half for half in OMGSR_F_ADAPTERS if half not in present)
-        raise UserError(f"{folder}: has {present[0]}/ but no {missing}/; OMGSR-F's adapter needs "
-                        "both halves")
+                        "nor vae_encoder_adapter/)")
     halves = {}
     for half in OMGSR_F_ADAPTERS:
+        if half not in present:
+            raise UserError(f"{folder}: has {present[0]}/ but no {half}/; OMGSR-F's adapter needs "
+                            "both halves")
         config = folder / half / "adapter_config.json"
         weights = folder / half / "adapter_model.safetensors"
         for file in (config, weights):
             if not file.is_file():
-                raise UserError(f"{folder / half}: no {file.name} (a peft LoRA folder holds "
-                                "adapter_config.json and adapter_model.safetensors)")
+                raise UserError(f"{folder / half}: no {file.name}, not a peft LoRA folder")
         halves[half] = (weights, *peft_lora_config(read_json(config), config))
     return halves
 
 def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
-    """(r, lora_alpha, target_modules) of a peft adapter_config.json, refusing every option that
-    would make the LoRA other than W + (alpha / r) B A on the selected modules."""
+    """(r, lora_alpha, target_modules) of a peft adapter_config.json; refuses every option that
+    would make the LoRA other than W + (alpha / r) B A."""
     for option, plain in PEFT_PLAIN.items():
         if config.get(option) not in plain:
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
-                            "does not implement (plain LoRA only: r, lora_alpha, target_modules)")
+                            "does not implement (plain LoRA only)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not _is_count(rank) or not _is_number(alpha):
         raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer "
                         "and a number")
-    names = isinstance(targets, list) and all(isinstance(target, str) for target in targets)
-    if not (isinstance(targets, str) or names):
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise UserError(f"{path}: target_modules={targets!r} is not a regular expression "
+                            f"({error})") from None
+    elif not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise UserError(f"{path}: target_modules={targets!r} is neither a list of module names "
                         "nor a pattern")
-    try:
-        if isinstance(targets, str):
-            re.compile(targets)
-    except re.error as error:
-        raise UserError(f"{path}: target_modules={targets!r} is not a regular expression "
-                        f"({error})") from None
     return rank, float(alpha), targets
 
 def read_omgsr_f_adapters(folder: Path) -> dict:
-    """Both adapters' LoRAs under the names of OP4KSR's file, peft's scale alpha / r folded into
-    B."""
+    """Both adapters' LoRAs under the names of OP4KSR's file, alpha / r folded into B."""
     state = {}
     for half, (weights, rank, alpha, targets) in omgsr_f_halves(folder).items():
         for key, value in check_weights(load_safetensors(weights, torch.float32), weights).items():
             module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             peft_key = key.startswith(PEFT_PREFIX) and kind in ("A.weight", "B.weight")
             if not peft_key or value.ndim not in (2, 4):
-                raise UserError(f"{weights}: {key} {tuple(value.shape)} is not a peft LoRA weight "
-                                "(base_model.model.<module>.lora_A/B.weight, 2-D or 4-D)")
+                raise UserError(f"{weights}: {key} {tuple(value.shape)} is not a peft LoRA weight")
             selected = (re.fullmatch(targets, module) if isinstance(targets, str)
                         else peft_selects(module, targets))
             if not selected:
-                raise UserError(f"{weights}: a LoRA on {module}, which adapter_config.json's "
-                                "target_modules does not select (a damaged adapter?)")
+                raise UserError(f"{weights}: a LoRA on {module}, which target_modules does not "
+                                "select")
             if value.shape[0 if kind == "A.weight" else 1] != rank:
                 raise UserError(f"{weights}: {key} is {tuple(value.shape)}, not of the rank "
-                                f"r={rank} that adapter_config.json gives")
+                                f"r={rank}")
             scale = alpha / rank if kind == "B.weight" else 1.0
             state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
     return state
 
 def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
                    max_length: int = 512) -> dict:
-    """OMGSR-F's condition, the empty prompt's embeddings {"txt", "y"}: encoded once per base model
-    and dtype, then read from a cache ($OP4KSR_CACHE, else $HF_HOME/op4ksr) keyed by a hash of the
-    base (a local folder's path and its text encoders' sizes and dates), prompt and dtype."""
+    """OMGSR-F's empty prompt {"txt", "y"}, cached under a hash of the base."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -1790,16 +1719,15 @@ def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
     if path.is_file():
         with contextlib.suppress(UserError):
             cached = load_safetensors(path, dtype, device)
-            finite = all(torch.isfinite(t).all() for t in cached.values())
-            if {"txt", "y"} <= cached.keys() and finite:
+            if {"txt", "y"} <= cached.keys() and all(t.isfinite().all() for t in cached.values()):
                 return cached
     print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in "
           f"{path})", file=sys.stderr)
     encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: encoded[k].float().cpu() for k in ("txt", "y")}
-        save_safetensors(tensors, path, {"base_flux": source})
+        save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path,
+                         {"base_flux": source})
     except OSError as error:
         warn(f"the prompt embeddings could not be cached in {path.parent} "
              f"({os_error_text(error)}); set OP4KSR_CACHE to a writable folder")
@@ -1815,9 +1743,7 @@ def prompt_cache_folder() -> Path:
 def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=None, token=None,
                           theta: float = 10000.0, stride: int = 1,
                           text_encoders=None) -> SRPipeline:
-    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs merged, RoPE base `theta`,
-    the cached empty prompt, OMGSR-F's sigma (t = 244) and guidance 1. The adapters are read before
-    any base."""
+    """Flux and a VAE (F8: stride 1; F16: stride 2) with OMGSR-F's LoRAs, sigma and empty prompt."""
     loras = read_omgsr_f_adapters(folder)
     device, dtype = device_dtype(device, dtype)
     flux = flux or DEFAULT_FLUX
@@ -1829,7 +1755,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     c = transformer.config
     if prompt["txt"].shape[-1] != c.context_in_dim or prompt["y"].shape[-1] != c.vec_in_dim:
         raise UserError(f"the cached prompt embeddings do not fit {flux}: delete them from "
-                        f"{prompt_cache_folder()} and run again")
+                        f"{prompt_cache_folder()}")
     merge_op4ksr_lora(loras, transformer, autoencoder, str(folder))
     guidance = 1.0 if c.guidance_embed else None
     meta = {"base_flux": str(flux), "base_vae": str(vae)}
@@ -1837,9 +1763,8 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
                       4.0, device, dtype, meta)
 
 def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
-    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's
-    adapters): each LoRA takes its A, and its B divided by its own scale."""
-    slots = []  # (the parameter or its block, the key in `state`, the layout transform, the scale)
+    """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's)."""
+    slots = []  # (parameter or block, key in `state`, layout transform, scale)
     for prefix, module, a, b in flux_lora_slots(transformer):
         slots += [(a, f"{prefix}.lora_A.weight", None, 1.0),
                   (b, f"{prefix}.lora_B.weight", None, module.scale)]
@@ -1851,7 +1776,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
             value = state.get(key)
             value = None if value is None else TRANSFORMS[transform][0](value) / scale
             if value is None or value.shape != target.shape:
-                found = "missing" if value is None else f"{tuple(value.shape)}"
+                found = "missing" if value is None else tuple(value.shape)
                 raise UserError(f"--init {source}: {key} is {found} where the LoRA being trained "
                                 f"takes {tuple(target.shape)} (--lora-rank must be the adapter's "
                                 "rank)")
@@ -1861,14 +1786,12 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
         raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
                         "(OMGSR-F's target lists)")
 
-# OMGSR-F's inference (`infer/infer_omgsr_f.py` + `OMGSR_F_Infer`, wuer5/OMGSR@8996613). It encodes
-# a posterior sample without a seed; we take its mode (the mean), which makes runs reproducible: the
-# difference is one draw of the posterior's noise, exp(logvar / 2) per latent value.
+# OMGSR-F's inference (`infer/infer_omgsr_f.py`, wuer5/OMGSR@8996613). It encodes an unseeded
+# posterior sample; we take the posterior's mode, which makes runs reproducible.
 OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of 1/8 of it
 
 def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """OMGSR-F's inference of one image: processed input, tiled step, decode, colour fix."""
     lq = omgsr_f_input(image, upscale, process_size)
     x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
     with torch.inference_mode():
@@ -1877,10 +1800,7 @@ def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix:
     return omgsr_f_output(decoded, lq, color_fix, size)
 
 def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """(the size the model processes, the output size) by OMGSR-F's rules: an input with a side
-    under process_size / upscale is first resized (bicubic) so that its shorter side reaches it, and
-    its output resized back to upscale x the input; the x upscale input is then resized (LANCZOS) to
-    multiples of 8 px."""
+    """(processed size, output size) by OMGSR-F's rules (`omgsr_f_input`)."""
     least, final = process_size // upscale, None
     if width < least or height < least:
         scale = least / min(width, height)
@@ -1892,7 +1812,8 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
 
 def omgsr_f_input(image: Image.Image, upscale: int,
                   process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
-    """The processed input by `omgsr_f_sizes`' rules, made with PIL as OMGSR-F does."""
+    """OMGSR-F's input: a side under process_size / upscale brings the shorter side to it, x upscale
+    (both bicubic), cut to multiples of 8 (LANCZOS)."""
     least = process_size // upscale
     if image.width < least or image.height < least:
         scale = least / min(image.size)
@@ -1903,9 +1824,8 @@ def omgsr_f_input(image: Image.Image, upscale: int,
 
 @torch.inference_mode()
 def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
-    """OMGSR-F's one step: z = E(image) (the posterior's mode), v by Flux over the whole latent when
-    it has at most (process_size / 8)^2 pixels, else tile by tile; x0 = z - sigma v. An odd latent
-    side, where OMGSR-F's code fails to pack tokens, is tiled instead."""
+    """OMGSR-F's one step, tiled above (process_size / 8)^2 latent pixels or at an odd side (which
+    OMGSR-F's code fails to pack)."""
     z = pipe.vae.encode(image)
     h, w = z.shape[-2:]
     tile = process_size // 8
@@ -1917,14 +1837,12 @@ def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OM
 
 def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
                            overlap: int) -> torch.Tensor:
-    """OMGSR-F's latent tiling: square tiles of `tile` latent pixels (at most the shorter side;
-    even), one every tile - overlap and the last flush with the far edge, each through Flux on its
-    own, blended with `omgsr_f_tile_weights` in float32. (OMGSR-F's code would batch a row of tiles,
-    but its condition fires at every tile.)"""
+    """OMGSR-F's latent tiling: square even tiles, blended in float32."""
     h, w = z.shape[-2:]
     tile = min(tile, h, w) // 2 * 2
     weight = omgsr_f_tile_weights(tile).to(z.device)
-    total, count = torch.zeros(z.shape, device=z.device), torch.zeros(z.shape, device=z.device)
+    total = torch.zeros(z.shape, device=z.device)
+    count = torch.zeros_like(total)
     for left in omgsr_f_tile_starts(w, tile, overlap):  # its order: tile columns outer
         for top in omgsr_f_tile_starts(h, tile, overlap):
             window = (..., slice(top, top + tile), slice(left, left + tile))
@@ -1935,20 +1853,19 @@ def omgsr_f_tiled_velocity(pipe: SRPipeline, z: torch.Tensor, tile: int,
     return total / count
 
 def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Offsets of as few tiles as cover `size` at a step of tile - overlap, the last moved to end at
-    the far edge. 4096 px at F8: 512 latent pixels, 7 tiles of 128."""
+    """Offsets of as few tiles as cover `size` at a step of tile - overlap, the last flush with the
+    far edge."""
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
-                        "--process-size or input")
+                        "--process-size")
     count = 1
     while (count - 1) * (tile - overlap) + tile < size:
         count += 1
     return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
-    """OMGSR-F's tile weights, float64: a Gaussian of variance 0.01 in units of the tile side,
-    centred at (tile - 1) / 2 across the columns but tile / 2 down the rows (its code's asymmetry,
-    kept: it moves the blend half a pixel)."""
+    """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
+    across but tile / 2 down, as its code."""
     i = torch.arange(tile, dtype=torch.float64)
 
     def bell(mid):
@@ -1957,9 +1874,8 @@ def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     return bell(tile / 2)[:, None] * bell((tile - 1) / 2)[None, :]
 
 def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size) -> Image.Image:
-    """OMGSR-F's output: the decoded image to 8 bits by truncation (torchvision's ToPILImage), the
-    colour fix against the processed input on those values, truncated again, and the resize back
-    (bicubic) to `size`."""
+    """OMGSR-F's output: 8 bits by truncation (as torchvision), the colour fix against the processed
+    input, truncated again, resized (bicubic) to `size`."""
     out = truncated_image(decoded[0].float().cpu() * 0.5 + 0.5)
     if color_fix in ("adain", "wavelet"):
         fix = omgsr_adain if color_fix == "adain" else wavelet_color_fix
@@ -1967,15 +1883,12 @@ def omgsr_f_output(decoded: torch.Tensor, lq: Image.Image, color_fix: str, size)
     return out if out.size == tuple(size) else out.resize(tuple(size), Image.BICUBIC)
 
 def truncated_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB by x * 255 truncated, as torchvision."""
     if not torch.isfinite(x).all():
-        raise UserError("the result holds NaN/Inf values (broken weights or settings); no image "
-                        "was written")
+        raise UserError("the result holds NaN/Inf values (broken weights?); no image was written")
     array = (x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array, mode="RGB")
 
 def unit_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB -> (3, H, W) in [0, 1], as torchvision's to_tensor."""
     array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
@@ -2002,69 +1915,52 @@ def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
 
 @dataclass
 class SRTrainRecipe:
-    """OP4KSR training, each field an option of `op4ksr.py train`: the paper's loss and RFR on
-    OMGSR-F's set-up (the paper publishes no sigma, loss weights or optimiser settings)."""
+    """`op4ksr.py train`'s options: the paper's loss and RFR on OMGSR-F's set-up."""
     data: str = option(None, "folder of HR images (recursive) or with a metadata.jsonl",
                        required=True)
     output: str = option(None, "output folder", required=True)
-    vae: str = option(DEFAULT_VAE, "F16 VAE: Hub repo / folder with vae/ (UltraFlux), or a file")
-    crop: int = option(4096, "square HR crop side; images are resized to cover it (default 4096: "
-                       "whole targets)", type=integer(1, MAX_SIDE))
-    scale: int = option(4, "SR factor: LR = degrade(HR) at 1/scale (default 4)",
-                        type=integer(1, 16))
+    vae: str = option(DEFAULT_VAE, "F16 VAE: Hub repo / folder with vae/, or a file")
+    crop: int = option(4096, "square HR crop side", type=integer(1, MAX_SIDE))
+    scale: int = option(4, "SR factor", type=integer(1, 16))
     flux: str = option(DEFAULT_FLUX, "base Flux: Hub repo, diffusers folder or BFL single file")
-    f16_decode: str = option(
-        "partitioned", "the F16 decoder's last stage: 'partitioned' as upstream Diffusion-4K's "
-        "decode, which the released F16 decoders were trained through; 'centred' centres "
-        "conv_out's window (the output moves 1 px up-left)", choices=["partitioned", "centred"])
+    f16_decode: str = option("partitioned", "F16 decoder's last stage: as Diffusion-4K's decode, "
+                             "or centred", choices=["partitioned", "centred"])
     text_encoders: str = option(None, "Flux pipeline with the text encoders (default: --flux)")
-    prompt: str = option(DEFAULT_PROMPT, "the fixed prompt (S3Diff's; stored encoded)")
-    max_sequence_length: int = option(512, "T5 tokens of the fixed prompt", type=integer(1, 512))
-    sigma: float = option(OMGSR_SIGMA, f"the noise level of the LR latent (default "
-                          f"{OMGSR_SIGMA:.4f}: OMGSR-F's mid-timestep t = {OMGSR_MID_TIMESTEP} on "
-                          f"Flux's {OMGSR_STEPS}-step schedule shifted with mu {OMGSR_MU})",
-                          type=number(1e-3, 1))
-    theta: float = option(RFR_THETA, "RoPE base of the position axes (RFR 100; Flux 10000)",
-                          type=number(1))
-    guidance: float = option(1.0, "Flux-dev's distilled guidance input (fixed)", type=number(0))
-    lora_rank: int = option(64, "LoRA rank on OMGSR-F's Flux and encoder targets",
-                            type=integer(1))
-    lora_alpha: float = option(None, "LoRA alpha (default: the rank, as OMGSR-F)",
-                               type=positive())
-    init: str = option(None, "start the LoRAs from OMGSR-F's adapter folder (its rank must be "
-                       "--lora-rank, 64); the checkpoint written stays OP4KSR's")
-    lr: float = option(2.5e-5, "AdamW learning rate (constant)", type=positive(1))
+    prompt: str = option(DEFAULT_PROMPT, "the fixed prompt (S3Diff's)")
+    max_sequence_length: int = option(512, "T5 tokens of the prompt", type=integer(1, 512))
+    sigma: float = option(OMGSR_SIGMA, f"noise level of the LR latent (OMGSR-F's t = "
+                          f"{OMGSR_MID_TIMESTEP})", type=number(1e-3, 1))
+    theta: float = option(RFR_THETA, "RoPE base (RFR 100; Flux 10000)", type=number(1))
+    guidance: float = option(1.0, "Flux-dev's guidance input", type=number(0))
+    lora_rank: int = option(64, type=integer(1))
+    lora_alpha: float = option(None, "default: the rank", type=positive())
+    init: str = option(None, "start from OMGSR-F's adapter folder")
+    lr: float = option(2.5e-5, "AdamW learning rate", type=positive(1))
     weight_decay: float = option(1e-4, type=number(0))
-    max_grad_norm: float = option(1.0, "gradients are clipped to this global norm",
-                                  type=positive())
+    max_grad_norm: float = option(1.0, type=positive())
     batch_size: int = option(1, "images per process per step", type=integer(1))
     steps: int = option(10000, type=integer(1))
-    mse_weight: float = option(1.0, "pixel MSE (default 1: the fidelity term)", type=number(0))
-    l1_weight: float = option(0.0, "pixel L1 (OMGSR-F: 0.5, beside DISTS and a GAN)",
-                              type=number(0))
+    mse_weight: float = option(1.0, "pixel MSE", type=number(0))
+    l1_weight: float = option(0.0, "pixel L1", type=number(0))
     latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
                                   type=number(0))
-    lpips_weight: float = option(2.0, "LPIPS-VGG on one --lpips-crop crop per image (default 2: "
-                                 "OSEDiff's ratio to MSE)", type=number(0))
-    lpips_linear: str = option(help="LPIPS v0.1 VGG linear layers (.pth), file or Hub path",
-                               factory=lambda: LPIPS_VGG_LINEAR)
-    lpips_backbone: str = option(help="VGG16 ImageNet weights (.pth or .safetensors), file or "
-                                 "Hub path", factory=lambda: LPIPS_VGG_BACKBONE)
-    lpips_crop: int = option(512, "LPIPS runs on one random crop of this side (a 4K image's VGG "
-                             "activations would not fit beside Flux)", type=integer(1))
-    periodicity_weight: float = option(1.0, "lambda_AP (0: no L_AP)", type=number(0))
+    lpips_weight: float = option(2.0, "LPIPS-VGG (OSEDiff's ratio to MSE)", type=number(0))
+    lpips_linear: str = option(help="LPIPS VGG linear layers", factory=lambda: LPIPS_VGG_LINEAR)
+    lpips_backbone: str = option(help="VGG16 weights", factory=lambda: LPIPS_VGG_BACKBONE)
+    lpips_crop: int = option(512, "side of LPIPS's random crop", type=integer(1))
+    periodicity_weight: float = option(1.0, "lambda_AP", type=number(0))
     checkpoint_every: int = option(500, type=integer(1))
-    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    keep_checkpoints: int = option(2, "0: all", type=integer(0))
     log_every: int = option(10, type=integer(1))
-    resume: str = option(None, "a checkpoint folder, or no value for the newest in --output "
-                         "(--lr, --weight-decay: from here)", nargs="?", const="latest")
-    seed: int = option(0, "seeds data order, crops, flips, degradations, LoRA init", type=SEED)
+    resume: str = option(None, "a checkpoint folder, or none for the newest in --output",
+                         nargs="?", const="latest")
+    seed: int = option(0, type=SEED)
     gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
-    device: str = option(None, "cuda (default when available) or cpu",
-                         type=lambda text: device_name(text))  # looked up at parse time
-    dtype: str = option(None, "frozen bases in bf16 under bf16 autocast (default on CUDA), or "
-                        "fp32 (on CPU)", choices=["bf16", "fp32"])
-    token: str = option(None, "Hugging Face token for gated repos")
+    # device_name is looked up at parse time
+    device: str = option(None, "default: cuda when available", type=lambda t: device_name(t))
+    dtype: str = option(None, "of the frozen bases (default: bf16 on CUDA)",
+                        choices=["bf16", "fp32"])
+    token: str = option(None, "Hugging Face token")
 
     @property
     def loss_weights(self) -> LossWeights:
@@ -2082,24 +1978,22 @@ class SRTrainRecipe:
 class SRModels(NamedTuple):
     transformer: Flux
     vae: AutoEncoder
-    prompt: dict  # {"txt", "y", "text"}
+    prompt: dict
     lpips: nn.Module | None
 
 def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[int, float]]:
-    """Train the OP4KSR LoRAs at a fixed sigma; returns this call's (step, loss) pairs. A resumed
-    run takes lr and weight_decay from `r`. Each rank holds the whole frozen model."""
+    """Train the OP4KSR LoRAs; returns this call's (step, loss) pairs. A resumed run takes lr and
+    weight_decay from `r`."""
     ctx, output = setup_distributed(r.device), Path(r.output)
     files = vae_image_files(r.data, verbose=ctx.main)
     dtype = device_dtype(ctx.device, r.dtype)[1]  # the frozen bases; the LoRAs stay fp32
     m = load_training_models(r, ctx.device, dtype)
     trainable = nn.ModuleDict({"transformer": m.transformer, "encoder": m.vae.encoder}).train()
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
     if ctx.main:
-        millions = sum(p.numel() for p in params) / 1e6
-        print(f"training OP4KSR LoRAs (rank {r.lora_rank}, {millions:.2f}M "
-              f"parameters), {ctx.world} process(es) x batch {r.batch_size}, crop {r.crop}, "
-              f"sigma {r.sigma}, theta {r.theta}, L_AP periods {lap_periods(m.vae)}",
+        print(f"training OP4KSR LoRAs ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
+              f"{ctx.world} process(es) x batch {r.batch_size}, sigma {r.sigma}, theta {r.theta}",
               file=sys.stderr)
     batches, step = Batches(len(files), r.seed), 0
     if resume_from is not None:
@@ -2110,10 +2004,9 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", r.steps, step) if ctx.main else None
     while step < r.steps:
-        hr, lr_up, crop_offset = training_pairs(files, batches, r.crop, r.scale, r.batch_size,
-                                                unreadable, ctx)
-        loss, parts = sr_training_loss(m, r, hr.to(ctx.device), lr_up.to(ctx.device, dtype),
-                                       crop_offset)
+        hr, lr_up, offset = training_pairs(files, batches, r.crop, r.scale, r.batch_size,
+                                           unreadable, ctx)
+        loss, parts = sr_training_loss(m, r, hr.to(ctx.device), lr_up.to(ctx.device, dtype), offset)
         step += 1
         value, norm = optimizer_step(loss, params, optimizer, r.max_grad_norm, ctx, step, output)
         losses.append((step, value))
@@ -2133,7 +2026,7 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     return losses
 
 def lap_periods(vae: AutoEncoder) -> tuple[int, int]:
-    """L_AP's periods: a latent pixel and a 2x2-packed token, 16 and 32 px at F16."""
+    """L_AP's periods: a latent pixel and a 2x2-packed token."""
     factor = vae.config.downsample_factor
     return factor, 2 * factor
 
@@ -2156,42 +2049,36 @@ def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
     if r.init:
         init_loras_from(transformer, vae, read_omgsr_f_adapters(Path(r.init)), r.init)
     vae.decoder.requires_grad_(False)
-    transformer.gradient_checkpointing = r.gradient_checkpointing
-    vae.encoder.gradient_checkpointing = r.gradient_checkpointing
-    vae.decoder.gradient_checkpointing = r.gradient_checkpointing
+    for module in (transformer, vae.encoder, vae.decoder):
+        module.gradient_checkpointing = r.gradient_checkpointing
     return SRModels(transformer, vae, prompt, lpips)
 
-def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, crop_offset):
+def sr_training_loss(m: SRModels, r: SRTrainRecipe, hr, lr_up, offset):
     """`sr_loss` of one batch, under bf16 autocast when the bases are bf16."""
-    dtype = lr_up.dtype
+    dtype, weights = lr_up.dtype, r.loss_weights
     bf16 = dtype == torch.bfloat16
-    autocast = torch.autocast(hr.device.type, dtype) if bf16 else contextlib.nullcontext()
-    weights = r.loss_weights
     guidance = r.guidance if m.transformer.config.guidance_embed else None
-    with autocast:
+    with torch.autocast(hr.device.type, dtype) if bf16 else contextlib.nullcontext():
         latent = sr_latent(m.transformer, m.vae, lr_up, m.prompt, r.sigma, guidance)
         pred = m.vae.decode(latent).float()
         target_latent = None
         if weights.latent_mse:
             with torch.no_grad(), lora_off(m.vae.encoder):
                 target_latent = m.vae.encode(hr.to(dtype)).float()
-        perceptual = None
-        if m.lpips is not None:
-            perceptual = lpips_on_crops(m.lpips, r.lpips_crop, crop_offset)
+        perceptual = None if m.lpips is None else lpips_on_crops(m.lpips, r.lpips_crop, offset)
         return sr_loss(pred, hr, weights, perceptual, latent.float(), target_latent,
                        lap_periods(m.vae))
 
 def optimizer_step(loss, params, optimizer, max_norm: float, ctx: Distributed, step: int,
                    output: Path) -> tuple[float, float]:
-    """Backward, gradients averaged over the ranks, clipped, one step: (loss, gradient norm). A
-    non-finite loss, gradient or weight stops the run."""
+    """One step: (loss, gradient norm). A non-finite loss, gradient or weight stops the run."""
     loss.backward()
     if ctx.world > 1:
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= ctx.world
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    value = ctx.mean(loss.detach().float().cpu()).item()  # the same on every rank
+    value = ctx.mean(loss.detach().float().cpu()).item()
     for what, found in (("loss", value), ("gradient norm", norm)):
         if not math.isfinite(found):
             raise training_diverged(step, f"the {what} ({found})", output)
@@ -2219,32 +2106,27 @@ def save_trained(output: Path, m: SRModels, r: SRTrainRecipe, step: int):
 
 def check_crop(crop: int, scale: int, factor: int | None = None):
     if crop % scale:
-        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale} (the LR crop is "
-                        "crop / scale)")
+        raise UserError(f"--crop {crop}: must be a multiple of --scale {scale}")
     if factor is not None and crop % (2 * factor):
-        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token of this "
-                        "VAE)")
+        raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token)")
 
 @torch.no_grad()
 def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
                         token=None) -> dict:
-    """The fixed prompt through the text encoders of the Flux pipeline `source`: {"txt": (1, T,
-    4096) T5, "y": (1, 768) pooled CLIP-L, "text"}."""
+    """{"txt": T5's, "y": CLIP-L's pooled embedding, "text"} of the fixed prompt."""
     files = ("*.json", "*.txt", "*.model")
-    clip_tokenizer = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))
+    clip_ids = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))(prompt).to(device)
     t5_folder = resolve_source(source, "tokenizer_2", files, token)
-    t5_tokenizer = T5Tokenizer(t5_folder, max_length=max_length)
+    t5_ids = T5Tokenizer(t5_folder, max_length=max_length)(prompt).to(device)
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    clip_ids, t5_ids = clip_tokenizer(prompt).to(device), t5_tokenizer(prompt).to(device)
     y = load_clip(source, text_dtype, device, subfolder="text_encoder")(clip_ids).pooled
     txt = load_t5(source, text_dtype, device, subfolder="text_encoder_2")(t5_ids)
     return {"txt": txt.to(dtype), "y": y.to(dtype), "text": prompt}
 
 def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: int,
                    unreadable: set, ctx: Distributed):
-    """This rank's share of the next global batch (every rank draws all of it): HR crops in [-1, 1],
-    resized to cover, cropped and flipped at random, the input LR = degrade(HR) at 1/scale bicubic
-    back up (as OMGSR), and the LPIPS crop offset."""
+    """This rank's share of the next global batch (every rank draws all of it): HR crops, the LR
+    input degrade(HR) bicubic back up (as OMGSR), and the LPIPS crop offset."""
     global_batch, g = batch_size * ctx.world, batches.generator
     mine = range(ctx.rank * batch_size, (ctx.rank + 1) * batch_size)
     picks = batches.indices(global_batch)
@@ -2261,9 +2143,8 @@ def training_pairs(files, batches: Batches, crop: int, scale: int, batch_size: i
 
 def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, unreadable: set,
                   ctx: Distributed) -> torch.Tensor:
-    """This rank's HR crops (slots `mine`) of the global batch `picks`. An undecodable file is
-    skipped from then on, its slot taking the data stream's next index; the ranks sum their failures
-    first, so all stay in step."""
+    """This rank's HR crops of the global batch `picks`. An undecodable file is skipped from then
+    on, its slot taking the next index; the ranks share failures."""
     crops = {}
     while True:
         failed, errors = torch.zeros(len(picks)), []
@@ -2285,13 +2166,13 @@ def load_hr_crops(files, picks, mine, crop, offsets, flips, batches: Batches, un
             warn(f"{error}; skipped ({len(unreadable)} undecodable so far)")
         if 2 * (len(files) - len(unreadable)) < len(files):
             raise UserError(f"{len(unreadable)} of the {len(files)} training images do not "
-                            "decode, more than half: check the files in --data")
+                            "decode: check --data")
         for i in slots:
             picks[i] = batches.indices(1)[0]
 
 def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
-    """LPIPS on one crop (the same for both images) at a relative offset: a 4K image's VGG
-    activations would not fit beside Flux."""
+    """LPIPS on one crop at a relative offset: a 4K image's VGG activations would not fit beside
+    Flux."""
     def perceptual(pred, target):
         h, w = pred.shape[-2:]
         size_h, size_w = min(crop, h), min(crop, w)
@@ -2303,8 +2184,7 @@ def lpips_on_crops(lpips: nn.Module, crop: int, offset: torch.Tensor):
 @torch.no_grad()
 def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_size: int,
                         count: int, seed: int):
-    """(HR latents, LR latents) per batch for `matched_sigma`: the first `count` pairs `train` makes
-    from the same seed, as normalised posterior samples of the base encoder (as OMGSR)."""
+    """(HR, LR) latents of `train`'s first `count` pairs, posterior samples (as OMGSR)."""
     weight, c = vae.encoder.conv_in.weight, vae.config
     batches, unreadable, ctx = Batches(len(files), seed), set(), Distributed(device=weight.device)
     noise = torch.Generator().manual_seed((seed + 1) % 2**64)
@@ -2323,21 +2203,20 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 @dataclass
 class DegradationStage:
-    """One order of the Real-ESRGAN degradation (defaults: its first). A probability of 0 switches a
-    step off. Noise sigmas are in 8-bit levels."""
+    """One order of the Real-ESRGAN degradation (defaults: its first)."""
     blur_prob: float = 1.0
-    kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes from..to, uniform
+    kernel_sizes: tuple[int, int] = (7, 21)  # odd sizes, uniform
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
-    sinc_prob: float = 0.1  # a sinc (ringing) kernel instead of a Gaussian-family one
+    sinc_prob: float = 0.1  # a sinc (ringing) kernel instead
     blur_sigma: tuple[float, float] = (0.2, 3.0)
     betag_range: tuple[float, float] = (0.5, 4.0)  # generalized Gaussian shape
     betap_range: tuple[float, float] = (1.0, 2.0)  # plateau shape
     resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
     resize_range: tuple[float, float] = (0.15, 1.5)
     resize_modes: tuple[str, ...] = RESIZE_MODES
-    noise_prob: float = 1.0  # Real-ESRGAN always adds noise
+    noise_prob: float = 1.0
     gaussian_noise_prob: float = 0.5  # otherwise Poisson
-    noise_range: tuple[float, float] = (1.0, 30.0)
+    noise_range: tuple[float, float] = (1.0, 30.0)  # 8-bit levels
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_prob: float = 1.0
@@ -2345,8 +2224,7 @@ class DegradationStage:
 
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN's second-order degradation with its published defaults. The second order resizes
-    relative to the LR size; its JPEG is the final one."""
+    """Real-ESRGAN's second-order degradation with its published defaults."""
     first: DegradationStage = field(default_factory=DegradationStage)
     second: DegradationStage = field(default_factory=lambda: DegradationStage(
         blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
@@ -2358,11 +2236,9 @@ STEPS = ("blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "j
 
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator,
             scale: int = 4) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation: HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
-    resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order, quantised to
-    8 bits. Unlike Real-ESRGAN, every image gets its own parameters and each step its own random
-    stream (switching one off leaves the others' draws alone); Poisson noise counts 255 levels, JPEG
-    is Pillow's, blur pads by replication. The kernel sizes (7..21) suit ~256-px crops."""
+    """Real-ESRGAN's second-order degradation, HR (B, 3, H, W) in [0, 1] -> LR at 1/scale: blur,
+    resize, noise and JPEG twice, then the final resize, sinc and JPEG in random order. Unlike
+    Real-ESRGAN, every image gets its own parameters and each step its own random stream."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"expected HR images of shape (B, 3, H, W), got {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
@@ -2414,16 +2290,14 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
     beta = 1.0
     if kind.startswith(("generalized", "plateau")):
         low, high = stage.betag_range if kind.startswith("generalized") else stage.betap_range
-        # Half the draws below 1 (heavier tails), half above (flatter top).
         heavy = _happens(generator, 0.5)
         beta = _uniform(generator, low, 1.0) if heavy else _uniform(generator, 1.0, high)
-    plateau = kind.startswith("plateau")
-    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, plateau=plateau)
+    return gaussian_family_kernel(size, sigma_x, sigma_y, angle, beta, kind.startswith("plateau"))
 
 def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
                            plateau=False) -> torch.Tensor:
-    """Gaussian (beta 1), generalized Gaussian or plateau kernel, summing to 1: with q = x^T
-    Sigma^-1 x for Sigma rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
+    """Gaussian (beta 1), generalized Gaussian or plateau kernel: with q = x^T Sigma^-1 x for Sigma
+    rotated by `angle`, exp(-q^beta / 2), or 1 / (1 + q^beta)."""
     y, x = _kernel_grid(size)
     along = math.cos(angle) * x + math.sin(angle) * y  # coordinates on the kernel's own axes
     across = -math.sin(angle) * x + math.cos(angle) * y
@@ -2432,7 +2306,7 @@ def gaussian_family_kernel(size, sigma_x, sigma_y, angle=0.0, beta=1.0,
     return (kernel / kernel.sum()).float()
 
 def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
-    """Ideal circular low-pass filter (cutoff in radians per pixel), summing to 1."""
+    """Ideal circular low-pass filter, cutoff in radians per pixel."""
     y, x = _kernel_grid(size)
     r = torch.hypot(x, y).clamp_min(1e-12)
     kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r)
@@ -2447,7 +2321,6 @@ def _odd_size(generator, sizes) -> int:
     return _pick(generator, list(range(sizes[0], sizes[1] + 1, 2)))
 
 def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Each channel of (B, C, H, W) convolved with one (k, k) kernel; edges replicated."""
     pad = kernel.shape[-1] // 2
     channels = image.shape[1]
     weight = kernel.to(image).expand(channels, 1, *kernel.shape)
@@ -2999,28 +2872,20 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
 # ==================================================================================== command line
 
 NO_WEIGHTS = (
-    "OP4KSR needs its own LoRA checkpoint (--weights FILE.safetensors, or a Hub file "
-    "owner/repo/path.safetensors); the authors have published no weights (arXiv 2605.13457), so "
-    "you train one: put 4K HR images in a folder and run `python op4ksr.py train --data HR_DIR "
-    "--output runs/op4ksr` (FLUX.1-dev is gated: accept its licence on huggingface.co and "
-    "`huggingface-cli login`), then pass --weights runs/op4ksr/op4ksr.safetensors; see `python "
-    "op4ksr.py train --help`. Or run OMGSR-F's public LoRAs (--weights omgsr-f-1024-adapter/, the "
-    "folder OMGSR's README links; see --recipe).")
+    "OP4KSR needs a LoRA checkpoint (--weights FILE.safetensors or owner/repo/path.safetensors); "
+    "the authors have published none, so train one: `python op4ksr.py train --data HR_DIR "
+    "--output runs/op4ksr` (FLUX.1-dev is gated: accept its licence and `huggingface-cli login`). "
+    "Or run OMGSR-F's public LoRAs (--weights omgsr-f-1024-adapter/; see --recipe).")
 RAW = argparse.RawDescriptionHelpFormatter
 SR_EXAMPLES = """Examples:
   python op4ksr.py --input lr.png --weights op4ksr.safetensors         (4x, writes lr_op4ksr.png)
   python op4ksr.py --input photos/ --size 4096 --weights ... --output sr/   (longer side 4096)
-  python op4ksr.py --input photos/ ... --output sr/ --skip-existing    (continue a batch)
-OMGSR-F's public LoRAs (its README's omgsr-f-1024-adapter folder; not OP4KSR's weights):
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/      (patch-free, F16, RFR)
-  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ --recipe omgsr-f  (tiled)
+  python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]  (OMGSR-F)
 Training: python op4ksr.py train --help"""
 TRAIN_EXAMPLES = """Examples:
-  python op4ksr.py train --data hr4k/ --output runs/op4ksr
-  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr  (data parallel)
+  torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr
   python op4ksr.py train ... --resume      continue from the newest checkpoint in --output
-Writes OUTPUT/op4ksr.safetensors (the inference checkpoint), OUTPUT/checkpoints/ and
-OUTPUT/train_log.jsonl."""
+Writes OUTPUT/op4ksr.safetensors, OUTPUT/checkpoints/ and OUTPUT/train_log.jsonl."""
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3036,37 +2901,26 @@ def sr_command(args):
     folder = omgsr_f_folder(args.weights, args.token)
     check_recipe_options(args, folder is not None)
     if folder is not None:
-        return omgsr_f_command(args, folder)
+        omgsr_f_halves(folder)  # a broken adapter is refused before any image is read
     pairs = sr_outputs(args)
     if not pairs:
         return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
+    if folder is not None:
+        return omgsr_f_command(args, folder, pairs)
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = None if args.size else args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
     pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
                             args.token)
     prepare(pipe, args)
+    settings = {"weights": str(args.weights), "sigma": pipe.sigma,
+                "theta": pipe.transformer.config.theta, "color_fix": args.color_fix,
+                "f16_decode": args.f16_decode, "base_flux": pipe.meta.get("base_flux", "")}
+    write_results(jobs, args, one_pass(pipe, args), "OP4KSR", settings)
 
-    def make(image, width, height):
-        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
-
-    def info(path, width, height):
-        settings = {"input": path.name, "weights": str(args.weights), "size": f"{width}x{height}",
-                    "sigma": pipe.sigma, "theta": pipe.transformer.config.theta,
-                    "color_fix": args.color_fix, "f16_decode": args.f16_decode,
-                    "base_flux": pipe.meta.get("base_flux", "")}
-        return {"method": "OP4KSR", "settings": json.dumps(settings)}
-
-    write_results(jobs, args, make, info)
-
-def omgsr_f_command(args, folder: Path):
-    """--weights is OMGSR-F's adapter: --recipe omgsr-f runs OMGSR-F's own inference, op4ksr its
-    LoRAs patch-free in one pass (RoPE base --theta, the F16 or F8 VAE)."""
+def omgsr_f_command(args, folder: Path, pairs):
+    """OMGSR-F's adapter: its own inference (--recipe omgsr-f), or OP4KSR's patch-free pass."""
     upstream = args.recipe == "omgsr-f"
-    omgsr_f_halves(folder)  # the configs: a broken adapter is refused before any image is read
-    pairs = sr_outputs(args)
-    if not pairs:
-        return print("nothing to do: every output exists (--skip-existing)", file=sys.stderr)
     jobs = decodable_jobs(pairs, lambda width, height: omgsr_f_job_size(args, width, height))
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
     pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
@@ -3074,28 +2928,25 @@ def omgsr_f_command(args, folder: Path):
     prepare(pipe, args)
     vae = f"F{8 * stride} {pipe.meta['base_vae']}"
     settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
-                "sigma": pipe.sigma, "theta": theta, "vae": vae,
-                "color_fix": args.color_fix, "base_flux": pipe.meta["base_flux"]}
-    if upstream:
-        settings.update(scale=int(args.scale or 4), process_size=args.process_size,
-                        latent="posterior mode")
-    method = "OMGSR-F" if upstream else "OP4KSR's patch-free pass with OMGSR-F's weights"
+                "sigma": pipe.sigma, "theta": theta, "vae": vae, "color_fix": args.color_fix,
+                "base_flux": pipe.meta["base_flux"]}
+    if not upstream:
+        method = "OP4KSR's patch-free pass with OMGSR-F's weights"
+        return write_results(jobs, args, one_pass(pipe, args), method, settings)
+    scale = int(args.scale or 4)
+    settings.update(scale=scale, process_size=args.process_size, latent="posterior mode")
 
     def make(image, width, height):
-        if upstream:
-            return omgsr_f_image(pipe, image, int(args.scale or 4), args.color_fix,
-                                 args.process_size)
-        return tensor_to_image(super_resolve(pipe, image, width, height, args.color_fix))
+        return omgsr_f_image(pipe, image, scale, args.color_fix, args.process_size)
 
-    def info(path, width, height):
-        record = {"input": path.name, **settings, "size": f"{width}x{height}"}
-        return {"method": method, "settings": json.dumps(record)}
+    write_results(jobs, args, make, "OMGSR-F", settings)
 
-    write_results(jobs, args, make, info)
+def one_pass(pipe: SRPipeline, args):
+    return lambda image, width, height: tensor_to_image(
+        super_resolve(pipe, image, width, height, args.color_fix))
 
 def decodable_jobs(pairs, size_of) -> list:
-    """(input, (width, height), output) per pair, sized from the headers; every input decodes before
-    any model loads."""
+    """(input, (width, height), output) per pair; every input decodes before any model loads."""
     jobs = [(path, size_of(*image_size(path)), output) for path, output in pairs]
     for path, _ in pairs:
         load_image(path)
@@ -3106,17 +2957,18 @@ def prepare(pipe: SRPipeline, args):
     if args.compile:
         compile_blocks(pipe.transformer)
 
-def write_results(jobs, args, make, info):
-    """Each input read again (a batch never all in memory) and `make`'s image saved, created
-    exclusively without --overwrite: an output another run wrote meanwhile stays."""
+def write_results(jobs, args, make, method: str, settings: dict):
+    """`make`'s image of each input saved; without --overwrite an output another run wrote
+    meanwhile stays."""
     update = progress_bar("super-resolve", len(jobs))
     for i, (path, (width, height), output) in enumerate(jobs, start=1):
         if args.skip_existing and output.exists():
             print(f"{output} appeared meanwhile (another run?); skipped", file=sys.stderr)
         else:
             start, image = time.perf_counter(), load_image(path)
-            result = make(image, width, height)
-            save_image(result, output, info(path, width, height), overwrite=args.overwrite)
+            record = {"input": path.name, **settings, "size": f"{width}x{height}"}
+            info = {"method": method, "settings": json.dumps(record)}
+            save_image(make(image, width, height), output, info, overwrite=args.overwrite)
             print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, "
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
         update(i)
@@ -3139,7 +2991,7 @@ def check_recipe_options(args, omgsr_f: bool):
     if not omgsr_f and (given or args.recipe != "op4ksr"):
         option = given[0] if given else f"--recipe {args.recipe}"
         raise UserError(f"{option} needs OMGSR-F's adapter folder as --weights; an OP4KSR "
-                        "checkpoint fixes its recipe, RoPE base, VAE and prompt")
+                        "checkpoint fixes these")
     if args.recipe == "omgsr-f":
         refused = {"--size": args.size is not None, "--theta": args.theta is not None,
                    "--vae-mode f16": args.vae_mode == "f16",
@@ -3147,9 +2999,9 @@ def check_recipe_options(args, omgsr_f: bool):
         for option, bad in refused.items():
             if bad:
                 raise UserError(f"--recipe omgsr-f takes no {option}: it runs OMGSR-F's own "
-                                "inference (F8 VAE, Flux's RoPE, an integer --scale)")
+                                "inference")
     elif args.process_size is not None:
-        raise UserError("--process-size is --recipe omgsr-f's (the size of its tiles)")
+        raise UserError("--process-size is --recipe omgsr-f's")
     args.theta = RFR_THETA if args.theta is None else args.theta
     args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
     args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
@@ -3157,14 +3009,13 @@ def check_recipe_options(args, omgsr_f: bool):
     args.color_fix = fixes.get(args.color_fix, args.color_fix)
 
 def sr_outputs(args) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, checked before anything is read; existing outputs are refused,
-    replaced (--overwrite) or kept, their input skipped (--skip-existing)."""
+    """(input, output) pairs to do, checked before anything is read."""
     source = Path(args.input)
     inputs, outputs = sr_inputs(source, args.output)
     images = {path.resolve() for path in inputs}
     for output in outputs:
         if output.resolve() in images:
-            raise UserError(f"--output: {output} is an input image; write the results elsewhere")
+            raise UserError(f"--output: {output} is an input image")
     given = [("--input", source), ("--weights", args.weights), ("--flux", args.flux),
              ("--vae", args.vae), ("--text-encoders", args.text_encoders)]
     check_apart([("--output", output) for output in outputs], given)
@@ -3203,7 +3054,6 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
     return inputs, [folder / f"{path.stem}.png" for path in inputs]
 
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
-    """The target (width, height): LR x scale, or the longer side = size."""
     factor = size / max(width, height) if size is not None else scale
     if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): it would overflow
         raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and "
@@ -3219,65 +3069,52 @@ def sr_size(width: int, height: int, scale: float | None, size: int | None) -> t
 
 def sr_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py", epilog=SR_EXAMPLES, formatter_class=RAW,
-                            description="OP4KSR: one-step, patch-free super-resolution to 4K with "
-                                        "Flux and an F16 VAE (arXiv 2605.13457).")
+                            description="OP4KSR: one-step, patch-free 4K super-resolution.")
     add = parser.add_argument
     add("--input", required=True, help="LR image, or a folder of images")
-    add("--output", help="output image (default INPUT_op4ksr.png), or folder (INPUT_op4ksr/)")
-    add("--weights", help="OP4KSR checkpoint: a .safetensors file or a Hub file owner/repo/path"
-                          ".safetensors; or OMGSR-F's adapter folder: see --recipe")
+    add("--output", help="output image or folder (default: INPUT_op4ksr)")
+    add("--weights", help="OP4KSR .safetensors (file or Hub), or OMGSR-F's adapter folder")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's, 4)")
+    target.add_argument("--scale", type=number(1), help="SR factor (default: the checkpoint's)")
     target.add_argument("--size", type=integer(32, MAX_SIDE), help="target longer side in px")
     add("--color-fix", choices=["none", "nofix", "wavelet", "adain"],
-        help="match the LR colours (default: none; adain with --recipe omgsr-f; nofix = none)")
-    add("--flux", help="base Flux (default: the checkpoint's, else black-forest-labs/FLUX.1-dev)")
-    add("--vae", help="F16 VAE (default: the checkpoint's, else Owen777/UltraFlux-v1 vae/)")
+        help="match the LR colours (default: none; adain with --recipe omgsr-f)")
+    add("--flux", help="base Flux (default: the checkpoint's)")
+    add("--vae", help="F16 VAE (default: the checkpoint's)")
     add_recipe(parser, SRTrainRecipe, ["f16_decode"])
     add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
-        help="with OMGSR-F's adapter as --weights: 'op4ksr' runs its LoRAs OP4KSR's way, in one "
-             "patch-free pass with RoPE base --theta; 'omgsr-f' runs OMGSR-F's own inference (F8 "
-             "VAE, 1024-px latent tiles). Either way these are OMGSR-F's weights, not OP4KSR's")
-    add("--theta", type=number(1), help="op4ksr recipe with OMGSR-F's weights: RoPE base of the "
-                                        "position axes (default 100, RFR; Flux's: 10000)")
-    add("--vae-mode", choices=["f16", "f8"],
-        help="op4ksr recipe with OMGSR-F's weights: 'f16' (default: --vae, by default "
-             "UltraFlux's) or 'f8' (--vae, by default --flux's vae/)")
+        help="with OMGSR-F's adapter: one patch-free pass, or OMGSR-F's own tiled inference")
+    add("--theta", type=number(1), help="op4ksr recipe: RoPE base (default 100, RFR)")
+    add("--vae-mode", choices=["f16", "f8"], help="op4ksr recipe: the VAE (default f16)")
     add("--process-size", type=integer(64, MAX_SIDE),
         help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE})")
-    add("--text-encoders", help="with OMGSR-F's weights: a Flux pipeline with the text encoders "
-                                "for its empty prompt, encoded once and cached (default: --flux)")
+    add("--text-encoders", help="Flux pipeline with the text encoders (default: --flux)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--skip-existing", action="store_true",
-                          help="keep existing outputs, do the rest")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    add("--compile", action="store_true",
-        help="torch.compile each Flux block (built during the first image of each size)")
-    add("--token", help="Hugging Face token for gated repos")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA")
+    add("--compile", action="store_true", help="torch.compile each Flux block")
+    add("--token", help="Hugging Face token")
     return parser
 
 def train_sr_command(args):
     r = SRTrainRecipe(**vars(args))
     check_crop(r.crop, r.scale)
-    if r.init:  # the adapter's configs now: a wrong folder is refused before anything loads
+    if r.init:  # a wrong folder is refused before anything loads
         folder = omgsr_f_folder(r.init, r.token)
         if folder is None:
-            raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder "
-                            "(flux_adapter/, vae_encoder_adapter/)")
+            raise UserError(f"--init {r.init}: not a folder; give OMGSR-F's adapter folder")
         omgsr_f_halves(folder)
         r.init = str(folder)
     if not any(astuple(r.loss_weights)):
         raise UserError("every loss weight is 0: nothing to train")
     if not r.prompt.strip():
-        raise UserError("--prompt is blank: give the fixed prompt, or leave the option out for "
-                        "the default")
+        raise UserError("--prompt is blank: give a prompt, or leave the option out")
     output, main = Path(r.output), int(os.environ.get("RANK", "0")) == 0
-    check_apart([("--output", output)], [
-        ("--data", r.data), ("--flux", r.flux), ("--vae", r.vae),
-        ("--text-encoders", r.text_encoders), ("--lpips-linear", r.lpips_linear),
-        ("--lpips-backbone", r.lpips_backbone), ("--init", r.init)])
+    inputs = ("data", "flux", "vae", "text_encoders", "lpips_linear", "lpips_backbone", "init")
+    check_apart([("--output", output)],
+                [("--" + name.replace("_", "-"), getattr(r, name)) for name in inputs])
     resume_from = check_train_output(output, r.resume, "op4ksr.safetensors")
     if resume_from is not None:  # before any weight is read: another run's checkpoint is refused
         check_resumable(resume_from, r.run)
@@ -3290,10 +3127,8 @@ def train_sr_command(args):
 
 def sr_train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="op4ksr.py train", epilog=TRAIN_EXAMPLES, formatter_class=RAW,
-                            description="Train the OP4KSR LoRAs (Flux transformer + F16 VAE "
-                                        "encoder, decoder frozen) on a folder of 4K HR images; LR "
-                                        "inputs are made on the fly by the Real-ESRGAN "
-                                        "second-order degradation.")
+                            description="Train the OP4KSR LoRAs on 4K HR images, degraded on the "
+                                        "fly (Real-ESRGAN).")
     add_recipe(parser, SRTrainRecipe)
     return parser
 
@@ -3310,27 +3145,21 @@ def calibrate_command(args):
     print(f"matched mid-timestep t = {t} of {OMGSR_STEPS}: sigma = {sigma:.6f} "
           f"({count} images, crop {args.crop}, scale {args.scale}, batch {args.batch_size})")
     print(f"the default --sigma is {OMGSR_SIGMA:.6f} (OMGSR-F's t = {OMGSR_MID_TIMESTEP}): this "
-          f"is {sigma - OMGSR_SIGMA:+.6f} from it; train at the matched level with --sigma "
-          f"{sigma:.6f}")
+          f"is {sigma - OMGSR_SIGMA:+.6f} from it; train with --sigma {sigma:.6f}")
 
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="op4ksr.py calibrate-sigma", formatter_class=RAW,
-        description="OMGSR's mid-timestep calibration for your data and F16 VAE: make (HR, LR)\n"
-                    "pairs as `train` does, encode both with the base F16 encoder (posterior\n"
-                    "samples, as OMGSR) and print the timestep of OMGSR-F's schedule whose noise\n"
-                    "level gives the noisy HR latent the SNR of the LR latent, mean(hr^2) /\n"
-                    "mean((lr - hr)^2), averaged over batches. Train with the sigma it prints.",
+        description="OMGSR's mid-timestep calibration: the sigma at which the noisy HR latent\n"
+                    "has the LR latent's SNR.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
     add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
     add = parser.add_argument
     add("--max-images", type=integer(1), help="at most this many images, one crop each")
-    add("--batch-size", type=integer(1), default=1,
-        help="images per SNR average (default 1, OMGSR's)")
-    add("--seed", type=SEED, default=0, help="seeds the pairs (as train's --seed and --batch-size: "
-                                             "its first steps' pairs) and the posterior samples")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--batch-size", type=integer(1), default=1, help="images per SNR average")
+    add("--seed", type=SEED, default=0, help="as train's: the same pairs")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     return parser
 
 
