@@ -1992,9 +1992,10 @@ def train_sr(r: SRTrainRecipe, resume_from: Path | None = None) -> list[tuple[in
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
     if ctx.main:
-        print(f"training OP4KSR LoRAs ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
-              f"{ctx.world} process(es) x batch {r.batch_size}, sigma {r.sigma}, theta {r.theta}",
-              file=sys.stderr)
+        millions = sum(p.numel() for p in params) / 1e6
+        print(f"training OP4KSR LoRAs (rank {r.lora_rank}, {millions:.2f}M parameters), "
+              f"{ctx.world} process(es) x batch {r.batch_size}, crop {r.crop}, sigma {r.sigma}, "
+              f"theta {r.theta}, L_AP periods {lap_periods(m.vae)}", file=sys.stderr)
     batches, step = Batches(len(files), r.seed), 0
     if resume_from is not None:
         step = load_checkpoint(resume_from, trainable, optimizer, batches, True, r.run)
