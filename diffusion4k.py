@@ -2013,51 +2013,41 @@ POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or 
 
 @dataclass
 class WLFRecipe:
-    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): posterior samples,
-    sigma from `sample_sigmas`, AdamW (0.9, 0.999, eps 1e-8), square crops, random flips, 20,000
-    steps of a global batch of 32 (Flux) or 64 (SD3).
+    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): 20,000 steps of a global
+    batch of 32 (Flux) or 64 (SD3), AdamW (0.9, 0.999), square crops, flips, posterior samples.
 
     bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
-    bf16 copy of every weight until the block ends (under FSDP2: the whole model on every GPU) and
-    saves nothing here (each weight is used once per forward; checkpointing recasts in backward).
-    Unlike FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
+    bf16 copy of every weight (under FSDP2: the whole model on every GPU) for no gain here. Unlike
+    FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
 
     model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
-    vae: str = option("f16", "Diffusion-4K's F16 VAE, or the stock F8 VAE", choices=["f16", "f8"])
+    vae: str = option("f16", "Diffusion-4K's F16 VAE or the stock F8", choices=["f16", "f8"])
     resolution: int = option(4096, "images are resized to cover the crop", type=integer(1))
-    crop: tuple | None = option(None, "HEIGHTxWIDTH (default: a RESOLUTION square); multiples of "
-                                "the VAE factor x 2", type=crop_size)
-    batch_size: int = option(1, "images per process per micro-batch (upstream: 4 for Flux, 8 for "
-                             "SD3; --grad-accum makes up the global batch)", type=integer(1))
-    grad_accum: int | None = option(None, "micro-batches per step: global batch = processes x "
-                                    "--batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)",
+    crop: tuple | None = option(None, "HEIGHTxWIDTH (default: RESOLUTION square)", type=crop_size)
+    batch_size: int = option(1, "images per process per micro-batch", type=integer(1))
+    grad_accum: int | None = option(None, "micro-batches per step (auto: upstream's global batch)",
                                     type=accumulation_count, metavar="N|auto")
     steps: int = option(20000, "optimizer steps", type=integer(1))
-    lr: float = option(1e-6, "AdamW learning rate, constant (LoRA wants ~1e-4)", type=positive(1.0))
-    warmup_steps: int = option(0, "linear warm-up steps before the constant rate", type=integer(0))
+    lr: float = option(1e-6, "AdamW learning rate, constant", type=positive(1.0))
+    warmup_steps: int = option(0, "linear warm-up steps", type=integer(0))
     weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
     max_grad_norm: float = option(1.0, "gradient clipping (total norm)", type=positive())
-    lora_rank: int = option(0, "train a LoRA of this rank on the attention and MLPs (0: all "
-                            "weights)", type=integer(0))
-    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)",
-                                      type=positive())
-    wavelet_weights: tuple = option(WLF_UPSTREAM, "WLF weights of the Haar subbands LL,LH,HL,HH; "
-                                    "unequal ones (e.g. 1,2,2,2) are our extension",
-                                    type=wavelet_weights)
+    lora_rank: int = option(0, "LoRA rank (0: train all weights)", type=integer(0))
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank)", type=positive())
+    wavelet_weights: tuple = option(WLF_UPSTREAM, "weights of LL,LH,HL,HH", type=wavelet_weights)
     posterior: str = option("sample", **POSTERIOR)
     guidance: float = option(3.5, "Flux-dev: the distilled guidance fed", type=number(0, 100))
-    timestep_sampling: str | None = option(None, "Flux: uniform, SD3: logit_normal",
+    timestep_sampling: str | None = option(None, "law of sigma (Flux uniform, SD3 logit_normal)",
                                            choices=["uniform", "logit_normal"])
-    shift: float | None = option(None, "static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, "
-                                 "SD3 3)", type=positive())
+    shift: float | None = option(None, "static sigma shift (Flux 1, SD3 3)", type=positive())
     max_sequence_length: int = option(77, "T5 tokens of the captions", type=integer(1, 512))
-    gradient_checkpointing: bool = option(True, "recompute block activations in the backward pass "
-                                          "(needed at 4K)", action=argparse.BooleanOptionalAction)
-    dtype: str | None = option(None, "bf16 autocast over fp32 weights (CUDA default), or fp32",
+    gradient_checkpointing: bool = option(True, "recompute block activations in backward",
+                                          action=argparse.BooleanOptionalAction)
+    dtype: str | None = option(None, "bf16 autocast (CUDA default) or fp32",
                                choices=["bf16", "fp32"])
-    seed: int = option(0, "seeds data order, crops, flips, sigmas, noises, LoRA init", type=SEED)
-    checkpoint_every: int = option(1000, "steps per checkpoint (upstream: 5000)", type=integer(1))
-    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    seed: int = option(0, "seed of data order, crops, noise, LoRA init", type=SEED)
+    checkpoint_every: int = option(1000, "steps per checkpoint", type=integer(1))
+    keep_checkpoints: int = option(2, "checkpoints kept (0: all)", type=integer(0))
     log_every: int = option(10, "steps between log lines", type=integer(1))
 
 UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # 4 / 8 per GPU x 8 GPUs
@@ -2460,50 +2450,39 @@ def copy_base_components(base, output: Path):
 
 @dataclass
 class SCVAERecipe:
-    """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): the student (the base VAE
-    with stride 2, F16) learns to decode like the frozen teacher (the same VAE, stride 1, F8). Only
-    the decoder trains: with the encoder frozen, the latent space and its factors stay the base
-    VAE's. From gan_start the decoder and the discriminator take turns, one optimizer step each
-    (`discriminator_turn`), the discriminator on fresh real crops against the decoder's last
-    fakes; the EMA (`ema_update`) follows every step; posterior samples; AdamW (0.9, 0.999) for
-    both models; horizontal flips."""
+    """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): only the student's decoder
+    trains, so the latent space and its factors stay the base VAE's. From gan_start the decoder
+    and the discriminator take turns (`discriminator_turn`), D on fresh real crops against the
+    decoder's last fakes; the EMA follows every step. AdamW (0.9, 0.999) for both, flips."""
 
     base: str = option("black-forest-labs/FLUX.1-schnell", "base VAE: Hub repo, folder or file")
-    resolution: int = option(512, "square crops, shorter side resized to it", type=integer(16))
-    batch_size: int = option(32, "crops per micro-batch (upstream: 32 per GPU)", type=integer(1))
-    grad_accum: int = option(8, "micro-batches per step (upstream 2 x 4 GPUs)",
-                             type=integer(1, 4096))
-    steps: int = option(10000, "optimizer steps, the decoder's and discriminator's",
-                        type=integer(1))
+    resolution: int = option(512, "square crop side", type=integer(16))
+    batch_size: int = option(32, "crops per micro-batch", type=integer(1))
+    grad_accum: int = option(8, "micro-batches per step", type=integer(1, 4096))
+    steps: int = option(10000, "optimizer steps, both models'", type=integer(1))
     lr: float = option(1e-5, "AdamW learning rate, constant", type=positive(1.0))
-    weight_decay: float = option(1e-4, "AdamW weight decay of both models", type=number(0))
-    max_grad_norm: float = option(1.0, "gradient clipping of each model's total norm",
-                                  type=positive())
-    sc_weight: float = option(1.0, "scale-consistency loss weight", type=number(0))
-    lpips_weight: float = option(0.1, "LPIPS-vgg weight; 0 = off, no weights needed",
-                                 type=number(0))
-    gan_weight: float = option(0.05, "adversarial weight; 0 = no discriminator", type=number(0))
-    gan_start: int = option(0, "step from which decoder and discriminator alternate",
-                            type=integer(0))
-    gp_weight: float = option(10.0, "discriminator gradient penalty weight", type=number(0))
+    weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping per model", type=positive())
+    sc_weight: float = option(1.0, "scale-consistency weight", type=number(0))
+    lpips_weight: float = option(0.1, "LPIPS weight (0: off)", type=number(0))
+    gan_weight: float = option(0.05, "adversarial weight (0: no discriminator)", type=number(0))
+    gan_start: int = option(0, "first step of the GAN turns", type=integer(0))
+    gp_weight: float = option(10.0, "gradient penalty weight", type=number(0))
     disc_lr: float | None = option(None, "discriminator learning rate (default: --lr)",
                                    type=positive(1.0))
-    ema: float = option(0.9999, "EMA decay of the saved decoder; 0 = off", type=number(0, 1))
+    ema: float = option(0.9999, "EMA decay of the saved decoder (0: off)", type=number(0, 1))
     posterior: str = option("sample", **POSTERIOR)
-    f16_decode: str = option("partitioned", "the student's last stage: partitioned (upstream "
-                             "trains through it) or centred", choices=["partitioned", "centred"])
-    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward "
-                                          "(needed for 32 crops of 512^2)",
+    f16_decode: str = option("partitioned", "the student's last stage",
+                             choices=["partitioned", "centred"])
+    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward",
                                           action=argparse.BooleanOptionalAction)
-    dtype: str = option("fp32", "compute: fp32, or bf16 autocast (faster)",
-                        choices=["fp32", "bf16"])
-    seed: int = option(0, "seeds crops, flips, posterior samples and the discriminator", type=SEED)
+    dtype: str = option("fp32", "fp32, or bf16 autocast", choices=["fp32", "bf16"])
+    seed: int = option(0, "seed of crops, noise, discriminator", type=SEED)
     workers: int = option(4, "image decoding threads", type=integer(1, 64))
-    save_every: int = option(1000, "checkpoint interval in steps", type=integer(1))
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", type=integer(1))
-    save_dtype: str = option("fp32", "dtype of the saved VAE weights", choices=["fp32", "bf16"])
-    ae_file: bool = option(False, "also write OUTPUT/ae.safetensors in BFL's single-file layout",
-                           action="store_true")
+    save_every: int = option(1000, "steps per checkpoint", type=integer(1))
+    keep_checkpoints: int = option(2, "checkpoints kept", type=integer(1))
+    save_dtype: str = option("fp32", "dtype of the saved weights", choices=["fp32", "bf16"])
+    ae_file: bool = option(False, "also write BFL's OUTPUT/ae.safetensors", action="store_true")
 
 def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
               device=None, token=None) -> VAETraining:
@@ -3473,55 +3452,39 @@ def write_metadata(path: Path, records: dict):
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
-        "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
-        description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
+        prog="diffusion4k.py", description="Diffusion-4K: 4096x4096 text-to-image, Flux or SD3.",
+        epilog="Training: `diffusion4k.py train --help` (WLF), `train-vae --help` (SC-VAE).")
     add = parser.add_argument
     add("--prompt", default="", help="the text prompt")
-    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl "
-        "file with file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval "
-        "metadata.jsonl")
-    add("--output", default="diffusion4k.png",
-        help="output image (.png keeps the settings as text metadata)")
-    add("--output-dir", default="diffusion4k_outputs",
-        help="folder for the --prompts images, metadata.jsonl")
+    add("--prompts", help="text file, one prompt per line, or .jsonl with file_name and text")
+    add("--output", default="diffusion4k.png", help="output image")
+    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images")
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    existing.add_argument("--skip-existing", action="store_true",
-                          help="keep existing images, add the rest")
-    add("--model", default="zhang0jhon/flux_wavelet_v2_sc", help="Hub repo or local pipeline "
-        "folder (Flux or SD3), or a single transformer .safetensors file")
-    side = dict(type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing images")
+    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
+        help="Flux or SD3 pipeline (Hub repo or folder) or transformer file")
+    side = dict(type=integer(1, 16384), default=4096, help="in px")
     add("--height", **side)
     add("--width", **side)
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    add("--guidance", type=number(0, 100),
-        help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
+    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance; SD3: CFG scale")
     add("--negative-prompt", default="", help="SD3 only")
-    add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
+    add("--seed", type=SEED, default=0, help="the first image's seed")
     add("--seed-per-prompt", choices=["increment", "same"], default="increment",
-        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's "
-        "generate_and_eval_fid.py)")
-    add("--vae", choices=["f16", "f8"], default="f16",
-        help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+        help="prompt i gets --seed + i, or --seed")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE or the F8")
     add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) "
-        "or centred")
-    add("--vae-tile", type=integer(0),
-        help="decode in tiles of this many latent pixels (0: whole image)")
+        help="F16 last stage: upstream's or centred")
+    add("--vae-tile", type=integer(0), help="decode tile in latent pixels (0: whole)")
     add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
-    add("--offload", choices=["none", "model", "blocks"], default="none",
-        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux "
-        "blocks: 24 GB)")
+    add("--offload", choices=["none", "model", "blocks"], default="none", help="GPU memory saving")
     add("--compile", action="store_true", help="torch.compile each transformer block")
-    add("--text-encoders",
-        help="pipeline folder / Hub repo with the text encoders (for single-file models)")
-    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp16", "fp32"],
-        help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
-    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / "
-        "huggingface-cli login)")
+    add("--text-encoders", help="source of the text encoders (for single-file models)")
+    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's)")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--token", help="Hugging Face token")
     return parser
 
 def recipe(kind, args):
@@ -3537,28 +3500,15 @@ def train_command(args) -> list[tuple[int, float]]:
 
 def train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an "
-                    "Aesthetic-4K style\nfolder (images + metadata.jsonl with file_name and text); "
-                    "upstream's defaults.",
-        epilog="Examples:\n"
-               "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output "
-               "flux4k\n  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take "
-               "~190 GB)\n"
-               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in "
-               "--output")
+        prog="diffusion4k.py train", description="WLF fine-tuning of a Flux or SD3 pipeline on "
+        "images + metadata.jsonl; upstream's defaults.")
     add = parser.add_argument
-    add("--data", required=True,
-        help="folder with images and metadata.jsonl (file_name, text per line)")
-    add("--output", required=True,
-        help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
-    add("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    add("--resume", nargs="?", const="latest",
-        help="a checkpoint folder, or none: the newest in --output")
-    add("--device", type=device_name,
-        help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--data", required=True, help="folder of images and metadata.jsonl")
+    add("--output", required=True, help="output folder")
+    add("--text-cache", help="safetensors file caching the caption embeddings")
+    add("--resume", nargs="?", const="latest", help="a checkpoint (default: the newest)")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     add_recipe(parser, WLFRecipe)
     return parser
 
@@ -3573,22 +3523,16 @@ def train_vae_command(args) -> VAETraining:
 
 def train_vae_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): retrain the F16 "
-        "VAE's decoder (encoder frozen) to reconstruct images and match the frozen F8 decoder's "
-        "last feature map. Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`. "
-        "Defaults are upstream's.")
+        prog="diffusion4k.py train-vae", description="SC-VAE: retrain the F16 decoder to decode "
+        "like the F8 one; writes OUTPUT/vae/. Upstream's defaults.")
     add = parser.add_argument
-    add("--data", required=True,
-        help="image folder (recursive), or the files its metadata.jsonl lists")
-    add("--output", required=True,
-        help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    add("--lpips-linear", default=LPIPS_VGG_LINEAR,
-        help="LPIPS v0.1 vgg linears: file, owner/repo/path")
-    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
-        help="VGG16 ImageNet weights: file, owner/repo/path")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--data", required=True, help="image folder")
+    add("--output", required=True, help="output folder")
+    add("--resume", action="store_true", help="continue from the newest checkpoint")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS vgg linears")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 weights")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     add_recipe(parser, SCVAERecipe)
     return parser
 
