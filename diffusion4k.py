@@ -120,10 +120,9 @@ WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equ
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float,
              seed: int, negative: dict | None = None, mu: float | None = None, progress=None,
              vae_tile: int | None = None) -> torch.Tensor:
-    """Sample one image: (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the
-    decoder's activations alone need tens of GB, so it decodes `vae_tile` (default DECODE_TILE;
-    0: whole) latent pixels at a time, blended with linear ramps: GroupNorm and the mid-block
-    attention then see one tile, close to, not exactly, the whole-image decode."""
+    """One image, (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the decoder's
+    activations need tens of GB, so it decodes tiles of `vae_tile` latent pixels (0: whole),
+    blended by ramps: GroupNorm and attention then see one tile, close to the whole decode."""
     vae, device = pipe.vae.config, pipe.device
     h, w = height // vae.downsample_factor, width // vae.downsample_factor
     noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # any device
@@ -143,8 +142,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
     return image[0].clamp(-1, 1).cpu()
 
 def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Flux-dev takes the guidance scale as a model input (distilled; schnell: none, and
-    no shift), so it needs no negative prompt."""
+    """Flux-dev is guidance-distilled (the scale is an input, no negative prompt); schnell takes
+    no guidance and no shift."""
     distilled = None if pipe.schnell else guidance
 
     def velocity(z, sigma):
@@ -152,8 +151,8 @@ def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
     return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
 
 def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Classifier-free guidance on SD3's fixed-shift schedule: the unconditional (negative
-    prompt, else zeros) and conditional predictions in one batch."""
+    """Classifier-free guidance: unconditional (negative prompt, else zeros) and conditional
+    predictions in one batch."""
     negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
     both = {key: torch.cat([negative[key].to(value), value]) for key, value in condition.items()}
 
@@ -166,8 +165,7 @@ def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
 SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Integrate dz/dsigma = v(z, sigma) (rectified flow: v = noise - x0) from sigmas[0] to
-    sigmas[-1] by Euler steps z <- z + (sigma_next - sigma) v(z, sigma)."""
+    """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
@@ -179,13 +177,12 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
 def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None,
                 shift: bool = True) -> torch.Tensor:
     """steps + 1 noise levels from 1 to 0, shifted by mu (default: `flux_mu` of the token count,
-    capped at MU_CAP_TOKENS); FLUX.1-schnell samples unshifted.
+    capped at MU_CAP_TOKENS).
 
-    Flux's rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's pipelines apply it at the real
-    count: 16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With the F8 VAE the same image has
-    65,536 tokens, mu = 11.55 and e^mu ~ 1e5: every sigma but the last rounds to 1 and the image is
-    denoised in one step. The cap keeps upstream's value up to 4096^2 with F16 and a sane one
-    beyond."""
+    Flux's rule was fitted up to 4096 tokens; Diffusion-4K applies it at the real count: 16,384
+    tokens at 4096^2 with F16, mu = 3.23. With F8 the image has 65,536 tokens, mu = 11.55: every
+    sigma but the last rounds to 1, one real step. The cap keeps upstream's value up to 4096^2
+    with F16 and a sane one beyond."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     mu = flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu
     return time_shift(sigmas, mu) if shift else sigmas
@@ -275,9 +272,8 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss, detached. The loss is
-    divided by the micro-batches per step, so their gradients add up to the whole batch's mean
-    loss's. `autocast` makes a fresh autocast (or null) context."""
+    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
+    batch mean's); returns its loss, detached."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -286,25 +282,21 @@ def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, s
     return loss.detach()
 
 def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
-    """WLF as the Diffusion-4K code runs it: noise x0 to z = (1 - sigma) x0 + sigma noise, turn the
-    predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare
-    the Haar subbands of x0_hat and x0 (`wlf_loss`)."""
+    """WLF as upstream runs it: z = (1 - sigma) x0 + sigma noise, x0_hat = z - sigma v_hat, and
+    `wlf_loss` of x0_hat against x0."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
-    v = model.velocity(z, sigma.to(x0), condition, guidance)  # Flux or MMDiT
+    v = model.velocity(z, sigma.to(x0), condition, guidance)
     return wlf_loss(z - s * v.float(), x0, subband_weights)
 
 def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
              subband_weights=WLF_UPSTREAM) -> torch.Tensor:
-    """Mean over (batch, channel, subband, position) of w_band (DWT(pred_x0) - DWT(target_x0))^2,
-    with weights for (LL, LH, HL, HH).
+    """Mean of w_band (DWT(pred_x0) - DWT(target_x0))^2, weights for (LL, LH, HL, HH).
 
-    Upstream weighs the subbands equally, and then this is exactly the latent MSE: the one-level
-    Haar DWT of an even-sized map is an orthonormal 2x2-block transform, so it preserves the sum of
-    squares and the element count (4 bands x H/2 x W/2 = H x W). And since x0_hat - x0 =
-    -sigma (v_hat - v), it equals sigma^2 MSE(v_hat, noise - x0) per sample. Only unequal weights
-    (`--wavelet-weights`, e.g. 1,2,2,2: our extension, in neither the paper nor upstream's code)
-    change the objective."""
+    With upstream's equal weights this is exactly the latent MSE: the one-level Haar DWT is an
+    orthonormal 2x2-block transform, keeping the sum of squares and the element count. Since
+    x0_hat - x0 = -sigma (v_hat - v), that is sigma^2 MSE(v_hat, noise - x0) per sample. Only
+    unequal weights (`--wavelet-weights`, our extension) change the objective."""
     weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device)
     bands = haar_dwt(pred_x0.float() - target_x0.float())  # (B, C, 4, H/2, W/2); the DWT is linear
     return (weights.view(4, 1, 1) * bands.square()).mean()
@@ -330,9 +322,8 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 
 def encode_latents(vae: AutoEncoder, images: torch.Tensor,
                    eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised fp32 latents (x - shift) * scale, for SD3 too (upstream's SD3 training
-    omits the shift), of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`,
-    eps ~ N(0, 1) from the caller), or of the mean when eps is None."""
+    """Normalised fp32 latents (x - shift) * scale (for SD3 too; upstream's SD3 training omits the
+    shift) of the posterior sample mean + std * eps, or of the mean when eps is None."""
     if eps is None:
         return vae.encode(images).float()
     mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
@@ -341,11 +332,10 @@ def encode_latents(vae: AutoEncoder, images: torch.Tensor,
 
 def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
                   table: int = 1000) -> torch.Tensor:
-    """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or
-    sigmoid(N(0, 1)) ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table
-    sigma_i = 1 - i / table (so sigma is one of 1/table, ..., 1), then the static shift
-    sigma' = s sigma / (1 + (s - 1) sigma) (SD3: s = 3; Flux: 1, none). Both laws of u are
-    symmetric about 1/2, so sigma follows u's law."""
+    """Training noise levels as upstream draws them: u ~ U(0, 1) (Flux) or sigmoid(N(0, 1)) (SD3)
+    picks sigma = 1 - floor(table u) / table of the scheduler's table, then the static shift
+    sigma' = s sigma / (1 + (s - 1) sigma). Both laws of u are symmetric about 1/2, so sigma
+    follows u's law."""
     if scheme == "uniform":
         u = torch.rand(n, generator=generator, dtype=torch.float64)
     elif scheme == "logit_normal":
@@ -361,15 +351,13 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
                 lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
                 gan_weight: float = 0.05):
-    """L_SC of the module docstring for crops x in [-1, 1], the recipe's weights as defaults:
+    """L_SC of the module docstring for crops x in [-1, 1]:
         MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
         + gan_weight lambda (-mean D(x_hat)),
-    x_hat = clamp(decoded, -1, 1) by the F16 student (through its `Decoder.head`), f the decoders'
-    last feature maps (the frozen F8 teacher's at H, from its own latent), lambda =
-    `adaptive_weight` of the reconstruction term (LPIPS; MSE when LPIPS is off) against D's at the
-    student's conv_out.weight. lpips or disc None drops that term. Latents are posterior samples
-    drawn with the generator `posterior` (None: the posterior mean). Returns ({"loss": L_SC, and
-    each term}, x_hat detached)."""
+    x_hat = clamp(decoded, -1, 1) by the F16 student, f the decoders' last feature maps (the F8
+    teacher's from its own latent), lambda = `adaptive_weight` of the reconstruction term (LPIPS,
+    else MSE) against D's at the student's conv_out. lpips or disc None drops its term; latents
+    are drawn with the generator `posterior` (None: the mean). Returns (terms, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -389,19 +377,16 @@ def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, pos
 
 def scale_consistency_loss(student_features: torch.Tensor,
                            teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out +
-    SiLU, before the last upsample and conv_out): the F16 student's at H/2, the F8 teacher's at H.
+    """MSE(f_student, avgpool2(f_teacher)) of the decoders' maps before the last upsample: the F16
+    student's at H/2, the F8 teacher's at H.
 
-    Upstream upsamples the student's map (nearest x2) to H instead. Nearest x2 copies each value to
-    a 2x2 block, so MSE(up(s), t) = MSE(s, avgpool2(t)) + the mean within-block variance of t, a
-    constant: the same gradient at a quarter of the memory (bilinear downsampling would change the
-    objective)."""
+    Upstream upsamples the student's map (nearest x2) instead: MSE(up(s), t) = MSE(s, avgpool2(t))
+    + the within-block variance of t, a constant: the same gradient at a quarter of the memory."""
     return F.mse_loss(student_features.float(), F.avg_pool2d(teacher_features.float(), 2))
 
 class Discriminator(nn.Module):
-    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs
-    (InstanceNorm after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid.
-    Output (B, 1, H/64, W/64); crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
+    """Paella's patch discriminator, as SC-VAE uses it: (B, 1, H/64, W/64); crops need at least
+    128 px (InstanceNorm needs 2x2 maps)."""
 
     def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
         super().__init__()
@@ -421,11 +406,9 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the
     reals.
 
-    D's sigmoid output lies in (0, 1), so the hinge never clips: the loss is D(fake) - D(real) + 2,
-    a bounded critic held in check by the penalty. The penalty differentiates the sum of each
-    image's output map (as upstream's grad_outputs of ones), not its mean, whose gradient is
-    smaller by the map size. Images are independent (InstanceNorm), so one gradient of the batch's
-    total gives every image's own."""
+    D's sigmoid output lies in (0, 1), so the hinge never clips: a bounded critic held in check by
+    the penalty. The penalty differentiates each map's sum (upstream's grad_outputs of ones), not
+    its mean; images are independent (InstanceNorm), so one gradient of the total gives each's."""
     real = real.detach().requires_grad_(True)
     d_real, d_fake = disc(real), disc(fake.detach())
     hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
@@ -434,20 +417,20 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     return hinge, penalty
 
 def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor):
-    """VQGAN's balance lambda, as upstream: ||grad reconstruction|| / max(||grad generator_loss||,
-    1e-8) at the last layer, capped at 1e4."""
+    """VQGAN's lambda: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8) at the last
+    layer, capped at 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
 
 def discriminator_turn(step: int, gan_start: int) -> bool:
-    """Whether optimizer step `step` (0-based, both models' counted) trains the discriminator: from
-    gan_start on the two alternate, decoder first (upstream: the generator when step % 2 == 0)."""
+    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
     return step >= gan_start and (step - gan_start) % 2 == 1
 
 def ema_update(ema: dict, params, step: int, decay: float):
-    """Move the average towards `params` after step n (0-based) with diffusers' EMAModel schedule,
-    as upstream: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0 (it starts as a copy)."""
+    """diffusers' EMAModel schedule after 0-based step n: decay_n = min(decay, (1 + n) / (10 + n)),
+    0 at n = 0."""
+
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
