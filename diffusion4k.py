@@ -1725,8 +1725,8 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
                   offload="none", token=None) -> Pipeline:
-    """A Flux or SD3 pipeline folder or Hub repo, or a single transformer file with
-    the text encoders of `text_source` and the VAE of `vae_source`."""
+    """A Flux or SD3 pipeline folder or Hub repo, or a transformer file with the text encoders of
+    `text_source` and the VAE of `vae_source`."""
     device, dtype = device_dtype(device, dtype)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     if kind == "flux" and dtype == torch.float16:
@@ -1737,26 +1737,24 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     # an unreachable tokenizer fails before 12B parameters load
     component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
-    load_transformer = load_flux if kind == "flux" else load_sd3
-    transformer = load_transformer(model, dtype, rest_device, token=token)
+    transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, rest_device,
+                                                              token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
-    factors = FLUX_VAE if kind == "flux" else SD3_VAE
-    fixed = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
-    stride = {"f8": 1, "f16": 2}[vae]
-    autoencoder = load_vae(vae_source, dtype, rest_device, stride=stride, token=token,
-                           scale_factor=factors.scale_factor if fixed else None,
-                           shift_factor=factors.shift_factor if fixed else None)
+    # a single file has no config: the family's factors
+    factors = (FLUX_VAE if kind == "flux" else SD3_VAE) if Path(str(vae_source)).is_file() else None
+    autoencoder = load_vae(vae_source, dtype, rest_device, stride={"f8": 1, "f16": 2}[vae],
+                           token=token, scale_factor=factors and factors.scale_factor,
+                           shift_factor=factors and factors.shift_factor)
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
     keys = safetensors_keys(model) if single_file else []
-    has_encoders = any(key.startswith("text_encoders.") for key in keys)
-    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token,
-                                              model if has_encoders else None)
+    own = model if any(key.startswith("text_encoders.") for key in keys) else None
+    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token, own)
     return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model),
                     offload)
 
 def detect_kind(source, token=None) -> str:
-    """"flux" or "sd3", from a pipeline folder's model_index.json or a single file's keys."""
+    """"flux" or "sd3", from a folder's model_index.json or a file's keys."""
     path = Path(source).expanduser()
     if path.is_file():  # original (BFL / Stability) or diffusers key names
         keys = [key.split(DIFFUSION_PREFIX)[-1] for key in safetensors_keys(path)]
@@ -1784,10 +1782,9 @@ def detect_kind(source, token=None) -> str:
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
 def stream_blocks(transformer: nn.Module, device):
-    """Keep the transformer's blocks in CPU memory and give each a copy on `device`
-    only for its own forward: the 12B Flux then needs the GPU memory of two blocks plus
-    activations. On CUDA the blocks sit in pinned memory and the next block is copied on a side
-    stream while the current one computes; a finished block just drops its copy."""
+    """Keep the transformer's blocks in CPU memory, each copied to `device` for its own forward:
+    the 12B Flux then needs the GPU memory of two blocks. On CUDA the next block is copied from
+    pinned memory on a side stream while the current one computes."""
     for child in transformer.children():
         if not isinstance(child, nn.ModuleList):
             child.to(device)
@@ -1797,8 +1794,8 @@ def stream_blocks(transformer: nn.Module, device):
     BlockStream([block for blocks in lists for block in blocks], torch.device(device))
 
 class BlockStream:
-    """The hooks of `stream_blocks`: block i waits for its copy and sends for block i + 1
-    (after the last, the first: the next step's). They stay eager under `compile_blocks`."""
+    """`stream_blocks`' hooks: block i waits for its copy and sends for block i + 1 (after the
+    last, the first). They stay eager under `compile_blocks`."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -1809,7 +1806,8 @@ class BlockStream:
             self.host = [[t.pin_memory() for t in tensors] for tensors in self.host]
         for slots, tensors in zip(self.slots, self.host):
             place(slots, tensors)
-        self.copies = {}  # block index -> (its tensors on `device`, the event: they are there)
+        self.copies = {}  # block index -> (its tensors on `device`, their copy's event)
+
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(functools.partial(self.arrive, i))
             block.register_forward_hook(functools.partial(self.leave, i))
@@ -2038,8 +2036,7 @@ UPSTREAM_SIGMAS = {"flux": ("uniform", 1.0), "sd3": ("logit_normal", 3.0)}  # la
 
 def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
           token=None) -> list[tuple[int, float]]:
-    """Fine-tune with WLF; returns this call's (step, loss) pairs. resume: a checkpoint folder or
-    "latest"."""
+    """Fine-tune with WLF; returns this call's (step, loss) pairs."""
     ctx, output = setup_distributed(device), Path(output)
     check_apart([("--output", output), ("--text-cache", text_cache)],
                 [("--data", data), ("--model", r.model)])
@@ -2061,9 +2058,8 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
         crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
         if crop[0] % side or crop[1] % side:
             raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
-        captions = encode_captions(pipe, [e.text for e in examples], cache)
-        losses = wlf_loop(r, ctx, output, pipe, Captioned(examples, captions, crop), accumulation,
-                          resume)
+        data = Captioned(examples, encode_captions(pipe, [e.text for e in examples], cache), crop)
+        losses = wlf_loop(r, ctx, output, pipe, data, accumulation, resume)
         save_result(r, pipe, output, ctx)
         return losses
 
@@ -2078,10 +2074,9 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
     micro, total = r.batch_size, r.batch_size * accumulation * ctx.world
     if ctx.main:
         count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
-        print(f"training {pipe.kind} ({'LoRA rank %d' % r.lora_rank if lora else 'full'}, "
-              f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
-              f"batch {micro} x {accumulation} accumulated, latents {r.posterior}, sigma {scheme} "
-              f"shift {shift}, wavelet weights {r.wavelet_weights}", file=sys.stderr)
+        print(f"training {pipe.kind} ({f'LoRA rank {r.lora_rank}' if lora else 'full'}, "
+              f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} x {micro} x "
+              f"{accumulation}, sigma {scheme} shift {shift}", file=sys.stderr)
     batches, step, losses = Batches(len(data.examples), r.seed), 0, []
     if resume:
         step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
@@ -2128,8 +2123,7 @@ def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast
     return torch.stack(losses).float().mean(), norm
 
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
-    """(model, trainable parameters): LoRA on the frozen model or fp32 master
-    weights, sharded over the processes."""
+    """(model, trainable parameters): a LoRA on the frozen model, or fp32 weights, sharded."""
     model = pipe.transformer
     if r.lora_rank > 0:
         add_lora(model, pipe.kind, r.lora_rank, r.lora_alpha, r.seed)
@@ -2143,8 +2137,8 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
 
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
-    """A step's random numbers for the whole global batch: every rank draws them
-    and keeps its share, so they do not depend on how the batch is split."""
+    """A step's random numbers for the whole global batch: every rank draws them all and keeps
+    its share, so they do not depend on how the batch is split."""
     g = batches.generator
     draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
              "flips": torch.rand(n, generator=g) < 0.5}
@@ -2154,12 +2148,11 @@ def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str
     return draws
 
 def wlf_run(r: WLFRecipe) -> dict:
-    """What a resumed checkpoint must share with this run (`check_resumable`)."""
     return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
             "lora_rank": r.lora_rank, "lora_alpha": r.lora_alpha or r.lora_rank, "vae": r.vae}
 
 def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
-    """r.grad_accum, or what makes processes x batch size x it upstream's batch."""
+    """r.grad_accum, or what makes processes x batch size x it upstream's global batch."""
     if r.grad_accum is not None:
         return r.grad_accum
     target, share = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)], world * r.batch_size
@@ -2169,8 +2162,8 @@ def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
     return target // share
 
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an images + metadata.jsonl folder; bad lines,
-    repeats and unreadable images are skipped with a warning."""
+    """The (image, caption) pairs of a folder's metadata.jsonl; bad lines, repeats and
+    unreadable images are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2208,15 +2201,13 @@ class Example(NamedTuple):
 
 @dataclass
 class Captioned:
-    """Training images, their captions' features and the crop size."""
-
     examples: list[Example]
     conditions: dict
     crop: tuple[int, int]
     unreadable: set = field(default_factory=set)
 
     def micro_batch(self, draws: dict, share: range, device, dtype) -> tuple:
-        """(images, noise, sigma, eps, condition) on `device`: entries `share` of `draws`."""
+        """(images, noise, sigma, eps, condition): entries `share` of `draws`."""
         loaded = [self.readable_crop(draws["picks"][i], draws["offsets"][i].tolist(),
                                      bool(draws["flips"][i])) for i in share]
         texts = [self.examples[index].text for index, _ in loaded]
@@ -2229,21 +2220,20 @@ class Captioned:
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
         """(index, crop) of example `index` or of the next that decodes (a file can pass
-    `verify()` and still fail); a bad file is named once."""
+        `verify()` and still fail)."""
         n, bad = len(self.examples), self.unreadable
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    path = self.examples[candidate].path
-                    return candidate, load_crop(path, *self.crop, offset, flip)
+                    return candidate, load_crop(self.examples[candidate].path, *self.crop, offset,
+                                                flip)
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
         raise UserError(f"none of the {n} training images could be decoded")
 
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache (None: no file); any other file is refused, never
-    replaced."""
+    """The key of a text cache (None: no file); any other file is refused, never replaced."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open
@@ -2259,8 +2249,8 @@ def text_cache_key(path: Path) -> str | None:
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
                     batch: int = 8) -> dict:
-    """Each distinct caption encoded once (caption -> {name: tensor}, CPU), cached in
-    `cache` keyed by model, captions and lengths; frees the encoders."""
+    """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
+    `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
     lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
@@ -2309,8 +2299,7 @@ def lora_targets(model: nn.Module, kind: str) -> list[str]:
             if isinstance(module, nn.Linear) and re.fullmatch(LORA_TARGETS[kind], name)]
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x, W and b frozen. B starts at zero: training starts at
-    the base model. A and B stay fp32."""
+    """y = W x + b + (alpha / r) B A x, W and b frozen; B starts at zero, A and B stay fp32."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -2325,8 +2314,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + low_rank * self.scale
 
 def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors
-    and pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors and
+    pytorch_lora_weights.safetensors (diffusers / peft names)."""
     model, kind, lora = pipe.transformer, pipe.kind, r.lora_rank > 0
     state = trainable_state(model, lora)
     if lora and ctx.main:
@@ -2345,7 +2334,6 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
     ctx.barrier()
 
 def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
-    """OUTPUT/transformer/ in the diffusers layout."""
     table, folder = transformer_key_table(kind, model.config), output / "transformer"
     state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table,
                              model.config.hidden_size)
@@ -2353,9 +2341,9 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
     write_json(diffusers_config(model.config, kind), folder / "config.json")
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA -> diffusers / peft names. A LoRA on a fused projection splits
-    exactly: the rows of B A of to_q / to_k / to_v (/ proj_mlp) are those rows of B times A. B
-    carries the scale (peft's alpha: the rank)."""
+    """Our LoRA in diffusers / peft names. A fused projection's LoRA splits exactly: rows of B A
+    are those rows of B times A. B carries the scale (peft's alpha: the rank)."""
+
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
