@@ -3299,36 +3299,33 @@ def generate_command(args):
         write_metadata(metadata, records)
 
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line
-    (stems None), or a .jsonl file with {"file_name", "text"} per line, named after the
-    file_names' stems (upstream's generate_and_eval_fid.py). A bad line stops the batch."""
-    lines = read_text(path, "prompt file").splitlines()
+    """(prompts, output stems) of --prompts: one prompt per line (stems None), or a .jsonl file
+    of {"file_name", "text"} named by the file_names' stems (upstream's generate_and_eval_fid.py).
+    A bad line stops the batch."""
+    lines = [(n, line) for n, line in enumerate(read_text(path, "prompt file").splitlines(), 1)
+             if line.strip()]
     if Path(path).suffix.lower() != ".jsonl":
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
+        if not lines:
             raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
-        return prompts, None
+        return [line.strip() for _, line in lines], None
     seen = {}  # stem -> (line number, prompt)
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for n, line in lines:
+        where = f"{path} line {n}"
         try:
             record = loads_unique(line)
         except ValueError as error:
-            raise UserError(f"{path} line {line_no}: not JSON ({error})") from None
-        record = record if isinstance(record, dict) else {}
-        name, text = record.get("file_name"), record.get("text")
+            raise UserError(f"{where}: not JSON ({error})") from None
+        name, text = (record.get(key) if isinstance(record, dict) else None
+                      for key in ("file_name", "text"))
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path} line {line_no}: expected an object with a file_name and a "
-                            "non-empty text")
+            raise UserError(f"{where}: expected an object with a file_name and a non-empty text")
         stem = Path(name).stem
         if not stem or "\0" in stem:
-            raise UserError(f"{path} line {line_no}: file_name {name!r} gives no usable output "
-                            "name")
+            raise UserError(f"{where}: file_name {name!r} gives no usable output name")
         if stem in seen:
-            raise UserError(f"{path} line {line_no}: file_name {name!r} gives the output name "
-                            f"{stem}.png of line {seen[stem][0]}")
-        seen[stem] = line_no, text
+            raise UserError(f"{where}: file_name {name!r} gives the output name {stem}.png of "
+                            f"line {seen[stem][0]}")
+        seen[stem] = n, text
     if not seen:
         raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
     return [text for _, text in seen.values()], list(seen)
@@ -3342,8 +3339,8 @@ def check_source(value, option: str):
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The outputs, checked before anything loads: one image, or OUTPUT_DIR/00000.png
-    ... (or <stem>.png) and OUTPUT_DIR/metadata.jsonl (last)."""
+    """The outputs, checked before anything loads: one image, or the --prompts images and
+    OUTPUT_DIR/metadata.jsonl (last)."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -3359,8 +3356,8 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks
-    (an image kept by --skip-existing), else the prompt alone."""
+    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks (a kept
+    image), else the prompt alone."""
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3377,19 +3374,20 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
     steps = args.steps or family["steps"]
     guidance = family["guidance"] if args.guidance is None else args.guidance
     height, width = check_size(pipe, args.height, args.width)
-    if pipe.kind == "flux" and args.negative_prompt:
+    sd3 = pipe.kind == "sd3"
+    if not sd3 and args.negative_prompt:
         print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it",
               file=sys.stderr)
-    f16_decode = args.f16_decode if args.vae == "f16" else None
-    negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
-    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
+    negative = encode_prompts(pipe, [args.negative_prompt])[0] if sd3 else None
+    settings = dict(model=args.model, vae=args.vae,
+                    f16_decode=args.f16_decode if args.vae == "f16" else None, height=height,
+                    width=width, steps=steps, guidance=guidance, seed=None, mu=args.mu,
+                    negative_prompt=args.negative_prompt if sd3 else "")
     for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
         if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: encoded in parts
             conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height,
-                        width=width, steps=steps, guidance=guidance, seed=seed, mu=args.mu,
-                        negative_prompt=negative_text)
+        settings = {**settings, "seed": seed}  # keeps the key's place
         start = time.perf_counter()
         image = generate(pipe, conditions[n % PROMPT_BATCH], height, width, steps, guidance, seed,
                          negative, args.mu, progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
@@ -3402,7 +3400,8 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
             write_metadata(metadata, records)
 
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the model's multiple (saying so); refuse impossible sizes."""
+    """Round the sides to the model's multiple (saying so); refuse sizes SD3 cannot sample."""
+
     multiple = pipe.size_multiple
     rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
     if rounded != [height, width]:
