@@ -7,10 +7,9 @@ Evaluation", arXiv 2506.01331 (SC-VAE). Released weights: `zhang0jhon/flux_wavel
 
 With the F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
 Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
-upsample before `conv_out`, so 4096^2 is a 256^2 latent, 16,384 tokens, sampled by Euler steps with
-an explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
-Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted
-velocity v_hat,
+upsample before `conv_out`, so 4096^2 is 16,384 tokens (`generate`); (2) fine-tunes Flux or SD3
+at 4096^2 on Aesthetic-4K with Wavelet-based Latent Fine-tuning (WLF): for
+z = (1 - sigma) x0 + sigma noise and predicted velocity v_hat,
     x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2
 over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: the x0 MSE); (3) the
 extension retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for
@@ -28,12 +27,9 @@ Commands
     python diffusion4k.py train-vae --data 4k/train --output sc-vae      # SC-VAE decoder
     python diffusion4k.py [train | train-vae] --help
 
-After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the
-VAE in its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (load once,
-sample many times), training (WLF, SC-VAE: each a recipe dataclass, a step function and a short
-loop; then data, checkpoints, FSDP2, LPIPS), weight loading and, last, the command line. The code
-between `# --- BEGIN kit` and `# --- END kit` lines is copied by op4ksr.py and cupscale.py (kept
-in sync by tests/sync_copies.py).
+After the method: the models (Flux, SD3, the VAE, T5 and CLIP), the pipeline, training (WLF,
+SC-VAE: each a recipe, a step function and a loop), weight loading, the command line. Code between
+`# --- BEGIN kit` and `# --- END kit` is copied by op4ksr.py and cupscale.py (tests/sync_copies.py).
 """
 from __future__ import annotations
 
@@ -103,8 +99,7 @@ from common.io import (
     warn,
 )
 
-# Sampling as Diffusion-4K runs it: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
-# script (28 steps, CFG 7). Plain FLUX.1-dev is usually run at 28 steps, guidance 3.5.
+# Sampling as Diffusion-4K runs it (its README for the Flux fine-tunes, its SD3 script).
 DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0),
             "sd3": dict(steps=28, guidance=7.0)}
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
@@ -130,7 +125,7 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
         return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
-    sampling = SAMPLING[pipe.kind]
+    sampling = SAMPLING[pipe.kind]  # (velocity, sigmas) of each model family
     velocity, sigmas = sampling(pipe, condition, negative, guidance, steps, (h // 2) * (w // 2), mu)
     with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
@@ -162,14 +157,15 @@ def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
         return uncond + guidance * (cond - uncond)
     return velocity, sd3_sigmas(steps)
 
-SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
+SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
     """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
-            if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue its kernels
+            if z.is_cuda:  # the bar then times the GPU, not the queueing of its kernels
+
                 torch.cuda.synchronize(z.device)
             progress(i + 1, len(sigmas) - 1)
     return z
