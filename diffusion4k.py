@@ -2453,7 +2453,7 @@ class SCVAERecipe:
 
 def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
               device=None, token=None) -> VAETraining:
-    """Train the F16 decoder with L_SC into OUTPUT/vae/; lpips: the LPIPS weight files."""
+    """Train the F16 decoder with L_SC into OUTPUT/vae/."""
     linear, backbone = lpips or (LPIPS_VGG_LINEAR, LPIPS_VGG_BACKBONE)
     if r.resolution % 16:
         raise UserError(f"--resolution {r.resolution}: must be a multiple of 16")
@@ -2462,9 +2462,8 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
                         "last map must be 2x2); --gan-weight 0 trains without it")
     if r.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
-    inputs = [("--data", data), ("--base", r.base), ("--lpips-linear", linear),
-              ("--lpips-backbone", backbone)]
-    check_apart([("--output", output)], inputs)
+    lpips_files = [("--lpips-linear", linear), ("--lpips-backbone", backbone)]
+    check_apart([("--output", output)], [("--data", data), ("--base", r.base), *lpips_files])
     output = Path(output)
     check_train_output(output, resume)
     files = vae_image_files(data)
@@ -2482,7 +2481,6 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
 @dataclass
 class VAETraining:
     """An SC-VAE run: models, optimizers, data, random state, losses per step."""
-
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
     optimizer: torch.optim.Optimizer
@@ -2543,9 +2541,8 @@ def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
             save_vae_checkpoint(output, step, vae_state(run, r, step), r.keep_checkpoints)
 
 def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
-    """Step `step` (0-based) up to the update: the decoder's L_SC or, on the
-    discriminator's turns, D's loss on fresh crops against the last fakes; mean gradients over
-    the micro-batches, clipped. Returns (the optimizer to step, the mean losses and norm)."""
+    """Step `step` (0-based) up to the update: the decoder's L_SC or, on D's turns, D's loss on
+    fresh crops against the last fakes. Returns (the optimizer to step, mean losses and norm)."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
     model, optimizer = run.student.decoder, run.optimizer
@@ -2571,8 +2568,8 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     return optimizer, totals
 
 class CropStream:
-    """Seeded square crops: `Batches` draws each epoch's permutation and every crop's
-    offset and flip. Files that fail to decode are dropped with one warning."""
+    """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;
+    files that fail to decode are dropped with one warning."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -2623,12 +2620,11 @@ def read_vae_checkpoint(folder: Path) -> dict:
     return state
 
 def vae_run(r: SCVAERecipe) -> dict:
-    """What a resumed checkpoint must share with this run (`check_run`)."""
     return {"trainer": "diffusion4k.py train-vae", "base": source_name(r.base),
             "f16_decode": r.f16_decode}
 
 def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
-    """All a resumed run needs to go on identically after `step` steps."""
+    """All a resumed run needs to go on identically."""
     next_needs_fakes = run.disc is not None and discriminator_turn(step, r.gan_start)
     state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
     state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
@@ -2638,15 +2634,14 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
     return state
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
-    """Load the newest intact checkpoint if it is this run's (record, EMA, GAN,
-    tensors); returns its step."""
+    """Load the newest intact checkpoint if it is this run's; returns its step."""
     if latest_checkpoint(output) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
     folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
-    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-    if (ema, gan) != ("off" if run.ema is None else "on", "off" if run.disc is None else "on"):
+    ema, gan = ("off" if part is None else "on" for part in (state["ema"], state["disc"]))
+    if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
     try:
@@ -2666,8 +2661,8 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt if its weights are finite, whole or not at
-    all; older ones pruned."""
+    """checkpoints/step-N/state.pt if its weights are finite, whole or not at all; older ones
+    pruned."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -2682,9 +2677,8 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
 
 def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
              ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout ("stride": 2) for `load_vae` and diffusers'
-    AutoencoderKL; with ae_file also OUTPUT/ae.safetensors in BFL's layout (configless: load it
-    with `load_vae(path, stride=2)`)."""
+    """OUTPUT/vae/ in the diffusers layout ("stride": 2), and with ae_file OUTPUT/ae.safetensors
+    in BFL's (configless: `load_vae(path, stride=2)`)."""
     state = {key: value.detach().to("cpu", dtype).contiguous()
              for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
@@ -3330,7 +3324,8 @@ def check_source(value, option: str):
     """Refuse a missing local path, a FIFO or a device before anything loads."""
     if value is None:
         return
-    if not Path(value).expanduser().exists() and not is_repo_id(value):
+    if not (Path(value).expanduser().exists() or is_repo_id(value)):
+
         raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
