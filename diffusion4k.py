@@ -1758,14 +1758,14 @@ def detect_kind(source, token=None) -> str:
             return "flux"
         if any(key.startswith(("joint_blocks.", "pos_embed.pos_embed")) for key in keys):
             return "sd3"
-        vae = "a VAE, not a transformer"
-        looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
-                 "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
-        guess = next((what for start, what in looks.items()
+        t5, vae = "a T5 text encoder", "a VAE, not a transformer"
+        looks = {"encoder.block.": t5, "shared.": t5, "text_model.": "a CLIP text encoder",
+                 "decoder.": vae, "encoder.": vae}
+        guess = next((f"it looks like {what}" for start, what in looks.items()
                       if any(k.startswith(start) for k in keys)), None)
-        first = ", ".join(keys[:3]) or "none"
-        what = f"it looks like {guess}" if guess else f"its first keys: {first}"
+        what = guess or f"its first keys: {', '.join(keys[:3]) or 'none'}"
         raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
+
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
                             token=token)
     for index in ("model_index.json", "transformer/config.json", "config.json"):
@@ -2078,8 +2078,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
     f = vae.config.downsample_factor
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
-    first = ctx.rank * micro * accumulation  # this rank's share of the global batch
-    shares = [range(s, s + micro) for s in range(first, first + micro * accumulation, micro)]
+    first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
+    shares = [range(k * micro, (k + 1) * micro) for k in range(first, first + accumulation)]
     autocast = contextlib.nullcontext
     if pipe.dtype == torch.bfloat16:
         autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
@@ -2091,9 +2091,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
-        loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast,
-                              accumulation)
+        batch = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
+        loss, norm = wlf_step(model, vae, params, batch, guidance, r, autocast, accumulation)
         value = ctx.mean(loss.cpu()).item()
         record = {"step": step + 1, "loss": value, "grad_norm": norm, "lr": lr}
         step = finish_step(optimizer, record, {"loss": value, "gradient": norm}, output, ctx.main)
@@ -2111,9 +2110,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
              accumulation: int) -> tuple[torch.Tensor, float]:
     """Every micro-batch's forward and backward, then clipping: (mean loss, gradient norm)."""
-    weights = r.wavelet_weights
-    losses = [wlf_micro_step(model, vae, *batch, guidance, weights, autocast, accumulation)
-              for batch in micro_batches]
+    losses = [wlf_micro_step(model, vae, *batch, guidance, r.wavelet_weights, autocast,
+                             accumulation) for batch in micro_batches]
     norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
     return torch.stack(losses).float().mean(), norm
@@ -2136,12 +2134,10 @@ def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str
     """A step's random numbers for the whole global batch: every rank draws them all and keeps
     its share, so they do not depend on how the batch is split."""
     g = batches.generator
-    draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
-             "flips": torch.rand(n, generator=g) < 0.5}
-    draws["sigma"] = sample_sigmas(n, scheme, shift, g)
-    draws["noise"] = torch.randn(latent_shape, generator=g)
-    draws["eps"] = torch.randn(latent_shape, generator=g) if posterior == "sample" else None
-    return draws
+    return {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
+            "flips": torch.rand(n, generator=g) < 0.5, "sigma": sample_sigmas(n, scheme, shift, g),
+            "noise": torch.randn(latent_shape, generator=g),
+            "eps": torch.randn(latent_shape, generator=g) if posterior == "sample" else None}
 
 def wlf_run(r: WLFRecipe) -> dict:
     return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
@@ -2318,8 +2314,8 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
         scale = r.lora_alpha / r.lora_rank if r.lora_alpha else 1.0
         meta = {"kind": kind, "rank": str(r.lora_rank), "scale": str(scale), "base": str(r.model)}
         save_safetensors(state, output / "lora.safetensors", meta)
-        exported = export_lora_diffusers(state, kind, model.config, scale)
-        save_safetensors(exported, output / "pytorch_lora_weights.safetensors", meta)
+        save_safetensors(export_lora_diffusers(state, kind, model.config, scale),
+                         output / "pytorch_lora_weights.safetensors", meta)
         print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors",
               file=sys.stderr)
     elif ctx.main:
