@@ -413,8 +413,7 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     return hinge, penalty
 
 def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor):
-    """VQGAN's lambda: ||grad reconstruction|| / max(||grad generator_loss||, 1e-8) at the last
-    layer, capped at 1e4."""
+    """VQGAN's lambda ||grad reconstruction|| / max(||grad generator_loss||, 1e-8), at most 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
@@ -424,8 +423,7 @@ def discriminator_turn(step: int, gan_start: int) -> bool:
     return step >= gan_start and (step - gan_start) % 2 == 1
 
 def ema_update(ema: dict, params, step: int, decay: float):
-    """diffusers' EMAModel schedule after 0-based step n: decay_n = min(decay, (1 + n) / (10 + n)),
-    0 at n = 0."""
+    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
 
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
@@ -1790,8 +1788,8 @@ def stream_blocks(transformer: nn.Module, device):
     BlockStream([block for blocks in lists for block in blocks], torch.device(device))
 
 class BlockStream:
-    """`stream_blocks`' hooks: block i waits for its copy and sends for block i + 1 (after the
-    last, the first). They stay eager under `compile_blocks`."""
+    """`stream_blocks`' hooks: block i waits for its copy and sends for block i + 1 (the last
+    for the first); they stay eager under `compile_blocks`."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -2211,8 +2209,7 @@ class Captioned:
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
-        """(index, crop) of example `index` or of the next that decodes (a file can pass
-        `verify()` and still fail)."""
+        """(index, crop) of example `index` or of the next one that decodes."""
         n, bad = len(self.examples), self.unreadable
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
@@ -2228,12 +2225,11 @@ def text_cache_key(path: Path) -> str | None:
     """The key of a text cache (None: no file); any other file is refused, never replaced."""
     if not path.exists():
         return None
-    from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(str(path), "pt") as f:
-            key = (f.metadata() or {}).get("key")
-    except (SafetensorError, OSError):
+        key = safetensors_metadata(path).get("key")
+    except UserError:
         key = None
+
     if key is None:
         raise UserError(f"{path}: not a text cache of `train`; delete it or choose another "
                         "--text-cache")
@@ -2306,8 +2302,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + low_rank * self.scale
 
 def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors and
-    pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    """OUTPUT becomes a diffusers pipeline, or holds the LoRA in our and in diffusers' names."""
     model, kind, lora = pipe.transformer, pipe.kind, r.lora_rank > 0
     state = trainable_state(model, lora)
     if lora and ctx.main:
@@ -2477,6 +2472,7 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
 @dataclass
 class VAETraining:
     """An SC-VAE run: models, optimizers, data, random state, losses per step."""
+
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
     optimizer: torch.optim.Optimizer
@@ -2657,8 +2653,7 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt if its weights are finite, whole or not at all; older ones
-    pruned."""
+    """checkpoints/step-N/state.pt, whole or not at all, if its weights are finite; prunes."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -3326,8 +3321,7 @@ def check_source(value, option: str):
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The outputs, checked before anything loads: one image, or the --prompts images and
-    OUTPUT_DIR/metadata.jsonl (last)."""
+    """The outputs, checked before anything loads; with --prompts metadata.jsonl comes last."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -3343,8 +3337,8 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks (a kept
-    image), else the prompt alone."""
+    """An image's metadata.jsonl line: `settings`, else the PNG's text chunks, else the prompt."""
+
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3355,8 +3349,8 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
 
 def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path],
                     numbers: list[int], records: dict, metadata: Path | None):
-    """Sample and save each image; metadata.jsonl is rewritten after each one, so an
-    interrupted batch keeps one that matches."""
+    """Sample and save each image, rewriting metadata.jsonl after each (an interrupted batch's
+    matches its images)."""
     family = DEFAULTS["flux-schnell" if pipe.schnell else pipe.kind]
     steps = args.steps or family["steps"]
     guidance = family["guidance"] if args.guidance is None else args.guidance
