@@ -165,7 +165,6 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
             if z.is_cuda:  # the bar then times the GPU, not the queueing of its kernels
-
                 torch.cuda.synchronize(z.device)
             progress(i + 1, len(sigmas) - 1)
     return z
@@ -424,7 +423,6 @@ def discriminator_turn(step: int, gan_start: int) -> bool:
 
 def ema_update(ema: dict, params, step: int, decay: float):
     """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
-
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
@@ -1763,7 +1761,6 @@ def detect_kind(source, token=None) -> str:
                       if any(k.startswith(start) for k in keys)), None)
         what = guess or f"its first keys: {', '.join(keys[:3]) or 'none'}"
         raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
-
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
                             token=token)
     for index in ("model_index.json", "transformer/config.json", "config.json"):
@@ -1801,7 +1798,6 @@ class BlockStream:
         for slots, tensors in zip(self.slots, self.host):
             place(slots, tensors)
         self.copies = {}  # block index -> (its tensors on `device`, their copy's event)
-
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(functools.partial(self.arrive, i))
             block.register_forward_hook(functools.partial(self.leave, i))
@@ -2229,7 +2225,6 @@ def text_cache_key(path: Path) -> str | None:
         key = safetensors_metadata(path).get("key")
     except UserError:
         key = None
-
     if key is None:
         raise UserError(f"{path}: not a text cache of `train`; delete it or choose another "
                         "--text-cache")
@@ -2330,7 +2325,6 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
     """Our LoRA in diffusers / peft names. A fused projection's LoRA splits exactly: rows of B A
     are those rows of B times A. B carries the scale (peft's alpha: the rank)."""
-
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
@@ -3316,7 +3310,6 @@ def check_source(value, option: str):
     if value is None:
         return
     if not (Path(value).expanduser().exists() or is_repo_id(value)):
-
         raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
@@ -3338,7 +3331,6 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
     """An image's metadata.jsonl line: `settings`, else the PNG's text chunks, else the prompt."""
-
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3382,7 +3374,6 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
 
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
     """Round the sides to the model's multiple (saying so); refuse sizes SD3 cannot sample."""
-
     multiple = pipe.size_multiple
     rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
     if rounded != [height, width]:
