@@ -1805,12 +1805,9 @@ class BlockStream:
     def send(self, i: int):
         if i in self.copies:
             return
-        if not self.cuda:
-            self.copies[i] = [t.to(self.device) for t in self.host[i]], None
-            return
-        with torch.cuda.stream(self.copier):
-            copies = [t.to(self.device, non_blocking=True) for t in self.host[i]]
-            self.copies[i] = copies, self.copier.record_event()
+        with torch.cuda.stream(self.copier) if self.cuda else contextlib.nullcontext():
+            copies = [t.to(self.device, non_blocking=self.cuda) for t in self.host[i]]
+            self.copies[i] = copies, self.copier.record_event() if self.cuda else None
 
     @torch.compiler.disable
     def arrive(self, i: int, block, args):
@@ -2170,7 +2167,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             examples.append(Example(folder / name, text))
         except (ValueError, KeyError, TypeError, UserError) as error:
             skipped += 1
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
             if verbose:
                 reason = f"missing {error}" if isinstance(error, KeyError) else reason
                 warn(f"{metadata.name} line {line_no}: {reason}; skipped")
@@ -2615,8 +2612,7 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
     state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
     state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
                  stream=run.stream.state(), noise=run.noise.get_state(),
-                 torch_rng=torch.get_rng_state())
-    state["run"] = json.dumps(vae_run(r))
+                 torch_rng=torch.get_rng_state(), run=json.dumps(vae_run(r)))
     return state
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
