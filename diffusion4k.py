@@ -125,8 +125,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
         return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
-    sampling = SAMPLING[pipe.kind]  # (velocity, sigmas) of each model family
-    velocity, sigmas = sampling(pipe, condition, negative, guidance, steps, (h // 2) * (w // 2), mu)
+    tokens = (h // 2) * (w // 2)
+    velocity, sigmas = SAMPLING[pipe.kind](pipe, condition, negative, guidance, steps, tokens, mu)
     with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     if vae_tile is None:
@@ -157,7 +157,7 @@ def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
         return uncond + guidance * (cond - uncond)
     return velocity, sd3_sigmas(steps)
 
-SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}
+SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
     """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
@@ -3316,8 +3316,8 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output-dir {folder} is a file, not a folder")
-    names = [f"{stem}.png" for stem in stems] if stems else [f"{i:05d}.png" for i in range(count)]
-    outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
+    stems = stems or [f"{i:05d}" for i in range(count)]
+    outputs = [folder / f"{stem}.png" for stem in stems] + [folder / "metadata.jsonl"]
     for path in outputs:
         if path.exists() and not (args.overwrite or args.skip_existing):
             raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to "
