@@ -1736,8 +1736,8 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     # a single file has no config: the family's factors
     factors = (FLUX_VAE if kind == "flux" else SD3_VAE) if Path(str(vae_source)).is_file() else None
     autoencoder = load_vae(vae_source, dtype, rest_device, stride={"f8": 1, "f16": 2}[vae],
-                           token=token, scale_factor=factors and factors.scale_factor,
-                           shift_factor=factors and factors.shift_factor)
+                           token=token, scale_factor=getattr(factors, "scale_factor", None),
+                           shift_factor=getattr(factors, "shift_factor", None))
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
     keys = safetensors_keys(model) if single_file else []
     own = model if any(key.startswith("text_encoders.") for key in keys) else None
@@ -2207,8 +2207,8 @@ class Captioned:
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    return candidate, load_crop(self.examples[candidate].path, *self.crop, offset,
-                                                flip)
+                    path = self.examples[candidate].path
+                    return candidate, load_crop(path, *self.crop, offset, flip)
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
