@@ -7,10 +7,9 @@ Evaluation", arXiv 2506.01331 (SC-VAE). Released weights: `zhang0jhon/flux_wavel
 
 With the F8 VAE and Flux's 2x2 patches a 4096^2 image is 65,536 tokens, too many to attend over.
 Diffusion-4K (1) swaps in an F16 VAE: the same weights with a stride-2 `conv_in` and a nearest x2
-upsample before `conv_out`, so 4096^2 is a 256^2 latent, 16,384 tokens, sampled by Euler steps with
-an explicit timestep shift (`generate`); (2) fine-tunes Flux or SD3 at 4096^2 on Aesthetic-4K with
-Wavelet-based Latent Fine-tuning (WLF): for z = (1 - sigma) x0 + sigma noise and predicted
-velocity v_hat,
+upsample before `conv_out`, so 4096^2 is 16,384 tokens (`generate`); (2) fine-tunes Flux or SD3
+at 4096^2 on Aesthetic-4K with Wavelet-based Latent Fine-tuning (WLF): for
+z = (1 - sigma) x0 + sigma noise and predicted velocity v_hat,
     x0_hat = z - sigma v_hat,   L_WLF = mean_{b,i} w_b (DWT(x0_hat) - DWT(x0))_{b,i}^2
 over the one-level Haar subbands b = LL, LH, HL, HH (equal weights upstream: the x0 MSE); (3) the
 extension retrains the F16 decoder to decode like the F8 decoder it was cut from (SC-VAE): for
@@ -28,12 +27,9 @@ Commands
     python diffusion4k.py train-vae --data 4k/train --output sc-vae      # SC-VAE decoder
     python diffusion4k.py [train | train-vae] --help
 
-After the method come the models it calls: Flux and SD3 (MMDiT) with RoPE of tunable theta, the
-VAE in its F8 and F16 forms, T5 and CLIP with their tokenizers. Then the pipeline (load once,
-sample many times), training (WLF, SC-VAE: each a recipe dataclass, a step function and a short
-loop; then data, checkpoints, FSDP2, LPIPS), weight loading and, last, the command line. The code
-between `# --- BEGIN kit` and `# --- END kit` lines is copied by op4ksr.py and cupscale.py (kept
-in sync by tests/sync_copies.py).
+After the method: the models (Flux, SD3, the VAE, T5 and CLIP), the pipeline, training (WLF,
+SC-VAE: each a recipe, a step function and a loop), weight loading, the command line. Code between
+`# --- BEGIN kit` and `# --- END kit` is copied by op4ksr.py and cupscale.py (tests/sync_copies.py).
 """
 from __future__ import annotations
 
@@ -103,8 +99,7 @@ from common.io import (
     warn,
 )
 
-# Sampling as Diffusion-4K runs it: its README (Flux fine-tunes: 50 steps, guidance 5), its SD3
-# script (28 steps, CFG 7). Plain FLUX.1-dev is usually run at 28 steps, guidance 3.5.
+# Sampling as Diffusion-4K runs it (its README for the Flux fine-tunes, its SD3 script).
 DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, guidance=0.0),
             "sd3": dict(steps=28, guidance=7.0)}
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
@@ -120,10 +115,9 @@ WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equ
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float,
              seed: int, negative: dict | None = None, mu: float | None = None, progress=None,
              vae_tile: int | None = None) -> torch.Tensor:
-    """Sample one image: (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the
-    decoder's activations alone need tens of GB, so it decodes `vae_tile` (default DECODE_TILE;
-    0: whole) latent pixels at a time, blended with linear ramps: GroupNorm and the mid-block
-    attention then see one tile, close to, not exactly, the whole-image decode."""
+    """One image, (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the decoder's
+    activations need tens of GB, so it decodes tiles of `vae_tile` latent pixels (0: whole),
+    blended by ramps: GroupNorm and attention then see one tile, close to the whole decode."""
     vae, device = pipe.vae.config, pipe.device
     h, w = height // vae.downsample_factor, width // vae.downsample_factor
     noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # any device
@@ -131,8 +125,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
         return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
-    sampling = SAMPLING[pipe.kind]
-    velocity, sigmas = sampling(pipe, condition, negative, guidance, steps, (h // 2) * (w // 2), mu)
+    tokens = (h // 2) * (w // 2)
+    velocity, sigmas = SAMPLING[pipe.kind](pipe, condition, negative, guidance, steps, tokens, mu)
     with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     if vae_tile is None:
@@ -143,8 +137,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
     return image[0].clamp(-1, 1).cpu()
 
 def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Flux-dev takes the guidance scale as a model input (distilled; schnell: none, and
-    no shift), so it needs no negative prompt."""
+    """Flux-dev is guidance-distilled (the scale is an input, no negative prompt); schnell takes
+    no guidance and no shift."""
     distilled = None if pipe.schnell else guidance
 
     def velocity(z, sigma):
@@ -152,8 +146,8 @@ def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
     return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
 
 def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
-    """Classifier-free guidance on SD3's fixed-shift schedule: the unconditional (negative
-    prompt, else zeros) and conditional predictions in one batch."""
+    """Classifier-free guidance: unconditional (negative prompt, else zeros) and conditional
+    predictions in one batch."""
     negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
     both = {key: torch.cat([negative[key].to(value), value]) for key, value in condition.items()}
 
@@ -166,12 +160,11 @@ def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
 SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Integrate dz/dsigma = v(z, sigma) (rectified flow: v = noise - x0) from sigmas[0] to
-    sigmas[-1] by Euler steps z <- z + (sigma_next - sigma) v(z, sigma)."""
+    """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         z = z + (sigma_next - sigma) * velocity(z, sigma).to(z.dtype)
         if progress is not None:
-            if z.is_cuda:  # the bar's s/step is the GPU's time, not the time to queue its kernels
+            if z.is_cuda:  # the bar then times the GPU, not the queueing of its kernels
                 torch.cuda.synchronize(z.device)
             progress(i + 1, len(sigmas) - 1)
     return z
@@ -179,13 +172,12 @@ def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None)
 def flux_sigmas(steps: int, image_tokens: int, mu: float | None = None,
                 shift: bool = True) -> torch.Tensor:
     """steps + 1 noise levels from 1 to 0, shifted by mu (default: `flux_mu` of the token count,
-    capped at MU_CAP_TOKENS); FLUX.1-schnell samples unshifted.
+    capped at MU_CAP_TOKENS).
 
-    Flux's rule was fitted up to 4096 tokens (1024^2). Diffusion-4K's pipelines apply it at the real
-    count: 16,384 tokens at 4096^2 with the F16 VAE, mu = 3.23. With the F8 VAE the same image has
-    65,536 tokens, mu = 11.55 and e^mu ~ 1e5: every sigma but the last rounds to 1 and the image is
-    denoised in one step. The cap keeps upstream's value up to 4096^2 with F16 and a sane one
-    beyond."""
+    Flux's rule was fitted up to 4096 tokens; Diffusion-4K applies it at the real count: 16,384
+    tokens at 4096^2 with F16, mu = 3.23. With F8 the image has 65,536 tokens, mu = 11.55: every
+    sigma but the last rounds to 1, one real step. The cap keeps upstream's value up to 4096^2
+    with F16 and a sane one beyond."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     mu = flux_mu(min(image_tokens, MU_CAP_TOKENS)) if mu is None else mu
     return time_shift(sigmas, mu) if shift else sigmas
@@ -270,9 +262,8 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss, detached. The loss is
-    divided by the micro-batches per step, so their gradients add up to the whole batch's mean
-    loss's. `autocast` makes a fresh autocast (or null) context."""
+    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
+    batch mean's); returns its loss, detached."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -281,25 +272,21 @@ def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, s
     return loss.detach()
 
 def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
-    """WLF as the Diffusion-4K code runs it: noise x0 to z = (1 - sigma) x0 + sigma noise, turn the
-    predicted velocity v_hat into a clean-latent prediction x0_hat = z - sigma v_hat, and compare
-    the Haar subbands of x0_hat and x0 (`wlf_loss`)."""
+    """WLF as upstream runs it: z = (1 - sigma) x0 + sigma noise, x0_hat = z - sigma v_hat, and
+    `wlf_loss` of x0_hat against x0."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     z = (1 - s) * x0 + s * noise
-    v = model.velocity(z, sigma.to(x0), condition, guidance)  # Flux or MMDiT
+    v = model.velocity(z, sigma.to(x0), condition, guidance)
     return wlf_loss(z - s * v.float(), x0, subband_weights)
 
 def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
              subband_weights=WLF_UPSTREAM) -> torch.Tensor:
-    """Mean over (batch, channel, subband, position) of w_band (DWT(pred_x0) - DWT(target_x0))^2,
-    with weights for (LL, LH, HL, HH).
+    """Mean of w_band (DWT(pred_x0) - DWT(target_x0))^2, weights for (LL, LH, HL, HH).
 
-    Upstream weighs the subbands equally, and then this is exactly the latent MSE: the one-level
-    Haar DWT of an even-sized map is an orthonormal 2x2-block transform, so it preserves the sum of
-    squares and the element count (4 bands x H/2 x W/2 = H x W). And since x0_hat - x0 =
-    -sigma (v_hat - v), it equals sigma^2 MSE(v_hat, noise - x0) per sample. Only unequal weights
-    (`--wavelet-weights`, e.g. 1,2,2,2: our extension, in neither the paper nor upstream's code)
-    change the objective."""
+    With upstream's equal weights this is exactly the latent MSE: the one-level Haar DWT is an
+    orthonormal 2x2-block transform, keeping the sum of squares and the element count. Since
+    x0_hat - x0 = -sigma (v_hat - v), that is sigma^2 MSE(v_hat, noise - x0) per sample. Only
+    unequal weights (`--wavelet-weights`, our extension) change the objective."""
     weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device)
     bands = haar_dwt(pred_x0.float() - target_x0.float())  # (B, C, 4, H/2, W/2); the DWT is linear
     return (weights.view(4, 1, 1) * bands.square()).mean()
@@ -325,9 +312,8 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 
 def encode_latents(vae: AutoEncoder, images: torch.Tensor,
                    eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised fp32 latents (x - shift) * scale, for SD3 too (upstream's SD3 training
-    omits the shift), of the posterior sample mean + std * eps (upstream's `latent_dist.sample()`,
-    eps ~ N(0, 1) from the caller), or of the mean when eps is None."""
+    """Normalised fp32 latents (x - shift) * scale (for SD3 too; upstream's SD3 training omits the
+    shift) of the posterior sample mean + std * eps, or of the mean when eps is None."""
     if eps is None:
         return vae.encode(images).float()
     mean, logvar = vae.encoder(images).float().chunk(2, dim=1)
@@ -336,11 +322,10 @@ def encode_latents(vae: AutoEncoder, images: torch.Tensor,
 
 def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
                   table: int = 1000) -> torch.Tensor:
-    """Training noise levels as upstream draws them: u ~ U(0, 1) ("uniform", Flux) or
-    sigmoid(N(0, 1)) ("logit_normal", SD3) picks entry i = floor(table u) of the scheduler's table
-    sigma_i = 1 - i / table (so sigma is one of 1/table, ..., 1), then the static shift
-    sigma' = s sigma / (1 + (s - 1) sigma) (SD3: s = 3; Flux: 1, none). Both laws of u are
-    symmetric about 1/2, so sigma follows u's law."""
+    """Training noise levels as upstream draws them: u ~ U(0, 1) (Flux) or sigmoid(N(0, 1)) (SD3)
+    picks sigma = 1 - floor(table u) / table of the scheduler's table, then the static shift
+    sigma' = s sigma / (1 + (s - 1) sigma). Both laws of u are symmetric about 1/2, so sigma
+    follows u's law."""
     if scheme == "uniform":
         u = torch.rand(n, generator=generator, dtype=torch.float64)
     elif scheme == "logit_normal":
@@ -356,15 +341,13 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
                 lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
                 gan_weight: float = 0.05):
-    """L_SC of the module docstring for crops x in [-1, 1], the recipe's weights as defaults:
+    """L_SC of the module docstring for crops x in [-1, 1]:
         MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
         + gan_weight lambda (-mean D(x_hat)),
-    x_hat = clamp(decoded, -1, 1) by the F16 student (through its `Decoder.head`), f the decoders'
-    last feature maps (the frozen F8 teacher's at H, from its own latent), lambda =
-    `adaptive_weight` of the reconstruction term (LPIPS; MSE when LPIPS is off) against D's at the
-    student's conv_out.weight. lpips or disc None drops that term. Latents are posterior samples
-    drawn with the generator `posterior` (None: the posterior mean). Returns ({"loss": L_SC, and
-    each term}, x_hat detached)."""
+    x_hat = clamp(decoded, -1, 1) by the F16 student, f the decoders' last feature maps (the F8
+    teacher's from its own latent), lambda = `adaptive_weight` of the reconstruction term (LPIPS,
+    else MSE) against D's at the student's conv_out. lpips or disc None drops its term; latents
+    are drawn with the generator `posterior` (None: the mean). Returns (terms, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -384,19 +367,16 @@ def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, pos
 
 def scale_consistency_loss(student_features: torch.Tensor,
                            teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE(f_student, avgpool2(f_teacher)) for the decoders' last feature maps f (after norm_out +
-    SiLU, before the last upsample and conv_out): the F16 student's at H/2, the F8 teacher's at H.
+    """MSE(f_student, avgpool2(f_teacher)) of the decoders' maps before the last upsample: the F16
+    student's at H/2, the F8 teacher's at H.
 
-    Upstream upsamples the student's map (nearest x2) to H instead. Nearest x2 copies each value to
-    a 2x2 block, so MSE(up(s), t) = MSE(s, avgpool2(t)) + the mean within-block variance of t, a
-    constant: the same gradient at a quarter of the memory (bilinear downsampling would change the
-    objective)."""
+    Upstream upsamples the student's map (nearest x2) instead: MSE(up(s), t) = MSE(s, avgpool2(t))
+    + the within-block variance of t, a constant: the same gradient at a quarter of the memory."""
     return F.mse_loss(student_features.float(), F.avg_pool2d(teacher_features.float(), 2))
 
 class Discriminator(nn.Module):
-    """Paella's patch discriminator, as SC-VAE uses it: six spectral-norm 3x3 stride-2 convs
-    (InstanceNorm after all but the first, LeakyReLU 0.2), a 1x1 conv to one channel, sigmoid.
-    Output (B, 1, H/64, W/64); crops need at least 128 px (InstanceNorm needs 2x2 maps)."""
+    """Paella's patch discriminator, as SC-VAE uses it: (B, 1, H/64, W/64); crops need at least
+    128 px (InstanceNorm needs 2x2 maps)."""
 
     def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
         super().__init__()
@@ -416,11 +396,9 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     """Hinge loss and gradient penalty gp_weight * mean_i (||grad_{x_i} sum D(x_i)|| - 1)^2 on the
     reals.
 
-    D's sigmoid output lies in (0, 1), so the hinge never clips: the loss is D(fake) - D(real) + 2,
-    a bounded critic held in check by the penalty. The penalty differentiates the sum of each
-    image's output map (as upstream's grad_outputs of ones), not its mean, whose gradient is
-    smaller by the map size. Images are independent (InstanceNorm), so one gradient of the batch's
-    total gives every image's own."""
+    D's sigmoid output lies in (0, 1), so the hinge never clips: a bounded critic held in check by
+    the penalty. The penalty differentiates each map's sum (upstream's grad_outputs of ones), not
+    its mean; images are independent (InstanceNorm), so one gradient of the total gives each's."""
     real = real.detach().requires_grad_(True)
     d_real, d_fake = disc(real), disc(fake.detach())
     hinge = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
@@ -429,20 +407,17 @@ def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tens
     return hinge, penalty
 
 def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, last: torch.Tensor):
-    """VQGAN's balance lambda, as upstream: ||grad reconstruction|| / max(||grad generator_loss||,
-    1e-8) at the last layer, capped at 1e4."""
+    """VQGAN's lambda ||grad reconstruction|| / max(||grad generator_loss||, 1e-8), at most 1e4."""
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
 
 def discriminator_turn(step: int, gan_start: int) -> bool:
-    """Whether optimizer step `step` (0-based, both models' counted) trains the discriminator: from
-    gan_start on the two alternate, decoder first (upstream: the generator when step % 2 == 0)."""
+    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
     return step >= gan_start and (step - gan_start) % 2 == 1
 
 def ema_update(ema: dict, params, step: int, decay: float):
-    """Move the average towards `params` after step n (0-based) with diffusers' EMAModel schedule,
-    as upstream: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0 (it starts as a copy)."""
+    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
     rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
     for average, p in zip(ema.values(), params):
         average.lerp_(p.detach(), rate)
@@ -1679,8 +1654,8 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 
 def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
                   offload="none", token=None) -> Pipeline:
-    """A Flux or SD3 pipeline folder or Hub repo, or a single transformer file with
-    the text encoders of `text_source` and the VAE of `vae_source`."""
+    """A Flux or SD3 pipeline folder or Hub repo, or a transformer file with the text encoders of
+    `text_source` and the VAE of `vae_source`."""
     device, dtype = device_dtype(device, dtype)
     kind, single_file = detect_kind(model, token), Path(model).expanduser().is_file()
     if kind == "flux" and dtype == torch.float16:
@@ -1691,26 +1666,24 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     # an unreachable tokenizer fails before 12B parameters load
     component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
-    load_transformer = load_flux if kind == "flux" else load_sd3
-    transformer = load_transformer(model, dtype, rest_device, token=token)
+    transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, rest_device,
+                                                              token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
-    factors = FLUX_VAE if kind == "flux" else SD3_VAE
-    fixed = Path(str(vae_source)).is_file()  # a single file has no config: the family's factors
-    stride = {"f8": 1, "f16": 2}[vae]
-    autoencoder = load_vae(vae_source, dtype, rest_device, stride=stride, token=token,
-                           scale_factor=factors.scale_factor if fixed else None,
-                           shift_factor=factors.shift_factor if fixed else None)
+    # a single file has no config: the family's factors
+    factors = (FLUX_VAE if kind == "flux" else SD3_VAE) if Path(str(vae_source)).is_file() else None
+    autoencoder = load_vae(vae_source, dtype, rest_device, stride={"f8": 1, "f16": 2}[vae],
+                           token=token, scale_factor=getattr(factors, "scale_factor", None),
+                           shift_factor=getattr(factors, "shift_factor", None))
     # Stability's all-in-one SD3 files carry the text encoders (not their tokenizers)
     keys = safetensors_keys(model) if single_file else []
-    has_encoders = any(key.startswith("text_encoders.") for key in keys)
-    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token,
-                                              model if has_encoders else None)
+    own = model if any(key.startswith("text_encoders.") for key in keys) else None
+    encoders, tokenizers = load_text_encoders(kind, text_source, dtype, transformer, token, own)
     return Pipeline(kind, transformer, autoencoder, encoders, tokenizers, device, dtype, str(model),
                     offload)
 
 def detect_kind(source, token=None) -> str:
-    """"flux" or "sd3", from a pipeline folder's model_index.json or a single file's keys."""
+    """"flux" or "sd3", from a folder's model_index.json or a file's keys."""
     path = Path(source).expanduser()
     if path.is_file():  # original (BFL / Stability) or diffusers key names
         keys = [key.split(DIFFUSION_PREFIX)[-1] for key in safetensors_keys(path)]
@@ -1718,13 +1691,12 @@ def detect_kind(source, token=None) -> str:
             return "flux"
         if any(key.startswith(("joint_blocks.", "pos_embed.pos_embed")) for key in keys):
             return "sd3"
-        vae = "a VAE, not a transformer"
-        looks = {"encoder.block.": "a T5 text encoder", "shared.": "a T5 text encoder",
-                 "text_model.": "a CLIP text encoder", "decoder.": vae, "encoder.": vae}
-        guess = next((what for start, what in looks.items()
+        t5, vae = "a T5 text encoder", "a VAE, not a transformer"
+        looks = {"encoder.block.": t5, "shared.": t5, "text_model.": "a CLIP text encoder",
+                 "decoder.": vae, "encoder.": vae}
+        guess = next((f"it looks like {what}" for start, what in looks.items()
                       if any(k.startswith(start) for k in keys)), None)
-        first = ", ".join(keys[:3]) or "none"
-        what = f"it looks like {guess}" if guess else f"its first keys: {first}"
+        what = guess or f"its first keys: {', '.join(keys[:3]) or 'none'}"
         raise UserError(f"{source}: not a Flux or SD3 transformer file; {what}")
     folder = resolve_source(source, allow_patterns=("model_index.json", "transformer/config.json"),
                             token=token)
@@ -1738,10 +1710,9 @@ def detect_kind(source, token=None) -> str:
     raise UserError(f"{source}: no model_index.json naming a Flux or SD3 pipeline")
 
 def stream_blocks(transformer: nn.Module, device):
-    """Keep the transformer's blocks in CPU memory and give each a copy on `device`
-    only for its own forward: the 12B Flux then needs the GPU memory of two blocks plus
-    activations. On CUDA the blocks sit in pinned memory and the next block is copied on a side
-    stream while the current one computes; a finished block just drops its copy."""
+    """Keep the transformer's blocks in CPU memory, each copied to `device` for its own forward:
+    the 12B Flux then needs the GPU memory of two blocks. On CUDA the next block is copied from
+    pinned memory on a side stream while the current one computes."""
     for child in transformer.children():
         if not isinstance(child, nn.ModuleList):
             child.to(device)
@@ -1751,8 +1722,8 @@ def stream_blocks(transformer: nn.Module, device):
     BlockStream([block for blocks in lists for block in blocks], torch.device(device))
 
 class BlockStream:
-    """The hooks of `stream_blocks`: block i waits for its copy and sends for block i + 1
-    (after the last, the first: the next step's). They stay eager under `compile_blocks`."""
+    """`stream_blocks`' hooks: block i waits for its copy and sends for block i + 1 (the last
+    for the first); they stay eager under `compile_blocks`."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -1763,7 +1734,7 @@ class BlockStream:
             self.host = [[t.pin_memory() for t in tensors] for tensors in self.host]
         for slots, tensors in zip(self.slots, self.host):
             place(slots, tensors)
-        self.copies = {}  # block index -> (its tensors on `device`, the event: they are there)
+        self.copies = {}  # block index -> (its tensors on `device`, their copy's event)
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(functools.partial(self.arrive, i))
             block.register_forward_hook(functools.partial(self.leave, i))
@@ -1771,12 +1742,9 @@ class BlockStream:
     def send(self, i: int):
         if i in self.copies:
             return
-        if not self.cuda:
-            self.copies[i] = [t.to(self.device) for t in self.host[i]], None
-            return
-        with torch.cuda.stream(self.copier):
-            copies = [t.to(self.device, non_blocking=True) for t in self.host[i]]
-            self.copies[i] = copies, self.copier.record_event()
+        with torch.cuda.stream(self.copier) if self.cuda else contextlib.nullcontext():
+            copies = [t.to(self.device, non_blocking=self.cuda) for t in self.host[i]]
+            self.copies[i] = copies, self.copier.record_event() if self.cuda else None
 
     @torch.compiler.disable
     def arrive(self, i: int, block, args):
@@ -1944,51 +1912,41 @@ POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or 
 
 @dataclass
 class WLFRecipe:
-    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): posterior samples,
-    sigma from `sample_sigmas`, AdamW (0.9, 0.999, eps 1e-8), square crops, random flips, 20,000
-    steps of a global batch of 32 (Flux) or 64 (SD3).
+    """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): 20,000 steps of a global
+    batch of 32 (Flux) or 64 (SD3), AdamW (0.9, 0.999), square crops, flips, posterior samples.
 
     bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
-    bf16 copy of every weight until the block ends (under FSDP2: the whole model on every GPU) and
-    saves nothing here (each weight is used once per forward; checkpointing recasts in backward).
-    Unlike FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
+    bf16 copy of every weight (under FSDP2: the whole model on every GPU) for no gain here. Unlike
+    FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
 
     model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
-    vae: str = option("f16", "Diffusion-4K's F16 VAE, or the stock F8 VAE", choices=["f16", "f8"])
+    vae: str = option("f16", "Diffusion-4K's F16 VAE or the stock F8", choices=["f16", "f8"])
     resolution: int = option(4096, "images are resized to cover the crop", type=integer(1))
-    crop: tuple | None = option(None, "HEIGHTxWIDTH (default: a RESOLUTION square); multiples of "
-                                "the VAE factor x 2", type=crop_size)
-    batch_size: int = option(1, "images per process per micro-batch (upstream: 4 for Flux, 8 for "
-                             "SD3; --grad-accum makes up the global batch)", type=integer(1))
-    grad_accum: int | None = option(None, "micro-batches per step: global batch = processes x "
-                                    "--batch-size x N (auto: upstream's, 32 for Flux, 64 for SD3)",
+    crop: tuple | None = option(None, "HEIGHTxWIDTH (default: RESOLUTION square)", type=crop_size)
+    batch_size: int = option(1, "images per process per micro-batch", type=integer(1))
+    grad_accum: int | None = option(None, "micro-batches per step (auto: upstream's global batch)",
                                     type=accumulation_count, metavar="N|auto")
     steps: int = option(20000, "optimizer steps", type=integer(1))
-    lr: float = option(1e-6, "AdamW learning rate, constant (LoRA wants ~1e-4)", type=positive(1.0))
-    warmup_steps: int = option(0, "linear warm-up steps before the constant rate", type=integer(0))
+    lr: float = option(1e-6, "AdamW learning rate, constant", type=positive(1.0))
+    warmup_steps: int = option(0, "linear warm-up steps", type=integer(0))
     weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
     max_grad_norm: float = option(1.0, "gradient clipping (total norm)", type=positive())
-    lora_rank: int = option(0, "train a LoRA of this rank on the attention and MLPs (0: all "
-                            "weights)", type=integer(0))
-    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)",
-                                      type=positive())
-    wavelet_weights: tuple = option(WLF_UPSTREAM, "WLF weights of the Haar subbands LL,LH,HL,HH; "
-                                    "unequal ones (e.g. 1,2,2,2) are our extension",
-                                    type=wavelet_weights)
+    lora_rank: int = option(0, "LoRA rank (0: train all weights)", type=integer(0))
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank)", type=positive())
+    wavelet_weights: tuple = option(WLF_UPSTREAM, "weights of LL,LH,HL,HH", type=wavelet_weights)
     posterior: str = option("sample", **POSTERIOR)
     guidance: float = option(3.5, "Flux-dev: the distilled guidance fed", type=number(0, 100))
-    timestep_sampling: str | None = option(None, "Flux: uniform, SD3: logit_normal",
+    timestep_sampling: str | None = option(None, "law of sigma (Flux uniform, SD3 logit_normal)",
                                            choices=["uniform", "logit_normal"])
-    shift: float | None = option(None, "static shift s of sigma: s*sigma/(1+(s-1)*sigma) (Flux 1, "
-                                 "SD3 3)", type=positive())
+    shift: float | None = option(None, "static sigma shift (Flux 1, SD3 3)", type=positive())
     max_sequence_length: int = option(77, "T5 tokens of the captions", type=integer(1, 512))
-    gradient_checkpointing: bool = option(True, "recompute block activations in the backward pass "
-                                          "(needed at 4K)", action=argparse.BooleanOptionalAction)
-    dtype: str | None = option(None, "bf16 autocast over fp32 weights (CUDA default), or fp32",
+    gradient_checkpointing: bool = option(True, "recompute block activations in backward",
+                                          action=argparse.BooleanOptionalAction)
+    dtype: str | None = option(None, "bf16 autocast (CUDA default) or fp32",
                                choices=["bf16", "fp32"])
-    seed: int = option(0, "seeds data order, crops, flips, sigmas, noises, LoRA init", type=SEED)
-    checkpoint_every: int = option(1000, "steps per checkpoint (upstream: 5000)", type=integer(1))
-    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", type=integer(0))
+    seed: int = option(0, "seed of data order, crops, noise, LoRA init", type=SEED)
+    checkpoint_every: int = option(1000, "steps per checkpoint", type=integer(1))
+    keep_checkpoints: int = option(2, "checkpoints kept (0: all)", type=integer(0))
     log_every: int = option(10, "steps between log lines", type=integer(1))
 
 UPSTREAM_GLOBAL_BATCH = {"flux": 32, "sd3": 64}  # 4 / 8 per GPU x 8 GPUs
@@ -1996,8 +1954,7 @@ UPSTREAM_SIGMAS = {"flux": ("uniform", 1.0), "sd3": ("logit_normal", 3.0)}  # la
 
 def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
           token=None) -> list[tuple[int, float]]:
-    """Fine-tune with WLF; returns this call's (step, loss) pairs. resume: a checkpoint folder or
-    "latest"."""
+    """Fine-tune with WLF; returns this call's (step, loss) pairs."""
     ctx, output = setup_distributed(device), Path(output)
     check_apart([("--output", output), ("--text-cache", text_cache)],
                 [("--data", data), ("--model", r.model)])
@@ -2019,9 +1976,8 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
         crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
         if crop[0] % side or crop[1] % side:
             raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
-        captions = encode_captions(pipe, [e.text for e in examples], cache)
-        losses = wlf_loop(r, ctx, output, pipe, Captioned(examples, captions, crop), accumulation,
-                          resume)
+        data = Captioned(examples, encode_captions(pipe, [e.text for e in examples], cache), crop)
+        losses = wlf_loop(r, ctx, output, pipe, data, accumulation, resume)
         save_result(r, pipe, output, ctx)
         return losses
 
@@ -2036,17 +1992,16 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
     micro, total = r.batch_size, r.batch_size * accumulation * ctx.world
     if ctx.main:
         count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
-        print(f"training {pipe.kind} ({'LoRA rank %d' % r.lora_rank if lora else 'full'}, "
+        print(f"training {pipe.kind} ({f'LoRA rank {r.lora_rank}' if lora else 'full'}, "
               f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
-              f"batch {micro} x {accumulation} accumulated, latents {r.posterior}, sigma {scheme} "
-              f"shift {shift}, wavelet weights {r.wavelet_weights}", file=sys.stderr)
+              f"{micro} x {accumulation}, sigma {scheme} shift {shift}", file=sys.stderr)
     batches, step, losses = Batches(len(data.examples), r.seed), 0, []
     if resume:
         step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
     f = vae.config.downsample_factor
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
-    first = ctx.rank * micro * accumulation  # this rank's share of the global batch
-    shares = [range(s, s + micro) for s in range(first, first + micro * accumulation, micro)]
+    first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
+    shares = [range(k * micro, (k + 1) * micro) for k in range(first, first + accumulation)]
     autocast = contextlib.nullcontext
     if pipe.dtype == torch.bfloat16:
         autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
@@ -2058,9 +2013,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
-        loss, norm = wlf_step(model, vae, params, micro_batches, guidance, r, autocast,
-                              accumulation)
+        batch = (data.micro_batch(draws, share, ctx.device, pipe.dtype) for share in shares)
+        loss, norm = wlf_step(model, vae, params, batch, guidance, r, autocast, accumulation)
         value = ctx.mean(loss.cpu()).item()
         record = {"step": step + 1, "loss": value, "grad_norm": norm, "lr": lr}
         step = finish_step(optimizer, record, {"loss": value, "gradient": norm}, output, ctx.main)
@@ -2078,16 +2032,14 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
              accumulation: int) -> tuple[torch.Tensor, float]:
     """Every micro-batch's forward and backward, then clipping: (mean loss, gradient norm)."""
-    weights = r.wavelet_weights
-    losses = [wlf_micro_step(model, vae, *batch, guidance, weights, autocast, accumulation)
-              for batch in micro_batches]
+    losses = [wlf_micro_step(model, vae, *batch, guidance, r.wavelet_weights, autocast,
+                             accumulation) for batch in micro_batches]
     norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
     return torch.stack(losses).float().mean(), norm
 
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
-    """(model, trainable parameters): LoRA on the frozen model or fp32 master
-    weights, sharded over the processes."""
+    """(model, trainable parameters): a LoRA on the frozen model, or fp32 weights, sharded."""
     model = pipe.transformer
     if r.lora_rank > 0:
         add_lora(model, pipe.kind, r.lora_rank, r.lora_alpha, r.seed)
@@ -2101,23 +2053,20 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
 
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
-    """A step's random numbers for the whole global batch: every rank draws them
-    and keeps its share, so they do not depend on how the batch is split."""
+    """A step's random numbers for the whole global batch: every rank draws them all and keeps
+    its share, so they do not depend on how the batch is split."""
     g = batches.generator
-    draws = {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
-             "flips": torch.rand(n, generator=g) < 0.5}
-    draws["sigma"] = sample_sigmas(n, scheme, shift, g)
-    draws["noise"] = torch.randn(latent_shape, generator=g)
-    draws["eps"] = torch.randn(latent_shape, generator=g) if posterior == "sample" else None
-    return draws
+    return {"picks": batches.indices(n), "offsets": torch.rand(n, 2, generator=g),
+            "flips": torch.rand(n, generator=g) < 0.5, "sigma": sample_sigmas(n, scheme, shift, g),
+            "noise": torch.randn(latent_shape, generator=g),
+            "eps": torch.randn(latent_shape, generator=g) if posterior == "sample" else None}
 
 def wlf_run(r: WLFRecipe) -> dict:
-    """What a resumed checkpoint must share with this run (`check_resumable`)."""
     return {"trainer": "diffusion4k.py train", "model": source_name(r.model),
             "lora_rank": r.lora_rank, "lora_alpha": r.lora_alpha or r.lora_rank, "vae": r.vae}
 
 def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
-    """r.grad_accum, or what makes processes x batch size x it upstream's batch."""
+    """r.grad_accum, or what makes processes x batch size x it upstream's global batch."""
     if r.grad_accum is not None:
         return r.grad_accum
     target, share = UPSTREAM_GLOBAL_BATCH[detect_kind(r.model, token)], world * r.batch_size
@@ -2127,8 +2076,8 @@ def accumulation_steps(r: WLFRecipe, world: int, token=None) -> int:
     return target // share
 
 def read_dataset(folder, verbose: bool = True) -> list[Example]:
-    """The (image, caption) pairs of an images + metadata.jsonl folder; bad lines,
-    repeats and unreadable images are skipped with a warning."""
+    """The (image, caption) pairs of a folder's metadata.jsonl; bad lines, repeats and
+    unreadable images are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
@@ -2149,7 +2098,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
             examples.append(Example(folder / name, text))
         except (ValueError, KeyError, TypeError, UserError) as error:
             skipped += 1
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
             if verbose:
                 reason = f"missing {error}" if isinstance(error, KeyError) else reason
                 warn(f"{metadata.name} line {line_no}: {reason}; skipped")
@@ -2166,15 +2115,13 @@ class Example(NamedTuple):
 
 @dataclass
 class Captioned:
-    """Training images, their captions' features and the crop size."""
-
     examples: list[Example]
     conditions: dict
     crop: tuple[int, int]
     unreadable: set = field(default_factory=set)
 
     def micro_batch(self, draws: dict, share: range, device, dtype) -> tuple:
-        """(images, noise, sigma, eps, condition) on `device`: entries `share` of `draws`."""
+        """(images, noise, sigma, eps, condition): entries `share` of `draws`."""
         loaded = [self.readable_crop(draws["picks"][i], draws["offsets"][i].tolist(),
                                      bool(draws["flips"][i])) for i in share]
         texts = [self.examples[index].text for index, _ in loaded]
@@ -2186,8 +2133,7 @@ class Captioned:
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
-        """(index, crop) of example `index` or of the next that decodes (a file can pass
-    `verify()` and still fail); a bad file is named once."""
+        """(index, crop) of example `index` or of the next one that decodes."""
         n, bad = len(self.examples), self.unreadable
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
@@ -2200,15 +2146,12 @@ class Captioned:
         raise UserError(f"none of the {n} training images could be decoded")
 
 def text_cache_key(path: Path) -> str | None:
-    """The key of a text cache (None: no file); any other file is refused, never
-    replaced."""
+    """The key of a text cache (None: no file); any other file is refused, never replaced."""
     if not path.exists():
         return None
-    from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(str(path), "pt") as f:
-            key = (f.metadata() or {}).get("key")
-    except (SafetensorError, OSError):
+        key = safetensors_metadata(path).get("key")
+    except UserError:
         key = None
     if key is None:
         raise UserError(f"{path}: not a text cache of `train`; delete it or choose another "
@@ -2217,8 +2160,8 @@ def text_cache_key(path: Path) -> str | None:
 
 def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
                     batch: int = 8) -> dict:
-    """Each distinct caption encoded once (caption -> {name: tensor}, CPU), cached in
-    `cache` keyed by model, captions and lengths; frees the encoders."""
+    """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
+    `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
     lengths = {name: tokenizer.max_length for name, tokenizer in pipe.tokenizers.items()}
     key = json.dumps({"model": pipe.source, "texts": unique, "lengths": lengths})
@@ -2267,8 +2210,7 @@ def lora_targets(model: nn.Module, kind: str) -> list[str]:
             if isinstance(module, nn.Linear) and re.fullmatch(LORA_TARGETS[kind], name)]
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x, W and b frozen. B starts at zero: training starts at
-    the base model. A and B stay fp32."""
+    """y = W x + b + (alpha / r) B A x, W and b frozen; B starts at zero, A and B stay fp32."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -2283,16 +2225,15 @@ class LoRALinear(nn.Module):
         return self.base(x) + low_rank * self.scale
 
 def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
-    """Full fine-tune: OUTPUT becomes a diffusers pipeline. LoRA: OUTPUT/lora.safetensors
-    and pytorch_lora_weights.safetensors (diffusers / peft names)."""
+    """OUTPUT becomes a diffusers pipeline, or holds the LoRA in our and in diffusers' names."""
     model, kind, lora = pipe.transformer, pipe.kind, r.lora_rank > 0
     state = trainable_state(model, lora)
     if lora and ctx.main:
         scale = r.lora_alpha / r.lora_rank if r.lora_alpha else 1.0
         meta = {"kind": kind, "rank": str(r.lora_rank), "scale": str(scale), "base": str(r.model)}
         save_safetensors(state, output / "lora.safetensors", meta)
-        exported = export_lora_diffusers(state, kind, model.config, scale)
-        save_safetensors(exported, output / "pytorch_lora_weights.safetensors", meta)
+        save_safetensors(export_lora_diffusers(state, kind, model.config, scale),
+                         output / "pytorch_lora_weights.safetensors", meta)
         print(f"wrote {output / 'lora.safetensors'} and pytorch_lora_weights.safetensors",
               file=sys.stderr)
     elif ctx.main:
@@ -2303,7 +2244,6 @@ def save_result(r: WLFRecipe, pipe: Pipeline, output: Path, ctx: Distributed):
     ctx.barrier()
 
 def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dtype):
-    """OUTPUT/transformer/ in the diffusers layout."""
     table, folder = transformer_key_table(kind, model.config), output / "transformer"
     state = to_folder_layout({k: v.to(dtype) for k, v in state.items()}, table,
                              model.config.hidden_size)
@@ -2311,9 +2251,8 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
     write_json(diffusers_config(model.config, kind), folder / "config.json")
 
 def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
-    """Our LoRA -> diffusers / peft names. A LoRA on a fused projection splits
-    exactly: the rows of B A of to_q / to_k / to_v (/ proj_mlp) are those rows of B times A. B
-    carries the scale (peft's alpha: the rank)."""
+    """Our LoRA in diffusers / peft names. A fused projection's LoRA splits exactly: rows of B A
+    are those rows of B times A. B carries the scale (peft's alpha: the rank)."""
     table, out = transformer_key_table(kind, config), {}
     for module in sorted({key.rsplit(".", 1)[0] for key in lora}):
         a, b = lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] * scale
@@ -2391,54 +2330,43 @@ def copy_base_components(base, output: Path):
 
 @dataclass
 class SCVAERecipe:
-    """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): the student (the base VAE
-    with stride 2, F16) learns to decode like the frozen teacher (the same VAE, stride 1, F8). Only
-    the decoder trains: with the encoder frozen, the latent space and its factors stay the base
-    VAE's. From gan_start the decoder and the discriminator take turns, one optimizer step each
-    (`discriminator_turn`), the discriminator on fresh real crops against the decoder's last
-    fakes; the EMA (`ema_update`) follows every step; posterior samples; AdamW (0.9, 0.999) for
-    both models; horizontal flips."""
+    """SC-VAE as upstream trains it (sc-vae/train_vae.py, train_vae.sh): only the student's decoder
+    trains, so the latent space and its factors stay the base VAE's. From gan_start the decoder
+    and the discriminator take turns (`discriminator_turn`), D on fresh real crops against the
+    decoder's last fakes; the EMA follows every step. AdamW (0.9, 0.999) for both, flips."""
 
     base: str = option("black-forest-labs/FLUX.1-schnell", "base VAE: Hub repo, folder or file")
-    resolution: int = option(512, "square crops, shorter side resized to it", type=integer(16))
-    batch_size: int = option(32, "crops per micro-batch (upstream: 32 per GPU)", type=integer(1))
-    grad_accum: int = option(8, "micro-batches per step (upstream 2 x 4 GPUs)",
-                             type=integer(1, 4096))
-    steps: int = option(10000, "optimizer steps, the decoder's and discriminator's",
-                        type=integer(1))
+    resolution: int = option(512, "square crop side", type=integer(16))
+    batch_size: int = option(32, "crops per micro-batch", type=integer(1))
+    grad_accum: int = option(8, "micro-batches per step", type=integer(1, 4096))
+    steps: int = option(10000, "optimizer steps, both models'", type=integer(1))
     lr: float = option(1e-5, "AdamW learning rate, constant", type=positive(1.0))
-    weight_decay: float = option(1e-4, "AdamW weight decay of both models", type=number(0))
-    max_grad_norm: float = option(1.0, "gradient clipping of each model's total norm",
-                                  type=positive())
-    sc_weight: float = option(1.0, "scale-consistency loss weight", type=number(0))
-    lpips_weight: float = option(0.1, "LPIPS-vgg weight; 0 = off, no weights needed",
-                                 type=number(0))
-    gan_weight: float = option(0.05, "adversarial weight; 0 = no discriminator", type=number(0))
-    gan_start: int = option(0, "step from which decoder and discriminator alternate",
-                            type=integer(0))
-    gp_weight: float = option(10.0, "discriminator gradient penalty weight", type=number(0))
+    weight_decay: float = option(1e-4, "AdamW weight decay", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping per model", type=positive())
+    sc_weight: float = option(1.0, "scale-consistency weight", type=number(0))
+    lpips_weight: float = option(0.1, "LPIPS weight (0: off)", type=number(0))
+    gan_weight: float = option(0.05, "adversarial weight (0: no discriminator)", type=number(0))
+    gan_start: int = option(0, "first step of the GAN turns", type=integer(0))
+    gp_weight: float = option(10.0, "gradient penalty weight", type=number(0))
     disc_lr: float | None = option(None, "discriminator learning rate (default: --lr)",
                                    type=positive(1.0))
-    ema: float = option(0.9999, "EMA decay of the saved decoder; 0 = off", type=number(0, 1))
+    ema: float = option(0.9999, "EMA decay of the saved decoder (0: off)", type=number(0, 1))
     posterior: str = option("sample", **POSTERIOR)
-    f16_decode: str = option("partitioned", "the student's last stage: partitioned (upstream "
-                             "trains through it) or centred", choices=["partitioned", "centred"])
-    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward "
-                                          "(needed for 32 crops of 512^2)",
+    f16_decode: str = option("partitioned", "the student's last stage",
+                             choices=["partitioned", "centred"])
+    gradient_checkpointing: bool = option(True, "recompute decoder activations in backward",
                                           action=argparse.BooleanOptionalAction)
-    dtype: str = option("fp32", "compute: fp32, or bf16 autocast (faster)",
-                        choices=["fp32", "bf16"])
-    seed: int = option(0, "seeds crops, flips, posterior samples and the discriminator", type=SEED)
+    dtype: str = option("fp32", "fp32, or bf16 autocast", choices=["fp32", "bf16"])
+    seed: int = option(0, "seed of crops, noise, discriminator", type=SEED)
     workers: int = option(4, "image decoding threads", type=integer(1, 64))
-    save_every: int = option(1000, "checkpoint interval in steps", type=integer(1))
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", type=integer(1))
-    save_dtype: str = option("fp32", "dtype of the saved VAE weights", choices=["fp32", "bf16"])
-    ae_file: bool = option(False, "also write OUTPUT/ae.safetensors in BFL's single-file layout",
-                           action="store_true")
+    save_every: int = option(1000, "steps per checkpoint", type=integer(1))
+    keep_checkpoints: int = option(2, "checkpoints kept", type=integer(1))
+    save_dtype: str = option("fp32", "dtype of the saved weights", choices=["fp32", "bf16"])
+    ae_file: bool = option(False, "also write BFL's OUTPUT/ae.safetensors", action="store_true")
 
 def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple | None = None,
               device=None, token=None) -> VAETraining:
-    """Train the F16 decoder with L_SC into OUTPUT/vae/; lpips: the LPIPS weight files."""
+    """Train the F16 decoder with L_SC into OUTPUT/vae/."""
     linear, backbone = lpips or (LPIPS_VGG_LINEAR, LPIPS_VGG_BACKBONE)
     if r.resolution % 16:
         raise UserError(f"--resolution {r.resolution}: must be a multiple of 16")
@@ -2447,9 +2375,8 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
                         "last map must be 2x2); --gan-weight 0 trains without it")
     if r.ema == 1:
         raise UserError("--ema 1: the decay must be below 1 (0 turns EMA off)")
-    inputs = [("--data", data), ("--base", r.base), ("--lpips-linear", linear),
-              ("--lpips-backbone", backbone)]
-    check_apart([("--output", output)], inputs)
+    lpips_files = [("--lpips-linear", linear), ("--lpips-backbone", backbone)]
+    check_apart([("--output", output)], [("--data", data), ("--base", r.base), *lpips_files])
     output = Path(output)
     check_train_output(output, resume)
     files = vae_image_files(data)
@@ -2528,9 +2455,8 @@ def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
             save_vae_checkpoint(output, step, vae_state(run, r, step), r.keep_checkpoints)
 
 def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
-    """Step `step` (0-based) up to the update: the decoder's L_SC or, on the
-    discriminator's turns, D's loss on fresh crops against the last fakes; mean gradients over
-    the micro-batches, clipped. Returns (the optimizer to step, the mean losses and norm)."""
+    """Step `step` (0-based) up to the update: the decoder's L_SC or, on D's turns, D's loss on
+    fresh crops against the last fakes. Returns (the optimizer to step, mean losses and norm)."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
     model, optimizer = run.student.decoder, run.optimizer
@@ -2556,8 +2482,8 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     return optimizer, totals
 
 class CropStream:
-    """Seeded square crops: `Batches` draws each epoch's permutation and every crop's
-    offset and flip. Files that fail to decode are dropped with one warning."""
+    """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;
+    files that fail to decode are dropped with one warning."""
 
     def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
         self.files, self.size, self.workers = files, size, workers
@@ -2608,30 +2534,27 @@ def read_vae_checkpoint(folder: Path) -> dict:
     return state
 
 def vae_run(r: SCVAERecipe) -> dict:
-    """What a resumed checkpoint must share with this run (`check_run`)."""
     return {"trainer": "diffusion4k.py train-vae", "base": source_name(r.base),
             "f16_decode": r.f16_decode}
 
 def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
-    """All a resumed run needs to go on identically after `step` steps."""
+    """All a resumed run needs to go on identically."""
     next_needs_fakes = run.disc is not None and discriminator_turn(step, r.gan_start)
     state = {key: None if part is None else part.state_dict() for key, part in run.parts().items()}
     state.update(step=step, ema=run.ema, fakes=run.fakes.cpu() if next_needs_fakes else None,
                  stream=run.stream.state(), noise=run.noise.get_state(),
-                 torch_rng=torch.get_rng_state())
-    state["run"] = json.dumps(vae_run(r))
+                 torch_rng=torch.get_rng_state(), run=json.dumps(vae_run(r)))
     return state
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
-    """Load the newest intact checkpoint if it is this run's (record, EMA, GAN,
-    tensors); returns its step."""
+    """Load the newest intact checkpoint if it is this run's; returns its step."""
     if latest_checkpoint(output) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
     folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
-    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-    if (ema, gan) != ("off" if run.ema is None else "on", "off" if run.disc is None else "on"):
+    ema, gan = ("off" if part is None else "on" for part in (state["ema"], state["disc"]))
+    if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
     try:
@@ -2651,8 +2574,7 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt if its weights are finite, whole or not at
-    all; older ones pruned."""
+    """checkpoints/step-N/state.pt, whole or not at all, if its weights are finite; prunes."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
@@ -2667,9 +2589,8 @@ def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
 
 def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dtype=torch.float32,
              ae_file: bool = False):
-    """OUTPUT/vae/ in the diffusers layout ("stride": 2) for `load_vae` and diffusers'
-    AutoencoderKL; with ae_file also OUTPUT/ae.safetensors in BFL's layout (configless: load it
-    with `load_vae(path, stride=2)`)."""
+    """OUTPUT/vae/ in the diffusers layout ("stride": 2), and with ae_file OUTPUT/ae.safetensors
+    in BFL's (configless: `load_vae(path, stride=2)`)."""
     state = {key: value.detach().to("cpu", dtype).contiguous()
              for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
@@ -3244,36 +3165,33 @@ def generate_command(args):
         write_metadata(metadata, records)
 
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
-    """(prompts, output stems) of --prompts: a text file, one prompt per line
-    (stems None), or a .jsonl file with {"file_name", "text"} per line, named after the
-    file_names' stems (upstream's generate_and_eval_fid.py). A bad line stops the batch."""
-    lines = read_text(path, "prompt file").splitlines()
+    """(prompts, output stems) of --prompts: one prompt per line (stems None), or a .jsonl file
+    of {"file_name", "text"} named by the file_names' stems (upstream's generate_and_eval_fid.py).
+    A bad line stops the batch."""
+    lines = [(n, line) for n, line in enumerate(read_text(path, "prompt file").splitlines(), 1)
+             if line.strip()]
     if Path(path).suffix.lower() != ".jsonl":
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
+        if not lines:
             raise UserError(f"{path}: no prompts (one per line; blank lines are skipped)")
-        return prompts, None
+        return [line.strip() for _, line in lines], None
     seen = {}  # stem -> (line number, prompt)
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for n, line in lines:
+        where = f"{path} line {n}"
         try:
             record = loads_unique(line)
         except ValueError as error:
-            raise UserError(f"{path} line {line_no}: not JSON ({error})") from None
-        record = record if isinstance(record, dict) else {}
-        name, text = record.get("file_name"), record.get("text")
+            raise UserError(f"{where}: not JSON ({error})") from None
+        name, text = (record.get(key) if isinstance(record, dict) else None
+                      for key in ("file_name", "text"))
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path} line {line_no}: expected an object with a file_name and a "
-                            "non-empty text")
+            raise UserError(f"{where}: expected an object with a file_name and a non-empty text")
         stem = Path(name).stem
         if not stem or "\0" in stem:
-            raise UserError(f"{path} line {line_no}: file_name {name!r} gives no usable output "
-                            "name")
+            raise UserError(f"{where}: file_name {name!r} gives no usable output name")
         if stem in seen:
-            raise UserError(f"{path} line {line_no}: file_name {name!r} gives the output name "
-                            f"{stem}.png of line {seen[stem][0]}")
-        seen[stem] = line_no, text
+            raise UserError(f"{where}: file_name {name!r} gives the output name {stem}.png of "
+                            f"line {seen[stem][0]}")
+        seen[stem] = n, text
     if not seen:
         raise UserError(f"{path}: no prompts (one JSON object with file_name and text per line)")
     return [text for _, text in seen.values()], list(seen)
@@ -3282,20 +3200,19 @@ def check_source(value, option: str):
     """Refuse a missing local path, a FIFO or a device before anything loads."""
     if value is None:
         return
-    if not Path(value).expanduser().exists() and not is_repo_id(value):
+    if not (Path(value).expanduser().exists() or is_repo_id(value)):
         raise UserError(f"{option} {value}: no such file or folder, nor a Hub repo id (owner/name)")
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The outputs, checked before anything loads: one image, or OUTPUT_DIR/00000.png
-    ... (or <stem>.png) and OUTPUT_DIR/metadata.jsonl (last)."""
+    """The outputs, checked before anything loads; with --prompts metadata.jsonl comes last."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output-dir {folder} is a file, not a folder")
-    names = [f"{stem}.png" for stem in stems] if stems else [f"{i:05d}.png" for i in range(count)]
-    outputs = [folder / name for name in names] + [folder / "metadata.jsonl"]
+    stems = stems or [f"{i:05d}" for i in range(count)]
+    outputs = [folder / f"{stem}.png" for stem in stems] + [folder / "metadata.jsonl"]
     for path in outputs:
         if path.exists() and not (args.overwrite or args.skip_existing):
             raise UserError(f"{path} exists; pass --overwrite to replace, or --skip-existing to "
@@ -3304,8 +3221,7 @@ def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path
     return outputs
 
 def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
-    """An image's metadata.jsonl line: from `settings`, else from the PNG text chunks
-    (an image kept by --skip-existing), else the prompt alone."""
+    """An image's metadata.jsonl line: `settings`, else the PNG's text chunks, else the prompt."""
     if settings is None:
         try:
             with Image.open(path) as image:
@@ -3316,25 +3232,26 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
 
 def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path],
                     numbers: list[int], records: dict, metadata: Path | None):
-    """Sample and save each image; metadata.jsonl is rewritten after each one, so an
-    interrupted batch keeps one that matches."""
+    """Sample and save each image, rewriting metadata.jsonl after each (an interrupted batch's
+    matches its images)."""
     family = DEFAULTS["flux-schnell" if pipe.schnell else pipe.kind]
     steps = args.steps or family["steps"]
     guidance = family["guidance"] if args.guidance is None else args.guidance
     height, width = check_size(pipe, args.height, args.width)
-    if pipe.kind == "flux" and args.negative_prompt:
+    sd3 = pipe.kind == "sd3"
+    if not sd3 and args.negative_prompt:
         print("note: Flux is guidance-distilled and takes no negative prompt; ignoring it",
               file=sys.stderr)
-    f16_decode = args.f16_decode if args.vae == "f16" else None
-    negative_text = args.negative_prompt if pipe.kind == "sd3" else ""
-    negative = encode_prompts(pipe, [args.negative_prompt])[0] if pipe.kind == "sd3" else None
+    negative = encode_prompts(pipe, [args.negative_prompt])[0] if sd3 else None
+    settings = dict(model=args.model, vae=args.vae,
+                    f16_decode=args.f16_decode if args.vae == "f16" else None, height=height,
+                    width=width, steps=steps, guidance=guidance, seed=None, mu=args.mu,
+                    negative_prompt=args.negative_prompt if sd3 else "")
     for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
         if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: encoded in parts
             conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = dict(model=args.model, vae=args.vae, f16_decode=f16_decode, height=height,
-                        width=width, steps=steps, guidance=guidance, seed=seed, mu=args.mu,
-                        negative_prompt=negative_text)
+        settings = {**settings, "seed": seed}  # keeps the key's place
         start = time.perf_counter()
         image = generate(pipe, conditions[n % PROMPT_BATCH], height, width, steps, guidance, seed,
                          negative, args.mu, progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
@@ -3347,7 +3264,7 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
             write_metadata(metadata, records)
 
 def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
-    """Round the sides to the model's multiple (saying so); refuse impossible sizes."""
+    """Round the sides to the model's multiple (saying so); refuse sizes SD3 cannot sample."""
     multiple = pipe.size_multiple
     rounded = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
     if rounded != [height, width]:
@@ -3368,55 +3285,39 @@ def write_metadata(path: Path, records: dict):
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py", epilog="Subcommands: `diffusion4k.py train --help` (WLF "
-        "fine-tuning), `diffusion4k.py train-vae --help` (SC-VAE).",
-        description="Diffusion-4K: direct 4096x4096 text-to-image with Flux or SD3.")
+        prog="diffusion4k.py", description="Diffusion-4K: 4096x4096 text-to-image, Flux or SD3.",
+        epilog="Training: `diffusion4k.py train --help` (WLF), `train-vae --help` (SC-VAE).")
     add = parser.add_argument
     add("--prompt", default="", help="the text prompt")
-    add("--prompts", help="a text file, one prompt per line (writes 00000.png, ...), or a .jsonl "
-        "file with file_name and text per line (writes <stem>.png), such as Aesthetic-4K's eval "
-        "metadata.jsonl")
-    add("--output", default="diffusion4k.png",
-        help="output image (.png keeps the settings as text metadata)")
-    add("--output-dir", default="diffusion4k_outputs",
-        help="folder for the --prompts images, metadata.jsonl")
+    add("--prompts", help="text file, one prompt per line, or .jsonl with file_name and text")
+    add("--output", default="diffusion4k.png", help="output image")
+    add("--output-dir", default="diffusion4k_outputs", help="folder for the --prompts images")
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    existing.add_argument("--skip-existing", action="store_true",
-                          help="keep existing images, add the rest")
-    add("--model", default="zhang0jhon/flux_wavelet_v2_sc", help="Hub repo or local pipeline "
-        "folder (Flux or SD3), or a single transformer .safetensors file")
-    side = dict(type=integer(1, 16384), default=4096, help="in px, rounded to the model's multiple")
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing images")
+    add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
+        help="Flux or SD3 pipeline (Hub repo or folder) or transformer file")
+    side = dict(type=integer(1, 16384), default=4096, help="in px")
     add("--height", **side)
     add("--width", **side)
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
-    add("--guidance", type=number(0, 100),
-        help="Flux-dev: distilled guidance (5.0); SD3: CFG scale (7.0)")
+    add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance; SD3: CFG scale")
     add("--negative-prompt", default="", help="SD3 only")
-    add("--seed", type=SEED, default=0, help="the first image's seed (see --seed-per-prompt)")
+    add("--seed", type=SEED, default=0, help="the first image's seed")
     add("--seed-per-prompt", choices=["increment", "same"], default="increment",
-        help="prompt i of --prompts uses --seed + i, or --seed (same: upstream's "
-        "generate_and_eval_fid.py)")
-    add("--vae", choices=["f16", "f8"], default="f16",
-        help="Diffusion-4K's F16 VAE, or the stock F8 VAE")
+        help="prompt i gets --seed + i, or --seed")
+    add("--vae", choices=["f16", "f8"], default="f16", help="Diffusion-4K's F16 VAE or the F8")
     add("--f16-decode", choices=["partitioned", "centred"], default="partitioned",
-        help="F16 last stage: upstream's (partitioned, as the released decoders were trained) "
-        "or centred")
-    add("--vae-tile", type=integer(0),
-        help="decode in tiles of this many latent pixels (0: whole image)")
+        help="F16 last stage: upstream's or centred")
+    add("--vae-tile", type=integer(0), help="decode tile in latent pixels (0: whole)")
     add("--mu", type=number(-15, 15), help="Flux timestep shift (default: Flux's rule, capped)")
-    add("--offload", choices=["none", "model", "blocks"], default="none",
-        help="GPU memory: none (80 GB), model (components take turns: 48 GB), blocks (Flux "
-        "blocks: 24 GB)")
+    add("--offload", choices=["none", "model", "blocks"], default="none", help="GPU memory saving")
     add("--compile", action="store_true", help="torch.compile each transformer block")
-    add("--text-encoders",
-        help="pipeline folder / Hub repo with the text encoders (for single-file models)")
-    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's own vae/)")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--dtype", choices=["bf16", "fp16", "fp32"],
-        help="default: bf16 on CUDA, fp32 on CPU; fp16 for SD3 only (Flux overflows it)")
-    add("--token", help="Hugging Face token for gated repos (default: HF_TOKEN / "
-        "huggingface-cli login)")
+    add("--text-encoders", help="source of the text encoders (for single-file models)")
+    add("--vae-weights", help="VAE folder, file or Hub repo (default: the model's)")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    add("--token", help="Hugging Face token")
     return parser
 
 def recipe(kind, args):
@@ -3432,28 +3333,15 @@ def train_command(args) -> list[tuple[int, float]]:
 
 def train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Wavelet-based Latent Fine-tuning (WLF) of a Flux or SD3 pipeline on an "
-                    "Aesthetic-4K style\nfolder (images + metadata.jsonl with file_name and text); "
-                    "upstream's defaults.",
-        epilog="Examples:\n"
-               "  diffusion4k.py train --data 4k/train --output flux4k --lora-rank 64 --lr 1e-4\n"
-               "  torchrun --nproc_per_node 8 diffusion4k.py train --data 4k/train --output "
-               "flux4k\n  (full fine-tuning of the 12B Flux needs FSDP: fp32 weights + AdamW take "
-               "~190 GB)\n"
-               "  diffusion4k.py train ... --resume       continue from the newest checkpoint in "
-               "--output")
+        prog="diffusion4k.py train", description="WLF fine-tuning of a Flux or SD3 pipeline on "
+        "images + metadata.jsonl; upstream's defaults.")
     add = parser.add_argument
-    add("--data", required=True,
-        help="folder with images and metadata.jsonl (file_name, text per line)")
-    add("--output", required=True,
-        help="folder: checkpoints/, train_log.jsonl, then the pipeline or LoRA")
-    add("--text-cache", help="safetensors file caching the caption embeddings between runs")
-    add("--resume", nargs="?", const="latest",
-        help="a checkpoint folder, or none: the newest in --output")
-    add("--device", type=device_name,
-        help="cuda (default when available) or cpu; torchrun: LOCAL_RANK's GPU")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--data", required=True, help="folder of images and metadata.jsonl")
+    add("--output", required=True, help="output folder")
+    add("--text-cache", help="safetensors file caching the caption embeddings")
+    add("--resume", nargs="?", const="latest", help="a checkpoint (default: the newest)")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     add_recipe(parser, WLFRecipe)
     return parser
 
@@ -3468,22 +3356,16 @@ def train_vae_command(args) -> VAETraining:
 
 def train_vae_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="diffusion4k.py train-vae", description="SC-VAE (arXiv 2506.01331): retrain the F16 "
-        "VAE's decoder (encoder frozen) to reconstruct images and match the frozen F8 decoder's "
-        "last feature map. Writes OUTPUT/vae/ for `diffusion4k.py --vae-weights OUTPUT`. "
-        "Defaults are upstream's.")
+        prog="diffusion4k.py train-vae", description="SC-VAE: retrain the F16 decoder to decode "
+        "like the F8 one; writes OUTPUT/vae/. Upstream's defaults.")
     add = parser.add_argument
-    add("--data", required=True,
-        help="image folder (recursive), or the files its metadata.jsonl lists")
-    add("--output", required=True,
-        help="output folder: vae/ (diffusers layout, \"stride\": 2), checkpoints/")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    add("--lpips-linear", default=LPIPS_VGG_LINEAR,
-        help="LPIPS v0.1 vgg linears: file, owner/repo/path")
-    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE,
-        help="VGG16 ImageNet weights: file, owner/repo/path")
-    add("--device", type=device_name, help="cuda (default when available) or cpu")
-    add("--token", help="Hugging Face token for gated repos")
+    add("--data", required=True, help="image folder")
+    add("--output", required=True, help="output folder")
+    add("--resume", action="store_true", help="continue from the newest checkpoint")
+    add("--lpips-linear", default=LPIPS_VGG_LINEAR, help="LPIPS vgg linears")
+    add("--lpips-backbone", default=LPIPS_VGG_BACKBONE, help="VGG16 weights")
+    add("--device", type=device_name, help="default: cuda when available")
+    add("--token", help="Hugging Face token")
     add_recipe(parser, SCVAERecipe)
     return parser
 
