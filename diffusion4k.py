@@ -1994,7 +1994,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
         count = sum(p.numel() for p in params) * ctx.world  # shards under FSDP
         print(f"training {pipe.kind} ({f'LoRA rank {r.lora_rank}' if lora else 'full'}, "
               f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
-              f"{micro} x {accumulation}, sigma {scheme} shift {shift}", file=sys.stderr)
+              f"{micro} x {accumulation}, latents {r.posterior}, sigma {scheme} shift {shift}, "
+              f"wavelet weights {r.wavelet_weights}", file=sys.stderr)
     batches, step, losses = Batches(len(data.examples), r.seed), 0, []
     if resume:
         step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
