@@ -20,7 +20,14 @@ weights, loss weights or sigma: sigma, the LoRA targets and the guidance input f
 OP4KSR builds on, the fixed prompt S3Diff's, the LPIPS-to-MSE ratio OSEDiff's. OMGSR-F's public
 LoRAs also run here, patch-free or by OMGSR-F's own tiled inference (--recipe omgsr-f).
 
-The models, training utilities, LPIPS and weight loading are diffusion4k.py's kits.
+Commands
+    python op4ksr.py --input lr.png --weights op4ksr.safetensors       # 4x, writes lr_op4ksr.png
+    python op4ksr.py --input lr.png --weights omgsr-f-1024-adapter/ [--recipe omgsr-f]
+    torchrun --nproc_per_node 8 op4ksr.py train --data hr4k/ --output runs/op4ksr
+    python op4ksr.py calibrate-sigma --data hr4k/
+
+After the method come the models (diffusion4k.py's kits), the pipeline with OMGSR-F's own tiled
+inference, training with its Real-ESRGAN data, weight loading and, last, the command line.
 """
 from __future__ import annotations
 
