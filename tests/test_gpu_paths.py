@@ -117,6 +117,67 @@ def test_streamed_blocks_arrive_once_per_step_and_never_go_back():
     assert all(p.device.type == "cpu" for block in blocks for p in block.parameters())
     assert all(p.device.type == "meta" for p in model.final_layer.parameters())
 
+class FakeStream:
+    """A CUDA stream's bookkeeping: which events it records and which it waits for."""
+
+    def __init__(self, name):
+        self.name, self.recorded, self.waited = name, [], []
+
+    def record_event(self):
+        self.recorded.append(object())
+        return self.recorded[-1]
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+@torch.no_grad()
+def test_streamed_blocks_wait_for_their_copy_on_the_compute_stream(monkeypatch):
+    """The CUDA side of --offload blocks, with fake streams: every copy is issued non-blocking on
+    the side stream and records an event; before a block runs, the compute stream waits for that
+    block's event, and each copied tensor is marked as used by the compute stream (else the caching
+    allocator could reuse its memory while the block still reads it)."""
+    model = tiny_flux()
+    d4k.stream_blocks(model, "meta")
+    blocks = [*model.double_blocks, *model.single_blocks]
+    stream = next(iter(blocks[0]._forward_pre_hooks.values())).func.__self__  # the BlockStream
+    copier, compute, current, marked = FakeStream("copier"), FakeStream("compute"), [], []
+    stream.cuda, stream.copier = True, copier
+
+    class On:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            current.append(self.s)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", On)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: marked.append(s), raising=False)
+    issued = []
+    real_to = torch.Tensor.to
+
+    def to(t, *args, **kwargs):
+        issued.append((current[-1].name if current else None, kwargs.get("non_blocking")))
+        return real_to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    z, condition = flux_condition("meta")
+    ids, txt_ids = d4k.latent_image_ids(8, 8, "meta"), torch.zeros(1, 5, 3, device="meta")
+    t, g = torch.full((1,), 0.5, device="meta"), torch.full((1,), 3.5, device="meta")
+    issued.clear()
+    model(d4k.pack_latents(z), ids, condition["txt"], txt_ids, t, condition["y"], g)
+    copies = [i for i in issued if i[0] == "copier"]
+    assert copies and all(non_blocking for _, non_blocking in copies)
+    assert compute.waited == copier.recorded[: len(blocks)]  # each block waits for its own copy
+    assert len(copier.recorded) == len(blocks) + 1  # and the next step's first block is on its way
+    tensors = sum(len(slots) for slots in stream.slots)
+    assert marked == [compute] * tensors
+
+
 @torch.no_grad()
 def test_a_visit_drops_the_device_copy_instead_of_copying_back():
     """--offload model: a component visits the GPU and goes home with its untouched CPU weights."""
