@@ -116,8 +116,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
              seed: int, negative: dict | None = None, mu: float | None = None, progress=None,
              vae_tile: int | None = None) -> torch.Tensor:
     """One image, (3, H, W) in [-1, 1] on the CPU. Above WHOLE_DECODE_MAX_SIDE the decoder's
-    activations need tens of GB, so it decodes tiles of `vae_tile` latent pixels (0: whole),
-    blended by ramps: GroupNorm and attention then see one tile, close to the whole decode."""
+    activations need tens of GB, so it decodes ramp-blended tiles of `vae_tile` latent pixels (0:
+    whole): GroupNorm and attention then see one tile, close to the whole decode."""
     vae, device = pipe.vae.config, pipe.device
     h, w = height // vae.downsample_factor, width // vae.downsample_factor
     noise = torch.randn(1, vae.z_channels, h, w, generator=seed_everything(seed))  # any device
@@ -125,8 +125,11 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
         return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
-    tokens = (h // 2) * (w // 2)
-    velocity, sigmas = SAMPLING[pipe.kind](pipe, condition, negative, guidance, steps, tokens, mu)
+    if pipe.kind == "flux":
+        velocity = flux_velocity(pipe, condition, guidance)
+        sigmas = flux_sigmas(steps, (h // 2) * (w // 2), mu, shift=not pipe.schnell)
+    else:
+        velocity, sigmas = sd3_velocity(pipe, condition, negative, guidance), sd3_sigmas(steps)
     with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     if vae_tile is None:
@@ -136,16 +139,16 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
                           pipe.dtype)
     return image[0].clamp(-1, 1).cpu()
 
-def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
+def flux_velocity(pipe, condition, guidance):
     """Flux-dev is guidance-distilled (the scale is an input, no negative prompt); schnell takes
     no guidance and no shift."""
     distilled = None if pipe.schnell else guidance
 
     def velocity(z, sigma):
         return pipe.transformer.velocity(z.to(pipe.dtype), sigma, condition, distilled)
-    return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
+    return velocity
 
-def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
+def sd3_velocity(pipe, condition, negative, guidance):
     """Classifier-free guidance: unconditional (negative prompt, else zeros) and conditional
     predictions in one batch."""
     negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
@@ -155,9 +158,7 @@ def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
         z = torch.cat([z, z]).to(pipe.dtype)
         uncond, cond = pipe.transformer.velocity(z, sigma, both).float().chunk(2)
         return uncond + guidance * (cond - uncond)
-    return velocity, sd3_sigmas(steps)
-
-SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
+    return velocity
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
     """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
@@ -263,7 +264,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
     """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
-    batch mean's); returns its loss, detached."""
+    batch mean's); returns its loss."""
     with torch.no_grad(), autocast():
         x0 = encode_latents(vae, images, eps)
     with autocast():
@@ -283,10 +284,10 @@ def wlf_loss(pred_x0: torch.Tensor, target_x0: torch.Tensor,
              subband_weights=WLF_UPSTREAM) -> torch.Tensor:
     """Mean of w_band (DWT(pred_x0) - DWT(target_x0))^2, weights for (LL, LH, HL, HH).
 
-    With upstream's equal weights this is exactly the latent MSE: the one-level Haar DWT is an
-    orthonormal 2x2-block transform, keeping the sum of squares and the element count. Since
-    x0_hat - x0 = -sigma (v_hat - v), that is sigma^2 MSE(v_hat, noise - x0) per sample. Only
-    unequal weights (`--wavelet-weights`, our extension) change the objective."""
+    With equal weights this is exactly the latent MSE: the one-level Haar DWT is an orthonormal
+    2x2-block transform, keeping the sum of squares and the element count. As x0_hat - x0 =
+    -sigma (v_hat - v), that is sigma^2 MSE(v_hat, noise - x0) per sample. Only unequal weights
+    (`--wavelet-weights`, our extension) change the objective."""
     weights = torch.as_tensor(subband_weights, dtype=torch.float32, device=pred_x0.device)
     bands = haar_dwt(pred_x0.float() - target_x0.float())  # (B, C, 4, H/2, W/2); the DWT is linear
     return (weights.view(4, 1, 1) * bands.square()).mean()
@@ -344,10 +345,10 @@ def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, pos
     """L_SC of the module docstring for crops x in [-1, 1]:
         MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
         + gan_weight lambda (-mean D(x_hat)),
-    x_hat = clamp(decoded, -1, 1) by the F16 student, f the decoders' last feature maps (the F8
-    teacher's from its own latent), lambda = `adaptive_weight` of the reconstruction term (LPIPS,
-    else MSE) against D's at the student's conv_out. lpips or disc None drops its term; latents
-    are drawn with the generator `posterior` (None: the mean). Returns (terms, x_hat detached)."""
+    x_hat clamped to [-1, 1], the F8 teacher's f from its own latent, lambda balancing the
+    reconstruction term (LPIPS, else MSE) against D's at the student's conv_out. lpips or disc
+    None drops its term; latents are drawn with the generator `posterior` (None: the mean).
+    Returns (terms, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -359,16 +360,14 @@ def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, pos
     loss = losses["mse"] + sc_weight * losses["sc"] + lpips_weight * losses.get("lpips", 0.0)
     if disc is not None:
         losses["gen"] = -disc(pred).float().mean()
-        reconstruction = losses.get("lpips", losses["mse"])
-        last = student.decoder.conv_out.weight
+        reconstruction, last = losses.get("lpips", losses["mse"]), student.decoder.conv_out.weight
         losses["balance"] = adaptive_weight(reconstruction, losses["gen"], last)
         loss = loss + gan_weight * losses["balance"] * losses["gen"]
     return {"loss": loss, **losses}, pred.detach()
 
 def scale_consistency_loss(student_features: torch.Tensor,
                            teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE(f_student, avgpool2(f_teacher)) of the decoders' maps before the last upsample: the F16
-    student's at H/2, the F8 teacher's at H.
+    """MSE(f_student, avgpool2(f_teacher)) of the decoders' maps before the last upsample.
 
     Upstream upsamples the student's map (nearest x2) instead: MSE(up(s), t) = MSE(s, avgpool2(t))
     + the within-block variance of t, a constant: the same gradient at a quarter of the memory."""
@@ -378,10 +377,10 @@ class Discriminator(nn.Module):
     """Paella's patch discriminator, as SC-VAE uses it: (B, 1, H/64, W/64); crops need at least
     128 px (InstanceNorm needs 2x2 maps)."""
 
-    def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512, 512, 512)):
+    def __init__(self):
         super().__init__()
-        layers, width = [], in_channels
-        for i, out in enumerate(widths):
+        layers, width = [], 3
+        for i, out in enumerate((64, 128, 256, 512, 512, 512)):
             conv = nn.Conv2d(width, out, 3, stride=2, padding=1)
             layers += [nn.utils.parametrizations.spectral_norm(conv)]
             layers += [nn.InstanceNorm2d(out), nn.LeakyReLU(0.2)] if i else [nn.LeakyReLU(0.2)]
@@ -1666,8 +1665,8 @@ def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, v
     # an unreachable tokenizer fails before 12B parameters load
     component_path(text_source, "tokenizer", token, ("*.json", "*.txt"))
     print(f"loading {kind} transformer from {model}", file=sys.stderr)
-    transformer = (load_flux if kind == "flux" else load_sd3)(model, dtype, rest_device,
-                                                              token=token)
+    load = load_flux if kind == "flux" else load_sd3
+    transformer = load(model, dtype, rest_device, token=token)
     if offload == "blocks":
         stream_blocks(transformer, device)
     # a single file has no config: the family's factors
@@ -1713,13 +1712,15 @@ def stream_blocks(transformer: nn.Module, device):
     """Keep the transformer's blocks in CPU memory, each copied to `device` for its own forward:
     the 12B Flux then needs the GPU memory of two blocks. On CUDA the next block is copied from
     pinned memory on a side stream while the current one computes."""
+    blocks = []
     for child in transformer.children():
-        if not isinstance(child, nn.ModuleList):
+        if isinstance(child, nn.ModuleList):
+            blocks += child
+        else:
             child.to(device)
     for name, buffer in list(transformer.named_buffers(recurse=False)):
         setattr(transformer, name, buffer.to(device))
-    lists = [child for child in transformer.children() if isinstance(child, nn.ModuleList)]
-    BlockStream([block for blocks in lists for block in blocks], torch.device(device))
+    BlockStream(blocks, torch.device(device))
 
 class BlockStream:
     """`stream_blocks`' hooks: block i waits for its copy and sends for block i + 1 (the last
@@ -3167,8 +3168,7 @@ def generate_command(args):
 
 def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
     """(prompts, output stems) of --prompts: one prompt per line (stems None), or a .jsonl file
-    of {"file_name", "text"} named by the file_names' stems (upstream's generate_and_eval_fid.py).
-    A bad line stops the batch."""
+    of {"file_name", "text"} (upstream's generate_and_eval_fid.py). A bad line stops the batch."""
     lines = [(n, line) for n, line in enumerate(read_text(path, "prompt file").splitlines(), 1)
              if line.strip()]
     if Path(path).suffix.lower() != ".jsonl":
@@ -3184,7 +3184,7 @@ def read_prompt_file(path) -> tuple[list[str], list[str] | None]:
             raise UserError(f"{where}: not JSON ({error})") from None
         name, text = (record.get(key) if isinstance(record, dict) else None
                       for key in ("file_name", "text"))
-        if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
+        if not (isinstance(name, str) and isinstance(text, str) and text.strip()):
             raise UserError(f"{where}: expected an object with a file_name and a non-empty text")
         stem = Path(name).stem
         if not stem or "\0" in stem:
@@ -3206,7 +3206,7 @@ def check_source(value, option: str):
     check_regular_file(Path(value).expanduser(), f"{option} file or folder")
 
 def batch_outputs(args, count: int, stems: list[str] | None = None) -> list[Path]:
-    """The outputs, checked before anything loads; with --prompts metadata.jsonl comes last."""
+    """The outputs, checked before anything loads; with --prompts, metadata.jsonl last."""
     if not args.prompts:
         return [check_output_file(args.output, args.overwrite or args.skip_existing)]
     folder = Path(args.output_dir)
@@ -3233,8 +3233,8 @@ def image_record(path: Path, prompt: str, settings: dict | None = None) -> dict:
 
 def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path],
                     numbers: list[int], records: dict, metadata: Path | None):
-    """Sample and save each image, rewriting metadata.jsonl after each (an interrupted batch's
-    matches its images)."""
+    """Sample and save each image, rewriting metadata.jsonl after each (so that it matches the
+    images of an interrupted batch)."""
     family = DEFAULTS["flux-schnell" if pipe.schnell else pipe.kind]
     steps = args.steps or family["steps"]
     guidance = family["guidance"] if args.guidance is None else args.guidance
