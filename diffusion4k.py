@@ -3277,7 +3277,7 @@ def check_size(pipe: Pipeline, height: int, width: int) -> tuple[int, int]:
             hint = " (use --vae f16)" if pipe.vae.config.stride == 1 else ""
             raise UserError(f"{height}x{width}: SD3's position table covers at most {limit} px "
                             f"per side with this VAE{hint}")
-    return rounded[0], rounded[1]
+    return tuple(rounded)
 
 def write_metadata(path: Path, records: dict):
     lines = "".join(json.dumps(records[i]) + "\n" for i in sorted(records))
