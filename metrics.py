@@ -80,8 +80,8 @@ def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
-        size = f"{q.shape[1]}x{q.shape[0]}"
-        raise ValueError(f"image {size} is smaller than one {patch}x{patch} GLCM patch")
+        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} "
+                         "GLCM patch")
     tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
     tiles = tiles.reshape(-1, patch, patch)
     scores = []
@@ -221,10 +221,9 @@ def ssim(pred, ref, crop_border=0, mode="rgb"):
     channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
     use_sample_covariance=False), without ssim.m's downsampling (at 4K: by 16)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
-    if min(a.shape[-2:]) < 11:
-        height, width = a.shape[-2:]
-        size = f"{width}x{height} px (after the crop border)"
-        raise ValueError(f"{size} is smaller than SSIM's 11x11 window")
+    h, w = a.shape[-2:]
+    if min(h, w) < 11:
+        raise ValueError(f"{w}x{h} px (after the crop border) is smaller than SSIM's 11x11 window")
     return float(np.mean([_ssim_mean(x, y) for x, y in zip(a, b)]))
 
 def _ssim_mean(x, y):
@@ -273,8 +272,8 @@ def gaussian_blur_valid(x, block=32):
 def _prepare_pair(pred, ref, crop_border, mode):
     pred, ref = as_array(pred), as_array(ref)
     if pred.shape != ref.shape:
-        sizes = f"{pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}"
-        raise ValueError(f"sizes differ: {sizes}")
+        (h, w), (h_ref, w_ref) = pred.shape[:2], ref.shape[:2]
+        raise ValueError(f"sizes differ: {w}x{h} vs {w_ref}x{h_ref}")
     return tuple(remove_border(_channels(x, mode), crop_border) for x in (pred, ref))
 
 def _channels(rgb, mode):
@@ -299,9 +298,8 @@ def grey_matlab(rgb):
 def remove_border(x, border):
     h, w = x.shape[-2:]
     if border and 2 * border >= min(h, w):
-        largest = (min(h, w) - 1) // 2
         raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image "
-                         f"(at most {largest})")
+                         f"(at most {(min(h, w) - 1) // 2})")
     return x[..., border : h - border, border : w - border]
 
 def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
@@ -311,25 +309,28 @@ def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
     sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one float32 rounding
     moves NIQE by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers report)
     follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
-    'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful.
-    """
-    if params is None:
-        params = niqe_params()
+    'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful."""
     grey = remove_border(niqe_grey(rgb, convention), crop_border)
-    if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
+    h, w = grey.shape
+    if (h // NIQE_BLOCK) * (w // NIQE_BLOCK) < 2:
         blocks = f"two {NIQE_BLOCK}x{NIQE_BLOCK} blocks"
-        size = f"{grey.shape[1]}x{grey.shape[0]}"
-        raise ValueError(f"image {size} too small for NIQE (needs {blocks})")
+        raise ValueError(f"image {w}x{h} too small for NIQE (needs {blocks})")
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
-    return niqe_distance(features, *params)
+    return niqe_distance(features, *(params or niqe_params()))
 
 def niqe_params(source=NIQE_PARAMS):
     """The pristine model's mean (36,) and covariance (36, 36): pyiqa's .mat or basicsr's .npz."""
     what = "NIQE parameters"
     path = resolve_weights(source, what)
-    loadmat = None if path.suffix == ".npz" else scipy_loadmat(path)
+    npz = path.suffix == ".npz"
+    if not npz:
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            raise UserError(f"{what}: reading {path.name} needs scipy (pip install scipy), "
+                            "or pass basicsr's niqe_pris_params.npz") from None
     try:
-        if loadmat is None:
+        if npz:
             with np.load(path, allow_pickle=False) as data:
                 mu, cov = data["mu_pris_param"], data["cov_pris_param"]
         else:
@@ -346,14 +347,6 @@ def niqe_params(source=NIQE_PARAMS):
     if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
         raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
-
-def scipy_loadmat(path):
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
-                        "or pass basicsr's niqe_pris_params.npz") from None
-    return loadmat
 
 def niqe_grey(rgb, convention="pyiqa"):
     """The rounded grey image each convention scores: pyiqa's Y of YIQ in float32, or rgb2gray."""
@@ -380,13 +373,13 @@ def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
 
 def mscn(grey, window32=False):
     """MSCN coefficients (x - mu) / (sigma + 1), 7x7 Gaussian window, borders replicated."""
-    w = _niqe_window(window32).to(grey.device)[None, None]
-    h, w_ = grey.shape
+    window = _niqe_window(window32).to(grey.device)
+    h, w = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
-    sums = torch.zeros_like(padded[:, :h, :w_])
+    sums = torch.zeros_like(padded[:, :h, :w])
     for i in range(7):  # 49 shifted multiply-adds: faster than a float64 conv2d on a CPU
         for j in range(7):
-            sums += w[0, 0, i, j] * padded[:, i : i + h, j : j + w_]
+            sums += window[i, j] * padded[:, i : i + h, j : j + w]
     mu, second = sums
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
@@ -557,13 +550,12 @@ class FeatureStats:
     """Running float64 sums: a million 4K patches' features never sit in memory at once."""
 
     count: int = 0
-    total: torch.Tensor | None = None
-    outer: torch.Tensor | None = None
+    total: torch.Tensor | float = 0.0
+    outer: torch.Tensor | float = 0.0
 
     def update(self, features):
         f = features.detach().double().cpu()
-        self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
-        self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
+        self.total, self.outer = self.total + f.sum(0), self.outer + f.T @ f
         self.count += len(f)
 
     def mean_cov(self):
@@ -580,8 +572,7 @@ def fid_from_stats(pred, ref):
         if stats.count <= dim:
             warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
                           f"covariance needs at least {dim + 1}; the value is biased upwards "
-                          "(--fid-patch gives more samples)",
-                          stacklevel=2)
+                          "(--fid-patch gives more samples)", stacklevel=2)
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -1049,22 +1040,20 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    groups = tile_groups(a, tile or max(a.shape[-2:]), batch)
-    return torch.cat([model(crops(a, group), crops(b, group)) for group in groups]).mean().item()
+    pairs = zip(tile_batches(a, tile, batch), tile_batches(b, tile, batch))
+    return torch.cat([model(x, y) for x, y in pairs]).mean().item()
 
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
     x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
-    groups = tile_groups(x, tile or max(x.shape[-2:]), batch)
-    return torch.cat([model(crops(x, group)) for group in groups]).mean().item()
+    return torch.cat([model(group) for group in tile_batches(x, tile, batch)]).mean().item()
 
-def tile_groups(x, size, batch):
-    boxes = tiles(x.shape[-2], x.shape[-1], size)
-    return [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
-
-def crops(x, boxes):
-    return torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes])
+def tile_batches(x, size, batch):
+    """The crops of x's `tiles` (size 0: the whole image), `batch` at a time."""
+    boxes = tiles(*x.shape[-2:], size or max(x.shape[-2:]))
+    for i in range(0, len(boxes), batch):
+        yield torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])
 
 def tiles(h, w, size):
     """The networks' 4K protocol: size x size tiles covering the image, the last row and column
