@@ -33,6 +33,7 @@ import math
 import shutil
 import sys
 import tempfile
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1461,7 +1462,7 @@ class Item:
 class FolderRun:
     """What the metrics share over a folder."""
 
-    opts: argparse.Namespace
+    opts: types.SimpleNamespace
     models: dict
     fid_size: int | str
     fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
@@ -1489,8 +1490,8 @@ def add_fid(run, image, which):
     elif opts.fid_size == "pred" and which == "pred" and min(image.size) != run.fid_size:
         sides = f"{run.fid_size} and {min(image.size)} px"
         raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
-    settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
-    run.fid[which].update(fid_features(run.models["fid"], image, *settings))
+    resize = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
+    run.fid[which].update(fid_features(run.models["fid"], image, *resize))
 
 def score_batched(run, item, batches):
     batches.add(item.name, item.image, item.prompt, last=item.last)
@@ -1547,20 +1548,20 @@ METRICS = {  # name -> (what it needs besides --pred, loader of its model, score
     "periodicity": (None, None, score_periodicity),
 }
 
-def evaluate(pred_dir, ref_dir, prompts_file, opts):
-    """`opts.metrics` (a list) over folders, with opts.settings (a dict): the result JSON."""
+def evaluate(pred_dir, ref_dir, prompts_file, opts, fid_ref_dir=None, spectra_dir=None):
+    """`opts.metrics` over folders (opts: the settings), spectra into `spectra_dir`: the result
+    JSON, which records vars(opts) and what the run resolved."""
     metrics = [m for m in METRICS if m in opts.metrics]  # the order in which they share work
-    pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, prompts_file, opts)
+    pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, fid_ref_dir, prompts_file,
+                                              opts.metrics)
     if NETWORKS.intersection(metrics):
-        opts.settings["precision"] = set_network_precision(opts.device)
+        opts.precision = set_network_precision(opts.device)
     models = {m: METRICS[m][1](opts) for m in metrics if METRICS[m][1]}
     run = FolderRun(opts, models, opts.fid_size)
-    if opts.save_spectra:
-        Path(opts.save_spectra).mkdir(parents=True, exist_ok=True)
     names, skipped, count = sorted(pred), [], 0
     per_image = {m: {} for m in metrics if m not in ("fid", "cr")}
     with_ref = ref if READS_REF.intersection(metrics) else {}
-    for name, show in progress(names, "metrics", opts.settings.get("precision")):
+    for name, show in progress(names, "metrics", getattr(opts, "precision", None)):
         try:
             images = open_pair(name, pred[name], with_ref.get(name), opts, skipped)
             if images is None:
@@ -1571,9 +1572,9 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts):
                 value = METRICS[m][2](run, item, models.get(m))
                 if value is not None:
                     per_image[m][name] = value
-            if opts.save_spectra:
+            if spectra_dir:
                 show("spectra")
-                save_spectra(opts, item)
+                save_spectra(spectra_dir, item, opts)
             count += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
@@ -1587,10 +1588,10 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts):
         raise UserError("no readable image pairs left to evaluate")
     summary = {m: summarize(run, m, per_image.get(m)) for m in opts.metrics}
     if "fid" in metrics:
-        opts.settings["fid_samples"] = {k: stats.count for k, stats in run.fid.items()}
-        opts.settings["fid_size"] = run.fid_size  # 'pred' resolved
+        opts.fid_samples = {k: stats.count for k, stats in run.fid.items()}
+        opts.fid_size = run.fid_size  # 'pred' resolved
     return {"metrics": summary, "count": count, "skipped": skipped, "per_image": per_image,
-            "settings": opts.settings}
+            "settings": vars(opts)}
 
 def summarize(run, metric, values):
     """CR and FID from their sums, any other metric the mean of its finite values."""
@@ -1602,17 +1603,15 @@ def summarize(run, metric, values):
     finite = [v for v in values.values() if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("inf")
 
-def read_inputs(pred_dir, ref_dir, prompts_file, opts):
+def read_inputs(pred_dir, ref_dir, fid_ref_dir, prompts_file, metrics):
     """stem -> path of pred, ref and FID's reference set, stem -> caption; all checked first."""
-    fid_ref_dir = opts.fid_ref or ref_dir
-    given = {None: True, "ref": ref_dir, "fid_ref": fid_ref_dir, "prompts": prompts_file}
-    metrics = opts.metrics
+    given = {None: True, "ref": ref_dir, "fid_ref": fid_ref_dir or ref_dir, "prompts": prompts_file}
     for m in metrics:
         if given[METRICS[m][0]] is None:
             raise UserError(f"{m} needs {NEEDS[METRICS[m][0]]}")
     pred = list_images(pred_dir)
     ref = list_images(ref_dir) if ref_dir else {}
-    fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
+    fid_ref = list_images(fid_ref_dir) if fid_ref_dir else ref
     if ref and READS_REF.intersection(metrics):
         only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
         sides = [f"only in {side}: " + ", ".join(xs[:10])
@@ -1643,8 +1642,8 @@ def open_pair(name, path, ref_path, opts, skipped):
         raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
     return image, paired, target
 
-def save_spectra(opts, item):
-    spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, item.name)
+def save_spectra(folder, item, opts):
+    spectrum_file, autocorrelation_file = spectra_files(folder, item.name)
     log_spectrum(item.image).save(spectrum_file)
     try:
         picture = autocorrelation_image(item.image, opts.periods, opts.quadrants, opts.harmonics)
@@ -1769,11 +1768,10 @@ def main(argv=None):
                 check_output_file(path, args.overwrite, (".png",))
     excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
-    args.metrics, args.settings = metrics, settings
+    settings = types.SimpleNamespace(**settings)
     # The spectra are staged and published with the JSON at the end: all of them or none.
     with staging_folder(spectra) as staged:
-        args.save_spectra = staged
-        result = evaluate(args.pred, args.ref, args.prompts, args)
+        result = evaluate(args.pred, args.ref, args.prompts, settings, args.fid_ref, staged)
         images = sorted(staged.iterdir()) if staged else []
         outputs = [out, *(spectra / image.name for image in images)]
         with atomic_files(outputs, args.overwrite) as (temp, *temps):
