@@ -539,11 +539,11 @@ def resize_tf1_bilinear(x, size):
         lo = src.floor().long().clamp(max=n_in - 1)
         return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
 
-    top, bottom, fy = taps(x.shape[-2])
-    left, right, fx = taps(x.shape[-1])
-    rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
-    upper = rows_top[..., left] + (rows_top[..., right] - rows_top[..., left]) * fx
-    lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
+    def along_width(rows):
+        return rows[..., left] + (rows[..., right] - rows[..., left]) * fx
+
+    (top, bottom, fy), (left, right, fx) = taps(x.shape[-2]), taps(x.shape[-1])
+    upper, lower = along_width(x[..., top, :]), along_width(x[..., bottom, :])
     return upper + (lower - upper) * fy[:, None]
 
 @dataclass
@@ -839,7 +839,6 @@ class ClipTowerConfig:
     eps: float = 1e-5
 
 class ClipBlock(nn.Module):
-
     def __init__(self, cfg):
         super().__init__()
         w = cfg.width
@@ -863,7 +862,7 @@ class ClipBlock(nn.Module):
 class ClipVisionTower(nn.Module):
     def __init__(self, cfg, patch, image_size, embed_dim):
         super().__init__()
-        self.patch_size, self.image_size = patch, image_size
+        self.image_size = image_size
         self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
         self.cls = nn.Parameter(torch.zeros(cfg.width))
         self.pos = nn.Parameter(torch.zeros((image_size // patch) ** 2 + 1, cfg.width))
@@ -1276,9 +1275,8 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
     try:
         if ref is None:
             return periodicity_score(pred, periods, quadrants)
-        pairs = zip(pred, ref)
         return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants)
-                            for p, r in pairs])
+                            for p, r in zip(pred, ref)])
     except ValueError as error:  # quadrants too small: name the image's size
         if "square number" in str(error):
             raise
@@ -1854,8 +1852,7 @@ def add_network_options(p):
 def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
     """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
     under cupscale, whose --ref holds the low-resolution inputs)."""
-    if protocol != "cupscale":
-        fid_ref = fid_ref or ref
+    fid_ref = fid_ref if protocol == "cupscale" else fid_ref or ref
     given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
     return [m for m in PROTOCOL_COLUMNS[protocol] if given[METRICS[m][0]] is not None]
 
@@ -1871,8 +1868,8 @@ def periods_list(text):
     try:
         return tuple(integer(2)(p) for p in text.split(","))
     except argparse.ArgumentTypeError:
-        expected = "expected comma-separated integers >= 2"
-        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected comma-separated integers >= 2, "
+                                         f"got {text!r}") from None
 
 def square_number(text):
     value = integer(1, 10_000)(text)
@@ -1915,10 +1912,9 @@ def staging_folder(folder):
     if folder is None:
         yield None
         return
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    with tempfile.TemporaryDirectory(dir=existing, prefix=".metrics-") as temp:
+    while not folder.exists():
+        folder = folder.parent
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".metrics-") as temp:
         yield Path(temp)
 
 def finite_or_none(value):
@@ -1983,13 +1979,11 @@ def resolve_weights(spec, what):
 def load_strict(module, state, what):
     """load_state_dict naming the first offending keys instead of a wall of text."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{kind} {keys[:3]}" for kind, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-    if problems:
+    keys = {"missing": [k for k in expected if k not in state],
+            "unexpected": [k for k in state if k not in expected], "wrong shape": shapes}
+    if problems := [f"{kind} {found[:3]}" for kind, found in keys.items() if found]:
         raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
     module.load_state_dict(state)
     return module
