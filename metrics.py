@@ -33,6 +33,7 @@ import math
 import shutil
 import sys
 import tempfile
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,8 @@ def glcm_score(rgb, patch=64, prop="entropy", chunk=4):
     q = grey_opencv(rgb, shift=2)
     rows, cols = q.shape[0] // patch, q.shape[1] // patch
     if rows == 0 or cols == 0:
-        size = f"{q.shape[1]}x{q.shape[0]}"
-        raise ValueError(f"image {size} is smaller than one {patch}x{patch} GLCM patch")
+        raise ValueError(f"image {q.shape[1]}x{q.shape[0]} is smaller than one {patch}x{patch} "
+                         "GLCM patch")
     tiles = q[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
     tiles = tiles.reshape(-1, patch, patch)
     scores = []
@@ -221,10 +222,9 @@ def ssim(pred, ref, crop_border=0, mode="rgb"):
     channels: basicsr's calculate_ssim = scikit-image's (gaussian_weights, sigma=1.5,
     use_sample_covariance=False), without ssim.m's downsampling (at 4K: by 16)."""
     a, b = _prepare_pair(pred, ref, crop_border, mode)
-    if min(a.shape[-2:]) < 11:
-        height, width = a.shape[-2:]
-        size = f"{width}x{height} px (after the crop border)"
-        raise ValueError(f"{size} is smaller than SSIM's 11x11 window")
+    h, w = a.shape[-2:]
+    if min(h, w) < 11:
+        raise ValueError(f"{w}x{h} px (after the crop border) is smaller than SSIM's 11x11 window")
     return float(np.mean([_ssim_mean(x, y) for x, y in zip(a, b)]))
 
 def _ssim_mean(x, y):
@@ -273,8 +273,8 @@ def gaussian_blur_valid(x, block=32):
 def _prepare_pair(pred, ref, crop_border, mode):
     pred, ref = as_array(pred), as_array(ref)
     if pred.shape != ref.shape:
-        sizes = f"{pred.shape[1]}x{pred.shape[0]} vs {ref.shape[1]}x{ref.shape[0]}"
-        raise ValueError(f"sizes differ: {sizes}")
+        (h, w), (h_ref, w_ref) = pred.shape[:2], ref.shape[:2]
+        raise ValueError(f"sizes differ: {w}x{h} vs {w_ref}x{h_ref}")
     return tuple(remove_border(_channels(x, mode), crop_border) for x in (pred, ref))
 
 def _channels(rgb, mode):
@@ -299,9 +299,8 @@ def grey_matlab(rgb):
 def remove_border(x, border):
     h, w = x.shape[-2:]
     if border and 2 * border >= min(h, w):
-        largest = (min(h, w) - 1) // 2
         raise ValueError(f"crop border {border} leaves nothing of the {w}x{h} image "
-                         f"(at most {largest})")
+                         f"(at most {(min(h, w) - 1) // 2})")
     return x[..., border : h - border, border : w - border]
 
 def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
@@ -311,25 +310,28 @@ def niqe(rgb, params=None, convention="pyiqa", crop_border=0):
     sigma comes from E[x^2] - mu^2 and alpha is a nearest-grid-point choice, so one float32 rounding
     moves NIQE by up to a few percent. Hence the conventions: 'pyiqa' (what SR papers report)
     follows pyiqa 0.1.16's arithmetic (float32 window, grid and resize, float64 elsewhere);
-    'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful.
-    """
-    if params is None:
-        params = niqe_params()
+    'matlab' runs float64 on rounded rgb2gray, close to MATLAB but not bit-faithful."""
     grey = remove_border(niqe_grey(rgb, convention), crop_border)
-    if (grey.shape[0] // NIQE_BLOCK) * (grey.shape[1] // NIQE_BLOCK) < 2:
+    h, w = grey.shape
+    if (h // NIQE_BLOCK) * (w // NIQE_BLOCK) < 2:
         blocks = f"two {NIQE_BLOCK}x{NIQE_BLOCK} blocks"
-        size = f"{grey.shape[1]}x{grey.shape[0]}"
-        raise ValueError(f"image {size} too small for NIQE (needs {blocks})")
+        raise ValueError(f"image {w}x{h} too small for NIQE (needs {blocks})")
     features = niqe_features(grey, pyiqa=convention == "pyiqa")
-    return niqe_distance(features, *params)
+    return niqe_distance(features, *(params or niqe_params()))
 
 def niqe_params(source=NIQE_PARAMS):
     """The pristine model's mean (36,) and covariance (36, 36): pyiqa's .mat or basicsr's .npz."""
     what = "NIQE parameters"
     path = resolve_weights(source, what)
-    loadmat = None if path.suffix == ".npz" else scipy_loadmat(path)
+    npz = path.suffix == ".npz"
+    if not npz:
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            raise UserError(f"{what}: reading {path.name} needs scipy (pip install scipy), "
+                            "or pass basicsr's niqe_pris_params.npz") from None
     try:
-        if loadmat is None:
+        if npz:
             with np.load(path, allow_pickle=False) as data:
                 mu, cov = data["mu_pris_param"], data["cov_pris_param"]
         else:
@@ -346,14 +348,6 @@ def niqe_params(source=NIQE_PARAMS):
     if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
         raise UserError(f"{what}: {path} holds NaN or Inf values; this model file is broken")
     return mu, cov
-
-def scipy_loadmat(path):
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise UserError(f"NIQE parameters: reading {path.name} needs scipy (pip install scipy), "
-                        "or pass basicsr's niqe_pris_params.npz") from None
-    return loadmat
 
 def niqe_grey(rgb, convention="pyiqa"):
     """The rounded grey image each convention scores: pyiqa's Y of YIQ in float32, or rgb2gray."""
@@ -380,13 +374,13 @@ def niqe_features(grey, block=NIQE_BLOCK, pyiqa=True):
 
 def mscn(grey, window32=False):
     """MSCN coefficients (x - mu) / (sigma + 1), 7x7 Gaussian window, borders replicated."""
-    w = _niqe_window(window32).to(grey.device)[None, None]
-    h, w_ = grey.shape
+    window = _niqe_window(window32).to(grey.device)
+    h, w = grey.shape
     padded = F.pad(torch.stack([grey, grey * grey])[None], (3, 3, 3, 3), mode="replicate")[0]
-    sums = torch.zeros_like(padded[:, :h, :w_])
+    sums = torch.zeros_like(padded[:, :h, :w])
     for i in range(7):  # 49 shifted multiply-adds: faster than a float64 conv2d on a CPU
         for j in range(7):
-            sums += w[0, 0, i, j] * padded[:, i : i + h, j : j + w_]
+            sums += window[i, j] * padded[:, i : i + h, j : j + w]
     mu, second = sums
     sigma = (second - mu * mu).abs().sqrt()
     return (grey - mu) / (sigma + 1)
@@ -545,11 +539,11 @@ def resize_tf1_bilinear(x, size):
         lo = src.floor().long().clamp(max=n_in - 1)
         return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
 
-    top, bottom, fy = taps(x.shape[-2])
-    left, right, fx = taps(x.shape[-1])
-    rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
-    upper = rows_top[..., left] + (rows_top[..., right] - rows_top[..., left]) * fx
-    lower = rows_bottom[..., left] + (rows_bottom[..., right] - rows_bottom[..., left]) * fx
+    def along_width(rows):
+        return rows[..., left] + (rows[..., right] - rows[..., left]) * fx
+
+    (top, bottom, fy), (left, right, fx) = taps(x.shape[-2]), taps(x.shape[-1])
+    upper, lower = along_width(x[..., top, :]), along_width(x[..., bottom, :])
     return upper + (lower - upper) * fy[:, None]
 
 @dataclass
@@ -557,13 +551,12 @@ class FeatureStats:
     """Running float64 sums: a million 4K patches' features never sit in memory at once."""
 
     count: int = 0
-    total: torch.Tensor | None = None
-    outer: torch.Tensor | None = None
+    total: torch.Tensor | float = 0.0
+    outer: torch.Tensor | float = 0.0
 
     def update(self, features):
         f = features.detach().double().cpu()
-        self.total = f.sum(0) if self.total is None else self.total + f.sum(0)
-        self.outer = f.T @ f if self.outer is None else self.outer + f.T @ f
+        self.total, self.outer = self.total + f.sum(0), self.outer + f.T @ f
         self.count += len(f)
 
     def mean_cov(self):
@@ -580,8 +573,7 @@ def fid_from_stats(pred, ref):
         if stats.count <= dim:
             warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
                           f"covariance needs at least {dim + 1}; the value is biased upwards "
-                          "(--fid-patch gives more samples)",
-                          stacklevel=2)
+                          "(--fid-patch gives more samples)", stacklevel=2)
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -847,7 +839,6 @@ class ClipTowerConfig:
     eps: float = 1e-5
 
 class ClipBlock(nn.Module):
-
     def __init__(self, cfg):
         super().__init__()
         w = cfg.width
@@ -871,7 +862,7 @@ class ClipBlock(nn.Module):
 class ClipVisionTower(nn.Module):
     def __init__(self, cfg, patch, image_size, embed_dim):
         super().__init__()
-        self.patch_size, self.image_size = patch, image_size
+        self.image_size = image_size
         self.patch = nn.Conv2d(3, cfg.width, patch, patch, bias=False)
         self.cls = nn.Parameter(torch.zeros(cfg.width))
         self.pos = nn.Parameter(torch.zeros((image_size // patch) ** 2 + 1, cfg.width))
@@ -1049,22 +1040,20 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
     a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
-    groups = tile_groups(a, tile or max(a.shape[-2:]), batch)
-    return torch.cat([model(crops(a, group), crops(b, group)) for group in groups]).mean().item()
+    pairs = zip(tile_batches(a, tile, batch), tile_batches(b, tile, batch))
+    return torch.cat([model(x, y) for x, y in pairs]).mean().item()
 
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
     x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
-    groups = tile_groups(x, tile or max(x.shape[-2:]), batch)
-    return torch.cat([model(crops(x, group)) for group in groups]).mean().item()
+    return torch.cat([model(group) for group in tile_batches(x, tile, batch)]).mean().item()
 
-def tile_groups(x, size, batch):
-    boxes = tiles(x.shape[-2], x.shape[-1], size)
-    return [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
-
-def crops(x, boxes):
-    return torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes])
+def tile_batches(x, size, batch):
+    """The crops of x's `tiles` (size 0: the whole image), `batch` at a time."""
+    boxes = tiles(*x.shape[-2:], size or max(x.shape[-2:]))
+    for i in range(0, len(boxes), batch):
+        yield torch.cat([x[..., r : r + h, c : c + w] for r, c, h, w in boxes[i : i + batch]])
 
 def tiles(h, w, size):
     """The networks' 4K protocol: size x size tiles covering the image, the last row and column
@@ -1286,9 +1275,8 @@ def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
     try:
         if ref is None:
             return periodicity_score(pred, periods, quadrants)
-        pairs = zip(pred, ref)
         return torch.stack([periodicity_loss(p[None], r[None], periods, quadrants)
-                            for p, r in pairs])
+                            for p, r in zip(pred, ref)])
     except ValueError as error:  # quadrants too small: name the image's size
         if "square number" in str(error):
             raise
@@ -1472,7 +1460,7 @@ class Item:
 class FolderRun:
     """What the metrics share over a folder."""
 
-    opts: argparse.Namespace
+    opts: types.SimpleNamespace
     models: dict
     fid_size: int | str
     fid: dict = field(default_factory=lambda: {"pred": FeatureStats(), "ref": FeatureStats()})
@@ -1500,8 +1488,8 @@ def add_fid(run, image, which):
     elif opts.fid_size == "pred" and which == "pred" and min(image.size) != run.fid_size:
         sides = f"{run.fid_size} and {min(image.size)} px"
         raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
-    settings = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
-    run.fid[which].update(fid_features(run.models["fid"], image, *settings))
+    resize = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
+    run.fid[which].update(fid_features(run.models["fid"], image, *resize))
 
 def score_batched(run, item, batches):
     batches.add(item.name, item.image, item.prompt, last=item.last)
@@ -1558,20 +1546,20 @@ METRICS = {  # name -> (what it needs besides --pred, loader of its model, score
     "periodicity": (None, None, score_periodicity),
 }
 
-def evaluate(pred_dir, ref_dir, prompts_file, opts):
-    """`opts.metrics` (a list) over folders, with opts.settings (a dict): the result JSON."""
+def evaluate(pred_dir, ref_dir, prompts_file, opts, fid_ref_dir=None, spectra_dir=None):
+    """`opts.metrics` over folders (opts: the settings), spectra into `spectra_dir`: the result
+    JSON, which records vars(opts) and what the run resolved."""
     metrics = [m for m in METRICS if m in opts.metrics]  # the order in which they share work
-    pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, prompts_file, opts)
+    pred, ref, fid_ref, prompts = read_inputs(pred_dir, ref_dir, fid_ref_dir, prompts_file,
+                                              opts.metrics)
     if NETWORKS.intersection(metrics):
-        opts.settings["precision"] = set_network_precision(opts.device)
+        opts.precision = set_network_precision(opts.device)
     models = {m: METRICS[m][1](opts) for m in metrics if METRICS[m][1]}
     run = FolderRun(opts, models, opts.fid_size)
-    if opts.save_spectra:
-        Path(opts.save_spectra).mkdir(parents=True, exist_ok=True)
     names, skipped, count = sorted(pred), [], 0
     per_image = {m: {} for m in metrics if m not in ("fid", "cr")}
     with_ref = ref if READS_REF.intersection(metrics) else {}
-    for name, show in progress(names, "metrics", opts.settings.get("precision")):
+    for name, show in progress(names, "metrics", getattr(opts, "precision", None)):
         try:
             images = open_pair(name, pred[name], with_ref.get(name), opts, skipped)
             if images is None:
@@ -1582,9 +1570,9 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts):
                 value = METRICS[m][2](run, item, models.get(m))
                 if value is not None:
                     per_image[m][name] = value
-            if opts.save_spectra:
+            if spectra_dir:
                 show("spectra")
-                save_spectra(opts, item)
+                save_spectra(spectra_dir, item, opts)
             count += 1
         except ValueError as error:  # a metric's precondition on this image (size, shape)
             raise UserError(f"{name}: {error}") from None
@@ -1598,10 +1586,10 @@ def evaluate(pred_dir, ref_dir, prompts_file, opts):
         raise UserError("no readable image pairs left to evaluate")
     summary = {m: summarize(run, m, per_image.get(m)) for m in opts.metrics}
     if "fid" in metrics:
-        opts.settings["fid_samples"] = {k: stats.count for k, stats in run.fid.items()}
-        opts.settings["fid_size"] = run.fid_size  # 'pred' resolved
+        opts.fid_samples = {k: stats.count for k, stats in run.fid.items()}
+        opts.fid_size = run.fid_size  # 'pred' resolved
     return {"metrics": summary, "count": count, "skipped": skipped, "per_image": per_image,
-            "settings": opts.settings}
+            "settings": vars(opts)}
 
 def summarize(run, metric, values):
     """CR and FID from their sums, any other metric the mean of its finite values."""
@@ -1613,17 +1601,15 @@ def summarize(run, metric, values):
     finite = [v for v in values.values() if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("inf")
 
-def read_inputs(pred_dir, ref_dir, prompts_file, opts):
+def read_inputs(pred_dir, ref_dir, fid_ref_dir, prompts_file, metrics):
     """stem -> path of pred, ref and FID's reference set, stem -> caption; all checked first."""
-    fid_ref_dir = opts.fid_ref or ref_dir
-    given = {None: True, "ref": ref_dir, "fid_ref": fid_ref_dir, "prompts": prompts_file}
-    metrics = opts.metrics
+    given = {None: True, "ref": ref_dir, "fid_ref": fid_ref_dir or ref_dir, "prompts": prompts_file}
     for m in metrics:
         if given[METRICS[m][0]] is None:
             raise UserError(f"{m} needs {NEEDS[METRICS[m][0]]}")
     pred = list_images(pred_dir)
     ref = list_images(ref_dir) if ref_dir else {}
-    fid_ref = list_images(opts.fid_ref) if opts.fid_ref else ref
+    fid_ref = list_images(fid_ref_dir) if fid_ref_dir else ref
     if ref and READS_REF.intersection(metrics):
         only_pred, only_ref = sorted(set(pred) - set(ref)), sorted(set(ref) - set(pred))
         sides = [f"only in {side}: " + ", ".join(xs[:10])
@@ -1654,8 +1640,8 @@ def open_pair(name, path, ref_path, opts, skipped):
         raise UserError(f"{name}: {sizes}; paired metrics need equal sizes (or --resize-to-ref)")
     return image, paired, target
 
-def save_spectra(opts, item):
-    spectrum_file, autocorrelation_file = spectra_files(opts.save_spectra, item.name)
+def save_spectra(folder, item, opts):
+    spectrum_file, autocorrelation_file = spectra_files(folder, item.name)
     log_spectrum(item.image).save(spectrum_file)
     try:
         picture = autocorrelation_image(item.image, opts.periods, opts.quadrants, opts.harmonics)
@@ -1780,11 +1766,10 @@ def main(argv=None):
                 check_output_file(path, args.overwrite, (".png",))
     excluded = ("pred", "ref", "fid_ref", "prompts", "out", "overwrite")  # not settings
     settings = {k: v for k, v in vars(args).items() if k not in excluded} | {"metrics": metrics}
-    args.metrics, args.settings = metrics, settings
+    settings = types.SimpleNamespace(**settings)
     # The spectra are staged and published with the JSON at the end: all of them or none.
     with staging_folder(spectra) as staged:
-        args.save_spectra = staged
-        result = evaluate(args.pred, args.ref, args.prompts, args)
+        result = evaluate(args.pred, args.ref, args.prompts, settings, args.fid_ref, staged)
         images = sorted(staged.iterdir()) if staged else []
         outputs = [out, *(spectra / image.name for image in images)]
         with atomic_files(outputs, args.overwrite) as (temp, *temps):
@@ -1867,8 +1852,7 @@ def add_network_options(p):
 def default_metrics(protocol, ref=None, fid_ref=None, prompts=None):
     """The protocol's columns that the folders allow (FID's reference: --fid-ref, else --ref except
     under cupscale, whose --ref holds the low-resolution inputs)."""
-    if protocol != "cupscale":
-        fid_ref = fid_ref or ref
+    fid_ref = fid_ref if protocol == "cupscale" else fid_ref or ref
     given = {None: True, "ref": ref, "fid_ref": fid_ref, "prompts": prompts}
     return [m for m in PROTOCOL_COLUMNS[protocol] if given[METRICS[m][0]] is not None]
 
@@ -1884,8 +1868,8 @@ def periods_list(text):
     try:
         return tuple(integer(2)(p) for p in text.split(","))
     except argparse.ArgumentTypeError:
-        expected = "expected comma-separated integers >= 2"
-        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected comma-separated integers >= 2, "
+                                         f"got {text!r}") from None
 
 def square_number(text):
     value = integer(1, 10_000)(text)
@@ -1928,10 +1912,9 @@ def staging_folder(folder):
     if folder is None:
         yield None
         return
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    with tempfile.TemporaryDirectory(dir=existing, prefix=".metrics-") as temp:
+    while not folder.exists():
+        folder = folder.parent
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".metrics-") as temp:
         yield Path(temp)
 
 def finite_or_none(value):
@@ -1996,13 +1979,11 @@ def resolve_weights(spec, what):
 def load_strict(module, state, what):
     """load_state_dict naming the first offending keys instead of a wall of text."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{kind} {keys[:3]}" for kind, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-    if problems:
+    keys = {"missing": [k for k in expected if k not in state],
+            "unexpected": [k for k in state if k not in expected], "wrong shape": shapes}
+    if problems := [f"{kind} {found[:3]}" for kind, found in keys.items() if found]:
         raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
     module.load_state_dict(state)
     return module
