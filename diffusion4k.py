@@ -125,11 +125,8 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
 
     def resting(module, offloaded: bool):  # an offloaded module visits the GPU only to run
         return on_device(module, device, "cpu") if offloaded else contextlib.nullcontext()
-    if pipe.kind == "flux":
-        velocity = flux_velocity(pipe, condition, guidance)
-        sigmas = flux_sigmas(steps, (h // 2) * (w // 2), mu, shift=not pipe.schnell)
-    else:
-        velocity, sigmas = sd3_velocity(pipe, condition, negative, guidance), sd3_sigmas(steps)
+    tokens = (h // 2) * (w // 2)
+    velocity, sigmas = SAMPLING[pipe.kind](pipe, condition, negative, guidance, steps, tokens, mu)
     with resting(pipe.transformer, pipe.offload == "model"):
         z = euler_sample(velocity, noise.to(device), sigmas, progress)
     if vae_tile is None:
@@ -139,16 +136,16 @@ def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: in
                           pipe.dtype)
     return image[0].clamp(-1, 1).cpu()
 
-def flux_velocity(pipe, condition, guidance):
+def flux_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
     """Flux-dev is guidance-distilled (the scale is an input, no negative prompt); schnell takes
     no guidance and no shift."""
     distilled = None if pipe.schnell else guidance
 
     def velocity(z, sigma):
         return pipe.transformer.velocity(z.to(pipe.dtype), sigma, condition, distilled)
-    return velocity
+    return velocity, flux_sigmas(steps, tokens, mu, shift=not pipe.schnell)
 
-def sd3_velocity(pipe, condition, negative, guidance):
+def sd3_sampling(pipe, condition, negative, guidance, steps, tokens, mu):
     """Classifier-free guidance: unconditional (negative prompt, else zeros) and conditional
     predictions in one batch."""
     negative = negative or {key: torch.zeros_like(value) for key, value in condition.items()}
@@ -158,7 +155,9 @@ def sd3_velocity(pipe, condition, negative, guidance):
         z = torch.cat([z, z]).to(pipe.dtype)
         uncond, cond = pipe.transformer.velocity(z, sigma, both).float().chunk(2)
         return uncond + guidance * (cond - uncond)
-    return velocity
+    return velocity, sd3_sigmas(steps)
+
+SAMPLING = {"flux": flux_sampling, "sd3": sd3_sampling}  # (velocity, sigmas) of each model family
 
 def euler_sample(velocity, z: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
     """Euler steps z <- z + (sigma_next - sigma) v(z, sigma) of dz/dsigma = v = noise - x0."""
