@@ -234,7 +234,7 @@ def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="dif
     The paper noises to "t = 0.45 T" and runs 0.45 of SDXL's 50 steps (22): diffusers' img2img
     arithmetic, which on SD3's own schedule starts at sigma 0.707 and runs 13 of 28 steps. SD3 was
     tuned on this schedule, while equal SNR in two latent spaces (SDXL 4 channels, SD3 16) is not
-    equal corruption. Other readings: `alternative_start_sigmas`.
+    equal corruption.
     """
     if noise_level != "diffusers-strength":
         return alternative_start_sigmas(strength, num_steps, shift, noise_level)
@@ -303,8 +303,6 @@ def blend_weights(regions: list[Region], latent_height: int, latent_width: int) 
     count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 exact in fp64
     for region in regions:
         count[region.slices] += 1
-    if (count == 0).any():
-        raise ValueError("the regions leave latent pixels uncovered")
     return torch.stack([1 / count[region.slices] for region in regions])
 
 
@@ -327,7 +325,7 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
     """lambda_i / lambda: the paper's decreasing cosine (1 + cos(pi p)) / 2 at progress
-    p = step / (num_steps - 1). Its ablations: `ablation_gsp_weight`."""
+    p = step / (num_steps - 1)."""
     progress = step / (num_steps - 1) if num_steps > 1 else 0.0
     if schedule != "cosine":
         return ablation_gsp_weight(progress, schedule)
@@ -337,7 +335,7 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
     """The factor on lambda_i for a reading of Eq. 4's "MSE". "sum" (L = 1/2 sum) gives 1: a step
     closes lambda of the low-band gap on any region size or noise level, and lambda = 1 is
     DiffuseHigh's hard replacement, which the paper criticises (Fig. 8: 0.2 reduces repetition,
-    1.0 makes artifacts). Other readings: `alternative_gsp_step_scale`."""
+    1.0 makes artifacts)."""
     if normalisation != "sum":
         return alternative_gsp_step_scale(normalisation, sigma, low_band_size)
     return 1.0
@@ -388,19 +386,17 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
         rows = (q[global_rows], k[global_rows], v[global_rows])
         out[global_rows], mass = attention_and_text_mass(*rows, num_context)
         for i in range(n):
-            row = n + i
-            q_img, k_txt = q[row, :, img], k[row, :, :num_context]
-            v_txt = v[row, :, :num_context].float()
+            q_img, k_txt = q[n + i, :, img], k[n + i, :, :num_context]
+            v_txt = v[n + i, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
             for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
                 text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
-                m = mass[i, :, num_context:][:, chunk, None].float()
+                m = mass[i, :, img][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
-                out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-    if composer:  # both rows go on with the composed image features
+                out[n + i, :, img][:, chunk] += correction.to(out.dtype)
+    if composer:  # the global and the regional rows go on with the composed features
         composed = attention_composer(out[global_rows, :, img], out[2 * n :, :, img])
-        out[global_rows, :, img] = composed
-        out[2 * n :, :, img] = composed
+        out[n:, :, img] = torch.cat([composed, composed])
     return out
 
 def attention_and_text_mass(q, k, v, num_context: int):
@@ -1568,7 +1564,8 @@ def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: i
     return tuple(max(multiple, round(side * shrink / multiple) * multiple)
                  for side in (width, height))
 
-def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
+def check_regions(config: CUpscaleConfig, pos_embed_patches: int, patch: int):
+    multiple = config.vae_scale * patch
     windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
                ("--vae-tile", config.vae_tile_px, "--vae-overlap", config.vae_overlap_px, "tile"))
     for size_flag, size, overlap_flag, overlap, name in windows:
@@ -1908,7 +1905,7 @@ def main(argv=None):
               "the empty prompt", file=sys.stderr)
     geometry = model_geometry(args.model, args.token)
     config.vae_scale, patch, table = geometry
-    check_regions(config, config.vae_scale * patch, table, patch)
+    check_regions(config, table, patch)
     width, height = target_size(*image.size, args.scale, config.vae_scale * patch)
     regions = plan_regions(height // config.vae_scale, width // config.vae_scale, config.region,
                            config.stride)
@@ -1982,13 +1979,12 @@ def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dic
 def parser() -> ArgumentParser:
     default = CUpscaleConfig()
     parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free "
-                            "upscaling with SD3-Medium (global structure, regional attention and "
-                            "regional semantic priors).")
+                            "upscaling with SD3-Medium and global-regional priors.")
     add = parser.add_argument
     add("--input", required=True, help="the low-resolution image")
-    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); the "
-        "regions and their prompts go to OUTPUT.regions.json")
-    add("--overwrite", action="store_true", help="replace an existing output and .regions.json")
+    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); regions "
+        "and prompts go to OUTPUT.regions.json")
+    add("--overwrite", action="store_true", help="replace existing outputs")
     add("--prompt", default="", help="the global prompt (the method needs one)")
     add("--negative-prompt", default="")
     add("--scale", type=number(1, MAX_SCALE), default=4.0, help="upscaling factor (4: 1K -> 4K)")
