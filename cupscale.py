@@ -177,7 +177,7 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     grids = [(x.shape[-2] // patch, x.shape[-1] // patch) for x in (z, rap_latent)]
     interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
     global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
-    batches = list(region_batches(regions, config.region_batch))
+    batches = region_batches(regions, config.region_batch)
     steps, lr_maps = len(sigmas) - 1, None
     low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # one region's LL
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -280,10 +280,9 @@ def plan_regions(latent_height: int, latent_width: int, region: int, stride: int
     return [Region(r, c, top, left, height, width)
             for r, top in enumerate(rows) for c, left in enumerate(cols)]
 
-def region_batches(regions: list[Region], batch_size: int):
+def region_batches(regions: list[Region], batch_size: int) -> list[list]:
     """Lists of at most `batch_size` regions, to bound memory at 8192^2 (225 regions)."""
-    for start in range(0, len(regions), batch_size):
-        yield regions[start : start + batch_size]
+    return [regions[start : start + batch_size] for start in range(0, len(regions), batch_size)]
 
 def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
     """(..., H, W) -> (N, ..., h, w)."""
@@ -1503,8 +1502,8 @@ def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None
                     offload)
 
 def model_geometry(model, token=None) -> tuple[int, int, int]:
-    """(VAE factor, patch, position-table side) from the configs or a single file's headers, to
-    refuse sizes the model cannot take before any weight is read."""
+    """(VAE factor, patch, position-table side) from the configs or a single file's headers: sizes
+    the model cannot take are refused before any weight is read."""
     path = Path(str(model)).expanduser()
     if path.is_file():
         keys = safetensors_keys(path)
@@ -2092,10 +2091,10 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
                     vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
-    """Regional prompts from `command` run per region (the paper's LLaVA-1.6 captions the crop
-    given the global prompt), split like a shell line: {image} becomes the path of the region's
-    crop of `image` (PNG), {prompt} the global prompt. A failure stops the run, or with
-    `rsp_off_on_failure` turns RSP off (None)."""
+    """Regional prompts from `command`, split like a shell line and run per region as the paper's
+    LLaVA-1.6 captions each crop given the global prompt: {image} is the path of the region's crop
+    (PNG), {prompt} the global prompt. A failure stops the run or, with `rsp_off_on_failure`,
+    turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -2121,10 +2120,9 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
     return prompts
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command in a process group of its own: its standard output as one line,
-    or a UserError naming it. The output goes to files, not pipes: a pipe would stay open until a
-    child the command left in the background ends. On a timeout or an interruption the whole
-    group is killed."""
+    """One caption command's standard output as one line, or a UserError naming it. The output
+    goes to files: a pipe would stay open while a child left in the background lives. The
+    command's process group is killed whole on a timeout or an interruption."""
     shown = shlex.join(command)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
