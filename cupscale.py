@@ -132,8 +132,8 @@ class CUpscaleConfig:
 @torch.no_grad()
 def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
             config: CUpscaleConfig, seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image`: (3, height, width) in [-1, 1] on the CPU. CPU noise: one image on any
-    device."""
+    """C-Upscale `image`: (3, height, width) in [-1, 1] on the CPU. The noise is drawn on the CPU:
+    one image on any device."""
     device, dtype = pipe.device, pipe.dtype
     generator = seed_everything(seed)
 
@@ -1922,8 +1922,8 @@ def main(argv=None):
                         f"{geometry}) disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
     batches = math.ceil(len(regions) / config.region_batch)
-    switches = ", ".join(f"{prior} {'on' if getattr(config, prior.lower()) else 'off'}"
-                         for prior in ("GSP", "RAP", "RSP"))
+    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
+                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
     print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x "
           f"{steps} steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})",
           file=sys.stderr)
