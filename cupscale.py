@@ -22,11 +22,11 @@ Run
     python cupscale.py ... --region-prompts regions.json    # RSP from a file ({"row,col": prompt})
     python cupscale.py ... --caption-cmd "llava-cli --image {image} --prompt {prompt}"
     python cupscale.py ... --no-gsp | --no-rap | --no-rsp | --mode multidiffusion   # ablations
-`--model`: a Hub repo (default stabilityai/stable-diffusion-3-medium-diffusers, gated), a diffusers
-folder, or a Stability single file that includes the text encoders.
+`--model`: a Hub repo (default: SD3-Medium's, gated), a diffusers folder or a Stability single
+file with the text encoders.
 
-After the method: the models (MMDiT, VAE, CLIP, T5), the pipeline, weight loading (these copied
-from diffusion4k.py by tests/sync_copies.py) and the command line.
+After the method: the models (MMDiT, VAE, CLIP, T5), the pipeline and weight loading (copied from
+diffusion4k.py by tests/sync_copies.py), and the command line.
 """
 
 from __future__ import annotations
@@ -132,53 +132,52 @@ class CUpscaleConfig:
 @torch.no_grad()
 def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
             config: CUpscaleConfig, seed: int, progress=None) -> torch.Tensor:
-    """C-Upscale `image` to width x height: (3, H, W) in [-1, 1] on the CPU. The noise comes from
-    a CPU generator: the same image on any device."""
+    """C-Upscale `image`: (3, height, width) in [-1, 1] on the CPU. The noise is drawn on the CPU:
+    one image on any device."""
     device, dtype = pipe.device, pipe.dtype
     generator = seed_everything(seed)
 
     def to_device(condition: dict) -> dict:
         return {k: v.to(device) for k, v in condition.items()}
 
+    moved = {name: to_device(conditions[name]) for name in ("global", "negative")}
     regions = conditions.get("regions") if config.rsp else None
-    moved = {name: to_device(c) for name, c in conditions.items() if name != "regions"}
     moved["regions"] = None if regions is None else {k: to_device(c) for k, c in regions.items()}
-    resized = image_to_tensor(image.resize((width, height), Image.BICUBIC))[None]
     max_side = pipe.transformer.config.pos_embed_max_size * pipe.size_multiple
     small_size = rap_size(*image.size, config.region_px, pipe.size_multiple, max_side)
-    small = image_to_tensor(image.resize(small_size, Image.BICUBIC))[None]
+    resized, small = (image_to_tensor(image.resize(size, Image.BICUBIC))[None]
+                      for size in ((width, height), small_size))
     rest_device = "cpu" if pipe.offload != "none" else device
     tile, overlap = config.vae_tile_px, config.vae_overlap_px
+    vae = partial(tiled_vae, device=device, dtype=dtype)
     with on_device(pipe.vae, device, rest_device):
-        lr_latent = tiled_vae(pipe.vae.encode, resized, tile, overlap, device, dtype)
-        rap_latent = tiled_vae(pipe.vae.encode, small, tile, overlap, device, dtype)
+        lr_latent, rap_latent = (vae(pipe.vae.encode, x, tile, overlap) for x in (resized, small))
     with on_device(pipe.transformer, device, rest_device):
         z = sample_regions(pipe.transformer, lr_latent, rap_latent, moved, config, dtype,
                            generator, progress)
     factor = pipe.vae.config.downsample_factor
     with on_device(pipe.vae, device, rest_device):
-        decoded = tiled_vae(pipe.vae.decode, z, tile // factor, overlap // factor, device, dtype)
+        decoded = vae(pipe.vae.decode, z, tile // factor, overlap // factor)
     return decoded[0].clamp(-1, 1).cpu()
 
 def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config: CUpscaleConfig,
                    dtype, generator: torch.Generator, progress=None) -> torch.Tensor:
-    """Diffuse-then-denoise z_L = `lr_latent` (the paper's R(z_L)) with the priors; `rap_latent`
-    is the LR image at `rap_size`, noised with one fixed noise for RAP. Each Euler step blends
-    the regions' velocities into v, moves z by GSP on x0_hat = z - sigma v, then by
-    (sigma_next - sigma) v. GSP on the merged canvas equals GSP in every region (even offsets,
+    """Diffuse-then-denoise z_L = `lr_latent` (the paper's R(z_L)) with the priors; RAP sees
+    `rap_latent` (the LR image at `rap_size`) under one fixed noise. An Euler step blends the
+    regions' velocities into v, applies GSP to x0_hat = z - sigma v, then moves z by
+    (sigma_next - sigma) v. GSP on the merged canvas is GSP in every region (even offsets,
     uniform weights)."""
-    device = lr_latent.device
-    sigmas = start_sigmas(config.strength, config.num_steps, config.shift, config.noise_level)
-    sigmas = sigmas.tolist()
-    noise = torch.randn(lr_latent.shape, generator=generator).to(device)
-    rap_noise = torch.randn(rap_latent.shape, generator=generator).to(device)
+    sigmas = start_sigmas(config.strength, config.num_steps, config.shift,
+                          config.noise_level).tolist()
+    noise, rap_noise = (torch.randn(x.shape, generator=generator).to(x.device)
+                        for x in (lr_latent, rap_latent))
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
     regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
     patch = model.config.patch_size
     grids = [(x.shape[-2] // patch, x.shape[-1] // patch) for x in (z, rap_latent)]
     interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
     global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
-    batches = list(region_batches(regions, config.region_batch))
+    batches = region_batches(regions, config.region_batch)
     steps, lr_maps = len(sigmas) - 1, None
     low_band_size = z.shape[1] * regions[0].height * regions[0].width // 4  # one region's LL
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -206,9 +205,9 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
                     config: CUpscaleConfig, dtype, lr_maps=None, interpolation=None):
     """The CFG velocity (n, C, h, w) in fp32 of n regions of the latent canvas (C, H, W).
 
-    Batch rows, n each: negative, global and, with RSP, regional prompt. With RSP the global rows
-    take the regional pooled vector (Eq. 8 conditions a region on its prompt): one image stream
-    with two text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
+    Batch rows, n each: negative, global and, with RSP, regional prompt; there the global rows take
+    the regional pooled vector (Eq. 8 conditions a region on its prompt): one image stream, two
+    text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
     """
     n, composer = len(regions), conditions.get("regions") is not None
     negative, context = conditions["negative"], conditions["global"]["context"]
@@ -230,12 +229,12 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     return uncond + config.guidance * (cond - uncond)
 
 def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="diffusers-strength"):
-    """The sigmas of diffuse-then-denoise, from the start noise level down to 0.
+    """The sigmas of diffuse-then-denoise, from the start level down to 0.
 
     The paper noises to "t = 0.45 T" and runs 0.45 of SDXL's 50 steps (22): diffusers' img2img
     arithmetic, which on SD3's own schedule starts at sigma 0.707 and runs 13 of 28 steps. SD3 was
     tuned on this schedule, while equal SNR in two latent spaces (SDXL 4 channels, SD3 16) is not
-    equal corruption. The other readings are `alternative_start_sigmas`.
+    equal corruption.
     """
     if noise_level != "diffusers-strength":
         return alternative_start_sigmas(strength, num_steps, shift, noise_level)
@@ -246,7 +245,7 @@ def start_sigmas(strength: float, num_steps: int, shift: float, noise_level="dif
     return sigmas.float()
 
 class Region(NamedTuple):
-    """A window of the latent canvas, in latent px, with its (row, col) place in the grid."""
+    """A window of the latent canvas (latent px) and its (row, col) in the grid."""
 
     row: int
     col: int
@@ -264,13 +263,13 @@ class Region(NamedTuple):
         return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
 
     def box(self, scale: int) -> list[int]:  # (left, top, right, bottom) in image px
-        return [scale * side for side in (self.left, self.top, self.left + self.width,
-                                          self.top + self.height)]
+        bottom, right = self.top + self.height, self.left + self.width
+        return [scale * side for side in (self.left, self.top, right, bottom)]
 
 def plan_regions(latent_height: int, latent_width: int, region: int, stride: int) -> list[Region]:
     """Overlapping `region`-square windows over a latent canvas, row by row (Sec. 5.1: the model's
-    training size, overlapping by half). The last window is moved back to end on the border, so
-    all have one size (one batch). Sizes and offsets are even: 2x2 latent px make one SD3 token."""
+    training size, overlapping by half); the last one ends on the border, so all have one size
+    (one batch). Sizes and offsets are even: 2x2 latent px make one SD3 token."""
     sizes = (latent_height, latent_width, region, stride)
     if min(sizes) <= 0 or stride > region or any(n % 2 for n in sizes):
         raise ValueError(f"canvas {latent_height}x{latent_width}, region {region} and stride "
@@ -281,17 +280,16 @@ def plan_regions(latent_height: int, latent_width: int, region: int, stride: int
     return [Region(r, c, top, left, height, width)
             for r, top in enumerate(rows) for c, left in enumerate(cols)]
 
-def region_batches(regions: list[Region], batch_size: int):
-    """The regions in lists of at most `batch_size`, to bound memory at 8192^2 (225 regions)."""
-    for start in range(0, len(regions), batch_size):
-        yield regions[start : start + batch_size]
+def region_batches(regions: list[Region], batch_size: int) -> list[list]:
+    """Lists of at most `batch_size` regions, to bound memory at 8192^2 (225 regions)."""
+    return [regions[start : start + batch_size] for start in range(0, len(regions), batch_size)]
 
 def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
     """(..., H, W) -> (N, ..., h, w)."""
     return torch.stack([canvas[(..., *region.slices)] for region in regions])
 
 def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
-    """Blend (N, ..., h, w) outputs of all the planned regions into one (..., H, W) canvas."""
+    """Blend (N, ..., h, w) outputs of all the planned regions into a (..., H, W) canvas."""
     weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
     canvas = region_outputs.new_zeros(shape)
     for output, weight, region in zip(region_outputs, weights, regions):
@@ -299,13 +297,11 @@ def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) ->
     return canvas
 
 def blend_weights(regions: list[Region], latent_height: int, latent_width: int) -> torch.Tensor:
-    """(N, h, w): 1 / (number of regions covering the pixel), uniform as in MultiDiffusion, which
-    the paper follows (no seams at overlap 512 px)."""
+    """(N, h, w): 1 / (regions covering the pixel), uniform as in MultiDiffusion, which the paper
+    follows (no seams at overlap 512 px)."""
     count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 exact in fp64
     for region in regions:
         count[region.slices] += 1
-    if (count == 0).any():
-        raise ValueError("the regions leave latent pixels uncovered")
     return torch.stack([1 / count[region.slices] for region in regions])
 
 
@@ -315,21 +311,20 @@ def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_
     """The GSP update -step_size * dL/dz (Eqs. 4-5), to add to the noisy latent z.
 
     L = 1/2 sum (LL(x0_pred) - LL(lr_latent))^2 on a one-level Haar low band (the paper gives no
-    level count). The prediction x0_pred = z - sigma v is a constant, as the paper's cost analysis
-    implies, so dL/dz = IDWT(LL gap, 0, 0, 0): the step moves the low band `step_size` of the way
-    to the LR latent's and keeps the details.
+    level count). x0_pred = z - sigma v is held constant, as the paper's cost analysis implies, so
+    dL/dz = IDWT(LL gap, 0, 0, 0): the step moves the low band `step_size` of the way to the LR
+    latent's and keeps the details.
     """
     if x0_pred.shape != lr_latent.shape:
         raise ValueError(f"prediction {tuple(x0_pred.shape)} and LR latent "
                          f"{tuple(lr_latent.shape)} differ")
-    gap = haar_dwt(x0_pred.float())[..., :1, :, :] - haar_dwt(lr_latent.float())[..., :1, :, :]
-    details = gap.new_zeros(*gap.shape[:-3], 3, *gap.shape[-2:])
-    gradient = haar_idwt(torch.cat([gap, details], dim=-3))
-    return (-step_size * gradient).to(x0_pred.dtype)
+    gap = haar_dwt(x0_pred.float() - lr_latent.float())  # the DWT is linear
+    gap[..., 1:, :, :] = 0  # the low band's gap alone
+    return (-step_size * haar_idwt(gap)).to(x0_pred.dtype)
 
 def gsp_weight(step: int, num_steps: int, schedule: str) -> float:
     """lambda_i / lambda: the paper's decreasing cosine (1 + cos(pi p)) / 2 at progress
-    p = step / (num_steps - 1). Its ablation schedules are `ablation_gsp_weight`."""
+    p = step / (num_steps - 1)."""
     progress = step / (num_steps - 1) if num_steps > 1 else 0.0
     if schedule != "cosine":
         return ablation_gsp_weight(progress, schedule)
@@ -339,7 +334,7 @@ def gsp_step_scale(normalisation: str, sigma: float, low_band_size: int) -> floa
     """The factor on lambda_i for a reading of Eq. 4's "MSE". "sum" (L = 1/2 sum) gives 1: a step
     closes lambda of the low-band gap on any region size or noise level, and lambda = 1 is
     DiffuseHigh's hard replacement, which the paper criticises (Fig. 8: 0.2 reduces repetition,
-    1.0 makes artifacts). The other readings are `alternative_gsp_step_scale`."""
+    1.0 makes artifacts)."""
     if normalisation != "sum":
         return alternative_gsp_step_scale(normalisation, sigma, low_band_size)
     return 1.0
@@ -390,24 +385,22 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
         rows = (q[global_rows], k[global_rows], v[global_rows])
         out[global_rows], mass = attention_and_text_mass(*rows, num_context)
         for i in range(n):
-            row = n + i
-            q_img, k_txt = q[row, :, img], k[row, :, :num_context]
-            v_txt = v[row, :, :num_context].float()
+            q_img, k_txt = q[n + i, :, img], k[n + i, :, :num_context]
+            v_txt = v[n + i, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
             for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
                 text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
-                m = mass[i, :, num_context:][:, chunk, None].float()
+                m = mass[i, :, img][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
-                out[row, :, num_context:][:, chunk] += correction.to(out.dtype)
-    if composer:  # both rows go on with the composed image features
+                out[n + i, :, img][:, chunk] += correction.to(out.dtype)
+    if composer:  # the global and the regional rows go on with the composed features
         composed = attention_composer(out[global_rows, :, img], out[2 * n :, :, img])
-        out[global_rows, :, img] = composed
-        out[2 * n :, :, img] = composed
+        out[n:, :, img] = torch.cat([composed, composed])
     return out
 
 def attention_and_text_mass(q, k, v, num_context: int):
     """Joint attention (B, H, L, D) and each query's mass on the first `num_context` keys (B, H, L)
-    from one SDPA call: q and k get 8 zero channels, v an indicator of the text keys and 7 zeros
+    in one SDPA call: q and k get 8 zero channels, v an indicator of the text keys and 7 zeros
     (fused kernels want head dims of 8k)."""
     head_dim = q.shape[-1]
     extra = v.new_zeros(*v.shape[:-1], 8)
@@ -418,29 +411,22 @@ def attention_and_text_mass(q, k, v, num_context: int):
 
 def region_prior(lr_map: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor):
     """A for one region, (H, tokens, T): the LR map (H, h, w, T) resized bilinearly to the HR
-    grid, for the region's tokens only (a 4K image's whole grid would take 25 GB)."""
+    grid at the region's tokens only (a 4K image's whole grid would take 25 GB)."""
     x = torch.einsum("ih,khwt->kiwt", row_weights.to(lr_map), lr_map)
     return torch.einsum("jw,kiwt->kijt", col_weights.to(lr_map), x).flatten(1, 2)
 
 def region_interpolation(regions: list[Region], canvas_tokens: tuple, lr_tokens: tuple,
                          patch: int) -> dict:
-    """Per region key, the rows of the HR <- LR interpolation matrices covering its tokens."""
+    """Per region key, the rows of the HR <- LR interpolation matrices at its tokens."""
     rows, cols = (interpolation_matrix(out, size) for out, size in zip(canvas_tokens, lr_tokens))
     return {r.key: (rows[r.top // patch : (r.top + r.height) // patch],
                     cols[r.left // patch : (r.left + r.width) // patch]) for r in regions}
 
 def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
-    """M (size_out, size_in) with F.interpolate's linear resize (align_corners=False) = M @ x."""
-    scale = size_in / size_out
-    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=size_in - 1)
-    high = (low + 1).clamp(max=size_in - 1)
-    frac = source - low
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    rows = torch.arange(size_out)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix
+    """M (size_out, size_in) with M @ x = F.interpolate's linear resize (align_corners=False) of x:
+    the resize of the identity's columns."""
+    identity = torch.eye(size_in, dtype=torch.float64)[None]  # size_in channels of length size_in
+    return F.interpolate(identity, size=size_out, mode="linear", align_corners=False)[0].T
 
 @torch.no_grad()
 def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list:
@@ -474,8 +460,7 @@ def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
     """Bind `make_attend(block_index)` over every joint block's `JointBlock.attend` for the
-    duration. They run eagerly under `compile_blocks`: traced, their Python would make a graph per
-    block."""
+    duration, eagerly under `compile_blocks` (traced, their Python would make a graph per block)."""
     for index, block in enumerate(model.joint_blocks):
         block.attend = torch.compiler.disable(make_attend(index))
     try:
@@ -515,7 +500,7 @@ def alternative_start_sigmas(strength: float, num_steps: int, shift: float, nois
     t_first = time_shift(torch.tensor([first], dtype=torch.float64), -mu).item()
     t_last = time_shift(torch.tensor([1 / SD3_TRAIN_STEPS], dtype=torch.float64), mu).item()
     sigmas = time_shift(torch.linspace(t_first, t_last, steps, dtype=torch.float64), mu)
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 def flow_sigma_for_sdxl_strength(strength: float) -> float:
     """The flow sigma with the SNR of SDXL's t = strength * T: (1 - sigma) / sigma =
@@ -1502,7 +1487,6 @@ def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
 # ======================================================================================== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
-    """SD3-Medium from a Hub repo, a diffusers folder or a single file with its text encoders."""
     device, dtype = device_dtype(device, dtype)
     single_file = Path(str(model)).expanduser().is_file()
     rest_device = "cpu" if offload != "none" else device
@@ -1547,14 +1531,14 @@ def model_geometry(model, token=None) -> tuple[int, int, int]:
 
 def config_count(config: dict, key: str, file: Path) -> int:
     value = config.get(key)
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+    if not _is_count(value):
         raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not a positive integer "
                         "(an SD3-Medium transformer config.json?)")
     return value
 
 def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
                       region_prompts: dict | None = None, batch_size: int = 16) -> dict:
-    """Text conditioning for `denoise_regions` (on the CPU): global, negative and regional."""
+    """`denoise_regions`' conditions (on the CPU): global, negative and regional."""
     prompts = [prompt, negative_prompt, *(region_prompts or {}).values()]
     encoded = [c for start in range(0, len(prompts), batch_size)
                for c in encode_prompts(pipe, prompts[start : start + batch_size])]
@@ -1562,7 +1546,7 @@ def encode_conditions(pipe: Pipeline, prompt: str, negative_prompt: str = "",
     return {"global": encoded[0], "negative": encoded[1], "regions": regions}
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
-    """The input's size times `scale`, rounded to `multiple`; refused above MAX_TARGET_PIXELS."""
+    """The input's size times `scale`, rounded to `multiple`."""
     if min(width, height) < MIN_INPUT_SIDE:
         raise UserError(f"the input is {width}x{height}: too small (each side needs at least "
                         f"{MIN_INPUT_SIDE} px)")
@@ -1579,7 +1563,8 @@ def rap_size(width: int, height: int, region_px: int, multiple: int, max_side: i
     return tuple(max(multiple, round(side * shrink / multiple) * multiple)
                  for side in (width, height))
 
-def check_regions(config: CUpscaleConfig, multiple: int, pos_embed_patches: int, patch: int):
+def check_regions(config: CUpscaleConfig, pos_embed_patches: int, patch: int):
+    multiple = config.vae_scale * patch
     windows = (("--region-size", config.region_px, "--region-overlap", config.overlap_px, "size"),
                ("--vae-tile", config.vae_tile_px, "--vae-overlap", config.vae_overlap_px, "tile"))
     for size_flag, size, overlap_flag, overlap, name in windows:
@@ -1919,7 +1904,7 @@ def main(argv=None):
               "the empty prompt", file=sys.stderr)
     geometry = model_geometry(args.model, args.token)
     config.vae_scale, patch, table = geometry
-    check_regions(config, config.vae_scale * patch, table, patch)
+    check_regions(config, table, patch)
     width, height = target_size(*image.size, args.scale, config.vae_scale * patch)
     regions = plan_regions(height // config.vae_scale, width // config.vae_scale, config.region,
                            config.stride)
@@ -1936,7 +1921,7 @@ def main(argv=None):
         raise UserError(f"{args.model}: its config files (VAE factor, patch, position table "
                         f"{geometry}) disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
-    batches = len(list(region_batches(regions, config.region_batch)))
+    batches = math.ceil(len(regions) / config.region_batch)
     switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
                          (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
     print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x "
@@ -1966,7 +1951,7 @@ def config_from(args) -> CUpscaleConfig:
         gsp_normalisation=args.gsp_normalisation)
 
 def check_outputs(args) -> tuple[Path, Path]:
-    """OUTPUT and OUTPUT.regions.json beside it, checked as outputs and apart from every input."""
+    """OUTPUT and OUTPUT.regions.json, each apart from every input."""
     output = check_output_file(args.output, args.overwrite)
     record_path = output.with_suffix(".regions.json")
     if record_path.is_dir():
@@ -1993,13 +1978,12 @@ def write_outputs(args, paths: tuple[Path, Path], picture: Image.Image, run: dic
 def parser() -> ArgumentParser:
     default = CUpscaleConfig()
     parser = ArgumentParser(prog="cupscale.py", description="C-Upscale: creative, tuning-free "
-                            "upscaling with SD3-Medium (global structure, regional attention and "
-                            "regional semantic priors).")
+                            "upscaling with SD3-Medium and global-regional priors.")
     add = parser.add_argument
     add("--input", required=True, help="the low-resolution image")
-    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); the "
-        "regions and their prompts go to OUTPUT.regions.json")
-    add("--overwrite", action="store_true", help="replace an existing output and .regions.json")
+    add("--output", default="cupscale.png", help="the image (a .png keeps the settings); regions "
+        "and prompts go to OUTPUT.regions.json")
+    add("--overwrite", action="store_true", help="replace existing outputs")
     add("--prompt", default="", help="the global prompt (the method needs one)")
     add("--negative-prompt", default="")
     add("--scale", type=number(1, MAX_SCALE), default=4.0, help="upscaling factor (4: 1K -> 4K)")
@@ -2023,9 +2007,9 @@ def parser() -> ArgumentParser:
                      "the region's crop (PNG), {prompt} the global prompt; it prints the prompt")
     add("--caption-failure", choices=["stop", "rsp-off"], default="stop",
         help="when a caption command fails: stop, or go on with RSP off")
-    add("--no-gsp", action="store_true", help="ablation: no global structure prior")
-    add("--no-rap", action="store_true", help="ablation: no regional attention prior")
-    add("--no-rsp", action="store_true", help="ablation: no regional semantic prior")
+    for prior, name in (("gsp", "global structure"), ("rap", "regional attention"),
+                        ("rsp", "regional semantic")):
+        add(f"--no-{prior}", action="store_true", help=f"ablation: no {name} prior")
     add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
         help="multidiffusion: the baseline, no prior")
     add("--gsp-step-size", type=number(0, 1), default=default.gsp_step_size,
@@ -2073,8 +2057,8 @@ def load_region_prompts(path, regions: list[Region]) -> dict[str, str]:
     return parse_region_prompts(read_json(path), regions, source=str(path))
 
 def parse_region_prompts(data, regions: list[Region], source="region prompts") -> dict[str, str]:
-    """Check a {"row,col": prompt} mapping (counted from 0 at the top left) against the regions:
-    one non-empty string per region, the others named in one line. Keys come back normalised."""
+    """Check a {"row,col": prompt} mapping (from 0 at the top left) against the regions: one
+    non-empty string per region, any other entry named in one line. Keys come back normalised."""
     rows, cols = regions[-1].row + 1, regions[-1].col + 1
     grid = (f"expected one entry per region, keys 'row,col' with row 0..{rows - 1} "
             f"and col 0..{cols - 1}")
@@ -2102,15 +2086,15 @@ def parse_region_prompts(data, regions: list[Region], source="region prompts") -
     return prompts
 
 def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
                     vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
-    """Regional prompts from `command` run per region (the paper's LLaVA-1.6 captions the crop
-    given the global prompt), split like a shell line: {image} becomes the path of the region's
-    crop of `image` (PNG), {prompt} the global prompt. A failure stops the run, or with
-    `rsp_off_on_failure` turns RSP off (None)."""
+    """Regional prompts from `command`, split like a shell line and run per region as the paper's
+    LLaVA-1.6 captions each crop given the global prompt: {image} is the path of the region's crop
+    (PNG), {prompt} the global prompt. A failure stops the run or, with `rsp_off_on_failure`,
+    turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -2136,10 +2120,9 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
     return prompts
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
-    """Run one captioning command in a process group of its own: its standard output as one line,
-    or a UserError naming it. The output goes to files, not pipes: a pipe would stay open until a
-    child the command left in the background ends. On a timeout or an interruption the whole
-    group is killed."""
+    """One caption command's standard output as one line, or a UserError naming it. The output
+    goes to files: a pipe would stay open while a child left in the background lives. The
+    command's process group is killed whole on a timeout or an interruption."""
     shown = shlex.join(command)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
