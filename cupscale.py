@@ -302,6 +302,7 @@ def blend_weights(regions: list[Region], latent_height: int, latent_width: int) 
     count = torch.zeros(latent_height, latent_width, dtype=torch.float64)  # 1/3 exact in fp64
     for region in regions:
         count[region.slices] += 1
+    assert (count > 0).all(), "the regions leave latent pixels uncovered"
     return torch.stack([1 / count[region.slices] for region in regions])
 
 
