@@ -217,7 +217,7 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             fade = round(overlap * ratio)
             wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
-            w = (wy[:, None] * wx[None]).to(y)
+            w = torch.outer(wy, wx).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
             rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
             out[..., rows, cols] += y * w
@@ -1237,12 +1237,12 @@ def vae_table_for(state: dict) -> dict:
         rows.append((f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        attn = f"{part}.mid_block.attentions.0"
         rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
                  (f"{part}.norm_out", f"{part}.conv_norm_out"),
                  (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
-        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0")
-        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1")
+        for i in (0, 1):
+            resnet(f"{part}.mid.block_{i + 1}", f"{part}.mid_block.resnets.{i}")
         for original, diffusers in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
             rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{diffusers}", "conv1x1"))
     for level in range(levels):

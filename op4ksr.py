@@ -1016,12 +1016,12 @@ def vae_table_for(state: dict) -> dict:
         rows.append((f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        attn = f"{part}.mid_block.attentions.0"
         rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
                  (f"{part}.norm_out", f"{part}.conv_norm_out"),
                  (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
-        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0")
-        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1")
+        for i in (0, 1):
+            resnet(f"{part}.mid.block_{i + 1}", f"{part}.mid_block.resnets.{i}")
         for original, diffusers in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
             rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{diffusers}", "conv1x1"))
     for level in range(levels):
