@@ -965,7 +965,7 @@ def resnet_level(width: int, out: int, count: int) -> nn.Module:
     return level
 
 def level_blocks(levels, resampler: str) -> list[nn.Module]:
-    """The levels' blocks in running order, each level's resampler (if any) after its blocks."""
+    """The levels' ResnetBlocks and resamplers, in running order."""
     return [m for level in levels for m in (*level.block, getattr(level, resampler, None)) if m]
 
 class ResnetBlock(nn.Module):
@@ -988,8 +988,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -1073,8 +1072,7 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table {LDM key: ([diffusers key], transform)} of this VAE state (either layout):
-    a ResnetBlock's nin_shortcut is in where the state has it."""
+    """The key table of this VAE state (either layout), with the ResnetBlock shortcuts it has."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
