@@ -945,16 +945,14 @@ class Decoder(nn.Module):
         (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
         shift = int(self.partitioned)  # how far the result moves down and right
-        halo = 1 - shift  # input rows below a band that it sees
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
-            low, high = max(top - 1, 0), min(top + n + halo, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo - high))
+            low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
             first = s - 1 - shift  # of the rows the 3x3 window reaches
-            up = up[..., first : first + s * n + 2, :]
-            up = F.pad(up, (1 + shift, 1 - shift))
+            up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
 
