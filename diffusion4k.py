@@ -2943,10 +2943,10 @@ def weight_file(spec, what: str, token=None) -> Path:
     local = check_regular_file(Path(spec).expanduser(), "weights file")  # a FIFO would never end
     if local.is_file():
         return local
-    parts = str(spec).split("/")
+    parts = str(spec).split("/", 2)
     if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
         raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
-    name = "/".join(parts[2:])
+    name = parts[2]
     path = resolve_source("/".join(parts[:2]), allow_patterns=(name,), token=token) / name
     if not path.is_file():
         raise UserError(f"{what}: {spec} not found")
