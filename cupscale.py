@@ -355,7 +355,6 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
     a, b = (ll + lh + hl + hh) / 2, (ll + lh - hl - hh) / 2
     c, d = (ll - lh + hl - hh) / 2, (ll - lh - hl + hh) / 2
     blocks = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], dim=-3)
-
     return blocks.reshape(*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1])
 # --- END copy: Haar wavelets ---
 
@@ -828,13 +827,12 @@ class VAEConfig:
     def __post_init__(self):
         widths = [self.base_channels * m for m in self.channel_multipliers]
         scale, shift = self.scale_factor, self.shift_factor
-        problems = [
+        for bad, problem in (
             (self.stride not in (1, 2), f"stride {self.stride} (1: F8, 2: F16)"),
             (any(w % 32 for w in widths), f"widths {widths} (multiples of 32 for GroupNorm)"),
             (not 0 < scale < math.inf, f"scaling_factor {scale} (finite, > 0)"),
             (not math.isfinite(shift), f"shift_factor {shift} (finite)"),
-        ]
-        for bad, problem in problems:
+        ):
             if bad:
                 raise ValueError(f"this VAE cannot have {problem}")
 
@@ -843,7 +841,6 @@ class VAEConfig:
         return 2 ** (len(self.channel_multipliers) - 1) * self.stride
 
 FLUX_VAE = VAEConfig()
-
 SD3_VAE = VAEConfig(scale_factor=1.5305, shift_factor=0.0609)
 
 class AutoEncoder(nn.Module):
@@ -879,14 +876,10 @@ class Encoder(nn.Module):
         self.conv_in = vae_conv_in(config.in_channels, ch, config.stride)
         self.down, width = nn.ModuleList(), ch
         for level, mult in enumerate(mults):
-            down = nn.Module()
-            down.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(width, ch * mult))
-                width = ch * mult
+            self.down.append(resnet_level(width, ch * mult, config.num_res_blocks))
+            width = ch * mult
             if level < len(mults) - 1:
-                down.downsample = Downsample(width)
-            self.down.append(down)
+                self.down[-1].downsample = Downsample(width)
         self.mid = mid_block(width)
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
@@ -894,12 +887,7 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         h = self.conv_in(x)
-        for down in self.down:
-            for block in down.block:
-                h = run_checkpointed(self, block, h)
-            if hasattr(down, "downsample"):
-                h = run_checkpointed(self, down.downsample, h)
-        for block in self.mid:
+        for block in (*level_blocks(self.down, "downsample"), *self.mid):
             h = run_checkpointed(self, block, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -915,14 +903,10 @@ class Decoder(nn.Module):
         self.mid = mid_block(width)
         self.up = nn.ModuleList()
         for level in reversed(range(len(mults))):
-            up = nn.Module()
-            up.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                up.block.append(ResnetBlock(width, ch * mults[level]))
-                width = ch * mults[level]
+            self.up.insert(0, resnet_level(width, ch * mults[level], config.num_res_blocks + 1))
+            width = ch * mults[level]
             if level > 0:
-                up.upsample = Upsample(width)
-            self.up.insert(0, up)
+                self.up[0].upsample = Upsample(width)
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
 
@@ -932,13 +916,8 @@ class Decoder(nn.Module):
     def features(self, z):
         """The map after norm_out + SiLU, which SC-VAE training compares."""
         h = self.conv_in(z)
-        for block in self.mid:
+        for block in (*self.mid, *level_blocks(reversed(self.up), "upsample")):
             h = run_checkpointed(self, block, h)
-        for up in reversed(self.up):
-            for block in up.block:
-                h = run_checkpointed(self, block, h)
-            if hasattr(up, "upsample"):
-                h = run_checkpointed(self, up.upsample, h)
         return F.silu(self.norm_out(h))
 
     def head(self, h):
@@ -952,18 +931,26 @@ class Decoder(nn.Module):
         (`partitioned`), or the centred result."""
         s, rows = self.stride, h.shape[-2]
         shift = int(self.partitioned)  # how far the result moves down and right
-        halo = 1 - shift  # input rows below a band that it sees
         bands = []
         for top in range(0, rows, band_rows):
             n = min(band_rows, rows - top)
-            low, high = max(top - 1, 0), min(top + n + halo, rows)
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + halo - high))
+            low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
+            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
             up = F.interpolate(band, scale_factor=float(s), mode="nearest")
             first = s - 1 - shift  # of the rows the 3x3 window reaches
-            up = up[..., first : first + s * n + 2, :]
-            up = F.pad(up, (1 + shift, 1 - shift))
+            up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
             bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
         return torch.cat(bands, dim=-2)
+
+def resnet_level(width: int, out: int, count: int) -> nn.Module:
+    """A resolution level: `count` ResnetBlocks width -> out; the caller adds its resampler."""
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(out if i else width, out) for i in range(count))
+    return level
+
+def level_blocks(levels, resampler: str) -> list[nn.Module]:
+    """The levels' ResnetBlocks and resamplers, in running order."""
+    return [m for level in levels for m in (*level.block, getattr(level, resampler, None)) if m]
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
@@ -985,8 +972,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -1070,48 +1056,41 @@ def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
         shift_factor=shift_factor, stride=stride)
 
 def vae_table_for(state: dict) -> dict:
-    """The key table of this VAE state (either layout)."""
+    """The key table of this VAE state (either layout), with the ResnetBlock shortcuts it has."""
     folder = any(key.startswith("encoder.down_blocks.") for key in state)
     down, block = ("down_blocks", "resnets") if folder else ("down", "block")
     levels = count_blocks(state, rf"encoder\.{down}\.(\d+)\.")
     res_blocks = count_blocks(state, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    return {original: (parts, transform)
-            for original, (parts, transform) in vae_key_table(levels, res_blocks).items()
-            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
-
-RESNET_LAYERS = ("norm1", "conv1", "norm2", "conv2")
-
-def vae_key_table(num_levels: int, num_res_blocks: int) -> dict:
-    """LDM key -> diffusers keys of a VAE, every possible shortcut in."""
     rows = []
 
-    def resnet(original, folder, shortcut=True):
-        rows.extend((f"{original}.{name}", f"{folder}.{name}") for name in RESNET_LAYERS)
-        if shortcut:
-            rows.append((f"{original}.nin_shortcut", f"{folder}.conv_shortcut"))
+    def resnet(original, diffusers):
+        rows.extend((f"{original}.{name}", f"{diffusers}.{name}")
+                    for name in ("norm1", "conv1", "norm2", "conv2"))
+        rows.append((f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut"))
 
     for part in ("encoder", "decoder"):
-        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
+        attn = f"{part}.mid_block.attentions.0"
         rows += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
                  (f"{part}.norm_out", f"{part}.conv_norm_out"),
                  (f"{part}.mid.attn_1.norm", f"{attn}.group_norm")]
-        resnet(f"{part}.mid.block_1", f"{mid}.resnets.0", False)
-        resnet(f"{part}.mid.block_2", f"{mid}.resnets.1", False)
-        for original, folder in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
-            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{folder}", "conv1x1"))
-    for level in range(num_levels):
-        up = num_levels - 1 - level  # diffusers counts decoder blocks from the lowest resolution
-        for j in range(num_res_blocks):
+        for i in (0, 1):
+            resnet(f"{part}.mid.block_{i + 1}", f"{part}.mid_block.resnets.{i}")
+        for original, diffusers in (*((x, f"to_{x}") for x in "qkv"), ("proj_out", "to_out.0")):
+            rows.append((f"{part}.mid.attn_1.{original}", f"{attn}.{diffusers}", "conv1x1"))
+    for level in range(levels):
+        up = levels - 1 - level  # diffusers counts decoder blocks from the lowest resolution
+        for j in range(res_blocks):
             resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
-        for j in range(num_res_blocks + 1):
+        for j in range(res_blocks + 1):
             resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
-        if level < num_levels - 1:
+        if level < levels - 1:
             rows.append((f"encoder.down.{level}.downsample.conv",
                          f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         if level > 0:
             rows.append((f"decoder.up.{level}.upsample.conv",
                          f"decoder.up_blocks.{up}.upsamplers.0.conv"))
-    return key_table(rows)
+    return {original: (parts, transform) for original, (parts, transform) in key_table(rows).items()
+            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
 # --- END copy: VAE ---
 
 
@@ -1708,7 +1687,7 @@ def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> to
             fade = round(overlap * ratio)
             wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
             wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
-            w = (wy[:, None] * wx[None]).to(y)
+            w = torch.outer(wy, wx).to(y)
             oy, ox = round(top * ratio), round(left * ratio)
             rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
             out[..., rows, cols] += y * w
@@ -1723,13 +1702,12 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first and last samples."""
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
+    centres = torch.arange(size, dtype=torch.float64) + 0.5
     weights = torch.ones(size, dtype=torch.float64)
-    if fade_start:
-        weights[:fade_start] = (torch.arange(fade_start, dtype=torch.float64) + 0.5) / fade_start
-    if fade_end:
-        ramp = (torch.arange(fade_end, 0, -1, dtype=torch.float64) - 0.5) / fade_end
-        weights[size - fade_end :] = torch.minimum(weights[size - fade_end :], ramp)
+    for fade, distance in ((fade_start, centres), (fade_end, size - centres)):
+        if fade:
+            weights = torch.minimum(weights, distance / fade)
     return weights
 # --- END copy: tiled VAE ---
 
