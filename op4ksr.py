@@ -276,10 +276,10 @@ class SplitLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.scale, device = base, alpha / rank, base.weight.device
         a = torch.randn(parts, rank, base.in_features, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=base.weight.device))
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=device))
 
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
@@ -312,11 +312,10 @@ class LoRAConv2d(nn.Module):
         super().__init__()
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.scale, device = base, alpha / rank, base.weight.device
         a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1,
-                                               device=base.weight.device))
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=device))
 
     def forward(self, x):
         c = self.base
@@ -365,19 +364,18 @@ def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return image
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
-    ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
-    ref_std = reference.std(dim=(-2, -1), keepdim=True)
+    (mean, std), (ref_mean, ref_std) = channel_stats(image), channel_stats(reference)
     return (image - mean) / (std + 1e-6) * ref_std + ref_mean
 
 def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the (unbiased) variances."""
-    def stats(x):
-        flat = x.flatten(2)
-        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
-
-    (mean, std), (ref_mean, ref_std) = stats(image), stats(reference)
+    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the variances."""
+    (mean, std), (ref_mean, ref_std) = channel_stats(image, eps), channel_stats(reference, eps)
     return (image - mean) / std * ref_std + ref_mean
+
+def channel_stats(x: torch.Tensor, eps: float = 0.0):
+    """Each channel's mean and unbiased standard deviation sqrt(var + eps)."""
+    dims = (-2, -1)
+    return x.mean(dim=dims, keepdim=True), (x.var(dim=dims, keepdim=True) + eps).sqrt()
 
 
 # ========================================================================= the models: transformer
@@ -1454,18 +1452,15 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     c = json.loads(meta["flux_config"])
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
-        found = tuple(state[key].shape) if key in state else None
-        if found is None or len(found) != len(shape) or any(
-                n not in ("T", m) for n, m in zip(shape, found)):
+        found = tuple(state[key].shape) if key in state else "missing"
+        if len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
             shown = str(shape).replace("'", "")
-            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, the base "
-                            f"Flux takes {shown}: a damaged file?")
+            raise UserError(f"{path}: {key} is {found}, the base Flux takes {shown}: a damaged "
+                            "file?")
     device, dtype = device_dtype(device, dtype)
     flux = flux or meta.get("base_flux", DEFAULT_FLUX)
     vae = vae or meta.get("base_vae", DEFAULT_VAE)
-    print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
-    transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
-    autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
+    transformer, autoencoder = load_bases(flux, vae, float(meta["theta"]), 2, device, dtype, token)
     check_base(meta, transformer, autoencoder, str(weights))
     loras = {k: v for k, v in state.items() if not k.startswith("prompt.")}
     merge_op4ksr_lora(loras, transformer, autoencoder, str(weights))
@@ -1474,6 +1469,11 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance,
                       float(meta.get("scale", 4)), device, dtype, meta)
 
+def load_bases(flux, vae, theta: float, stride: int, device, dtype, token):
+    print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
+    return (load_flux(flux, dtype, device, theta=theta, token=token),
+            load_vae(vae, dtype, device, stride=stride, token=token))
+
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
@@ -1481,8 +1481,8 @@ def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
     token_px = 2 * pipe.vae.config.downsample_factor
-    up = F.pad(up, (0, -width % token_px, 0, -height % token_px), mode="replicate")
-    up = up.to(pipe.device, pipe.dtype)
+    pad = (0, -width % token_px, 0, -height % token_px)
+    up = F.pad(up, pad, mode="replicate").to(pipe.device, pipe.dtype)
     latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
     out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
@@ -1543,8 +1543,8 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
     parts_of = {}  # diffusers module -> (model, our key, part index, part count, transform)
     for original, (parts, _) in flux_table(c).items():
         for i, part in enumerate(parts):
-            module = "transformer." + part.removesuffix(".weight")
-            parts_of[module] = (transformer, original, i, len(parts), None)
+            parts_of["transformer." + part.removesuffix(".weight")] = (
+                transformer, original, i, len(parts), None)
     for original, ((part,), transform) in vae_lora_table(vae).items():
         parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
     for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
@@ -1579,19 +1579,24 @@ def vae_lora_table(vae: AutoEncoder) -> dict:
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
 def flux_lora_slots(transformer: Flux):
-    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear."""
+    """(key in OP4KSR's file, A or B block, layout transform, the scale folded into the file's B)
+    of each block of each SplitLoRALinear."""
     table = flux_table(transformer.config)
     for name, module in transformer.named_modules():
         if isinstance(module, SplitLoRALinear):
             for part, a, b in zip(table[f"{name}.weight"][0], module.lora_A, module.lora_B):
-                yield "transformer." + part.removesuffix(".weight"), module, a, b
+                prefix = "transformer." + part.removesuffix(".weight")
+                yield f"{prefix}.lora_A.weight", a, None, 1.0
+                yield f"{prefix}.lora_B.weight", b, None, module.scale
 
 def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
     table = vae_lora_table(vae)
     for name, module in encoder.named_modules():
         if isinstance(module, LoRAConv2d):
             (part,), transform = table[f"encoder.{name}.weight"]
-            yield "vae." + part.removesuffix(".weight"), module, transform
+            prefix = "vae." + part.removesuffix(".weight")
+            yield f"{prefix}.lora_A.weight", module.lora_A, transform, 1.0
+            yield f"{prefix}.lora_B.weight", module.lora_B, transform, module.scale
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
     state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
@@ -1606,20 +1611,14 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
 
 def export_flux_lora(model: Flux) -> dict:
     """The SplitLoRALinear weights under peft names, the scale folded into B."""
-    out = {}
-    for prefix, module, a, b in flux_lora_slots(model):
-        out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-        out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
-    return out
+    return export_lora(flux_lora_slots(model))
 
 def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
-    out = {}
-    for prefix, module, transform in encoder_lora_slots(encoder, vae):
-        to_folder = TRANSFORMS[transform][1]
-        a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu()
-        out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
-        out[f"{prefix}.lora_B.weight"] = to_folder(b * module.scale).contiguous()
-    return out
+    return export_lora(encoder_lora_slots(encoder, vae))
+
+def export_lora(slots) -> dict:
+    return {key: TRANSFORMS[transform][1](value.detach().float().cpu() * scale).contiguous()
+            for key, value, transform, scale in slots}
 
 
 # =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
@@ -1756,9 +1755,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     flux = flux or DEFAULT_FLUX
     vae = vae or (flux if stride == 1 else DEFAULT_VAE)
     prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # T5 freed before Flux
-    print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
-    transformer = load_flux(flux, dtype, device, theta=theta, token=token)
-    autoencoder = load_vae(vae, dtype, device, stride=stride, token=token)
+    transformer, autoencoder = load_bases(flux, vae, theta, stride, device, dtype, token)
     c = transformer.config
     if prompt["txt"].shape[-1] != c.context_in_dim or prompt["y"].shape[-1] != c.vec_in_dim:
         raise UserError(f"the cached prompt embeddings do not fit {flux}: delete them from "
@@ -1771,15 +1768,9 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
 
 def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
     """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's)."""
-    slots = []  # (parameter or block, key in `state`, layout transform, scale)
-    for prefix, module, a, b in flux_lora_slots(transformer):
-        slots += [(a, f"{prefix}.lora_A.weight", None, 1.0),
-                  (b, f"{prefix}.lora_B.weight", None, module.scale)]
-    for prefix, module, transform in encoder_lora_slots(vae.encoder, vae):
-        slots += [(module.lora_A, f"{prefix}.lora_A.weight", transform, 1.0),
-                  (module.lora_B, f"{prefix}.lora_B.weight", transform, module.scale)]
+    slots = [*flux_lora_slots(transformer), *encoder_lora_slots(vae.encoder, vae)]
     with torch.no_grad():
-        for target, key, transform, scale in slots:
+        for key, target, transform, scale in slots:
             value = state.get(key)
             value = None if value is None else TRANSFORMS[transform][0](value) / scale
             if value is None or value.shape != target.shape:
@@ -1788,7 +1779,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
                                 f"takes {tuple(target.shape)} (--lora-rank must be the adapter's "
                                 "rank)")
             target.copy_(value)
-    unused = sorted(state.keys() - {key for _, key, _, _ in slots})
+    unused = sorted(state.keys() - {slot[0] for slot in slots})
     if unused:
         raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
                         "(OMGSR-F's target lists)")
@@ -1865,10 +1856,8 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size")
-    count = 1
-    while (count - 1) * (tile - overlap) + tile < size:
-        count += 1
-    return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
+    stride = tile - overlap
+    return [i * stride for i in range(max(0, math.ceil((size - tile) / stride)))] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
@@ -2918,9 +2907,8 @@ def sr_command(args):
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = None if args.size else args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
-    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
-                            args.token)
-    prepare(pipe, args)
+    pipe = prepare(load_sr_pipeline(args.weights, args.flux, args.vae, args.device,
+                                    DTYPES.get(args.dtype), args.token), args)
     settings = {"weights": str(args.weights), "sigma": pipe.sigma,
                 "theta": pipe.transformer.config.theta, "color_fix": args.color_fix,
                 "f16_decode": args.f16_decode, "base_flux": pipe.meta.get("base_flux", "")}
@@ -2931,9 +2919,9 @@ def omgsr_f_command(args, folder: Path, pairs):
     upstream = args.recipe == "omgsr-f"
     jobs = decodable_jobs(pairs, lambda width, height: omgsr_f_job_size(args, width, height))
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
-    pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
-                                 args.token, theta, stride, args.text_encoders)
-    prepare(pipe, args)
+    pipe = prepare(load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device,
+                                         DTYPES.get(args.dtype), args.token, theta, stride,
+                                         args.text_encoders), args)
     vae = f"F{8 * stride} {pipe.meta['base_vae']}"
     settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
                 "sigma": pipe.sigma, "theta": theta, "vae": vae, "color_fix": args.color_fix,
@@ -2960,10 +2948,11 @@ def decodable_jobs(pairs, size_of) -> list:
         load_image(path)
     return jobs
 
-def prepare(pipe: SRPipeline, args):
+def prepare(pipe: SRPipeline, args) -> SRPipeline:
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
     if args.compile:
         compile_blocks(pipe.transformer)
+    return pipe
 
 def write_results(jobs, args, make, method: str, settings: dict):
     """`make`'s image of each input saved; without --overwrite an output another run wrote
@@ -3089,21 +3078,17 @@ def sr_parser() -> argparse.ArgumentParser:
         help="match the LR colours (default: none; adain with --recipe omgsr-f)")
     add("--flux", help="base Flux (default: the checkpoint's)")
     add("--vae", help="F16 VAE (default: the checkpoint's)")
-    add_recipe(parser, SRTrainRecipe, ["f16_decode"])
+    add_recipe(parser, SRTrainRecipe, ["f16_decode", "text_encoders", "device", "dtype", "token"])
     add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
         help="with OMGSR-F's adapter: one patch-free pass, or OMGSR-F's own tiled inference")
     add("--theta", type=number(1), help="op4ksr recipe: RoPE base (default 100, RFR)")
     add("--vae-mode", choices=["f16", "f8"], help="op4ksr recipe: the VAE (default f16)")
     add("--process-size", type=integer(64, MAX_SIDE),
         help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE})")
-    add("--text-encoders", help="Flux pipeline with the text encoders (default: --flux)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs")
-    add("--device", type=device_name, help="default: cuda when available")
-    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA")
     add("--compile", action="store_true", help="torch.compile each Flux block")
-    add("--token", help="Hugging Face token")
     return parser
 
 def train_sr_command(args):
@@ -3161,13 +3146,11 @@ def calibrate_parser() -> argparse.ArgumentParser:
         description="OMGSR's mid-timestep calibration: the sigma at which the noisy HR latent\n"
                     "has the LR latent's SNR.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
-    add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
+    add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale", "device", "token"])
     add = parser.add_argument
     add("--max-images", type=integer(1), help="at most this many images, one crop each")
     add("--batch-size", type=integer(1), default=1, help="images per SNR average")
     add("--seed", type=SEED, default=0, help="as train's: the same pairs")
-    add("--device", type=device_name, help="default: cuda when available")
-    add("--token", help="Hugging Face token")
     return parser
 
 
