@@ -139,13 +139,12 @@ def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor
 
 OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505: OMGSR-F's SNR-matched t = 244
 
-def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
-                  update=None) -> tuple[int, float]:
+def matched_sigma(pairs, update=None) -> tuple[int, float]:
     """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the
     timestep giving the noisy HR latent the LR latent's SNR. With P = mean(hr^2) and D = mean((lr -
     hr)^2), the LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t minimising
     the sum over batches of their |differences| wins."""
-    sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
+    sigmas = omgsr_sigmas()[1:]  # t = 0 has sigma 0: infinite SNR
     total, done = torch.zeros_like(sigmas), 0
     for hr, lr in pairs:
         power = hr.double().pow(2).mean().cpu()
@@ -1712,14 +1711,13 @@ def read_omgsr_f_adapters(folder: Path) -> dict:
             state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
     return state
 
-def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
-                   max_length: int = 512) -> dict:
-    """OMGSR-F's empty prompt {"txt", "y"}, cached under a hash of the base."""
+def omgsr_f_prompt(flux, device, dtype, token=None) -> dict:
+    """OMGSR-F's empty prompt {"txt", "y"} (T5: 512 tokens), cached under a hash of the base."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
                     for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
-    key = json.dumps([source, stamps, prompt, max_length, str(dtype)])
+    key = json.dumps([source, stamps, "", 512, str(dtype)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = prompt_cache_folder() / f"prompt-{digest}.safetensors"
     if path.is_file():
@@ -1729,7 +1727,7 @@ def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
                 return cached
     print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in "
           f"{path})", file=sys.stderr)
-    encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
+    encoded = encode_fixed_prompt(flux, "", device, dtype, 512, token)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path,
@@ -2251,16 +2249,16 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     return torch.cat(lrs).to(hr.dtype)
 
 def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Tensor:
-    first, second, final = config.first, config.second, streams["final"]
-    for stage, order in ((first, "1"), (second, "2")):
-        if _happens(streams["blur" + order], stage.blur_prob):
-            image = filter2d(image, random_blur_kernel(stage, streams["blur" + order]))
-        base = image.shape[-2:] if order == "1" else lr_size
-        image = _random_resize(image, stage, base, streams["resize" + order])
-        if _happens(streams["noise" + order], stage.noise_prob):
-            image = _random_noise(image, stage, streams["noise" + order])
-        if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
-            image = _random_jpeg(image, first, streams["jpeg1"])
+    second, final = config.second, streams["final"]
+    for stage, order in ((config.first, "1"), (second, "2")):
+        blur, resize, noise = (streams[step + order] for step in ("blur", "resize", "noise"))
+        if _happens(blur, stage.blur_prob):
+            image = filter2d(image, random_blur_kernel(stage, blur))
+        image = _random_resize(image, stage, image.shape[-2:] if order == "1" else lr_size, resize)
+        if _happens(noise, stage.noise_prob):
+            image = _random_noise(image, stage, noise)
+        if order == "1" and _happens(streams["jpeg1"], stage.jpeg_prob):
+            image = _random_jpeg(image, stage, streams["jpeg1"])
     # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
     for step in ("resize", "jpeg") if _happens(final, 0.5) else ("jpeg", "resize"):
         if step == "resize":
