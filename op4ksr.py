@@ -1557,7 +1557,9 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             f"{tuple(b.shape)}, not a low-rank pair")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
-        delta = TRANSFORMS[transform][0](_delta(a, b))
+        # B A, for linear and peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs alike
+        delta = (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
+        delta = TRANSFORMS[transform][0](delta)
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
@@ -1565,10 +1567,6 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             f"{original} takes {(rows, *weight.shape[1:])}: another base model?")
         with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
-
-def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
-    return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
 
 def flux_table(c: FluxConfig) -> dict:
     return flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
@@ -2277,7 +2275,7 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
         return sinc_kernel(size, _uniform(generator, low, math.pi))
     kind = _pick(generator, KERNEL_TYPES, stage.kernel_probs)
     sigma_x = _uniform(generator, *stage.blur_sigma)
-    if kind.endswith("iso") and not kind.endswith("aniso"):
+    if not kind.endswith("aniso"):
         sigma_y, angle = sigma_x, 0.0
     else:
         sigma_y = _uniform(generator, *stage.blur_sigma)
@@ -3050,14 +3048,13 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
 
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
     factor = size / max(width, height) if size is not None else scale
+    sides = f"target sides must be between 32 and {MAX_SIDE} px"
     if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): it would overflow
-        raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and "
-                        f"{MAX_SIDE} px")
+        raise UserError(f"{width}x{height} x {factor:g}: {sides}")
     target = (round(width * factor), round(height * factor))
     shown = f"{target[0]}x{target[1]}"
     if max(target) > MAX_SIDE or min(target) < 32:
-        raise UserError(f"{width}x{height} -> {shown}: target sides must be between 32 and "
-                        f"{MAX_SIDE} px")
+        raise UserError(f"{width}x{height} -> {shown}: {sides}")
     if width > target[0] or height > target[1]:
         raise UserError(f"the input ({width}x{height}) is already larger than the target {shown}")
     return target
