@@ -1451,11 +1451,12 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     c = json.loads(meta["flux_config"])
     for key, shape in (("prompt.txt", (1, "T", c.get("context_in_dim"))),
                        ("prompt.y", (1, c.get("vec_in_dim")))):
-        found = tuple(state[key].shape) if key in state else "missing"
-        if len(found) != len(shape) or any(n not in ("T", m) for n, m in zip(shape, found)):
+        found = tuple(state[key].shape) if key in state else None
+        if found is None or len(found) != len(shape) or any(
+                n not in ("T", m) for n, m in zip(shape, found)):
             shown = str(shape).replace("'", "")
-            raise UserError(f"{path}: {key} is {found}, the base Flux takes {shown}: a damaged "
-                            "file?")
+            raise UserError(f"{path}: {key} is {'missing' if found is None else found}, the base "
+                            f"Flux takes {shown}: a damaged file?")
     device, dtype = device_dtype(device, dtype)
     flux = flux or meta.get("base_flux", DEFAULT_FLUX)
     vae = vae or meta.get("base_vae", DEFAULT_VAE)
@@ -1542,8 +1543,8 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
     parts_of = {}  # diffusers module -> (model, our key, part index, part count, transform)
     for original, (parts, _) in flux_table(c).items():
         for i, part in enumerate(parts):
-            parts_of["transformer." + part.removesuffix(".weight")] = (
-                transformer, original, i, len(parts), None)
+            module = "transformer." + part.removesuffix(".weight")
+            parts_of[module] = (transformer, original, i, len(parts), None)
     for original, ((part,), transform) in vae_lora_table(vae).items():
         parts_of["vae." + part.removesuffix(".weight")] = (vae, original, 0, 1, transform)
     for name in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
