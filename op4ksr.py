@@ -139,13 +139,12 @@ def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor
 
 OMGSR_SIGMA = float(omgsr_sigmas()[OMGSR_MID_TIMESTEP])  # 0.505: OMGSR-F's SNR-matched t = 244
 
-def matched_sigma(pairs, steps: int = OMGSR_STEPS, mu: float = OMGSR_MU,
-                  update=None) -> tuple[int, float]:
+def matched_sigma(pairs, update=None) -> tuple[int, float]:
     """OMGSR's mid-timestep calibration over batches (HR latents, LR latents): (t, sigma_t) of the
     timestep giving the noisy HR latent the LR latent's SNR. With P = mean(hr^2) and D = mean((lr -
     hr)^2), the LR latent has SNR P / D, the noisy one P (1 - sigma)^2 / sigma^2; the t minimising
     the sum over batches of their |differences| wins."""
-    sigmas = omgsr_sigmas(steps, mu)[1:]  # t = 0 has sigma 0: infinite SNR
+    sigmas = omgsr_sigmas()[1:]  # t = 0 has sigma 0: infinite SNR
     total, done = torch.zeros_like(sigmas), 0
     for hr, lr in pairs:
         power = hr.double().pow(2).mean().cpu()
@@ -276,10 +275,10 @@ class SplitLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, parts: int, rows: int, rank: int, alpha: float, generator):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.scale, device = base, alpha / rank, base.weight.device
         a = torch.randn(parts, rank, base.in_features, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=base.weight.device))
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(parts, rows, rank, device=device))
 
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
@@ -312,11 +311,10 @@ class LoRAConv2d(nn.Module):
         super().__init__()
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions only (groups 1, zero padding)")
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.scale, device = base, alpha / rank, base.weight.device
         a = torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator) / rank
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1,
-                                               device=base.weight.device))
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=device))
 
     def forward(self, x):
         c = self.base
@@ -365,19 +363,18 @@ def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return image
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    mean, std = image.mean(dim=(-2, -1), keepdim=True), image.std(dim=(-2, -1), keepdim=True)
-    ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
-    ref_std = reference.std(dim=(-2, -1), keepdim=True)
+    (mean, std), (ref_mean, ref_std) = channel_stats(image), channel_stats(reference)
     return (image - mean) / (std + 1e-6) * ref_std + ref_mean
 
 def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the (unbiased) variances."""
-    def stats(x):
-        flat = x.flatten(2)
-        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
-
-    (mean, std), (ref_mean, ref_std) = stats(image), stats(reference)
+    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the variances."""
+    (mean, std), (ref_mean, ref_std) = channel_stats(image, eps), channel_stats(reference, eps)
     return (image - mean) / std * ref_std + ref_mean
+
+def channel_stats(x: torch.Tensor, eps: float = 0.0):
+    """Each channel's mean and unbiased standard deviation sqrt(var + eps)."""
+    dims = (-2, -1)
+    return x.mean(dim=dims, keepdim=True), (x.var(dim=dims, keepdim=True) + eps).sqrt()
 
 
 # ========================================================================= the models: transformer
@@ -1443,9 +1440,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     device, dtype = device_dtype(device, dtype)
     flux = flux or meta.get("base_flux", DEFAULT_FLUX)
     vae = vae or meta.get("base_vae", DEFAULT_VAE)
-    print(f"loading Flux from {flux} and the F16 VAE from {vae}", file=sys.stderr)
-    transformer = load_flux(flux, dtype, device, theta=float(meta["theta"]), token=token)
-    autoencoder = load_vae(vae, dtype, device, stride=2, token=token)
+    transformer, autoencoder = load_bases(flux, vae, float(meta["theta"]), 2, device, dtype, token)
     check_base(meta, transformer, autoencoder, str(weights))
     loras = {k: v for k, v in state.items() if not k.startswith("prompt.")}
     merge_op4ksr_lora(loras, transformer, autoencoder, str(weights))
@@ -1454,6 +1449,11 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
     return SRPipeline(transformer, autoencoder, txt, y, float(meta["sigma"]), guidance,
                       float(meta.get("scale", 4)), device, dtype, meta)
 
+def load_bases(flux, vae, theta: float, stride: int, device, dtype, token):
+    print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
+    return (load_flux(flux, dtype, device, theta=theta, token=token),
+            load_vae(vae, dtype, device, stride=stride, token=token))
+
 @torch.inference_mode()
 def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
                   color_fix: str = "none") -> torch.Tensor:
@@ -1461,8 +1461,8 @@ def super_resolve(pipe: SRPipeline, image: Image.Image, width: int, height: int,
     lr = image_to_tensor(image)[None]
     up = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
     token_px = 2 * pipe.vae.config.downsample_factor
-    up = F.pad(up, (0, -width % token_px, 0, -height % token_px), mode="replicate")
-    up = up.to(pipe.device, pipe.dtype)
+    pad = (0, -width % token_px, 0, -height % token_px)
+    up = F.pad(up, pad, mode="replicate").to(pipe.device, pipe.dtype)
     latent = sr_latent(pipe.transformer, pipe.vae, up, pipe.condition, pipe.sigma, pipe.guidance)
     out = pipe.vae.decode(latent)[..., :height, :width].float().cpu()
     fix = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}.get(color_fix)
@@ -1538,7 +1538,9 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             f"{tuple(b.shape)}, not a low-rank pair")
         model, original, i, n, transform = parts_of[name]
         weight = model.state_dict()[original]
-        delta = TRANSFORMS[transform][0](_delta(a, b))
+        # B A, for linear and peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs alike
+        delta = (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
+        delta = TRANSFORMS[transform][0](delta)
         rows = c.hidden_size if i < n - 1 else weight.shape[0] - c.hidden_size * (n - 1)
         first = c.hidden_size * i
         if delta.shape[0] != rows or delta.shape[1:] != weight.shape[1:]:
@@ -1546,10 +1548,6 @@ def merge_op4ksr_lora(state: dict, transformer: Flux, vae: AutoEncoder, source: 
                             f"{original} takes {(rows, *weight.shape[1:])}: another base model?")
         with torch.no_grad():
             weight[first : first + rows] += delta.to(weight.device, weight.dtype)
-
-def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for linear or peft Conv2d (A: r x in x k x k, B: out x r x 1 x 1) LoRAs."""
-    return (b.flatten(1).float() @ a.flatten(1).float()).view(b.shape[0], *a.shape[1:])
 
 def flux_table(c: FluxConfig) -> dict:
     return flux_key_table(c.depth, c.depth_single_blocks, c.guidance_embed)
@@ -1559,19 +1557,24 @@ def vae_lora_table(vae: AutoEncoder) -> dict:
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
 def flux_lora_slots(transformer: Flux):
-    """(peft key prefix, module, A, B) of each block of each SplitLoRALinear."""
+    """(key in OP4KSR's file, A or B block, layout transform, the scale folded into the file's B)
+    of each block of each SplitLoRALinear."""
     table = flux_table(transformer.config)
     for name, module in transformer.named_modules():
         if isinstance(module, SplitLoRALinear):
             for part, a, b in zip(table[f"{name}.weight"][0], module.lora_A, module.lora_B):
-                yield "transformer." + part.removesuffix(".weight"), module, a, b
+                prefix = "transformer." + part.removesuffix(".weight")
+                yield f"{prefix}.lora_A.weight", a, None, 1.0
+                yield f"{prefix}.lora_B.weight", b, None, module.scale
 
 def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
     table = vae_lora_table(vae)
     for name, module in encoder.named_modules():
         if isinstance(module, LoRAConv2d):
             (part,), transform = table[f"encoder.{name}.weight"]
-            yield "vae." + part.removesuffix(".weight"), module, transform
+            prefix = "vae." + part.removesuffix(".weight")
+            yield f"{prefix}.lora_A.weight", module.lora_A, transform, 1.0
+            yield f"{prefix}.lora_B.weight", module.lora_B, transform, module.scale
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
     state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
@@ -1586,20 +1589,14 @@ def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, setting
 
 def export_flux_lora(model: Flux) -> dict:
     """The SplitLoRALinear weights under peft names, the scale folded into B."""
-    out = {}
-    for prefix, module, a, b in flux_lora_slots(model):
-        out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-        out[f"{prefix}.lora_B.weight"] = (b.detach().float().cpu() * module.scale).contiguous()
-    return out
+    return export_lora(flux_lora_slots(model))
 
 def export_vae_lora(encoder: nn.Module, vae: AutoEncoder) -> dict:
-    out = {}
-    for prefix, module, transform in encoder_lora_slots(encoder, vae):
-        to_folder = TRANSFORMS[transform][1]
-        a, b = module.lora_A.detach().float().cpu(), module.lora_B.detach().float().cpu()
-        out[f"{prefix}.lora_A.weight"] = to_folder(a).contiguous()
-        out[f"{prefix}.lora_B.weight"] = to_folder(b * module.scale).contiguous()
-    return out
+    return export_lora(encoder_lora_slots(encoder, vae))
+
+def export_lora(slots) -> dict:
+    return {key: TRANSFORMS[transform][1](value.detach().float().cpu() * scale).contiguous()
+            for key, value, transform, scale in slots}
 
 
 # =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
@@ -1693,14 +1690,13 @@ def read_omgsr_f_adapters(folder: Path) -> dict:
             state[f"{OMGSR_F_ADAPTERS[half]}{module}.lora_{kind}"] = value * scale
     return state
 
-def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
-                   max_length: int = 512) -> dict:
-    """OMGSR-F's empty prompt {"txt", "y"}, cached under a hash of the base."""
+def omgsr_f_prompt(flux, device, dtype, token=None) -> dict:
+    """OMGSR-F's empty prompt {"txt", "y"} (T5: 512 tokens), cached under a hash of the base."""
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
                     for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
-    key = json.dumps([source, stamps, prompt, max_length, str(dtype)])
+    key = json.dumps([source, stamps, "", 512, str(dtype)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = prompt_cache_folder() / f"prompt-{digest}.safetensors"
     if path.is_file():
@@ -1710,7 +1706,7 @@ def omgsr_f_prompt(flux, device, dtype, token=None, prompt: str = "",
                 return cached
     print(f"encoding OMGSR-F's fixed prompt with the text encoders of {flux} (once: cached in "
           f"{path})", file=sys.stderr)
-    encoded = encode_fixed_prompt(flux, prompt, device, dtype, max_length, token)
+    encoded = encode_fixed_prompt(flux, "", device, dtype, 512, token)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: encoded[k].float().cpu() for k in ("txt", "y")}, path,
@@ -1736,9 +1732,7 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
     flux = flux or DEFAULT_FLUX
     vae = vae or (flux if stride == 1 else DEFAULT_VAE)
     prompt = omgsr_f_prompt(text_encoders or flux, device, dtype, token)  # T5 freed before Flux
-    print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
-    transformer = load_flux(flux, dtype, device, theta=theta, token=token)
-    autoencoder = load_vae(vae, dtype, device, stride=stride, token=token)
+    transformer, autoencoder = load_bases(flux, vae, theta, stride, device, dtype, token)
     c = transformer.config
     if prompt["txt"].shape[-1] != c.context_in_dim or prompt["y"].shape[-1] != c.vec_in_dim:
         raise UserError(f"the cached prompt embeddings do not fit {flux}: delete them from "
@@ -1751,15 +1745,9 @@ def load_omgsr_f_pipeline(folder: Path, flux=None, vae=None, device=None, dtype=
 
 def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: str):
     """Start training from LoRAs in OP4KSR's names with the scale folded into B (OMGSR-F's)."""
-    slots = []  # (parameter or block, key in `state`, layout transform, scale)
-    for prefix, module, a, b in flux_lora_slots(transformer):
-        slots += [(a, f"{prefix}.lora_A.weight", None, 1.0),
-                  (b, f"{prefix}.lora_B.weight", None, module.scale)]
-    for prefix, module, transform in encoder_lora_slots(vae.encoder, vae):
-        slots += [(module.lora_A, f"{prefix}.lora_A.weight", transform, 1.0),
-                  (module.lora_B, f"{prefix}.lora_B.weight", transform, module.scale)]
+    slots = [*flux_lora_slots(transformer), *encoder_lora_slots(vae.encoder, vae)]
     with torch.no_grad():
-        for target, key, transform, scale in slots:
+        for key, target, transform, scale in slots:
             value = state.get(key)
             value = None if value is None else TRANSFORMS[transform][0](value) / scale
             if value is None or value.shape != target.shape:
@@ -1768,7 +1756,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
                                 f"takes {tuple(target.shape)} (--lora-rank must be the adapter's "
                                 "rank)")
             target.copy_(value)
-    unused = sorted(state.keys() - {key for _, key, _, _ in slots})
+    unused = sorted(state.keys() - {slot[0] for slot in slots})
     if unused:
         raise UserError(f"--init {source}: its LoRA {unused[0]} is not on a module OP4KSR trains "
                         "(OMGSR-F's target lists)")
@@ -1845,10 +1833,8 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     if overlap >= tile:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size")
-    count = 1
-    while (count - 1) * (tile - overlap) + tile < size:
-        count += 1
-    return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
+    stride = tile - overlap
+    return [i * stride for i in range(max(0, math.ceil((size - tile) / stride)))] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
@@ -2242,16 +2228,16 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     return torch.cat(lrs).to(hr.dtype)
 
 def _degrade_one(image, config: DegradationConfig, lr_size, streams) -> torch.Tensor:
-    first, second, final = config.first, config.second, streams["final"]
-    for stage, order in ((first, "1"), (second, "2")):
-        if _happens(streams["blur" + order], stage.blur_prob):
-            image = filter2d(image, random_blur_kernel(stage, streams["blur" + order]))
-        base = image.shape[-2:] if order == "1" else lr_size
-        image = _random_resize(image, stage, base, streams["resize" + order])
-        if _happens(streams["noise" + order], stage.noise_prob):
-            image = _random_noise(image, stage, streams["noise" + order])
-        if order == "1" and _happens(streams["jpeg1"], first.jpeg_prob):
-            image = _random_jpeg(image, first, streams["jpeg1"])
+    second, final = config.second, streams["final"]
+    for stage, order in ((config.first, "1"), (second, "2")):
+        blur, resize, noise = (streams[step + order] for step in ("blur", "resize", "noise"))
+        if _happens(blur, stage.blur_prob):
+            image = filter2d(image, random_blur_kernel(stage, blur))
+        image = _random_resize(image, stage, image.shape[-2:] if order == "1" else lr_size, resize)
+        if _happens(noise, stage.noise_prob):
+            image = _random_noise(image, stage, noise)
+        if order == "1" and _happens(streams["jpeg1"], stage.jpeg_prob):
+            image = _random_jpeg(image, stage, streams["jpeg1"])
     # Real-ESRGAN applies the final JPEG before or after the final resize + sinc, at random.
     for step in ("resize", "jpeg") if _happens(final, 0.5) else ("jpeg", "resize"):
         if step == "resize":
@@ -2270,7 +2256,7 @@ def random_blur_kernel(stage: DegradationStage, generator) -> torch.Tensor:
         return sinc_kernel(size, _uniform(generator, low, math.pi))
     kind = _pick(generator, KERNEL_TYPES, stage.kernel_probs)
     sigma_x = _uniform(generator, *stage.blur_sigma)
-    if kind.endswith("iso") and not kind.endswith("aniso"):
+    if not kind.endswith("aniso"):
         sigma_y, angle = sigma_x, 0.0
     else:
         sigma_y = _uniform(generator, *stage.blur_sigma)
@@ -2898,9 +2884,8 @@ def sr_command(args):
     _, meta = read_op4ksr_metadata(args.weights, args.token)
     scale = None if args.size else args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
-    pipe = load_sr_pipeline(args.weights, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
-                            args.token)
-    prepare(pipe, args)
+    pipe = prepare(load_sr_pipeline(args.weights, args.flux, args.vae, args.device,
+                                    DTYPES.get(args.dtype), args.token), args)
     settings = {"weights": str(args.weights), "sigma": pipe.sigma,
                 "theta": pipe.transformer.config.theta, "color_fix": args.color_fix,
                 "f16_decode": args.f16_decode, "base_flux": pipe.meta.get("base_flux", "")}
@@ -2911,9 +2896,9 @@ def omgsr_f_command(args, folder: Path, pairs):
     upstream = args.recipe == "omgsr-f"
     jobs = decodable_jobs(pairs, lambda width, height: omgsr_f_job_size(args, width, height))
     stride, theta = (1, 10000.0) if upstream else (2 if args.vae_mode == "f16" else 1, args.theta)
-    pipe = load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device, DTYPES.get(args.dtype),
-                                 args.token, theta, stride, args.text_encoders)
-    prepare(pipe, args)
+    pipe = prepare(load_omgsr_f_pipeline(folder, args.flux, args.vae, args.device,
+                                         DTYPES.get(args.dtype), args.token, theta, stride,
+                                         args.text_encoders), args)
     vae = f"F{8 * stride} {pipe.meta['base_vae']}"
     settings = {"weights": str(args.weights), "weights_are": OMGSR_F_LABEL, "recipe": args.recipe,
                 "sigma": pipe.sigma, "theta": theta, "vae": vae, "color_fix": args.color_fix,
@@ -2940,10 +2925,11 @@ def decodable_jobs(pairs, size_of) -> list:
         load_image(path)
     return jobs
 
-def prepare(pipe: SRPipeline, args):
+def prepare(pipe: SRPipeline, args) -> SRPipeline:
     pipe.vae.decoder.partitioned = args.f16_decode == "partitioned"
     if args.compile:
         compile_blocks(pipe.transformer)
+    return pipe
 
 def write_results(jobs, args, make, method: str, settings: dict):
     """`make`'s image of each input saved; without --overwrite an output another run wrote
@@ -3043,14 +3029,13 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
 
 def sr_size(width: int, height: int, scale: float | None, size: int | None) -> tuple[int, int]:
     factor = size / max(width, height) if size is not None else scale
+    sides = f"target sides must be between 32 and {MAX_SIDE} px"
     if not factor * max(width, height) < MAX_SIDE + 1:  # before round(): it would overflow
-        raise UserError(f"{width}x{height} x {factor:g}: target sides must be between 32 and "
-                        f"{MAX_SIDE} px")
+        raise UserError(f"{width}x{height} x {factor:g}: {sides}")
     target = (round(width * factor), round(height * factor))
     shown = f"{target[0]}x{target[1]}"
     if max(target) > MAX_SIDE or min(target) < 32:
-        raise UserError(f"{width}x{height} -> {shown}: target sides must be between 32 and "
-                        f"{MAX_SIDE} px")
+        raise UserError(f"{width}x{height} -> {shown}: {sides}")
     if width > target[0] or height > target[1]:
         raise UserError(f"the input ({width}x{height}) is already larger than the target {shown}")
     return target
@@ -3069,21 +3054,17 @@ def sr_parser() -> argparse.ArgumentParser:
         help="match the LR colours (default: none; adain with --recipe omgsr-f)")
     add("--flux", help="base Flux (default: the checkpoint's)")
     add("--vae", help="F16 VAE (default: the checkpoint's)")
-    add_recipe(parser, SRTrainRecipe, ["f16_decode"])
+    add_recipe(parser, SRTrainRecipe, ["f16_decode", "text_encoders", "device", "dtype", "token"])
     add("--recipe", choices=["op4ksr", "omgsr-f"], default="op4ksr",
         help="with OMGSR-F's adapter: one patch-free pass, or OMGSR-F's own tiled inference")
     add("--theta", type=number(1), help="op4ksr recipe: RoPE base (default 100, RFR)")
     add("--vae-mode", choices=["f16", "f8"], help="op4ksr recipe: the VAE (default f16)")
     add("--process-size", type=integer(64, MAX_SIDE),
         help=f"omgsr-f recipe: its --process_size (default {OMGSR_F_PROCESS_SIZE})")
-    add("--text-encoders", help="Flux pipeline with the text encoders (default: --flux)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs")
-    add("--device", type=device_name, help="default: cuda when available")
-    add("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA")
     add("--compile", action="store_true", help="torch.compile each Flux block")
-    add("--token", help="Hugging Face token")
     return parser
 
 def train_sr_command(args):
@@ -3141,13 +3122,11 @@ def calibrate_parser() -> argparse.ArgumentParser:
         description="OMGSR's mid-timestep calibration: the sigma at which the noisy HR latent\n"
                     "has the LR latent's SNR.",
         epilog="Example:\n  python op4ksr.py calibrate-sigma --data hr4k/ --max-images 200")
-    add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale"])
+    add_recipe(parser, SRTrainRecipe, ["data", "vae", "crop", "scale", "device", "token"])
     add = parser.add_argument
     add("--max-images", type=integer(1), help="at most this many images, one crop each")
     add("--batch-size", type=integer(1), default=1, help="images per SNR average")
     add("--seed", type=SEED, default=0, help="as train's: the same pairs")
-    add("--device", type=device_name, help="default: cuda when available")
-    add("--token", help="Hugging Face token")
     return parser
 
 
