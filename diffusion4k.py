@@ -1307,10 +1307,10 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(
-            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config)
+        e = self.encoder = nn.Module()
+        e.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0)
+                                for i in range(config.num_layers))
+        e.final_layer_norm = T5LayerNorm(config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
@@ -1501,9 +1501,8 @@ class CLIPTokenizer(PromptTokenizer):
             if not file.is_file():
                 raise UserError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
                                 "vocab.json and merges.txt)")
-        bpe = BPE.from_file(*map(str, files), end_of_word_suffix="</w>",
-                            continuing_subword_prefix="")
-        tok = self.tokenizer = Tokenizer(bpe)
+        tok = self.tokenizer = Tokenizer(BPE.from_file(
+            *map(str, files), end_of_word_suffix="</w>", continuing_subword_prefix=""))
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
@@ -1573,7 +1572,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
                  state, f"{source}: CLIP text encoder", source).requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, dict]:
-    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
+    """(`read_prefixed`, config.json) of a component."""
     path = component_path(source, subfolder)
     state = read_prefixed(path, dtype, device, prefix, skip)
     if not state:
@@ -1622,7 +1621,6 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
         projection_dim=None if projection is None else projection.shape[0])
 
 def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
-    """The shapes of state[key] for `keys`, or an error naming the file's first keys."""
     for key in keys:
         if key not in state:
             raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
@@ -3092,7 +3090,7 @@ def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     return read_prefixed(path, dtype, device, skip=OTHER_COMPONENTS)
 
 def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
-    """The tensors of `path` under `prefix`, stripped of it, but those then starting with `skip`."""
+    """The tensors under `prefix`, stripped of it, but those that then start with `skip`."""
 
     def wanted(key):
         return key.startswith(prefix) and not key[len(prefix) :].startswith(skip)
