@@ -1342,7 +1342,7 @@ class T5Block(nn.Module):
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
         inner = c.num_heads * c.d_kv
-        attn, ff = nn.Module(), nn.Module()
+        attn, ff = self.layer = nn.ModuleList([nn.Module(), nn.Module()])
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
@@ -1352,7 +1352,6 @@ class T5Block(nn.Module):
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         attn.layer_norm, ff.layer_norm = T5LayerNorm(c), T5LayerNorm(c)
-        self.layer = nn.ModuleList([attn, ff])
         self.num_heads = c.num_heads
 
     def forward(self, x, position_bias):
@@ -1505,9 +1504,9 @@ class CLIPTokenizer(PromptTokenizer):
             *map(str, files), end_of_word_suffix="</w>", continuing_subword_prefix=""))
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([  # words, then bytes as characters
+            pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tokens_map, config = (read_json(folder / name) if (folder / name).is_file() else {}
                               for name in ("special_tokens_map.json", "tokenizer_config.json"))
         added = config.get("added_tokens_decoder", {})
