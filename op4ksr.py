@@ -1200,8 +1200,7 @@ class CLIPTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
         m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding.weight[:length]
         causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
         for layer in m.encoder.layers:
             penultimate = x
@@ -2795,7 +2794,6 @@ def folder_config(path) -> dict:
     config = (path if path.is_dir() else path.parent) / "config.json"
     beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
     return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
-
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
