@@ -1205,10 +1205,10 @@ class T5Block(nn.Module):
 
     def forward(self, x, position_bias):
         attn, ff = self.layer
-        sa, mlp = attn.SelfAttention, ff.DenseReluDense
+        sa, h = attn.SelfAttention, attn.layer_norm(x)
         proj = (sa.q, sa.k, sa.v, sa.o)  # T5's logits have no 1/sqrt(d): it is in the weights
-        x = x + multi_head_attention(attn.layer_norm(x), proj, self.num_heads, position_bias, 1.0)
-        h = ff.layer_norm(x)
+        x = x + multi_head_attention(h, proj, self.num_heads, position_bias, scale=1.0)
+        mlp, h = ff.DenseReluDense, ff.layer_norm(x)
         h = F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h)
         return x + mlp.wo(h.to(mlp.wo.weight.dtype))  # wo may stay fp32: its fp16 output overflows
 
