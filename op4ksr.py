@@ -1061,10 +1061,10 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = nn.Module()
-        self.encoder.block = nn.ModuleList(
-            T5Block(config, owns_position_bias=i == 0) for i in range(config.num_layers))
-        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        e = self.encoder = nn.Module()
+        e.block = nn.ModuleList(T5Block(config, owns_position_bias=i == 0)
+                                for i in range(config.num_layers))
+        e.final_layer_norm = T5LayerNorm(config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask (B, T): true for real tokens; Flux and SD3 attend padding."""
@@ -1096,18 +1096,16 @@ class T5Block(nn.Module):
     def __init__(self, c: T5Config, owns_position_bias: bool):
         super().__init__()
         inner = c.num_heads * c.d_kv
-        attn, ff = nn.Module(), nn.Module()
+        attn, ff = self.layer = nn.ModuleList([nn.Module(), nn.Module()])
         sa = attn.SelfAttention = nn.Module()
         sa.q, sa.k, sa.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         sa.o = nn.Linear(inner, c.d_model, bias=False)
         if owns_position_bias:  # block 0 stores the table every block uses
             sa.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
-        attn.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
         mlp = ff.DenseReluDense = nn.Module()  # v1.1: gated GELU despite the name
         mlp.wi_0, mlp.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         mlp.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
-        ff.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
-        self.layer = nn.ModuleList([attn, ff])
+        attn.layer_norm, ff.layer_norm = T5LayerNorm(c), T5LayerNorm(c)
         self.num_heads = c.num_heads
 
     def forward(self, x, position_bias):
@@ -1122,10 +1120,10 @@ class T5Block(nn.Module):
 class T5LayerNorm(nn.Module):
     """T5's LayerNorm is an RMSNorm, statistics in fp32."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, c: T5Config):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(c.d_model))
+        self.eps = c.layer_norm_epsilon
 
     def forward(self, x):
         return self.weight * rms_normalize(x, self.eps).to(self.weight.dtype)
@@ -1169,9 +1167,9 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.config, d, projection = config, config.hidden_size, config.projection_dim
         m = self.text_model = nn.Module()
-        m.embeddings = nn.Module()
-        m.embeddings.token_embedding = nn.Embedding(config.vocab_size, d)
-        m.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, d)
+        e = m.embeddings = nn.Module()
+        e.token_embedding = nn.Embedding(config.vocab_size, d)
+        e.position_embedding = nn.Embedding(config.max_position_embeddings, d)
         m.encoder = nn.Module()
         m.encoder.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
         m.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -1179,8 +1177,7 @@ class CLIPTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> CLIPTextOutput:
         m, length = self.text_model, ids.shape[1]
-        positions = torch.arange(length, device=ids.device)
-        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding(positions)
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding.weight[:length]
         causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
         for layer in m.encoder.layers:
             penultimate = x
@@ -1204,10 +1201,9 @@ class CLIPLayer(nn.Module):
         d = c.hidden_size
         a = self.self_attn = nn.Module()
         a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
+        mlp = self.mlp = nn.Module()
+        mlp.fc1, mlp.fc2 = nn.Linear(d, c.intermediate_size), nn.Linear(c.intermediate_size, d)
         self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(d, c.intermediate_size)
-        self.mlp.fc2 = nn.Linear(c.intermediate_size, d)
         self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
         self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
 
@@ -1217,7 +1213,33 @@ class CLIPLayer(nn.Module):
         x = x + multi_head_attention(self.layer_norm1(x), proj, self.num_heads, causal)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
-class CLIPTokenizer:
+class PromptTokenizer:
+    """Prompts -> ids (B, max_length): [bos] tokens eos pad ..., cut to fit with a note naming
+    `name`. A subclass sets `tokenizer`, a `tokenizers.Tokenizer`, or its own `encode`."""
+
+    bos_id = None
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
+        head = [] if self.bos_id is None else [self.bos_id]
+        room = self.max_length - len(head) - 1
+        dropped = [len(ids) - room for ids in rows if len(ids) > room]
+        if dropped and self.name:
+            which = ("the prompt is" if len(rows) == 1
+                     else f"{len(dropped)} of {len(rows)} prompts are")
+            longest = "" if len(dropped) == 1 else " from the longest"
+            print(f"note: {which} too long for {self.name}, which reads {self.max_length} tokens: "
+                  f"{max(dropped)} dropped{longest}", file=sys.stderr)
+        out = torch.full((len(rows), self.max_length), self.pad_id, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            row = head + ids[:room] + [self.eos_id]
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
+class CLIPTokenizer(PromptTokenizer):
     """CLIP's byte-level BPE as OpenAI's SimpleTokenizer, padded with the folder's pad token.
     Added tokens stay whole, as in transformers (SD3's CLIP-G: "!!" is "!" "!")."""
 
@@ -1226,35 +1248,33 @@ class CLIPTokenizer:
     def __init__(self, folder, max_length: int = 77, pad_id: int | None = None,
                  name: str | None = "CLIP"):
         folder = Path(folder)
-        for file in ("vocab.json", "merges.txt"):
-            if not (folder / file).is_file():
-                raise UserError(f"{folder}: no {file} (a CLIP tokenizer folder has vocab.json and "
-                                "merges.txt)")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                            end_of_word_suffix="</w>", continuing_subword_prefix="")
-        tok = self.tokenizer = Tokenizer(bpe)
+        files = [folder / "vocab.json", folder / "merges.txt"]
+        for file in files:
+            if not file.is_file():
+                raise UserError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
+                                "vocab.json and merges.txt)")
+        tok = self.tokenizer = Tokenizer(BPE.from_file(
+            *map(str, files), end_of_word_suffix="</w>", continuing_subword_prefix=""))
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        words = pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True)
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([words, byte_level])
-        added = tokenizer_json(folder, "tokenizer_config.json").get("added_tokens_decoder", {})
+        tok.pre_tokenizer = pre_tokenizers.Sequence([  # words, then bytes as characters
+            pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tokens_map, config = (read_json(folder / name) if (folder / name).is_file() else {}
+                              for name in ("special_tokens_map.json", "tokenizer_config.json"))
+        added = config.get("added_tokens_decoder", {})
         bos, eos = "<|startoftext|>", "<|endoftext|>"
         tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
         self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         if pad_id is None:
-            pad = special_token(folder, "pad_token") or eos
+            pad = tokens_map.get("pad_token") or config.get("pad_token") or eos
+            pad = pad["content"] if isinstance(pad, dict) else pad
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
                 raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
         self.max_length, self.pad_id, self.name = max_length, pad_id, name
 
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        return frame_ids(rows, self.max_length, self.pad_id, self.bos_id, self.eos_id, self.name)
-
-class T5Tokenizer:
+class T5Tokenizer(PromptTokenizer):
     """T5's tokenizer from tokenizer.json, or spiece.model (needs `sentencepiece`)."""
 
     def __init__(self, path, max_length: int = 512, name: str | None = "T5"):
@@ -1267,9 +1287,7 @@ class T5Tokenizer:
                             "spiece.model)")
         try:
             if path.suffix == ".json":
-                tok = Tokenizer.from_file(str(path))
-                self.encode = lambda texts: [
-                    e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+                tok = self.tokenizer = Tokenizer.from_file(str(path))
                 self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
             else:
                 import sentencepiece
@@ -1282,38 +1300,6 @@ class T5Tokenizer:
             raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        rows = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
-        return frame_ids(rows, self.max_length, self.pad_id, None, self.eos_id, self.name)
-
-def frame_ids(rows: list[list[int]], max_length: int, pad_id: int, bos_id=None, eos_id=None,
-              name=None) -> torch.Tensor:
-    """Token rows -> (B, max_length) [bos] ids [eos] pad ..., cut (and with a `name` reported)."""
-    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
-    room = max_length - len(head) - len(tail)
-    dropped = [len(ids) - room for ids in rows if len(ids) > room]
-    if dropped and name:
-        which = "the prompt is" if len(rows) == 1 else f"{len(dropped)} of {len(rows)} prompts are"
-        longest = "" if len(dropped) == 1 else " from the longest"
-        print(f"note: {which} too long for {name}, which reads {max_length} tokens: {max(dropped)} "
-              f"dropped{longest}", file=sys.stderr)
-    out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        row = head + ids[:room] + tail
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-def special_token(folder: Path, name: str) -> str | None:
-    """A special token ("pad_token") as a tokenizer folder declares it."""
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        value = tokenizer_json(folder, file).get(name)
-        if value:
-            return value["content"] if isinstance(value, dict) else value
-    return None
-
-def tokenizer_json(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
     """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
@@ -1321,12 +1307,10 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
         raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
-    tied = state.pop("encoder.embed_tokens.weight", None)  # a copy of shared.weight, if any
-    if tied is not None:
-        state.setdefault("shared.weight", tied)
-    model = build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
-                  f"{source}: T5 encoder", source)
-    return model.requires_grad_(False)
+    if "encoder.embed_tokens.weight" in state:  # a copy of shared.weight
+        state.setdefault("shared.weight", state.pop("encoder.embed_tokens.weight"))
+    return build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
+                 f"{source}: T5 encoder", source).requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
               config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
@@ -1336,30 +1320,22 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=N
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    model = build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
-                  state, f"{source}: CLIP text encoder", source)
-    return model.requires_grad_(False)
+    return build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
+                 state, f"{source}: CLIP text encoder", source).requires_grad_(False)
 
-def read_weights(source, dtype, device, prefix="", subfolder=None, skip=()) -> tuple[dict, dict]:
-    """(tensors under `prefix`, stripped, but those starting with `skip`; config.json)."""
+def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, dict]:
+    """(`read_prefixed`, config.json) of a component."""
     path = component_path(source, subfolder)
-
-    def wanted(key):
-        return key.startswith(prefix) and not key[len(prefix) :].startswith(tuple(skip))
-
-    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
-    state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = read_prefixed(path, dtype, device, prefix, skip)
     if not state:
         raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
-    what = f"{source} is not a T5 encoder checkpoint"
-    vocab, width = tensor_shape(state, "shared.weight", what)
-    attn = "encoder.block.0.layer.0.SelfAttention"
-    buckets, heads = tensor_shape(state, f"{attn}.relative_attention_bias.weight", what)
-    inner = tensor_shape(state, f"{attn}.q.weight", what)[0]
-    d_ff = tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    attn, mlp = "encoder.block.0.layer.0.SelfAttention", "encoder.block.0.layer.1.DenseReluDense"
+    (vocab, width), (buckets, heads), (inner, _), (d_ff, _) = tensor_shapes(
+        state, f"{source} is not a T5 encoder checkpoint", "shared.weight",
+        f"{attn}.relative_attention_bias.weight", f"{attn}.q.weight", f"{mlp}.wi_0.weight")
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
         raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
                         f"not {config_json['feed_forward_proj']!r}")
@@ -1373,10 +1349,11 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
 def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
     """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
     for CLIP-L, gelu otherwise."""
-    what = f"{source} is not a CLIP text encoder checkpoint"
-    vocab, width = tensor_shape(state, "text_model.embeddings.token_embedding.weight", what)
-    positions = tensor_shape(state, "text_model.embeddings.position_embedding.weight", what)[0]
-    ff = tensor_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0]
+    (vocab, width), (positions, _), (ff, _) = tensor_shapes(
+        state, f"{source} is not a CLIP text encoder checkpoint",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.0.mlp.fc1.weight")
     projection = state.get("text_projection.weight")
     if config_json:  # a saved config omits values equal to transformers' defaults
         given = config_json.get("text_config", config_json)  # a CLIPModel config nests it
@@ -1395,12 +1372,11 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
         max_position_embeddings=positions, hidden_act=act, layer_norm_eps=eps, eos_token_id=eos,
         projection_dim=None if projection is None else projection.shape[0])
 
-def tensor_shape(state: dict, key: str, what: str) -> torch.Size:
-    """state[key]'s shape, or an error naming the file's first keys."""
-
-    if key not in state:
-        raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
-    return state[key].shape
+def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
+    for key in keys:
+        if key not in state:
+            raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+    return [state[key].shape for key in keys]
 # --- END copy: text encoders ---
 
 
@@ -2700,15 +2676,18 @@ def weight_file(spec, what: str, token=None) -> Path:
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
     """Load `state` into a meta-device model, refusing any mismatch."""
-    report = shape_mismatch(state, {key: value.shape for key, value in model.state_dict().items()})
+    report = shape_mismatch(state, {k: v.shape for k, v in model.state_dict().items()})
     if report:
         raise UserError(f"{what}: does not match the model: {report}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 def build(make, state: dict, what: str, source) -> nn.Module:
-    with torch.device("meta"), config_from_files(source):
-        model = make()
+    try:
+        with torch.device("meta"):
+            model = make()
+    except ValueError as error:  # from a config built from `source`'s files
+        raise UserError(f"{source}: {error}") from None
     return assign_state_dict(model, state, what).eval()
 
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
@@ -2730,12 +2709,11 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     return out
 
 def shape_mismatch(state: dict, expected: dict) -> str:
-    wrong = [key for key, shape in expected.items() if key in state and state[key].shape != shape]
     return mismatch_report({
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}"
-                        for k in wrong],
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(shape)}"
+                        for k, shape in expected.items() if k in state and state[k].shape != shape],
     })
 
 def mismatch_report(kinds: dict) -> str:
@@ -2783,7 +2761,6 @@ def folder_config(path) -> dict:
     beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
     return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
 
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -2808,14 +2785,6 @@ CONFIG_FIELDS = {  # the config.json fields the loaders read
     "text_config": "an object",
 }
 
-@contextlib.contextmanager
-def config_from_files(source):
-    """A ValueError from a config built from `source`'s files becomes a UserError."""
-    try:
-        yield
-    except ValueError as error:
-        raise UserError(f"{source}: {error}") from None
-
 def check_config_fields(config: dict, file) -> dict:
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
@@ -2826,20 +2795,24 @@ def check_config_fields(config: dict, file) -> dict:
     return config
 
 DIFFUSION_PREFIX = "model.diffusion_model."
-
 # the other components' prefixes in all-in-one checkpoints (ComfyUI, Stability)
-
 OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
                     "vae.", "text_encoder")
 
 def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
     """One component's tensors: those under `prefix` (stripped), else those of no other one."""
     if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        state = load_safetensors(path, dtype, device, key_filter=lambda key: key.startswith(prefix))
-        return {key[len(prefix) :]: value for key, value in check_weights(state, path).items()}
-    state = load_safetensors(path, dtype, device,
-                             key_filter=lambda key: not key.startswith(OTHER_COMPONENTS))
-    return check_weights(state, path)
+        return read_prefixed(path, dtype, device, prefix)
+    return read_prefixed(path, dtype, device, skip=OTHER_COMPONENTS)
+
+def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
+    """The tensors under `prefix`, stripped of it, but those that then start with `skip`."""
+
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(skip)
+
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    return {key[len(prefix) :]: value for key, value in state.items()}
 # --- END copy: weight loading ---
 
 
