@@ -1320,8 +1320,8 @@ class CLIPTokenizer(PromptTokenizer):
         tok.pre_tokenizer = pre_tokenizers.Sequence([  # words, then bytes as characters
             pre_tokenizers.Split(Regex(self.WORDS), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        tokens_map, config = (read_json(folder / name) if (folder / name).is_file() else {}
-                              for name in ("special_tokens_map.json", "tokenizer_config.json"))
+        tokens_map, config = (read_json(folder / file) if (folder / file).is_file() else {}
+                              for file in ("special_tokens_map.json", "tokenizer_config.json"))
         added = config.get("added_tokens_decoder", {})
         bos, eos = "<|startoftext|>", "<|endoftext|>"
         tok.add_special_tokens([bos, eos, *(t["content"] for t in added.values())])
