@@ -674,12 +674,8 @@ class MMDiT(nn.Module):
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """As `Flux.velocity`, given {"context", "pooled"}; the timestep stays fp32, as in
         diffusers (bf16 would round 857.7 to 856)."""
-        b = z.shape[0]
-        if torch.is_tensor(sigma):
-            t = sigma.float().to(z.device).expand(b) * 1000
-        else:
-            t = torch.full((b,), sigma * 1000, device=z.device)
-        return self(z, t, condition["context"], condition["pooled"])
+        t = sigma.float() * 1000 if torch.is_tensor(sigma) else torch.tensor(sigma * 1000)
+        return self(z, t.to(z.device).expand(len(z)), condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         size = self.config.pos_embed_max_size
@@ -756,9 +752,8 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    config = folder_config(path)
-    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)",
-                 source)
+    return build(lambda: MMDiT(sd3_config_from_state(state, folder_config(path))), state,
+                 f"{source} (SD3)", source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; heads from config.json, else 64 wide."""
@@ -767,14 +762,13 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
                         "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
-                            f"the head count and {hidden} is no multiple of SD3's head dim 64; "
-                            "load its diffusers folder instead")
-        heads = hidden // 64
+    if heads is None and hidden % 64:
+        raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                        f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                        "load its diffusers folder instead")
     return SD3Config(
-        in_channels=in_channels, patch_size=patch, hidden_size=hidden, num_heads=heads,
+        in_channels=in_channels, patch_size=patch, hidden_size=hidden,
+        num_heads=heads or hidden // 64,
         out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
         depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
         mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
@@ -800,7 +794,6 @@ def sd3_key_table(depth: int) -> dict:
                  (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
                  # the last context stream has only (shift, scale)
                  (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
-
                   "swap" if last else None)]
         if not last:
             rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
@@ -1620,28 +1613,22 @@ class Pipeline:
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
     """Text encoders and tokenizers of a diffusers folder or Hub repo (SD3's: or `encoder_file`)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-
-    def folder(name):
-        return component_path(source, name, token, ("*.json", "*.txt", "*.model"))
-
-    if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # schnell reads 256
-        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
-                      "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
-        parts = (("clip_l", load_clip, ""), ("t5", load_t5, "_2"))
-    else:
-        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
-                      "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
-                      "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
-        parts = (("clip_l", load_clip, ""), ("clip_g", load_clip, "_2"), ("t5", load_t5, "_3"))
-    if encoder_file is None or kind == "flux":
-        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
-                    for name, load, suffix in parts}
-    else:
-        key = {"t5": "t5xxl"}  # Stability's names, where they differ
-        encoders = {name: load(encoder_file, text_dtype,
-                               prefix=f"text_encoders.{key.get(name, name)}.transformer.")
-                    for name, load, _ in parts}
+    t5_length = 512 if kind == "flux" and transformer.config.guidance_embed else 256  # schnell: 256
+    labels = ({"clip_l": "CLIP", "t5": "T5"} if kind == "flux"  # name -> tokenizer label
+              else {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5"})
+    suffixes = dict(zip(labels, ("", "_2", "_3")))  # of diffusers' subfolders
+    tokenizers, encoders = {}, {}
+    for name, suffix in suffixes.items():
+        files = component_path(source, f"tokenizer{suffix}", token, ("*.json", "*.txt", "*.model"))
+        tokenizers[name] = (T5Tokenizer(files, t5_length) if name == "t5"
+                            else CLIPTokenizer(files, name=labels[name]))
+    for name, suffix in suffixes.items():
+        load = load_t5 if name == "t5" else load_clip
+        if encoder_file is None or kind == "flux":
+            encoders[name] = load(source, text_dtype, subfolder=f"text_encoder{suffix}")
+        else:  # Stability's names
+            prefix = f"text_encoders.{'t5xxl' if name == 't5' else name}.transformer."
+            encoders[name] = load(encoder_file, text_dtype, prefix=prefix)
     return encoders, tokenizers
 
 @torch.no_grad()
