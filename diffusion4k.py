@@ -430,9 +430,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4)
     """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
     """adaLN of tokens (B, L, C) by per-sample (B, C) shift and scale."""
@@ -686,8 +685,7 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
     b, c, h, w = z.shape
-    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, features = x.shape
@@ -837,7 +835,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
         top, left = (size - h) // 2, (size - w) // 2
         grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
+        return grid.flatten(1, 2)
 
 class JointBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
@@ -868,18 +866,18 @@ class StreamBlock(nn.Module):
         self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
-        mods = 2 if pre_only else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, mods * dim))
+        self.mods = 2 if pre_only else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.mods * dim))
         if not pre_only:
+            hidden = int(dim * mlp_ratio)
             self.attn.proj = nn.Linear(dim, dim)
             self.norm2 = layer_norm(dim)
             self.mlp = nn.Module()
-            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def pre_attention(self, x, c):
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        mods = self.adaLN_modulation(c).chunk(self.mods, dim=-1)
+        qkv = self.attn.qkv(modulate(self.norm1(x), *mods[:2]))
         return split_heads(qkv, self.num_heads), mods
 
     def post_attention(self, x, attn, mods):

@@ -387,9 +387,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4)
     """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
     """adaLN of tokens (B, L, C) by per-sample (B, C) shift and scale."""
@@ -643,8 +642,7 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
     b, c, h, w = z.shape
-    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, features = x.shape
