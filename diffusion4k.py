@@ -189,8 +189,9 @@ def flux_mu(image_tokens: int) -> float:
 # --- BEGIN kit: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     """diffusers' SD3 schedule: `steps` levels from 1 to shift(1/1000), shifted again, then 0."""
-    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
-    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
+    mu = math.log(shift)
+    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), mu).item()
+    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), mu)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
@@ -637,8 +638,7 @@ class Modulation(nn.Module):
 class QKNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -936,21 +936,20 @@ def sd3_key_table(depth: int) -> dict:
     for original, folder in (("t", "timestep"), ("y", "text")):
         o, f = f"{original}_embedder.mlp", f"time_text_embed.{folder}_embedder"
         rows += [(f"{o}.0", f"{f}.linear_1"), (f"{o}.2", f"{f}.linear_2")]
+    # per stream: diffusers' suffix and names of q/k/v and output projection
+    streams = (("x", "", "to_{}", "to_out.0"), ("context", "_context", "add_{}_proj", "to_add_out"))
     for i in range(depth):
-        o, f, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1
-        xb, cb = f"{o}.x_block", f"{o}.context_block"
-        rows += [(f"{xb}.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]),
-                 (f"{xb}.attn.proj", f"{f}.attn.to_out.0"), (f"{xb}.mlp.fc1", f"{f}.ff.net.0.proj"),
-                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"),
-                 (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
-                 (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
-                 # the last context stream has only (shift, scale)
-                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
-                  "swap" if last else None)]
-        if not last:
-            rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
-                     (f"{cb}.mlp.fc1", f"{f}.ff_context.net.0.proj"),
-                     (f"{cb}.mlp.fc2", f"{f}.ff_context.net.2")]
+        f = f"transformer_blocks.{i}"
+        for stream, suffix, qkv, out in streams:
+            s = f"joint_blocks.{i}.{stream}_block"
+            pre_only = suffix and i == depth - 1  # the last context stream: (shift, scale), qkv
+            rows += [(f"{s}.attn.qkv", [f"{f}.attn.{qkv.format(x)}" for x in "qkv"]),
+                     (f"{s}.adaLN_modulation.1", f"{f}.norm1{suffix}.linear",
+                      "swap" if pre_only else None)]
+            if not pre_only:
+                rows += [(f"{s}.attn.proj", f"{f}.attn.{out}"),
+                         (f"{s}.mlp.fc1", f"{f}.ff{suffix}.net.0.proj"),
+                         (f"{s}.mlp.fc2", f"{f}.ff{suffix}.net.2")]
     return {"pos_embed": (["pos_embed.pos_embed"], None), **key_table(rows)}
 # --- END kit: SD3 transformer ---
 
