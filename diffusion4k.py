@@ -942,7 +942,7 @@ def sd3_key_table(depth: int) -> dict:
         f = f"transformer_blocks.{i}"
         for stream, suffix, qkv, out in streams:
             s = f"joint_blocks.{i}.{stream}_block"
-            pre_only = suffix and i == depth - 1  # the last context stream: (shift, scale), qkv
+            pre_only = stream == "context" and i == depth - 1  # has only (shift, scale) and qkv
             rows += [(f"{s}.attn.qkv", [f"{f}.attn.{qkv.format(x)}" for x in "qkv"]),
                      (f"{s}.adaLN_modulation.1", f"{f}.norm1{suffix}.linear",
                       "swap" if pre_only else None)]
