@@ -189,8 +189,9 @@ def flux_mu(image_tokens: int) -> float:
 # --- BEGIN kit: flow-matching schedule ---
 def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     """diffusers' SD3 schedule: `steps` levels from 1 to shift(1/1000), shifted again, then 0."""
-    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), math.log(shift)).item()
-    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), math.log(shift))
+    mu = math.log(shift)
+    smallest = time_shift(torch.tensor([1e-3], dtype=torch.float64), mu).item()
+    sigmas = time_shift(torch.linspace(1.0, smallest, steps, dtype=torch.float64), mu)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
@@ -426,9 +427,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4)
     """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
     """adaLN of tokens (B, L, C) by per-sample (B, C) shift and scale."""
@@ -507,7 +507,6 @@ class FluxConfig:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
 FLUX_DEV = FluxConfig()
-
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 class Flux(nn.Module):
@@ -516,16 +515,16 @@ class Flux(nn.Module):
     def __init__(self, config: FluxConfig = FLUX_DEV):
         super().__init__()
         self.config = config
-        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        dim = config.hidden_size
+        block = (dim, config.num_heads, config.mlp_ratio)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.time_in = MLPEmbedder(256, dim)
         self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
         self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
         self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(*block) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
+            SingleStreamBlock(*block) for _ in range(config.depth_single_blocks))
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.gradient_checkpointing = False
 
@@ -555,14 +554,10 @@ class Flux(nn.Module):
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
-        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
+        t, g = (None if s is None else torch.as_tensor(s, dtype=z.dtype, device=z.device).expand(b)
+                for s in (sigma, guidance))
         v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
         return unpack_latents(v, h, w)
-
-def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    if torch.is_tensor(value):
-        return value.to(like.device, like.dtype).expand(batch)
-    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
     """Text and image have their own weights but attend jointly."""
@@ -639,8 +634,7 @@ class Modulation(nn.Module):
 class QKNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -686,10 +680,8 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
-
     b, c, h, w = z.shape
-    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, features = x.shape
@@ -712,35 +704,32 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
             raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: "
                             f"{first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    config = folder_config(path)
-    return build(lambda: Flux(flux_config_from_state(state, config, axes_dim, theta)), state,
-                 f"{source} (Flux)", source)
+    return build(lambda: Flux(flux_config_from_state(state, folder_config(path), axes_dim, theta)),
+                 state, f"{source} (Flux)", source)
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
     """Dimensions from the tensors; the RoPE split from `axes_dim` or config.json."""
-    hidden = state["img_in.weight"].shape[0]
+    hidden, in_channels = state["img_in.weight"].shape
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    folder_config = folder_config or {}
-    axes_dim = (axes_dim or folder_config.get("axes_dims_rope")
-                or ((16, 56, 56) if head_dim == 128 else ()))
-    if not axes_dim:
+    axes_dim = axes_dim or (folder_config or {}).get("axes_dims_rope")
+    if not axes_dim and head_dim != 128:  # the released models' split fits head dim 128 only
         raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
                         "(it is not stored in the weights)")
     return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden,
+        in_channels=in_channels, hidden_size=hidden,
         num_heads=hidden // head_dim, depth=count_blocks(state, r"double_blocks\.(\d+)\."),
         depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
         vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
+        context_in_dim=state["txt_in.weight"].shape[1], theta=theta,
+        axes_dim=tuple(axes_dim or FLUX_DEV.axes_dim),
         guidance_embed="guidance_in.in_layer.weight" in state)
 
 def flux_table_for(state: dict) -> dict:
-    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
-    single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
-    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
-    return flux_key_table(depth, single, guidance)
+    return flux_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."),
+                          count_blocks(state, r"single_transformer_blocks\.(\d+)\."),
+                          "time_text_embed.guidance_embedder.linear_1.weight" in state)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
     """BFL key -> diffusers keys of a Flux with these blocks."""
@@ -748,10 +737,10 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
     embedders = [("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")]
-    for original, folder in embedders[: 3 if guidance else 2]:
-        rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
-                 (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
-    norms = {}  # QK-norm scales: weight only
+    for o, folder in embedders[: 3 if guidance else 2]:
+        f = f"time_text_embed.{folder}_embedder"
+        rows += [(f"{o}.in_layer", f"{f}.linear_1"), (f"{o}.out_layer", f"{f}.linear_2")]
+    norms = []  # (BFL, diffusers) QK norms, whose scales diffusers names weights
     # per stream: diffusers' suffix and names of q/k/v, output projection and QK norms
     streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
                ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
@@ -763,16 +752,16 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
                      (f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]),
                      (f"{s}_attn.proj", f"{a}.{out}"), (f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"),
                      (f"{s}_mlp.2", f"{f}.ff{suffix}.net.2")]
-            norms[f"{s}_attn.norm.query_norm"] = f"{a}.{norm.format('q')}"
-            norms[f"{s}_attn.norm.key_norm"] = f"{a}.{norm.format('k')}"
+            norms.append((f"{s}_attn.norm", f"{a}.{norm}"))
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         rows += [(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]),
                  (f"{o}.linear2", f"{f}.proj_out"), (f"{o}.modulation.lin", f"{f}.norm.linear")]
-        norms[f"{o}.norm.query_norm"] = f"{f}.attn.norm_q"
-        norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_k"
+        norms.append((f"{o}.norm", f"{f}.attn.norm_{{}}"))
     table = key_table(rows)
-    table.update({f"{o}.scale": ([f"{f}.weight"], None) for o, f in norms.items()})
+    for o, f in norms:
+        table[f"{o}.query_norm.scale"] = ([f"{f.format('q')}.weight"], None)
+        table[f"{o}.key_norm.scale"] = ([f"{f.format('k')}.weight"], None)
     return table
 # --- END kit: Flux transformer ---
 
@@ -833,12 +822,8 @@ class MMDiT(nn.Module):
     def velocity(self, z, sigma, condition: dict, guidance=None):
         """As `Flux.velocity`, given {"context", "pooled"}; the timestep stays fp32, as in
         diffusers (bf16 would round 857.7 to 856)."""
-        b = z.shape[0]
-        if torch.is_tensor(sigma):
-            t = sigma.float().to(z.device).expand(b) * 1000
-        else:
-            t = torch.full((b,), sigma * 1000, device=z.device)
-        return self(z, t, condition["context"], condition["pooled"])
+        t = sigma.float() * 1000 if torch.is_tensor(sigma) else torch.tensor(sigma * 1000)
+        return self(z, t.to(z.device).expand(len(z)), condition["context"], condition["pooled"])
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         size = self.config.pos_embed_max_size
@@ -846,7 +831,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"{h}x{w} patches exceed the stored {size}x{size} position grid")
         top, left = (size - h) // 2, (size - w) // 2
         grid = self.pos_embed.view(1, size, size, -1)[:, top : top + h, left : left + w]
-        return grid.reshape(1, h * w, -1)
+        return grid.flatten(1, 2)
 
 class JointBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, last: bool):
@@ -877,18 +862,18 @@ class StreamBlock(nn.Module):
         self.norm1 = layer_norm(dim)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
-        mods = 2 if pre_only else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, mods * dim))
+        self.mods = 2 if pre_only else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.mods * dim))
         if not pre_only:
+            hidden = int(dim * mlp_ratio)
             self.attn.proj = nn.Linear(dim, dim)
             self.norm2 = layer_norm(dim)
             self.mlp = nn.Module()
-            self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-            self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def pre_attention(self, x, c):
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        mods = self.adaLN_modulation(c).chunk(self.mods, dim=-1)
+        qkv = self.attn.qkv(modulate(self.norm1(x), *mods[:2]))
         return split_heads(qkv, self.num_heads), mods
 
     def post_attention(self, x, attn, mods):
@@ -915,9 +900,8 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
-    config = folder_config(path)
-    return build(lambda: MMDiT(sd3_config_from_state(state, config)), state, f"{source} (SD3)",
-                 source)
+    return build(lambda: MMDiT(sd3_config_from_state(state, folder_config(path))), state,
+                 f"{source} (SD3)", source)
 
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; heads from config.json, else 64 wide."""
@@ -926,14 +910,13 @@ def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3
                         "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
-    if heads is None:
-        if hidden % 64:
-            raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
-                            f"the head count and {hidden} is no multiple of SD3's head dim 64; "
-                            "load its diffusers folder instead")
-        heads = hidden // 64
+    if heads is None and hidden % 64:
+        raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                        f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                        "load its diffusers folder instead")
     return SD3Config(
-        in_channels=in_channels, patch_size=patch, hidden_size=hidden, num_heads=heads,
+        in_channels=in_channels, patch_size=patch, hidden_size=hidden,
+        num_heads=heads or hidden // 64,
         out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
         depth=count_blocks(state, r"joint_blocks\.(\d+)\."),
         mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
@@ -949,22 +932,20 @@ def sd3_key_table(depth: int) -> dict:
     for original, folder in (("t", "timestep"), ("y", "text")):
         o, f = f"{original}_embedder.mlp", f"time_text_embed.{folder}_embedder"
         rows += [(f"{o}.0", f"{f}.linear_1"), (f"{o}.2", f"{f}.linear_2")]
+    # per stream: diffusers' suffix and names of q/k/v and output projection
+    streams = (("x", "", "to_{}", "to_out.0"), ("context", "_context", "add_{}_proj", "to_add_out"))
     for i in range(depth):
-        o, f, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1
-        xb, cb = f"{o}.x_block", f"{o}.context_block"
-        rows += [(f"{xb}.attn.qkv", [f"{f}.attn.to_{x}" for x in "qkv"]),
-                 (f"{xb}.attn.proj", f"{f}.attn.to_out.0"), (f"{xb}.mlp.fc1", f"{f}.ff.net.0.proj"),
-                 (f"{xb}.mlp.fc2", f"{f}.ff.net.2"),
-                 (f"{xb}.adaLN_modulation.1", f"{f}.norm1.linear"),
-                 (f"{cb}.attn.qkv", [f"{f}.attn.add_{x}_proj" for x in "qkv"]),
-                 # the last context stream has only (shift, scale)
-                 (f"{cb}.adaLN_modulation.1", f"{f}.norm1_context.linear",
-
-                  "swap" if last else None)]
-        if not last:
-            rows += [(f"{cb}.attn.proj", f"{f}.attn.to_add_out"),
-                     (f"{cb}.mlp.fc1", f"{f}.ff_context.net.0.proj"),
-                     (f"{cb}.mlp.fc2", f"{f}.ff_context.net.2")]
+        f = f"transformer_blocks.{i}"
+        for stream, suffix, qkv, out in streams:
+            s = f"joint_blocks.{i}.{stream}_block"
+            pre_only = stream == "context" and i == depth - 1  # has only (shift, scale) and qkv
+            rows += [(f"{s}.attn.qkv", [f"{f}.attn.{qkv.format(x)}" for x in "qkv"]),
+                     (f"{s}.adaLN_modulation.1", f"{f}.norm1{suffix}.linear",
+                      "swap" if pre_only else None)]
+            if not pre_only:
+                rows += [(f"{s}.attn.proj", f"{f}.attn.{out}"),
+                         (f"{s}.mlp.fc1", f"{f}.ff{suffix}.net.0.proj"),
+                         (f"{s}.mlp.fc2", f"{f}.ff{suffix}.net.2")]
     return {"pos_embed": (["pos_embed.pos_embed"], None), **key_table(rows)}
 # --- END kit: SD3 transformer ---
 
@@ -1743,28 +1724,22 @@ class Pipeline:
 def load_text_encoders(kind, source, dtype, transformer, token=None, encoder_file=None):
     """Text encoders and tokenizers of a diffusers folder or Hub repo (SD3's: or `encoder_file`)."""
     text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-
-    def folder(name):
-        return component_path(source, name, token, ("*.json", "*.txt", "*.model"))
-
-    if kind == "flux":
-        t5_length = 512 if transformer.config.guidance_embed else 256  # schnell reads 256
-        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer")),
-                      "t5": T5Tokenizer(folder("tokenizer_2"), t5_length)}
-        parts = (("clip_l", load_clip, ""), ("t5", load_t5, "_2"))
-    else:
-        tokenizers = {"clip_l": CLIPTokenizer(folder("tokenizer"), name="CLIP-L"),
-                      "clip_g": CLIPTokenizer(folder("tokenizer_2"), name="CLIP-G"),
-                      "t5": T5Tokenizer(folder("tokenizer_3"), max_length=256)}
-        parts = (("clip_l", load_clip, ""), ("clip_g", load_clip, "_2"), ("t5", load_t5, "_3"))
-    if encoder_file is None or kind == "flux":
-        encoders = {name: load(source, text_dtype, subfolder=f"text_encoder{suffix}")
-                    for name, load, suffix in parts}
-    else:
-        key = {"t5": "t5xxl"}  # Stability's names, where they differ
-        encoders = {name: load(encoder_file, text_dtype,
-                               prefix=f"text_encoders.{key.get(name, name)}.transformer.")
-                    for name, load, _ in parts}
+    t5_length = 512 if kind == "flux" and transformer.config.guidance_embed else 256  # schnell: 256
+    labels = ({"clip_l": "CLIP", "t5": "T5"} if kind == "flux"  # name -> tokenizer label
+              else {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5"})
+    suffixes = dict(zip(labels, ("", "_2", "_3")))  # of diffusers' subfolders
+    tokenizers, encoders = {}, {}
+    for name, suffix in suffixes.items():
+        files = component_path(source, f"tokenizer{suffix}", token, ("*.json", "*.txt", "*.model"))
+        tokenizers[name] = (T5Tokenizer(files, t5_length) if name == "t5"
+                            else CLIPTokenizer(files, name=labels[name]))
+    for name, suffix in suffixes.items():
+        load = load_t5 if name == "t5" else load_clip
+        if encoder_file is None or kind == "flux":
+            encoders[name] = load(source, text_dtype, subfolder=f"text_encoder{suffix}")
+        else:  # Stability's names
+            prefix = f"text_encoders.{'t5xxl' if name == 't5' else name}.transformer."
+            encoders[name] = load(encoder_file, text_dtype, prefix=prefix)
     return encoders, tokenizers
 
 @torch.no_grad()

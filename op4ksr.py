@@ -384,9 +384,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4)
     """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
     """adaLN of tokens (B, L, C) by per-sample (B, C) shift and scale."""
@@ -465,7 +464,6 @@ class FluxConfig:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {head_dim}")
 
 FLUX_DEV = FluxConfig()
-
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 class Flux(nn.Module):
@@ -474,16 +472,16 @@ class Flux(nn.Module):
     def __init__(self, config: FluxConfig = FLUX_DEV):
         super().__init__()
         self.config = config
-        dim, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        dim = config.hidden_size
+        block = (dim, config.num_heads, config.mlp_ratio)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.time_in = MLPEmbedder(256, dim)
         self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
         self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
         self.txt_in = nn.Linear(config.context_in_dim, dim)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(dim, heads, ratio) for _ in range(config.depth))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(*block) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, heads, ratio) for _ in range(config.depth_single_blocks))
+            SingleStreamBlock(*block) for _ in range(config.depth_single_blocks))
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.gradient_checkpointing = False
 
@@ -513,14 +511,10 @@ class Flux(nn.Module):
         b, _, h, w = z.shape
         txt, y = condition["txt"].expand(b, -1, -1), condition["y"].expand(b, -1)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=z.device)
-        t, g = (None if s is None else batch_values(s, b, z) for s in (sigma, guidance))
+        t, g = (None if s is None else torch.as_tensor(s, dtype=z.dtype, device=z.device).expand(b)
+                for s in (sigma, guidance))
         v = self(pack_latents(z), latent_image_ids(h, w, z.device), txt, txt_ids, t, y, g)
         return unpack_latents(v, h, w)
-
-def batch_values(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    if torch.is_tensor(value):
-        return value.to(like.device, like.dtype).expand(batch)
-    return torch.full((batch,), value, device=like.device, dtype=like.dtype)
 
 class DoubleStreamBlock(nn.Module):
     """Text and image have their own weights but attend jointly."""
@@ -597,8 +591,7 @@ class Modulation(nn.Module):
 class QKNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -644,10 +637,8 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
-
     b, c, h, w = z.shape
-    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, features = x.shape
@@ -670,35 +661,32 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
             raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: "
                             f"{first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
-    config = folder_config(path)
-    return build(lambda: Flux(flux_config_from_state(state, config, axes_dim, theta)), state,
-                 f"{source} (Flux)", source)
+    return build(lambda: Flux(flux_config_from_state(state, folder_config(path), axes_dim, theta)),
+                 state, f"{source} (Flux)", source)
 
 def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_dim=None,
                            theta=10000.0) -> FluxConfig:
     """Dimensions from the tensors; the RoPE split from `axes_dim` or config.json."""
-    hidden = state["img_in.weight"].shape[0]
+    hidden, in_channels = state["img_in.weight"].shape
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    folder_config = folder_config or {}
-    axes_dim = (axes_dim or folder_config.get("axes_dims_rope")
-                or ((16, 56, 56) if head_dim == 128 else ()))
-    if not axes_dim:
+    axes_dim = axes_dim or (folder_config or {}).get("axes_dims_rope")
+    if not axes_dim and head_dim != 128:  # the released models' split fits head dim 128 only
         raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
                         "(it is not stored in the weights)")
     return FluxConfig(
-        in_channels=state["img_in.weight"].shape[1], hidden_size=hidden,
+        in_channels=in_channels, hidden_size=hidden,
         num_heads=hidden // head_dim, depth=count_blocks(state, r"double_blocks\.(\d+)\."),
         depth_single_blocks=count_blocks(state, r"single_blocks\.(\d+)\."),
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
         vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1], axes_dim=tuple(axes_dim), theta=theta,
+        context_in_dim=state["txt_in.weight"].shape[1], theta=theta,
+        axes_dim=tuple(axes_dim or FLUX_DEV.axes_dim),
         guidance_embed="guidance_in.in_layer.weight" in state)
 
 def flux_table_for(state: dict) -> dict:
-    depth = count_blocks(state, r"transformer_blocks\.(\d+)\.")
-    single = count_blocks(state, r"single_transformer_blocks\.(\d+)\.")
-    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
-    return flux_key_table(depth, single, guidance)
+    return flux_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."),
+                          count_blocks(state, r"single_transformer_blocks\.(\d+)\."),
+                          "time_text_embed.guidance_embedder.linear_1.weight" in state)
 
 def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
     """BFL key -> diffusers keys of a Flux with these blocks."""
@@ -706,10 +694,10 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
             ("final_layer.linear", "proj_out"),
             ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")]
     embedders = [("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")]
-    for original, folder in embedders[: 3 if guidance else 2]:
-        rows += [(f"{original}.in_layer", f"time_text_embed.{folder}_embedder.linear_1"),
-                 (f"{original}.out_layer", f"time_text_embed.{folder}_embedder.linear_2")]
-    norms = {}  # QK-norm scales: weight only
+    for o, folder in embedders[: 3 if guidance else 2]:
+        f = f"time_text_embed.{folder}_embedder"
+        rows += [(f"{o}.in_layer", f"{f}.linear_1"), (f"{o}.out_layer", f"{f}.linear_2")]
+    norms = []  # (BFL, diffusers) QK norms, whose scales diffusers names weights
     # per stream: diffusers' suffix and names of q/k/v, output projection and QK norms
     streams = (("img", "", "to_{}", "to_out.0", "norm_{}"),
                ("txt", "_context", "add_{}_proj", "to_add_out", "norm_added_{}"))
@@ -721,16 +709,16 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
                      (f"{s}_attn.qkv", [f"{a}.{qkv.format(x)}" for x in "qkv"]),
                      (f"{s}_attn.proj", f"{a}.{out}"), (f"{s}_mlp.0", f"{f}.ff{suffix}.net.0.proj"),
                      (f"{s}_mlp.2", f"{f}.ff{suffix}.net.2")]
-            norms[f"{s}_attn.norm.query_norm"] = f"{a}.{norm.format('q')}"
-            norms[f"{s}_attn.norm.key_norm"] = f"{a}.{norm.format('k')}"
+            norms.append((f"{s}_attn.norm", f"{a}.{norm}"))
     for i in range(depth_single):
         o, f = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         rows += [(f"{o}.linear1", [f"{f}.attn.to_{x}" for x in "qkv"] + [f"{f}.proj_mlp"]),
                  (f"{o}.linear2", f"{f}.proj_out"), (f"{o}.modulation.lin", f"{f}.norm.linear")]
-        norms[f"{o}.norm.query_norm"] = f"{f}.attn.norm_q"
-        norms[f"{o}.norm.key_norm"] = f"{f}.attn.norm_k"
+        norms.append((f"{o}.norm", f"{f}.attn.norm_{{}}"))
     table = key_table(rows)
-    table.update({f"{o}.scale": ([f"{f}.weight"], None) for o, f in norms.items()})
+    for o, f in norms:
+        table[f"{o}.query_norm.scale"] = ([f"{f.format('q')}.weight"], None)
+        table[f"{o}.key_norm.scale"] = ([f"{f.format('k')}.weight"], None)
     return table
 # --- END copy: Flux transformer ---
 
