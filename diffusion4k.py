@@ -1866,14 +1866,11 @@ def place(slots: list, tensors: list):
 # --- BEGIN kit: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
     """A recipe field: its default (or `factory`) and argparse keywords."""
-    metadata = {"help": help, **cli}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    value = {"default": default} if factory is None else {"default_factory": factory}
+    return field(**value, metadata={"help": help, **cli})
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
     """One --option per field of the recipe class `kind` (or those in `names`)."""
-
     defaults = kind()
     for f in fields(kind):
         if names is None or f.name in names:
@@ -1914,10 +1911,9 @@ POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or 
 class WLFRecipe:
     """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): 20,000 steps of a global
     batch of 32 (Flux) or 64 (SD3), AdamW (0.9, 0.999), square crops, flips, posterior samples.
-
-    bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
-    bf16 copy of every weight (under FSDP2: the whole model on every GPU) for no gain here. Unlike
-    FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
+    bf16 is autocast over fp32 master weights without autocast's weight cache (a bf16 copy of every
+    weight; under FSDP2 the whole model on every GPU). Unlike FSDP2's MixedPrecisionPolicy, every
+    process count then runs the same arithmetic."""
 
     model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
     vae: str = option("f16", "Diffusion-4K's F16 VAE or the stock F8", choices=["f16", "f8"])
@@ -1974,7 +1970,7 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
         pipe = load_pipeline(r.model, r.vae, ctx.device, dtype, offload="model", token=token)
         pipe.tokenizers["t5"].max_length = r.max_sequence_length
         crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
-        if crop[0] % side or crop[1] % side:
+        if any(length % side for length in crop):
             raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
         data = Captioned(examples, encode_captions(pipe, [e.text for e in examples], cache), crop)
         losses = wlf_loop(r, ctx, output, pipe, data, accumulation, resume)
@@ -1996,9 +1992,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
               f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
               f"{micro} x {accumulation}, latents {r.posterior}, sigma {scheme} shift {shift}, "
               f"wavelet weights {r.wavelet_weights}", file=sys.stderr)
-    batches, step, losses = Batches(len(data.examples), r.seed), 0, []
-    if resume:
-        step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
+    batches, losses = Batches(len(data.examples), r.seed), []
+    step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r)) if resume else 0
     f = vae.config.downsample_factor
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
     first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
@@ -2052,6 +2047,16 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
     model.to(ctx.device)
     return model, [p for p in model.parameters() if p.requires_grad]
 
+def shard_model(model: nn.Module, kind: str, ctx: Distributed):
+    """FSDP2: each transformer block a shard group, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    blocks = [*model.double_blocks, *model.single_blocks] if kind == "flux" else model.joint_blocks
+    for module in [*blocks, model]:
+        fully_shard(module, mesh=mesh)
+
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
     """A step's random numbers for the whole global batch: every rank draws them all and keeps
@@ -2082,8 +2087,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata = folder / "metadata.jsonl"
-    examples, skipped, seen = [], 0, {}
+    metadata, examples, skipped, seen = folder / "metadata.jsonl", [], 0, {}
     for line_no, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2139,8 +2143,8 @@ class Captioned:
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    path = self.examples[candidate].path
-                    return candidate, load_crop(path, *self.crop, offset, flip)
+                    image = load_crop(self.examples[candidate].path, *self.crop, offset, flip)
+                    return candidate, image
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
@@ -2414,7 +2418,6 @@ class VAETraining:
                 "disc_optimizer": self.disc_optimizer}
 
 def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token) -> VAETraining:
-    stream = CropStream(files, r.resolution, r.seed, r.workers)
     teacher = load_vae(r.base, torch.float32, device, stride=1, token=token).requires_grad_(False)
     student = load_vae(r.base, torch.float32, device, stride=2, token=token).requires_grad_(False)
     decoder = student.decoder.train().requires_grad_(True)
@@ -2422,6 +2425,7 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
     decoder.partitioned = r.f16_decode == "partitioned"
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=r.lr, betas=(0.9, 0.999),
                                   weight_decay=r.weight_decay)
+    stream = CropStream(files, r.resolution, r.seed, r.workers)
     run = VAETraining(student, teacher, optimizer, stream, torch.Generator(), device)
     if r.ema > 0:
         run.ema = {name: p.detach().clone() for name, p in decoder.named_parameters()}
@@ -2592,8 +2596,7 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
              ae_file: bool = False):
     """OUTPUT/vae/ in the diffusers layout ("stride": 2), and with ae_file OUTPUT/ae.safetensors
     in BFL's (configless: `load_vae(path, stride=2)`)."""
-    state = {key: value.detach().to("cpu", dtype).contiguous()
-             for key, value in vae.state_dict().items()}
+    state = {key: value.detach().to("cpu", dtype) for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
     save_safetensors(to_folder_layout(state, vae_table_for(state)),
                      folder / "diffusion_pytorch_model.safetensors", meta)
@@ -2620,18 +2623,15 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
     """Stop at a non-finite value of `checked` before the update; update, log; return the step."""
-    stop_unless_finite(record["step"], checked, output)
+    for name, value in checked.items():
+        if not math.isfinite(float(value)):
+            raise training_diverged(record["step"], f"the {name}", output)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if main:  # a resumed run may repeat steps in the log
         with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
     return record["step"]
-
-def stop_unless_finite(step: int, values: dict, output: Path):
-    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
-    if bad is not None:
-        raise training_diverged(step, f"the {bad}", output)
 # --- END kit: training step ---
 
 # --- BEGIN kit: training utilities ---
@@ -2642,13 +2642,12 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata, usable = folder / "metadata.jsonl", []
+    metadata, usable, skipped = folder / "metadata.jsonl", [], 0
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
     else:
         candidates = sorted(p for p in folder.rglob("*")
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        skipped = 0
     for path in candidates:
         try:
             verify_image(path)
@@ -2764,18 +2763,6 @@ def setup_distributed(device_name: str | None) -> Distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
-def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    flux = kind == "flux"
-    for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
-        fully_shard(block, mesh=mesh)
-
-    fully_shard(model, mesh=mesh)
-
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
     """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
@@ -2789,8 +2776,8 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         folder = output / "checkpoints" / f"step-{step:08d}"
         try:
             save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
-            state = {"step": step, "optimizer": optim, "batches": batches.state()}
-            save_torch(state, folder / "state.pt")
+            save_torch({"step": step, "optimizer": optim, "batches": batches.state()},
+                       folder / "state.pt")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -2831,8 +2818,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     check_resumable(folder, run)
     expected = {key: value.shape for key, value in model.state_dict().items()
                 if not lora or key.endswith((".lora_A", ".lora_B"))}
-    report = shape_mismatch(weights, expected)
-    if report:
+    if report := shape_mismatch(weights, expected):
         raise UserError(f"{folder}: does not fit this model: {report}")
     try:
         options = state_options(lora)
@@ -2863,8 +2849,7 @@ def check_run(folder: Path, recorded: str | None, run: dict):
     if not isinstance(theirs, dict):
         raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
                         "resumed safely; start a new --output")
-    ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
-    for key, value in ours.items():
+    for key, value in json.loads(json.dumps(run)).items():  # tuples become lists, as in the record
         if theirs.get(key) != value:
             there, here = json.dumps(theirs.get(key)), json.dumps(value)
             raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
