@@ -1992,8 +1992,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
               f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
               f"{micro} x {accumulation}, latents {r.posterior}, sigma {scheme} shift {shift}, "
               f"wavelet weights {r.wavelet_weights}", file=sys.stderr)
-    batches, losses = Batches(len(data.examples), r.seed), []
-    step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r)) if resume else 0
+    batches, losses, run = Batches(len(data.examples), r.seed), [], wlf_run(r)
+    step = load_checkpoint(resume, model, optimizer, batches, lora, run) if resume else 0
     f = vae.config.downsample_factor
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
     first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
@@ -2021,8 +2021,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
                 print(f"step {step}/{r.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
                       file=sys.stderr)
         if step % r.checkpoint_every == 0 or step == r.steps:
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, r.keep_checkpoints,
-                            wlf_run(r))
+            keep = r.keep_checkpoints
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, keep, run)
     return losses
 
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
@@ -2163,8 +2163,7 @@ def text_cache_key(path: Path) -> str | None:
                         "--text-cache")
     return key
 
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
-                    batch: int = 8) -> dict:
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch=8) -> dict:
     """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
     `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
@@ -2265,8 +2264,8 @@ def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> 
         assert transform is None, f"{module}: LoRA export needs a plain weight"
         for part, rows in zip(parts, b.split(fused_sizes(len(parts), len(b), config.hidden_size))):
             name = part.removesuffix(".weight")
-            out[f"transformer.{name}.lora_A.weight"] = a.clone().contiguous()
-            out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
+            out[f"transformer.{name}.lora_A.weight"] = a.clone()  # no storage shared on disk
+            out[f"transformer.{name}.lora_B.weight"] = rows.clone()
     return out
 
 def fused_sizes(parts: int, rows: int, hidden: int) -> list[int]:
@@ -2510,7 +2509,7 @@ class CropStream:
 
     def batch(self, n: int) -> torch.Tensor:
         crops, total = [], len(self.files)
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL decodes without the GIL
+        with ThreadPoolExecutor(self.workers) as pool:  # PIL decodes without the GIL
             while len(crops) < n:
                 specs = [self.draw() for _ in range(n - len(crops))]
                 for (index, _, _), crop in zip(specs, pool.map(self.load, specs)):
@@ -2553,12 +2552,12 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     """Load the newest intact checkpoint if it is this run's; returns its step."""
-    if latest_checkpoint(output) is None:
+    if (latest := latest_checkpoint(output)) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
-    folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
+    folder, state = read_checkpoint(latest, read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
-    ema, gan = ("off" if part is None else "on" for part in (state["ema"], state["disc"]))
+    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
     if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
@@ -2664,7 +2663,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
     """The files metadata.jsonl names, each once, and how many lines were skipped."""
-    files, seen, skipped = [], {}, 0
+    seen, skipped = {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2680,8 +2679,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
-        files.append(metadata.parent / name)
-    return files, skipped
+    return [metadata.parent / name for name in seen], skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
     """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""

@@ -2414,7 +2414,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
     """The files metadata.jsonl names, each once, and how many lines were skipped."""
-    files, seen, skipped = [], {}, 0
+    seen, skipped = {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2430,8 +2430,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
-        files.append(metadata.parent / name)
-    return files, skipped
+    return [metadata.parent / name for name in seen], skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
     """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
