@@ -2254,7 +2254,7 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
     save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(diffusers_config(model.config, kind), folder / "config.json")
 
-def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
+def export_lora_diffusers(lora: dict, kind: str, config, scale: float) -> dict:
     """Our LoRA in diffusers / peft names. A fused projection's LoRA splits exactly: rows of B A
     are those rows of B times A. B carries the scale (peft's alpha: the rank)."""
     table, out = transformer_key_table(kind, config), {}
@@ -2425,7 +2425,8 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=r.lr, betas=(0.9, 0.999),
                                   weight_decay=r.weight_decay)
     stream = CropStream(files, r.resolution, r.seed, r.workers)
-    run = VAETraining(student, teacher, optimizer, stream, torch.Generator(), device)
+    noise = torch.Generator().manual_seed(r.seed + 1)
+    run = VAETraining(student, teacher, optimizer, stream, noise, device)
     if r.ema > 0:
         run.ema = {name: p.detach().clone() for name, p in decoder.named_parameters()}
     if r.lpips_weight > 0:
@@ -2435,7 +2436,6 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
         run.disc = Discriminator().to(device)
         run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), r.disc_lr or r.lr,
                                                weight_decay=r.weight_decay)
-    run.noise.manual_seed(r.seed + 1)
     return run
 
 def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
@@ -2468,7 +2468,6 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
         disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
         model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
     gan = disc if disc is not None and step >= r.gan_start else None
-    weights = dict(sc_weight=r.sc_weight, lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
     totals = {}
     for _ in range(r.grad_accum):
         x = run.stream.batch(r.batch_size).to(run.device)
@@ -2477,8 +2476,9 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
                 hinge, penalty = discriminator_loss(disc, x, run.fakes, r.gp_weight)
                 losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
             else:
-                losses, run.fakes = sc_vae_loss(x, run.student, run.teacher, posterior, run.lpips,
-                                                gan, **weights)
+                losses, run.fakes = sc_vae_loss(
+                    x, run.student, run.teacher, posterior, run.lpips, gan, sc_weight=r.sc_weight,
+                    lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
         (losses["loss"] / r.grad_accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
@@ -2489,7 +2489,7 @@ class CropStream:
     """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;
     files that fail to decode are dropped with one warning."""
 
-    def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
+    def __init__(self, files: list[Path], size: int, seed: int, workers: int):
         self.files, self.size, self.workers = files, size, workers
         self.batches, self.bad = Batches(len(files), seed), set()
 
