@@ -1911,9 +1911,10 @@ POSTERIOR = dict(choices=["sample", "mean"], help="latents: posterior sample or 
 class WLFRecipe:
     """WLF fine-tuning as upstream runs it (train_flux.sh / train_sd3.sh): 20,000 steps of a global
     batch of 32 (Flux) or 64 (SD3), AdamW (0.9, 0.999), square crops, flips, posterior samples.
-    bf16 is autocast over fp32 master weights without autocast's weight cache (a bf16 copy of every
-    weight; under FSDP2 the whole model on every GPU). Unlike FSDP2's MixedPrecisionPolicy, every
-    process count then runs the same arithmetic."""
+
+    bf16 is autocast over fp32 master weights without autocast's weight cache, which would hold a
+    bf16 copy of every weight (under FSDP2: the whole model on every GPU) for no gain here. Unlike
+    FSDP2's MixedPrecisionPolicy, every process count then runs the same arithmetic."""
 
     model: str = option("black-forest-labs/FLUX.1-dev", "base pipeline: Hub repo or folder")
     vae: str = option("f16", "Diffusion-4K's F16 VAE or the stock F8", choices=["f16", "f8"])
@@ -2143,8 +2144,8 @@ class Captioned:
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    image = load_crop(self.examples[candidate].path, *self.crop, offset, flip)
-                    return candidate, image
+                    path = self.examples[candidate].path
+                    return candidate, load_crop(path, *self.crop, offset, flip)
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
