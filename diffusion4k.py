@@ -1795,14 +1795,11 @@ def place(slots: list, tensors: list):
 # --- BEGIN kit: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
     """A recipe field: its default (or `factory`) and argparse keywords."""
-    metadata = {"help": help, **cli}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    value = {"default": default} if factory is None else {"default_factory": factory}
+    return field(**value, metadata={"help": help, **cli})
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
     """One --option per field of the recipe class `kind` (or those in `names`)."""
-
     defaults = kind()
     for f in fields(kind):
         if names is None or f.name in names:
@@ -1903,7 +1900,7 @@ def train(r: WLFRecipe, data, output, resume=None, text_cache=None, device=None,
         pipe = load_pipeline(r.model, r.vae, ctx.device, dtype, offload="model", token=token)
         pipe.tokenizers["t5"].max_length = r.max_sequence_length
         crop, side = r.crop or (r.resolution, r.resolution), pipe.size_multiple
-        if crop[0] % side or crop[1] % side:
+        if any(length % side for length in crop):
             raise UserError(f"crop {crop[0]}x{crop[1]}: sides must be multiples of {side} here")
         data = Captioned(examples, encode_captions(pipe, [e.text for e in examples], cache), crop)
         losses = wlf_loop(r, ctx, output, pipe, data, accumulation, resume)
@@ -1925,9 +1922,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
               f"~{count / 1e6:.2f}M trainable), global batch {total} = {ctx.world} process(es) x "
               f"{micro} x {accumulation}, latents {r.posterior}, sigma {scheme} shift {shift}, "
               f"wavelet weights {r.wavelet_weights}", file=sys.stderr)
-    batches, step, losses = Batches(len(data.examples), r.seed), 0, []
-    if resume:
-        step = load_checkpoint(resume, model, optimizer, batches, lora, wlf_run(r))
+    batches, losses, run = Batches(len(data.examples), r.seed), [], wlf_run(r)
+    step = load_checkpoint(resume, model, optimizer, batches, lora, run) if resume else 0
     f = vae.config.downsample_factor
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
     first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
@@ -1955,8 +1951,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
                 print(f"step {step}/{r.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
                       file=sys.stderr)
         if step % r.checkpoint_every == 0 or step == r.steps:
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, r.keep_checkpoints,
-                            wlf_run(r))
+            keep = r.keep_checkpoints
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, keep, run)
     return losses
 
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
@@ -1980,6 +1976,16 @@ def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tup
         shard_model(model, pipe.kind, ctx)
     model.to(ctx.device)
     return model, [p for p in model.parameters() if p.requires_grad]
+
+def shard_model(model: nn.Module, kind: str, ctx: Distributed):
+    """FSDP2: each transformer block a shard group, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    blocks = [*model.double_blocks, *model.single_blocks] if kind == "flux" else model.joint_blocks
+    for module in [*blocks, model]:
+        fully_shard(module, mesh=mesh)
 
 def draw_global_batch(batches: Batches, n: int, latent_shape: tuple, scheme: str, shift: float,
                       posterior: str) -> dict:
@@ -2011,8 +2017,7 @@ def read_dataset(folder, verbose: bool = True) -> list[Example]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata = folder / "metadata.jsonl"
-    examples, skipped, seen = [], 0, {}
+    metadata, examples, skipped, seen = folder / "metadata.jsonl", [], 0, {}
     for line_no, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2088,8 +2093,7 @@ def text_cache_key(path: Path) -> str | None:
                         "--text-cache")
     return key
 
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
-                    batch: int = 8) -> dict:
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch=8) -> dict:
     """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
     `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
@@ -2180,7 +2184,7 @@ def save_transformer(state: dict, model: nn.Module, kind: str, output: Path, dty
     save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(diffusers_config(model.config, kind), folder / "config.json")
 
-def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> dict:
+def export_lora_diffusers(lora: dict, kind: str, config, scale: float) -> dict:
     """Our LoRA in diffusers / peft names. A fused projection's LoRA splits exactly: rows of B A
     are those rows of B times A. B carries the scale (peft's alpha: the rank)."""
     table, out = transformer_key_table(kind, config), {}
@@ -2190,8 +2194,8 @@ def export_lora_diffusers(lora: dict, kind: str, config, scale: float = 1.0) -> 
         assert transform is None, f"{module}: LoRA export needs a plain weight"
         for part, rows in zip(parts, b.split(fused_sizes(len(parts), len(b), config.hidden_size))):
             name = part.removesuffix(".weight")
-            out[f"transformer.{name}.lora_A.weight"] = a.clone().contiguous()
-            out[f"transformer.{name}.lora_B.weight"] = rows.clone().contiguous()
+            out[f"transformer.{name}.lora_A.weight"] = a.clone()  # no storage shared on disk
+            out[f"transformer.{name}.lora_B.weight"] = rows.clone()
     return out
 
 def fused_sizes(parts: int, rows: int, hidden: int) -> list[int]:
@@ -2343,7 +2347,6 @@ class VAETraining:
                 "disc_optimizer": self.disc_optimizer}
 
 def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token) -> VAETraining:
-    stream = CropStream(files, r.resolution, r.seed, r.workers)
     teacher = load_vae(r.base, torch.float32, device, stride=1, token=token).requires_grad_(False)
     student = load_vae(r.base, torch.float32, device, stride=2, token=token).requires_grad_(False)
     decoder = student.decoder.train().requires_grad_(True)
@@ -2351,7 +2354,9 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
     decoder.partitioned = r.f16_decode == "partitioned"
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=r.lr, betas=(0.9, 0.999),
                                   weight_decay=r.weight_decay)
-    run = VAETraining(student, teacher, optimizer, stream, torch.Generator(), device)
+    stream = CropStream(files, r.resolution, r.seed, r.workers)
+    noise = torch.Generator().manual_seed(r.seed + 1)
+    run = VAETraining(student, teacher, optimizer, stream, noise, device)
     if r.ema > 0:
         run.ema = {name: p.detach().clone() for name, p in decoder.named_parameters()}
     if r.lpips_weight > 0:
@@ -2361,7 +2366,6 @@ def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token)
         run.disc = Discriminator().to(device)
         run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), r.disc_lr or r.lr,
                                                weight_decay=r.weight_decay)
-    run.noise.manual_seed(r.seed + 1)
     return run
 
 def sc_vae_loop(run: VAETraining, r: SCVAERecipe, output: Path, step: int):
@@ -2394,7 +2398,6 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
         disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
         model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
     gan = disc if disc is not None and step >= r.gan_start else None
-    weights = dict(sc_weight=r.sc_weight, lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
     totals = {}
     for _ in range(r.grad_accum):
         x = run.stream.batch(r.batch_size).to(run.device)
@@ -2403,8 +2406,9 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
                 hinge, penalty = discriminator_loss(disc, x, run.fakes, r.gp_weight)
                 losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
             else:
-                losses, run.fakes = sc_vae_loss(x, run.student, run.teacher, posterior, run.lpips,
-                                                gan, **weights)
+                losses, run.fakes = sc_vae_loss(
+                    x, run.student, run.teacher, posterior, run.lpips, gan, sc_weight=r.sc_weight,
+                    lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
         (losses["loss"] / r.grad_accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
@@ -2415,7 +2419,7 @@ class CropStream:
     """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;
     files that fail to decode are dropped with one warning."""
 
-    def __init__(self, files: list[Path], size: int, seed: int, workers: int = 4):
+    def __init__(self, files: list[Path], size: int, seed: int, workers: int):
         self.files, self.size, self.workers = files, size, workers
         self.batches, self.bad = Batches(len(files), seed), set()
 
@@ -2435,7 +2439,7 @@ class CropStream:
 
     def batch(self, n: int) -> torch.Tensor:
         crops, total = [], len(self.files)
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL decodes without the GIL
+        with ThreadPoolExecutor(self.workers) as pool:  # PIL decodes without the GIL
             while len(crops) < n:
                 specs = [self.draw() for _ in range(n - len(crops))]
                 for (index, _, _), crop in zip(specs, pool.map(self.load, specs)):
@@ -2478,12 +2482,12 @@ def vae_state(run: VAETraining, r: SCVAERecipe, step: int) -> dict:
 
 def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     """Load the newest intact checkpoint if it is this run's; returns its step."""
-    if latest_checkpoint(output) is None:
+    if (latest := latest_checkpoint(output)) is None:
         print(f"note: no checkpoint in {output}; starting from the base VAE", file=sys.stderr)
         return 0
-    folder, state = read_checkpoint(latest_checkpoint(output), read_vae_checkpoint)
+    folder, state = read_checkpoint(latest, read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
-    ema, gan = ("off" if part is None else "on" for part in (state["ema"], state["disc"]))
+    ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
     if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
@@ -2521,8 +2525,7 @@ def save_vae(vae: AutoEncoder, output: Path, base_config: dict | None = None, dt
              ae_file: bool = False):
     """OUTPUT/vae/ in the diffusers layout ("stride": 2), and with ae_file OUTPUT/ae.safetensors
     in BFL's (configless: `load_vae(path, stride=2)`)."""
-    state = {key: value.detach().to("cpu", dtype).contiguous()
-             for key, value in vae.state_dict().items()}
+    state = {key: value.detach().to("cpu", dtype) for key, value in vae.state_dict().items()}
     folder, meta = output / "vae", {"format": "pt"}
     save_safetensors(to_folder_layout(state, vae_table_for(state)),
                      folder / "diffusion_pytorch_model.safetensors", meta)
@@ -2549,18 +2552,15 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
     """Stop at a non-finite value of `checked` before the update; update, log; return the step."""
-    stop_unless_finite(record["step"], checked, output)
+    for name, value in checked.items():
+        if not math.isfinite(float(value)):
+            raise training_diverged(record["step"], f"the {name}", output)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if main:  # a resumed run may repeat steps in the log
         with open(output / "train_log.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
     return record["step"]
-
-def stop_unless_finite(step: int, values: dict, output: Path):
-    bad = next((name for name, value in values.items() if not math.isfinite(float(value))), None)
-    if bad is not None:
-        raise training_diverged(step, f"the {bad}", output)
 # --- END kit: training step ---
 
 # --- BEGIN kit: training utilities ---
@@ -2571,13 +2571,12 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata, usable = folder / "metadata.jsonl", []
+    metadata, usable, skipped = folder / "metadata.jsonl", [], 0
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
     else:
         candidates = sorted(p for p in folder.rglob("*")
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        skipped = 0
     for path in candidates:
         try:
             verify_image(path)
@@ -2594,7 +2593,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
     """The files metadata.jsonl names, each once, and how many lines were skipped."""
-    files, seen, skipped = [], {}, 0
+    seen, skipped = {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2610,8 +2609,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
-        files.append(metadata.parent / name)
-    return files, skipped
+    return [metadata.parent / name for name in seen], skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
     """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
@@ -2693,18 +2691,6 @@ def setup_distributed(device_name: str | None) -> Distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
-def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    flux = kind == "flux"
-    for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
-        fully_shard(block, mesh=mesh)
-
-    fully_shard(model, mesh=mesh)
-
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
     """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
@@ -2718,8 +2704,8 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         folder = output / "checkpoints" / f"step-{step:08d}"
         try:
             save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
-            state = {"step": step, "optimizer": optim, "batches": batches.state()}
-            save_torch(state, folder / "state.pt")
+            save_torch({"step": step, "optimizer": optim, "batches": batches.state()},
+                       folder / "state.pt")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -2760,8 +2746,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     check_resumable(folder, run)
     expected = {key: value.shape for key, value in model.state_dict().items()
                 if not lora or key.endswith((".lora_A", ".lora_B"))}
-    report = shape_mismatch(weights, expected)
-    if report:
+    if report := shape_mismatch(weights, expected):
         raise UserError(f"{folder}: does not fit this model: {report}")
     try:
         options = state_options(lora)
@@ -2792,8 +2777,7 @@ def check_run(folder: Path, recorded: str | None, run: dict):
     if not isinstance(theirs, dict):
         raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
                         "resumed safely; start a new --output")
-    ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
-    for key, value in ours.items():
+    for key, value in json.loads(json.dumps(run)).items():  # tuples become lists, as in the record
         if theirs.get(key) != value:
             there, here = json.dumps(theirs.get(key)), json.dumps(value)
             raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "

@@ -1835,14 +1835,11 @@ def unit_tensor(image: Image.Image) -> torch.Tensor:
 # --- BEGIN copy of diffusion4k.py: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
     """A recipe field: its default (or `factory`) and argparse keywords."""
-    metadata = {"help": help, **cli}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    value = {"default": default} if factory is None else {"default_factory": factory}
+    return field(**value, metadata={"help": help, **cli})
 
 def add_recipe(parser: argparse.ArgumentParser, kind, names=None):
     """One --option per field of the recipe class `kind` (or those in `names`)."""
-
     defaults = kind()
     for f in fields(kind):
         if names is None or f.name in names:
@@ -2325,13 +2322,12 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder")
-    metadata, usable = folder / "metadata.jsonl", []
+    metadata, usable, skipped = folder / "metadata.jsonl", [], 0
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
     else:
         candidates = sorted(p for p in folder.rglob("*")
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        skipped = 0
     for path in candidates:
         try:
             verify_image(path)
@@ -2348,7 +2344,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
 
 def listed_files(metadata: Path) -> tuple[list[Path], int]:
     """The files metadata.jsonl names, each once, and how many lines were skipped."""
-    files, seen, skipped = [], {}, 0
+    seen, skipped = {}, 0
     for line_number, line in enumerate(read_text(metadata, "captions file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -2364,8 +2360,7 @@ def listed_files(metadata: Path) -> tuple[list[Path], int]:
             warn(f"{metadata.name} line {line_number}: {problem}; skipped")
             continue
         seen[name] = line_number
-        files.append(metadata.parent / name)
-    return files, skipped
+    return [metadata.parent / name for name in seen], skipped
 
 def load_crop(path: Path, height: int, width: int, offset: tuple, flip: bool) -> torch.Tensor:
     """The image resized to cover height x width, cropped at the relative offset: (3, H, W)."""
@@ -2447,18 +2442,6 @@ def setup_distributed(device_name: str | None) -> Distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
-def shard_model(model: nn.Module, kind: str, ctx: Distributed):
-    """FSDP2: each transformer block a shard group, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    flux = kind == "flux"
-    for block in [*model.double_blocks, *model.single_blocks] if flux else model.joint_blocks:
-        fully_shard(block, mesh=mesh)
-
-    fully_shard(model, mesh=mesh)
-
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
     """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
@@ -2472,8 +2455,8 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
         folder = output / "checkpoints" / f"step-{step:08d}"
         try:
             save_safetensors(weights, folder / "trainable.safetensors", {"run": json.dumps(run)})
-            state = {"step": step, "optimizer": optim, "batches": batches.state()}
-            save_torch(state, folder / "state.pt")
+            save_torch({"step": step, "optimizer": optim, "batches": batches.state()},
+                       folder / "state.pt")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -2514,8 +2497,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     check_resumable(folder, run)
     expected = {key: value.shape for key, value in model.state_dict().items()
                 if not lora or key.endswith((".lora_A", ".lora_B"))}
-    report = shape_mismatch(weights, expected)
-    if report:
+    if report := shape_mismatch(weights, expected):
         raise UserError(f"{folder}: does not fit this model: {report}")
     try:
         options = state_options(lora)
@@ -2546,8 +2528,7 @@ def check_run(folder: Path, recorded: str | None, run: dict):
     if not isinstance(theirs, dict):
         raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
                         "resumed safely; start a new --output")
-    ours = json.loads(json.dumps(run))  # tuples become lists, as in the record
-    for key, value in ours.items():
+    for key, value in json.loads(json.dumps(run)).items():  # tuples become lists, as in the record
         if theirs.get(key) != value:
             there, here = json.dumps(theirs.get(key)), json.dumps(value)
             raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
