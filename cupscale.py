@@ -127,7 +127,7 @@ class CUpscaleConfig:
         return (self.region_px - self.overlap_px) // self.vae_scale
 
 
-# ================================================================== the method: creative upscaling
+# ==== the method: creative upscaling
 
 @torch.no_grad()
 def upscale(pipe: Pipeline, image: Image.Image, width: int, height: int, conditions: dict,
@@ -306,7 +306,7 @@ def blend_weights(regions: list[Region], latent_height: int, latent_width: int) 
     return torch.stack([1 / count[region.slices] for region in regions])
 
 
-# ======================================================== the method: global structure prior (GSP)
+# ==== the method: global structure prior (GSP)
 
 def global_structure_prior(x0_pred: torch.Tensor, lr_latent: torch.Tensor, step_size: float):
     """The GSP update -step_size * dL/dz (Eqs. 4-5), to add to the noisy latent z.
@@ -359,7 +359,7 @@ def haar_idwt(bands: torch.Tensor) -> torch.Tensor:
 # --- END copy: Haar wavelets ---
 
 
-# ====================================================== the method: regional attention prior (RAP)
+# ==== the method: regional attention prior (RAP)
 
 def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, priors, lr_maps,
                        block: int):
@@ -470,7 +470,7 @@ def attention_hook(model: MMDiT, make_attend):
             del block.attend
 
 
-# ======================================================= the method: regional semantic prior (RSP)
+# ==== the method: regional semantic prior (RSP)
 
 def attention_composer(global_features: torch.Tensor, regional_features: torch.Tensor):
     """The Attention Composer (Sec. 4.5): f = (f_RAP + f_RSP) / 2, a region's image features
@@ -481,7 +481,7 @@ def attention_composer(global_features: torch.Tensor, regional_features: torch.T
     return (global_features + regional_features) / 2
 
 
-# ============================================================== alternative readings and ablations
+# ==== alternative readings and ablations
 
 # Other readings of the paper's SDXL settings on SD3 (--noise-level, --gsp-normalisation) and its
 # GSP ablation schedules (--gsp-schedule): the method hands off to them only when asked.
@@ -538,7 +538,7 @@ def alternative_gsp_step_scale(normalisation: str, sigma: float, low_band_size: 
                      f"choose from {GSP_NORMALISATIONS}")
 
 
-# ========================================================================= the models: transformer
+# ==== the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
@@ -786,7 +786,7 @@ def sd3_key_table(depth: int) -> dict:
 # --- END copy: SD3 transformer ---
 
 
-# ================================================================================= the models: VAE
+# ==== the models: VAE
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
@@ -1085,7 +1085,7 @@ def vae_table_for(state: dict) -> dict:
 # --- END copy: VAE ---
 
 
-# ======================================================== the models: text encoders and tokenizers
+# ==== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
 # Module names are transformers' keys.
@@ -1431,7 +1431,7 @@ def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
 # --- END copy: text encoders ---
 
 
-# ======================================================================================== pipeline
+# ==== pipeline
 
 def load_sd3_pipeline(model, device=None, dtype=None, offload="none", token=None) -> Pipeline:
     device, dtype = device_dtype(device, dtype)
@@ -1523,7 +1523,7 @@ def check_regions(config: CUpscaleConfig, pos_embed_patches: int, patch: int):
                         f"most {pos_embed_patches * patch * config.vae_scale} px")
 
 
-# ======================================================== pipeline: its pieces from diffusion4k.py
+# ==== pipeline: its pieces from diffusion4k.py
 
 # --- BEGIN copy of diffusion4k.py: pipeline ---
 TEXT_SOURCES = {"flux": "black-forest-labs/FLUX.1-dev",  # text encoders of single transformer files
@@ -1674,7 +1674,7 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 # --- END copy: tiled VAE ---
 
 
-# ================================================================================== weight loading
+# ==== weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
@@ -1819,7 +1819,7 @@ def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
 # --- END copy: weight loading ---
 
 
-# ==================================================================================== command line
+# ==== command line
 
 def main(argv=None):
     args = parser().parse_args(argv)
@@ -1967,7 +1967,7 @@ def parser() -> ArgumentParser:
     return parser
 
 
-# ======================================= command line: regional prompts (RSP's files and captions)
+# ==== command line: regional prompts (RSP's files and captions)
 
 def regional_prompts(args, config: CUpscaleConfig, regions: list[Region], image, size):
     """RSP's prompt per region key, or None (RSP off), said in one line before any slow work.

@@ -109,7 +109,7 @@ PROMPT_BATCH = 8  # prompts per text-encoder batch with --prompts
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
 
 
-# ====================================================================== the method: sampling at 4K
+# ==== the method: sampling at 4K
 
 @torch.no_grad()
 def generate(pipe: Pipeline, condition: dict, height: int, width: int, steps: int, guidance: float,
@@ -243,7 +243,7 @@ def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 # --- END kit: tiled VAE ---
 
 
-# ========================================================================= the method: the F16 VAE
+# ==== the method: the F16 VAE
 
 # --- BEGIN kit: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
@@ -258,7 +258,7 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Ten
 # --- END kit: F16 VAE ---
 
 
-# ============================================== the method: Wavelet-based Latent Fine-tuning (WLF)
+# ==== the method: Wavelet-based Latent Fine-tuning (WLF)
 
 def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
                    autocast, accumulation: int = 1) -> torch.Tensor:
@@ -335,7 +335,7 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
     return time_shift(sigmas, math.log(shift)).float() if shift != 1 else sigmas.float()
 
 
-# =============================================== the method: scale-consistent F16 decoder (SC-VAE)
+# ==== the method: scale-consistent F16 decoder (SC-VAE)
 
 def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
                 lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
@@ -420,7 +420,7 @@ def ema_update(ema: dict, params, step: int, decay: float):
         average.lerp_(p.detach(), rate)
 
 
-# ======================================================================== the models: transformers
+# ==== the models: transformers
 
 # --- BEGIN kit: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
@@ -950,7 +950,7 @@ def sd3_key_table(depth: int) -> dict:
 # --- END kit: SD3 transformer ---
 
 
-# ================================================================================= the models: VAE
+# ==== the models: VAE
 
 # --- BEGIN kit: VAE ---
 @dataclass(frozen=True)
@@ -1237,7 +1237,7 @@ def vae_table_for(state: dict) -> dict:
 # --- END kit: VAE ---
 
 
-# ======================================================== the models: text encoders and tokenizers
+# ==== the models: text encoders and tokenizers
 
 # --- BEGIN kit: text encoders ---
 # Module names are transformers' keys.
@@ -1583,7 +1583,7 @@ def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
 # --- END kit: text encoders ---
 
 
-# ======================================================================================== pipeline
+# ==== pipeline
 
 def load_pipeline(model, vae="f16", device=None, dtype=None, text_source=None, vae_source=None,
                   offload="none", token=None) -> Pipeline:
@@ -1790,7 +1790,7 @@ def place(slots: list, tensors: list):
 # --- END kit: pipeline ---
 
 
-# ==================================================================================== WLF training
+# ==== WLF training
 
 # --- BEGIN kit: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
@@ -2260,7 +2260,7 @@ def copy_base_components(base, output: Path):
             shutil.copyfile(path.resolve(), target)  # a new file: the umask's mode, as every output
 
 
-# ================================================================================= SC-VAE training
+# ==== SC-VAE training
 
 @dataclass
 class SCVAERecipe:
@@ -2547,7 +2547,7 @@ def diffusers_vae_config(c: VAEConfig, base: dict | None = None) -> dict:
             "mid_block_add_attention": True, "stride": c.stride}
 
 
-# ============================================================================== training utilities
+# ==== training utilities
 
 # --- BEGIN kit: training step ---
 def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool = True) -> int:
@@ -2889,7 +2889,7 @@ def weight_file(spec, what: str, token=None) -> Path:
 # --- END kit: LPIPS ---
 
 
-# ================================================================================== weight loading
+# ==== weight loading
 
 # --- BEGIN kit: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
@@ -3034,7 +3034,7 @@ def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
 # --- END kit: weight loading ---
 
 
-# ==================================================================================== command line
+# ==== command line
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

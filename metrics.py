@@ -64,7 +64,7 @@ from common.io import (
     warn,
 )
 
-# ================================================== GLCM Score and Compression Ratio (Diffusion-4K)
+# ==== GLCM Score and Compression Ratio (Diffusion-4K)
 
 # scikit-image's offsets (round(sin(a) d), round(cos(a) d)), d = 1-4, a = 0/45/90/135 degrees; d=2
 # at 45 degrees rounds to (1, 1) like d=1: 14 are distinct. GLCM_SLICE_OFFSET: slice -> distinct.
@@ -198,7 +198,7 @@ def jpeg95(image):
     return buffer.getvalue()
 
 
-# ============================================================================== PSNR, SSIM and NIQE
+# ==== PSNR, SSIM and NIQE
 
 NIQE_PARAMS = "chaofengc/IQA-PyTorch-Weights/niqe_modelparameters.mat"
 
@@ -470,7 +470,7 @@ def niqe_distance(features, mu_pris, cov_pris):
     return float(np.sqrt(diff @ inverse @ diff))
 
 
-# ============================================================================================== FID
+# ==== FID
 
 INCEPTION_WEIGHTS = "chaofengc/IQA-PyTorch-Weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -719,7 +719,7 @@ class InceptionV3(nn.Module):
         return model.to(memory_format=torch.channels_last)  # oneDNN's fastest layout on the CPU
 
 
-# ========================================================================= CLIPScore and aesthetics
+# ==== CLIPScore and aesthetics
 
 CLIP_MODELS = {
     "b16": "openai/clip-vit-base-patch16",  # Diffusion-4K (through torchmetrics)
@@ -1008,7 +1008,7 @@ class ClipScoreTokenizer:
         return ids, torch.tensor([len(r) for r in rows])
 
 
-# ===================================================================== LPIPS and CLIP-IQA, on tiles
+# ==== LPIPS and CLIP-IQA, on tiles
 
 LPIPS_LINEAR = {
     "alex": "chaofengc/IQA-PyTorch-Weights/LPIPS_v0.1_alex-df73285e.pth",
@@ -1257,7 +1257,7 @@ class ClipResNet(nn.Module):
         return pool.c_proj(attention(q, k, v).transpose(1, 2).reshape(b, c))
 
 
-# ====================================================================== periodicity (OP4KSR's L_AP)
+# ==== periodicity (OP4KSR's L_AP)
 
 PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's lattice)
 
@@ -1409,7 +1409,7 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 # --- END copy: periodicity loss ---
 
 
-# ========================================================================== evaluation over folders
+# ==== evaluation over folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -1731,7 +1731,7 @@ def jpeg95_view(path, image, decode=True):
     decoded.load()
     return len(encoded), decoded if decoded.mode == "RGB" else decoded.convert("RGB")
 
-# ===================================================================================== command line
+# ==== command line
 
 EPILOG = """\
 protocols (options given explicitly override theirs):
@@ -1935,7 +1935,7 @@ def format_table(result):
     return "\n".join(lines)
 
 
-# =============================================================================== weights and images
+# ==== weights and images
 
 def load_state(spec, what):
     """A float32 state dict from .safetensors or a .pth/.pt pickle (weights_only: no code runs)."""

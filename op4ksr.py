@@ -114,7 +114,7 @@ class LossWeights:
     periodicity: float = 1.0  # lambda_AP
 
 
-# ====================================================================== the method: one step at 4K
+# ==== the method: one step at 4K
 
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
@@ -160,7 +160,7 @@ def matched_sigma(pairs, update=None) -> tuple[int, float]:
     return best + 1, float(sigmas[best])
 
 
-# ========================================================== the method: the training loss and L_AP
+# ==== the method: the training loss and L_AP
 
 def sr_loss(pred, target, weights: LossWeights, perceptual=None, pred_latent=None,
             target_latent=None, periods=(16, 32)):
@@ -233,7 +233,7 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 # --- END kit: periodicity loss ---
 
 
-# =================================================== the method: LoRAs on Flux and the F16 encoder
+# ==== the method: LoRAs on Flux and the F16 encoder
 
 # OMGSR-F's peft target lists (diffusers names), found in our models through the loaders' key tables
 OMGSR_F_FLUX_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
@@ -322,7 +322,7 @@ class LoRAConv2d(nn.Module):
         return c(x) + F.conv2d(down, self.lora_B.to(x.dtype)) * self.scale
 
 
-# ============================================================== alternative readings and options
+# ==== alternative readings and options
 
 def alternative_terms(pred, target, weights: LossWeights, pred_latent, target_latent) -> dict:
     """Loss terms the paper does not name, off by default: pixel L1 (OMGSR-F's) and the MSE of x0's
@@ -377,7 +377,7 @@ def channel_stats(x: torch.Tensor, eps: float = 0.0):
     return x.mean(dim=dims, keepdim=True), (x.var(dim=dims, keepdim=True) + eps).sqrt()
 
 
-# ========================================================================= the models: transformer
+# ==== the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
@@ -723,7 +723,7 @@ def flux_key_table(depth: int, depth_single: int, guidance: bool) -> dict:
 # --- END copy: Flux transformer ---
 
 
-# ================================================================================= the models: VAE
+# ==== the models: VAE
 
 # --- BEGIN copy of diffusion4k.py: F16 VAE ---
 def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
@@ -1022,7 +1022,7 @@ def vae_table_for(state: dict) -> dict:
 # --- END copy: VAE ---
 
 
-# ======================================================== the models: text encoders and tokenizers
+# ==== the models: text encoders and tokenizers
 
 # --- BEGIN copy of diffusion4k.py: text encoders ---
 # Module names are transformers' keys.
@@ -1368,7 +1368,7 @@ def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
 # --- END copy: text encoders ---
 
 
-# ======================================================================================== pipeline
+# ==== pipeline
 
 @dataclass
 class SRPipeline:
@@ -1563,7 +1563,7 @@ def export_lora(slots) -> dict:
             for key, value, transform, scale in slots}
 
 
-# =========================== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
+# ==== pipeline: OMGSR-F's public weights, and OMGSR-F's own tiled inference
 
 # OMGSR-F (wuer5/OMGSR) publishes its LoRAs as two peft adapters, flux_adapter/ (Flux-dev) and
 # vae_encoder_adapter/ (the F8 encoder), r = alpha = 64, merged under the names of OP4KSR's file.
@@ -1830,7 +1830,7 @@ def unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
 
-# ======================================================================================== training
+# ==== training
 
 # --- BEGIN copy of diffusion4k.py: recipes ---
 def option(default=None, help: str | None = None, factory=None, **cli):
@@ -2130,7 +2130,7 @@ def calibration_latents(files, vae: AutoEncoder, crop: int, scale: int, batch_si
         yield tuple((z - c.shift_factor) * c.scale_factor for z in raw)
 
 
-# ========================================================== training data: Real-ESRGAN degradation
+# ==== training data: Real-ESRGAN degradation
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
                 "plateau_aniso")
@@ -2312,7 +2312,7 @@ def _pick(generator, options, probs=None):
     return options[torch.multinomial(weights, 1, generator=generator).item()]
 
 
-# =========================================== training: its utilities and LPIPS from diffusion4k.py
+# ==== training: its utilities and LPIPS from diffusion4k.py
 
 # --- BEGIN copy of diffusion4k.py: training utilities ---
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -2640,7 +2640,7 @@ def weight_file(spec, what: str, token=None) -> Path:
 # --- END copy: LPIPS ---
 
 
-# ================================================================================== weight loading
+# ==== weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
 def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
@@ -2785,7 +2785,7 @@ def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
 # --- END copy: weight loading ---
 
 
-# ==================================================================================== command line
+# ==== command line
 
 NO_WEIGHTS = (
     "OP4KSR needs a LoRA checkpoint (--weights FILE.safetensors or owner/repo/path.safetensors); "
