@@ -179,6 +179,7 @@ def progress_bar(description: str, total=None, initial=0):
     bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr,
                leave=False)
     _open_bars.append(bar)
+
     def update(done, total=None, postfix=None):
         if total is not None:
             bar.total = total
@@ -484,9 +485,8 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 def check_writable_folder(folder) -> None:
     """Refuse a folder that cannot be created or written, naming the first ancestor in the way."""
-    folder = Path(folder)
+    existing = folder = Path(folder)
     check_name_length(folder)
-    existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # mkdir would fail on it at the end of the run
             raise UserError(f"cannot write into {folder}: {existing} is a link to "
