@@ -62,34 +62,45 @@ from common.io import (
     SEED,
     ArgumentParser,
     UserError,
+    assign_state_dict,
     atomic_write,
+    build,
     check_apart,
     check_output_file,
     check_regular_file,
     check_train_output,
     check_weights,
+    component_path,
+    count_blocks,
     device_dtype,
     device_name,
+    first_keys,
+    folder_config,
     folder_lock,
     image_size,
     image_to_tensor,
     integer,
+    is_count,
+    is_number,
     latest_checkpoint,
     load_image,
     load_safetensors,
     loads_unique,
+    mismatch_report,
     number,
     os_error_text,
     positive,
     progress_bar,
+    read_component,
     read_json,
+    read_prefixed,
     read_text,
     resolve_source,
     run_cli,
-    safetensors_keys,
     safetensors_metadata,
     save_image,
     save_torch,
+    shape_mismatch,
     source_name,
     tensor_to_image,
     undone_on_failure,
@@ -1619,7 +1630,7 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
                             "does not implement (plain LoRA only)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
-    if not _is_count(rank) or not _is_number(alpha):
+    if not is_count(rank) or not is_number(alpha):
         raise UserError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer "
                         "and a number")
     if isinstance(targets, str):
@@ -2643,22 +2654,6 @@ def weight_file(spec, what: str, token=None) -> Path:
 # ==== weight loading
 
 # --- BEGIN copy of diffusion4k.py: weight loading ---
-def assign_state_dict(model: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load `state` into a meta-device model, refusing any mismatch."""
-    report = shape_mismatch(state, {k: v.shape for k, v in model.state_dict().items()})
-    if report:
-        raise UserError(f"{what}: does not match the model: {report}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-def build(make, state: dict, what: str, source) -> nn.Module:
-    try:
-        with torch.device("meta"):
-            model = make()
-    except ValueError as error:  # from a config built from `source`'s files
-        raise UserError(f"{source}: {error}") from None
-    return assign_state_dict(model, state, what).eval()
-
 def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
@@ -2676,22 +2671,6 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     if report:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
-
-def shape_mismatch(state: dict, expected: dict) -> str:
-    return mismatch_report({
-        "missing": [k for k in expected if k not in state],
-        "unexpected": [k for k in state if k not in expected],
-        "wrong-shape": [f"{k} {tuple(state[k].shape)} instead of {tuple(shape)}"
-                        for k, shape in expected.items() if k in state and state[k].shape != shape],
-    })
-
-def mismatch_report(kinds: dict) -> str:
-    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
-    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                     for kind, keys in kinds.items() if keys)
-
-def first_keys(state: dict) -> str:
-    return ", ".join(list(state)[:3])
 
 def linear_entries(original: str, folder, transform=None) -> dict:
     folder = [folder] if isinstance(folder, str) else folder
@@ -2712,76 +2691,6 @@ TRANSFORMS = {  # (folder -> original, original -> folder)
     "conv1x1": (lambda t: t[..., None, None] if t.ndim == 2 else t,
                 lambda t: t.flatten(1) if t.ndim == 4 else t),
 }
-
-def count_blocks(keys, pattern: str) -> int:
-    indices = {int(m.group(1)) for key in keys if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
-    """`resolve_source`, refusing a pipeline folder without the subfolder."""
-    path = resolve_source(source, subfolder, allow_patterns, token)
-    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
-        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
-    return path
-
-def folder_config(path) -> dict:
-    """A component's config.json, type-checked."""
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
-    return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-def _is_count(value) -> bool:
-    return _is_number(value) and isinstance(value, int) and value > 0
-
-CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
-    "a positive integer": _is_count,
-    "an integer >= 0": lambda v: _is_number(v) and isinstance(v, int) and v >= 0,
-    "a positive number": lambda v: _is_number(v) and v > 0,
-    "a finite number": _is_number,
-    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(_is_count, v)),
-    "a string": lambda v: isinstance(v, str),
-    "an object": lambda v: isinstance(v, dict),
-}
-CONFIG_FIELDS = {  # the config.json fields the loaders read
-    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
-    "scaling_factor": "a positive number", "shift_factor": "a finite number",
-    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
-    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
-    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
-    "text_config": "an object",
-}
-
-def check_config_fields(config: dict, file) -> dict:
-    for key, kind in CONFIG_FIELDS.items():
-        value = config.get(key)
-        if value is not None and not CONFIG_TYPES[kind](value):
-            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
-    if isinstance(config.get("text_config"), dict):
-        check_config_fields(config["text_config"], file)
-    return config
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-# the other components' prefixes in all-in-one checkpoints (ComfyUI, Stability)
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
-                    "vae.", "text_encoder")
-
-def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
-    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
-    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
-        return read_prefixed(path, dtype, device, prefix)
-    return read_prefixed(path, dtype, device, skip=OTHER_COMPONENTS)
-
-def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
-    """The tensors under `prefix`, stripped of it, but those that then start with `skip`."""
-
-    def wanted(key):
-        return key.startswith(prefix) and not key[len(prefix) :].startswith(skip)
-
-    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
-    return {key[len(prefix) :]: value for key, value in state.items()}
 # --- END copy: weight loading ---
 
 

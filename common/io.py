@@ -1,19 +1,12 @@
-"""File I/O shared by the method files: weights, images, arguments, progress, errors.
-
-The checks run before anything heavy loads and refuse what the user can fix as a one-line
-`UserError`; `run_cli` prints it, a file-system fault, a library warning or SIGTERM as one line
-each and exits with a code. Weights come from a local path or the Hub (`resolve_source`) and are
-read straight into the requested dtype and device (`load_safetensors`); images are read upright as
-8-bit RGB with decompression bombs refused (`load_image`). Outputs never replace an input
-(`check_apart`) or, unless asked to, an existing file; they are written atomically (`atomic_files`:
-every file appears, complete, or none does), and `folder_lock` keeps a second training run out of
-a folder that one is writing.
-"""
+"""File I/O shared by the method files: weights, images, arguments, progress, errors. Checks run
+before anything heavy loads and refuse what the user can fix as a one-line `UserError` (`run_cli`
+prints it); outputs never replace an input (`check_apart`) and are written atomically."""
 
 import argparse
 import codecs
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -34,9 +27,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 16384 * 16384  # a 16K square; anything larger is refused before decoding
-# Pillow warns above its own limit and refuses above twice that; with ours as its limit, it warns
-# only about images that `load_image` refuses from their header anyway.
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow warns above its limit: of images refused anyway
 NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, APFS, NTFS (in UTF-16 units)
 
 class UserError(Exception):
@@ -46,27 +37,26 @@ class Terminated(BaseException):
     """SIGTERM (`kill`, a job scheduler) raised where the program is, so every clean-up runs."""
 
 def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
-    """Run `main(argv)`, turning what a user can act on into one stderr line and an exit code: 2 bad
-    input or a file-system fault (a full disk, ...), 3 out of GPU memory, 130 interrupted, 143
-    SIGTERM; library warnings become `warning:` lines. memory_hint: the advice on GPU memory."""
+    """Run `main(argv)`, turning what a user can act on into one stderr line and an exit code."""
     with _one_line_warnings(), _sigterm_raises():
         try:
             main(argv)
+            return 0
         except UserError as error:
-            return _fail(f"error: {error}", 2)
+            message, code = f"error: {error}", 2
         except torch.OutOfMemoryError:
-            return _fail(f"error: out of GPU memory; {memory_hint}", 3)
+            message, code = f"error: out of GPU memory; {memory_hint}", 3
         except OSError as error:  # what no check could foresee: a full disk, a vanished file
-            return _fail(f"error: {os_error_text(error)}", 2)
+            message, code = f"error: {os_error_text(error)}", 2
         except KeyboardInterrupt:
-            return _fail("interrupted", 130)
+            message, code = "interrupted", 130
         except Terminated:
-            return _fail("terminated", 143)
-    return 0
-
-def _fail(message: str, code: int) -> int:
-    end_progress_lines()
-    print(message, file=sys.stderr)
+            message, code = "terminated", 143
+        if _open_bars:  # close the bars of a run stopped half-way: the message starts a clean line
+            while _open_bars:
+                _open_bars.pop().close()
+            print(file=sys.stderr)
+        print(message, file=sys.stderr)
     return code
 
 def os_error_text(error: OSError, action: str = "") -> str:
@@ -85,34 +75,29 @@ def _short(path, limit: int = 100) -> str:
 @contextlib.contextmanager
 def _one_line_warnings():
     """A library warning as one `warning:` line, without Python's file, line and source line."""
-    previous = warnings.showwarning
-
-    def show(message, category, *_, **__):
-        lines = str(message).strip().splitlines()
-        warn(lines[0] if lines else category.__name__)
-
-    warnings.showwarning = show
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         yield
     finally:
         warnings.showwarning = previous
 
+def _show_warning(message, category, *_, **__):
+    lines = str(message).strip().splitlines()
+    warn(lines[0] if lines else category.__name__)
+
 @contextlib.contextmanager
 def _sigterm_raises():
-    """While the CLI runs, SIGTERM raises `Terminated` in the main thread (only it sets handlers)
-    instead of ending the process where it stands, leaving temporary files."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    """SIGTERM raises `Terminated` (in the main thread: only it sets handlers) so clean-ups run."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -122,53 +107,38 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
-def _range_text(low, high) -> str:
-    if high is None:
-        return f">= {low}"
-    return f"<= {high}" if low is None else f"in [{low}, {high}]"
-
 def integer(low=None, high=None):
     """argparse type: an integer in [low, high] (either bound may be None)."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)}, got {value}")
-        return value
-
-    return parse
+    return functools.partial(_bounded, int, "an integer", low, high)
 
 def number(low=None, high=None):
     """argparse type: a finite float in [low, high] (either bound may be None)."""
+    return functools.partial(_bounded, float, "a number", low, high)
 
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)}, got {value:g}")
-        return value
-
-    return parse
+def _bounded(kind, name: str, low, high, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = (f">= {low}" if high is None else f"<= {high}" if low is None
+                   else f"in [{low}, {high}]")
+        shown = f"{value:g}" if kind is float else value
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {shown}")
+    return value
 
 def positive(high=None):
     """argparse type: a finite number in (0, high] (a learning rate, a weight that must act)."""
-    finite = number()
+    return functools.partial(_positive, high)
 
-    def parse(text):
-        value = finite(text)
-        if value <= 0 or (high is not None and value > high):
-            allowed = "> 0" if high is None else f"in (0, {high:g}]"
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value:g}")
-        return value
-
-    return parse
+def _positive(high, text: str) -> float:
+    value = _bounded(float, "a number", None, None, text)
+    if value <= 0 or (high is not None and value > high):
+        allowed = "> 0" if high is None else f"in (0, {high:g}]"
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {value:g}")
+    return value
 
 SEED = integer(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64-bit seeds
 
@@ -194,8 +164,7 @@ def device_name(text) -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """DEVICE, else CUDA if any, else the CPU; DTYPE (a dtype or a DTYPES name), else bf16 on CUDA
-    and fp32 elsewhere."""
+    """DEVICE, else CUDA or the CPU; DTYPE (or a DTYPES name), else bf16 on CUDA, fp32 elsewhere."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, DTYPES.get(dtype, dtype) or default
@@ -205,10 +174,8 @@ def device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
 _open_bars = []
 
 def progress_bar(description: str, total=None, initial=0):
-    """A progress bar on stderr; returns `update(done, total, postfix)`, postfix a dict of values
-    shown after the bar (the losses). The bar closes itself at `total`."""
+    """A stderr bar; returns `update(done, total, postfix: a dict)`, which closes it at `total`."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
     bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr,
                leave=False)
     _open_bars.append(bar)
@@ -222,21 +189,12 @@ def progress_bar(description: str, total=None, initial=0):
         if done == bar.total and bar in _open_bars:
             bar.close()
             _open_bars.remove(bar)
-
     return update
 
 def warn(message: str):
     """A warning line on stderr above any progress bar (a print would land on the bar's line)."""
     from tqdm.auto import tqdm  # a dependency of huggingface-hub
-
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
-def end_progress_lines():
-    """Close the bars still open (a run stopped half-way) so that the next line starts clean."""
-    if _open_bars:
-        while _open_bars:
-            _open_bars.pop().close()
-        print(file=sys.stderr)
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -247,8 +205,7 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character de
               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 def check_regular_file(path, what="file") -> Path:
-    """Refuse, without opening it, a FIFO (reading waits for a writer forever), a device (it may
-    never end) or a socket. A missing path or a folder is left to the caller to name."""
+    """Refuse, unopened, a FIFO (a read waits for a writer forever), a device or a socket."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -259,9 +216,8 @@ def check_regular_file(path, what="file") -> Path:
     return Path(path)
 
 def read_text(path, what="file") -> str:
-    """A text file's contents: UTF-8, or UTF-16 / UTF-32 with a byte-order mark (dropped). Text with
-    NUL characters (UTF-16 / UTF-32 without a mark, a binary file) would become prompts full of NULs
-    and is refused. Any problem is a one-line `UserError` naming the file."""
+    """A text file's contents: UTF-8, or UTF-16 / UTF-32 with a byte-order mark (dropped). NULs
+    (UTF-16 / UTF-32 without a mark, a binary file) would fill prompts and are refused."""
     check_regular_file(path, what)
     try:
         data = Path(path).read_bytes()
@@ -281,8 +237,7 @@ def read_text(path, what="file") -> str:
     return text
 
 def loads_unique(text: str):
-    """`json.loads`, refusing an object that names a key twice (json would keep the last one) with a
-    ValueError that names the key."""
+    """`json.loads`, refusing (ValueError) an object naming a key twice: json keeps the last."""
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 def _unique_keys(pairs: list) -> dict:
@@ -307,9 +262,8 @@ def read_json(path) -> dict:
 
 def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.json"),
                    token=None) -> Path:
-    """A local path for `source`: an existing file or folder, or a Hub repo id, of which only the
-    files matching `allow_patterns` inside `subfolder` are downloaded (or taken from the cache).
-    Gated repos (FLUX.1-dev, SD3) need a token: HF_TOKEN, `huggingface-cli login` or `token=`."""
+    """A local path for `source`: a file or folder, or a Hub repo id whose `allow_patterns` files in
+    `subfolder` are downloaded (or cached). Gated repos (FLUX.1-dev, SD3) need a token."""
     local = Path(source).expanduser()
     if local.exists():
         # a pipeline folder resolves to its component subfolder; a component folder or file is kept
@@ -317,10 +271,8 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
     if not is_repo_id(source):
         raise UserError(f"{source}: no such file or folder, and not a Hub repo id of the form "
                         "owner/name")
-
     from huggingface_hub import errors as hub
     from huggingface_hub import snapshot_download
-
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
     try:
         root = Path(snapshot_download(str(source), allow_patterns=patterns, token=token))
@@ -346,11 +298,9 @@ def resolve_source(source, subfolder=None, allow_patterns=("*.safetensors", "*.j
 _REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 
 def is_repo_id(text) -> bool:
-    """Whether `text` is a Hub repo id, owner/name: letters, digits, '_', '-', '.', neither '-' nor
-    '.' starting or ending a part, no '--' or '..' (`owner/` or `a/b/c` is a missing path)."""
-    text = str(text)
-    valid = re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None
-    return valid and not re.search(r"--|\.\.", text)
+    """Whether `text` is a Hub repo id, owner/name (`owner/` or `a/b/c` is a missing path)."""
+    valid = re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", str(text))
+    return valid is not None and not re.search(r"--|\.\.", str(text))
 
 def source_name(source) -> str:
     """A weights source as a run records it: a local path made absolute, a Hub repo id as it is."""
@@ -376,11 +326,9 @@ def safetensors_files(path) -> list[Path]:
     return files
 
 def load_safetensors(path, dtype=None, device="cpu", key_filter=None) -> dict[str, torch.Tensor]:
-    """Every tensor of `path` (see `safetensors_files`) on `device`, floating-point ones (fp8 too)
-    in `dtype`; integer tensors are kept for `check_weights` to refuse. `key_filter(key) -> bool`
-    skips tensors before they are read: one model of an all-in-one file never reads the others."""
+    """The tensors of `path` on `device`, floating-point ones (fp8 too) in `dtype`; a key that
+    `key_filter(key)` refuses is never read (the other models of an all-in-one file)."""
     from safetensors import SafetensorError, safe_open
-
     state = {}
     for file in safetensors_files(path):
         if not file.exists():
@@ -407,7 +355,6 @@ def safetensors_metadata(path) -> dict[str, str]:
 
 def _safetensors_header(path) -> tuple[list[str], dict]:
     from safetensors import SafetensorError, safe_open
-
     check_regular_file(path, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -416,9 +363,8 @@ def _safetensors_header(path) -> tuple[list[str], dict]:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
 
 def check_weights(state: dict, path) -> dict:
-    """Refuse what cannot be weights, naming the file (the shard holding it) and the tensor: not a
-    tensor (a pickled .pth), not floating point (a quantised or foreign file whose integers would be
-    used as numbers), or holding NaN / Inf (a diverged run, a damaged file). Returns `state`."""
+    """Refuse what cannot be weights, naming the shard and the tensor: not a tensor (a pickled
+    .pth), integers (a quantised or foreign file), NaN / Inf (a diverged run, a damaged file)."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             problem = f"entry {key} is a {type(value).__name__}, not a tensor"
@@ -435,6 +381,103 @@ def check_weights(state: dict, path) -> dict:
         raise UserError(f"{file}: {problem}")
     return state
 
+def assign_state_dict(model: torch.nn.Module, state: dict, what: str) -> torch.nn.Module:
+    """Load `state` into a meta-device model, refusing any mismatch."""
+    report = shape_mismatch(state, {k: v.shape for k, v in model.state_dict().items()})
+    if report:
+        raise UserError(f"{what}: does not match the model: {report}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+def build(make, state: dict, what: str, source) -> torch.nn.Module:
+    try:
+        with torch.device("meta"):
+            model = make()
+    except ValueError as error:  # from a config built from `source`'s files
+        raise UserError(f"{source}: {error}") from None
+    return assign_state_dict(model, state, what).eval()
+
+def shape_mismatch(state: dict, expected: dict) -> str:
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(shape)}"
+             for k, shape in expected.items() if k in state and state[k].shape != shape]
+    return mismatch_report({"missing": [k for k in expected if k not in state],
+                            "unexpected": [k for k in state if k not in expected],
+                            "wrong-shape": wrong})
+
+def mismatch_report(kinds: dict) -> str:
+    """'2 missing (a, b); 1 unexpected (c)', naming up to three keys of each kind."""
+    return "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds.items() if keys)
+
+def first_keys(state: dict) -> str:
+    return ", ".join(list(state)[:3])
+
+def count_blocks(keys, pattern: str) -> int:
+    return max((int(m[1]) for key in keys if (m := re.match(pattern, key))), default=-1) + 1
+
+def component_path(source, subfolder, token=None, allow_patterns=("*.safetensors", "*.json")):
+    """`resolve_source`, refusing a pipeline folder without the subfolder."""
+    path = resolve_source(source, subfolder, allow_patterns, token)
+    if subfolder and path.is_dir() and (path / "model_index.json").is_file():
+        raise UserError(f"{source}: this pipeline folder has no {subfolder}/ folder")
+    return path
+
+def folder_config(path) -> dict:
+    """A component's config.json, type-checked."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    beside = path.is_dir() or path.name.startswith("diffusion_pytorch_model")
+    return check_config_fields(read_json(config) if beside and config.exists() else {}, config)
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def is_count(value) -> bool:
+    return is_number(value) and isinstance(value, int) and value > 0
+
+CONFIG_TYPES = {  # what a config.json field may hold (null: as if absent)
+    "a positive integer": is_count,
+    "an integer >= 0": lambda v: is_number(v) and isinstance(v, int) and v >= 0,
+    "a positive number": lambda v: is_number(v) and v > 0,
+    "a finite number": is_number,
+    "a list of positive integers": lambda v: isinstance(v, list) and v and all(map(is_count, v)),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+}
+CONFIG_FIELDS = {  # the config.json fields the loaders read
+    "axes_dims_rope": "a list of positive integers", "num_attention_heads": "a positive integer",
+    "scaling_factor": "a positive number", "shift_factor": "a finite number",
+    "stride": "a positive integer", "relative_attention_max_distance": "a positive integer",
+    "layer_norm_epsilon": "a positive number", "layer_norm_eps": "a positive number",
+    "eos_token_id": "an integer >= 0", "hidden_act": "a string", "feed_forward_proj": "a string",
+    "text_config": "an object",
+}
+
+def check_config_fields(config: dict, file) -> dict:
+    for key, kind in CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not CONFIG_TYPES[kind](value):
+            raise UserError(f"{file}: field {key} is {json.dumps(value)[:40]}, not {kind}")
+    if isinstance(config.get("text_config"), dict):
+        check_config_fields(config["text_config"], file)
+    return config
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.",
+                    "vae.", "text_encoder")  # the others in all-in-one files (ComfyUI, Stability)
+
+def read_component(path, dtype, device, prefix=DIFFUSION_PREFIX) -> dict:
+    """One component's tensors: those under `prefix` (stripped), else those of no other one."""
+    if path.is_file() and any(key.startswith(prefix) for key in safetensors_keys(path)):
+        return read_prefixed(path, dtype, device, prefix)
+    return read_prefixed(path, dtype, device, skip=OTHER_COMPONENTS)
+
+def read_prefixed(path, dtype, device, prefix="", skip=()) -> dict:
+    """The tensors under `prefix`, stripped of it, but those that then start with `skip`."""
+    def wanted(key):
+        return key.startswith(prefix) and not key[len(prefix) :].startswith(skip)
+    state = check_weights(load_safetensors(path, dtype, device, key_filter=wanted), path)
+    return {key[len(prefix) :]: value for key, value in state.items()}
+
 # ----------------------------------------------------------------------------- outputs
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
@@ -442,9 +485,8 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 def check_writable_folder(folder) -> None:
     """Refuse a folder that cannot be created or written, naming the first ancestor in the way."""
-    folder = Path(folder)
+    existing = folder = Path(folder)
     check_name_length(folder)
-    existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # mkdir would fail on it at the end of the run
             raise UserError(f"cannot write into {folder}: {existing} is a link to "
@@ -456,8 +498,7 @@ def check_writable_folder(folder) -> None:
         raise UserError(f"cannot write into {folder}: {existing} is not writable")
 
 def check_name_length(path) -> None:
-    """Refuse, before the run rather than at its end, a path no file system takes: a name over
-    NAME_MAX bytes, a path over 4095."""
+    """Refuse before the run, not at its end, a name over NAME_MAX bytes or a path over 4095."""
     for name in (*Path(path).parts, str(path)):
         limit = 4095 if name == str(path) else NAME_MAX
         if len(os.fsencode(name)) > limit:
@@ -465,8 +506,7 @@ def check_name_length(path) -> None:
                             f"{len(os.fsencode(name))} bytes; file systems take at most {limit}")
 
 def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> Path:
-    """Refuse, before anything loads, an output path that would fail at the end of a long run;
-    `suffixes=None` accepts any extension. Returns the path."""
+    """Refuse, before anything loads, an output path that would fail at the end of a long run."""
     path = Path(path)
     check_name_length(path)
     if path.is_dir():
@@ -485,9 +525,7 @@ def check_output_file(path, overwrite=False, suffixes=tuple(IMAGE_FORMATS)) -> P
     return path
 
 def check_apart(outputs, inputs) -> None:
-    """Refuse, whatever --overwrite says, an output that is an input (by any name: a link, a hard
-    link) or lies inside an input folder: no run replaces or adds to what it reads. `outputs` and
-    `inputs` are (option, path) pairs; None, and inputs that are not local paths, are skipped."""
+    """Refuse, whatever --overwrite says, an output that is an input (by any name) or lies in it."""
     sources = [(option, Path(path).expanduser()) for option, path in inputs if path is not None]
     sources = [(option, path, path.resolve()) for option, path in sources if path.exists()]
     for out_option, output in ((option, path) for option, path in outputs if path is not None):
@@ -507,7 +545,6 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 def _publish(temp: Path, path: Path, overwrite: bool):
-    """Move a finished temporary file to `path`; without `overwrite`, fail if `path` exists."""
     if overwrite:
         os.replace(temp, path)
         return
@@ -533,9 +570,8 @@ class FolderInUse(UserError):
 
 @contextlib.contextmanager
 def folder_lock(folder, enabled=True):
-    """Hold FOLDER/.lock (host and process id) while this run writes FOLDER: a second run on it
-    stops with one line instead of overwriting this one's checkpoints. The lock of a process of this
-    machine that no longer runs (a killed run) is taken over. Under torchrun only rank 0 locks."""
+    """Hold FOLDER/.lock (host and pid) while this run writes it: a second run stops instead of
+    overwriting it; a killed run's lock on this host is taken over. Under torchrun rank 0 locks."""
     if not enabled:
         yield
         return
@@ -575,11 +611,10 @@ def latest_checkpoint(output) -> Path | None:
     return done[-1].parent if done else None
 
 def check_train_output(output: Path, resume, finished: str | None = None) -> Path | None:
-    """Fail before any model loads if a training OUTPUT cannot be written, holds another run or
-    nothing to resume; return the checkpoint to resume from, or None. With `finished` (the file a
-    finished run leaves: op4ksr.py) other files may stay and --resume takes any folder; without it
-    (diffusion4k.py) only a `.lock` may stay (`folder_lock` decides), --resume needs a state.pt, and
-    True (train-vae) starts afresh where there is none."""
+    """Fail before any model loads if OUTPUT cannot be written, holds another run or nothing to
+    resume; return the checkpoint to resume from, or None. With `finished` (op4ksr.py's last file)
+    other files may stay and --resume takes any folder; without, only a `.lock` may, --resume needs
+    a state.pt, and True (train-vae) starts afresh where there is none."""
     ours, previous = finished is None, latest_checkpoint(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} is a file; --output takes a folder" if ours else
@@ -605,17 +640,14 @@ def check_train_output(output: Path, resume, finished: str | None = None) -> Pat
 
 @contextlib.contextmanager
 def undone_on_failure(output: Path, main: bool = True):
-    """A run that fails before its first checkpoint leaves no trace: the folders it created are
-    removed, and so is anything it added to a folder that existed."""
-    created = output
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
+    """A run that fails before its first checkpoint leaves no trace: what it created is removed."""
+    created = _missing_folders([output / "run"])[-1:]  # the top folder it creates, if any
     before = None if not output.exists() else set(output.iterdir())
     try:
         yield
     except BaseException as error:  # FolderInUse: another run's folder, nothing in it is ours
         if main and not isinstance(error, FolderInUse) and latest_checkpoint(output) is None:
-            for path in [created] if before is None else set(output.iterdir()) - before:
+            for path in created if before is None else set(output.iterdir()) - before:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -624,10 +656,8 @@ def undone_on_failure(output: Path, main: bool = True):
 
 @contextlib.contextmanager
 def atomic_files(paths, overwrite=False):
-    """Yield a temporary path beside each of `paths`; when the block succeeds, move them all in.
-    Either every file appears, complete and with the umask's mode, or none does: a failure removes
-    the temporary files, those already moved in and the folders made for them. Without `overwrite`
-    an existing file is never replaced, even one that appears during the run."""
+    """Temporary paths beside `paths`, all moved in (with the umask's mode) if the block succeeds,
+    else none; without `overwrite` no file is replaced, even one that appears meanwhile."""
     paths = [Path(p) for p in paths]
     for path in paths:
         if path.exists() and not overwrite:
@@ -678,22 +708,19 @@ def _remove(files: list[Path], folders: list[Path]):
             folder.rmdir()
 
 def _write_failure(error: BaseException) -> str | None:
-    """The reason in words when the file system refused a write (an OSError, or the 'os error N' of
-    safetensors' Rust writer); None for any other failure."""
+    """Why the file system refused a write (OSError, or safetensors' 'os error N'), else None."""
     if isinstance(error, OSError):
         return os_error_text(OSError(error.errno, error.strerror or str(error)))
     found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
     return os_error_text(OSError(int(found[1]), os.strerror(int(found[1])))) if found else None
 
 def save_torch(data, path):
-    """`torch.save` atomically, through a file object: a full disk then raises OSError (torch's own
-    file writer reports it as an unrelated RuntimeError)."""
+    """Atomic `torch.save` via a file object: a full disk raises OSError, not a RuntimeError."""
     with atomic_write(path) as temp, open(temp, "wb") as file:
         torch.save(data, file)
 
 @contextlib.contextmanager
 def atomic_write(path, overwrite=True):
-    """`atomic_files` for one file: a temporary path that replaces or creates `path` on success."""
     with atomic_files([path], overwrite) as (temp,):
         yield temp
 
@@ -708,22 +735,19 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS) -> Image.Image:
     return to_rgb(image)
 
 def image_size(path, max_pixels=MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image as `load_image` returns it (EXIF rotation applied), read from the
-    header alone: size limits are checked before a large image is decoded."""
+    """(width, height) as `load_image` returns it (EXIF rotation applied), from the header alone."""
     with _opened_image(path, max_pixels) as opened:
         turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
         return opened.size[::-1] if turned else opened.size
 
 def verify_image(path, max_pixels=MAX_IMAGE_PIXELS) -> None:
-    """Refuse a file that is not an image, too large, or fails Pillow's integrity check, without
-    decoding its pixels (it can still fail to decode later: a PNG cut after its header)."""
+    """Refuse a non-image, too large or corrupt file, without decoding (a truncated PNG passes)."""
     with _opened_image(path, max_pixels) as opened:
         opened.verify()
 
 @contextlib.contextmanager
 def _opened_image(path, max_pixels):
-    """The image opened by Pillow (its header read). A file that is not a readable image or has over
-    `max_pixels` pixels is refused in one line, and so are errors while the block decodes it."""
+    """Pillow's opened image; a non-image, one over `max_pixels` or a failing decode is refused."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give an image file")
@@ -748,29 +772,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
         peak = 1.0 if image.mode == "F" else 65535.0
         values = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         image = Image.fromarray(values, mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    transparent = image.mode == "P" and "transparency" in image.info
+    if transparent or image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of a 4K RGB image
 
 def write_image(image: Image.Image, file, suffix: str, metadata=None):
-    """Encode `image` into `file` in the format of `suffix`; `metadata` (str -> str) goes into PNG
-    text chunks or the JPEG comment."""
+    """Encode `image` into `file` as `suffix` says; `metadata` goes to PNG text or JPEG comment."""
     kind = IMAGE_FORMATS.get(suffix.lower())
     if kind is None:
         raise UserError(f"unsupported image extension {suffix} "
                         f"(use one of {', '.join(IMAGE_FORMATS)})")
-    options = {}
     metadata = {key: str(value) for key, value in (metadata or {}).items()}
+    options = {"JPEG": dict(quality=95, comment=json.dumps(metadata).encode())}.get(kind, {})
     if kind == "PNG":
         options["pnginfo"] = info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)
-    elif kind == "JPEG":
-        options.update(quality=95, comment=json.dumps(metadata).encode())
     image.save(file, format=kind, **options)
 
 def save_image(image: Image.Image, path, metadata=None, overwrite=True):
@@ -788,8 +808,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image, clipped. NaN / Inf, from broken weights
-    or settings, is refused rather than written as a black or garbage image."""
+    """Float tensor (3, H, W) in [-1, 1] -> 8-bit RGB image, clipped; NaN / Inf is refused."""
     if not torch.isfinite(x).all():
         raise UserError("the result holds NaN/Inf values (broken weights or settings); "
                         "no image was written")
@@ -797,8 +816,7 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for noise, so a seed gives the same
-    noise on every device."""
+    """Seed Python, NumPy and torch; return a CPU generator: the same noise on every device."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
