@@ -105,10 +105,9 @@ def grey_opencv(rgb, shift=0, band=64):
             x = as_array(rgb.crop((0, top, width, min(top + band, height))))
         else:
             x = rgb[top : top + band]
-        total = np.multiply(x[..., 0], 9798, dtype=np.uint32)
-        total += np.multiply(x[..., 1], 19235, dtype=np.uint32)
-        total += np.multiply(x[..., 2], 3735, dtype=np.uint32)
-        total += 16384
+        total = np.full(x.shape[:2], 16384, np.uint32)
+        for channel, weight in enumerate((9798, 19235, 3735)):
+            total += np.multiply(x[..., channel], weight, dtype=np.uint32)
         out[top : top + band] = total >> (15 + shift)
     return out
 
@@ -715,7 +714,7 @@ class InceptionV3(nn.Module):
     def from_pretrained(cls, source=INCEPTION_WEIGHTS):
         state = load_state(source, "FID Inception weights")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model = load_strict(cls(), state, "FID Inception weights").eval()
+        model = load_strict(cls(), state, "FID Inception weights")
         return model.to(memory_format=torch.channels_last)  # oneDNN's fastest layout on the CPU
 
 
@@ -828,7 +827,7 @@ class AestheticMLP(nn.Module):
     def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
         what = "aesthetic MLP weights"
         state = load_state(source, what)
-        return load_strict(cls(state["layers.0.weight"].shape[1]), state, what).eval()
+        return load_strict(cls(state["layers.0.weight"].shape[1]), state, what)
 
 @dataclass
 class ClipTowerConfig:
@@ -888,6 +887,13 @@ class ClipTextTower(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
+    @classmethod
+    def from_state(cls, state, config=None):
+        """Sized by our `text.` keys; heads and activation from a transformers config."""
+        (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
+        cfg = _clip_tower_config(config or {}, state, "text", width)
+        return cls(cfg, vocab, context, len(state["text.proj.weight"]))
+
     def forward(self, ids, lengths):
         """Pools at the end token (lengths - 1); the causal mask keeps the padding after it out."""
         n = ids.shape[1]
@@ -924,11 +930,9 @@ class ClipViT(nn.Module):
             cfg = _clip_tower_config(config, state, "vision", len(patch))
             vision = ClipVisionTower(cfg, patch.shape[-1], size, len(state["vision.proj.weight"]))
         if "text" in towers:
-            (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
-            cfg = _clip_tower_config(config, state, "text", width)
-            text = ClipTextTower(cfg, vocab, context, len(state["text.proj.weight"]))
-            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
-        return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
+            text = ClipTextTower.from_state(state, config)
+            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=len(text.pos))
+        return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}")
 
     def encode_images(self, images, resize="pil"):
         return self.encode_pixels(torch.stack([self.preprocess(image, resize) for image in images]))
@@ -1106,7 +1110,7 @@ class LPIPSMetric(nn.Module):
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
         lins = load_state(linear, f"LPIPS {net} linear layers")
         state |= {f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")}
-        model = load_strict(model, state, f"LPIPS-{net} weights").eval()
+        model = load_strict(model, state, f"LPIPS-{net} weights")
         return model.to(memory_format=torch.channels_last)
 
 def lpips_backbone(net):
@@ -1148,15 +1152,11 @@ class CLIPIQA(nn.Module):
         resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
                             visual["attnpool.c_proj.weight"].shape[0], grid)
         full = {"visual." + k: v for k, v in visual.items()} | clip_text_state_from_openai(state)
-        vocab, width = full["text.token.weight"].shape
-        cfg = ClipTowerConfig(width, depth(full, "text.blocks."), width // 64)
-        text = ClipTextTower(cfg, vocab, len(full["text.pos"]), len(full["text.proj.weight"]))
-        model = cls(resnet, text)
+        model = cls(resnet, ClipTextTower.from_state(full))
         full["logit_scale"] = state["logit_scale"].reshape(())
-        for key, value in model.state_dict().items():  # BatchNorm counters: unused, often unsaved
-            if key.endswith("num_batches_tracked"):
-                full.setdefault(key, value)
-        return load_strict(model, full, what).eval()
+        # BatchNorm counters: unused, often unsaved
+        counters = {k: v for k, v in model.state_dict().items() if k.endswith("batches_tracked")}
+        return load_strict(model, counters | full, what)
 
     @classmethod
     def from_pretrained(cls, source=CLIPIQA_WEIGHTS):
@@ -1252,8 +1252,8 @@ class ClipResNet(nn.Module):
         tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
         pool, (b, n, c) = self.attnpool, tokens.shape
         q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
-        k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
-        v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = (f(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+                for f in (pool.k_proj, pool.v_proj))
         return pool.c_proj(attention(q, k, v).transpose(1, 2).reshape(b, c))
 
 
@@ -1794,19 +1794,16 @@ def parse_args(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", type=device_name, default=device)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images")
-    add_pixel_options(p)
-    add_network_options(p)
+    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
+    add_pixel_options(p, weights)
+    add_network_options(p, weights)
     args = p.parse_args(argv)
     if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
         p.set_defaults(**PROTOCOLS[args.protocol])
         args = p.parse_args(argv)
     return args
 
-def weights_path():
-    return local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
-
-def add_pixel_options(p):
-    weights = weights_path()
+def add_pixel_options(p, weights):
     g = p.add_argument_group("GLCM / CR")
     g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy", help="GLCM property")
     g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95", help="its pixels")
@@ -1828,8 +1825,7 @@ def add_pixel_options(p):
     g.add_argument("--fid-half-shift", action="store_true", help="add the half-shifted grid")
     g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS, help="FID weights")
 
-def add_network_options(p):
-    weights = weights_path()
+def add_network_options(p, weights):
     clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     g = p.add_argument_group("CLIPScore / aesthetics")
     g.add_argument("--clip-model", type=clip, default="b16", help="b16, l14, b32 or a repo/folder")
@@ -1977,7 +1973,7 @@ def resolve_weights(spec, what):
     return path
 
 def load_strict(module, state, what):
-    """load_state_dict naming the first offending keys instead of a wall of text."""
+    """load_state_dict naming the first offending keys instead of a wall of text; eval mode."""
     expected = module.state_dict()
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -1986,7 +1982,7 @@ def load_strict(module, state, what):
     if problems := [f"{kind} {found[:3]}" for kind, found in keys.items() if found]:
         raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
     module.load_state_dict(state)
-    return module
+    return module.eval()
 
 def as_array(image):
     """PIL image or HWC array -> HWC uint8 RGB array."""
