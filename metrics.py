@@ -598,11 +598,11 @@ def avg_pool_3x3(x):
     """The TF graph's average pool ignores the zero padding."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-def conv_1x7(cin, cout):
-    return ConvBN(cin, cout, (1, 7), padding=(0, 3))
+def conv_1xn(cin, cout, n=7):
+    return ConvBN(cin, cout, (1, n), padding=(0, n // 2))
 
-def conv_7x1(cin, cout):
-    return ConvBN(cin, cout, (7, 1), padding=(3, 0))
+def conv_nx1(cin, cout, n=7):
+    return ConvBN(cin, cout, (n, 1), padding=(n // 2, 0))
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -635,11 +635,11 @@ class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1, self.branch_pool = ConvBN(cin, 192, 1), ConvBN(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), conv_1x7(c7, c7)
-        self.branch7x7_3 = conv_7x1(c7, 192)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), conv_7x1(c7, c7)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = conv_1x7(c7, c7), conv_7x1(c7, c7)
-        self.branch7x7dbl_5 = conv_1x7(c7, 192)
+        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), conv_1xn(c7, c7)
+        self.branch7x7_3 = conv_nx1(c7, 192)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), conv_nx1(c7, c7)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = conv_1xn(c7, c7), conv_nx1(c7, c7)
+        self.branch7x7dbl_5 = conv_1xn(c7, 192)
 
     def forward(self, x):
         dbl = x
@@ -652,8 +652,8 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), conv_1x7(192, 192)
-        self.branch7x7x3_3 = conv_7x1(192, 192)
+        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), conv_1xn(192, 192)
+        self.branch7x7x3_3 = conv_nx1(192, 192)
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x):
@@ -669,12 +669,10 @@ class InceptionE(nn.Module):
         super().__init__()
         self.pool = pool
         self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
-        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3_2a, self.branch3x3_2b = conv_1xn(384, 384, 3), conv_nx1(384, 384, 3)
         self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
         self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv_1xn(384, 384, 3), conv_nx1(384, 384, 3)
         self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
@@ -1482,11 +1480,11 @@ def score_fid(run, item, _):
 
 def add_fid(run, image, which):
     """One image into FID's `which` set; fid_size 'pred': the first image's shorter side."""
-    opts = run.opts
+    opts, side = run.opts, min(image.size)
     if run.fid_size == "pred":
-        run.fid_size = min(image.size)
-    elif opts.fid_size == "pred" and which == "pred" and min(image.size) != run.fid_size:
-        sides = f"{run.fid_size} and {min(image.size)} px"
+        run.fid_size = side
+    elif opts.fid_size == "pred" and which == "pred" and side != run.fid_size:
+        sides = f"{run.fid_size} and {side} px"
         raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
     resize = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
     run.fid[which].update(fid_features(run.models["fid"], image, *resize))
