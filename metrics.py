@@ -1039,7 +1039,7 @@ CLIPIQA_PROMPT_IDS = (
 def lpips_tiled(model, pred, ref, tile=512, batch=8):
     """Mean LPIPS over the `tiles` of a pair; tile 0: the whole image at once."""
     device = next(model.parameters()).device
-    a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
+    a, b = (to_float_tensor(x, device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
     pairs = zip(tile_batches(a, tile, batch), tile_batches(b, tile, batch))
@@ -1048,7 +1048,7 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
-    x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
+    x = to_float_tensor(rgb, model.logit_scale.device) / 255
     return torch.cat([model(group) for group in tile_batches(x, tile, batch)]).mean().item()
 
 def tile_batches(x, size, batch):
@@ -1261,7 +1261,7 @@ PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's 
 
 def periodicity_input(rgb, device="cpu"):
     """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP and VARIANCE_FLOOR assume."""
-    return to_float_tensor(as_array(rgb), device) / 127.5 - 1
+    return to_float_tensor(rgb, device) / 127.5 - 1
 
 @torch.no_grad()
 def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
@@ -1467,8 +1467,7 @@ class FolderRun:
 # Each metric's step on one image: (run, item, its model) -> its value, or None where the summary
 # is not a mean over images (CR and FID sums grow in `run`, CLIP batches in theirs).
 def score_glcm(run, item, _):
-    decode = run.opts.glcm_input == "jpeg95"
-    item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
+    item.jpeg_size, pixels = jpeg95_view(item.path, item.image, run.opts.glcm_input == "jpeg95")
     return glcm_score(pixels, prop=run.opts.glcm_prop)
 
 def score_cr(run, item, _):
@@ -1989,9 +1988,10 @@ def as_array(image):
         raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
     return array
 
-def to_float_tensor(array, device="cpu"):
-    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
+def to_float_tensor(image, device="cpu"):
+    """as_array -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
+    x = torch.from_numpy(np.array(as_array(image), dtype=np.float32))
+    return x.to(device).permute(2, 0, 1)[None]
 
 
 if __name__ == "__main__":
