@@ -105,10 +105,9 @@ def grey_opencv(rgb, shift=0, band=64):
             x = as_array(rgb.crop((0, top, width, min(top + band, height))))
         else:
             x = rgb[top : top + band]
-        total = np.multiply(x[..., 0], 9798, dtype=np.uint32)
-        total += np.multiply(x[..., 1], 19235, dtype=np.uint32)
-        total += np.multiply(x[..., 2], 3735, dtype=np.uint32)
-        total += 16384
+        total = np.full(x.shape[:2], 16384, np.uint32)
+        for channel, weight in enumerate((9798, 19235, 3735)):
+            total += np.multiply(x[..., channel], weight, dtype=np.uint32)
         out[top : top + band] = total >> (15 + shift)
     return out
 
@@ -599,11 +598,11 @@ def avg_pool_3x3(x):
     """The TF graph's average pool ignores the zero padding."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-def conv_1x7(cin, cout):
-    return ConvBN(cin, cout, (1, 7), padding=(0, 3))
+def conv_1xn(cin, cout, n=7):
+    return ConvBN(cin, cout, (1, n), padding=(0, n // 2))
 
-def conv_7x1(cin, cout):
-    return ConvBN(cin, cout, (7, 1), padding=(3, 0))
+def conv_nx1(cin, cout, n=7):
+    return ConvBN(cin, cout, (n, 1), padding=(n // 2, 0))
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -636,11 +635,11 @@ class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1, self.branch_pool = ConvBN(cin, 192, 1), ConvBN(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), conv_1x7(c7, c7)
-        self.branch7x7_3 = conv_7x1(c7, 192)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), conv_7x1(c7, c7)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = conv_1x7(c7, c7), conv_7x1(c7, c7)
-        self.branch7x7dbl_5 = conv_1x7(c7, 192)
+        self.branch7x7_1, self.branch7x7_2 = ConvBN(cin, c7, 1), conv_1xn(c7, c7)
+        self.branch7x7_3 = conv_nx1(c7, 192)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), conv_nx1(c7, c7)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = conv_1xn(c7, c7), conv_nx1(c7, c7)
+        self.branch7x7dbl_5 = conv_1xn(c7, 192)
 
     def forward(self, x):
         dbl = x
@@ -653,8 +652,8 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), conv_1x7(192, 192)
-        self.branch7x7x3_3 = conv_7x1(192, 192)
+        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), conv_1xn(192, 192)
+        self.branch7x7x3_3 = conv_nx1(192, 192)
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x):
@@ -670,12 +669,10 @@ class InceptionE(nn.Module):
         super().__init__()
         self.pool = pool
         self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
-        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3_2a, self.branch3x3_2b = conv_1xn(384, 384, 3), conv_nx1(384, 384, 3)
         self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
         self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv_1xn(384, 384, 3), conv_nx1(384, 384, 3)
         self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
@@ -715,7 +712,7 @@ class InceptionV3(nn.Module):
     def from_pretrained(cls, source=INCEPTION_WEIGHTS):
         state = load_state(source, "FID Inception weights")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model = load_strict(cls(), state, "FID Inception weights").eval()
+        model = load_strict(cls(), state, "FID Inception weights")
         return model.to(memory_format=torch.channels_last)  # oneDNN's fastest layout on the CPU
 
 
@@ -828,7 +825,7 @@ class AestheticMLP(nn.Module):
     def from_pretrained(cls, source=AESTHETIC_WEIGHTS):
         what = "aesthetic MLP weights"
         state = load_state(source, what)
-        return load_strict(cls(state["layers.0.weight"].shape[1]), state, what).eval()
+        return load_strict(cls(state["layers.0.weight"].shape[1]), state, what)
 
 @dataclass
 class ClipTowerConfig:
@@ -888,6 +885,13 @@ class ClipTextTower(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
+    @classmethod
+    def from_state(cls, state, config=None):
+        """Sized by our `text.` keys; heads and activation from a transformers config."""
+        (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
+        cfg = _clip_tower_config(config or {}, state, "text", width)
+        return cls(cfg, vocab, context, len(state["text.proj.weight"]))
+
     def forward(self, ids, lengths):
         """Pools at the end token (lengths - 1); the causal mask keeps the padding after it out."""
         n = ids.shape[1]
@@ -924,11 +928,9 @@ class ClipViT(nn.Module):
             cfg = _clip_tower_config(config, state, "vision", len(patch))
             vision = ClipVisionTower(cfg, patch.shape[-1], size, len(state["vision.proj.weight"]))
         if "text" in towers:
-            (vocab, width), context = state["text.token.weight"].shape, len(state["text.pos"])
-            cfg = _clip_tower_config(config, state, "text", width)
-            text = ClipTextTower(cfg, vocab, context, len(state["text.proj.weight"]))
-            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=context)
-        return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}").eval()
+            text = ClipTextTower.from_state(state, config)
+            tokenizer = ClipScoreTokenizer(root / "tokenizer.json", context=len(text.pos))
+        return load_strict(cls(vision, text, tokenizer), state, f"CLIP weights {source}")
 
     def encode_images(self, images, resize="pil"):
         return self.encode_pixels(torch.stack([self.preprocess(image, resize) for image in images]))
@@ -1037,7 +1039,7 @@ CLIPIQA_PROMPT_IDS = (
 def lpips_tiled(model, pred, ref, tile=512, batch=8):
     """Mean LPIPS over the `tiles` of a pair; tile 0: the whole image at once."""
     device = next(model.parameters()).device
-    a, b = (to_float_tensor(as_array(x), device) / 127.5 - 1 for x in (pred, ref))
+    a, b = (to_float_tensor(x, device) / 127.5 - 1 for x in (pred, ref))
     if a.shape != b.shape:
         raise ValueError(f"sizes differ: {tuple(a.shape[-2:])} vs {tuple(b.shape[-2:])}")
     pairs = zip(tile_batches(a, tile, batch), tile_batches(b, tile, batch))
@@ -1046,7 +1048,7 @@ def lpips_tiled(model, pred, ref, tile=512, batch=8):
 @torch.no_grad()
 def clipiqa_tiled(model, rgb, tile=512, batch=4):
     """Mean CLIPIQA over `tiles`; tile 0: the whole image, as pyiqa at any size (GBs at 4K)."""
-    x = to_float_tensor(as_array(rgb), model.logit_scale.device) / 255
+    x = to_float_tensor(rgb, model.logit_scale.device) / 255
     return torch.cat([model(group) for group in tile_batches(x, tile, batch)]).mean().item()
 
 def tile_batches(x, size, batch):
@@ -1106,7 +1108,7 @@ class LPIPSMetric(nn.Module):
         state = {k: v for k, v in state.items() if int(k.split(".")[1]) <= model.taps[-1]}
         lins = load_state(linear, f"LPIPS {net} linear layers")
         state |= {f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin")}
-        model = load_strict(model, state, f"LPIPS-{net} weights").eval()
+        model = load_strict(model, state, f"LPIPS-{net} weights")
         return model.to(memory_format=torch.channels_last)
 
 def lpips_backbone(net):
@@ -1148,15 +1150,11 @@ class CLIPIQA(nn.Module):
         resnet = ClipResNet(layers, visual["layer1.0.conv1.weight"].shape[0],
                             visual["attnpool.c_proj.weight"].shape[0], grid)
         full = {"visual." + k: v for k, v in visual.items()} | clip_text_state_from_openai(state)
-        vocab, width = full["text.token.weight"].shape
-        cfg = ClipTowerConfig(width, depth(full, "text.blocks."), width // 64)
-        text = ClipTextTower(cfg, vocab, len(full["text.pos"]), len(full["text.proj.weight"]))
-        model = cls(resnet, text)
+        model = cls(resnet, ClipTextTower.from_state(full))
         full["logit_scale"] = state["logit_scale"].reshape(())
-        for key, value in model.state_dict().items():  # BatchNorm counters: unused, often unsaved
-            if key.endswith("num_batches_tracked"):
-                full.setdefault(key, value)
-        return load_strict(model, full, what).eval()
+        # BatchNorm counters: unused, often unsaved
+        counters = {k: v for k, v in model.state_dict().items() if k.endswith("batches_tracked")}
+        return load_strict(model, counters | full, what)
 
     @classmethod
     def from_pretrained(cls, source=CLIPIQA_WEIGHTS):
@@ -1252,8 +1250,8 @@ class ClipResNet(nn.Module):
         tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
         pool, (b, n, c) = self.attnpool, tokens.shape
         q = pool.q_proj(tokens[:, :1]).view(b, 1, self.heads, -1).transpose(1, 2)
-        k = pool.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
-        v = pool.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = (f(tokens).view(b, n, self.heads, -1).transpose(1, 2)
+                for f in (pool.k_proj, pool.v_proj))
         return pool.c_proj(attention(q, k, v).transpose(1, 2).reshape(b, c))
 
 
@@ -1263,7 +1261,7 @@ PERIODS = (16, 32)  # one F16 latent pixel; one 2x2-packed Flux token (OP4KSR's 
 
 def periodicity_input(rgb, device="cpu"):
     """HWC uint8 -> (1, 3, H, W) in [-1, 1], the range L_AP and VARIANCE_FLOOR assume."""
-    return to_float_tensor(as_array(rgb), device) / 127.5 - 1
+    return to_float_tensor(rgb, device) / 127.5 - 1
 
 @torch.no_grad()
 def periodicity(pred, ref=None, periods=PERIODS, quadrants=4):
@@ -1469,8 +1467,7 @@ class FolderRun:
 # Each metric's step on one image: (run, item, its model) -> its value, or None where the summary
 # is not a mean over images (CR and FID sums grow in `run`, CLIP batches in theirs).
 def score_glcm(run, item, _):
-    decode = run.opts.glcm_input == "jpeg95"
-    item.jpeg_size, pixels = jpeg95_view(item.path, item.image, decode)
+    item.jpeg_size, pixels = jpeg95_view(item.path, item.image, run.opts.glcm_input == "jpeg95")
     return glcm_score(pixels, prop=run.opts.glcm_prop)
 
 def score_cr(run, item, _):
@@ -1482,11 +1479,11 @@ def score_fid(run, item, _):
 
 def add_fid(run, image, which):
     """One image into FID's `which` set; fid_size 'pred': the first image's shorter side."""
-    opts = run.opts
+    opts, side = run.opts, min(image.size)
     if run.fid_size == "pred":
-        run.fid_size = min(image.size)
-    elif opts.fid_size == "pred" and which == "pred" and min(image.size) != run.fid_size:
-        sides = f"{run.fid_size} and {min(image.size)} px"
+        run.fid_size = side
+    elif opts.fid_size == "pred" and which == "pred" and side != run.fid_size:
+        sides = f"{run.fid_size} and {side} px"
         raise UserError(f"pred images differ in size (shorter sides {sides}); pass --fid-size")
     resize = (opts.fid_resize, opts.fid_patch, opts.fid_half_shift, run.fid_size)
     run.fid[which].update(fid_features(run.models["fid"], image, *resize))
@@ -1794,19 +1791,16 @@ def parse_args(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", type=device_name, default=device)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images")
-    add_pixel_options(p)
-    add_network_options(p)
+    weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
+    add_pixel_options(p, weights)
+    add_network_options(p, weights)
     args = p.parse_args(argv)
     if args.protocol:  # parse again with the protocol's values as defaults: what was typed wins
         p.set_defaults(**PROTOCOLS[args.protocol])
         args = p.parse_args(argv)
     return args
 
-def weights_path():
-    return local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
-
-def add_pixel_options(p):
-    weights = weights_path()
+def add_pixel_options(p, weights):
     g = p.add_argument_group("GLCM / CR")
     g.add_argument("--glcm-prop", choices=GLCM_PROPS, default="entropy", help="GLCM property")
     g.add_argument("--glcm-input", choices=("jpeg95", "raw"), default="jpeg95", help="its pixels")
@@ -1828,8 +1822,7 @@ def add_pixel_options(p):
     g.add_argument("--fid-half-shift", action="store_true", help="add the half-shifted grid")
     g.add_argument("--inception", type=weights, default=INCEPTION_WEIGHTS, help="FID weights")
 
-def add_network_options(p):
-    weights = weights_path()
+def add_network_options(p, weights):
     clip = local_path("folder", must_exist=False, alternative=" (or b16, l14, b32, a Hub repo id)")
     g = p.add_argument_group("CLIPScore / aesthetics")
     g.add_argument("--clip-model", type=clip, default="b16", help="b16, l14, b32 or a repo/folder")
@@ -1977,7 +1970,7 @@ def resolve_weights(spec, what):
     return path
 
 def load_strict(module, state, what):
-    """load_state_dict naming the first offending keys instead of a wall of text."""
+    """load_state_dict naming the first offending keys instead of a wall of text; eval mode."""
     expected = module.state_dict()
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -1986,7 +1979,7 @@ def load_strict(module, state, what):
     if problems := [f"{kind} {found[:3]}" for kind, found in keys.items() if found]:
         raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
     module.load_state_dict(state)
-    return module
+    return module.eval()
 
 def as_array(image):
     """PIL image or HWC array -> HWC uint8 RGB array."""
@@ -1995,9 +1988,10 @@ def as_array(image):
         raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
     return array
 
-def to_float_tensor(array, device="cpu"):
-    """HWC uint8 -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device).permute(2, 0, 1)[None]
+def to_float_tensor(image, device="cpu"):
+    """as_array -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
+    x = torch.from_numpy(np.array(as_array(image), dtype=np.float32))
+    return x.to(device).permute(2, 0, 1)[None]
 
 
 if __name__ == "__main__":
