@@ -391,11 +391,11 @@ def channel_stats(x: torch.Tensor, eps: float = 0.0):
 # ==== the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), periods up to 1e4."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    args = t.float()[:, None] * torch.exp(-math.log(1e4) * steps / half)
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
@@ -859,7 +859,7 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        return self.conv_out(h) if self.stride == 1 else self.upsample_conv_out(h)
+        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
 
     def upsample_conv_out(self, h, band_rows: int = 64):
         """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
@@ -2653,8 +2653,8 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
-        if not all(part in state for part in parts):
-            missing += [part for part in parts if part not in state]
+        if absent := [part for part in parts if part not in state]:
+            missing += absent
             continue
         tensors = [state.pop(part) for part in parts]
         if len({t.shape[1:] for t in tensors}) > 1:
