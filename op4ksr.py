@@ -391,11 +391,11 @@ def channel_stats(x: torch.Tensor, eps: float = 0.0):
 # ==== the models: transformer
 
 # --- BEGIN copy of diffusion4k.py: transformer blocks ---
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (B,) -> (B, dim), periods up to 1e4."""
     half = dim // 2
     steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    args = t.float()[:, None] * torch.exp(-math.log(max_period) * steps / half)
+    args = t.float()[:, None] * torch.exp(-math.log(1e4) * steps / half)
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 def modulate(x, shift, scale):
@@ -788,8 +788,7 @@ class AutoEncoder(nn.Module):
     def __init__(self, config: VAEConfig = FLUX_VAE):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> normalised latents (the posterior mean)."""
@@ -972,23 +971,20 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
         raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
                         f"(first keys: {first_keys(state)})")
 
-    def setting(given, key, default):
-        return next(value for value in (given, config.get(key), default) if value is not None)
-
-    scale = setting(scale_factor, "scaling_factor", FLUX_VAE.scale_factor)
-    shift = setting(shift_factor, "shift_factor", FLUX_VAE.shift_factor)
-    vae_stride = setting(stride, "stride", 1)
-    return build(lambda: AutoEncoder(vae_config_from_state(state, scale, shift, vae_stride)), state,
+    settings = [next(value for value in (given, config.get(key), default) if value is not None)
+                for given, key, default in ((scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
+                                            (shift_factor, "shift_factor", FLUX_VAE.shift_factor),
+                                            (stride, "stride", 1))]
+    return build(lambda: AutoEncoder(vae_config_from_state(state, *settings)), state,
                  f"{source} (VAE)", source)
 
 def vae_config_from_state(state: dict, scale_factor: float, shift_factor: float,
                           stride: int) -> VAEConfig:
-    base = state["encoder.conv_in.weight"].shape[0]
+    base, in_channels = state["encoder.conv_in.weight"].shape[:2]
     levels = count_blocks(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     return VAEConfig(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
+        in_channels=in_channels, out_channels=state["decoder.conv_out.weight"].shape[0],
         base_channels=base, channel_multipliers=tuple(width // base for width in widths),
         num_res_blocks=count_blocks(state, r"encoder\.down\.0\.block\.(\d+)\."),
         z_channels=state["decoder.conv_in.weight"].shape[1], scale_factor=scale_factor,
@@ -1202,8 +1198,7 @@ class CLIPLayer(nn.Module):
         a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
         mlp = self.mlp = nn.Module()
         mlp.fc1, mlp.fc2 = nn.Linear(d, c.intermediate_size), nn.Linear(c.intermediate_size, d)
-        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.layer_norm1, self.layer_norm2 = (nn.LayerNorm(d, eps=c.layer_norm_eps) for _ in "12")
         self.num_heads, self.act = c.num_attention_heads, CLIP_ACTIVATIONS[c.hidden_act]
 
     def forward(self, x, causal):
@@ -2658,8 +2653,8 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
     """diffusers tensors -> original keys by a table {original: ([folder keys], transform)}."""
     state, out, missing, wrong = dict(state), {}, [], []
     for original, (parts, transform) in table.items():
-        if not all(part in state for part in parts):
-            missing += [part for part in parts if part not in state]
+        if absent := [part for part in parts if part not in state]:
+            missing += absent
             continue
         tensors = [state.pop(part) for part in parts]
         if len({t.shape[1:] for t in tensors}) > 1:
@@ -2672,14 +2667,15 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         raise UserError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
-def linear_entries(original: str, folder, transform=None) -> dict:
-    folder = [folder] if isinstance(folder, str) else folder
-    return {f"{original}.{p}": ([f"{f}.{p}" for f in folder], transform)
-            for p in ("weight", "bias")}
-
 def key_table(rows) -> dict:
-    """Table rows (weight and bias) of layers (original, folder[, transform])."""
-    return {key: entry for row in rows for key, entry in linear_entries(*row).items()}
+    """Table rows (weight and bias) of layers (original, folder or [folders][, transform])."""
+    table = {}
+    for original, folder, *transform in rows:
+        folders = [folder] if isinstance(folder, str) else folder
+        transform = transform[0] if transform else None
+        for p in ("weight", "bias"):
+            table[f"{original}.{p}"] = ([f"{f}.{p}" for f in folders], transform)
+    return table
 
 def swap_halves(t):
     """BFL/SAI store final adaLN outputs as (shift, scale), diffusers as (scale, shift)."""
