@@ -96,6 +96,7 @@ GSP_SCHEDULES = ("cosine", "linear", "increasing")
 GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
 NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
 SDXL_TRAIN_STEPS = SD3_TRAIN_STEPS = 1000
+PRIORS = {"gsp": "global structure", "rap": "regional attention", "rsp": "regional semantic"}
 
 TEXT_CHUNK_ELEMENTS = 2**26  # RAP's image->text probabilities are built in chunks this large
 MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond, hours of work and a 200 MB image
@@ -395,7 +396,7 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
             q_img, k_txt = q[n + i, :, img], k[n + i, :, :num_context]
             v_txt = v[n + i, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+            for chunk in query_chunks(q_img, k_txt):
                 text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
                 m = mass[i, :, img][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
@@ -445,8 +446,8 @@ def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) 
 
     def attend(q, k, v, num_context):  # the blocks run in order: maps[i] is block i's
         q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
-        probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
-        for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+        probs = q.new_empty(*q_img.shape[:2], num_context)
+        for chunk in query_chunks(q_img, k_txt):
             probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
         maps.append(probs.unflatten(1, (rows, cols)))
         return attention(q, k, v)
@@ -460,9 +461,9 @@ def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
     logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
     return torch.softmax(logits, dim=-1)
 
-def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
-    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
-    return [slice(start, start + size) for start in range(0, queries, size)]
+def query_chunks(q_img: torch.Tensor, k_txt: torch.Tensor) -> list[slice]:
+    size = max(1, TEXT_CHUNK_ELEMENTS // (q_img.shape[0] * k_txt.shape[1]))  # heads x text keys
+    return [slice(start, start + size) for start in range(0, q_img.shape[1], size)]
 
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
@@ -1765,8 +1766,7 @@ def main(argv=None):
                         f"{geometry}) disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
     batches = math.ceil(len(regions) / config.region_batch)
-    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
-                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
+    switches = ", ".join(f"{p.upper()} {'on' if getattr(config, p) else 'off'}" for p in PRIORS)
     print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x "
           f"{steps} steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})",
           file=sys.stderr)
@@ -1785,13 +1785,13 @@ def main(argv=None):
 
 def config_from(args) -> CUpscaleConfig:
     on = args.mode != "multidiffusion"  # the baseline: every prior off
+    same = ("strength", "noise_level", "guidance", "gsp_step_size", "gsp_schedule",
+            "gsp_normalisation", "region_batch")  # the config's and the options' names
     return CUpscaleConfig(
-        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
-        num_steps=args.steps, guidance=args.guidance, gsp=on and not args.no_gsp,
-        rap=on and not args.no_rap, rsp=on and not args.no_rsp, gsp_step_size=args.gsp_step_size,
-        gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
-        vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
-        gsp_normalisation=args.gsp_normalisation)
+        region_px=args.region_size, overlap_px=args.region_overlap, num_steps=args.steps,
+        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap,
+        **{p: on and not getattr(args, f"no_{p}") for p in PRIORS},
+        **{key: getattr(args, key) for key in same})
 
 def check_outputs(args) -> tuple[Path, Path]:
     """OUTPUT and OUTPUT.regions.json, each apart from every input."""
@@ -1850,8 +1850,7 @@ def parser() -> ArgumentParser:
                      "the region's crop (PNG), {prompt} the global prompt; it prints the prompt")
     add("--caption-failure", choices=["stop", "rsp-off"], default="stop",
         help="when a caption command fails: stop, or go on with RSP off")
-    for prior, name in (("gsp", "global structure"), ("rap", "regional attention"),
-                        ("rsp", "regional semantic")):
+    for prior, name in PRIORS.items():
         add(f"--no-{prior}", action="store_true", help=f"ablation: no {name} prior")
     add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
         help="multidiffusion: the baseline, no prior")
