@@ -218,12 +218,10 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
     """
     n, composer = len(regions), conditions.get("regions") is not None
-    negative, context = conditions["negative"], conditions["global"]["context"]
+    rows = [conditions["negative"]] * n + [conditions["global"]] * n
     if composer:
         own = [conditions["regions"][r.key] for r in regions]
-        rows = [negative] * n + [{"context": context, "pooled": c["pooled"]} for c in own] + own
-    else:
-        rows = [negative] * n + [conditions["global"]] * n
+        rows[n:] = [conditions["global"] | {"pooled": c["pooled"]} for c in own] + own
     condition = {key: torch.cat([r[key] for r in rows]).to(dtype) for key in ("context", "pooled")}
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
@@ -1526,9 +1524,9 @@ def check_regions(config: CUpscaleConfig, pos_embed_patches: int, patch: int):
         if size % multiple or overlap % multiple or not 0 <= overlap < size:
             raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
                             f"{multiple} px with 0 <= overlap < {name}")
-    if config.region_px // config.vae_scale // patch > pos_embed_patches:
+    if config.region_px // multiple > pos_embed_patches:
         raise UserError(f"--region-size {config.region_px}: the model's position table covers at "
-                        f"most {pos_embed_patches * patch * config.vae_scale} px")
+                        f"most {pos_embed_patches * multiple} px")
 
 
 # ==== pipeline: its pieces from diffusion4k.py
@@ -1933,10 +1931,9 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
                     vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
-    """Regional prompts from `command`, split like a shell line and run per region as the paper's
-    LLaVA-1.6 captions each crop given the global prompt: {image} is the path of the region's crop
-    (PNG), {prompt} the global prompt. A failure stops the run or, with `rsp_off_on_failure`,
-    turns RSP off (None)."""
+    """Regional prompts from `command` (split like a shell line, {image} and {prompt} filled in),
+    run per region as the paper's LLaVA-1.6 captions each crop given the global prompt. A failure
+    stops the run or, with `rsp_off_on_failure`, turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -1963,8 +1960,7 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
     """One caption command's standard output as one line, or a UserError naming it. The output
-    goes to files: a pipe would stay open while a child left in the background lives. The
-    command's process group is killed whole on a timeout or an interruption."""
+    goes to files: a pipe would stay open while a child left in the background lives."""
     shown = shlex.join(command)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
