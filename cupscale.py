@@ -182,7 +182,7 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
     regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
     patch = model.config.patch_size
-    grids = [(x.shape[-2] // patch, x.shape[-1] // patch) for x in (z, rap_latent)]
+    grids = [[side // patch for side in x.shape[-2:]] for x in (z, rap_latent)]
     interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
     global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
     batches = region_batches(regions, config.region_batch)
@@ -438,8 +438,7 @@ def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
 def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list:
     """RAP's source: per joint block, S of the image queries (H, h/p, w/p, T) in a pass of the
     noised LR latent with the global prompt."""
-    patch = model.config.patch_size
-    rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
+    grid = [side // model.config.patch_size for side in latent.shape[-2:]]
     maps = []
 
     def attend(q, k, v, num_context):  # the blocks run in order: maps[i] is block i's
@@ -447,7 +446,7 @@ def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) 
         probs = q.new_empty(*q_img.shape[:2], num_context)
         for chunk in query_chunks(q_img, k_txt):
             probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
-        maps.append(probs.unflatten(1, (rows, cols)))
+        maps.append(probs.unflatten(1, grid))
         return attention(q, k, v)
 
     with attention_hook(model, lambda block: attend):
