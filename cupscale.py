@@ -296,7 +296,7 @@ def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
 
 def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
     """Blend (N, ..., h, w) outputs of all the planned regions into a (..., H, W) canvas."""
-    weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
+    weights = blend_weights(regions, *shape[-2:]).to(region_outputs)
     canvas = region_outputs.new_zeros(shape)
     for output, weight, region in zip(region_outputs, weights, regions):
         canvas[(..., *region.slices)] += weight * output
