@@ -1783,7 +1783,7 @@ def main(argv=None):
 def config_from(args) -> CUpscaleConfig:
     on = args.mode != "multidiffusion"  # the baseline: every prior off
     same = ("strength", "noise_level", "guidance", "gsp_step_size", "gsp_schedule",
-            "gsp_normalisation", "region_batch")  # the config's and the options' names
+            "gsp_normalisation", "region_batch")  # named alike in the config and the options
     return CUpscaleConfig(
         region_px=args.region_size, overlap_px=args.region_overlap, num_steps=args.steps,
         vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap,
