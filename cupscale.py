@@ -96,6 +96,7 @@ GSP_SCHEDULES = ("cosine", "linear", "increasing")
 GSP_NORMALISATIONS = ("sum", "mean", "sdxl")
 NOISE_LEVELS = ("diffusers-strength", "snr-matched", "flow-sigma")
 SDXL_TRAIN_STEPS = SD3_TRAIN_STEPS = 1000
+PRIORS = {"gsp": "global structure", "rap": "regional attention", "rsp": "regional semantic"}
 
 TEXT_CHUNK_ELEMENTS = 2**26  # RAP's image->text probabilities are built in chunks this large
 MAX_TARGET_PIXELS = 8192 * 8192  # 225 regions; beyond, hours of work and a 200 MB image
@@ -181,7 +182,7 @@ def sample_regions(model: MMDiT, lr_latent, rap_latent, conditions: dict, config
     z = (1 - sigmas[0]) * lr_latent + sigmas[0] * noise
     regions = plan_regions(z.shape[-2], z.shape[-1], config.region, config.stride)
     patch = model.config.patch_size
-    grids = [(x.shape[-2] // patch, x.shape[-1] // patch) for x in (z, rap_latent)]
+    grids = [[side // patch for side in x.shape[-2:]] for x in (z, rap_latent)]
     interpolation = region_interpolation(regions, *grids, patch) if config.rap else None
     global_condition = {k: v.to(dtype) for k, v in conditions["global"].items()}
     batches = region_batches(regions, config.region_batch)
@@ -217,12 +218,10 @@ def denoise_regions(model: MMDiT, canvas, regions: list[Region], sigma: float, c
     text streams, merged by `attention_composer`. RAP is on when `lr_maps` is given.
     """
     n, composer = len(regions), conditions.get("regions") is not None
-    negative, context = conditions["negative"], conditions["global"]["context"]
+    rows = [conditions["negative"]] * n + [conditions["global"]] * n
     if composer:
         own = [conditions["regions"][r.key] for r in regions]
-        rows = [negative] * n + [{"context": context, "pooled": c["pooled"]} for c in own] + own
-    else:
-        rows = [negative] * n + [conditions["global"]] * n
+        rows[n:] = [conditions["global"] | {"pooled": c["pooled"]} for c in own] + own
     condition = {key: torch.cat([r[key] for r in rows]).to(dtype) for key in ("context", "pooled")}
     x = crop_regions(canvas, regions).to(dtype).repeat(3 if composer else 2, 1, 1, 1)
     priors = [interpolation[r.key] for r in regions] if lr_maps is not None else None
@@ -297,7 +296,7 @@ def crop_regions(canvas: torch.Tensor, regions: list[Region]) -> torch.Tensor:
 
 def merge_regions(region_outputs: torch.Tensor, regions: list[Region], shape) -> torch.Tensor:
     """Blend (N, ..., h, w) outputs of all the planned regions into a (..., H, W) canvas."""
-    weights = blend_weights(regions, shape[-2], shape[-1]).to(region_outputs)
+    weights = blend_weights(regions, *shape[-2:]).to(region_outputs)
     canvas = region_outputs.new_zeros(shape)
     for output, weight, region in zip(region_outputs, weights, regions):
         canvas[(..., *region.slices)] += weight * output
@@ -393,7 +392,7 @@ def regional_attention(q, k, v, num_context: int, *, n: int, composer: bool, pri
             q_img, k_txt = q[n + i, :, img], k[n + i, :, :num_context]
             v_txt = v[n + i, :, :num_context].float()
             prior = region_prior(lr_maps[block], *priors[i])
-            for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+            for chunk in query_chunks(q_img, k_txt):
                 text_probs = text_distribution(q_img[:, chunk], k_txt)  # S: (H, chunk, T)
                 m = mass[i, :, img][:, chunk, None].float()
                 correction = m * ((prior[:, chunk].float() - text_probs) @ v_txt)
@@ -437,16 +436,15 @@ def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
 def capture_text_attention(model: MMDiT, latent, sigma: float, condition: dict) -> list:
     """RAP's source: per joint block, S of the image queries (H, h/p, w/p, T) in a pass of the
     noised LR latent with the global prompt."""
-    patch = model.config.patch_size
-    rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
+    grid = [side // model.config.patch_size for side in latent.shape[-2:]]
     maps = []
 
     def attend(q, k, v, num_context):  # the blocks run in order: maps[i] is block i's
         q_img, k_txt = q[0, :, num_context:], k[0, :, :num_context]  # (H, N, D), (H, T, D)
-        probs = q.new_empty(q.shape[1], q_img.shape[1], num_context)
-        for chunk in query_chunks(q_img.shape[1], q.shape[1], num_context):
+        probs = q.new_empty(*q_img.shape[:2], num_context)
+        for chunk in query_chunks(q_img, k_txt):
             probs[:, chunk] = text_distribution(q_img[:, chunk], k_txt).to(q.dtype)
-        maps.append(probs.unflatten(1, (rows, cols)))
+        maps.append(probs.unflatten(1, grid))
         return attention(q, k, v)
 
     with attention_hook(model, lambda block: attend):
@@ -458,9 +456,9 @@ def text_distribution(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
     logits = (q_img @ k_txt.transpose(-1, -2)).float() * q_img.shape[-1] ** -0.5
     return torch.softmax(logits, dim=-1)
 
-def query_chunks(queries: int, heads: int, keys: int) -> list[slice]:
-    size = max(1, TEXT_CHUNK_ELEMENTS // (heads * keys))
-    return [slice(start, start + size) for start in range(0, queries, size)]
+def query_chunks(q_img: torch.Tensor, k_txt: torch.Tensor) -> list[slice]:
+    size = max(1, TEXT_CHUNK_ELEMENTS // (q_img.shape[0] * k_txt.shape[1]))  # heads x text keys
+    return [slice(start, start + size) for start in range(0, q_img.shape[1], size)]
 
 @contextlib.contextmanager
 def attention_hook(model: MMDiT, make_attend):
@@ -1518,9 +1516,9 @@ def check_regions(config: CUpscaleConfig, pos_embed_patches: int, patch: int):
         if size % multiple or overlap % multiple or not 0 <= overlap < size:
             raise UserError(f"{size_flag} {size} and {overlap_flag} {overlap} must be multiples of "
                             f"{multiple} px with 0 <= overlap < {name}")
-    if config.region_px // config.vae_scale // patch > pos_embed_patches:
+    if config.region_px // multiple > pos_embed_patches:
         raise UserError(f"--region-size {config.region_px}: the model's position table covers at "
-                        f"most {pos_embed_patches * patch * config.vae_scale} px")
+                        f"most {pos_embed_patches * multiple} px")
 
 
 # ==== pipeline: its pieces from diffusion4k.py
@@ -1759,8 +1757,7 @@ def main(argv=None):
                         f"{geometry}) disagree with its weights {loaded}")
     conditions = encode_conditions(pipe, args.prompt, args.negative_prompt, region_prompts)
     batches = math.ceil(len(regions) / config.region_batch)
-    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in
-                         (("GSP", config.gsp), ("RAP", config.rap), ("RSP", config.rsp)))
+    switches = ", ".join(f"{p.upper()} {'on' if getattr(config, p) else 'off'}" for p in PRIORS)
     print(f"upscaling {image.width}x{image.height} -> {width}x{height}: {len(regions)} regions x "
           f"{steps} steps from sigma {start_sigma:.3f} ({args.noise_level}; {switches})",
           file=sys.stderr)
@@ -1779,13 +1776,13 @@ def main(argv=None):
 
 def config_from(args) -> CUpscaleConfig:
     on = args.mode != "multidiffusion"  # the baseline: every prior off
+    same = ("strength", "noise_level", "guidance", "gsp_step_size", "gsp_schedule",
+            "gsp_normalisation", "region_batch")  # named alike in the config and the options
     return CUpscaleConfig(
-        region_px=args.region_size, overlap_px=args.region_overlap, strength=args.strength,
-        num_steps=args.steps, guidance=args.guidance, gsp=on and not args.no_gsp,
-        rap=on and not args.no_rap, rsp=on and not args.no_rsp, gsp_step_size=args.gsp_step_size,
-        gsp_schedule=args.gsp_schedule, region_batch=args.region_batch, vae_tile_px=args.vae_tile,
-        vae_overlap_px=args.vae_overlap, noise_level=args.noise_level,
-        gsp_normalisation=args.gsp_normalisation)
+        region_px=args.region_size, overlap_px=args.region_overlap, num_steps=args.steps,
+        vae_tile_px=args.vae_tile, vae_overlap_px=args.vae_overlap,
+        **{p: on and not getattr(args, f"no_{p}") for p in PRIORS},
+        **{key: getattr(args, key) for key in same})
 
 def check_outputs(args) -> tuple[Path, Path]:
     """OUTPUT and OUTPUT.regions.json, each apart from every input."""
@@ -1844,8 +1841,7 @@ def parser() -> ArgumentParser:
                      "the region's crop (PNG), {prompt} the global prompt; it prints the prompt")
     add("--caption-failure", choices=["stop", "rsp-off"], default="stop",
         help="when a caption command fails: stop, or go on with RSP off")
-    for prior, name in (("gsp", "global structure"), ("rap", "regional attention"),
-                        ("rsp", "regional semantic")):
+    for prior, name in PRIORS.items():
         add(f"--no-{prior}", action="store_true", help=f"ablation: no {name} prior")
     add("--mode", choices=["cupscale", "multidiffusion"], default="cupscale",
         help="multidiffusion: the baseline, no prior")
@@ -1928,10 +1924,9 @@ def _describe_keys(keys: list[str], limit: int = 8) -> str:
 
 def caption_regions(image: Image.Image, regions: list[Region], command: str, global_prompt: str,
                     vae_scale: int, timeout_s: float, rsp_off_on_failure=False) -> dict | None:
-    """Regional prompts from `command`, split like a shell line and run per region as the paper's
-    LLaVA-1.6 captions each crop given the global prompt: {image} is the path of the region's crop
-    (PNG), {prompt} the global prompt. A failure stops the run or, with `rsp_off_on_failure`,
-    turns RSP off (None)."""
+    """Regional prompts from `command` (split like a shell line, {image} and {prompt} filled in),
+    run per region as the paper's LLaVA-1.6 captions each crop given the global prompt. A failure
+    stops the run or, with `rsp_off_on_failure`, turns RSP off (None)."""
     try:
         template = shlex.split(command)
     except ValueError as error:  # an unclosed quote or a trailing backslash
@@ -1958,8 +1953,7 @@ def caption_regions(image: Image.Image, regions: list[Region], command: str, glo
 
 def _run_caption_command(command: list[str], timeout_s: float) -> str:
     """One caption command's standard output as one line, or a UserError naming it. The output
-    goes to files: a pipe would stay open while a child left in the background lives. The
-    command's process group is killed whole on a timeout or an interruption."""
+    goes to files: a pipe would stay open while a child left in the background lives."""
     shown = shlex.join(command)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
