@@ -258,11 +258,10 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, parts in flux_lora_targets(model.config).items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        base = getattr(owner, child)
+        base = model.get_submodule(name)
         rows = model.config.hidden_size if parts > 1 else base.out_features
-        setattr(owner, child, SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator))
+        lora = SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator)
+        model.set_submodule(name, lora)
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
@@ -302,9 +301,8 @@ def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
     vae.encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name in encoder_lora_targets(vae):
-        parent, _, child = name.rpartition(".")
-        owner = vae.encoder.get_submodule(parent)
-        setattr(owner, child, LoRAConv2d(getattr(owner, child), rank, alpha or rank, generator))
+        base = vae.encoder.get_submodule(name)
+        vae.encoder.set_submodule(name, LoRAConv2d(base, rank, alpha or rank, generator))
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
@@ -1531,25 +1529,24 @@ def vae_lora_table(vae: AutoEncoder) -> dict:
     table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
-def flux_lora_slots(transformer: Flux):
+def lora_slots(model: nn.Module, table: dict, prefix: str, root: str = ""):
     """(key in OP4KSR's file, A or B block, layout transform, the scale folded into the file's B)
-    of each block of each SplitLoRALinear."""
-    table = flux_table(transformer.config)
-    for name, module in transformer.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            for part, a, b in zip(table[f"{name}.weight"][0], module.lora_A, module.lora_B):
-                prefix = "transformer." + part.removesuffix(".weight")
-                yield f"{prefix}.lora_A.weight", a, None, 1.0
-                yield f"{prefix}.lora_B.weight", b, None, module.scale
+    of each block of each LoRA in `model`, named `root` in `table`."""
+    for name, module in model.named_modules(prefix=root):
+        if isinstance(module, (SplitLoRALinear, LoRAConv2d)):
+            parts, transform = table[f"{name}.weight"]
+            blocks = [(module.lora_A, module.lora_B)] if isinstance(module, LoRAConv2d) else zip(
+                module.lora_A, module.lora_B)
+            for part, (a, b) in zip(parts, blocks):
+                key = prefix + part.removesuffix(".weight")
+                yield f"{key}.lora_A.weight", a, transform, 1.0
+                yield f"{key}.lora_B.weight", b, transform, module.scale
+
+def flux_lora_slots(transformer: Flux):
+    return lora_slots(transformer, flux_table(transformer.config), "transformer.")
 
 def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
-    table = vae_lora_table(vae)
-    for name, module in encoder.named_modules():
-        if isinstance(module, LoRAConv2d):
-            (part,), transform = table[f"encoder.{name}.weight"]
-            prefix = "vae." + part.removesuffix(".weight")
-            yield f"{prefix}.lora_A.weight", module.lora_A, transform, 1.0
-            yield f"{prefix}.lora_B.weight", module.lora_B, transform, module.scale
+    return lora_slots(encoder, vae_lora_table(vae), "vae.", "encoder")
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
     state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
