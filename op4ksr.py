@@ -292,8 +292,7 @@ class SplitLoRALinear(nn.Module):
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
         up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1)
-        up = up * self.scale
-        return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
+        return self.base(x) + F.pad(up * self.scale, (0, self.base.out_features - up.shape[-1]))
 
 def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
                      seed: int = 0) -> AutoEncoder:
@@ -1666,7 +1665,7 @@ def omgsr_f_prompt(flux, device, dtype, token=None) -> dict:
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
-                    for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
+                    for f in local.glob("t*/*") if f.is_file())  # none for a Hub repo
     key = json.dumps([source, stamps, "", 512, str(dtype)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = prompt_cache_folder() / f"prompt-{digest}.safetensors"
@@ -2312,7 +2311,7 @@ def _uniform(generator, low, high) -> float:
     return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
 def _happens(generator, probability) -> bool:
-    return torch.rand((), generator=generator, dtype=torch.float64).item() < probability
+    return _uniform(generator, 0.0, 1.0) < probability
 
 def _pick(generator, options, probs=None):
     weights = torch.tensor(probs or [1.0] * len(options), dtype=torch.float64)
@@ -2729,7 +2728,7 @@ def sr_command(args):
     if folder is not None:
         return omgsr_f_command(args, folder, pairs)
     _, meta = read_op4ksr_metadata(args.weights, args.token)
-    scale = None if args.size else args.scale or float(meta.get("scale", 4))
+    scale = args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
     pipe = prepare(load_sr_pipeline(args.weights, args.flux, args.vae, args.device,
                                     DTYPES.get(args.dtype), args.token), args)
@@ -2796,7 +2795,7 @@ def write_results(jobs, args, make, method: str, settings: dict):
 
 def omgsr_f_job_size(args, width: int, height: int) -> tuple[int, int]:
     if args.recipe == "op4ksr":
-        return sr_size(width, height, None if args.size else (args.scale or 4.0), args.size)
+        return sr_size(width, height, args.scale or 4.0, args.size)
     process, final = omgsr_f_sizes(width, height, int(args.scale or 4), args.process_size)
     if max(*process, *final) > MAX_SIDE or min(process) < 16:
         shown = f"{process[0]}x{process[1]}"
