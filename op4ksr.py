@@ -162,12 +162,11 @@ def matched_sigma(pairs, update=None) -> tuple[int, float]:
         distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
         total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
         done += len(hr)
+        best = int(total.argmin())
         if update is not None:
-            best = int(total.argmin())
             update(done, postfix={"t": best + 1, "sigma": f"{float(sigmas[best]):.4f}"})
     if not done:
         raise ValueError("matched_sigma needs at least one (HR, LR) batch")
-    best = int(total.argmin())
     return best + 1, float(sigmas[best])
 
 
@@ -1576,14 +1575,12 @@ def export_lora(slots) -> dict:
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
-PEFT_PLAIN = {  # peft options, with the values that keep a LoRA plain
-    "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
-    "modules_to_save": (None, []), "layers_to_transform": (None,),
-    "layers_pattern": (None, [], ""), "layer_replication": (None, []),
-    "exclude_modules": (None, [], ""), "lora_bias": (None, False), "use_qalora": (None, False),
-    "target_parameters": (None, []), "trainable_token_indices": (None, {}),
-    "peft_type": (None, "LORA"),
+PEFT_PLAIN = {  # peft options, with the values besides None that keep a LoRA plain
+    "use_rslora": (False,), "use_dora": (False,), "rank_pattern": ({},), "alpha_pattern": ({},),
+    "fan_in_fan_out": (False,), "bias": ("none",), "modules_to_save": ([],),
+    "layers_to_transform": (), "layers_pattern": ([], ""), "layer_replication": ([],),
+    "exclude_modules": ([], ""), "lora_bias": (False,), "use_qalora": (False,),
+    "target_parameters": ([],), "trainable_token_indices": ({},), "peft_type": ("LORA",),
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
@@ -1621,7 +1618,7 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
     """(r, lora_alpha, target_modules) of a peft adapter_config.json; refuses every option that
     would make the LoRA other than W + (alpha / r) B A."""
     for option, plain in PEFT_PLAIN.items():
-        if config.get(option) not in plain:
+        if config.get(option) not in (None, *plain):
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
                             "does not implement (plain LoRA only)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
