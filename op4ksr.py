@@ -351,12 +351,12 @@ def lora_off(module: nn.Module):
 
 # Colour fixes, off by default (the paper names none); --recipe omgsr-f uses OMGSR-F's AdaIN.
 
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels=5) -> torch.Tensor:
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`image`'s detail bands over `reference`'s coarse band (colour, shading)."""
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic",
                                   align_corners=False)
-    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
+    return image - wavelet_lowpass(image) + wavelet_lowpass(reference)
 
 def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     """Coarsest band of an a-trous wavelet decomposition: binomial 3x3 blurs, dilation 2^level."""
@@ -372,9 +372,9 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     (mean, std), (ref_mean, ref_std) = channel_stats(image), channel_stats(reference)
     return (image - mean) / (std + 1e-6) * ref_std + ref_mean
 
-def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the variances."""
-    (mean, std), (ref_mean, ref_std) = channel_stats(image, eps), channel_stats(reference, eps)
+def omgsr_adain(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """OMGSR-F's AdaIN: `adain_color_fix` with 1e-5 added to the variances."""
+    (mean, std), (ref_mean, ref_std) = channel_stats(image, 1e-5), channel_stats(reference, 1e-5)
     return (image - mean) / std * ref_std + ref_mean
 
 def channel_stats(x: torch.Tensor, eps: float = 0.0):
@@ -1733,7 +1733,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
 OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of 1/8 of it
 
 def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
-                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+                  process_size: int) -> Image.Image:
     lq = omgsr_f_input(image, upscale, process_size)
     x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
     with torch.inference_mode():
@@ -1752,8 +1752,7 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
     process = (width - width % 8, height - height % 8)
     return process, final or process
 
-def omgsr_f_input(image: Image.Image, upscale: int,
-                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+def omgsr_f_input(image: Image.Image, upscale: int, process_size: int) -> Image.Image:
     """OMGSR-F's input: a side under process_size / upscale brings the shorter side to it, x upscale
     (both bicubic), cut to multiples of 8 (LANCZOS)."""
     least = process_size // upscale
@@ -1765,7 +1764,7 @@ def omgsr_f_input(image: Image.Image, upscale: int,
                         Image.LANCZOS)
 
 @torch.inference_mode()
-def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
+def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int):
     """OMGSR-F's one step, tiled above (process_size / 8)^2 latent pixels or at an odd side (which
     OMGSR-F's code fails to pack)."""
     z = pipe.vae.encode(image)
@@ -2049,8 +2048,7 @@ def check_crop(crop: int, scale: int, factor: int | None = None):
         raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token)")
 
 @torch.no_grad()
-def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
-                        token=None) -> dict:
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int, token) -> dict:
     """{"txt": T5's, "y": CLIP-L's pooled embedding, "text"} of the fixed prompt."""
     files = ("*.json", "*.txt", "*.model")
     clip_ids = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))(prompt).to(device)
