@@ -1800,7 +1800,7 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size")
     stride = tile - overlap
-    return [i * stride for i in range(max(0, math.ceil((size - tile) / stride)))] + [size - tile]
+    return [i * stride for i in range(math.ceil((size - tile) / stride))] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
@@ -2817,7 +2817,7 @@ def check_recipe_options(args, omgsr_f: bool):
                                 "inference")
     elif args.process_size is not None:
         raise UserError("--process-size is --recipe omgsr-f's")
-    args.theta = RFR_THETA if args.theta is None else args.theta
+    args.theta = args.theta or RFR_THETA
     args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
     args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
     fixes = {None: "adain" if args.recipe == "omgsr-f" else "none", "nofix": "none"}
