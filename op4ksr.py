@@ -2862,7 +2862,7 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not inputs:
         raise UserError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    folder = Path(output or source.resolve().with_name(source.resolve().name + "_op4ksr"))
+    folder = Path(output or f"{source.resolve()}_op4ksr")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
                         f"(default: {source.name}_op4ksr/)")
