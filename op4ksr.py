@@ -1532,8 +1532,8 @@ def lora_slots(model: nn.Module, table: dict, prefix: str, root: str = ""):
     for name, module in model.named_modules(prefix=root):
         if isinstance(module, (SplitLoRALinear, LoRAConv2d)):
             parts, transform = table[f"{name}.weight"]
-            blocks = [(module.lora_A, module.lora_B)] if isinstance(module, LoRAConv2d) else zip(
-                module.lora_A, module.lora_B)
+            blocks = (zip(module.lora_A, module.lora_B) if isinstance(module, SplitLoRALinear)
+                      else [(module.lora_A, module.lora_B)])
             for part, (a, b) in zip(parts, blocks):
                 key = prefix + part.removesuffix(".weight")
                 yield f"{key}.lora_A.weight", a, transform, 1.0
