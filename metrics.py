@@ -1357,12 +1357,11 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
     in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
-    if target is None:
-        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-    with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants)
-    excess = F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)
-    return excess.sum(dim=-1).mean() / len(periods)
+    if target is not None:
+        with torch.no_grad():
+            target_power, variance = lattice_power(target, periods, quadrants)
+        power = F.relu(power - target_power)
+    return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
     """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies

@@ -162,12 +162,11 @@ def matched_sigma(pairs, update=None) -> tuple[int, float]:
         distortion = (lr.double() - hr.double()).pow(2).mean().cpu()
         total += (power * (1 - sigmas) ** 2 / sigmas**2 - power / distortion).abs()
         done += len(hr)
+        best = int(total.argmin())
         if update is not None:
-            best = int(total.argmin())
             update(done, postfix={"t": best + 1, "sigma": f"{float(sigmas[best]):.4f}"})
     if not done:
         raise ValueError("matched_sigma needs at least one (HR, LR) batch")
-    best = int(total.argmin())
     return best + 1, float(sigmas[best])
 
 
@@ -194,12 +193,11 @@ def periodicity_loss(pred, target=None, periods=(16, 32), quadrants: int = 4) ->
     so real periodic texture (fabric, tiles) keeps its strength. Without `target` all of it counts,
     in units of pred's own variance."""
     power, variance = lattice_power(pred, periods, quadrants)
-    if target is None:
-        return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
-    with torch.no_grad():
-        target_power, target_variance = lattice_power(target, periods, quadrants)
-    excess = F.relu(power - target_power) / (target_variance + VARIANCE_FLOOR)
-    return excess.sum(dim=-1).mean() / len(periods)
+    if target is not None:
+        with torch.no_grad():
+            target_power, variance = lattice_power(target, periods, quadrants)
+        power = F.relu(power - target_power)
+    return (power / (variance.detach() + VARIANCE_FLOOR)).sum(dim=-1).mean() / len(periods)
 
 def lattice_power(image: torch.Tensor, periods=(16, 32), quadrants: int = 4):
     """Power (B, Q, C, bins) of each quadrant's pixel differences at the lattice frequencies
@@ -258,11 +256,10 @@ def add_flux_lora(model: Flux, rank: int, alpha: float | None = None, seed: int 
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, parts in flux_lora_targets(model.config).items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        base = getattr(owner, child)
+        base = model.get_submodule(name)
         rows = model.config.hidden_size if parts > 1 else base.out_features
-        setattr(owner, child, SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator))
+        lora = SplitLoRALinear(base, parts, rows, rank, alpha or rank, generator)
+        model.set_submodule(name, lora)
     return model
 
 def flux_lora_targets(config: FluxConfig) -> dict[str, int]:
@@ -294,17 +291,15 @@ class SplitLoRALinear(nn.Module):
     def forward(self, x):
         down = F.linear(x, self.lora_A.flatten(0, 1).to(x.dtype)).chunk(len(self.lora_B), dim=-1)
         up = torch.cat([F.linear(d, b.to(x.dtype)) for d, b in zip(down, self.lora_B)], dim=-1)
-        up = up * self.scale
-        return self.base(x) + F.pad(up, (0, self.base.out_features - up.shape[-1]))
+        return self.base(x) + F.pad(up * self.scale, (0, self.base.out_features - up.shape[-1]))
 
 def add_encoder_lora(vae: AutoEncoder, rank: int, alpha: float | None = None,
                      seed: int = 0) -> AutoEncoder:
     vae.encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name in encoder_lora_targets(vae):
-        parent, _, child = name.rpartition(".")
-        owner = vae.encoder.get_submodule(parent)
-        setattr(owner, child, LoRAConv2d(getattr(owner, child), rank, alpha or rank, generator))
+        base = vae.encoder.get_submodule(name)
+        vae.encoder.set_submodule(name, LoRAConv2d(base, rank, alpha or rank, generator))
     return vae
 
 def encoder_lora_targets(vae: AutoEncoder) -> list[str]:
@@ -356,12 +351,12 @@ def lora_off(module: nn.Module):
 
 # Colour fixes, off by default (the paper names none); --recipe omgsr-f uses OMGSR-F's AdaIN.
 
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels=5) -> torch.Tensor:
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`image`'s detail bands over `reference`'s coarse band (colour, shading)."""
     if reference.shape[-2:] != image.shape[-2:]:
         reference = F.interpolate(reference, size=image.shape[-2:], mode="bicubic",
                                   align_corners=False)
-    return image - wavelet_lowpass(image, levels) + wavelet_lowpass(reference, levels)
+    return image - wavelet_lowpass(image) + wavelet_lowpass(reference)
 
 def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     """Coarsest band of an a-trous wavelet decomposition: binomial 3x3 blurs, dilation 2^level."""
@@ -377,9 +372,9 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     (mean, std), (ref_mean, ref_std) = channel_stats(image), channel_stats(reference)
     return (image - mean) / (std + 1e-6) * ref_std + ref_mean
 
-def omgsr_adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """OMGSR-F's AdaIN: `adain_color_fix` with eps added to the variances."""
-    (mean, std), (ref_mean, ref_std) = channel_stats(image, eps), channel_stats(reference, eps)
+def omgsr_adain(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """OMGSR-F's AdaIN: `adain_color_fix` with 1e-5 added to the variances."""
+    (mean, std), (ref_mean, ref_std) = channel_stats(image, 1e-5), channel_stats(reference, 1e-5)
     return (image - mean) / std * ref_std + ref_mean
 
 def channel_stats(x: torch.Tensor, eps: float = 0.0):
@@ -1526,25 +1521,24 @@ def vae_lora_table(vae: AutoEncoder) -> dict:
     table = vae_table_for({key.replace(".base.", "."): None for key in vae.state_dict()})
     return {k: v for k, v in table.items() if k.startswith("encoder.") and k.endswith(".weight")}
 
-def flux_lora_slots(transformer: Flux):
+def lora_slots(model: nn.Module, table: dict, prefix: str, root: str = ""):
     """(key in OP4KSR's file, A or B block, layout transform, the scale folded into the file's B)
-    of each block of each SplitLoRALinear."""
-    table = flux_table(transformer.config)
-    for name, module in transformer.named_modules():
-        if isinstance(module, SplitLoRALinear):
-            for part, a, b in zip(table[f"{name}.weight"][0], module.lora_A, module.lora_B):
-                prefix = "transformer." + part.removesuffix(".weight")
-                yield f"{prefix}.lora_A.weight", a, None, 1.0
-                yield f"{prefix}.lora_B.weight", b, None, module.scale
+    of each block of each LoRA in `model`, named `root` in `table`."""
+    for name, module in model.named_modules(prefix=root):
+        if isinstance(module, (SplitLoRALinear, LoRAConv2d)):
+            parts, transform = table[f"{name}.weight"]
+            blocks = (zip(module.lora_A, module.lora_B) if isinstance(module, SplitLoRALinear)
+                      else [(module.lora_A, module.lora_B)])
+            for part, (a, b) in zip(parts, blocks):
+                key = prefix + part.removesuffix(".weight")
+                yield f"{key}.lora_A.weight", a, transform, 1.0
+                yield f"{key}.lora_B.weight", b, transform, module.scale
+
+def flux_lora_slots(transformer: Flux):
+    return lora_slots(transformer, flux_table(transformer.config), "transformer.")
 
 def encoder_lora_slots(encoder: nn.Module, vae: AutoEncoder):
-    table = vae_lora_table(vae)
-    for name, module in encoder.named_modules():
-        if isinstance(module, LoRAConv2d):
-            (part,), transform = table[f"encoder.{name}.weight"]
-            prefix = "vae." + part.removesuffix(".weight")
-            yield f"{prefix}.lora_A.weight", module.lora_A, transform, 1.0
-            yield f"{prefix}.lora_B.weight", module.lora_B, transform, module.scale
+    return lora_slots(encoder, vae_lora_table(vae), "vae.", "encoder")
 
 def save_op4ksr(path, transformer: Flux, vae: AutoEncoder, prompt: dict, settings: dict):
     state = export_flux_lora(transformer) | export_vae_lora(vae.encoder, vae)
@@ -1576,14 +1570,12 @@ def export_lora(slots) -> dict:
 OMGSR_F_ADAPTERS = {"flux_adapter": "transformer.", "vae_encoder_adapter": "vae.encoder."}
 OMGSR_F_LABEL = "OMGSR-F's LoRAs (trained at 1024 px, tiled by OMGSR), not OP4KSR's trained weights"
 PEFT_PREFIX = "base_model.model."
-PEFT_PLAIN = {  # peft options, with the values that keep a LoRA plain
-    "use_rslora": (None, False), "use_dora": (None, False), "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}), "fan_in_fan_out": (None, False), "bias": (None, "none"),
-    "modules_to_save": (None, []), "layers_to_transform": (None,),
-    "layers_pattern": (None, [], ""), "layer_replication": (None, []),
-    "exclude_modules": (None, [], ""), "lora_bias": (None, False), "use_qalora": (None, False),
-    "target_parameters": (None, []), "trainable_token_indices": (None, {}),
-    "peft_type": (None, "LORA"),
+PEFT_PLAIN = {  # peft options, with the values besides None that keep a LoRA plain
+    "use_rslora": (False,), "use_dora": (False,), "rank_pattern": ({},), "alpha_pattern": ({},),
+    "fan_in_fan_out": (False,), "bias": ("none",), "modules_to_save": ([],),
+    "layers_to_transform": (), "layers_pattern": ([], ""), "layer_replication": ([],),
+    "exclude_modules": ([], ""), "lora_bias": (False,), "use_qalora": (False,),
+    "target_parameters": ([],), "trainable_token_indices": ({},), "peft_type": ("LORA",),
 }
 
 def omgsr_f_folder(spec, token=None) -> Path | None:
@@ -1621,7 +1613,7 @@ def peft_lora_config(config: dict, path) -> tuple[int, float, object]:
     """(r, lora_alpha, target_modules) of a peft adapter_config.json; refuses every option that
     would make the LoRA other than W + (alpha / r) B A."""
     for option, plain in PEFT_PLAIN.items():
-        if config.get(option) not in plain:
+        if config.get(option) not in (None, *plain):
             raise UserError(f"{path}: {option}={config[option]!r} is a peft option this loader "
                             "does not implement (plain LoRA only)")
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
@@ -1665,7 +1657,7 @@ def omgsr_f_prompt(flux, device, dtype, token=None) -> dict:
     source = source_name(flux)
     local = Path(source)
     stamps = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
-                    for f in local.glob("t*/*") if f.is_file()) if local.is_dir() else []
+                    for f in local.glob("t*/*") if f.is_file())  # none for a Hub repo
     key = json.dumps([source, stamps, "", 512, str(dtype)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = prompt_cache_folder() / f"prompt-{digest}.safetensors"
@@ -1736,7 +1728,7 @@ def init_loras_from(transformer: Flux, vae: AutoEncoder, state: dict, source: st
 OMGSR_F_PROCESS_SIZE = 1024  # its --process_size: the training size; latent tiles of 1/8 of it
 
 def omgsr_f_image(pipe: SRPipeline, image: Image.Image, upscale: int, color_fix: str,
-                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+                  process_size: int) -> Image.Image:
     lq = omgsr_f_input(image, upscale, process_size)
     x = (unit_tensor(lq)[None] * 2 - 1).to(pipe.device, pipe.dtype)
     with torch.inference_mode():
@@ -1755,8 +1747,7 @@ def omgsr_f_sizes(width: int, height: int, upscale: int, process_size: int = OMG
     process = (width - width % 8, height - height % 8)
     return process, final or process
 
-def omgsr_f_input(image: Image.Image, upscale: int,
-                  process_size: int = OMGSR_F_PROCESS_SIZE) -> Image.Image:
+def omgsr_f_input(image: Image.Image, upscale: int, process_size: int) -> Image.Image:
     """OMGSR-F's input: a side under process_size / upscale brings the shorter side to it, x upscale
     (both bicubic), cut to multiples of 8 (LANCZOS)."""
     least = process_size // upscale
@@ -1768,7 +1759,7 @@ def omgsr_f_input(image: Image.Image, upscale: int,
                         Image.LANCZOS)
 
 @torch.inference_mode()
-def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int = OMGSR_F_PROCESS_SIZE):
+def omgsr_f_latent(pipe: SRPipeline, image: torch.Tensor, process_size: int):
     """OMGSR-F's one step, tiled above (process_size / 8)^2 latent pixels or at an odd side (which
     OMGSR-F's code fails to pack)."""
     z = pipe.vae.encode(image)
@@ -1804,7 +1795,7 @@ def omgsr_f_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
         raise UserError(f"a tile of {tile} latent pixels cannot overlap by {overlap}: use a larger "
                         "--process-size")
     stride = tile - overlap
-    return [i * stride for i in range(max(0, math.ceil((size - tile) / stride)))] + [size - tile]
+    return [i * stride for i in range(math.ceil((size - tile) / stride))] + [size - tile]
 
 def omgsr_f_tile_weights(tile: int) -> torch.Tensor:
     """OMGSR-F's tile weights: a Gaussian of variance 0.01 in tile sides, centred at (tile - 1) / 2
@@ -2052,8 +2043,7 @@ def check_crop(crop: int, scale: int, factor: int | None = None):
         raise UserError(f"--crop {crop}: must be a multiple of {2 * factor} px (one token)")
 
 @torch.no_grad()
-def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int = 512,
-                        token=None) -> dict:
+def encode_fixed_prompt(source, prompt: str, device, dtype, max_length: int, token) -> dict:
     """{"txt": T5's, "y": CLIP-L's pooled embedding, "text"} of the fixed prompt."""
     files = ("*.json", "*.txt", "*.model")
     clip_ids = CLIPTokenizer(resolve_source(source, "tokenizer", files, token))(prompt).to(device)
@@ -2311,7 +2301,7 @@ def _uniform(generator, low, high) -> float:
     return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
 def _happens(generator, probability) -> bool:
-    return torch.rand((), generator=generator, dtype=torch.float64).item() < probability
+    return _uniform(generator, 0.0, 1.0) < probability
 
 def _pick(generator, options, probs=None):
     weights = torch.tensor(probs or [1.0] * len(options), dtype=torch.float64)
@@ -2729,7 +2719,7 @@ def sr_command(args):
     if folder is not None:
         return omgsr_f_command(args, folder, pairs)
     _, meta = read_op4ksr_metadata(args.weights, args.token)
-    scale = None if args.size else args.scale or float(meta.get("scale", 4))
+    scale = args.scale or float(meta.get("scale", 4))
     jobs = decodable_jobs(pairs, lambda width, height: sr_size(width, height, scale, args.size))
     pipe = prepare(load_sr_pipeline(args.weights, args.flux, args.vae, args.device,
                                     DTYPES.get(args.dtype), args.token), args)
@@ -2796,7 +2786,7 @@ def write_results(jobs, args, make, method: str, settings: dict):
 
 def omgsr_f_job_size(args, width: int, height: int) -> tuple[int, int]:
     if args.recipe == "op4ksr":
-        return sr_size(width, height, None if args.size else (args.scale or 4.0), args.size)
+        return sr_size(width, height, args.scale or 4.0, args.size)
     process, final = omgsr_f_sizes(width, height, int(args.scale or 4), args.process_size)
     if max(*process, *final) > MAX_SIDE or min(process) < 16:
         shown = f"{process[0]}x{process[1]}"
@@ -2823,7 +2813,7 @@ def check_recipe_options(args, omgsr_f: bool):
                                 "inference")
     elif args.process_size is not None:
         raise UserError("--process-size is --recipe omgsr-f's")
-    args.theta = RFR_THETA if args.theta is None else args.theta
+    args.theta = args.theta or RFR_THETA
     args.vae_mode = args.vae_mode or ("f8" if args.recipe == "omgsr-f" else "f16")
     args.process_size = args.process_size or OMGSR_F_PROCESS_SIZE
     fixes = {None: "adain" if args.recipe == "omgsr-f" else "none", "nofix": "none"}
@@ -2868,7 +2858,7 @@ def sr_inputs(source: Path, output) -> tuple[list[Path], list[Path]]:
                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not inputs:
         raise UserError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    folder = Path(output or source.resolve().with_name(source.resolve().name + "_op4ksr"))
+    folder = Path(output or f"{source.resolve()}_op4ksr")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output {folder} is a file; a folder --input needs an output folder "
                         f"(default: {source.name}_op4ksr/)")
