@@ -116,7 +116,7 @@ DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, 
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
 WHOLE_DECODE_MAX_SIDE = 4096  # larger images are decoded in tiles (see generate)
 DECODE_TILE = 128  # latent pixels per decode tile: 2048 px with the F16 VAE
-PROMPT_BATCH = 8  # prompts per text-encoder batch with --prompts
+PROMPT_BATCH = 8  # prompts per text-encoder batch (T5-XXL's memory grows with it)
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
 
 
@@ -1939,10 +1939,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
     first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
     shares = [range(k * micro, (k + 1) * micro) for k in range(first, first + accumulation)]
-    autocast = contextlib.nullcontext
-    if pipe.dtype == torch.bfloat16:
-        autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
-                                     cache_enabled=False)
+    autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16,
+                                 enabled=pipe.dtype == torch.bfloat16, cache_enabled=False)
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", r.steps, step) if ctx.main else None
     while step < r.steps:
@@ -2073,9 +2071,9 @@ class Captioned:
         texts = [self.examples[index].text for index, _ in loaded]
         condition = {name: torch.stack([self.conditions[text][name] for text in texts]).to(device)
                      for name in self.conditions[texts[0]]}
-        eps = None if draws["eps"] is None else draws["eps"][share].to(device)
         images = torch.stack([image for _, image in loaded]).to(device, dtype)
-        noise, sigma = (draws[key][share].to(device) for key in ("noise", "sigma"))
+        noise, sigma, eps = (None if draws[key] is None else draws[key][share].to(device)
+                             for key in ("noise", "sigma", "eps"))
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
@@ -2104,7 +2102,7 @@ def text_cache_key(path: Path) -> str | None:
                         "--text-cache")
     return key
 
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch=8) -> dict:
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None) -> dict:
     """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
     `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
@@ -2119,8 +2117,8 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
         for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions
             tokenizer(unique)
             tokenizer.name = None
-        for start in range(0, len(unique), batch):
-            conditions = encode_prompts(pipe, unique[start : start + batch])
+        for start in range(0, len(unique), PROMPT_BATCH):
+            conditions = encode_prompts(pipe, unique[start : start + PROMPT_BATCH])
             stored.update({f"{i}.{name}": value[0].to(pipe.dtype)
                            for i, condition in enumerate(conditions, start)
                            for name, value in condition.items()})
@@ -2221,10 +2219,7 @@ def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     out = {}
     for original, (parts, transform) in table.items():
         tensor = TRANSFORMS[transform][1](state[original])
-        if len(parts) == 1:
-            out[parts[0]] = tensor
-        else:
-            out.update(zip(parts, tensor.split(fused_sizes(len(parts), len(tensor), hidden_size))))
+        out.update(zip(parts, tensor.split(fused_sizes(len(parts), len(tensor), hidden_size))))
     return out
 
 def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
@@ -2358,8 +2353,8 @@ class VAETraining:
                 "disc_optimizer": self.disc_optimizer}
 
 def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token) -> VAETraining:
-    teacher = load_vae(r.base, torch.float32, device, stride=1, token=token).requires_grad_(False)
-    student = load_vae(r.base, torch.float32, device, stride=2, token=token).requires_grad_(False)
+    teacher, student = (load_vae(r.base, torch.float32, device, stride=stride, token=token)
+                        .requires_grad_(False) for stride in (1, 2))
     decoder = student.decoder.train().requires_grad_(True)
     decoder.gradient_checkpointing = r.gradient_checkpointing
     decoder.partitioned = r.f16_decode == "partitioned"
@@ -2404,11 +2399,12 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     fresh crops against the last fakes. Returns (the optimizer to step, mean losses and norm)."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
-    model, optimizer = run.student.decoder, run.optimizer
     if disc is not None:
         disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
-        model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
-    gan = disc if disc is not None and step >= r.gan_start else None
+    model, optimizer = run.student.decoder, run.optimizer
+    if disc_turn:
+        model, optimizer = disc, run.disc_optimizer
+    gan = disc if step >= r.gan_start else None
     totals = {}
     for _ in range(r.grad_accum):
         x = run.stream.batch(r.batch_size).to(run.device)
@@ -2499,7 +2495,7 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     folder, state = read_checkpoint(latest, read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
     ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-    if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
+    if (ema == "on", gan == "on") != (run.ema is not None, run.disc is not None):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
     try:
@@ -2519,16 +2515,11 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, whole or not at all, if its weights are finite; prunes."""
+    """checkpoints/step-N/state.pt if its weights are finite; prunes."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
-    folder = output / "checkpoints" / f"step-{step:08d}"
-    try:
-        save_torch(state, folder / "state.pt")
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    save_torch(state, output / "checkpoints" / f"step-{step:08d}" / "state.pt")  # atomic
     for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -3067,10 +3058,10 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
                     width=width, steps=steps, guidance=guidance, seed=None, mu=args.mu,
                     negative_prompt=args.negative_prompt if sd3 else "")
     for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
-        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: encoded in parts
+        if n % PROMPT_BATCH == 0:
             conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = {**settings, "seed": seed}  # keeps the key's place
+        settings["seed"] = seed
         start = time.perf_counter()
         image = generate(pipe, conditions[n % PROMPT_BATCH], height, width, steps, guidance, seed,
                          negative, args.mu, progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
@@ -3116,9 +3107,8 @@ def generate_parser() -> argparse.ArgumentParser:
     existing.add_argument("--skip-existing", action="store_true", help="keep existing images")
     add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
         help="Flux or SD3 pipeline (Hub repo or folder) or transformer file")
-    side = dict(type=integer(1, 16384), default=4096, help="in px")
-    add("--height", **side)
-    add("--width", **side)
+    for side in ("--height", "--width"):
+        add(side, type=integer(1, 16384), default=4096, help="in px")
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
     add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance; SD3: CFG scale")
     add("--negative-prompt", default="", help="SD3 only")
