@@ -351,13 +351,10 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
                 lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
                 gan_weight: float = 0.05):
-    """L_SC of the module docstring for crops x in [-1, 1]:
-        MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
-        + gan_weight lambda (-mean D(x_hat)),
-    x_hat clamped to [-1, 1], the F8 teacher's f from its own latent, lambda balancing the
-    reconstruction term (LPIPS, else MSE) against D's at the student's conv_out. lpips or disc
-    None drops its term; latents are drawn with the generator `posterior` (None: the mean).
-    Returns (terms, x_hat detached)."""
+    """L_SC of the module docstring for crops x in [-1, 1], with the given weights; the F8
+    teacher's f comes from its own latent, lambda balances the reconstruction term (LPIPS, else
+    MSE) against D's at the student's conv_out. lpips or disc None drops its term; latents are
+    drawn with the generator `posterior` (None: the mean). Returns (terms, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -1960,8 +1957,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
                 print(f"step {step}/{r.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
                       file=sys.stderr)
         if step % r.checkpoint_every == 0 or step == r.steps:
-            keep = r.keep_checkpoints
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, keep, run)
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, r.keep_checkpoints,
+                            run)
     return losses
 
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
@@ -2082,8 +2079,8 @@ class Captioned:
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    path = self.examples[candidate].path
-                    return candidate, load_crop(path, *self.crop, offset, flip)
+                    return candidate, load_crop(self.examples[candidate].path, *self.crop, offset,
+                                                flip)
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
@@ -2223,7 +2220,6 @@ def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     return out
 
 def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
-    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel."""
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
     heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)
@@ -2332,9 +2328,7 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
         return run
 
 @dataclass
-class VAETraining:
-    """An SC-VAE run: models, optimizers, data, random state, losses per step."""
-
+class VAETraining:  # an SC-VAE run
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
     optimizer: torch.optim.Optimizer
@@ -2467,9 +2461,8 @@ class CropStream:
         self.bad = set(state["bad"].tolist())
 
 def read_vae_checkpoint(folder: Path) -> dict:
-    state = load_state_file(folder / "state.pt", ("step", "decoder", "optimizer", "ema", "disc",
-                                                  "disc_optimizer", "fakes", "stream", "noise",
-                                                  "torch_rng"))
+    keys = "step decoder optimizer ema disc disc_optimizer fakes stream noise torch_rng".split()
+    state = load_state_file(folder / "state.pt", keys)
     for part in ("decoder", "ema", "disc"):
         check_weights(state[part] or {}, folder / "state.pt")
     return state
