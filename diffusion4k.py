@@ -2407,9 +2407,8 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
                 hinge, penalty = discriminator_loss(disc, x, run.fakes, r.gp_weight)
                 losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
             else:
-                losses, run.fakes = sc_vae_loss(
-                    x, run.student, run.teacher, posterior, run.lpips, gan, sc_weight=r.sc_weight,
-                    lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
+                losses, run.fakes = sc_vae_loss(x, run.student, run.teacher, posterior, run.lpips,
+                                                gan, r.sc_weight, r.lpips_weight, r.gan_weight)
         (losses["loss"] / r.grad_accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
