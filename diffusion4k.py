@@ -116,7 +116,7 @@ DEFAULTS = {"flux": dict(steps=50, guidance=5.0), "flux-schnell": dict(steps=4, 
 MU_CAP_TOKENS = 16384  # Flux's timestep-shift rule stops at this token count (see flux_sigmas)
 WHOLE_DECODE_MAX_SIDE = 4096  # larger images are decoded in tiles (see generate)
 DECODE_TILE = 128  # latent pixels per decode tile: 2048 px with the F16 VAE
-PROMPT_BATCH = 8  # prompts per text-encoder batch with --prompts
+PROMPT_BATCH = 8  # prompts per text-encoder batch (T5-XXL's memory grows with it)
 WLF_UPSTREAM = (1.0, 1.0, 1.0, 1.0)  # WLF subband weights (LL, LH, HL, HH): equal, as upstream
 
 
@@ -349,13 +349,10 @@ def sample_sigmas(n: int, scheme: str, shift: float, generator: torch.Generator,
 def sc_vae_loss(x: torch.Tensor, student: AutoEncoder, teacher: AutoEncoder, posterior=None,
                 lpips=None, disc=None, sc_weight: float = 1.0, lpips_weight: float = 0.1,
                 gan_weight: float = 0.05):
-    """L_SC of the module docstring for crops x in [-1, 1]:
-        MSE(x_hat, x) + lpips_weight LPIPS(x_hat, x) + sc_weight MSE(f_student, avgpool2(f_teacher))
-        + gan_weight lambda (-mean D(x_hat)),
-    x_hat clamped to [-1, 1], the F8 teacher's f from its own latent, lambda balancing the
-    reconstruction term (LPIPS, else MSE) against D's at the student's conv_out. lpips or disc
-    None drops its term; latents are drawn with the generator `posterior` (None: the mean).
-    Returns (terms, x_hat detached)."""
+    """L_SC of the module docstring for crops x in [-1, 1], with the given weights; the F8
+    teacher's f comes from its own latent, lambda balances the reconstruction term (LPIPS, else
+    MSE) against D's at the student's conv_out. lpips or disc None drops its term; latents are
+    drawn with the generator `posterior` (None: the mean). Returns (terms, x_hat detached)."""
     with torch.no_grad():
         target = teacher.decoder.features(encode_raw(teacher, x, posterior))
         z = encode_raw(student, x, posterior)
@@ -1932,10 +1929,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
     latent_shape = (total, vae.config.z_channels, data.crop[0] // f, data.crop[1] // f)
     first = ctx.rank * accumulation  # this rank's micro-batches of the global batch
     shares = [range(k * micro, (k + 1) * micro) for k in range(first, first + accumulation)]
-    autocast = contextlib.nullcontext
-    if pipe.dtype == torch.bfloat16:
-        autocast = functools.partial(torch.autocast, ctx.device.type, pipe.dtype,
-                                     cache_enabled=False)
+    autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16,
+                                 enabled=pipe.dtype == torch.bfloat16, cache_enabled=False)
     output.mkdir(parents=True, exist_ok=True)
     update = progress_bar("train", r.steps, step) if ctx.main else None
     while step < r.steps:
@@ -1955,8 +1950,8 @@ def wlf_loop(r: WLFRecipe, ctx: Distributed, output: Path, pipe: Pipeline, data:
                 print(f"step {step}/{r.steps} loss {value:.5f} grad-norm {norm:.3f} lr {lr:.2e}",
                       file=sys.stderr)
         if step % r.checkpoint_every == 0 or step == r.steps:
-            keep = r.keep_checkpoints
-            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, keep, run)
+            save_checkpoint(output, step, model, optimizer, batches, lora, ctx, r.keep_checkpoints,
+                            run)
     return losses
 
 def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast,
@@ -2066,9 +2061,9 @@ class Captioned:
         texts = [self.examples[index].text for index, _ in loaded]
         condition = {name: torch.stack([self.conditions[text][name] for text in texts]).to(device)
                      for name in self.conditions[texts[0]]}
-        eps = None if draws["eps"] is None else draws["eps"][share].to(device)
         images = torch.stack([image for _, image in loaded]).to(device, dtype)
-        noise, sigma = (draws[key][share].to(device) for key in ("noise", "sigma"))
+        noise, sigma, eps = (None if draws[key] is None else draws[key][share].to(device)
+                             for key in ("noise", "sigma", "eps"))
         return images, noise, sigma, eps, condition
 
     def readable_crop(self, index: int, offset, flip: bool) -> tuple[int, torch.Tensor]:
@@ -2077,8 +2072,8 @@ class Captioned:
         for candidate in [(index + k) % n for k in range(n)]:
             if candidate not in bad:
                 try:
-                    path = self.examples[candidate].path
-                    return candidate, load_crop(path, *self.crop, offset, flip)
+                    return candidate, load_crop(self.examples[candidate].path, *self.crop, offset,
+                                                flip)
                 except UserError as error:
                     bad.add(candidate)
                     warn(f"{error}; skipped ({len(bad)} of {n} images unreadable)")
@@ -2097,7 +2092,7 @@ def text_cache_key(path: Path) -> str | None:
                         "--text-cache")
     return key
 
-def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None, batch=8) -> dict:
+def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None) -> dict:
     """caption -> {name: tensor} on the CPU, each distinct caption encoded once, or read from
     `cache` if made for these model, captions and lengths; frees the encoders."""
     unique = sorted(set(texts))
@@ -2112,8 +2107,8 @@ def encode_captions(pipe: Pipeline, texts: list[str], cache: Path | None = None,
         for tokenizer in pipe.tokenizers.values():  # one note per encoder for all captions
             tokenizer(unique)
             tokenizer.name = None
-        for start in range(0, len(unique), batch):
-            conditions = encode_prompts(pipe, unique[start : start + batch])
+        for start in range(0, len(unique), PROMPT_BATCH):
+            conditions = encode_prompts(pipe, unique[start : start + PROMPT_BATCH])
             stored.update({f"{i}.{name}": value[0].to(pipe.dtype)
                            for i, condition in enumerate(conditions, start)
                            for name, value in condition.items()})
@@ -2214,14 +2209,10 @@ def to_folder_layout(state: dict, table: dict, hidden_size: int = 0) -> dict:
     out = {}
     for original, (parts, transform) in table.items():
         tensor = TRANSFORMS[transform][1](state[original])
-        if len(parts) == 1:
-            out[parts[0]] = tensor
-        else:
-            out.update(zip(parts, tensor.split(fused_sizes(len(parts), len(tensor), hidden_size))))
+        out.update(zip(parts, tensor.split(fused_sizes(len(parts), len(tensor), hidden_size))))
     return out
 
 def diffusers_config(c: FluxConfig | SD3Config, kind: str) -> dict:
-    """config.json of diffusers' FluxTransformer2DModel / SD3Transformer2DModel."""
     if c.mlp_ratio != 4.0:
         raise UserError(f"mlp_ratio {c.mlp_ratio}: diffusers' {kind} transformer is fixed at 4")
     heads = dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads)
@@ -2330,9 +2321,7 @@ def train_vae(r: SCVAERecipe, data, output, resume: bool = False, lpips: tuple |
         return run
 
 @dataclass
-class VAETraining:
-    """An SC-VAE run: models, optimizers, data, random state, losses per step."""
-
+class VAETraining:  # an SC-VAE run
     student: AutoEncoder  # F16; its decoder trains
     teacher: AutoEncoder  # F8, frozen
     optimizer: torch.optim.Optimizer
@@ -2351,8 +2340,8 @@ class VAETraining:
                 "disc_optimizer": self.disc_optimizer}
 
 def sc_vae_setup(r: SCVAERecipe, files: list[Path], lpips: tuple, device, token) -> VAETraining:
-    teacher = load_vae(r.base, torch.float32, device, stride=1, token=token).requires_grad_(False)
-    student = load_vae(r.base, torch.float32, device, stride=2, token=token).requires_grad_(False)
+    teacher, student = (load_vae(r.base, torch.float32, device, stride=stride, token=token)
+                        .requires_grad_(False) for stride in (1, 2))
     decoder = student.decoder.train().requires_grad_(True)
     decoder.gradient_checkpointing = r.gradient_checkpointing
     decoder.partitioned = r.f16_decode == "partitioned"
@@ -2397,11 +2386,12 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
     fresh crops against the last fakes. Returns (the optimizer to step, mean losses and norm)."""
     disc, posterior = run.disc, run.noise if r.posterior == "sample" else None
     disc_turn = disc is not None and discriminator_turn(step, r.gan_start)
-    model, optimizer = run.student.decoder, run.optimizer
     if disc is not None:
         disc.requires_grad_(disc_turn)  # the decoder's turn only needs gradients through D
-        model, optimizer = (disc, run.disc_optimizer) if disc_turn else (model, optimizer)
-    gan = disc if disc is not None and step >= r.gan_start else None
+    model, optimizer = run.student.decoder, run.optimizer
+    if disc_turn:
+        model, optimizer = disc, run.disc_optimizer
+    gan = disc if step >= r.gan_start else None
     totals = {}
     for _ in range(r.grad_accum):
         x = run.stream.batch(r.batch_size).to(run.device)
@@ -2410,9 +2400,8 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
                 hinge, penalty = discriminator_loss(disc, x, run.fakes, r.gp_weight)
                 losses = {"loss": hinge + penalty, "hinge": hinge, "gp": penalty}
             else:
-                losses, run.fakes = sc_vae_loss(
-                    x, run.student, run.teacher, posterior, run.lpips, gan, sc_weight=r.sc_weight,
-                    lpips_weight=r.lpips_weight, gan_weight=r.gan_weight)
+                losses, run.fakes = sc_vae_loss(x, run.student, run.teacher, posterior, run.lpips,
+                                                gan, r.sc_weight, r.lpips_weight, r.gan_weight)
         (losses["loss"] / r.grad_accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
@@ -2464,9 +2453,8 @@ class CropStream:
         self.bad = set(state["bad"].tolist())
 
 def read_vae_checkpoint(folder: Path) -> dict:
-    state = load_state_file(folder / "state.pt", ("step", "decoder", "optimizer", "ema", "disc",
-                                                  "disc_optimizer", "fakes", "stream", "noise",
-                                                  "torch_rng"))
+    keys = "step decoder optimizer ema disc disc_optimizer fakes stream noise torch_rng".split()
+    state = load_state_file(folder / "state.pt", keys)
     for part in ("decoder", "ema", "disc"):
         check_weights(state[part] or {}, folder / "state.pt")
     return state
@@ -2492,7 +2480,7 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     folder, state = read_checkpoint(latest, read_vae_checkpoint)
     check_run(folder, state.get("run"), vae_run(r))
     ema, gan = ("off" if state[part] is None else "on" for part in ("ema", "disc"))
-    if (ema, gan) != tuple("off" if part is None else "on" for part in (run.ema, run.disc)):
+    if (ema == "on", gan == "on") != (run.ema is not None, run.disc is not None):
         raise UserError(f"{folder}: saved with EMA {ema} and the GAN {gan}; resume with the same "
                         "--ema / --gan-weight")
     try:
@@ -2512,16 +2500,11 @@ def resume_vae(run: VAETraining, r: SCVAERecipe, output: Path) -> int:
     return state["step"]
 
 def save_vae_checkpoint(output: Path, step: int, state: dict, keep: int):
-    """checkpoints/step-N/state.pt, whole or not at all, if its weights are finite; prunes."""
+    """checkpoints/step-N/state.pt if its weights are finite; prunes."""
     for part in ("decoder", "ema", "disc"):
         if any(not torch.isfinite(value).all() for value in (state[part] or {}).values()):
             raise training_diverged(step, f"a {part} weight after the update", output)
-    folder = output / "checkpoints" / f"step-{step:08d}"
-    try:
-        save_torch(state, folder / "state.pt")
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    save_torch(state, output / "checkpoints" / f"step-{step:08d}" / "state.pt")  # atomic
     for old in sorted((output / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -3061,10 +3044,10 @@ def generate_images(args, pipe: Pipeline, prompts: list[str], outputs: list[Path
                     width=width, steps=steps, guidance=guidance, seed=None, mu=args.mu,
                     negative_prompt=args.negative_prompt if sd3 else "")
     for n, (i, prompt, output) in enumerate(zip(numbers, prompts, outputs)):
-        if n % PROMPT_BATCH == 0:  # T5-XXL's memory grows with its batch: encoded in parts
+        if n % PROMPT_BATCH == 0:
             conditions = encode_prompts(pipe, prompts[n : n + PROMPT_BATCH])
         seed = args.seed + i if args.seed_per_prompt == "increment" else args.seed
-        settings = {**settings, "seed": seed}  # keeps the key's place
+        settings["seed"] = seed
         start = time.perf_counter()
         image = generate(pipe, conditions[n % PROMPT_BATCH], height, width, steps, guidance, seed,
                          negative, args.mu, progress_bar(f"{n + 1}/{len(prompts)}"), args.vae_tile)
@@ -3110,9 +3093,8 @@ def generate_parser() -> argparse.ArgumentParser:
     existing.add_argument("--skip-existing", action="store_true", help="keep existing images")
     add("--model", default="zhang0jhon/flux_wavelet_v2_sc",
         help="Flux or SD3 pipeline (Hub repo or folder) or transformer file")
-    side = dict(type=integer(1, 16384), default=4096, help="in px")
-    add("--height", **side)
-    add("--width", **side)
+    for side in ("--height", "--width"):
+        add(side, type=integer(1, 16384), default=4096, help="in px")
     add("--steps", type=integer(1), help="denoising steps (Flux 50, schnell 4, SD3 28)")
     add("--guidance", type=number(0, 100), help="Flux-dev: distilled guidance; SD3: CFG scale")
     add("--negative-prompt", default="", help="SD3 only")
