@@ -67,7 +67,7 @@ def test_the_length_check_finds_a_long_function():
 
 
 # The four method files together may not grow past this (issue 19 asks for 480,000).
-MAX_CHARACTERS = 530_000
+MAX_CHARACTERS = 527_000
 
 
 def test_weight():
