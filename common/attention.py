@@ -1,25 +1,19 @@
-"""One attention function for every model in the project.
+"""One attention function for every model in the project, so the kernel is chosen in one place:
+* CUDA, bf16/fp16, head_dim <= 256: cuDNN or flash attention (cuDNN first on Hopper, where it is
+  the faster), then memory-efficient, then math.
+* head_dim > 256 (the VAE's mid attention: 512 channels in one head): flash and cuDNN cannot take
+  it, so memory-efficient attention comes first.
+* CPU (the tests): whatever SDPA picks; PyTorch's CPU flash kernel takes every float dtype, with
+  or without a mask, except bf16 where it breaks (`cpu_flash_breaks`): there, math.
 
-All transformers, the text encoders and the VAE's mid-block call `attention`, so the
-choice of kernel is made in exactly one place:
-
-* CUDA, bf16/fp16, head_dim <= 256: cuDNN or flash attention (cuDNN first on Hopper,
-  where it is the faster of the two), then memory-efficient, then math.
-* head_dim > 256 (the VAE's mid attention has 512 channels in one head): flash and cuDNN
-  cannot take it, so memory-efficient attention comes first.
-* CPU / fp32 (the tests): whatever SDPA picks; PyTorch's CPU flash kernel takes every
-  float dtype, with or without a mask.
-
-Splitting the queries. The fused kernels (flash, cuDNN, memory-efficient, and the CPU flash
-kernel, masked or not) stream over the keys in blocks and never hold the score matrix, so
-they get the whole call: splitting it would only add kernel launches (at 4096^2 Flux would
-make 26 calls of 662 queries out of each of its 57 attentions). Only SDPA's math backend
-writes the (batch, heads, queries, keys) scores, and at 4096x4096 the VAE attends over
-262,144 tokens: one fp32 score matrix would need 256 GiB. So `attention` asks SDPA which
-backend it would run for these inputs, under the backends enabled here
-(`torch._fused_sdp_choice`, the function SDPA itself dispatches with), and only when that is
-the math backend does it process the queries in chunks of at most `MAX_SCORE_ELEMENTS`
-scores. Chunking queries is exact, since softmax runs over keys, independently for each query.
+Splitting the queries. The fused kernels (flash, cuDNN, memory-efficient, CPU flash) stream
+over the keys in blocks and never hold the score matrix, so they get the whole call: splitting
+it would only add kernel launches. Only SDPA's math backend writes the (batch, heads, queries,
+keys) scores, and at 4096x4096 the VAE attends over 262,144 tokens: one fp32 score matrix would
+need 256 GiB. So `attention` asks SDPA which backend it would run for these inputs under the
+backends enabled here (`torch._fused_sdp_choice`, SDPA's own dispatch), and only for the math
+backend processes the queries in chunks of at most `MAX_SCORE_ELEMENTS` scores. Chunking
+queries is exact: softmax runs over keys, independently for each query.
 """
 
 import torch
@@ -35,7 +29,14 @@ def preferred_backends(q: torch.Tensor) -> list[SDPBackend]:
         fused_half.reverse()
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
         return fused_half + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_flash_breaks():
+        return [SDPBackend.MATH]
     return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+def cpu_flash_breaks() -> bool:
+    """On AMX CPUs the CPU flash kernel packs bf16 with AVX-512 code: below avx512, it raises."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return amx and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16")
 
 def builds_scores(q, k, v, mask=None, scale=None) -> bool:
     """Whether SDPA, with the backends enabled where it is called, would run its math backend

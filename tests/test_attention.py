@@ -120,3 +120,24 @@ def test_attention_head_dim_512():
     out = attention(q, k, v)
     assert out.shape == (1, 1, 24, 512)
     torch.testing.assert_close(out, manual_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_on_the_cpu_runs_at_every_cpu_capability():
+    """On AMX CPUs PyTorch's CPU flash kernel raises "pack_vnni2 is only supported when avx512 is
+    supported" for bf16 at ATEN_CPU_CAPABILITY=default or avx2 (CI runs the suite at both): bf16
+    must still run there, and agree with the float64 reference to bf16 precision."""
+    q, k, v = (x.bfloat16() for x in qkv(b=1, h=2, lq=64, lk=64, dim=64))
+    out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - manual_attention(q, k, v)).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_on_the_cpu_leaves_flash_only_where_it_breaks(monkeypatch, amx, capability):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    breaks = amx and capability != "AVX512"
+    bf16, fp32 = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 4, 8)
+    assert (attention_module.preferred_backends(bf16) == [SDPBackend.MATH]) == breaks
+    assert SDPBackend.FLASH_ATTENTION in attention_module.preferred_backends(fp32)
