@@ -43,7 +43,7 @@ from test_text_encoders import (
     tiny_clip_config,
     tiny_t5,
 )
-from tiny_pipelines import make_flux_pipeline, make_sd3_pipeline
+from tiny_pipelines import make_flux_pipeline, make_sd3_pipeline, reference_sdpa
 
 import cupscale as cu
 import diffusion4k as d4k
@@ -88,6 +88,12 @@ def to_bf16(inputs: dict, keep=()) -> dict:
     """The floating inputs cast to bf16, as a bf16 pipeline hands them to its model; `keep` stays as is."""
     return {k: v.to(BF16) if torch.is_tensor(v) and v.is_floating_point() and k not in keep else v
             for k, v in inputs.items()}
+
+
+@pytest.fixture(autouse=True)
+def sdpa_that_runs_here():
+    with reference_sdpa():
+        yield
 
 
 # ============================================================================================ models

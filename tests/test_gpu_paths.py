@@ -14,6 +14,7 @@ import common.attention as attention_module
 import common.io as io
 import diffusion4k as d4k
 from conftest import randomize_
+from tiny_pipelines import reference_sdpa
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_FLUX = d4k.FluxConfig(in_channels=16, hidden_size=32, num_heads=2, depth=1, depth_single_blocks=2,
@@ -37,10 +38,14 @@ def sdpa_calls(monkeypatch):
     would run on its math backend is split into many (the old bug: one chunk per query here)."""
     calls, real_sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(attention_module, "MAX_SCORE_ELEMENTS", 64)
+    # Dispatch as where the CPU flash kernel works (a CUDA stand-in); where it raises in bf16, the
+    # call then runs on the math backend.
+    monkeypatch.setattr(attention_module, "cpu_flash_breaks", lambda: False)
 
     def spy(q, k, v, *args, **kwargs):
         calls.append(((q.dtype, k.dtype, v.dtype), q.shape[-2]))
-        return real_sdpa(q, k, v, *args, **kwargs)
+        with reference_sdpa():
+            return real_sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
     return calls

@@ -5,14 +5,25 @@ tokenizer*/) so the CLIs load them through exactly the code path of the real Hub
 Every parameter is random (norm scales included).
 """
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.attention import cpu_flash_breaks
 from conftest import randomize_
 
 WORDS = "a photo of cat cats sitting on mat lighthouse at dawn red rocket over tokyo ultra high resolution image".split()
+
+
+def reference_sdpa(device="cpu"):
+    """diffusers and transformers call SDPA themselves: on a CPU where PyTorch's flash kernel raises
+    in bf16 (`common.attention.cpu_flash_breaks`), they take the math backend, as `attention` does."""
+    if torch.device(device).type == "cpu" and cpu_flash_breaks():
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def byte_alphabet() -> list[str]:

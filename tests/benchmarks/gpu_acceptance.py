@@ -65,7 +65,7 @@ import bench_diffusion4k  # noqa: E402
 import bench_op4ksr  # noqa: E402
 from bench_flux import flux_forward_flops  # noqa: E402
 from random_weights import random_model, randomise_  # noqa: E402
-from tiny_pipelines import WORDS, byte_alphabet  # noqa: E402
+from tiny_pipelines import WORDS, byte_alphabet, reference_sdpa  # noqa: E402
 
 import cupscale as cu  # noqa: E402
 import diffusion4k as d  # noqa: E402
@@ -383,16 +383,18 @@ def last_lines(path: Path, count: int) -> list[str]:
 def bench_flux(size: Size, reference: bool) -> dict:
     """One Flux step (16,384 + 512 tokens at 4096^2), ours and diffusers' with the same weights."""
     tokens = (size.side // 32) ** 2
-    results = bench_diffusion4k.flux_step(size.flux, tokens, FLUX_TEXT, size.device, size.dtype, warmup=1,
-                                          iters=2, reference=reference)
+    with reference_sdpa(size.device):
+        results = bench_diffusion4k.flux_step(size.flux, tokens, FLUX_TEXT, size.device, size.dtype,
+                                              warmup=1, iters=2, reference=reference)
     return measured(results, flux_forward_flops(size.flux, tokens, FLUX_TEXT))
 
 
 def bench_sd3(size: Size, reference: bool) -> dict:
     """One SD3 step (a CFG batch of 2) on the F16 latent of a size.side image."""
     latent = size.side // 16
-    results = bench_diffusion4k.sd3_step(size.sd3, latent, SD3_TEXT, size.device, size.dtype, warmup=1,
-                                         iters=2, reference=reference)
+    with reference_sdpa(size.device):
+        results = bench_diffusion4k.sd3_step(size.sd3, latent, SD3_TEXT, size.device, size.dtype,
+                                             warmup=1, iters=2, reference=reference)
     flops = bench_diffusion4k.sd3_step_flops(size.sd3, (latent // 2) ** 2, SD3_TEXT)
     return measured(results, flops)
 
