@@ -52,6 +52,7 @@ from common.io import (
     check_apart,
     check_output_file,
     check_weights,
+    device_dtype,
     device_name,
     integer,
     load_image,
@@ -1787,8 +1788,7 @@ def parse_args(argv=None):
     p.add_argument("--metrics", type=metric_names, help=f"comma list from {','.join(METRICS)}")
     p.add_argument("--out", help="JSON output (default PRED/metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", type=device_name, default=device)
+    p.add_argument("--device", type=device_name, default=str(device_dtype()[0]))
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="corrupt images")
     weights = local_path("file", must_exist=False, alternative=" (or a Hub spec owner/repo/path)")
     add_pixel_options(p, weights)
