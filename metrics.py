@@ -62,6 +62,7 @@ from common.io import (
     read_text,
     resolve_source,
     run_cli,
+    shape_mismatch,
     warn,
 )
 
@@ -1970,13 +1971,8 @@ def resolve_weights(spec, what):
 
 def load_strict(module, state, what):
     """load_state_dict naming the first offending keys instead of a wall of text; eval mode."""
-    expected = module.state_dict()
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    keys = {"missing": [k for k in expected if k not in state],
-            "unexpected": [k for k in state if k not in expected], "wrong shape": shapes}
-    if problems := [f"{kind} {found[:3]}" for kind, found in keys.items() if found]:
-        raise UserError(f"{what}: weights do not match the model: " + "; ".join(problems))
+    if report := shape_mismatch(state, {k: v.shape for k, v in module.state_dict().items()}):
+        raise UserError(f"{what}: weights do not match the model: {report}")
     module.load_state_dict(state)
     return module.eval()
 
