@@ -45,6 +45,14 @@ def test_the_construct_check_finds_them():
     assert len(awkward_constructs(source)) == 3
 
 
+@pytest.mark.parametrize("name", FILES)
+def test_module_docstring_fits_a_screen(name):
+    """Paper, method with its equations, commands and the order of the rest of the file: 40 lines
+    at most."""
+    docstring = ast.get_docstring(ast.parse((ROOT / name).read_text()), clean=False)
+    assert docstring and len(docstring.splitlines()) <= 40
+
+
 MAX_FUNCTION_LINES = 60
 
 
