@@ -735,8 +735,8 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
         if not {"transformer_blocks.0.attn.to_q.weight", "pos_embed.pos_embed"} <= state.keys():
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: "
-                            f"{first_keys(state)})")
+            raise ValueError(f"{source}: not an SD3 transformer checkpoint (first keys: "
+                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
     return build(lambda: MMDiT(sd3_config_from_state(state, folder_config(path))), state,
@@ -745,14 +745,14 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; heads from config.json, else 64 wide."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
-                        "is supported")
+        raise ValueError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
+                         "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
     if heads is None and hidden % 64:
-        raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
-                        f"the head count and {hidden} is no multiple of SD3's head dim 64; "
-                        "load its diffusers folder instead")
+        raise ValueError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                         f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                         "load its diffusers folder instead")
     return SD3Config(
         in_channels=in_channels, patch_size=patch, hidden_size=hidden,
         num_heads=heads or hidden // 64,
@@ -1016,15 +1016,15 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     for key, supported in VAE_FIXED.items():
         values = config.get(key, supported)
         if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
-                            f"{supported!r}")
+            raise ValueError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                             f"{supported!r}")
     state = read_component(path, dtype, device, prefix="first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
         state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
     quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
     if "encoder.down.0.block.0.conv1.weight" not in state or quant:
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
-                        f"(first keys: {first_keys(state)})")
+        raise ValueError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                         f"(first keys: {first_keys(state)})")
 
     settings = [next(value for value in (given, config.get(key), default) if value is not None)
                 for given, key, default in ((scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
@@ -1300,8 +1300,8 @@ class CLIPTokenizer(PromptTokenizer):
         files = [folder / "vocab.json", folder / "merges.txt"]
         for file in files:
             if not file.is_file():
-                raise UserError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
-                                "vocab.json and merges.txt)")
+                raise ValueError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
+                                 "vocab.json and merges.txt)")
         tok = self.tokenizer = Tokenizer(BPE.from_file(
             *map(str, files), end_of_word_suffix="</w>", continuing_subword_prefix=""))
         tok.normalizer = normalizers.Sequence(
@@ -1320,7 +1320,7 @@ class CLIPTokenizer(PromptTokenizer):
             pad = pad["content"] if isinstance(pad, dict) else pad
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
-                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+                raise ValueError(f"{folder}: pad token {pad!r} is not in vocab.json")
         self.max_length, self.pad_id, self.name = max_length, pad_id, name
 
 class T5Tokenizer(PromptTokenizer):
@@ -1332,8 +1332,8 @@ class T5Tokenizer(PromptTokenizer):
             json_file = path / "tokenizer.json"
             path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
-                            "spiece.model)")
+            raise ValueError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                             "spiece.model)")
         try:
             if path.suffix == ".json":
                 tok = self.tokenizer = Tokenizer.from_file(str(path))
@@ -1344,16 +1344,16 @@ class T5Tokenizer(PromptTokenizer):
                 tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
         except Exception as error:  # both libraries raise assorted types
-            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+            raise ValueError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
-            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+            raise ValueError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
     """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+        raise ValueError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     if "encoder.embed_tokens.weight" in state:  # a copy of shared.weight
@@ -1377,7 +1377,7 @@ def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, 
     path = component_path(source, subfolder)
     state = read_prefixed(path, dtype, device, prefix, skip)
     if not state:
-        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+        raise ValueError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
@@ -1386,8 +1386,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         state, f"{source} is not a T5 encoder checkpoint", "shared.weight",
         f"{attn}.relative_attention_bias.weight", f"{attn}.q.weight", f"{mlp}.wi_0.weight")
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
-                        f"not {config_json['feed_forward_proj']!r}")
+        raise ValueError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
@@ -1410,9 +1410,9 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     elif width % 64:
-        raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is "
-                        "not stored and the width is no multiple of CLIP's head dim 64; load its "
-                        "transformers folder instead")
+        raise ValueError(f"{source}: a CLIP of width {width} without config.json: its head count "
+                         "is not stored and the width is no multiple of CLIP's head dim 64; load "
+                         "its transformers folder instead")
     else:
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     return CLIPTextConfig(
@@ -1424,7 +1424,7 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
 def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
     for key in keys:
         if key not in state:
-            raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+            raise ValueError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return [state[key].shape for key in keys]
 # --- END copy: text encoders ---
 
@@ -1690,7 +1690,7 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
-        raise UserError(f"{what}: not a checkpoint of this model: {report}")
+        raise ValueError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def key_table(rows) -> dict:

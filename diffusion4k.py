@@ -707,8 +707,8 @@ def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=1
     state = read_component(path, dtype, device)
     if "double_blocks.0.img_attn.qkv.weight" not in state:
         if "transformer_blocks.0.attn.to_q.weight" not in state:
-            raise UserError(f"{source}: not a Flux transformer checkpoint (first keys: "
-                            f"{first_keys(state)})")
+            raise ValueError(f"{source}: not a Flux transformer checkpoint (first keys: "
+                             f"{first_keys(state)})")
         state = to_original_layout(state, flux_table_for(state), f"{source} (diffusers Flux)")
     return build(lambda: Flux(flux_config_from_state(state, folder_config(path), axes_dim, theta)),
                  state, f"{source} (Flux)", source)
@@ -720,8 +720,8 @@ def flux_config_from_state(state: dict, folder_config: dict | None = None, axes_
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     axes_dim = axes_dim or (folder_config or {}).get("axes_dims_rope")
     if not axes_dim and head_dim != 128:  # the released models' split fits head dim 128 only
-        raise UserError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
-                        "(it is not stored in the weights)")
+        raise ValueError(f"Flux checkpoint with head dim {head_dim}: pass the RoPE axes_dim "
+                         "(it is not stored in the weights)")
     return FluxConfig(
         in_channels=in_channels, hidden_size=hidden,
         num_heads=hidden // head_dim, depth=count_blocks(state, r"double_blocks\.(\d+)\."),
@@ -902,8 +902,8 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
     state = read_component(path, dtype, device)
     if "joint_blocks.0.x_block.attn.qkv.weight" not in state:
         if not {"transformer_blocks.0.attn.to_q.weight", "pos_embed.pos_embed"} <= state.keys():
-            raise UserError(f"{source}: not an SD3 transformer checkpoint (first keys: "
-                            f"{first_keys(state)})")
+            raise ValueError(f"{source}: not an SD3 transformer checkpoint (first keys: "
+                             f"{first_keys(state)})")
         table = sd3_key_table(count_blocks(state, r"transformer_blocks\.(\d+)\."))
         state = to_original_layout(state, table, f"{source} (diffusers SD3)")
     return build(lambda: MMDiT(sd3_config_from_state(state, folder_config(path))), state,
@@ -912,14 +912,14 @@ def load_sd3(source, dtype=torch.bfloat16, device="cpu", token=None) -> MMDiT:
 def sd3_config_from_state(state: dict, folder_config: dict | None = None) -> SD3Config:
     """Dimensions from the tensors; heads from config.json, else 64 wide."""
     if any(".ln_q." in key or ".attn2." in key for key in state):
-        raise UserError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
-                        "is supported")
+        raise ValueError("this is an SD3.5 checkpoint (QK norm / dual attention); only SD3-Medium "
+                         "is supported")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     heads = (folder_config or {}).get("num_attention_heads")
     if heads is None and hidden % 64:
-        raise UserError(f"SD3 checkpoint of width {hidden}: a single file does not store "
-                        f"the head count and {hidden} is no multiple of SD3's head dim 64; "
-                        "load its diffusers folder instead")
+        raise ValueError(f"SD3 checkpoint of width {hidden}: a single file does not store "
+                         f"the head count and {hidden} is no multiple of SD3's head dim 64; "
+                         "load its diffusers folder instead")
     return SD3Config(
         in_channels=in_channels, patch_size=patch, hidden_size=hidden,
         num_heads=heads or hidden // 64,
@@ -1171,15 +1171,15 @@ def load_vae(source, dtype=torch.float32, device="cpu", stride=None, scale_facto
     for key, supported in VAE_FIXED.items():
         values = config.get(key, supported)
         if any(value != supported for value in (values if isinstance(values, list) else [values])):
-            raise UserError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
-                            f"{supported!r}")
+            raise ValueError(f"{source}: config.json has {key} {values!r}; this VAE supports only "
+                             f"{supported!r}")
     state = read_component(path, dtype, device, prefix="first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
         state = to_original_layout(state, vae_table_for(state), f"{source} (diffusers VAE)")
     quant = any(key.startswith(("quant_conv", "post_quant_conv")) for key in state)
     if "encoder.down.0.block.0.conv1.weight" not in state or quant:
-        raise UserError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
-                        f"(first keys: {first_keys(state)})")
+        raise ValueError(f"{source}: not a 16-channel Flux/SD3 VAE checkpoint "
+                         f"(first keys: {first_keys(state)})")
 
     settings = [next(value for value in (given, config.get(key), default) if value is not None)
                 for given, key, default in ((scale_factor, "scaling_factor", FLUX_VAE.scale_factor),
@@ -1455,8 +1455,8 @@ class CLIPTokenizer(PromptTokenizer):
         files = [folder / "vocab.json", folder / "merges.txt"]
         for file in files:
             if not file.is_file():
-                raise UserError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
-                                "vocab.json and merges.txt)")
+                raise ValueError(f"{folder}: no {file.name} (a CLIP tokenizer folder has "
+                                 "vocab.json and merges.txt)")
         tok = self.tokenizer = Tokenizer(BPE.from_file(
             *map(str, files), end_of_word_suffix="</w>", continuing_subword_prefix=""))
         tok.normalizer = normalizers.Sequence(
@@ -1475,7 +1475,7 @@ class CLIPTokenizer(PromptTokenizer):
             pad = pad["content"] if isinstance(pad, dict) else pad
             pad_id = tok.token_to_id(pad)
             if pad_id is None:
-                raise UserError(f"{folder}: pad token {pad!r} is not in vocab.json")
+                raise ValueError(f"{folder}: pad token {pad!r} is not in vocab.json")
         self.max_length, self.pad_id, self.name = max_length, pad_id, name
 
 class T5Tokenizer(PromptTokenizer):
@@ -1487,8 +1487,8 @@ class T5Tokenizer(PromptTokenizer):
             json_file = path / "tokenizer.json"
             path = json_file if json_file.exists() else path / "spiece.model"
         if not path.is_file():
-            raise UserError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
-                            "spiece.model)")
+            raise ValueError(f"{path}: no such file (a T5 tokenizer is tokenizer.json or "
+                             "spiece.model)")
         try:
             if path.suffix == ".json":
                 tok = self.tokenizer = Tokenizer.from_file(str(path))
@@ -1499,16 +1499,16 @@ class T5Tokenizer(PromptTokenizer):
                 tok = sentencepiece.SentencePieceProcessor(model_file=str(path))
                 self.encode, self.eos_id, self.pad_id = tok.encode, tok.eos_id(), tok.pad_id()
         except Exception as error:  # both libraries raise assorted types
-            raise UserError(f"{path}: not a readable T5 tokenizer ({error})") from None
+            raise ValueError(f"{path}: not a readable T5 tokenizer ({error})") from None
         if None in (self.eos_id, self.pad_id) or min(self.eos_id, self.pad_id) < 0:
-            raise UserError(f"{path}: the tokenizer has no </s> or <pad> token")
+            raise ValueError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
 def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
             config: T5Config | None = None) -> T5Encoder:
     """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
-        raise UserError("T5 overflows in float16: load it in bfloat16 or float32")
+        raise ValueError("T5 overflows in float16: load it in bfloat16 or float32")
     skip = ("decoder.", "lm_head.")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     if "encoder.embed_tokens.weight" in state:  # a copy of shared.weight
@@ -1532,7 +1532,7 @@ def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, 
     path = component_path(source, subfolder)
     state = read_prefixed(path, dtype, device, prefix, skip)
     if not state:
-        raise UserError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
+        raise ValueError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
 def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
@@ -1541,8 +1541,8 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         state, f"{source} is not a T5 encoder checkpoint", "shared.weight",
         f"{attn}.relative_attention_bias.weight", f"{attn}.q.weight", f"{mlp}.wi_0.weight")
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise UserError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
-                        f"not {config_json['feed_forward_proj']!r}")
+        raise ValueError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+                         f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
         num_layers=count_blocks(state, r"encoder\.block\.(\d+)\."),
@@ -1565,9 +1565,9 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     elif width % 64:
-        raise UserError(f"{source}: a CLIP of width {width} without config.json: its head count is "
-                        "not stored and the width is no multiple of CLIP's head dim 64; load its "
-                        "transformers folder instead")
+        raise ValueError(f"{source}: a CLIP of width {width} without config.json: its head count "
+                         "is not stored and the width is no multiple of CLIP's head dim 64; load "
+                         "its transformers folder instead")
     else:
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     return CLIPTextConfig(
@@ -1579,7 +1579,7 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
 def tensor_shapes(state: dict, what: str, *keys: str) -> list[torch.Size]:
     for key in keys:
         if key not in state:
-            raise UserError(f"{what}: no {key} (its first keys: {first_keys(state)})")
+            raise ValueError(f"{what}: no {key} (its first keys: {first_keys(state)})")
     return [state[key].shape for key in keys]
 # --- END kit: text encoders ---
 
@@ -2557,7 +2557,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such data folder")
+        raise ValueError(f"{folder}: no such data folder")
     metadata, usable, skipped = folder / "metadata.jsonl", [], 0
     if metadata.is_file():
         candidates, skipped = listed_files(metadata)
@@ -2572,7 +2572,7 @@ def vae_image_files(folder, verbose: bool = True) -> list[Path]:
             skipped += 1
             warn(f"{error}; skipped")
     if not usable:
-        raise UserError(f"{folder}: no usable images ({skipped} skipped)")
+        raise ValueError(f"{folder}: no usable images ({skipped} skipped)")
     if verbose:
         note = f", {skipped} skipped" if skipped else ""
         print(f"data: {len(usable)} images from {folder}{note}", file=sys.stderr)
@@ -2670,7 +2670,7 @@ def setup_distributed(device_name: str | None) -> Distributed:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(0, 1, device)
     if not dist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed: run without torchrun")
+        raise ValueError("this PyTorch build has no torch.distributed: run without torchrun")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -2712,11 +2712,11 @@ def state_options(lora: bool):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
                             strict=not lora)
 
-def training_diverged(step: int, what: str, output: Path) -> UserError:
+def training_diverged(step: int, what: str, output: Path) -> ValueError:
     last = latest_checkpoint(output)
     kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
-    return UserError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
-                     + (" and --resume" if last else " and start again"))
+    return ValueError(f"step {step}: {what} is not finite, so training stopped ({kept}); lower --lr"
+                      + (" and --resume" if last else " and start again"))
 
 def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool, run: dict) -> int:
     """Resume from `folder`, or the newest intact checkpoint before it; returns the step."""
@@ -2726,7 +2726,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         weights = candidate / "trainable.safetensors"
         state = load_state_file(candidate / "state.pt", ("step", "optimizer", "batches"))
         if not weights.is_file():
-            raise UserError(f"{weights}: missing")
+            raise ValueError(f"{weights}: missing")
         return state, check_weights(load_safetensors(weights), weights)
 
     folder, (state, weights) = read_checkpoint(folder, read)
@@ -2734,7 +2734,7 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
     expected = {key: value.shape for key, value in model.state_dict().items()
                 if not lora or key.endswith((".lora_A", ".lora_B"))}
     if report := shape_mismatch(weights, expected):
-        raise UserError(f"{folder}: does not fit this model: {report}")
+        raise ValueError(f"{folder}: does not fit this model: {report}")
     try:
         options = state_options(lora)
         dcp.set_model_state_dict(model, weights, options=options)
@@ -2742,8 +2742,8 @@ def load_checkpoint(folder: Path, model, optimizer, batches: Batches, lora: bool
         batches.load(state["batches"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
-        raise UserError(f"{folder}: does not fit this model ({reason}); resume with the run's own "
-                        "settings") from None
+        raise ValueError(f"{folder}: does not fit this model ({reason}); resume with the run's own "
+                         "settings") from None
     print(f"resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
 
@@ -2762,13 +2762,13 @@ def check_run(folder: Path, recorded: str | None, run: dict):
     except ValueError:
         theirs = None
     if not isinstance(theirs, dict):
-        raise UserError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
-                        "resumed safely; start a new --output")
+        raise ValueError(f"{folder}: holds no record of the run that wrote it, so it cannot be "
+                         "resumed safely; start a new --output")
     for key, value in json.loads(json.dumps(run)).items():  # tuples become lists, as in the record
         if theirs.get(key) != value:
             there, here = json.dumps(theirs.get(key)), json.dumps(value)
-            raise UserError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
-                            "here); resume with its settings, or start a new --output")
+            raise ValueError(f"{folder}: a checkpoint of another run ({key} {there} there, {here} "
+                             "here); resume with its settings, or start a new --output")
 
 def read_checkpoint(folder: Path, read):
     """(folder, read(folder)), or after a warning, the newest intact checkpoint before it."""
@@ -2776,21 +2776,21 @@ def read_checkpoint(folder: Path, read):
     for candidate in [folder, *sorted(older, reverse=True)]:
         try:
             return candidate, read(candidate)
-        except UserError as error:
+        except (UserError, ValueError) as error:
             warn(f"{error}; trying the checkpoint before it")
-    raise UserError(f"--resume: no intact checkpoint left in {folder.parent}")
+    raise ValueError(f"--resume: no intact checkpoint left in {folder.parent}")
 
 def load_state_file(path: Path, keys: tuple) -> dict:
     check_regular_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
+        raise ValueError(f"{path}: missing") from None
     except Exception as error:  # zip and pickle raise many types
         kind = type(error).__name__
-        raise UserError(f"{path}: damaged or truncated checkpoint file ({kind})") from None
+        raise ValueError(f"{path}: damaged or truncated checkpoint file ({kind})") from None
     if not isinstance(state, dict) or not set(keys) <= state.keys():
-        raise UserError(f"{path}: not a checkpoint of this trainer")
+        raise ValueError(f"{path}: not a checkpoint of this trainer")
     return state
 # --- END kit: training utilities ---
 
@@ -2840,15 +2840,15 @@ def load_lpips(linear=LPIPS_VGG_LINEAR, backbone=LPIPS_VGG_BACKBONE, token=None)
     def read(spec, what):
         try:
             path = weight_file(spec, what, token)
-        except UserError as error:
-            raise UserError(f"{error}{hint}") from None
+        except (UserError, ValueError) as error:
+            raise ValueError(f"{error}{hint}") from None
         if path.suffix == ".safetensors":
             return check_weights(load_safetensors(path, torch.float32), path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle raises many types
-            raise UserError(f"{what}: {path} is not a readable weights file "
-                            f"({type(error).__name__})") from None
+            raise ValueError(f"{what}: {path} is not a readable weights file "
+                             f"({type(error).__name__})") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else {}
         return check_weights(state, path)
 
@@ -2867,11 +2867,11 @@ def weight_file(spec, what: str, token=None) -> Path:
         return local
     parts = str(spec).split("/", 2)
     if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
-        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+        raise ValueError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
     name = parts[2]
     path = resolve_source("/".join(parts[:2]), allow_patterns=(name,), token=token) / name
     if not path.is_file():
-        raise UserError(f"{what}: {spec} not found")
+        raise ValueError(f"{what}: {spec} not found")
     return path
 # --- END kit: LPIPS ---
 
@@ -2894,7 +2894,7 @@ def to_original_layout(state: dict, table: dict, what: str) -> dict:
         out[original] = TRANSFORMS[transform][0](fused)
     report = mismatch_report({"missing": missing, "unexpected": list(state), "mismatched": wrong})
     if report:
-        raise UserError(f"{what}: not a checkpoint of this model: {report}")
+        raise ValueError(f"{what}: not a checkpoint of this model: {report}")
     return out
 
 def key_table(rows) -> dict:

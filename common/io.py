@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from tqdm.auto import tqdm  # a dependency of huggingface-hub
 
 MAX_IMAGE_PIXELS = 16384 * 16384  # a 16K square; anything larger is refused before decoding
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow warns above its limit: of images refused anyway
@@ -42,7 +43,7 @@ def run_cli(main, argv=None, memory_hint="try a smaller size") -> int:
         try:
             main(argv)
             return 0
-        except UserError as error:
+        except (UserError, ValueError) as error:  # ValueError: a model or kit refusing its input
             message, code = f"error: {error}", 2
         except torch.OutOfMemoryError:
             message, code = f"error: out of GPU memory; {memory_hint}", 3
@@ -175,7 +176,6 @@ _open_bars = []
 
 def progress_bar(description: str, total=None, initial=0):
     """A stderr bar; returns `update(done, total, postfix: a dict)`, which closes it at `total`."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
     bar = tqdm(desc=description, total=total, initial=initial, unit="step", file=sys.stderr,
                leave=False)
     _open_bars.append(bar)
@@ -193,7 +193,6 @@ def progress_bar(description: str, total=None, initial=0):
 
 def warn(message: str):
     """A warning line on stderr above any progress bar (a print would land on the bar's line)."""
-    from tqdm.auto import tqdm  # a dependency of huggingface-hub
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 # ----------------------------------------------------------------------------- inputs
@@ -393,8 +392,9 @@ def build(make, state: dict, what: str, source) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             model = make()
-    except ValueError as error:  # from a config built from `source`'s files
-        raise UserError(f"{source}: {error}") from None
+    except ValueError as error:  # a config read from `source`'s files, refused
+        named = str(error).startswith(str(source))  # by a reader that names the file itself
+        raise UserError(str(error) if named else f"{source}: {error}") from None
     return assign_state_dict(model, state, what).eval()
 
 def shape_mismatch(state: dict, expected: dict) -> str:

@@ -157,6 +157,33 @@ def test_run_cli(capsys):
     assert io.run_cli(lambda argv: None, []) == 0
 
 
+def test_run_cli_reports_a_kit_value_error_as_one_line(capsys):
+    """Models and kits refuse their input with a plain ValueError; the command line shows it as
+    a UserError: one line, exit code 2, no traceback."""
+    def main(argv):
+        raise ValueError("x.safetensors: not a Flux transformer checkpoint")
+
+    assert io.run_cli(main, []) == 2
+    assert capsys.readouterr().err == "error: x.safetensors: not a Flux transformer checkpoint\n"
+
+
+def test_build_names_the_checkpoint_once():
+    """A config refused while the model is built is named after its file, unless its reader
+    named the file already; file errors from common.io pass through unchanged."""
+    def refuse(message, kind=ValueError):
+        def make():
+            raise kind(message)
+        return make
+
+    with pytest.raises(UserError, match=r"^ckpt\.safetensors: head dim 7: pass the RoPE axes_dim$"):
+        io.build(refuse("head dim 7: pass the RoPE axes_dim"), {}, "Flux", "ckpt.safetensors")
+    with pytest.raises(UserError, match=r"^ckpt\.safetensors is not a T5 encoder checkpoint$"):
+        io.build(refuse("ckpt.safetensors is not a T5 encoder checkpoint"), {}, "T5",
+                 "ckpt.safetensors")
+    with pytest.raises(UserError, match=r"^config\.json: not a readable JSON file$"):
+        io.build(refuse("config.json: not a readable JSON file", UserError), {}, "T5", "ckpt")
+
+
 def test_seed_everything():
     generator = io.seed_everything(1234)
     a, a_global = torch.randn(5, generator=generator), torch.randn(5)

@@ -203,7 +203,7 @@ def test_lpips_loads_published_layouts_and_matches_metrics(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(a, b), theirs(a, b), rtol=1e-5, atol=1e-7)
         assert torch.equal(ours(a, a), torch.zeros(2))
-    with pytest.raises(d4k.UserError, match="--lpips-weight 0"):
+    with pytest.raises(ValueError, match="--lpips-weight 0"):
         d4k.load_lpips(str(tmp_path / "missing.pth"), str(backbone))
 
 

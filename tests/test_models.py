@@ -571,7 +571,7 @@ dev_only = pytest.mark.parametrize("flux_case", [True], ids=["dev"], indirect=Tr
 
 
 def test_vae_given_to_load_flux(vae_case):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_flux(vae_case["root"] / "ae.safetensors", dtype=F32)
     one_line_error(error, "not a Flux transformer")
 
@@ -579,23 +579,23 @@ def test_vae_given_to_load_flux(vae_case):
 @dev_only
 def test_flux_given_to_load_sd3(flux_case):
     for source in (flux_case["root"] / "flux1-tiny.safetensors", flux_case["root"] / "pipeline"):
-        with pytest.raises(UserError) as error:
+        with pytest.raises(ValueError) as error:
             d.load_sd3(source, dtype=F32)
         one_line_error(error, "not an SD3 transformer")
 
 
 def test_sd3_given_to_load_flux_and_vae(sd3_case):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_flux(sd3_case["root"] / "pipeline", dtype=F32)
     one_line_error(error, "not a checkpoint of this model")
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_vae(sd3_case["root"] / "sd3_bare.safetensors", dtype=F32)
     one_line_error(error, "not a 16-channel")
 
 
 @dev_only
 def test_flux_given_to_load_vae(flux_case):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_vae(flux_case["root"] / "flux1-tiny.safetensors", dtype=F32)
     one_line_error(error, "not a 16-channel")
 
@@ -633,7 +633,7 @@ def copy_folder_with(tmp_path, flux_case, edit):
 def test_folder_missing_tensor(flux_case, tmp_path):
     key = "transformer_blocks.1.attn.norm_added_k.weight"
     folder = copy_folder_with(tmp_path, flux_case, lambda s: s.pop(key))
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_flux(folder, dtype=F32)
     one_line_error(error, "1 missing", key)
 
@@ -642,7 +642,7 @@ def test_folder_missing_tensor(flux_case, tmp_path):
 def test_folder_unexpected_tensor(flux_case, tmp_path):
     key = "transformer_blocks.0.attn.extra.weight"
     folder = copy_folder_with(tmp_path, flux_case, lambda s: s.__setitem__(key, torch.zeros(3)))
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_flux(folder, dtype=F32)
     one_line_error(error, "1 unexpected", key)
 
@@ -661,7 +661,7 @@ def test_folder_wrong_shape_in_fused_tensor(flux_case, tmp_path):
     """A wrong shape in one part of a fused tensor (to_k of qkv) must also be a one-line UserError
     (regression: torch.cat of the parts used to raise a bare RuntimeError)."""
     folder = copy_folder_with(tmp_path, flux_case, lambda s: s.__setitem__("transformer_blocks.0.attn.to_k.weight", torch.zeros(32, 20)))
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         d.load_flux(folder, dtype=F32)
     one_line_error(error, "transformer_blocks.0.attn.to_k.weight", "(32, 20)")
 

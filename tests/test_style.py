@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from sync_copies import FILES, ROOT
+from sync_copies import FILES, ROOT, kits
 
 CHECKED = FILES + ["common", "tests/sync_copies.py", "tests/test_style.py"]
 
@@ -72,6 +72,24 @@ def test_functions_fit_a_screen(name):
 def test_the_length_check_finds_a_long_function():
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     assert len(long_functions(f"def short():\n    pass\n\n\ndef long():\n{body}")) == 1
+
+
+def raised_user_errors(source: str) -> list[int]:
+    """Lines that raise or return a new UserError."""
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name) and node.func.id == "UserError"]
+
+
+@pytest.mark.parametrize("name", ["diffusion4k.py", "op4ksr.py"])
+def test_kits_refuse_with_value_error(name):
+    """Models and kits state what they refuse as ValueError, which `run_cli` prints as one line;
+    UserError belongs to common/io.py and the method parts, which deal with the user's files."""
+    for kit, body in kits((ROOT / name).read_text()).items():
+        assert raised_user_errors(body) == [], f"kit {kit!r} raises UserError"
+
+
+def test_the_user_error_check_finds_one():
+    assert raised_user_errors("def f():\n    raise UserError('x')\n") == [2]
 
 
 # The four method files together may not grow past this (issue 19 asks for 480,000).

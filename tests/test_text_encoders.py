@@ -288,13 +288,13 @@ def test_truncated_and_missing_files(tmp_path):
         load_t5(folder, torch.float32)
     with pytest.raises(UserError, match="no such file"):
         load_clip(tmp_path / "missing.safetensors", torch.float32)
-    with pytest.raises(UserError, match="no tensors starting with 'text_encoders.clip_g"):
+    with pytest.raises(ValueError, match="no tensors starting with 'text_encoders.clip_g"):
         load_clip(tiny_t5_folder(tmp_path / "t5b"), torch.float32, prefix=SD3_PREFIX["clip_g"])
-    with pytest.raises(UserError, match="float16"):
+    with pytest.raises(ValueError, match="float16"):
         load_t5(folder, torch.float16)
-    with pytest.raises(UserError, match="no vocab.json"):
+    with pytest.raises(ValueError, match="no vocab.json"):
         CLIPTokenizer(tmp_path)
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         T5Tokenizer(tmp_path)
 
 
