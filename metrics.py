@@ -34,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import types
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -572,9 +571,9 @@ def fid_from_stats(pred, ref):
     for name, stats in (("pred", pred), ("ref", ref)):
         dim = stats.total.numel()
         if stats.count <= dim:
-            warnings.warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d "
-                          f"covariance needs at least {dim + 1}; the value is biased upwards "
-                          "(--fid-patch gives more samples)", stacklevel=2)
+            warn(f"FID: {name} has {stats.count} samples; a full-rank {dim}-d covariance needs "
+                 f"at least {dim + 1}; the value is biased upwards (--fid-patch gives more "
+                 "samples)")
     return frechet_distance(*pred.mean_cov(), *ref.mean_cov())
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -1729,6 +1728,68 @@ def jpeg95_view(path, image, decode=True):
     decoded.load()
     return len(encoded), decoded if decoded.mode == "RGB" else decoded.convert("RGB")
 
+
+# ==== weights and images
+
+def load_state(spec, what):
+    """A float32 state dict from .safetensors or a .pth/.pt pickle (weights_only: no code runs)."""
+    path = resolve_weights(spec, what)
+    if path.suffix == ".safetensors":
+        return check_float_weights(load_safetensors(path, dtype=torch.float32), path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors come in many types; the file is the problem
+        kind = type(error).__name__
+        raise UserError(f"{what}: {path} is not a readable weights file ({kind})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: {path} does not hold a state dict")
+    check_float_weights(state, path)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+def check_float_weights(state, path):
+    """check_weights on all but BatchNorm's step counters, integers by nature and unused."""
+    check_weights({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    return state
+
+def resolve_weights(spec, what):
+    """A local file, or `owner/repo/path/in/repo` fetched from the Hub."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = str(spec).split("/")
+    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
+        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
+    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        path = resolve_source(repo, allow_patterns=(name,)) / name
+    except UserError as error:
+        raise UserError(f"{what}: {error}") from None
+    if not path.is_file():
+        raise UserError(f"{what}: {repo} has no file {name}")
+    return path
+
+def load_strict(module, state, what):
+    """load_state_dict naming the first offending keys instead of a wall of text; eval mode."""
+    if report := shape_mismatch(state, {k: v.shape for k, v in module.state_dict().items()}):
+        raise UserError(f"{what}: weights do not match the model: {report}")
+    module.load_state_dict(state)
+    return module.eval()
+
+def as_array(image):
+    """PIL image or HWC array -> HWC uint8 RGB array."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
+    return array
+
+def to_float_tensor(image, device="cpu"):
+    """as_array -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
+    x = torch.from_numpy(np.array(as_array(image), dtype=np.float32))
+    return x.to(device).permute(2, 0, 1)[None]
+
+
 # ==== command line
 
 EPILOG = """\
@@ -1926,67 +1987,6 @@ def format_table(result):
     skipped = f", {len(result['skipped'])} skipped" if result["skipped"] else ""
     lines.append(f"({result['count']} images{skipped})")
     return "\n".join(lines)
-
-
-# ==== weights and images
-
-def load_state(spec, what):
-    """A float32 state dict from .safetensors or a .pth/.pt pickle (weights_only: no code runs)."""
-    path = resolve_weights(spec, what)
-    if path.suffix == ".safetensors":
-        return check_float_weights(load_safetensors(path, dtype=torch.float32), path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; the file is the problem
-        kind = type(error).__name__
-        raise UserError(f"{what}: {path} is not a readable weights file ({kind})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{what}: {path} does not hold a state dict")
-    check_float_weights(state, path)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-def check_float_weights(state, path):
-    """check_weights on all but BatchNorm's step counters, integers by nature and unused."""
-    check_weights({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
-    return state
-
-def resolve_weights(spec, what):
-    """A local file, or `owner/repo/path/in/repo` fetched from the Hub."""
-    local = Path(spec).expanduser()
-    if local.is_file():
-        return local
-    parts = str(spec).split("/")
-    if local.exists() or len(parts) < 3 or str(spec).startswith((".", "/", "~")):
-        raise UserError(f"{what}: {spec} is neither a file nor a Hub spec owner/repo/path/in/repo")
-    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        path = resolve_source(repo, allow_patterns=(name,)) / name
-    except UserError as error:
-        raise UserError(f"{what}: {error}") from None
-    if not path.is_file():
-        raise UserError(f"{what}: {repo} has no file {name}")
-    return path
-
-def load_strict(module, state, what):
-    """load_state_dict naming the first offending keys instead of a wall of text; eval mode."""
-    if report := shape_mismatch(state, {k: v.shape for k, v in module.state_dict().items()}):
-        raise UserError(f"{what}: weights do not match the model: {report}")
-    module.load_state_dict(state)
-    return module.eval()
-
-def as_array(image):
-    """PIL image or HWC array -> HWC uint8 RGB array."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 image, got {array.dtype} {array.shape}")
-    return array
-
-def to_float_tensor(image, device="cpu"):
-    """as_array -> (1, 3, H, W) float32 with values 0..255 (each metric states its own scale)."""
-    x = torch.from_numpy(np.array(as_array(image), dtype=np.float32))
-    return x.to(device).permute(2, 0, 1)[None]
 
 
 if __name__ == "__main__":
