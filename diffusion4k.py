@@ -287,17 +287,6 @@ def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int, partitioned:
 
 # ==== the method: Wavelet-based Latent Fine-tuning (WLF)
 
-def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
-                   autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
-    batch mean's); returns its loss."""
-    with torch.no_grad(), autocast():
-        x0 = encode_latents(vae, images, eps)
-    with autocast():
-        loss = training_loss(model, x0, noise, sigma, condition, guidance, subband_weights)
-    (loss / accumulation).backward()
-    return loss.detach()
-
 def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
     """WLF as upstream runs it: z = (1 - sigma) x0 + sigma noise, x0_hat = z - sigma v_hat, and
     `wlf_loss` of x0_hat against x0."""
@@ -430,16 +419,6 @@ def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, 
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
-
-def discriminator_turn(step: int, gan_start: int) -> bool:
-    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
-    return step >= gan_start and (step - gan_start) % 2 == 1
-
-def ema_update(ema: dict, params, step: int, decay: float):
-    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
-    rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
-    for average, p in zip(ema.values(), params):
-        average.lerp_(p.detach(), rate)
 
 
 # ==== the models: transformers
@@ -1960,6 +1939,17 @@ def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
     return torch.stack(losses).float().mean(), norm
 
+def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
+                   autocast, accumulation: int = 1) -> torch.Tensor:
+    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
+    batch mean's); returns its loss."""
+    with torch.no_grad(), autocast():
+        x0 = encode_latents(vae, images, eps)
+    with autocast():
+        loss = training_loss(model, x0, noise, sigma, condition, guidance, subband_weights)
+    (loss / accumulation).backward()
+    return loss.detach()
+
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
     """(model, trainable parameters): a LoRA on the frozen model, or fp32 weights, sharded."""
     model = pipe.transformer
@@ -2404,6 +2394,16 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), r.max_grad_norm)
     return optimizer, totals
+
+def discriminator_turn(step: int, gan_start: int) -> bool:
+    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
+    return step >= gan_start and (step - gan_start) % 2 == 1
+
+def ema_update(ema: dict, params, step: int, decay: float):
+    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
+    rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
+    for average, p in zip(ema.values(), params):
+        average.lerp_(p.detach(), rate)
 
 class CropStream:
     """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;
