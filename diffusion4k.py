@@ -211,48 +211,6 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
 # --- END kit: flow-matching schedule ---
 
-# --- BEGIN kit: tiled VAE ---
-def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x.to(device, dtype)).float()
-    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
-    out = weight = None
-    for top in _window_starts(height, th, stride):
-        for left in _window_starts(width, tw, stride):
-            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
-            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
-            if out is None:
-                weight = y.new_zeros(round(height * ratio), round(width * ratio))
-                out = y.new_zeros(1, y.shape[1], *weight.shape)
-            fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
-            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
-            w = torch.outer(wy, wx).to(y)
-            oy, ox = round(top * ratio), round(left * ratio)
-            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
-            out[..., rows, cols] += y * w
-            weight[rows, cols] += w
-    return out / weight
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, and one flush with the end."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
-    centres = torch.arange(size, dtype=torch.float64) + 0.5
-    weights = torch.ones(size, dtype=torch.float64)
-    for fade, distance in ((fade_start, centres), (fade_end, size - centres)):
-        if fade:
-            weights = torch.minimum(weights, distance / fade)
-    return weights
-# --- END kit: tiled VAE ---
-
 
 # ==== the method: the F16 VAE
 
@@ -1765,6 +1723,48 @@ def place(slots: list, tensors: list):
             t = nn.Parameter(t, requires_grad=False)
         (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
 # --- END kit: pipeline ---
+
+# --- BEGIN kit: tiled VAE ---
+def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
+    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x.to(device, dtype)).float()
+    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
+    out = weight = None
+    for top in _window_starts(height, th, stride):
+        for left in _window_starts(width, tw, stride):
+            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
+            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
+            if out is None:
+                weight = y.new_zeros(round(height * ratio), round(width * ratio))
+                out = y.new_zeros(1, y.shape[1], *weight.shape)
+            fade = round(overlap * ratio)
+            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
+            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
+            w = torch.outer(wy, wx).to(y)
+            oy, ox = round(top * ratio), round(left * ratio)
+            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
+            out[..., rows, cols] += y * w
+            weight[rows, cols] += w
+    return out / weight
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, and one flush with the end."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
+    centres = torch.arange(size, dtype=torch.float64) + 0.5
+    weights = torch.ones(size, dtype=torch.float64)
+    for fade, distance in ((fade_start, centres), (fade_end, size - centres)):
+        if fade:
+            weights = torch.minimum(weights, distance / fade)
+    return weights
+# --- END kit: tiled VAE ---
 
 
 # ==== WLF training
