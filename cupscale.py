@@ -796,11 +796,27 @@ def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
     """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
-def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
-    if stride > 1:
-        h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
-    return conv_out(h)
+def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int, partitioned: bool = False,
+                 band_rows: int = 64) -> torch.Tensor:
+    """The decoder's last stage: conv_out(h), for F16 conv_out(nearest_x2(h)) (the centred form),
+    in bands of input rows, so the upsampled map never exists whole. Diffusion-4K decodes in 2x2
+    partitions, each zero-padded on its outer side and cropped one pixel in (and trained its
+    decoders so): output (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the
+    centred output moved one pixel down and right (`partitioned`)."""
+    if stride == 1:
+        return conv_out(h)
+    s, rows = stride, h.shape[-2]
+    shift = int(partitioned)  # how far the result moves down and right
+    bands = []
+    for top in range(0, rows, band_rows):
+        n = min(band_rows, rows - top)
+        low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
+        band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
+        up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+        first = s - 1 - shift  # of the rows the 3x3 window reaches
+        up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
+        bands.append(F.conv2d(up, conv_out.weight, conv_out.bias))
+    return torch.cat(bands, dim=-2)
 # --- END copy: F16 VAE ---
 
 # --- BEGIN copy of diffusion4k.py: VAE ---
@@ -890,7 +906,7 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16: decode as Diffusion-4K's code (`upsample_conv_out`)
+        self.partitioned = True  # F16: decode as Diffusion-4K's code (`decoder_head`)
         width = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = mid_block(width)
@@ -914,26 +930,7 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
-        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
-        its outer side and cropped one pixel in (and trained its decoders so): output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
-        (`partitioned`), or the centred result."""
-        s, rows = self.stride, h.shape[-2]
-        shift = int(self.partitioned)  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            first = s - 1 - shift  # of the rows the 3x3 window reaches
-            up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
+        return decoder_head(h, self.conv_out, self.stride, self.partitioned)
 
 def resnet_level(width: int, out: int, count: int) -> nn.Module:
     """A resolution level: `count` ResnetBlocks width -> out; the caller adds its resampler."""

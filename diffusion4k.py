@@ -211,48 +211,6 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
 # --- END kit: flow-matching schedule ---
 
-# --- BEGIN kit: tiled VAE ---
-def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
-    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x.to(device, dtype)).float()
-    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
-    out = weight = None
-    for top in _window_starts(height, th, stride):
-        for left in _window_starts(width, tw, stride):
-            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
-            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
-            if out is None:
-                weight = y.new_zeros(round(height * ratio), round(width * ratio))
-                out = y.new_zeros(1, y.shape[1], *weight.shape)
-            fade = round(overlap * ratio)
-            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
-            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
-            w = torch.outer(wy, wx).to(y)
-            oy, ox = round(top * ratio), round(left * ratio)
-            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
-            out[..., rows, cols] += y * w
-            weight[rows, cols] += w
-    return out / weight
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Starts every `stride`, and one flush with the end."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
-    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
-    centres = torch.arange(size, dtype=torch.float64) + 0.5
-    weights = torch.ones(size, dtype=torch.float64)
-    for fade, distance in ((fade_start, centres), (fade_end, size - centres)):
-        if fade:
-            weights = torch.minimum(weights, distance / fade)
-    return weights
-# --- END kit: tiled VAE ---
-
 
 # ==== the method: the F16 VAE
 
@@ -261,26 +219,31 @@ def vae_conv_in(in_channels: int, channels: int, stride: int) -> nn.Conv2d:
     """Stride 2 makes Diffusion-4K's F16 VAE from the F8 one's weights (4x fewer Flux tokens)."""
     return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
 
-def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int) -> torch.Tensor:
-    """The decoder's last stage, for F16 upsampled x2 before conv_out (the centred form)."""
-    if stride > 1:
-        h = F.interpolate(h, scale_factor=float(stride), mode="nearest")
-    return conv_out(h)
+def decoder_head(h: torch.Tensor, conv_out: nn.Conv2d, stride: int, partitioned: bool = False,
+                 band_rows: int = 64) -> torch.Tensor:
+    """The decoder's last stage: conv_out(h), for F16 conv_out(nearest_x2(h)) (the centred form),
+    in bands of input rows, so the upsampled map never exists whole. Diffusion-4K decodes in 2x2
+    partitions, each zero-padded on its outer side and cropped one pixel in (and trained its
+    decoders so): output (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1), the
+    centred output moved one pixel down and right (`partitioned`)."""
+    if stride == 1:
+        return conv_out(h)
+    s, rows = stride, h.shape[-2]
+    shift = int(partitioned)  # how far the result moves down and right
+    bands = []
+    for top in range(0, rows, band_rows):
+        n = min(band_rows, rows - top)
+        low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
+        band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
+        up = F.interpolate(band, scale_factor=float(s), mode="nearest")
+        first = s - 1 - shift  # of the rows the 3x3 window reaches
+        up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
+        bands.append(F.conv2d(up, conv_out.weight, conv_out.bias))
+    return torch.cat(bands, dim=-2)
 # --- END kit: F16 VAE ---
 
 
 # ==== the method: Wavelet-based Latent Fine-tuning (WLF)
-
-def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
-                   autocast, accumulation: int = 1) -> torch.Tensor:
-    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
-    batch mean's); returns its loss."""
-    with torch.no_grad(), autocast():
-        x0 = encode_latents(vae, images, eps)
-    with autocast():
-        loss = training_loss(model, x0, noise, sigma, condition, guidance, subband_weights)
-    (loss / accumulation).backward()
-    return loss.detach()
 
 def training_loss(model, x0, noise, sigma, condition, guidance=None, subband_weights=WLF_UPSTREAM):
     """WLF as upstream runs it: z = (1 - sigma) x0 + sigma noise, x0_hat = z - sigma v_hat, and
@@ -414,16 +377,6 @@ def adaptive_weight(reconstruction: torch.Tensor, generator_loss: torch.Tensor, 
     (a,) = torch.autograd.grad(reconstruction, last, retain_graph=True)
     (b,) = torch.autograd.grad(generator_loss, last, retain_graph=True)
     return (a.norm() / b.norm().clamp(min=1e-8)).clamp(max=1e4).detach()
-
-def discriminator_turn(step: int, gan_start: int) -> bool:
-    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
-    return step >= gan_start and (step - gan_start) % 2 == 1
-
-def ema_update(ema: dict, params, step: int, decay: float):
-    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
-    rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
-    for average, p in zip(ema.values(), params):
-        average.lerp_(p.detach(), rate)
 
 
 # ==== the models: transformers
@@ -1045,7 +998,7 @@ class Decoder(nn.Module):
         ch, mults = config.base_channels, config.channel_multipliers
         self.stride = config.stride
         self.gradient_checkpointing = False
-        self.partitioned = True  # F16: decode as Diffusion-4K's code (`upsample_conv_out`)
+        self.partitioned = True  # F16: decode as Diffusion-4K's code (`decoder_head`)
         width = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = mid_block(width)
@@ -1069,26 +1022,7 @@ class Decoder(nn.Module):
         return F.silu(self.norm_out(h))
 
     def head(self, h):
-        return decoder_head(h, self.conv_out, 1) if self.stride == 1 else self.upsample_conv_out(h)
-
-    def upsample_conv_out(self, h, band_rows: int = 64):
-        """F16's last stage, nearest x2 then `conv_out`, in bands of input rows, so the upsampled
-        map never exists whole. Diffusion-4K decodes it in 2x2 partitions, each zero-padded on
-        its outer side and cropped one pixel in (and trained its decoders so): output pixel
-        (r, c) is the 3x3 conv centred on upsampled pixel (r - 1, c - 1). We compute that
-        (`partitioned`), or the centred result."""
-        s, rows = self.stride, h.shape[-2]
-        shift = int(self.partitioned)  # how far the result moves down and right
-        bands = []
-        for top in range(0, rows, band_rows):
-            n = min(band_rows, rows - top)
-            low, high = max(top - 1, 0), min(top + n + 1, rows)  # a row either side, zero off-map
-            band = F.pad(h[..., low:high, :], (0, 0, low - (top - 1), top + n + 1 - high))
-            up = F.interpolate(band, scale_factor=float(s), mode="nearest")
-            first = s - 1 - shift  # of the rows the 3x3 window reaches
-            up = F.pad(up[..., first : first + s * n + 2, :], (1 + shift, 1 - shift))
-            bands.append(F.conv2d(up, self.conv_out.weight, self.conv_out.bias))
-        return torch.cat(bands, dim=-2)
+        return decoder_head(h, self.conv_out, self.stride, self.partitioned)
 
 def resnet_level(width: int, out: int, count: int) -> nn.Module:
     """A resolution level: `count` ResnetBlocks width -> out; the caller adds its resampler."""
@@ -1790,6 +1724,48 @@ def place(slots: list, tensors: list):
         (owner._parameters if name in owner._parameters else owner._buffers)[name] = t
 # --- END kit: pipeline ---
 
+# --- BEGIN kit: tiled VAE ---
+def tiled_vae(fn, x: torch.Tensor, tile: int, overlap: int, device, dtype) -> torch.Tensor:
+    """fn (VAE encode or decode) of x (1, C, H, W) in overlapping tiles blended by ramps; fp32."""
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x.to(device, dtype)).float()
+    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
+    out = weight = None
+    for top in _window_starts(height, th, stride):
+        for left in _window_starts(width, tw, stride):
+            y = fn(x[..., top : top + th, left : left + tw].to(device, dtype)).float()
+            ratio = y.shape[-1] / tw  # 8 for decoding, 1/8 for encoding
+            if out is None:
+                weight = y.new_zeros(round(height * ratio), round(width * ratio))
+                out = y.new_zeros(1, y.shape[1], *weight.shape)
+            fade = round(overlap * ratio)
+            wy = blend_window(y.shape[-2], fade * (top > 0), fade * (top + th < height))
+            wx = blend_window(y.shape[-1], fade * (left > 0), fade * (left + tw < width))
+            w = torch.outer(wy, wx).to(y)
+            oy, ox = round(top * ratio), round(left * ratio)
+            rows, cols = slice(oy, oy + y.shape[-2]), slice(ox, ox + y.shape[-1])
+            out[..., rows, cols] += y * w
+            weight[rows, cols] += w
+    return out / weight
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts every `stride`, and one flush with the end."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+def blend_window(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D tile weights: linear ramps over the first `fade_start` and last `fade_end` samples."""
+    centres = torch.arange(size, dtype=torch.float64) + 0.5
+    weights = torch.ones(size, dtype=torch.float64)
+    for fade, distance in ((fade_start, centres), (fade_end, size - centres)):
+        if fade:
+            weights = torch.minimum(weights, distance / fade)
+    return weights
+# --- END kit: tiled VAE ---
+
 
 # ==== WLF training
 
@@ -1962,6 +1938,17 @@ def wlf_step(model, vae, params, micro_batches, guidance, r: WLFRecipe, autocast
     norm = torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
     return torch.stack(losses).float().mean(), norm
+
+def wlf_micro_step(model, vae, images, noise, sigma, eps, condition, guidance, subband_weights,
+                   autocast, accumulation: int = 1) -> torch.Tensor:
+    """Forward and backward of one micro-batch (loss / accumulation: the gradients add up to the
+    batch mean's); returns its loss."""
+    with torch.no_grad(), autocast():
+        x0 = encode_latents(vae, images, eps)
+    with autocast():
+        loss = training_loss(model, x0, noise, sigma, condition, guidance, subband_weights)
+    (loss / accumulation).backward()
+    return loss.detach()
 
 def trainable_transformer(pipe: Pipeline, r: WLFRecipe, ctx: Distributed) -> tuple:
     """(model, trainable parameters): a LoRA on the frozen model, or fp32 weights, sharded."""
@@ -2407,6 +2394,16 @@ def sc_vae_step(run: VAETraining, r: SCVAERecipe, step: int, autocast) -> tuple:
             totals[key] = totals.get(key, 0.0) + value.detach().float() / r.grad_accum
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), r.max_grad_norm)
     return optimizer, totals
+
+def discriminator_turn(step: int, gan_start: int) -> bool:
+    """Whether 0-based step `step` trains D: from gan_start the two alternate, decoder first."""
+    return step >= gan_start and (step - gan_start) % 2 == 1
+
+def ema_update(ema: dict, params, step: int, decay: float):
+    """diffusers' EMAModel after step n: decay_n = min(decay, (1 + n) / (10 + n)), 0 at n = 0."""
+    rate = 1 - (min(decay, (1 + step) / (10 + step)) if step > 0 else 0.0)
+    for average, p in zip(ema.values(), params):
+        average.lerp_(p.detach(), rate)
 
 class CropStream:
     """Seeded square crops (`Batches` draws the order, offsets and flips), decoded in threads;

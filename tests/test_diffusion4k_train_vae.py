@@ -372,13 +372,14 @@ def test_resume_continues_identically_with_gan_and_ema(base3, data, tmp_path):
 
 @pytest.mark.parametrize("mode", ["partitioned", "centred"])
 def test_f16_decode_choice_is_the_training_decode(base, two, tmp_path, monkeypatch, mode):
-    seen, real = [], d4k.Decoder.upsample_conv_out
+    seen, real = [], d4k.decoder_head
 
-    def recording(self, h, *rest):
-        seen.append(self.partitioned)
-        return real(self, h, *rest)
+    def recording(h, conv_out, stride, partitioned=False, *rest):
+        if stride > 1:  # the F16 student's head
+            seen.append(partitioned)
+        return real(h, conv_out, stride, partitioned, *rest)
 
-    monkeypatch.setattr(d4k.Decoder, "upsample_conv_out", recording)
+    monkeypatch.setattr(d4k, "decoder_head", recording)
     chosen = ["--f16-decode", mode] if mode == "centred" else []  # partitioned: the default
     result = d4k.train_vae_command(make_args(base, two, tmp_path / "out", "--steps", 1, *chosen))
     assert seen == [mode == "partitioned"] and result.student.decoder.partitioned == (mode == "partitioned")

@@ -46,7 +46,7 @@ def test_default_decode_is_upstreams_partitioned_output(rows, cols, band_rows):
     h = torch.randn(2, 32, rows, cols, generator=torch.Generator().manual_seed(rows * cols))
     with torch.no_grad():
         expected = upstream_partitioned(h, head.conv_out)
-        ours = head.upsample_conv_out(h, band_rows)
+        ours = d4k.decoder_head(h, head.conv_out, 2, head.partitioned, band_rows)
     assert ours.shape == expected.shape == (2, 3, 2 * rows, 2 * cols)
     error = (ours - expected).abs().max().item()
     assert error <= 1e-5, f"partitioned decode differs from upstream's loop by {error:.2e} (> fp32 rounding)"
@@ -54,16 +54,15 @@ def test_default_decode_is_upstreams_partitioned_output(rows, cols, band_rows):
 
 @pytest.mark.parametrize("band_rows", [1, 2, 3, 64])
 def test_centred_decode_is_the_full_upsample_and_partitioned_is_it_shifted(band_rows):
-    """The banded head computes `decoder_head` (F16: nearest x2, then conv_out), centred or shifted."""
+    """The banded `decoder_head` computes the whole-map F16 head (nearest x2, then conv_out),
+    centred or shifted."""
     head = decoder()
-    head.partitioned = False
     h = torch.randn(2, 32, 12, 7, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = d4k.decoder_head(h, head.conv_out, 2)  # the method part's whole-map definition
-        assert torch.equal(full, head.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest")))
-        centred = head.upsample_conv_out(h, band_rows)
-        head.partitioned = True
-        shifted = head.upsample_conv_out(h, band_rows)
+        full = head.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # the definition
+        assert torch.equal(d4k.decoder_head(h, head.conv_out, 1), head.conv_out(h))  # F8: conv_out
+        centred = d4k.decoder_head(h, head.conv_out, 2, False, band_rows)
+        shifted = d4k.decoder_head(h, head.conv_out, 2, True, band_rows)
     # A band is a smaller convolution, which the CPU kernels may block and sum in another order.
     assert torch.allclose(centred, full, rtol=0, atol=1e-5)
     # The partitioned output is the centred one moved one pixel down and right; its first row and

@@ -397,13 +397,14 @@ def test_default_run_trains_with_lpips_from_the_hub_sources(flux_folder, tmp_pat
 
 def test_f16_decode_reaches_the_decoder(flux_folder, trained, tmp_path, monkeypatch):
     """--f16-decode sets the decoder's path in inference and in training (default: partitioned)."""
-    seen, real = [], op4ksr.Decoder.upsample_conv_out
+    seen, real = [], op4ksr.decoder_head
 
-    def spy(self, h, *args, **kwargs):
-        seen.append(self.partitioned)
-        return real(self, h, *args, **kwargs)
+    def spy(h, conv_out, stride, partitioned=False, *args, **kwargs):
+        if stride > 1:  # the F16 decoder's head
+            seen.append(partitioned)
+        return real(h, conv_out, stride, partitioned, *args, **kwargs)
 
-    monkeypatch.setattr(op4ksr.Decoder, "upsample_conv_out", spy)
+    monkeypatch.setattr(op4ksr, "decoder_head", spy)
     source = lr_image(tmp_path / "lr.png", (16, 16))
     images = {}
     for mode in ("partitioned", "centred", None):
