@@ -7,7 +7,7 @@ latent z is taken as the noisy latent at a fixed sigma, Flux with a LoRA predict
 over all 16,384 tokens of a 4096^2 image, and the frozen F16 decoder decodes x0 = z - sigma v
 (`sr_latent`). Two remedies suppress the periodic artifacts of one step at 4K. RoPE base-frequency
 rescaling (RFR) lowers the RoPE base of the position axes from 10000 to 100, so that more frequency
-pairs tell adjacent tokens apart (`rope_phase_steps`). The periodicity loss L_AP penalises, per
+pairs tell adjacent tokens apart (`rescale_rope_base`). The periodicity loss L_AP penalises, per
 quadrant q and channel c, the power P_p at the lattice frequencies of the periods p of a latent
 pixel and a token (16, 32 px) beyond the ground truth's (`lattice_power`), in units of the
 variance V of the ground truth's pixel differences:
@@ -41,7 +41,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields, replace
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -134,12 +134,17 @@ def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, conditio
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
-RFR_THETA = 100.0  # RFR's RoPE base of the position axes (Flux: 10000)
+RFR_THETA = 100.0
+
+def rescale_rope_base(transformer: Flux, theta: float = RFR_THETA) -> Flux:
+    """RFR: the same weights, the position axes' RoPE base (Flux's forward reads config.theta)
+    lowered from 10000 so adjacent tokens at 4K differ more per frequency pair: 15 of 28 turn by
+    5 degrees or more per token at theta 100, 8 at 10000 (`rope_phase_steps`)."""
+    transformer.config = replace(transformer.config, theta=theta)
+    return transformer
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
-    """RFR (Fig. 5): the angle in degrees by which each frequency pair of a RoPE position axis
-    turns per token. A pair turning by a few degrees hardly tells adjacent tokens apart: of Flux's
-    28 pairs, 8 turn by 5 degrees or more with theta 10000, 15 with RFR_THETA = 100."""
+    """RFR's Fig. 5: the degrees each frequency pair of a RoPE position axis turns per token."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
@@ -1416,7 +1421,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
 
 def load_bases(flux, vae, theta: float, stride: int, device, dtype, token):
     print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
-    return (load_flux(flux, dtype, device, theta=theta, token=token),
+    return (rescale_rope_base(load_flux(flux, dtype, device, token=token), theta),
             load_vae(vae, dtype, device, stride=stride, token=token))
 
 @torch.inference_mode()
@@ -1975,7 +1980,7 @@ def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
                         f"{5 * factor + 1} px")
     prompt = encode_fixed_prompt(r.text_encoders or r.flux, r.prompt, device, dtype,
                                  r.max_sequence_length, r.token)
-    transformer = load_flux(r.flux, dtype, device, theta=r.theta, token=r.token)
+    transformer = rescale_rope_base(load_flux(r.flux, dtype, device, token=r.token), r.theta)
     add_flux_lora(transformer, r.lora_rank, r.lora_alpha, r.seed)
     add_encoder_lora(vae, r.lora_rank, r.lora_alpha, (r.seed + 1) % 2**64)
     if r.init:
