@@ -130,7 +130,7 @@ class LossWeights:
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
     """The one step: the LR input resized to the target (B, 3, H, W) in [-1, 1] -> x0's latent.
-    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F)."""
+    z = E(image) is the noisy latent at `sigma` (no noise added, as OMGSR-F)."""
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
@@ -139,7 +139,7 @@ RFR_THETA = 100.0
 def rescale_rope_base(transformer: Flux, theta: float = RFR_THETA) -> Flux:
     """RFR: the same weights, the position axes' RoPE base (Flux's forward reads config.theta)
     lowered from 10000 so adjacent tokens at 4K differ more per frequency pair: 15 of 28 turn by
-    5 degrees or more per token at theta 100, 8 at 10000 (`rope_phase_steps`)."""
+    >= 5 degrees per token at theta 100, 8 at 10000 (`rope_phase_steps`)."""
     transformer.config = replace(transformer.config, theta=theta)
     return transformer
 
@@ -1868,30 +1868,32 @@ class SRTrainRecipe:
                           f"{OMGSR_MID_TIMESTEP})", type=number(1e-3, 1))
     theta: float = option(RFR_THETA, "RoPE base (RFR 100; Flux 10000)", type=number(1))
     guidance: float = option(1.0, "Flux-dev's guidance input", type=number(0))
-    lora_rank: int = option(64, type=integer(1))
+    lora_rank: int = option(64, "LoRA rank (OMGSR-F's)", type=integer(1))
     lora_alpha: float = option(None, "default: the rank", type=positive())
     init: str = option(None, "start from OMGSR-F's adapter folder")
     lr: float = option(2.5e-5, "AdamW learning rate", type=positive(1))
-    weight_decay: float = option(1e-4, type=number(0))
-    max_grad_norm: float = option(1.0, type=positive())
+    weight_decay: float = option(1e-4, "AdamW weight decay (OMGSR-F's)", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping norm (OMGSR-F's)", type=positive())
     batch_size: int = option(1, "images per process per step", type=integer(1))
-    steps: int = option(10000, type=integer(1))
-    mse_weight: float = option(1.0, "pixel MSE", type=number(0))
-    l1_weight: float = option(0.0, "pixel L1", type=number(0))
-    latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
-                                  type=number(0))
-    lpips_weight: float = option(2.0, "LPIPS-VGG (OSEDiff's ratio to MSE)", type=number(0))
+    steps: int = option(10000, "optimizer steps", type=integer(1))
+    mse_weight: float = option(LossWeights.pixel_mse, "pixel MSE", type=number(0))
+    l1_weight: float = option(LossWeights.pixel_l1, "pixel L1", type=number(0))
+    latent_weight: float = option(LossWeights.latent_mse,
+                                  "MSE of x0 to the base encoder's HR latent", type=number(0))
+    lpips_weight: float = option(LossWeights.perceptual, "LPIPS-VGG (OSEDiff's ratio to MSE)",
+                                 type=number(0))
     lpips_linear: str = option(help="LPIPS VGG linear layers", factory=lambda: LPIPS_VGG_LINEAR)
     lpips_backbone: str = option(help="VGG16 weights", factory=lambda: LPIPS_VGG_BACKBONE)
     lpips_crop: int = option(512, "side of LPIPS's random crop", type=integer(1))
-    periodicity_weight: float = option(1.0, "lambda_AP", type=number(0))
-    checkpoint_every: int = option(500, type=integer(1))
+    periodicity_weight: float = option(LossWeights.periodicity, "lambda_AP", type=number(0))
+    checkpoint_every: int = option(500, "steps per checkpoint", type=integer(1))
     keep_checkpoints: int = option(2, "0: all", type=integer(0))
-    log_every: int = option(10, type=integer(1))
+    log_every: int = option(10, "steps per log line", type=integer(1))
     resume: str = option(None, "a checkpoint folder, or none for the newest in --output",
                          nargs="?", const="latest")
-    seed: int = option(0, type=SEED)
-    gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
+    seed: int = option(0, "seed of data order, crops, degradations, LoRA init", type=SEED)
+    gradient_checkpointing: bool = option(True, "recompute activations (OMGSR-F's)",
+                                          action=argparse.BooleanOptionalAction)
     # device_name is looked up at parse time
     device: str = option(None, "default: cuda when available", type=lambda t: device_name(t))
     dtype: str = option(None, "of the frozen bases (default: bf16 on CUDA)",
