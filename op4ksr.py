@@ -7,7 +7,7 @@ latent z is taken as the noisy latent at a fixed sigma, Flux with a LoRA predict
 over all 16,384 tokens of a 4096^2 image, and the frozen F16 decoder decodes x0 = z - sigma v
 (`sr_latent`). Two remedies suppress the periodic artifacts of one step at 4K. RoPE base-frequency
 rescaling (RFR) lowers the RoPE base of the position axes from 10000 to 100, so that more frequency
-pairs tell adjacent tokens apart (`rope_phase_steps`). The periodicity loss L_AP penalises, per
+pairs tell adjacent tokens apart (`rescale_rope_base`). The periodicity loss L_AP penalises, per
 quadrant q and channel c, the power P_p at the lattice frequencies of the periods p of a latent
 pixel and a token (16, 32 px) beyond the ground truth's (`lattice_power`), in units of the
 variance V of the ground truth's pixel differences:
@@ -41,7 +41,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields, replace
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -130,16 +130,21 @@ class LossWeights:
 def sr_latent(transformer: Flux, vae: AutoEncoder, image: torch.Tensor, condition: dict,
               sigma: float, guidance=None) -> torch.Tensor:
     """The one step: the LR input resized to the target (B, 3, H, W) in [-1, 1] -> x0's latent.
-    z = E(image) is the noisy latent at `sigma` as it is (no noise added, as OMGSR-F)."""
+    z = E(image) is the noisy latent at `sigma` (no noise added, as OMGSR-F)."""
     z = vae.encode(image)
     return z - sigma * transformer.velocity(z, sigma, condition, guidance)
 
-RFR_THETA = 100.0  # RFR's RoPE base of the position axes (Flux: 10000)
+RFR_THETA = 100.0
+
+def rescale_rope_base(transformer: Flux, theta: float = RFR_THETA) -> Flux:
+    """RFR: the same weights, the position axes' RoPE base (Flux's forward reads config.theta)
+    lowered from 10000 so adjacent tokens at 4K differ more per frequency pair: 15 of 28 turn by
+    >= 5 degrees per token at theta 100, 8 at 10000 (`rope_phase_steps`)."""
+    transformer.config = replace(transformer.config, theta=theta)
+    return transformer
 
 def rope_phase_steps(theta: float, dim: int = 56) -> torch.Tensor:
-    """RFR (Fig. 5): the angle in degrees by which each frequency pair of a RoPE position axis
-    turns per token. A pair turning by a few degrees hardly tells adjacent tokens apart: of Flux's
-    28 pairs, 8 turn by 5 degrees or more with theta 10000, 15 with RFR_THETA = 100."""
+    """RFR's Fig. 5: the degrees each frequency pair of a RoPE position axis turns per token."""
     return torch.rad2deg(rope_frequencies(dim, theta))
 
 def omgsr_sigmas(steps: int = OMGSR_STEPS, mu: float = OMGSR_MU) -> torch.Tensor:
@@ -1413,7 +1418,7 @@ def load_sr_pipeline(weights, flux=None, vae=None, device=None, dtype=None,
 
 def load_bases(flux, vae, theta: float, stride: int, device, dtype, token):
     print(f"loading Flux from {flux} and the F{8 * stride} VAE from {vae}", file=sys.stderr)
-    return (load_flux(flux, dtype, device, theta=theta, token=token),
+    return (rescale_rope_base(load_flux(flux, dtype, device, token=token), theta),
             load_vae(vae, dtype, device, stride=stride, token=token))
 
 @torch.inference_mode()
@@ -1860,30 +1865,32 @@ class SRTrainRecipe:
                           f"{OMGSR_MID_TIMESTEP})", type=number(1e-3, 1))
     theta: float = option(RFR_THETA, "RoPE base (RFR 100; Flux 10000)", type=number(1))
     guidance: float = option(1.0, "Flux-dev's guidance input", type=number(0))
-    lora_rank: int = option(64, type=integer(1))
+    lora_rank: int = option(64, "LoRA rank (OMGSR-F's)", type=integer(1))
     lora_alpha: float = option(None, "default: the rank", type=positive())
     init: str = option(None, "start from OMGSR-F's adapter folder")
     lr: float = option(2.5e-5, "AdamW learning rate", type=positive(1))
-    weight_decay: float = option(1e-4, type=number(0))
-    max_grad_norm: float = option(1.0, type=positive())
+    weight_decay: float = option(1e-4, "AdamW weight decay (OMGSR-F's)", type=number(0))
+    max_grad_norm: float = option(1.0, "gradient clipping norm (OMGSR-F's)", type=positive())
     batch_size: int = option(1, "images per process per step", type=integer(1))
-    steps: int = option(10000, type=integer(1))
-    mse_weight: float = option(1.0, "pixel MSE", type=number(0))
-    l1_weight: float = option(0.0, "pixel L1", type=number(0))
-    latent_weight: float = option(0.0, "MSE of x0 to the base encoder's HR latent",
-                                  type=number(0))
-    lpips_weight: float = option(2.0, "LPIPS-VGG (OSEDiff's ratio to MSE)", type=number(0))
+    steps: int = option(10000, "optimizer steps", type=integer(1))
+    mse_weight: float = option(LossWeights.pixel_mse, "pixel MSE", type=number(0))
+    l1_weight: float = option(LossWeights.pixel_l1, "pixel L1", type=number(0))
+    latent_weight: float = option(LossWeights.latent_mse,
+                                  "MSE of x0 to the base encoder's HR latent", type=number(0))
+    lpips_weight: float = option(LossWeights.perceptual, "LPIPS-VGG (OSEDiff's ratio to MSE)",
+                                 type=number(0))
     lpips_linear: str = option(help="LPIPS VGG linear layers", factory=lambda: LPIPS_VGG_LINEAR)
     lpips_backbone: str = option(help="VGG16 weights", factory=lambda: LPIPS_VGG_BACKBONE)
     lpips_crop: int = option(512, "side of LPIPS's random crop", type=integer(1))
-    periodicity_weight: float = option(1.0, "lambda_AP", type=number(0))
-    checkpoint_every: int = option(500, type=integer(1))
+    periodicity_weight: float = option(LossWeights.periodicity, "lambda_AP", type=number(0))
+    checkpoint_every: int = option(500, "steps per checkpoint", type=integer(1))
     keep_checkpoints: int = option(2, "0: all", type=integer(0))
-    log_every: int = option(10, type=integer(1))
+    log_every: int = option(10, "steps per log line", type=integer(1))
     resume: str = option(None, "a checkpoint folder, or none for the newest in --output",
                          nargs="?", const="latest")
-    seed: int = option(0, type=SEED)
-    gradient_checkpointing: bool = option(True, action=argparse.BooleanOptionalAction)
+    seed: int = option(0, "seed of data order, crops, degradations, LoRA init", type=SEED)
+    gradient_checkpointing: bool = option(True, "recompute activations (OMGSR-F's)",
+                                          action=argparse.BooleanOptionalAction)
     # device_name is looked up at parse time
     device: str = option(None, "default: cuda when available", type=lambda t: device_name(t))
     dtype: str = option(None, "of the frozen bases (default: bf16 on CUDA)",
@@ -1972,7 +1979,7 @@ def load_training_models(r: SRTrainRecipe, device, dtype) -> SRModels:
                         f"{5 * factor + 1} px")
     prompt = encode_fixed_prompt(r.text_encoders or r.flux, r.prompt, device, dtype,
                                  r.max_sequence_length, r.token)
-    transformer = load_flux(r.flux, dtype, device, theta=r.theta, token=r.token)
+    transformer = rescale_rope_base(load_flux(r.flux, dtype, device, token=r.token), r.theta)
     add_flux_lora(transformer, r.lora_rank, r.lora_alpha, r.seed)
     add_encoder_lora(vae, r.lora_rank, r.lora_alpha, (r.seed + 1) % 2**64)
     if r.init:

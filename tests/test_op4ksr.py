@@ -94,6 +94,18 @@ def test_theta_reaches_the_spatial_axes_only(flux_folder):
     assert not torch.allclose(cos_a[..., axis0:], cos_b[..., axis0:])
 
 
+def test_rescale_rope_base_is_loading_at_that_theta(flux_folder):
+    """RFR on a loaded transformer: the same weights, the RoPE base of load_flux(theta=100)."""
+    g = torch.Generator().manual_seed(0)
+    rescaled = op4ksr.rescale_rope_base(op4ksr.load_flux(flux_folder, torch.float32))
+    loaded = op4ksr.load_flux(flux_folder, torch.float32, theta=op4ksr.RFR_THETA)
+    assert rescaled.config == loaded.config and rescaled.config.theta == 100.0
+    z, txt, y = torch.randn(1, 4, 8, 6, generator=g), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    args = (op4ksr.pack_latents(z), op4ksr.latent_image_ids(8, 6), txt, torch.zeros(1, 5, 3), torch.tensor([0.3]), y, torch.tensor([1.0]))
+    with torch.no_grad():
+        assert torch.equal(rescaled(*args), loaded(*args))
+
+
 # ----------------------------------------------------------------------------- copied models
 
 
