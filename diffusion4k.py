@@ -62,6 +62,7 @@ from common.attention import attention
 from common.io import (
     DIFFUSION_PREFIX,
     DTYPES,
+    IMAGE_SUFFIXES,
     SEED,
     ArgumentParser,
     UserError,
@@ -2548,8 +2549,6 @@ def finish_step(optimizer, record: dict, checked: dict, output: Path, main: bool
 # --- END kit: training step ---
 
 # --- BEGIN kit: training utilities ---
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)

@@ -45,6 +45,7 @@ from PIL import Image
 
 from common.attention import attention
 from common.io import (
+    IMAGE_SUFFIXES,
     ArgumentParser,
     UserError,
     atomic_files,
@@ -1408,8 +1409,6 @@ def split_into_quadrants(image: torch.Tensor, quadrants: int = 4) -> torch.Tenso
 
 
 # ==== evaluation over folders
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 NETWORKS = {"fid", "clip", "aesthetic", "lpips", "clipiqa"}
 

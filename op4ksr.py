@@ -59,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from common.attention import attention
 from common.io import (
     DTYPES,
+    IMAGE_SUFFIXES,
     SEED,
     ArgumentParser,
     UserError,
@@ -2315,8 +2316,6 @@ def _pick(generator, options, probs=None):
 # ==== training: its utilities and LPIPS from diffusion4k.py
 
 # --- BEGIN copy of diffusion4k.py: training utilities ---
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
 def vae_image_files(folder, verbose: bool = True) -> list[Path]:
     """The images metadata.jsonl lists, else all under the folder, but unreadable ones."""
     folder = Path(folder)

@@ -200,6 +200,7 @@ def warn(message: str):
 # Byte-order marks, UTF-32's first (UTF-32-LE's starts with UTF-16-LE's); the codecs drop them.
 BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF8: "UTF-8-sig",
         codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what readers take
 FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
@@ -598,11 +599,10 @@ def folder_lock(folder, enabled=True):
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+        with contextlib.suppress(PermissionError):  # it exists, as another user's process
+            os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, as another user's process
-        pass
     return True
 
 def latest_checkpoint(output) -> Path | None:
