@@ -394,7 +394,7 @@ def build(make, state: dict, what: str, source) -> torch.nn.Module:
         with torch.device("meta"):
             model = make()
     except ValueError as error:  # a config read from `source`'s files, refused
-        named = str(error).startswith(str(source))  # by a reader that names the file itself
+        named = str(error).startswith((f"{source}:", f"{source} "))  # the reader named the file
         raise UserError(str(error) if named else f"{source}: {error}") from None
     return assign_state_dict(model, state, what).eval()
 

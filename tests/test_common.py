@@ -180,6 +180,8 @@ def test_build_names_the_checkpoint_once():
     with pytest.raises(UserError, match=r"^ckpt\.safetensors is not a T5 encoder checkpoint$"):
         io.build(refuse("ckpt.safetensors is not a T5 encoder checkpoint"), {}, "T5",
                  "ckpt.safetensors")
+    with pytest.raises(UserError, match=r"^axes: axes_dim \(1, 1\) must sum to the head dim$"):
+        io.build(refuse("axes_dim (1, 1) must sum to the head dim"), {}, "Flux", "axes")
     with pytest.raises(UserError, match=r"^config\.json: not a readable JSON file$"):
         io.build(refuse("config.json: not a readable JSON file", UserError), {}, "T5", "ckpt")
 
