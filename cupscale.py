@@ -1346,8 +1346,7 @@ class T5Tokenizer(PromptTokenizer):
             raise ValueError(f"{path}: the tokenizer has no </s> or <pad> token")
         self.max_length, self.name = max_length, name
 
-def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
-            config: T5Config | None = None) -> T5Encoder:
+def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None) -> T5Encoder:
     """A frozen T5 encoder from a transformers folder, a Hub repo or one safetensors file."""
     if dtype == torch.float16:
         raise ValueError("T5 overflows in float16: load it in bfloat16 or float32")
@@ -1355,19 +1354,19 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     if "encoder.embed_tokens.weight" in state:  # a copy of shared.weight
         state.setdefault("shared.weight", state.pop("encoder.embed_tokens.weight"))
-    return build(lambda: T5Encoder(config or t5_config_from(state, config_json, source)), state,
+    return build(lambda: T5Encoder(t5_config_from(state, config_json, source)), state,
                  f"{source}: T5 encoder", source).requires_grad_(False)
 
-def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=None,
-              config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="",
+              subfolder=None) -> CLIPTextEncoder:
     """A frozen CLIP text encoder, as `load_t5`; keys with or without `text_model.`."""
     skip = ("vision_model.", "visual_projection.", "logit_scale",
             "text_model.embeddings.position_ids", "embeddings.position_ids")
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    return build(lambda: CLIPTextEncoder(config or clip_config_from(state, config_json, source)),
-                 state, f"{source}: CLIP text encoder", source).requires_grad_(False)
+    return build(lambda: CLIPTextEncoder(clip_config_from(state, config_json, source)), state,
+                 f"{source}: CLIP text encoder", source).requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, dict]:
     """(`read_prefixed`, config.json) of a component."""
