@@ -895,14 +895,14 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
+                             if in_channels != out_channels else nn.Identity())
 
     def forward(self, x):
         inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 class AttnBlock(nn.Module):
     def __init__(self, channels: int):
