@@ -1146,7 +1146,9 @@ def vae_table_for(state: dict) -> dict:
     def resnet(original, diffusers):
         rows.extend((f"{original}.{name}", f"{diffusers}.{name}")
                     for name in ("norm1", "conv1", "norm2", "conv2"))
-        rows.append((f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut"))
+        shortcut = (f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut")
+        if f"{shortcut[folder]}.weight" in state:  # only where a block changes width
+            rows.append(shortcut)
 
     for part in ("encoder", "decoder"):
         attn = f"{part}.mid_block.attentions.0"
@@ -1169,8 +1171,7 @@ def vae_table_for(state: dict) -> dict:
         if level > 0:
             rows.append((f"decoder.up.{level}.upsample.conv",
                          f"decoder.up_blocks.{up}.upsamplers.0.conv"))
-    return {original: (parts, transform) for original, (parts, transform) in key_table(rows).items()
-            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
+    return key_table(rows)
 # --- END kit: VAE ---
 
 
