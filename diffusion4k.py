@@ -1042,14 +1042,14 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
+                             if in_channels != out_channels else nn.Identity())
 
     def forward(self, x):
         inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 class AttnBlock(nn.Module):
     def __init__(self, channels: int):
@@ -1146,7 +1146,9 @@ def vae_table_for(state: dict) -> dict:
     def resnet(original, diffusers):
         rows.extend((f"{original}.{name}", f"{diffusers}.{name}")
                     for name in ("norm1", "conv1", "norm2", "conv2"))
-        rows.append((f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut"))
+        shortcut = (f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut")
+        if f"{shortcut[folder]}.weight" in state:  # only where a block changes width
+            rows.append(shortcut)
 
     for part in ("encoder", "decoder"):
         attn = f"{part}.mid_block.attentions.0"
@@ -1169,8 +1171,7 @@ def vae_table_for(state: dict) -> dict:
         if level > 0:
             rows.append((f"decoder.up.{level}.upsample.conv",
                          f"decoder.up_blocks.{up}.upsamplers.0.conv"))
-    return {original: (parts, transform) for original, (parts, transform) in key_table(rows).items()
-            if "nin_shortcut" not in original or (parts[0] if folder else original) in state}
+    return key_table(rows)
 # --- END kit: VAE ---
 
 
