@@ -606,13 +606,12 @@ class QKNorm(nn.Module):
         self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
-        self.eps = eps
 
     def forward(self, x):
-        return rms_normalize(x, self.eps).type_as(x) * self.scale
+        return rms_normalize(x, 1e-6).type_as(x) * self.scale
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
@@ -649,19 +648,16 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, C*4) tokens of 2x2 patches."""
-    b, c, h, w = z.shape
-    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+    return F.pixel_unshuffle(z, 2).flatten(2).transpose(1, 2).contiguous()
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    b, _, features = x.shape
-    x = x.view(b, height // 2, width // 2, features // 4, 2, 2)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, features // 4, height, width)
+    grid = x.transpose(1, 2).unflatten(-1, (height // 2, width // 2))
+    return F.pixel_shuffle(grid.contiguous(), 2)
 
 def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     """RoPE positions (0, row, col) of the packed tokens."""
-    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
-    return ids.reshape(1, -1, 3).float().to(device)
+    rows_cols = torch.cartesian_prod(torch.arange(height // 2), torch.arange(width // 2))
+    return F.pad(rows_cols, (1, 0))[None].float().to(device)
 
 def load_flux(source, dtype=torch.bfloat16, device="cpu", axes_dim=None, theta=10000.0,
               token=None) -> Flux:
