@@ -1623,7 +1623,7 @@ def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     """Shift a schedule towards noise: sigma' = e^mu / (e^mu + 1/sigma - 1); SD3's shift s: ln s."""
     shifted = math.exp(mu) / (math.exp(mu) + 1 / sigmas.clamp_min(1e-12) - 1)
-    return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
+    return torch.where(sigmas > 0, shifted, 0.0)
 # --- END copy: flow-matching schedule ---
 
 # --- BEGIN copy of diffusion4k.py: tiled VAE ---

@@ -209,7 +209,7 @@ def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     """Shift a schedule towards noise: sigma' = e^mu / (e^mu + 1/sigma - 1); SD3's shift s: ln s."""
     shifted = math.exp(mu) / (math.exp(mu) + 1 / sigmas.clamp_min(1e-12) - 1)
-    return torch.where(sigmas > 0, shifted, torch.zeros_like(sigmas))
+    return torch.where(sigmas > 0, shifted, 0.0)
 # --- END kit: flow-matching schedule ---
 
 
@@ -2673,10 +2673,10 @@ def setup_distributed(device_name: str | None) -> Distributed:
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
     """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
     weights = trainable_state(model, lora)
-    optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
+    optim = dcp.get_optimizer_state_dict(model, optimizer, options=state_options(lora))
     if ctx.main:
         if any(not torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
             raise training_diverged(step, "a weight after the update", output)
@@ -2693,16 +2693,16 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    state = get_model_state_dict(model, options=state_options(lora))
+    state = dcp.get_model_state_dict(model, options=state_options(lora))
     return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
 
 def state_options(lora: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
-                            strict=not lora)
+    return dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
+                                strict=not lora)
 
 def training_diverged(step: int, what: str, output: Path) -> ValueError:
     last = latest_checkpoint(output)

@@ -2440,10 +2440,10 @@ def setup_distributed(device_name: str | None) -> Distributed:
 def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches, lora: bool,
                     ctx: Distributed, keep: int, run: dict):
     """checkpoints/step-N/: trainable.safetensors (with the `run` record), then state.pt."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
     weights = trainable_state(model, lora)
-    optim = get_optimizer_state_dict(model, optimizer, options=state_options(lora))
+    optim = dcp.get_optimizer_state_dict(model, optimizer, options=state_options(lora))
     if ctx.main:
         if any(not torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
             raise training_diverged(step, "a weight after the update", output)
@@ -2460,16 +2460,16 @@ def save_checkpoint(output: Path, step: int, model, optimizer, batches: Batches,
     ctx.barrier()
 
 def trainable_state(model, lora: bool) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    state = get_model_state_dict(model, options=state_options(lora))
+    state = dcp.get_model_state_dict(model, options=state_options(lora))
     return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))} if lora else state
 
 def state_options(lora: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
-                            strict=not lora)
+    return dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora,
+                                strict=not lora)
 
 def training_diverged(step: int, what: str, output: Path) -> ValueError:
     last = latest_checkpoint(output)
