@@ -1355,7 +1355,7 @@ def load_t5(source, dtype=torch.bfloat16, device="cpu", prefix="", subfolder=Non
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     if "encoder.embed_tokens.weight" in state:  # a copy of shared.weight
         state.setdefault("shared.weight", state.pop("encoder.embed_tokens.weight"))
-    return build(lambda: T5Encoder(t5_config_from(state, config_json, source)), state,
+    return build(lambda: T5Encoder(t5_config_from(state, config_json)), state,
                  f"{source}: T5 encoder", source).requires_grad_(False)
 
 def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="",
@@ -1366,7 +1366,7 @@ def load_clip(source, dtype=torch.bfloat16, device="cpu", prefix="",
     state, config_json = read_weights(source, dtype, device, prefix, subfolder, skip)
     own = ("text_model.", "text_projection.")
     state = {k if k.startswith(own) else "text_model." + k: v for k, v in state.items()}
-    return build(lambda: CLIPTextEncoder(clip_config_from(state, config_json, source)), state,
+    return build(lambda: CLIPTextEncoder(clip_config_from(state, config_json)), state,
                  f"{source}: CLIP text encoder", source).requires_grad_(False)
 
 def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, dict]:
@@ -1377,13 +1377,13 @@ def read_weights(source, dtype, device, prefix, subfolder, skip) -> tuple[dict, 
         raise ValueError(f"{path}: no tensors" + (f" starting with {prefix!r}" if prefix else ""))
     return state, folder_config(path)
 
-def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Config:
+def t5_config_from(state: dict, config_json: dict) -> T5Config:
     attn, mlp = "encoder.block.0.layer.0.SelfAttention", "encoder.block.0.layer.1.DenseReluDense"
     (vocab, width), (buckets, heads), (inner, _), (d_ff, _) = tensor_shapes(
-        state, f"{source} is not a T5 encoder checkpoint", "shared.weight",
+        state, "not a T5 encoder checkpoint", "shared.weight",
         f"{attn}.relative_attention_bias.weight", f"{attn}.q.weight", f"{mlp}.wi_0.weight")
     if config_json.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise ValueError(f"{source}: only T5 v1.1 (gated-gelu) encoders are supported, "
+        raise ValueError("only T5 v1.1 (gated-gelu) encoders are supported, "
                          f"not {config_json['feed_forward_proj']!r}")
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=inner // heads, num_heads=heads, d_ff=d_ff,
@@ -1392,11 +1392,11 @@ def t5_config_from(state: dict, config_json: dict, source="checkpoint") -> T5Con
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
-def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLIPTextConfig:
+def clip_config_from(state: dict, config_json: dict) -> CLIPTextConfig:
     """Dimensions from the tensors, the rest from config.json, else 64-wide heads and quick_gelu
     for CLIP-L, gelu otherwise."""
     (vocab, width), (positions, _), (ff, _) = tensor_shapes(
-        state, f"{source} is not a CLIP text encoder checkpoint",
+        state, "not a CLIP text encoder checkpoint",
         "text_model.embeddings.token_embedding.weight",
         "text_model.embeddings.position_embedding.weight",
         "text_model.encoder.layers.0.mlp.fc1.weight")
@@ -1407,9 +1407,9 @@ def clip_config_from(state: dict, config_json: dict, source="checkpoint") -> CLI
                     "eos_token_id": 49407}
         heads, act, eps, eos = (given.get(key, default) for key, default in defaults.items())
     elif width % 64:
-        raise ValueError(f"{source}: a CLIP of width {width} without config.json: its head count "
-                         "is not stored and the width is no multiple of CLIP's head dim 64; load "
-                         "its transformers folder instead")
+        raise ValueError(f"a CLIP of width {width} without config.json: its head count is not "
+                         "stored and the width is no multiple of CLIP's head dim 64; load its "
+                         "transformers folder instead")
     else:
         heads, act, eps, eos = width // 64, "quick_gelu" if width == 768 else "gelu", 1e-5, 2
     return CLIPTextConfig(

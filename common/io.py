@@ -393,9 +393,8 @@ def build(make, state: dict, what: str, source) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             model = make()
-    except ValueError as error:  # a config read from `source`'s files, refused
-        named = str(error).startswith((f"{source}:", f"{source} "))  # the reader named the file
-        raise UserError(str(error) if named else f"{source}: {error}") from None
+    except ValueError as error:  # a config read from `source`'s files, refused: name the file
+        raise UserError(f"{source}: {error}") from None
     return assign_state_dict(model, state, what).eval()
 
 def shape_mismatch(state: dict, expected: dict) -> str:
